@@ -1,0 +1,41 @@
+"""Packaging for fullgraph-retrieval: towers, in-graph ANN index and a TF Serving-compatible server."""
+
+import setuptools
+
+setuptools.setup(
+    name="fullgraph-retrieval",
+    version="0.1.0",
+    description=(
+        "A TensorFlow engine for the recall stage: query tower, item tower and "
+        "nearest-neighbour index in one SavedModel, served over TF Serving's API."
+    ),
+    python_requires=">=3.10,<3.13",
+    packages=setuptools.find_packages(include=["engine*", "models*", "export*", "serving*"]),
+    install_requires=[
+        # scann 1.4.2's TF ops are compiled against TF 2.20 exactly: keep these in lock-step.
+        "tensorflow==2.20.*",
+        "tf-keras==2.20.*",
+        "tensorflow-recommenders==0.7.7",
+        "scann[tf]==1.4.2",
+        "tensorflow-serving-api==2.20.*",
+        "grpcio>=1.60",
+        "grpcio-health-checking>=1.60",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tqdm>=4.60",
+        "prometheus-client>=0.20",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fgr-train=models.train_cli:run",
+            "fgr-export=export.export_cli:run",
+            "fgr-serve=serving.model_servers.main:run",
+            "fgr-query=serving.query_cli:run",
+        ],
+    },
+)
