@@ -1,0 +1,97 @@
+"""In-graph building blocks shared by the index backends: exact scoring, candidate top-k, fallback."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from engine import base
+
+
+def option_or_default(value: tf.Tensor | int | None, default: int) -> tf.Tensor:
+  """Returns a per-request int32 knob, or `default` when it is missing or ≤ 0."""
+  default = tf.constant(default, tf.int32)
+  if value is None:
+    return default
+  value = tf.cast(tf.reshape(value, []), tf.int32)
+  return tf.where(value > 0, value, default)
+
+
+def exact_search(queries: tf.Tensor, vectors: tf.Tensor, eligible: tf.Tensor, k: int) -> base.SearchResult:
+  """Scores every row of `vectors` [N, d] and keeps the k best eligible ones per query."""
+  scores = tf.matmul(tf.cast(queries, vectors.dtype), vectors, transpose_b=True)
+  scores = base.mask_ineligible(tf.cast(scores, tf.float32), eligible)
+  top_scores, top_rows = tf.math.top_k(scores, k=k)
+  return base.finalize(top_scores, top_rows)
+
+
+def top_k_of_candidates(scores: tf.Tensor, rows: tf.Tensor, eligible: tf.Tensor, k: int) -> base.SearchResult:
+  """Keeps the k best eligible candidates of each query.
+
+  Args:
+    scores: float [B, C] candidate scores; NaN or -inf marks an empty slot.
+    rows: int [B, C] catalog rows of the candidates (-1 means no item).
+    eligible: bool [num_items] mask.
+    k: number of results; rows with fewer than k valid candidates are padded with -inf / -1.
+  """
+  scores = tf.cast(scores, tf.float32)
+  rows = tf.cast(rows, tf.int32)
+  scores = tf.where(tf.math.is_nan(scores), tf.constant(-np.inf, tf.float32), scores)
+  scores = base.mask_ineligible(scores, eligible, rows)
+  # Pad to at least k columns so top_k is defined even when a backend returned fewer candidates.
+  pad = tf.maximum(k - tf.shape(scores)[1], 0)
+  scores = tf.pad(scores, [[0, 0], [0, pad]], constant_values=-np.inf)
+  rows = tf.pad(rows, [[0, 0], [0, pad]], constant_values=-1)
+  top_scores, positions = tf.math.top_k(scores, k=k)
+  return base.finalize(top_scores, tf.gather(rows, positions, batch_dims=1))
+
+
+def rerank(queries: tf.Tensor, rows: tf.Tensor, vectors: tf.Tensor, eligible: tf.Tensor, k: int) -> base.SearchResult:
+  """Rescores candidate `rows` [B, C] exactly against float `vectors` [N, d] and keeps the best k."""
+  rows = tf.cast(rows, tf.int32)
+  candidates = tf.gather(vectors, tf.maximum(rows, 0))  # [B, C, d]
+  scores = tf.einsum("bd,bcd->bc", tf.cast(queries, candidates.dtype), candidates)
+  scores = tf.where(rows >= 0, tf.cast(scores, tf.float32), tf.constant(-np.inf, tf.float32))
+  return top_k_of_candidates(scores, rows, eligible, k)
+
+
+def fill_short_rows(result: base.SearchResult, k: int, exact: Callable[[], base.SearchResult]) -> base.SearchResult:
+  """Replaces rows that came back with fewer than k items by an exact masked search.
+
+  Approximate backends over-fetch and then drop ineligible items; when that leaves a query short,
+  `exact` (a masked search over the whole catalog) answers it instead, so a request gets k results
+  whenever k eligible items exist. The branch is a `tf.cond`, so the exact scan only runs when needed.
+  """
+  short = tf.reduce_any(result.indices < 0, axis=1)  # [B]
+
+  def patched() -> tuple[tf.Tensor, tf.Tensor]:
+    fallback = exact()
+    return (tf.where(short[:, tf.newaxis], fallback.scores, result.scores),
+            tf.where(short[:, tf.newaxis], fallback.indices, result.indices))
+
+  scores, indices = tf.cond(tf.reduce_any(short), patched, lambda: (result.scores, result.indices))
+  scores = tf.ensure_shape(scores, [None, k])
+  indices = tf.ensure_shape(indices, [None, k])
+  return base.SearchResult(scores=scores, indices=indices)
+
+
+def exact_top_k_numpy(queries: np.ndarray, items: np.ndarray, k: int, eligible: np.ndarray | None = None,
+                      chunk: int = 256) -> np.ndarray:
+  """Exact top-k rows [Q, k] by dot product, best first, in NumPy (the reference for recall)."""
+  out = np.empty([queries.shape[0], k], dtype=np.int64)
+  for start in range(0, queries.shape[0], chunk):
+    scores = queries[start:start + chunk] @ items.T
+    if eligible is not None:
+      scores[:, ~eligible] = -np.inf
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
+  return out
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+  """Mean fraction of the true top-k rows found, per query."""
+  hits = [len(np.intersect1d(f[f >= 0], t)) for f, t in zip(found, truth)]
+  return float(np.mean(hits) / truth.shape[1])

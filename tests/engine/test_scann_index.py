@@ -1,0 +1,87 @@
+"""ScaNN backend: recall against NumPy, eligibility, per-request knobs and a SavedModel round trip."""
+
+import numpy as np
+import tensorflow as tf
+
+from engine import base
+from engine import search_ops
+
+
+def _search(index, queries, k, **options):
+  fn = tf.function(lambda q: index.search(q, k, **options))
+  return fn(tf.constant(queries))
+
+
+def test_recall_brute_force_config(small_catalog):
+  items, queries = small_catalog
+  index = base.build_index("scann", items, k=10)
+  assert index.config["scoring"] == "brute_force"
+  result = _search(index, queries, 10)
+  truth = search_ops.exact_top_k_numpy(queries, items, 10)
+  assert search_ops.recall_at_k(result.indices.numpy(), truth) >= 0.99
+  np.testing.assert_allclose(result.scores.numpy()[:, 0], np.max(queries @ items.T, axis=1), rtol=1e-4)
+
+
+def test_recall_tree_ah_reorder(medium_catalog, medium_tuning_queries):
+  items, queries = medium_catalog
+  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000,
+                           tuning_queries=medium_tuning_queries)
+  assert index.config["scoring"] == "ah" and 1 <= index.config["leaves_to_search"] <= 100
+  truth = search_ops.exact_top_k_numpy(queries, items, 20)
+  result = _search(index, queries, 20)
+  assert search_ops.recall_at_k(result.indices.numpy(), truth) >= 0.9
+  # Scores are exact dot products after reordering, best first.
+  rows = result.indices.numpy()
+  np.testing.assert_allclose(result.scores.numpy(), np.take_along_axis(queries @ items.T, rows, 1), atol=1e-4)
+  assert np.all(np.diff(result.scores.numpy(), axis=1) <= 1e-6)
+  # Per-request knobs: searching every leaf is at least as good; one leaf is worse.
+  everything = _search(index, queries, 20, leaves_to_search=tf.constant(100),
+                       pre_reorder_num_neighbors=tf.constant(400))
+  one_leaf = _search(index, queries, 20, leaves_to_search=tf.constant(1),
+                     pre_reorder_num_neighbors=tf.constant(0))
+  assert search_ops.recall_at_k(everything.indices.numpy(), truth) >= 0.97
+  assert search_ops.recall_at_k(one_leaf.indices.numpy(), truth) < search_ops.recall_at_k(everything.indices.numpy(), truth)
+  assert np.all(one_leaf.indices.numpy() >= 0)  # Still k results: the exact fallback covers short rows.
+
+
+def test_eligibility(medium_catalog, medium_tuning_queries):
+  items, queries = medium_catalog
+  rng = np.random.default_rng(0)
+  eligible = rng.random(items.shape[0]) > 0.6  # 60% paused: over-fetch alone will often fall short.
+  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000,
+                           eligible=eligible, tuning_queries=medium_tuning_queries)
+  result = _search(index, queries, 20)
+  rows = result.indices.numpy()
+  assert np.all(rows >= 0) and np.all(eligible[rows])
+  truth = search_ops.exact_top_k_numpy(queries, items, 20, eligible=eligible)
+  assert search_ops.recall_at_k(rows, truth) >= 0.85  # Tuned without a mask; still close.
+  # Fewer eligible items than k: all of them come back, then -1 / -inf.
+  few = np.zeros(items.shape[0], bool)
+  few[[3, 77, 1234]] = True
+  index.eligible.assign(few)
+  result = _search(index, queries[:4], 20)
+  assert sorted(result.indices.numpy()[0, :3]) == [3, 77, 1234]
+  assert np.all(result.indices.numpy()[:, 3:] == -1) and np.all(np.isneginf(result.scores.numpy()[:, 3:]))
+
+
+def test_saved_model_round_trip(small_catalog, tmp_path):
+  items, queries = small_catalog
+  index = base.build_index("scann", items, k=10, scoring="ah", reorder=50)
+  module = tf.Module()
+  module.index = index
+  module.search = tf.function(
+      lambda q, leaves, reorder: tuple(index.search(q, 10, leaves_to_search=leaves, pre_reorder_num_neighbors=reorder)),
+      input_signature=[tf.TensorSpec([None, 32], tf.float32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
+  expected = module.search(tf.constant(queries), 0, 0)
+  tf.saved_model.save(module, str(tmp_path), options=tf.saved_model.SaveOptions(
+      namespace_whitelist=index.save_namespaces()))
+  loaded = tf.saved_model.load(str(tmp_path))
+  got = loaded.search(tf.constant(queries), tf.constant(0), tf.constant(0))
+  np.testing.assert_array_equal(got[1].numpy(), expected[1].numpy())
+  np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), rtol=1e-6)
+  # The eligibility mask is a variable of the loaded model: pausing an item takes effect at once.
+  top = int(got[1].numpy()[0, 0])
+  mask = np.ones(items.shape[0], bool)
+  mask[top] = False
+  loaded.index.eligible.assign(mask)
+  assert top not in loaded.search(tf.constant(queries[:1]), tf.constant(0), tf.constant(0))[1].numpy()
