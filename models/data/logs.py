@@ -1,0 +1,134 @@
+"""A user's own logs in the generic format (see docs/data_format.md): a catalog and an event stream.
+
+`items.jsonl`, one ad per line:
+  {"ad_id": "a1", "category": "shoes", "brand": "acme", "tokens": ["running", "shoes"], "status": "active"}
+`events.jsonl`, one positive interaction (click or conversion) per line, sorted by timestamp:
+  {"user_id": "u1", "timestamp": 1700000000, "user_features": ["age:25-34"], "query_tokens": ["running"],
+   "ad_id": "a1", "event": "click"}
+
+The last `test_fraction` of events (in time) is held out. Behaviour sequences are built from the
+events themselves, so they need not be logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from models.data import schema, sequences
+
+ITEMS_FILE = "items.jsonl"
+EVENTS_FILE = "events.jsonl"
+_EVENT_KINDS = ("click", "conversion")
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_number}: not valid JSON: {e}") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{path}:{line_number}: expected a JSON object")
+      yield line_number, record
+
+
+def _string_list(path: str, line_number: int, record: dict[str, Any], key: str) -> list[str]:
+  value = record.get(key, [])
+  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    raise ValueError(f"{path}:{line_number}: {key!r} must be a list of strings")
+  return value
+
+
+def read_catalog(path: str) -> sequences.InMemoryItemTable:
+  """Reads items.jsonl into an item table; `ad_id` is required, other fields default to ""."""
+  ids, categories, brands, tokens, statuses = [], [], [], [], []
+  for line_number, record in _read_jsonl(path):
+    if not isinstance(record.get("ad_id"), str) or not record["ad_id"]:
+      raise ValueError(f"{path}:{line_number}: 'ad_id' must be a non-empty string")
+    status = record.get("status", "active")
+    if status not in ("active", "paused"):
+      raise ValueError(f"{path}:{line_number}: 'status' must be 'active' or 'paused', got {status!r}")
+    ids.append(record["ad_id"])
+    categories.append(str(record.get("category", "")))
+    brands.append(str(record.get("brand", "")))
+    tokens.append(_string_list(path, line_number, record, "tokens"))
+    statuses.append(status)
+  if not ids:
+    raise ValueError(f"{path}: the catalog is empty")
+  return sequences.InMemoryItemTable(ids, categories, brands, tokens, statuses)
+
+
+class LogsDataset:
+  """Training examples from a directory holding items.jsonl and events.jsonl.
+
+  Args:
+    data_dir: the directory.
+    test_fraction: the last share of events (in time) held out for evaluation.
+  """
+
+  def __init__(self, data_dir: str, test_fraction: float = 0.1):
+    self._items_path = os.path.join(data_dir, ITEMS_FILE)
+    self._events_path = os.path.join(data_dir, EVENTS_FILE)
+    for path in (self._items_path, self._events_path):
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; see docs/data_format.md")
+    self._table = read_catalog(self._items_path)
+    self.num_items = self._table.num_items
+    with open(self._events_path, encoding="utf-8") as f:
+      num_events = sum(1 for line in f if line.strip())
+    self._num_train = int(round(num_events * (1.0 - test_fraction)))
+
+  def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    return self._table.features(rows)
+
+  def row_of(self, ad_id: str) -> int:
+    return self._table.row_of[ad_id]
+
+  def examples(self, split: str, chunk_size: int = 8192) -> Iterator[dict[str, np.ndarray]]:
+    """Streams batches of the "train" or "test" split; events must be sorted by timestamp."""
+    if split not in ("train", "test"):
+      raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    tracker = sequences.HistoryTracker()
+    chunk: list[tuple[int, str, list[str], list[str], int]] = []
+    last_timestamp = None
+    for index, (line_number, record) in enumerate(_read_jsonl(self._events_path)):
+      timestamp = record.get("timestamp")
+      if not isinstance(timestamp, (int, float)):
+        raise ValueError(f"{self._events_path}:{line_number}: 'timestamp' must be a number")
+      if last_timestamp is not None and timestamp < last_timestamp:
+        raise ValueError(f"{self._events_path}:{line_number}: events must be sorted by timestamp")
+      last_timestamp = timestamp
+      if record.get("event", "click") not in _EVENT_KINDS:
+        raise ValueError(f"{self._events_path}:{line_number}: 'event' must be one of {_EVENT_KINDS}")
+      ad_id = record.get("ad_id")
+      if ad_id not in self._table.row_of:
+        raise ValueError(f"{self._events_path}:{line_number}: ad_id {ad_id!r} is not in {ITEMS_FILE}")
+      chunk.append((index, str(record.get("user_id", "")),
+                    _string_list(self._events_path, line_number, record, "user_features"),
+                    _string_list(self._events_path, line_number, record, "query_tokens"),
+                    self._table.row_of[ad_id]))
+      if len(chunk) == chunk_size:
+        yield from self._emit(chunk, tracker, split)
+        chunk = []
+    if chunk:
+      yield from self._emit(chunk, tracker, split)
+
+  def _emit(self, chunk, tracker: sequences.HistoryTracker, split: str) -> Iterator[dict[str, np.ndarray]]:
+    index, users, user_features, query_tokens, rows = (list(column) for column in zip(*chunk))
+    users_array, rows_array = np.asarray(users, dtype=object), np.asarray(rows, dtype=np.int64)
+    hist_rows = tracker.observe(users_array, rows_array)
+    in_train = np.asarray(index) < self._num_train
+    keep = in_train if split == "train" else ~in_train
+    if keep.any():
+      yield sequences.make_examples(
+          self._table, user_ids=users_array[keep],
+          user_features=schema.pad_tokens(user_features, schema.USER_FEATURES_LEN)[keep],
+          query_tokens=schema.pad_tokens(query_tokens, schema.QUERY_TOKENS_LEN)[keep],
+          hist_rows=hist_rows[keep], item_rows=rows_array[keep])
