@@ -1,0 +1,60 @@
+"""Hyper-parameters of the towers, saved next to each checkpoint so export rebuilds the same model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass
+class TowerConfig:
+  """Shape of the query and item towers.
+
+  Attributes:
+    embedding_dim: width of every id/token embedding.
+    output_dim: width of the L2-normalised embeddings the index searches.
+    hidden_units: MLP layer widths above the features, in both towers.
+    id_buckets: hash buckets of the ad id embedding (unseen ids hash into it too).
+    token_buckets: hash buckets shared by query tokens, bidword tokens and profile tokens.
+    user_buckets: hash buckets of the user id embedding.
+    side_buckets: hash buckets of categories and brands.
+    sequence_pooling: "attention" (target attention over the behaviour sequence) or "mean".
+    temperature: softmax temperature of the in-batch retrieval loss.
+  """
+
+  embedding_dim: int = 64
+  output_dim: int = 64
+  hidden_units: tuple[int, ...] = (256, 128)
+  id_buckets: int = 100_000
+  token_buckets: int = 50_000
+  user_buckets: int = 50_000
+  side_buckets: int = 10_000
+  sequence_pooling: str = "attention"
+  temperature: float = 0.05
+
+  def __post_init__(self):
+    self.hidden_units = tuple(self.hidden_units)
+    if self.sequence_pooling not in ("attention", "mean"):
+      raise ValueError(f"sequence_pooling must be 'attention' or 'mean', got {self.sequence_pooling!r}")
+
+
+def write_run_config(output_dir: str, tower: TowerConfig, data: dict[str, Any], training: dict[str, Any]) -> None:
+  """Writes config.json describing the towers, the data and the training run."""
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
+    json.dump({"tower": dataclasses.asdict(tower), "data": data, "training": training}, f, indent=2)
+
+
+def read_run_config(output_dir: str) -> dict[str, Any]:
+  """Reads config.json back; the "tower" entry is returned as a `TowerConfig`."""
+  path = os.path.join(output_dir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {output_dir} the --output_dir of fgr-train?")
+  with open(path) as f:
+    config = json.load(f)
+  config["tower"] = TowerConfig(**config["tower"])
+  return config
