@@ -1,0 +1,100 @@
+"""The full graph: query tower, item tower and index in one tf.Module with TF Serving signatures.
+
+One Predict call on `serving_default` takes raw query features and returns the top-k ad ids and
+scores, so no separate embedding service or vector database sits between the request and the
+candidates. `encode_query` and `encode_item` expose the towers on their own, for refreshing the index
+from the same version (new ads embedded by exactly the model that serves them) and for debugging.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from engine import base
+
+SERVING_DEFAULT = "serving_default"
+ENCODE_QUERY = "encode_query"
+ENCODE_ITEM = "encode_item"
+SEARCH_WITH_OPTIONS = "search_with_options"
+
+Tower = Callable[[dict[str, tf.Tensor]], tf.Tensor]
+
+
+class FullGraph(tf.Module):
+  """Joins the two towers and a nearest-neighbour index.
+
+  Args:
+    query_tower: maps a dict of query feature tensors to float32 embeddings [B, d].
+    item_tower: maps a dict of item feature tensors to float32 embeddings [B, d].
+    index: the index over the catalog's item embeddings, row i being `item_ids[i]`.
+    item_ids: string [N] ids of the catalog rows.
+    k: how many candidates `serving_default` returns.
+    query_specs: TensorSpecs of the query features (the signature inputs).
+    item_specs: TensorSpecs of the item features.
+  """
+
+  def __init__(self, query_tower: Tower, item_tower: Tower, index: base.Index, item_ids: np.ndarray, k: int,
+               query_specs: dict[str, tf.TensorSpec], item_specs: dict[str, tf.TensorSpec]):
+    super().__init__(name="full_graph")
+    if len(item_ids) != index.num_items:
+      raise ValueError(f"{len(item_ids)} item ids for an index of {index.num_items} items")
+    if not 0 < k <= index.num_items:
+      raise ValueError(f"k must be in [1, {index.num_items}] (the catalog size), got {k}")
+    self.query_tower = query_tower
+    self.item_tower = item_tower
+    self.index = index
+    self.item_ids = tf.Variable(np.asarray(item_ids, dtype=object).astype(bytes), trainable=False, name="item_ids")
+    self.k = k
+    self._query_specs = dict(query_specs)
+    self._item_specs = dict(item_specs)
+
+  def retrieve(self, features: dict[str, tf.Tensor], **options: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Top-k ids [B, k] (string, "" where fewer eligible items exist) and scores [B, k], best first."""
+    queries = self.query_tower({name: features[name] for name in self._query_specs})
+    result = self.index.search(queries, self.k, **options)
+    ids = tf.gather(self.item_ids, tf.maximum(result.indices, 0))
+    ids = tf.where(result.indices >= 0, ids, tf.constant(b"", tf.string))
+    return {"ids": ids, "scores": result.scores}
+
+  def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+    """The concrete functions to save as the SavedModel's signatures."""
+
+    @tf.function
+    def serve(**features):
+      return self.retrieve(features)
+
+    @tf.function
+    def encode_query(**features):
+      return {"embedding": self.query_tower(features)}
+
+    @tf.function
+    def encode_item(**features):
+      return {"embedding": self.item_tower(features)}
+
+    signatures = {
+        SERVING_DEFAULT: serve.get_concrete_function(**self._query_specs),
+        ENCODE_QUERY: encode_query.get_concrete_function(**self._query_specs),
+        ENCODE_ITEM: encode_item.get_concrete_function(**self._item_specs),
+    }
+    option_specs = self.index.search_option_specs()
+    if option_specs:
+      overlap = set(option_specs) & set(self._query_specs)
+      if overlap:
+        raise ValueError(f"Search options {sorted(overlap)} clash with query feature names")
+
+      @tf.function
+      def search_with_options(**inputs):
+        options = {name: inputs.pop(name) for name in option_specs}
+        return self.retrieve(inputs, **options)
+
+      signatures[SEARCH_WITH_OPTIONS] = search_with_options.get_concrete_function(
+          **self._query_specs, **option_specs)
+    return signatures
+
+  def save(self, path: str) -> None:
+    """Writes the SavedModel to path (which must not exist yet) with every signature."""
+    options = tf.saved_model.SaveOptions(namespace_whitelist=self.index.save_namespaces() or None)
+    tf.saved_model.save(self, path, signatures=self.signatures(), options=options)

@@ -1,0 +1,59 @@
+"""fgr-export: writes a training run's towers and a nearest-neighbour index as one SavedModel version."""
+
+from __future__ import annotations
+
+import ast
+import json
+
+from absl import app, flags
+
+from engine import base
+from export import exporter
+
+FLAGS = flags.FLAGS
+_DEFAULTS = exporter.ExportConfig()
+
+flags.DEFINE_string("checkpoint_dir", None, "The --output_dir of fgr-train (config.json + checkpoints/).")
+flags.DEFINE_string("model_base_path", None, "Model base path; the version is written to BASE/<version>/.")
+flags.DEFINE_string("index", _DEFAULTS.index, f"Index backend, one of {base.available_backends()}.")
+flags.DEFINE_integer("k", _DEFAULTS.k, "Candidates returned per request.")
+flags.DEFINE_list("index_options", [], "Backend options as name=value pairs, e.g. num_leaves=1000,reorder=400.")
+flags.DEFINE_integer("version", None, "Version number to write; defaults to one above the newest.")
+flags.DEFINE_integer("num_warmup_requests", _DEFAULTS.num_warmup_requests,
+                     "Warm-up requests written to assets.extra/tf_serving_warmup_requests (at most 1000).")
+flags.DEFINE_integer("eval_queries", _DEFAULTS.eval_queries, "Held-out queries for the recall@k check.")
+flags.mark_flags_as_required(["checkpoint_dir", "model_base_path"])
+
+
+def parse_options(pairs: list[str]) -> dict[str, object]:
+  """Parses name=value pairs; values are Python literals (numbers, booleans) or plain strings."""
+  options = {}
+  for pair in pairs:
+    name, sep, value = pair.partition("=")
+    if not sep or not name:
+      raise app.UsageError(f"--index_options entries must look like name=value, got {pair!r}")
+    try:
+      options[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      options[name] = value
+  return options
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.index not in base.available_backends():
+    raise app.UsageError(f"--index must be one of {base.available_backends()}, got {FLAGS.index!r}")
+  config = exporter.ExportConfig(index=FLAGS.index, k=FLAGS.k, index_options=parse_options(FLAGS.index_options),
+                                 num_warmup_requests=FLAGS.num_warmup_requests,
+                                 eval_queries=FLAGS.eval_queries, version=FLAGS.version)
+  report = exporter.export_model(FLAGS.checkpoint_dir, FLAGS.model_base_path, config)
+  print(json.dumps(report))
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

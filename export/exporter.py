@@ -1,0 +1,124 @@
+"""Builds a full-graph SavedModel from a training run and publishes it as a new version."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from engine import base, full_graph
+from export import versions, warmup
+from models import catalog as catalog_lib
+from models import train
+from models.data import schema, sources
+
+REPORT_FILE = "export_report.json"
+
+
+@dataclasses.dataclass
+class ExportConfig:
+  """What to export.
+
+  Attributes:
+    index: index backend name (see `engine.base.available_backends()`).
+    k: candidates returned per request.
+    index_options: backend-specific configuration, e.g. {"num_leaves": 1000}.
+    num_warmup_requests: warm-up records written to assets.extra (TF Serving allows at most 1000).
+    eval_queries: held-out queries used to measure the index's recall@k against exact search.
+    version: explicit version number; the next free one when None.
+  """
+
+  index: str = "scann"
+  k: int = 100
+  index_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  num_warmup_requests: int = 20
+  eval_queries: int = 500
+  version: int | None = None
+
+
+def _sample_queries(source: sources.Source, count: int) -> dict[str, np.ndarray]:
+  """Up to `count` held-out examples' query features (the test split's first batches)."""
+  parts = []
+  total = 0
+  for batch in source.examples("test"):
+    parts.append({name: batch[name] for name in schema.QUERY_FEATURE_NAMES})
+    total += len(batch[schema.USER_ID])
+    if total >= count:
+      break
+  if not parts:
+    raise ValueError("The data source has no test examples to sample queries from")
+  return {name: np.concatenate([p[name] for p in parts])[:count] for name in schema.QUERY_FEATURE_NAMES}
+
+
+def recall_against_exact(index: base.Index, queries: np.ndarray, embeddings: np.ndarray,
+                         eligible: np.ndarray, k: int, block: int = 64) -> float:
+  """Mean share of the exact top-k (over eligible items) that the index also returns."""
+  search = tf.function(lambda q: index.search(q, k).indices)
+  overlaps = []
+  for start in range(0, len(queries), block):  # Blocks keep the exact [block, N] scores small.
+    batch = queries[start:start + block]
+    exact_scores = batch @ embeddings.T
+    exact_scores[:, ~eligible] = -np.inf
+    exact = np.argpartition(-exact_scores, k - 1, axis=1)[:, :k]
+    found = search(tf.constant(batch)).numpy()
+    overlaps.extend(len(np.intersect1d(e, f)) / k for e, f in zip(exact, found))
+  return float(np.mean(overlaps))
+
+
+def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig) -> dict[str, Any]:
+  """Exports the newest checkpoint of a training run as BASE/<version>/, atomically.
+
+  Returns:
+    The export report (version, path, recall@k against exact, timings, index bytes), also written to
+    assets.extra/export_report.json in the version.
+  """
+  timings: dict[str, float] = {}
+  started = time.time()
+  model, run_config = train.restore(checkpoint_dir)
+  source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
+
+  catalog = catalog_lib.embed_catalog(model.item_tower, source)
+  timings["embed_seconds"] = time.time() - started
+
+  started = time.time()
+  index = base.build_index(config.index, catalog.embeddings, k=config.k, eligible=catalog.eligible,
+                           **config.index_options)
+  timings["build_seconds"] = time.time() - started
+
+  samples = _sample_queries(source, max(config.eval_queries, config.num_warmup_requests))
+  query_embeddings = tf.function(model.query_tower)(
+      {name: tf.constant(values) for name, values in samples.items()}).numpy()
+  recall = recall_against_exact(index, query_embeddings[:config.eval_queries], catalog.embeddings,
+                                catalog.eligible, config.k)
+
+  graph = full_graph.FullGraph(model.query_tower, model.item_tower, index, catalog.ids, config.k,
+                               schema.query_specs(), schema.item_specs())
+  started = time.time()
+  with versions.publish(model_base_path, config.version) as (temp_path, version):
+    graph.save(temp_path)
+    requests = [warmup.predict_request({name: values[i:i + 1] for name, values in samples.items()})
+                for i in range(config.num_warmup_requests)]
+    warmup.write_warmup(temp_path, requests)
+    report = {
+        "version": version,
+        "path": os.path.join(model_base_path, str(version)),
+        "index": config.index,
+        "k": config.k,
+        "num_items": int(len(catalog.ids)),
+        "num_eligible": int(catalog.eligible.sum()),
+        f"recall_at_{config.k}_vs_exact": round(recall, 4),
+        "index_bytes": index.nbytes(),
+        **{name: round(seconds, 2) for name, seconds in timings.items()},
+    }
+    with open(os.path.join(temp_path, "assets.extra", REPORT_FILE), "w") as f:
+      json.dump(report, f, indent=2)
+  report["write_seconds"] = round(time.time() - started, 2)
+  logging.info("Exported version %d to %s: %s", version, report["path"], report)
+  return report
+

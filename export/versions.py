@@ -1,0 +1,55 @@
+"""Versioned model directories as TF Serving reads them: BASE/<integer version>/saved_model.pb.
+
+A version is written under a hidden temporary name in the same directory and renamed into place,
+so a server polling BASE never sees a half-written version: the rename is atomic on one file
+system, and TF Serving (like fgr-serve) ignores names that are not integers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+_TEMP_PREFIX = ".tmp-version-"
+
+
+def list_versions(base_path: str) -> list[int]:
+  """Integer versions under base_path that hold a saved_model.pb, ascending."""
+  if not os.path.isdir(base_path):
+    return []
+  versions = []
+  for name in os.listdir(base_path):
+    if name.isdigit() and os.path.exists(os.path.join(base_path, name, "saved_model.pb")):
+      versions.append(int(name))
+  return sorted(versions)
+
+
+def next_version(base_path: str) -> int:
+  """One above the largest version present (or in the way as a directory), starting at 1."""
+  taken = [int(n) for n in os.listdir(base_path) if n.isdigit()] if os.path.isdir(base_path) else []
+  return max(taken, default=0) + 1
+
+
+@contextlib.contextmanager
+def publish(base_path: str, version: int | None = None) -> Iterator[tuple[str, int]]:
+  """Yields (temporary directory, version) to write a version into; renames it into place on success.
+
+  On any exception the temporary directory is removed and nothing is published. A publish killed
+  outright leaves only a hidden temporary name, which servers ignore.
+  """
+  os.makedirs(base_path, exist_ok=True)
+  version = next_version(base_path) if version is None else version
+  final_path = os.path.join(base_path, str(version))
+  if os.path.exists(final_path):
+    raise FileExistsError(f"Version {version} already exists at {final_path}")
+  temp_root = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=base_path)
+  temp_path = os.path.join(temp_root, "model")
+  try:
+    yield temp_path, version
+    os.rename(temp_path, final_path)
+  finally:
+    shutil.rmtree(temp_root, ignore_errors=True)
+
