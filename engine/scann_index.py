@@ -91,7 +91,8 @@ class ScannIndex(base.Index):
     return ["Scann"]
 
   def nbytes(self) -> int:
-    return sum(int(v.numpy().nbytes) for v in self.state.trainable_variables + self.state.non_trainable_variables)
+    # np.asarray: the serialised config is a scalar string variable, whose numpy() is plain bytes.
+    return sum(int(np.asarray(v.numpy()).nbytes) for v in self.state.trainable_variables + self.state.non_trainable_variables)
 
 
 def default_config(num_items: int, k: int) -> dict[str, Any]:
