@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny synthetic training run, trained once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+from models import config as config_lib  # noqa: E402
+from models import train as train_lib  # noqa: E402
+from models.data import sources  # noqa: E402
+
+MOVIELENS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "ml-100k")
+
+TINY_TOWER = config_lib.TowerConfig(embedding_dim=16, output_dim=16, hidden_units=(32,), id_buckets=5000,
+                                    token_buckets=2000, user_buckets=2000, side_buckets=500)
+TINY_DATA = sources.DataSpec(name="synthetic", synthetic={"num_ads": 3000, "num_users": 300,
+                                                            "num_sessions": 4000, "seed": 7})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> str:
+  """The output_dir of a one-epoch fgr-train run on a 3k-ad synthetic log."""
+  output_dir = str(tmp_path_factory.mktemp("train"))
+  train_lib.train(TINY_DATA, TINY_TOWER, train_lib.TrainConfig(epochs=1, batch_size=256), output_dir)
+  return output_dir
+
+
+@pytest.fixture(scope="session")
+def movielens_dir() -> str:
+  if not os.path.exists(os.path.join(MOVIELENS_DIR, "u.data")):
+    pytest.skip(f"MovieLens-100K not found at {os.path.abspath(MOVIELENS_DIR)} (the shared datasets folder)")
+  return MOVIELENS_DIR

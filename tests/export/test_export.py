@@ -1,0 +1,80 @@
+"""Export round trip: the loaded SavedModel returns what the in-process model and index return."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from engine import base
+from export import exporter, versions, warmup
+from models import catalog as catalog_lib
+from models import train
+from models.data import schema, sources
+
+
+def _test_queries(run_dir, count=32):
+  _, run_config = train.restore(run_dir)
+  source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
+  batch = next(source.examples("test"))
+  return {name: batch[name][:count] for name in schema.QUERY_FEATURE_NAMES}
+
+
+@pytest.mark.parametrize("backend", ["brute_force", "scann"])
+def test_loaded_saved_model_matches_the_in_process_model(trained_run, tmp_path, backend):
+  if backend == "scann":
+    import scann  # noqa: F401  Registers ScaNN's ops, as a server must before loading.
+  report = exporter.export_model(trained_run, str(tmp_path), exporter.ExportConfig(index=backend, k=20))
+  assert report["version"] == 1 and report["recall_at_20_vs_exact"] >= 0.95
+  loaded = tf.saved_model.load(report["path"])
+  assert {"serving_default", "encode_query", "encode_item"} <= set(loaded.signatures)
+
+  queries = _test_queries(trained_run)
+  tensors = {name: tf.constant(values) for name, values in queries.items()}
+  served = loaded.signatures["serving_default"](**tensors)
+  assert served["ids"].shape == (32, 20) and served["scores"].dtype == tf.float32
+
+  model, run_config = train.restore(trained_run)
+  source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
+  catalog = catalog_lib.embed_catalog(model.item_tower, source)
+  index = base.build_index(backend, catalog.embeddings, k=20, eligible=catalog.eligible)
+  expected = index.search(model.query_tower(tensors), 20)
+  np.testing.assert_array_equal(served["ids"].numpy().astype(str), catalog.ids[expected.indices.numpy()])
+  np.testing.assert_allclose(served["scores"].numpy(), expected.scores.numpy(), rtol=1e-4, atol=1e-5)
+  # Scores come best first, and paused ads never come back.
+  assert np.all(np.diff(served["scores"].numpy(), axis=1) <= 1e-6)
+  paused = set(catalog.ids[~catalog.eligible])
+  assert paused and not paused & set(served["ids"].numpy().astype(str).ravel())
+  # The towers are exported on their own too.
+  np.testing.assert_allclose(loaded.signatures["encode_query"](**tensors)["embedding"].numpy(),
+                             model.query_tower(tensors).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_export_writes_tf_serving_warmup_records(trained_run, tmp_path):
+  report = exporter.export_model(trained_run, str(tmp_path),
+                                 exporter.ExportConfig(index="brute_force", k=10, num_warmup_requests=5))
+  path = os.path.join(report["path"], "assets.extra", warmup.WARMUP_FILE)
+  records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+  assert len(records) == 5
+  request = records[0].predict_log.request
+  assert request.model_spec.signature_name == "serving_default"
+  assert set(request.inputs) == set(schema.QUERY_FEATURE_NAMES)
+  assert exporter.export_model(trained_run, str(tmp_path), exporter.ExportConfig(index="brute_force", k=10))["version"] == 2
+
+
+def test_failed_publish_leaves_no_version_behind(tmp_path):
+  with pytest.raises(RuntimeError):
+    with versions.publish(str(tmp_path)) as (temp_path, version):
+      os.makedirs(temp_path)
+      with open(os.path.join(temp_path, "saved_model.pb"), "w") as f:
+        f.write("half")
+      raise RuntimeError("disk full")
+  assert os.listdir(tmp_path) == [] and versions.list_versions(str(tmp_path)) == []
+  with versions.publish(str(tmp_path)) as (temp_path, version):
+    os.makedirs(temp_path)
+    open(os.path.join(temp_path, "saved_model.pb"), "w").close()
+  assert version == 1 and versions.list_versions(str(tmp_path)) == [1]
+  with pytest.raises(FileExistsError):
+    with versions.publish(str(tmp_path), version=1):
+      pass
