@@ -1,0 +1,1 @@
+"""fgr-serve: a TensorFlow Serving-compatible model server for any SavedModel."""

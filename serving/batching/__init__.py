@@ -1,0 +1,1 @@
+"""Server-side batching: merge concurrent requests into one session run."""

@@ -1,0 +1,205 @@
+"""A shared batch scheduler: many queues, one pool of batch threads.
+
+Follows TF Serving's SharedBatchScheduler: each queue collects tasks into
+batches of at most `max_batch_size`; a batch is handed to a free batch thread
+once it is full or its oldest task has waited `batch_timeout_micros`; a queue
+holding `max_enqueued_batches` batches rejects new tasks with UNAVAILABLE.
+TF Serving's scheduler is C++ and not exposed to Python, hence this module.
+"""
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Deque, List, Optional
+
+from absl import logging
+
+from serving import errors
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueOptions:
+  """Per-queue batching options (TF Serving's BatchingParameters).
+
+  Attributes:
+    max_batch_size: Largest batch, in rows (dim-0 elements).
+    batch_timeout_micros: How long the oldest task may wait for more tasks.
+    max_enqueued_batches: Queue capacity in batches; beyond it, UNAVAILABLE.
+    allowed_batch_sizes: If set, batches are padded up to one of these sizes.
+  """
+  max_batch_size: int = 1000
+  batch_timeout_micros: int = 0
+  max_enqueued_batches: int = 10
+  allowed_batch_sizes: tuple = ()
+
+
+class Task:
+  """One request's share of a batch, completed by a batch thread."""
+
+  def __init__(self, size: int, payload: Any):
+    self.size = size
+    self.payload = payload
+    self.result: Any = None
+    self.error: Optional[BaseException] = None
+    self._done = threading.Event()
+
+  def finish(self, result: Any = None,
+             error: Optional[BaseException] = None) -> None:
+    self.result, self.error = result, error
+    self._done.set()
+
+  def done(self) -> bool:
+    return self._done.is_set()
+
+  def wait(self) -> Any:
+    """Blocks until processed; returns the result or raises the error."""
+    self._done.wait()
+    if self.error is not None:
+      raise self.error
+    return self.result
+
+
+class _Batch:
+
+  def __init__(self):
+    self.tasks: List[Task] = []
+    self.size = 0
+    self.created = time.monotonic()
+    self.closed = False
+
+
+class BatchQueue:
+  """A queue of batches for one kind of task, served by the shared threads."""
+
+  def __init__(self, scheduler: "SharedBatchScheduler", options: QueueOptions,
+               process_batch: Callable[[List[Task]], None]):
+    self._scheduler = scheduler
+    self.options = options
+    self._process_batch = process_batch
+    self._batches: Deque[_Batch] = collections.deque()
+
+  def schedule(self, task: Task) -> None:
+    """Enqueues `task`; raises if it is too large or the queue is full."""
+    options = self.options
+    if task.size > options.max_batch_size:
+      raise errors.invalid_argument(
+          f"Task size {task.size} is larger than maximum input batch size "
+          f"{options.max_batch_size}")
+    with self._scheduler.cond:
+      if self._scheduler.stopped:
+        raise errors.unavailable("Batch scheduler is shutting down")
+      last = self._batches[-1] if self._batches else None
+      if last is None or last.closed or (
+          last.size + task.size > options.max_batch_size):
+        if last is not None:
+          last.closed = True
+        if len(self._batches) >= options.max_enqueued_batches:
+          raise errors.unavailable(
+              "The batch scheduling queue to which this task was submitted "
+              "is full")
+        last = _Batch()
+        self._batches.append(last)
+      last.tasks.append(task)
+      last.size += task.size
+      if last.size >= options.max_batch_size:
+        last.closed = True
+      self._scheduler.cond.notify()
+
+  def ready_at(self) -> Optional[float]:
+    """Monotonic time at which the head batch may run (caller holds lock)."""
+    if not self._batches:
+      return None
+    head = self._batches[0]
+    if head.closed:
+      return head.created
+    return head.created + self.options.batch_timeout_micros / 1e6
+
+  def pop_batch(self) -> _Batch:
+    batch = self._batches.popleft()
+    batch.closed = True
+    return batch
+
+  def process(self, tasks: List[Task]) -> None:
+    """Runs one batch (called by a batch thread)."""
+    self._process_batch(tasks)
+
+  def empty(self) -> bool:
+    with self._scheduler.cond:
+      return not self._batches
+
+
+class SharedBatchScheduler:
+  """Owns the batch threads shared by all queues.
+
+  Args:
+    num_batch_threads: Number of threads processing batches.
+  """
+
+  def __init__(self, num_batch_threads: int):
+    self.cond = threading.Condition()
+    self.stopped = False
+    self._queues: List[BatchQueue] = []
+    self._threads = [
+        threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+        for i in range(max(1, num_batch_threads))
+    ]
+    for thread in self._threads:
+      thread.start()
+
+  def add_queue(self, options: QueueOptions,
+                process_batch: Callable[[List[Task]], None]) -> BatchQueue:
+    """Creates a queue whose batches go to `process_batch(tasks)`."""
+    queue = BatchQueue(self, options, process_batch)
+    with self.cond:
+      self._queues.append(queue)
+    return queue
+
+  def remove_queue(self, queue: BatchQueue) -> None:
+    """Forgets a queue once its servable is unloaded (it must be empty)."""
+    with self.cond:
+      if queue in self._queues:
+        self._queues.remove(queue)
+
+  def stop(self) -> None:
+    """Lets the threads finish queued batches, then exit."""
+    with self.cond:
+      self.stopped = True
+      self.cond.notify_all()
+    for thread in self._threads:
+      thread.join(timeout=30)
+
+  def _next_batch(self):
+    """Waits for the oldest ready batch; None once stopped and drained."""
+    with self.cond:
+      while True:
+        now = time.monotonic()
+        best, best_at, next_wake = None, None, None
+        for queue in self._queues:
+          ready_at = queue.ready_at()
+          if ready_at is None:
+            continue
+          if ready_at <= now or self.stopped:
+            if best is None or ready_at < best_at:
+              best, best_at = queue, ready_at
+          elif next_wake is None or ready_at < next_wake:
+            next_wake = ready_at
+        if best is not None:
+          return best, best.pop_batch()
+        if self.stopped:
+          return None
+        self.cond.wait(None if next_wake is None else next_wake - now)
+
+  def _work(self) -> None:
+    while True:
+      item = self._next_batch()
+      if item is None:
+        return
+      queue, batch = item
+      try:
+        queue.process(batch.tasks)
+      except BaseException as e:  # Never lose a task: fail them all.
+        logging.exception("Batch processing failed")
+        for task in batch.tasks:
+          if not task.done():
+            task.finish(error=errors.from_exception(e))

@@ -1,0 +1,158 @@
+"""Wraps a session runner so concurrent calls are merged along dim 0.
+
+Like TF Serving's BatchingSession: calls with the same feeds, fetches and
+per-row shapes share a queue; a batch concatenates their inputs along the
+first dimension (padded up to an allowed batch size by repeating the first
+row), runs once, and slices every output back per call.
+"""
+
+import bisect
+import threading
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from serving import errors
+from serving.batching import batch_scheduler
+from serving.servables import saved_model_bundle
+
+BatchObserver = Callable[[int, int], None]  # (batch rows, padding rows)
+
+
+class BatchingSession:
+  """A SessionRunner that batches concurrent calls.
+
+  Args:
+    runner: The underlying (unbatched) session runner.
+    scheduler: Shared scheduler providing batch threads.
+    options: Queue options for every queue of this session.
+    observer: Called with (rows, padding) for each processed batch.
+  """
+
+  def __init__(self, runner: saved_model_bundle.SessionRunner,
+               scheduler: batch_scheduler.SharedBatchScheduler,
+               options: batch_scheduler.QueueOptions,
+               observer: Optional[BatchObserver] = None):
+    self._runner = runner
+    self._scheduler = scheduler
+    self._options = options
+    self._observer = observer
+    self._queues: Dict[Tuple, batch_scheduler.BatchQueue] = {}
+    self._lock = threading.Lock()
+
+  def __call__(self, feeds: Dict[str, np.ndarray], fetches: Sequence[str],
+               timeout_ms: Optional[int] = None) -> List[np.ndarray]:
+    rows = {a.shape[0] if a.ndim else None for a in feeds.values()}
+    if len(rows) != 1 or None in rows:
+      # Scalars or feeds disagreeing on dim 0 can't be split back per call;
+      # run them on their own rather than reject them.
+      return self._runner(feeds, fetches, timeout_ms)
+    size = rows.pop()
+    if size == 0:
+      return self._runner(feeds, fetches, timeout_ms)
+    key = (tuple(sorted((name, a.dtype.str, a.shape[1:])
+                        for name, a in feeds.items())), tuple(fetches))
+    task = batch_scheduler.Task(size, (feeds, timeout_ms))
+    self._queue(key).schedule(task)
+    return task.wait()
+
+  def _queue(self, key: Tuple) -> batch_scheduler.BatchQueue:
+    with self._lock:
+      queue = self._queues.get(key)
+      if queue is None:
+        fetches = key[1]
+        queue = self._scheduler.add_queue(
+            self._options, lambda tasks: self._process(fetches, tasks))
+        self._queues[key] = queue
+      return queue
+
+  def close(self) -> None:
+    """Detaches this session's queues from the shared scheduler."""
+    with self._lock:
+      for queue in self._queues.values():
+        self._scheduler.remove_queue(queue)
+      self._queues.clear()
+
+  def _padded_size(self, rows: int) -> int:
+    allowed = self._options.allowed_batch_sizes
+    if not allowed:
+      return rows
+    index = bisect.bisect_left(allowed, rows)
+    return allowed[index] if index < len(allowed) else rows
+
+  def _process(self, fetches: Sequence[str],
+               tasks: List[batch_scheduler.Task]) -> None:
+    rows = sum(t.size for t in tasks)
+    padded = self._padded_size(rows)
+    names = list(tasks[0].payload[0].keys())
+    feeds = {}
+    for name in names:
+      parts = [t.payload[0][name] for t in tasks]
+      if padded > rows:
+        first = parts[0][:1]
+        parts.append(np.repeat(first, padded - rows, axis=0))
+      feeds[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    timeouts = [t.payload[1] for t in tasks]
+    timeout = None if None in timeouts else max(timeouts)
+    try:
+      outputs = self._runner(feeds, fetches, timeout)
+      for output in outputs:
+        if np.ndim(output) == 0 or output.shape[0] != padded:
+          raise errors.internal(
+              "Batched output tensor's 0th dimension does not equal the sum "
+              "of the 0th dimension sizes of the input tensors")
+    except Exception as e:  # One failure fails every call in the batch.
+      error = errors.from_exception(e)
+      for task in tasks:
+        task.finish(error=error)
+      return
+    if self._observer is not None:
+      self._observer(rows, padded - rows)
+    offset = 0
+    for task in tasks:
+      task.finish([o[offset:offset + task.size] for o in outputs])
+      offset += task.size
+
+
+def queue_options_from_proto(params) -> batch_scheduler.QueueOptions:
+  """Builds QueueOptions from a BatchingParameters message.
+
+  Defaults follow TF Serving's BasicBatchScheduler: max_batch_size 1000,
+  batch_timeout_micros 0, max_enqueued_batches 10.
+  """
+  def value(field, default):
+    return getattr(params, field).value if params.HasField(field) else default
+
+  options = batch_scheduler.QueueOptions(
+      max_batch_size=int(value("max_batch_size", 1000)),
+      batch_timeout_micros=int(value("batch_timeout_micros", 0)),
+      max_enqueued_batches=int(value("max_enqueued_batches", 10)),
+      allowed_batch_sizes=tuple(int(s) for s in params.allowed_batch_sizes))
+  if options.max_batch_size < 1 or options.max_enqueued_batches < 1:
+    raise errors.invalid_argument(
+        "BatchingParameters: max_batch_size and max_enqueued_batches must be "
+        "positive")
+  if options.batch_timeout_micros < 0:
+    raise errors.invalid_argument(
+        "BatchingParameters: batch_timeout_micros must be >= 0")
+  sizes = options.allowed_batch_sizes
+  if sizes:
+    if list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+      raise errors.invalid_argument(
+          "BatchingParameters: allowed_batch_sizes must be positive and "
+          "strictly increasing")
+    if sizes[-1] != options.max_batch_size:
+      raise errors.invalid_argument(
+          "BatchingParameters: the last entry in allowed_batch_sizes must "
+          "equal max_batch_size")
+  if params.HasField("enable_large_batch_splitting") and (
+      params.enable_large_batch_splitting.value):
+    raise errors.invalid_argument(
+        "BatchingParameters: enable_large_batch_splitting is not supported by "
+        "fgr-serve; requests larger than max_batch_size are rejected")
+  if params.pad_variable_length_inputs:
+    raise errors.invalid_argument(
+        "BatchingParameters: pad_variable_length_inputs is not supported by "
+        "fgr-serve; requests with different per-row shapes are batched "
+        "separately instead")
+  return options

@@ -1,0 +1,1 @@
+"""Configuration protos and their text-format readers."""

@@ -1,0 +1,1 @@
+"""Version management: sources, policies, loaders and the server core."""

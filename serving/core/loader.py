@@ -1,0 +1,82 @@
+"""Loads one version: SavedModel, optional batching, warm-up, with retries."""
+
+import dataclasses
+import threading
+from typing import Callable, Optional, Sequence
+
+from absl import logging
+from tensorflow.core.protobuf import config_pb2
+
+from serving import errors
+from serving.batching import batch_scheduler
+from serving.batching import batching_session
+from serving.servables import saved_model_bundle
+from serving.servables import warmup
+
+
+@dataclasses.dataclass
+class BatchingConfig:
+  """Server-wide batching set-up shared by every servable."""
+  scheduler: batch_scheduler.SharedBatchScheduler
+  options: batch_scheduler.QueueOptions
+  # Returns the per-batch observer for a model (e.g. a metrics recorder).
+  observer_for: Callable[[str], Optional[batching_session.BatchObserver]] = (
+      lambda name: None)
+
+
+@dataclasses.dataclass
+class LoaderOptions:
+  """How servables are loaded (TF Serving's loader and warm-up flags)."""
+  tags: Sequence[str] = ("serve",)
+  session_config: Optional[config_pb2.ConfigProto] = None
+  enable_warmup: bool = True
+  warmup_iterations: int = 1
+  max_num_load_retries: int = 5
+  load_retry_interval_seconds: float = 60.0
+  batching: Optional[BatchingConfig] = None
+
+
+def load_once(name: str, version: int, path: str,
+              options: LoaderOptions) -> saved_model_bundle.SavedModelBundle:
+  """Loads and warms one version; raises ServingError on failure."""
+  context = saved_model_bundle.servable_context(name, version)
+  try:
+    bundle = saved_model_bundle.SavedModelBundle(
+        name, version, path, options.tags, options.session_config)
+  except Exception as e:  # Any load failure becomes the version's status.
+    raise errors.from_exception(e, context) from e
+  try:
+    if options.batching is not None:
+      batching = options.batching
+      session = batching_session.BatchingSession(
+          bundle.session_run, batching.scheduler, batching.options,
+          batching.observer_for(name))
+      bundle.runner = session
+      bundle.on_close(session.close)
+    if options.enable_warmup:
+      warmup.run_warmup(bundle, options.warmup_iterations)
+  except Exception as e:  # A failed warm-up fails the load, as in TF Serving.
+    bundle.close()
+    raise errors.from_exception(e, context) from e
+  return bundle
+
+
+def load_with_retries(name: str, version: int, path: str,
+                      options: LoaderOptions,
+                      cancelled: threading.Event
+                      ) -> saved_model_bundle.SavedModelBundle:
+  """Calls `load_once`, retrying up to `max_num_load_retries` times."""
+  attempt = 0
+  while True:
+    try:
+      return load_once(name, version, path, options)
+    except errors.ServingError as e:
+      if attempt >= options.max_num_load_retries or cancelled.is_set():
+        raise
+      attempt += 1
+      logging.warning("Loading %s failed (%s); retry %d of %d in %.1fs",
+                      saved_model_bundle.servable_context(name, version),
+                      e.message, attempt, options.max_num_load_retries,
+                      options.load_retry_interval_seconds)
+      if cancelled.wait(max(0.0, options.load_retry_interval_seconds)):
+        raise

@@ -1,0 +1,250 @@
+"""Manages the versions of one model: discover, load, route, swap, unload."""
+
+import concurrent.futures
+import contextlib
+import threading
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from absl import logging
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving import errors
+from serving.core import aspired_versions_policy
+from serving.core import file_system_source
+from serving.core import loader
+from serving.servables import saved_model_bundle
+
+State = get_model_status_pb2.ModelVersionStatus.State
+
+
+class _Version:
+  """Book-keeping for one version (TF Serving's LoaderHarness + state)."""
+
+  def __init__(self, version: int, path: str):
+    self.version = version
+    self.path = path
+    self.mtime = file_system_source.version_mtime(path)
+    self.state = State.START
+    self.error: Optional[errors.ServingError] = None
+    self.bundle: Optional[saved_model_bundle.SavedModelBundle] = None
+    self.in_flight = 0
+
+
+class ModelManager:
+  """Owns every version of one model.
+
+  Loads run on `load_pool`, unloads on `unload_pool`. Requests take a handle
+  on an AVAILABLE version; an unloading version stops taking new handles,
+  waits for its in-flight requests, then closes its session.
+
+  Args:
+    config: The model's ModelConfig (name, base_path, version policy).
+    loader_options: How to load versions.
+    load_pool: Executor for loads.
+    unload_pool: Executor for unloads.
+    policy: When old versions may unload (availability preserving).
+  """
+
+  def __init__(self, config: model_server_config_pb2.ModelConfig,
+               loader_options: loader.LoaderOptions,
+               load_pool: concurrent.futures.Executor,
+               unload_pool: concurrent.futures.Executor,
+               policy: aspired_versions_policy.AspiredVersionPolicy):
+    self.name = config.name
+    self._config = config
+    self._loader_options = loader_options
+    self._load_pool = load_pool
+    self._unload_pool = unload_pool
+    self._policy = policy
+    self._cond = threading.Condition()
+    self._versions: Dict[int, _Version] = {}
+    self._aspired: set = set()
+    self._stopped = threading.Event()
+
+  @property
+  def config(self) -> model_server_config_pb2.ModelConfig:
+    return self._config
+
+  def update_config(self, config: model_server_config_pb2.ModelConfig) -> None:
+    """Applies a new policy or base path, then reconciles with the disk."""
+    with self._cond:
+      self._config = config
+    self.poll()
+
+  def poll(self) -> None:
+    """Reconciles loaded versions with the aspired versions on disk."""
+    if self._stopped.is_set():
+      return
+    on_disk = file_system_source.list_versions(self._config.base_path)
+    if not on_disk:
+      # As TF Serving: no versions found keeps whatever is serving.
+      logging.log_every_n_seconds(
+          logging.WARNING, "No versions of servable %s found under base path "
+          "%s", 60, self.name, self._config.base_path)
+      return
+    aspired = file_system_source.aspired_versions(on_disk, self._config)
+    with self._cond:
+      self._aspired = aspired
+      for version in sorted(aspired, reverse=True):
+        entry = self._versions.get(version)
+        if entry is None or self._should_reload(entry, on_disk[version]):
+          entry = _Version(version, on_disk[version])
+          self._versions[version] = entry
+          entry.state = State.LOADING
+          logging.info("Loading servable %s",
+                       saved_model_bundle.servable_context(self.name, version))
+          self._load_pool.submit(self._load, entry)
+      self._unload_unaspired_locked()
+
+  @staticmethod
+  def _should_reload(entry: _Version, path: str) -> bool:
+    """An ended version loads again if rewritten or if it was unloaded."""
+    if entry.state != State.END:
+      return False
+    if entry.error is None:
+      return True
+    return file_system_source.version_mtime(path) != entry.mtime
+
+  def _load(self, entry: _Version) -> None:
+    try:
+      bundle = loader.load_with_retries(self.name, entry.version, entry.path,
+                                        self._loader_options, self._stopped)
+    except errors.ServingError as e:
+      logging.error("Failed to load servable %s: %s",
+                    saved_model_bundle.servable_context(
+                        self.name, entry.version), e.message)
+      with self._cond:
+        entry.state, entry.error = State.END, e
+        self._unload_unaspired_locked()
+        self._cond.notify_all()
+      return
+    except BaseException as e:  # Keep the manager consistent whatever fails.
+      with self._cond:
+        entry.state, entry.error = State.END, errors.from_exception(e)
+        self._cond.notify_all()
+      raise
+    with self._cond:
+      if self._stopped.is_set():
+        entry.state = State.END
+        bundle.close()
+        self._cond.notify_all()
+        return
+      entry.bundle = bundle
+      entry.state = State.AVAILABLE  # Latest() now resolves here: the switch.
+      logging.info("Successfully loaded servable version %s",
+                   bundle.context())
+      self._unload_unaspired_locked()
+      self._cond.notify_all()
+
+  def _unload_unaspired_locked(self) -> None:
+    serving = {v for v, e in self._versions.items()
+               if e.state == State.AVAILABLE and v not in self._aspired}
+    available = {v for v, e in self._versions.items()
+                 if e.state == State.AVAILABLE}
+    loading = {v for v, e in self._versions.items()
+               if e.state in (State.START, State.LOADING)}
+    for version in self._policy.versions_to_unload(
+        serving, self._aspired, available, loading):
+      self._begin_unload_locked(self._versions[version])
+
+  def _begin_unload_locked(self, entry: _Version) -> None:
+    entry.state = State.UNLOADING  # No new handles from here on.
+    self._unload_pool.submit(self._unload, entry)
+
+  def _unload(self, entry: _Version) -> None:
+    with self._cond:
+      while entry.in_flight:
+        self._cond.wait()  # Let in-flight requests finish on this version.
+      bundle, entry.bundle = entry.bundle, None
+    if bundle is not None:
+      bundle.close()
+    with self._cond:
+      entry.state = State.END
+      self._cond.notify_all()
+
+  @contextlib.contextmanager
+  def handle(self, request_text: str, version: Optional[int] = None
+             ) -> Iterator[saved_model_bundle.SavedModelBundle]:
+    """Yields an AVAILABLE version (the latest if `version` is None).
+
+    Args:
+      request_text: TF Serving's request description for NOT_FOUND errors,
+        e.g. "Latest(name)".
+      version: A specific version, or None for the latest.
+    """
+    with self._cond:
+      if version is None:
+        candidates = [e for e in self._versions.values()
+                      if e.state == State.AVAILABLE]
+        entry = max(candidates, key=lambda e: e.version, default=None)
+      else:
+        entry = self._versions.get(version)
+        if entry is not None and entry.state != State.AVAILABLE:
+          entry = None
+      if entry is None:
+        raise errors.not_found(
+            f"Servable not found for request: {request_text}")
+      entry.in_flight += 1
+      bundle = entry.bundle
+    try:
+      yield bundle
+    finally:
+      with self._cond:
+        entry.in_flight -= 1
+        if not entry.in_flight:
+          self._cond.notify_all()
+
+  def version_states(self) -> List[Tuple[int, int, Optional[errors.ServingError]]]:
+    """Returns [(version, state, error)] for every version ever seen."""
+    with self._cond:
+      return [(v, e.state, e.error) for v, e in sorted(self._versions.items())]
+
+  def available_versions(self) -> List[int]:
+    with self._cond:
+      return sorted(v for v, e in self._versions.items()
+                    if e.state == State.AVAILABLE)
+
+  def settled(self) -> bool:
+    """True when no aspired version is waiting to load."""
+    with self._cond:
+      return self._settled_locked()
+
+  def _settled_locked(self) -> bool:
+    return all(self._versions[v].state in (State.AVAILABLE, State.END)
+               for v in self._aspired if v in self._versions) and all(
+                   v in self._versions for v in self._aspired)
+
+  def wait_until_settled(self, timeout: Optional[float] = None) -> bool:
+    """Blocks until every aspired version is AVAILABLE or failed."""
+    with self._cond:
+      return self._cond.wait_for(self._settled_locked, timeout)
+
+  def has_aspired(self) -> bool:
+    with self._cond:
+      return bool(self._aspired)
+
+  def first_error(self) -> Optional[errors.ServingError]:
+    """The load error of an aspired version, if any failed."""
+    with self._cond:
+      for v in sorted(self._aspired, reverse=True):
+        entry = self._versions.get(v)
+        if entry is not None and entry.error is not None:
+          return entry.error
+    return None
+
+  def stop(self) -> None:
+    """Unloads every version (model removed or server shutting down)."""
+    self._stopped.set()
+    with self._cond:
+      self._aspired = set()
+      for entry in self._versions.values():
+        if entry.state == State.AVAILABLE:
+          self._begin_unload_locked(entry)
+
+  def wait_until_unloaded(self, timeout: Optional[float] = None) -> bool:
+    """Blocks until no version is loading, loaded or unloading."""
+    with self._cond:
+      return self._cond.wait_for(
+          lambda: all(e.state == State.END
+                      for e in self._versions.values()), timeout)

@@ -1,0 +1,284 @@
+"""ServerCore: all models, their config, labels, polling and request routing."""
+
+import concurrent.futures
+import contextlib
+import os
+import threading
+from typing import Dict, Iterator, Optional
+
+from absl import logging
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import model_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving import errors
+from serving.core import aspired_versions_policy
+from serving.core import loader
+from serving.core import model_manager
+from serving.servables import saved_model_bundle
+
+_TENSORFLOW_PLATFORM = "tensorflow"
+
+
+def single_model_config(name: str, base_path: str
+                        ) -> model_server_config_pb2.ModelServerConfig:
+  """The config TF Serving derives from --model_name/--model_base_path."""
+  config = model_server_config_pb2.ModelServerConfig()
+  model = config.model_config_list.config.add()
+  model.name = name
+  model.base_path = base_path
+  model.model_platform = _TENSORFLOW_PLATFORM
+  return config
+
+
+def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
+  if config.WhichOneof("config") != "model_config_list":
+    raise errors.invalid_argument(
+        "ModelServerConfig must hold a model_config_list; "
+        "custom_model_config is not supported")
+  seen = set()
+  for model in config.model_config_list.config:
+    if not model.name:
+      raise errors.invalid_argument("ModelConfig has an empty name")
+    if model.name in seen:
+      raise errors.invalid_argument(
+          f"Illegal to list model {model.name} multiple times in config list")
+    seen.add(model.name)
+    if not model.base_path:
+      raise errors.invalid_argument(f"Model {model.name} has no base_path")
+    if model.model_platform not in ("", _TENSORFLOW_PLATFORM):
+      raise errors.invalid_argument(
+          f"Model {model.name} requests unsupported platform "
+          f"{model.model_platform}")
+    if model.model_type:
+      raise errors.invalid_argument(
+          f"ModelServerConfig::model_type choice {model.model_type} not "
+          "supported.")
+
+
+class ServerCore:
+  """Holds one ModelManager per configured model.
+
+  Args:
+    loader_options: How versions are loaded.
+    num_load_threads: Load concurrency (TF Serving's 0 means serial: 1).
+    num_unload_threads: Unload concurrency (0 means 1).
+    allow_version_labels_for_unavailable_models: Accept labels pointing at
+      versions that are not AVAILABLE.
+  """
+
+  def __init__(self, loader_options: loader.LoaderOptions,
+               num_load_threads: int = 0, num_unload_threads: int = 0,
+               allow_version_labels_for_unavailable_models: bool = False):
+    self._loader_options = loader_options
+    self._load_pool = concurrent.futures.ThreadPoolExecutor(
+        max(1, num_load_threads), thread_name_prefix="load")
+    self._unload_pool = concurrent.futures.ThreadPoolExecutor(
+        max(1, num_unload_threads), thread_name_prefix="unload")
+    self._allow_unavailable_labels = (
+        allow_version_labels_for_unavailable_models)
+    self._policy = aspired_versions_policy.AvailabilityPreservingPolicy()
+    self._lock = threading.RLock()
+    self._reload_lock = threading.Lock()
+    self._managers: Dict[str, model_manager.ModelManager] = {}
+    self._labels: Dict[str, Dict[str, int]] = {}
+    self._stop_polling = threading.Event()
+    self._poll_thread: Optional[threading.Thread] = None
+    self._config = model_server_config_pb2.ModelServerConfig()
+
+  @property
+  def config(self) -> model_server_config_pb2.ModelServerConfig:
+    """The last config passed to `reload_config`."""
+    return self._config
+
+  def reload_config(self, config: model_server_config_pb2.ModelServerConfig,
+                    wait: bool = True) -> None:
+    """Transitions to `config`: adds, updates and removes models.
+
+    Waits until the new config's versions have loaded (or failed), then
+    applies its version labels, as TF Serving's ReloadConfig does.
+
+    Raises:
+      ServingError: if the config is invalid, a model has no loadable
+        version, or a label names an unavailable version.
+    """
+    _validate(config)
+    with self._reload_lock:
+      self._config = model_server_config_pb2.ModelServerConfig()
+      self._config.CopyFrom(config)
+      models = {}
+      for model in config.model_config_list.config:
+        copy = model_server_config_pb2.ModelConfig()
+        copy.CopyFrom(model)
+        copy.base_path = os.path.abspath(model.base_path)
+        models[model.name] = copy
+      with self._lock:
+        removed = [m for n, m in self._managers.items() if n not in models]
+        for manager in removed:
+          del self._managers[manager.name]
+          self._labels.pop(manager.name, None)
+        added, updated = [], []
+        for name, model in models.items():
+          manager = self._managers.get(name)
+          if manager is None:
+            manager = model_manager.ModelManager(
+                model, self._loader_options, self._load_pool,
+                self._unload_pool, self._policy)
+            self._managers[name] = manager
+            added.append(manager)
+          else:
+            updated.append((manager, model))
+      for manager in removed:
+        logging.info("Removing model %s", manager.name)
+        manager.stop()
+      for manager in added:
+        logging.info("Adding model %s from %s", manager.name,
+                     manager.config.base_path)
+        manager.poll()
+      for manager, model in updated:
+        manager.update_config(model)
+      logging.info("Finished adding/updating models")
+      if not wait:
+        return
+      for manager in list(added) + [m for m, _ in updated]:
+        manager.wait_until_settled()
+        if manager.has_aspired() and not manager.available_versions():
+          error = manager.first_error()
+          if error is not None:
+            raise error
+      self._apply_labels(models)
+
+  def _apply_labels(self, models) -> None:
+    labels = {}
+    for name, model in models.items():
+      manager = self._managers.get(name)
+      available = set(manager.available_versions()) if manager else set()
+      for label, version in model.version_labels.items():
+        if version not in available and not self._allow_unavailable_labels:
+          raise errors.failed_precondition(
+              f"Request to assign label to version {version} of model "
+              f"{name}, which is not currently available for inference")
+      labels[name] = dict(model.version_labels)
+    with self._lock:
+      self._labels = labels
+
+  def wait_until_models_available(self,
+                                  stop: Optional[threading.Event] = None
+                                  ) -> None:
+    """Blocks until every model has an AVAILABLE version (start-up).
+
+    A model without any version on disk is waited for, as TF Serving does;
+    `stop` (e.g. set by SIGTERM) ends the wait.
+
+    Raises:
+      ServingError: if a model's aspired versions all failed to load.
+    """
+    for manager in self.managers():
+      while not manager.available_versions():
+        if stop is not None and stop.is_set():
+          return
+        manager.wait_until_settled(timeout=0.5)
+        if manager.settled() and manager.has_aspired() and (
+            not manager.available_versions()):
+          error = manager.first_error()
+          if error is not None:
+            raise error
+
+  def managers(self):
+    with self._lock:
+      return list(self._managers.values())
+
+  def poll(self) -> None:
+    """Checks every model's base path for new or removed versions."""
+    for manager in self.managers():
+      try:
+        manager.poll()
+      except Exception:  # A broken base path must not stop other models.
+        logging.exception("Polling model %s failed", manager.name)
+
+  def start_polling(self, wait_seconds: float) -> None:
+    """Polls the file system every `wait_seconds` (0: only at start-up)."""
+    if wait_seconds <= 0:
+      return
+
+    def run():
+      while not self._stop_polling.wait(wait_seconds):
+        self.poll()
+
+    self._poll_thread = threading.Thread(target=run, name="fs-poll",
+                                         daemon=True)
+    self._poll_thread.start()
+
+  def _manager(self, name: str, request_text: str
+               ) -> model_manager.ModelManager:
+    with self._lock:
+      manager = self._managers.get(name)
+    if manager is None:
+      raise errors.not_found(f"Servable not found for request: {request_text}")
+    return manager
+
+  def resolve(self, model_spec: model_pb2.ModelSpec):
+    """Returns (manager, version or None, request text) for a ModelSpec."""
+    name = model_spec.name
+    if not name:
+      raise errors.invalid_argument("ModelSpec has no name specified.")
+    choice = model_spec.WhichOneof("version_choice")
+    version = None
+    if choice == "version":
+      version = model_spec.version.value
+    elif choice == "version_label":
+      with self._lock:
+        version = self._labels.get(name, {}).get(model_spec.version_label)
+      if version is None:
+        raise errors.invalid_argument(
+            "Unrecognized servable version label: "
+            f"{model_spec.version_label}").with_context(f"model: {name}")
+    text = f"Latest({name})" if version is None else (
+        f"Specific({name}, {version})")
+    return self._manager(name, text), version, text
+
+  @contextlib.contextmanager
+  def servable_handle(self, model_spec: model_pb2.ModelSpec
+                      ) -> Iterator[saved_model_bundle.SavedModelBundle]:
+    """Yields the servable a ModelSpec names, held until the block exits."""
+    manager, version, text = self.resolve(model_spec)
+    with manager.handle(text, version) as bundle:
+      yield bundle
+
+  def model_status(self, model_spec: model_pb2.ModelSpec
+                   ) -> get_model_status_pb2.GetModelStatusResponse:
+    """GetModelStatus for a ModelSpec (one version or all of them)."""
+    name = model_spec.name
+    if not name:
+      raise errors.invalid_argument("ModelSpec has no name specified.")
+    choice = model_spec.WhichOneof("version_choice")
+    version = None
+    if choice is not None:
+      _, version, _ = self.resolve(model_spec)
+    with self._lock:
+      manager = self._managers.get(name)
+    states = manager.version_states() if manager else []
+    response = get_model_status_pb2.GetModelStatusResponse()
+    if version is not None:
+      states = [s for s in states if s[0] == version]
+      if not states:
+        raise errors.not_found(
+            f"Could not find version {version} of model {name}")
+    elif not states:
+      raise errors.not_found(f"Could not find any versions of model {name}")
+    for v, state, error in states:
+      status = response.model_version_status.add(version=v, state=state)
+      if error is not None:
+        status.status.CopyFrom(error.to_status_proto())
+    return response
+
+  def stop(self, timeout: float = 30.0) -> None:
+    """Stops polling and unloads every model."""
+    self._stop_polling.set()
+    managers = self.managers()
+    for manager in managers:
+      manager.stop()
+    for manager in managers:
+      manager.wait_until_unloaded(timeout)
+    self._load_pool.shutdown(wait=False, cancel_futures=True)
+    self._unload_pool.shutdown(wait=False, cancel_futures=True)

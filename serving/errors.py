@@ -1,0 +1,106 @@
+"""Serving errors carrying TF Serving's canonical status codes."""
+
+from typing import Optional
+
+import grpc
+from tensorflow_serving.apis import status_pb2
+
+# TF Serving maps canonical codes to HTTP codes this way
+# (tensorflow_serving/util/net_http ... ToHTTPStatusCode).
+_HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 500,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ServingError(Exception):
+  """An error returned to the client with a canonical status code.
+
+  Args:
+    code: The gRPC status code (TF Serving's canonical error space).
+    message: Human-readable message; names model, version and signature
+      whenever they are known.
+  """
+
+  def __init__(self, code: grpc.StatusCode, message: str):
+    super().__init__(message)
+    self.code = code
+    self.message = message
+
+  @property
+  def http_status(self) -> int:
+    """The HTTP status TF Serving's REST API answers with for this error."""
+    return _HTTP_STATUS.get(self.code, 500)
+
+  def to_status_proto(self) -> status_pb2.StatusProto:
+    """Returns the error as a `tensorflow.serving.StatusProto`."""
+    return status_pb2.StatusProto(
+        error_code=self.code.value[0], error_message=self.message)
+
+  def with_context(self, context: str) -> "ServingError":
+    """Returns a copy whose message ends with `context` (e.g. the servable)."""
+    if not context or context in self.message:
+      return self
+    return ServingError(self.code, f"{self.message} [{context}]")
+
+
+def code_from_number(number: int) -> grpc.StatusCode:
+  """Maps a canonical code number (TF's `error_codes.proto`) to grpc's enum."""
+  return _CODE_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def invalid_argument(message: str) -> ServingError:
+  return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ServingError:
+  return ServingError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def failed_precondition(message: str) -> ServingError:
+  return ServingError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def unavailable(message: str) -> ServingError:
+  return ServingError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def internal(message: str) -> ServingError:
+  return ServingError(grpc.StatusCode.INTERNAL, message)
+
+
+def from_exception(exc: BaseException,
+                   context: Optional[str] = None) -> ServingError:
+  """Converts any exception (TF op errors included) into a `ServingError`.
+
+  TF's `OpError.error_code` uses the same canonical numbering as gRPC, so a
+  session's INVALID_ARGUMENT or DEADLINE_EXCEEDED reaches the client as such.
+  """
+  if isinstance(exc, ServingError):
+    error = exc
+  else:
+    number = getattr(exc, "error_code", None)
+    if isinstance(number, int):
+      message = getattr(exc, "message", None) or str(exc)
+      error = ServingError(code_from_number(number), message)
+    else:
+      error = ServingError(grpc.StatusCode.INTERNAL,
+                           f"{type(exc).__name__}: {exc}")
+  return error.with_context(context) if context else error

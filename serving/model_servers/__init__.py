@@ -1,0 +1,1 @@
+"""The model server process: flags, gRPC and REST front ends."""

@@ -1,0 +1,124 @@
+"""gRPC front end: PredictionService, ModelService and health checking."""
+
+import concurrent.futures
+from typing import Callable, List, Optional, Tuple, TypeVar
+
+import grpc
+from grpc_health.v1 import health
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from tensorflow_serving.apis import model_service_pb2_grpc
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from serving import errors
+from serving.model_servers import service_impl
+
+R = TypeVar("R")
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+
+
+def _timeout_ms(context: grpc.ServicerContext) -> Optional[int]:
+  """The client's deadline, used as the session run timeout (as TF Serving)."""
+  remaining = context.time_remaining()
+  if remaining is None or remaining > 1e8:
+    return None
+  return max(1, int(remaining * 1000))
+
+
+def _serve(context: grpc.ServicerContext, call: Callable[[], R]) -> R:
+  try:
+    return call()
+  except Exception as e:  # Any failure becomes a status, never a crash.
+    error = errors.from_exception(e)
+  context.abort(error.code, error.message)
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+  """tensorflow.serving.PredictionService."""
+
+  def __init__(self, api: service_impl.ServingApi):
+    self._api = api
+
+  def Predict(self, request, context):
+    return _serve(context, lambda: self._api.predict(
+        request, _timeout_ms(context)))
+
+  def Classify(self, request, context):
+    return _serve(context, lambda: self._api.classify(
+        request, _timeout_ms(context)))
+
+  def Regress(self, request, context):
+    return _serve(context, lambda: self._api.regress(
+        request, _timeout_ms(context)))
+
+  def MultiInference(self, request, context):
+    return _serve(context, lambda: self._api.multi_inference(
+        request, _timeout_ms(context)))
+
+  def GetModelMetadata(self, request, context):
+    return _serve(context, lambda: self._api.get_model_metadata(request))
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+  """tensorflow.serving.ModelService."""
+
+  def __init__(self, api: service_impl.ServingApi):
+    self._api = api
+
+  def GetModelStatus(self, request, context):
+    return _serve(context, lambda: self._api.get_model_status(request))
+
+  def HandleReloadConfigRequest(self, request, context):
+    return _serve(context, lambda: self._api.reload_config(request))
+
+
+class GrpcServer:
+  """Owns the grpc.Server.
+
+  Args:
+    api: Shared RPC implementations.
+    max_threads: Worker threads (TF Serving's --grpc_max_threads).
+    options: Extra channel arguments (--grpc_channel_arguments).
+    enable_health: Register grpc.health.v1 (--enable_grpc_healthcheck_service).
+  """
+
+  def __init__(self, api: service_impl.ServingApi, max_threads: int,
+               options: List[Tuple[str, object]],
+               enable_health: bool):
+    channel_options = [("grpc.max_receive_message_length", -1),
+                       ("grpc.max_send_message_length", -1)] + list(options)
+    self._server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_threads, thread_name_prefix="grpc"),
+        options=channel_options)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(api), self._server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        ModelServicer(api), self._server)
+    self._health = None
+    if enable_health:
+      self._health = health.HealthServicer()
+      health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+
+  def add_port(self, address: str) -> int:
+    """Binds `address` ("host:port" or "unix:path"); returns the port."""
+    port = self._server.add_insecure_port(address)
+    if port == 0 and not address.startswith("unix:"):
+      raise RuntimeError(f"Failed to bind gRPC server to {address}")
+    return port
+
+  def start(self) -> None:
+    self._server.start()
+    self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+  def _set_health(self, status) -> None:
+    if self._health is not None:
+      for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
+        self._health.set(service, status)
+
+  def stop(self, grace_seconds: float) -> None:
+    """Stops accepting RPCs and waits for in-flight ones to finish."""
+    self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    self._server.stop(grace_seconds).wait()

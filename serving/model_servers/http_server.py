@@ -1,0 +1,269 @@
+"""REST front end: TF Serving's /v1/models API and the Prometheus endpoint.
+
+Built on the standard library's http.server: the API is small JSON over
+HTTP/1.x, and a fixed worker pool (TF Serving's --rest_api_num_threads) is a
+few lines, so no web framework dependency is needed.
+"""
+
+import concurrent.futures
+import http.server
+import json
+import re
+import threading
+import urllib.parse
+from typing import Any, Dict, Optional, Tuple
+
+from absl import logging
+from google.protobuf import json_format
+import tensorflow as tf
+from tensorflow_serving.apis import classification_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import model_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import regression_pb2
+
+from serving import errors
+from serving.model_servers import service_impl
+from serving.monitoring import metrics as metrics_lib
+from serving.servables import get_model_metadata
+from serving.servables import saved_model_bundle
+from serving.servables import tensor_util
+from serving.util import json_tensor
+
+# TF Serving's request path patterns (http_rest_api_util.h).
+_PREDICTION_API = re.compile(
+    r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|"
+    r"(?:/labels/([^/:]+)))?:(classify|regress|predict)")
+_MODEL_STATUS_API = re.compile(
+    r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|"
+    r"(?:/labels/([^/:]+)))?(?:/(metadata))?")
+
+
+def _model_spec(name: str, version: Optional[str], label: Optional[str]
+                ) -> model_pb2.ModelSpec:
+  spec = model_pb2.ModelSpec(name=urllib.parse.unquote(name))
+  if version:
+    try:
+      spec.version.value = int(version)
+    except ValueError as e:
+      raise errors.invalid_argument(
+          f"Failed to convert version: {version} to numeric.") from e
+  if label:
+    spec.version_label = urllib.parse.unquote(label)
+  return spec
+
+
+class RestApi:
+  """Maps REST requests onto the shared RPC implementations.
+
+  Args:
+    api: The shared RPC implementations.
+    timeout_ms: Deadline for each call (--rest_api_timeout_in_ms).
+  """
+
+  def __init__(self, api: service_impl.ServingApi, timeout_ms: int):
+    self._api = api
+    self._timeout_ms = timeout_ms if timeout_ms > 0 else None
+
+  def handle(self, method: str, path: str, body: bytes) -> Tuple[int, Any]:
+    """Returns (HTTP status, JSON-able payload) for one request."""
+    try:
+      return 200, self._dispatch(method, path, body)
+    except Exception as e:  # Every failure answers {"error": ...}.
+      error = errors.from_exception(e)
+      return error.http_status, {"error": error.message}
+
+  def _dispatch(self, method: str, path: str, body: bytes) -> Any:
+    malformed = errors.invalid_argument(f"Malformed request: {method} {path}")
+    if method == "POST":
+      match = _PREDICTION_API.fullmatch(path)
+      if not match:
+        raise malformed
+      name, version, label, verb = match.groups()
+      spec = _model_spec(name, version, label)
+      request = self._json_body(body)
+      if verb.lower() == "predict":
+        return self._predict(spec, request)
+      return self._examples(spec, request, verb.lower())
+    if method == "GET":
+      match = _MODEL_STATUS_API.fullmatch(path)
+      if not match:
+        raise malformed
+      name, version, label, subresource = match.groups()
+      if not name:
+        raise errors.invalid_argument("Missing model name in request.")
+      spec = _model_spec(name, version, label)
+      if subresource:
+        return self._metadata(spec)
+      response = self._api.get_model_status(
+          get_model_status_pb2.GetModelStatusRequest(model_spec=spec))
+      return json_format.MessageToDict(
+          response, always_print_fields_with_no_presence=True)
+    raise malformed
+
+  @staticmethod
+  def _json_body(body: bytes) -> Dict[str, Any]:
+    try:
+      request = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+      raise errors.invalid_argument(f"JSON Parse error: {e}") from e
+    if not isinstance(request, dict):
+      raise errors.invalid_argument(
+          "JSON Value: request body must be a JSON object")
+    signature_name = request.get("signature_name", "")
+    if not isinstance(signature_name, str):
+      raise errors.invalid_argument("'signature_name' must be a string")
+    return request
+
+  def _signature(self, spec: model_pb2.ModelSpec, signature_name: str):
+    name = signature_name or saved_model_bundle.DEFAULT_SERVING_SIGNATURE
+    with self._api.core.servable_handle(spec) as bundle:
+      if name not in bundle.signature_defs:
+        raise errors.invalid_argument(
+            f"Serving signature name: \"{name}\" not found in signature "
+            "def").with_context(bundle.context(name))
+      signature = type(bundle.signature_defs[name])()
+      signature.CopyFrom(bundle.signature_defs[name])
+      return signature
+
+  def _predict(self, spec: model_pb2.ModelSpec,
+               body: Dict[str, Any]) -> Dict[str, Any]:
+    spec.signature_name = body.get("signature_name", "")
+    signature = self._signature(spec, spec.signature_name)
+    inputs, row_format = json_tensor.parse_predict_body(body, signature)
+    request = predict_pb2.PredictRequest(model_spec=spec)
+    for alias, array in inputs.items():
+      request.inputs[alias].CopyFrom(tensor_util.to_tensor_proto(
+          array, signature.inputs[alias].dtype, as_tensor_content=True))
+    response = self._api.predict(request, self._timeout_ms, "REST")
+    outputs = {a: tf.make_ndarray(t) for a, t in response.outputs.items()}
+    return json_tensor.predict_response_json(outputs, row_format)
+
+  def _examples(self, spec: model_pb2.ModelSpec, body: Dict[str, Any],
+                verb: str) -> Dict[str, Any]:
+    spec.signature_name = body.get("signature_name", "")
+    model_input = json_tensor.parse_examples_body(body)
+    if verb == "classify":
+      response = self._api.classify(
+          classification_pb2.ClassificationRequest(
+              model_spec=spec, input=model_input), self._timeout_ms, "REST")
+      return json_tensor.classification_json(response.result)
+    response = self._api.regress(
+        regression_pb2.RegressionRequest(model_spec=spec, input=model_input),
+        self._timeout_ms, "REST")
+    return json_tensor.regression_json(response.result)
+
+  def _metadata(self, spec: model_pb2.ModelSpec) -> Dict[str, Any]:
+    request = get_model_metadata_pb2.GetModelMetadataRequest(
+        model_spec=spec,
+        metadata_field=[get_model_metadata.SIGNATURE_DEF_FIELD])
+    response = self._api.get_model_metadata(request, entrypoint="REST")
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata[get_model_metadata.SIGNATURE_DEF_FIELD].Unpack(
+        signature_map)
+    as_dict = lambda m: json_format.MessageToDict(  # pylint: disable=g-long-lambda
+        m, always_print_fields_with_no_presence=True,
+        preserving_proto_field_name=True)
+    return {"model_spec": as_dict(response.model_spec),
+            "metadata": {"signature_def": as_dict(signature_map)}}
+
+
+class _PooledHTTPServer(http.server.HTTPServer):
+  """An HTTPServer handing each connection to a fixed thread pool."""
+
+  def __init__(self, address, handler, num_threads: int):
+    super().__init__(address, handler)
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        max(1, num_threads), thread_name_prefix="http")
+
+  def process_request(self, request, client_address):
+    self._pool.submit(self._process, request, client_address)
+
+  def _process(self, request, client_address):
+    try:
+      self.finish_request(request, client_address)
+    except Exception:  # http.server's own convention for handler errors.
+      self.handle_error(request, client_address)
+    finally:
+      self.shutdown_request(request)
+
+  def server_close(self):
+    super().server_close()
+    self._pool.shutdown(wait=True)  # Drain in-flight requests.
+
+
+class HttpServer:
+  """Serves the REST API (and Prometheus metrics) on one port.
+
+  Args:
+    api: Shared RPC implementations.
+    host: Address to bind.
+    port: Port to bind (0 picks a free one).
+    num_threads: Worker threads.
+    timeout_ms: Per-request deadline.
+    enable_cors: Add CORS headers (--rest_api_enable_cors_support).
+    prometheus_path: Where metrics are served, or None.
+  """
+
+  def __init__(self, api: service_impl.ServingApi, host: str, port: int,
+               num_threads: int = 8, timeout_ms: int = 30000,
+               enable_cors: bool = False,
+               prometheus_path: Optional[str] = None):
+    rest = RestApi(api, timeout_ms)
+    metrics = api.metrics
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      """Routes one HTTP request."""
+
+      server_version = "fgr-serve"
+
+      def _reply(self, status: int, payload: bytes, content_type: str):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        if enable_cors:
+          self.send_header("Access-Control-Allow-Origin", "*")
+          self.send_header("Access-Control-Allow-Methods", "POST, GET")
+          self.send_header("Access-Control-Allow-Headers", "Content-Type")
+        self.end_headers()
+        self.wfile.write(payload)
+
+      def _handle(self, method: str):
+        path = urllib.parse.urlsplit(self.path).path
+        if method == "GET" and prometheus_path and path == prometheus_path:
+          self._reply(200, metrics.exposition(), metrics_lib.CONTENT_TYPE)
+          return
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length > 0 else b""
+        if not path.lower().startswith("/v1/"):
+          status, payload = 404, {"error": f"Not found: {method} {path}"}
+        else:
+          status, payload = rest.handle(method, path, body)
+        data = json.dumps(payload, indent=None).encode("utf-8")
+        self._reply(status, data, "application/json")
+
+      def do_GET(self):
+        self._handle("GET")
+
+      def do_POST(self):
+        self._handle("POST")
+
+      def do_OPTIONS(self):
+        self._reply(200, b"", "text/plain")
+
+      def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+        logging.debug("REST %s - %s", self.address_string(), format % args)
+
+    self._server = _PooledHTTPServer((host, port), Handler, num_threads)
+    self.port = self._server.server_address[1]
+    self._thread = threading.Thread(target=self._server.serve_forever,
+                                    name="http", daemon=True)
+
+  def start(self) -> None:
+    self._thread.start()
+
+  def stop(self) -> None:
+    """Stops accepting, then waits for requests being handled."""
+    self._server.shutdown()
+    self._server.server_close()

@@ -1,0 +1,312 @@
+"""fgr-serve: TF Serving's model server command line, on our server.
+
+  fgr-serve --port=8500 --model_name=NAME --model_base_path=/models/NAME
+
+Flags keep TF Serving's names and defaults. TF Serving flags for features we
+do not implement are declared too, so that setting one fails with a clear
+message instead of being ignored.
+"""
+
+import os
+import signal
+import threading
+
+from absl import app
+from absl import flags
+from absl import logging
+from tensorflow.core.protobuf import config_pb2
+
+from serving import errors
+from serving.config import text_config
+from serving.model_servers import server as server_lib
+
+VERSION = "fgr-serve 0.1.0 (TensorFlow Serving API 2.20 compatible)"
+
+_DEFAULT_THREADS = 4 * (os.cpu_count() or 1)
+
+FLAGS = flags.FLAGS
+
+# Network.
+flags.DEFINE_integer("port", 8500,
+                     "TCP port to listen on for the gRPC API. 0 picks a free "
+                     "port (printed as 'FGR_SERVE_GRPC_PORT=<port>' and "
+                     "written to --port_file).")
+flags.DEFINE_string("host", "127.0.0.1",
+                    "Address the gRPC and REST servers bind to. Defaults to "
+                    "loopback only; use 0.0.0.0 (or '[::]') to listen on all "
+                    "interfaces as TF Serving does.")
+flags.DEFINE_string("port_file", "",
+                    "If set, write the bound ports to this file once serving "
+                    "('grpc=<port>' and 'rest=<port>' lines).")
+flags.DEFINE_string("grpc_socket_path", "",
+                    "If non-empty, also listen for gRPC on this UNIX socket.")
+flags.DEFINE_integer("rest_api_port", 0,
+                     "Port for the HTTP/REST API; 0 disables it (TF Serving "
+                     "docs use 8501). Must differ from --port.")
+flags.DEFINE_integer("rest_api_num_threads", _DEFAULT_THREADS,
+                     "Number of threads for HTTP/REST API processing.")
+flags.DEFINE_integer("rest_api_timeout_in_ms", 30000,
+                     "Timeout for HTTP/REST API calls.")
+flags.DEFINE_bool("rest_api_enable_cors_support", False,
+                  "Enable CORS headers in response.")
+flags.DEFINE_integer("grpc_max_threads", _DEFAULT_THREADS,
+                     "Max gRPC server threads to handle gRPC messages.")
+flags.DEFINE_string("grpc_channel_arguments", "",
+                    "Comma-separated key=value gRPC server arguments, e.g. "
+                    "grpc.max_connection_age_ms=2000.")
+flags.DEFINE_bool("enable_grpc_healthcheck_service", False,
+                  "Enable the standard gRPC health checking service "
+                  "(grpc.health.v1.Health).")
+# Models.
+flags.DEFINE_string("model_name", "default",
+                    "Name of model (ignored if --model_config_file is set).")
+flags.DEFINE_string("model_base_path", "",
+                    "Path to export (ignored if --model_config_file is set, "
+                    "otherwise required). Versions live in "
+                    "<model_base_path>/<integer>/saved_model.pb.")
+flags.DEFINE_string("model_config_file", "",
+                    "If non-empty, read a text ModelServerConfig from this "
+                    "file and serve the models it lists.")
+flags.DEFINE_integer("model_config_file_poll_wait_seconds", 0,
+                     "Interval in seconds between polls of "
+                     "--model_config_file; 0 reads it only at start-up.")
+flags.DEFINE_integer("file_system_poll_wait_seconds", 1,
+                     "Interval in seconds between polls of the file system "
+                     "for new model versions. 0 polls once at start-up; "
+                     "negative disables polling.")
+flags.DEFINE_bool("allow_version_labels_for_unavailable_models", False,
+                  "Allow assigning version labels to versions that are not "
+                  "yet available.")
+flags.DEFINE_integer("num_load_threads", 0,
+                     "Threads loading servables (0: loads run one at a time).")
+flags.DEFINE_integer("num_unload_threads", 0,
+                     "Threads unloading servables (0: one at a time).")
+flags.DEFINE_integer("max_num_load_retries", 5,
+                     "Times a failed load is retried before giving up.")
+flags.DEFINE_integer("load_retry_interval_micros", 60 * 1000 * 1000,
+                     "Interval, in microseconds, between load retries.")
+flags.DEFINE_bool("flush_filesystem_caches", True,
+                  "Accepted for compatibility: fgr-serve keeps no file-system "
+                  "caches, so there is nothing to flush.")
+flags.DEFINE_string("saved_model_tags", "serve",
+                    "Comma-separated MetaGraph tags to load.")
+flags.DEFINE_integer("tensorflow_session_parallelism", 0,
+                     "Threads for a TF session (sets both intra and inter op "
+                     "pools); 0 auto-configures.")
+flags.DEFINE_integer("tensorflow_intra_op_parallelism", 0,
+                     "Threads to parallelise a single op; 0 auto-configures.")
+flags.DEFINE_integer("tensorflow_inter_op_parallelism", 0,
+                     "Ops run concurrently; 0 auto-configures.")
+flags.DEFINE_string("tensorflow_session_config_file", "",
+                    "If non-empty, a text ConfigProto for the TF sessions.")
+flags.DEFINE_bool("enable_model_warmup", True,
+                  "Replay assets.extra/tf_serving_warmup_requests before a "
+                  "version serves.")
+flags.DEFINE_integer("num_request_iterations_for_warmup", 0,
+                     "Times each warm-up request is replayed (if > 0).")
+flags.DEFINE_bool("enable_signature_method_name_check", False,
+                  "Reject Predict on signatures whose method_name is not "
+                  "predict/classify/regress.")
+flags.DEFINE_bool("enable_serialization_as_tensor_content", False,
+                  "Answer Predict with tensor_content instead of typed value "
+                  "fields.")
+# Batching and monitoring.
+flags.DEFINE_bool("enable_batching", False, "Enable server-side batching.")
+flags.DEFINE_string("batching_parameters_file", "",
+                    "If non-empty, a text BatchingParameters file.")
+flags.DEFINE_string("monitoring_config_file", "",
+                    "If non-empty, a text MonitoringConfig; Prometheus "
+                    "metrics are served on --rest_api_port.")
+flags.DEFINE_bool("version", False, "Display version and exit.")
+# Ours.
+flags.DEFINE_bool("load_scann_ops", True,
+                  "Import scann (if installed) before loading models so "
+                  "SavedModels with a ScaNN index find their Scann>... ops.")
+
+# TF Serving flags for features fgr-serve does not implement, with why.
+_UNSUPPORTED = {
+    "use_alts_credentials": (False, "Google ALTS credentials are not "
+                             "available outside Google Cloud"),
+    "ssl_config_file": ("", "TLS is not implemented; terminate TLS in a "
+                        "proxy in front of fgr-serve"),
+    "platform_config_file": ("", "only the TensorFlow SavedModel platform is "
+                             "served"),
+    "per_process_gpu_memory_fraction": (0.0, "fgr-serve runs on CPU"),
+    "enable_per_model_batching_parameters": (
+        False, "use one --batching_parameters_file for all models"),
+    "remove_unused_fields_from_bundle_metagraph": (
+        True, "the MetaGraph is kept whole"),
+    "prefer_tflite_model": (False, "TensorFlow Lite models are not served"),
+    "num_tflite_pools": (0, "TensorFlow Lite models are not served"),
+    "num_tflite_interpreters_per_pool": (
+        0, "TensorFlow Lite models are not served"),
+    "xla_cpu_compilation_enabled": (False, "XLA JIT is not configurable here"),
+    "xla_gpu_compilation_enabled": (False, "fgr-serve runs on CPU"),
+    "enable_profiler": (True, "the TF profiler service is not exposed"),
+    "thread_pool_factory_config_file": (
+        "", "custom thread pool factories are not supported"),
+    "mixed_precision": ("", "mixed-precision rewriting is not supported"),
+    "skip_initialize_tpu": (False, "fgr-serve runs on CPU"),
+}
+
+for _name, (_default, _why) in _UNSUPPORTED.items():
+  _help = f"Not supported by fgr-serve ({_why}); setting it is an error."
+  if isinstance(_default, bool):
+    flags.DEFINE_bool(_name, _default, _help)
+  elif isinstance(_default, int):
+    flags.DEFINE_integer(_name, _default, _help)
+  elif isinstance(_default, float):
+    flags.DEFINE_float(_name, _default, _help)
+  else:
+    flags.DEFINE_string(_name, _default, _help)
+
+
+def check_unsupported_flags() -> None:
+  """Fails if a TF Serving flag we don't implement was set."""
+  for name, (_, why) in _UNSUPPORTED.items():
+    if FLAGS[name].present:
+      raise app.UsageError(
+          f"--{name} is a TensorFlow Serving flag that fgr-serve does not "
+          f"support: {why}.")
+
+
+def _channel_arguments(text: str):
+  """Parses --grpc_channel_arguments ("k=v,k=v"); ints stay ints."""
+  arguments = []
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise app.UsageError(
+          f"--grpc_channel_arguments: expected key=value, got {item!r}")
+    arguments.append((key, int(value) if value.lstrip("-").isdigit()
+                      else value))
+  return arguments
+
+
+def _session_config() -> config_pb2.ConfigProto:
+  config = config_pb2.ConfigProto()
+  if FLAGS.tensorflow_session_config_file:
+    config = text_config.parse_text_proto(FLAGS.tensorflow_session_config_file,
+                                          config_pb2.ConfigProto)
+  if FLAGS.tensorflow_session_parallelism:
+    config.intra_op_parallelism_threads = FLAGS.tensorflow_session_parallelism
+    config.inter_op_parallelism_threads = FLAGS.tensorflow_session_parallelism
+  if FLAGS.tensorflow_intra_op_parallelism:
+    config.intra_op_parallelism_threads = FLAGS.tensorflow_intra_op_parallelism
+  if FLAGS.tensorflow_inter_op_parallelism:
+    config.inter_op_parallelism_threads = FLAGS.tensorflow_inter_op_parallelism
+  return config
+
+
+def options_from_flags() -> server_lib.Options:
+  """Builds server options from the parsed flags."""
+  if FLAGS.rest_api_port and FLAGS.rest_api_port == FLAGS.port:
+    raise app.UsageError("--rest_api_port must differ from --port")
+  return server_lib.Options(
+      host=FLAGS.host,
+      port=FLAGS.port,
+      grpc_socket_path=FLAGS.grpc_socket_path,
+      rest_api_port=FLAGS.rest_api_port,
+      rest_api_num_threads=FLAGS.rest_api_num_threads,
+      rest_api_timeout_in_ms=FLAGS.rest_api_timeout_in_ms,
+      rest_api_enable_cors_support=FLAGS.rest_api_enable_cors_support,
+      grpc_max_threads=FLAGS.grpc_max_threads,
+      grpc_channel_arguments=_channel_arguments(FLAGS.grpc_channel_arguments),
+      enable_grpc_healthcheck_service=FLAGS.enable_grpc_healthcheck_service,
+      model_name=FLAGS.model_name,
+      model_base_path=FLAGS.model_base_path,
+      model_config_file=FLAGS.model_config_file,
+      model_config_file_poll_wait_seconds=(
+          FLAGS.model_config_file_poll_wait_seconds),
+      file_system_poll_wait_seconds=FLAGS.file_system_poll_wait_seconds,
+      allow_version_labels_for_unavailable_models=(
+          FLAGS.allow_version_labels_for_unavailable_models),
+      num_load_threads=FLAGS.num_load_threads,
+      num_unload_threads=FLAGS.num_unload_threads,
+      max_num_load_retries=FLAGS.max_num_load_retries,
+      load_retry_interval_micros=FLAGS.load_retry_interval_micros,
+      saved_model_tags=FLAGS.saved_model_tags,
+      session_config=_session_config(),
+      enable_model_warmup=FLAGS.enable_model_warmup,
+      num_request_iterations_for_warmup=(
+          FLAGS.num_request_iterations_for_warmup),
+      enable_batching=FLAGS.enable_batching,
+      batching_parameters_file=FLAGS.batching_parameters_file,
+      monitoring_config_file=FLAGS.monitoring_config_file,
+      enable_signature_method_name_check=(
+          FLAGS.enable_signature_method_name_check),
+      enable_serialization_as_tensor_content=(
+          FLAGS.enable_serialization_as_tensor_content))
+
+
+def load_custom_ops(enabled: bool) -> None:
+  """Registers ScaNN's TF ops (Scann>...) if scann is installed."""
+  if not enabled:
+    logging.info("Not importing scann (--noload_scann_ops)")
+    return
+  try:
+    import scann  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    logging.info("scann is not installed; SavedModels using Scann>... ops "
+                 "will fail to load")
+  else:
+    logging.info("Imported scann %s: Scann>... ops are registered",
+                 getattr(scann, "__version__", ""))
+
+
+def _write_port_file(path: str, server: server_lib.Server) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(f"grpc={server.grpc_port}\nrest={server.rest_port}\n")
+  os.replace(tmp, path)  # Readers never see a half-written file.
+
+
+def main(argv) -> int:
+  """Runs the server until SIGTERM/SIGINT, then drains and exits 0."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.version:
+    print(VERSION)
+    return 0
+  check_unsupported_flags()
+  options = options_from_flags()
+  load_custom_ops(FLAGS.load_scann_ops)
+
+  server = server_lib.Server(options)
+  stop = threading.Event()
+
+  def on_signal(signum, unused_frame):
+    logging.info("Received signal %d: shutting down gracefully", signum)
+    server.request_stop()
+    stop.set()
+
+  signal.signal(signal.SIGTERM, on_signal)
+  signal.signal(signal.SIGINT, on_signal)
+  try:
+    server.start()
+  except errors.ServingError as e:
+    logging.error("Failed to start server: %s", e.message)
+    server.stop(grace_seconds=0)
+    return 1
+  if stop.is_set():
+    server.stop()
+    return 0
+  print(f"FGR_SERVE_GRPC_PORT={server.grpc_port}", flush=True)
+  if server.rest_port:
+    print(f"FGR_SERVE_REST_PORT={server.rest_port}", flush=True)
+  if FLAGS.port_file:
+    _write_port_file(FLAGS.port_file, server)
+  while not stop.wait(3600):
+    pass
+  server.stop()
+  logging.info("Server stopped")
+  return 0
+
+
+def run() -> None:
+  """Console-script entry point (fgr-serve)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

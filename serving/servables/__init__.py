@@ -1,0 +1,1 @@
+"""What a loaded SavedModel can do: predict, classify, regress, metadata."""

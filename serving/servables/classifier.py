@@ -1,0 +1,107 @@
+"""Classify: feeds tf.Examples to a classify signature, reads classes/scores."""
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import classification_pb2
+
+from serving import errors
+from serving.servables import input_util
+from serving.servables import predict_util
+from serving.servables import saved_model_bundle
+
+CLASSES_KEY = "classes"
+SCORES_KEY = "scores"
+
+
+def check_signature(signature: meta_graph_pb2.SignatureDef) -> None:
+  """Validates a classification signature as TF Serving's classifier does."""
+  if signature.method_name != predict_util.CLASSIFY_METHOD:
+    raise errors.invalid_argument(
+        "Expected classification signature method_name to be "
+        f"{predict_util.CLASSIFY_METHOD}. Was: {signature.method_name}")
+  input_util.single_string_input(signature, "classification")
+  if len(signature.outputs) not in (1, 2):
+    raise errors.invalid_argument(
+        f"Expected one or two output Tensors, found {len(signature.outputs)}")
+  if CLASSES_KEY not in signature.outputs and (
+      SCORES_KEY not in signature.outputs):
+    raise errors.invalid_argument(
+        f"Expected classification signature outputs to contain at least one "
+        f"of \"{CLASSES_KEY}\" or \"{SCORES_KEY}\". Signature was: "
+        f"{signature}")
+
+
+def output_fetches(signature: meta_graph_pb2.SignatureDef
+                   ) -> Tuple[List[str], List[str]]:
+  """Returns (output keys, tensor names) of a classification signature."""
+  keys = [k for k in (CLASSES_KEY, SCORES_KEY) if k in signature.outputs]
+  return keys, [signature.outputs[k].name for k in keys]
+
+
+def _check_2d(name: str, value: np.ndarray, num_examples: int) -> None:
+  if value.ndim != 2:
+    raise errors.invalid_argument(
+        "Expected Tensor shape: [batch_size num_classes] but got "
+        f"{list(value.shape)}")
+  if value.shape[0] != num_examples:
+    raise errors.invalid_argument(
+        f"Expected {name} output batch size of {num_examples}. Got: "
+        f"{value.shape[0]}")
+
+
+def fill_result(keys: List[str], values: List[np.ndarray], num_examples: int,
+                result: classification_pb2.ClassificationResult) -> None:
+  """Converts classes/scores tensors into a ClassificationResult."""
+  outputs = dict(zip(keys, values))
+  classes = outputs.get(CLASSES_KEY)
+  scores = outputs.get(SCORES_KEY)
+  if classes is not None:
+    _check_2d("classes", classes, num_examples)
+    if classes.dtype != object:
+      raise errors.invalid_argument(
+          f"Expected classes Tensor of DT_STRING. Got: {classes.dtype}")
+  if scores is not None:
+    _check_2d("scores", scores, num_examples)
+    if scores.dtype != np.float32:
+      raise errors.invalid_argument(
+          f"Expected scores Tensor of DT_FLOAT. Got: {scores.dtype}")
+  if classes is not None and scores is not None and (
+      classes.shape[1] != scores.shape[1]):
+    raise errors.invalid_argument(
+        "Tensors class and score should match in dim_size(1). Got "
+        f"{classes.shape[1]} vs. {scores.shape[1]}")
+  num_classes = (classes if classes is not None else scores).shape[1]
+  for i in range(num_examples):
+    classifications = result.classifications.add()
+    for j in range(num_classes):
+      entry = classifications.classes.add()
+      if classes is not None:
+        entry.label = classes[i, j].decode("utf-8", errors="replace")
+      if scores is not None:
+        entry.score = float(scores[i, j])
+
+
+def run_classify(bundle: saved_model_bundle.SavedModelBundle,
+                 request: classification_pb2.ClassificationRequest,
+                 timeout_ms: Optional[int] = None
+                 ) -> classification_pb2.ClassificationResponse:
+  """Runs a ClassificationRequest on one loaded servable."""
+  name, signature = bundle.signature(request.model_spec.signature_name)
+  response = classification_pb2.ClassificationResponse()
+  try:
+    check_signature(signature)
+    examples = input_util.serialized_examples(request.input)
+    keys, fetches = output_fetches(signature)
+    feeds = {signature.inputs[input_util.INPUTS_KEY].name: examples}
+    values = bundle.runner(feeds, fetches, timeout_ms)
+    fill_result(keys, values, len(examples), response.result)
+  except Exception as e:  # Every failure names the servable and signature.
+    raise errors.from_exception(e, bundle.context(name)) from e
+  response.model_spec.name = bundle.name
+  response.model_spec.version.value = bundle.version
+  response.model_spec.signature_name = name
+  return response
+
+

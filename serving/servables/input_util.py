@@ -1,0 +1,53 @@
+"""Turns a tensorflow.serving.Input into the serialized tf.Example batch."""
+
+import numpy as np
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import input_pb2
+
+from serving import errors
+
+# Classify/Regress signatures take their examples under this input key.
+INPUTS_KEY = "inputs"
+
+
+def serialized_examples(model_input: input_pb2.Input) -> np.ndarray:
+  """Returns a 1-D object array of serialized tf.Examples.
+
+  With ExampleListWithContext, each example is the context's bytes followed
+  by the example's bytes, which parses as the merge of the two (TF Serving
+  feeds exactly this).
+
+  Raises:
+    ServingError: INVALID_ARGUMENT "Input is empty." when there is nothing.
+  """
+  kind = model_input.WhichOneof("kind")
+  if kind == "example_list":
+    values = [e.SerializeToString() for e in model_input.example_list.examples]
+  elif kind == "example_list_with_context":
+    with_context = model_input.example_list_with_context
+    context = with_context.context.SerializeToString()
+    values = [context + e.SerializeToString() for e in with_context.examples]
+  else:
+    values = []
+  if not values:
+    raise errors.invalid_argument("Input is empty.")
+  array = np.empty(len(values), dtype=object)
+  array[:] = values
+  return array
+
+
+def single_string_input(signature: meta_graph_pb2.SignatureDef,
+                        kind: str) -> meta_graph_pb2.TensorInfo:
+  """Returns the signature's one serialized-examples input (TF Serving rules)."""
+  if len(signature.inputs) != 1:
+    raise errors.invalid_argument("Expected one input Tensor.")
+  if INPUTS_KEY not in signature.inputs:
+    raise errors.invalid_argument(
+        f"No {kind} inputs found in SignatureDef: {signature}")
+  info = signature.inputs[INPUTS_KEY]
+  if info.dtype != types_pb2.DT_STRING:
+    raise errors.invalid_argument(
+        f"Expected {kind} input Tensor of DT_STRING (serialized "
+        f"tf.Examples), got {types_pb2.DataType.Name(info.dtype)}")
+  return info

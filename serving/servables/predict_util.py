@@ -1,0 +1,129 @@
+"""Predict: validates a PredictRequest against a signature and runs it."""
+
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import predict_pb2
+
+from serving import errors
+from serving.servables import saved_model_bundle
+from serving.servables import tensor_util
+
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+
+
+def _joined(keys) -> str:
+  return ",".join(sorted(keys))
+
+
+def check_shape(alias: str, array: np.ndarray,
+                info: meta_graph_pb2.TensorInfo) -> None:
+  """Raises INVALID_ARGUMENT if `array` can't be fed to `info`'s tensor."""
+  if info.tensor_shape.unknown_rank or not info.HasField("tensor_shape"):
+    return
+  expected = [d.size for d in info.tensor_shape.dim]
+  compatible = len(expected) == array.ndim and all(
+      e < 0 or e == a for e, a in zip(expected, array.shape))
+  if not compatible:
+    shape = ",".join("?" if e < 0 else str(e) for e in expected)
+    raise errors.invalid_argument(
+        f"Input {alias} has shape {list(array.shape)} but the signature "
+        f"expects [{shape}] (tensor {info.name})")
+
+
+def input_feeds(signature: meta_graph_pb2.SignatureDef,
+                inputs: Mapping[str, tensor_pb2.TensorProto]
+                ) -> Dict[str, np.ndarray]:
+  """Validates request inputs and returns feeds keyed by tensor name.
+
+  Mirrors TF Serving's PreProcessPrediction: the input count must match the
+  signature (unless it declares defaults), every alias must exist, and each
+  tensor must decode, carry the signature's dtype and a compatible shape.
+  """
+  request_keys = set(inputs.keys())
+  signature_keys = set(signature.inputs.keys())
+  missing = signature_keys - request_keys
+  extra = request_keys - signature_keys
+  if extra or (missing and not set(missing) <= set(signature.defaults.keys())):
+    raise errors.invalid_argument(
+        f"input size does not match signature: {len(request_keys)}!="
+        f"{len(signature_keys)} len({{{_joined(request_keys)}}}) != "
+        f"len({{{_joined(signature_keys)}}}). Sent extra: "
+        f"{{{_joined(extra)}}}. Missing but required: "
+        f"{{{_joined(missing)}}}.")
+  feeds = {}
+  for index, alias in enumerate(sorted(request_keys)):
+    info = signature.inputs[alias]
+    proto = inputs[alias]
+    if proto.dtype != info.dtype:
+      raise errors.invalid_argument(
+          f"Expects arg[{index}] to be {tensor_util.dtype_name(info.dtype)} "
+          f"but {tensor_util.dtype_name(proto.dtype)} is provided "
+          f"(input {alias})")
+    array = tensor_util.to_ndarray(proto, alias)
+    check_shape(alias, array, info)
+    feeds[info.name] = array
+  return feeds
+
+
+def output_targets(signature: meta_graph_pb2.SignatureDef,
+                   output_filter) -> Tuple[List[str], List[str]]:
+  """Returns (aliases, tensor names) to fetch, honouring `output_filter`."""
+  aliases: List[str] = []
+  for alias in output_filter:
+    if alias not in signature.outputs:
+      raise errors.invalid_argument(
+          f"output tensor alias not found in signature: {alias} Outputs "
+          f"expected to be in the set {{{_joined(signature.outputs.keys())}}}.")
+    if alias in aliases:
+      raise errors.invalid_argument(f"duplicate output tensor alias: {alias}")
+    aliases.append(alias)
+  if not aliases:
+    aliases = sorted(signature.outputs.keys())
+  return aliases, [signature.outputs[a].name for a in aliases]
+
+
+def run_predict(bundle: saved_model_bundle.SavedModelBundle,
+                request: predict_pb2.PredictRequest,
+                timeout_ms: Optional[int] = None,
+                method_name_check: bool = False,
+                as_tensor_content: bool = False) -> predict_pb2.PredictResponse:
+  """Runs a PredictRequest on one loaded servable.
+
+  Args:
+    bundle: The servable resolved from the request's ModelSpec.
+    request: The request.
+    timeout_ms: Session run deadline, if any.
+    method_name_check: Reject signatures whose method is not
+      predict/classify/regress (TF Serving's
+      --enable_signature_method_name_check).
+    as_tensor_content: Answer with tensor_content instead of typed fields.
+
+  Returns:
+    The PredictResponse.
+  """
+  name, signature = bundle.signature(request.model_spec.signature_name)
+  try:
+    if method_name_check and signature.method_name not in (
+        PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
+      raise errors.internal(
+          "Expected prediction signature method_name to be one of "
+          f"{{{PREDICT_METHOD}, {CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: "
+          f"{signature.method_name}")
+    feeds = input_feeds(signature, request.inputs)
+    aliases, fetches = output_targets(signature, request.output_filter)
+    values = bundle.runner(feeds, fetches, timeout_ms)
+  except Exception as e:  # Every failure names the servable and signature.
+    raise errors.from_exception(e, bundle.context(name)) from e
+  response = predict_pb2.PredictResponse()
+  response.model_spec.name = bundle.name
+  response.model_spec.version.value = bundle.version
+  response.model_spec.signature_name = name
+  for alias, value in zip(aliases, values):
+    response.outputs[alias].CopyFrom(tensor_util.to_tensor_proto(
+        value, signature.outputs[alias].dtype, as_tensor_content))
+  return response

@@ -1,0 +1,72 @@
+"""Regress: feeds tf.Examples to a regress signature, reads its outputs."""
+
+from typing import List, Optional
+
+import numpy as np
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import regression_pb2
+
+from serving import errors
+from serving.servables import input_util
+from serving.servables import predict_util
+from serving.servables import saved_model_bundle
+
+OUTPUTS_KEY = "outputs"
+
+
+def check_signature(signature: meta_graph_pb2.SignatureDef) -> None:
+  """Validates a regression signature as TF Serving's regressor does."""
+  if signature.method_name != predict_util.REGRESS_METHOD:
+    raise errors.invalid_argument(
+        "Expected regression signature method_name to be "
+        f"{predict_util.REGRESS_METHOD}. Was: {signature.method_name}")
+  input_util.single_string_input(signature, "regression")
+  if len(signature.outputs) != 1:
+    raise errors.invalid_argument("Expected one output Tensor.")
+  if OUTPUTS_KEY not in signature.outputs:
+    raise errors.invalid_argument(
+        f"No regression outputs found in SignatureDef: {signature}")
+
+
+def output_fetches(signature: meta_graph_pb2.SignatureDef) -> List[str]:
+  """Returns the tensor name of a regression signature's output."""
+  return [signature.outputs[OUTPUTS_KEY].name]
+
+
+def fill_result(value: np.ndarray, num_examples: int,
+                result: regression_pb2.RegressionResult) -> None:
+  """Converts the output tensor into a RegressionResult."""
+  if not (value.ndim == 1 or (value.ndim == 2 and value.shape[1] == 1)):
+    raise errors.invalid_argument(
+        "Expected output Tensor shape to be either [batch_size] or "
+        f"[batch_size, 1] but got {list(value.shape)}")
+  if value.shape[0] != num_examples:
+    raise errors.invalid_argument(
+        "Input batch size did not match output batch size: "
+        f"{num_examples} vs. {value.shape[0]}")
+  if value.dtype != np.float32:
+    raise errors.invalid_argument(
+        f"Expected output Tensor of DT_FLOAT.  Got: {value.dtype}")
+  for v in value.reshape(-1):
+    result.regressions.add(value=float(v))
+
+
+def run_regress(bundle: saved_model_bundle.SavedModelBundle,
+                request: regression_pb2.RegressionRequest,
+                timeout_ms: Optional[int] = None
+                ) -> regression_pb2.RegressionResponse:
+  """Runs a RegressionRequest on one loaded servable."""
+  name, signature = bundle.signature(request.model_spec.signature_name)
+  response = regression_pb2.RegressionResponse()
+  try:
+    check_signature(signature)
+    examples = input_util.serialized_examples(request.input)
+    feeds = {signature.inputs[input_util.INPUTS_KEY].name: examples}
+    values = bundle.runner(feeds, output_fetches(signature), timeout_ms)
+    fill_result(values[0], len(examples), response.result)
+  except Exception as e:  # Every failure names the servable and signature.
+    raise errors.from_exception(e, bundle.context(name)) from e
+  response.model_spec.name = bundle.name
+  response.model_spec.version.value = bundle.version
+  response.model_spec.signature_name = name
+  return response

@@ -1,0 +1,131 @@
+"""Conversion between TensorProto and NumPy, with TF Serving's wire choices."""
+
+from typing import Iterable
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import tensor_shape_pb2
+from tensorflow.core.framework import types_pb2
+
+from serving import errors
+
+# Largest number of elements we agree to materialise beyond the values a
+# request actually carries (TF fills a short value list with its last value,
+# so `shape: [1e12], float_val: 1` would otherwise exhaust memory).
+_MAX_FILLED_ELEMENTS = 1 << 27
+
+# TensorProto's typed value field for each dtype, as Tensor::AsProtoField
+# writes them. TF Serving answers Predict with these fields (not
+# tensor_content), and many clients read e.g. `outputs["y"].float_val`.
+_VALUE_FIELD = {
+    types_pb2.DT_FLOAT: "float_val",
+    types_pb2.DT_DOUBLE: "double_val",
+    types_pb2.DT_INT8: "int_val",
+    types_pb2.DT_INT16: "int_val",
+    types_pb2.DT_INT32: "int_val",
+    types_pb2.DT_UINT8: "int_val",
+    types_pb2.DT_UINT16: "int_val",
+    types_pb2.DT_INT64: "int64_val",
+    types_pb2.DT_UINT32: "uint32_val",
+    types_pb2.DT_UINT64: "uint64_val",
+    types_pb2.DT_BOOL: "bool_val",
+    types_pb2.DT_STRING: "string_val",
+    types_pb2.DT_HALF: "half_val",
+    types_pb2.DT_BFLOAT16: "half_val",
+    types_pb2.DT_COMPLEX64: "scomplex_val",
+    types_pb2.DT_COMPLEX128: "dcomplex_val",
+}
+
+
+def dtype_name(dtype_enum: int) -> str:
+  """Returns TF's DataTypeString for an enum (e.g. "float" for DT_FLOAT)."""
+  if dtype_enum in types_pb2.DataType.values():
+    return types_pb2.DataType.Name(dtype_enum)[len("DT_"):].lower()
+  return str(dtype_enum)
+
+
+def _supplied_values(proto: tensor_pb2.TensorProto) -> int:
+  if proto.tensor_content:
+    return len(proto.tensor_content)
+  field = _VALUE_FIELD.get(proto.dtype)
+  return len(getattr(proto, field)) if field else 0
+
+
+def to_ndarray(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
+  """Decodes a request TensorProto.
+
+  Args:
+    proto: The tensor from the request.
+    alias: Its input alias, named in error messages.
+
+  Returns:
+    The tensor as a NumPy array (object array of bytes for DT_STRING).
+
+  Raises:
+    ServingError: INVALID_ARGUMENT if the proto is malformed.
+  """
+  if proto.dtype not in _VALUE_FIELD:
+    raise errors.invalid_argument(
+        f"tensor parsing error: {alias}: unsupported dtype "
+        f"{dtype_name(proto.dtype)}")
+  if proto.tensor_shape.unknown_rank:
+    raise errors.invalid_argument(
+        f"tensor parsing error: {alias}: tensor shape has unknown rank")
+  dims = [d.size for d in proto.tensor_shape.dim]
+  if any(d < 0 for d in dims):
+    raise errors.invalid_argument(
+        f"tensor parsing error: {alias}: negative dimension in shape {dims}")
+  num_elements = int(np.prod(dims, dtype=np.float64)) if dims else 1
+  if num_elements > max(_MAX_FILLED_ELEMENTS, _supplied_values(proto)):
+    raise errors.invalid_argument(
+        f"tensor parsing error: {alias}: shape {dims} has too many elements")
+  try:
+    array = tf.make_ndarray(proto)
+  except Exception as e:  # make_ndarray raises several types on bad protos.
+    raise errors.invalid_argument(
+        f"tensor parsing error: {alias}: {e}") from e
+  if array.size != num_elements or list(array.shape) != dims:
+    raise errors.invalid_argument(
+        f"tensor parsing error: {alias}: {array.size} values do not fill "
+        f"shape {dims}")
+  return array
+
+
+def _shape_proto(shape: Iterable[int]) -> tensor_shape_pb2.TensorShapeProto:
+  return tensor_shape_pb2.TensorShapeProto(
+      dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape])
+
+
+def to_tensor_proto(array: np.ndarray, dtype_enum: int,
+                    as_tensor_content: bool = False) -> tensor_pb2.TensorProto:
+  """Encodes an output array the way TF Serving's Predict does.
+
+  Args:
+    array: The output value.
+    dtype_enum: The DataType of the output tensor.
+    as_tensor_content: Pack numeric data into `tensor_content` (TF Serving's
+      --enable_serialization_as_tensor_content) instead of typed fields.
+
+  Returns:
+    The TensorProto.
+  """
+  array = np.asarray(array)
+  field = _VALUE_FIELD.get(dtype_enum)
+  if field is None or (as_tensor_content and
+                       dtype_enum != types_pb2.DT_STRING):
+    return tf.make_tensor_proto(array, dtype=tf.as_dtype(dtype_enum))
+  proto = tensor_pb2.TensorProto(dtype=dtype_enum,
+                                 tensor_shape=_shape_proto(array.shape))
+  flat = array.reshape(-1)
+  if field == "half_val":
+    values = flat.view(np.uint16).tolist()
+  elif field in ("scomplex_val", "dcomplex_val"):
+    values = np.stack([flat.real, flat.imag], axis=-1).reshape(-1).tolist()
+  elif field == "string_val":
+    values = [v if isinstance(v, bytes) else str(v).encode("utf-8")
+              for v in flat]
+  else:
+    values = flat.tolist()
+  getattr(proto, field).extend(values)
+  return proto

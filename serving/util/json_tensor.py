@@ -1,0 +1,284 @@
+"""JSON <-> tensors and tf.Examples for the REST API, in TF Serving's formats.
+
+Requests use the row format (`"instances"`) or the columnar format
+(`"inputs"`); binary strings travel as `{"b64": "..."}`. Responses answer
+`"predictions"` or `"outputs"` respectively; string outputs whose alias ends
+in `_bytes` (or that are not UTF-8) are base64-encoded.
+"""
+
+import base64
+import binascii
+import math
+from typing import Any, Dict, List, Mapping, Tuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.example import example_pb2
+from tensorflow.core.example import feature_pb2
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import classification_pb2
+from tensorflow_serving.apis import input_pb2
+from tensorflow_serving.apis import regression_pb2
+
+from serving import errors
+
+B64_KEY = "b64"
+
+
+def _is_b64(value: Any) -> bool:
+  return isinstance(value, dict) and len(value) == 1 and B64_KEY in value
+
+
+def _decode_b64(value: Dict[str, Any]) -> bytes:
+  encoded = value[B64_KEY]
+  if not isinstance(encoded, str):
+    raise errors.invalid_argument("'b64' value must be a string")
+  try:
+    return base64.b64decode(encoded, validate=True)
+  except (binascii.Error, ValueError) as e:
+    raise errors.invalid_argument(
+        f"Unable to base64 decode the value of 'b64': {e}") from e
+
+
+def _leaf(value: Any, dtype: int, alias: str) -> Any:
+  """Checks one JSON scalar against the tensor's dtype and converts it."""
+  if dtype == types_pb2.DT_STRING:
+    if isinstance(value, str):
+      return value.encode("utf-8")
+    if _is_b64(value):
+      return _decode_b64(value)
+  elif dtype == types_pb2.DT_BOOL:
+    if isinstance(value, bool):
+      return value
+  elif dtype in (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF,
+                 types_pb2.DT_BFLOAT16):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return value
+    if value in ("NaN", "Infinity", "-Infinity"):
+      return float(value.replace("Infinity", "inf"))
+  elif isinstance(value, int) and not isinstance(value, bool):
+    return value
+  raise errors.invalid_argument(
+      f"Unable to convert JSON value {value!r} of input {alias} to "
+      f"{tf.as_dtype(dtype).name}")
+
+
+def _flatten(value: Any, dtype: int, alias: str) -> Tuple[List[int], list]:
+  """Returns (shape, flat values) of a rectangular nested JSON list."""
+  if isinstance(value, list):
+    if not value:
+      return [0], []
+    shapes, flat = None, []
+    for item in value:
+      shape, values = _flatten(item, dtype, alias)
+      if shapes is None:
+        shapes = shape
+      elif shape != shapes:
+        raise errors.invalid_argument(
+            f"Input {alias} is not a rectangular tensor: found elements of "
+            f"shapes {shapes} and {shape}")
+      flat.extend(values)
+    return [len(value)] + shapes, flat
+  return [], [_leaf(value, dtype, alias)]
+
+
+def json_to_ndarray(value: Any, info: meta_graph_pb2.TensorInfo,
+                    alias: str) -> np.ndarray:
+  """Converts a JSON value to an array of the signature input's dtype."""
+  shape, flat = _flatten(value, info.dtype, alias)
+  np_dtype = tf.as_dtype(info.dtype).as_numpy_dtype
+  if info.dtype == types_pb2.DT_STRING:
+    array = np.empty(len(flat), dtype=object)
+    array[:] = flat
+  else:
+    try:
+      array = np.asarray(flat, dtype=np_dtype)
+    except (OverflowError, ValueError) as e:
+      raise errors.invalid_argument(
+          f"Unable to convert input {alias} to {tf.as_dtype(info.dtype).name}:"
+          f" {e}") from e
+  return array.reshape(shape)
+
+
+def _input_infos(signature: meta_graph_pb2.SignatureDef, names) -> Dict:
+  infos = {}
+  for name in names:
+    if name not in signature.inputs:
+      raise errors.invalid_argument(
+          f"Failed to process element: {name} key not found in signature "
+          f"inputs {{{','.join(sorted(signature.inputs))}}}")
+    infos[name] = signature.inputs[name]
+  return infos
+
+
+def parse_predict_body(body: Mapping[str, Any],
+                       signature: meta_graph_pb2.SignatureDef
+                       ) -> Tuple[Dict[str, np.ndarray], bool]:
+  """Parses a :predict body into {alias: array}; returns (inputs, row_format)."""
+  has_instances, has_inputs = "instances" in body, "inputs" in body
+  if has_instances == has_inputs:
+    raise errors.invalid_argument(
+        "Not both 'inputs' and 'instances' keys may be present" if has_inputs
+        else "Missing 'inputs' or 'instances' key")
+  if has_inputs:
+    value = body["inputs"]
+    if isinstance(value, dict) and not _is_b64(value):
+      infos = _input_infos(signature, value.keys())
+      return {a: json_to_ndarray(v, infos[a], a)
+              for a, v in value.items()}, False
+    alias = _single_input(signature)
+    return {alias: json_to_ndarray(value, signature.inputs[alias], alias)}, (
+        False)
+  instances = body["instances"]
+  if not isinstance(instances, list) or not instances:
+    raise errors.invalid_argument(
+        "'instances' must be a non-empty list of instances")
+  named = [isinstance(i, dict) and not _is_b64(i) for i in instances]
+  if all(named):
+    keys = set(instances[0].keys())
+    if any(set(i.keys()) != keys for i in instances):
+      raise errors.invalid_argument(
+          "Failed to process element: every instance must have the same "
+          "named inputs")
+    infos = _input_infos(signature, keys)
+    return {a: json_to_ndarray([i[a] for i in instances], infos[a], a)
+            for a in keys}, True
+  if any(named):
+    raise errors.invalid_argument(
+        "Instances mix named (object) and unnamed values")
+  alias = _single_input(signature)
+  return {alias: json_to_ndarray(instances, signature.inputs[alias], alias)}, (
+      True)
+
+
+def _single_input(signature: meta_graph_pb2.SignatureDef) -> str:
+  if len(signature.inputs) != 1:
+    raise errors.invalid_argument(
+        "The signature has more than one input "
+        f"{{{','.join(sorted(signature.inputs))}}}: name each input")
+  return next(iter(signature.inputs))
+
+
+def _float32_shortest(array: np.ndarray) -> np.ndarray:
+  # Python floats print float32 values with double precision noise (2.1 ->
+  # 2.0999999046325684); TF Serving prints the shortest float32 form.
+  return array.astype(str).astype(np.float64)
+
+
+def _string_value(value: bytes, as_b64: bool) -> Any:
+  if not as_b64:
+    try:
+      return value.decode("utf-8")
+    except UnicodeDecodeError:
+      pass
+  return {B64_KEY: base64.b64encode(value).decode("ascii")}
+
+
+def ndarray_to_json(array: np.ndarray, alias: str) -> Any:
+  """Converts an output array to JSON values."""
+  array = np.asarray(array)
+  if array.dtype == object or array.dtype.kind == "S":
+    as_b64 = alias.endswith("_bytes")
+    flat = [_string_value(v if isinstance(v, bytes) else str(v).encode(),
+                          as_b64) for v in array.reshape(-1)]
+    result = np.empty(len(flat), dtype=object)
+    result[:] = flat
+    return result.reshape(array.shape).tolist()
+  if array.dtype == np.float32 or array.dtype == np.float16:
+    return _float32_shortest(array).tolist()
+  if array.dtype.kind == "c":
+    raise errors.invalid_argument(
+        f"Output {alias} is complex, which JSON can't represent")
+  return array.tolist()
+
+
+def predict_response_json(outputs: Mapping[str, np.ndarray],
+                          row_format: bool) -> Dict[str, Any]:
+  """Builds {"predictions": ...} (row) or {"outputs": ...} (columnar)."""
+  if not row_format:
+    if len(outputs) == 1:
+      alias, value = next(iter(outputs.items()))
+      return {"outputs": ndarray_to_json(value, alias)}
+    return {"outputs": {a: ndarray_to_json(v, a) for a, v in outputs.items()}}
+  batch = None
+  for alias, value in outputs.items():
+    size = value.shape[0] if np.ndim(value) else None
+    if size is None or (batch is not None and size != batch):
+      raise errors.invalid_argument(
+          f"Output tensor {alias} has inconsistent batch size: row format "
+          "needs every output to share dimension 0; use the columnar "
+          "'inputs' format")
+    batch = size
+  converted = {a: ndarray_to_json(v, a) for a, v in outputs.items()}
+  if len(converted) == 1:
+    return {"predictions": next(iter(converted.values()))}
+  return {"predictions": [{a: converted[a][i] for a in converted}
+                          for i in range(batch or 0)]}
+
+
+def _feature(name: str, value: Any) -> feature_pb2.Feature:
+  values = value if isinstance(value, list) else [value]
+  feature = feature_pb2.Feature()
+  if not values:
+    return feature
+  if all(isinstance(v, bool) for v in values):
+    raise errors.invalid_argument(
+        f"Feature {name}: booleans are not a tf.Example feature type")
+  if all(isinstance(v, int) for v in values):
+    feature.int64_list.value.extend(values)
+  elif all(isinstance(v, (int, float)) and not isinstance(v, bool)
+           for v in values):
+    feature.float_list.value.extend(float(v) for v in values)
+  elif all(isinstance(v, str) or _is_b64(v) for v in values):
+    feature.bytes_list.value.extend(
+        _decode_b64(v) if _is_b64(v) else v.encode("utf-8") for v in values)
+  else:
+    raise errors.invalid_argument(
+        f"Feature {name}: values must all be numbers or all be strings, got "
+        f"{values!r}")
+  return feature
+
+
+def _example(features: Any, what: str) -> example_pb2.Example:
+  if not isinstance(features, dict):
+    raise errors.invalid_argument(f"{what} must be a JSON object")
+  example = example_pb2.Example()
+  for name, value in features.items():
+    example.features.feature[name].CopyFrom(_feature(name, value))
+  return example
+
+
+def parse_examples_body(body: Mapping[str, Any]) -> input_pb2.Input:
+  """Parses a :classify/:regress body ("examples", optional "context")."""
+  examples = body.get("examples")
+  if not isinstance(examples, list) or not examples:
+    raise errors.invalid_argument(
+        "'examples' must be a non-empty list of objects")
+  model_input = input_pb2.Input()
+  if "context" in body:
+    target = model_input.example_list_with_context
+    target.context.CopyFrom(_example(body["context"], "'context'"))
+  else:
+    target = model_input.example_list
+  for example in examples:
+    target.examples.add().CopyFrom(_example(example, "Each example"))
+  return model_input
+
+
+def _json_float(value: float) -> Any:
+  return float(np.float32(value).astype(str)) if math.isfinite(value) else (
+      value)
+
+
+def classification_json(result: classification_pb2.ClassificationResult
+                        ) -> Dict[str, Any]:
+  """{"results": [[[label, score], ...], ...]} as TF Serving answers."""
+  return {"results": [[[c.label, _json_float(c.score)] for c in cl.classes]
+                      for cl in result.classifications]}
+
+
+def regression_json(result: regression_pb2.RegressionResult
+                    ) -> Dict[str, Any]:
+  """{"results": [value, ...]} as TF Serving answers."""
+  return {"results": [_json_float(r.value) for r in result.regressions]}

@@ -1,0 +1,52 @@
+"""Fixtures: test SavedModels and one fgr-serve subprocess per session."""
+
+import pytest
+
+import serving_testlib as lib
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory):
+  """TF1 half_plus_two (v123, with warm-up) and TF2 half_plus_two (v1, v2)."""
+  root = tmp_path_factory.mktemp("models")
+  tf1_dir = str(root / lib.TF1_MODEL / str(lib.TF1_VERSION))
+  lib.write_tf1_half_plus_two(tf1_dir)
+  lib.write_warmup(tf1_dir, lib.TF1_MODEL)
+  lib.write_tf2_half_plus_two(str(root / lib.TF2_MODEL / "1"))
+  lib.write_tf2_half_plus_two(str(root / lib.TF2_MODEL / "2"), b=3.0)
+  return root
+
+
+@pytest.fixture(scope="session")
+def server(model_root, tmp_path_factory):
+  """One fgr-serve serving both models, REST and Prometheus enabled.
+
+  Tearing it down checks the graceful SIGTERM path exits 0.
+  """
+  tmp = tmp_path_factory.mktemp("server")
+  config = tmp / "models.config"
+  config.write_text(f"""
+model_config_list {{
+  config {{
+    name: "{lib.TF1_MODEL}" base_path: "{model_root / lib.TF1_MODEL}"
+    model_platform: "tensorflow"
+  }}
+  config {{
+    name: "{lib.TF2_MODEL}" base_path: "{model_root / lib.TF2_MODEL}"
+    model_platform: "tensorflow"
+    model_version_policy {{ all {{}} }}
+    version_labels {{ key: "stable" value: 1 }}
+    version_labels {{ key: "canary" value: 2 }}
+  }}
+}}
+""")
+  monitoring = tmp / "monitoring.config"
+  monitoring.write_text('prometheus_config { enable: true, '
+                        'path: "/monitoring/prometheus/metrics" }')
+  proc = lib.ServerProcess([
+      f"--model_config_file={config}", f"--rest_api_port={lib.free_port()}",
+      f"--monitoring_config_file={monitoring}",
+      "--enable_grpc_healthcheck_service"], str(tmp))
+  yield proc
+  code = proc.terminate()
+  assert code == 0, proc.stderr()[-3000:]

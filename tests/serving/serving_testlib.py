@@ -1,0 +1,210 @@
+"""Test helpers for fgr-serve: y = a*x + b SavedModels and servers to drive.
+
+The models mirror TF Serving's half_plus_two test data: one TF1 graph export
+through tf.compat.v1's SavedModelBuilder, one `tf.saved_model.save` export.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import model_service_pb2_grpc
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+TF1_MODEL = "half_plus_two"
+TF2_MODEL = "half_plus_two_tf2"
+TF1_VERSION = 123
+
+
+def free_port() -> int:
+  """A currently free loopback port (for the REST port, which can't be 0)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def write_tf1_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0,
+                            c: float = 3.0) -> str:
+  """TF1 graph SavedModel (SavedModelBuilder) with TF Serving's signatures.
+
+  Signatures, as in saved_model_half_plus_two: "serving_default" and
+  "predict_x_to_y" (Predict x -> y), "classify_x_to_y" (scores),
+  "regress_x_to_y" and "regress_x2_to_y3" (Regress on serialized
+  tf.Examples with features x and x2).
+  """
+  graph = tf.Graph()
+  with graph.as_default():
+    serialized = tf.compat.v1.placeholder(tf.string, [None], name="tf_example")
+    features = tf.io.parse_example(serialized, {
+        "x": tf.io.FixedLenFeature([1], tf.float32),
+        "x2": tf.io.FixedLenFeature([1], tf.float32, default_value=[0.0]),
+    })
+    va = tf.compat.v1.Variable(a, name="a")
+    vb = tf.compat.v1.Variable(b, name="b")
+    vc = tf.compat.v1.Variable(c, name="c")
+    x = tf.identity(features["x"], name="x")
+    y = tf.add(tf.multiply(va, x), vb, name="y")
+    x2 = tf.identity(features["x2"], name="x2")
+    y3 = tf.add(tf.multiply(va, x2), vc, name="y3")
+    info = tf.compat.v1.saved_model.utils.build_tensor_info
+    sig = tf.compat.v1.saved_model.signature_def_utils
+    predict = sig.build_signature_def(
+        inputs={"x": info(x)}, outputs={"y": info(y)},
+        method_name="tensorflow/serving/predict")
+    predict_two = sig.build_signature_def(
+        inputs={"x": info(x)}, outputs={"y": info(y), "x_out": info(x)},
+        method_name="tensorflow/serving/predict")
+    classify = sig.build_signature_def(
+        inputs={"inputs": info(serialized)}, outputs={"scores": info(y)},
+        method_name="tensorflow/serving/classify")
+    regress = sig.build_signature_def(
+        inputs={"inputs": info(serialized)}, outputs={"outputs": info(y)},
+        method_name="tensorflow/serving/regress")
+    regress_y3 = sig.build_signature_def(
+        inputs={"inputs": info(serialized)}, outputs={"outputs": info(y3)},
+        method_name="tensorflow/serving/regress")
+    with tf.compat.v1.Session(graph=graph) as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      builder = tf.compat.v1.saved_model.Builder(export_dir)
+      builder.add_meta_graph_and_variables(
+          sess, ["serve"], signature_def_map={
+              "serving_default": predict,
+              "predict_x_to_y": predict,
+              "predict_two_outputs": predict_two,
+              "classify_x_to_y": classify,
+              "regress_x_to_y": regress,
+              "regress_x2_to_y3": regress_y3,
+          })
+      builder.save()
+  return export_dir
+
+
+class _HalfPlusTwo(tf.Module):
+
+  def __init__(self, a: float, b: float):
+    super().__init__()
+    self.a = tf.Variable(a)
+    self.b = tf.Variable(b)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+  def serve(self, x):
+    return {"y": self.a * x + self.b}
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+  def echo(self, text):
+    return {"text_out": text, "length": tf.strings.length(text),
+            "blob_bytes": text}
+
+
+def write_tf2_half_plus_two(export_dir: str, a: float = 0.5,
+                            b: float = 2.0) -> str:
+  """TF2 SavedModel from tf.saved_model.save: x [N] float -> y [N]."""
+  module = _HalfPlusTwo(a, b)
+  tf.saved_model.save(module, export_dir, signatures={
+      "serving_default": module.serve, "echo": module.echo})
+  return export_dir
+
+
+def write_warmup(export_dir: str, model_name: str, count: int = 3) -> str:
+  """Writes assets.extra/tf_serving_warmup_requests with Predict logs."""
+  path = os.path.join(export_dir, "assets.extra")
+  os.makedirs(path, exist_ok=True)
+  path = os.path.join(path, "tf_serving_warmup_requests")
+  with tf.io.TFRecordWriter(path) as writer:
+    for i in range(count):
+      request = predict_pb2.PredictRequest()
+      request.model_spec.name = model_name
+      request.inputs["x"].CopyFrom(
+          tf.make_tensor_proto([[float(i)]], dtype=tf.float32))
+      log = prediction_log_pb2.PredictionLog(
+          predict_log=prediction_log_pb2.PredictLog(request=request))
+      writer.write(log.SerializeToString())
+  return path
+
+
+def write_broken(export_dir: str) -> str:
+  """A version directory whose saved_model.pb is garbage (fails to load)."""
+  os.makedirs(export_dir, exist_ok=True)
+  with open(os.path.join(export_dir, "saved_model.pb"), "wb") as f:
+    f.write(b"\x00not a saved model\xff" * 4)
+  return export_dir
+
+
+class ServerProcess:
+  """An fgr-serve subprocess and clients for it."""
+
+  def __init__(self, args, tmp_dir):
+    self.port_file = os.path.join(tmp_dir, "ports")
+    self.stderr_path = os.path.join(tmp_dir, "stderr.log")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
+    self._stderr = open(self.stderr_path, "wb")
+    self.process = subprocess.Popen(
+        [sys.executable, "-m", "serving.model_servers.main", "--port=0",
+         f"--port_file={self.port_file}", "--max_num_load_retries=0"] + args,
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=self._stderr)
+    deadline = time.time() + 90
+    while not os.path.exists(self.port_file):
+      if self.process.poll() is not None or time.time() > deadline:
+        raise RuntimeError(f"fgr-serve did not start:\n{self.stderr()}")
+      time.sleep(0.1)
+    ports = dict(line.split("=") for line in open(self.port_file).read().split())
+    self.grpc_port, self.rest_port = int(ports["grpc"]), int(ports["rest"])
+    self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+    self.predict = prediction_service_pb2_grpc.PredictionServiceStub(
+        self.channel)
+    self.model = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+  def stderr(self) -> str:
+    with open(self.stderr_path, "rb") as f:
+      return f.read().decode("utf-8", "replace")
+
+  def terminate(self, timeout: float = 60) -> int:
+    """Sends SIGTERM and returns the exit code."""
+    self.channel.close()
+    self.process.send_signal(signal.SIGTERM)
+    try:
+      return self.process.wait(timeout)
+    finally:
+      if self.process.poll() is None:
+        self.process.kill()
+      self._stderr.close()
+
+
+class InProcessServer:
+  """A `serving.model_servers.server.Server` in this process, with stubs."""
+
+  def __init__(self, **options):
+    from serving.model_servers import server as server_lib  # pylint: disable=g-import-not-at-top
+    options.setdefault("port", 0)
+    options.setdefault("max_num_load_retries", 0)
+    self.server = server_lib.Server(server_lib.Options(**options))
+    self.server.start()
+    self.channel = grpc.insecure_channel(
+        f"127.0.0.1:{self.server.grpc_port}")
+    self.predict = prediction_service_pb2_grpc.PredictionServiceStub(
+        self.channel)
+    self.model = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+  def stop(self):
+    self.channel.close()
+    self.server.stop(grace_seconds=5)
+
+
+def wait_for(condition, timeout: float = 30, interval: float = 0.05):
+  """Polls `condition()` until truthy; fails the test after `timeout`."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    value = condition()
+    if value:
+      return value
+    time.sleep(interval)
+  raise AssertionError(f"condition not met within {timeout}s")

@@ -1,0 +1,226 @@
+"""gRPC API tests modelled on TF Serving's tensorflow_model_server_test."""
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import classification_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import inference_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import regression_pb2
+
+from serving_testlib import TF1_MODEL, TF1_VERSION, TF2_MODEL
+
+State = get_model_status_pb2.ModelVersionStatus.State
+
+
+def _predict_request(model=TF1_MODEL, x=((2.0,),), signature="",
+                     version=None, label=None, output_filter=()):
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = model
+  request.model_spec.signature_name = signature
+  if version is not None:
+    request.model_spec.version.value = version
+  if label is not None:
+    request.model_spec.version_label = label
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto(x, dtype=tf.float32))
+  request.output_filter.extend(output_filter)
+  return request
+
+
+def _example(**features):
+  example = tf.train.Example()
+  for key, value in features.items():
+    example.features.feature[key].float_list.value.append(value)
+  return example
+
+
+def _error(call, request):
+  with pytest.raises(grpc.RpcError) as info:
+    call(request, timeout=30)
+  return info.value.code(), info.value.details()
+
+
+def test_predict_tf1(server):
+  response = server.predict.Predict(_predict_request(), timeout=30)
+  assert response.outputs["y"].float_val == [3.0]  # Typed field, as TF Serving.
+  assert response.model_spec.name == TF1_MODEL
+  assert response.model_spec.version.value == TF1_VERSION
+  assert response.model_spec.signature_name == "serving_default"
+
+
+def test_predict_tf2_latest_specific_and_label(server):
+  latest = server.predict.Predict(
+      _predict_request(TF2_MODEL, x=[1.0, 2.0]), timeout=30)
+  assert tf.make_ndarray(latest.outputs["y"]).tolist() == [3.5, 4.0]
+  assert latest.model_spec.version.value == 2
+  v1 = server.predict.Predict(
+      _predict_request(TF2_MODEL, x=[2.0], version=1), timeout=30)
+  assert v1.outputs["y"].float_val == [3.0]
+  stable = server.predict.Predict(
+      _predict_request(TF2_MODEL, x=[2.0], label="stable"), timeout=30)
+  assert stable.model_spec.version.value == 1
+
+
+def test_predict_output_filter(server):
+  response = server.predict.Predict(_predict_request(
+      signature="predict_two_outputs", output_filter=["y"]), timeout=30)
+  assert list(response.outputs) == ["y"]
+  both = server.predict.Predict(
+      _predict_request(signature="predict_two_outputs"), timeout=30)
+  assert sorted(both.outputs) == ["x_out", "y"]
+
+
+@pytest.mark.parametrize("mutate, code, message", [
+    (lambda r: setattr(r.model_spec, "name", "missing"),
+     grpc.StatusCode.NOT_FOUND, "Servable not found for request: "
+     "Latest(missing)"),
+    (lambda r: r.model_spec.version.__setattr__("value", 999),
+     grpc.StatusCode.NOT_FOUND, "Servable not found for request: "
+     f"Specific({TF1_MODEL}, 999)"),
+    (lambda r: setattr(r.model_spec, "version_label", "nope"),
+     grpc.StatusCode.INVALID_ARGUMENT, "Unrecognized servable version label"),
+    (lambda r: setattr(r.model_spec, "signature_name", "nope"),
+     grpc.StatusCode.FAILED_PRECONDITION,
+     'Serving signature key "nope" not found.'),
+    (lambda r: r.inputs.pop("x"), grpc.StatusCode.INVALID_ARGUMENT,
+     "input size does not match signature: 0!=1"),
+    (lambda r: r.inputs["extra"].CopyFrom(r.inputs["x"]),
+     grpc.StatusCode.INVALID_ARGUMENT, "Sent extra: {extra}"),
+    (lambda r: r.inputs["x"].CopyFrom(tf.make_tensor_proto([["a"]])),
+     grpc.StatusCode.INVALID_ARGUMENT, "to be float but string is provided"),
+    (lambda r: r.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0, 2.0])),
+     grpc.StatusCode.INVALID_ARGUMENT, "has shape [2]"),
+    (lambda r: r.output_filter.append("nope"),
+     grpc.StatusCode.INVALID_ARGUMENT,
+     "output tensor alias not found in signature: nope"),
+    (lambda r: r.output_filter.extend(["y", "y"]),
+     grpc.StatusCode.INVALID_ARGUMENT, "duplicate output tensor alias: y"),
+    (lambda r: setattr(r.inputs["x"], "tensor_content", b"\x00" * 3),
+     grpc.StatusCode.INVALID_ARGUMENT, "tensor parsing error: x"),
+    (lambda r: r.inputs["x"].tensor_shape.dim[0].__setattr__("size", 10**12),
+     grpc.StatusCode.INVALID_ARGUMENT, "tensor parsing error: x"),
+])
+def test_predict_errors(server, mutate, code, message):
+  request = _predict_request()
+  mutate(request)
+  got_code, details = _error(server.predict.Predict, request)
+  assert got_code == code
+  assert message in details
+  if code != grpc.StatusCode.NOT_FOUND and "label" not in message:
+    assert f"model: {TF1_MODEL}, version: {TF1_VERSION}" in details
+
+
+def test_classify(server):
+  request = classification_pb2.ClassificationRequest()
+  request.model_spec.name = TF1_MODEL
+  request.model_spec.signature_name = "classify_x_to_y"
+  request.input.example_list.examples.extend([_example(x=2.0),
+                                              _example(x=4.0)])
+  response = server.predict.Classify(request, timeout=30)
+  scores = [c.classes[0].score for c in response.result.classifications]
+  assert scores == [3.0, 4.0]
+  assert response.model_spec.version.value == TF1_VERSION
+
+
+def test_regress_with_context(server):
+  request = regression_pb2.RegressionRequest()
+  request.model_spec.name = TF1_MODEL
+  request.model_spec.signature_name = "regress_x2_to_y3"
+  with_context = request.input.example_list_with_context
+  with_context.context.CopyFrom(_example(x2=2.0))
+  with_context.examples.extend([_example(x=1.0), _example(x=1.0)])
+  response = server.predict.Regress(request, timeout=30)
+  assert [r.value for r in response.result.regressions] == [4.0, 4.0]
+
+
+def test_classify_regress_errors(server):
+  request = classification_pb2.ClassificationRequest()
+  request.model_spec.name = TF1_MODEL  # serving_default is a predict sig.
+  request.input.example_list.examples.add()
+  code, details = _error(server.predict.Classify, request)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT
+  assert "Expected classification signature method_name" in details
+  empty = regression_pb2.RegressionRequest()
+  empty.model_spec.name = TF1_MODEL
+  empty.model_spec.signature_name = "regress_x_to_y"
+  code, details = _error(server.predict.Regress, empty)
+  assert (code, "Input is empty." in details) == (
+      grpc.StatusCode.INVALID_ARGUMENT, True)
+
+
+def test_multi_inference(server):
+  request = inference_pb2.MultiInferenceRequest()
+  for signature, method in (("classify_x_to_y", "tensorflow/serving/classify"),
+                            ("regress_x2_to_y3", "tensorflow/serving/regress")):
+    task = request.tasks.add(method_name=method)
+    task.model_spec.name = TF1_MODEL
+    task.model_spec.signature_name = signature
+  request.input.example_list.examples.add().CopyFrom(_example(x=2.0, x2=2.0))
+  response = server.predict.MultiInference(request, timeout=30)
+  classify, regress = response.results
+  assert classify.classification_result.classifications[0].classes[0].score == (
+      3.0)
+  assert regress.regression_result.regressions[0].value == 4.0
+  assert regress.model_spec.signature_name == "regress_x2_to_y3"
+  request.tasks[1].model_spec.signature_name = "classify_x_to_y"
+  code, details = _error(server.predict.MultiInference, request)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT
+  assert "Duplicate evaluation of signature: classify_x_to_y" in details
+
+
+def test_get_model_metadata(server):
+  request = get_model_metadata_pb2.GetModelMetadataRequest()
+  request.model_spec.name = TF1_MODEL
+  request.metadata_field.append("signature_def")
+  response = server.predict.GetModelMetadata(request, timeout=30)
+  assert response.model_spec.version.value == TF1_VERSION
+  signatures = get_model_metadata_pb2.SignatureDefMap()
+  assert response.metadata["signature_def"].Unpack(signatures)
+  assert {"serving_default", "classify_x_to_y", "regress_x_to_y"} <= set(
+      signatures.signature_def)
+  predict = signatures.signature_def["serving_default"]
+  assert predict.method_name == "tensorflow/serving/predict"
+  assert predict.inputs["x"].dtype == tf.float32.as_datatype_enum
+  del request.metadata_field[:]
+  code, _ = _error(server.predict.GetModelMetadata, request)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_get_model_status(server):
+  request = get_model_status_pb2.GetModelStatusRequest()
+  request.model_spec.name = TF1_MODEL
+  response = server.model.GetModelStatus(request, timeout=30)
+  (status,) = response.model_version_status
+  assert (status.version, status.state) == (TF1_VERSION, State.AVAILABLE)
+  assert status.status.error_code == 0
+  request.model_spec.name = TF2_MODEL
+  versions = server.model.GetModelStatus(request, timeout=30)
+  assert [(s.version, s.state) for s in versions.model_version_status] == [
+      (1, State.AVAILABLE), (2, State.AVAILABLE)]
+  request.model_spec.name = "missing"
+  code, details = _error(server.model.GetModelStatus, request)
+  assert code == grpc.StatusCode.NOT_FOUND
+  assert "Could not find any versions of model missing" in details
+
+
+def test_health(server):
+  stub = health_pb2_grpc.HealthStub(server.channel)
+  response = stub.Check(health_pb2.HealthCheckRequest(
+      service="tensorflow.serving.PredictionService"), timeout=10)
+  assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_survives_garbage(server):
+  """Raw bytes that are not a PredictRequest must not hurt the server."""
+  call = server.channel.unary_unary(
+      "/tensorflow.serving.PredictionService/Predict",
+      request_serializer=lambda b: b, response_deserializer=lambda b: b)
+  with pytest.raises(grpc.RpcError):
+    call(b"\xff\xff\xff\x00garbage", timeout=10)
+  response = server.predict.Predict(_predict_request(), timeout=30)
+  assert np.isclose(response.outputs["y"].float_val[0], 3.0)

@@ -1,0 +1,178 @@
+"""Version management: availability-preserving swaps, failures, reloads."""
+
+import os
+import shutil
+import threading
+
+import grpc
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import model_management_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow_serving.config import model_server_config_pb2
+
+import serving_testlib as lib
+from serving import errors
+from serving.core import loader
+from serving.servables import warmup
+
+State = get_model_status_pb2.ModelVersionStatus.State
+
+
+def _predict(stub, model, x=2.0, label=None, version=None):
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = model
+  if label:
+    request.model_spec.version_label = label
+  if version:
+    request.model_spec.version.value = version
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto([x], dtype=tf.float32))
+  return stub.Predict(request, timeout=30)
+
+
+def _states(stub, model):
+  request = get_model_status_pb2.GetModelStatusRequest()
+  request.model_spec.name = model
+  response = stub.GetModelStatus(request, timeout=30)
+  return {s.version: s for s in response.model_version_status}
+
+
+def _publish(base, version, tmp_path, **kwargs):
+  """Writes a version next to `base`, then renames it in (atomic publish)."""
+  staging = str(tmp_path / f"staging-{version}")
+  lib.write_tf2_half_plus_two(staging, **kwargs)
+  os.rename(staging, os.path.join(base, str(version)))
+
+
+def test_swap_under_load_then_failed_version(tmp_path):
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  server = lib.InProcessServer(model_name="m", model_base_path=base,
+                           file_system_poll_wait_seconds=0.2)
+  stop = threading.Event()
+  results, failures = [], []
+
+  def client():
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.server.grpc_port}")
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    while not stop.is_set():
+      try:
+        response = _predict(stub, "m")
+        results.append((response.model_spec.version.value,
+                        response.outputs["y"].float_val[0]))
+      except grpc.RpcError as e:
+        failures.append(e)
+    channel.close()
+
+  threads = [threading.Thread(target=client) for _ in range(4)]
+  try:
+    for t in threads:
+      t.start()
+    lib.wait_for(lambda: len(results) > 20)
+    _publish(base, 2, tmp_path, b=3.0)
+    lib.wait_for(lambda: _states(server.model, "m")[1].state == State.END)
+    seen = len(results)
+    lib.wait_for(lambda: len(results) > seen + 20)
+    stop.set()
+    for t in threads:
+      t.join()
+    assert not failures, failures[:3]
+    assert set(results) == {(1, 3.0), (2, 4.0)}
+    assert results[-1] == (2, 4.0)
+    states = _states(server.model, "m")
+    assert states[2].state == State.AVAILABLE
+    assert states[1].status.error_code == 0
+
+    # A version that fails to load leaves version 2 serving.
+    lib.write_broken(os.path.join(base, "3"))
+    lib.wait_for(lambda: _states(server.model, "m").get(3) is not None and
+             _states(server.model, "m")[3].state == State.END)
+    failed = _states(server.model, "m")[3]
+    assert failed.status.error_code != 0
+    assert "model: m, version: 3" in failed.status.error_message
+    assert _states(server.model, "m")[2].state == State.AVAILABLE
+    assert _predict(server.predict, "m").model_spec.version.value == 2
+
+    # Rewriting the broken version retries it.
+    shutil.rmtree(os.path.join(base, "3"))
+    _publish(base, 3, tmp_path, b=4.0)
+    lib.wait_for(lambda: _states(server.model, "m")[3].state == State.AVAILABLE)
+    assert _predict(server.predict, "m").outputs["y"].float_val[0] == 5.0
+  finally:
+    stop.set()
+    server.stop()
+
+
+def _config(*models):
+  config = model_server_config_pb2.ModelServerConfig()
+  for name, base, versions, labels in models:
+    model = config.model_config_list.config.add(
+        name=name, base_path=base, model_platform="tensorflow")
+    if versions:
+      model.model_version_policy.specific.versions.extend(versions)
+    for label, version in labels.items():
+      model.version_labels[label] = version
+  return config
+
+
+def test_reload_config_and_config_file_polling(tmp_path):
+  a = str(tmp_path / "a")
+  b = str(tmp_path / "b")
+  lib.write_tf2_half_plus_two(os.path.join(a, "1"))
+  lib.write_tf2_half_plus_two(os.path.join(a, "2"), b=3.0)
+  lib.write_tf1_half_plus_two(os.path.join(b, "7"))
+  config_file = tmp_path / "models.config"
+  config_file.write_text(str(_config(("a", a, [], {}))))
+  server = lib.InProcessServer(model_config_file=str(config_file),
+                           model_config_file_poll_wait_seconds=1,
+                           file_system_poll_wait_seconds=0)
+  try:
+    assert _predict(server.predict, "a").model_spec.version.value == 2
+
+    request = model_management_pb2.ReloadConfigRequest(config=_config(
+        ("a", a, [1, 2], {"stable": 1, "canary": 2}), ("b", b, [], {})))
+    response = server.model.HandleReloadConfigRequest(request, timeout=60)
+    assert response.status.error_code == 0
+    assert _predict(server.predict, "a", label="stable").outputs[
+        "y"].float_val[0] == 3.0
+    assert _predict(server.predict, "a", label="canary").outputs[
+        "y"].float_val[0] == 4.0
+    assert _states(server.model, "b")[7].state == State.AVAILABLE
+
+    # A label on a version that isn't available is refused.
+    bad = model_management_pb2.ReloadConfigRequest(config=_config(
+        ("a", a, [1], {"stable": 2}), ("b", b, [], {})))
+    with pytest.raises(grpc.RpcError) as info:
+      server.model.HandleReloadConfigRequest(bad, timeout=60)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "which is not currently available" in info.value.details()
+    lib.wait_for(lambda: _states(server.model, "a")[2].state == State.END)
+
+    # Editing the config file drops model b (polled every second).
+    config_file.write_text(str(_config(("a", a, [], {}))))
+    def b_gone():
+      try:
+        _predict(server.predict, "b")
+        return False
+      except grpc.RpcError as e:
+        return e.code() == grpc.StatusCode.NOT_FOUND
+    lib.wait_for(b_gone, timeout=20)
+  finally:
+    server.stop()
+
+
+def test_warmup_replays_and_limits(tmp_path):
+  path = str(tmp_path / "1")
+  lib.write_tf1_half_plus_two(path)
+  lib.write_warmup(path, "m", count=5)
+  bundle = loader.load_once("m", 1, path, loader.LoaderOptions())
+  try:
+    assert warmup.run_warmup(bundle) == 5
+  finally:
+    bundle.close()
+  lib.write_warmup(path, "m", count=warmup.MAX_WARMUP_RECORDS + 1)
+  with pytest.raises(errors.ServingError) as info:
+    loader.load_once("m", 1, path, loader.LoaderOptions())
+  assert "exceeds the maximum (1000)" in info.value.message
