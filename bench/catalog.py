@@ -6,30 +6,38 @@ import numpy as np
 
 
 def synthetic_catalog(num_items: int, dim: int = 64, num_queries: int = 1000, num_clusters: int | None = None,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                      noise: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Returns (items [N, d], queries [Q, d]), float32 and L2-normalised.
 
   Uniform random vectors make every index look good (no structure) or bad (no neighbours). Real
   item embeddings are clustered with a few huge clusters and a long tail, and spread unevenly across
-  directions. So cluster sizes follow a Zipf-like law, each cluster gets its own random low-rank-ish
-  covariance (eigenvalues decaying as 1/i), and cluster spreads vary. Queries come from the same
-  mixture but pick clusters uniformly (a query tower does not follow item popularity) and carry
-  more noise, so the query distribution is not the item distribution.
+  directions. So clusters group into topics, cluster sizes follow a Zipf-like law (exponent 0.9),
+  each cluster gets its own random rotation of an anisotropic covariance (variances decaying as 1/i)
+  and its own spread. Queries come from the same mixture with a flatter cluster popularity (square
+  root of the item shares), so tail clusters are queried more often than they hold items.
 
   Args:
     num_items: N.
     dim: d.
     num_queries: Q.
     num_clusters: number of mixture components; defaults to about N / 200 (at least 8).
+    noise: mean within-cluster spread (per-cluster spreads vary in [0.5, 1.5] x noise); the noise
+      vector's norm is about 2.2 x spread before normalisation.
     seed: random seed.
   """
   rng = np.random.default_rng(seed)
   num_clusters = num_clusters or max(8, num_items // 200)
-  centers = rng.normal(size=[num_clusters, dim]).astype(np.float32)
+  # Two levels: topics (super-clusters) hold related clusters, so a tail cluster's neighbours sit
+  # in nearby clusters, as in real embedding spaces, rather than in random directions.
+  num_topics = max(2, int(np.sqrt(num_clusters)))
+  topics = rng.normal(size=[num_topics, dim]).astype(np.float32)
+  topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+  centers = topics[rng.integers(0, num_topics, size=num_clusters)] + (
+      0.6 / np.sqrt(dim)) * rng.normal(size=[num_clusters, dim]).astype(np.float32)
   centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-  weights = 1.0 / np.arange(1, num_clusters + 1) ** 1.1
+  weights = 1.0 / np.arange(1, num_clusters + 1) ** 0.9
   weights /= weights.sum()
-  spreads = rng.uniform(0.25, 0.6, size=num_clusters).astype(np.float32)
+  spreads = noise * rng.uniform(0.5, 1.5, size=num_clusters).astype(np.float32)
   # One shared set of random rotations, assigned to clusters round-robin, keeps generation fast at 1M.
   num_bases = min(num_clusters, 32)
   scales = (1.0 / np.sqrt(np.arange(1, dim + 1))).astype(np.float32)
@@ -48,5 +56,6 @@ def synthetic_catalog(num_items: int, dim: int = 64, num_queries: int = 1000, nu
     return out
 
   items = sample(rng.choice(num_clusters, size=num_items, p=weights), 1.0)
-  queries = sample(rng.integers(0, num_clusters, size=num_queries), 1.2)
+  query_weights = np.sqrt(weights) / np.sqrt(weights).sum()
+  queries = sample(rng.choice(num_clusters, size=num_queries, p=query_weights), 1.0)
   return items, queries

