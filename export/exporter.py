@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import base, full_graph
-from export import versions, warmup
+from export import verify, versions, warmup
 from models import catalog as catalog_lib
 from models import train
 from models.data import schema, sources
@@ -42,7 +42,7 @@ class ExportConfig:
   version: int | None = None
 
 
-def _sample_queries(source: sources.Source, count: int) -> dict[str, np.ndarray]:
+def sample_queries(source: sources.Source, count: int) -> dict[str, np.ndarray]:
   """Up to `count` held-out examples' query features (the test split's first batches)."""
   parts = []
   total = 0
@@ -54,21 +54,6 @@ def _sample_queries(source: sources.Source, count: int) -> dict[str, np.ndarray]
   if not parts:
     raise ValueError("The data source has no test examples to sample queries from")
   return {name: np.concatenate([p[name] for p in parts])[:count] for name in schema.QUERY_FEATURE_NAMES}
-
-
-def recall_against_exact(index: base.Index, queries: np.ndarray, embeddings: np.ndarray,
-                         eligible: np.ndarray, k: int, block: int = 64) -> float:
-  """Mean share of the exact top-k (over eligible items) that the index also returns."""
-  search = tf.function(lambda q: index.search(q, k).indices)
-  overlaps = []
-  for start in range(0, len(queries), block):  # Blocks keep the exact [block, N] scores small.
-    batch = queries[start:start + block]
-    exact_scores = batch @ embeddings.T
-    exact_scores[:, ~eligible] = -np.inf
-    exact = np.argpartition(-exact_scores, k - 1, axis=1)[:, :k]
-    found = search(tf.constant(batch)).numpy()
-    overlaps.extend(len(np.intersect1d(e, f)) / k for e, f in zip(exact, found))
-  return float(np.mean(overlaps))
 
 
 def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig) -> dict[str, Any]:
@@ -91,11 +76,11 @@ def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig
                            **config.index_options)
   timings["build_seconds"] = time.time() - started
 
-  samples = _sample_queries(source, max(config.eval_queries, config.num_warmup_requests))
+  samples = sample_queries(source, max(config.eval_queries, config.num_warmup_requests))
   query_embeddings = tf.function(model.query_tower)(
       {name: tf.constant(values) for name, values in samples.items()}).numpy()
-  recall = recall_against_exact(index, query_embeddings[:config.eval_queries], catalog.embeddings,
-                                catalog.eligible, config.k)
+  recall = verify.index_recall(index, query_embeddings[:config.eval_queries], catalog.embeddings,
+                               catalog.eligible, config.k)
 
   graph = full_graph.FullGraph(model.query_tower, model.item_tower, index, catalog.ids, config.k,
                                schema.query_specs(), schema.item_specs())
