@@ -36,6 +36,10 @@ setuptools.setup(
             "fgr-export=export.export_cli:run",
             "fgr-serve=serving.model_servers.main:run",
             "fgr-query=serving.query_cli:run",
+            "fgr-eval=models.eval_cli:run",
+            "fgr-refresh=export.refresh_cli:run",
+            "fgr-bench=bench.index_bench:run",
+            "fgr-loadtest=serving.loadtest.loadtest_cli:run",
         ],
     },
 )
