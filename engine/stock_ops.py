@@ -1,0 +1,68 @@
+"""Checks that a SavedModel needs no custom op, by loading it in a fresh process without ScaNN."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+
+def custom_ops(saved_model_dir: str) -> list[str]:
+  """Op types in the SavedModel's graph and functions that this process's TensorFlow lacks."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.framework import op_def_registry  # pylint: disable=g-import-not-at-top
+
+  saved_model = saved_model_pb2.SavedModel()
+  with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+    saved_model.ParseFromString(f.read())
+  ops = set()
+  for meta_graph in saved_model.meta_graphs:
+    ops.update(node.op for node in meta_graph.graph_def.node)
+    for function in meta_graph.graph_def.library.function:
+      ops.update(node.op for node in function.node_def)
+    functions = {f.signature.name for f in meta_graph.graph_def.library.function}
+    ops -= functions  # Calls to library functions appear as ops named after the function.
+  return sorted(op for op in ops if op_def_registry.get(op) is None)
+
+
+def load_in_fresh_process(saved_model_dir: str, timeout: float = 300.0) -> dict[str, Any]:
+  """Loads the SavedModel in a new Python process that never imports ScaNN.
+
+  Returns:
+    {"custom_ops": [...op types stock TF lacks...], "loaded": bool, "ran": bool (every signature ran
+     once on zero inputs), "scann_imported": bool, "signatures": [...], "error": str}.
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+  completed = subprocess.run([sys.executable, "-m", "engine.stock_ops", saved_model_dir], capture_output=True,
+                             text=True, timeout=timeout, env=env, cwd=root, check=False)
+  lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+  if completed.returncode != 0 or not lines:
+    return {"custom_ops": [], "loaded": False, "ran": False, "scann_imported": False, "signatures": [],
+            "error": completed.stderr[-2000:]}
+  return json.loads(lines[-1])
+
+
+def _main(saved_model_dir: str) -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  report: dict[str, Any] = {"custom_ops": custom_ops(saved_model_dir), "loaded": False, "ran": False, "error": ""}
+  try:
+    loaded = tf.saved_model.load(saved_model_dir)
+    report["loaded"] = True
+    report["signatures"] = sorted(loaded.signatures.keys())
+    for function in loaded.signatures.values():  # Run each once: kernels must exist, not just op defs.
+      inputs = {name: tf.zeros([1 if dim is None else dim for dim in spec.shape], spec.dtype)
+                for name, spec in function.structured_input_signature[1].items()}
+      function(**inputs)
+    report["ran"] = True
+  except Exception as error:  # pylint: disable=broad-except
+    report["error"] = f"{type(error).__name__}: {error}"[-2000:]
+  report["scann_imported"] = any(name == "scann" or name.startswith("scann.") for name in sys.modules)
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  _main(sys.argv[1])

@@ -1,0 +1,62 @@
+"""Every backend survives tf.saved_model.save/load; the partitioned one loads without ScaNN."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine import base
+from engine import stock_ops
+
+_OPTIONS = {
+    "brute_force": {"jit_compile": True},
+    "int8": {},
+    "binary": {"learned": False, "rerank_candidates": 100},
+    "partitioned": {"probes": 8},
+}
+
+
+def _export(index, dim: int, path: str) -> tf.Module:
+  """A module with a `search` signature taking queries and the backend's search options."""
+  module = tf.Module()
+  module.index = index
+  specs = index.search_option_specs()
+
+  @tf.function
+  def search(queries, **options):
+    result = index.search(queries, 10, **options)
+    return {"scores": result.scores, "indices": result.indices}
+
+  signature = search.get_concrete_function(tf.TensorSpec([None, dim], tf.float32, name="queries"), **specs)
+  tf.saved_model.save(module, path, signatures={"search": signature},
+                      options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces() or None))
+  return module
+
+
+@pytest.mark.parametrize("backend", sorted(_OPTIONS))
+def test_round_trip(small_catalog, tmp_path, backend):
+  items, queries = small_catalog
+  index = base.build_index(backend, items, k=10, **_OPTIONS[backend])
+  _export(index, items.shape[1], str(tmp_path))
+  loaded = tf.saved_model.load(str(tmp_path)).signatures["search"]
+  options = {name: tf.constant(0, spec.dtype) for name, spec in index.search_option_specs().items()}
+  got = loaded(queries=tf.constant(queries), **options)
+  expected = tf.function(lambda q: index.search(q, 10))(tf.constant(queries))
+  np.testing.assert_array_equal(got["indices"].numpy(), expected.indices.numpy())
+  np.testing.assert_allclose(got["scores"].numpy(), expected.scores.numpy(), rtol=1e-5)
+
+
+def test_partitioned_loads_in_stock_tensorflow_without_scann(small_catalog, tmp_path):
+  items, _ = small_catalog
+  index = base.build_index("partitioned", items, k=10, probes=8)
+  _export(index, items.shape[1], str(tmp_path))
+  report = stock_ops.load_in_fresh_process(str(tmp_path))
+  assert report["loaded"] and report["ran"], report["error"]
+  assert report["custom_ops"] == [] and not report["scann_imported"]
+
+
+def test_check_catches_scann_custom_ops(small_catalog, tmp_path):
+  items, _ = small_catalog
+  index = base.build_index("scann", items, k=10, scoring="ah", reorder=50)
+  _export(index, items.shape[1], str(tmp_path))
+  report = stock_ops.load_in_fresh_process(str(tmp_path))
+  assert "Scann>TensorsToScann" in report["custom_ops"] and not report["loaded"]
