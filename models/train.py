@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
@@ -81,7 +82,9 @@ def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: Train
           os.path.join(output_dir, CHECKPOINT_DIR, "ckpt-{epoch:03d}"), save_weights_only=True),
   ]
   started = time.time()
-  history = model.fit(train_ds, epochs=training.epochs, callbacks=callbacks, verbose=2)
+  # A live progress bar on a terminal; one line per epoch when the output goes to a log file.
+  verbose = 1 if sys.stdout.isatty() else 2
+  history = model.fit(train_ds, epochs=training.epochs, callbacks=callbacks, verbose=verbose)
   report: dict[str, Any] = {
       "train_seconds": round(time.time() - started, 1),
       "final_loss": float(history.history["loss"][-1]),
