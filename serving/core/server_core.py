@@ -268,6 +268,7 @@ class ServerCore:
       raise errors.not_found(f"Could not find any versions of model {name}")
     for v, state, error in states:
       status = response.model_version_status.add(version=v, state=state)
+      status.status.SetInParent()  # OK is reported explicitly, as TF Serving.
       if error is not None:
         status.status.CopyFrom(error.to_status_proto())
     return response

@@ -9,6 +9,7 @@ import concurrent.futures
 import http.server
 import json
 import re
+import socket
 import threading
 import urllib.parse
 from typing import Any, Dict, Optional, Tuple
@@ -173,6 +174,9 @@ class _PooledHTTPServer(http.server.HTTPServer):
   """An HTTPServer handing each connection to a fixed thread pool."""
 
   def __init__(self, address, handler, num_threads: int):
+    if ":" in address[0]:  # IPv6, e.g. --host=[::]
+      self.address_family = socket.AF_INET6
+      address = (address[0].strip("[]"), address[1])
     super().__init__(address, handler)
     self._pool = concurrent.futures.ThreadPoolExecutor(
         max(1, num_threads), thread_name_prefix="http")
@@ -234,7 +238,14 @@ class HttpServer:
         if method == "GET" and prometheus_path and path == prometheus_path:
           self._reply(200, metrics.exposition(), metrics_lib.CONTENT_TYPE)
           return
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+          length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+          length = -1
+        if length < 0:
+          self._reply(400, b'{"error": "Invalid Content-Length"}',
+                      "application/json")
+          return
         body = self.rfile.read(length) if length > 0 else b""
         if not path.lower().startswith("/v1/"):
           status, payload = 404, {"error": f"Not found: {method} {path}"}

@@ -284,8 +284,9 @@ def main(argv) -> int:
   signal.signal(signal.SIGINT, on_signal)
   try:
     server.start()
-  except errors.ServingError as e:
-    logging.error("Failed to start server: %s", e.message)
+  except (errors.ServingError, OSError, RuntimeError) as e:
+    logging.error("Failed to start server: %s",
+                  getattr(e, "message", None) or e)
     server.stop(grace_seconds=0)
     return 1
   if stop.is_set():

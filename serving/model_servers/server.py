@@ -153,6 +153,8 @@ class Server:
     if options.file_system_poll_wait_seconds >= 0:
       self.core.start_polling(options.file_system_poll_wait_seconds)
     self.core.wait_until_models_available(stop=self._stop)
+    if self._stop.is_set():
+      return  # Shut down while waiting for models: nothing to serve.
     # Labels (and their checks) apply once the initial versions are up.
     self.core.reload_config(config)
     if options.model_config_file and (

@@ -48,13 +48,18 @@ def input_feeds(signature: meta_graph_pb2.SignatureDef,
   signature_keys = set(signature.inputs.keys())
   missing = signature_keys - request_keys
   extra = request_keys - signature_keys
-  if extra or (missing and not set(missing) <= set(signature.defaults.keys())):
+  if len(request_keys) > len(signature_keys) or (
+      missing - set(signature.defaults.keys())):
     raise errors.invalid_argument(
         f"input size does not match signature: {len(request_keys)}!="
         f"{len(signature_keys)} len({{{_joined(request_keys)}}}) != "
         f"len({{{_joined(signature_keys)}}}). Sent extra: "
         f"{{{_joined(extra)}}}. Missing but required: "
         f"{{{_joined(missing)}}}.")
+  if extra:
+    raise errors.invalid_argument(
+        f"input tensor alias not found in signature: {min(extra)}. Inputs "
+        f"expected to be in the set {{{_joined(signature_keys)}}}.")
   feeds = {}
   for index, alias in enumerate(sorted(request_keys)):
     info = signature.inputs[alias]

@@ -145,12 +145,14 @@ class ServerProcess:
   def __init__(self, args, tmp_dir):
     self.port_file = os.path.join(tmp_dir, "ports")
     self.stderr_path = os.path.join(tmp_dir, "stderr.log")
+    self.stdout_path = os.path.join(tmp_dir, "stdout.log")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
     self._stderr = open(self.stderr_path, "wb")
+    self._stdout = open(self.stdout_path, "wb")
     self.process = subprocess.Popen(
         [sys.executable, "-m", "serving.model_servers.main", "--port=0",
          f"--port_file={self.port_file}", "--max_num_load_retries=0"] + args,
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=self._stderr)
+        cwd=REPO_ROOT, env=env, stdout=self._stdout, stderr=self._stderr)
     deadline = time.time() + 90
     while not os.path.exists(self.port_file):
       if self.process.poll() is not None or time.time() > deadline:
@@ -177,6 +179,7 @@ class ServerProcess:
       if self.process.poll() is None:
         self.process.kill()
       self._stderr.close()
+      self._stdout.close()
 
 
 class InProcessServer:

@@ -1,0 +1,131 @@
+"""Server-side batching: scheduler semantics and an end-to-end server."""
+
+import concurrent.futures
+import re
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+import serving_testlib as lib
+from serving import errors
+from serving.batching import batch_scheduler
+from serving.batching import batching_session
+from serving.config import protos
+
+
+class _RecordingRunner:
+  """A session runner computing y = 2x, recording each batch's rows."""
+
+  def __init__(self, delay: float = 0.0):
+    self.batches = []
+    self.delay = delay
+    self.gate = threading.Event()
+    self.gate.set()
+
+  def __call__(self, feeds, fetches, timeout_ms=None):
+    self.gate.wait()
+    time.sleep(self.delay)
+    x = feeds["x:0"]
+    self.batches.append(x.shape[0])
+    return [x * 2 for _ in fetches]
+
+
+@pytest.fixture
+def scheduler():
+  s = batch_scheduler.SharedBatchScheduler(num_batch_threads=1)
+  yield s
+  s.stop()
+
+
+def test_merges_concurrent_calls_and_splits_back(scheduler):
+  runner = _RecordingRunner(delay=0.02)
+  observed = []
+  session = batching_session.BatchingSession(
+      runner, scheduler,
+      batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=0,
+                                   allowed_batch_sizes=(4, 8)),
+      observer=lambda rows, pad: observed.append((rows, pad)))
+  inputs = [np.full((1 + i % 2, 3), i, np.float32) for i in range(16)]
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    outputs = list(pool.map(
+        lambda x: session({"x:0": x}, ["y:0"]), inputs))
+  for x, (y,) in zip(inputs, outputs):
+    np.testing.assert_array_equal(y, x * 2)  # Each caller gets its rows.
+  assert len(runner.batches) < len(inputs)  # Calls were merged.
+  assert set(runner.batches) <= {4, 8}  # Padded to allowed sizes.
+  assert sum(rows for rows, _ in observed) == sum(len(x) for x in inputs)
+
+
+def test_full_queue_is_unavailable_and_large_task_invalid(scheduler):
+  runner = _RecordingRunner()
+  runner.gate.clear()  # Hold the batch thread so the queue fills up.
+  session = batching_session.BatchingSession(
+      runner, scheduler,
+      batch_scheduler.QueueOptions(max_batch_size=2, max_enqueued_batches=2))
+  x = np.ones((2, 1), np.float32)
+  pool = concurrent.futures.ThreadPoolExecutor(8)
+  futures = [pool.submit(session, {"x:0": x}, ["y:0"]) for _ in range(8)]
+  lib.wait_for(lambda: any(f.done() for f in futures))
+  runner.gate.set()
+  codes = []
+  for f in futures:
+    try:
+      f.result(timeout=10)
+      codes.append("OK")
+    except errors.ServingError as e:
+      codes.append(e.code.name)
+      assert "queue to which this task was submitted is full" in e.message
+  assert "UNAVAILABLE" in codes and "OK" in codes
+  with pytest.raises(errors.ServingError) as info:
+    session({"x:0": np.ones((3, 1), np.float32)}, ["y:0"])
+  assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+  assert "larger than maximum input batch size 2" in info.value.message
+  pool.shutdown()
+
+
+def test_batching_parameters_validation():
+  params = protos.BatchingParameters()
+  params.max_batch_size.value = 16
+  params.allowed_batch_sizes.extend([4, 8])
+  with pytest.raises(errors.ServingError, match="must equal max_batch_size"):
+    batching_session.queue_options_from_proto(params)
+  params.allowed_batch_sizes.append(16)
+  options = batching_session.queue_options_from_proto(params)
+  assert options.allowed_batch_sizes == (4, 8, 16)
+  assert options.max_enqueued_batches == 10  # TF Serving's default.
+
+
+def test_server_with_batching(tmp_path):
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  params = tmp_path / "batching.config"
+  params.write_text("max_batch_size { value: 8 } "
+                    "batch_timeout_micros { value: 2000 } "
+                    "num_batch_threads { value: 1 } "
+                    "allowed_batch_sizes: 4 allowed_batch_sizes: 8")
+  server = lib.InProcessServer(
+      model_name="m", model_base_path=str(tmp_path / "m"),
+      enable_batching=True, batching_parameters_file=str(params))
+  try:
+    def predict(i):
+      request = predict_pb2.PredictRequest()
+      request.model_spec.name = "m"
+      request.inputs["x"].CopyFrom(
+          tf.make_tensor_proto([float(i)], dtype=tf.float32))
+      return server.predict.Predict(request, timeout=30).outputs[
+          "y"].float_val[0]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      results = list(pool.map(predict, range(64)))
+    assert results == [0.5 * i + 2 for i in range(64)]
+    text = server.server.metrics.exposition().decode()
+    match = re.search(r'processed_batch_size_count\{model_name="m"\} (\S+)',
+                      text)
+    batches = float(match.group(1))
+    assert 0 < batches < 64  # Some of the 64 requests shared a batch.
+  finally:
+    server.stop()

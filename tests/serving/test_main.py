@@ -1,0 +1,66 @@
+"""The fgr-serve process: flags, port reporting and graceful SIGTERM."""
+
+import concurrent.futures
+import time
+
+from absl import app
+from absl.testing import flagsaver
+import grpc
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import predict_pb2
+
+import serving_testlib as lib
+from serving.model_servers import main
+
+
+def test_unsupported_tf_serving_flag_fails_clearly():
+  with flagsaver.flagsaver():
+    main.FLAGS.unparse_flags()
+    main.FLAGS(["fgr-serve", "--prefer_tflite_model"])
+    with pytest.raises(app.UsageError,
+                       match="--prefer_tflite_model is a TensorFlow Serving "
+                       "flag that fgr-serve does not support"):
+      main.check_unsupported_flags()
+  main.FLAGS.unparse_flags()
+
+
+def test_channel_arguments():
+  assert main._channel_arguments("grpc.max_connection_age_ms=2000,a=b") == [
+      ("grpc.max_connection_age_ms", 2000), ("a", "b")]
+  with pytest.raises(app.UsageError):
+    main._channel_arguments("novalue")
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path):
+  """A request waiting in a batch when SIGTERM arrives still succeeds."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  params = tmp_path / "batching.config"
+  params.write_text("max_batch_size { value: 64 } "
+                    "batch_timeout_micros { value: 2000000 }")
+  proc = lib.ServerProcess([
+      "--model_name=m", f"--model_base_path={tmp_path / 'm'}",
+      "--enable_batching", f"--batching_parameters_file={params}"],
+                           str(tmp_path))
+  with open(proc.stdout_path) as f:
+    assert f"FGR_SERVE_GRPC_PORT={proc.grpc_port}" in f.read()
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = "m"
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto([2.0], dtype=tf.float32))
+  status = get_model_status_pb2.GetModelStatusRequest()
+  status.model_spec.name = "m"
+  proc.model.GetModelStatus(status, timeout=30)  # Connect before timing.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    in_flight = pool.submit(proc.predict.Predict, request, timeout=30)
+    time.sleep(0.5)  # The request now waits for its batch to time out.
+    proc.process.send_signal(15)
+    response = in_flight.result(timeout=30)
+  assert response.outputs["y"].float_val == [3.0]
+  assert proc.terminate() == 0
+  channel = grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}")
+  with pytest.raises(grpc.RpcError) as info:
+    lib.prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+        request, timeout=5)
+  assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+  channel.close()
