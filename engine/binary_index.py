@@ -48,14 +48,14 @@ class BinaryIndex(base.Index):
     # Word-major [W, N] so each XOR streams one contiguous int64 column.
     self.codes = tf.Variable(np.ascontiguousarray(hasher.pack_numpy(embeddings).T), trainable=False, name="codes")
     self.vectors = tf.Variable(embeddings, trainable=False, name="rerank_vectors")
-    self._rerank_candidates = int(min(rerank_candidates, self.num_items))
+    self.rerank_candidates = int(min(rerank_candidates, self.num_items))
     self._jit_compile = jit_compile
 
   def search(self, queries: tf.Tensor, k: int, rerank_candidates: tf.Tensor | None = None) -> base.SearchResult:
     """Hamming top candidates, then exact rerank; `rerank_candidates` ≤ 0 uses the built default."""
     k = min(k, self.num_items)
     queries = tf.cast(queries, tf.float32)
-    count = tf.clip_by_value(search_ops.option_or_default(rerank_candidates, self._rerank_candidates), k,
+    count = tf.clip_by_value(search_ops.option_or_default(rerank_candidates, self.rerank_candidates), k,
                              self.num_items)
     query_codes = self.hasher.pack(queries)  # [B, W]
     similarity = _hamming_similarity_xla if self._jit_compile else _hamming_similarity
@@ -81,17 +81,21 @@ class BinaryIndex(base.Index):
 
 
 def build_binary(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None, bits: int = 128,
-                 learned: bool = True, rerank_candidates: int | None = None, jit_compile: bool = True,
-                 train_steps: int = 600, seed: int = 0) -> BinaryIndex:
+                 learned: bool = True, rerank_candidates: int | None = None, target_recall: float = 0.95,
+                 tuning_queries: np.ndarray | None = None, jit_compile: bool = True, train_steps: int = 600,
+                 seed: int = 0) -> BinaryIndex:
   """Builds the binary index; `learned=False` uses random hyperplanes (the baseline).
 
   Args:
     embeddings: float32 [N, d].
-    k: the default number of neighbours; rerank_candidates defaults to 20k.
+    k: the default number of neighbours.
     eligible: optional bool [N] mask.
     bits: code length, a multiple of 64.
     learned: train the hashing layer (`hashing.train_sign_hash`) instead of random hyperplanes.
-    rerank_candidates: candidates rescored exactly per query.
+    rerank_candidates: candidates rescored exactly per query; tuned for `target_recall` (10k to
+      320k) when omitted.
+    target_recall: recall@k the tuned candidates reach on the tuning queries (plus 0.01 margin).
+    tuning_queries: float32 [Q, d]; catalog rows stand in when omitted.
     jit_compile: fuse the Hamming scan with XLA.
     train_steps: optimiser steps of the hashing layer.
     seed: random seed.
@@ -100,5 +104,11 @@ def build_binary(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None 
     hasher = hashing.train_sign_hash(embeddings, bits=bits, steps=train_steps, seed=seed)
   else:
     hasher = hashing.random_sign_hash(embeddings, bits=bits, seed=seed)
-  return BinaryIndex(embeddings, hasher, eligible, rerank_candidates=rerank_candidates or 20 * k,
+  index = BinaryIndex(embeddings, hasher, eligible, rerank_candidates=rerank_candidates or 10 * k,
                       jit_compile=jit_compile)
+  if rerank_candidates is None:
+    queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, seed=seed)
+    ladder = [min(m * k, embeddings.shape[0]) for m in (10, 20, 40, 80, 160, 320)]
+    index.rerank_candidates, _ = search_ops.tune_search_option(index, "rerank_candidates", ladder, embeddings,
+                                                               queries, k, target_recall)
+  return index

@@ -17,18 +17,8 @@ def quantize(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return codes, scales
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _score_int32_xla(queries: tf.Tensor, codes: tf.Tensor, scales: tf.Tensor) -> tf.Tensor:
-  """Single queries: an int8 x int8 -> int32 dot fused by XLA (reads 1 byte per code)."""
-  scaled = queries * scales
-  step = tf.reduce_max(tf.abs(scaled), axis=1, keepdims=True) / 127.0
-  query_codes = tf.cast(tf.round(scaled / tf.maximum(step, 1e-30)), tf.int32)
-  scores = tf.matmul(query_codes, tf.cast(codes, tf.int32), transpose_b=True)
-  return tf.cast(scores, tf.float32) * step
-
-
 def _score_bfloat16(queries: tf.Tensor, codes: tf.Tensor, scales: tf.Tensor) -> tf.Tensor:
-  """Batches: codes cast to bfloat16 (exact for int8) and one bf16 matmul with oneDNN."""
+  """Codes cast to bfloat16 (exact for int8) and one bf16 matmul (oneDNN uses AMX/AVX512-BF16)."""
   scaled = tf.cast(queries * scales, tf.bfloat16)
   return tf.cast(tf.matmul(scaled, tf.cast(codes, tf.bfloat16), transpose_b=True), tf.float32)
 
@@ -37,10 +27,11 @@ class Int8Index(base.Index):
   """Scalar-quantised catalog: int8 codes with one scale per dimension, reranked exactly.
 
   Approximate scores come from the int8 codes (a quarter of float32's bytes). Which TF path scores
-  them fastest was measured at 1M x 64 on 2 cores: TF's int8 `MatMul` with `output_type=int32` has
-  no fast CPU kernel (~3x slower than float32); for single queries an XLA-fused int8 -> int32 dot is
-  fastest (~2x faster than the float32 matmul), for batches a bfloat16 cast + oneDNN matmul is. So
-  a `tf.cond` on the batch size picks one. Ineligible items are masked before the candidate top-k,
+  them fastest was measured at 1M x 64 on 2 cores, single queries: casting the codes to bfloat16
+  and one oneDNN matmul (~68 ms under load) beats an XLA-fused int8 -> int32 dot (~90 ms), TF's
+  int8 `MatMul` with `output_type=int32` (~128 ms) and `QuantizedMatMul` (~138 ms); none beats the
+  float32 matmul over 4x the bytes (~46 ms), because TF has no fast int8 GEMV on CPU. So int8 buys
+  memory, not speed, here. Ineligible items are masked before the candidate top-k,
   so the `rerank_candidates` survivors are all eligible and k results come back whenever k eligible
   items exist. Those candidates are rescored exactly against float32 vectors, kept for that purpose
   and counted in `nbytes()` (see `memory_breakdown()` for codes vs rerank bytes).
@@ -49,34 +40,26 @@ class Int8Index(base.Index):
     embeddings: float32 [N, d] item embeddings.
     eligible: optional bool [N] mask.
     rerank_candidates: candidates rescored exactly per query (default 4k, set at build).
-    jit_compile: use the XLA path for single queries; without it every batch takes the bf16 path.
   """
 
   def __init__(self, embeddings: np.ndarray, eligible: np.ndarray | None = None, rerank_candidates: int = 400,
-               jit_compile: bool = True, name: str = "int8"):
+               name: str = "int8"):
     super().__init__(embeddings.shape[0], eligible, name=name)
     codes, scales = quantize(embeddings)
     self.codes = tf.Variable(codes, trainable=False, name="codes")
     self.scales = tf.Variable(scales, trainable=False, name="scales")
     self.vectors = tf.Variable(embeddings, trainable=False, name="rerank_vectors")
-    self._rerank_candidates = int(min(rerank_candidates, self.num_items))
-    self._jit_compile = jit_compile
+    self.rerank_candidates = int(min(rerank_candidates, self.num_items))
 
   def approximate_scores(self, queries: tf.Tensor) -> tf.Tensor:
     """Scores [B, N] from the int8 codes, ineligible items at -inf."""
-    queries = tf.cast(queries, tf.float32)
-    if self._jit_compile:
-      scores = tf.cond(tf.shape(queries)[0] <= 1,
-                       lambda: _score_int32_xla(queries, self.codes, self.scales),
-                       lambda: _score_bfloat16(queries, self.codes, self.scales))
-    else:
-      scores = _score_bfloat16(queries, self.codes, self.scales)
+    scores = _score_bfloat16(tf.cast(queries, tf.float32), self.codes, self.scales)
     return base.mask_ineligible(scores, self.eligible)
 
   def search(self, queries: tf.Tensor, k: int, rerank_candidates: tf.Tensor | None = None) -> base.SearchResult:
     """Top-k by int8 scores, then exact rerank; `rerank_candidates` ≤ 0 uses the built default."""
     k = min(k, self.num_items)
-    count = search_ops.option_or_default(rerank_candidates, self._rerank_candidates)
+    count = search_ops.option_or_default(rerank_candidates, self.rerank_candidates)
     count = tf.clip_by_value(count, k, self.num_items)
     _, rows = tf.math.top_k(self.approximate_scores(queries), k=count)
     return search_ops.rerank(queries, rows, self.vectors, self.eligible, k)
@@ -94,6 +77,23 @@ class Int8Index(base.Index):
 
 
 def build_int8(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-               rerank_candidates: int | None = None, jit_compile: bool = True) -> Int8Index:
-  """Builds the int8 index; rerank_candidates defaults to 4k (recall@100 ≥ 0.99 on our catalogs)."""
-  return Int8Index(embeddings, eligible, rerank_candidates=rerank_candidates or 4 * k, jit_compile=jit_compile)
+               rerank_candidates: int | None = None, target_recall: float = 0.99,
+               tuning_queries: np.ndarray | None = None, seed: int = 0) -> Int8Index:
+  """Builds the int8 index; rerank_candidates is tuned for `target_recall` (k to 16k) unless given.
+
+  Args:
+    embeddings: float32 [N, d].
+    k: the default number of neighbours.
+    eligible: optional bool [N] mask.
+    rerank_candidates: candidates rescored exactly per query; tuned when omitted.
+    target_recall: recall@k the tuned candidates reach on the tuning queries (plus 0.01 margin).
+    tuning_queries: float32 [Q, d]; catalog rows stand in when omitted.
+    seed: seed for picking stand-in tuning queries.
+  """
+  index = Int8Index(embeddings, eligible, rerank_candidates=rerank_candidates or k)
+  if rerank_candidates is None:
+    queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, seed=seed)
+    ladder = [min(m * k, embeddings.shape[0]) for m in (1, 2, 4, 8, 16)]
+    index.rerank_candidates, _ = search_ops.tune_search_option(index, "rerank_candidates", ladder, embeddings,
+                                                               queries, k, target_recall)
+  return index

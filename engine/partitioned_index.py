@@ -92,22 +92,6 @@ class PartitionedIndex(base.Index):
     return sum(int(v.numpy().nbytes) for v in (self.centroids, self.vectors, self.row_ids, self.offsets))
 
 
-def _tune_probes(index: PartitionedIndex, embeddings: np.ndarray, k: int, target_recall: float,
-                 tuning_queries: np.ndarray) -> tuple[int, float]:
-  """Smallest probe count on a geometric ladder whose recall@k reaches the target (plus margin)."""
-  truth = search_ops.exact_top_k_numpy(tuning_queries, embeddings, k)
-  search = tf.function(lambda q, p: index.search(q, k, probes=p))
-  target = min(1.0, target_recall + 0.01)
-  ladder = sorted({max(1, int(round(index.num_partitions * f))) for f in
-                   (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)})
-  recall = 0.0
-  for probes in ladder:
-    recall = search_ops.recall_at_k(search(tf.constant(tuning_queries), probes).indices.numpy(), truth)
-    if recall >= target:
-      return probes, recall
-  return ladder[-1], recall
-
-
 def build_partitioned(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
                       num_partitions: int | None = None, probes: int | None = None, target_recall: float = 0.95,
                       tuning_queries: np.ndarray | None = None, num_tuning_queries: int = 200,
@@ -134,12 +118,11 @@ def build_partitioned(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | 
                                                   sample_size=training_sample_size, seed=seed)
   index = PartitionedIndex(embeddings, centroids, assignment, probes or 1, eligible)
   if probes is None:
-    if tuning_queries is None:
-      rng = np.random.default_rng(seed)
-      tuning_queries = embeddings[rng.choice(embeddings.shape[0], min(num_tuning_queries, embeddings.shape[0]),
-                                             replace=False)]
-    index.default_probes, recall = _tune_probes(index, embeddings, k, target_recall,
-                                                np.asarray(tuning_queries, np.float32))
+    queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, num_tuning_queries, seed)
+    ladder = sorted({max(1, int(round(num_partitions * f))) for f in
+                     (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)})
+    index.default_probes, recall = search_ops.tune_search_option(index, "probes", ladder, embeddings, queries, k,
+                                                                 target_recall)
     logging.info("partitioned: %d partitions, tuned probes=%d (recall@%d %.3f on tuning queries) in %.1fs",
                  num_partitions, index.default_probes, k, recall, time.perf_counter() - start)
   return index

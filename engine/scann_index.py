@@ -107,7 +107,7 @@ def default_config(num_items: int, k: int) -> dict[str, Any]:
       "scoring": scoring,
       "num_leaves": num_leaves,
       "leaves_to_search": 0,  # 0: tuned at build time for `target_recall`.
-      "training_sample_size": min(num_items, 250_000),
+      "training_sample_size": min(num_items, 100_000),
       "dimensions_per_block": 2,
       "anisotropic_quantization_threshold": 0.2,
       "reorder": 0 if scoring == "brute_force" else min(num_items, max(4 * k, 200)),
@@ -128,11 +128,8 @@ def _tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: dict[str, 
   serving sees) and the fastest wins. Without `tuning_queries`, catalog rows stand in for queries.
   The exact reference is one NumPy matmul.
   """
-  if tuning_queries is None:
-    rng = np.random.default_rng(config["seed"])
-    rows = rng.choice(embeddings.shape[0], min(config["num_tuning_queries"], embeddings.shape[0]), replace=False)
-    tuning_queries = embeddings[rows]
-  tuning_queries = np.asarray(tuning_queries, np.float32)
+  tuning_queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, config["num_tuning_queries"],
+                                                       config["seed"])
   truth = search_ops.exact_top_k_numpy(tuning_queries, embeddings, k)
   num_leaves = config["num_leaves"]
   target = min(1.0, config["target_recall"] + 0.01)  # A small margin for unseen queries.

@@ -91,6 +91,37 @@ def exact_top_k_numpy(queries: np.ndarray, items: np.ndarray, k: int, eligible: 
   return out
 
 
+def tuning_queries_or_sample(embeddings: np.ndarray, tuning_queries: np.ndarray | None, count: int = 200,
+                             seed: int = 0) -> np.ndarray:
+  """The given tuning queries, or `count` random catalog rows standing in for them."""
+  if tuning_queries is not None:
+    return np.asarray(tuning_queries, np.float32)
+  rows = np.random.default_rng(seed).choice(embeddings.shape[0], min(count, embeddings.shape[0]), replace=False)
+  return embeddings[rows]
+
+
+def tune_search_option(index: base.Index, option: str, ladder: list[int], embeddings: np.ndarray,
+                       tuning_queries: np.ndarray, k: int, target_recall: float,
+                       batch_size: int = 64) -> tuple[int, float]:
+  """Smallest value of a per-request `option` whose recall@k on the tuning queries reaches the target.
+
+  Backends call this at build time to set their default knob (probes, rerank candidates) from the
+  data, as ScaNN's rules of thumb suggest, with a 0.01 margin for unseen queries. Returns
+  (value, recall); the last ladder value when none reaches the target.
+  """
+  truth = exact_top_k_numpy(tuning_queries, embeddings, k)
+  search = tf.function(lambda q, v: index.search(q, k, **{option: v}).indices)
+  target = min(1.0, target_recall + 0.01)
+  recall = 0.0
+  for value in ladder:
+    found = np.concatenate([search(tf.constant(tuning_queries[i:i + batch_size]), tf.constant(value, tf.int32)).numpy()
+                            for i in range(0, tuning_queries.shape[0], batch_size)])
+    recall = recall_at_k(found, truth)
+    if recall >= target:
+      return value, recall
+  return ladder[-1], recall
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
   """Mean fraction of the true top-k rows found, per query."""
   hits = [len(np.intersect1d(f[f >= 0], t)) for f, t in zip(found, truth)]

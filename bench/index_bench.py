@@ -1,0 +1,287 @@
+"""fgr-bench: recall, QPS, latency, build time and bytes of every index backend on the same vectors.
+
+Every in-graph backend is measured through `Index.search` inside a `tf.function` (what a served
+SavedModel runs); hnswlib and Faiss, when installed, run on the same vectors in the same process so
+ratios are measured side by side. Writes a markdown report, a recall-vs-QPS plot and a section of
+docs/benchmarks.md.
+
+  fgr-bench                          # 1M x 64 hard synthetic catalog, k=100
+  fgr-bench --num_items=20000        # a quick run
+  fgr-bench --embeddings=items.npy --queries=queries.npy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shlex
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from bench import catalog
+from bench import extras
+from bench import report
+from engine import base
+from engine import search_ops
+from engine import stock_ops
+
+_NUM_ITEMS = flags.DEFINE_integer("num_items", 1_000_000, "Synthetic catalog size (ignored with --embeddings).")
+_DIM = flags.DEFINE_integer("dim", 64, "Synthetic embedding dimension.")
+_NOISE = flags.DEFINE_float("noise", 0.5, "Within-cluster spread of the synthetic catalog.")
+_EMBEDDINGS = flags.DEFINE_string("embeddings", None, "Optional .npy of float32 item embeddings [N, d].")
+_QUERIES = flags.DEFINE_string("queries", None, "Optional .npy of float32 query embeddings [Q, d]; with "
+                               "--embeddings and no --queries, perturbed catalog rows are used.")
+_K = flags.DEFINE_integer("k", 100, "Neighbours per query.")
+_NUM_QUERIES = flags.DEFINE_integer("num_queries", 1000, "Evaluation queries (recall and batched QPS).")
+_NUM_TUNING_QUERIES = flags.DEFINE_integer("num_tuning_queries", 200,
+                                           "Held-out queries backends may tune on (never evaluated).")
+_NUM_SINGLE = flags.DEFINE_integer("num_single", 300, "Queries sent one at a time for single-query QPS/latency.")
+_NUM_SINGLE_SWEEP = flags.DEFINE_integer("num_single_sweep", 150, "Single queries per sweep point.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Queries per call for batched QPS.")
+_BACKENDS = flags.DEFINE_list(
+    "backends", ["brute_force", "brute_force_xla", "brute_force_bf16", "scann", "int8", "binary", "binary_random",
+                 "partitioned"], "In-graph backends (variants of the registry's backends) to measure.")
+_EXTRAS = flags.DEFINE_list("extras", ["hnswlib", "faiss_ivfpq"],
+                            "Out-of-graph libraries to compare: hnswlib, faiss_ivfpq, faiss_hnsw.")
+_SWEEP = flags.DEFINE_bool("sweep", True, "Sweep search knobs for recall-vs-QPS curves.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "docs", "Where the report, plot and benchmarks.md go.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic catalog.")
+
+# Variants: (registry backend, build options, the knob a sweep varies, sweep values as fractions or multiples).
+_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "brute_force": ("brute_force", {}),
+    "brute_force_xla": ("brute_force", {"jit_compile": True}),
+    "brute_force_bf16": ("brute_force", {"dtype": "bfloat16"}),
+    "scann": ("scann", {}),
+    "int8": ("int8", {}),
+    "binary": ("binary", {}),
+    "binary_random": ("binary", {"learned": False}),
+    "partitioned": ("partitioned", {}),
+}
+
+
+@dataclasses.dataclass
+class Measurement:
+  """One backend (or one sweep point of it) on the evaluation queries."""
+
+  name: str
+  setting: str
+  recall: float
+  single_qps: float
+  p50_ms: float
+  p99_ms: float
+  batch_qps: float = float("nan")
+  batch_p50_ms: float = float("nan")
+  batch_p99_ms: float = float("nan")
+  build_seconds: float = float("nan")
+  nbytes: int = 0
+  code_bytes: int = 0
+  in_graph: bool = True
+  note: str = ""
+
+
+def load_vectors() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+  """Returns (items, evaluation queries, tuning queries, description)."""
+  needed = _NUM_QUERIES.value + _NUM_TUNING_QUERIES.value
+  if _EMBEDDINGS.value:
+    items = np.ascontiguousarray(np.load(_EMBEDDINGS.value), dtype=np.float32)
+    if _QUERIES.value:
+      queries = np.ascontiguousarray(np.load(_QUERIES.value), dtype=np.float32)
+      source = f"{_EMBEDDINGS.value} with queries {_QUERIES.value}"
+    else:  # Perturbed catalog rows, renormalised: neighbours exist but the query is not an item.
+      rng = np.random.default_rng(_SEED.value)
+      rows = items[rng.choice(items.shape[0], needed, replace=items.shape[0] < needed)]
+      queries = rows + 0.5 * rows.std() * rng.normal(size=rows.shape).astype(np.float32)
+      queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+      source = f"{_EMBEDDINGS.value} (queries: perturbed catalog rows)"
+  else:
+    items, queries = catalog.synthetic_catalog(_NUM_ITEMS.value, _DIM.value, num_queries=needed,
+                                               noise=_NOISE.value, seed=_SEED.value)
+    source = f"synthetic catalog {items.shape[0]:,} x {items.shape[1]} (noise {_NOISE.value}, seed {_SEED.value})"
+  if queries.shape[0] < needed:
+    raise ValueError(f"need {needed} queries, got {queries.shape[0]}")
+  return items, queries[_NUM_TUNING_QUERIES.value:needed], queries[:_NUM_TUNING_QUERIES.value], source
+
+
+def latencies(call: Callable[[np.ndarray], Any], batches: list[np.ndarray]) -> np.ndarray:
+  """Wall time in ms of each call, after one warm-up call."""
+  call(batches[0])
+  out = np.empty(len(batches))
+  for i, batch in enumerate(batches):
+    start = time.perf_counter()
+    call(batch)
+    out[i] = (time.perf_counter() - start) * 1e3
+  return out
+
+
+def measure(name: str, setting: str, search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
+            truth: np.ndarray, num_single: int, batch_size: int | None, in_graph: bool = True) -> Measurement:
+  """Recall over all queries (batched), single-query QPS/p50/p99 and, if batch_size, batched QPS."""
+  batch = batch_size or 256
+  found = np.concatenate([search(queries[i:i + batch]) for i in range(0, queries.shape[0], batch)])
+  recall = search_ops.recall_at_k(found, truth)
+  single = latencies(search, [queries[i:i + 1] for i in range(min(num_single, queries.shape[0]))])
+  result = Measurement(name, setting, recall, 1e3 / single.mean(), float(np.percentile(single, 50)),
+                       float(np.percentile(single, 99)), in_graph=in_graph)
+  if batch_size:
+    batched = latencies(search, [queries[i:i + batch_size] for i in range(0, queries.shape[0] - batch_size + 1,
+                                                                           batch_size)])
+    result.batch_qps = batch_size * 1e3 / batched.mean()
+    result.batch_p50_ms = float(np.percentile(batched, 50))
+    result.batch_p99_ms = float(np.percentile(batched, 99))
+  return result
+
+
+def in_graph_search(index: base.Index, k: int, **options: int) -> Callable[[np.ndarray], np.ndarray]:
+  """`Index.search` in a tf.function with the options as int32 inputs, as a serving signature has them."""
+  specs = index.search_option_specs()
+  unknown = set(options) - set(specs)
+  if unknown:
+    raise ValueError(f"{index.name} has no search options {sorted(unknown)}")
+  values = {name: tf.constant(options.get(name, 0), spec.dtype) for name, spec in specs.items()}
+  dim = None
+
+  @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32)])
+  def search(queries: tf.Tensor) -> tf.Tensor:
+    return index.search(queries, k, **values).indices
+
+  return lambda queries: search(tf.constant(queries)).numpy()
+
+
+def sweep_points(variant: str, index: base.Index, k: int) -> list[dict[str, int]]:
+  """Search settings to sweep for a recall-vs-QPS curve, around the built default."""
+  if variant == "scann" and index.config["num_leaves"]:
+    leaves = index.config["num_leaves"]
+    return [{"leaves_to_search": max(1, int(leaves * f)), "pre_reorder_num_neighbors": r}
+            for f in (0.01, 0.02, 0.03, 0.05, 0.08) for r in (2 * k, 4 * k)]
+  if variant == "partitioned":
+    return [{"probes": max(1, int(index.num_partitions * f))} for f in (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)]
+  if variant == "int8":
+    return [{"rerank_candidates": m * k} for m in (1, 2, 4, 8)]
+  if variant.startswith("binary"):
+    return [{"rerank_candidates": m * k} for m in (10, 20, 40, 80, 160)]
+  return []
+
+
+def stock_check(index: base.Index, dim: int, k: int) -> str:
+  """Saves the index in a SavedModel and loads it in a fresh process without ScaNN."""
+  with tempfile.TemporaryDirectory() as path:
+    module = tf.Module()
+    module.index = index
+    search = tf.function(lambda q: tuple(index.search(q, k)), input_signature=[tf.TensorSpec([None, dim], tf.float32)])
+    tf.saved_model.save(module, path, signatures={"search": search.get_concrete_function()})
+    result = stock_ops.load_in_fresh_process(path)
+  ok = result["loaded"] and result["ran"] and not result["custom_ops"] and not result["scann_imported"]
+  return ("loads and runs in a fresh process without ScaNN, no custom op" if ok
+          else f"stock load FAILED: {result}")
+
+
+def run_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tuning: np.ndarray, truth: np.ndarray,
+                 k: int) -> list[Measurement]:
+  """Builds one in-graph variant, measures its default setting and its sweep."""
+  backend, options = _VARIANTS[variant]
+  options = dict(options)
+  options["tuning_queries"] = tuning if backend != "brute_force" else None
+  options = {key: value for key, value in options.items() if value is not None}
+  start = time.perf_counter()
+  index = base.build_index(backend, items, k=k, **options)
+  build_seconds = time.perf_counter() - start
+  breakdown = index.memory_breakdown() if hasattr(index, "memory_breakdown") else {}
+  note = ""
+  if variant == "scann":
+    config = index.config
+    note = (f"leaves {config['leaves_to_search']}/{config['num_leaves']}, reorder {config['reorder']}, "
+            f"train {config['train_seconds']:.1f}s + tune {config['build_seconds'] - config['train_seconds']:.1f}s")
+  elif variant == "partitioned":
+    note = f"probes {index.default_probes}/{index.num_partitions}; " + stock_check(index, items.shape[1], k)
+  elif breakdown:
+    note = f"rerank_candidates {index.rerank_candidates}; " + ", ".join(
+        f"{key} {value / 2**20:.1f} MiB" for key, value in breakdown.items())
+  default = measure(variant, "default", in_graph_search(index, k), queries, truth, _NUM_SINGLE.value,
+                    _BATCH_SIZE.value)
+  default.build_seconds = build_seconds
+  default.nbytes = index.nbytes()
+  default.code_bytes = breakdown.get("codes", index.nbytes())
+  default.note = note
+  results = [default]
+  if _SWEEP.value:
+    for point in sweep_points(variant, index, k):
+      setting = ", ".join(f"{key}={value}" for key, value in point.items())
+      results.append(measure(variant, setting, in_graph_search(index, k, **point), queries, truth,
+                             _NUM_SINGLE_SWEEP.value, None))
+  return results
+
+
+def run_extra(name: str, items: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) -> list[Measurement]:
+  """Builds one out-of-graph library index and measures its knob sweep."""
+  start = time.perf_counter()
+  library = extras.build(name, items, k)
+  build_seconds = time.perf_counter() - start
+  results = []
+  for i, (setting, search, batch_search) in enumerate(library.settings()):
+    single_count = _NUM_SINGLE.value if i == 0 else _NUM_SINGLE_SWEEP.value
+    measured = measure(name, setting, search, queries, truth, single_count, None, in_graph=False)
+    batched = latencies(batch_search, [queries[j:j + _BATCH_SIZE.value]
+                                       for j in range(0, queries.shape[0] - _BATCH_SIZE.value + 1, _BATCH_SIZE.value)])
+    measured.batch_qps = _BATCH_SIZE.value * 1e3 / batched.mean()
+    measured.build_seconds = build_seconds
+    measured.nbytes = library.nbytes
+    measured.code_bytes = library.nbytes
+    results.append(measured)
+  return results
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Console entry point (fgr-bench)."""
+  app.run(_main, argv=argv if argv is not None else sys.argv)
+
+
+def _main(argv: list[str]) -> None:
+  del argv
+  k = _K.value
+  started = datetime.datetime.now(datetime.timezone.utc)
+  items, queries, tuning, source = load_vectors()
+  logging.info("%s; %d evaluation and %d tuning queries", source, queries.shape[0], tuning.shape[0])
+  start = time.perf_counter()
+  truth = search_ops.exact_top_k_numpy(queries, items, k)
+  logging.info("exact NumPy reference in %.1fs", time.perf_counter() - start)
+
+  results: list[Measurement] = []
+  jobs = [("graph", v) for v in _BACKENDS.value] + [("extra", e) for e in _EXTRAS.value]
+  for kind, name in tqdm(jobs, desc="backends"):
+    if kind == "graph":
+      if name not in _VARIANTS:
+        raise app.UsageError(f"unknown backend {name!r}; choose from {sorted(_VARIANTS)}")
+      measured = run_in_graph(name, items, queries, tuning, truth, k)
+    elif not extras.available(name):
+      logging.warning("%s is not installed (pip install -e '.[bench]'); skipped", name)
+      continue
+    else:
+      measured = run_extra(name, items, queries, truth, k)
+    for m in measured:
+      logging.info("%s [%s]: recall %.4f, single %.0f QPS (p50 %.2f ms, p99 %.2f ms), batched %.0f QPS", m.name,
+                   m.setting, m.recall, m.single_qps, m.p50_ms, m.p99_ms, m.batch_qps)
+    results.extend(measured)
+
+  command = "fgr-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  context = report.Context(date=started.strftime("%Y-%m-%d %H:%M UTC"), command=command, source=source,
+                           num_items=items.shape[0], dim=items.shape[1], k=k, num_queries=queries.shape[0],
+                           batch_size=_BATCH_SIZE.value, cpus=os.cpu_count() or 0)
+  paths = report.write(results, context, _OUT_DIR.value)
+  for line in report.targets(results, context):
+    print(line)
+  print("wrote", ", ".join(paths))
+
+
+if __name__ == "__main__":
+  run()
