@@ -7,6 +7,7 @@ do not implement are declared too, so that setting one fails with a clear
 message instead of being ignored.
 """
 
+import dataclasses
 import os
 import signal
 import threading
@@ -199,44 +200,16 @@ def _session_config() -> config_pb2.ConfigProto:
 
 
 def options_from_flags() -> server_lib.Options:
-  """Builds server options from the parsed flags."""
+  """Builds server options from the parsed flags (same names, one to one)."""
   if FLAGS.rest_api_port and FLAGS.rest_api_port == FLAGS.port:
     raise app.UsageError("--rest_api_port must differ from --port")
-  return server_lib.Options(
-      host=FLAGS.host,
-      port=FLAGS.port,
-      grpc_socket_path=FLAGS.grpc_socket_path,
-      rest_api_port=FLAGS.rest_api_port,
-      rest_api_num_threads=FLAGS.rest_api_num_threads,
-      rest_api_timeout_in_ms=FLAGS.rest_api_timeout_in_ms,
-      rest_api_enable_cors_support=FLAGS.rest_api_enable_cors_support,
-      grpc_max_threads=FLAGS.grpc_max_threads,
-      grpc_channel_arguments=_channel_arguments(FLAGS.grpc_channel_arguments),
-      enable_grpc_healthcheck_service=FLAGS.enable_grpc_healthcheck_service,
-      model_name=FLAGS.model_name,
-      model_base_path=FLAGS.model_base_path,
-      model_config_file=FLAGS.model_config_file,
-      model_config_file_poll_wait_seconds=(
-          FLAGS.model_config_file_poll_wait_seconds),
-      file_system_poll_wait_seconds=FLAGS.file_system_poll_wait_seconds,
-      allow_version_labels_for_unavailable_models=(
-          FLAGS.allow_version_labels_for_unavailable_models),
-      num_load_threads=FLAGS.num_load_threads,
-      num_unload_threads=FLAGS.num_unload_threads,
-      max_num_load_retries=FLAGS.max_num_load_retries,
-      load_retry_interval_micros=FLAGS.load_retry_interval_micros,
-      saved_model_tags=FLAGS.saved_model_tags,
-      session_config=_session_config(),
-      enable_model_warmup=FLAGS.enable_model_warmup,
-      num_request_iterations_for_warmup=(
-          FLAGS.num_request_iterations_for_warmup),
-      enable_batching=FLAGS.enable_batching,
-      batching_parameters_file=FLAGS.batching_parameters_file,
-      monitoring_config_file=FLAGS.monitoring_config_file,
-      enable_signature_method_name_check=(
-          FLAGS.enable_signature_method_name_check),
-      enable_serialization_as_tensor_content=(
-          FLAGS.enable_serialization_as_tensor_content))
+  values = {field.name: FLAGS[field.name].value
+            for field in dataclasses.fields(server_lib.Options)
+            if field.name in FLAGS}
+  values["grpc_channel_arguments"] = _channel_arguments(
+      FLAGS.grpc_channel_arguments)
+  values["session_config"] = _session_config()
+  return server_lib.Options(**values)
 
 
 def load_custom_ops(enabled: bool) -> None:

@@ -88,20 +88,6 @@ def run_classify(bundle: saved_model_bundle.SavedModelBundle,
                  timeout_ms: Optional[int] = None
                  ) -> classification_pb2.ClassificationResponse:
   """Runs a ClassificationRequest on one loaded servable."""
-  name, signature = bundle.signature(request.model_spec.signature_name)
-  response = classification_pb2.ClassificationResponse()
-  try:
-    check_signature(signature)
-    examples = input_util.serialized_examples(request.input)
-    keys, fetches = output_fetches(signature)
-    feeds = {signature.inputs[input_util.INPUTS_KEY].name: examples}
-    values = bundle.runner(feeds, fetches, timeout_ms)
-    fill_result(keys, values, len(examples), response.result)
-  except Exception as e:  # Every failure names the servable and signature.
-    raise errors.from_exception(e, bundle.context(name)) from e
-  response.model_spec.name = bundle.name
-  response.model_spec.version.value = bundle.version
-  response.model_spec.signature_name = name
-  return response
-
-
+  return input_util.run_examples(
+      bundle, request, classification_pb2.ClassificationResponse(),
+      timeout_ms, check_signature, output_fetches, fill_result)

@@ -27,7 +27,6 @@ def model_metadata(bundle: saved_model_bundle.SavedModelBundle
   for key, signature in bundle.signature_defs.items():
     signature_map.signature_def[key].CopyFrom(signature)
   response = get_model_metadata_pb2.GetModelMetadataResponse()
-  response.model_spec.name = bundle.name
-  response.model_spec.version.value = bundle.version
+  bundle.fill_model_spec(response.model_spec)
   response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
   return response

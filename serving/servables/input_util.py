@@ -1,4 +1,7 @@
-"""Turns a tensorflow.serving.Input into the serialized tf.Example batch."""
+"""Feeds a tensorflow.serving.Input (tf.Examples) to classify/regress
+signatures."""
+
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
@@ -51,3 +54,39 @@ def single_string_input(signature: meta_graph_pb2.SignatureDef,
         f"Expected {kind} input Tensor of DT_STRING (serialized "
         f"tf.Examples), got {types_pb2.DataType.Name(info.dtype)}")
   return info
+
+
+# (signature) -> (output keys, tensor names) to fetch.
+OutputFetches = Callable[[meta_graph_pb2.SignatureDef],
+                         Tuple[List[str], List[str]]]
+# (output keys, values, number of examples, result message) -> None.
+FillResult = Callable[[Sequence[str], Sequence[np.ndarray], int, Any], None]
+
+
+def run_examples(bundle, request, response, timeout_ms: Optional[int],
+                 check_signature: Callable[[meta_graph_pb2.SignatureDef],
+                                           None],
+                 output_fetches: OutputFetches, fill_result: FillResult):
+  """Runs a Classify/Regress request: examples in, `response.result` out.
+
+  Args:
+    bundle: The SavedModelBundle serving the request.
+    request: A ClassificationRequest or RegressionRequest.
+    response: The matching (empty) response, filled and returned.
+    timeout_ms: Session run deadline, if any.
+    check_signature: Validates the signature for this kind of request.
+    output_fetches: Picks the outputs to fetch.
+    fill_result: Converts the fetched values into `response.result`.
+  """
+  name, signature = bundle.signature(request.model_spec.signature_name)
+  try:
+    check_signature(signature)
+    examples = serialized_examples(request.input)
+    keys, fetches = output_fetches(signature)
+    feeds = {signature.inputs[INPUTS_KEY].name: examples}
+    values = bundle.runner(feeds, fetches, timeout_ms)
+    fill_result(keys, values, len(examples), response.result)
+  except Exception as e:  # Every failure names the servable and signature.
+    raise errors.from_exception(e, bundle.context(name)) from e
+  bundle.fill_model_spec(response.model_spec, name)
+  return response

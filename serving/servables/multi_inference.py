@@ -11,6 +11,16 @@ from serving.servables import predict_util
 from serving.servables import regressor
 from serving.servables import saved_model_bundle
 
+# method_name -> (check_signature, output_fetches, fill_result).
+_METHODS = {
+    predict_util.CLASSIFY_METHOD: (classifier.check_signature,
+                                   classifier.output_fetches,
+                                   classifier.fill_result),
+    predict_util.REGRESS_METHOD: (regressor.check_signature,
+                                  regressor.output_fetches,
+                                  regressor.fill_result),
+}
+
 
 def validate_tasks(request: inference_pb2.MultiInferenceRequest) -> str:
   """Checks the tasks address one model; returns its name.
@@ -55,16 +65,12 @@ def run_multi_inference(bundle: saved_model_bundle.SavedModelBundle,
           f"{signature_name}").with_context(bundle.context(signature_name))
     signature = bundle.signature_defs[signature_name]
     try:
-      if task.method_name == predict_util.CLASSIFY_METHOD:
-        classifier.check_signature(signature)
-        keys, fetches = classifier.output_fetches(signature)
-      elif task.method_name == predict_util.REGRESS_METHOD:
-        regressor.check_signature(signature)
-        keys, fetches = [regressor.OUTPUTS_KEY], regressor.output_fetches(
-            signature)
-      else:
+      if task.method_name not in _METHODS:
         raise errors.invalid_argument(
             f"Unsupported signature method_name: {task.method_name}")
+      check_signature, output_fetches, _ = _METHODS[task.method_name]
+      check_signature(signature)
+      keys, fetches = output_fetches(signature)
       name = signature.inputs[input_util.INPUTS_KEY].name
       if input_name is not None and name != input_name:
         raise errors.invalid_argument(
@@ -88,16 +94,13 @@ def run_multi_inference(bundle: saved_model_bundle.SavedModelBundle,
     task_values = values[offset:offset + len(fetches)]
     offset += len(fetches)
     result = response.results.add()
-    result.model_spec.name = bundle.name
-    result.model_spec.version.value = bundle.version
-    result.model_spec.signature_name = signature_name
+    bundle.fill_model_spec(result.model_spec, signature_name)
+    _, _, fill_result = _METHODS[task.method_name]
+    target = (result.classification_result
+              if task.method_name == predict_util.CLASSIFY_METHOD
+              else result.regression_result)
     try:
-      if task.method_name == predict_util.CLASSIFY_METHOD:
-        classifier.fill_result(keys, task_values, len(examples),
-                               result.classification_result)
-      else:
-        regressor.fill_result(task_values[0], len(examples),
-                              result.regression_result)
+      fill_result(keys, task_values, len(examples), target)
     except errors.ServingError as e:
       raise e.with_context(bundle.context(signature_name)) from e
   return response

@@ -125,9 +125,7 @@ def run_predict(bundle: saved_model_bundle.SavedModelBundle,
   except Exception as e:  # Every failure names the servable and signature.
     raise errors.from_exception(e, bundle.context(name)) from e
   response = predict_pb2.PredictResponse()
-  response.model_spec.name = bundle.name
-  response.model_spec.version.value = bundle.version
-  response.model_spec.signature_name = name
+  bundle.fill_model_spec(response.model_spec, name)
   for alias, value in zip(aliases, values):
     response.outputs[alias].CopyFrom(tensor_util.to_tensor_proto(
         value, signature.outputs[alias].dtype, as_tensor_content))

@@ -1,6 +1,6 @@
 """Regress: feeds tf.Examples to a regress signature, reads its outputs."""
 
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
@@ -28,14 +28,18 @@ def check_signature(signature: meta_graph_pb2.SignatureDef) -> None:
         f"No regression outputs found in SignatureDef: {signature}")
 
 
-def output_fetches(signature: meta_graph_pb2.SignatureDef) -> List[str]:
-  """Returns the tensor name of a regression signature's output."""
-  return [signature.outputs[OUTPUTS_KEY].name]
+def output_fetches(signature: meta_graph_pb2.SignatureDef
+                   ) -> Tuple[List[str], List[str]]:
+  """Returns (output keys, tensor names) of a regression signature."""
+  return [OUTPUTS_KEY], [signature.outputs[OUTPUTS_KEY].name]
 
 
-def fill_result(value: np.ndarray, num_examples: int,
+def fill_result(keys: Sequence[str], values: Sequence[np.ndarray],
+                num_examples: int,
                 result: regression_pb2.RegressionResult) -> None:
   """Converts the output tensor into a RegressionResult."""
+  del keys  # A regression signature has exactly one output.
+  value = values[0]
   if not (value.ndim == 1 or (value.ndim == 2 and value.shape[1] == 1)):
     raise errors.invalid_argument(
         "Expected output Tensor shape to be either [batch_size] or "
@@ -56,17 +60,6 @@ def run_regress(bundle: saved_model_bundle.SavedModelBundle,
                 timeout_ms: Optional[int] = None
                 ) -> regression_pb2.RegressionResponse:
   """Runs a RegressionRequest on one loaded servable."""
-  name, signature = bundle.signature(request.model_spec.signature_name)
-  response = regression_pb2.RegressionResponse()
-  try:
-    check_signature(signature)
-    examples = input_util.serialized_examples(request.input)
-    feeds = {signature.inputs[input_util.INPUTS_KEY].name: examples}
-    values = bundle.runner(feeds, output_fetches(signature), timeout_ms)
-    fill_result(values[0], len(examples), response.result)
-  except Exception as e:  # Every failure names the servable and signature.
-    raise errors.from_exception(e, bundle.context(name)) from e
-  response.model_spec.name = bundle.name
-  response.model_spec.version.value = bundle.version
-  response.model_spec.signature_name = name
-  return response
+  return input_util.run_examples(
+      bundle, request, regression_pb2.RegressionResponse(), timeout_ms,
+      check_signature, output_fetches, fill_result)

@@ -75,6 +75,14 @@ class SavedModelBundle:
   def context(self, signature: Optional[str] = None) -> str:
     return servable_context(self.name, self.version, signature)
 
+  def fill_model_spec(self, model_spec, signature_name: str = "") -> None:
+    """Writes this servable's name, version and `signature_name` into a
+    response's ModelSpec."""
+    model_spec.name = self.name
+    model_spec.version.value = self.version
+    if signature_name:
+      model_spec.signature_name = signature_name
+
   def signature(self, signature_name: str):
     """Returns (resolved name, SignatureDef); empty name = serving_default.
 

@@ -7,13 +7,14 @@ import serving_testlib as lib
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory):
-  """TF1 half_plus_two (v123, with warm-up) and TF2 half_plus_two (v1, v2)."""
+  """TF1 half_plus_two (v123, warm-up), TF2 (v1, v2) and Keras (v1) ones."""
   root = tmp_path_factory.mktemp("models")
   tf1_dir = str(root / lib.TF1_MODEL / str(lib.TF1_VERSION))
   lib.write_tf1_half_plus_two(tf1_dir)
   lib.write_warmup(tf1_dir, lib.TF1_MODEL)
   lib.write_tf2_half_plus_two(str(root / lib.TF2_MODEL / "1"))
   lib.write_tf2_half_plus_two(str(root / lib.TF2_MODEL / "2"), b=3.0)
+  lib.write_keras_half_plus_two(str(root / lib.KERAS_MODEL / "1"))
   return root
 
 
@@ -37,6 +38,9 @@ model_config_list {{
     model_version_policy {{ all {{}} }}
     version_labels {{ key: "stable" value: 1 }}
     version_labels {{ key: "canary" value: 2 }}
+  }}
+  config {{
+    name: "{lib.KERAS_MODEL}" base_path: "{model_root / lib.KERAS_MODEL}"
   }}
 }}
 """)

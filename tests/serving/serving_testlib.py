@@ -22,6 +22,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 TF1_MODEL = "half_plus_two"
 TF2_MODEL = "half_plus_two_tf2"
+KERAS_MODEL = "half_plus_two_keras"
 TF1_VERSION = 123
 
 
@@ -111,6 +112,17 @@ def write_tf2_half_plus_two(export_dir: str, a: float = 0.5,
   module = _HalfPlusTwo(a, b)
   tf.saved_model.save(module, export_dir, signatures={
       "serving_default": module.serve, "echo": module.echo})
+  return export_dir
+
+
+def write_keras_half_plus_two(export_dir: str) -> str:
+  """A Keras model (Dense with kernel 0.5, bias 2) saved as a SavedModel."""
+  inputs = tf.keras.Input(shape=(1,), name="x")
+  dense = tf.keras.layers.Dense(
+      1, name="y", kernel_initializer=tf.keras.initializers.Constant(0.5),
+      bias_initializer=tf.keras.initializers.Constant(2.0))
+  model = tf.keras.Model(inputs, dense(inputs))
+  tf.saved_model.save(model, export_dir)
   return export_dir
 
 

@@ -1,6 +1,7 @@
 """The fgr-serve process: flags, port reporting and graceful SIGTERM."""
 
 import concurrent.futures
+import dataclasses
 import time
 
 from absl import app
@@ -13,6 +14,7 @@ from tensorflow_serving.apis import predict_pb2
 
 import serving_testlib as lib
 from serving.model_servers import main
+from serving.model_servers import server as server_lib
 
 
 def test_unsupported_tf_serving_flag_fails_clearly():
@@ -64,3 +66,8 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         request, timeout=5)
   assert info.value.code() == grpc.StatusCode.UNAVAILABLE
   channel.close()
+
+
+def test_every_option_has_its_tf_serving_flag():
+  names = {f.name for f in dataclasses.fields(server_lib.Options)}
+  assert names - set(main.FLAGS) == {"session_config"}

@@ -13,7 +13,7 @@ from tensorflow_serving.apis import inference_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import regression_pb2
 
-from serving_testlib import TF1_MODEL, TF1_VERSION, TF2_MODEL
+from serving_testlib import KERAS_MODEL, TF1_MODEL, TF1_VERSION, TF2_MODEL
 
 State = get_model_status_pb2.ModelVersionStatus.State
 
@@ -64,6 +64,13 @@ def test_predict_tf2_latest_specific_and_label(server):
   stable = server.predict.Predict(
       _predict_request(TF2_MODEL, x=[2.0], label="stable"), timeout=30)
   assert stable.model_spec.version.value == 1
+
+
+def test_predict_keras(server):
+  request = _predict_request(KERAS_MODEL, x=[[2.0], [4.0]])
+  response = server.predict.Predict(request, timeout=30)
+  (alias,) = response.outputs
+  assert tf.make_ndarray(response.outputs[alias]).tolist() == [[3.0], [4.0]]
 
 
 def test_predict_output_filter(server):

@@ -4,6 +4,7 @@ import os
 import shutil
 import threading
 
+from google.protobuf import text_format
 import grpc
 import pytest
 import tensorflow as tf
@@ -15,6 +16,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 import serving_testlib as lib
 from serving import errors
+from serving.core import file_system_source
 from serving.core import loader
 from serving.servables import warmup
 
@@ -176,3 +178,18 @@ def test_warmup_replays_and_limits(tmp_path):
   with pytest.raises(errors.ServingError) as info:
     loader.load_once("m", 1, path, loader.LoaderOptions())
   assert "exceeds the maximum (1000)" in info.value.message
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("", {3}),
+    ("latest { num_versions: 2 }", {2, 3}),
+    ("all {}", {1, 2, 3}),
+    ("specific { versions: 1 versions: 5 }", {1}),
+])
+def test_version_policies(policy, expected):
+  config = text_format.Parse(
+      f"name: 'm' base_path: '/x' model_version_policy {{ {policy} }}"
+      if policy else "name: 'm' base_path: '/x'",
+      model_server_config_pb2.ModelConfig())
+  on_disk = {1: "/x/1", 2: "/x/2", 3: "/x/3"}
+  assert file_system_source.aspired_versions(on_disk, config) == expected
