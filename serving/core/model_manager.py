@@ -107,6 +107,11 @@ class ModelManager:
     return file_system_source.version_mtime(path) != entry.mtime
 
   def _load(self, entry: _Version) -> None:
+    if self._stopped.is_set():  # Queued before a stop: don't load at all.
+      with self._cond:
+        entry.state = State.END
+        self._cond.notify_all()
+      return
     try:
       bundle = loader.load_with_retries(self.name, entry.version, entry.path,
                                         self._loader_options, self._stopped)

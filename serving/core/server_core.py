@@ -281,5 +281,6 @@ class ServerCore:
       manager.stop()
     for manager in managers:
       manager.wait_until_unloaded(timeout)
-    self._load_pool.shutdown(wait=False, cancel_futures=True)
-    self._unload_pool.shutdown(wait=False, cancel_futures=True)
+    # Queued loads still run, but return at once once their manager stopped.
+    self._load_pool.shutdown(wait=False)
+    self._unload_pool.shutdown(wait=False)

@@ -223,8 +223,8 @@ def load_custom_ops(enabled: bool) -> None:
     logging.info("scann is not installed; SavedModels using Scann>... ops "
                  "will fail to load")
   else:
-    logging.info("Imported scann %s: Scann>... ops are registered",
-                 getattr(scann, "__version__", ""))
+    logging.info("Imported scann from %s: Scann>... ops are registered",
+                 os.path.dirname(scann.__file__))
 
 
 def _write_port_file(path: str, server: server_lib.Server) -> None:

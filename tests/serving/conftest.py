@@ -7,7 +7,7 @@ import serving_testlib as lib
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory):
-  """TF1 half_plus_two (v123, warm-up), TF2 (v1, v2) and Keras (v1) ones."""
+  """half_plus_two as TF1 (v123, warm-up), TF2 (v1, v2), Keras; a ScaNN model."""
   root = tmp_path_factory.mktemp("models")
   tf1_dir = str(root / lib.TF1_MODEL / str(lib.TF1_VERSION))
   lib.write_tf1_half_plus_two(tf1_dir)
@@ -15,6 +15,7 @@ def model_root(tmp_path_factory):
   lib.write_tf2_half_plus_two(str(root / lib.TF2_MODEL / "1"))
   lib.write_tf2_half_plus_two(str(root / lib.TF2_MODEL / "2"), b=3.0)
   lib.write_keras_half_plus_two(str(root / lib.KERAS_MODEL / "1"))
+  lib.write_scann_model(str(root / lib.SCANN_MODEL / "1"), lib.SCANN_DATABASE)
   return root
 
 
@@ -41,6 +42,9 @@ model_config_list {{
   }}
   config {{
     name: "{lib.KERAS_MODEL}" base_path: "{model_root / lib.KERAS_MODEL}"
+  }}
+  config {{
+    name: "{lib.SCANN_MODEL}" base_path: "{model_root / lib.SCANN_MODEL}"
   }}
 }}
 """)

@@ -12,6 +12,7 @@ import sys
 import time
 
 import grpc
+import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
@@ -23,6 +24,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 TF1_MODEL = "half_plus_two"
 TF2_MODEL = "half_plus_two_tf2"
 KERAS_MODEL = "half_plus_two_keras"
+SCANN_MODEL = "scann_search"
+SCANN_DATABASE = np.random.default_rng(0).normal(size=(200, 8)).astype("f4")
 TF1_VERSION = 123
 
 
@@ -123,6 +126,35 @@ def write_keras_half_plus_two(export_dir: str) -> str:
       bias_initializer=tf.keras.initializers.Constant(2.0))
   model = tf.keras.Model(inputs, dense(inputs))
   tf.saved_model.save(model, export_dir)
+  return export_dir
+
+
+class _ScannSearch(tf.Module):
+  """Brute-force ScaNN top-5 by dot product, its index saved as variables."""
+
+  def __init__(self, database):
+    super().__init__()
+    from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+    self._ops = scann_ops
+    self.state = scann_ops.builder(database, 5, "dot_product").score_brute_force(
+    ).build().serialize_to_module()
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32, name="q")])
+  def serve(self, q):
+    s = self.state
+    handle = self._ops.tensors_to_scann(
+        s.dataset, s.scann_config, s.serialized_partitioner,
+        s.datapoint_to_token, s.ah_codebook, s.hashed_dataset, s.int8_dataset,
+        s.int8_multipliers, s.dp_norms)
+    ids, scores = self._ops.scann_search_batched(handle, q, 5, -1, -1, False)
+    return {"ids": ids, "scores": scores}
+
+
+def write_scann_model(export_dir: str, database) -> str:
+  """A SavedModel whose graph uses Scann>... ops (stock TF Serving fails)."""
+  module = _ScannSearch(database)
+  tf.saved_model.save(module, export_dir,
+                      signatures={"serving_default": module.serve})
   return export_dir
 
 

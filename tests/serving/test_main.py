@@ -40,7 +40,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   params = tmp_path / "batching.config"
   params.write_text("max_batch_size { value: 64 } "
-                    "batch_timeout_micros { value: 2000000 }")
+                    "batch_timeout_micros { value: 3000000 }")
   proc = lib.ServerProcess([
       "--model_name=m", f"--model_base_path={tmp_path / 'm'}",
       "--enable_batching", f"--batching_parameters_file={params}"],
@@ -55,16 +55,19 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
   proc.model.GetModelStatus(status, timeout=30)  # Connect before timing.
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     in_flight = pool.submit(proc.predict.Predict, request, timeout=30)
-    time.sleep(0.5)  # The request now waits for its batch to time out.
+    time.sleep(1.0)  # The request now waits for its batch to time out.
     proc.process.send_signal(15)
     response = in_flight.result(timeout=30)
   assert response.outputs["y"].float_val == [3.0]
-  assert proc.terminate() == 0
+  code = proc.terminate()
+  assert code == 0, proc.stderr()[-3000:]
   channel = grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}")
   with pytest.raises(grpc.RpcError) as info:
     lib.prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
         request, timeout=5)
-  assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+  # Nothing listens any more (a loaded machine may time out first).
+  assert info.value.code() in (grpc.StatusCode.UNAVAILABLE,
+                               grpc.StatusCode.DEADLINE_EXCEEDED)
   channel.close()
 
 

@@ -13,6 +13,7 @@ from tensorflow_serving.apis import inference_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import regression_pb2
 
+import serving_testlib as lib
 from serving_testlib import KERAS_MODEL, TF1_MODEL, TF1_VERSION, TF2_MODEL
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -71,6 +72,18 @@ def test_predict_keras(server):
   response = server.predict.Predict(request, timeout=30)
   (alias,) = response.outputs
   assert tf.make_ndarray(response.outputs[alias]).tolist() == [[3.0], [4.0]]
+
+
+def test_predict_scann_ops(server):
+  """The server imports scann, so Scann>... ops in a SavedModel load."""
+  queries = lib.SCANN_DATABASE[:3] + 0.1
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = lib.SCANN_MODEL
+  request.inputs["q"].CopyFrom(tf.make_tensor_proto(queries))
+  response = server.predict.Predict(request, timeout=30)
+  expected = np.argsort(-queries @ lib.SCANN_DATABASE.T, axis=1)[:, :5]
+  np.testing.assert_array_equal(tf.make_ndarray(response.outputs["ids"]),
+                                expected)
 
 
 def test_predict_output_filter(server):
