@@ -1,0 +1,173 @@
+"""Throughput of fgr-serve with server-side batching off and on.
+
+  python -m bench.serving_batching --clients=32 --seconds=15
+
+Exports a small MLP SavedModel (x [N, 256] -> 1024 -> 256), then for each
+mode starts `python -m serving.model_servers.main` in a subprocess and drives
+it with `--clients` concurrent gRPC Predict callers (one row per request),
+reporting requests/s, failures and latency percentiles.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Sequence
+
+from absl import app
+from absl import flags
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+_CLIENTS = flags.DEFINE_integer("clients", 32, "Concurrent client threads.")
+_SECONDS = flags.DEFINE_float("seconds", 15.0, "Measured seconds per mode.")
+_WARMUP = flags.DEFINE_float("warmup_seconds", 3.0, "Unmeasured lead-in.")
+_DIM = flags.DEFINE_integer("dim", 256, "Input/output width of the MLP.")
+_HIDDEN = flags.DEFINE_integer("hidden", 1024, "Hidden width of the MLP.")
+_BATCHING = flags.DEFINE_string(
+    "batching_parameters",
+    "max_batch_size { value: 32 } batch_timeout_micros { value: 2000 } "
+    "num_batch_threads { value: 2 } max_enqueued_batches { value: 100 }",
+    "Text BatchingParameters for the batching-on run.")
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Mlp(tf.Module):
+
+  def __init__(self, dim: int, hidden: int):
+    super().__init__()
+    rng = np.random.default_rng(0)
+    self.w1 = tf.Variable(rng.normal(0, 0.05, (dim, hidden)).astype("f4"))
+    self.w2 = tf.Variable(rng.normal(0, 0.05, (hidden, dim)).astype("f4"))
+
+  @tf.function
+  def serve(self, x):
+    return {"y": tf.matmul(tf.nn.relu(tf.matmul(x, self.w1)), self.w2)}
+
+
+def export_mlp(base: str, dim: int, hidden: int, version: int = 1) -> None:
+  """Exports the MLP as `<base>/<version>` (written aside, then renamed in)."""
+  module = _Mlp(dim, hidden)
+  signature = module.serve.get_concrete_function(
+      tf.TensorSpec([None, dim], tf.float32, name="x"))
+  staging = os.path.join(os.path.dirname(base), f".staging-{version}")
+  tf.saved_model.save(module, staging,
+                      signatures={"serving_default": signature})
+  os.makedirs(base, exist_ok=True)
+  os.rename(staging, os.path.join(base, str(version)))
+
+
+def start_server(base: str, workdir: str, batching: bool,
+                 extra_args: Sequence[str] = ()):
+  """Starts fgr-serve on `base`; returns (process, gRPC port)."""
+  port_file = os.path.join(workdir, f"ports-{batching}")
+  args = [sys.executable, "-m", "serving.model_servers.main", "--port=0",
+          f"--port_file={port_file}", "--model_name=mlp",
+          f"--model_base_path={base}", "--grpc_max_threads=64"] + list(
+              extra_args)
+  if batching:
+    params = os.path.join(workdir, "batching.config")
+    with open(params, "w") as f:
+      f.write(_BATCHING.value)
+    args += ["--enable_batching", f"--batching_parameters_file={params}"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  log = open(os.path.join(workdir, f"server-{batching}.log"), "wb")
+  process = subprocess.Popen(args, cwd=_REPO, env=env, stdout=log,
+                             stderr=log)
+  deadline = time.time() + 120
+  while not os.path.exists(port_file):
+    if process.poll() is not None or time.time() > deadline:
+      raise RuntimeError("server failed to start; see " + log.name)
+    time.sleep(0.1)
+  with open(port_file) as f:
+    port = int(dict(line.split("=") for line in f.read().split())["grpc"])
+  return process, port
+
+
+def predict_request(dim: int) -> predict_pb2.PredictRequest:
+  """One-row Predict request for the MLP."""
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = "mlp"
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto(
+      np.random.default_rng(1).normal(size=(1, dim)).astype("f4")))
+  return request
+
+
+def _drive(port: int, clients: int, warmup: float, seconds: float,
+           dim: int) -> Dict[str, float]:
+  request = predict_request(dim)
+  channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
+  stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c)
+           for c in channels]
+  start = time.monotonic()
+  measure_from, measure_to = start + warmup, start + warmup + seconds
+  latencies: List[List[float]] = [[] for _ in range(clients)]
+  failures = [0] * clients
+
+  def client(i: int) -> None:
+    stub = stubs[i % len(stubs)]
+    while True:
+      t0 = time.monotonic()
+      if t0 >= measure_to:
+        return
+      try:
+        stub.Predict(request, timeout=30)
+        ok = True
+      except grpc.RpcError:
+        ok = False
+      t1 = time.monotonic()
+      if t0 >= measure_from:
+        if ok:
+          latencies[i].append(t1 - t0)
+        else:
+          failures[i] += 1
+
+  threads = [threading.Thread(target=client, args=(i,))
+             for i in range(clients)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  for c in channels:
+    c.close()
+  all_latencies = np.array([x for per in latencies for x in per])
+  return {
+      "qps": len(all_latencies) / seconds,
+      "failures": float(sum(failures)),
+      "p50_ms": float(np.percentile(all_latencies, 50) * 1e3),
+      "p99_ms": float(np.percentile(all_latencies, 99) * 1e3),
+  }
+
+
+def main(argv):
+  del argv
+  with tempfile.TemporaryDirectory() as workdir:
+    base = os.path.join(workdir, "mlp")
+    export_mlp(base, _DIM.value, _HIDDEN.value)
+    results = {}
+    for batching in (False, True):
+      process, port = start_server(base, workdir, batching)
+      try:
+        results[batching] = _drive(port, _CLIENTS.value, _WARMUP.value,
+                                   _SECONDS.value, _DIM.value)
+      finally:
+        process.terminate()
+        process.wait(60)
+  print(f"MLP {_DIM.value}->{_HIDDEN.value}->{_DIM.value}, one row per "
+        f"request, {_CLIENTS.value} concurrent gRPC clients, "
+        f"{_SECONDS.value:.0f} s per mode")
+  print("| batching | requests/s | failed | p50 ms | p99 ms |")
+  print("|---|---|---|---|---|")
+  for batching, r in results.items():
+    print(f"| {'on' if batching else 'off'} | {r['qps']:.0f} | "
+          f"{r['failures']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
