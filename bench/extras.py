@@ -22,7 +22,10 @@ def available(name: str) -> bool:
 
 
 class Library:
-  """A built library index: its size and a sweep of (setting, single search, batched search)."""
+  """A built library index: its size and a sweep of (setting, single search, batched search).
+
+  Each search function applies its own setting on every call, so settings can be timed interleaved.
+  """
 
   nbytes: int = 0
 
@@ -47,13 +50,16 @@ class Hnswlib(Library):
       self._index.save_index(path)
       self.nbytes = os.path.getsize(path)
 
+  def _search(self, ef: int, threads: int) -> Search:
+    def search(queries: np.ndarray) -> np.ndarray:
+      self._index.set_ef(ef)
+      return self._index.knn_query(queries, k=self._k, num_threads=threads)[0]
+    return search
+
   def settings(self) -> Iterator[tuple[str, Search, Search]]:
     for ef in (100, 120, 150, 200, 300, 400, 600):
-      if ef < self._k:
-        continue
-      self._index.set_ef(ef)
-      yield (f"ef={ef}", lambda q: self._index.knn_query(q, k=self._k, num_threads=1)[0],
-             lambda q: self._index.knn_query(q, k=self._k, num_threads=-1)[0])
+      if ef >= self._k:
+        yield f"ef={ef}", self._search(ef, 1), self._search(ef, -1)
 
 
 class Faiss(Library):
@@ -69,17 +75,18 @@ class Faiss(Library):
     self._index.add(items)
     self.nbytes = int(faiss.serialize_index(self._index).nbytes)
 
-  def _search(self, threads: int) -> Search:
+  def _search(self, knob: str, threads: int) -> Search:
+    space = self._faiss.ParameterSpace()
+
     def search(queries: np.ndarray) -> np.ndarray:
+      space.set_index_parameters(self._index, knob)
       self._faiss.omp_set_num_threads(threads)
       return self._index.search(np.ascontiguousarray(queries), self._k)[1]
     return search
 
   def settings(self) -> Iterator[tuple[str, Search, Search]]:
-    space = self._faiss.ParameterSpace()
     for knob in self._knobs:
-      space.set_index_parameters(self._index, knob)
-      yield knob, self._search(1), self._search(os.cpu_count() or 1)
+      yield knob, self._search(knob, 1), self._search(knob, os.cpu_count() or 1)
 
 
 def build(name: str, items: np.ndarray, k: int) -> Library:

@@ -48,6 +48,7 @@ _NUM_TUNING_QUERIES = flags.DEFINE_integer("num_tuning_queries", 200,
 _NUM_SINGLE = flags.DEFINE_integer("num_single", 300, "Queries sent one at a time for single-query QPS/latency.")
 _NUM_SINGLE_SWEEP = flags.DEFINE_integer("num_single_sweep", 150, "Single queries per sweep point.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Queries per call for batched QPS.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds of single-query timing across all backends.")
 _BACKENDS = flags.DEFINE_list(
     "backends", ["brute_force", "brute_force_xla", "brute_force_bf16", "scann", "int8", "binary", "binary_random",
                  "partitioned"], "In-graph backends (variants of the registry's backends) to measure.")
@@ -113,9 +114,10 @@ def load_vectors() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
   return items, queries[_NUM_TUNING_QUERIES.value:needed], queries[:_NUM_TUNING_QUERIES.value], source
 
 
-def latencies(call: Callable[[np.ndarray], Any], batches: list[np.ndarray]) -> np.ndarray:
-  """Wall time in ms of each call, after one warm-up call."""
-  call(batches[0])
+def latencies(call: Callable[[np.ndarray], Any], batches: list[np.ndarray], warm_up: bool = True) -> np.ndarray:
+  """Wall time in ms of each call (after one warm-up call unless told otherwise)."""
+  if warm_up:
+    call(batches[0])
   out = np.empty(len(batches))
   for i, batch in enumerate(batches):
     start = time.perf_counter()
@@ -124,22 +126,52 @@ def latencies(call: Callable[[np.ndarray], Any], batches: list[np.ndarray]) -> n
   return out
 
 
-def measure(name: str, setting: str, search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
-            truth: np.ndarray, num_single: int, batch_size: int | None, in_graph: bool = True) -> Measurement:
-  """Recall over all queries (batched), single-query QPS/p50/p99 and, if batch_size, batched QPS."""
-  batch = batch_size or 256
+@dataclasses.dataclass
+class Candidate:
+  """One setting to time: its measurement so far and its single-query search."""
+
+  measurement: Measurement
+  search: Callable[[np.ndarray], np.ndarray]
+  num_single: int
+
+
+def evaluate(name: str, setting: str, search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
+             truth: np.ndarray, batch_search: Callable[[np.ndarray], np.ndarray] | None = None,
+             in_graph: bool = True) -> Measurement:
+  """Recall over every query (batched); with `batch_search`, also batched QPS and latency."""
+  batch = _BATCH_SIZE.value
   found = np.concatenate([search(queries[i:i + batch]) for i in range(0, queries.shape[0], batch)])
-  recall = search_ops.recall_at_k(found, truth)
-  single = latencies(search, [queries[i:i + 1] for i in range(min(num_single, queries.shape[0]))])
-  result = Measurement(name, setting, recall, 1e3 / single.mean(), float(np.percentile(single, 50)),
-                       float(np.percentile(single, 99)), in_graph=in_graph)
-  if batch_size:
-    batched = latencies(search, [queries[i:i + batch_size] for i in range(0, queries.shape[0] - batch_size + 1,
-                                                                           batch_size)])
-    result.batch_qps = batch_size * 1e3 / batched.mean()
+  result = Measurement(name, setting, search_ops.recall_at_k(found, truth), float("nan"), float("nan"),
+                       float("nan"), in_graph=in_graph)
+  if batch_search is not None:
+    batched = latencies(batch_search, [queries[i:i + batch] for i in range(0, queries.shape[0] - batch + 1, batch)])
+    result.batch_qps = batch * 1e3 / batched.mean()
     result.batch_p50_ms = float(np.percentile(batched, 50))
     result.batch_p99_ms = float(np.percentile(batched, 99))
   return result
+
+
+def time_single_queries(candidates: list[Candidate], queries: np.ndarray, rounds: int) -> None:
+  """Single-query QPS, p50 and p99 of every candidate, interleaved over `rounds` rounds.
+
+  The machine is shared, so load drifts: each round times a slice of queries on every candidate in
+  turn, and all candidates see the same drift, which keeps their ratios fair.
+  """
+  for candidate in candidates:
+    candidate.search(queries[:1])  # Warm up (trace) outside the timed rounds.
+  times: list[list[np.ndarray]] = [[] for _ in candidates]
+  for r in tqdm(range(rounds), desc="single-query rounds"):
+    for i, candidate in enumerate(candidates):
+      per_round = max(1, candidate.num_single // rounds)
+      start = (r * per_round) % max(1, queries.shape[0] - per_round)
+      times[i].append(latencies(candidate.search, [queries[j:j + 1] for j in range(start, start + per_round)],
+                                warm_up=False))
+  for candidate, parts in zip(candidates, times):
+    all_times = np.concatenate(parts)
+    m = candidate.measurement
+    m.single_qps = 1e3 / all_times.mean()
+    m.p50_ms = float(np.percentile(all_times, 50))
+    m.p99_ms = float(np.percentile(all_times, 99))
 
 
 def in_graph_search(index: base.Index, k: int, **options: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -186,13 +218,13 @@ def stock_check(index: base.Index, dim: int, k: int) -> str:
           else f"stock load FAILED: {result}")
 
 
-def run_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tuning: np.ndarray, truth: np.ndarray,
-                 k: int) -> list[Measurement]:
-  """Builds one in-graph variant, measures its default setting and its sweep."""
+def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tuning: np.ndarray, truth: np.ndarray,
+                     k: int) -> list[Candidate]:
+  """Builds one in-graph variant; measures recall (every setting) and batched QPS (default)."""
   backend, options = _VARIANTS[variant]
   options = dict(options)
-  options["tuning_queries"] = tuning if backend != "brute_force" else None
-  options = {key: value for key, value in options.items() if value is not None}
+  if backend != "brute_force":
+    options["tuning_queries"] = tuning
   start = time.perf_counter()
   index = base.build_index(backend, items, k=k, **options)
   build_seconds = time.perf_counter() - start
@@ -207,38 +239,36 @@ def run_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tuning: n
   elif breakdown:
     note = f"rerank_candidates {index.rerank_candidates}; " + ", ".join(
         f"{key} {value / 2**20:.1f} MiB" for key, value in breakdown.items())
-  default = measure(variant, "default", in_graph_search(index, k), queries, truth, _NUM_SINGLE.value,
-                    _BATCH_SIZE.value)
+  search = in_graph_search(index, k)
+  default = evaluate(variant, "default", search, queries, truth, batch_search=search)
   default.build_seconds = build_seconds
   default.nbytes = index.nbytes()
   default.code_bytes = breakdown.get("codes", index.nbytes())
   default.note = note
-  results = [default]
+  candidates = [Candidate(default, search, _NUM_SINGLE.value)]
   if _SWEEP.value:
     for point in sweep_points(variant, index, k):
       setting = ", ".join(f"{key}={value}" for key, value in point.items())
-      results.append(measure(variant, setting, in_graph_search(index, k, **point), queries, truth,
-                             _NUM_SINGLE_SWEEP.value, None))
-  return results
+      point_search = in_graph_search(index, k, **point)
+      candidates.append(Candidate(evaluate(variant, setting, point_search, queries, truth), point_search,
+                                  _NUM_SINGLE_SWEEP.value))
+  return candidates
 
 
-def run_extra(name: str, items: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) -> list[Measurement]:
-  """Builds one out-of-graph library index and measures its knob sweep."""
+def prepare_extra(name: str, items: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) -> list[Candidate]:
+  """Builds one out-of-graph library index; measures recall and batched QPS of its knob sweep."""
   start = time.perf_counter()
   library = extras.build(name, items, k)
   build_seconds = time.perf_counter() - start
-  results = []
+  candidates = []
   for i, (setting, search, batch_search) in enumerate(library.settings()):
-    single_count = _NUM_SINGLE.value if i == 0 else _NUM_SINGLE_SWEEP.value
-    measured = measure(name, setting, search, queries, truth, single_count, None, in_graph=False)
-    batched = latencies(batch_search, [queries[j:j + _BATCH_SIZE.value]
-                                       for j in range(0, queries.shape[0] - _BATCH_SIZE.value + 1, _BATCH_SIZE.value)])
-    measured.batch_qps = _BATCH_SIZE.value * 1e3 / batched.mean()
+    measured = evaluate(name, setting, batch_search, queries, truth, batch_search=batch_search, in_graph=False)
     measured.build_seconds = build_seconds
-    measured.nbytes = library.nbytes
-    measured.code_bytes = library.nbytes
-    results.append(measured)
-  return results
+    measured.nbytes = measured.code_bytes = library.nbytes
+    candidates.append(Candidate(measured, search, _NUM_SINGLE.value if i == 0 else _NUM_SINGLE_SWEEP.value))
+    if not _SWEEP.value:
+      break
+  return candidates
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -256,22 +286,28 @@ def _main(argv: list[str]) -> None:
   truth = search_ops.exact_top_k_numpy(queries, items, k)
   logging.info("exact NumPy reference in %.1fs", time.perf_counter() - start)
 
-  results: list[Measurement] = []
+  unknown = set(_BACKENDS.value) - set(_VARIANTS)
+  if unknown:
+    raise app.UsageError(f"unknown backends {sorted(unknown)}; choose from {sorted(_VARIANTS)}")
+  candidates: list[Candidate] = []
   jobs = [("graph", v) for v in _BACKENDS.value] + [("extra", e) for e in _EXTRAS.value]
-  for kind, name in tqdm(jobs, desc="backends"):
+  for kind, name in tqdm(jobs, desc="build + recall"):
     if kind == "graph":
-      if name not in _VARIANTS:
-        raise app.UsageError(f"unknown backend {name!r}; choose from {sorted(_VARIANTS)}")
-      measured = run_in_graph(name, items, queries, tuning, truth, k)
+      prepared = prepare_in_graph(name, items, queries, tuning, truth, k)
     elif not extras.available(name):
       logging.warning("%s is not installed (pip install -e '.[bench]'); skipped", name)
       continue
     else:
-      measured = run_extra(name, items, queries, truth, k)
-    for m in measured:
-      logging.info("%s [%s]: recall %.4f, single %.0f QPS (p50 %.2f ms, p99 %.2f ms), batched %.0f QPS", m.name,
-                   m.setting, m.recall, m.single_qps, m.p50_ms, m.p99_ms, m.batch_qps)
-    results.extend(measured)
+      prepared = prepare_extra(name, items, queries, truth, k)
+    for c in prepared:
+      logging.info("%s [%s]: recall %.4f, batched %.0f QPS, built in %.1fs", c.measurement.name,
+                   c.measurement.setting, c.measurement.recall, c.measurement.batch_qps, c.measurement.build_seconds)
+    candidates.extend(prepared)
+  time_single_queries(candidates, queries, _ROUNDS.value)
+  results = [c.measurement for c in candidates]
+  for m in results:
+    logging.info("%s [%s]: recall %.4f, single %.0f QPS (p50 %.2f ms, p99 %.2f ms)", m.name, m.setting, m.recall,
+                 m.single_qps, m.p50_ms, m.p99_ms)
 
   command = "fgr-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   context = report.Context(date=started.strftime("%Y-%m-%d %H:%M UTC"), command=command, source=source,

@@ -123,8 +123,12 @@ def targets(results: Sequence[Any], context: Context) -> list[str]:
             f"{name}: codes are 1/{ratio:.2f} of float32 (target 1/{fraction}; with the float32 rerank vectors the "
             f"index is {r.nbytes / float_bytes:.2f}x float32), recall@{context.k} {r.recall:.4f} (target >= {recall})")
   if "binary" in by_name and "binary_random" in by_name:
-    lines.append(f"  - learned vs random-hyperplane codes at the same rerank budget: recall "
-                 f"{by_name['binary'].recall:.4f} vs {by_name['binary_random'].recall:.4f}")
+    random_points = {r.setting: r for r in results if r.name == "binary_random" and r.setting != "default"}
+    pairs = [(r.setting, r.recall, random_points[r.setting].recall) for r in results
+             if r.name == "binary" and r.setting in random_points]
+    if pairs:
+      lines.append("  - learned vs random-hyperplane codes at the same rerank budget: " + "; ".join(
+          f"{setting}: {learned:.4f} vs {random:.4f}" for setting, learned, random in pairs))
   if "partitioned" in by_name:
     r = by_name["partitioned"]
     check(r.recall >= 0.95 and "FAILED" not in r.note,
