@@ -1,0 +1,34 @@
+"""fgr-bench end to end on a tiny catalog, and the benchmarks.md section replacement."""
+
+import os
+
+from absl import flags
+from absl.testing import flagsaver
+
+from bench import index_bench
+from bench import report
+
+
+def test_replace_section_keeps_other_sections():
+  document = "# Benchmarks\n\n## Training\n\nfast\n\n## Index backends\n\nold\n\n## Serving\n\nslow\n"
+  updated = report.replace_section(document, "## Index backends\n\nnew\n")
+  assert updated == "# Benchmarks\n\n## Training\n\nfast\n\n## Index backends\n\nnew\n\n## Serving\n\nslow\n"
+  assert report.replace_section("", "## Index backends\n\nx\n") == "# Benchmarks\n\n## Index backends\n\nx\n"
+  appended = report.replace_section("# Benchmarks\n\n## Training\n\nfast\n", "## Index backends\n\nx\n")
+  assert appended.endswith("fast\n\n## Index backends\n\nx\n")
+
+
+def test_bench_writes_report_plot_and_section(tmp_path):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["fgr-bench"])
+  with open(tmp_path / "benchmarks.md", "w") as f:
+    f.write("# Benchmarks\n\n## Serving\n\nkeep me\n")
+  with flagsaver.flagsaver(num_items=3000, dim=16, k=10, num_queries=64, num_tuning_queries=32, num_single=8,
+                           num_single_sweep=4, batch_size=16, backends=["brute_force", "partitioned", "int8"],
+                           extras=[], sweep=True, out_dir=str(tmp_path)):
+    index_bench._main([])  # pylint: disable=protected-access
+  section = (tmp_path / "benchmarks.md").read_text()
+  assert "keep me" in section and "## Index backends" in section and "| partitioned | yes |" in section
+  assert "loads and runs in a fresh process without ScaNN" in section
+  assert os.path.getsize(tmp_path / report.PLOT_NAME) > 10_000
+  assert "probes=" in (tmp_path / report.REPORT_NAME).read_text()
