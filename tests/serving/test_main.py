@@ -13,6 +13,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import predict_pb2
 
 import serving_testlib as lib
+from serving import errors
 from serving.model_servers import main
 from serving.model_servers import server as server_lib
 
@@ -74,3 +75,32 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
 def test_every_option_has_its_tf_serving_flag():
   names = {f.name for f in dataclasses.fields(server_lib.Options)}
   assert names - set(main.FLAGS) == {"session_config"}
+
+
+@pytest.mark.parametrize("config_text, message", [
+    ("model_config_list { config { name: 'm' ", "Failed to read "
+     "ModelServerConfig"),
+    ("model_config_list { config { name: 'm' base_path: '/x' } "
+     "config { name: 'm' base_path: '/y' } }",
+     "Illegal to list model m multiple times"),
+    ("model_config_list { config { name: 'm' base_path: '/x' "
+     "model_platform: 'pytorch' } }", "requests unsupported platform pytorch"),
+])
+def test_bad_model_config_fails_start(tmp_path, config_text, message):
+  config = tmp_path / "models.config"
+  config.write_text(config_text)
+  server = server_lib.Server(server_lib.Options(
+      port=0, model_config_file=str(config)))
+  with pytest.raises(errors.ServingError, match=message):
+    server.start()
+  server.stop(grace_seconds=0)
+
+
+def test_model_failing_at_start_up_fails_start(tmp_path):
+  lib.write_broken(str(tmp_path / "m" / "1"))
+  server = server_lib.Server(server_lib.Options(
+      port=0, model_name="m", model_base_path=str(tmp_path / "m"),
+      max_num_load_retries=1, load_retry_interval_micros=10000))
+  with pytest.raises(errors.ServingError, match="model: m, version: 1"):
+    server.start()
+  server.stop(grace_seconds=0)
