@@ -1,0 +1,1 @@
+"""fgr-loadtest: an open- and closed-loop gRPC load generator for TF Serving-compatible endpoints."""

@@ -1,0 +1,101 @@
+"""Where load-test requests come from: recorded files or held-out synthetic queries.
+
+Recorded requests are a TFRecord of serialised `PredictRequest`s (or of `PredictionLog`s, the format of
+TF Serving's warm-up file `assets.extra/tf_serving_warmup_requests`), or JSONL with one feature dict per
+line (feature name to a string or a list of strings, as `fgr-query --requests_file` reads). Synthetic
+requests are held-out query features from the project's synthetic search-ads generator.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+
+def features_request(features: dict[str, Any]) -> predict_pb2.PredictRequest:
+  """A batch-of-one PredictRequest: a scalar becomes a [1] tensor, a list a [1, n] tensor."""
+  request = predict_pb2.PredictRequest()
+  for name, value in features.items():
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray([value], dtype=object).astype(bytes)))
+  return request
+
+
+def batch_requests(features: dict[str, np.ndarray], count: int | None = None) -> list[predict_pb2.PredictRequest]:
+  """One batch-of-one request per row of a dict of feature arrays (all with the same first dimension)."""
+  rows = len(next(iter(features.values())))
+  return [features_request({name: values[i] for name, values in features.items()})
+          for i in range(rows if count is None else min(rows, count))]
+
+
+def _parse_record(record: bytes) -> predict_pb2.PredictRequest:
+  """A TFRecord entry as a PredictRequest, whether it holds a PredictionLog or a bare PredictRequest."""
+  log = prediction_log_pb2.PredictionLog()
+  try:
+    log.ParseFromString(record)
+    if log.HasField("predict_log") and log.predict_log.request.inputs:
+      return log.predict_log.request
+  except Exception:  # pylint: disable=broad-except  # Not a PredictionLog: try the bare request below.
+    pass
+  request = predict_pb2.PredictRequest()
+  request.ParseFromString(record)
+  if not request.inputs:
+    raise ValueError("a TFRecord entry is neither a PredictionLog with a Predict request nor a PredictRequest")
+  return request
+
+
+def read_requests_file(path: str, limit: int | None = None) -> list[predict_pb2.PredictRequest]:
+  """Reads recorded requests: `.jsonl`/`.json` as feature dicts, anything else as TFRecord."""
+  if path.endswith((".jsonl", ".json")):
+    with open(path, encoding="utf-8") as f:
+      records: Iterable[Any] = [json.loads(line) for line in f if line.strip()]
+    requests = [features_request(features) for features in records]
+  else:
+    requests = [_parse_record(record.numpy()) for record in tf.data.TFRecordDataset(path)]
+  requests = requests[:limit] if limit else requests
+  if not requests:
+    raise ValueError(f"{path} holds no requests")
+  return requests
+
+
+def synthetic_requests(count: int, run_dir: str | None = None, num_ads: int = 20_000,
+                       seed: int = 0) -> list[predict_pb2.PredictRequest]:
+  """Held-out query features from the synthetic generator.
+
+  Args:
+    count: number of distinct requests.
+    run_dir: an `fgr-train --output_dir`; its data spec is used, so queries match the served model's
+      catalog. Without it, a synthetic log of `num_ads` ads with `seed`.
+    num_ads: catalog size when there is no run_dir.
+    seed: generator seed when there is no run_dir.
+  """
+  # Imported here so that replaying recorded requests needs neither the data layer nor training code.
+  from export import exporter  # pylint: disable=g-import-not-at-top
+  from models.data import sources  # pylint: disable=g-import-not-at-top
+  if run_dir:
+    with open(f"{run_dir}/config.json", encoding="utf-8") as f:
+      spec = sources.DataSpec.from_json(json.load(f)["data"])
+  else:
+    spec = sources.DataSpec(name="synthetic", synthetic={"num_ads": num_ads, "seed": seed,
+                                                         "num_sessions": max(10 * count, 2000)})
+  return batch_requests(exporter.sample_queries(sources.open_source(spec), count))
+
+
+def with_model_spec(requests: list[predict_pb2.PredictRequest], model_name: str | None,
+                    signature_name: str | None, version: int | None) -> list[predict_pb2.PredictRequest]:
+  """Copies of the requests addressed to a model; None leaves a request's own field unchanged."""
+  out = []
+  for request in requests:
+    copy = predict_pb2.PredictRequest()
+    copy.CopyFrom(request)
+    if model_name is not None:
+      copy.model_spec.name = model_name
+    if signature_name is not None:
+      copy.model_spec.signature_name = signature_name
+    if version is not None:
+      copy.model_spec.version.value = version
+    out.append(copy)
+  return out

@@ -1,0 +1,145 @@
+"""fgr-loadtest: histogram accuracy, coordinated-omission correction, open/closed loops and reports."""
+
+import json
+import os
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+import serving_testlib as lib
+from serving.loadtest import driver
+from serving.loadtest import echo_server
+from serving.loadtest import histogram
+from serving.loadtest import loadtest_cli
+from serving.loadtest import request_source
+
+FEATURES = {"user_id": "u1", "query_tokens": ["red", "shoes"]}
+
+
+@pytest.fixture(scope="module")
+def echo():
+  server, port = echo_server.start(max_workers=4, response=echo_server.fixed_response(10))
+  yield f"127.0.0.1:{port}"
+  server.stop(grace=1)
+
+
+@pytest.fixture(scope="module")
+def requests():
+  return [request_source.features_request(FEATURES)]
+
+
+def test_histogram_percentiles_match_numpy():
+  values = np.random.default_rng(0).lognormal(mean=-6.0, sigma=1.2, size=20_000)  # Seconds, ~2.5 ms median.
+  hist = histogram.LatencyHistogram()
+  for v in values:
+    hist.record(float(v))
+  assert hist.count == len(values)
+  for p in (50, 90, 99, 99.9):
+    expected = np.percentile(values, p, method="inverted_cdf")
+    # 3 significant digits, plus half a microsecond of rounding.
+    assert hist.percentile(p) == pytest.approx(expected, rel=2e-3, abs=1e-6), p
+  summary = hist.summary_ms()
+  assert summary["p999"] == pytest.approx(np.percentile(values, 99.9) * 1e3, rel=2e-3)
+  assert summary["max"] == pytest.approx(values.max() * 1e3, rel=1e-3)
+
+
+def test_open_loop_against_echo(echo, requests):
+  spec = driver.LoadSpec(mode="open", qps=200, warmup_seconds=0.5, duration_seconds=1.5, progress=False)
+  result = driver.run(driver.GrpcPredictTarget(echo), requests, spec)
+  assert result.sent == 400
+  assert result.successes == 300 and not result.errors
+  assert result.throughput == pytest.approx(200, rel=0.25)
+  assert 0 < result.percentile_ms(50) <= result.percentile_ms(99) <= result.latency.summary_ms()["max"]
+
+
+def test_closed_loop_against_echo(echo, requests):
+  spec = driver.LoadSpec(mode="closed", concurrency=4, warmup_seconds=0.3, duration_seconds=1.0, progress=False)
+  result = driver.run(driver.GrpcPredictTarget(echo, channels=2), requests, spec)
+  assert result.successes > 50 and not result.errors
+  assert result.throughput == pytest.approx(result.successes / result.measured_seconds)
+  # Closed loop sends the next request when the previous answer arrives: no sender lag to speak of.
+  assert result.send_lag.percentile(99) < 0.05
+
+
+def test_max_requests_bounds_a_closed_loop(echo, requests):
+  spec = driver.LoadSpec(mode="closed", concurrency=2, warmup_seconds=0, duration_seconds=5, max_requests=20,
+                         progress=False)
+  assert driver.run(driver.GrpcPredictTarget(echo), requests, spec).sent == 20
+
+
+def test_stalled_server_shows_in_percentiles(requests):
+  """A 0.5 s stall a quarter of the way into a 2 s run delays a quarter of the requests.
+
+  With one outstanding request allowed, the sender is blocked during the stall just like a synchronous
+  client. Measured from actual send times (what an uncorrected tool reports) only one request looks slow;
+  measured from intended send times, the queued-up requests show a linear ramp of 500 ms down to 0.
+  """
+  server, port = echo_server.start(max_workers=1, response=echo_server.fixed_response(10), stall_after=100,
+                                   stall_seconds=0.5)
+  try:
+    spec = driver.LoadSpec(mode="open", qps=200, warmup_seconds=0, duration_seconds=2.0, max_in_flight=1,
+                           progress=False)
+    result = driver.run(driver.GrpcPredictTarget(f"127.0.0.1:{port}"), requests, spec)
+  finally:
+    server.stop(grace=1)
+  assert result.successes == 400
+  assert result.service.percentile(90) < 0.1  # The uncorrected view hides the stall...
+  assert result.service.percentile(99.9) >= 0.45  # ...except for the one request that hit it.
+  assert result.latency.percentile(90) >= 0.2  # Corrected: ~10% of requests waited >= 300 ms.
+  assert result.latency.percentile(99) >= 0.4
+  assert result.send_lag.percentile(90) >= 0.2
+
+
+def test_errors_are_counted_by_status_code(requests):
+  spec = driver.LoadSpec(mode="open", qps=40, warmup_seconds=0, duration_seconds=0.5, progress=False)
+  result = driver.run(driver.GrpcPredictTarget(f"127.0.0.1:{lib.free_port()}", timeout=2), requests, spec)
+  assert result.successes == 0
+  assert result.errors == {"UNAVAILABLE": 20}
+
+
+def test_request_files_round_trip(tmp_path, requests):
+  jsonl = tmp_path / "r.jsonl"
+  jsonl.write_text(json.dumps(FEATURES) + "\n\n" + json.dumps({"user_id": "u2"}) + "\n")
+  from_json = request_source.read_requests_file(str(jsonl))
+  assert len(from_json) == 2 and from_json[0] == requests[0]
+  assert tf.make_ndarray(from_json[0].inputs["query_tokens"]).shape == (1, 2)
+  addressed = request_source.with_model_spec(from_json, "ads", "encode_query", 3)
+  assert addressed[0].model_spec.name == "ads" and addressed[0].model_spec.version.value == 3
+  assert not from_json[0].model_spec.name  # Copies, not edits.
+
+  records = tmp_path / "r.tfrecord"
+  with tf.io.TFRecordWriter(str(records)) as writer:
+    writer.write(requests[0].SerializeToString())
+    log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=addressed[1]))
+    writer.write(log.SerializeToString())
+  from_records = request_source.read_requests_file(str(records))
+  assert from_records == [requests[0], addressed[1]]
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  with pytest.raises(ValueError, match="holds no requests"):
+    request_source.read_requests_file(str(empty))
+
+
+def test_cli_writes_json_report_and_plot(echo, tmp_path):
+  requests_file = tmp_path / "r.jsonl"
+  requests_file.write_text(json.dumps(FEATURES) + "\n")
+  prefix = str(tmp_path / "out" / "run")
+  flags.FLAGS(["fgr-loadtest"])
+  with flagsaver.flagsaver(server=echo, requests_file=str(requests_file), mode="open", qps=100,
+                           warmup_seconds=0.2, duration_seconds=1.0, output_prefix=prefix, progress=True):
+    loadtest_cli.main(["fgr-loadtest"])
+  with open(prefix + ".json") as f:
+    data = json.load(f)
+  assert data["mode"] == "open" and data["offered_qps"] == 100 and data["concurrency"] is None
+  assert data["requests"]["ok"] == 100 and data["errors"] == {}
+  assert data["throughput_qps"] == pytest.approx(100, rel=0.3)
+  assert set(data["latency_ms"]) == {"count", "min", "mean", "p50", "p90", "p99", "p999", "max"}
+  assert data["latency_ms"]["p50"] <= data["latency_ms"]["p99"] <= data["latency_ms"]["p999"]
+  assert data["coordinated_omission_corrected"] is True
+  assert data["model_name"] == "retrieval" and data["num_distinct_requests"] == 1
+  assert [row["t"] for row in data["timeline"]] == [0.0, 1.0]
+  assert os.path.getsize(prefix + ".png") > 10_000
