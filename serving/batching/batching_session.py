@@ -8,8 +8,10 @@ row), runs once, and slices every output back per call.
 
 import bisect
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from absl import logging
+import grpc
 import numpy as np
 
 from serving import errors
@@ -17,6 +19,9 @@ from serving.batching import batch_scheduler
 from serving.servables import saved_model_bundle
 
 BatchObserver = Callable[[int, int], None]  # (batch rows, padding rows)
+
+_NO_RETRY = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.UNAVAILABLE)
 
 
 class BatchingSession:
@@ -38,6 +43,8 @@ class BatchingSession:
     self._options = options
     self._observer = observer
     self._queues: Dict[Tuple, batch_scheduler.BatchQueue] = {}
+    # Calls whose outputs turned out not to be per-row (e.g. scalars).
+    self._unbatchable: Set[Tuple] = set()
     self._lock = threading.Lock()
 
   def __call__(self, feeds: Dict[str, np.ndarray], fetches: Sequence[str],
@@ -52,6 +59,8 @@ class BatchingSession:
       return self._runner(feeds, fetches, timeout_ms)
     key = (tuple(sorted((name, a.dtype.str, a.shape[1:])
                         for name, a in feeds.items())), tuple(fetches))
+    if key in self._unbatchable:
+      return self._runner(feeds, fetches, timeout_ms)
     task = batch_scheduler.Task(size, (feeds, timeout_ms))
     self._queue(key).schedule(task)
     return task.wait()
@@ -60,9 +69,8 @@ class BatchingSession:
     with self._lock:
       queue = self._queues.get(key)
       if queue is None:
-        fetches = key[1]
         queue = self._scheduler.add_queue(
-            self._options, lambda tasks: self._process(fetches, tasks))
+            self._options, lambda tasks: self._process(key, tasks))
         self._queues[key] = queue
       return queue
 
@@ -80,8 +88,8 @@ class BatchingSession:
     index = bisect.bisect_left(allowed, rows)
     return allowed[index] if index < len(allowed) else rows
 
-  def _process(self, fetches: Sequence[str],
-               tasks: List[batch_scheduler.Task]) -> None:
+  def _process(self, key: Tuple, tasks: List[batch_scheduler.Task]) -> None:
+    fetches = key[1]
     rows = sum(t.size for t in tasks)
     padded = self._padded_size(rows)
     names = list(tasks[0].payload[0].keys())
@@ -96,15 +104,17 @@ class BatchingSession:
     timeout = None if None in timeouts else max(timeouts)
     try:
       outputs = self._runner(feeds, fetches, timeout)
-      for output in outputs:
-        if np.ndim(output) == 0 or output.shape[0] != padded:
-          raise errors.internal(
-              "Batched output tensor's 0th dimension does not equal the sum "
-              "of the 0th dimension sizes of the input tensors")
-    except Exception as e:  # One failure fails every call in the batch.
-      error = errors.from_exception(e)
-      for task in tasks:
-        task.finish(error=error)
+    except Exception as e:  # Whatever failed, retry the calls one by one.
+      self._run_alone(fetches, tasks, errors.from_exception(e))
+      return
+    if any(np.ndim(o) == 0 or o.shape[0] != padded for o in outputs):
+      # TF Serving fails such calls ("Batched output tensor's 0th dimension
+      # does not equal the sum of the 0th dimension sizes of the input
+      # tensors"); we stop batching them and answer each call on its own.
+      logging.warning("Outputs %s are not per-row; not batching these calls",
+                      list(fetches))
+      self._unbatchable.add(key)
+      self._run_alone(fetches, tasks)
       return
     if self._observer is not None:
       self._observer(rows, padded - rows)
@@ -112,6 +122,26 @@ class BatchingSession:
     for task in tasks:
       task.finish([o[offset:offset + task.size] for o in outputs])
       offset += task.size
+
+  def _run_alone(self, fetches: Sequence[str],
+                 tasks: List[batch_scheduler.Task],
+                 error: Optional[errors.ServingError] = None) -> None:
+    """Runs each call of a failed batch by itself.
+
+    One malformed call (say, an unparsable tf.Example) then fails alone
+    instead of failing every call it was batched with. Deadline, cancel and
+    unavailability errors are not retried.
+    """
+    if error is not None and (len(tasks) == 1 or error.code in _NO_RETRY):
+      for task in tasks:
+        task.finish(error=error)
+      return
+    for task in tasks:
+      feeds, timeout_ms = task.payload
+      try:
+        task.finish(self._runner(feeds, fetches, timeout_ms))
+      except Exception as e:  # Reported to this call's client only.
+        task.finish(error=errors.from_exception(e))
 
 
 def queue_options_from_proto(params) -> batch_scheduler.QueueOptions:

@@ -129,3 +129,28 @@ def test_server_with_batching(tmp_path):
     assert 0 < batches < 64  # Some of the 64 requests shared a batch.
   finally:
     server.stop()
+
+
+def test_bad_call_fails_alone_and_scalar_outputs_stop_batching(scheduler):
+  def runner(feeds, fetches, timeout_ms=None):
+    x = feeds["x:0"]
+    if (x < 0).any():
+      raise errors.invalid_argument("negative input")
+    return [x * 2, np.float32(x.shape[0])]  # The second output is a scalar.
+
+  session = batching_session.BatchingSession(
+      runner, scheduler,
+      batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=50000))
+  inputs = [np.full((1, 1), v, np.float32) for v in (1, -1, 2, 3)]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    futures = [pool.submit(session, {"x:0": x}, ["y:0", "n:0"])
+               for x in inputs]
+    outcomes = []
+    for f in futures:
+      try:
+        outcomes.append(float(f.result(timeout=10)[0][0, 0]))
+      except errors.ServingError as e:
+        outcomes.append(e.message)
+  assert outcomes == [2.0, "negative input", 4.0, 6.0]
+  y, n = session({"x:0": np.ones((3, 1), np.float32)}, ["y:0", "n:0"])
+  assert n == 3.0 and y.shape == (3, 1)  # Ran unbatched from now on.
