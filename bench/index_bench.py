@@ -187,7 +187,37 @@ def in_graph_search(index: base.Index, k: int, **options: int) -> Callable[[np.n
   def search(queries: tf.Tensor) -> tf.Tensor:
     return index.search(queries, k, **values).indices
 
-  return lambda queries: search(tf.constant(queries)).numpy()
+  concrete = search.get_concrete_function()  # A signature is a concrete function: no dispatch per call.
+  return lambda queries: concrete(tf.constant(queries)).numpy()
+
+
+def _profile_measurement(name: str, setting: str) -> Measurement:
+  return Measurement(report.PROFILE_PREFIX + name, setting, float("nan"), float("nan"), float("nan"), float("nan"))
+
+
+def scann_op_only(index: base.Index, k: int) -> Callable[[np.ndarray], np.ndarray]:
+  """ScaNN's own TF ops at the built defaults, without eligibility filtering or fallback (a profile)."""
+  from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+  state, config = index.state, index.config
+  fetch = max(config["reorder"], k) if config["reorder"] else k
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)])
+  def search(queries: tf.Tensor) -> tf.Tensor:
+    handle = scann_ops.tensors_to_scann(state.dataset, state.scann_config, state.serialized_partitioner,
+                                        state.datapoint_to_token, state.ah_codebook, state.hashed_dataset,
+                                        state.int8_dataset, state.int8_multipliers, state.dp_norms)
+    return scann_ops.scann_search_batched(handle, queries, fetch, fetch if config["reorder"] else -1,
+                                          config["leaves_to_search"], False)[0]
+
+  concrete = search.get_concrete_function()
+  return lambda queries: concrete(tf.constant(queries)).numpy()
+
+
+def tf_call_floor() -> Callable[[np.ndarray], np.ndarray]:
+  """A tf.function that only copies its input: the per-call floor of any in-graph backend."""
+  identity = tf.function(tf.identity, input_signature=[tf.TensorSpec([None, None], tf.float32)])
+  concrete = identity.get_concrete_function()
+  return lambda queries: concrete(tf.constant(queries)).numpy()
 
 
 def sweep_points(variant: str, index: base.Index, k: int) -> list[dict[str, int]]:
@@ -246,6 +276,9 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   default.code_bytes = breakdown.get("codes", index.nbytes())
   default.note = note
   candidates = [Candidate(default, search, _NUM_SINGLE.value)]
+  if variant == "scann":
+    candidates.append(Candidate(_profile_measurement("scann_op_only", "TensorsToScann + ScannSearchBatched, no filter"),
+                                scann_op_only(index, k), _NUM_SINGLE.value))
   if _SWEEP.value:
     for point in sweep_points(variant, index, k):
       setting = ", ".join(f"{key}={value}" for key, value in point.items())
@@ -303,6 +336,8 @@ def _main(argv: list[str]) -> None:
       logging.info("%s [%s]: recall %.4f, batched %.0f QPS, built in %.1fs", c.measurement.name,
                    c.measurement.setting, c.measurement.recall, c.measurement.batch_qps, c.measurement.build_seconds)
     candidates.extend(prepared)
+  candidates.append(Candidate(_profile_measurement("tf_function_floor", "tf.identity in a tf.function"),
+                              tf_call_floor(), _NUM_SINGLE.value))
   time_single_queries(candidates, queries, _ROUNDS.value)
   results = [c.measurement for c in candidates]
   for m in results:

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SECTION = "## Index backends"
+PROFILE_PREFIX = "profile:"  # Timing-only probes (no recall): kept out of the tables and the plot.
 REPORT_NAME = "index_backends.md"
 PLOT_NAME = "index_backends_recall_qps.png"
 
@@ -40,10 +41,14 @@ def _mib(value: int) -> str:
   return f"{value / 2**20:,.1f}"
 
 
+def _backends(results: Sequence[Any]) -> list[Any]:
+  return [r for r in results if not r.name.startswith(PROFILE_PREFIX)]
+
+
 def _defaults(results: Sequence[Any]) -> list[Any]:
   """The first measurement of each backend: its built default (or the first knob for libraries)."""
   seen, out = set(), []
-  for r in results:
+  for r in _backends(results):
     if r.name not in seen:
       seen.add(r.name)
       out.append(r)
@@ -75,7 +80,7 @@ def main_table(results: Sequence[Any], context: Context) -> str:
 def sweep_table(results: Sequence[Any], context: Context) -> str:
   """Every measured setting (the recall-vs-QPS curves)."""
   lines = [f"| backend | setting | recall@{context.k} | single QPS | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
-  for r in results:
+  for r in _backends(results):
     lines.append(f"| {r.name} | {r.setting} | {r.recall:.4f} | {_fmt(r.single_qps)} | {_fmt(r.p50_ms, 2)} "
                  f"| {_fmt(r.p99_ms, 2)} |")
   return "\n".join(lines)
@@ -137,6 +142,11 @@ def targets(results: Sequence[Any], context: Context) -> list[str]:
   lines.append(f"- build times: {builds}")
   if "scann" in by_name:
     check(by_name["scann"].build_seconds <= 30, f"ScaNN builds in {by_name['scann'].build_seconds:.1f}s (target <= 30s)")
+  profile = [r for r in results if r.name.startswith(PROFILE_PREFIX)]
+  if profile:
+    lines.append("- where single-query time goes (same interleaved rounds): " + "; ".join(
+        f"{r.name[len(PROFILE_PREFIX):]} ({r.setting}) p50 {r.p50_ms:.3f} ms, mean {1e3 / r.single_qps:.3f} ms"
+        for r in profile))
   return lines
 
 
@@ -144,7 +154,7 @@ def plot(results: Sequence[Any], context: Context, path: str) -> None:
   """Recall@k vs single-query QPS (log scale), one curve per backend, defaults starred."""
   fig, ax = plt.subplots(figsize=(9, 6))
   defaults = {id(r) for r in _defaults(results)}
-  for name in dict.fromkeys(r.name for r in results):
+  for name in dict.fromkeys(r.name for r in _backends(results)):
     points = sorted((r for r in results if r.name == name), key=lambda r: r.recall)
     line, = ax.plot([p.recall for p in points], [p.single_qps for p in points], marker="o", markersize=3,
                     linestyle="-" if points[0].in_graph else "--", label=name + ("" if points[0].in_graph else " (library)"))
