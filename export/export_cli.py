@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 
 from absl import app, flags
@@ -26,17 +25,11 @@ flags.mark_flags_as_required(["checkpoint_dir", "model_base_path"])
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
-  """Parses name=value pairs; values are Python literals (numbers, booleans) or plain strings."""
-  options = {}
-  for pair in pairs:
-    name, sep, value = pair.partition("=")
-    if not sep or not name:
-      raise app.UsageError(f"--index_options entries must look like name=value, got {pair!r}")
-    try:
-      options[name] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      options[name] = value
-  return options
+  """Parses --index_options name=value pairs (see `exporter.parse_index_options`)."""
+  try:
+    return exporter.parse_index_options(pairs)
+  except ValueError as e:
+    raise app.UsageError(f"--index_options: {e}") from None
 
 
 def main(argv: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -13,7 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import base, full_graph
-from export import verify, versions, warmup
+from export import refresh_state, verify, versions, warmup
 from models import catalog as catalog_lib
 from models import train
 from models.data import schema, sources
@@ -40,6 +41,20 @@ class ExportConfig:
   num_warmup_requests: int = 20
   eval_queries: int = 500
   version: int | None = None
+
+
+def parse_index_options(pairs: list[str]) -> dict[str, Any]:
+  """Parses name=value pairs; values are Python literals (numbers, booleans) or plain strings."""
+  options: dict[str, Any] = {}
+  for pair in pairs:
+    name, sep, value = pair.partition("=")
+    if not sep or not name:
+      raise ValueError(f"index options must look like name=value, got {pair!r}")
+    try:
+      options[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      options[name] = value
+  return options
 
 
 def sample_queries(source: sources.Source, count: int) -> dict[str, np.ndarray]:
@@ -90,11 +105,14 @@ def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig
     requests = [warmup.predict_request({name: values[i:i + 1] for name, values in samples.items()})
                 for i in range(config.num_warmup_requests)]
     warmup.write_warmup(temp_path, requests)
+    refresh_state.write_embeddings(temp_path, catalog.embeddings)  # What fgr-refresh updates.
     report = {
         "version": version,
         "path": os.path.join(model_base_path, str(version)),
         "index": config.index,
         "k": config.k,
+        "index_options": config.index_options,
+        "index_config": dict(getattr(index, "config", {})),
         "num_items": int(len(catalog.ids)),
         "num_eligible": int(catalog.eligible.sum()),
         f"recall_at_{config.k}_vs_exact": round(recall, 4),

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from typing import Iterator
 
 _TEMP_PREFIX = ".tmp-version-"
@@ -53,3 +54,29 @@ def publish(base_path: str, version: int | None = None) -> Iterator[tuple[str, i
   finally:
     shutil.rmtree(temp_root, ignore_errors=True)
 
+
+
+def remove_version(base_path: str, version: int) -> None:
+  """Deletes a version: renamed to a hidden name first, so a polling server never sees it half-deleted."""
+  hidden = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-removed-", dir=base_path)
+  os.rename(os.path.join(base_path, str(version)), os.path.join(hidden, "model"))
+  shutil.rmtree(hidden, ignore_errors=True)
+
+
+def prune(base_path: str, keep: int, stale_temp_seconds: float = 3600.0) -> list[int]:
+  """Keeps the `keep` newest versions and deletes the rest; returns the deleted versions.
+
+  Also deletes temporary directories left by publishes killed outright, once they have not been
+  touched for `stale_temp_seconds` (a live publish may still be writing into a younger one).
+  """
+  if keep < 1:
+    raise ValueError(f"keep must be at least 1, got {keep}")
+  removed = list_versions(base_path)[:-keep]
+  for version in removed:
+    remove_version(base_path, version)
+  now = time.time()
+  for name in os.listdir(base_path):
+    path = os.path.join(base_path, name)
+    if name.startswith(_TEMP_PREFIX) and now - os.path.getmtime(path) > stale_temp_seconds:
+      shutil.rmtree(path, ignore_errors=True)
+  return removed

@@ -1,0 +1,436 @@
+"""Publishes version N+1 of a served model from version N and a catalog delta, without retraining.
+
+Version N already holds everything a refresh needs: its towers (variables and traced functions), its
+`encode_item` signature, its catalog state (`refresh_state`) and its warm-up records. A refresh
+
+- embeds new and changed ads with N's own `encode_item`, so their embeddings match the served towers
+  bit for bit;
+- rebuilds only the index, with N's backend, k and tuned search knobs;
+- saves a module that reuses N's restored tower functions and variables (no Python tower code runs
+  and nothing in the towers is traced again; only the small serving functions around the new index
+  are traced), copies N's warm-up records, and publishes atomically (`versions.publish`).
+
+A status-only delta (pause/resume) does not load N at all: the new version is N's files, hard-linked,
+with the variables checkpoint rewritten so that only the eligibility mask differs. Servers compare
+nothing but the version number, so this is a full, independent version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from engine import base, full_graph
+from export import refresh_delta, refresh_state, verify, versions, warmup
+
+REPORT_FILE = "export_report.json"  # The same file fgr-export writes: it tells the next refresh k and the index.
+FINGERPRINT_FILE = "fingerprint.pb"
+EMBED_BATCH_SIZE = 8192
+# Search knobs a backend tunes at build time. A refresh reuses N's values: the catalog changed a
+# little, and tuning (timed searches) would cost more than the rest of the build.
+_TUNED_KNOBS = {"scann": ("leaves_to_search", "reorder")}
+
+
+def _import_custom_ops(report: dict[str, Any]) -> None:
+  """Registers ScaNN's TF ops before loading or rewriting a version that uses them."""
+  if report.get("index") == "scann":
+    import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+
+def read_report(version_path: str) -> dict[str, Any]:
+  """The export (or refresh) report a version carries in assets.extra."""
+  path = os.path.join(version_path, refresh_state.EXTRA_DIR, REPORT_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: fgr-refresh needs a version written by fgr-export or fgr-refresh")
+  with open(path) as f:
+    return json.load(f)
+
+
+def link_tree(source: str, destination: str, skip: tuple[str, ...] = ()) -> None:
+  """Recreates `source` at `destination` with hard links (copies across file systems).
+
+  Versions are never modified in place, so sharing their files between versions is safe. `skip` holds
+  paths relative to `source` (files or directories) to leave out.
+  """
+  for root, dirs, files in os.walk(source):
+    relative = os.path.relpath(root, source)
+    dirs[:] = [d for d in dirs if os.path.normpath(os.path.join(relative, d)) not in skip]
+    os.makedirs(os.path.join(destination, relative), exist_ok=True)
+    for name in files:
+      path = os.path.normpath(os.path.join(relative, name))
+      if path in skip:
+        continue
+      try:
+        os.link(os.path.join(source, path), os.path.join(destination, path))
+      except OSError:
+        shutil.copy2(os.path.join(source, path), os.path.join(destination, path))
+
+
+def rewrite_checkpoint(source_prefix: str, destination_prefix: str, replacements: dict[str, np.ndarray]) -> None:
+  """Writes a copy of a TF checkpoint with some tensors replaced (same dtype and shape)."""
+  reader = tf.train.load_checkpoint(source_prefix)
+  dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
+  for name, value in replacements.items():
+    if name not in dtypes:
+      raise KeyError(f"{source_prefix} has no tensor {name!r}")
+    if tuple(shapes[name]) != value.shape or dtypes[name].as_numpy_dtype != value.dtype:
+      raise ValueError(f"{name}: expected {dtypes[name].name} {shapes[name]}, got {value.dtype} {value.shape}")
+  names = sorted(dtypes)
+  tensors = [replacements[n] if n in replacements else reader.get_tensor(n) for n in names]
+  os.makedirs(os.path.dirname(destination_prefix), exist_ok=True)
+  tf.raw_ops.SaveV2(prefix=destination_prefix, tensor_names=names, shape_and_slices=[""] * len(names),
+                    tensors=tensors)
+
+
+def _write_fingerprint(saved_model_dir: str) -> None:
+  """Writes fingerprint.pb for a SavedModel assembled by hand (it hashes the checkpoint too)."""
+  from tensorflow.python.saved_model import fingerprinting_utils  # pylint: disable=g-import-not-at-top
+  fingerprinting_utils.write_fingerprint(saved_model_dir)
+
+
+def read_warmup_queries(version_path: str) -> list[dict[str, np.ndarray]]:
+  """The query features of a version's warm-up Predict requests (one dict per request)."""
+  path = os.path.join(version_path, refresh_state.EXTRA_DIR, warmup.WARMUP_FILE)
+  if not os.path.exists(path):
+    return []
+  from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
+  queries = []
+  for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+    request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+    queries.append({name: tf.make_ndarray(proto) for name, proto in request.inputs.items()})
+  return queries
+
+
+class RestoredTower(tf.Module):
+  """One tower of a loaded version, called through that version's encode signature.
+
+  The signature's function was traced when version N was exported; calling it from a new
+  tf.function embeds it as a function call, so the tower is not traced again and its variables are
+  N's. `owner` (the restored tower object) is tracked so that the new SavedModel saves them.
+
+  Args:
+    owner: the restored tower object holding the tower's variables.
+    signature: the version's encode_query or encode_item concrete function.
+  """
+
+  def __init__(self, owner: tf.Module, signature: Callable[..., dict[str, tf.Tensor]], name: str):
+    super().__init__(name=name)
+    self.owner = owner
+    self._signature = signature
+
+  def __call__(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+    return self._signature(**features)["embedding"]
+
+
+@dataclasses.dataclass
+class LoadedTowers:
+  """A version's towers, restored once and reused for every later version built from them."""
+
+  query_tower: RestoredTower
+  item_tower: RestoredTower
+  query_specs: dict[str, tf.TensorSpec]
+  item_specs: dict[str, tf.TensorSpec]
+  encode_item: Callable[..., dict[str, tf.Tensor]]
+  encode_query: Callable[..., dict[str, tf.Tensor]]
+
+  @classmethod
+  def load(cls, version_path: str) -> "LoadedTowers":
+    loaded = tf.saved_model.load(version_path)
+    encode_query = loaded.signatures[full_graph.ENCODE_QUERY]
+    encode_item = loaded.signatures[full_graph.ENCODE_ITEM]
+    return cls(query_tower=RestoredTower(loaded.query_tower, encode_query, "query_tower"),
+               item_tower=RestoredTower(loaded.item_tower, encode_item, "item_tower"),
+               query_specs=dict(encode_query.structured_input_signature[1]),
+               item_specs=dict(encode_item.structured_input_signature[1]),
+               encode_item=encode_item, encode_query=encode_query)
+
+  def embed_items(self, features: dict[str, np.ndarray]) -> np.ndarray:
+    """float32 [B, d] embeddings of raw item features, in batches."""
+    count = len(features[next(iter(features))])
+    parts = [np.zeros([0, 0], np.float32)]
+    for start in range(0, count, EMBED_BATCH_SIZE):
+      batch = {name: tf.constant(values[start:start + EMBED_BATCH_SIZE]) for name, values in features.items()}
+      parts.append(self.encode_item(**batch)["embedding"].numpy())
+    return np.concatenate(parts[1:]) if count else parts[0]
+
+
+@dataclasses.dataclass
+class Source:
+  """The version a refresh starts from."""
+
+  version: int
+  path: str
+  report: dict[str, Any]
+  state: refresh_state.CatalogState
+  row_of: dict[str, int]
+
+  @classmethod
+  def read(cls, base_path: str, version: int) -> "Source":
+    path = os.path.join(base_path, str(version))
+    if version not in versions.list_versions(base_path):
+      raise FileNotFoundError(f"No complete version {version} under {base_path}")
+    report = read_report(path)
+    state = refresh_state.read_state(path)
+    return cls(version, path, report, state, state.row_of())
+
+
+def apply_delta(state: refresh_state.CatalogState, row_of: dict[str, int], delta: refresh_delta.CatalogDelta,
+                embed: Callable[[dict[str, np.ndarray]], np.ndarray]) -> tuple[refresh_state.CatalogState, dict[str, int]]:
+  """The catalog after `delta`: changed rows re-embedded in place, new ads appended, removed rows dropped.
+
+  Returns:
+    The new state and counts (added, changed, removed, removals of unknown ads ignored, status changes).
+  """
+  delta.check_against(row_of)
+  eligible = state.eligible.copy()
+  for ad_id, status in delta.statuses.items():
+    eligible[row_of[ad_id]] = status == "active"
+  upsert_ids, features = delta.item_features()
+  upsert_rows = np.asarray([row_of.get(ad_id, -1) for ad_id in upsert_ids], dtype=np.int64)
+  upsert_active = np.asarray([delta.upserts[ad_id].status == "active" for ad_id in upsert_ids], dtype=bool)
+  upsert_embeddings = embed(features) if upsert_ids else np.zeros([0, state.embeddings.shape[1]], np.float32)
+  changed = upsert_rows >= 0
+  embeddings = np.array(state.embeddings, dtype=np.float32)  # A writable copy of the (memory-mapped) rows.
+  embeddings[upsert_rows[changed]] = upsert_embeddings[changed]
+  eligible[upsert_rows[changed]] = upsert_active[changed]
+  removed_rows = [row_of[ad_id] for ad_id in delta.removals if ad_id in row_of]
+  keep = np.ones(len(state.ids), dtype=bool)
+  keep[removed_rows] = False
+  new_state = refresh_state.CatalogState(
+      ids=np.concatenate([state.ids[keep], np.asarray(upsert_ids, dtype=object)[~changed]]),
+      embeddings=np.concatenate([embeddings[keep], upsert_embeddings[~changed]]),
+      eligible=np.concatenate([eligible[keep], upsert_active[~changed]]))
+  counts = {"added": int((~changed).sum()), "changed": int(changed.sum()), "removed": len(removed_rows),
+            "ignored_removals": len(delta.removals) - len(removed_rows), "status_changes": len(delta.statuses)}
+  return new_state, counts
+
+
+def index_options(report: dict[str, Any]) -> dict[str, Any]:
+  """N's index options plus the search knobs N's build tuned (so the rebuild does not tune again)."""
+  options = dict(report.get("index_options", {}))
+  config = report.get("index_config", {})
+  for knob in _TUNED_KNOBS.get(report["index"], ()):
+    if knob in config and knob not in options:
+      options[knob] = config[knob]
+  return options
+
+
+def _base_report(source: Source, version: int, base_path: str, kind: str, state: refresh_state.CatalogState) -> dict[str, Any]:
+  return {
+      "version": version,
+      "path": os.path.join(base_path, str(version)),
+      "kind": kind,
+      "refreshed_from": source.version,
+      "index": source.report["index"],
+      "k": source.report["k"],
+      "index_options": source.report.get("index_options", {}),
+      "index_config": source.report.get("index_config", {}),
+      "num_items": int(len(state.ids)),
+      "num_eligible": int(state.eligible.sum()),
+  }
+
+
+def _write_report(saved_model_dir: str, report: dict[str, Any]) -> None:
+  path = os.path.join(saved_model_dir, refresh_state.EXTRA_DIR, REPORT_FILE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=2)
+
+
+def publish_status_only(base_path: str, source: Source, eligible: np.ndarray,
+                        version: int | None = None) -> dict[str, Any]:
+  """Publishes N's graph and index with a new eligibility mask: no load, no embedding, no build."""
+  _import_custom_ops(source.report)
+  state = dataclasses.replace(source.state, eligible=eligible)
+  started = time.perf_counter()
+  with versions.publish(base_path, version) as (temp_path, version):
+    extra_report = os.path.join(refresh_state.EXTRA_DIR, REPORT_FILE)
+    link_tree(source.path, temp_path, skip=("variables", FINGERPRINT_FILE, extra_report))
+    rewrite_checkpoint(refresh_state.variables_prefix(source.path), refresh_state.variables_prefix(temp_path),
+                       {refresh_state.ELIGIBLE_KEY: eligible})
+    _write_fingerprint(temp_path)
+    report = _base_report(source, version, base_path, "status_only", state)
+    report["write_seconds"] = round(time.perf_counter() - started, 3)
+    _write_report(temp_path, report)
+  report["publish_seconds"] = round(time.perf_counter() - started, 3)
+  return report
+
+
+def warmup_recall(version_path: str, towers: LoadedTowers, index: base.Index, state: refresh_state.CatalogState,
+                  k: int) -> float | None:
+  """recall@k of `index` against exact search for the queries of a version's warm-up records."""
+  queries = read_warmup_queries(version_path)
+  if not queries or state.eligible.sum() < k:
+    return None
+  embeddings = [towers.encode_query(**{name: tf.constant(values) for name, values in query.items()})["embedding"]
+                for query in queries]
+  recall = verify.index_recall(index, np.concatenate(embeddings), state.embeddings, state.eligible, k)
+  return round(recall, 4)
+
+
+def publish_rebuilt(base_path: str, source: Source, towers: LoadedTowers, state: refresh_state.CatalogState,
+                    timings: dict[str, float], index_overrides: dict[str, Any] | None = None,
+                    verify_recall: bool = True, version: int | None = None) -> dict[str, Any]:
+  """Builds N's index type over `state` and publishes it with N's restored towers and warm-up records.
+
+  Args:
+    base_path: the model base path.
+    source: version N.
+    towers: N's restored towers.
+    state: the catalog of the new version.
+    timings: seconds spent so far, by step; the build and write steps are added.
+    index_overrides: index options replacing N's (e.g. a smaller ScaNN training_sample_size).
+    verify_recall: after publishing, measure the new index's recall@k on N's warm-up queries.
+    version: explicit version number; the next free one when None.
+  """
+  k = source.report["k"]
+  options = {**index_options(source.report), **(index_overrides or {})}
+  started = time.perf_counter()
+  index = base.build_index(source.report["index"], state.embeddings, k=k, eligible=state.eligible, **options)
+  timings["build_seconds"] = time.perf_counter() - started
+
+  graph = full_graph.FullGraph(towers.query_tower, towers.item_tower, index, state.ids, k,
+                               towers.query_specs, towers.item_specs)
+  started = time.perf_counter()
+  with versions.publish(base_path, version) as (temp_path, version):
+    graph.save(temp_path)
+    extra = os.path.join(temp_path, refresh_state.EXTRA_DIR)
+    os.makedirs(extra, exist_ok=True)
+    warmup_path = os.path.join(source.path, refresh_state.EXTRA_DIR, warmup.WARMUP_FILE)
+    if os.path.exists(warmup_path):
+      shutil.copyfile(warmup_path, os.path.join(extra, warmup.WARMUP_FILE))
+    refresh_state.write_embeddings(temp_path, state.embeddings)
+    report = _base_report(source, version, base_path, "rebuild", state)
+    report["index_options"] = options
+    report["index_config"] = dict(getattr(index, "config", report["index_config"]))
+    report["index_bytes"] = index.nbytes()
+    _write_report(temp_path, report)
+  timings["write_seconds"] = time.perf_counter() - started
+  if verify_recall:  # After the publish: a report, not a delay on the way to serving.
+    started = time.perf_counter()
+    report[f"recall_at_{k}_vs_exact_on_warmup_queries"] = warmup_recall(source.path, towers, index, state, k)
+    timings["verify_seconds"] = time.perf_counter() - started
+  report.update({name: round(seconds, 3) for name, seconds in timings.items()})
+  return report
+
+
+def rollback(base_path: str, version: int) -> dict[str, Any]:
+  """Republishes an earlier version's files (hard-linked) as a new, newest version."""
+  source_path = os.path.join(base_path, str(version))
+  if version not in versions.list_versions(base_path):
+    raise FileNotFoundError(f"No complete version {version} under {base_path} to roll back to")
+  started = time.perf_counter()
+  extra_report = os.path.join(refresh_state.EXTRA_DIR, REPORT_FILE)
+  with versions.publish(base_path) as (temp_path, new_version):
+    link_tree(source_path, temp_path, skip=(extra_report,))
+    report = read_report(source_path) if os.path.exists(os.path.join(source_path, extra_report)) else {}
+    report.update({"version": new_version, "path": os.path.join(base_path, str(new_version)), "kind": "rollback",
+                   "refreshed_from": version})
+    _write_report(temp_path, report)
+  report["publish_seconds"] = round(time.perf_counter() - started, 3)
+  return report
+
+
+class Refresher:
+  """Turns catalog deltas into new versions of one model base path.
+
+  The towers of the first version it refreshes are loaded once and reused for every later version
+  (they are the same towers), and the catalog state of the version it last published stays in
+  memory; both are read again only when someone else publishes a version in between (a rollback,
+  a new fgr-export).
+
+  Args:
+    base_path: the model base path (BASE/<version>/).
+    from_version: the version to start from; the newest when None.
+    keep_versions: after each publish, keep only this many newest versions (None keeps all).
+    index_overrides: index options replacing the source version's in rebuilds.
+    verify_recall: after each rebuild, measure recall@k on the warm-up queries (reported, not a gate).
+  """
+
+  def __init__(self, base_path: str, from_version: int | None = None, keep_versions: int | None = None,
+               index_overrides: dict[str, Any] | None = None, verify_recall: bool = True):
+    if keep_versions is not None and keep_versions < 1:
+      raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
+    self.base_path = base_path
+    self.keep_versions = keep_versions
+    self.index_overrides = dict(index_overrides or {})
+    self.verify_recall = verify_recall
+    self._from_version = from_version
+    self._source: Source | None = None
+    self._towers: LoadedTowers | None = None
+    self._towers_version: int | None = None
+
+  def source(self) -> Source:
+    """The version the next refresh starts from (read again if another writer published since)."""
+    on_disk = versions.list_versions(self.base_path)
+    if not on_disk:
+      raise FileNotFoundError(f"No version under {self.base_path} to refresh; run fgr-export first")
+    wanted = self._from_version if self._from_version is not None else on_disk[-1]
+    if self._source is None or self._source.version != wanted:
+      self._source = Source.read(self.base_path, wanted)
+    return self._source
+
+  def prepare(self) -> None:
+    """Reads the source version's catalog and loads its towers now rather than at the first delta."""
+    self._towers_for(self.source())
+
+  def _towers_for(self, source: Source) -> LoadedTowers:
+    # Versions this refresher published share the towers it loaded; anything else is loaded anew.
+    if self._towers is None or self._towers_version != source.version:
+      _import_custom_ops(source.report)
+      self._towers = LoadedTowers.load(source.path)
+      self._towers_version = source.version
+    return self._towers
+
+  def apply(self, delta: refresh_delta.CatalogDelta) -> dict[str, Any]:
+    """Publishes the catalog after `delta` as a new version; returns the refresh report."""
+    source = self.source()
+    started = time.perf_counter()
+    if delta.status_only:
+      delta.check_against(source.row_of)
+      eligible = source.state.eligible.copy()
+      for ad_id, status in delta.statuses.items():
+        eligible[source.row_of[ad_id]] = status == "active"
+      report = publish_status_only(self.base_path, source, eligible)
+      report["delta"] = {"status_changes": len(delta.statuses)}
+      state, row_of = dataclasses.replace(source.state, eligible=eligible), source.row_of
+    else:
+      timings: dict[str, float] = {}
+      towers = self._towers_for(source)
+      timings["load_towers_seconds"] = time.perf_counter() - started
+      step = time.perf_counter()
+      state, counts = apply_delta(source.state, source.row_of, delta, towers.embed_items)
+      timings["embed_seconds"] = time.perf_counter() - step
+      report = publish_rebuilt(self.base_path, source, towers, state, timings, self.index_overrides,
+                               self.verify_recall)
+      report["delta"] = counts
+      row_of = state.row_of()
+    report["total_seconds"] = round(time.perf_counter() - started, 3)
+    # The new version is now the newest: remember its state and that it shares our towers.
+    new_source = Source(report["version"], report["path"], report, state, row_of)
+    if self._towers_version == source.version:
+      self._towers_version = new_source.version
+    self._source = new_source
+    self._from_version = None
+    self.prune()
+    logging.info("Published version %d (%s): %s", report["version"], report["kind"], report)
+    return report
+
+  def rollback(self, version: int) -> dict[str, Any]:
+    report = rollback(self.base_path, version)
+    self.prune()
+    logging.info("Rolled back to version %d as version %d", version, report["version"])
+    return report
+
+  def prune(self) -> list[int]:
+    if self.keep_versions is None:
+      return []
+    return versions.prune(self.base_path, self.keep_versions)

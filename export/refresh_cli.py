@@ -1,0 +1,84 @@
+"""fgr-refresh: publishes a new version from the served one and a catalog delta, without retraining.
+
+  fgr-refresh --model_base_path=models/ads --delta=changes.jsonl        # one delta, one new version
+  fgr-refresh --model_base_path=models/ads --watch=deltas/ --interval=60s  # continuous
+  fgr-refresh --model_base_path=models/ads --rollback=7                 # republish version 7 as the newest
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from absl import app, flags
+
+from export import exporter, refresh, refresh_delta, refresh_watch
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model_base_path", None, "Model base path holding BASE/<version>/ (written by fgr-export).")
+flags.DEFINE_list("delta", [], "Catalog delta files (docs/data_format.md), applied in order as one new version.")
+flags.DEFINE_integer("from_version", None, "Version to refresh; defaults to the newest.")
+flags.DEFINE_integer("keep_versions", 5, "After publishing, keep this many newest versions (0 keeps all).")
+flags.DEFINE_integer("rollback", None, "Republish this earlier version as a new, newest version.")
+flags.DEFINE_string("watch", None, "Directory to watch for delta files (*.jsonl); publishes on a schedule.")
+flags.DEFINE_string("interval", "60s", "Watch schedule: seconds, or a number with s, m or h (e.g. 60s, 5m).")
+flags.DEFINE_list("index_options", [], "Index options replacing the source version's in rebuilds, as name=value "
+                  "pairs (e.g. training_sample_size=50000 for a faster ScaNN build).")
+flags.DEFINE_bool("verify_recall", True, "After each rebuild, report recall@k against exact search on the "
+                  "version's warm-up queries (after publishing: it does not delay the new version).")
+flags.DEFINE_integer("max_polls", 0, "With --watch, stop after this many polls (0: run until stopped).")
+flags.mark_flag_as_required("model_base_path")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smh]?)$")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+  """Seconds in "90", "90s", "1.5m" or "1h"."""
+  match = _DURATION.match(text.strip())
+  if not match or float(match.group(1)) <= 0:
+    raise app.UsageError(f"--interval must be a positive duration such as 60s or 5m, got {text!r}")
+  return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _print_report(result: refresh_watch.PollResult) -> None:
+  if result.report is not None:
+    print(json.dumps(result.report), flush=True)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  modes = [bool(FLAGS.delta), FLAGS.rollback is not None, FLAGS.watch is not None]
+  if sum(modes) != 1:
+    raise app.UsageError("Give exactly one of --delta, --rollback or --watch")
+  if FLAGS.keep_versions < 0:
+    raise app.UsageError(f"--keep_versions must be 0 (keep all) or more, got {FLAGS.keep_versions}")
+  try:
+    overrides = exporter.parse_index_options(FLAGS.index_options)
+  except ValueError as e:
+    raise app.UsageError(f"--index_options: {e}") from None
+  refresher = refresh.Refresher(FLAGS.model_base_path, from_version=FLAGS.from_version,
+                                keep_versions=FLAGS.keep_versions or None, index_overrides=overrides,
+                                verify_recall=FLAGS.verify_recall)
+  if FLAGS.rollback is not None:
+    print(json.dumps(refresher.rollback(FLAGS.rollback)))
+  elif FLAGS.delta:
+    delta = refresh_delta.CatalogDelta()
+    for path in FLAGS.delta:  # Every file is read and checked before anything is published.
+      delta.merge(refresh_delta.read_delta(path))
+    if not delta:
+      raise app.UsageError(f"The delta files {FLAGS.delta} change nothing")
+    print(json.dumps(refresher.apply(delta)))
+  else:
+    refresh_watch.watch(refresher, FLAGS.watch, parse_duration(FLAGS.interval), max_polls=FLAGS.max_polls,
+                        on_poll=_print_report)
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

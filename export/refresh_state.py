@@ -1,0 +1,73 @@
+"""The catalog state a version carries so that fgr-refresh can update it without the training data.
+
+A version's row order, ad ids and eligibility live in its variables (`item_ids`, `index/eligible`).
+The float item embeddings are kept next to them in `assets.extra/catalog_embeddings.npy` (row i is
+`item_ids[i]`): most index backends keep only compressed codes or a permuted copy, and recomputing
+every embedding would need every ad's features. TF Serving ignores files in assets.extra other than
+the warm-up records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+
+EXTRA_DIR = "assets.extra"
+EMBEDDINGS_FILE = "catalog_embeddings.npy"
+# Checkpoint keys of the FullGraph variables that hold the catalog's row order and eligibility.
+ITEM_IDS_KEY = "item_ids/.ATTRIBUTES/VARIABLE_VALUE"
+ELIGIBLE_KEY = "index/eligible/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+@dataclasses.dataclass
+class CatalogState:
+  """Every row of a version's index.
+
+  Attributes:
+    ids: [N] ad ids (object array of str).
+    embeddings: float32 [N, d] item embeddings, as the version's `encode_item` computed them.
+    eligible: bool [N], False for paused ads.
+  """
+
+  ids: np.ndarray
+  embeddings: np.ndarray
+  eligible: np.ndarray
+
+  def row_of(self) -> dict[str, int]:
+    return {ad_id: row for row, ad_id in enumerate(self.ids)}
+
+
+def variables_prefix(version_path: str) -> str:
+  """The checkpoint prefix of a SavedModel's variables."""
+  return os.path.join(version_path, "variables", "variables")
+
+
+def embeddings_path(version_path: str) -> str:
+  return os.path.join(version_path, EXTRA_DIR, EMBEDDINGS_FILE)
+
+
+def write_embeddings(saved_model_dir: str, embeddings: np.ndarray) -> str:
+  """Writes the float32 [N, d] catalog embeddings into saved_model_dir/assets.extra; returns the path."""
+  path = embeddings_path(saved_model_dir)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.save(path, np.ascontiguousarray(embeddings, dtype=np.float32))
+  return path
+
+
+def read_state(version_path: str) -> CatalogState:
+  """Reads a version's ids and eligibility from its checkpoint and its embeddings file."""
+  path = embeddings_path(version_path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the version was exported before fgr-export kept the catalog "
+                            "embeddings; export it again to refresh it")
+  reader = tf.train.load_checkpoint(variables_prefix(version_path))
+  ids = reader.get_tensor(ITEM_IDS_KEY).astype(str).astype(object)
+  eligible = reader.get_tensor(ELIGIBLE_KEY).astype(bool)
+  embeddings = np.load(path, mmap_mode="r")
+  if embeddings.shape[0] != len(ids) or eligible.shape != ids.shape:
+    raise ValueError(f"{version_path}: {len(ids)} ids, {eligible.shape[0]} eligibility flags and "
+                     f"{embeddings.shape[0]} embeddings do not match")
+  return CatalogState(ids=ids, embeddings=embeddings, eligible=eligible)

@@ -1,0 +1,67 @@
+"""Crash safety: fgr-refresh killed with SIGKILL in the middle of a publish leaves no loadable partial version."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import tensorflow as tf
+
+from export import exporter, refresh, refresh_delta, versions
+from serving.core import file_system_source
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _temp_dirs(base_path):
+  return [name for name in os.listdir(base_path) if name.startswith(".tmp-version-")]
+
+
+def _kill_mid_publish(base_path, delta_path, timeout=120.0):
+  """Runs fgr-refresh and SIGKILLs it as soon as its SavedModel is half written; returns what it had written."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
+  process = subprocess.Popen([sys.executable, "-m", "export.refresh_cli", f"--model_base_path={base_path}",
+                              f"--delta={delta_path}", "--keep_versions=0"],
+                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + timeout
+  written = None
+  while written is None:
+    for name in _temp_dirs(base_path):
+      variables = os.path.join(base_path, name, "model", "variables")
+      if os.path.isdir(variables):  # tf.saved_model.save has started writing the new version.
+        written = sorted(os.listdir(os.path.join(base_path, name, "model")))
+    if written is None and (process.poll() is not None or time.time() > deadline):
+      process.kill()
+      raise AssertionError(f"fgr-refresh ended before it could be killed:\n{process.stderr.read().decode()}")
+    time.sleep(0.002)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait(30) == -signal.SIGKILL
+  process.stderr.close()
+  return written
+
+
+def test_kill_9_mid_publish_leaves_only_complete_versions(trained_run, tmp_path):
+  import scann  # noqa: F401  Registers ScaNN's ops for loading the versions here.
+  base_path = str(tmp_path / "models")
+  exporter.export_model(trained_run, base_path, exporter.ExportConfig(index="scann", k=10, eval_queries=10,
+                                                                      num_warmup_requests=2))
+  delta_path = str(tmp_path / "delta.jsonl")
+  with open(delta_path, "w") as f:
+    f.write(json.dumps({"ad_id": "fresh-ad", "category": "c1", "brand": "b1", "tokens": ["t1_1"]}) + "\n")
+
+  written = _kill_mid_publish(base_path, delta_path)
+  assert "variables" in written
+  # The half-written version sits under a hidden name: neither our listing nor the server's sees it.
+  assert versions.list_versions(base_path) == [1]
+  assert sorted(file_system_source.list_versions(base_path)) == [1]
+  assert len(_temp_dirs(base_path)) == 1 and not os.path.exists(os.path.join(base_path, "2"))
+  tf.saved_model.load(os.path.join(base_path, "1"))
+
+  # The next refresh publishes a complete version 2 next to the debris, and pruning clears the debris.
+  report = refresh.Refresher(base_path).apply(refresh_delta.read_delta(delta_path))
+  assert report["version"] == 2 and versions.list_versions(base_path) == [1, 2]
+  assert "fresh-ad" in tf.saved_model.load(os.path.join(base_path, "2")).item_ids.numpy().astype(str)
+  versions.prune(base_path, keep=2, stale_temp_seconds=0)
+  assert not _temp_dirs(base_path) and versions.list_versions(base_path) == [1, 2]
