@@ -43,8 +43,8 @@ class Target(Protocol):
   async def open(self) -> None:
     """Connects; called inside the event loop before the first call."""
 
-  async def call(self, request: Any) -> None:
-    """Sends one request and waits for its answer; raises on failure."""
+  async def call(self, request: Any) -> Any:
+    """Sends one request and returns its answer; raises on failure."""
 
   async def close(self) -> None:
     """Releases connections."""
@@ -73,9 +73,9 @@ class GrpcPredictTarget:
                       for i in range(self._num_channels)]
     self._stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in self._channels]
 
-  async def call(self, request: Any) -> None:
+  async def call(self, request: Any) -> Any:
     self._next = (self._next + 1) % len(self._stubs)
-    await self._stubs[self._next].Predict(request, timeout=self._timeout)
+    return await self._stubs[self._next].Predict(request, timeout=self._timeout)
 
   async def close(self) -> None:
     for channel in self._channels:

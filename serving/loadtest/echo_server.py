@@ -69,20 +69,12 @@ def start(port: int = 0, max_workers: int = 8, response: predict_pb2.PredictResp
   return server, bound
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("port", 0, "gRPC port on 127.0.0.1 (0 picks a free one).")
-flags.DEFINE_string("port_file", None, "Writes `grpc=<port>` here once serving.")
-flags.DEFINE_integer("max_workers", 8, "Server worker threads.")
-flags.DEFINE_integer("k", 100, "Candidates in the fixed response.")
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  server, port = start(FLAGS.port, FLAGS.max_workers, fixed_response(FLAGS.k))
-  if FLAGS.port_file:
-    with open(FLAGS.port_file + ".tmp", "w") as f:
+def serve_until_signalled(server: grpc.Server, port: int, port_file: str | None) -> None:
+  """Publishes `grpc=<port>` in port_file (atomically), then serves until SIGTERM or SIGINT."""
+  if port_file:
+    with open(port_file + ".tmp", "w") as f:
       f.write(f"grpc={port}\n")
-    os.replace(FLAGS.port_file + ".tmp", FLAGS.port_file)
+    os.replace(port_file + ".tmp", port_file)
   stopped = threading.Event()
   signal.signal(signal.SIGTERM, lambda *_: stopped.set())
   signal.signal(signal.SIGINT, lambda *_: stopped.set())
@@ -90,5 +82,18 @@ def main(argv: list[str]) -> None:
   server.stop(grace=2).wait()
 
 
+def main(argv: list[str]) -> None:
+  del argv
+  server, port = start(FLAGS.port, FLAGS.max_workers, fixed_response(FLAGS.k))
+  serve_until_signalled(server, port, FLAGS.port_file)
+
+
+FLAGS = flags.FLAGS
+
 if __name__ == "__main__":
+  # Defined only when run as a program, so importing the servicer defines no flags (fgr-serve owns --port).
+  flags.DEFINE_integer("port", 0, "gRPC port on 127.0.0.1 (0 picks a free one).")
+  flags.DEFINE_string("port_file", None, "Writes `grpc=<port>` here once serving.")
+  flags.DEFINE_integer("max_workers", 8, "Server worker threads.")
+  flags.DEFINE_integer("k", 100, "Candidates in the fixed response.")
   app.run(main)

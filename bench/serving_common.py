@@ -1,0 +1,193 @@
+"""Shared pieces of the serving benchmarks: servers in subprocesses, measured load points, memory, tables.
+
+Every server binds 127.0.0.1 and runs in its own process, so the load generator (fgr-loadtest's driver,
+the same client for every variant) never shares a GIL with what it measures.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import grpc
+from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+from serving.loadtest import driver, histogram, request_source
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Server:
+  """A server subprocess listening on 127.0.0.1:port."""
+
+  process: subprocess.Popen
+  port: int
+  log_path: str
+
+  @property
+  def address(self) -> str:
+    return f"127.0.0.1:{self.port}"
+
+  def memory_mib(self) -> dict[str, float]:
+    """Resident memory now (VmRSS) and at its peak (VmHWM), in MiB."""
+    with open(f"/proc/{self.process.pid}/status") as f:
+      fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {"rss_mib": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+            "peak_rss_mib": round(int(fields["VmHWM"].split()[0]) / 1024, 1)}
+
+
+def _wait_available(address: str, model_name: str, process: subprocess.Popen, deadline: float) -> None:
+  request = get_model_status_pb2.GetModelStatusRequest()
+  request.model_spec.name = model_name
+  with grpc.insecure_channel(address) as channel:
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    while time.time() < deadline and process.poll() is None:
+      try:
+        status = stub.GetModelStatus(request, timeout=5)
+        if any(v.state == v.AVAILABLE for v in status.model_version_status):
+          return
+      except grpc.RpcError:
+        pass
+      time.sleep(0.5)
+  raise RuntimeError(f"{model_name} did not become AVAILABLE at {address}")
+
+
+@contextlib.contextmanager
+def server(module: str, args: Sequence[str], workdir: str, name: str, model_name: str | None = None,
+           timeout: float = 600.0) -> Iterator[Server]:
+  """Runs `python -m module --port=0 --port_file=... *args`; waits for the port (and model); SIGTERMs it."""
+  port_file = os.path.join(workdir, f"{name}.port")
+  if os.path.exists(port_file):
+    os.remove(port_file)
+  log_path = os.path.join(workdir, f"{name}.log")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+  with open(log_path, "wb") as log:
+    process = subprocess.Popen([sys.executable, "-m", module, "--port=0", f"--port_file={port_file}", *args],
+                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + timeout
+    while not os.path.exists(port_file):
+      if process.poll() is not None or time.time() > deadline:
+        raise RuntimeError(f"{module} did not start; see {log_path}")
+      time.sleep(0.2)
+    with open(port_file) as f:
+      port = int(dict(line.split("=") for line in f.read().split())["grpc"])
+    if model_name:
+      _wait_available(f"127.0.0.1:{port}", model_name, process, deadline)
+    yield Server(process, port, log_path)
+  finally:
+    process.send_signal(signal.SIGTERM)
+    try:
+      process.wait(60)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
+
+
+def fgr_serve(workdir: str, model_name: str, base_path: str, extra_args: Sequence[str] = (),
+              name: str = "fgr-serve") -> contextlib.AbstractContextManager[Server]:
+  """fgr-serve on one model, started and waited for until the model is AVAILABLE."""
+  return server("serving.model_servers.main", [f"--model_name={model_name}", f"--model_base_path={base_path}",
+                                               "--max_num_load_retries=0", *extra_args],
+                workdir, name, model_name=model_name)
+
+
+def echo_server(workdir: str, k: int = 100) -> contextlib.AbstractContextManager[Server]:
+  """The echo PredictionService answering with a full-graph-sized response (k ids and scores)."""
+  return server("serving.loadtest.echo_server", [f"--k={k}"], workdir, "echo")
+
+
+def workdir(output_dir: str, name: str) -> str:
+  """output_dir/name, created: server logs and port files of one benchmark (kept for inspection)."""
+  path = os.path.join(output_dir, name)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def latest_version(base_path: str) -> str:
+  """The newest integer version directory under base_path."""
+  versions = [int(v) for v in os.listdir(base_path) if v.isdigit()]
+  if not versions:
+    raise FileNotFoundError(f"no versions under {base_path}")
+  return os.path.join(base_path, str(max(versions)))
+
+
+def query_requests(run_dir: str, count: int, model_name: str, signature_name: str = "serving_default") -> list:
+  """`count` held-out queries of a training run as PredictRequests for model_name/signature_name."""
+  return request_source.with_model_spec(request_source.synthetic_requests(count, run_dir), model_name,
+                                        signature_name, None)
+
+
+@dataclasses.dataclass
+class Variant:
+  """One way of serving the same requests: a label, a target factory and its requests."""
+
+  label: str
+  make_target: Callable[[], driver.Target]
+  requests: Sequence[Any]
+
+
+def _point(label: str, spec: driver.LoadSpec, results: Sequence[driver.LoadResult]) -> dict[str, Any]:
+  """Pools several runs of one variant: merged histograms, summed counts and measured time."""
+  latency, service = histogram.LatencyHistogram(), histogram.LatencyHistogram()
+  errors: collections.Counter = collections.Counter()
+  for result in results:
+    latency.merge(result.latency)
+    service.merge(result.service)
+    errors.update(result.errors)
+  ok = sum(r.successes for r in results)
+  lat = latency.summary_ms()
+  rounds = f"{len(results)} x " if len(results) > 1 else ""
+  return {"variant": label, "load": f"{spec.describe().rsplit(' + ', 1)[0]} + {rounds}{spec.duration_seconds:g} s",
+          "throughput_qps": round(ok / sum(r.measured_seconds for r in results), 1),
+          "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"), "p999_ms": lat.get("p999"),
+          "service_p50_ms": service.summary_ms().get("p50"), "ok": ok, "errors": dict(errors)}
+
+
+def compare(variants: Sequence[Variant], spec: driver.LoadSpec, rounds: int = 1) -> list[dict[str, Any]]:
+  """Runs every variant `rounds` times, alternating the order (ABBA...) so that the shared machine's
+  background load falls on all of them alike; returns one pooled point per variant, and logs lines."""
+  results: dict[str, list[driver.LoadResult]] = {v.label: [] for v in variants}
+  for r in range(rounds):
+    for variant in (variants if r % 2 == 0 else variants[::-1]):
+      result = driver.run(variant.make_target(), variant.requests, spec)
+      results[variant.label].append(result)
+      print(f"  round {r + 1}: {variant.label:<36s} {result.throughput:>8,.1f} req/s  "
+            f"p50 {result.percentile_ms(50):.3f} ms  p99 {result.percentile_ms(99):.3f} ms  "
+            f"errors {result.errors or 'none'}", flush=True)
+  return [_point(v.label, spec, results[v.label]) for v in variants]
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+  """A Markdown table of rows[key] under the given (key, heading) columns."""
+  lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+  for row in rows:
+    lines.append("| " + " | ".join("–" if row.get(k) is None else (f"{row[k]:,.2f}" if isinstance(row[k], float)
+                                                                    else str(row[k])) for k, _ in columns) + " |")
+  return "\n".join(lines)
+
+
+POINT_COLUMNS = (("variant", "variant"), ("load", "load"), ("throughput_qps", "req/s"), ("p50_ms", "p50 ms"),
+                 ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"), ("errors", "errors"))
+
+
+def save(output_dir: str, name: str, data: dict[str, Any]) -> str:
+  """Writes data (plus the date and command) to output_dir/name.json; returns the path."""
+  os.makedirs(output_dir, exist_ok=True)
+  path = os.path.join(output_dir, f"{name}.json")
+  data = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+          "command": " ".join(["python -m", sys.modules["__main__"].__spec__.name, *sys.argv[1:]]),
+          "cpus": os.cpu_count(), **data}
+  with open(path, "w") as f:
+    json.dump(data, f, indent=2)
+  return path
