@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import shlex
 import sys
@@ -57,6 +58,7 @@ _EXTRAS = flags.DEFINE_list("extras", ["hnswlib", "faiss_ivfpq"],
 _SWEEP = flags.DEFINE_bool("sweep", True, "Sweep search knobs for recall-vs-QPS curves.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs", "Where the report, plot and benchmarks.md go.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic catalog.")
+_RESULTS_JSON = flags.DEFINE_string("results_json", None, "Optional path for every measurement as JSON.")
 
 # Variants: (registry backend, build options, the knob a sweep varies, sweep values as fractions or multiples).
 _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -85,6 +87,7 @@ class Measurement:
   batch_p50_ms: float = float("nan")
   batch_p99_ms: float = float("nan")
   build_seconds: float = float("nan")
+  build_cpu_seconds: float = float("nan")
   nbytes: int = 0
   code_bytes: int = 0
   in_graph: bool = True
@@ -255,9 +258,9 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   options = dict(options)
   if backend != "brute_force":
     options["tuning_queries"] = tuning
-  start = time.perf_counter()
+  start, start_cpu = time.perf_counter(), time.process_time()
   index = base.build_index(backend, items, k=k, **options)
-  build_seconds = time.perf_counter() - start
+  build_seconds, build_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
   breakdown = index.memory_breakdown() if hasattr(index, "memory_breakdown") else {}
   note = ""
   if variant == "scann":
@@ -272,6 +275,7 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   search = in_graph_search(index, k)
   default = evaluate(variant, "default", search, queries, truth, batch_search=search)
   default.build_seconds = build_seconds
+  default.build_cpu_seconds = build_cpu_seconds
   default.nbytes = index.nbytes()
   default.code_bytes = breakdown.get("codes", index.nbytes())
   default.note = note
@@ -290,13 +294,14 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
 
 def prepare_extra(name: str, items: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) -> list[Candidate]:
   """Builds one out-of-graph library index; measures recall and batched QPS of its knob sweep."""
-  start = time.perf_counter()
+  start, start_cpu = time.perf_counter(), time.process_time()
   library = extras.build(name, items, k)
-  build_seconds = time.perf_counter() - start
+  build_seconds, build_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
   candidates = []
   for i, (setting, search, batch_search) in enumerate(library.settings()):
     measured = evaluate(name, setting, batch_search, queries, truth, batch_search=batch_search, in_graph=False)
     measured.build_seconds = build_seconds
+    measured.build_cpu_seconds = build_cpu_seconds
     measured.nbytes = measured.code_bytes = library.nbytes
     candidates.append(Candidate(measured, search, _NUM_SINGLE.value if i == 0 else _NUM_SINGLE_SWEEP.value))
     if not _SWEEP.value:
@@ -313,6 +318,7 @@ def _main(argv: list[str]) -> None:
   del argv
   k = _K.value
   started = datetime.datetime.now(datetime.timezone.utc)
+  load_before = os.getloadavg()[1]
   items, queries, tuning, source = load_vectors()
   logging.info("%s; %d evaluation and %d tuning queries", source, queries.shape[0], tuning.shape[0])
   start = time.perf_counter()
@@ -347,8 +353,14 @@ def _main(argv: list[str]) -> None:
   command = "fgr-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   context = report.Context(date=started.strftime("%Y-%m-%d %H:%M UTC"), command=command, source=source,
                            num_items=items.shape[0], dim=items.shape[1], k=k, num_queries=queries.shape[0],
-                           batch_size=_BATCH_SIZE.value, cpus=os.cpu_count() or 0)
+                           batch_size=_BATCH_SIZE.value, cpus=os.cpu_count() or 0,
+                           load=f"5-minute load average {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end")
   paths = report.write(results, context, _OUT_DIR.value)
+  if _RESULTS_JSON.value:
+    with open(_RESULTS_JSON.value, "w") as f:
+      json.dump({"context": dataclasses.asdict(context), "results": [dataclasses.asdict(r) for r in results]}, f,
+                indent=1)
+    paths.append(_RESULTS_JSON.value)
   for line in report.targets(results, context):
     print(line)
   print("wrote", ", ".join(paths))
