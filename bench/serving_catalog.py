@@ -1,0 +1,119 @@
+"""Benchmark: fgr-serve latency, throughput and resident memory as the catalog grows (100k, 1M, 5M ads).
+
+  python -m bench.serving_catalog --run_dir=runs/ads --num_ads=100000,1000000
+
+The towers of one training run (`--run_dir`) are exported over synthetic catalogs of each size: the
+run's config is copied with the catalog size changed (hashed ad ids let the item tower embed ads it never
+saw in training), and `fgr-export --index=scann` builds the full graph exactly as users do, with ScaNN's
+size-based defaults (no tree below 100k, a tree of about sqrt(N) leaves above). Each version is then
+served alone and measured: time to AVAILABLE, resident memory (VmRSS now, VmHWM peak), open-loop latency
+and closed-loop throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from bench import serving_common as common
+from serving.loadtest import driver
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("run_dir", None, "fgr-train --output_dir whose towers to export (synthetic data).", required=True)
+flags.DEFINE_list("num_ads", ["100000", "1000000"], "Catalog sizes.")
+flags.DEFINE_string("work_dir", "/tmp/fgr_serving_catalog", "Derived run configs and exported models (reused).")
+flags.DEFINE_float("qps", 50.0, "Open-loop rate for latency.")
+flags.DEFINE_integer("streams", 8, "Closed-loop streams for throughput.")
+flags.DEFINE_float("warmup_seconds", 2.0, "Unmeasured lead-in per point.")
+flags.DEFINE_float("seconds", 15.0, "Measured seconds per point.")
+flags.DEFINE_integer("num_queries", 300, "Distinct held-out queries to cycle through.")
+flags.DEFINE_bool("export_only", False, "Only derive and export the catalogs (to build them ahead of a quiet "
+                  "measuring window).")
+flags.DEFINE_string("output_dir", "/tmp/fgr_serving_bench", "Where the JSON results and server logs go.")
+
+MODEL = "retrieval"
+
+
+def derived_run(run_dir: str, num_ads: int, work_dir: str) -> str:
+  """A copy of the run's config with `num_ads` ads, sharing its checkpoints (symlinked)."""
+  out = os.path.join(work_dir, f"run_{num_ads}")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(run_dir, "config.json")) as f:
+    config = json.load(f)
+  if config["data"]["name"] != "synthetic":
+    raise ValueError(f"{run_dir} was not trained on synthetic data; catalog sizes need the synthetic generator")
+  config["data"]["synthetic"]["num_ads"] = num_ads
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  link = os.path.join(out, "checkpoints")
+  if not os.path.exists(link):
+    os.symlink(os.path.abspath(os.path.join(run_dir, "checkpoints")), link)
+  return out
+
+
+def export(run: str, base_path: str) -> dict:
+  """fgr-export --index=scann of the derived run, unless a version is already there; returns its report."""
+  if not (os.path.isdir(base_path) and any(v.isdigit() for v in os.listdir(base_path))):
+    shutil.rmtree(base_path, ignore_errors=True)
+    started = time.time()
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "fgr-export"), f"--checkpoint_dir={run}",
+                    f"--model_base_path={base_path}", "--index=scann", "--k=100", "--eval_queries=100"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"  exported in {time.time() - started:.0f} s", flush=True)
+  with open(os.path.join(common.latest_version(base_path), "assets.extra", "export_report.json")) as f:
+    return json.load(f)
+
+
+def _dir_mib(path: str) -> float:
+  return round(sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**20, 1)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  rows = []
+  workdir = common.workdir(FLAGS.output_dir, "serving_catalog")
+  for num_ads in (int(n) for n in FLAGS.num_ads):
+    print(f"{num_ads:,} ads", flush=True)
+    run = derived_run(FLAGS.run_dir, num_ads, FLAGS.work_dir)
+    base_path = os.path.join(FLAGS.work_dir, f"model_{num_ads}")
+    exported = export(run, base_path)
+    if FLAGS.export_only:
+      continue
+    requests = common.query_requests(run, FLAGS.num_queries, MODEL)
+    started = time.time()
+    with common.fgr_serve(workdir, MODEL, base_path, name=f"fgr-serve-{num_ads}") as model:
+      load_seconds = time.time() - started
+      loaded = model.memory_mib()
+      latency, = common.compare([common.Variant("open loop", lambda: driver.GrpcPredictTarget(model.address),
+                                                requests)],
+                                driver.LoadSpec(mode="open", qps=FLAGS.qps, warmup_seconds=FLAGS.warmup_seconds,
+                                                duration_seconds=FLAGS.seconds, progress=False))
+      throughput, = common.compare([common.Variant("closed loop", lambda: driver.GrpcPredictTarget(model.address),
+                                                   requests)],
+                                   driver.LoadSpec(mode="closed", concurrency=FLAGS.streams,
+                                                   warmup_seconds=FLAGS.warmup_seconds,
+                                                   duration_seconds=FLAGS.seconds, progress=False))
+      after = model.memory_mib()
+    rows.append({"num_ads": num_ads, "index_config": {k: exported["index_config"][k] for k in
+                                                      ("scoring", "num_leaves", "leaves_to_search", "reorder")},
+                 "recall_at_100_vs_exact": exported["recall_at_100_vs_exact"],
+                 "index_mib": round(exported["index_bytes"] / 2**20, 1),
+                 "saved_model_mib": _dir_mib(common.latest_version(base_path)),
+                 "seconds_to_available": round(load_seconds, 1), "rss_after_load_mib": loaded["rss_mib"],
+                 "rss_after_load_peak_mib": loaded["peak_rss_mib"], "rss_after_load_test_mib": after["rss_mib"],
+                 "peak_rss_mib": after["peak_rss_mib"], f"open_{FLAGS.qps:g}qps": latency,
+                 f"closed_{FLAGS.streams}_streams": throughput})
+    print(json.dumps(rows[-1]), flush=True)
+  if rows:
+    path = common.save(FLAGS.output_dir, "serving_catalog", {"rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,115 @@
+"""Benchmark: what gRPC and the server add, with the same client in the same run.
+
+  python -m bench.serving_overhead --run_dir=runs/ads --base_path=models/ads
+
+Three variants of the same request stream, all driven by fgr-loadtest's driver:
+- gRPC `Predict` on `serving_default` of fgr-serve (another process);
+- an in-process call of the same SavedModel, loaded in this process exactly as fgr-serve loads it
+  (`serving.servables.saved_model_bundle`: a TF1 session, `Session.run` with NumPy feeds) and called on
+  a worker thread; what remains between the two is gRPC, proto conversion and the server's dispatch;
+- an echo PredictionService (another process) answering a fixed full-graph-sized response: the
+  transport floor of a thread-pool `grpc.server` in Python.
+Latency is measured open-loop at a low rate (p50); saturation throughput closed-loop with many streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+from typing import Any
+
+from absl import app, flags
+import scann  # noqa: F401  # pylint: disable=unused-import  # Registers the Scann ops before loading.
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+from bench import serving_common as common
+from serving.loadtest import driver
+from serving.servables import saved_model_bundle
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("run_dir", None, "fgr-train --output_dir of the served model (for held-out queries).",
+                    required=True)
+flags.DEFINE_string("base_path", None, "fgr-export --model_base_path.", required=True)
+flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
+flags.DEFINE_integer("streams", 16, "Closed-loop streams for the saturation comparison.")
+flags.DEFINE_float("warmup_seconds", 1.0, "Unmeasured lead-in per round.")
+flags.DEFINE_float("seconds", 5.0, "Measured seconds per round.")
+flags.DEFINE_integer("rounds", 4, "Rounds per comparison, alternating the variants' order (pooled).")
+flags.DEFINE_integer("num_queries", 500, "Distinct held-out queries to cycle through.")
+flags.DEFINE_string("output_dir", "/tmp/fgr_serving_bench", "Where the JSON results and server logs go.")
+
+MODEL = "retrieval"
+
+
+class InProcessTarget:
+  """Runs a loaded version's signature through its session on a thread pool (TF releases the GIL)."""
+
+  def __init__(self, bundle: saved_model_bundle.SavedModelBundle, threads: int,
+               signature_name: str = "serving_default"):
+    self.name = "in-process SavedModel session"
+    signature = bundle.signature_defs[signature_name]
+    self._inputs = {alias: info.name for alias, info in signature.inputs.items()}
+    self._fetches = [info.name for info in signature.outputs.values()]
+    self._run = bundle.session_run
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+
+  def feeds(self, request: predict_pb2.PredictRequest) -> dict[str, np.ndarray]:
+    """A PredictRequest's inputs as the session's feeds (converted once, before the run)."""
+    return {self._inputs[alias]: tf.make_ndarray(proto) for alias, proto in request.inputs.items()}
+
+  async def open(self) -> None:
+    pass
+
+  async def call(self, feeds: dict[str, np.ndarray]) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, feeds, self._fetches)
+
+  async def close(self) -> None:
+    self._pool.shutdown(wait=True)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  version = common.latest_version(FLAGS.base_path)
+  requests = common.query_requests(FLAGS.run_dir, FLAGS.num_queries, MODEL)
+  bundle = saved_model_bundle.SavedModelBundle(MODEL, int(os.path.basename(version)), version)
+  feeds = [InProcessTarget(bundle, 1).feeds(r) for r in requests]
+  fetches = [info.name for info in bundle.signature_defs["serving_default"].outputs.values()]
+  for f in feeds[:20]:  # Warm up like the server's warm-up replay.
+    bundle.session_run(f, fetches)
+  workdir = common.workdir(FLAGS.output_dir, "serving_overhead")
+  with common.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, common.echo_server(workdir) as echo:
+
+    def variants(threads: int) -> list[common.Variant]:
+      return [common.Variant("gRPC Predict to fgr-serve", lambda: driver.GrpcPredictTarget(model.address), requests),
+              common.Variant("in-process SavedModel call", lambda: InProcessTarget(bundle, threads), feeds),
+              common.Variant("echo PredictionService", lambda: driver.GrpcPredictTarget(echo.address), requests)]
+
+    open_loop = driver.LoadSpec(mode="open", qps=FLAGS.qps, warmup_seconds=FLAGS.warmup_seconds,
+                                duration_seconds=FLAGS.seconds, progress=False)
+    latency = common.compare(variants(1), open_loop, FLAGS.rounds)
+    closed_loop = driver.LoadSpec(mode="closed", concurrency=FLAGS.streams, warmup_seconds=FLAGS.warmup_seconds,
+                                  duration_seconds=FLAGS.seconds, progress=False)
+    saturation = common.compare(variants(FLAGS.streams), closed_loop, max(2, FLAGS.rounds // 2))
+    memory = model.memory_mib()
+  grpc_, local, echo_ = latency
+  overhead = grpc_["p50_ms"] - local["p50_ms"]
+  ratios = {
+      "grpc_minus_inprocess_p50_ms": round(overhead, 3),
+      "echo_p50_ms": echo_["p50_ms"],
+      "overhead_over_echo_p50": round(overhead / echo_["p50_ms"], 3),  # Target <= 1.2.
+      "fgr_serve_over_echo_saturation_qps": round(saturation[0]["throughput_qps"] / saturation[2]["throughput_qps"], 3),
+  }  # Target >= 0.5.
+  path = common.save(FLAGS.output_dir, "serving_overhead", {"version": version, "latency": latency,
+                                                            "saturation": saturation, "ratios": ratios,
+                                                            "fgr_serve_memory": memory})
+  print(common.table(latency + saturation, common.POINT_COLUMNS))
+  print(json.dumps(ratios))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
