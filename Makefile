@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bazel-test
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,16 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The same suite through Bazel (Debian's Bazel 4.2, offline; see README "Building with Bazel").
+# Installs Bazel and Debian's rules_java only when missing (sudo unless already root).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+bazel-test: install
+	@if ! command -v bazel >/dev/null 2>&1 || [ ! -d /usr/share/bazel/rules/java ]; then \
+	  $(SUDO) apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y bazel-bootstrap bazel-rules-java; \
+	fi
+	bazel test //tests/...
 
 clean:
 	rm -rf demo_output $(VENV) *.egg-info .pytest_cache
