@@ -41,8 +41,8 @@ class Options:
   model_name: str = "default"
   model_base_path: str = ""
   model_config_file: str = ""
-  model_config_file_poll_wait_seconds: int = 0
-  file_system_poll_wait_seconds: int = 1
+  model_config_file_poll_wait_seconds: float = 0
+  file_system_poll_wait_seconds: float = 1
   allow_version_labels_for_unavailable_models: bool = False
   num_load_threads: int = 0
   num_unload_threads: int = 0

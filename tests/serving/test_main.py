@@ -117,3 +117,25 @@ def test_model_failing_at_start_up_fails_start(tmp_path):
   with pytest.raises(errors.ServingError, match="model: m, version: 1"):
     server.start()
   server.stop(grace_seconds=0)
+
+
+def test_unix_socket_only(tmp_path):
+  """--grpc_socket_path with --port=0 serves gRPC on the socket alone."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  socket_path = str(tmp_path / "fgr.sock")
+  server = server_lib.Server(server_lib.Options(
+      port=0, grpc_socket_path=socket_path, model_name="m",
+      model_base_path=str(tmp_path / "m")))
+  server.start()
+  channel = grpc.insecure_channel(f"unix:{socket_path}")
+  try:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([4.0], dtype=tf.float32))
+    response = lib.prediction_service_pb2_grpc.PredictionServiceStub(
+        channel).Predict(request, timeout=30)
+    assert response.outputs["y"].float_val == [4.0]
+    assert server.grpc_port == 0
+  finally:
+    channel.close()
+    server.stop(grace_seconds=1)
