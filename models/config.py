@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 CONFIG_FILE = "config.json"
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass
@@ -24,6 +25,13 @@ class TowerConfig:
     side_buckets: hash buckets of categories and brands.
     sequence_pooling: "attention" (target attention over the behaviour sequence) or "mean".
     temperature: softmax temperature of the in-batch retrieval loss.
+    attention: "dot" (scaled dot-product) or "din" (DIN's MLP attention unit).
+    side_info: "separate" encodes the side-info sequence (categories, brands) apart from the id
+      sequence and adds the two with a residual; "summed" attends over id + category + brand.
+    features: "full" towers, or "ids_only" (user id <-> item id embeddings, the TFRS basic
+      tutorial's model, kept as the baseline).
+    precision: "float32", "mixed_bfloat16" or "mixed_float16": the towers compute in that dtype
+      while variables and the output embeddings stay float32.
   """
 
   embedding_dim: int = 64
@@ -35,11 +43,32 @@ class TowerConfig:
   side_buckets: int = 10_000
   sequence_pooling: str = "attention"
   temperature: float = 0.05
+  attention: str = "dot"
+  side_info: str = "separate"
+  features: str = "full"
+  precision: str = "float32"
 
   def __post_init__(self):
     self.hidden_units = tuple(self.hidden_units)
-    if self.sequence_pooling not in ("attention", "mean"):
-      raise ValueError(f"sequence_pooling must be 'attention' or 'mean', got {self.sequence_pooling!r}")
+    for name, allowed in _CHOICES.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+  @classmethod
+  def from_json(cls, value: dict[str, Any]) -> "TowerConfig":
+    """Reads a config.json "tower" entry; fields older runs did not write get their old meaning."""
+    return cls(**{**_LEGACY_VALUES, **value})
+
+
+_CHOICES = {
+    "sequence_pooling": ("attention", "mean"),
+    "attention": ("dot", "din"),
+    "side_info": ("separate", "summed"),
+    "features": ("full", "ids_only"),
+    "precision": PRECISIONS,
+}
+# Runs written before a field existed were trained with these towers, so restore must rebuild them.
+_LEGACY_VALUES = {"side_info": "summed"}
 
 
 def write_run_config(output_dir: str, tower: TowerConfig, data: dict[str, Any], training: dict[str, Any]) -> None:
@@ -56,5 +85,5 @@ def read_run_config(output_dir: str) -> dict[str, Any]:
     raise FileNotFoundError(f"{path} not found: is {output_dir} the --output_dir of fgr-train?")
   with open(path) as f:
     config = json.load(f)
-  config["tower"] = TowerConfig(**config["tower"])
+  config["tower"] = TowerConfig.from_json(config["tower"])
   return config

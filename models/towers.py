@@ -4,6 +4,12 @@ Retrieval is factorised into two towers so that the catalog side can be computed
 indexed: relevance is the dot product of a query embedding and an item embedding, both L2-normalised.
 The towers share the item-feature and token embeddings, so a behaviour sequence, a query and an ad
 speak the same vocabulary, and an ad never seen in training still gets a vector from its side info.
+
+Each tower runs in two steps: `lookup` hashes the string features into buckets, and `encode` does
+everything numeric. Only `encode` can be compiled with XLA (XLA has no string kernels), which is what
+`jit_compile` switches on. Under a mixed-precision `TowerConfig.precision` every layer computes in
+the mixed dtype while variables and the output embeddings stay float32, so `tfrs.tasks.Retrieval`
+and the index always see float32 (a global mixed policy breaks Retrieval: TFRS issue #498).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from models import layers
 from models.config import TowerConfig
 from models.data import schema
 
+Buckets = dict[str, tf.Tensor]
+
 
 class ItemFeatureEmbedding(tf.keras.layers.Layer):
   """Embeds an item's id, category and brand; shared by the item tower and the behaviour sequence.
@@ -25,25 +33,75 @@ class ItemFeatureEmbedding(tf.keras.layers.Layer):
   """
 
   def __init__(self, config: TowerConfig, **kwargs):
-    super().__init__(**kwargs)
-    self.ids = layers.HashedEmbedding(config.id_buckets, config.embedding_dim, name="ad_id")
-    self.categories = layers.HashedEmbedding(config.side_buckets, config.embedding_dim, name="category")
-    self.brands = layers.HashedEmbedding(config.side_buckets, config.embedding_dim, name="brand")
+    super().__init__(dtype=config.precision, **kwargs)
+    self.ids = layers.HashedEmbedding(config.id_buckets, config.embedding_dim, dtype=config.precision, name="ad_id")
+    self.categories = layers.HashedEmbedding(config.side_buckets, config.embedding_dim, dtype=config.precision,
+                                             name="category")
+    self.brands = layers.HashedEmbedding(config.side_buckets, config.embedding_dim, dtype=config.precision,
+                                         name="brand")
+
+  def lookup(self, ad_ids: tf.Tensor, categories: tf.Tensor, brands: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """Hash buckets of (id, category, brand)."""
+    return self.ids.lookup(ad_ids), self.categories.lookup(categories), self.brands.lookup(brands)
+
+  def embed(self, id_buckets: tf.Tensor, category_buckets: tf.Tensor,
+            brand_buckets: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """Returns (id, category, brand) embeddings and the id mask, from `lookup`'s buckets."""
+    id_embedding, mask = self.ids.embed(id_buckets)
+    category_embedding, _ = self.categories.embed(category_buckets)
+    brand_embedding, _ = self.brands.embed(brand_buckets)
+    return id_embedding, category_embedding, brand_embedding, mask
 
   def call(self, ad_ids: tf.Tensor, categories: tf.Tensor, brands: tf.Tensor) -> tuple[tf.Tensor, ...]:
     """Returns (id, category, brand) embeddings and the id mask."""
-    id_embedding, mask = self.ids(ad_ids)
-    category_embedding, _ = self.categories(categories)
-    brand_embedding, _ = self.brands(brands)
-    return id_embedding, category_embedding, brand_embedding, mask
+    return self.embed(*self.lookup(ad_ids, categories, brands))
 
 
-class QueryTower(tf.keras.Model):
+class Tower(tf.keras.Model):
+  """A tower that hashes its string features (`lookup`) and then computes (`encode`), optionally in XLA.
+
+  Args:
+    config: tower configuration.
+  """
+
+  def __init__(self, config: TowerConfig, **kwargs):
+    super().__init__(**kwargs)
+    self.config = config
+    self.jit_compile = False
+
+  def get_config(self) -> dict:
+    return {"tower_config": dataclasses.asdict(self.config)}
+
+  def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
+    """Hash buckets of every string feature the tower reads."""
+    raise NotImplementedError
+
+  def encode(self, buckets: Buckets) -> tf.Tensor:
+    """The L2-normalised float32 embedding [B, output_dim] of `lookup`'s buckets."""
+    raise NotImplementedError
+
+  def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+    buckets = self.lookup(features)
+    if not self.jit_compile:
+      return self.encode(buckets)
+    compiled = self.__dict__.get("_compiled_encode")
+    if compiled is None:
+      # Kept out of Keras' attribute tracking: the compiled function is a view of `encode`, not state.
+      compiled = tf.function(self.encode, jit_compile=True, reduce_retracing=True)
+      self.__dict__["_compiled_encode"] = compiled
+    return compiled(buckets)
+
+
+class QueryTower(Tower):
   """Encodes who is searching, what they typed and what they clicked into one normalised vector.
 
-  The embedded query tokens are the attention target over the behaviour sequence (each past click
-  embedded as id + category + brand); padding is masked. The user id, the profile, the query, the
-  attended sequence and its mean are concatenated and passed through an MLP.
+  The embedded query tokens are the attention target over the behaviour sequence; padding is masked.
+  With `side_info="separate"` (the default), the id sequence and the side-info sequence (category +
+  brand of each past click) are attended separately and added: for a long-tail ad whose id embedding
+  is barely trained, the side-info path still carries the signal and the id path adds a residual on
+  top of it, as Xiaohongshu describes for its search-ads recall. With `side_info="summed"`, each past
+  click is embedded as id + category + brand and attended once. The user id, the profile, the query,
+  the attended sequence and the sequence means are concatenated and passed through an MLP.
 
   Args:
     config: tower configuration.
@@ -53,35 +111,58 @@ class QueryTower(tf.keras.Model):
 
   def __init__(self, config: TowerConfig, item_embedding: ItemFeatureEmbedding,
                token_embedding: layers.HashedEmbedding, **kwargs):
-    super().__init__(**kwargs)
-    self.config = config
+    super().__init__(config, **kwargs)
+    dtype = config.precision
     self.item_embedding = item_embedding
     self.token_embedding = token_embedding
-    self.user_embedding = layers.HashedEmbedding(config.user_buckets, config.embedding_dim, name="user_id")
-    self.target_projection = tf.keras.layers.Dense(config.embedding_dim, name="target")
-    self.attention = layers.TargetAttention(config.embedding_dim, name="target_attention")
-    self.mlp = layers.mlp(config.hidden_units, config.output_dim, name="query_mlp")
+    self.user_embedding = layers.HashedEmbedding(config.user_buckets, config.embedding_dim, dtype=dtype,
+                                                 name="user_id")
+    self.target_projection = tf.keras.layers.Dense(config.embedding_dim, dtype=dtype, name="target")
+    self.attention = _attention(config, "target_attention")
+    if config.side_info == "separate":
+      self.side_attention = _attention(config, "side_attention")
+    self.mlp = layers.mlp(config.hidden_units, config.output_dim, name="query_mlp", dtype=dtype)
 
-  def get_config(self) -> dict:
-    return {"tower_config": dataclasses.asdict(self.config)}
-
-  def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-    user, _ = self.user_embedding(features[schema.USER_ID])
-    profile = layers.masked_mean(*self.token_embedding(features[schema.USER_FEATURES]))
-    query = layers.masked_mean(*self.token_embedding(features[schema.QUERY_TOKENS]))
-    ids, categories, brands, mask = self.item_embedding(
+  def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
+    ids, categories, brands = self.item_embedding.lookup(
         features[schema.HIST_IDS], features[schema.HIST_CATEGORIES], features[schema.HIST_BRANDS])
-    history = ids + categories + brands
+    return {
+        schema.USER_ID: self.user_embedding.lookup(features[schema.USER_ID]),
+        schema.USER_FEATURES: self.token_embedding.lookup(features[schema.USER_FEATURES]),
+        schema.QUERY_TOKENS: self.token_embedding.lookup(features[schema.QUERY_TOKENS]),
+        schema.HIST_IDS: ids, schema.HIST_CATEGORIES: categories, schema.HIST_BRANDS: brands,
+    }
+
+  def _pool(self, attention: tf.keras.layers.Layer, target: tf.Tensor | None, sequence: tf.Tensor,
+            mask: tf.Tensor) -> tf.Tensor:
     if self.config.sequence_pooling == "attention":
-      pooled = self.attention(self.target_projection(query), history, mask)
+      return attention(target, sequence, mask)
+    return layers.masked_mean(sequence, mask)
+
+  def encode(self, buckets: Buckets) -> tf.Tensor:
+    user, _ = self.user_embedding.embed(buckets[schema.USER_ID])
+    profile = layers.masked_mean(*self.token_embedding.embed(buckets[schema.USER_FEATURES]))
+    query = layers.masked_mean(*self.token_embedding.embed(buckets[schema.QUERY_TOKENS]))
+    ids, categories, brands, mask = self.item_embedding.embed(
+        buckets[schema.HIST_IDS], buckets[schema.HIST_CATEGORIES], buckets[schema.HIST_BRANDS])
+    # Mean pooling has no target: the projection is not even built, as in runs that predate it.
+    target = self.target_projection(query) if self.config.sequence_pooling == "attention" else None
+    if self.config.side_info == "summed":
+      history = ids + categories + brands
+      parts = [self._pool(self.attention, target, history, mask), layers.masked_mean(history, mask)]
     else:
-      pooled = layers.masked_mean(history, mask)
-    history_mean = layers.masked_mean(history, mask)
-    embedding = self.mlp(tf.concat([user, profile, query, pooled, history_mean], axis=-1))
+      # A past click counts on the side-info path when any of its side info is known.
+      side_mask = tf.logical_or(tf.not_equal(buckets[schema.HIST_CATEGORIES], 0),
+                                tf.not_equal(buckets[schema.HIST_BRANDS], 0))
+      side = categories + brands
+      side_pooled = self._pool(self.side_attention, target, side, side_mask)
+      id_pooled = self._pool(self.attention, target, ids, mask)
+      parts = [side_pooled + id_pooled, layers.masked_mean(side, side_mask), layers.masked_mean(ids, mask)]
+    embedding = self.mlp(tf.concat([user, profile, query, *parts], axis=-1))
     return tf.math.l2_normalize(embedding, axis=-1)
 
 
-class ItemTower(tf.keras.Model):
+class ItemTower(Tower):
   """Encodes an ad from its hashed id and side info (category, brand, bidword tokens).
 
   Args:
@@ -92,26 +173,60 @@ class ItemTower(tf.keras.Model):
 
   def __init__(self, config: TowerConfig, item_embedding: ItemFeatureEmbedding,
                token_embedding: layers.HashedEmbedding, **kwargs):
-    super().__init__(**kwargs)
-    self.config = config
+    super().__init__(config, **kwargs)
     self.item_embedding = item_embedding
     self.token_embedding = token_embedding
-    self.mlp = layers.mlp(config.hidden_units, config.output_dim, name="item_mlp")
+    self.mlp = layers.mlp(config.hidden_units, config.output_dim, name="item_mlp", dtype=config.precision)
 
-  def get_config(self) -> dict:
-    return {"tower_config": dataclasses.asdict(self.config)}
-
-  def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-    ids, categories, brands, _ = self.item_embedding(
+  def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
+    ids, categories, brands = self.item_embedding.lookup(
         features[schema.AD_ID], features[schema.CATEGORY], features[schema.BRAND])
-    tokens = layers.masked_mean(*self.token_embedding(features[schema.AD_TOKENS]))
+    return {schema.AD_ID: ids, schema.CATEGORY: categories, schema.BRAND: brands,
+            schema.AD_TOKENS: self.token_embedding.lookup(features[schema.AD_TOKENS])}
+
+  def encode(self, buckets: Buckets) -> tf.Tensor:
+    ids, categories, brands, _ = self.item_embedding.embed(
+        buckets[schema.AD_ID], buckets[schema.CATEGORY], buckets[schema.BRAND])
+    tokens = layers.masked_mean(*self.token_embedding.embed(buckets[schema.AD_TOKENS]))
     embedding = self.mlp(tf.concat([ids, categories, brands, tokens], axis=-1))
     return tf.math.l2_normalize(embedding, axis=-1)
 
 
-def build_towers(config: TowerConfig) -> tuple[QueryTower, ItemTower]:
+class IdTower(Tower):
+  """One id embedding per user (query side) or per item: the TFRS basic tutorial's baseline model.
+
+  Args:
+    config: tower configuration (`output_dim` is the embedding width).
+    feature: the id feature to embed, `schema.USER_ID` or `schema.AD_ID`.
+    num_buckets: hash buckets of that id.
+  """
+
+  def __init__(self, config: TowerConfig, feature: str, num_buckets: int, **kwargs):
+    super().__init__(config, **kwargs)
+    self.feature = feature
+    self.ids = layers.HashedEmbedding(num_buckets, config.output_dim, name=feature)
+
+  def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
+    return {self.feature: self.ids.lookup(features[self.feature])}
+
+  def encode(self, buckets: Buckets) -> tf.Tensor:
+    embedding, _ = self.ids.embed(buckets[self.feature])
+    return tf.math.l2_normalize(tf.cast(embedding, tf.float32), axis=-1)
+
+
+def _attention(config: TowerConfig, name: str) -> tf.keras.layers.Layer:
+  if config.attention == "din":
+    return layers.MlpAttention(dtype=config.precision, name=name)
+  return layers.TargetAttention(config.embedding_dim, dtype=config.precision, name=name)
+
+
+def build_towers(config: TowerConfig) -> tuple[Tower, Tower]:
   """Creates the two towers with their shared embeddings."""
+  if config.features == "ids_only":
+    return (IdTower(config, schema.USER_ID, config.user_buckets, name="query_tower"),
+            IdTower(config, schema.AD_ID, config.id_buckets, name="item_tower"))
   item_embedding = ItemFeatureEmbedding(config, name="item_features")
-  token_embedding = layers.HashedEmbedding(config.token_buckets, config.embedding_dim, name="tokens")
+  token_embedding = layers.HashedEmbedding(config.token_buckets, config.embedding_dim, dtype=config.precision,
+                                           name="tokens")
   return (QueryTower(config, item_embedding, token_embedding, name="query_tower"),
           ItemTower(config, item_embedding, token_embedding, name="item_tower"))
