@@ -6,6 +6,9 @@ the category, its decade the brand, and its genres plus title words the tokens. 
 sequence is their training ratings before the one being predicted, in time order; the most recent
 of them plays the query. Test ratings never enter any behaviour sequence, so no test label is ever
 an input.
+
+The "leave_last_out" split instead holds out each user's last rating in time (ties in file order):
+943 test examples, one per user, whose behaviour sequence is everything the user rated before.
 """
 
 from __future__ import annotations
@@ -37,13 +40,17 @@ class MovieLens100K:
 
   Args:
     data_dir: directory holding the unpacked ml-100k files.
+    split: "default" (the TFRS protocol) or "leave_last_out".
   """
 
-  def __init__(self, data_dir: str):
+  def __init__(self, data_dir: str, split: str = "default"):
+    if split not in ("default", "leave_last_out"):
+      raise ValueError(f"split must be 'default' or 'leave_last_out', got {split!r}")
     missing = [f for f in ("u.data", "u.item", "u.user") if not os.path.exists(os.path.join(data_dir, f))]
     if missing:
       raise FileNotFoundError(f"{data_dir} is not a MovieLens-100K directory: missing {', '.join(missing)}")
     self.data_dir = data_dir
+    self.split = split
     self._table = self._read_items()
     self.num_items = self._table.num_items
     self._user_features = self._read_users()
@@ -82,10 +89,15 @@ class MovieLens100K:
   def _build_examples(self) -> dict[str, dict[str, np.ndarray]]:
     raw = np.loadtxt(os.path.join(self.data_dir, "u.data"), dtype=np.int64)
     users, items, timestamps = raw[:, 0], raw[:, 1], raw[:, 3]
-    is_train = np.zeros(len(raw), dtype=bool)
-    is_train[np.random.default_rng(SPLIT_SEED).permutation(len(raw))[:NUM_TRAIN]] = True
-
     order = np.lexsort((np.arange(len(raw)), timestamps))  # time order, ties in file order
+    if self.split == "leave_last_out":
+      is_train = np.ones(len(raw), dtype=bool)
+      last_of_user = {user: i for i, user in zip(order.tolist(), users[order].tolist())}
+      is_train[list(last_of_user.values())] = False
+    else:
+      is_train = np.zeros(len(raw), dtype=bool)
+      is_train[np.random.default_rng(SPLIT_SEED).permutation(len(raw))[:NUM_TRAIN]] = True
+
     rows = np.asarray([self._table.row_of[str(i)] for i in items[order].tolist()])
     hist_rows = sequences.HistoryTracker().observe(users[order], rows, enters_history=is_train[order])
 
@@ -104,7 +116,10 @@ class MovieLens100K:
             "test": {k: v[~train] for k, v in examples.items()}}
 
   def examples(self, split: str, chunk_size: int = 8192) -> Iterator[dict[str, np.ndarray]]:
-    """Yields batches of the "train" (80k) or "test" (20k) split, in time order."""
+    """Yields batches of the "train" (80k) or "test" (20k) split, in time order.
+
+    Under "leave_last_out" the test split is each user's last rating and "train" is the rest.
+    """
     if split not in self._split:
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     data = self._split[split]

@@ -7,9 +7,10 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from models.data import logs, movielens, synthetic
+from models.data import cold_start, logs, movielens, synthetic
 
 SOURCES = ("synthetic", "movielens", "logs")
+SPLITS = ("default", "leave_last_out")
 
 
 class Source(Protocol):
@@ -35,11 +36,20 @@ class DataSpec:
     name: "synthetic", "movielens" or "logs".
     data_dir: directory of the MovieLens files or of items.jsonl/events.jsonl.
     synthetic: `SyntheticConfig` fields, for the synthetic source.
+    split: "default" (MovieLens: the TFRS tutorials' seeded 80/20 split; synthetic and logs: the
+      last share of the log in time) or "leave_last_out" (each user's last interaction is the test
+      example; MovieLens and synthetic only).
+    held_out_item_fraction: share of items removed from training entirely, to measure cold start
+      (see `cold_start.HeldOutItems`); 0 keeps every item.
+    held_out_item_seed: seed choosing those items.
   """
 
   name: str = "synthetic"
   data_dir: str = ""
   synthetic: dict[str, Any] = dataclasses.field(default_factory=dict)
+  split: str = "default"
+  held_out_item_fraction: float = 0.0
+  held_out_item_seed: int = 0
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -51,12 +61,23 @@ class DataSpec:
 
 def open_source(spec: DataSpec) -> Source:
   """Opens the source a spec names, with a clear error for a wrong name or a missing directory."""
+  if spec.split not in SPLITS:
+    raise ValueError(f"Unknown split {spec.split!r}; choose one of {SPLITS}")
+  source = _open(spec)
+  if spec.held_out_item_fraction > 0:
+    source = cold_start.HeldOutItems(source, spec.held_out_item_fraction, spec.held_out_item_seed)
+  return source
+
+
+def _open(spec: DataSpec) -> Source:
   if spec.name == "synthetic":
-    return synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**spec.synthetic))
+    return synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**spec.synthetic), split=spec.split)
   if spec.name in ("movielens", "logs") and not spec.data_dir:
     raise ValueError(f"--data={spec.name} needs --data_dir")
   if spec.name == "movielens":
-    return movielens.MovieLens100K(spec.data_dir)
+    return movielens.MovieLens100K(spec.data_dir, split=spec.split)
   if spec.name == "logs":
+    if spec.split != "default":
+      raise ValueError(f"--data=logs supports only the default (time-ordered) split, not {spec.split!r}")
     return logs.LogsDataset(spec.data_dir)
   raise ValueError(f"Unknown data source {spec.name!r}; choose one of {SOURCES}")

@@ -93,11 +93,17 @@ class SyntheticSearchAds:
 
   Args:
     config: sizes and seed.
+    split: "default" (the last `test_fraction` of sessions in time is the test split) or
+      "leave_last_out" (each user's last click is the test example).
   """
 
-  def __init__(self, config: SyntheticConfig = SyntheticConfig()):
+  def __init__(self, config: SyntheticConfig = SyntheticConfig(), split: str = "default"):
+    if split not in ("default", "leave_last_out"):
+      raise ValueError(f"split must be 'default' or 'leave_last_out', got {split!r}")
     self.config = config
+    self.split = split
     self.num_items = config.num_ads
+    self._last_click_key: np.ndarray | None = None
 
   # ---- Counter-based randomness ---------------------------------------------------------------
 
@@ -192,6 +198,34 @@ class SyntheticSearchAds:
   def num_train_sessions(self) -> int:
     return int(round(self.config.num_sessions * (1.0 - self.config.test_fraction)))
 
+  @property
+  def last_train_day(self) -> int:
+    """Day of the last training session under the default split."""
+    return (self.num_train_sessions - 1) * self.config.num_days // self.config.num_sessions
+
+  def items_added_after_training(self) -> np.ndarray | None:
+    """bool [num_ads]: ads created after the last training day (never clicked in training).
+
+    None under "leave_last_out", whose training data spans the whole log.
+    """
+    if self.split != "default":
+      return None
+    return self.created_day(np.arange(self.num_items)) > self.last_train_day
+
+  def _chunks(self, chunk_sessions: int) -> Iterator[np.ndarray]:
+    for start in range(0, self.config.num_sessions, chunk_sessions):
+      yield np.arange(start, min(start + chunk_sessions, self.config.num_sessions), dtype=np.int64)
+
+  def _last_click_keys(self) -> np.ndarray:
+    """[num_users] key (session * 4 + slot) of each user's last click, -1 if none; one streaming pass."""
+    if self._last_click_key is None:
+      last = np.full(self.config.num_users, -1, dtype=np.int64)
+      for sessions in self._chunks(8192):
+        clicks = self._session_clicks(sessions)
+        np.maximum.at(last, clicks["user"], clicks["session"] * 4 + clicks["slot"])
+      self._last_click_key = last
+    return self._last_click_key
+
   def _session_clicks(self, sessions: np.ndarray) -> dict[str, np.ndarray]:
     """Samples the clicks of sessions; returns flat per-click arrays in time order."""
     cfg = self.config
@@ -221,7 +255,7 @@ class SyntheticSearchAds:
     conversion_rate = 0.03 + 0.12 * self._uniform(90, rows)
     converted = self._uniform(91, sessions[session_of_click] * 4 + slot_of_click) < conversion_rate
     return {
-        "session": sessions[session_of_click], "user": users[session_of_click],
+        "session": sessions[session_of_click], "slot": slot_of_click, "user": users[session_of_click],
         "day": day[session_of_click], "row": rows, "converted": converted,
         "first_row_of_session": click_rows[session_of_click, np.argmax(click_rows >= 0, axis=1)[session_of_click]],
     }
@@ -249,18 +283,23 @@ class SyntheticSearchAds:
   def examples(self, split: str, chunk_sessions: int = 8192) -> Iterator[dict[str, np.ndarray]]:
     """Yields batches of training examples (one per click) of the "train" or "test" split.
 
-    Test sessions come after all train sessions in time. Behaviour sequences run over the whole log,
-    so a test example sees everything its user clicked before it.
+    Test sessions come after all train sessions in time (under "leave_last_out", the test split is
+    each user's last click instead). Behaviour sequences run over the whole log, so a test example
+    sees everything its user clicked before it.
     """
     if split not in ("train", "test"):
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     tracker = sequences.HistoryTracker()
     boundary = self.num_train_sessions
-    for start in range(0, self.config.num_sessions, chunk_sessions):
-      sessions = np.arange(start, min(start + chunk_sessions, self.config.num_sessions), dtype=np.int64)
+    last_keys = self._last_click_keys() if self.split == "leave_last_out" else None
+    for sessions in self._chunks(chunk_sessions):
       clicks = self._session_clicks(sessions)
       hist_rows = tracker.observe(clicks["user"], clicks["row"])
-      keep = clicks["session"] < boundary if split == "train" else clicks["session"] >= boundary
+      if last_keys is not None:
+        is_test = clicks["session"] * 4 + clicks["slot"] == last_keys[clicks["user"]]
+      else:
+        is_test = clicks["session"] >= boundary
+      keep = ~is_test if split == "train" else is_test
       if not keep.any():
         continue
       kept = {name: values[keep] for name, values in clicks.items()}

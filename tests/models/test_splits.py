@@ -1,0 +1,73 @@
+"""The leave-last-out split (MovieLens and synthetic) and the held-out items of the cold-start runs."""
+
+import dataclasses
+
+import numpy as np
+
+from models.data import cold_start, movielens, schema, sources, synthetic
+from tests.conftest import TINY_DATA
+
+_NAMES = schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES
+
+
+def _all(source, split, names=_NAMES):
+  batches = list(source.examples(split))
+  return {k: np.concatenate([b[k] for b in batches]) for k in names}
+
+
+def test_movielens_leave_last_out_holds_out_each_users_last_rating(movielens_dir):
+  data = movielens.MovieLens100K(movielens_dir, split="leave_last_out")
+  train, test = _all(data, "train"), _all(data, "test")
+  assert len(test[schema.AD_ID]) == 943 and len(set(test[schema.USER_ID])) == 943
+  assert len(train[schema.AD_ID]) == 100_000 - 943
+  raw = np.loadtxt(f"{movielens_dir}/u.data", dtype=np.int64)
+  order = np.lexsort((np.arange(len(raw)), raw[:, 3]))
+  last = {str(u): str(i) for u, i in zip(raw[order, 0].tolist(), raw[order, 1].tolist())}
+  assert all(last[u] == a for u, a in zip(test[schema.USER_ID], test[schema.AD_ID]))
+  # The test example's history is the user's previous ratings, the most recent first.
+  user = test[schema.USER_ID][0]
+  previous = [str(i) for u, i in zip(raw[order, 0].tolist(), raw[order, 1].tolist()) if str(u) == user][:-1]
+  expected = previous[::-1][:schema.HISTORY_LEN]
+  assert list(test[schema.HIST_IDS][0][:len(expected)]) == expected
+  # The default split is untouched.
+  assert sum(len(b[schema.AD_ID]) for b in movielens.MovieLens100K(movielens_dir).examples("test")) == 20_000
+
+
+def test_synthetic_leave_last_out_holds_out_each_users_last_click():
+  config = synthetic.SyntheticConfig(**TINY_DATA.synthetic)
+  data = synthetic.SyntheticSearchAds(config, split="leave_last_out")
+  names = (schema.USER_ID, schema.AD_ID, schema.HIST_IDS, "day")
+  train, test = _all(data, "train", names), _all(data, "test", names)
+  assert len(test[schema.USER_ID]) == len(set(test[schema.USER_ID]))  # One test example per user...
+  assert set(test[schema.USER_ID]) == set(train[schema.USER_ID]) | set(test[schema.USER_ID])  # ...per active user.
+  default = synthetic.SyntheticSearchAds(config)
+  total = sum(len(b[schema.AD_ID]) for split in ("train", "test") for b in default.examples(split))
+  assert len(train[schema.AD_ID]) + len(test[schema.AD_ID]) == total
+  # Nothing of a user's comes after their test click: it is the last of their train clicks' days too.
+  last_train_day = {}
+  for user, day in zip(train[schema.USER_ID], train["day"]):
+    last_train_day[user] = max(day, last_train_day.get(user, -1))
+  assert all(day >= last_train_day.get(user, -1) for user, day in zip(test[schema.USER_ID], test["day"]))
+  # Its history is the user's whole past (up to the history length).
+  user = test[schema.USER_ID][0]
+  clicks = [a for u, a in zip(train[schema.USER_ID], train[schema.AD_ID]) if u == user]
+  expected = clicks[::-1][:schema.HISTORY_LEN]
+  assert list(test[schema.HIST_IDS][0][:len(expected)]) == expected
+
+
+def test_held_out_items_never_reach_training_but_stay_in_the_catalog_and_test():
+  spec = dataclasses.replace(TINY_DATA, held_out_item_fraction=0.1)
+  source = sources.open_source(spec)
+  assert isinstance(source, cold_start.HeldOutItems)
+  held = set(source.features(np.flatnonzero(source.held_out_rows))[schema.AD_ID])
+  assert 0.07 < len(held) / source.num_items < 0.13
+  train = _all(source, "train")
+  assert not held & set(train[schema.AD_ID])
+  assert not held & set(train[schema.HIST_IDS].ravel())
+  # Scrubbed histories stay left-aligned: no padding before a real entry.
+  hist = train[schema.HIST_IDS] != schema.PAD
+  assert np.all(hist[:, :-1] | ~hist[:, 1:])
+  test = _all(source, "test")
+  assert held & set(test[schema.AD_ID])
+  unwrapped = sources.open_source(TINY_DATA)
+  assert len(test[schema.AD_ID]) == sum(len(b[schema.AD_ID]) for b in unwrapped.examples("test"))
