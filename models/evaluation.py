@@ -1,15 +1,18 @@
-"""Top-k accuracy over the whole catalog with TFRS's FactorizedTopK metric (the TFRS protocol)."""
+"""Evaluation against the whole catalog: TFRS's FactorizedTopK, exact ranks for fgr-eval, a Keras callback."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from models import catalog as catalog_lib
+from models import metrics
 from models.data import schema, sequences
+
+EXAMPLE_FEATURES = schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES
 
 
 def top_k_accuracy(query_tower: tf.keras.Model, item_tower: tf.keras.Model, table: sequences.ItemTable,
@@ -25,6 +28,109 @@ def top_k_accuracy(query_tower: tf.keras.Model, item_tower: tf.keras.Model, tabl
   encode_query = tf.function(query_tower)
   encode_item = tf.function(item_tower)
   for batch in examples:
-    tensors = {name: tf.constant(batch[name]) for name in schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES}
+    tensors = {name: tf.constant(batch[name]) for name in EXAMPLE_FEATURES}
     metric.update_state(encode_query(tensors), encode_item(tensors), true_candidate_ids=tensors[schema.AD_ID])
   return {f"top_{k}": float(value.numpy()) for k, value in zip(ks, metric.result())}
+
+
+class TopKValidation(tf.keras.callbacks.Callback):
+  """Adds "val_top_<k>" (full-catalog top-k accuracy on held-out examples) to each epoch's logs.
+
+  Keras' own validation would report the in-batch loss, which is not what retrieval is judged on;
+  early stopping and best-checkpoint selection monitor this metric instead.
+
+  Args:
+    table: the catalog.
+    examples: held-out example batches.
+    k: cut-off.
+  """
+
+  def __init__(self, table: sequences.ItemTable, examples: list[dict[str, np.ndarray]], k: int):
+    super().__init__()
+    self.table = table
+    self.examples = examples
+    self.k = k
+
+  def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    value = top_k_accuracy(self.model.query_tower, self.model.item_tower, self.table, self.examples,
+                           ks=(self.k,))[f"top_{self.k}"]
+    if logs is not None:
+      logs[f"val_top_{self.k}"] = value
+
+
+def rank_examples(query_tower: tf.keras.Model, catalog: catalog_lib.EmbeddedCatalog, row_of,
+                  examples: Iterable[dict[str, np.ndarray]], k: int,
+                  extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """Exact full-catalog retrieval of every example's query, with its clicked item's rank.
+
+  Args:
+    query_tower: the query tower.
+    catalog: the embedded catalog (row i of the embeddings is catalog row i).
+    row_of: maps an ad id to its catalog row.
+    examples: example batches.
+    k: how many items to recall per query.
+    extra: further example fields to pass through (e.g. "converted"), when present.
+
+  Returns:
+    "rank" int [n] (0-based rank of the clicked item among all items), "recalled" int [n, k] rows,
+    "positive" int [n] the clicked item's row, plus the `extra` fields found.
+  """
+  encode = tf.function(query_tower)
+  items = tf.constant(catalog.embeddings)
+  out: dict[str, list[np.ndarray]] = {"rank": [], "recalled": [], "positive": []}
+  for batch in examples:
+    positives = np.asarray([row_of(str(ad_id)) for ad_id in batch[schema.AD_ID]], dtype=np.int64)
+    queries = encode({name: tf.constant(batch[name]) for name in schema.QUERY_FEATURE_NAMES})
+    scores = tf.matmul(queries, items, transpose_b=True)
+    positive_scores = tf.gather(scores, positives, batch_dims=1)
+    out["rank"].append(tf.reduce_sum(tf.cast(scores > positive_scores[:, tf.newaxis], tf.int64), axis=1).numpy())
+    out["recalled"].append(tf.math.top_k(scores, k=min(k, catalog.embeddings.shape[0])).indices.numpy())
+    out["positive"].append(positives)
+    for name in extra:
+      if name in batch:
+        out.setdefault(name, []).append(np.asarray(batch[name]))
+  return {name: np.concatenate(values) for name, values in out.items()}
+
+
+def _limited(batches: Iterable[dict[str, np.ndarray]], max_examples: int) -> Iterable[dict[str, np.ndarray]]:
+  """The first `max_examples` examples of a batch stream (all of them when max_examples <= 0)."""
+  remaining = max_examples if max_examples > 0 else None
+  for batch in batches:
+    if remaining is not None:
+      batch = {name: values[:remaining] for name, values in batch.items()}
+      remaining -= len(batch[schema.AD_ID])
+    yield batch
+    if remaining is not None and remaining <= 0:
+      return
+
+
+def evaluate(query_tower: tf.keras.Model, item_tower: tf.keras.Model, source: Any,
+             ks: tuple[int, ...] = (10, 50, 100), max_examples: int = 0) -> dict[str, Any]:
+  """Everything fgr-eval reports on a source's test split, retrieving exactly over the whole catalog.
+
+  Returns:
+    "ranking": Recall/HitRate/NDCG@K; "water_level" at the largest K: coverage of clicks (and of
+    conversions when the source logs them), noise ratio by category, and coverage of clicks on
+    items added after training when the source knows them; "held_out_items": with a cold-start
+    source, the coverage of held-out items' clicks against warm items'.
+  """
+  k = max(ks)
+  catalog = catalog_lib.embed_catalog(item_tower, source)
+  ranked = rank_examples(query_tower, catalog, source.row_of, _limited(source.examples("test"), max_examples),
+                         k, extra=("converted",))
+  report: dict[str, Any] = {"num_examples": int(len(ranked["rank"])), "num_items": int(source.num_items),
+                            "ranking": metrics.ranking_metrics(ranked["rank"], ks)}
+  categories = np.concatenate([features[schema.CATEGORY] for _, features in sequences.iterate_catalog(source)])
+  new_items = source.items_added_after_training() if hasattr(source, "items_added_after_training") else None
+  report["water_level"] = {"k": k, **metrics.water_level_metrics(
+      ranked["recalled"], ranked["positive"], ranked.get("converted"), categories, new_items)}
+  held_out = getattr(source, "held_out_rows", None)
+  if held_out is not None:
+    cold = held_out[ranked["positive"]]
+    cold_metrics = metrics.ranking_metrics(ranked["rank"][cold], ks) if cold.any() else {}
+    warm_metrics = metrics.ranking_metrics(ranked["rank"][~cold], ks)
+    report["held_out_items"] = {
+        "num_examples": int(cold.sum()), "held_out": cold_metrics, "warm": warm_metrics,
+        f"recall@{k}_ratio": cold_metrics.get(f"recall@{k}", float("nan")) / max(warm_metrics[f"recall@{k}"], 1e-12),
+    }
+  return report

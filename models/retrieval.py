@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from models import towers
+from models import sampling, towers
 from models.config import TowerConfig
 from models.data import schema
 
@@ -14,9 +14,10 @@ class RetrievalModel(tfrs.Model):
   """Query and item towers trained so that a query scores its clicked ad above the batch's others.
 
   The loss is TFRS's in-batch softmax (`tfrs.tasks.Retrieval`) with a temperature, and with
-  accidental hits (the same ad twice in a batch, frequent under Zipf popularity) removed. Top-k
-  accuracy over the whole catalog is computed separately by `models.evaluation`, against the item
-  tower as it is at evaluation time.
+  accidental hits (the same ad twice in a batch, frequent under Zipf popularity) removed. Optionally
+  (`set_sampling`) each logit is corrected by the log of its item's sampling probability, and extra
+  uniformly drawn catalog items join the candidates as negatives. Top-k accuracy over the whole
+  catalog is computed separately by `models.evaluation`, against the item tower as it is then.
 
   Args:
     config: tower configuration.
@@ -27,12 +28,67 @@ class RetrievalModel(tfrs.Model):
     self.config = config
     self.query_tower, self.item_tower = towers.build_towers(config)
     self.task = tfrs.tasks.Retrieval(temperature=config.temperature, remove_accidental_hits=True)
+    self._frequencies: sampling.ItemFrequencies | None = None
+    self._probability_table: tf.Tensor | None = None
+    self._probability_table_max: float | None = None
+    self._num_negatives = 0
+    self._num_items = 0
+
+  def set_sampling(self, frequencies: sampling.ItemFrequencies | None, num_negatives: int = 0,
+                   num_items: int = 0) -> None:
+    """Turns on the logQ correction (when `frequencies` is given) and mixed negatives.
+
+    Args:
+      frequencies: item counts of the training stream; None trains without the correction.
+      num_negatives: uniformly sampled catalog items added to each batch's candidates; batches must
+        then carry their features under `sampling.NEGATIVE_PREFIX`.
+      num_items: catalog size (the uniform draws' support), needed for the mixture probability.
+    """
+    if num_negatives and num_items <= 0:
+      raise ValueError("Mixed negatives need the catalog size")
+    self._frequencies = frequencies
+    table = None if frequencies is None else frequencies.probability_table()
+    self._probability_table = None if table is None else tf.constant(table)
+    self._probability_table_max = None if table is None else float(table.max())
+    self._num_negatives = num_negatives
+    self._num_items = num_items
+
+  def candidate_probability(self, candidate_ids: tf.Tensor, batch_size: tf.Tensor) -> tf.Tensor | None:
+    """Sampling probability of each candidate relative to the most popular item's, or None without logQ."""
+    if self._frequencies is None:
+      return None
+    unigram = tf.gather(self._probability_table, self._frequencies.bucket(candidate_ids))
+    head = self._probability_table_max
+    if self._num_negatives:
+      unigram = sampling.mixture_probability(unigram, batch_size, self._num_negatives, self._num_items)
+      head = sampling.mixture_probability(head, batch_size, self._num_negatives, self._num_items)
+    # Relative to the most popular item: the softmax only sees ratios, and TFRS clips probabilities
+    # at 1e-6, which in a large catalog would flatten the whole tail if they were absolute.
+    return unigram / head
 
   def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
     query_embeddings = self.query_tower(features)
     item_embeddings = self.item_tower(features)
-    return self.task(query_embeddings, item_embeddings, candidate_ids=features[schema.AD_ID],
-                     compute_metrics=False)
+    candidate_ids = features[schema.AD_ID]
+    if self._num_negatives and sampling.NEGATIVE_PREFIX + schema.AD_ID in features:
+      negatives = {name: features[sampling.NEGATIVE_PREFIX + name] for name in schema.ITEM_FEATURE_NAMES}
+      item_embeddings = tf.concat([item_embeddings, self.item_tower(negatives)], axis=0)
+      candidate_ids = tf.concat([candidate_ids, negatives[schema.AD_ID]], axis=0)
+    probability = self.candidate_probability(candidate_ids, tf.shape(query_embeddings)[0])
+    return self.task(query_embeddings, item_embeddings, candidate_ids=candidate_ids,
+                     candidate_sampling_probability=probability, compute_metrics=False)
+
+  def train_step(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """tfrs.Model's step, plus loss scaling when the optimizer is a LossScaleOptimizer (float16)."""
+    if not isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer):
+      return super().train_step(inputs)
+    with tf.GradientTape() as tape:
+      loss = self.compute_loss(inputs, training=True)
+      total_loss = loss + sum(self.losses)
+      scaled_loss = self.optimizer.get_scaled_loss(total_loss)
+    gradients = self.optimizer.get_unscaled_gradients(tape.gradient(scaled_loss, self.trainable_variables))
+    self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+    return {"loss": loss, "regularization_loss": total_loss - loss, "total_loss": total_loss}
 
 
 def example_signature() -> dict[str, tf.TensorSpec]:
@@ -48,3 +104,12 @@ def build_towers_for_restore(config: TowerConfig) -> RetrievalModel:
   model.query_tower(dummy)
   model.item_tower(dummy)
   return model
+
+
+def make_optimizer(learning_rate: float, precision: str) -> tf.keras.optimizers.Optimizer:
+  """Adam; wrapped in dynamic loss scaling under mixed_float16, whose gradients would underflow."""
+  optimizer = tf.keras.optimizers.Adam(learning_rate)
+  if precision == "mixed_float16":
+    optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+  return optimizer
+

@@ -8,12 +8,13 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from models import config as config_lib
-from models import evaluation, retrieval
-from models.data import sources
+from models import evaluation, retrieval, sampling
+from models.data import schema, sources
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -30,6 +31,14 @@ class TrainConfig:
     cache_examples: keep the generated examples in memory after the first epoch.
     eval_max_items: skip the full-catalog evaluation above this catalog size.
     seed: TF random seed (initialisation and shuffling).
+    logq_correction: subtract log Q(item) from each logit, Q being estimated from the training stream
+      (see `models.sampling`).
+    mixed_negatives: uniformly sampled catalog items added as negatives to every batch (0: none).
+    validation_fraction: share of the training examples held out (every n-th one) to pick the best
+      epoch and stop early on `validation_k` top-k accuracy; 0 trains every epoch without it.
+    validation_k: k of the validation top-k accuracy ("val_top_<k>" in the logs and TensorBoard).
+    max_validation_examples: cap on the held-out examples, to keep each validation pass short.
+    early_stopping_patience: epochs without improvement before training stops.
   """
 
   epochs: int = 5
@@ -39,6 +48,12 @@ class TrainConfig:
   cache_examples: bool = True
   eval_max_items: int = 2_000_000
   seed: int = 0
+  logq_correction: bool = True
+  mixed_negatives: int = 0
+  validation_fraction: float = 0.0
+  validation_k: int = 100
+  max_validation_examples: int = 5_000
+  early_stopping_patience: int = 2
 
 
 def example_dataset(source: sources.Source, split: str) -> tf.data.Dataset:
@@ -57,9 +72,34 @@ def checkpoint_path(output_dir: str) -> str | None:
   return tf.train.latest_checkpoint(os.path.join(output_dir, CHECKPOINT_DIR))
 
 
+def _split_validation(examples: tf.data.Dataset, training: TrainConfig
+                      ) -> tuple[tf.data.Dataset, list[dict[str, np.ndarray]]]:
+  """Holds out every n-th example (n = 1 / validation_fraction); returns (train, validation batches)."""
+  every = max(2, int(round(1.0 / training.validation_fraction)))
+  indexed = examples.enumerate()
+  train_ds = indexed.filter(lambda i, _: i % every != 0).map(lambda _, x: x)
+  validation = (indexed.filter(lambda i, _: i % every == 0).map(lambda _, x: x)
+                .take(training.max_validation_examples).batch(4096))
+  return train_ds, list(validation.as_numpy_iterator())
+
+
+def _with_negatives(batches: tf.data.Dataset, source: sources.Source, training: TrainConfig) -> tf.data.Dataset:
+  """Adds `mixed_negatives` uniformly drawn catalog items (never a held-out cold item) to each batch."""
+  signature = {sampling.NEGATIVE_PREFIX + name: tf.TensorSpec([training.mixed_negatives] + [None] * (
+      retrieval.example_signature()[name].shape.rank - 1), tf.string) for name in schema.ITEM_FEATURE_NAMES}
+  exclude = getattr(source, "held_out_rows", None)
+  negatives = tf.data.Dataset.from_generator(
+      lambda: sampling.uniform_negatives(source, training.mixed_negatives, training.seed, exclude),
+      output_signature=signature)
+  return tf.data.Dataset.zip((batches, negatives)).map(lambda batch, extra: {**batch, **extra})
+
+
 def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: TrainConfig,
           output_dir: str) -> dict[str, Any]:
   """Trains the towers on `data`, writes config.json, checkpoints and TensorBoard logs to output_dir.
+
+  With `validation_fraction`, the checkpoint left last (the one `restore` loads) is the best epoch
+  on the held-out slice, and training stops early when it stops improving.
 
   Returns:
     A report with the training time, the final loss and test top-k accuracy (when evaluated).
@@ -71,16 +111,37 @@ def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: Train
   train_ds = example_dataset(source, "train")
   if training.cache_examples:
     train_ds = train_ds.cache()
-  train_ds = (train_ds.shuffle(training.shuffle_buffer, seed=training.seed, reshuffle_each_iteration=True)
-              .batch(training.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+  validation: list[dict[str, np.ndarray]] = []
+  if training.validation_fraction > 0:
+    train_ds, validation = _split_validation(train_ds, training)
 
   model = retrieval.RetrievalModel(tower)
-  model.compile(optimizer=tf.keras.optimizers.Adam(training.learning_rate))
-  callbacks = [
-      tf.keras.callbacks.TensorBoard(log_dir=os.path.join(output_dir, "logs")),
-      tf.keras.callbacks.ModelCheckpoint(
-          os.path.join(output_dir, CHECKPOINT_DIR, "ckpt-{epoch:03d}"), save_weights_only=True),
-  ]
+  if training.logq_correction or training.mixed_negatives:
+    # One streaming pass over the training examples (it also fills the cache for the first epoch).
+    frequencies = (sampling.ItemFrequencies.from_batches(train_ds.batch(8192).as_numpy_iterator())
+                   if training.logq_correction else None)
+    model.set_sampling(frequencies, training.mixed_negatives, source.num_items)
+  train_ds = (train_ds.shuffle(training.shuffle_buffer, seed=training.seed, reshuffle_each_iteration=True)
+              .batch(training.batch_size, drop_remainder=True))
+  if training.mixed_negatives:
+    train_ds = _with_negatives(train_ds, source, training)
+  train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
+
+  model.compile(optimizer=retrieval.make_optimizer(training.learning_rate, tower.precision))
+  checkpoints = os.path.join(output_dir, CHECKPOINT_DIR, "ckpt-{epoch:03d}")
+  callbacks: list[tf.keras.callbacks.Callback] = []
+  if validation:
+    # Runs first, so the validation metric is in the epoch's logs for the callbacks after it.
+    monitor = f"val_top_{training.validation_k}"
+    callbacks += [
+        evaluation.TopKValidation(source, validation, training.validation_k),
+        tf.keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=training.early_stopping_patience),
+        tf.keras.callbacks.ModelCheckpoint(checkpoints, monitor=monitor, mode="max", save_best_only=True,
+                                           save_weights_only=True),
+    ]
+  else:
+    callbacks.append(tf.keras.callbacks.ModelCheckpoint(checkpoints, save_weights_only=True))
+  callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=os.path.join(output_dir, "logs")))
   started = time.time()
   # A live progress bar on a terminal; one line per epoch when the output goes to a log file.
   verbose = 1 if sys.stdout.isatty() else 2
@@ -88,8 +149,14 @@ def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: Train
   report: dict[str, Any] = {
       "train_seconds": round(time.time() - started, 1),
       "final_loss": float(history.history["loss"][-1]),
+      "epochs_run": len(history.history["loss"]),
       "num_items": source.num_items,
   }
+  if validation:
+    scores = history.history[f"val_top_{training.validation_k}"]
+    report["validation"] = [round(float(v), 4) for v in scores]
+    report["best_epoch"] = int(np.argmax(scores)) + 1
+    model.load_weights(checkpoint_path(output_dir)).expect_partial()  # Evaluate what restore() loads.
   if source.num_items <= training.eval_max_items:
     report["test"] = evaluation.top_k_accuracy(model.query_tower, model.item_tower, source,
                                                source.examples("test"))
@@ -99,9 +166,20 @@ def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: Train
   return report
 
 
-def restore(output_dir: str) -> tuple[retrieval.RetrievalModel, dict[str, Any]]:
-  """Rebuilds the model from output_dir's config.json and loads its newest checkpoint."""
+def restore(output_dir: str, precision: str | None = None,
+            jit_compile: bool = False) -> tuple[retrieval.RetrievalModel, dict[str, Any]]:
+  """Rebuilds the model from output_dir's config.json and loads its newest checkpoint.
+
+  Args:
+    output_dir: the --output_dir of fgr-train.
+    precision: compute dtype policy of the rebuilt towers ("float32", "mixed_bfloat16",
+      "mixed_float16"); None keeps the training precision from config.json. Variables are float32
+      under every policy, so any checkpoint loads into any precision.
+    jit_compile: compile the towers' numeric part with XLA (see `towers.Tower`).
+  """
   run_config = config_lib.read_run_config(output_dir)
+  if precision is not None:
+    run_config["tower"] = dataclasses.replace(run_config["tower"], precision=precision)
   path = checkpoint_path(output_dir)
   if path is None:
     raise FileNotFoundError(f"No checkpoint under {os.path.join(output_dir, CHECKPOINT_DIR)}")
@@ -109,4 +187,5 @@ def restore(output_dir: str) -> tuple[retrieval.RetrievalModel, dict[str, Any]]:
   status = model.load_weights(path)
   status.assert_existing_objects_matched()  # Every tower variable must come from the checkpoint.
   status.expect_partial()  # The optimizer's slots are not needed to serve.
+  model.query_tower.jit_compile = model.item_tower.jit_compile = jit_compile
   return model, run_config
