@@ -266,7 +266,8 @@ class ServerCore:
             f"Could not find version {version} of model {name}")
     elif not states:
       raise errors.not_found(f"Could not find any versions of model {name}")
-    for v, state, error in states:
+    # Newest first, as TF Serving's ServableStateMonitor orders versions.
+    for v, state, error in sorted(states, key=lambda s: -s[0]):
       status = response.model_version_status.add(version=v, state=state)
       status.status.SetInParent()  # OK is reported explicitly, as TF Serving.
       if error is not None:

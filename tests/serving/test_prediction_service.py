@@ -221,7 +221,7 @@ def test_get_model_status(server):
   request.model_spec.name = TF2_MODEL
   versions = server.model.GetModelStatus(request, timeout=30)
   assert [(s.version, s.state) for s in versions.model_version_status] == [
-      (1, State.AVAILABLE), (2, State.AVAILABLE)]
+      (2, State.AVAILABLE), (1, State.AVAILABLE)]  # Newest first.
   request.model_spec.name = "missing"
   code, details = _error(server.model.GetModelStatus, request)
   assert code == grpc.StatusCode.NOT_FOUND
