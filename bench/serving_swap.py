@@ -26,6 +26,9 @@ from bench import serving_batching
 FLAGS = flags.FLAGS
 _PUBLISH_AT = flags.DEFINE_float("publish_at", 6.0,
                                  "Seconds into the run to publish v2.")
+_WITH_BATCHING = flags.DEFINE_bool(
+    "with_batching", False,
+    "Serve with --enable_batching (--batching_parameters) during the swap.")
 
 
 def _percentiles(latencies):
@@ -40,7 +43,8 @@ def main(argv):
   with tempfile.TemporaryDirectory() as workdir:
     base = os.path.join(workdir, "mlp")
     serving_batching.export_mlp(base, FLAGS.dim, FLAGS.hidden)
-    process, port = serving_batching.start_server(base, workdir, False)
+    process, port = serving_batching.start_server(base, workdir,
+                                                  _WITH_BATCHING.value)
     request = serving_batching.predict_request(FLAGS.dim)
     channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
     stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c)
@@ -86,7 +90,9 @@ def main(argv):
       "swap": [r[1] for r in records if published <= r[0] < window_end],
       "after": [r[1] for r in records if r[0] >= window_end],
   }
-  print(f"{FLAGS.clients} clients, {FLAGS.seconds:.0f} s, v2 published at "
+  print(f"{FLAGS.clients} clients, batching "
+        f"{'on' if _WITH_BATCHING.value else 'off'}, {FLAGS.seconds:.0f} s, "
+        f"v2 published at "
         f"{published:.1f} s, first v2 answer at "
         f"{first_v2 if first_v2 is None else round(first_v2, 1)} s")
   print(f"requests: {len(records)}, failed: {len(failures)}, served by v1: "
