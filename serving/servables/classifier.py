@@ -17,11 +17,8 @@ SCORES_KEY = "scores"
 
 def check_signature(signature: meta_graph_pb2.SignatureDef) -> None:
   """Validates a classification signature as TF Serving's classifier does."""
-  if signature.method_name != predict_util.CLASSIFY_METHOD:
-    raise errors.invalid_argument(
-        "Expected classification signature method_name to be "
-        f"{predict_util.CLASSIFY_METHOD}. Was: {signature.method_name}")
-  input_util.single_string_input(signature, "classification")
+  input_util.check_examples_signature(signature, predict_util.CLASSIFY_METHOD,
+                                      "classification")
   if len(signature.outputs) not in (1, 2):
     raise errors.invalid_argument(
         f"Expected one or two output Tensors, found {len(signature.outputs)}")

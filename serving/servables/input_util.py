@@ -40,20 +40,29 @@ def serialized_examples(model_input: input_pb2.Input) -> np.ndarray:
   return array
 
 
-def single_string_input(signature: meta_graph_pb2.SignatureDef,
-                        kind: str) -> meta_graph_pb2.TensorInfo:
-  """Returns the signature's one serialized-examples input (TF Serving rules)."""
+def check_examples_signature(signature: meta_graph_pb2.SignatureDef,
+                             method_name: str, kind: str) -> None:
+  """Checks a classify/regress signature's method and its one string input.
+
+  Args:
+    signature: The signature a Classify/Regress request names.
+    method_name: The method it must declare.
+    kind: "classification" or "regression", for TF Serving's messages.
+  """
+  if signature.method_name != method_name:
+    raise errors.invalid_argument(
+        f"Expected {kind} signature method_name to be {method_name}. Was: "
+        f"{signature.method_name}")
   if len(signature.inputs) != 1:
     raise errors.invalid_argument("Expected one input Tensor.")
   if INPUTS_KEY not in signature.inputs:
     raise errors.invalid_argument(
         f"No {kind} inputs found in SignatureDef: {signature}")
-  info = signature.inputs[INPUTS_KEY]
-  if info.dtype != types_pb2.DT_STRING:
+  if signature.inputs[INPUTS_KEY].dtype != types_pb2.DT_STRING:
     raise errors.invalid_argument(
         f"Expected {kind} input Tensor of DT_STRING (serialized "
-        f"tf.Examples), got {types_pb2.DataType.Name(info.dtype)}")
-  return info
+        f"tf.Examples), got "
+        f"{types_pb2.DataType.Name(signature.inputs[INPUTS_KEY].dtype)}")
 
 
 # (signature) -> (output keys, tensor names) to fetch.

@@ -16,11 +16,8 @@ OUTPUTS_KEY = "outputs"
 
 def check_signature(signature: meta_graph_pb2.SignatureDef) -> None:
   """Validates a regression signature as TF Serving's regressor does."""
-  if signature.method_name != predict_util.REGRESS_METHOD:
-    raise errors.invalid_argument(
-        "Expected regression signature method_name to be "
-        f"{predict_util.REGRESS_METHOD}. Was: {signature.method_name}")
-  input_util.single_string_input(signature, "regression")
+  input_util.check_examples_signature(signature, predict_util.REGRESS_METHOD,
+                                      "regression")
   if len(signature.outputs) != 1:
     raise errors.invalid_argument("Expected one output Tensor.")
   if OUTPUTS_KEY not in signature.outputs:
