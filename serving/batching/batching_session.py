@@ -20,6 +20,9 @@ from serving.servables import saved_model_bundle
 
 BatchObserver = Callable[[int, int], None]  # (batch rows, padding rows)
 
+# Most kinds of calls (feed shapes x fetches) one servable batches.
+MAX_QUEUES = 64
+
 _NO_RETRY = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.UNAVAILABLE)
 
@@ -59,16 +62,22 @@ class BatchingSession:
       return self._runner(feeds, fetches, timeout_ms)
     key = (tuple(sorted((name, a.dtype.str, a.shape[1:])
                         for name, a in feeds.items())), tuple(fetches))
-    if key in self._unbatchable:
+    queue = None if key in self._unbatchable else self._queue(key)
+    if queue is None:
       return self._runner(feeds, fetches, timeout_ms)
     task = batch_scheduler.Task(size, (feeds, timeout_ms))
-    self._queue(key).schedule(task)
+    queue.schedule(task)
     return task.wait()
 
-  def _queue(self, key: Tuple) -> batch_scheduler.BatchQueue:
+  def _queue(self, key: Tuple) -> Optional[batch_scheduler.BatchQueue]:
+    """The queue for `key`; None (run unbatched) past MAX_QUEUES kinds."""
     with self._lock:
       queue = self._queues.get(key)
       if queue is None:
+        if len(self._queues) >= MAX_QUEUES:
+          # Each distinct feed shape gets a queue that batch threads scan;
+          # bound them so odd shapes can't slow every batch down.
+          return None
         queue = self._scheduler.add_queue(
             self._options, lambda tasks: self._process(key, tasks))
         self._queues[key] = queue

@@ -154,3 +154,14 @@ def test_bad_call_fails_alone_and_scalar_outputs_stop_batching(scheduler):
   assert outcomes == [2.0, "negative input", 4.0, 6.0]
   y, n = session({"x:0": np.ones((3, 1), np.float32)}, ["y:0", "n:0"])
   assert n == 3.0 and y.shape == (3, 1)  # Ran unbatched from now on.
+
+
+def test_queue_count_is_bounded(scheduler, monkeypatch):
+  monkeypatch.setattr(batching_session, "MAX_QUEUES", 2)
+  runner = _RecordingRunner()
+  session = batching_session.BatchingSession(
+      runner, scheduler, batch_scheduler.QueueOptions(max_batch_size=4))
+  for width in (1, 2, 3, 4):  # Four kinds of calls, two queues at most.
+    (y,) = session({"x:0": np.ones((1, width), np.float32)}, ["y:0"])
+    assert y.shape == (1, width)
+  assert len(session._queues) == 2  # pylint: disable=protected-access
