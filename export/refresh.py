@@ -110,24 +110,32 @@ def read_warmup_queries(version_path: str) -> list[dict[str, np.ndarray]]:
 
 
 class RestoredTower(tf.Module):
-  """One tower of a loaded version, called through that version's encode signature.
+  """One tower of a loaded version, called through that version's encode function.
 
-  The signature's function was traced when version N was exported; calling it from a new
-  tf.function embeds it as a function call, so the tower is not traced again and its variables are
-  N's. `owner` (the restored tower object) is tracked so that the new SavedModel saves them.
+  The function was traced when the towers were exported; calling it from a new tf.function embeds it
+  as a function call, so the tower is not traced again and its variables are the exported ones.
+  Both are saved with the new version (`owner` holds the variables, `encode` the function), so a
+  refresh of that version calls the same function again instead of wrapping a wrapper.
 
   Args:
     owner: the restored tower object holding the tower's variables.
-    signature: the version's encode_query or encode_item concrete function.
+    encode: the exported encode function (features as keyword arguments -> {"embedding": [B, d]}).
   """
 
-  def __init__(self, owner: tf.Module, signature: Callable[..., dict[str, tf.Tensor]], name: str):
+  def __init__(self, owner: tf.Module, encode: Callable[..., dict[str, tf.Tensor]], name: str):
     super().__init__(name=name)
     self.owner = owner
-    self._signature = signature
+    self.encode = encode
+
+  @classmethod
+  def from_loaded(cls, loaded_tower: Any, signature: Callable[..., dict[str, tf.Tensor]], name: str) -> "RestoredTower":
+    """The tower of a loaded version: unwraps one saved by a refresh, else calls the version's signature."""
+    if hasattr(loaded_tower, "owner") and hasattr(loaded_tower, "encode"):
+      return cls(loaded_tower.owner, loaded_tower.encode, name)
+    return cls(loaded_tower, signature, name)
 
   def __call__(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-    return self._signature(**features)["embedding"]
+    return self.encode(**features)["embedding"]
 
 
 @dataclasses.dataclass
@@ -146,8 +154,8 @@ class LoadedTowers:
     loaded = tf.saved_model.load(version_path)
     encode_query = loaded.signatures[full_graph.ENCODE_QUERY]
     encode_item = loaded.signatures[full_graph.ENCODE_ITEM]
-    return cls(query_tower=RestoredTower(loaded.query_tower, encode_query, "query_tower"),
-               item_tower=RestoredTower(loaded.item_tower, encode_item, "item_tower"),
+    return cls(query_tower=RestoredTower.from_loaded(loaded.query_tower, encode_query, "query_tower"),
+               item_tower=RestoredTower.from_loaded(loaded.item_tower, encode_item, "item_tower"),
                query_specs=dict(encode_query.structured_input_signature[1]),
                item_specs=dict(encode_item.structured_input_signature[1]),
                encode_item=encode_item, encode_query=encode_query)
@@ -260,6 +268,7 @@ def publish_status_only(base_path: str, source: Source, eligible: np.ndarray,
     report = _base_report(source, version, base_path, "status_only", state)
     report["write_seconds"] = round(time.perf_counter() - started, 3)
     _write_report(temp_path, report)
+  report["published_at"] = time.time()  # When servers can see it: after the rename.
   report["publish_seconds"] = round(time.perf_counter() - started, 3)
   return report
 
@@ -314,6 +323,7 @@ def publish_rebuilt(base_path: str, source: Source, towers: LoadedTowers, state:
     report["index_bytes"] = index.nbytes()
     _write_report(temp_path, report)
   timings["write_seconds"] = time.perf_counter() - started
+  report["published_at"] = time.time()
   if verify_recall:  # After the publish: a report, not a delay on the way to serving.
     started = time.perf_counter()
     report[f"recall_at_{k}_vs_exact_on_warmup_queries"] = warmup_recall(source.path, towers, index, state, k)
@@ -335,6 +345,7 @@ def rollback(base_path: str, version: int) -> dict[str, Any]:
     report.update({"version": new_version, "path": os.path.join(base_path, str(new_version)), "kind": "rollback",
                    "refreshed_from": version})
     _write_report(temp_path, report)
+  report["published_at"] = time.time()  # When servers can see it: after the rename.
   report["publish_seconds"] = round(time.perf_counter() - started, 3)
   return report
 

@@ -37,7 +37,7 @@ class CatalogState:
   eligible: np.ndarray
 
   def row_of(self) -> dict[str, int]:
-    return {ad_id: row for row, ad_id in enumerate(self.ids)}
+    return dict(zip(self.ids.tolist(), range(len(self.ids))))
 
 
 def variables_prefix(version_path: str) -> str:

@@ -1,0 +1,501 @@
+"""Freshness: how fast a catalog change reaches answers, and what version swaps cost under load.
+
+  python bench/freshness.py --work_dir=/tmp/freshness --num_ads=1000000
+
+Trains a small model and exports it with ScaNN (both reused when already in --work_dir), serves it
+with fgr-serve on 127.0.0.1, then measures:
+
+1. Publish time. A delta changing --changed_fraction of the catalog (new, changed, removed and
+   paused ads) is written; a resident refresher (as `fgr-refresh --watch` keeps one) publishes it;
+   a probe query is sent every 20 ms until the new version answers. Reported: the time from the
+   delta file to that first answer, split into embed / build / write (the refresher) and
+   publish-to-first-answer (poll, load, warm-up, switch), with load and warm-up also measured on
+   their own with fgr-serve's loader. A one-shot `fgr-refresh --delta` process is timed too.
+2. Swaps under load. An open-loop load of --qps single-query Predicts runs for --steady_seconds,
+   then `fgr-refresh --watch` (a niced subprocess) publishes --swaps deltas in a row, alternating
+   rebuilds (--changed_fraction changed) and status-only changes. Every answer is checked: a new ad
+   made to match the probe query (the side info of its best ad) appears in the probe's answers of
+   the version that adds it; removed and paused ads appear in no answer of the versions that
+   exclude them. Reported: failed requests,
+   p50/p99 steady, inside the swap windows (publish to one second after the old version's last
+   answer) and during the refresher's builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
+
+from export import exporter, refresh, refresh_delta, refresh_state, versions, warmup  # noqa: E402
+from models import config as config_lib  # noqa: E402
+from models import train  # noqa: E402
+from models.data import schema, sources  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("work_dir", None, "Holds the training run, the exported version and the served copies.")
+flags.DEFINE_integer("num_ads", 1_000_000, "Synthetic catalog size.")
+flags.DEFINE_integer("num_sessions", 20_000, "Synthetic training sessions (a small model is enough here).")
+flags.DEFINE_float("changed_fraction", 0.01, "Share of the catalog a rebuild delta touches.")
+flags.DEFINE_list("index_options", [], "Index options the refresher overrides, e.g. training_sample_size=50000.")
+flags.DEFINE_float("qps", 200.0, "Open-loop request rate of the swap benchmark.")
+flags.DEFINE_float("steady_seconds", 30.0, "Load before the first swap (the steady p99).")
+flags.DEFINE_integer("swaps", 5, "Versions published in a row under load.")
+flags.DEFINE_float("swap_timeout", 300.0, "Longest wait for one swap, from delta file to answers.")
+flags.DEFINE_float("max_load_seconds", 1800.0, "Hard bound on the load phase.")
+flags.DEFINE_bool("measure_cli", True, "Also time a one-shot fgr-refresh process.")
+flags.DEFINE_enum("part", "all", ["all", "publish", "swaps"], "Which measurement to run.")
+flags.mark_flag_as_required("work_dir")
+
+MODEL = "ads"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LOG_TIME = re.compile(r"^I(\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+)")
+
+
+def ensure_version(work_dir: str) -> tuple[str, str]:
+  """(training run dir, exported version path), creating what is missing."""
+  run_dir = os.path.join(work_dir, f"run-{FLAGS.num_ads}")
+  if not os.path.exists(os.path.join(run_dir, "config.json")):
+    data = sources.DataSpec(name="synthetic", synthetic={"num_ads": FLAGS.num_ads, "num_sessions": FLAGS.num_sessions})
+    train.train(data, config_lib.TowerConfig(), train.TrainConfig(epochs=1), run_dir)
+  export_base = os.path.join(work_dir, f"export-{FLAGS.num_ads}")
+  if not versions.list_versions(export_base):
+    exporter.export_model(run_dir, export_base, exporter.ExportConfig(index="scann", eval_queries=200))
+  return run_dir, os.path.join(export_base, str(versions.list_versions(export_base)[0]))
+
+
+class Server:
+  """fgr-serve on 127.0.0.1 (polling its base path every second) with a Predict stub."""
+
+  def __init__(self, base_path: str, log_path: str):
+    port_file = log_path + ".ports"
+    if os.path.exists(port_file):  # A previous run's: it names a port nobody listens on any more.
+      os.remove(port_file)
+    self.log_path = log_path
+    self._log = open(log_path, "wb")
+    self.process = subprocess.Popen(
+        [sys.executable, "-m", "serving.model_servers.main", "--port=0", f"--port_file={port_file}",
+         f"--model_name={MODEL}", f"--model_base_path={base_path}", "--file_system_poll_wait_seconds=1"],
+        cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=self._log, stderr=self._log)
+    deadline = time.time() + 300
+    while not os.path.exists(port_file):
+      if self.process.poll() is not None or time.time() > deadline:
+        raise RuntimeError(f"fgr-serve did not start; see {log_path}")
+      time.sleep(0.1)
+    time.sleep(0.1)
+    with open(port_file) as f:
+      port = int(dict(line.split("=") for line in f.read().split())["grpc"])
+    self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+  def load_seconds(self, version: int) -> float | None:
+    """Load plus warm-up of a version, from the server's "Loading" and "Successfully loaded" log lines."""
+    times = {}
+    with open(self.log_path, errors="replace") as f:
+      for line in f:
+        match = _LOG_TIME.match(line)
+        if match and re.search(rf"version: {version}\b", line):
+          seconds = int(match.group(3)) * 3600 + int(match.group(4)) * 60 + float(match.group(5))
+          if "Loading servable" in line:
+            times.setdefault("start", seconds)
+          elif "Successfully loaded" in line:
+            times["end"] = seconds
+    return round(times["end"] - times["start"], 2) if len(times) == 2 else None
+
+  def stop(self) -> None:
+    self.channel.close()
+    self.process.terminate()
+    self.process.wait(60)
+    self._log.close()
+
+
+def answer(server: Server, request, timeout: float = 30.0) -> tuple[int, list[str]]:
+  response = server.stub.Predict(request, timeout=timeout)
+  return response.model_spec.version.value, [v.decode() for v in response.outputs["ids"].string_val]
+
+
+def wait_for_version(server: Server, request, version: int, timeout: float) -> tuple[float, list[str]]:
+  """Sends `request` every 20 ms until version `version` (or newer) answers; returns (time, ids)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    try:
+      served, ids = answer(server, request)
+      if served >= version:
+        return time.time(), ids
+    except grpc.RpcError as e:
+      if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+        raise
+    time.sleep(0.02)
+  raise TimeoutError(f"version {version} did not answer within {timeout:.0f}s")
+
+
+@dataclasses.dataclass
+class Probe:
+  """A query, its answer on version 1, and the catalog rows behind that answer."""
+
+  request: Any
+  ids: list[str]
+
+
+def make_delta(state: refresh_state.CatalogState, source: sources.Source, fraction: float, seed: int,
+               exclude: set[str], extra: list[str]) -> list[str]:
+  """Delta lines touching `fraction` of the catalog: 40% new ads, 30% changed, 15% removed, 15% paused.
+
+  Ads it changes, removes or pauses are added to `exclude`, so later deltas touch other ads (a status
+  change for an ad removed earlier would be rejected).
+  """
+  rng = np.random.default_rng(seed)
+  count = max(4, int(round(len(state.ids) * fraction)))
+  counts = [int(count * share) for share in (0.4, 0.3, 0.15)]
+  counts.append(count - sum(counts))
+  template_rows = rng.choice(source.num_items, counts[0] + counts[1], replace=False)
+  features = source.features(template_rows)
+  candidates = [row for row in rng.choice(len(state.ids), 2 * sum(counts[1:]), replace=False)
+                if state.ids[row] not in exclude][:sum(counts[1:])]
+  exclude.update(state.ids[row] for row in candidates)
+  lines = []
+  for i in range(counts[0] + counts[1]):
+    ad_id = f"new-{seed}-{i}" if i < counts[0] else state.ids[candidates[i - counts[0]]]
+    lines.append(ad_line(ad_id, features, i))
+  for row in candidates[counts[1]:counts[1] + counts[2]]:
+    lines.append(json.dumps({"ad_id": state.ids[row], "deleted": True}))
+  for row in candidates[counts[1] + counts[2]:]:
+    lines.append(json.dumps({"ad_id": state.ids[row], "status": "paused"}))
+  return lines + extra
+
+
+def ad_line(ad_id: str, features: dict[str, np.ndarray], row: int) -> str:
+  return json.dumps({"ad_id": ad_id, "category": str(features[schema.CATEGORY][row]),
+                     "brand": str(features[schema.BRAND][row]),
+                     "tokens": [str(t) for t in features[schema.AD_TOKENS][row] if t]})
+
+
+def write_delta(path: str, lines: list[str]) -> None:
+  """Writes under a hidden name and renames, as writers into a watched directory must."""
+  hidden = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
+  with open(hidden, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.rename(hidden, path)
+
+
+def served_copy(version_path: str, name: str) -> str:
+  base_path = os.path.join(FLAGS.work_dir, f"{name}-{int(time.time())}")
+  refresh.link_tree(version_path, os.path.join(base_path, "1"))
+  return base_path
+
+
+def probe_features(source: sources.Source, server: Server, queries: dict[str, np.ndarray]) -> Probe:
+  request = warmup.predict_request({name: values[:1] for name, values in queries.items()}, model_name=MODEL)
+  _, ids = answer(server, request)
+  return Probe(request, ids)
+
+
+def measure_load_and_warmup(version_path: str) -> dict[str, float]:
+  """fgr-serve's own loader and warm-up, timed in this process."""
+  from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
+  from serving.servables import warmup as serving_warmup  # pylint: disable=g-import-not-at-top
+  started = time.perf_counter()
+  bundle = saved_model_bundle.SavedModelBundle(MODEL, 0, version_path)
+  loaded = time.perf_counter()
+  serving_warmup.run_warmup(bundle, 1)
+  warmed = time.perf_counter()
+  bundle.close()
+  return {"load_seconds": round(loaded - started, 2), "warmup_seconds": round(warmed - loaded, 2)}
+
+
+def publish_time(version_path: str, source: sources.Source, queries: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Delta file → first answer from the new version, with a resident refresher."""
+  import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  base_path = served_copy(version_path, "publish")
+  server = Server(base_path, os.path.join(FLAGS.work_dir, "publish-server.log"))
+  try:
+    probe_request = warmup.predict_request({name: values[:1] for name, values in queries.items()}, model_name=MODEL)
+    wait_for_version(server, probe_request, 1, 600)
+    _, probe_ids = answer(server, probe_request)
+    refresher = refresh.Refresher(base_path, index_overrides=_index_overrides(), verify_recall=False)
+    started = time.perf_counter()
+    refresher.prepare()
+    resident_seconds = time.perf_counter() - started
+    state = refresher.source().state
+    features = source.features(np.asarray([refresher.source().row_of[probe_ids[0]]]))
+    extra = [ad_line("fresh-probe-ad", features, 0), json.dumps({"ad_id": probe_ids[1], "deleted": True}),
+             json.dumps({"ad_id": probe_ids[2], "status": "paused"})]
+    lines = make_delta(state, source, FLAGS.changed_fraction, 1, set(probe_ids[:3]), extra)
+    delta_path = os.path.join(FLAGS.work_dir, "publish-delta.jsonl")
+    write_delta(delta_path, lines)
+    changed_at = time.time()
+    report = refresher.apply(refresh_delta.read_delta(delta_path))
+    published_at = report["published_at"]
+    first_answer_at, ids = wait_for_version(server, probe_request, report["version"], 600)
+    result = {
+        "catalog_items": int(len(state.ids)), "delta_lines": len(lines), "delta": report["delta"],
+        "refresher_start_seconds (once, resident)": round(resident_seconds, 2),
+        "change_to_first_answer_seconds": round(first_answer_at - changed_at, 2),
+        "embed_seconds": report["embed_seconds"], "build_seconds": report["build_seconds"],
+        "write_seconds": report["write_seconds"],
+        "refresher_total_seconds": round(published_at - changed_at, 2),
+        "publish_to_first_answer_seconds": round(first_answer_at - published_at, 2),
+        "server_load_and_warmup_seconds": server.load_seconds(report["version"]),
+        "new_probe_ad_in_answer": "fresh-probe-ad" in ids,
+        "removed_ad_in_answer": probe_ids[1] in ids, "paused_ad_in_answer": probe_ids[2] in ids,
+        "index_options": report["index_options"],
+    }
+    status_lines = [json.dumps({"ad_id": probe_ids[3], "status": "paused"})]
+    write_delta(delta_path, status_lines)
+    changed_at = time.time()
+    status_report = refresher.apply(refresh_delta.read_delta(delta_path))
+    published_at = status_report["published_at"]
+    first_answer_at, ids = wait_for_version(server, probe_request, status_report["version"], 600)
+    result["status_only"] = {
+        "change_to_first_answer_seconds": round(first_answer_at - changed_at, 2),
+        "refresher_total_seconds": round(published_at - changed_at, 2),
+        "publish_to_first_answer_seconds": round(first_answer_at - published_at, 2),
+        "server_load_and_warmup_seconds": server.load_seconds(status_report["version"]),
+        "paused_ad_in_answer": probe_ids[3] in ids,
+    }
+  finally:
+    server.stop()
+  result.update(measure_load_and_warmup(report["path"]))
+  if FLAGS.measure_cli:
+    write_delta(delta_path, lines)
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "export.refresh_cli", f"--model_base_path={base_path}",
+                    f"--delta={delta_path}", "--from_version=1", "--keep_versions=0"]
+                   + [f"--index_options={o}" for o in FLAGS.index_options],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result["one_shot_cli_seconds (process start to published)"] = round(time.time() - started, 2)
+  return result
+
+
+def _index_overrides() -> dict[str, Any]:
+  return exporter.parse_index_options(FLAGS.index_options)
+
+
+class OpenLoopLoad:
+  """Sends single-query Predicts on a fixed schedule (open loop: latency counts from the scheduled time).
+
+  Every answer is reduced to (version, which tracked ad ids it contains).
+  """
+
+  def __init__(self, server: Server, requests: list, qps: float, tracked: set[str], max_seconds: float):
+    self._server, self._requests, self._qps = server, requests, qps
+    self._tracked = tracked
+    self._max_requests = int(qps * max_seconds)
+    self.scheduled = np.zeros(self._max_requests)
+    self.latency = np.full(self._max_requests, np.nan)
+    self.version = np.zeros(self._max_requests, np.int64)
+    self.failed: dict[int, str] = {}
+    self.hits: dict[int, frozenset[str]] = {}
+    self.sent = 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._outstanding = threading.Semaphore(0)
+
+  def start(self) -> None:
+    self.started = time.time()
+    self._thread.start()
+
+  def stop(self) -> None:
+    self._stop.set()
+    self._thread.join()
+    for _ in range(self.sent):  # Wait for every answer (or its timeout).
+      self._outstanding.acquire(timeout=30)
+
+  def _run(self) -> None:
+    for i in range(self._max_requests):
+      due = self.started + i / self._qps
+      delay = due - time.time()
+      if delay > 0 and self._stop.wait(delay):
+        return
+      if self._stop.is_set():
+        return
+      self.scheduled[i] = due
+      future = self._server.stub.Predict.future(self._requests[i % len(self._requests)], timeout=10)
+      future.add_done_callback(lambda f, i=i: self._done(i, f))
+      self.sent = i + 1
+
+  def _done(self, i: int, future) -> None:
+    try:
+      response = future.result()
+      self.latency[i] = time.time() - self.scheduled[i]
+      self.version[i] = response.model_spec.version.value
+      found = self._tracked.intersection(v.decode() for v in response.outputs["ids"].string_val)
+      if found:
+        self.hits[i] = frozenset(found)
+    except grpc.RpcError as e:
+      self.failed[i] = e.code().name
+    finally:
+      self._outstanding.release()
+
+  def percentiles(self, start: float, end: float) -> dict[str, float | int]:
+    sent = slice(0, self.sent)
+    mask = (self.scheduled[sent] >= start) & (self.scheduled[sent] < end) & ~np.isnan(self.latency[sent])
+    values = self.latency[sent][mask] * 1e3
+    if not len(values):
+      return {"requests": 0}
+    p50, p99 = np.percentile(values, [50, 99])
+    return {"requests": int(len(values)), "p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2)}
+
+
+def swaps_under_load(version_path: str, source: sources.Source, queries: dict[str, np.ndarray]) -> dict[str, Any]:
+  """--swaps publishes by `fgr-refresh --watch` while an open-loop load runs; checks every answer."""
+  base_path = served_copy(version_path, "swaps")
+  watch_dir = os.path.join(base_path + "-deltas")
+  os.makedirs(watch_dir)
+  server = Server(base_path, os.path.join(FLAGS.work_dir, "swaps-server.log"))
+  watcher = None
+  try:
+    requests = [warmup.predict_request({name: values[i:i + 1] for name, values in queries.items()}, model_name=MODEL)
+                for i in range(len(queries[schema.USER_ID]))]
+    probe_request = requests[0]
+    wait_for_version(server, probe_request, 1, 600)
+    _, probe_ids = answer(server, probe_request)
+    state = refresh_state.read_state(os.path.join(base_path, "1"))
+    row_of = state.row_of()
+    template = source.features(np.asarray([row_of[probe_ids[0]]]))
+    # The plan: (rebuild?, extra lines, ads that must appear in the probe's answers, ads to exclude, ads allowed again)
+    new_ads = [f"fresh-probe-ad-{i}" for i in range(FLAGS.swaps)]
+    plan = []
+    paused: list[str] = []
+    for i in range(FLAGS.swaps):
+      target = probe_ids[1 + i]
+      if i % 2 == 0:
+        plan.append((True, [ad_line(new_ads[i], template, 0), json.dumps({"ad_id": target, "deleted": True})],
+                     new_ads[i], target, None))
+      elif i == FLAGS.swaps - 2 and paused:  # Resume an ad paused earlier: it may come back.
+        plan.append((False, [json.dumps({"ad_id": paused[0], "status": "active"})], None, None, paused[0]))
+      else:
+        paused.append(target)
+        plan.append((False, [json.dumps({"ad_id": target, "status": "paused"})], None, target, None))
+    tracked = set(probe_ids[1:1 + FLAGS.swaps]) | set(new_ads)
+    touched = set(probe_ids)
+
+    log = open(os.path.join(FLAGS.work_dir, "swaps-refresher.log"), "wb")
+    watcher = subprocess.Popen(
+        ["nice", "-n", "10", sys.executable, "-m", "export.refresh_cli", f"--model_base_path={base_path}",
+         f"--watch={watch_dir}", "--interval=1s", "--keep_versions=3"]
+        + [f"--index_options={o}" for o in FLAGS.index_options],
+        cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=log, stderr=log)
+    time.sleep(5)  # Let the watcher read version 1 before the steady phase starts.
+
+    load = OpenLoopLoad(server, requests, FLAGS.qps, tracked, FLAGS.max_load_seconds)
+    load.start()
+    time.sleep(FLAGS.steady_seconds)
+    steady_end = time.time()
+    swaps = []
+    version = 1
+    for i, (rebuild, extra, _, _, _) in enumerate(plan):
+      lines = make_delta(state, source, FLAGS.changed_fraction, 100 + i, touched, extra) if rebuild else extra
+      dropped_at = time.time()
+      write_delta(os.path.join(watch_dir, f"{i:03d}.jsonl"), lines)
+      published_at = None
+      while published_at is None:
+        if time.time() - dropped_at > FLAGS.swap_timeout:
+          raise TimeoutError(f"swap {i} was not published within {FLAGS.swap_timeout:.0f}s")
+        if max(versions.list_versions(base_path)) > version:
+          published_at = time.time()
+        time.sleep(0.02)
+      version += 1
+      first_answer_at, _ = wait_for_version(server, probe_request, version, FLAGS.swap_timeout)
+      time.sleep(3)  # The old version unloads after the switch: keep it inside the window.
+      swaps.append({"version": version, "kind": "rebuild" if rebuild else "status_only",
+                    "dropped_at": dropped_at, "published_at": published_at, "first_answer_at": first_answer_at,
+                    "refresher_seconds": round(published_at - dropped_at, 2),
+                    "publish_to_first_answer_seconds": round(first_answer_at - published_at, 2),
+                    "server_load_and_warmup_seconds": server.load_seconds(version)})
+    time.sleep(5)
+    load.stop()
+  finally:
+    if watcher is not None:
+      watcher.terminate()
+      watcher.wait(60)
+    server.stop()
+
+  # Check every answer against the plan, by the version that gave it.
+  violations = []
+  later_misses = 0
+  for index, (_, _, must_appear, excluded, resumed) in enumerate(plan):
+    swap_version = swaps[index]["version"]
+    resumed_at = {p[4]: swaps[j]["version"] for j, p in enumerate(plan) if p[4]}
+    for i in range(load.sent):
+      v = load.version[i]
+      if v < swap_version or i in load.failed:
+        continue
+      hits = load.hits.get(i, frozenset())
+      # The new ad must be in the probe's answers from the version that adds it; later versions rebuild
+      # the approximate index over a changed catalog, where it may fall just outside k (counted apart).
+      if must_appear and i % len(requests) == 0 and must_appear not in hits:
+        if v > swap_version:
+          later_misses += 1
+          continue
+        violations.append(f"request {i} (version {v}): probe answer lacks {must_appear}")
+      if excluded and excluded in hits and not (excluded in resumed_at and v >= resumed_at[excluded]):
+        violations.append(f"request {i} (version {v}): {excluded} appears after its removal/pause")
+  windows = [(s["published_at"], s["first_answer_at"] + 3) for s in swaps]
+  in_windows = _merge_percentiles(load, windows)
+  builds = _merge_percentiles(load, [(s["dropped_at"], s["published_at"]) for s in swaps])
+  steady = load.percentiles(load.started + 2, steady_end)
+  for s in swaps:
+    for key in ("dropped_at", "published_at", "first_answer_at"):
+      s.pop(key)
+  return {
+      "qps": FLAGS.qps, "requests_sent": load.sent, "failed_requests": len(load.failed),
+      "failure_codes": sorted(set(load.failed.values())),
+      "steady": steady, "during_swap_windows": in_windows, "during_refresher_builds": builds,
+      "p99_swap_over_steady": round(in_windows.get("p99_ms", 0) / steady["p99_ms"], 2) if steady.get("p99_ms") else None,
+      "probe_checks_violations": len(violations), "violation_examples": violations[:5],
+      "new_ad_missing_in_later_versions": later_misses,
+      "probe_answers_checked": int(sum(1 for i in range(load.sent) if i % len(requests) == 0)),
+      "swaps": swaps,
+  }
+
+
+def _merge_percentiles(load: OpenLoopLoad, windows: list[tuple[float, float]]) -> dict[str, float | int]:
+  sent = slice(0, load.sent)
+  mask = np.zeros(load.sent, bool)
+  for start, end in windows:
+    mask |= (load.scheduled[sent] >= start) & (load.scheduled[sent] < end)
+  values = load.latency[sent][mask & ~np.isnan(load.latency[sent])] * 1e3
+  if not len(values):
+    return {"requests": 0}
+  p50, p99 = np.percentile(values, [50, 99])
+  return {"requests": int(len(values)), "p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2)}
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  os.makedirs(FLAGS.work_dir, exist_ok=True)
+  run_dir, version_path = ensure_version(FLAGS.work_dir)
+  _, run_config = train.restore(run_dir)
+  source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
+  queries = exporter.sample_queries(source, 200)
+  results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                             "command": " ".join(["python bench/freshness.py"] + sys.argv[1:]),
+                             "version_path": version_path}
+  if FLAGS.part in ("all", "publish"):
+    results["publish"] = publish_time(version_path, source, queries)
+    logging.info("Publish time: %s", results["publish"])
+    print(json.dumps({"publish": results["publish"]}), flush=True)
+  if FLAGS.part in ("all", "swaps"):
+    results["swaps_under_load"] = swaps_under_load(version_path, source, queries)
+  with open(os.path.join(FLAGS.work_dir, "freshness.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
