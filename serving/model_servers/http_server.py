@@ -251,7 +251,11 @@ class HttpServer:
           status, payload = 404, {"error": f"Not found: {method} {path}"}
         else:
           status, payload = rest.handle(method, path, body)
-        data = json.dumps(payload, indent=None).encode("utf-8")
+        try:
+          data = json.dumps(payload, indent=None).encode("utf-8")
+        except (TypeError, ValueError) as e:  # A value JSON can't hold.
+          status = 500
+          data = json.dumps({"error": f"Failed to write JSON: {e}"}).encode()
         self._reply(status, data, "application/json")
 
       def do_GET(self):

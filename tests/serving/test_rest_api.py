@@ -107,6 +107,10 @@ def test_classify_and_regress(server):
      "Malformed request: POST"),
     ("POST", f"/v1/models/{TF1_MODEL}:classify", {"examples": [{"x": 1.0}]},
      400, "Expected classification signature method_name"),
+    ("GET", "/v1/models", None, 400, "Missing model name in request."),
+    ("GET", f"/v1/models/{TF2_MODEL}/labels/nope", None, 400,
+     "Unrecognized servable version label: nope"),
+    ("GET", "/nothing/here", None, 404, "Not found"),
 ])
 def test_errors(server, method, path, body, code, message):
   status, data = _call(server, path, body, method)
