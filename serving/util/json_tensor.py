@@ -93,8 +93,9 @@ def json_to_ndarray(value: Any, info: meta_graph_pb2.TensorInfo,
     array[:] = flat
   else:
     try:
-      array = np.asarray(flat, dtype=np_dtype)
-    except (OverflowError, ValueError) as e:
+      with np.errstate(over="raise"):  # 1e300 is no float32: reject it.
+        array = np.asarray(flat, dtype=np_dtype)
+    except (OverflowError, ValueError, FloatingPointError) as e:
       raise errors.invalid_argument(
           f"Unable to convert input {alias} to {tf.as_dtype(info.dtype).name}:"
           f" {e}") from e

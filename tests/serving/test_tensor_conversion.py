@@ -1,0 +1,84 @@
+"""Malformed tensors and JSON bodies only ever raise INVALID_ARGUMENT."""
+
+import grpc
+from hypothesis import given, settings, strategies as st
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from serving import errors
+from serving.servables import tensor_util
+from serving.util import json_tensor
+
+_DTYPES = st.sampled_from(sorted(types_pb2.DataType.values()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=_DTYPES,
+       dims=st.lists(st.integers(-2, 6), max_size=4),
+       content=st.binary(max_size=64),
+       floats=st.lists(st.floats(width=32), max_size=10),
+       ints=st.lists(st.integers(-2**31, 2**31 - 1), max_size=10),
+       strings=st.lists(st.binary(max_size=8), max_size=10),
+       huge=st.booleans())
+def test_to_ndarray_never_crashes(dtype, dims, content, floats, ints, strings,
+                                  huge):
+  proto = tensor_pb2.TensorProto(dtype=dtype, tensor_content=content,
+                                 float_val=floats, int_val=ints,
+                                 string_val=strings)
+  dims = dims + ([10**12] if huge else [])
+  for d in dims:
+    proto.tensor_shape.dim.add(size=d)
+  try:
+    array = tensor_util.to_ndarray(proto, "x")
+  except errors.ServingError as e:
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+  else:
+    assert list(array.shape) == dims
+    # Whatever decodes must encode back.
+    tensor_util.to_tensor_proto(array, dtype)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) |
+    st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["x", "b64", "y", "instances", "inputs"]), children,
+        max_size=3),
+    max_leaves=12)
+
+
+def _signature(dtype):
+  signature = meta_graph_pb2.SignatureDef()
+  signature.inputs["x"].dtype = dtype
+  signature.inputs["x"].name = "x:0"
+  return signature
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["instances", "inputs", "other"]),
+                            _JSON, max_size=2),
+       dtype=st.sampled_from([types_pb2.DT_FLOAT, types_pb2.DT_INT32,
+                              types_pb2.DT_STRING, types_pb2.DT_BOOL,
+                              types_pb2.DT_INT64]))
+def test_json_bodies_never_crash(body, dtype):
+  try:
+    inputs, _ = json_tensor.parse_predict_body(body, _signature(dtype))
+  except errors.ServingError as e:
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+  else:  # Predict itself rejects missing inputs ({"inputs": {}}).
+    if "x" in inputs:
+      assert inputs["x"].dtype == tf.as_dtype(dtype).as_numpy_dtype or (
+          dtype == types_pb2.DT_STRING and inputs["x"].dtype == object)
+      try:
+        json_tensor.predict_response_json(
+            {"y": inputs["x"]}, row_format="instances" in body)
+      except errors.ServingError as e:
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_float32_outputs_print_shortest():
+  assert json_tensor.ndarray_to_json(
+      np.array([2.1, 0.1], np.float32), "y") == [2.1, 0.1]
