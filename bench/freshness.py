@@ -38,7 +38,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 from export import exporter, refresh, refresh_delta, refresh_state, versions, warmup  # noqa: E402
 from models import config as config_lib  # noqa: E402
@@ -183,6 +183,35 @@ def ad_line(ad_id: str, features: dict[str, np.ndarray], row: int) -> str:
                      "tokens": [str(t) for t in features[schema.AD_TOKENS][row] if t]})
 
 
+def pick_probe_ad(server: Server, probe_request, source: sources.Source, row_of: dict[str, int],
+                  probe_ids: list[str], ad_id_prefix: str, candidates: int = 256) -> tuple[str, str, float]:
+  """A new ad that exact search puts inside the probe query's top-k, as a delta line.
+
+  Candidates take the side info of the probe's current answers under fresh ids; the served version's
+  own encode_item and encode_query (through Predict) score them, and the best one is returned with
+  its margin over the probe's current k-th score.
+  """
+  rows = np.asarray([row_of[ad_id] for ad_id in probe_ids[:16]])
+  features = source.features(rows[np.arange(candidates) % len(rows)])
+  ids = np.asarray([f"{ad_id_prefix}-{j}" for j in range(candidates)], dtype=object)
+  item_request = warmup.predict_request({schema.AD_ID: ids, schema.CATEGORY: features[schema.CATEGORY],
+                                         schema.BRAND: features[schema.BRAND], schema.AD_TOKENS: features[schema.AD_TOKENS]},
+                                        signature_name="encode_item", model_name=MODEL)
+  items = tf_ndarray(server.stub.Predict(item_request, timeout=60).outputs["embedding"])
+  query_request = predict_pb2.PredictRequest()
+  query_request.CopyFrom(probe_request)
+  query_request.model_spec.signature_name = "encode_query"
+  query = tf_ndarray(server.stub.Predict(query_request, timeout=60).outputs["embedding"])[0]
+  kth_score = server.stub.Predict(probe_request, timeout=60).outputs["scores"].float_val[-1]
+  best = int(np.argmax(items @ query))
+  return ids[best], ad_line(ids[best], features, best), float(items[best] @ query - kth_score)
+
+
+def tf_ndarray(proto) -> np.ndarray:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.make_ndarray(proto)
+
+
 def write_delta(path: str, lines: list[str]) -> None:
   """Writes under a hidden name and renames, as writers into a watched directory must."""
   hidden = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
@@ -230,8 +259,9 @@ def publish_time(version_path: str, source: sources.Source, queries: dict[str, n
     refresher.prepare()
     resident_seconds = time.perf_counter() - started
     state = refresher.source().state
-    features = source.features(np.asarray([refresher.source().row_of[probe_ids[0]]]))
-    extra = [ad_line("fresh-probe-ad", features, 0), json.dumps({"ad_id": probe_ids[1], "deleted": True}),
+    new_ad, new_line, margin = pick_probe_ad(server, probe_request, source, refresher.source().row_of, probe_ids,
+                                             "fresh-probe-ad")
+    extra = [new_line, json.dumps({"ad_id": probe_ids[1], "deleted": True}),
              json.dumps({"ad_id": probe_ids[2], "status": "paused"})]
     lines = make_delta(state, source, FLAGS.changed_fraction, 1, set(probe_ids[:3]), extra)
     delta_path = os.path.join(FLAGS.work_dir, "publish-delta.jsonl")
@@ -249,7 +279,8 @@ def publish_time(version_path: str, source: sources.Source, queries: dict[str, n
         "refresher_total_seconds": round(published_at - changed_at, 2),
         "publish_to_first_answer_seconds": round(first_answer_at - published_at, 2),
         "server_load_and_warmup_seconds": server.load_seconds(report["version"]),
-        "new_probe_ad_in_answer": "fresh-probe-ad" in ids,
+        "new_probe_ad_score_over_kth": round(margin, 4),
+        "new_probe_ad_in_answer": new_ad in ids,
         "removed_ad_in_answer": probe_ids[1] in ids, "paused_ad_in_answer": probe_ids[2] in ids,
         "index_options": report["index_options"],
     }
@@ -365,16 +396,20 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
     _, probe_ids = answer(server, probe_request)
     state = refresh_state.read_state(os.path.join(base_path, "1"))
     row_of = state.row_of()
-    template = source.features(np.asarray([row_of[probe_ids[0]]]))
     # The plan: (rebuild?, extra lines, ads that must appear in the probe's answers, ads to exclude, ads allowed again)
-    new_ads = [f"fresh-probe-ad-{i}" for i in range(FLAGS.swaps)]
+    new_ads, new_lines, margins = [], [], []
+    for i in range(0, FLAGS.swaps, 2):
+      new_ad, new_line, margin = pick_probe_ad(server, probe_request, source, row_of, probe_ids, f"fresh-probe-{i}")
+      new_ads.append(new_ad)
+      new_lines.append(new_line)
+      margins.append(round(margin, 4))
     plan = []
     paused: list[str] = []
     for i in range(FLAGS.swaps):
       target = probe_ids[1 + i]
       if i % 2 == 0:
-        plan.append((True, [ad_line(new_ads[i], template, 0), json.dumps({"ad_id": target, "deleted": True})],
-                     new_ads[i], target, None))
+        plan.append((True, [new_lines[i // 2], json.dumps({"ad_id": target, "deleted": True})],
+                     new_ads[i // 2], target, None))
       elif i == FLAGS.swaps - 2 and paused:  # Resume an ad paused earlier: it may come back.
         plan.append((False, [json.dumps({"ad_id": paused[0], "status": "active"})], None, None, paused[0]))
       else:
@@ -391,7 +426,9 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
         cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=log, stderr=log)
     time.sleep(5)  # Let the watcher read version 1 before the steady phase starts.
 
-    load = OpenLoopLoad(server, requests, FLAGS.qps, tracked, FLAGS.max_load_seconds)
+    # Every 10th request is the probe query; the others cycle through the held-out queries.
+    schedule = [probe_request if j % 10 == 0 else requests[j] for j in range(len(requests))]
+    load = OpenLoopLoad(server, schedule, FLAGS.qps, tracked, FLAGS.max_load_seconds)
     load.start()
     time.sleep(FLAGS.steady_seconds)
     steady_end = time.time()
@@ -437,7 +474,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
       hits = load.hits.get(i, frozenset())
       # The new ad must be in the probe's answers from the version that adds it; later versions rebuild
       # the approximate index over a changed catalog, where it may fall just outside k (counted apart).
-      if must_appear and i % len(requests) == 0 and must_appear not in hits:
+      if must_appear and i % 10 == 0 and must_appear not in hits:
         if v > swap_version:
           later_misses += 1
           continue
@@ -457,8 +494,9 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
       "steady": steady, "during_swap_windows": in_windows, "during_refresher_builds": builds,
       "p99_swap_over_steady": round(in_windows.get("p99_ms", 0) / steady["p99_ms"], 2) if steady.get("p99_ms") else None,
       "probe_checks_violations": len(violations), "violation_examples": violations[:5],
+      "new_ads_score_over_kth_on_version_1": margins,
       "new_ad_missing_in_later_versions": later_misses,
-      "probe_answers_checked": int(sum(1 for i in range(load.sent) if i % len(requests) == 0)),
+      "probe_answers": int(sum(1 for i in range(load.sent) if i % 10 == 0)),
       "swaps": swaps,
   }
 

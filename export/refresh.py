@@ -206,15 +206,20 @@ def apply_delta(state: refresh_state.CatalogState, row_of: dict[str, int], delta
   upsert_active = np.asarray([delta.upserts[ad_id].status == "active" for ad_id in upsert_ids], dtype=bool)
   upsert_embeddings = embed(features) if upsert_ids else np.zeros([0, state.embeddings.shape[1]], np.float32)
   changed = upsert_rows >= 0
-  embeddings = np.array(state.embeddings, dtype=np.float32)  # A writable copy of the (memory-mapped) rows.
-  embeddings[upsert_rows[changed]] = upsert_embeddings[changed]
   eligible[upsert_rows[changed]] = upsert_active[changed]
   removed_rows = [row_of[ad_id] for ad_id in delta.removals if ad_id in row_of]
   keep = np.ones(len(state.ids), dtype=bool)
   keep[removed_rows] = False
+  # One pass over the (memory-mapped) rows: kept rows, then new ads; changed rows are overwritten in place.
+  new_row = np.cumsum(keep) - 1
+  num_kept = int(keep.sum())
+  embeddings = np.empty([num_kept + int((~changed).sum()), state.embeddings.shape[1]], np.float32)
+  np.compress(keep, state.embeddings, axis=0, out=embeddings[:num_kept])
+  embeddings[new_row[upsert_rows[changed]]] = upsert_embeddings[changed]
+  embeddings[num_kept:] = upsert_embeddings[~changed]
   new_state = refresh_state.CatalogState(
       ids=np.concatenate([state.ids[keep], np.asarray(upsert_ids, dtype=object)[~changed]]),
-      embeddings=np.concatenate([embeddings[keep], upsert_embeddings[~changed]]),
+      embeddings=embeddings,
       eligible=np.concatenate([eligible[keep], upsert_active[~changed]]))
   counts = {"added": int((~changed).sum()), "changed": int(changed.sum()), "removed": len(removed_rows),
             "ignored_removals": len(delta.removals) - len(removed_rows), "status_changes": len(delta.statuses)}
