@@ -1,6 +1,6 @@
 """Conversion between TensorProto and NumPy, with TF Serving's wire choices."""
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -52,6 +52,59 @@ def _supplied_values(proto: tensor_pb2.TensorProto) -> int:
   return len(getattr(proto, field)) if field else 0
 
 
+# NumPy types of the dtypes decoded without tf.make_ndarray (see below).
+_NUMPY_TYPE = {
+    types_pb2.DT_FLOAT: np.float32,
+    types_pb2.DT_DOUBLE: np.float64,
+    types_pb2.DT_INT8: np.int8,
+    types_pb2.DT_INT16: np.int16,
+    types_pb2.DT_INT32: np.int32,
+    types_pb2.DT_INT64: np.int64,
+    types_pb2.DT_UINT8: np.uint8,
+    types_pb2.DT_UINT16: np.uint16,
+    types_pb2.DT_UINT32: np.uint32,
+    types_pb2.DT_UINT64: np.uint64,
+    types_pb2.DT_BOOL: np.bool_,
+}
+
+
+def _decode_exact(proto: tensor_pb2.TensorProto, num_elements: int,
+                  alias: str) -> Optional[np.ndarray]:
+  """Decodes the common case, a proto carrying exactly its elements.
+
+  tf.make_ndarray costs about 20 us per tensor in Python overhead, a
+  noticeable share of a request with several small inputs; this path takes
+  about 2 us. Returns None for cases left to tf.make_ndarray (short value
+  lists to fill, half/bfloat16/complex types).
+  """
+  if proto.dtype == types_pb2.DT_STRING:
+    values = proto.string_val
+    if len(values) != num_elements:
+      return None
+    array = np.empty(num_elements, dtype=object)
+    array[:] = list(values)
+    return array
+  np_type = _NUMPY_TYPE.get(proto.dtype)
+  if np_type is None:
+    return None
+  if proto.tensor_content:
+    content = proto.tensor_content
+    if len(content) != num_elements * np.dtype(np_type).itemsize:
+      raise errors.invalid_argument(
+          f"tensor parsing error: {alias}: tensor_content holds "
+          f"{len(content)} bytes, not {num_elements} "
+          f"{dtype_name(proto.dtype)} values")
+    return np.frombuffer(content, dtype=np_type)
+  values = getattr(proto, _VALUE_FIELD[proto.dtype])
+  if len(values) != num_elements:
+    return None
+  try:
+    return np.array(values, dtype=np_type)
+  except (OverflowError, ValueError) as e:
+    raise errors.invalid_argument(
+        f"tensor parsing error: {alias}: {e}") from e
+
+
 def to_ndarray(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
   """Decodes a request TensorProto.
 
@@ -73,13 +126,18 @@ def to_ndarray(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
     raise errors.invalid_argument(
         f"tensor parsing error: {alias}: tensor shape has unknown rank")
   dims = [d.size for d in proto.tensor_shape.dim]
-  if any(d < 0 for d in dims):
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: negative dimension in shape {dims}")
-  num_elements = int(np.prod(dims, dtype=np.float64)) if dims else 1
+  num_elements = 1
+  for d in dims:
+    if d < 0:
+      raise errors.invalid_argument(
+          f"tensor parsing error: {alias}: negative dimension in shape {dims}")
+    num_elements *= d
   if num_elements > max(_MAX_FILLED_ELEMENTS, _supplied_values(proto)):
     raise errors.invalid_argument(
         f"tensor parsing error: {alias}: shape {dims} has too many elements")
+  array = _decode_exact(proto, num_elements, alias)
+  if array is not None:
+    return array.reshape(dims)
   try:
     array = tf.make_ndarray(proto)
   except Exception as e:  # make_ndarray raises several types on bad protos.

@@ -2,6 +2,7 @@
 
 import grpc
 from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2
@@ -82,3 +83,34 @@ def test_json_bodies_never_crash(body, dtype):
 def test_float32_outputs_print_shortest():
   assert json_tensor.ndarray_to_json(
       np.array([2.1, 0.1], np.float32), "y") == [2.1, 0.1]
+
+
+_EXACT_DTYPES = [np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
+                 np.uint8, np.uint16, np.uint32, np.uint64, np.bool_,
+                 np.float16, np.complex64]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), shape=st.lists(st.integers(0, 4), max_size=3),
+       dtype=st.sampled_from(_EXACT_DTYPES + [object]),
+       typed_fields=st.booleans())
+def test_decoding_matches_make_ndarray(data, shape, dtype, typed_fields):
+  """The fast decoding path agrees with tf.make_ndarray on valid tensors."""
+  if dtype is object:
+    flat = data.draw(st.lists(st.binary(max_size=6),
+                              min_size=int(np.prod(shape)),
+                              max_size=int(np.prod(shape))))
+    array = np.empty(len(flat), dtype=object)
+    array[:] = flat
+    array = array.reshape(shape)
+  else:
+    array = data.draw(hnp.arrays(dtype, shape))
+  dtype_enum = tf.as_dtype(array.dtype if dtype is not object else
+                           tf.string).as_datatype_enum
+  proto = (tensor_util.to_tensor_proto(array, dtype_enum) if typed_fields
+           else tf.make_tensor_proto(array, dtype=tf.as_dtype(dtype_enum)))
+  decoded = tensor_util.to_ndarray(proto, "x")
+  expected = tf.make_ndarray(proto)
+  assert decoded.dtype == expected.dtype
+  assert decoded.shape == expected.shape
+  np.testing.assert_array_equal(decoded, expected)
