@@ -25,17 +25,15 @@ from bench import serving_common as common
 from serving.loadtest import driver
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "fgr-train --output_dir whose towers to export (synthetic data).", required=True)
+common.define_flags(warmup_seconds=2.0, seconds=15.0, rounds=None, num_queries=300,
+                    base_path=False)  # --run_dir: the towers to export over each catalog.
+flags.adopt_module_key_flags(common)
 flags.DEFINE_list("num_ads", ["100000", "1000000"], "Catalog sizes.")
 flags.DEFINE_string("work_dir", "/tmp/fgr_serving_catalog", "Derived run configs and exported models (reused).")
 flags.DEFINE_float("qps", 50.0, "Open-loop rate for latency.")
 flags.DEFINE_integer("streams", 8, "Closed-loop streams for throughput.")
-flags.DEFINE_float("warmup_seconds", 2.0, "Unmeasured lead-in per point.")
-flags.DEFINE_float("seconds", 15.0, "Measured seconds per point.")
-flags.DEFINE_integer("num_queries", 300, "Distinct held-out queries to cycle through.")
 flags.DEFINE_bool("export_only", False, "Only derive and export the catalogs (to build them ahead of a quiet "
                   "measuring window).")
-flags.DEFINE_string("output_dir", "/tmp/fgr_serving_bench", "Where the JSON results and server logs go.")
 
 MODEL = "retrieval"
 
@@ -111,8 +109,8 @@ def main(argv: list[str]) -> None:
                  f"closed_{FLAGS.streams}_streams": throughput})
     print(json.dumps(rows[-1]), flush=True)
   if rows:
-    path = common.save(FLAGS.output_dir, "serving_catalog", {"rows": rows})
-    print(f"wrote {path}")
+    common.finish(FLAGS.output_dir, "serving_catalog", {"rows": rows}, [], [
+        {"num_ads": r["num_ads"], "rss_after_load_mib": r["rss_after_load_mib"]} for r in rows])
 
 
 if __name__ == "__main__":

@@ -21,9 +21,34 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
+from absl import flags
+
 from serving.loadtest import driver, histogram, request_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def define_flags(warmup_seconds: float, seconds: float, rounds: int | None, num_queries: int = 500,
+                 base_path: bool = True) -> None:
+  """Defines the flags every serving benchmark shares, with its own defaults.
+
+  Args:
+    warmup_seconds: default unmeasured lead-in per round.
+    seconds: default measured seconds per round.
+    rounds: default rounds per comparison; None defines no --rounds flag.
+    num_queries: default number of distinct held-out queries.
+    base_path: define a required --base_path (the served model).
+  """
+  flags.DEFINE_string("run_dir", None, "fgr-train --output_dir (synthetic data) whose held-out queries to send.",
+                      required=True)
+  if base_path:
+    flags.DEFINE_string("base_path", None, "fgr-export --model_base_path of the served model.", required=True)
+  flags.DEFINE_float("warmup_seconds", warmup_seconds, "Unmeasured lead-in per round.")
+  flags.DEFINE_float("seconds", seconds, "Measured seconds per round.")
+  if rounds is not None:
+    flags.DEFINE_integer("rounds", rounds, "Rounds per comparison, alternating the variants' order (pooled).")
+  flags.DEFINE_integer("num_queries", num_queries, "Distinct held-out queries to cycle through.")
+  flags.DEFINE_string("output_dir", "/tmp/fgr_serving_bench", "Where the JSON results and server logs go.")
 
 
 @dataclasses.dataclass
@@ -179,6 +204,16 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) ->
 
 POINT_COLUMNS = (("variant", "variant"), ("load", "load"), ("throughput_qps", "req/s"), ("p50_ms", "p50 ms"),
                  ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"), ("errors", "errors"))
+
+
+def finish(output_dir: str, name: str, data: dict[str, Any], points: Sequence[dict[str, Any]],
+           ratios: Any) -> None:
+  """Saves the results, then prints the points' table, the ratios and where the JSON went."""
+  path = save(output_dir, name, data)
+  if points:
+    print(table(points, POINT_COLUMNS))
+  print(json.dumps(ratios))
+  print(f"wrote {path}")
 
 
 def save(output_dir: str, name: str, data: dict[str, Any]) -> str:

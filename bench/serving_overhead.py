@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import os
 from typing import Any
 
@@ -31,16 +30,10 @@ from serving.loadtest import driver
 from serving.servables import saved_model_bundle
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "fgr-train --output_dir of the served model (for held-out queries).",
-                    required=True)
-flags.DEFINE_string("base_path", None, "fgr-export --model_base_path.", required=True)
+common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=4)
+flags.adopt_module_key_flags(common)
 flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
 flags.DEFINE_integer("streams", 16, "Closed-loop streams for the saturation comparison.")
-flags.DEFINE_float("warmup_seconds", 1.0, "Unmeasured lead-in per round.")
-flags.DEFINE_float("seconds", 5.0, "Measured seconds per round.")
-flags.DEFINE_integer("rounds", 4, "Rounds per comparison, alternating the variants' order (pooled).")
-flags.DEFINE_integer("num_queries", 500, "Distinct held-out queries to cycle through.")
-flags.DEFINE_string("output_dir", "/tmp/fgr_serving_bench", "Where the JSON results and server logs go.")
 
 MODEL = "retrieval"
 
@@ -103,12 +96,9 @@ def main(argv: list[str]) -> None:
       "overhead_over_echo_p50": round(overhead / echo_["p50_ms"], 3),  # Target <= 1.2.
       "fgr_serve_over_echo_saturation_qps": round(saturation[0]["throughput_qps"] / saturation[2]["throughput_qps"], 3),
   }  # Target >= 0.5.
-  path = common.save(FLAGS.output_dir, "serving_overhead", {"version": version, "latency": latency,
-                                                            "saturation": saturation, "ratios": ratios,
-                                                            "fgr_serve_memory": memory})
-  print(common.table(latency + saturation, common.POINT_COLUMNS))
-  print(json.dumps(ratios))
-  print(f"wrote {path}")
+  common.finish(FLAGS.output_dir, "serving_overhead", {"version": version, "latency": latency,
+                                                        "saturation": saturation, "ratios": ratios,
+                                                        "fgr_serve_memory": memory}, latency + saturation, ratios)
 
 
 if __name__ == "__main__":

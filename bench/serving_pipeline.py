@@ -13,7 +13,6 @@ pools them, so the shared machine's background load falls on both alike.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
@@ -26,15 +25,9 @@ from bench import serving_common as common
 from serving.loadtest import driver
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "fgr-train --output_dir of the served model (for held-out queries).",
-                    required=True)
-flags.DEFINE_string("base_path", None, "fgr-export --model_base_path exported with --index=scann.", required=True)
+common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=4)
+flags.adopt_module_key_flags(common)
 flags.DEFINE_list("qps", ["50", "150"], "Offered loads (requests/s), each run for both variants.")
-flags.DEFINE_float("warmup_seconds", 1.0, "Unmeasured lead-in per point.")
-flags.DEFINE_float("seconds", 5.0, "Measured seconds per round of a point.")
-flags.DEFINE_integer("rounds", 4, "Rounds per point, alternating the variants' order (pooled).")
-flags.DEFINE_integer("num_queries", 500, "Distinct held-out queries to cycle through.")
-flags.DEFINE_string("output_dir", "/tmp/fgr_serving_bench", "Where the JSON results go.")
 
 MODEL = "retrieval"
 
@@ -102,11 +95,8 @@ def main(argv: list[str]) -> None:
                      "p99_ratio": round(a["p99_ms"] / b["p99_ms"], 3)})
       print(f"  at {qps:g} QPS: full/two-call p50 {ratios[-1]['p50_ratio']}, p99 {ratios[-1]['p99_ratio']} "
             "(target p50 <= 0.6)")
-  path = common.save(FLAGS.output_dir, "serving_pipeline", {"version": version, "top_k_overlap": agreement,
-                                                            "points": points, "ratios": ratios})
-  print(common.table(points, common.POINT_COLUMNS))
-  print(json.dumps(ratios))
-  print(f"wrote {path}")
+  common.finish(FLAGS.output_dir, "serving_pipeline", {"version": version, "top_k_overlap": agreement,
+                                                        "points": points, "ratios": ratios}, points, ratios)
 
 
 if __name__ == "__main__":

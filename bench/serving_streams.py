@@ -10,7 +10,6 @@ has to merge concurrent requests to help).
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
@@ -19,20 +18,14 @@ from bench import serving_common as common
 from serving.loadtest import driver
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "fgr-train --output_dir of the served model (for held-out queries).",
-                    required=True)
-flags.DEFINE_string("base_path", None, "fgr-export --model_base_path.", required=True)
+common.define_flags(warmup_seconds=2.0, seconds=8.0, rounds=2)
+flags.adopt_module_key_flags(common)
 flags.DEFINE_list("streams", ["1", "8", "32", "128"], "Closed-loop concurrencies.")
 flags.DEFINE_string("batching_parameters",
                     "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
                     "num_batch_threads { value: 2 } max_enqueued_batches { value: 64 }",
                     "Text BatchingParameters of the batching server.")
 flags.DEFINE_integer("grpc_max_threads", 160, "gRPC worker threads of both servers.")
-flags.DEFINE_float("warmup_seconds", 2.0, "Unmeasured lead-in per round.")
-flags.DEFINE_float("seconds", 8.0, "Measured seconds per round.")
-flags.DEFINE_integer("rounds", 2, "Rounds per stream count, alternating the servers' order (pooled).")
-flags.DEFINE_integer("num_queries", 500, "Distinct held-out queries to cycle through.")
-flags.DEFINE_string("output_dir", "/tmp/fgr_serving_bench", "Where the JSON results and server logs go.")
 
 MODEL = "retrieval"
 
@@ -60,11 +53,8 @@ def main(argv: list[str]) -> None:
       points += [unbatched, batched]
       ratios[streams] = round(batched["throughput_qps"] / unbatched["throughput_qps"], 3)
       print(f"  {streams} streams: batched/unbatched throughput {ratios[streams]} (target at 32: >= 2)", flush=True)
-  path = common.save(FLAGS.output_dir, "serving_streams", {"batching_parameters": FLAGS.batching_parameters,
-                                                           "points": points, "throughput_ratios": ratios})
-  print(common.table(points, common.POINT_COLUMNS))
-  print(json.dumps(ratios))
-  print(f"wrote {path}")
+  common.finish(FLAGS.output_dir, "serving_streams", {"batching_parameters": FLAGS.batching_parameters,
+                                                       "points": points, "throughput_ratios": ratios}, points, ratios)
 
 
 if __name__ == "__main__":
