@@ -82,6 +82,14 @@ def unavailable(message: str) -> ServingError:
   return ServingError(grpc.StatusCode.UNAVAILABLE, message)
 
 
+def resource_exhausted(message: str) -> ServingError:
+  return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def deadline_exceeded(message: str) -> ServingError:
+  return ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
 def internal(message: str) -> ServingError:
   return ServingError(grpc.StatusCode.INTERNAL, message)
 

@@ -42,6 +42,7 @@ class Task:
     self.payload = payload
     self.result: Any = None
     self.error: Optional[BaseException] = None
+    self.abandoned = False  # Its caller gave up (deadline); skip its rows.
     self._done = threading.Event()
 
   def finish(self, result: Any = None,
@@ -52,9 +53,17 @@ class Task:
   def done(self) -> bool:
     return self._done.is_set()
 
-  def wait(self) -> Any:
-    """Blocks until processed; returns the result or raises the error."""
-    self._done.wait()
+  def wait(self, timeout_ms: Optional[int] = None) -> Any:
+    """Blocks until processed; returns the result or raises the error.
+
+    Raises:
+      ServingError: DEADLINE_EXCEEDED if `timeout_ms` passes first; the task
+        is then abandoned and left out of the batch it waits in.
+    """
+    if not self._done.wait(None if timeout_ms is None else timeout_ms / 1e3):
+      self.abandoned = True
+      raise errors.deadline_exceeded(
+          f"Deadline of {timeout_ms} ms exceeded while waiting for a batch")
     if self.error is not None:
       raise self.error
     return self.result

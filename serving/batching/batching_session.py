@@ -67,7 +67,7 @@ class BatchingSession:
       return self._runner(feeds, fetches, timeout_ms)
     task = batch_scheduler.Task(size, (feeds, timeout_ms))
     queue.schedule(task)
-    return task.wait()
+    return task.wait(timeout_ms)
 
   def _queue(self, key: Tuple) -> Optional[batch_scheduler.BatchQueue]:
     """The queue for `key`; None (run unbatched) past MAX_QUEUES kinds."""
@@ -98,6 +98,9 @@ class BatchingSession:
     return allowed[index] if index < len(allowed) else rows
 
   def _process(self, key: Tuple, tasks: List[batch_scheduler.Task]) -> None:
+    tasks = [t for t in tasks if not t.abandoned]  # Past their deadline.
+    if not tasks:
+      return
     fetches = key[1]
     rows = sum(t.size for t in tasks)
     padded = self._padded_size(rows)

@@ -1,8 +1,9 @@
-"""BatchingParameters and MonitoringConfig messages, as TF Serving defines them.
+"""BatchingParameters, MonitoringConfig and SSLConfig, as TF Serving defines them.
 
 `tensorflow-serving-api` ships the ModelServerConfig protos but not
-`session_bundle_config.proto` (BatchingParameters) nor `monitoring_config.proto`
-(MonitoringConfig), and there is no protoc here. We therefore declare the same
+`session_bundle_config.proto` (BatchingParameters), `monitoring_config.proto`
+(MonitoringConfig) nor `ssl_config.proto` (SSLConfig), and there is no
+protoc here. We therefore declare the same
 messages (same package, names and field numbers as TF Serving's .proto files)
 in a private descriptor pool, so TF Serving's text config files parse
 unchanged.
@@ -56,6 +57,16 @@ def _build_pool() -> descriptor_pool.DescriptorPool:
   _field(config, "prometheus_config", 1, _F.TYPE_MESSAGE,
          ".tensorflow.serving.PrometheusConfig")
   pool.Add(monitoring)
+
+  ssl = descriptor_pb2.FileDescriptorProto(
+      name="fgr/tensorflow_serving/ssl_config.proto",
+      package="tensorflow.serving", syntax="proto3")
+  ssl_config = ssl.message_type.add(name="SSLConfig")
+  _field(ssl_config, "server_key", 1, _F.TYPE_STRING)
+  _field(ssl_config, "server_cert", 2, _F.TYPE_STRING)
+  _field(ssl_config, "custom_ca", 3, _F.TYPE_STRING)
+  _field(ssl_config, "client_verify", 4, _F.TYPE_BOOL)
+  pool.Add(ssl)
   return pool
 
 
@@ -65,3 +76,5 @@ BatchingParameters = message_factory.GetMessageClass(
     _POOL.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
 MonitoringConfig = message_factory.GetMessageClass(
     _POOL.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
+SSLConfig = message_factory.GetMessageClass(
+    _POOL.FindMessageTypeByName("tensorflow.serving.SSLConfig"))

@@ -1,6 +1,7 @@
 """Loads one version: SavedModel, optional batching, warm-up, with retries."""
 
 import dataclasses
+import os
 import threading
 from typing import Callable, Optional, Sequence
 
@@ -34,6 +35,26 @@ class LoaderOptions:
   max_num_load_retries: int = 5
   load_retry_interval_seconds: float = 60.0
   batching: Optional[BatchingConfig] = None
+  # If non-empty, model files must resolve (symlinks, "..") under one of these.
+  allowed_roots: Sequence[str] = ()
+
+
+def check_path_roots(path: str, roots: Sequence[str], what: str) -> None:
+  """Raises INVALID_ARGUMENT unless `path` resolves under one of `roots`.
+
+  Both sides are resolved with os.path.realpath, so neither ".." nor a
+  symlink can lead outside a root. No roots means no restriction.
+  """
+  if not roots:
+    return
+  real = os.path.realpath(path)
+  for root in roots:
+    real_root = os.path.realpath(root)
+    if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep):
+      return
+  raise errors.invalid_argument(
+      f"{what} {path} resolves to {real}, outside the allowed roots "
+      f"{{{','.join(roots)}}} (--model_base_path_roots)")
 
 
 def load_once(name: str, version: int, path: str,
@@ -41,6 +62,7 @@ def load_once(name: str, version: int, path: str,
   """Loads and warms one version; raises ServingError on failure."""
   context = saved_model_bundle.servable_context(name, version)
   try:
+    check_path_roots(path, options.allowed_roots, "Version directory")
     bundle = saved_model_bundle.SavedModelBundle(
         name, version, path, options.tags, options.session_config)
   except Exception as e:  # Any load failure becomes the version's status.

@@ -103,6 +103,10 @@ class ServerCore:
         version, or a label names an unavailable version.
     """
     _validate(config)
+    for model in config.model_config_list.config:
+      loader.check_path_roots(model.base_path,
+                              self._loader_options.allowed_roots,
+                              f"Model {model.name} base_path")
     with self._reload_lock:
       self._config = model_server_config_pb2.ModelServerConfig()
       self._config.CopyFrom(config)

@@ -82,13 +82,21 @@ class GrpcServer:
     max_threads: Worker threads (TF Serving's --grpc_max_threads).
     options: Extra channel arguments (--grpc_channel_arguments).
     enable_health: Register grpc.health.v1 (--enable_grpc_healthcheck_service).
+    max_receive_message_length: Largest request accepted, in bytes; larger
+      ones fail with RESOURCE_EXHAUSTED before they are parsed. -1: no limit.
+    credentials: TLS credentials for TCP ports (--ssl_config_file), or None
+      for plaintext. UNIX sockets stay plaintext (local, file permissions).
   """
 
   def __init__(self, api: service_impl.ServingApi, max_threads: int,
                options: List[Tuple[str, object]],
-               enable_health: bool):
-    channel_options = [("grpc.max_receive_message_length", -1),
-                       ("grpc.max_send_message_length", -1)] + list(options)
+               enable_health: bool,
+               max_receive_message_length: int = -1,
+               credentials: Optional[grpc.ServerCredentials] = None):
+    self._credentials = credentials
+    channel_options = [
+        ("grpc.max_receive_message_length", max_receive_message_length),
+        ("grpc.max_send_message_length", -1)] + list(options)
     self._server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(
             max_workers=max_threads, thread_name_prefix="grpc"),
@@ -104,7 +112,10 @@ class GrpcServer:
 
   def add_port(self, address: str) -> int:
     """Binds `address` ("host:port" or "unix:path"); returns the port."""
-    port = self._server.add_insecure_port(address)
+    if self._credentials is not None and not address.startswith("unix:"):
+      port = self._server.add_secure_port(address, self._credentials)
+    else:
+      port = self._server.add_insecure_port(address)
     if port == 0 and not address.startswith("unix:"):
       raise RuntimeError(f"Failed to bind gRPC server to {address}")
     return port
@@ -122,3 +133,28 @@ class GrpcServer:
     """Stops accepting RPCs and waits for in-flight ones to finish."""
     self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     self._server.stop(grace_seconds).wait()
+
+
+def ssl_credentials(config) -> grpc.ServerCredentials:
+  """gRPC server credentials from TF Serving's SSLConfig (PEM contents).
+
+  Args:
+    config: A `tensorflow.serving.SSLConfig`: `server_key` and `server_cert`
+      hold PEM text; `custom_ca` the PEM roots client certificates must chain
+      to, required when `client_verify` is set (mutual TLS).
+
+  Raises:
+    ServingError: INVALID_ARGUMENT if the key or certificate is missing.
+  """
+  if not config.server_key or not config.server_cert:
+    raise errors.invalid_argument(
+        "--ssl_config_file: SSLConfig needs both server_key and server_cert "
+        "(PEM contents)")
+  if config.client_verify and not config.custom_ca:
+    raise errors.invalid_argument(
+        "--ssl_config_file: client_verify needs custom_ca (PEM roots that "
+        "client certificates must chain to)")
+  return grpc.ssl_server_credentials(
+      [(config.server_key.encode(), config.server_cert.encode())],
+      root_certificates=config.custom_ca.encode() or None,
+      require_client_auth=config.client_verify)

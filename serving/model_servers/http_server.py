@@ -208,12 +208,16 @@ class HttpServer:
     timeout_ms: Per-request deadline.
     enable_cors: Add CORS headers (--rest_api_enable_cors_support).
     prometheus_path: Where metrics are served, or None.
+    max_body_bytes: Largest request body read; a larger Content-Length is
+      answered 413 without reading the body (--rest_api_max_body_bytes).
+      0 means no limit.
   """
 
   def __init__(self, api: service_impl.ServingApi, host: str, port: int,
                num_threads: int = 8, timeout_ms: int = 30000,
                enable_cors: bool = False,
-               prometheus_path: Optional[str] = None):
+               prometheus_path: Optional[str] = None,
+               max_body_bytes: int = 0):
     rest = RestApi(api, timeout_ms)
     metrics = api.metrics
 
@@ -243,7 +247,18 @@ class HttpServer:
         except ValueError:
           length = -1
         if length < 0:
+          self.close_connection = True  # The body's end is unknown.
           self._reply(400, b'{"error": "Invalid Content-Length"}',
+                      "application/json")
+          return
+        if max_body_bytes and length > max_body_bytes:
+          # 413, not TF Serving's 429 for RESOURCE_EXHAUSTED: the request
+          # itself is too large and retrying it can't succeed. The body is
+          # never read, so the connection can't be reused.
+          self.close_connection = True
+          message = (f"Request body of {length} bytes exceeds the limit of "
+                     f"{max_body_bytes} bytes (--rest_api_max_body_bytes)")
+          self._reply(413, json.dumps({"error": message}).encode(),
                       "application/json")
           return
         body = self.rfile.read(length) if length > 0 else b""

@@ -119,17 +119,41 @@ flags.DEFINE_string("monitoring_config_file", "",
                     "If non-empty, a text MonitoringConfig; Prometheus "
                     "metrics are served on --rest_api_port.")
 flags.DEFINE_bool("version", False, "Display version and exit.")
+flags.DEFINE_string("ssl_config_file", "",
+                    "If non-empty, a text SSLConfig (server_key, server_cert "
+                    "and custom_ca as PEM contents, client_verify): the gRPC "
+                    "TCP port then serves TLS only (mutual TLS with "
+                    "client_verify). REST and UNIX sockets stay plaintext.")
 # Ours.
 flags.DEFINE_bool("load_scann_ops", True,
                   "Import scann (if installed) before loading models so "
                   "SavedModels with a ScaNN index find their Scann>... ops.")
+flags.DEFINE_integer("grpc_max_receive_message_length", 64 << 20,
+                     "Largest gRPC request accepted, in bytes; larger ones "
+                     "fail with RESOURCE_EXHAUSTED before being parsed. "
+                     "-1 or 0: no limit (TF Serving's behaviour).")
+flags.DEFINE_integer("rest_api_max_body_bytes", 64 << 20,
+                     "Largest REST request body, in bytes; larger ones are "
+                     "answered HTTP 413 unread. 0: no limit.")
+flags.DEFINE_integer("max_batch_size_per_request", 0,
+                     "Most rows (dim 0 of Predict inputs, or examples of "
+                     "Classify/Regress/MultiInference) one request may carry; "
+                     "more fail with INVALID_ARGUMENT. 0: no limit.")
+flags.DEFINE_integer("max_in_flight_requests", 0,
+                     "Most inference/metadata requests run at once across "
+                     "gRPC and REST; one more fails at once with "
+                     "RESOURCE_EXHAUSTED (HTTP 429) instead of queueing. "
+                     "0: no limit.")
+flags.DEFINE_list("model_base_path_roots", [],
+                  "If set, comma-separated directories every model's "
+                  "base_path (from --model_base_path, --model_config_file or "
+                  "a reload RPC) and every version directory must resolve "
+                  "under, after following symlinks and '..'.")
 
 # TF Serving flags for features fgr-serve does not implement, with why.
 _UNSUPPORTED = {
     "use_alts_credentials": (False, "Google ALTS credentials are not "
                              "available outside Google Cloud"),
-    "ssl_config_file": ("", "TLS is not implemented; terminate TLS in a "
-                        "proxy in front of fgr-serve"),
     "platform_config_file": ("", "only the TensorFlow SavedModel platform is "
                              "served"),
     "per_process_gpu_memory_fraction": (0.0, "fgr-serve runs on CPU"),

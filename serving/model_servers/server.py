@@ -57,6 +57,13 @@ class Options:
   monitoring_config_file: str = ""
   enable_signature_method_name_check: bool = False
   enable_serialization_as_tensor_content: bool = False
+  # Hardening (fgr-serve's own flags).
+  ssl_config_file: str = ""
+  grpc_max_receive_message_length: int = 64 << 20
+  rest_api_max_body_bytes: int = 64 << 20
+  max_batch_size_per_request: int = 0
+  max_in_flight_requests: int = 0
+  model_base_path_roots: List[str] = dataclasses.field(default_factory=list)
 
 
 class Server:
@@ -133,6 +140,10 @@ class Server:
     options = self.options
     config = self._model_server_config()
     prometheus_path = self._prometheus_path()
+    credentials = None
+    if options.ssl_config_file:
+      credentials = grpc_server.ssl_credentials(text_config.parse_text_proto(
+          options.ssl_config_file, protos.SSLConfig))
     if prometheus_path and not options.rest_api_port:
       raise errors.invalid_argument(
           "--monitoring_config_file enables Prometheus metrics, which are "
@@ -145,7 +156,8 @@ class Server:
         max_num_load_retries=max(0, options.max_num_load_retries),
         load_retry_interval_seconds=max(
             0.0, options.load_retry_interval_micros / 1e6),
-        batching=self._batching())
+        batching=self._batching(),
+        allowed_roots=tuple(options.model_base_path_roots))
     self.core = server_core.ServerCore(
         loader_options, options.num_load_threads, options.num_unload_threads,
         options.allow_version_labels_for_unavailable_models)
@@ -165,10 +177,12 @@ class Server:
 
     api = service_impl.ServingApi(
         self.core, self.metrics, options.enable_signature_method_name_check,
-        options.enable_serialization_as_tensor_content)
+        options.enable_serialization_as_tensor_content,
+        options.max_batch_size_per_request, options.max_in_flight_requests)
     self._grpc = grpc_server.GrpcServer(
         api, options.grpc_max_threads, options.grpc_channel_arguments,
-        options.enable_grpc_healthcheck_service)
+        options.enable_grpc_healthcheck_service,
+        options.grpc_max_receive_message_length or -1, credentials)
     if options.port or not options.grpc_socket_path:
       self.grpc_port = self._grpc.add_port(f"{options.host}:{options.port}")
     if options.grpc_socket_path:
@@ -182,7 +196,8 @@ class Server:
           num_threads=options.rest_api_num_threads,
           timeout_ms=options.rest_api_timeout_in_ms,
           enable_cors=options.rest_api_enable_cors_support,
-          prometheus_path=prometheus_path)
+          prometheus_path=prometheus_path,
+          max_body_bytes=max(0, options.rest_api_max_body_bytes))
       self.rest_port = self._http.port
       self._http.start()
       logging.info("Exporting HTTP/REST API at:%s:%d ...", options.host,

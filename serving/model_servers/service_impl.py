@@ -1,13 +1,16 @@
 """The RPC implementations shared by the gRPC and REST front ends."""
 
+import contextlib
+import threading
 import time
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar
 
 from absl import logging
 from tensorflow_serving.apis import classification_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import inference_pb2
+from tensorflow_serving.apis import input_pb2
 from tensorflow_serving.apis import model_management_pb2
 from tensorflow_serving.apis import model_pb2
 from tensorflow_serving.apis import predict_pb2
@@ -25,6 +28,22 @@ from serving.servables import regressor
 R = TypeVar("R")
 
 
+def predict_batch_size(request: predict_pb2.PredictRequest) -> int:
+  """Rows in a PredictRequest: the largest dim 0 among its inputs' shapes."""
+  return max((t.tensor_shape.dim[0].size for t in request.inputs.values()
+              if t.tensor_shape.dim), default=0)
+
+
+def examples_batch_size(model_input: input_pb2.Input) -> int:
+  """Examples in a Classify/Regress/MultiInference input."""
+  kind = model_input.WhichOneof("kind")
+  if kind == "example_list":
+    return len(model_input.example_list.examples)
+  if kind == "example_list_with_context":
+    return len(model_input.example_list_with_context.examples)
+  return 0
+
+
 class ServingApi:
   """Resolves servables, runs requests and records metrics.
 
@@ -37,22 +56,56 @@ class ServingApi:
     metrics: Metrics to record into.
     method_name_check: TF Serving's --enable_signature_method_name_check.
     as_tensor_content: TF Serving's --enable_serialization_as_tensor_content.
+    max_batch_size_per_request: Rows (or examples) one inference request may
+      carry; larger ones fail with INVALID_ARGUMENT. 0 means no limit.
+    max_in_flight_requests: Requests run at once (both front ends); one more
+      fails at once with RESOURCE_EXHAUSTED instead of queueing. 0: no limit.
   """
 
   def __init__(self, core: server_core.ServerCore, metrics: metrics_lib.Metrics,
                method_name_check: bool = False,
-               as_tensor_content: bool = False):
+               as_tensor_content: bool = False,
+               max_batch_size_per_request: int = 0,
+               max_in_flight_requests: int = 0):
     self.core = core
     self.metrics = metrics
     self._method_name_check = method_name_check
     self._as_tensor_content = as_tensor_content
+    self._max_batch = max(0, max_batch_size_per_request)
+    self._max_in_flight = max(0, max_in_flight_requests)
+    self._in_flight = (threading.BoundedSemaphore(self._max_in_flight)
+                       if self._max_in_flight else None)
+
+  @contextlib.contextmanager
+  def _admit(self) -> Iterator[None]:
+    """Holds one of --max_in_flight_requests slots, or fails without one."""
+    if self._in_flight is None:
+      yield
+      return
+    if not self._in_flight.acquire(blocking=False):
+      raise errors.resource_exhausted(
+          f"Too many requests in flight: the limit is {self._max_in_flight} "
+          "(--max_in_flight_requests); retry later")
+    try:
+      yield
+    finally:
+      self._in_flight.release()
+
+  def _check_batch_size(self, rows: int, model_spec: model_pb2.ModelSpec
+                        ) -> None:
+    if self._max_batch and rows > self._max_batch:
+      raise errors.invalid_argument(
+          f"Request batch size {rows} exceeds the maximum of "
+          f"{self._max_batch} rows per request (--max_batch_size_per_request)"
+          f" [model {model_spec.name}]")
 
   def _call(self, api: str, entrypoint: str, model_spec: model_pb2.ModelSpec,
-            run: Callable[..., R]) -> R:
+            run: Callable[..., R], rows: int = 0) -> R:
     start = time.monotonic()
     status = "OK"
     try:
-      with self.core.servable_handle(model_spec) as bundle:
+      self._check_batch_size(rows, model_spec)
+      with self._admit(), self.core.servable_handle(model_spec) as bundle:
         return run(bundle)
     except Exception as e:
       error = errors.from_exception(e)
@@ -72,21 +125,23 @@ class ServingApi:
         "predict", entrypoint, request.model_spec,
         lambda b: predict_util.run_predict(
             b, request, timeout_ms, self._method_name_check,
-            self._as_tensor_content))
+            self._as_tensor_content), predict_batch_size(request))
 
   def classify(self, request: classification_pb2.ClassificationRequest,
                timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
                ) -> classification_pb2.ClassificationResponse:
     """PredictionService.Classify."""
     return self._call("classify", entrypoint, request.model_spec,
-                      lambda b: classifier.run_classify(b, request, timeout_ms))
+                      lambda b: classifier.run_classify(b, request, timeout_ms),
+                      examples_batch_size(request.input))
 
   def regress(self, request: regression_pb2.RegressionRequest,
               timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
               ) -> regression_pb2.RegressionResponse:
     """PredictionService.Regress."""
     return self._call("regress", entrypoint, request.model_spec,
-                      lambda b: regressor.run_regress(b, request, timeout_ms))
+                      lambda b: regressor.run_regress(b, request, timeout_ms),
+                      examples_batch_size(request.input))
 
   def multi_inference(self, request: inference_pb2.MultiInferenceRequest,
                       timeout_ms: Optional[int] = None,
@@ -96,7 +151,8 @@ class ServingApi:
     multi_inference.validate_tasks(request)
     return self._call(
         "multi_inference", entrypoint, request.tasks[0].model_spec,
-        lambda b: multi_inference.run_multi_inference(b, request, timeout_ms))
+        lambda b: multi_inference.run_multi_inference(b, request, timeout_ms),
+        examples_batch_size(request.input))
 
   def get_model_metadata(
       self, request: get_model_metadata_pb2.GetModelMetadataRequest,

@@ -1,0 +1,179 @@
+"""Soak: fgr-serve under steady load for minutes, swapping versions every minute.
+
+  python -m bench.soak --seconds=600 --qps=75 --swap_every=60
+
+Starts fgr-serve on a y = a*x + b SavedModel, sends Predict at a fixed rate from a bounded pool of
+client threads, publishes a new version (export.versions.publish: temp dir + rename) every
+`--swap_every` seconds, and samples the server's resident memory from /proc. Reports RSS growth
+(target < 10%, measured from the first sample after the first swap, once every code path has run)
+and errors (target 0). Not a CI test.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from absl import app
+from absl import flags
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from export import versions
+
+flags.DEFINE_float("seconds", 600, "How long to soak.")
+flags.DEFINE_float("qps", 75, "Requests per second (open loop, fixed rate).")
+flags.DEFINE_float("swap_every", 60, "Seconds between version publishes.")
+flags.DEFINE_integer("clients", 8, "Client threads (bounds requests in flight).")
+flags.DEFINE_float("deadline", 2.0, "Per-request gRPC deadline in seconds.")
+flags.DEFINE_string("output", "", "If set, write the results JSON here.")
+FLAGS = flags.FLAGS
+
+_MODEL = "soak"
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _HalfPlus(tf.Module):
+
+  def __init__(self, b: float):
+    super().__init__()
+    self.a = tf.Variable(0.5)
+    self.b = tf.Variable(b)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+  def serve(self, x):
+    return {"y": self.a * x + self.b}
+
+
+def _publish(base: str, b: float) -> int:
+  module = _HalfPlus(b)
+  with versions.publish(base) as (path, version):
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+  return version
+
+
+def _rss_kb(pid: int) -> int:
+  with open(f"/proc/{pid}/status", encoding="ascii") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1])
+  raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def _start_server(workdir: str, base: str) -> tuple[subprocess.Popen, int]:
+  port_file = os.path.join(workdir, "ports")
+  log = open(os.path.join(workdir, "server.log"), "wb")  # pylint: disable=consider-using-with
+  process = subprocess.Popen(
+      [sys.executable, "-m", "serving.model_servers.main", "--port=0", f"--port_file={port_file}",
+       f"--model_name={_MODEL}", f"--model_base_path={base}", "--file_system_poll_wait_seconds=1",
+       "--max_num_load_retries=0"],
+      cwd=_REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=log, stderr=log)
+  deadline = time.time() + 120
+  while not os.path.exists(port_file):
+    if process.poll() is not None or time.time() > deadline:
+      raise RuntimeError(f"fgr-serve did not start; see {workdir}/server.log")
+    time.sleep(0.2)
+  ports = dict(line.split("=") for line in open(port_file, encoding="ascii").read().split())
+  return process, int(ports["grpc"])
+
+
+def main(argv) -> None:
+  del argv
+  workdir = tempfile.mkdtemp(prefix="fgr-soak-")
+  base = os.path.join(workdir, _MODEL)
+  _publish(base, 2.0)
+  process, port = _start_server(workdir, base)
+  channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+  stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = _MODEL
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0, 2.0, 3.0], dtype=tf.float32))
+
+  lock = threading.Lock()
+  counts = {"ok": 0, "errors": 0, "dropped": 0}
+  error_codes: dict[str, int] = {}
+  in_flight = threading.BoundedSemaphore(FLAGS.clients)
+
+  def call() -> None:
+    try:
+      stub.Predict(request, timeout=FLAGS.deadline)
+      key = "ok"
+    except grpc.RpcError as e:
+      key = "errors"
+      with lock:
+        error_codes[e.code().name] = error_codes.get(e.code().name, 0) + 1
+    finally:
+      in_flight.release()
+    with lock:
+      counts[key] += 1
+
+  samples = []  # (seconds since start, rss kB, version published)
+  pool = concurrent.futures.ThreadPoolExecutor(FLAGS.clients)
+  start = time.monotonic()
+  next_swap = start + FLAGS.swap_every
+  next_sample = start
+  swaps = 0
+  version = 1
+  interval = 1.0 / FLAGS.qps
+  sent = 0
+  try:
+    while True:
+      now = time.monotonic()
+      if now - start >= FLAGS.seconds:
+        break
+      if now >= next_sample:
+        samples.append((round(now - start, 1), _rss_kb(process.pid), version))
+        next_sample += 5
+      if now >= next_swap:
+        version = _publish(base, 2.0 + version)
+        swaps += 1
+        next_swap += FLAGS.swap_every
+      due = start + sent * interval
+      if due > now:
+        time.sleep(min(due - now, 0.05))
+        continue
+      if in_flight.acquire(blocking=False):
+        pool.submit(call)
+      else:  # All clients busy: the server is behind; count it, don't queue.
+        with lock:
+          counts["dropped"] += 1
+      sent += 1
+    pool.shutdown(wait=True)
+    samples.append((round(time.monotonic() - start, 1), _rss_kb(process.pid), version))
+  finally:
+    channel.close()
+    process.send_signal(signal.SIGTERM)
+    exit_code = process.wait(60)
+
+  after_swap = [s for s in samples if s[0] >= FLAGS.swap_every + 10] or samples
+  baseline = after_swap[0][1]
+  final = samples[-1][1]
+  result = {
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+      "seconds": FLAGS.seconds, "qps_target": FLAGS.qps, "swap_every": FLAGS.swap_every,
+      "swaps": swaps, "requests": sum(counts.values()), **counts, "error_codes": error_codes,
+      "achieved_qps": round((counts["ok"] + counts["errors"]) / FLAGS.seconds, 1),
+      "rss_start_mb": round(samples[0][1] / 1024, 1),
+      "rss_baseline_mb": round(baseline / 1024, 1), "rss_peak_mb": round(max(s[1] for s in samples) / 1024, 1),
+      "rss_final_mb": round(final / 1024, 1),
+      "rss_growth_pct": round(100.0 * (final - baseline) / baseline, 2),
+      "server_exit_code": exit_code, "samples": samples,
+  }
+  text = json.dumps(result, indent=1)
+  print(text)
+  if FLAGS.output:
+    with open(FLAGS.output, "w", encoding="utf-8") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
