@@ -7,8 +7,8 @@ repository `shared` makes that same relative path resolve inside the runfiles tr
 
 When the folder does not exist (a fresh machine without the datasets) the repository is still
 created, with an empty `:ml_100k` filegroup, and the tests that need the data skip themselves.
-The repository is `local` so a folder that appears later is picked up after a server restart
-(or `bazel sync --only=shared`).
+The repository is `local`, so a folder that appears later is picked up after a server restart
+(`bazel shutdown`).
 """
 
 def _shared_datasets_impl(rctx):

@@ -9,8 +9,8 @@ downloading wheels (no network during the build), so third-party imports are not
     the venv's python3 (absolute path), so no PATH setting is needed;
   - `:installed_packages`, the `pip freeze` of the venv taken when the repository is (re)built.
     Every test depends on it, so cached test results are invalidated when the venv changes.
-    The repository is `local`, so Bazel rebuilds it after each server restart; after editing the
-    venv by hand in a running server, run `bazel sync --only=python_venv` (or `bazel shutdown`).
+    The repository is `local`, so Bazel rebuilds it after each server restart: after changing
+    the venv, run `bazel shutdown` once.
 
 The venv defaults to `<workspace>/.venv` (the Makefile's VENV); set FGR_VENV to use another.
 """

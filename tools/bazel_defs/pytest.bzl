@@ -18,7 +18,8 @@ def pytest_test_suite(name, srcs, deps = [], data = [], size = "large", tags = [
       data: extra runtime files.
       size: Bazel test size; sets the timeout (large = 900 s: the machine's 2 cores are shared).
       tags: extra tags. Every test gets "requires-network", see below.
-      **kwargs: passed to every py_test (e.g. flaky, shard_count is not supported).
+      **kwargs: passed to every py_test (e.g. `timeout`). Sharding is not supported: each file
+        runs as one pytest session.
     """
     tests = []
     for src in srcs:
