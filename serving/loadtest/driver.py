@@ -126,7 +126,12 @@ class LoadSpec:
 
 @dataclasses.dataclass
 class LoadResult:
-  """Everything measured in one run. Times in seconds; `intended` is relative to the run's start."""
+  """Everything measured in one run. Times in seconds.
+
+  The histograms and status counts cover requests intended inside the measured window; the per-request
+  arrays (`intended` relative to the run's start, `latencies` from intended send, `ok`) cover every
+  completed request, warm-up included, for the timeline and the plot.
+  """
 
   spec: LoadSpec
   target: str
@@ -141,7 +146,6 @@ class LoadResult:
   intended: np.ndarray
   latencies: np.ndarray
   ok: np.ndarray
-  measured: np.ndarray
 
   @property
   def completed(self) -> int:
@@ -325,8 +329,7 @@ async def run_async(target: Target, requests: Sequence[Any], spec: LoadSpec) -> 
       send_lag=recorder.send_lag, statuses=recorder.statuses, sent=recorder.sent, cancelled=cancelled,
       # From the start of the window to the last measured answer (at least the window).
       measured_seconds=max(recorder.last_measured_done, end) - measure_from,
-      intended=intended, latencies=np.asarray(recorder.latencies), ok=np.asarray(recorder.ok, dtype=bool),
-      measured=(intended >= spec.warmup_seconds) & (intended < spec.warmup_seconds + spec.duration_seconds))
+      intended=intended, latencies=np.asarray(recorder.latencies), ok=np.asarray(recorder.ok, dtype=bool))
 
 
 def run(target: Target, requests: Sequence[Any], spec: LoadSpec) -> LoadResult:
