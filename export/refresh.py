@@ -410,13 +410,15 @@ class Refresher:
     """Publishes the catalog after `delta` as a new version; returns the refresh report."""
     source = self.source()
     started = time.perf_counter()
-    if delta.status_only:
+    ignored_removals = {ad_id for ad_id in delta.removals if ad_id not in source.row_of}
+    if delta.status_only or not (delta.upserts or delta.removals - ignored_removals):
+      # Removing ads that are already gone (a delta applied twice) needs no rebuild either.
       delta.check_against(source.row_of)
       eligible = source.state.eligible.copy()
       for ad_id, status in delta.statuses.items():
         eligible[source.row_of[ad_id]] = status == "active"
       report = publish_status_only(self.base_path, source, eligible)
-      report["delta"] = {"status_changes": len(delta.statuses)}
+      report["delta"] = {"status_changes": len(delta.statuses), "ignored_removals": len(ignored_removals)}
       state, row_of = dataclasses.replace(source.state, eligible=eligible), source.row_of
     else:
       timings: dict[str, float] = {}

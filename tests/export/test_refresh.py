@@ -148,6 +148,9 @@ def test_status_only_publish_changes_only_the_mask(exported, base_path):
   with pytest.raises(ValueError, match="not in the catalog"):
     refresher.apply(refresh_delta.parse_lines(['{"ad_id": "nope", "status": "paused"}']))
   assert versions.list_versions(base_path) == [1, 2, 3]
+  # Removing an ad that is not there (a delta applied twice) takes the fast path too.
+  report = refresher.apply(refresh_delta.parse_lines(['{"ad_id": "long-gone", "deleted": true}']))
+  assert report["kind"] == "status_only" and report["delta"]["ignored_removals"] == 1
 
 
 def test_rollback_republishes_and_keep_versions_prunes(exported, base_path):
