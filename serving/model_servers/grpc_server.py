@@ -1,14 +1,20 @@
 """gRPC front end: PredictionService, ModelService and health checking."""
 
 import concurrent.futures
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
 
+from google.protobuf import message
 import grpc
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
-from tensorflow_serving.apis import model_service_pb2_grpc
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow_serving.apis import classification_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import inference_pb2
+from tensorflow_serving.apis import model_management_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import regression_pb2
 
 from serving import errors
 from serving.model_servers import service_impl
@@ -17,6 +23,65 @@ R = TypeVar("R")
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+
+# Method -> (request class, response class), as in the services' .proto.
+_PREDICTION_METHODS: Dict[str, Tuple[Type[message.Message], Any]] = {
+    "Classify": (classification_pb2.ClassificationRequest,
+                 classification_pb2.ClassificationResponse),
+    "Regress": (regression_pb2.RegressionRequest,
+                regression_pb2.RegressionResponse),
+    "Predict": (predict_pb2.PredictRequest, predict_pb2.PredictResponse),
+    "MultiInference": (inference_pb2.MultiInferenceRequest,
+                       inference_pb2.MultiInferenceResponse),
+    "GetModelMetadata": (get_model_metadata_pb2.GetModelMetadataRequest,
+                         get_model_metadata_pb2.GetModelMetadataResponse),
+}
+_MODEL_METHODS: Dict[str, Tuple[Type[message.Message], Any]] = {
+    "GetModelStatus": (get_model_status_pb2.GetModelStatusRequest,
+                       get_model_status_pb2.GetModelStatusResponse),
+    "HandleReloadConfigRequest": (
+        model_management_pb2.ReloadConfigRequest,
+        model_management_pb2.ReloadConfigResponse),
+}
+
+
+class _Malformed:
+  """Stands in for a request whose bytes did not parse."""
+
+  def __init__(self, name: str, error: Exception):
+    self.message = f"Malformed {name}: {error}"
+
+
+def _parser(request_class: Type[message.Message]
+            ) -> Callable[[bytes], Any]:
+  """A deserializer that never raises (grpc would answer INTERNAL)."""
+  def parse(data: bytes):
+    try:
+      return request_class.FromString(data)
+    except message.DecodeError as e:
+      return _Malformed(request_class.DESCRIPTOR.name, e)
+  return parse
+
+
+def _generic_handler(service: str, servicer: Any,
+                     methods: Dict[str, Tuple[Type[message.Message], Any]]
+                     ) -> grpc.GenericRpcHandler:
+  """Registers `servicer`'s methods; unparsable requests get INVALID_ARGUMENT,
+  as TF Serving answers any malformed input."""
+  def behaviour(method: Callable[[Any, grpc.ServicerContext], Any]):
+    def call(request, context):
+      if isinstance(request, _Malformed):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+      return method(request, context)
+    return call
+
+  handlers = {
+      name: grpc.unary_unary_rpc_method_handler(
+          behaviour(getattr(servicer, name)),
+          request_deserializer=_parser(request_class),
+          response_serializer=response_class.SerializeToString)
+      for name, (request_class, response_class) in methods.items()}
+  return grpc.method_handlers_generic_handler(service, handlers)
 
 
 def _timeout_ms(context: grpc.ServicerContext) -> Optional[int]:
@@ -35,7 +100,7 @@ def _serve(context: grpc.ServicerContext, call: Callable[[], R]) -> R:
   context.abort(error.code, error.message)
 
 
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+class PredictionServicer:
   """tensorflow.serving.PredictionService."""
 
   def __init__(self, api: service_impl.ServingApi):
@@ -61,7 +126,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     return _serve(context, lambda: self._api.get_model_metadata(request))
 
 
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+class ModelServicer:
   """tensorflow.serving.ModelService."""
 
   def __init__(self, api: service_impl.ServingApi):
@@ -101,10 +166,10 @@ class GrpcServer:
         concurrent.futures.ThreadPoolExecutor(
             max_workers=max_threads, thread_name_prefix="grpc"),
         options=channel_options)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(api), self._server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelServicer(api), self._server)
+    self._server.add_generic_rpc_handlers((
+        _generic_handler(PREDICTION_SERVICE, PredictionServicer(api),
+                         _PREDICTION_METHODS),
+        _generic_handler(MODEL_SERVICE, ModelServicer(api), _MODEL_METHODS)))
     self._health = None
     if enable_health:
       self._health = health.HealthServicer()

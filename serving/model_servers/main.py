@@ -288,6 +288,7 @@ def main(argv) -> int:
     return 1
   if stop.is_set():
     server.stop()
+    _ignore_stop_signals()
     return 0
   print(f"FGR_SERVE_GRPC_PORT={server.grpc_port}", flush=True)
   if server.rest_port:
@@ -297,8 +298,19 @@ def main(argv) -> int:
   while not stop.wait(3600):
     pass
   server.stop()
+  _ignore_stop_signals()
   logging.info("Server stopped")
   return 0
+
+
+def _ignore_stop_signals() -> None:
+  """Drained: a repeated SIGTERM/SIGINT must not turn exit 0 into -15.
+
+  Python restores the default action of signals with Python handlers while
+  the interpreter shuts down, so a second signal then would kill the process.
+  """
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run() -> None:

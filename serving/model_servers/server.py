@@ -175,7 +175,7 @@ class Server:
           target=self._poll_config, name="config-poll", daemon=True)
       self._config_thread.start()
 
-    api = service_impl.ServingApi(
+    self.api = api = service_impl.ServingApi(
         self.core, self.metrics, options.enable_signature_method_name_check,
         options.enable_serialization_as_tensor_content,
         options.max_batch_size_per_request, options.max_in_flight_requests)

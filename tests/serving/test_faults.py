@@ -1,0 +1,245 @@
+"""Faults: corrupt full-graph versions, failed and killed publishes, SIGTERM
+under load. None may take the serving version down or leave a partial one."""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_log_pb2
+
+import serving_testlib as lib
+from export import exporter
+from export import versions
+from serving.core import file_system_source
+
+State = get_model_status_pb2.ModelVersionStatus.State
+
+
+@pytest.fixture(scope="module")
+def full_graph_export(trained_run, tmp_path_factory):
+  """A brute-force full-graph export (k=10) of the tiny training run."""
+  base = str(tmp_path_factory.mktemp("full_graph"))
+  report = exporter.export_model(trained_run, base, exporter.ExportConfig(
+      index="brute_force", k=10, num_warmup_requests=2, eval_queries=20))
+  return report["path"]
+
+
+def _warmup_request(version_dir: str) -> predict_pb2.PredictRequest:
+  path = os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")
+  record = next(iter(tf.data.TFRecordDataset(path))).numpy()
+  return prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+
+
+def _truncate(path: str, keep: float = 0.5) -> None:
+  with open(path, "rb+") as f:
+    f.truncate(int(os.path.getsize(path) * keep))
+
+
+def _flip_bytes(path: str) -> None:
+  with open(path, "rb+") as f:
+    data = bytearray(f.read())
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+      data[i] ^= 0xFF
+    f.seek(0)
+    f.write(data)
+
+
+def _variables_data(version_dir: str) -> str:
+  variables = os.path.join(version_dir, "variables")
+  return os.path.join(variables, next(n for n in sorted(os.listdir(variables))
+                                      if n.startswith("variables.data")))
+
+
+_CORRUPTIONS = {
+    # The index (the item embeddings) lives in the variables.
+    "truncated variables data": lambda d: _truncate(_variables_data(d)),
+    "corrupted variables data": lambda d: _flip_bytes(_variables_data(d)),
+    "missing variables": lambda d: shutil.rmtree(os.path.join(d, "variables")),
+    "truncated saved_model.pb": lambda d: _truncate(
+        os.path.join(d, "saved_model.pb"), 0.3),
+}
+
+
+def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export,
+                                                        tmp_path):
+  base = tmp_path / "ads"
+  shutil.copytree(full_graph_export, base / "1")
+  request = _warmup_request(full_graph_export)
+  request.model_spec.name = "ads"
+  server = lib.InProcessServer(model_name="ads", model_base_path=str(base),
+                               file_system_poll_wait_seconds=0.2)
+  status = get_model_status_pb2.GetModelStatusRequest()
+  status.model_spec.name = "ads"
+  try:
+    for version, (name, corrupt) in enumerate(_CORRUPTIONS.items(), start=2):
+      staging = tmp_path / f"staging-{version}"
+      shutil.copytree(full_graph_export, staging)
+      corrupt(str(staging))
+      os.rename(staging, base / str(version))  # Published atomically.
+
+      def settled(version=version):
+        response = server.model.GetModelStatus(status, timeout=30)
+        by_version = {v.version: v for v in response.model_version_status}
+        entry = by_version.get(version)
+        return entry if entry and entry.state == State.END else None
+
+      entry = lib.wait_for(settled, timeout=60)
+      assert entry.status.error_code != 0, name
+      assert f"version: {version}" in entry.status.error_message, name
+      response = server.predict.Predict(request, timeout=30)
+      assert response.model_spec.version.value == 1, name
+      assert response.outputs["ids"].tensor_shape.dim[1].size == 10, name
+  finally:
+    server.stop()
+
+
+def test_failed_write_leaves_no_version(tmp_path, monkeypatch):
+  """A disk that fills up while writing, or at the rename, publishes nothing."""
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  with pytest.raises(OSError, match="No space left"):
+    with versions.publish(base) as (path, _):
+      os.makedirs(path)
+      with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+        f.write(b"\x08" * 100)  # Half of a version written, then:
+      raise full
+
+  def rename_fails(src, dst):
+    del src, dst
+    raise full
+
+  monkeypatch.setattr(versions.os, "rename", rename_fails)
+  with pytest.raises(OSError, match="No space left"):
+    with versions.publish(base) as (path, _):
+      lib.write_tf2_half_plus_two(path)
+  monkeypatch.undo()
+  assert sorted(os.listdir(base)) == ["1"]
+  assert list(file_system_source.list_versions(base)) == [1]
+
+
+_KILLED_PUBLISH = """
+import sys, time
+from export import versions
+with versions.publish(sys.argv[1]) as (path, version):
+  import os
+  os.makedirs(path)
+  with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+    f.write(b"partial")
+  print("writing", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_publish_killed_midway_leaves_no_version(tmp_path):
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  child = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISH, base],
+                           cwd=lib.REPO_ROOT, stdout=subprocess.PIPE,
+                           env=dict(os.environ, PYTHONPATH=lib.REPO_ROOT))
+  assert child.stdout.readline().strip() == b"writing"
+  child.send_signal(signal.SIGKILL)
+  child.wait(30)
+  child.stdout.close()
+  assert list(file_system_source.list_versions(base)) == [1]
+  assert versions.list_versions(base) == [1]
+  hidden = [n for n in os.listdir(base) if n != "1"]
+  assert hidden and all(n.startswith(".") for n in hidden)  # Ignored.
+  assert versions.prune(base, keep=1, stale_temp_seconds=0) == []
+  assert os.listdir(base) == ["1"]
+
+
+def test_sigterm_under_load_drains_and_exits_0(tmp_path):
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  proc = lib.ServerProcess(["--model_name=m",
+                            f"--model_base_path={tmp_path / 'm'}"],
+                           str(tmp_path))
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = "m"
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0], dtype=tf.float32))
+  outcomes, failures = [], []
+  sigterm_at = [time.time() + 1e6]
+  lock = threading.Lock()
+  stop = threading.Event()
+
+  def client():
+    channel = grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}")
+    stub = lib.prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    while not stop.is_set():
+      try:
+        response = stub.Predict(request, timeout=60)  # A loaded machine.
+        outcome = "OK" if response.outputs["y"].float_val == [2.5] else "bad"
+      except grpc.RpcError as e:
+        outcome = e.code().name
+        with lock:
+          failures.append((outcome, e.details(), time.time() - sigterm_at[0]))
+      with lock:
+        outcomes.append(outcome)
+      if outcome != "OK":
+        break
+    channel.close()
+
+  threads = [threading.Thread(target=client) for _ in range(6)]
+  for thread in threads:
+    thread.start()
+  lib.wait_for(lambda: len(outcomes) > 50)
+  sigterm_at[0] = time.time()
+  proc.process.send_signal(signal.SIGTERM)
+  code = proc.process.wait(60)
+  time.sleep(0.5)
+  stop.set()
+  for thread in threads:
+    thread.join(30)
+  assert code == 0, proc.stderr()[-3000:]
+  proc.terminate()
+  # Every request was answered in full, or refused once the server stopped
+  # listening. gRPC core cancels a call that reached the socket but was not
+  # yet handed to a handler when shutdown began (it never ran, so a retry is
+  # safe): at most one per client. Nothing failed otherwise.
+  assert outcomes.count("OK") > 50
+  assert set(outcomes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, failures
+  assert outcomes.count("CANCELLED") <= len(threads), failures
+
+
+def test_scann_search_knobs_and_k_are_validated(trained_run, tmp_path):
+  """search_with_options' int32 knobs: negative, zero and huge values answer
+  OK or INVALID_ARGUMENT, never a crash; k is fixed at export."""
+  import scann  # pylint: disable=g-import-not-at-top,unused-import
+  base = str(tmp_path / "ads")
+  report = exporter.export_model(trained_run, base, exporter.ExportConfig(
+      index="scann", k=10, num_warmup_requests=2, eval_queries=20))
+  request = _warmup_request(report["path"])
+  request.model_spec.name = "ads"
+  request.model_spec.signature_name = "search_with_options"
+  server = lib.InProcessServer(model_name="ads", model_base_path=base,
+                               file_system_poll_wait_seconds=-1)
+  try:
+    for value in (-2**31, -1, 0, 1, 7, 3000, 2**31 - 1):
+      for knob in ("leaves_to_search", "pre_reorder_num_neighbors"):
+        request.inputs[knob].CopyFrom(tf.make_tensor_proto(value, tf.int32))
+        other = ("pre_reorder_num_neighbors" if knob == "leaves_to_search"
+                 else "leaves_to_search")
+        request.inputs[other].CopyFrom(tf.make_tensor_proto(0, tf.int32))
+        try:
+          response = server.predict.Predict(request, timeout=60)
+          assert response.outputs["ids"].tensor_shape.dim[1].size == 10
+        except grpc.RpcError as e:
+          assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (knob, value,
+                                                                e.details())
+    request.inputs["k"].CopyFrom(tf.make_tensor_proto(1000, tf.int32))
+    with pytest.raises(grpc.RpcError) as info:
+      server.predict.Predict(request, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Sent extra: {k}" in info.value.details()
+  finally:
+    server.stop()

@@ -1,0 +1,296 @@
+"""Edge validation, request limits and security of fgr-serve (issue 7)."""
+
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import classification_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+import serving_testlib as lib
+from serving import errors
+from serving.model_servers import server as server_lib
+
+SERVING_DIR = os.path.join(lib.REPO_ROOT, "serving")
+
+
+def _request(model=lib.TF2_MODEL, x=(1.0, 2.0), signature=""):
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = model
+  request.model_spec.signature_name = signature
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto(list(x), dtype=tf.float32))
+  return request
+
+
+def _code(call, request, timeout=30):
+  try:
+    call(request, timeout=timeout)
+  except grpc.RpcError as e:
+    return e.code(), e.details()
+  return grpc.StatusCode.OK, ""
+
+
+def _post(port, path, body: bytes):
+  request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                   data=body, method="POST")
+  try:
+    with urllib.request.urlopen(request, timeout=30) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+# --- Validation at the edge ------------------------------------------------
+
+
+def test_nan_inf_pass_through_and_empty_strings(server):
+  """As TF Serving: NaN/Inf reach the graph; empty and long strings are data."""
+  response = server.predict.Predict(
+      _request(x=(float("nan"), float("inf"), -float("inf"))), timeout=30)
+  y = tf.make_ndarray(response.outputs["y"])
+  assert np.isnan(y[0]) and y[1] == np.inf and y[2] == -np.inf
+  echo = predict_pb2.PredictRequest()
+  echo.model_spec.name = lib.TF2_MODEL
+  echo.model_spec.signature_name = "echo"
+  big = b"\xff" * (1 << 20)
+  echo.inputs["text"].CopyFrom(tf.make_tensor_proto([b"", big]))
+  response = server.predict.Predict(echo, timeout=30)
+  assert tf.make_ndarray(response.outputs["length"]).tolist() == [0, 1 << 20]
+
+
+@pytest.mark.parametrize("method", [
+    "PredictionService/Predict", "PredictionService/Classify",
+    "PredictionService/GetModelMetadata", "ModelService/GetModelStatus"])
+def test_unparsable_protos_are_invalid_argument(server, method):
+  call = server.channel.unary_unary(f"/tensorflow.serving.{method}",
+                                    request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+  code, details = _code(call, b"\x0a\xff\xff\xff\xff\x0f")
+  assert code == grpc.StatusCode.INVALID_ARGUMENT
+  assert details.startswith("Malformed ")
+
+
+def test_unknown_model_version_signature_on_every_rpc(server):
+  predict = _request(model="nope")
+  assert _code(server.predict.Predict, predict)[0] == grpc.StatusCode.NOT_FOUND
+  classify = classification_pb2.ClassificationRequest()
+  classify.model_spec.name = lib.TF1_MODEL
+  classify.model_spec.version.value = 7
+  classify.input.example_list.examples.add()
+  code, details = _code(server.predict.Classify, classify)
+  assert code == grpc.StatusCode.NOT_FOUND and "7" in details
+  signature = _request(signature="nope")
+  code, details = _code(server.predict.Predict, signature)
+  assert code == grpc.StatusCode.FAILED_PRECONDITION and "nope" in details
+  metadata = get_model_metadata_pb2.GetModelMetadataRequest()
+  metadata.model_spec.name = "nope"
+  metadata.metadata_field.append("signature_def")
+  assert _code(server.predict.GetModelMetadata,
+               metadata)[0] == grpc.StatusCode.NOT_FOUND
+  status = get_model_status_pb2.GetModelStatusRequest()
+  status.model_spec.name = lib.TF2_MODEL
+  status.model_spec.version.value = 99
+  assert _code(server.model.GetModelStatus,
+               status)[0] == grpc.StatusCode.NOT_FOUND
+  code, body = _post(server.rest_port, "/v1/models/nope:predict",
+                     b'{"instances": [1.0]}')
+  assert code == 404 and "nope" in body["error"]
+  code, body = _post(server.rest_port, f"/v1/models/{lib.TF2_MODEL}:predict",
+                     b"{not json")
+  assert code == 400 and "JSON Parse error" in body["error"]
+
+
+# --- Limits ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+  """An in-process server with every request limit set low, and batching
+  whose batches wait 5 s (so a short deadline expires in the queue)."""
+  tmp = tmp_path_factory.mktemp("limited")
+  lib.write_tf2_half_plus_two(str(tmp / "m" / "1"))
+  params = tmp / "batching.config"
+  params.write_text("max_batch_size { value: 64 } "
+                    "batch_timeout_micros { value: 5000000 }")
+  server = lib.InProcessServer(
+      model_name="m", model_base_path=str(tmp / "m"),
+      rest_api_port=lib.free_port(), max_batch_size_per_request=4,
+      max_in_flight_requests=2, grpc_max_receive_message_length=4096,
+      rest_api_max_body_bytes=4096, enable_batching=True,
+      batching_parameters_file=str(params), grpc_max_threads=8)
+  yield server
+  server.stop()
+
+
+def test_batch_over_the_maximum_is_invalid_argument(limited):
+  rows = _request(model="m", x=[1.0] * 5)
+  code, details = _code(limited.predict.Predict, rows)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT
+  assert "batch size 5 exceeds the maximum of 4" in details
+  classify = classification_pb2.ClassificationRequest()
+  classify.model_spec.name = "m"
+  for _ in range(5):
+    classify.input.example_list.examples.add()
+  code, details = _code(limited.predict.Classify, classify)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT and "batch size 5" in details
+
+
+def test_request_size_limits(limited):
+  big = _request(model="m", x=[1.0] * 2000)  # ~8 kB > 4096 bytes.
+  code, _ = _code(limited.predict.Predict, big)
+  assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+  body = json.dumps({"instances": [1.0] * 2000}).encode()
+  code, payload = _post(limited.server.rest_port, "/v1/models/m:predict", body)
+  assert code == 413 and "--rest_api_max_body_bytes" in payload["error"]
+
+
+def test_deadline_expires_in_the_batch_queue(limited):
+  """A request whose deadline passes while its batch waits gets
+  DEADLINE_EXCEEDED from the server, not only from the client."""
+  with pytest.raises(errors.ServingError) as info:
+    limited.server.api.predict(_request(model="m", x=[1.0]), timeout_ms=300)
+  assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+  assert "waiting for a batch" in info.value.message
+  code, _ = _code(limited.predict.Predict, _request(model="m", x=[1.0]),
+                  timeout=0.3)
+  assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_in_flight_limit_is_resource_exhausted(limited):
+  """With 2 requests waiting in a batch, a third one is refused at once."""
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    waiting = [pool.submit(_code, limited.predict.Predict,
+                           _request(model="m", x=[1.0]), 2.0)
+               for _ in range(2)]
+    lib.wait_for(lambda: limited.server.api._in_flight._value == 0)  # pylint: disable=protected-access
+    code, details = _code(limited.predict.Predict,
+                          _request(model="m", x=[1.0]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max_in_flight_requests" in details
+    status, payload = _post(limited.server.rest_port, "/v1/models/m:predict",
+                            b'{"instances": [1.0]}')
+    assert status == 429 and "in flight" in payload["error"]
+    for future in waiting:
+      assert future.result()[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# --- Security --------------------------------------------------------------
+
+
+def _listening_addresses(port: int):
+  addresses = []
+  for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(table) as f:
+      for line in f.readlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.rsplit(":", 1)
+        if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+          addresses.append(address)
+  return addresses
+
+
+def test_binds_loopback_by_default(server):
+  assert server_lib.Options().host == "127.0.0.1"
+  loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # (::ffff:)
+  for port in (server.grpc_port, server.rest_port):
+    addresses = _listening_addresses(port)
+    assert addresses and set(addresses) <= loopback, addresses
+
+
+def _self_signed(tmp_path):
+  key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+  subprocess.run(
+      ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+       "1", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert),
+       "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+      check=True, capture_output=True)
+  return key.read_text(), cert.read_text()
+
+
+def test_tls(tmp_path):
+  key, cert = _self_signed(tmp_path)
+  ssl_config = tmp_path / "ssl.config"
+  ssl_config.write_text(f"server_key: {json.dumps(key)}\n"
+                        f"server_cert: {json.dumps(cert)}\n")
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  server = lib.InProcessServer(model_name="m",
+                               model_base_path=str(tmp_path / "m"),
+                               ssl_config_file=str(ssl_config))
+  try:
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.encode())
+    with grpc.secure_channel(f"localhost:{server.server.grpc_port}",
+                             credentials) as channel:
+      stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+      response = stub.Predict(_request(model="m"), timeout=30)
+      assert tf.make_ndarray(response.outputs["y"]).tolist() == [2.5, 3.0]
+    code, _ = _code(server.predict.Predict, _request(model="m"), timeout=5)
+    assert code in (grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED)  # Plaintext refused.
+  finally:
+    server.stop()
+  ssl_config.write_text(f"server_cert: {json.dumps(cert)}\n"
+                        "client_verify: true\n")
+  with pytest.raises(errors.ServingError, match="server_key and server_cert"):
+    server_lib.Server(server_lib.Options(
+        model_name="m", model_base_path=str(tmp_path / "m"), port=0,
+        ssl_config_file=str(ssl_config))).start()
+
+
+def test_model_paths_cannot_escape_roots(tmp_path):
+  root, outside = tmp_path / "root", tmp_path / "outside"
+  lib.write_tf2_half_plus_two(str(outside / "m" / "1"))
+  os.makedirs(root / "m")
+  os.symlink(outside / "m", root / "link")
+  for base in (outside / "m", root / ".." / "outside" / "m", root / "link"):
+    with pytest.raises(errors.ServingError, match="outside the allowed roots"):
+      server_lib.Server(server_lib.Options(
+          model_name="m", model_base_path=str(base), port=0,
+          model_base_path_roots=[str(root)])).start()
+  # A version directory symlinked out of the root fails to load.
+  lib.write_tf2_half_plus_two(str(root / "m" / "1"))
+  server = lib.InProcessServer(model_name="m", model_base_path=str(root / "m"),
+                               model_base_path_roots=[str(root)],
+                               file_system_poll_wait_seconds=0.2)
+  try:
+    os.symlink(outside / "m" / "1", root / "m" / "2")
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = "m"
+
+    def version_2_error():
+      response = server.model.GetModelStatus(status, timeout=30)
+      return {v.version: v.status.error_message
+              for v in response.model_version_status}.get(2)
+
+    assert "outside the allowed roots" in lib.wait_for(version_2_error)
+    response = server.predict.Predict(_request(model="m"), timeout=30)
+    assert response.model_spec.version.value == 1
+  finally:
+    server.stop()
+
+
+def test_nothing_from_a_request_is_unpickled_or_evaluated():
+  """Audit: serving/ has no pickle, eval/exec, marshal or unsafe loaders."""
+  banned = re.compile(r"\b(pickle|cPickle|marshal|shelve|dill)\b|"
+                      r"(?<![\w.])(eval|exec|compile)\(|yaml\.load\(|"
+                      r"allow_pickle\s*=\s*True|__import__\(")
+  hits = []
+  for directory, _, files in os.walk(SERVING_DIR):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(directory, name)
+        with open(path, encoding="utf-8") as f:
+          for number, line in enumerate(f, 1):
+            if banned.search(line.split("#")[0]):
+              hits.append(f"{path}:{number}: {line.strip()}")
+  assert not hits, hits
