@@ -43,6 +43,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # 
 from export import exporter, refresh, refresh_delta, refresh_state, versions, warmup  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models import train  # noqa: E402
+from models.data import queries as queries_lib  # noqa: E402
 from models.data import schema, sources  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -520,7 +521,7 @@ def main(argv: list[str]) -> None:
   run_dir, version_path = ensure_version(FLAGS.work_dir)
   _, run_config = train.restore(run_dir)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
-  queries = exporter.sample_queries(source, 200)
+  queries = queries_lib.held_out_queries(source, 200)
   results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                              "command": " ".join(["python bench/freshness.py"] + sys.argv[1:]),
                              "version_path": version_path}

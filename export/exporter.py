@@ -17,6 +17,7 @@ from engine import base, full_graph
 from export import refresh_state, verify, versions, warmup
 from models import catalog as catalog_lib
 from models import train
+from models.data import queries as queries_lib
 from models.data import schema, sources
 
 REPORT_FILE = "export_report.json"
@@ -57,20 +58,6 @@ def parse_index_options(pairs: list[str]) -> dict[str, Any]:
   return options
 
 
-def sample_queries(source: sources.Source, count: int) -> dict[str, np.ndarray]:
-  """Up to `count` held-out examples' query features (the test split's first batches)."""
-  parts = []
-  total = 0
-  for batch in source.examples("test"):
-    parts.append({name: batch[name] for name in schema.QUERY_FEATURE_NAMES})
-    total += len(batch[schema.USER_ID])
-    if total >= count:
-      break
-  if not parts:
-    raise ValueError("The data source has no test examples to sample queries from")
-  return {name: np.concatenate([p[name] for p in parts])[:count] for name in schema.QUERY_FEATURE_NAMES}
-
-
 def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig) -> dict[str, Any]:
   """Exports the newest checkpoint of a training run as BASE/<version>/, atomically.
 
@@ -91,7 +78,7 @@ def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig
                            **config.index_options)
   timings["build_seconds"] = time.time() - started
 
-  samples = sample_queries(source, max(config.eval_queries, config.num_warmup_requests))
+  samples = queries_lib.held_out_queries(source, max(config.eval_queries, config.num_warmup_requests))
   query_embeddings = tf.function(model.query_tower)(
       {name: tf.constant(values) for name, values in samples.items()}).numpy()
   recall = verify.index_recall(index, query_embeddings[:config.eval_queries], catalog.embeddings,

@@ -12,6 +12,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from export import exporter, warmup
 from models import train
+from models.data import queries as queries_lib
 from models.data import schema, sources
 from tests.serving import serving_testlib
 
@@ -29,7 +30,7 @@ def served(trained_run, tmp_path_factory):
   serving_testlib.wait_for(lambda: any(
       v.state == v.AVAILABLE for v in server.model.GetModelStatus(request).model_version_status), timeout=120)
   _, run_config = train.restore(trained_run)
-  queries = exporter.sample_queries(sources.open_source(sources.DataSpec.from_json(run_config["data"])), 16)
+  queries = queries_lib.held_out_queries(sources.open_source(sources.DataSpec.from_json(run_config["data"])), 16)
   yield server, report, queries
   assert server.terminate() == 0
 

@@ -92,11 +92,12 @@ def main(argv: list[str]) -> None:
   t = _step("Recall of the exported SavedModel (ScaNN in the graph) against exact search")
   os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
   import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from export import exporter, verify  # pylint: disable=g-import-not-at-top
-  from models.data import schema, sources  # pylint: disable=g-import-not-at-top
+  from export import verify  # pylint: disable=g-import-not-at-top
+  from models.data import queries as queries_lib  # pylint: disable=g-import-not-at-top
+from models.data import schema, sources  # pylint: disable=g-import-not-at-top
   with open(os.path.join(train_dir, "config.json")) as f:
     source = sources.open_source(sources.DataSpec.from_json(json.load(f)["data"]))
-  queries = exporter.sample_queries(source, 500)
+  queries = queries_lib.held_out_queries(source, 500)
   figures["saved_model_recall_at_100_vs_exact"] = round(verify.saved_model_recall(report["path"], source, queries), 4)
   print(f"recall@100 = {figures['saved_model_recall_at_100_vs_exact']} over 500 held-out queries")
   requests_file = os.path.join(out, "requests.jsonl")

@@ -72,16 +72,16 @@ def synthetic_requests(count: int, run_dir: str | None = None, num_ads: int = 20
     num_ads: catalog size when there is no run_dir.
     seed: generator seed when there is no run_dir.
   """
-  # Imported here so that replaying recorded requests needs neither the data layer nor training code.
-  from export import exporter  # pylint: disable=g-import-not-at-top
-  from models.data import sources  # pylint: disable=g-import-not-at-top
+  # The data layer is imported here, so replaying recorded requests does not need it; no training
+  # code is ever imported by serving/.
+  from models.data import queries as queries_lib, sources  # pylint: disable=g-import-not-at-top
   if run_dir:
     with open(f"{run_dir}/config.json", encoding="utf-8") as f:
       spec = sources.DataSpec.from_json(json.load(f)["data"])
   else:
     spec = sources.DataSpec(name="synthetic", synthetic={"num_ads": num_ads, "seed": seed,
                                                          "num_sessions": max(10 * count, 2000)})
-  return batch_requests(exporter.sample_queries(sources.open_source(spec), count))
+  return batch_requests(queries_lib.held_out_queries(sources.open_source(spec), count))
 
 
 def with_model_spec(requests: list[predict_pb2.PredictRequest], model_name: str | None,

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch, versions
 from models import train
+from models.data import queries as queries_lib
 from models.data import schema, sources
 
 K = 20
@@ -23,7 +24,7 @@ def exported(trained_run, tmp_path_factory):
                                                                       num_warmup_requests=4))
   _, run_config = train.restore(trained_run)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
-  return os.path.join(base_path, "1"), source, exporter.sample_queries(source, 8)
+  return os.path.join(base_path, "1"), source, queries_lib.held_out_queries(source, 8)
 
 
 @pytest.fixture
