@@ -225,6 +225,9 @@ class HttpServer:
       """Routes one HTTP request."""
 
       server_version = "fgr-serve"
+      # Each connection holds a pool thread: bound how long a slow or idle
+      # client may keep one (reading a request, or between keep-alives).
+      timeout = max(1.0, timeout_ms / 1000) if timeout_ms > 0 else 30.0
 
       def _reply(self, status: int, payload: bytes, content_type: str):
         self.send_response(status)

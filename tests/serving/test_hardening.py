@@ -4,7 +4,9 @@ import concurrent.futures
 import json
 import os
 import re
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -127,7 +129,8 @@ def limited(tmp_path_factory):
       model_name="m", model_base_path=str(tmp / "m"),
       rest_api_port=lib.free_port(), max_batch_size_per_request=4,
       max_in_flight_requests=2, grpc_max_receive_message_length=4096,
-      rest_api_max_body_bytes=4096, enable_batching=True,
+      rest_api_max_body_bytes=4096, rest_api_timeout_in_ms=1500,
+      enable_batching=True,
       batching_parameters_file=str(params), grpc_max_threads=8)
   yield server
   server.stop()
@@ -153,6 +156,17 @@ def test_request_size_limits(limited):
   body = json.dumps({"instances": [1.0] * 2000}).encode()
   code, payload = _post(limited.server.rest_port, "/v1/models/m:predict", body)
   assert code == 413 and "--rest_api_max_body_bytes" in payload["error"]
+
+
+def test_slow_rest_client_loses_its_connection(limited):
+  """A client that stops sending mid-body can't hold a REST thread."""
+  with socket.create_connection(("127.0.0.1", limited.server.rest_port),
+                                timeout=30) as sock:
+    sock.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: 100\r\n\r\n{")
+    start = time.monotonic()
+    assert sock.recv(1024) == b""  # Closed by the server.
+    assert time.monotonic() - start < 20
 
 
 def test_deadline_expires_in_the_batch_queue(limited):
