@@ -114,7 +114,7 @@ def available_backends() -> list[str]:
 
 
 def build_index(backend: str, embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-                **options: Any) -> Index:
+                tuning_queries: np.ndarray | None = None, **options: Any) -> Index:
   """Builds the named backend over float32 item embeddings [N, d].
 
   Args:
@@ -122,6 +122,9 @@ def build_index(backend: str, embeddings: np.ndarray, *, k: int, eligible: np.nd
     embeddings: float32 [N, d] item embeddings, one row per catalog item.
     k: the largest number of neighbours a search will ask for.
     eligible: optional bool [N] mask of items that may be returned.
+    tuning_queries: optional float32 [Q, d] held-out query embeddings. Backends that tune search knobs
+      for a target recall tune on these; without them they fall back to catalog points, which can
+      sit far from where real queries land and so overstate recall.
     **options: backend-specific configuration.
   """
   if backend not in _BACKENDS:
@@ -131,4 +134,4 @@ def build_index(backend: str, embeddings: np.ndarray, *, k: int, eligible: np.nd
   embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
   if embeddings.ndim != 2 or embeddings.shape[0] == 0:
     raise ValueError(f"embeddings must be a non-empty [N, d] matrix, got shape {embeddings.shape}")
-  return builder(embeddings, k=k, eligible=eligible, **options)
+  return builder(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)

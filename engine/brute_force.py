@@ -42,7 +42,8 @@ class BruteForceIndex(base.Index):
 
 
 def build_brute_force(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-                      dtype: str = "float32", jit_compile: bool = False) -> BruteForceIndex:
-  """Builds the exact index; `k` is unused (exact search serves any k)."""
+                      tuning_queries: np.ndarray | None = None, dtype: str = "float32",
+                      jit_compile: bool = False) -> BruteForceIndex:
+  """Builds the exact index; `k` and `tuning_queries` are unused (exact search has nothing to tune)."""
   del k
   return BruteForceIndex(embeddings, eligible, dtype=dtype, jit_compile=jit_compile)

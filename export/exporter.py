@@ -33,6 +33,7 @@ class ExportConfig:
     index_options: backend-specific configuration, e.g. {"num_leaves": 1000}.
     num_warmup_requests: warm-up records written to assets.extra (TF Serving allows at most 1000).
     eval_queries: held-out queries used to measure the index's recall@k against exact search.
+    tuning_queries: further held-out queries a backend tunes its search knobs on (not those above).
     version: explicit version number; the next free one when None.
   """
 
@@ -41,6 +42,7 @@ class ExportConfig:
   index_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   num_warmup_requests: int = 20
   eval_queries: int = 500
+  tuning_queries: int = 1000
   version: int | None = None
 
 
@@ -58,13 +60,27 @@ def parse_index_options(pairs: list[str]) -> dict[str, Any]:
   return options
 
 
-def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig) -> dict[str, Any]:
-  """Exports the newest checkpoint of a training run as BASE/<version>/, atomically.
+@dataclasses.dataclass
+class BuiltGraph:
+  """A full graph built in process, ready to publish.
 
-  Returns:
-    The export report (version, path, recall@k against exact, timings, index bytes), also written to
-    assets.extra/export_report.json in the version.
+  Attributes:
+    graph: towers + index.
+    catalog: the embedded catalog the index was built over.
+    samples: held-out query features (the first ones are the warm-up requests).
+    recall: the index's recall@k against exact search on held-out queries it was not tuned on.
+    timings: seconds spent embedding and building.
   """
+
+  graph: full_graph.FullGraph
+  catalog: catalog_lib.EmbeddedCatalog
+  samples: dict[str, np.ndarray]
+  recall: float
+  timings: dict[str, float]
+
+
+def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
+  """Restores the newest checkpoint of a training run and builds its full graph in process."""
   timings: dict[str, float] = {}
   started = time.time()
   model, run_config = train.restore(checkpoint_dir)
@@ -73,24 +89,40 @@ def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig
   catalog = catalog_lib.embed_catalog(model.item_tower, source)
   timings["embed_seconds"] = time.time() - started
 
-  started = time.time()
-  index = base.build_index(config.index, catalog.embeddings, k=config.k, eligible=catalog.eligible,
-                           **config.index_options)
-  timings["build_seconds"] = time.time() - started
-
-  samples = queries_lib.held_out_queries(source, max(config.eval_queries, config.num_warmup_requests))
+  # Held-out queries in disjoint slices: recall is measured on queries the index was not tuned on,
+  # and tuning uses real queries (catalog points make poor stand-ins for them).
+  samples = queries_lib.held_out_queries(
+      source, max(config.eval_queries + config.tuning_queries, config.num_warmup_requests))
   query_embeddings = tf.function(model.query_tower)(
       {name: tf.constant(values) for name, values in samples.items()}).numpy()
-  recall = verify.index_recall(index, query_embeddings[:config.eval_queries], catalog.embeddings,
-                               catalog.eligible, config.k)
+  eval_embeddings = query_embeddings[:config.eval_queries]
+  tuning_embeddings = query_embeddings[config.eval_queries:]
 
+  started = time.time()
+  index = base.build_index(config.index, catalog.embeddings, k=config.k, eligible=catalog.eligible,
+                           tuning_queries=tuning_embeddings if len(tuning_embeddings) else None,
+                           **config.index_options)
+  timings["build_seconds"] = time.time() - started
+  recall = verify.index_recall(index, eval_embeddings, catalog.embeddings, catalog.eligible, config.k)
   graph = full_graph.FullGraph(model.query_tower, model.item_tower, index, catalog.ids, config.k,
                                schema.query_specs(), schema.item_specs())
+  return BuiltGraph(graph, catalog, samples, recall, timings)
+
+
+def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig) -> dict[str, Any]:
+  """Saves a built graph as BASE/<version>/ atomically, with warm-up records and its report.
+
+  Returns:
+    The export report (version, path, recall@k against exact, timings, index bytes), also written to
+    assets.extra/export_report.json in the version.
+  """
+  index, catalog, samples = built.graph.index, built.catalog, built.samples
+  num_samples = len(samples[schema.USER_ID])
   started = time.time()
   with versions.publish(model_base_path, config.version) as (temp_path, version):
-    graph.save(temp_path)
+    built.graph.save(temp_path)
     requests = [warmup.predict_request({name: values[i:i + 1] for name, values in samples.items()})
-                for i in range(config.num_warmup_requests)]
+                for i in range(min(config.num_warmup_requests, num_samples))]
     warmup.write_warmup(temp_path, requests)
     refresh_state.write_embeddings(temp_path, catalog.embeddings)  # What fgr-refresh updates.
     report = {
@@ -102,9 +134,9 @@ def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig
         "index_config": dict(getattr(index, "config", {})),
         "num_items": int(len(catalog.ids)),
         "num_eligible": int(catalog.eligible.sum()),
-        f"recall_at_{config.k}_vs_exact": round(recall, 4),
+        f"recall_at_{config.k}_vs_exact": round(built.recall, 4),
         "index_bytes": index.nbytes(),
-        **{name: round(seconds, 2) for name, seconds in timings.items()},
+        **{name: round(seconds, 2) for name, seconds in built.timings.items()},
     }
     with open(os.path.join(temp_path, "assets.extra", REPORT_FILE), "w") as f:
       json.dump(report, f, indent=2)
@@ -112,3 +144,7 @@ def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig
   logging.info("Exported version %d to %s: %s", version, report["path"], report)
   return report
 
+
+def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig) -> dict[str, Any]:
+  """Exports the newest checkpoint of a training run as BASE/<version>/, atomically (see publish_graph)."""
+  return publish_graph(build_graph(checkpoint_dir, config), model_base_path, config)
