@@ -24,11 +24,12 @@ setuptools.setup(
         "numpy>=1.26",
         "tqdm>=4.60",
         "prometheus-client>=0.20",
+        "hdrhistogram>=0.10",  # fgr-loadtest's latency percentiles.
         "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
-        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*"],
+        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3"],
     },
     entry_points={
         "console_scripts": [
