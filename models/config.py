@@ -32,6 +32,9 @@ class TowerConfig:
       tutorial's model, kept as the baseline).
     precision: "float32", "mixed_bfloat16" or "mixed_float16": the towers compute in that dtype
       while variables and the output embeddings stay float32.
+    id_dropout: in training, the share of positives whose id embedding the item tower zeroes, so
+      it learns to place an ad from side info alone, as it must for ads that never appeared in
+      training (whose hashed id embeddings are untrained, near-zero vectors).
   """
 
   embedding_dim: int = 64
@@ -47,9 +50,12 @@ class TowerConfig:
   side_info: str = "separate"
   features: str = "full"
   precision: str = "float32"
+  id_dropout: float = 0.0
 
   def __post_init__(self):
     self.hidden_units = tuple(self.hidden_units)
+    if not 0.0 <= self.id_dropout < 1.0:
+      raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
     for name, allowed in _CHOICES.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -32,9 +32,11 @@ class ServingOptions:
       raise ValueError(f"precision must be one of {config_lib.PRECISIONS}, got {self.precision!r}")
 
 
-# Measured by bench/model_speed.py; figures and command in docs/benchmarks.md, "Models".
+# Measured by bench/model_speed.py; figures and command in docs/benchmarks.md, "Models". On the
+# 2-core AVX-512 CPU, float32 without XLA served one query fastest with ScaNN (the export default):
+# bfloat16 towers were slower, float16 ones far slower without XLA, and XLA did not pay at batch 1.
 MEASURED_FASTEST = {
-    "CPU": ServingOptions(precision="float32", jit_compile=True),
+    "CPU": ServingOptions(precision="float32", jit_compile=False),
 }
 UNMEASURED = ServingOptions(precision="float32", jit_compile=False)
 

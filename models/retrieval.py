@@ -67,12 +67,12 @@ class RetrievalModel(tfrs.Model):
     return unigram / head
 
   def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-    query_embeddings = self.query_tower(features)
-    item_embeddings = self.item_tower(features)
+    query_embeddings = self.query_tower(features, training=training)
+    item_embeddings = self.item_tower(features, training=training)
     candidate_ids = features[schema.AD_ID]
     if self._num_negatives and sampling.NEGATIVE_PREFIX + schema.AD_ID in features:
       negatives = {name: features[sampling.NEGATIVE_PREFIX + name] for name in schema.ITEM_FEATURE_NAMES}
-      item_embeddings = tf.concat([item_embeddings, self.item_tower(negatives)], axis=0)
+      item_embeddings = tf.concat([item_embeddings, self.item_tower(negatives, training=training)], axis=0)
       candidate_ids = tf.concat([candidate_ids, negatives[schema.AD_ID]], axis=0)
     probability = self.candidate_probability(candidate_ids, tf.shape(query_embeddings)[0])
     return self.task(query_embeddings, item_embeddings, candidate_ids=candidate_ids,

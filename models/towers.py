@@ -60,6 +60,8 @@ class ItemFeatureEmbedding(tf.keras.layers.Layer):
 class Tower(tf.keras.Model):
   """A tower that hashes its string features (`lookup`) and then computes (`encode`), optionally in XLA.
 
+  XLA applies to inference only: training steps run `encode` as part of Keras' own train function.
+
   Args:
     config: tower configuration.
   """
@@ -76,14 +78,14 @@ class Tower(tf.keras.Model):
     """Hash buckets of every string feature the tower reads."""
     raise NotImplementedError
 
-  def encode(self, buckets: Buckets) -> tf.Tensor:
+  def encode(self, buckets: Buckets, training: bool | None = None) -> tf.Tensor:
     """The L2-normalised float32 embedding [B, output_dim] of `lookup`'s buckets."""
     raise NotImplementedError
 
-  def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+  def call(self, features: dict[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
     buckets = self.lookup(features)
-    if not self.jit_compile:
-      return self.encode(buckets)
+    if training or not self.jit_compile:
+      return self.encode(buckets, training=training)
     compiled = self.__dict__.get("_compiled_encode")
     if compiled is None:
       # Kept out of Keras' attribute tracking: the compiled function is a view of `encode`, not state.
@@ -139,7 +141,8 @@ class QueryTower(Tower):
       return attention(target, sequence, mask)
     return layers.masked_mean(sequence, mask)
 
-  def encode(self, buckets: Buckets) -> tf.Tensor:
+  def encode(self, buckets: Buckets, training: bool | None = None) -> tf.Tensor:
+    del training  # Same computation in training and serving.
     user, _ = self.user_embedding.embed(buckets[schema.USER_ID])
     profile = layers.masked_mean(*self.token_embedding.embed(buckets[schema.USER_FEATURES]))
     query = layers.masked_mean(*self.token_embedding.embed(buckets[schema.QUERY_TOKENS]))
@@ -184,9 +187,12 @@ class ItemTower(Tower):
     return {schema.AD_ID: ids, schema.CATEGORY: categories, schema.BRAND: brands,
             schema.AD_TOKENS: self.token_embedding.lookup(features[schema.AD_TOKENS])}
 
-  def encode(self, buckets: Buckets) -> tf.Tensor:
+  def encode(self, buckets: Buckets, training: bool | None = None) -> tf.Tensor:
     ids, categories, brands, _ = self.item_embedding.embed(
         buckets[schema.AD_ID], buckets[schema.CATEGORY], buckets[schema.BRAND])
+    if training and self.config.id_dropout > 0:
+      keep = tf.random.uniform([tf.shape(ids)[0], 1]) >= self.config.id_dropout
+      ids = ids * tf.cast(keep, ids.dtype)
     tokens = layers.masked_mean(*self.token_embedding.embed(buckets[schema.AD_TOKENS]))
     embedding = self.mlp(tf.concat([ids, categories, brands, tokens], axis=-1))
     return tf.math.l2_normalize(embedding, axis=-1)
@@ -209,7 +215,8 @@ class IdTower(Tower):
   def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
     return {self.feature: self.ids.lookup(features[self.feature])}
 
-  def encode(self, buckets: Buckets) -> tf.Tensor:
+  def encode(self, buckets: Buckets, training: bool | None = None) -> tf.Tensor:
+    del training  # Same computation in training and serving.
     embedding, _ = self.ids.embed(buckets[self.feature])
     return tf.math.l2_normalize(tf.cast(embedding, tf.float32), axis=-1)
 

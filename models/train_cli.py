@@ -36,6 +36,8 @@ flags.DEFINE_enum("features", _TOWER.features, ["full", "ids_only"],
                   "Full towers, or user id <-> item id embeddings only (the TFRS basic tutorial's baseline).")
 flags.DEFINE_enum("precision", _TOWER.precision, list(config_lib.PRECISIONS),
                   "Compute dtype of the towers; variables and output embeddings stay float32.")
+flags.DEFINE_float("id_dropout", _TOWER.id_dropout, "Share of training positives whose id embedding the "
+                   "item tower zeroes, so that ads unseen in training are placed well from side info.")
 flags.DEFINE_float("temperature", _TOWER.temperature, "Softmax temperature of the retrieval loss.")
 flags.DEFINE_bool("logq_correction", _TRAIN.logq_correction,
                   "Correct in-batch logits by log Q(item), Q estimated from the training stream.")
@@ -72,7 +74,8 @@ def main(argv: list[str]) -> None:
       embedding_dim=FLAGS.embedding_dim, output_dim=FLAGS.output_dim,
       hidden_units=tuple(int(u) for u in FLAGS.hidden_units), id_buckets=FLAGS.id_buckets,
       sequence_pooling=FLAGS.sequence_pooling, temperature=FLAGS.temperature, attention=FLAGS.attention,
-      side_info=FLAGS.side_info, features=FLAGS.features, precision=FLAGS.precision)
+      side_info=FLAGS.side_info, features=FLAGS.features, precision=FLAGS.precision,
+      id_dropout=FLAGS.id_dropout)
   training = train_lib.TrainConfig(
       epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
       logq_correction=FLAGS.logq_correction, mixed_negatives=FLAGS.mixed_negatives,

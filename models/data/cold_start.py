@@ -4,6 +4,10 @@ The held-out items never appear in the training split: examples whose positive i
 dropped, they are scrubbed from behaviour sequences (the rest of the sequence moves up), and query
 tokens naming them (MovieLens' "item:<id>" context token) are removed. They keep their side info in
 the catalog and may be test positives, so the item tower must place them from side info alone.
+
+Sources whose queries are derived from the behaviour sequence (MovieLens: the latest rated movie
+plays the query) also take the held-out rows when they build their examples, so that no query is
+ever made from a held-out item; scrubbing afterwards could not rebuild those queries.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ from models.data import schema
 
 # Query tokens that name an item: the id itself, or MovieLens' "item:<id>" context token.
 _ITEM_TOKEN_PREFIXES = ("", "item:")
+
+
+def choose_held_out(num_items: int, fraction: float, seed: int = 0) -> np.ndarray:
+  """bool [num_items]: the rows held out of training, a seeded uniform choice of about `fraction`."""
+  if not 0 < fraction < 1:
+    raise ValueError(f"held-out item fraction must be in (0, 1), got {fraction}")
+  return np.random.default_rng(seed).random(num_items) < fraction
 
 
 def _compact(values: np.ndarray, drop: np.ndarray) -> np.ndarray:
@@ -38,11 +49,9 @@ class HeldOutItems:
   """
 
   def __init__(self, source: Any, fraction: float, seed: int = 0):
-    if not 0 < fraction < 1:
-      raise ValueError(f"held-out item fraction must be in (0, 1), got {fraction}")
     self._source = source
     self.num_items = source.num_items
-    self.held_out_rows = np.random.default_rng(seed).random(source.num_items) < fraction
+    self.held_out_rows = choose_held_out(source.num_items, fraction, seed)
     held_ids = source.features(np.flatnonzero(self.held_out_rows))[schema.AD_ID]
     self._held_ids = frozenset(str(i) for i in held_ids)
     self._held_tokens = frozenset(prefix + i for i in self._held_ids for prefix in _ITEM_TOKEN_PREFIXES)

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from models.data import schema, sequences
+from models.data import cold_start, schema, sequences
 
 _GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
            "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
@@ -41,9 +41,14 @@ class MovieLens100K:
   Args:
     data_dir: directory holding the unpacked ml-100k files.
     split: "default" (the TFRS protocol) or "leave_last_out".
+    held_out_fraction: share of movies kept out of training entirely (`cold_start.choose_held_out`
+      with `held_out_seed`): their ratings are not training examples and never enter a behaviour
+      sequence, nor so a query.
+    held_out_seed: seed of that choice.
   """
 
-  def __init__(self, data_dir: str, split: str = "default"):
+  def __init__(self, data_dir: str, split: str = "default", held_out_fraction: float = 0.0,
+               held_out_seed: int = 0):
     if split not in ("default", "leave_last_out"):
       raise ValueError(f"split must be 'default' or 'leave_last_out', got {split!r}")
     missing = [f for f in ("u.data", "u.item", "u.user") if not os.path.exists(os.path.join(data_dir, f))]
@@ -54,7 +59,9 @@ class MovieLens100K:
     self._table = self._read_items()
     self.num_items = self._table.num_items
     self._user_features = self._read_users()
-    self._split = self._build_examples()
+    held_out_rows = (cold_start.choose_held_out(self.num_items, held_out_fraction, held_out_seed)
+                     if held_out_fraction > 0 else np.zeros(self.num_items, dtype=bool))
+    self._split = self._build_examples(held_out_rows)
 
   def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     return self._table.features(rows)
@@ -86,7 +93,7 @@ class MovieLens100K:
                           f"zip:{zip_code[:1]}"]
     return users
 
-  def _build_examples(self) -> dict[str, dict[str, np.ndarray]]:
+  def _build_examples(self, held_out_rows: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     raw = np.loadtxt(os.path.join(self.data_dir, "u.data"), dtype=np.int64)
     users, items, timestamps = raw[:, 0], raw[:, 1], raw[:, 3]
     order = np.lexsort((np.arange(len(raw)), timestamps))  # time order, ties in file order
@@ -99,7 +106,8 @@ class MovieLens100K:
       is_train[np.random.default_rng(SPLIT_SEED).permutation(len(raw))[:NUM_TRAIN]] = True
 
     rows = np.asarray([self._table.row_of[str(i)] for i in items[order].tolist()])
-    hist_rows = sequences.HistoryTracker().observe(users[order], rows, enters_history=is_train[order])
+    held_out = held_out_rows[rows]
+    hist_rows = sequences.HistoryTracker().observe(users[order], rows, enters_history=is_train[order] & ~held_out)
 
     latest = hist_rows[:, 0]
     latest_items = self._table.features(np.maximum(latest, 0))
@@ -111,9 +119,9 @@ class MovieLens100K:
         self._table, user_ids=np.asarray(user_ids, dtype=object),
         user_features=schema.pad_tokens([self._user_features[u] for u in user_ids], schema.USER_FEATURES_LEN),
         query_tokens=schema.pad_tokens(queries, schema.QUERY_TOKENS_LEN), hist_rows=hist_rows, item_rows=rows)
-    train = is_train[order]
+    train, test = is_train[order] & ~held_out, ~is_train[order]
     return {"train": {k: v[train] for k, v in examples.items()},
-            "test": {k: v[~train] for k, v in examples.items()}}
+            "test": {k: v[test] for k, v in examples.items()}}
 
   def examples(self, split: str, chunk_size: int = 8192) -> Iterator[dict[str, np.ndarray]]:
     """Yields batches of the "train" (80k) or "test" (20k) split, in time order.

@@ -75,7 +75,9 @@ def _open(spec: DataSpec) -> Source:
   if spec.name in ("movielens", "logs") and not spec.data_dir:
     raise ValueError(f"--data={spec.name} needs --data_dir")
   if spec.name == "movielens":
-    return movielens.MovieLens100K(spec.data_dir, split=spec.split)
+    # Its queries come from histories, so it builds them without the held-out items itself.
+    return movielens.MovieLens100K(spec.data_dir, split=spec.split, held_out_fraction=spec.held_out_item_fraction,
+                                   held_out_seed=spec.held_out_item_seed)
   if spec.name == "logs":
     if spec.split != "default":
       raise ValueError(f"--data=logs supports only the default (time-ordered) split, not {spec.split!r}")

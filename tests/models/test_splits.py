@@ -71,3 +71,14 @@ def test_held_out_items_never_reach_training_but_stay_in_the_catalog_and_test():
   assert held & set(test[schema.AD_ID])
   unwrapped = sources.open_source(TINY_DATA)
   assert len(test[schema.AD_ID]) == sum(len(b[schema.AD_ID]) for b in unwrapped.examples("test"))
+
+
+def test_movielens_held_out_movies_leave_no_trace_in_training_queries(movielens_dir):
+  spec = sources.DataSpec(name="movielens", data_dir=movielens_dir, held_out_item_fraction=0.1)
+  source = sources.open_source(spec)
+  held = set(source.features(np.flatnonzero(source.held_out_rows))[schema.AD_ID])
+  train, test = _all(source, "train"), _all(source, "test")
+  assert len(test[schema.AD_ID]) == 20_000 and held & set(test[schema.AD_ID])
+  assert not held & (set(train[schema.AD_ID]) | set(train[schema.HIST_IDS].ravel()))
+  # MovieLens' query is the latest rated movie: never a held-out one.
+  assert not {f"item:{i}" for i in held} & set(train[schema.QUERY_TOKENS].ravel())

@@ -105,3 +105,19 @@ def test_id_only_baseline_towers_embed_ids_alone():
   # Only the user id matters to the query side.
   again = query_tower(_query_batch([["ad7"], ["ad3"]], [["c3"], ["c9"]]))
   np.testing.assert_allclose(out.numpy(), again.numpy())
+
+
+def test_id_dropout_zeroes_ids_in_training_only():
+  tf.keras.utils.set_random_seed(0)
+  _, item_tower = towers.build_towers(dataclasses.replace(TINY_TOWER, id_dropout=0.5))
+  n = 200
+  batch = {schema.AD_ID: tf.constant([f"ad{i}" for i in range(n)]), schema.CATEGORY: tf.constant(["c1"] * n),
+           schema.BRAND: tf.constant(["b1"] * n), schema.AD_TOKENS: tf.constant([["t1"]] * n)}
+  serving = item_tower(batch).numpy()
+  np.testing.assert_allclose(item_tower(batch, training=False).numpy(), serving)
+  dropped = np.abs(item_tower(batch, training=True).numpy() - serving).max(axis=1) > 1e-6
+  assert 0.35 < dropped.mean() < 0.65
+  # A dropped row is the ad as the tower sees it with a zero id embedding: every dropped row is equal.
+  training = item_tower(batch, training=True).numpy()
+  changed = np.abs(training - serving).max(axis=1) > 1e-6
+  np.testing.assert_allclose(training[changed], np.repeat(training[changed][:1], changed.sum(), axis=0), atol=1e-6)
