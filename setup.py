@@ -10,7 +10,7 @@ setuptools.setup(
         "nearest-neighbour index in one SavedModel, served over TF Serving's API."
     ),
     python_requires=">=3.10,<3.13",
-    packages=setuptools.find_packages(include=["engine*", "models*", "export*", "serving*"]),
+    packages=setuptools.find_packages(include=["engine*", "models*", "export*", "serving*", "bench*"]),
     install_requires=[
         # scann 1.4.2's TF ops are compiled against TF 2.20 exactly: keep these in lock-step.
         "tensorflow==2.20.*",
