@@ -36,6 +36,15 @@ except app.UsageError:
   print("BAD_CHANNEL_ARGS_REJECTED")
 fields = {f.name for f in dataclasses.fields(server.Options)}
 print("OPTIONS_WITHOUT_FLAG", sorted(fields - set(main.FLAGS)))
+main.FLAGS(["fgr-serve", "--model_base_path_roots=/a,/b",
+            "--max_in_flight_requests=3", "--max_batch_size_per_request=8",
+            "--grpc_max_receive_message_length=-1",
+            "--ssl_config_file=/s"])
+options = main.options_from_flags()
+print("HARDENING", options.model_base_path_roots,
+      options.max_in_flight_requests, options.max_batch_size_per_request,
+      options.grpc_max_receive_message_length,
+      options.rest_api_max_body_bytes, options.ssl_config_file)
 """
 
 
@@ -52,6 +61,7 @@ def test_flags():
           in out)
   assert "BAD_CHANNEL_ARGS_REJECTED" in out
   assert "OPTIONS_WITHOUT_FLAG ['session_config']" in out
+  assert f"HARDENING ['/a', '/b'] 3 8 -1 {64 << 20} /s" in out
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path):
