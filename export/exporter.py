@@ -16,6 +16,7 @@ from absl import logging
 from engine import base, full_graph
 from export import refresh_state, verify, versions, warmup
 from models import catalog as catalog_lib
+from models import precision as precision_lib
 from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
@@ -34,6 +35,11 @@ class ExportConfig:
     num_warmup_requests: warm-up records written to assets.extra (TF Serving allows at most 1000).
     eval_queries: held-out queries used to measure the index's recall@k against exact search.
     tuning_queries: further held-out queries a backend tunes its search knobs on (not those above).
+    precision: compute precision of the exported towers ("float32", "mixed_bfloat16",
+      "mixed_float16"); None takes the fastest measured setting for this device
+      (`models.precision.serving_defaults`). Outputs stay float32 either way.
+    jit_compile: XLA-compile the towers' numeric part; None takes the measured default. Stock TF
+      Serving needs --xla_cpu_compilation_enabled to run an XLA-compiled export.
     version: explicit version number; the next free one when None.
   """
 
@@ -43,6 +49,8 @@ class ExportConfig:
   num_warmup_requests: int = 20
   eval_queries: int = 500
   tuning_queries: int = 1000
+  precision: str | None = None
+  jit_compile: bool | None = None
   version: int | None = None
 
 
@@ -70,6 +78,7 @@ class BuiltGraph:
     samples: held-out query features (the first ones are the warm-up requests).
     recall: the index's recall@k against exact search on held-out queries it was not tuned on.
     timings: seconds spent embedding and building.
+    serving: the precision and XLA setting the towers were rebuilt with.
   """
 
   graph: full_graph.FullGraph
@@ -77,13 +86,18 @@ class BuiltGraph:
   samples: dict[str, np.ndarray]
   recall: float
   timings: dict[str, float]
+  serving: precision_lib.ServingOptions
 
 
 def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   """Restores the newest checkpoint of a training run and builds its full graph in process."""
   timings: dict[str, float] = {}
   started = time.time()
-  model, run_config = train.restore(checkpoint_dir)
+  defaults = precision_lib.serving_defaults()
+  serving = precision_lib.ServingOptions(
+      precision=config.precision or defaults.precision,
+      jit_compile=defaults.jit_compile if config.jit_compile is None else config.jit_compile)
+  model, run_config = train.restore(checkpoint_dir, precision=serving.precision, jit_compile=serving.jit_compile)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
 
   catalog = catalog_lib.embed_catalog(model.item_tower, source)
@@ -106,7 +120,7 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   recall = verify.index_recall(index, eval_embeddings, catalog.embeddings, catalog.eligible, config.k)
   graph = full_graph.FullGraph(model.query_tower, model.item_tower, index, catalog.ids, config.k,
                                schema.query_specs(), schema.item_specs())
-  return BuiltGraph(graph, catalog, samples, recall, timings)
+  return BuiltGraph(graph, catalog, samples, recall, timings, serving)
 
 
 def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig) -> dict[str, Any]:
@@ -130,6 +144,8 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
         "path": os.path.join(model_base_path, str(version)),
         "index": config.index,
         "k": config.k,
+        "precision": built.serving.precision,
+        "jit_compile": built.serving.jit_compile,
         "index_options": config.index_options,
         "index_config": dict(getattr(index, "config", {})),
         "num_items": int(len(catalog.ids)),

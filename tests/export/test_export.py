@@ -77,3 +77,15 @@ def test_failed_publish_leaves_no_version_behind(tmp_path):
   with pytest.raises(FileExistsError):
     with versions.publish(str(tmp_path), version=1):
       pass
+
+
+def test_mixed_precision_export_keeps_float32_outputs(trained_run, tmp_path):
+  report = exporter.export_model(trained_run, str(tmp_path), exporter.ExportConfig(
+      index="brute_force", k=10, precision="mixed_bfloat16", eval_queries=50, tuning_queries=0))
+  assert report["precision"] == "mixed_bfloat16" and report["jit_compile"] is False
+  assert report["recall_at_10_vs_exact"] == 1.0  # Exact search over the bfloat16 towers' own outputs.
+  loaded = tf.saved_model.load(report["path"])
+  tensors = {name: tf.constant(values) for name, values in _test_queries(trained_run, 4).items()}
+  served = loaded.signatures["serving_default"](**tensors)
+  assert served["scores"].dtype == tf.float32
+  assert loaded.signatures["encode_query"](**tensors)["embedding"].dtype == tf.float32
