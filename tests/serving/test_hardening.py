@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -223,6 +224,8 @@ def test_binds_loopback_by_default(server):
 
 
 def _self_signed(tmp_path):
+  if shutil.which("openssl") is None:
+    pytest.skip("the openssl command is needed to make a self-signed certificate")
   key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
   subprocess.run(
       ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
