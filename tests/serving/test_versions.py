@@ -135,6 +135,9 @@ def test_reload_config_and_config_file_polling(tmp_path):
 
     request = model_management_pb2.ReloadConfigRequest(config=_config(
         ("a", a, [1, 2], {"stable": 1, "canary": 2}), ("b", b, [], {})))
+    # The file poller re-applies the file every second, as TF Serving's does, so the file must say
+    # the same as the RPC or a poll between the two would revert it.
+    config_file.write_text(str(request.config))
     response = server.model.HandleReloadConfigRequest(request, timeout=60)
     assert response.status.error_code == 0
     assert _predict(server.predict, "a", label="stable").outputs[
