@@ -5,32 +5,15 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from engine import base, full_graph
+from engine import base, full_graph, search_ops
 from models.data import schema, sequences
-
-
-def exact_top_k(queries: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray, k: int,
-                block: int = 64) -> np.ndarray:
-  """Rows [n, k] of the k eligible items with the highest dot product (unordered within the k)."""
-  rows = []
-  for start in range(0, len(queries), block):  # Blocks keep the [block, N] score matrix small.
-    scores = queries[start:start + block] @ embeddings.T
-    scores[:, ~eligible] = -np.inf
-    rows.append(np.argpartition(-scores, k - 1, axis=1)[:, :k])
-  return np.concatenate(rows)
-
-
-def mean_overlap(expected: np.ndarray, found: np.ndarray) -> float:
-  """Mean share of each row of `expected` [n, k] that the same row of `found` contains."""
-  k = expected.shape[1]
-  return float(np.mean([len(np.intersect1d(e, f)) / k for e, f in zip(expected, found)]))
 
 
 def index_recall(index: base.Index, queries: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray,
                  k: int) -> float:
   """recall@k of an in-process index against exact search over the eligible items."""
   found = tf.function(lambda q: index.search(q, k).indices)(tf.constant(queries)).numpy()
-  return mean_overlap(exact_top_k(queries, embeddings, eligible, k), found)
+  return search_ops.recall_at_k(found, search_ops.exact_top_k_numpy(queries, embeddings, k, eligible=eligible))
 
 
 def saved_model_recall(version_path: str, table: sequences.ItemTable,
@@ -54,5 +37,7 @@ def saved_model_recall(version_path: str, table: sequences.ItemTable,
   tensors = {name: tf.constant(values) for name, values in queries.items()}
   served = loaded.signatures[full_graph.SERVING_DEFAULT](**tensors)["ids"].numpy().astype(str)
   query_embeddings = loaded.signatures[full_graph.ENCODE_QUERY](**tensors)["embedding"].numpy()
-  exact = ids[exact_top_k(query_embeddings, embeddings, eligible, served.shape[1])]
-  return mean_overlap(exact, served)
+  row_of = {ad_id: row for row, ad_id in enumerate(ids)}
+  served_rows = np.vectorize(lambda ad_id: row_of.get(ad_id, -1), otypes=[np.int64])(served)
+  exact = search_ops.exact_top_k_numpy(query_embeddings, embeddings, served.shape[1], eligible=eligible)
+  return search_ops.recall_at_k(served_rows, exact)

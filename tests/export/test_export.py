@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from export import exporter, verify, versions, warmup
+from engine import search_ops
+from export import exporter, versions, warmup
 from models import train
 from models.data import schema, sources
 
@@ -46,8 +47,10 @@ def test_loaded_saved_model_matches_the_in_process_model(trained_run, tmp_path, 
                              built.graph.query_tower(tensors).numpy(), rtol=1e-4, atol=1e-5)
   # The index agrees with exact search over the same embeddings (the export's own check, redone).
   query_embeddings = built.graph.query_tower(tensors).numpy()
-  exact = built.catalog.ids[verify.exact_top_k(query_embeddings, built.catalog.embeddings, built.catalog.eligible, 20)]
-  assert verify.mean_overlap(exact, served["ids"].numpy().astype(str)) >= 0.95
+  exact = search_ops.exact_top_k_numpy(query_embeddings, built.catalog.embeddings, 20, eligible=built.catalog.eligible)
+  row_of = {ad_id: row for row, ad_id in enumerate(built.catalog.ids)}
+  served_rows = np.array([[row_of[i] for i in row] for row in served["ids"].numpy().astype(str)])
+  assert search_ops.recall_at_k(served_rows, exact) >= 0.95
 
 
 def test_export_writes_tf_serving_warmup_records(trained_run, tmp_path):
