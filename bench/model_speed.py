@@ -11,7 +11,6 @@ query tower alone (`encode_query`), and the overlap of its top-k with the float3
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import sys

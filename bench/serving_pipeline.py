@@ -13,7 +13,6 @@ pools them, so the shared machine's background load falls on both alike.
 
 from __future__ import annotations
 
-import os
 
 from absl import app, flags
 import grpc

@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
   import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from export import verify  # pylint: disable=g-import-not-at-top
   from models.data import queries as queries_lib  # pylint: disable=g-import-not-at-top
-from models.data import schema, sources  # pylint: disable=g-import-not-at-top
+  from models.data import schema, sources  # pylint: disable=g-import-not-at-top
   with open(os.path.join(train_dir, "config.json")) as f:
     source = sources.open_source(sources.DataSpec.from_json(json.load(f)["data"]))
   queries = queries_lib.held_out_queries(source, 500)
