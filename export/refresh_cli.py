@@ -27,6 +27,13 @@ flags.DEFINE_list("index_options", [], "Index options replacing the source versi
                   "pairs (e.g. training_sample_size=50000 for a faster ScaNN build).")
 flags.DEFINE_bool("verify_recall", True, "After each rebuild, report recall@k against exact search on the "
                   "version's warm-up queries (after publishing: it does not delay the new version).")
+flags.DEFINE_enum("index_update", "auto", list(refresh.INDEX_UPDATES),
+                  "auto: update the source's ScaNN index with its trained partitioner and codebook (only new and "
+                  "changed ads encoded) until --retrain_fraction of the catalog was encoded since the last "
+                  "training, then train anew; full: train the index anew on every rebuild.")
+flags.DEFINE_float("retrain_fraction", refresh.DEFAULT_RETRAIN_FRACTION,
+                   "With --index_update=auto, train the index anew once this share of the catalog has been "
+                   "encoded incrementally since the last training.")
 flags.DEFINE_integer("max_polls", 0, "With --watch, stop after this many polls (0: run until stopped).")
 flags.mark_flag_as_required("model_base_path")
 
@@ -55,13 +62,16 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("Give exactly one of --delta, --rollback or --watch")
   if FLAGS.keep_versions < 0:
     raise app.UsageError(f"--keep_versions must be 0 (keep all) or more, got {FLAGS.keep_versions}")
+  if not 0 <= FLAGS.retrain_fraction <= 1:
+    raise app.UsageError(f"--retrain_fraction must be in [0, 1], got {FLAGS.retrain_fraction}")
   try:
     overrides = exporter.parse_index_options(FLAGS.index_options)
   except ValueError as e:
     raise app.UsageError(f"--index_options: {e}") from None
   refresher = refresh.Refresher(FLAGS.model_base_path, from_version=FLAGS.from_version,
                                 keep_versions=FLAGS.keep_versions or None, index_overrides=overrides,
-                                verify_recall=FLAGS.verify_recall)
+                                verify_recall=FLAGS.verify_recall, index_update=FLAGS.index_update,
+                                retrain_fraction=FLAGS.retrain_fraction)
   if FLAGS.rollback is not None:
     print(json.dumps(refresher.rollback(FLAGS.rollback)))
   elif FLAGS.delta:

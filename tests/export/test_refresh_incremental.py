@@ -1,0 +1,138 @@
+"""fgr-refresh with a tree-AH ScaNN index: incremental updates from N's training, and when it retrains."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from export import exporter, refresh, refresh_delta, refresh_state
+from engine import scann_update
+from models import train
+from models.data import queries as queries_lib
+from models.data import schema, sources
+
+K = 20
+# Tree + AH + reordering on the 3k-ad catalog (the defaults would pick brute force at this size).
+TREE_AH = {"scoring": "ah", "num_leaves": 30, "reorder": 100, "training_sample_size": 3000}
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+  """Version 1 with a tree-AH ScaNN index, the data source and held-out queries."""
+  import scann  # noqa: F401  pylint: disable=unused-import  Registers ScaNN's ops for loading versions in this process.
+  base_path = str(tmp_path_factory.mktemp("exported_ah"))
+  exporter.export_model(trained_run, base_path, exporter.ExportConfig(
+      index="scann", k=K, eval_queries=20, num_warmup_requests=4, index_options=TREE_AH))
+  _, run_config = train.restore(trained_run)
+  source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
+  return os.path.join(base_path, "1"), source, queries_lib.held_out_queries(source, 64)
+
+
+@pytest.fixture
+def base_path(exported, tmp_path):
+  path = str(tmp_path / "models")
+  refresh.link_tree(exported[0], os.path.join(path, "1"))
+  return path
+
+
+def _ad_line(ad_id, features, row):
+  return json.dumps({"ad_id": ad_id, "category": features[schema.CATEGORY][row], "brand": features[schema.BRAND][row],
+                     "tokens": [t for t in features[schema.AD_TOKENS][row] if t]})
+
+
+def _served_and_recall(version_path, queries):
+  """(served ids [Q, K], recall@K of serving_default against exact search over the version's catalog)."""
+  loaded = tf.saved_model.load(version_path)
+  tensors = {name: tf.constant(values) for name, values in queries.items()}
+  served = loaded.signatures["serving_default"](**tensors)["ids"].numpy().astype(str)
+  query_embeddings = loaded.signatures["encode_query"](**tensors)["embedding"].numpy()
+  state = refresh_state.read_state(version_path)
+  scores = query_embeddings @ np.asarray(state.embeddings).T
+  scores[:, ~state.eligible] = -np.inf
+  exact = state.ids[np.argsort(-scores, axis=1)[:, :K]]
+  _served_and_recall.last_exact = exact
+  return served, float(np.mean([len(set(a) & set(b)) / K for a, b in zip(served, exact)]))
+
+
+def _delta(source, before, seed, catalog):
+  """About 4% of the catalog: 60 new ads, 40 changed, 10 removed, 10 paused, and probe ads.
+
+  `catalog` holds the ad ids of the version the delta applies to (earlier deltas removed some).
+  """
+  rng = np.random.default_rng(seed)
+  features = source.features(np.arange(source.num_items))
+  row_of = {ad_id: row for row, ad_id in enumerate(features[schema.AD_ID])}
+  probe = set(before[0, :3])
+  others = [row for row in rng.permutation(source.num_items)
+            if features[schema.AD_ID][row] not in probe and features[schema.AD_ID][row] in catalog][:60]
+  lines = [_ad_line(f"fresh-{seed}-probe", features, row_of.get(before[0, 0], 0)),
+           json.dumps({"ad_id": before[0, 1], "deleted": True}), json.dumps({"ad_id": before[0, 2], "status": "paused"})]
+  lines += [_ad_line(f"fresh-{seed}-{i}", features, row) for i, row in enumerate(rng.choice(source.num_items, 60))]
+  lines += [_ad_line(features[schema.AD_ID][row], features, (row + 1) % source.num_items) for row in others[:40]]
+  lines += [json.dumps({"ad_id": features[schema.AD_ID][row], "deleted": True}) for row in others[40:50]]
+  lines += [json.dumps({"ad_id": features[schema.AD_ID][row], "status": "paused"}) for row in others[50:60]]
+  return refresh_delta.parse_lines(lines)
+
+
+def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exported, base_path):
+  version_path, source, queries = exported
+  before, recall_v1 = _served_and_recall(version_path, queries)
+  delta = _delta(source, before, 1, set(refresh_state.read_state(version_path).ids))
+  report = refresh.Refresher(base_path, keep_versions=None).apply(delta)
+  assert report["index_update"] == "incremental" and report["delta"]["added"] == 61
+  config = report["index_config"]
+  assert config["encoded_rows"] == 61 + 40 == config["rows_encoded_since_training"]
+  assert config["leaves_to_search"] == refresh.read_report(version_path)["index_config"]["leaves_to_search"]
+
+  # N's training is kept, and the rows the delta did not touch keep their tokens and codes.
+  old_state, new_state = refresh_state.read_state(version_path), refresh_state.read_state(os.path.join(base_path, "2"))
+  old = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(version_path), old_state.embeddings)
+  new = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(os.path.join(base_path, "2")),
+                                                 new_state.embeddings)
+  for name in ("scann_config", "serialized_partitioner", "ah_codebook"):
+    assert getattr(old, name).tolist() == getattr(new, name).tolist(), name
+  touched = set(delta.upserts)
+  old_row = old_state.row_of()
+  rows = [(row, old_row[ad_id]) for row, ad_id in enumerate(new_state.ids) if ad_id not in touched]
+  assert len(rows) == source.num_items - 11 - 40
+  new_rows, old_rows = np.asarray(rows).T
+  np.testing.assert_array_equal(new.datapoint_to_token[new_rows], old.datapoint_to_token[old_rows])
+  np.testing.assert_array_equal(new.hashed_dataset[new_rows], old.hashed_dataset[old_rows])
+
+  # The answers follow the delta, and recall stays that of a full rebuild of the same catalog.
+  served, incremental_recall = _served_and_recall(os.path.join(base_path, "2"), queries)
+  exact = _served_and_recall.last_exact
+  # New and changed ads that exact search ranks in a query's top K are found as often as the rest.
+  pairs = [(q, ad_id) for q in range(len(exact)) for ad_id in exact[q] if ad_id in delta.upserts]
+  assert len(pairs) >= 10 and np.mean([ad_id in served[q] for q, ad_id in pairs]) >= incremental_recall - 0.1
+  assert not {before[0, 1], before[0, 2]} & set(served.ravel())
+  full = refresh.Refresher(base_path, from_version=1, keep_versions=None, index_update="full").apply(delta)
+  assert full["index_update"] == "full" and full["index_config"]["full_build_reason"] == "--index_update=full"
+  _, full_recall = _served_and_recall(full["path"], queries)
+  print(f"recall@{K}: version 1 {recall_v1:.3f}, incremental {incremental_recall:.3f}, full rebuild {full_recall:.3f}")
+  assert incremental_recall >= full_recall - 0.05 and incremental_recall >= recall_v1 - 0.05
+
+
+def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_path):
+  version_path, source, queries = exported
+  before, recall_v1 = _served_and_recall(version_path, queries)
+  refresher = refresh.Refresher(base_path, keep_versions=None, retrain_fraction=0.05, verify_recall=False)
+  first = refresher.apply(_delta(source, before, 2, set(refresh_state.read_state(version_path).ids)))
+  assert first["index_update"] == "incremental"  # 101 of 3,050 rows.
+  # A status change keeps the count; the next 101 rows take it past 5% of the catalog: a full build.
+  status = refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[1, 0], "status": "paused"})]))
+  assert status["kind"] == "status_only" and status["index_config"]["rows_encoded_since_training"] == 101
+  second, _ = _served_and_recall(status["path"], queries)
+  report = refresher.apply(_delta(source, second, 3, set(refresh_state.read_state(status["path"]).ids)))
+  assert report["index_update"] == "full" and "rows encoded since the last training" in report["index_config"]["full_build_reason"]
+  assert report["index_config"]["rows_encoded_since_training"] == 0
+  served, recall = _served_and_recall(report["path"], queries)
+  assert recall >= recall_v1 - 0.1
+  # Overriding what the index trains (here the number of leaves) needs a full build too.
+  overridden = refresh.Refresher(base_path, keep_versions=None, index_overrides={"num_leaves": 20}, verify_recall=False)
+  report = overridden.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[2, 0], "deleted": True})]))
+  assert report["index_update"] == "full" and "num_leaves" in report["index_config"]["full_build_reason"]
+  with pytest.raises(ValueError, match="index_update"):
+    refresh.Refresher(base_path, index_update="sometimes")
