@@ -10,7 +10,10 @@ with fgr-serve on 127.0.0.1, then measures:
    a probe query is sent every 20 ms until the new version answers. Reported: the time from the
    delta file to that first answer, split into embed / build / write (the refresher) and
    publish-to-first-answer (poll, load, warm-up, switch), with load and warm-up also measured on
-   their own with fgr-serve's loader. A one-shot `fgr-refresh --delta` process is timed too.
+   their own with fgr-serve's loader. With --compare_full, a second delta of the same size is then
+   published with a full ScaNN retrain (`--index_update=full`), timed the same way, and recall@k of
+   version 1, the incremental version and the retrained one is measured against exact search on
+   held-out queries. A one-shot `fgr-refresh --delta` process is timed too.
 2. Swaps under load. An open-loop load of --qps single-query Predicts runs for --steady_seconds,
    then `fgr-refresh --watch` (a niced subprocess) publishes --swaps deltas in a row, alternating
    rebuilds (--changed_fraction changed) and status-only changes. Every answer is checked: a new ad
@@ -27,6 +30,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -58,6 +62,9 @@ flags.DEFINE_integer("swaps", 5, "Versions published in a row under load.")
 flags.DEFINE_float("swap_timeout", 300.0, "Longest wait for one swap, from delta file to answers.")
 flags.DEFINE_float("max_load_seconds", 1800.0, "Hard bound on the load phase.")
 flags.DEFINE_bool("measure_cli", True, "Also time a one-shot fgr-refresh process.")
+flags.DEFINE_enum("index_update", "auto", list(refresh.INDEX_UPDATES), "The refresher's --index_update.")
+flags.DEFINE_bool("compare_full", True, "Also time a rebuild with a full ScaNN retrain, and compare recall.")
+flags.DEFINE_integer("recall_queries", 500, "Held-out queries for the recall comparison.")
 flags.DEFINE_enum("part", "all", ["all", "publish", "swaps"], "Which measurement to run.")
 flags.mark_flag_as_required("work_dir")
 
@@ -115,6 +122,12 @@ class Server:
           elif "Successfully loaded" in line:
             times["end"] = seconds
     return round(times["end"] - times["start"], 2) if len(times) == 2 else None
+
+  def cpu_seconds(self) -> float:
+    """User plus system CPU time the server process has used so far."""
+    with open(f"/proc/{self.process.pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
   def stop(self) -> None:
     self.channel.close()
@@ -255,7 +268,8 @@ def publish_time(version_path: str, source: sources.Source, queries: dict[str, n
     probe_request = warmup.predict_request({name: values[:1] for name, values in queries.items()}, model_name=MODEL)
     wait_for_version(server, probe_request, 1, 600)
     _, probe_ids = answer(server, probe_request)
-    refresher = refresh.Refresher(base_path, index_overrides=_index_overrides(), verify_recall=False)
+    refresher = refresh.Refresher(base_path, index_overrides=_index_overrides(), verify_recall=False,
+                                  index_update=FLAGS.index_update)
     started = time.perf_counter()
     refresher.prepare()
     resident_seconds = time.perf_counter() - started
@@ -267,19 +281,15 @@ def publish_time(version_path: str, source: sources.Source, queries: dict[str, n
     lines = make_delta(state, source, FLAGS.changed_fraction, 1, set(probe_ids[:3]), extra)
     delta_path = os.path.join(FLAGS.work_dir, "publish-delta.jsonl")
     write_delta(delta_path, lines)
-    changed_at = time.time()
+    changed_at, cpu = time.time(), _cpu_now(server)
     report = refresher.apply(refresh_delta.read_delta(delta_path))
-    published_at = report["published_at"]
+    published_at, cpu_published = report["published_at"], _cpu_now(server)
     first_answer_at, ids = wait_for_version(server, probe_request, report["version"], 600)
+    report["cpu"] = _cpu_split(cpu, cpu_published, _cpu_now(server))
     result = {
         "catalog_items": int(len(state.ids)), "delta_lines": len(lines), "delta": report["delta"],
         "refresher_start_seconds (once, resident)": round(resident_seconds, 2),
-        "change_to_first_answer_seconds": round(first_answer_at - changed_at, 2),
-        "embed_seconds": report["embed_seconds"], "build_seconds": report["build_seconds"],
-        "write_seconds": report["write_seconds"],
-        "refresher_total_seconds": round(published_at - changed_at, 2),
-        "publish_to_first_answer_seconds": round(first_answer_at - published_at, 2),
-        "server_load_and_warmup_seconds": server.load_seconds(report["version"]),
+        **_split(report, changed_at, first_answer_at, server),
         "new_probe_ad_score_over_kth": round(margin, 4),
         "new_probe_ad_in_answer": new_ad in ids,
         "removed_ad_in_answer": probe_ids[1] in ids, "paused_ad_in_answer": probe_ids[2] in ids,
@@ -298,9 +308,27 @@ def publish_time(version_path: str, source: sources.Source, queries: dict[str, n
         "server_load_and_warmup_seconds": server.load_seconds(status_report["version"]),
         "paused_ad_in_answer": probe_ids[3] in ids,
     }
+    if FLAGS.compare_full:
+      refresher.index_update = "full"
+      full_lines = make_delta(refresher.source().state, source, FLAGS.changed_fraction, 2, set(probe_ids[:4]), [])
+      write_delta(delta_path, full_lines)
+      changed_at, cpu = time.time(), _cpu_now(server)
+      full_report = refresher.apply(refresh_delta.read_delta(delta_path))
+      cpu_published = _cpu_now(server)
+      first_answer_at, _ = wait_for_version(server, probe_request, full_report["version"], 900)
+      full_report["cpu"] = _cpu_split(cpu, cpu_published, _cpu_now(server))
+      result["full_retrain"] = {"delta": full_report["delta"], **_split(full_report, changed_at, first_answer_at, server)}
+      refresher.index_update = FLAGS.index_update
   finally:
     server.stop()
   result.update(measure_load_and_warmup(report["path"]))
+  if FLAGS.compare_full:
+    recall_queries = queries_lib.held_out_queries(source, FLAGS.recall_queries)
+    result[f"recall_at_{report['k']}_vs_exact_on_{len(recall_queries[schema.USER_ID])}_held_out_queries"] = {
+        "version 1 (export)": version_recall(os.path.join(base_path, "1"), recall_queries),
+        f"version {report['version']} ({report['index_update']})": version_recall(report["path"], recall_queries),
+        f"version {full_report['version']} (full retrain)": version_recall(full_report["path"], recall_queries),
+    }
   if FLAGS.measure_cli:
     write_delta(delta_path, lines)
     started = time.time()
@@ -310,6 +338,55 @@ def publish_time(version_path: str, source: sources.Source, queries: dict[str, n
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result["one_shot_cli_seconds (process start to published)"] = round(time.time() - started, 2)
   return result
+
+
+def _cpu_now(server: Server) -> tuple[float, float]:
+  """(this process's CPU seconds, the server's CPU seconds)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime, server.cpu_seconds()
+
+
+def _cpu_split(start: tuple[float, float], published: tuple[float, float], answered: tuple[float, float]) -> dict[str, float]:
+  """CPU seconds of the critical path: the refresher's publish, then the server up to the first answer.
+
+  Wall time on a shared machine stretches with its load; CPU time is what the work itself costs.
+  """
+  refresher, server = published[0] - start[0], answered[1] - published[1] + published[1] - start[1]
+  return {"refresher_cpu_seconds": round(refresher, 2), "server_cpu_seconds": round(server, 2),
+          "total_cpu_seconds": round(refresher + server, 2)}
+
+
+def _split(report: dict[str, Any], changed_at: float, first_answer_at: float, server: Server) -> dict[str, Any]:
+  """A rebuild's time from delta file to first answer, step by step."""
+  published_at = report["published_at"]
+  return {
+      "change_to_first_answer_seconds": round(first_answer_at - changed_at, 2),
+      "index_update": report["index_update"],
+      "embed_seconds": report["embed_seconds"], "build_seconds": report["build_seconds"],
+      "write_seconds": report["write_seconds"],
+      "refresher_total_seconds": round(published_at - changed_at, 2),
+      "publish_to_first_answer_seconds": round(first_answer_at - published_at, 2),
+      "server_load_and_warmup_seconds": server.load_seconds(report["version"]),
+      **report.get("cpu", {}),
+  }
+
+
+def version_recall(version_path: str, queries: dict[str, np.ndarray], batch_size: int = 50) -> float:
+  """recall@k of a version's serving_default against exact search over its own catalog (active ads)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  loaded = tf.saved_model.load(version_path)
+  state = refresh_state.read_state(version_path)
+  embeddings = np.asarray(state.embeddings)
+  found = []
+  for start in range(0, len(queries[schema.USER_ID]), batch_size):
+    tensors = {name: tf.constant(values[start:start + batch_size]) for name, values in queries.items()}
+    served = loaded.signatures["serving_default"](**tensors)["ids"].numpy().astype(str)
+    query_embeddings = loaded.signatures["encode_query"](**tensors)["embedding"].numpy()
+    scores = query_embeddings @ embeddings.T
+    scores[:, ~state.eligible] = -np.inf
+    exact = np.argpartition(-scores, served.shape[1], axis=1)[:, :served.shape[1]]
+    found += [len(set(row) & set(state.ids[rows])) / served.shape[1] for row, rows in zip(served, exact)]
+  return round(float(np.mean(found)), 4)
 
 
 def _index_overrides() -> dict[str, Any]:
@@ -422,7 +499,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
     log = open(os.path.join(FLAGS.work_dir, "swaps-refresher.log"), "wb")
     watcher = subprocess.Popen(
         ["nice", "-n", "10", sys.executable, "-m", "export.refresh_cli", f"--model_base_path={base_path}",
-         f"--watch={watch_dir}", "--interval=1s", "--keep_versions=3"]
+         f"--watch={watch_dir}", "--interval=1s", "--keep_versions=3", f"--index_update={FLAGS.index_update}"]
         + [f"--index_options={o}" for o in FLAGS.index_options],
         cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=log, stderr=log)
     time.sleep(5)  # Let the watcher read version 1 before the steady phase starts.
