@@ -65,6 +65,8 @@ flags.DEFINE_bool("measure_cli", True, "Also time a one-shot fgr-refresh process
 flags.DEFINE_enum("index_update", "auto", list(refresh.INDEX_UPDATES), "The refresher's --index_update.")
 flags.DEFINE_bool("compare_full", True, "Also time a rebuild with a full ScaNN retrain, and compare recall.")
 flags.DEFINE_integer("recall_queries", 500, "Held-out queries for the recall comparison.")
+flags.DEFINE_bool("watcher_verify_recall", False, "Let the watcher check recall after each publish (it then "
+                  "searches the new index in its own process while the server loads it).")
 flags.DEFINE_enum("part", "all", ["all", "publish", "swaps"], "Which measurement to run.")
 flags.mark_flag_as_required("work_dir")
 
@@ -499,7 +501,8 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
     log = open(os.path.join(FLAGS.work_dir, "swaps-refresher.log"), "wb")
     watcher = subprocess.Popen(
         ["nice", "-n", "10", sys.executable, "-m", "export.refresh_cli", f"--model_base_path={base_path}",
-         f"--watch={watch_dir}", "--interval=1s", "--keep_versions=3", f"--index_update={FLAGS.index_update}"]
+         f"--watch={watch_dir}", "--interval=1s", "--keep_versions=3", f"--index_update={FLAGS.index_update}",
+         f"--verify_recall={FLAGS.watcher_verify_recall}"]
         + [f"--index_options={o}" for o in FLAGS.index_options],
         cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=log, stderr=log)
     time.sleep(5)  # Let the watcher read version 1 before the steady phase starts.
@@ -533,6 +536,10 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
                     "server_load_and_warmup_seconds": server.load_seconds(version)})
     time.sleep(5)
     load.stop()
+    timeline = os.path.join(FLAGS.work_dir, "swaps-timeline.npz")
+    np.savez(timeline, scheduled=load.scheduled[:load.sent], latency=load.latency[:load.sent],
+             version=load.version[:load.sent],
+             swaps=np.asarray([[s["dropped_at"], s["published_at"], s["first_answer_at"]] for s in swaps]))
   finally:
     if watcher is not None:
       watcher.terminate()
