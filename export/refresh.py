@@ -372,9 +372,10 @@ def rebuild_index(source: Source, state: refresh_state.CatalogState, source_rows
       config = {name: value for name, value in source.report["index_config"].items()
                 if name not in ("full_build_reason",)}
       config.update({name: options[name] for name in _SCANN_SEARCH_KNOBS if name in options})
+      # This build trained nothing; its time is the update's (N's build_seconds would mislead).
       config.update({"update": "incremental", "encoded_rows": fresh_rows,
                      "rows_encoded_since_training": config.get("rows_encoded_since_training", 0) + fresh_rows,
-                     "update_seconds": round(time.perf_counter() - started, 3)})
+                     "train_seconds": 0.0, "build_seconds": round(time.perf_counter() - started, 3)})
       return scann_update.index_from_assets(assets, config, state.eligible)
   logging.info("Training the index anew: %s", reason)
   index = base.build_index(source.report["index"], state.embeddings, k=k, eligible=state.eligible, **options)
