@@ -95,3 +95,9 @@ def test_eligibility(medium_catalog, backend, options):
   result = _search(index, queries[:3], 20)
   assert np.all(np.sort(result.indices.numpy()[:, :3], axis=1) == [5, 500, 5000])
   assert np.all(result.indices.numpy()[:, 3:] == -1) and np.all(np.isneginf(result.scores.numpy()[:, 3:]))
+
+
+def test_exact_top_k_tf_matches_numpy(small_catalog):
+  items, queries = small_catalog
+  np.testing.assert_array_equal(search_ops.exact_top_k_tf(queries, items, 10, chunk=16),
+                                search_ops.exact_top_k_numpy(queries, items, 10))

@@ -87,3 +87,24 @@ def test_saved_model_round_trip(small_catalog, tmp_path):
   mask[top] = False
   loaded.index.eligible.assign(mask)
   assert top not in loaded.search(tf.constant(queries[:1]), tf.constant(0), tf.constant(0))[1].numpy()
+
+
+def test_single_query_path_matches_batched(medium_catalog, medium_tuning_queries):
+  items, queries = medium_catalog
+  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000, leaves_to_search=10,
+                           reorder=100, tuning_queries=medium_tuning_queries)
+  batched = _search(index, queries[:8], 20)
+  search = tf.function(lambda q: index.search(q, 20))
+  for i in range(8):  # A batch of one takes ScaNN's single-query op.
+    single = search(tf.constant(queries[i:i + 1]))
+    np.testing.assert_array_equal(single.indices.numpy()[0], batched.indices.numpy()[i])
+    np.testing.assert_allclose(single.scores.numpy()[0], batched.scores.numpy()[i], rtol=1e-5)
+
+
+def test_tuning_reaches_target_with_margin(medium_catalog, medium_tuning_queries):
+  items, _ = medium_catalog
+  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000,
+                           tuning_queries=medium_tuning_queries)
+  config = index.config
+  assert config["tuned_recall"] >= 0.965 and config["reorder"] in (40, 80, 120, 160)
+  assert config["build_seconds"] >= config["train_seconds"] > 0
