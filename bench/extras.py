@@ -57,7 +57,7 @@ class Hnswlib(Library):
     return search
 
   def settings(self) -> Iterator[tuple[str, Search, Search]]:
-    for ef in (100, 120, 150, 200, 300, 400, 600):
+    for ef in (100, 120, 130, 140, 150, 200, 300, 400, 600):
       if ef >= self._k:
         yield f"ef={ef}", self._search(ef, 1), self._search(ef, -1)
 

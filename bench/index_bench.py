@@ -1,7 +1,7 @@
 """fgr-bench: recall, QPS, latency, build time and bytes of every index backend on the same vectors.
 
-Every in-graph backend is measured through `Index.search` inside a `tf.function` (what a served
-SavedModel runs); hnswlib and Faiss, when installed, run on the same vectors in the same process so
+Every in-graph backend is saved as a SavedModel signature and run in a TF1 session through a session
+callable, the way fgr-serve and TF Serving run a served model (see `ServedIndex`); hnswlib and Faiss, when installed, run on the same vectors in the same process so
 ratios are measured side by side. Writes a markdown report, a recall-vs-QPS plot and a section of
 docs/benchmarks.md.
 
@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -27,6 +28,8 @@ from absl import flags
 from absl import logging
 import numpy as np
 import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.core.protobuf import config_pb2
 from tqdm import tqdm
 
 from bench import catalog
@@ -59,6 +62,16 @@ _SWEEP = flags.DEFINE_bool("sweep", True, "Sweep search knobs for recall-vs-QPS 
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs", "Where the report, plot and benchmarks.md go.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic catalog.")
 _RESULTS_JSON = flags.DEFINE_string("results_json", None, "Optional path for every measurement as JSON.")
+# Run each session's ops in the calling thread rather than handing them to the inter-op pool: measured
+# at 1M x 64 on 2 cores, the per-call floor drops from 0.20 to 0.06 ms and ScaNN's single-query p50
+# from 0.79 to 0.56 ms, while exact search (whose matmul uses the intra-op pool) is unchanged.
+# fgr-serve takes the same ConfigProto with --tensorflow_session_config_file.
+CALLER_THREAD_CONFIG = "inter_op_parallelism_threads: -1"
+_SESSION_CONFIG = flags.DEFINE_string(
+    "session_config", CALLER_THREAD_CONFIG, "Text ConfigProto of the sessions every in-graph backend runs in (as "
+    "fgr-serve's --tensorflow_session_config_file); the floor and ScaNN are also profiled with TensorFlow's "
+    "default ConfigProto.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where SavedModels are written before loading (default: a temp dir).")
 
 # Variants: (registry backend, build options, the knob a sweep varies, sweep values as fractions or multiples).
 _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -177,20 +190,71 @@ def time_single_queries(candidates: list[Candidate], queries: np.ndarray, rounds
     m.p99_ms = float(np.percentile(all_times, 99))
 
 
-def in_graph_search(index: base.Index, k: int, **options: int) -> Callable[[np.ndarray], np.ndarray]:
-  """`Index.search` in a tf.function with the options as int32 inputs, as a serving signature has them."""
-  specs = index.search_option_specs()
-  unknown = set(options) - set(specs)
-  if unknown:
-    raise ValueError(f"{index.name} has no search options {sorted(unknown)}")
-  values = {name: tf.constant(options.get(name, 0), spec.dtype) for name, spec in specs.items()}
-  dim = None
+class ServedIndex:
+  """An index search saved as a SavedModel signature and run in a TF1 session, as it is served.
 
-  @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32)])
+  TF Serving runs a SavedModel with C++ `Session::Run`, and fgr-serve loads it into a
+  `tf.compat.v1.Session` (serving/servables/saved_model_bundle.py); neither pays the ~0.4 ms of Python
+  dispatch an eager call into a `tf.function` costs. So every in-graph backend, exact search included,
+  is timed here the same way: the signature `search(queries, <search options>)` is saved, loaded
+  into a fresh graph and session, and called through `Session.make_callable`.
+
+  Args:
+    index: the index to serve.
+    k: neighbours per query.
+    workdir: where the SavedModel is written (and deleted once loaded).
+    config: the session's ConfigProto (fgr-serve's --tensorflow_session_config_file).
+  """
+
+  def __init__(self, index: base.Index, k: int, workdir: str, config: config_pb2.ConfigProto | None = None):
+    dim = None
+    specs = index.search_option_specs()
+    self._options = sorted(specs)
+    module = tf.Module()
+    module.index = index
+
+    @tf.function
+    def search(queries: tf.Tensor, **options: tf.Tensor) -> dict[str, tf.Tensor]:
+      return {"indices": index.search(queries, k, **options).indices}
+
+    signature = search.get_concrete_function(queries=tf.TensorSpec([None, dim], tf.float32), **specs)
+    path = tempfile.mkdtemp(dir=workdir)
+    try:
+      tf.saved_model.save(module, path, signatures={"search": signature},
+                          options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces() or None))
+      self._graph = tf.Graph()
+      self._session = tf.compat.v1.Session(graph=self._graph, config=config)
+      with self._graph.as_default():
+        meta_graph = tf.compat.v1.saved_model.loader.load(self._session, ["serve"], path)
+    finally:
+      shutil.rmtree(path, ignore_errors=True)  # The session holds the restored variables.
+    signature_def = meta_graph.signature_def["search"]
+    self._feeds = [signature_def.inputs[name].name for name in ["queries", *self._options]]
+    self._fetch = signature_def.outputs["indices"].name
+
+  def searcher(self, **options: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A session callable with the given search options fed as int32 scalars (0: the built default)."""
+    unknown = set(options) - set(self._options)
+    if unknown:
+      raise ValueError(f"no search options {sorted(unknown)}; this index has {self._options}")
+    values = [np.int32(options.get(name, 0)) for name in self._options]
+    run = self._session.make_callable(self._fetch, self._feeds)
+    return lambda queries: run(queries, *values)
+
+
+def session_config(text: str | None = None) -> config_pb2.ConfigProto:
+  """A ConfigProto parsed from text (default: --session_config)."""
+  return text_format.Parse(_SESSION_CONFIG.value if text is None else text, config_pb2.ConfigProto())
+
+
+def tf_function_search(index: base.Index, k: int) -> Callable[[np.ndarray], np.ndarray]:
+  """`Index.search` called eagerly through a concrete `tf.function` (a profile: not how serving runs it)."""
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)])
   def search(queries: tf.Tensor) -> tf.Tensor:
-    return index.search(queries, k, **values).indices
+    return index.search(queries, k).indices
 
-  concrete = search.get_concrete_function()  # A signature is a concrete function: no dispatch per call.
+  concrete = search.get_concrete_function()
   return lambda queries: concrete(tf.constant(queries)).numpy()
 
 
@@ -198,26 +262,40 @@ def _profile_measurement(name: str, setting: str) -> Measurement:
   return Measurement(report.PROFILE_PREFIX + name, setting, float("nan"), float("nan"), float("nan"), float("nan"))
 
 
-def scann_op_only(index: base.Index, k: int) -> Callable[[np.ndarray], np.ndarray]:
+class _ScannOpOnly(base.Index):
   """ScaNN's own TF ops at the built defaults, without eligibility filtering or fallback (a profile)."""
-  from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
-  state, config = index.state, index.config
-  fetch = max(config["reorder"], k) if config["reorder"] else k
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)])
-  def search(queries: tf.Tensor) -> tf.Tensor:
+  def __init__(self, index: base.Index):
+    super().__init__(1, name="scann_op_only")
+    self.scann = index
+
+  def search(self, queries: tf.Tensor, k: int, **options: tf.Tensor) -> base.SearchResult:
+    from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+    state, config = self.scann.state, self.scann.config
+    fetch = max(config["reorder"], k) if config["reorder"] else k
     handle = scann_ops.tensors_to_scann(state.dataset, state.scann_config, state.serialized_partitioner,
                                         state.datapoint_to_token, state.ah_codebook, state.hashed_dataset,
                                         state.int8_dataset, state.int8_multipliers, state.dp_norms)
-    return scann_ops.scann_search_batched(handle, queries, fetch, fetch if config["reorder"] else -1,
-                                          config["leaves_to_search"], False)[0]
+    rows, scores = scann_ops.scann_search(handle, queries[0], fetch, fetch if config["reorder"] else -1,
+                                          config["leaves_to_search"])
+    return base.SearchResult(scores[tf.newaxis], rows[tf.newaxis])
 
-  concrete = search.get_concrete_function()
-  return lambda queries: concrete(tf.constant(queries)).numpy()
+  def save_namespaces(self) -> list[str]:
+    return ["Scann"]
+
+
+class _Identity(base.Index):
+  """Returns its input: the per-call floor of any in-graph backend on a given path (a profile)."""
+
+  def __init__(self):
+    super().__init__(1, name="identity")
+
+  def search(self, queries: tf.Tensor, k: int, **options: tf.Tensor) -> base.SearchResult:
+    return base.SearchResult(queries, tf.identity(queries))
 
 
 def tf_call_floor() -> Callable[[np.ndarray], np.ndarray]:
-  """A tf.function that only copies its input: the per-call floor of any in-graph backend."""
+  """A tf.function that only copies its input: the floor of an eager `tf.function` call."""
   identity = tf.function(tf.identity, input_signature=[tf.TensorSpec([None, None], tf.float32)])
   concrete = identity.get_concrete_function()
   return lambda queries: concrete(tf.constant(queries)).numpy()
@@ -252,8 +330,8 @@ def stock_check(index: base.Index, dim: int, k: int) -> str:
 
 
 def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tuning: np.ndarray, truth: np.ndarray,
-                     k: int) -> list[Candidate]:
-  """Builds one in-graph variant; measures recall (every setting) and batched QPS (default)."""
+                     k: int, workdir: str) -> list[Candidate]:
+  """Builds one in-graph variant and loads it as served; measures recall (every setting) and batched QPS."""
   backend, options = _VARIANTS[variant]
   options = dict(options)
   if backend != "brute_force":
@@ -272,7 +350,8 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   elif breakdown:
     note = f"rerank_candidates {index.rerank_candidates}; " + ", ".join(
         f"{key} {value / 2**20:.1f} MiB" for key, value in breakdown.items())
-  search = in_graph_search(index, k)
+  served = ServedIndex(index, k, workdir, session_config())
+  search = served.searcher()
   default = evaluate(variant, "default", search, queries, truth, batch_search=search)
   default.build_seconds = build_seconds
   default.build_cpu_seconds = build_cpu_seconds
@@ -281,12 +360,19 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   default.note = note
   candidates = [Candidate(default, search, _NUM_SINGLE.value)]
   if variant == "scann":
-    candidates.append(Candidate(_profile_measurement("scann_op_only", "TensorsToScann + ScannSearchBatched, no filter"),
-                                scann_op_only(index, k), _NUM_SINGLE.value))
+    op_only = ServedIndex(_ScannOpOnly(index), k, workdir, session_config()).searcher()
+    candidates.append(Candidate(_profile_measurement("scann_op_only", "session: TensorsToScann + ScannSearch, no filter"),
+                                op_only, _NUM_SINGLE.value))
+    if _SESSION_CONFIG.value:
+      candidates.append(Candidate(_profile_measurement("scann_default_session_config", "scann default, session with "
+                                                       "TensorFlow's default ConfigProto"),
+                                  ServedIndex(index, k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
+    candidates.append(Candidate(_profile_measurement("scann_tf_function", "scann default through an eager tf.function"),
+                                tf_function_search(index, k), _NUM_SINGLE.value))
   if _SWEEP.value:
     for point in sweep_points(variant, index, k):
       setting = ", ".join(f"{key}={value}" for key, value in point.items())
-      point_search = in_graph_search(index, k, **point)
+      point_search = served.searcher(**point)
       candidates.append(Candidate(evaluate(variant, setting, point_search, queries, truth), point_search,
                                   _NUM_SINGLE_SWEEP.value))
   return candidates
@@ -330,9 +416,10 @@ def _main(argv: list[str]) -> None:
     raise app.UsageError(f"unknown backends {sorted(unknown)}; choose from {sorted(_VARIANTS)}")
   candidates: list[Candidate] = []
   jobs = [("graph", v) for v in _BACKENDS.value] + [("extra", e) for e in _EXTRAS.value]
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="fgr_bench_")
   for kind, name in tqdm(jobs, desc="build + recall"):
     if kind == "graph":
-      prepared = prepare_in_graph(name, items, queries, tuning, truth, k)
+      prepared = prepare_in_graph(name, items, queries, tuning, truth, k, workdir)
     elif not extras.available(name):
       logging.warning("%s is not installed (pip install -e '.[bench]'); skipped", name)
       continue
@@ -342,7 +429,13 @@ def _main(argv: list[str]) -> None:
       logging.info("%s [%s]: recall %.4f, batched %.0f QPS, built in %.1fs", c.measurement.name,
                    c.measurement.setting, c.measurement.recall, c.measurement.batch_qps, c.measurement.build_seconds)
     candidates.extend(prepared)
-  candidates.append(Candidate(_profile_measurement("tf_function_floor", "tf.identity in a tf.function"),
+  candidates.append(Candidate(_profile_measurement("session_floor", "session: the signature returns its input"),
+                              ServedIndex(_Identity(), k, workdir, session_config()).searcher(), _NUM_SINGLE.value))
+  if _SESSION_CONFIG.value:
+    candidates.append(Candidate(_profile_measurement("session_floor_default_config", "the same, TensorFlow's default "
+                                                     "ConfigProto"),
+                                ServedIndex(_Identity(), k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
+  candidates.append(Candidate(_profile_measurement("tf_function_floor", "tf.identity in an eager tf.function"),
                               tf_call_floor(), _NUM_SINGLE.value))
   time_single_queries(candidates, queries, _ROUNDS.value)
   results = [c.measurement for c in candidates]
@@ -354,6 +447,7 @@ def _main(argv: list[str]) -> None:
   context = report.Context(date=started.strftime("%Y-%m-%d %H:%M UTC"), command=command, source=source,
                            num_items=items.shape[0], dim=items.shape[1], k=k, num_queries=queries.shape[0],
                            batch_size=_BATCH_SIZE.value, cpus=os.cpu_count() or 0,
+                           session_config=_SESSION_CONFIG.value,
                            load=f"5-minute load average {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end")
   paths = report.write(results, context, _OUT_DIR.value)
   if _RESULTS_JSON.value:
@@ -361,6 +455,8 @@ def _main(argv: list[str]) -> None:
       json.dump({"context": dataclasses.asdict(context), "results": [dataclasses.asdict(r) for r in results]}, f,
                 indent=1)
     paths.append(_RESULTS_JSON.value)
+  if not _WORKDIR.value:
+    shutil.rmtree(workdir, ignore_errors=True)
   for line in report.targets(results, context):
     print(line)
   print("wrote", ", ".join(paths))

@@ -32,6 +32,7 @@ class Context:
   batch_size: int
   cpus: int
   load: str = ""
+  session_config: str = ""
 
 
 def _fmt(value: float, digits: int = 0) -> str:
@@ -176,14 +177,23 @@ def plot(results: Sequence[Any], context: Context, path: str) -> None:
   plt.close(fig)
 
 
+def served_path(context: Context) -> str:
+  """How in-graph backends were run, in one sentence."""
+  config = f"`{context.session_config}`" if context.session_config else "TensorFlow's default ConfigProto"
+  return ("In-graph backends run as served: each index's search is saved as a SavedModel signature, loaded into a "
+          f"TF1 session ({config}, which fgr-serve takes with `--tensorflow_session_config_file`) and called "
+          "through `Session.make_callable`, as fgr-serve and TF Serving's C++ `Session::Run` run a model; the "
+          "`profile:` rows show the per-call floor of that path and of an eager `tf.function` call.")
+
+
 def section(results: Sequence[Any], context: Context) -> str:
   """Our section of docs/benchmarks.md."""
   return "\n".join([
       SECTION, "",
       f"Measured {context.date} on {context.cpus} CPUs (shared machine, {context.load}: compare ratios within one run, "
       f"not absolute numbers across runs) with:", "", f"    {context.command}", "",
-      f"{context.source}; {context.num_queries} evaluation queries, k={context.k}. In-graph backends run "
-      "`Index.search` inside a `tf.function`; libraries run through their Python APIs on the same vectors. "
+      f"{context.source}; {context.num_queries} evaluation queries, k={context.k}. {served_path(context)} "
+      "Libraries run through their Python APIs on the same vectors. "
       f"Full sweep: [{REPORT_NAME}]({REPORT_NAME}).", "",
       main_table(results, context), "", f"![recall vs QPS]({PLOT_NAME})", "",
       "Done-when checks:", "", *targets(results, context), ""])
@@ -211,7 +221,7 @@ def write(results: Sequence[Any], context: Context, out_dir: str) -> list[str]:
   with open(report_path, "w") as f:
     f.write("\n".join([
         "# Index backends: full results", "", f"{context.date}, `{context.command}`", "",
-        f"{context.source}; {context.cpus} CPUs, {context.load}.", "",
+        f"{context.source}; {context.cpus} CPUs, {context.load}. {served_path(context)}", "",
         "## Defaults", "", main_table(results, context), "", "## Every setting", "", sweep_table(results, context), "",
         "## Done-when checks", "", *targets(results, context), ""]))
   existing = open(bench_path).read() if os.path.exists(bench_path) else ""

@@ -1,12 +1,16 @@
-"""fgr-bench end to end on a tiny catalog, and the benchmarks.md section replacement."""
+"""fgr-bench end to end on a tiny catalog, its served (session) search path, and the benchmarks.md section."""
 
 import os
 
 from absl import flags
 from absl.testing import flagsaver
+import numpy as np
+import pytest
+import tensorflow as tf
 
 from bench import index_bench
 from bench import report
+from engine import base
 
 
 def test_replace_section_keeps_other_sections():
@@ -32,3 +36,16 @@ def test_bench_writes_report_plot_and_section(tmp_path):
   assert "loads and runs in a fresh process without ScaNN" in section
   assert os.path.getsize(tmp_path / report.PLOT_NAME) > 10_000
   assert "probes=" in (tmp_path / report.REPORT_NAME).read_text()
+
+
+def test_served_index_matches_eager_search(small_catalog, tmp_path):
+  items, queries = small_catalog
+  index = base.build_index("partitioned", items, k=10, num_partitions=20, probes=3)
+  served = index_bench.ServedIndex(index, 10, str(tmp_path), index_bench.session_config(index_bench.CALLER_THREAD_CONFIG))
+  assert not os.listdir(tmp_path)  # The SavedModel is deleted once loaded.
+  eager = tf.function(lambda q, p: index.search(q, 10, probes=p).indices)
+  np.testing.assert_array_equal(served.searcher()(queries), eager(tf.constant(queries), tf.constant(0)).numpy())
+  np.testing.assert_array_equal(served.searcher(probes=20)(queries[:1]),
+                                eager(tf.constant(queries[:1]), tf.constant(20)).numpy())
+  with pytest.raises(ValueError, match="probes"):
+    served.searcher(leaves_to_search=3)
