@@ -171,17 +171,22 @@ def time_single_queries(candidates: list[Candidate], queries: np.ndarray, rounds
   """Single-query QPS, p50 and p99 of every candidate, interleaved over `rounds` rounds.
 
   The machine is shared, so load drifts: each round times a slice of queries on every candidate in
-  turn, and all candidates see the same drift, which keeps their ratios fair.
+  turn, and all candidates see the same drift, which keeps their ratios fair. Each round visits the
+  candidates in a new (seeded) order, and each slice starts with one untimed query, so no backend is
+  always timed right after another one's 20 ms exact scans flushed the caches, which a server
+  running one index would not see.
   """
   for candidate in candidates:
     candidate.search(queries[:1])  # Warm up (trace) outside the timed rounds.
   times: list[list[np.ndarray]] = [[] for _ in candidates]
+  rng = np.random.default_rng(0)
   for r in tqdm(range(rounds), desc="single-query rounds"):
-    for i, candidate in enumerate(candidates):
+    for i in rng.permutation(len(candidates)):
+      candidate = candidates[i]
       per_round = max(1, candidate.num_single // rounds)
       start = (r * per_round) % max(1, queries.shape[0] - per_round)
       times[i].append(latencies(candidate.search, [queries[j:j + 1] for j in range(start, start + per_round)],
-                                warm_up=False))
+                                warm_up=True))
   for candidate, parts in zip(candidates, times):
     all_times = np.concatenate(parts)
     m = candidate.measurement
