@@ -158,7 +158,8 @@ def encode_rows(assets: ScannAssets, vectors: np.ndarray, batch_size: int = 4096
   """
   vectors = np.ascontiguousarray(vectors, dtype=np.float32)
   if not (assets.has_tree or assets.has_ah) or not len(vectors):
-    return np.zeros([0], np.int32), np.zeros([0, 0], np.uint8)
+    blocks = assets.hashed_dataset.shape[1] if assets.has_ah else 0
+    return np.zeros([0], np.int32), np.zeros([0, blocks], np.uint8)
   if vectors.shape[1:] != assets.dataset.shape[1:]:
     raise ValueError(f"vectors of shape {vectors.shape} for an index of {assets.dataset.shape[1]} dimensions")
   _, scann_ops_pybind = _pybind()

@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import base, full_graph, scann_update
-from export import refresh_delta, refresh_state, verify, versions, warmup
+from export import refresh_delta, refresh_retrain, refresh_state, verify, versions, warmup
 
 REPORT_FILE = "export_report.json"  # The same file fgr-export writes: it tells the next refresh k and the index.
 FINGERPRINT_FILE = "fingerprint.pb"
@@ -319,7 +319,7 @@ def warmup_recall(version_path: str, towers: LoadedTowers, index: base.Index, st
 
 
 def _full_build_reason(source: Source, options: dict[str, Any], fresh_rows: int, num_rows: int, update: str,
-                       retrain_fraction: float) -> str | None:
+                       retrain_fraction: float, background: bool = False) -> str | None:
   """Why the index must be trained anew rather than updated from N's training (None: it need not)."""
   config = source.report.get("index_config", {})
   if update == "full":
@@ -332,14 +332,16 @@ def _full_build_reason(source: Source, options: dict[str, Any], fresh_rows: int,
   if changed:
     return f"index options {changed} differ from version {source.version}'s build"
   encoded = config.get("rows_encoded_since_training", 0) + fresh_rows
-  if encoded > retrain_fraction * num_rows:
+  if encoded > retrain_fraction * num_rows and not background:
     return f"{encoded} of {num_rows} rows encoded since the last training (over {retrain_fraction:g})"
   return None
 
 
 def rebuild_index(source: Source, state: refresh_state.CatalogState, source_rows: np.ndarray,
                   options: dict[str, Any], update: str = "auto",
-                  retrain_fraction: float = DEFAULT_RETRAIN_FRACTION) -> base.Index:
+                  retrain_fraction: float = DEFAULT_RETRAIN_FRACTION,
+                  retrained: tuple[scann_update.ScannAssets, np.ndarray, dict[str, Any]] | None = None,
+                  background: bool = False) -> base.Index:
   """N's index type over `state`: N's ScaNN index updated in place of a retrain when it can be.
 
   The update (`engine.scann_update`) keeps N's partitioner, codebook and tuned search knobs, copies the
@@ -354,27 +356,36 @@ def rebuild_index(source: Source, state: refresh_state.CatalogState, source_rows
     options: N's index options with the refresher's overrides.
     update: one of INDEX_UPDATES.
     retrain_fraction: share of the catalog encoded since training beyond which a full build runs.
+    retrained: (assets, rows, config) of a finished background retrain (`refresh_retrain`): the update
+      starts from its training instead of N's, `rows` (the snapshot row of each row of `state`, -1
+      where changed since) taking the place of `source_rows`.
+    background: a background retrain takes care of the threshold: past it, keep updating.
   """
   if update not in INDEX_UPDATES:
     raise ValueError(f"index update must be one of {INDEX_UPDATES}, got {update!r}")
   k = source.report["k"]
   fresh_rows = int((source_rows < 0).sum())
-  reason = _full_build_reason(source, options, fresh_rows, len(state.ids), update, retrain_fraction)
+  reason = _full_build_reason(source, options, fresh_rows, len(state.ids), update, retrain_fraction,
+                              background or retrained is not None)
   started = time.perf_counter()
   if reason is None:
     try:
-      assets = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(source.path),
-                                                        source.state.embeddings)
+      if retrained is not None:
+        assets, source_rows, config = retrained
+        fresh_rows, kind, encoded_before = int((source_rows < 0).sum()), "retrained", 0
+      else:
+        assets = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(source.path),
+                                                          source.state.embeddings)
+        config = dict(source.report["index_config"])
+        kind, encoded_before = "incremental", config.get("rows_encoded_since_training", 0)
       assets = scann_update.update(assets, state.embeddings, source_rows)
     except (KeyError, ValueError) as e:
-      reason = f"version {source.version}'s ScaNN assets cannot be updated: {e}"
+      reason = f"the ScaNN assets cannot be updated: {e}"
     else:
-      config = {name: value for name, value in source.report["index_config"].items()
-                if name not in ("full_build_reason",)}
+      config = {name: value for name, value in config.items() if name != "full_build_reason"}
       config.update({name: options[name] for name in _SCANN_SEARCH_KNOBS if name in options})
       # This build trained nothing; its time is the update's (N's build_seconds would mislead).
-      config.update({"update": "incremental", "encoded_rows": fresh_rows,
-                     "rows_encoded_since_training": config.get("rows_encoded_since_training", 0) + fresh_rows,
+      config.update({"update": kind, "encoded_rows": fresh_rows, "rows_encoded_since_training": encoded_before + fresh_rows,
                      "train_seconds": 0.0, "build_seconds": round(time.perf_counter() - started, 3)})
       return scann_update.index_from_assets(assets, config, state.eligible)
   logging.info("Training the index anew: %s", reason)
@@ -387,7 +398,9 @@ def rebuild_index(source: Source, state: refresh_state.CatalogState, source_rows
 def publish_rebuilt(base_path: str, source: Source, towers: LoadedTowers, state: refresh_state.CatalogState,
                     timings: dict[str, float], index_overrides: dict[str, Any] | None = None,
                     verify_recall: bool = True, version: int | None = None, source_rows: np.ndarray | None = None,
-                    index_update: str = "auto", retrain_fraction: float = DEFAULT_RETRAIN_FRACTION) -> dict[str, Any]:
+                    index_update: str = "auto", retrain_fraction: float = DEFAULT_RETRAIN_FRACTION,
+                    retrained: tuple[scann_update.ScannAssets, np.ndarray, dict[str, Any]] | None = None,
+                    background: bool = False) -> dict[str, Any]:
   """Builds N's index type over `state` and publishes it with N's restored towers and warm-up records.
 
   Args:
@@ -402,14 +415,14 @@ def publish_rebuilt(base_path: str, source: Source, towers: LoadedTowers, state:
     source_rows: int64 [N'], the row of N each row of `state` copies unchanged (-1: new or changed);
       None trains the index anew.
     index_update: one of INDEX_UPDATES (see `rebuild_index`).
-    retrain_fraction: see `rebuild_index`.
+    retrain_fraction, retrained, background: see `rebuild_index`.
   """
   k = source.report["k"]
   options = {**index_options(source.report), **(index_overrides or {})}
   started = time.perf_counter()
   if source_rows is None:
     source_rows, index_update = np.full([len(state.ids)], -1, np.int64), "full"
-  index = rebuild_index(source, state, source_rows, options, index_update, retrain_fraction)
+  index = rebuild_index(source, state, source_rows, options, index_update, retrain_fraction, retrained, background)
   timings["build_seconds"] = time.perf_counter() - started
 
   graph = full_graph.FullGraph(towers.query_tower, towers.item_tower, index, state.ids, k,
@@ -474,12 +487,16 @@ class Refresher:
     index_update: "auto" updates a ScaNN index from the source's training while few rows changed since
       it was trained, "full" always trains anew (see `rebuild_index`).
     retrain_fraction: with "auto", the share of the catalog encoded since the last training beyond which
-      a rebuild trains anew.
+      the index is trained anew.
+    background_retrain: with "auto", train anew in a background thread (`refresh_retrain`) and keep
+      publishing incremental updates meanwhile, instead of training on the publish path. For a
+      resident refresher (`--watch`); the next rebuild (or `publish_retrained`) takes the new training.
   """
 
   def __init__(self, base_path: str, from_version: int | None = None, keep_versions: int | None = None,
                index_overrides: dict[str, Any] | None = None, verify_recall: bool = True,
-               index_update: str = "auto", retrain_fraction: float = DEFAULT_RETRAIN_FRACTION):
+               index_update: str = "auto", retrain_fraction: float = DEFAULT_RETRAIN_FRACTION,
+               background_retrain: bool = False):
     if keep_versions is not None and keep_versions < 1:
       raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
     if index_update not in INDEX_UPDATES:
@@ -492,6 +509,8 @@ class Refresher:
     self.verify_recall = verify_recall
     self.index_update = index_update
     self.retrain_fraction = retrain_fraction
+    self.background_retrain = background_retrain
+    self._retrain: refresh_retrain.BackgroundRetrain | None = None
     self._from_version = from_version
     self._source: Source | None = None
     self._towers: LoadedTowers | None = None
@@ -522,6 +541,7 @@ class Refresher:
   def apply(self, delta: refresh_delta.CatalogDelta) -> dict[str, Any]:
     """Publishes the catalog after `delta` as a new version; returns the refresh report."""
     source = self.source()
+    retrain = self._retrain_for(source)
     started = time.perf_counter()
     ignored_removals = {ad_id for ad_id in delta.removals if ad_id not in source.row_of}
     if delta.status_only or not (delta.upserts or delta.removals - ignored_removals):
@@ -532,19 +552,73 @@ class Refresher:
         eligible[source.row_of[ad_id]] = status == "active"
       report = publish_status_only(self.base_path, source, eligible)
       report["delta"] = {"status_changes": len(delta.statuses), "ignored_removals": len(ignored_removals)}
-      state, row_of = dataclasses.replace(source.state, eligible=eligible), source.row_of
-    else:
-      timings: dict[str, float] = {}
-      towers = self._towers_for(source)
-      timings["load_towers_seconds"] = time.perf_counter() - started
-      step = time.perf_counter()
-      state, counts, source_rows = apply_delta(source.state, source.row_of, delta, towers.embed_items)
-      timings["embed_seconds"] = time.perf_counter() - step
-      report = publish_rebuilt(self.base_path, source, towers, state, timings, self.index_overrides,
-                               self.verify_recall, source_rows=source_rows, index_update=self.index_update,
-                               retrain_fraction=self.retrain_fraction)
-      report["delta"] = counts
-      row_of = state.row_of()
+      if retrain is not None:  # Same rows: the snapshot's map carries over.
+        retrain.version = report["version"]
+      return self._published(source, report, dataclasses.replace(source.state, eligible=eligible),
+                             source.row_of, started)
+    timings: dict[str, float] = {}
+    towers = self._towers_for(source)
+    timings["load_towers_seconds"] = time.perf_counter() - started
+    step = time.perf_counter()
+    state, counts, source_rows = apply_delta(source.state, source.row_of, delta, towers.embed_items)
+    timings["embed_seconds"] = time.perf_counter() - step
+    report = self._publish_rebuild(source, towers, state, source_rows, retrain, timings)
+    report["delta"] = counts
+    return self._published(source, report, state, state.row_of(), started)
+
+  def publish_retrained(self) -> dict[str, Any] | None:
+    """Publishes a finished background retrain over the newest catalog, with no delta; None if none is ready."""
+    source = self.source()
+    retrain = self._retrain_for(source)
+    if retrain is None or not retrain.done:
+      return None
+    started = time.perf_counter()
+    towers = self._towers_for(source)
+    report = self._publish_rebuild(source, towers, source.state, np.arange(len(source.state.ids)), retrain, {})
+    report["delta"] = {}
+    return self._published(source, report, source.state, source.row_of, started)
+
+  def wait_for_retrain(self, timeout: float | None = None) -> bool:
+    """Blocks until the background retrain (if any) is done; True when none is running any more."""
+    return self._retrain is None or self._retrain.wait(timeout)
+
+  def _retrain_for(self, source: Source) -> refresh_retrain.BackgroundRetrain | None:
+    """The background retrain, if its row map still describes `source` (a rollback or export drops it)."""
+    if self._retrain is not None and self._retrain.version != source.version:
+      logging.info("Dropping the background retrain: version %d was published by someone else", source.version)
+      self._retrain = None
+    return self._retrain
+
+  def _publish_rebuild(self, source: Source, towers: LoadedTowers, state: refresh_state.CatalogState,
+                       source_rows: np.ndarray, retrain: refresh_retrain.BackgroundRetrain | None,
+                       timings: dict[str, float]) -> dict[str, Any]:
+    retrained, rows = None, None
+    if retrain is not None:
+      rows = retrain.rows_after(source_rows)
+      if retrain.done:
+        try:
+          retrained = retrain.result(rows)
+        except RuntimeError as e:
+          logging.error("%s; updating version %d's index instead", e, source.version)
+          self._retrain = retrain = None
+    report = publish_rebuilt(self.base_path, source, towers, state, timings, self.index_overrides,
+                             self.verify_recall, source_rows=source_rows, index_update=self.index_update,
+                             retrain_fraction=self.retrain_fraction, retrained=retrained,
+                             background=self.background_retrain)
+    if retrained is not None:
+      self._retrain = None
+    elif retrain is not None:
+      retrain.advance(rows, report["version"])
+    config = report["index_config"]
+    if (self.background_retrain and self._retrain is None and config.get("update") in ("incremental", "retrained")
+        and config["rows_encoded_since_training"] > self.retrain_fraction * len(state.ids)):
+      options = {"training_threads": 1, **report["index_options"]}  # Leave the other core to serving.
+      self._retrain = refresh_retrain.BackgroundRetrain(state.embeddings, report["k"], options, report["version"])
+      report["background_retrain_started"] = True
+    return report
+
+  def _published(self, source: Source, report: dict[str, Any], state: refresh_state.CatalogState,
+                 row_of: dict[str, int], started: float) -> dict[str, Any]:
     report["total_seconds"] = round(time.perf_counter() - started, 3)
     # The new version is now the newest: remember its state and that it shares our towers.
     new_source = Source(report["version"], report["path"], report, state, row_of)

@@ -34,6 +34,10 @@ flags.DEFINE_enum("index_update", "auto", list(refresh.INDEX_UPDATES),
 flags.DEFINE_float("retrain_fraction", refresh.DEFAULT_RETRAIN_FRACTION,
                    "With --index_update=auto, train the index anew once this share of the catalog has been "
                    "encoded incrementally since the last training.")
+flags.DEFINE_bool("background_retrain", True,
+                  "With --watch and --index_update=auto: past --retrain_fraction, train the index anew in a "
+                  "background thread and keep publishing incremental updates meanwhile (the one-shot --delta "
+                  "mode trains on the publish path).")
 flags.DEFINE_integer("max_polls", 0, "With --watch, stop after this many polls (0: run until stopped).")
 flags.mark_flag_as_required("model_base_path")
 
@@ -71,7 +75,8 @@ def main(argv: list[str]) -> None:
   refresher = refresh.Refresher(FLAGS.model_base_path, from_version=FLAGS.from_version,
                                 keep_versions=FLAGS.keep_versions or None, index_overrides=overrides,
                                 verify_recall=FLAGS.verify_recall, index_update=FLAGS.index_update,
-                                retrain_fraction=FLAGS.retrain_fraction)
+                                retrain_fraction=FLAGS.retrain_fraction,
+                                background_retrain=FLAGS.background_retrain and FLAGS.watch is not None)
   if FLAGS.rollback is not None:
     print(json.dumps(refresher.rollback(FLAGS.rollback)))
   elif FLAGS.delta:

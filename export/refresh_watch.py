@@ -6,7 +6,7 @@ parse, or that contradicts the catalog (a status change for an unknown ad), is m
 with a `.error` note and nothing of it is applied. The good files are merged and published as one
 version; then they move to `processed/`, prefixed with that version. If publishing fails, they stay
 where they are and the next poll tries again (re-applying a delta is harmless: every change in it
-is idempotent).
+is idempotent). A poll with no files publishes the refresher's finished background retrain, if any.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def poll_once(refresher: refresh.Refresher, directory: str) -> PollResult:
   result = PollResult()
   names = pending_files(directory)
   if not names:
+    # An idle poll publishes a finished background retrain of the index (if any) without waiting for a delta.
+    result.report = refresher.publish_retrained()
     return result
   row_of = refresher.source().row_of
   merged = refresh_delta.CatalogDelta()

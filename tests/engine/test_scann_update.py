@@ -27,6 +27,12 @@ def test_reencoding_rows_reproduces_the_built_assets(options):
   for name in scann_update.ASSET_NAMES:
     np.testing.assert_array_equal(getattr(updated, name), getattr(assets, name), err_msg=name)
   assert updated.has_tree == bool(options.get("num_leaves")) and updated.has_ah == bool(options)
+  # Removals only: nothing to encode, the kept rows' assets are copied.
+  kept = np.arange(0, len(items), 2)
+  removed = scann_update.update(assets, items[kept], kept)
+  for name in ("datapoint_to_token", "hashed_dataset", "dataset"):
+    value = getattr(assets, name)
+    np.testing.assert_array_equal(getattr(removed, name), value[kept] if value.ndim else value, err_msg=name)
 
 
 def test_incremental_update_keeps_recall_of_a_full_rebuild():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import exporter, refresh, refresh_delta, refresh_state
+from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch
 from engine import scann_update
 from models import train
 from models.data import queries as queries_lib
@@ -27,7 +27,7 @@ def exported(trained_run, tmp_path_factory):
       index="scann", k=K, eval_queries=20, num_warmup_requests=4, index_options=TREE_AH))
   _, run_config = train.restore(trained_run)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
-  return os.path.join(base_path, "1"), source, queries_lib.held_out_queries(source, 64)
+  return os.path.join(base_path, "1"), source, queries_lib.held_out_queries(source, 200)
 
 
 @pytest.fixture
@@ -104,16 +104,19 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
 
   # The answers follow the delta, and recall stays that of a full rebuild of the same catalog.
   served, incremental_recall = _served_and_recall(os.path.join(base_path, "2"), queries)
+  # New and changed ads that exact search ranks in a query's top K: found about as often as by a full rebuild.
   exact = _served_and_recall.last_exact
-  # New and changed ads that exact search ranks in a query's top K are found as often as the rest.
   pairs = [(q, ad_id) for q in range(len(exact)) for ad_id in exact[q] if ad_id in delta.upserts]
-  assert len(pairs) >= 10 and np.mean([ad_id in served[q] for q, ad_id in pairs]) >= incremental_recall - 0.1
-  assert not {before[0, 1], before[0, 2]} & set(served.ravel())
+  assert len(pairs) >= 10 and not {before[0, 1], before[0, 2]} & set(served.ravel())
   full = refresh.Refresher(base_path, from_version=1, keep_versions=None, index_update="full").apply(delta)
   assert full["index_update"] == "full" and full["index_config"]["full_build_reason"] == "--index_update=full"
-  _, full_recall = _served_and_recall(full["path"], queries)
-  print(f"recall@{K}: version 1 {recall_v1:.3f}, incremental {incremental_recall:.3f}, full rebuild {full_recall:.3f}")
+  full_served, full_recall = _served_and_recall(full["path"], queries)
+  new_found = np.mean([ad_id in served[q] for q, ad_id in pairs])
+  full_new_found = np.mean([ad_id in full_served[q] for q, ad_id in pairs])
+  print(f"recall@{K}: version 1 {recall_v1:.3f}, incremental {incremental_recall:.3f}, full rebuild {full_recall:.3f};"
+        f" new ads found: incremental {new_found:.3f}, full rebuild {full_new_found:.3f} ({len(pairs)} pairs)")
   assert incremental_recall >= full_recall - 0.05 and incremental_recall >= recall_v1 - 0.05
+  assert new_found >= full_new_found - 0.2  # Measured gaps: 0.01 to 0.09 (see docs/benchmarks.md).
 
 
 def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_path):
@@ -137,3 +140,40 @@ def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_p
   assert report["index_update"] == "full" and "num_leaves" in report["index_config"]["full_build_reason"]
   with pytest.raises(ValueError, match="index_update"):
     refresh.Refresher(base_path, index_update="sometimes")
+
+
+def test_background_retrain_maps_later_versions_onto_the_new_training(exported, base_path, tmp_path):
+  version_path, source, queries = exported
+  before, recall_v1 = _served_and_recall(version_path, queries)
+  v1 = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(version_path),
+                                                refresh_state.read_state(version_path).embeddings)
+  refresher = refresh.Refresher(base_path, keep_versions=None, retrain_fraction=0.02, background_retrain=True,
+                                verify_recall=False)
+  # Past 2% of the catalog, no retrain on the publish path: an update, and a retrain in the background.
+  report = refresher.apply(_delta(source, before, 4, set(refresh_state.read_state(version_path).ids)))
+  assert report["index_update"] == "incremental" and report["background_retrain_started"]
+  assert refresher.wait_for_retrain(120)
+  # Versions published meanwhile (a status change, a rebuild) are mapped onto the retrain's snapshot.
+  paused = refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[1, 0], "status": "paused"})]))
+  served, _ = _served_and_recall(paused["path"], queries)
+  delta = _delta(source, served, 5, set(refresh_state.read_state(paused["path"]).ids))
+  report = refresher.apply(delta)
+  config = report["index_config"]
+  assert report["index_update"] == "retrained" and config["retrained_from"] == 2
+  assert config["rows_encoded_since_training"] == config["encoded_rows"] == len(delta.upserts)
+  new = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(report["path"]),
+                                                 refresh_state.read_state(report["path"]).embeddings)
+  assert new.serialized_partitioner.tolist() != v1.serialized_partitioner.tolist()
+  served, recall = _served_and_recall(report["path"], queries)
+  assert recall >= recall_v1 - 0.1 and before[1, 0] not in served
+  assert not {served_id for served_id in served.ravel()} & {ad_id for ad_id in delta.removals}
+  # That rebuild went past 2% again; an idle watch poll publishes the next retrain without a delta.
+  assert report["background_retrain_started"] and refresher.wait_for_retrain(120)
+  idle = tmp_path / "deltas"
+  idle.mkdir()
+  polled = refresh_watch.poll_once(refresher, str(idle)).report
+  assert polled["index_update"] == "retrained" and polled["delta"] == {}, polled["index_config"].get("full_build_reason")
+  assert polled["index_config"]["rows_encoded_since_training"] == 0 and polled["num_items"] == report["num_items"]
+  served, recall = _served_and_recall(polled["path"], queries)
+  assert recall >= recall_v1 - 0.1 and before[1, 0] not in served
+  assert refresh_watch.poll_once(refresher, str(idle)).report is None  # Nothing more to publish.
