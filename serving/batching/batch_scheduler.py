@@ -7,11 +7,12 @@ holding `max_enqueued_batches` batches rejects new tasks with UNAVAILABLE.
 TF Serving's scheduler is C++ and not exposed to Python, hence this module.
 """
 
+import asyncio
 import collections
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Deque, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 from absl import logging
 
@@ -35,23 +36,57 @@ class QueueOptions:
 
 
 class Task:
-  """One request's share of a batch, completed by a batch thread."""
+  """One request's share of a batch, completed by a batch thread.
 
-  def __init__(self, size: int, payload: Any):
+  A caller either blocks in `wait` or, on an asyncio loop, awaits
+  `wait_async`; the latter is woken by one callback per batch and loop (see
+  `finish_all`), not by a thread of its own.
+
+  Args:
+    size: Rows (dim-0 elements) the task adds to its batch.
+    payload: What the batch's processor needs (e.g. feeds and a timeout).
+    loop: The running event loop of an asyncio caller, else None.
+  """
+
+  def __init__(self, size: int, payload: Any,
+               loop: Optional[asyncio.AbstractEventLoop] = None):
     self.size = size
     self.payload = payload
     self.result: Any = None
     self.error: Optional[BaseException] = None
     self.abandoned = False  # Its caller gave up (deadline); skip its rows.
     self._done = threading.Event()
+    self.loop = loop
+    self._future = loop.create_future() if loop is not None else None
 
-  def finish(self, result: Any = None,
-             error: Optional[BaseException] = None) -> None:
+  def set_outcome(self, result: Any, error: Optional[BaseException]) -> None:
+    """Records the outcome and releases blocking waiters (not async ones)."""
     self.result, self.error = result, error
     self._done.set()
 
+  def wake(self) -> None:
+    """Completes the asyncio future; runs on the task's loop."""
+    if not self._future.done():
+      self._future.set_result(None)
+
+  def finish(self, result: Any = None,
+             error: Optional[BaseException] = None) -> None:
+    self.set_outcome(result, error)
+    if self.loop is not None:
+      _call_soon(self.loop, self.wake)
+
   def done(self) -> bool:
     return self._done.is_set()
+
+  def _outcome(self) -> Any:
+    if self.error is not None:
+      raise self.error
+    return self.result
+
+  def _expired(self, timeout_ms: Optional[int]) -> errors.ServingError:
+    self.abandoned = True
+    return errors.deadline_exceeded(
+        f"Deadline of {timeout_ms} ms exceeded while waiting for a batch")
 
   def wait(self, timeout_ms: Optional[int] = None) -> Any:
     """Blocks until processed; returns the result or raises the error.
@@ -61,12 +96,54 @@ class Task:
         is then abandoned and left out of the batch it waits in.
     """
     if not self._done.wait(None if timeout_ms is None else timeout_ms / 1e3):
+      raise self._expired(timeout_ms)
+    return self._outcome()
+
+  async def wait_async(self, timeout_ms: Optional[int] = None) -> Any:
+    """`wait` for a task created with a loop, awaited on that loop."""
+    future = self._future
+    timer = None
+    if timeout_ms is not None and not future.done():
+      timer = self.loop.call_later(
+          timeout_ms / 1e3,
+          lambda: future.done() or future.set_exception(
+              self._expired(timeout_ms)))
+    try:
+      await future
+    except asyncio.CancelledError:  # The RPC ended: leave its rows out.
       self.abandoned = True
-      raise errors.deadline_exceeded(
-          f"Deadline of {timeout_ms} ms exceeded while waiting for a batch")
-    if self.error is not None:
-      raise self.error
-    return self.result
+      raise
+    finally:
+      if timer is not None:
+        timer.cancel()
+    return self._outcome()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+  try:
+    loop.call_soon_threadsafe(callback, *args)
+  except RuntimeError:  # The loop closed: its waiters are gone.
+    pass
+
+
+def _wake_all(tasks: Sequence[Task]) -> None:
+  for task in tasks:
+    task.wake()
+
+
+def finish_all(tasks: Sequence[Task], results: Sequence[Any]) -> None:
+  """Completes a batch's tasks with one loop callback per event loop.
+
+  Waking each asyncio waiter separately would cost one self-pipe write and
+  loop wake-up per task; a batch of 32 needs only one.
+  """
+  waiting: Dict[asyncio.AbstractEventLoop, List[Task]] = {}
+  for task, result in zip(tasks, results):
+    task.set_outcome(result, None)
+    if task.loop is not None:
+      waiting.setdefault(task.loop, []).append(task)
+  for loop, woken in waiting.items():
+    _call_soon(loop, _wake_all, woken)
 
 
 class _Batch:
@@ -99,6 +176,9 @@ class BatchQueue:
       if self._scheduler.stopped:
         raise errors.unavailable("Batch scheduler is shutting down")
       last = self._batches[-1] if self._batches else None
+      # Batch threads only need waking when a batch opens (a new deadline)
+      # or closes (ready now); adding to an open batch changes neither.
+      changed = False
       if last is None or last.closed or (
           last.size + task.size > options.max_batch_size):
         if last is not None:
@@ -109,11 +189,14 @@ class BatchQueue:
               "is full")
         last = _Batch()
         self._batches.append(last)
+        changed = True
       last.tasks.append(task)
       last.size += task.size
       if last.size >= options.max_batch_size:
         last.closed = True
-      self._scheduler.cond.notify()
+        changed = True
+      if changed:
+        self._scheduler.cond.notify()
 
   def ready_at(self) -> Optional[float]:
     """Monotonic time at which the head batch may run (caller holds lock)."""

@@ -6,6 +6,7 @@ first dimension (padded up to an allowed batch size by repeating the first
 row), runs once, and slices every output back per call.
 """
 
+import asyncio
 import bisect
 import threading
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -52,22 +53,53 @@ class BatchingSession:
 
   def __call__(self, feeds: Dict[str, np.ndarray], fetches: Sequence[str],
                timeout_ms: Optional[int] = None) -> List[np.ndarray]:
+    task = self.schedule(feeds, fetches, timeout_ms)
+    if task is None:
+      return self._runner(feeds, fetches, timeout_ms)
+    return task.wait(timeout_ms)
+
+  def schedule(self, feeds: Dict[str, np.ndarray], fetches: Sequence[str],
+               timeout_ms: Optional[int] = None,
+               loop: Optional[asyncio.AbstractEventLoop] = None
+               ) -> Optional[batch_scheduler.Task]:
+    """Enqueues a call and returns its task, or None if it can't be batched.
+
+    Args:
+      feeds: Feeds by tensor name.
+      fetches: Tensor names to fetch.
+      timeout_ms: The call's deadline, if any.
+      loop: For an asyncio caller, its running loop (see Task.wait_async).
+
+    Returns:
+      The queued task; None for calls to run unbatched with `runner`
+      (scalar feeds, feeds disagreeing on dim 0, empty batches, calls whose
+      outputs are not per-row, or past MAX_QUEUES kinds of calls).
+
+    Raises:
+      ServingError: INVALID_ARGUMENT if the call exceeds max_batch_size,
+        UNAVAILABLE if its queue is full.
+    """
     rows = {a.shape[0] if a.ndim else None for a in feeds.values()}
     if len(rows) != 1 or None in rows:
       # Scalars or feeds disagreeing on dim 0 can't be split back per call;
       # run them on their own rather than reject them.
-      return self._runner(feeds, fetches, timeout_ms)
+      return None
     size = rows.pop()
     if size == 0:
-      return self._runner(feeds, fetches, timeout_ms)
+      return None
     key = (tuple(sorted((name, a.dtype.str, a.shape[1:])
                         for name, a in feeds.items())), tuple(fetches))
     queue = None if key in self._unbatchable else self._queue(key)
     if queue is None:
-      return self._runner(feeds, fetches, timeout_ms)
-    task = batch_scheduler.Task(size, (feeds, timeout_ms))
+      return None
+    task = batch_scheduler.Task(size, (feeds, timeout_ms), loop)
     queue.schedule(task)
-    return task.wait(timeout_ms)
+    return task
+
+  @property
+  def runner(self) -> saved_model_bundle.SessionRunner:
+    """The underlying unbatched runner."""
+    return self._runner
 
   def _queue(self, key: Tuple) -> Optional[batch_scheduler.BatchQueue]:
     """The queue for `key`; None (run unbatched) past MAX_QUEUES kinds."""
@@ -130,10 +162,11 @@ class BatchingSession:
       return
     if self._observer is not None:
       self._observer(rows, padded - rows)
-    offset = 0
+    results, offset = [], 0
     for task in tasks:
-      task.finish([o[offset:offset + task.size] for o in outputs])
+      results.append([o[offset:offset + task.size] for o in outputs])
       offset += task.size
+    batch_scheduler.finish_all(tasks, results)
 
   def _run_alone(self, fetches: Sequence[str],
                  tasks: List[batch_scheduler.Task],

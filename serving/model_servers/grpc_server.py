@@ -1,6 +1,18 @@
-"""gRPC front end: PredictionService, ModelService and health checking."""
+"""gRPC front end: PredictionService, ModelService and health checking.
 
+The server is a `grpc.aio` server on its own event-loop thread. Predict is
+validated and answered on the loop; a batched call waits in its batch queue
+as a future that the batch thread completes (one loop wake-up per batch), and
+an unbatched call runs its session on the worker pool. Every other RPC runs
+on the worker pool as a whole. No request holds a thread while it waits, and
+no hand-off goes through a per-request thread, which is what a thread-pool
+`grpc.server` costs on every call.
+"""
+
+import asyncio
 import concurrent.futures
+import functools
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
 
 from google.protobuf import message
@@ -63,16 +75,29 @@ def _parser(request_class: Type[message.Message]
   return parse
 
 
+def _timeout_ms(context: grpc.aio.ServicerContext) -> Optional[int]:
+  """The client's deadline, used as the session run timeout (as TF Serving)."""
+  remaining = context.time_remaining()
+  if remaining is None or remaining > 1e8:
+    return None
+  return max(1, int(remaining * 1000))
+
+
 def _generic_handler(service: str, servicer: Any,
                      methods: Dict[str, Tuple[Type[message.Message], Any]]
                      ) -> grpc.GenericRpcHandler:
-  """Registers `servicer`'s methods; unparsable requests get INVALID_ARGUMENT,
-  as TF Serving answers any malformed input."""
-  def behaviour(method: Callable[[Any, grpc.ServicerContext], Any]):
-    def call(request, context):
+  """Registers `servicer`'s coroutines; unparsable requests get
+  INVALID_ARGUMENT, as TF Serving answers any malformed input, and any
+  failure becomes a status, never a crash."""
+  def behaviour(method):
+    async def call(request, context: grpc.aio.ServicerContext):
       if isinstance(request, _Malformed):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-      return method(request, context)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+      try:
+        return await method(request, context)
+      except Exception as e:  # pylint: disable=broad-except
+        error = errors.from_exception(e)
+      await context.abort(error.code, error.message)
     return call
 
   handlers = {
@@ -84,67 +109,68 @@ def _generic_handler(service: str, servicer: Any,
   return grpc.method_handlers_generic_handler(service, handlers)
 
 
-def _timeout_ms(context: grpc.ServicerContext) -> Optional[int]:
-  """The client's deadline, used as the session run timeout (as TF Serving)."""
-  remaining = context.time_remaining()
-  if remaining is None or remaining > 1e8:
-    return None
-  return max(1, int(remaining * 1000))
+class _Pool:
+  """Runs blocking RPC implementations on the worker threads."""
 
+  def __init__(self, executor: concurrent.futures.Executor):
+    self.executor = executor
 
-def _serve(context: grpc.ServicerContext, call: Callable[[], R]) -> R:
-  try:
-    return call()
-  except Exception as e:  # Any failure becomes a status, never a crash.
-    error = errors.from_exception(e)
-  context.abort(error.code, error.message)
+  async def run(self, function: Callable[..., R], *args) -> R:
+    return await asyncio.get_running_loop().run_in_executor(
+        self.executor, functools.partial(function, *args))
 
 
 class PredictionServicer:
   """tensorflow.serving.PredictionService."""
 
-  def __init__(self, api: service_impl.ServingApi):
+  def __init__(self, api: service_impl.ServingApi, pool: _Pool):
     self._api = api
+    self._pool = pool
 
-  def Predict(self, request, context):
-    return _serve(context, lambda: self._api.predict(
-        request, _timeout_ms(context)))
+  async def Predict(self, request, context):
+    return await self._api.predict_async(request, _timeout_ms(context),
+                                         self._pool.executor)
 
-  def Classify(self, request, context):
-    return _serve(context, lambda: self._api.classify(
-        request, _timeout_ms(context)))
+  async def Classify(self, request, context):
+    return await self._pool.run(self._api.classify, request,
+                                _timeout_ms(context))
 
-  def Regress(self, request, context):
-    return _serve(context, lambda: self._api.regress(
-        request, _timeout_ms(context)))
+  async def Regress(self, request, context):
+    return await self._pool.run(self._api.regress, request,
+                                _timeout_ms(context))
 
-  def MultiInference(self, request, context):
-    return _serve(context, lambda: self._api.multi_inference(
-        request, _timeout_ms(context)))
+  async def MultiInference(self, request, context):
+    return await self._pool.run(self._api.multi_inference, request,
+                                _timeout_ms(context))
 
-  def GetModelMetadata(self, request, context):
-    return _serve(context, lambda: self._api.get_model_metadata(request))
+  async def GetModelMetadata(self, request, context):
+    del context
+    return await self._pool.run(self._api.get_model_metadata, request)
 
 
 class ModelServicer:
   """tensorflow.serving.ModelService."""
 
-  def __init__(self, api: service_impl.ServingApi):
+  def __init__(self, api: service_impl.ServingApi, pool: _Pool):
     self._api = api
+    self._pool = pool
 
-  def GetModelStatus(self, request, context):
-    return _serve(context, lambda: self._api.get_model_status(request))
+  async def GetModelStatus(self, request, context):
+    del context
+    return await self._pool.run(self._api.get_model_status, request)
 
-  def HandleReloadConfigRequest(self, request, context):
-    return _serve(context, lambda: self._api.reload_config(request))
+  async def HandleReloadConfigRequest(self, request, context):
+    del context
+    return await self._pool.run(self._api.reload_config, request)
 
 
 class GrpcServer:
-  """Owns the grpc.Server.
+  """Owns the grpc.aio server and the event-loop thread it runs on.
 
   Args:
     api: Shared RPC implementations.
-    max_threads: Worker threads (TF Serving's --grpc_max_threads).
+    max_threads: Worker threads for session runs and blocking RPCs (TF
+      Serving's --grpc_max_threads).
     options: Extra channel arguments (--grpc_channel_arguments).
     enable_health: Register grpc.health.v1 (--enable_grpc_healthcheck_service).
     max_receive_message_length: Largest request accepted, in bytes; larger
@@ -162,42 +188,66 @@ class GrpcServer:
     channel_options = [
         ("grpc.max_receive_message_length", max_receive_message_length),
         ("grpc.max_send_message_length", -1)] + list(options)
-    self._server = grpc.server(
-        concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_threads, thread_name_prefix="grpc"),
-        options=channel_options)
-    self._server.add_generic_rpc_handlers((
-        _generic_handler(PREDICTION_SERVICE, PredictionServicer(api),
-                         _PREDICTION_METHODS),
-        _generic_handler(MODEL_SERVICE, ModelServicer(api), _MODEL_METHODS)))
-    self._health = None
-    if enable_health:
-      self._health = health.HealthServicer()
-      health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, max_threads), thread_name_prefix="grpc")
+    pool = _Pool(self._executor)
+    self._loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self._loop.run_forever,
+                                    name="grpc-loop", daemon=True)
+    self._thread.start()
+    self._health = health.aio.HealthServicer() if enable_health else None
+
+    async def create() -> grpc.aio.Server:
+      server = grpc.aio.server(options=channel_options)
+      server.add_generic_rpc_handlers((
+          _generic_handler(PREDICTION_SERVICE, PredictionServicer(api, pool),
+                           _PREDICTION_METHODS),
+          _generic_handler(MODEL_SERVICE, ModelServicer(api, pool),
+                           _MODEL_METHODS)))
+      if self._health is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+      return server
+
+    self._server = self._on_loop(create())
+
+  def _on_loop(self, coroutine) -> Any:
+    """Runs a coroutine on the server's loop and waits for its result."""
+    return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
   def add_port(self, address: str) -> int:
     """Binds `address` ("host:port" or "unix:path"); returns the port."""
-    if self._credentials is not None and not address.startswith("unix:"):
-      port = self._server.add_secure_port(address, self._credentials)
-    else:
-      port = self._server.add_insecure_port(address)
+    async def bind() -> int:
+      if self._credentials is not None and not address.startswith("unix:"):
+        return self._server.add_secure_port(address, self._credentials)
+      return self._server.add_insecure_port(address)
+
+    try:
+      port = self._on_loop(bind())
+    except RuntimeError as e:  # grpc.aio raises where grpc.server returned 0.
+      raise RuntimeError(f"Failed to bind gRPC server to {address}: {e}") from e
     if port == 0 and not address.startswith("unix:"):
       raise RuntimeError(f"Failed to bind gRPC server to {address}")
     return port
 
   def start(self) -> None:
-    self._server.start()
+    self._on_loop(self._server.start())
     self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
   def _set_health(self, status) -> None:
     if self._health is not None:
       for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
-        self._health.set(service, status)
+        self._on_loop(self._health.set(service, status))
 
   def stop(self, grace_seconds: float) -> None:
     """Stops accepting RPCs and waits for in-flight ones to finish."""
+    if not self._loop.is_running():
+      return
     self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-    self._server.stop(grace_seconds).wait()
+    self._on_loop(self._server.stop(grace_seconds))
+    self._loop.call_soon_threadsafe(self._loop.stop)
+    self._thread.join()
+    self._loop.close()
+    self._executor.shutdown(wait=True)
 
 
 def ssl_credentials(config) -> grpc.ServerCredentials:

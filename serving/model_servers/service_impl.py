@@ -1,9 +1,11 @@
 """The RPC implementations shared by the gRPC and REST front ends."""
 
+import asyncio
+import concurrent.futures
 import contextlib
 import threading
 import time
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from absl import logging
 from tensorflow_serving.apis import classification_pb2
@@ -42,6 +44,19 @@ def examples_batch_size(model_input: input_pb2.Input) -> int:
   if kind == "example_list_with_context":
     return len(model_input.example_list_with_context.examples)
   return 0
+
+
+async def _run_in(executor: concurrent.futures.Executor,
+                  function: Callable[..., R], *args) -> R:
+  """Runs `function` on `executor`; if the awaiting RPC is cancelled, still
+  waits for it, so the caller's servable handle outlives the session call."""
+  future = asyncio.get_running_loop().run_in_executor(executor, function,
+                                                      *args)
+  try:
+    return await asyncio.shield(future)
+  except asyncio.CancelledError:
+    await asyncio.wait([future])
+    raise
 
 
 class ServingApi:
@@ -99,23 +114,34 @@ class ServingApi:
           f"{self._max_batch} rows per request (--max_batch_size_per_request)"
           f" [model {model_spec.name}]")
 
-  def _call(self, api: str, entrypoint: str, model_spec: model_pb2.ModelSpec,
-            run: Callable[..., R], rows: int = 0) -> R:
+  @contextlib.contextmanager
+  def _serving(self, api: str, entrypoint: str,
+               model_spec: model_pb2.ModelSpec, rows: int = 0
+               ) -> Iterator[Any]:
+    """Admits a request, holds its servable, converts and records failures."""
     start = time.monotonic()
     status = "OK"
     try:
       self._check_batch_size(rows, model_spec)
       with self._admit(), self.core.servable_handle(model_spec) as bundle:
-        return run(bundle)
+        yield bundle
     except Exception as e:
       error = errors.from_exception(e)
       if error.code.name in ("INTERNAL", "UNKNOWN"):
         logging.exception("%s failed", api)
       status = error.code.name
       raise error from e
+    except asyncio.CancelledError:  # The client went away mid-request.
+      status = "CANCELLED"
+      raise
     finally:
       self.metrics.record_request(model_spec.name, api, entrypoint, status,
                                   time.monotonic() - start)
+
+  def _call(self, api: str, entrypoint: str, model_spec: model_pb2.ModelSpec,
+            run: Callable[..., R], rows: int = 0) -> R:
+    with self._serving(api, entrypoint, model_spec, rows) as bundle:
+      return run(bundle)
 
   def predict(self, request: predict_pb2.PredictRequest,
               timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
@@ -126,6 +152,38 @@ class ServingApi:
         lambda b: predict_util.run_predict(
             b, request, timeout_ms, self._method_name_check,
             self._as_tensor_content), predict_batch_size(request))
+
+  async def predict_async(self, request: predict_pb2.PredictRequest,
+                          timeout_ms: Optional[int],
+                          executor: concurrent.futures.Executor,
+                          entrypoint: str = "GRPC"
+                          ) -> predict_pb2.PredictResponse:
+    """PredictionService.Predict on an asyncio loop.
+
+    Validation and the response run on the loop. A batched call waits in its
+    batch queue without a thread of its own; an unbatched one runs the
+    session on `executor`.
+    """
+    loop = asyncio.get_running_loop()
+    with self._serving("predict", entrypoint, request.model_spec,
+                       predict_batch_size(request)) as bundle:
+      prepared = predict_util.prepare_predict(bundle, request,
+                                              self._method_name_check)
+      try:
+        schedule = getattr(bundle.runner, "schedule", None)
+        task = None if schedule is None else schedule(
+            prepared.feeds, prepared.fetches, timeout_ms, loop)
+        if task is not None:
+          values = await task.wait_async(timeout_ms)
+        else:
+          runner = getattr(bundle.runner, "runner", bundle.runner)
+          values = await _run_in(executor, runner, prepared.feeds,
+                                 prepared.fetches, timeout_ms)
+      except Exception as e:  # Every failure names servable and signature.
+        raise errors.from_exception(
+            e, bundle.context(prepared.signature_name)) from e
+      return predict_util.predict_response(bundle, prepared, values,
+                                           self._as_tensor_content)
 
   def classify(self, request: classification_pb2.ClassificationRequest,
                timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"

@@ -1,6 +1,6 @@
 """Predict: validates a PredictRequest against a signature and runs it."""
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from tensorflow.core.framework import tensor_pb2
@@ -92,6 +92,52 @@ def output_targets(signature: meta_graph_pb2.SignatureDef,
   return aliases, [signature.outputs[a].name for a in aliases]
 
 
+class PreparedPredict(NamedTuple):
+  """A validated PredictRequest, ready to run on its servable's session."""
+  signature_name: str
+  signature: meta_graph_pb2.SignatureDef
+  feeds: Dict[str, np.ndarray]
+  aliases: List[str]
+  fetches: List[str]
+
+
+def prepare_predict(bundle: saved_model_bundle.SavedModelBundle,
+                    request: predict_pb2.PredictRequest,
+                    method_name_check: bool = False) -> PreparedPredict:
+  """Resolves the signature and validates and decodes the request's inputs.
+
+  Raises:
+    ServingError: with TF Serving's code, naming the servable and signature.
+  """
+  name, signature = bundle.signature(request.model_spec.signature_name)
+  try:
+    if method_name_check and signature.method_name not in (
+        PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
+      raise errors.internal(
+          "Expected prediction signature method_name to be one of "
+          f"{{{PREDICT_METHOD}, {CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: "
+          f"{signature.method_name}")
+    feeds = input_feeds(signature, request.inputs)
+    aliases, fetches = output_targets(signature, request.output_filter)
+  except Exception as e:  # Every failure names the servable and signature.
+    raise errors.from_exception(e, bundle.context(name)) from e
+  return PreparedPredict(name, signature, feeds, aliases, fetches)
+
+
+def predict_response(bundle: saved_model_bundle.SavedModelBundle,
+                     prepared: PreparedPredict, values: Sequence[np.ndarray],
+                     as_tensor_content: bool = False
+                     ) -> predict_pb2.PredictResponse:
+  """Builds the PredictResponse from the fetched values."""
+  response = predict_pb2.PredictResponse()
+  bundle.fill_model_spec(response.model_spec, prepared.signature_name)
+  outputs = prepared.signature.outputs
+  for alias, value in zip(prepared.aliases, values):
+    response.outputs[alias].CopyFrom(tensor_util.to_tensor_proto(
+        value, outputs[alias].dtype, as_tensor_content))
+  return response
+
+
 def run_predict(bundle: saved_model_bundle.SavedModelBundle,
                 request: predict_pb2.PredictRequest,
                 timeout_ms: Optional[int] = None,
@@ -111,22 +157,10 @@ def run_predict(bundle: saved_model_bundle.SavedModelBundle,
   Returns:
     The PredictResponse.
   """
-  name, signature = bundle.signature(request.model_spec.signature_name)
+  prepared = prepare_predict(bundle, request, method_name_check)
   try:
-    if method_name_check and signature.method_name not in (
-        PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
-      raise errors.internal(
-          "Expected prediction signature method_name to be one of "
-          f"{{{PREDICT_METHOD}, {CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: "
-          f"{signature.method_name}")
-    feeds = input_feeds(signature, request.inputs)
-    aliases, fetches = output_targets(signature, request.output_filter)
-    values = bundle.runner(feeds, fetches, timeout_ms)
+    values = bundle.runner(prepared.feeds, prepared.fetches, timeout_ms)
   except Exception as e:  # Every failure names the servable and signature.
-    raise errors.from_exception(e, bundle.context(name)) from e
-  response = predict_pb2.PredictResponse()
-  bundle.fill_model_spec(response.model_spec, name)
-  for alias, value in zip(aliases, values):
-    response.outputs[alias].CopyFrom(tensor_util.to_tensor_proto(
-        value, signature.outputs[alias].dtype, as_tensor_content))
-  return response
+    raise errors.from_exception(
+        e, bundle.context(prepared.signature_name)) from e
+  return predict_response(bundle, prepared, values, as_tensor_content)

@@ -1,5 +1,6 @@
 """Server-side batching: scheduler semantics and an end-to-end server."""
 
+import asyncio
 import concurrent.futures
 import re
 import threading
@@ -165,3 +166,63 @@ def test_queue_count_is_bounded(scheduler, monkeypatch):
     (y,) = session({"x:0": np.ones((1, width), np.float32)}, ["y:0"])
     assert y.shape == (1, width)
   assert len(session._queues) == 2  # pylint: disable=protected-access
+
+
+def test_async_callers_share_a_batch_and_one_wake_up(scheduler, monkeypatch):
+  runner = _RecordingRunner()
+  runner.gate.clear()  # Hold the batch until every call is queued.
+  session = batching_session.BatchingSession(
+      runner, scheduler,
+      batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=0))
+  wake_ups = []
+  real_call_soon = batch_scheduler._call_soon  # pylint: disable=protected-access
+
+  def counting_call_soon(loop, callback, *args):
+    wake_ups.append(callback)
+    real_call_soon(loop, callback, *args)
+
+  monkeypatch.setattr(batch_scheduler, "_call_soon", counting_call_soon)
+
+  async def main():
+    loop = asyncio.get_running_loop()
+    tasks = [session.schedule({"x:0": np.full((1, 2), i, np.float32)},
+                              ["y:0"], None, loop) for i in range(8)]
+    runner.gate.set()
+    return await asyncio.gather(*(t.wait_async(5000) for t in tasks))
+
+  outputs = asyncio.run(main())
+  for i, (y,) in enumerate(outputs):
+    np.testing.assert_array_equal(y, np.full((1, 2), 2 * i, np.float32))
+  assert runner.batches == [8]
+  assert len(wake_ups) == 1  # One loop callback completed all eight calls.
+
+
+def test_async_deadline_abandons_the_task(scheduler):
+  runner = _RecordingRunner()
+  session = batching_session.BatchingSession(
+      runner, scheduler,
+      batch_scheduler.QueueOptions(max_batch_size=4,
+                                   batch_timeout_micros=200_000))
+
+  async def main():
+    task = session.schedule({"x:0": np.ones((1, 1), np.float32)}, ["y:0"], 20,
+                            asyncio.get_running_loop())
+    with pytest.raises(errors.ServingError) as info:
+      await task.wait_async(20)  # Expires while the batch still collects.
+    return task, info.value
+
+  task, error = asyncio.run(main())
+  assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+  assert task.abandoned
+  (queue,) = session._queues.values()  # pylint: disable=protected-access
+  lib.wait_for(queue.empty)
+  time.sleep(0.05)
+  assert runner.batches == []  # Its rows were left out of the batch.
+
+
+def test_unbatchable_calls_are_not_scheduled(scheduler):
+  session = batching_session.BatchingSession(
+      _RecordingRunner(), scheduler, batch_scheduler.QueueOptions())
+  assert session.schedule({"x:0": np.float32(1)}, ["y:0"]) is None
+  assert session.schedule({"x:0": np.ones((1, 1)), "z:0": np.ones((2, 1))},
+                          ["y:0"]) is None
