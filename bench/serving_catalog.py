@@ -13,6 +13,7 @@ and closed-loop throughput.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -32,6 +33,12 @@ flags.DEFINE_list("num_ads", ["100000", "1000000"], "Catalog sizes.")
 flags.DEFINE_string("work_dir", "/tmp/fgr_serving_catalog", "Derived run configs and exported models (reused).")
 flags.DEFINE_float("qps", 50.0, "Open-loop rate for latency.")
 flags.DEFINE_integer("streams", 8, "Closed-loop streams for throughput.")
+flags.DEFINE_integer("fixed_knobs_from", 2_000_000,
+                     "From this many ads up, fgr-export gets fixed search knobs (leaves_to_search = 1% of the "
+                     "leaves, reorder 400) instead of tuning them, and checks recall on --large_eval_queries queries. "
+                     "Both of its exact references score 256 queries against every ad at once (float32 scores plus "
+                     "an int64 argpartition of the same shape): about 20 GB at 5M ads.")
+flags.DEFINE_integer("large_eval_queries", 25, "Held-out queries for the recall check from --fixed_knobs_from up.")
 flags.DEFINE_bool("export_only", False, "Only derive and export the catalogs (to build them ahead of a quiet "
                   "measuring window).")
 
@@ -55,13 +62,22 @@ def derived_run(run_dir: str, num_ads: int, work_dir: str) -> str:
   return out
 
 
-def export(run: str, base_path: str) -> dict:
+def export_args(num_ads: int) -> list[str]:
+  """fgr-export's index and recall-check flags for a catalog of num_ads (see --fixed_knobs_from)."""
+  if num_ads < FLAGS.fixed_knobs_from:
+    return ["--eval_queries=100"]
+  leaves = max(2, int(round(math.sqrt(num_ads))))  # ScaNN's default tree size, as fgr-export picks it.
+  return [f"--eval_queries={FLAGS.large_eval_queries}",
+          f"--index_options=leaves_to_search={max(1, leaves // 100)},reorder=400"]
+
+
+def export(run: str, base_path: str, num_ads: int) -> dict:
   """fgr-export --index=scann of the derived run, unless a version is already there; returns its report."""
   if not (os.path.isdir(base_path) and any(v.isdigit() for v in os.listdir(base_path))):
     shutil.rmtree(base_path, ignore_errors=True)
     started = time.time()
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "fgr-export"), f"--checkpoint_dir={run}",
-                    f"--model_base_path={base_path}", "--index=scann", "--k=100", "--eval_queries=100"],
+                    f"--model_base_path={base_path}", "--index=scann", "--k=100", *export_args(num_ads)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(f"  exported in {time.time() - started:.0f} s", flush=True)
   with open(os.path.join(common.latest_version(base_path), "assets.extra", "export_report.json")) as f:
@@ -80,7 +96,7 @@ def main(argv: list[str]) -> None:
     print(f"{num_ads:,} ads", flush=True)
     run = derived_run(FLAGS.run_dir, num_ads, FLAGS.work_dir)
     base_path = os.path.join(FLAGS.work_dir, f"model_{num_ads}")
-    exported = export(run, base_path)
+    exported = export(run, base_path, num_ads)
     if FLAGS.export_only:
       continue
     requests = common.query_requests(run, FLAGS.num_queries, MODEL)
