@@ -49,6 +49,7 @@ from models import config as config_lib  # noqa: E402
 from models import train  # noqa: E402
 from models.data import queries as queries_lib  # noqa: E402
 from models.data import schema, sources  # noqa: E402
+from serving.util import runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", None, "Holds the training run, the exported version and the served copies.")
@@ -510,6 +511,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
     # Every 10th request is the probe query; the others cycle through the held-out queries.
     schedule = [probe_request if j % 10 == 0 else requests[j] for j in range(len(requests))]
     load = OpenLoopLoad(server, schedule, FLAGS.qps, tracked, FLAGS.max_load_seconds)
+    runtime.freeze_gc()  # This process measures latency: keep its own full collections short.
     load.start()
     time.sleep(FLAGS.steady_seconds)
     steady_end = time.time()

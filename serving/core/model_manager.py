@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import contextlib
+import gc
 import threading
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -164,6 +165,11 @@ class ModelManager:
       bundle, entry.bundle = entry.bundle, None
     if bundle is not None:
       bundle.close()
+      # A closed graph and session sit in reference cycles: collect them here,
+      # on this background thread, rather than at whatever request happens to
+      # trigger the next full collection (released memory stays bounded too).
+      del bundle
+      gc.collect()
     with self._cond:
       entry.state = State.END
       self._cond.notify_all()

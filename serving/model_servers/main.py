@@ -20,6 +20,7 @@ from tensorflow.core.protobuf import config_pb2
 from serving import errors
 from serving.config import text_config
 from serving.model_servers import server as server_lib
+from serving.util import runtime
 
 VERSION = "fgr-serve 0.1.0 (TensorFlow Serving API 2.20 compatible)"
 
@@ -270,6 +271,7 @@ def main(argv) -> int:
   load_custom_ops(FLAGS.load_scann_ops)
 
   server = server_lib.Server(options)
+  runtime.freeze_gc()  # Before the first load: see runtime.py.
   stop = threading.Event()
 
   def on_signal(signum, unused_frame):

@@ -196,3 +196,25 @@ def test_version_policies(policy, expected):
       model_server_config_pb2.ModelConfig())
   on_disk = {1: "/x/1", 2: "/x/2", 3: "/x/3"}
   assert file_system_source.aspired_versions(on_disk, config) == expected
+
+
+def test_unloaded_version_is_freed_at_unload(tmp_path):
+  """The old graph goes at unload, not at some later full collection."""
+  import gc  # pylint: disable=g-import-not-at-top
+  import weakref  # pylint: disable=g-import-not-at-top
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  server = lib.InProcessServer(model_name="m", model_base_path=base,
+                               file_system_poll_wait_seconds=0.2)
+  gc.disable()  # Only the unload's own collection may free it.
+  try:
+    manager, = server.server.core.managers()
+    with manager.handle("m") as bundle:
+      old_graph = weakref.ref(bundle._graph)  # pylint: disable=protected-access
+    del bundle
+    _publish(base, 2, tmp_path)
+    lib.wait_for(lambda: _states(server.model, "m")[1].state == State.END)
+    assert old_graph() is None
+  finally:
+    gc.enable()
+    server.stop()
