@@ -64,7 +64,7 @@ def fill_short_rows(result: base.SearchResult, k: int, exact: Callable[[], base.
   `exact` (a masked search over the whole catalog) answers it instead, so a request gets k results
   whenever k eligible items exist. The branch is a `tf.cond`, so the exact scan only runs when needed.
   """
-  short = tf.reduce_any(result.indices < 0, axis=1)  # [B]
+  short = result.indices[:, -1] < 0  # [B]: results are sorted, so a short row ends with -1.
 
   def patched() -> tuple[tf.Tensor, tf.Tensor]:
     fallback = exact()
@@ -122,7 +122,7 @@ def tune_search_option(index: base.Index, option: str, ladder: list[int], embedd
   data, as ScaNN's rules of thumb suggest, with a 0.01 margin for unseen queries. Returns
   (value, recall); the last ladder value when none reaches the target.
   """
-  truth = exact_top_k_numpy(tuning_queries, embeddings, k)
+  truth = exact_top_k_tf(tuning_queries, embeddings, k)
   search = tf.function(lambda q, v: index.search(q, k, **{option: v}).indices)
   target = min(1.0, target_recall + 0.01)
   recall = 0.0
