@@ -47,7 +47,7 @@ _QUERIES = flags.DEFINE_string("queries", None, "Optional .npy of float32 query 
                                "--embeddings and no --queries, perturbed catalog rows are used.")
 _K = flags.DEFINE_integer("k", 100, "Neighbours per query.")
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 1000, "Evaluation queries (recall and batched QPS).")
-_NUM_TUNING_QUERIES = flags.DEFINE_integer("num_tuning_queries", 1000,
+_NUM_TUNING_QUERIES = flags.DEFINE_integer("num_tuning_queries", 200,
                                            "Held-out queries backends may tune on (never evaluated).")
 _NUM_SINGLE = flags.DEFINE_integer("num_single", 300, "Queries sent one at a time for single-query QPS/latency.")
 _NUM_SINGLE_SWEEP = flags.DEFINE_integer("num_single_sweep", 150, "Single queries per sweep point.")
