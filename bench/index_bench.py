@@ -167,14 +167,18 @@ def evaluate(name: str, setting: str, search: Callable[[np.ndarray], np.ndarray]
   return result
 
 
+# Untimed queries at the start of each timed slice (see `time_single_queries`).
+_WARM_QUERIES = 5
+
+
 def time_single_queries(candidates: list[Candidate], queries: np.ndarray, rounds: int) -> None:
   """Single-query QPS, p50 and p99 of every candidate, interleaved over `rounds` rounds.
 
   The machine is shared, so load drifts: each round times a slice of queries on every candidate in
   turn, and all candidates see the same drift, which keeps their ratios fair. Each round visits the
-  candidates in a new (seeded) order, and each slice starts with one untimed query, so no backend is
-  always timed right after another one's 20 ms exact scans flushed the caches, which a server
-  running one index would not see.
+  candidates in a new (seeded) order, and each slice starts with a few untimed queries: a server
+  running one index keeps that index's hot parts (centroids, codebooks, upper graph layers) in cache,
+  whereas here another backend's 20 ms exact scans have just flushed them.
   """
   for candidate in candidates:
     candidate.search(queries[:1])  # Warm up (trace) outside the timed rounds.
@@ -184,9 +188,11 @@ def time_single_queries(candidates: list[Candidate], queries: np.ndarray, rounds
     for i in rng.permutation(len(candidates)):
       candidate = candidates[i]
       per_round = max(1, candidate.num_single // rounds)
-      start = (r * per_round) % max(1, queries.shape[0] - per_round)
-      times[i].append(latencies(candidate.search, [queries[j:j + 1] for j in range(start, start + per_round)],
-                                warm_up=True))
+      start = (r * per_round) % max(1, queries.shape[0] - per_round - _WARM_QUERIES)
+      for j in range(start, start + _WARM_QUERIES):
+        candidate.search(queries[j:j + 1])
+      timed = range(start + _WARM_QUERIES, start + _WARM_QUERIES + per_round)
+      times[i].append(latencies(candidate.search, [queries[j:j + 1] for j in timed], warm_up=False))
   for candidate, parts in zip(candidates, times):
     all_times = np.concatenate(parts)
     m = candidate.measurement
@@ -311,7 +317,7 @@ def sweep_points(variant: str, index: base.Index, k: int) -> list[dict[str, int]
   if variant == "scann" and index.config["num_leaves"]:
     leaves = index.config["num_leaves"]
     return [{"leaves_to_search": max(1, int(leaves * f)), "pre_reorder_num_neighbors": r}
-            for f in (0.01, 0.02, 0.03, 0.05, 0.08) for r in (2 * k, 4 * k)]
+            for f in (0.01, 0.02, 0.03, 0.05, 0.08) for r in (2 * k, 4 * k, 6 * k)]
   if variant == "partitioned":
     return [{"probes": max(1, int(index.num_partitions * f))} for f in (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)]
   if variant == "int8":
