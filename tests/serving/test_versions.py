@@ -218,3 +218,20 @@ def test_unloaded_version_is_freed_at_unload(tmp_path):
   finally:
     gc.enable()
     server.stop()
+
+
+def test_load_leaves_the_load_thread_on_every_cpu(tmp_path):
+  """The restore runs pinned to one CPU; the thread gets all of them back."""
+  from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
+  if not hasattr(os, "sched_getaffinity"):
+    pytest.skip("no CPU affinity on this platform")
+  before = os.sched_getaffinity(0)
+  path = lib.write_tf2_half_plus_two(str(tmp_path / "1"))
+  bundle = saved_model_bundle.SavedModelBundle("m", 1, path)
+  try:
+    assert os.sched_getaffinity(0) == before
+    name = bundle.signature_defs["serving_default"].inputs["x"].name
+    fetch = bundle.signature_defs["serving_default"].outputs["y"].name
+    assert bundle.session_run({name: [2.0]}, [fetch])[0].tolist() == [3.0]
+  finally:
+    bundle.close()
