@@ -148,13 +148,12 @@ class _InCallerThread:
 def _on_one_cpu():
   """Pins the calling thread, and the threads it starts meanwhile, to one CPU.
 
-  RestoreV2 reads large tensors on a pool of reader threads it starts itself.
-  Measured with a 1M-ad ScaNN version (360 MB of variables) on 2 cores while
-  another version answered 200 QPS: unpinned, that pool stalled requests by
-  13-134 ms; pinned, their p99 stayed at 4-7 ms, for a restore about 10%
-  longer. TensorFlow's own thread pools exist before this (they start with the
-  first session), so they keep every CPU. A no-op on one CPU or without
-  `os.sched_setaffinity`.
+  RestoreV2 reads large tensors on a pool of reader threads it starts itself,
+  which would take every core from the version answering requests (a 1M-ad
+  ScaNN version, 360 MB of variables, 2 cores: request p99 12-67 ms during an
+  unpinned restore; see bench/load_stalls.py). TensorFlow's own thread pools
+  exist before this (they start with the first session), so they keep every
+  CPU. A no-op on one CPU or without `os.sched_setaffinity`.
   """
   if not hasattr(os, "sched_setaffinity"):
     yield
