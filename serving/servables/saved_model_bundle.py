@@ -1,22 +1,34 @@
 """A loaded SavedModel version: graph, session and signatures.
 
 Every SavedModel is loaded as TF Serving's C++ loader does: its MetaGraphDef
-(tag "serve") is imported into a fresh graph and run through a TF session,
-feeding and fetching the tensors its SignatureDefs name. This serves TF1
+(tag "serve") is imported into a graph and run through a TF session of its
+own, feeding and fetching the tensors its SignatureDefs name. This serves TF1
 graph SavedModels and TF2 (`tf.saved_model.save`, Keras) ones alike, and
 fetches only the outputs a request asks for.
+
+Versions whose saved_model.pb is the same file content (an index refresh
+writes new variables under the previous version's graph) share one imported
+graph: each version still gets its own session, so its own variables and
+resources, but parsing and `import_graph_def`, which hold the GIL for tens of
+milliseconds at the expense of the version answering requests, run once.
 """
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 import threading
-from typing import Callable, Dict, List, Optional, Sequence
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
+# The loader's steps one by one (TF Serving's C++ loader has the same split):
+# tf.compat.v1.saved_model.load only runs them all, on a freshly parsed graph.
+from tensorflow.python.saved_model import loader_impl
 
 from serving import errors
 
@@ -37,6 +49,53 @@ def servable_context(name: str, version: int,
   return f"{text}, signature: {signature}" if signature else text
 
 
+@dataclasses.dataclass(eq=False)
+class _ImportedGraph:
+  """A SavedModel's MetaGraph imported into a finalized graph, shared by the
+  versions that have the same saved_model.pb."""
+  graph: tf.Graph
+  meta_graph: meta_graph_pb2.MetaGraphDef
+  saver: Optional[tf.compat.v1.train.Saver]
+
+
+# (saved_model.pb digest, tags) -> the graph; an entry lives while a version
+# holding it is loaded.
+_imported_graphs: "weakref.WeakValueDictionary[Tuple[str, Tuple[str, ...]], _ImportedGraph]" = (
+    weakref.WeakValueDictionary())
+_imported_graphs_lock = threading.Lock()
+
+
+def _saved_model_digest(path: str) -> str:
+  """SHA-256 of the version's saved_model.pb (or .pbtxt)."""
+  digest = hashlib.sha256()
+  for name in ("saved_model.pb", "saved_model.pbtxt"):
+    file_path = os.path.join(path, name)
+    if os.path.isfile(file_path):
+      with open(file_path, "rb") as f:
+        digest.update(name.encode() + b"\0" + f.read())
+      break
+  return digest.hexdigest()
+
+
+def _import_graph(path: str, tags: Sequence[str]) -> _ImportedGraph:
+  """The graph of the SavedModel at `path`: imported, or shared with a loaded
+  version whose saved_model.pb is identical."""
+  key = (_saved_model_digest(path), tuple(sorted(tags)))
+  with _imported_graphs_lock:
+    imported = _imported_graphs.get(key)
+  if imported is not None:
+    logging.info("Reusing the imported graph of an identical saved_model.pb for %s", path)
+    return imported
+  graph = tf.Graph()
+  loader = loader_impl.SavedModelLoader(path)
+  with graph.as_default():
+    saver, _ = loader.load_graph(graph, list(tags))
+  graph.finalize()
+  imported = _ImportedGraph(graph, loader.get_meta_graph_def_from_tags(list(tags)), saver)
+  with _imported_graphs_lock:  # A concurrent load of the same graph may have won: share one.
+    return _imported_graphs.setdefault(key, imported)
+
+
 class SavedModelBundle:
   """One loaded version of a model.
 
@@ -54,21 +113,20 @@ class SavedModelBundle:
     self.name = name
     self.version = version
     self.path = path
-    self._graph = tf.Graph()
-    self._session = tf.compat.v1.Session(graph=self._graph,
-                                         config=session_config)
     self._closed = False
     self._close_callbacks: List[Callable[[], None]] = []
     self._close_lock = threading.Lock()
+    self._imported: Optional[_ImportedGraph] = _import_graph(path, tags)
+    self.meta_graph: meta_graph_pb2.MetaGraphDef = self._imported.meta_graph
+    self._session = tf.compat.v1.Session(graph=self._imported.graph,
+                                         config=session_config)
     try:
-      with self._graph.as_default(), _on_one_cpu():
-        self.meta_graph: meta_graph_pb2.MetaGraphDef = (
-            tf.compat.v1.saved_model.loader.load(_InCallerThread(self._session),
-                                                 list(tags), path))
+      with _on_one_cpu():
+        _restore_and_initialize(_InCallerThread(self._session), self._imported,
+                                path)
     except Exception:
       self._session.close()
       raise
-    self._graph.finalize()
     self.runner: SessionRunner = self.session_run
 
   @property
@@ -124,7 +182,21 @@ class SavedModelBundle:
         for callback in self._close_callbacks:
           callback()
         self._session.close()
+        self._imported = None  # The shared graph goes with its last version.
         logging.info("Unloaded servable %s", self.context())
+
+
+def _restore_and_initialize(session: "_InCallerThread", imported: _ImportedGraph,
+                            path: str) -> None:
+  """Restores the variables of the version at `path` into `session` and runs
+  its init op with its own asset paths, as TF's SavedModel loader does."""
+  with imported.graph.as_default():
+    if imported.saver is not None:
+      imported.saver.restore(session, os.path.join(path, "variables", "variables"))
+    assets = loader_impl.get_asset_tensors(path, imported.meta_graph)
+    init_op = loader_impl.get_init_op(imported.meta_graph)
+    if init_op is not None:
+      session.run(fetches=[init_op], feed_dict=assets)
 
 
 class _InCallerThread:

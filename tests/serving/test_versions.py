@@ -210,7 +210,7 @@ def test_unloaded_version_is_freed_at_unload(tmp_path):
   try:
     manager, = server.server.core.managers()
     with manager.handle("m") as bundle:
-      old_graph = weakref.ref(bundle._graph)  # pylint: disable=protected-access
+      old_graph = weakref.ref(bundle._imported.graph)  # pylint: disable=protected-access
     del bundle
     _publish(base, 2, tmp_path)
     lib.wait_for(lambda: _states(server.model, "m")[1].state == State.END)
@@ -235,3 +235,32 @@ def test_load_leaves_the_load_thread_on_every_cpu(tmp_path):
     assert bundle.session_run({name: [2.0]}, [fetch])[0].tolist() == [3.0]
   finally:
     bundle.close()
+
+
+def test_versions_with_one_saved_model_pb_share_the_graph(tmp_path):
+  """An index refresh's version (N's saved_model.pb, new variables) reuses N's
+  imported graph, with its own session and variables."""
+  from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
+  first = lib.write_tf2_half_plus_two(str(tmp_path / "1"))
+  other = lib.write_tf2_half_plus_two(str(tmp_path / "other"), a=1.0, b=0.0)
+  second = str(tmp_path / "2")
+  shutil.copytree(first, second, ignore=shutil.ignore_patterns("variables"))
+  shutil.copytree(os.path.join(other, "variables"), os.path.join(second, "variables"))
+
+  def answer(bundle):
+    signature = bundle.signature_defs["serving_default"]
+    return bundle.session_run({signature.inputs["x"].name: [2.0]},
+                              [signature.outputs["y"].name])[0].tolist()
+
+  bundles = [saved_model_bundle.SavedModelBundle("m", version, path)
+             for version, path in [(1, first), (2, second), (3, other)]]
+  try:
+    graphs = [bundle._imported.graph for bundle in bundles]  # pylint: disable=protected-access
+    assert graphs[0] is graphs[1]  # Same saved_model.pb: imported once.
+    assert graphs[2] is not graphs[0]  # Traced again: its own graph.
+    assert [answer(bundle) for bundle in bundles] == [[3.0], [2.0], [2.0]]
+    bundles[0].close()
+    assert answer(bundles[1]) == [2.0]  # Closing one session leaves the other's variables.
+  finally:
+    for bundle in bundles:
+      bundle.close()
