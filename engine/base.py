@@ -46,7 +46,7 @@ class Index(tf.Module):
     if eligible.shape != (num_items,):
       raise ValueError(f"eligible must have shape [{num_items}], got {eligible.shape}")
     self._num_items = num_items
-    self.eligible = tf.Variable(eligible, trainable=False, name="eligible")
+    self.eligible = catalog_variable(eligible, name="eligible")
 
   @property
   def num_items(self) -> int:
@@ -67,6 +67,16 @@ class Index(tf.Module):
   def nbytes(self) -> int:
     """Bytes of index data (codes, vectors, partitions), excluding the eligibility mask."""
     raise NotImplementedError
+
+
+def catalog_variable(value: np.ndarray | tf.Tensor, name: str) -> tf.Variable:
+  """A non-trainable variable with one row per catalog item, saved with an unknown number of rows.
+
+  A SavedModel then takes a catalog of any size in its checkpoint, so an index refresh can publish new
+  rows under the previous version's graph (no re-tracing, and servers reuse the imported graph).
+  """
+  value = value if tf.is_tensor(value) else np.asarray(value)
+  return tf.Variable(value, trainable=False, name=name, shape=tf.TensorShape([None, *value.shape[1:]]))
 
 
 def mask_ineligible(scores: tf.Tensor, eligible: tf.Tensor, candidate_rows: tf.Tensor | None = None) -> tf.Tensor:

@@ -46,7 +46,7 @@ class FullGraph(tf.Module):
     self.query_tower = query_tower
     self.item_tower = item_tower
     self.index = index
-    self.item_ids = tf.Variable(np.asarray(item_ids, dtype=object).astype(bytes), trainable=False, name="item_ids")
+    self.item_ids = base.catalog_variable(np.asarray(item_ids, dtype=object).astype(bytes), name="item_ids")
     self.k = k
     self._query_specs = dict(query_specs)
     self._item_specs = dict(item_specs)

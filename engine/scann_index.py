@@ -25,6 +25,31 @@ def _scann_ops():
   return scann_ops
 
 
+# The searcher's assets, in the order ScaNN's `scann_to_tensors` returns them.
+ASSET_NAMES = ("scann_config", "serialized_partitioner", "datapoint_to_token", "ah_codebook", "hashed_dataset",
+               "int8_dataset", "int8_multipliers", "dp_norms", "dataset")
+
+
+class ScannAssetsModule(tf.Module):
+  """The variables of ScaNN's `ScannState`, those with a row per datapoint saved with unknown rows.
+
+  ScaNN's own module saves every asset with the shape it had at export (TF 2.20 keeps the initial
+  value's shape despite its `validate_shape=False`), so a catalog of another size would need a new
+  trace. The attribute names are ScannState's, so the checkpoint keys (`index/state/<asset>`) are too.
+  """
+
+  def __init__(self, state: Any):
+    """`state`: a `ScannState`, or any object with the assets (variables or arrays) as attributes."""
+    super().__init__(name="scann_state")
+    for name in ASSET_NAMES:
+      value = getattr(state, name)
+      value = value.read_value() if isinstance(value, tf.Variable) else tf.convert_to_tensor(value)
+      if value.shape.rank == 0:  # A placeholder for an asset the searcher does not use.
+        setattr(self, name, tf.Variable(value, trainable=False, name=name))
+      else:
+        setattr(self, name, base.catalog_variable(value, name=name))
+
+
 class ScannIndex(base.Index):
   """A ScaNN searcher stored as variables inside the module, searched with ScaNN's TF ops.
 
@@ -49,12 +74,12 @@ class ScannIndex(base.Index):
                eligible: np.ndarray | None = None, name: str = "scann"):
     super().__init__(embeddings.shape[0], eligible, name=name)
     self.config = dict(config)
-    self.state = searcher.serialize_to_module()
+    self.state = ScannAssetsModule(searcher.serialize_to_module())
     # Reordering keeps the float dataset inside the ScaNN state: reuse it for the exact fallback.
     if tuple(self.state.dataset.shape) == embeddings.shape:
       self._vectors = self.state.dataset
     else:
-      self.vectors = tf.Variable(embeddings, trainable=False, name="vectors")
+      self.vectors = base.catalog_variable(embeddings, name="vectors")
       self._vectors = self.vectors
 
   def search(self, queries: tf.Tensor, k: int, leaves_to_search: tf.Tensor | None = None,

@@ -32,8 +32,7 @@ from engine import scann_index
 # Checkpoint keys of a ScannIndex's state inside a FullGraph (the SavedModel's `index/state/...`).
 STATE_SCOPE = "index/state"
 _BYTES_ASSETS = ("scann_config", "serialized_partitioner", "ah_codebook")
-ASSET_NAMES = ("scann_config", "serialized_partitioner", "datapoint_to_token", "ah_codebook", "hashed_dataset",
-               "int8_dataset", "int8_multipliers", "dp_norms", "dataset")  # The order TensorsToScann takes.
+ASSET_NAMES = scann_index.ASSET_NAMES
 
 
 def _present(value: np.ndarray) -> bool:
@@ -212,13 +211,13 @@ def update(assets: ScannAssets, embeddings: np.ndarray, source_rows: np.ndarray)
 
 
 class _AssetsSearcher:
-  """What `ScannIndex` needs from a built searcher: a `ScannState` of the given assets."""
+  """What `ScannIndex` needs from a built searcher: its assets by name (as a `ScannState` has them)."""
 
   def __init__(self, assets: ScannAssets):
     self._assets = assets
 
-  def serialize_to_module(self) -> tf.Module:
-    return scann_index._scann_ops().ScannState(self._assets.tensors())  # pylint: disable=protected-access
+  def serialize_to_module(self) -> ScannAssets:
+    return self._assets
 
 
 def index_from_assets(assets: ScannAssets, config: dict[str, Any], eligible: np.ndarray | None = None) -> scann_index.ScannIndex:

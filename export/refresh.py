@@ -6,9 +6,12 @@ Version N already holds everything a refresh needs: its towers (variables and tr
 - embeds new and changed ads with N's own `encode_item`, so their embeddings match the served towers
   bit for bit;
 - rebuilds only the index, with N's backend, k and tuned search knobs;
-- saves a module that reuses N's restored tower functions and variables (no Python tower code runs
-  and nothing in the towers is traced again; only the small serving functions around the new index
-  are traced), copies N's warm-up records, and publishes atomically (`versions.publish`).
+- writes the new index's variables under N's own graph when that graph fits them (ScaNN updated with
+  N's search knobs, `source_graph_replacements`): N's saved_model.pb is hard-linked and nothing is
+  traced, so a server can also reuse the graph it imported for N. Otherwise it saves a module that
+  reuses N's restored tower functions and variables (no Python tower code runs and nothing in the
+  towers is traced again; only the small serving functions around the new index are traced);
+- copies N's warm-up records, and publishes atomically (`versions.publish`).
 
 A status-only delta (pause/resume) does not load N at all: the new version is N's files, hard-linked,
 with the variables checkpoint rewritten so that only the eligibility mask differs. Servers compare
@@ -28,11 +31,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import base, full_graph, scann_update
-from export import refresh_delta, refresh_retrain, refresh_state, verify, versions, warmup
+from engine import base, full_graph, scann_index, scann_update
+from export import refresh_checkpoint, refresh_delta, refresh_retrain, refresh_state, verify, versions, warmup
 
 REPORT_FILE = "export_report.json"  # The same file fgr-export writes: it tells the next refresh k and the index.
 FINGERPRINT_FILE = "fingerprint.pb"
+_REPORT_PATH = os.path.join(refresh_state.EXTRA_DIR, REPORT_FILE)
+_EMBEDDINGS_PATH = os.path.join(refresh_state.EXTRA_DIR, refresh_state.EMBEDDINGS_FILE)
 EMBED_BATCH_SIZE = 8192
 # Search knobs a backend tunes at build time. A refresh reuses N's values: the catalog changed a
 # little, and tuning (timed searches) would cost more than the rest of the build.
@@ -86,36 +91,6 @@ def link_file(source: str, destination: str) -> None:
     os.link(source, destination)
   except OSError:
     shutil.copy2(source, destination)
-
-
-def rewrite_checkpoint(source_prefix: str, destination_prefix: str, replacements: dict[str, np.ndarray]) -> None:
-  """Writes a copy of a TF checkpoint with some tensors replaced (same dtype and shape).
-
-  The tensors are read with RestoreV2 and written with SaveV2, so they stay TF tensors throughout (no
-  NumPy copy of the string tensors; at 1M ads this is about 4x faster than going through NumPy).
-  """
-  reader = tf.train.load_checkpoint(source_prefix)
-  dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
-  for name, value in replacements.items():
-    if name not in dtypes:
-      raise KeyError(f"{source_prefix} has no tensor {name!r}")
-    if tuple(shapes[name]) != value.shape or dtypes[name].as_numpy_dtype != value.dtype:
-      raise ValueError(f"{name}: expected {dtypes[name].name} {shapes[name]}, got {value.dtype} {value.shape}")
-  names = sorted(dtypes)
-  kept = [n for n in names if n not in replacements]
-  restored = dict(zip(kept, tf.raw_ops.RestoreV2(prefix=source_prefix, tensor_names=kept,
-                                                 shape_and_slices=[""] * len(kept), dtypes=[dtypes[n] for n in kept])
-                           if kept else []))
-  tensors = [restored[n] if n in restored else tf.constant(replacements[n]) for n in names]
-  os.makedirs(os.path.dirname(destination_prefix), exist_ok=True)
-  tf.raw_ops.SaveV2(prefix=destination_prefix, tensor_names=names, shape_and_slices=[""] * len(names),
-                    tensors=tensors)
-
-
-def _write_fingerprint(saved_model_dir: str) -> None:
-  """Writes fingerprint.pb for a SavedModel assembled by hand (it hashes the checkpoint too)."""
-  from tensorflow.python.saved_model import fingerprinting_utils  # pylint: disable=g-import-not-at-top
-  fingerprinting_utils.write_fingerprint(saved_model_dir)
 
 
 def read_warmup_queries(version_path: str) -> list[dict[str, np.ndarray]]:
@@ -293,11 +268,11 @@ def publish_status_only(base_path: str, source: Source, eligible: np.ndarray,
   state = dataclasses.replace(source.state, eligible=eligible)
   started = time.perf_counter()
   with versions.publish(base_path, version) as (temp_path, version):
-    extra_report = os.path.join(refresh_state.EXTRA_DIR, REPORT_FILE)
-    link_tree(source.path, temp_path, skip=("variables", FINGERPRINT_FILE, extra_report))
-    rewrite_checkpoint(refresh_state.variables_prefix(source.path), refresh_state.variables_prefix(temp_path),
-                       {refresh_state.ELIGIBLE_KEY: eligible})
-    _write_fingerprint(temp_path)
+    link_tree(source.path, temp_path, skip=("variables", FINGERPRINT_FILE, _REPORT_PATH))
+    refresh_checkpoint.rewrite_checkpoint(refresh_state.variables_prefix(source.path),
+                                          refresh_state.variables_prefix(temp_path),
+                                          {refresh_state.ELIGIBLE_KEY: eligible})
+    refresh_checkpoint.write_fingerprint(temp_path)
     report = _base_report(source, version, base_path, "status_only", state)
     report["write_seconds"] = round(time.perf_counter() - started, 3)
     _write_report(temp_path, report)
@@ -395,6 +370,43 @@ def rebuild_index(source: Source, state: refresh_state.CatalogState, source_rows
   return index
 
 
+def source_graph_replacements(source: Source, index: base.Index, state: refresh_state.CatalogState
+                              ) -> tuple[dict[str, Any] | None, str | None]:
+  """The checkpoint tensors under which N's graph serves `index` over `state`, or (None, why not).
+
+  N's serving functions read the catalog (ids, eligibility, ScaNN assets) from variables and bake in
+  only k and the search knobs, so when those match and N saved the catalog variables with unknown
+  rows (`engine.base.catalog_variable`), a new checkpoint is the whole new version.
+  """
+  if source.report["index"] != "scann" or not isinstance(index, scann_index.ScannIndex):
+    return None, f"the {source.report['index']} backend's graph depends on its build"
+  k, config, source_config = source.report["k"], index.config, source.report.get("index_config", {})
+  baked = ["leaves_to_search", "reorder"] + (["overfetch"] if config.get("reorder", 0) <= 0 else [])
+  changed = [name for name in baked if config.get(name) != source_config.get(name)]
+  if changed:
+    return None, f"search knobs {changed} differ from version {source.version}'s graph"
+  if config.get("reorder", 0) <= 0 and k * config["overfetch"] > min(index.num_items, len(source.state.ids)):
+    return None, "the candidate count depends on the catalog size"
+  if index.num_items < k:
+    return None, f"{index.num_items} items, fewer than k={k}"
+  values: dict[str, Any] = {"item_ids": np.asarray(state.ids, dtype=object).astype(bytes),
+                            "index/eligible": index.eligible}
+  values.update({f"index/state/{name}": getattr(index.state, name) for name in scann_index.ASSET_NAMES})
+  if hasattr(index, "vectors"):
+    values["index/vectors"] = index.vectors
+  prefix = refresh_state.variables_prefix(source.path)
+  keys = refresh_checkpoint.variable_keys(prefix, values)
+  shapes = refresh_checkpoint.saved_variable_shapes(source.path, values)
+  catalog_keys = {key for key in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+                  if key.startswith(("index/", "item_ids/"))}
+  if set(keys) != set(values) or set(shapes) != set(values) or set(keys.values()) != catalog_keys:
+    return None, f"version {source.version}'s index variables are not this index's"
+  for path, value in values.items():
+    if not shapes[path].is_compatible_with(np.shape(value) if isinstance(value, np.ndarray) else value.shape):
+      return None, f"version {source.version}'s graph saved {path} with shape {shapes[path]}"
+  return {keys[path]: value for path, value in values.items()}, None
+
+
 def publish_rebuilt(base_path: str, source: Source, towers: LoadedTowers, state: refresh_state.CatalogState,
                     timings: dict[str, float], index_overrides: dict[str, Any] | None = None,
                     verify_recall: bool = True, version: int | None = None, source_rows: np.ndarray | None = None,
@@ -425,18 +437,29 @@ def publish_rebuilt(base_path: str, source: Source, towers: LoadedTowers, state:
   index = rebuild_index(source, state, source_rows, options, index_update, retrain_fraction, retrained, background)
   timings["build_seconds"] = time.perf_counter() - started
 
-  graph = full_graph.FullGraph(towers.query_tower, towers.item_tower, index, state.ids, k,
-                               towers.query_specs, towers.item_specs)
+  replacements, retrace_reason = source_graph_replacements(source, index, state)
   started = time.perf_counter()
   with versions.publish(base_path, version) as (temp_path, version):
-    graph.save(temp_path)
-    extra = os.path.join(temp_path, refresh_state.EXTRA_DIR)
-    os.makedirs(extra, exist_ok=True)
-    warmup_path = os.path.join(source.path, refresh_state.EXTRA_DIR, warmup.WARMUP_FILE)
-    if os.path.exists(warmup_path):
-      link_file(warmup_path, os.path.join(extra, warmup.WARMUP_FILE))
+    if replacements is not None:  # N's graph, hard-linked, over a new checkpoint: nothing is traced.
+      link_tree(source.path, temp_path, skip=("variables", FINGERPRINT_FILE, _REPORT_PATH, _EMBEDDINGS_PATH))
+      refresh_checkpoint.rewrite_checkpoint(refresh_state.variables_prefix(source.path),
+                                            refresh_state.variables_prefix(temp_path), replacements,
+                                            resizable=replacements.keys())
+      refresh_checkpoint.write_fingerprint(temp_path)
+    else:
+      logging.info("Tracing the serving functions anew: %s", retrace_reason)
+      full_graph.FullGraph(towers.query_tower, towers.item_tower, index, state.ids, k, towers.query_specs,
+                           towers.item_specs).save(temp_path)
+      extra = os.path.join(temp_path, refresh_state.EXTRA_DIR)
+      os.makedirs(extra, exist_ok=True)
+      warmup_path = os.path.join(source.path, refresh_state.EXTRA_DIR, warmup.WARMUP_FILE)
+      if os.path.exists(warmup_path):
+        link_file(warmup_path, os.path.join(extra, warmup.WARMUP_FILE))
     refresh_state.write_embeddings(temp_path, state.embeddings)
     report = _base_report(source, version, base_path, "rebuild", state)
+    report["graph"] = f"version {source.version}'s" if replacements is not None else "traced"
+    if retrace_reason:
+      report["graph_traced_because"] = retrace_reason
     report["index_options"] = options
     report["index_config"] = dict(getattr(index, "config", report["index_config"]))
     report["index_update"] = report["index_config"].get("update", "full")
@@ -458,10 +481,9 @@ def rollback(base_path: str, version: int) -> dict[str, Any]:
   if version not in versions.list_versions(base_path):
     raise FileNotFoundError(f"No complete version {version} under {base_path} to roll back to")
   started = time.perf_counter()
-  extra_report = os.path.join(refresh_state.EXTRA_DIR, REPORT_FILE)
   with versions.publish(base_path) as (temp_path, new_version):
-    link_tree(source_path, temp_path, skip=(extra_report,))
-    report = read_report(source_path) if os.path.exists(os.path.join(source_path, extra_report)) else {}
+    link_tree(source_path, temp_path, skip=(_REPORT_PATH,))
+    report = read_report(source_path) if os.path.exists(os.path.join(source_path, _REPORT_PATH)) else {}
     report.update({"version": new_version, "path": os.path.join(base_path, str(new_version)), "kind": "rollback",
                    "refreshed_from": version})
     _write_report(temp_path, report)

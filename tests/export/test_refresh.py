@@ -110,9 +110,11 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   tower_keys = [key for key in old_checkpoint.get_variable_to_shape_map()
                 if key.startswith(("query_tower/", "item_tower/")) and key.endswith("VARIABLE_VALUE")]
   assert len(tower_keys) > 5
-  for key in tower_keys:  # RestoredTower keeps the restored tower object as `owner`.
-    new_key = key.replace("_tower/", "_tower/owner/", 1)
-    np.testing.assert_array_equal(old_checkpoint.get_tensor(key), new_checkpoint.get_tensor(new_key))
+  # ScaNN with version 1's search knobs: version 1's graph file serves the new checkpoint, untraced.
+  assert report["graph"] == "version 1's"
+  assert os.path.samefile(os.path.join(version_path, "saved_model.pb"), os.path.join(new_path, "saved_model.pb"))
+  for key in tower_keys:
+    np.testing.assert_array_equal(old_checkpoint.get_tensor(key), new_checkpoint.get_tensor(key))
   assert "fresh-ad" in after[0, :3]
   assert removed not in after and paused not in after and "" not in after
   query_embeddings = new_loaded.signatures["encode_query"](**{n: tf.constant(v) for n, v in queries.items()})["embedding"]

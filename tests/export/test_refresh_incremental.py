@@ -86,6 +86,7 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
   assert config["encoded_rows"] == 61 + 40 == config["rows_encoded_since_training"]
   assert config["train_seconds"] == 0.0 and config["build_seconds"] < 30
   assert config["leaves_to_search"] == refresh.read_report(version_path)["index_config"]["leaves_to_search"]
+  assert report["graph"] == "version 1's"  # Same knobs: version 1's graph over the new variables.
 
   # N's training is kept, and the rows the delta did not touch keep their tokens and codes.
   old_state, new_state = refresh_state.read_state(version_path), refresh_state.read_state(os.path.join(base_path, "2"))
@@ -117,6 +118,27 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
         f" new ads found: incremental {new_found:.3f}, full rebuild {full_new_found:.3f} ({len(pairs)} pairs)")
   assert incremental_recall >= full_recall - 0.05 and incremental_recall >= recall_v1 - 0.05
   assert new_found >= full_new_found - 0.2  # Measured gaps: 0.01 to 0.09 (see docs/benchmarks.md).
+
+
+def test_other_search_knobs_trace_the_serving_functions_anew(exported, base_path):
+  version_path, source, queries = exported
+  before, recall_v1 = _served_and_recall(version_path, queries)
+  delta = _delta(source, before, 4, set(refresh_state.read_state(version_path).ids))
+  leaves = refresh.read_report(version_path)["index_config"]["leaves_to_search"] + 2
+  report = refresh.Refresher(base_path, keep_versions=None, verify_recall=False,
+                             index_overrides={"leaves_to_search": leaves}).apply(delta)
+  assert report["index_update"] == "incremental" and report["index_config"]["leaves_to_search"] == leaves
+  assert report["graph"] == "traced" and "leaves_to_search" in report["graph_traced_because"]
+  old_checkpoint = tf.train.load_checkpoint(refresh_state.variables_prefix(version_path))
+  new_checkpoint = tf.train.load_checkpoint(refresh_state.variables_prefix(report["path"]))
+  tower_keys = [key for key in old_checkpoint.get_variable_to_shape_map()
+                if key.startswith(("query_tower/", "item_tower/")) and key.endswith("VARIABLE_VALUE")]
+  assert len(tower_keys) > 5
+  for key in tower_keys:  # RestoredTower keeps the restored tower object as `owner`.
+    new_key = key.replace("_tower/", "_tower/owner/", 1)
+    np.testing.assert_array_equal(old_checkpoint.get_tensor(key), new_checkpoint.get_tensor(new_key))
+  _, recall = _served_and_recall(report["path"], queries)
+  assert recall >= recall_v1 - 0.05
 
 
 def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_path):
