@@ -35,7 +35,7 @@ setuptools.setup(
         "console_scripts": [
             "fgr-train=models.train_cli:run",
             "fgr-export=export.export_cli:run",
-            "fgr-serve=serving.model_servers.main:run",
+            "fgr-serve=serving.model_servers:run_server",
             "fgr-query=serving.query_cli:run",
             "fgr-eval=models.eval_cli:run",
             "fgr-refresh=export.refresh_cli:run",

@@ -68,6 +68,9 @@ flags.DEFINE_bool("compare_full", True, "Also time a rebuild with a full ScaNN r
 flags.DEFINE_integer("recall_queries", 500, "Held-out queries for the recall comparison.")
 flags.DEFINE_bool("watcher_verify_recall", False, "Let the watcher check recall after each publish (it then "
                   "searches the new index in its own process while the server loads it).")
+flags.DEFINE_bool("refresher_keeps_freed_memory", True, "Run the watcher with glibc tunables that keep "
+                  "its freed memory for its next build (see _refresher_env).")
+flags.DEFINE_list("server_flags", [], "Extra fgr-serve flags, e.g. --noretain_freed_memory.")
 flags.DEFINE_enum("part", "all", ["all", "publish", "swaps"], "Which measurement to run.")
 flags.mark_flag_as_required("work_dir")
 
@@ -99,7 +102,8 @@ class Server:
     self._log = open(log_path, "wb")
     self.process = subprocess.Popen(
         [sys.executable, "-m", "serving.model_servers.main", "--port=0", f"--port_file={port_file}",
-         f"--model_name={MODEL}", f"--model_base_path={base_path}", "--file_system_poll_wait_seconds=1"],
+         f"--model_name={MODEL}", f"--model_base_path={base_path}", "--file_system_poll_wait_seconds=1"]
+        + FLAGS.server_flags,
         cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=self._log, stderr=self._log)
     deadline = time.time() + 300
     while not os.path.exists(port_file):
@@ -392,6 +396,16 @@ def version_recall(version_path: str, queries: dict[str, np.ndarray], batch_size
   return round(float(np.mean(found)), 4)
 
 
+def _refresher_env() -> dict[str, str]:
+  """The watcher's environment: with --refresher_keeps_freed_memory, glibc keeps what the refresher
+  frees for its next build, as fgr-serve's --retain_freed_memory does. It shares the two cores with
+  the server here, and on this VM every fresh page it touches stalls a vCPU the server needs."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  if FLAGS.refresher_keeps_freed_memory:
+    env["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+  return env
+
+
 def _index_overrides() -> dict[str, Any]:
   return exporter.parse_index_options(FLAGS.index_options)
 
@@ -505,7 +519,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
          f"--watch={watch_dir}", "--interval=1s", "--keep_versions=3", f"--index_update={FLAGS.index_update}",
          f"--verify_recall={FLAGS.watcher_verify_recall}"]
         + [f"--index_options={o}" for o in FLAGS.index_options],
-        cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=log, stderr=log)
+        cwd=REPO, env=_refresher_env(), stdout=log, stderr=log)
     time.sleep(5)  # Let the watcher read version 1 before the steady phase starts.
 
     # Every 10th request is the probe query; the others cycle through the held-out queries.

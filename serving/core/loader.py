@@ -37,6 +37,9 @@ class LoaderOptions:
   batching: Optional[BatchingConfig] = None
   # If non-empty, model files must resolve (symlinks, "..") under one of these.
   allowed_roots: Sequence[str] = ()
+  # Freed memory stays in the process (runtime.retain_freed_memory): rehearse
+  # each model's first load, so the next version reuses touched pages.
+  reserve_next_version_memory: bool = False
 
 
 def check_path_roots(path: str, roots: Sequence[str], what: str) -> None:
@@ -76,7 +79,8 @@ def load_once(name: str, version: int, path: str,
       bundle.runner = session
       bundle.on_close(session.close)
     if options.enable_warmup:
-      warmup.run_warmup(bundle, options.warmup_iterations)
+      with saved_model_bundle.background_load():
+        warmup.run_warmup(bundle, options.warmup_iterations)
   except Exception as e:  # A failed warm-up fails the load, as in TF Serving.
     bundle.close()
     raise errors.from_exception(e, context) from e

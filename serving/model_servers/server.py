@@ -51,6 +51,7 @@ class Options:
   saved_model_tags: str = "serve"
   session_config: Optional[config_pb2.ConfigProto] = None
   enable_model_warmup: bool = True
+  retain_freed_memory: bool = False
   num_request_iterations_for_warmup: int = 0
   enable_batching: bool = False
   batching_parameters_file: str = ""
@@ -157,7 +158,8 @@ class Server:
         load_retry_interval_seconds=max(
             0.0, options.load_retry_interval_micros / 1e6),
         batching=self._batching(),
-        allowed_roots=tuple(options.model_base_path_roots))
+        allowed_roots=tuple(options.model_base_path_roots),
+        reserve_next_version_memory=options.retain_freed_memory)
     self.core = server_core.ServerCore(
         loader_options, options.num_load_threads, options.num_unload_threads,
         options.allow_version_labels_for_unavailable_models)

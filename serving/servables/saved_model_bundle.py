@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 import threading
+import time
 import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -121,7 +122,7 @@ class SavedModelBundle:
     self._session = tf.compat.v1.Session(graph=self._imported.graph,
                                          config=session_config)
     try:
-      with _on_one_cpu():
+      with background_load():
         _restore_and_initialize(_InCallerThread(self._session), self._imported,
                                 path)
     except Exception:
@@ -168,6 +169,10 @@ class SavedModelBundle:
     options = None
     if timeout_ms is not None and timeout_ms > 0:
       options = config_pb2.RunOptions(timeout_in_ms=int(timeout_ms))
+    if getattr(_loading, "active", False):  # A warm-up: see background_load().
+      with _idle_priority():
+        return self._session.run(list(fetches), feed_dict=feeds,
+                                 options=_in_caller_thread(options))
     return self._session.run(list(fetches), feed_dict=feeds, options=options)
 
   def on_close(self, callback: Callable[[], None]) -> None:
@@ -190,13 +195,19 @@ def _restore_and_initialize(session: "_InCallerThread", imported: _ImportedGraph
                             path: str) -> None:
   """Restores the variables of the version at `path` into `session` and runs
   its init op with its own asset paths, as TF's SavedModel loader does."""
+  started = time.monotonic()
   with imported.graph.as_default():
     if imported.saver is not None:
       imported.saver.restore(session, os.path.join(path, "variables", "variables"))
+    restored = time.monotonic()
     assets = loader_impl.get_asset_tensors(path, imported.meta_graph)
     init_op = loader_impl.get_init_op(imported.meta_graph)
     if init_op is not None:
+      logging.info("Running initialization op on SavedModel bundle at path: %s", path)
       session.run(fetches=[init_op], feed_dict=assets)
+  logging.info("Restored the variables in %d microseconds and initialized in %d "
+               "microseconds at path: %s", (restored - started) * 1e6,
+               (time.monotonic() - restored) * 1e6, path)
 
 
 class _InCallerThread:
@@ -208,37 +219,74 @@ class _InCallerThread:
     self._session = session
 
   def run(self, fetches, feed_dict=None, options=None, run_metadata=None):
-    merged = config_pb2.RunOptions()
-    merged.CopyFrom(_IN_CALLER_THREAD)
-    if options is not None:
-      merged.MergeFrom(options)
-    return self._session.run(fetches, feed_dict=feed_dict, options=merged,
-                             run_metadata=run_metadata)
+    with _idle_priority():
+      return self._session.run(fetches, feed_dict=feed_dict,
+                               options=_in_caller_thread(options),
+                               run_metadata=run_metadata)
+
+
+def _in_caller_thread(options: Optional[config_pb2.RunOptions]
+                      ) -> config_pb2.RunOptions:
+  """`options` (or none) with Session::Run executing in the calling thread."""
+  merged = config_pb2.RunOptions()
+  merged.CopyFrom(_IN_CALLER_THREAD)
+  if options is not None:
+    merged.MergeFrom(options)
+  return merged
+
+
+_loading = threading.local()
 
 
 @contextlib.contextmanager
-def _on_one_cpu():
-  """Pins the calling thread, and the threads it starts meanwhile, to one CPU.
+def background_load():
+  """Runs a version's restore, init and warm-up in the calling thread, pinned
+  to one CPU and at idle CPU priority while in TF, so the versions answering
+  requests keep the CPUs (re-entrant).
 
-  RestoreV2 reads large tensors on a pool of reader threads it starts itself,
-  which would take every core from the version answering requests (a 1M-ad
-  ScaNN version, 360 MB of variables, 2 cores: request p99 12-67 ms during an
-  unpinned restore; see bench/load_stalls.py). TensorFlow's own thread pools
-  exist before this (they start with the first session), so they keep every
-  CPU. A no-op on one CPU or without `os.sched_setaffinity`.
+  - Session runs of this thread execute in it (RunOptions
+    inter_op_thread_pool=-1), not on TF's shared inter-op pool: the warm-up's
+    first request deserialises the ScaNN searcher (1.5-3 s of CPU at 1M ads).
+  - Each of those runs is SCHED_IDLE (`_idle_priority`): this thread, and the
+    threads it starts meanwhile (RestoreV2's reader threads), use only CPU
+    time no request wants. Only inside the run: the GIL is released there,
+    while a starved idle thread holding the GIL would stall every request.
+  - One CPU: RestoreV2's readers would otherwise take every core (request p99
+    12-67 ms during an unpinned restore of 360 MB; bench/load_stalls.py).
+
+  TF's own thread pools start with the first session, before any of this, so
+  they keep every CPU and their priority. Sessions must be created outside:
+  one created inside starts pinned threads of its own (its first request then
+  stalled the serving version for ~1 s). Each part is skipped where the OS
+  lacks it.
   """
-  if not hasattr(os, "sched_setaffinity"):
+  if getattr(_loading, "active", False):
     yield
     return
-  allowed = os.sched_getaffinity(0)
-  if len(allowed) < 2:
+  allowed = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else set()
+  _loading.active = True
+  try:
+    if len(allowed) > 1:
+      os.sched_setaffinity(0, {max(allowed)})  # 0: this thread only.
+    yield
+  finally:
+    _loading.active = False
+    if len(allowed) > 1:
+      os.sched_setaffinity(0, allowed)
+
+
+@contextlib.contextmanager
+def _idle_priority():
+  """SCHED_IDLE for the calling thread (and threads it starts) meanwhile."""
+  if not hasattr(os, "SCHED_IDLE"):
     yield
     return
-  os.sched_setaffinity(0, {max(allowed)})  # 0: this thread only.
+  policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+  os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
   try:
     yield
   finally:
-    os.sched_setaffinity(0, allowed)
+    os.sched_setscheduler(0, policy, param)
 
 
 def has_saved_model(path: str) -> bool:

@@ -38,6 +38,7 @@ def run_warmup(bundle: saved_model_bundle.SavedModelBundle,
   path = os.path.join(bundle.path, WARMUP_FILE)
   if not os.path.isfile(path):
     return 0
+  logging.info("Starting to read warmup data for model at %s", path)
   start = time.monotonic()
   try:
     records = []

@@ -220,16 +220,22 @@ def test_unloaded_version_is_freed_at_unload(tmp_path):
     server.stop()
 
 
-def test_load_leaves_the_load_thread_on_every_cpu(tmp_path):
-  """The restore runs pinned to one CPU; the thread gets all of them back."""
+def test_load_gives_the_load_thread_back_its_cpus_and_priority(tmp_path):
+  """The restore and warm-up run on one CPU at idle priority; the thread gets
+  its CPUs and scheduling policy back."""
   from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
-  if not hasattr(os, "sched_getaffinity"):
-    pytest.skip("no CPU affinity on this platform")
-  before = os.sched_getaffinity(0)
+  if not hasattr(os, "sched_getaffinity") or not hasattr(os, "SCHED_IDLE"):
+    pytest.skip("no CPU affinity or SCHED_IDLE on this platform")
+  before = os.sched_getaffinity(0), os.sched_getscheduler(0)
+  with saved_model_bundle.background_load():
+    assert len(os.sched_getaffinity(0)) == 1 or len(before[0]) == 1
+    with saved_model_bundle._idle_priority():  # pylint: disable=protected-access
+      assert os.sched_getscheduler(0) == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == before[1]
   path = lib.write_tf2_half_plus_two(str(tmp_path / "1"))
   bundle = saved_model_bundle.SavedModelBundle("m", 1, path)
   try:
-    assert os.sched_getaffinity(0) == before
+    assert (os.sched_getaffinity(0), os.sched_getscheduler(0)) == before
     name = bundle.signature_defs["serving_default"].inputs["x"].name
     fetch = bundle.signature_defs["serving_default"].outputs["y"].name
     assert bundle.session_run({name: [2.0]}, [fetch])[0].tolist() == [3.0]
@@ -264,3 +270,37 @@ def test_versions_with_one_saved_model_pb_share_the_graph(tmp_path):
   finally:
     for bundle in bundles:
       bundle.close()
+
+
+def test_first_load_is_rehearsed_when_freed_memory_is_retained(tmp_path):
+  """The first version loads once more and unloads before it serves (its
+  freed memory then serves the next version); later versions load once."""
+  from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  loads = []
+  original = saved_model_bundle.SavedModelBundle.__init__
+
+  def counting_init(self, name, version, *args, **kwargs):
+    loads.append(version)
+    original(self, name, version, *args, **kwargs)
+
+  saved_model_bundle.SavedModelBundle.__init__ = counting_init
+  try:
+    server = lib.InProcessServer(model_name="m", model_base_path=base, retain_freed_memory=True,
+                                 file_system_poll_wait_seconds=0.2)
+    try:
+      assert loads == [1, 1]
+      assert _predict(server.predict, "m").outputs["y"].float_val == [3.0]
+      _publish(base, 2, tmp_path)
+      lib.wait_for(lambda: _states(server.model, "m")[1].state == State.END)
+      assert loads == [1, 1, 2]
+    finally:
+      server.stop()
+  finally:
+    saved_model_bundle.SavedModelBundle.__init__ = original
+
+
+def test_retained_memory_is_off_with_the_flag():
+  from serving.util import runtime  # pylint: disable=g-import-not-at-top
+  assert not runtime.retain_freed_memory_unless_disabled(["--port=0", "--noretain_freed_memory"])
