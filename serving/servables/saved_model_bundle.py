@@ -15,6 +15,7 @@ milliseconds at the expense of the version answering requests, run once.
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import threading
@@ -277,8 +278,11 @@ def background_load():
 
 @contextlib.contextmanager
 def _idle_priority():
-  """SCHED_IDLE for the calling thread (and threads it starts) meanwhile."""
-  if not hasattr(os, "SCHED_IDLE"):
+  """SCHED_IDLE for the calling thread (and threads it starts) meanwhile.
+
+  A no-op where the thread could not return to its policy afterwards.
+  """
+  if not _can_leave_idle_priority():
     yield
     return
   policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
@@ -287,6 +291,33 @@ def _idle_priority():
     yield
   finally:
     os.sched_setscheduler(0, policy, param)
+
+
+@functools.lru_cache(maxsize=None)
+def _can_leave_idle_priority() -> bool:
+  """Whether a thread may go SCHED_IDLE and back, tried on a throwaway thread.
+
+  Leaving SCHED_IDLE needs CAP_SYS_NICE or a RLIMIT_NICE that admits nice 0
+  (sched(7)); containers often have neither, and a loader thread left at idle
+  priority would starve under load.
+  """
+  if not hasattr(os, "SCHED_IDLE"):
+    return False
+  outcome = []
+
+  def attempt():
+    try:
+      policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+      os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+      os.sched_setscheduler(0, policy, param)
+      outcome.append(True)
+    except OSError as e:
+      logging.info("Loads run at normal CPU priority: %s", e)
+
+  probe = threading.Thread(target=attempt, name="sched-idle-probe")
+  probe.start()
+  probe.join()
+  return bool(outcome)
 
 
 def has_saved_model(path: str) -> bool:
