@@ -20,8 +20,8 @@ with fgr-serve on 127.0.0.1, then measures:
    made to match the probe query (the side info of its best ad) appears in the probe's answers of
    the version that adds it; removed and paused ads appear in no answer of the versions that
    exclude them. Reported: failed requests,
-   p50/p99 steady, inside the swap windows (publish to one second after the old version's last
-   answer) and during the refresher's builds.
+   p50/p99 steady, inside the swap windows (from the publish to 3 s after the new version's first
+   answer, which covers the old version's unload) and during the refresher's builds.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ flags.DEFINE_bool("watcher_verify_recall", False, "Let the watcher check recall 
                   "searches the new index in its own process while the server loads it).")
 flags.DEFINE_bool("refresher_keeps_freed_memory", True, "Run the watcher with glibc tunables that keep "
                   "its freed memory for its next build (see _refresher_env).")
+flags.DEFINE_integer("refresher_keep_versions", 3, "The watcher's --keep_versions (0 keeps all).")
 flags.DEFINE_list("server_flags", [], "Extra fgr-serve flags, e.g. --noretain_freed_memory.")
 flags.DEFINE_enum("part", "all", ["all", "publish", "swaps"], "Which measurement to run.")
 flags.mark_flag_as_required("work_dir")
@@ -425,6 +426,7 @@ class OpenLoopLoad:
     self.version = np.zeros(self._max_requests, np.int64)
     self.failed: dict[int, str] = {}
     self.hits: dict[int, frozenset[str]] = {}
+    self.first_answered_at: dict[int, float] = {}  # version -> when its first answer arrived
     self.sent = 0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
@@ -458,6 +460,7 @@ class OpenLoopLoad:
       response = future.result()
       self.latency[i] = time.time() - self.scheduled[i]
       self.version[i] = response.model_spec.version.value
+      self.first_answered_at.setdefault(int(self.version[i]), time.time())
       found = self._tracked.intersection(v.decode() for v in response.outputs["ids"].string_val)
       if found:
         self.hits[i] = frozenset(found)
@@ -465,6 +468,16 @@ class OpenLoopLoad:
       self.failed[i] = e.code().name
     finally:
       self._outstanding.release()
+
+  def wait_for_version(self, version: int, timeout: float) -> float:
+    """When the load's first answer from `version` (or newer) arrived; sends no requests of its own."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      answered = [at for v, at in list(self.first_answered_at.items()) if v >= version]
+      if answered:
+        return min(answered)
+      time.sleep(0.01)
+    raise TimeoutError(f"version {version} did not answer within {timeout:.0f}s")
 
   def percentiles(self, start: float, end: float) -> dict[str, float | int]:
     sent = slice(0, self.sent)
@@ -516,7 +529,8 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
     log = open(os.path.join(FLAGS.work_dir, "swaps-refresher.log"), "wb")
     watcher = subprocess.Popen(
         ["nice", "-n", "10", sys.executable, "-m", "export.refresh_cli", f"--model_base_path={base_path}",
-         f"--watch={watch_dir}", "--interval=1s", "--keep_versions=3", f"--index_update={FLAGS.index_update}",
+         f"--watch={watch_dir}", "--interval=1s", f"--keep_versions={FLAGS.refresher_keep_versions}",
+         f"--index_update={FLAGS.index_update}",
          f"--verify_recall={FLAGS.watcher_verify_recall}"]
         + [f"--index_options={o}" for o in FLAGS.index_options],
         cwd=REPO, env=_refresher_env(), stdout=log, stderr=log)
@@ -543,7 +557,8 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
           published_at = time.time()
         time.sleep(0.02)
       version += 1
-      first_answer_at, _ = wait_for_version(server, probe_request, version, FLAGS.swap_timeout)
+      # From the load's own answers: polling with extra requests would raise the load inside the windows only.
+      first_answer_at = load.wait_for_version(version, FLAGS.swap_timeout)
       time.sleep(3)  # The old version unloads after the switch: keep it inside the window.
       swaps.append({"version": version, "kind": "rebuild" if rebuild else "status_only",
                     "dropped_at": dropped_at, "published_at": published_at, "first_answer_at": first_answer_at,
