@@ -71,6 +71,7 @@ flags.DEFINE_bool("watcher_verify_recall", False, "Let the watcher check recall 
 flags.DEFINE_bool("refresher_keeps_freed_memory", True, "Run the watcher with glibc tunables that keep "
                   "its freed memory for its next build (see _refresher_env).")
 flags.DEFINE_integer("refresher_keep_versions", 3, "The watcher's --keep_versions (0 keeps all).")
+flags.DEFINE_bool("refresher_defer_prune", True, "The watcher's --defer_prune.")
 flags.DEFINE_list("server_flags", [], "Extra fgr-serve flags, e.g. --noretain_freed_memory.")
 flags.DEFINE_enum("part", "all", ["all", "publish", "swaps"], "Which measurement to run.")
 flags.mark_flag_as_required("work_dir")
@@ -530,7 +531,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
     watcher = subprocess.Popen(
         ["nice", "-n", "10", sys.executable, "-m", "export.refresh_cli", f"--model_base_path={base_path}",
          f"--watch={watch_dir}", "--interval=1s", f"--keep_versions={FLAGS.refresher_keep_versions}",
-         f"--index_update={FLAGS.index_update}",
+         f"--index_update={FLAGS.index_update}", f"--defer_prune={FLAGS.refresher_defer_prune}",
          f"--verify_recall={FLAGS.watcher_verify_recall}"]
         + [f"--index_options={o}" for o in FLAGS.index_options],
         cwd=REPO, env=_refresher_env(), stdout=log, stderr=log)

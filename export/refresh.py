@@ -504,6 +504,10 @@ class Refresher:
     base_path: the model base path (BASE/<version>/).
     from_version: the version to start from; the newest when None.
     keep_versions: after each publish, keep only this many newest versions (None keeps all).
+    defer_prune: delete the versions beyond `keep_versions` when the next publish starts rather than
+      right after a publish, so that the deletion (~600 MB of files at 1M ads) does not compete with
+      servers restoring the new version (docs/benchmarks.md, Freshness); up to `keep_versions` + 1
+      versions stay on disk in between. For a resident refresher (`--watch`).
     index_overrides: index options replacing the source version's in rebuilds.
     verify_recall: after each rebuild, measure recall@k on the warm-up queries (reported, not a gate).
     index_update: "auto" updates a ScaNN index from the source's training while few rows changed since
@@ -516,7 +520,7 @@ class Refresher:
   """
 
   def __init__(self, base_path: str, from_version: int | None = None, keep_versions: int | None = None,
-               index_overrides: dict[str, Any] | None = None, verify_recall: bool = True,
+               defer_prune: bool = False, index_overrides: dict[str, Any] | None = None, verify_recall: bool = True,
                index_update: str = "auto", retrain_fraction: float = DEFAULT_RETRAIN_FRACTION,
                background_retrain: bool = False):
     if keep_versions is not None and keep_versions < 1:
@@ -527,6 +531,7 @@ class Refresher:
       raise ValueError(f"retrain_fraction must be in [0, 1], got {retrain_fraction}")
     self.base_path = base_path
     self.keep_versions = keep_versions
+    self.defer_prune = defer_prune
     self.index_overrides = dict(index_overrides or {})
     self.verify_recall = verify_recall
     self.index_update = index_update
@@ -562,6 +567,7 @@ class Refresher:
 
   def apply(self, delta: refresh_delta.CatalogDelta) -> dict[str, Any]:
     """Publishes the catalog after `delta` as a new version; returns the refresh report."""
+    self._prune_deferred()
     source = self.source()
     retrain = self._retrain_for(source)
     started = time.perf_counter()
@@ -594,6 +600,7 @@ class Refresher:
     retrain = self._retrain_for(source)
     if retrain is None or not retrain.done:
       return None
+    self._prune_deferred()
     started = time.perf_counter()
     towers = self._towers_for(source)
     report = self._publish_rebuild(source, towers, source.state, np.arange(len(source.state.ids)), retrain, {})
@@ -648,17 +655,25 @@ class Refresher:
       self._towers_version = new_source.version
     self._source = new_source
     self._from_version = None
-    self.prune()
+    if not self.defer_prune:
+      self.prune()
     logging.info("Published version %d (%s): %s", report["version"], report["kind"], report)
     return report
 
   def rollback(self, version: int) -> dict[str, Any]:
+    self._prune_deferred()
     report = rollback(self.base_path, version)
-    self.prune()
+    if not self.defer_prune:
+      self.prune()
     logging.info("Rolled back to version %d as version %d", version, report["version"])
     return report
 
   def prune(self) -> list[int]:
+    """Deletes the versions beyond `keep_versions` now; returns them."""
     if self.keep_versions is None:
       return []
     return versions.prune(self.base_path, self.keep_versions)
+
+  def _prune_deferred(self) -> None:
+    if self.defer_prune and (removed := self.prune()):
+      logging.info("Deleted versions %s before publishing (keeping the %d newest)", removed, self.keep_versions)

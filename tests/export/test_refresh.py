@@ -175,6 +175,16 @@ def test_rollback_republishes_and_keep_versions_prunes(exported, base_path):
   np.testing.assert_array_equal(_serve(os.path.join(base_path, "5"), queries)[1][0], before[0])
 
 
+def test_deferred_prune_deletes_when_the_next_publish_starts(exported, base_path):
+  version_path, _, queries = exported
+  _, before = _serve(version_path, queries)
+  refresher = refresh.Refresher(base_path, keep_versions=1, defer_prune=True)
+  refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 0], "status": "paused"})]))
+  assert versions.list_versions(base_path) == [1, 2]  # Version 1 stays while servers load version 2.
+  refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 0], "status": "active"})]))
+  assert versions.list_versions(base_path) == [2, 3]
+
+
 def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, base_path, tmp_path):
   version_path, _, queries = exported
   _, before = _serve(version_path, queries)
