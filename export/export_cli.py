@@ -42,10 +42,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.index not in base.available_backends():
     raise app.UsageError(f"--index must be one of {base.available_backends()}, got {FLAGS.index!r}")
-  config = exporter.ExportConfig(index=FLAGS.index, k=FLAGS.k, index_options=parse_options(FLAGS.index_options),
-                                 num_warmup_requests=FLAGS.num_warmup_requests,
-                                 eval_queries=FLAGS.eval_queries, version=FLAGS.version,
-                                 precision=FLAGS.precision, jit_compile=FLAGS.jit_compile)
+  try:
+    config = exporter.ExportConfig(index=FLAGS.index, k=FLAGS.k, index_options=parse_options(FLAGS.index_options),
+                                   num_warmup_requests=FLAGS.num_warmup_requests,
+                                   eval_queries=FLAGS.eval_queries, version=FLAGS.version,
+                                   precision=FLAGS.precision, jit_compile=FLAGS.jit_compile)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   report = exporter.export_model(FLAGS.checkpoint_dir, FLAGS.model_base_path, config)
   print(json.dumps(report))
 

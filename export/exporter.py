@@ -53,6 +53,14 @@ class ExportConfig:
   jit_compile: bool | None = None
   version: int | None = None
 
+  def __post_init__(self):
+    if self.eval_queries < 1:
+      raise ValueError(f"eval_queries must be at least 1 (the export measures recall@k on them), "
+                       f"got {self.eval_queries}")
+    if self.tuning_queries < 0 or self.num_warmup_requests < 0:
+      raise ValueError(f"tuning_queries and num_warmup_requests must be 0 or more, got {self.tuning_queries} and "
+                       f"{self.num_warmup_requests}")
+
 
 def parse_index_options(pairs: list[str]) -> dict[str, Any]:
   """Parses name=value pairs; values are Python literals (numbers, booleans) or plain strings."""
