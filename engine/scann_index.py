@@ -75,8 +75,9 @@ class ScannIndex(base.Index):
     super().__init__(embeddings.shape[0], eligible, name=name)
     self.config = dict(config)
     self.state = ScannAssetsModule(searcher.serialize_to_module())
-    # Reordering keeps the float dataset inside the ScaNN state: reuse it for the exact fallback.
-    if tuple(self.state.dataset.shape) == embeddings.shape:
+    # Reordering keeps the float dataset inside the ScaNN state: reuse it for the exact fallback rather
+    # than save the catalog twice. (Its static shape has unknown rows: compare the value's shape.)
+    if tuple(tf.shape(self.state.dataset).numpy()) == embeddings.shape:
       self._vectors = self.state.dataset
     else:
       self.vectors = base.catalog_variable(embeddings, name="vectors")

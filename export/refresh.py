@@ -392,9 +392,12 @@ def source_graph_replacements(source: Source, index: base.Index, state: refresh_
   values: dict[str, Any] = {"item_ids": np.asarray(state.ids, dtype=object).astype(bytes),
                             "index/eligible": index.eligible}
   values.update({f"index/state/{name}": getattr(index.state, name) for name in scann_index.ASSET_NAMES})
+  prefix = refresh_state.variables_prefix(source.path)
   if hasattr(index, "vectors"):
     values["index/vectors"] = index.vectors
-  prefix = refresh_state.variables_prefix(source.path)
+  elif refresh_checkpoint.variable_keys(prefix, ["index/vectors"]):
+    # Exported before the exact fallback reused ScaNN's float dataset: that graph reads its own copy.
+    values["index/vectors"] = index.state.dataset
   keys = refresh_checkpoint.variable_keys(prefix, values)
   shapes = refresh_checkpoint.saved_variable_shapes(source.path, values)
   catalog_keys = {key for key in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()

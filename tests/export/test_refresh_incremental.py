@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch
-from engine import scann_update
+from engine import base, scann_index, scann_update
 from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
@@ -87,6 +87,13 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
   assert config["train_seconds"] == 0.0 and config["build_seconds"] < 30
   assert config["leaves_to_search"] == refresh.read_report(version_path)["index_config"]["leaves_to_search"]
   assert report["graph"] == "version 1's"  # Same knobs: version 1's graph over the new variables.
+  # The exact fallback reads ScaNN's float dataset: the catalog's vectors are not saved twice.
+  checkpoint = tf.train.load_checkpoint(refresh_state.variables_prefix(report["path"]))
+  rows = len(refresh_state.read_state(report["path"]).ids)
+  dtypes = checkpoint.get_variable_to_dtype_map()
+  float_tables = [key for key, shape in checkpoint.get_variable_to_shape_map().items()
+                  if key.startswith("index/") and len(shape) == 2 and shape[0] == rows and dtypes[key] == tf.float32]
+  assert len(float_tables) == 1, float_tables
 
   # N's training is kept, and the rows the delta did not touch keep their tokens and codes.
   old_state, new_state = refresh_state.read_state(version_path), refresh_state.read_state(os.path.join(base_path, "2"))
@@ -124,6 +131,33 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
   # 2026-11-22 -0.115, -0.03 and 0.23: the full rebuild's new partitioner wins or loses by chance on
   # ~155 pairs, so the bound only catches an update that loses new ads wholesale.
   assert new_found >= full_new_found - 0.3
+
+
+def test_versions_saving_a_copy_of_the_vectors_still_refresh_under_their_graph(
+    exported, trained_run, tmp_path, monkeypatch):
+  # Exports before 2026-12-01 saved the float vectors of the exact fallback next to ScaNN's dataset.
+  init = scann_index.ScannIndex.__init__
+
+  def with_copy(self, searcher, embeddings, *args, **kwargs):
+    init(self, searcher, embeddings, *args, **kwargs)
+    del self._vectors  # Tracked again after `vectors`, as those exports did (the checkpoint key follows the order).
+    self.vectors = base.catalog_variable(embeddings, name="vectors")
+    self._vectors = self.vectors
+
+  monkeypatch.setattr(scann_index.ScannIndex, "__init__", with_copy)
+  base_path = str(tmp_path / "old")
+  exporter.export_model(trained_run, base_path, exporter.ExportConfig(
+      index="scann", k=K, eval_queries=10, num_warmup_requests=2, index_options=TREE_AH))
+  monkeypatch.undo()
+  version_path, source, queries = os.path.join(base_path, "1"), exported[1], exported[2]
+  assert "index/vectors/.ATTRIBUTES/VARIABLE_VALUE" in tf.train.load_checkpoint(
+      refresh_state.variables_prefix(version_path)).get_variable_to_shape_map()
+  before, recall_v1 = _served_and_recall(version_path, queries)
+  delta = _delta(source, before, 5, set(refresh_state.read_state(version_path).ids))
+  report = refresh.Refresher(base_path, keep_versions=None, verify_recall=False).apply(delta)
+  assert report["graph"] == "version 1's"
+  served, recall = _served_and_recall(report["path"], queries)
+  assert recall >= recall_v1 - 0.03 and "fresh-5-probe" in served[0]
 
 
 def test_other_search_knobs_trace_the_serving_functions_anew(exported, base_path):
