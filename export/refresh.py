@@ -507,10 +507,10 @@ class Refresher:
     base_path: the model base path (BASE/<version>/).
     from_version: the version to start from; the newest when None.
     keep_versions: after each publish, keep only this many newest versions (None keeps all).
-    defer_prune: delete the versions beyond `keep_versions` when the next publish starts rather than
-      right after a publish, so that the deletion (~600 MB of files at 1M ads) does not compete with
-      servers restoring the new version (docs/benchmarks.md, Freshness); up to `keep_versions` + 1
-      versions stay on disk in between. For a resident refresher (`--watch`).
+    defer_prune: delete the versions beyond `keep_versions`, and free the previous catalog, when the
+      next publish starts rather than right after a publish, so that neither competes with servers
+      restoring the new version (docs/benchmarks.md, Freshness); up to `keep_versions` + 1 versions
+      stay on disk in between. For a resident refresher (`--watch`).
     index_overrides: index options replacing the source version's in rebuilds.
     verify_recall: after each rebuild, measure recall@k on the warm-up queries (reported, not a gate).
     index_update: "auto" updates a ScaNN index from the source's training while few rows changed since
@@ -535,6 +535,7 @@ class Refresher:
     self.base_path = base_path
     self.keep_versions = keep_versions
     self.defer_prune = defer_prune
+    self._retired_source: Source | None = None  # With defer_prune: the previous catalog, freed later.
     self.index_overrides = dict(index_overrides or {})
     self.verify_recall = verify_recall
     self.index_update = index_update
@@ -593,9 +594,10 @@ class Refresher:
     step = time.perf_counter()
     state, counts, source_rows = apply_delta(source.state, source.row_of, delta, towers.embed_items)
     timings["embed_seconds"] = time.perf_counter() - step
+    row_of = state.row_of()  # 1M Python objects at 1M ads: made before the publish, not while servers load it.
     report = self._publish_rebuild(source, towers, state, source_rows, retrain, timings)
     report["delta"] = counts
-    return self._published(source, report, state, state.row_of(), started)
+    return self._published(source, report, state, row_of, started)
 
   def publish_retrained(self) -> dict[str, Any] | None:
     """Publishes a finished background retrain over the newest catalog, with no delta; None if none is ready."""
@@ -658,7 +660,9 @@ class Refresher:
       self._towers_version = new_source.version
     self._source = new_source
     self._from_version = None
-    if not self.defer_prune:
+    if self.defer_prune:
+      self._retired_source = source
+    else:
       self.prune()
     logging.info("Published version %d (%s): %s", report["version"], report["kind"], report)
     return report
@@ -678,5 +682,8 @@ class Refresher:
     return versions.prune(self.base_path, self.keep_versions)
 
   def _prune_deferred(self) -> None:
-    if self.defer_prune and (removed := self.prune()):
+    if not self.defer_prune:
+      return
+    self._retired_source = None
+    if removed := self.prune():
       logging.info("Deleted versions %s before publishing (keeping the %d newest)", removed, self.keep_versions)
