@@ -20,9 +20,9 @@ flags.DEFINE_string("model_base_path", None, "Model base path holding BASE/<vers
 flags.DEFINE_list("delta", [], "Catalog delta files (docs/data_format.md), applied in order as one new version.")
 flags.DEFINE_integer("from_version", None, "Version to refresh; defaults to the newest.")
 flags.DEFINE_integer("keep_versions", 5, "After publishing, keep this many newest versions (0 keeps all).")
-flags.DEFINE_bool("defer_prune", True, "With --watch, delete the versions beyond --keep_versions when the next "
-                  "publish starts rather than right after a publish (one more version stays on disk meanwhile), "
-                  "so that the deletion does not compete with servers loading the new version.")
+flags.DEFINE_bool("defer_prune", True, "With --watch, delete the versions beyond --keep_versions (and free the "
+                  "previous catalog) when the next publish starts rather than right after a publish (one more "
+                  "version stays on disk meanwhile), so that neither competes with servers loading the new version.")
 flags.DEFINE_integer("rollback", None, "Republish this earlier version as a new, newest version.")
 flags.DEFINE_string("watch", None, "Directory to watch for delta files (*.jsonl); publishes on a schedule.")
 flags.DEFINE_string("interval", "60s", "Watch schedule: seconds, or a number with s, m or h (e.g. 60s, 5m).")
