@@ -392,13 +392,12 @@ def source_graph_replacements(source: Source, index: base.Index, state: refresh_
   values: dict[str, Any] = {"item_ids": np.asarray(state.ids, dtype=object).astype(bytes),
                             "index/eligible": index.eligible}
   values.update({f"index/state/{name}": getattr(index.state, name) for name in scann_index.ASSET_NAMES})
+  # Versions exported before the exact fallback reused ScaNN's float dataset read a copy of their own.
+  values["index/vectors"] = getattr(index, "vectors", index.state.dataset)
   prefix = refresh_state.variables_prefix(source.path)
-  if hasattr(index, "vectors"):
-    values["index/vectors"] = index.vectors
-  elif refresh_checkpoint.variable_keys(prefix, ["index/vectors"]):
-    # Exported before the exact fallback reused ScaNN's float dataset: that graph reads its own copy.
-    values["index/vectors"] = index.state.dataset
   keys = refresh_checkpoint.variable_keys(prefix, values)
+  if "index/vectors" not in keys and not hasattr(index, "vectors"):
+    del values["index/vectors"]
   shapes = refresh_checkpoint.saved_variable_shapes(source.path, values)
   catalog_keys = {key for key in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
                   if key.startswith(("index/", "item_ids/"))}
