@@ -41,7 +41,7 @@ _EMBEDDINGS_PATH = os.path.join(refresh_state.EXTRA_DIR, refresh_state.EMBEDDING
 EMBED_BATCH_SIZE = 8192
 # Search knobs a backend tunes at build time. A refresh reuses N's values: the catalog changed a
 # little, and tuning (timed searches) would cost more than the rest of the build.
-_TUNED_KNOBS = {"scann": ("leaves_to_search", "reorder")}
+_TUNED_KNOBS = {"scann": ("leaves_to_search", "reorder", "final_candidates")}
 # How a refresh builds a ScaNN index: "auto" updates N's index (N's trained partitioner and codebook,
 # only new and changed rows encoded) until too many rows were encoded since the last training,
 # then trains anew; "full" always trains anew.
@@ -50,7 +50,7 @@ DEFAULT_RETRAIN_FRACTION = 0.2
 # ScaNN options that change what a build trains or stores: overriding one of them needs a full build.
 _SCANN_STRUCTURE = ("scoring", "num_leaves", "dimensions_per_block", "anisotropic_quantization_threshold")
 # ScaNN options that are search-time knobs: an incremental update takes them as they are.
-_SCANN_SEARCH_KNOBS = ("leaves_to_search", "reorder", "overfetch")
+_SCANN_SEARCH_KNOBS = ("leaves_to_search", "reorder", "final_candidates", "overfetch")
 
 
 def _import_custom_ops(report: dict[str, Any]) -> None:
@@ -236,7 +236,14 @@ def index_options(report: dict[str, Any]) -> dict[str, Any]:
   for knob in _TUNED_KNOBS.get(report["index"], ()):
     if knob in config and knob not in options:
       options[knob] = config[knob]
+  if report["index"] == "scann" and config.get("reorder", 0) > 0 and "final_candidates" not in options:
+    options["final_candidates"] = _final_candidates(config, report["k"])  # N predates the knob: keep its graph.
   return options
+
+
+def _final_candidates(config: dict[str, Any], k: int) -> int:
+  """The reordered candidates a ScaNN config's graph fetches (all of them before the knob existed)."""
+  return max(config.get("final_candidates") or config["reorder"], k)
 
 
 def _base_report(source: Source, version: int, base_path: str, kind: str, state: refresh_state.CatalogState) -> dict[str, Any]:
@@ -383,6 +390,8 @@ def source_graph_replacements(source: Source, index: base.Index, state: refresh_
   k, config, source_config = source.report["k"], index.config, source.report.get("index_config", {})
   baked = ["leaves_to_search", "reorder"] + (["overfetch"] if config.get("reorder", 0) <= 0 else [])
   changed = [name for name in baked if config.get(name) != source_config.get(name)]
+  if config.get("reorder", 0) > 0 and _final_candidates(config, k) != _final_candidates(source_config, k):
+    changed.append("final_candidates")
   if changed:
     return None, f"search knobs {changed} differ from version {source.version}'s graph"
   if config.get("reorder", 0) <= 0 and k * config["overfetch"] > min(index.num_items, len(source.state.ids)):

@@ -1,6 +1,7 @@
 """ScaNN backend: recall against NumPy, eligibility, per-request knobs and a SavedModel round trip."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from engine import base
@@ -108,3 +109,15 @@ def test_tuning_reaches_target_with_margin(medium_catalog, medium_tuning_queries
   config = index.config
   assert config["tuned_recall"] >= 0.965 and config["reorder"] in (40, 80, 120, 160)
   assert config["build_seconds"] >= config["train_seconds"] > 0
+
+
+def test_final_candidates(small_catalog):
+  items, queries = small_catalog
+  index = base.build_index("scann", items, k=10, scoring="ah", reorder=50)
+  assert index.config["final_candidates"] == 20  # min(reorder, 2k)
+  everything = base.build_index("scann", items, k=10, scoring="ah", reorder=50, final_candidates=50)
+  # Reordered candidates come back sorted, so with every item eligible the best 10 of 20 are those of 50.
+  np.testing.assert_array_equal(_search(index, queries, 10).indices.numpy(),
+                                _search(everything, queries, 10).indices.numpy())
+  with pytest.raises(ValueError, match="final_candidates"):
+    base.build_index("scann", items, k=10, scoring="ah", reorder=50, final_candidates=5)
