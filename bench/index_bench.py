@@ -32,6 +32,7 @@ from google.protobuf import text_format
 from tensorflow.core.protobuf import config_pb2
 from tqdm import tqdm
 
+from bench import capi_session
 from bench import catalog
 from bench import extras
 from bench import report
@@ -202,23 +203,29 @@ def time_single_queries(candidates: list[Candidate], queries: np.ndarray, rounds
 
 
 class ServedIndex:
-  """An index search saved as a SavedModel signature and run in a TF1 session, as it is served.
+  """An index search saved as SavedModel signatures and run as a model server runs them.
 
-  TF Serving runs a SavedModel with C++ `Session::Run`, and fgr-serve loads it into a
-  `tf.compat.v1.Session` (serving/servables/saved_model_bundle.py); neither pays the ~0.4 ms of Python
-  dispatch an eager call into a `tf.function` costs. So every in-graph backend, exact search included,
-  is timed here the same way: the signature `search(queries, <search options>)` is saved, loaded
-  into a fresh graph and session, and called through `Session.make_callable`.
+  TF Serving runs a SavedModel with C++ `Session::Run`. So every in-graph backend, exact search
+  included, is timed the same way: the signatures are saved, loaded by TensorFlow's C API and called
+  through `TF_SessionRun` (`bench/capi_session.py`), which adds about 25 us per call from Python.
+  With `runner="python"` they run in a `tf.compat.v1.Session` through `make_callable` instead, as
+  fgr-serve runs them (about 70 us more per call; a profile).
+
+  Two signatures are saved, as `FullGraph` saves them: `search(queries)` at the built defaults, like
+  `serving_default`, and `search_with_options(queries, <search options>)` for knob sweeps.
 
   Args:
     index: the index to serve.
     k: neighbours per query.
     workdir: where the SavedModel is written (and deleted once loaded).
     config: the session's ConfigProto (fgr-serve's --tensorflow_session_config_file).
+    runner: "capi" or "python".
   """
 
-  def __init__(self, index: base.Index, k: int, workdir: str, config: config_pb2.ConfigProto | None = None):
-    dim = None
+  def __init__(self, index: base.Index, k: int, workdir: str, config: config_pb2.ConfigProto | None = None,
+               runner: str = "capi"):
+    if runner not in ("capi", "python"):
+      raise ValueError(f"runner must be 'capi' or 'python', got {runner!r}")
     specs = index.search_option_specs()
     self._options = sorted(specs)
     module = tf.Module()
@@ -228,28 +235,46 @@ class ServedIndex:
     def search(queries: tf.Tensor, **options: tf.Tensor) -> dict[str, tf.Tensor]:
       return {"indices": index.search(queries, k, **options).indices}
 
-    signature = search.get_concrete_function(queries=tf.TensorSpec([None, dim], tf.float32), **specs)
+    queries_spec = tf.TensorSpec([None, None], tf.float32)
+    signatures = {"search": search.get_concrete_function(queries=queries_spec)}
+    if specs:
+      signatures["search_with_options"] = search.get_concrete_function(queries=queries_spec, **specs)
     path = tempfile.mkdtemp(dir=workdir)
     try:
-      tf.saved_model.save(module, path, signatures={"search": signature},
+      tf.saved_model.save(module, path, signatures=signatures,
                           options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces() or None))
-      self._graph = tf.Graph()
-      self._session = tf.compat.v1.Session(graph=self._graph, config=config)
-      with self._graph.as_default():
-        meta_graph = tf.compat.v1.saved_model.loader.load(self._session, ["serve"], path)
+      if runner == "capi":
+        session = capi_session.CApiSession(path, config)
+        self._call = {name: session.signature(name, ["queries", *(self._options if name != "search" else [])],
+                                              "indices") for name in signatures}
+      else:
+        self._call = self._load_python_session(path, config, list(signatures))
     finally:
       shutil.rmtree(path, ignore_errors=True)  # The session holds the restored variables.
-    signature_def = meta_graph.signature_def["search"]
-    self._feeds = [signature_def.inputs[name].name for name in ["queries", *self._options]]
-    self._fetch = signature_def.outputs["indices"].name
+
+  def _load_python_session(self, path: str, config: config_pb2.ConfigProto | None,
+                           names: list[str]) -> dict[str, Callable[..., np.ndarray]]:
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph, config=config)
+    with graph.as_default():
+      meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+    calls = {}
+    for name in names:
+      signature_def = meta_graph.signature_def[name]
+      inputs = ["queries", *(self._options if name != "search" else [])]
+      calls[name] = session.make_callable(signature_def.outputs["indices"].name,
+                                          [signature_def.inputs[i].name for i in inputs])
+    return calls
 
   def searcher(self, **options: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A session callable with the given search options fed as int32 scalars (0: the built default)."""
+    """A search at the built defaults, or with the given options fed as int32 scalars (0: the default)."""
     unknown = set(options) - set(self._options)
     if unknown:
       raise ValueError(f"no search options {sorted(unknown)}; this index has {self._options}")
-    values = [np.int32(options.get(name, 0)) for name in self._options]
-    run = self._session.make_callable(self._fetch, self._feeds)
+    if not options:
+      return self._call["search"]
+    values = [np.array(options.get(name, 0), np.int32) for name in self._options]
+    run = self._call["search_with_options"]
     return lambda queries: run(queries, *values)
 
 
@@ -378,6 +403,10 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
       candidates.append(Candidate(_profile_measurement("scann_default_session_config", "scann default, session with "
                                                        "TensorFlow's default ConfigProto"),
                                   ServedIndex(index, k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
+    candidates.append(Candidate(_profile_measurement("scann_python_session", "scann default in a tf.compat.v1.Session "
+                                                     "through make_callable, as fgr-serve runs it"),
+                                ServedIndex(index, k, workdir, session_config(), runner="python").searcher(),
+                                _NUM_SINGLE.value))
     candidates.append(Candidate(_profile_measurement("scann_tf_function", "scann default through an eager tf.function"),
                                 tf_function_search(index, k), _NUM_SINGLE.value))
   if _SWEEP.value:
@@ -440,8 +469,11 @@ def _main(argv: list[str]) -> None:
       logging.info("%s [%s]: recall %.4f, batched %.0f QPS, built in %.1fs", c.measurement.name,
                    c.measurement.setting, c.measurement.recall, c.measurement.batch_qps, c.measurement.build_seconds)
     candidates.extend(prepared)
-  candidates.append(Candidate(_profile_measurement("session_floor", "session: the signature returns its input"),
+  candidates.append(Candidate(_profile_measurement("session_floor", "C API session: the signature returns its input"),
                               ServedIndex(_Identity(), k, workdir, session_config()).searcher(), _NUM_SINGLE.value))
+  candidates.append(Candidate(_profile_measurement("python_session_floor", "the same in a tf.compat.v1.Session"),
+                              ServedIndex(_Identity(), k, workdir, session_config(), runner="python").searcher(),
+                              _NUM_SINGLE.value))
   if _SESSION_CONFIG.value:
     candidates.append(Candidate(_profile_measurement("session_floor_default_config", "the same, TensorFlow's default "
                                                      "ConfigProto"),

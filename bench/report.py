@@ -180,10 +180,12 @@ def plot(results: Sequence[Any], context: Context, path: str) -> None:
 def served_path(context: Context) -> str:
   """How in-graph backends were run, in one sentence."""
   config = f"`{context.session_config}`" if context.session_config else "TensorFlow's default ConfigProto"
-  return ("In-graph backends run as served: each index's search is saved as a SavedModel signature, loaded into a "
-          f"TF1 session ({config}, which fgr-serve takes with `--tensorflow_session_config_file`) and called "
-          "through `Session.make_callable`, as fgr-serve and TF Serving's C++ `Session::Run` run a model; the "
-          "`profile:` rows show the per-call floor of that path and of an eager `tf.function` call.")
+  return ("In-graph backends run as a C++ model server runs them: each index's search is saved as SavedModel "
+          "signatures (`search` at the built defaults, like `serving_default`, and `search_with_options` for the "
+          f"sweeps), loaded by TensorFlow's C API in a session ({config}, which fgr-serve takes with "
+          "`--tensorflow_session_config_file`) and called through `TF_SessionRun`, the C++ `Session::Run` TF "
+          "Serving calls. The `profile:` rows show the per-call floor of that path, of a Python "
+          "`tf.compat.v1.Session` (as fgr-serve runs a model) and of an eager `tf.function` call.")
 
 
 def section(results: Sequence[Any], context: Context) -> str:
