@@ -120,18 +120,24 @@ class CApiSession:
   def run(self, inputs: ctypes.Array, input_values: ctypes.Array, fetches: ctypes.Array,
           fetch_values: ctypes.Array) -> None:
     """TF_SessionRun over prepared C arrays; raises on a non-OK status."""
+    if not self._session:
+      raise RuntimeError("the session is closed")
     _CC.TF_SessionRun(self._session, None, inputs, input_values, len(inputs), fetches, fetch_values, len(fetches),
                       None, 0, None, self._status)
     _check(self._status)
 
   def close(self) -> None:
-    """Closes and frees the session (and its restored variables)."""
-    if self._session:
+    """Closes and frees the session (and its restored variables); safe to call twice."""
+    if getattr(self, "_session", None):
       _CC.TF_CloseSession(self._session, self._status)
       _CC.TF_DeleteSession(self._session, self._status)
-      self._session = None
+    self._session = None
+    if getattr(self, "_graph", None):
       _CC.TF_DeleteGraph(self._graph)
+      self._graph = None
+    if getattr(self, "_status", None):
       _FRAMEWORK.TF_DeleteStatus(self._status)
+      self._status = None
 
   def __del__(self):
     self.close()

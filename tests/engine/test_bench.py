@@ -1,4 +1,4 @@
-"""fgr-bench end to end on a tiny catalog, its served (session) search path, and the benchmarks.md section."""
+"""fgr-bench end to end on a tiny catalog, its served (C API and Python session) search paths, and the section."""
 
 import os
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bench import capi_session
 from bench import index_bench
 from bench import report
 from engine import base
@@ -49,3 +50,21 @@ def test_served_index_matches_eager_search(small_catalog, tmp_path):
                                 eager(tf.constant(queries[:1]), tf.constant(20)).numpy())
   with pytest.raises(ValueError, match="probes"):
     served.searcher(leaves_to_search=3)
+  python = index_bench.ServedIndex(index, 10, str(tmp_path), runner="python")
+  np.testing.assert_array_equal(python.searcher(probes=20)(queries[:2]), served.searcher(probes=20)(queries[:2]))
+
+
+def test_capi_session_reports_errors(tmp_path):
+  module = tf.Module()
+  module.f = tf.function(lambda x: {"y": tf.reshape(x, [2, -1])}, input_signature=[tf.TensorSpec([None], tf.float32)])
+  tf.saved_model.save(module, str(tmp_path), signatures={"f": module.f.get_concrete_function()})
+  session = capi_session.CApiSession(str(tmp_path))
+  call = session.signature("f", ["x"], "y")
+  np.testing.assert_array_equal(call(np.arange(4, dtype=np.float32)), [[0, 1], [2, 3]])
+  with pytest.raises(RuntimeError, match="reshape"):
+    call(np.arange(3, dtype=np.float32))  # A failing run raises TensorFlow's message, and the session lives on.
+  np.testing.assert_array_equal(call(np.zeros(2, np.float32)), [[0], [0]])
+  with pytest.raises(ValueError, match="has no"):
+    session.signature("f", ["z"], "y")
+  with pytest.raises(RuntimeError):
+    capi_session.CApiSession(str(tmp_path / "missing"))
