@@ -51,7 +51,7 @@ _NUM_QUERIES = flags.DEFINE_integer("num_queries", 1000, "Evaluation queries (re
 _NUM_TUNING_QUERIES = flags.DEFINE_integer("num_tuning_queries", 200,
                                            "Held-out queries backends may tune on (never evaluated).")
 _NUM_SINGLE = flags.DEFINE_integer("num_single", 300, "Queries sent one at a time for single-query QPS/latency.")
-_NUM_SINGLE_SWEEP = flags.DEFINE_integer("num_single_sweep", 150, "Single queries per sweep point.")
+_NUM_SINGLE_SWEEP = flags.DEFINE_integer("num_single_sweep", 300, "Single queries per sweep point.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Queries per call for batched QPS.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds of single-query timing across all backends.")
 _BACKENDS = flags.DEFINE_list(
@@ -341,8 +341,9 @@ def sweep_points(variant: str, index: base.Index, k: int) -> list[dict[str, int]
   """Search settings to sweep for a recall-vs-QPS curve, around the built default."""
   if variant == "scann" and index.config["num_leaves"]:
     leaves = index.config["num_leaves"]
+    # Steps of ~25% in leaves near the recall-0.95 frontier, as fine as hnswlib's ef steps there.
     return [{"leaves_to_search": max(1, int(leaves * f)), "pre_reorder_num_neighbors": r}
-            for f in (0.01, 0.02, 0.03, 0.05, 0.08) for r in (2 * k, 4 * k, 6 * k)]
+            for f in (0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.08) for r in (2 * k, 3 * k, 4 * k, 6 * k)]
   if variant == "partitioned":
     return [{"probes": max(1, int(index.num_partitions * f))} for f in (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)]
   if variant == "int8":
