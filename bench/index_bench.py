@@ -309,10 +309,11 @@ class _ScannOpOnly(base.Index):
     from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
     state, config = self.scann.state, self.scann.config
     fetch = max(config["reorder"], k) if config["reorder"] else k
+    final = min(fetch, max(config.get("final_candidates") or fetch, k))  # What the full search fetches.
     handle = scann_ops.tensors_to_scann(state.dataset, state.scann_config, state.serialized_partitioner,
                                         state.datapoint_to_token, state.ah_codebook, state.hashed_dataset,
                                         state.int8_dataset, state.int8_multipliers, state.dp_norms)
-    rows, scores = scann_ops.scann_search(handle, queries[0], fetch, fetch if config["reorder"] else -1,
+    rows, scores = scann_ops.scann_search(handle, queries[0], final, fetch if config["reorder"] else -1,
                                           config["leaves_to_search"])
     return base.SearchResult(scores[tf.newaxis], rows[tf.newaxis])
 
@@ -398,7 +399,7 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   candidates = [Candidate(default, search, _NUM_SINGLE.value)]
   if variant == "scann":
     op_only = ServedIndex(_ScannOpOnly(index), k, workdir, session_config()).searcher()
-    candidates.append(Candidate(_profile_measurement("scann_op_only", "session: TensorsToScann + ScannSearch, no filter"),
+    candidates.append(Candidate(_profile_measurement("scann_op_only", "session: TensorsToScann + ScannSearch of final_candidates, no filter"),
                                 op_only, _NUM_SINGLE.value))
     if _SESSION_CONFIG.value:
       candidates.append(Candidate(_profile_measurement("scann_default_session_config", "scann default, session with "
