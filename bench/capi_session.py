@@ -149,6 +149,9 @@ class CApiSignature:
   def __init__(self, session: CApiSession, inputs: Sequence[meta_graph_pb2.TensorInfo],
                output: meta_graph_pb2.TensorInfo):
     self._session = session  # Kept alive as long as the callable.
+    unsupported = [info.name for info in [*inputs, output] if tf.as_dtype(info.dtype) not in _DTYPES]
+    if unsupported:
+      raise ValueError(f"{unsupported}: only {sorted(d.name for d in _DTYPES)} tensors are supported")
     self._inputs = (_Output * len(inputs))(*[session.operation(info.name) for info in inputs])
     self._input_dtypes = [_DTYPES[tf.as_dtype(info.dtype)] for info in inputs]
     self._fetch = (_Output * 1)(session.operation(output.name))

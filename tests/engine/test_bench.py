@@ -68,3 +68,11 @@ def test_capi_session_reports_errors(tmp_path):
     session.signature("f", ["z"], "y")
   with pytest.raises(RuntimeError):
     capi_session.CApiSession(str(tmp_path / "missing"))
+
+
+def test_capi_session_refuses_string_tensors(tmp_path):
+  module = tf.Module()
+  module.f = tf.function(lambda x: {"y": tf.strings.length(x)}, input_signature=[tf.TensorSpec([None], tf.string)])
+  tf.saved_model.save(module, str(tmp_path), signatures={"f": module.f.get_concrete_function()})
+  with pytest.raises(ValueError, match="supported"):
+    capi_session.CApiSession(str(tmp_path)).signature("f", ["x"], "y")
