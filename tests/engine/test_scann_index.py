@@ -121,3 +121,16 @@ def test_final_candidates(small_catalog):
                                 _search(everything, queries, 10).indices.numpy())
   with pytest.raises(ValueError, match="final_candidates"):
     base.build_index("scann", items, k=10, scoring="ah", reorder=50, final_candidates=5)
+
+
+def test_short_queries_retry_with_every_reordered_candidate(medium_catalog, medium_tuning_queries):
+  items, queries = medium_catalog
+  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000, leaves_to_search=40,
+                           reorder=200, tuning_queries=medium_tuning_queries)
+  assert index.config["final_candidates"] == 40
+  index.eligible.assign(np.random.default_rng(1).random(items.shape[0]) > 0.7)  # 70% paused: most of 40 are.
+  two_stages = _search(index, queries, 20).indices.numpy()
+  index.config["final_candidates"] = 200  # A graph that fetches every reordered candidate at once.
+  at_once = _search(index, queries, 20).indices.numpy()
+  # ScaNN returns candidates sorted, so the retry finds what one search over all of them finds.
+  np.testing.assert_array_equal(two_stages, at_once)
