@@ -92,10 +92,12 @@ class ScannIndex(base.Index):
     k = min(k, self.num_items)
     queries = tf.cast(queries, tf.float32)
     leaves = search_ops.option_or_default(leaves_to_search, self.config["leaves_to_search"])
+    retry_all_reordered = False
     if self.config["reorder"] > 0:
       # ScaNN rescores `pre_reorder` candidates exactly and returns the best `fetch` of them, sorted, from
       # which ineligible ones are dropped (configs from before `final_candidates` returned them all).
       final_candidates = max(self.config.get("final_candidates") or self.config["reorder"], k)
+      retry_all_reordered = final_candidates < self.config["reorder"]
       if pre_reorder_num_neighbors is None:
         pre_reorder = tf.constant(max(self.config["reorder"], k), tf.int32)
         fetch = tf.constant(min(final_candidates, max(self.config["reorder"], k)), tf.int32)
@@ -130,7 +132,7 @@ class ScannIndex(base.Index):
     def exact() -> base.SearchResult:
       return search_ops.exact_search(queries, self._vectors, self.eligible, k)
 
-    if self.config["reorder"] > 0 and final_candidates < self.config["reorder"]:
+    if retry_all_reordered:
       # Short of k eligible among the best `fetch`: retry with every reordered candidate (another ScaNN
       # search, ~0.3 ms at 1M) before the exact scan (~15 ms), so catalogs with many paused ads stay fast.
       return search_ops.fill_short_rows(
