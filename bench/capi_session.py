@@ -84,14 +84,14 @@ class CApiSession:
 
   def __init__(self, export_dir: str, config: config_pb2.ConfigProto | None = None):
     self._status = _FRAMEWORK.TF_NewStatus()
-    options = _CC.TF_NewSessionOptions()
-    serialized = (config or config_pb2.ConfigProto()).SerializeToString()
-    _CC.TF_SetConfig(options, serialized, len(serialized), self._status)
-    _check(self._status)
     self._graph = _CC.TF_NewGraph()
+    options = _CC.TF_NewSessionOptions()
     meta_graph_buffer = _FRAMEWORK.TF_NewBuffer()
     tags = (ctypes.c_char_p * 1)(b"serve")
     try:
+      serialized = (config or config_pb2.ConfigProto()).SerializeToString()
+      _CC.TF_SetConfig(options, serialized, len(serialized), self._status)
+      _check(self._status)
       self._session = _CC.TF_LoadSessionFromSavedModel(options, None, export_dir.encode(), tags, 1, self._graph,
                                                        meta_graph_buffer, self._status)
       _check(self._status)

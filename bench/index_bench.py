@@ -243,27 +243,27 @@ class ServedIndex:
     try:
       tf.saved_model.save(module, path, signatures=signatures,
                           options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces() or None))
+      inputs = {name: ["queries", *(self._options if name != "search" else [])] for name in signatures}
       if runner == "capi":
         session = capi_session.CApiSession(path, config)
-        self._call = {name: session.signature(name, ["queries", *(self._options if name != "search" else [])],
-                                              "indices") for name in signatures}
+        self._call = {name: session.signature(name, names, "indices") for name, names in inputs.items()}
       else:
-        self._call = self._load_python_session(path, config, list(signatures))
+        self._call = self._load_python_session(path, config, inputs)
     finally:
       shutil.rmtree(path, ignore_errors=True)  # The session holds the restored variables.
 
-  def _load_python_session(self, path: str, config: config_pb2.ConfigProto | None,
-                           names: list[str]) -> dict[str, Callable[..., np.ndarray]]:
+  @staticmethod
+  def _load_python_session(path: str, config: config_pb2.ConfigProto | None,
+                           inputs: dict[str, list[str]]) -> dict[str, Callable[..., np.ndarray]]:
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph, config=config)
     with graph.as_default():
       meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
     calls = {}
-    for name in names:
+    for name, names in inputs.items():
       signature_def = meta_graph.signature_def[name]
-      inputs = ["queries", *(self._options if name != "search" else [])]
       calls[name] = session.make_callable(signature_def.outputs["indices"].name,
-                                          [signature_def.inputs[i].name for i in inputs])
+                                          [signature_def.inputs[i].name for i in names])
     return calls
 
   def searcher(self, **options: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -307,9 +307,10 @@ class _ScannOpOnly(base.Index):
 
   def search(self, queries: tf.Tensor, k: int, **options: tf.Tensor) -> base.SearchResult:
     from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+    from engine import scann_index  # pylint: disable=g-import-not-at-top
     state, config = self.scann.state, self.scann.config
     fetch = max(config["reorder"], k) if config["reorder"] else k
-    final = min(fetch, max(config.get("final_candidates") or fetch, k))  # What the full search fetches.
+    final = min(fetch, scann_index.returned_candidates(config, k)) if config["reorder"] else k  # As the search.
     handle = scann_ops.tensors_to_scann(state.dataset, state.scann_config, state.serialized_partitioner,
                                         state.datapoint_to_token, state.ah_codebook, state.hashed_dataset,
                                         state.int8_dataset, state.int8_multipliers, state.dp_norms)

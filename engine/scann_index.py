@@ -96,7 +96,7 @@ class ScannIndex(base.Index):
     if self.config["reorder"] > 0:
       # ScaNN rescores `pre_reorder` candidates exactly and returns the best `fetch` of them, sorted, from
       # which ineligible ones are dropped (configs from before `final_candidates` returned them all).
-      final_candidates = max(self.config.get("final_candidates") or self.config["reorder"], k)
+      final_candidates = returned_candidates(self.config, k)
       retry_all_reordered = final_candidates < self.config["reorder"]
       if pre_reorder_num_neighbors is None:
         pre_reorder = tf.constant(max(self.config["reorder"], k), tf.int32)
@@ -164,6 +164,11 @@ class ScannIndex(base.Index):
   def nbytes(self) -> int:
     # np.asarray: the serialised config is a scalar string variable, whose numpy() is plain bytes.
     return sum(int(np.asarray(v.numpy()).nbytes) for v in self.state.trainable_variables + self.state.non_trainable_variables)
+
+
+def returned_candidates(config: dict[str, Any], k: int) -> int:
+  """How many reordered candidates a reordering config has ScaNN return (all before `final_candidates`)."""
+  return max(config.get("final_candidates") or config["reorder"], k)
 
 
 def default_config(num_items: int, k: int) -> dict[str, Any]:

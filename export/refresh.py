@@ -237,13 +237,9 @@ def index_options(report: dict[str, Any]) -> dict[str, Any]:
     if knob in config and knob not in options:
       options[knob] = config[knob]
   if report["index"] == "scann" and config.get("reorder", 0) > 0 and "final_candidates" not in options:
-    options["final_candidates"] = _final_candidates(config, report["k"])  # N predates the knob: keep its graph.
+    # N predates the knob: keep its graph.
+    options["final_candidates"] = scann_index.returned_candidates(config, report["k"])
   return options
-
-
-def _final_candidates(config: dict[str, Any], k: int) -> int:
-  """The reordered candidates a ScaNN config's graph fetches (all of them before the knob existed)."""
-  return max(config.get("final_candidates") or config["reorder"], k)
 
 
 def _base_report(source: Source, version: int, base_path: str, kind: str, state: refresh_state.CatalogState) -> dict[str, Any]:
@@ -390,7 +386,8 @@ def source_graph_replacements(source: Source, index: base.Index, state: refresh_
   k, config, source_config = source.report["k"], index.config, source.report.get("index_config", {})
   baked = ["leaves_to_search", "reorder"] + (["overfetch"] if config.get("reorder", 0) <= 0 else [])
   changed = [name for name in baked if config.get(name) != source_config.get(name)]
-  if config.get("reorder", 0) > 0 and _final_candidates(config, k) != _final_candidates(source_config, k):
+  if (config.get("reorder", 0) > 0
+      and scann_index.returned_candidates(config, k) != scann_index.returned_candidates(source_config, k)):
     changed.append("final_candidates")
   if changed:
     return None, f"search knobs {changed} differ from version {source.version}'s graph"
