@@ -343,9 +343,9 @@ def sweep_points(variant: str, index: base.Index, k: int) -> list[dict[str, int]
   """Search settings to sweep for a recall-vs-QPS curve, around the built default."""
   if variant == "scann" and index.config["num_leaves"]:
     leaves = index.config["num_leaves"]
-    # Steps of ~25% in leaves near the recall-0.95 frontier, as fine as hnswlib's ef steps there.
+    # Steps of ~15-25% in leaves near the recall-0.95 frontier, as fine as hnswlib's ef steps there.
     return [{"leaves_to_search": max(1, int(leaves * f)), "pre_reorder_num_neighbors": r}
-            for f in (0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.08) for r in (2 * k, 3 * k, 4 * k, 6 * k)]
+            for f in (0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05) for r in (3 * k, 4 * k, 5 * k, 6 * k)]
   if variant == "partitioned":
     return [{"probes": max(1, int(index.num_partitions * f))} for f in (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)]
   if variant == "int8":

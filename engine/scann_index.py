@@ -171,6 +171,13 @@ def returned_candidates(config: dict[str, Any], k: int) -> int:
   return max(config.get("final_candidates") or config["reorder"], k)
 
 
+def has_unit_norms(embeddings: np.ndarray, tolerance: float = 1e-3) -> bool:
+  """Whether every row's L2 norm is within `tolerance` of 1 (checked in chunks, without a full copy)."""
+  chunk = 1 << 16
+  return all(np.all(np.abs(np.linalg.norm(embeddings[start:start + chunk], axis=1) - 1.0) <= tolerance)
+             for start in range(0, embeddings.shape[0], chunk))
+
+
 def default_config(num_items: int, k: int) -> dict[str, Any]:
   """ScaNN's rules of thumb for a catalog of `num_items` points searched for `k` neighbours."""
   if num_items < BRUTE_FORCE_MAX_ITEMS:
@@ -186,6 +193,10 @@ def default_config(num_items: int, k: int) -> dict[str, Any]:
       # 250k training points: measured at 1M x 64, recall@100 0.955 instead of 0.947 at the same knobs, for
       # about 1.5 s more training.
       "training_sample_size": min(num_items, 250_000),
+      # "auto": spherical k-means when every embedding has unit norm (our towers L2-normalise), as ScaNN's
+      # authors configure it for dot product over normalised data; generic k-means otherwise. Measured at
+      # 1M x 64 (unit norm): 12-15 leaves of 1000 reach recall@100 0.95 instead of 20-25, 14% more QPS.
+      "partitioning": "auto",
       "dimensions_per_block": 2,
       "anisotropic_quantization_threshold": 0.2,
       "reorder": 0 if scoring == "brute_force" else min(num_items, max(4 * k, 200)),
@@ -220,7 +231,8 @@ def _tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: dict[str, 
   # 1000 of them by 0.011 too (tuned 0.957, held out 0.946 with a 0.007 margin): more queries do not shrink it.
   target = min(1.0, config["target_recall"] + 0.015)
   ladder = sorted({max(1, int(round(num_leaves * f))) for f in
-                   (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)})
+                   (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.08, 0.1,
+                    0.15, 0.2, 0.3, 0.5, 1.0)})
   queries = tf.constant(tuning_queries)
   settings, best, max_leaves = [], None, num_leaves
   for reorder in sorted(reorder_choices, reverse=True):
@@ -266,7 +278,8 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
     tuning_queries: optional float32 [Q, d] queries used to tune `leaves_to_search`.
     **options: overrides for `default_config` keys: scoring ("brute_force" or "ah"), num_leaves
       (0 disables the tree), leaves_to_search (0 tunes it for target_recall), training_sample_size,
-      dimensions_per_block, anisotropic_quantization_threshold, reorder (pre-reorder candidates,
+      partitioning ("auto", "spherical" or "generic" k-means; auto picks spherical for unit-norm
+      embeddings), dimensions_per_block, anisotropic_quantization_threshold, reorder (pre-reorder candidates,
       0 disables reordering), final_candidates (reordered candidates returned before the eligibility
       filter, 0: min(reorder, 2k)), overfetch (multiple of k fetched without reordering), target_recall,
       num_tuning_queries, training_threads, seed.
@@ -280,6 +293,10 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
   config.update(options)
   if config["scoring"] not in ("brute_force", "ah"):
     raise ValueError(f"scoring must be 'brute_force' or 'ah', got {config['scoring']!r}")
+  if config["partitioning"] not in ("auto", "spherical", "generic"):
+    raise ValueError(f"partitioning must be 'auto', 'spherical' or 'generic', got {config['partitioning']!r}")
+  if config["partitioning"] == "auto" and config["num_leaves"]:
+    config["partitioning"] = "spherical" if has_unit_norms(embeddings) else "generic"
   if config["reorder"] and config["reorder"] < k:
     raise ValueError(f"reorder ({config['reorder']}) must be at least k ({k})")
   if config["final_candidates"] < 0 or 0 < config["final_candidates"] < k:
@@ -290,7 +307,8 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
   if config["num_leaves"]:
     builder = builder.tree(num_leaves=config["num_leaves"],
                            num_leaves_to_search=max(1, config["leaves_to_search"]),
-                           training_sample_size=config["training_sample_size"])
+                           training_sample_size=config["training_sample_size"],
+                           spherical=config["partitioning"] == "spherical")
   if config["scoring"] == "ah":
     builder = builder.score_ah(config["dimensions_per_block"],
                                anisotropic_quantization_threshold=config["anisotropic_quantization_threshold"],
@@ -306,7 +324,7 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
     if "reorder" in options or not config["reorder"]:
       reorder_choices = [config["reorder"]]
     else:  # Tune the reorder size too: 2k to 8k candidates.
-      reorder_choices = sorted({min(num_items, m * k) for m in (2, 4, 6, 8)})
+      reorder_choices = sorted({min(num_items, m * k) for m in (2, 4, 5, 6, 8)})
     config.update(_tune_search_knobs(searcher, embeddings, config, k, reorder_choices, tuning_queries))
     logging.info("ScaNN: tuned leaves_to_search=%d of %d, reorder=%d (recall@%d %.3f on tuning queries)",
                  config["leaves_to_search"], config["num_leaves"], config["reorder"], k, config["tuned_recall"])

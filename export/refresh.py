@@ -239,6 +239,9 @@ def index_options(report: dict[str, Any]) -> dict[str, Any]:
   if report["index"] == "scann" and config.get("reorder", 0) > 0 and "final_candidates" not in options:
     # N predates the knob: keep its graph.
     options["final_candidates"] = scann_index.returned_candidates(config, report["k"])
+  if report["index"] == "scann" and "partitioning" not in options:
+    # A retrain partitions as N did (N's partitioning predates the option: generic k-means).
+    options["partitioning"] = config.get("partitioning", "generic")
   return options
 
 

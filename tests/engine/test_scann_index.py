@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from engine import base
+from engine import scann_index
 from engine import search_ops
 
 
@@ -107,8 +108,24 @@ def test_tuning_reaches_target_with_margin(medium_catalog, medium_tuning_queries
   index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000,
                            tuning_queries=medium_tuning_queries)
   config = index.config
-  assert config["tuned_recall"] >= 0.965 and config["reorder"] in (40, 80, 120, 160)
+  assert config["tuned_recall"] >= 0.965 and config["reorder"] in (40, 80, 100, 120, 160)
   assert config["build_seconds"] >= config["train_seconds"] > 0
+
+
+def test_partitioning_is_spherical_for_unit_norm_embeddings_only(small_catalog):
+  items, queries = small_catalog
+  assert scann_index.has_unit_norms(items)
+  spherical = base.build_index("scann", items, k=10, num_leaves=20, leaves_to_search=4)
+  assert spherical.config["partitioning"] == "spherical"
+  scaled = items * np.linspace(0.5, 2.0, len(items), dtype=np.float32)[:, None]
+  generic = base.build_index("scann", scaled, k=10, num_leaves=20, leaves_to_search=4)
+  assert generic.config["partitioning"] == "generic"
+  # Either partitioning answers the same kind of search.
+  for index, vectors in ((spherical, items), (generic, scaled)):
+    found = _search(index, queries, 10).indices.numpy()
+    assert search_ops.recall_at_k(found, search_ops.exact_top_k_numpy(queries, vectors, 10)) > 0.8
+  with pytest.raises(ValueError, match="partitioning"):
+    base.build_index("scann", items, k=10, num_leaves=20, partitioning="balanced")
 
 
 def test_final_candidates(small_catalog):

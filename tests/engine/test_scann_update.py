@@ -14,8 +14,9 @@ def _recall(index, queries, items, k):
 
 
 @pytest.mark.parametrize("options", [{}, {"num_leaves": 0, "scoring": "ah", "reorder": 100},
-                                     {"num_leaves": 40, "scoring": "ah", "reorder": 100}],
-                         ids=["brute_force", "ah", "tree_ah"])
+                                     {"num_leaves": 40, "scoring": "ah", "reorder": 100},
+                                     {"num_leaves": 40, "scoring": "ah", "reorder": 100, "partitioning": "generic"}],
+                         ids=["brute_force", "ah", "tree_ah_spherical", "tree_ah_generic"])
 def test_reencoding_rows_reproduces_the_built_assets(options):
   items, _ = catalog.synthetic_catalog(4000, 16, num_queries=8, seed=3)
   index = scann_index.build_scann(items, k=10, leaves_to_search=8 if options.get("num_leaves") else 0, **options)

@@ -241,11 +241,13 @@ def test_background_retrain_maps_later_versions_onto_the_new_training(exported, 
   assert refresh_watch.poll_once(refresher, str(idle)).report is None  # Nothing more to publish.
 
 
-def test_index_options_keep_the_candidate_count_of_a_version_from_before_final_candidates():
+def test_index_options_keep_how_a_version_from_before_an_option_was_built():
   config = {"leaves_to_search": 5, "reorder": 80, "tuned_recall": 0.97}
   before = {"index": "scann", "k": K, "index_options": {"num_leaves": 30}, "index_config": config}
   # Such a version's graph returns every reordered candidate: a rebuild keeps that, and so its graph.
+  # It also predates the partitioning option: it was partitioned with generic k-means.
   assert refresh.index_options(before) == {"num_leaves": 30, "leaves_to_search": 5, "reorder": 80,
-                                           "final_candidates": 80}
-  after = {**before, "index_config": {**config, "final_candidates": 40}}
+                                           "final_candidates": 80, "partitioning": "generic"}
+  after = {**before, "index_config": {**config, "final_candidates": 40, "partitioning": "spherical"}}
   assert refresh.index_options(after)["final_candidates"] == 40
+  assert refresh.index_options(after)["partitioning"] == "spherical"
