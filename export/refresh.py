@@ -48,7 +48,8 @@ _TUNED_KNOBS = {"scann": ("leaves_to_search", "reorder", "final_candidates")}
 INDEX_UPDATES = ("auto", "full")
 DEFAULT_RETRAIN_FRACTION = 0.2
 # ScaNN options that change what a build trains or stores: overriding one of them needs a full build.
-_SCANN_STRUCTURE = ("scoring", "num_leaves", "dimensions_per_block", "anisotropic_quantization_threshold")
+_SCANN_STRUCTURE = ("scoring", "num_leaves", "dimensions_per_block", "anisotropic_quantization_threshold",
+                    "partitioning")
 # ScaNN options that are search-time knobs: an incremental update takes them as they are.
 _SCANN_SEARCH_KNOBS = ("leaves_to_search", "reorder", "final_candidates", "overfetch")
 
@@ -307,7 +308,7 @@ def _full_build_reason(source: Source, options: dict[str, Any], fresh_rows: int,
     return "--index_update=full"
   if source.report["index"] != "scann":
     return f"the {source.report['index']} backend has no incremental update"
-  changed = [name for name in _SCANN_STRUCTURE if name in options and options[name] != config.get(name)]
+  changed = [name for name in _SCANN_STRUCTURE if name in options and _differs(config, name, options[name])]
   if "reorder" in options and (options["reorder"] > 0) != (config.get("reorder", 0) > 0):
     changed.append("reorder")
   if changed:
@@ -316,6 +317,14 @@ def _full_build_reason(source: Source, options: dict[str, Any], fresh_rows: int,
   if encoded > retrain_fraction * num_rows and not background:
     return f"{encoded} of {num_rows} rows encoded since the last training (over {retrain_fraction:g})"
   return None
+
+
+def _differs(config: dict[str, Any], name: str, value: Any) -> bool:
+  """Whether ScaNN option `name` = `value` differs from the build `config` records."""
+  if name == "partitioning":
+    # "auto" keeps what the version picked; versions from before the option used generic k-means.
+    return value != "auto" and value != config.get(name, "generic")
+  return value != config.get(name)
 
 
 def rebuild_index(source: Source, state: refresh_state.CatalogState, source_rows: np.ndarray,

@@ -200,6 +200,15 @@ def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_p
   overridden = refresh.Refresher(base_path, keep_versions=None, index_overrides={"num_leaves": 20}, verify_recall=False)
   report = overridden.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[2, 0], "deleted": True})]))
   assert report["index_update"] == "full" and "num_leaves" in report["index_config"]["full_build_reason"]
+  # So does another partitioning; "auto" keeps the one the version picked (spherical: the towers normalise).
+  assert report["index_config"]["partitioning"] == "spherical"
+  for partitioning, update in (("auto", "incremental"), ("generic", "full")):
+    changed = refresh.Refresher(base_path, keep_versions=None, index_overrides={"partitioning": partitioning},
+                                verify_recall=False)
+    ad_id = sorted(refresh_state.read_state(report["path"]).ids)[0]
+    report = changed.apply(refresh_delta.parse_lines([json.dumps({"ad_id": ad_id, "deleted": True})]))
+    assert report["index_update"] == update, report["index_config"].get("full_build_reason")
+  assert "partitioning" in report["index_config"]["full_build_reason"]
   with pytest.raises(ValueError, match="index_update"):
     refresh.Refresher(base_path, index_update="sometimes")
 
