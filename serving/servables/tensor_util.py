@@ -181,6 +181,11 @@ def to_tensor_proto(array: np.ndarray, dtype_enum: int,
   elif field in ("scomplex_val", "dcomplex_val"):
     values = np.stack([flat.real, flat.imag], axis=-1).reshape(-1).tolist()
   elif field == "string_val":
+    try:  # Session outputs hold bytes already: no per-element Python loop.
+      proto.string_val.extend(flat.tolist())
+      return proto
+    except TypeError:
+      del proto.string_val[:]
     values = [v if isinstance(v, bytes) else str(v).encode("utf-8")
               for v in flat]
   else:
