@@ -38,7 +38,7 @@ flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
 flags.DEFINE_integer("streams", 16, "Closed-loop streams for the saturation comparison.")
 flags.DEFINE_string("batching_parameters",
                     "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
-                    "num_batch_threads { value: 2 } max_enqueued_batches { value: 64 }",
+                    "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }",
                     "Text BatchingParameters of the batching fgr-serve (saturation only).")
 
 MODEL = "retrieval"

@@ -23,7 +23,7 @@ flags.adopt_module_key_flags(common)
 flags.DEFINE_list("streams", ["1", "8", "32", "128"], "Closed-loop concurrencies.")
 flags.DEFINE_string("batching_parameters",
                     "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
-                    "num_batch_threads { value: 2 } max_enqueued_batches { value: 64 }",
+                    "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }",
                     "Text BatchingParameters of the batching server.")
 flags.DEFINE_integer("grpc_max_threads", 160, "gRPC worker threads of both servers.")
 
