@@ -241,8 +241,7 @@ def index_options(report: dict[str, Any]) -> dict[str, Any]:
     # N predates the knob: keep its graph.
     options["final_candidates"] = scann_index.returned_candidates(config, report["k"])
   if report["index"] == "scann" and "partitioning" not in options:
-    # A retrain partitions as N did (N's partitioning predates the option: generic k-means).
-    options["partitioning"] = config.get("partitioning", "generic")
+    options["partitioning"] = _built_partitioning(config)  # A retrain partitions as N did.
   return options
 
 
@@ -319,11 +318,15 @@ def _full_build_reason(source: Source, options: dict[str, Any], fresh_rows: int,
   return None
 
 
+def _built_partitioning(config: dict[str, Any]) -> str:
+  """The k-means a version's ScaNN tree was built with (generic for versions from before the option)."""
+  return config.get("partitioning", "generic")
+
+
 def _differs(config: dict[str, Any], name: str, value: Any) -> bool:
   """Whether ScaNN option `name` = `value` differs from the build `config` records."""
   if name == "partitioning":
-    # "auto" keeps what the version picked; versions from before the option used generic k-means.
-    return value != "auto" and value != config.get(name, "generic")
+    return value != "auto" and value != _built_partitioning(config)  # "auto" keeps the version's.
   return value != config.get(name)
 
 
