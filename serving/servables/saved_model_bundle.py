@@ -181,13 +181,22 @@ class SavedModelBundle:
     self._close_callbacks.append(callback)
 
   def close(self) -> None:
-    """Releases the session; further runs fail with UNAVAILABLE."""
+    """Releases the session; further runs fail with UNAVAILABLE.
+
+    The session's teardown (its executors, kernels, function library and
+    variables: 12-25 ms of frees at 1M ads) runs at idle CPU priority. At
+    normal priority its frees kept taking the malloc arena lock that the
+    serving version's runs need (one arena: runtime.retain_freed_memory), and
+    stalled them for the whole teardown: 14.5 ms median worst answer at
+    200 QPS, against 4.9 ms at idle priority (8 closes each, 1M ads).
+    """
     with self._close_lock:
       if not self._closed:
         self._closed = True
         for callback in self._close_callbacks:
           callback()
-        self._session.close()
+        with _idle_priority():  # TF_CloseSession releases the GIL meanwhile.
+          self._session.close()
         self._imported = None  # The shared graph goes with its last version.
         logging.info("Unloaded servable %s", self.context())
 

@@ -244,6 +244,31 @@ def test_load_gives_the_load_thread_back_its_cpus_and_priority(tmp_path):
     bundle.close()
 
 
+def test_close_tears_the_session_down_at_idle_priority(tmp_path):
+  """An unload's teardown frees at idle priority (where the thread may go back),
+  so the serving version's runs keep the malloc arena; the thread's policy is
+  restored afterwards."""
+  from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
+  if not hasattr(os, "SCHED_IDLE"):
+    pytest.skip("no SCHED_IDLE on this platform")
+  before = os.sched_getscheduler(0)
+  bundle = saved_model_bundle.SavedModelBundle(
+      "m", 1, lib.write_tf2_half_plus_two(str(tmp_path / "1")))
+  session = bundle._session  # pylint: disable=protected-access
+  policies = []
+  close_session = session.close
+
+  def recording_close():
+    policies.append(os.sched_getscheduler(0))
+    close_session()
+
+  session.close = recording_close
+  bundle.close()
+  idle = saved_model_bundle._can_leave_idle_priority()  # pylint: disable=protected-access
+  assert policies == [os.SCHED_IDLE if idle else before]
+  assert os.sched_getscheduler(0) == before
+
+
 def test_versions_with_one_saved_model_pb_share_the_graph(tmp_path):
   """An index refresh's version (N's saved_model.pb, new variables) reuses N's
   imported graph, with its own session and variables."""
