@@ -33,6 +33,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.python.saved_model import loader_impl
 
 from serving import errors
+from serving.servables import direct_session
 
 DEFAULT_SERVING_SIGNATURE = "serving_default"
 
@@ -126,6 +127,9 @@ class SavedModelBundle:
       with background_load():
         _restore_and_initialize(_InCallerThread(self._session), self._imported,
                                 path)
+        self._direct = direct_session.DirectSession(self._session)
+        with _idle_priority():  # Done by the restore, unless nothing was restored.
+          self._direct.extend()
     except Exception:
       self._session.close()
       raise
@@ -163,7 +167,12 @@ class SavedModelBundle:
 
   def session_run(self, feeds: Dict[str, np.ndarray], fetches: Sequence[str],
                   timeout_ms: Optional[int] = None) -> List[np.ndarray]:
-    """Runs the session; thread-safe (TF sessions allow concurrent runs)."""
+    """Runs the session; thread-safe (TF sessions allow concurrent runs).
+
+    Runs go through `direct_session`: no per-call feed/fetch normalisation,
+    and no graph lock that a newly loaded version sharing the graph holds
+    while it copies the graph into its session.
+    """
     if self._closed:
       raise errors.unavailable(
           f"Servable {self.context()} has been unloaded")
@@ -172,9 +181,8 @@ class SavedModelBundle:
       options = config_pb2.RunOptions(timeout_in_ms=int(timeout_ms))
     if getattr(_loading, "active", False):  # A warm-up: see background_load().
       with _idle_priority():
-        return self._session.run(list(fetches), feed_dict=feeds,
-                                 options=_in_caller_thread(options))
-    return self._session.run(list(fetches), feed_dict=feeds, options=options)
+        return self._direct.run(feeds, fetches, _in_caller_thread(options))
+    return self._direct.run(feeds, fetches, options)
 
   def on_close(self, callback: Callable[[], None]) -> None:
     """Registers `callback` to run when the servable is unloaded."""
