@@ -5,8 +5,9 @@
 Three variants of the same request stream, all driven by fgr-loadtest's driver:
 - gRPC `Predict` on `serving_default` of fgr-serve (another process);
 - an in-process call of the same SavedModel, loaded in this process exactly as fgr-serve loads it
-  (`serving.servables.saved_model_bundle`: a TF1 session, `Session.run` with NumPy feeds) and called on
-  a worker thread; what remains between the two is gRPC, proto conversion and the server's dispatch;
+  (`serving.servables.saved_model_bundle`: a TF1 session run through `TF_SessionRun` with NumPy
+  feeds) and called on a worker thread; what remains between the two is gRPC, proto conversion and
+  the server's dispatch;
 - an echo PredictionService (another process) answering a fixed full-graph-sized response: the
   transport floor of a thread-pool `grpc.server` in Python.
 Latency is measured open-loop at a low rate (p50); saturation throughput closed-loop with many streams, where
