@@ -128,8 +128,9 @@ class SavedModelBundle:
         _restore_and_initialize(_InCallerThread(self._session), self._imported,
                                 path)
         self._direct = direct_session.DirectSession(self._session)
-        with _idle_priority():  # Done by the restore, unless nothing was restored.
-          self._direct.extend()
+        # A no-op once the restore has run; at normal priority, as Python
+        # holds the GIL around it.
+        self._direct.extend()
     except Exception:
       self._session.close()
       raise

@@ -32,7 +32,8 @@ def test_matches_session_run(session):
   assert [g.tolist() for g in got] == [e.tolist() for e in expected]
   # Lists are converted to the tensor's dtype, as Session.run does.
   assert direct.run({"x:0": [[0.0, 1.0]]}, ["y:0"])[0].tolist() == [[1.0, 3.0]]
-  assert direct.run({"x:0": [[0.0, 1.0]]}, ["y:0"], config_pb2.RunOptions(timeout_in_ms=5000))[0].shape == (1, 2)
+  options = config_pb2.RunOptions(timeout_in_ms=5000)
+  assert direct.run({"x:0": [[0.0, 1.0]]}, ["y:0"], options)[0].shape == (1, 2)
 
 
 def test_a_fetch_that_is_fed_returns_the_fed_value(session):
