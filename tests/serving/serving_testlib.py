@@ -214,11 +214,19 @@ class ServerProcess:
       return f.read().decode("utf-8", "replace")
 
   def terminate(self, timeout: float = 60) -> int:
-    """Sends SIGTERM and returns the exit code."""
+    """Sends SIGTERM and returns the exit code.
+
+    Raises:
+      AssertionError: The server did not exit within `timeout`; the message
+        holds the end of its log, to show where the shutdown stopped.
+    """
     self.channel.close()
     self.process.send_signal(signal.SIGTERM)
     try:
       return self.process.wait(timeout)
+    except subprocess.TimeoutExpired as e:
+      raise AssertionError(f"fgr-serve did not exit within {timeout} s of SIGTERM; "
+                           f"the end of its log:\n{self.stderr()[-6000:]}") from e
     finally:
       if self.process.poll() is None:
         self.process.kill()
