@@ -23,6 +23,8 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2
 from tensorflow.python.client import pywrap_tf_session
 
+from serving.servables import tensor_util
+
 # Feed/fetch combinations remembered per session; odd requests beyond this run
 # without a cached plan (correct, only slower).
 MAX_PLANS = 256
@@ -74,7 +76,7 @@ class DirectSession:
     feed_dict = {}
     for feed in plan.feeds:
       value = np.asarray(feeds[feed.name], dtype=feed.dtype)
-      if feed.dims is not None and not _fits(value.shape, feed.dims):
+      if feed.dims is not None and not tensor_util.shape_fits(value.shape, feed.dims):
         raise ValueError(
             f"Cannot feed value of shape {list(value.shape)} for Tensor "
             f"{feed.name}, which has shape {_shape_text(feed.dims)}")
@@ -128,10 +130,6 @@ def _tensor(graph: tf.Graph, name: str) -> tf.Tensor:
     return graph.get_tensor_by_name(name)
   except (KeyError, ValueError) as e:
     raise KeyError(f"{name} is not a tensor of the graph: {e}") from e
-
-
-def _fits(shape: Tuple[int, ...], dims: Tuple[int, ...]) -> bool:
-  return len(shape) == len(dims) and all(d < 0 or d == s for d, s in zip(dims, shape))
 
 
 def _shape_text(dims: Tuple[int, ...]) -> str:

@@ -26,9 +26,7 @@ def check_shape(alias: str, array: np.ndarray,
   if info.tensor_shape.unknown_rank or not info.HasField("tensor_shape"):
     return
   expected = [d.size for d in info.tensor_shape.dim]
-  compatible = len(expected) == array.ndim and all(
-      e < 0 or e == a for e, a in zip(expected, array.shape))
-  if not compatible:
+  if not tensor_util.shape_fits(array.shape, expected):
     shape = ",".join("?" if e < 0 else str(e) for e in expected)
     raise errors.invalid_argument(
         f"Input {alias} has shape {list(array.shape)} but the signature "

@@ -1,6 +1,6 @@
 """Conversion between TensorProto and NumPy, with TF Serving's wire choices."""
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -43,6 +43,11 @@ def dtype_name(dtype_enum: int) -> str:
   if dtype_enum in types_pb2.DataType.values():
     return types_pb2.DataType.Name(dtype_enum)[len("DT_"):].lower()
   return str(dtype_enum)
+
+
+def shape_fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
+  """Whether a concrete `shape` fits `dims` of known rank (-1: any size)."""
+  return len(shape) == len(dims) and all(d < 0 or d == s for d, s in zip(dims, shape))
 
 
 def _supplied_values(proto: tensor_pb2.TensorProto) -> int:
