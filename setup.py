@@ -29,7 +29,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
-        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3"],
+        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3", "psutil>=5.9"],
     },
     entry_points={
         "console_scripts": [

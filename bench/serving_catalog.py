@@ -105,11 +105,11 @@ def main(argv: list[str]) -> None:
       load_seconds = time.time() - started
       loaded = model.memory_mib()
       latency, = common.compare([common.Variant("open loop", lambda: driver.GrpcPredictTarget(model.address),
-                                                requests)],
+                                                requests, servers=(model,))],
                                 driver.LoadSpec(mode="open", qps=FLAGS.qps, warmup_seconds=FLAGS.warmup_seconds,
                                                 duration_seconds=FLAGS.seconds, progress=False))
       throughput, = common.compare([common.Variant("closed loop", lambda: driver.GrpcPredictTarget(model.address),
-                                                   requests)],
+                                                   requests, servers=(model,))],
                                    driver.LoadSpec(mode="closed", concurrency=FLAGS.streams,
                                                    warmup_seconds=FLAGS.warmup_seconds,
                                                    duration_seconds=FLAGS.seconds, progress=False))

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import grpc
+import psutil
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 from absl import flags
@@ -155,15 +156,53 @@ def query_requests(run_dir: str, count: int, model_name: str, signature_name: st
 
 @dataclasses.dataclass
 class Variant:
-  """One way of serving the same requests: a label, a target factory and its requests."""
+  """One way of serving the same requests: a label, a target factory and its requests.
+
+  `servers` are the processes that answer this variant; their CPU time is charged to it.
+  """
 
   label: str
   make_target: Callable[[], driver.Target]
   requests: Sequence[Any]
+  servers: Sequence[Server] = ()
 
 
-def _point(label: str, spec: driver.LoadSpec, results: Sequence[driver.LoadResult]) -> dict[str, Any]:
-  """Pools several runs of one variant: merged histograms, summed counts and measured time."""
+@dataclasses.dataclass
+class CpuUse:
+  """CPU seconds (user + system, all threads) spent during one run, and the wall time it took."""
+
+  server: float
+  client: float
+  wall: float
+
+
+def _cpu_seconds(pid: int | None = None) -> float:
+  times = psutil.Process(pid).cpu_times()
+  return times.user + times.system
+
+
+def _run_charged(variant: Variant, spec: driver.LoadSpec) -> tuple[driver.LoadResult, CpuUse]:
+  """One driver run of the variant, with the CPU its servers and this client process spent on it."""
+  pids = [s.process.pid for s in variant.servers]
+  before = [_cpu_seconds(pid) for pid in pids], _cpu_seconds(), time.monotonic()
+  result = driver.run(variant.make_target(), variant.requests, spec)
+  after = [_cpu_seconds(pid) for pid in pids], _cpu_seconds(), time.monotonic()
+  return result, CpuUse(server=sum(after[0]) - sum(before[0]), client=after[1] - before[1], wall=after[2] - before[2])
+
+
+def _cpu_summary(results: Sequence[driver.LoadResult], cpu: Sequence[CpuUse]) -> dict[str, float]:
+  """CPU milliseconds per completed request (warm-up included, as the CPU is), and cores busy."""
+  completed = sum(len(r.ok) for r in results)
+  wall = sum(c.wall for c in cpu)
+  server, client = sum(c.server for c in cpu), sum(c.client for c in cpu)
+  return {"server_cpu_ms_per_request": round(1e3 * server / max(completed, 1), 3),
+          "client_cpu_ms_per_request": round(1e3 * client / max(completed, 1), 3),
+          "server_cores": round(server / wall, 2), "client_cores": round(client / wall, 2)}
+
+
+def _point(label: str, spec: driver.LoadSpec, results: Sequence[driver.LoadResult],
+           cpu: Sequence[CpuUse] = ()) -> dict[str, Any]:
+  """Pools several runs of one variant: merged histograms, summed counts, measured time and CPU use."""
   latency, service = histogram.LatencyHistogram(), histogram.LatencyHistogram()
   errors: collections.Counter = collections.Counter()
   for result in results:
@@ -176,21 +215,30 @@ def _point(label: str, spec: driver.LoadSpec, results: Sequence[driver.LoadResul
   return {"variant": label, "load": f"{spec.describe().rsplit(' + ', 1)[0]} + {rounds}{spec.duration_seconds:g} s",
           "throughput_qps": round(ok / sum(r.measured_seconds for r in results), 1),
           "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"), "p999_ms": lat.get("p999"),
-          "service_p50_ms": service.summary_ms().get("p50"), "ok": ok, "errors": dict(errors)}
+          "service_p50_ms": service.summary_ms().get("p50"), "ok": ok, "errors": dict(errors),
+          **(_cpu_summary(results, cpu) if cpu else {})}
 
 
 def compare(variants: Sequence[Variant], spec: driver.LoadSpec, rounds: int = 1) -> list[dict[str, Any]]:
   """Runs every variant `rounds` times, alternating the order (ABBA...) so that the shared machine's
-  background load falls on all of them alike; returns one pooled point per variant, and logs lines."""
+  background load falls on all of them alike; returns one pooled point per variant, and logs lines.
+
+  Each point also gives the CPU time per request of the variant's servers and of this client process
+  (which hosts the load generator, and the model itself for in-process variants).
+  """
   results: dict[str, list[driver.LoadResult]] = {v.label: [] for v in variants}
+  cpu: dict[str, list[CpuUse]] = {v.label: [] for v in variants}
   for r in range(rounds):
     for variant in (variants if r % 2 == 0 else variants[::-1]):
-      result = driver.run(variant.make_target(), variant.requests, spec)
+      result, used = _run_charged(variant, spec)
       results[variant.label].append(result)
+      cpu[variant.label].append(used)
       print(f"  round {r + 1}: {variant.label:<36s} {result.throughput:>8,.1f} req/s  "
             f"p50 {result.percentile_ms(50):.3f} ms  p99 {result.percentile_ms(99):.3f} ms  "
+            f"cpu/request: server {1e3 * used.server / max(len(result.ok), 1):.3f} ms, "
+            f"client {1e3 * used.client / max(len(result.ok), 1):.3f} ms  "
             f"errors {result.errors or 'none'}", flush=True)
-  return [_point(v.label, spec, results[v.label]) for v in variants]
+  return [_point(v.label, spec, results[v.label], cpu[v.label]) for v in variants]
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -203,7 +251,9 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) ->
 
 
 POINT_COLUMNS = (("variant", "variant"), ("load", "load"), ("throughput_qps", "req/s"), ("p50_ms", "p50 ms"),
-                 ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"), ("errors", "errors"))
+                 ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"),
+                 ("server_cpu_ms_per_request", "server CPU ms/req"),
+                 ("client_cpu_ms_per_request", "client CPU ms/req"), ("errors", "errors"))
 
 
 def finish(output_dir: str, name: str, data: dict[str, Any], points: Sequence[dict[str, Any]],

@@ -89,9 +89,11 @@ def main(argv: list[str]) -> None:
                        name="fgr-serve-batched") as batched:
 
     def variants(threads: int) -> list[common.Variant]:
-      return [common.Variant("gRPC Predict to fgr-serve", lambda: driver.GrpcPredictTarget(model.address), requests),
+      return [common.Variant("gRPC Predict to fgr-serve", lambda: driver.GrpcPredictTarget(model.address), requests,
+                             servers=(model,)),
               common.Variant("in-process SavedModel call", lambda: InProcessTarget(bundle, threads), feeds),
-              common.Variant("echo PredictionService", lambda: driver.GrpcPredictTarget(echo.address), requests)]
+              common.Variant("echo PredictionService", lambda: driver.GrpcPredictTarget(echo.address), requests,
+                             servers=(echo,))]
 
     open_loop = driver.LoadSpec(mode="open", qps=FLAGS.qps, warmup_seconds=FLAGS.warmup_seconds,
                                 duration_seconds=FLAGS.seconds, progress=False)
@@ -100,7 +102,7 @@ def main(argv: list[str]) -> None:
                                   duration_seconds=FLAGS.seconds, progress=False)
     saturation = common.compare(variants(FLAGS.streams) + [
         common.Variant("gRPC Predict to fgr-serve, batching on", lambda: driver.GrpcPredictTarget(batched.address),
-                       requests)], closed_loop, max(2, FLAGS.rounds // 2))
+                       requests, servers=(batched,))], closed_loop, max(2, FLAGS.rounds // 2))
     memory = model.memory_mib()
   grpc_, local, echo_ = latency
   overhead = grpc_["p50_ms"] - local["p50_ms"]

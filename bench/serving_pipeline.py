@@ -86,9 +86,10 @@ def main(argv: list[str]) -> None:
       spec = driver.LoadSpec(mode="open", qps=qps, warmup_seconds=FLAGS.warmup_seconds,
                              duration_seconds=FLAGS.seconds, progress=False)
       a, b = common.compare([
-          common.Variant("(a) full graph, one call", lambda: driver.GrpcPredictTarget(model.address), full),
+          common.Variant("(a) full graph, one call", lambda: driver.GrpcPredictTarget(model.address), full,
+                         servers=(model, ann)),
           common.Variant("(b) encode_query + ScaNN service", lambda: TwoCallTarget(model.address, ann.address),
-                         encode)], spec, FLAGS.rounds)
+                         encode, servers=(model, ann))], spec, FLAGS.rounds)
       points += [a, b]
       ratios.append({"qps": qps, "p50_ratio": round(a["p50_ms"] / b["p50_ms"], 3),
                      "p99_ratio": round(a["p99_ms"] / b["p99_ms"], 3)})

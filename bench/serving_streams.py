@@ -47,8 +47,10 @@ def main(argv: list[str]) -> None:
       spec = driver.LoadSpec(mode="closed", concurrency=streams, warmup_seconds=FLAGS.warmup_seconds,
                              duration_seconds=FLAGS.seconds, progress=False)
       unbatched, batched = common.compare([
-          common.Variant(f"batching off, {streams} streams", lambda: driver.GrpcPredictTarget(off.address), requests),
-          common.Variant(f"batching on, {streams} streams", lambda: driver.GrpcPredictTarget(on.address), requests),
+          common.Variant(f"batching off, {streams} streams", lambda: driver.GrpcPredictTarget(off.address), requests,
+                         servers=(off,)),
+          common.Variant(f"batching on, {streams} streams", lambda: driver.GrpcPredictTarget(on.address), requests,
+                         servers=(on,)),
       ], spec, FLAGS.rounds)
       points += [unbatched, batched]
       ratios[streams] = round(batched["throughput_qps"] / unbatched["throughput_qps"], 3)
