@@ -169,9 +169,12 @@ class Variant:
 
 @dataclasses.dataclass
 class CpuUse:
-  """CPU seconds (user + system, all threads) spent during one run, and the wall time it took."""
+  """CPU seconds (user + system, all threads) spent during one run, and the wall time it took.
 
-  server: float
+  `server` is None for a variant with no server process (an in-process call).
+  """
+
+  server: float | None
   client: float
   wall: float
 
@@ -187,17 +190,23 @@ def _run_charged(variant: Variant, spec: driver.LoadSpec) -> tuple[driver.LoadRe
   before = [_cpu_seconds(pid) for pid in pids], _cpu_seconds(), time.monotonic()
   result = driver.run(variant.make_target(), variant.requests, spec)
   after = [_cpu_seconds(pid) for pid in pids], _cpu_seconds(), time.monotonic()
-  return result, CpuUse(server=sum(after[0]) - sum(before[0]), client=after[1] - before[1], wall=after[2] - before[2])
+  return result, CpuUse(server=sum(after[0]) - sum(before[0]) if pids else None, client=after[1] - before[1],
+                        wall=after[2] - before[2])
+
+
+def _per_request_ms(seconds: float | None, requests: int) -> float | None:
+  return None if seconds is None else round(1e3 * seconds / max(requests, 1), 3)
 
 
 def _cpu_summary(results: Sequence[driver.LoadResult], cpu: Sequence[CpuUse]) -> dict[str, float]:
   """CPU milliseconds per completed request (warm-up included, as the CPU is), and cores busy."""
   completed = sum(len(r.ok) for r in results)
   wall = sum(c.wall for c in cpu)
-  server, client = sum(c.server for c in cpu), sum(c.client for c in cpu)
-  return {"server_cpu_ms_per_request": round(1e3 * server / max(completed, 1), 3),
-          "client_cpu_ms_per_request": round(1e3 * client / max(completed, 1), 3),
-          "server_cores": round(server / wall, 2), "client_cores": round(client / wall, 2)}
+  server = None if cpu[0].server is None else sum(c.server for c in cpu)
+  client = sum(c.client for c in cpu)
+  return {"server_cpu_ms_per_request": _per_request_ms(server, completed),
+          "client_cpu_ms_per_request": _per_request_ms(client, completed),
+          "server_cores": None if server is None else round(server / wall, 2), "client_cores": round(client / wall, 2)}
 
 
 def _point(label: str, spec: driver.LoadSpec, results: Sequence[driver.LoadResult],
@@ -235,8 +244,8 @@ def compare(variants: Sequence[Variant], spec: driver.LoadSpec, rounds: int = 1)
       cpu[variant.label].append(used)
       print(f"  round {r + 1}: {variant.label:<36s} {result.throughput:>8,.1f} req/s  "
             f"p50 {result.percentile_ms(50):.3f} ms  p99 {result.percentile_ms(99):.3f} ms  "
-            f"cpu/request: server {1e3 * used.server / max(len(result.ok), 1):.3f} ms, "
-            f"client {1e3 * used.client / max(len(result.ok), 1):.3f} ms  "
+            f"cpu/request: server {_per_request_ms(used.server, len(result.ok)) or '–'} ms, "
+            f"client {_per_request_ms(used.client, len(result.ok))} ms  "
             f"errors {result.errors or 'none'}", flush=True)
   return [_point(v.label, spec, results[v.label], cpu[v.label]) for v in variants]
 
