@@ -128,6 +128,19 @@ def fgr_serve(workdir: str, model_name: str, base_path: str, extra_args: Sequenc
                 workdir, name, model_name=model_name)
 
 
+# The batching the serving benchmarks measure: one batch thread, as serving/README advises on few cores.
+BATCHING_PARAMETERS = ("max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
+                       "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }")
+
+
+def batching_args(workdir: str, parameters: str) -> list[str]:
+  """fgr-serve flags that turn batching on with `parameters` (text BatchingParameters), written to workdir."""
+  path = os.path.join(workdir, "batching.config")
+  with open(path, "w") as f:
+    f.write(parameters)
+  return ["--enable_batching", f"--batching_parameters_file={path}"]
+
+
 def echo_server(workdir: str, k: int = 100) -> contextlib.AbstractContextManager[Server]:
   """The echo PredictionService answering with a full-graph-sized response (k ids and scores)."""
   return server("serving.loadtest.echo_server", [f"--k={k}"], workdir, "echo")

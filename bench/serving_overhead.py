@@ -38,8 +38,7 @@ flags.adopt_module_key_flags(common)
 flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
 flags.DEFINE_integer("streams", 16, "Closed-loop streams for the saturation comparison.")
 flags.DEFINE_string("batching_parameters",
-                    "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
-                    "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }",
+                    common.BATCHING_PARAMETERS,
                     "Text BatchingParameters of the batching fgr-serve (saturation only).")
 
 MODEL = "retrieval"
@@ -81,12 +80,9 @@ def main(argv: list[str]) -> None:
   for f in feeds[:20]:  # Warm up like the server's warm-up replay.
     bundle.session_run(f, fetches)
   workdir = common.workdir(FLAGS.output_dir, "serving_overhead")
-  params = os.path.join(workdir, "batching.config")
-  with open(params, "w") as f:
-    f.write(FLAGS.batching_parameters)
+  batching = common.batching_args(workdir, FLAGS.batching_parameters)
   with common.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, common.echo_server(workdir) as echo, \
-      common.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--enable_batching", f"--batching_parameters_file={params}"],
-                       name="fgr-serve-batched") as batched:
+      common.fgr_serve(workdir, MODEL, FLAGS.base_path, batching, name="fgr-serve-batched") as batched:
 
     def variants(threads: int) -> list[common.Variant]:
       return [common.Variant("gRPC Predict to fgr-serve", lambda: driver.GrpcPredictTarget(model.address), requests,

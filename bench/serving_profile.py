@@ -7,8 +7,8 @@ Through the measured window, `py-spy record --gil` samples the server: only the 
 is recorded, so the samples taken over the samples expected (rate x seconds) is the share of the time
 the one interpreter was busy. Near 1, the GIL bounds throughput at 1 / (GIL time per request),
 whatever the cores; each stack is charged to the innermost fgr-serve function on it (time in
-TensorFlow, NumPy, protobuf or gRPC code called from there included), or to the library it is in when
-no fgr-serve frame is on it, to its innermost frame (gRPC's aio layer, the event loop). The point also gives the CPU per
+TensorFlow, NumPy, protobuf or gRPC code called from there included), or, with no fgr-serve frame on
+it, to its innermost frame (gRPC's aio layer, the event loop). The point also gives the CPU per
 request of server and client, as every serving benchmark does. Needs py-spy (`pip install -e .[bench]`)
 and permission to ptrace the server (root, or kernel.yama.ptrace_scope=0).
 """
@@ -31,8 +31,7 @@ flags.adopt_module_key_flags(common)
 flags.DEFINE_integer("streams", 32, "Closed-loop streams.")
 flags.DEFINE_bool("batching", False, "Profile fgr-serve with --enable_batching.")
 flags.DEFINE_string("batching_parameters",
-                    "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
-                    "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }",
+                    common.BATCHING_PARAMETERS,
                     "Text BatchingParameters with --batching.")
 flags.DEFINE_list("server_args", [], "More fgr-serve flags, e.g. --noretain_freed_memory.")
 flags.DEFINE_integer("rate", 250, "py-spy samples per second.")
@@ -52,10 +51,7 @@ def main(argv: list[str]) -> None:
   workdir = common.workdir(FLAGS.output_dir, "serving_profile")
   extra = list(FLAGS.server_args)
   if FLAGS.batching:
-    params = os.path.join(workdir, "batching.config")
-    with open(params, "w") as f:
-      f.write(FLAGS.batching_parameters)
-    extra += ["--enable_batching", f"--batching_parameters_file={params}"]
+    extra += common.batching_args(workdir, FLAGS.batching_parameters)
   raw = os.path.join(workdir, "gil.txt")
   spec = driver.LoadSpec(mode="closed", concurrency=FLAGS.streams, warmup_seconds=FLAGS.warmup_seconds,
                          duration_seconds=FLAGS.seconds, progress=False)

@@ -10,8 +10,6 @@ has to merge concurrent requests to help).
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 
 from bench import serving_common as common
@@ -22,8 +20,7 @@ common.define_flags(warmup_seconds=2.0, seconds=8.0, rounds=2)
 flags.adopt_module_key_flags(common)
 flags.DEFINE_list("streams", ["1", "8", "32", "128"], "Closed-loop concurrencies.")
 flags.DEFINE_string("batching_parameters",
-                    "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
-                    "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }",
+                    common.BATCHING_PARAMETERS,
                     "Text BatchingParameters of the batching server.")
 flags.DEFINE_integer("grpc_max_threads", 160, "gRPC worker threads of both servers.")
 
@@ -34,14 +31,12 @@ def main(argv: list[str]) -> None:
   del argv
   requests = common.query_requests(FLAGS.run_dir, FLAGS.num_queries, MODEL)
   workdir = common.workdir(FLAGS.output_dir, "serving_streams")
-  params = os.path.join(workdir, "batching.config")
-  with open(params, "w") as f:
-    f.write(FLAGS.batching_parameters)
+  batching = common.batching_args(workdir, FLAGS.batching_parameters)
   threads = f"--grpc_max_threads={FLAGS.grpc_max_threads}"
   points, ratios = [], {}
   with common.fgr_serve(workdir, MODEL, FLAGS.base_path, [threads], name="fgr-serve-unbatched") as off, \
       common.fgr_serve(workdir, MODEL, FLAGS.base_path,
-                       [threads, "--enable_batching", f"--batching_parameters_file={params}"],
+                       [threads, *batching],
                        name="fgr-serve-batched") as on:
     for streams in (int(s) for s in FLAGS.streams):
       spec = driver.LoadSpec(mode="closed", concurrency=streams, warmup_seconds=FLAGS.warmup_seconds,
