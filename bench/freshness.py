@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
+from bench import swap_phases  # noqa: E402
 from export import exporter, refresh, refresh_delta, refresh_state, versions, warmup  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models import train  # noqa: E402
@@ -73,7 +74,9 @@ flags.DEFINE_bool("refresher_keeps_freed_memory", True, "Run the watcher with gl
 flags.DEFINE_integer("refresher_keep_versions", 3, "The watcher's --keep_versions (0 keeps all).")
 flags.DEFINE_bool("refresher_defer_prune", True, "The watcher's --defer_prune.")
 flags.DEFINE_list("server_flags", [], "Extra fgr-serve flags, e.g. --noretain_freed_memory.")
-flags.DEFINE_enum("part", "all", ["all", "publish", "swaps"], "Which measurement to run.")
+flags.DEFINE_enum("part", "all", ["all", "publish", "swaps", "phases"],
+                  "Which measurement to run; phases re-reads the last swaps run in --work_dir and reports "
+                  "where its windows' slow answers fall.")
 flags.mark_flag_as_required("work_dir")
 
 MODEL = "ads"
@@ -490,6 +493,18 @@ class OpenLoopLoad:
     return {"requests": int(len(values)), "p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2)}
 
 
+def _wait_for_log_line(path: str, text: str, process: subprocess.Popen, timeout: float) -> None:
+  """Waits until `process` writes a line containing `text` to its log at `path`."""
+  deadline = time.time() + timeout
+  while True:
+    with open(path, errors="replace") as f:
+      if any(text in line for line in f):
+        return
+    if process.poll() is not None or time.time() > deadline:
+      raise RuntimeError(f"no line with {text!r} in {path}")
+    time.sleep(0.2)
+
+
 def swaps_under_load(version_path: str, source: sources.Source, queries: dict[str, np.ndarray]) -> dict[str, Any]:
   """--swaps publishes by `fgr-refresh --watch` while an open-loop load runs; checks every answer."""
   base_path = served_copy(version_path, "swaps")
@@ -535,7 +550,8 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
          f"--verify_recall={FLAGS.watcher_verify_recall}"]
         + [f"--index_options={o}" for o in FLAGS.index_options],
         cwd=REPO, env=_refresher_env(), stdout=log, stderr=log)
-    time.sleep(5)  # Let the watcher read version 1 before the steady phase starts.
+    _wait_for_log_line(log.name, "Watching ", watcher, timeout=300)
+    time.sleep(2)  # The steady phase starts once the watcher has read version 1 and gone idle.
 
     # Every 10th request is the probe query; the others cycle through the held-out queries.
     schedule = [probe_request if j % 10 == 0 else requests[j] for j in range(len(requests))]
@@ -571,7 +587,8 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
     timeline = os.path.join(FLAGS.work_dir, "swaps-timeline.npz")
     np.savez(timeline, scheduled=load.scheduled[:load.sent], latency=load.latency[:load.sent],
              version=load.version[:load.sent],
-             swaps=np.asarray([[s["dropped_at"], s["published_at"], s["first_answer_at"]] for s in swaps]))
+             swaps=np.asarray([[s["dropped_at"], s["published_at"], s["first_answer_at"]] for s in swaps]),
+             versions=np.asarray([s["version"] for s in swaps]), steady=np.asarray([load.started, steady_end]))
   finally:
     if watcher is not None:
       watcher.terminate()
@@ -602,6 +619,9 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
   in_windows = _merge_percentiles(load, windows)
   builds = _merge_percentiles(load, [(s["dropped_at"], s["published_at"]) for s in swaps])
   steady = load.percentiles(load.started + 2, steady_end)
+  phases = swap_phases.by_phase(load.scheduled[:load.sent], load.latency[:load.sent],
+                                [(s["version"], s["published_at"], s["first_answer_at"] + 3) for s in swaps],
+                                server.log_path, 2 * steady["p99_ms"]) if steady.get("p99_ms") else {}
   for s in swaps:
     for key in ("dropped_at", "published_at", "first_answer_at"):
       s.pop(key)
@@ -609,6 +629,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
       "qps": FLAGS.qps, "requests_sent": load.sent, "failed_requests": len(load.failed),
       "failure_codes": sorted(set(load.failed.values())),
       "steady": steady, "during_swap_windows": in_windows, "during_refresher_builds": builds,
+      "windows_by_phase": phases,
       "p99_swap_over_steady": round(in_windows.get("p99_ms", 0) / steady["p99_ms"], 2) if steady.get("p99_ms") else None,
       "probe_checks_violations": len(violations), "violation_examples": violations[:5],
       "new_ads_score_over_kth_on_version_1": margins,
@@ -630,10 +651,31 @@ def _merge_percentiles(load: OpenLoopLoad, windows: list[tuple[float, float]]) -
   return {"requests": int(len(values)), "p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2)}
 
 
+def saved_run_phases(work_dir: str) -> dict[str, Any]:
+  """Steady p99 and the windows by phase of the swaps run saved in work_dir (timeline and server log)."""
+  timeline = np.load(os.path.join(work_dir, "swaps-timeline.npz"))
+  scheduled, latency, swaps = timeline["scheduled"], timeline["latency"], timeline["swaps"]
+  if "versions" in timeline:
+    swap_versions = timeline["versions"]
+  else:  # Saved before versions were: version 1 serves first, then one per swap.
+    swap_versions = np.arange(2, 2 + len(swaps))
+  # Saved before the steady phase was: it ended about when the first delta was dropped.
+  started, steady_end = timeline["steady"] if "steady" in timeline else (scheduled[0], swaps[0][0])
+  steady = latency[(scheduled >= started + 2) & (scheduled < steady_end)]
+  steady_p99 = float(np.nanpercentile(steady, 99)) * 1e3
+  windows = [(int(v), published, first + 3) for v, (_, published, first) in zip(swap_versions, swaps)]
+  return {"steady_p99_ms": round(steady_p99, 2),
+          "windows_by_phase": swap_phases.by_phase(scheduled, latency, windows,
+                                                   os.path.join(work_dir, "swaps-server.log"), 2 * steady_p99)}
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.makedirs(FLAGS.work_dir, exist_ok=True)
+  if FLAGS.part == "phases":
+    print(json.dumps(saved_run_phases(FLAGS.work_dir), indent=2))
+    return
   run_dir, version_path = ensure_version(FLAGS.work_dir)
   _, run_config = train.restore(run_dir)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))

@@ -100,6 +100,7 @@ def watch(refresher: refresh.Refresher, directory: str, interval_seconds: float,
   """
   os.makedirs(directory, exist_ok=True)
   refresher.prepare()  # Fail fast without a version, and keep the first publish short.
+  logging.info("Watching %s for delta files every %gs", directory, interval_seconds)
   polls = 0
   while True:
     started = time.monotonic()

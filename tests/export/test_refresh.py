@@ -1,6 +1,7 @@
 """fgr-refresh: deltas, rebuilt and status-only versions, rollback, retention and the watch loop."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -185,7 +186,7 @@ def test_deferred_prune_deletes_when_the_next_publish_starts(exported, base_path
   assert versions.list_versions(base_path) == [2, 3]
 
 
-def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, base_path, tmp_path):
+def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, base_path, tmp_path, caplog):
   version_path, _, queries = exported
   _, before = _serve(version_path, queries)
   watch_dir = tmp_path / "deltas"
@@ -196,8 +197,10 @@ def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, base_path
       json.dumps({"ad_id": before[0, 2], "deleted": True}) + "\n" + '{"ad_id": "nope", "status": "paused"}\n')
   (watch_dir / ".004-incomplete.jsonl").write_text('{"ad_id": "x", "deleted": true}\n')
   polls = []
-  refresh_watch.watch(refresh.Refresher(base_path), str(watch_dir), interval_seconds=0.01, max_polls=2,
-                      on_poll=polls.append)
+  with caplog.at_level(logging.INFO):
+    refresh_watch.watch(refresh.Refresher(base_path), str(watch_dir), interval_seconds=0.01, max_polls=2,
+                        on_poll=polls.append)
+  assert f"Watching {watch_dir} for delta files" in caplog.text  # Once ready: bench/freshness.py waits for it.
   assert polls[0].accepted == ["001-pause.jsonl"] and set(polls[0].rejected) == {"002-bad.jsonl", "003-unknown.jsonl"}
   assert polls[0].report["version"] == 2 and polls[1].report is None  # Nothing new at the second poll.
   assert sorted(os.listdir(watch_dir / "processed")) == ["v2-001-pause.jsonl"]
