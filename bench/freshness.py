@@ -31,6 +31,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -247,6 +248,16 @@ def write_delta(path: str, lines: list[str]) -> None:
 
 
 def served_copy(version_path: str, name: str) -> str:
+  """A new base path serving a hard-linked copy of `version_path` as version 1.
+
+  Copies left by earlier runs (a few GB each at 1M ads, with their refreshed versions) are deleted
+  first, all but the newest, which `--part=phases` and bench/load_stalls.py may still read.
+  """
+  earlier = sorted(n for n in os.listdir(FLAGS.work_dir) if re.fullmatch(rf"{name}-\d+(-deltas)?", n))
+  stamps = sorted({n.split("-")[1] for n in earlier})
+  for n in earlier:
+    if n.split("-")[1] != stamps[-1]:
+      shutil.rmtree(os.path.join(FLAGS.work_dir, n), ignore_errors=True)
   base_path = os.path.join(FLAGS.work_dir, f"{name}-{int(time.time())}")
   refresh.link_tree(version_path, os.path.join(base_path, "1"))
   return base_path

@@ -42,19 +42,22 @@ def _libc():
 
 
 _retained = False
-_DISABLING_ARGS = ("--noretain_freed_memory", "--retain_freed_memory=false",
-                   "--retain_freed_memory=0", "--retain_freed_memory=False")
+_ENABLING_ARGS = ("--retain_freed_memory", "--retain_freed_memory=true",
+                  "--retain_freed_memory=1", "--retain_freed_memory=True")
 
 
-def retain_freed_memory_unless_disabled(argv: list) -> bool:
-  """`retain_freed_memory()` unless `argv` holds --noretain_freed_memory.
+def retain_freed_memory_if_enabled(argv: list) -> bool:
+  """`retain_freed_memory()` if `argv` holds --retain_freed_memory (the last of
+  --retain_freed_memory / --noretain_freed_memory wins, as in absl).
 
   For fgr-serve's entry points, before TensorFlow is imported: threads that
   malloc before mallopt(M_ARENA_MAX) get arenas of their own, and large
   blocks of those arenas are mmap'd and returned to the system whatever the
   settings. The flag parser runs too late for that, so argv is read here.
   """
-  if any(arg in _DISABLING_ARGS for arg in argv):
+  given = [arg for arg in argv if arg.split("=")[0] in ("--retain_freed_memory",
+                                                        "--noretain_freed_memory")]
+  if not given or given[-1] not in _ENABLING_ARGS:
     return False
   return retain_freed_memory()
 
@@ -77,7 +80,15 @@ def retain_freed_memory() -> bool:
   blocks stay in the heap and the next version reuses them; the process then
   holds its peak (two versions during a swap) rather than shrinking between
   swaps. Call before any thread starts (see
-  `retain_freed_memory_unless_disabled`).
+  `retain_freed_memory_if_enabled`).
+
+  Off by default in fgr-serve: protobuf's Python runtime (upb) calls
+  malloc_trim(0) every 10,000 message-arena frees, every 1-2 s at 200 QPS,
+  in whichever thread frees a request or response, with the GIL held. After
+  a swap, that trim finds the unloaded version's ~300 MB (1M ads) free in
+  this heap and hands it back page by page, holding malloc's only arena: it
+  stalled every request for 10-45 ms, and the next version touched fresh
+  pages anyway (docs/benchmarks.md, 2026-12-02).
 
   Returns False (and changes nothing) where glibc's mallopt is unavailable.
   """
