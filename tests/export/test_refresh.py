@@ -197,7 +197,7 @@ def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, base_path
       json.dumps({"ad_id": before[0, 2], "deleted": True}) + "\n" + '{"ad_id": "nope", "status": "paused"}\n')
   (watch_dir / ".004-incomplete.jsonl").write_text('{"ad_id": "x", "deleted": true}\n')
   polls = []
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     refresh_watch.watch(refresh.Refresher(base_path), str(watch_dir), interval_seconds=0.01, max_polls=2,
                         on_poll=polls.append)
   assert f"Watching {watch_dir} for delta files" in caplog.text  # Once ready: bench/freshness.py waits for it.
