@@ -7,8 +7,9 @@ fgr-serve logs each step of a load, so the window splits into phases:
 - restore: restoring the variables and running the init op ("Restored the variables");
 - warm-up: replaying the warm-up requests, which builds the ScaNN searcher ("Finished reading
   warmup data");
-- switch: until the version serves and the old one is unloaded ("Successfully loaded");
-- after switch, first 100 ms, and after switch, rest: the new version answering.
+- switch: until the version serves ("Successfully loaded");
+- after switch, first 100 ms (the old version unloads in it), and after switch, rest: the new
+  version answering.
 
 Answers are placed by the time they were scheduled (the open-loop load counts latency from then).
 """
@@ -41,8 +42,8 @@ def read_log(log_path: str, year: int) -> list[tuple[float, str]]:
       match = _LINE.match(line.rstrip("\n"))
       if match:
         month, day, hour, minute = (int(match.group(i)) for i in range(1, 5))
-        midnight_to_minute = time.mktime((year, month, day, hour, minute, 0, 0, 0, -1))
-        lines.append((midnight_to_minute + float(match.group(5)), match.group(6)))
+        minute_start = time.mktime((year, month, day, hour, minute, 0, 0, 0, -1))
+        lines.append((minute_start + float(match.group(5)), match.group(6)))
   return lines
 
 
