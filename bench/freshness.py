@@ -74,7 +74,7 @@ flags.DEFINE_bool("refresher_keeps_freed_memory", True, "Run the watcher with gl
                   "its freed memory for its next build (see _refresher_env).")
 flags.DEFINE_integer("refresher_keep_versions", 3, "The watcher's --keep_versions (0 keeps all).")
 flags.DEFINE_bool("refresher_defer_prune", True, "The watcher's --defer_prune.")
-flags.DEFINE_list("server_flags", [], "Extra fgr-serve flags, e.g. --retain_freed_memory.")
+flags.DEFINE_list("server_flags", [], "Extra fgr-serve flags, e.g. --noretain_freed_memory.")
 flags.DEFINE_enum("part", "all", ["all", "publish", "swaps", "phases"],
                   "Which measurement to run; phases re-reads the last swaps run in --work_dir and reports "
                   "where its windows' slow answers fall.")

@@ -33,7 +33,7 @@ flags.DEFINE_bool("batching", False, "Profile fgr-serve with --enable_batching."
 flags.DEFINE_string("batching_parameters",
                     common.BATCHING_PARAMETERS,
                     "Text BatchingParameters with --batching.")
-flags.DEFINE_list("server_args", [], "More fgr-serve flags, e.g. --retain_freed_memory.")
+flags.DEFINE_list("server_args", [], "More fgr-serve flags, e.g. --noretain_freed_memory.")
 flags.DEFINE_integer("rate", 250, "py-spy samples per second.")
 flags.DEFINE_bool("native", False, "Also sample native frames (py-spy --native): names gRPC's Cython and "
                   "TensorFlow's C++ functions instead of the Python function that called them. It pauses the "

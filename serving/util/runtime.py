@@ -42,13 +42,13 @@ def _libc():
 
 
 _retained = False
-_ENABLING_ARGS = ("--retain_freed_memory", "--retain_freed_memory=true",
-                  "--retain_freed_memory=1", "--retain_freed_memory=True")
+_DISABLING_ARGS = ("--noretain_freed_memory", "--retain_freed_memory=false",
+                   "--retain_freed_memory=0", "--retain_freed_memory=False")
 
 
-def retain_freed_memory_if_enabled(argv: list) -> bool:
-  """`retain_freed_memory()` if `argv` holds --retain_freed_memory (the last of
-  --retain_freed_memory / --noretain_freed_memory wins, as in absl).
+def retain_freed_memory_unless_disabled(argv: list) -> bool:
+  """`retain_freed_memory()` unless `argv` turns --retain_freed_memory off
+  (the last of --retain_freed_memory / --noretain_freed_memory wins, as in absl).
 
   For fgr-serve's entry points, before TensorFlow is imported: threads that
   malloc before mallopt(M_ARENA_MAX) get arenas of their own, and large
@@ -57,7 +57,7 @@ def retain_freed_memory_if_enabled(argv: list) -> bool:
   """
   given = [arg for arg in argv if arg.split("=")[0] in ("--retain_freed_memory",
                                                         "--noretain_freed_memory")]
-  if not given or given[-1] not in _ENABLING_ARGS:
+  if given and given[-1] in _DISABLING_ARGS:
     return False
   return retain_freed_memory()
 
@@ -80,15 +80,16 @@ def retain_freed_memory() -> bool:
   blocks stay in the heap and the next version reuses them; the process then
   holds its peak (two versions during a swap) rather than shrinking between
   swaps. Call before any thread starts (see
-  `retain_freed_memory_if_enabled`).
+  `retain_freed_memory_unless_disabled`).
 
-  Off by default in fgr-serve: protobuf's Python runtime (upb) calls
-  malloc_trim(0) every 10,000 message-arena frees, every 1-2 s at 200 QPS,
-  in whichever thread frees a request or response, with the GIL held. After
-  a swap, that trim finds the unloaded version's ~300 MB (1M ads) free in
-  this heap and hands it back page by page, holding malloc's only arena: it
-  stalled every request for 10-45 ms, and the next version touched fresh
-  pages anyway (docs/benchmarks.md, 2026-12-02).
+  On by default in fgr-serve, with a cost under load: protobuf's Python
+  runtime (upb) calls malloc_trim(0) every 10,000 message-arena frees, every
+  1-2 s at 200 QPS, in whichever thread frees a request or response, with the
+  GIL held. After a swap, that trim finds the unloaded version's ~300 MB (1M
+  ads) free in this heap and hands it back page by page, holding malloc's
+  only arena: 10-45 ms stalls of every request. Off, loads touch fresh pages
+  instead, which cost more on this VM; side by side, off was not better
+  (docs/benchmarks.md, 2026-12-02).
 
   Returns False (and changes nothing) where glibc's mallopt is unavailable.
   """
