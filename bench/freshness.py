@@ -82,7 +82,9 @@ flags.mark_flag_as_required("work_dir")
 
 MODEL = "ads"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LOG_TIME = re.compile(r"^I(\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+)")
+# A swap window runs from the publish to this long after the new version's first answer, which covers
+# the old version's unload.
+WINDOW_AFTER_FIRST_ANSWER_S = 3.0
 
 
 def ensure_version(work_dir: str) -> tuple[str, str]:
@@ -124,17 +126,7 @@ class Server:
 
   def load_seconds(self, version: int) -> float | None:
     """Load plus warm-up of a version, from the server's "Loading" and "Successfully loaded" log lines."""
-    times = {}
-    with open(self.log_path, errors="replace") as f:
-      for line in f:
-        match = _LOG_TIME.match(line)
-        if match and re.search(rf"version: {version}\b", line):
-          seconds = int(match.group(3)) * 3600 + int(match.group(4)) * 60 + float(match.group(5))
-          if "Loading servable" in line:
-            times.setdefault("start", seconds)
-          elif "Successfully loaded" in line:
-            times["end"] = seconds
-    return round(times["end"] - times["start"], 2) if len(times) == 2 else None
+    return swap_phases.load_seconds(swap_phases.read_log(self.log_path, time.localtime().tm_year), version)
 
   def cpu_seconds(self) -> float:
     """User plus system CPU time the server process has used so far."""
@@ -587,7 +579,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
       version += 1
       # From the load's own answers: polling with extra requests would raise the load inside the windows only.
       first_answer_at = load.wait_for_version(version, FLAGS.swap_timeout)
-      time.sleep(3)  # The old version unloads after the switch: keep it inside the window.
+      time.sleep(WINDOW_AFTER_FIRST_ANSWER_S)  # Let the window end before the next delta.
       swaps.append({"version": version, "kind": "rebuild" if rebuild else "status_only",
                     "dropped_at": dropped_at, "published_at": published_at, "first_answer_at": first_answer_at,
                     "refresher_seconds": round(published_at - dropped_at, 2),
@@ -626,12 +618,12 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
         violations.append(f"request {i} (version {v}): probe answer lacks {must_appear}")
       if excluded and excluded in hits and not (excluded in resumed_at and v >= resumed_at[excluded]):
         violations.append(f"request {i} (version {v}): {excluded} appears after its removal/pause")
-  windows = [(s["published_at"], s["first_answer_at"] + 3) for s in swaps]
+  windows = [(s["published_at"], s["first_answer_at"] + WINDOW_AFTER_FIRST_ANSWER_S) for s in swaps]
   in_windows = _merge_percentiles(load, windows)
   builds = _merge_percentiles(load, [(s["dropped_at"], s["published_at"]) for s in swaps])
   steady = load.percentiles(load.started + 2, steady_end)
   phases = swap_phases.by_phase(load.scheduled[:load.sent], load.latency[:load.sent],
-                                [(s["version"], s["published_at"], s["first_answer_at"] + 3) for s in swaps],
+                                [(s["version"], start, end) for s, (start, end) in zip(swaps, windows)],
                                 server.log_path, 2 * steady["p99_ms"]) if steady.get("p99_ms") else {}
   for s in swaps:
     for key in ("dropped_at", "published_at", "first_answer_at"):
@@ -674,7 +666,8 @@ def saved_run_phases(work_dir: str) -> dict[str, Any]:
   started, steady_end = timeline["steady"] if "steady" in timeline else (scheduled[0], swaps[0][0])
   steady = latency[(scheduled >= started + 2) & (scheduled < steady_end)]
   steady_p99 = float(np.nanpercentile(steady, 99)) * 1e3
-  windows = [(int(v), published, first + 3) for v, (_, published, first) in zip(swap_versions, swaps)]
+  windows = [(int(v), published, first + WINDOW_AFTER_FIRST_ANSWER_S)
+             for v, (_, published, first) in zip(swap_versions, swaps)]
   return {"steady_p99_ms": round(steady_p99, 2),
           "windows_by_phase": swap_phases.by_phase(scheduled, latency, windows,
                                                    os.path.join(work_dir, "swaps-server.log"), 2 * steady_p99)}

@@ -47,13 +47,25 @@ def read_log(log_path: str, year: int) -> list[tuple[float, str]]:
   return lines
 
 
+def logged_at(lines: list[tuple[float, str]], pattern: str, after: float = float("-inf")) -> list[float]:
+  """When the messages matching `pattern` were logged, from `after` on."""
+  regex = re.compile(pattern)
+  return [t for t, message in lines if t >= after and regex.search(message)]
+
+
+def load_seconds(lines: list[tuple[float, str]], version: int) -> float | None:
+  """A version's load plus warm-up: its first "Loading servable" line to its last "Successfully loaded"."""
+  started = logged_at(lines, _PHASE_ENDS[0](version))
+  loaded = logged_at(lines, _PHASE_ENDS[-1](version))
+  return round(loaded[-1] - started[0], 2) if started and loaded else None
+
+
 def phase_bounds(lines: list[tuple[float, str]], version: int, published_at: float,
                  window_end: float) -> list[tuple[str, float, float]]:
   """(phase, start, end) of one swap window; a phase whose log line is missing is left out."""
   ends = []
   for pattern in _PHASE_ENDS:
-    regex = re.compile(pattern(version))
-    found = [t for t, message in lines if t >= published_at - 1 and regex.search(message)]
+    found = logged_at(lines, pattern(version), after=published_at - 1)
     ends.append(found[0] if found else None)
   if ends[-1] is None:
     return []

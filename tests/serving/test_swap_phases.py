@@ -68,3 +68,10 @@ def test_by_phase_counts_answers_and_slow_ones_per_phase(tmp_path):
   assert report["restore"]["seconds"] == 0.5
   assert report["poll"]["slow_answers"] == 0
   assert sum(p["answers"] for p in report.values()) == len(scheduled) - 1
+
+
+def test_load_seconds_runs_from_the_versions_loading_line_to_its_loaded_line(tmp_path):
+  lines = swap_phases.read_log(_write_log(tmp_path, 2), _YEAR)
+  assert swap_phases.load_seconds(lines, 2) == 2.02
+  assert swap_phases.load_seconds(lines, 1) is None  # Its "Loading servable" line is not in the log.
+  assert swap_phases.load_seconds(lines, 12) is None
