@@ -42,6 +42,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
@@ -427,6 +428,37 @@ def _index_overrides() -> dict[str, Any]:
   return exporter.parse_index_options(FLAGS.index_options)
 
 
+class StealSampler:
+  """Samples the CPU time the hypervisor took from this VM (psutil's `steal`), every 0.5 s.
+
+  This machine is a shared 2-vCPU VM: a swap window's p99 can come from the host. Reported next to the
+  latencies so that runs with different steal are not compared as if alike.
+  """
+
+  def __init__(self):
+    self.samples: list[tuple[float, float]] = []  # (time, cumulative steal seconds over all CPUs)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _run(self) -> None:
+    while True:
+      self.samples.append((time.time(), getattr(psutil.cpu_times(), "steal", float("nan"))))
+      if self._stop.wait(0.5):
+        return
+
+  def stop(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+  def percent(self, intervals: list[tuple[float, float]]) -> float | None:
+    """Steal as a share of all CPUs' time over `intervals` (None on systems without it)."""
+    at, steal = (np.asarray(x) for x in zip(*self.samples))
+    taken = sum(np.interp(end, at, steal) - np.interp(start, at, steal) for start, end in intervals)
+    wall = sum(end - start for start, end in intervals) * (psutil.cpu_count() or 1)
+    return round(100 * taken / wall, 1) if wall > 0 and not np.isnan(taken) else None
+
+
 class OpenLoopLoad:
   """Sends single-query Predicts on a fixed schedule (open loop: latency counts from the scheduled time).
 
@@ -568,6 +600,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
     # Every 10th request is the probe query; the others cycle through the held-out queries.
     schedule = [probe_request if j % 10 == 0 else requests[j] for j in range(len(requests))]
     load = OpenLoopLoad(server, schedule, FLAGS.qps, tracked, FLAGS.max_load_seconds)
+    steal = StealSampler()
     runtime.freeze_gc()  # This process measures latency: keep its own full collections short.
     load.start()
     time.sleep(FLAGS.steady_seconds)
@@ -596,6 +629,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
                     "server_load_and_warmup_seconds": server.load_seconds(version)})
     time.sleep(5)
     load.stop()
+    steal.stop()
     timeline = os.path.join(FLAGS.work_dir, "swaps-timeline.npz")
     np.savez(timeline, scheduled=load.scheduled[:load.sent], latency=load.latency[:load.sent],
              version=load.version[:load.sent],
@@ -631,6 +665,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
   in_windows = _merge_percentiles(load, windows)
   builds = _merge_percentiles(load, [(s["dropped_at"], s["published_at"]) for s in swaps])
   steady = load.percentiles(load.started + 2, steady_end)
+  steal_percent = {"steady": steal.percent([(load.started + 2, steady_end)]), "swap_windows": steal.percent(windows)}
   phases = swap_phases.by_phase(load.scheduled[:load.sent], load.latency[:load.sent],
                                 [(s["version"], start, end) for s, (start, end) in zip(swaps, windows)],
                                 server.log_path, 2 * steady["p99_ms"]) if steady.get("p99_ms") else {}
@@ -641,7 +676,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
       "qps": FLAGS.qps, "requests_sent": load.sent, "failed_requests": len(load.failed),
       "failure_codes": sorted(set(load.failed.values())),
       "steady": steady, "during_swap_windows": in_windows, "during_refresher_builds": builds,
-      "windows_by_phase": phases, "server_malloc_trim": server.malloc_trim(),
+      "windows_by_phase": phases, "server_malloc_trim": server.malloc_trim(), "cpu_steal_percent": steal_percent,
       "p99_swap_over_steady": round(in_windows.get("p99_ms", 0) / steady["p99_ms"], 2) if steady.get("p99_ms") else None,
       "probe_checks_violations": len(violations), "violation_examples": violations[:5],
       "new_ads_score_over_kth_on_version_1": margins,
