@@ -31,10 +31,6 @@ setuptools.setup(
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3", "psutil>=5.9"],
     },
-    # fgr-serve preloads this no-op malloc_trim (see serving/util/runtime.py); never imported.
-    # Optional: without a C compiler the install goes on and fgr-serve logs that it is missing.
-    ext_modules=[setuptools.Extension("serving.util._notrim", sources=["serving/util/notrim.c"],
-                                      optional=True)],
     entry_points={
         "console_scripts": [
             "fgr-train=models.train_cli:run",

@@ -129,15 +129,6 @@ class Server:
     """Load plus warm-up of a version, from the server's "Loading" and "Successfully loaded" log lines."""
     return swap_phases.load_seconds(swap_phases.read_log(self.log_path, time.localtime().tm_year), version)
 
-  def malloc_trim(self) -> str:
-    """Which malloc_trim fgr-serve runs with, from its start-up log: "no-op", "glibc" or "unknown"."""
-    with open(self.log_path, errors="replace") as f:
-      text = f.read()
-    for name, line in (("no-op", "malloc_trim is a no-op"), ("glibc", "malloc_trim is glibc's")):
-      if line in text:
-        return name
-    return "unknown"
-
   def cpu_seconds(self) -> float:
     """User plus system CPU time the server process has used so far."""
     with open(f"/proc/{self.process.pid}/stat") as f:
@@ -676,7 +667,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
       "qps": FLAGS.qps, "requests_sent": load.sent, "failed_requests": len(load.failed),
       "failure_codes": sorted(set(load.failed.values())),
       "steady": steady, "during_swap_windows": in_windows, "during_refresher_builds": builds,
-      "windows_by_phase": phases, "server_malloc_trim": server.malloc_trim(), "cpu_steal_percent": steal_percent,
+      "windows_by_phase": phases, "cpu_steal_percent": steal_percent,
       "p99_swap_over_steady": round(in_windows.get("p99_ms", 0) / steady["p99_ms"], 2) if steady.get("p99_ms") else None,
       "probe_checks_violations": len(violations), "violation_examples": violations[:5],
       "new_ads_score_over_kth_on_version_1": margins,

@@ -3,9 +3,6 @@
 import ctypes
 import ctypes.util
 import gc
-import importlib.util
-import os
-import sys
 
 from absl import logging
 
@@ -47,94 +44,22 @@ def _libc():
 _retained = False
 _DISABLING_ARGS = ("--noretain_freed_memory", "--retain_freed_memory=false",
                    "--retain_freed_memory=0", "--retain_freed_memory=False")
-# The no-op malloc_trim (serving/util/notrim.c), built by setup.py where a C
-# compiler is available. It is only ever preloaded, never imported.
-_NO_TRIM_MODULE = "serving.util._notrim"
-_NO_TRIM_MARKER = "fgr_malloc_trim_calls_skipped"
-_NO_TRIM_EXEC_ENV = "FGR_SERVE_NO_TRIM_EXEC"  # Set on the re-exec: it is tried once.
 
 
-def prepare_server_process(argv: list) -> None:
-  """fgr-serve's process set-up, for its entry points before TensorFlow's
-  import: with --retain_freed_memory (the default), re-executes the process
-  with malloc_trim skipped (`exec_with_malloc_trim_skipped`), then
-  `retain_freed_memory()`.
+def retain_freed_memory_unless_disabled(argv: list) -> bool:
+  """`retain_freed_memory()` unless `argv` turns --retain_freed_memory off
+  (the last of --retain_freed_memory / --noretain_freed_memory wins, as in absl).
 
-  Threads that malloc before mallopt(M_ARENA_MAX) get arenas of their own,
-  and large blocks of those arenas are mmap'd and returned to the system
-  whatever the settings. The flag parser runs too late for that, so argv is
-  read here.
+  For fgr-serve's entry points, before TensorFlow is imported: threads that
+  malloc before mallopt(M_ARENA_MAX) get arenas of their own, and large
+  blocks of those arenas are mmap'd and returned to the system whatever the
+  settings. The flag parser runs too late for that, so argv is read here.
   """
-  if retain_requested(argv):
-    exec_with_malloc_trim_skipped()
-    retain_freed_memory()
-
-
-def retain_requested(argv: list) -> bool:
-  """Whether `argv` leaves --retain_freed_memory on (its default): the last of
-  --retain_freed_memory / --noretain_freed_memory wins, as in absl."""
   given = [arg for arg in argv if arg.split("=")[0] in ("--retain_freed_memory",
                                                         "--noretain_freed_memory")]
-  return not (given and given[-1] in _DISABLING_ARGS)
-
-
-def no_trim_library() -> str | None:
-  """Path of the built no-op malloc_trim library, or None if it was not built."""
-  spec = importlib.util.find_spec(_NO_TRIM_MODULE)
-  return spec.origin if spec is not None else None
-
-
-def malloc_trim_calls_skipped() -> int | None:
-  """Calls to malloc_trim the preloaded no-op has answered in this process, or
-  None if malloc_trim is glibc's."""
-  try:
-    return ctypes.c_ulong.in_dll(ctypes.CDLL(None), _NO_TRIM_MARKER).value
-  except (OSError, ValueError):
-    return None
-
-
-def exec_with_malloc_trim_skipped() -> None:
-  """Re-executes this process (same pid, arguments and environment) with the
-  no-op malloc_trim of serving/util/notrim.c preloaded, so that no library
-  hands the heap that `retain_freed_memory()` keeps back to the kernel.
-
-  The caller that matters is protobuf's Python runtime (upb): it calls
-  malloc_trim(0) after every 10,000 message-arena frees, every 1-2 s at
-  200 QPS, on the request path with the GIL held. After a swap, that trim
-  finds the unloaded version's ~300 MB (1M ads) free in the heap and returns
-  it page by page, holding malloc's only arena: every request stalls 10-60 ms,
-  and the next version touches fresh pages again. A preloaded definition is
-  the only way to reach it: upb calls glibc's directly, and glibc has no
-  setting that turns trimming off.
-
-  Returns without re-executing when the no-op is already in place (then it
-  drops itself from LD_PRELOAD, so child processes get glibc's), when it was
-  not built (no C compiler at install) or when an earlier re-exec did not
-  take; the last two are logged as warnings.
-  """
-  library = no_trim_library()
-  if malloc_trim_calls_skipped() is not None:
-    others = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != library]
-    if others:
-      os.environ["LD_PRELOAD"] = ":".join(others)
-    else:
-      os.environ.pop("LD_PRELOAD", None)
-    os.environ.pop(_NO_TRIM_EXEC_ENV, None)
-    logging.info("malloc_trim is a no-op in this process (%s)", library)
-    return
-  if library is None or not sys.executable or not sys.platform.startswith("linux"):
-    logging.warning("protobuf's periodic malloc_trim stays on: the no-op library "
-                    "(serving/util/notrim.c) was not built; reinstall with a C compiler")
-    return
-  if os.environ.get(_NO_TRIM_EXEC_ENV):
-    logging.warning("protobuf's periodic malloc_trim stays on: LD_PRELOAD=%s did not "
-                    "take effect", library)
-    return
-  preloaded = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
-  env = dict(os.environ, LD_PRELOAD=":".join([library, *preloaded]), **{_NO_TRIM_EXEC_ENV: "1"})
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  if given and given[-1] in _DISABLING_ARGS:
+    return False
+  return retain_freed_memory()
 
 
 def freed_memory_retained() -> bool:
@@ -154,9 +79,19 @@ def retain_freed_memory() -> bool:
   With one malloc arena, no mmap'd blocks and no trimming below 2 GiB, freed
   blocks stay in the heap and the next version reuses them; the process then
   holds its peak (two versions during a swap) rather than shrinking between
-  swaps. Call before any thread starts (see `prepare_server_process`), and
-  in fgr-serve after `exec_with_malloc_trim_skipped()`: mallopt cannot stop
-  callers of malloc_trim (protobuf's) from returning the kept memory.
+  swaps. Call before any thread starts (see
+  `retain_freed_memory_unless_disabled`).
+
+  On by default in fgr-serve, with a cost under load: protobuf's Python
+  runtime (upb) calls malloc_trim(0) every 10,000 message-arena frees, every
+  1-2 s at 200 QPS, in whichever thread frees a request or response, with the
+  GIL held. After a swap, that trim finds the unloaded version's ~300 MB (1M
+  ads) free in this heap and hands it back page by page, holding malloc's
+  only arena: 10-45 ms stalls of every request. Off, loads touch fresh pages
+  instead, which cost more on this VM; side by side, off was not better
+  (docs/benchmarks.md, 2026-12-02). Nor was keeping it on with protobuf's
+  trims made no-ops (a preloaded malloc_trim): its restores stalled requests
+  more, and it met the swap target less often (same page, 06:23-07:27 UTC).
 
   Returns False (and changes nothing) where glibc's mallopt is unavailable.
   """

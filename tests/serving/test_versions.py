@@ -325,3 +325,17 @@ def test_first_load_is_rehearsed_when_freed_memory_is_retained(tmp_path):
       server.stop()
   finally:
     saved_model_bundle.SavedModelBundle.__init__ = original
+
+
+@pytest.mark.parametrize("argv, retained", [
+    (["--port=0"], True),  # On by default: see runtime.retain_freed_memory.
+    (["--retain_freed_memory"], True),
+    (["--retain_freed_memory=true"], True),
+    (["--retain_freed_memory", "--noretain_freed_memory"], False),  # The last one wins.
+    (["--noretain_freed_memory", "--retain_freed_memory=1"], True),
+    (["--retain_freed_memory=false"], False),
+])
+def test_retained_memory_follows_the_flag_read_before_tensorflow(argv, retained, monkeypatch):
+  from serving.util import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runtime, "retain_freed_memory", lambda: True)  # Keep this process's malloc as it is.
+  assert runtime.retain_freed_memory_unless_disabled(argv) == retained
