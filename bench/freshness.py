@@ -21,7 +21,8 @@ with fgr-serve on 127.0.0.1, then measures:
    the version that adds it; removed and paused ads appear in no answer of the versions that
    exclude them. Reported: failed requests,
    p50/p99 steady, inside the swap windows (from the publish to 3 s after the new version's first
-   answer, which covers the old version's unload) and during the refresher's builds.
+   answer, which covers the old version's unload) and during the refresher's builds, and the
+   hypervisor's CPU steal in the steady phase and the windows.
 """
 
 from __future__ import annotations
@@ -422,8 +423,8 @@ def _index_overrides() -> dict[str, Any]:
 class StealSampler:
   """Samples the CPU time the hypervisor took from this VM (psutil's `steal`), every 0.5 s.
 
-  This machine is a shared 2-vCPU VM: a swap window's p99 can come from the host. Reported next to the
-  latencies so that runs with different steal are not compared as if alike.
+  On a shared VM (this project's benchmark machine has 2 vCPUs) a swap window's p99 can come from the
+  host. Reported next to the latencies so that runs with different steal are not compared as if alike.
   """
 
   def __init__(self):
