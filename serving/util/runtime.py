@@ -91,7 +91,7 @@ def retain_freed_memory() -> bool:
   instead, which cost more on this VM; side by side, off was not better
   (docs/benchmarks.md, 2026-12-02). Nor was keeping it on with protobuf's
   trims made no-ops (a preloaded malloc_trim): its restores stalled requests
-  more, and it met the swap target less often (same page, 06:23-07:27 UTC).
+  more, and it met the swap target less often (same page, from 06:23 UTC).
 
   Returns False (and changes nothing) where glibc's mallopt is unavailable.
   """
