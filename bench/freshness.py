@@ -43,7 +43,6 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
@@ -430,24 +429,34 @@ class StealSampler:
   def __init__(self):
     self.samples: list[tuple[float, float]] = []  # (time, cumulative steal seconds over all CPUs)
     self._stop = threading.Event()
+    try:
+      import psutil  # pylint: disable=g-import-not-at-top
+    except ImportError:  # An extra, as for the other benchmarks' optional tools.
+      logging.warning("psutil is not installed (pip install -e '.[bench]'): CPU steal is not reported")
+      self._psutil = None
+      return
+    self._psutil = psutil
     self._thread = threading.Thread(target=self._run, daemon=True)
     self._thread.start()
 
   def _run(self) -> None:
     while True:
-      self.samples.append((time.time(), getattr(psutil.cpu_times(), "steal", float("nan"))))
+      self.samples.append((time.time(), getattr(self._psutil.cpu_times(), "steal", float("nan"))))
       if self._stop.wait(0.5):
         return
 
   def stop(self) -> None:
     self._stop.set()
-    self._thread.join()
+    if self._psutil is not None:
+      self._thread.join()
 
   def percent(self, intervals: list[tuple[float, float]]) -> float | None:
-    """Steal as a share of all CPUs' time over `intervals` (None on systems without it)."""
+    """Steal as a share of all CPUs' time over `intervals` (None without psutil or a steal counter)."""
+    if not self.samples:
+      return None
     at, steal = (np.asarray(x) for x in zip(*self.samples))
     taken = sum(np.interp(end, at, steal) - np.interp(start, at, steal) for start, end in intervals)
-    wall = sum(end - start for start, end in intervals) * (psutil.cpu_count() or 1)
+    wall = sum(end - start for start, end in intervals) * (self._psutil.cpu_count() or 1)
     return round(100 * taken / wall, 1) if wall > 0 and not np.isnan(taken) else None
 
 
@@ -656,8 +665,9 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
   windows = [(s["published_at"], s["first_answer_at"] + WINDOW_AFTER_FIRST_ANSWER_S) for s in swaps]
   in_windows = _merge_percentiles(load, windows)
   builds = _merge_percentiles(load, [(s["dropped_at"], s["published_at"]) for s in swaps])
-  steady = load.percentiles(load.started + 2, steady_end)
-  steal_percent = {"steady": steal.percent([(load.started + 2, steady_end)]), "swap_windows": steal.percent(windows)}
+  steady_interval = (load.started + 2, steady_end)
+  steady = load.percentiles(*steady_interval)
+  steal_percent = {"steady": steal.percent([steady_interval]), "swap_windows": steal.percent(windows)}
   phases = swap_phases.by_phase(load.scheduled[:load.sent], load.latency[:load.sent],
                                 [(s["version"], start, end) for s, (start, end) in zip(swaps, windows)],
                                 server.log_path, 2 * steady["p99_ms"]) if steady.get("p99_ms") else {}
