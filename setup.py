@@ -26,6 +26,8 @@ setuptools.setup(
         "prometheus-client>=0.20",
         "hdrhistogram>=0.10",  # fgr-loadtest's latency percentiles.
         "matplotlib>=3.8",
+        # fgr-serve's malloc (serving/util/allocator.py); preloaded, so Linux only.
+        "cmeel-mimalloc==3.4.*; sys_platform == 'linux'",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],

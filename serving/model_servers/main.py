@@ -13,10 +13,11 @@ import signal
 import sys
 import threading
 
+from serving.util import allocator
 from serving.util import runtime
 
 if __name__ == "__main__":  # python -m: before TensorFlow's import (see there).
-  runtime.retain_freed_memory_unless_disabled(sys.argv[1:])
+  runtime.prepare_server_process(sys.argv[1:])
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -108,18 +109,25 @@ flags.DEFINE_integer("tensorflow_inter_op_parallelism", 0,
                      "Ops run concurrently; 0 auto-configures.")
 flags.DEFINE_string("tensorflow_session_config_file", "",
                     "If non-empty, a text ConfigProto for the TF sessions.")
+flags.DEFINE_enum("allocator", allocator.MIMALLOC, allocator.CHOICES,
+                  "The process's malloc. mimalloc (the default; pip package "
+                  "cmeel-mimalloc, on Linux) is preloaded by re-executing the "
+                  "process once, same pid: its per-thread heaps keep version "
+                  "loads from stalling requests on a shared malloc lock, and it "
+                  "has no malloc_trim for protobuf to call mid-request. "
+                  "'system' keeps the C library's. Not a TF Serving flag.")
 flags.DEFINE_bool("retain_freed_memory", True,
                   "Keep memory freed by unloaded versions in the process for "
-                  "the next version (glibc: one arena, no mmap'd blocks, no "
-                  "trimming), and load each model's first version twice at "
-                  "start-up (unloading the copy) so the next version reuses "
-                  "its pages. Versions then load without touching fresh "
-                  "pages, which stalls requests on VMs that return freed "
-                  "pages to the host. Memory reaches its peak (two versions, "
-                  "as during a swap) at start-up. protobuf's Python runtime "
-                  "trims the heap every 10,000 message frees, so some of it "
-                  "goes back after a swap, in a 10-45 ms stall at 1M ads. "
-                  "Not a TF Serving flag.")
+                  "the next version (mimalloc: no purging; glibc: one arena, "
+                  "no mmap'd blocks, no trimming), and load each model's first "
+                  "version twice at start-up (unloading the copy) so the next "
+                  "version reuses its pages. Versions then load without "
+                  "touching fresh pages, which stalls requests on VMs that "
+                  "return freed pages to the host. Memory reaches its peak "
+                  "(two versions, as during a swap) at start-up. Under glibc, "
+                  "protobuf's Python runtime trims the heap every 10,000 "
+                  "message frees, so some of it goes back after a swap, in a "
+                  "10-45 ms stall at 1M ads. Not a TF Serving flag.")
 flags.DEFINE_bool("enable_model_warmup", True,
                   "Replay assets.extra/tf_serving_warmup_requests before a "
                   "version serves.")
@@ -290,6 +298,8 @@ def main(argv) -> int:
   options = dataclasses.replace(
       options_from_flags(),
       retain_freed_memory=FLAGS.retain_freed_memory and runtime.freed_memory_retained())
+  logging.info("malloc: %s; freed memory %s", "mimalloc" if allocator.mimalloc_active() else "the system's",
+               "stays in the process" if options.retain_freed_memory else "goes back to the system")
   load_custom_ops(FLAGS.load_scann_ops)
 
   server = server_lib.Server(options)

@@ -6,6 +6,8 @@ import gc
 
 from absl import logging
 
+from serving.util import allocator
+
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -46,20 +48,29 @@ _DISABLING_ARGS = ("--noretain_freed_memory", "--retain_freed_memory=false",
                    "--retain_freed_memory=0", "--retain_freed_memory=False")
 
 
-def retain_freed_memory_unless_disabled(argv: list) -> bool:
-  """`retain_freed_memory()` unless `argv` turns --retain_freed_memory off
-  (the last of --retain_freed_memory / --noretain_freed_memory wins, as in absl).
+def prepare_server_process(argv: list) -> None:
+  """fgr-serve's process set-up, for its entry points before TensorFlow's
+  import: with --allocator=mimalloc (the default) re-executes the process
+  under mimalloc (`allocator.exec_under_mimalloc`), then, with
+  --retain_freed_memory (the default), `retain_freed_memory()`.
 
-  For fgr-serve's entry points, before TensorFlow is imported: threads that
-  malloc before mallopt(M_ARENA_MAX) get arenas of their own, and large
-  blocks of those arenas are mmap'd and returned to the system whatever the
-  settings. The flag parser runs too late for that, so argv is read here.
+  Both read `argv` themselves: the flag parser runs too late. Threads that
+  malloc before mallopt(M_ARENA_MAX) get glibc arenas of their own, and
+  LD_PRELOAD is read only when a process starts.
   """
+  retain = retain_requested(argv)
+  if allocator.requested(argv) == allocator.MIMALLOC:
+    allocator.exec_under_mimalloc(keep_freed_pages=retain)
+  if retain:
+    retain_freed_memory()
+
+
+def retain_requested(argv: list) -> bool:
+  """Whether `argv` leaves --retain_freed_memory on (its default): the last of
+  --retain_freed_memory / --noretain_freed_memory wins, as in absl."""
   given = [arg for arg in argv if arg.split("=")[0] in ("--retain_freed_memory",
                                                         "--noretain_freed_memory")]
-  if given and given[-1] in _DISABLING_ARGS:
-    return False
-  return retain_freed_memory()
+  return not (given and given[-1] in _DISABLING_ARGS)
 
 
 def freed_memory_retained() -> bool:
@@ -79,28 +90,29 @@ def retain_freed_memory() -> bool:
   With one malloc arena, no mmap'd blocks and no trimming below 2 GiB, freed
   blocks stay in the heap and the next version reuses them; the process then
   holds its peak (two versions during a swap) rather than shrinking between
-  swaps. Call before any thread starts (see
-  `retain_freed_memory_unless_disabled`).
+  swaps. Call before any thread starts (see `prepare_server_process`).
 
-  On by default in fgr-serve, with a cost under load: protobuf's Python
-  runtime (upb) calls malloc_trim(0) every 10,000 message-arena frees, every
-  1-2 s at 200 QPS, in whichever thread frees a request or response, with the
-  GIL held. After a swap, that trim finds the unloaded version's ~300 MB (1M
-  ads) free in this heap and hands it back page by page, holding malloc's
-  only arena: 10-45 ms stalls of every request. Off, loads touch fresh pages
-  instead, which cost more on this VM; side by side, off was not better
-  (docs/benchmarks.md, 2026-12-02). Nor was keeping it on with protobuf's
-  trims made no-ops (a preloaded malloc_trim): its restores stalled requests
-  more, and it met the swap target less often (same page, from 06:23 UTC).
+  Under mimalloc (fgr-serve's default allocator) there is nothing to set
+  here: `allocator.exec_under_mimalloc` turned its purging off, and it has
+  neither glibc's single contended arena nor a malloc_trim that protobuf's
+  Python runtime (upb) calls every 10,000 message-arena frees. Under glibc
+  that trim, in whichever request thread triggers it with the GIL held, finds
+  the unloaded version's ~300 MB (1M ads) free after a swap and hands it back
+  page by page, holding malloc's only arena: 10-45 ms stalls of every request.
 
-  Returns False (and changes nothing) where glibc's mallopt is unavailable.
+  Returns False (and changes nothing) where neither applies: mallopt is
+  unavailable, or mimalloc purges freed pages.
   """
+  global _retained
+  if allocator.mimalloc_active():
+    _retained = allocator.freed_pages_kept()
+    logging.info("mimalloc keeps freed pages for the next version: %s", _retained)
+    return _retained
   libc = _libc()
   if libc is None:
     logging.info("mallopt unavailable: freed memory goes back to the system")
     return False
   libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-  global _retained
   ok = all(libc.mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_ABOVE)))
   _retained = ok

@@ -335,7 +335,6 @@ def test_first_load_is_rehearsed_when_freed_memory_is_retained(tmp_path):
     (["--noretain_freed_memory", "--retain_freed_memory=1"], True),
     (["--retain_freed_memory=false"], False),
 ])
-def test_retained_memory_follows_the_flag_read_before_tensorflow(argv, retained, monkeypatch):
+def test_retained_memory_follows_the_flag_read_before_tensorflow(argv, retained):
   from serving.util import runtime  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(runtime, "retain_freed_memory", lambda: True)  # Keep this process's malloc as it is.
-  assert runtime.retain_freed_memory_unless_disabled(argv) == retained
+  assert runtime.retain_requested(argv) == retained
