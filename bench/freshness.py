@@ -21,8 +21,8 @@ with fgr-serve on 127.0.0.1, then measures:
    the version that adds it; removed and paused ads appear in no answer of the versions that
    exclude them. Reported: failed requests,
    p50/p99 steady, inside the swap windows (from the publish to 3 s after the new version's first
-   answer, which covers the old version's unload) and during the refresher's builds, and the
-   hypervisor's CPU steal in the steady phase and the windows.
+   answer, which covers the old version's unload) and during the refresher's builds, the
+   hypervisor's CPU steal in the steady phase and the windows, and the server's RSS.
 """
 
 from __future__ import annotations
@@ -419,29 +419,37 @@ def _index_overrides() -> dict[str, Any]:
   return exporter.parse_index_options(FLAGS.index_options)
 
 
-class StealSampler:
-  """Samples the CPU time the hypervisor took from this VM (psutil's `steal`), every 0.5 s.
+class HostSampler:
+  """Samples, every 0.5 s, the CPU time the hypervisor took from this VM (psutil's `steal`) and the
+  server's resident memory.
 
   On a shared VM (this project's benchmark machine has 2 vCPUs) a swap window's p99 can come from the
-  host. Reported next to the latencies so that runs with different steal are not compared as if alike.
+  host: steal is reported next to the latencies so that runs with different steal are not compared as
+  if alike. The server's RSS shows whether unloaded versions are released (memory stays bounded).
   """
 
-  def __init__(self):
-    self.samples: list[tuple[float, float]] = []  # (time, cumulative steal seconds over all CPUs)
+  def __init__(self, server_pid: int):
+    self.samples: list[tuple[float, float, float]] = []  # (time, cumulative steal s over all CPUs, RSS bytes)
     self._stop = threading.Event()
     try:
       import psutil  # pylint: disable=g-import-not-at-top
     except ImportError:  # An extra, as for the other benchmarks' optional tools.
-      logging.warning("psutil is not installed (pip install -e '.[bench]'): CPU steal is not reported")
+      logging.warning("psutil is not installed (pip install -e '.[bench]'): CPU steal and the "
+                      "server's memory are not reported")
       self._psutil = None
       return
     self._psutil = psutil
+    self._server = psutil.Process(server_pid)
     self._thread = threading.Thread(target=self._run, daemon=True)
     self._thread.start()
 
   def _run(self) -> None:
     while True:
-      self.samples.append((time.time(), getattr(self._psutil.cpu_times(), "steal", float("nan"))))
+      try:
+        rss = float(self._server.memory_info().rss)
+      except self._psutil.Error:  # The server has exited.
+        rss = float("nan")
+      self.samples.append((time.time(), getattr(self._psutil.cpu_times(), "steal", float("nan")), rss))
       if self._stop.wait(0.5):
         return
 
@@ -450,14 +458,23 @@ class StealSampler:
     if self._psutil is not None:
       self._thread.join()
 
-  def percent(self, intervals: list[tuple[float, float]]) -> float | None:
+  def steal_percent(self, intervals: list[tuple[float, float]]) -> float | None:
     """Steal as a share of all CPUs' time over `intervals` (None without psutil or a steal counter)."""
     if not self.samples:
       return None
-    at, steal = (np.asarray(x) for x in zip(*self.samples))
+    at, steal, _ = (np.asarray(x) for x in zip(*self.samples))
     taken = sum(np.interp(end, at, steal) - np.interp(start, at, steal) for start, end in intervals)
     wall = sum(end - start for start, end in intervals) * (self._psutil.cpu_count() or 1)
     return round(100 * taken / wall, 1) if wall > 0 and not np.isnan(taken) else None
+
+  def server_rss_mb(self, steady: tuple[float, float]) -> dict[str, float] | None:
+    """The server's RSS: its most in the steady phase, its peak, and its last sample (after the swaps)."""
+    if not self.samples:
+      return None
+    at, _, rss = (np.asarray(x) for x in zip(*self.samples))
+    in_steady = rss[(at >= steady[0]) & (at < steady[1])]
+    mb = lambda values: round(float(np.nanmax(values)) / 2**20, 1) if len(values) else None
+    return {"steady_max": mb(in_steady), "peak": mb(rss), "end": mb(rss[-1:])}
 
 
 class OpenLoopLoad:
@@ -601,7 +618,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
     # Every 10th request is the probe query; the others cycle through the held-out queries.
     schedule = [probe_request if j % 10 == 0 else requests[j] for j in range(len(requests))]
     load = OpenLoopLoad(server, schedule, FLAGS.qps, tracked, FLAGS.max_load_seconds)
-    steal = StealSampler()
+    host = HostSampler(server.process.pid)
     runtime.freeze_gc()  # This process measures latency: keep its own full collections short.
     load.start()
     time.sleep(FLAGS.steady_seconds)
@@ -630,7 +647,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
                     "server_load_and_warmup_seconds": server.load_seconds(version)})
     time.sleep(5)
     load.stop()
-    steal.stop()
+    host.stop()
     timeline = os.path.join(FLAGS.work_dir, "swaps-timeline.npz")
     np.savez(timeline, scheduled=load.scheduled[:load.sent], latency=load.latency[:load.sent],
              version=load.version[:load.sent],
@@ -667,7 +684,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
   builds = _merge_percentiles(load, [(s["dropped_at"], s["published_at"]) for s in swaps])
   steady_interval = (load.started + 2, steady_end)
   steady = load.percentiles(*steady_interval)
-  steal_percent = {"steady": steal.percent([steady_interval]), "swap_windows": steal.percent(windows)}
+  steal_percent = {"steady": host.steal_percent([steady_interval]), "swap_windows": host.steal_percent(windows)}
   phases = swap_phases.by_phase(load.scheduled[:load.sent], load.latency[:load.sent],
                                 [(s["version"], start, end) for s, (start, end) in zip(swaps, windows)],
                                 server.log_path, 2 * steady["p99_ms"]) if steady.get("p99_ms") else {}
@@ -679,6 +696,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
       "failure_codes": sorted(set(load.failed.values())),
       "steady": steady, "during_swap_windows": in_windows, "during_refresher_builds": builds,
       "windows_by_phase": phases, "cpu_steal_percent": steal_percent,
+      "server_rss_mb": host.server_rss_mb(steady_interval),
       "p99_swap_over_steady": round(in_windows.get("p99_ms", 0) / steady["p99_ms"], 2) if steady.get("p99_ms") else None,
       "probe_checks_violations": len(violations), "violation_examples": violations[:5],
       "new_ads_score_over_kth_on_version_1": margins,
