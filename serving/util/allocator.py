@@ -28,7 +28,8 @@ _DISTRIBUTION = "cmeel-mimalloc"  # mimalloc's shared library as a wheel on PyPI
 _EXEC_MARKER = "FGR_SERVE_ALLOCATOR_EXEC"  # Set on the re-exec, so it is tried once.
 # mimalloc's own setting: never return freed pages to the OS (-1), so the next
 # version reuses them, as `runtime.retain_freed_memory` does for glibc.
-_NEVER_PURGE = ("MIMALLOC_PURGE_DELAY", "-1")
+_PURGE_DELAY_ENV = "MIMALLOC_PURGE_DELAY"
+_NEVER_PURGE = "-1"
 
 
 def requested(argv: list) -> str:
@@ -64,7 +65,7 @@ def mimalloc_active() -> bool:
 
 def freed_pages_kept() -> bool:
   """Whether the active mimalloc keeps freed pages rather than purging them."""
-  return mimalloc_active() and os.environ.get(_NEVER_PURGE[0]) == _NEVER_PURGE[1]
+  return mimalloc_active() and os.environ.get(_PURGE_DELAY_ENV) == _NEVER_PURGE
 
 
 def exec_under_mimalloc(keep_freed_pages: bool) -> None:
@@ -97,7 +98,7 @@ def exec_under_mimalloc(keep_freed_pages: bool) -> None:
   env = dict(os.environ, **{_EXEC_MARKER: "1"})
   env["LD_PRELOAD"] = ":".join([library, *(p for p in env.get("LD_PRELOAD", "").split(":") if p)])
   if keep_freed_pages:
-    env.setdefault(*_NEVER_PURGE)
+    env.setdefault(_PURGE_DELAY_ENV, _NEVER_PURGE)
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
