@@ -5,6 +5,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
 
 from absl import logging
@@ -98,6 +99,8 @@ class ServingApi:
     self._in_flight = (threading.BoundedSemaphore(self._max_in_flight)
                        if self._max_in_flight else None)
     self._limits = expansion_limits or request_limits.ExpansionLimits()
+    # Servable -> {signature name: its request limits}, priced once.
+    self._signature_limits = weakref.WeakKeyDictionary()
 
   @contextlib.contextmanager
   def _admit(self) -> Iterator[None]:
@@ -134,14 +137,20 @@ class ServingApi:
     alias) expand beyond the signature's limits. Unknown signatures are left
     for the request's own path to report in its words."""
     name = signature_name or saved_model_bundle.DEFAULT_SERVING_SIGNATURE
-    signature = bundle.signature_defs.get(name)
-    if signature is None:
-      return
+    by_name = self._signature_limits.get(bundle)
+    if by_name is None:
+      by_name = self._signature_limits.setdefault(bundle, {})
+    limits = by_name.get(name)
+    if limits is None:
+      signature = bundle.signature_defs.get(name)
+      if signature is None:
+        return
+      limits = by_name[name] = self._limits.request_limits(signature)
     try:
       priced = costs()
     except errors.ServingError as e:  # Malformed: name servable, signature.
       raise e.with_context(bundle.context(name)) from e
-    self._limits.check(priced, signature, bundle.context(name))
+    self._limits.check(priced, limits, bundle.context(name))
 
   def _predict_costs(self, request: predict_pb2.PredictRequest
                      ) -> Dict[str, request_limits.Cost]:

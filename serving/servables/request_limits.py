@@ -48,6 +48,12 @@ MIN_DERIVED_BYTES = 64 << 20
 HTTP_STATUS = 413
 
 
+# Bytes per element of each dtype a request may carry (strings: see below).
+_DTYPE_SIZE = {dtype: tf.as_dtype(dtype).size
+               for dtype in tensor_util.VALUE_FIELDS
+               if dtype != types_pb2.DT_STRING}
+
+
 class Cost(NamedTuple):
   """What one input (or a whole request) expands to."""
   elements: int
@@ -101,7 +107,7 @@ def tensor_cost(proto: tensor_pb2.TensorProto, alias: str) -> Optional[Cost]:
     filled = elements - len(values)
     last = len(values[-1]) if values and filled > 0 else 0
     return Cost(elements, proto.ByteSize() + max(0, filled) * last)
-  size = tf.as_dtype(proto.dtype).size
+  size = _DTYPE_SIZE[proto.dtype]
   if proto.tensor_content and len(proto.tensor_content) != elements * size:
     raise errors.invalid_argument(
         f"tensor parsing error: {alias}: tensor_content holds "
@@ -191,10 +197,11 @@ class ExpansionLimits:
                    max(budget.nbytes, MIN_DERIVED_BYTES)))
 
   def check(self, costs: Mapping[str, Cost],
-            signature: meta_graph_pb2.SignatureDef, context: str) -> None:
-    """Raises RESOURCE_EXHAUSTED if `costs` (by input alias) exceed the
-    limits of `signature`; `context` names the servable and signature."""
-    max_elements, max_bytes = self.request_limits(signature)
+            limits: Tuple[Optional[int], Optional[int]], context: str) -> None:
+    """Raises RESOURCE_EXHAUSTED if `costs` (by input alias) exceed
+    `limits` (a signature's `request_limits`); `context` names the servable
+    and signature."""
+    max_elements, max_bytes = limits
     total = _total(costs.values())
     if max_elements is not None and total.elements > max_elements:
       field, amount, limit, flag, configured = (
