@@ -30,7 +30,7 @@ setuptools.setup(
         "cmeel-mimalloc==3.4.*; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "psutil>=5.9"],
         "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3", "psutil>=5.9"],
     },
     entry_points={

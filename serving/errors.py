@@ -37,17 +37,21 @@ class ServingError(Exception):
     code: The gRPC status code (TF Serving's canonical error space).
     message: Human-readable message; names model, version and signature
       whenever they are known.
+    http_status: The REST status, if not TF Serving's for `code`.
   """
 
-  def __init__(self, code: grpc.StatusCode, message: str):
+  def __init__(self, code: grpc.StatusCode, message: str,
+               http_status: Optional[int] = None):
     super().__init__(message)
     self.code = code
     self.message = message
+    self._http_status = http_status
 
   @property
   def http_status(self) -> int:
-    """The HTTP status TF Serving's REST API answers with for this error."""
-    return _HTTP_STATUS.get(self.code, 500)
+    """The HTTP status the REST API answers with for this error: TF
+    Serving's for the code, unless the error chose its own."""
+    return self._http_status or _HTTP_STATUS.get(self.code, 500)
 
   def to_status_proto(self) -> status_pb2.StatusProto:
     """Returns the error as a `tensorflow.serving.StatusProto`."""
@@ -58,7 +62,8 @@ class ServingError(Exception):
     """Returns a copy whose message ends with `context` (e.g. the servable)."""
     if not context or context in self.message:
       return self
-    return ServingError(self.code, f"{self.message} [{context}]")
+    return ServingError(self.code, f"{self.message} [{context}]",
+                        self._http_status)
 
 
 def code_from_number(number: int) -> grpc.StatusCode:
@@ -82,8 +87,9 @@ def unavailable(message: str) -> ServingError:
   return ServingError(grpc.StatusCode.UNAVAILABLE, message)
 
 
-def resource_exhausted(message: str) -> ServingError:
-  return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+def resource_exhausted(message: str,
+                       http_status: Optional[int] = None) -> ServingError:
+  return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, http_status)
 
 
 def deadline_exceeded(message: str) -> ServingError:

@@ -46,11 +46,16 @@ class Task:
     size: Rows (dim-0 elements) the task adds to its batch.
     payload: What the batch's processor needs (e.g. feeds and a timeout).
     loop: The running event loop of an asyncio caller, else None.
+    elements: Tensor elements the task adds to its batch.
+    nbytes: Bytes the task adds to its batch.
   """
 
   def __init__(self, size: int, payload: Any,
-               loop: Optional[asyncio.AbstractEventLoop] = None):
+               loop: Optional[asyncio.AbstractEventLoop] = None,
+               elements: int = 0, nbytes: int = 0):
     self.size = size
+    self.elements = elements
+    self.nbytes = nbytes
     self.payload = payload
     self.result: Any = None
     self.error: Optional[BaseException] = None
@@ -151,17 +156,29 @@ class _Batch:
   def __init__(self):
     self.tasks: List[Task] = []
     self.size = 0
+    self.elements = 0
+    self.nbytes = 0
     self.created = time.monotonic()
     self.closed = False
 
 
 class BatchQueue:
-  """A queue of batches for one kind of task, served by the shared threads."""
+  """A queue of batches for one kind of task, served by the shared threads.
+
+  Besides `max_batch_size` rows, a batch holds at most `max_elements` tensor
+  elements and `max_bytes` bytes (None: no limit): a task that would cross
+  one starts the next batch, and a task over one by itself fails with
+  RESOURCE_EXHAUSTED.
+  """
 
   def __init__(self, scheduler: "SharedBatchScheduler", options: QueueOptions,
-               process_batch: Callable[[List[Task]], None]):
+               process_batch: Callable[[List[Task]], None],
+               max_elements: Optional[int] = None,
+               max_bytes: Optional[int] = None):
     self._scheduler = scheduler
     self.options = options
+    self.max_elements = max_elements
+    self.max_bytes = max_bytes
     self._process_batch = process_batch
     self._batches: Deque[_Batch] = collections.deque()
 
@@ -172,6 +189,16 @@ class BatchQueue:
       raise errors.invalid_argument(
           f"Task size {task.size} is larger than maximum input batch size "
           f"{options.max_batch_size}")
+    for amount, limit, unit, flag in (
+        (task.elements, self.max_elements, "elements",
+         "--max_elements_per_batch"),
+        (task.nbytes, self.max_bytes, "bytes", "--max_bytes_per_batch")):
+      if limit is not None and amount > limit:
+        raise errors.resource_exhausted(
+            f"Task of {amount} {unit} is larger than the maximum of {limit} "
+            f"{unit} per batch (derived from the inputs' shapes at "
+            f"max_batch_size rows unless set); raise {flag} to allow it",
+            http_status=413)
     with self._scheduler.cond:
       if self._scheduler.stopped:
         raise errors.unavailable("Batch scheduler is shutting down")
@@ -180,7 +207,11 @@ class BatchQueue:
       # or closes (ready now); adding to an open batch changes neither.
       changed = False
       if last is None or last.closed or (
-          last.size + task.size > options.max_batch_size):
+          last.size + task.size > options.max_batch_size) or (
+              self.max_elements is not None and
+              last.elements + task.elements > self.max_elements) or (
+                  self.max_bytes is not None and
+                  last.nbytes + task.nbytes > self.max_bytes):
         if last is not None:
           last.closed = True
         if len(self._batches) >= options.max_enqueued_batches:
@@ -192,6 +223,8 @@ class BatchQueue:
         changed = True
       last.tasks.append(task)
       last.size += task.size
+      last.elements += task.elements
+      last.nbytes += task.nbytes
       if last.size >= options.max_batch_size:
         last.closed = True
         changed = True
@@ -240,9 +273,12 @@ class SharedBatchScheduler:
       thread.start()
 
   def add_queue(self, options: QueueOptions,
-                process_batch: Callable[[List[Task]], None]) -> BatchQueue:
-    """Creates a queue whose batches go to `process_batch(tasks)`."""
-    queue = BatchQueue(self, options, process_batch)
+                process_batch: Callable[[List[Task]], None],
+                max_elements: Optional[int] = None,
+                max_bytes: Optional[int] = None) -> BatchQueue:
+    """Creates a queue whose batches go to `process_batch(tasks)` (limits:
+    see BatchQueue)."""
+    queue = BatchQueue(self, options, process_batch, max_elements, max_bytes)
     with self.cond:
       self._queues.append(queue)
     return queue

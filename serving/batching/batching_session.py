@@ -20,6 +20,8 @@ from serving.batching import batch_scheduler
 from serving.servables import saved_model_bundle
 
 BatchObserver = Callable[[int, int], None]  # (batch rows, padding rows)
+# Feed tensor names -> (elements, bytes) a batch of them may hold (None: any).
+BatchBudget = Callable[[Sequence[str]], Tuple[Optional[int], Optional[int]]]
 
 # Most kinds of calls (feed shapes x fetches) one servable batches.
 MAX_QUEUES = 64
@@ -36,13 +38,17 @@ class BatchingSession:
     scheduler: Shared scheduler providing batch threads.
     options: Queue options for every queue of this session.
     observer: Called with (rows, padding) for each processed batch.
+    budget: Limits each queue's batches by elements and bytes (see
+      request_limits.ExpansionLimits.batch_budget); None: rows only.
   """
 
   def __init__(self, runner: saved_model_bundle.SessionRunner,
                scheduler: batch_scheduler.SharedBatchScheduler,
                options: batch_scheduler.QueueOptions,
-               observer: Optional[BatchObserver] = None):
+               observer: Optional[BatchObserver] = None,
+               budget: Optional[BatchBudget] = None):
     self._runner = runner
+    self._budget = budget
     self._scheduler = scheduler
     self._options = options
     self._observer = observer
@@ -92,7 +98,9 @@ class BatchingSession:
     queue = None if key in self._unbatchable else self._queue(key)
     if queue is None:
       return None
-    task = batch_scheduler.Task(size, (feeds, timeout_ms), loop)
+    elements, nbytes = _feeds_cost(feeds) if self._budget else (0, 0)
+    task = batch_scheduler.Task(size, (feeds, timeout_ms), loop, elements,
+                                nbytes)
     queue.schedule(task)
     return task
 
@@ -110,8 +118,12 @@ class BatchingSession:
           # Each distinct feed shape gets a queue that batch threads scan;
           # bound them so odd shapes can't slow every batch down.
           return None
+        max_elements, max_bytes = (
+            self._budget([name for name, _, _ in key[0]]) if self._budget
+            else (None, None))
         queue = self._scheduler.add_queue(
-            self._options, lambda tasks: self._process(key, tasks))
+            self._options, lambda tasks: self._process(key, tasks),
+            max_elements, max_bytes)
         self._queues[key] = queue
       return queue
 
@@ -187,6 +199,18 @@ class BatchingSession:
         task.finish(self._runner(feeds, fetches, timeout_ms))
       except Exception as e:  # Reported to this call's client only.
         task.finish(error=errors.from_exception(e))
+
+
+def _feeds_cost(feeds: Dict[str, np.ndarray]) -> Tuple[int, int]:
+  """(elements, bytes) of decoded feeds; strings count their lengths."""
+  elements = nbytes = 0
+  for array in feeds.values():
+    elements += array.size
+    if array.dtype == object:
+      nbytes += sum(map(len, array.flat))
+    else:
+      nbytes += array.nbytes
+  return elements, nbytes
 
 
 def queue_options_from_proto(params) -> batch_scheduler.QueueOptions:

@@ -11,6 +11,7 @@ from tensorflow.core.protobuf import config_pb2
 from serving import errors
 from serving.batching import batch_scheduler
 from serving.batching import batching_session
+from serving.servables import request_limits
 from serving.servables import saved_model_bundle
 from serving.servables import warmup
 
@@ -23,6 +24,8 @@ class BatchingConfig:
   # Returns the per-batch observer for a model (e.g. a metrics recorder).
   observer_for: Callable[[str], Optional[batching_session.BatchObserver]] = (
       lambda name: None)
+  # Bounds each batch's elements and bytes; None: rows only.
+  limits: Optional[request_limits.ExpansionLimits] = None
 
 
 @dataclasses.dataclass
@@ -73,9 +76,12 @@ def load_once(name: str, version: int, path: str,
   try:
     if options.batching is not None:
       batching = options.batching
+      budget = None if batching.limits is None else (
+          batching.limits.batch_budget(bundle.signature_defs,
+                                       batching.options.max_batch_size))
       session = batching_session.BatchingSession(
           bundle.session_run, batching.scheduler, batching.options,
-          batching.observer_for(name))
+          batching.observer_for(name), budget)
       bundle.runner = session
       bundle.on_close(session.close)
     if options.enable_warmup:

@@ -109,6 +109,11 @@ class RestApi:
       request = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
       raise errors.invalid_argument(f"JSON Parse error: {e}") from e
+    except RecursionError as e:  # json's C parser counts nesting against
+      # the interpreter's recursion limit, so deep bodies stop here.
+      raise errors.invalid_argument(
+          "JSON Parse error: the body nests arrays or objects too deeply"
+      ) from e
     if not isinstance(request, dict):
       raise errors.invalid_argument(
           "JSON Value: request body must be a JSON object")
@@ -132,7 +137,8 @@ class RestApi:
                body: Dict[str, Any]) -> Dict[str, Any]:
     spec.signature_name = body.get("signature_name", "")
     signature = self._signature(spec, spec.signature_name)
-    inputs, row_format = json_tensor.parse_predict_body(body, signature)
+    inputs, row_format = json_tensor.parse_predict_body(
+        body, signature, lambda costs: self._api.check_costs(spec, costs))
     request = predict_pb2.PredictRequest(model_spec=spec)
     for alias, array in inputs.items():
       request.inputs[alias].CopyFrom(tensor_util.to_tensor_proto(

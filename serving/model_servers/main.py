@@ -172,6 +172,42 @@ flags.DEFINE_integer("max_in_flight_requests", 0,
                      "gRPC and REST; one more fails at once with "
                      "RESOURCE_EXHAUSTED (HTTP 429) instead of queueing. "
                      "0: no limit.")
+flags.DEFINE_integer("max_elements_per_request", 0,
+                     "Most tensor elements one inference request may expand "
+                     "to, summed over its inputs, counted from declared "
+                     "shapes before decoding (a TensorProto with fewer values "
+                     "than its shape is filled, and a tf.Example context is "
+                     "repeated per example); more fail with "
+                     "RESOURCE_EXHAUSTED (HTTP 413). 0: derived from the "
+                     "signature, each input's static shape per row (unknown "
+                     "inner dimensions: 256 elements per row) times "
+                     "--expansion_limit_rows. -1: no limit. An fgr-serve "
+                     "extension, not a TF Serving flag.")
+flags.DEFINE_integer("max_bytes_per_request", 0,
+                     "Most bytes one inference request may expand to "
+                     "(numbers by dtype size, strings by their length); more "
+                     "fail with RESOURCE_EXHAUSTED (HTTP 413). 0: derived, "
+                     "the --max_elements_per_request budget times the dtype "
+                     "size (strings: 1 KiB each), and at least 64 MiB. "
+                     "-1: no limit. An fgr-serve extension, not a TF Serving "
+                     "flag.")
+flags.DEFINE_integer("max_elements_per_batch", 0,
+                     "With --enable_batching, most tensor elements one "
+                     "merged batch holds: a request that would cross it "
+                     "starts the next batch, one over it by itself fails "
+                     "with RESOURCE_EXHAUSTED. 0: derived as for "
+                     "--max_elements_per_request at max_batch_size rows. "
+                     "-1: no limit. An fgr-serve extension, not a TF Serving "
+                     "flag.")
+flags.DEFINE_integer("max_bytes_per_batch", 0,
+                     "With --enable_batching, most bytes one merged batch "
+                     "holds (as --max_elements_per_batch). 0: derived as for "
+                     "--max_bytes_per_request at max_batch_size rows. -1: no "
+                     "limit. An fgr-serve extension, not a TF Serving flag.")
+flags.DEFINE_integer("expansion_limit_rows", 4096,
+                     "Rows per request the derived --max_elements_per_request "
+                     "and --max_bytes_per_request allow for. An fgr-serve "
+                     "extension, not a TF Serving flag.")
 flags.DEFINE_list("model_base_path_roots", [],
                   "If set, comma-separated directories every model's "
                   "base_path (from --model_base_path, --model_config_file or "

@@ -20,6 +20,7 @@ from serving.model_servers import grpc_server
 from serving.model_servers import http_server
 from serving.model_servers import service_impl
 from serving.monitoring import metrics as metrics_lib
+from serving.servables import request_limits
 
 DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
@@ -64,6 +65,12 @@ class Options:
   rest_api_max_body_bytes: int = 64 << 20
   max_batch_size_per_request: int = 0
   max_in_flight_requests: int = 0
+  # Request expansion (request_limits.py): > 0 a limit, 0 derived, < 0 none.
+  max_elements_per_request: int = 0
+  max_bytes_per_request: int = 0
+  max_elements_per_batch: int = 0
+  max_bytes_per_batch: int = 0
+  expansion_limit_rows: int = request_limits.DEFAULT_ROWS
   model_base_path_roots: List[str] = dataclasses.field(default_factory=list)
 
 
@@ -118,7 +125,20 @@ class Server:
     logging.info("Batching enabled: %s, %d batch threads", queue_options,
                  threads)
     return loader.BatchingConfig(self._scheduler, queue_options,
-                                 self.metrics.batch_observer)
+                                 self.metrics.batch_observer,
+                                 self._expansion_limits())
+
+  def _expansion_limits(self) -> request_limits.ExpansionLimits:
+    options = self.options
+    if options.expansion_limit_rows < 1:
+      raise errors.invalid_argument(
+          "--expansion_limit_rows must be positive")
+    return request_limits.ExpansionLimits(
+        max_elements_per_request=options.max_elements_per_request,
+        max_bytes_per_request=options.max_bytes_per_request,
+        max_elements_per_batch=options.max_elements_per_batch,
+        max_bytes_per_batch=options.max_bytes_per_batch,
+        rows=options.expansion_limit_rows)
 
   def _prometheus_path(self) -> Optional[str]:
     if not self.options.monitoring_config_file:
@@ -180,7 +200,8 @@ class Server:
     self.api = api = service_impl.ServingApi(
         self.core, self.metrics, options.enable_signature_method_name_check,
         options.enable_serialization_as_tensor_content,
-        options.max_batch_size_per_request, options.max_in_flight_requests)
+        options.max_batch_size_per_request, options.max_in_flight_requests,
+        self._expansion_limits())
     self._grpc = grpc_server.GrpcServer(
         api, options.grpc_max_threads, options.grpc_channel_arguments,
         options.enable_grpc_healthcheck_service,

@@ -5,7 +5,8 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional, TypeVar
+import weakref
+from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
 
 from absl import logging
 from tensorflow_serving.apis import classification_pb2
@@ -23,9 +24,12 @@ from serving.core import server_core
 from serving.monitoring import metrics as metrics_lib
 from serving.servables import classifier
 from serving.servables import get_model_metadata
+from serving.servables import input_util
 from serving.servables import multi_inference
 from serving.servables import predict_util
 from serving.servables import regressor
+from serving.servables import saved_model_bundle
+from serving.servables import request_limits
 
 R = TypeVar("R")
 
@@ -75,13 +79,17 @@ class ServingApi:
       carry; larger ones fail with INVALID_ARGUMENT. 0 means no limit.
     max_in_flight_requests: Requests run at once (both front ends); one more
       fails at once with RESOURCE_EXHAUSTED instead of queueing. 0: no limit.
+    expansion_limits: Elements and bytes one request may expand to, checked
+      from what it declares before any input is decoded.
   """
 
   def __init__(self, core: server_core.ServerCore, metrics: metrics_lib.Metrics,
                method_name_check: bool = False,
                as_tensor_content: bool = False,
                max_batch_size_per_request: int = 0,
-               max_in_flight_requests: int = 0):
+               max_in_flight_requests: int = 0,
+               expansion_limits: Optional[
+                   request_limits.ExpansionLimits] = None):
     self.core = core
     self.metrics = metrics
     self._method_name_check = method_name_check
@@ -90,6 +98,9 @@ class ServingApi:
     self._max_in_flight = max(0, max_in_flight_requests)
     self._in_flight = (threading.BoundedSemaphore(self._max_in_flight)
                        if self._max_in_flight else None)
+    self._limits = expansion_limits or request_limits.ExpansionLimits()
+    # Servable -> {signature name: its request limits}, priced once.
+    self._signature_limits = weakref.WeakKeyDictionary()
 
   @contextlib.contextmanager
   def _admit(self) -> Iterator[None]:
@@ -119,16 +130,72 @@ class ServingApi:
     (reading every input's shape costs ~5% of a Predict's Python time)."""
     return predict_batch_size(request) if self._max_batch else 0
 
+  def _check_expansion(self, bundle, signature_name: str,
+                       costs: Callable[[], Dict[str, request_limits.Cost]]
+                       ) -> None:
+    """Raises RESOURCE_EXHAUSTED if the request's inputs (`costs()`, by
+    alias) expand beyond the signature's limits. Unknown signatures are left
+    for the request's own path to report in its words."""
+    name = signature_name or saved_model_bundle.DEFAULT_SERVING_SIGNATURE
+    by_name = self._signature_limits.get(bundle)
+    if by_name is None:
+      by_name = self._signature_limits.setdefault(bundle, {})
+    limits = by_name.get(name)
+    if limits is None:
+      signature = bundle.signature_defs.get(name)
+      if signature is None:
+        return
+      limits = by_name[name] = self._limits.request_limits(signature)
+    try:
+      priced = costs()
+    except errors.ServingError as e:  # Malformed: name servable, signature.
+      raise e.with_context(bundle.context(name)) from e
+    self._limits.check(priced, limits, bundle.context(name))
+
+  def _predict_costs(self, request: predict_pb2.PredictRequest
+                     ) -> Dict[str, request_limits.Cost]:
+    costs = {}
+    for alias, proto in request.inputs.items():
+      cost = request_limits.tensor_cost(proto, alias)
+      if cost is not None:
+        costs[alias] = cost
+    return costs
+
+  def _check_predict(self, bundle, request: predict_pb2.PredictRequest
+                     ) -> None:
+    self._check_expansion(bundle, request.model_spec.signature_name,
+                          lambda: self._predict_costs(request))
+
+  def _check_examples(self, bundle, signature_name: str,
+                      model_input: input_pb2.Input) -> None:
+    self._check_expansion(
+        bundle, signature_name,
+        lambda: {input_util.INPUTS_KEY: request_limits.examples_cost(
+            model_input)})
+
+  def check_costs(self, model_spec: model_pb2.ModelSpec,
+                  costs: Dict[str, request_limits.Cost]) -> None:
+    """The expansion check for a front end that prices a request itself
+    (REST prices JSON values before it builds any array)."""
+    with self.core.servable_handle(model_spec) as bundle:
+      self._check_expansion(bundle, model_spec.signature_name, lambda: costs)
+
   @contextlib.contextmanager
   def _serving(self, api: str, entrypoint: str,
-               model_spec: model_pb2.ModelSpec, rows: int = 0
+               model_spec: model_pb2.ModelSpec, rows: int = 0,
+               check: Optional[Callable[[Any], None]] = None
                ) -> Iterator[Any]:
-    """Admits a request, holds its servable, converts and records failures."""
+    """Admits a request, holds its servable, converts and records failures.
+
+    `check(bundle)` vets the request against its servable before it runs.
+    """
     start = time.monotonic()
     status = "OK"
     try:
       self._check_batch_size(rows, model_spec)
       with self._admit(), self.core.servable_handle(model_spec) as bundle:
+        if check is not None:
+          check(bundle)
         yield bundle
     except Exception as e:
       error = errors.from_exception(e)
@@ -144,8 +211,9 @@ class ServingApi:
                                   time.monotonic() - start)
 
   def _call(self, api: str, entrypoint: str, model_spec: model_pb2.ModelSpec,
-            run: Callable[..., R], rows: int = 0) -> R:
-    with self._serving(api, entrypoint, model_spec, rows) as bundle:
+            run: Callable[..., R], rows: int = 0,
+            check: Optional[Callable[[Any], None]] = None) -> R:
+    with self._serving(api, entrypoint, model_spec, rows, check) as bundle:
       return run(bundle)
 
   def predict(self, request: predict_pb2.PredictRequest,
@@ -156,7 +224,8 @@ class ServingApi:
         "predict", entrypoint, request.model_spec,
         lambda b: predict_util.run_predict(
             b, request, timeout_ms, self._method_name_check,
-            self._as_tensor_content), self._predict_rows(request))
+            self._as_tensor_content), self._predict_rows(request),
+        lambda b: self._check_predict(b, request))
 
   async def predict_async(self, request: predict_pb2.PredictRequest,
                           timeout_ms: Optional[int],
@@ -171,7 +240,8 @@ class ServingApi:
     """
     loop = asyncio.get_running_loop()
     with self._serving("predict", entrypoint, request.model_spec,
-                       self._predict_rows(request)) as bundle:
+                       self._predict_rows(request),
+                       lambda b: self._check_predict(b, request)) as bundle:
       prepared = predict_util.prepare_predict(bundle, request,
                                               self._method_name_check)
       try:
@@ -196,7 +266,9 @@ class ServingApi:
     """PredictionService.Classify."""
     return self._call("classify", entrypoint, request.model_spec,
                       lambda b: classifier.run_classify(b, request, timeout_ms),
-                      examples_batch_size(request.input))
+                      examples_batch_size(request.input),
+                      lambda b: self._check_examples(
+                          b, request.model_spec.signature_name, request.input))
 
   def regress(self, request: regression_pb2.RegressionRequest,
               timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
@@ -204,7 +276,9 @@ class ServingApi:
     """PredictionService.Regress."""
     return self._call("regress", entrypoint, request.model_spec,
                       lambda b: regressor.run_regress(b, request, timeout_ms),
-                      examples_batch_size(request.input))
+                      examples_batch_size(request.input),
+                      lambda b: self._check_examples(
+                          b, request.model_spec.signature_name, request.input))
 
   def multi_inference(self, request: inference_pb2.MultiInferenceRequest,
                       timeout_ms: Optional[int] = None,
@@ -215,7 +289,9 @@ class ServingApi:
     return self._call(
         "multi_inference", entrypoint, request.tasks[0].model_spec,
         lambda b: multi_inference.run_multi_inference(b, request, timeout_ms),
-        examples_batch_size(request.input))
+        examples_batch_size(request.input),
+        lambda b: self._check_examples(  # Every task shares the input.
+            b, request.tasks[0].model_spec.signature_name, request.input))
 
   def get_model_metadata(
       self, request: get_model_metadata_pb2.GetModelMetadataRequest,

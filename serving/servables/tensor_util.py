@@ -36,6 +36,8 @@ _VALUE_FIELD = {
     types_pb2.DT_COMPLEX64: "scomplex_val",
     types_pb2.DT_COMPLEX128: "dcomplex_val",
 }
+VALUE_FIELDS = _VALUE_FIELD  # The dtypes requests may carry.
+MAX_FILLED_ELEMENTS = _MAX_FILLED_ELEMENTS
 
 
 def dtype_name(dtype_enum: int) -> str:
@@ -50,7 +52,8 @@ def shape_fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
   return len(shape) == len(dims) and all(d < 0 or d == s for d, s in zip(dims, shape))
 
 
-def _supplied_values(proto: tensor_pb2.TensorProto) -> int:
+def supplied_values(proto: tensor_pb2.TensorProto) -> int:
+  """Values a proto carries (bytes for tensor_content)."""
   if proto.tensor_content:
     return len(proto.tensor_content)
   field = _VALUE_FIELD.get(proto.dtype)
@@ -137,7 +140,7 @@ def to_ndarray(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
       raise errors.invalid_argument(
           f"tensor parsing error: {alias}: negative dimension in shape {dims}")
     num_elements *= d
-  if num_elements > max(_MAX_FILLED_ELEMENTS, _supplied_values(proto)):
+  if num_elements > max(_MAX_FILLED_ELEMENTS, supplied_values(proto)):
     raise errors.invalid_argument(
         f"tensor parsing error: {alias}: shape {dims} has too many elements")
   array = _decode_exact(proto, num_elements, alias)

@@ -9,7 +9,7 @@ in `_bytes` (or that are not UTF-8) are base64-encoded.
 import base64
 import binascii
 import math
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -22,8 +22,21 @@ from tensorflow_serving.apis import input_pb2
 from tensorflow_serving.apis import regression_pb2
 
 from serving import errors
+from serving.servables import request_limits
 
 B64_KEY = "b64"
+# TF's largest tensor rank (TensorShape::MaxDimensions): deeper JSON lists
+# can't be a tensor, and stopping there keeps the recursion shallow.
+MAX_RANK = 254
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+  """A bounded repr for error messages (deep nesting can't recurse out)."""
+  try:
+    text = repr(value)
+  except RecursionError:
+    return "<too deeply nested>"
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_b64(value: Any) -> bool:
@@ -60,18 +73,23 @@ def _leaf(value: Any, dtype: int, alias: str) -> Any:
   elif isinstance(value, int) and not isinstance(value, bool):
     return value
   raise errors.invalid_argument(
-      f"Unable to convert JSON value {value!r} of input {alias} to "
+      f"Unable to convert JSON value {short_repr(value)} of input {alias} to "
       f"{tf.as_dtype(dtype).name}")
 
 
-def _flatten(value: Any, dtype: int, alias: str) -> Tuple[List[int], list]:
+def _flatten(value: Any, dtype: int, alias: str,
+             depth: int = 0) -> Tuple[List[int], list]:
   """Returns (shape, flat values) of a rectangular nested JSON list."""
   if isinstance(value, list):
+    if depth >= MAX_RANK:
+      raise errors.invalid_argument(
+          f"Input {alias} nests lists deeper than {MAX_RANK} levels, TF's "
+          "largest tensor rank")
     if not value:
       return [0], []
     shapes, flat = None, []
     for item in value:
-      shape, values = _flatten(item, dtype, alias)
+      shape, values = _flatten(item, dtype, alias, depth + 1)
       if shapes is None:
         shapes = shape
       elif shape != shapes:
@@ -86,7 +104,18 @@ def _flatten(value: Any, dtype: int, alias: str) -> Tuple[List[int], list]:
 def json_to_ndarray(value: Any, info: meta_graph_pb2.TensorInfo,
                     alias: str) -> np.ndarray:
   """Converts a JSON value to an array of the signature input's dtype."""
-  shape, flat = _flatten(value, info.dtype, alias)
+  return _to_ndarray(*_flatten(value, info.dtype, alias), info, alias)
+
+
+def _cost(flat: list, dtype: int) -> request_limits.Cost:
+  """What a flattened JSON input expands to (strings: their lengths)."""
+  if dtype == types_pb2.DT_STRING:
+    return request_limits.Cost(len(flat), sum(map(len, flat)))
+  return request_limits.Cost(len(flat), len(flat) * tf.as_dtype(dtype).size)
+
+
+def _to_ndarray(shape: List[int], flat: list, info: meta_graph_pb2.TensorInfo,
+                alias: str) -> np.ndarray:
   np_dtype = tf.as_dtype(info.dtype).as_numpy_dtype
   if info.dtype == types_pb2.DT_STRING:
     array = np.empty(len(flat), dtype=object)
@@ -113,10 +142,32 @@ def _input_infos(signature: meta_graph_pb2.SignatureDef, names) -> Dict:
   return infos
 
 
+CostCheck = Callable[[Dict[str, request_limits.Cost]], None]
+
+
 def parse_predict_body(body: Mapping[str, Any],
-                       signature: meta_graph_pb2.SignatureDef
+                       signature: meta_graph_pb2.SignatureDef,
+                       check: Optional[CostCheck] = None
                        ) -> Tuple[Dict[str, np.ndarray], bool]:
-  """Parses a :predict body into {alias: array}; returns (inputs, row_format)."""
+  """Parses a :predict body into {alias: array}; returns (inputs, row_format).
+
+  `check`, if given, sees every input's cost ({alias: Cost}) once the JSON
+  is walked and before any array is built, and raises to refuse the request.
+  """
+  values, row_format = _predict_values(body, signature)
+  flattened = {alias: _flatten(value, signature.inputs[alias].dtype, alias)
+               for alias, value in values.items()}
+  if check is not None:
+    check({alias: _cost(flat, signature.inputs[alias].dtype)
+           for alias, (_, flat) in flattened.items()})
+  return {alias: _to_ndarray(shape, flat, signature.inputs[alias], alias)
+          for alias, (shape, flat) in flattened.items()}, row_format
+
+
+def _predict_values(body: Mapping[str, Any],
+                    signature: meta_graph_pb2.SignatureDef
+                    ) -> Tuple[Dict[str, Any], bool]:
+  """Picks each input's JSON value out of a :predict body."""
   has_instances, has_inputs = "instances" in body, "inputs" in body
   if has_instances == has_inputs:
     raise errors.invalid_argument(
@@ -125,12 +176,9 @@ def parse_predict_body(body: Mapping[str, Any],
   if has_inputs:
     value = body["inputs"]
     if isinstance(value, dict) and not _is_b64(value):
-      infos = _input_infos(signature, value.keys())
-      return {a: json_to_ndarray(v, infos[a], a)
-              for a, v in value.items()}, False
-    alias = _single_input(signature)
-    return {alias: json_to_ndarray(value, signature.inputs[alias], alias)}, (
-        False)
+      _input_infos(signature, value.keys())
+      return dict(value), False
+    return {_single_input(signature): value}, False
   instances = body["instances"]
   if not isinstance(instances, list) or not instances:
     raise errors.invalid_argument(
@@ -142,15 +190,12 @@ def parse_predict_body(body: Mapping[str, Any],
       raise errors.invalid_argument(
           "Failed to process element: every instance must have the same "
           "named inputs")
-    infos = _input_infos(signature, keys)
-    return {a: json_to_ndarray([i[a] for i in instances], infos[a], a)
-            for a in keys}, True
+    _input_infos(signature, keys)
+    return {a: [i[a] for i in instances] for a in keys}, True
   if any(named):
     raise errors.invalid_argument(
         "Instances mix named (object) and unnamed values")
-  alias = _single_input(signature)
-  return {alias: json_to_ndarray(instances, signature.inputs[alias], alias)}, (
-      True)
+  return {_single_input(signature): instances}, True
 
 
 def _single_input(signature: meta_graph_pb2.SignatureDef) -> str:
@@ -237,7 +282,7 @@ def _feature(name: str, value: Any) -> feature_pb2.Feature:
   else:
     raise errors.invalid_argument(
         f"Feature {name}: values must all be numbers or all be strings, got "
-        f"{values!r}")
+        f"{short_repr(values)}")
   return feature
 
 
