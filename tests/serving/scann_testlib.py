@@ -7,9 +7,7 @@ then goes through the tree, AH scoring, the exact reordering, the retry with eve
 and the exact fallback, as a production catalog's does.
 """
 
-import json
 import os
-import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -120,12 +118,3 @@ def dot_scores(queries: np.ndarray, ids: np.ndarray, state: refresh_state.Catalo
   row_of = state.row_of()
   rows = np.vectorize(row_of.__getitem__, otypes=[np.int64])(ids)
   return np.einsum("qd,qkd->qk", queries, np.asarray(state.embeddings)[rows])
-
-
-def report(version_dir: str) -> dict:
-  with open(os.path.join(version_dir, "assets.extra", exporter.REPORT_FILE)) as f:
-    return json.load(f)
-
-
-def remove(path: str) -> None:
-  shutil.rmtree(path, ignore_errors=True)
