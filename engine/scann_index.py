@@ -87,11 +87,25 @@ class ScannIndex(base.Index):
 
   def search(self, queries: tf.Tensor, k: int, leaves_to_search: tf.Tensor | None = None,
              pre_reorder_num_neighbors: tf.Tensor | None = None) -> base.SearchResult:
-    """Approximate top-k eligible items; knobs ≤ 0 (or omitted) use the built defaults."""
+    """Approximate top-k eligible items; knobs of 0 (or omitted) use the built defaults.
+
+    Per-request knobs out of range fail the request (InvalidArgument, naming the knob): leaves_to_search
+    must be 1..num_leaves (0 without a tree, which ignores it), pre_reorder_num_neighbors k..num_items
+    (0 without reordering).
+    """
     scann_ops = _scann_ops()
     k = min(k, self.num_items)
     queries = tf.cast(queries, tf.float32)
-    leaves = search_ops.option_or_default(leaves_to_search, self.config["leaves_to_search"])
+    num_leaves = self.config["num_leaves"]
+    if leaves_to_search is None:
+      leaves = tf.constant(self.config["leaves_to_search"], tf.int32)
+    elif num_leaves:
+      leaves = search_ops.checked_option(
+          leaves_to_search, self.config["leaves_to_search"], "leaves_to_search", 1, num_leaves,
+          f"0 (the built default, {self.config['leaves_to_search']}) or 1 to {num_leaves}, the number of leaves")
+    else:
+      leaves = search_ops.checked_option(leaves_to_search, -1, "leaves_to_search", 1, 0,
+                                         "0: this ScaNN index has no tree")
     retry_all_reordered = False
     if self.config["reorder"] > 0:
       # ScaNN rescores `pre_reorder` candidates exactly and returns the best `fetch` of them, sorted, from
@@ -102,11 +116,18 @@ class ScannIndex(base.Index):
         pre_reorder = tf.constant(max(self.config["reorder"], k), tf.int32)
         fetch = tf.constant(min(final_candidates, max(self.config["reorder"], k)), tf.int32)
       else:
-        pre_reorder = tf.maximum(search_ops.option_or_default(pre_reorder_num_neighbors, self.config["reorder"]), k)
+        # The catalog size is read from the mask, not baked in: a refresh serves more rows under this graph.
+        pre_reorder = tf.maximum(search_ops.checked_option(
+            pre_reorder_num_neighbors, self.config["reorder"], "pre_reorder_num_neighbors", k,
+            tf.shape(self.eligible)[0], f"0 (the built default, {self.config['reorder']}) or from k={k} to the "
+            "number of ads"), k)
         fetch = tf.minimum(pre_reorder, final_candidates)
     else:
       fetch = tf.constant(min(self.num_items, k * self.config["overfetch"]), tf.int32)
       pre_reorder = tf.constant(-1, tf.int32)
+      if pre_reorder_num_neighbors is not None:
+        search_ops.checked_option(pre_reorder_num_neighbors, -1, "pre_reorder_num_neighbors", 1, 0,
+                                  "0: this ScaNN index does not reorder")
     state = self.state
     handle = scann_ops.tensors_to_scann(
         state.dataset, state.scann_config, state.serialized_partitioner, state.datapoint_to_token,
@@ -178,6 +199,11 @@ def has_unit_norms(embeddings: np.ndarray, tolerance: float = 1e-3) -> bool:
              for start in range(0, embeddings.shape[0], chunk))
 
 
+def default_reorder(scoring: str, num_items: int, k: int) -> int:
+  """Pre-reorder candidates rescored exactly: none for exact scoring, 4k (at least 200) after AH."""
+  return 0 if scoring == "brute_force" else min(num_items, max(4 * k, 200))
+
+
 def default_config(num_items: int, k: int) -> dict[str, Any]:
   """ScaNN's rules of thumb for a catalog of `num_items` points searched for `k` neighbours."""
   if num_items < BRUTE_FORCE_MAX_ITEMS:
@@ -199,7 +225,7 @@ def default_config(num_items: int, k: int) -> dict[str, Any]:
       "partitioning": "auto",
       "dimensions_per_block": 2,
       "anisotropic_quantization_threshold": 0.2,
-      "reorder": 0 if scoring == "brute_force" else min(num_items, max(4 * k, 200)),
+      "reorder": default_reorder(scoring, num_items, k),
       # Reordered candidates ScaNN returns, of which the k best eligible are kept (0: min(reorder, 2k)).
       # Each returned candidate costs a mask lookup and a top-k slot: measured at 1M, 200 instead of all
       # 800 saved 0.05 ms of a 0.39 ms single-query search.
@@ -280,9 +306,11 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
       (0 disables the tree), leaves_to_search (0 tunes it for target_recall), training_sample_size,
       partitioning ("auto", "spherical" or "generic" k-means; auto picks spherical for unit-norm
       embeddings), dimensions_per_block, anisotropic_quantization_threshold, reorder (pre-reorder candidates,
-      0 disables reordering), final_candidates (reordered candidates returned before the eligibility
-      filter, 0: min(reorder, 2k)), overfetch (multiple of k fetched without reordering), target_recall,
-      num_tuning_queries, training_threads, seed.
+      0 disables reordering; by default 4k, at least 200, with AH scoring and 0 with brute force),
+      final_candidates (reordered candidates returned before the eligibility filter, 0: min(reorder, 2k)),
+      overfetch (multiple of k fetched without reordering), target_recall, num_tuning_queries,
+      training_threads, seed. A tree on a catalog below NO_TREE_MAX_ITEMS (a test catalog) takes
+      `num_leaves=…, scoring="ah"`.
   """
   scann_ops = _scann_ops()
   num_items = embeddings.shape[0]
@@ -293,6 +321,10 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
   config.update(options)
   if config["scoring"] not in ("brute_force", "ah"):
     raise ValueError(f"scoring must be 'brute_force' or 'ah', got {config['scoring']!r}")
+  if "reorder" not in options:
+    # Derived from the scoring actually used: `scoring="ah"` on a catalog small enough for exact scoring
+    # (e.g. a tree forced on a test catalog) would otherwise get AH without the exact reordering.
+    config["reorder"] = default_reorder(config["scoring"], num_items, k)
   if config["partitioning"] not in ("auto", "spherical", "generic"):
     raise ValueError(f"partitioning must be 'auto', 'spherical' or 'generic', got {config['partitioning']!r}")
   if config["partitioning"] == "auto" and config["num_leaves"]:

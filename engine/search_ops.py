@@ -19,6 +19,21 @@ def option_or_default(value: tf.Tensor | int | None, default: int) -> tf.Tensor:
   return tf.where(value > 0, value, default)
 
 
+def checked_option(value: tf.Tensor | int, default: int, name: str, low: int, high: tf.Tensor | int,
+                   valid: str) -> tf.Tensor:
+  """A per-request int32 knob: 0 takes `default`, other values must lie in [low, high].
+
+  A value out of range fails the request with InvalidArgument (a server's INVALID_ARGUMENT) whose message
+  names the knob, says what is `valid` and gives the value, rather than being silently clamped or
+  replaced. `high` may be a tensor (e.g. the catalog size, which a refresh can change under one graph).
+  """
+  value = tf.cast(tf.reshape(value, []), tf.int32)
+  in_range = tf.logical_or(tf.equal(value, 0), tf.logical_and(value >= low, value <= tf.cast(high, tf.int32)))
+  check = tf.debugging.Assert(in_range, [f"{name} must be {valid}; got", value], name=f"check_{name}")
+  with tf.control_dependencies([check]):
+    return tf.where(value > 0, value, tf.constant(default, tf.int32))
+
+
 def exact_search(queries: tf.Tensor, vectors: tf.Tensor, eligible: tf.Tensor, k: int) -> base.SearchResult:
   """Scores every row of `vectors` [N, d] and keeps the k best eligible ones per query."""
   scores = tf.matmul(tf.cast(queries, vectors.dtype), vectors, transpose_b=True)

@@ -399,7 +399,8 @@ def source_graph_replacements(source: Source, index: base.Index, state: refresh_
   if source.report["index"] != "scann" or not isinstance(index, scann_index.ScannIndex):
     return None, f"the {source.report['index']} backend's graph depends on its build"
   k, config, source_config = source.report["k"], index.config, source.report.get("index_config", {})
-  baked = ["leaves_to_search", "reorder"] + (["overfetch"] if config.get("reorder", 0) <= 0 else [])
+  # num_leaves: the range search_with_options accepts for leaves_to_search.
+  baked = ["num_leaves", "leaves_to_search", "reorder"] + (["overfetch"] if config.get("reorder", 0) <= 0 else [])
   changed = [name for name in baked if config.get(name) != source_config.get(name)]
   if (config.get("reorder", 0) > 0
       and scann_index.returned_candidates(config, k) != scann_index.returned_candidates(source_config, k)):

@@ -17,6 +17,8 @@ from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
+import numpy as np
+import scann_testlib as scann_lib
 import serving_testlib as lib
 from export import exporter
 from export import versions
@@ -211,35 +213,174 @@ def test_sigterm_under_load_drains_and_exits_0(tmp_path):
   assert outcomes.count("CANCELLED") <= len(threads), failures
 
 
-def test_scann_search_knobs_and_k_are_validated(trained_run, tmp_path):
-  """search_with_options' int32 knobs: negative, zero and huge values answer
-  OK or INVALID_ARGUMENT, never a crash; k is fixed at export."""
-  import scann  # pylint: disable=g-import-not-at-top,unused-import
-  base = str(tmp_path / "ads")
-  report = exporter.export_model(trained_run, base, exporter.ExportConfig(
-      index="scann", k=10, num_warmup_requests=2, eval_queries=20))
-  request = _warmup_request(report["path"])
-  request.model_spec.name = "ads"
-  request.model_spec.signature_name = "search_with_options"
-  server = lib.InProcessServer(model_name="ads", model_base_path=base,
+@pytest.fixture(scope="module")
+def tree_server(trained_run, tmp_path_factory):
+  """fgr-serve (in process) serving a tree-AH ScaNN export of 3,000 ads under
+  three masks: as exported ("ads"), 80% of the ads paused ("ads_retry") and
+  all but 30 paused ("ads_exact"). Yields (server, {model: version dir})."""
+  export = scann_lib.tree_export(trained_run, tmp_path_factory)
+  root = tmp_path_factory.mktemp("scann_served")
+  num_ads = len(scann_lib.catalog(export).ids)
+  rng = np.random.default_rng(5)
+  masks = {}
+  for name, count in (("ads_retry", num_ads // 5), ("ads_exact", 30)):
+    masks[name] = np.zeros(num_ads, bool)
+    masks[name][rng.choice(num_ads, count, replace=False)] = True
+  versions_dirs = {"ads": scann_lib.copy_version(export, str(root / "ads"))}
+  for name, mask in masks.items():
+    versions_dirs[name] = scann_lib.publish_eligible(export, str(root / name),
+                                                     mask)
+  config = root / "models.config"
+  config.write_text("model_config_list {" + "".join(
+      f' config {{ name: "{name}" base_path: "{root / name}" '
+      'model_platform: "tensorflow" }' for name in versions_dirs) + " }")
+  server = lib.InProcessServer(model_config_file=str(config),
                                file_system_poll_wait_seconds=-1)
   try:
-    for value in (-2**31, -1, 0, 1, 7, 3000, 2**31 - 1):
-      for knob in ("leaves_to_search", "pre_reorder_num_neighbors"):
-        request.inputs[knob].CopyFrom(tf.make_tensor_proto(value, tf.int32))
-        other = ("pre_reorder_num_neighbors" if knob == "leaves_to_search"
-                 else "leaves_to_search")
-        request.inputs[other].CopyFrom(tf.make_tensor_proto(0, tf.int32))
-        try:
-          response = server.predict.Predict(request, timeout=60)
-          assert response.outputs["ids"].tensor_shape.dim[1].size == 10
-        except grpc.RpcError as e:
-          assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (knob, value,
-                                                                e.details())
-    request.inputs["k"].CopyFrom(tf.make_tensor_proto(1000, tf.int32))
-    with pytest.raises(grpc.RpcError) as info:
-      server.predict.Predict(request, timeout=60)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Sent extra: {k}" in info.value.details()
+    yield server, versions_dirs
   finally:
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def tree_queries(trained_run, tree_server):
+  """20 held-out queries: (features, their embeddings from encode_query)."""
+  server, _ = tree_server
+  features = scann_lib.held_out_queries(trained_run, 20)
+  return features, scann_lib.query_embeddings(server.predict, "ads", features)
+
+
+def _first(features, count=1):
+  return {name: values[:count] for name, values in features.items()}
+
+
+def _predict(server, message):
+  """(ids, scores) of a full-graph Predict."""
+  return scann_lib.ids_and_scores(server.predict.Predict(message, timeout=60))
+
+
+def _assert_exact_scores(scores, embeddings, ids, state):
+  """Scores are the exact dot products (reordered or exact), best first."""
+  np.testing.assert_allclose(
+      scores, scann_lib.dot_scores(embeddings[:len(ids)], ids, state),
+      atol=1e-4)
+  assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+# (knob, value, expected status) for the tree-AH export: 30 leaves, k=10,
+# 3,000 ads. 0 is the built default; any other value outside 1..30 or
+# 10..3000 is refused.
+_KNOB_CASES = [
+    ("leaves_to_search", 0, "OK"),
+    ("leaves_to_search", 1, "OK"),
+    ("leaves_to_search", scann_lib.NUM_LEAVES, "OK"),
+    ("leaves_to_search", scann_lib.NUM_LEAVES + 1, "INVALID_ARGUMENT"),
+    ("leaves_to_search", -1, "INVALID_ARGUMENT"),
+    ("leaves_to_search", -2**31, "INVALID_ARGUMENT"),
+    ("leaves_to_search", 2**31 - 1, "INVALID_ARGUMENT"),
+    ("pre_reorder_num_neighbors", 0, "OK"),
+    ("pre_reorder_num_neighbors", scann_lib.K, "OK"),
+    ("pre_reorder_num_neighbors", 3000, "OK"),
+    ("pre_reorder_num_neighbors", scann_lib.K - 1, "INVALID_ARGUMENT"),
+    ("pre_reorder_num_neighbors", 3001, "INVALID_ARGUMENT"),
+    ("pre_reorder_num_neighbors", -1, "INVALID_ARGUMENT"),
+    ("pre_reorder_num_neighbors", -2**31, "INVALID_ARGUMENT"),
+    ("pre_reorder_num_neighbors", 2**31 - 1, "INVALID_ARGUMENT"),
+]
+
+
+def test_scann_search_knobs_and_k_are_validated(tree_server, tree_queries):
+  """search_with_options' int32 knobs: each value has one status. In range
+  answers k ads; out of range is INVALID_ARGUMENT naming the knob and value.
+  k is fixed at export."""
+  server, _ = tree_server
+  features, _ = tree_queries
+  query = _first(features)
+  for knob, value, expected in _KNOB_CASES:
+    other = ("pre_reorder_num_neighbors" if knob == "leaves_to_search"
+             else "leaves_to_search")
+    message = scann_lib.request(query, "ads", "search_with_options",
+                                **{knob: value, other: 0})
+    try:
+      ids, _ = _predict(server, message)
+      outcome, details = "OK", ""
+    except grpc.RpcError as e:
+      outcome, details = e.code().name, e.details()
+    assert outcome == expected, (knob, value, details)
+    if expected == "OK":
+      assert ids.shape == (1, scann_lib.K) and "" not in ids, (knob, value)
+    else:
+      assert f"{knob} must be" in details and str(value) in details, details
+  message = scann_lib.request(query, "ads", "search_with_options",
+                              leaves_to_search=0, pre_reorder_num_neighbors=0)
+  message.inputs["k"].CopyFrom(tf.make_tensor_proto(1000, tf.int32))
+  with pytest.raises(grpc.RpcError) as info:
+    server.predict.Predict(message, timeout=60)
+  assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert "Sent extra: {k}" in info.value.details()
+
+
+def test_scann_knobs_at_their_bounds(tree_server, tree_queries):
+  """Every leaf and every ad reordered is an exact search; one leaf and k
+  reordered candidates still answer k eligible ads (the fallback fills in)."""
+  server, versions_dirs = tree_server
+  features, embeddings = tree_queries
+  state = scann_lib.catalog(versions_dirs["ads"])
+  ids, scores = _predict(server, scann_lib.request(
+      features, "ads", "search_with_options",
+      leaves_to_search=scann_lib.NUM_LEAVES,
+      pre_reorder_num_neighbors=len(state.ids)))
+  truth = scann_lib.exact_ids(embeddings, state)
+  assert scann_lib.recall(ids, truth) >= 0.98  # Exact up to float ties.
+  _assert_exact_scores(scores, embeddings, ids, state)
+  ids, scores = _predict(server, scann_lib.request(
+      features, "ads", "search_with_options", leaves_to_search=1,
+      pre_reorder_num_neighbors=scann_lib.K))
+  eligible = set(np.asarray(state.ids)[state.eligible])
+  assert ids.shape == (20, scann_lib.K) and set(ids.ravel()) <= eligible
+  assert all(len(set(row)) == scann_lib.K for row in ids)
+  _assert_exact_scores(scores, embeddings, ids, state)
+
+
+def test_scann_retry_when_most_ads_are_paused(tree_server, tree_queries):
+  """80% of the ads paused: the best 2k = 20 reordered candidates hold fewer
+  than k eligible ones (4 expected), so the search retries with all 200
+  reordered candidates (40 eligible expected): k eligible ads, exactly
+  scored, none paused. They come from ScaNN's candidates: searching 2 of 30
+  leaves, recall against the exact eligible top k stays far from the exact
+  fallback's 1.0 (measured 0.29; 0.65 at the built 6 leaves)."""
+  server, versions_dirs = tree_server
+  features, embeddings = tree_queries
+  state = scann_lib.catalog(versions_dirs["ads_retry"])
+  eligible = set(np.asarray(state.ids)[state.eligible])
+  two_leaves = scann_lib.request(features, "ads_retry", "search_with_options",
+                                 leaves_to_search=2,
+                                 pre_reorder_num_neighbors=0)
+  for message in (scann_lib.request(features, "ads_retry"),
+                  # A batch of one runs ScaNN's single-query op.
+                  scann_lib.request(_first(features), "ads_retry"),
+                  two_leaves):
+    ids, scores = _predict(server, message)
+    assert ids.shape[1] == scann_lib.K and set(ids.ravel()) <= eligible
+    assert all(len(set(row)) == scann_lib.K for row in ids)
+    _assert_exact_scores(scores, embeddings, ids, state)
+  assert scann_lib.recall(ids, scann_lib.exact_ids(embeddings, state)) < 0.8
+
+
+def test_scann_exact_fallback_when_candidates_run_out(tree_server,
+                                                      tree_queries):
+  """All but 30 ads paused: even 200 reordered candidates hold fewer than k
+  eligible ones, so the exact masked search answers: NumPy's top k."""
+  server, versions_dirs = tree_server
+  features, embeddings = tree_queries
+  state = scann_lib.catalog(versions_dirs["ads_exact"])
+  truth = scann_lib.exact_ids(embeddings, state)
+  for message in (scann_lib.request(features, "ads_exact"),
+                  scann_lib.request(_first(features), "ads_exact"),
+                  scann_lib.request(features, "ads_exact",
+                                    "search_with_options", leaves_to_search=1,
+                                    pre_reorder_num_neighbors=scann_lib.K)):
+    ids, scores = _predict(server, message)
+    # Exact, up to float ties.
+    assert scann_lib.recall(ids, truth[:len(ids)]) >= 0.98
+    _assert_exact_scores(scores, embeddings, ids, state)
