@@ -29,6 +29,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
 from bench import serving_common as common
+from bench.fixtures import servers
 from serving.loadtest import driver
 from serving.servables import saved_model_bundle
 
@@ -80,9 +81,9 @@ def main(argv: list[str]) -> None:
   for f in feeds[:20]:  # Warm up like the server's warm-up replay.
     bundle.session_run(f, fetches)
   workdir = common.workdir(FLAGS.output_dir, "serving_overhead")
-  batching = common.batching_args(workdir, FLAGS.batching_parameters)
-  with common.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, common.echo_server(workdir) as echo, \
-      common.fgr_serve(workdir, MODEL, FLAGS.base_path, batching, name="fgr-serve-batched") as batched:
+  batching = servers.batching_args(workdir, FLAGS.batching_parameters)
+  with servers.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, servers.echo_server(workdir) as echo, \
+      servers.fgr_serve(workdir, MODEL, FLAGS.base_path, batching, name="fgr-serve-batched") as batched:
 
     def variants(threads: int) -> list[common.Variant]:
       return [common.Variant("gRPC Predict to fgr-serve", lambda: driver.GrpcPredictTarget(model.address), requests,
