@@ -36,6 +36,7 @@ from bench import capi_session
 from bench import catalog
 from bench import extras
 from bench import report
+from bench.fixtures import latency
 from engine import base
 from engine import search_ops
 from engine import stock_ops
@@ -143,6 +144,11 @@ def latencies(call: Callable[[np.ndarray], Any], batches: list[np.ndarray], warm
   return out
 
 
+def _p50_p99_ms(milliseconds: np.ndarray) -> tuple[float, float]:
+  p = latency.percentiles(milliseconds / 1e3, (50, 99), digits=4)
+  return p["p50_ms"], p["p99_ms"]
+
+
 @dataclasses.dataclass
 class Candidate:
   """One setting to time: its measurement so far and its single-query search."""
@@ -163,8 +169,7 @@ def evaluate(name: str, setting: str, search: Callable[[np.ndarray], np.ndarray]
   if batch_search is not None:
     batched = latencies(batch_search, [queries[i:i + batch] for i in range(0, queries.shape[0] - batch + 1, batch)])
     result.batch_qps = batch * 1e3 / batched.mean()
-    result.batch_p50_ms = float(np.percentile(batched, 50))
-    result.batch_p99_ms = float(np.percentile(batched, 99))
+    result.batch_p50_ms, result.batch_p99_ms = _p50_p99_ms(batched)
   return result
 
 
@@ -198,8 +203,7 @@ def time_single_queries(candidates: list[Candidate], queries: np.ndarray, rounds
     all_times = np.concatenate(parts)
     m = candidate.measurement
     m.single_qps = 1e3 / all_times.mean()
-    m.p50_ms = float(np.percentile(all_times, 50))
-    m.p99_ms = float(np.percentile(all_times, 99))
+    m.p50_ms, m.p99_ms = _p50_p99_ms(all_times)
 
 
 class ServedIndex:
