@@ -213,7 +213,7 @@ class ServedIndex:
   included, is timed the same way: the signatures are saved, loaded by TensorFlow's C API and called
   through `TF_SessionRun` (`bench/capi_session.py`), which adds about 25 us per call from Python.
   With `runner="python"` they run in a `tf.compat.v1.Session` through `make_callable` instead, as
-  fgr-serve runs them (about 70 us more per call; a profile).
+  fgr-serve ran them before `serving/servables/direct_session.py` (about 70 us more per call; a profile).
 
   Two signatures are saved, as `FullGraph` saves them: `search(queries)` at the built defaults, like
   `serving_default`, and `search_with_options(queries, <search options>)` for knob sweeps.
@@ -411,7 +411,7 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
                                                        "TensorFlow's default ConfigProto"),
                                   ServedIndex(index, k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
     candidates.append(Candidate(_profile_measurement("scann_python_session", "scann default in a tf.compat.v1.Session "
-                                                     "through make_callable, as fgr-serve runs it"),
+                                                     "through make_callable, as fgr-serve ran it before direct_session"),
                                 ServedIndex(index, k, workdir, session_config(), runner="python").searcher(),
                                 _NUM_SINGLE.value))
     candidates.append(Candidate(_profile_measurement("scann_tf_function", "scann default through an eager tf.function"),
