@@ -1,4 +1,5 @@
-"""fgr-bench end to end on a tiny catalog, its served (C API and Python session) search paths, and the section."""
+"""fgr-bench end to end on a tiny catalog, its served (C API and Python session) search paths, and the section;
+the percentiles every benchmark reports."""
 
 import os
 
@@ -11,6 +12,7 @@ import tensorflow as tf
 from bench import capi_session
 from bench import index_bench
 from bench import report
+from bench.fixtures import latency
 from engine import base
 
 
@@ -76,3 +78,14 @@ def test_capi_session_refuses_string_tensors(tmp_path):
   tf.saved_model.save(module, str(tmp_path), signatures={"f": module.f.get_concrete_function()})
   with pytest.raises(ValueError, match="supported"):
     capi_session.CApiSession(str(tmp_path)).signature("f", ["x"], "y")
+
+
+def test_percentiles_name_their_points_and_skip_unanswered_requests():
+  seconds = np.random.default_rng(0).lognormal(mean=-6.0, sigma=1.0, size=5_000)
+  with_failures = np.concatenate([seconds, [np.nan] * 100])  # NaN: a request without an answer.
+  reported = latency.percentiles(with_failures, (50, 99, 99.9))
+  assert list(reported) == ["p50_ms", "p99_ms", "p99.9_ms"]
+  for point, key in ((50, "p50_ms"), (99, "p99_ms")):
+    assert reported[key] == pytest.approx(1e3 * np.percentile(seconds, point), rel=0.01)
+  assert latency.percentiles(seconds, (99,), suffix="") == {"p99": reported["p99_ms"]}
+  assert latency.percentiles([np.nan]) == {}
