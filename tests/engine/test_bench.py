@@ -12,6 +12,7 @@ import tensorflow as tf
 from bench import capi_session
 from bench import index_bench
 from bench import report
+from bench import served_index
 from bench.fixtures import latency
 from engine import base
 
@@ -44,7 +45,7 @@ def test_bench_writes_report_plot_and_section(tmp_path):
 def test_served_index_matches_eager_search(small_catalog, tmp_path):
   items, queries = small_catalog
   index = base.build_index("partitioned", items, k=10, num_partitions=20, probes=3)
-  served = index_bench.ServedIndex(index, 10, str(tmp_path), index_bench.session_config(index_bench.CALLER_THREAD_CONFIG))
+  served = served_index.ServedIndex(index, 10, str(tmp_path), index_bench.session_config(index_bench.CALLER_THREAD_CONFIG))
   assert not os.listdir(tmp_path)  # The SavedModel is deleted once loaded.
   eager = tf.function(lambda q, p: index.search(q, 10, probes=p).indices)
   np.testing.assert_array_equal(served.searcher()(queries), eager(tf.constant(queries), tf.constant(0)).numpy())
@@ -52,7 +53,7 @@ def test_served_index_matches_eager_search(small_catalog, tmp_path):
                                 eager(tf.constant(queries[:1]), tf.constant(20)).numpy())
   with pytest.raises(ValueError, match="probes"):
     served.searcher(leaves_to_search=3)
-  python = index_bench.ServedIndex(index, 10, str(tmp_path), runner="python")
+  python = served_index.ServedIndex(index, 10, str(tmp_path), runner="python")
   np.testing.assert_array_equal(python.searcher(probes=20)(queries[:2]), served.searcher(probes=20)(queries[:2]))
 
 
