@@ -1,8 +1,8 @@
 """fgr-bench: recall, QPS, latency, build time and bytes of every index backend on the same vectors.
 
-Every in-graph backend is saved as a SavedModel signature and run in a TF1 session through a session
-callable, the way fgr-serve and TF Serving run a served model (see `bench/served_index.py`); hnswlib and Faiss, when installed, run on the same vectors in the same process so
-ratios are measured side by side. Writes a markdown report, a recall-vs-QPS plot and a section of
+Every in-graph backend is saved as SavedModel signatures and run through `TF_SessionRun`, the way TF
+Serving runs a served model (see `bench/served_index.py`); hnswlib and Faiss, when installed, run on
+the same vectors in the same process so ratios are measured side by side. Writes a markdown report, a recall-vs-QPS plot and a section of
 docs/benchmarks.md.
 
   fgr-bench                          # 1M x 64 hard synthetic catalog, k=100
