@@ -2,8 +2,8 @@
 
 Every in-graph backend is saved as SavedModel signatures and run through `TF_SessionRun`, the way TF
 Serving runs a served model (see `bench/served_index.py`); hnswlib and Faiss, when installed, run on
-the same vectors in the same process so ratios are measured side by side. Writes a markdown report, a recall-vs-QPS plot and a section of
-docs/benchmarks.md.
+the same vectors in the same process so ratios are measured side by side. Writes a markdown report, a
+recall-vs-QPS plot and a section of docs/benchmarks.md.
 
   fgr-bench                          # 1M x 64 hard synthetic catalog, k=100
   fgr-bench --num_items=20000        # a quick run
