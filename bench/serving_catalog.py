@@ -107,13 +107,10 @@ def main(argv: list[str]) -> None:
       loaded = model.memory_mib()
       latency, = common.compare([common.Variant("open loop", lambda: driver.GrpcPredictTarget(model.address),
                                                 requests, servers=(model,))],
-                                driver.LoadSpec(mode="open", qps=FLAGS.qps, warmup_seconds=FLAGS.warmup_seconds,
-                                                duration_seconds=FLAGS.seconds, progress=False))
+                                common.open_loop(FLAGS.qps))
       throughput, = common.compare([common.Variant("closed loop", lambda: driver.GrpcPredictTarget(model.address),
                                                    requests, servers=(model,))],
-                                   driver.LoadSpec(mode="closed", concurrency=FLAGS.streams,
-                                                   warmup_seconds=FLAGS.warmup_seconds,
-                                                   duration_seconds=FLAGS.seconds, progress=False))
+                                   common.closed_loop(FLAGS.streams))
       after = model.memory_mib()
     rows.append({"num_ads": num_ads, "index_config": {k: exported["index_config"][k] for k in
                                                       ("scoring", "num_leaves", "leaves_to_search", "reorder")},

@@ -50,6 +50,18 @@ BATCHING_PARAMETERS = ("max_batch_size { value: 32 } batch_timeout_micros { valu
                        "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }")
 
 
+def open_loop(qps: float) -> driver.LoadSpec:
+  """An open-loop load at `qps` of --warmup_seconds then --seconds measured."""
+  return driver.LoadSpec(mode="open", qps=qps, warmup_seconds=flags.FLAGS.warmup_seconds,
+                         duration_seconds=flags.FLAGS.seconds, progress=False)
+
+
+def closed_loop(streams: int) -> driver.LoadSpec:
+  """A closed-loop load of `streams` streams, --warmup_seconds then --seconds measured."""
+  return driver.LoadSpec(mode="closed", concurrency=streams, warmup_seconds=flags.FLAGS.warmup_seconds,
+                         duration_seconds=flags.FLAGS.seconds, progress=False)
+
+
 def workdir(output_dir: str, name: str) -> str:
   """output_dir/name, created: server logs and port files of one benchmark (kept for inspection)."""
   path = os.path.join(output_dir, name)

@@ -92,14 +92,10 @@ def main(argv: list[str]) -> None:
               common.Variant("echo PredictionService", lambda: driver.GrpcPredictTarget(echo.address), requests,
                              servers=(echo,))]
 
-    open_loop = driver.LoadSpec(mode="open", qps=FLAGS.qps, warmup_seconds=FLAGS.warmup_seconds,
-                                duration_seconds=FLAGS.seconds, progress=False)
-    latency = common.compare(variants(1), open_loop, FLAGS.rounds)
-    closed_loop = driver.LoadSpec(mode="closed", concurrency=FLAGS.streams, warmup_seconds=FLAGS.warmup_seconds,
-                                  duration_seconds=FLAGS.seconds, progress=False)
+    latency = common.compare(variants(1), common.open_loop(FLAGS.qps), FLAGS.rounds)
     saturation = common.compare(variants(FLAGS.streams) + [
         common.Variant("gRPC Predict to fgr-serve, batching on", lambda: driver.GrpcPredictTarget(batched.address),
-                       requests, servers=(batched,))], closed_loop, max(2, FLAGS.rounds // 2))
+                       requests, servers=(batched,))], common.closed_loop(FLAGS.streams), max(2, FLAGS.rounds // 2))
     memory = model.memory_mib()
   grpc_, local, echo_ = latency
   overhead = grpc_["p50_ms"] - local["p50_ms"]

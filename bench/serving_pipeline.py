@@ -84,8 +84,7 @@ def main(argv: list[str]) -> None:
     agreement = overlap(model.address, ann.address, full[:50], encode[:50])
     print(f"top-k overlap between the variants over 50 queries: {agreement:.3f}")
     for qps in (float(q) for q in FLAGS.qps):
-      spec = driver.LoadSpec(mode="open", qps=qps, warmup_seconds=FLAGS.warmup_seconds,
-                             duration_seconds=FLAGS.seconds, progress=False)
+      spec = common.open_loop(qps)
       a, b = common.compare([
           common.Variant("(a) full graph, one call", lambda: driver.GrpcPredictTarget(model.address), full,
                          servers=(model, ann)),

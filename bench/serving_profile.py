@@ -54,8 +54,7 @@ def main(argv: list[str]) -> None:
   if FLAGS.batching:
     extra += servers.batching_args(workdir, FLAGS.batching_parameters)
   raw = os.path.join(workdir, "gil.txt")
-  spec = driver.LoadSpec(mode="closed", concurrency=FLAGS.streams, warmup_seconds=FLAGS.warmup_seconds,
-                         duration_seconds=FLAGS.seconds, progress=False)
+  spec = common.closed_loop(FLAGS.streams)
   label = f"fgr-serve, batching {'on' if FLAGS.batching else 'off'}, {FLAGS.streams} streams"
   with servers.fgr_serve(workdir, MODEL, FLAGS.base_path, extra) as model:
     started: list[subprocess.Popen] = []

@@ -40,8 +40,7 @@ def main(argv: list[str]) -> None:
                        [threads, *batching],
                        name="fgr-serve-batched") as on:
     for streams in (int(s) for s in FLAGS.streams):
-      spec = driver.LoadSpec(mode="closed", concurrency=streams, warmup_seconds=FLAGS.warmup_seconds,
-                             duration_seconds=FLAGS.seconds, progress=False)
+      spec = common.closed_loop(streams)
       unbatched, batched = common.compare([
           common.Variant(f"batching off, {streams} streams", lambda: driver.GrpcPredictTarget(off.address), requests,
                          servers=(off,)),
