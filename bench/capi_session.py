@@ -2,9 +2,11 @@
 
 `tf.compat.v1.Session` adds about 70 us of Python work to every call (feed conversion, fetch
 wrapping), which is a fifth of a ScaNN search at 1M items and none of what a C++ model server pays.
-TensorFlow's Python API has no lighter way in, so this calls its C API (`TF_LoadSessionFromSavedModel`,
-`TF_SessionRun`, shipped in the `tensorflow` wheel's shared libraries) through ctypes. It is a
-measuring tool for numeric signatures, not a serving path: fgr-serve keeps its Python session.
+This calls TensorFlow's public C API (`TF_LoadSessionFromSavedModel`, `TF_SessionRun`, shipped in the
+`tensorflow` wheel's shared libraries) through ctypes, so that fgr-bench times every in-graph backend
+as a C++ server runs it. It is a measuring tool for numeric signatures, not a serving path: fgr-serve
+reaches `TF_SessionRun` through the private bindings `tf.compat.v1.Session` itself uses
+(`serving/servables/direct_session.py`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """fgr-bench: recall, QPS, latency, build time and bytes of every index backend on the same vectors.
 
-Every in-graph backend is saved as a SavedModel signature and run in a TF1 session through a session
-callable, the way fgr-serve and TF Serving run a served model (see `ServedIndex`); hnswlib and Faiss, when installed, run on the same vectors in the same process so
-ratios are measured side by side. Writes a markdown report, a recall-vs-QPS plot and a section of
-docs/benchmarks.md.
+Every in-graph backend is saved as SavedModel signatures and run through `TF_SessionRun`, the way TF
+Serving runs a served model (see `bench/served_index.py`); hnswlib and Faiss, when installed, run on
+the same vectors in the same process so ratios are measured side by side. Writes a markdown report, a
+recall-vs-QPS plot and a section of docs/benchmarks.md.
 
   fgr-bench                          # 1M x 64 hard synthetic catalog, k=100
   fgr-bench --num_items=20000        # a quick run
@@ -32,10 +32,12 @@ from google.protobuf import text_format
 from tensorflow.core.protobuf import config_pb2
 from tqdm import tqdm
 
-from bench import capi_session
 from bench import catalog
 from bench import extras
+from bench import index_profiles
 from bench import report
+from bench import served_index
+from bench.fixtures import latency
 from engine import base
 from engine import search_ops
 from engine import stock_ops
@@ -143,6 +145,11 @@ def latencies(call: Callable[[np.ndarray], Any], batches: list[np.ndarray], warm
   return out
 
 
+def _p50_p99_ms(milliseconds: np.ndarray) -> tuple[float, float]:
+  p = latency.percentiles(milliseconds / 1e3, (50, 99), digits=4)
+  return p["p50_ms"], p["p99_ms"]
+
+
 @dataclasses.dataclass
 class Candidate:
   """One setting to time: its measurement so far and its single-query search."""
@@ -163,8 +170,7 @@ def evaluate(name: str, setting: str, search: Callable[[np.ndarray], np.ndarray]
   if batch_search is not None:
     batched = latencies(batch_search, [queries[i:i + batch] for i in range(0, queries.shape[0] - batch + 1, batch)])
     result.batch_qps = batch * 1e3 / batched.mean()
-    result.batch_p50_ms = float(np.percentile(batched, 50))
-    result.batch_p99_ms = float(np.percentile(batched, 99))
+    result.batch_p50_ms, result.batch_p99_ms = _p50_p99_ms(batched)
   return result
 
 
@@ -198,84 +204,7 @@ def time_single_queries(candidates: list[Candidate], queries: np.ndarray, rounds
     all_times = np.concatenate(parts)
     m = candidate.measurement
     m.single_qps = 1e3 / all_times.mean()
-    m.p50_ms = float(np.percentile(all_times, 50))
-    m.p99_ms = float(np.percentile(all_times, 99))
-
-
-class ServedIndex:
-  """An index search saved as SavedModel signatures and run as a model server runs them.
-
-  TF Serving runs a SavedModel with C++ `Session::Run`. So every in-graph backend, exact search
-  included, is timed the same way: the signatures are saved, loaded by TensorFlow's C API and called
-  through `TF_SessionRun` (`bench/capi_session.py`), which adds about 25 us per call from Python.
-  With `runner="python"` they run in a `tf.compat.v1.Session` through `make_callable` instead, as
-  fgr-serve runs them (about 70 us more per call; a profile).
-
-  Two signatures are saved, as `FullGraph` saves them: `search(queries)` at the built defaults, like
-  `serving_default`, and `search_with_options(queries, <search options>)` for knob sweeps.
-
-  Args:
-    index: the index to serve.
-    k: neighbours per query.
-    workdir: where the SavedModel is written (and deleted once loaded).
-    config: the session's ConfigProto (fgr-serve's --tensorflow_session_config_file).
-    runner: "capi" or "python".
-  """
-
-  def __init__(self, index: base.Index, k: int, workdir: str, config: config_pb2.ConfigProto | None = None,
-               runner: str = "capi"):
-    if runner not in ("capi", "python"):
-      raise ValueError(f"runner must be 'capi' or 'python', got {runner!r}")
-    specs = index.search_option_specs()
-    self._options = sorted(specs)
-    module = tf.Module()
-    module.index = index
-
-    @tf.function
-    def search(queries: tf.Tensor, **options: tf.Tensor) -> dict[str, tf.Tensor]:
-      return {"indices": index.search(queries, k, **options).indices}
-
-    queries_spec = tf.TensorSpec([None, None], tf.float32)
-    signatures = {"search": search.get_concrete_function(queries=queries_spec)}
-    if specs:
-      signatures["search_with_options"] = search.get_concrete_function(queries=queries_spec, **specs)
-    path = tempfile.mkdtemp(dir=workdir)
-    try:
-      tf.saved_model.save(module, path, signatures=signatures,
-                          options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces() or None))
-      inputs = {name: ["queries", *(self._options if name != "search" else [])] for name in signatures}
-      if runner == "capi":
-        session = capi_session.CApiSession(path, config)
-        self._call = {name: session.signature(name, names, "indices") for name, names in inputs.items()}
-      else:
-        self._call = self._load_python_session(path, config, inputs)
-    finally:
-      shutil.rmtree(path, ignore_errors=True)  # The session holds the restored variables.
-
-  @staticmethod
-  def _load_python_session(path: str, config: config_pb2.ConfigProto | None,
-                           inputs: dict[str, list[str]]) -> dict[str, Callable[..., np.ndarray]]:
-    graph = tf.Graph()
-    session = tf.compat.v1.Session(graph=graph, config=config)
-    with graph.as_default():
-      meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
-    calls = {}
-    for name, names in inputs.items():
-      signature_def = meta_graph.signature_def[name]
-      calls[name] = session.make_callable(signature_def.outputs["indices"].name,
-                                          [signature_def.inputs[i].name for i in names])
-    return calls
-
-  def searcher(self, **options: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A search at the built defaults, or with the given options fed as int32 scalars (0: the default)."""
-    unknown = set(options) - set(self._options)
-    if unknown:
-      raise ValueError(f"no search options {sorted(unknown)}; this index has {self._options}")
-    if not options:
-      return self._call["search"]
-    values = [np.array(options.get(name, 0), np.int32) for name in self._options]
-    run = self._call["search_with_options"]
-    return lambda queries: run(queries, *values)
+    m.p50_ms, m.p99_ms = _p50_p99_ms(all_times)
 
 
 def session_config(text: str | None = None) -> config_pb2.ConfigProto:
@@ -283,60 +212,8 @@ def session_config(text: str | None = None) -> config_pb2.ConfigProto:
   return text_format.Parse(_SESSION_CONFIG.value if text is None else text, config_pb2.ConfigProto())
 
 
-def tf_function_search(index: base.Index, k: int) -> Callable[[np.ndarray], np.ndarray]:
-  """`Index.search` called eagerly through a concrete `tf.function` (a profile: not how serving runs it)."""
-
-  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)])
-  def search(queries: tf.Tensor) -> tf.Tensor:
-    return index.search(queries, k).indices
-
-  concrete = search.get_concrete_function()
-  return lambda queries: concrete(tf.constant(queries)).numpy()
-
-
 def _profile_measurement(name: str, setting: str) -> Measurement:
   return Measurement(report.PROFILE_PREFIX + name, setting, float("nan"), float("nan"), float("nan"), float("nan"))
-
-
-class _ScannOpOnly(base.Index):
-  """ScaNN's own TF ops at the built defaults, without eligibility filtering or fallback (a profile)."""
-
-  def __init__(self, index: base.Index):
-    super().__init__(1, name="scann_op_only")
-    self.scann = index
-
-  def search(self, queries: tf.Tensor, k: int, **options: tf.Tensor) -> base.SearchResult:
-    from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
-    from engine import scann_index  # pylint: disable=g-import-not-at-top
-    state, config = self.scann.state, self.scann.config
-    fetch = max(config["reorder"], k) if config["reorder"] else k
-    final = min(fetch, scann_index.returned_candidates(config, k)) if config["reorder"] else k  # As the search.
-    handle = scann_ops.tensors_to_scann(state.dataset, state.scann_config, state.serialized_partitioner,
-                                        state.datapoint_to_token, state.ah_codebook, state.hashed_dataset,
-                                        state.int8_dataset, state.int8_multipliers, state.dp_norms)
-    rows, scores = scann_ops.scann_search(handle, queries[0], final, fetch if config["reorder"] else -1,
-                                          config["leaves_to_search"])
-    return base.SearchResult(scores[tf.newaxis], rows[tf.newaxis])
-
-  def save_namespaces(self) -> list[str]:
-    return ["Scann"]
-
-
-class _Identity(base.Index):
-  """Returns its input: the per-call floor of any in-graph backend on a given path (a profile)."""
-
-  def __init__(self):
-    super().__init__(1, name="identity")
-
-  def search(self, queries: tf.Tensor, k: int, **options: tf.Tensor) -> base.SearchResult:
-    return base.SearchResult(queries, tf.identity(queries))
-
-
-def tf_call_floor() -> Callable[[np.ndarray], np.ndarray]:
-  """A tf.function that only copies its input: the floor of an eager `tf.function` call."""
-  identity = tf.function(tf.identity, input_signature=[tf.TensorSpec([None, None], tf.float32)])
-  concrete = identity.get_concrete_function()
-  return lambda queries: concrete(tf.constant(queries)).numpy()
 
 
 def sweep_points(variant: str, index: base.Index, k: int) -> list[dict[str, int]]:
@@ -389,7 +266,7 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   elif breakdown:
     note = f"rerank_candidates {index.rerank_candidates}; " + ", ".join(
         f"{key} {value / 2**20:.1f} MiB" for key, value in breakdown.items())
-  served = ServedIndex(index, k, workdir, session_config())
+  served = served_index.ServedIndex(index, k, workdir, session_config())
   search = served.searcher()
   default = evaluate(variant, "default", search, queries, truth, batch_search=search)
   default.build_seconds = build_seconds
@@ -399,19 +276,19 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   default.note = note
   candidates = [Candidate(default, search, _NUM_SINGLE.value)]
   if variant == "scann":
-    op_only = ServedIndex(_ScannOpOnly(index), k, workdir, session_config()).searcher()
+    op_only = served_index.ServedIndex(index_profiles.ScannOpOnly(index), k, workdir, session_config()).searcher()
     candidates.append(Candidate(_profile_measurement("scann_op_only", "session: TensorsToScann + ScannSearch of final_candidates, no filter"),
                                 op_only, _NUM_SINGLE.value))
     if _SESSION_CONFIG.value:
       candidates.append(Candidate(_profile_measurement("scann_default_session_config", "scann default, session with "
                                                        "TensorFlow's default ConfigProto"),
-                                  ServedIndex(index, k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
+                                  served_index.ServedIndex(index, k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
     candidates.append(Candidate(_profile_measurement("scann_python_session", "scann default in a tf.compat.v1.Session "
-                                                     "through make_callable, as fgr-serve runs it"),
-                                ServedIndex(index, k, workdir, session_config(), runner="python").searcher(),
+                                                     "through make_callable, as fgr-serve ran it before direct_session"),
+                                served_index.ServedIndex(index, k, workdir, session_config(), runner="python").searcher(),
                                 _NUM_SINGLE.value))
     candidates.append(Candidate(_profile_measurement("scann_tf_function", "scann default through an eager tf.function"),
-                                tf_function_search(index, k), _NUM_SINGLE.value))
+                                index_profiles.tf_function_search(index, k), _NUM_SINGLE.value))
   if _SWEEP.value:
     for point in sweep_points(variant, index, k):
       setting = ", ".join(f"{key}={value}" for key, value in point.items())
@@ -473,16 +350,16 @@ def _main(argv: list[str]) -> None:
                    c.measurement.setting, c.measurement.recall, c.measurement.batch_qps, c.measurement.build_seconds)
     candidates.extend(prepared)
   candidates.append(Candidate(_profile_measurement("session_floor", "C API session: the signature returns its input"),
-                              ServedIndex(_Identity(), k, workdir, session_config()).searcher(), _NUM_SINGLE.value))
+                              served_index.ServedIndex(index_profiles.Identity(), k, workdir, session_config()).searcher(), _NUM_SINGLE.value))
   candidates.append(Candidate(_profile_measurement("python_session_floor", "the same in a tf.compat.v1.Session"),
-                              ServedIndex(_Identity(), k, workdir, session_config(), runner="python").searcher(),
+                              served_index.ServedIndex(index_profiles.Identity(), k, workdir, session_config(), runner="python").searcher(),
                               _NUM_SINGLE.value))
   if _SESSION_CONFIG.value:
     candidates.append(Candidate(_profile_measurement("session_floor_default_config", "the same, TensorFlow's default "
                                                      "ConfigProto"),
-                                ServedIndex(_Identity(), k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
+                                served_index.ServedIndex(index_profiles.Identity(), k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
   candidates.append(Candidate(_profile_measurement("tf_function_floor", "tf.identity in an eager tf.function"),
-                              tf_call_floor(), _NUM_SINGLE.value))
+                              index_profiles.tf_call_floor(), _NUM_SINGLE.value))
   time_single_queries(candidates, queries, _ROUNDS.value)
   results = [c.measurement for c in candidates]
   for m in results:

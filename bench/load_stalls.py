@@ -26,12 +26,12 @@ from typing import Callable
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
 import scann  # noqa: E402,F401  # pylint: disable=unused-import  # Registers the Scann ops before loading.
 import tensorflow as tf  # noqa: E402
 from tensorflow.python.saved_model import loader_impl  # noqa: E402
 from tensorflow_serving.apis import prediction_log_pb2  # noqa: E402
 
+from bench.fixtures import latency  # noqa: E402
 from serving.servables import predict_util, saved_model_bundle, warmup  # noqa: E402
 from serving.util import runtime  # noqa: E402
 
@@ -50,8 +50,8 @@ def _requests(version_path: str) -> list:
           for record in tf.data.TFRecordDataset(path)]
 
 
-def _latencies_during(action: Callable[[], None], answer: Callable[[int], None], qps: float) -> tuple[float, np.ndarray]:
-  """Runs `action` while another thread calls `answer(i)` at `qps`; (action seconds, latencies in ms)."""
+def _latencies_during(action: Callable[[], None], answer: Callable[[int], None], qps: float) -> tuple[float, list[float]]:
+  """Runs `action` while another thread calls `answer(i)` at `qps`; (action seconds, latencies in seconds)."""
   latencies, stop = [], threading.Event()
 
   def answering() -> None:
@@ -61,7 +61,7 @@ def _latencies_during(action: Callable[[], None], answer: Callable[[int], None],
       if due > time.perf_counter():
         time.sleep(due - time.perf_counter())
       answer(i)
-      latencies.append((time.perf_counter() - due) * 1e3)
+      latencies.append(time.perf_counter() - due)
       i += 1
 
   thread = threading.Thread(target=answering)
@@ -73,7 +73,7 @@ def _latencies_during(action: Callable[[], None], answer: Callable[[int], None],
   time.sleep(0.5)
   stop.set()
   thread.join()
-  return seconds, np.asarray(latencies)
+  return seconds, latencies
 
 
 def main(argv: list[str]) -> None:
@@ -118,8 +118,8 @@ def main(argv: list[str]) -> None:
                                              FLAGS.qps)
       name = getattr(step, "__name__", "idle")
       name = "idle" if name == "<lambda>" else name
-      print(f"{name:24s} {seconds:8.3f} {np.percentile(latencies, 50):7.2f} {np.percentile(latencies, 99):7.2f} "
-            f"{latencies.max():7.1f}", flush=True)
+      p = latency.percentiles(latencies)
+      print(f"{name:24s} {seconds:8.3f} {p['p50_ms']:7.2f} {p['p99_ms']:7.2f} {1e3 * max(latencies):7.1f}", flush=True)
   serving.close()
 
 

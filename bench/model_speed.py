@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from bench.fixtures import latency
 from engine import base, full_graph
 from models import catalog as catalog_lib
 from models import config as config_lib
@@ -102,9 +103,8 @@ def main(argv: list[str]) -> None:
           next(iter(out.values())).numpy()
           times[key].append(time.perf_counter() - started)
       for key, values in times.items():
-        entry = results["variants"][_name(*key)]
-        entry[f"{kind}_b{b}_p50_ms"] = round(1e3 * float(np.percentile(values, 50)), 3)
-        entry[f"{kind}_b{b}_p90_ms"] = round(1e3 * float(np.percentile(values, 90)), 3)
+        results["variants"][_name(*key)].update(
+            {f"{kind}_b{b}_{name}": value for name, value in latency.percentiles(values, (50, 90), digits=3).items()})
   first = f"serve_b{batch_sizes[0]}_p50_ms"
   results["fastest"] = min(results["variants"], key=lambda name: results["variants"][name][first])
   text = json.dumps(results, indent=2)

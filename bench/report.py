@@ -186,7 +186,8 @@ def served_path(context: Context) -> str:
           f"sweeps), loaded by TensorFlow's C API in a session ({config}, which fgr-serve takes with "
           "`--tensorflow_session_config_file`) and called through `TF_SessionRun`, the C++ `Session::Run` TF "
           "Serving calls. The `profile:` rows show the per-call floor of that path, of a Python "
-          "`tf.compat.v1.Session` (as fgr-serve runs a model) and of an eager `tf.function` call.")
+          "`tf.compat.v1.Session` (as fgr-serve ran a model before `direct_session`) and of an eager `tf.function` "
+          "call.")
 
 
 def section(results: Sequence[Any], context: Context) -> str:

@@ -8,13 +8,12 @@ it with `--clients` concurrent gRPC Predict callers (one row per request),
 reporting requests/s, failures and latency percentiles.
 """
 
+import contextlib
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 from absl import app
 from absl import flags
@@ -23,6 +22,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from bench.fixtures import latency
+from bench.fixtures import servers
 
 _CLIENTS = flags.DEFINE_integer("clients", 32, "Concurrent client threads.")
 _SECONDS = flags.DEFINE_float("seconds", 15.0, "Measured seconds per mode.")
@@ -34,9 +36,6 @@ _BATCHING = flags.DEFINE_string(
     "max_batch_size { value: 32 } batch_timeout_micros { value: 2000 } "
     "num_batch_threads { value: 2 } max_enqueued_batches { value: 100 }",
     "Text BatchingParameters for the batching-on run.")
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 class _Mlp(tf.Module):
 
@@ -63,31 +62,12 @@ def export_mlp(base: str, dim: int, hidden: int, version: int = 1) -> None:
   os.rename(staging, os.path.join(base, str(version)))
 
 
-def start_server(base: str, workdir: str, batching: bool,
-                 extra_args: Sequence[str] = ()):
-  """Starts fgr-serve on `base`; returns (process, gRPC port)."""
-  port_file = os.path.join(workdir, f"ports-{batching}")
-  args = [sys.executable, "-m", "serving.model_servers.main", "--port=0",
-          f"--port_file={port_file}", "--model_name=mlp",
-          f"--model_base_path={base}", "--grpc_max_threads=64"] + list(
-              extra_args)
+def serve_mlp(base: str, workdir: str, batching: bool) -> contextlib.AbstractContextManager[servers.ServerProcess]:
+  """fgr-serve on the MLP at `base`, with --batching_parameters when `batching`."""
+  extra = ["--grpc_max_threads=64"]
   if batching:
-    params = os.path.join(workdir, "batching.config")
-    with open(params, "w") as f:
-      f.write(_BATCHING.value)
-    args += ["--enable_batching", f"--batching_parameters_file={params}"]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  log = open(os.path.join(workdir, f"server-{batching}.log"), "wb")
-  process = subprocess.Popen(args, cwd=_REPO, env=env, stdout=log,
-                             stderr=log)
-  deadline = time.time() + 120
-  while not os.path.exists(port_file):
-    if process.poll() is not None or time.time() > deadline:
-      raise RuntimeError("server failed to start; see " + log.name)
-    time.sleep(0.1)
-  with open(port_file) as f:
-    port = int(dict(line.split("=") for line in f.read().split())["grpc"])
-  return process, port
+    extra += servers.batching_args(workdir, _BATCHING.value)
+  return servers.fgr_serve(workdir, "mlp", base, extra, name=f"server-{batching}")
 
 
 def predict_request(dim: int) -> predict_pb2.PredictRequest:
@@ -99,10 +79,10 @@ def predict_request(dim: int) -> predict_pb2.PredictRequest:
   return request
 
 
-def _drive(port: int, clients: int, warmup: float, seconds: float,
+def _drive(address: str, clients: int, warmup: float, seconds: float,
            dim: int) -> Dict[str, float]:
   request = predict_request(dim)
-  channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
+  channels = [grpc.insecure_channel(address) for _ in range(4)]
   stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c)
            for c in channels]
   start = time.monotonic()
@@ -136,12 +116,11 @@ def _drive(port: int, clients: int, warmup: float, seconds: float,
     t.join()
   for c in channels:
     c.close()
-  all_latencies = np.array([x for per in latencies for x in per])
+  all_latencies = [x for per in latencies for x in per]
   return {
       "qps": len(all_latencies) / seconds,
       "failures": float(sum(failures)),
-      "p50_ms": float(np.percentile(all_latencies, 50) * 1e3),
-      "p99_ms": float(np.percentile(all_latencies, 99) * 1e3),
+      **latency.percentiles(all_latencies),
   }
 
 
@@ -152,13 +131,9 @@ def main(argv):
     export_mlp(base, _DIM.value, _HIDDEN.value)
     results = {}
     for batching in (False, True):
-      process, port = start_server(base, workdir, batching)
-      try:
-        results[batching] = _drive(port, _CLIENTS.value, _WARMUP.value,
-                                   _SECONDS.value, _DIM.value)
-      finally:
-        process.terminate()
-        process.wait(60)
+      with serve_mlp(base, workdir, batching) as server:
+        results[batching] = _drive(server.address, _CLIENTS.value,
+                                   _WARMUP.value, _SECONDS.value, _DIM.value)
   print(f"MLP {_DIM.value}->{_HIDDEN.value}->{_DIM.value}, one row per "
         f"request, {_CLIENTS.value} concurrent gRPC clients, "
         f"{_SECONDS.value:.0f} s per mode")

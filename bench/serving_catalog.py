@@ -6,8 +6,8 @@ The towers of one training run (`--run_dir`) are exported over synthetic catalog
 run's config is copied with the catalog size changed (hashed ad ids let the item tower embed ads it never
 saw in training), and `fgr-export --index=scann` builds the full graph exactly as users do, with ScaNN's
 size-based defaults (no tree below 100k, a tree of about sqrt(N) leaves above). Each version is then
-served alone and measured: time to AVAILABLE, resident memory (VmRSS now, VmHWM peak), open-loop latency
-and closed-loop throughput.
+served alone and measured: time to AVAILABLE, resident memory (now, and its peak as sampled every
+0.1 s), open-loop latency and closed-loop throughput.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from absl import app, flags
 
 from bench import serving_common as common
+from bench.fixtures import servers
 from serving.loadtest import driver
 
 FLAGS = flags.FLAGS
@@ -101,18 +102,15 @@ def main(argv: list[str]) -> None:
       continue
     requests = common.query_requests(run, FLAGS.num_queries, MODEL)
     started = time.time()
-    with common.fgr_serve(workdir, MODEL, base_path, name=f"fgr-serve-{num_ads}") as model:
+    with servers.fgr_serve(workdir, MODEL, base_path, name=f"fgr-serve-{num_ads}") as model:
       load_seconds = time.time() - started
       loaded = model.memory_mib()
       latency, = common.compare([common.Variant("open loop", lambda: driver.GrpcPredictTarget(model.address),
                                                 requests, servers=(model,))],
-                                driver.LoadSpec(mode="open", qps=FLAGS.qps, warmup_seconds=FLAGS.warmup_seconds,
-                                                duration_seconds=FLAGS.seconds, progress=False))
+                                common.open_loop(FLAGS.qps))
       throughput, = common.compare([common.Variant("closed loop", lambda: driver.GrpcPredictTarget(model.address),
                                                    requests, servers=(model,))],
-                                   driver.LoadSpec(mode="closed", concurrency=FLAGS.streams,
-                                                   warmup_seconds=FLAGS.warmup_seconds,
-                                                   duration_seconds=FLAGS.seconds, progress=False))
+                                   common.closed_loop(FLAGS.streams))
       after = model.memory_mib()
     rows.append({"num_ads": num_ads, "index_config": {k: exported["index_config"][k] for k in
                                                       ("scoring", "num_leaves", "leaves_to_search", "reorder")},

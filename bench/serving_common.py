@@ -1,32 +1,25 @@
-"""Shared pieces of the serving benchmarks: servers in subprocesses, measured load points, memory, tables.
+"""Shared pieces of the serving benchmarks: flags, measured load points with their CPU use, tables.
 
-Every server binds 127.0.0.1 and runs in its own process, so the load generator (fgr-loadtest's driver,
-the same client for every variant) never shares a GIL with what it measures.
+Servers run in their own processes (`bench.fixtures.servers`), so the load generator (fgr-loadtest's
+driver, the same client for every variant) never shares a GIL with what it measures.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import datetime
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterator, Sequence
-
-import grpc
-import psutil
-from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+from typing import Any, Callable, Sequence
 
 from absl import flags
 
+from bench.fixtures import resources
+from bench.fixtures import servers as bench_servers
 from serving.loadtest import driver, histogram, request_source
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def define_flags(warmup_seconds: float, seconds: float, rounds: int | None, num_queries: int = 500,
@@ -52,98 +45,21 @@ def define_flags(warmup_seconds: float, seconds: float, rounds: int | None, num_
   flags.DEFINE_string("output_dir", "/tmp/fgr_serving_bench", "Where the JSON results and server logs go.")
 
 
-@dataclasses.dataclass
-class Server:
-  """A server subprocess listening on 127.0.0.1:port."""
-
-  process: subprocess.Popen
-  port: int
-  log_path: str
-
-  @property
-  def address(self) -> str:
-    return f"127.0.0.1:{self.port}"
-
-  def memory_mib(self) -> dict[str, float]:
-    """Resident memory now (VmRSS) and at its peak (VmHWM), in MiB."""
-    with open(f"/proc/{self.process.pid}/status") as f:
-      fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return {"rss_mib": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
-            "peak_rss_mib": round(int(fields["VmHWM"].split()[0]) / 1024, 1)}
-
-
-def _wait_available(address: str, model_name: str, process: subprocess.Popen, deadline: float) -> None:
-  request = get_model_status_pb2.GetModelStatusRequest()
-  request.model_spec.name = model_name
-  with grpc.insecure_channel(address) as channel:
-    stub = model_service_pb2_grpc.ModelServiceStub(channel)
-    while time.time() < deadline and process.poll() is None:
-      try:
-        status = stub.GetModelStatus(request, timeout=5)
-        if any(v.state == v.AVAILABLE for v in status.model_version_status):
-          return
-      except grpc.RpcError:
-        pass
-      time.sleep(0.5)
-  raise RuntimeError(f"{model_name} did not become AVAILABLE at {address}")
-
-
-@contextlib.contextmanager
-def server(module: str, args: Sequence[str], workdir: str, name: str, model_name: str | None = None,
-           timeout: float = 600.0) -> Iterator[Server]:
-  """Runs `python -m module --port=0 --port_file=... *args`; waits for the port (and model); SIGTERMs it."""
-  port_file = os.path.join(workdir, f"{name}.port")
-  if os.path.exists(port_file):
-    os.remove(port_file)
-  log_path = os.path.join(workdir, f"{name}.log")
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
-  with open(log_path, "wb") as log:
-    process = subprocess.Popen([sys.executable, "-m", module, "--port=0", f"--port_file={port_file}", *args],
-                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-  try:
-    deadline = time.time() + timeout
-    while not os.path.exists(port_file):
-      if process.poll() is not None or time.time() > deadline:
-        raise RuntimeError(f"{module} did not start; see {log_path}")
-      time.sleep(0.2)
-    with open(port_file) as f:
-      port = int(dict(line.split("=") for line in f.read().split())["grpc"])
-    if model_name:
-      _wait_available(f"127.0.0.1:{port}", model_name, process, deadline)
-    yield Server(process, port, log_path)
-  finally:
-    process.send_signal(signal.SIGTERM)
-    try:
-      process.wait(60)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      process.wait()
-
-
-def fgr_serve(workdir: str, model_name: str, base_path: str, extra_args: Sequence[str] = (),
-              name: str = "fgr-serve") -> contextlib.AbstractContextManager[Server]:
-  """fgr-serve on one model, started and waited for until the model is AVAILABLE."""
-  return server("serving.model_servers.main", [f"--model_name={model_name}", f"--model_base_path={base_path}",
-                                               "--max_num_load_retries=0", *extra_args],
-                workdir, name, model_name=model_name)
-
-
 # The batching the serving benchmarks measure: one batch thread, as serving/README advises on few cores.
 BATCHING_PARAMETERS = ("max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
                        "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }")
 
 
-def batching_args(workdir: str, parameters: str) -> list[str]:
-  """fgr-serve flags that turn batching on with `parameters` (text BatchingParameters), written to workdir."""
-  path = os.path.join(workdir, "batching.config")
-  with open(path, "w") as f:
-    f.write(parameters)
-  return ["--enable_batching", f"--batching_parameters_file={path}"]
+def open_loop(qps: float) -> driver.LoadSpec:
+  """An open-loop load at `qps` of --warmup_seconds then --seconds measured."""
+  return driver.LoadSpec(mode="open", qps=qps, warmup_seconds=flags.FLAGS.warmup_seconds,
+                         duration_seconds=flags.FLAGS.seconds, progress=False)
 
 
-def echo_server(workdir: str, k: int = 100) -> contextlib.AbstractContextManager[Server]:
-  """The echo PredictionService answering with a full-graph-sized response (k ids and scores)."""
-  return server("serving.loadtest.echo_server", [f"--k={k}"], workdir, "echo")
+def closed_loop(streams: int) -> driver.LoadSpec:
+  """A closed-loop load of `streams` streams, --warmup_seconds then --seconds measured."""
+  return driver.LoadSpec(mode="closed", concurrency=streams, warmup_seconds=flags.FLAGS.warmup_seconds,
+                         duration_seconds=flags.FLAGS.seconds, progress=False)
 
 
 def workdir(output_dir: str, name: str) -> str:
@@ -177,7 +93,7 @@ class Variant:
   label: str
   make_target: Callable[[], driver.Target]
   requests: Sequence[Any]
-  servers: Sequence[Server] = ()
+  servers: Sequence[bench_servers.ServerProcess] = ()
 
 
 @dataclasses.dataclass
@@ -192,17 +108,12 @@ class CpuUse:
   wall: float
 
 
-def _cpu_seconds(pid: int | None = None) -> float:
-  times = psutil.Process(pid).cpu_times()
-  return times.user + times.system
-
-
 def _run_charged(variant: Variant, spec: driver.LoadSpec) -> tuple[driver.LoadResult, CpuUse]:
   """One driver run of the variant, with the CPU its servers and this client process spent on it."""
   pids = [s.process.pid for s in variant.servers]
-  before = [_cpu_seconds(pid) for pid in pids], _cpu_seconds(), time.monotonic()
+  before = [resources.cpu_seconds(pid) for pid in pids], resources.cpu_seconds(), time.monotonic()
   result = driver.run(variant.make_target(), variant.requests, spec)
-  after = [_cpu_seconds(pid) for pid in pids], _cpu_seconds(), time.monotonic()
+  after = [resources.cpu_seconds(pid) for pid in pids], resources.cpu_seconds(), time.monotonic()
   return result, CpuUse(server=sum(after[0]) - sum(before[0]) if pids else None, client=after[1] - before[1],
                         wall=after[2] - before[2])
 

@@ -29,6 +29,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
 from bench import serving_common as common
+from bench.fixtures import servers
 from serving.loadtest import driver
 from serving.servables import saved_model_bundle
 
@@ -80,9 +81,9 @@ def main(argv: list[str]) -> None:
   for f in feeds[:20]:  # Warm up like the server's warm-up replay.
     bundle.session_run(f, fetches)
   workdir = common.workdir(FLAGS.output_dir, "serving_overhead")
-  batching = common.batching_args(workdir, FLAGS.batching_parameters)
-  with common.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, common.echo_server(workdir) as echo, \
-      common.fgr_serve(workdir, MODEL, FLAGS.base_path, batching, name="fgr-serve-batched") as batched:
+  batching = servers.batching_args(workdir, FLAGS.batching_parameters)
+  with servers.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, servers.echo_server(workdir) as echo, \
+      servers.fgr_serve(workdir, MODEL, FLAGS.base_path, batching, name="fgr-serve-batched") as batched:
 
     def variants(threads: int) -> list[common.Variant]:
       return [common.Variant("gRPC Predict to fgr-serve", lambda: driver.GrpcPredictTarget(model.address), requests,
@@ -91,14 +92,10 @@ def main(argv: list[str]) -> None:
               common.Variant("echo PredictionService", lambda: driver.GrpcPredictTarget(echo.address), requests,
                              servers=(echo,))]
 
-    open_loop = driver.LoadSpec(mode="open", qps=FLAGS.qps, warmup_seconds=FLAGS.warmup_seconds,
-                                duration_seconds=FLAGS.seconds, progress=False)
-    latency = common.compare(variants(1), open_loop, FLAGS.rounds)
-    closed_loop = driver.LoadSpec(mode="closed", concurrency=FLAGS.streams, warmup_seconds=FLAGS.warmup_seconds,
-                                  duration_seconds=FLAGS.seconds, progress=False)
+    latency = common.compare(variants(1), common.open_loop(FLAGS.qps), FLAGS.rounds)
     saturation = common.compare(variants(FLAGS.streams) + [
         common.Variant("gRPC Predict to fgr-serve, batching on", lambda: driver.GrpcPredictTarget(batched.address),
-                       requests, servers=(batched,))], closed_loop, max(2, FLAGS.rounds // 2))
+                       requests, servers=(batched,))], common.closed_loop(FLAGS.streams), max(2, FLAGS.rounds // 2))
     memory = model.memory_mib()
   grpc_, local, echo_ = latency
   overhead = grpc_["p50_ms"] - local["p50_ms"]

@@ -21,6 +21,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench import serving_common as common
+from bench.fixtures import servers
 from serving.loadtest import driver
 
 FLAGS = flags.FLAGS
@@ -78,13 +79,12 @@ def main(argv: list[str]) -> None:
   encode = common.query_requests(FLAGS.run_dir, FLAGS.num_queries, MODEL, "encode_query")
   points, ratios = [], []
   workdir = common.workdir(FLAGS.output_dir, "serving_pipeline")
-  with common.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, \
-      common.server("bench.serving_scann_service", [f"--version_path={version}"], workdir, "ann") as ann:
+  with servers.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, \
+      servers.server("bench.serving_scann_service", [f"--version_path={version}"], workdir, "ann") as ann:
     agreement = overlap(model.address, ann.address, full[:50], encode[:50])
     print(f"top-k overlap between the variants over 50 queries: {agreement:.3f}")
     for qps in (float(q) for q in FLAGS.qps):
-      spec = driver.LoadSpec(mode="open", qps=qps, warmup_seconds=FLAGS.warmup_seconds,
-                             duration_seconds=FLAGS.seconds, progress=False)
+      spec = common.open_loop(qps)
       a, b = common.compare([
           common.Variant("(a) full graph, one call", lambda: driver.GrpcPredictTarget(model.address), full,
                          servers=(model, ann)),

@@ -23,6 +23,7 @@ from absl import app, flags
 
 from bench import gil_profile
 from bench import serving_common as common
+from bench.fixtures import servers
 from serving.loadtest import driver
 
 FLAGS = flags.FLAGS
@@ -51,12 +52,11 @@ def main(argv: list[str]) -> None:
   workdir = common.workdir(FLAGS.output_dir, "serving_profile")
   extra = list(FLAGS.server_args)
   if FLAGS.batching:
-    extra += common.batching_args(workdir, FLAGS.batching_parameters)
+    extra += servers.batching_args(workdir, FLAGS.batching_parameters)
   raw = os.path.join(workdir, "gil.txt")
-  spec = driver.LoadSpec(mode="closed", concurrency=FLAGS.streams, warmup_seconds=FLAGS.warmup_seconds,
-                         duration_seconds=FLAGS.seconds, progress=False)
+  spec = common.closed_loop(FLAGS.streams)
   label = f"fgr-serve, batching {'on' if FLAGS.batching else 'off'}, {FLAGS.streams} streams"
-  with common.fgr_serve(workdir, MODEL, FLAGS.base_path, extra) as model:
+  with servers.fgr_serve(workdir, MODEL, FLAGS.base_path, extra) as model:
     started: list[subprocess.Popen] = []
     # py-spy samples the measured window only: it starts when the driver's warm-up ends.
     timer = threading.Timer(FLAGS.warmup_seconds, lambda: started.append(gil_profile.record(

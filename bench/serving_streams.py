@@ -13,6 +13,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from bench import serving_common as common
+from bench.fixtures import servers
 from serving.loadtest import driver
 
 FLAGS = flags.FLAGS
@@ -31,16 +32,15 @@ def main(argv: list[str]) -> None:
   del argv
   requests = common.query_requests(FLAGS.run_dir, FLAGS.num_queries, MODEL)
   workdir = common.workdir(FLAGS.output_dir, "serving_streams")
-  batching = common.batching_args(workdir, FLAGS.batching_parameters)
+  batching = servers.batching_args(workdir, FLAGS.batching_parameters)
   threads = f"--grpc_max_threads={FLAGS.grpc_max_threads}"
   points, ratios = [], {}
-  with common.fgr_serve(workdir, MODEL, FLAGS.base_path, [threads], name="fgr-serve-unbatched") as off, \
-      common.fgr_serve(workdir, MODEL, FLAGS.base_path,
+  with servers.fgr_serve(workdir, MODEL, FLAGS.base_path, [threads], name="fgr-serve-unbatched") as off, \
+      servers.fgr_serve(workdir, MODEL, FLAGS.base_path,
                        [threads, *batching],
                        name="fgr-serve-batched") as on:
     for streams in (int(s) for s in FLAGS.streams):
-      spec = driver.LoadSpec(mode="closed", concurrency=streams, warmup_seconds=FLAGS.warmup_seconds,
-                             duration_seconds=FLAGS.seconds, progress=False)
+      spec = common.closed_loop(streams)
       unbatched, batched = common.compare([
           common.Variant(f"batching off, {streams} streams", lambda: driver.GrpcPredictTarget(off.address), requests,
                          servers=(off,)),

@@ -10,6 +10,7 @@ after the first answer from version 2; the first --warmup_seconds are not
 counted.
 """
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -18,10 +19,10 @@ import time
 from absl import app
 from absl import flags
 import grpc
-import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from bench import serving_batching
+from bench.fixtures import latency
 
 FLAGS = flags.FLAGS
 _PUBLISH_AT = flags.DEFINE_float("publish_at", 6.0,
@@ -32,21 +33,21 @@ _WITH_BATCHING = flags.DEFINE_bool(
 
 
 def _percentiles(latencies):
-  if not latencies:
-    return "n/a"
-  p50, p99 = np.percentile(np.array(latencies) * 1e3, [50, 99])
-  return f"{p50:.1f} / {p99:.1f}"
+  p = latency.percentiles(latencies, digits=1)
+  return f"{p['p50_ms']:.1f} / {p['p99_ms']:.1f}" if p else "n/a"
 
 
 def main(argv):
   del argv
-  with tempfile.TemporaryDirectory() as workdir:
+  with tempfile.TemporaryDirectory() as workdir, \
+      contextlib.ExitStack() as stack:
     base = os.path.join(workdir, "mlp")
     serving_batching.export_mlp(base, FLAGS.dim, FLAGS.hidden)
-    process, port = serving_batching.start_server(base, workdir,
-                                                  _WITH_BATCHING.value)
+    server = stack.enter_context(
+        serving_batching.serve_mlp(base, workdir, _WITH_BATCHING.value))
     request = serving_batching.predict_request(FLAGS.dim)
-    channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
+    channels = [stack.enter_context(grpc.insecure_channel(server.address))
+                for _ in range(4)]
     stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c)
              for c in channels]
     records = []  # (start offset, latency, version or error code name)
@@ -67,19 +68,13 @@ def main(argv):
 
     threads = [threading.Thread(target=client, args=(i,))
                for i in range(FLAGS.clients)]
-    try:
-      for t in threads:
-        t.start()
-      time.sleep(_PUBLISH_AT.value)
-      serving_batching.export_mlp(base, FLAGS.dim, FLAGS.hidden, version=2)
-      published = time.monotonic() - start  # The rename made v2 visible.
-      for t in threads:
-        t.join()
-    finally:
-      for c in channels:
-        c.close()
-      process.terminate()
-      process.wait(60)
+    for t in threads:
+      t.start()
+    time.sleep(_PUBLISH_AT.value)
+    serving_batching.export_mlp(base, FLAGS.dim, FLAGS.hidden, version=2)
+    published = time.monotonic() - start  # The rename made v2 visible.
+    for t in threads:
+      t.join()
 
   first_v2 = min((r[0] for r in records if r[2] == 2), default=None)
   window_end = (first_v2 + 1.0) if first_v2 is not None else FLAGS.seconds

@@ -4,7 +4,7 @@
 
 Starts fgr-serve on a y = a*x + b SavedModel, sends Predict at a fixed rate from a bounded pool of
 client threads, publishes a new version (export.versions.publish: temp dir + rename) every
-`--swap_every` seconds, and samples the server's resident memory from /proc. Reports RSS growth
+`--swap_every` seconds, and samples the server's resident memory (psutil). Reports RSS growth
 (target < 10%, measured from the first sample after the first swap, once every code path has run),
 errors (target 0) and latency percentiles. Not a CI test.
 """
@@ -14,9 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,11 +21,13 @@ import time
 from absl import app
 from absl import flags
 import grpc
-import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from bench.fixtures import latency
+from bench.fixtures import resources
+from bench.fixtures import servers
 from export import versions
 
 flags.DEFINE_float("seconds", 600, "How long to soak.")
@@ -41,7 +40,6 @@ flags.DEFINE_string("output", "", "If set, write the results JSON here.")
 FLAGS = flags.FLAGS
 
 _MODEL = "soak"
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _HalfPlus(tf.Module):
@@ -63,38 +61,43 @@ def _publish(base: str, b: float) -> int:
   return version
 
 
-def _rss_kb(pid: int) -> int:
-  with open(f"/proc/{pid}/status", encoding="ascii") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1])
-  raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def _start_server(workdir: str, base: str) -> tuple[subprocess.Popen, int]:
-  port_file = os.path.join(workdir, "ports")
-  log = open(os.path.join(workdir, "server.log"), "wb")  # pylint: disable=consider-using-with
-  process = subprocess.Popen(
-      [sys.executable, "-m", "serving.model_servers.main", "--port=0", f"--port_file={port_file}",
-       f"--model_name={_MODEL}", f"--model_base_path={base}", "--file_system_poll_wait_seconds=1",
-       "--max_num_load_retries=0"],
-      cwd=_REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=log, stderr=log)
-  deadline = time.time() + 120
-  while not os.path.exists(port_file):
-    if process.poll() is not None or time.time() > deadline:
-      raise RuntimeError(f"fgr-serve did not start; see {workdir}/server.log")
-    time.sleep(0.2)
-  ports = dict(line.split("=") for line in open(port_file, encoding="ascii").read().split())
-  return process, int(ports["grpc"])
-
-
 def main(argv) -> None:
   del argv
   workdir = tempfile.mkdtemp(prefix="fgr-soak-")
   base = os.path.join(workdir, _MODEL)
   _publish(base, 2.0)
-  process, port = _start_server(workdir, base)
-  channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+  with servers.fgr_serve(workdir, _MODEL, base, ["--file_system_poll_wait_seconds=1"], name="server") as server, \
+      grpc.insecure_channel(server.address) as channel:
+    samples, counts, error_codes, latencies, swaps = _soak(base, server.pid, channel)
+  exit_code = server.process.returncode
+
+  after_swap = [s for s in samples if s[0] >= FLAGS.swap_every + 10] or samples
+  baseline = after_swap[0][1]
+  final = samples[-1][1]
+  result = {
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+      "seconds": FLAGS.seconds, "qps_target": FLAGS.qps, "swap_every": FLAGS.swap_every,
+      "swaps": swaps, "requests": sum(counts.values()), **counts, "error_codes": error_codes,
+      "achieved_qps": round((counts["ok"] + counts["errors"]) / FLAGS.seconds, 1),
+      "latency_ms": latency.percentiles(latencies, (50, 99, 99.9), suffix=""),
+      "rss_start_mb": round(samples[0][1] / 1024, 1),
+      "rss_baseline_mb": round(baseline / 1024, 1), "rss_peak_mb": round(max(s[1] for s in samples) / 1024, 1),
+      "rss_final_mb": round(final / 1024, 1),
+      "rss_growth_pct": round(100.0 * (final - baseline) / baseline, 2),
+      "server_exit_code": exit_code,
+  }
+  print(json.dumps(result, indent=1))
+  if FLAGS.output:
+    with open(FLAGS.output, "w", encoding="utf-8") as f:
+      json.dump({**result, "samples": samples}, f, indent=1)
+
+
+def _soak(base: str, server_pid: int, channel: grpc.Channel):
+  """Sends Predicts at --qps and publishes a version every --swap_every seconds, for --seconds.
+
+  Returns (samples of (seconds since start, server RSS kB, version published), counts, error codes,
+  latencies in seconds, swaps).
+  """
   stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
   request = predict_pb2.PredictRequest()
   request.model_spec.name = _MODEL
@@ -132,55 +135,30 @@ def main(argv) -> None:
   version = 1
   interval = 1.0 / FLAGS.qps
   sent = 0
-  try:
-    while True:
-      now = time.monotonic()
-      if now - start >= FLAGS.seconds:
-        break
-      if now >= next_sample:
-        samples.append((round(now - start, 1), _rss_kb(process.pid), version))
-        next_sample += 5
-      if now >= next_swap:
-        version = _publish(base, 2.0 + version)
-        swaps += 1
-        next_swap += FLAGS.swap_every
-      due = start + sent * interval
-      if due > now:
-        time.sleep(min(due - now, 0.05))
-        continue
-      if in_flight.acquire(blocking=False):
-        pool.submit(call)
-      else:  # All clients busy: the server is behind; count it, don't queue.
-        with lock:
-          counts["dropped"] += 1
-      sent += 1
-    pool.shutdown(wait=True)
-    samples.append((round(time.monotonic() - start, 1), _rss_kb(process.pid), version))
-  finally:
-    channel.close()
-    process.send_signal(signal.SIGTERM)
-    exit_code = process.wait(60)
-
-  after_swap = [s for s in samples if s[0] >= FLAGS.swap_every + 10] or samples
-  baseline = after_swap[0][1]
-  final = samples[-1][1]
-  result = {
-      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-      "seconds": FLAGS.seconds, "qps_target": FLAGS.qps, "swap_every": FLAGS.swap_every,
-      "swaps": swaps, "requests": sum(counts.values()), **counts, "error_codes": error_codes,
-      "achieved_qps": round((counts["ok"] + counts["errors"]) / FLAGS.seconds, 1),
-      "latency_ms": {f"p{q}": round(1000 * float(np.percentile(latencies, q)), 2)
-                     for q in (50, 99, 99.9)} if latencies else {},
-      "rss_start_mb": round(samples[0][1] / 1024, 1),
-      "rss_baseline_mb": round(baseline / 1024, 1), "rss_peak_mb": round(max(s[1] for s in samples) / 1024, 1),
-      "rss_final_mb": round(final / 1024, 1),
-      "rss_growth_pct": round(100.0 * (final - baseline) / baseline, 2),
-      "server_exit_code": exit_code,
-  }
-  print(json.dumps(result, indent=1))
-  if FLAGS.output:
-    with open(FLAGS.output, "w", encoding="utf-8") as f:
-      json.dump({**result, "samples": samples}, f, indent=1)
+  while True:
+    now = time.monotonic()
+    if now - start >= FLAGS.seconds:
+      break
+    if now >= next_sample:
+      samples.append((round(now - start, 1), resources.rss_bytes(server_pid) // 1024, version))
+      next_sample += 5
+    if now >= next_swap:
+      version = _publish(base, 2.0 + version)
+      swaps += 1
+      next_swap += FLAGS.swap_every
+    due = start + sent * interval
+    if due > now:
+      time.sleep(min(due - now, 0.05))
+      continue
+    if in_flight.acquire(blocking=False):
+      pool.submit(call)
+    else:  # All clients busy: the server is behind; count it, don't queue.
+      with lock:
+        counts["dropped"] += 1
+    sent += 1
+  pool.shutdown(wait=True)
+  samples.append((round(time.monotonic() - start, 1), resources.rss_bytes(server_pid) // 1024, version))
+  return samples, counts, error_codes, latencies, swaps
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from bench.fixtures import latency
+
 PHASES = ("poll", "restore", "warm-up", "switch", "after switch, first 100 ms", "after switch, rest")
 
 _LINE = re.compile(r"^I(\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+)\s+\d+\s+\S+\] (.*)$")
@@ -102,9 +104,8 @@ def by_phase(scheduled: np.ndarray, latency_s: np.ndarray, windows: Sequence[tup
   answered = ~np.isnan(latency_s)
   report = {}
   for name in PHASES:
-    values = latency_s[masks[name] & answered] * 1e3
+    values = latency_s[masks[name] & answered]
     if len(values):
       report[name] = {"seconds": round(seconds[name], 2), "answers": int(len(values)),
-                      "p99_ms": round(float(np.percentile(values, 99)), 2),
-                      "slow_answers": int(np.sum(values > slow_ms))}
+                      **latency.percentiles(values, (99,)), "slow_answers": int(np.sum(values * 1e3 > slow_ms))}
   return report

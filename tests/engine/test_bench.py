@@ -1,4 +1,5 @@
-"""fgr-bench end to end on a tiny catalog, its served (C API and Python session) search paths, and the section."""
+"""fgr-bench end to end on a tiny catalog, its served (C API and Python session) search paths, and the section;
+the percentiles every benchmark reports."""
 
 import os
 
@@ -11,6 +12,8 @@ import tensorflow as tf
 from bench import capi_session
 from bench import index_bench
 from bench import report
+from bench import served_index
+from bench.fixtures import latency
 from engine import base
 
 
@@ -42,7 +45,7 @@ def test_bench_writes_report_plot_and_section(tmp_path):
 def test_served_index_matches_eager_search(small_catalog, tmp_path):
   items, queries = small_catalog
   index = base.build_index("partitioned", items, k=10, num_partitions=20, probes=3)
-  served = index_bench.ServedIndex(index, 10, str(tmp_path), index_bench.session_config(index_bench.CALLER_THREAD_CONFIG))
+  served = served_index.ServedIndex(index, 10, str(tmp_path), index_bench.session_config(index_bench.CALLER_THREAD_CONFIG))
   assert not os.listdir(tmp_path)  # The SavedModel is deleted once loaded.
   eager = tf.function(lambda q, p: index.search(q, 10, probes=p).indices)
   np.testing.assert_array_equal(served.searcher()(queries), eager(tf.constant(queries), tf.constant(0)).numpy())
@@ -50,7 +53,7 @@ def test_served_index_matches_eager_search(small_catalog, tmp_path):
                                 eager(tf.constant(queries[:1]), tf.constant(20)).numpy())
   with pytest.raises(ValueError, match="probes"):
     served.searcher(leaves_to_search=3)
-  python = index_bench.ServedIndex(index, 10, str(tmp_path), runner="python")
+  python = served_index.ServedIndex(index, 10, str(tmp_path), runner="python")
   np.testing.assert_array_equal(python.searcher(probes=20)(queries[:2]), served.searcher(probes=20)(queries[:2]))
 
 
@@ -76,3 +79,14 @@ def test_capi_session_refuses_string_tensors(tmp_path):
   tf.saved_model.save(module, str(tmp_path), signatures={"f": module.f.get_concrete_function()})
   with pytest.raises(ValueError, match="supported"):
     capi_session.CApiSession(str(tmp_path)).signature("f", ["x"], "y")
+
+
+def test_percentiles_name_their_points_and_skip_unanswered_requests():
+  seconds = np.random.default_rng(0).lognormal(mean=-6.0, sigma=1.0, size=5_000)
+  with_failures = np.concatenate([seconds, [np.nan] * 100])  # NaN: a request without an answer.
+  reported = latency.percentiles(with_failures, (50, 99, 99.9))
+  assert list(reported) == ["p50_ms", "p99_ms", "p99.9_ms"]
+  for point, key in ((50, "p50_ms"), (99, "p99_ms")):
+    assert reported[key] == pytest.approx(1e3 * np.percentile(seconds, point), rel=0.01)
+  assert latency.percentiles(seconds, (99,), suffix="") == {"p99": reported["p99_ms"]}
+  assert latency.percentiles([np.nan]) == {}
