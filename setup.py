@@ -10,7 +10,7 @@ setuptools.setup(
         "nearest-neighbour index in one SavedModel, served over TF Serving's API."
     ),
     python_requires=">=3.10,<3.13",
-    packages=setuptools.find_packages(include=["engine*", "models*", "export*", "serving*", "bench*"]),
+    packages=setuptools.find_packages(include=["cli*", "engine*", "models*", "export*", "serving*", "bench*"]),
     install_requires=[
         # scann 1.4.2's TF ops are compiled against TF 2.20 exactly: keep these in lock-step.
         "tensorflow==2.20.*",
@@ -35,14 +35,14 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "fgr-train=models.train_cli:run",
-            "fgr-export=export.export_cli:run",
-            "fgr-serve=serving.model_servers:run_server",
-            "fgr-query=serving.query_cli:run",
-            "fgr-eval=models.eval_cli:run",
-            "fgr-refresh=export.refresh_cli:run",
-            "fgr-bench=bench.index_bench:run",
-            "fgr-loadtest=serving.loadtest.loadtest_cli:run",
+            "fgr-train=cli.launch:fgr_train",
+            "fgr-export=cli.launch:fgr_export",
+            "fgr-serve=cli.launch:fgr_serve",
+            "fgr-query=cli.launch:fgr_query",
+            "fgr-eval=cli.launch:fgr_eval",
+            "fgr-refresh=cli.launch:fgr_refresh",
+            "fgr-bench=cli.launch:fgr_bench",
+            "fgr-loadtest=cli.launch:fgr_loadtest",
         ],
     },
 )

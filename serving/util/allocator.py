@@ -21,6 +21,8 @@ import sys
 
 from absl import logging
 
+from cli import early_flags
+
 MIMALLOC = "mimalloc"
 SYSTEM = "system"
 CHOICES = (MIMALLOC, SYSTEM)
@@ -35,13 +37,7 @@ _NEVER_PURGE = "-1"
 def requested(argv: list) -> str:
   """The --allocator value in `argv` (the last one wins, as in absl), read
   before absl parses flags: the re-exec has to come before TensorFlow's import."""
-  value = MIMALLOC
-  for i, arg in enumerate(argv):
-    if arg.startswith("--allocator="):
-      value = arg.split("=", 1)[1]
-    elif arg == "--allocator" and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
+  return early_flags.flag_value(argv, "allocator") or MIMALLOC
 
 
 def mimalloc_library() -> str | None:
