@@ -19,10 +19,6 @@ class AspiredVersionPolicy(abc.ABC):
       loading: Aspired versions currently loading (or waiting to retry).
     """
 
-  @abc.abstractmethod
-  def load_before_unload(self) -> bool:
-    """True if new versions may load while old ones still serve."""
-
 
 class AvailabilityPreservingPolicy(AspiredVersionPolicy):
   """Keeps at least one version serving through a swap.
@@ -40,6 +36,3 @@ class AvailabilityPreservingPolicy(AspiredVersionPolicy):
     if not aspired and not loading:
       return serving
     return set()
-
-  def load_before_unload(self) -> bool:
-    return True
