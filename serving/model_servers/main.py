@@ -52,7 +52,10 @@ flags.DEFINE_string("grpc_socket_path", "",
                     "If non-empty, also listen for gRPC on this UNIX socket.")
 flags.DEFINE_integer("rest_api_port", 0,
                      "Port for the HTTP/REST API; 0 disables it (TF Serving "
-                     "docs use 8501). Must differ from --port.")
+                     "docs use 8501). Must differ from --port. -1 (not a TF "
+                     "Serving value) picks a free port, printed as "
+                     "'FGR_SERVE_REST_PORT=<port>' and written to "
+                     "--port_file.")
 flags.DEFINE_integer("rest_api_num_threads", _DEFAULT_THREADS,
                      "Number of threads for HTTP/REST API processing.")
 flags.DEFINE_integer("rest_api_timeout_in_ms", 30000,

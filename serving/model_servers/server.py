@@ -23,6 +23,11 @@ from serving.monitoring import metrics as metrics_lib
 
 DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
+# --rest_api_port value binding REST to a port the kernel picks (reported on
+# `Server.rest_port` and in --port_file). Not a TF Serving value: there, as
+# here, 0 disables REST, so 0 can't also mean "any port" as --port=0 does.
+REST_API_ANY_PORT = -1
+
 
 @dataclasses.dataclass
 class Options:
@@ -30,7 +35,7 @@ class Options:
   host: str = "127.0.0.1"
   port: int = 8500
   grpc_socket_path: str = ""
-  rest_api_port: int = 0
+  rest_api_port: int = 0  # 0: REST off; REST_API_ANY_PORT: a free port.
   rest_api_num_threads: int = 8
   rest_api_timeout_in_ms: int = 30000
   rest_api_enable_cors_support: bool = False
@@ -145,6 +150,10 @@ class Server:
     if options.ssl_config_file:
       credentials = grpc_server.ssl_credentials(text_config.parse_text_proto(
           options.ssl_config_file, protos.SSLConfig))
+    if options.rest_api_port < REST_API_ANY_PORT:
+      raise errors.invalid_argument(
+          f"--rest_api_port={options.rest_api_port}: expected a port, 0 "
+          f"(REST disabled) or {REST_API_ANY_PORT} (any free port)")
     if prometheus_path and not options.rest_api_port:
       raise errors.invalid_argument(
           "--monitoring_config_file enables Prometheus metrics, which are "
@@ -194,7 +203,7 @@ class Server:
                  self.grpc_port)
     if options.rest_api_port:
       self._http = http_server.HttpServer(
-          api, options.host, options.rest_api_port,
+          api, options.host, max(0, options.rest_api_port),
           num_threads=options.rest_api_num_threads,
           timeout_ms=options.rest_api_timeout_in_ms,
           enable_cors=options.rest_api_enable_cors_support,

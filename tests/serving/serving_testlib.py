@@ -4,12 +4,14 @@ The models mirror TF Serving's half_plus_two test data: one TF1 graph export
 through tf.compat.v1's SavedModelBuilder, one `tf.saved_model.save` export.
 """
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import grpc
 import numpy as np
@@ -29,11 +31,20 @@ SCANN_DATABASE = np.random.default_rng(0).normal(size=(200, 8)).astype("f4")
 TF1_VERSION = 123
 
 
-def free_port() -> int:
-  """A currently free loopback port (for the REST port, which can't be 0)."""
+# --rest_api_port value for a kernel-chosen port (server.REST_API_ANY_PORT).
+REST_ANY_PORT = -1
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+  """A loopback port where connections are refused, for as long as it's open.
+
+  The socket is bound but never listens: connects get a reset, and nothing
+  else can bind the port meanwhile (a port merely found free could be taken).
+  """
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+    yield s.getsockname()[1]
 
 
 def write_tf1_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0,

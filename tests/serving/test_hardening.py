@@ -128,7 +128,7 @@ def limited(tmp_path_factory):
                     "batch_timeout_micros { value: 5000000 }")
   server = lib.InProcessServer(
       model_name="m", model_base_path=str(tmp / "m"),
-      rest_api_port=lib.free_port(), max_batch_size_per_request=4,
+      rest_api_port=lib.REST_ANY_PORT, max_batch_size_per_request=4,
       max_in_flight_requests=2, grpc_max_receive_message_length=4096,
       rest_api_max_body_bytes=4096, rest_api_timeout_in_ms=1500,
       enable_batching=True,

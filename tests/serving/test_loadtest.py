@@ -96,7 +96,8 @@ def test_stalled_server_shows_in_percentiles(requests):
 
 def test_errors_are_counted_by_status_code(requests):
   spec = driver.LoadSpec(mode="open", qps=40, warmup_seconds=0, duration_seconds=0.5, progress=False)
-  result = driver.run(driver.GrpcPredictTarget(f"127.0.0.1:{lib.free_port()}", timeout=2), requests, spec)
+  with lib.refusing_port() as port:  # Held for the run: no one else can listen there.
+    result = driver.run(driver.GrpcPredictTarget(f"127.0.0.1:{port}", timeout=60), requests, spec)
   assert result.successes == 0
   assert result.errors == {"UNAVAILABLE": 20}
 

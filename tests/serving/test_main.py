@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -98,6 +99,42 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
   assert info.value.code() in (grpc.StatusCode.UNAVAILABLE,
                                grpc.StatusCode.DEADLINE_EXCEEDED)
   channel.close()
+
+
+def test_rest_api_port_any_is_reported_by_the_process(server):
+  """The session server runs with --rest_api_port=-1: REST gets a free port,
+  reported on stdout and in --port_file as the gRPC port is."""
+  with open(server.port_file) as f:
+    ports = dict(line.split("=") for line in f.read().split())
+  assert int(ports["rest"]) == server.rest_port > 0
+  assert server.rest_port != server.grpc_port
+  with open(server.stdout_path) as f:
+    assert f"FGR_SERVE_REST_PORT={server.rest_port}" in f.read()
+  url = f"http://127.0.0.1:{server.rest_port}/v1/models/{lib.TF1_MODEL}"
+  with urllib.request.urlopen(url, timeout=60) as response:
+    assert response.status == 200
+
+
+def test_rest_api_port_in_options(tmp_path):
+  """REST_API_ANY_PORT binds a free port; 0 keeps REST off, as TF Serving."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  model = {"model_name": "m", "model_base_path": str(tmp_path / "m")}
+  server = lib.InProcessServer(
+      rest_api_port=server_lib.REST_API_ANY_PORT, **model)
+  try:
+    assert server.server.rest_port > 0
+    url = f"http://127.0.0.1:{server.server.rest_port}/v1/models/m"
+    with urllib.request.urlopen(url, timeout=60) as response:
+      assert response.status == 200
+  finally:
+    server.stop()
+  server = lib.InProcessServer(rest_api_port=0, **model)
+  try:
+    assert server.server.rest_port == 0
+  finally:
+    server.stop()
+  with pytest.raises(errors.ServingError, match="--rest_api_port=-2"):
+    lib.InProcessServer(rest_api_port=-2, **model)
 
 
 @pytest.mark.parametrize("config_text, message", [
