@@ -137,8 +137,13 @@ flags.DEFINE_bool("enable_model_warmup", True,
 flags.DEFINE_integer("num_request_iterations_for_warmup", 0,
                      "Times each warm-up request is replayed (if > 0).")
 flags.DEFINE_bool("enable_signature_method_name_check", False,
-                  "Reject Predict on signatures whose method_name is not "
-                  "predict/classify/regress.")
+                  "Check signatures' method_name, as TF1 exports set it: "
+                  "Predict needs predict/classify/regress, Classify (and "
+                  "MultiInference classification tasks) classify, Regress "
+                  "regress. Off, as in TF Serving, Classify/Regress accept "
+                  "any signature whose inputs and outputs fit, which is how "
+                  "tf.saved_model.save models (every signature 'predict') "
+                  "are classified and regressed.")
 flags.DEFINE_bool("enable_serialization_as_tensor_content", False,
                   "Answer Predict with tensor_content instead of typed value "
                   "fields.")

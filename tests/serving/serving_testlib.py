@@ -129,6 +129,35 @@ def write_tf2_half_plus_two(export_dir: str, a: float = 0.5,
   return export_dir
 
 
+class _Tf2ClassifyRegress(tf.Module):
+  """half_plus_two's classify and regress signatures, as TF2 writes them."""
+
+  def _y(self, inputs):
+    x = tf.io.parse_example(
+        inputs, {"x": tf.io.FixedLenFeature([1], tf.float32)})["x"]
+    return 0.5 * x + 2.0  # [N, 1]
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+  def classify(self, inputs):
+    y = self._y(inputs)
+    classes = tf.tile(tf.constant([["y", "minus_y"]]), [tf.shape(y)[0], 1])
+    return {"classes": classes, "scores": tf.concat([y, -y], axis=1)}
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+  def regress(self, inputs):
+    return {"outputs": self._y(inputs)}
+
+
+def write_tf2_classify_regress(export_dir: str) -> str:
+  """`tf.saved_model.save` export whose classify/regress-shaped signatures
+  ("classify_x_to_y", "regress_x_to_y", on tf.Examples with feature x)
+  declare method_name tensorflow/serving/predict, as every TF2 signature."""
+  module = _Tf2ClassifyRegress()
+  tf.saved_model.save(module, export_dir, signatures={
+      "classify_x_to_y": module.classify, "regress_x_to_y": module.regress})
+  return export_dir
+
+
 def write_keras_half_plus_two(export_dir: str) -> str:
   """A Keras model (Dense with kernel 0.5, bias 2) saved as a SavedModel."""
   inputs = tf.keras.Input(shape=(1,), name="x")

@@ -160,11 +160,13 @@ def test_regress_with_context(server):
 
 def test_classify_regress_errors(server):
   request = classification_pb2.ClassificationRequest()
-  request.model_spec.name = TF1_MODEL  # serving_default is a predict sig.
+  request.model_spec.name = TF1_MODEL  # serving_default: x -> y, no examples.
   request.input.example_list.examples.add()
   code, details = _error(server.predict.Classify, request)
   assert code == grpc.StatusCode.INVALID_ARGUMENT
-  assert "Expected classification signature method_name" in details
+  # Its method (predict) is not checked by default, as in TF Serving: its
+  # inputs are what rule it out.
+  assert "No classification inputs found in SignatureDef" in details
   empty = regression_pb2.RegressionRequest()
   empty.model_spec.name = TF1_MODEL
   empty.model_spec.signature_name = "regress_x_to_y"

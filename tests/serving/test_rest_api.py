@@ -106,7 +106,7 @@ def test_classify_and_regress(server):
     ("POST", f"/v1/models/{TF1_MODEL}:explode", {}, 400,
      "Malformed request: POST"),
     ("POST", f"/v1/models/{TF1_MODEL}:classify", {"examples": [{"x": 1.0}]},
-     400, "Expected classification signature method_name"),
+     400, "No classification inputs found in SignatureDef"),
     ("GET", "/v1/models", None, 400, "Missing model name in request."),
     ("GET", f"/v1/models/{TF2_MODEL}/labels/nope", None, 400,
      "Unrecognized servable version label: nope"),
