@@ -234,8 +234,15 @@ class Server:
     self._stop.set()
 
   def stop(self, grace_seconds: float = 30.0) -> None:
-    """Graceful stop: refuse new requests, drain in-flight ones, unload."""
+    """Graceful stop: refuse new requests, drain in-flight ones, unload.
+
+    Health turns NOT_SERVING first, for every service, so load balancers stop
+    sending to this replica while REST, then gRPC, drain. The health service
+    keeps answering NOT_SERVING until gRPC itself stops.
+    """
     self._stop.set()
+    if self._grpc is not None:
+      self._grpc.set_not_serving()
     if self._http is not None:
       self._http.stop()
     if self._grpc is not None:

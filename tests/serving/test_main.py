@@ -4,10 +4,13 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
@@ -135,6 +138,56 @@ def test_rest_api_port_in_options(tmp_path):
     server.stop()
   with pytest.raises(errors.ServingError, match="--rest_api_port=-2"):
     lib.InProcessServer(rest_api_port=-2, **model)
+
+
+def test_shutdown_reports_not_serving_before_draining(tmp_path):
+  """Stopping turns gRPC health NOT_SERVING for every service before REST
+  drains, so load balancers stop sending gRPC calls while a REST call is
+  still being answered. The REST call is held inside the server by an event
+  the test sets, so the drain lasts exactly as long as the test needs."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  server = lib.InProcessServer(
+      model_name="m", model_base_path=str(tmp_path / "m"),
+      rest_api_port=lib.REST_ANY_PORT, enable_grpc_healthcheck_service=True)
+  api = server.server.api
+  entered, release = threading.Event(), threading.Event()
+  predict = api.predict
+
+  def held_predict(*args, **kwargs):
+    entered.set()
+    release.wait()
+    return predict(*args, **kwargs)
+
+  api.predict = held_predict  # What the REST front end calls.
+  health = health_pb2_grpc.HealthStub(server.channel)
+  services = ("", "tensorflow.serving.PredictionService",
+              "tensorflow.serving.ModelService")
+
+  def statuses():
+    return {health.Check(health_pb2.HealthCheckRequest(service=service),
+                         timeout=60).status for service in services}
+
+  def rest_predict():
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.server.rest_port}/v1/models/m:predict",
+        data=b'{"instances": [2.0]}')
+    with urllib.request.urlopen(request, timeout=120) as response:
+      return response.status, response.read()
+
+  assert statuses() == {health_pb2.HealthCheckResponse.SERVING}
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    rest_call = pool.submit(rest_predict)
+    try:
+      assert entered.wait(60)
+      stopping = pool.submit(server.server.stop, 60)
+      lib.wait_for(lambda: statuses() == {
+          health_pb2.HealthCheckResponse.NOT_SERVING}, timeout=60)
+      assert not rest_call.done() and not stopping.done()  # Still draining.
+    finally:
+      release.set()
+    assert rest_call.result(timeout=120) == (200, b'{"predictions": [3.0]}')
+    stopping.result(timeout=120)
+  server.channel.close()
 
 
 @pytest.mark.parametrize("config_text, message", [
