@@ -240,7 +240,7 @@ def test_get_model_status(server):
 def test_health(server):
   stub = health_pb2_grpc.HealthStub(server.channel)
   response = stub.Check(health_pb2.HealthCheckRequest(
-      service="tensorflow.serving.PredictionService"), timeout=10)
+      service="tensorflow.serving.PredictionService"), timeout=60)
   assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -250,6 +250,6 @@ def test_survives_garbage(server):
       "/tensorflow.serving.PredictionService/Predict",
       request_serializer=lambda b: b, response_deserializer=lambda b: b)
   with pytest.raises(grpc.RpcError):
-    call(b"\xff\xff\xff\x00garbage", timeout=10)
+    call(b"\xff\xff\xff\x00garbage", timeout=60)
   response = server.predict.Predict(_predict_request(), timeout=30)
   assert np.isclose(response.outputs["y"].float_val[0], 3.0)
