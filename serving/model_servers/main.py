@@ -138,12 +138,12 @@ flags.DEFINE_integer("num_request_iterations_for_warmup", 0,
                      "Times each warm-up request is replayed (if > 0).")
 flags.DEFINE_bool("enable_signature_method_name_check", False,
                   "Check signatures' method_name, as TF1 exports set it: "
-                  "Predict needs predict/classify/regress, Classify (and "
-                  "MultiInference classification tasks) classify, Regress "
-                  "regress. Off, as in TF Serving, Classify/Regress accept "
-                  "any signature whose inputs and outputs fit, which is how "
-                  "tf.saved_model.save models (every signature 'predict') "
-                  "are classified and regressed.")
+                  "Predict then needs predict, classify or regress; Classify "
+                  "and MultiInference classification tasks need classify; "
+                  "Regress and regression tasks need regress. Off (as in TF "
+                  "Serving), Classify and Regress take any signature whose "
+                  "inputs and outputs fit, such as those of "
+                  "tf.saved_model.save, which are all 'predict'.")
 flags.DEFINE_bool("enable_serialization_as_tensor_content", False,
                   "Answer Predict with tensor_content instead of typed value "
                   "fields.")
