@@ -238,6 +238,15 @@ class GrpcServer:
       for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
         self._on_loop(self._health.set(service, status))
 
+  def set_not_serving(self) -> None:
+    """Health-checks answer NOT_SERVING for every service from now on.
+
+    The first step of a shutdown, before any front end drains, so that load
+    balancers stop sending while in-flight calls finish.
+    """
+    if self._loop.is_running():
+      self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
   def stop(self, grace_seconds: float) -> None:
     """Stops accepting RPCs and waits for in-flight ones to finish."""
     if not self._loop.is_running():

@@ -52,7 +52,10 @@ flags.DEFINE_string("grpc_socket_path", "",
                     "If non-empty, also listen for gRPC on this UNIX socket.")
 flags.DEFINE_integer("rest_api_port", 0,
                      "Port for the HTTP/REST API; 0 disables it (TF Serving "
-                     "docs use 8501). Must differ from --port.")
+                     "docs use 8501). Must differ from --port. -1 (not a TF "
+                     "Serving value) picks a free port, printed as "
+                     "'FGR_SERVE_REST_PORT=<port>' and written to "
+                     "--port_file.")
 flags.DEFINE_integer("rest_api_num_threads", _DEFAULT_THREADS,
                      "Number of threads for HTTP/REST API processing.")
 flags.DEFINE_integer("rest_api_timeout_in_ms", 30000,
@@ -134,8 +137,13 @@ flags.DEFINE_bool("enable_model_warmup", True,
 flags.DEFINE_integer("num_request_iterations_for_warmup", 0,
                      "Times each warm-up request is replayed (if > 0).")
 flags.DEFINE_bool("enable_signature_method_name_check", False,
-                  "Reject Predict on signatures whose method_name is not "
-                  "predict/classify/regress.")
+                  "Check signatures' method_name, as TF1 exports set it: "
+                  "Predict then needs predict, classify or regress; Classify "
+                  "and MultiInference classification tasks need classify; "
+                  "Regress and regression tasks need regress. Off (as in TF "
+                  "Serving), Classify and Regress take any signature whose "
+                  "inputs and outputs fit, such as those of "
+                  "tf.saved_model.save, which are all 'predict'.")
 flags.DEFINE_bool("enable_serialization_as_tensor_content", False,
                   "Answer Predict with tensor_content instead of typed value "
                   "fields.")

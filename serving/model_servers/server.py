@@ -24,6 +24,11 @@ from serving.servables import request_limits
 
 DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
+# --rest_api_port value binding REST to a port the kernel picks (reported on
+# `Server.rest_port` and in --port_file). Not a TF Serving value: there, as
+# here, 0 disables REST, so 0 can't also mean "any port" as --port=0 does.
+REST_API_ANY_PORT = -1
+
 
 @dataclasses.dataclass
 class Options:
@@ -31,7 +36,7 @@ class Options:
   host: str = "127.0.0.1"
   port: int = 8500
   grpc_socket_path: str = ""
-  rest_api_port: int = 0
+  rest_api_port: int = 0  # 0: REST off; REST_API_ANY_PORT: a free port.
   rest_api_num_threads: int = 8
   rest_api_timeout_in_ms: int = 30000
   rest_api_enable_cors_support: bool = False
@@ -165,6 +170,10 @@ class Server:
     if options.ssl_config_file:
       credentials = grpc_server.ssl_credentials(text_config.parse_text_proto(
           options.ssl_config_file, protos.SSLConfig))
+    if options.rest_api_port < REST_API_ANY_PORT:
+      raise errors.invalid_argument(
+          f"--rest_api_port={options.rest_api_port}: expected a port, 0 "
+          f"(REST disabled) or {REST_API_ANY_PORT} (any free port)")
     if prometheus_path and not options.rest_api_port:
       raise errors.invalid_argument(
           "--monitoring_config_file enables Prometheus metrics, which are "
@@ -215,7 +224,7 @@ class Server:
                  self.grpc_port)
     if options.rest_api_port:
       self._http = http_server.HttpServer(
-          api, options.host, options.rest_api_port,
+          api, options.host, max(0, options.rest_api_port),
           num_threads=options.rest_api_num_threads,
           timeout_ms=options.rest_api_timeout_in_ms,
           enable_cors=options.rest_api_enable_cors_support,
@@ -246,8 +255,15 @@ class Server:
     self._stop.set()
 
   def stop(self, grace_seconds: float = 30.0) -> None:
-    """Graceful stop: refuse new requests, drain in-flight ones, unload."""
+    """Graceful stop: refuse new requests, drain in-flight ones, unload.
+
+    Health turns NOT_SERVING first, for every service, so load balancers stop
+    sending to this replica while REST, then gRPC, drain. The health service
+    keeps answering NOT_SERVING until gRPC itself stops.
+    """
     self._stop.set()
+    if self._grpc is not None:
+      self._grpc.set_not_serving()
     if self._http is not None:
       self._http.stop()
     if self._grpc is not None:

@@ -265,7 +265,8 @@ class ServingApi:
                ) -> classification_pb2.ClassificationResponse:
     """PredictionService.Classify."""
     return self._call("classify", entrypoint, request.model_spec,
-                      lambda b: classifier.run_classify(b, request, timeout_ms),
+                      lambda b: classifier.run_classify(
+                          b, request, timeout_ms, self._method_name_check),
                       examples_batch_size(request.input),
                       lambda b: self._check_examples(
                           b, request.model_spec.signature_name, request.input))
@@ -275,7 +276,8 @@ class ServingApi:
               ) -> regression_pb2.RegressionResponse:
     """PredictionService.Regress."""
     return self._call("regress", entrypoint, request.model_spec,
-                      lambda b: regressor.run_regress(b, request, timeout_ms),
+                      lambda b: regressor.run_regress(
+                          b, request, timeout_ms, self._method_name_check),
                       examples_batch_size(request.input),
                       lambda b: self._check_examples(
                           b, request.model_spec.signature_name, request.input))
@@ -288,7 +290,8 @@ class ServingApi:
     multi_inference.validate_tasks(request)
     return self._call(
         "multi_inference", entrypoint, request.tasks[0].model_spec,
-        lambda b: multi_inference.run_multi_inference(b, request, timeout_ms),
+        lambda b: multi_inference.run_multi_inference(
+            b, request, timeout_ms, self._method_name_check),
         examples_batch_size(request.input),
         lambda b: self._check_examples(  # Every task shares the input.
             b, request.tasks[0].model_spec.signature_name, request.input))

@@ -1,5 +1,6 @@
 """Classify: feeds tf.Examples to a classify signature, reads classes/scores."""
 
+import functools
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -15,10 +16,17 @@ CLASSES_KEY = "classes"
 SCORES_KEY = "scores"
 
 
-def check_signature(signature: meta_graph_pb2.SignatureDef) -> None:
-  """Validates a classification signature as TF Serving's classifier does."""
+def check_signature(signature: meta_graph_pb2.SignatureDef,
+                    method_name_check: bool = False) -> None:
+  """Validates a classification signature as TF Serving's classifier does.
+
+  Args:
+    signature: The signature a Classify request (or task) names.
+    method_name_check: Also require method_name tensorflow/serving/classify
+      (TF Serving's --enable_signature_method_name_check).
+  """
   input_util.check_examples_signature(signature, predict_util.CLASSIFY_METHOD,
-                                      "classification")
+                                      "classification", method_name_check)
   if len(signature.outputs) not in (1, 2):
     raise errors.invalid_argument(
         f"Expected one or two output Tensors, found {len(signature.outputs)}")
@@ -82,9 +90,19 @@ def fill_result(keys: List[str], values: List[np.ndarray], num_examples: int,
 
 def run_classify(bundle: saved_model_bundle.SavedModelBundle,
                  request: classification_pb2.ClassificationRequest,
-                 timeout_ms: Optional[int] = None
+                 timeout_ms: Optional[int] = None,
+                 method_name_check: bool = False
                  ) -> classification_pb2.ClassificationResponse:
-  """Runs a ClassificationRequest on one loaded servable."""
+  """Runs a ClassificationRequest on one loaded servable.
+
+  Args:
+    bundle: The servable.
+    request: The request.
+    timeout_ms: Session run deadline, if any.
+    method_name_check: TF Serving's --enable_signature_method_name_check.
+  """
   return input_util.run_examples(
       bundle, request, classification_pb2.ClassificationResponse(),
-      timeout_ms, check_signature, output_fetches, fill_result)
+      timeout_ms, functools.partial(check_signature,
+                                    method_name_check=method_name_check),
+      output_fetches, fill_result)

@@ -41,15 +41,22 @@ def serialized_examples(model_input: input_pb2.Input) -> np.ndarray:
 
 
 def check_examples_signature(signature: meta_graph_pb2.SignatureDef,
-                             method_name: str, kind: str) -> None:
-  """Checks a classify/regress signature's method and its one string input.
+                             method_name: str, kind: str,
+                             method_name_check: bool = False) -> None:
+  """Checks a classify/regress signature's one string input (and method).
+
+  As TF Serving, the signature's method_name is checked only under
+  --enable_signature_method_name_check: `tf.saved_model.save` declares every
+  signature `tensorflow/serving/predict`, so TF2-native classify and regress
+  signatures are recognised by their inputs and outputs alone.
 
   Args:
     signature: The signature a Classify/Regress request names.
-    method_name: The method it must declare.
+    method_name: The method it must declare when `method_name_check` is set.
     kind: "classification" or "regression", for TF Serving's messages.
+    method_name_check: TF Serving's --enable_signature_method_name_check.
   """
-  if signature.method_name != method_name:
+  if method_name_check and signature.method_name != method_name:
     raise errors.invalid_argument(
         f"Expected {kind} signature method_name to be {method_name}. Was: "
         f"{signature.method_name}")

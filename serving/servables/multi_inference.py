@@ -45,9 +45,18 @@ def validate_tasks(request: inference_pb2.MultiInferenceRequest) -> str:
 
 def run_multi_inference(bundle: saved_model_bundle.SavedModelBundle,
                         request: inference_pb2.MultiInferenceRequest,
-                        timeout_ms: Optional[int] = None
+                        timeout_ms: Optional[int] = None,
+                        method_name_check: bool = False
                         ) -> inference_pb2.MultiInferenceResponse:
-  """Runs every task's signature on the shared input in one session call."""
+  """Runs every task's signature on the shared input in one session call.
+
+  Args:
+    bundle: The servable.
+    request: The request; each task's method_name picks classify or regress.
+    timeout_ms: Session run deadline, if any.
+    method_name_check: Also require each signature to declare its task's
+      method (TF Serving's --enable_signature_method_name_check).
+  """
   validate_tasks(request)
   seen = set()
   plans = []  # (task, signature name, signature, output keys, fetches)
@@ -69,7 +78,7 @@ def run_multi_inference(bundle: saved_model_bundle.SavedModelBundle,
         raise errors.invalid_argument(
             f"Unsupported signature method_name: {task.method_name}")
       check_signature, output_fetches, _ = _METHODS[task.method_name]
-      check_signature(signature)
+      check_signature(signature, method_name_check)
       keys, fetches = output_fetches(signature)
       name = signature.inputs[input_util.INPUTS_KEY].name
       if input_name is not None and name != input_name:

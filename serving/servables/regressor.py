@@ -1,5 +1,6 @@
 """Regress: feeds tf.Examples to a regress signature, reads its outputs."""
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -14,10 +15,17 @@ from serving.servables import saved_model_bundle
 OUTPUTS_KEY = "outputs"
 
 
-def check_signature(signature: meta_graph_pb2.SignatureDef) -> None:
-  """Validates a regression signature as TF Serving's regressor does."""
+def check_signature(signature: meta_graph_pb2.SignatureDef,
+                    method_name_check: bool = False) -> None:
+  """Validates a regression signature as TF Serving's regressor does.
+
+  Args:
+    signature: The signature a Regress request (or task) names.
+    method_name_check: Also require method_name tensorflow/serving/regress
+      (TF Serving's --enable_signature_method_name_check).
+  """
   input_util.check_examples_signature(signature, predict_util.REGRESS_METHOD,
-                                      "regression")
+                                      "regression", method_name_check)
   if len(signature.outputs) != 1:
     raise errors.invalid_argument("Expected one output Tensor.")
   if OUTPUTS_KEY not in signature.outputs:
@@ -54,9 +62,18 @@ def fill_result(keys: Sequence[str], values: Sequence[np.ndarray],
 
 def run_regress(bundle: saved_model_bundle.SavedModelBundle,
                 request: regression_pb2.RegressionRequest,
-                timeout_ms: Optional[int] = None
+                timeout_ms: Optional[int] = None,
+                method_name_check: bool = False
                 ) -> regression_pb2.RegressionResponse:
-  """Runs a RegressionRequest on one loaded servable."""
+  """Runs a RegressionRequest on one loaded servable.
+
+  Args:
+    bundle: The servable.
+    request: The request.
+    timeout_ms: Session run deadline, if any.
+    method_name_check: TF Serving's --enable_signature_method_name_check.
+  """
   return input_util.run_examples(
       bundle, request, regression_pb2.RegressionResponse(), timeout_ms,
-      check_signature, output_fetches, fill_result)
+      functools.partial(check_signature, method_name_check=method_name_check),
+      output_fetches, fill_result)

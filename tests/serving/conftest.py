@@ -52,7 +52,7 @@ model_config_list {{
   monitoring.write_text('prometheus_config { enable: true, '
                         'path: "/monitoring/prometheus/metrics" }')
   proc = lib.ServerProcess([
-      f"--model_config_file={config}", f"--rest_api_port={lib.free_port()}",
+      f"--model_config_file={config}", f"--rest_api_port={lib.REST_ANY_PORT}",
       f"--monitoring_config_file={monitoring}",
       "--enable_grpc_healthcheck_service"], str(tmp))
   yield proc

@@ -4,12 +4,14 @@ The models mirror TF Serving's half_plus_two test data: one TF1 graph export
 through tf.compat.v1's SavedModelBuilder, one `tf.saved_model.save` export.
 """
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import grpc
 import numpy as np
@@ -29,11 +31,20 @@ SCANN_DATABASE = np.random.default_rng(0).normal(size=(200, 8)).astype("f4")
 TF1_VERSION = 123
 
 
-def free_port() -> int:
-  """A currently free loopback port (for the REST port, which can't be 0)."""
+# --rest_api_port value for a kernel-chosen port (server.REST_API_ANY_PORT).
+REST_ANY_PORT = -1
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+  """A loopback port where connections are refused, for as long as it's open.
+
+  The socket is bound but never listens: connects get a reset, and nothing
+  else can bind the port meanwhile (a port merely found free could be taken).
+  """
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+    yield s.getsockname()[1]
 
 
 def write_tf1_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0,
@@ -118,6 +129,35 @@ def write_tf2_half_plus_two(export_dir: str, a: float = 0.5,
   return export_dir
 
 
+class _Tf2ClassifyRegress(tf.Module):
+  """half_plus_two's classify and regress signatures, as TF2 writes them."""
+
+  def _y(self, inputs):
+    x = tf.io.parse_example(
+        inputs, {"x": tf.io.FixedLenFeature([1], tf.float32)})["x"]
+    return 0.5 * x + 2.0  # [N, 1]
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+  def classify(self, inputs):
+    y = self._y(inputs)
+    classes = tf.tile(tf.constant([["y", "minus_y"]]), [tf.shape(y)[0], 1])
+    return {"classes": classes, "scores": tf.concat([y, -y], axis=1)}
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+  def regress(self, inputs):
+    return {"outputs": self._y(inputs)}
+
+
+def write_tf2_classify_regress(export_dir: str) -> str:
+  """`tf.saved_model.save` export whose classify/regress-shaped signatures
+  ("classify_x_to_y", "regress_x_to_y", on tf.Examples with feature x)
+  declare method_name tensorflow/serving/predict, as every TF2 signature."""
+  module = _Tf2ClassifyRegress()
+  tf.saved_model.save(module, export_dir, signatures={
+      "classify_x_to_y": module.classify, "regress_x_to_y": module.regress})
+  return export_dir
+
+
 def write_keras_half_plus_two(export_dir: str) -> str:
   """A Keras model (Dense with kernel 0.5, bias 2) saved as a SavedModel."""
   inputs = tf.keras.Input(shape=(1,), name="x")
@@ -197,9 +237,9 @@ class ServerProcess:
         [sys.executable, "-m", "serving.model_servers.main", "--port=0",
          f"--port_file={self.port_file}", "--max_num_load_retries=0"] + args,
         cwd=REPO_ROOT, env=env, stdout=self._stdout, stderr=self._stderr)
-    deadline = time.time() + 90
+    deadline = time.monotonic() + 180
     while not os.path.exists(self.port_file):
-      if self.process.poll() is not None or time.time() > deadline:
+      if self.process.poll() is not None or time.monotonic() > deadline:
         raise RuntimeError(f"fgr-serve did not start:\n{self.stderr()}")
       time.sleep(0.1)
     ports = dict(line.split("=") for line in open(self.port_file).read().split())
@@ -254,10 +294,14 @@ class InProcessServer:
     self.server.stop(grace_seconds=5)
 
 
-def wait_for(condition, timeout: float = 30, interval: float = 0.05):
-  """Polls `condition()` until truthy; fails the test after `timeout`."""
-  deadline = time.time() + timeout
-  while time.time() < deadline:
+def wait_for(condition, timeout: float = 60, interval: float = 0.05):
+  """Polls `condition()` until truthy; fails the test after `timeout`.
+
+  The timeout only bounds a hang: tests wait for things to happen, they
+  don't assert how fast (the machine may be loaded).
+  """
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
     value = condition()
     if value:
       return value

@@ -4,7 +4,6 @@ import asyncio
 import concurrent.futures
 import re
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -20,20 +19,25 @@ from serving.config import protos
 
 
 class _RecordingRunner:
-  """A session runner computing y = 2x, recording each batch's rows."""
+  """A session runner computing y = 2x, recording each batch's rows as it
+  starts; it then waits for `gate`."""
 
-  def __init__(self, delay: float = 0.0):
+  def __init__(self):
     self.batches = []
-    self.delay = delay
     self.gate = threading.Event()
     self.gate.set()
 
   def __call__(self, feeds, fetches, timeout_ms=None):
-    self.gate.wait()
-    time.sleep(self.delay)
     x = feeds["x:0"]
     self.batches.append(x.shape[0])
+    self.gate.wait()
     return [x * 2 for _ in fetches]
+
+
+def _queued_tasks(session) -> int:
+  """Calls waiting in `session`'s batch queues."""
+  return sum(len(batch.tasks) for queue in list(session._queues.values())  # pylint: disable=protected-access
+             for batch in list(queue._batches))  # pylint: disable=protected-access
 
 
 @pytest.fixture
@@ -43,8 +47,17 @@ def scheduler():
   s.stop()
 
 
-def test_merges_concurrent_calls_and_splits_back(scheduler):
-  runner = _RecordingRunner(delay=0.02)
+def test_merges_concurrent_calls_and_splits_back(scheduler, monkeypatch):
+  runner = _RecordingRunner()
+  runner.gate.clear()  # Calls queue up behind the first batch until all wait.
+  processed = []  # Calls in each batch handed to the session.
+  process = batch_scheduler.BatchQueue.process
+
+  def counting_process(queue, tasks):
+    processed.append(len(tasks))
+    process(queue, tasks)
+
+  monkeypatch.setattr(batch_scheduler.BatchQueue, "process", counting_process)
   observed = []
   session = batching_session.BatchingSession(
       runner, scheduler,
@@ -53,8 +66,13 @@ def test_merges_concurrent_calls_and_splits_back(scheduler):
       observer=lambda rows, pad: observed.append((rows, pad)))
   inputs = [np.full((1 + i % 2, 3), i, np.float32) for i in range(16)]
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    outputs = list(pool.map(
-        lambda x: session({"x:0": x}, ["y:0"]), inputs))
+    futures = [pool.submit(session, {"x:0": x}, ["y:0"]) for x in inputs]
+    try:
+      lib.wait_for(lambda: sum(processed) + _queued_tasks(session) == 16,
+                   timeout=60)
+    finally:
+      runner.gate.set()
+    outputs = [f.result(timeout=60) for f in futures]
   for x, (y,) in zip(inputs, outputs):
     np.testing.assert_array_equal(y, x * 2)  # Each caller gets its rows.
   assert len(runner.batches) < len(inputs)  # Calls were merged.
@@ -76,7 +94,7 @@ def test_full_queue_is_unavailable_and_large_task_invalid(scheduler):
   codes = []
   for f in futures:
     try:
-      f.result(timeout=10)
+      f.result(timeout=60)
       codes.append("OK")
     except errors.ServingError as e:
       codes.append(e.code.name)
@@ -104,8 +122,11 @@ def test_batching_parameters_validation():
 def test_server_with_batching(tmp_path):
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   params = tmp_path / "batching.config"
+  # A batch runs only once full (it would wait an hour otherwise): 16
+  # concurrent callers and 64 requests fill 8 batches of 8, whatever the
+  # machine's speed, and no caller is left waiting on a partial batch.
   params.write_text("max_batch_size { value: 8 } "
-                    "batch_timeout_micros { value: 2000 } "
+                    "batch_timeout_micros { value: 3600000000 } "
                     "num_batch_threads { value: 1 } "
                     "allowed_batch_sizes: 4 allowed_batch_sizes: 8")
   server = lib.InProcessServer(
@@ -117,17 +138,16 @@ def test_server_with_batching(tmp_path):
       request.model_spec.name = "m"
       request.inputs["x"].CopyFrom(
           tf.make_tensor_proto([float(i)], dtype=tf.float32))
-      return server.predict.Predict(request, timeout=30).outputs[
+      return server.predict.Predict(request, timeout=120).outputs[
           "y"].float_val[0]
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
       results = list(pool.map(predict, range(64)))
-    assert results == [0.5 * i + 2 for i in range(64)]
+    assert results == pytest.approx([0.5 * i + 2 for i in range(64)])
     text = server.server.metrics.exposition().decode()
     match = re.search(r'processed_batch_size_count\{model_name="m"\} (\S+)',
                       text)
-    batches = float(match.group(1))
-    assert 0 < batches < 64  # Some of the 64 requests shared a batch.
+    assert float(match.group(1)) == 8  # Full batches only.
   finally:
     server.stop()
 
@@ -149,7 +169,7 @@ def test_bad_call_fails_alone_and_scalar_outputs_stop_batching(scheduler):
     outcomes = []
     for f in futures:
       try:
-        outcomes.append(float(f.result(timeout=10)[0][0, 0]))
+        outcomes.append(float(f.result(timeout=60)[0][0, 0]))
       except errors.ServingError as e:
         outcomes.append(e.message)
   assert outcomes == [2.0, "negative input", 4.0, 6.0]
@@ -200,9 +220,9 @@ def test_async_callers_share_a_batch_and_one_wake_up(scheduler, monkeypatch):
 def test_async_deadline_abandons_the_task(scheduler):
   runner = _RecordingRunner()
   session = batching_session.BatchingSession(
-      runner, scheduler,
+      runner, scheduler,  # A batch runs once full (or after an hour).
       batch_scheduler.QueueOptions(max_batch_size=4,
-                                   batch_timeout_micros=200_000))
+                                   batch_timeout_micros=3_600_000_000))
 
   async def main():
     task = session.schedule({"x:0": np.ones((1, 1), np.float32)}, ["y:0"], 20,
@@ -214,10 +234,10 @@ def test_async_deadline_abandons_the_task(scheduler):
   task, error = asyncio.run(main())
   assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
   assert task.abandoned
-  (queue,) = session._queues.values()  # pylint: disable=protected-access
-  lib.wait_for(queue.empty)
-  time.sleep(0.05)
-  assert runner.batches == []  # Its rows were left out of the batch.
+  # Three more rows fill the batch, which then runs without the first one.
+  (y,) = session({"x:0": np.full((3, 1), 5, np.float32)}, ["y:0"])
+  np.testing.assert_array_equal(y, np.full((3, 1), 10, np.float32))
+  assert runner.batches == [3]  # Its row was left out of the batch.
 
 
 def test_unbatchable_calls_are_not_scheduled(scheduler):

@@ -50,23 +50,29 @@ def test_histogram_percentiles_match_numpy():
 def test_open_loop_against_echo(echo, requests):
   spec = driver.LoadSpec(mode="open", qps=200, warmup_seconds=0.5, duration_seconds=1.5, progress=False)
   result = driver.run(driver.GrpcPredictTarget(echo), requests, spec)
-  assert result.sent == 400
+  assert result.sent == 400  # Counted from the schedule, however late the sends.
   assert result.successes == 300 and not result.errors
-  assert result.throughput == pytest.approx(200, rel=0.5)  # Loose: the test machine is shared.
+  # At most the offered rate: the period measured is at least 1.5 s (give or take float rounding). How close
+  # it comes depends on the machine.
+  assert result.measured_seconds > 1.5 - 1e-6
+  assert 0 < result.throughput < 200 + 1e-3
   assert 0 < result.percentile_ms(50) <= result.percentile_ms(99) <= result.latency.summary_ms()["max"]
 
 
 def test_closed_loop_against_echo(echo, requests):
   spec = driver.LoadSpec(mode="closed", concurrency=4, warmup_seconds=0.3, duration_seconds=1.0, progress=False)
   result = driver.run(driver.GrpcPredictTarget(echo, channels=2), requests, spec)
-  assert result.successes > 50 and not result.errors
+  assert result.successes > 0 and not result.errors
   assert result.throughput == pytest.approx(result.successes / result.measured_seconds)
-  # Closed loop sends the next request when the previous answer arrives: no sender lag to speak of.
-  assert result.send_lag.percentile(99) < 0.05
+  # Closed loop sends the next request when the previous answer arrives: it never runs behind a schedule,
+  # so the typical send lag is less than the typical round trip it would otherwise queue behind.
+  assert result.send_lag.count == result.successes
+  assert result.send_lag.percentile(50) < result.service.percentile(50)
 
 
 def test_max_requests_bounds_a_closed_loop(echo, requests):
-  spec = driver.LoadSpec(mode="closed", concurrency=2, warmup_seconds=0, duration_seconds=5, max_requests=20,
+  # The duration is only an upper bound: the run ends at the 20th request, however slow the machine.
+  spec = driver.LoadSpec(mode="closed", concurrency=2, warmup_seconds=0, duration_seconds=600, max_requests=20,
                          progress=False)
   assert driver.run(driver.GrpcPredictTarget(echo), requests, spec).sent == 20
 
@@ -86,17 +92,20 @@ def test_stalled_server_shows_in_percentiles(requests):
     result = driver.run(driver.GrpcPredictTarget(f"127.0.0.1:{port}"), requests, spec)
   finally:
     server.stop(grace=1)
+  # Only lower bounds on times: the stall guarantees them, a slow machine only adds to them.
   assert result.successes == 400
-  assert result.service.percentile(90) < 0.15  # The uncorrected view hides the stall...
-  assert result.service.percentile(99.9) >= 0.45  # ...except for the one request that hit it.
-  assert result.latency.percentile(90) >= 0.2  # Corrected: ~10% of requests waited >= 300 ms.
+  assert result.service.percentile(99.9) >= 0.45  # The one request that hit the stall...
+  assert result.latency.percentile(90) >= 0.2  # ...but, corrected, >= 15% of requests waited >= 200 ms,
   assert result.latency.percentile(99) >= 0.4
-  assert result.send_lag.percentile(90) >= 0.2
+  assert result.send_lag.percentile(90) >= 0.2  # having been sent late.
+  # The uncorrected view hides the stall: its p90 is below the corrected one.
+  assert result.service.percentile(90) < result.latency.percentile(90)
 
 
 def test_errors_are_counted_by_status_code(requests):
   spec = driver.LoadSpec(mode="open", qps=40, warmup_seconds=0, duration_seconds=0.5, progress=False)
-  result = driver.run(driver.GrpcPredictTarget(f"127.0.0.1:{lib.free_port()}", timeout=2), requests, spec)
+  with lib.refusing_port() as port:  # Held for the run: no one else can listen there.
+    result = driver.run(driver.GrpcPredictTarget(f"127.0.0.1:{port}", timeout=60), requests, spec)
   assert result.successes == 0
   assert result.errors == {"UNAVAILABLE": 20}
 
@@ -136,7 +145,8 @@ def test_cli_writes_json_report_and_plot(echo, tmp_path):
     data = json.load(f)
   assert data["mode"] == "open" and data["offered_qps"] == 100 and data["concurrency"] is None
   assert data["requests"]["ok"] == 100 and data["errors"] == {}
-  assert data["throughput_qps"] == pytest.approx(100, rel=0.5)
+  # At most the offered rate: the period measured is at least 1 s (give or take float rounding).
+  assert 0 < data["throughput_qps"] < 100 + 1e-6
   assert set(data["latency_ms"]) == {"count", "min", "mean", "p50", "p90", "p99", "p999", "max"}
   assert data["latency_ms"]["p50"] <= data["latency_ms"]["p99"] <= data["latency_ms"]["p999"]
   assert data["coordinated_omission_corrected"] is True

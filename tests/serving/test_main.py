@@ -4,12 +4,14 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-import time
+import threading
+import urllib.request
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import predict_pb2
 
 import serving_testlib as lib
@@ -72,32 +74,119 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
                     "batch_timeout_micros { value: 3000000 }")
   proc = lib.ServerProcess([
       "--model_name=m", f"--model_base_path={tmp_path / 'm'}",
-      "--enable_batching", f"--batching_parameters_file={params}"],
+      "--enable_batching", f"--batching_parameters_file={params}",
+      "--max_in_flight_requests=1"],  # Shows when the request is in flight.
                            str(tmp_path))
   with open(proc.stdout_path) as f:
     assert f"FGR_SERVE_GRPC_PORT={proc.grpc_port}" in f.read()
   request = predict_pb2.PredictRequest()
   request.model_spec.name = "m"
   request.inputs["x"].CopyFrom(tf.make_tensor_proto([2.0], dtype=tf.float32))
-  status = get_model_status_pb2.GetModelStatusRequest()
-  status.model_spec.name = "m"
-  proc.model.GetModelStatus(status, timeout=30)  # Connect before timing.
+  probe = predict_pb2.PredictRequest()
+  probe.model_spec.name = "nope"  # Takes the one in-flight slot, if free.
+
+  def request_in_flight():
+    try:
+      proc.predict.Predict(probe, timeout=60)
+    except grpc.RpcError as e:
+      return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # Else NOT_FOUND.
+    raise AssertionError("a Predict on a missing model succeeded")
+
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    in_flight = pool.submit(proc.predict.Predict, request, timeout=30)
-    time.sleep(1.0)  # The request now waits for its batch to time out.
+    in_flight = pool.submit(proc.predict.Predict, request, timeout=120)
+    # Its batch waits 3 s; once the request holds the slot, it is in flight.
+    lib.wait_for(request_in_flight, timeout=60)
     proc.process.send_signal(15)
-    response = in_flight.result(timeout=30)
+    response = in_flight.result(timeout=120)
   assert response.outputs["y"].float_val == [3.0]
   code = proc.terminate()
   assert code == 0, proc.stderr()[-3000:]
-  channel = grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}")
-  with pytest.raises(grpc.RpcError) as info:
-    lib.prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-        request, timeout=5)
-  # Nothing listens any more (a loaded machine may time out first).
-  assert info.value.code() in (grpc.StatusCode.UNAVAILABLE,
-                               grpc.StatusCode.DEADLINE_EXCEEDED)
-  channel.close()
+
+
+def test_rest_api_port_any_is_reported_by_the_process(server):
+  """The session server runs with --rest_api_port=-1: REST gets a free port,
+  reported on stdout and in --port_file as the gRPC port is."""
+  with open(server.port_file) as f:
+    ports = dict(line.split("=") for line in f.read().split())
+  assert int(ports["rest"]) == server.rest_port > 0
+  assert server.rest_port != server.grpc_port
+  with open(server.stdout_path) as f:
+    assert f"FGR_SERVE_REST_PORT={server.rest_port}" in f.read()
+  url = f"http://127.0.0.1:{server.rest_port}/v1/models/{lib.TF1_MODEL}"
+  with urllib.request.urlopen(url, timeout=60) as response:
+    assert response.status == 200
+
+
+def test_rest_api_port_in_options(tmp_path):
+  """REST_API_ANY_PORT binds a free port; 0 keeps REST off, as TF Serving."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  model = {"model_name": "m", "model_base_path": str(tmp_path / "m")}
+  server = lib.InProcessServer(
+      rest_api_port=server_lib.REST_API_ANY_PORT, **model)
+  try:
+    assert server.server.rest_port > 0
+    url = f"http://127.0.0.1:{server.server.rest_port}/v1/models/m"
+    with urllib.request.urlopen(url, timeout=60) as response:
+      assert response.status == 200
+  finally:
+    server.stop()
+  server = lib.InProcessServer(rest_api_port=0, **model)
+  try:
+    assert server.server.rest_port == 0
+  finally:
+    server.stop()
+  with pytest.raises(errors.ServingError, match="--rest_api_port=-2"):
+    lib.InProcessServer(rest_api_port=-2, **model)
+
+
+def test_shutdown_reports_not_serving_before_draining(tmp_path):
+  """Stopping turns gRPC health NOT_SERVING for every service before REST
+  drains, so load balancers stop sending gRPC calls while a REST call is
+  still being answered. The REST call is held inside the server by an event
+  the test sets, so the drain lasts exactly as long as the test needs."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  server = lib.InProcessServer(
+      model_name="m", model_base_path=str(tmp_path / "m"),
+      rest_api_port=lib.REST_ANY_PORT, enable_grpc_healthcheck_service=True)
+  api = server.server.api
+  entered, release = threading.Event(), threading.Event()
+  predict = api.predict
+
+  def held_predict(*args, **kwargs):
+    entered.set()
+    release.wait()
+    return predict(*args, **kwargs)
+
+  api.predict = held_predict  # What the REST front end calls.
+  health = health_pb2_grpc.HealthStub(server.channel)
+  services = ("", "tensorflow.serving.PredictionService",
+              "tensorflow.serving.ModelService")
+
+  def statuses():
+    return {health.Check(health_pb2.HealthCheckRequest(service=service),
+                         timeout=60).status for service in services}
+
+  def rest_predict():
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.server.rest_port}/v1/models/m:predict",
+        data=b'{"instances": [2.0]}')
+    with urllib.request.urlopen(request, timeout=120) as response:
+      return response.status, response.read()
+
+  assert statuses() == {health_pb2.HealthCheckResponse.SERVING}
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    rest_call = pool.submit(rest_predict)
+    try:
+      assert entered.wait(60)
+      stopping = pool.submit(server.server.stop, 60)
+      lib.wait_for(lambda: statuses() == {
+          health_pb2.HealthCheckResponse.NOT_SERVING}, timeout=60)
+      assert not rest_call.done() and not stopping.done()  # Still draining.
+    finally:
+      release.set()
+    assert rest_call.result(timeout=120) == (200, b'{"predictions": [3.0]}')
+    stopping.result(timeout=120)
+  server.channel.close()
 
 
 @pytest.mark.parametrize("config_text, message", [

@@ -61,7 +61,7 @@ model_config_list {{
   config {{ name: "{lib.TF1_MODEL}" base_path: "{tmp / lib.TF1_MODEL}" }}
 }}""")
   proc = lib.ServerProcess([f"--model_config_file={config}",
-                            f"--rest_api_port={lib.free_port()}"], str(tmp))
+                            "--rest_api_port=-1"], str(tmp))
   yield proc
   assert proc.terminate() == 0, proc.stderr()[-3000:]
 

@@ -5,7 +5,9 @@ import json
 import urllib.error
 import urllib.request
 
+import grpc
 import pytest
+from tensorflow_serving.apis import predict_pb2
 
 from serving_testlib import TF1_MODEL, TF1_VERSION, TF2_MODEL
 
@@ -58,7 +60,7 @@ def test_predict_row_and_columnar(server):
   assert body == {"outputs": {"y": [[2.5]], "x_out": [[1.0]]}}
   status, body = _json(server, f"/v1/models/{TF2_MODEL}/labels/stable:predict",
                        {"inputs": [1.0, 2.1]})
-  assert body == {"outputs": [2.5, 3.05]}
+  assert body == {"outputs": pytest.approx([2.5, 3.05])}
 
 
 def test_predict_strings_and_b64(server):
@@ -106,7 +108,7 @@ def test_classify_and_regress(server):
     ("POST", f"/v1/models/{TF1_MODEL}:explode", {}, 400,
      "Malformed request: POST"),
     ("POST", f"/v1/models/{TF1_MODEL}:classify", {"examples": [{"x": 1.0}]},
-     400, "Expected classification signature method_name"),
+     400, "No classification inputs found in SignatureDef"),
     ("GET", "/v1/models", None, 400, "Missing model name in request."),
     ("GET", f"/v1/models/{TF2_MODEL}/labels/nope", None, 400,
      "Unrecognized servable version label: nope"),
@@ -119,11 +121,17 @@ def test_errors(server, method, path, body, code, message):
 
 
 def test_prometheus_metrics(server):
+  """Counts this test's own requests: it must pass alone, in any order."""
   _json(server, f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0]]})
+  missing = predict_pb2.PredictRequest()
+  missing.model_spec.name = "missing"
+  with pytest.raises(grpc.RpcError):
+    server.predict.Predict(missing, timeout=60)
   status, data = _call(server, "/monitoring/prometheus/metrics")
   assert status == 200
   text = data.decode()
   assert (f':tensorflow:serving:request_count_total{{model_name="{TF1_MODEL}"'
           ',status="OK"}') in text
   assert ':tensorflow:serving:request_latency_bucket{API="predict"' in text
-  assert 'status="NOT_FOUND"' in text or 'status="INVALID_ARGUMENT"' in text
+  assert (':tensorflow:serving:request_count_total{model_name="missing"'
+          ',status="NOT_FOUND"}') in text

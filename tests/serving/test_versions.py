@@ -55,20 +55,24 @@ def test_swap_under_load_then_failed_version(tmp_path):
                            file_system_poll_wait_seconds=0.2)
   stop = threading.Event()
   results, failures = [], []
+  per_client = [[] for _ in range(4)]  # Each client's answers, in order.
 
-  def client():
+  def client(answers):
     channel = grpc.insecure_channel(f"127.0.0.1:{server.server.grpc_port}")
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     while not stop.is_set():
       try:
         response = _predict(stub, "m")
-        results.append((response.model_spec.version.value,
-                        response.outputs["y"].float_val[0]))
+        answer = (response.model_spec.version.value,
+                  response.outputs["y"].float_val[0])
+        answers.append(answer)
+        results.append(answer)
       except grpc.RpcError as e:
         failures.append(e)
     channel.close()
 
-  threads = [threading.Thread(target=client) for _ in range(4)]
+  threads = [threading.Thread(target=client, args=(answers,))
+             for answers in per_client]
   try:
     for t in threads:
       t.start()
@@ -82,7 +86,9 @@ def test_swap_under_load_then_failed_version(tmp_path):
       t.join()
     assert not failures, failures[:3]
     assert set(results) == {(1, 3.0), (2, 4.0)}
-    assert results[-1] == (2, 4.0)
+    for answers in per_client:  # Once a client sees version 2, it stays.
+      assert answers == sorted(answers), answers
+    assert _predict(server.predict, "m").model_spec.version.value == 2
     states = _states(server.model, "m")
     assert states[2].state == State.AVAILABLE
     assert states[1].status.error_code == 0
@@ -163,7 +169,7 @@ def test_reload_config_and_config_file_polling(tmp_path):
         return False
       except grpc.RpcError as e:
         return e.code() == grpc.StatusCode.NOT_FOUND
-    lib.wait_for(b_gone, timeout=20)
+    lib.wait_for(b_gone)
   finally:
     server.stop()
 
