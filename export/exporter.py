@@ -27,7 +27,7 @@ class ExportConfig:
   Attributes:
     index: index backend name (see `engine.base.available_backends()`).
     k: candidates returned per request.
-    index_options: backend-specific configuration, e.g. {"num_leaves": 1000}.
+    index_options: backend-specific configuration (see the backend's builder in engine/).
     num_warmup_requests: warm-up records written to assets.extra (TF Serving allows at most 1000).
     eval_queries: held-out queries used to measure the index's recall@k against exact search.
     tuning_queries: further held-out queries a backend tunes its search knobs on (not those above).

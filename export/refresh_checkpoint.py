@@ -71,7 +71,7 @@ def write_fingerprint(saved_model_dir: str) -> None:
 
 
 def _node_ids(nodes, paths: Collection[str]) -> dict[str, int]:
-  """Node id of each object path ("index/state/dataset") from the root (node 0) by child names."""
+  """Node id of each object path ("index/eligible") from the root (node 0) by child names."""
   ids = {}
   for path in paths:
     node = 0
