@@ -6,15 +6,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from engine import base, scann_index, scann_update
+from engine import base, scann_config, scann_index, scann_update
 
-# Search knobs a build tunes: a rebuild takes the version's values rather than tuning again.
-TUNED_KNOBS = ("leaves_to_search", "reorder", "final_candidates")
-# Options that change what a build trains or stores: changing one needs a full build.
-STRUCTURE_OPTIONS = ("scoring", "num_leaves", "dimensions_per_block", "anisotropic_quantization_threshold",
-                     "partitioning")
-# Search-time knobs: an update from a version's training takes them as they are.
-SEARCH_KNOBS = ("leaves_to_search", "reorder", "final_candidates", "overfetch")
+# The roles of ScaNN's knobs (see `scann_config`).
+TUNED_KNOBS = scann_config.names(scann_config.TUNED)
+STRUCTURE_OPTIONS = scann_config.names(scann_config.STRUCTURE)
+SEARCH_KNOBS = scann_config.names(scann_config.SEARCH)
 
 
 def built_partitioning(config: Mapping[str, Any]) -> str:

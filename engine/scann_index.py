@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Mapping
 
@@ -11,14 +10,9 @@ import tensorflow as tf
 from absl import logging
 
 from engine import base
+from engine import scann_config
 from engine import scann_tuning
 from engine import search_ops
-
-# ScaNN's rules of thumb: exact scoring is cheapest for small catalogs, AH + rescoring for medium
-# ones, and partitioning (about sqrt(N) leaves) on top of that above ~100k points.
-BRUTE_FORCE_MAX_ITEMS = 20_000
-NO_TREE_MAX_ITEMS = 100_000
-
 
 def _scann_ops():
   # Imported lazily: loading ScaNN registers its custom ops, which only this backend may require.
@@ -229,45 +223,6 @@ def has_unit_norms(embeddings: np.ndarray, tolerance: float = 1e-3) -> bool:
              for start in range(0, embeddings.shape[0], chunk))
 
 
-def default_reorder(scoring: str, num_items: int, k: int) -> int:
-  """Pre-reorder candidates rescored exactly: none for exact scoring, 4k (at least 200) after AH."""
-  return 0 if scoring == "brute_force" else min(num_items, max(4 * k, 200))
-
-
-def default_config(num_items: int, k: int) -> dict[str, Any]:
-  """ScaNN's rules of thumb for a catalog of `num_items` points searched for `k` neighbours."""
-  if num_items < BRUTE_FORCE_MAX_ITEMS:
-    scoring, num_leaves = "brute_force", 0
-  elif num_items < NO_TREE_MAX_ITEMS:
-    scoring, num_leaves = "ah", 0
-  else:
-    scoring, num_leaves = "ah", max(2, int(round(math.sqrt(num_items))))
-  return {
-      "scoring": scoring,
-      "num_leaves": num_leaves,
-      "leaves_to_search": 0,  # 0: tuned at build time for `target_recall`.
-      # Up to 250k training points: better recall at the same knobs for a little more training
-      # (docs/benchmarks.md, Index backends).
-      "training_sample_size": min(num_items, 250_000),
-      # "auto": spherical k-means when every embedding has unit norm (our towers L2-normalise), as ScaNN's
-      # authors configure it for dot product over normalised data; generic k-means otherwise. Spherical
-      # leaves reach the target recall searching fewer of them (docs/benchmarks.md, Index backends).
-      "partitioning": "auto",
-      "dimensions_per_block": 2,
-      "anisotropic_quantization_threshold": 0.2,
-      "reorder": default_reorder(scoring, num_items, k),
-      # Reordered candidates ScaNN returns, of which the k best eligible are kept (0: min(reorder, 2k)).
-      # Each returned candidate costs a mask lookup and a top-k slot, so fewer than all reordered ones
-      # make a faster single-query search.
-      "final_candidates": 0,
-      "overfetch": 2,
-      "target_recall": 0.95,
-      "num_tuning_queries": 200,
-      "training_threads": 0,
-      "seed": 0,
-  }
-
-
 def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
                 tuning_queries: np.ndarray | None = None, **options: Any) -> ScannIndex:
   """Builds a ScaNN index with defaults derived from N; every knob can be overridden by name.
@@ -277,62 +232,39 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
     k: the default number of neighbours.
     eligible: optional bool [N] mask.
     tuning_queries: optional float32 [Q, d] queries used to tune `leaves_to_search`.
-    **options: overrides for `default_config` keys: scoring ("brute_force" or "ah"), num_leaves
-      (0 disables the tree), leaves_to_search (0 tunes it for target_recall), training_sample_size,
-      partitioning ("auto", "spherical" or "generic" k-means; auto picks spherical for unit-norm
-      embeddings), dimensions_per_block, anisotropic_quantization_threshold, reorder (pre-reorder candidates,
-      0 disables reordering; by default 4k, at least 200, with AH scoring and 0 with brute force),
-      final_candidates (reordered candidates returned before the eligibility filter, 0: min(reorder, 2k)),
-      overfetch (multiple of k fetched without reordering), target_recall, num_tuning_queries,
-      training_threads, seed. A tree on a catalog below NO_TREE_MAX_ITEMS (a test catalog) takes
-      `num_leaves=…, scoring="ah"`.
+    **options: overrides of `scann_config.ScannConfig` fields (see there). A tree on a catalog below
+      `scann_config.NO_TREE_MAX_ITEMS` (a test catalog) takes `num_leaves=…, scoring="ah"`.
   """
   scann_ops = _scann_ops()
   num_items = embeddings.shape[0]
-  config = default_config(num_items, k)
-  unknown = set(options) - set(config)
-  if unknown:
-    raise ValueError(f"Unknown ScaNN options {sorted(unknown)}; known: {sorted(config)}")
-  config.update(options)
-  if config["scoring"] not in ("brute_force", "ah"):
-    raise ValueError(f"scoring must be 'brute_force' or 'ah', got {config['scoring']!r}")
-  if "reorder" not in options:
-    # Derived from the scoring actually used: `scoring="ah"` on a catalog small enough for exact scoring
-    # (e.g. a tree forced on a test catalog) would otherwise get AH without the exact reordering.
-    config["reorder"] = default_reorder(config["scoring"], num_items, k)
-  if config["partitioning"] not in ("auto", "spherical", "generic"):
-    raise ValueError(f"partitioning must be 'auto', 'spherical' or 'generic', got {config['partitioning']!r}")
-  if config["partitioning"] == "auto" and config["num_leaves"]:
-    config["partitioning"] = "spherical" if has_unit_norms(embeddings) else "generic"
-  if config["reorder"] and config["reorder"] < k:
-    raise ValueError(f"reorder ({config['reorder']}) must be at least k ({k})")
-  if config["final_candidates"] < 0 or 0 < config["final_candidates"] < k:
-    raise ValueError(f"final_candidates ({config['final_candidates']}) must be 0 (automatic) or at least k ({k})")
+  settings = scann_config.ScannConfig.for_catalog(num_items, k, **options)
+  if settings.partitioning == "auto" and settings.num_leaves:
+    settings.partitioning = "spherical" if has_unit_norms(embeddings) else "generic"
+  config = settings.to_dict()  # What the index reports, with the results of training and tuning added.
 
   start = time.perf_counter()
-  builder = scann_ops.builder(embeddings, k, "dot_product").set_n_training_threads(config["training_threads"])
-  if config["num_leaves"]:
-    builder = builder.tree(num_leaves=config["num_leaves"],
-                           num_leaves_to_search=max(1, config["leaves_to_search"]),
-                           training_sample_size=config["training_sample_size"],
-                           spherical=config["partitioning"] == "spherical")
-  if config["scoring"] == "ah":
-    builder = builder.score_ah(config["dimensions_per_block"],
-                               anisotropic_quantization_threshold=config["anisotropic_quantization_threshold"],
-                               training_sample_size=config["training_sample_size"])
+  builder = scann_ops.builder(embeddings, k, "dot_product").set_n_training_threads(settings.training_threads)
+  if settings.num_leaves:
+    builder = builder.tree(num_leaves=settings.num_leaves, num_leaves_to_search=max(1, settings.leaves_to_search),
+                           training_sample_size=settings.training_sample_size,
+                           spherical=settings.partitioning == "spherical")
+  if settings.scoring == "ah":
+    builder = builder.score_ah(settings.dimensions_per_block,
+                               anisotropic_quantization_threshold=settings.anisotropic_quantization_threshold,
+                               training_sample_size=settings.training_sample_size)
   else:
     builder = builder.score_brute_force()
-  if config["reorder"]:
-    builder = builder.reorder(config["reorder"])
+  if settings.reorder:
+    builder = builder.reorder(settings.reorder)
   searcher = builder.build()
   config["train_seconds"] = time.perf_counter() - start
 
-  if config["num_leaves"] and config["leaves_to_search"] <= 0:
-    if "reorder" in options or not config["reorder"]:
-      reorder_choices = [config["reorder"]]
+  if settings.num_leaves and settings.leaves_to_search <= 0:
+    if "reorder" in options or not settings.reorder:
+      reorder_choices = [settings.reorder]
     else:  # Tune the reorder size too: 2k to 8k candidates.
       reorder_choices = sorted({min(num_items, m * k) for m in (2, 4, 5, 6, 8)})
-    config.update(scann_tuning.tune_search_knobs(searcher, embeddings, config, k, reorder_choices, tuning_queries))
+    config.update(scann_tuning.tune_search_knobs(searcher, embeddings, settings, k, reorder_choices, tuning_queries))
     logging.info("ScaNN: tuned leaves_to_search=%d of %d, reorder=%d (recall@%d %.3f on tuning queries)",
                  config["leaves_to_search"], config["num_leaves"], config["reorder"], k, config["tuned_recall"])
   elif not config["num_leaves"]:

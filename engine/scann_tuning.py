@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from engine import search_ops
+from engine import scann_config, search_ops
 
 
-def tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: dict[str, Any], k: int,
+def tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: scann_config.ScannConfig, k: int,
                        reorder_choices: list[int], tuning_queries: np.ndarray | None) -> dict[str, Any]:
   """Picks the fastest (leaves_to_search, reorder) whose recall@k reaches the target (plus margin).
 
@@ -22,13 +22,13 @@ def tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: dict[str, A
   then timed on single queries (what serving sees), interleaved, and the fastest wins. Without
   `tuning_queries`, catalog rows stand in for queries. The exact reference is a TF matmul + top_k.
   """
-  tuning_queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, config["num_tuning_queries"],
-                                                       config["seed"])
+  tuning_queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, config.num_tuning_queries,
+                                                       config.seed)
   truth = search_ops.exact_top_k_tf(tuning_queries, embeddings, k)
-  num_leaves = config["num_leaves"]
+  num_leaves = config.num_leaves
   # Margin for unseen queries: recall on the tuning queries overstates held-out recall, and more tuning
   # queries do not shrink the gap (docs/benchmarks.md, ScaNN tuned on real queries).
-  target = min(1.0, config["target_recall"] + 0.015)
+  target = min(1.0, config.target_recall + 0.015)
   ladder = sorted({max(1, int(round(num_leaves * f))) for f in
                    (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.08, 0.1,
                     0.15, 0.2, 0.3, 0.5, 1.0)})
