@@ -22,7 +22,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench import swap_phases
 from bench.fixtures import servers
-from export import exporter, refresh, refresh_state, versions, warmup
+from export import exporter, refresh_policy, refresh_state, version_files, versions, warmup
 from models import config as config_lib
 from models import train
 from models.data import schema, sources
@@ -39,7 +39,7 @@ flags.DEFINE_integer("swaps", 5, "Versions published in a row under load.")
 flags.DEFINE_float("swap_timeout", 300.0, "Longest wait for one swap, from delta file to answers.")
 flags.DEFINE_float("max_load_seconds", 1800.0, "Hard bound on the load phase.")
 flags.DEFINE_bool("measure_cli", True, "Also time a one-shot fgr-refresh process.")
-flags.DEFINE_enum("index_update", "auto", list(refresh.INDEX_UPDATES), "The refresher's --index_update.")
+flags.DEFINE_enum("index_update", "auto", list(refresh_policy.INDEX_UPDATES), "The refresher's --index_update.")
 flags.DEFINE_bool("compare_full", True, "Also time a rebuild with a full ScaNN retrain, and compare recall.")
 flags.DEFINE_integer("recall_queries", 500, "Held-out queries for the recall comparison.")
 flags.DEFINE_bool("watcher_verify_recall", False, "Let the watcher check recall after each publish (it then "
@@ -197,7 +197,7 @@ def served_copy(version_path: str, name: str) -> str:
     if n.split("-")[1] != stamps[-1]:
       shutil.rmtree(os.path.join(FLAGS.work_dir, n), ignore_errors=True)
   base_path = os.path.join(FLAGS.work_dir, f"{name}-{int(time.time())}")
-  refresh.link_tree(version_path, os.path.join(base_path, "1"))
+  version_files.link_tree(version_path, os.path.join(base_path, "1"))
   return base_path
 
 

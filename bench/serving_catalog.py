@@ -24,6 +24,7 @@ from absl import app, flags
 
 from bench import serving_common as common
 from bench.fixtures import servers
+from export import version_report
 from serving.loadtest import driver
 
 FLAGS = flags.FLAGS
@@ -72,7 +73,7 @@ def export_args(num_ads: int) -> list[str]:
           f"--index_options=leaves_to_search={max(1, leaves // 100)},reorder=400"]
 
 
-def export(run: str, base_path: str, num_ads: int) -> dict:
+def export(run: str, base_path: str, num_ads: int) -> version_report.VersionReport:
   """fgr-export --index=scann of the derived run, unless a version is already there; returns its report."""
   if not (os.path.isdir(base_path) and any(v.isdigit() for v in os.listdir(base_path))):
     shutil.rmtree(base_path, ignore_errors=True)
@@ -81,8 +82,7 @@ def export(run: str, base_path: str, num_ads: int) -> dict:
                     f"--model_base_path={base_path}", "--index=scann", "--k=100", *export_args(num_ads)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(f"  exported in {time.time() - started:.0f} s", flush=True)
-  with open(os.path.join(common.latest_version(base_path), "assets.extra", "export_report.json")) as f:
-    return json.load(f)
+  return version_report.read(common.latest_version(base_path))
 
 
 def _dir_mib(path: str) -> float:
@@ -112,10 +112,10 @@ def main(argv: list[str]) -> None:
                                                    requests, servers=(model,))],
                                    common.closed_loop(FLAGS.streams))
       after = model.memory_mib()
-    rows.append({"num_ads": num_ads, "index_config": {k: exported["index_config"][k] for k in
+    rows.append({"num_ads": num_ads, "index_config": {k: exported.index_config[k] for k in
                                                       ("scoring", "num_leaves", "leaves_to_search", "reorder")},
-                 "recall_at_100_vs_exact": exported["recall_at_100_vs_exact"],
-                 "index_mib": round(exported["index_bytes"] / 2**20, 1),
+                 "recall_at_100_vs_exact": exported.recall,
+                 "index_mib": round(exported.index_bytes / 2**20, 1),
                  "saved_model_mib": _dir_mib(common.latest_version(base_path)),
                  "seconds_to_available": round(load_seconds, 1), "rss_after_load_mib": loaded["rss_mib"],
                  "rss_after_load_peak_mib": loaded["peak_rss_mib"], "rss_after_load_test_mib": after["rss_mib"],

@@ -11,8 +11,6 @@ PredictionService: Predict takes `embedding` [B, d] float32 and answers `ids` [B
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import os
 import time
 
 from absl import app, flags, logging
@@ -22,7 +20,7 @@ import scann
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from export import refresh_state
+from export import refresh_state, version_report
 from serving.loadtest import echo_server
 
 FLAGS = flags.FLAGS
@@ -40,11 +38,10 @@ def build_searcher(version_path: str) -> tuple[object, np.ndarray, int, dict]:
   Returns:
     (searcher, ids of the indexed rows, k, search keyword arguments).
   """
-  with open(os.path.join(version_path, "assets.extra", "export_report.json")) as f:
-    export = json.load(f)
-  if export["index"] != "scann":
-    raise ValueError(f"{version_path} was exported with --index={export['index']}; this service mirrors scann")
-  config, k = export["index_config"], export["k"]
+  export = version_report.read(version_path)
+  if export.index != "scann":
+    raise ValueError(f"{version_path} was exported with --index={export.index}; this service mirrors scann")
+  config, k = export.index_config, export.k
   state = refresh_state.read_state(version_path)
   rows = np.flatnonzero(state.eligible)  # Paused ads are left out instead of masked at search time.
   vectors = np.ascontiguousarray(state.embeddings[rows], dtype=np.float32)

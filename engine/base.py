@@ -1,9 +1,10 @@
-"""The index interface shared by every backend, and the registry that builds them by name."""
+"""The index interface shared by every backend, each backend's lifecycle spec, and the registry of them."""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, NamedTuple
+import types
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -32,11 +33,21 @@ class Index(tf.Module):
   filtered categories) never come back, and a search still returns k items when k eligible ones
   exist. Updating the mask is a variable assignment, so status changes need no rebuild.
 
+  Across versions an index is rebuilt over a changed catalog (fgr-refresh). What the index knows
+  about that lies here too, so the refresh needs no backend names: `config` (what to keep),
+  `checkpoint_values` (which saved variables a new catalog replaces) and `graph_reuse_blocker`
+  (whether serving functions traced for an earlier build can serve this one). What a backend's
+  builder knows (tuned knobs, trained structure) lies in its `Backend`.
+
   Args:
     num_items: number of catalog rows.
     eligible: optional bool [num_items] mask; all items are eligible when omitted.
     name: module name.
   """
+
+  # The resolved build configuration (knobs as given, derived and tuned), as reports show it and as a
+  # rebuild starts from. Backends with knobs set their own dict; the rest share this empty, read-only one.
+  config: Mapping[str, Any] = types.MappingProxyType({})
 
   def __init__(self, num_items: int, eligible: np.ndarray | None = None, name: str | None = None):
     super().__init__(name=name)
@@ -68,6 +79,35 @@ class Index(tf.Module):
     """Bytes of index data (codes, vectors, partitions), excluding the eligibility mask."""
     raise NotImplementedError
 
+  def checkpoint_values(self) -> dict[str, Any]:
+    """The catalog-sized variables of this index by object path below it ("eligible", "state/dataset").
+
+    A refresh that keeps an earlier version's graph writes these values into that graph's checkpoint,
+    so they must be everything that changes with the catalog.
+    """
+    return {ELIGIBLE: self.eligible}
+
+  def optional_checkpoint_paths(self) -> frozenset[str]:
+    """Paths of `checkpoint_values` that a graph saved by an earlier build of this backend may lack."""
+    return frozenset()
+
+  def graph_reuse_blocker(self, saved_config: Mapping[str, Any], k: int, saved_num_items: int) -> str | None:
+    """Why serving functions traced for an index built with `saved_config` cannot serve this one.
+
+    None means they can: the graph reads everything that changed from `checkpoint_values`, and bakes in
+    only what both builds share. By default the graph depends on the build.
+
+    Args:
+      saved_config: the `config` of the index the graph was traced for.
+      k: the neighbours the graph asks for.
+      saved_num_items: the catalog size the graph was traced for.
+    """
+    return "this backend's graph depends on its build"
+
+
+# Object path, below the index, of the eligibility mask every index carries.
+ELIGIBLE = "eligible"
+
 
 def catalog_variable(value: np.ndarray | tf.Tensor, name: str) -> tf.Variable:
   """A non-trainable variable with one row per catalog item, saved with an unknown number of rows.
@@ -92,7 +132,7 @@ def mask_ineligible(scores: tf.Tensor, eligible: tf.Tensor, candidate_rows: tf.T
   else:
     safe_rows = tf.maximum(candidate_rows, 0)
     # Gathering from the read value (GatherV2) rather than the variable (ResourceGather, which locks it)
-    # measured about 20 us less per single-query search in a session at 1M items.
+    # is faster per single-query search (docs/benchmarks.md, Index backends).
     keep = tf.logical_and(tf.gather(tf.convert_to_tensor(eligible), safe_rows), candidate_rows >= 0)
   return tf.where(keep, scores, tf.constant(-np.inf, scores.dtype))
 
@@ -105,32 +145,116 @@ def finalize(scores: tf.Tensor, indices: tf.Tensor) -> SearchResult:
   return SearchResult(scores=scores, indices=indices)
 
 
-# Backends register lazily as "module:function", so that building a stock-op index never imports
-# ScaNN (whose custom ops would otherwise end up required by every SavedModel we write).
+class Backend:
+  """One backend: how it builds an index, and what a rebuild over a changed catalog may keep of one.
+
+  ScaNN-style, choosing the backend is separate from the algorithm: fgr-refresh asks these questions
+  of whatever backend built a version, and never names one. The base class answers for backends
+  without an incremental update: a rebuild keeps the options, trains anew, and reuses nothing.
+
+  Args:
+    name: the registry name (`--index`).
+    build: builder(embeddings, *, k, eligible, tuning_queries, **options) -> Index.
+  """
+
+  # Whether `update` can build an index over a changed catalog from an earlier build's training.
+  updatable: bool = False
+
+  def __init__(self, name: str, build: Callable[..., Index]):
+    self.name = name
+    self._build = build
+
+  def build(self, embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
+            tuning_queries: np.ndarray | None = None, **options: Any) -> Index:
+    return self._build(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)
+
+  def load_ops(self) -> None:
+    """Registers the custom ops a SavedModel holding this backend's index needs, before it is loaded."""
+
+  def rebuild_options(self, options: Mapping[str, Any], config: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The options that rebuild an index the way `options` built one whose `config` is given.
+
+    A rebuild keeps the knobs its build tuned: the catalog changed a little, and tuning again would cost
+    more than the rest of the build.
+    """
+    del config, k
+    return dict(options)
+
+  def structure_changes(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
+    """Options that change what a build trains or stores, set in `options` to other values than `config`'s."""
+    del config, options
+    return []
+
+  def background_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` for a build in a background thread, leaving the other cores to serving."""
+    return dict(options)
+
+  def trained(self, index: Index) -> Any:
+    """What `update` reuses of a built index (its trained structure)."""
+    raise NotImplementedError(f"the {self.name} backend has no incremental update")
+
+  def read_trained(self, checkpoint_prefix: str, index_path: str, embeddings: np.ndarray) -> Any:
+    """What `update` reuses of the index saved at object path `index_path` of a checkpoint.
+
+    Args:
+      checkpoint_prefix: a TF checkpoint (e.g. a SavedModel's variables/variables).
+      index_path: the index's object path in it.
+      embeddings: float32 [N, d], the rows the index was built over.
+
+    Raises:
+      KeyError, ValueError: the checkpoint holds no updatable index of this backend.
+    """
+    del checkpoint_prefix, index_path, embeddings
+    raise NotImplementedError(f"the {self.name} backend has no incremental update")
+
+  def update(self, trained: Any, config: Mapping[str, Any], embeddings: np.ndarray, source_rows: np.ndarray,
+             eligible: np.ndarray, options: Mapping[str, Any]) -> Index:
+    """An index over `embeddings` from an earlier build's training (no training, no tuning).
+
+    Args:
+      trained: from `trained` or `read_trained`.
+      config: the earlier build's config, with the caller's bookkeeping.
+      embeddings: float32 [N', d], every row of the new catalog.
+      source_rows: int64 [N']: the row of the trained index holding new row i unchanged, or -1.
+      eligible: bool [N'] mask.
+      options: the rebuild's options; search-time knobs among them replace the config's.
+
+    Raises:
+      KeyError, ValueError: `trained` cannot be updated.
+    """
+    del trained, config, embeddings, source_rows, eligible, options
+    raise NotImplementedError(f"the {self.name} backend has no incremental update")
+
+
+# Backends register lazily as "module" holding a `BACKEND`, so that building a stock-op index never
+# imports ScaNN (whose custom ops would otherwise end up required by every SavedModel we write).
 _BACKENDS: dict[str, str] = {
-    "brute_force": "engine.brute_force:build_brute_force",
-    "scann": "engine.scann_index:build_scann",
-    "int8": "engine.int8_index:build_int8",
-    "binary": "engine.binary_index:build_binary",
-    "partitioned": "engine.partitioned_index:build_partitioned",
+    "brute_force": "engine.brute_force",
+    "scann": "engine.scann_backend",
+    "int8": "engine.int8_index",
+    "binary": "engine.binary_index",
+    "partitioned": "engine.partitioned_index",
 }
-
-
-def register_backend(name: str, target: str) -> None:
-  """Registers a builder given as "module:function" under `name`."""
-  _BACKENDS[name] = target
+DEFAULT_BACKEND = "scann"
 
 
 def available_backends() -> list[str]:
   return sorted(_BACKENDS)
 
 
-def build_index(backend: str, embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
+def backend(name: str) -> Backend:
+  """The named backend (see `available_backends()`)."""
+  if name not in _BACKENDS:
+    raise ValueError(f"Unknown index backend {name!r}; choose one of {available_backends()}")
+  return importlib.import_module(_BACKENDS[name]).BACKEND
+
+
+def build_index(backend_name: str, embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
                 tuning_queries: np.ndarray | None = None, **options: Any) -> Index:
   """Builds the named backend over float32 item embeddings [N, d].
 
   Args:
-    backend: one of `available_backends()`.
+    backend_name: one of `available_backends()`.
     embeddings: float32 [N, d] item embeddings, one row per catalog item.
     k: the largest number of neighbours a search will ask for.
     eligible: optional bool [N] mask of items that may be returned.
@@ -139,11 +263,8 @@ def build_index(backend: str, embeddings: np.ndarray, *, k: int, eligible: np.nd
       sit far from where real queries land and so overstate recall.
     **options: backend-specific configuration.
   """
-  if backend not in _BACKENDS:
-    raise ValueError(f"Unknown index backend {backend!r}; choose one of {available_backends()}")
-  module_name, function_name = _BACKENDS[backend].split(":")
-  builder: Callable[..., Index] = getattr(importlib.import_module(module_name), function_name)
+  spec = backend(backend_name)
   embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
   if embeddings.ndim != 2 or embeddings.shape[0] == 0:
     raise ValueError(f"embeddings must be a non-empty [N, d] matrix, got shape {embeddings.shape}")
-  return builder(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)
+  return spec.build(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)

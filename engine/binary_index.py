@@ -38,7 +38,7 @@ class BinaryIndex(base.Index):
     hasher: the hashing layer (learned, or random hyperplanes as a baseline).
     eligible: optional bool [N] mask.
     rerank_candidates: candidates rescored exactly per query.
-    jit_compile: fuse XOR + popcount + sum with XLA (about 2x faster on 2 cores).
+    jit_compile: fuse XOR + popcount + sum with XLA (faster: docs/benchmarks.md, Index backends).
   """
 
   def __init__(self, embeddings: np.ndarray, hasher: hashing.SignHash, eligible: np.ndarray | None = None,
@@ -112,3 +112,6 @@ def build_binary(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None 
     index.rerank_candidates, _ = search_ops.tune_search_option(index, "rerank_candidates", ladder, embeddings,
                                                                queries, k, target_recall)
   return index
+
+
+BACKEND = base.Backend("binary", build_binary)

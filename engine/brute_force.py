@@ -16,8 +16,8 @@ class BruteForceIndex(base.Index):
     embeddings: float32 [N, d] item embeddings.
     eligible: optional bool [N] mask.
     dtype: storage and matmul dtype, `float32` or `bfloat16` (half the bytes, scores cast back).
-    jit_compile: compile the scoring with XLA. It fuses matmul, mask and top-k (measured about 1.3x
-      faster for single queries at 1M x 64 on 2 cores), but stock TF Serving only runs XLA functions
+    jit_compile: compile the scoring with XLA. It fuses matmul, mask and top-k, which is faster for
+      single queries (docs/benchmarks.md, Index backends), but stock TF Serving only runs XLA functions
       with `--xla_cpu_compilation_enabled`, so it is off by default.
   """
 
@@ -47,3 +47,6 @@ def build_brute_force(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | 
   """Builds the exact index; `k` and `tuning_queries` are unused (exact search has nothing to tune)."""
   del k
   return BruteForceIndex(embeddings, eligible, dtype=dtype, jit_compile=jit_compile)
+
+
+BACKEND = base.Backend("brute_force", build_brute_force)

@@ -8,7 +8,7 @@ from the same version (new ads embedded by exactly the model that serves them) a
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -21,6 +21,31 @@ ENCODE_ITEM = "encode_item"
 SEARCH_WITH_OPTIONS = "search_with_options"
 
 Tower = Callable[[dict[str, tf.Tensor]], tf.Tensor]
+
+# Object paths of the catalog in a saved FullGraph (its attributes `index` and `item_ids`).
+INDEX = "index"
+ITEM_IDS = "item_ids"
+
+
+def variable_key(path: str) -> str:
+  """The checkpoint key of the variable saved at object path `path`."""
+  return f"{path}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+ITEM_IDS_KEY = variable_key(ITEM_IDS)
+ELIGIBLE_KEY = variable_key(f"{INDEX}/{base.ELIGIBLE}")
+
+
+def catalog_values(index: base.Index, item_ids: np.ndarray) -> tuple[dict[str, Any], frozenset[str]]:
+  """The catalog-sized variables of a FullGraph over `index` and `item_ids`, by object path.
+
+  Returns:
+    (values by object path, the paths among them that a graph saved by an earlier build may lack);
+    see `base.Index.checkpoint_values`.
+  """
+  values = {ITEM_IDS: np.asarray(item_ids, dtype=object).astype(bytes)}
+  values.update({f"{INDEX}/{path}": value for path, value in index.checkpoint_values().items()})
+  return values, frozenset(f"{INDEX}/{path}" for path in index.optional_checkpoint_paths())
 
 
 class FullGraph(tf.Module):

@@ -26,14 +26,13 @@ def _score_bfloat16(queries: tf.Tensor, codes: tf.Tensor, scales: tf.Tensor) -> 
 class Int8Index(base.Index):
   """Scalar-quantised catalog: int8 codes with one scale per dimension, reranked exactly.
 
-  Approximate scores come from the int8 codes (a quarter of float32's bytes). Which TF path scores
-  them fastest was measured at 1M x 64 on 2 cores, single queries: casting the codes to bfloat16
-  and one oneDNN matmul (~68 ms under load) beats an XLA-fused int8 -> int32 dot (~90 ms), TF's
-  int8 `MatMul` with `output_type=int32` (~128 ms) and `QuantizedMatMul` (~138 ms); none beats the
-  float32 matmul over 4x the bytes (~46 ms), because TF has no fast int8 GEMV on CPU. So int8 buys
-  memory, not speed, here. Ineligible items are masked before the candidate top-k,
-  so the `rerank_candidates` survivors are all eligible and k results come back whenever k eligible
-  items exist. Those candidates are rescored exactly against float32 vectors, kept for that purpose
+  Approximate scores come from the int8 codes (a quarter of float32's bytes). They are scored by
+  casting the codes to bfloat16 (exact for int8) and one oneDNN matmul, the fastest of the TF paths
+  tried (an XLA-fused int8 -> int32 dot, TF's int8 `MatMul`, `QuantizedMatMul`); none beats the
+  float32 matmul over 4x the bytes, because TF has no fast int8 GEMV on CPU (docs/benchmarks.md,
+  Index backends). So int8 buys memory, not speed, here. Ineligible items are masked before the
+  candidate top-k, so the `rerank_candidates` survivors are all eligible and k results come back
+  whenever k eligible items exist. Those candidates are rescored exactly against float32 vectors, kept for that purpose
   and counted in `nbytes()` (see `memory_breakdown()` for codes vs rerank bytes).
 
   Args:
@@ -97,3 +96,6 @@ def build_int8(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = 
     index.rerank_candidates, _ = search_ops.tune_search_option(index, "rerank_candidates", ladder, embeddings,
                                                                queries, k, target_recall)
   return index
+
+
+BACKEND = base.Backend("int8", build_int8)

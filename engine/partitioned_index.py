@@ -125,3 +125,6 @@ def build_partitioned(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | 
     logging.info("partitioned: %d partitions, tuned probes=%d (recall@%d %.3f on tuning queries) in %.1fs",
                  num_partitions, index.default_probes, k, recall, time.perf_counter() - start)
   return index
+
+
+BACKEND = base.Backend("partitioned", build_partitioned)

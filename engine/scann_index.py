@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from engine import base
+from engine import scann_config
+from engine import scann_tuning
 from engine import search_ops
-
-# ScaNN's rules of thumb: exact scoring is cheapest for small catalogs, AH + rescoring for medium
-# ones, and partitioning (about sqrt(N) leaves) on top of that above ~100k points.
-BRUTE_FORCE_MAX_ITEMS = 20_000
-NO_TREE_MAX_ITEMS = 100_000
-
 
 def _scann_ops():
   # Imported lazily: loading ScaNN registers its custom ops, which only this backend may require.
@@ -25,6 +20,10 @@ def _scann_ops():
   return scann_ops
 
 
+# Object paths below the index: ScaNN's state (`ScannAssetsModule`), and the float vectors of the exact
+# fallback when they are not the state's dataset.
+STATE = "state"
+VECTORS = "vectors"
 # The searcher's assets, in the order ScaNN's `scann_to_tensors` returns them.
 ASSET_NAMES = ("scann_config", "serialized_partitioner", "datapoint_to_token", "ah_codebook", "hashed_dataset",
                "int8_dataset", "int8_multipliers", "dp_norms", "dataset")
@@ -56,8 +55,8 @@ class ScannIndex(base.Index):
   The searcher is built with ScaNN's builder and serialised with `serialize_to_module()` into a
   `ScannState` (a tf.Module of variables), so it is saved inside the SavedModel. At search time the
   `TensorsToScann` op turns those variables into a searcher handle; its kernel keeps the searcher
-  it created, so a loaded model deserialises the index once, not per call (measured at 1M items:
-  about 0.1 ms per call over a handle captured once, independent of N).
+  it created, so a loaded model deserialises the index once, not per call (docs/benchmarks.md, Index
+  backends: what bounds ScaNN in the graph).
 
   ScaNN has no filter, so the search fetches the best `final_candidates` reordered candidates (2k by
   default) and drops ineligible ones. A query left short of k searches again with every reordered
@@ -76,7 +75,7 @@ class ScannIndex(base.Index):
                eligible: np.ndarray | None = None, name: str = "scann"):
     super().__init__(embeddings.shape[0], eligible, name=name)
     self.config = dict(config)
-    self.state = ScannAssetsModule(searcher.serialize_to_module())
+    self.state = ScannAssetsModule(searcher.serialize_to_module())  # Saved at object path STATE.
     # Reordering keeps the float dataset inside the ScaNN state: reuse it for the exact fallback rather
     # than save the catalog twice. (Its static shape has unknown rows: compare the value's shape.)
     if tuple(tf.shape(self.state.dataset).numpy()) == embeddings.shape:
@@ -137,7 +136,7 @@ class ScannIndex(base.Index):
       """The k best eligible of ScaNN's best `count` reordered candidates (rows of -1 where short)."""
 
       def single() -> tuple[tf.Tensor, tf.Tensor]:
-        # ScannSearch takes ScaNN's single-query path: 25-80 us faster at 1M than a batch of one.
+        # ScannSearch takes ScaNN's single-query path, which is faster than a batch of one.
         rows, scores = scann_ops.scann_search(handle, queries[0], count, pre_reorder, leaves)
         return rows[tf.newaxis], scores[tf.newaxis]
 
@@ -155,7 +154,8 @@ class ScannIndex(base.Index):
 
     if retry_all_reordered:
       # Short of k eligible among the best `fetch`: retry with every reordered candidate (another ScaNN
-      # search, ~0.3 ms at 1M) before the exact scan (~15 ms), so catalogs with many paused ads stay fast.
+      # search, far cheaper than the exact scan) before the exact scan, so catalogs with many paused ads
+      # stay fast.
       return search_ops.fill_short_rows(
           candidates(fetch), k, lambda: search_ops.fill_short_rows(candidates(pre_reorder), k, exact))
     return search_ops.fill_short_rows(candidates(fetch), k, exact)
@@ -163,8 +163,8 @@ class ScannIndex(base.Index):
   def _eligible_top_k(self, rows: tf.Tensor, scores: tf.Tensor, k: int) -> base.SearchResult:
     """The k best eligible candidates of ScaNN's int32 rows (all ≥ 0) / float32 scores [B, F].
 
-    Fewer ops than the generic `search_ops.top_k_of_candidates`, because every op costs a few
-    microseconds on a ~0.3 ms search: ScaNN's dtypes are fixed, and empty slots were handled above.
+    Fewer ops than the generic `search_ops.top_k_of_candidates`, because every op is a noticeable share
+    of a ScaNN search: ScaNN's dtypes are fixed, and empty slots were handled above.
     """
     scores = tf.where(tf.gather(tf.convert_to_tensor(self.eligible), rows), scores, tf.constant(-np.inf, tf.float32))
     pad = tf.maximum(k - tf.shape(scores)[1], 0)  # Fewer than k candidates: pad so top_k is defined.
@@ -186,6 +186,30 @@ class ScannIndex(base.Index):
     # np.asarray: the serialised config is a scalar string variable, whose numpy() is plain bytes.
     return sum(int(np.asarray(v.numpy()).nbytes) for v in self.state.trainable_variables + self.state.non_trainable_variables)
 
+  def checkpoint_values(self) -> dict[str, Any]:
+    values = {base.ELIGIBLE: self.eligible, **{f"{STATE}/{name}": getattr(self.state, name) for name in ASSET_NAMES}}
+    # Versions exported before the exact fallback reused ScaNN's float dataset saved a copy of it as
+    # `vectors`, which their graphs read: give them the dataset there.
+    values[VECTORS] = getattr(self, VECTORS, self.state.dataset)
+    return values
+
+  def optional_checkpoint_paths(self) -> frozenset[str]:
+    return frozenset() if hasattr(self, VECTORS) else frozenset({VECTORS})
+
+  def graph_reuse_blocker(self, saved_config: Mapping[str, Any], k: int, saved_num_items: int) -> str | None:
+    # The serving functions read ScaNN's assets from variables and bake in k and the search knobs, and
+    # num_leaves as the range search_with_options accepts for leaves_to_search.
+    config = self.config
+    baked = ["num_leaves", "leaves_to_search", "reorder"] + (["overfetch"] if config.get("reorder", 0) <= 0 else [])
+    changed = [name for name in baked if config.get(name) != saved_config.get(name)]
+    if config.get("reorder", 0) > 0 and returned_candidates(config, k) != returned_candidates(saved_config, k):
+      changed.append("final_candidates")
+    if changed:
+      return f"search knobs {changed} differ from the saved graph's build"
+    if config.get("reorder", 0) <= 0 and k * config["overfetch"] > min(self.num_items, saved_num_items):
+      return "the candidate count depends on the catalog size"
+    return None
+
 
 def returned_candidates(config: dict[str, Any], k: int) -> int:
   """How many reordered candidates a reordering config has ScaNN return (all before `final_candidates`)."""
@@ -199,100 +223,6 @@ def has_unit_norms(embeddings: np.ndarray, tolerance: float = 1e-3) -> bool:
              for start in range(0, embeddings.shape[0], chunk))
 
 
-def default_reorder(scoring: str, num_items: int, k: int) -> int:
-  """Pre-reorder candidates rescored exactly: none for exact scoring, 4k (at least 200) after AH."""
-  return 0 if scoring == "brute_force" else min(num_items, max(4 * k, 200))
-
-
-def default_config(num_items: int, k: int) -> dict[str, Any]:
-  """ScaNN's rules of thumb for a catalog of `num_items` points searched for `k` neighbours."""
-  if num_items < BRUTE_FORCE_MAX_ITEMS:
-    scoring, num_leaves = "brute_force", 0
-  elif num_items < NO_TREE_MAX_ITEMS:
-    scoring, num_leaves = "ah", 0
-  else:
-    scoring, num_leaves = "ah", max(2, int(round(math.sqrt(num_items))))
-  return {
-      "scoring": scoring,
-      "num_leaves": num_leaves,
-      "leaves_to_search": 0,  # 0: tuned at build time for `target_recall`.
-      # 250k training points: measured at 1M x 64, recall@100 0.955 instead of 0.947 at the same knobs, for
-      # about 1.5 s more training.
-      "training_sample_size": min(num_items, 250_000),
-      # "auto": spherical k-means when every embedding has unit norm (our towers L2-normalise), as ScaNN's
-      # authors configure it for dot product over normalised data; generic k-means otherwise. Measured at
-      # 1M x 64 (unit norm): 12-15 leaves of 1000 reach recall@100 0.95 instead of 20-25, 14% more QPS.
-      "partitioning": "auto",
-      "dimensions_per_block": 2,
-      "anisotropic_quantization_threshold": 0.2,
-      "reorder": default_reorder(scoring, num_items, k),
-      # Reordered candidates ScaNN returns, of which the k best eligible are kept (0: min(reorder, 2k)).
-      # Each returned candidate costs a mask lookup and a top-k slot: measured at 1M, 200 instead of all
-      # 800 saved 0.05 ms of a 0.39 ms single-query search.
-      "final_candidates": 0,
-      "overfetch": 2,
-      "target_recall": 0.95,
-      "num_tuning_queries": 200,
-      "training_threads": 0,
-      "seed": 0,
-  }
-
-
-def _tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: dict[str, Any], k: int,
-                       reorder_choices: list[int], tuning_queries: np.ndarray | None) -> dict[str, Any]:
-  """Picks the fastest (leaves_to_search, reorder) whose recall@k reaches the target (plus margin).
-
-  Reorder sizes are tried largest first: for each, the smallest leaves_to_search reaching the target
-  is found on a geometric ladder with batched searches. A smaller reorder needs at least as many
-  leaves, and leaves cost more than reordering, so it is only tried up to twice the leaves the
-  previous size needed; a size that cannot get there ends the search. The qualifying settings are
-  then timed on single queries (what serving sees), interleaved, and the fastest wins. Without
-  `tuning_queries`, catalog rows stand in for queries. The exact reference is a TF matmul + top_k.
-  """
-  tuning_queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, config["num_tuning_queries"],
-                                                       config["seed"])
-  truth = search_ops.exact_top_k_tf(tuning_queries, embeddings, k)
-  num_leaves = config["num_leaves"]
-  # Margin for unseen queries: at 1M, 200 tuning queries overstated held-out recall by up to 0.011, and
-  # 1000 of them by 0.011 too (tuned 0.957, held out 0.946 with a 0.007 margin): more queries do not shrink it.
-  target = min(1.0, config["target_recall"] + 0.015)
-  ladder = sorted({max(1, int(round(num_leaves * f))) for f in
-                   (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.08, 0.1,
-                    0.15, 0.2, 0.3, 0.5, 1.0)})
-  queries = tf.constant(tuning_queries)
-  settings, best, max_leaves = [], None, num_leaves
-  for reorder in sorted(reorder_choices, reverse=True):
-    reached = None
-    for leaves in [value for value in ladder if value <= max_leaves]:
-      rows, _ = searcher.search_batched_parallel(queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder,
-                                                 leaves_to_search=leaves)
-      setting = {"leaves_to_search": leaves, "reorder": reorder,
-                 "tuned_recall": search_ops.recall_at_k(rows.numpy(), truth)}
-      if best is None or setting["tuned_recall"] > best["tuned_recall"]:
-        best = setting
-      if setting["tuned_recall"] >= target:
-        reached = setting
-        break
-    if reached is None:
-      break
-    settings.append(reached)
-    max_leaves = 2 * reached["leaves_to_search"]
-  if not settings:
-    return best
-  singles = [queries[i] for i in range(min(100, tuning_queries.shape[0]))]
-  times = [[] for _ in settings]
-  for _ in range(2):  # Interleaved rounds, so load drift hits every setting alike.
-    for setting, setting_times in zip(settings, times):
-      start = time.perf_counter()
-      for query in singles:
-        searcher.search(query, final_num_neighbors=k, pre_reorder_num_neighbors=setting["reorder"],
-                        leaves_to_search=setting["leaves_to_search"])
-      setting_times.append((time.perf_counter() - start) / len(singles) * 1e3)
-  for setting, setting_times in zip(settings, times):
-    setting["tuned_latency_ms"] = min(setting_times)
-  return min(settings, key=lambda s: s["tuned_latency_ms"])
-
-
 def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
                 tuning_queries: np.ndarray | None = None, **options: Any) -> ScannIndex:
   """Builds a ScaNN index with defaults derived from N; every knob can be overridden by name.
@@ -302,62 +232,39 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
     k: the default number of neighbours.
     eligible: optional bool [N] mask.
     tuning_queries: optional float32 [Q, d] queries used to tune `leaves_to_search`.
-    **options: overrides for `default_config` keys: scoring ("brute_force" or "ah"), num_leaves
-      (0 disables the tree), leaves_to_search (0 tunes it for target_recall), training_sample_size,
-      partitioning ("auto", "spherical" or "generic" k-means; auto picks spherical for unit-norm
-      embeddings), dimensions_per_block, anisotropic_quantization_threshold, reorder (pre-reorder candidates,
-      0 disables reordering; by default 4k, at least 200, with AH scoring and 0 with brute force),
-      final_candidates (reordered candidates returned before the eligibility filter, 0: min(reorder, 2k)),
-      overfetch (multiple of k fetched without reordering), target_recall, num_tuning_queries,
-      training_threads, seed. A tree on a catalog below NO_TREE_MAX_ITEMS (a test catalog) takes
-      `num_leaves=…, scoring="ah"`.
+    **options: overrides of `scann_config.ScannConfig` fields (see there). A tree on a catalog below
+      `scann_config.NO_TREE_MAX_ITEMS` (a test catalog) takes `num_leaves=…, scoring="ah"`.
   """
   scann_ops = _scann_ops()
   num_items = embeddings.shape[0]
-  config = default_config(num_items, k)
-  unknown = set(options) - set(config)
-  if unknown:
-    raise ValueError(f"Unknown ScaNN options {sorted(unknown)}; known: {sorted(config)}")
-  config.update(options)
-  if config["scoring"] not in ("brute_force", "ah"):
-    raise ValueError(f"scoring must be 'brute_force' or 'ah', got {config['scoring']!r}")
-  if "reorder" not in options:
-    # Derived from the scoring actually used: `scoring="ah"` on a catalog small enough for exact scoring
-    # (e.g. a tree forced on a test catalog) would otherwise get AH without the exact reordering.
-    config["reorder"] = default_reorder(config["scoring"], num_items, k)
-  if config["partitioning"] not in ("auto", "spherical", "generic"):
-    raise ValueError(f"partitioning must be 'auto', 'spherical' or 'generic', got {config['partitioning']!r}")
-  if config["partitioning"] == "auto" and config["num_leaves"]:
-    config["partitioning"] = "spherical" if has_unit_norms(embeddings) else "generic"
-  if config["reorder"] and config["reorder"] < k:
-    raise ValueError(f"reorder ({config['reorder']}) must be at least k ({k})")
-  if config["final_candidates"] < 0 or 0 < config["final_candidates"] < k:
-    raise ValueError(f"final_candidates ({config['final_candidates']}) must be 0 (automatic) or at least k ({k})")
+  settings = scann_config.ScannConfig.for_catalog(num_items, k, **options)
+  if settings.partitioning == "auto" and settings.num_leaves:
+    settings.partitioning = "spherical" if has_unit_norms(embeddings) else "generic"
+  config = settings.to_dict()  # What the index reports, with the results of training and tuning added.
 
   start = time.perf_counter()
-  builder = scann_ops.builder(embeddings, k, "dot_product").set_n_training_threads(config["training_threads"])
-  if config["num_leaves"]:
-    builder = builder.tree(num_leaves=config["num_leaves"],
-                           num_leaves_to_search=max(1, config["leaves_to_search"]),
-                           training_sample_size=config["training_sample_size"],
-                           spherical=config["partitioning"] == "spherical")
-  if config["scoring"] == "ah":
-    builder = builder.score_ah(config["dimensions_per_block"],
-                               anisotropic_quantization_threshold=config["anisotropic_quantization_threshold"],
-                               training_sample_size=config["training_sample_size"])
+  builder = scann_ops.builder(embeddings, k, "dot_product").set_n_training_threads(settings.training_threads)
+  if settings.num_leaves:
+    builder = builder.tree(num_leaves=settings.num_leaves, num_leaves_to_search=max(1, settings.leaves_to_search),
+                           training_sample_size=settings.training_sample_size,
+                           spherical=settings.partitioning == "spherical")
+  if settings.scoring == "ah":
+    builder = builder.score_ah(settings.dimensions_per_block,
+                               anisotropic_quantization_threshold=settings.anisotropic_quantization_threshold,
+                               training_sample_size=settings.training_sample_size)
   else:
     builder = builder.score_brute_force()
-  if config["reorder"]:
-    builder = builder.reorder(config["reorder"])
+  if settings.reorder:
+    builder = builder.reorder(settings.reorder)
   searcher = builder.build()
   config["train_seconds"] = time.perf_counter() - start
 
-  if config["num_leaves"] and config["leaves_to_search"] <= 0:
-    if "reorder" in options or not config["reorder"]:
-      reorder_choices = [config["reorder"]]
+  if settings.num_leaves and settings.leaves_to_search <= 0:
+    if "reorder" in options or not settings.reorder:
+      reorder_choices = [settings.reorder]
     else:  # Tune the reorder size too: 2k to 8k candidates.
       reorder_choices = sorted({min(num_items, m * k) for m in (2, 4, 5, 6, 8)})
-    config.update(_tune_search_knobs(searcher, embeddings, config, k, reorder_choices, tuning_queries))
+    config.update(scann_tuning.tune_search_knobs(searcher, embeddings, settings, k, reorder_choices, tuning_queries))
     logging.info("ScaNN: tuned leaves_to_search=%d of %d, reorder=%d (recall@%d %.3f on tuning queries)",
                  config["leaves_to_search"], config["num_leaves"], config["reorder"], k, config["tuned_recall"])
   elif not config["num_leaves"]:

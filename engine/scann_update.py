@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from engine import scann_index
+from engine import full_graph, scann_index
 
-# Checkpoint keys of a ScannIndex's state inside a FullGraph (the SavedModel's `index/state/...`).
-STATE_SCOPE = "index/state"
+# Object path of a ScannIndex's state inside a saved FullGraph (its checkpoint keys: `index/state/...`).
+STATE_SCOPE = f"{full_graph.INDEX}/{scann_index.STATE}"
 _BYTES_ASSETS = ("scann_config", "serialized_partitioner", "ah_codebook")
 ASSET_NAMES = scann_index.ASSET_NAMES
 
@@ -88,7 +88,7 @@ class ScannAssets:
     reader = tf.train.load_checkpoint(prefix)
     values = {"dataset": dataset}
     for name in ASSET_NAMES[:-1]:
-      key = f"{scope}/{name}/.ATTRIBUTES/VARIABLE_VALUE"
+      key = full_graph.variable_key(f"{scope}/{name}")
       if not reader.has_tensor(key):
         raise KeyError(f"{prefix} has no ScaNN asset {key!r}: not a ScaNN version")
       values[name] = reader.get_tensor(key)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -14,15 +13,12 @@ import tensorflow as tf
 from absl import logging
 
 from engine import base, full_graph
-from export import refresh_state, verify, versions, warmup
+from export import refresh_state, verify, version_report, versions, warmup
 from models import catalog as catalog_lib
 from models import precision as precision_lib
 from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
-
-REPORT_FILE = "export_report.json"
-
 
 @dataclasses.dataclass
 class ExportConfig:
@@ -31,19 +27,19 @@ class ExportConfig:
   Attributes:
     index: index backend name (see `engine.base.available_backends()`).
     k: candidates returned per request.
-    index_options: backend-specific configuration, e.g. {"num_leaves": 1000}.
+    index_options: backend-specific configuration (see the backend's builder in engine/).
     num_warmup_requests: warm-up records written to assets.extra (TF Serving allows at most 1000).
     eval_queries: held-out queries used to measure the index's recall@k against exact search.
     tuning_queries: further held-out queries a backend tunes its search knobs on (not those above).
     precision: compute precision of the exported towers ("float32", "mixed_bfloat16",
-      "mixed_float16"); None takes the fastest measured setting for this device
-      (`models.precision.serving_defaults`). Outputs stay float32 either way.
-    jit_compile: XLA-compile the towers' numeric part; None takes the measured default. Stock TF
+      "mixed_float16"); None takes this device's default (`models.precision.serving_defaults`).
+      Outputs stay float32 either way.
+    jit_compile: XLA-compile the towers' numeric part; None takes this device's default. Stock TF
       Serving needs --xla_cpu_compilation_enabled to run an XLA-compiled export.
     version: explicit version number; the next free one when None.
   """
 
-  index: str = "scann"
+  index: str = base.DEFAULT_BACKEND
   k: int = 100
   index_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   num_warmup_requests: int = 20
@@ -85,7 +81,7 @@ class BuiltGraph:
     catalog: the embedded catalog the index was built over.
     samples: held-out query features (the first ones are the warm-up requests).
     recall: the index's recall@k against exact search on held-out queries it was not tuned on.
-    timings: seconds spent embedding and building.
+    timings: seconds spent embedding and building, by step ("embed", "build").
     serving: the precision and XLA setting the towers were rebuilt with.
   """
 
@@ -109,7 +105,7 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
 
   catalog = catalog_lib.embed_catalog(model.item_tower, source)
-  timings["embed_seconds"] = time.time() - started
+  timings["embed"] = time.time() - started
 
   # Held-out queries in disjoint slices: recall is measured on queries the index was not tuned on,
   # and tuning uses real queries (catalog points make poor stand-ins for them).
@@ -124,7 +120,7 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   index = base.build_index(config.index, catalog.embeddings, k=config.k, eligible=catalog.eligible,
                            tuning_queries=tuning_embeddings if len(tuning_embeddings) else None,
                            **config.index_options)
-  timings["build_seconds"] = time.time() - started
+  timings["build"] = time.time() - started
   recall = verify.index_recall(index, eval_embeddings, catalog.embeddings, catalog.eligible, config.k)
   graph = full_graph.FullGraph(model.query_tower, model.item_tower, index, catalog.ids, config.k,
                                schema.query_specs(), schema.item_specs())
@@ -135,8 +131,8 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
   """Saves a built graph as BASE/<version>/ atomically, with warm-up records and its report.
 
   Returns:
-    The export report (version, path, recall@k against exact, timings, index bytes), also written to
-    assets.extra/export_report.json in the version.
+    The export report (version, path, recall@k against exact, timings, index bytes) as JSON
+    (`version_report.VersionReport`), also written to the version's assets.extra.
   """
   index, catalog, samples = built.graph.index, built.catalog, built.samples
   num_samples = len(samples[schema.USER_ID])
@@ -147,26 +143,17 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
                 for i in range(min(config.num_warmup_requests, num_samples))]
     warmup.write_warmup(temp_path, requests)
     refresh_state.write_embeddings(temp_path, catalog.embeddings)  # What fgr-refresh updates.
-    report = {
-        "version": version,
-        "path": os.path.join(model_base_path, str(version)),
-        "index": config.index,
-        "k": config.k,
-        "precision": built.serving.precision,
-        "jit_compile": built.serving.jit_compile,
-        "index_options": config.index_options,
-        "index_config": dict(getattr(index, "config", {})),
-        "num_items": int(len(catalog.ids)),
-        "num_eligible": int(catalog.eligible.sum()),
-        f"recall_at_{config.k}_vs_exact": round(built.recall, 4),
-        "index_bytes": index.nbytes(),
-        **{name: round(seconds, 2) for name, seconds in built.timings.items()},
-    }
-    with open(os.path.join(temp_path, "assets.extra", REPORT_FILE), "w") as f:
-      json.dump(report, f, indent=2)
-  report["write_seconds"] = round(time.time() - started, 2)
-  logging.info("Exported version %d to %s: %s", version, report["path"], report)
-  return report
+    report = version_report.VersionReport(
+        version=version, path=os.path.join(model_base_path, str(version)), index=config.index, k=config.k,
+        precision=built.serving.precision, jit_compile=built.serving.jit_compile,
+        index_options=config.index_options, index_config=dict(index.config), num_items=int(len(catalog.ids)),
+        num_eligible=int(catalog.eligible.sum()), recall=round(built.recall, 4), index_bytes=index.nbytes())
+    for step, seconds in built.timings.items():
+      report.time(step, seconds, digits=2)
+    version_report.write(temp_path, report)
+  report.time("write", time.time() - started, digits=2)
+  logging.info("Exported version %d to %s: %s", version, report.path, report)
+  return report.to_json()
 
 
 def export_model(checkpoint_dir: str, model_base_path: str, config: ExportConfig) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """A version's variables checkpoint, rewritten under the previous version's graph.
 
-A refresh that changes only variable values (eligibility, or ScaNN assets updated from N's training)
+A refresh that changes only variable values (eligibility, or an index updated from N's training)
 need not trace anything: the new version is N's saved_model.pb, hard-linked, with a new checkpoint.
 Servers then see the same graph file and reuse the graph they imported for N (fgr-serve does; TF
 Serving loads it like any version). This works where N's graph saved the changed variables with
@@ -16,6 +16,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from engine import base, full_graph
+from export import refresh_state, version_files
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _VARIABLE_VALUE = "VARIABLE_VALUE"
@@ -35,8 +38,7 @@ def rewrite_checkpoint(source_prefix: str, destination_prefix: str, replacements
 
   A replacement keeps its tensor's dtype and shape; keys in `resizable` may change the number of rows
   (the first dimension). The tensors are read with RestoreV2 and written with SaveV2, so they stay TF
-  tensors throughout (no NumPy copy of the string tensors; at 1M ads this is about 4x faster than going
-  through NumPy).
+  tensors throughout: no NumPy copy of the string tensors, which is the slow part at catalog scale.
   """
   reader = tf.train.load_checkpoint(source_prefix)
   dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
@@ -69,7 +71,7 @@ def write_fingerprint(saved_model_dir: str) -> None:
 
 
 def _node_ids(nodes, paths: Collection[str]) -> dict[str, int]:
-  """Node id of each object path ("index/state/dataset") from the root (node 0) by child names."""
+  """Node id of each object path ("index/eligible") from the root (node 0) by child names."""
   ids = {}
   for path in paths:
     node = 0
@@ -104,3 +106,34 @@ def saved_variable_shapes(saved_model_dir: str, paths: Collection[str]) -> dict[
   nodes = saved_model.meta_graphs[0].object_graph_def.nodes
   return {path: tf.TensorShape(nodes[node].variable.shape)
           for path, node in _node_ids(nodes, paths).items() if nodes[node].WhichOneof("kind") == "variable"}
+
+
+def graph_replacements(source: refresh_state.Source, index: base.Index, state: refresh_state.CatalogState
+                       ) -> tuple[dict[str, Value] | None, str | None]:
+  """The checkpoint tensors under which N's graph serves `index` over `state`, or (None, why not).
+
+  N's serving functions read the catalog (ids, eligibility, the index's catalog-sized state) from
+  variables and bake in only k and the search knobs, so when the index says its graph fits
+  (`Index.graph_reuse_blocker`) and N saved the catalog variables with unknown rows
+  (`engine.base.catalog_variable`), a new checkpoint is the whole new version.
+  """
+  k = source.report.k
+  reason = index.graph_reuse_blocker(source.report.index_config, k, len(source.state.ids))
+  if reason is not None:
+    return None, reason
+  if index.num_items < k:
+    return None, f"{index.num_items} items, fewer than k={k}"
+  values, optional = full_graph.catalog_values(index, state.ids)
+  prefix = version_files.variables_prefix(source.path)
+  keys = variable_keys(prefix, values)
+  for path in optional - set(keys):
+    del values[path]
+  shapes = saved_variable_shapes(source.path, values)
+  catalog_keys = {key for key in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+                  if key.startswith((f"{full_graph.INDEX}/", f"{full_graph.ITEM_IDS}/"))}
+  if set(keys) != set(values) or set(shapes) != set(values) or set(keys.values()) != catalog_keys:
+    return None, f"version {source.version}'s index variables are not this index's"
+  for path, value in values.items():
+    if not shapes[path].is_compatible_with(np.shape(value) if isinstance(value, np.ndarray) else value.shape):
+      return None, f"version {source.version}'s graph saved {path} with shape {shapes[path]}"
+  return {keys[path]: value for path, value in values.items()}, None

@@ -12,7 +12,7 @@ import re
 
 from absl import app, flags
 
-from export import exporter, refresh, refresh_delta, refresh_watch
+from export import exporter, refresh, refresh_delta, refresh_policy, refresh_watch
 
 FLAGS = flags.FLAGS
 
@@ -27,14 +27,15 @@ flags.DEFINE_integer("rollback", None, "Republish this earlier version as a new,
 flags.DEFINE_string("watch", None, "Directory to watch for delta files (*.jsonl); publishes on a schedule.")
 flags.DEFINE_string("interval", "60s", "Watch schedule: seconds, or a number with s, m or h (e.g. 60s, 5m).")
 flags.DEFINE_list("index_options", [], "Index options replacing the source version's in rebuilds, as name=value "
-                  "pairs (e.g. training_sample_size=50000 for a faster ScaNN build).")
+                  "pairs (e.g. training_sample_size=50000 for a faster build).")
 flags.DEFINE_bool("verify_recall", True, "After each rebuild, report recall@k against exact search on the "
                   "version's warm-up queries (after publishing: it does not delay the new version).")
-flags.DEFINE_enum("index_update", "auto", list(refresh.INDEX_UPDATES),
-                  "auto: update the source's ScaNN index with its trained partitioner and codebook (only new and "
-                  "changed ads encoded) until --retrain_fraction of the catalog was encoded since the last "
-                  "training, then train anew; full: train the index anew on every rebuild.")
-flags.DEFINE_float("retrain_fraction", refresh.DEFAULT_RETRAIN_FRACTION,
+flags.DEFINE_enum("index_update", "auto", list(refresh_policy.INDEX_UPDATES),
+                  "auto: update the source's index from its training (its trained partitioner and codebook; only "
+                  "new and changed ads encoded), for backends that support it, until --retrain_fraction of the "
+                  "catalog was encoded since the last training, then train anew; full: train the index anew on "
+                  "every rebuild.")
+flags.DEFINE_float("retrain_fraction", refresh_policy.DEFAULT_RETRAIN_FRACTION,
                    "With --index_update=auto, train the index anew once this share of the catalog has been "
                    "encoded incrementally since the last training.")
 flags.DEFINE_bool("background_retrain", True,

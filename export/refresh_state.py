@@ -1,4 +1,4 @@
-"""The catalog state a version carries so that fgr-refresh can update it without the training data.
+"""What a refresh starts from: a version's report and the catalog state it carries.
 
 A version's row order, ad ids and eligibility live in its variables (`item_ids`, `index/eligible`).
 The float item embeddings are kept next to them in `assets.extra/catalog_embeddings.npy` (row i is
@@ -15,11 +15,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-EXTRA_DIR = "assets.extra"
+from engine import full_graph
+from export import version_files, version_report, versions
+
 EMBEDDINGS_FILE = "catalog_embeddings.npy"
-# Checkpoint keys of the FullGraph variables that hold the catalog's row order and eligibility.
-ITEM_IDS_KEY = "item_ids/.ATTRIBUTES/VARIABLE_VALUE"
-ELIGIBLE_KEY = "index/eligible/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 @dataclasses.dataclass
@@ -40,13 +39,8 @@ class CatalogState:
     return dict(zip(self.ids.tolist(), range(len(self.ids))))
 
 
-def variables_prefix(version_path: str) -> str:
-  """The checkpoint prefix of a SavedModel's variables."""
-  return os.path.join(version_path, "variables", "variables")
-
-
 def embeddings_path(version_path: str) -> str:
-  return os.path.join(version_path, EXTRA_DIR, EMBEDDINGS_FILE)
+  return version_files.extra_path(version_path, EMBEDDINGS_FILE)
 
 
 def write_embeddings(saved_model_dir: str, embeddings: np.ndarray) -> str:
@@ -63,11 +57,31 @@ def read_state(version_path: str) -> CatalogState:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing: the version was exported before fgr-export kept the catalog "
                             "embeddings; export it again to refresh it")
-  reader = tf.train.load_checkpoint(variables_prefix(version_path))
-  ids = reader.get_tensor(ITEM_IDS_KEY).astype(str).astype(object)
-  eligible = reader.get_tensor(ELIGIBLE_KEY).astype(bool)
+  reader = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
+  ids = reader.get_tensor(full_graph.ITEM_IDS_KEY).astype(str).astype(object)
+  eligible = reader.get_tensor(full_graph.ELIGIBLE_KEY).astype(bool)
   embeddings = np.load(path, mmap_mode="r")
   if embeddings.shape[0] != len(ids) or eligible.shape != ids.shape:
     raise ValueError(f"{version_path}: {len(ids)} ids, {eligible.shape[0]} eligibility flags and "
                      f"{embeddings.shape[0]} embeddings do not match")
   return CatalogState(ids=ids, embeddings=embeddings, eligible=eligible)
+
+
+@dataclasses.dataclass
+class Source:
+  """The version a refresh starts from: its report, its catalog, and the row of each ad id."""
+
+  version: int
+  path: str
+  report: version_report.VersionReport
+  state: CatalogState
+  row_of: dict[str, int]
+
+  @classmethod
+  def read(cls, base_path: str, version: int) -> "Source":
+    path = os.path.join(base_path, str(version))
+    if version not in versions.list_versions(base_path):
+      raise FileNotFoundError(f"No complete version {version} under {base_path}")
+    report = version_report.read(path)
+    state = read_state(path)
+    return cls(version, path, report, state, state.row_of())

@@ -22,7 +22,8 @@ def saved_model_recall(version_path: str, table: sequences.ItemTable,
 
   The catalog is embedded with the SavedModel's `encode_item` signature and the queries with
   `encode_query`; the exact top-k over active ads is compared with what `serving_default` (towers
-  plus index, as served) returns. Load ScaNN's ops (`import scann`) first for a ScaNN version.
+  plus index, as served) returns. Load the index's custom ops first
+  (`engine.base.backend(name).load_ops()`).
   """
   loaded = tf.saved_model.load(version_path)
   encode_item = loaded.signatures[full_graph.ENCODE_ITEM]

@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+from export import version_files
+
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_RECORDS = 1000  # TF Serving's limit.
 
@@ -29,7 +31,7 @@ def write_warmup(saved_model_dir: str, requests: list[predict_pb2.PredictRequest
   """Writes the requests as PredictionLogs into saved_model_dir/assets.extra; returns the file path."""
   if len(requests) > MAX_RECORDS:
     raise ValueError(f"TF Serving replays at most {MAX_RECORDS} warm-up records, got {len(requests)}")
-  directory = os.path.join(saved_model_dir, "assets.extra")
+  directory = os.path.join(saved_model_dir, version_files.EXTRA_DIR)
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, WARMUP_FILE)
   with tf.io.TFRecordWriter(path) as writer:
@@ -37,3 +39,15 @@ def write_warmup(saved_model_dir: str, requests: list[predict_pb2.PredictRequest
       log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
       writer.write(log.SerializeToString())
   return path
+
+
+def read_warmup_queries(version_path: str) -> list[dict[str, np.ndarray]]:
+  """The query features of a version's warm-up Predict requests (one dict per request)."""
+  path = version_files.extra_path(version_path, WARMUP_FILE)
+  if not os.path.exists(path):
+    return []
+  queries = []
+  for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+    request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+    queries.append({name: tf.make_ndarray(proto) for name, proto in request.inputs.items()})
+  return queries

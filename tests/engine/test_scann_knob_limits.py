@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import scann_index
+from engine import scann_config, scann_index
 
 K = 5
 
@@ -24,7 +24,7 @@ def _search_with(index):
 
 def test_forced_tree_gets_ah_and_reordering(items):
   index = scann_index.build_scann(items, k=K, num_leaves=10, scoring="ah", leaves_to_search=3)
-  assert index.config["reorder"] == scann_index.default_reorder("ah", 600, K) == 200
+  assert index.config["reorder"] == scann_config.default_reorder("ah", 600, K) == 200
   assert scann_index.build_scann(items, k=K, num_leaves=10, leaves_to_search=3).config["reorder"] == 0
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch, versions
+from engine import full_graph
+from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch, version_files, versions
 from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
@@ -32,7 +33,7 @@ def exported(trained_run, tmp_path_factory):
 def base_path(exported, tmp_path):
   """A fresh model base path holding (hard links to) version 1."""
   path = str(tmp_path / "models")
-  refresh.link_tree(exported[0], os.path.join(path, "1"))
+  version_files.link_tree(exported[0], os.path.join(path, "1"))
   return path
 
 
@@ -106,8 +107,8 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
 
   # The towers are version 1's variables, and the version serves the new catalog exactly.
   new_loaded, after = _serve(new_path, queries)
-  old_checkpoint = tf.train.load_checkpoint(refresh_state.variables_prefix(version_path))
-  new_checkpoint = tf.train.load_checkpoint(refresh_state.variables_prefix(new_path))
+  old_checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
+  new_checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(new_path))
   tower_keys = [key for key in old_checkpoint.get_variable_to_shape_map()
                 if key.startswith(("query_tower/", "item_tower/")) and key.endswith("VARIABLE_VALUE")]
   assert len(tower_keys) > 5
@@ -137,12 +138,12 @@ def test_status_only_publish_changes_only_the_mask(exported, base_path):
   # The graph is version 1's byte for byte; of the variables only the eligibility mask differs.
   with open(os.path.join(version_path, "saved_model.pb"), "rb") as a, open(os.path.join(new_path, "saved_model.pb"), "rb") as b:
     assert a.read() == b.read()
-  old = tf.train.load_checkpoint(refresh_state.variables_prefix(version_path))
-  new = tf.train.load_checkpoint(refresh_state.variables_prefix(new_path))
+  old = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
+  new = tf.train.load_checkpoint(version_files.variables_prefix(new_path))
   assert old.get_variable_to_shape_map() == new.get_variable_to_shape_map()
   differing = [name for name in old.get_variable_to_shape_map()
                if not np.array_equal(old.get_tensor(name), new.get_tensor(name))]
-  assert differing == [refresh_state.ELIGIBLE_KEY]
+  assert differing == [full_graph.ELIGIBLE_KEY]
   _, after = _serve(new_path, queries)
   assert not set(pause) & set(after.ravel())
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch
-from engine import base, scann_index, scann_update
+from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch, version_files, version_report
+from engine import base, scann_backend, scann_index, scann_update
 from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
@@ -33,7 +33,7 @@ def exported(trained_run, tmp_path_factory):
 @pytest.fixture
 def base_path(exported, tmp_path):
   path = str(tmp_path / "models")
-  refresh.link_tree(exported[0], os.path.join(path, "1"))
+  version_files.link_tree(exported[0], os.path.join(path, "1"))
   return path
 
 
@@ -85,10 +85,10 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
   config = report["index_config"]
   assert config["encoded_rows"] == 61 + 40 == config["rows_encoded_since_training"]
   assert config["train_seconds"] == 0.0 and config["build_seconds"] < 30
-  assert config["leaves_to_search"] == refresh.read_report(version_path)["index_config"]["leaves_to_search"]
+  assert config["leaves_to_search"] == version_report.read(version_path).index_config["leaves_to_search"]
   assert report["graph"] == "version 1's"  # Same knobs: version 1's graph over the new variables.
   # The exact fallback reads ScaNN's float dataset: the catalog's vectors are not saved twice.
-  checkpoint = tf.train.load_checkpoint(refresh_state.variables_prefix(report["path"]))
+  checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(report["path"]))
   rows = len(refresh_state.read_state(report["path"]).ids)
   dtypes = checkpoint.get_variable_to_dtype_map()
   float_tables = [key for key, shape in checkpoint.get_variable_to_shape_map().items()
@@ -97,8 +97,8 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
 
   # N's training is kept, and the rows the delta did not touch keep their tokens and codes.
   old_state, new_state = refresh_state.read_state(version_path), refresh_state.read_state(os.path.join(base_path, "2"))
-  old = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(version_path), old_state.embeddings)
-  new = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(os.path.join(base_path, "2")),
+  old = scann_update.ScannAssets.from_checkpoint(version_files.variables_prefix(version_path), old_state.embeddings)
+  new = scann_update.ScannAssets.from_checkpoint(version_files.variables_prefix(os.path.join(base_path, "2")),
                                                  new_state.embeddings)
   for name in ("scann_config", "serialized_partitioner", "ah_codebook"):
     assert getattr(old, name).tolist() == getattr(new, name).tolist(), name
@@ -151,7 +151,7 @@ def test_versions_saving_a_copy_of_the_vectors_still_refresh_under_their_graph(
   monkeypatch.undo()
   version_path, source, queries = os.path.join(base_path, "1"), exported[1], exported[2]
   assert "index/vectors/.ATTRIBUTES/VARIABLE_VALUE" in tf.train.load_checkpoint(
-      refresh_state.variables_prefix(version_path)).get_variable_to_shape_map()
+      version_files.variables_prefix(version_path)).get_variable_to_shape_map()
   before, recall_v1 = _served_and_recall(version_path, queries)
   delta = _delta(source, before, 5, set(refresh_state.read_state(version_path).ids))
   report = refresh.Refresher(base_path, keep_versions=None, verify_recall=False).apply(delta)
@@ -164,13 +164,13 @@ def test_other_search_knobs_trace_the_serving_functions_anew(exported, base_path
   version_path, source, queries = exported
   before, recall_v1 = _served_and_recall(version_path, queries)
   delta = _delta(source, before, 4, set(refresh_state.read_state(version_path).ids))
-  leaves = refresh.read_report(version_path)["index_config"]["leaves_to_search"] + 2
+  leaves = version_report.read(version_path).index_config["leaves_to_search"] + 2
   report = refresh.Refresher(base_path, keep_versions=None, verify_recall=False,
                              index_overrides={"leaves_to_search": leaves}).apply(delta)
   assert report["index_update"] == "incremental" and report["index_config"]["leaves_to_search"] == leaves
   assert report["graph"] == "traced" and "leaves_to_search" in report["graph_traced_because"]
-  old_checkpoint = tf.train.load_checkpoint(refresh_state.variables_prefix(version_path))
-  new_checkpoint = tf.train.load_checkpoint(refresh_state.variables_prefix(report["path"]))
+  old_checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
+  new_checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(report["path"]))
   tower_keys = [key for key in old_checkpoint.get_variable_to_shape_map()
                 if key.startswith(("query_tower/", "item_tower/")) and key.endswith("VARIABLE_VALUE")]
   assert len(tower_keys) > 5
@@ -216,7 +216,7 @@ def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_p
 def test_background_retrain_maps_later_versions_onto_the_new_training(exported, base_path, tmp_path):
   version_path, source, queries = exported
   before, recall_v1 = _served_and_recall(version_path, queries)
-  v1 = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(version_path),
+  v1 = scann_update.ScannAssets.from_checkpoint(version_files.variables_prefix(version_path),
                                                 refresh_state.read_state(version_path).embeddings)
   refresher = refresh.Refresher(base_path, keep_versions=None, retrain_fraction=0.02, background_retrain=True,
                                 verify_recall=False)
@@ -232,7 +232,7 @@ def test_background_retrain_maps_later_versions_onto_the_new_training(exported, 
   config = report["index_config"]
   assert report["index_update"] == "retrained" and config["retrained_from"] == 2
   assert config["rows_encoded_since_training"] == config["encoded_rows"] == len(delta.upserts)
-  new = scann_update.ScannAssets.from_checkpoint(refresh_state.variables_prefix(report["path"]),
+  new = scann_update.ScannAssets.from_checkpoint(version_files.variables_prefix(report["path"]),
                                                  refresh_state.read_state(report["path"]).embeddings)
   assert new.serialized_partitioner.tolist() != v1.serialized_partitioner.tolist()
   served, recall = _served_and_recall(report["path"], queries)
@@ -251,12 +251,12 @@ def test_background_retrain_maps_later_versions_onto_the_new_training(exported, 
 
 
 def test_index_options_keep_how_a_version_from_before_an_option_was_built():
-  config = {"leaves_to_search": 5, "reorder": 80, "tuned_recall": 0.97}
-  before = {"index": "scann", "k": K, "index_options": {"num_leaves": 30}, "index_config": config}
+  options, config = {"num_leaves": 30}, {"leaves_to_search": 5, "reorder": 80, "tuned_recall": 0.97}
   # Such a version's graph returns every reordered candidate: a rebuild keeps that, and so its graph.
   # It also predates the partitioning option: it was partitioned with generic k-means.
-  assert refresh.index_options(before) == {"num_leaves": 30, "leaves_to_search": 5, "reorder": 80,
-                                           "final_candidates": 80, "partitioning": "generic"}
-  after = {**before, "index_config": {**config, "final_candidates": 40, "partitioning": "spherical"}}
-  assert refresh.index_options(after)["final_candidates"] == 40
-  assert refresh.index_options(after)["partitioning"] == "spherical"
+  assert scann_backend.BACKEND.rebuild_options(options, config, K) == {
+      "num_leaves": 30, "leaves_to_search": 5, "reorder": 80, "final_candidates": 80, "partitioning": "generic"}
+  after = scann_backend.BACKEND.rebuild_options(
+      options, {**config, "final_candidates": 40, "partitioning": "spherical"}, K)
+  assert after["final_candidates"] == 40
+  assert after["partitioning"] == "spherical"

@@ -15,8 +15,9 @@ import tensorflow as tf
 from engine import full_graph
 from engine import search_ops
 from export import exporter
-from export import refresh
+from export import refresh_publish
 from export import refresh_state
+from export import version_files
 from export import warmup
 from models import config as config_lib
 from models.data import queries as queries_lib
@@ -52,15 +53,15 @@ def copy_version(version_dir: str, base_path: str, version: int = 1) -> str:
   """Copies a version directory to BASE/<version> (hard links: versions are never modified)."""
   destination = os.path.join(base_path, str(version))
   os.makedirs(base_path, exist_ok=True)
-  refresh.link_tree(version_dir, destination)
+  version_files.link_tree(version_dir, destination)
   return destination
 
 
 def publish_eligible(source_dir: str, base_path: str, eligible: np.ndarray) -> str:
   """Publishes `source_dir`'s graph and index with another eligibility mask as BASE's next version."""
   source_base, version = os.path.split(source_dir.rstrip("/"))
-  source = refresh.Source.read(source_base, int(version))
-  return refresh.publish_status_only(base_path, source, eligible)["path"]
+  source = refresh_state.Source.read(source_base, int(version))
+  return refresh_publish.publish_status_only(base_path, source, eligible).path
 
 
 def held_out_queries(trained_run: str, count: int) -> dict[str, np.ndarray]:
