@@ -32,6 +32,8 @@ from serving.servables import saved_model_bundle
 from serving.servables import request_limits
 
 R = TypeVar("R")
+# Raises to refuse a request whose inputs ({alias: Cost}) expand too far.
+CostCheck = Callable[[Dict[str, request_limits.Cost]], None]
 
 
 def predict_batch_size(request: predict_pb2.PredictRequest) -> int:
@@ -173,13 +175,6 @@ class ServingApi:
         lambda: {input_util.INPUTS_KEY: request_limits.examples_cost(
             model_input)})
 
-  def check_costs(self, model_spec: model_pb2.ModelSpec,
-                  costs: Dict[str, request_limits.Cost]) -> None:
-    """The expansion check for a front end that prices a request itself
-    (REST prices JSON values before it builds any array)."""
-    with self.core.servable_handle(model_spec) as bundle:
-      self._check_expansion(bundle, model_spec.signature_name, lambda: costs)
-
   @contextlib.contextmanager
   def _serving(self, api: str, entrypoint: str,
                model_spec: model_pb2.ModelSpec, rows: int = 0,
@@ -226,6 +221,30 @@ class ServingApi:
             b, request, timeout_ms, self._method_name_check,
             self._as_tensor_content), self._predict_rows(request),
         lambda b: self._check_predict(b, request))
+
+  def predict_built(
+      self, model_spec: model_pb2.ModelSpec,
+      build: Callable[[Any, CostCheck], predict_pb2.PredictRequest],
+      timeout_ms: Optional[int] = None, entrypoint: str = "REST"
+  ) -> predict_pb2.PredictResponse:
+    """PredictionService.Predict for a front end that builds the request
+    from the servable's signature (REST types JSON values by it).
+
+    The servable is resolved once, under the same admission and metrics as
+    `predict`. `build(bundle, check_costs)` builds the request against that
+    servable, calling `check_costs({alias: Cost})` before it decodes any
+    input, and the same servable runs it: a version swap meanwhile can't pair
+    one version's signature with the next one's session.
+    """
+    def run(bundle) -> predict_pb2.PredictResponse:
+      request = build(bundle, lambda costs: self._check_expansion(
+          bundle, model_spec.signature_name, lambda: costs))
+      self._check_batch_size(self._predict_rows(request), model_spec)
+      return predict_util.run_predict(bundle, request, timeout_ms,
+                                      self._method_name_check,
+                                      self._as_tensor_content)
+
+    return self._call("predict", entrypoint, model_spec, run)
 
   async def predict_async(self, request: predict_pb2.PredictRequest,
                           timeout_ms: Optional[int],
