@@ -211,6 +211,17 @@ class ServingApi:
     with self._serving(api, entrypoint, model_spec, rows, check) as bundle:
       return run(bundle)
 
+  def _call_examples(self, api: str, entrypoint: str,
+                     model_spec: model_pb2.ModelSpec,
+                     model_input: input_pb2.Input,
+                     run: Callable[..., R]) -> R:
+    """`_call` for Classify, Regress and MultiInference: their examples'
+    count and expansion are checked before `run(bundle)`."""
+    return self._call(api, entrypoint, model_spec, run,
+                      examples_batch_size(model_input),
+                      lambda b: self._check_examples(
+                          b, model_spec.signature_name, model_input))
+
   def predict(self, request: predict_pb2.PredictRequest,
               timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
               ) -> predict_pb2.PredictResponse:
@@ -283,21 +294,17 @@ class ServingApi:
                timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
                ) -> classification_pb2.ClassificationResponse:
     """PredictionService.Classify."""
-    return self._call("classify", entrypoint, request.model_spec,
-                      lambda b: classifier.run_classify(b, request, timeout_ms),
-                      examples_batch_size(request.input),
-                      lambda b: self._check_examples(
-                          b, request.model_spec.signature_name, request.input))
+    return self._call_examples(
+        "classify", entrypoint, request.model_spec, request.input,
+        lambda b: classifier.run_classify(b, request, timeout_ms))
 
   def regress(self, request: regression_pb2.RegressionRequest,
               timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
               ) -> regression_pb2.RegressionResponse:
     """PredictionService.Regress."""
-    return self._call("regress", entrypoint, request.model_spec,
-                      lambda b: regressor.run_regress(b, request, timeout_ms),
-                      examples_batch_size(request.input),
-                      lambda b: self._check_examples(
-                          b, request.model_spec.signature_name, request.input))
+    return self._call_examples(
+        "regress", entrypoint, request.model_spec, request.input,
+        lambda b: regressor.run_regress(b, request, timeout_ms))
 
   def multi_inference(self, request: inference_pb2.MultiInferenceRequest,
                       timeout_ms: Optional[int] = None,
@@ -305,12 +312,10 @@ class ServingApi:
                       ) -> inference_pb2.MultiInferenceResponse:
     """PredictionService.MultiInference (one model, one version)."""
     multi_inference.validate_tasks(request)
-    return self._call(
+    return self._call_examples(  # Every task shares the input.
         "multi_inference", entrypoint, request.tasks[0].model_spec,
-        lambda b: multi_inference.run_multi_inference(b, request, timeout_ms),
-        examples_batch_size(request.input),
-        lambda b: self._check_examples(  # Every task shares the input.
-            b, request.tasks[0].model_spec.signature_name, request.input))
+        request.input,
+        lambda b: multi_inference.run_multi_inference(b, request, timeout_ms))
 
   def get_model_metadata(
       self, request: get_model_metadata_pb2.GetModelMetadataRequest,
