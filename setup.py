@@ -2,6 +2,15 @@
 
 import setuptools
 
+# fgr-query and fgr-loadtest (clients/), kept out of the server install: fgr-serve needs none of them.
+# The benchmarks drive servers with fgr-loadtest's driver, and the tests run both, so those extras
+# bring them too.
+CLIENTS = [
+    "tqdm>=4.60",  # fgr-loadtest's progress bar (and fgr-bench's).
+    "hdrhistogram>=0.10",  # fgr-loadtest's latency percentiles.
+    "matplotlib>=3.8",  # fgr-loadtest's latency plot (and the benchmarks' reports).
+]
+
 setuptools.setup(
     name="fullgraph-retrieval",
     version="0.1.0",
@@ -10,7 +19,8 @@ setuptools.setup(
         "nearest-neighbour index in one SavedModel, served over TF Serving's API."
     ),
     python_requires=">=3.10,<3.13",
-    packages=setuptools.find_packages(include=["cli*", "engine*", "models*", "export*", "serving*", "bench*"]),
+    packages=setuptools.find_packages(
+        include=["cli*", "engine*", "models*", "export*", "serving*", "clients*", "bench*"]),
     install_requires=[
         # scann 1.4.2's TF ops are compiled against TF 2.20 exactly: keep these in lock-step.
         "tensorflow==2.20.*",
@@ -22,16 +32,14 @@ setuptools.setup(
         "grpcio-health-checking>=1.60",
         "absl-py>=2.0",
         "numpy>=1.26",
-        "tqdm>=4.60",
         "prometheus-client>=0.20",
-        "hdrhistogram>=0.10",  # fgr-loadtest's latency percentiles.
-        "matplotlib>=3.8",
         # fgr-serve's malloc (serving/util/allocator.py); preloaded, so Linux only.
         "cmeel-mimalloc==3.4.*; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "psutil>=5.9"],
-        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3", "psutil>=5.9"],
+        "clients": CLIENTS,
+        "test": ["pytest>=8", "hypothesis>=6.100", "psutil>=5.9"] + CLIENTS,
+        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3", "psutil>=5.9"] + CLIENTS,
     },
     entry_points={
         "console_scripts": [

@@ -24,8 +24,8 @@ from absl import app, flags
 
 from bench import serving_common as common
 from bench.fixtures import servers
+from clients.loadtest import driver
 from export import version_report
-from serving.loadtest import driver
 
 FLAGS = flags.FLAGS
 common.define_flags(warmup_seconds=2.0, seconds=15.0, rounds=None, num_queries=300,

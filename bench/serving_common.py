@@ -19,7 +19,7 @@ from absl import flags
 
 from bench.fixtures import resources
 from bench.fixtures import servers as bench_servers
-from serving.loadtest import driver, histogram, request_source
+from clients.loadtest import driver, histogram, request_source
 
 
 def define_flags(warmup_seconds: float, seconds: float, rounds: int | None, num_queries: int = 500,

@@ -30,7 +30,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from bench import serving_common as common
 from bench.fixtures import servers
-from serving.loadtest import driver
+from clients.loadtest import driver
 from serving.servables import saved_model_bundle
 
 FLAGS = flags.FLAGS

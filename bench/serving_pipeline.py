@@ -22,7 +22,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench import serving_common as common
 from bench.fixtures import servers
-from serving.loadtest import driver
+from clients.loadtest import driver
 
 FLAGS = flags.FLAGS
 common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=4)

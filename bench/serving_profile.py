@@ -24,7 +24,7 @@ from absl import app, flags
 from bench import gil_profile
 from bench import serving_common as common
 from bench.fixtures import servers
-from serving.loadtest import driver
+from clients.loadtest import driver
 
 FLAGS = flags.FLAGS
 common.define_flags(warmup_seconds=3.0, seconds=10.0, rounds=None)

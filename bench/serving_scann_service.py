@@ -20,8 +20,8 @@ import scann
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from bench import echo_server
 from export import refresh_state, version_report
-from serving.loadtest import echo_server
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("port", 0, "gRPC port on 127.0.0.1 (0 picks a free one).")

@@ -14,7 +14,7 @@ from absl import app, flags
 
 from bench import serving_common as common
 from bench.fixtures import servers
-from serving.loadtest import driver
+from clients.loadtest import driver
 
 FLAGS = flags.FLAGS
 common.define_flags(warmup_seconds=2.0, seconds=8.0, rounds=2)

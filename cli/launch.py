@@ -31,13 +31,26 @@ def set_tensorflow_log_level(argv: Sequence[str]) -> None:
   os.environ.setdefault(TF_LOG_LEVEL_ENV, ALL_LOGS if verbose else WARNINGS_AND_ERRORS)
 
 
-def _command(module: str, function: str = "run") -> Callable[[], None]:
+def _command(module: str, function: str = "run", extra: str | None = None) -> Callable[[], None]:
+  """A console script running `module.function`; `extra` names the setup.py extra its third-party
+  imports come from, if the plain install lacks them."""
+
   def run() -> None:
     set_tensorflow_log_level(sys.argv)
-    getattr(importlib.import_module(module), function)()
+    try:
+      command = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+      if extra is None or not e.name or e.name.partition(".")[0] in _OWN_PACKAGES:
+        raise
+      raise SystemExit(f"{os.path.basename(sys.argv[0])} needs the `{extra}` extra ({e.name} is missing): "
+                       f"pip install 'fullgraph-retrieval[{extra}]'") from e
+    getattr(command, function)()
 
   run.__doc__ = f"Runs `{module}.{function}` with TensorFlow's C++ log level set first."
   return run
+
+
+_OWN_PACKAGES = ("cli", "engine", "models", "export", "serving", "clients", "bench")
 
 
 fgr_train = _command("models.train_cli")
@@ -45,6 +58,6 @@ fgr_eval = _command("models.eval_cli")
 fgr_export = _command("export.export_cli")
 fgr_refresh = _command("export.refresh_cli")
 fgr_serve = _command("serving.model_servers", "run_server")
-fgr_query = _command("serving.query_cli")
-fgr_loadtest = _command("serving.loadtest.loadtest_cli")
-fgr_bench = _command("bench.index_bench")
+fgr_query = _command("clients.query_cli")
+fgr_loadtest = _command("clients.loadtest.loadtest_cli", extra="clients")
+fgr_bench = _command("bench.index_bench", extra="bench")

@@ -54,3 +54,14 @@ def test_a_console_script_prints_no_tensorflow_info_lines():
                           cwd=REPO_ROOT)
   assert "USAGE: fgr-eval" in result.stdout, result.stderr[-3000:]  # The command ran (absl's --helpshort).
   assert not TF_INFO_LINE.search(result.stderr), result.stderr[-3000:]
+
+
+def test_a_missing_extra_is_named(monkeypatch):
+  def import_module(name):
+    raise ModuleNotFoundError(f"No module named 'hdrh' (importing {name})", name="hdrh")
+
+  monkeypatch.setattr(launch.importlib, "import_module", import_module)
+  monkeypatch.setattr(sys, "argv", ["/venv/bin/fgr-loadtest"])
+  with pytest.raises(SystemExit, match=r"fgr-loadtest needs the `clients` extra \(hdrh is missing\): "
+                                       r"pip install 'fullgraph-retrieval\[clients\]'"):
+    launch.fgr_loadtest()

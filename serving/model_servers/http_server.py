@@ -55,6 +55,17 @@ def _model_spec(name: str, version: Optional[str], label: Optional[str]
   return spec
 
 
+def _signature(bundle: saved_model_bundle.SavedModelBundle,
+               signature_name: str):
+  """The servable's SignatureDef named `signature_name` (or the default)."""
+  name = signature_name or saved_model_bundle.DEFAULT_SERVING_SIGNATURE
+  if name not in bundle.signature_defs:
+    raise errors.invalid_argument(
+        f"Serving signature name: \"{name}\" not found in signature "
+        "def").with_context(bundle.context(name))
+  return bundle.signature_defs[name]
+
+
 class RestApi:
   """Maps REST requests onto the shared RPC implementations.
 
@@ -122,28 +133,26 @@ class RestApi:
       raise errors.invalid_argument("'signature_name' must be a string")
     return request
 
-  def _signature(self, spec: model_pb2.ModelSpec, signature_name: str):
-    name = signature_name or saved_model_bundle.DEFAULT_SERVING_SIGNATURE
-    with self._api.core.servable_handle(spec) as bundle:
-      if name not in bundle.signature_defs:
-        raise errors.invalid_argument(
-            f"Serving signature name: \"{name}\" not found in signature "
-            "def").with_context(bundle.context(name))
-      signature = type(bundle.signature_defs[name])()
-      signature.CopyFrom(bundle.signature_defs[name])
-      return signature
-
   def _predict(self, spec: model_pb2.ModelSpec,
                body: Dict[str, Any]) -> Dict[str, Any]:
     spec.signature_name = body.get("signature_name", "")
-    signature = self._signature(spec, spec.signature_name)
-    inputs, row_format = json_tensor.parse_predict_body(
-        body, signature, lambda costs: self._api.check_costs(spec, costs))
-    request = predict_pb2.PredictRequest(model_spec=spec)
-    for alias, array in inputs.items():
-      request.inputs[alias].CopyFrom(tensor_util.to_tensor_proto(
-          array, signature.inputs[alias].dtype, as_tensor_content=True))
-    response = self._api.predict(request, self._timeout_ms, "REST")
+    row_format = False
+
+    def build(bundle, check_costs: service_impl.CostCheck
+              ) -> predict_pb2.PredictRequest:
+      nonlocal row_format
+      signature = _signature(bundle, spec.signature_name)
+      inputs, row_format = json_tensor.parse_predict_body(
+          body, signature, check_costs)
+      request = predict_pb2.PredictRequest(model_spec=spec)
+      for alias, array in inputs.items():
+        request.inputs[alias].CopyFrom(tensor_util.to_tensor_proto(
+            array, signature.inputs[alias].dtype, as_tensor_content=True))
+      return request
+
+    # One servable for the signature, the limits and the run (and admission
+    # and metrics), as a gRPC Predict has.
+    response = self._api.predict_built(spec, build, self._timeout_ms, "REST")
     outputs = {a: tf.make_ndarray(t) for a, t in response.outputs.items()}
     return json_tensor.predict_response_json(outputs, row_format)
 

@@ -32,6 +32,8 @@ from serving.servables import saved_model_bundle
 from serving.servables import request_limits
 
 R = TypeVar("R")
+# Raises to refuse a request whose inputs ({alias: Cost}) expand too far.
+CostCheck = Callable[[Dict[str, request_limits.Cost]], None]
 
 
 def predict_batch_size(request: predict_pb2.PredictRequest) -> int:
@@ -173,13 +175,6 @@ class ServingApi:
         lambda: {input_util.INPUTS_KEY: request_limits.examples_cost(
             model_input)})
 
-  def check_costs(self, model_spec: model_pb2.ModelSpec,
-                  costs: Dict[str, request_limits.Cost]) -> None:
-    """The expansion check for a front end that prices a request itself
-    (REST prices JSON values before it builds any array)."""
-    with self.core.servable_handle(model_spec) as bundle:
-      self._check_expansion(bundle, model_spec.signature_name, lambda: costs)
-
   @contextlib.contextmanager
   def _serving(self, api: str, entrypoint: str,
                model_spec: model_pb2.ModelSpec, rows: int = 0,
@@ -216,6 +211,17 @@ class ServingApi:
     with self._serving(api, entrypoint, model_spec, rows, check) as bundle:
       return run(bundle)
 
+  def _call_examples(self, api: str, entrypoint: str,
+                     model_spec: model_pb2.ModelSpec,
+                     model_input: input_pb2.Input,
+                     run: Callable[..., R]) -> R:
+    """`_call` for Classify, Regress and MultiInference: their examples'
+    count and expansion are checked before `run(bundle)`."""
+    return self._call(api, entrypoint, model_spec, run,
+                      examples_batch_size(model_input),
+                      lambda b: self._check_examples(
+                          b, model_spec.signature_name, model_input))
+
   def predict(self, request: predict_pb2.PredictRequest,
               timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
               ) -> predict_pb2.PredictResponse:
@@ -226,6 +232,30 @@ class ServingApi:
             b, request, timeout_ms, self._method_name_check,
             self._as_tensor_content), self._predict_rows(request),
         lambda b: self._check_predict(b, request))
+
+  def predict_built(
+      self, model_spec: model_pb2.ModelSpec,
+      build: Callable[[Any, CostCheck], predict_pb2.PredictRequest],
+      timeout_ms: Optional[int] = None, entrypoint: str = "REST"
+  ) -> predict_pb2.PredictResponse:
+    """PredictionService.Predict for a front end that builds the request
+    from the servable's signature (REST types JSON values by it).
+
+    The servable is resolved once, under the same admission and metrics as
+    `predict`. `build(bundle, check_costs)` builds the request against that
+    servable, calling `check_costs({alias: Cost})` before it decodes any
+    input, and the same servable runs it: a version swap meanwhile can't pair
+    one version's signature with the next one's session.
+    """
+    def run(bundle) -> predict_pb2.PredictResponse:
+      request = build(bundle, lambda costs: self._check_expansion(
+          bundle, model_spec.signature_name, lambda: costs))
+      self._check_batch_size(self._predict_rows(request), model_spec)
+      return predict_util.run_predict(bundle, request, timeout_ms,
+                                      self._method_name_check,
+                                      self._as_tensor_content)
+
+    return self._call("predict", entrypoint, model_spec, run)
 
   async def predict_async(self, request: predict_pb2.PredictRequest,
                           timeout_ms: Optional[int],
@@ -264,23 +294,19 @@ class ServingApi:
                timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
                ) -> classification_pb2.ClassificationResponse:
     """PredictionService.Classify."""
-    return self._call("classify", entrypoint, request.model_spec,
-                      lambda b: classifier.run_classify(
-                          b, request, timeout_ms, self._method_name_check),
-                      examples_batch_size(request.input),
-                      lambda b: self._check_examples(
-                          b, request.model_spec.signature_name, request.input))
+    return self._call_examples(
+        "classify", entrypoint, request.model_spec, request.input,
+        lambda b: classifier.run_classify(
+            b, request, timeout_ms, self._method_name_check))
 
   def regress(self, request: regression_pb2.RegressionRequest,
               timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
               ) -> regression_pb2.RegressionResponse:
     """PredictionService.Regress."""
-    return self._call("regress", entrypoint, request.model_spec,
-                      lambda b: regressor.run_regress(
-                          b, request, timeout_ms, self._method_name_check),
-                      examples_batch_size(request.input),
-                      lambda b: self._check_examples(
-                          b, request.model_spec.signature_name, request.input))
+    return self._call_examples(
+        "regress", entrypoint, request.model_spec, request.input,
+        lambda b: regressor.run_regress(
+            b, request, timeout_ms, self._method_name_check))
 
   def multi_inference(self, request: inference_pb2.MultiInferenceRequest,
                       timeout_ms: Optional[int] = None,
@@ -288,13 +314,11 @@ class ServingApi:
                       ) -> inference_pb2.MultiInferenceResponse:
     """PredictionService.MultiInference (one model, one version)."""
     multi_inference.validate_tasks(request)
-    return self._call(
+    return self._call_examples(  # Every task shares the input.
         "multi_inference", entrypoint, request.tasks[0].model_spec,
+        request.input,
         lambda b: multi_inference.run_multi_inference(
-            b, request, timeout_ms, self._method_name_check),
-        examples_batch_size(request.input),
-        lambda b: self._check_examples(  # Every task shares the input.
-            b, request.tasks[0].model_spec.signature_name, request.input))
+            b, request, timeout_ms, self._method_name_check))
 
   def get_model_metadata(
       self, request: get_model_metadata_pb2.GetModelMetadataRequest,

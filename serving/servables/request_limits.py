@@ -86,22 +86,7 @@ def tensor_cost(proto: tensor_pb2.TensorProto, alias: str) -> Optional[Cost]:
   """
   if proto.dtype not in tensor_util.VALUE_FIELDS:
     return None
-  if proto.tensor_shape.unknown_rank:
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: tensor shape has unknown rank")
-  dims = [d.size for d in proto.tensor_shape.dim]
-  elements = 1
-  for d in dims:
-    if d < 0:
-      raise errors.invalid_argument(
-          f"tensor parsing error: {alias}: negative dimension in shape {dims}")
-    elements *= d
-  if elements > max(tensor_util.MAX_FILLED_ELEMENTS,
-                    tensor_util.supplied_values(proto)):
-    # Beyond what decoding ever fills in, whatever the limits: a tensor TF
-    # can't allocate, which TF Serving answers "tensor parsing error".
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: shape {dims} has too many elements")
+  _, elements = tensor_util.declared_shape(proto, alias)
   if proto.dtype == types_pb2.DT_STRING:
     values = proto.string_val
     filled = elements - len(values)

@@ -1,6 +1,6 @@
 """Conversion between TensorProto and NumPy, with TF Serving's wire choices."""
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -113,6 +113,32 @@ def _decode_exact(proto: tensor_pb2.TensorProto, num_elements: int,
         f"tensor parsing error: {alias}: {e}") from e
 
 
+def declared_shape(proto: tensor_pb2.TensorProto, alias: str
+                   ) -> Tuple[List[int], int]:
+  """A request TensorProto's declared dims and element count, checked as TF
+  checks them before decoding.
+
+  Raises:
+    ServingError: INVALID_ARGUMENT for an unknown rank, a negative dimension,
+      or more elements than the proto supplies and decoding ever fills in
+      (MAX_FILLED_ELEMENTS): a tensor TF can't allocate.
+  """
+  if proto.tensor_shape.unknown_rank:
+    raise errors.invalid_argument(
+        f"tensor parsing error: {alias}: tensor shape has unknown rank")
+  dims = [d.size for d in proto.tensor_shape.dim]
+  elements = 1
+  for d in dims:
+    if d < 0:
+      raise errors.invalid_argument(
+          f"tensor parsing error: {alias}: negative dimension in shape {dims}")
+    elements *= d
+  if elements > max(_MAX_FILLED_ELEMENTS, supplied_values(proto)):
+    raise errors.invalid_argument(
+        f"tensor parsing error: {alias}: shape {dims} has too many elements")
+  return dims, elements
+
+
 def to_ndarray(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
   """Decodes a request TensorProto.
 
@@ -130,19 +156,7 @@ def to_ndarray(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
     raise errors.invalid_argument(
         f"tensor parsing error: {alias}: unsupported dtype "
         f"{dtype_name(proto.dtype)}")
-  if proto.tensor_shape.unknown_rank:
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: tensor shape has unknown rank")
-  dims = [d.size for d in proto.tensor_shape.dim]
-  num_elements = 1
-  for d in dims:
-    if d < 0:
-      raise errors.invalid_argument(
-          f"tensor parsing error: {alias}: negative dimension in shape {dims}")
-    num_elements *= d
-  if num_elements > max(_MAX_FILLED_ELEMENTS, supplied_values(proto)):
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: shape {dims} has too many elements")
+  dims, num_elements = declared_shape(proto, alias)
   array = _decode_exact(proto, num_elements, alias)
   if array is not None:
     return array.reshape(dims)

@@ -11,11 +11,11 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 import serving_testlib as lib
-from serving.loadtest import driver
-from serving.loadtest import echo_server
-from serving.loadtest import histogram
-from serving.loadtest import loadtest_cli
-from serving.loadtest import request_source
+from bench import echo_server
+from clients.loadtest import driver
+from clients.loadtest import histogram
+from clients.loadtest import loadtest_cli
+from clients.loadtest import request_source
 
 FEATURES = {"user_id": "u1", "query_tokens": ["red", "shoes"]}
 

@@ -72,8 +72,8 @@ def synthetic_requests(count: int, run_dir: str | None = None, num_ads: int = 20
     num_ads: catalog size when there is no run_dir.
     seed: generator seed when there is no run_dir.
   """
-  # The data layer is imported here, so replaying recorded requests does not need it; no training
-  # code is ever imported by serving/.
+  # The data layer is imported here, so replaying recorded requests does not need it. A client may
+  # use the training code's data layer; the server (serving/) never imports it.
   from models.data import queries as queries_lib, sources  # pylint: disable=g-import-not-at-top
   if run_dir:
     with open(f"{run_dir}/config.json", encoding="utf-8") as f:

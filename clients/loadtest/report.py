@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from serving.loadtest import driver  # pylint: disable=g-import-not-at-top,wrong-import-position
-from serving.loadtest import histogram  # pylint: disable=g-import-not-at-top,wrong-import-position
+from clients.loadtest import driver  # pylint: disable=g-import-not-at-top,wrong-import-position
+from clients.loadtest import histogram  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def timeline(result: driver.LoadResult, bucket_seconds: float = 1.0) -> list[dict[str, float]]:

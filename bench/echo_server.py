@@ -4,7 +4,7 @@ It runs TF Serving's gRPC API on a thread-pool `grpc.server`, as fgr-serve does,
 its latency and throughput are what gRPC in Python costs on this machine. Optionally it stalls once
 (all workers blocked) to show what coordinated-omission correction catches.
 
-  python -m serving.loadtest.echo_server --port=0 --port_file=/tmp/echo.port --k=100
+  python -m bench.echo_server --port=0 --port_file=/tmp/echo.port --k=100
 """
 
 from __future__ import annotations

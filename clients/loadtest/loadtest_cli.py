@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from serving.loadtest import driver, report, request_source
+from clients.loadtest import driver, report, request_source
 from serving.util import runtime
 
 FLAGS = flags.FLAGS

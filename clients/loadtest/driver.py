@@ -29,7 +29,7 @@ import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tqdm import tqdm
 
-from serving.loadtest import histogram
+from clients.loadtest import histogram
 
 OK = "OK"
 MODES = ("open", "closed")
