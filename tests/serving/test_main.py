@@ -150,14 +150,14 @@ def test_shutdown_reports_not_serving_before_draining(tmp_path):
       rest_api_port=lib.REST_ANY_PORT, enable_grpc_healthcheck_service=True)
   api = server.server.api
   entered, release = threading.Event(), threading.Event()
-  predict = api.predict
+  predict = api.predict_built
 
   def held_predict(*args, **kwargs):
     entered.set()
     release.wait()
     return predict(*args, **kwargs)
 
-  api.predict = held_predict  # What the REST front end calls.
+  api.predict_built = held_predict  # What the REST front end calls.
   health = health_pb2_grpc.HealthStub(server.channel)
   services = ("", "tensorflow.serving.PredictionService",
               "tensorflow.serving.ModelService")
