@@ -15,6 +15,7 @@ from bench import report
 from bench import served_index
 from bench.fixtures import latency
 from engine import base
+from tests import topk_testlib
 
 
 def test_replace_section_keeps_other_sections():
@@ -48,13 +49,19 @@ def test_served_index_matches_eager_search(small_catalog, tmp_path):
   served = served_index.ServedIndex(index, 10, str(tmp_path), index_bench.session_config(index_bench.CALLER_THREAD_CONFIG))
   assert not os.listdir(tmp_path)  # The SavedModel is deleted once loaded.
   eager = tf.function(lambda q, p: index.search(q, 10, probes=p).indices)
-  np.testing.assert_array_equal(served.searcher()(queries), eager(tf.constant(queries), tf.constant(0)).numpy())
-  np.testing.assert_array_equal(served.searcher(probes=20)(queries[:1]),
-                                eager(tf.constant(queries[:1]), tf.constant(20)).numpy())
+  # A TF1 session over the loaded graph and TF2's function runtime may round otherwise: the same answers
+  # up to ties; with 3 of 20 partitions probed, a rounding difference may also move a query across a
+  # partition boundary (2% of the 640 places). With all 20 probed the search is exact.
+  scores = topk_testlib.reference_scores(queries, items)
+  topk_testlib.assert_top_k_agree(served.searcher()(queries), eager(tf.constant(queries), tf.constant(0)).numpy(),
+                                  scores, max_unexplained=0.02)
+  topk_testlib.assert_top_k_agree(served.searcher(probes=20)(queries[:1]),
+                                  eager(tf.constant(queries[:1]), tf.constant(20)).numpy(), scores[:1])
   with pytest.raises(ValueError, match="probes"):
     served.searcher(leaves_to_search=3)
   python = served_index.ServedIndex(index, 10, str(tmp_path), runner="python")
-  np.testing.assert_array_equal(python.searcher(probes=20)(queries[:2]), served.searcher(probes=20)(queries[:2]))
+  topk_testlib.assert_top_k_agree(python.searcher(probes=20)(queries[:2]), served.searcher(probes=20)(queries[:2]),
+                                  scores[:2])
 
 
 def test_capi_session_reports_errors(tmp_path):

@@ -13,6 +13,7 @@ from export import exporter, refresh, refresh_delta, refresh_state, refresh_watc
 from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
+from tests import topk_testlib
 
 K = 20
 
@@ -89,7 +90,10 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   report = refresh.Refresher(base_path, keep_versions=None).apply(delta)
   assert report["version"] == 2 and report["kind"] == "rebuild" and report["refreshed_from"] == 1
   assert report["delta"] == {"added": 1, "changed": 1, "removed": 1, "ignored_removals": 1, "status_changes": 1}
-  assert report[f"recall_at_{K}_vs_exact_on_warmup_queries"] == 1.0
+  # ScaNN is exact at this size, but its float path and NumPy's may order a tie at the K-th place
+  # differently: one of the 4 warm-up queries' 80 ids may differ (the served answers are checked
+  # tie-aware below).
+  assert report[f"recall_at_{K}_vs_exact_on_warmup_queries"] >= 1 - 1 / 80
 
   new_path = os.path.join(base_path, "2")
   state = refresh_state.read_state(new_path)
@@ -100,7 +104,11 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   for ad_id, row in (("fresh-ad", row_of[best]), (changed, 9)):
     inputs = {name: tf.constant(features[name][row:row + 1]) for name in schema.ITEM_FEATURE_NAMES}
     inputs[schema.AD_ID] = tf.constant([ad_id])
-    np.testing.assert_array_equal(state.embeddings[new_rows[ad_id]], encode_item(**inputs)["embedding"].numpy()[0])
+    # The refresh encodes its ads in one batch, here each is encoded alone: the kernels may sum in
+    # another order (6e-8 apart on one CPU, 1.5e-7 between oneDNN and Eigen). Any other tower's
+    # unit vector would be ~0.1 away, so 1e-5 still tells version 1's towers from any other.
+    np.testing.assert_allclose(state.embeddings[new_rows[ad_id]], encode_item(**inputs)["embedding"].numpy()[0],
+                               rtol=0, atol=1e-5)
   old_state = refresh_state.read_state(version_path)
   np.testing.assert_array_equal(state.embeddings[new_rows[before[0, 5]]], old_state.embeddings[row_of[before[0, 5]]])
   assert not state.eligible[new_rows[paused]]
@@ -120,10 +128,9 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   assert "fresh-ad" in after[0, :3]
   assert removed not in after and paused not in after and "" not in after
   query_embeddings = new_loaded.signatures["encode_query"](**{n: tf.constant(v) for n, v in queries.items()})["embedding"]
-  scores = query_embeddings.numpy() @ state.embeddings.T
-  scores[:, ~state.eligible] = -np.inf
-  expected_ids = state.ids[np.argsort(-scores, axis=1)[:, :K]]
-  assert np.mean([len(set(a) & set(b)) / K for a, b in zip(after, expected_ids)]) == 1.0
+  scores = topk_testlib.reference_scores(query_embeddings.numpy(), state.embeddings, state.eligible)
+  expected_rows = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+  topk_testlib.assert_top_k_agree(topk_testlib.rows_of(after, state.ids), expected_rows, scores)
 
 
 def test_status_only_publish_changes_only_the_mask(exported, base_path):

@@ -84,7 +84,7 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
   assert report["index_update"] == "incremental" and report["delta"]["added"] == 61
   config = report["index_config"]
   assert config["encoded_rows"] == 61 + 40 == config["rows_encoded_since_training"]
-  assert config["train_seconds"] == 0.0 and config["build_seconds"] < 30
+  assert config["train_seconds"] == 0.0  # No training at all (how fast the update is: bench/freshness.py).
   assert config["leaves_to_search"] == version_report.read(version_path).index_config["leaves_to_search"]
   assert report["graph"] == "version 1's"  # Same knobs: version 1's graph over the new variables.
   # The exact fallback reads ScaNN's float dataset: the catalog's vectors are not saved twice.
