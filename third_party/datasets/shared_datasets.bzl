@@ -6,7 +6,7 @@ and an external repository named `shared` appears as `<runfiles>/shared/`, so na
 repository `shared` makes that same relative path resolve inside the runfiles tree.
 
 When the folder does not exist (a fresh machine without the datasets) the repository is still
-created, with an empty `:ml_100k` filegroup, and the tests that need the data skip themselves.
+created, with an empty `:ml_100k` filegroup, and the tests that need the data skip themselves (in CI, with CI=true, they fail instead).
 The repository is `local`, so a folder that appears later is picked up after a server restart
 (`bazel shutdown`).
 """
