@@ -127,7 +127,7 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
   # in five runs of 2026-11-22). A full rebuild trains a new 30-leaf partitioner whose recall is a draw:
   # full minus incremental was -0.03 to +0.077 in the same runs, so that bound only catches a wholesale loss.
   assert incremental_recall >= recall_v1 - 0.03 and incremental_recall >= full_recall - 0.12
-  # Measured gaps (full minus incremental): 0.01 to 0.09 (see docs/benchmarks.md), and in three runs of
+  # Measured gaps (full minus incremental): 0.01 to 0.09 (see docs/history/benchmarks-2026-11.md), and in three runs of
   # 2026-11-22 -0.115, -0.03 and 0.23: the full rebuild's new partitioner wins or loses by chance on
   # ~155 pairs, so the bound only catches an update that loses new ads wholesale.
   assert new_found >= full_new_found - 0.3
