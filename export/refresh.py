@@ -46,7 +46,7 @@ class Refresher:
     keep_versions: after each publish, keep only this many newest versions (None keeps all).
     defer_prune: delete the versions beyond `keep_versions`, and free the previous catalog, when the
       next publish starts rather than right after a publish, so that neither competes with servers
-      restoring the new version (docs/benchmarks.md, Freshness); up to `keep_versions` + 1 versions
+      restoring the new version (docs/history/benchmarks-2026-11.md, Freshness); up to `keep_versions` + 1 versions
       stay on disk in between. For a resident refresher (`--watch`).
     index_overrides: index options replacing the source version's in rebuilds.
     verify_recall: after each rebuild, measure recall@k on the warm-up queries (reported, not a gate).

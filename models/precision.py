@@ -1,9 +1,11 @@
-"""The export's default tower precision and XLA setting: the fastest full graph measured per device type.
+"""The export's default tower precision and XLA setting per device type.
 
-`bench/model_speed.py` times the full graph (query tower + index) with float32, mixed_bfloat16 and
-mixed_float16 towers, each with and without XLA, in one run; the winner for a device type is
-recorded here and fgr-export uses it unless told otherwise. A device type nobody measured gets plain
-float32 without XLA, which works everywhere.
+Lower precision and XLA change the serving graph's speed, and which combination wins depends on the
+device: `bench/model_speed.py` times the full graph (query tower + index) with float32,
+mixed_bfloat16 and mixed_float16 towers, each with and without XLA, side by side. The winner for a
+device type is recorded here, and fgr-export uses it unless `--precision`/`--jit_compile` say
+otherwise. A device type with no recorded winner gets float32 without XLA, which runs everywhere.
+Current figures and the command: docs/performance.md, "Tuning".
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ class ServingOptions:
       raise ValueError(f"precision must be one of {config_lib.PRECISIONS}, got {self.precision!r}")
 
 
-# Measured by bench/model_speed.py; figures and command in docs/benchmarks.md, "Models". On the
-# 2-core AVX-512 CPU, float32 without XLA served one query fastest with ScaNN (the export default):
-# bfloat16 towers were slower, float16 ones far slower without XLA, and XLA did not pay at batch 1.
+# The winner per device type, from bench/model_speed.py (figures: docs/performance.md, "Tuning").
+# On CPU it is float32 without XLA: no other combination served a single query faster, and the
+# reduced-precision towers also change some of the top-k, so they would cost quality for nothing.
 MEASURED_FASTEST = {
     "CPU": ServingOptions(precision="float32", jit_compile=False),
 }
@@ -47,5 +49,5 @@ def device_type() -> str:
 
 
 def serving_defaults(device: str | None = None) -> ServingOptions:
-  """The fastest measured serving options for `device` (default: this machine's device type)."""
+  """The recorded serving options for `device` (default: this machine's device type)."""
   return MEASURED_FASTEST.get(device or device_type(), UNMEASURED)

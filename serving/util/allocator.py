@@ -1,6 +1,6 @@
 """fgr-serve's memory allocator: mimalloc, preloaded by re-executing the process once.
 
-Why not glibc's malloc (docs/benchmarks.md, "fgr-serve under mimalloc"): a
+Why not glibc's malloc (docs/history/benchmarks-2026-11.md, "fgr-serve under mimalloc"): a
 version swap allocates and frees ~650 MB (1M ads) while requests run. Under
 glibc, with freed memory kept for the next version (one arena, see
 `runtime.retain_freed_memory`), the load thread and the request threads queue
