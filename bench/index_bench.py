@@ -3,7 +3,8 @@
 Every in-graph backend is saved as SavedModel signatures and run through `TF_SessionRun`, the way TF
 Serving runs a served model (see `bench/served_index.py`); hnswlib and Faiss, when installed, run on
 the same vectors in the same process so ratios are measured side by side. Writes a markdown report, a
-recall-vs-QPS plot and a section of docs/benchmarks.md.
+recall-vs-QPS plot and a summary section (benchmarks.md) into --out_dir; the figures users read are
+copied by hand, with their command, into docs/performance.md.
 
   fgr-bench                          # 1M x 64 hard synthetic catalog, k=100
   fgr-bench --num_items=20000        # a quick run
@@ -62,7 +63,7 @@ _BACKENDS = flags.DEFINE_list(
 _EXTRAS = flags.DEFINE_list("extras", ["hnswlib", "faiss_ivfpq"],
                             "Out-of-graph libraries to compare: hnswlib, faiss_ivfpq, faiss_hnsw.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Sweep search knobs for recall-vs-QPS curves.")
-_OUT_DIR = flags.DEFINE_string("out_dir", "docs", "Where the report, plot and benchmarks.md go.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "bench_output/index_bench", "Where the report, plot and benchmarks.md go.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic catalog.")
 _RESULTS_JSON = flags.DEFINE_string("results_json", None, "Optional path for every measurement as JSON.")
 # Run each session's ops in the calling thread rather than handing them to the inter-op pool: measured

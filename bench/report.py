@@ -1,4 +1,4 @@
-"""Markdown tables, the recall-vs-QPS plot, the done-when checks and our section of benchmarks.md."""
+"""Markdown tables, the recall-vs-QPS plot, the done-when checks and fgr-bench's summary section."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def served_path(context: Context) -> str:
 
 
 def section(results: Sequence[Any], context: Context) -> str:
-  """Our section of docs/benchmarks.md."""
+  """Our section of the summary benchmarks.md in fgr-bench's --out_dir."""
   return "\n".join([
       SECTION, "",
       f"Measured {context.date} on {context.cpus} CPUs (shared machine, {context.load}: compare ratios within one run, "

@@ -132,7 +132,7 @@ def mask_ineligible(scores: tf.Tensor, eligible: tf.Tensor, candidate_rows: tf.T
   else:
     safe_rows = tf.maximum(candidate_rows, 0)
     # Gathering from the read value (GatherV2) rather than the variable (ResourceGather, which locks it)
-    # is faster per single-query search (docs/benchmarks.md, Index backends).
+    # is faster per single-query search (docs/history/benchmarks-2026-11.md, Index backends).
     keep = tf.logical_and(tf.gather(tf.convert_to_tensor(eligible), safe_rows), candidate_rows >= 0)
   return tf.where(keep, scores, tf.constant(-np.inf, scores.dtype))
 

@@ -38,7 +38,7 @@ class BinaryIndex(base.Index):
     hasher: the hashing layer (learned, or random hyperplanes as a baseline).
     eligible: optional bool [N] mask.
     rerank_candidates: candidates rescored exactly per query.
-    jit_compile: fuse XOR + popcount + sum with XLA (faster: docs/benchmarks.md, Index backends).
+    jit_compile: fuse XOR + popcount + sum with XLA (faster: docs/history/benchmarks-2026-11.md, Index backends).
   """
 
   def __init__(self, embeddings: np.ndarray, hasher: hashing.SignHash, eligible: np.ndarray | None = None,

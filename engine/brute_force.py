@@ -17,7 +17,7 @@ class BruteForceIndex(base.Index):
     eligible: optional bool [N] mask.
     dtype: storage and matmul dtype, `float32` or `bfloat16` (half the bytes, scores cast back).
     jit_compile: compile the scoring with XLA. It fuses matmul, mask and top-k, which is faster for
-      single queries (docs/benchmarks.md, Index backends), but stock TF Serving only runs XLA functions
+      single queries (docs/history/benchmarks-2026-11.md, Index backends), but stock TF Serving only runs XLA functions
       with `--xla_cpu_compilation_enabled`, so it is off by default.
   """
 

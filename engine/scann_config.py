@@ -36,10 +36,10 @@ class ScannConfig:
     num_leaves: tree leaves (0: no tree).
     leaves_to_search: leaves searched per query (0: tuned at build time for `target_recall`).
     training_sample_size: points the tree and the codebook train on (by default up to 250k: better recall
-      at the same search knobs for a little more training; docs/benchmarks.md, Index backends).
+      at the same search knobs for a little more training; docs/history/benchmarks-2026-11.md, Index backends).
     partitioning: "auto" (spherical k-means when every embedding has unit norm, as ScaNN's authors
       configure dot product over normalised data, generic otherwise), "spherical" or "generic".
-      Spherical leaves reach the target recall searching fewer of them (docs/benchmarks.md, Index backends).
+      Spherical leaves reach the target recall searching fewer of them (docs/history/benchmarks-2026-11.md, Index backends).
     dimensions_per_block: AH block size.
     anisotropic_quantization_threshold: AH's threshold.
     reorder: candidates rescored exactly (0: no reordering).

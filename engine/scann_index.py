@@ -55,7 +55,7 @@ class ScannIndex(base.Index):
   The searcher is built with ScaNN's builder and serialised with `serialize_to_module()` into a
   `ScannState` (a tf.Module of variables), so it is saved inside the SavedModel. At search time the
   `TensorsToScann` op turns those variables into a searcher handle; its kernel keeps the searcher
-  it created, so a loaded model deserialises the index once, not per call (docs/benchmarks.md, Index
+  it created, so a loaded model deserialises the index once, not per call (docs/history/benchmarks-2026-11.md, Index
   backends: what bounds ScaNN in the graph).
 
   ScaNN has no filter, so the search fetches the best `final_candidates` reordered candidates (2k by

@@ -27,7 +27,7 @@ def tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: scann_confi
   truth = search_ops.exact_top_k_tf(tuning_queries, embeddings, k)
   num_leaves = config.num_leaves
   # Margin for unseen queries: recall on the tuning queries overstates held-out recall, and more tuning
-  # queries do not shrink the gap (docs/benchmarks.md, ScaNN tuned on real queries).
+  # queries do not shrink the gap (docs/history/benchmarks-2026-11.md, ScaNN tuned on real queries).
   target = min(1.0, config.target_recall + 0.015)
   ladder = sorted({max(1, int(round(num_leaves * f))) for f in
                    (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.08, 0.1,
