@@ -128,9 +128,9 @@ flags.DEFINE_bool("retain_freed_memory", True,
                   "touching fresh pages, which stalls requests on VMs that "
                   "return freed pages to the host. Memory reaches its peak "
                   "(two versions, as during a swap) at start-up. Under glibc, "
-                  "protobuf's Python runtime trims the heap every 10,000 "
-                  "message frees, so some of it goes back after a swap, in a "
-                  "10-45 ms stall at 1M ads. Not a TF Serving flag.")
+                  "protobuf's periodic heap trim still hands some back after "
+                  "a swap, stalling requests. Costs: docs/performance.md. "
+                  "Not a TF Serving flag.")
 flags.DEFINE_bool("enable_model_warmup", True,
                   "Replay assets.extra/tf_serving_warmup_requests before a "
                   "version serves.")

@@ -193,11 +193,11 @@ class SavedModelBundle:
     """Releases the session; further runs fail with UNAVAILABLE.
 
     The session's teardown (its executors, kernels, function library and
-    variables: 12-25 ms of frees at 1M ads) runs at idle CPU priority. At
-    normal priority its frees kept taking the malloc arena lock that the
-    serving version's runs need (one arena: runtime.retain_freed_memory), and
-    stalled them for the whole teardown: 14.5 ms median worst answer at
-    200 QPS, against 4.9 ms at idle priority (8 closes each, 1M ads).
+    variables) runs at idle CPU priority. At normal priority its frees keep
+    taking the malloc arena lock that the serving version's runs need (one
+    arena: runtime.retain_freed_memory) and stall them for the whole teardown
+    (figures: docs/history/benchmarks-2026-11.md, "The old version's
+    teardown").
     """
     with self._close_lock:
       if not self._closed:
@@ -265,13 +265,13 @@ def background_load():
 
   - Session runs of this thread execute in it (RunOptions
     inter_op_thread_pool=-1), not on TF's shared inter-op pool: the warm-up's
-    first request deserialises the ScaNN searcher (1.5-3 s of CPU at 1M ads).
+    first request deserialises the ScaNN searcher (seconds of CPU at 1M ads).
   - Each of those runs is SCHED_IDLE (`_idle_priority`): this thread, and the
     threads it starts meanwhile (RestoreV2's reader threads), use only CPU
     time no request wants. Only inside the run: the GIL is released there,
     while a starved idle thread holding the GIL would stall every request.
-  - One CPU: RestoreV2's readers would otherwise take every core (request p99
-    12-67 ms during an unpinned restore of 360 MB; bench/load_stalls.py).
+  - One CPU: RestoreV2's readers would otherwise take every core and stall
+    requests (bench/load_stalls.py).
 
   TF's own thread pools start with the first session, before any of this, so
   they keep every CPU and their priority. Sessions must be created outside:

@@ -19,11 +19,10 @@ def freeze_gc() -> None:
   """Moves every object alive now (modules, TF's registries) out of the GC's
   reach, so later full collections only traverse what was created since.
 
-  Measured with a 1M-ad ScaNN model on 2 cores (bench/load_stalls.py): the
-  full collection that frees an unloaded version holds the GIL while it
-  traverses the ~300k objects TensorFlow's import leaves behind, and requests
-  to the other version reached a p99 of 112 ms; after `freeze_gc()` at
-  start-up, 7 ms. Call it once, after imports and
+  The full collection that frees an unloaded version holds the GIL while it
+  traverses the objects TensorFlow's import leaves behind, stalling requests
+  to the other version (bench/load_stalls.py; figures in
+  docs/history/benchmarks-2026-11.md). Call it once, after imports and
   before the first model loads: objects frozen here are never collected, so
   nothing that is later thrown away (a version's graph) may be alive then.
   """
@@ -81,12 +80,12 @@ def freed_memory_retained() -> bool:
 def retain_freed_memory() -> bool:
   """Keeps memory freed by an unloaded version in the process for the next one.
 
-  glibc gives every large block (a version's variables, ScaNN's searcher:
-  ~650 MB at 1M ads) its own mmap and returns it to the kernel when freed, so
-  each new version touches fresh pages. On a VM that hands freed pages back
-  to the host (virtio-balloon free page reporting, as on this machine), that
-  first touch stalls the vCPU whatever the thread's priority: 0.4-0.9 s per
-  360 MB instead of 50 ms, and requests to the serving version stall with it.
+  glibc gives every large block (a version's variables, ScaNN's searcher) its
+  own mmap and returns it to the kernel when freed, so each new version
+  touches fresh pages. On a VM that hands freed pages back to the host
+  (virtio-balloon free page reporting), that first touch stalls the vCPU
+  whatever the thread's priority, and requests to the serving version stall
+  with it.
   With one malloc arena, no mmap'd blocks and no trimming below 2 GiB, freed
   blocks stay in the heap and the next version reuses them; the process then
   holds its peak (two versions during a swap) rather than shrinking between
@@ -97,8 +96,8 @@ def retain_freed_memory() -> bool:
   neither glibc's single contended arena nor a malloc_trim that protobuf's
   Python runtime (upb) calls every 10,000 message-arena frees. Under glibc
   that trim, in whichever request thread triggers it with the GIL held, finds
-  the unloaded version's ~300 MB (1M ads) free after a swap and hands it back
-  page by page, holding malloc's only arena: 10-45 ms stalls of every request.
+  the unloaded version's memory free after a swap and hands it back page by
+  page, holding malloc's only arena, and every request stalls meanwhile.
 
   Returns False (and changes nothing) where neither applies: mallopt is
   unavailable, or mimalloc purges freed pages.
