@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean bazel-test
+.PHONY: demo test lint install clean bazel-test
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ demo: install
 # -ra lists every skipped test with its reason (e.g. no MovieLens data outside CI).
 test: install
 	$(BIN)/python -m pytest -q -ra tests
+
+# One style, configured in ruff.toml: lint and formatting (`ruff format .` applies it).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The same suite through Bazel (Debian's Bazel 4.2, offline; see README "Building with Bazel").
 # Installs Bazel and Debian's rules_java only when missing (sudo unless already root).

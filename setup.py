@@ -6,51 +6,53 @@ import setuptools
 # The benchmarks drive servers with fgr-loadtest's driver, and the tests run both, so those extras
 # bring them too.
 CLIENTS = [
-    "tqdm>=4.60",  # fgr-loadtest's progress bar (and fgr-bench's).
-    "hdrhistogram>=0.10",  # fgr-loadtest's latency percentiles.
-    "matplotlib>=3.8",  # fgr-loadtest's latency plot (and the benchmarks' reports).
+  "tqdm>=4.60",  # fgr-loadtest's progress bar (and fgr-bench's).
+  "hdrhistogram>=0.10",  # fgr-loadtest's latency percentiles.
+  "matplotlib>=3.8",  # fgr-loadtest's latency plot (and the benchmarks' reports).
 ]
 
 setuptools.setup(
-    name="fullgraph-retrieval",
-    version="0.1.0",
-    description=(
-        "A TensorFlow engine for the recall stage: query tower, item tower and "
-        "nearest-neighbour index in one SavedModel, served over TF Serving's API."
-    ),
-    python_requires=">=3.10,<3.13",
-    packages=setuptools.find_packages(
-        include=["cli*", "engine*", "models*", "export*", "serving*", "clients*", "bench*"]),
-    install_requires=[
-        # scann 1.4.2's TF ops are compiled against TF 2.20 exactly: keep these in lock-step.
-        "tensorflow==2.20.*",
-        "tf-keras==2.20.*",
-        "tensorflow-recommenders==0.7.7",
-        "scann[tf]==1.4.2",
-        "tensorflow-serving-api==2.20.*",
-        "grpcio>=1.60",
-        "grpcio-health-checking>=1.60",
-        "absl-py>=2.0",
-        "numpy>=1.26",
-        "prometheus-client>=0.20",
-        # fgr-serve's malloc (serving/util/allocator.py); preloaded, so Linux only.
-        "cmeel-mimalloc==3.4.*; sys_platform == 'linux'",
+  name="fullgraph-retrieval",
+  version="0.1.0",
+  description=(
+    "A TensorFlow engine for the recall stage: query tower, item tower and "
+    "nearest-neighbour index in one SavedModel, served over TF Serving's API."
+  ),
+  python_requires=">=3.10,<3.13",
+  packages=setuptools.find_packages(
+    include=["cli*", "engine*", "models*", "export*", "serving*", "clients*", "bench*"]
+  ),
+  install_requires=[
+    # scann 1.4.2's TF ops are compiled against TF 2.20 exactly: keep these in lock-step.
+    "tensorflow==2.20.*",
+    "tf-keras==2.20.*",
+    "tensorflow-recommenders==0.7.7",
+    "scann[tf]==1.4.2",
+    "tensorflow-serving-api==2.20.*",
+    "grpcio>=1.60",
+    "grpcio-health-checking>=1.60",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "prometheus-client>=0.20",
+    # fgr-serve's malloc (serving/util/allocator.py); preloaded, so Linux only.
+    "cmeel-mimalloc==3.4.*; sys_platform == 'linux'",
+  ],
+  extras_require={
+    "clients": CLIENTS,
+    # ruff is pinned: its formatter's output is what `make lint` checks against.
+    "test": ["pytest>=8", "hypothesis>=6.100", "psutil>=5.9", "ruff==0.17.6"] + CLIENTS,
+    "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3", "psutil>=5.9"] + CLIENTS,
+  },
+  entry_points={
+    "console_scripts": [
+      "fgr-train=cli.launch:fgr_train",
+      "fgr-export=cli.launch:fgr_export",
+      "fgr-serve=cli.launch:fgr_serve",
+      "fgr-query=cli.launch:fgr_query",
+      "fgr-eval=cli.launch:fgr_eval",
+      "fgr-refresh=cli.launch:fgr_refresh",
+      "fgr-bench=cli.launch:fgr_bench",
+      "fgr-loadtest=cli.launch:fgr_loadtest",
     ],
-    extras_require={
-        "clients": CLIENTS,
-        "test": ["pytest>=8", "hypothesis>=6.100", "psutil>=5.9"] + CLIENTS,
-        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3", "psutil>=5.9"] + CLIENTS,
-    },
-    entry_points={
-        "console_scripts": [
-            "fgr-train=cli.launch:fgr_train",
-            "fgr-export=cli.launch:fgr_export",
-            "fgr-serve=cli.launch:fgr_serve",
-            "fgr-query=cli.launch:fgr_query",
-            "fgr-eval=cli.launch:fgr_eval",
-            "fgr-refresh=cli.launch:fgr_refresh",
-            "fgr-bench=cli.launch:fgr_bench",
-            "fgr-loadtest=cli.launch:fgr_loadtest",
-        ],
-    },
+  },
 )

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 
 _LIB_DIR = os.path.dirname(tf.__file__)
 # Both libraries are already loaded by `import tensorflow`; these handles reuse that copy, so ops
@@ -50,8 +49,9 @@ _declare(_FRAMEWORK, "TF_GetCode", ctypes.c_int, _P)
 _declare(_FRAMEWORK, "TF_Message", ctypes.c_char_p, _P)
 _declare(_FRAMEWORK, "TF_NewBuffer", ctypes.POINTER(_Buffer))
 _declare(_FRAMEWORK, "TF_DeleteBuffer", None, ctypes.POINTER(_Buffer))
-_declare(_FRAMEWORK, "TF_AllocateTensor", _P, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int,
-         ctypes.c_size_t)
+_declare(
+  _FRAMEWORK, "TF_AllocateTensor", _P, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_size_t
+)
 _declare(_FRAMEWORK, "TF_DeleteTensor", None, _P)
 _declare(_FRAMEWORK, "TF_TensorData", _P, _P)
 _declare(_FRAMEWORK, "TF_TensorByteSize", ctypes.c_size_t, _P)
@@ -63,12 +63,38 @@ _declare(_CC, "TF_SetConfig", None, _P, ctypes.c_char_p, ctypes.c_size_t, _P)
 _declare(_CC, "TF_NewGraph", _P)
 _declare(_CC, "TF_DeleteGraph", None, _P)
 _declare(_CC, "TF_GraphOperationByName", _P, _P, ctypes.c_char_p)
-_declare(_CC, "TF_LoadSessionFromSavedModel", _P, _P, _P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
-         ctypes.c_int, _P, ctypes.POINTER(_Buffer), _P)
+_declare(
+  _CC,
+  "TF_LoadSessionFromSavedModel",
+  _P,
+  _P,
+  _P,
+  ctypes.c_char_p,
+  ctypes.POINTER(ctypes.c_char_p),
+  ctypes.c_int,
+  _P,
+  ctypes.POINTER(_Buffer),
+  _P,
+)
 _declare(_CC, "TF_CloseSession", None, _P, _P)
 _declare(_CC, "TF_DeleteSession", None, _P, _P)
-_declare(_CC, "TF_SessionRun", None, _P, _P, ctypes.POINTER(_Output), ctypes.POINTER(_P), ctypes.c_int,
-         ctypes.POINTER(_Output), ctypes.POINTER(_P), ctypes.c_int, _P, ctypes.c_int, _P, _P)
+_declare(
+  _CC,
+  "TF_SessionRun",
+  None,
+  _P,
+  _P,
+  ctypes.POINTER(_Output),
+  ctypes.POINTER(_P),
+  ctypes.c_int,
+  ctypes.POINTER(_Output),
+  ctypes.POINTER(_P),
+  ctypes.c_int,
+  _P,
+  ctypes.c_int,
+  _P,
+  _P,
+)
 
 
 def _check(status: int) -> None:
@@ -94,16 +120,18 @@ class CApiSession:
       serialized = (config or config_pb2.ConfigProto()).SerializeToString()
       _CC.TF_SetConfig(options, serialized, len(serialized), self._status)
       _check(self._status)
-      self._session = _CC.TF_LoadSessionFromSavedModel(options, None, export_dir.encode(), tags, 1, self._graph,
-                                                       meta_graph_buffer, self._status)
+      self._session = _CC.TF_LoadSessionFromSavedModel(
+        options, None, export_dir.encode(), tags, 1, self._graph, meta_graph_buffer, self._status
+      )
       _check(self._status)
       self.meta_graph = meta_graph_pb2.MetaGraphDef.FromString(
-          ctypes.string_at(meta_graph_buffer.contents.data, meta_graph_buffer.contents.length))
+        ctypes.string_at(meta_graph_buffer.contents.data, meta_graph_buffer.contents.length)
+      )
     finally:
       _FRAMEWORK.TF_DeleteBuffer(meta_graph_buffer)
       _CC.TF_DeleteSessionOptions(options)
 
-  def signature(self, name: str, inputs: Sequence[str], output: str) -> "CApiSignature":
+  def signature(self, name: str, inputs: Sequence[str], output: str) -> CApiSignature:
     """A callable running signature `name` on `inputs` (in that order) and returning `output`."""
     signature_def = self.meta_graph.signature_def[name]
     unknown = (set(inputs) - set(signature_def.inputs)) | ({output} - set(signature_def.outputs))
@@ -119,13 +147,26 @@ class CApiSession:
       raise ValueError(f"no operation {op_name} in the loaded graph")
     return _Output(operation, int(index))
 
-  def run(self, inputs: ctypes.Array, input_values: ctypes.Array, fetches: ctypes.Array,
-          fetch_values: ctypes.Array) -> None:
+  def run(
+    self, inputs: ctypes.Array, input_values: ctypes.Array, fetches: ctypes.Array, fetch_values: ctypes.Array
+  ) -> None:
     """TF_SessionRun over prepared C arrays; raises on a non-OK status."""
     if not self._session:
       raise RuntimeError("the session is closed")
-    _CC.TF_SessionRun(self._session, None, inputs, input_values, len(inputs), fetches, fetch_values, len(fetches),
-                      None, 0, None, self._status)
+    _CC.TF_SessionRun(
+      self._session,
+      None,
+      inputs,
+      input_values,
+      len(inputs),
+      fetches,
+      fetch_values,
+      len(fetches),
+      None,
+      0,
+      None,
+      self._status,
+    )
     _check(self._status)
 
   def close(self) -> None:
@@ -148,8 +189,9 @@ class CApiSession:
 class CApiSignature:
   """Calls one signature of a `CApiSession` with NumPy arrays (one call at a time: buffers are reused)."""
 
-  def __init__(self, session: CApiSession, inputs: Sequence[meta_graph_pb2.TensorInfo],
-               output: meta_graph_pb2.TensorInfo):
+  def __init__(
+    self, session: CApiSession, inputs: Sequence[meta_graph_pb2.TensorInfo], output: meta_graph_pb2.TensorInfo
+  ):
     self._session = session  # Kept alive as long as the callable.
     unsupported = [info.name for info in [*inputs, output] if tf.as_dtype(info.dtype) not in _DTYPES]
     if unsupported:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def synthetic_catalog(num_items: int, dim: int = 64, num_queries: int = 1000, num_clusters: int | None = None,
-                      noise: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_catalog(
+  num_items: int,
+  dim: int = 64,
+  num_queries: int = 1000,
+  num_clusters: int | None = None,
+  noise: float = 0.5,
+  seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
   """Returns (items [N, d], queries [Q, d]), float32 and L2-normalised.
 
   Uniform random vectors make every index look good (no structure) or bad (no neighbours). Real
@@ -32,8 +38,9 @@ def synthetic_catalog(num_items: int, dim: int = 64, num_queries: int = 1000, nu
   num_topics = max(2, int(np.sqrt(num_clusters)))
   topics = rng.normal(size=[num_topics, dim]).astype(np.float32)
   topics /= np.linalg.norm(topics, axis=1, keepdims=True)
-  centers = topics[rng.integers(0, num_topics, size=num_clusters)] + (
-      0.6 / np.sqrt(dim)) * rng.normal(size=[num_clusters, dim]).astype(np.float32)
+  centers = topics[rng.integers(0, num_topics, size=num_clusters)] + (0.6 / np.sqrt(dim)) * rng.normal(
+    size=[num_clusters, dim]
+  ).astype(np.float32)
   centers /= np.linalg.norm(centers, axis=1, keepdims=True)
   weights = 1.0 / np.arange(1, num_clusters + 1) ** 0.9
   weights /= weights.sum()
@@ -41,18 +48,19 @@ def synthetic_catalog(num_items: int, dim: int = 64, num_queries: int = 1000, nu
   # One shared set of random rotations, assigned to clusters round-robin, keeps generation fast at 1M.
   num_bases = min(num_clusters, 32)
   scales = (1.0 / np.sqrt(np.arange(1, dim + 1))).astype(np.float32)
-  bases = np.stack([np.linalg.qr(rng.normal(size=[dim, dim]))[0].astype(np.float32) * scales[None, :]
-                    for _ in range(num_bases)])
+  bases = np.stack(
+    [np.linalg.qr(rng.normal(size=[dim, dim]))[0].astype(np.float32) * scales[None, :] for _ in range(num_bases)]
+  )
 
   def sample(assign: np.ndarray, noise_scale: float) -> np.ndarray:
     out = np.empty([assign.shape[0], dim], dtype=np.float32)
     chunk = 200_000
     for start in range(0, assign.shape[0], chunk):
-      a = assign[start:start + chunk]
+      a = assign[start : start + chunk]
       z = rng.normal(size=[a.shape[0], dim]).astype(np.float32)
       noise = np.einsum("nd,nde->ne", z, bases[a % num_bases].transpose(0, 2, 1), optimize=True)
       x = centers[a] + noise * (spreads[a] * noise_scale)[:, None]
-      out[start:start + chunk] = x / np.linalg.norm(x, axis=1, keepdims=True)
+      out[start : start + chunk] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
   items = sample(rng.choice(num_clusters, size=num_items, p=weights), 1.0)

@@ -42,8 +42,7 @@ class EchoServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     stall_seconds: length of that stall.
   """
 
-  def __init__(self, response: predict_pb2.PredictResponse, stall_after: int | None = None,
-               stall_seconds: float = 0.0):
+  def __init__(self, response: predict_pb2.PredictResponse, stall_after: int | None = None, stall_seconds: float = 0.0):
     self._response = response
     self._stall_after, self._stall_seconds = stall_after, stall_seconds
     self._count = 0
@@ -58,12 +57,18 @@ class EchoServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     return self._response
 
 
-def start(port: int = 0, max_workers: int = 8, response: predict_pb2.PredictResponse | None = None,
-          stall_after: int | None = None, stall_seconds: float = 0.0) -> tuple[grpc.Server, int]:
+def start(
+  port: int = 0,
+  max_workers: int = 8,
+  response: predict_pb2.PredictResponse | None = None,
+  stall_after: int | None = None,
+  stall_seconds: float = 0.0,
+) -> tuple[grpc.Server, int]:
   """Starts an echo server on 127.0.0.1; returns (server, port)."""
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers))
   prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-      EchoServicer(response or fixed_response(), stall_after, stall_seconds), server)
+    EchoServicer(response or fixed_response(), stall_after, stall_seconds), server
+  )
   bound = server.add_insecure_port(f"127.0.0.1:{port}")
   server.start()
   return server, bound

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -41,6 +41,7 @@ class Hnswlib(Library):
 
   def __init__(self, items: np.ndarray, k: int, m: int = 32, ef_construction: int = 200):
     import hnswlib  # pylint: disable=g-import-not-at-top
+
     self._k = k
     self._index = hnswlib.Index(space="ip", dim=items.shape[1])
     self._index.init_index(max_elements=items.shape[0], ef_construction=ef_construction, M=m)
@@ -54,6 +55,7 @@ class Hnswlib(Library):
     def search(queries: np.ndarray) -> np.ndarray:
       self._index.set_ef(ef)
       return self._index.knn_query(queries, k=self._k, num_threads=threads)[0]
+
     return search
 
   def settings(self) -> Iterator[tuple[str, Search, Search]]:
@@ -67,6 +69,7 @@ class Faiss(Library):
 
   def __init__(self, items: np.ndarray, k: int, factory: str, knobs: list[str]):
     import faiss  # pylint: disable=g-import-not-at-top
+
     self._faiss = faiss
     self._k = k
     self._knobs = knobs
@@ -82,6 +85,7 @@ class Faiss(Library):
       space.set_index_parameters(self._index, knob)
       self._faiss.omp_set_num_threads(threads)
       return self._index.search(np.ascontiguousarray(queries), self._k)[1]
+
     return search
 
   def settings(self) -> Iterator[tuple[str, Search, Search]]:

@@ -59,9 +59,11 @@ def main(argv: list[str]) -> None:
   _, run_config = train.restore(run_dir)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
   queries = queries_lib.held_out_queries(source, 200)
-  results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                             "command": " ".join(["python bench/freshness.py"] + sys.argv[1:]),
-                             "version_path": version_path}
+  results: dict[str, Any] = {
+    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    "command": " ".join(["python bench/freshness.py"] + sys.argv[1:]),
+    "version_path": version_path,
+  }
   if FLAGS.part in ("all", "publish"):
     results["publish"] = freshness_publish.publish_time(version_path, source, queries)
     logging.info("Publish time: %s", results["publish"])

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -42,16 +42,28 @@ flags.DEFINE_bool("measure_cli", True, "Also time a one-shot fgr-refresh process
 flags.DEFINE_enum("index_update", "auto", list(refresh_policy.INDEX_UPDATES), "The refresher's --index_update.")
 flags.DEFINE_bool("compare_full", True, "Also time a rebuild with a full ScaNN retrain, and compare recall.")
 flags.DEFINE_integer("recall_queries", 500, "Held-out queries for the recall comparison.")
-flags.DEFINE_bool("watcher_verify_recall", False, "Let the watcher check recall after each publish (it then "
-                  "searches the new index in its own process while the server loads it).")
-flags.DEFINE_bool("refresher_keeps_freed_memory", True, "Run the watcher with glibc tunables that keep "
-                  "its freed memory for its next build (see freshness_swaps.refresher_env).")
+flags.DEFINE_bool(
+  "watcher_verify_recall",
+  False,
+  "Let the watcher check recall after each publish (it then "
+  "searches the new index in its own process while the server loads it).",
+)
+flags.DEFINE_bool(
+  "refresher_keeps_freed_memory",
+  True,
+  "Run the watcher with glibc tunables that keep "
+  "its freed memory for its next build (see freshness_swaps.refresher_env).",
+)
 flags.DEFINE_integer("refresher_keep_versions", 3, "The watcher's --keep_versions (0 keeps all).")
 flags.DEFINE_bool("refresher_defer_prune", True, "The watcher's --defer_prune.")
 flags.DEFINE_list("server_flags", [], "Extra fgr-serve flags, e.g. --noretain_freed_memory.")
-flags.DEFINE_enum("part", "all", ["all", "publish", "swaps", "phases"],
-                  "Which measurement to run; phases re-reads the last swaps run in --work_dir and reports "
-                  "where its windows' slow answers fall.")
+flags.DEFINE_enum(
+  "part",
+  "all",
+  ["all", "publish", "swaps", "phases"],
+  "Which measurement to run; phases re-reads the last swaps run in --work_dir and reports "
+  "where its windows' slow answers fall.",
+)
 flags.mark_flag_as_required("work_dir")
 
 MODEL = "ads"
@@ -85,14 +97,18 @@ class Served:
 @contextlib.contextmanager
 def serve(base_path: str, name: str) -> Iterator[Served]:
   """fgr-serve (with --server_flags) on base_path, logging to --work_dir/<name>.log, until the block ends."""
-  with servers.fgr_serve(FLAGS.work_dir, MODEL, base_path, ["--file_system_poll_wait_seconds=1", *FLAGS.server_flags],
-                         name=name) as server, grpc.insecure_channel(server.address) as channel:
+  with (
+    servers.fgr_serve(
+      FLAGS.work_dir, MODEL, base_path, ["--file_system_poll_wait_seconds=1", *FLAGS.server_flags], name=name
+    ) as server,
+    grpc.insecure_channel(server.address) as channel,
+  ):
     yield Served(server, prediction_service_pb2_grpc.PredictionServiceStub(channel))
 
 
 def query_request(queries: dict[str, np.ndarray], row: int) -> predict_pb2.PredictRequest:
   """A single-query Predict on serving_default for row `row` of the held-out queries."""
-  return warmup.predict_request({name: values[row:row + 1] for name, values in queries.items()}, model_name=MODEL)
+  return warmup.predict_request({name: values[row : row + 1] for name, values in queries.items()}, model_name=MODEL)
 
 
 def answer(server: Served, request, timeout: float = 30.0) -> tuple[int, list[str]]:
@@ -115,8 +131,14 @@ def wait_for_version(server: Served, request, version: int, timeout: float) -> t
   raise TimeoutError(f"version {version} did not answer within {timeout:.0f}s")
 
 
-def make_delta(state: refresh_state.CatalogState, source: sources.Source, fraction: float, seed: int,
-               exclude: set[str], extra: list[str]) -> list[str]:
+def make_delta(
+  state: refresh_state.CatalogState,
+  source: sources.Source,
+  fraction: float,
+  seed: int,
+  exclude: set[str],
+  extra: list[str],
+) -> list[str]:
   """Delta lines touching `fraction` of the catalog: 40% new ads, 30% changed, 15% removed, 15% paused.
 
   Ads it changes, removes or pauses are added to `exclude`, so later deltas touch other ads (a status
@@ -128,28 +150,41 @@ def make_delta(state: refresh_state.CatalogState, source: sources.Source, fracti
   counts.append(count - sum(counts))
   template_rows = rng.choice(source.num_items, counts[0] + counts[1], replace=False)
   features = source.features(template_rows)
-  candidates = [row for row in rng.choice(len(state.ids), 2 * sum(counts[1:]), replace=False)
-                if state.ids[row] not in exclude][:sum(counts[1:])]
+  candidates = [
+    row for row in rng.choice(len(state.ids), 2 * sum(counts[1:]), replace=False) if state.ids[row] not in exclude
+  ][: sum(counts[1:])]
   exclude.update(state.ids[row] for row in candidates)
   lines = []
   for i in range(counts[0] + counts[1]):
     ad_id = f"new-{seed}-{i}" if i < counts[0] else state.ids[candidates[i - counts[0]]]
     lines.append(ad_line(ad_id, features, i))
-  for row in candidates[counts[1]:counts[1] + counts[2]]:
+  for row in candidates[counts[1] : counts[1] + counts[2]]:
     lines.append(json.dumps({"ad_id": state.ids[row], "deleted": True}))
-  for row in candidates[counts[1] + counts[2]:]:
+  for row in candidates[counts[1] + counts[2] :]:
     lines.append(json.dumps({"ad_id": state.ids[row], "status": "paused"}))
   return lines + extra
 
 
 def ad_line(ad_id: str, features: dict[str, np.ndarray], row: int) -> str:
-  return json.dumps({"ad_id": ad_id, "category": str(features[schema.CATEGORY][row]),
-                     "brand": str(features[schema.BRAND][row]),
-                     "tokens": [str(t) for t in features[schema.AD_TOKENS][row] if t]})
+  return json.dumps(
+    {
+      "ad_id": ad_id,
+      "category": str(features[schema.CATEGORY][row]),
+      "brand": str(features[schema.BRAND][row]),
+      "tokens": [str(t) for t in features[schema.AD_TOKENS][row] if t],
+    }
+  )
 
 
-def pick_probe_ad(server: Served, probe_request, source: sources.Source, row_of: dict[str, int],
-                  probe_ids: list[str], ad_id_prefix: str, candidates: int = 256) -> tuple[str, str, float]:
+def pick_probe_ad(
+  server: Served,
+  probe_request,
+  source: sources.Source,
+  row_of: dict[str, int],
+  probe_ids: list[str],
+  ad_id_prefix: str,
+  candidates: int = 256,
+) -> tuple[str, str, float]:
   """A new ad that exact search puts inside the probe query's top-k, as a delta line.
 
   Candidates take the side info of the probe's current answers under fresh ids; the served version's
@@ -159,9 +194,16 @@ def pick_probe_ad(server: Served, probe_request, source: sources.Source, row_of:
   rows = np.asarray([row_of[ad_id] for ad_id in probe_ids[:16]])
   features = source.features(rows[np.arange(candidates) % len(rows)])
   ids = np.asarray([f"{ad_id_prefix}-{j}" for j in range(candidates)], dtype=object)
-  item_request = warmup.predict_request({schema.AD_ID: ids, schema.CATEGORY: features[schema.CATEGORY],
-                                         schema.BRAND: features[schema.BRAND], schema.AD_TOKENS: features[schema.AD_TOKENS]},
-                                        signature_name="encode_item", model_name=MODEL)
+  item_request = warmup.predict_request(
+    {
+      schema.AD_ID: ids,
+      schema.CATEGORY: features[schema.CATEGORY],
+      schema.BRAND: features[schema.BRAND],
+      schema.AD_TOKENS: features[schema.AD_TOKENS],
+    },
+    signature_name="encode_item",
+    model_name=MODEL,
+  )
   items = tf_ndarray(server.stub.Predict(item_request, timeout=60).outputs["embedding"])
   query_request = predict_pb2.PredictRequest()
   query_request.CopyFrom(probe_request)
@@ -174,6 +216,7 @@ def pick_probe_ad(server: Served, probe_request, source: sources.Source, row_of:
 
 def tf_ndarray(proto) -> np.ndarray:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf.make_ndarray(proto)
 
 

@@ -19,15 +19,15 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 
 from bench import freshness_setup as setup
 from bench import swap_phases
-from bench.fixtures import latency
-from bench.fixtures import resources
+from bench.fixtures import latency, resources
 from export import refresh_state, versions
 from models.data import schema, sources
 from serving.util import runtime
@@ -108,7 +108,7 @@ class OpenLoopLoad:
 
   def percentiles(self, windows: Sequence[tuple[float, float]]) -> dict[str, float | int]:
     """Answers and their p50 / p99 over the requests scheduled inside any of `windows`."""
-    scheduled, latencies = self.scheduled[:self.sent], self.latency[:self.sent]
+    scheduled, latencies = self.scheduled[: self.sent], self.latency[: self.sent]
     inside = np.zeros(self.sent, bool)
     for start, end in windows:
       inside |= (scheduled >= start) & (scheduled < end)
@@ -138,14 +138,14 @@ def refresher_env() -> dict[str, str]:
   return env
 
 
-def _plan(server: setup.Served, probe_request, probe_ids: list[str], source: sources.Source,
-          row_of: dict[str, int]) -> tuple[list[tuple], list[str], list[float]]:
+def _plan(
+  server: setup.Served, probe_request, probe_ids: list[str], source: sources.Source, row_of: dict[str, int]
+) -> tuple[list[tuple], list[str], list[float]]:
   """The swaps: (rebuild?, extra lines, ad that must appear in the probe's answers, ad to exclude, ad allowed
   again) each; the new ads; and their scores over the probe's k-th on version 1."""
   new_ads, new_lines, margins = [], [], []
   for i in range(0, FLAGS.swaps, 2):
-    new_ad, new_line, margin = setup.pick_probe_ad(server, probe_request, source, row_of, probe_ids,
-                                                   f"fresh-probe-{i}")
+    new_ad, new_line, margin = setup.pick_probe_ad(server, probe_request, source, row_of, probe_ids, f"fresh-probe-{i}")
     new_ads.append(new_ad)
     new_lines.append(new_line)
     margins.append(round(margin, 4))
@@ -154,8 +154,9 @@ def _plan(server: setup.Served, probe_request, probe_ids: list[str], source: sou
   for i in range(FLAGS.swaps):
     target = probe_ids[1 + i]
     if i % 2 == 0:
-      plan.append((True, [new_lines[i // 2], json.dumps({"ad_id": target, "deleted": True})],
-                   new_ads[i // 2], target, None))
+      plan.append(
+        (True, [new_lines[i // 2], json.dumps({"ad_id": target, "deleted": True})], new_ads[i // 2], target, None)
+      )
     elif i == FLAGS.swaps - 2 and paused:  # Resume an ad paused earlier: it may come back.
       plan.append((False, [json.dumps({"ad_id": paused[0], "status": "active"})], None, None, paused[0]))
     else:
@@ -178,16 +179,32 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
       _, probe_ids = setup.answer(server, probe_request)
       state = refresh_state.read_state(os.path.join(base_path, "1"))
       plan, new_ads, margins = _plan(server, probe_request, probe_ids, source, state.row_of())
-      tracked = set(probe_ids[1:1 + FLAGS.swaps]) | set(new_ads)
+      tracked = set(probe_ids[1 : 1 + FLAGS.swaps]) | set(new_ads)
       touched = set(probe_ids)
 
       log = open(os.path.join(FLAGS.work_dir, "swaps-refresher.log"), "wb")
       watcher = subprocess.Popen(
-          ["nice", "-n", "10", sys.executable, "-m", "export.refresh_cli", f"--model_base_path={base_path}",
-           f"--watch={watch_dir}", "--interval=1s", f"--keep_versions={FLAGS.refresher_keep_versions}",
-           f"--index_update={FLAGS.index_update}", f"--defer_prune={FLAGS.refresher_defer_prune}",
-           f"--verify_recall={FLAGS.watcher_verify_recall}", *setup.index_options_args()],
-          cwd=setup.REPO, env=refresher_env(), stdout=log, stderr=log)
+        [
+          "nice",
+          "-n",
+          "10",
+          sys.executable,
+          "-m",
+          "export.refresh_cli",
+          f"--model_base_path={base_path}",
+          f"--watch={watch_dir}",
+          "--interval=1s",
+          f"--keep_versions={FLAGS.refresher_keep_versions}",
+          f"--index_update={FLAGS.index_update}",
+          f"--defer_prune={FLAGS.refresher_defer_prune}",
+          f"--verify_recall={FLAGS.watcher_verify_recall}",
+          *setup.index_options_args(),
+        ],
+        cwd=setup.REPO,
+        env=refresher_env(),
+        stdout=log,
+        stderr=log,
+      )
       _wait_for_log_line(log.name, "Watching ", watcher, timeout=300)
       time.sleep(2)  # The steady phase starts once the watcher has read version 1 and gone idle.
 
@@ -215,19 +232,31 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
         # From the load's own answers: polling with extra requests would raise the load inside the windows only.
         first_answer_at = load.wait_for_version(version, FLAGS.swap_timeout)
         time.sleep(WINDOW_AFTER_FIRST_ANSWER_S)  # Let the window end before the next delta.
-        swaps.append({"version": version, "kind": "rebuild" if rebuild else "status_only",
-                      "dropped_at": dropped_at, "published_at": published_at, "first_answer_at": first_answer_at,
-                      "refresher_seconds": round(published_at - dropped_at, 2),
-                      "publish_to_first_answer_seconds": round(first_answer_at - published_at, 2),
-                      "server_load_and_warmup_seconds": server.load_seconds(version)})
+        swaps.append(
+          {
+            "version": version,
+            "kind": "rebuild" if rebuild else "status_only",
+            "dropped_at": dropped_at,
+            "published_at": published_at,
+            "first_answer_at": first_answer_at,
+            "refresher_seconds": round(published_at - dropped_at, 2),
+            "publish_to_first_answer_seconds": round(first_answer_at - published_at, 2),
+            "server_load_and_warmup_seconds": server.load_seconds(version),
+          }
+        )
       time.sleep(5)
       load.stop()
       load_stopped = time.time()
       timeline = os.path.join(FLAGS.work_dir, "swaps-timeline.npz")
-      np.savez(timeline, scheduled=load.scheduled[:load.sent], latency=load.latency[:load.sent],
-               version=load.version[:load.sent],
-               swaps=np.asarray([[s["dropped_at"], s["published_at"], s["first_answer_at"]] for s in swaps]),
-               versions=np.asarray([s["version"] for s in swaps]), steady=np.asarray([load.started, steady_end]))
+      np.savez(
+        timeline,
+        scheduled=load.scheduled[: load.sent],
+        latency=load.latency[: load.sent],
+        version=load.version[: load.sent],
+        swaps=np.asarray([[s["dropped_at"], s["published_at"], s["first_answer_at"]] for s in swaps]),
+        versions=np.asarray([s["version"] for s in swaps]),
+        steady=np.asarray([load.started, steady_end]),
+      )
     finally:
       if watcher is not None:
         watcher.terminate()
@@ -237,7 +266,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
   # Check every answer against the plan, by the version that gave it.
   violations = []
   later_misses = 0
-  for index, (_, _, must_appear, excluded, resumed) in enumerate(plan):
+  for index, (_, _, must_appear, excluded, _) in enumerate(plan):
     swap_version = swaps[index]["version"]
     resumed_at = {p[4]: swaps[j]["version"] for j, p in enumerate(plan) if p[4]}
     for i in range(load.sent):
@@ -260,34 +289,55 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
   steady_interval = (load.started + 2, steady_end)
   steady = load.percentiles([steady_interval])
   steal_percent = {"steady": host.steal_percent([steady_interval]), "swap_windows": host.steal_percent(windows)}
-  phases = swap_phases.by_phase(load.scheduled[:load.sent], load.latency[:load.sent],
-                                [(s["version"], start, end) for s, (start, end) in zip(swaps, windows)],
-                                server.fgr_serve.log_path, 2 * steady["p99_ms"]) if steady.get("p99_ms") else {}
+  phases = (
+    swap_phases.by_phase(
+      load.scheduled[: load.sent],
+      load.latency[: load.sent],
+      [(s["version"], start, end) for s, (start, end) in zip(swaps, windows)],
+      server.fgr_serve.log_path,
+      2 * steady["p99_ms"],
+    )
+    if steady.get("p99_ms")
+    else {}
+  )
   for s in swaps:
     for key in ("dropped_at", "published_at", "first_answer_at"):
       s.pop(key)
   return {
-      "qps": FLAGS.qps, "requests_sent": load.sent, "failed_requests": len(load.failed),
-      "failure_codes": sorted(set(load.failed.values())),
-      "steady": steady, "during_swap_windows": in_windows, "during_refresher_builds": builds,
-      "windows_by_phase": phases, "cpu_steal_percent": steal_percent,
-      "server_rss_mb": _rss_mb(host, (load.started, load_stopped), steady_interval),
-      "p99_swap_over_steady": round(in_windows.get("p99_ms", 0) / steady["p99_ms"], 2) if steady.get("p99_ms") else None,
-      "probe_checks_violations": len(violations), "violation_examples": violations[:5],
-      "new_ads_score_over_kth_on_version_1": margins,
-      "new_ad_missing_in_later_versions": later_misses,
-      "probe_answers": int(sum(1 for i in range(load.sent) if i % 10 == 0)),
-      "swaps": swaps,
+    "qps": FLAGS.qps,
+    "requests_sent": load.sent,
+    "failed_requests": len(load.failed),
+    "failure_codes": sorted(set(load.failed.values())),
+    "steady": steady,
+    "during_swap_windows": in_windows,
+    "during_refresher_builds": builds,
+    "windows_by_phase": phases,
+    "cpu_steal_percent": steal_percent,
+    "server_rss_mb": _rss_mb(host, (load.started, load_stopped), steady_interval),
+    "p99_swap_over_steady": round(in_windows.get("p99_ms", 0) / steady["p99_ms"], 2) if steady.get("p99_ms") else None,
+    "probe_checks_violations": len(violations),
+    "violation_examples": violations[:5],
+    "new_ads_score_over_kth_on_version_1": margins,
+    "new_ad_missing_in_later_versions": later_misses,
+    "probe_answers": int(sum(1 for i in range(load.sent) if i % 10 == 0)),
+    "swaps": swaps,
   }
 
 
-def _rss_mb(host: resources.ResourceSampler, load: tuple[float, float],
-            steady: tuple[float, float]) -> dict[str, float | None]:
+def _rss_mb(
+  host: resources.ResourceSampler, load: tuple[float, float], steady: tuple[float, float]
+) -> dict[str, float | None]:
   """The server's RSS: its most in the steady phase, its peak under load, and its last sample under load
   (after the swaps)."""
-  mb = lambda value: None if value is None else round(value / 2**20, 1)
-  return {"steady_max": mb(host.max_rss_bytes(*steady)), "peak": mb(host.max_rss_bytes(*load)),
-          "end": mb(host.last_rss_bytes(before=load[1]))}
+
+  def mb(value: int | None) -> float | None:
+    return None if value is None else round(value / 2**20, 1)
+
+  return {
+    "steady_max": mb(host.max_rss_bytes(*steady)),
+    "peak": mb(host.max_rss_bytes(*load)),
+    "end": mb(host.last_rss_bytes(before=load[1])),
+  }
 
 
 def saved_run_phases(work_dir: str) -> dict[str, Any]:
@@ -301,8 +351,12 @@ def saved_run_phases(work_dir: str) -> dict[str, Any]:
   # Saved before the steady phase was: it ended about when the first delta was dropped.
   started, steady_end = timeline["steady"] if "steady" in timeline else (scheduled[0], swaps[0][0])
   steady_p99 = latency.percentiles(latencies[(scheduled >= started + 2) & (scheduled < steady_end)], (99,))["p99_ms"]
-  windows = [(int(v), published, first + WINDOW_AFTER_FIRST_ANSWER_S)
-             for v, (_, published, first) in zip(swap_versions, swaps)]
-  return {"steady_p99_ms": steady_p99,
-          "windows_by_phase": swap_phases.by_phase(scheduled, latencies, windows,
-                                                   os.path.join(work_dir, "swaps-server.log"), 2 * steady_p99)}
+  windows = [
+    (int(v), published, first + WINDOW_AFTER_FIRST_ANSWER_S) for v, (_, published, first) in zip(swap_versions, swaps)
+  ]
+  return {
+    "steady_p99_ms": steady_p99,
+    "windows_by_phase": swap_phases.by_phase(
+      scheduled, latencies, windows, os.path.join(work_dir, "swaps-server.log"), 2 * steady_p99
+    ),
+  }

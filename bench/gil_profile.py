@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SERVING_DIR = os.path.join(REPO, "serving") + os.sep
@@ -19,7 +19,7 @@ _SERVING_DIR = os.path.join(REPO, "serving") + os.sep
 
 def _frame_file(frame: str) -> str:
   """'function (/path/file.py)' -> '/path/file.py' (py-spy's raw format with --nolineno)."""
-  return frame[frame.rfind("(") + 1:-1] if frame.endswith(")") else ""
+  return frame[frame.rfind("(") + 1 : -1] if frame.endswith(")") else ""
 
 
 def _library_path(path: str) -> str:
@@ -39,11 +39,11 @@ def charge(stack: list[str]) -> str:
     path = _frame_file(frame)
     if path.startswith(_SERVING_DIR):
       module = os.path.splitext(os.path.relpath(path, REPO))[0].replace(os.sep, ".")
-      return f"{module}.{frame[:frame.rfind(' (')]}"
+      return f"{module}.{frame[: frame.rfind(' (')]}"
   if not stack:
     return "(no Python frame)"
   leaf = stack[-1]
-  return f"{leaf[:leaf.rfind(' (')]} ({_library_path(_frame_file(leaf))}), no fgr-serve frame"
+  return f"{leaf[: leaf.rfind(' (')]} ({_library_path(_frame_file(leaf))}), no fgr-serve frame"
 
 
 def breakdown(raw_lines: Iterable[str]) -> tuple[int, collections.Counter]:
@@ -68,7 +68,26 @@ def record(pid: int, seconds: float, output: str, rate: int, native: bool = Fals
   """Starts `py-spy record --gil` of process `pid` for `seconds`, writing raw stacks to `output`."""
   # py-spy reads native stacks only from a paused process; Python stacks are read without pausing it.
   sampling = ["--native"] if native else ["--nonblocking"]
-  return subprocess.Popen([py_spy(), "record", "--pid", str(pid), "--gil", *sampling, "--nolineno",
-                           "--full-filenames", "--format", "raw", "--rate", str(rate),
-                           "--duration", str(int(seconds)), "--output", output],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [
+      py_spy(),
+      "record",
+      "--pid",
+      str(pid),
+      "--gil",
+      *sampling,
+      "--nolineno",
+      "--full-filenames",
+      "--format",
+      "raw",
+      "--rate",
+      str(rate),
+      "--duration",
+      str(int(seconds)),
+      "--output",
+      output,
+    ],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )

@@ -22,46 +22,47 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
 import tensorflow as tf
+from absl import app, flags, logging
 from google.protobuf import text_format
 from tensorflow.core.protobuf import config_pb2
 from tqdm import tqdm
 
-from bench import catalog
-from bench import extras
-from bench import index_profiles
-from bench import report
-from bench import served_index
+from bench import catalog, extras, index_profiles, report, served_index
 from bench.fixtures import latency
-from engine import base
-from engine import search_ops
-from engine import stock_ops
+from engine import base, search_ops, stock_ops
 
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 1_000_000, "Synthetic catalog size (ignored with --embeddings).")
 _DIM = flags.DEFINE_integer("dim", 64, "Synthetic embedding dimension.")
 _NOISE = flags.DEFINE_float("noise", 0.5, "Within-cluster spread of the synthetic catalog.")
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "Optional .npy of float32 item embeddings [N, d].")
-_QUERIES = flags.DEFINE_string("queries", None, "Optional .npy of float32 query embeddings [Q, d]; with "
-                               "--embeddings and no --queries, perturbed catalog rows are used.")
+_QUERIES = flags.DEFINE_string(
+  "queries",
+  None,
+  "Optional .npy of float32 query embeddings [Q, d]; with "
+  "--embeddings and no --queries, perturbed catalog rows are used.",
+)
 _K = flags.DEFINE_integer("k", 100, "Neighbours per query.")
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 1000, "Evaluation queries (recall and batched QPS).")
-_NUM_TUNING_QUERIES = flags.DEFINE_integer("num_tuning_queries", 200,
-                                           "Held-out queries backends may tune on (never evaluated).")
+_NUM_TUNING_QUERIES = flags.DEFINE_integer(
+  "num_tuning_queries", 200, "Held-out queries backends may tune on (never evaluated)."
+)
 _NUM_SINGLE = flags.DEFINE_integer("num_single", 300, "Queries sent one at a time for single-query QPS/latency.")
 _NUM_SINGLE_SWEEP = flags.DEFINE_integer("num_single_sweep", 300, "Single queries per sweep point.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Queries per call for batched QPS.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds of single-query timing across all backends.")
 _BACKENDS = flags.DEFINE_list(
-    "backends", ["brute_force", "brute_force_xla", "brute_force_bf16", "scann", "int8", "binary", "binary_random",
-                 "partitioned"], "In-graph backends (variants of the registry's backends) to measure.")
-_EXTRAS = flags.DEFINE_list("extras", ["hnswlib", "faiss_ivfpq"],
-                            "Out-of-graph libraries to compare: hnswlib, faiss_ivfpq, faiss_hnsw.")
+  "backends",
+  ["brute_force", "brute_force_xla", "brute_force_bf16", "scann", "int8", "binary", "binary_random", "partitioned"],
+  "In-graph backends (variants of the registry's backends) to measure.",
+)
+_EXTRAS = flags.DEFINE_list(
+  "extras", ["hnswlib", "faiss_ivfpq"], "Out-of-graph libraries to compare: hnswlib, faiss_ivfpq, faiss_hnsw."
+)
 _SWEEP = flags.DEFINE_bool("sweep", True, "Sweep search knobs for recall-vs-QPS curves.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "bench_output/index_bench", "Where the report, plot and benchmarks.md go.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic catalog.")
@@ -72,21 +73,24 @@ _RESULTS_JSON = flags.DEFINE_string("results_json", None, "Optional path for eve
 # fgr-serve takes the same ConfigProto with --tensorflow_session_config_file.
 CALLER_THREAD_CONFIG = "inter_op_parallelism_threads: -1"
 _SESSION_CONFIG = flags.DEFINE_string(
-    "session_config", CALLER_THREAD_CONFIG, "Text ConfigProto of the sessions every in-graph backend runs in (as "
-    "fgr-serve's --tensorflow_session_config_file); the floor and ScaNN are also profiled with TensorFlow's "
-    "default ConfigProto.")
+  "session_config",
+  CALLER_THREAD_CONFIG,
+  "Text ConfigProto of the sessions every in-graph backend runs in (as "
+  "fgr-serve's --tensorflow_session_config_file); the floor and ScaNN are also profiled with TensorFlow's "
+  "default ConfigProto.",
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where SavedModels are written before loading (default: a temp dir).")
 
 # Variants: (registry backend, build options, the knob a sweep varies, sweep values as fractions or multiples).
 _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "brute_force": ("brute_force", {}),
-    "brute_force_xla": ("brute_force", {"jit_compile": True}),
-    "brute_force_bf16": ("brute_force", {"dtype": "bfloat16"}),
-    "scann": ("scann", {}),
-    "int8": ("int8", {}),
-    "binary": ("binary", {}),
-    "binary_random": ("binary", {"learned": False}),
-    "partitioned": ("partitioned", {}),
+  "brute_force": ("brute_force", {}),
+  "brute_force_xla": ("brute_force", {"jit_compile": True}),
+  "brute_force_bf16": ("brute_force", {"dtype": "bfloat16"}),
+  "scann": ("scann", {}),
+  "int8": ("int8", {}),
+  "binary": ("binary", {}),
+  "binary_random": ("binary", {"learned": False}),
+  "partitioned": ("partitioned", {}),
 }
 
 
@@ -126,12 +130,13 @@ def load_vectors() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
       queries /= np.linalg.norm(queries, axis=1, keepdims=True)
       source = f"{_EMBEDDINGS.value} (queries: perturbed catalog rows)"
   else:
-    items, queries = catalog.synthetic_catalog(_NUM_ITEMS.value, _DIM.value, num_queries=needed,
-                                               noise=_NOISE.value, seed=_SEED.value)
+    items, queries = catalog.synthetic_catalog(
+      _NUM_ITEMS.value, _DIM.value, num_queries=needed, noise=_NOISE.value, seed=_SEED.value
+    )
     source = f"synthetic catalog {items.shape[0]:,} x {items.shape[1]} (noise {_NOISE.value}, seed {_SEED.value})"
   if queries.shape[0] < needed:
     raise ValueError(f"need {needed} queries, got {queries.shape[0]}")
-  return items, queries[_NUM_TUNING_QUERIES.value:needed], queries[:_NUM_TUNING_QUERIES.value], source
+  return items, queries[_NUM_TUNING_QUERIES.value : needed], queries[: _NUM_TUNING_QUERIES.value], source
 
 
 def latencies(call: Callable[[np.ndarray], Any], batches: list[np.ndarray], warm_up: bool = True) -> np.ndarray:
@@ -160,16 +165,23 @@ class Candidate:
   num_single: int
 
 
-def evaluate(name: str, setting: str, search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
-             truth: np.ndarray, batch_search: Callable[[np.ndarray], np.ndarray] | None = None,
-             in_graph: bool = True) -> Measurement:
+def evaluate(
+  name: str,
+  setting: str,
+  search: Callable[[np.ndarray], np.ndarray],
+  queries: np.ndarray,
+  truth: np.ndarray,
+  batch_search: Callable[[np.ndarray], np.ndarray] | None = None,
+  in_graph: bool = True,
+) -> Measurement:
   """Recall over every query (batched); with `batch_search`, also batched QPS and latency."""
   batch = _BATCH_SIZE.value
-  found = np.concatenate([search(queries[i:i + batch]) for i in range(0, queries.shape[0], batch)])
-  result = Measurement(name, setting, search_ops.recall_at_k(found, truth), float("nan"), float("nan"),
-                       float("nan"), in_graph=in_graph)
+  found = np.concatenate([search(queries[i : i + batch]) for i in range(0, queries.shape[0], batch)])
+  result = Measurement(
+    name, setting, search_ops.recall_at_k(found, truth), float("nan"), float("nan"), float("nan"), in_graph=in_graph
+  )
   if batch_search is not None:
-    batched = latencies(batch_search, [queries[i:i + batch] for i in range(0, queries.shape[0] - batch + 1, batch)])
+    batched = latencies(batch_search, [queries[i : i + batch] for i in range(0, queries.shape[0] - batch + 1, batch)])
     result.batch_qps = batch * 1e3 / batched.mean()
     result.batch_p50_ms, result.batch_p99_ms = _p50_p99_ms(batched)
   return result
@@ -198,9 +210,9 @@ def time_single_queries(candidates: list[Candidate], queries: np.ndarray, rounds
       per_round = max(1, candidate.num_single // rounds)
       start = (r * per_round) % max(1, queries.shape[0] - per_round - _WARM_QUERIES)
       for j in range(start, start + _WARM_QUERIES):
-        candidate.search(queries[j:j + 1])
+        candidate.search(queries[j : j + 1])
       timed = range(start + _WARM_QUERIES, start + _WARM_QUERIES + per_round)
-      times[i].append(latencies(candidate.search, [queries[j:j + 1] for j in timed], warm_up=False))
+      times[i].append(latencies(candidate.search, [queries[j : j + 1] for j in timed], warm_up=False))
   for candidate, parts in zip(candidates, times):
     all_times = np.concatenate(parts)
     m = candidate.measurement
@@ -222,8 +234,11 @@ def sweep_points(variant: str, index: base.Index, k: int) -> list[dict[str, int]
   if variant == "scann" and index.config["num_leaves"]:
     leaves = index.config["num_leaves"]
     # Steps of ~15-25% in leaves near the recall-0.95 frontier, as fine as hnswlib's ef steps there.
-    return [{"leaves_to_search": max(1, int(leaves * f)), "pre_reorder_num_neighbors": r}
-            for f in (0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05) for r in (3 * k, 4 * k, 5 * k, 6 * k)]
+    return [
+      {"leaves_to_search": max(1, int(leaves * f)), "pre_reorder_num_neighbors": r}
+      for f in (0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05)
+      for r in (3 * k, 4 * k, 5 * k, 6 * k)
+    ]
   if variant == "partitioned":
     return [{"probes": max(1, int(index.num_partitions * f))} for f in (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)]
   if variant == "int8":
@@ -242,12 +257,12 @@ def stock_check(index: base.Index, dim: int, k: int) -> str:
     tf.saved_model.save(module, path, signatures={"search": search.get_concrete_function()})
     result = stock_ops.load_in_fresh_process(path)
   ok = result["loaded"] and result["ran"] and not result["custom_ops"] and not result["scann_imported"]
-  return ("loads and runs in a fresh process without ScaNN, no custom op" if ok
-          else f"stock load FAILED: {result}")
+  return "loads and runs in a fresh process without ScaNN, no custom op" if ok else f"stock load FAILED: {result}"
 
 
-def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tuning: np.ndarray, truth: np.ndarray,
-                     k: int, workdir: str) -> list[Candidate]:
+def prepare_in_graph(
+  variant: str, items: np.ndarray, queries: np.ndarray, tuning: np.ndarray, truth: np.ndarray, k: int, workdir: str
+) -> list[Candidate]:
   """Builds one in-graph variant and loads it as served; measures recall (every setting) and batched QPS."""
   backend, options = _VARIANTS[variant]
   options = dict(options)
@@ -260,13 +275,16 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   note = ""
   if variant == "scann":
     config = index.config
-    note = (f"leaves {config['leaves_to_search']}/{config['num_leaves']}, reorder {config['reorder']}, "
-            f"train {config['train_seconds']:.1f}s + tune {config['build_seconds'] - config['train_seconds']:.1f}s")
+    note = (
+      f"leaves {config['leaves_to_search']}/{config['num_leaves']}, reorder {config['reorder']}, "
+      f"train {config['train_seconds']:.1f}s + tune {config['build_seconds'] - config['train_seconds']:.1f}s"
+    )
   elif variant == "partitioned":
     note = f"probes {index.default_probes}/{index.num_partitions}; " + stock_check(index, items.shape[1], k)
   elif breakdown:
     note = f"rerank_candidates {index.rerank_candidates}; " + ", ".join(
-        f"{key} {value / 2**20:.1f} MiB" for key, value in breakdown.items())
+      f"{key} {value / 2**20:.1f} MiB" for key, value in breakdown.items()
+    )
   served = served_index.ServedIndex(index, k, workdir, session_config())
   search = served.searcher()
   default = evaluate(variant, "default", search, queries, truth, batch_search=search)
@@ -278,24 +296,47 @@ def prepare_in_graph(variant: str, items: np.ndarray, queries: np.ndarray, tunin
   candidates = [Candidate(default, search, _NUM_SINGLE.value)]
   if variant == "scann":
     op_only = served_index.ServedIndex(index_profiles.ScannOpOnly(index), k, workdir, session_config()).searcher()
-    candidates.append(Candidate(_profile_measurement("scann_op_only", "session: TensorsToScann + ScannSearch of final_candidates, no filter"),
-                                op_only, _NUM_SINGLE.value))
+    candidates.append(
+      Candidate(
+        _profile_measurement("scann_op_only", "session: TensorsToScann + ScannSearch of final_candidates, no filter"),
+        op_only,
+        _NUM_SINGLE.value,
+      )
+    )
     if _SESSION_CONFIG.value:
-      candidates.append(Candidate(_profile_measurement("scann_default_session_config", "scann default, session with "
-                                                       "TensorFlow's default ConfigProto"),
-                                  served_index.ServedIndex(index, k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
-    candidates.append(Candidate(_profile_measurement("scann_python_session", "scann default in a tf.compat.v1.Session "
-                                                     "through make_callable, as fgr-serve ran it before direct_session"),
-                                served_index.ServedIndex(index, k, workdir, session_config(), runner="python").searcher(),
-                                _NUM_SINGLE.value))
-    candidates.append(Candidate(_profile_measurement("scann_tf_function", "scann default through an eager tf.function"),
-                                index_profiles.tf_function_search(index, k), _NUM_SINGLE.value))
+      candidates.append(
+        Candidate(
+          _profile_measurement(
+            "scann_default_session_config", "scann default, session with TensorFlow's default ConfigProto"
+          ),
+          served_index.ServedIndex(index, k, workdir, session_config("")).searcher(),
+          _NUM_SINGLE.value,
+        )
+      )
+    candidates.append(
+      Candidate(
+        _profile_measurement(
+          "scann_python_session",
+          "scann default in a tf.compat.v1.Session through make_callable, as fgr-serve ran it before direct_session",
+        ),
+        served_index.ServedIndex(index, k, workdir, session_config(), runner="python").searcher(),
+        _NUM_SINGLE.value,
+      )
+    )
+    candidates.append(
+      Candidate(
+        _profile_measurement("scann_tf_function", "scann default through an eager tf.function"),
+        index_profiles.tf_function_search(index, k),
+        _NUM_SINGLE.value,
+      )
+    )
   if _SWEEP.value:
     for point in sweep_points(variant, index, k):
       setting = ", ".join(f"{key}={value}" for key, value in point.items())
       point_search = served.searcher(**point)
-      candidates.append(Candidate(evaluate(variant, setting, point_search, queries, truth), point_search,
-                                  _NUM_SINGLE_SWEEP.value))
+      candidates.append(
+        Candidate(evaluate(variant, setting, point_search, queries, truth), point_search, _NUM_SINGLE_SWEEP.value)
+      )
   return candidates
 
 
@@ -347,37 +388,77 @@ def _main(argv: list[str]) -> None:
     else:
       prepared = prepare_extra(name, items, queries, truth, k)
     for c in prepared:
-      logging.info("%s [%s]: recall %.4f, batched %.0f QPS, built in %.1fs", c.measurement.name,
-                   c.measurement.setting, c.measurement.recall, c.measurement.batch_qps, c.measurement.build_seconds)
+      logging.info(
+        "%s [%s]: recall %.4f, batched %.0f QPS, built in %.1fs",
+        c.measurement.name,
+        c.measurement.setting,
+        c.measurement.recall,
+        c.measurement.batch_qps,
+        c.measurement.build_seconds,
+      )
     candidates.extend(prepared)
-  candidates.append(Candidate(_profile_measurement("session_floor", "C API session: the signature returns its input"),
-                              served_index.ServedIndex(index_profiles.Identity(), k, workdir, session_config()).searcher(), _NUM_SINGLE.value))
-  candidates.append(Candidate(_profile_measurement("python_session_floor", "the same in a tf.compat.v1.Session"),
-                              served_index.ServedIndex(index_profiles.Identity(), k, workdir, session_config(), runner="python").searcher(),
-                              _NUM_SINGLE.value))
+  candidates.append(
+    Candidate(
+      _profile_measurement("session_floor", "C API session: the signature returns its input"),
+      served_index.ServedIndex(index_profiles.Identity(), k, workdir, session_config()).searcher(),
+      _NUM_SINGLE.value,
+    )
+  )
+  candidates.append(
+    Candidate(
+      _profile_measurement("python_session_floor", "the same in a tf.compat.v1.Session"),
+      served_index.ServedIndex(index_profiles.Identity(), k, workdir, session_config(), runner="python").searcher(),
+      _NUM_SINGLE.value,
+    )
+  )
   if _SESSION_CONFIG.value:
-    candidates.append(Candidate(_profile_measurement("session_floor_default_config", "the same, TensorFlow's default "
-                                                     "ConfigProto"),
-                                served_index.ServedIndex(index_profiles.Identity(), k, workdir, session_config("")).searcher(), _NUM_SINGLE.value))
-  candidates.append(Candidate(_profile_measurement("tf_function_floor", "tf.identity in an eager tf.function"),
-                              index_profiles.tf_call_floor(), _NUM_SINGLE.value))
+    candidates.append(
+      Candidate(
+        _profile_measurement("session_floor_default_config", "the same, TensorFlow's default ConfigProto"),
+        served_index.ServedIndex(index_profiles.Identity(), k, workdir, session_config("")).searcher(),
+        _NUM_SINGLE.value,
+      )
+    )
+  candidates.append(
+    Candidate(
+      _profile_measurement("tf_function_floor", "tf.identity in an eager tf.function"),
+      index_profiles.tf_call_floor(),
+      _NUM_SINGLE.value,
+    )
+  )
   time_single_queries(candidates, queries, _ROUNDS.value)
   results = [c.measurement for c in candidates]
   for m in results:
-    logging.info("%s [%s]: recall %.4f, single %.0f QPS (p50 %.2f ms, p99 %.2f ms)", m.name, m.setting, m.recall,
-                 m.single_qps, m.p50_ms, m.p99_ms)
+    logging.info(
+      "%s [%s]: recall %.4f, single %.0f QPS (p50 %.2f ms, p99 %.2f ms)",
+      m.name,
+      m.setting,
+      m.recall,
+      m.single_qps,
+      m.p50_ms,
+      m.p99_ms,
+    )
 
   command = "fgr-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  context = report.Context(date=started.strftime("%Y-%m-%d %H:%M UTC"), command=command, source=source,
-                           num_items=items.shape[0], dim=items.shape[1], k=k, num_queries=queries.shape[0],
-                           batch_size=_BATCH_SIZE.value, cpus=os.cpu_count() or 0,
-                           session_config=_SESSION_CONFIG.value,
-                           load=f"5-minute load average {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end")
+  context = report.Context(
+    date=started.strftime("%Y-%m-%d %H:%M UTC"),
+    command=command,
+    source=source,
+    num_items=items.shape[0],
+    dim=items.shape[1],
+    k=k,
+    num_queries=queries.shape[0],
+    batch_size=_BATCH_SIZE.value,
+    cpus=os.cpu_count() or 0,
+    session_config=_SESSION_CONFIG.value,
+    load=f"5-minute load average {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end",
+  )
   paths = report.write(results, context, _OUT_DIR.value)
   if _RESULTS_JSON.value:
     with open(_RESULTS_JSON.value, "w") as f:
-      json.dump({"context": dataclasses.asdict(context), "results": [dataclasses.asdict(r) for r in results]}, f,
-                indent=1)
+      json.dump(
+        {"context": dataclasses.asdict(context), "results": [dataclasses.asdict(r) for r in results]}, f, indent=1
+      )
     paths.append(_RESULTS_JSON.value)
   if not _WORKDIR.value:
     shutil.rmtree(workdir, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -30,15 +30,26 @@ class ScannOpOnly(base.Index):
 
   def search(self, queries: tf.Tensor, k: int, **options: tf.Tensor) -> base.SearchResult:
     from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+
     from engine import scann_index  # pylint: disable=g-import-not-at-top
+
     state, config = self.scann.state, self.scann.config
     fetch = max(config["reorder"], k) if config["reorder"] else k
     final = min(fetch, scann_index.returned_candidates(config, k)) if config["reorder"] else k  # As the search.
-    handle = scann_ops.tensors_to_scann(state.dataset, state.scann_config, state.serialized_partitioner,
-                                        state.datapoint_to_token, state.ah_codebook, state.hashed_dataset,
-                                        state.int8_dataset, state.int8_multipliers, state.dp_norms)
-    rows, scores = scann_ops.scann_search(handle, queries[0], final, fetch if config["reorder"] else -1,
-                                          config["leaves_to_search"])
+    handle = scann_ops.tensors_to_scann(
+      state.dataset,
+      state.scann_config,
+      state.serialized_partitioner,
+      state.datapoint_to_token,
+      state.ah_codebook,
+      state.hashed_dataset,
+      state.int8_dataset,
+      state.int8_multipliers,
+      state.dp_norms,
+    )
+    rows, scores = scann_ops.scann_search(
+      handle, queries[0], final, fetch if config["reorder"] else -1, config["leaves_to_search"]
+    )
     return base.SearchResult(scores[tf.newaxis], rows[tf.newaxis])
 
   def save_namespaces(self) -> list[str]:

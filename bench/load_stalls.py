@@ -21,13 +21,13 @@ import gc
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from absl import app, flags  # noqa: E402
 import scann  # noqa: E402,F401  # pylint: disable=unused-import  # Registers the Scann ops before loading.
 import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 from tensorflow.python.saved_model import loader_impl  # noqa: E402
 from tensorflow_serving.apis import prediction_log_pb2  # noqa: E402
 
@@ -46,11 +46,15 @@ flags.mark_flags_as_required(["serving", "loading"])
 
 def _requests(version_path: str) -> list:
   path = os.path.join(version_path, warmup.WARMUP_FILE)
-  return [prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
-          for record in tf.data.TFRecordDataset(path)]
+  return [
+    prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+    for record in tf.data.TFRecordDataset(path)
+  ]
 
 
-def _latencies_during(action: Callable[[], None], answer: Callable[[int], None], qps: float) -> tuple[float, list[float]]:
+def _latencies_during(
+  action: Callable[[], None], answer: Callable[[int], None], qps: float
+) -> tuple[float, list[float]]:
   """Runs `action` while another thread calls `answer(i)` at `qps`; (action seconds, latencies in seconds)."""
   latencies, stop = [], threading.Event()
 
@@ -88,15 +92,17 @@ def main(argv: list[str]) -> None:
 
   def import_graph() -> None:
     graph = tf.Graph()
-    loaded.update(graph=graph, session=tf.compat.v1.Session(graph=graph),
-                  loader=loader_impl.SavedModelLoader(FLAGS.loading))
+    loaded.update(
+      graph=graph, session=tf.compat.v1.Session(graph=graph), loader=loader_impl.SavedModelLoader(FLAGS.loading)
+    )
     with graph.as_default():
       loaded["saver"], _ = loaded["loader"].load_graph(graph, ["serve"])
 
   def restore_on_shared_pools() -> None:
     saver_def = loaded["saver"].saver_def
-    loaded["session"].run(saver_def.restore_op_name,
-                          {saver_def.filename_tensor_name: os.path.join(FLAGS.loading, "variables", "variables")})
+    loaded["session"].run(
+      saver_def.restore_op_name, {saver_def.filename_tensor_name: os.path.join(FLAGS.loading, "variables", "variables")}
+    )
     loaded.pop("session").close()
     loaded.clear()
 
@@ -114,8 +120,9 @@ def main(argv: list[str]) -> None:
   print(f"{'step':24s} {'seconds':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}")
   for _ in range(FLAGS.rounds):
     for step in [lambda: time.sleep(1.0)] + steps:
-      seconds, latencies = _latencies_during(step, lambda i: predict_util.run_predict(serving, requests[i % len(requests)]),
-                                             FLAGS.qps)
+      seconds, latencies = _latencies_during(
+        step, lambda i: predict_util.run_predict(serving, requests[i % len(requests)]), FLAGS.qps
+      )
       name = getattr(step, "__name__", "idle")
       name = "idle" if name == "<lambda>" else name
       p = latency.percentiles(latencies)

@@ -69,29 +69,40 @@ def main(argv: list[str]) -> None:
       catalog = catalog_lib.embed_catalog(model.item_tower, source)
     options = {"jit_compile": xla} if FLAGS.index == "brute_force" else {}
     index = base.build_index(FLAGS.index, catalog.embeddings, k=FLAGS.k, eligible=catalog.eligible, **options)
-    graph = full_graph.FullGraph(model.query_tower, model.item_tower, index, catalog.ids, FLAGS.k,
-                                 schema.query_specs(), schema.item_specs())
+    graph = full_graph.FullGraph(
+      model.query_tower, model.item_tower, index, catalog.ids, FLAGS.k, schema.query_specs(), schema.item_specs()
+    )
     signatures = graph.signatures()
-    functions[(precision, xla)] = {"graph": graph, "serve": signatures[full_graph.SERVING_DEFAULT],
-                                   "encode": signatures[full_graph.ENCODE_QUERY]}
+    functions[(precision, xla)] = {
+      "graph": graph,
+      "serve": signatures[full_graph.SERVING_DEFAULT],
+      "encode": signatures[full_graph.ENCODE_QUERY],
+    }
   queries = {b: {name: tf.constant(values) for name, values in _queries(source, b).items()} for b in batch_sizes}
 
   results: dict[str, Any] = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-      "command": " ".join(["python -m bench.model_speed"] + sys.argv[1:]),
-      "index": FLAGS.index, "num_items": int(len(catalog.ids)), "k": FLAGS.k,
-      "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU", "variants": {}}
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+    "command": " ".join(["python -m bench.model_speed"] + sys.argv[1:]),
+    "index": FLAGS.index,
+    "num_items": int(len(catalog.ids)),
+    "k": FLAGS.k,
+    "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+    "variants": {},
+  }
   reference = functions[("float32", False)]["serve"](**queries[max(batch_sizes)])["ids"].numpy()
   rng = np.random.default_rng(0)
   for key, fns in functions.items():
     ids = fns["serve"](**queries[max(batch_sizes)])["ids"].numpy()
     overlap = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(ids, reference)])
-    results["variants"][_name(*key)] = {"precision": key[0], "jit_compile": key[1],
-                                        "top_k_overlap_with_float32": round(float(overlap), 4)}
+    results["variants"][_name(*key)] = {
+      "precision": key[0],
+      "jit_compile": key[1],
+      "top_k_overlap_with_float32": round(float(overlap), 4),
+    }
   for kind in ("serve", "encode"):
     for b in batch_sizes:
       times: dict[tuple[str, bool], list[float]] = {key: [] for key in functions}
-      for key, fns in functions.items():  # Warm-up (XLA compiles on the first call of each shape).
+      for fns in functions.values():  # Warm-up (XLA compiles on the first call of each shape).
         for _ in range(5):
           fns[kind](**queries[b])
       for _ in range(FLAGS.rounds):
@@ -104,7 +115,8 @@ def main(argv: list[str]) -> None:
           times[key].append(time.perf_counter() - started)
       for key, values in times.items():
         results["variants"][_name(*key)].update(
-            {f"{kind}_b{b}_{name}": value for name, value in latency.percentiles(values, (50, 90), digits=3).items()})
+          {f"{kind}_b{b}_{name}": value for name, value in latency.percentiles(values, (50, 90), digits=3).items()}
+        )
   first = f"serve_b{batch_sizes[0]}_p50_ms"
   results["fastest"] = min(results["variants"], key=lambda name: results["variants"][name][first])
   text = json.dumps(results, indent=2)
@@ -121,12 +133,20 @@ def _name(precision: str, xla: bool) -> str:
 
 def markdown(results: dict[str, Any], batch_sizes: list[int]) -> str:
   """The results as a Markdown table, one row per variant."""
-  header = ["variant"] + [f"full graph b={b} p50 / p90 ms" for b in batch_sizes] + [
-      f"query tower b={b} p50 ms" for b in batch_sizes] + ["top-k overlap vs float32"]
+  header = (
+    ["variant"]
+    + [f"full graph b={b} p50 / p90 ms" for b in batch_sizes]
+    + [f"query tower b={b} p50 ms" for b in batch_sizes]
+    + ["top-k overlap vs float32"]
+  )
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for name, v in results["variants"].items():
-    cells = [name] + [f"{v[f'serve_b{b}_p50_ms']:.2f} / {v[f'serve_b{b}_p90_ms']:.2f}" for b in batch_sizes] + [
-        f"{v[f'encode_b{b}_p50_ms']:.2f}" for b in batch_sizes] + [f"{v['top_k_overlap_with_float32']:.3f}"]
+    cells = (
+      [name]
+      + [f"{v[f'serve_b{b}_p50_ms']:.2f} / {v[f'serve_b{b}_p90_ms']:.2f}" for b in batch_sizes]
+      + [f"{v[f'encode_b{b}_p50_ms']:.2f}" for b in batch_sizes]
+      + [f"{v['top_k_overlap_with_float32']:.3f}"]
+    )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -34,8 +34,9 @@ class ServedIndex:
     runner: "capi" or "python".
   """
 
-  def __init__(self, index: base.Index, k: int, workdir: str, config: config_pb2.ConfigProto | None = None,
-               runner: str = "capi"):
+  def __init__(
+    self, index: base.Index, k: int, workdir: str, config: config_pb2.ConfigProto | None = None, runner: str = "capi"
+  ):
     if runner not in ("capi", "python"):
       raise ValueError(f"runner must be 'capi' or 'python', got {runner!r}")
     specs = index.search_option_specs()
@@ -53,8 +54,12 @@ class ServedIndex:
       signatures["search_with_options"] = search.get_concrete_function(queries=queries_spec, **specs)
     path = tempfile.mkdtemp(dir=workdir)
     try:
-      tf.saved_model.save(module, path, signatures=signatures,
-                          options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces() or None))
+      tf.saved_model.save(
+        module,
+        path,
+        signatures=signatures,
+        options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces() or None),
+      )
       inputs = {name: ["queries", *(self._options if name != "search" else [])] for name in signatures}
       if runner == "capi":
         session = capi_session.CApiSession(path, config)
@@ -65,8 +70,9 @@ class ServedIndex:
       shutil.rmtree(path, ignore_errors=True)  # The session holds the restored variables.
 
   @staticmethod
-  def _load_python_session(path: str, config: config_pb2.ConfigProto | None,
-                           inputs: dict[str, list[str]]) -> dict[str, Callable[..., np.ndarray]]:
+  def _load_python_session(
+    path: str, config: config_pb2.ConfigProto | None, inputs: dict[str, list[str]]
+  ) -> dict[str, Callable[..., np.ndarray]]:
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph, config=config)
     with graph.as_default():
@@ -74,8 +80,9 @@ class ServedIndex:
     calls = {}
     for name, names in inputs.items():
       signature_def = meta_graph.signature_def[name]
-      calls[name] = session.make_callable(signature_def.outputs["indices"].name,
-                                          [signature_def.inputs[i].name for i in names])
+      calls[name] = session.make_callable(
+        signature_def.outputs["indices"].name, [signature_def.inputs[i].name for i in names]
+      )
     return calls
 
   def searcher(self, **options: int) -> Callable[[np.ndarray], np.ndarray]:

@@ -13,18 +13,14 @@ import os
 import tempfile
 import threading
 import time
-from typing import Dict, List
 
-from absl import app
-from absl import flags
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from absl import app, flags
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from bench.fixtures import latency
-from bench.fixtures import servers
+from bench.fixtures import latency, servers
 
 _CLIENTS = flags.DEFINE_integer("clients", 32, "Concurrent client threads.")
 _SECONDS = flags.DEFINE_float("seconds", 15.0, "Measured seconds per mode.")
@@ -32,13 +28,14 @@ _WARMUP = flags.DEFINE_float("warmup_seconds", 3.0, "Unmeasured lead-in.")
 _DIM = flags.DEFINE_integer("dim", 256, "Input/output width of the MLP.")
 _HIDDEN = flags.DEFINE_integer("hidden", 1024, "Hidden width of the MLP.")
 _BATCHING = flags.DEFINE_string(
-    "batching_parameters",
-    "max_batch_size { value: 32 } batch_timeout_micros { value: 2000 } "
-    "num_batch_threads { value: 2 } max_enqueued_batches { value: 100 }",
-    "Text BatchingParameters for the batching-on run.")
+  "batching_parameters",
+  "max_batch_size { value: 32 } batch_timeout_micros { value: 2000 } "
+  "num_batch_threads { value: 2 } max_enqueued_batches { value: 100 }",
+  "Text BatchingParameters for the batching-on run.",
+)
+
 
 class _Mlp(tf.Module):
-
   def __init__(self, dim: int, hidden: int):
     super().__init__()
     rng = np.random.default_rng(0)
@@ -53,11 +50,9 @@ class _Mlp(tf.Module):
 def export_mlp(base: str, dim: int, hidden: int, version: int = 1) -> None:
   """Exports the MLP as `<base>/<version>` (written aside, then renamed in)."""
   module = _Mlp(dim, hidden)
-  signature = module.serve.get_concrete_function(
-      tf.TensorSpec([None, dim], tf.float32, name="x"))
+  signature = module.serve.get_concrete_function(tf.TensorSpec([None, dim], tf.float32, name="x"))
   staging = os.path.join(os.path.dirname(base), f".staging-{version}")
-  tf.saved_model.save(module, staging,
-                      signatures={"serving_default": signature})
+  tf.saved_model.save(module, staging, signatures={"serving_default": signature})
   os.makedirs(base, exist_ok=True)
   os.rename(staging, os.path.join(base, str(version)))
 
@@ -74,20 +69,17 @@ def predict_request(dim: int) -> predict_pb2.PredictRequest:
   """One-row Predict request for the MLP."""
   request = predict_pb2.PredictRequest()
   request.model_spec.name = "mlp"
-  request.inputs["x"].CopyFrom(tf.make_tensor_proto(
-      np.random.default_rng(1).normal(size=(1, dim)).astype("f4")))
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.random.default_rng(1).normal(size=(1, dim)).astype("f4")))
   return request
 
 
-def _drive(address: str, clients: int, warmup: float, seconds: float,
-           dim: int) -> Dict[str, float]:
+def _drive(address: str, clients: int, warmup: float, seconds: float, dim: int) -> dict[str, float]:
   request = predict_request(dim)
   channels = [grpc.insecure_channel(address) for _ in range(4)]
-  stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c)
-           for c in channels]
+  stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
   start = time.monotonic()
   measure_from, measure_to = start + warmup, start + warmup + seconds
-  latencies: List[List[float]] = [[] for _ in range(clients)]
+  latencies: list[list[float]] = [[] for _ in range(clients)]
   failures = [0] * clients
 
   def client(i: int) -> None:
@@ -108,8 +100,7 @@ def _drive(address: str, clients: int, warmup: float, seconds: float,
         else:
           failures[i] += 1
 
-  threads = [threading.Thread(target=client, args=(i,))
-             for i in range(clients)]
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
   for t in threads:
     t.start()
   for t in threads:
@@ -118,9 +109,9 @@ def _drive(address: str, clients: int, warmup: float, seconds: float,
     c.close()
   all_latencies = [x for per in latencies for x in per]
   return {
-      "qps": len(all_latencies) / seconds,
-      "failures": float(sum(failures)),
-      **latency.percentiles(all_latencies),
+    "qps": len(all_latencies) / seconds,
+    "failures": float(sum(failures)),
+    **latency.percentiles(all_latencies),
   }
 
 
@@ -132,16 +123,19 @@ def main(argv):
     results = {}
     for batching in (False, True):
       with serve_mlp(base, workdir, batching) as server:
-        results[batching] = _drive(server.address, _CLIENTS.value,
-                                   _WARMUP.value, _SECONDS.value, _DIM.value)
-  print(f"MLP {_DIM.value}->{_HIDDEN.value}->{_DIM.value}, one row per "
-        f"request, {_CLIENTS.value} concurrent gRPC clients, "
-        f"{_SECONDS.value:.0f} s per mode")
+        results[batching] = _drive(server.address, _CLIENTS.value, _WARMUP.value, _SECONDS.value, _DIM.value)
+  print(
+    f"MLP {_DIM.value}->{_HIDDEN.value}->{_DIM.value}, one row per "
+    f"request, {_CLIENTS.value} concurrent gRPC clients, "
+    f"{_SECONDS.value:.0f} s per mode"
+  )
   print("| batching | requests/s | failed | p50 ms | p99 ms |")
   print("|---|---|---|---|---|")
   for batching, r in results.items():
-    print(f"| {'on' if batching else 'off'} | {r['qps']:.0f} | "
-          f"{r['failures']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    print(
+      f"| {'on' if batching else 'off'} | {r['qps']:.0f} | "
+      f"{r['failures']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+    )
 
 
 if __name__ == "__main__":

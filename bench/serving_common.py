@@ -13,7 +13,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import flags
 
@@ -22,8 +23,9 @@ from bench.fixtures import servers as bench_servers
 from clients.loadtest import driver, histogram, request_source
 
 
-def define_flags(warmup_seconds: float, seconds: float, rounds: int | None, num_queries: int = 500,
-                 base_path: bool = True) -> None:
+def define_flags(
+  warmup_seconds: float, seconds: float, rounds: int | None, num_queries: int = 500, base_path: bool = True
+) -> None:
   """Defines the flags every serving benchmark shares, with its own defaults.
 
   Args:
@@ -33,8 +35,9 @@ def define_flags(warmup_seconds: float, seconds: float, rounds: int | None, num_
     num_queries: default number of distinct held-out queries.
     base_path: define a required --base_path (the served model).
   """
-  flags.DEFINE_string("run_dir", None, "fgr-train --output_dir (synthetic data) whose held-out queries to send.",
-                      required=True)
+  flags.DEFINE_string(
+    "run_dir", None, "fgr-train --output_dir (synthetic data) whose held-out queries to send.", required=True
+  )
   if base_path:
     flags.DEFINE_string("base_path", None, "fgr-export --model_base_path of the served model.", required=True)
   flags.DEFINE_float("warmup_seconds", warmup_seconds, "Unmeasured lead-in per round.")
@@ -46,20 +49,32 @@ def define_flags(warmup_seconds: float, seconds: float, rounds: int | None, num_
 
 
 # The batching the serving benchmarks measure: one batch thread, as serving/README advises on few cores.
-BATCHING_PARAMETERS = ("max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
-                       "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }")
+BATCHING_PARAMETERS = (
+  "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
+  "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }"
+)
 
 
 def open_loop(qps: float) -> driver.LoadSpec:
   """An open-loop load at `qps` of --warmup_seconds then --seconds measured."""
-  return driver.LoadSpec(mode="open", qps=qps, warmup_seconds=flags.FLAGS.warmup_seconds,
-                         duration_seconds=flags.FLAGS.seconds, progress=False)
+  return driver.LoadSpec(
+    mode="open",
+    qps=qps,
+    warmup_seconds=flags.FLAGS.warmup_seconds,
+    duration_seconds=flags.FLAGS.seconds,
+    progress=False,
+  )
 
 
 def closed_loop(streams: int) -> driver.LoadSpec:
   """A closed-loop load of `streams` streams, --warmup_seconds then --seconds measured."""
-  return driver.LoadSpec(mode="closed", concurrency=streams, warmup_seconds=flags.FLAGS.warmup_seconds,
-                         duration_seconds=flags.FLAGS.seconds, progress=False)
+  return driver.LoadSpec(
+    mode="closed",
+    concurrency=streams,
+    warmup_seconds=flags.FLAGS.warmup_seconds,
+    duration_seconds=flags.FLAGS.seconds,
+    progress=False,
+  )
 
 
 def workdir(output_dir: str, name: str) -> str:
@@ -79,8 +94,9 @@ def latest_version(base_path: str) -> str:
 
 def query_requests(run_dir: str, count: int, model_name: str, signature_name: str = "serving_default") -> list:
   """`count` held-out queries of a training run as PredictRequests for model_name/signature_name."""
-  return request_source.with_model_spec(request_source.synthetic_requests(count, run_dir), model_name,
-                                        signature_name, None)
+  return request_source.with_model_spec(
+    request_source.synthetic_requests(count, run_dir), model_name, signature_name, None
+  )
 
 
 @dataclasses.dataclass
@@ -114,8 +130,9 @@ def _run_charged(variant: Variant, spec: driver.LoadSpec) -> tuple[driver.LoadRe
   before = [resources.cpu_seconds(pid) for pid in pids], resources.cpu_seconds(), time.monotonic()
   result = driver.run(variant.make_target(), variant.requests, spec)
   after = [resources.cpu_seconds(pid) for pid in pids], resources.cpu_seconds(), time.monotonic()
-  return result, CpuUse(server=sum(after[0]) - sum(before[0]) if pids else None, client=after[1] - before[1],
-                        wall=after[2] - before[2])
+  return result, CpuUse(
+    server=sum(after[0]) - sum(before[0]) if pids else None, client=after[1] - before[1], wall=after[2] - before[2]
+  )
 
 
 def _per_request_ms(seconds: float | None, requests: int) -> float | None:
@@ -128,13 +145,17 @@ def _cpu_summary(results: Sequence[driver.LoadResult], cpu: Sequence[CpuUse]) ->
   wall = sum(c.wall for c in cpu)
   server = None if cpu[0].server is None else sum(c.server for c in cpu)
   client = sum(c.client for c in cpu)
-  return {"server_cpu_ms_per_request": _per_request_ms(server, completed),
-          "client_cpu_ms_per_request": _per_request_ms(client, completed),
-          "server_cores": None if server is None else round(server / wall, 2), "client_cores": round(client / wall, 2)}
+  return {
+    "server_cpu_ms_per_request": _per_request_ms(server, completed),
+    "client_cpu_ms_per_request": _per_request_ms(client, completed),
+    "server_cores": None if server is None else round(server / wall, 2),
+    "client_cores": round(client / wall, 2),
+  }
 
 
-def _point(label: str, spec: driver.LoadSpec, results: Sequence[driver.LoadResult],
-           cpu: Sequence[CpuUse] = ()) -> dict[str, Any]:
+def _point(
+  label: str, spec: driver.LoadSpec, results: Sequence[driver.LoadResult], cpu: Sequence[CpuUse] = ()
+) -> dict[str, Any]:
   """Pools several runs of one variant: merged histograms, summed counts, measured time and CPU use."""
   latency, service = histogram.LatencyHistogram(), histogram.LatencyHistogram()
   errors: collections.Counter = collections.Counter()
@@ -145,11 +166,19 @@ def _point(label: str, spec: driver.LoadSpec, results: Sequence[driver.LoadResul
   ok = sum(r.successes for r in results)
   lat = latency.summary_ms()
   rounds = f"{len(results)} x " if len(results) > 1 else ""
-  return {"variant": label, "load": f"{spec.describe().rsplit(' + ', 1)[0]} + {rounds}{spec.duration_seconds:g} s",
-          "throughput_qps": round(ok / sum(r.measured_seconds for r in results), 1),
-          "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"), "p999_ms": lat.get("p999"),
-          "service_p50_ms": service.summary_ms().get("p50"), "ok": ok, "errors": dict(errors),
-          **(_cpu_summary(results, cpu) if cpu else {})}
+  return {
+    "variant": label,
+    "load": f"{spec.describe().rsplit(' + ', 1)[0]} + {rounds}{spec.duration_seconds:g} s",
+    "throughput_qps": round(ok / sum(r.measured_seconds for r in results), 1),
+    "p50_ms": lat.get("p50"),
+    "p90_ms": lat.get("p90"),
+    "p99_ms": lat.get("p99"),
+    "p999_ms": lat.get("p999"),
+    "service_p50_ms": service.summary_ms().get("p50"),
+    "ok": ok,
+    "errors": dict(errors),
+    **(_cpu_summary(results, cpu) if cpu else {}),
+  }
 
 
 def compare(variants: Sequence[Variant], spec: driver.LoadSpec, rounds: int = 1) -> list[dict[str, Any]]:
@@ -162,15 +191,18 @@ def compare(variants: Sequence[Variant], spec: driver.LoadSpec, rounds: int = 1)
   results: dict[str, list[driver.LoadResult]] = {v.label: [] for v in variants}
   cpu: dict[str, list[CpuUse]] = {v.label: [] for v in variants}
   for r in range(rounds):
-    for variant in (variants if r % 2 == 0 else variants[::-1]):
+    for variant in variants if r % 2 == 0 else variants[::-1]:
       result, used = _run_charged(variant, spec)
       results[variant.label].append(result)
       cpu[variant.label].append(used)
-      print(f"  round {r + 1}: {variant.label:<36s} {result.throughput:>8,.1f} req/s  "
-            f"p50 {result.percentile_ms(50):.3f} ms  p99 {result.percentile_ms(99):.3f} ms  "
-            f"cpu/request: server {_per_request_ms(used.server, len(result.ok)) or '–'} ms, "
-            f"client {_per_request_ms(used.client, len(result.ok))} ms  "
-            f"errors {result.errors or 'none'}", flush=True)
+      print(
+        f"  round {r + 1}: {variant.label:<36s} {result.throughput:>8,.1f} req/s  "
+        f"p50 {result.percentile_ms(50):.3f} ms  p99 {result.percentile_ms(99):.3f} ms  "
+        f"cpu/request: server {_per_request_ms(used.server, len(result.ok)) or '–'} ms, "
+        f"client {_per_request_ms(used.client, len(result.ok))} ms  "
+        f"errors {result.errors or 'none'}",
+        flush=True,
+      )
   return [_point(v.label, spec, results[v.label], cpu[v.label]) for v in variants]
 
 
@@ -178,19 +210,32 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) ->
   """A Markdown table of rows[key] under the given (key, heading) columns."""
   lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
   for row in rows:
-    lines.append("| " + " | ".join("–" if row.get(k) is None else (f"{row[k]:,.2f}" if isinstance(row[k], float)
-                                                                    else str(row[k])) for k, _ in columns) + " |")
+    lines.append(
+      "| "
+      + " | ".join(
+        "–" if row.get(k) is None else (f"{row[k]:,.2f}" if isinstance(row[k], float) else str(row[k]))
+        for k, _ in columns
+      )
+      + " |"
+    )
   return "\n".join(lines)
 
 
-POINT_COLUMNS = (("variant", "variant"), ("load", "load"), ("throughput_qps", "req/s"), ("p50_ms", "p50 ms"),
-                 ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"),
-                 ("server_cpu_ms_per_request", "server CPU ms/req"),
-                 ("client_cpu_ms_per_request", "client CPU ms/req"), ("errors", "errors"))
+POINT_COLUMNS = (
+  ("variant", "variant"),
+  ("load", "load"),
+  ("throughput_qps", "req/s"),
+  ("p50_ms", "p50 ms"),
+  ("p90_ms", "p90 ms"),
+  ("p99_ms", "p99 ms"),
+  ("p999_ms", "p99.9 ms"),
+  ("server_cpu_ms_per_request", "server CPU ms/req"),
+  ("client_cpu_ms_per_request", "client CPU ms/req"),
+  ("errors", "errors"),
+)
 
 
-def finish(output_dir: str, name: str, data: dict[str, Any], points: Sequence[dict[str, Any]],
-           ratios: Any) -> None:
+def finish(output_dir: str, name: str, data: dict[str, Any], points: Sequence[dict[str, Any]], ratios: Any) -> None:
   """Saves the results, then prints the points' table, the ratios and where the JSON went."""
   path = save(output_dir, name, data)
   if points:
@@ -203,9 +248,12 @@ def save(output_dir: str, name: str, data: dict[str, Any]) -> str:
   """Writes data (plus the date and command) to output_dir/name.json; returns the path."""
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, f"{name}.json")
-  data = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-          "command": " ".join(["python -m", sys.modules["__main__"].__spec__.name, *sys.argv[1:]]),
-          "cpus": os.cpu_count(), **data}
+  data = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+    "command": " ".join(["python -m", sys.modules["__main__"].__spec__.name, *sys.argv[1:]]),
+    "cpus": os.cpu_count(),
+    **data,
+  }
   with open(path, "w") as f:
     json.dump(data, f, indent=2)
   return path

@@ -22,10 +22,10 @@ import concurrent.futures
 import os
 from typing import Any
 
-from absl import app, flags
-import scann  # noqa: F401  # pylint: disable=unused-import  # Registers the Scann ops before loading.
 import numpy as np
+import scann  # noqa: F401  # pylint: disable=unused-import  # Registers the Scann ops before loading.
 import tensorflow as tf
+from absl import app, flags
 from tensorflow_serving.apis import predict_pb2
 
 from bench import serving_common as common
@@ -38,9 +38,11 @@ common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=4)
 flags.adopt_module_key_flags(common)
 flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
 flags.DEFINE_integer("streams", 16, "Closed-loop streams for the saturation comparison.")
-flags.DEFINE_string("batching_parameters",
-                    common.BATCHING_PARAMETERS,
-                    "Text BatchingParameters of the batching fgr-serve (saturation only).")
+flags.DEFINE_string(
+  "batching_parameters",
+  common.BATCHING_PARAMETERS,
+  "Text BatchingParameters of the batching fgr-serve (saturation only).",
+)
 
 MODEL = "retrieval"
 
@@ -48,8 +50,9 @@ MODEL = "retrieval"
 class InProcessTarget:
   """Runs a loaded version's signature through its session on a thread pool (TF releases the GIL)."""
 
-  def __init__(self, bundle: saved_model_bundle.SavedModelBundle, threads: int,
-               signature_name: str = "serving_default"):
+  def __init__(
+    self, bundle: saved_model_bundle.SavedModelBundle, threads: int, signature_name: str = "serving_default"
+  ):
     self.name = "in-process SavedModel session"
     signature = bundle.signature_defs[signature_name]
     self._inputs = {alias: info.name for alias, info in signature.inputs.items()}
@@ -82,36 +85,63 @@ def main(argv: list[str]) -> None:
     bundle.session_run(f, fetches)
   workdir = common.workdir(FLAGS.output_dir, "serving_overhead")
   batching = servers.batching_args(workdir, FLAGS.batching_parameters)
-  with servers.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, servers.echo_server(workdir) as echo, \
-      servers.fgr_serve(workdir, MODEL, FLAGS.base_path, batching, name="fgr-serve-batched") as batched:
+  with (
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path) as model,
+    servers.echo_server(workdir) as echo,
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, batching, name="fgr-serve-batched") as batched,
+  ):
 
     def variants(threads: int) -> list[common.Variant]:
-      return [common.Variant("gRPC Predict to fgr-serve", lambda: driver.GrpcPredictTarget(model.address), requests,
-                             servers=(model,)),
-              common.Variant("in-process SavedModel call", lambda: InProcessTarget(bundle, threads), feeds),
-              common.Variant("echo PredictionService", lambda: driver.GrpcPredictTarget(echo.address), requests,
-                             servers=(echo,))]
+      return [
+        common.Variant(
+          "gRPC Predict to fgr-serve", lambda: driver.GrpcPredictTarget(model.address), requests, servers=(model,)
+        ),
+        common.Variant("in-process SavedModel call", lambda: InProcessTarget(bundle, threads), feeds),
+        common.Variant(
+          "echo PredictionService", lambda: driver.GrpcPredictTarget(echo.address), requests, servers=(echo,)
+        ),
+      ]
 
     latency = common.compare(variants(1), common.open_loop(FLAGS.qps), FLAGS.rounds)
-    saturation = common.compare(variants(FLAGS.streams) + [
-        common.Variant("gRPC Predict to fgr-serve, batching on", lambda: driver.GrpcPredictTarget(batched.address),
-                       requests, servers=(batched,))], common.closed_loop(FLAGS.streams), max(2, FLAGS.rounds // 2))
+    saturation = common.compare(
+      variants(FLAGS.streams)
+      + [
+        common.Variant(
+          "gRPC Predict to fgr-serve, batching on",
+          lambda: driver.GrpcPredictTarget(batched.address),
+          requests,
+          servers=(batched,),
+        )
+      ],
+      common.closed_loop(FLAGS.streams),
+      max(2, FLAGS.rounds // 2),
+    )
     memory = model.memory_mib()
   grpc_, local, echo_ = latency
   overhead = grpc_["p50_ms"] - local["p50_ms"]
   echo_qps = saturation[2]["throughput_qps"]
   ratios = {
-      "grpc_minus_inprocess_p50_ms": round(overhead, 3),
-      "echo_p50_ms": echo_["p50_ms"],
-      "overhead_over_echo_p50": round(overhead / echo_["p50_ms"], 3),  # Target <= 1.2.
-      # Target >= 0.5, with batching off and on.
-      "fgr_serve_over_echo_saturation_qps": round(saturation[0]["throughput_qps"] / echo_qps, 3),
-      "fgr_serve_batching_over_echo_saturation_qps": round(saturation[3]["throughput_qps"] / echo_qps, 3),
+    "grpc_minus_inprocess_p50_ms": round(overhead, 3),
+    "echo_p50_ms": echo_["p50_ms"],
+    "overhead_over_echo_p50": round(overhead / echo_["p50_ms"], 3),  # Target <= 1.2.
+    # Target >= 0.5, with batching off and on.
+    "fgr_serve_over_echo_saturation_qps": round(saturation[0]["throughput_qps"] / echo_qps, 3),
+    "fgr_serve_batching_over_echo_saturation_qps": round(saturation[3]["throughput_qps"] / echo_qps, 3),
   }
-  common.finish(FLAGS.output_dir, "serving_overhead", {"version": version, "latency": latency,
-                                                        "saturation": saturation, "ratios": ratios,
-                                                        "batching_parameters": FLAGS.batching_parameters,
-                                                        "fgr_serve_memory": memory}, latency + saturation, ratios)
+  common.finish(
+    FLAGS.output_dir,
+    "serving_overhead",
+    {
+      "version": version,
+      "latency": latency,
+      "saturation": saturation,
+      "ratios": ratios,
+      "batching_parameters": FLAGS.batching_parameters,
+      "fgr_serve_memory": memory,
+    },
+    latency + saturation,
+    ratios,
+  )
 
 
 if __name__ == "__main__":

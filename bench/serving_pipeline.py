@@ -13,11 +13,10 @@ pools them, so the shared machine's background load falls on both alike.
 
 from __future__ import annotations
 
-
-from absl import app, flags
 import grpc
 import numpy as np
 import tensorflow as tf
+from absl import app, flags
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench import serving_common as common
@@ -61,7 +60,10 @@ class TwoCallTarget:
 def overlap(model_address: str, ann_address: str, full: list, encode: list) -> float:
   """Mean overlap of the two variants' top-k ids over some queries (both should find the same ads)."""
   with grpc.insecure_channel(model_address) as m, grpc.insecure_channel(ann_address) as a:
-    model, ann = prediction_service_pb2_grpc.PredictionServiceStub(m), prediction_service_pb2_grpc.PredictionServiceStub(a)
+    model, ann = (
+      prediction_service_pb2_grpc.PredictionServiceStub(m),
+      prediction_service_pb2_grpc.PredictionServiceStub(a),
+    )
     shares = []
     for full_request, encode_request in zip(full, encode):
       ids = set(tf.make_ndarray(model.Predict(full_request, timeout=30).outputs["ids"])[0])
@@ -79,24 +81,44 @@ def main(argv: list[str]) -> None:
   encode = common.query_requests(FLAGS.run_dir, FLAGS.num_queries, MODEL, "encode_query")
   points, ratios = [], []
   workdir = common.workdir(FLAGS.output_dir, "serving_pipeline")
-  with servers.fgr_serve(workdir, MODEL, FLAGS.base_path) as model, \
-      servers.server("bench.serving_scann_service", [f"--version_path={version}"], workdir, "ann") as ann:
+  with (
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path) as model,
+    servers.server("bench.serving_scann_service", [f"--version_path={version}"], workdir, "ann") as ann,
+  ):
     agreement = overlap(model.address, ann.address, full[:50], encode[:50])
     print(f"top-k overlap between the variants over 50 queries: {agreement:.3f}")
     for qps in (float(q) for q in FLAGS.qps):
       spec = common.open_loop(qps)
-      a, b = common.compare([
-          common.Variant("(a) full graph, one call", lambda: driver.GrpcPredictTarget(model.address), full,
-                         servers=(model, ann)),
-          common.Variant("(b) encode_query + ScaNN service", lambda: TwoCallTarget(model.address, ann.address),
-                         encode, servers=(model, ann))], spec, FLAGS.rounds)
+      a, b = common.compare(
+        [
+          common.Variant(
+            "(a) full graph, one call", lambda: driver.GrpcPredictTarget(model.address), full, servers=(model, ann)
+          ),
+          common.Variant(
+            "(b) encode_query + ScaNN service",
+            lambda: TwoCallTarget(model.address, ann.address),
+            encode,
+            servers=(model, ann),
+          ),
+        ],
+        spec,
+        FLAGS.rounds,
+      )
       points += [a, b]
-      ratios.append({"qps": qps, "p50_ratio": round(a["p50_ms"] / b["p50_ms"], 3),
-                     "p99_ratio": round(a["p99_ms"] / b["p99_ms"], 3)})
-      print(f"  at {qps:g} QPS: full/two-call p50 {ratios[-1]['p50_ratio']}, p99 {ratios[-1]['p99_ratio']} "
-            "(target p50 <= 0.6)")
-  common.finish(FLAGS.output_dir, "serving_pipeline", {"version": version, "top_k_overlap": agreement,
-                                                        "points": points, "ratios": ratios}, points, ratios)
+      ratios.append(
+        {"qps": qps, "p50_ratio": round(a["p50_ms"] / b["p50_ms"], 3), "p99_ratio": round(a["p99_ms"] / b["p99_ms"], 3)}
+      )
+      print(
+        f"  at {qps:g} QPS: full/two-call p50 {ratios[-1]['p50_ratio']}, p99 {ratios[-1]['p99_ratio']} "
+        "(target p50 <= 0.6)"
+      )
+  common.finish(
+    FLAGS.output_dir,
+    "serving_pipeline",
+    {"version": version, "top_k_overlap": agreement, "points": points, "ratios": ratios},
+    points,
+    ratios,
+  )
 
 
 if __name__ == "__main__":

@@ -31,14 +31,16 @@ common.define_flags(warmup_seconds=3.0, seconds=10.0, rounds=None)
 flags.adopt_module_key_flags(common)
 flags.DEFINE_integer("streams", 32, "Closed-loop streams.")
 flags.DEFINE_bool("batching", False, "Profile fgr-serve with --enable_batching.")
-flags.DEFINE_string("batching_parameters",
-                    common.BATCHING_PARAMETERS,
-                    "Text BatchingParameters with --batching.")
+flags.DEFINE_string("batching_parameters", common.BATCHING_PARAMETERS, "Text BatchingParameters with --batching.")
 flags.DEFINE_list("server_args", [], "More fgr-serve flags, e.g. --noretain_freed_memory.")
 flags.DEFINE_integer("rate", 250, "py-spy samples per second.")
-flags.DEFINE_bool("native", False, "Also sample native frames (py-spy --native): names gRPC's Cython and "
-                  "TensorFlow's C++ functions instead of the Python function that called them. It pauses the "
-                  "server for each sample and falls behind the rate, so the GIL share is then a lower bound.")
+flags.DEFINE_bool(
+  "native",
+  False,
+  "Also sample native frames (py-spy --native): names gRPC's Cython and "
+  "TensorFlow's C++ functions instead of the Python function that called them. It pauses the "
+  "server for each sample and falls behind the rate, so the GIL share is then a lower bound.",
+)
 flags.DEFINE_integer("top", 15, "Rows of the breakdown to print.")
 
 MODEL = "retrieval"
@@ -59,11 +61,14 @@ def main(argv: list[str]) -> None:
   with servers.fgr_serve(workdir, MODEL, FLAGS.base_path, extra) as model:
     started: list[subprocess.Popen] = []
     # py-spy samples the measured window only: it starts when the driver's warm-up ends.
-    timer = threading.Timer(FLAGS.warmup_seconds, lambda: started.append(gil_profile.record(
-        model.process.pid, FLAGS.seconds, raw, FLAGS.rate, FLAGS.native)))
+    timer = threading.Timer(
+      FLAGS.warmup_seconds,
+      lambda: started.append(gil_profile.record(model.process.pid, FLAGS.seconds, raw, FLAGS.rate, FLAGS.native)),
+    )
     timer.start()
-    point, = common.compare([common.Variant(label, lambda: driver.GrpcPredictTarget(model.address), requests,
-                                            servers=(model,))], spec)
+    (point,) = common.compare(
+      [common.Variant(label, lambda: driver.GrpcPredictTarget(model.address), requests, servers=(model,))], spec
+    )
     timer.join()
     _, stderr = started[0].communicate(timeout=FLAGS.seconds + 60)
     if started[0].returncode != 0:
@@ -75,17 +80,31 @@ def main(argv: list[str]) -> None:
   expected = FLAGS.rate * int(FLAGS.seconds)
   gil_share = held / expected
   gil_ms = 1e3 * gil_share / point["throughput_qps"]
-  summary = {"throughput_qps": point["throughput_qps"], "gil_held_share": round(gil_share, 3),
-             "gil_ms_per_request": round(gil_ms, 3), "gil_bound_qps": round(1e3 / gil_ms, 1),
-             "server_cpu_ms_per_request": point["server_cpu_ms_per_request"],
-             "server_cores": point["server_cores"], "client_cores": point["client_cores"]}
-  rows = [{"where": where, "share_of_gil": round(n / held, 3), "ms_per_request": round(gil_ms * n / held, 4)}
-          for where, n in charged.most_common()]
-  common.finish(FLAGS.output_dir, "serving_profile", {"point": point, "summary": summary, "breakdown": rows,
-                                                       "py_spy_raw": raw, "batching": FLAGS.batching},
-                [point], summary)
-  print(common.table(rows[:FLAGS.top], (("where", "GIL held in"), ("share_of_gil", "share"),
-                                        ("ms_per_request", "GIL ms/request"))))
+  summary = {
+    "throughput_qps": point["throughput_qps"],
+    "gil_held_share": round(gil_share, 3),
+    "gil_ms_per_request": round(gil_ms, 3),
+    "gil_bound_qps": round(1e3 / gil_ms, 1),
+    "server_cpu_ms_per_request": point["server_cpu_ms_per_request"],
+    "server_cores": point["server_cores"],
+    "client_cores": point["client_cores"],
+  }
+  rows = [
+    {"where": where, "share_of_gil": round(n / held, 3), "ms_per_request": round(gil_ms * n / held, 4)}
+    for where, n in charged.most_common()
+  ]
+  common.finish(
+    FLAGS.output_dir,
+    "serving_profile",
+    {"point": point, "summary": summary, "breakdown": rows, "py_spy_raw": raw, "batching": FLAGS.batching},
+    [point],
+    summary,
+  )
+  print(
+    common.table(
+      rows[: FLAGS.top], (("where", "GIL held in"), ("share_of_gil", "share"), ("ms_per_request", "GIL ms/request"))
+    )
+  )
 
 
 if __name__ == "__main__":

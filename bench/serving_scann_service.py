@@ -13,11 +13,11 @@ from __future__ import annotations
 import concurrent.futures
 import time
 
-from absl import app, flags, logging
 import grpc
 import numpy as np
 import scann
 import tensorflow as tf
+from absl import app, flags, logging
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench import echo_server
@@ -48,12 +48,17 @@ def build_searcher(version_path: str) -> tuple[object, np.ndarray, int, dict]:
   started = time.perf_counter()
   builder = scann.scann_ops_pybind.builder(vectors, k, "dot_product")
   if config["num_leaves"]:
-    builder = builder.tree(num_leaves=config["num_leaves"], num_leaves_to_search=max(1, config["leaves_to_search"]),
-                           training_sample_size=min(config["training_sample_size"], len(rows)))
+    builder = builder.tree(
+      num_leaves=config["num_leaves"],
+      num_leaves_to_search=max(1, config["leaves_to_search"]),
+      training_sample_size=min(config["training_sample_size"], len(rows)),
+    )
   if config["scoring"] == "ah":
-    builder = builder.score_ah(config["dimensions_per_block"],
-                               anisotropic_quantization_threshold=config["anisotropic_quantization_threshold"],
-                               training_sample_size=min(config["training_sample_size"], len(rows)))
+    builder = builder.score_ah(
+      config["dimensions_per_block"],
+      anisotropic_quantization_threshold=config["anisotropic_quantization_threshold"],
+      training_sample_size=min(config["training_sample_size"], len(rows)),
+    )
   else:
     builder = builder.score_brute_force()
   if config["reorder"]:
@@ -64,8 +69,13 @@ def build_searcher(version_path: str) -> tuple[object, np.ndarray, int, dict]:
     search_args["pre_reorder_num_neighbors"] = config["reorder"]
   if config["num_leaves"]:
     search_args["leaves_to_search"] = config["leaves_to_search"]
-  logging.info("ScaNN over %d eligible of %d items built in %.1f s: %s", len(rows), len(state.ids),
-               time.perf_counter() - started, search_args)
+  logging.info(
+    "ScaNN over %d eligible of %d items built in %.1f s: %s",
+    len(rows),
+    len(state.ids),
+    time.perf_counter() - started,
+    search_args,
+  )
   return searcher, np.asarray(state.ids[rows]).astype(bytes), k, search_args
 
 

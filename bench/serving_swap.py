@@ -16,20 +16,18 @@ import tempfile
 import threading
 import time
 
-from absl import app
-from absl import flags
 import grpc
+from absl import app, flags
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from bench import serving_batching
 from bench.fixtures import latency
 
 FLAGS = flags.FLAGS
-_PUBLISH_AT = flags.DEFINE_float("publish_at", 6.0,
-                                 "Seconds into the run to publish v2.")
+_PUBLISH_AT = flags.DEFINE_float("publish_at", 6.0, "Seconds into the run to publish v2.")
 _WITH_BATCHING = flags.DEFINE_bool(
-    "with_batching", False,
-    "Serve with --enable_batching (--batching_parameters) during the swap.")
+  "with_batching", False, "Serve with --enable_batching (--batching_parameters) during the swap."
+)
 
 
 def _percentiles(latencies):
@@ -39,17 +37,13 @@ def _percentiles(latencies):
 
 def main(argv):
   del argv
-  with tempfile.TemporaryDirectory() as workdir, \
-      contextlib.ExitStack() as stack:
+  with tempfile.TemporaryDirectory() as workdir, contextlib.ExitStack() as stack:
     base = os.path.join(workdir, "mlp")
     serving_batching.export_mlp(base, FLAGS.dim, FLAGS.hidden)
-    server = stack.enter_context(
-        serving_batching.serve_mlp(base, workdir, _WITH_BATCHING.value))
+    server = stack.enter_context(serving_batching.serve_mlp(base, workdir, _WITH_BATCHING.value))
     request = serving_batching.predict_request(FLAGS.dim)
-    channels = [stack.enter_context(grpc.insecure_channel(server.address))
-                for _ in range(4)]
-    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c)
-             for c in channels]
+    channels = [stack.enter_context(grpc.insecure_channel(server.address)) for _ in range(4)]
+    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
     records = []  # (start offset, latency, version or error code name)
     lock = threading.Lock()
     start = time.monotonic()
@@ -66,8 +60,7 @@ def main(argv):
         with lock:
           records.append((t0 - start, time.monotonic() - t0, outcome))
 
-    threads = [threading.Thread(target=client, args=(i,))
-               for i in range(FLAGS.clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(FLAGS.clients)]
     for t in threads:
       t.start()
     time.sleep(_PUBLISH_AT.value)
@@ -81,18 +74,22 @@ def main(argv):
   failures = [r for r in records if not isinstance(r[2], int)]
   lead_in = FLAGS.warmup_seconds
   phases = {
-      "before": [r[1] for r in records if lead_in <= r[0] < published],
-      "swap": [r[1] for r in records if published <= r[0] < window_end],
-      "after": [r[1] for r in records if r[0] >= window_end],
+    "before": [r[1] for r in records if lead_in <= r[0] < published],
+    "swap": [r[1] for r in records if published <= r[0] < window_end],
+    "after": [r[1] for r in records if r[0] >= window_end],
   }
-  print(f"{FLAGS.clients} clients, batching "
-        f"{'on' if _WITH_BATCHING.value else 'off'}, {FLAGS.seconds:.0f} s, "
-        f"v2 published at "
-        f"{published:.1f} s, first v2 answer at "
-        f"{first_v2 if first_v2 is None else round(first_v2, 1)} s")
-  print(f"requests: {len(records)}, failed: {len(failures)}, served by v1: "
-        f"{sum(r[2] == 1 for r in records)}, by v2: "
-        f"{sum(r[2] == 2 for r in records)}")
+  print(
+    f"{FLAGS.clients} clients, batching "
+    f"{'on' if _WITH_BATCHING.value else 'off'}, {FLAGS.seconds:.0f} s, "
+    f"v2 published at "
+    f"{published:.1f} s, first v2 answer at "
+    f"{first_v2 if first_v2 is None else round(first_v2, 1)} s"
+  )
+  print(
+    f"requests: {len(records)}, failed: {len(failures)}, served by v1: "
+    f"{sum(r[2] == 1 for r in records)}, by v2: "
+    f"{sum(r[2] == 2 for r in records)}"
+  )
   print("| phase | requests | p50 / p99 ms |")
   print("|---|---|---|")
   for phase, latencies in phases.items():

@@ -18,23 +18,22 @@ import tempfile
 import threading
 import time
 
-from absl import app
-from absl import flags
 import grpc
 import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from absl import app, flags
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from bench.fixtures import latency
-from bench.fixtures import resources
-from bench.fixtures import servers
+from bench.fixtures import latency, resources, servers
 from export import versions
 
 flags.DEFINE_float("seconds", 600, "How long to soak.")
 flags.DEFINE_float("qps", 75, "Requests per second (open loop, fixed rate).")
 flags.DEFINE_float("swap_every", 60, "Seconds between version publishes.")
-flags.DEFINE_integer("clients", 16, "Client threads (bounds requests in flight; a request due while all are "
-                     "busy is counted as dropped, not queued).")
+flags.DEFINE_integer(
+  "clients",
+  16,
+  "Client threads (bounds requests in flight; a request due while all are busy is counted as dropped, not queued).",
+)
 flags.DEFINE_float("deadline", 2.0, "Per-request gRPC deadline in seconds.")
 flags.DEFINE_string("output", "", "If set, write the results JSON here.")
 FLAGS = flags.FLAGS
@@ -43,7 +42,6 @@ _MODEL = "soak"
 
 
 class _HalfPlus(tf.Module):
-
   def __init__(self, b: float):
     super().__init__()
     self.a = tf.Variable(0.5)
@@ -66,8 +64,10 @@ def main(argv) -> None:
   workdir = tempfile.mkdtemp(prefix="fgr-soak-")
   base = os.path.join(workdir, _MODEL)
   _publish(base, 2.0)
-  with servers.fgr_serve(workdir, _MODEL, base, ["--file_system_poll_wait_seconds=1"], name="server") as server, \
-      grpc.insecure_channel(server.address) as channel:
+  with (
+    servers.fgr_serve(workdir, _MODEL, base, ["--file_system_poll_wait_seconds=1"], name="server") as server,
+    grpc.insecure_channel(server.address) as channel,
+  ):
     samples, counts, error_codes, latencies, swaps = _soak(base, server.pid, channel)
   exit_code = server.process.returncode
 
@@ -75,16 +75,22 @@ def main(argv) -> None:
   baseline = after_swap[0][1]
   final = samples[-1][1]
   result = {
-      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-      "seconds": FLAGS.seconds, "qps_target": FLAGS.qps, "swap_every": FLAGS.swap_every,
-      "swaps": swaps, "requests": sum(counts.values()), **counts, "error_codes": error_codes,
-      "achieved_qps": round((counts["ok"] + counts["errors"]) / FLAGS.seconds, 1),
-      "latency_ms": latency.percentiles(latencies, (50, 99, 99.9), suffix=""),
-      "rss_start_mb": round(samples[0][1] / 1024, 1),
-      "rss_baseline_mb": round(baseline / 1024, 1), "rss_peak_mb": round(max(s[1] for s in samples) / 1024, 1),
-      "rss_final_mb": round(final / 1024, 1),
-      "rss_growth_pct": round(100.0 * (final - baseline) / baseline, 2),
-      "server_exit_code": exit_code,
+    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    "seconds": FLAGS.seconds,
+    "qps_target": FLAGS.qps,
+    "swap_every": FLAGS.swap_every,
+    "swaps": swaps,
+    "requests": sum(counts.values()),
+    **counts,
+    "error_codes": error_codes,
+    "achieved_qps": round((counts["ok"] + counts["errors"]) / FLAGS.seconds, 1),
+    "latency_ms": latency.percentiles(latencies, (50, 99, 99.9), suffix=""),
+    "rss_start_mb": round(samples[0][1] / 1024, 1),
+    "rss_baseline_mb": round(baseline / 1024, 1),
+    "rss_peak_mb": round(max(s[1] for s in samples) / 1024, 1),
+    "rss_final_mb": round(final / 1024, 1),
+    "rss_growth_pct": round(100.0 * (final - baseline) / baseline, 2),
+    "server_exit_code": exit_code,
   }
   print(json.dumps(result, indent=1))
   if FLAGS.output:

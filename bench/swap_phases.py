@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -29,10 +29,10 @@ PHASES = ("poll", "restore", "warm-up", "switch", "after switch, first 100 ms", 
 _LINE = re.compile(r"^I(\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+)\s+\d+\s+\S+\] (.*)$")
 # The log line that ends each of the first four phases, given the version number.
 _PHASE_ENDS = (
-    lambda v: rf"^Loading servable model: \S+, version: {v}$",
-    lambda v: rf"^Restored the variables .* at path: .*/{v}$",
-    lambda v: rf"^Finished reading warmup data for model at .*/{v}\.",
-    lambda v: rf"^Successfully loaded servable version model: \S+, version: {v}$",
+  lambda v: rf"^Loading servable model: \S+, version: {v}$",
+  lambda v: rf"^Restored the variables .* at path: .*/{v}$",
+  lambda v: rf"^Finished reading warmup data for model at .*/{v}\.",
+  lambda v: rf"^Successfully loaded servable version model: \S+, version: {v}$",
 )
 
 
@@ -62,8 +62,9 @@ def load_seconds(lines: list[tuple[float, str]], version: int) -> float | None:
   return round(loaded[-1] - started[0], 2) if started and loaded else None
 
 
-def phase_bounds(lines: list[tuple[float, str]], version: int, published_at: float,
-                 window_end: float) -> list[tuple[str, float, float]]:
+def phase_bounds(
+  lines: list[tuple[float, str]], version: int, published_at: float, window_end: float
+) -> list[tuple[str, float, float]]:
   """(phase, start, end) of one swap window; a phase whose log line is missing is left out."""
   ends = []
   for pattern in _PHASE_ENDS:
@@ -81,8 +82,13 @@ def phase_bounds(lines: list[tuple[float, str]], version: int, published_at: flo
   return bounds
 
 
-def by_phase(scheduled: np.ndarray, latency_s: np.ndarray, windows: Sequence[tuple[int, float, float]],
-             log_path: str, slow_ms: float) -> dict[str, dict[str, float | int]]:
+def by_phase(
+  scheduled: np.ndarray,
+  latency_s: np.ndarray,
+  windows: Sequence[tuple[int, float, float]],
+  log_path: str,
+  slow_ms: float,
+) -> dict[str, dict[str, float | int]]:
   """Per phase over all windows: its seconds, answers, p99, and slow answers (over `slow_ms`).
 
   Args:
@@ -106,6 +112,10 @@ def by_phase(scheduled: np.ndarray, latency_s: np.ndarray, windows: Sequence[tup
   for name in PHASES:
     values = latency_s[masks[name] & answered]
     if len(values):
-      report[name] = {"seconds": round(seconds[name], 2), "answers": int(len(values)),
-                      **latency.percentiles(values, (99,)), "slow_answers": int(np.sum(values * 1e3 > slow_ms))}
+      report[name] = {
+        "seconds": round(seconds[name], 2),
+        "answers": int(len(values)),
+        **latency.percentiles(values, (99,)),
+        "slow_answers": int(np.sum(values * 1e3 > slow_ms)),
+      }
   return report

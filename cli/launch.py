@@ -42,8 +42,10 @@ def _command(module: str, function: str = "run", extra: str | None = None) -> Ca
     except ModuleNotFoundError as e:
       if extra is None or not e.name or e.name.partition(".")[0] in _OWN_PACKAGES:
         raise
-      raise SystemExit(f"{os.path.basename(sys.argv[0])} needs the `{extra}` extra ({e.name} is missing): "
-                       f"pip install 'fullgraph-retrieval[{extra}]'") from e
+      raise SystemExit(
+        f"{os.path.basename(sys.argv[0])} needs the `{extra}` extra ({e.name} is missing): "
+        f"pip install 'fullgraph-retrieval[{extra}]'"
+      ) from e
     getattr(command, function)()
 
   run.__doc__ = f"Runs `{module}.{function}` with TensorFlow's C++ log level set first."

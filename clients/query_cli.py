@@ -28,10 +28,14 @@ flags.DEFINE_string("query", "", "Query tokens separated by spaces.")
 flags.DEFINE_list("history", [], "Recently clicked ad ids, most recent first.")
 flags.DEFINE_list("history_categories", [], "Categories of those ads (same order).")
 flags.DEFINE_list("history_brands", [], "Brands of those ads (same order).")
-flags.DEFINE_string("requests_file", None, "JSONL of requests (feature name -> string or list); overrides the "
-                    "feature flags.")
-flags.DEFINE_integer("num_requests", 1, "Requests to send (cycling through the requests); with more than one, "
-                     "latency percentiles are printed.")
+flags.DEFINE_string(
+  "requests_file", None, "JSONL of requests (feature name -> string or list); overrides the feature flags."
+)
+flags.DEFINE_integer(
+  "num_requests",
+  1,
+  "Requests to send (cycling through the requests); with more than one, latency percentiles are printed.",
+)
 flags.DEFINE_integer("top", 10, "Candidates to print per request.")
 flags.DEFINE_float("timeout", 10.0, "Per-request deadline in seconds.")
 flags.DEFINE_bool("json", False, "Print one JSON object per answer instead of a table.")
@@ -40,12 +44,12 @@ flags.DEFINE_bool("json", False, "Print one JSON object per answer instead of a 
 def features_from_flags() -> dict[str, list]:
   """One request's features from the feature flags, in the padded layout the model expects."""
   return {
-      "user_id": FLAGS.user_id,
-      "user_features": FLAGS.user_features or [""],
-      "query_tokens": FLAGS.query.split() or [""],
-      "hist_ids": FLAGS.history or [""],
-      "hist_categories": FLAGS.history_categories or [""] * max(len(FLAGS.history), 1),
-      "hist_brands": FLAGS.history_brands or [""] * max(len(FLAGS.history), 1),
+    "user_id": FLAGS.user_id,
+    "user_features": FLAGS.user_features or [""],
+    "query_tokens": FLAGS.query.split() or [""],
+    "hist_ids": FLAGS.history or [""],
+    "hist_categories": FLAGS.history_categories or [""] * max(len(FLAGS.history), 1),
+    "hist_brands": FLAGS.history_brands or [""] * max(len(FLAGS.history), 1),
   }
 
 
@@ -72,12 +76,20 @@ def build_request(features: dict[str, object]) -> predict_pb2.PredictRequest:
 
 
 def print_answer(number: int, response: predict_pb2.PredictResponse) -> None:
-  ids = tf.make_ndarray(response.outputs["ids"])[0][:FLAGS.top]
-  scores = tf.make_ndarray(response.outputs["scores"])[0][:FLAGS.top]
+  ids = tf.make_ndarray(response.outputs["ids"])[0][: FLAGS.top]
+  scores = tf.make_ndarray(response.outputs["scores"])[0][: FLAGS.top]
   version = response.model_spec.version.value
   if FLAGS.json:
-    print(json.dumps({"request": number, "version": version, "ids": [i.decode() for i in ids],
-                      "scores": [round(float(s), 5) for s in scores]}))
+    print(
+      json.dumps(
+        {
+          "request": number,
+          "version": version,
+          "ids": [i.decode() for i in ids],
+          "scores": [round(float(s), 5) for s in scores],
+        }
+      )
+    )
     return
   print(f"request {number} (model version {version}):")
   for rank, (ad_id, score) in enumerate(zip(ids, scores), 1):
@@ -103,8 +115,15 @@ def main(argv: list[str]) -> None:
         print_answer(number, response)
   if len(latencies) > 1:
     ms = np.asarray(latencies) * 1000.0
-    print(json.dumps({"requests": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 3),
-                      "p99_ms": round(float(np.percentile(ms, 99)), 3)}))
+    print(
+      json.dumps(
+        {
+          "requests": len(ms),
+          "p50_ms": round(float(np.percentile(ms, 50)), 3),
+          "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        }
+      )
+    )
 
 
 def run() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 import types
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -164,8 +165,15 @@ class Backend:
     self.name = name
     self._build = build
 
-  def build(self, embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-            tuning_queries: np.ndarray | None = None, **options: Any) -> Index:
+  def build(
+    self,
+    embeddings: np.ndarray,
+    *,
+    k: int,
+    eligible: np.ndarray | None = None,
+    tuning_queries: np.ndarray | None = None,
+    **options: Any,
+  ) -> Index:
     return self._build(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)
 
   def load_ops(self) -> None:
@@ -207,8 +215,15 @@ class Backend:
     del checkpoint_prefix, index_path, embeddings
     raise NotImplementedError(f"the {self.name} backend has no incremental update")
 
-  def update(self, trained: Any, config: Mapping[str, Any], embeddings: np.ndarray, source_rows: np.ndarray,
-             eligible: np.ndarray, options: Mapping[str, Any]) -> Index:
+  def update(
+    self,
+    trained: Any,
+    config: Mapping[str, Any],
+    embeddings: np.ndarray,
+    source_rows: np.ndarray,
+    eligible: np.ndarray,
+    options: Mapping[str, Any],
+  ) -> Index:
     """An index over `embeddings` from an earlier build's training (no training, no tuning).
 
     Args:
@@ -229,11 +244,11 @@ class Backend:
 # Backends register lazily as "module" holding a `BACKEND`, so that building a stock-op index never
 # imports ScaNN (whose custom ops would otherwise end up required by every SavedModel we write).
 _BACKENDS: dict[str, str] = {
-    "brute_force": "engine.brute_force",
-    "scann": "engine.scann_backend",
-    "int8": "engine.int8_index",
-    "binary": "engine.binary_index",
-    "partitioned": "engine.partitioned_index",
+  "brute_force": "engine.brute_force",
+  "scann": "engine.scann_backend",
+  "int8": "engine.int8_index",
+  "binary": "engine.binary_index",
+  "partitioned": "engine.partitioned_index",
 }
 DEFAULT_BACKEND = "scann"
 
@@ -249,8 +264,15 @@ def backend(name: str) -> Backend:
   return importlib.import_module(_BACKENDS[name]).BACKEND
 
 
-def build_index(backend_name: str, embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-                tuning_queries: np.ndarray | None = None, **options: Any) -> Index:
+def build_index(
+  backend_name: str,
+  embeddings: np.ndarray,
+  *,
+  k: int,
+  eligible: np.ndarray | None = None,
+  tuning_queries: np.ndarray | None = None,
+  **options: Any,
+) -> Index:
   """Builds the named backend over float32 item embeddings [N, d].
 
   Args:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from engine import base
-from engine import hashing
-from engine import search_ops
+from engine import base, hashing, search_ops
 
 
 def _hamming_similarity(query_code: tf.Tensor, code_words: tf.Tensor, eligible: tf.Tensor, bits: int) -> tf.Tensor:
@@ -41,8 +39,15 @@ class BinaryIndex(base.Index):
     jit_compile: fuse XOR + popcount + sum with XLA (faster: docs/history/benchmarks-2026-11.md, Index backends).
   """
 
-  def __init__(self, embeddings: np.ndarray, hasher: hashing.SignHash, eligible: np.ndarray | None = None,
-               rerank_candidates: int = 2000, jit_compile: bool = True, name: str = "binary"):
+  def __init__(
+    self,
+    embeddings: np.ndarray,
+    hasher: hashing.SignHash,
+    eligible: np.ndarray | None = None,
+    rerank_candidates: int = 2000,
+    jit_compile: bool = True,
+    name: str = "binary",
+  ):
     super().__init__(embeddings.shape[0], eligible, name=name)
     self.hasher = hasher
     # Word-major [W, N] so each XOR streams one contiguous int64 column.
@@ -55,8 +60,7 @@ class BinaryIndex(base.Index):
     """Hamming top candidates, then exact rerank; `rerank_candidates` ≤ 0 uses the built default."""
     k = min(k, self.num_items)
     queries = tf.cast(queries, tf.float32)
-    count = tf.clip_by_value(search_ops.option_or_default(rerank_candidates, self.rerank_candidates), k,
-                             self.num_items)
+    count = tf.clip_by_value(search_ops.option_or_default(rerank_candidates, self.rerank_candidates), k, self.num_items)
     query_codes = self.hasher.pack(queries)  # [B, W]
     similarity = _hamming_similarity_xla if self._jit_compile else _hamming_similarity
 
@@ -64,8 +68,9 @@ class BinaryIndex(base.Index):
       # One query at a time: a [B, N] distance matrix would not fit for large batches.
       return tf.math.top_k(similarity(query_code, self.codes, self.eligible, self.hasher.bits), k=count)[1]
 
-    rows = tf.map_fn(candidates, query_codes, fn_output_signature=tf.TensorSpec([None], tf.int32),
-                     parallel_iterations=2)
+    rows = tf.map_fn(
+      candidates, query_codes, fn_output_signature=tf.TensorSpec([None], tf.int32), parallel_iterations=2
+    )
     return search_ops.rerank(queries, rows, self.vectors, self.eligible, k)
 
   def search_option_specs(self) -> dict[str, tf.TensorSpec]:
@@ -80,10 +85,20 @@ class BinaryIndex(base.Index):
     return sum(self.memory_breakdown().values())
 
 
-def build_binary(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None, bits: int = 128,
-                 learned: bool = True, rerank_candidates: int | None = None, target_recall: float = 0.95,
-                 tuning_queries: np.ndarray | None = None, jit_compile: bool = True, train_steps: int = 600,
-                 seed: int = 0) -> BinaryIndex:
+def build_binary(
+  embeddings: np.ndarray,
+  *,
+  k: int,
+  eligible: np.ndarray | None = None,
+  bits: int = 128,
+  learned: bool = True,
+  rerank_candidates: int | None = None,
+  target_recall: float = 0.95,
+  tuning_queries: np.ndarray | None = None,
+  jit_compile: bool = True,
+  train_steps: int = 600,
+  seed: int = 0,
+) -> BinaryIndex:
   """Builds the binary index; `learned=False` uses random hyperplanes (the baseline).
 
   Args:
@@ -104,13 +119,15 @@ def build_binary(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None 
     hasher = hashing.train_sign_hash(embeddings, bits=bits, steps=train_steps, seed=seed)
   else:
     hasher = hashing.random_sign_hash(embeddings, bits=bits, seed=seed)
-  index = BinaryIndex(embeddings, hasher, eligible, rerank_candidates=rerank_candidates or 10 * k,
-                      jit_compile=jit_compile)
+  index = BinaryIndex(
+    embeddings, hasher, eligible, rerank_candidates=rerank_candidates or 10 * k, jit_compile=jit_compile
+  )
   if rerank_candidates is None:
     queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, seed=seed)
     ladder = [min(m * k, embeddings.shape[0]) for m in (10, 20, 40, 80, 160, 320)]
-    index.rerank_candidates, _ = search_ops.tune_search_option(index, "rerank_candidates", ladder, embeddings,
-                                                               queries, k, target_recall)
+    index.rerank_candidates, _ = search_ops.tune_search_option(
+      index, "rerank_candidates", ladder, embeddings, queries, k, target_recall
+    )
   return index
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from engine import base
-from engine import search_ops
+from engine import base, search_ops
 
 
 class BruteForceIndex(base.Index):
@@ -21,8 +20,14 @@ class BruteForceIndex(base.Index):
       with `--xla_cpu_compilation_enabled`, so it is off by default.
   """
 
-  def __init__(self, embeddings: np.ndarray, eligible: np.ndarray | None = None,
-               dtype: str = "float32", jit_compile: bool = False, name: str = "brute_force"):
+  def __init__(
+    self,
+    embeddings: np.ndarray,
+    eligible: np.ndarray | None = None,
+    dtype: str = "float32",
+    jit_compile: bool = False,
+    name: str = "brute_force",
+  ):
     super().__init__(embeddings.shape[0], eligible, name=name)
     self._dtype = tf.as_dtype(dtype)
     if self._dtype not in (tf.float32, tf.bfloat16):
@@ -41,9 +46,15 @@ class BruteForceIndex(base.Index):
     return int(np.prod(self.embeddings.shape)) * self._dtype.size
 
 
-def build_brute_force(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-                      tuning_queries: np.ndarray | None = None, dtype: str = "float32",
-                      jit_compile: bool = False) -> BruteForceIndex:
+def build_brute_force(
+  embeddings: np.ndarray,
+  *,
+  k: int,
+  eligible: np.ndarray | None = None,
+  tuning_queries: np.ndarray | None = None,
+  dtype: str = "float32",
+  jit_compile: bool = False,
+) -> BruteForceIndex:
   """Builds the exact index; `k` and `tuning_queries` are unused (exact search has nothing to tune)."""
   del k
   return BruteForceIndex(embeddings, eligible, dtype=dtype, jit_compile=jit_compile)

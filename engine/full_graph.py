@@ -8,7 +8,8 @@ from the same version (new ads embedded by exactly the model that serves them) a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -61,8 +62,16 @@ class FullGraph(tf.Module):
     item_specs: TensorSpecs of the item features.
   """
 
-  def __init__(self, query_tower: Tower, item_tower: Tower, index: base.Index, item_ids: np.ndarray, k: int,
-               query_specs: dict[str, tf.TensorSpec], item_specs: dict[str, tf.TensorSpec]):
+  def __init__(
+    self,
+    query_tower: Tower,
+    item_tower: Tower,
+    index: base.Index,
+    item_ids: np.ndarray,
+    k: int,
+    query_specs: dict[str, tf.TensorSpec],
+    item_specs: dict[str, tf.TensorSpec],
+  ):
     super().__init__(name="full_graph")
     if len(item_ids) != index.num_items:
       raise ValueError(f"{len(item_ids)} item ids for an index of {index.num_items} items")
@@ -100,9 +109,9 @@ class FullGraph(tf.Module):
       return {"embedding": self.item_tower(features)}
 
     signatures = {
-        SERVING_DEFAULT: serve.get_concrete_function(**self._query_specs),
-        ENCODE_QUERY: encode_query.get_concrete_function(**self._query_specs),
-        ENCODE_ITEM: encode_item.get_concrete_function(**self._item_specs),
+      SERVING_DEFAULT: serve.get_concrete_function(**self._query_specs),
+      ENCODE_QUERY: encode_query.get_concrete_function(**self._query_specs),
+      ENCODE_ITEM: encode_item.get_concrete_function(**self._item_specs),
     }
     option_specs = self.index.search_option_specs()
     if option_specs:
@@ -115,8 +124,7 @@ class FullGraph(tf.Module):
         options = {name: inputs.pop(name) for name in option_specs}
         return self.retrieve(inputs, **options)
 
-      signatures[SEARCH_WITH_OPTIONS] = search_with_options.get_concrete_function(
-          **self._query_specs, **option_specs)
+      signatures[SEARCH_WITH_OPTIONS] = search_with_options.get_concrete_function(**self._query_specs, **option_specs)
     return signatures
 
   def save(self, path: str) -> None:

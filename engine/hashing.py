@@ -44,8 +44,8 @@ class SignHash(tf.Module):
     projection, bias = self.projection.numpy(), self.bias.numpy()
     out = np.empty([embeddings.shape[0], self.bits // 64], dtype=np.int64)
     for start in range(0, embeddings.shape[0], chunk):
-      positive = embeddings[start:start + chunk] @ projection + bias > 0
-      out[start:start + chunk] = np.packbits(positive, axis=1, bitorder="little").view("<i8")
+      positive = embeddings[start : start + chunk] @ projection + bias > 0
+      out[start : start + chunk] = np.packbits(positive, axis=1, bitorder="little").view("<i8")
     return out
 
 
@@ -56,9 +56,17 @@ def random_sign_hash(embeddings: np.ndarray, bits: int = 128, seed: int = 0) -> 
   return SignHash(projection, -embeddings.mean(axis=0) @ projection)
 
 
-def train_sign_hash(embeddings: np.ndarray, bits: int = 128, steps: int = 600, anchors_per_step: int = 128,
-                    neighbours: int = 32, negatives: int = 512, sample_size: int = 100_000,
-                    teacher_temperature: float = 0.05, seed: int = 0) -> SignHash:
+def train_sign_hash(
+  embeddings: np.ndarray,
+  bits: int = 128,
+  steps: int = 600,
+  anchors_per_step: int = 128,
+  neighbours: int = 32,
+  negatives: int = 512,
+  sample_size: int = 100_000,
+  teacher_temperature: float = 0.05,
+  seed: int = 0,
+) -> SignHash:
   """Learns W, b so that Hamming similarity of the codes ranks items like their dot products.
 
   Listwise distillation: for each anchor item, its exact top `neighbours` within a sample of the

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from engine import base
-from engine import search_ops
+from engine import base, search_ops
 
 
 def quantize(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -41,8 +40,9 @@ class Int8Index(base.Index):
     rerank_candidates: candidates rescored exactly per query (default 4k, set at build).
   """
 
-  def __init__(self, embeddings: np.ndarray, eligible: np.ndarray | None = None, rerank_candidates: int = 400,
-               name: str = "int8"):
+  def __init__(
+    self, embeddings: np.ndarray, eligible: np.ndarray | None = None, rerank_candidates: int = 400, name: str = "int8"
+  ):
     super().__init__(embeddings.shape[0], eligible, name=name)
     codes, scales = quantize(embeddings)
     self.codes = tf.Variable(codes, trainable=False, name="codes")
@@ -68,16 +68,25 @@ class Int8Index(base.Index):
 
   def memory_breakdown(self) -> dict[str, int]:
     """Bytes of the int8 codes (+ scales) and of the float32 vectors kept for the exact rerank."""
-    return {"codes": int(self.codes.numpy().nbytes + self.scales.numpy().nbytes),
-            "rerank": int(self.vectors.numpy().nbytes)}
+    return {
+      "codes": int(self.codes.numpy().nbytes + self.scales.numpy().nbytes),
+      "rerank": int(self.vectors.numpy().nbytes),
+    }
 
   def nbytes(self) -> int:
     return sum(self.memory_breakdown().values())
 
 
-def build_int8(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-               rerank_candidates: int | None = None, target_recall: float = 0.99,
-               tuning_queries: np.ndarray | None = None, seed: int = 0) -> Int8Index:
+def build_int8(
+  embeddings: np.ndarray,
+  *,
+  k: int,
+  eligible: np.ndarray | None = None,
+  rerank_candidates: int | None = None,
+  target_recall: float = 0.99,
+  tuning_queries: np.ndarray | None = None,
+  seed: int = 0,
+) -> Int8Index:
   """Builds the int8 index; rerank_candidates is tuned for `target_recall` (k to 16k) unless given.
 
   Args:
@@ -93,8 +102,9 @@ def build_int8(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = 
   if rerank_candidates is None:
     queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, seed=seed)
     ladder = [min(m * k, embeddings.shape[0]) for m in (1, 2, 4, 8, 16)]
-    index.rerank_candidates, _ = search_ops.tune_search_option(index, "rerank_candidates", ladder, embeddings,
-                                                               queries, k, target_recall)
+    index.rerank_candidates, _ = search_ops.tune_search_option(
+      index, "rerank_candidates", ladder, embeddings, queries, k, target_recall
+    )
   return index
 
 

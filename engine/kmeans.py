@@ -11,13 +11,15 @@ def _assign(points: tf.Tensor, centroids: tf.Tensor, chunk: int = 65_536) -> tf.
   """Index of the highest-dot-product centroid for each point, in chunks to bound memory."""
   parts = []
   for start in range(0, int(points.shape[0]), chunk):
-    parts.append(tf.argmax(tf.matmul(points[start:start + chunk], centroids, transpose_b=True), axis=1,
-                           output_type=tf.int32))
+    parts.append(
+      tf.argmax(tf.matmul(points[start : start + chunk], centroids, transpose_b=True), axis=1, output_type=tf.int32)
+    )
   return tf.concat(parts, 0)
 
 
-def spherical_kmeans(points: np.ndarray, num_clusters: int, iterations: int = 12, sample_size: int = 200_000,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def spherical_kmeans(
+  points: np.ndarray, num_clusters: int, iterations: int = 12, sample_size: int = 200_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """Trains unit-norm centroids on a sample and assigns every point to its best centroid.
 
   Hand-written because the pinned stack has no k-means: TF 2.20 dropped the estimator KMeans,
@@ -48,6 +50,7 @@ def spherical_kmeans(points: np.ndarray, num_clusters: int, iterations: int = 12
     reseed = tf.constant(sample[rng.choice(sample.shape[0], num_clusters)])
     sums = tf.where(empty[:, tf.newaxis], reseed, sums)
     centroids = tf.math.l2_normalize(sums, axis=1)
-    logging.log_every_n(logging.INFO, "k-means iteration %d: %d empty clusters", 4, i,
-                        int(tf.reduce_sum(tf.cast(empty, tf.int32))))
+    logging.log_every_n(
+      logging.INFO, "k-means iteration %d: %d empty clusters", 4, i, int(tf.reduce_sum(tf.cast(empty, tf.int32)))
+    )
   return centroids.numpy(), _assign(tf.constant(points), centroids).numpy()

@@ -9,9 +9,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import base
-from engine import kmeans
-from engine import search_ops
+from engine import base, kmeans, search_ops
 
 
 class PartitionedIndex(base.Index):
@@ -32,16 +30,24 @@ class PartitionedIndex(base.Index):
     eligible: optional bool [N] mask.
   """
 
-  def __init__(self, embeddings: np.ndarray, centroids: np.ndarray, assignment: np.ndarray, probes: int,
-               eligible: np.ndarray | None = None, name: str = "partitioned"):
+  def __init__(
+    self,
+    embeddings: np.ndarray,
+    centroids: np.ndarray,
+    assignment: np.ndarray,
+    probes: int,
+    eligible: np.ndarray | None = None,
+    name: str = "partitioned",
+  ):
     super().__init__(embeddings.shape[0], eligible, name=name)
     order = np.argsort(assignment, kind="stable").astype(np.int32)
     counts = np.bincount(assignment, minlength=centroids.shape[0])
     self.centroids = tf.Variable(centroids.astype(np.float32), trainable=False, name="centroids")
     self.vectors = tf.Variable(embeddings[order], trainable=False, name="vectors")
     self.row_ids = tf.Variable(order, trainable=False, name="row_ids")
-    self.offsets = tf.Variable(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), trainable=False,
-                               name="offsets")
+    self.offsets = tf.Variable(
+      np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), trainable=False, name="offsets"
+    )
     self._probes = int(min(probes, centroids.shape[0]))
 
   @property
@@ -66,15 +72,20 @@ class PartitionedIndex(base.Index):
 
     def search_one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
       query, query_parts = args
-      positions = tf.ragged.range(tf.gather(self.offsets, query_parts),
-                                  tf.gather(self.offsets, query_parts + 1)).flat_values
+      positions = tf.ragged.range(
+        tf.gather(self.offsets, query_parts), tf.gather(self.offsets, query_parts + 1)
+      ).flat_values
       scores = tf.linalg.matvec(tf.gather(self.vectors, positions), query)
       rows = tf.gather(self.row_ids, positions)
       top = search_ops.top_k_of_candidates(scores[tf.newaxis], rows[tf.newaxis], self.eligible, k)
       return top.scores[0], top.indices[0]
 
-    scores, rows = tf.map_fn(search_one, (queries, parts), parallel_iterations=2,
-                             fn_output_signature=(tf.TensorSpec([k], tf.float32), tf.TensorSpec([k], tf.int32)))
+    scores, rows = tf.map_fn(
+      search_one,
+      (queries, parts),
+      parallel_iterations=2,
+      fn_output_signature=(tf.TensorSpec([k], tf.float32), tf.TensorSpec([k], tf.int32)),
+    )
     return search_ops.fill_short_rows(base.SearchResult(scores, rows), k, lambda: self._exact(queries, k))
 
   def _exact(self, queries: tf.Tensor, k: int) -> base.SearchResult:
@@ -91,11 +102,20 @@ class PartitionedIndex(base.Index):
     return sum(int(v.numpy().nbytes) for v in (self.centroids, self.vectors, self.row_ids, self.offsets))
 
 
-def build_partitioned(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-                      num_partitions: int | None = None, probes: int | None = None, target_recall: float = 0.95,
-                      tuning_queries: np.ndarray | None = None, num_tuning_queries: int = 200,
-                      kmeans_iterations: int = 12, training_sample_size: int = 200_000,
-                      seed: int = 0) -> PartitionedIndex:
+def build_partitioned(
+  embeddings: np.ndarray,
+  *,
+  k: int,
+  eligible: np.ndarray | None = None,
+  num_partitions: int | None = None,
+  probes: int | None = None,
+  target_recall: float = 0.95,
+  tuning_queries: np.ndarray | None = None,
+  num_tuning_queries: int = 200,
+  kmeans_iterations: int = 12,
+  training_sample_size: int = 200_000,
+  seed: int = 0,
+) -> PartitionedIndex:
   """Builds the partitioned index; probes are tuned for `target_recall` unless given.
 
   Args:
@@ -113,17 +133,29 @@ def build_partitioned(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | 
   """
   start = time.perf_counter()
   num_partitions = num_partitions or max(1, int(round(math.sqrt(embeddings.shape[0]))))
-  centroids, assignment = kmeans.spherical_kmeans(embeddings, num_partitions, iterations=kmeans_iterations,
-                                                  sample_size=training_sample_size, seed=seed)
+  centroids, assignment = kmeans.spherical_kmeans(
+    embeddings, num_partitions, iterations=kmeans_iterations, sample_size=training_sample_size, seed=seed
+  )
   index = PartitionedIndex(embeddings, centroids, assignment, probes or 1, eligible)
   if probes is None:
     queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, num_tuning_queries, seed)
-    ladder = sorted({max(1, int(round(num_partitions * f))) for f in
-                     (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)})
-    index.default_probes, recall = search_ops.tune_search_option(index, "probes", ladder, embeddings, queries, k,
-                                                                 target_recall)
-    logging.info("partitioned: %d partitions, tuned probes=%d (recall@%d %.3f on tuning queries) in %.1fs",
-                 num_partitions, index.default_probes, k, recall, time.perf_counter() - start)
+    ladder = sorted(
+      {
+        max(1, int(round(num_partitions * f)))
+        for f in (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+      }
+    )
+    index.default_probes, recall = search_ops.tune_search_option(
+      index, "probes", ladder, embeddings, queries, k, target_recall
+    )
+    logging.info(
+      "partitioned: %d partitions, tuned probes=%d (recall@%d %.3f on tuning queries) in %.1fs",
+      num_partitions,
+      index.default_probes,
+      k,
+      recall,
+      time.perf_counter() - start,
+    )
   return index
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -62,11 +63,19 @@ class ScannBackend(base.Backend):
     return scann_update.ScannAssets.from_state(index.state)
 
   def read_trained(self, checkpoint_prefix: str, index_path: str, embeddings: np.ndarray) -> scann_update.ScannAssets:
-    return scann_update.ScannAssets.from_checkpoint(checkpoint_prefix, embeddings,
-                                                    scope=f"{index_path}/{scann_index.STATE}")
+    return scann_update.ScannAssets.from_checkpoint(
+      checkpoint_prefix, embeddings, scope=f"{index_path}/{scann_index.STATE}"
+    )
 
-  def update(self, trained: scann_update.ScannAssets, config: Mapping[str, Any], embeddings: np.ndarray,
-             source_rows: np.ndarray, eligible: np.ndarray, options: Mapping[str, Any]) -> scann_index.ScannIndex:
+  def update(
+    self,
+    trained: scann_update.ScannAssets,
+    config: Mapping[str, Any],
+    embeddings: np.ndarray,
+    source_rows: np.ndarray,
+    eligible: np.ndarray,
+    options: Mapping[str, Any],
+  ) -> scann_index.ScannIndex:
     assets = scann_update.update(trained, embeddings, source_rows)
     config = {**config, **{name: options[name] for name in SEARCH_KNOBS if name in options}}
     return scann_update.index_from_assets(assets, config, eligible)

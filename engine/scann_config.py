@@ -68,7 +68,7 @@ class ScannConfig:
   seed: int = _knob(0)
 
   @classmethod
-  def for_catalog(cls, num_items: int, k: int, **options: Any) -> "ScannConfig":
+  def for_catalog(cls, num_items: int, k: int, **options: Any) -> ScannConfig:
     """ScaNN's rules of thumb for `num_items` points searched for `k` neighbours, overridden by `options`."""
     unknown = set(options) - set(names())
     if unknown:
@@ -105,5 +105,6 @@ class ScannConfig:
 
 def names(role: str | None = None) -> tuple[str, ...]:
   """The knobs (with `role`, or all), in declaration order."""
-  return tuple(field.name for field in dataclasses.fields(ScannConfig)
-               if role is None or role in field.metadata["roles"])
+  return tuple(
+    field.name for field in dataclasses.fields(ScannConfig) if role is None or role in field.metadata["roles"]
+  )

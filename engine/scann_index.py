@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import base
-from engine import scann_config
-from engine import scann_tuning
-from engine import search_ops
+from engine import base, scann_config, scann_tuning, search_ops
+
 
 def _scann_ops():
   # Imported lazily: loading ScaNN registers its custom ops, which only this backend may require.
   from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+
   return scann_ops
 
 
@@ -25,8 +25,17 @@ def _scann_ops():
 STATE = "state"
 VECTORS = "vectors"
 # The searcher's assets, in the order ScaNN's `scann_to_tensors` returns them.
-ASSET_NAMES = ("scann_config", "serialized_partitioner", "datapoint_to_token", "ah_codebook", "hashed_dataset",
-               "int8_dataset", "int8_multipliers", "dp_norms", "dataset")
+ASSET_NAMES = (
+  "scann_config",
+  "serialized_partitioner",
+  "datapoint_to_token",
+  "ah_codebook",
+  "hashed_dataset",
+  "int8_dataset",
+  "int8_multipliers",
+  "dp_norms",
+  "dataset",
+)
 
 
 class ScannAssetsModule(tf.Module):
@@ -71,8 +80,14 @@ class ScannIndex(base.Index):
     eligible: optional bool [N] mask.
   """
 
-  def __init__(self, searcher: Any, embeddings: np.ndarray, config: dict[str, Any],
-               eligible: np.ndarray | None = None, name: str = "scann"):
+  def __init__(
+    self,
+    searcher: Any,
+    embeddings: np.ndarray,
+    config: dict[str, Any],
+    eligible: np.ndarray | None = None,
+    name: str = "scann",
+  ):
     super().__init__(embeddings.shape[0], eligible, name=name)
     self.config = dict(config)
     self.state = ScannAssetsModule(searcher.serialize_to_module())  # Saved at object path STATE.
@@ -84,8 +99,13 @@ class ScannIndex(base.Index):
       self.vectors = base.catalog_variable(embeddings, name="vectors")
       self._vectors = self.vectors
 
-  def search(self, queries: tf.Tensor, k: int, leaves_to_search: tf.Tensor | None = None,
-             pre_reorder_num_neighbors: tf.Tensor | None = None) -> base.SearchResult:
+  def search(
+    self,
+    queries: tf.Tensor,
+    k: int,
+    leaves_to_search: tf.Tensor | None = None,
+    pre_reorder_num_neighbors: tf.Tensor | None = None,
+  ) -> base.SearchResult:
     """Approximate top-k eligible items; knobs of 0 (or omitted) use the built defaults.
 
     Per-request knobs out of range fail the request (InvalidArgument, naming the knob): leaves_to_search
@@ -100,11 +120,17 @@ class ScannIndex(base.Index):
       leaves = tf.constant(self.config["leaves_to_search"], tf.int32)
     elif num_leaves:
       leaves = search_ops.checked_option(
-          leaves_to_search, self.config["leaves_to_search"], "leaves_to_search", 1, num_leaves,
-          f"0 (the built default, {self.config['leaves_to_search']}) or 1 to {num_leaves}, the number of leaves")
+        leaves_to_search,
+        self.config["leaves_to_search"],
+        "leaves_to_search",
+        1,
+        num_leaves,
+        f"0 (the built default, {self.config['leaves_to_search']}) or 1 to {num_leaves}, the number of leaves",
+      )
     else:
-      leaves = search_ops.checked_option(leaves_to_search, -1, "leaves_to_search", 1, 0,
-                                         "0: this ScaNN index has no tree")
+      leaves = search_ops.checked_option(
+        leaves_to_search, -1, "leaves_to_search", 1, 0, "0: this ScaNN index has no tree"
+      )
     retry_all_reordered = False
     if self.config["reorder"] > 0:
       # ScaNN rescores `pre_reorder` candidates exactly and returns the best `fetch` of them, sorted, from
@@ -116,21 +142,37 @@ class ScannIndex(base.Index):
         fetch = tf.constant(min(final_candidates, max(self.config["reorder"], k)), tf.int32)
       else:
         # The catalog size is read from the mask, not baked in: a refresh serves more rows under this graph.
-        pre_reorder = tf.maximum(search_ops.checked_option(
-            pre_reorder_num_neighbors, self.config["reorder"], "pre_reorder_num_neighbors", k,
-            tf.shape(self.eligible)[0], f"0 (the built default, {self.config['reorder']}) or from k={k} to the "
-            "number of ads"), k)
+        pre_reorder = tf.maximum(
+          search_ops.checked_option(
+            pre_reorder_num_neighbors,
+            self.config["reorder"],
+            "pre_reorder_num_neighbors",
+            k,
+            tf.shape(self.eligible)[0],
+            f"0 (the built default, {self.config['reorder']}) or from k={k} to the number of ads",
+          ),
+          k,
+        )
         fetch = tf.minimum(pre_reorder, final_candidates)
     else:
       fetch = tf.constant(min(self.num_items, k * self.config["overfetch"]), tf.int32)
       pre_reorder = tf.constant(-1, tf.int32)
       if pre_reorder_num_neighbors is not None:
-        search_ops.checked_option(pre_reorder_num_neighbors, -1, "pre_reorder_num_neighbors", 1, 0,
-                                  "0: this ScaNN index does not reorder")
+        search_ops.checked_option(
+          pre_reorder_num_neighbors, -1, "pre_reorder_num_neighbors", 1, 0, "0: this ScaNN index does not reorder"
+        )
     state = self.state
     handle = scann_ops.tensors_to_scann(
-        state.dataset, state.scann_config, state.serialized_partitioner, state.datapoint_to_token,
-        state.ah_codebook, state.hashed_dataset, state.int8_dataset, state.int8_multipliers, state.dp_norms)
+      state.dataset,
+      state.scann_config,
+      state.serialized_partitioner,
+      state.datapoint_to_token,
+      state.ah_codebook,
+      state.hashed_dataset,
+      state.int8_dataset,
+      state.int8_multipliers,
+      state.dp_norms,
+    )
 
     def candidates(count: tf.Tensor) -> base.SearchResult:
       """The k best eligible of ScaNN's best `count` reordered candidates (rows of -1 where short)."""
@@ -157,7 +199,8 @@ class ScannIndex(base.Index):
       # search, far cheaper than the exact scan) before the exact scan, so catalogs with many paused ads
       # stay fast.
       return search_ops.fill_short_rows(
-          candidates(fetch), k, lambda: search_ops.fill_short_rows(candidates(pre_reorder), k, exact))
+        candidates(fetch), k, lambda: search_ops.fill_short_rows(candidates(pre_reorder), k, exact)
+      )
     return search_ops.fill_short_rows(candidates(fetch), k, exact)
 
   def _eligible_top_k(self, rows: tf.Tensor, scores: tf.Tensor, k: int) -> base.SearchResult:
@@ -175,8 +218,8 @@ class ScannIndex(base.Index):
 
   def search_option_specs(self) -> dict[str, tf.TensorSpec]:
     return {
-        "leaves_to_search": tf.TensorSpec([], tf.int32, name="leaves_to_search"),
-        "pre_reorder_num_neighbors": tf.TensorSpec([], tf.int32, name="pre_reorder_num_neighbors"),
+      "leaves_to_search": tf.TensorSpec([], tf.int32, name="leaves_to_search"),
+      "pre_reorder_num_neighbors": tf.TensorSpec([], tf.int32, name="pre_reorder_num_neighbors"),
     }
 
   def save_namespaces(self) -> list[str]:
@@ -184,7 +227,9 @@ class ScannIndex(base.Index):
 
   def nbytes(self) -> int:
     # np.asarray: the serialised config is a scalar string variable, whose numpy() is plain bytes.
-    return sum(int(np.asarray(v.numpy()).nbytes) for v in self.state.trainable_variables + self.state.non_trainable_variables)
+    return sum(
+      int(np.asarray(v.numpy()).nbytes) for v in self.state.trainable_variables + self.state.non_trainable_variables
+    )
 
   def checkpoint_values(self) -> dict[str, Any]:
     values = {base.ELIGIBLE: self.eligible, **{f"{STATE}/{name}": getattr(self.state, name) for name in ASSET_NAMES}}
@@ -219,12 +264,20 @@ def returned_candidates(config: dict[str, Any], k: int) -> int:
 def has_unit_norms(embeddings: np.ndarray, tolerance: float = 1e-3) -> bool:
   """Whether every row's L2 norm is within `tolerance` of 1 (checked in chunks, without a full copy)."""
   chunk = 1 << 16
-  return all(np.all(np.abs(np.linalg.norm(embeddings[start:start + chunk], axis=1) - 1.0) <= tolerance)
-             for start in range(0, embeddings.shape[0], chunk))
+  return all(
+    np.all(np.abs(np.linalg.norm(embeddings[start : start + chunk], axis=1) - 1.0) <= tolerance)
+    for start in range(0, embeddings.shape[0], chunk)
+  )
 
 
-def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None = None,
-                tuning_queries: np.ndarray | None = None, **options: Any) -> ScannIndex:
+def build_scann(
+  embeddings: np.ndarray,
+  *,
+  k: int,
+  eligible: np.ndarray | None = None,
+  tuning_queries: np.ndarray | None = None,
+  **options: Any,
+) -> ScannIndex:
   """Builds a ScaNN index with defaults derived from N; every knob can be overridden by name.
 
   Args:
@@ -245,13 +298,18 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
   start = time.perf_counter()
   builder = scann_ops.builder(embeddings, k, "dot_product").set_n_training_threads(settings.training_threads)
   if settings.num_leaves:
-    builder = builder.tree(num_leaves=settings.num_leaves, num_leaves_to_search=max(1, settings.leaves_to_search),
-                           training_sample_size=settings.training_sample_size,
-                           spherical=settings.partitioning == "spherical")
+    builder = builder.tree(
+      num_leaves=settings.num_leaves,
+      num_leaves_to_search=max(1, settings.leaves_to_search),
+      training_sample_size=settings.training_sample_size,
+      spherical=settings.partitioning == "spherical",
+    )
   if settings.scoring == "ah":
-    builder = builder.score_ah(settings.dimensions_per_block,
-                               anisotropic_quantization_threshold=settings.anisotropic_quantization_threshold,
-                               training_sample_size=settings.training_sample_size)
+    builder = builder.score_ah(
+      settings.dimensions_per_block,
+      anisotropic_quantization_threshold=settings.anisotropic_quantization_threshold,
+      training_sample_size=settings.training_sample_size,
+    )
   else:
     builder = builder.score_brute_force()
   if settings.reorder:
@@ -265,8 +323,14 @@ def build_scann(embeddings: np.ndarray, *, k: int, eligible: np.ndarray | None =
     else:  # Tune the reorder size too: 2k to 8k candidates.
       reorder_choices = sorted({min(num_items, m * k) for m in (2, 4, 5, 6, 8)})
     config.update(scann_tuning.tune_search_knobs(searcher, embeddings, settings, k, reorder_choices, tuning_queries))
-    logging.info("ScaNN: tuned leaves_to_search=%d of %d, reorder=%d (recall@%d %.3f on tuning queries)",
-                 config["leaves_to_search"], config["num_leaves"], config["reorder"], k, config["tuned_recall"])
+    logging.info(
+      "ScaNN: tuned leaves_to_search=%d of %d, reorder=%d (recall@%d %.3f on tuning queries)",
+      config["leaves_to_search"],
+      config["num_leaves"],
+      config["reorder"],
+      k,
+      config["tuned_recall"],
+    )
   elif not config["num_leaves"]:
     config["leaves_to_search"] = -1  # No tree: ScaNN ignores the knob.
   if config["reorder"] and not config["final_candidates"]:

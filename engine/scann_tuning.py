@@ -11,8 +11,14 @@ import tensorflow as tf
 from engine import scann_config, search_ops
 
 
-def tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: scann_config.ScannConfig, k: int,
-                       reorder_choices: list[int], tuning_queries: np.ndarray | None) -> dict[str, Any]:
+def tune_search_knobs(
+  searcher: Any,
+  embeddings: np.ndarray,
+  config: scann_config.ScannConfig,
+  k: int,
+  reorder_choices: list[int],
+  tuning_queries: np.ndarray | None,
+) -> dict[str, Any]:
   """Picks the fastest (leaves_to_search, reorder) whose recall@k reaches the target (plus margin).
 
   Reorder sizes are tried largest first: for each, the smallest leaves_to_search reaching the target
@@ -22,25 +28,54 @@ def tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: scann_confi
   then timed on single queries (what serving sees), interleaved, and the fastest wins. Without
   `tuning_queries`, catalog rows stand in for queries. The exact reference is a TF matmul + top_k.
   """
-  tuning_queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, config.num_tuning_queries,
-                                                       config.seed)
+  tuning_queries = search_ops.tuning_queries_or_sample(
+    embeddings, tuning_queries, config.num_tuning_queries, config.seed
+  )
   truth = search_ops.exact_top_k_tf(tuning_queries, embeddings, k)
   num_leaves = config.num_leaves
   # Margin for unseen queries: recall on the tuning queries overstates held-out recall, and more tuning
   # queries do not shrink the gap (docs/history/benchmarks-2026-11.md, ScaNN tuned on real queries).
   target = min(1.0, config.target_recall + 0.015)
-  ladder = sorted({max(1, int(round(num_leaves * f))) for f in
-                   (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.08, 0.1,
-                    0.15, 0.2, 0.3, 0.5, 1.0)})
+  ladder = sorted(
+    {
+      max(1, int(round(num_leaves * f)))
+      for f in (
+        0.005,
+        0.0075,
+        0.01,
+        0.0125,
+        0.015,
+        0.0175,
+        0.02,
+        0.025,
+        0.03,
+        0.035,
+        0.04,
+        0.05,
+        0.06,
+        0.08,
+        0.1,
+        0.15,
+        0.2,
+        0.3,
+        0.5,
+        1.0,
+      )
+    }
+  )
   queries = tf.constant(tuning_queries)
   settings, best, max_leaves = [], None, num_leaves
   for reorder in sorted(reorder_choices, reverse=True):
     reached = None
     for leaves in [value for value in ladder if value <= max_leaves]:
-      rows, _ = searcher.search_batched_parallel(queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder,
-                                                 leaves_to_search=leaves)
-      setting = {"leaves_to_search": leaves, "reorder": reorder,
-                 "tuned_recall": search_ops.recall_at_k(rows.numpy(), truth)}
+      rows, _ = searcher.search_batched_parallel(
+        queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder, leaves_to_search=leaves
+      )
+      setting = {
+        "leaves_to_search": leaves,
+        "reorder": reorder,
+        "tuned_recall": search_ops.recall_at_k(rows.numpy(), truth),
+      }
       if best is None or setting["tuned_recall"] > best["tuned_recall"]:
         best = setting
       if setting["tuned_recall"] >= target:
@@ -58,8 +93,12 @@ def tune_search_knobs(searcher: Any, embeddings: np.ndarray, config: scann_confi
     for setting, setting_times in zip(settings, times):
       start = time.perf_counter()
       for query in singles:
-        searcher.search(query, final_num_neighbors=k, pre_reorder_num_neighbors=setting["reorder"],
-                        leaves_to_search=setting["leaves_to_search"])
+        searcher.search(
+          query,
+          final_num_neighbors=k,
+          pre_reorder_num_neighbors=setting["reorder"],
+          leaves_to_search=setting["leaves_to_search"],
+        )
       setting_times.append((time.perf_counter() - start) / len(singles) * 1e3)
   for setting, setting_times in zip(settings, times):
     setting["tuned_latency_ms"] = min(setting_times)

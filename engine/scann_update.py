@@ -43,6 +43,7 @@ def _present(value: np.ndarray) -> bool:
 def _pybind():
   from scann.scann_ops import scann_assets_pb2  # pylint: disable=g-import-not-at-top
   from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+
   return scann_assets_pb2, scann_ops_pybind
 
 
@@ -71,12 +72,12 @@ class ScannAssets:
   dataset: np.ndarray
 
   @classmethod
-  def from_state(cls, state: tf.Module) -> "ScannAssets":
+  def from_state(cls, state: tf.Module) -> ScannAssets:
     """The assets held by a `ScannState` (e.g. `ScannIndex.state`)."""
     return cls(**{name: getattr(state, name).numpy() for name in ASSET_NAMES})
 
   @classmethod
-  def from_checkpoint(cls, prefix: str, dataset: np.ndarray, scope: str = STATE_SCOPE) -> "ScannAssets":
+  def from_checkpoint(cls, prefix: str, dataset: np.ndarray, scope: str = STATE_SCOPE) -> ScannAssets:
     """Reads the assets of the ScannState at `scope` from a TF checkpoint.
 
     Args:
@@ -205,9 +206,12 @@ def update(assets: ScannAssets, embeddings: np.ndarray, source_rows: np.ndarray)
     out[fresh] = new
     return out
 
-  return dataclasses.replace(assets, datapoint_to_token=splice(assets.datapoint_to_token, tokens),
-                             hashed_dataset=splice(assets.hashed_dataset, codes),
-                             dataset=np.ascontiguousarray(embeddings, dtype=np.float32))
+  return dataclasses.replace(
+    assets,
+    datapoint_to_token=splice(assets.datapoint_to_token, tokens),
+    hashed_dataset=splice(assets.hashed_dataset, codes),
+    dataset=np.ascontiguousarray(embeddings, dtype=np.float32),
+  )
 
 
 class _AssetsSearcher:
@@ -220,6 +224,8 @@ class _AssetsSearcher:
     return self._assets
 
 
-def index_from_assets(assets: ScannAssets, config: dict[str, Any], eligible: np.ndarray | None = None) -> scann_index.ScannIndex:
+def index_from_assets(
+  assets: ScannAssets, config: dict[str, Any], eligible: np.ndarray | None = None
+) -> scann_index.ScannIndex:
   """A `ScannIndex` over updated assets, searched with `config`'s knobs (no training, no tuning)."""
   return scann_index.ScannIndex(_AssetsSearcher(assets), assets.dataset, config, eligible)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -19,8 +19,9 @@ def option_or_default(value: tf.Tensor | int | None, default: int) -> tf.Tensor:
   return tf.where(value > 0, value, default)
 
 
-def checked_option(value: tf.Tensor | int, default: int, name: str, low: int, high: tf.Tensor | int,
-                   valid: str) -> tf.Tensor:
+def checked_option(
+  value: tf.Tensor | int, default: int, name: str, low: int, high: tf.Tensor | int, valid: str
+) -> tf.Tensor:
   """A per-request int32 knob: 0 takes `default`, other values must lie in [low, high].
 
   A value out of range fails the request with InvalidArgument (a server's INVALID_ARGUMENT) whose message
@@ -83,8 +84,10 @@ def fill_short_rows(result: base.SearchResult, k: int, exact: Callable[[], base.
 
   def patched() -> tuple[tf.Tensor, tf.Tensor]:
     fallback = exact()
-    return (tf.where(short[:, tf.newaxis], fallback.scores, result.scores),
-            tf.where(short[:, tf.newaxis], fallback.indices, result.indices))
+    return (
+      tf.where(short[:, tf.newaxis], fallback.scores, result.scores),
+      tf.where(short[:, tf.newaxis], fallback.indices, result.indices),
+    )
 
   scores, indices = tf.cond(tf.reduce_any(short), patched, lambda: (result.scores, result.indices))
   scores = tf.ensure_shape(scores, [None, k])
@@ -92,17 +95,18 @@ def fill_short_rows(result: base.SearchResult, k: int, exact: Callable[[], base.
   return base.SearchResult(scores=scores, indices=indices)
 
 
-def exact_top_k_numpy(queries: np.ndarray, items: np.ndarray, k: int, eligible: np.ndarray | None = None,
-                      chunk: int = 256) -> np.ndarray:
+def exact_top_k_numpy(
+  queries: np.ndarray, items: np.ndarray, k: int, eligible: np.ndarray | None = None, chunk: int = 256
+) -> np.ndarray:
   """Exact top-k rows [Q, k] by dot product, best first, in NumPy (the reference for recall)."""
   out = np.empty([queries.shape[0], k], dtype=np.int64)
   for start in range(0, queries.shape[0], chunk):
-    scores = queries[start:start + chunk] @ items.T
+    scores = queries[start : start + chunk] @ items.T
     if eligible is not None:
       scores[:, ~eligible] = -np.inf
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
+    out[start : start + chunk] = np.take_along_axis(part, order, axis=1)
   return out
 
 
@@ -113,14 +117,19 @@ def exact_top_k_tf(queries: np.ndarray, items: np.ndarray, k: int, chunk: int = 
   single-threaded argpartition dominates.
   """
   items = tf.convert_to_tensor(items, tf.float32)
-  return np.concatenate([
-      tf.math.top_k(tf.matmul(tf.constant(queries[start:start + chunk], tf.float32), items, transpose_b=True),
-                    k=k).indices.numpy()
-      for start in range(0, queries.shape[0], chunk)]).astype(np.int64)
+  return np.concatenate(
+    [
+      tf.math.top_k(
+        tf.matmul(tf.constant(queries[start : start + chunk], tf.float32), items, transpose_b=True), k=k
+      ).indices.numpy()
+      for start in range(0, queries.shape[0], chunk)
+    ]
+  ).astype(np.int64)
 
 
-def tuning_queries_or_sample(embeddings: np.ndarray, tuning_queries: np.ndarray | None, count: int = 200,
-                             seed: int = 0) -> np.ndarray:
+def tuning_queries_or_sample(
+  embeddings: np.ndarray, tuning_queries: np.ndarray | None, count: int = 200, seed: int = 0
+) -> np.ndarray:
   """The given tuning queries, or `count` random catalog rows standing in for them."""
   if tuning_queries is not None:
     return np.asarray(tuning_queries, np.float32)
@@ -128,9 +137,16 @@ def tuning_queries_or_sample(embeddings: np.ndarray, tuning_queries: np.ndarray 
   return embeddings[rows]
 
 
-def tune_search_option(index: base.Index, option: str, ladder: list[int], embeddings: np.ndarray,
-                       tuning_queries: np.ndarray, k: int, target_recall: float,
-                       batch_size: int = 64) -> tuple[int, float]:
+def tune_search_option(
+  index: base.Index,
+  option: str,
+  ladder: list[int],
+  embeddings: np.ndarray,
+  tuning_queries: np.ndarray,
+  k: int,
+  target_recall: float,
+  batch_size: int = 64,
+) -> tuple[int, float]:
   """Smallest value of a per-request `option` whose recall@k on the tuning queries reaches the target.
 
   Backends call this at build time to set their default knob (probes, rerank candidates) from the
@@ -142,8 +158,12 @@ def tune_search_option(index: base.Index, option: str, ladder: list[int], embedd
   target = min(1.0, target_recall + 0.01)
   recall = 0.0
   for value in ladder:
-    found = np.concatenate([search(tf.constant(tuning_queries[i:i + batch_size]), tf.constant(value, tf.int32)).numpy()
-                            for i in range(0, tuning_queries.shape[0], batch_size)])
+    found = np.concatenate(
+      [
+        search(tf.constant(tuning_queries[i : i + batch_size]), tf.constant(value, tf.int32)).numpy()
+        for i in range(0, tuning_queries.shape[0], batch_size)
+      ]
+    )
     recall = recall_at_k(found, truth)
     if recall >= target:
       return value, recall

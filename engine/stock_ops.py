@@ -36,12 +36,25 @@ def load_in_fresh_process(saved_model_dir: str, timeout: float = 300.0) -> dict[
   """
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-  completed = subprocess.run([sys.executable, "-m", "engine.stock_ops", saved_model_dir], capture_output=True,
-                             text=True, timeout=timeout, env=env, cwd=root, check=False)
+  completed = subprocess.run(
+    [sys.executable, "-m", "engine.stock_ops", saved_model_dir],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=env,
+    cwd=root,
+    check=False,
+  )
   lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
   if completed.returncode != 0 or not lines:
-    return {"custom_ops": [], "loaded": False, "ran": False, "scann_imported": False, "signatures": [],
-            "error": completed.stderr[-2000:]}
+    return {
+      "custom_ops": [],
+      "loaded": False,
+      "ran": False,
+      "scann_imported": False,
+      "signatures": [],
+      "error": completed.stderr[-2000:],
+    }
   return json.loads(lines[-1])
 
 
@@ -54,8 +67,10 @@ def _main(saved_model_dir: str) -> None:
     report["loaded"] = True
     report["signatures"] = sorted(loaded.signatures.keys())
     for function in loaded.signatures.values():  # Run each once: kernels must exist, not just op defs.
-      inputs = {name: tf.zeros([1 if dim is None else dim for dim in spec.shape], spec.dtype)
-                for name, spec in function.structured_input_signature[1].items()}
+      inputs = {
+        name: tf.zeros([1 if dim is None else dim for dim in spec.shape], spec.dtype)
+        for name, spec in function.structured_input_signature[1].items()
+      }
       function(**inputs)
     report["ran"] = True
   except Exception as error:  # pylint: disable=broad-except

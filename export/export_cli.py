@@ -18,14 +18,25 @@ flags.DEFINE_string("index", _DEFAULTS.index, f"Index backend, one of {base.avai
 flags.DEFINE_integer("k", _DEFAULTS.k, "Candidates returned per request.")
 flags.DEFINE_list("index_options", [], "Backend options as name=value pairs, e.g. num_leaves=1000,reorder=400.")
 flags.DEFINE_integer("version", None, "Version number to write; defaults to one above the newest.")
-flags.DEFINE_integer("num_warmup_requests", _DEFAULTS.num_warmup_requests,
-                     "Warm-up requests written to assets.extra/tf_serving_warmup_requests (at most 1000).")
+flags.DEFINE_integer(
+  "num_warmup_requests",
+  _DEFAULTS.num_warmup_requests,
+  "Warm-up requests written to assets.extra/tf_serving_warmup_requests (at most 1000).",
+)
 flags.DEFINE_integer("eval_queries", _DEFAULTS.eval_queries, "Held-out queries for the recall@k check.")
-flags.DEFINE_enum("precision", None, ["float32", "mixed_bfloat16", "mixed_float16"],
-                  "Compute precision of the exported towers; default: the fastest measured on this device "
-                  "(float32 on CPU). Outputs stay float32.")
-flags.DEFINE_bool("jit_compile", None, "XLA-compile the towers; default: the fastest measured on this device "
-                  "(off on CPU). Stock TF Serving then needs --xla_cpu_compilation_enabled.")
+flags.DEFINE_enum(
+  "precision",
+  None,
+  ["float32", "mixed_bfloat16", "mixed_float16"],
+  "Compute precision of the exported towers; default: the fastest measured on this device "
+  "(float32 on CPU). Outputs stay float32.",
+)
+flags.DEFINE_bool(
+  "jit_compile",
+  None,
+  "XLA-compile the towers; default: the fastest measured on this device "
+  "(off on CPU). Stock TF Serving then needs --xla_cpu_compilation_enabled.",
+)
 flags.mark_flags_as_required(["checkpoint_dir", "model_base_path"])
 
 
@@ -43,10 +54,16 @@ def main(argv: list[str]) -> None:
   if FLAGS.index not in base.available_backends():
     raise app.UsageError(f"--index must be one of {base.available_backends()}, got {FLAGS.index!r}")
   try:
-    config = exporter.ExportConfig(index=FLAGS.index, k=FLAGS.k, index_options=parse_options(FLAGS.index_options),
-                                   num_warmup_requests=FLAGS.num_warmup_requests,
-                                   eval_queries=FLAGS.eval_queries, version=FLAGS.version,
-                                   precision=FLAGS.precision, jit_compile=FLAGS.jit_compile)
+    config = exporter.ExportConfig(
+      index=FLAGS.index,
+      k=FLAGS.k,
+      index_options=parse_options(FLAGS.index_options),
+      num_warmup_requests=FLAGS.num_warmup_requests,
+      eval_queries=FLAGS.eval_queries,
+      version=FLAGS.version,
+      precision=FLAGS.precision,
+      jit_compile=FLAGS.jit_compile,
+    )
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   report = exporter.export_model(FLAGS.checkpoint_dir, FLAGS.model_base_path, config)

@@ -20,6 +20,7 @@ from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
 
+
 @dataclasses.dataclass
 class ExportConfig:
   """What to export.
@@ -51,11 +52,14 @@ class ExportConfig:
 
   def __post_init__(self):
     if self.eval_queries < 1:
-      raise ValueError(f"eval_queries must be at least 1 (the export measures recall@k on them), "
-                       f"got {self.eval_queries}")
+      raise ValueError(
+        f"eval_queries must be at least 1 (the export measures recall@k on them), got {self.eval_queries}"
+      )
     if self.tuning_queries < 0 or self.num_warmup_requests < 0:
-      raise ValueError(f"tuning_queries and num_warmup_requests must be 0 or more, got {self.tuning_queries} and "
-                       f"{self.num_warmup_requests}")
+      raise ValueError(
+        f"tuning_queries and num_warmup_requests must be 0 or more, got {self.tuning_queries} and "
+        f"{self.num_warmup_requests}"
+      )
 
 
 def parse_index_options(pairs: list[str]) -> dict[str, Any]:
@@ -99,8 +103,9 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   started = time.time()
   defaults = precision_lib.serving_defaults()
   serving = precision_lib.ServingOptions(
-      precision=config.precision or defaults.precision,
-      jit_compile=defaults.jit_compile if config.jit_compile is None else config.jit_compile)
+    precision=config.precision or defaults.precision,
+    jit_compile=defaults.jit_compile if config.jit_compile is None else config.jit_compile,
+  )
   model, run_config = train.restore(checkpoint_dir, precision=serving.precision, jit_compile=serving.jit_compile)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
 
@@ -110,20 +115,28 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   # Held-out queries in disjoint slices: recall is measured on queries the index was not tuned on,
   # and tuning uses real queries (catalog points make poor stand-ins for them).
   samples = queries_lib.held_out_queries(
-      source, max(config.eval_queries + config.tuning_queries, config.num_warmup_requests))
+    source, max(config.eval_queries + config.tuning_queries, config.num_warmup_requests)
+  )
   query_embeddings = tf.function(model.query_tower)(
-      {name: tf.constant(values) for name, values in samples.items()}).numpy()
-  eval_embeddings = query_embeddings[:config.eval_queries]
-  tuning_embeddings = query_embeddings[config.eval_queries:]
+    {name: tf.constant(values) for name, values in samples.items()}
+  ).numpy()
+  eval_embeddings = query_embeddings[: config.eval_queries]
+  tuning_embeddings = query_embeddings[config.eval_queries :]
 
   started = time.time()
-  index = base.build_index(config.index, catalog.embeddings, k=config.k, eligible=catalog.eligible,
-                           tuning_queries=tuning_embeddings if len(tuning_embeddings) else None,
-                           **config.index_options)
+  index = base.build_index(
+    config.index,
+    catalog.embeddings,
+    k=config.k,
+    eligible=catalog.eligible,
+    tuning_queries=tuning_embeddings if len(tuning_embeddings) else None,
+    **config.index_options,
+  )
   timings["build"] = time.time() - started
   recall = verify.index_recall(index, eval_embeddings, catalog.embeddings, catalog.eligible, config.k)
-  graph = full_graph.FullGraph(model.query_tower, model.item_tower, index, catalog.ids, config.k,
-                               schema.query_specs(), schema.item_specs())
+  graph = full_graph.FullGraph(
+    model.query_tower, model.item_tower, index, catalog.ids, config.k, schema.query_specs(), schema.item_specs()
+  )
   return BuiltGraph(graph, catalog, samples, recall, timings, serving)
 
 
@@ -139,15 +152,26 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
   started = time.time()
   with versions.publish(model_base_path, config.version) as (temp_path, version):
     built.graph.save(temp_path)
-    requests = [warmup.predict_request({name: values[i:i + 1] for name, values in samples.items()})
-                for i in range(min(config.num_warmup_requests, num_samples))]
+    requests = [
+      warmup.predict_request({name: values[i : i + 1] for name, values in samples.items()})
+      for i in range(min(config.num_warmup_requests, num_samples))
+    ]
     warmup.write_warmup(temp_path, requests)
     refresh_state.write_embeddings(temp_path, catalog.embeddings)  # What fgr-refresh updates.
     report = version_report.VersionReport(
-        version=version, path=os.path.join(model_base_path, str(version)), index=config.index, k=config.k,
-        precision=built.serving.precision, jit_compile=built.serving.jit_compile,
-        index_options=config.index_options, index_config=dict(index.config), num_items=int(len(catalog.ids)),
-        num_eligible=int(catalog.eligible.sum()), recall=round(built.recall, 4), index_bytes=index.nbytes())
+      version=version,
+      path=os.path.join(model_base_path, str(version)),
+      index=config.index,
+      k=config.k,
+      precision=built.serving.precision,
+      jit_compile=built.serving.jit_compile,
+      index_options=config.index_options,
+      index_config=dict(index.config),
+      num_items=int(len(catalog.ids)),
+      num_eligible=int(catalog.eligible.sum()),
+      recall=round(built.recall, 4),
+      index_bytes=index.nbytes(),
+    )
     for step, seconds in built.timings.items():
       report.time(step, seconds, digits=2)
     version_report.write(temp_path, report)

@@ -28,8 +28,17 @@ import numpy as np
 from absl import logging
 
 from engine import base
-from export import (refresh_apply, refresh_delta, refresh_policy, refresh_publish, refresh_retrain, refresh_state,
-                    refresh_towers, version_report, versions)
+from export import (
+  refresh_apply,
+  refresh_delta,
+  refresh_policy,
+  refresh_publish,
+  refresh_retrain,
+  refresh_state,
+  refresh_towers,
+  version_report,
+  versions,
+)
 
 
 class Refresher:
@@ -59,10 +68,18 @@ class Refresher:
       resident refresher (`--watch`); the next rebuild (or `publish_retrained`) takes the new training.
   """
 
-  def __init__(self, base_path: str, from_version: int | None = None, keep_versions: int | None = None,
-               defer_prune: bool = False, index_overrides: dict[str, Any] | None = None, verify_recall: bool = True,
-               index_update: str = "auto", retrain_fraction: float = refresh_policy.DEFAULT_RETRAIN_FRACTION,
-               background_retrain: bool = False):
+  def __init__(
+    self,
+    base_path: str,
+    from_version: int | None = None,
+    keep_versions: int | None = None,
+    defer_prune: bool = False,
+    index_overrides: dict[str, Any] | None = None,
+    verify_recall: bool = True,
+    index_update: str = "auto",
+    retrain_fraction: float = refresh_policy.DEFAULT_RETRAIN_FRACTION,
+    background_retrain: bool = False,
+  ):
     if keep_versions is not None and keep_versions < 1:
       raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
     if index_update not in refresh_policy.INDEX_UPDATES:
@@ -121,8 +138,9 @@ class Refresher:
       report.delta = {"status_changes": len(delta.statuses), "ignored_removals": len(ignored_removals)}
       if retrain is not None:  # Same rows: the snapshot's map carries over.
         retrain.version = report.version
-      return self._published(source, report, dataclasses.replace(source.state, eligible=eligible),
-                             source.row_of, started)
+      return self._published(
+        source, report, dataclasses.replace(source.state, eligible=eligible), source.row_of, started
+      )
     timings: dict[str, float] = {}
     towers = self._towers_for(source)
     timings["load_towers"] = time.perf_counter() - started
@@ -158,10 +176,15 @@ class Refresher:
       self._retrain = None
     return self._retrain
 
-  def _publish_rebuild(self, source: refresh_state.Source, towers: refresh_towers.LoadedTowers,
-                       state: refresh_state.CatalogState, source_rows: np.ndarray,
-                       retrain: refresh_retrain.BackgroundRetrain | None,
-                       timings: dict[str, float]) -> version_report.VersionReport:
+  def _publish_rebuild(
+    self,
+    source: refresh_state.Source,
+    towers: refresh_towers.LoadedTowers,
+    state: refresh_state.CatalogState,
+    source_rows: np.ndarray,
+    retrain: refresh_retrain.BackgroundRetrain | None,
+    timings: dict[str, float],
+  ) -> version_report.VersionReport:
     retrained, rows = None, None
     if retrain is not None:
       rows = retrain.rows_after(source_rows)
@@ -172,23 +195,44 @@ class Refresher:
           logging.error("%s; updating version %d's index instead", e, source.version)
           self._retrain = retrain = None
     report = refresh_publish.publish_rebuilt(
-        self.base_path, source, towers, state, timings, self.index_overrides, self.verify_recall,
-        source_rows=source_rows, index_update=self.index_update, retrain_fraction=self.retrain_fraction,
-        retrained=retrained, background=self.background_retrain)
+      self.base_path,
+      source,
+      towers,
+      state,
+      timings,
+      self.index_overrides,
+      self.verify_recall,
+      source_rows=source_rows,
+      index_update=self.index_update,
+      retrain_fraction=self.retrain_fraction,
+      retrained=retrained,
+      background=self.background_retrain,
+    )
     if retrained is not None:
       self._retrain = None
     elif retrain is not None:
       retrain.advance(rows, report.version)
     config = report.index_config
-    if (self.background_retrain and self._retrain is None and config.get("update") in ("incremental", "retrained")
-        and config["rows_encoded_since_training"] > self.retrain_fraction * len(state.ids)):
-      self._retrain = refresh_retrain.BackgroundRetrain(report.index, state.embeddings, report.k,
-                                                        report.index_options, report.version)
+    if (
+      self.background_retrain
+      and self._retrain is None
+      and config.get("update") in ("incremental", "retrained")
+      and config["rows_encoded_since_training"] > self.retrain_fraction * len(state.ids)
+    ):
+      self._retrain = refresh_retrain.BackgroundRetrain(
+        report.index, state.embeddings, report.k, report.index_options, report.version
+      )
       report.background_retrain_started = True
     return report
 
-  def _published(self, source: refresh_state.Source, report: version_report.VersionReport,
-                 state: refresh_state.CatalogState, row_of: dict[str, int], started: float) -> dict[str, Any]:
+  def _published(
+    self,
+    source: refresh_state.Source,
+    report: version_report.VersionReport,
+    state: refresh_state.CatalogState,
+    row_of: dict[str, int],
+    started: float,
+  ) -> dict[str, Any]:
     report.time("total", time.perf_counter() - started)
     # The new version is now the newest: remember its state and that it shares our towers.
     new_source = refresh_state.Source(report.version, report.path, report, state, row_of)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from export import refresh_delta, refresh_state
 
 
-def apply_delta(state: refresh_state.CatalogState, row_of: dict[str, int], delta: refresh_delta.CatalogDelta,
-                embed: Callable[[dict[str, np.ndarray]], np.ndarray]
-                ) -> tuple[refresh_state.CatalogState, dict[str, int], np.ndarray]:
+def apply_delta(
+  state: refresh_state.CatalogState,
+  row_of: dict[str, int],
+  delta: refresh_delta.CatalogDelta,
+  embed: Callable[[dict[str, np.ndarray]], np.ndarray],
+) -> tuple[refresh_state.CatalogState, dict[str, int], np.ndarray]:
   """The catalog after `delta`: changed rows re-embedded in place, new ads appended, removed rows dropped.
 
   Returns:
@@ -41,11 +44,17 @@ def apply_delta(state: refresh_state.CatalogState, row_of: dict[str, int], delta
   source_rows = np.concatenate([np.flatnonzero(keep), np.full([num_added], -1, np.int64)])
   source_rows[new_row[upsert_rows[changed]]] = -1
   new_state = refresh_state.CatalogState(
-      ids=np.concatenate([state.ids[keep], np.asarray(upsert_ids, dtype=object)[~changed]]),
-      embeddings=embeddings,
-      eligible=np.concatenate([eligible[keep], upsert_active[~changed]]))
-  counts = {"added": num_added, "changed": int(changed.sum()), "removed": len(removed_rows),
-            "ignored_removals": len(delta.removals) - len(removed_rows), "status_changes": len(delta.statuses)}
+    ids=np.concatenate([state.ids[keep], np.asarray(upsert_ids, dtype=object)[~changed]]),
+    embeddings=embeddings,
+    eligible=np.concatenate([eligible[keep], upsert_active[~changed]]),
+  )
+  counts = {
+    "added": num_added,
+    "changed": int(changed.sum()),
+    "removed": len(removed_rows),
+    "ignored_removals": len(delta.removals) - len(removed_rows),
+    "status_changes": len(delta.statuses),
+  }
   return new_state, counts, source_rows
 
 

@@ -10,12 +10,11 @@ shapes the new values fit: `engine.base.catalog_variable` saves catalog-sized on
 from __future__ import annotations
 
 import os
-from typing import Collection, Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow.core.protobuf import trackable_object_graph_pb2
+from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
 
 from engine import base, full_graph
 from export import refresh_state, version_files
@@ -32,8 +31,9 @@ def _shape_and_dtype(value: np.ndarray | tf.Tensor) -> tuple[tf.TensorShape, tf.
   return value.shape, value.dtype
 
 
-def rewrite_checkpoint(source_prefix: str, destination_prefix: str, replacements: Mapping[str, Value],
-                       resizable: Collection[str] = ()) -> None:
+def rewrite_checkpoint(
+  source_prefix: str, destination_prefix: str, replacements: Mapping[str, Value], resizable: Collection[str] = ()
+) -> None:
   """Writes a copy of a TF checkpoint with some tensors replaced.
 
   A replacement keeps its tensor's dtype and shape; keys in `resizable` may change the number of rows
@@ -42,8 +42,9 @@ def rewrite_checkpoint(source_prefix: str, destination_prefix: str, replacements
   """
   reader = tf.train.load_checkpoint(source_prefix)
   dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
-  replacements = {name: value.read_value() if isinstance(value, tf.Variable) else value
-                  for name, value in replacements.items()}
+  replacements = {
+    name: value.read_value() if isinstance(value, tf.Variable) else value for name, value in replacements.items()
+  }
   for name, value in replacements.items():
     if name not in dtypes:
       raise KeyError(f"{source_prefix} has no tensor {name!r}")
@@ -55,18 +56,25 @@ def rewrite_checkpoint(source_prefix: str, destination_prefix: str, replacements
       raise ValueError(f"{name}: expected {dtypes[name].name} {expected}, got {dtype.name} {shape}")
   names = sorted(dtypes)
   kept = [n for n in names if n not in replacements]
-  restored = dict(zip(kept, tf.raw_ops.RestoreV2(prefix=source_prefix, tensor_names=kept,
-                                                 shape_and_slices=[""] * len(kept), dtypes=[dtypes[n] for n in kept])
-                           if kept else []))
+  restored = dict(
+    zip(
+      kept,
+      tf.raw_ops.RestoreV2(
+        prefix=source_prefix, tensor_names=kept, shape_and_slices=[""] * len(kept), dtypes=[dtypes[n] for n in kept]
+      )
+      if kept
+      else [],
+    )
+  )
   tensors = [restored[n] if n in restored else tf.convert_to_tensor(replacements[n]) for n in names]
   os.makedirs(os.path.dirname(destination_prefix), exist_ok=True)
-  tf.raw_ops.SaveV2(prefix=destination_prefix, tensor_names=names, shape_and_slices=[""] * len(names),
-                    tensors=tensors)
+  tf.raw_ops.SaveV2(prefix=destination_prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
 
 
 def write_fingerprint(saved_model_dir: str) -> None:
   """Writes fingerprint.pb for a SavedModel assembled by hand (it hashes the checkpoint too)."""
   from tensorflow.python.saved_model import fingerprinting_utils  # pylint: disable=g-import-not-at-top
+
   fingerprinting_utils.write_fingerprint(saved_model_dir)
 
 
@@ -89,7 +97,8 @@ def variable_keys(prefix: str, paths: Collection[str]) -> dict[str, str]:
   """The checkpoint key of each variable at an object path (a variable shared by two objects is saved
   once, under one of their paths); paths without a saved variable are left out."""
   graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
-      tf.train.load_checkpoint(prefix).get_tensor(OBJECT_GRAPH_KEY))
+    tf.train.load_checkpoint(prefix).get_tensor(OBJECT_GRAPH_KEY)
+  )
   keys = {}
   for path, node in _node_ids(graph.nodes, paths).items():
     for attribute in graph.nodes[node].attributes:
@@ -104,12 +113,16 @@ def saved_variable_shapes(saved_model_dir: str, paths: Collection[str]) -> dict[
   with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
     saved_model.ParseFromString(f.read())
   nodes = saved_model.meta_graphs[0].object_graph_def.nodes
-  return {path: tf.TensorShape(nodes[node].variable.shape)
-          for path, node in _node_ids(nodes, paths).items() if nodes[node].WhichOneof("kind") == "variable"}
+  return {
+    path: tf.TensorShape(nodes[node].variable.shape)
+    for path, node in _node_ids(nodes, paths).items()
+    if nodes[node].WhichOneof("kind") == "variable"
+  }
 
 
-def graph_replacements(source: refresh_state.Source, index: base.Index, state: refresh_state.CatalogState
-                       ) -> tuple[dict[str, Value] | None, str | None]:
+def graph_replacements(
+  source: refresh_state.Source, index: base.Index, state: refresh_state.CatalogState
+) -> tuple[dict[str, Value] | None, str | None]:
   """The checkpoint tensors under which N's graph serves `index` over `state`, or (None, why not).
 
   N's serving functions read the catalog (ids, eligibility, the index's catalog-sized state) from
@@ -129,8 +142,11 @@ def graph_replacements(source: refresh_state.Source, index: base.Index, state: r
   for path in optional - set(keys):
     del values[path]
   shapes = saved_variable_shapes(source.path, values)
-  catalog_keys = {key for key in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-                  if key.startswith((f"{full_graph.INDEX}/", f"{full_graph.ITEM_IDS}/"))}
+  catalog_keys = {
+    key
+    for key in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    if key.startswith((f"{full_graph.INDEX}/", f"{full_graph.ITEM_IDS}/"))
+  }
   if set(keys) != set(values) or set(shapes) != set(values) or set(keys.values()) != catalog_keys:
     return None, f"version {source.version}'s index variables are not this index's"
   for path, value in values.items():

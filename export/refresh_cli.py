@@ -1,8 +1,8 @@
 """fgr-refresh: publishes a new version from the served one and a catalog delta, without retraining.
 
-  fgr-refresh --model_base_path=models/ads --delta=changes.jsonl        # one delta, one new version
-  fgr-refresh --model_base_path=models/ads --watch=deltas/ --interval=60s  # continuous
-  fgr-refresh --model_base_path=models/ads --rollback=7                 # republish version 7 as the newest
+fgr-refresh --model_base_path=models/ads --delta=changes.jsonl        # one delta, one new version
+fgr-refresh --model_base_path=models/ads --watch=deltas/ --interval=60s  # continuous
+fgr-refresh --model_base_path=models/ads --rollback=7                 # republish version 7 as the newest
 """
 
 from __future__ import annotations
@@ -20,28 +20,50 @@ flags.DEFINE_string("model_base_path", None, "Model base path holding BASE/<vers
 flags.DEFINE_list("delta", [], "Catalog delta files (docs/data_format.md), applied in order as one new version.")
 flags.DEFINE_integer("from_version", None, "Version to refresh; defaults to the newest.")
 flags.DEFINE_integer("keep_versions", 5, "After publishing, keep this many newest versions (0 keeps all).")
-flags.DEFINE_bool("defer_prune", True, "With --watch, delete the versions beyond --keep_versions (and free the "
-                  "previous catalog) when the next publish starts rather than right after a publish (one more "
-                  "version stays on disk meanwhile), so that neither competes with servers loading the new version.")
+flags.DEFINE_bool(
+  "defer_prune",
+  True,
+  "With --watch, delete the versions beyond --keep_versions (and free the "
+  "previous catalog) when the next publish starts rather than right after a publish (one more "
+  "version stays on disk meanwhile), so that neither competes with servers loading the new version.",
+)
 flags.DEFINE_integer("rollback", None, "Republish this earlier version as a new, newest version.")
 flags.DEFINE_string("watch", None, "Directory to watch for delta files (*.jsonl); publishes on a schedule.")
 flags.DEFINE_string("interval", "60s", "Watch schedule: seconds, or a number with s, m or h (e.g. 60s, 5m).")
-flags.DEFINE_list("index_options", [], "Index options replacing the source version's in rebuilds, as name=value "
-                  "pairs (e.g. training_sample_size=50000 for a faster build).")
-flags.DEFINE_bool("verify_recall", True, "After each rebuild, report recall@k against exact search on the "
-                  "version's warm-up queries (after publishing: it does not delay the new version).")
-flags.DEFINE_enum("index_update", "auto", list(refresh_policy.INDEX_UPDATES),
-                  "auto: update the source's index from its training (its trained partitioner and codebook; only "
-                  "new and changed ads encoded), for backends that support it, until --retrain_fraction of the "
-                  "catalog was encoded since the last training, then train anew; full: train the index anew on "
-                  "every rebuild.")
-flags.DEFINE_float("retrain_fraction", refresh_policy.DEFAULT_RETRAIN_FRACTION,
-                   "With --index_update=auto, train the index anew once this share of the catalog has been "
-                   "encoded incrementally since the last training.")
-flags.DEFINE_bool("background_retrain", True,
-                  "With --watch and --index_update=auto: past --retrain_fraction, train the index anew in a "
-                  "background thread and keep publishing incremental updates meanwhile (the one-shot --delta "
-                  "mode trains on the publish path).")
+flags.DEFINE_list(
+  "index_options",
+  [],
+  "Index options replacing the source version's in rebuilds, as name=value "
+  "pairs (e.g. training_sample_size=50000 for a faster build).",
+)
+flags.DEFINE_bool(
+  "verify_recall",
+  True,
+  "After each rebuild, report recall@k against exact search on the "
+  "version's warm-up queries (after publishing: it does not delay the new version).",
+)
+flags.DEFINE_enum(
+  "index_update",
+  "auto",
+  list(refresh_policy.INDEX_UPDATES),
+  "auto: update the source's index from its training (its trained partitioner and codebook; only "
+  "new and changed ads encoded), for backends that support it, until --retrain_fraction of the "
+  "catalog was encoded since the last training, then train anew; full: train the index anew on "
+  "every rebuild.",
+)
+flags.DEFINE_float(
+  "retrain_fraction",
+  refresh_policy.DEFAULT_RETRAIN_FRACTION,
+  "With --index_update=auto, train the index anew once this share of the catalog has been "
+  "encoded incrementally since the last training.",
+)
+flags.DEFINE_bool(
+  "background_retrain",
+  True,
+  "With --watch and --index_update=auto: past --retrain_fraction, train the index anew in a "
+  "background thread and keep publishing incremental updates meanwhile (the one-shot --delta "
+  "mode trains on the publish path).",
+)
 flags.DEFINE_integer("max_polls", 0, "With --watch, stop after this many polls (0: run until stopped).")
 flags.mark_flag_as_required("model_base_path")
 
@@ -76,12 +98,17 @@ def main(argv: list[str]) -> None:
     overrides = exporter.parse_index_options(FLAGS.index_options)
   except ValueError as e:
     raise app.UsageError(f"--index_options: {e}") from None
-  refresher = refresh.Refresher(FLAGS.model_base_path, from_version=FLAGS.from_version,
-                                keep_versions=FLAGS.keep_versions or None,
-                                defer_prune=FLAGS.defer_prune and FLAGS.watch is not None, index_overrides=overrides,
-                                verify_recall=FLAGS.verify_recall, index_update=FLAGS.index_update,
-                                retrain_fraction=FLAGS.retrain_fraction,
-                                background_retrain=FLAGS.background_retrain and FLAGS.watch is not None)
+  refresher = refresh.Refresher(
+    FLAGS.model_base_path,
+    from_version=FLAGS.from_version,
+    keep_versions=FLAGS.keep_versions or None,
+    defer_prune=FLAGS.defer_prune and FLAGS.watch is not None,
+    index_overrides=overrides,
+    verify_recall=FLAGS.verify_recall,
+    index_update=FLAGS.index_update,
+    retrain_fraction=FLAGS.retrain_fraction,
+    background_retrain=FLAGS.background_retrain and FLAGS.watch is not None,
+  )
   if FLAGS.rollback is not None:
     print(json.dumps(refresher.rollback(FLAGS.rollback)))
   elif FLAGS.delta:
@@ -92,8 +119,9 @@ def main(argv: list[str]) -> None:
       raise app.UsageError(f"The delta files {FLAGS.delta} change nothing")
     print(json.dumps(refresher.apply(delta)))
   else:
-    refresh_watch.watch(refresher, FLAGS.watch, parse_duration(FLAGS.interval), max_polls=FLAGS.max_polls,
-                        on_poll=_print_report)
+    refresh_watch.watch(
+      refresher, FLAGS.watch, parse_duration(FLAGS.interval), max_polls=FLAGS.max_polls, on_poll=_print_report
+    )
 
 
 def run() -> None:

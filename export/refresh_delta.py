@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Collection, Iterable
+from collections.abc import Collection, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class CatalogDelta:
     self.statuses.pop(ad_id, None)
     self.removals.add(ad_id)
 
-  def merge(self, later: "CatalogDelta") -> None:
+  def merge(self, later: CatalogDelta) -> None:
     """Applies `later` on top of this delta, as if its lines followed ours."""
     for ad_id in later.removals:
       self.add_removal(ad_id)
@@ -93,18 +94,19 @@ class CatalogDelta:
     """Raises ValueError if a status change names an ad that is neither known nor added here."""
     unknown = sorted(ad_id for ad_id in self.statuses if ad_id not in known_ids)
     if unknown:
-      raise ValueError(f"status changes for {len(unknown)} ads not in the catalog (give their features "
-                       f"to add them): {unknown[:5]}")
+      raise ValueError(
+        f"status changes for {len(unknown)} ads not in the catalog (give their features to add them): {unknown[:5]}"
+      )
 
   def item_features(self) -> tuple[list[str], dict[str, np.ndarray]]:
     """The upserted ads' ids and their item-tower inputs, in a stable order."""
     ids = sorted(self.upserts)
     records = [self.upserts[ad_id] for ad_id in ids]
     features = {
-        schema.AD_ID: np.asarray(ids, dtype=object),
-        schema.CATEGORY: np.asarray([r.category for r in records], dtype=object),
-        schema.BRAND: np.asarray([r.brand for r in records], dtype=object),
-        schema.AD_TOKENS: schema.pad_tokens([list(r.tokens) for r in records], schema.AD_TOKENS_LEN),
+      schema.AD_ID: np.asarray(ids, dtype=object),
+      schema.CATEGORY: np.asarray([r.category for r in records], dtype=object),
+      schema.BRAND: np.asarray([r.brand for r in records], dtype=object),
+      schema.AD_TOKENS: schema.pad_tokens([list(r.tokens) for r in records], schema.AD_TOKENS_LEN),
     }
     return ids, features
 
@@ -121,7 +123,7 @@ def _parse_record(record: Any) -> tuple[str, str, Any]:
     raise ValueError(f"unknown fields {sorted(unknown)}")
   if "deleted" in record:
     if record["deleted"] is not True or set(record) != {"ad_id", "deleted"}:
-      raise ValueError("a removal is exactly {\"ad_id\": ..., \"deleted\": true}")
+      raise ValueError('a removal is exactly {"ad_id": ..., "deleted": true}')
     return "removal", ad_id, None
   status = record.get("status", "active")
   if status not in STATUSES:

@@ -44,8 +44,15 @@ def rebuild_options(report: version_report.VersionReport) -> dict[str, Any]:
   return base.backend(report.index).rebuild_options(report.index_options, report.index_config, report.k)
 
 
-def full_build_reason(source: refresh_state.Source, options: dict[str, Any], fresh_rows: int, num_rows: int,
-                      update: str, retrain_fraction: float, background: bool = False) -> str | None:
+def full_build_reason(
+  source: refresh_state.Source,
+  options: dict[str, Any],
+  fresh_rows: int,
+  num_rows: int,
+  update: str,
+  retrain_fraction: float,
+  background: bool = False,
+) -> str | None:
   """Why the index must be trained anew rather than updated from the source's training (None: it need not)."""
   config, name = source.report.index_config, source.report.index
   if update == "full":
@@ -61,10 +68,16 @@ def full_build_reason(source: refresh_state.Source, options: dict[str, Any], fre
   return None
 
 
-def rebuild_index(source: refresh_state.Source, state: refresh_state.CatalogState, source_rows: np.ndarray,
-                  options: dict[str, Any], update: str = "auto",
-                  retrain_fraction: float = DEFAULT_RETRAIN_FRACTION, retrained: Retrained | None = None,
-                  background: bool = False) -> base.Index:
+def rebuild_index(
+  source: refresh_state.Source,
+  state: refresh_state.CatalogState,
+  source_rows: np.ndarray,
+  options: dict[str, Any],
+  update: str = "auto",
+  retrain_fraction: float = DEFAULT_RETRAIN_FRACTION,
+  retrained: Retrained | None = None,
+  background: bool = False,
+) -> base.Index:
   """The source's index type over `state`: updated from the source's training when it can be.
 
   The update (`engine.base.Backend.update`) keeps the source's trained structure and tuned search
@@ -87,8 +100,9 @@ def rebuild_index(source: refresh_state.Source, state: refresh_state.CatalogStat
     raise ValueError(f"index update must be one of {INDEX_UPDATES}, got {update!r}")
   backend = base.backend(source.report.index)
   fresh_rows = int((source_rows < 0).sum())
-  reason = full_build_reason(source, options, fresh_rows, len(state.ids), update, retrain_fraction,
-                             background or retrained is not None)
+  reason = full_build_reason(
+    source, options, fresh_rows, len(state.ids), update, retrain_fraction, background or retrained is not None
+  )
   started = time.perf_counter()
   if reason is None:
     try:
@@ -96,14 +110,21 @@ def rebuild_index(source: refresh_state.Source, state: refresh_state.CatalogStat
         trained, source_rows, config = retrained.trained, retrained.rows, retrained.config
         fresh_rows, kind, encoded_before = int((source_rows < 0).sum()), "retrained", 0
       else:
-        trained = backend.read_trained(version_files.variables_prefix(source.path), full_graph.INDEX,
-                                       source.state.embeddings)
+        trained = backend.read_trained(
+          version_files.variables_prefix(source.path), full_graph.INDEX, source.state.embeddings
+        )
         config = source.report.index_config
         kind, encoded_before = "incremental", config.get("rows_encoded_since_training", 0)
       # This build trained nothing; its time is the update's (the source's build_seconds would mislead).
       config = {name: value for name, value in config.items() if name != "full_build_reason"}
-      config.update({"update": kind, "encoded_rows": fresh_rows, "rows_encoded_since_training": encoded_before + fresh_rows,
-                     "train_seconds": 0.0})
+      config.update(
+        {
+          "update": kind,
+          "encoded_rows": fresh_rows,
+          "rows_encoded_since_training": encoded_before + fresh_rows,
+          "train_seconds": 0.0,
+        }
+      )
       index = backend.update(trained, config, state.embeddings, source_rows, state.eligible, options)
     except (KeyError, ValueError) as e:
       reason = f"the index cannot be updated: {e}"
@@ -111,8 +132,7 @@ def rebuild_index(source: refresh_state.Source, state: refresh_state.CatalogStat
       index.config["build_seconds"] = round(time.perf_counter() - started, 3)
       return index
   logging.info("Training the index anew: %s", reason)
-  index = base.build_index(source.report.index, state.embeddings, k=source.report.k, eligible=state.eligible,
-                           **options)
+  index = base.build_index(source.report.index, state.embeddings, k=source.report.k, eligible=state.eligible, **options)
   if backend.updatable:  # What the next refresh's policy counts from.
     index.config.update({"update": "full", "full_build_reason": reason, "rows_encoded_since_training": 0})
   return index

@@ -19,34 +19,55 @@ import tensorflow as tf
 from absl import logging
 
 from engine import base, full_graph
-from export import (refresh_checkpoint, refresh_policy, refresh_state, refresh_towers, verify, version_files,
-                    version_report, versions, warmup)
+from export import (
+  refresh_checkpoint,
+  refresh_policy,
+  refresh_state,
+  refresh_towers,
+  verify,
+  version_files,
+  version_report,
+  versions,
+  warmup,
+)
 
 _EMBEDDINGS_PATH = os.path.join(version_files.EXTRA_DIR, refresh_state.EMBEDDINGS_FILE)
 
 
-def _refreshed_report(source: refresh_state.Source, version: int, base_path: str, kind: str,
-                      state: refresh_state.CatalogState) -> version_report.VersionReport:
+def _refreshed_report(
+  source: refresh_state.Source, version: int, base_path: str, kind: str, state: refresh_state.CatalogState
+) -> version_report.VersionReport:
   """The report of a version refreshed from `source`: its index as the source's, over `state`."""
   return version_report.VersionReport(
-      version=version, path=os.path.join(base_path, str(version)), kind=kind, refreshed_from=source.version,
-      index=source.report.index, k=source.report.k, index_options=source.report.index_options,
-      index_config=source.report.index_config, num_items=int(len(state.ids)),
-      num_eligible=int(state.eligible.sum()))
+    version=version,
+    path=os.path.join(base_path, str(version)),
+    kind=kind,
+    refreshed_from=source.version,
+    index=source.report.index,
+    k=source.report.k,
+    index_options=source.report.index_options,
+    index_config=source.report.index_config,
+    num_items=int(len(state.ids)),
+    num_eligible=int(state.eligible.sum()),
+  )
 
 
-def publish_status_only(base_path: str, source: refresh_state.Source, eligible: np.ndarray,
-                        version: int | None = None) -> version_report.VersionReport:
+def publish_status_only(
+  base_path: str, source: refresh_state.Source, eligible: np.ndarray, version: int | None = None
+) -> version_report.VersionReport:
   """Publishes N's graph and index with a new eligibility mask: no load, no embedding, no build."""
   base.backend(source.report.index).load_ops()
   state = dataclasses.replace(source.state, eligible=eligible)
   started = time.perf_counter()
   with versions.publish(base_path, version) as (temp_path, version):
-    version_files.link_tree(source.path, temp_path, skip=("variables", version_files.FINGERPRINT_FILE,
-                                                          version_report.REPORT_PATH))
-    refresh_checkpoint.rewrite_checkpoint(version_files.variables_prefix(source.path),
-                                          version_files.variables_prefix(temp_path),
-                                          {full_graph.ELIGIBLE_KEY: eligible})
+    version_files.link_tree(
+      source.path, temp_path, skip=("variables", version_files.FINGERPRINT_FILE, version_report.REPORT_PATH)
+    )
+    refresh_checkpoint.rewrite_checkpoint(
+      version_files.variables_prefix(source.path),
+      version_files.variables_prefix(temp_path),
+      {full_graph.ELIGIBLE_KEY: eligible},
+    )
     refresh_checkpoint.write_fingerprint(temp_path)
     report = _refreshed_report(source, version, base_path, "status_only", state)
     report.time("write", time.perf_counter() - started)
@@ -56,25 +77,36 @@ def publish_status_only(base_path: str, source: refresh_state.Source, eligible: 
   return report
 
 
-def warmup_recall(version_path: str, towers: refresh_towers.LoadedTowers, index: base.Index,
-                  state: refresh_state.CatalogState, k: int) -> float | None:
+def warmup_recall(
+  version_path: str, towers: refresh_towers.LoadedTowers, index: base.Index, state: refresh_state.CatalogState, k: int
+) -> float | None:
   """recall@k of `index` against exact search for the queries of a version's warm-up records."""
   queries = warmup.read_warmup_queries(version_path)
   if not queries or state.eligible.sum() < k:
     return None
-  embeddings = [towers.encode_query(**{name: tf.constant(values) for name, values in query.items()})["embedding"]
-                for query in queries]
+  embeddings = [
+    towers.encode_query(**{name: tf.constant(values) for name, values in query.items()})["embedding"]
+    for query in queries
+  ]
   recall = verify.index_recall(index, np.concatenate(embeddings), state.embeddings, state.eligible, k)
   return round(recall, 4)
 
 
-def publish_rebuilt(base_path: str, source: refresh_state.Source, towers: refresh_towers.LoadedTowers,
-                    state: refresh_state.CatalogState, timings: dict[str, float],
-                    index_overrides: dict[str, Any] | None = None, verify_recall: bool = True,
-                    version: int | None = None, source_rows: np.ndarray | None = None, index_update: str = "auto",
-                    retrain_fraction: float = refresh_policy.DEFAULT_RETRAIN_FRACTION,
-                    retrained: refresh_policy.Retrained | None = None,
-                    background: bool = False) -> version_report.VersionReport:
+def publish_rebuilt(
+  base_path: str,
+  source: refresh_state.Source,
+  towers: refresh_towers.LoadedTowers,
+  state: refresh_state.CatalogState,
+  timings: dict[str, float],
+  index_overrides: dict[str, Any] | None = None,
+  verify_recall: bool = True,
+  version: int | None = None,
+  source_rows: np.ndarray | None = None,
+  index_update: str = "auto",
+  retrain_fraction: float = refresh_policy.DEFAULT_RETRAIN_FRACTION,
+  retrained: refresh_policy.Retrained | None = None,
+  background: bool = False,
+) -> version_report.VersionReport:
   """Builds N's index type over `state` and publishes it with N's restored towers and warm-up records.
 
   Args:
@@ -96,24 +128,32 @@ def publish_rebuilt(base_path: str, source: refresh_state.Source, towers: refres
   started = time.perf_counter()
   if source_rows is None:
     source_rows, index_update = np.full([len(state.ids)], -1, np.int64), "full"
-  index = refresh_policy.rebuild_index(source, state, source_rows, options, index_update, retrain_fraction,
-                                       retrained, background)
+  index = refresh_policy.rebuild_index(
+    source, state, source_rows, options, index_update, retrain_fraction, retrained, background
+  )
   timings["build"] = time.perf_counter() - started
 
   replacements, retrace_reason = refresh_checkpoint.graph_replacements(source, index, state)
   started = time.perf_counter()
   with versions.publish(base_path, version) as (temp_path, version):
     if replacements is not None:  # N's graph, hard-linked, over a new checkpoint: nothing is traced.
-      version_files.link_tree(source.path, temp_path, skip=("variables", version_files.FINGERPRINT_FILE,
-                                                            version_report.REPORT_PATH, _EMBEDDINGS_PATH))
-      refresh_checkpoint.rewrite_checkpoint(version_files.variables_prefix(source.path),
-                                            version_files.variables_prefix(temp_path), replacements,
-                                            resizable=replacements.keys())
+      version_files.link_tree(
+        source.path,
+        temp_path,
+        skip=("variables", version_files.FINGERPRINT_FILE, version_report.REPORT_PATH, _EMBEDDINGS_PATH),
+      )
+      refresh_checkpoint.rewrite_checkpoint(
+        version_files.variables_prefix(source.path),
+        version_files.variables_prefix(temp_path),
+        replacements,
+        resizable=replacements.keys(),
+      )
       refresh_checkpoint.write_fingerprint(temp_path)
     else:
       logging.info("Tracing the serving functions anew: %s", retrace_reason)
-      full_graph.FullGraph(towers.query_tower, towers.item_tower, index, state.ids, k, towers.query_specs,
-                           towers.item_specs).save(temp_path)
+      full_graph.FullGraph(
+        towers.query_tower, towers.item_tower, index, state.ids, k, towers.query_specs, towers.item_specs
+      ).save(temp_path)
       os.makedirs(os.path.join(temp_path, version_files.EXTRA_DIR), exist_ok=True)
       warmup_path = version_files.extra_path(source.path, warmup.WARMUP_FILE)
       if os.path.exists(warmup_path):
@@ -146,8 +186,12 @@ def rollback(base_path: str, version: int) -> version_report.VersionReport:
   started = time.perf_counter()
   with versions.publish(base_path) as (temp_path, new_version):
     version_files.link_tree(source_path, temp_path, skip=(version_report.REPORT_PATH,))
-    fields = {"version": new_version, "path": os.path.join(base_path, str(new_version)), "kind": "rollback",
-              "refreshed_from": version}
+    fields = {
+      "version": new_version,
+      "path": os.path.join(base_path, str(new_version)),
+      "kind": "rollback",
+      "refreshed_from": version,
+    }
     if version_report.exists(source_path):
       report = dataclasses.replace(version_report.read(source_path), **fields)
     else:

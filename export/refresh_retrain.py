@@ -52,8 +52,9 @@ class BackgroundRetrain:
     options = self._backend.background_options(options)
     self._thread = threading.Thread(target=self._train, args=(k, options), name="index-retrain", daemon=True)
     self._thread.start()
-    logging.info("Retraining the %s index in the background over version %d's %d rows", backend, version,
-                 len(embeddings))
+    logging.info(
+      "Retraining the %s index in the background over version %d's %d rows", backend, version, len(embeddings)
+    )
 
   def _train(self, k: int, options: dict[str, Any]) -> None:
     try:

@@ -55,15 +55,19 @@ def read_state(version_path: str) -> CatalogState:
   """Reads a version's ids and eligibility from its checkpoint and its embeddings file."""
   path = embeddings_path(version_path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: the version was exported before fgr-export kept the catalog "
-                            "embeddings; export it again to refresh it")
+    raise FileNotFoundError(
+      f"{path} is missing: the version was exported before fgr-export kept the catalog "
+      "embeddings; export it again to refresh it"
+    )
   reader = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
   ids = reader.get_tensor(full_graph.ITEM_IDS_KEY).astype(str).astype(object)
   eligible = reader.get_tensor(full_graph.ELIGIBLE_KEY).astype(bool)
   embeddings = np.load(path, mmap_mode="r")
   if embeddings.shape[0] != len(ids) or eligible.shape != ids.shape:
-    raise ValueError(f"{version_path}: {len(ids)} ids, {eligible.shape[0]} eligibility flags and "
-                     f"{embeddings.shape[0]} embeddings do not match")
+    raise ValueError(
+      f"{version_path}: {len(ids)} ids, {eligible.shape[0]} eligibility flags and "
+      f"{embeddings.shape[0]} embeddings do not match"
+    )
   return CatalogState(ids=ids, embeddings=embeddings, eligible=eligible)
 
 
@@ -78,7 +82,7 @@ class Source:
   row_of: dict[str, int]
 
   @classmethod
-  def read(cls, base_path: str, version: int) -> "Source":
+  def read(cls, base_path: str, version: int) -> Source:
     path = os.path.join(base_path, str(version))
     if version not in versions.list_versions(base_path):
       raise FileNotFoundError(f"No complete version {version} under {base_path}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -32,7 +33,7 @@ class RestoredTower(tf.Module):
     self.encode = encode
 
   @classmethod
-  def from_loaded(cls, loaded_tower: Any, signature: Callable[..., dict[str, tf.Tensor]], name: str) -> "RestoredTower":
+  def from_loaded(cls, loaded_tower: Any, signature: Callable[..., dict[str, tf.Tensor]], name: str) -> RestoredTower:
     """The tower of a loaded version: unwraps one saved by a refresh, else calls the version's signature."""
     if hasattr(loaded_tower, "owner") and hasattr(loaded_tower, "encode"):
       return cls(loaded_tower.owner, loaded_tower.encode, name)
@@ -54,21 +55,24 @@ class LoadedTowers:
   encode_query: Callable[..., dict[str, tf.Tensor]]
 
   @classmethod
-  def load(cls, version_path: str) -> "LoadedTowers":
+  def load(cls, version_path: str) -> LoadedTowers:
     loaded = tf.saved_model.load(version_path)
     encode_query = loaded.signatures[full_graph.ENCODE_QUERY]
     encode_item = loaded.signatures[full_graph.ENCODE_ITEM]
-    return cls(query_tower=RestoredTower.from_loaded(loaded.query_tower, encode_query, "query_tower"),
-               item_tower=RestoredTower.from_loaded(loaded.item_tower, encode_item, "item_tower"),
-               query_specs=dict(encode_query.structured_input_signature[1]),
-               item_specs=dict(encode_item.structured_input_signature[1]),
-               encode_item=encode_item, encode_query=encode_query)
+    return cls(
+      query_tower=RestoredTower.from_loaded(loaded.query_tower, encode_query, "query_tower"),
+      item_tower=RestoredTower.from_loaded(loaded.item_tower, encode_item, "item_tower"),
+      query_specs=dict(encode_query.structured_input_signature[1]),
+      item_specs=dict(encode_item.structured_input_signature[1]),
+      encode_item=encode_item,
+      encode_query=encode_query,
+    )
 
   def embed_items(self, features: dict[str, np.ndarray]) -> np.ndarray:
     """float32 [B, d] embeddings of raw item features, in batches."""
     count = len(features[next(iter(features))])
     parts = [np.zeros([0, 0], np.float32)]
     for start in range(0, count, EMBED_BATCH_SIZE):
-      batch = {name: tf.constant(values[start:start + EMBED_BATCH_SIZE]) for name, values in features.items()}
+      batch = {name: tf.constant(values[start : start + EMBED_BATCH_SIZE]) for name, values in features.items()}
       parts.append(self.encode_item(**batch)["embedding"].numpy())
     return np.concatenate(parts[1:]) if count else parts[0]

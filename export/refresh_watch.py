@@ -15,7 +15,8 @@ import copy
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from absl import logging
 
@@ -37,9 +38,11 @@ class PollResult:
 
 def pending_files(directory: str) -> list[str]:
   """Delta files waiting in `directory`, in name order."""
-  return sorted(name for name in os.listdir(directory)
-                if name.endswith(SUFFIX) and not name.startswith(".")
-                and os.path.isfile(os.path.join(directory, name)))
+  return sorted(
+    name
+    for name in os.listdir(directory)
+    if name.endswith(SUFFIX) and not name.startswith(".") and os.path.isfile(os.path.join(directory, name))
+  )
 
 
 def _move(directory: str, name: str, subdirectory: str, new_name: str) -> str:
@@ -87,8 +90,13 @@ def poll_once(refresher: refresh.Refresher, directory: str) -> PollResult:
   return result
 
 
-def watch(refresher: refresh.Refresher, directory: str, interval_seconds: float, max_polls: int = 0,
-          on_poll: Callable[[PollResult], None] | None = None) -> None:
+def watch(
+  refresher: refresh.Refresher,
+  directory: str,
+  interval_seconds: float,
+  max_polls: int = 0,
+  on_poll: Callable[[PollResult], None] | None = None,
+) -> None:
   """Polls `directory` every `interval_seconds` (from the start of one poll to the next) for ever.
 
   Args:

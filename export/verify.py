@@ -9,15 +9,15 @@ from engine import base, full_graph, search_ops
 from models.data import schema, sequences
 
 
-def index_recall(index: base.Index, queries: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray,
-                 k: int) -> float:
+def index_recall(index: base.Index, queries: np.ndarray, embeddings: np.ndarray, eligible: np.ndarray, k: int) -> float:
   """recall@k of an in-process index against exact search over the eligible items."""
   found = tf.function(lambda q: index.search(q, k).indices)(tf.constant(queries)).numpy()
   return search_ops.recall_at_k(found, search_ops.exact_top_k_numpy(queries, embeddings, k, eligible=eligible))
 
 
-def saved_model_recall(version_path: str, table: sequences.ItemTable,
-                       queries: dict[str, np.ndarray], batch_size: int = 8192) -> float:
+def saved_model_recall(
+  version_path: str, table: sequences.ItemTable, queries: dict[str, np.ndarray], batch_size: int = 8192
+) -> float:
   """recall@k of a version's `serving_default` against exact top-k computed from the same SavedModel.
 
   The catalog is embedded with the SavedModel's `encode_item` signature and the queries with

@@ -97,7 +97,7 @@ class VersionReport:
     return out
 
   @classmethod
-  def from_json(cls, data: dict[str, Any]) -> "VersionReport":
+  def from_json(cls, data: dict[str, Any]) -> VersionReport:
     names = {field.name for field in dataclasses.fields(cls)} - {"timings", "extra", "recall", "warmup_recall"}
     known: dict[str, Any] = {"timings": {}, "extra": {}}
     for key, value in data.items():
@@ -130,8 +130,9 @@ def read(version_path: str) -> VersionReport:
   """The report a version carries in assets.extra."""
   report_path = path(version_path)
   if not os.path.exists(report_path):
-    raise FileNotFoundError(f"{report_path} is missing: fgr-refresh needs a version written by fgr-export or "
-                            "fgr-refresh")
+    raise FileNotFoundError(
+      f"{report_path} is missing: fgr-refresh needs a version written by fgr-export or fgr-refresh"
+    )
   with open(report_path) as f:
     return VersionReport.from_json(json.load(f))
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 _TEMP_PREFIX = ".tmp-version-"
 

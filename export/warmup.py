@@ -18,8 +18,9 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_RECORDS = 1000  # TF Serving's limit.
 
 
-def predict_request(features: dict[str, np.ndarray], signature_name: str = "serving_default",
-                    model_name: str = "") -> predict_pb2.PredictRequest:
+def predict_request(
+  features: dict[str, np.ndarray], signature_name: str = "serving_default", model_name: str = ""
+) -> predict_pb2.PredictRequest:
   """A PredictRequest carrying one batch of raw string features."""
   request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature_name))
   for name, values in features.items():

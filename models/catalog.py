@@ -33,5 +33,6 @@ def embed_catalog(item_tower: tf.keras.Model, table: sequences.ItemTable, batch_
     ids.append(features[schema.AD_ID])
     eligible.append(features[schema.STATUS] == "active")
     embeddings.append(encode({name: tf.constant(features[name]) for name in schema.ITEM_FEATURE_NAMES}).numpy())
-  return EmbeddedCatalog(ids=np.concatenate(ids), embeddings=np.concatenate(embeddings).astype(np.float32),
-                         eligible=np.concatenate(eligible))
+  return EmbeddedCatalog(
+    ids=np.concatenate(ids), embeddings=np.concatenate(embeddings).astype(np.float32), eligible=np.concatenate(eligible)
+  )

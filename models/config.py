@@ -61,17 +61,17 @@ class TowerConfig:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
   @classmethod
-  def from_json(cls, value: dict[str, Any]) -> "TowerConfig":
+  def from_json(cls, value: dict[str, Any]) -> TowerConfig:
     """Reads a config.json "tower" entry; fields older runs did not write get their old meaning."""
     return cls(**{**_LEGACY_VALUES, **value})
 
 
 _CHOICES = {
-    "sequence_pooling": ("attention", "mean"),
-    "attention": ("dot", "din"),
-    "side_info": ("separate", "summed"),
-    "features": ("full", "ids_only"),
-    "precision": PRECISIONS,
+  "sequence_pooling": ("attention", "mean"),
+  "attention": ("dot", "din"),
+  "side_info": ("separate", "summed"),
+  "features": ("full", "ids_only"),
+  "precision": PRECISIONS,
 }
 # Runs written before a field existed were trained with these towers, so restore must rebuild them.
 _LEGACY_VALUES = {"side_info": "summed"}

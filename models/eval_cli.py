@@ -28,9 +28,16 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   model, run_config = train_lib.restore(FLAGS.output_dir)
   data = sources.DataSpec.from_json(run_config["data"])
-  report = {"data": data.to_json(),
-            **evaluation.evaluate(model.query_tower, model.item_tower, sources.open_source(data),
-                                  ks=tuple(int(k) for k in FLAGS.ks), max_examples=FLAGS.max_examples)}
+  report = {
+    "data": data.to_json(),
+    **evaluation.evaluate(
+      model.query_tower,
+      model.item_tower,
+      sources.open_source(data),
+      ks=tuple(int(k) for k in FLAGS.ks),
+      max_examples=FLAGS.max_examples,
+    ),
+  }
   logging.info("Evaluation report: %s", report)
   text = json.dumps(report, indent=2)
   if FLAGS.report_file:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -15,8 +16,13 @@ from models.data import schema, sequences
 EXAMPLE_FEATURES = schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES
 
 
-def top_k_accuracy(query_tower: tf.keras.Model, item_tower: tf.keras.Model, table: sequences.ItemTable,
-                   examples: Iterable[dict[str, np.ndarray]], ks: tuple[int, ...] = (1, 10, 50, 100)) -> dict[str, float]:
+def top_k_accuracy(
+  query_tower: tf.keras.Model,
+  item_tower: tf.keras.Model,
+  table: sequences.ItemTable,
+  examples: Iterable[dict[str, np.ndarray]],
+  ks: tuple[int, ...] = (1, 10, 50, 100),
+) -> dict[str, float]:
   """Share of examples whose clicked item is among the top k of the whole catalog, for each k.
 
   This is the metric the TFRS tutorials report ("factorized_top_k/top_100_categorical_accuracy").
@@ -52,15 +58,21 @@ class TopKValidation(tf.keras.callbacks.Callback):
     self.k = k
 
   def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-    value = top_k_accuracy(self.model.query_tower, self.model.item_tower, self.table, self.examples,
-                           ks=(self.k,))[f"top_{self.k}"]
+    value = top_k_accuracy(self.model.query_tower, self.model.item_tower, self.table, self.examples, ks=(self.k,))[
+      f"top_{self.k}"
+    ]
     if logs is not None:
       logs[f"val_top_{self.k}"] = value
 
 
-def rank_examples(query_tower: tf.keras.Model, catalog: catalog_lib.EmbeddedCatalog, row_of,
-                  examples: Iterable[dict[str, np.ndarray]], k: int,
-                  extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def rank_examples(
+  query_tower: tf.keras.Model,
+  catalog: catalog_lib.EmbeddedCatalog,
+  row_of,
+  examples: Iterable[dict[str, np.ndarray]],
+  k: int,
+  extra: tuple[str, ...] = (),
+) -> dict[str, np.ndarray]:
   """Exact full-catalog retrieval of every example's query, with its clicked item's rank.
 
   Args:
@@ -104,8 +116,13 @@ def _limited(batches: Iterable[dict[str, np.ndarray]], max_examples: int) -> Ite
       return
 
 
-def evaluate(query_tower: tf.keras.Model, item_tower: tf.keras.Model, source: Any,
-             ks: tuple[int, ...] = (10, 50, 100), max_examples: int = 0) -> dict[str, Any]:
+def evaluate(
+  query_tower: tf.keras.Model,
+  item_tower: tf.keras.Model,
+  source: Any,
+  ks: tuple[int, ...] = (10, 50, 100),
+  max_examples: int = 0,
+) -> dict[str, Any]:
   """Everything fgr-eval reports on a source's test split, retrieving exactly over the whole catalog.
 
   Returns:
@@ -116,21 +133,31 @@ def evaluate(query_tower: tf.keras.Model, item_tower: tf.keras.Model, source: An
   """
   k = max(ks)
   catalog = catalog_lib.embed_catalog(item_tower, source)
-  ranked = rank_examples(query_tower, catalog, source.row_of, _limited(source.examples("test"), max_examples),
-                         k, extra=("converted",))
-  report: dict[str, Any] = {"num_examples": int(len(ranked["rank"])), "num_items": int(source.num_items),
-                            "ranking": metrics.ranking_metrics(ranked["rank"], ks)}
+  ranked = rank_examples(
+    query_tower, catalog, source.row_of, _limited(source.examples("test"), max_examples), k, extra=("converted",)
+  )
+  report: dict[str, Any] = {
+    "num_examples": int(len(ranked["rank"])),
+    "num_items": int(source.num_items),
+    "ranking": metrics.ranking_metrics(ranked["rank"], ks),
+  }
   categories = np.concatenate([features[schema.CATEGORY] for _, features in sequences.iterate_catalog(source)])
   new_items = source.items_added_after_training() if hasattr(source, "items_added_after_training") else None
-  report["water_level"] = {"k": k, **metrics.water_level_metrics(
-      ranked["recalled"], ranked["positive"], ranked.get("converted"), categories, new_items)}
+  report["water_level"] = {
+    "k": k,
+    **metrics.water_level_metrics(
+      ranked["recalled"], ranked["positive"], ranked.get("converted"), categories, new_items
+    ),
+  }
   held_out = getattr(source, "held_out_rows", None)
   if held_out is not None:
     cold = held_out[ranked["positive"]]
     cold_metrics = metrics.ranking_metrics(ranked["rank"][cold], ks) if cold.any() else {}
     warm_metrics = metrics.ranking_metrics(ranked["rank"][~cold], ks)
     report["held_out_items"] = {
-        "num_examples": int(cold.sum()), "held_out": cold_metrics, "warm": warm_metrics,
-        f"recall@{k}_ratio": cold_metrics.get(f"recall@{k}", float("nan")) / max(warm_metrics[f"recall@{k}"], 1e-12),
+      "num_examples": int(cold.sum()),
+      "held_out": cold_metrics,
+      "warm": warm_metrics,
+      f"recall@{k}_ratio": cold_metrics.get(f"recall@{k}", float("nan")) / max(warm_metrics[f"recall@{k}"], 1e-12),
     }
   return report

@@ -81,7 +81,7 @@ class TargetAttention(tf.keras.layers.Layer):
     """Attends target [B, D] over sequence [B, L, D] with mask [B, L]; returns [B, D]."""
     query = self.query_projection(target)
     keys = self.key_projection(sequence)
-    logits = tf.cast(tf.einsum("bu,blu->bl", query, keys), tf.float32) / (self.units ** 0.5)
+    logits = tf.cast(tf.einsum("bu,blu->bl", query, keys), tf.float32) / (self.units**0.5)
     return masked_attention_pool(logits, sequence, mask)
 
 
@@ -100,8 +100,10 @@ class MlpAttention(tf.keras.layers.Layer):
   def __init__(self, hidden_units: tuple[int, ...] = (64, 32), dtype: Any = None, **kwargs):
     super().__init__(dtype=dtype, **kwargs)
     self.scorer = tf.keras.Sequential(
-        [tf.keras.layers.Dense(units, activation="relu", dtype=dtype) for units in hidden_units]
-        + [tf.keras.layers.Dense(1, dtype=dtype)], name="scorer")
+      [tf.keras.layers.Dense(units, activation="relu", dtype=dtype) for units in hidden_units]
+      + [tf.keras.layers.Dense(1, dtype=dtype)],
+      name="scorer",
+    )
 
   def call(self, target: tf.Tensor, sequence: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     """Attends target [B, D] over sequence [B, L, D] with mask [B, L]; returns [B, D]."""

@@ -57,8 +57,13 @@ def noise_ratio(recalled: np.ndarray, query_categories: np.ndarray, item_categor
   return float(np.mean(np.asarray(item_categories)[recalled] != np.asarray(query_categories)[:, np.newaxis]))
 
 
-def water_level_metrics(recalled: np.ndarray, positives: np.ndarray, converted: np.ndarray | None,
-                        item_categories: np.ndarray, new_items: np.ndarray | None) -> dict[str, float]:
+def water_level_metrics(
+  recalled: np.ndarray,
+  positives: np.ndarray,
+  converted: np.ndarray | None,
+  item_categories: np.ndarray,
+  new_items: np.ndarray | None,
+) -> dict[str, float]:
   """Coverage of clicks and conversions, noise ratio and instant recall of new items.
 
   Args:
@@ -73,8 +78,10 @@ def water_level_metrics(recalled: np.ndarray, positives: np.ndarray, converted: 
     new_item_coverage (coverage of clicks on new items), warm_item_coverage and their ratio.
   """
   positives = np.asarray(positives)
-  out = {"click_coverage": coverage(recalled, positives),
-         "noise_ratio": noise_ratio(recalled, np.asarray(item_categories)[positives], item_categories)}
+  out = {
+    "click_coverage": coverage(recalled, positives),
+    "noise_ratio": noise_ratio(recalled, np.asarray(item_categories)[positives], item_categories),
+  }
   if converted is not None:
     out["conversion_coverage"] = coverage(recalled, positives, converted)
     out["num_conversions"] = int(np.sum(converted))

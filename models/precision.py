@@ -38,13 +38,13 @@ class ServingOptions:
 # On CPU it is float32 without XLA: no other combination served a single query faster, and the
 # reduced-precision towers also change some of the top-k, so they would cost quality for nothing.
 MEASURED_FASTEST = {
-    "CPU": ServingOptions(precision="float32", jit_compile=False),
+  "CPU": ServingOptions(precision="float32", jit_compile=False),
 }
 UNMEASURED = ServingOptions(precision="float32", jit_compile=False)
 
 
 def device_type() -> str:
-  """"GPU" when TensorFlow sees a GPU, else "CPU"."""
+  """ "GPU" when TensorFlow sees a GPU, else "CPU"."""
   return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
 
 

@@ -34,8 +34,9 @@ class RetrievalModel(tfrs.Model):
     self._num_negatives = 0
     self._num_items = 0
 
-  def set_sampling(self, frequencies: sampling.ItemFrequencies | None, num_negatives: int = 0,
-                   num_items: int = 0) -> None:
+  def set_sampling(
+    self, frequencies: sampling.ItemFrequencies | None, num_negatives: int = 0, num_items: int = 0
+  ) -> None:
     """Turns on the logQ correction (when `frequencies` is given) and mixed negatives.
 
     Args:
@@ -75,8 +76,13 @@ class RetrievalModel(tfrs.Model):
       item_embeddings = tf.concat([item_embeddings, self.item_tower(negatives, training=training)], axis=0)
       candidate_ids = tf.concat([candidate_ids, negatives[schema.AD_ID]], axis=0)
     probability = self.candidate_probability(candidate_ids, tf.shape(query_embeddings)[0])
-    return self.task(query_embeddings, item_embeddings, candidate_ids=candidate_ids,
-                     candidate_sampling_probability=probability, compute_metrics=False)
+    return self.task(
+      query_embeddings,
+      item_embeddings,
+      candidate_ids=candidate_ids,
+      candidate_sampling_probability=probability,
+      compute_metrics=False,
+    )
 
   def train_step(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """tfrs.Model's step, plus loss scaling when the optimizer is a LossScaleOptimizer (float16)."""
@@ -99,8 +105,10 @@ def example_signature() -> dict[str, tf.TensorSpec]:
 def build_towers_for_restore(config: TowerConfig) -> RetrievalModel:
   """A model whose variables exist, ready for `load_weights` (subclassed models build lazily)."""
   model = RetrievalModel(config)
-  dummy = {name: tf.constant([[schema.PAD]] if spec.shape.rank == 2 else [schema.PAD])
-           for name, spec in example_signature().items()}
+  dummy = {
+    name: tf.constant([[schema.PAD]] if spec.shape.rank == 2 else [schema.PAD])
+    for name, spec in example_signature().items()
+  }
   model.query_tower(dummy)
   model.item_tower(dummy)
   return model
@@ -112,4 +120,3 @@ def make_optimizer(learning_rate: float, precision: str) -> tf.keras.optimizers.
   if precision == "mixed_float16":
     optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
   return optimizer
-

@@ -11,7 +11,7 @@ uniformly from the catalog, so the tail also appears as negatives; Q is then the
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -56,8 +56,9 @@ class ItemFrequencies:
     return (np.maximum(self.counts, 1) / self.total).astype(np.float32)
 
   @classmethod
-  def from_batches(cls, batches: Iterable[dict[str, np.ndarray]],
-                   num_buckets: int = DEFAULT_FREQUENCY_BUCKETS) -> "ItemFrequencies":
+  def from_batches(
+    cls, batches: Iterable[dict[str, np.ndarray]], num_buckets: int = DEFAULT_FREQUENCY_BUCKETS
+  ) -> ItemFrequencies:
     """Counts the positives (`schema.AD_ID`) of a stream of example batches."""
     frequencies = cls(num_buckets)
     for batch in batches:
@@ -65,20 +66,21 @@ class ItemFrequencies:
     return frequencies
 
 
-def mixture_probability(in_batch_probability: tf.Tensor, batch_size: tf.Tensor, num_uniform: int,
-                        num_items: int) -> tf.Tensor:
+def mixture_probability(
+  in_batch_probability: tf.Tensor, batch_size: tf.Tensor, num_uniform: int, num_items: int
+) -> tf.Tensor:
   """Probability of a candidate under B in-batch (unigram) draws mixed with M uniform catalog draws.
 
   Every candidate, whichever way it was drawn, gets the same mixture probability
   (B * p_unigram + M / N) / (B + M), so its logit is corrected consistently.
   """
   batch_size = tf.cast(batch_size, tf.float32)
-  return ((batch_size * in_batch_probability + num_uniform / num_items)
-          / (batch_size + float(num_uniform)))
+  return (batch_size * in_batch_probability + num_uniform / num_items) / (batch_size + float(num_uniform))
 
 
-def uniform_negatives(table, num_negatives: int, seed: int,
-                      exclude: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+def uniform_negatives(
+  table, num_negatives: int, seed: int, exclude: np.ndarray | None = None
+) -> Iterator[dict[str, np.ndarray]]:
   """Endless batches of item features drawn uniformly from the catalog, keys prefixed "negative/".
 
   Args:

@@ -35,17 +35,20 @@ class ItemFeatureEmbedding(tf.keras.layers.Layer):
   def __init__(self, config: TowerConfig, **kwargs):
     super().__init__(dtype=config.precision, **kwargs)
     self.ids = layers.HashedEmbedding(config.id_buckets, config.embedding_dim, dtype=config.precision, name="ad_id")
-    self.categories = layers.HashedEmbedding(config.side_buckets, config.embedding_dim, dtype=config.precision,
-                                             name="category")
-    self.brands = layers.HashedEmbedding(config.side_buckets, config.embedding_dim, dtype=config.precision,
-                                         name="brand")
+    self.categories = layers.HashedEmbedding(
+      config.side_buckets, config.embedding_dim, dtype=config.precision, name="category"
+    )
+    self.brands = layers.HashedEmbedding(
+      config.side_buckets, config.embedding_dim, dtype=config.precision, name="brand"
+    )
 
   def lookup(self, ad_ids: tf.Tensor, categories: tf.Tensor, brands: tf.Tensor) -> tuple[tf.Tensor, ...]:
     """Hash buckets of (id, category, brand)."""
     return self.ids.lookup(ad_ids), self.categories.lookup(categories), self.brands.lookup(brands)
 
-  def embed(self, id_buckets: tf.Tensor, category_buckets: tf.Tensor,
-            brand_buckets: tf.Tensor) -> tuple[tf.Tensor, ...]:
+  def embed(
+    self, id_buckets: tf.Tensor, category_buckets: tf.Tensor, brand_buckets: tf.Tensor
+  ) -> tuple[tf.Tensor, ...]:
     """Returns (id, category, brand) embeddings and the id mask, from `lookup`'s buckets."""
     id_embedding, mask = self.ids.embed(id_buckets)
     category_embedding, _ = self.categories.embed(category_buckets)
@@ -111,14 +114,14 @@ class QueryTower(Tower):
     token_embedding: the token embedding shared with the item tower's bidwords.
   """
 
-  def __init__(self, config: TowerConfig, item_embedding: ItemFeatureEmbedding,
-               token_embedding: layers.HashedEmbedding, **kwargs):
+  def __init__(
+    self, config: TowerConfig, item_embedding: ItemFeatureEmbedding, token_embedding: layers.HashedEmbedding, **kwargs
+  ):
     super().__init__(config, **kwargs)
     dtype = config.precision
     self.item_embedding = item_embedding
     self.token_embedding = token_embedding
-    self.user_embedding = layers.HashedEmbedding(config.user_buckets, config.embedding_dim, dtype=dtype,
-                                                 name="user_id")
+    self.user_embedding = layers.HashedEmbedding(config.user_buckets, config.embedding_dim, dtype=dtype, name="user_id")
     self.target_projection = tf.keras.layers.Dense(config.embedding_dim, dtype=dtype, name="target")
     self.attention = _attention(config, "target_attention")
     if config.side_info == "separate":
@@ -127,16 +130,20 @@ class QueryTower(Tower):
 
   def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
     ids, categories, brands = self.item_embedding.lookup(
-        features[schema.HIST_IDS], features[schema.HIST_CATEGORIES], features[schema.HIST_BRANDS])
+      features[schema.HIST_IDS], features[schema.HIST_CATEGORIES], features[schema.HIST_BRANDS]
+    )
     return {
-        schema.USER_ID: self.user_embedding.lookup(features[schema.USER_ID]),
-        schema.USER_FEATURES: self.token_embedding.lookup(features[schema.USER_FEATURES]),
-        schema.QUERY_TOKENS: self.token_embedding.lookup(features[schema.QUERY_TOKENS]),
-        schema.HIST_IDS: ids, schema.HIST_CATEGORIES: categories, schema.HIST_BRANDS: brands,
+      schema.USER_ID: self.user_embedding.lookup(features[schema.USER_ID]),
+      schema.USER_FEATURES: self.token_embedding.lookup(features[schema.USER_FEATURES]),
+      schema.QUERY_TOKENS: self.token_embedding.lookup(features[schema.QUERY_TOKENS]),
+      schema.HIST_IDS: ids,
+      schema.HIST_CATEGORIES: categories,
+      schema.HIST_BRANDS: brands,
     }
 
-  def _pool(self, attention: tf.keras.layers.Layer, target: tf.Tensor | None, sequence: tf.Tensor,
-            mask: tf.Tensor) -> tf.Tensor:
+  def _pool(
+    self, attention: tf.keras.layers.Layer, target: tf.Tensor | None, sequence: tf.Tensor, mask: tf.Tensor
+  ) -> tf.Tensor:
     if self.config.sequence_pooling == "attention":
       return attention(target, sequence, mask)
     return layers.masked_mean(sequence, mask)
@@ -147,7 +154,8 @@ class QueryTower(Tower):
     profile = layers.masked_mean(*self.token_embedding.embed(buckets[schema.USER_FEATURES]))
     query = layers.masked_mean(*self.token_embedding.embed(buckets[schema.QUERY_TOKENS]))
     ids, categories, brands, mask = self.item_embedding.embed(
-        buckets[schema.HIST_IDS], buckets[schema.HIST_CATEGORIES], buckets[schema.HIST_BRANDS])
+      buckets[schema.HIST_IDS], buckets[schema.HIST_CATEGORIES], buckets[schema.HIST_BRANDS]
+    )
     # Mean pooling has no target: the projection is not even built, as in runs that predate it.
     target = self.target_projection(query) if self.config.sequence_pooling == "attention" else None
     if self.config.side_info == "summed":
@@ -155,8 +163,9 @@ class QueryTower(Tower):
       parts = [self._pool(self.attention, target, history, mask), layers.masked_mean(history, mask)]
     else:
       # A past click counts on the side-info path when any of its side info is known.
-      side_mask = tf.logical_or(tf.not_equal(buckets[schema.HIST_CATEGORIES], 0),
-                                tf.not_equal(buckets[schema.HIST_BRANDS], 0))
+      side_mask = tf.logical_or(
+        tf.not_equal(buckets[schema.HIST_CATEGORIES], 0), tf.not_equal(buckets[schema.HIST_BRANDS], 0)
+      )
       side = categories + brands
       side_pooled = self._pool(self.side_attention, target, side, side_mask)
       id_pooled = self._pool(self.attention, target, ids, mask)
@@ -174,8 +183,9 @@ class ItemTower(Tower):
     token_embedding: the token embedding shared with the query tower.
   """
 
-  def __init__(self, config: TowerConfig, item_embedding: ItemFeatureEmbedding,
-               token_embedding: layers.HashedEmbedding, **kwargs):
+  def __init__(
+    self, config: TowerConfig, item_embedding: ItemFeatureEmbedding, token_embedding: layers.HashedEmbedding, **kwargs
+  ):
     super().__init__(config, **kwargs)
     self.item_embedding = item_embedding
     self.token_embedding = token_embedding
@@ -183,13 +193,19 @@ class ItemTower(Tower):
 
   def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
     ids, categories, brands = self.item_embedding.lookup(
-        features[schema.AD_ID], features[schema.CATEGORY], features[schema.BRAND])
-    return {schema.AD_ID: ids, schema.CATEGORY: categories, schema.BRAND: brands,
-            schema.AD_TOKENS: self.token_embedding.lookup(features[schema.AD_TOKENS])}
+      features[schema.AD_ID], features[schema.CATEGORY], features[schema.BRAND]
+    )
+    return {
+      schema.AD_ID: ids,
+      schema.CATEGORY: categories,
+      schema.BRAND: brands,
+      schema.AD_TOKENS: self.token_embedding.lookup(features[schema.AD_TOKENS]),
+    }
 
   def encode(self, buckets: Buckets, training: bool | None = None) -> tf.Tensor:
     ids, categories, brands, _ = self.item_embedding.embed(
-        buckets[schema.AD_ID], buckets[schema.CATEGORY], buckets[schema.BRAND])
+      buckets[schema.AD_ID], buckets[schema.CATEGORY], buckets[schema.BRAND]
+    )
     if training and self.config.id_dropout > 0:
       keep = tf.random.uniform([tf.shape(ids)[0], 1]) >= self.config.id_dropout
       ids = ids * tf.cast(keep, ids.dtype)
@@ -230,10 +246,15 @@ def _attention(config: TowerConfig, name: str) -> tf.keras.layers.Layer:
 def build_towers(config: TowerConfig) -> tuple[Tower, Tower]:
   """Creates the two towers with their shared embeddings."""
   if config.features == "ids_only":
-    return (IdTower(config, schema.USER_ID, config.user_buckets, name="query_tower"),
-            IdTower(config, schema.AD_ID, config.id_buckets, name="item_tower"))
+    return (
+      IdTower(config, schema.USER_ID, config.user_buckets, name="query_tower"),
+      IdTower(config, schema.AD_ID, config.id_buckets, name="item_tower"),
+    )
   item_embedding = ItemFeatureEmbedding(config, name="item_features")
-  token_embedding = layers.HashedEmbedding(config.token_buckets, config.embedding_dim, dtype=config.precision,
-                                           name="tokens")
-  return (QueryTower(config, item_embedding, token_embedding, name="query_tower"),
-          ItemTower(config, item_embedding, token_embedding, name="item_tower"))
+  token_embedding = layers.HashedEmbedding(
+    config.token_buckets, config.embedding_dim, dtype=config.precision, name="tokens"
+  )
+  return (
+    QueryTower(config, item_embedding, token_embedding, name="query_tower"),
+    ItemTower(config, item_embedding, token_embedding, name="item_tower"),
+  )

@@ -72,30 +72,38 @@ def checkpoint_path(output_dir: str) -> str | None:
   return tf.train.latest_checkpoint(os.path.join(output_dir, CHECKPOINT_DIR))
 
 
-def _split_validation(examples: tf.data.Dataset, training: TrainConfig
-                      ) -> tuple[tf.data.Dataset, list[dict[str, np.ndarray]]]:
+def _split_validation(
+  examples: tf.data.Dataset, training: TrainConfig
+) -> tuple[tf.data.Dataset, list[dict[str, np.ndarray]]]:
   """Holds out every n-th example (n = 1 / validation_fraction); returns (train, validation batches)."""
   every = max(2, int(round(1.0 / training.validation_fraction)))
   indexed = examples.enumerate()
   train_ds = indexed.filter(lambda i, _: i % every != 0).map(lambda _, x: x)
-  validation = (indexed.filter(lambda i, _: i % every == 0).map(lambda _, x: x)
-                .take(training.max_validation_examples).batch(4096))
+  validation = (
+    indexed.filter(lambda i, _: i % every == 0).map(lambda _, x: x).take(training.max_validation_examples).batch(4096)
+  )
   return train_ds, list(validation.as_numpy_iterator())
 
 
 def _with_negatives(batches: tf.data.Dataset, source: sources.Source, training: TrainConfig) -> tf.data.Dataset:
   """Adds `mixed_negatives` uniformly drawn catalog items (never a held-out cold item) to each batch."""
-  signature = {sampling.NEGATIVE_PREFIX + name: tf.TensorSpec([training.mixed_negatives] + [None] * (
-      retrieval.example_signature()[name].shape.rank - 1), tf.string) for name in schema.ITEM_FEATURE_NAMES}
+  signature = {
+    sampling.NEGATIVE_PREFIX + name: tf.TensorSpec(
+      [training.mixed_negatives] + [None] * (retrieval.example_signature()[name].shape.rank - 1), tf.string
+    )
+    for name in schema.ITEM_FEATURE_NAMES
+  }
   exclude = getattr(source, "held_out_rows", None)
   negatives = tf.data.Dataset.from_generator(
-      lambda: sampling.uniform_negatives(source, training.mixed_negatives, training.seed, exclude),
-      output_signature=signature)
+    lambda: sampling.uniform_negatives(source, training.mixed_negatives, training.seed, exclude),
+    output_signature=signature,
+  )
   return tf.data.Dataset.zip((batches, negatives)).map(lambda batch, extra: {**batch, **extra})
 
 
-def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: TrainConfig,
-          output_dir: str) -> dict[str, Any]:
+def train(
+  data: sources.DataSpec, tower: config_lib.TowerConfig, training: TrainConfig, output_dir: str
+) -> dict[str, Any]:
   """Trains the towers on `data`, writes config.json, checkpoints and TensorBoard logs to output_dir.
 
   With `validation_fraction`, the checkpoint left last (the one `restore` loads) is the best epoch
@@ -118,11 +126,15 @@ def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: Train
   model = retrieval.RetrievalModel(tower)
   if training.logq_correction or training.mixed_negatives:
     # One streaming pass over the training examples (it also fills the cache for the first epoch).
-    frequencies = (sampling.ItemFrequencies.from_batches(train_ds.batch(8192).as_numpy_iterator())
-                   if training.logq_correction else None)
+    frequencies = (
+      sampling.ItemFrequencies.from_batches(train_ds.batch(8192).as_numpy_iterator())
+      if training.logq_correction
+      else None
+    )
     model.set_sampling(frequencies, training.mixed_negatives, source.num_items)
-  train_ds = (train_ds.shuffle(training.shuffle_buffer, seed=training.seed, reshuffle_each_iteration=True)
-              .batch(training.batch_size, drop_remainder=True))
+  train_ds = train_ds.shuffle(training.shuffle_buffer, seed=training.seed, reshuffle_each_iteration=True).batch(
+    training.batch_size, drop_remainder=True
+  )
   if training.mixed_negatives:
     train_ds = _with_negatives(train_ds, source, training)
   train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
@@ -134,10 +146,11 @@ def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: Train
     # Runs first, so the validation metric is in the epoch's logs for the callbacks after it.
     monitor = f"val_top_{training.validation_k}"
     callbacks += [
-        evaluation.TopKValidation(source, validation, training.validation_k),
-        tf.keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=training.early_stopping_patience),
-        tf.keras.callbacks.ModelCheckpoint(checkpoints, monitor=monitor, mode="max", save_best_only=True,
-                                           save_weights_only=True),
+      evaluation.TopKValidation(source, validation, training.validation_k),
+      tf.keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=training.early_stopping_patience),
+      tf.keras.callbacks.ModelCheckpoint(
+        checkpoints, monitor=monitor, mode="max", save_best_only=True, save_weights_only=True
+      ),
     ]
   else:
     callbacks.append(tf.keras.callbacks.ModelCheckpoint(checkpoints, save_weights_only=True))
@@ -147,10 +160,10 @@ def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: Train
   verbose = 1 if sys.stdout.isatty() else 2
   history = model.fit(train_ds, epochs=training.epochs, callbacks=callbacks, verbose=verbose)
   report: dict[str, Any] = {
-      "train_seconds": round(time.time() - started, 1),
-      "final_loss": float(history.history["loss"][-1]),
-      "epochs_run": len(history.history["loss"]),
-      "num_items": source.num_items,
+    "train_seconds": round(time.time() - started, 1),
+    "final_loss": float(history.history["loss"][-1]),
+    "epochs_run": len(history.history["loss"]),
+    "num_items": source.num_items,
   }
   if validation:
     scores = history.history[f"val_top_{training.validation_k}"]
@@ -158,16 +171,16 @@ def train(data: sources.DataSpec, tower: config_lib.TowerConfig, training: Train
     report["best_epoch"] = int(np.argmax(scores)) + 1
     model.load_weights(checkpoint_path(output_dir)).expect_partial()  # Evaluate what restore() loads.
   if source.num_items <= training.eval_max_items:
-    report["test"] = evaluation.top_k_accuracy(model.query_tower, model.item_tower, source,
-                                               source.examples("test"))
+    report["test"] = evaluation.top_k_accuracy(model.query_tower, model.item_tower, source, source.examples("test"))
     logging.info("Test top-k accuracy over all %d items: %s", source.num_items, report["test"])
   else:
     logging.info("Catalog of %d items is above --eval_max_items; skipping evaluation.", source.num_items)
   return report
 
 
-def restore(output_dir: str, precision: str | None = None,
-            jit_compile: bool = False) -> tuple[retrieval.RetrievalModel, dict[str, Any]]:
+def restore(
+  output_dir: str, precision: str | None = None, jit_compile: bool = False
+) -> tuple[retrieval.RetrievalModel, dict[str, Any]]:
   """Rebuilds the model from output_dir's config.json and loads its newest checkpoint.
 
   Args:

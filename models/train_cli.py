@@ -13,8 +13,13 @@ from models.data import sources, synthetic
 FLAGS = flags.FLAGS
 _TOWER, _TRAIN, _SYNTH = config_lib.TowerConfig(), train_lib.TrainConfig(), synthetic.SyntheticConfig()
 
-flags.DEFINE_enum("data", "synthetic", list(sources.SOURCES), "Training data: the built-in synthetic "
-                  "search-ads logs, MovieLens-100K, or your own logs in the generic format (docs/data_format.md).")
+flags.DEFINE_enum(
+  "data",
+  "synthetic",
+  list(sources.SOURCES),
+  "Training data: the built-in synthetic "
+  "search-ads logs, MovieLens-100K, or your own logs in the generic format (docs/data_format.md).",
+)
 flags.DEFINE_string("data_dir", "", "Directory of the MovieLens files, or of items.jsonl and events.jsonl.")
 flags.DEFINE_string("output_dir", None, "Where config.json, checkpoints/ and logs/ (TensorBoard) go.")
 flags.DEFINE_integer("num_ads", _SYNTH.num_ads, "Synthetic catalog size (1k to 10M).")
@@ -25,34 +30,70 @@ flags.DEFINE_integer("embedding_dim", _TOWER.embedding_dim, "Width of id and tok
 flags.DEFINE_integer("output_dim", _TOWER.output_dim, "Width of the query/item embeddings the index searches.")
 flags.DEFINE_list("hidden_units", [str(u) for u in _TOWER.hidden_units], "MLP widths of both towers.")
 flags.DEFINE_integer("id_buckets", _TOWER.id_buckets, "Hash buckets of the ad id embedding.")
-flags.DEFINE_enum("sequence_pooling", _TOWER.sequence_pooling, ["attention", "mean"],
-                  "Target attention over the behaviour sequence, or a plain mean.")
-flags.DEFINE_enum("attention", _TOWER.attention, ["dot", "din"],
-                  "Target attention: scaled dot-product, or DIN's MLP attention unit.")
-flags.DEFINE_enum("side_info", _TOWER.side_info, ["separate", "summed"],
-                  "Encode the behaviour sequence's side info (category, brand) apart from the ids and add "
-                  "the two (residual), or attend over id + category + brand summed.")
-flags.DEFINE_enum("features", _TOWER.features, ["full", "ids_only"],
-                  "Full towers, or user id <-> item id embeddings only (the TFRS basic tutorial's baseline).")
-flags.DEFINE_enum("precision", _TOWER.precision, list(config_lib.PRECISIONS),
-                  "Compute dtype of the towers; variables and output embeddings stay float32.")
-flags.DEFINE_float("id_dropout", _TOWER.id_dropout, "Share of training positives whose id embedding the "
-                   "item tower zeroes, so that ads unseen in training are placed well from side info.")
+flags.DEFINE_enum(
+  "sequence_pooling",
+  _TOWER.sequence_pooling,
+  ["attention", "mean"],
+  "Target attention over the behaviour sequence, or a plain mean.",
+)
+flags.DEFINE_enum(
+  "attention", _TOWER.attention, ["dot", "din"], "Target attention: scaled dot-product, or DIN's MLP attention unit."
+)
+flags.DEFINE_enum(
+  "side_info",
+  _TOWER.side_info,
+  ["separate", "summed"],
+  "Encode the behaviour sequence's side info (category, brand) apart from the ids and add "
+  "the two (residual), or attend over id + category + brand summed.",
+)
+flags.DEFINE_enum(
+  "features",
+  _TOWER.features,
+  ["full", "ids_only"],
+  "Full towers, or user id <-> item id embeddings only (the TFRS basic tutorial's baseline).",
+)
+flags.DEFINE_enum(
+  "precision",
+  _TOWER.precision,
+  list(config_lib.PRECISIONS),
+  "Compute dtype of the towers; variables and output embeddings stay float32.",
+)
+flags.DEFINE_float(
+  "id_dropout",
+  _TOWER.id_dropout,
+  "Share of training positives whose id embedding the "
+  "item tower zeroes, so that ads unseen in training are placed well from side info.",
+)
 flags.DEFINE_float("temperature", _TOWER.temperature, "Softmax temperature of the retrieval loss.")
-flags.DEFINE_bool("logq_correction", _TRAIN.logq_correction,
-                  "Correct in-batch logits by log Q(item), Q estimated from the training stream.")
-flags.DEFINE_integer("mixed_negatives", _TRAIN.mixed_negatives,
-                     "Uniformly sampled catalog items added as negatives to every batch.")
-flags.DEFINE_float("validation_fraction", _TRAIN.validation_fraction,
-                   "Share of training examples held out for early stopping and best-epoch selection (0: off).")
+flags.DEFINE_bool(
+  "logq_correction",
+  _TRAIN.logq_correction,
+  "Correct in-batch logits by log Q(item), Q estimated from the training stream.",
+)
+flags.DEFINE_integer(
+  "mixed_negatives", _TRAIN.mixed_negatives, "Uniformly sampled catalog items added as negatives to every batch."
+)
+flags.DEFINE_float(
+  "validation_fraction",
+  _TRAIN.validation_fraction,
+  "Share of training examples held out for early stopping and best-epoch selection (0: off).",
+)
 flags.DEFINE_integer("validation_k", _TRAIN.validation_k, "k of the validation top-k accuracy.")
-flags.DEFINE_integer("early_stopping_patience", _TRAIN.early_stopping_patience,
-                     "Epochs without validation improvement before training stops.")
-flags.DEFINE_enum("split", "default", list(sources.SPLITS),
-                  "default: MovieLens' TFRS 80/20 split, or the log's time tail; leave_last_out: each "
-                  "user's last interaction is the test example.")
-flags.DEFINE_float("held_out_item_fraction", 0.0,
-                   "Share of items removed from training entirely, to measure cold start (0: none).")
+flags.DEFINE_integer(
+  "early_stopping_patience",
+  _TRAIN.early_stopping_patience,
+  "Epochs without validation improvement before training stops.",
+)
+flags.DEFINE_enum(
+  "split",
+  "default",
+  list(sources.SPLITS),
+  "default: MovieLens' TFRS 80/20 split, or the log's time tail; leave_last_out: each "
+  "user's last interaction is the test example.",
+)
+flags.DEFINE_float(
+  "held_out_item_fraction", 0.0, "Share of items removed from training entirely, to measure cold start (0: none)."
+)
 flags.DEFINE_integer("held_out_item_seed", 0, "Seed choosing the held-out items.")
 flags.DEFINE_integer("epochs", _TRAIN.epochs, "Training epochs.")
 flags.DEFINE_integer("batch_size", _TRAIN.batch_size, "Batch size (in-batch negatives per example).")
@@ -64,23 +105,44 @@ flags.mark_flag_as_required("output_dir")
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  data = sources.DataSpec(name=FLAGS.data, data_dir=FLAGS.data_dir, split=FLAGS.split,
-                          held_out_item_fraction=FLAGS.held_out_item_fraction,
-                          held_out_item_seed=FLAGS.held_out_item_seed)
+  data = sources.DataSpec(
+    name=FLAGS.data,
+    data_dir=FLAGS.data_dir,
+    split=FLAGS.split,
+    held_out_item_fraction=FLAGS.held_out_item_fraction,
+    held_out_item_seed=FLAGS.held_out_item_seed,
+  )
   if FLAGS.data == "synthetic":
-    data.synthetic = {"num_ads": FLAGS.num_ads, "num_users": FLAGS.num_users,
-                      "num_sessions": FLAGS.num_sessions, "seed": FLAGS.data_seed}
+    data.synthetic = {
+      "num_ads": FLAGS.num_ads,
+      "num_users": FLAGS.num_users,
+      "num_sessions": FLAGS.num_sessions,
+      "seed": FLAGS.data_seed,
+    }
   tower = config_lib.TowerConfig(
-      embedding_dim=FLAGS.embedding_dim, output_dim=FLAGS.output_dim,
-      hidden_units=tuple(int(u) for u in FLAGS.hidden_units), id_buckets=FLAGS.id_buckets,
-      sequence_pooling=FLAGS.sequence_pooling, temperature=FLAGS.temperature, attention=FLAGS.attention,
-      side_info=FLAGS.side_info, features=FLAGS.features, precision=FLAGS.precision,
-      id_dropout=FLAGS.id_dropout)
+    embedding_dim=FLAGS.embedding_dim,
+    output_dim=FLAGS.output_dim,
+    hidden_units=tuple(int(u) for u in FLAGS.hidden_units),
+    id_buckets=FLAGS.id_buckets,
+    sequence_pooling=FLAGS.sequence_pooling,
+    temperature=FLAGS.temperature,
+    attention=FLAGS.attention,
+    side_info=FLAGS.side_info,
+    features=FLAGS.features,
+    precision=FLAGS.precision,
+    id_dropout=FLAGS.id_dropout,
+  )
   training = train_lib.TrainConfig(
-      epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
-      logq_correction=FLAGS.logq_correction, mixed_negatives=FLAGS.mixed_negatives,
-      validation_fraction=FLAGS.validation_fraction, validation_k=FLAGS.validation_k,
-      early_stopping_patience=FLAGS.early_stopping_patience)
+    epochs=FLAGS.epochs,
+    batch_size=FLAGS.batch_size,
+    learning_rate=FLAGS.learning_rate,
+    seed=FLAGS.seed,
+    logq_correction=FLAGS.logq_correction,
+    mixed_negatives=FLAGS.mixed_negatives,
+    validation_fraction=FLAGS.validation_fraction,
+    validation_k=FLAGS.validation_k,
+    early_stopping_patience=FLAGS.early_stopping_patience,
+  )
   report = train_lib.train(data, tower, training, FLAGS.output_dir)
   logging.info("Training report: %s", report)
   print(json.dumps(report))

@@ -1,30 +1,28 @@
 """Serving errors carrying TF Serving's canonical status codes."""
 
-from typing import Optional
-
 import grpc
 from tensorflow_serving.apis import status_pb2
 
 # TF Serving maps canonical codes to HTTP codes this way
 # (tensorflow_serving/util/net_http ... ToHTTPStatusCode).
 _HTTP_STATUS = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 500,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
+  grpc.StatusCode.OK: 200,
+  grpc.StatusCode.CANCELLED: 500,
+  grpc.StatusCode.UNKNOWN: 500,
+  grpc.StatusCode.INVALID_ARGUMENT: 400,
+  grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+  grpc.StatusCode.NOT_FOUND: 404,
+  grpc.StatusCode.ALREADY_EXISTS: 409,
+  grpc.StatusCode.PERMISSION_DENIED: 403,
+  grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+  grpc.StatusCode.FAILED_PRECONDITION: 400,
+  grpc.StatusCode.ABORTED: 409,
+  grpc.StatusCode.OUT_OF_RANGE: 400,
+  grpc.StatusCode.UNIMPLEMENTED: 501,
+  grpc.StatusCode.INTERNAL: 500,
+  grpc.StatusCode.UNAVAILABLE: 503,
+  grpc.StatusCode.DATA_LOSS: 500,
+  grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -40,8 +38,7 @@ class ServingError(Exception):
     http_status: The REST status, if not TF Serving's for `code`.
   """
 
-  def __init__(self, code: grpc.StatusCode, message: str,
-               http_status: Optional[int] = None):
+  def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
     super().__init__(message)
     self.code = code
     self.message = message
@@ -55,15 +52,13 @@ class ServingError(Exception):
 
   def to_status_proto(self) -> status_pb2.StatusProto:
     """Returns the error as a `tensorflow.serving.StatusProto`."""
-    return status_pb2.StatusProto(
-        error_code=self.code.value[0], error_message=self.message)
+    return status_pb2.StatusProto(error_code=self.code.value[0], error_message=self.message)
 
   def with_context(self, context: str) -> "ServingError":
     """Returns a copy whose message ends with `context` (e.g. the servable)."""
     if not context or context in self.message:
       return self
-    return ServingError(self.code, f"{self.message} [{context}]",
-                        self._http_status)
+    return ServingError(self.code, f"{self.message} [{context}]", self._http_status)
 
 
 def code_from_number(number: int) -> grpc.StatusCode:
@@ -87,8 +82,7 @@ def unavailable(message: str) -> ServingError:
   return ServingError(grpc.StatusCode.UNAVAILABLE, message)
 
 
-def resource_exhausted(message: str,
-                       http_status: Optional[int] = None) -> ServingError:
+def resource_exhausted(message: str, http_status: int | None = None) -> ServingError:
   return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, http_status)
 
 
@@ -100,8 +94,7 @@ def internal(message: str) -> ServingError:
   return ServingError(grpc.StatusCode.INTERNAL, message)
 
 
-def from_exception(exc: BaseException,
-                   context: Optional[str] = None) -> ServingError:
+def from_exception(exc: BaseException, context: str | None = None) -> ServingError:
   """Converts any exception (TF op errors included) into a `ServingError`.
 
   TF's `OpError.error_code` uses the same canonical numbering as gRPC, so a
@@ -115,6 +108,5 @@ def from_exception(exc: BaseException,
       message = getattr(exc, "message", None) or str(exc)
       error = ServingError(code_from_number(number), message)
     else:
-      error = ServingError(grpc.StatusCode.INTERNAL,
-                           f"{type(exc).__name__}: {exc}")
+      error = ServingError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
   return error.with_context(context) if context else error

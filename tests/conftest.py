@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import pytest
 
@@ -15,10 +15,18 @@ from models.data import sources  # noqa: E402
 
 MOVIELENS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "ml-100k")
 
-TINY_TOWER = config_lib.TowerConfig(embedding_dim=16, output_dim=16, hidden_units=(32,), id_buckets=5000,
-                                    token_buckets=2000, user_buckets=2000, side_buckets=500)
-TINY_DATA = sources.DataSpec(name="synthetic", synthetic={"num_ads": 3000, "num_users": 300,
-                                                            "num_sessions": 4000, "seed": 7})
+TINY_TOWER = config_lib.TowerConfig(
+  embedding_dim=16,
+  output_dim=16,
+  hidden_units=(32,),
+  id_buckets=5000,
+  token_buckets=2000,
+  user_buckets=2000,
+  side_buckets=500,
+)
+TINY_DATA = sources.DataSpec(
+  name="synthetic", synthetic={"num_ads": 3000, "num_users": 300, "num_sessions": 4000, "seed": 7}
+)
 
 
 @pytest.fixture(scope="session")

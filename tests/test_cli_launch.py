@@ -7,33 +7,38 @@ import sys
 
 import pytest
 
-from cli import early_flags
-from cli import launch
+from cli import early_flags, launch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A TensorFlow C++ log line at INFO: "2026-12-03 08:23:16.959171: I tensorflow/...".
 TF_INFO_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+: I ", re.MULTILINE)
 
 
-@pytest.mark.parametrize("argv, expected", [
+@pytest.mark.parametrize(
+  "argv, expected",
+  [
     ([], None),
     (["--allocator=system"], "system"),
     (["-allocator", "system"], "system"),
     (["--allocator=system", "--allocator", "mimalloc"], "mimalloc"),  # The last one wins.
     (["--allocator"], None),  # No value after it: absl reports that itself.
     (["--allocator_extra=1"], None),
-])
+  ],
+)
 def test_flag_value_reads_argv_as_absl_does(argv, expected):
   assert early_flags.flag_value(argv, "allocator") == expected
 
 
-@pytest.mark.parametrize("argv, level", [
+@pytest.mark.parametrize(
+  "argv, level",
+  [
     (["fgr-eval"], launch.WARNINGS_AND_ERRORS),
     (["fgr-eval", "--verbosity=-1"], launch.WARNINGS_AND_ERRORS),
     (["fgr-eval", "--verbosity=0"], launch.ALL_LOGS),
     (["fgr-eval", "-v", "1"], launch.ALL_LOGS),
     (["fgr-eval", "--v=bad"], launch.WARNINGS_AND_ERRORS),
-])
+  ],
+)
 def test_log_level_follows_verbosity(monkeypatch, argv, level):
   monkeypatch.delenv(launch.TF_LOG_LEVEL_ENV, raising=False)
   launch.set_tensorflow_log_level(argv)
@@ -50,8 +55,9 @@ def test_a_console_script_prints_no_tensorflow_info_lines():
   env = {k: v for k, v in os.environ.items() if k != launch.TF_LOG_LEVEL_ENV}
   env["PYTHONPATH"] = REPO_ROOT
   script = "import sys; from cli import launch; sys.argv = ['fgr-eval', '--helpshort']; launch.fgr_eval()"
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=REPO_ROOT)
+  result = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT
+  )
   assert "USAGE: fgr-eval" in result.stdout, result.stderr[-3000:]  # The command ran (absl's --helpshort).
   assert not TF_INFO_LINE.search(result.stderr), result.stderr[-3000:]
 
@@ -62,6 +68,9 @@ def test_a_missing_extra_is_named(monkeypatch):
 
   monkeypatch.setattr(launch.importlib, "import_module", import_module)
   monkeypatch.setattr(sys, "argv", ["/venv/bin/fgr-loadtest"])
-  with pytest.raises(SystemExit, match=r"fgr-loadtest needs the `clients` extra \(hdrh is missing\): "
-                                       r"pip install 'fullgraph-retrieval\[clients\]'"):
+  with pytest.raises(
+    SystemExit,
+    match=r"fgr-loadtest needs the `clients` extra \(hdrh is missing\): "
+    r"pip install 'fullgraph-retrieval\[clients\]'",
+  ):
     launch.fgr_loadtest()

@@ -24,12 +24,14 @@ MODEL = "retrieval"
 def served(trained_run, tmp_path_factory):
   base_path = str(tmp_path_factory.mktemp("models"))
   report = exporter.export_model(trained_run, base_path, exporter.ExportConfig(index="scann", k=20))
-  server = serving_testlib.ServerProcess([f"--model_name={MODEL}", f"--model_base_path={base_path}"],
-                                         str(tmp_path_factory.mktemp("server")))
+  server = serving_testlib.ServerProcess(
+    [f"--model_name={MODEL}", f"--model_base_path={base_path}"], str(tmp_path_factory.mktemp("server"))
+  )
   request = get_model_status_pb2.GetModelStatusRequest()
   request.model_spec.name = MODEL
-  serving_testlib.wait_for(lambda: any(
-      v.state == v.AVAILABLE for v in server.model.GetModelStatus(request).model_version_status), timeout=120)
+  serving_testlib.wait_for(
+    lambda: any(v.state == v.AVAILABLE for v in server.model.GetModelStatus(request).model_version_status), timeout=120
+  )
   _, run_config = train.restore(trained_run)
   queries = queries_lib.held_out_queries(sources.open_source(sources.DataSpec.from_json(run_config["data"])), 16)
   yield server, report, queries
@@ -42,6 +44,7 @@ def _request(queries, signature="serving_default", model=MODEL):
 
 def test_predict_returns_the_saved_model_top_k(served):
   import scann  # noqa: F401  Registers ScaNN's ops for the in-process reference.
+
   server, report, queries = served
   response = server.predict.Predict(_request(queries), timeout=30)
   assert response.model_spec.name == MODEL and response.model_spec.version.value == report["version"]
@@ -54,10 +57,12 @@ def test_predict_returns_the_saved_model_top_k(served):
   # The server runs the same graph in another process (its own threads, maybe batched with other
   # requests): the same answers up to ties, which it may break otherwise.
   state = refresh_state.read_state(report["path"])
-  reference = topk_testlib.reference_scores(loaded.signatures["encode_query"](**tensors)["embedding"].numpy(),
-                                            state.embeddings, state.eligible)
-  topk_testlib.assert_top_k_agree(topk_testlib.rows_of(ids, state.ids),
-                                  topk_testlib.rows_of(expected["ids"].numpy(), state.ids), reference)
+  reference = topk_testlib.reference_scores(
+    loaded.signatures["encode_query"](**tensors)["embedding"].numpy(), state.embeddings, state.eligible
+  )
+  topk_testlib.assert_top_k_agree(
+    topk_testlib.rows_of(ids, state.ids), topk_testlib.rows_of(expected["ids"].numpy(), state.ids), reference
+  )
   np.testing.assert_allclose(scores, expected["scores"].numpy(), rtol=1e-5)
 
 

@@ -26,8 +26,9 @@ def reference_scores(queries: np.ndarray, items: np.ndarray, eligible: np.ndarra
   return scores
 
 
-def assert_top_k_agree(found: np.ndarray, expected: np.ndarray, scores: np.ndarray, atol: float = SCORE_ATOL,
-                       max_unexplained: float = 0.0) -> None:
+def assert_top_k_agree(
+  found: np.ndarray, expected: np.ndarray, scores: np.ndarray, atol: float = SCORE_ATOL, max_unexplained: float = 0.0
+) -> None:
   """Asserts two [Q, k] top-k answers (rows, -1 for none) are the same up to ties under `scores`.
 
   Position by position, either the rows are equal or both rows' reference scores are within `atol`
@@ -52,14 +53,20 @@ def assert_top_k_agree(found: np.ndarray, expected: np.ndarray, scores: np.ndarr
 
   found_scores, expected_scores = score_of(found), score_of(expected)
   tie = np.isclose(found_scores, expected_scores, rtol=0, atol=atol) | (
-      np.isneginf(found_scores) & np.isneginf(expected_scores))
+    np.isneginf(found_scores) & np.isneginf(expected_scores)
+  )
   unexplained = (found != expected) & ~tie
   if unexplained.mean() > max_unexplained:
     where = np.argwhere(unexplained)[:5]
-    details = "; ".join(f"query {q} place {j}: row {found[q, j]} ({found_scores[q, j]:.7f}) vs "
-                        f"row {expected[q, j]} ({expected_scores[q, j]:.7f})" for q, j in where)
-    raise AssertionError(f"{unexplained.sum()} of {unexplained.size} top-k places differ without a tie "
-                         f"(allowed: {max_unexplained:.1%}): {details}")
+    details = "; ".join(
+      f"query {q} place {j}: row {found[q, j]} ({found_scores[q, j]:.7f}) vs "
+      f"row {expected[q, j]} ({expected_scores[q, j]:.7f})"
+      for q, j in where
+    )
+    raise AssertionError(
+      f"{unexplained.sum()} of {unexplained.size} top-k places differ without a tie "
+      f"(allowed: {max_unexplained:.1%}): {details}"
+    )
 
 
 def rows_of(ids: np.ndarray, catalog_ids: np.ndarray) -> np.ndarray:

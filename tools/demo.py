@@ -77,24 +77,39 @@ def main(argv: list[str]) -> None:
   started = time.time()
 
   t = _step(f"fgr-train: {FLAGS.num_ads} synthetic ads, {FLAGS.num_sessions} sessions, {FLAGS.epochs} epochs")
-  report = json.loads(_run(["fgr-train", f"--output_dir={train_dir}", f"--num_ads={FLAGS.num_ads}",
-                            f"--num_sessions={FLAGS.num_sessions}", f"--epochs={FLAGS.epochs}"],
-                           os.path.join(out, "train.log")))
+  report = json.loads(
+    _run(
+      [
+        "fgr-train",
+        f"--output_dir={train_dir}",
+        f"--num_ads={FLAGS.num_ads}",
+        f"--num_sessions={FLAGS.num_sessions}",
+        f"--epochs={FLAGS.epochs}",
+      ],
+      os.path.join(out, "train.log"),
+    )
+  )
   figures["test_top_100_accuracy"] = round(report["test"]["top_100"], 4)
   print(f"trained in {time.time() - t:.0f}s; held-out top-100 accuracy {figures['test_top_100_accuracy']}")
 
   t = _step("fgr-export --index=scann")
-  report = json.loads(_run(["fgr-export", f"--checkpoint_dir={train_dir}", f"--model_base_path={base_path}",
-                            "--index=scann", "--k=100"], os.path.join(out, "export.log")))
+  report = json.loads(
+    _run(
+      ["fgr-export", f"--checkpoint_dir={train_dir}", f"--model_base_path={base_path}", "--index=scann", "--k=100"],
+      os.path.join(out, "export.log"),
+    )
+  )
   figures["index_recall_at_100_vs_exact"] = report["recall_at_100_vs_exact"]
   print(f"exported version {report['version']} in {time.time() - t:.0f}s to {report['path']}")
 
   t = _step("Recall of the exported SavedModel (ScaNN in the graph) against exact search")
   os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
   import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
   from export import verify  # pylint: disable=g-import-not-at-top
   from models.data import queries as queries_lib  # pylint: disable=g-import-not-at-top
   from models.data import schema, sources  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(train_dir, "config.json")) as f:
     source = sources.open_source(sources.DataSpec.from_json(json.load(f)["data"]))
   queries = queries_lib.held_out_queries(source, 500)
@@ -103,30 +118,61 @@ def main(argv: list[str]) -> None:
   requests_file = os.path.join(out, "requests.jsonl")
   with open(requests_file, "w") as f:
     for i in range(50):
-      f.write(json.dumps({name: (values[i].tolist() if values.ndim == 2 else values[i])
-                          for name, values in queries.items()}) + "\n")
+      f.write(
+        json.dumps({name: (values[i].tolist() if values.ndim == 2 else values[i]) for name, values in queries.items()})
+        + "\n"
+      )
 
   t = _step("fgr-serve on 127.0.0.1 (a free port)")
   port_file = os.path.join(out, "ports.txt")
   server_log = open(os.path.join(out, "serve.log"), "w")
-  server = subprocess.Popen([os.path.join(BIN, "fgr-serve"), "--port=0", f"--port_file={port_file}",
-                             f"--model_name={MODEL_NAME}", f"--model_base_path={base_path}"],
-                            stdout=server_log, stderr=subprocess.STDOUT)
+  server = subprocess.Popen(
+    [
+      os.path.join(BIN, "fgr-serve"),
+      "--port=0",
+      f"--port_file={port_file}",
+      f"--model_name={MODEL_NAME}",
+      f"--model_base_path={base_path}",
+    ],
+    stdout=server_log,
+    stderr=subprocess.STDOUT,
+  )
   try:
     port = _wait_for_server(server, port_file)
     print(f"serving version {report['version']} on 127.0.0.1:{port} after {time.time() - t:.0f}s")
 
     _step("fgr-query: one request's candidates")
     first = json.loads(open(requests_file).readline())
-    print(f"query tokens {[q for q in first[schema.QUERY_TOKENS] if q]}, "
-          f"last clicks {[h for h in first[schema.HIST_IDS] if h][:3]}")
-    subprocess.run([os.path.join(BIN, "fgr-query"), f"--server=127.0.0.1:{port}", f"--model_name={MODEL_NAME}",
-                    f"--requests_file={requests_file}", "--num_requests=1", "--top=5"], check=True)
+    print(
+      f"query tokens {[q for q in first[schema.QUERY_TOKENS] if q]}, "
+      f"last clicks {[h for h in first[schema.HIST_IDS] if h][:3]}"
+    )
+    subprocess.run(
+      [
+        os.path.join(BIN, "fgr-query"),
+        f"--server=127.0.0.1:{port}",
+        f"--model_name={MODEL_NAME}",
+        f"--requests_file={requests_file}",
+        "--num_requests=1",
+        "--top=5",
+      ],
+      check=True,
+    )
 
     _step(f"fgr-query: p50 latency of {FLAGS.latency_requests} gRPC Predict calls (k=100)")
-    latency = json.loads(_run(["fgr-query", f"--server=127.0.0.1:{port}", f"--model_name={MODEL_NAME}",
-                               f"--requests_file={requests_file}", f"--num_requests={FLAGS.latency_requests}",
-                               "--json"], os.path.join(out, "query.log")))
+    latency = json.loads(
+      _run(
+        [
+          "fgr-query",
+          f"--server=127.0.0.1:{port}",
+          f"--model_name={MODEL_NAME}",
+          f"--requests_file={requests_file}",
+          f"--num_requests={FLAGS.latency_requests}",
+          "--json",
+        ],
+        os.path.join(out, "query.log"),
+      )
+    )
     figures["grpc_predict_p50_ms"] = latency["p50_ms"]
     figures["grpc_predict_p99_ms"] = latency["p99_ms"]
   finally:

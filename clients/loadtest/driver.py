@@ -22,7 +22,8 @@ import dataclasses
 import datetime
 import sys
 import time
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -69,8 +70,10 @@ class GrpcPredictTarget:
   async def open(self) -> None:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     # Distinct channel arguments give each channel its own connection instead of a shared subchannel.
-    self._channels = [grpc.aio.insecure_channel(self._address, options=options + [("fgr.loadtest.channel", i)])
-                      for i in range(self._num_channels)]
+    self._channels = [
+      grpc.aio.insecure_channel(self._address, options=options + [("fgr.loadtest.channel", i)])
+      for i in range(self._num_channels)
+    ]
     self._stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in self._channels]
 
   async def call(self, request: Any) -> Any:
@@ -222,8 +225,9 @@ async def _send(target: Target, request: Any, intended: float, recorder: _Record
   recorder.record(intended, sent, time.perf_counter(), status)
 
 
-async def _open_loop(target: Target, requests: Sequence[Any], spec: LoadSpec, recorder: _Recorder,
-                     end: float) -> set[asyncio.Task]:
+async def _open_loop(
+  target: Target, requests: Sequence[Any], spec: LoadSpec, recorder: _Recorder, end: float
+) -> set[asyncio.Task]:
   total = int((spec.warmup_seconds + spec.duration_seconds) * spec.qps)
   if spec.max_requests is not None:
     total = min(total, spec.max_requests)
@@ -250,8 +254,9 @@ async def _open_loop(target: Target, requests: Sequence[Any], spec: LoadSpec, re
   return tasks
 
 
-async def _closed_loop(target: Target, requests: Sequence[Any], spec: LoadSpec, recorder: _Recorder,
-                       end: float) -> set[asyncio.Task]:
+async def _closed_loop(
+  target: Target, requests: Sequence[Any], spec: LoadSpec, recorder: _Recorder, end: float
+) -> set[asyncio.Task]:
   cap = spec.max_requests if spec.max_requests is not None else sys.maxsize
 
   async def stream(offset: int) -> None:
@@ -269,8 +274,14 @@ async def _closed_loop(target: Target, requests: Sequence[Any], spec: LoadSpec, 
 async def _progress(spec: LoadSpec, recorder: _Recorder, end: float) -> None:
   """A live bar over the run's seconds, with the last half-second's rate, p50/p99 and errors."""
   total = spec.warmup_seconds + spec.duration_seconds
-  bar = tqdm(total=round(total, 1), unit="s", file=sys.stderr, dynamic_ncols=True, leave=True,
-             bar_format="{desc} |{bar}| {n:.1f}/{total:.1f}s{postfix}")
+  bar = tqdm(
+    total=round(total, 1),
+    unit="s",
+    file=sys.stderr,
+    dynamic_ncols=True,
+    leave=True,
+    bar_format="{desc} |{bar}| {n:.1f}/{total:.1f}s{postfix}",
+  )
   seen = 0
   last = time.perf_counter()
   try:
@@ -284,10 +295,15 @@ async def _progress(spec: LoadSpec, recorder: _Recorder, end: float) -> None:
       bar.set_description_str(phase)
       good = latencies[ok] if len(latencies) else latencies
       bar.set_postfix_str(
-          f"{len(good) / max(now - last, 1e-9):,.0f} ok/s, "
-          + (f"p50 {np.percentile(good, 50) * 1e3:.2f} ms, p99 {np.percentile(good, 99) * 1e3:.2f} ms, "
-             if len(good) else "")
-          + f"in flight {recorder.in_flight}, errors {int((~ok).sum())}", refresh=False)
+        f"{len(good) / max(now - last, 1e-9):,.0f} ok/s, "
+        + (
+          f"p50 {np.percentile(good, 50) * 1e3:.2f} ms, p99 {np.percentile(good, 99) * 1e3:.2f} ms, "
+          if len(good)
+          else ""
+        )
+        + f"in flight {recorder.in_flight}, errors {int((~ok).sum())}",
+        refresh=False,
+      )
       bar.update(round(min(now, end + 0.0) - recorder.start - bar.n, 1))
       last = now
   except asyncio.CancelledError:
@@ -325,11 +341,21 @@ async def run_async(target: Target, requests: Sequence[Any], spec: LoadSpec) -> 
     await target.close()
   intended = np.asarray(recorder.intended)
   return LoadResult(
-      spec=spec, target=target.name, started_at=started_at, latency=recorder.latency, service=recorder.service,
-      send_lag=recorder.send_lag, statuses=recorder.statuses, sent=recorder.sent, cancelled=cancelled,
-      # From the start of the window to the last measured answer (at least the window).
-      measured_seconds=max(recorder.last_measured_done, end) - measure_from,
-      intended=intended, latencies=np.asarray(recorder.latencies), ok=np.asarray(recorder.ok, dtype=bool))
+    spec=spec,
+    target=target.name,
+    started_at=started_at,
+    latency=recorder.latency,
+    service=recorder.service,
+    send_lag=recorder.send_lag,
+    statuses=recorder.statuses,
+    sent=recorder.sent,
+    cancelled=cancelled,
+    # From the start of the window to the last measured answer (at least the window).
+    measured_seconds=max(recorder.last_measured_done, end) - measure_from,
+    intended=intended,
+    latencies=np.asarray(recorder.latencies),
+    ok=np.asarray(recorder.ok, dtype=bool),
+  )
 
 
 def run(target: Target, requests: Sequence[Any], spec: LoadSpec) -> LoadResult:

@@ -29,7 +29,7 @@ class LatencyHistogram:
     """Records one latency; values outside [1 us, 1 h] are clamped into range."""
     self._hdr.record_value(min(max(int(round(seconds * 1e6)), _LOWEST_US), _HIGHEST_US))
 
-  def merge(self, other: "LatencyHistogram") -> None:
+  def merge(self, other: LatencyHistogram) -> None:
     self._hdr.add(other._hdr)  # pylint: disable=protected-access
 
   @property

@@ -20,11 +20,16 @@ from serving.util import runtime
 FLAGS = flags.FLAGS
 flags.DEFINE_string("server", "127.0.0.1:8500", "host:port of the gRPC PredictionService.")
 flags.DEFINE_string("model_name", "retrieval", "ModelSpec.name put on every request.")
-flags.DEFINE_string("signature_name", None, "ModelSpec.signature_name; unset keeps the requests' own "
-                    "(empty means serving_default).")
+flags.DEFINE_string(
+  "signature_name", None, "ModelSpec.signature_name; unset keeps the requests' own (empty means serving_default)."
+)
 flags.DEFINE_integer("model_version", None, "ModelSpec.version; unset lets the server choose.")
-flags.DEFINE_enum("mode", "open", driver.MODES, "open: fixed arrival rate --qps; closed: --concurrency "
-                  "streams, each sending when its previous answer arrives.")
+flags.DEFINE_enum(
+  "mode",
+  "open",
+  driver.MODES,
+  "open: fixed arrival rate --qps; closed: --concurrency streams, each sending when its previous answer arrives.",
+)
 flags.DEFINE_float("qps", 100.0, "Open loop: offered requests per second.")
 flags.DEFINE_integer("concurrency", 8, "Closed loop: concurrent streams.")
 flags.DEFINE_float("warmup_seconds", 5.0, "Unmeasured lead-in at the same load.")
@@ -33,10 +38,15 @@ flags.DEFINE_float("timeout", 10.0, "Per-request deadline in seconds.")
 flags.DEFINE_integer("channels", 1, "gRPC channels (HTTP/2 connections) to spread requests over.")
 flags.DEFINE_integer("max_in_flight", 4096, "Open loop: cap on outstanding requests.")
 flags.DEFINE_integer("max_requests", None, "Hard cap on requests sent, warm-up included.")
-flags.DEFINE_string("requests_file", None, "Recorded requests: TFRecord of PredictRequest or PredictionLog "
-                    "(e.g. a warm-up file), or .jsonl of feature dicts. Without it, synthetic queries.")
-flags.DEFINE_string("synthetic_run_dir", None, "fgr-train --output_dir whose held-out queries to send (so "
-                    "they match the served catalog).")
+flags.DEFINE_string(
+  "requests_file",
+  None,
+  "Recorded requests: TFRecord of PredictRequest or PredictionLog "
+  "(e.g. a warm-up file), or .jsonl of feature dicts. Without it, synthetic queries.",
+)
+flags.DEFINE_string(
+  "synthetic_run_dir", None, "fgr-train --output_dir whose held-out queries to send (so they match the served catalog)."
+)
 flags.DEFINE_integer("synthetic_num_ads", 20_000, "Catalog size of the synthetic log without --synthetic_run_dir.")
 flags.DEFINE_integer("num_requests", 1000, "Distinct requests to cycle through (synthetic, or the file's first).")
 flags.DEFINE_string("output_prefix", "loadtest", "Writes <prefix>.json and <prefix>.png.")
@@ -48,8 +58,7 @@ def load_requests() -> list:
   if FLAGS.requests_file:
     requests = request_source.read_requests_file(FLAGS.requests_file, FLAGS.num_requests)
   else:
-    requests = request_source.synthetic_requests(FLAGS.num_requests, FLAGS.synthetic_run_dir,
-                                                 FLAGS.synthetic_num_ads)
+    requests = request_source.synthetic_requests(FLAGS.num_requests, FLAGS.synthetic_run_dir, FLAGS.synthetic_num_ads)
   return request_source.with_model_spec(requests, FLAGS.model_name, FLAGS.signature_name, FLAGS.model_version)
 
 
@@ -57,10 +66,17 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    spec = driver.LoadSpec(mode=FLAGS.mode, qps=FLAGS.qps, concurrency=FLAGS.concurrency,
-                           warmup_seconds=FLAGS.warmup_seconds, duration_seconds=FLAGS.duration_seconds,
-                           max_in_flight=FLAGS.max_in_flight, max_requests=FLAGS.max_requests,
-                           drain_seconds=FLAGS.timeout + 5, progress=FLAGS.progress)
+    spec = driver.LoadSpec(
+      mode=FLAGS.mode,
+      qps=FLAGS.qps,
+      concurrency=FLAGS.concurrency,
+      warmup_seconds=FLAGS.warmup_seconds,
+      duration_seconds=FLAGS.duration_seconds,
+      max_in_flight=FLAGS.max_in_flight,
+      max_requests=FLAGS.max_requests,
+      drain_seconds=FLAGS.timeout + 5,
+      progress=FLAGS.progress,
+    )
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   requests = load_requests()
@@ -69,8 +85,10 @@ def main(argv: list[str]) -> None:
   runtime.freeze_gc()  # A full collection in the client would show up as server latency.
   result = driver.run(target, requests, spec)
   json_path, png_path = FLAGS.output_prefix + ".json", FLAGS.output_prefix + ".png"
-  report.write_json(report.to_dict(result, {"model_name": FLAGS.model_name, "num_distinct_requests": len(requests),
-                                            "plot": png_path}), json_path)
+  report.write_json(
+    report.to_dict(result, {"model_name": FLAGS.model_name, "num_distinct_requests": len(requests), "plot": png_path}),
+    json_path,
+  )
   report.plot(result, png_path)
   print(report.summary(result))
   print(f"wrote {json_path} and {png_path}")

@@ -9,7 +9,8 @@ requests are held-out query features from the project's synthetic search-ads gen
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -27,8 +28,10 @@ def features_request(features: dict[str, Any]) -> predict_pb2.PredictRequest:
 def batch_requests(features: dict[str, np.ndarray], count: int | None = None) -> list[predict_pb2.PredictRequest]:
   """One batch-of-one request per row of a dict of feature arrays (all with the same first dimension)."""
   rows = len(next(iter(features.values())))
-  return [features_request({name: values[i] for name, values in features.items()})
-          for i in range(rows if count is None else min(rows, count))]
+  return [
+    features_request({name: values[i] for name, values in features.items()})
+    for i in range(rows if count is None else min(rows, count))
+  ]
 
 
 def _parse_record(record: bytes) -> predict_pb2.PredictRequest:
@@ -61,8 +64,9 @@ def read_requests_file(path: str, limit: int | None = None) -> list[predict_pb2.
   return requests
 
 
-def synthetic_requests(count: int, run_dir: str | None = None, num_ads: int = 20_000,
-                       seed: int = 0) -> list[predict_pb2.PredictRequest]:
+def synthetic_requests(
+  count: int, run_dir: str | None = None, num_ads: int = 20_000, seed: int = 0
+) -> list[predict_pb2.PredictRequest]:
   """Held-out query features from the synthetic generator.
 
   Args:
@@ -74,18 +78,22 @@ def synthetic_requests(count: int, run_dir: str | None = None, num_ads: int = 20
   """
   # The data layer is imported here, so replaying recorded requests does not need it. A client may
   # use the training code's data layer; the server (serving/) never imports it.
-  from models.data import queries as queries_lib, sources  # pylint: disable=g-import-not-at-top
+  from models.data import queries as queries_lib  # pylint: disable=g-import-not-at-top
+  from models.data import sources
+
   if run_dir:
     with open(f"{run_dir}/config.json", encoding="utf-8") as f:
       spec = sources.DataSpec.from_json(json.load(f)["data"])
   else:
-    spec = sources.DataSpec(name="synthetic", synthetic={"num_ads": num_ads, "seed": seed,
-                                                         "num_sessions": max(10 * count, 2000)})
+    spec = sources.DataSpec(
+      name="synthetic", synthetic={"num_ads": num_ads, "seed": seed, "num_sessions": max(10 * count, 2000)}
+    )
   return batch_requests(queries_lib.held_out_queries(sources.open_source(spec), count))
 
 
-def with_model_spec(requests: list[predict_pb2.PredictRequest], model_name: str | None,
-                    signature_name: str | None, version: int | None) -> list[predict_pb2.PredictRequest]:
+def with_model_spec(
+  requests: list[predict_pb2.PredictRequest], model_name: str | None, signature_name: str | None, version: int | None
+) -> list[predict_pb2.PredictRequest]:
   """Copies of the requests addressed to a model; None leaves a request's own field unchanged."""
   out = []
   for request in requests:

@@ -12,7 +12,8 @@ ever made from a held-out item; scrubbing afterwards could not rebuild those que
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -110,10 +111,15 @@ class LogsDataset:
       ad_id = record.get("ad_id")
       if ad_id not in self._table.row_of:
         raise ValueError(f"{self._events_path}:{line_number}: ad_id {ad_id!r} is not in {ITEMS_FILE}")
-      chunk.append((index, str(record.get("user_id", "")),
-                    _string_list(self._events_path, line_number, record, "user_features"),
-                    _string_list(self._events_path, line_number, record, "query_tokens"),
-                    self._table.row_of[ad_id]))
+      chunk.append(
+        (
+          index,
+          str(record.get("user_id", "")),
+          _string_list(self._events_path, line_number, record, "user_features"),
+          _string_list(self._events_path, line_number, record, "query_tokens"),
+          self._table.row_of[ad_id],
+        )
+      )
       if len(chunk) == chunk_size:
         yield from self._emit(chunk, tracker, split)
         chunk = []
@@ -128,7 +134,10 @@ class LogsDataset:
     keep = in_train if split == "train" else ~in_train
     if keep.any():
       yield sequences.make_examples(
-          self._table, user_ids=users_array[keep],
-          user_features=schema.pad_tokens(user_features, schema.USER_FEATURES_LEN)[keep],
-          query_tokens=schema.pad_tokens(query_tokens, schema.QUERY_TOKENS_LEN)[keep],
-          hist_rows=hist_rows[keep], item_rows=rows_array[keep])
+        self._table,
+        user_ids=users_array[keep],
+        user_features=schema.pad_tokens(user_features, schema.USER_FEATURES_LEN)[keep],
+        query_tokens=schema.pad_tokens(query_tokens, schema.QUERY_TOKENS_LEN)[keep],
+        hist_rows=hist_rows[keep],
+        item_rows=rows_array[keep],
+      )

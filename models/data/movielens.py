@@ -15,15 +15,33 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from models.data import cold_start, schema, sequences
 
-_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-           "War", "Western")
+_GENRES = (
+  "unknown",
+  "Action",
+  "Adventure",
+  "Animation",
+  "Children's",
+  "Comedy",
+  "Crime",
+  "Documentary",
+  "Drama",
+  "Fantasy",
+  "Film-Noir",
+  "Horror",
+  "Musical",
+  "Mystery",
+  "Romance",
+  "Sci-Fi",
+  "Thriller",
+  "War",
+  "Western",
+)
 NUM_TRAIN = 80_000
 SPLIT_SEED = 42
 
@@ -47,8 +65,7 @@ class MovieLens100K:
     held_out_seed: seed of that choice.
   """
 
-  def __init__(self, data_dir: str, split: str = "default", held_out_fraction: float = 0.0,
-               held_out_seed: int = 0):
+  def __init__(self, data_dir: str, split: str = "default", held_out_fraction: float = 0.0, held_out_seed: int = 0):
     if split not in ("default", "leave_last_out"):
       raise ValueError(f"split must be 'default' or 'leave_last_out', got {split!r}")
     missing = [f for f in ("u.data", "u.item", "u.user") if not os.path.exists(os.path.join(data_dir, f))]
@@ -59,8 +76,11 @@ class MovieLens100K:
     self._table = self._read_items()
     self.num_items = self._table.num_items
     self._user_features = self._read_users()
-    held_out_rows = (cold_start.choose_held_out(self.num_items, held_out_fraction, held_out_seed)
-                     if held_out_fraction > 0 else np.zeros(self.num_items, dtype=bool))
+    held_out_rows = (
+      cold_start.choose_held_out(self.num_items, held_out_fraction, held_out_seed)
+      if held_out_fraction > 0
+      else np.zeros(self.num_items, dtype=bool)
+    )
     self._split = self._build_examples(held_out_rows)
 
   def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -89,8 +109,12 @@ class MovieLens100K:
     with open(os.path.join(self.data_dir, "u.user"), encoding="latin-1") as f:
       for line in f:
         user_id, age, gender, occupation, zip_code = line.rstrip("\n").split("|")
-        users[user_id] = [f"age:{_age_bucket(int(age))}", f"gender:{gender}", f"occupation:{occupation}",
-                          f"zip:{zip_code[:1]}"]
+        users[user_id] = [
+          f"age:{_age_bucket(int(age))}",
+          f"gender:{gender}",
+          f"occupation:{occupation}",
+          f"zip:{zip_code[:1]}",
+        ]
     return users
 
   def _build_examples(self, held_out_rows: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
@@ -111,17 +135,21 @@ class MovieLens100K:
 
     latest = hist_rows[:, 0]
     latest_items = self._table.features(np.maximum(latest, 0))
-    queries = [[f"item:{ad_id}", *(t for t in tokens if t)] if row >= 0 else []
-               for row, ad_id, tokens in zip(latest.tolist(), latest_items[schema.AD_ID],
-                                             latest_items[schema.AD_TOKENS])]
+    queries = [
+      [f"item:{ad_id}", *(t for t in tokens if t)] if row >= 0 else []
+      for row, ad_id, tokens in zip(latest.tolist(), latest_items[schema.AD_ID], latest_items[schema.AD_TOKENS])
+    ]
     user_ids = [str(u) for u in users[order].tolist()]
     examples = sequences.make_examples(
-        self._table, user_ids=np.asarray(user_ids, dtype=object),
-        user_features=schema.pad_tokens([self._user_features[u] for u in user_ids], schema.USER_FEATURES_LEN),
-        query_tokens=schema.pad_tokens(queries, schema.QUERY_TOKENS_LEN), hist_rows=hist_rows, item_rows=rows)
+      self._table,
+      user_ids=np.asarray(user_ids, dtype=object),
+      user_features=schema.pad_tokens([self._user_features[u] for u in user_ids], schema.USER_FEATURES_LEN),
+      query_tokens=schema.pad_tokens(queries, schema.QUERY_TOKENS_LEN),
+      hist_rows=hist_rows,
+      item_rows=rows,
+    )
     train, test = is_train[order] & ~held_out, ~is_train[order]
-    return {"train": {k: v[train] for k, v in examples.items()},
-            "test": {k: v[test] for k, v in examples.items()}}
+    return {"train": {k: v[train] for k, v in examples.items()}, "test": {k: v[test] for k, v in examples.items()}}
 
   def examples(self, split: str, chunk_size: int = 8192) -> Iterator[dict[str, np.ndarray]]:
     """Yields batches of the "train" (80k) or "test" (20k) split, in time order.
@@ -133,4 +161,4 @@ class MovieLens100K:
     data = self._split[split]
     total = len(data[schema.AD_ID])
     for start in range(0, total, chunk_size):
-      yield {k: v[start:start + chunk_size] for k, v in data.items()}
+      yield {k: v[start : start + chunk_size] for k, v in data.items()}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 
@@ -10,9 +11,7 @@ from models.data import schema
 
 
 class _ExampleSource(Protocol):
-
-  def examples(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-    ...
+  def examples(self, split: str) -> Iterator[dict[str, np.ndarray]]: ...
 
 
 def held_out_queries(source: _ExampleSource, count: int) -> dict[str, np.ndarray]:

@@ -18,19 +18,19 @@ import tensorflow as tf
 PAD = ""
 
 # Query features.
-USER_ID = "user_id"                  # [B] string
-USER_FEATURES = "user_features"      # [B, P] string tokens such as "age:25-34"
-QUERY_TOKENS = "query_tokens"        # [B, Q] string tokens of the query (or current context)
-HIST_IDS = "hist_ids"                # [B, L] string ids of recently clicked items, most recent first
+USER_ID = "user_id"  # [B] string
+USER_FEATURES = "user_features"  # [B, P] string tokens such as "age:25-34"
+QUERY_TOKENS = "query_tokens"  # [B, Q] string tokens of the query (or current context)
+HIST_IDS = "hist_ids"  # [B, L] string ids of recently clicked items, most recent first
 HIST_CATEGORIES = "hist_categories"  # [B, L] string categories of those items
-HIST_BRANDS = "hist_brands"          # [B, L] string brands of those items
+HIST_BRANDS = "hist_brands"  # [B, L] string brands of those items
 
 # Item features.
-AD_ID = "ad_id"                      # [B] string
-CATEGORY = "category"                # [B] string
-BRAND = "brand"                      # [B] string
-AD_TOKENS = "ad_tokens"              # [B, T] string bidword / title tokens
-STATUS = "status"                    # catalog only: "active" or "paused"; not a tower input
+AD_ID = "ad_id"  # [B] string
+CATEGORY = "category"  # [B] string
+BRAND = "brand"  # [B] string
+AD_TOKENS = "ad_tokens"  # [B, T] string bidword / title tokens
+STATUS = "status"  # catalog only: "active" or "paused"; not a tower input
 
 QUERY_FEATURE_NAMES = (USER_ID, USER_FEATURES, QUERY_TOKENS, HIST_IDS, HIST_CATEGORIES, HIST_BRANDS)
 ITEM_FEATURE_NAMES = (AD_ID, CATEGORY, BRAND, AD_TOKENS)
@@ -64,5 +64,5 @@ def pad_tokens(rows: list[list[str]], length: int) -> np.ndarray:
   out = np.full([len(rows), length], PAD, dtype=object)
   for i, tokens in enumerate(rows):
     tokens = tokens[:length]
-    out[i, :len(tokens)] = tokens
+    out[i, : len(tokens)] = tokens
   return out

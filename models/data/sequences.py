@@ -28,15 +28,21 @@ class InMemoryItemTable:
     tokens: one token list per item.
   """
 
-  def __init__(self, ad_ids: list[str], categories: list[str], brands: list[str],
-               tokens: list[list[str]], statuses: list[str] | None = None):
+  def __init__(
+    self,
+    ad_ids: list[str],
+    categories: list[str],
+    brands: list[str],
+    tokens: list[list[str]],
+    statuses: list[str] | None = None,
+  ):
     self.num_items = len(ad_ids)
     self._columns = {
-        schema.AD_ID: np.asarray(ad_ids, dtype=object),
-        schema.CATEGORY: np.asarray(categories, dtype=object),
-        schema.BRAND: np.asarray(brands, dtype=object),
-        schema.AD_TOKENS: schema.pad_tokens(tokens, schema.AD_TOKENS_LEN),
-        schema.STATUS: np.asarray(statuses or ["active"] * len(ad_ids), dtype=object),
+      schema.AD_ID: np.asarray(ad_ids, dtype=object),
+      schema.CATEGORY: np.asarray(categories, dtype=object),
+      schema.BRAND: np.asarray(brands, dtype=object),
+      schema.AD_TOKENS: schema.pad_tokens(tokens, schema.AD_TOKENS_LEN),
+      schema.STATUS: np.asarray(statuses or ["active"] * len(ad_ids), dtype=object),
     }
     self.row_of = {ad_id: row for row, ad_id in enumerate(ad_ids)}
     if len(self.row_of) != self.num_items:
@@ -76,7 +82,7 @@ class HistoryTracker:
     for i, (user, row, enters) in enumerate(zip(users.tolist(), item_rows.tolist(), enters_history.tolist())):
       recent = self._recent[user]
       if recent:
-        out[i, :len(recent)] = list(reversed(recent))
+        out[i, : len(recent)] = list(reversed(recent))
       if enters:
         recent.append(row)
     return out
@@ -93,15 +99,22 @@ def history_features(table: ItemTable, hist_rows: np.ndarray) -> dict[str, np.nd
   return out
 
 
-def make_examples(table: ItemTable, *, user_ids: np.ndarray, user_features: np.ndarray,
-                  query_tokens: np.ndarray, hist_rows: np.ndarray, item_rows: np.ndarray) -> dict[str, np.ndarray]:
+def make_examples(
+  table: ItemTable,
+  *,
+  user_ids: np.ndarray,
+  user_features: np.ndarray,
+  query_tokens: np.ndarray,
+  hist_rows: np.ndarray,
+  item_rows: np.ndarray,
+) -> dict[str, np.ndarray]:
   """Joins query features, behaviour sequences and the positive item's features into one batch."""
   item = table.features(item_rows)
   examples = {
-      schema.USER_ID: np.asarray(user_ids, dtype=object),
-      schema.USER_FEATURES: user_features,
-      schema.QUERY_TOKENS: query_tokens,
-      **history_features(table, hist_rows),
+    schema.USER_ID: np.asarray(user_ids, dtype=object),
+    schema.USER_FEATURES: user_features,
+    schema.QUERY_TOKENS: query_tokens,
+    **history_features(table, hist_rows),
   }
   examples.update({name: item[name] for name in schema.ITEM_FEATURE_NAMES})
   return examples

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,14 +19,11 @@ class Source(Protocol):
 
   num_items: int
 
-  def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-    ...
+  def features(self, rows: np.ndarray) -> dict[str, np.ndarray]: ...
 
-  def row_of(self, ad_id: str) -> int:
-    ...
+  def row_of(self, ad_id: str) -> int: ...
 
-  def examples(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-    ...
+  def examples(self, split: str) -> Iterator[dict[str, np.ndarray]]: ...
 
 
 @dataclasses.dataclass
@@ -55,7 +53,7 @@ class DataSpec:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_json(cls, value: dict[str, Any]) -> "DataSpec":
+  def from_json(cls, value: dict[str, Any]) -> DataSpec:
     return cls(**value)
 
 
@@ -76,8 +74,12 @@ def _open(spec: DataSpec) -> Source:
     raise ValueError(f"--data={spec.name} needs --data_dir")
   if spec.name == "movielens":
     # Its queries come from histories, so it builds them without the held-out items itself.
-    return movielens.MovieLens100K(spec.data_dir, split=spec.split, held_out_fraction=spec.held_out_item_fraction,
-                                   held_out_seed=spec.held_out_item_seed)
+    return movielens.MovieLens100K(
+      spec.data_dir,
+      split=spec.split,
+      held_out_fraction=spec.held_out_item_fraction,
+      held_out_seed=spec.held_out_item_seed,
+    )
   if spec.name == "logs":
     if spec.split != "default":
       raise ValueError(f"--data=logs supports only the default (time-ordered) split, not {spec.split!r}")

@@ -18,7 +18,7 @@ The generative story:
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -144,9 +144,9 @@ class SyntheticSearchAds:
     """[n, 5] token ids in the category vocabulary, skewed to the head; -1 beyond each ad's count."""
     cfg = self.config
     count = 3 + self._choice(31, rows, 3)
-    token_ids = np.stack([
-        np.floor(cfg.tokens_per_category * self._uniform(40 + j, rows) ** 2).astype(np.int64)
-        for j in range(5)], axis=1)
+    token_ids = np.stack(
+      [np.floor(cfg.tokens_per_category * self._uniform(40 + j, rows) ** 2).astype(np.int64) for j in range(5)], axis=1
+    )
     return np.where(np.arange(5)[np.newaxis, :] < count[:, np.newaxis], token_ids, -1)
 
   def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -160,11 +160,11 @@ class SyntheticSearchAds:
     for c, ids in zip(category.tolist(), token_ids.tolist()):
       tokens.append(list(dict.fromkeys(f"t{c}_{t}" for t in ids if t >= 0)))
     return {
-        schema.AD_ID: np.asarray([f"ad{r}" for r in rows.tolist()], dtype=object),
-        schema.CATEGORY: np.asarray([f"c{c}" for c in category.tolist()], dtype=object),
-        schema.BRAND: np.asarray([f"b{c}_{b}" for c, b in zip(category.tolist(), brand.tolist())], dtype=object),
-        schema.AD_TOKENS: schema.pad_tokens(tokens, schema.AD_TOKENS_LEN),
-        schema.STATUS: np.where(self.is_paused(rows), "paused", "active").astype(object),
+      schema.AD_ID: np.asarray([f"ad{r}" for r in rows.tolist()], dtype=object),
+      schema.CATEGORY: np.asarray([f"c{c}" for c in category.tolist()], dtype=object),
+      schema.BRAND: np.asarray([f"b{c}_{b}" for c, b in zip(category.tolist(), brand.tolist())], dtype=object),
+      schema.AD_TOKENS: schema.pad_tokens(tokens, schema.AD_TOKENS_LEN),
+      schema.STATUS: np.where(self.is_paused(rows), "paused", "active").astype(object),
     }
 
   def row_of(self, ad_id: str) -> int:
@@ -180,12 +180,12 @@ class SyntheticSearchAds:
     ages = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
     city = _zipf_rank(self._uniform(53, users), np.full(len(users), 100), 1.0)
     columns = [
-        [f"age:{ages[a]}" for a in self._choice(50, users, len(ages)).tolist()],
-        [f"gender:{'fm'[g]}" for g in self._choice(51, users, 2).tolist()],
-        [f"city:{c}" for c in city.tolist()],
-        [f"device:{('ios', 'android', 'pc')[d]}" for d in self._choice(52, users, 3).tolist()],
+      [f"age:{ages[a]}" for a in self._choice(50, users, len(ages)).tolist()],
+      [f"gender:{'fm'[g]}" for g in self._choice(51, users, 2).tolist()],
+      [f"city:{c}" for c in city.tolist()],
+      [f"device:{('ios', 'android', 'pc')[d]}" for d in self._choice(52, users, 3).tolist()],
     ]
-    return np.asarray(columns, dtype=object).T[:, :schema.USER_FEATURES_LEN]
+    return np.asarray(columns, dtype=object).T[:, : schema.USER_FEATURES_LEN]
 
   def user_interests(self, users: np.ndarray) -> np.ndarray:
     """[n, 3] categories of interest per user, popular categories more often."""
@@ -255,9 +255,13 @@ class SyntheticSearchAds:
     conversion_rate = 0.03 + 0.12 * self._uniform(90, rows)
     converted = self._uniform(91, sessions[session_of_click] * 4 + slot_of_click) < conversion_rate
     return {
-        "session": sessions[session_of_click], "slot": slot_of_click, "user": users[session_of_click],
-        "day": day[session_of_click], "row": rows, "converted": converted,
-        "first_row_of_session": click_rows[session_of_click, np.argmax(click_rows >= 0, axis=1)[session_of_click]],
+      "session": sessions[session_of_click],
+      "slot": slot_of_click,
+      "user": users[session_of_click],
+      "day": day[session_of_click],
+      "row": rows,
+      "converted": converted,
+      "first_row_of_session": click_rows[session_of_click, np.argmax(click_rows >= 0, axis=1)[session_of_click]],
     }
 
   def _query_tokens(self, sessions: np.ndarray, first_rows: np.ndarray) -> np.ndarray:
@@ -271,7 +275,7 @@ class SyntheticSearchAds:
     queries = []
     for i, (tokens, category) in enumerate(zip(ad_tokens[schema.AD_TOKENS], first_rows % cfg.num_categories)):
       present = [t for t in tokens if t]
-      start = int(self._choice(104, sessions[i:i + 1], len(present))[0])
+      start = int(self._choice(104, sessions[i : i + 1], len(present))[0])
       query = [present[(start + j) % len(present)] for j in range(min(num_from_ad[i], len(present)))]
       if with_brand[i]:
         query.append(ad_tokens[schema.BRAND][i])
@@ -304,11 +308,13 @@ class SyntheticSearchAds:
         continue
       kept = {name: values[keep] for name, values in clicks.items()}
       batch = sequences.make_examples(
-          self,
-          user_ids=np.asarray([f"u{u}" for u in kept["user"].tolist()], dtype=object),
-          user_features=self.user_features(kept["user"]),
-          query_tokens=self._query_tokens(kept["session"], kept["first_row_of_session"]),
-          hist_rows=hist_rows[keep], item_rows=kept["row"])
+        self,
+        user_ids=np.asarray([f"u{u}" for u in kept["user"].tolist()], dtype=object),
+        user_features=self.user_features(kept["user"]),
+        query_tokens=self._query_tokens(kept["session"], kept["first_row_of_session"]),
+        hist_rows=hist_rows[keep],
+        item_rows=kept["row"],
+      )
       batch["converted"] = kept["converted"]
       batch["day"] = kept["day"]
       yield batch

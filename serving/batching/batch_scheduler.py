@@ -12,7 +12,8 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import logging
 
@@ -29,6 +30,7 @@ class QueueOptions:
     max_enqueued_batches: Queue capacity in batches; beyond it, UNAVAILABLE.
     allowed_batch_sizes: If set, batches are padded up to one of these sizes.
   """
+
   max_batch_size: int = 1000
   batch_timeout_micros: int = 0
   max_enqueued_batches: int = 10
@@ -50,21 +52,21 @@ class Task:
     nbytes: Bytes the task adds to its batch.
   """
 
-  def __init__(self, size: int, payload: Any,
-               loop: Optional[asyncio.AbstractEventLoop] = None,
-               elements: int = 0, nbytes: int = 0):
+  def __init__(
+    self, size: int, payload: Any, loop: asyncio.AbstractEventLoop | None = None, elements: int = 0, nbytes: int = 0
+  ):
     self.size = size
     self.elements = elements
     self.nbytes = nbytes
     self.payload = payload
     self.result: Any = None
-    self.error: Optional[BaseException] = None
+    self.error: BaseException | None = None
     self.abandoned = False  # Its caller gave up (deadline); skip its rows.
     self._done = threading.Event()
     self.loop = loop
     self._future = loop.create_future() if loop is not None else None
 
-  def set_outcome(self, result: Any, error: Optional[BaseException]) -> None:
+  def set_outcome(self, result: Any, error: BaseException | None) -> None:
     """Records the outcome and releases blocking waiters (not async ones)."""
     self.result, self.error = result, error
     self._done.set()
@@ -74,8 +76,7 @@ class Task:
     if not self._future.done():
       self._future.set_result(None)
 
-  def finish(self, result: Any = None,
-             error: Optional[BaseException] = None) -> None:
+  def finish(self, result: Any = None, error: BaseException | None = None) -> None:
     self.set_outcome(result, error)
     if self.loop is not None:
       _call_soon(self.loop, self.wake)
@@ -88,12 +89,11 @@ class Task:
       raise self.error
     return self.result
 
-  def _expired(self, timeout_ms: Optional[int]) -> errors.ServingError:
+  def _expired(self, timeout_ms: int | None) -> errors.ServingError:
     self.abandoned = True
-    return errors.deadline_exceeded(
-        f"Deadline of {timeout_ms} ms exceeded while waiting for a batch")
+    return errors.deadline_exceeded(f"Deadline of {timeout_ms} ms exceeded while waiting for a batch")
 
-  def wait(self, timeout_ms: Optional[int] = None) -> Any:
+  def wait(self, timeout_ms: int | None = None) -> Any:
     """Blocks until processed; returns the result or raises the error.
 
     Raises:
@@ -104,15 +104,14 @@ class Task:
       raise self._expired(timeout_ms)
     return self._outcome()
 
-  async def wait_async(self, timeout_ms: Optional[int] = None) -> Any:
+  async def wait_async(self, timeout_ms: int | None = None) -> Any:
     """`wait` for a task created with a loop, awaited on that loop."""
     future = self._future
     timer = None
     if timeout_ms is not None and not future.done():
       timer = self.loop.call_later(
-          timeout_ms / 1e3,
-          lambda: future.done() or future.set_exception(
-              self._expired(timeout_ms)))
+        timeout_ms / 1e3, lambda: future.done() or future.set_exception(self._expired(timeout_ms))
+      )
     try:
       await future
     except asyncio.CancelledError:  # The RPC ended: leave its rows out.
@@ -142,7 +141,7 @@ def finish_all(tasks: Sequence[Task], results: Sequence[Any]) -> None:
   Waking each asyncio waiter separately would cost one self-pipe write and
   loop wake-up per task; a batch of 32 needs only one.
   """
-  waiting: Dict[asyncio.AbstractEventLoop, List[Task]] = {}
+  waiting: dict[asyncio.AbstractEventLoop, list[Task]] = {}
   for task, result in zip(tasks, results):
     task.set_outcome(result, None)
     if task.loop is not None:
@@ -152,9 +151,8 @@ def finish_all(tasks: Sequence[Task], results: Sequence[Any]) -> None:
 
 
 class _Batch:
-
   def __init__(self):
-    self.tasks: List[Task] = []
+    self.tasks: list[Task] = []
     self.size = 0
     self.elements = 0
     self.nbytes = 0
@@ -171,34 +169,39 @@ class BatchQueue:
   RESOURCE_EXHAUSTED.
   """
 
-  def __init__(self, scheduler: "SharedBatchScheduler", options: QueueOptions,
-               process_batch: Callable[[List[Task]], None],
-               max_elements: Optional[int] = None,
-               max_bytes: Optional[int] = None):
+  def __init__(
+    self,
+    scheduler: "SharedBatchScheduler",
+    options: QueueOptions,
+    process_batch: Callable[[list[Task]], None],
+    max_elements: int | None = None,
+    max_bytes: int | None = None,
+  ):
     self._scheduler = scheduler
     self.options = options
     self.max_elements = max_elements
     self.max_bytes = max_bytes
     self._process_batch = process_batch
-    self._batches: Deque[_Batch] = collections.deque()
+    self._batches: collections.deque[_Batch] = collections.deque()
 
   def schedule(self, task: Task) -> None:
     """Enqueues `task`; raises if it is too large or the queue is full."""
     options = self.options
     if task.size > options.max_batch_size:
       raise errors.invalid_argument(
-          f"Task size {task.size} is larger than maximum input batch size "
-          f"{options.max_batch_size}")
+        f"Task size {task.size} is larger than maximum input batch size {options.max_batch_size}"
+      )
     for amount, limit, unit, flag in (
-        (task.elements, self.max_elements, "elements",
-         "--max_elements_per_batch"),
-        (task.nbytes, self.max_bytes, "bytes", "--max_bytes_per_batch")):
+      (task.elements, self.max_elements, "elements", "--max_elements_per_batch"),
+      (task.nbytes, self.max_bytes, "bytes", "--max_bytes_per_batch"),
+    ):
       if limit is not None and amount > limit:
         raise errors.resource_exhausted(
-            f"Task of {amount} {unit} is larger than the maximum of {limit} "
-            f"{unit} per batch (derived from the inputs' shapes at "
-            f"max_batch_size rows unless set); raise {flag} to allow it",
-            http_status=413)
+          f"Task of {amount} {unit} is larger than the maximum of {limit} "
+          f"{unit} per batch (derived from the inputs' shapes at "
+          f"max_batch_size rows unless set); raise {flag} to allow it",
+          http_status=413,
+        )
     with self._scheduler.cond:
       if self._scheduler.stopped:
         raise errors.unavailable("Batch scheduler is shutting down")
@@ -206,18 +209,17 @@ class BatchQueue:
       # Batch threads only need waking when a batch opens (a new deadline)
       # or closes (ready now); adding to an open batch changes neither.
       changed = False
-      if last is None or last.closed or (
-          last.size + task.size > options.max_batch_size) or (
-              self.max_elements is not None and
-              last.elements + task.elements > self.max_elements) or (
-                  self.max_bytes is not None and
-                  last.nbytes + task.nbytes > self.max_bytes):
+      if (
+        last is None
+        or last.closed
+        or (last.size + task.size > options.max_batch_size)
+        or (self.max_elements is not None and last.elements + task.elements > self.max_elements)
+        or (self.max_bytes is not None and last.nbytes + task.nbytes > self.max_bytes)
+      ):
         if last is not None:
           last.closed = True
         if len(self._batches) >= options.max_enqueued_batches:
-          raise errors.unavailable(
-              "The batch scheduling queue to which this task was submitted "
-              "is full")
+          raise errors.unavailable("The batch scheduling queue to which this task was submitted is full")
         last = _Batch()
         self._batches.append(last)
         changed = True
@@ -231,7 +233,7 @@ class BatchQueue:
       if changed:
         self._scheduler.cond.notify()
 
-  def ready_at(self) -> Optional[float]:
+  def ready_at(self) -> float | None:
     """Monotonic time at which the head batch may run (caller holds lock)."""
     if not self._batches:
       return None
@@ -245,7 +247,7 @@ class BatchQueue:
     batch.closed = True
     return batch
 
-  def process(self, tasks: List[Task]) -> None:
+  def process(self, tasks: list[Task]) -> None:
     """Runs one batch (called by a batch thread)."""
     self._process_batch(tasks)
 
@@ -264,18 +266,20 @@ class SharedBatchScheduler:
   def __init__(self, num_batch_threads: int):
     self.cond = threading.Condition()
     self.stopped = False
-    self._queues: List[BatchQueue] = []
+    self._queues: list[BatchQueue] = []
     self._threads = [
-        threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
-        for i in range(max(1, num_batch_threads))
+      threading.Thread(target=self._work, name=f"batch-{i}", daemon=True) for i in range(max(1, num_batch_threads))
     ]
     for thread in self._threads:
       thread.start()
 
-  def add_queue(self, options: QueueOptions,
-                process_batch: Callable[[List[Task]], None],
-                max_elements: Optional[int] = None,
-                max_bytes: Optional[int] = None) -> BatchQueue:
+  def add_queue(
+    self,
+    options: QueueOptions,
+    process_batch: Callable[[list[Task]], None],
+    max_elements: int | None = None,
+    max_bytes: int | None = None,
+  ) -> BatchQueue:
     """Creates a queue whose batches go to `process_batch(tasks)` (limits:
     see BatchQueue)."""
     queue = BatchQueue(self, options, process_batch, max_elements, max_bytes)

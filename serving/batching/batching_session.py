@@ -9,11 +9,11 @@ row), runs once, and slices every output back per call.
 import asyncio
 import bisect
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from collections.abc import Callable, Sequence
 
-from absl import logging
 import grpc
 import numpy as np
+from absl import logging
 
 from serving import errors
 from serving.batching import batch_scheduler
@@ -21,13 +21,12 @@ from serving.servables import saved_model_bundle
 
 BatchObserver = Callable[[int, int], None]  # (batch rows, padding rows)
 # Feed tensor names -> (elements, bytes) a batch of them may hold (None: any).
-BatchBudget = Callable[[Sequence[str]], Tuple[Optional[int], Optional[int]]]
+BatchBudget = Callable[[Sequence[str]], tuple[int | None, int | None]]
 
 # Most kinds of calls (feed shapes x fetches) one servable batches.
 MAX_QUEUES = 64
 
-_NO_RETRY = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.UNAVAILABLE)
+_NO_RETRY = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
 
 
 class BatchingSession:
@@ -42,32 +41,39 @@ class BatchingSession:
       request_limits.ExpansionLimits.batch_budget); None: rows only.
   """
 
-  def __init__(self, runner: saved_model_bundle.SessionRunner,
-               scheduler: batch_scheduler.SharedBatchScheduler,
-               options: batch_scheduler.QueueOptions,
-               observer: Optional[BatchObserver] = None,
-               budget: Optional[BatchBudget] = None):
+  def __init__(
+    self,
+    runner: saved_model_bundle.SessionRunner,
+    scheduler: batch_scheduler.SharedBatchScheduler,
+    options: batch_scheduler.QueueOptions,
+    observer: BatchObserver | None = None,
+    budget: BatchBudget | None = None,
+  ):
     self._runner = runner
     self._budget = budget
     self._scheduler = scheduler
     self._options = options
     self._observer = observer
-    self._queues: Dict[Tuple, batch_scheduler.BatchQueue] = {}
+    self._queues: dict[tuple, batch_scheduler.BatchQueue] = {}
     # Calls whose outputs turned out not to be per-row (e.g. scalars).
-    self._unbatchable: Set[Tuple] = set()
+    self._unbatchable: set[tuple] = set()
     self._lock = threading.Lock()
 
-  def __call__(self, feeds: Dict[str, np.ndarray], fetches: Sequence[str],
-               timeout_ms: Optional[int] = None) -> List[np.ndarray]:
+  def __call__(
+    self, feeds: dict[str, np.ndarray], fetches: Sequence[str], timeout_ms: int | None = None
+  ) -> list[np.ndarray]:
     task = self.schedule(feeds, fetches, timeout_ms)
     if task is None:
       return self._runner(feeds, fetches, timeout_ms)
     return task.wait(timeout_ms)
 
-  def schedule(self, feeds: Dict[str, np.ndarray], fetches: Sequence[str],
-               timeout_ms: Optional[int] = None,
-               loop: Optional[asyncio.AbstractEventLoop] = None
-               ) -> Optional[batch_scheduler.Task]:
+  def schedule(
+    self,
+    feeds: dict[str, np.ndarray],
+    fetches: Sequence[str],
+    timeout_ms: int | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+  ) -> batch_scheduler.Task | None:
     """Enqueues a call and returns its task, or None if it can't be batched.
 
     Args:
@@ -93,14 +99,12 @@ class BatchingSession:
     size = rows.pop()
     if size == 0:
       return None
-    key = (tuple(sorted((name, a.dtype.str, a.shape[1:])
-                        for name, a in feeds.items())), tuple(fetches))
+    key = (tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())), tuple(fetches))
     queue = None if key in self._unbatchable else self._queue(key)
     if queue is None:
       return None
     elements, nbytes = _feeds_cost(feeds) if self._budget else (0, 0)
-    task = batch_scheduler.Task(size, (feeds, timeout_ms), loop, elements,
-                                nbytes)
+    task = batch_scheduler.Task(size, (feeds, timeout_ms), loop, elements, nbytes)
     queue.schedule(task)
     return task
 
@@ -109,7 +113,7 @@ class BatchingSession:
     """The underlying unbatched runner."""
     return self._runner
 
-  def _queue(self, key: Tuple) -> Optional[batch_scheduler.BatchQueue]:
+  def _queue(self, key: tuple) -> batch_scheduler.BatchQueue | None:
     """The queue for `key`; None (run unbatched) past MAX_QUEUES kinds."""
     with self._lock:
       queue = self._queues.get(key)
@@ -118,12 +122,10 @@ class BatchingSession:
           # Each distinct feed shape gets a queue that batch threads scan;
           # bound them so odd shapes can't slow every batch down.
           return None
-        max_elements, max_bytes = (
-            self._budget([name for name, _, _ in key[0]]) if self._budget
-            else (None, None))
+        max_elements, max_bytes = self._budget([name for name, _, _ in key[0]]) if self._budget else (None, None)
         queue = self._scheduler.add_queue(
-            self._options, lambda tasks: self._process(key, tasks),
-            max_elements, max_bytes)
+          self._options, lambda tasks: self._process(key, tasks), max_elements, max_bytes
+        )
         self._queues[key] = queue
       return queue
 
@@ -141,7 +143,7 @@ class BatchingSession:
     index = bisect.bisect_left(allowed, rows)
     return allowed[index] if index < len(allowed) else rows
 
-  def _process(self, key: Tuple, tasks: List[batch_scheduler.Task]) -> None:
+  def _process(self, key: tuple, tasks: list[batch_scheduler.Task]) -> None:
     tasks = [t for t in tasks if not t.abandoned]  # Past their deadline.
     if not tasks:
       return
@@ -167,8 +169,7 @@ class BatchingSession:
       # TF Serving fails such calls ("Batched output tensor's 0th dimension
       # does not equal the sum of the 0th dimension sizes of the input
       # tensors"); we stop batching them and answer each call on its own.
-      logging.warning("Outputs %s are not per-row; not batching these calls",
-                      list(fetches))
+      logging.warning("Outputs %s are not per-row; not batching these calls", list(fetches))
       self._unbatchable.add(key)
       self._run_alone(fetches, tasks)
       return
@@ -176,13 +177,13 @@ class BatchingSession:
       self._observer(rows, padded - rows)
     results, offset = [], 0
     for task in tasks:
-      results.append([o[offset:offset + task.size] for o in outputs])
+      results.append([o[offset : offset + task.size] for o in outputs])
       offset += task.size
     batch_scheduler.finish_all(tasks, results)
 
-  def _run_alone(self, fetches: Sequence[str],
-                 tasks: List[batch_scheduler.Task],
-                 error: Optional[errors.ServingError] = None) -> None:
+  def _run_alone(
+    self, fetches: Sequence[str], tasks: list[batch_scheduler.Task], error: errors.ServingError | None = None
+  ) -> None:
     """Runs each call of a failed batch by itself.
 
     One malformed call (say, an unparsable tf.Example) then fails alone
@@ -201,7 +202,7 @@ class BatchingSession:
         task.finish(error=errors.from_exception(e))
 
 
-def _feeds_cost(feeds: Dict[str, np.ndarray]) -> Tuple[int, int]:
+def _feeds_cost(feeds: dict[str, np.ndarray]) -> tuple[int, int]:
   """(elements, bytes) of decoded feeds; strings count their lengths."""
   elements = nbytes = 0
   for array in feeds.values():
@@ -219,39 +220,37 @@ def queue_options_from_proto(params) -> batch_scheduler.QueueOptions:
   Defaults follow TF Serving's BasicBatchScheduler: max_batch_size 1000,
   batch_timeout_micros 0, max_enqueued_batches 10.
   """
+
   def value(field, default):
     return getattr(params, field).value if params.HasField(field) else default
 
   options = batch_scheduler.QueueOptions(
-      max_batch_size=int(value("max_batch_size", 1000)),
-      batch_timeout_micros=int(value("batch_timeout_micros", 0)),
-      max_enqueued_batches=int(value("max_enqueued_batches", 10)),
-      allowed_batch_sizes=tuple(int(s) for s in params.allowed_batch_sizes))
+    max_batch_size=int(value("max_batch_size", 1000)),
+    batch_timeout_micros=int(value("batch_timeout_micros", 0)),
+    max_enqueued_batches=int(value("max_enqueued_batches", 10)),
+    allowed_batch_sizes=tuple(int(s) for s in params.allowed_batch_sizes),
+  )
   if options.max_batch_size < 1 or options.max_enqueued_batches < 1:
-    raise errors.invalid_argument(
-        "BatchingParameters: max_batch_size and max_enqueued_batches must be "
-        "positive")
+    raise errors.invalid_argument("BatchingParameters: max_batch_size and max_enqueued_batches must be positive")
   if options.batch_timeout_micros < 0:
-    raise errors.invalid_argument(
-        "BatchingParameters: batch_timeout_micros must be >= 0")
+    raise errors.invalid_argument("BatchingParameters: batch_timeout_micros must be >= 0")
   sizes = options.allowed_batch_sizes
   if sizes:
     if list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
-      raise errors.invalid_argument(
-          "BatchingParameters: allowed_batch_sizes must be positive and "
-          "strictly increasing")
+      raise errors.invalid_argument("BatchingParameters: allowed_batch_sizes must be positive and strictly increasing")
     if sizes[-1] != options.max_batch_size:
       raise errors.invalid_argument(
-          "BatchingParameters: the last entry in allowed_batch_sizes must "
-          "equal max_batch_size")
-  if params.HasField("enable_large_batch_splitting") and (
-      params.enable_large_batch_splitting.value):
+        "BatchingParameters: the last entry in allowed_batch_sizes must equal max_batch_size"
+      )
+  if params.HasField("enable_large_batch_splitting") and (params.enable_large_batch_splitting.value):
     raise errors.invalid_argument(
-        "BatchingParameters: enable_large_batch_splitting is not supported by "
-        "fgr-serve; requests larger than max_batch_size are rejected")
+      "BatchingParameters: enable_large_batch_splitting is not supported by "
+      "fgr-serve; requests larger than max_batch_size are rejected"
+    )
   if params.pad_variable_length_inputs:
     raise errors.invalid_argument(
-        "BatchingParameters: pad_variable_length_inputs is not supported by "
-        "fgr-serve; requests with different per-row shapes are batched "
-        "separately instead")
+      "BatchingParameters: pad_variable_length_inputs is not supported by "
+      "fgr-serve; requests with different per-row shapes are batched "
+      "separately instead"
+    )
   return options

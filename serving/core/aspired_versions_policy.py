@@ -1,15 +1,16 @@
 """Aspired-version policies: when an unaspired version may be unloaded."""
 
 import abc
-from typing import Iterable, Set
+from collections.abc import Iterable
 
 
 class AspiredVersionPolicy(abc.ABC):
   """Decides which versions that are no longer aspired may unload now."""
 
   @abc.abstractmethod
-  def versions_to_unload(self, serving: Iterable[int], aspired: Set[int],
-                         available: Set[int], loading: Set[int]) -> Set[int]:
+  def versions_to_unload(
+    self, serving: Iterable[int], aspired: set[int], available: set[int], loading: set[int]
+  ) -> set[int]:
     """Returns the versions in `serving` (loaded, unaspired) to unload.
 
     Args:

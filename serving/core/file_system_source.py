@@ -1,20 +1,16 @@
 """Lists the versions of a model under its base path, and picks aspired ones."""
 
 import os
-from typing import Dict, Set
 
 from absl import logging
-from tensorflow_serving.config import file_system_storage_path_source_pb2
-from tensorflow_serving.config import model_server_config_pb2
+from tensorflow_serving.config import file_system_storage_path_source_pb2, model_server_config_pb2
 
 from serving.servables import saved_model_bundle
 
-VersionPolicy = (
-    file_system_storage_path_source_pb2.FileSystemStoragePathSourceConfig
-    .ServableVersionPolicy)
+VersionPolicy = file_system_storage_path_source_pb2.FileSystemStoragePathSourceConfig.ServableVersionPolicy
 
 
-def list_versions(base_path: str) -> Dict[int, str]:
+def list_versions(base_path: str) -> dict[int, str]:
   """Returns {version: path} for `<base_path>/<int>/` dirs holding a model.
 
   Directories without saved_model.pb (e.g. still being written) are skipped
@@ -23,8 +19,7 @@ def list_versions(base_path: str) -> Dict[int, str]:
   try:
     names = os.listdir(base_path)
   except OSError as e:
-    logging.log_every_n_seconds(
-        logging.WARNING, "Cannot list base path %s: %s", 60, base_path, e)
+    logging.log_every_n_seconds(logging.WARNING, "Cannot list base path %s: %s", 60, base_path, e)
     return {}
   versions = {}
   for name in names:
@@ -36,8 +31,7 @@ def list_versions(base_path: str) -> Dict[int, str]:
   return versions
 
 
-def aspired_versions(on_disk: Dict[int, str],
-                     config: model_server_config_pb2.ModelConfig) -> Set[int]:
+def aspired_versions(on_disk: dict[int, str], config: model_server_config_pb2.ModelConfig) -> set[int]:
   """Applies the model's version policy (latest N, all, specific)."""
   policy = config.model_version_policy
   choice = policy.WhichOneof("policy_choice")
@@ -46,7 +40,7 @@ def aspired_versions(on_disk: Dict[int, str],
   if choice == "specific":
     return set(policy.specific.versions) & set(on_disk)
   num = policy.latest.num_versions if choice == "latest" else 1
-  return set(sorted(on_disk)[-max(1, num):])
+  return set(sorted(on_disk)[-max(1, num) :])
 
 
 def version_mtime(path: str) -> float:

@@ -3,41 +3,39 @@
 import dataclasses
 import os
 import threading
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from absl import logging
 from tensorflow.core.protobuf import config_pb2
 
 from serving import errors
-from serving.batching import batch_scheduler
-from serving.batching import batching_session
-from serving.servables import request_limits
-from serving.servables import saved_model_bundle
-from serving.servables import warmup
+from serving.batching import batch_scheduler, batching_session
+from serving.servables import request_limits, saved_model_bundle, warmup
 
 
 @dataclasses.dataclass
 class BatchingConfig:
   """Server-wide batching set-up shared by every servable."""
+
   scheduler: batch_scheduler.SharedBatchScheduler
   options: batch_scheduler.QueueOptions
   # Returns the per-batch observer for a model (e.g. a metrics recorder).
-  observer_for: Callable[[str], Optional[batching_session.BatchObserver]] = (
-      lambda name: None)
+  observer_for: Callable[[str], batching_session.BatchObserver | None] = lambda name: None
   # Bounds each batch's elements and bytes; None: rows only.
-  limits: Optional[request_limits.ExpansionLimits] = None
+  limits: request_limits.ExpansionLimits | None = None
 
 
 @dataclasses.dataclass
 class LoaderOptions:
   """How servables are loaded (TF Serving's loader and warm-up flags)."""
+
   tags: Sequence[str] = ("serve",)
-  session_config: Optional[config_pb2.ConfigProto] = None
+  session_config: config_pb2.ConfigProto | None = None
   enable_warmup: bool = True
   warmup_iterations: int = 1
   max_num_load_retries: int = 5
   load_retry_interval_seconds: float = 60.0
-  batching: Optional[BatchingConfig] = None
+  batching: BatchingConfig | None = None
   # If non-empty, model files must resolve (symlinks, "..") under one of these.
   allowed_roots: Sequence[str] = ()
   # Freed memory stays in the process (runtime.retain_freed_memory): rehearse
@@ -59,29 +57,29 @@ def check_path_roots(path: str, roots: Sequence[str], what: str) -> None:
     if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep):
       return
   raise errors.invalid_argument(
-      f"{what} {path} resolves to {real}, outside the allowed roots "
-      f"{{{','.join(roots)}}} (--model_base_path_roots)")
+    f"{what} {path} resolves to {real}, outside the allowed roots {{{','.join(roots)}}} (--model_base_path_roots)"
+  )
 
 
-def load_once(name: str, version: int, path: str,
-              options: LoaderOptions) -> saved_model_bundle.SavedModelBundle:
+def load_once(name: str, version: int, path: str, options: LoaderOptions) -> saved_model_bundle.SavedModelBundle:
   """Loads and warms one version; raises ServingError on failure."""
   context = saved_model_bundle.servable_context(name, version)
   try:
     check_path_roots(path, options.allowed_roots, "Version directory")
-    bundle = saved_model_bundle.SavedModelBundle(
-        name, version, path, options.tags, options.session_config)
+    bundle = saved_model_bundle.SavedModelBundle(name, version, path, options.tags, options.session_config)
   except Exception as e:  # Any load failure becomes the version's status.
     raise errors.from_exception(e, context) from e
   try:
     if options.batching is not None:
       batching = options.batching
-      budget = None if batching.limits is None else (
-          batching.limits.batch_budget(bundle.signature_defs,
-                                       batching.options.max_batch_size))
+      budget = (
+        None
+        if batching.limits is None
+        else (batching.limits.batch_budget(bundle.signature_defs, batching.options.max_batch_size))
+      )
       session = batching_session.BatchingSession(
-          bundle.session_run, batching.scheduler, batching.options,
-          batching.observer_for(name), budget)
+        bundle.session_run, batching.scheduler, batching.options, batching.observer_for(name), budget
+      )
       bundle.runner = session
       bundle.on_close(session.close)
     if options.enable_warmup:
@@ -93,10 +91,9 @@ def load_once(name: str, version: int, path: str,
   return bundle
 
 
-def load_with_retries(name: str, version: int, path: str,
-                      options: LoaderOptions,
-                      cancelled: threading.Event
-                      ) -> saved_model_bundle.SavedModelBundle:
+def load_with_retries(
+  name: str, version: int, path: str, options: LoaderOptions, cancelled: threading.Event
+) -> saved_model_bundle.SavedModelBundle:
   """Calls `load_once`, retrying up to `max_num_load_retries` times."""
   attempt = 0
   while True:
@@ -106,9 +103,13 @@ def load_with_retries(name: str, version: int, path: str,
       if attempt >= options.max_num_load_retries or cancelled.is_set():
         raise
       attempt += 1
-      logging.warning("Loading %s failed (%s); retry %d of %d in %.1fs",
-                      saved_model_bundle.servable_context(name, version),
-                      e.message, attempt, options.max_num_load_retries,
-                      options.load_retry_interval_seconds)
+      logging.warning(
+        "Loading %s failed (%s); retry %d of %d in %.1fs",
+        saved_model_bundle.servable_context(name, version),
+        e.message,
+        attempt,
+        options.max_num_load_retries,
+        options.load_retry_interval_seconds,
+      )
       if cancelled.wait(max(0.0, options.load_retry_interval_seconds)):
         raise

@@ -5,16 +5,14 @@ import contextlib
 import gc
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
 
 from absl import logging
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import errors
-from serving.core import aspired_versions_policy
-from serving.core import file_system_source
-from serving.core import loader
+from serving.core import aspired_versions_policy, file_system_source, loader
 from serving.servables import saved_model_bundle
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -28,8 +26,8 @@ class _Version:
     self.path = path
     self.mtime = file_system_source.version_mtime(path)
     self.state = State.START
-    self.error: Optional[errors.ServingError] = None
-    self.bundle: Optional[saved_model_bundle.SavedModelBundle] = None
+    self.error: errors.ServingError | None = None
+    self.bundle: saved_model_bundle.SavedModelBundle | None = None
     self.in_flight = 0
 
 
@@ -48,11 +46,14 @@ class ModelManager:
     policy: When old versions may unload (availability preserving).
   """
 
-  def __init__(self, config: model_server_config_pb2.ModelConfig,
-               loader_options: loader.LoaderOptions,
-               load_pool: concurrent.futures.Executor,
-               unload_pool: concurrent.futures.Executor,
-               policy: aspired_versions_policy.AspiredVersionPolicy):
+  def __init__(
+    self,
+    config: model_server_config_pb2.ModelConfig,
+    loader_options: loader.LoaderOptions,
+    load_pool: concurrent.futures.Executor,
+    unload_pool: concurrent.futures.Executor,
+    policy: aspired_versions_policy.AspiredVersionPolicy,
+  ):
     self.name = config.name
     self._config = config
     self._loader_options = loader_options
@@ -61,7 +62,7 @@ class ModelManager:
     self._unload_pool = unload_pool
     self._policy = policy
     self._cond = threading.Condition()
-    self._versions: Dict[int, _Version] = {}
+    self._versions: dict[int, _Version] = {}
     self._aspired: set = set()
     self._stopped = threading.Event()
 
@@ -83,8 +84,8 @@ class ModelManager:
     if not on_disk:
       # As TF Serving: no versions found keeps whatever is serving.
       logging.log_every_n_seconds(
-          logging.WARNING, "No versions of servable %s found under base path "
-          "%s", 60, self.name, self._config.base_path)
+        logging.WARNING, "No versions of servable %s found under base path %s", 60, self.name, self._config.base_path
+      )
       return
     aspired = file_system_source.aspired_versions(on_disk, self._config)
     with self._cond:
@@ -95,8 +96,7 @@ class ModelManager:
           entry = _Version(version, on_disk[version])
           self._versions[version] = entry
           entry.state = State.LOADING
-          logging.info("Loading servable %s",
-                       saved_model_bundle.servable_context(self.name, version))
+          logging.info("Loading servable %s", saved_model_bundle.servable_context(self.name, version))
           self._load_pool.submit(self._load, entry)
       self._unload_unaspired_locked()
 
@@ -116,12 +116,11 @@ class ModelManager:
         self._cond.notify_all()
       return
     try:
-      bundle = loader.load_with_retries(self.name, entry.version, entry.path,
-                                        self._loader_options, self._stopped)
+      bundle = loader.load_with_retries(self.name, entry.version, entry.path, self._loader_options, self._stopped)
     except errors.ServingError as e:
-      logging.error("Failed to load servable %s: %s",
-                    saved_model_bundle.servable_context(
-                        self.name, entry.version), e.message)
+      logging.error(
+        "Failed to load servable %s: %s", saved_model_bundle.servable_context(self.name, entry.version), e.message
+      )
       with self._cond:
         entry.state, entry.error = State.END, e
         self._unload_unaspired_locked()
@@ -143,8 +142,7 @@ class ModelManager:
         return
       entry.bundle = bundle
       entry.state = State.AVAILABLE  # Latest() now resolves here: the switch.
-      logging.info("Successfully loaded servable version %s",
-                   bundle.context())
+      logging.info("Successfully loaded servable version %s", bundle.context())
       self._unload_unaspired_locked()
       self._cond.notify_all()
 
@@ -157,26 +155,20 @@ class ModelManager:
     """
     started = time.monotonic()
     try:
-      rehearsal = loader.load_once(self.name, entry.version, entry.path,
-                                   self._loader_options)
+      rehearsal = loader.load_once(self.name, entry.version, entry.path, self._loader_options)
     except errors.ServingError as e:
       logging.warning("Rehearsing the next load of %s failed: %s", self.name, e.message)
       return
     rehearsal.close()
     del rehearsal
     gc.collect()
-    logging.info("Rehearsed the next load of %s in %.2f s", self.name,
-                 time.monotonic() - started)
+    logging.info("Rehearsed the next load of %s in %.2f s", self.name, time.monotonic() - started)
 
   def _unload_unaspired_locked(self) -> None:
-    serving = {v for v, e in self._versions.items()
-               if e.state == State.AVAILABLE and v not in self._aspired}
-    available = {v for v, e in self._versions.items()
-                 if e.state == State.AVAILABLE}
-    loading = {v for v, e in self._versions.items()
-               if e.state in (State.START, State.LOADING)}
-    for version in self._policy.versions_to_unload(
-        serving, self._aspired, available, loading):
+    serving = {v for v, e in self._versions.items() if e.state == State.AVAILABLE and v not in self._aspired}
+    available = {v for v, e in self._versions.items() if e.state == State.AVAILABLE}
+    loading = {v for v, e in self._versions.items() if e.state in (State.START, State.LOADING)}
+    for version in self._policy.versions_to_unload(serving, self._aspired, available, loading):
       self._begin_unload_locked(self._versions[version])
 
   def _begin_unload_locked(self, entry: _Version) -> None:
@@ -200,8 +192,7 @@ class ModelManager:
       self._cond.notify_all()
 
   @contextlib.contextmanager
-  def handle(self, request_text: str, version: Optional[int] = None
-             ) -> Iterator[saved_model_bundle.SavedModelBundle]:
+  def handle(self, request_text: str, version: int | None = None) -> Iterator[saved_model_bundle.SavedModelBundle]:
     """Yields an AVAILABLE version (the latest if `version` is None).
 
     Args:
@@ -211,16 +202,14 @@ class ModelManager:
     """
     with self._cond:
       if version is None:
-        candidates = [e for e in self._versions.values()
-                      if e.state == State.AVAILABLE]
+        candidates = [e for e in self._versions.values() if e.state == State.AVAILABLE]
         entry = max(candidates, key=lambda e: e.version, default=None)
       else:
         entry = self._versions.get(version)
         if entry is not None and entry.state != State.AVAILABLE:
           entry = None
       if entry is None:
-        raise errors.not_found(
-            f"Servable not found for request: {request_text}")
+        raise errors.not_found(f"Servable not found for request: {request_text}")
       entry.in_flight += 1
       bundle = entry.bundle
     try:
@@ -231,15 +220,14 @@ class ModelManager:
         if not entry.in_flight:
           self._cond.notify_all()
 
-  def version_states(self) -> List[Tuple[int, int, Optional[errors.ServingError]]]:
+  def version_states(self) -> list[tuple[int, int, errors.ServingError | None]]:
     """Returns [(version, state, error)] for every version ever seen."""
     with self._cond:
       return [(v, e.state, e.error) for v, e in sorted(self._versions.items())]
 
-  def available_versions(self) -> List[int]:
+  def available_versions(self) -> list[int]:
     with self._cond:
-      return sorted(v for v, e in self._versions.items()
-                    if e.state == State.AVAILABLE)
+      return sorted(v for v, e in self._versions.items() if e.state == State.AVAILABLE)
 
   def settled(self) -> bool:
     """True when no aspired version is waiting to load."""
@@ -247,11 +235,11 @@ class ModelManager:
       return self._settled_locked()
 
   def _settled_locked(self) -> bool:
-    return all(self._versions[v].state in (State.AVAILABLE, State.END)
-               for v in self._aspired if v in self._versions) and all(
-                   v in self._versions for v in self._aspired)
+    return all(
+      self._versions[v].state in (State.AVAILABLE, State.END) for v in self._aspired if v in self._versions
+    ) and all(v in self._versions for v in self._aspired)
 
-  def wait_until_settled(self, timeout: Optional[float] = None) -> bool:
+  def wait_until_settled(self, timeout: float | None = None) -> bool:
     """Blocks until every aspired version is AVAILABLE or failed."""
     with self._cond:
       return self._cond.wait_for(self._settled_locked, timeout)
@@ -260,7 +248,7 @@ class ModelManager:
     with self._cond:
       return bool(self._aspired)
 
-  def first_error(self) -> Optional[errors.ServingError]:
+  def first_error(self) -> errors.ServingError | None:
     """The load error of an aspired version, if any failed."""
     with self._cond:
       for v in sorted(self._aspired, reverse=True):
@@ -278,9 +266,7 @@ class ModelManager:
         if entry.state == State.AVAILABLE:
           self._begin_unload_locked(entry)
 
-  def wait_until_unloaded(self, timeout: Optional[float] = None) -> bool:
+  def wait_until_unloaded(self, timeout: float | None = None) -> bool:
     """Blocks until no version is loading, loaded or unloading."""
     with self._cond:
-      return self._cond.wait_for(
-          lambda: all(e.state == State.END
-                      for e in self._versions.values()), timeout)
+      return self._cond.wait_for(lambda: all(e.state == State.END for e in self._versions.values()), timeout)

@@ -4,24 +4,20 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from typing import Dict, Iterator, Optional
+from collections.abc import Iterator
 
 from absl import logging
-from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import model_pb2
+from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import errors
-from serving.core import aspired_versions_policy
-from serving.core import loader
-from serving.core import model_manager
+from serving.core import aspired_versions_policy, loader, model_manager
 from serving.servables import saved_model_bundle
 
 _TENSORFLOW_PLATFORM = "tensorflow"
 
 
-def single_model_config(name: str, base_path: str
-                        ) -> model_server_config_pb2.ModelServerConfig:
+def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
   """The config TF Serving derives from --model_name/--model_base_path."""
   config = model_server_config_pb2.ModelServerConfig()
   model = config.model_config_list.config.add()
@@ -34,26 +30,21 @@ def single_model_config(name: str, base_path: str
 def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
   if config.WhichOneof("config") != "model_config_list":
     raise errors.invalid_argument(
-        "ModelServerConfig must hold a model_config_list; "
-        "custom_model_config is not supported")
+      "ModelServerConfig must hold a model_config_list; custom_model_config is not supported"
+    )
   seen = set()
   for model in config.model_config_list.config:
     if not model.name:
       raise errors.invalid_argument("ModelConfig has an empty name")
     if model.name in seen:
-      raise errors.invalid_argument(
-          f"Illegal to list model {model.name} multiple times in config list")
+      raise errors.invalid_argument(f"Illegal to list model {model.name} multiple times in config list")
     seen.add(model.name)
     if not model.base_path:
       raise errors.invalid_argument(f"Model {model.name} has no base_path")
     if model.model_platform not in ("", _TENSORFLOW_PLATFORM):
-      raise errors.invalid_argument(
-          f"Model {model.name} requests unsupported platform "
-          f"{model.model_platform}")
+      raise errors.invalid_argument(f"Model {model.name} requests unsupported platform {model.model_platform}")
     if model.model_type:
-      raise errors.invalid_argument(
-          f"ModelServerConfig::model_type choice {model.model_type} not "
-          "supported.")
+      raise errors.invalid_argument(f"ModelServerConfig::model_type choice {model.model_type} not supported.")
 
 
 class ServerCore:
@@ -67,23 +58,24 @@ class ServerCore:
       versions that are not AVAILABLE.
   """
 
-  def __init__(self, loader_options: loader.LoaderOptions,
-               num_load_threads: int = 0, num_unload_threads: int = 0,
-               allow_version_labels_for_unavailable_models: bool = False):
+  def __init__(
+    self,
+    loader_options: loader.LoaderOptions,
+    num_load_threads: int = 0,
+    num_unload_threads: int = 0,
+    allow_version_labels_for_unavailable_models: bool = False,
+  ):
     self._loader_options = loader_options
-    self._load_pool = concurrent.futures.ThreadPoolExecutor(
-        max(1, num_load_threads), thread_name_prefix="load")
-    self._unload_pool = concurrent.futures.ThreadPoolExecutor(
-        max(1, num_unload_threads), thread_name_prefix="unload")
-    self._allow_unavailable_labels = (
-        allow_version_labels_for_unavailable_models)
+    self._load_pool = concurrent.futures.ThreadPoolExecutor(max(1, num_load_threads), thread_name_prefix="load")
+    self._unload_pool = concurrent.futures.ThreadPoolExecutor(max(1, num_unload_threads), thread_name_prefix="unload")
+    self._allow_unavailable_labels = allow_version_labels_for_unavailable_models
     self._policy = aspired_versions_policy.AvailabilityPreservingPolicy()
     self._lock = threading.RLock()
     self._reload_lock = threading.Lock()
-    self._managers: Dict[str, model_manager.ModelManager] = {}
-    self._labels: Dict[str, Dict[str, int]] = {}
+    self._managers: dict[str, model_manager.ModelManager] = {}
+    self._labels: dict[str, dict[str, int]] = {}
     self._stop_polling = threading.Event()
-    self._poll_thread: Optional[threading.Thread] = None
+    self._poll_thread: threading.Thread | None = None
     self._config = model_server_config_pb2.ModelServerConfig()
 
   @property
@@ -91,8 +83,7 @@ class ServerCore:
     """The last config passed to `reload_config`."""
     return self._config
 
-  def reload_config(self, config: model_server_config_pb2.ModelServerConfig,
-                    wait: bool = True) -> None:
+  def reload_config(self, config: model_server_config_pb2.ModelServerConfig, wait: bool = True) -> None:
     """Transitions to `config`: adds, updates and removes models.
 
     Waits until the new config's versions have loaded (or failed), then
@@ -104,9 +95,7 @@ class ServerCore:
     """
     _validate(config)
     for model in config.model_config_list.config:
-      loader.check_path_roots(model.base_path,
-                              self._loader_options.allowed_roots,
-                              f"Model {model.name} base_path")
+      loader.check_path_roots(model.base_path, self._loader_options.allowed_roots, f"Model {model.name} base_path")
     with self._reload_lock:
       self._config = model_server_config_pb2.ModelServerConfig()
       self._config.CopyFrom(config)
@@ -126,8 +115,8 @@ class ServerCore:
           manager = self._managers.get(name)
           if manager is None:
             manager = model_manager.ModelManager(
-                model, self._loader_options, self._load_pool,
-                self._unload_pool, self._policy)
+              model, self._loader_options, self._load_pool, self._unload_pool, self._policy
+            )
             self._managers[name] = manager
             added.append(manager)
           else:
@@ -136,8 +125,7 @@ class ServerCore:
         logging.info("Removing model %s", manager.name)
         manager.stop()
       for manager in added:
-        logging.info("Adding model %s from %s", manager.name,
-                     manager.config.base_path)
+        logging.info("Adding model %s from %s", manager.name, manager.config.base_path)
         manager.poll()
       for manager, model in updated:
         manager.update_config(model)
@@ -157,18 +145,17 @@ class ServerCore:
     for name, model in models.items():
       manager = self._managers.get(name)
       available = set(manager.available_versions()) if manager else set()
-      for label, version in model.version_labels.items():
+      for version in model.version_labels.values():
         if version not in available and not self._allow_unavailable_labels:
           raise errors.failed_precondition(
-              f"Request to assign label to version {version} of model "
-              f"{name}, which is not currently available for inference")
+            f"Request to assign label to version {version} of model "
+            f"{name}, which is not currently available for inference"
+          )
       labels[name] = dict(model.version_labels)
     with self._lock:
       self._labels = labels
 
-  def wait_until_models_available(self,
-                                  stop: Optional[threading.Event] = None
-                                  ) -> None:
+  def wait_until_models_available(self, stop: threading.Event | None = None) -> None:
     """Blocks until every model has an AVAILABLE version (start-up).
 
     A model without any version on disk is waited for, as TF Serving does;
@@ -182,8 +169,7 @@ class ServerCore:
         if stop is not None and stop.is_set():
           return
         manager.wait_until_settled(timeout=0.5)
-        if manager.settled() and manager.has_aspired() and (
-            not manager.available_versions()):
+        if manager.settled() and manager.has_aspired() and (not manager.available_versions()):
           error = manager.first_error()
           if error is not None:
             raise error
@@ -209,12 +195,10 @@ class ServerCore:
       while not self._stop_polling.wait(wait_seconds):
         self.poll()
 
-    self._poll_thread = threading.Thread(target=run, name="fs-poll",
-                                         daemon=True)
+    self._poll_thread = threading.Thread(target=run, name="fs-poll", daemon=True)
     self._poll_thread.start()
 
-  def _manager(self, name: str, request_text: str
-               ) -> model_manager.ModelManager:
+  def _manager(self, name: str, request_text: str) -> model_manager.ModelManager:
     with self._lock:
       manager = self._managers.get(name)
     if manager is None:
@@ -234,23 +218,20 @@ class ServerCore:
       with self._lock:
         version = self._labels.get(name, {}).get(model_spec.version_label)
       if version is None:
-        raise errors.invalid_argument(
-            "Unrecognized servable version label: "
-            f"{model_spec.version_label}").with_context(f"model: {name}")
-    text = f"Latest({name})" if version is None else (
-        f"Specific({name}, {version})")
+        raise errors.invalid_argument(f"Unrecognized servable version label: {model_spec.version_label}").with_context(
+          f"model: {name}"
+        )
+    text = f"Latest({name})" if version is None else (f"Specific({name}, {version})")
     return self._manager(name, text), version, text
 
   @contextlib.contextmanager
-  def servable_handle(self, model_spec: model_pb2.ModelSpec
-                      ) -> Iterator[saved_model_bundle.SavedModelBundle]:
+  def servable_handle(self, model_spec: model_pb2.ModelSpec) -> Iterator[saved_model_bundle.SavedModelBundle]:
     """Yields the servable a ModelSpec names, held until the block exits."""
     manager, version, text = self.resolve(model_spec)
     with manager.handle(text, version) as bundle:
       yield bundle
 
-  def model_status(self, model_spec: model_pb2.ModelSpec
-                   ) -> get_model_status_pb2.GetModelStatusResponse:
+  def model_status(self, model_spec: model_pb2.ModelSpec) -> get_model_status_pb2.GetModelStatusResponse:
     """GetModelStatus for a ModelSpec (one version or all of them)."""
     name = model_spec.name
     if not name:
@@ -266,8 +247,7 @@ class ServerCore:
     if version is not None:
       states = [s for s in states if s[0] == version]
       if not states:
-        raise errors.not_found(
-            f"Could not find version {version} of model {name}")
+        raise errors.not_found(f"Could not find version {version} of model {name}")
     elif not states:
       raise errors.not_found(f"Could not find any versions of model {name}")
     # Newest first, as TF Serving's ServableStateMonitor orders versions.

@@ -13,20 +13,21 @@ import asyncio
 import concurrent.futures
 import functools
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from google.protobuf import message
 import grpc
-from grpc_health.v1 import health
-from grpc_health.v1 import health_pb2
-from grpc_health.v1 import health_pb2_grpc
-from tensorflow_serving.apis import classification_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
-from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import inference_pb2
-from tensorflow_serving.apis import model_management_pb2
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import regression_pb2
+from google.protobuf import message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import (
+  classification_pb2,
+  get_model_metadata_pb2,
+  get_model_status_pb2,
+  inference_pb2,
+  model_management_pb2,
+  predict_pb2,
+  regression_pb2,
+)
 
 from serving import errors
 from serving.model_servers import service_impl
@@ -37,23 +38,16 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 
 # Method -> (request class, response class), as in the services' .proto.
-_PREDICTION_METHODS: Dict[str, Tuple[Type[message.Message], Any]] = {
-    "Classify": (classification_pb2.ClassificationRequest,
-                 classification_pb2.ClassificationResponse),
-    "Regress": (regression_pb2.RegressionRequest,
-                regression_pb2.RegressionResponse),
-    "Predict": (predict_pb2.PredictRequest, predict_pb2.PredictResponse),
-    "MultiInference": (inference_pb2.MultiInferenceRequest,
-                       inference_pb2.MultiInferenceResponse),
-    "GetModelMetadata": (get_model_metadata_pb2.GetModelMetadataRequest,
-                         get_model_metadata_pb2.GetModelMetadataResponse),
+_PREDICTION_METHODS: dict[str, tuple[type[message.Message], Any]] = {
+  "Classify": (classification_pb2.ClassificationRequest, classification_pb2.ClassificationResponse),
+  "Regress": (regression_pb2.RegressionRequest, regression_pb2.RegressionResponse),
+  "Predict": (predict_pb2.PredictRequest, predict_pb2.PredictResponse),
+  "MultiInference": (inference_pb2.MultiInferenceRequest, inference_pb2.MultiInferenceResponse),
+  "GetModelMetadata": (get_model_metadata_pb2.GetModelMetadataRequest, get_model_metadata_pb2.GetModelMetadataResponse),
 }
-_MODEL_METHODS: Dict[str, Tuple[Type[message.Message], Any]] = {
-    "GetModelStatus": (get_model_status_pb2.GetModelStatusRequest,
-                       get_model_status_pb2.GetModelStatusResponse),
-    "HandleReloadConfigRequest": (
-        model_management_pb2.ReloadConfigRequest,
-        model_management_pb2.ReloadConfigResponse),
+_MODEL_METHODS: dict[str, tuple[type[message.Message], Any]] = {
+  "GetModelStatus": (get_model_status_pb2.GetModelStatusRequest, get_model_status_pb2.GetModelStatusResponse),
+  "HandleReloadConfigRequest": (model_management_pb2.ReloadConfigRequest, model_management_pb2.ReloadConfigResponse),
 }
 
 
@@ -64,18 +58,19 @@ class _Malformed:
     self.message = f"Malformed {name}: {error}"
 
 
-def _parser(request_class: Type[message.Message]
-            ) -> Callable[[bytes], Any]:
+def _parser(request_class: type[message.Message]) -> Callable[[bytes], Any]:
   """A deserializer that never raises (grpc would answer INTERNAL)."""
+
   def parse(data: bytes):
     try:
       return request_class.FromString(data)
     except message.DecodeError as e:
       return _Malformed(request_class.DESCRIPTOR.name, e)
+
   return parse
 
 
-def _timeout_ms(context: grpc.aio.ServicerContext) -> Optional[int]:
+def _timeout_ms(context: grpc.aio.ServicerContext) -> int | None:
   """The client's deadline, used as the session run timeout (as TF Serving)."""
   remaining = context.time_remaining()
   if remaining is None or remaining > 1e8:
@@ -83,12 +78,13 @@ def _timeout_ms(context: grpc.aio.ServicerContext) -> Optional[int]:
   return max(1, int(remaining * 1000))
 
 
-def _generic_handler(service: str, servicer: Any,
-                     methods: Dict[str, Tuple[Type[message.Message], Any]]
-                     ) -> grpc.GenericRpcHandler:
+def _generic_handler(
+  service: str, servicer: Any, methods: dict[str, tuple[type[message.Message], Any]]
+) -> grpc.GenericRpcHandler:
   """Registers `servicer`'s coroutines; unparsable requests get
   INVALID_ARGUMENT, as TF Serving answers any malformed input, and any
   failure becomes a status, never a crash."""
+
   def behaviour(method):
     async def call(request, context: grpc.aio.ServicerContext):
       if isinstance(request, _Malformed):
@@ -98,14 +94,17 @@ def _generic_handler(service: str, servicer: Any,
       except Exception as e:  # pylint: disable=broad-except
         error = errors.from_exception(e)
       await context.abort(error.code, error.message)
+
     return call
 
   handlers = {
-      name: grpc.unary_unary_rpc_method_handler(
-          behaviour(getattr(servicer, name)),
-          request_deserializer=_parser(request_class),
-          response_serializer=response_class.SerializeToString)
-      for name, (request_class, response_class) in methods.items()}
+    name: grpc.unary_unary_rpc_method_handler(
+      behaviour(getattr(servicer, name)),
+      request_deserializer=_parser(request_class),
+      response_serializer=response_class.SerializeToString,
+    )
+    for name, (request_class, response_class) in methods.items()
+  }
   return grpc.method_handlers_generic_handler(service, handlers)
 
 
@@ -116,8 +115,7 @@ class _Pool:
     self.executor = executor
 
   async def run(self, function: Callable[..., R], *args) -> R:
-    return await asyncio.get_running_loop().run_in_executor(
-        self.executor, functools.partial(function, *args))
+    return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(function, *args))
 
 
 class PredictionServicer:
@@ -128,20 +126,16 @@ class PredictionServicer:
     self._pool = pool
 
   async def Predict(self, request, context):
-    return await self._api.predict_async(request, _timeout_ms(context),
-                                         self._pool.executor)
+    return await self._api.predict_async(request, _timeout_ms(context), self._pool.executor)
 
   async def Classify(self, request, context):
-    return await self._pool.run(self._api.classify, request,
-                                _timeout_ms(context))
+    return await self._pool.run(self._api.classify, request, _timeout_ms(context))
 
   async def Regress(self, request, context):
-    return await self._pool.run(self._api.regress, request,
-                                _timeout_ms(context))
+    return await self._pool.run(self._api.regress, request, _timeout_ms(context))
 
   async def MultiInference(self, request, context):
-    return await self._pool.run(self._api.multi_inference, request,
-                                _timeout_ms(context))
+    return await self._pool.run(self._api.multi_inference, request, _timeout_ms(context))
 
   async def GetModelMetadata(self, request, context):
     del context
@@ -179,31 +173,35 @@ class GrpcServer:
       for plaintext. UNIX sockets stay plaintext (local, file permissions).
   """
 
-  def __init__(self, api: service_impl.ServingApi, max_threads: int,
-               options: List[Tuple[str, object]],
-               enable_health: bool,
-               max_receive_message_length: int = -1,
-               credentials: Optional[grpc.ServerCredentials] = None):
+  def __init__(
+    self,
+    api: service_impl.ServingApi,
+    max_threads: int,
+    options: list[tuple[str, object]],
+    enable_health: bool,
+    max_receive_message_length: int = -1,
+    credentials: grpc.ServerCredentials | None = None,
+  ):
     self._credentials = credentials
     channel_options = [
-        ("grpc.max_receive_message_length", max_receive_message_length),
-        ("grpc.max_send_message_length", -1)] + list(options)
-    self._executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=max(1, max_threads), thread_name_prefix="grpc")
+      ("grpc.max_receive_message_length", max_receive_message_length),
+      ("grpc.max_send_message_length", -1),
+    ] + list(options)
+    self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, max_threads), thread_name_prefix="grpc")
     pool = _Pool(self._executor)
     self._loop = asyncio.new_event_loop()
-    self._thread = threading.Thread(target=self._loop.run_forever,
-                                    name="grpc-loop", daemon=True)
+    self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
     self._thread.start()
     self._health = health.aio.HealthServicer() if enable_health else None
 
     async def create() -> grpc.aio.Server:
       server = grpc.aio.server(options=channel_options)
-      server.add_generic_rpc_handlers((
-          _generic_handler(PREDICTION_SERVICE, PredictionServicer(api, pool),
-                           _PREDICTION_METHODS),
-          _generic_handler(MODEL_SERVICE, ModelServicer(api, pool),
-                           _MODEL_METHODS)))
+      server.add_generic_rpc_handlers(
+        (
+          _generic_handler(PREDICTION_SERVICE, PredictionServicer(api, pool), _PREDICTION_METHODS),
+          _generic_handler(MODEL_SERVICE, ModelServicer(api, pool), _MODEL_METHODS),
+        )
+      )
       if self._health is not None:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
       return server
@@ -216,6 +214,7 @@ class GrpcServer:
 
   def add_port(self, address: str) -> int:
     """Binds `address` ("host:port" or "unix:path"); returns the port."""
+
     async def bind() -> int:
       if self._credentials is not None and not address.startswith("unix:"):
         return self._server.add_secure_port(address, self._credentials)
@@ -271,14 +270,13 @@ def ssl_credentials(config) -> grpc.ServerCredentials:
     ServingError: INVALID_ARGUMENT if the key or certificate is missing.
   """
   if not config.server_key or not config.server_cert:
-    raise errors.invalid_argument(
-        "--ssl_config_file: SSLConfig needs both server_key and server_cert "
-        "(PEM contents)")
+    raise errors.invalid_argument("--ssl_config_file: SSLConfig needs both server_key and server_cert (PEM contents)")
   if config.client_verify and not config.custom_ca:
     raise errors.invalid_argument(
-        "--ssl_config_file: client_verify needs custom_ca (PEM roots that "
-        "client certificates must chain to)")
+      "--ssl_config_file: client_verify needs custom_ca (PEM roots that client certificates must chain to)"
+    )
   return grpc.ssl_server_credentials(
-      [(config.server_key.encode(), config.server_cert.encode())],
-      root_certificates=config.custom_ca.encode() or None,
-      require_client_auth=config.client_verify)
+    [(config.server_key.encode(), config.server_cert.encode())],
+    root_certificates=config.custom_ca.encode() or None,
+    require_client_auth=config.client_verify,
+  )

@@ -12,57 +12,56 @@ import re
 import socket
 import threading
 import urllib.parse
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
+import tensorflow as tf
 from absl import logging
 from google.protobuf import json_format
-import tensorflow as tf
-from tensorflow_serving.apis import classification_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
-from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import model_pb2
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import regression_pb2
+from tensorflow_serving.apis import (
+  classification_pb2,
+  get_model_metadata_pb2,
+  get_model_status_pb2,
+  model_pb2,
+  predict_pb2,
+  regression_pb2,
+)
 
 from serving import errors
 from serving.model_servers import service_impl
 from serving.monitoring import metrics as metrics_lib
-from serving.servables import get_model_metadata
-from serving.servables import saved_model_bundle
-from serving.servables import tensor_util
+from serving.servables import get_model_metadata, saved_model_bundle, tensor_util
 from serving.util import json_tensor
 
 # TF Serving's request path patterns (http_rest_api_util.h).
 _PREDICTION_API = re.compile(
-    r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|"
-    r"(?:/labels/([^/:]+)))?:(classify|regress|predict)")
+  r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|"
+  r"(?:/labels/([^/:]+)))?:(classify|regress|predict)"
+)
 _MODEL_STATUS_API = re.compile(
-    r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|"
-    r"(?:/labels/([^/:]+)))?(?:/(metadata))?")
+  r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|"
+  r"(?:/labels/([^/:]+)))?(?:/(metadata))?"
+)
 
 
-def _model_spec(name: str, version: Optional[str], label: Optional[str]
-                ) -> model_pb2.ModelSpec:
+def _model_spec(name: str, version: str | None, label: str | None) -> model_pb2.ModelSpec:
   spec = model_pb2.ModelSpec(name=urllib.parse.unquote(name))
   if version:
     try:
       spec.version.value = int(version)
     except ValueError as e:
-      raise errors.invalid_argument(
-          f"Failed to convert version: {version} to numeric.") from e
+      raise errors.invalid_argument(f"Failed to convert version: {version} to numeric.") from e
   if label:
     spec.version_label = urllib.parse.unquote(label)
   return spec
 
 
-def _signature(bundle: saved_model_bundle.SavedModelBundle,
-               signature_name: str):
+def _signature(bundle: saved_model_bundle.SavedModelBundle, signature_name: str):
   """The servable's SignatureDef named `signature_name` (or the default)."""
   name = signature_name or saved_model_bundle.DEFAULT_SERVING_SIGNATURE
   if name not in bundle.signature_defs:
-    raise errors.invalid_argument(
-        f"Serving signature name: \"{name}\" not found in signature "
-        "def").with_context(bundle.context(name))
+    raise errors.invalid_argument(f'Serving signature name: "{name}" not found in signature def').with_context(
+      bundle.context(name)
+    )
   return bundle.signature_defs[name]
 
 
@@ -78,7 +77,7 @@ class RestApi:
     self._api = api
     self._timeout_ms = timeout_ms if timeout_ms > 0 else None
 
-  def handle(self, method: str, path: str, body: bytes) -> Tuple[int, Any]:
+  def handle(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
     """Returns (HTTP status, JSON-able payload) for one request."""
     try:
       return 200, self._dispatch(method, path, body)
@@ -108,46 +107,39 @@ class RestApi:
       spec = _model_spec(name, version, label)
       if subresource:
         return self._metadata(spec)
-      response = self._api.get_model_status(
-          get_model_status_pb2.GetModelStatusRequest(model_spec=spec))
-      return json_format.MessageToDict(
-          response, always_print_fields_with_no_presence=True)
+      response = self._api.get_model_status(get_model_status_pb2.GetModelStatusRequest(model_spec=spec))
+      return json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
     raise malformed
 
   @staticmethod
-  def _json_body(body: bytes) -> Dict[str, Any]:
+  def _json_body(body: bytes) -> dict[str, Any]:
     try:
       request = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
       raise errors.invalid_argument(f"JSON Parse error: {e}") from e
     except RecursionError as e:  # json's C parser counts nesting against
       # the interpreter's recursion limit, so deep bodies stop here.
-      raise errors.invalid_argument(
-          "JSON Parse error: the body nests arrays or objects too deeply"
-      ) from e
+      raise errors.invalid_argument("JSON Parse error: the body nests arrays or objects too deeply") from e
     if not isinstance(request, dict):
-      raise errors.invalid_argument(
-          "JSON Value: request body must be a JSON object")
+      raise errors.invalid_argument("JSON Value: request body must be a JSON object")
     signature_name = request.get("signature_name", "")
     if not isinstance(signature_name, str):
       raise errors.invalid_argument("'signature_name' must be a string")
     return request
 
-  def _predict(self, spec: model_pb2.ModelSpec,
-               body: Dict[str, Any]) -> Dict[str, Any]:
+  def _predict(self, spec: model_pb2.ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
     spec.signature_name = body.get("signature_name", "")
     row_format = False
 
-    def build(bundle, check_costs: service_impl.CostCheck
-              ) -> predict_pb2.PredictRequest:
+    def build(bundle, check_costs: service_impl.CostCheck) -> predict_pb2.PredictRequest:
       nonlocal row_format
       signature = _signature(bundle, spec.signature_name)
-      inputs, row_format = json_tensor.parse_predict_body(
-          body, signature, check_costs)
+      inputs, row_format = json_tensor.parse_predict_body(body, signature, check_costs)
       request = predict_pb2.PredictRequest(model_spec=spec)
       for alias, array in inputs.items():
-        request.inputs[alias].CopyFrom(tensor_util.to_tensor_proto(
-            array, signature.inputs[alias].dtype, as_tensor_content=True))
+        request.inputs[alias].CopyFrom(
+          tensor_util.to_tensor_proto(array, signature.inputs[alias].dtype, as_tensor_content=True)
+        )
       return request
 
     # One servable for the signature, the limits and the run (and admission
@@ -156,33 +148,33 @@ class RestApi:
     outputs = {a: tf.make_ndarray(t) for a, t in response.outputs.items()}
     return json_tensor.predict_response_json(outputs, row_format)
 
-  def _examples(self, spec: model_pb2.ModelSpec, body: Dict[str, Any],
-                verb: str) -> Dict[str, Any]:
+  def _examples(self, spec: model_pb2.ModelSpec, body: dict[str, Any], verb: str) -> dict[str, Any]:
     spec.signature_name = body.get("signature_name", "")
     model_input = json_tensor.parse_examples_body(body)
     if verb == "classify":
       response = self._api.classify(
-          classification_pb2.ClassificationRequest(
-              model_spec=spec, input=model_input), self._timeout_ms, "REST")
+        classification_pb2.ClassificationRequest(model_spec=spec, input=model_input), self._timeout_ms, "REST"
+      )
       return json_tensor.classification_json(response.result)
     response = self._api.regress(
-        regression_pb2.RegressionRequest(model_spec=spec, input=model_input),
-        self._timeout_ms, "REST")
+      regression_pb2.RegressionRequest(model_spec=spec, input=model_input), self._timeout_ms, "REST"
+    )
     return json_tensor.regression_json(response.result)
 
-  def _metadata(self, spec: model_pb2.ModelSpec) -> Dict[str, Any]:
+  def _metadata(self, spec: model_pb2.ModelSpec) -> dict[str, Any]:
     request = get_model_metadata_pb2.GetModelMetadataRequest(
-        model_spec=spec,
-        metadata_field=[get_model_metadata.SIGNATURE_DEF_FIELD])
+      model_spec=spec, metadata_field=[get_model_metadata.SIGNATURE_DEF_FIELD]
+    )
     response = self._api.get_model_metadata(request, entrypoint="REST")
     signature_map = get_model_metadata_pb2.SignatureDefMap()
-    response.metadata[get_model_metadata.SIGNATURE_DEF_FIELD].Unpack(
-        signature_map)
-    as_dict = lambda m: json_format.MessageToDict(  # pylint: disable=g-long-lambda
-        m, always_print_fields_with_no_presence=True,
-        preserving_proto_field_name=True)
-    return {"model_spec": as_dict(response.model_spec),
-            "metadata": {"signature_def": as_dict(signature_map)}}
+    response.metadata[get_model_metadata.SIGNATURE_DEF_FIELD].Unpack(signature_map)
+
+    def as_dict(message) -> dict:
+      return json_format.MessageToDict(
+        message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
+      )
+
+    return {"model_spec": as_dict(response.model_spec), "metadata": {"signature_def": as_dict(signature_map)}}
 
 
 class _PooledHTTPServer(http.server.HTTPServer):
@@ -193,8 +185,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
       self.address_family = socket.AF_INET6
       address = (address[0].strip("[]"), address[1])
     super().__init__(address, handler)
-    self._pool = concurrent.futures.ThreadPoolExecutor(
-        max(1, num_threads), thread_name_prefix="http")
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="http")
 
   def process_request(self, request, client_address):
     self._pool.submit(self._process, request, client_address)
@@ -228,11 +219,17 @@ class HttpServer:
       0 means no limit.
   """
 
-  def __init__(self, api: service_impl.ServingApi, host: str, port: int,
-               num_threads: int = 8, timeout_ms: int = 30000,
-               enable_cors: bool = False,
-               prometheus_path: Optional[str] = None,
-               max_body_bytes: int = 0):
+  def __init__(
+    self,
+    api: service_impl.ServingApi,
+    host: str,
+    port: int,
+    num_threads: int = 8,
+    timeout_ms: int = 30000,
+    enable_cors: bool = False,
+    prometheus_path: str | None = None,
+    max_body_bytes: int = 0,
+  ):
     rest = RestApi(api, timeout_ms)
     metrics = api.metrics
 
@@ -266,18 +263,17 @@ class HttpServer:
           length = -1
         if length < 0:
           self.close_connection = True  # The body's end is unknown.
-          self._reply(400, b'{"error": "Invalid Content-Length"}',
-                      "application/json")
+          self._reply(400, b'{"error": "Invalid Content-Length"}', "application/json")
           return
         if max_body_bytes and length > max_body_bytes:
           # 413, not TF Serving's 429 for RESOURCE_EXHAUSTED: the request
           # itself is too large and retrying it can't succeed. The body is
           # never read, so the connection can't be reused.
           self.close_connection = True
-          message = (f"Request body of {length} bytes exceeds the limit of "
-                     f"{max_body_bytes} bytes (--rest_api_max_body_bytes)")
-          self._reply(413, json.dumps({"error": message}).encode(),
-                      "application/json")
+          message = (
+            f"Request body of {length} bytes exceeds the limit of {max_body_bytes} bytes (--rest_api_max_body_bytes)"
+          )
+          self._reply(413, json.dumps({"error": message}).encode(), "application/json")
           return
         body = self.rfile.read(length) if length > 0 else b""
         if not path.lower().startswith("/v1/"):
@@ -305,8 +301,7 @@ class HttpServer:
 
     self._server = _PooledHTTPServer((host, port), Handler, num_threads)
     self.port = self._server.server_address[1]
-    self._thread = threading.Thread(target=self._server.serve_forever,
-                                    name="http", daemon=True)
+    self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
   def start(self) -> None:
     self._thread.start()

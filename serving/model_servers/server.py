@@ -3,22 +3,16 @@
 import dataclasses
 import os
 import threading
-from typing import List, Optional, Tuple
 
 from absl import logging
 from tensorflow.core.protobuf import config_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import errors
-from serving.batching import batch_scheduler
-from serving.batching import batching_session
-from serving.config import protos
-from serving.config import text_config
-from serving.core import loader
-from serving.core import server_core
-from serving.model_servers import grpc_server
-from serving.model_servers import http_server
-from serving.model_servers import service_impl
+from serving.batching import batch_scheduler, batching_session
+from serving.config import protos, text_config
+from serving.core import loader, server_core
+from serving.model_servers import grpc_server, http_server, service_impl
 from serving.monitoring import metrics as metrics_lib
 from serving.servables import request_limits
 
@@ -33,6 +27,7 @@ REST_API_ANY_PORT = -1
 @dataclasses.dataclass
 class Options:
   """Server options; fields mirror TF Serving's flags of the same name."""
+
   host: str = "127.0.0.1"
   port: int = 8500
   grpc_socket_path: str = ""
@@ -41,8 +36,7 @@ class Options:
   rest_api_timeout_in_ms: int = 30000
   rest_api_enable_cors_support: bool = False
   grpc_max_threads: int = 8
-  grpc_channel_arguments: List[Tuple[str, object]] = dataclasses.field(
-      default_factory=list)
+  grpc_channel_arguments: list[tuple[str, object]] = dataclasses.field(default_factory=list)
   enable_grpc_healthcheck_service: bool = False
   model_name: str = "default"
   model_base_path: str = ""
@@ -55,7 +49,7 @@ class Options:
   max_num_load_retries: int = 5
   load_retry_interval_micros: int = 60 * 1000 * 1000
   saved_model_tags: str = "serve"
-  session_config: Optional[config_pb2.ConfigProto] = None
+  session_config: config_pb2.ConfigProto | None = None
   enable_model_warmup: bool = True
   retain_freed_memory: bool = False
   num_request_iterations_for_warmup: int = 0
@@ -76,7 +70,7 @@ class Options:
   max_elements_per_batch: int = 0
   max_bytes_per_batch: int = 0
   expansion_limit_rows: int = request_limits.DEFAULT_ROWS
-  model_base_path_roots: List[str] = dataclasses.field(default_factory=list)
+  model_base_path_roots: list[str] = dataclasses.field(default_factory=list)
 
 
 class Server:
@@ -89,67 +83,56 @@ class Server:
   def __init__(self, options: Options):
     self.options = options
     self.metrics = metrics_lib.Metrics()
-    self._scheduler: Optional[batch_scheduler.SharedBatchScheduler] = None
-    self._grpc: Optional[grpc_server.GrpcServer] = None
-    self._http: Optional[http_server.HttpServer] = None
+    self._scheduler: batch_scheduler.SharedBatchScheduler | None = None
+    self._grpc: grpc_server.GrpcServer | None = None
+    self._http: http_server.HttpServer | None = None
     self._stop = threading.Event()
-    self._config_thread: Optional[threading.Thread] = None
+    self._config_thread: threading.Thread | None = None
     self.grpc_port = 0
     self.rest_port = 0
-    self.core: Optional[server_core.ServerCore] = None
+    self.core: server_core.ServerCore | None = None
 
   def _model_server_config(self) -> model_server_config_pb2.ModelServerConfig:
     options = self.options
     if options.model_config_file:
-      return text_config.parse_text_proto(
-          options.model_config_file, model_server_config_pb2.ModelServerConfig)
+      return text_config.parse_text_proto(options.model_config_file, model_server_config_pb2.ModelServerConfig)
     if not options.model_base_path:
-      raise errors.invalid_argument(
-          "Both --model_config_file and --model_base_path are empty: one of "
-          "them is required")
-    return server_core.single_model_config(options.model_name,
-                                           options.model_base_path)
+      raise errors.invalid_argument("Both --model_config_file and --model_base_path are empty: one of them is required")
+    return server_core.single_model_config(options.model_name, options.model_base_path)
 
-  def _batching(self) -> Optional[loader.BatchingConfig]:
+  def _batching(self) -> loader.BatchingConfig | None:
     options = self.options
     if not options.enable_batching:
       if options.batching_parameters_file:
-        raise errors.invalid_argument(
-            "--batching_parameters_file requires --enable_batching")
+        raise errors.invalid_argument("--batching_parameters_file requires --enable_batching")
       return None
     params = protos.BatchingParameters()
     if options.batching_parameters_file:
-      params = text_config.parse_text_proto(options.batching_parameters_file,
-                                            protos.BatchingParameters)
+      params = text_config.parse_text_proto(options.batching_parameters_file, protos.BatchingParameters)
     queue_options = batching_session.queue_options_from_proto(params)
-    threads = (params.num_batch_threads.value
-               if params.HasField("num_batch_threads") else 0)
+    threads = params.num_batch_threads.value if params.HasField("num_batch_threads") else 0
     if threads <= 0:
       threads = os.cpu_count() or 1
     self._scheduler = batch_scheduler.SharedBatchScheduler(threads)
-    logging.info("Batching enabled: %s, %d batch threads", queue_options,
-                 threads)
-    return loader.BatchingConfig(self._scheduler, queue_options,
-                                 self.metrics.batch_observer,
-                                 self._expansion_limits())
+    logging.info("Batching enabled: %s, %d batch threads", queue_options, threads)
+    return loader.BatchingConfig(self._scheduler, queue_options, self.metrics.batch_observer, self._expansion_limits())
 
   def _expansion_limits(self) -> request_limits.ExpansionLimits:
     options = self.options
     if options.expansion_limit_rows < 1:
-      raise errors.invalid_argument(
-          "--expansion_limit_rows must be positive")
+      raise errors.invalid_argument("--expansion_limit_rows must be positive")
     return request_limits.ExpansionLimits(
-        max_elements_per_request=options.max_elements_per_request,
-        max_bytes_per_request=options.max_bytes_per_request,
-        max_elements_per_batch=options.max_elements_per_batch,
-        max_bytes_per_batch=options.max_bytes_per_batch,
-        rows=options.expansion_limit_rows)
+      max_elements_per_request=options.max_elements_per_request,
+      max_bytes_per_request=options.max_bytes_per_request,
+      max_elements_per_batch=options.max_elements_per_batch,
+      max_bytes_per_batch=options.max_bytes_per_batch,
+      rows=options.expansion_limit_rows,
+    )
 
-  def _prometheus_path(self) -> Optional[str]:
+  def _prometheus_path(self) -> str | None:
     if not self.options.monitoring_config_file:
       return None
-    config = text_config.parse_text_proto(self.options.monitoring_config_file,
-                                          protos.MonitoringConfig)
+    config = text_config.parse_text_proto(self.options.monitoring_config_file, protos.MonitoringConfig)
     if not config.prometheus_config.enable:
       return None
     return config.prometheus_config.path or DEFAULT_PROMETHEUS_PATH
@@ -168,30 +151,33 @@ class Server:
     prometheus_path = self._prometheus_path()
     credentials = None
     if options.ssl_config_file:
-      credentials = grpc_server.ssl_credentials(text_config.parse_text_proto(
-          options.ssl_config_file, protos.SSLConfig))
+      credentials = grpc_server.ssl_credentials(text_config.parse_text_proto(options.ssl_config_file, protos.SSLConfig))
     if options.rest_api_port < REST_API_ANY_PORT:
       raise errors.invalid_argument(
-          f"--rest_api_port={options.rest_api_port}: expected a port, 0 "
-          f"(REST disabled) or {REST_API_ANY_PORT} (any free port)")
+        f"--rest_api_port={options.rest_api_port}: expected a port, 0 "
+        f"(REST disabled) or {REST_API_ANY_PORT} (any free port)"
+      )
     if prometheus_path and not options.rest_api_port:
       raise errors.invalid_argument(
-          "--monitoring_config_file enables Prometheus metrics, which are "
-          "served on the REST port: set --rest_api_port")
+        "--monitoring_config_file enables Prometheus metrics, which are served on the REST port: set --rest_api_port"
+      )
     loader_options = loader.LoaderOptions(
-        tags=[t for t in options.saved_model_tags.split(",") if t],
-        session_config=options.session_config,
-        enable_warmup=options.enable_model_warmup,
-        warmup_iterations=max(1, options.num_request_iterations_for_warmup),
-        max_num_load_retries=max(0, options.max_num_load_retries),
-        load_retry_interval_seconds=max(
-            0.0, options.load_retry_interval_micros / 1e6),
-        batching=self._batching(),
-        allowed_roots=tuple(options.model_base_path_roots),
-        reserve_next_version_memory=options.retain_freed_memory)
+      tags=[t for t in options.saved_model_tags.split(",") if t],
+      session_config=options.session_config,
+      enable_warmup=options.enable_model_warmup,
+      warmup_iterations=max(1, options.num_request_iterations_for_warmup),
+      max_num_load_retries=max(0, options.max_num_load_retries),
+      load_retry_interval_seconds=max(0.0, options.load_retry_interval_micros / 1e6),
+      batching=self._batching(),
+      allowed_roots=tuple(options.model_base_path_roots),
+      reserve_next_version_memory=options.retain_freed_memory,
+    )
     self.core = server_core.ServerCore(
-        loader_options, options.num_load_threads, options.num_unload_threads,
-        options.allow_version_labels_for_unavailable_models)
+      loader_options,
+      options.num_load_threads,
+      options.num_unload_threads,
+      options.allow_version_labels_for_unavailable_models,
+    )
     self.core.reload_config(config, wait=False)
     if options.file_system_poll_wait_seconds >= 0:
       self.core.start_polling(options.file_system_poll_wait_seconds)
@@ -200,40 +186,47 @@ class Server:
       return  # Shut down while waiting for models: nothing to serve.
     # Labels (and their checks) apply once the initial versions are up.
     self.core.reload_config(config)
-    if options.model_config_file and (
-        options.model_config_file_poll_wait_seconds > 0):
-      self._config_thread = threading.Thread(
-          target=self._poll_config, name="config-poll", daemon=True)
+    if options.model_config_file and (options.model_config_file_poll_wait_seconds > 0):
+      self._config_thread = threading.Thread(target=self._poll_config, name="config-poll", daemon=True)
       self._config_thread.start()
 
     self.api = api = service_impl.ServingApi(
-        self.core, self.metrics, options.enable_signature_method_name_check,
-        options.enable_serialization_as_tensor_content,
-        options.max_batch_size_per_request, options.max_in_flight_requests,
-        self._expansion_limits())
+      self.core,
+      self.metrics,
+      options.enable_signature_method_name_check,
+      options.enable_serialization_as_tensor_content,
+      options.max_batch_size_per_request,
+      options.max_in_flight_requests,
+      self._expansion_limits(),
+    )
     self._grpc = grpc_server.GrpcServer(
-        api, options.grpc_max_threads, options.grpc_channel_arguments,
-        options.enable_grpc_healthcheck_service,
-        options.grpc_max_receive_message_length or -1, credentials)
+      api,
+      options.grpc_max_threads,
+      options.grpc_channel_arguments,
+      options.enable_grpc_healthcheck_service,
+      options.grpc_max_receive_message_length or -1,
+      credentials,
+    )
     if options.port or not options.grpc_socket_path:
       self.grpc_port = self._grpc.add_port(f"{options.host}:{options.port}")
     if options.grpc_socket_path:
       self._grpc.add_port(f"unix:{options.grpc_socket_path}")
     self._grpc.start()
-    logging.info("Running gRPC ModelServer at %s:%d ...", options.host,
-                 self.grpc_port)
+    logging.info("Running gRPC ModelServer at %s:%d ...", options.host, self.grpc_port)
     if options.rest_api_port:
       self._http = http_server.HttpServer(
-          api, options.host, max(0, options.rest_api_port),
-          num_threads=options.rest_api_num_threads,
-          timeout_ms=options.rest_api_timeout_in_ms,
-          enable_cors=options.rest_api_enable_cors_support,
-          prometheus_path=prometheus_path,
-          max_body_bytes=max(0, options.rest_api_max_body_bytes))
+        api,
+        options.host,
+        max(0, options.rest_api_port),
+        num_threads=options.rest_api_num_threads,
+        timeout_ms=options.rest_api_timeout_in_ms,
+        enable_cors=options.rest_api_enable_cors_support,
+        prometheus_path=prometheus_path,
+        max_body_bytes=max(0, options.rest_api_max_body_bytes),
+      )
       self.rest_port = self._http.port
       self._http.start()
-      logging.info("Exporting HTTP/REST API at:%s:%d ...", options.host,
-                   self.rest_port)
+      logging.info("Exporting HTTP/REST API at:%s:%d ...", options.host, self.rest_port)
 
   def _poll_config(self) -> None:
     """Re-applies --model_config_file whenever it differs from the config
@@ -244,11 +237,9 @@ class Server:
         config = self._model_server_config()
         if config != self.core.config:
           self.core.reload_config(config)
-          logging.info("Reloaded model config from %s",
-                       self.options.model_config_file)
+          logging.info("Reloaded model config from %s", self.options.model_config_file)
       except errors.ServingError as e:
-        logging.error("Reloading %s failed: %s",
-                      self.options.model_config_file, e.message)
+        logging.error("Reloading %s failed: %s", self.options.model_config_file, e.message)
 
   def request_stop(self) -> None:
     """Ends a start-up still waiting for models (signal-safe)."""

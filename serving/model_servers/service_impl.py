@@ -6,40 +6,44 @@ import contextlib
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from absl import logging
-from tensorflow_serving.apis import classification_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
-from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import inference_pb2
-from tensorflow_serving.apis import input_pb2
-from tensorflow_serving.apis import model_management_pb2
-from tensorflow_serving.apis import model_pb2
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import regression_pb2
+from tensorflow_serving.apis import (
+  classification_pb2,
+  get_model_metadata_pb2,
+  get_model_status_pb2,
+  inference_pb2,
+  input_pb2,
+  model_management_pb2,
+  model_pb2,
+  predict_pb2,
+  regression_pb2,
+)
 
 from serving import errors
 from serving.core import server_core
 from serving.monitoring import metrics as metrics_lib
-from serving.servables import classifier
-from serving.servables import get_model_metadata
-from serving.servables import input_util
-from serving.servables import multi_inference
-from serving.servables import predict_util
-from serving.servables import regressor
-from serving.servables import saved_model_bundle
-from serving.servables import request_limits
+from serving.servables import (
+  classifier,
+  get_model_metadata,
+  input_util,
+  multi_inference,
+  predict_util,
+  regressor,
+  request_limits,
+  saved_model_bundle,
+)
 
 R = TypeVar("R")
 # Raises to refuse a request whose inputs ({alias: Cost}) expand too far.
-CostCheck = Callable[[Dict[str, request_limits.Cost]], None]
+CostCheck = Callable[[dict[str, request_limits.Cost]], None]
 
 
 def predict_batch_size(request: predict_pb2.PredictRequest) -> int:
   """Rows in a PredictRequest: the largest dim 0 among its inputs' shapes."""
-  return max((t.tensor_shape.dim[0].size for t in request.inputs.values()
-              if t.tensor_shape.dim), default=0)
+  return max((t.tensor_shape.dim[0].size for t in request.inputs.values() if t.tensor_shape.dim), default=0)
 
 
 def examples_batch_size(model_input: input_pb2.Input) -> int:
@@ -52,12 +56,10 @@ def examples_batch_size(model_input: input_pb2.Input) -> int:
   return 0
 
 
-async def _run_in(executor: concurrent.futures.Executor,
-                  function: Callable[..., R], *args) -> R:
+async def _run_in(executor: concurrent.futures.Executor, function: Callable[..., R], *args) -> R:
   """Runs `function` on `executor`; if the awaiting RPC is cancelled, still
   waits for it, so the caller's servable handle outlives the session call."""
-  future = asyncio.get_running_loop().run_in_executor(executor, function,
-                                                      *args)
+  future = asyncio.get_running_loop().run_in_executor(executor, function, *args)
   try:
     return await asyncio.shield(future)
   except asyncio.CancelledError:
@@ -85,21 +87,23 @@ class ServingApi:
       from what it declares before any input is decoded.
   """
 
-  def __init__(self, core: server_core.ServerCore, metrics: metrics_lib.Metrics,
-               method_name_check: bool = False,
-               as_tensor_content: bool = False,
-               max_batch_size_per_request: int = 0,
-               max_in_flight_requests: int = 0,
-               expansion_limits: Optional[
-                   request_limits.ExpansionLimits] = None):
+  def __init__(
+    self,
+    core: server_core.ServerCore,
+    metrics: metrics_lib.Metrics,
+    method_name_check: bool = False,
+    as_tensor_content: bool = False,
+    max_batch_size_per_request: int = 0,
+    max_in_flight_requests: int = 0,
+    expansion_limits: request_limits.ExpansionLimits | None = None,
+  ):
     self.core = core
     self.metrics = metrics
     self._method_name_check = method_name_check
     self._as_tensor_content = as_tensor_content
     self._max_batch = max(0, max_batch_size_per_request)
     self._max_in_flight = max(0, max_in_flight_requests)
-    self._in_flight = (threading.BoundedSemaphore(self._max_in_flight)
-                       if self._max_in_flight else None)
+    self._in_flight = threading.BoundedSemaphore(self._max_in_flight) if self._max_in_flight else None
     self._limits = expansion_limits or request_limits.ExpansionLimits()
     # Servable -> {signature name: its request limits}, priced once.
     self._signature_limits = weakref.WeakKeyDictionary()
@@ -112,29 +116,27 @@ class ServingApi:
       return
     if not self._in_flight.acquire(blocking=False):
       raise errors.resource_exhausted(
-          f"Too many requests in flight: the limit is {self._max_in_flight} "
-          "(--max_in_flight_requests); retry later")
+        f"Too many requests in flight: the limit is {self._max_in_flight} (--max_in_flight_requests); retry later"
+      )
     try:
       yield
     finally:
       self._in_flight.release()
 
-  def _check_batch_size(self, rows: int, model_spec: model_pb2.ModelSpec
-                        ) -> None:
+  def _check_batch_size(self, rows: int, model_spec: model_pb2.ModelSpec) -> None:
     if self._max_batch and rows > self._max_batch:
       raise errors.invalid_argument(
-          f"Request batch size {rows} exceeds the maximum of "
-          f"{self._max_batch} rows per request (--max_batch_size_per_request)"
-          f" [model {model_spec.name}]")
+        f"Request batch size {rows} exceeds the maximum of "
+        f"{self._max_batch} rows per request (--max_batch_size_per_request)"
+        f" [model {model_spec.name}]"
+      )
 
   def _predict_rows(self, request: predict_pb2.PredictRequest) -> int:
     """The request's rows where --max_batch_size_per_request limits them
     (reading every input's shape costs ~5% of a Predict's Python time)."""
     return predict_batch_size(request) if self._max_batch else 0
 
-  def _check_expansion(self, bundle, signature_name: str,
-                       costs: Callable[[], Dict[str, request_limits.Cost]]
-                       ) -> None:
+  def _check_expansion(self, bundle, signature_name: str, costs: Callable[[], dict[str, request_limits.Cost]]) -> None:
     """Raises RESOURCE_EXHAUSTED if the request's inputs (`costs()`, by
     alias) expand beyond the signature's limits. Unknown signatures are left
     for the request's own path to report in its words."""
@@ -154,8 +156,7 @@ class ServingApi:
       raise e.with_context(bundle.context(name)) from e
     self._limits.check(priced, limits, bundle.context(name))
 
-  def _predict_costs(self, request: predict_pb2.PredictRequest
-                     ) -> Dict[str, request_limits.Cost]:
+  def _predict_costs(self, request: predict_pb2.PredictRequest) -> dict[str, request_limits.Cost]:
     costs = {}
     for alias, proto in request.inputs.items():
       cost = request_limits.tensor_cost(proto, alias)
@@ -163,23 +164,23 @@ class ServingApi:
         costs[alias] = cost
     return costs
 
-  def _check_predict(self, bundle, request: predict_pb2.PredictRequest
-                     ) -> None:
-    self._check_expansion(bundle, request.model_spec.signature_name,
-                          lambda: self._predict_costs(request))
+  def _check_predict(self, bundle, request: predict_pb2.PredictRequest) -> None:
+    self._check_expansion(bundle, request.model_spec.signature_name, lambda: self._predict_costs(request))
 
-  def _check_examples(self, bundle, signature_name: str,
-                      model_input: input_pb2.Input) -> None:
+  def _check_examples(self, bundle, signature_name: str, model_input: input_pb2.Input) -> None:
     self._check_expansion(
-        bundle, signature_name,
-        lambda: {input_util.INPUTS_KEY: request_limits.examples_cost(
-            model_input)})
+      bundle, signature_name, lambda: {input_util.INPUTS_KEY: request_limits.examples_cost(model_input)}
+    )
 
   @contextlib.contextmanager
-  def _serving(self, api: str, entrypoint: str,
-               model_spec: model_pb2.ModelSpec, rows: int = 0,
-               check: Optional[Callable[[Any], None]] = None
-               ) -> Iterator[Any]:
+  def _serving(
+    self,
+    api: str,
+    entrypoint: str,
+    model_spec: model_pb2.ModelSpec,
+    rows: int = 0,
+    check: Callable[[Any], None] | None = None,
+  ) -> Iterator[Any]:
     """Admits a request, holds its servable, converts and records failures.
 
     `check(bundle)` vets the request against its servable before it runs.
@@ -202,41 +203,58 @@ class ServingApi:
       status = "CANCELLED"
       raise
     finally:
-      self.metrics.record_request(model_spec.name, api, entrypoint, status,
-                                  time.monotonic() - start)
+      self.metrics.record_request(model_spec.name, api, entrypoint, status, time.monotonic() - start)
 
-  def _call(self, api: str, entrypoint: str, model_spec: model_pb2.ModelSpec,
-            run: Callable[..., R], rows: int = 0,
-            check: Optional[Callable[[Any], None]] = None) -> R:
+  def _call(
+    self,
+    api: str,
+    entrypoint: str,
+    model_spec: model_pb2.ModelSpec,
+    run: Callable[..., R],
+    rows: int = 0,
+    check: Callable[[Any], None] | None = None,
+  ) -> R:
     with self._serving(api, entrypoint, model_spec, rows, check) as bundle:
       return run(bundle)
 
-  def _call_examples(self, api: str, entrypoint: str,
-                     model_spec: model_pb2.ModelSpec,
-                     model_input: input_pb2.Input,
-                     run: Callable[..., R]) -> R:
+  def _call_examples(
+    self,
+    api: str,
+    entrypoint: str,
+    model_spec: model_pb2.ModelSpec,
+    model_input: input_pb2.Input,
+    run: Callable[..., R],
+  ) -> R:
     """`_call` for Classify, Regress and MultiInference: their examples'
     count and expansion are checked before `run(bundle)`."""
-    return self._call(api, entrypoint, model_spec, run,
-                      examples_batch_size(model_input),
-                      lambda b: self._check_examples(
-                          b, model_spec.signature_name, model_input))
+    return self._call(
+      api,
+      entrypoint,
+      model_spec,
+      run,
+      examples_batch_size(model_input),
+      lambda b: self._check_examples(b, model_spec.signature_name, model_input),
+    )
 
-  def predict(self, request: predict_pb2.PredictRequest,
-              timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
-              ) -> predict_pb2.PredictResponse:
+  def predict(
+    self, request: predict_pb2.PredictRequest, timeout_ms: int | None = None, entrypoint: str = "GRPC"
+  ) -> predict_pb2.PredictResponse:
     """PredictionService.Predict."""
     return self._call(
-        "predict", entrypoint, request.model_spec,
-        lambda b: predict_util.run_predict(
-            b, request, timeout_ms, self._method_name_check,
-            self._as_tensor_content), self._predict_rows(request),
-        lambda b: self._check_predict(b, request))
+      "predict",
+      entrypoint,
+      request.model_spec,
+      lambda b: predict_util.run_predict(b, request, timeout_ms, self._method_name_check, self._as_tensor_content),
+      self._predict_rows(request),
+      lambda b: self._check_predict(b, request),
+    )
 
   def predict_built(
-      self, model_spec: model_pb2.ModelSpec,
-      build: Callable[[Any, CostCheck], predict_pb2.PredictRequest],
-      timeout_ms: Optional[int] = None, entrypoint: str = "REST"
+    self,
+    model_spec: model_pb2.ModelSpec,
+    build: Callable[[Any, CostCheck], predict_pb2.PredictRequest],
+    timeout_ms: int | None = None,
+    entrypoint: str = "REST",
   ) -> predict_pb2.PredictResponse:
     """PredictionService.Predict for a front end that builds the request
     from the servable's signature (REST types JSON values by it).
@@ -247,21 +265,21 @@ class ServingApi:
     input, and the same servable runs it: a version swap meanwhile can't pair
     one version's signature with the next one's session.
     """
+
     def run(bundle) -> predict_pb2.PredictResponse:
-      request = build(bundle, lambda costs: self._check_expansion(
-          bundle, model_spec.signature_name, lambda: costs))
+      request = build(bundle, lambda costs: self._check_expansion(bundle, model_spec.signature_name, lambda: costs))
       self._check_batch_size(self._predict_rows(request), model_spec)
-      return predict_util.run_predict(bundle, request, timeout_ms,
-                                      self._method_name_check,
-                                      self._as_tensor_content)
+      return predict_util.run_predict(bundle, request, timeout_ms, self._method_name_check, self._as_tensor_content)
 
     return self._call("predict", entrypoint, model_spec, run)
 
-  async def predict_async(self, request: predict_pb2.PredictRequest,
-                          timeout_ms: Optional[int],
-                          executor: concurrent.futures.Executor,
-                          entrypoint: str = "GRPC"
-                          ) -> predict_pb2.PredictResponse:
+  async def predict_async(
+    self,
+    request: predict_pb2.PredictRequest,
+    timeout_ms: int | None,
+    executor: concurrent.futures.Executor,
+    entrypoint: str = "GRPC",
+  ) -> predict_pb2.PredictResponse:
     """PredictionService.Predict on an asyncio loop.
 
     Validation and the response run on the loop. A batched call waits in its
@@ -269,78 +287,79 @@ class ServingApi:
     session on `executor`.
     """
     loop = asyncio.get_running_loop()
-    with self._serving("predict", entrypoint, request.model_spec,
-                       self._predict_rows(request),
-                       lambda b: self._check_predict(b, request)) as bundle:
-      prepared = predict_util.prepare_predict(bundle, request,
-                                              self._method_name_check)
+    with self._serving(
+      "predict", entrypoint, request.model_spec, self._predict_rows(request), lambda b: self._check_predict(b, request)
+    ) as bundle:
+      prepared = predict_util.prepare_predict(bundle, request, self._method_name_check)
       try:
         schedule = getattr(bundle.runner, "schedule", None)
-        task = None if schedule is None else schedule(
-            prepared.feeds, prepared.fetches, timeout_ms, loop)
+        task = None if schedule is None else schedule(prepared.feeds, prepared.fetches, timeout_ms, loop)
         if task is not None:
           values = await task.wait_async(timeout_ms)
         else:
           runner = getattr(bundle.runner, "runner", bundle.runner)
-          values = await _run_in(executor, runner, prepared.feeds,
-                                 prepared.fetches, timeout_ms)
+          values = await _run_in(executor, runner, prepared.feeds, prepared.fetches, timeout_ms)
       except Exception as e:  # Every failure names servable and signature.
-        raise errors.from_exception(
-            e, bundle.context(prepared.signature_name)) from e
-      return predict_util.predict_response(bundle, prepared, values,
-                                           self._as_tensor_content)
+        raise errors.from_exception(e, bundle.context(prepared.signature_name)) from e
+      return predict_util.predict_response(bundle, prepared, values, self._as_tensor_content)
 
-  def classify(self, request: classification_pb2.ClassificationRequest,
-               timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
-               ) -> classification_pb2.ClassificationResponse:
+  def classify(
+    self, request: classification_pb2.ClassificationRequest, timeout_ms: int | None = None, entrypoint: str = "GRPC"
+  ) -> classification_pb2.ClassificationResponse:
     """PredictionService.Classify."""
     return self._call_examples(
-        "classify", entrypoint, request.model_spec, request.input,
-        lambda b: classifier.run_classify(
-            b, request, timeout_ms, self._method_name_check))
+      "classify",
+      entrypoint,
+      request.model_spec,
+      request.input,
+      lambda b: classifier.run_classify(b, request, timeout_ms, self._method_name_check),
+    )
 
-  def regress(self, request: regression_pb2.RegressionRequest,
-              timeout_ms: Optional[int] = None, entrypoint: str = "GRPC"
-              ) -> regression_pb2.RegressionResponse:
+  def regress(
+    self, request: regression_pb2.RegressionRequest, timeout_ms: int | None = None, entrypoint: str = "GRPC"
+  ) -> regression_pb2.RegressionResponse:
     """PredictionService.Regress."""
     return self._call_examples(
-        "regress", entrypoint, request.model_spec, request.input,
-        lambda b: regressor.run_regress(
-            b, request, timeout_ms, self._method_name_check))
+      "regress",
+      entrypoint,
+      request.model_spec,
+      request.input,
+      lambda b: regressor.run_regress(b, request, timeout_ms, self._method_name_check),
+    )
 
-  def multi_inference(self, request: inference_pb2.MultiInferenceRequest,
-                      timeout_ms: Optional[int] = None,
-                      entrypoint: str = "GRPC"
-                      ) -> inference_pb2.MultiInferenceResponse:
+  def multi_inference(
+    self, request: inference_pb2.MultiInferenceRequest, timeout_ms: int | None = None, entrypoint: str = "GRPC"
+  ) -> inference_pb2.MultiInferenceResponse:
     """PredictionService.MultiInference (one model, one version)."""
     multi_inference.validate_tasks(request)
     return self._call_examples(  # Every task shares the input.
-        "multi_inference", entrypoint, request.tasks[0].model_spec,
-        request.input,
-        lambda b: multi_inference.run_multi_inference(
-            b, request, timeout_ms, self._method_name_check))
+      "multi_inference",
+      entrypoint,
+      request.tasks[0].model_spec,
+      request.input,
+      lambda b: multi_inference.run_multi_inference(b, request, timeout_ms, self._method_name_check),
+    )
 
   def get_model_metadata(
-      self, request: get_model_metadata_pb2.GetModelMetadataRequest,
-      entrypoint: str = "GRPC"
+    self, request: get_model_metadata_pb2.GetModelMetadataRequest, entrypoint: str = "GRPC"
   ) -> get_model_metadata_pb2.GetModelMetadataResponse:
     """PredictionService.GetModelMetadata (signature_def)."""
     if not request.HasField("model_spec"):
       raise errors.invalid_argument("Missing ModelSpec")
     get_model_metadata.validate_request(request)
-    return self._call("get_model_metadata", entrypoint, request.model_spec,
-                      get_model_metadata.model_metadata)
+    return self._call("get_model_metadata", entrypoint, request.model_spec, get_model_metadata.model_metadata)
 
-  def get_model_status(self,
-                       request: get_model_status_pb2.GetModelStatusRequest
-                       ) -> get_model_status_pb2.GetModelStatusResponse:
+  def get_model_status(
+    self, request: get_model_status_pb2.GetModelStatusRequest
+  ) -> get_model_status_pb2.GetModelStatusResponse:
     """ModelService.GetModelStatus."""
     if not request.HasField("model_spec"):
       raise errors.invalid_argument("Missing ModelSpec")
     return self.core.model_status(request.model_spec)
 
-  def reload_config(self, request: model_management_pb2.ReloadConfigRequest
-                    ) -> model_management_pb2.ReloadConfigResponse:
+  def reload_config(
+    self, request: model_management_pb2.ReloadConfigRequest
+  ) -> model_management_pb2.ReloadConfigResponse:
     """ModelService.HandleReloadConfigRequest.
 
     Returns the response with an OK status; raises on failure (the gRPC
@@ -348,8 +367,8 @@ class ServingApi:
     """
     if request.config.WhichOneof("config") != "model_config_list":
       raise errors.invalid_argument(
-          "ServerModelConfig type not supported by HandleReloadConfigRequest."
-          " Only ModelConfigList is currently supported")
+        "ServerModelConfig type not supported by HandleReloadConfigRequest. Only ModelConfigList is currently supported"
+      )
     self.core.reload_config(request.config)
     response = model_management_pb2.ReloadConfigResponse()
     response.status.error_code = 0

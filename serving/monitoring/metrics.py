@@ -1,6 +1,6 @@
 """Server metrics, named after TF Serving's (`:tensorflow:serving:...`)."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import prometheus_client
 
@@ -20,29 +20,37 @@ class Metrics:
   def __init__(self, registry: prometheus_client.CollectorRegistry = None):
     self.registry = registry or prometheus_client.CollectorRegistry()
     self.request_count = prometheus_client.Counter(
-        ":tensorflow:serving:request_count",
-        "The total number of requests.", ["model_name", "status"],
-        registry=self.registry)
+      ":tensorflow:serving:request_count",
+      "The total number of requests.",
+      ["model_name", "status"],
+      registry=self.registry,
+    )
     self.request_latency = prometheus_client.Histogram(
-        ":tensorflow:serving:request_latency",
-        "Distribution of wall time (in microseconds) for Tensorflow Serving "
-        "request.", ["model_name", "API", "entrypoint"],
-        buckets=_LATENCY_BUCKETS_US, registry=self.registry)
+      ":tensorflow:serving:request_latency",
+      "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+      ["model_name", "API", "entrypoint"],
+      buckets=_LATENCY_BUCKETS_US,
+      registry=self.registry,
+    )
     self.batch_size = prometheus_client.Histogram(
-        ":tensorflow:serving:batching_session:processed_batch_size",
-        "Tracks the batch size distribution on processing.", ["model_name"],
-        buckets=_BATCH_BUCKETS, registry=self.registry)
+      ":tensorflow:serving:batching_session:processed_batch_size",
+      "Tracks the batch size distribution on processing.",
+      ["model_name"],
+      buckets=_BATCH_BUCKETS,
+      registry=self.registry,
+    )
     self.padding_size = prometheus_client.Histogram(
-        ":tensorflow:serving:batching_session:padding_size",
-        "Tracks the padding size distribution on batches.", ["model_name"],
-        buckets=_BATCH_BUCKETS, registry=self.registry)
+      ":tensorflow:serving:batching_session:padding_size",
+      "Tracks the padding size distribution on batches.",
+      ["model_name"],
+      buckets=_BATCH_BUCKETS,
+      registry=self.registry,
+    )
 
-  def record_request(self, model: str, api: str, entrypoint: str,
-                     status: str, latency_seconds: float) -> None:
+  def record_request(self, model: str, api: str, entrypoint: str, status: str, latency_seconds: float) -> None:
     """Counts one request and records its latency."""
     self.request_count.labels(model, status).inc()
-    self.request_latency.labels(model, api, entrypoint).observe(
-        latency_seconds * 1e6)
+    self.request_latency.labels(model, api, entrypoint).observe(latency_seconds * 1e6)
 
   def batch_observer(self, model: str) -> Callable[[int, int], None]:
     """Returns a callback recording (batch rows, padding rows) for `model`."""

@@ -1,23 +1,19 @@
 """Classify: feeds tf.Examples to a classify signature, reads classes/scores."""
 
 import functools
-from typing import List, Optional, Tuple
 
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import classification_pb2
 
 from serving import errors
-from serving.servables import input_util
-from serving.servables import predict_util
-from serving.servables import saved_model_bundle
+from serving.servables import input_util, predict_util, saved_model_bundle
 
 CLASSES_KEY = "classes"
 SCORES_KEY = "scores"
 
 
-def check_signature(signature: meta_graph_pb2.SignatureDef,
-                    method_name_check: bool = False) -> None:
+def check_signature(signature: meta_graph_pb2.SignatureDef, method_name_check: bool = False) -> None:
   """Validates a classification signature as TF Serving's classifier does.
 
   Args:
@@ -25,21 +21,18 @@ def check_signature(signature: meta_graph_pb2.SignatureDef,
     method_name_check: Also require method_name tensorflow/serving/classify
       (TF Serving's --enable_signature_method_name_check).
   """
-  input_util.check_examples_signature(signature, predict_util.CLASSIFY_METHOD,
-                                      "classification", method_name_check)
+  input_util.check_examples_signature(signature, predict_util.CLASSIFY_METHOD, "classification", method_name_check)
   if len(signature.outputs) not in (1, 2):
+    raise errors.invalid_argument(f"Expected one or two output Tensors, found {len(signature.outputs)}")
+  if CLASSES_KEY not in signature.outputs and (SCORES_KEY not in signature.outputs):
     raise errors.invalid_argument(
-        f"Expected one or two output Tensors, found {len(signature.outputs)}")
-  if CLASSES_KEY not in signature.outputs and (
-      SCORES_KEY not in signature.outputs):
-    raise errors.invalid_argument(
-        f"Expected classification signature outputs to contain at least one "
-        f"of \"{CLASSES_KEY}\" or \"{SCORES_KEY}\". Signature was: "
-        f"{signature}")
+      f"Expected classification signature outputs to contain at least one "
+      f'of "{CLASSES_KEY}" or "{SCORES_KEY}". Signature was: '
+      f"{signature}"
+    )
 
 
-def output_fetches(signature: meta_graph_pb2.SignatureDef
-                   ) -> Tuple[List[str], List[str]]:
+def output_fetches(signature: meta_graph_pb2.SignatureDef) -> tuple[list[str], list[str]]:
   """Returns (output keys, tensor names) of a classification signature."""
   keys = [k for k in (CLASSES_KEY, SCORES_KEY) if k in signature.outputs]
   return keys, [signature.outputs[k].name for k in keys]
@@ -47,17 +40,14 @@ def output_fetches(signature: meta_graph_pb2.SignatureDef
 
 def _check_2d(name: str, value: np.ndarray, num_examples: int) -> None:
   if value.ndim != 2:
-    raise errors.invalid_argument(
-        "Expected Tensor shape: [batch_size num_classes] but got "
-        f"{list(value.shape)}")
+    raise errors.invalid_argument(f"Expected Tensor shape: [batch_size num_classes] but got {list(value.shape)}")
   if value.shape[0] != num_examples:
-    raise errors.invalid_argument(
-        f"Expected {name} output batch size of {num_examples}. Got: "
-        f"{value.shape[0]}")
+    raise errors.invalid_argument(f"Expected {name} output batch size of {num_examples}. Got: {value.shape[0]}")
 
 
-def fill_result(keys: List[str], values: List[np.ndarray], num_examples: int,
-                result: classification_pb2.ClassificationResult) -> None:
+def fill_result(
+  keys: list[str], values: list[np.ndarray], num_examples: int, result: classification_pb2.ClassificationResult
+) -> None:
   """Converts classes/scores tensors into a ClassificationResult."""
   outputs = dict(zip(keys, values))
   classes = outputs.get(CLASSES_KEY)
@@ -65,18 +55,15 @@ def fill_result(keys: List[str], values: List[np.ndarray], num_examples: int,
   if classes is not None:
     _check_2d("classes", classes, num_examples)
     if classes.dtype != object:
-      raise errors.invalid_argument(
-          f"Expected classes Tensor of DT_STRING. Got: {classes.dtype}")
+      raise errors.invalid_argument(f"Expected classes Tensor of DT_STRING. Got: {classes.dtype}")
   if scores is not None:
     _check_2d("scores", scores, num_examples)
     if scores.dtype != np.float32:
-      raise errors.invalid_argument(
-          f"Expected scores Tensor of DT_FLOAT. Got: {scores.dtype}")
-  if classes is not None and scores is not None and (
-      classes.shape[1] != scores.shape[1]):
+      raise errors.invalid_argument(f"Expected scores Tensor of DT_FLOAT. Got: {scores.dtype}")
+  if classes is not None and scores is not None and (classes.shape[1] != scores.shape[1]):
     raise errors.invalid_argument(
-        "Tensors class and score should match in dim_size(1). Got "
-        f"{classes.shape[1]} vs. {scores.shape[1]}")
+      f"Tensors class and score should match in dim_size(1). Got {classes.shape[1]} vs. {scores.shape[1]}"
+    )
   num_classes = (classes if classes is not None else scores).shape[1]
   for i in range(num_examples):
     classifications = result.classifications.add()
@@ -88,11 +75,12 @@ def fill_result(keys: List[str], values: List[np.ndarray], num_examples: int,
         entry.score = float(scores[i, j])
 
 
-def run_classify(bundle: saved_model_bundle.SavedModelBundle,
-                 request: classification_pb2.ClassificationRequest,
-                 timeout_ms: Optional[int] = None,
-                 method_name_check: bool = False
-                 ) -> classification_pb2.ClassificationResponse:
+def run_classify(
+  bundle: saved_model_bundle.SavedModelBundle,
+  request: classification_pb2.ClassificationRequest,
+  timeout_ms: int | None = None,
+  method_name_check: bool = False,
+) -> classification_pb2.ClassificationResponse:
   """Runs a ClassificationRequest on one loaded servable.
 
   Args:
@@ -102,7 +90,11 @@ def run_classify(bundle: saved_model_bundle.SavedModelBundle,
     method_name_check: TF Serving's --enable_signature_method_name_check.
   """
   return input_util.run_examples(
-      bundle, request, classification_pb2.ClassificationResponse(),
-      timeout_ms, functools.partial(check_signature,
-                                    method_name_check=method_name_check),
-      output_fetches, fill_result)
+    bundle,
+    request,
+    classification_pb2.ClassificationResponse(),
+    timeout_ms,
+    functools.partial(check_signature, method_name_check=method_name_check),
+    output_fetches,
+    fill_result,
+  )

@@ -16,7 +16,8 @@ are the ones `Session.run` itself makes, on the pinned TF 2.20.
 """
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -35,17 +36,17 @@ class _Feed:
   name: str
   output: Any  # The C API's TF_Output.
   dtype: np.dtype
-  dims: Optional[Tuple[int, ...]]  # -1 for unknown; None: unknown rank.
+  dims: tuple[int, ...] | None  # -1 for unknown; None: unknown rank.
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  feeds: Tuple[_Feed, ...]
-  fetches: List[Any]  # TF_Outputs of the fetches that are not fed.
+  feeds: tuple[_Feed, ...]
+  fetches: list[Any]  # TF_Outputs of the fetches that are not fed.
   # Per fetch: its index among `fetches`, or the name of the feed it answers
   # with (the C API rejects a tensor both fed and fetched; Session.run
   # returns the fed value).
-  sources: Tuple[Any, ...]
+  sources: tuple[Any, ...]
 
 
 class DirectSession:
@@ -57,14 +58,15 @@ class DirectSession:
 
   def __init__(self, session: tf.compat.v1.Session):
     self._session = session
-    self._plans: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], _Plan] = {}
+    self._plans: dict[tuple[tuple[str, ...], tuple[str, ...]], _Plan] = {}
 
   def extend(self) -> None:
     """Copies the graph into the session if a run has not done it yet."""
     self._session._extend_graph()  # pylint: disable=protected-access
 
-  def run(self, feeds: Mapping[str, Any], fetches: Sequence[str],
-          options: Optional[config_pb2.RunOptions] = None) -> List[np.ndarray]:
+  def run(
+    self, feeds: Mapping[str, Any], fetches: Sequence[str], options: config_pb2.RunOptions | None = None
+  ) -> list[np.ndarray]:
     """Like `Session.run(list(fetches), feed_dict=feeds, options=options)`.
 
     Raises:
@@ -78,14 +80,15 @@ class DirectSession:
       value = np.asarray(feeds[feed.name], dtype=feed.dtype)
       if feed.dims is not None and not tensor_util.shape_fits(value.shape, feed.dims):
         raise ValueError(
-            f"Cannot feed value of shape {list(value.shape)} for Tensor "
-            f"{feed.name}, which has shape {_shape_text(feed.dims)}")
+          f"Cannot feed value of shape {list(value.shape)} for Tensor "
+          f"{feed.name}, which has shape {_shape_text(feed.dims)}"
+        )
       feed_dict[feed.output] = value
-    buffer = (pywrap_tf_session.TF_NewBufferFromString(options.SerializeToString())
-              if options is not None else None)
+    buffer = pywrap_tf_session.TF_NewBufferFromString(options.SerializeToString()) if options is not None else None
     try:
       values = self._session._call_tf_sessionrun(  # pylint: disable=protected-access
-          buffer, feed_dict, plan.fetches, [], None)
+        buffer, feed_dict, plan.fetches, [], None
+      )
     finally:
       if buffer is not None:
         pywrap_tf_session.TF_DeleteBuffer(buffer)
@@ -94,7 +97,7 @@ class DirectSession:
     fed = {feed.name: feed_dict[feed.output] for feed in plan.feeds}
     return [values[s] if isinstance(s, int) else fed[s] for s in plan.sources]
 
-  def _plan(self, feed_names: Tuple[str, ...], fetch_names: Tuple[str, ...]) -> _Plan:
+  def _plan(self, feed_names: tuple[str, ...], fetch_names: tuple[str, ...]) -> _Plan:
     key = (feed_names, fetch_names)
     plan = self._plans.get(key)
     if plan is not None:
@@ -107,10 +110,15 @@ class DirectSession:
       if not graph.is_feedable(tensor):
         raise ValueError(f"Tensor {name} may not be fed.")
       shape = tensor.shape
-      dims = (None if shape.rank is None else
-              tuple(-1 if d is None else d for d in shape.as_list()))
-      feeds.append(_Feed(name, tensor._as_tf_output(),  # pylint: disable=protected-access
-                         np.dtype(tensor.dtype.as_numpy_dtype), dims))
+      dims = None if shape.rank is None else tuple(-1 if d is None else d for d in shape.as_list())
+      feeds.append(
+        _Feed(
+          name,
+          tensor._as_tf_output(),  # pylint: disable=protected-access
+          np.dtype(tensor.dtype.as_numpy_dtype),
+          dims,
+        )
+      )
     fetches, sources = [], []
     for name in fetch_names:
       tensor = _tensor(graph, name)
@@ -132,5 +140,5 @@ def _tensor(graph: tf.Graph, name: str) -> tf.Tensor:
     raise KeyError(f"{name} is not a tensor of the graph: {e}") from e
 
 
-def _shape_text(dims: Tuple[int, ...]) -> str:
+def _shape_text(dims: tuple[int, ...]) -> str:
   return "(" + ", ".join("None" if d < 0 else str(d) for d in dims) + ")"

@@ -1,11 +1,12 @@
 """Feeds a tensorflow.serving.Input (tf.Examples) to classify/regress
 signatures."""
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
-from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import input_pb2
 
 from serving import errors
@@ -40,9 +41,9 @@ def serialized_examples(model_input: input_pb2.Input) -> np.ndarray:
   return array
 
 
-def check_examples_signature(signature: meta_graph_pb2.SignatureDef,
-                             method_name: str, kind: str,
-                             method_name_check: bool = False) -> None:
+def check_examples_signature(
+  signature: meta_graph_pb2.SignatureDef, method_name: str, kind: str, method_name_check: bool = False
+) -> None:
   """Checks a classify/regress signature's one string input (and method).
 
   As TF Serving, the signature's method_name is checked only under
@@ -58,31 +59,35 @@ def check_examples_signature(signature: meta_graph_pb2.SignatureDef,
   """
   if method_name_check and signature.method_name != method_name:
     raise errors.invalid_argument(
-        f"Expected {kind} signature method_name to be {method_name}. Was: "
-        f"{signature.method_name}")
+      f"Expected {kind} signature method_name to be {method_name}. Was: {signature.method_name}"
+    )
   if len(signature.inputs) != 1:
     raise errors.invalid_argument("Expected one input Tensor.")
   if INPUTS_KEY not in signature.inputs:
-    raise errors.invalid_argument(
-        f"No {kind} inputs found in SignatureDef: {signature}")
+    raise errors.invalid_argument(f"No {kind} inputs found in SignatureDef: {signature}")
   if signature.inputs[INPUTS_KEY].dtype != types_pb2.DT_STRING:
     raise errors.invalid_argument(
-        f"Expected {kind} input Tensor of DT_STRING (serialized "
-        f"tf.Examples), got "
-        f"{types_pb2.DataType.Name(signature.inputs[INPUTS_KEY].dtype)}")
+      f"Expected {kind} input Tensor of DT_STRING (serialized "
+      f"tf.Examples), got "
+      f"{types_pb2.DataType.Name(signature.inputs[INPUTS_KEY].dtype)}"
+    )
 
 
 # (signature) -> (output keys, tensor names) to fetch.
-OutputFetches = Callable[[meta_graph_pb2.SignatureDef],
-                         Tuple[List[str], List[str]]]
+OutputFetches = Callable[[meta_graph_pb2.SignatureDef], tuple[list[str], list[str]]]
 # (output keys, values, number of examples, result message) -> None.
 FillResult = Callable[[Sequence[str], Sequence[np.ndarray], int, Any], None]
 
 
-def run_examples(bundle, request, response, timeout_ms: Optional[int],
-                 check_signature: Callable[[meta_graph_pb2.SignatureDef],
-                                           None],
-                 output_fetches: OutputFetches, fill_result: FillResult):
+def run_examples(
+  bundle,
+  request,
+  response,
+  timeout_ms: int | None,
+  check_signature: Callable[[meta_graph_pb2.SignatureDef], None],
+  output_fetches: OutputFetches,
+  fill_result: FillResult,
+):
   """Runs a Classify/Regress request: examples in, `response.result` out.
 
   Args:

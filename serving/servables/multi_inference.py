@@ -1,24 +1,14 @@
 """MultiInference: several classify/regress signatures in one session run."""
 
-from typing import List, Optional
-
 from tensorflow_serving.apis import inference_pb2
 
 from serving import errors
-from serving.servables import classifier
-from serving.servables import input_util
-from serving.servables import predict_util
-from serving.servables import regressor
-from serving.servables import saved_model_bundle
+from serving.servables import classifier, input_util, predict_util, regressor, saved_model_bundle
 
 # method_name -> (check_signature, output_fetches, fill_result).
 _METHODS = {
-    predict_util.CLASSIFY_METHOD: (classifier.check_signature,
-                                   classifier.output_fetches,
-                                   classifier.fill_result),
-    predict_util.REGRESS_METHOD: (regressor.check_signature,
-                                  regressor.output_fetches,
-                                  regressor.fill_result),
+  predict_util.CLASSIFY_METHOD: (classifier.check_signature, classifier.output_fetches, classifier.fill_result),
+  predict_util.REGRESS_METHOD: (regressor.check_signature, regressor.output_fetches, regressor.fill_result),
 }
 
 
@@ -29,25 +19,22 @@ def validate_tasks(request: inference_pb2.MultiInferenceRequest) -> str:
   ModelSpec by the caller.
   """
   if not request.tasks:
-    raise errors.invalid_argument(
-        "MultiInferenceRequest must contain at least one task.")
+    raise errors.invalid_argument("MultiInferenceRequest must contain at least one task.")
   name = request.tasks[0].model_spec.name
   for task in request.tasks:
     if not task.model_spec.name:
-      raise errors.invalid_argument(
-          "Found ModelSpec with an empty model name.")
+      raise errors.invalid_argument("Found ModelSpec with an empty model name.")
     if task.model_spec.name != name:
-      raise errors.invalid_argument(
-          "All ModelSpecs in a MultiInferenceRequest must access the same "
-          "model name.")
+      raise errors.invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
   return name
 
 
-def run_multi_inference(bundle: saved_model_bundle.SavedModelBundle,
-                        request: inference_pb2.MultiInferenceRequest,
-                        timeout_ms: Optional[int] = None,
-                        method_name_check: bool = False
-                        ) -> inference_pb2.MultiInferenceResponse:
+def run_multi_inference(
+  bundle: saved_model_bundle.SavedModelBundle,
+  request: inference_pb2.MultiInferenceRequest,
+  timeout_ms: int | None = None,
+  method_name_check: bool = False,
+) -> inference_pb2.MultiInferenceResponse:
   """Runs every task's signature on the shared input in one session call.
 
   Args:
@@ -62,28 +49,24 @@ def run_multi_inference(bundle: saved_model_bundle.SavedModelBundle,
   plans = []  # (task, signature name, signature, output keys, fetches)
   input_name = None
   for task in request.tasks:
-    signature_name = (task.model_spec.signature_name or
-                      saved_model_bundle.DEFAULT_SERVING_SIGNATURE)
+    signature_name = task.model_spec.signature_name or saved_model_bundle.DEFAULT_SERVING_SIGNATURE
     if signature_name in seen:
-      raise errors.invalid_argument(
-          f"Duplicate evaluation of signature: {signature_name}")
+      raise errors.invalid_argument(f"Duplicate evaluation of signature: {signature_name}")
     seen.add(signature_name)
     if signature_name not in bundle.signature_defs:
-      raise errors.invalid_argument(
-          "Requested signature not found in model graph: "
-          f"{signature_name}").with_context(bundle.context(signature_name))
+      raise errors.invalid_argument(f"Requested signature not found in model graph: {signature_name}").with_context(
+        bundle.context(signature_name)
+      )
     signature = bundle.signature_defs[signature_name]
     try:
       if task.method_name not in _METHODS:
-        raise errors.invalid_argument(
-            f"Unsupported signature method_name: {task.method_name}")
+        raise errors.invalid_argument(f"Unsupported signature method_name: {task.method_name}")
       check_signature, output_fetches, _ = _METHODS[task.method_name]
       check_signature(signature, method_name_check)
       keys, fetches = output_fetches(signature)
       name = signature.inputs[input_util.INPUTS_KEY].name
       if input_name is not None and name != input_name:
-        raise errors.invalid_argument(
-            "Input tensor must be the same for all Signatures.")
+        raise errors.invalid_argument("Input tensor must be the same for all Signatures.")
     except errors.ServingError as e:
       raise e.with_context(bundle.context(signature_name)) from e
     input_name = name
@@ -92,7 +75,7 @@ def run_multi_inference(bundle: saved_model_bundle.SavedModelBundle,
   context = bundle.context(",".join(p[1] for p in plans))
   try:
     examples = input_util.serialized_examples(request.input)
-    all_fetches: List[str] = [f for plan in plans for f in plan[3]]
+    all_fetches: list[str] = [f for plan in plans for f in plan[3]]
     values = bundle.runner({input_name: examples}, all_fetches, timeout_ms)
   except Exception as e:  # Every failure names the servable and signatures.
     raise errors.from_exception(e, context) from e
@@ -100,14 +83,14 @@ def run_multi_inference(bundle: saved_model_bundle.SavedModelBundle,
   response = inference_pb2.MultiInferenceResponse()
   offset = 0
   for task, signature_name, keys, fetches in plans:
-    task_values = values[offset:offset + len(fetches)]
+    task_values = values[offset : offset + len(fetches)]
     offset += len(fetches)
     result = response.results.add()
     bundle.fill_model_spec(result.model_spec, signature_name)
     _, _, fill_result = _METHODS[task.method_name]
-    target = (result.classification_result
-              if task.method_name == predict_util.CLASSIFY_METHOD
-              else result.regression_result)
+    target = (
+      result.classification_result if task.method_name == predict_util.CLASSIFY_METHOD else result.regression_result
+    )
     try:
       fill_result(keys, task_values, len(examples), target)
     except errors.ServingError as e:

@@ -1,6 +1,7 @@
 """Predict: validates a PredictRequest against a signature and runs it."""
 
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from tensorflow.core.framework import tensor_pb2
@@ -8,8 +9,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from serving import errors
-from serving.servables import saved_model_bundle
-from serving.servables import tensor_util
+from serving.servables import saved_model_bundle, tensor_util
 
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
@@ -20,8 +20,7 @@ def _joined(keys) -> str:
   return ",".join(sorted(keys))
 
 
-def check_shape(alias: str, array: np.ndarray,
-                info: meta_graph_pb2.TensorInfo) -> None:
+def check_shape(alias: str, array: np.ndarray, info: meta_graph_pb2.TensorInfo) -> None:
   """Raises INVALID_ARGUMENT if `array` can't be fed to `info`'s tensor."""
   if info.tensor_shape.unknown_rank or not info.HasField("tensor_shape"):
     return
@@ -29,13 +28,13 @@ def check_shape(alias: str, array: np.ndarray,
   if not tensor_util.shape_fits(array.shape, expected):
     shape = ",".join("?" if e < 0 else str(e) for e in expected)
     raise errors.invalid_argument(
-        f"Input {alias} has shape {list(array.shape)} but the signature "
-        f"expects [{shape}] (tensor {info.name})")
+      f"Input {alias} has shape {list(array.shape)} but the signature expects [{shape}] (tensor {info.name})"
+    )
 
 
-def input_feeds(signature: meta_graph_pb2.SignatureDef,
-                inputs: Mapping[str, tensor_pb2.TensorProto]
-                ) -> Dict[str, np.ndarray]:
+def input_feeds(
+  signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, tensor_pb2.TensorProto]
+) -> dict[str, np.ndarray]:
   """Validates request inputs and returns feeds keyed by tensor name.
 
   Mirrors TF Serving's PreProcessPrediction: the input count must match the
@@ -46,42 +45,44 @@ def input_feeds(signature: meta_graph_pb2.SignatureDef,
   signature_keys = set(signature.inputs.keys())
   missing = signature_keys - request_keys
   extra = request_keys - signature_keys
-  if len(request_keys) > len(signature_keys) or (
-      missing - set(signature.defaults.keys())):
+  if len(request_keys) > len(signature_keys) or (missing - set(signature.defaults.keys())):
     raise errors.invalid_argument(
-        f"input size does not match signature: {len(request_keys)}!="
-        f"{len(signature_keys)} len({{{_joined(request_keys)}}}) != "
-        f"len({{{_joined(signature_keys)}}}). Sent extra: "
-        f"{{{_joined(extra)}}}. Missing but required: "
-        f"{{{_joined(missing)}}}.")
+      f"input size does not match signature: {len(request_keys)}!="
+      f"{len(signature_keys)} len({{{_joined(request_keys)}}}) != "
+      f"len({{{_joined(signature_keys)}}}). Sent extra: "
+      f"{{{_joined(extra)}}}. Missing but required: "
+      f"{{{_joined(missing)}}}."
+    )
   if extra:
     raise errors.invalid_argument(
-        f"input tensor alias not found in signature: {min(extra)}. Inputs "
-        f"expected to be in the set {{{_joined(signature_keys)}}}.")
+      f"input tensor alias not found in signature: {min(extra)}. Inputs "
+      f"expected to be in the set {{{_joined(signature_keys)}}}."
+    )
   feeds = {}
   for index, alias in enumerate(sorted(request_keys)):
     info = signature.inputs[alias]
     proto = inputs[alias]
     if proto.dtype != info.dtype:
       raise errors.invalid_argument(
-          f"Expects arg[{index}] to be {tensor_util.dtype_name(info.dtype)} "
-          f"but {tensor_util.dtype_name(proto.dtype)} is provided "
-          f"(input {alias})")
+        f"Expects arg[{index}] to be {tensor_util.dtype_name(info.dtype)} "
+        f"but {tensor_util.dtype_name(proto.dtype)} is provided "
+        f"(input {alias})"
+      )
     array = tensor_util.to_ndarray(proto, alias)
     check_shape(alias, array, info)
     feeds[info.name] = array
   return feeds
 
 
-def output_targets(signature: meta_graph_pb2.SignatureDef,
-                   output_filter) -> Tuple[List[str], List[str]]:
+def output_targets(signature: meta_graph_pb2.SignatureDef, output_filter) -> tuple[list[str], list[str]]:
   """Returns (aliases, tensor names) to fetch, honouring `output_filter`."""
-  aliases: List[str] = []
+  aliases: list[str] = []
   for alias in output_filter:
     if alias not in signature.outputs:
       raise errors.invalid_argument(
-          f"output tensor alias not found in signature: {alias} Outputs "
-          f"expected to be in the set {{{_joined(signature.outputs.keys())}}}.")
+        f"output tensor alias not found in signature: {alias} Outputs "
+        f"expected to be in the set {{{_joined(signature.outputs.keys())}}}."
+      )
     if alias in aliases:
       raise errors.invalid_argument(f"duplicate output tensor alias: {alias}")
     aliases.append(alias)
@@ -92,16 +93,17 @@ def output_targets(signature: meta_graph_pb2.SignatureDef,
 
 class PreparedPredict(NamedTuple):
   """A validated PredictRequest, ready to run on its servable's session."""
+
   signature_name: str
   signature: meta_graph_pb2.SignatureDef
-  feeds: Dict[str, np.ndarray]
-  aliases: List[str]
-  fetches: List[str]
+  feeds: dict[str, np.ndarray]
+  aliases: list[str]
+  fetches: list[str]
 
 
-def prepare_predict(bundle: saved_model_bundle.SavedModelBundle,
-                    request: predict_pb2.PredictRequest,
-                    method_name_check: bool = False) -> PreparedPredict:
+def prepare_predict(
+  bundle: saved_model_bundle.SavedModelBundle, request: predict_pb2.PredictRequest, method_name_check: bool = False
+) -> PreparedPredict:
   """Resolves the signature and validates and decodes the request's inputs.
 
   Raises:
@@ -109,12 +111,12 @@ def prepare_predict(bundle: saved_model_bundle.SavedModelBundle,
   """
   name, signature = bundle.signature(request.model_spec.signature_name)
   try:
-    if method_name_check and signature.method_name not in (
-        PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
+    if method_name_check and signature.method_name not in (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
       raise errors.internal(
-          "Expected prediction signature method_name to be one of "
-          f"{{{PREDICT_METHOD}, {CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: "
-          f"{signature.method_name}")
+        "Expected prediction signature method_name to be one of "
+        f"{{{PREDICT_METHOD}, {CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: "
+        f"{signature.method_name}"
+      )
     feeds = input_feeds(signature, request.inputs)
     aliases, fetches = output_targets(signature, request.output_filter)
   except Exception as e:  # Every failure names the servable and signature.
@@ -122,25 +124,28 @@ def prepare_predict(bundle: saved_model_bundle.SavedModelBundle,
   return PreparedPredict(name, signature, feeds, aliases, fetches)
 
 
-def predict_response(bundle: saved_model_bundle.SavedModelBundle,
-                     prepared: PreparedPredict, values: Sequence[np.ndarray],
-                     as_tensor_content: bool = False
-                     ) -> predict_pb2.PredictResponse:
+def predict_response(
+  bundle: saved_model_bundle.SavedModelBundle,
+  prepared: PreparedPredict,
+  values: Sequence[np.ndarray],
+  as_tensor_content: bool = False,
+) -> predict_pb2.PredictResponse:
   """Builds the PredictResponse from the fetched values."""
   response = predict_pb2.PredictResponse()
   bundle.fill_model_spec(response.model_spec, prepared.signature_name)
   outputs = prepared.signature.outputs
   for alias, value in zip(prepared.aliases, values):
-    response.outputs[alias].CopyFrom(tensor_util.to_tensor_proto(
-        value, outputs[alias].dtype, as_tensor_content))
+    response.outputs[alias].CopyFrom(tensor_util.to_tensor_proto(value, outputs[alias].dtype, as_tensor_content))
   return response
 
 
-def run_predict(bundle: saved_model_bundle.SavedModelBundle,
-                request: predict_pb2.PredictRequest,
-                timeout_ms: Optional[int] = None,
-                method_name_check: bool = False,
-                as_tensor_content: bool = False) -> predict_pb2.PredictResponse:
+def run_predict(
+  bundle: saved_model_bundle.SavedModelBundle,
+  request: predict_pb2.PredictRequest,
+  timeout_ms: int | None = None,
+  method_name_check: bool = False,
+  as_tensor_content: bool = False,
+) -> predict_pb2.PredictResponse:
   """Runs a PredictRequest on one loaded servable.
 
   Args:
@@ -159,6 +164,5 @@ def run_predict(bundle: saved_model_bundle.SavedModelBundle,
   try:
     values = bundle.runner(prepared.feeds, prepared.fetches, timeout_ms)
   except Exception as e:  # Every failure names the servable and signature.
-    raise errors.from_exception(
-        e, bundle.context(prepared.signature_name)) from e
+    raise errors.from_exception(e, bundle.context(prepared.signature_name)) from e
   return predict_response(bundle, prepared, values, as_tensor_content)

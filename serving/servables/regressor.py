@@ -1,22 +1,19 @@
 """Regress: feeds tf.Examples to a regress signature, reads its outputs."""
 
 import functools
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import regression_pb2
 
 from serving import errors
-from serving.servables import input_util
-from serving.servables import predict_util
-from serving.servables import saved_model_bundle
+from serving.servables import input_util, predict_util, saved_model_bundle
 
 OUTPUTS_KEY = "outputs"
 
 
-def check_signature(signature: meta_graph_pb2.SignatureDef,
-                    method_name_check: bool = False) -> None:
+def check_signature(signature: meta_graph_pb2.SignatureDef, method_name_check: bool = False) -> None:
   """Validates a regression signature as TF Serving's regressor does.
 
   Args:
@@ -24,47 +21,44 @@ def check_signature(signature: meta_graph_pb2.SignatureDef,
     method_name_check: Also require method_name tensorflow/serving/regress
       (TF Serving's --enable_signature_method_name_check).
   """
-  input_util.check_examples_signature(signature, predict_util.REGRESS_METHOD,
-                                      "regression", method_name_check)
+  input_util.check_examples_signature(signature, predict_util.REGRESS_METHOD, "regression", method_name_check)
   if len(signature.outputs) != 1:
     raise errors.invalid_argument("Expected one output Tensor.")
   if OUTPUTS_KEY not in signature.outputs:
-    raise errors.invalid_argument(
-        f"No regression outputs found in SignatureDef: {signature}")
+    raise errors.invalid_argument(f"No regression outputs found in SignatureDef: {signature}")
 
 
-def output_fetches(signature: meta_graph_pb2.SignatureDef
-                   ) -> Tuple[List[str], List[str]]:
+def output_fetches(signature: meta_graph_pb2.SignatureDef) -> tuple[list[str], list[str]]:
   """Returns (output keys, tensor names) of a regression signature."""
   return [OUTPUTS_KEY], [signature.outputs[OUTPUTS_KEY].name]
 
 
-def fill_result(keys: Sequence[str], values: Sequence[np.ndarray],
-                num_examples: int,
-                result: regression_pb2.RegressionResult) -> None:
+def fill_result(
+  keys: Sequence[str], values: Sequence[np.ndarray], num_examples: int, result: regression_pb2.RegressionResult
+) -> None:
   """Converts the output tensor into a RegressionResult."""
   del keys  # A regression signature has exactly one output.
   value = values[0]
   if not (value.ndim == 1 or (value.ndim == 2 and value.shape[1] == 1)):
     raise errors.invalid_argument(
-        "Expected output Tensor shape to be either [batch_size] or "
-        f"[batch_size, 1] but got {list(value.shape)}")
+      f"Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got {list(value.shape)}"
+    )
   if value.shape[0] != num_examples:
     raise errors.invalid_argument(
-        "Input batch size did not match output batch size: "
-        f"{num_examples} vs. {value.shape[0]}")
+      f"Input batch size did not match output batch size: {num_examples} vs. {value.shape[0]}"
+    )
   if value.dtype != np.float32:
-    raise errors.invalid_argument(
-        f"Expected output Tensor of DT_FLOAT.  Got: {value.dtype}")
+    raise errors.invalid_argument(f"Expected output Tensor of DT_FLOAT.  Got: {value.dtype}")
   for v in value.reshape(-1):
     result.regressions.add(value=float(v))
 
 
-def run_regress(bundle: saved_model_bundle.SavedModelBundle,
-                request: regression_pb2.RegressionRequest,
-                timeout_ms: Optional[int] = None,
-                method_name_check: bool = False
-                ) -> regression_pb2.RegressionResponse:
+def run_regress(
+  bundle: saved_model_bundle.SavedModelBundle,
+  request: regression_pb2.RegressionRequest,
+  timeout_ms: int | None = None,
+  method_name_check: bool = False,
+) -> regression_pb2.RegressionResponse:
   """Runs a RegressionRequest on one loaded servable.
 
   Args:
@@ -74,6 +68,11 @@ def run_regress(bundle: saved_model_bundle.SavedModelBundle,
     method_name_check: TF Serving's --enable_signature_method_name_check.
   """
   return input_util.run_examples(
-      bundle, request, regression_pb2.RegressionResponse(), timeout_ms,
-      functools.partial(check_signature, method_name_check=method_name_check),
-      output_fetches, fill_result)
+    bundle,
+    request,
+    regression_pb2.RegressionResponse(),
+    timeout_ms,
+    functools.partial(check_signature, method_name_check=method_name_check),
+    output_fetches,
+    fill_result,
+  )

@@ -25,11 +25,11 @@ dimensions, a tensor_content of the wrong length) with INVALID_ARGUMENT.
 """
 
 import dataclasses
-from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Tuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2
-from tensorflow.core.framework import types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import input_pb2
 
@@ -49,13 +49,12 @@ HTTP_STATUS = 413
 
 
 # Bytes per element of each dtype a request may carry (strings: see below).
-_DTYPE_SIZE = {dtype: tf.as_dtype(dtype).size
-               for dtype in tensor_util.VALUE_FIELDS
-               if dtype != types_pb2.DT_STRING}
+_DTYPE_SIZE = {dtype: tf.as_dtype(dtype).size for dtype in tensor_util.VALUE_FIELDS if dtype != types_pb2.DT_STRING}
 
 
 class Cost(NamedTuple):
   """What one input (or a whole request) expands to."""
+
   elements: int
   nbytes: int
 
@@ -69,7 +68,7 @@ def _element_size(dtype: int) -> int:
     return 8
 
 
-def tensor_cost(proto: tensor_pb2.TensorProto, alias: str) -> Optional[Cost]:
+def tensor_cost(proto: tensor_pb2.TensorProto, alias: str) -> Cost | None:
   """Prices a request TensorProto from its declared shape and value counts.
 
   Nothing is decoded: strings count their encoded length (the proto's
@@ -95,9 +94,10 @@ def tensor_cost(proto: tensor_pb2.TensorProto, alias: str) -> Optional[Cost]:
   size = _DTYPE_SIZE[proto.dtype]
   if proto.tensor_content and len(proto.tensor_content) != elements * size:
     raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: tensor_content holds "
-        f"{len(proto.tensor_content)} bytes, not {elements} "
-        f"{tensor_util.dtype_name(proto.dtype)} values")
+      f"tensor parsing error: {alias}: tensor_content holds "
+      f"{len(proto.tensor_content)} bytes, not {elements} "
+      f"{tensor_util.dtype_name(proto.dtype)} values"
+    )
   return Cost(elements, elements * size)
 
 
@@ -145,7 +145,7 @@ def _total(costs: Iterable[Cost]) -> Cost:
   return Cost(elements, nbytes)
 
 
-def _limit(configured: int, derived: int) -> Optional[int]:
+def _limit(configured: int, derived: int) -> int | None:
   """A flag's limit: > 0 as set, 0 derived, < 0 none (None)."""
   if configured < 0:
     return None
@@ -166,23 +166,22 @@ class ExpansionLimits:
     max_bytes_per_batch: --max_bytes_per_batch.
     rows: Rows the derived per-request limits allow (--expansion_limit_rows).
   """
+
   max_elements_per_request: int = 0
   max_bytes_per_request: int = 0
   max_elements_per_batch: int = 0
   max_bytes_per_batch: int = 0
   rows: int = DEFAULT_ROWS
 
-  def request_limits(self, signature: meta_graph_pb2.SignatureDef
-                     ) -> Tuple[Optional[int], Optional[int]]:
+  def request_limits(self, signature: meta_graph_pb2.SignatureDef) -> tuple[int | None, int | None]:
     """(elements, bytes) one request on `signature` may expand to."""
-    budget = _total(input_budget(info, max(1, self.rows))
-                    for info in signature.inputs.values())
-    return (_limit(self.max_elements_per_request, budget.elements),
-            _limit(self.max_bytes_per_request,
-                   max(budget.nbytes, MIN_DERIVED_BYTES)))
+    budget = _total(input_budget(info, max(1, self.rows)) for info in signature.inputs.values())
+    return (
+      _limit(self.max_elements_per_request, budget.elements),
+      _limit(self.max_bytes_per_request, max(budget.nbytes, MIN_DERIVED_BYTES)),
+    )
 
-  def check(self, costs: Mapping[str, Cost],
-            limits: Tuple[Optional[int], Optional[int]], context: str) -> None:
+  def check(self, costs: Mapping[str, Cost], limits: tuple[int | None, int | None], context: str) -> None:
     """Raises RESOURCE_EXHAUSTED if `costs` (by input alias) exceed
     `limits` (a signature's `request_limits`); `context` names the servable
     and signature."""
@@ -190,30 +189,40 @@ class ExpansionLimits:
     total = _total(costs.values())
     if max_elements is not None and total.elements > max_elements:
       field, amount, limit, flag, configured = (
-          0, total.elements, max_elements, "--max_elements_per_request",
-          self.max_elements_per_request)
+        0,
+        total.elements,
+        max_elements,
+        "--max_elements_per_request",
+        self.max_elements_per_request,
+      )
       unit = "elements"
     elif max_bytes is not None and total.nbytes > max_bytes:
       field, amount, limit, flag, configured = (
-          1, total.nbytes, max_bytes, "--max_bytes_per_request",
-          self.max_bytes_per_request)
+        1,
+        total.nbytes,
+        max_bytes,
+        "--max_bytes_per_request",
+        self.max_bytes_per_request,
+      )
       unit = "bytes"
     else:
       return
     largest = max(costs, key=lambda alias: costs[alias][field])
-    how = "" if configured else (
-        f", derived from the signature's input shapes at {self.rows} rows "
-        "(--expansion_limit_rows)")
+    how = (
+      ""
+      if configured
+      else (f", derived from the signature's input shapes at {self.rows} rows (--expansion_limit_rows)")
+    )
     raise errors.resource_exhausted(
-        f"Request expands to {amount} {unit} (largest input: {largest}), "
-        f"over the limit of {limit} {unit} per request{how}; raise {flag} "
-        "to allow it",
-        http_status=HTTP_STATUS).with_context(context)
+      f"Request expands to {amount} {unit} (largest input: {largest}), "
+      f"over the limit of {limit} {unit} per request{how}; raise {flag} "
+      "to allow it",
+      http_status=HTTP_STATUS,
+    ).with_context(context)
 
-  def batch_budget(self, signature_defs: Mapping[
-      str, meta_graph_pb2.SignatureDef], max_batch_size: int
-                   ) -> Callable[[Iterable[str]], Tuple[Optional[int],
-                                                        Optional[int]]]:
+  def batch_budget(
+    self, signature_defs: Mapping[str, meta_graph_pb2.SignatureDef], max_batch_size: int
+  ) -> Callable[[Iterable[str]], tuple[int | None, int | None]]:
     """Returns feed tensor names -> (elements, bytes) one batch may hold.
 
     Derived limits price the feeds' signature inputs at `max_batch_size`
@@ -224,13 +233,13 @@ class ExpansionLimits:
       for info in signature.inputs.values():
         infos.setdefault(info.name, info)
 
-    def budget(feed_names: Iterable[str]) -> Tuple[Optional[int],
-                                                   Optional[int]]:
+    def budget(feed_names: Iterable[str]) -> tuple[int | None, int | None]:
       unknown = meta_graph_pb2.TensorInfo()
       unknown.tensor_shape.unknown_rank = True
-      derived = _total(input_budget(infos.get(name, unknown), max_batch_size)
-                       for name in feed_names)
-      return (_limit(self.max_elements_per_batch, derived.elements),
-              _limit(self.max_bytes_per_batch,
-                     max(derived.nbytes, MIN_DERIVED_BYTES)))
+      derived = _total(input_budget(infos.get(name, unknown), max_batch_size) for name in feed_names)
+      return (
+        _limit(self.max_elements_per_batch, derived.elements),
+        _limit(self.max_bytes_per_batch, max(derived.nbytes, MIN_DERIVED_BYTES)),
+      )
+
     return budget

@@ -21,13 +21,13 @@ import os
 import threading
 import time
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
+from absl import logging
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+
 # The loader's steps one by one (TF Serving's C++ loader has the same split):
 # tf.compat.v1.saved_model.load only runs them all, on a freshly parsed graph.
 from tensorflow.python.saved_model import loader_impl
@@ -41,12 +41,10 @@ DEFAULT_SERVING_SIGNATURE = "serving_default"
 _IN_CALLER_THREAD = config_pb2.RunOptions(inter_op_thread_pool=-1)
 
 # (feeds by tensor name, fetched tensor names, timeout in ms or None) -> values
-SessionRunner = Callable[[Dict[str, np.ndarray], Sequence[str], Optional[int]],
-                         List[np.ndarray]]
+SessionRunner = Callable[[dict[str, np.ndarray], Sequence[str], int | None], list[np.ndarray]]
 
 
-def servable_context(name: str, version: int,
-                     signature: Optional[str] = None) -> str:
+def servable_context(name: str, version: int, signature: str | None = None) -> str:
   """Describes a servable (and signature) for error messages."""
   text = f"model: {name}, version: {version}"
   return f"{text}, signature: {signature}" if signature else text
@@ -56,15 +54,17 @@ def servable_context(name: str, version: int,
 class _ImportedGraph:
   """A SavedModel's MetaGraph imported into a finalized graph, shared by the
   versions that have the same saved_model.pb."""
+
   graph: tf.Graph
   meta_graph: meta_graph_pb2.MetaGraphDef
-  saver: Optional[tf.compat.v1.train.Saver]
+  saver: tf.compat.v1.train.Saver | None
 
 
 # (saved_model.pb digest, tags) -> the graph; an entry lives while a version
 # holding it is loaded.
-_imported_graphs: "weakref.WeakValueDictionary[Tuple[str, Tuple[str, ...]], _ImportedGraph]" = (
-    weakref.WeakValueDictionary())
+_imported_graphs: "weakref.WeakValueDictionary[tuple[str, tuple[str, ...]], _ImportedGraph]" = (
+  weakref.WeakValueDictionary()
+)
 _imported_graphs_lock = threading.Lock()
 
 
@@ -110,23 +110,26 @@ class SavedModelBundle:
     session_config: ConfigProto for the session.
   """
 
-  def __init__(self, name: str, version: int, path: str,
-               tags: Sequence[str] = ("serve",),
-               session_config: Optional[config_pb2.ConfigProto] = None):
+  def __init__(
+    self,
+    name: str,
+    version: int,
+    path: str,
+    tags: Sequence[str] = ("serve",),
+    session_config: config_pb2.ConfigProto | None = None,
+  ):
     self.name = name
     self.version = version
     self.path = path
     self._closed = False
-    self._close_callbacks: List[Callable[[], None]] = []
+    self._close_callbacks: list[Callable[[], None]] = []
     self._close_lock = threading.Lock()
-    self._imported: Optional[_ImportedGraph] = _import_graph(path, tags)
+    self._imported: _ImportedGraph | None = _import_graph(path, tags)
     self.meta_graph: meta_graph_pb2.MetaGraphDef = self._imported.meta_graph
-    self._session = tf.compat.v1.Session(graph=self._imported.graph,
-                                         config=session_config)
+    self._session = tf.compat.v1.Session(graph=self._imported.graph, config=session_config)
     try:
       with background_load():
-        _restore_and_initialize(_InCallerThread(self._session), self._imported,
-                                path)
+        _restore_and_initialize(_InCallerThread(self._session), self._imported, path)
         self._direct = direct_session.DirectSession(self._session)
         # A no-op once the restore has run; at normal priority, as Python
         # holds the GIL around it.
@@ -141,7 +144,7 @@ class SavedModelBundle:
     """The SignatureDef map of the loaded MetaGraph."""
     return self.meta_graph.signature_def
 
-  def context(self, signature: Optional[str] = None) -> str:
+  def context(self, signature: str | None = None) -> str:
     return servable_context(self.name, self.version, signature)
 
   def fill_model_spec(self, model_spec, signature_name: str = "") -> None:
@@ -161,13 +164,12 @@ class SavedModelBundle:
     """
     name = signature_name or DEFAULT_SERVING_SIGNATURE
     if name not in self.meta_graph.signature_def:
-      raise errors.failed_precondition(
-          f"Serving signature key \"{name}\" not found.").with_context(
-              self.context(name))
+      raise errors.failed_precondition(f'Serving signature key "{name}" not found.').with_context(self.context(name))
     return name, self.meta_graph.signature_def[name]
 
-  def session_run(self, feeds: Dict[str, np.ndarray], fetches: Sequence[str],
-                  timeout_ms: Optional[int] = None) -> List[np.ndarray]:
+  def session_run(
+    self, feeds: dict[str, np.ndarray], fetches: Sequence[str], timeout_ms: int | None = None
+  ) -> list[np.ndarray]:
     """Runs the session; thread-safe (TF sessions allow concurrent runs).
 
     Runs go through `direct_session`: no per-call feed/fetch normalisation,
@@ -175,8 +177,7 @@ class SavedModelBundle:
     while it copies the graph into its session.
     """
     if self._closed:
-      raise errors.unavailable(
-          f"Servable {self.context()} has been unloaded")
+      raise errors.unavailable(f"Servable {self.context()} has been unloaded")
     options = None
     if timeout_ms is not None and timeout_ms > 0:
       options = config_pb2.RunOptions(timeout_in_ms=int(timeout_ms))
@@ -210,8 +211,7 @@ class SavedModelBundle:
         logging.info("Unloaded servable %s", self.context())
 
 
-def _restore_and_initialize(session: "_InCallerThread", imported: _ImportedGraph,
-                            path: str) -> None:
+def _restore_and_initialize(session: "_InCallerThread", imported: _ImportedGraph, path: str) -> None:
   """Restores the variables of the version at `path` into `session` and runs
   its init op with its own asset paths, as TF's SavedModel loader does."""
   started = time.monotonic()
@@ -224,9 +224,12 @@ def _restore_and_initialize(session: "_InCallerThread", imported: _ImportedGraph
     if init_op is not None:
       logging.info("Running initialization op on SavedModel bundle at path: %s", path)
       session.run(fetches=[init_op], feed_dict=assets)
-  logging.info("Restored the variables in %d microseconds and initialized in %d "
-               "microseconds at path: %s", (restored - started) * 1e6,
-               (time.monotonic() - restored) * 1e6, path)
+  logging.info(
+    "Restored the variables in %d microseconds and initialized in %d microseconds at path: %s",
+    (restored - started) * 1e6,
+    (time.monotonic() - restored) * 1e6,
+    path,
+  )
 
 
 class _InCallerThread:
@@ -239,13 +242,12 @@ class _InCallerThread:
 
   def run(self, fetches, feed_dict=None, options=None, run_metadata=None):
     with _idle_priority():
-      return self._session.run(fetches, feed_dict=feed_dict,
-                               options=_in_caller_thread(options),
-                               run_metadata=run_metadata)
+      return self._session.run(
+        fetches, feed_dict=feed_dict, options=_in_caller_thread(options), run_metadata=run_metadata
+      )
 
 
-def _in_caller_thread(options: Optional[config_pb2.RunOptions]
-                      ) -> config_pb2.RunOptions:
+def _in_caller_thread(options: config_pb2.RunOptions | None) -> config_pb2.RunOptions:
   """`options` (or none) with Session::Run executing in the calling thread."""
   merged = config_pb2.RunOptions()
   merged.CopyFrom(_IN_CALLER_THREAD)
@@ -311,7 +313,7 @@ def _idle_priority():
     os.sched_setscheduler(0, policy, param)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _can_leave_idle_priority() -> bool:
   """Whether a thread may go SCHED_IDLE and back, tried on a throwaway thread.
 
@@ -340,5 +342,4 @@ def _can_leave_idle_priority() -> bool:
 
 def has_saved_model(path: str) -> bool:
   """True if `path` holds a SavedModel proto (binary or text)."""
-  return (os.path.isfile(os.path.join(path, "saved_model.pb")) or
-          os.path.isfile(os.path.join(path, "saved_model.pbtxt")))
+  return os.path.isfile(os.path.join(path, "saved_model.pb")) or os.path.isfile(os.path.join(path, "saved_model.pbtxt"))

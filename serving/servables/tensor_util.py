@@ -1,12 +1,10 @@
 """Conversion between TensorProto and NumPy, with TF Serving's wire choices."""
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2
-from tensorflow.core.framework import tensor_shape_pb2
-from tensorflow.core.framework import types_pb2
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
 from serving import errors
 
@@ -19,22 +17,22 @@ _MAX_FILLED_ELEMENTS = 1 << 27
 # writes them. TF Serving answers Predict with these fields (not
 # tensor_content), and many clients read e.g. `outputs["y"].float_val`.
 _VALUE_FIELD = {
-    types_pb2.DT_FLOAT: "float_val",
-    types_pb2.DT_DOUBLE: "double_val",
-    types_pb2.DT_INT8: "int_val",
-    types_pb2.DT_INT16: "int_val",
-    types_pb2.DT_INT32: "int_val",
-    types_pb2.DT_UINT8: "int_val",
-    types_pb2.DT_UINT16: "int_val",
-    types_pb2.DT_INT64: "int64_val",
-    types_pb2.DT_UINT32: "uint32_val",
-    types_pb2.DT_UINT64: "uint64_val",
-    types_pb2.DT_BOOL: "bool_val",
-    types_pb2.DT_STRING: "string_val",
-    types_pb2.DT_HALF: "half_val",
-    types_pb2.DT_BFLOAT16: "half_val",
-    types_pb2.DT_COMPLEX64: "scomplex_val",
-    types_pb2.DT_COMPLEX128: "dcomplex_val",
+  types_pb2.DT_FLOAT: "float_val",
+  types_pb2.DT_DOUBLE: "double_val",
+  types_pb2.DT_INT8: "int_val",
+  types_pb2.DT_INT16: "int_val",
+  types_pb2.DT_INT32: "int_val",
+  types_pb2.DT_UINT8: "int_val",
+  types_pb2.DT_UINT16: "int_val",
+  types_pb2.DT_INT64: "int64_val",
+  types_pb2.DT_UINT32: "uint32_val",
+  types_pb2.DT_UINT64: "uint64_val",
+  types_pb2.DT_BOOL: "bool_val",
+  types_pb2.DT_STRING: "string_val",
+  types_pb2.DT_HALF: "half_val",
+  types_pb2.DT_BFLOAT16: "half_val",
+  types_pb2.DT_COMPLEX64: "scomplex_val",
+  types_pb2.DT_COMPLEX128: "dcomplex_val",
 }
 VALUE_FIELDS = _VALUE_FIELD  # The dtypes requests may carry.
 MAX_FILLED_ELEMENTS = _MAX_FILLED_ELEMENTS
@@ -43,7 +41,7 @@ MAX_FILLED_ELEMENTS = _MAX_FILLED_ELEMENTS
 def dtype_name(dtype_enum: int) -> str:
   """Returns TF's DataTypeString for an enum (e.g. "float" for DT_FLOAT)."""
   if dtype_enum in types_pb2.DataType.values():
-    return types_pb2.DataType.Name(dtype_enum)[len("DT_"):].lower()
+    return types_pb2.DataType.Name(dtype_enum)[len("DT_") :].lower()
   return str(dtype_enum)
 
 
@@ -62,22 +60,21 @@ def supplied_values(proto: tensor_pb2.TensorProto) -> int:
 
 # NumPy types of the dtypes decoded without tf.make_ndarray (see below).
 _NUMPY_TYPE = {
-    types_pb2.DT_FLOAT: np.float32,
-    types_pb2.DT_DOUBLE: np.float64,
-    types_pb2.DT_INT8: np.int8,
-    types_pb2.DT_INT16: np.int16,
-    types_pb2.DT_INT32: np.int32,
-    types_pb2.DT_INT64: np.int64,
-    types_pb2.DT_UINT8: np.uint8,
-    types_pb2.DT_UINT16: np.uint16,
-    types_pb2.DT_UINT32: np.uint32,
-    types_pb2.DT_UINT64: np.uint64,
-    types_pb2.DT_BOOL: np.bool_,
+  types_pb2.DT_FLOAT: np.float32,
+  types_pb2.DT_DOUBLE: np.float64,
+  types_pb2.DT_INT8: np.int8,
+  types_pb2.DT_INT16: np.int16,
+  types_pb2.DT_INT32: np.int32,
+  types_pb2.DT_INT64: np.int64,
+  types_pb2.DT_UINT8: np.uint8,
+  types_pb2.DT_UINT16: np.uint16,
+  types_pb2.DT_UINT32: np.uint32,
+  types_pb2.DT_UINT64: np.uint64,
+  types_pb2.DT_BOOL: np.bool_,
 }
 
 
-def _decode_exact(proto: tensor_pb2.TensorProto, num_elements: int,
-                  alias: str) -> Optional[np.ndarray]:
+def _decode_exact(proto: tensor_pb2.TensorProto, num_elements: int, alias: str) -> np.ndarray | None:
   """Decodes the common case, a proto carrying exactly its elements.
 
   tf.make_ndarray costs about 20 us per tensor in Python overhead, a
@@ -99,9 +96,10 @@ def _decode_exact(proto: tensor_pb2.TensorProto, num_elements: int,
     content = proto.tensor_content
     if len(content) != num_elements * np.dtype(np_type).itemsize:
       raise errors.invalid_argument(
-          f"tensor parsing error: {alias}: tensor_content holds "
-          f"{len(content)} bytes, not {num_elements} "
-          f"{dtype_name(proto.dtype)} values")
+        f"tensor parsing error: {alias}: tensor_content holds "
+        f"{len(content)} bytes, not {num_elements} "
+        f"{dtype_name(proto.dtype)} values"
+      )
     return np.frombuffer(content, dtype=np_type)
   values = getattr(proto, _VALUE_FIELD[proto.dtype])
   if len(values) != num_elements:
@@ -109,12 +107,10 @@ def _decode_exact(proto: tensor_pb2.TensorProto, num_elements: int,
   try:
     return np.array(values, dtype=np_type)
   except (OverflowError, ValueError) as e:
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: {e}") from e
+    raise errors.invalid_argument(f"tensor parsing error: {alias}: {e}") from e
 
 
-def declared_shape(proto: tensor_pb2.TensorProto, alias: str
-                   ) -> Tuple[List[int], int]:
+def declared_shape(proto: tensor_pb2.TensorProto, alias: str) -> tuple[list[int], int]:
   """A request TensorProto's declared dims and element count, checked as TF
   checks them before decoding.
 
@@ -124,18 +120,15 @@ def declared_shape(proto: tensor_pb2.TensorProto, alias: str
       (MAX_FILLED_ELEMENTS): a tensor TF can't allocate.
   """
   if proto.tensor_shape.unknown_rank:
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: tensor shape has unknown rank")
+    raise errors.invalid_argument(f"tensor parsing error: {alias}: tensor shape has unknown rank")
   dims = [d.size for d in proto.tensor_shape.dim]
   elements = 1
   for d in dims:
     if d < 0:
-      raise errors.invalid_argument(
-          f"tensor parsing error: {alias}: negative dimension in shape {dims}")
+      raise errors.invalid_argument(f"tensor parsing error: {alias}: negative dimension in shape {dims}")
     elements *= d
   if elements > max(_MAX_FILLED_ELEMENTS, supplied_values(proto)):
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: shape {dims} has too many elements")
+    raise errors.invalid_argument(f"tensor parsing error: {alias}: shape {dims} has too many elements")
   return dims, elements
 
 
@@ -153,9 +146,7 @@ def to_ndarray(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
     ServingError: INVALID_ARGUMENT if the proto is malformed.
   """
   if proto.dtype not in _VALUE_FIELD:
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: unsupported dtype "
-        f"{dtype_name(proto.dtype)}")
+    raise errors.invalid_argument(f"tensor parsing error: {alias}: unsupported dtype {dtype_name(proto.dtype)}")
   dims, num_elements = declared_shape(proto, alias)
   array = _decode_exact(proto, num_elements, alias)
   if array is not None:
@@ -163,22 +154,17 @@ def to_ndarray(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
   try:
     array = tf.make_ndarray(proto)
   except Exception as e:  # make_ndarray raises several types on bad protos.
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: {e}") from e
+    raise errors.invalid_argument(f"tensor parsing error: {alias}: {e}") from e
   if array.size != num_elements or list(array.shape) != dims:
-    raise errors.invalid_argument(
-        f"tensor parsing error: {alias}: {array.size} values do not fill "
-        f"shape {dims}")
+    raise errors.invalid_argument(f"tensor parsing error: {alias}: {array.size} values do not fill shape {dims}")
   return array
 
 
 def _shape_proto(shape: Iterable[int]) -> tensor_shape_pb2.TensorShapeProto:
-  return tensor_shape_pb2.TensorShapeProto(
-      dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape])
+  return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape])
 
 
-def to_tensor_proto(array: np.ndarray, dtype_enum: int,
-                    as_tensor_content: bool = False) -> tensor_pb2.TensorProto:
+def to_tensor_proto(array: np.ndarray, dtype_enum: int, as_tensor_content: bool = False) -> tensor_pb2.TensorProto:
   """Encodes an output array the way TF Serving's Predict does.
 
   Args:
@@ -192,11 +178,9 @@ def to_tensor_proto(array: np.ndarray, dtype_enum: int,
   """
   array = np.asarray(array)
   field = _VALUE_FIELD.get(dtype_enum)
-  if field is None or (as_tensor_content and
-                       dtype_enum != types_pb2.DT_STRING):
+  if field is None or (as_tensor_content and dtype_enum != types_pb2.DT_STRING):
     return tf.make_tensor_proto(array, dtype=tf.as_dtype(dtype_enum))
-  proto = tensor_pb2.TensorProto(dtype=dtype_enum,
-                                 tensor_shape=_shape_proto(array.shape))
+  proto = tensor_pb2.TensorProto(dtype=dtype_enum, tensor_shape=_shape_proto(array.shape))
   flat = array.reshape(-1)
   if field == "half_val":
     values = flat.view(np.uint16).tolist()
@@ -208,8 +192,7 @@ def to_tensor_proto(array: np.ndarray, dtype_enum: int,
       return proto
     except TypeError:
       del proto.string_val[:]
-    values = [v if isinstance(v, bytes) else str(v).encode("utf-8")
-              for v in flat]
+    values = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in flat]
   else:
     values = flat.tolist()
   getattr(proto, field).extend(values)

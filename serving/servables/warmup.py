@@ -3,24 +3,19 @@
 import os
 import time
 
-from absl import logging
 import grpc
 import tensorflow as tf
+from absl import logging
 from tensorflow_serving.apis import prediction_log_pb2
 
 from serving import errors
-from serving.servables import classifier
-from serving.servables import multi_inference
-from serving.servables import predict_util
-from serving.servables import regressor
-from serving.servables import saved_model_bundle
+from serving.servables import classifier, multi_inference, predict_util, regressor, saved_model_bundle
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_RECORDS = 1000
 
 
-def run_warmup(bundle: saved_model_bundle.SavedModelBundle,
-               iterations: int = 1) -> int:
+def run_warmup(bundle: saved_model_bundle.SavedModelBundle, iterations: int = 1) -> int:
   """Replays the servable's warm-up log, if it has one.
 
   Args:
@@ -45,30 +40,27 @@ def run_warmup(bundle: saved_model_bundle.SavedModelBundle,
     for record in tf.data.TFRecordDataset(path):
       records.append(record.numpy())
       if len(records) > MAX_WARMUP_RECORDS:
-        raise errors.invalid_argument(
-            f"Number of warmup records exceeds the maximum "
-            f"({MAX_WARMUP_RECORDS}) at {path}")
+        raise errors.invalid_argument(f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {path}")
   except tf.errors.OpError as e:
-    raise errors.invalid_argument(
-        f"Failed to read warmup records from {path}: {e.message}") from e
+    raise errors.invalid_argument(f"Failed to read warmup records from {path}: {e.message}") from e
   for _ in range(max(1, iterations)):
     for raw in records:
       log = prediction_log_pb2.PredictionLog()
       try:
         log.ParseFromString(raw)
       except Exception as e:  # protobuf's DecodeError
-        raise errors.invalid_argument(
-            f"Malformed PredictionLog in warmup file {path}: {e}") from e
+        raise errors.invalid_argument(f"Malformed PredictionLog in warmup file {path}: {e}") from e
       _replay(bundle, log)
-  logging.info("Finished reading warmup data for model at %s. Number of "
-               "warmup records read: %d. Elapsed time (microseconds): %d.",
-               bundle.path, len(records),
-               int((time.monotonic() - start) * 1e6))
+  logging.info(
+    "Finished reading warmup data for model at %s. Number of warmup records read: %d. Elapsed time (microseconds): %d.",
+    bundle.path,
+    len(records),
+    int((time.monotonic() - start) * 1e6),
+  )
   return len(records)
 
 
-def _replay(bundle: saved_model_bundle.SavedModelBundle,
-            log: prediction_log_pb2.PredictionLog) -> None:
+def _replay(bundle: saved_model_bundle.SavedModelBundle, log: prediction_log_pb2.PredictionLog) -> None:
   kind = log.WhichOneof("log_type")
   if kind == "predict_log":
     predict_util.run_predict(bundle, log.predict_log.request)
@@ -77,9 +69,6 @@ def _replay(bundle: saved_model_bundle.SavedModelBundle,
   elif kind == "regress_log":
     regressor.run_regress(bundle, log.regress_log.request)
   elif kind == "multi_inference_log":
-    multi_inference.run_multi_inference(bundle,
-                                        log.multi_inference_log.request)
+    multi_inference.run_multi_inference(bundle, log.multi_inference_log.request)
   else:
-    raise errors.ServingError(
-        grpc.StatusCode.UNIMPLEMENTED,
-        f"Unsupported log_type for warmup: {kind}")
+    raise errors.ServingError(grpc.StatusCode.UNIMPLEMENTED, f"Unsupported log_type for warmup: {kind}")

@@ -84,12 +84,13 @@ def exec_under_mimalloc(keep_freed_pages: bool) -> None:
     os.environ.pop(_EXEC_MARKER, None)
     return
   if not sys.platform.startswith("linux") or library is None or not sys.executable:
-    logging.warning("fgr-serve runs on the system's malloc: mimalloc (pip package %s) "
-                    "is not installed or not for this platform", _DISTRIBUTION)
+    logging.warning(
+      "fgr-serve runs on the system's malloc: mimalloc (pip package %s) is not installed or not for this platform",
+      _DISTRIBUTION,
+    )
     return
   if os.environ.get(_EXEC_MARKER):
-    logging.warning("fgr-serve runs on the system's malloc: LD_PRELOAD=%s did not take "
-                    "effect", library)
+    logging.warning("fgr-serve runs on the system's malloc: LD_PRELOAD=%s did not take effect", library)
     return
   env = dict(os.environ, **{_EXEC_MARKER: "1"})
   env["LD_PRELOAD"] = ":".join([library, *(p for p in env.get("LD_PRELOAD", "").split(":") if p)])

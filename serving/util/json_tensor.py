@@ -9,17 +9,15 @@ in `_bytes` (or that are not UTF-8) are base64-encoded.
 import base64
 import binascii
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.example import example_pb2
-from tensorflow.core.example import feature_pb2
+from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import classification_pb2
-from tensorflow_serving.apis import input_pb2
-from tensorflow_serving.apis import regression_pb2
+from tensorflow_serving.apis import classification_pb2, input_pb2, regression_pb2
 
 from serving import errors
 from serving.servables import request_limits
@@ -43,15 +41,14 @@ def _is_b64(value: Any) -> bool:
   return isinstance(value, dict) and len(value) == 1 and B64_KEY in value
 
 
-def _decode_b64(value: Dict[str, Any]) -> bytes:
+def _decode_b64(value: dict[str, Any]) -> bytes:
   encoded = value[B64_KEY]
   if not isinstance(encoded, str):
     raise errors.invalid_argument("'b64' value must be a string")
   try:
     return base64.b64decode(encoded, validate=True)
   except (binascii.Error, ValueError) as e:
-    raise errors.invalid_argument(
-        f"Unable to base64 decode the value of 'b64': {e}") from e
+    raise errors.invalid_argument(f"Unable to base64 decode the value of 'b64': {e}") from e
 
 
 def _leaf(value: Any, dtype: int, alias: str) -> Any:
@@ -64,8 +61,7 @@ def _leaf(value: Any, dtype: int, alias: str) -> Any:
   elif dtype == types_pb2.DT_BOOL:
     if isinstance(value, bool):
       return value
-  elif dtype in (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF,
-                 types_pb2.DT_BFLOAT16):
+  elif dtype in (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16):
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       return value
     if value in ("NaN", "Infinity", "-Infinity"):
@@ -73,18 +69,17 @@ def _leaf(value: Any, dtype: int, alias: str) -> Any:
   elif isinstance(value, int) and not isinstance(value, bool):
     return value
   raise errors.invalid_argument(
-      f"Unable to convert JSON value {short_repr(value)} of input {alias} to "
-      f"{tf.as_dtype(dtype).name}")
+    f"Unable to convert JSON value {short_repr(value)} of input {alias} to {tf.as_dtype(dtype).name}"
+  )
 
 
-def _flatten(value: Any, dtype: int, alias: str,
-             depth: int = 0) -> Tuple[List[int], list]:
+def _flatten(value: Any, dtype: int, alias: str, depth: int = 0) -> tuple[list[int], list]:
   """Returns (shape, flat values) of a rectangular nested JSON list."""
   if isinstance(value, list):
     if depth >= MAX_RANK:
       raise errors.invalid_argument(
-          f"Input {alias} nests lists deeper than {MAX_RANK} levels, TF's "
-          "largest tensor rank")
+        f"Input {alias} nests lists deeper than {MAX_RANK} levels, TF's largest tensor rank"
+      )
     if not value:
       return [0], []
     shapes, flat = None, []
@@ -94,15 +89,14 @@ def _flatten(value: Any, dtype: int, alias: str,
         shapes = shape
       elif shape != shapes:
         raise errors.invalid_argument(
-            f"Input {alias} is not a rectangular tensor: found elements of "
-            f"shapes {shapes} and {shape}")
+          f"Input {alias} is not a rectangular tensor: found elements of shapes {shapes} and {shape}"
+        )
       flat.extend(values)
     return [len(value)] + shapes, flat
   return [], [_leaf(value, dtype, alias)]
 
 
-def json_to_ndarray(value: Any, info: meta_graph_pb2.TensorInfo,
-                    alias: str) -> np.ndarray:
+def json_to_ndarray(value: Any, info: meta_graph_pb2.TensorInfo, alias: str) -> np.ndarray:
   """Converts a JSON value to an array of the signature input's dtype."""
   return _to_ndarray(*_flatten(value, info.dtype, alias), info, alias)
 
@@ -114,8 +108,7 @@ def _cost(flat: list, dtype: int) -> request_limits.Cost:
   return request_limits.Cost(len(flat), len(flat) * tf.as_dtype(dtype).size)
 
 
-def _to_ndarray(shape: List[int], flat: list, info: meta_graph_pb2.TensorInfo,
-                alias: str) -> np.ndarray:
+def _to_ndarray(shape: list[int], flat: list, info: meta_graph_pb2.TensorInfo, alias: str) -> np.ndarray:
   np_dtype = tf.as_dtype(info.dtype).as_numpy_dtype
   if info.dtype == types_pb2.DT_STRING:
     array = np.empty(len(flat), dtype=object)
@@ -125,54 +118,48 @@ def _to_ndarray(shape: List[int], flat: list, info: meta_graph_pb2.TensorInfo,
       with np.errstate(over="raise"):  # 1e300 is no float32: reject it.
         array = np.asarray(flat, dtype=np_dtype)
     except (OverflowError, ValueError, FloatingPointError) as e:
-      raise errors.invalid_argument(
-          f"Unable to convert input {alias} to {tf.as_dtype(info.dtype).name}:"
-          f" {e}") from e
+      raise errors.invalid_argument(f"Unable to convert input {alias} to {tf.as_dtype(info.dtype).name}: {e}") from e
   return array.reshape(shape)
 
 
-def _input_infos(signature: meta_graph_pb2.SignatureDef, names) -> Dict:
+def _input_infos(signature: meta_graph_pb2.SignatureDef, names) -> dict:
   infos = {}
   for name in names:
     if name not in signature.inputs:
       raise errors.invalid_argument(
-          f"Failed to process element: {name} key not found in signature "
-          f"inputs {{{','.join(sorted(signature.inputs))}}}")
+        f"Failed to process element: {name} key not found in signature inputs {{{','.join(sorted(signature.inputs))}}}"
+      )
     infos[name] = signature.inputs[name]
   return infos
 
 
-CostCheck = Callable[[Dict[str, request_limits.Cost]], None]
+CostCheck = Callable[[dict[str, request_limits.Cost]], None]
 
 
-def parse_predict_body(body: Mapping[str, Any],
-                       signature: meta_graph_pb2.SignatureDef,
-                       check: Optional[CostCheck] = None
-                       ) -> Tuple[Dict[str, np.ndarray], bool]:
+def parse_predict_body(
+  body: Mapping[str, Any], signature: meta_graph_pb2.SignatureDef, check: CostCheck | None = None
+) -> tuple[dict[str, np.ndarray], bool]:
   """Parses a :predict body into {alias: array}; returns (inputs, row_format).
 
   `check`, if given, sees every input's cost ({alias: Cost}) once the JSON
   is walked and before any array is built, and raises to refuse the request.
   """
   values, row_format = _predict_values(body, signature)
-  flattened = {alias: _flatten(value, signature.inputs[alias].dtype, alias)
-               for alias, value in values.items()}
+  flattened = {alias: _flatten(value, signature.inputs[alias].dtype, alias) for alias, value in values.items()}
   if check is not None:
-    check({alias: _cost(flat, signature.inputs[alias].dtype)
-           for alias, (_, flat) in flattened.items()})
-  return {alias: _to_ndarray(shape, flat, signature.inputs[alias], alias)
-          for alias, (shape, flat) in flattened.items()}, row_format
+    check({alias: _cost(flat, signature.inputs[alias].dtype) for alias, (_, flat) in flattened.items()})
+  return {
+    alias: _to_ndarray(shape, flat, signature.inputs[alias], alias) for alias, (shape, flat) in flattened.items()
+  }, row_format
 
 
-def _predict_values(body: Mapping[str, Any],
-                    signature: meta_graph_pb2.SignatureDef
-                    ) -> Tuple[Dict[str, Any], bool]:
+def _predict_values(body: Mapping[str, Any], signature: meta_graph_pb2.SignatureDef) -> tuple[dict[str, Any], bool]:
   """Picks each input's JSON value out of a :predict body."""
   has_instances, has_inputs = "instances" in body, "inputs" in body
   if has_instances == has_inputs:
     raise errors.invalid_argument(
-        "Not both 'inputs' and 'instances' keys may be present" if has_inputs
-        else "Missing 'inputs' or 'instances' key")
+      "Not both 'inputs' and 'instances' keys may be present" if has_inputs else "Missing 'inputs' or 'instances' key"
+    )
   if has_inputs:
     value = body["inputs"]
     if isinstance(value, dict) and not _is_b64(value):
@@ -181,28 +168,24 @@ def _predict_values(body: Mapping[str, Any],
     return {_single_input(signature): value}, False
   instances = body["instances"]
   if not isinstance(instances, list) or not instances:
-    raise errors.invalid_argument(
-        "'instances' must be a non-empty list of instances")
+    raise errors.invalid_argument("'instances' must be a non-empty list of instances")
   named = [isinstance(i, dict) and not _is_b64(i) for i in instances]
   if all(named):
     keys = set(instances[0].keys())
     if any(set(i.keys()) != keys for i in instances):
-      raise errors.invalid_argument(
-          "Failed to process element: every instance must have the same "
-          "named inputs")
+      raise errors.invalid_argument("Failed to process element: every instance must have the same named inputs")
     _input_infos(signature, keys)
     return {a: [i[a] for i in instances] for a in keys}, True
   if any(named):
-    raise errors.invalid_argument(
-        "Instances mix named (object) and unnamed values")
+    raise errors.invalid_argument("Instances mix named (object) and unnamed values")
   return {_single_input(signature): instances}, True
 
 
 def _single_input(signature: meta_graph_pb2.SignatureDef) -> str:
   if len(signature.inputs) != 1:
     raise errors.invalid_argument(
-        "The signature has more than one input "
-        f"{{{','.join(sorted(signature.inputs))}}}: name each input")
+      f"The signature has more than one input {{{','.join(sorted(signature.inputs))}}}: name each input"
+    )
   return next(iter(signature.inputs))
 
 
@@ -226,21 +209,18 @@ def ndarray_to_json(array: np.ndarray, alias: str) -> Any:
   array = np.asarray(array)
   if array.dtype == object or array.dtype.kind == "S":
     as_b64 = alias.endswith("_bytes")
-    flat = [_string_value(v if isinstance(v, bytes) else str(v).encode(),
-                          as_b64) for v in array.reshape(-1)]
+    flat = [_string_value(v if isinstance(v, bytes) else str(v).encode(), as_b64) for v in array.reshape(-1)]
     result = np.empty(len(flat), dtype=object)
     result[:] = flat
     return result.reshape(array.shape).tolist()
   if array.dtype == np.float32 or array.dtype == np.float16:
     return _float32_shortest(array).tolist()
   if array.dtype.kind == "c":
-    raise errors.invalid_argument(
-        f"Output {alias} is complex, which JSON can't represent")
+    raise errors.invalid_argument(f"Output {alias} is complex, which JSON can't represent")
   return array.tolist()
 
 
-def predict_response_json(outputs: Mapping[str, np.ndarray],
-                          row_format: bool) -> Dict[str, Any]:
+def predict_response_json(outputs: Mapping[str, np.ndarray], row_format: bool) -> dict[str, Any]:
   """Builds {"predictions": ...} (row) or {"outputs": ...} (columnar)."""
   if not row_format:
     if len(outputs) == 1:
@@ -252,15 +232,15 @@ def predict_response_json(outputs: Mapping[str, np.ndarray],
     size = value.shape[0] if np.ndim(value) else None
     if size is None or (batch is not None and size != batch):
       raise errors.invalid_argument(
-          f"Output tensor {alias} has inconsistent batch size: row format "
-          "needs every output to share dimension 0; use the columnar "
-          "'inputs' format")
+        f"Output tensor {alias} has inconsistent batch size: row format "
+        "needs every output to share dimension 0; use the columnar "
+        "'inputs' format"
+      )
     batch = size
   converted = {a: ndarray_to_json(v, a) for a, v in outputs.items()}
   if len(converted) == 1:
     return {"predictions": next(iter(converted.values()))}
-  return {"predictions": [{a: converted[a][i] for a in converted}
-                          for i in range(batch or 0)]}
+  return {"predictions": [{a: converted[a][i] for a in converted} for i in range(batch or 0)]}
 
 
 def _feature(name: str, value: Any) -> feature_pb2.Feature:
@@ -269,20 +249,17 @@ def _feature(name: str, value: Any) -> feature_pb2.Feature:
   if not values:
     return feature
   if all(isinstance(v, bool) for v in values):
-    raise errors.invalid_argument(
-        f"Feature {name}: booleans are not a tf.Example feature type")
+    raise errors.invalid_argument(f"Feature {name}: booleans are not a tf.Example feature type")
   if all(isinstance(v, int) for v in values):
     feature.int64_list.value.extend(values)
-  elif all(isinstance(v, (int, float)) and not isinstance(v, bool)
-           for v in values):
+  elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
     feature.float_list.value.extend(float(v) for v in values)
   elif all(isinstance(v, str) or _is_b64(v) for v in values):
-    feature.bytes_list.value.extend(
-        _decode_b64(v) if _is_b64(v) else v.encode("utf-8") for v in values)
+    feature.bytes_list.value.extend(_decode_b64(v) if _is_b64(v) else v.encode("utf-8") for v in values)
   else:
     raise errors.invalid_argument(
-        f"Feature {name}: values must all be numbers or all be strings, got "
-        f"{short_repr(values)}")
+      f"Feature {name}: values must all be numbers or all be strings, got {short_repr(values)}"
+    )
   return feature
 
 
@@ -299,8 +276,7 @@ def parse_examples_body(body: Mapping[str, Any]) -> input_pb2.Input:
   """Parses a :classify/:regress body ("examples", optional "context")."""
   examples = body.get("examples")
   if not isinstance(examples, list) or not examples:
-    raise errors.invalid_argument(
-        "'examples' must be a non-empty list of objects")
+    raise errors.invalid_argument("'examples' must be a non-empty list of objects")
   model_input = input_pb2.Input()
   if "context" in body:
     target = model_input.example_list_with_context
@@ -313,18 +289,14 @@ def parse_examples_body(body: Mapping[str, Any]) -> input_pb2.Input:
 
 
 def _json_float(value: float) -> Any:
-  return float(np.float32(value).astype(str)) if math.isfinite(value) else (
-      value)
+  return float(np.float32(value).astype(str)) if math.isfinite(value) else (value)
 
 
-def classification_json(result: classification_pb2.ClassificationResult
-                        ) -> Dict[str, Any]:
+def classification_json(result: classification_pb2.ClassificationResult) -> dict[str, Any]:
   """{"results": [[[label, score], ...], ...]} as TF Serving answers."""
-  return {"results": [[[c.label, _json_float(c.score)] for c in cl.classes]
-                      for cl in result.classifications]}
+  return {"results": [[[c.label, _json_float(c.score)] for c in cl.classes] for cl in result.classifications]}
 
 
-def regression_json(result: regression_pb2.RegressionResult
-                    ) -> Dict[str, Any]:
+def regression_json(result: regression_pb2.RegressionResult) -> dict[str, Any]:
   """{"results": [value, ...]} as TF Serving answers."""
   return {"results": [_json_float(r.value) for r in result.regressions]}

@@ -28,8 +28,7 @@ def freeze_gc() -> None:
   """
   gc.collect()
   gc.freeze()
-  logging.info("Froze %d start-up objects out of the garbage collector",
-               gc.get_freeze_count())
+  logging.info("Froze %d start-up objects out of the garbage collector", gc.get_freeze_count())
 
 
 def _libc():
@@ -43,8 +42,12 @@ def _libc():
 
 
 _retained = False
-_DISABLING_ARGS = ("--noretain_freed_memory", "--retain_freed_memory=false",
-                   "--retain_freed_memory=0", "--retain_freed_memory=False")
+_DISABLING_ARGS = (
+  "--noretain_freed_memory",
+  "--retain_freed_memory=false",
+  "--retain_freed_memory=0",
+  "--retain_freed_memory=False",
+)
 
 
 def prepare_server_process(argv: list) -> None:
@@ -67,8 +70,7 @@ def prepare_server_process(argv: list) -> None:
 def retain_requested(argv: list) -> bool:
   """Whether `argv` leaves --retain_freed_memory on (its default): the last of
   --retain_freed_memory / --noretain_freed_memory wins, as in absl."""
-  given = [arg for arg in argv if arg.split("=")[0] in ("--retain_freed_memory",
-                                                        "--noretain_freed_memory")]
+  given = [arg for arg in argv if arg.split("=")[0] in ("--retain_freed_memory", "--noretain_freed_memory")]
   return not (given and given[-1] in _DISABLING_ARGS)
 
 
@@ -112,8 +114,10 @@ def retain_freed_memory() -> bool:
     logging.info("mallopt unavailable: freed memory goes back to the system")
     return False
   libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-  ok = all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_ABOVE)))
+  ok = all(
+    libc.mallopt(param, value) == 1
+    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_ABOVE))
+  )
   _retained = ok
   logging.info("Freed memory stays in the process for the next version: %s", ok)
   return ok

@@ -10,8 +10,14 @@ from models.data import logs, movielens, schema
 
 def test_movielens_split_follows_the_tfrs_protocol_without_leaking_labels(movielens_dir):
   data = movielens.MovieLens100K(movielens_dir)
-  train = {k: np.concatenate([b[k] for b in data.examples("train")]) for k in schema.ITEM_FEATURE_NAMES + schema.QUERY_FEATURE_NAMES}
-  test = {k: np.concatenate([b[k] for b in data.examples("test")]) for k in schema.ITEM_FEATURE_NAMES + schema.QUERY_FEATURE_NAMES}
+  train = {
+    k: np.concatenate([b[k] for b in data.examples("train")])
+    for k in schema.ITEM_FEATURE_NAMES + schema.QUERY_FEATURE_NAMES
+  }
+  test = {
+    k: np.concatenate([b[k] for b in data.examples("test")])
+    for k in schema.ITEM_FEATURE_NAMES + schema.QUERY_FEATURE_NAMES
+  }
   assert len(train[schema.AD_ID]) == 80_000 and len(test[schema.AD_ID]) == 20_000
   assert data.num_items == 1682
   # No test rating may appear in any behaviour sequence: histories are built from training ratings.
@@ -21,7 +27,10 @@ def test_movielens_split_follows_the_tfrs_protocol_without_leaking_labels(moviel
       assert not any((user, h) in test_pairs for h in hist if h)
   # The most recent history item plays the query.
   with_history = test[schema.HIST_IDS][:, 0] != ""
-  assert np.all(test[schema.QUERY_TOKENS][with_history, 0] == np.char.add("item:", test[schema.HIST_IDS][with_history, 0].astype(str)))
+  assert np.all(
+    test[schema.QUERY_TOKENS][with_history, 0]
+    == np.char.add("item:", test[schema.HIST_IDS][with_history, 0].astype(str))
+  )
 
 
 def _write_jsonl(path, records):
@@ -29,13 +38,20 @@ def _write_jsonl(path, records):
 
 
 def test_generic_logs_build_sequences_and_split_in_time(tmp_path):
-  _write_jsonl(tmp_path / "items.jsonl", [
+  _write_jsonl(
+    tmp_path / "items.jsonl",
+    [
       {"ad_id": "a1", "category": "shoes", "brand": "acme", "tokens": ["running", "shoes"]},
       {"ad_id": "a2", "category": "phones", "brand": "zed", "tokens": ["phone"], "status": "paused"},
-  ])
-  _write_jsonl(tmp_path / "events.jsonl", [
+    ],
+  )
+  _write_jsonl(
+    tmp_path / "events.jsonl",
+    [
       {"user_id": "u1", "timestamp": t, "user_features": ["age:25-34"], "query_tokens": ["running"], "ad_id": a}
-      for t, a in enumerate(["a1", "a2", "a1", "a2", "a1"])])
+      for t, a in enumerate(["a1", "a2", "a1", "a2", "a1"])
+    ],
+  )
   data = logs.LogsDataset(str(tmp_path), test_fraction=0.2)
   train = next(data.examples("train"))
   test = next(data.examples("test"))
@@ -44,11 +60,14 @@ def test_generic_logs_build_sequences_and_split_in_time(tmp_path):
   assert list(data.features(np.array([1]))[schema.STATUS]) == ["paused"]
 
 
-@pytest.mark.parametrize("events,message", [
+@pytest.mark.parametrize(
+  "events,message",
+  [
     ([{"user_id": "u", "timestamp": 2, "ad_id": "a1"}, {"user_id": "u", "timestamp": 1, "ad_id": "a1"}], "sorted"),
     ([{"user_id": "u", "timestamp": 1, "ad_id": "nope"}], "not in items.jsonl"),
     ([{"user_id": "u", "timestamp": 1, "ad_id": "a1", "query_tokens": "not-a-list"}], "list of strings"),
-])
+  ],
+)
 def test_generic_logs_reject_bad_input_with_the_line_number(tmp_path, events, message):
   _write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}])
   _write_jsonl(tmp_path / "events.jsonl", events)

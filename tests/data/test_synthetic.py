@@ -20,8 +20,9 @@ def test_same_seed_same_log_whatever_the_chunking():
   b = _concat(synthetic.SyntheticSearchAds(SMALL).examples("train", chunk_sessions=377))
   for name in a:
     np.testing.assert_array_equal(a[name], b[name])
-  other = _concat(synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**{**SMALL.__dict__, "seed": 4}))
-                  .examples("train"))
+  other = _concat(
+    synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**{**SMALL.__dict__, "seed": 4})).examples("train")
+  )
   assert not np.array_equal(a[schema.AD_ID][:100], other[schema.AD_ID][:100])
 
 
@@ -62,6 +63,6 @@ def test_behaviour_sequences_hold_only_earlier_clicks_of_the_same_user():
   examples = _concat(data.examples("train"))
   seen = collections.defaultdict(list)
   for user, ad_id, hist in zip(examples[schema.USER_ID], examples[schema.AD_ID], examples[schema.HIST_IDS]):
-    expected = list(reversed(seen[user]))[:schema.HISTORY_LEN]
+    expected = list(reversed(seen[user]))[: schema.HISTORY_LEN]
     assert [h for h in hist if h] == expected
     seen[user].append(ad_id)

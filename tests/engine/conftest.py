@@ -10,7 +10,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from bench import catalog  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench import catalog  # noqa: E402  (after the repository root is on sys.path)
 
 
 @pytest.fixture(scope="session")

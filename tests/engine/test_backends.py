@@ -4,10 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import base
-from engine import hashing
-from engine import int8_index
-from engine import search_ops
+from engine import base, hashing, int8_index, search_ops
 from tests import topk_testlib
 
 
@@ -41,13 +38,15 @@ def test_int8_quantisation_and_recall(small_catalog):
   assert index.memory_breakdown()["codes"] == items.size + 4 * items.shape[1]  # 1 byte per dimension.
   assert _recall(index, items, queries, 20) >= 0.99
   result = _search(index, queries, 20)  # Reranked scores are exact dot products.
-  np.testing.assert_allclose(result.scores.numpy(),
-                             np.take_along_axis(queries @ items.T, result.indices.numpy(), 1), atol=1e-5)
+  np.testing.assert_allclose(
+    result.scores.numpy(), np.take_along_axis(queries @ items.T, result.indices.numpy(), 1), atol=1e-5
+  )
 
 
 def test_sign_hash_packing_matches_numpy(small_catalog):
   items, _ = small_catalog
   hasher = hashing.random_sign_hash(items, bits=128)
+
   def unpack(codes):
     return np.unpackbits(codes.view(np.uint8), axis=1, bitorder="little").astype(bool)
 
@@ -74,6 +73,7 @@ def test_binary_learned_beats_random_hyperplanes(medium_catalog):
   query_code = learned.hasher.pack_numpy(queries[:1])
   expected = np.unpackbits((codes ^ query_code).view(np.uint8), axis=1).sum(1)
   from engine import binary_index  # pylint: disable=g-import-not-at-top
+
   similarity = binary_index._hamming_similarity(tf.constant(query_code[0]), learned.codes, learned.eligible, 128)  # pylint: disable=protected-access
   np.testing.assert_array_equal(129 - similarity.numpy().astype(np.int64), expected)
 
@@ -84,14 +84,23 @@ def test_partitioned_recall_and_probes(medium_catalog, medium_tuning_queries):
   assert index.num_partitions == 173 and 1 <= index.default_probes <= 173
   assert _recall(index, items, queries, 20) >= 0.93
   everything = _search(index, queries, 20, probes=tf.constant(173))  # Every partition: exact, up to ties.
-  topk_testlib.assert_top_k_agree(everything.indices.numpy(), search_ops.exact_top_k_numpy(queries, items, 20),
-                                  topk_testlib.reference_scores(queries, items))
+  topk_testlib.assert_top_k_agree(
+    everything.indices.numpy(),
+    search_ops.exact_top_k_numpy(queries, items, 20),
+    topk_testlib.reference_scores(queries, items),
+  )
   assert _recall(index, items, queries, 20, probes=tf.constant(1)) < 0.93
 
 
-@pytest.mark.parametrize("backend,options", [
-    ("brute_force", {}), ("int8", {}), ("binary", {"learned": False, "rerank_candidates": 200}),
-    ("partitioned", {"probes": 4})])
+@pytest.mark.parametrize(
+  "backend,options",
+  [
+    ("brute_force", {}),
+    ("int8", {}),
+    ("binary", {"learned": False, "rerank_candidates": 200}),
+    ("partitioned", {"probes": 4}),
+  ],
+)
 def test_eligibility(medium_catalog, backend, options):
   items, queries = medium_catalog
   eligible = np.random.default_rng(0).random(items.shape[0]) > 0.7  # 70% paused.
@@ -109,6 +118,8 @@ def test_eligibility(medium_catalog, backend, options):
 
 def test_exact_top_k_tf_matches_numpy(small_catalog):
   items, queries = small_catalog
-  topk_testlib.assert_top_k_agree(search_ops.exact_top_k_tf(queries, items, 10, chunk=16),
-                                  search_ops.exact_top_k_numpy(queries, items, 10),
-                                  topk_testlib.reference_scores(queries, items))
+  topk_testlib.assert_top_k_agree(
+    search_ops.exact_top_k_tf(queries, items, 10, chunk=16),
+    search_ops.exact_top_k_numpy(queries, items, 10),
+    topk_testlib.reference_scores(queries, items),
+  )

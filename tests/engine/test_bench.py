@@ -3,16 +3,13 @@ the percentiles every benchmark reports."""
 
 import os
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
 
-from bench import capi_session
-from bench import index_bench
-from bench import report
-from bench import served_index
+from bench import capi_session, index_bench, report, served_index
 from bench.fixtures import latency
 from engine import base
 from tests import topk_testlib
@@ -32,9 +29,20 @@ def test_bench_writes_report_plot_and_section(tmp_path):
   flags.FLAGS(["fgr-bench"])
   with open(tmp_path / "benchmarks.md", "w") as f:
     f.write("# Benchmarks\n\n## Serving\n\nkeep me\n")
-  with flagsaver.flagsaver(num_items=3000, dim=16, k=10, num_queries=64, num_tuning_queries=32, num_single=8,
-                           num_single_sweep=4, batch_size=16, backends=["brute_force", "partitioned", "int8"],
-                           extras=[], sweep=True, out_dir=str(tmp_path)):
+  with flagsaver.flagsaver(
+    num_items=3000,
+    dim=16,
+    k=10,
+    num_queries=64,
+    num_tuning_queries=32,
+    num_single=8,
+    num_single_sweep=4,
+    batch_size=16,
+    backends=["brute_force", "partitioned", "int8"],
+    extras=[],
+    sweep=True,
+    out_dir=str(tmp_path),
+  ):
     index_bench._main([])  # pylint: disable=protected-access
   section = (tmp_path / "benchmarks.md").read_text()
   assert "keep me" in section and "## Index backends" in section and "| partitioned | yes |" in section
@@ -46,22 +54,27 @@ def test_bench_writes_report_plot_and_section(tmp_path):
 def test_served_index_matches_eager_search(small_catalog, tmp_path):
   items, queries = small_catalog
   index = base.build_index("partitioned", items, k=10, num_partitions=20, probes=3)
-  served = served_index.ServedIndex(index, 10, str(tmp_path), index_bench.session_config(index_bench.CALLER_THREAD_CONFIG))
+  served = served_index.ServedIndex(
+    index, 10, str(tmp_path), index_bench.session_config(index_bench.CALLER_THREAD_CONFIG)
+  )
   assert not os.listdir(tmp_path)  # The SavedModel is deleted once loaded.
   eager = tf.function(lambda q, p: index.search(q, 10, probes=p).indices)
   # A TF1 session over the loaded graph and TF2's function runtime may round otherwise: the same answers
   # up to ties; with 3 of 20 partitions probed, a rounding difference may also move a query across a
   # partition boundary (2% of the 640 places). With all 20 probed the search is exact.
   scores = topk_testlib.reference_scores(queries, items)
-  topk_testlib.assert_top_k_agree(served.searcher()(queries), eager(tf.constant(queries), tf.constant(0)).numpy(),
-                                  scores, max_unexplained=0.02)
-  topk_testlib.assert_top_k_agree(served.searcher(probes=20)(queries[:1]),
-                                  eager(tf.constant(queries[:1]), tf.constant(20)).numpy(), scores[:1])
+  topk_testlib.assert_top_k_agree(
+    served.searcher()(queries), eager(tf.constant(queries), tf.constant(0)).numpy(), scores, max_unexplained=0.02
+  )
+  topk_testlib.assert_top_k_agree(
+    served.searcher(probes=20)(queries[:1]), eager(tf.constant(queries[:1]), tf.constant(20)).numpy(), scores[:1]
+  )
   with pytest.raises(ValueError, match="probes"):
     served.searcher(leaves_to_search=3)
   python = served_index.ServedIndex(index, 10, str(tmp_path), runner="python")
-  topk_testlib.assert_top_k_agree(python.searcher(probes=20)(queries[:2]), served.searcher(probes=20)(queries[:2]),
-                                  scores[:2])
+  topk_testlib.assert_top_k_agree(
+    python.searcher(probes=20)(queries[:2]), served.searcher(probes=20)(queries[:2]), scores[:2]
+  )
 
 
 def test_capi_session_reports_errors(tmp_path):

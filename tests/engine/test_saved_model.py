@@ -4,15 +4,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import base
-from engine import stock_ops
+from engine import base, stock_ops
 from tests import topk_testlib
 
 _OPTIONS = {
-    "brute_force": {"jit_compile": True},
-    "int8": {},
-    "binary": {"learned": False, "rerank_candidates": 100},
-    "partitioned": {"probes": 8},
+  "brute_force": {"jit_compile": True},
+  "int8": {},
+  "binary": {"learned": False, "rerank_candidates": 100},
+  "partitioned": {"probes": 8},
 }
 
 
@@ -28,8 +27,12 @@ def _export(index, dim: int, path: str) -> tf.Module:
     return {"scores": result.scores, "indices": result.indices}
 
   signature = search.get_concrete_function(tf.TensorSpec([None, dim], tf.float32, name="queries"), **specs)
-  tf.saved_model.save(module, path, signatures={"search": signature},
-                      options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces() or None))
+  tf.saved_model.save(
+    module,
+    path,
+    signatures={"search": signature},
+    options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces() or None),
+  )
   return module
 
 
@@ -45,9 +48,12 @@ def test_round_trip(small_catalog, tmp_path, backend):
   # The loaded graph may round otherwise (other grappler rewrites; XLA for brute_force): the same
   # answers up to ties. Approximate backends may also pick another candidate where one rounding
   # difference moves a query across a partition or candidate boundary (2% of the 640 places).
-  topk_testlib.assert_top_k_agree(got["indices"].numpy(), expected.indices.numpy(),
-                                  topk_testlib.reference_scores(queries, items),
-                                  max_unexplained=0 if backend == "brute_force" else 0.02)
+  topk_testlib.assert_top_k_agree(
+    got["indices"].numpy(),
+    expected.indices.numpy(),
+    topk_testlib.reference_scores(queries, items),
+    max_unexplained=0 if backend == "brute_force" else 0.02,
+  )
   same = got["indices"].numpy() == expected.indices.numpy()
   np.testing.assert_allclose(got["scores"].numpy()[same], expected.scores.numpy()[same], rtol=1e-5)
 

@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import base
-from engine import scann_index
-from engine import search_ops
+from engine import base, scann_index, search_ops
 from tests import topk_testlib
 
 
@@ -27,8 +25,9 @@ def test_recall_brute_force_config(small_catalog):
 
 def test_recall_tree_ah_reorder(medium_catalog, medium_tuning_queries):
   items, queries = medium_catalog
-  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000,
-                           tuning_queries=medium_tuning_queries)
+  index = base.build_index(
+    "scann", items, k=20, num_leaves=100, training_sample_size=20000, tuning_queries=medium_tuning_queries
+  )
   assert index.config["scoring"] == "ah" and 1 <= index.config["leaves_to_search"] <= 100
   truth = search_ops.exact_top_k_numpy(queries, items, 20)
   result = _search(index, queries, 20)
@@ -38,12 +37,14 @@ def test_recall_tree_ah_reorder(medium_catalog, medium_tuning_queries):
   np.testing.assert_allclose(result.scores.numpy(), np.take_along_axis(queries @ items.T, rows, 1), atol=1e-4)
   assert np.all(np.diff(result.scores.numpy(), axis=1) <= 1e-6)
   # Per-request knobs: searching every leaf is at least as good; one leaf is worse.
-  everything = _search(index, queries, 20, leaves_to_search=tf.constant(100),
-                       pre_reorder_num_neighbors=tf.constant(400))
-  one_leaf = _search(index, queries, 20, leaves_to_search=tf.constant(1),
-                     pre_reorder_num_neighbors=tf.constant(0))
+  everything = _search(
+    index, queries, 20, leaves_to_search=tf.constant(100), pre_reorder_num_neighbors=tf.constant(400)
+  )
+  one_leaf = _search(index, queries, 20, leaves_to_search=tf.constant(1), pre_reorder_num_neighbors=tf.constant(0))
   assert search_ops.recall_at_k(everything.indices.numpy(), truth) >= 0.97
-  assert search_ops.recall_at_k(one_leaf.indices.numpy(), truth) < search_ops.recall_at_k(everything.indices.numpy(), truth)
+  assert search_ops.recall_at_k(one_leaf.indices.numpy(), truth) < search_ops.recall_at_k(
+    everything.indices.numpy(), truth
+  )
   assert np.all(one_leaf.indices.numpy() >= 0)  # Still k results: the exact fallback covers short rows.
 
 
@@ -52,9 +53,17 @@ def test_eligibility(medium_catalog, medium_tuning_queries):
   rng = np.random.default_rng(0)
   eligible = rng.random(items.shape[0]) > 0.6  # 60% paused: over-fetch alone will often fall short.
   # Fixed search knobs: this test is about the mask, not about what tuning picks on a given run.
-  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000,
-                           leaves_to_search=40, reorder=200, eligible=eligible,
-                           tuning_queries=medium_tuning_queries)
+  index = base.build_index(
+    "scann",
+    items,
+    k=20,
+    num_leaves=100,
+    training_sample_size=20000,
+    leaves_to_search=40,
+    reorder=200,
+    eligible=eligible,
+    tuning_queries=medium_tuning_queries,
+  )
   result = _search(index, queries, 20)
   rows = result.indices.numpy()
   assert np.all(rows >= 0) and np.all(eligible[rows])
@@ -75,17 +84,20 @@ def test_saved_model_round_trip(small_catalog, tmp_path):
   module = tf.Module()
   module.index = index
   module.search = tf.function(
-      lambda q, leaves, reorder: tuple(index.search(q, 10, leaves_to_search=leaves, pre_reorder_num_neighbors=reorder)),
-      input_signature=[tf.TensorSpec([None, 32], tf.float32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
+    lambda q, leaves, reorder: tuple(index.search(q, 10, leaves_to_search=leaves, pre_reorder_num_neighbors=reorder)),
+    input_signature=[tf.TensorSpec([None, 32], tf.float32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)],
+  )
   expected = module.search(tf.constant(queries), 0, 0)
-  tf.saved_model.save(module, str(tmp_path), options=tf.saved_model.SaveOptions(
-      namespace_whitelist=index.save_namespaces()))
+  tf.saved_model.save(
+    module, str(tmp_path), options=tf.saved_model.SaveOptions(namespace_whitelist=index.save_namespaces())
+  )
   loaded = tf.saved_model.load(str(tmp_path))
   got = loaded.search(tf.constant(queries), tf.constant(0), tf.constant(0))
   # The loaded graph may round differently (other grappler rewrites): same answers up to ties, and
   # AH may pick another candidate to reorder at its boundary (2% of 640 places allowed).
-  topk_testlib.assert_top_k_agree(got[1].numpy(), expected[1].numpy(), topk_testlib.reference_scores(queries, items),
-                                  max_unexplained=0.02)
+  topk_testlib.assert_top_k_agree(
+    got[1].numpy(), expected[1].numpy(), topk_testlib.reference_scores(queries, items), max_unexplained=0.02
+  )
   same = got[1].numpy() == expected[1].numpy()
   np.testing.assert_allclose(got[0].numpy()[same], expected[0].numpy()[same], rtol=1e-6)
   # The eligibility mask is a variable of the loaded model: pausing an item takes effect at once.
@@ -98,26 +110,36 @@ def test_saved_model_round_trip(small_catalog, tmp_path):
 
 def test_single_query_path_matches_batched(medium_catalog, medium_tuning_queries):
   items, queries = medium_catalog
-  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000, leaves_to_search=10,
-                           reorder=100, tuning_queries=medium_tuning_queries)
+  index = base.build_index(
+    "scann",
+    items,
+    k=20,
+    num_leaves=100,
+    training_sample_size=20000,
+    leaves_to_search=10,
+    reorder=100,
+    tuning_queries=medium_tuning_queries,
+  )
   batched = _search(index, queries[:8], 20)
   search = tf.function(lambda q: index.search(q, 20))
   # A batch of one takes ScaNN's single-query op.
-  singles = [search(tf.constant(queries[i:i + 1])) for i in range(8)]
+  singles = [search(tf.constant(queries[i : i + 1])) for i in range(8)]
   indices = np.concatenate([single.indices.numpy() for single in singles])
   scores = np.concatenate([single.scores.numpy() for single in singles])
   # That op rounds the leaf and AH scores its own way: the same answers up to ties, and 3 of the 160
   # places may hold another candidate, picked at a leaf or reorder boundary by a rounding difference.
-  topk_testlib.assert_top_k_agree(indices, batched.indices.numpy(), topk_testlib.reference_scores(queries[:8], items),
-                                  max_unexplained=0.02)
+  topk_testlib.assert_top_k_agree(
+    indices, batched.indices.numpy(), topk_testlib.reference_scores(queries[:8], items), max_unexplained=0.02
+  )
   same = indices == batched.indices.numpy()
   np.testing.assert_allclose(scores[same], batched.scores.numpy()[same], rtol=1e-5)
 
 
 def test_tuning_reaches_target_with_margin(medium_catalog, medium_tuning_queries):
   items, _ = medium_catalog
-  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000,
-                           tuning_queries=medium_tuning_queries)
+  index = base.build_index(
+    "scann", items, k=20, num_leaves=100, training_sample_size=20000, tuning_queries=medium_tuning_queries
+  )
   config = index.config
   assert config["tuned_recall"] >= 0.965 and config["reorder"] in (40, 80, 100, 120, 160)
   assert config["build_seconds"] >= config["train_seconds"] > 0
@@ -145,16 +167,25 @@ def test_final_candidates(small_catalog):
   assert index.config["final_candidates"] == 20  # min(reorder, 2k)
   everything = base.build_index("scann", items, k=10, scoring="ah", reorder=50, final_candidates=50)
   # Reordered candidates come back sorted, so with every item eligible the best 10 of 20 are those of 50.
-  np.testing.assert_array_equal(_search(index, queries, 10).indices.numpy(),
-                                _search(everything, queries, 10).indices.numpy())
+  np.testing.assert_array_equal(
+    _search(index, queries, 10).indices.numpy(), _search(everything, queries, 10).indices.numpy()
+  )
   with pytest.raises(ValueError, match="final_candidates"):
     base.build_index("scann", items, k=10, scoring="ah", reorder=50, final_candidates=5)
 
 
 def test_short_queries_retry_with_every_reordered_candidate(medium_catalog, medium_tuning_queries):
   items, queries = medium_catalog
-  index = base.build_index("scann", items, k=20, num_leaves=100, training_sample_size=20000, leaves_to_search=40,
-                           reorder=200, tuning_queries=medium_tuning_queries)
+  index = base.build_index(
+    "scann",
+    items,
+    k=20,
+    num_leaves=100,
+    training_sample_size=20000,
+    leaves_to_search=40,
+    reorder=200,
+    tuning_queries=medium_tuning_queries,
+  )
   assert index.config["final_candidates"] == 40
   index.eligible.assign(np.random.default_rng(1).random(items.shape[0]) > 0.7)  # 70% paused: most of 40 are.
   two_stages = _search(index, queries, 20).indices.numpy()

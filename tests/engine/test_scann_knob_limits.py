@@ -18,8 +18,9 @@ def items() -> np.ndarray:
 
 
 def _search_with(index):
-  return tf.function(lambda q, leaves, reorder: index.search(q, K, leaves_to_search=leaves,
-                                                             pre_reorder_num_neighbors=reorder).indices)
+  return tf.function(
+    lambda q, leaves, reorder: index.search(q, K, leaves_to_search=leaves, pre_reorder_num_neighbors=reorder).indices
+  )
 
 
 def test_forced_tree_gets_ah_and_reordering(items):
@@ -34,9 +35,13 @@ def test_tree_knob_ranges(items):
   queries = tf.constant(items[:2])
   for leaves, reorder in ((0, 0), (1, K), (10, 600)):
     assert np.all(search(queries, tf.constant(leaves), tf.constant(reorder)).numpy() >= 0)
-  for leaves, reorder, named in ((-1, 0, "leaves_to_search"), (11, 0, "leaves_to_search"),
-                                 (0, K - 1, "pre_reorder_num_neighbors"), (0, 601, "pre_reorder_num_neighbors"),
-                                 (0, -(2**31), "pre_reorder_num_neighbors")):
+  for leaves, reorder, named in (
+    (-1, 0, "leaves_to_search"),
+    (11, 0, "leaves_to_search"),
+    (0, K - 1, "pre_reorder_num_neighbors"),
+    (0, 601, "pre_reorder_num_neighbors"),
+    (0, -(2**31), "pre_reorder_num_neighbors"),
+  ):
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"{named} must be .*got.*{reorder or leaves}"):
       search(queries, tf.constant(leaves), tf.constant(reorder))
 

@@ -13,10 +13,16 @@ def _recall(index, queries, items, k):
   return search_ops.recall_at_k(found, search_ops.exact_top_k_numpy(queries, items, k))
 
 
-@pytest.mark.parametrize("options", [{}, {"num_leaves": 0, "scoring": "ah", "reorder": 100},
-                                     {"num_leaves": 40, "scoring": "ah", "reorder": 100},
-                                     {"num_leaves": 40, "scoring": "ah", "reorder": 100, "partitioning": "generic"}],
-                         ids=["brute_force", "ah", "tree_ah_spherical", "tree_ah_generic"])
+@pytest.mark.parametrize(
+  "options",
+  [
+    {},
+    {"num_leaves": 0, "scoring": "ah", "reorder": 100},
+    {"num_leaves": 40, "scoring": "ah", "reorder": 100},
+    {"num_leaves": 40, "scoring": "ah", "reorder": 100, "partitioning": "generic"},
+  ],
+  ids=["brute_force", "ah", "tree_ah_spherical", "tree_ah_generic"],
+)
 def test_reencoding_rows_reproduces_the_built_assets(options):
   items, _ = catalog.synthetic_catalog(4000, 16, num_queries=8, seed=3)
   index = scann_index.build_scann(items, k=10, leaves_to_search=8 if options.get("num_leaves") else 0, **options)
@@ -57,13 +63,23 @@ def test_incremental_update_keeps_recall_of_a_full_rebuild():
 
   updated = scann_update.update(scann_update.ScannAssets.from_state(index.state), embeddings, source_rows)
   assert updated.num_rows == len(embeddings)
-  np.testing.assert_array_equal(updated.datapoint_to_token[source_rows >= 0],
-                                index.state.datapoint_to_token.numpy()[source_rows[source_rows >= 0]])
+  np.testing.assert_array_equal(
+    updated.datapoint_to_token[source_rows >= 0], index.state.datapoint_to_token.numpy()[source_rows[source_rows >= 0]]
+  )
   incremental = scann_update.index_from_assets(updated, index.config)
-  full = scann_index.build_scann(embeddings, k=k, num_leaves=100, training_sample_size=20000,
-                                 leaves_to_search=index.config["leaves_to_search"], reorder=index.config["reorder"])
+  full = scann_index.build_scann(
+    embeddings,
+    k=k,
+    num_leaves=100,
+    training_sample_size=20000,
+    leaves_to_search=index.config["leaves_to_search"],
+    reorder=index.config["reorder"],
+  )
   held_out = queries[100:]
-  incremental_recall, full_recall = _recall(incremental, held_out, embeddings, k), _recall(full, held_out, embeddings, k)
+  incremental_recall, full_recall = (
+    _recall(incremental, held_out, embeddings, k),
+    _recall(full, held_out, embeddings, k),
+  )
   print(f"recall@{k}: incremental {incremental_recall:.3f}, full rebuild {full_recall:.3f}")
   assert incremental_recall >= 0.85
   assert incremental_recall >= full_recall - 0.03, (incremental_recall, full_recall)

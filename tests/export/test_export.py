@@ -41,16 +41,23 @@ def test_loaded_saved_model_matches_the_in_process_model(trained_run, tmp_path, 
   # in-process model: the same answers up to ties. At 3k ads either index searches exactly.
   query_embeddings = built.graph.query_tower(tensors).numpy()
   scores = topk_testlib.reference_scores(query_embeddings, built.catalog.embeddings, built.catalog.eligible)
-  topk_testlib.assert_top_k_agree(topk_testlib.rows_of(served["ids"].numpy(), built.catalog.ids),
-                                  topk_testlib.rows_of(expected["ids"].numpy(), built.catalog.ids), scores)
+  topk_testlib.assert_top_k_agree(
+    topk_testlib.rows_of(served["ids"].numpy(), built.catalog.ids),
+    topk_testlib.rows_of(expected["ids"].numpy(), built.catalog.ids),
+    scores,
+  )
   np.testing.assert_allclose(served["scores"].numpy(), expected["scores"].numpy(), rtol=1e-4, atol=1e-5)
   # Scores come best first, and paused ads never come back.
   assert np.all(np.diff(served["scores"].numpy(), axis=1) <= 1e-6)
   paused = set(built.catalog.ids[~built.catalog.eligible])
   assert paused and not paused & set(served["ids"].numpy().astype(str).ravel())
   # The towers are exported on their own too.
-  np.testing.assert_allclose(loaded.signatures["encode_query"](**tensors)["embedding"].numpy(),
-                             built.graph.query_tower(tensors).numpy(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    loaded.signatures["encode_query"](**tensors)["embedding"].numpy(),
+    built.graph.query_tower(tensors).numpy(),
+    rtol=1e-4,
+    atol=1e-5,
+  )
   # The index agrees with exact search over the same embeddings (the export's own check, redone).
   exact = search_ops.exact_top_k_numpy(query_embeddings, built.catalog.embeddings, 20, eligible=built.catalog.eligible)
   row_of = {ad_id: row for row, ad_id in enumerate(built.catalog.ids)}
@@ -59,15 +66,18 @@ def test_loaded_saved_model_matches_the_in_process_model(trained_run, tmp_path, 
 
 
 def test_export_writes_tf_serving_warmup_records(trained_run, tmp_path):
-  report = exporter.export_model(trained_run, str(tmp_path),
-                                 exporter.ExportConfig(index="brute_force", k=10, num_warmup_requests=5))
+  report = exporter.export_model(
+    trained_run, str(tmp_path), exporter.ExportConfig(index="brute_force", k=10, num_warmup_requests=5)
+  )
   path = os.path.join(report["path"], "assets.extra", warmup.WARMUP_FILE)
   records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
   assert len(records) == 5
   request = records[0].predict_log.request
   assert request.model_spec.signature_name == "serving_default"
   assert set(request.inputs) == set(schema.QUERY_FEATURE_NAMES)
-  assert exporter.export_model(trained_run, str(tmp_path), exporter.ExportConfig(index="brute_force", k=10))["version"] == 2
+  assert (
+    exporter.export_model(trained_run, str(tmp_path), exporter.ExportConfig(index="brute_force", k=10))["version"] == 2
+  )
 
 
 def test_failed_publish_leaves_no_version_behind(tmp_path):
@@ -88,8 +98,11 @@ def test_failed_publish_leaves_no_version_behind(tmp_path):
 
 
 def test_mixed_precision_export_keeps_float32_outputs(trained_run, tmp_path):
-  report = exporter.export_model(trained_run, str(tmp_path), exporter.ExportConfig(
-      index="brute_force", k=10, precision="mixed_bfloat16", eval_queries=50, tuning_queries=0))
+  report = exporter.export_model(
+    trained_run,
+    str(tmp_path),
+    exporter.ExportConfig(index="brute_force", k=10, precision="mixed_bfloat16", eval_queries=50, tuning_queries=0),
+  )
   assert report["precision"] == "mixed_bfloat16" and report["jit_compile"] is False
   # Exact search over the bfloat16 towers' own outputs, against NumPy's: equal up to ties at the 10th
   # place, which TF and NumPy may break differently (5 of the 500 ids may differ).

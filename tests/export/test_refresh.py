@@ -22,9 +22,11 @@ K = 20
 def exported(trained_run, tmp_path_factory):
   """Version 1 of the tiny run (ScaNN, exact at this size) and a few held-out queries."""
   import scann  # noqa: F401  Registers ScaNN's ops for loading versions in this process.
+
   base_path = str(tmp_path_factory.mktemp("exported"))
-  exporter.export_model(trained_run, base_path, exporter.ExportConfig(index="scann", k=K, eval_queries=20,
-                                                                      num_warmup_requests=4))
+  exporter.export_model(
+    trained_run, base_path, exporter.ExportConfig(index="scann", k=K, eval_queries=20, num_warmup_requests=4)
+  )
   _, run_config = train.restore(trained_run)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
   return os.path.join(base_path, "1"), source, queries_lib.held_out_queries(source, 8)
@@ -46,26 +48,40 @@ def _serve(version_path, queries):
 
 def _ad_line(ad_id, features, row, **extra):
   tokens = [t for t in features[schema.AD_TOKENS][row] if t]
-  return json.dumps({"ad_id": ad_id, "category": features[schema.CATEGORY][row], "brand": features[schema.BRAND][row],
-                     "tokens": tokens, **extra})
+  return json.dumps(
+    {
+      "ad_id": ad_id,
+      "category": features[schema.CATEGORY][row],
+      "brand": features[schema.BRAND][row],
+      "tokens": tokens,
+      **extra,
+    }
+  )
 
 
 def test_delta_lines_later_lines_win_and_errors_name_the_line():
-  delta = refresh_delta.parse_lines([
+  delta = refresh_delta.parse_lines(
+    [
       '{"ad_id": "a1", "category": "c", "tokens": ["x"]}',
       '{"ad_id": "a1", "status": "paused"}',
       '{"ad_id": "a2", "status": "paused"}',
       '{"ad_id": "a2", "status": "active"}',
-      '',
+      "",
       '{"ad_id": "a3", "deleted": true}',
-  ])
+    ]
+  )
   assert delta.upserts["a1"].status == "paused" and delta.upserts["a1"].tokens == ("x",)
   assert delta.statuses == {"a2": "active"} and delta.removals == {"a3"} and not delta.status_only
   assert refresh_delta.parse_lines(['{"ad_id": "a2", "status": "paused"}']).status_only
-  for line, message in [('{"ad_id": "a"', "not valid JSON|Expecting"), ('{"ad_id": ""}', "ad_id"),
-                        ('{"ad_id": "a", "status": "gone"}', "status"), ('{"ad_id": "a", "deleted": false}', "removal"),
-                        ('{"ad_id": "a", "price": 3}', "unknown fields"), ('{"ad_id": "a"}', "features"),
-                        ('{"ad_id": "a", "tokens": "x y"}', "tokens")]:
+  for line, message in [
+    ('{"ad_id": "a"', "not valid JSON|Expecting"),
+    ('{"ad_id": ""}', "ad_id"),
+    ('{"ad_id": "a", "status": "gone"}', "status"),
+    ('{"ad_id": "a", "deleted": false}', "removal"),
+    ('{"ad_id": "a", "price": 3}', "unknown fields"),
+    ('{"ad_id": "a"}', "features"),
+    ('{"ad_id": "a", "tokens": "x y"}', "tokens"),
+  ]:
     with pytest.raises(ValueError, match=rf"delta.jsonl:2: .*({message})"):
       refresh_delta.parse_lines(['{"ad_id": "ok", "status": "paused"}', line], "delta.jsonl")
   with pytest.raises(ValueError, match="removes"):
@@ -80,13 +96,15 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   # The new ad copies the side info of the first query's best ad: it must rank near the top.
   best, removed, paused = before[0, 0], before[0, 1], before[0, 2]
   changed = features[schema.AD_ID][5]
-  delta = refresh_delta.parse_lines([
+  delta = refresh_delta.parse_lines(
+    [
       _ad_line("fresh-ad", features, row_of[best]),
       json.dumps({"ad_id": removed, "deleted": True}),
       json.dumps({"ad_id": paused, "status": "paused"}),
       _ad_line(changed, features, 9),
       json.dumps({"ad_id": "never-existed", "deleted": True}),
-  ])
+    ]
+  )
   report = refresh.Refresher(base_path, keep_versions=None).apply(delta)
   assert report["version"] == 2 and report["kind"] == "rebuild" and report["refreshed_from"] == 1
   assert report["delta"] == {"added": 1, "changed": 1, "removed": 1, "ignored_removals": 1, "status_changes": 1}
@@ -102,13 +120,14 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   encode_item = loaded.signatures["encode_item"]
   new_rows = {ad_id: row for row, ad_id in enumerate(state.ids)}
   for ad_id, row in (("fresh-ad", row_of[best]), (changed, 9)):
-    inputs = {name: tf.constant(features[name][row:row + 1]) for name in schema.ITEM_FEATURE_NAMES}
+    inputs = {name: tf.constant(features[name][row : row + 1]) for name in schema.ITEM_FEATURE_NAMES}
     inputs[schema.AD_ID] = tf.constant([ad_id])
     # The refresh encodes its ads in one batch, here each is encoded alone: the kernels may sum in
     # another order (6e-8 apart on one CPU, 1.5e-7 between oneDNN and Eigen). Any other tower's
     # unit vector would be ~0.1 away, so 1e-5 still tells version 1's towers from any other.
-    np.testing.assert_allclose(state.embeddings[new_rows[ad_id]], encode_item(**inputs)["embedding"].numpy()[0],
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+      state.embeddings[new_rows[ad_id]], encode_item(**inputs)["embedding"].numpy()[0], rtol=0, atol=1e-5
+    )
   old_state = refresh_state.read_state(version_path)
   np.testing.assert_array_equal(state.embeddings[new_rows[before[0, 5]]], old_state.embeddings[row_of[before[0, 5]]])
   assert not state.eligible[new_rows[paused]]
@@ -117,8 +136,11 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   new_loaded, after = _serve(new_path, queries)
   old_checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
   new_checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(new_path))
-  tower_keys = [key for key in old_checkpoint.get_variable_to_shape_map()
-                if key.startswith(("query_tower/", "item_tower/")) and key.endswith("VARIABLE_VALUE")]
+  tower_keys = [
+    key
+    for key in old_checkpoint.get_variable_to_shape_map()
+    if key.startswith(("query_tower/", "item_tower/")) and key.endswith("VARIABLE_VALUE")
+  ]
   assert len(tower_keys) > 5
   # ScaNN with version 1's search knobs: version 1's graph file serves the new checkpoint, untraced.
   assert report["graph"] == "version 1's"
@@ -127,7 +149,9 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
     np.testing.assert_array_equal(old_checkpoint.get_tensor(key), new_checkpoint.get_tensor(key))
   assert "fresh-ad" in after[0, :3]
   assert removed not in after and paused not in after and "" not in after
-  query_embeddings = new_loaded.signatures["encode_query"](**{n: tf.constant(v) for n, v in queries.items()})["embedding"]
+  query_embeddings = new_loaded.signatures["encode_query"](**{n: tf.constant(v) for n, v in queries.items()})[
+    "embedding"
+  ]
   scores = topk_testlib.reference_scores(query_embeddings.numpy(), state.embeddings, state.eligible)
   expected_rows = np.argsort(-scores, axis=1, kind="stable")[:, :K]
   topk_testlib.assert_top_k_agree(topk_testlib.rows_of(after, state.ids), expected_rows, scores)
@@ -143,13 +167,17 @@ def test_status_only_publish_changes_only_the_mask(exported, base_path):
   assert report["kind"] == "status_only" and report["version"] == 2
   new_path = os.path.join(base_path, "2")
   # The graph is version 1's byte for byte; of the variables only the eligibility mask differs.
-  with open(os.path.join(version_path, "saved_model.pb"), "rb") as a, open(os.path.join(new_path, "saved_model.pb"), "rb") as b:
+  with (
+    open(os.path.join(version_path, "saved_model.pb"), "rb") as a,
+    open(os.path.join(new_path, "saved_model.pb"), "rb") as b,
+  ):
     assert a.read() == b.read()
   old = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
   new = tf.train.load_checkpoint(version_files.variables_prefix(new_path))
   assert old.get_variable_to_shape_map() == new.get_variable_to_shape_map()
-  differing = [name for name in old.get_variable_to_shape_map()
-               if not np.array_equal(old.get_tensor(name), new.get_tensor(name))]
+  differing = [
+    name for name in old.get_variable_to_shape_map() if not np.array_equal(old.get_tensor(name), new.get_tensor(name))
+  ]
   assert differing == [full_graph.ELIGIBLE_KEY]
   _, after = _serve(new_path, queries)
   assert not set(pause) & set(after.ravel())
@@ -202,18 +230,24 @@ def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, base_path
   (watch_dir / "001-pause.jsonl").write_text(json.dumps({"ad_id": before[0, 0], "status": "paused"}) + "\n")
   (watch_dir / "002-bad.jsonl").write_text(json.dumps({"ad_id": before[0, 1], "status": "paused"}) + "\n{oops\n")
   (watch_dir / "003-unknown.jsonl").write_text(
-      json.dumps({"ad_id": before[0, 2], "deleted": True}) + "\n" + '{"ad_id": "nope", "status": "paused"}\n')
+    json.dumps({"ad_id": before[0, 2], "deleted": True}) + "\n" + '{"ad_id": "nope", "status": "paused"}\n'
+  )
   (watch_dir / ".004-incomplete.jsonl").write_text('{"ad_id": "x", "deleted": true}\n')
   polls = []
   with caplog.at_level(logging.INFO, logger="absl"):
-    refresh_watch.watch(refresh.Refresher(base_path), str(watch_dir), interval_seconds=0.01, max_polls=2,
-                        on_poll=polls.append)
+    refresh_watch.watch(
+      refresh.Refresher(base_path), str(watch_dir), interval_seconds=0.01, max_polls=2, on_poll=polls.append
+    )
   assert f"Watching {watch_dir} for delta files" in caplog.text  # Once ready: bench/freshness.py waits for it.
   assert polls[0].accepted == ["001-pause.jsonl"] and set(polls[0].rejected) == {"002-bad.jsonl", "003-unknown.jsonl"}
   assert polls[0].report["version"] == 2 and polls[1].report is None  # Nothing new at the second poll.
   assert sorted(os.listdir(watch_dir / "processed")) == ["v2-001-pause.jsonl"]
-  assert sorted(os.listdir(watch_dir / "failed")) == ["002-bad.jsonl", "002-bad.jsonl.error", "003-unknown.jsonl",
-                                                      "003-unknown.jsonl.error"]
+  assert sorted(os.listdir(watch_dir / "failed")) == [
+    "002-bad.jsonl",
+    "002-bad.jsonl.error",
+    "003-unknown.jsonl",
+    "003-unknown.jsonl.error",
+  ]
   assert "002-bad.jsonl:2" in (watch_dir / "failed" / "002-bad.jsonl.error").read_text()
   assert ".004-incomplete.jsonl" in os.listdir(watch_dir)  # Hidden names are still being written.
   _, after = _serve(os.path.join(base_path, "2"), queries)

@@ -26,9 +26,20 @@ def _kill_mid_publish(base_path, delta_path, timeout=600.0):
   the refresh itself (import, load, embed, build) may need minutes before it writes.
   """
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
-  process = subprocess.Popen([sys.executable, "-m", "export.refresh_cli", f"--model_base_path={base_path}",
-                              f"--delta={delta_path}", "--keep_versions=0"],
-                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "export.refresh_cli",
+      f"--model_base_path={base_path}",
+      f"--delta={delta_path}",
+      "--keep_versions=0",
+    ],
+    cwd=REPO_ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   deadline = time.time() + timeout
   written = None
   while written is None:
@@ -48,9 +59,11 @@ def _kill_mid_publish(base_path, delta_path, timeout=600.0):
 
 def test_kill_9_mid_publish_leaves_only_complete_versions(trained_run, tmp_path):
   import scann  # noqa: F401  Registers ScaNN's ops for loading the versions here.
+
   base_path = str(tmp_path / "models")
-  exporter.export_model(trained_run, base_path, exporter.ExportConfig(index="scann", k=10, eval_queries=10,
-                                                                      num_warmup_requests=2))
+  exporter.export_model(
+    trained_run, base_path, exporter.ExportConfig(index="scann", k=10, eval_queries=10, num_warmup_requests=2)
+  )
   delta_path = str(tmp_path / "delta.jsonl")
   with open(delta_path, "w") as f:
     f.write(json.dumps({"ad_id": "fresh-ad", "category": "c1", "brand": "b1", "tokens": ["t1_1"]}) + "\n")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch, version_files, version_report
 from engine import base, scann_backend, scann_index, scann_update
+from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch, version_files, version_report
 from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
@@ -22,9 +22,13 @@ TREE_AH = {"scoring": "ah", "num_leaves": 30, "reorder": 100, "training_sample_s
 def exported(trained_run, tmp_path_factory):
   """Version 1 with a tree-AH ScaNN index, the data source and held-out queries."""
   import scann  # noqa: F401  pylint: disable=unused-import  Registers ScaNN's ops for loading versions in this process.
+
   base_path = str(tmp_path_factory.mktemp("exported_ah"))
-  exporter.export_model(trained_run, base_path, exporter.ExportConfig(
-      index="scann", k=K, eval_queries=20, num_warmup_requests=4, index_options=TREE_AH))
+  exporter.export_model(
+    trained_run,
+    base_path,
+    exporter.ExportConfig(index="scann", k=K, eval_queries=20, num_warmup_requests=4, index_options=TREE_AH),
+  )
   _, run_config = train.restore(trained_run)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
   return os.path.join(base_path, "1"), source, queries_lib.held_out_queries(source, 200)
@@ -38,8 +42,14 @@ def base_path(exported, tmp_path):
 
 
 def _ad_line(ad_id, features, row):
-  return json.dumps({"ad_id": ad_id, "category": features[schema.CATEGORY][row], "brand": features[schema.BRAND][row],
-                     "tokens": [t for t in features[schema.AD_TOKENS][row] if t]})
+  return json.dumps(
+    {
+      "ad_id": ad_id,
+      "category": features[schema.CATEGORY][row],
+      "brand": features[schema.BRAND][row],
+      "tokens": [t for t in features[schema.AD_TOKENS][row] if t],
+    }
+  )
 
 
 def _served_and_recall(version_path, queries):
@@ -65,10 +75,16 @@ def _delta(source, before, seed, catalog):
   features = source.features(np.arange(source.num_items))
   row_of = {ad_id: row for row, ad_id in enumerate(features[schema.AD_ID])}
   probe = set(before[0, :3])
-  others = [row for row in rng.permutation(source.num_items)
-            if features[schema.AD_ID][row] not in probe and features[schema.AD_ID][row] in catalog][:60]
-  lines = [_ad_line(f"fresh-{seed}-probe", features, row_of.get(before[0, 0], 0)),
-           json.dumps({"ad_id": before[0, 1], "deleted": True}), json.dumps({"ad_id": before[0, 2], "status": "paused"})]
+  others = [
+    row
+    for row in rng.permutation(source.num_items)
+    if features[schema.AD_ID][row] not in probe and features[schema.AD_ID][row] in catalog
+  ][:60]
+  lines = [
+    _ad_line(f"fresh-{seed}-probe", features, row_of.get(before[0, 0], 0)),
+    json.dumps({"ad_id": before[0, 1], "deleted": True}),
+    json.dumps({"ad_id": before[0, 2], "status": "paused"}),
+  ]
   lines += [_ad_line(f"fresh-{seed}-{i}", features, row) for i, row in enumerate(rng.choice(source.num_items, 60))]
   lines += [_ad_line(features[schema.AD_ID][row], features, (row + 1) % source.num_items) for row in others[:40]]
   lines += [json.dumps({"ad_id": features[schema.AD_ID][row], "deleted": True}) for row in others[40:50]]
@@ -91,15 +107,19 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
   checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(report["path"]))
   rows = len(refresh_state.read_state(report["path"]).ids)
   dtypes = checkpoint.get_variable_to_dtype_map()
-  float_tables = [key for key, shape in checkpoint.get_variable_to_shape_map().items()
-                  if key.startswith("index/") and len(shape) == 2 and shape[0] == rows and dtypes[key] == tf.float32]
+  float_tables = [
+    key
+    for key, shape in checkpoint.get_variable_to_shape_map().items()
+    if key.startswith("index/") and len(shape) == 2 and shape[0] == rows and dtypes[key] == tf.float32
+  ]
   assert len(float_tables) == 1, float_tables
 
   # N's training is kept, and the rows the delta did not touch keep their tokens and codes.
   old_state, new_state = refresh_state.read_state(version_path), refresh_state.read_state(os.path.join(base_path, "2"))
   old = scann_update.ScannAssets.from_checkpoint(version_files.variables_prefix(version_path), old_state.embeddings)
-  new = scann_update.ScannAssets.from_checkpoint(version_files.variables_prefix(os.path.join(base_path, "2")),
-                                                 new_state.embeddings)
+  new = scann_update.ScannAssets.from_checkpoint(
+    version_files.variables_prefix(os.path.join(base_path, "2")), new_state.embeddings
+  )
   for name in ("scann_config", "serialized_partitioner", "ah_codebook"):
     assert getattr(old, name).tolist() == getattr(new, name).tolist(), name
   touched = set(delta.upserts)
@@ -121,8 +141,10 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
   full_served, full_recall = _served_and_recall(full["path"], queries)
   new_found = np.mean([ad_id in served[q] for q, ad_id in pairs])
   full_new_found = np.mean([ad_id in full_served[q] for q, ad_id in pairs])
-  print(f"recall@{K}: version 1 {recall_v1:.3f}, incremental {incremental_recall:.3f}, full rebuild {full_recall:.3f};"
-        f" new ads found: incremental {new_found:.3f}, full rebuild {full_new_found:.3f} ({len(pairs)} pairs)")
+  print(
+    f"recall@{K}: version 1 {recall_v1:.3f}, incremental {incremental_recall:.3f}, full rebuild {full_recall:.3f};"
+    f" new ads found: incremental {new_found:.3f}, full rebuild {full_new_found:.3f} ({len(pairs)} pairs)"
+  )
   # The update keeps version 1's partitioner, so its recall is version 1's (measured 0.001-0.009 below it
   # in five runs of 2026-11-22). A full rebuild trains a new 30-leaf partitioner whose recall is a draw:
   # full minus incremental was -0.03 to +0.077 in the same runs, so that bound only catches a wholesale loss.
@@ -135,7 +157,8 @@ def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exp
 
 
 def test_versions_saving_a_copy_of_the_vectors_still_refresh_under_their_graph(
-    exported, trained_run, tmp_path, monkeypatch):
+  exported, trained_run, tmp_path, monkeypatch
+):
   # Exports before 2026-12-01 saved the float vectors of the exact fallback next to ScaNN's dataset.
   init = scann_index.ScannIndex.__init__
 
@@ -147,12 +170,17 @@ def test_versions_saving_a_copy_of_the_vectors_still_refresh_under_their_graph(
 
   monkeypatch.setattr(scann_index.ScannIndex, "__init__", with_copy)
   base_path = str(tmp_path / "old")
-  exporter.export_model(trained_run, base_path, exporter.ExportConfig(
-      index="scann", k=K, eval_queries=10, num_warmup_requests=2, index_options=TREE_AH))
+  exporter.export_model(
+    trained_run,
+    base_path,
+    exporter.ExportConfig(index="scann", k=K, eval_queries=10, num_warmup_requests=2, index_options=TREE_AH),
+  )
   monkeypatch.undo()
   version_path, source, queries = os.path.join(base_path, "1"), exported[1], exported[2]
-  assert "index/vectors/.ATTRIBUTES/VARIABLE_VALUE" in tf.train.load_checkpoint(
-      version_files.variables_prefix(version_path)).get_variable_to_shape_map()
+  assert (
+    "index/vectors/.ATTRIBUTES/VARIABLE_VALUE"
+    in tf.train.load_checkpoint(version_files.variables_prefix(version_path)).get_variable_to_shape_map()
+  )
   before, recall_v1 = _served_and_recall(version_path, queries)
   delta = _delta(source, before, 5, set(refresh_state.read_state(version_path).ids))
   report = refresh.Refresher(base_path, keep_versions=None, verify_recall=False).apply(delta)
@@ -166,14 +194,18 @@ def test_other_search_knobs_trace_the_serving_functions_anew(exported, base_path
   before, recall_v1 = _served_and_recall(version_path, queries)
   delta = _delta(source, before, 4, set(refresh_state.read_state(version_path).ids))
   leaves = version_report.read(version_path).index_config["leaves_to_search"] + 2
-  report = refresh.Refresher(base_path, keep_versions=None, verify_recall=False,
-                             index_overrides={"leaves_to_search": leaves}).apply(delta)
+  report = refresh.Refresher(
+    base_path, keep_versions=None, verify_recall=False, index_overrides={"leaves_to_search": leaves}
+  ).apply(delta)
   assert report["index_update"] == "incremental" and report["index_config"]["leaves_to_search"] == leaves
   assert report["graph"] == "traced" and "leaves_to_search" in report["graph_traced_because"]
   old_checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
   new_checkpoint = tf.train.load_checkpoint(version_files.variables_prefix(report["path"]))
-  tower_keys = [key for key in old_checkpoint.get_variable_to_shape_map()
-                if key.startswith(("query_tower/", "item_tower/")) and key.endswith("VARIABLE_VALUE")]
+  tower_keys = [
+    key
+    for key in old_checkpoint.get_variable_to_shape_map()
+    if key.startswith(("query_tower/", "item_tower/")) and key.endswith("VARIABLE_VALUE")
+  ]
   assert len(tower_keys) > 5
   for key in tower_keys:  # RestoredTower keeps the restored tower object as `owner`.
     new_key = key.replace("_tower/", "_tower/owner/", 1)
@@ -193,7 +225,10 @@ def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_p
   assert status["kind"] == "status_only" and status["index_config"]["rows_encoded_since_training"] == 101
   second, _ = _served_and_recall(status["path"], queries)
   report = refresher.apply(_delta(source, second, 3, set(refresh_state.read_state(status["path"]).ids)))
-  assert report["index_update"] == "full" and "rows encoded since the last training" in report["index_config"]["full_build_reason"]
+  assert (
+    report["index_update"] == "full"
+    and "rows encoded since the last training" in report["index_config"]["full_build_reason"]
+  )
   assert report["index_config"]["rows_encoded_since_training"] == 0
   served, recall = _served_and_recall(report["path"], queries)
   assert recall >= recall_v1 - 0.1
@@ -204,8 +239,9 @@ def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_p
   # So does another partitioning; "auto" keeps the one the version picked (spherical: the towers normalise).
   assert report["index_config"]["partitioning"] == "spherical"
   for partitioning, update in (("auto", "incremental"), ("generic", "full")):
-    changed = refresh.Refresher(base_path, keep_versions=None, index_overrides={"partitioning": partitioning},
-                                verify_recall=False)
+    changed = refresh.Refresher(
+      base_path, keep_versions=None, index_overrides={"partitioning": partitioning}, verify_recall=False
+    )
     ad_id = sorted(refresh_state.read_state(report["path"]).ids)[0]
     report = changed.apply(refresh_delta.parse_lines([json.dumps({"ad_id": ad_id, "deleted": True})]))
     assert report["index_update"] == update, report["index_config"].get("full_build_reason")
@@ -217,10 +253,12 @@ def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_p
 def test_background_retrain_maps_later_versions_onto_the_new_training(exported, base_path, tmp_path):
   version_path, source, queries = exported
   before, recall_v1 = _served_and_recall(version_path, queries)
-  v1 = scann_update.ScannAssets.from_checkpoint(version_files.variables_prefix(version_path),
-                                                refresh_state.read_state(version_path).embeddings)
-  refresher = refresh.Refresher(base_path, keep_versions=None, retrain_fraction=0.02, background_retrain=True,
-                                verify_recall=False)
+  v1 = scann_update.ScannAssets.from_checkpoint(
+    version_files.variables_prefix(version_path), refresh_state.read_state(version_path).embeddings
+  )
+  refresher = refresh.Refresher(
+    base_path, keep_versions=None, retrain_fraction=0.02, background_retrain=True, verify_recall=False
+  )
   # Past 2% of the catalog, no retrain on the publish path: an update, and a retrain in the background.
   report = refresher.apply(_delta(source, before, 4, set(refresh_state.read_state(version_path).ids)))
   assert report["index_update"] == "incremental" and report["background_retrain_started"]
@@ -233,8 +271,9 @@ def test_background_retrain_maps_later_versions_onto_the_new_training(exported, 
   config = report["index_config"]
   assert report["index_update"] == "retrained" and config["retrained_from"] == 2
   assert config["rows_encoded_since_training"] == config["encoded_rows"] == len(delta.upserts)
-  new = scann_update.ScannAssets.from_checkpoint(version_files.variables_prefix(report["path"]),
-                                                 refresh_state.read_state(report["path"]).embeddings)
+  new = scann_update.ScannAssets.from_checkpoint(
+    version_files.variables_prefix(report["path"]), refresh_state.read_state(report["path"]).embeddings
+  )
   assert new.serialized_partitioner.tolist() != v1.serialized_partitioner.tolist()
   served, recall = _served_and_recall(report["path"], queries)
   assert recall >= recall_v1 - 0.1 and before[1, 0] not in served
@@ -244,7 +283,9 @@ def test_background_retrain_maps_later_versions_onto_the_new_training(exported, 
   idle = tmp_path / "deltas"
   idle.mkdir()
   polled = refresh_watch.poll_once(refresher, str(idle)).report
-  assert polled["index_update"] == "retrained" and polled["delta"] == {}, polled["index_config"].get("full_build_reason")
+  assert polled["index_update"] == "retrained" and polled["delta"] == {}, polled["index_config"].get(
+    "full_build_reason"
+  )
   assert polled["index_config"]["rows_encoded_since_training"] == 0 and polled["num_items"] == report["num_items"]
   served, recall = _served_and_recall(polled["path"], queries)
   assert recall >= recall_v1 - 0.1 and before[1, 0] not in served
@@ -256,8 +297,14 @@ def test_index_options_keep_how_a_version_from_before_an_option_was_built():
   # Such a version's graph returns every reordered candidate: a rebuild keeps that, and so its graph.
   # It also predates the partitioning option: it was partitioned with generic k-means.
   assert scann_backend.BACKEND.rebuild_options(options, config, K) == {
-      "num_leaves": 30, "leaves_to_search": 5, "reorder": 80, "final_candidates": 80, "partitioning": "generic"}
+    "num_leaves": 30,
+    "leaves_to_search": 5,
+    "reorder": 80,
+    "final_candidates": 80,
+    "partitioning": "generic",
+  }
   after = scann_backend.BACKEND.rebuild_options(
-      options, {**config, "final_candidates": 40, "partitioning": "spherical"}, K)
+    options, {**config, "final_candidates": 40, "partitioning": "spherical"}, K
+  )
   assert after["final_candidates"] == 40
   assert after["partitioning"] == "spherical"

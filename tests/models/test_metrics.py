@@ -26,8 +26,8 @@ def test_water_level_metrics_by_hand():
   positives = np.array([1, 3, 5, 4])
   converted = np.array([True, True, False, False])
   out = metrics.water_level_metrics(recalled, positives, converted, categories, new_items)
-  assert out["click_coverage"] == 0.5            # queries 0 and 2 recall their click.
-  assert out["conversion_coverage"] == 0.5       # of the converted queries 0 and 1, query 0.
+  assert out["click_coverage"] == 0.5  # queries 0 and 2 recall their click.
+  assert out["conversion_coverage"] == 0.5  # of the converted queries 0 and 1, query 0.
   # Query categories A, B, C, C: off-category recalls are 0 + 1 + 0 + 2 out of 8.
   assert out["noise_ratio"] == 3 / 8
   assert out["new_item_coverage"] == 1.0 and out["num_new_item_clicks"] == 1
@@ -39,8 +39,9 @@ def test_evaluate_agrees_with_tfrs_factorized_top_k(trained_run):
   model, _ = train.restore(trained_run)
   source = sources.open_source(TINY_DATA)
   report = evaluation.evaluate(model.query_tower, model.item_tower, source, ks=(10, 100))
-  tfrs_top_k = evaluation.top_k_accuracy(model.query_tower, model.item_tower, source, source.examples("test"),
-                                         ks=(10, 100))
+  tfrs_top_k = evaluation.top_k_accuracy(
+    model.query_tower, model.item_tower, source, source.examples("test"), ks=(10, 100)
+  )
   for k in (10, 100):
     assert report["ranking"][f"recall@{k}"] == pytest.approx(tfrs_top_k[f"top_{k}"], abs=2e-3)
   water = report["water_level"]

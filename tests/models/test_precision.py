@@ -14,21 +14,22 @@ from tests.conftest import TINY_TOWER
 
 def _examples(n=8):
   return {
-      schema.USER_ID: tf.constant([f"u{i}" for i in range(n)]),
-      schema.USER_FEATURES: tf.constant([["age:18-24", ""]] * n),
-      schema.QUERY_TOKENS: tf.constant([[f"t{i}", ""] for i in range(n)]),
-      schema.HIST_IDS: tf.constant([[f"ad{i + 1}", "ad9", ""] for i in range(n)]),
-      schema.HIST_CATEGORIES: tf.constant([["c1", "c2", ""]] * n),
-      schema.HIST_BRANDS: tf.constant([["b1", "", ""]] * n),
-      schema.AD_ID: tf.constant([f"ad{i}" for i in range(n)]),
-      schema.CATEGORY: tf.constant([f"c{i % 3}" for i in range(n)]),
-      schema.BRAND: tf.constant([f"b{i}" for i in range(n)]),
-      schema.AD_TOKENS: tf.constant([[f"t{i}", "x"] for i in range(n)]),
+    schema.USER_ID: tf.constant([f"u{i}" for i in range(n)]),
+    schema.USER_FEATURES: tf.constant([["age:18-24", ""]] * n),
+    schema.QUERY_TOKENS: tf.constant([[f"t{i}", ""] for i in range(n)]),
+    schema.HIST_IDS: tf.constant([[f"ad{i + 1}", "ad9", ""] for i in range(n)]),
+    schema.HIST_CATEGORIES: tf.constant([["c1", "c2", ""]] * n),
+    schema.HIST_BRANDS: tf.constant([["b1", "", ""]] * n),
+    schema.AD_ID: tf.constant([f"ad{i}" for i in range(n)]),
+    schema.CATEGORY: tf.constant([f"c{i % 3}" for i in range(n)]),
+    schema.BRAND: tf.constant([f"b{i}" for i in range(n)]),
+    schema.AD_TOKENS: tf.constant([[f"t{i}", "x"] for i in range(n)]),
   }
 
 
-@pytest.mark.parametrize("precision,compute_dtype,attention", [("mixed_bfloat16", tf.bfloat16, "din"),
-                                                               ("mixed_float16", tf.float16, "dot")])
+@pytest.mark.parametrize(
+  "precision,compute_dtype,attention", [("mixed_bfloat16", tf.bfloat16, "din"), ("mixed_float16", tf.float16, "dot")]
+)
 def test_mixed_towers_output_float32_and_retrieval_trains(precision, compute_dtype, attention):
   assert tf.keras.mixed_precision.global_policy().name == "float32"  # The towers carry their own policy.
   model = retrieval.RetrievalModel(dataclasses.replace(TINY_TOWER, precision=precision, attention=attention))

@@ -14,20 +14,22 @@ _MIN_FLOAT = np.finfo(np.float32).min / 100.0  # TFRS' accidental-hit penalty.
 def _batch(ad_ids, prefix=""):
   n = len(ad_ids)
   batch = {
-      prefix + schema.AD_ID: tf.constant(ad_ids),
-      prefix + schema.CATEGORY: tf.constant([f"c{i % 2}" for i in range(n)]),
-      prefix + schema.BRAND: tf.constant([f"b{i}" for i in range(n)]),
-      prefix + schema.AD_TOKENS: tf.constant([[f"t{i}", ""] for i in range(n)]),
+    prefix + schema.AD_ID: tf.constant(ad_ids),
+    prefix + schema.CATEGORY: tf.constant([f"c{i % 2}" for i in range(n)]),
+    prefix + schema.BRAND: tf.constant([f"b{i}" for i in range(n)]),
+    prefix + schema.AD_TOKENS: tf.constant([[f"t{i}", ""] for i in range(n)]),
   }
   if not prefix:
-    batch.update({
+    batch.update(
+      {
         schema.USER_ID: tf.constant([f"u{i}" for i in range(n)]),
         schema.USER_FEATURES: tf.constant([["age:18-24"]] * n),
         schema.QUERY_TOKENS: tf.constant([[f"t{i}", "t9"] for i in range(n)]),
         schema.HIST_IDS: tf.constant([["ad1", ""]] * n),
         schema.HIST_CATEGORIES: tf.constant([["c1", ""]] * n),
         schema.HIST_BRANDS: tf.constant([["b1", ""]] * n),
-    })
+      }
+    )
   return batch
 
 
@@ -37,7 +39,7 @@ def _reference_loss(queries, candidates, candidate_ids, probabilities, temperatu
   loss = 0.0
   for i in range(len(queries)):
     row = logits[i].copy()
-    duplicate = (np.asarray(candidate_ids) == candidate_ids[i])
+    duplicate = np.asarray(candidate_ids) == candidate_ids[i]
     duplicate[i] = False
     row[duplicate] += _MIN_FLOAT
     row -= row.max()
@@ -47,8 +49,9 @@ def _reference_loss(queries, candidates, candidate_ids, probabilities, temperatu
 
 def test_item_frequencies_count_a_stream_by_hashed_id():
   frequencies = sampling.ItemFrequencies.from_batches(
-      [{schema.AD_ID: np.array(["a", "b", "a"], dtype=object)}, {schema.AD_ID: np.array(["a"], dtype=object)}],
-      num_buckets=1 << 16)
+    [{schema.AD_ID: np.array(["a", "b", "a"], dtype=object)}, {schema.AD_ID: np.array(["a"], dtype=object)}],
+    num_buckets=1 << 16,
+  )
   table = frequencies.probability_table()
   buckets = frequencies.bucket(tf.constant(["a", "b", "never-seen"])).numpy()
   np.testing.assert_allclose(table[buckets], [3 / 4, 1 / 4, 1 / 4])  # Unseen ids count as one.
@@ -59,7 +62,8 @@ def test_logq_corrected_loss_matches_numpy():
   ids = ["ad1", "ad2", "ad1", "ad3"]  # ad1 twice: an accidental hit for rows 0 and 2.
   counts = {"ad1": 50, "ad2": 5, "ad3": 1}
   frequencies = sampling.ItemFrequencies.from_batches(
-      [{schema.AD_ID: np.array([ad for ad, c in counts.items() for _ in range(c)], dtype=object)}])
+    [{schema.AD_ID: np.array([ad for ad, c in counts.items() for _ in range(c)], dtype=object)}]
+  )
   model = retrieval.RetrievalModel(TINY_TOWER)
   model.set_sampling(frequencies)
   batch = _batch(ids)
@@ -78,7 +82,8 @@ def test_mixed_negatives_join_the_candidates_with_the_mixture_probability(logq):
   ids, negative_ids = ["ad1", "ad2", "ad3"], ["ad7", "ad2"]  # ad2 sampled again: an accidental hit.
   counts = {"ad1": 6, "ad2": 3, "ad3": 1}
   frequencies = sampling.ItemFrequencies.from_batches(
-      [{schema.AD_ID: np.array([ad for ad, c in counts.items() for _ in range(c)], dtype=object)}])
+    [{schema.AD_ID: np.array([ad for ad, c in counts.items() for _ in range(c)], dtype=object)}]
+  )
   num_items = 40
   model = retrieval.RetrievalModel(TINY_TOWER)
   model.set_sampling(frequencies if logq else None, num_negatives=2, num_items=num_items)
@@ -103,12 +108,16 @@ def test_uniform_negatives_never_draw_held_out_items():
     num_items = 10
 
     def features(self, rows):
-      return {schema.AD_ID: np.array([f"ad{r}" for r in rows], dtype=object),
-              schema.CATEGORY: np.array(["c"] * len(rows), dtype=object),
-              schema.BRAND: np.array(["b"] * len(rows), dtype=object),
-              schema.AD_TOKENS: np.full([len(rows), 2], "", dtype=object)}
+      return {
+        schema.AD_ID: np.array([f"ad{r}" for r in rows], dtype=object),
+        schema.CATEGORY: np.array(["c"] * len(rows), dtype=object),
+        schema.BRAND: np.array(["b"] * len(rows), dtype=object),
+        schema.AD_TOKENS: np.full([len(rows), 2], "", dtype=object),
+      }
 
   exclude = np.arange(10) >= 3
   draws = sampling.uniform_negatives(Table(), 50, seed=0, exclude=exclude)
-  seen = set(next(draws)[sampling.NEGATIVE_PREFIX + schema.AD_ID]) | set(next(draws)[sampling.NEGATIVE_PREFIX + schema.AD_ID])
+  seen = set(next(draws)[sampling.NEGATIVE_PREFIX + schema.AD_ID]) | set(
+    next(draws)[sampling.NEGATIVE_PREFIX + schema.AD_ID]
+  )
   assert seen == {"ad0", "ad1", "ad2"}

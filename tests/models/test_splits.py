@@ -27,8 +27,8 @@ def test_movielens_leave_last_out_holds_out_each_users_last_rating(movielens_dir
   # The test example's history is the user's previous ratings, the most recent first.
   user = test[schema.USER_ID][0]
   previous = [str(i) for u, i in zip(raw[order, 0].tolist(), raw[order, 1].tolist()) if str(u) == user][:-1]
-  expected = previous[::-1][:schema.HISTORY_LEN]
-  assert list(test[schema.HIST_IDS][0][:len(expected)]) == expected
+  expected = previous[::-1][: schema.HISTORY_LEN]
+  assert list(test[schema.HIST_IDS][0][: len(expected)]) == expected
   # The default split is untouched.
   assert sum(len(b[schema.AD_ID]) for b in movielens.MovieLens100K(movielens_dir).examples("test")) == 20_000
 
@@ -51,8 +51,8 @@ def test_synthetic_leave_last_out_holds_out_each_users_last_click():
   # Its history is the user's whole past (up to the history length).
   user = test[schema.USER_ID][0]
   clicks = [a for u, a in zip(train[schema.USER_ID], train[schema.AD_ID]) if u == user]
-  expected = clicks[::-1][:schema.HISTORY_LEN]
-  assert list(test[schema.HIST_IDS][0][:len(expected)]) == expected
+  expected = clicks[::-1][: schema.HISTORY_LEN]
+  assert list(test[schema.HIST_IDS][0][: len(expected)]) == expected
 
 
 def test_held_out_items_never_reach_training_but_stay_in_the_catalog_and_test():

@@ -14,12 +14,12 @@ from tests.conftest import TINY_TOWER
 
 def _query_batch(hist_ids, hist_categories):
   return {
-      schema.USER_ID: tf.constant(["u1", "u2"]),
-      schema.USER_FEATURES: tf.constant([["age:18-24", ""], ["", ""]]),
-      schema.QUERY_TOKENS: tf.constant([["t1_2", "t1_3"], ["t2_1", ""]]),
-      schema.HIST_IDS: tf.constant(hist_ids),
-      schema.HIST_CATEGORIES: tf.constant(hist_categories),
-      schema.HIST_BRANDS: tf.constant([["b1_1", "", ""], ["", "", ""]]),
+    schema.USER_ID: tf.constant(["u1", "u2"]),
+    schema.USER_FEATURES: tf.constant([["age:18-24", ""], ["", ""]]),
+    schema.QUERY_TOKENS: tf.constant([["t1_2", "t1_3"], ["t2_1", ""]]),
+    schema.HIST_IDS: tf.constant(hist_ids),
+    schema.HIST_CATEGORIES: tf.constant(hist_categories),
+    schema.HIST_BRANDS: tf.constant([["b1_1", "", ""], ["", "", ""]]),
   }
 
 
@@ -32,8 +32,12 @@ def test_query_tower_outputs_unit_vectors_and_accepts_any_sequence_length():
 
 def test_item_tower_embeds_unseen_ads_from_side_info():
   _, item_tower = towers.build_towers(TINY_TOWER)
-  batch = {schema.AD_ID: tf.constant(["ad-new-1", "ad-new-2"]), schema.CATEGORY: tf.constant(["c1", "c1"]),
-           schema.BRAND: tf.constant(["b1", "b1"]), schema.AD_TOKENS: tf.constant([["t1", ""], ["t1", ""]])}
+  batch = {
+    schema.AD_ID: tf.constant(["ad-new-1", "ad-new-2"]),
+    schema.CATEGORY: tf.constant(["c1", "c1"]),
+    schema.BRAND: tf.constant(["b1", "b1"]),
+    schema.AD_TOKENS: tf.constant([["t1", ""], ["t1", ""]]),
+  }
   out = item_tower(batch).numpy()
   assert out.shape == (2, TINY_TOWER.output_dim) and np.all(np.isfinite(out))
 
@@ -58,8 +62,9 @@ def _history_batch(hist_ids, hist_categories, hist_brands):
 def test_separate_side_info_encoder_masks_padding():
   query_tower, _ = towers.build_towers(dataclasses.replace(TINY_TOWER, side_info="separate"))
   short = query_tower(_history_batch([["ad1"], ["ad2"]], [["c1"], ["c2"]], [["b1"], [""]])).numpy()
-  padded = query_tower(_history_batch([["ad1", "", ""], ["ad2", "", ""]], [["c1", "", ""], ["c2", "", ""]],
-                                      [["b1", "", ""], ["", "", ""]])).numpy()
+  padded = query_tower(
+    _history_batch([["ad1", "", ""], ["ad2", "", ""]], [["c1", "", ""], ["c2", "", ""]], [["b1", "", ""], ["", "", ""]])
+  ).numpy()
   np.testing.assert_allclose(short, padded, atol=1e-6)  # Padding adds nothing on either path.
   # A past click known only by its side info (no id) still counts on the side-info path.
   empty = query_tower(_history_batch([[""], [""]], [[""], [""]], [[""], [""]])).numpy()
@@ -73,8 +78,11 @@ def test_separate_side_info_adds_its_own_attention_and_legacy_runs_keep_summed_t
   summed, _ = towers.build_towers(dataclasses.replace(TINY_TOWER, side_info="summed"))
   assert hasattr(separate, "side_attention") and not hasattr(summed, "side_attention")
   # config.json files written before these fields existed rebuild the towers they were trained with.
-  legacy = {k: v for k, v in dataclasses.asdict(TINY_TOWER).items()
-            if k not in ("attention", "side_info", "features", "precision")}
+  legacy = {
+    k: v
+    for k, v in dataclasses.asdict(TINY_TOWER).items()
+    if k not in ("attention", "side_info", "features", "precision")
+  }
   config_lib.write_run_config(str(tmp_path), TINY_TOWER, {}, {})
   with open(tmp_path / config_lib.CONFIG_FILE) as f:
     written = json.load(f)
@@ -111,8 +119,12 @@ def test_id_dropout_zeroes_ids_in_training_only():
   tf.keras.utils.set_random_seed(0)
   _, item_tower = towers.build_towers(dataclasses.replace(TINY_TOWER, id_dropout=0.5))
   n = 200
-  batch = {schema.AD_ID: tf.constant([f"ad{i}" for i in range(n)]), schema.CATEGORY: tf.constant(["c1"] * n),
-           schema.BRAND: tf.constant(["b1"] * n), schema.AD_TOKENS: tf.constant([["t1"]] * n)}
+  batch = {
+    schema.AD_ID: tf.constant([f"ad{i}" for i in range(n)]),
+    schema.CATEGORY: tf.constant(["c1"] * n),
+    schema.BRAND: tf.constant(["b1"] * n),
+    schema.AD_TOKENS: tf.constant([["t1"]] * n),
+  }
   serving = item_tower(batch).numpy()
   np.testing.assert_allclose(item_tower(batch, training=False).numpy(), serving)
   dropped = np.abs(item_tower(batch, training=True).numpy() - serving).max(axis=1) > 1e-6

@@ -1,7 +1,6 @@
 """Fixtures: test SavedModels and one fgr-serve subprocess per session."""
 
 import pytest
-
 import serving_testlib as lib
 
 
@@ -49,12 +48,16 @@ model_config_list {{
 }}
 """)
   monitoring = tmp / "monitoring.config"
-  monitoring.write_text('prometheus_config { enable: true, '
-                        'path: "/monitoring/prometheus/metrics" }')
-  proc = lib.ServerProcess([
-      f"--model_config_file={config}", f"--rest_api_port={lib.REST_ANY_PORT}",
+  monitoring.write_text('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }')
+  proc = lib.ServerProcess(
+    [
+      f"--model_config_file={config}",
+      f"--rest_api_port={lib.REST_ANY_PORT}",
       f"--monitoring_config_file={monitoring}",
-      "--enable_grpc_healthcheck_service"], str(tmp))
+      "--enable_grpc_healthcheck_service",
+    ],
+    str(tmp),
+  )
   yield proc
   code = proc.terminate()
   assert code == 0, proc.stderr()[-3000:]

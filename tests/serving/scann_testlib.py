@@ -12,13 +12,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from engine import full_graph
-from engine import search_ops
-from export import exporter
-from export import refresh_publish
-from export import refresh_state
-from export import version_files
-from export import warmup
+from engine import full_graph, search_ops
+from export import exporter, refresh_publish, refresh_state, version_files, warmup
 from models import config as config_lib
 from models.data import queries as queries_lib
 from models.data import sources
@@ -38,11 +33,14 @@ def tree_export(trained_run: str, tmp_path_factory) -> str:
   Tests that serve it copy it (`copy_version`) rather than serve or refresh it in place.
   """
   if trained_run not in _EXPORTS:
-    import scann  # pylint: disable=g-import-not-at-top,unused-import
     base = str(tmp_path_factory.mktemp("scann_tree"))
-    report = exporter.export_model(trained_run, base, exporter.ExportConfig(
-        index="scann", k=K, index_options=dict(TREE_OPTIONS), num_warmup_requests=2, eval_queries=20,
-        tuning_queries=0))
+    report = exporter.export_model(
+      trained_run,
+      base,
+      exporter.ExportConfig(
+        index="scann", k=K, index_options=dict(TREE_OPTIONS), num_warmup_requests=2, eval_queries=20, tuning_queries=0
+      ),
+    )
     config = report["index_config"]
     assert (config["scoring"], config["num_leaves"], config["final_candidates"]) == ("ah", NUM_LEAVES, 2 * K), config
     _EXPORTS[trained_run] = report["path"]
@@ -77,8 +75,7 @@ def item_features(trained_run: str, rows: np.ndarray) -> dict[str, np.ndarray]:
   return sources.open_source(sources.DataSpec.from_json(run_config["data"])).features(np.asarray(rows))
 
 
-def request(features: dict[str, np.ndarray], model_name: str, signature_name: str = "serving_default",
-            **knobs: int):
+def request(features: dict[str, np.ndarray], model_name: str, signature_name: str = "serving_default", **knobs: int):
   """A PredictRequest for a batch of query features, with int32 scalar search knobs."""
   message = warmup.predict_request(features, signature_name, model_name)
   for name, value in knobs.items():

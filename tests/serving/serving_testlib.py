@@ -11,18 +11,14 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import model_service_pb2_grpc
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_log_pb2
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TF1_MODEL = "half_plus_two"
 TF2_MODEL = "half_plus_two_tf2"
 KERAS_MODEL = "half_plus_two_keras"
@@ -47,8 +43,7 @@ def refusing_port() -> Iterator[int]:
     yield s.getsockname()[1]
 
 
-def write_tf1_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0,
-                            c: float = 3.0) -> str:
+def write_tf1_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0, c: float = 3.0) -> str:
   """TF1 graph SavedModel (SavedModelBuilder) with TF Serving's signatures.
 
   Signatures, as in saved_model_half_plus_two: "serving_default" and
@@ -59,10 +54,13 @@ def write_tf1_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0,
   graph = tf.Graph()
   with graph.as_default():
     serialized = tf.compat.v1.placeholder(tf.string, [None], name="tf_example")
-    features = tf.io.parse_example(serialized, {
+    features = tf.io.parse_example(
+      serialized,
+      {
         "x": tf.io.FixedLenFeature([1], tf.float32),
         "x2": tf.io.FixedLenFeature([1], tf.float32, default_value=[0.0]),
-    })
+      },
+    )
     va = tf.compat.v1.Variable(a, name="a")
     vb = tf.compat.v1.Variable(b, name="b")
     vc = tf.compat.v1.Variable(c, name="c")
@@ -73,38 +71,40 @@ def write_tf1_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0,
     info = tf.compat.v1.saved_model.utils.build_tensor_info
     sig = tf.compat.v1.saved_model.signature_def_utils
     predict = sig.build_signature_def(
-        inputs={"x": info(x)}, outputs={"y": info(y)},
-        method_name="tensorflow/serving/predict")
+      inputs={"x": info(x)}, outputs={"y": info(y)}, method_name="tensorflow/serving/predict"
+    )
     predict_two = sig.build_signature_def(
-        inputs={"x": info(x)}, outputs={"y": info(y), "x_out": info(x)},
-        method_name="tensorflow/serving/predict")
+      inputs={"x": info(x)}, outputs={"y": info(y), "x_out": info(x)}, method_name="tensorflow/serving/predict"
+    )
     classify = sig.build_signature_def(
-        inputs={"inputs": info(serialized)}, outputs={"scores": info(y)},
-        method_name="tensorflow/serving/classify")
+      inputs={"inputs": info(serialized)}, outputs={"scores": info(y)}, method_name="tensorflow/serving/classify"
+    )
     regress = sig.build_signature_def(
-        inputs={"inputs": info(serialized)}, outputs={"outputs": info(y)},
-        method_name="tensorflow/serving/regress")
+      inputs={"inputs": info(serialized)}, outputs={"outputs": info(y)}, method_name="tensorflow/serving/regress"
+    )
     regress_y3 = sig.build_signature_def(
-        inputs={"inputs": info(serialized)}, outputs={"outputs": info(y3)},
-        method_name="tensorflow/serving/regress")
+      inputs={"inputs": info(serialized)}, outputs={"outputs": info(y3)}, method_name="tensorflow/serving/regress"
+    )
     with tf.compat.v1.Session(graph=graph) as sess:
       sess.run(tf.compat.v1.global_variables_initializer())
       builder = tf.compat.v1.saved_model.Builder(export_dir)
       builder.add_meta_graph_and_variables(
-          sess, ["serve"], signature_def_map={
-              "serving_default": predict,
-              "predict_x_to_y": predict,
-              "predict_two_outputs": predict_two,
-              "classify_x_to_y": classify,
-              "regress_x_to_y": regress,
-              "regress_x2_to_y3": regress_y3,
-          })
+        sess,
+        ["serve"],
+        signature_def_map={
+          "serving_default": predict,
+          "predict_x_to_y": predict,
+          "predict_two_outputs": predict_two,
+          "classify_x_to_y": classify,
+          "regress_x_to_y": regress,
+          "regress_x2_to_y3": regress_y3,
+        },
+      )
       builder.save()
   return export_dir
 
 
 class _HalfPlusTwo(tf.Module):
-
   def __init__(self, a: float, b: float):
     super().__init__()
     self.a = tf.Variable(a)
@@ -116,16 +116,13 @@ class _HalfPlusTwo(tf.Module):
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
   def echo(self, text):
-    return {"text_out": text, "length": tf.strings.length(text),
-            "blob_bytes": text}
+    return {"text_out": text, "length": tf.strings.length(text), "blob_bytes": text}
 
 
-def write_tf2_half_plus_two(export_dir: str, a: float = 0.5,
-                            b: float = 2.0) -> str:
+def write_tf2_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0) -> str:
   """TF2 SavedModel from tf.saved_model.save: x [N] float -> y [N]."""
   module = _HalfPlusTwo(a, b)
-  tf.saved_model.save(module, export_dir, signatures={
-      "serving_default": module.serve, "echo": module.echo})
+  tf.saved_model.save(module, export_dir, signatures={"serving_default": module.serve, "echo": module.echo})
   return export_dir
 
 
@@ -133,8 +130,7 @@ class _Tf2ClassifyRegress(tf.Module):
   """half_plus_two's classify and regress signatures, as TF2 writes them."""
 
   def _y(self, inputs):
-    x = tf.io.parse_example(
-        inputs, {"x": tf.io.FixedLenFeature([1], tf.float32)})["x"]
+    x = tf.io.parse_example(inputs, {"x": tf.io.FixedLenFeature([1], tf.float32)})["x"]
     return 0.5 * x + 2.0  # [N, 1]
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
@@ -153,8 +149,9 @@ def write_tf2_classify_regress(export_dir: str) -> str:
   ("classify_x_to_y", "regress_x_to_y", on tf.Examples with feature x)
   declare method_name tensorflow/serving/predict, as every TF2 signature."""
   module = _Tf2ClassifyRegress()
-  tf.saved_model.save(module, export_dir, signatures={
-      "classify_x_to_y": module.classify, "regress_x_to_y": module.regress})
+  tf.saved_model.save(
+    module, export_dir, signatures={"classify_x_to_y": module.classify, "regress_x_to_y": module.regress}
+  )
   return export_dir
 
 
@@ -162,8 +159,11 @@ def write_keras_half_plus_two(export_dir: str) -> str:
   """A Keras model (Dense with kernel 0.5, bias 2) saved as a SavedModel."""
   inputs = tf.keras.Input(shape=(1,), name="x")
   dense = tf.keras.layers.Dense(
-      1, name="y", kernel_initializer=tf.keras.initializers.Constant(0.5),
-      bias_initializer=tf.keras.initializers.Constant(2.0))
+    1,
+    name="y",
+    kernel_initializer=tf.keras.initializers.Constant(0.5),
+    bias_initializer=tf.keras.initializers.Constant(2.0),
+  )
   model = tf.keras.Model(inputs, dense(inputs))
   tf.saved_model.save(model, export_dir)
   return export_dir
@@ -175,17 +175,24 @@ class _ScannSearch(tf.Module):
   def __init__(self, database):
     super().__init__()
     from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+
     self._ops = scann_ops
-    self.state = scann_ops.builder(database, 5, "dot_product").score_brute_force(
-    ).build().serialize_to_module()
+    self.state = scann_ops.builder(database, 5, "dot_product").score_brute_force().build().serialize_to_module()
 
   @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32, name="q")])
   def serve(self, q):
     s = self.state
     handle = self._ops.tensors_to_scann(
-        s.dataset, s.scann_config, s.serialized_partitioner,
-        s.datapoint_to_token, s.ah_codebook, s.hashed_dataset, s.int8_dataset,
-        s.int8_multipliers, s.dp_norms)
+      s.dataset,
+      s.scann_config,
+      s.serialized_partitioner,
+      s.datapoint_to_token,
+      s.ah_codebook,
+      s.hashed_dataset,
+      s.int8_dataset,
+      s.int8_multipliers,
+      s.dp_norms,
+    )
     ids, scores = self._ops.scann_search_batched(handle, q, 5, -1, -1, False)
     return {"ids": ids, "scores": scores}
 
@@ -193,8 +200,7 @@ class _ScannSearch(tf.Module):
 def write_scann_model(export_dir: str, database) -> str:
   """A SavedModel whose graph uses Scann>... ops (stock TF Serving fails)."""
   module = _ScannSearch(database)
-  tf.saved_model.save(module, export_dir,
-                      signatures={"serving_default": module.serve})
+  tf.saved_model.save(module, export_dir, signatures={"serving_default": module.serve})
   return export_dir
 
 
@@ -207,10 +213,8 @@ def write_warmup(export_dir: str, model_name: str, count: int = 3) -> str:
     for i in range(count):
       request = predict_pb2.PredictRequest()
       request.model_spec.name = model_name
-      request.inputs["x"].CopyFrom(
-          tf.make_tensor_proto([[float(i)]], dtype=tf.float32))
-      log = prediction_log_pb2.PredictionLog(
-          predict_log=prediction_log_pb2.PredictLog(request=request))
+      request.inputs["x"].CopyFrom(tf.make_tensor_proto([[float(i)]], dtype=tf.float32))
+      log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
       writer.write(log.SerializeToString())
   return path
 
@@ -234,9 +238,20 @@ class ServerProcess:
     self._stderr = open(self.stderr_path, "wb")
     self._stdout = open(self.stdout_path, "wb")
     self.process = subprocess.Popen(
-        [sys.executable, "-m", "serving.model_servers.main", "--port=0",
-         f"--port_file={self.port_file}", "--max_num_load_retries=0"] + args,
-        cwd=REPO_ROOT, env=env, stdout=self._stdout, stderr=self._stderr)
+      [
+        sys.executable,
+        "-m",
+        "serving.model_servers.main",
+        "--port=0",
+        f"--port_file={self.port_file}",
+        "--max_num_load_retries=0",
+      ]
+      + args,
+      cwd=REPO_ROOT,
+      env=env,
+      stdout=self._stdout,
+      stderr=self._stderr,
+    )
     deadline = time.monotonic() + 180
     while not os.path.exists(self.port_file):
       if self.process.poll() is not None or time.monotonic() > deadline:
@@ -245,8 +260,7 @@ class ServerProcess:
     ports = dict(line.split("=") for line in open(self.port_file).read().split())
     self.grpc_port, self.rest_port = int(ports["grpc"]), int(ports["rest"])
     self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
-    self.predict = prediction_service_pb2_grpc.PredictionServiceStub(
-        self.channel)
+    self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
     self.model = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
   def stderr(self) -> str:
@@ -265,8 +279,9 @@ class ServerProcess:
     try:
       return self.process.wait(timeout)
     except subprocess.TimeoutExpired as e:
-      raise AssertionError(f"fgr-serve did not exit within {timeout} s of SIGTERM; "
-                           f"the end of its log:\n{self.stderr()[-6000:]}") from e
+      raise AssertionError(
+        f"fgr-serve did not exit within {timeout} s of SIGTERM; the end of its log:\n{self.stderr()[-6000:]}"
+      ) from e
     finally:
       if self.process.poll() is None:
         self.process.kill()
@@ -279,14 +294,13 @@ class InProcessServer:
 
   def __init__(self, **options):
     from serving.model_servers import server as server_lib  # pylint: disable=g-import-not-at-top
+
     options.setdefault("port", 0)
     options.setdefault("max_num_load_retries", 0)
     self.server = server_lib.Server(server_lib.Options(**options))
     self.server.start()
-    self.channel = grpc.insecure_channel(
-        f"127.0.0.1:{self.server.grpc_port}")
-    self.predict = prediction_service_pb2_grpc.PredictionServiceStub(
-        self.channel)
+    self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.grpc_port}")
+    self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
     self.model = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
   def stop(self):

@@ -22,30 +22,36 @@ _ENTRY_POINT = textwrap.dedent("""
                       "marker": os.environ.get("FGR_SERVE_ALLOCATOR_EXEC")}))
 """)
 _NEEDS_MIMALLOC = pytest.mark.skipif(
-    allocator.mimalloc_library() is None or not sys.platform.startswith("linux"),
-    reason="mimalloc (pip package cmeel-mimalloc) is installed on Linux only")
+  allocator.mimalloc_library() is None or not sys.platform.startswith("linux"),
+  reason="mimalloc (pip package cmeel-mimalloc) is installed on Linux only",
+)
 
 
 def _run_entry_point(*argv: str, ld_preload: str | None = None) -> tuple[dict, int]:
   """Runs `_ENTRY_POINT` as a process; returns its report and the pid it was started with."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY", "FGR_SERVE_ALLOCATOR_EXEC")}
+  env = {
+    k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY", "FGR_SERVE_ALLOCATOR_EXEC")
+  }
   if ld_preload:
     env["LD_PRELOAD"] = ld_preload
-  process = subprocess.Popen([sys.executable, "-c", _ENTRY_POINT, *argv], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+  process = subprocess.Popen(
+    [sys.executable, "-c", _ENTRY_POINT, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+  )
   out, err = process.communicate(timeout=120)
   assert process.returncode == 0, err
   return json.loads(out.strip().splitlines()[-1]), process.pid
 
 
-@pytest.mark.parametrize("argv, expected", [
+@pytest.mark.parametrize(
+  "argv, expected",
+  [
     (["--port=0"], "mimalloc"),  # The default.
     (["--allocator=system"], "system"),
     (["--allocator", "system"], "system"),
     (["--allocator=system", "--allocator=mimalloc"], "mimalloc"),  # The last one wins.
     (["--allocator=tcmalloc"], "tcmalloc"),  # Left for the flag parser to refuse.
-])
+  ],
+)
 def test_allocator_is_read_from_argv(argv, expected):
   assert allocator.requested(argv) == expected
 
@@ -66,8 +72,14 @@ def test_mimalloc_purges_without_retained_memory():
 
 @_NEEDS_MIMALLOC
 def test_reexec_keeps_the_callers_preloads():
-  libm = next((p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6",
-                           "/lib64/libm.so.6") if os.path.exists(p)), None)
+  libm = next(
+    (
+      p
+      for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6", "/lib64/libm.so.6")
+      if os.path.exists(p)
+    ),
+    None,
+  )
   if libm is None:
     pytest.skip("no libm.so.6 at a known path to preload")
   report, _ = _run_entry_point("--port=0", ld_preload=libm)

@@ -8,13 +8,12 @@ import threading
 import grpc
 import numpy as np
 import pytest
+import serving_testlib as lib
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-import serving_testlib as lib
 from serving import errors
-from serving.batching import batch_scheduler
-from serving.batching import batching_session
+from serving.batching import batch_scheduler, batching_session
 from serving.config import protos
 
 
@@ -36,8 +35,11 @@ class _RecordingRunner:
 
 def _queued_tasks(session) -> int:
   """Calls waiting in `session`'s batch queues."""
-  return sum(len(batch.tasks) for queue in list(session._queues.values())  # pylint: disable=protected-access
-             for batch in list(queue._batches))  # pylint: disable=protected-access
+  return sum(
+    len(batch.tasks)
+    for queue in list(session._queues.values())  # pylint: disable=protected-access
+    for batch in list(queue._batches)
+  )  # pylint: disable=protected-access
 
 
 @pytest.fixture
@@ -60,16 +62,16 @@ def test_merges_concurrent_calls_and_splits_back(scheduler, monkeypatch):
   monkeypatch.setattr(batch_scheduler.BatchQueue, "process", counting_process)
   observed = []
   session = batching_session.BatchingSession(
-      runner, scheduler,
-      batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=0,
-                                   allowed_batch_sizes=(4, 8)),
-      observer=lambda rows, pad: observed.append((rows, pad)))
+    runner,
+    scheduler,
+    batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=0, allowed_batch_sizes=(4, 8)),
+    observer=lambda rows, pad: observed.append((rows, pad)),
+  )
   inputs = [np.full((1 + i % 2, 3), i, np.float32) for i in range(16)]
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     futures = [pool.submit(session, {"x:0": x}, ["y:0"]) for x in inputs]
     try:
-      lib.wait_for(lambda: sum(processed) + _queued_tasks(session) == 16,
-                   timeout=60)
+      lib.wait_for(lambda: sum(processed) + _queued_tasks(session) == 16, timeout=60)
     finally:
       runner.gate.set()
     outputs = [f.result(timeout=60) for f in futures]
@@ -84,8 +86,8 @@ def test_full_queue_is_unavailable_and_large_task_invalid(scheduler):
   runner = _RecordingRunner()
   runner.gate.clear()  # Hold the batch thread so the queue fills up.
   session = batching_session.BatchingSession(
-      runner, scheduler,
-      batch_scheduler.QueueOptions(max_batch_size=2, max_enqueued_batches=2))
+    runner, scheduler, batch_scheduler.QueueOptions(max_batch_size=2, max_enqueued_batches=2)
+  )
   x = np.ones((2, 1), np.float32)
   pool = concurrent.futures.ThreadPoolExecutor(8)
   futures = [pool.submit(session, {"x:0": x}, ["y:0"]) for _ in range(8)]
@@ -125,28 +127,28 @@ def test_server_with_batching(tmp_path):
   # A batch runs only once full (it would wait an hour otherwise): 16
   # concurrent callers and 64 requests fill 8 batches of 8, whatever the
   # machine's speed, and no caller is left waiting on a partial batch.
-  params.write_text("max_batch_size { value: 8 } "
-                    "batch_timeout_micros { value: 3600000000 } "
-                    "num_batch_threads { value: 1 } "
-                    "allowed_batch_sizes: 4 allowed_batch_sizes: 8")
+  params.write_text(
+    "max_batch_size { value: 8 } "
+    "batch_timeout_micros { value: 3600000000 } "
+    "num_batch_threads { value: 1 } "
+    "allowed_batch_sizes: 4 allowed_batch_sizes: 8"
+  )
   server = lib.InProcessServer(
-      model_name="m", model_base_path=str(tmp_path / "m"),
-      enable_batching=True, batching_parameters_file=str(params))
+    model_name="m", model_base_path=str(tmp_path / "m"), enable_batching=True, batching_parameters_file=str(params)
+  )
   try:
+
     def predict(i):
       request = predict_pb2.PredictRequest()
       request.model_spec.name = "m"
-      request.inputs["x"].CopyFrom(
-          tf.make_tensor_proto([float(i)], dtype=tf.float32))
-      return server.predict.Predict(request, timeout=120).outputs[
-          "y"].float_val[0]
+      request.inputs["x"].CopyFrom(tf.make_tensor_proto([float(i)], dtype=tf.float32))
+      return server.predict.Predict(request, timeout=120).outputs["y"].float_val[0]
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
       results = list(pool.map(predict, range(64)))
     assert results == pytest.approx([0.5 * i + 2 for i in range(64)])
     text = server.server.metrics.exposition().decode()
-    match = re.search(r'processed_batch_size_count\{model_name="m"\} (\S+)',
-                      text)
+    match = re.search(r'processed_batch_size_count\{model_name="m"\} (\S+)', text)
     assert float(match.group(1)) == 8  # Full batches only.
   finally:
     server.stop()
@@ -160,12 +162,11 @@ def test_bad_call_fails_alone_and_scalar_outputs_stop_batching(scheduler):
     return [x * 2, np.float32(x.shape[0])]  # The second output is a scalar.
 
   session = batching_session.BatchingSession(
-      runner, scheduler,
-      batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=50000))
+    runner, scheduler, batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=50000)
+  )
   inputs = [np.full((1, 1), v, np.float32) for v in (1, -1, 2, 3)]
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    futures = [pool.submit(session, {"x:0": x}, ["y:0", "n:0"])
-               for x in inputs]
+    futures = [pool.submit(session, {"x:0": x}, ["y:0", "n:0"]) for x in inputs]
     outcomes = []
     for f in futures:
       try:
@@ -180,8 +181,7 @@ def test_bad_call_fails_alone_and_scalar_outputs_stop_batching(scheduler):
 def test_queue_count_is_bounded(scheduler, monkeypatch):
   monkeypatch.setattr(batching_session, "MAX_QUEUES", 2)
   runner = _RecordingRunner()
-  session = batching_session.BatchingSession(
-      runner, scheduler, batch_scheduler.QueueOptions(max_batch_size=4))
+  session = batching_session.BatchingSession(runner, scheduler, batch_scheduler.QueueOptions(max_batch_size=4))
   for width in (1, 2, 3, 4):  # Four kinds of calls, two queues at most.
     (y,) = session({"x:0": np.ones((1, width), np.float32)}, ["y:0"])
     assert y.shape == (1, width)
@@ -192,8 +192,8 @@ def test_async_callers_share_a_batch_and_one_wake_up(scheduler, monkeypatch):
   runner = _RecordingRunner()
   runner.gate.clear()  # Hold the batch until every call is queued.
   session = batching_session.BatchingSession(
-      runner, scheduler,
-      batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=0))
+    runner, scheduler, batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=0)
+  )
   wake_ups = []
   real_call_soon = batch_scheduler._call_soon  # pylint: disable=protected-access
 
@@ -205,8 +205,7 @@ def test_async_callers_share_a_batch_and_one_wake_up(scheduler, monkeypatch):
 
   async def main():
     loop = asyncio.get_running_loop()
-    tasks = [session.schedule({"x:0": np.full((1, 2), i, np.float32)},
-                              ["y:0"], None, loop) for i in range(8)]
+    tasks = [session.schedule({"x:0": np.full((1, 2), i, np.float32)}, ["y:0"], None, loop) for i in range(8)]
     runner.gate.set()
     return await asyncio.gather(*(t.wait_async(5000) for t in tasks))
 
@@ -220,13 +219,13 @@ def test_async_callers_share_a_batch_and_one_wake_up(scheduler, monkeypatch):
 def test_async_deadline_abandons_the_task(scheduler):
   runner = _RecordingRunner()
   session = batching_session.BatchingSession(
-      runner, scheduler,  # A batch runs once full (or after an hour).
-      batch_scheduler.QueueOptions(max_batch_size=4,
-                                   batch_timeout_micros=3_600_000_000))
+    runner,
+    scheduler,  # A batch runs once full (or after an hour).
+    batch_scheduler.QueueOptions(max_batch_size=4, batch_timeout_micros=3_600_000_000),
+  )
 
   async def main():
-    task = session.schedule({"x:0": np.ones((1, 1), np.float32)}, ["y:0"], 20,
-                            asyncio.get_running_loop())
+    task = session.schedule({"x:0": np.ones((1, 1), np.float32)}, ["y:0"], 20, asyncio.get_running_loop())
     with pytest.raises(errors.ServingError) as info:
       await task.wait_async(20)  # Expires while the batch still collects.
     return task, info.value
@@ -241,8 +240,6 @@ def test_async_deadline_abandons_the_task(scheduler):
 
 
 def test_unbatchable_calls_are_not_scheduled(scheduler):
-  session = batching_session.BatchingSession(
-      _RecordingRunner(), scheduler, batch_scheduler.QueueOptions())
+  session = batching_session.BatchingSession(_RecordingRunner(), scheduler, batch_scheduler.QueueOptions())
   assert session.schedule({"x:0": np.float32(1)}, ["y:0"]) is None
-  assert session.schedule({"x:0": np.ones((1, 1)), "z:0": np.ones((2, 1))},
-                          ["y:0"]) is None
+  assert session.schedule({"x:0": np.ones((1, 1)), "z:0": np.ones((2, 1))}, ["y:0"]) is None

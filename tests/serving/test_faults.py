@@ -11,17 +11,14 @@ import threading
 import time
 
 import grpc
-import pytest
-import tensorflow as tf
-from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_log_pb2
-
 import numpy as np
+import pytest
 import scann_testlib as scann_lib
 import serving_testlib as lib
-from export import exporter
-from export import versions
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_status_pb2, predict_pb2, prediction_log_pb2
+
+from export import exporter, versions
 from serving.core import file_system_source
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -31,8 +28,9 @@ State = get_model_status_pb2.ModelVersionStatus.State
 def full_graph_export(trained_run, tmp_path_factory):
   """A brute-force full-graph export (k=10) of the tiny training run."""
   base = str(tmp_path_factory.mktemp("full_graph"))
-  report = exporter.export_model(trained_run, base, exporter.ExportConfig(
-      index="brute_force", k=10, num_warmup_requests=2, eval_queries=20))
+  report = exporter.export_model(
+    trained_run, base, exporter.ExportConfig(index="brute_force", k=10, num_warmup_requests=2, eval_queries=20)
+  )
   return report["path"]
 
 
@@ -58,28 +56,24 @@ def _flip_bytes(path: str) -> None:
 
 def _variables_data(version_dir: str) -> str:
   variables = os.path.join(version_dir, "variables")
-  return os.path.join(variables, next(n for n in sorted(os.listdir(variables))
-                                      if n.startswith("variables.data")))
+  return os.path.join(variables, next(n for n in sorted(os.listdir(variables)) if n.startswith("variables.data")))
 
 
 _CORRUPTIONS = {
-    # The index (the item embeddings) lives in the variables.
-    "truncated variables data": lambda d: _truncate(_variables_data(d)),
-    "corrupted variables data": lambda d: _flip_bytes(_variables_data(d)),
-    "missing variables": lambda d: shutil.rmtree(os.path.join(d, "variables")),
-    "truncated saved_model.pb": lambda d: _truncate(
-        os.path.join(d, "saved_model.pb"), 0.3),
+  # The index (the item embeddings) lives in the variables.
+  "truncated variables data": lambda d: _truncate(_variables_data(d)),
+  "corrupted variables data": lambda d: _flip_bytes(_variables_data(d)),
+  "missing variables": lambda d: shutil.rmtree(os.path.join(d, "variables")),
+  "truncated saved_model.pb": lambda d: _truncate(os.path.join(d, "saved_model.pb"), 0.3),
 }
 
 
-def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export,
-                                                        tmp_path):
+def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export, tmp_path):
   base = tmp_path / "ads"
   shutil.copytree(full_graph_export, base / "1")
   request = _warmup_request(full_graph_export)
   request.model_spec.name = "ads"
-  server = lib.InProcessServer(model_name="ads", model_base_path=str(base),
-                               file_system_poll_wait_seconds=0.2)
+  server = lib.InProcessServer(model_name="ads", model_base_path=str(base), file_system_poll_wait_seconds=0.2)
   status = get_model_status_pb2.GetModelStatusRequest()
   status.model_spec.name = "ads"
   try:
@@ -146,9 +140,12 @@ with versions.publish(sys.argv[1]) as (path, version):
 def test_publish_killed_midway_leaves_no_version(tmp_path):
   base = str(tmp_path / "m")
   lib.write_tf2_half_plus_two(os.path.join(base, "1"))
-  child = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISH, base],
-                           cwd=lib.REPO_ROOT, stdout=subprocess.PIPE,
-                           env=dict(os.environ, PYTHONPATH=lib.REPO_ROOT))
+  child = subprocess.Popen(
+    [sys.executable, "-c", _KILLED_PUBLISH, base],
+    cwd=lib.REPO_ROOT,
+    stdout=subprocess.PIPE,
+    env=dict(os.environ, PYTHONPATH=lib.REPO_ROOT),
+  )
   assert child.stdout.readline().strip() == b"writing"
   child.send_signal(signal.SIGKILL)
   child.wait(30)
@@ -163,9 +160,7 @@ def test_publish_killed_midway_leaves_no_version(tmp_path):
 
 def test_sigterm_under_load_drains_and_exits_0(tmp_path):
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  proc = lib.ServerProcess(["--model_name=m",
-                            f"--model_base_path={tmp_path / 'm'}"],
-                           str(tmp_path))
+  proc = lib.ServerProcess(["--model_name=m", f"--model_base_path={tmp_path / 'm'}"], str(tmp_path))
   request = predict_pb2.PredictRequest()
   request.model_spec.name = "m"
   request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0], dtype=tf.float32))
@@ -228,14 +223,16 @@ def tree_server(trained_run, tmp_path_factory):
     masks[name][rng.choice(num_ads, count, replace=False)] = True
   versions_dirs = {"ads": scann_lib.copy_version(export, str(root / "ads"))}
   for name, mask in masks.items():
-    versions_dirs[name] = scann_lib.publish_eligible(export, str(root / name),
-                                                     mask)
+    versions_dirs[name] = scann_lib.publish_eligible(export, str(root / name), mask)
   config = root / "models.config"
-  config.write_text("model_config_list {" + "".join(
-      f' config {{ name: "{name}" base_path: "{root / name}" '
-      'model_platform: "tensorflow" }' for name in versions_dirs) + " }")
-  server = lib.InProcessServer(model_config_file=str(config),
-                               file_system_poll_wait_seconds=-1)
+  config.write_text(
+    "model_config_list {"
+    + "".join(
+      f' config {{ name: "{name}" base_path: "{root / name}" model_platform: "tensorflow" }}' for name in versions_dirs
+    )
+    + " }"
+  )
+  server = lib.InProcessServer(model_config_file=str(config), file_system_poll_wait_seconds=-1)
   try:
     yield server, versions_dirs
   finally:
@@ -261,9 +258,7 @@ def _predict(server, message):
 
 def _assert_exact_scores(scores, embeddings, ids, state):
   """Scores are the exact dot products (reordered or exact), best first."""
-  np.testing.assert_allclose(
-      scores, scann_lib.dot_scores(embeddings[:len(ids)], ids, state),
-      atol=1e-4)
+  np.testing.assert_allclose(scores, scann_lib.dot_scores(embeddings[: len(ids)], ids, state), atol=1e-4)
   assert np.all(np.diff(scores, axis=1) <= 1e-6)
 
 
@@ -271,21 +266,21 @@ def _assert_exact_scores(scores, embeddings, ids, state):
 # 3,000 ads. 0 is the built default; any other value outside 1..30 or
 # 10..3000 is refused.
 _KNOB_CASES = [
-    ("leaves_to_search", 0, "OK"),
-    ("leaves_to_search", 1, "OK"),
-    ("leaves_to_search", scann_lib.NUM_LEAVES, "OK"),
-    ("leaves_to_search", scann_lib.NUM_LEAVES + 1, "INVALID_ARGUMENT"),
-    ("leaves_to_search", -1, "INVALID_ARGUMENT"),
-    ("leaves_to_search", -2**31, "INVALID_ARGUMENT"),
-    ("leaves_to_search", 2**31 - 1, "INVALID_ARGUMENT"),
-    ("pre_reorder_num_neighbors", 0, "OK"),
-    ("pre_reorder_num_neighbors", scann_lib.K, "OK"),
-    ("pre_reorder_num_neighbors", 3000, "OK"),
-    ("pre_reorder_num_neighbors", scann_lib.K - 1, "INVALID_ARGUMENT"),
-    ("pre_reorder_num_neighbors", 3001, "INVALID_ARGUMENT"),
-    ("pre_reorder_num_neighbors", -1, "INVALID_ARGUMENT"),
-    ("pre_reorder_num_neighbors", -2**31, "INVALID_ARGUMENT"),
-    ("pre_reorder_num_neighbors", 2**31 - 1, "INVALID_ARGUMENT"),
+  ("leaves_to_search", 0, "OK"),
+  ("leaves_to_search", 1, "OK"),
+  ("leaves_to_search", scann_lib.NUM_LEAVES, "OK"),
+  ("leaves_to_search", scann_lib.NUM_LEAVES + 1, "INVALID_ARGUMENT"),
+  ("leaves_to_search", -1, "INVALID_ARGUMENT"),
+  ("leaves_to_search", -(2**31), "INVALID_ARGUMENT"),
+  ("leaves_to_search", 2**31 - 1, "INVALID_ARGUMENT"),
+  ("pre_reorder_num_neighbors", 0, "OK"),
+  ("pre_reorder_num_neighbors", scann_lib.K, "OK"),
+  ("pre_reorder_num_neighbors", 3000, "OK"),
+  ("pre_reorder_num_neighbors", scann_lib.K - 1, "INVALID_ARGUMENT"),
+  ("pre_reorder_num_neighbors", 3001, "INVALID_ARGUMENT"),
+  ("pre_reorder_num_neighbors", -1, "INVALID_ARGUMENT"),
+  ("pre_reorder_num_neighbors", -(2**31), "INVALID_ARGUMENT"),
+  ("pre_reorder_num_neighbors", 2**31 - 1, "INVALID_ARGUMENT"),
 ]
 
 
@@ -297,10 +292,8 @@ def test_scann_search_knobs_and_k_are_validated(tree_server, tree_queries):
   features, _ = tree_queries
   query = _first(features)
   for knob, value, expected in _KNOB_CASES:
-    other = ("pre_reorder_num_neighbors" if knob == "leaves_to_search"
-             else "leaves_to_search")
-    message = scann_lib.request(query, "ads", "search_with_options",
-                                **{knob: value, other: 0})
+    other = "pre_reorder_num_neighbors" if knob == "leaves_to_search" else "leaves_to_search"
+    message = scann_lib.request(query, "ads", "search_with_options", **{knob: value, other: 0})
     try:
       ids, _ = _predict(server, message)
       outcome, details = "OK", ""
@@ -311,8 +304,7 @@ def test_scann_search_knobs_and_k_are_validated(tree_server, tree_queries):
       assert ids.shape == (1, scann_lib.K) and "" not in ids, (knob, value)
     else:
       assert f"{knob} must be" in details and str(value) in details, details
-  message = scann_lib.request(query, "ads", "search_with_options",
-                              leaves_to_search=0, pre_reorder_num_neighbors=0)
+  message = scann_lib.request(query, "ads", "search_with_options", leaves_to_search=0, pre_reorder_num_neighbors=0)
   message.inputs["k"].CopyFrom(tf.make_tensor_proto(1000, tf.int32))
   with pytest.raises(grpc.RpcError) as info:
     server.predict.Predict(message, timeout=60)
@@ -326,16 +318,25 @@ def test_scann_knobs_at_their_bounds(tree_server, tree_queries):
   server, versions_dirs = tree_server
   features, embeddings = tree_queries
   state = scann_lib.catalog(versions_dirs["ads"])
-  ids, scores = _predict(server, scann_lib.request(
-      features, "ads", "search_with_options",
+  ids, scores = _predict(
+    server,
+    scann_lib.request(
+      features,
+      "ads",
+      "search_with_options",
       leaves_to_search=scann_lib.NUM_LEAVES,
-      pre_reorder_num_neighbors=len(state.ids)))
+      pre_reorder_num_neighbors=len(state.ids),
+    ),
+  )
   truth = scann_lib.exact_ids(embeddings, state)
   assert scann_lib.recall(ids, truth) >= 0.98  # Exact up to float ties.
   _assert_exact_scores(scores, embeddings, ids, state)
-  ids, scores = _predict(server, scann_lib.request(
-      features, "ads", "search_with_options", leaves_to_search=1,
-      pre_reorder_num_neighbors=scann_lib.K))
+  ids, scores = _predict(
+    server,
+    scann_lib.request(
+      features, "ads", "search_with_options", leaves_to_search=1, pre_reorder_num_neighbors=scann_lib.K
+    ),
+  )
   eligible = set(np.asarray(state.ids)[state.eligible])
   assert ids.shape == (20, scann_lib.K) and set(ids.ravel()) <= eligible
   assert all(len(set(row)) == scann_lib.K for row in ids)
@@ -353,13 +354,15 @@ def test_scann_retry_when_most_ads_are_paused(tree_server, tree_queries):
   features, embeddings = tree_queries
   state = scann_lib.catalog(versions_dirs["ads_retry"])
   eligible = set(np.asarray(state.ids)[state.eligible])
-  two_leaves = scann_lib.request(features, "ads_retry", "search_with_options",
-                                 leaves_to_search=2,
-                                 pre_reorder_num_neighbors=0)
-  for message in (scann_lib.request(features, "ads_retry"),
-                  # A batch of one runs ScaNN's single-query op.
-                  scann_lib.request(_first(features), "ads_retry"),
-                  two_leaves):
+  two_leaves = scann_lib.request(
+    features, "ads_retry", "search_with_options", leaves_to_search=2, pre_reorder_num_neighbors=0
+  )
+  for message in (
+    scann_lib.request(features, "ads_retry"),
+    # A batch of one runs ScaNN's single-query op.
+    scann_lib.request(_first(features), "ads_retry"),
+    two_leaves,
+  ):
     ids, scores = _predict(server, message)
     assert ids.shape[1] == scann_lib.K and set(ids.ravel()) <= eligible
     assert all(len(set(row)) == scann_lib.K for row in ids)
@@ -367,20 +370,21 @@ def test_scann_retry_when_most_ads_are_paused(tree_server, tree_queries):
   assert scann_lib.recall(ids, scann_lib.exact_ids(embeddings, state)) < 0.8
 
 
-def test_scann_exact_fallback_when_candidates_run_out(tree_server,
-                                                      tree_queries):
+def test_scann_exact_fallback_when_candidates_run_out(tree_server, tree_queries):
   """All but 30 ads paused: even 200 reordered candidates hold fewer than k
   eligible ones, so the exact masked search answers: NumPy's top k."""
   server, versions_dirs = tree_server
   features, embeddings = tree_queries
   state = scann_lib.catalog(versions_dirs["ads_exact"])
   truth = scann_lib.exact_ids(embeddings, state)
-  for message in (scann_lib.request(features, "ads_exact"),
-                  scann_lib.request(_first(features), "ads_exact"),
-                  scann_lib.request(features, "ads_exact",
-                                    "search_with_options", leaves_to_search=1,
-                                    pre_reorder_num_neighbors=scann_lib.K)):
+  for message in (
+    scann_lib.request(features, "ads_exact"),
+    scann_lib.request(_first(features), "ads_exact"),
+    scann_lib.request(
+      features, "ads_exact", "search_with_options", leaves_to_search=1, pre_reorder_num_neighbors=scann_lib.K
+    ),
+  ):
     ids, scores = _predict(server, message)
     # Exact, up to float ties.
-    assert scann_lib.recall(ids, truth[:len(ids)]) >= 0.98
+    assert scann_lib.recall(ids, truth[: len(ids)]) >= 0.98
     _assert_exact_scores(scores, embeddings, ids, state)

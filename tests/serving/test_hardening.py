@@ -14,14 +14,16 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorflow_serving.apis import classification_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
-from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_service_pb2_grpc
-
 import serving_testlib as lib
+import tensorflow as tf
+from tensorflow_serving.apis import (
+  classification_pb2,
+  get_model_metadata_pb2,
+  get_model_status_pb2,
+  predict_pb2,
+  prediction_service_pb2_grpc,
+)
+
 from serving import errors
 from serving.model_servers import server as server_lib
 from serving.servables import classifier
@@ -46,8 +48,7 @@ def _code(call, request, timeout=30):
 
 
 def _post(port, path, body: bytes):
-  request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
-                                   data=body, method="POST")
+  request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
   try:
     with urllib.request.urlopen(request, timeout=30) as response:
       return response.status, json.loads(response.read())
@@ -60,8 +61,7 @@ def _post(port, path, body: bytes):
 
 def test_nan_inf_pass_through_and_empty_strings(server):
   """As TF Serving: NaN/Inf reach the graph; empty and long strings are data."""
-  response = server.predict.Predict(
-      _request(x=(float("nan"), float("inf"), -float("inf"))), timeout=30)
+  response = server.predict.Predict(_request(x=(float("nan"), float("inf"), -float("inf"))), timeout=30)
   y = tf.make_ndarray(response.outputs["y"])
   assert np.isnan(y[0]) and y[1] == np.inf and y[2] == -np.inf
   echo = predict_pb2.PredictRequest()
@@ -73,13 +73,19 @@ def test_nan_inf_pass_through_and_empty_strings(server):
   assert tf.make_ndarray(response.outputs["length"]).tolist() == [0, 1 << 20]
 
 
-@pytest.mark.parametrize("method", [
-    "PredictionService/Predict", "PredictionService/Classify",
-    "PredictionService/GetModelMetadata", "ModelService/GetModelStatus"])
+@pytest.mark.parametrize(
+  "method",
+  [
+    "PredictionService/Predict",
+    "PredictionService/Classify",
+    "PredictionService/GetModelMetadata",
+    "ModelService/GetModelStatus",
+  ],
+)
 def test_unparsable_protos_are_invalid_argument(server, method):
-  call = server.channel.unary_unary(f"/tensorflow.serving.{method}",
-                                    request_serializer=lambda b: b,
-                                    response_deserializer=lambda b: b)
+  call = server.channel.unary_unary(
+    f"/tensorflow.serving.{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
+  )
   code, details = _code(call, b"\x0a\xff\xff\xff\xff\x0f")
   assert code == grpc.StatusCode.INVALID_ARGUMENT
   assert details.startswith("Malformed ")
@@ -100,18 +106,14 @@ def test_unknown_model_version_signature_on_every_rpc(server):
   metadata = get_model_metadata_pb2.GetModelMetadataRequest()
   metadata.model_spec.name = "nope"
   metadata.metadata_field.append("signature_def")
-  assert _code(server.predict.GetModelMetadata,
-               metadata)[0] == grpc.StatusCode.NOT_FOUND
+  assert _code(server.predict.GetModelMetadata, metadata)[0] == grpc.StatusCode.NOT_FOUND
   status = get_model_status_pb2.GetModelStatusRequest()
   status.model_spec.name = lib.TF2_MODEL
   status.model_spec.version.value = 99
-  assert _code(server.model.GetModelStatus,
-               status)[0] == grpc.StatusCode.NOT_FOUND
-  code, body = _post(server.rest_port, "/v1/models/nope:predict",
-                     b'{"instances": [1.0]}')
+  assert _code(server.model.GetModelStatus, status)[0] == grpc.StatusCode.NOT_FOUND
+  code, body = _post(server.rest_port, "/v1/models/nope:predict", b'{"instances": [1.0]}')
   assert code == 404 and "nope" in body["error"]
-  code, body = _post(server.rest_port, f"/v1/models/{lib.TF2_MODEL}:predict",
-                     b"{not json")
+  code, body = _post(server.rest_port, f"/v1/models/{lib.TF2_MODEL}:predict", b"{not json")
   assert code == 400 and "JSON Parse error" in body["error"]
 
 
@@ -126,15 +128,20 @@ def limited(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("limited")
   lib.write_tf2_half_plus_two(str(tmp / "m" / "1"))
   params = tmp / "batching.config"
-  params.write_text("max_batch_size { value: 64 } "
-                    "batch_timeout_micros { value: 3600000000 }")
+  params.write_text("max_batch_size { value: 64 } batch_timeout_micros { value: 3600000000 }")
   server = lib.InProcessServer(
-      model_name="m", model_base_path=str(tmp / "m"),
-      rest_api_port=lib.REST_ANY_PORT, max_batch_size_per_request=4,
-      max_in_flight_requests=2, grpc_max_receive_message_length=4096,
-      rest_api_max_body_bytes=4096, rest_api_timeout_in_ms=1500,
-      enable_batching=True,
-      batching_parameters_file=str(params), grpc_max_threads=8)
+    model_name="m",
+    model_base_path=str(tmp / "m"),
+    rest_api_port=lib.REST_ANY_PORT,
+    max_batch_size_per_request=4,
+    max_in_flight_requests=2,
+    grpc_max_receive_message_length=4096,
+    rest_api_max_body_bytes=4096,
+    rest_api_timeout_in_ms=1500,
+    enable_batching=True,
+    batching_parameters_file=str(params),
+    grpc_max_threads=8,
+  )
   yield server
   server.stop()
 
@@ -163,10 +170,10 @@ def test_request_size_limits(limited):
 
 def test_slow_rest_client_loses_its_connection(limited):
   """A client that stops sending mid-body can't hold a REST thread."""
-  with socket.create_connection(("127.0.0.1", limited.server.rest_port),
-                                timeout=120) as sock:  # Generous: only a hang fails.
-    sock.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n"
-                 b"Content-Length: 100\r\n\r\n{")
+  with socket.create_connection(
+    ("127.0.0.1", limited.server.rest_port), timeout=120
+  ) as sock:  # Generous: only a hang fails.
+    sock.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
     # Closed by the server (after --rest_api_timeout_in_ms, 1.5 s here).
     assert sock.recv(1024) == b""
 
@@ -179,8 +186,7 @@ def test_deadline_expires_in_the_batch_queue(limited):
     limited.server.api.predict(_request(model="m", x=[1.0]), timeout_ms=300)
   assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
   assert "waiting for a batch" in info.value.message
-  code, _ = _code(limited.predict.Predict, _request(model="m", x=[1.0]),
-                  timeout=0.3)
+  code, _ = _code(limited.predict.Predict, _request(model="m", x=[1.0]), timeout=0.3)
   assert code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -202,17 +208,14 @@ def test_in_flight_limit_is_resource_exhausted(limited, monkeypatch):
   classify.model_spec.name = "m"
   classify.input.example_list.examples.add()
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    held = [pool.submit(_code, limited.predict.Classify, classify, 120)
-            for _ in range(2)]
+    held = [pool.submit(_code, limited.predict.Classify, classify, 120) for _ in range(2)]
     try:
       for _ in held:
         assert entered.acquire(timeout=60)
-      code, details = _code(limited.predict.Predict,
-                            _request(model="m", x=[1.0]))
+      code, details = _code(limited.predict.Predict, _request(model="m", x=[1.0]))
       assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
       assert "--max_in_flight_requests" in details
-      status, payload = _post(limited.server.rest_port,
-                              "/v1/models/m:predict", b'{"instances": [1.0]}')
+      status, payload = _post(limited.server.rest_port, "/v1/models/m:predict", b'{"instances": [1.0]}')
       assert status == 429 and "in flight" in payload["error"]
     finally:
       release.set()
@@ -248,40 +251,51 @@ def _self_signed(tmp_path):
     pytest.skip("the openssl command is needed to make a self-signed certificate")
   key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
   subprocess.run(
-      ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
-       "1", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert),
-       "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-      check=True, capture_output=True)
+    [
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "1",
+      "-subj",
+      "/CN=localhost",
+      "-keyout",
+      str(key),
+      "-out",
+      str(cert),
+      "-addext",
+      "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    ],
+    check=True,
+    capture_output=True,
+  )
   return key.read_text(), cert.read_text()
 
 
 def test_tls(tmp_path):
   key, cert = _self_signed(tmp_path)
   ssl_config = tmp_path / "ssl.config"
-  ssl_config.write_text(f"server_key: {json.dumps(key)}\n"
-                        f"server_cert: {json.dumps(cert)}\n")
+  ssl_config.write_text(f"server_key: {json.dumps(key)}\nserver_cert: {json.dumps(cert)}\n")
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  server = lib.InProcessServer(model_name="m",
-                               model_base_path=str(tmp_path / "m"),
-                               ssl_config_file=str(ssl_config))
+  server = lib.InProcessServer(model_name="m", model_base_path=str(tmp_path / "m"), ssl_config_file=str(ssl_config))
   try:
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.encode())
-    with grpc.secure_channel(f"localhost:{server.server.grpc_port}",
-                             credentials) as channel:
+    with grpc.secure_channel(f"localhost:{server.server.grpc_port}", credentials) as channel:
       stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
       response = stub.Predict(_request(model="m"), timeout=30)
       assert tf.make_ndarray(response.outputs["y"]).tolist() == [2.5, 3.0]
     code, _ = _code(server.predict.Predict, _request(model="m"), timeout=5)
-    assert code in (grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED)  # Plaintext refused.
+    assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # Plaintext refused.
   finally:
     server.stop()
-  ssl_config.write_text(f"server_cert: {json.dumps(cert)}\n"
-                        "client_verify: true\n")
+  ssl_config.write_text(f"server_cert: {json.dumps(cert)}\nclient_verify: true\n")
   with pytest.raises(errors.ServingError, match="server_key and server_cert"):
-    server_lib.Server(server_lib.Options(
-        model_name="m", model_base_path=str(tmp_path / "m"), port=0,
-        ssl_config_file=str(ssl_config))).start()
+    server_lib.Server(
+      server_lib.Options(model_name="m", model_base_path=str(tmp_path / "m"), port=0, ssl_config_file=str(ssl_config))
+    ).start()
 
 
 def test_model_paths_cannot_escape_roots(tmp_path):
@@ -291,14 +305,17 @@ def test_model_paths_cannot_escape_roots(tmp_path):
   os.symlink(outside / "m", root / "link")
   for base in (outside / "m", root / ".." / "outside" / "m", root / "link"):
     with pytest.raises(errors.ServingError, match="outside the allowed roots"):
-      server_lib.Server(server_lib.Options(
-          model_name="m", model_base_path=str(base), port=0,
-          model_base_path_roots=[str(root)])).start()
+      server_lib.Server(
+        server_lib.Options(model_name="m", model_base_path=str(base), port=0, model_base_path_roots=[str(root)])
+      ).start()
   # A version directory symlinked out of the root fails to load.
   lib.write_tf2_half_plus_two(str(root / "m" / "1"))
-  server = lib.InProcessServer(model_name="m", model_base_path=str(root / "m"),
-                               model_base_path_roots=[str(root)],
-                               file_system_poll_wait_seconds=0.2)
+  server = lib.InProcessServer(
+    model_name="m",
+    model_base_path=str(root / "m"),
+    model_base_path_roots=[str(root)],
+    file_system_poll_wait_seconds=0.2,
+  )
   try:
     os.symlink(outside / "m" / "1", root / "m" / "2")
     status = get_model_status_pb2.GetModelStatusRequest()
@@ -306,8 +323,7 @@ def test_model_paths_cannot_escape_roots(tmp_path):
 
     def version_2_error():
       response = server.model.GetModelStatus(status, timeout=30)
-      return {v.version: v.status.error_message
-              for v in response.model_version_status}.get(2)
+      return {v.version: v.status.error_message for v in response.model_version_status}.get(2)
 
     assert "outside the allowed roots" in lib.wait_for(version_2_error)
     response = server.predict.Predict(_request(model="m"), timeout=30)
@@ -318,9 +334,11 @@ def test_model_paths_cannot_escape_roots(tmp_path):
 
 def test_nothing_from_a_request_is_unpickled_or_evaluated():
   """Audit: serving/ has no pickle, eval/exec, marshal or unsafe loaders."""
-  banned = re.compile(r"\b(pickle|cPickle|marshal|shelve|dill)\b|"
-                      r"(?<![\w.])(eval|exec|compile)\(|yaml\.load\(|"
-                      r"allow_pickle\s*=\s*True|__import__\(")
+  banned = re.compile(
+    r"\b(pickle|cPickle|marshal|shelve|dill)\b|"
+    r"(?<![\w.])(eval|exec|compile)\(|yaml\.load\(|"
+    r"allow_pickle\s*=\s*True|__import__\("
+  )
   hits = []
   for directory, _, files in os.walk(SERVING_DIR):
     for name in files:

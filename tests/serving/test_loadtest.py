@@ -3,19 +3,16 @@
 import json
 import os
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
+import serving_testlib as lib
 import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
 from tensorflow_serving.apis import prediction_log_pb2
 
-import serving_testlib as lib
 from bench import echo_server
-from clients.loadtest import driver
-from clients.loadtest import histogram
-from clients.loadtest import loadtest_cli
-from clients.loadtest import request_source
+from clients.loadtest import driver, histogram, loadtest_cli, request_source
 
 FEATURES = {"user_id": "u1", "query_tokens": ["red", "shoes"]}
 
@@ -72,8 +69,9 @@ def test_closed_loop_against_echo(echo, requests):
 
 def test_max_requests_bounds_a_closed_loop(echo, requests):
   # The duration is only an upper bound: the run ends at the 20th request, however slow the machine.
-  spec = driver.LoadSpec(mode="closed", concurrency=2, warmup_seconds=0, duration_seconds=600, max_requests=20,
-                         progress=False)
+  spec = driver.LoadSpec(
+    mode="closed", concurrency=2, warmup_seconds=0, duration_seconds=600, max_requests=20, progress=False
+  )
   assert driver.run(driver.GrpcPredictTarget(echo), requests, spec).sent == 20
 
 
@@ -84,11 +82,13 @@ def test_stalled_server_shows_in_percentiles(requests):
   client. Measured from actual send times (what an uncorrected tool reports) only one request looks slow;
   measured from intended send times, the queued-up requests show a linear ramp of 500 ms down to 0.
   """
-  server, port = echo_server.start(max_workers=1, response=echo_server.fixed_response(10), stall_after=100,
-                                   stall_seconds=0.5)
+  server, port = echo_server.start(
+    max_workers=1, response=echo_server.fixed_response(10), stall_after=100, stall_seconds=0.5
+  )
   try:
-    spec = driver.LoadSpec(mode="open", qps=200, warmup_seconds=0, duration_seconds=2.0, max_in_flight=1,
-                           progress=False)
+    spec = driver.LoadSpec(
+      mode="open", qps=200, warmup_seconds=0, duration_seconds=2.0, max_in_flight=1, progress=False
+    )
     result = driver.run(driver.GrpcPredictTarget(f"127.0.0.1:{port}"), requests, spec)
   finally:
     server.stop(grace=1)
@@ -138,8 +138,16 @@ def test_cli_writes_json_report_and_plot(echo, tmp_path):
   requests_file.write_text(json.dumps(FEATURES) + "\n")
   prefix = str(tmp_path / "out" / "run")
   flags.FLAGS(["fgr-loadtest"])
-  with flagsaver.flagsaver(server=echo, requests_file=str(requests_file), mode="open", qps=100,
-                           warmup_seconds=0.2, duration_seconds=1.0, output_prefix=prefix, progress=True):
+  with flagsaver.flagsaver(
+    server=echo,
+    requests_file=str(requests_file),
+    mode="open",
+    qps=100,
+    warmup_seconds=0.2,
+    duration_seconds=1.0,
+    output_prefix=prefix,
+    progress=True,
+  ):
     loadtest_cli.main(["fgr-loadtest"])
   with open(prefix + ".json") as f:
     data = json.load(f)

@@ -8,16 +8,14 @@ import threading
 import urllib.request
 
 import grpc
-from grpc_health.v1 import health_pb2
-from grpc_health.v1 import health_pb2_grpc
 import pytest
+import serving_testlib as lib
 import tensorflow as tf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 
-import serving_testlib as lib
 from serving import errors
 from serving.model_servers import server as server_lib
-
 
 # main.py defines absl flags such as --port at import; other test modules may
 # define the same names in this process, so flag checks run in a subprocess.
@@ -53,14 +51,17 @@ print("HARDENING", options.model_base_path_roots,
 def test_flags():
   """Unsupported TF Serving flags fail clearly; options mirror flags."""
   result = subprocess.run(
-      [sys.executable, "-c", _FLAG_CHECKS], cwd=lib.REPO_ROOT,
-      env=dict(os.environ, PYTHONPATH=lib.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
-      capture_output=True, text=True, timeout=120, check=True)
+    [sys.executable, "-c", _FLAG_CHECKS],
+    cwd=lib.REPO_ROOT,
+    env=dict(os.environ, PYTHONPATH=lib.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  )
   out = result.stdout
-  assert ("USAGE_ERROR --prefer_tflite_model is a TensorFlow Serving flag "
-          "that fgr-serve does not support") in out
-  assert ("CHANNEL_ARGS [('grpc.max_connection_age_ms', 2000), ('a', 'b')]"
-          in out)
+  assert ("USAGE_ERROR --prefer_tflite_model is a TensorFlow Serving flag that fgr-serve does not support") in out
+  assert "CHANNEL_ARGS [('grpc.max_connection_age_ms', 2000), ('a', 'b')]" in out
   assert "BAD_CHANNEL_ARGS_REJECTED" in out
   assert "OPTIONS_WITHOUT_FLAG ['session_config']" in out
   assert f"HARDENING ['/a', '/b'] 3 8 -1 {64 << 20} /s" in out
@@ -70,13 +71,17 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
   """A request waiting in a batch when SIGTERM arrives still succeeds."""
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   params = tmp_path / "batching.config"
-  params.write_text("max_batch_size { value: 64 } "
-                    "batch_timeout_micros { value: 3000000 }")
-  proc = lib.ServerProcess([
-      "--model_name=m", f"--model_base_path={tmp_path / 'm'}",
-      "--enable_batching", f"--batching_parameters_file={params}",
-      "--max_in_flight_requests=1"],  # Shows when the request is in flight.
-                           str(tmp_path))
+  params.write_text("max_batch_size { value: 64 } batch_timeout_micros { value: 3000000 }")
+  proc = lib.ServerProcess(
+    [
+      "--model_name=m",
+      f"--model_base_path={tmp_path / 'm'}",
+      "--enable_batching",
+      f"--batching_parameters_file={params}",
+      "--max_in_flight_requests=1",
+    ],  # Shows when the request is in flight.
+    str(tmp_path),
+  )
   with open(proc.stdout_path) as f:
     assert f"FGR_SERVE_GRPC_PORT={proc.grpc_port}" in f.read()
   request = predict_pb2.PredictRequest()
@@ -121,8 +126,7 @@ def test_rest_api_port_in_options(tmp_path):
   """REST_API_ANY_PORT binds a free port; 0 keeps REST off, as TF Serving."""
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   model = {"model_name": "m", "model_base_path": str(tmp_path / "m")}
-  server = lib.InProcessServer(
-      rest_api_port=server_lib.REST_API_ANY_PORT, **model)
+  server = lib.InProcessServer(rest_api_port=server_lib.REST_API_ANY_PORT, **model)
   try:
     assert server.server.rest_port > 0
     url = f"http://127.0.0.1:{server.server.rest_port}/v1/models/m"
@@ -146,8 +150,11 @@ def test_shutdown_reports_not_serving_before_draining(tmp_path):
   the test sets, so the drain lasts exactly as long as the test needs."""
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   server = lib.InProcessServer(
-      model_name="m", model_base_path=str(tmp_path / "m"),
-      rest_api_port=lib.REST_ANY_PORT, enable_grpc_healthcheck_service=True)
+    model_name="m",
+    model_base_path=str(tmp_path / "m"),
+    rest_api_port=lib.REST_ANY_PORT,
+    enable_grpc_healthcheck_service=True,
+  )
   api = server.server.api
   entered, release = threading.Event(), threading.Event()
   predict = api.predict_built
@@ -159,17 +166,15 @@ def test_shutdown_reports_not_serving_before_draining(tmp_path):
 
   api.predict_built = held_predict  # What the REST front end calls.
   health = health_pb2_grpc.HealthStub(server.channel)
-  services = ("", "tensorflow.serving.PredictionService",
-              "tensorflow.serving.ModelService")
+  services = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
   def statuses():
-    return {health.Check(health_pb2.HealthCheckRequest(service=service),
-                         timeout=60).status for service in services}
+    return {health.Check(health_pb2.HealthCheckRequest(service=service), timeout=60).status for service in services}
 
   def rest_predict():
     request = urllib.request.Request(
-        f"http://127.0.0.1:{server.server.rest_port}/v1/models/m:predict",
-        data=b'{"instances": [2.0]}')
+      f"http://127.0.0.1:{server.server.rest_port}/v1/models/m:predict", data=b'{"instances": [2.0]}'
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
       return response.status, response.read()
 
@@ -179,8 +184,7 @@ def test_shutdown_reports_not_serving_before_draining(tmp_path):
     try:
       assert entered.wait(60)
       stopping = pool.submit(server.server.stop, 60)
-      lib.wait_for(lambda: statuses() == {
-          health_pb2.HealthCheckResponse.NOT_SERVING}, timeout=60)
+      lib.wait_for(lambda: statuses() == {health_pb2.HealthCheckResponse.NOT_SERVING}, timeout=60)
       assert not rest_call.done() and not stopping.done()  # Still draining.
     finally:
       release.set()
@@ -189,20 +193,24 @@ def test_shutdown_reports_not_serving_before_draining(tmp_path):
   server.channel.close()
 
 
-@pytest.mark.parametrize("config_text, message", [
-    ("model_config_list { config { name: 'm' ", "Failed to read "
-     "ModelServerConfig"),
-    ("model_config_list { config { name: 'm' base_path: '/x' } "
-     "config { name: 'm' base_path: '/y' } }",
-     "Illegal to list model m multiple times"),
-    ("model_config_list { config { name: 'm' base_path: '/x' "
-     "model_platform: 'pytorch' } }", "requests unsupported platform pytorch"),
-])
+@pytest.mark.parametrize(
+  "config_text, message",
+  [
+    ("model_config_list { config { name: 'm' ", "Failed to read ModelServerConfig"),
+    (
+      "model_config_list { config { name: 'm' base_path: '/x' } config { name: 'm' base_path: '/y' } }",
+      "Illegal to list model m multiple times",
+    ),
+    (
+      "model_config_list { config { name: 'm' base_path: '/x' model_platform: 'pytorch' } }",
+      "requests unsupported platform pytorch",
+    ),
+  ],
+)
 def test_bad_model_config_fails_start(tmp_path, config_text, message):
   config = tmp_path / "models.config"
   config.write_text(config_text)
-  server = server_lib.Server(server_lib.Options(
-      port=0, model_config_file=str(config)))
+  server = server_lib.Server(server_lib.Options(port=0, model_config_file=str(config)))
   with pytest.raises(errors.ServingError, match=message):
     server.start()
   server.stop(grace_seconds=0)
@@ -210,9 +218,15 @@ def test_bad_model_config_fails_start(tmp_path, config_text, message):
 
 def test_model_failing_at_start_up_fails_start(tmp_path):
   lib.write_broken(str(tmp_path / "m" / "1"))
-  server = server_lib.Server(server_lib.Options(
-      port=0, model_name="m", model_base_path=str(tmp_path / "m"),
-      max_num_load_retries=1, load_retry_interval_micros=10000))
+  server = server_lib.Server(
+    server_lib.Options(
+      port=0,
+      model_name="m",
+      model_base_path=str(tmp_path / "m"),
+      max_num_load_retries=1,
+      load_retry_interval_micros=10000,
+    )
+  )
   with pytest.raises(errors.ServingError, match="model: m, version: 1"):
     server.start()
   server.stop(grace_seconds=0)
@@ -222,17 +236,16 @@ def test_unix_socket_only(tmp_path):
   """--grpc_socket_path with --port=0 serves gRPC on the socket alone."""
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   socket_path = str(tmp_path / "fgr.sock")
-  server = server_lib.Server(server_lib.Options(
-      port=0, grpc_socket_path=socket_path, model_name="m",
-      model_base_path=str(tmp_path / "m")))
+  server = server_lib.Server(
+    server_lib.Options(port=0, grpc_socket_path=socket_path, model_name="m", model_base_path=str(tmp_path / "m"))
+  )
   server.start()
   channel = grpc.insecure_channel(f"unix:{socket_path}")
   try:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "m"
     request.inputs["x"].CopyFrom(tf.make_tensor_proto([4.0], dtype=tf.float32))
-    response = lib.prediction_service_pb2_grpc.PredictionServiceStub(
-        channel).Predict(request, timeout=30)
+    response = lib.prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
     assert response.outputs["y"].float_val == [4.0]
     assert server.grpc_port == 0
   finally:

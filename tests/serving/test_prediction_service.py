@@ -1,26 +1,25 @@
 """gRPC API tests modelled on TF Serving's tensorflow_model_server_test."""
 
 import grpc
-from grpc_health.v1 import health_pb2
-from grpc_health.v1 import health_pb2_grpc
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorflow_serving.apis import classification_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
-from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import inference_pb2
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import regression_pb2
-
 import serving_testlib as lib
+import tensorflow as tf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_testlib import KERAS_MODEL, TF1_MODEL, TF1_VERSION, TF2_MODEL
+from tensorflow_serving.apis import (
+  classification_pb2,
+  get_model_metadata_pb2,
+  get_model_status_pb2,
+  inference_pb2,
+  predict_pb2,
+  regression_pb2,
+)
 
 State = get_model_status_pb2.ModelVersionStatus.State
 
 
-def _predict_request(model=TF1_MODEL, x=((2.0,),), signature="",
-                     version=None, label=None, output_filter=()):
+def _predict_request(model=TF1_MODEL, x=((2.0,),), signature="", version=None, label=None, output_filter=()):
   request = predict_pb2.PredictRequest()
   request.model_spec.name = model
   request.model_spec.signature_name = signature
@@ -55,15 +54,12 @@ def test_predict_tf1(server):
 
 
 def test_predict_tf2_latest_specific_and_label(server):
-  latest = server.predict.Predict(
-      _predict_request(TF2_MODEL, x=[1.0, 2.0]), timeout=30)
+  latest = server.predict.Predict(_predict_request(TF2_MODEL, x=[1.0, 2.0]), timeout=30)
   assert tf.make_ndarray(latest.outputs["y"]).tolist() == [3.5, 4.0]
   assert latest.model_spec.version.value == 2
-  v1 = server.predict.Predict(
-      _predict_request(TF2_MODEL, x=[2.0], version=1), timeout=30)
+  v1 = server.predict.Predict(_predict_request(TF2_MODEL, x=[2.0], version=1), timeout=30)
   assert v1.outputs["y"].float_val == [3.0]
-  stable = server.predict.Predict(
-      _predict_request(TF2_MODEL, x=[2.0], label="stable"), timeout=30)
+  stable = server.predict.Predict(_predict_request(TF2_MODEL, x=[2.0], label="stable"), timeout=30)
   assert stable.model_spec.version.value == 1
 
 
@@ -87,51 +83,74 @@ def test_predict_scann_ops(server):
   exact = queries.astype(np.float64) @ lib.SCANN_DATABASE.T.astype(np.float64)
   top = -np.sort(-exact, axis=1)[:, :5]
   ids = tf.make_ndarray(response.outputs["ids"])
-  np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"]), top,
-                             rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(np.take_along_axis(exact, ids, axis=1), top,
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"]), top, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.take_along_axis(exact, ids, axis=1), top, rtol=1e-4, atol=1e-4)
 
 
 def test_predict_output_filter(server):
-  response = server.predict.Predict(_predict_request(
-      signature="predict_two_outputs", output_filter=["y"]), timeout=30)
+  response = server.predict.Predict(_predict_request(signature="predict_two_outputs", output_filter=["y"]), timeout=30)
   assert list(response.outputs) == ["y"]
-  both = server.predict.Predict(
-      _predict_request(signature="predict_two_outputs"), timeout=30)
+  both = server.predict.Predict(_predict_request(signature="predict_two_outputs"), timeout=30)
   assert sorted(both.outputs) == ["x_out", "y"]
 
 
-@pytest.mark.parametrize("mutate, code, message", [
-    (lambda r: setattr(r.model_spec, "name", "missing"),
-     grpc.StatusCode.NOT_FOUND, "Servable not found for request: "
-     "Latest(missing)"),
-    (lambda r: r.model_spec.version.__setattr__("value", 999),
-     grpc.StatusCode.NOT_FOUND, "Servable not found for request: "
-     f"Specific({TF1_MODEL}, 999)"),
-    (lambda r: setattr(r.model_spec, "version_label", "nope"),
-     grpc.StatusCode.INVALID_ARGUMENT, "Unrecognized servable version label"),
-    (lambda r: setattr(r.model_spec, "signature_name", "nope"),
-     grpc.StatusCode.FAILED_PRECONDITION,
-     'Serving signature key "nope" not found.'),
-    (lambda r: r.inputs.pop("x"), grpc.StatusCode.INVALID_ARGUMENT,
-     "input size does not match signature: 0!=1"),
-    (lambda r: r.inputs["extra"].CopyFrom(r.inputs["x"]),
-     grpc.StatusCode.INVALID_ARGUMENT, "Sent extra: {extra}"),
-    (lambda r: r.inputs["x"].CopyFrom(tf.make_tensor_proto([["a"]])),
-     grpc.StatusCode.INVALID_ARGUMENT, "to be float but string is provided"),
-    (lambda r: r.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0, 2.0])),
-     grpc.StatusCode.INVALID_ARGUMENT, "has shape [2]"),
-    (lambda r: r.output_filter.append("nope"),
-     grpc.StatusCode.INVALID_ARGUMENT,
-     "output tensor alias not found in signature: nope"),
-    (lambda r: r.output_filter.extend(["y", "y"]),
-     grpc.StatusCode.INVALID_ARGUMENT, "duplicate output tensor alias: y"),
-    (lambda r: setattr(r.inputs["x"], "tensor_content", b"\x00" * 3),
-     grpc.StatusCode.INVALID_ARGUMENT, "tensor parsing error: x"),
-    (lambda r: r.inputs["x"].tensor_shape.dim[0].__setattr__("size", 10**12),
-     grpc.StatusCode.INVALID_ARGUMENT, "tensor parsing error: x"),
-])
+@pytest.mark.parametrize(
+  "mutate, code, message",
+  [
+    (
+      lambda r: setattr(r.model_spec, "name", "missing"),
+      grpc.StatusCode.NOT_FOUND,
+      "Servable not found for request: Latest(missing)",
+    ),
+    (
+      lambda r: r.model_spec.version.__setattr__("value", 999),
+      grpc.StatusCode.NOT_FOUND,
+      f"Servable not found for request: Specific({TF1_MODEL}, 999)",
+    ),
+    (
+      lambda r: setattr(r.model_spec, "version_label", "nope"),
+      grpc.StatusCode.INVALID_ARGUMENT,
+      "Unrecognized servable version label",
+    ),
+    (
+      lambda r: setattr(r.model_spec, "signature_name", "nope"),
+      grpc.StatusCode.FAILED_PRECONDITION,
+      'Serving signature key "nope" not found.',
+    ),
+    (lambda r: r.inputs.pop("x"), grpc.StatusCode.INVALID_ARGUMENT, "input size does not match signature: 0!=1"),
+    (lambda r: r.inputs["extra"].CopyFrom(r.inputs["x"]), grpc.StatusCode.INVALID_ARGUMENT, "Sent extra: {extra}"),
+    (
+      lambda r: r.inputs["x"].CopyFrom(tf.make_tensor_proto([["a"]])),
+      grpc.StatusCode.INVALID_ARGUMENT,
+      "to be float but string is provided",
+    ),
+    (
+      lambda r: r.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0, 2.0])),
+      grpc.StatusCode.INVALID_ARGUMENT,
+      "has shape [2]",
+    ),
+    (
+      lambda r: r.output_filter.append("nope"),
+      grpc.StatusCode.INVALID_ARGUMENT,
+      "output tensor alias not found in signature: nope",
+    ),
+    (
+      lambda r: r.output_filter.extend(["y", "y"]),
+      grpc.StatusCode.INVALID_ARGUMENT,
+      "duplicate output tensor alias: y",
+    ),
+    (
+      lambda r: setattr(r.inputs["x"], "tensor_content", b"\x00" * 3),
+      grpc.StatusCode.INVALID_ARGUMENT,
+      "tensor parsing error: x",
+    ),
+    (
+      lambda r: r.inputs["x"].tensor_shape.dim[0].__setattr__("size", 10**12),
+      grpc.StatusCode.INVALID_ARGUMENT,
+      "tensor parsing error: x",
+    ),
+  ],
+)
 def test_predict_errors(server, mutate, code, message):
   request = _predict_request()
   mutate(request)
@@ -146,8 +165,7 @@ def test_classify(server):
   request = classification_pb2.ClassificationRequest()
   request.model_spec.name = TF1_MODEL
   request.model_spec.signature_name = "classify_x_to_y"
-  request.input.example_list.examples.extend([_example(x=2.0),
-                                              _example(x=4.0)])
+  request.input.example_list.examples.extend([_example(x=2.0), _example(x=4.0)])
   response = server.predict.Classify(request, timeout=30)
   scores = [c.classes[0].score for c in response.result.classifications]
   assert scores == [3.0, 4.0]
@@ -178,22 +196,22 @@ def test_classify_regress_errors(server):
   empty.model_spec.name = TF1_MODEL
   empty.model_spec.signature_name = "regress_x_to_y"
   code, details = _error(server.predict.Regress, empty)
-  assert (code, "Input is empty." in details) == (
-      grpc.StatusCode.INVALID_ARGUMENT, True)
+  assert (code, "Input is empty." in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
 
 
 def test_multi_inference(server):
   request = inference_pb2.MultiInferenceRequest()
-  for signature, method in (("classify_x_to_y", "tensorflow/serving/classify"),
-                            ("regress_x2_to_y3", "tensorflow/serving/regress")):
+  for signature, method in (
+    ("classify_x_to_y", "tensorflow/serving/classify"),
+    ("regress_x2_to_y3", "tensorflow/serving/regress"),
+  ):
     task = request.tasks.add(method_name=method)
     task.model_spec.name = TF1_MODEL
     task.model_spec.signature_name = signature
   request.input.example_list.examples.add().CopyFrom(_example(x=2.0, x2=2.0))
   response = server.predict.MultiInference(request, timeout=30)
   classify, regress = response.results
-  assert classify.classification_result.classifications[0].classes[0].score == (
-      3.0)
+  assert classify.classification_result.classifications[0].classes[0].score == (3.0)
   assert regress.regression_result.regressions[0].value == 4.0
   assert regress.model_spec.signature_name == "regress_x2_to_y3"
   request.tasks[1].model_spec.signature_name = "classify_x_to_y"
@@ -210,8 +228,7 @@ def test_get_model_metadata(server):
   assert response.model_spec.version.value == TF1_VERSION
   signatures = get_model_metadata_pb2.SignatureDefMap()
   assert response.metadata["signature_def"].Unpack(signatures)
-  assert {"serving_default", "classify_x_to_y", "regress_x_to_y"} <= set(
-      signatures.signature_def)
+  assert {"serving_default", "classify_x_to_y", "regress_x_to_y"} <= set(signatures.signature_def)
   predict = signatures.signature_def["serving_default"]
   assert predict.method_name == "tensorflow/serving/predict"
   assert predict.inputs["x"].dtype == tf.float32.as_datatype_enum
@@ -230,7 +247,9 @@ def test_get_model_status(server):
   request.model_spec.name = TF2_MODEL
   versions = server.model.GetModelStatus(request, timeout=30)
   assert [(s.version, s.state) for s in versions.model_version_status] == [
-      (2, State.AVAILABLE), (1, State.AVAILABLE)]  # Newest first.
+    (2, State.AVAILABLE),
+    (1, State.AVAILABLE),
+  ]  # Newest first.
   request.model_spec.name = "missing"
   code, details = _error(server.model.GetModelStatus, request)
   assert code == grpc.StatusCode.NOT_FOUND
@@ -239,16 +258,15 @@ def test_get_model_status(server):
 
 def test_health(server):
   stub = health_pb2_grpc.HealthStub(server.channel)
-  response = stub.Check(health_pb2.HealthCheckRequest(
-      service="tensorflow.serving.PredictionService"), timeout=60)
+  response = stub.Check(health_pb2.HealthCheckRequest(service="tensorflow.serving.PredictionService"), timeout=60)
   assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_survives_garbage(server):
   """Raw bytes that are not a PredictRequest must not hurt the server."""
   call = server.channel.unary_unary(
-      "/tensorflow.serving.PredictionService/Predict",
-      request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    "/tensorflow.serving.PredictionService/Predict", request_serializer=lambda b: b, response_deserializer=lambda b: b
+  )
   with pytest.raises(grpc.RpcError):
     call(b"\xff\xff\xff\x00garbage", timeout=60)
   response = server.predict.Predict(_predict_request(), timeout=30)

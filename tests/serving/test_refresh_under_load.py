@@ -8,11 +8,10 @@ import time
 
 import grpc
 import numpy as np
-
 import scann_testlib as scann_lib
 import serving_testlib as lib
-from export import refresh
-from export import refresh_delta
+
+from export import refresh, refresh_delta
 from models.data import schema
 
 CLIENTS = 3
@@ -29,8 +28,7 @@ class _Load:
     self.answers, self.failures = [], []
     self._lock = threading.Lock()
     self._stop = threading.Event()
-    self._threads = [threading.Thread(target=self._run, args=(port, r))
-                     for r in requests]
+    self._threads = [threading.Thread(target=self._run, args=(port, r)) for r in requests]
     for thread in self._threads:
       thread.start()
 
@@ -43,8 +41,7 @@ class _Load:
         break
       try:
         response = stub.Predict(message, timeout=60)
-        answer = (response.model_spec.version.value,
-                  scann_lib.ids_and_scores(response)[0])
+        answer = (response.model_spec.version.value, scann_lib.ids_and_scores(response)[0])
         with self._lock:
           self.answers.append(answer)
       except grpc.RpcError as e:
@@ -67,45 +64,40 @@ class _Load:
 def _record(features, row: int, **changes) -> refresh_delta.AdRecord:
   """An ad's delta record from catalog features, with `changes` applied."""
   tokens = tuple(t for t in features[schema.AD_TOKENS][row].astype(str) if t)
-  values = dict(category=str(features[schema.CATEGORY][row]),
-                brand=str(features[schema.BRAND][row]), tokens=tokens)
+  values = dict(category=str(features[schema.CATEGORY][row]), brand=str(features[schema.BRAND][row]), tokens=tokens)
   values.update(changes)
   return refresh_delta.AdRecord(**values)
 
 
-def test_refreshed_versions_swap_under_load(trained_run, tmp_path_factory,
-                                            tmp_path):
+def test_refreshed_versions_swap_under_load(trained_run, tmp_path_factory, tmp_path):
   export = scann_lib.tree_export(trained_run, tmp_path_factory)
   base = str(tmp_path / "ads")
   scann_lib.copy_version(export, base)
   v1 = scann_lib.catalog(export)
   queries = scann_lib.held_out_queries(trained_run, 4)
   probe = {name: values[:1] for name, values in queries.items()}
-  proc = lib.ServerProcess([
-      "--model_name=ads", f"--model_base_path={base}",
-      "--file_system_poll_wait_seconds=1"], str(tmp_path))
+  proc = lib.ServerProcess(
+    ["--model_name=ads", f"--model_base_path={base}", "--file_system_poll_wait_seconds=1"], str(tmp_path)
+  )
   load = None
   try:
     first = proc.predict.Predict(scann_lib.request(probe, "ads"), timeout=60)
     assert first.model_spec.version.value == 1
     top3 = set(scann_lib.ids_and_scores(first)[0][0, :3])
     # Two single-query clients (ScaNN's single-query op), one batch of 4.
-    load = _Load(proc.grpc_port, [scann_lib.request(probe, "ads")] * 2 +
-                 [scann_lib.request(queries, "ads")])
+    load = _Load(proc.grpc_port, [scann_lib.request(probe, "ads")] * 2 + [scann_lib.request(queries, "ads")])
     lib.wait_for(lambda: load.count(1) >= 20, timeout=120)
 
     # Version 2: 5 new ads, 3 changed ones (re-embedded), the probe's top 3
     # paused. An incremental ScaNN update under version 1's graph.
-    rows = [row for row in np.flatnonzero(v1.eligible)
-            if v1.ids[row] not in top3][:20]  # Active ads to change or keep.
+    rows = [row for row in np.flatnonzero(v1.eligible) if v1.ids[row] not in top3][:20]  # Active ads to change or keep.
     features = scann_lib.item_features(trained_run, np.asarray(rows))
     refresher = refresh.Refresher(base)
     delta = refresh_delta.CatalogDelta()
     for i in range(5):
       delta.add_upsert(f"fresh-{i}", _record(features, i))
     for i in range(5, 8):
-      delta.add_upsert(str(v1.ids[rows[i]]),
-                       _record(features, i, tokens=("t3_1", "t3_7")))
+      delta.add_upsert(str(v1.ids[rows[i]]), _record(features, i, tokens=("t3_1", "t3_7")))
     for ad_id in top3:
       delta.add_status(ad_id, "paused")
     report = refresher.apply(delta)
@@ -116,18 +108,22 @@ def test_refreshed_versions_swap_under_load(trained_run, tmp_path_factory,
     # At its widest knobs the search is exact: NumPy over version 2's
     # catalog (changed embeddings, new ads, mask) answers the same.
     embedding = scann_lib.query_embeddings(proc.predict, "ads", probe)
-    widest = proc.predict.Predict(scann_lib.request(
-        probe, "ads", "search_with_options",
+    widest = proc.predict.Predict(
+      scann_lib.request(
+        probe,
+        "ads",
+        "search_with_options",
         leaves_to_search=scann_lib.NUM_LEAVES,
-        pre_reorder_num_neighbors=len(v2.ids)), timeout=60)
+        pre_reorder_num_neighbors=len(v2.ids),
+      ),
+      timeout=60,
+    )
     assert widest.model_spec.version.value == 2
-    assert scann_lib.recall(scann_lib.ids_and_scores(widest)[0],
-                            scann_lib.exact_ids(embedding, v2)) >= 0.9
+    assert scann_lib.recall(scann_lib.ids_and_scores(widest)[0], scann_lib.exact_ids(embedding, v2)) >= 0.9
 
     # Version 3: a new ad, and every ad paused but 10, three of them added
     # in version 2: every answer is exactly those 10 (the exact fallback).
-    keep = {f"fresh-{i}" for i in range(3)} | {"fresh-5"} | {
-        str(v1.ids[row]) for row in rows[10:16]}
+    keep = {f"fresh-{i}" for i in range(3)} | {"fresh-5"} | {str(v1.ids[row]) for row in rows[10:16]}
     delta = refresh_delta.CatalogDelta()
     delta.add_upsert("fresh-5", _record(features, 18))
     for ad_id in np.asarray(v2.ids)[v2.eligible]:

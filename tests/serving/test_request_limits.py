@@ -16,16 +16,12 @@ import urllib.request
 import grpc
 import psutil
 import pytest
-import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2
-from tensorflow.core.framework import types_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import classification_pb2
-from tensorflow_serving.apis import inference_pb2
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import regression_pb2
-
 import serving_testlib as lib
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import classification_pb2, inference_pb2, predict_pb2, regression_pb2
+
 from serving import errors
 from serving.batching import batch_scheduler
 from serving.servables import request_limits
@@ -34,13 +30,11 @@ MODEL = "tokens"
 
 
 class _Tokens(tf.Module):
-
   @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
   def serve(self, x):
     return {"y": 0.5 * x + 2.0}
 
-  @tf.function(input_signature=[
-      tf.TensorSpec([None, None], tf.string, name="text")])
+  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string, name="text")])
   def lengths(self, text):
     return {"lengths": tf.reduce_sum(tf.strings.length(text), axis=1)}
 
@@ -51,8 +45,9 @@ def served(tmp_path_factory):
   [N, ?] -> lengths) and TF1 half_plus_two (classify/regress)."""
   tmp = tmp_path_factory.mktemp("limits")
   module = _Tokens()
-  tf.saved_model.save(module, str(tmp / MODEL / "1"), signatures={
-      "serving_default": module.serve, "lengths": module.lengths})
+  tf.saved_model.save(
+    module, str(tmp / MODEL / "1"), signatures={"serving_default": module.serve, "lengths": module.lengths}
+  )
   lib.write_tf1_half_plus_two(str(tmp / lib.TF1_MODEL / "1"))
   config = tmp / "models.config"
   config.write_text(f"""
@@ -60,8 +55,7 @@ model_config_list {{
   config {{ name: "{MODEL}" base_path: "{tmp / MODEL}" }}
   config {{ name: "{lib.TF1_MODEL}" base_path: "{tmp / lib.TF1_MODEL}" }}
 }}""")
-  proc = lib.ServerProcess([f"--model_config_file={config}",
-                            "--rest_api_port=-1"], str(tmp))
+  proc = lib.ServerProcess([f"--model_config_file={config}", "--rest_api_port=-1"], str(tmp))
   yield proc
   assert proc.terminate() == 0, proc.stderr()[-3000:]
 
@@ -90,8 +84,7 @@ def _declared(dtype, shape, **values):
 
 def _string_bomb():
   """The report's request: [100000, 50] from one string_val (5M strings)."""
-  return _predict("lengths", text=_declared(
-      types_pb2.DT_STRING, [100000, 50], string_val=[b"w" * 40]))
+  return _predict("lengths", text=_declared(types_pb2.DT_STRING, [100000, 50], string_val=[b"w" * 40]))
 
 
 def _rows(n):
@@ -104,8 +97,7 @@ def _examples(with_context_bytes=0, count=2, model=lib.TF1_MODEL):
   request.model_spec.signature_name = "classify_x_to_y"
   if with_context_bytes:
     target = request.input.example_list_with_context
-    target.context.features.feature["pad"].bytes_list.value.append(
-        b"c" * with_context_bytes)
+    target.context.features.feature["pad"].bytes_list.value.append(b"c" * with_context_bytes)
   else:
     target = request.input.example_list
   for i in range(count):
@@ -127,8 +119,7 @@ def _code(call, request, timeout=120):
 
 
 def _post(port, path, body: bytes):
-  request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
-                                   data=body, method="POST")
+  request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
   try:
     with urllib.request.urlopen(request, timeout=120) as response:
       return response.status, json.loads(response.read())
@@ -155,8 +146,7 @@ def _nested_lists(depth):
 
 
 def _nested_objects(depth):
-  return ('{"instances": [' + '{"x": ' * depth + "1" + "}" * depth +
-          "]}").encode()
+  return ('{"instances": [' + '{"x": ' * depth + "1" + "}" * depth + "]}").encode()
 
 
 # --- What each request is answered -----------------------------------------
@@ -166,8 +156,7 @@ def test_declared_expansion_over_the_limit_is_resource_exhausted(served):
   code, details = _code(served.predict.Predict, _string_bomb())
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
   # Names model, version, signature, the limit and the flag to raise it.
-  assert "5000000 elements" in details and "--max_elements_per_request" in (
-      details), details
+  assert "5000000 elements" in details and "--max_elements_per_request" in (details), details
   assert f"model: {MODEL}, version: 1, signature: lengths" in details
   assert "1048576 elements" in details  # 4096 rows x 256 (unknown inner dim).
   code, details = _code(served.predict.Predict, _rows(20000))
@@ -179,67 +168,64 @@ def test_declared_expansion_over_the_limit_is_resource_exhausted(served):
 
 def test_malformed_declarations_are_invalid_argument(served):
   cases = {
-      "negative": _declared(types_pb2.DT_FLOAT, [-5], float_val=[1.0]),
-      "overflow": _declared(types_pb2.DT_FLOAT, [1 << 40, 1 << 40],
-                            float_val=[1.0]),
-      "content": _declared(types_pb2.DT_FLOAT, [1 << 30],
-                           tensor_content=b"\0" * 8),
+    "negative": _declared(types_pb2.DT_FLOAT, [-5], float_val=[1.0]),
+    "overflow": _declared(types_pb2.DT_FLOAT, [1 << 40, 1 << 40], float_val=[1.0]),
+    "content": _declared(types_pb2.DT_FLOAT, [1 << 30], tensor_content=b"\0" * 8),
   }
   for name, proto in cases.items():
     code, details = _code(served.predict.Predict, _predict(x=proto))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, details)
   # A large declared shape with one value is over the limit, not malformed.
-  code, details = _code(served.predict.Predict, _predict(x=_declared(
-      types_pb2.DT_FLOAT, [1 << 26], float_val=[1.0])))
+  code, details = _code(served.predict.Predict, _predict(x=_declared(types_pb2.DT_FLOAT, [1 << 26], float_val=[1.0])))
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
 
 
 def test_examples_context_expansion_over_classify_regress_multi(served):
   code, details = _code(served.predict.Classify, _context_bomb())
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
-  assert "--max_bytes_per_request" in details and (
-      "signature: classify_x_to_y" in details), details
+  assert "--max_bytes_per_request" in details and ("signature: classify_x_to_y" in details), details
   regress = regression_pb2.RegressionRequest(input=_context_bomb().input)
   regress.model_spec.name = lib.TF1_MODEL
   regress.model_spec.signature_name = "regress_x_to_y"
-  assert _code(served.predict.Regress, regress)[0] == (
-      grpc.StatusCode.RESOURCE_EXHAUSTED)
+  assert _code(served.predict.Regress, regress)[0] == (grpc.StatusCode.RESOURCE_EXHAUSTED)
   multi = inference_pb2.MultiInferenceRequest(input=_context_bomb().input)
   task = multi.tasks.add(method_name="tensorflow/serving/regress")
   task.model_spec.name = lib.TF1_MODEL
   task.model_spec.signature_name = "regress_x_to_y"
-  assert _code(served.predict.MultiInference, multi)[0] == (
-      grpc.StatusCode.RESOURCE_EXHAUSTED)
+  assert _code(served.predict.MultiInference, multi)[0] == (grpc.StatusCode.RESOURCE_EXHAUSTED)
   assert _code(served.predict.Classify, _examples())[0] == grpc.StatusCode.OK
 
 
 def test_rest_limits_answer_413(served):
   port = served.rest_port
-  status, payload = _post(port, f"/v1/models/{MODEL}:predict", json.dumps(
-      {"instances": [1.0] * 20000}).encode())
+  status, payload = _post(port, f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0] * 20000}).encode())
   assert status == 413 and "--max_elements_per_request" in payload["error"]
   assert f"model: {MODEL}, version: 1" in payload["error"]
   status, payload = _announce_huge_body(port, f"/v1/models/{MODEL}:predict")
   assert status == 413 and "--rest_api_max_body_bytes" in payload["error"]
-  status, payload = _post(port, f"/v1/models/{MODEL}:predict", json.dumps(
-      {"instances": [1.0, 2.0]}).encode())
+  status, payload = _post(port, f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0, 2.0]}).encode())
   assert status == 200 and payload == {"predictions": [2.5, 3.0]}
 
 
-@pytest.mark.parametrize("body", [
-    _nested_lists(10000), _nested_objects(10000), _nested_lists(900),
-    _nested_objects(900), b'{"examples": [{"x": ' + b"[" * 900 + b"]" * 900 +
-    b"}]}"], ids=["lists", "objects", "lists900", "objects900", "examples"])
+@pytest.mark.parametrize(
+  "body",
+  [
+    _nested_lists(10000),
+    _nested_objects(10000),
+    _nested_lists(900),
+    _nested_objects(900),
+    b'{"examples": [{"x": ' + b"[" * 900 + b"]" * 900 + b"}]}",
+  ],
+  ids=["lists", "objects", "lists900", "objects900", "examples"],
+)
 def test_deeply_nested_json_is_400(served, body):
   verb = "classify" if body.startswith(b'{"examples"') else "predict"
   model = lib.TF1_MODEL if verb == "classify" else MODEL
-  status, payload = _post(served.rest_port, f"/v1/models/{model}:{verb}",
-                          body)
+  status, payload = _post(served.rest_port, f"/v1/models/{model}:{verb}", body)
   assert status == 400, payload
   assert set(payload) == {"error"}
   # Still healthy.
-  status, payload = _post(served.rest_port, f"/v1/models/{MODEL}:predict",
-                          b'{"instances": [1.0]}')
+  status, payload = _post(served.rest_port, f"/v1/models/{MODEL}:predict", b'{"instances": [1.0]}')
   assert status == 200 and payload == {"predictions": [2.5]}
 
 
@@ -253,11 +239,12 @@ def _rss(proc) -> int:
 def _normal_traffic(proc):
   for _ in range(5):
     assert _code(proc.predict.Predict, _rows(64))[0] == grpc.StatusCode.OK
-    assert _code(proc.predict.Predict, _predict("lengths", text=(
-        tf.make_tensor_proto([[b"ab", b"cd"]] * 8))))[0] == grpc.StatusCode.OK
+    assert (
+      _code(proc.predict.Predict, _predict("lengths", text=(tf.make_tensor_proto([[b"ab", b"cd"]] * 8))))[0]
+      == grpc.StatusCode.OK
+    )
     assert _code(proc.predict.Classify, _examples())[0] == grpc.StatusCode.OK
-    status, _ = _post(proc.rest_port, f"/v1/models/{MODEL}:predict",
-                      b'{"instances": [1.0, 2.0]}')
+    status, _ = _post(proc.rest_port, f"/v1/models/{MODEL}:predict", b'{"instances": [1.0, 2.0]}')
     assert status == 200
 
 
@@ -268,29 +255,27 @@ def test_hostile_requests_leave_the_process_no_larger(served):
   grpc_ok = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
   port = served.rest_port
   burst = [
-      (lambda: _code(served.predict.Predict, _string_bomb())[0], grpc_ok),
-      (lambda: _code(served.predict.Predict, _rows(20000))[0], grpc_ok),
-      (lambda: _code(served.predict.Classify, _context_bomb())[0], grpc_ok),
-      (lambda: _post(port, f"/v1/models/{MODEL}:predict", json.dumps(
-          {"instances": [1.0] * 20000}).encode())[0], (413,)),
-      (lambda: _announce_huge_body(port, f"/v1/models/{MODEL}:predict")[0],
-       (413,)),
-      (lambda: _post(port, f"/v1/models/{MODEL}:predict",
-                     _nested_lists(10000))[0], (400,)),
+    (lambda: _code(served.predict.Predict, _string_bomb())[0], grpc_ok),
+    (lambda: _code(served.predict.Predict, _rows(20000))[0], grpc_ok),
+    (lambda: _code(served.predict.Classify, _context_bomb())[0], grpc_ok),
+    (lambda: _post(port, f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0] * 20000}).encode())[0], (413,)),
+    (lambda: _announce_huge_body(port, f"/v1/models/{MODEL}:predict")[0], (413,)),
+    (lambda: _post(port, f"/v1/models/{MODEL}:predict", _nested_lists(10000))[0], (400,)),
   ]
   started = time.monotonic()
   wrong = []
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     for _ in range(2):
       futures = [(pool.submit(send), want) for send, want in burst * 2]
-      wrong += [(future.result(), want) for future, want in futures
-                if future.result() not in want]
+      wrong += [(future.result(), want) for future, want in futures if future.result() not in want]
   elapsed = time.monotonic() - started
   _normal_traffic(served)  # Still serving.
   after = _rss(served)
-  figures = (f"RSS before {before / 2**20:.0f} MiB, after "
-             f"{after / 2**20:.0f} MiB ({after / before:.2f}x); burst took "
-             f"{elapsed:.1f} s")
+  figures = (
+    f"RSS before {before / 2**20:.0f} MiB, after "
+    f"{after / 2**20:.0f} MiB ({after / before:.2f}x); burst took "
+    f"{elapsed:.1f} s"
+  )
   print(figures)
   assert not wrong, (figures, wrong)
   assert after <= 1.2 * before, figures
@@ -316,31 +301,31 @@ def _signature(*shapes_and_dtypes):
 def test_limits_derive_from_the_signature():
   limits = request_limits.ExpansionLimits(rows=100)
   # [?, 8] float and [?] int64: 100 x (8 + 1) elements; bytes floored.
-  elements, nbytes = limits.request_limits(_signature(
-      ([-1, 8], types_pb2.DT_FLOAT), ([-1], types_pb2.DT_INT64)))
+  elements, nbytes = limits.request_limits(_signature(([-1, 8], types_pb2.DT_FLOAT), ([-1], types_pb2.DT_INT64)))
   assert elements == 900 and nbytes == request_limits.MIN_DERIVED_BYTES
   # Unknown inner dims count 256 per row together; strings 1 KiB each.
   big = request_limits.ExpansionLimits(rows=1000)
-  assert big.request_limits(_signature(
-      ([-1, -1, 4], types_pb2.DT_STRING),)) == (1024000, 1024000 * 1024)
+  assert big.request_limits(
+    _signature(
+      ([-1, -1, 4], types_pb2.DT_STRING),
+    )
+  ) == (1024000, 1024000 * 1024)
   # A static batch dimension and scalars are taken as they are.
-  assert limits.request_limits(_signature(([3, 2], types_pb2.DT_FLOAT),
-                                          ([], types_pb2.DT_FLOAT)))[0] == 7
+  assert limits.request_limits(_signature(([3, 2], types_pb2.DT_FLOAT), ([], types_pb2.DT_FLOAT)))[0] == 7
   # Set limits win; negative ones are off.
-  assert request_limits.ExpansionLimits(
-      max_elements_per_request=5, max_bytes_per_request=-1).request_limits(
-          _signature(([-1], types_pb2.DT_FLOAT),)) == (5, None)
+  assert request_limits.ExpansionLimits(max_elements_per_request=5, max_bytes_per_request=-1).request_limits(
+    _signature(
+      ([-1], types_pb2.DT_FLOAT),
+    )
+  ) == (5, None)
 
 
 def test_tensor_cost_reads_declarations_only():
-  cost = request_limits.tensor_cost(_declared(
-      types_pb2.DT_STRING, [1000, 50], string_val=[b"x" * 40]), "t")
+  cost = request_limits.tensor_cost(_declared(types_pb2.DT_STRING, [1000, 50], string_val=[b"x" * 40]), "t")
   assert cost.elements == 50000 and cost.nbytes >= 49999 * 40
-  assert request_limits.tensor_cost(_declared(
-      types_pb2.DT_DOUBLE, [10], double_val=[1.0]), "t") == (10, 80)
+  assert request_limits.tensor_cost(_declared(types_pb2.DT_DOUBLE, [10], double_val=[1.0]), "t") == (10, 80)
   with pytest.raises(errors.ServingError) as e:
-    request_limits.tensor_cost(_declared(
-        types_pb2.DT_FLOAT, [4], tensor_content=b"\0" * 4), "t")
+    request_limits.tensor_cost(_declared(types_pb2.DT_FLOAT, [4], tensor_content=b"\0" * 4), "t")
   assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -349,11 +334,11 @@ def test_batches_are_bounded_by_elements():
   batches = []
   try:
     queue = scheduler.add_queue(
-        batch_scheduler.QueueOptions(max_batch_size=100,
-                                     batch_timeout_micros=200_000),
-        lambda tasks: (batches.append([t.size for t in tasks]),
-                       batch_scheduler.finish_all(tasks, [None] * len(tasks))),
-        max_elements=100, max_bytes=None)
+      batch_scheduler.QueueOptions(max_batch_size=100, batch_timeout_micros=200_000),
+      lambda tasks: (batches.append([t.size for t in tasks]), batch_scheduler.finish_all(tasks, [None] * len(tasks))),
+      max_elements=100,
+      max_bytes=None,
+    )
     tasks = [batch_scheduler.Task(1, None, elements=40) for _ in range(3)]
     for task in tasks:
       queue.schedule(task)
@@ -370,9 +355,8 @@ def test_batches_are_bounded_by_elements():
 
 def test_batch_budget_prices_feeds_by_their_signature():
   signature = _signature(([-1, 8], types_pb2.DT_FLOAT))
-  budget = request_limits.ExpansionLimits().batch_budget(
-      {"serving_default": signature}, max_batch_size=32)
+  budget = request_limits.ExpansionLimits().batch_budget({"serving_default": signature}, max_batch_size=32)
   assert budget(["in0:0"]) == (256, request_limits.MIN_DERIVED_BYTES)
-  assert request_limits.ExpansionLimits(
-      max_elements_per_batch=-1, max_bytes_per_batch=7).batch_budget(
-          {"s": signature}, 32)(["in0:0"]) == (None, 7)
+  assert request_limits.ExpansionLimits(max_elements_per_batch=-1, max_bytes_per_batch=7).batch_budget(
+    {"s": signature}, 32
+  )(["in0:0"]) == (None, 7)

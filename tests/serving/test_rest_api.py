@@ -7,15 +7,13 @@ import urllib.request
 
 import grpc
 import pytest
-from tensorflow_serving.apis import predict_pb2
-
 from serving_testlib import TF1_MODEL, TF1_VERSION, TF2_MODEL
+from tensorflow_serving.apis import predict_pb2
 
 
 def _call(server, path, body=None, method=None):
   url = f"http://127.0.0.1:{server.rest_port}{path}"
-  data = None if body is None else (
-      body if isinstance(body, bytes) else json.dumps(body).encode())
+  data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
   request = urllib.request.Request(url, data=data, method=method)
   try:
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -32,9 +30,11 @@ def _json(server, path, body=None):
 def test_model_status(server):
   status, body = _json(server, f"/v1/models/{TF1_MODEL}")
   assert status == 200
-  assert body == {"model_version_status": [{
-      "version": str(TF1_VERSION), "state": "AVAILABLE",
-      "status": {"error_code": "OK", "error_message": ""}}]}
+  assert body == {
+    "model_version_status": [
+      {"version": str(TF1_VERSION), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    ]
+  }
   status, body = _json(server, f"/v1/models/{TF2_MODEL}/labels/stable")
   assert [s["version"] for s in body["model_version_status"]] == ["1"]
 
@@ -45,75 +45,86 @@ def test_metadata(server):
   assert body["model_spec"]["name"] == TF1_MODEL
   assert body["model_spec"]["version"] == str(TF1_VERSION)
   signature = body["metadata"]["signature_def"]["signature_def"]
-  assert signature["serving_default"]["method_name"] == (
-      "tensorflow/serving/predict")
+  assert signature["serving_default"]["method_name"] == ("tensorflow/serving/predict")
   assert signature["serving_default"]["inputs"]["x"]["dtype"] == "DT_FLOAT"
 
 
 def test_predict_row_and_columnar(server):
-  status, body = _json(server, f"/v1/models/{TF1_MODEL}:predict",
-                       {"instances": [[1.0], [2.0], [5.0]]})
+  status, body = _json(server, f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0], [2.0], [5.0]]})
   assert (status, body) == (200, {"predictions": [[2.5], [3.0], [4.5]]})
   status, body = _json(
-      server, f"/v1/models/{TF1_MODEL}/versions/{TF1_VERSION}:predict",
-      {"signature_name": "predict_two_outputs", "inputs": {"x": [[1.0]]}})
+    server,
+    f"/v1/models/{TF1_MODEL}/versions/{TF1_VERSION}:predict",
+    {"signature_name": "predict_two_outputs", "inputs": {"x": [[1.0]]}},
+  )
   assert body == {"outputs": {"y": [[2.5]], "x_out": [[1.0]]}}
-  status, body = _json(server, f"/v1/models/{TF2_MODEL}/labels/stable:predict",
-                       {"inputs": [1.0, 2.1]})
+  status, body = _json(server, f"/v1/models/{TF2_MODEL}/labels/stable:predict", {"inputs": [1.0, 2.1]})
   assert body == {"outputs": pytest.approx([2.5, 3.05])}
 
 
 def test_predict_strings_and_b64(server):
   blob = b"\x00\xffbin"
-  status, body = _json(server, f"/v1/models/{TF2_MODEL}:predict", {
-      "signature_name": "echo",
-      "instances": ["héllo", {"b64": base64.b64encode(blob).decode()}]})
+  status, body = _json(
+    server,
+    f"/v1/models/{TF2_MODEL}:predict",
+    {"signature_name": "echo", "instances": ["héllo", {"b64": base64.b64encode(blob).decode()}]},
+  )
   assert status == 200, body
   first, second = body["predictions"]
-  assert first == {"text_out": "héllo", "length": 6,
-                   "blob_bytes": {"b64": base64.b64encode(
-                       "héllo".encode()).decode()}}
+  assert first == {"text_out": "héllo", "length": 6, "blob_bytes": {"b64": base64.b64encode("héllo".encode()).decode()}}
   assert second["blob_bytes"] == {"b64": base64.b64encode(blob).decode()}
   assert second["length"] == len(blob)
 
 
 def test_classify_and_regress(server):
-  status, body = _json(server, f"/v1/models/{TF1_MODEL}:classify", {
-      "signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]})
+  status, body = _json(
+    server, f"/v1/models/{TF1_MODEL}:classify", {"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]}
+  )
   assert (status, body) == (200, {"results": [[["", 3.0]]]})
-  status, body = _json(server, f"/v1/models/{TF1_MODEL}:regress", {
-      "signature_name": "regress_x2_to_y3", "context": {"x2": 4.0},
-      "examples": [{"x": 1.0}, {"x": 1.0}]})
+  status, body = _json(
+    server,
+    f"/v1/models/{TF1_MODEL}:regress",
+    {"signature_name": "regress_x2_to_y3", "context": {"x2": 4.0}, "examples": [{"x": 1.0}, {"x": 1.0}]},
+  )
   assert (status, body) == (200, {"results": [5.0, 5.0]})
 
 
-@pytest.mark.parametrize("method, path, body, code, message", [
-    ("POST", "/v1/models/missing:predict", {"instances": [[1.0]]}, 404,
-     "Servable not found for request: Latest(missing)"),
-    ("GET", f"/v1/models/{TF1_MODEL}/versions/9", None, 404,
-     f"Could not find version 9 of model {TF1_MODEL}"),
-    ("POST", f"/v1/models/{TF1_MODEL}:predict", b"{not json", 400,
-     "JSON Parse error"),
-    ("POST", f"/v1/models/{TF1_MODEL}:predict",
-     {"signature_name": "nope", "instances": [[1.0]]}, 400,
-     'Serving signature name: "nope" not found'),
-    ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [["a"]]}, 400,
-     "Unable to convert JSON value 'a'"),
-    ("POST", f"/v1/models/{TF1_MODEL}:predict",
-     {"instances": [[1.0], [1.0, 2.0]]}, 400, "not a rectangular tensor"),
-    ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0, 2.0]]},
-     400, "has shape [1, 2]"),
-    ("POST", f"/v1/models/{TF1_MODEL}:predict", {"foo": 1}, 400,
-     "Missing 'inputs' or 'instances' key"),
-    ("POST", f"/v1/models/{TF1_MODEL}:explode", {}, 400,
-     "Malformed request: POST"),
-    ("POST", f"/v1/models/{TF1_MODEL}:classify", {"examples": [{"x": 1.0}]},
-     400, "No classification inputs found in SignatureDef"),
+@pytest.mark.parametrize(
+  "method, path, body, code, message",
+  [
+    (
+      "POST",
+      "/v1/models/missing:predict",
+      {"instances": [[1.0]]},
+      404,
+      "Servable not found for request: Latest(missing)",
+    ),
+    ("GET", f"/v1/models/{TF1_MODEL}/versions/9", None, 404, f"Could not find version 9 of model {TF1_MODEL}"),
+    ("POST", f"/v1/models/{TF1_MODEL}:predict", b"{not json", 400, "JSON Parse error"),
+    (
+      "POST",
+      f"/v1/models/{TF1_MODEL}:predict",
+      {"signature_name": "nope", "instances": [[1.0]]},
+      400,
+      'Serving signature name: "nope" not found',
+    ),
+    ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [["a"]]}, 400, "Unable to convert JSON value 'a'"),
+    ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0], [1.0, 2.0]]}, 400, "not a rectangular tensor"),
+    ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0, 2.0]]}, 400, "has shape [1, 2]"),
+    ("POST", f"/v1/models/{TF1_MODEL}:predict", {"foo": 1}, 400, "Missing 'inputs' or 'instances' key"),
+    ("POST", f"/v1/models/{TF1_MODEL}:explode", {}, 400, "Malformed request: POST"),
+    (
+      "POST",
+      f"/v1/models/{TF1_MODEL}:classify",
+      {"examples": [{"x": 1.0}]},
+      400,
+      "No classification inputs found in SignatureDef",
+    ),
     ("GET", "/v1/models", None, 400, "Missing model name in request."),
-    ("GET", f"/v1/models/{TF2_MODEL}/labels/nope", None, 400,
-     "Unrecognized servable version label: nope"),
+    ("GET", f"/v1/models/{TF2_MODEL}/labels/nope", None, 400, "Unrecognized servable version label: nope"),
     ("GET", "/nothing/here", None, 404, "Not found"),
-])
+  ],
+)
 def test_errors(server, method, path, body, code, message):
   status, data = _call(server, path, body, method)
   assert status == code
@@ -130,8 +141,6 @@ def test_prometheus_metrics(server):
   status, data = _call(server, "/monitoring/prometheus/metrics")
   assert status == 200
   text = data.decode()
-  assert (f':tensorflow:serving:request_count_total{{model_name="{TF1_MODEL}"'
-          ',status="OK"}') in text
+  assert (f':tensorflow:serving:request_count_total{{model_name="{TF1_MODEL}",status="OK"}}') in text
   assert ':tensorflow:serving:request_latency_bucket{API="predict"' in text
-  assert (':tensorflow:serving:request_count_total{model_name="missing"'
-          ',status="NOT_FOUND"}') in text
+  assert (':tensorflow:serving:request_count_total{model_name="missing",status="NOT_FOUND"}') in text

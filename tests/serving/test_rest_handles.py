@@ -4,11 +4,10 @@ import contextlib
 import json
 
 import pytest
+import serving_testlib as lib
 import tensorflow as tf
 
-import serving_testlib as lib
-from serving.model_servers import http_server
-from serving.model_servers import service_impl
+from serving.model_servers import http_server, service_impl
 from serving.monitoring import metrics as metrics_lib
 from serving.servables import saved_model_bundle
 
@@ -16,7 +15,6 @@ MODEL = "m"
 
 
 class _Int64Model(tf.Module):
-
   @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="x")])
   def serve(self, x):
     return {"y": x * 10}
@@ -42,8 +40,7 @@ def versions(tmp_path_factory):
   """Version 1 takes float x (half plus two); version 2 takes int64 x."""
   root = tmp_path_factory.mktemp("swap")
   lib.write_tf2_half_plus_two(str(root / "1"))
-  tf.saved_model.save(_Int64Model(), str(root / "2"),
-                      signatures={"serving_default": _Int64Model().serve})
+  tf.saved_model.save(_Int64Model(), str(root / "2"), signatures={"serving_default": _Int64Model().serve})
   bundles = [saved_model_bundle.SavedModelBundle(MODEL, v, str(root / str(v))) for v in (1, 2)]
   yield bundles
   for bundle in bundles:
@@ -57,8 +54,12 @@ def _rest(first, then):
 
 
 def _count(metrics, status):
-  return metrics.registry.get_sample_value(":tensorflow:serving:request_count_total",
-                                           {"model_name": MODEL, "status": status}) or 0
+  return (
+    metrics.registry.get_sample_value(
+      ":tensorflow:serving:request_count_total", {"model_name": MODEL, "status": status}
+    )
+    or 0
+  )
 
 
 def test_predict_runs_on_the_version_whose_signature_parsed_it(versions):
@@ -73,8 +74,9 @@ def test_predict_is_admitted_and_counted_once(versions):
   core, metrics, rest = _rest(versions[0], versions[0])
   status, _ = rest.handle("POST", f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0]}).encode())
   assert status == 200
-  status, body = rest.handle("POST", f"/v1/models/{MODEL}:predict",
-                             json.dumps({"signature_name": "nope", "instances": [1.0]}).encode())
+  status, body = rest.handle(
+    "POST", f"/v1/models/{MODEL}:predict", json.dumps({"signature_name": "nope", "instances": [1.0]}).encode()
+  )
   assert status == 400 and "nope" in body["error"]
   # A signature looked up outside ServingApi's admission and metrics went uncounted.
   assert (_count(metrics, "OK"), _count(metrics, "INVALID_ARGUMENT")) == (1, 1)

@@ -7,11 +7,8 @@ import urllib.request
 
 import grpc
 import pytest
-from tensorflow_serving.apis import classification_pb2
-from tensorflow_serving.apis import inference_pb2
-from tensorflow_serving.apis import regression_pb2
-
 import serving_testlib as lib
+from tensorflow_serving.apis import classification_pb2, inference_pb2, regression_pb2
 
 CLASSIFY = "classify_x_to_y"
 REGRESS = "regress_x_to_y"
@@ -30,9 +27,8 @@ def base_path(tmp_path_factory):
 
 def _server(base_path, check: bool):
   return lib.InProcessServer(
-      model_name="m", model_base_path=base_path,
-      rest_api_port=lib.REST_ANY_PORT,
-      enable_signature_method_name_check=check)
+    model_name="m", model_base_path=base_path, rest_api_port=lib.REST_ANY_PORT, enable_signature_method_name_check=check
+  )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +49,7 @@ def _fill(model_input, signature_name, model_spec):
   model_spec.name = "m"
   model_spec.signature_name = signature_name
   for x in XS:
-    model_input.example_list.examples.add().features.feature[
-        "x"].float_list.value.append(x)
+    model_input.example_list.examples.add().features.feature["x"].float_list.value.append(x)
 
 
 def _classify():
@@ -77,11 +72,8 @@ def _multi_inference(signature_name, method_name):
 
 
 def _rest(server, verb, signature_name):
-  body = json.dumps({"signature_name": signature_name,
-                     "examples": [{"x": x} for x in XS]}).encode()
-  request = urllib.request.Request(
-      f"http://127.0.0.1:{server.server.rest_port}/v1/models/m:{verb}",
-      data=body)
+  body = json.dumps({"signature_name": signature_name, "examples": [{"x": x} for x in XS]}).encode()
+  request = urllib.request.Request(f"http://127.0.0.1:{server.server.rest_port}/v1/models/m:{verb}", data=body)
   try:
     with urllib.request.urlopen(request, timeout=60) as response:
       return response.status, json.loads(response.read())
@@ -97,12 +89,9 @@ def _check_classes(result):
 
 
 def test_tf2_signatures_declare_predict(unchecked):
-  with unchecked.server.core.servable_handle(
-      _classify().model_spec) as bundle:
-    methods = {name: bundle.signature_defs[name].method_name
-               for name in (CLASSIFY, REGRESS)}
-  assert methods == {CLASSIFY: "tensorflow/serving/predict",
-                     REGRESS: "tensorflow/serving/predict"}
+  with unchecked.server.core.servable_handle(_classify().model_spec) as bundle:
+    methods = {name: bundle.signature_defs[name].method_name for name in (CLASSIFY, REGRESS)}
+  assert methods == {CLASSIFY: "tensorflow/serving/predict", REGRESS: "tensorflow/serving/predict"}
 
 
 def test_classify_without_the_check(unchecked):
@@ -118,15 +107,12 @@ def test_regress_without_the_check(unchecked):
 
 
 def test_multi_inference_without_the_check(unchecked):
-  response = unchecked.predict.MultiInference(
-      _multi_inference(CLASSIFY, CLASSIFY_METHOD), timeout=60)
+  response = unchecked.predict.MultiInference(_multi_inference(CLASSIFY, CLASSIFY_METHOD), timeout=60)
   (result,) = response.results
   _check_classes(result.classification_result)
-  response = unchecked.predict.MultiInference(
-      _multi_inference(REGRESS, REGRESS_METHOD), timeout=60)
+  response = unchecked.predict.MultiInference(_multi_inference(REGRESS, REGRESS_METHOD), timeout=60)
   (result,) = response.results
-  assert [r.value for r in result.regression_result.regressions] == (
-      pytest.approx(YS))
+  assert [r.value for r in result.regression_result.regressions] == (pytest.approx(YS))
 
 
 def test_rest_without_the_check(unchecked):
@@ -156,29 +142,32 @@ def test_shape_still_checked_without_the_check(unchecked):
   assert "Expected one output Tensor." in info.value.details()
 
 
-@pytest.mark.parametrize("rpc, request_fn, kind, method", [
+@pytest.mark.parametrize(
+  "rpc, request_fn, kind, method",
+  [
     ("Classify", _classify, "classification", CLASSIFY_METHOD),
     ("Regress", _regress, "regression", REGRESS_METHOD),
-    ("MultiInference", lambda: _multi_inference(CLASSIFY, CLASSIFY_METHOD),
-     "classification", CLASSIFY_METHOD),
-    ("MultiInference", lambda: _multi_inference(REGRESS, REGRESS_METHOD),
-     "regression", REGRESS_METHOD),
-])
-def test_the_check_refuses_predict_signatures(checked, rpc, request_fn, kind,
-                                              method):
+    ("MultiInference", lambda: _multi_inference(CLASSIFY, CLASSIFY_METHOD), "classification", CLASSIFY_METHOD),
+    ("MultiInference", lambda: _multi_inference(REGRESS, REGRESS_METHOD), "regression", REGRESS_METHOD),
+  ],
+)
+def test_the_check_refuses_predict_signatures(checked, rpc, request_fn, kind, method):
   with pytest.raises(grpc.RpcError) as info:
     getattr(checked.predict, rpc)(request_fn(), timeout=60)
   assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-  assert (f"Expected {kind} signature method_name to be {method}. Was: "
-          "tensorflow/serving/predict") in info.value.details()
+  assert (
+    f"Expected {kind} signature method_name to be {method}. Was: tensorflow/serving/predict"
+  ) in info.value.details()
 
 
-@pytest.mark.parametrize("verb, signature_name, kind", [
+@pytest.mark.parametrize(
+  "verb, signature_name, kind",
+  [
     ("classify", CLASSIFY, "classification"),
     ("regress", REGRESS, "regression"),
-])
-def test_the_check_refuses_predict_signatures_over_rest(checked, verb,
-                                                        signature_name, kind):
+  ],
+)
+def test_the_check_refuses_predict_signatures_over_rest(checked, verb, signature_name, kind):
   status, body = _rest(checked, verb, signature_name)
   assert status == 400
   assert f"Expected {kind} signature method_name" in body["error"]

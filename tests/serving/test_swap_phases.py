@@ -16,20 +16,24 @@ def _epoch(hour: int, minute: int, second: float) -> float:
 def _write_log(tmp_path, version: int) -> str:
   """The log lines fgr-serve writes while loading `version` at 01:40:00-01:40:03."""
   path = tmp_path / "server.log"
-  path.write_text("\n".join([
-      "I1202 01:39:59.000000 140 model_manager.py:146] Successfully loaded servable version model: ads,"
-      f" version: {version - 1}",
-      f"I1202 01:40:00.000000 141 model_manager.py:98] Loading servable model: ads, version: {version}",
-      "2026-12-02 01:40:00.100000: I tensorflow/core/something.cc:1] not an absl line",
-      "I1202 01:40:00.500000 142 saved_model_bundle.py:227] Restored the variables in 1 microseconds and"
-      f" initialized in 1 microseconds at path: /m/ads/{version}",
-      f"I1202 01:40:02.000000 142 warmup.py:63] Finished reading warmup data for model at /m/ads/{version}."
-      " Number of warmup records read: 20. Elapsed time (microseconds): 1500000.",
-      "I1202 01:40:02.010000 142 saved_model_bundle.py:210] Unloaded servable model: ads,"
-      f" version: {version - 1}",
-      f"I1202 01:40:02.020000 142 model_manager.py:146] Successfully loaded servable version model: ads,"
-      f" version: {version}",
-  ]) + "\n")
+  path.write_text(
+    "\n".join(
+      [
+        "I1202 01:39:59.000000 140 model_manager.py:146] Successfully loaded servable version model: ads,"
+        f" version: {version - 1}",
+        f"I1202 01:40:00.000000 141 model_manager.py:98] Loading servable model: ads, version: {version}",
+        "2026-12-02 01:40:00.100000: I tensorflow/core/something.cc:1] not an absl line",
+        "I1202 01:40:00.500000 142 saved_model_bundle.py:227] Restored the variables in 1 microseconds and"
+        f" initialized in 1 microseconds at path: /m/ads/{version}",
+        f"I1202 01:40:02.000000 142 warmup.py:63] Finished reading warmup data for model at /m/ads/{version}."
+        " Number of warmup records read: 20. Elapsed time (microseconds): 1500000.",
+        f"I1202 01:40:02.010000 142 saved_model_bundle.py:210] Unloaded servable model: ads, version: {version - 1}",
+        f"I1202 01:40:02.020000 142 model_manager.py:146] Successfully loaded servable version model: ads,"
+        f" version: {version}",
+      ]
+    )
+    + "\n"
+  )
   return str(path)
 
 

@@ -1,12 +1,12 @@
 """Malformed tensors and JSON bodies only ever raise INVALID_ARGUMENT."""
 
 import grpc
-from hypothesis import given, settings, strategies as st
-from hypothesis.extra import numpy as hnp
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2
-from tensorflow.core.framework import types_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from serving import errors
@@ -17,18 +17,19 @@ _DTYPES = st.sampled_from(sorted(types_pb2.DataType.values()))
 
 
 @settings(max_examples=300, deadline=None)
-@given(dtype=_DTYPES,
-       dims=st.lists(st.integers(-2, 6), max_size=4),
-       content=st.binary(max_size=64),
-       floats=st.lists(st.floats(width=32), max_size=10),
-       ints=st.lists(st.integers(-2**31, 2**31 - 1), max_size=10),
-       strings=st.lists(st.binary(max_size=8), max_size=10),
-       huge=st.booleans())
-def test_to_ndarray_never_crashes(dtype, dims, content, floats, ints, strings,
-                                  huge):
-  proto = tensor_pb2.TensorProto(dtype=dtype, tensor_content=content,
-                                 float_val=floats, int_val=ints,
-                                 string_val=strings)
+@given(
+  dtype=_DTYPES,
+  dims=st.lists(st.integers(-2, 6), max_size=4),
+  content=st.binary(max_size=64),
+  floats=st.lists(st.floats(width=32), max_size=10),
+  ints=st.lists(st.integers(-(2**31), 2**31 - 1), max_size=10),
+  strings=st.lists(st.binary(max_size=8), max_size=10),
+  huge=st.booleans(),
+)
+def test_to_ndarray_never_crashes(dtype, dims, content, floats, ints, strings, huge):
+  proto = tensor_pb2.TensorProto(
+    dtype=dtype, tensor_content=content, float_val=floats, int_val=ints, string_val=strings
+  )
   dims = dims + ([10**12] if huge else [])
   for d in dims:
     proto.tensor_shape.dim.add(size=d)
@@ -43,12 +44,13 @@ def test_to_ndarray_never_crashes(dtype, dims, content, floats, ints, strings,
 
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) |
-    st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(
-        st.sampled_from(["x", "b64", "y", "instances", "inputs"]), children,
-        max_size=3),
-    max_leaves=12)
+  st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=5),
+  lambda children: (
+    st.lists(children, max_size=3)
+    | st.dictionaries(st.sampled_from(["x", "b64", "y", "instances", "inputs"]), children, max_size=3)
+  ),
+  max_leaves=12,
+)
 
 
 def _signature(dtype):
@@ -59,11 +61,12 @@ def _signature(dtype):
 
 
 @settings(max_examples=300, deadline=None)
-@given(body=st.dictionaries(st.sampled_from(["instances", "inputs", "other"]),
-                            _JSON, max_size=2),
-       dtype=st.sampled_from([types_pb2.DT_FLOAT, types_pb2.DT_INT32,
-                              types_pb2.DT_STRING, types_pb2.DT_BOOL,
-                              types_pb2.DT_INT64]))
+@given(
+  body=st.dictionaries(st.sampled_from(["instances", "inputs", "other"]), _JSON, max_size=2),
+  dtype=st.sampled_from(
+    [types_pb2.DT_FLOAT, types_pb2.DT_INT32, types_pb2.DT_STRING, types_pb2.DT_BOOL, types_pb2.DT_INT64]
+  ),
+)
 def test_json_bodies_never_crash(body, dtype):
   try:
     inputs, _ = json_tensor.parse_predict_body(body, _signature(dtype))
@@ -72,43 +75,57 @@ def test_json_bodies_never_crash(body, dtype):
   else:  # Predict itself rejects missing inputs ({"inputs": {}}).
     if "x" in inputs:
       assert inputs["x"].dtype == tf.as_dtype(dtype).as_numpy_dtype or (
-          dtype == types_pb2.DT_STRING and inputs["x"].dtype == object)
+        dtype == types_pb2.DT_STRING and inputs["x"].dtype == object
+      )
       try:
-        json_tensor.predict_response_json(
-            {"y": inputs["x"]}, row_format="instances" in body)
+        json_tensor.predict_response_json({"y": inputs["x"]}, row_format="instances" in body)
       except errors.ServingError as e:
         assert e.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_float32_outputs_print_shortest():
-  assert json_tensor.ndarray_to_json(
-      np.array([2.1, 0.1], np.float32), "y") == [2.1, 0.1]
+  assert json_tensor.ndarray_to_json(np.array([2.1, 0.1], np.float32), "y") == [2.1, 0.1]
 
 
-_EXACT_DTYPES = [np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
-                 np.uint8, np.uint16, np.uint32, np.uint64, np.bool_,
-                 np.float16, np.complex64]
+_EXACT_DTYPES = [
+  np.float32,
+  np.float64,
+  np.int8,
+  np.int16,
+  np.int32,
+  np.int64,
+  np.uint8,
+  np.uint16,
+  np.uint32,
+  np.uint64,
+  np.bool_,
+  np.float16,
+  np.complex64,
+]
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.data(), shape=st.lists(st.integers(0, 4), max_size=3),
-       dtype=st.sampled_from(_EXACT_DTYPES + [object]),
-       typed_fields=st.booleans())
+@given(
+  data=st.data(),
+  shape=st.lists(st.integers(0, 4), max_size=3),
+  dtype=st.sampled_from(_EXACT_DTYPES + [object]),
+  typed_fields=st.booleans(),
+)
 def test_decoding_matches_make_ndarray(data, shape, dtype, typed_fields):
   """The fast decoding path agrees with tf.make_ndarray on valid tensors."""
   if dtype is object:
-    flat = data.draw(st.lists(st.binary(max_size=6),
-                              min_size=int(np.prod(shape)),
-                              max_size=int(np.prod(shape))))
+    flat = data.draw(st.lists(st.binary(max_size=6), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
     array = np.empty(len(flat), dtype=object)
     array[:] = flat
     array = array.reshape(shape)
   else:
     array = data.draw(hnp.arrays(dtype, shape))
-  dtype_enum = tf.as_dtype(array.dtype if dtype is not object else
-                           tf.string).as_datatype_enum
-  proto = (tensor_util.to_tensor_proto(array, dtype_enum) if typed_fields
-           else tf.make_tensor_proto(array, dtype=tf.as_dtype(dtype_enum)))
+  dtype_enum = tf.as_dtype(array.dtype if dtype is not object else tf.string).as_datatype_enum
+  proto = (
+    tensor_util.to_tensor_proto(array, dtype_enum)
+    if typed_fields
+    else tf.make_tensor_proto(array, dtype=tf.as_dtype(dtype_enum))
+  )
   decoded = tensor_util.to_ndarray(proto, "x")
   expected = tf.make_ndarray(proto)
   assert decoded.dtype == expected.dtype

@@ -4,20 +4,16 @@ import os
 import shutil
 import threading
 
-from google.protobuf import text_format
 import grpc
 import pytest
+import serving_testlib as lib
 import tensorflow as tf
-from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import model_management_pb2
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from google.protobuf import text_format
+from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-import serving_testlib as lib
 from serving import errors
-from serving.core import file_system_source
-from serving.core import loader
+from serving.core import file_system_source, loader
 from serving.servables import warmup
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -51,8 +47,7 @@ def _publish(base, version, tmp_path, **kwargs):
 def test_swap_under_load_then_failed_version(tmp_path):
   base = str(tmp_path / "m")
   lib.write_tf2_half_plus_two(os.path.join(base, "1"))
-  server = lib.InProcessServer(model_name="m", model_base_path=base,
-                           file_system_poll_wait_seconds=0.2)
+  server = lib.InProcessServer(model_name="m", model_base_path=base, file_system_poll_wait_seconds=0.2)
   stop = threading.Event()
   results, failures = [], []
   per_client = [[] for _ in range(4)]  # Each client's answers, in order.
@@ -63,16 +58,14 @@ def test_swap_under_load_then_failed_version(tmp_path):
     while not stop.is_set():
       try:
         response = _predict(stub, "m")
-        answer = (response.model_spec.version.value,
-                  response.outputs["y"].float_val[0])
+        answer = (response.model_spec.version.value, response.outputs["y"].float_val[0])
         answers.append(answer)
         results.append(answer)
       except grpc.RpcError as e:
         failures.append(e)
     channel.close()
 
-  threads = [threading.Thread(target=client, args=(answers,))
-             for answers in per_client]
+  threads = [threading.Thread(target=client, args=(answers,)) for answers in per_client]
   try:
     for t in threads:
       t.start()
@@ -95,8 +88,9 @@ def test_swap_under_load_then_failed_version(tmp_path):
 
     # A version that fails to load leaves version 2 serving.
     lib.write_broken(os.path.join(base, "3"))
-    lib.wait_for(lambda: _states(server.model, "m").get(3) is not None and
-             _states(server.model, "m")[3].state == State.END)
+    lib.wait_for(
+      lambda: _states(server.model, "m").get(3) is not None and _states(server.model, "m")[3].state == State.END
+    )
     failed = _states(server.model, "m")[3]
     assert failed.status.error_code != 0
     assert "model: m, version: 3" in failed.status.error_message
@@ -116,8 +110,7 @@ def test_swap_under_load_then_failed_version(tmp_path):
 def _config(*models):
   config = model_server_config_pb2.ModelServerConfig()
   for name, base, versions, labels in models:
-    model = config.model_config_list.config.add(
-        name=name, base_path=base, model_platform="tensorflow")
+    model = config.model_config_list.config.add(name=name, base_path=base, model_platform="tensorflow")
     if versions:
       model.model_version_policy.specific.versions.extend(versions)
     for label, version in labels.items():
@@ -133,28 +126,26 @@ def test_reload_config_and_config_file_polling(tmp_path):
   lib.write_tf1_half_plus_two(os.path.join(b, "7"))
   config_file = tmp_path / "models.config"
   config_file.write_text(str(_config(("a", a, [], {}))))
-  server = lib.InProcessServer(model_config_file=str(config_file),
-                           model_config_file_poll_wait_seconds=1,
-                           file_system_poll_wait_seconds=0)
+  server = lib.InProcessServer(
+    model_config_file=str(config_file), model_config_file_poll_wait_seconds=1, file_system_poll_wait_seconds=0
+  )
   try:
     assert _predict(server.predict, "a").model_spec.version.value == 2
 
-    request = model_management_pb2.ReloadConfigRequest(config=_config(
-        ("a", a, [1, 2], {"stable": 1, "canary": 2}), ("b", b, [], {})))
+    request = model_management_pb2.ReloadConfigRequest(
+      config=_config(("a", a, [1, 2], {"stable": 1, "canary": 2}), ("b", b, [], {}))
+    )
     # The file poller re-applies the file every second, as TF Serving's does, so the file must say
     # the same as the RPC or a poll between the two would revert it.
     config_file.write_text(str(request.config))
     response = server.model.HandleReloadConfigRequest(request, timeout=60)
     assert response.status.error_code == 0
-    assert _predict(server.predict, "a", label="stable").outputs[
-        "y"].float_val[0] == 3.0
-    assert _predict(server.predict, "a", label="canary").outputs[
-        "y"].float_val[0] == 4.0
+    assert _predict(server.predict, "a", label="stable").outputs["y"].float_val[0] == 3.0
+    assert _predict(server.predict, "a", label="canary").outputs["y"].float_val[0] == 4.0
     assert _states(server.model, "b")[7].state == State.AVAILABLE
 
     # A label on a version that isn't available is refused.
-    bad = model_management_pb2.ReloadConfigRequest(config=_config(
-        ("a", a, [1], {"stable": 2}), ("b", b, [], {})))
+    bad = model_management_pb2.ReloadConfigRequest(config=_config(("a", a, [1], {"stable": 2}), ("b", b, [], {})))
     with pytest.raises(grpc.RpcError) as info:
       server.model.HandleReloadConfigRequest(bad, timeout=60)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -163,12 +154,14 @@ def test_reload_config_and_config_file_polling(tmp_path):
 
     # Editing the config file drops model b (polled every second).
     config_file.write_text(str(_config(("a", a, [], {}))))
+
     def b_gone():
       try:
         _predict(server.predict, "b")
         return False
       except grpc.RpcError as e:
         return e.code() == grpc.StatusCode.NOT_FOUND
+
     lib.wait_for(b_gone)
   finally:
     server.stop()
@@ -189,17 +182,20 @@ def test_warmup_replays_and_limits(tmp_path):
   assert "exceeds the maximum (1000)" in info.value.message
 
 
-@pytest.mark.parametrize("policy, expected", [
+@pytest.mark.parametrize(
+  "policy, expected",
+  [
     ("", {3}),
     ("latest { num_versions: 2 }", {2, 3}),
     ("all {}", {1, 2, 3}),
     ("specific { versions: 1 versions: 5 }", {1}),
-])
+  ],
+)
 def test_version_policies(policy, expected):
   config = text_format.Parse(
-      f"name: 'm' base_path: '/x' model_version_policy {{ {policy} }}"
-      if policy else "name: 'm' base_path: '/x'",
-      model_server_config_pb2.ModelConfig())
+    f"name: 'm' base_path: '/x' model_version_policy {{ {policy} }}" if policy else "name: 'm' base_path: '/x'",
+    model_server_config_pb2.ModelConfig(),
+  )
   on_disk = {1: "/x/1", 2: "/x/2", 3: "/x/3"}
   assert file_system_source.aspired_versions(on_disk, config) == expected
 
@@ -208,13 +204,13 @@ def test_unloaded_version_is_freed_at_unload(tmp_path):
   """The old graph goes at unload, not at some later full collection."""
   import gc  # pylint: disable=g-import-not-at-top
   import weakref  # pylint: disable=g-import-not-at-top
+
   base = str(tmp_path / "m")
   lib.write_tf2_half_plus_two(os.path.join(base, "1"))
-  server = lib.InProcessServer(model_name="m", model_base_path=base,
-                               file_system_poll_wait_seconds=0.2)
+  server = lib.InProcessServer(model_name="m", model_base_path=base, file_system_poll_wait_seconds=0.2)
   gc.disable()  # Only the unload's own collection may free it.
   try:
-    manager, = server.server.core.managers()
+    (manager,) = server.server.core.managers()
     with manager.handle("m") as bundle:
       old_graph = weakref.ref(bundle._imported.graph)  # pylint: disable=protected-access
     del bundle
@@ -230,6 +226,7 @@ def test_load_gives_the_load_thread_back_its_cpus_and_priority(tmp_path):
   """The restore and warm-up run on one CPU at idle priority; the thread gets
   its CPUs and scheduling policy back."""
   from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
+
   if not hasattr(os, "sched_getaffinity") or not hasattr(os, "SCHED_IDLE"):
     pytest.skip("no CPU affinity or SCHED_IDLE on this platform")
   before = os.sched_getaffinity(0), os.sched_getscheduler(0)
@@ -255,11 +252,11 @@ def test_close_tears_the_session_down_at_idle_priority(tmp_path):
   so the serving version's runs keep the malloc arena; the thread's policy is
   restored afterwards."""
   from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
+
   if not hasattr(os, "SCHED_IDLE"):
     pytest.skip("no SCHED_IDLE on this platform")
   before = os.sched_getscheduler(0)
-  bundle = saved_model_bundle.SavedModelBundle(
-      "m", 1, lib.write_tf2_half_plus_two(str(tmp_path / "1")))
+  bundle = saved_model_bundle.SavedModelBundle("m", 1, lib.write_tf2_half_plus_two(str(tmp_path / "1")))
   session = bundle._session  # pylint: disable=protected-access
   policies = []
   close_session = session.close
@@ -279,6 +276,7 @@ def test_versions_with_one_saved_model_pb_share_the_graph(tmp_path):
   """An index refresh's version (N's saved_model.pb, new variables) reuses N's
   imported graph, with its own session and variables."""
   from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
+
   first = lib.write_tf2_half_plus_two(str(tmp_path / "1"))
   other = lib.write_tf2_half_plus_two(str(tmp_path / "other"), a=1.0, b=0.0)
   second = str(tmp_path / "2")
@@ -287,11 +285,11 @@ def test_versions_with_one_saved_model_pb_share_the_graph(tmp_path):
 
   def answer(bundle):
     signature = bundle.signature_defs["serving_default"]
-    return bundle.session_run({signature.inputs["x"].name: [2.0]},
-                              [signature.outputs["y"].name])[0].tolist()
+    return bundle.session_run({signature.inputs["x"].name: [2.0]}, [signature.outputs["y"].name])[0].tolist()
 
-  bundles = [saved_model_bundle.SavedModelBundle("m", version, path)
-             for version, path in [(1, first), (2, second), (3, other)]]
+  bundles = [
+    saved_model_bundle.SavedModelBundle("m", version, path) for version, path in [(1, first), (2, second), (3, other)]
+  ]
   try:
     graphs = [bundle._imported.graph for bundle in bundles]  # pylint: disable=protected-access
     assert graphs[0] is graphs[1]  # Same saved_model.pb: imported once.
@@ -308,6 +306,7 @@ def test_first_load_is_rehearsed_when_freed_memory_is_retained(tmp_path):
   """The first version loads once more and unloads before it serves (its
   freed memory then serves the next version); later versions load once."""
   from serving.servables import saved_model_bundle  # pylint: disable=g-import-not-at-top
+
   base = str(tmp_path / "m")
   lib.write_tf2_half_plus_two(os.path.join(base, "1"))
   loads = []
@@ -319,8 +318,9 @@ def test_first_load_is_rehearsed_when_freed_memory_is_retained(tmp_path):
 
   saved_model_bundle.SavedModelBundle.__init__ = counting_init
   try:
-    server = lib.InProcessServer(model_name="m", model_base_path=base, retain_freed_memory=True,
-                                 file_system_poll_wait_seconds=0.2)
+    server = lib.InProcessServer(
+      model_name="m", model_base_path=base, retain_freed_memory=True, file_system_poll_wait_seconds=0.2
+    )
     try:
       assert loads == [1, 1]
       assert _predict(server.predict, "m").outputs["y"].float_val == [3.0]
@@ -333,14 +333,18 @@ def test_first_load_is_rehearsed_when_freed_memory_is_retained(tmp_path):
     saved_model_bundle.SavedModelBundle.__init__ = original
 
 
-@pytest.mark.parametrize("argv, retained", [
+@pytest.mark.parametrize(
+  "argv, retained",
+  [
     (["--port=0"], True),  # On by default: see runtime.retain_freed_memory.
     (["--retain_freed_memory"], True),
     (["--retain_freed_memory=true"], True),
     (["--retain_freed_memory", "--noretain_freed_memory"], False),  # The last one wins.
     (["--noretain_freed_memory", "--retain_freed_memory=1"], True),
     (["--retain_freed_memory=false"], False),
-])
+  ],
+)
 def test_retained_memory_follows_the_flag_read_before_tensorflow(argv, retained):
   from serving.util import runtime  # pylint: disable=g-import-not-at-top
+
   assert runtime.retain_requested(argv) == retained

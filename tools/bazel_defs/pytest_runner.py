@@ -18,8 +18,9 @@ def _forget_editable_install() -> None:
   engine/models/export/serving in the source tree. Under Bazel that would hide a module missing
   from a py_library and read files Bazel does not track, so the hook is removed here.
   """
-  sys.meta_path[:] = [finder for finder in sys.meta_path
-                      if not getattr(finder, "__module__", "").startswith("__editable__")]
+  sys.meta_path[:] = [
+    finder for finder in sys.meta_path if not getattr(finder, "__module__", "").startswith("__editable__")
+  ]
 
 
 def main() -> int:
@@ -30,18 +31,20 @@ def main() -> int:
 
   workspace = os.getcwd()
   # Hypothesis keeps its example database in ./.hypothesis by default: keep the runfiles clean.
-  os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
-                        os.path.join(os.environ.get("TEST_TMPDIR", tempfile.gettempdir()), "hypothesis"))
+  os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(os.environ.get("TEST_TMPDIR", tempfile.gettempdir()), "hypothesis")
+  )
   # pytest's tmp_path directories go under a short, private /tmp directory, as with `make test`,
   # not under TEST_TMPDIR: that path is already ~100 characters, and tests bind Unix sockets in
   # tmp_path, whose paths are limited to 107 bytes. Bazel's sandbox leaves /tmp writable.
   basetemp = tempfile.mkdtemp(prefix="fgr-pytest-")
   args = [
-      sys.argv[1],
-      f"--rootdir={workspace}",
-      f"--basetemp={basetemp}",
-      "-p", "no:cacheprovider",  # .pytest_cache would be written into the runfiles.
-      "-ra",  # Say why tests were skipped (e.g. no MovieLens data) in the test log.
+    sys.argv[1],
+    f"--rootdir={workspace}",
+    f"--basetemp={basetemp}",
+    "-p",
+    "no:cacheprovider",  # .pytest_cache would be written into the runfiles.
+    "-ra",  # Say why tests were skipped (e.g. no MovieLens data) in the test log.
   ]
   if os.environ.get("XML_OUTPUT_FILE"):
     args.append(f"--junitxml={os.environ['XML_OUTPUT_FILE']}")
