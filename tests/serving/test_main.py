@@ -25,7 +25,7 @@ from absl import app
 from serving.model_servers import main, server
 main.FLAGS(["fgr-serve", "--prefer_tflite_model"])
 try:
-  main.check_unsupported_flags()
+  main.server_flags.check_unsupported_flags()
 except app.UsageError as e:
   print("USAGE_ERROR", e)
 print("CHANNEL_ARGS", main._channel_arguments(
