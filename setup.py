@@ -53,6 +53,6 @@ setuptools.setup(
       "fgr-refresh=cli.launch:fgr_refresh",
       "fgr-bench=cli.launch:fgr_bench",
       "fgr-loadtest=cli.launch:fgr_loadtest",
-    ],
+    ]
   },
 )

@@ -108,11 +108,7 @@ def _drive(address: str, clients: int, warmup: float, seconds: float, dim: int) 
   for c in channels:
     c.close()
   all_latencies = [x for per in latencies for x in per]
-  return {
-    "qps": len(all_latencies) / seconds,
-    "failures": float(sum(failures)),
-    **latency.percentiles(all_latencies),
-  }
+  return {"qps": len(all_latencies) / seconds, "failures": float(sum(failures)), **latency.percentiles(all_latencies)}
 
 
 def main(argv):

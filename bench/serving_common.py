@@ -55,26 +55,21 @@ BATCHING_PARAMETERS = (
 )
 
 
+def _load(**spec) -> driver.LoadSpec:
+  """A load of --warmup_seconds, then --seconds measured."""
+  return driver.LoadSpec(
+    warmup_seconds=flags.FLAGS.warmup_seconds, duration_seconds=flags.FLAGS.seconds, progress=False, **spec
+  )
+
+
 def open_loop(qps: float) -> driver.LoadSpec:
   """An open-loop load at `qps` of --warmup_seconds then --seconds measured."""
-  return driver.LoadSpec(
-    mode="open",
-    qps=qps,
-    warmup_seconds=flags.FLAGS.warmup_seconds,
-    duration_seconds=flags.FLAGS.seconds,
-    progress=False,
-  )
+  return _load(mode="open", qps=qps)
 
 
 def closed_loop(streams: int) -> driver.LoadSpec:
   """A closed-loop load of `streams` streams, --warmup_seconds then --seconds measured."""
-  return driver.LoadSpec(
-    mode="closed",
-    concurrency=streams,
-    warmup_seconds=flags.FLAGS.warmup_seconds,
-    duration_seconds=flags.FLAGS.seconds,
-    progress=False,
-  )
+  return _load(mode="closed", concurrency=streams)
 
 
 def workdir(output_dir: str, name: str) -> str:

@@ -37,9 +37,7 @@ class ServingOptions:
 # The winner per device type, from bench/model_speed.py (figures: docs/performance.md, "Tuning").
 # On CPU it is float32 without XLA: no other combination served a single query faster, and the
 # reduced-precision towers also change some of the top-k, so they would cost quality for nothing.
-MEASURED_FASTEST = {
-  "CPU": ServingOptions(precision="float32", jit_compile=False),
-}
+MEASURED_FASTEST = {"CPU": ServingOptions(precision="float32", jit_compile=False)}
 UNMEASURED = ServingOptions(precision="float32", jit_compile=False)
 
 

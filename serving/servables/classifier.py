@@ -1,13 +1,11 @@
 """Classify: feeds tf.Examples to a classify signature, reads classes/scores."""
 
-import functools
-
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import classification_pb2
 
 from serving import errors
-from serving.servables import input_util, predict_util, saved_model_bundle
+from serving.servables import input_util, predict_util
 
 CLASSES_KEY = "classes"
 SCORES_KEY = "scores"
@@ -75,26 +73,7 @@ def fill_result(
         entry.score = float(scores[i, j])
 
 
-def run_classify(
-  bundle: saved_model_bundle.SavedModelBundle,
-  request: classification_pb2.ClassificationRequest,
-  timeout_ms: int | None = None,
-  method_name_check: bool = False,
-) -> classification_pb2.ClassificationResponse:
-  """Runs a ClassificationRequest on one loaded servable.
-
-  Args:
-    bundle: The servable.
-    request: The request.
-    timeout_ms: Session run deadline, if any.
-    method_name_check: TF Serving's --enable_signature_method_name_check.
-  """
-  return input_util.run_examples(
-    bundle,
-    request,
-    classification_pb2.ClassificationResponse(),
-    timeout_ms,
-    functools.partial(check_signature, method_name_check=method_name_check),
-    output_fetches,
-    fill_result,
-  )
+# Classify on one loaded servable: `run_classify(bundle, request, timeout_ms=None, method_name_check=False)`.
+run_classify = input_util.ExamplesApi(
+  classification_pb2.ClassificationResponse, check_signature, output_fetches, fill_result
+).run

@@ -1,6 +1,7 @@
 """Feeds a tensorflow.serving.Input (tf.Examples) to classify/regress
 signatures."""
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,35 +80,41 @@ OutputFetches = Callable[[meta_graph_pb2.SignatureDef], tuple[list[str], list[st
 FillResult = Callable[[Sequence[str], Sequence[np.ndarray], int, Any], None]
 
 
-def run_examples(
-  bundle,
-  request,
-  response,
-  timeout_ms: int | None,
-  check_signature: Callable[[meta_graph_pb2.SignatureDef], None],
-  output_fetches: OutputFetches,
-  fill_result: FillResult,
-):
-  """Runs a Classify/Regress request: examples in, `response.result` out.
+@dataclasses.dataclass(frozen=True)
+class ExamplesApi:
+  """What Classify and Regress differ in; both feed tf.Examples to one signature the same way.
 
-  Args:
-    bundle: The SavedModelBundle serving the request.
-    request: A ClassificationRequest or RegressionRequest.
-    response: The matching (empty) response, filled and returned.
-    timeout_ms: Session run deadline, if any.
-    check_signature: Validates the signature for this kind of request.
+  Attributes:
+    response_type: ClassificationResponse or RegressionResponse.
+    check_signature: `check_signature(signature, method_name_check)` validates the signature for this API.
     output_fetches: Picks the outputs to fetch.
     fill_result: Converts the fetched values into `response.result`.
   """
-  name, signature = bundle.signature(request.model_spec.signature_name)
-  try:
-    check_signature(signature)
-    examples = serialized_examples(request.input)
-    keys, fetches = output_fetches(signature)
-    feeds = {signature.inputs[INPUTS_KEY].name: examples}
-    values = bundle.runner(feeds, fetches, timeout_ms)
-    fill_result(keys, values, len(examples), response.result)
-  except Exception as e:  # Every failure names the servable and signature.
-    raise errors.from_exception(e, bundle.context(name)) from e
-  bundle.fill_model_spec(response.model_spec, name)
-  return response
+
+  response_type: type
+  check_signature: Callable[[meta_graph_pb2.SignatureDef, bool], None]
+  output_fetches: OutputFetches
+  fill_result: FillResult
+
+  def run(self, bundle, request, timeout_ms: int | None = None, method_name_check: bool = False):
+    """Runs a ClassificationRequest or RegressionRequest on one loaded servable.
+
+    Args:
+      bundle: The SavedModelBundle serving the request.
+      request: The request, of this API's kind.
+      timeout_ms: Session run deadline, if any.
+      method_name_check: TF Serving's --enable_signature_method_name_check.
+    """
+    response = self.response_type()
+    name, signature = bundle.signature(request.model_spec.signature_name)
+    try:
+      self.check_signature(signature, method_name_check)
+      examples = serialized_examples(request.input)
+      keys, fetches = self.output_fetches(signature)
+      feeds = {signature.inputs[INPUTS_KEY].name: examples}
+      values = bundle.runner(feeds, fetches, timeout_ms)
+      self.fill_result(keys, values, len(examples), response.result)
+    except Exception as e:  # Every failure names the servable and signature.
+      raise errors.from_exception(e, bundle.context(name)) from e
+    bundle.fill_model_spec(response.model_spec, name)
+    return response

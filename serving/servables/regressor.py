@@ -1,6 +1,5 @@
 """Regress: feeds tf.Examples to a regress signature, reads its outputs."""
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -8,7 +7,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import regression_pb2
 
 from serving import errors
-from serving.servables import input_util, predict_util, saved_model_bundle
+from serving.servables import input_util, predict_util
 
 OUTPUTS_KEY = "outputs"
 
@@ -53,26 +52,7 @@ def fill_result(
     result.regressions.add(value=float(v))
 
 
-def run_regress(
-  bundle: saved_model_bundle.SavedModelBundle,
-  request: regression_pb2.RegressionRequest,
-  timeout_ms: int | None = None,
-  method_name_check: bool = False,
-) -> regression_pb2.RegressionResponse:
-  """Runs a RegressionRequest on one loaded servable.
-
-  Args:
-    bundle: The servable.
-    request: The request.
-    timeout_ms: Session run deadline, if any.
-    method_name_check: TF Serving's --enable_signature_method_name_check.
-  """
-  return input_util.run_examples(
-    bundle,
-    request,
-    regression_pb2.RegressionResponse(),
-    timeout_ms,
-    functools.partial(check_signature, method_name_check=method_name_check),
-    output_fetches,
-    fill_result,
-  )
+# Regress on one loaded servable: `run_regress(bundle, request, timeout_ms=None, method_name_check=False)`.
+run_regress = input_util.ExamplesApi(
+  regression_pb2.RegressionResponse, check_signature, output_fetches, fill_result
+).run

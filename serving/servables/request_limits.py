@@ -185,28 +185,21 @@ class ExpansionLimits:
     """Raises RESOURCE_EXHAUSTED if `costs` (by input alias) exceed
     `limits` (a signature's `request_limits`); `context` names the servable
     and signature."""
-    max_elements, max_bytes = limits
     total = _total(costs.values())
-    if max_elements is not None and total.elements > max_elements:
-      field, amount, limit, flag, configured = (
-        0,
-        total.elements,
-        max_elements,
-        "--max_elements_per_request",
-        self.max_elements_per_request,
-      )
-      unit = "elements"
-    elif max_bytes is not None and total.nbytes > max_bytes:
-      field, amount, limit, flag, configured = (
-        1,
-        total.nbytes,
-        max_bytes,
-        "--max_bytes_per_request",
-        self.max_bytes_per_request,
-      )
-      unit = "bytes"
-    else:
+    # (field of Cost, unit, flag, its configured value), elements first.
+    measures = (
+      (0, "elements", "--max_elements_per_request", self.max_elements_per_request),
+      (1, "bytes", "--max_bytes_per_request", self.max_bytes_per_request),
+    )
+    over = [
+      (field, unit, flag, configured, limit)
+      for (field, unit, flag, configured), limit in zip(measures, limits)
+      if limit is not None and total[field] > limit
+    ]
+    if not over:
       return
+    field, unit, flag, configured, limit = over[0]
+    amount = total[field]
     largest = max(costs, key=lambda alias: costs[alias][field])
     how = (
       ""

@@ -56,10 +56,7 @@ def write_tf1_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0, c: 
     serialized = tf.compat.v1.placeholder(tf.string, [None], name="tf_example")
     features = tf.io.parse_example(
       serialized,
-      {
-        "x": tf.io.FixedLenFeature([1], tf.float32),
-        "x2": tf.io.FixedLenFeature([1], tf.float32, default_value=[0.0]),
-      },
+      {"x": tf.io.FixedLenFeature([1], tf.float32), "x2": tf.io.FixedLenFeature([1], tf.float32, default_value=[0.0])},
     )
     va = tf.compat.v1.Variable(a, name="a")
     vb = tf.compat.v1.Variable(b, name="b")

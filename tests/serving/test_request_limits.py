@@ -305,18 +305,12 @@ def test_limits_derive_from_the_signature():
   assert elements == 900 and nbytes == request_limits.MIN_DERIVED_BYTES
   # Unknown inner dims count 256 per row together; strings 1 KiB each.
   big = request_limits.ExpansionLimits(rows=1000)
-  assert big.request_limits(
-    _signature(
-      ([-1, -1, 4], types_pb2.DT_STRING),
-    )
-  ) == (1024000, 1024000 * 1024)
+  assert big.request_limits(_signature(([-1, -1, 4], types_pb2.DT_STRING))) == (1024000, 1024000 * 1024)
   # A static batch dimension and scalars are taken as they are.
   assert limits.request_limits(_signature(([3, 2], types_pb2.DT_FLOAT), ([], types_pb2.DT_FLOAT)))[0] == 7
   # Set limits win; negative ones are off.
   assert request_limits.ExpansionLimits(max_elements_per_request=5, max_bytes_per_request=-1).request_limits(
-    _signature(
-      ([-1], types_pb2.DT_FLOAT),
-    )
+    _signature(([-1], types_pb2.DT_FLOAT))
   ) == (5, None)
 
 

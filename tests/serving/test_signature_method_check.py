@@ -161,11 +161,7 @@ def test_the_check_refuses_predict_signatures(checked, rpc, request_fn, kind, me
 
 
 @pytest.mark.parametrize(
-  "verb, signature_name, kind",
-  [
-    ("classify", CLASSIFY, "classification"),
-    ("regress", REGRESS, "regression"),
-  ],
+  "verb, signature_name, kind", [("classify", CLASSIFY, "classification"), ("regress", REGRESS, "regression")]
 )
 def test_the_check_refuses_predict_signatures_over_rest(checked, verb, signature_name, kind):
   status, body = _rest(checked, verb, signature_name)
