@@ -36,17 +36,7 @@ class ScannOpOnly(base.Index):
     state, config = self.scann.state, self.scann.config
     fetch = max(config["reorder"], k) if config["reorder"] else k
     final = min(fetch, scann_index.returned_candidates(config, k)) if config["reorder"] else k  # As the search.
-    handle = scann_ops.tensors_to_scann(
-      state.dataset,
-      state.scann_config,
-      state.serialized_partitioner,
-      state.datapoint_to_token,
-      state.ah_codebook,
-      state.hashed_dataset,
-      state.int8_dataset,
-      state.int8_multipliers,
-      state.dp_norms,
-    )
+    handle = state.searcher()
     rows, scores = scann_ops.scann_search(
       handle, queries[0], final, fetch if config["reorder"] else -1, config["leaves_to_search"]
     )

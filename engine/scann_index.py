@@ -57,6 +57,20 @@ class ScannAssetsModule(tf.Module):
       else:
         setattr(self, name, base.catalog_variable(value, name=name))
 
+  def searcher(self) -> tf.Tensor:
+    """ScaNN's searcher over these assets (a resource handle its search op takes)."""
+    return _scann_ops().tensors_to_scann(
+      self.dataset,
+      self.scann_config,
+      self.serialized_partitioner,
+      self.datapoint_to_token,
+      self.ah_codebook,
+      self.hashed_dataset,
+      self.int8_dataset,
+      self.int8_multipliers,
+      self.dp_norms,
+    )
+
 
 class ScannIndex(base.Index):
   """A ScaNN searcher stored as variables inside the module, searched with ScaNN's TF ops.
@@ -161,18 +175,7 @@ class ScannIndex(base.Index):
         search_ops.checked_option(
           pre_reorder_num_neighbors, -1, "pre_reorder_num_neighbors", 1, 0, "0: this ScaNN index does not reorder"
         )
-    state = self.state
-    handle = scann_ops.tensors_to_scann(
-      state.dataset,
-      state.scann_config,
-      state.serialized_partitioner,
-      state.datapoint_to_token,
-      state.ah_codebook,
-      state.hashed_dataset,
-      state.int8_dataset,
-      state.int8_multipliers,
-      state.dp_norms,
-    )
+    handle = self.state.searcher()
 
     def candidates(count: tf.Tensor) -> base.SearchResult:
       """The k best eligible of ScaNN's best `count` reordered candidates (rows of -1 where short)."""

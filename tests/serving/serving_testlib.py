@@ -5,12 +5,15 @@ through tf.compat.v1's SavedModelBuilder, one `tf.saved_model.save` export.
 """
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -318,3 +321,22 @@ def wait_for(condition, timeout: float = 60, interval: float = 0.05):
       return value
     time.sleep(interval)
   raise AssertionError(f"condition not met within {timeout}s")
+
+
+def grpc_code(call, request, timeout: float = 120) -> tuple[grpc.StatusCode, str]:
+  """(status code, details) of a unary call; OK and "" when it succeeds."""
+  try:
+    call(request, timeout=timeout)
+  except grpc.RpcError as e:
+    return e.code(), e.details()
+  return grpc.StatusCode.OK, ""
+
+
+def post_json(port: int, path: str, body: bytes, timeout: float = 120) -> tuple[int, dict]:
+  """(HTTP status, decoded JSON body) of a POST to fgr-serve's REST API on `port`."""
+  request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())

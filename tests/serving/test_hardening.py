@@ -8,8 +8,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import urllib.error
-import urllib.request
 
 import grpc
 import numpy as np
@@ -37,23 +35,6 @@ def _request(model=lib.TF2_MODEL, x=(1.0, 2.0), signature=""):
   request.model_spec.signature_name = signature
   request.inputs["x"].CopyFrom(tf.make_tensor_proto(list(x), dtype=tf.float32))
   return request
-
-
-def _code(call, request, timeout=30):
-  try:
-    call(request, timeout=timeout)
-  except grpc.RpcError as e:
-    return e.code(), e.details()
-  return grpc.StatusCode.OK, ""
-
-
-def _post(port, path, body: bytes):
-  request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
-  try:
-    with urllib.request.urlopen(request, timeout=30) as response:
-      return response.status, json.loads(response.read())
-  except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
 
 
 # --- Validation at the edge ------------------------------------------------
@@ -86,34 +67,34 @@ def test_unparsable_protos_are_invalid_argument(server, method):
   call = server.channel.unary_unary(
     f"/tensorflow.serving.{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
   )
-  code, details = _code(call, b"\x0a\xff\xff\xff\xff\x0f")
+  code, details = lib.grpc_code(call, b"\x0a\xff\xff\xff\xff\x0f")
   assert code == grpc.StatusCode.INVALID_ARGUMENT
   assert details.startswith("Malformed ")
 
 
 def test_unknown_model_version_signature_on_every_rpc(server):
   predict = _request(model="nope")
-  assert _code(server.predict.Predict, predict)[0] == grpc.StatusCode.NOT_FOUND
+  assert lib.grpc_code(server.predict.Predict, predict)[0] == grpc.StatusCode.NOT_FOUND
   classify = classification_pb2.ClassificationRequest()
   classify.model_spec.name = lib.TF1_MODEL
   classify.model_spec.version.value = 7
   classify.input.example_list.examples.add()
-  code, details = _code(server.predict.Classify, classify)
+  code, details = lib.grpc_code(server.predict.Classify, classify)
   assert code == grpc.StatusCode.NOT_FOUND and "7" in details
   signature = _request(signature="nope")
-  code, details = _code(server.predict.Predict, signature)
+  code, details = lib.grpc_code(server.predict.Predict, signature)
   assert code == grpc.StatusCode.FAILED_PRECONDITION and "nope" in details
   metadata = get_model_metadata_pb2.GetModelMetadataRequest()
   metadata.model_spec.name = "nope"
   metadata.metadata_field.append("signature_def")
-  assert _code(server.predict.GetModelMetadata, metadata)[0] == grpc.StatusCode.NOT_FOUND
+  assert lib.grpc_code(server.predict.GetModelMetadata, metadata)[0] == grpc.StatusCode.NOT_FOUND
   status = get_model_status_pb2.GetModelStatusRequest()
   status.model_spec.name = lib.TF2_MODEL
   status.model_spec.version.value = 99
-  assert _code(server.model.GetModelStatus, status)[0] == grpc.StatusCode.NOT_FOUND
-  code, body = _post(server.rest_port, "/v1/models/nope:predict", b'{"instances": [1.0]}')
+  assert lib.grpc_code(server.model.GetModelStatus, status)[0] == grpc.StatusCode.NOT_FOUND
+  code, body = lib.post_json(server.rest_port, "/v1/models/nope:predict", b'{"instances": [1.0]}')
   assert code == 404 and "nope" in body["error"]
-  code, body = _post(server.rest_port, f"/v1/models/{lib.TF2_MODEL}:predict", b"{not json")
+  code, body = lib.post_json(server.rest_port, f"/v1/models/{lib.TF2_MODEL}:predict", b"{not json")
   assert code == 400 and "JSON Parse error" in body["error"]
 
 
@@ -148,23 +129,23 @@ def limited(tmp_path_factory):
 
 def test_batch_over_the_maximum_is_invalid_argument(limited):
   rows = _request(model="m", x=[1.0] * 5)
-  code, details = _code(limited.predict.Predict, rows)
+  code, details = lib.grpc_code(limited.predict.Predict, rows)
   assert code == grpc.StatusCode.INVALID_ARGUMENT
   assert "batch size 5 exceeds the maximum of 4" in details
   classify = classification_pb2.ClassificationRequest()
   classify.model_spec.name = "m"
   for _ in range(5):
     classify.input.example_list.examples.add()
-  code, details = _code(limited.predict.Classify, classify)
+  code, details = lib.grpc_code(limited.predict.Classify, classify)
   assert code == grpc.StatusCode.INVALID_ARGUMENT and "batch size 5" in details
 
 
 def test_request_size_limits(limited):
   big = _request(model="m", x=[1.0] * 2000)  # ~8 kB > 4096 bytes.
-  code, _ = _code(limited.predict.Predict, big)
+  code, _ = lib.grpc_code(limited.predict.Predict, big)
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
   body = json.dumps({"instances": [1.0] * 2000}).encode()
-  code, payload = _post(limited.server.rest_port, "/v1/models/m:predict", body)
+  code, payload = lib.post_json(limited.server.rest_port, "/v1/models/m:predict", body)
   assert code == 413 and "--rest_api_max_body_bytes" in payload["error"]
 
 
@@ -186,7 +167,7 @@ def test_deadline_expires_in_the_batch_queue(limited):
     limited.server.api.predict(_request(model="m", x=[1.0]), timeout_ms=300)
   assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
   assert "waiting for a batch" in info.value.message
-  code, _ = _code(limited.predict.Predict, _request(model="m", x=[1.0]), timeout=0.3)
+  code, _ = lib.grpc_code(limited.predict.Predict, _request(model="m", x=[1.0]), timeout=0.3)
   assert code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -208,14 +189,14 @@ def test_in_flight_limit_is_resource_exhausted(limited, monkeypatch):
   classify.model_spec.name = "m"
   classify.input.example_list.examples.add()
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    held = [pool.submit(_code, limited.predict.Classify, classify, 120) for _ in range(2)]
+    held = [pool.submit(lib.grpc_code, limited.predict.Classify, classify, 120) for _ in range(2)]
     try:
       for _ in held:
         assert entered.acquire(timeout=60)
-      code, details = _code(limited.predict.Predict, _request(model="m", x=[1.0]))
+      code, details = lib.grpc_code(limited.predict.Predict, _request(model="m", x=[1.0]))
       assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
       assert "--max_in_flight_requests" in details
-      status, payload = _post(limited.server.rest_port, "/v1/models/m:predict", b'{"instances": [1.0]}')
+      status, payload = lib.post_json(limited.server.rest_port, "/v1/models/m:predict", b'{"instances": [1.0]}')
       assert status == 429 and "in flight" in payload["error"]
     finally:
       release.set()
@@ -287,7 +268,7 @@ def test_tls(tmp_path):
       stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
       response = stub.Predict(_request(model="m"), timeout=30)
       assert tf.make_ndarray(response.outputs["y"]).tolist() == [2.5, 3.0]
-    code, _ = _code(server.predict.Predict, _request(model="m"), timeout=5)
+    code, _ = lib.grpc_code(server.predict.Predict, _request(model="m"), timeout=5)
     assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # Plaintext refused.
   finally:
     server.stop()

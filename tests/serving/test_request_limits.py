@@ -10,8 +10,6 @@ import concurrent.futures
 import http.client
 import json
 import time
-import urllib.error
-import urllib.request
 
 import grpc
 import psutil
@@ -110,23 +108,6 @@ def _context_bomb():
   return _examples(with_context_bytes=100_000, count=1000)
 
 
-def _code(call, request, timeout=120):
-  try:
-    call(request, timeout=timeout)
-  except grpc.RpcError as e:
-    return e.code(), e.details()
-  return grpc.StatusCode.OK, ""
-
-
-def _post(port, path, body: bytes):
-  request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
-  try:
-    with urllib.request.urlopen(request, timeout=120) as response:
-      return response.status, json.loads(response.read())
-  except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
-
-
 def _announce_huge_body(port, path, length=1 << 30):
   """Sends headers for a `length`-byte body (and 1 kB of it); the server
   must answer 413 without reading the rest."""
@@ -153,17 +134,17 @@ def _nested_objects(depth):
 
 
 def test_declared_expansion_over_the_limit_is_resource_exhausted(served):
-  code, details = _code(served.predict.Predict, _string_bomb())
+  code, details = lib.grpc_code(served.predict.Predict, _string_bomb())
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
   # Names model, version, signature, the limit and the flag to raise it.
   assert "5000000 elements" in details and "--max_elements_per_request" in (details), details
   assert f"model: {MODEL}, version: 1, signature: lengths" in details
   assert "1048576 elements" in details  # 4096 rows x 256 (unknown inner dim).
-  code, details = _code(served.predict.Predict, _rows(20000))
+  code, details = lib.grpc_code(served.predict.Predict, _rows(20000))
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
   assert "4096 elements" in details and "--expansion_limit_rows" in details
   # At the derived limit: served.
-  assert _code(served.predict.Predict, _rows(4096))[0] == grpc.StatusCode.OK
+  assert lib.grpc_code(served.predict.Predict, _rows(4096))[0] == grpc.StatusCode.OK
 
 
 def test_malformed_declarations_are_invalid_argument(served):
@@ -173,37 +154,41 @@ def test_malformed_declarations_are_invalid_argument(served):
     "content": _declared(types_pb2.DT_FLOAT, [1 << 30], tensor_content=b"\0" * 8),
   }
   for name, proto in cases.items():
-    code, details = _code(served.predict.Predict, _predict(x=proto))
+    code, details = lib.grpc_code(served.predict.Predict, _predict(x=proto))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, details)
   # A large declared shape with one value is over the limit, not malformed.
-  code, details = _code(served.predict.Predict, _predict(x=_declared(types_pb2.DT_FLOAT, [1 << 26], float_val=[1.0])))
+  code, details = lib.grpc_code(
+    served.predict.Predict, _predict(x=_declared(types_pb2.DT_FLOAT, [1 << 26], float_val=[1.0]))
+  )
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
 
 
 def test_examples_context_expansion_over_classify_regress_multi(served):
-  code, details = _code(served.predict.Classify, _context_bomb())
+  code, details = lib.grpc_code(served.predict.Classify, _context_bomb())
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
   assert "--max_bytes_per_request" in details and ("signature: classify_x_to_y" in details), details
   regress = regression_pb2.RegressionRequest(input=_context_bomb().input)
   regress.model_spec.name = lib.TF1_MODEL
   regress.model_spec.signature_name = "regress_x_to_y"
-  assert _code(served.predict.Regress, regress)[0] == (grpc.StatusCode.RESOURCE_EXHAUSTED)
+  assert lib.grpc_code(served.predict.Regress, regress)[0] == (grpc.StatusCode.RESOURCE_EXHAUSTED)
   multi = inference_pb2.MultiInferenceRequest(input=_context_bomb().input)
   task = multi.tasks.add(method_name="tensorflow/serving/regress")
   task.model_spec.name = lib.TF1_MODEL
   task.model_spec.signature_name = "regress_x_to_y"
-  assert _code(served.predict.MultiInference, multi)[0] == (grpc.StatusCode.RESOURCE_EXHAUSTED)
-  assert _code(served.predict.Classify, _examples())[0] == grpc.StatusCode.OK
+  assert lib.grpc_code(served.predict.MultiInference, multi)[0] == (grpc.StatusCode.RESOURCE_EXHAUSTED)
+  assert lib.grpc_code(served.predict.Classify, _examples())[0] == grpc.StatusCode.OK
 
 
 def test_rest_limits_answer_413(served):
   port = served.rest_port
-  status, payload = _post(port, f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0] * 20000}).encode())
+  status, payload = lib.post_json(
+    port, f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0] * 20000}).encode()
+  )
   assert status == 413 and "--max_elements_per_request" in payload["error"]
   assert f"model: {MODEL}, version: 1" in payload["error"]
   status, payload = _announce_huge_body(port, f"/v1/models/{MODEL}:predict")
   assert status == 413 and "--rest_api_max_body_bytes" in payload["error"]
-  status, payload = _post(port, f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0, 2.0]}).encode())
+  status, payload = lib.post_json(port, f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0, 2.0]}).encode())
   assert status == 200 and payload == {"predictions": [2.5, 3.0]}
 
 
@@ -221,11 +206,11 @@ def test_rest_limits_answer_413(served):
 def test_deeply_nested_json_is_400(served, body):
   verb = "classify" if body.startswith(b'{"examples"') else "predict"
   model = lib.TF1_MODEL if verb == "classify" else MODEL
-  status, payload = _post(served.rest_port, f"/v1/models/{model}:{verb}", body)
+  status, payload = lib.post_json(served.rest_port, f"/v1/models/{model}:{verb}", body)
   assert status == 400, payload
   assert set(payload) == {"error"}
   # Still healthy.
-  status, payload = _post(served.rest_port, f"/v1/models/{MODEL}:predict", b'{"instances": [1.0]}')
+  status, payload = lib.post_json(served.rest_port, f"/v1/models/{MODEL}:predict", b'{"instances": [1.0]}')
   assert status == 200 and payload == {"predictions": [2.5]}
 
 
@@ -238,13 +223,13 @@ def _rss(proc) -> int:
 
 def _normal_traffic(proc):
   for _ in range(5):
-    assert _code(proc.predict.Predict, _rows(64))[0] == grpc.StatusCode.OK
+    assert lib.grpc_code(proc.predict.Predict, _rows(64))[0] == grpc.StatusCode.OK
     assert (
-      _code(proc.predict.Predict, _predict("lengths", text=(tf.make_tensor_proto([[b"ab", b"cd"]] * 8))))[0]
+      lib.grpc_code(proc.predict.Predict, _predict("lengths", text=(tf.make_tensor_proto([[b"ab", b"cd"]] * 8))))[0]
       == grpc.StatusCode.OK
     )
-    assert _code(proc.predict.Classify, _examples())[0] == grpc.StatusCode.OK
-    status, _ = _post(proc.rest_port, f"/v1/models/{MODEL}:predict", b'{"instances": [1.0, 2.0]}')
+    assert lib.grpc_code(proc.predict.Classify, _examples())[0] == grpc.StatusCode.OK
+    status, _ = lib.post_json(proc.rest_port, f"/v1/models/{MODEL}:predict", b'{"instances": [1.0, 2.0]}')
     assert status == 200
 
 
@@ -255,12 +240,15 @@ def test_hostile_requests_leave_the_process_no_larger(served):
   grpc_ok = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
   port = served.rest_port
   burst = [
-    (lambda: _code(served.predict.Predict, _string_bomb())[0], grpc_ok),
-    (lambda: _code(served.predict.Predict, _rows(20000))[0], grpc_ok),
-    (lambda: _code(served.predict.Classify, _context_bomb())[0], grpc_ok),
-    (lambda: _post(port, f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0] * 20000}).encode())[0], (413,)),
+    (lambda: lib.grpc_code(served.predict.Predict, _string_bomb())[0], grpc_ok),
+    (lambda: lib.grpc_code(served.predict.Predict, _rows(20000))[0], grpc_ok),
+    (lambda: lib.grpc_code(served.predict.Classify, _context_bomb())[0], grpc_ok),
+    (
+      lambda: lib.post_json(port, f"/v1/models/{MODEL}:predict", json.dumps({"instances": [1.0] * 20000}).encode())[0],
+      (413,),
+    ),
     (lambda: _announce_huge_body(port, f"/v1/models/{MODEL}:predict")[0], (413,)),
-    (lambda: _post(port, f"/v1/models/{MODEL}:predict", _nested_lists(10000))[0], (400,)),
+    (lambda: lib.post_json(port, f"/v1/models/{MODEL}:predict", _nested_lists(10000))[0], (400,)),
   ]
   started = time.monotonic()
   wrong = []
