@@ -16,6 +16,8 @@ import time
 
 from absl import app, flags
 
+from cli import launch
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "demo_output", "Where the training run, models and logs go (replaced).")
 flags.DEFINE_integer("num_ads", 20_000, "Synthetic catalog size.")
@@ -187,4 +189,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  launch.set_tensorflow_log_level(sys.argv)  # The recall step imports TensorFlow in this process.
   app.run(main)
