@@ -2,8 +2,6 @@
 without TF Serving's --enable_signature_method_name_check."""
 
 import json
-import urllib.error
-import urllib.request
 
 import grpc
 import pytest
@@ -73,12 +71,7 @@ def _multi_inference(signature_name, method_name):
 
 def _rest(server, verb, signature_name):
   body = json.dumps({"signature_name": signature_name, "examples": [{"x": x} for x in XS]}).encode()
-  request = urllib.request.Request(f"http://127.0.0.1:{server.server.rest_port}/v1/models/m:{verb}", data=body)
-  try:
-    with urllib.request.urlopen(request, timeout=60) as response:
-      return response.status, json.loads(response.read())
-  except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
+  return lib.post_json(server.server.rest_port, f"/v1/models/m:{verb}", body)
 
 
 def _check_classes(result):
