@@ -1,0 +1,113 @@
+// TF Serving's SharedBatchScheduler: many queues, one pool of batch threads.
+//
+// Each queue collects tasks into batches of at most max_batch_size rows (and, if set, elements and
+// bytes); a batch goes to a free batch thread once it is full or its oldest task has waited
+// batch_timeout_micros; a queue holding max_enqueued_batches batches refuses new tasks with
+// UNAVAILABLE. The same semantics as serving/batching/batch_scheduler.py, without the GIL.
+#ifndef FGR_NATIVE_BATCHING_H_
+#define FGR_NATIVE_BATCHING_H_
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "status.h"
+#include "tensor.h"
+
+namespace fgr {
+
+using Clock = std::chrono::steady_clock;
+
+struct BatchOptions {
+  int64_t max_batch_size = 1000;
+  int64_t batch_timeout_micros = 0;
+  int64_t max_enqueued_batches = 10;
+  std::vector<int64_t> allowed_batch_sizes;
+  bool pad_variable_length_inputs = false;
+};
+
+// One call's share of a batch.
+struct Task {
+  using Done = std::function<void(const Status&, std::vector<TensorSlice>)>;
+
+  int64_t rows = 0;
+  int64_t elements = 0;
+  int64_t bytes = 0;
+  std::vector<TensorPtr> feeds;  // In the queue's feed order.
+  int64_t timeout_ms = -1;       // < 0: none.
+  Clock::time_point deadline = Clock::time_point::max();
+  std::atomic<bool> abandoned{false};  // Its caller gave up: leave its rows out.
+  Done done;
+};
+
+using TaskPtr = std::shared_ptr<Task>;
+
+class BatchScheduler;
+
+class BatchQueue {
+ public:
+  BatchQueue(BatchScheduler* scheduler, BatchOptions options, std::optional<int64_t> max_elements,
+             std::optional<int64_t> max_bytes, std::function<void(std::vector<TaskPtr>)> process);
+
+  // Enqueues the task, or returns why not (too large, queue full, scheduler stopped).
+  Status Schedule(TaskPtr task);
+  const BatchOptions& options() const { return options_; }
+
+ private:
+  friend class BatchScheduler;
+  struct Batch {
+    std::vector<TaskPtr> tasks;
+    int64_t rows = 0, elements = 0, bytes = 0;
+    Clock::time_point created = Clock::now();
+    bool closed = false;
+  };
+  // When the head batch may run; nullopt if empty. Caller holds the scheduler's mutex.
+  std::optional<Clock::time_point> ReadyAt() const;
+
+  BatchScheduler* scheduler_;
+  const BatchOptions options_;
+  const std::optional<int64_t> max_elements_, max_bytes_;
+  const std::function<void(std::vector<TaskPtr>)> process_;
+  std::deque<Batch> batches_;  // Under the scheduler's mutex.
+  bool removed_ = false;       // Under the scheduler's mutex.
+};
+
+class BatchScheduler {
+ public:
+  explicit BatchScheduler(int num_batch_threads);
+  ~BatchScheduler();
+
+  std::shared_ptr<BatchQueue> AddQueue(BatchOptions options, std::optional<int64_t> max_elements,
+                                       std::optional<int64_t> max_bytes,
+                                       std::function<void(std::vector<TaskPtr>)> process);
+  // Forgets a queue once its servable is unloaded; batches still queued in it are processed first.
+  void RemoveQueue(const std::shared_ptr<BatchQueue>& queue);
+  // Lets the threads finish queued batches, then joins them.
+  void Stop();
+
+ private:
+  friend class BatchQueue;
+  void Work();
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stopped_ = false;
+  std::list<std::shared_ptr<BatchQueue>> queues_;
+  std::vector<std::thread> threads_;
+};
+
+// Finishes every task of a failed batch with `status`.
+void FailAll(const std::vector<TaskPtr>& tasks, const Status& status);
+
+}  // namespace fgr
+
+#endif  // FGR_NATIVE_BATCHING_H_

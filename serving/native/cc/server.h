@@ -1,0 +1,117 @@
+// fgr-serve's public gRPC port, served by native threads.
+//
+// One generic callback service takes every RPC. A Predict that the fast path can answer (a known
+// model, version and signature; inputs carrying exactly their values) is decoded, batched, run
+// and encoded here without the GIL. Everything else (other RPCs, and any Predict the fast path
+// does not take: bad input, unknown models, fills, odd dtypes) goes, bytes unchanged, to the
+// Python ServingApi, so that answers and errors are the Python path's own.
+#ifndef FGR_NATIVE_SERVER_H_
+#define FGR_NATIVE_SERVER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "metrics.h"
+#include "servable.h"
+#include "thread_pool.h"
+
+namespace fgr {
+
+// --max_in_flight_requests, shared by both front ends.
+class Admission {
+ public:
+  explicit Admission(int64_t limit) : limit_(limit) {}
+  bool TryAcquire();
+  void Release() { in_flight_.fetch_sub(1); }
+  int64_t limit() const { return limit_; }
+
+ private:
+  const int64_t limit_;
+  std::atomic<int64_t> in_flight_{0};
+};
+
+struct ServerOptions {
+  int max_receive_message_length = -1;  // -1: no limit.
+  std::vector<std::pair<std::string, std::variant<int, std::string>>> channel_args;
+  bool tls = false;
+  std::string key_pem, cert_pem, ca_pem;
+  bool client_verify = false;
+  bool enable_health = false;
+  int64_t max_batch_size_per_request = 0;  // 0: no limit.
+  bool method_name_check = false;
+  bool as_tensor_content = false;
+  int num_fallback_threads = 4;
+};
+
+struct FallbackResult {
+  int code = 0;
+  std::string message;
+  std::string response;
+};
+
+// (full method path, request bytes, timeout in ms or -1) -> the Python path's answer.
+using Fallback = std::function<FallbackResult(const std::string&, const std::string&, int64_t)>;
+
+class Server {
+ public:
+  Server(ServerOptions options, Fallback fallback, std::shared_ptr<Metrics> metrics,
+         std::shared_ptr<Admission> admission);
+  ~Server();
+
+  // Before Start: "host:port" (port 0: any) or "unix:path".
+  void AddPort(const std::string& address);
+  // Binds every port and starts serving; returns the bound ports in the order added. Throws
+  // std::runtime_error if a port can't be bound.
+  std::vector<int> Start();
+  // A model's AVAILABLE versions and labels, replacing what was there; empty versions remove it.
+  void SetModel(const std::string& name, std::map<int64_t, std::shared_ptr<Servable>> versions,
+                std::map<std::string, int64_t> labels);
+  void SetServing(bool serving);
+  // Stops accepting RPCs and waits for in-flight ones, cancelling those left after the grace.
+  void Shutdown(double grace_seconds);
+
+  class Call;
+
+ private:
+  struct Model {
+    std::map<int64_t, std::shared_ptr<Servable>> versions;
+    std::map<std::string, int64_t> labels;
+  };
+  using Routes = std::map<std::string, Model>;
+
+  void Handle(Call* call);
+  bool TryPredict(Call* call);
+  void Fallback(Call* call);
+  std::shared_ptr<Servable> Resolve(const void* model_spec);
+  void Finish(Call* call, const std::string& model, const std::string& signature,
+              const std::shared_ptr<Servable>& servable, const Status& status, std::string response);
+
+  const ServerOptions options_;
+  const ::fgr::Fallback fallback_;
+  const std::shared_ptr<Metrics> metrics_;
+  const std::shared_ptr<Admission> admission_;
+  std::vector<std::string> addresses_;
+  std::vector<std::unique_ptr<int>> ports_;
+  std::unique_ptr<grpc::CallbackGenericService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  ThreadPool fallback_pool_;
+  ThreadPool run_pool_;
+  std::mutex routes_mutex_;
+  std::shared_ptr<const Routes> routes_ = std::make_shared<Routes>();
+  std::mutex shutdown_mutex_;
+  bool shut_down_ = false;
+};
+
+}  // namespace fgr
+
+#endif  // FGR_NATIVE_SERVER_H_

@@ -1,0 +1,297 @@
+#include "tensor.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace fgr {
+namespace {
+
+// Largest element count the fast path decodes; bigger (legal or not) goes to the Python path,
+// which owns the limits and their messages.
+constexpr int64_t kMaxElements = int64_t{1} << 40;
+
+bool ContentType(int dtype) {  // tf.make_tensor_proto's _TENSOR_CONTENT_TYPES, as far as served.
+  switch (dtype) {
+    case TF_HALF: case TF_FLOAT: case TF_DOUBLE: case TF_INT32: case TF_UINT8: case TF_INT16:
+    case TF_INT8: case TF_INT64: case TF_UINT32: case TF_UINT64:
+      return true;
+    default:
+      return false;
+  }
+}
+
+template <typename To, typename From>
+bool CopyNarrowed(const From* values, int64_t n, char* out) {
+  To* typed = reinterpret_cast<To*>(out);
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (!std::is_same_v<To, From>) {
+      if (values[i] < static_cast<From>(std::numeric_limits<To>::min()) ||
+          values[i] > static_cast<From>(std::numeric_limits<To>::max())) {
+        return false;  // NumPy refuses it; the Python path says so.
+      }
+    }
+    typed[i] = static_cast<To>(values[i]);
+  }
+  return true;
+}
+
+template <typename Field, typename T>
+void AppendAll(const T* values, int64_t n, Field* field) {
+  field->Reserve(static_cast<int>(n));
+  for (int64_t i = 0; i < n; ++i) field->AddAlreadyReserved(values[i]);
+}
+
+template <typename Field, typename T>
+void AppendWidened(const T* values, int64_t n, Field* field) {
+  field->Reserve(static_cast<int>(n));
+  for (int64_t i = 0; i < n; ++i) field->AddAlreadyReserved(static_cast<typename Field::value_type>(values[i]));
+}
+
+}  // namespace
+
+Tensor::Tensor(TF_Tensor* tensor, bool owns_strings)
+    : tensor_(tensor), owns_strings_(owns_strings), dtype_(tf().TF_TensorType(tensor)) {
+  int rank = tf().TF_NumDims(tensor);
+  dims_.resize(rank);
+  for (int i = 0; i < rank; ++i) {
+    dims_[i] = tf().TF_Dim(tensor, i);
+    elements_ *= dims_[i];
+  }
+}
+
+Tensor::~Tensor() {
+  if (owns_strings_ && dtype_ == TF_STRING) {
+    TF_TString* strings = reinterpret_cast<TF_TString*>(data());
+    for (int64_t i = 0; i < elements_; ++i) tf().TF_StringDealloc(&strings[i]);
+  }
+  tf().TF_DeleteTensor(tensor_);
+}
+
+TensorPtr Tensor::Allocate(TF_DataType dtype, const std::vector<int64_t>& dims) {
+  int64_t elements = 1;
+  for (int64_t d : dims) elements *= d;
+  size_t size = dtype == TF_STRING ? sizeof(TF_TString) : tf().TF_DataTypeSize(dtype);
+  TF_Tensor* raw = tf().TF_AllocateTensor(dtype, dims.data(), static_cast<int>(dims.size()), elements * size);
+  auto tensor = std::make_shared<Tensor>(raw, /*owns_strings=*/dtype == TF_STRING);
+  if (dtype == TF_STRING) {
+    TF_TString* strings = reinterpret_cast<TF_TString*>(tensor->data());
+    for (int64_t i = 0; i < elements; ++i) tf().TF_StringInit(&strings[i]);
+  }
+  return tensor;
+}
+
+char* Tensor::data() const { return static_cast<char*>(tf().TF_TensorData(tensor_)); }
+
+size_t Tensor::element_size() const {
+  return dtype_ == TF_STRING ? sizeof(TF_TString) : tf().TF_DataTypeSize(dtype_);
+}
+
+int64_t Tensor::row_elements() const {
+  if (dims_.empty()) return 0;
+  int64_t inner = 1;
+  for (size_t i = 1; i < dims_.size(); ++i) inner *= dims_[i];
+  return inner;
+}
+
+std::vector<int64_t> TensorSlice::dims() const {
+  std::vector<int64_t> dims = tensor->dims();
+  if (rows >= 0 && !dims.empty()) dims[0] = rows;
+  return dims;
+}
+
+int64_t TensorSlice::elements() const { return rows < 0 ? tensor->elements() : rows * tensor->row_elements(); }
+
+const char* TensorSlice::data() const {
+  return tensor->data() + (rows < 0 ? 0 : offset * tensor->row_elements() * tensor->element_size());
+}
+
+bool NativeDtype(int dtype) {
+  switch (dtype) {
+    case TF_FLOAT: case TF_DOUBLE: case TF_INT8: case TF_INT16: case TF_INT32: case TF_UINT8:
+    case TF_UINT16: case TF_INT64: case TF_UINT32: case TF_UINT64: case TF_BOOL: case TF_STRING:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool DecodeExact(const tensorflow::TensorProto& proto, TensorPtr* out) {
+  const int dtype = proto.dtype();
+  if (!NativeDtype(dtype) || proto.tensor_shape().unknown_rank()) return false;
+  std::vector<int64_t> dims;
+  int64_t n = 1;
+  for (const auto& dim : proto.tensor_shape().dim()) {
+    if (dim.size() < 0) return false;
+    if (dim.size() > 0 && n > kMaxElements / dim.size()) return false;
+    dims.push_back(dim.size());
+    n *= dim.size();
+  }
+  if (dtype == TF_STRING) {
+    if (proto.string_val_size() != n) return false;
+    TensorPtr tensor = Tensor::Allocate(TF_STRING, dims);
+    TF_TString* strings = reinterpret_cast<TF_TString*>(tensor->data());
+    for (int64_t i = 0; i < n; ++i) {
+      const std::string& value = proto.string_val(static_cast<int>(i));
+      tf().TF_StringAssignView(&strings[i], value.data(), value.size());
+    }
+    *out = std::move(tensor);
+    return true;
+  }
+  const size_t size = tf().TF_DataTypeSize(static_cast<TF_DataType>(dtype));
+  if (!proto.tensor_content().empty()) {
+    if (proto.tensor_content().size() != static_cast<size_t>(n) * size) return false;
+    TensorPtr tensor = Tensor::Allocate(static_cast<TF_DataType>(dtype), dims);
+    std::memcpy(tensor->data(), proto.tensor_content().data(), proto.tensor_content().size());
+    *out = std::move(tensor);
+    return true;
+  }
+  TensorPtr tensor = Tensor::Allocate(static_cast<TF_DataType>(dtype), dims);
+  char* data = tensor->data();
+  bool ok = false;
+  switch (dtype) {
+    case TF_FLOAT:
+      ok = proto.float_val_size() == n && CopyNarrowed<float>(proto.float_val().data(), n, data);
+      break;
+    case TF_DOUBLE:
+      ok = proto.double_val_size() == n && CopyNarrowed<double>(proto.double_val().data(), n, data);
+      break;
+    case TF_INT32:
+      ok = proto.int_val_size() == n && CopyNarrowed<int32_t>(proto.int_val().data(), n, data);
+      break;
+    case TF_INT16:
+      ok = proto.int_val_size() == n && CopyNarrowed<int16_t>(proto.int_val().data(), n, data);
+      break;
+    case TF_INT8:
+      ok = proto.int_val_size() == n && CopyNarrowed<int8_t>(proto.int_val().data(), n, data);
+      break;
+    case TF_UINT8:
+      ok = proto.int_val_size() == n && CopyNarrowed<uint8_t>(proto.int_val().data(), n, data);
+      break;
+    case TF_UINT16:
+      ok = proto.int_val_size() == n && CopyNarrowed<uint16_t>(proto.int_val().data(), n, data);
+      break;
+    case TF_INT64:
+      ok = proto.int64_val_size() == n && CopyNarrowed<int64_t>(proto.int64_val().data(), n, data);
+      break;
+    case TF_UINT32:
+      ok = proto.uint32_val_size() == n && CopyNarrowed<uint32_t>(proto.uint32_val().data(), n, data);
+      break;
+    case TF_UINT64:
+      ok = proto.uint64_val_size() == n && CopyNarrowed<uint64_t>(proto.uint64_val().data(), n, data);
+      break;
+    case TF_BOOL:
+      ok = proto.bool_val_size() == n && CopyNarrowed<bool>(proto.bool_val().data(), n, data);
+      break;
+  }
+  if (!ok) return false;
+  *out = std::move(tensor);
+  return true;
+}
+
+void Encode(const TensorSlice& slice, int dtype, bool as_tensor_content, tensorflow::TensorProto* proto) {
+  proto->set_dtype(static_cast<tensorflow::DataType>(dtype));
+  for (int64_t d : slice.dims()) proto->mutable_tensor_shape()->add_dim()->set_size(d);
+  const int64_t n = slice.elements();
+  const char* data = slice.data();
+  if (as_tensor_content && ContentType(dtype) && n > 1) {
+    proto->set_tensor_content(data, n * slice.tensor->element_size());
+    return;
+  }
+  switch (dtype) {
+    case TF_FLOAT: AppendAll(reinterpret_cast<const float*>(data), n, proto->mutable_float_val()); break;
+    case TF_DOUBLE: AppendAll(reinterpret_cast<const double*>(data), n, proto->mutable_double_val()); break;
+    case TF_INT32: AppendAll(reinterpret_cast<const int32_t*>(data), n, proto->mutable_int_val()); break;
+    case TF_INT16: AppendWidened(reinterpret_cast<const int16_t*>(data), n, proto->mutable_int_val()); break;
+    case TF_INT8: AppendWidened(reinterpret_cast<const int8_t*>(data), n, proto->mutable_int_val()); break;
+    case TF_UINT8: AppendWidened(reinterpret_cast<const uint8_t*>(data), n, proto->mutable_int_val()); break;
+    case TF_UINT16: AppendWidened(reinterpret_cast<const uint16_t*>(data), n, proto->mutable_int_val()); break;
+    case TF_INT64: AppendAll(reinterpret_cast<const int64_t*>(data), n, proto->mutable_int64_val()); break;
+    case TF_UINT32: AppendAll(reinterpret_cast<const uint32_t*>(data), n, proto->mutable_uint32_val()); break;
+    case TF_UINT64: AppendAll(reinterpret_cast<const uint64_t*>(data), n, proto->mutable_uint64_val()); break;
+    case TF_BOOL: AppendAll(reinterpret_cast<const bool*>(data), n, proto->mutable_bool_val()); break;
+    case TF_HALF: case TF_BFLOAT16:
+      AppendWidened(reinterpret_cast<const uint16_t*>(data), n, proto->mutable_half_val());
+      break;
+    case TF_COMPLEX64: AppendAll(reinterpret_cast<const float*>(data), 2 * n, proto->mutable_scomplex_val()); break;
+    case TF_COMPLEX128: AppendAll(reinterpret_cast<const double*>(data), 2 * n, proto->mutable_dcomplex_val()); break;
+    case TF_STRING: {
+      const TF_TString* strings = reinterpret_cast<const TF_TString*>(data);
+      auto* values = proto->mutable_string_val();
+      values->Reserve(static_cast<int>(n));
+      for (int64_t i = 0; i < n; ++i) {
+        values->Add()->assign(tf().TF_StringGetDataPointer(&strings[i]), tf().TF_StringGetSize(&strings[i]));
+      }
+      break;
+    }
+  }
+}
+
+TensorPtr Concat(const std::vector<TensorPtr>& parts, int64_t padded_rows, bool pad_inner) {
+  const TensorPtr& first = parts.front();
+  const TF_DataType dtype = first->dtype();
+  std::vector<int64_t> dims = first->dims();
+  int64_t rows = 0;
+  for (const TensorPtr& part : parts) {
+    rows += part->dims()[0];
+    if (pad_inner) {
+      for (size_t i = 1; i < dims.size(); ++i) dims[i] = std::max(dims[i], part->dims()[i]);
+    }
+  }
+  dims[0] = std::max(rows, padded_rows);
+  TensorPtr out = Tensor::Allocate(dtype, dims);
+  const size_t size = first->element_size();
+  const int64_t row_elements = out->row_elements();
+  char* cursor = out->data();
+  auto copy_element = [&](char* to, const char* from) {
+    if (dtype == TF_STRING) {
+      const TF_TString* source = reinterpret_cast<const TF_TString*>(from);
+      tf().TF_StringAssignView(reinterpret_cast<TF_TString*>(to), tf().TF_StringGetDataPointer(source),
+                               tf().TF_StringGetSize(source));
+    } else {
+      std::memcpy(to, from, size);
+    }
+  };
+  for (const TensorPtr& part : parts) {
+    const int64_t part_rows = part->dims()[0];
+    const int64_t part_row_elements = part->row_elements();
+    if (part_row_elements == row_elements && dtype != TF_STRING) {  // Same inner shape: one block.
+      std::memcpy(cursor, part->data(), part_rows * row_elements * size);
+      cursor += part_rows * row_elements * size;
+      continue;
+    }
+    // Row by row, element by element: strings are views, or inner dims padded with the part's
+    // first element (TF Serving's pad_variable_length_inputs).
+    const std::vector<int64_t>& part_dims = part->dims();
+    const char* pad = part->data();
+    for (int64_t r = 0; r < part_rows; ++r) {
+      for (int64_t e = 0; e < row_elements; ++e) {
+        // Index of element e of the output row within the part's row, if inside it.
+        int64_t remainder = e, source = 0, stride = 1;
+        bool inside = true;
+        for (size_t i = dims.size() - 1; i >= 1; --i) {
+          const int64_t index = remainder % dims[i];
+          remainder /= dims[i];
+          if (index >= part_dims[i]) inside = false;
+          source += index * stride;
+          stride *= part_dims[i];
+        }
+        const char* from = inside ? part->data() + (r * part_row_elements + source) * size : pad;
+        copy_element(cursor, from);
+        cursor += size;
+      }
+    }
+  }
+  // Padding rows repeat the first row (TF Serving pads batches the same way).
+  const char* first_row = out->data();
+  for (int64_t r = rows; r < dims[0]; ++r) {
+    for (int64_t e = 0; e < row_elements; ++e) {
+      copy_element(cursor, first_row + e * size);
+      cursor += size;
+    }
+  }
+  return out;
+}
+
+}  // namespace fgr
