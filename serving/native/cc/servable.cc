@@ -227,11 +227,25 @@ void Servable::RunAlone(const Kind& kind, const std::vector<TaskPtr>& tasks, con
   }
 }
 
+bool Servable::Acquire() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closing_) return false;
+  ++holds_;
+  return true;
+}
+
+void Servable::Release() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (--holds_ == 0) released_.notify_all();
+}
+
 void Servable::Close() {
   std::map<std::string, std::shared_ptr<BatchQueue>> queues;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (closed_) return;
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (closing_) return;
+    closing_ = true;
+    released_.wait(lock, [this] { return holds_ == 0; });
     closed_ = true;
     queues.swap(queues_);
   }

@@ -69,8 +69,13 @@ class Servable : public std::enable_shared_from_this<Servable> {
   TaskPtr Run(std::vector<std::string> feed_names, std::vector<TensorPtr> feeds, std::vector<std::string> fetches,
               int64_t timeout_ms, bool in_caller_thread, Task::Done done);
 
-  // Detaches the batch queues (queued batches still run); later runs fail with UNAVAILABLE. The
-  // session stays open: its owner closes it.
+  // Holds the servable for one request from its resolution to its answer, so that Close() waits for
+  // it (a swap fails no request that resolved the old version). False once closing.
+  bool Acquire();
+  void Release();
+
+  // Waits for the requests holding the servable, then detaches the batch queues (queued batches still
+  // run); later runs fail with UNAVAILABLE. The session stays open: its owner closes it.
   void Close();
 
  private:
@@ -90,6 +95,9 @@ class Servable : public std::enable_shared_from_this<Servable> {
   const std::optional<BatchingConfig> batching_;
   const std::shared_ptr<Metrics> metrics_;
   std::mutex mutex_;
+  std::condition_variable released_;
+  int64_t holds_ = 0;
+  bool closing_ = false;
   bool closed_ = false;
   std::map<std::string, std::shared_ptr<BatchQueue>> queues_;
   std::set<std::string> unbatchable_;  // Kinds whose outputs turned out not to be per-row.

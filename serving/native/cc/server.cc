@@ -311,34 +311,38 @@ bool Server::TryPredict(Call* call) {
     return false;
   };
   std::shared_ptr<Servable> servable = Resolve(&spec);
-  if (!servable) return decline();
+  if (!servable || !servable->Acquire()) return decline();  // Closing: Python answers for it.
+  auto decline_held = [&]() {
+    servable->Release();
+    return decline();
+  };
   const std::string signature_name = spec.signature_name().empty() ? kDefaultSignature : spec.signature_name();
   const Signature* signature = servable->FindSignature(signature_name);
-  if (signature == nullptr) return decline();
-  if (options_.method_name_check && !kPredictMethods.count(signature->method_name)) return decline();
+  if (signature == nullptr) return decline_held();
+  if (options_.method_name_check && !kPredictMethods.count(signature->method_name)) return decline_held();
   if (signature->max_elements || signature->max_bytes) {
     int64_t elements = 0, bytes = 0;
     for (const auto& [alias, tensor] : request->inputs()) {
-      if (!NativeDtype(tensor.dtype()) || !Price(tensor, &elements, &bytes)) return decline();
+      if (!NativeDtype(tensor.dtype()) || !Price(tensor, &elements, &bytes)) return decline_held();
     }
     if ((signature->max_elements && elements > *signature->max_elements) ||
         (signature->max_bytes && bytes > *signature->max_bytes)) {
-      return decline();
+      return decline_held();
     }
   }
-  if (static_cast<size_t>(request->inputs_size()) != signature->inputs.size()) return decline();
+  if (static_cast<size_t>(request->inputs_size()) != signature->inputs.size()) return decline_held();
   std::vector<std::string> feed_names;
   std::vector<TensorPtr> feeds;
   for (const auto& [alias, input] : signature->inputs) {
     auto found = request->inputs().find(alias);
-    if (found == request->inputs().end() || found->second.dtype() != input.dtype) return decline();
+    if (found == request->inputs().end() || found->second.dtype() != input.dtype) return decline_held();
     TensorPtr tensor;
-    if (!DecodeExact(found->second, &tensor)) return decline();
+    if (!DecodeExact(found->second, &tensor)) return decline_held();
     if (input.known_rank) {
       const auto& dims = tensor->dims();
-      if (dims.size() != input.dims.size()) return decline();
+      if (dims.size() != input.dims.size()) return decline_held();
       for (size_t d = 0; d < dims.size(); ++d) {
-        if (input.dims[d] >= 0 && input.dims[d] != dims[d]) return decline();
+        if (input.dims[d] >= 0 && input.dims[d] != dims[d]) return decline_held();
       }
     }
     feed_names.push_back(input.tensor);
@@ -348,7 +352,7 @@ bool Server::TryPredict(Call* call) {
   if (request->output_filter_size() > 0) {
     std::set<std::string> seen;
     for (const std::string& alias : request->output_filter()) {
-      if (!signature->outputs.count(alias) || !seen.insert(alias).second) return decline();
+      if (!signature->outputs.count(alias) || !seen.insert(alias).second) return decline_held();
       aliases.push_back(alias);
     }
   } else {
@@ -358,7 +362,7 @@ bool Server::TryPredict(Call* call) {
   std::vector<int> dtypes;
   for (const std::string& alias : aliases) {
     const SignatureOutput& output = signature->outputs.at(alias);
-    if (!Encodable(output.dtype)) return decline();
+    if (!Encodable(output.dtype)) return decline_held();
     fetches.push_back(output.tensor);
     dtypes.push_back(output.dtype);
   }
@@ -402,7 +406,10 @@ bool Server::TryPredict(Call* call) {
 
 void Server::Finish(Call* call, const std::string& model, const std::string& signature,
                     const std::shared_ptr<Servable>& servable, const Status& status, std::string response) {
-  if (servable && admission_) admission_->Release();
+  if (servable) {
+    servable->Release();
+    if (admission_) admission_->Release();
+  }
   const double latency_us =
       std::chrono::duration<double, std::micro>(Clock::now() - call->started()).count();
   if (metrics_) metrics_->RecordRequest(model, "predict", "GRPC", CodeName(status.code), latency_us);

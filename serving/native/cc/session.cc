@@ -61,8 +61,13 @@ std::unique_ptr<Session> Session::Load(const std::string& export_dir, const std:
   for (const std::string& tag : tags) tag_pointers.push_back(tag.c_str());
   TF_Graph* graph = api.TF_NewGraph();
   TF_Buffer* meta_graph = api.TF_NewBuffer();
+  // The restore and init ops run in the loading thread, which the caller may keep at idle priority
+  // on one CPU, instead of on the inter-op pool that answers requests (saved_model_bundle does the
+  // same on the Python path).
+  const std::string load_options = RunOptionsBytes(-1, /*in_caller_thread=*/true);
+  const TF_Buffer load_run_options{load_options.data(), load_options.size(), nullptr};
   TF_Session* session =
-      api.TF_LoadSessionFromSavedModel(options, nullptr, export_dir.c_str(), tag_pointers.data(),
+      api.TF_LoadSessionFromSavedModel(options, &load_run_options, export_dir.c_str(), tag_pointers.data(),
                                        static_cast<int>(tag_pointers.size()), graph, meta_graph, holder.status);
   api.TF_DeleteSessionOptions(options);
   if (!holder.ok()) {
