@@ -9,23 +9,6 @@ from serving.servables import classifier, input_util, predict_util, regressor, s
 _APIS = {api.method_name: api for api in (classifier.API, regressor.API)}
 
 
-def validate_tasks(request: inference_pb2.MultiInferenceRequest) -> str:
-  """Checks the tasks address one model; returns its name.
-
-  The servable (and so the version) is resolved from the first task's
-  ModelSpec by the caller.
-  """
-  if not request.tasks:
-    raise errors.invalid_argument("MultiInferenceRequest must contain at least one task.")
-  name = request.tasks[0].model_spec.name
-  for task in request.tasks:
-    if not task.model_spec.name:
-      raise errors.invalid_argument("Found ModelSpec with an empty model name.")
-    if task.model_spec.name != name:
-      raise errors.invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
-  return name
-
-
 def run_multi_inference(
   bundle: saved_model_bundle.SavedModelBundle,
   request: inference_pb2.MultiInferenceRequest,
@@ -92,3 +75,20 @@ def run_multi_inference(
     except errors.ServingError as e:
       raise e.with_context(bundle.context(signature_name)) from e
   return response
+
+
+def validate_tasks(request: inference_pb2.MultiInferenceRequest) -> str:
+  """Checks the tasks address one model; returns its name.
+
+  The servable (and so the version) is resolved from the first task's
+  ModelSpec by the caller.
+  """
+  if not request.tasks:
+    raise errors.invalid_argument("MultiInferenceRequest must contain at least one task.")
+  name = request.tasks[0].model_spec.name
+  for task in request.tasks:
+    if not task.model_spec.name:
+      raise errors.invalid_argument("Found ModelSpec with an empty model name.")
+    if task.model_spec.name != name:
+      raise errors.invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+  return name
