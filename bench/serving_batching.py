@@ -9,10 +9,12 @@ reporting requests/s, failures and latency percentiles.
 """
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -22,12 +24,14 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench.fixtures import latency, servers
 
-_CLIENTS = flags.DEFINE_integer("clients", 32, "Concurrent client threads.")
-_SECONDS = flags.DEFINE_float("seconds", 15.0, "Measured seconds per mode.")
-_WARMUP = flags.DEFINE_float("warmup_seconds", 3.0, "Unmeasured lead-in.")
-_DIM = flags.DEFINE_integer("dim", 256, "Input/output width of the MLP.")
-_HIDDEN = flags.DEFINE_integer("hidden", 1024, "Hidden width of the MLP.")
-_BATCHING = flags.DEFINE_string(
+# bench/serving_swap.py serves the same MLP with the same callers, and reads these flags too.
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("clients", 32, "Concurrent client threads.")
+flags.DEFINE_float("seconds", 15.0, "Measured seconds per mode.")
+flags.DEFINE_float("warmup_seconds", 3.0, "Unmeasured lead-in.")
+flags.DEFINE_integer("dim", 256, "Input/output width of the MLP.")
+flags.DEFINE_integer("hidden", 1024, "Hidden width of the MLP.")
+flags.DEFINE_string(
   "batching_parameters",
   "max_batch_size { value: 32 } batch_timeout_micros { value: 2000 } "
   "num_batch_threads { value: 2 } max_enqueued_batches { value: 100 }",
@@ -61,7 +65,7 @@ def serve_mlp(base: str, workdir: str, batching: bool) -> contextlib.AbstractCon
   """fgr-serve on the MLP at `base`, with --batching_parameters when `batching`."""
   extra = ["--grpc_max_threads=64"]
   if batching:
-    extra += servers.batching_args(workdir, _BATCHING.value)
+    extra += servers.batching_args(workdir, FLAGS.batching_parameters)
   return servers.fgr_serve(workdir, "mlp", base, extra, name=f"server-{batching}")
 
 
@@ -73,57 +77,85 @@ def predict_request(dim: int) -> predict_pb2.PredictRequest:
   return request
 
 
-def _drive(address: str, clients: int, warmup: float, seconds: float, dim: int) -> dict[str, float]:
-  request = predict_request(dim)
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One Predict call: when it started (seconds into the load), how long it took, and how it ended."""
+
+  start: float
+  seconds: float
+  outcome: int | str  # The version that answered, or the gRPC status code's name.
+
+  @property
+  def ok(self) -> bool:
+    return isinstance(self.outcome, int)
+
+
+@dataclasses.dataclass
+class Load:
+  """What `predict_callers` yields: when the load began (time.monotonic()), and the calls so far."""
+
+  started: float
+  calls: list[Call]
+
+  def elapsed(self) -> float:
+    return time.monotonic() - self.started
+
+
+@contextlib.contextmanager
+def predict_callers(address: str, request: predict_pb2.PredictRequest, clients: int, seconds: float) -> Iterator[Load]:
+  """`clients` threads send `request` back to back over 4 channels for `seconds`, from the block's start.
+
+  Leaving the block waits for them; `Load.calls` then holds every call.
+  """
   channels = [grpc.insecure_channel(address) for _ in range(4)]
   stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
-  start = time.monotonic()
-  measure_from, measure_to = start + warmup, start + warmup + seconds
-  latencies: list[list[float]] = [[] for _ in range(clients)]
-  failures = [0] * clients
+  load, lock = Load(time.monotonic(), []), threading.Lock()
+  end = load.started + seconds
 
   def client(i: int) -> None:
     stub = stubs[i % len(stubs)]
-    while True:
-      t0 = time.monotonic()
-      if t0 >= measure_to:
-        return
+    while (t0 := time.monotonic()) < end:
       try:
-        stub.Predict(request, timeout=30)
-        ok = True
-      except grpc.RpcError:
-        ok = False
-      t1 = time.monotonic()
-      if t0 >= measure_from:
-        if ok:
-          latencies[i].append(t1 - t0)
-        else:
-          failures[i] += 1
+        outcome = stub.Predict(request, timeout=30).model_spec.version.value
+      except grpc.RpcError as e:
+        outcome = e.code().name
+      with lock:
+        load.calls.append(Call(t0 - load.started, time.monotonic() - t0, outcome))
 
   threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
   for t in threads:
     t.start()
-  for t in threads:
-    t.join()
-  for c in channels:
-    c.close()
-  all_latencies = [x for per in latencies for x in per]
-  return {"qps": len(all_latencies) / seconds, "failures": float(sum(failures)), **latency.percentiles(all_latencies)}
+  try:
+    yield load
+  finally:
+    for t in threads:
+      t.join()
+    for c in channels:
+      c.close()
+
+
+def _drive(address: str, clients: int, warmup: float, seconds: float, dim: int) -> dict[str, float]:
+  """Requests/s, failures and latency percentiles of the calls started after the warm-up."""
+  with predict_callers(address, predict_request(dim), clients, warmup + seconds) as load:
+    pass  # The callers stop on their own; leaving the block waits for them.
+  measured = [c for c in load.calls if c.start >= warmup]
+  ok = [c.seconds for c in measured if c.ok]
+  return {"qps": len(ok) / seconds, "failures": float(len(measured) - len(ok)), **latency.percentiles(ok)}
 
 
 def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as workdir:
     base = os.path.join(workdir, "mlp")
-    export_mlp(base, _DIM.value, _HIDDEN.value)
+    export_mlp(base, FLAGS.dim, FLAGS.hidden)
     results = {}
     for batching in (False, True):
       with serve_mlp(base, workdir, batching) as server:
-        results[batching] = _drive(server.address, _CLIENTS.value, _WARMUP.value, _SECONDS.value, _DIM.value)
+        results[batching] = _drive(server.address, FLAGS.clients, FLAGS.warmup_seconds, FLAGS.seconds, FLAGS.dim)
   print(
-    f"MLP {_DIM.value}->{_HIDDEN.value}->{_DIM.value}, one row per "
-    f"request, {_CLIENTS.value} concurrent gRPC clients, "
-    f"{_SECONDS.value:.0f} s per mode"
+    f"MLP {FLAGS.dim}->{FLAGS.hidden}->{FLAGS.dim}, one row per "
+    f"request, {FLAGS.clients} concurrent gRPC clients, "
+    f"{FLAGS.seconds:.0f} s per mode"
   )
   print("| batching | requests/s | failed | p50 ms | p99 ms |")
   print("|---|---|---|---|---|")

@@ -2,7 +2,7 @@
 
   python -m bench.serving_swap --clients=32 --seconds=14
 
-Serves the MLP of bench/serving_batching.py as version 1, drives it with
+Serves the MLP of bench/serving_batching.py as version 1, drives it with its
 `--clients` concurrent gRPC Predict callers, publishes version 2 (written
 aside, renamed in) mid-run, and reports failures plus latency before, during
 and after the swap. The swap window runs from publishing until one second
@@ -13,12 +13,9 @@ counted.
 import contextlib
 import os
 import tempfile
-import threading
 import time
 
-import grpc
 from absl import app, flags
-from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from bench import serving_batching
 from bench.fixtures import latency
@@ -42,41 +39,20 @@ def main(argv):
     serving_batching.export_mlp(base, FLAGS.dim, FLAGS.hidden)
     server = stack.enter_context(serving_batching.serve_mlp(base, workdir, _WITH_BATCHING.value))
     request = serving_batching.predict_request(FLAGS.dim)
-    channels = [stack.enter_context(grpc.insecure_channel(server.address)) for _ in range(4)]
-    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
-    records = []  # (start offset, latency, version or error code name)
-    lock = threading.Lock()
-    start = time.monotonic()
-    end = start + FLAGS.seconds
+    with serving_batching.predict_callers(server.address, request, FLAGS.clients, FLAGS.seconds) as load:
+      time.sleep(_PUBLISH_AT.value)
+      serving_batching.export_mlp(base, FLAGS.dim, FLAGS.hidden, version=2)
+      published = load.elapsed()  # The rename made v2 visible.
+  calls = load.calls
 
-    def client(i):
-      stub = stubs[i % len(stubs)]
-      while time.monotonic() < end:
-        t0 = time.monotonic()
-        try:
-          outcome = stub.Predict(request, timeout=30).model_spec.version.value
-        except grpc.RpcError as e:
-          outcome = e.code().name
-        with lock:
-          records.append((t0 - start, time.monotonic() - t0, outcome))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(FLAGS.clients)]
-    for t in threads:
-      t.start()
-    time.sleep(_PUBLISH_AT.value)
-    serving_batching.export_mlp(base, FLAGS.dim, FLAGS.hidden, version=2)
-    published = time.monotonic() - start  # The rename made v2 visible.
-    for t in threads:
-      t.join()
-
-  first_v2 = min((r[0] for r in records if r[2] == 2), default=None)
+  first_v2 = min((c.start for c in calls if c.outcome == 2), default=None)
   window_end = (first_v2 + 1.0) if first_v2 is not None else FLAGS.seconds
-  failures = [r for r in records if not isinstance(r[2], int)]
+  failures = [c for c in calls if not c.ok]
   lead_in = FLAGS.warmup_seconds
   phases = {
-    "before": [r[1] for r in records if lead_in <= r[0] < published],
-    "swap": [r[1] for r in records if published <= r[0] < window_end],
-    "after": [r[1] for r in records if r[0] >= window_end],
+    "before": [c.seconds for c in calls if lead_in <= c.start < published],
+    "swap": [c.seconds for c in calls if published <= c.start < window_end],
+    "after": [c.seconds for c in calls if c.start >= window_end],
   }
   print(
     f"{FLAGS.clients} clients, batching "
@@ -86,9 +62,9 @@ def main(argv):
     f"{first_v2 if first_v2 is None else round(first_v2, 1)} s"
   )
   print(
-    f"requests: {len(records)}, failed: {len(failures)}, served by v1: "
-    f"{sum(r[2] == 1 for r in records)}, by v2: "
-    f"{sum(r[2] == 2 for r in records)}"
+    f"requests: {len(calls)}, failed: {len(failures)}, served by v1: "
+    f"{sum(c.outcome == 1 for c in calls)}, by v2: "
+    f"{sum(c.outcome == 2 for c in calls)}"
   )
   print("| phase | requests | p50 / p99 ms |")
   print("|---|---|---|")

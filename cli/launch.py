@@ -1,13 +1,21 @@
-"""Console scripts: each sets TensorFlow's C++ log level, then imports and runs its command.
+"""Console scripts: each sets TensorFlow's start-up environment, then imports and runs its command.
 
-TensorFlow reads TF_CPP_MIN_LOG_LEVEL once, when its C++ libraries load, and at
-its default it prints CUDA, oneDNN and CPU-feature notices on every start: half
-of `make demo`'s output was those lines. The level has to be set before the
-command's module imports TensorFlow, hence this launcher, which imports nothing
-heavy itself. absl's `--verbosity` (`-v`) of 0 (INFO) or more brings the lines
-back; a TF_CPP_MIN_LOG_LEVEL already in the environment is left as it is.
+TensorFlow reads its C++ log level and which device types to register once,
+when its C++ libraries load, and at its defaults it prints CUDA, oneDNN and
+CPU-feature notices on every start: half of `make demo`'s output was those
+lines. Both have to be set before the command's module imports TensorFlow,
+hence this launcher, which imports nothing heavy itself:
+
+- TF_CPP_MIN_LOG_LEVEL drops the INFO lines. absl's `--verbosity` (`-v`) of 0
+  (INFO) or more brings them back.
+- TF_ENABLED_DEVICE_TYPES=CPU, only on a machine with no CUDA driver, keeps
+  TensorFlow from initialising CUDA, which there can only fail and say so at
+  ERROR level.
+
+Either variable already in the environment is left as it is.
 """
 
+import ctypes
 import importlib
 import os
 import sys
@@ -19,6 +27,16 @@ TF_LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
 # TensorFlow's C++ levels: 0 logs everything, 1 drops INFO, 2 drops WARNING too.
 ALL_LOGS = "0"
 WARNINGS_AND_ERRORS = "1"
+TF_DEVICE_TYPES_ENV = "TF_ENABLED_DEVICE_TYPES"
+CPU_ONLY = "CPU"
+# The CUDA driver library, as TensorFlow's CUDA platform loads it before it calls cuInit.
+CUDA_DRIVER = "libcuda.so.1"
+
+
+def prepare_tensorflow(argv: Sequence[str]) -> None:
+  """Sets what TensorFlow reads when it loads; call it before anything imports TensorFlow."""
+  set_tensorflow_log_level(argv)
+  skip_cuda_without_a_driver()
 
 
 def set_tensorflow_log_level(argv: Sequence[str]) -> None:
@@ -31,12 +49,36 @@ def set_tensorflow_log_level(argv: Sequence[str]) -> None:
   os.environ.setdefault(TF_LOG_LEVEL_ENV, ALL_LOGS if verbose else WARNINGS_AND_ERRORS)
 
 
+def cuda_driver_loads() -> bool:
+  """Whether the CUDA driver library loads here, as TensorFlow's CUDA platform would load it."""
+  try:
+    ctypes.CDLL(CUDA_DRIVER)
+  except OSError:
+    return False
+  return True
+
+
+def skip_cuda_without_a_driver() -> None:
+  """On Linux with no CUDA driver, has TensorFlow register its CPU devices only.
+
+  TensorFlow's Linux wheel is a CUDA build. The first time anything lists devices (any op does),
+  its GPU device factory initialises the CUDA platform. Without libcuda.so.1 that fails, and the
+  platform logs "failed call to cuInit: ... UNKNOWN ERROR (303)" at ERROR level, on every start
+  of every process, whether /usr/local/cuda is installed or not. With no driver there is no GPU
+  TensorFlow could use, so leaving the GPU factory unregistered (TF_ENABLED_DEVICE_TYPES=CPU)
+  changes nothing but that line. Where the driver loads, nothing is set: a GPU set-up that fails
+  still reports it.
+  """
+  if sys.platform.startswith("linux") and not cuda_driver_loads():
+    os.environ.setdefault(TF_DEVICE_TYPES_ENV, CPU_ONLY)
+
+
 def _command(module: str, function: str = "run", extra: str | None = None) -> Callable[[], None]:
   """A console script running `module.function`; `extra` names the setup.py extra its third-party
   imports come from, if the plain install lacks them."""
 
   def run() -> None:
-    set_tensorflow_log_level(sys.argv)
+    prepare_tensorflow(sys.argv)
     try:
       command = importlib.import_module(module)
     except ModuleNotFoundError as e:
@@ -48,7 +90,7 @@ def _command(module: str, function: str = "run", extra: str | None = None) -> Ca
       ) from e
     getattr(command, function)()
 
-  run.__doc__ = f"Runs `{module}.{function}` with TensorFlow's C++ log level set first."
+  run.__doc__ = f"Runs `{module}.{function}` with TensorFlow's start-up environment set first."
   return run
 
 

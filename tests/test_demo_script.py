@@ -9,7 +9,8 @@ import py_compile
 import subprocess
 import sys
 
-DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "demo.py")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO_ROOT, "tools", "demo.py")
 
 
 def test_demo_script_compiles(tmp_path):
@@ -18,6 +19,8 @@ def test_demo_script_compiles(tmp_path):
 
 def test_demo_script_imports_and_lists_its_flags():
   # absl prints the flags and exits 1 for --helpshort; what matters is that the module imported.
-  result = subprocess.run([sys.executable, DEMO, "--helpshort"], capture_output=True, text=True, timeout=60)
+  # PYTHONPATH: the demo imports this checkout's packages, not whichever one the venv installed.
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+  result = subprocess.run([sys.executable, DEMO, "--helpshort"], capture_output=True, text=True, timeout=60, env=env)
   for flag in ("--output_dir", "--num_ads", "--num_sessions", "--epochs", "--latency_requests"):
     assert flag in result.stdout, result.stderr

@@ -189,5 +189,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  launch.set_tensorflow_log_level(sys.argv)  # The recall step imports TensorFlow in this process.
+  launch.prepare_tensorflow(sys.argv)  # The recall step imports TensorFlow in this process.
   app.run(main)

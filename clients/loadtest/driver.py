@@ -293,14 +293,10 @@ async def _progress(spec: LoadSpec, recorder: _Recorder, end: float) -> None:
       seen += len(latencies)
       phase = "warm-up" if now < recorder.measure_from else ("measure" if now < end else "drain")
       bar.set_description_str(phase)
-      good = latencies[ok] if len(latencies) else latencies
+      good = histogram.LatencyHistogram.of(latencies[ok] if len(latencies) else latencies)
       bar.set_postfix_str(
-        f"{len(good) / max(now - last, 1e-9):,.0f} ok/s, "
-        + (
-          f"p50 {np.percentile(good, 50) * 1e3:.2f} ms, p99 {np.percentile(good, 99) * 1e3:.2f} ms, "
-          if len(good)
-          else ""
-        )
+        f"{good.count / max(now - last, 1e-9):,.0f} ok/s, "
+        + (f"p50 {good.percentile(50) * 1e3:.2f} ms, p99 {good.percentile(99) * 1e3:.2f} ms, " if good.count else "")
         + f"in flight {recorder.in_flight}, errors {int((~ok).sum())}",
         refresh=False,
       )

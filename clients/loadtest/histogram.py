@@ -6,6 +6,8 @@ fixed, small amount of memory, so percentiles up to p99.9 stay exact to 0.1% how
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from hdrh.histogram import HdrHistogram
 
 _LOWEST_US = 1
@@ -24,6 +26,14 @@ class LatencyHistogram:
 
   def __init__(self):
     self._hdr = HdrHistogram(_LOWEST_US, _HIGHEST_US, _SIGNIFICANT_DIGITS)
+
+  @classmethod
+  def of(cls, seconds: Iterable[float]) -> LatencyHistogram:
+    """A histogram of these latencies, in seconds."""
+    hist = cls()
+    for value in seconds:
+      hist.record(float(value))
+    return hist
 
   def record(self, seconds: float) -> None:
     """Records one latency; values outside [1 us, 1 h] are clamped into range."""

@@ -26,21 +26,13 @@ def timeline(result: driver.LoadResult, bucket_seconds: float = 1.0) -> list[dic
   rows = []
   for b in np.unique(buckets):
     mask = buckets == b
-    good = result.latencies[mask & result.ok] * 1e3
+    good = histogram.LatencyHistogram.of(result.latencies[mask & result.ok]).summary_ms()
     rows.append(
       {
         "t": round(float(b * bucket_seconds), 3),
         "requests": int(mask.sum()),
         "errors": int((mask & ~result.ok).sum()),
-        **(
-          {
-            "p50_ms": round(float(np.percentile(good, 50)), 3),
-            "p99_ms": round(float(np.percentile(good, 99)), 3),
-            "max_ms": round(float(good.max()), 3),
-          }
-          if len(good)
-          else {}
-        ),
+        **({"p50_ms": good["p50"], "p99_ms": good["p99"], "max_ms": good["max"]} if good["count"] else {}),
       }
     )
   return rows

@@ -178,11 +178,12 @@ class BatchQueue:
     max_bytes: int | None = None,
   ):
     self._scheduler = scheduler
+    self._process_batch = process_batch
+    self._batches: collections.deque[_Batch] = collections.deque()
+    # What one batch may hold.
     self.options = options
     self.max_elements = max_elements
     self.max_bytes = max_bytes
-    self._process_batch = process_batch
-    self._batches: collections.deque[_Batch] = collections.deque()
 
   def schedule(self, task: Task) -> None:
     """Enqueues `task`; raises if it is too large or the queue is full."""

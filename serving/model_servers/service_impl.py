@@ -3,6 +3,7 @@
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import threading
 import time
 import weakref
@@ -303,29 +304,26 @@ class ServingApi:
         raise errors.from_exception(e, bundle.context(prepared.signature_name)) from e
       return predict_util.predict_response(bundle, prepared, values, self._as_tensor_content)
 
-  def classify(
-    self, request: classification_pb2.ClassificationRequest, timeout_ms: int | None = None, entrypoint: str = "GRPC"
-  ) -> classification_pb2.ClassificationResponse:
-    """PredictionService.Classify."""
+  def _examples(
+    self,
+    api: input_util.ExamplesApi,
+    request: classification_pb2.ClassificationRequest | regression_pb2.RegressionRequest,
+    timeout_ms: int | None = None,
+    entrypoint: str = "GRPC",
+  ) -> classification_pb2.ClassificationResponse | regression_pb2.RegressionResponse:
+    """PredictionService.Classify or .Regress, as `api` (classifier.API or regressor.API) runs it."""
     return self._call_examples(
-      "classify",
+      api.name,
       entrypoint,
       request.model_spec,
       request.input,
-      lambda b: classifier.run_classify(b, request, timeout_ms, self._method_name_check),
+      lambda b: api.run(b, request, timeout_ms, self._method_name_check),
     )
 
-  def regress(
-    self, request: regression_pb2.RegressionRequest, timeout_ms: int | None = None, entrypoint: str = "GRPC"
-  ) -> regression_pb2.RegressionResponse:
-    """PredictionService.Regress."""
-    return self._call_examples(
-      "regress",
-      entrypoint,
-      request.model_spec,
-      request.input,
-      lambda b: regressor.run_regress(b, request, timeout_ms, self._method_name_check),
-    )
+  # `classify(request, timeout_ms=None, entrypoint="GRPC")`, a ClassificationRequest to its response.
+  classify = functools.partialmethod(_examples, classifier.API)
+  # `regress(request, timeout_ms=None, entrypoint="GRPC")`, a RegressionRequest to its response.
+  regress = functools.partialmethod(_examples, regressor.API)
 
   def multi_inference(
     self, request: inference_pb2.MultiInferenceRequest, timeout_ms: int | None = None, entrypoint: str = "GRPC"

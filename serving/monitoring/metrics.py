@@ -32,16 +32,16 @@ class Metrics:
       buckets=_LATENCY_BUCKETS_US,
       registry=self.registry,
     )
-    self.batch_size = prometheus_client.Histogram(
-      ":tensorflow:serving:batching_session:processed_batch_size",
-      "Tracks the batch size distribution on processing.",
-      ["model_name"],
-      buckets=_BATCH_BUCKETS,
-      registry=self.registry,
+    self.batch_size = self._batching_histogram(
+      "processed_batch_size", "Tracks the batch size distribution on processing."
     )
-    self.padding_size = prometheus_client.Histogram(
-      ":tensorflow:serving:batching_session:padding_size",
-      "Tracks the padding size distribution on batches.",
+    self.padding_size = self._batching_histogram("padding_size", "Tracks the padding size distribution on batches.")
+
+  def _batching_histogram(self, name: str, documentation: str) -> prometheus_client.Histogram:
+    """A per-model histogram of batch rows, under TF Serving's batching-session name."""
+    return prometheus_client.Histogram(
+      f":tensorflow:serving:batching_session:{name}",
+      documentation,
       ["model_name"],
       buckets=_BATCH_BUCKETS,
       registry=self.registry,

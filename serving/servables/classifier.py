@@ -11,15 +11,8 @@ CLASSES_KEY = "classes"
 SCORES_KEY = "scores"
 
 
-def check_signature(signature: meta_graph_pb2.SignatureDef, method_name_check: bool = False) -> None:
-  """Validates a classification signature as TF Serving's classifier does.
-
-  Args:
-    signature: The signature a Classify request (or task) names.
-    method_name_check: Also require method_name tensorflow/serving/classify
-      (TF Serving's --enable_signature_method_name_check).
-  """
-  input_util.check_examples_signature(signature, predict_util.CLASSIFY_METHOD, "classification", method_name_check)
+def check_outputs(signature: meta_graph_pb2.SignatureDef) -> None:
+  """Requires "classes", "scores" or both among a classification signature's one or two outputs."""
   if len(signature.outputs) not in (1, 2):
     raise errors.invalid_argument(f"Expected one or two output Tensors, found {len(signature.outputs)}")
   if CLASSES_KEY not in signature.outputs and (SCORES_KEY not in signature.outputs):
@@ -73,7 +66,14 @@ def fill_result(
         entry.score = float(scores[i, j])
 
 
+API = input_util.ExamplesApi(
+  "classify",
+  predict_util.CLASSIFY_METHOD,
+  "classification",
+  classification_pb2.ClassificationResponse,
+  check_outputs,
+  output_fetches,
+  fill_result,
+)
 # Classify on one loaded servable: `run_classify(bundle, request, timeout_ms=None, method_name_check=False)`.
-run_classify = input_util.ExamplesApi(
-  classification_pb2.ClassificationResponse, check_signature, output_fetches, fill_result
-).run
+run_classify = API.run

@@ -74,6 +74,8 @@ def check_examples_signature(
     )
 
 
+# (signature) -> None: raises unless the signature has the outputs the API reads.
+CheckOutputs = Callable[[meta_graph_pb2.SignatureDef], None]
 # (signature) -> (output keys, tensor names) to fetch.
 OutputFetches = Callable[[meta_graph_pb2.SignatureDef], tuple[list[str], list[str]]]
 # (output keys, values, number of examples, result message) -> None.
@@ -85,16 +87,32 @@ class ExamplesApi:
   """What Classify and Regress differ in; both feed tf.Examples to one signature the same way.
 
   Attributes:
+    name: "classify" or "regress", as metrics and logs name the API.
+    method_name: The signature method TF Serving's --enable_signature_method_name_check requires.
+    kind: "classification" or "regression", as TF Serving's error messages name the signature.
     response_type: ClassificationResponse or RegressionResponse.
-    check_signature: `check_signature(signature, method_name_check)` validates the signature for this API.
+    check_outputs: Validates the signature's outputs for this API.
     output_fetches: Picks the outputs to fetch.
     fill_result: Converts the fetched values into `response.result`.
   """
 
+  name: str
+  method_name: str
+  kind: str
   response_type: type
-  check_signature: Callable[[meta_graph_pb2.SignatureDef, bool], None]
+  check_outputs: CheckOutputs
   output_fetches: OutputFetches
   fill_result: FillResult
+
+  def check_signature(self, signature: meta_graph_pb2.SignatureDef, method_name_check: bool = False) -> None:
+    """Validates a signature for this API as TF Serving's classifier or regressor does.
+
+    Args:
+      signature: The signature a request (or MultiInference task) names.
+      method_name_check: Also require `method_name` (TF Serving's --enable_signature_method_name_check).
+    """
+    check_examples_signature(signature, self.method_name, self.kind, method_name_check)
+    self.check_outputs(signature)
 
   def run(self, bundle, request, timeout_ms: int | None = None, method_name_check: bool = False):
     """Runs a ClassificationRequest or RegressionRequest on one loaded servable.

@@ -5,28 +5,8 @@ from tensorflow_serving.apis import inference_pb2
 from serving import errors
 from serving.servables import classifier, input_util, predict_util, regressor, saved_model_bundle
 
-# method_name -> (check_signature, output_fetches, fill_result).
-_METHODS = {
-  predict_util.CLASSIFY_METHOD: (classifier.check_signature, classifier.output_fetches, classifier.fill_result),
-  predict_util.REGRESS_METHOD: (regressor.check_signature, regressor.output_fetches, regressor.fill_result),
-}
-
-
-def validate_tasks(request: inference_pb2.MultiInferenceRequest) -> str:
-  """Checks the tasks address one model; returns its name.
-
-  The servable (and so the version) is resolved from the first task's
-  ModelSpec by the caller.
-  """
-  if not request.tasks:
-    raise errors.invalid_argument("MultiInferenceRequest must contain at least one task.")
-  name = request.tasks[0].model_spec.name
-  for task in request.tasks:
-    if not task.model_spec.name:
-      raise errors.invalid_argument("Found ModelSpec with an empty model name.")
-    if task.model_spec.name != name:
-      raise errors.invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
-  return name
+# A task's method_name -> the API that runs it.
+_APIS = {api.method_name: api for api in (classifier.API, regressor.API)}
 
 
 def run_multi_inference(
@@ -59,11 +39,11 @@ def run_multi_inference(
       )
     signature = bundle.signature_defs[signature_name]
     try:
-      if task.method_name not in _METHODS:
+      if task.method_name not in _APIS:
         raise errors.invalid_argument(f"Unsupported signature method_name: {task.method_name}")
-      check_signature, output_fetches, _ = _METHODS[task.method_name]
-      check_signature(signature, method_name_check)
-      keys, fetches = output_fetches(signature)
+      api = _APIS[task.method_name]
+      api.check_signature(signature, method_name_check)
+      keys, fetches = api.output_fetches(signature)
       name = signature.inputs[input_util.INPUTS_KEY].name
       if input_name is not None and name != input_name:
         raise errors.invalid_argument("Input tensor must be the same for all Signatures.")
@@ -87,12 +67,28 @@ def run_multi_inference(
     offset += len(fetches)
     result = response.results.add()
     bundle.fill_model_spec(result.model_spec, signature_name)
-    _, _, fill_result = _METHODS[task.method_name]
     target = (
       result.classification_result if task.method_name == predict_util.CLASSIFY_METHOD else result.regression_result
     )
     try:
-      fill_result(keys, task_values, len(examples), target)
+      _APIS[task.method_name].fill_result(keys, task_values, len(examples), target)
     except errors.ServingError as e:
       raise e.with_context(bundle.context(signature_name)) from e
   return response
+
+
+def validate_tasks(request: inference_pb2.MultiInferenceRequest) -> str:
+  """Checks the tasks address one model; returns its name.
+
+  The servable (and so the version) is resolved from the first task's
+  ModelSpec by the caller.
+  """
+  if not request.tasks:
+    raise errors.invalid_argument("MultiInferenceRequest must contain at least one task.")
+  name = request.tasks[0].model_spec.name
+  for task in request.tasks:
+    if not task.model_spec.name:
+      raise errors.invalid_argument("Found ModelSpec with an empty model name.")
+    if task.model_spec.name != name:
+      raise errors.invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+  return name

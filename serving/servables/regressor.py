@@ -12,15 +12,8 @@ from serving.servables import input_util, predict_util
 OUTPUTS_KEY = "outputs"
 
 
-def check_signature(signature: meta_graph_pb2.SignatureDef, method_name_check: bool = False) -> None:
-  """Validates a regression signature as TF Serving's regressor does.
-
-  Args:
-    signature: The signature a Regress request (or task) names.
-    method_name_check: Also require method_name tensorflow/serving/regress
-      (TF Serving's --enable_signature_method_name_check).
-  """
-  input_util.check_examples_signature(signature, predict_util.REGRESS_METHOD, "regression", method_name_check)
+def check_outputs(signature: meta_graph_pb2.SignatureDef) -> None:
+  """Requires a regression signature's one output, "outputs"."""
   if len(signature.outputs) != 1:
     raise errors.invalid_argument("Expected one output Tensor.")
   if OUTPUTS_KEY not in signature.outputs:
@@ -52,7 +45,14 @@ def fill_result(
     result.regressions.add(value=float(v))
 
 
+API = input_util.ExamplesApi(
+  "regress",
+  predict_util.REGRESS_METHOD,
+  "regression",
+  regression_pb2.RegressionResponse,
+  check_outputs,
+  output_fetches,
+  fill_result,
+)
 # Regress on one loaded servable: `run_regress(bundle, request, timeout_ms=None, method_name_check=False)`.
-run_regress = input_util.ExamplesApi(
-  regression_pb2.RegressionResponse, check_signature, output_fetches, fill_result
-).run
+run_regress = API.run

@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (
 
 from serving import errors
 from serving.model_servers import server as server_lib
-from serving.servables import classifier
+from serving.servables import input_util
 
 SERVING_DIR = os.path.join(lib.REPO_ROOT, "serving")
 
@@ -184,7 +184,7 @@ def test_in_flight_limit_is_resource_exhausted(limited, monkeypatch):
     release.wait()
     return classification_pb2.ClassificationResponse()
 
-  monkeypatch.setattr(classifier, "run_classify", held_classify)
+  monkeypatch.setattr(input_util.ExamplesApi, "run", held_classify)  # Classify and Regress run through it.
   classify = classification_pb2.ClassificationRequest()
   classify.model_spec.name = "m"
   classify.input.example_list.examples.add()

@@ -1,5 +1,6 @@
 """fgr-loadtest: histogram accuracy, coordinated-omission correction, open/closed loops and reports."""
 
+import collections
 import json
 import os
 
@@ -12,7 +13,7 @@ from absl.testing import flagsaver
 from tensorflow_serving.apis import prediction_log_pb2
 
 from bench import echo_server
-from clients.loadtest import driver, histogram, loadtest_cli, request_source
+from clients.loadtest import driver, histogram, loadtest_cli, report, request_source
 
 FEATURES = {"user_id": "u1", "query_tokens": ["red", "shoes"]}
 
@@ -42,6 +43,40 @@ def test_histogram_percentiles_match_numpy():
   summary = hist.summary_ms()
   assert summary["p999"] == pytest.approx(np.percentile(values, 99.9) * 1e3, rel=2e-3)
   assert summary["max"] == pytest.approx(values.max() * 1e3, rel=1e-3)
+
+
+def test_timeline_percentiles_per_second_come_from_hdr_histograms():
+  rng = np.random.default_rng(1)
+  latencies = rng.lognormal(mean=-6.0, sigma=1.0, size=2_000)  # Seconds.
+  intended = np.repeat([0.2, 1.5], 1_000)  # Two one-second buckets.
+  ok = np.ones(2_000, dtype=bool)
+  ok[::10] = False
+  result = driver.LoadResult(
+    spec=driver.LoadSpec(duration_seconds=2.0, warmup_seconds=0.0, progress=False),
+    target="t",
+    started_at="",
+    latency=histogram.LatencyHistogram(),
+    service=histogram.LatencyHistogram(),
+    send_lag=histogram.LatencyHistogram(),
+    statuses=collections.Counter(),
+    sent=2_000,
+    cancelled=0,
+    measured_seconds=2.0,
+    intended=intended,
+    latencies=latencies,
+    ok=ok,
+  )
+  rows = report.timeline(result)
+  assert [(row["t"], row["requests"], row["errors"]) for row in rows] == [(0.0, 1_000, 100), (1.0, 1_000, 100)]
+  for row, bucket in zip(rows, (slice(0, 1_000), slice(1_000, 2_000))):
+    good = latencies[bucket][ok[bucket]]
+    # HdrHistogram's 3 significant digits, plus rounding to the microsecond and the reported 0.001 ms.
+    for key, expected in (
+      ("p50_ms", np.percentile(good, 50, method="inverted_cdf")),
+      ("p99_ms", np.percentile(good, 99, method="inverted_cdf")),
+      ("max_ms", good.max()),
+    ):
+      assert row[key] == pytest.approx(expected * 1e3, rel=2e-3, abs=2e-3), key
 
 
 def test_open_loop_against_echo(echo, requests):
