@@ -36,6 +36,9 @@ setuptools.setup(
     "prometheus-client>=0.20",
     # fgr-serve's malloc (serving/util/allocator.py); preloaded, so Linux only.
     "cmeel-mimalloc==3.4.*; sys_platform == 'linux'",
+    # Headers of the native module (serving/native/build.py, run by `make install`). Debian's
+    # pybind11-dev (2.10) predates numpy 2: its arrays read every itemsize as 0.
+    "pybind11==2.13.*",
   ],
   extras_require={
     "clients": CLIENTS,
