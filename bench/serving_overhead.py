@@ -9,7 +9,9 @@ Three variants of the same request stream, all driven by fgr-loadtest's driver:
   feeds) and called on a worker thread; what remains between the two is gRPC, proto conversion and
   the server's dispatch;
 - an echo PredictionService (another process) answering a fixed full-graph-sized response: the
-  transport floor of a thread-pool `grpc.server` in Python.
+  transport floor of a thread-pool `grpc.server` in Python;
+- the same echo in C++ (bench/native_echo, built by `make install`): the floor of a native server,
+  when built (`--native_echo`).
 Latency is measured open-loop at a low rate (p50); saturation throughput closed-loop with many streams, where
 a fourth variant, fgr-serve with server-side batching on (a second process), shows what a TF Serving user
 would run for throughput. Both fgr-serve ratios are reported.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 from typing import Any
 
@@ -38,6 +41,12 @@ common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=4)
 flags.adopt_module_key_flags(common)
 flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
 flags.DEFINE_integer("streams", 16, "Closed-loop streams for the saturation comparison.")
+flags.DEFINE_enum(
+  "native_echo",
+  "auto",
+  ["auto", "on", "off"],
+  "Also measure the C++ echo floor: auto runs it when build/native/echo_server is built; on requires it.",
+)
 flags.DEFINE_string(
   "batching_parameters",
   common.BATCHING_PARAMETERS,
@@ -45,6 +54,8 @@ flags.DEFINE_string(
 )
 
 MODEL = "retrieval"
+NATIVE_ECHO = "native echo PredictionService (C++)"
+BATCHED = "gRPC Predict to fgr-serve, batching on"
 
 
 class InProcessTarget:
@@ -85,14 +96,19 @@ def main(argv: list[str]) -> None:
     bundle.session_run(f, fetches)
   workdir = common.workdir(FLAGS.output_dir, "serving_overhead")
   batching = servers.batching_args(workdir, FLAGS.batching_parameters)
-  with (
-    servers.fgr_serve(workdir, MODEL, FLAGS.base_path) as model,
-    servers.echo_server(workdir) as echo,
-    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, batching, name="fgr-serve-batched") as batched,
-  ):
+  native_echo = FLAGS.native_echo == "on" or (FLAGS.native_echo == "auto" and servers.native_echo_binary())
+  if FLAGS.native_echo == "auto" and not native_echo:
+    print("no native echo floor: build/native/echo_server is not built (make install)", flush=True)
+  with contextlib.ExitStack() as stack:
+    model = stack.enter_context(servers.fgr_serve(workdir, MODEL, FLAGS.base_path))
+    echo = stack.enter_context(servers.echo_server(workdir))
+    batched = stack.enter_context(
+      servers.fgr_serve(workdir, MODEL, FLAGS.base_path, batching, name="fgr-serve-batched")
+    )
+    native = stack.enter_context(servers.native_echo_server(workdir)) if native_echo else None
 
     def variants(threads: int) -> list[common.Variant]:
-      return [
+      chosen = [
         common.Variant(
           "gRPC Predict to fgr-serve", lambda: driver.GrpcPredictTarget(model.address), requests, servers=(model,)
         ),
@@ -101,13 +117,18 @@ def main(argv: list[str]) -> None:
           "echo PredictionService", lambda: driver.GrpcPredictTarget(echo.address), requests, servers=(echo,)
         ),
       ]
+      if native:
+        chosen.append(
+          common.Variant(NATIVE_ECHO, lambda: driver.GrpcPredictTarget(native.address), requests, servers=(native,))
+        )
+      return chosen
 
     latency = common.compare(variants(1), common.open_loop(FLAGS.qps), FLAGS.rounds)
     saturation = common.compare(
       variants(FLAGS.streams)
       + [
         common.Variant(
-          "gRPC Predict to fgr-serve, batching on",
+          BATCHED,
           lambda: driver.GrpcPredictTarget(batched.address),
           requests,
           servers=(batched,),
@@ -117,17 +138,25 @@ def main(argv: list[str]) -> None:
       max(2, FLAGS.rounds // 2),
     )
     memory = model.memory_mib()
-  grpc_, local, echo_ = latency
+  grpc_, local, echo_ = latency[:3]
   overhead = grpc_["p50_ms"] - local["p50_ms"]
-  echo_qps = saturation[2]["throughput_qps"]
+  by_label = {point["variant"]: point for point in saturation}
+  echo_qps = by_label["echo PredictionService"]["throughput_qps"]
   ratios = {
     "grpc_minus_inprocess_p50_ms": round(overhead, 3),
     "echo_p50_ms": echo_["p50_ms"],
     "overhead_over_echo_p50": round(overhead / echo_["p50_ms"], 3),  # Target <= 1.2.
     # Target >= 0.5, with batching off and on.
-    "fgr_serve_over_echo_saturation_qps": round(saturation[0]["throughput_qps"] / echo_qps, 3),
-    "fgr_serve_batching_over_echo_saturation_qps": round(saturation[3]["throughput_qps"] / echo_qps, 3),
+    "fgr_serve_over_echo_saturation_qps": round(by_label["gRPC Predict to fgr-serve"]["throughput_qps"] / echo_qps, 3),
+    "fgr_serve_batching_over_echo_saturation_qps": round(by_label[BATCHED]["throughput_qps"] / echo_qps, 3),
   }
+  if native:
+    native_qps = by_label[NATIVE_ECHO]["throughput_qps"]
+    ratios["native_echo_p50_ms"] = latency[3]["p50_ms"]
+    ratios["native_echo_over_echo_saturation_qps"] = round(native_qps / echo_qps, 3)
+    ratios["fgr_serve_batching_over_native_echo_saturation_qps"] = round(
+      by_label[BATCHED]["throughput_qps"] / native_qps, 3
+    )
   common.finish(
     FLAGS.output_dir,
     "serving_overhead",
