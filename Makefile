@@ -6,12 +6,40 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint install clean bazel-test
 
+# Root installs with apt-get directly, anyone else through sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+# `apt-get install` of the Debian packages in $(1) that are missing; apt-get update first, only then.
+define apt_install
+missing=$$(for p in $(1); do \
+  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -qx 'install ok installed' || echo $$p; done); \
+if [ -n "$$missing" ]; then \
+  echo "Installing Debian packages:" $$missing; \
+  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+fi
+endef
+
+# What the native data plane builds with (serving/native/README.md): g++, Debian's protoc and the
+# libprotobuf 3.21 / libgrpc++ 1.51 it matches; python3-dev only if the Python has no headers.
+PYTHON_INCLUDE = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+NATIVE_APT = g++ pkg-config protobuf-compiler libprotobuf-dev libgrpc++-dev \
+  $(if $(wildcard $(PYTHON_INCLUDE)/Python.h),,python3-dev)
+NATIVE_SOURCES := serving/native/build.py $(wildcard serving/native/cc/* bench/native_echo/*)
+
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+# The pinned Python packages, and this checkout installed editable.
+$(VENV)/.pip-installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# The native module and the native echo server (serving/native/build.py: incremental), redone when
+# their sources change.
+$(VENV)/.installed: $(VENV)/.pip-installed $(NATIVE_SOURCES)
+	@$(call apt_install,$(NATIVE_APT))
+	$(BIN)/python -m serving.native.build
 	touch $@
 
 demo: install
@@ -22,19 +50,18 @@ test: install
 	$(BIN)/python -m pytest -q -ra tests
 
 # One style, configured in ruff.toml: lint and formatting (`ruff format .` applies it).
-lint: install
+lint: $(VENV)/.pip-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 # The same suite through Bazel (Debian's Bazel 4.2, offline; see README "Building with Bazel").
 # Installs Bazel and Debian's rules_java only when missing (sudo unless already root).
-SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 bazel-test: install
 	@if ! command -v bazel >/dev/null 2>&1 || [ ! -d /usr/share/bazel/rules/java ]; then \
 	  $(SUDO) apt-get update && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y bazel-bootstrap bazel-rules-java; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y bazel-bootstrap bazel-rules-java; \
 	fi
 	bazel test //tests/...
 
 clean:
-	rm -rf demo_output $(VENV) *.egg-info .pytest_cache
+	rm -rf demo_output $(VENV) *.egg-info .pytest_cache build/native serving/native/_fgr_native*.so
