@@ -10,6 +10,7 @@ libraries export process-wide (serving/native/README.md), then hands it TensorFl
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import threading
