@@ -24,7 +24,7 @@ endef
 PYTHON_INCLUDE = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 NATIVE_APT = g++ pkg-config protobuf-compiler libprotobuf-dev libgrpc++-dev \
   $(if $(wildcard $(PYTHON_INCLUDE)/Python.h),,python3-dev)
-NATIVE_SOURCES := serving/native/build.py $(wildcard serving/native/cc/* bench/native_echo/*)
+NATIVE_SOURCES := serving/native/build.py $(wildcard serving/native/cc/* bench/native_*/*)
 
 install: $(VENV)/.installed
 
@@ -35,8 +35,8 @@ $(VENV)/.pip-installed: setup.py
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The native module and the native echo server (serving/native/build.py: incremental), redone when
-# their sources change.
+# The native module and the benchmarks' native programs (serving/native/build.py, incremental),
+# redone when their sources change.
 $(VENV)/.installed: $(VENV)/.pip-installed $(NATIVE_SOURCES)
 	@$(call apt_install,$(NATIVE_APT))
 	$(BIN)/python -m serving.native.build

@@ -7,13 +7,14 @@ Three steps, each skipped when its outputs are newer than its inputs:
    written as one FileDescriptorSet (every transitive import included) and compiled by Debian's protoc
    with `--descriptor_set_in` into `build/native/gen/`. The `google/protobuf/*` files are not
    generated: libprotobuf already holds them, and a second copy aborts at start-up.
-2. Objects. Every `serving/native/cc/*.cc`, `bench/native_echo/*.cc` and generated `.pb.cc` is
+2. Objects. Every `serving/native/cc/*.cc`, benchmark program source (PROGRAMS) and generated `.pb.cc` is
    compiled, in parallel, with the system gRPC and protobuf headers. TensorFlow's wheel headers are
    searched last and only for `tensorflow/c/*`: they also ship protobuf 5 and absl headers, which must
    not replace the system ones.
-3. Links. `serving/native/_fgr_native<EXT_SUFFIX>` exports only `PyInit__fgr_native` (hidden
-   visibility, a version script, `-Bsymbolic`) and links libgrpc++ and libprotobuf but never
-   TensorFlow. `build/native/echo_server` is the native echo PredictionService of the benchmarks.
+3. Links. `serving/native/_fgr_native<EXT_SUFFIX>` exports only EXPORTS (hidden visibility, a
+   version script, `-Bsymbolic`) and links libgrpc++ and libprotobuf but never TensorFlow.
+   `build/native/<program>` are the benchmarks' native programs (PROGRAMS): the echo
+   PredictionService and the load client.
 
 serving/native/README.md says why the module is linked this way.
 """
@@ -50,9 +51,19 @@ PROTO_MODULES = (
 )
 
 CXXFLAGS = ("-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-pthread")
-# The module's dynamic symbol table: PyInit__fgr_native only. Everything else (our code, the
-# generated tensorflow:: proto classes, inline protobuf and gRPC code) stays inside the module.
-VERSION_SCRIPT = f"{{\n  global: PyInit_{MODULE_NAME};\n  local: *;\n}};\n"
+# The module's dynamic symbol table: its init function, and the allocator of cc/allocator_bridge.cc.
+# Under RTLD_DEEPBIND the libraries loaded with the module (gRPC, protobuf, absl) look malloc up in
+# the module first; the bridge forwards them to the process's allocator. Everything else (our code,
+# the generated tensorflow:: proto classes, inline protobuf and gRPC code) stays inside the module.
+EXPORTS = (f"PyInit_{MODULE_NAME}", "malloc", "free", "calloc", "realloc", "posix_memalign", "aligned_alloc")
+EXPORTS += ("memalign", "valloc", "malloc_usable_size")
+VERSION_SCRIPT = "{\n  global:\n" + "".join(f"    {name};\n" for name in EXPORTS) + "  local: *;\n};\n"
+
+# The benchmarks' native programs: name in build/native/ -> (source folder, links the generated protos).
+PROGRAMS = {
+  "echo_server": ("bench/native_echo", True),  # The native echo PredictionService (transport floor).
+  "fgr_load_client": ("bench/native_load", False),  # A gRPC load generator cheaper than the Python one.
+}
 
 # What provides each tool, header or library the build needs (Debian packages).
 APT = {
@@ -76,21 +87,21 @@ class Paths:
   """Where the build reads and writes.
 
   Args:
-    repo: the checkout (its serving/native/cc and bench/native_echo hold the sources).
-    build_dir: generated code, objects and the echo server binary.
+    repo: the checkout (its serving/native/cc and PROGRAMS' folders hold the sources).
+    build_dir: generated code and objects.
     module: the Python extension to write.
-    echo_server: the echo server binary to write.
+    programs_dir: where PROGRAMS go (default: build_dir).
   """
 
   repo: str = REPO
   build_dir: str = ""
   module: str = ""
-  echo_server: str = ""
+  programs_dir: str = ""
 
   def __post_init__(self):
     self.build_dir = self.build_dir or os.path.join(self.repo, "build", "native")
     self.module = self.module or os.path.join(self.repo, "serving", "native", MODULE_NAME + ext_suffix())
-    self.echo_server = self.echo_server or os.path.join(self.build_dir, "echo_server")
+    self.programs_dir = self.programs_dir or self.build_dir
 
   @property
   def gen_dir(self) -> str:
@@ -106,9 +117,9 @@ def ext_suffix() -> str:
   return sysconfig.get_config_var("EXT_SUFFIX")
 
 
-def default_echo_server_path(repo: str = REPO) -> str:
-  """Where `make install` puts the native echo server (bench/native_echo)."""
-  return os.path.join(repo, "build", "native", "echo_server")
+def program_path(name: str, repo: str = REPO) -> str:
+  """Where `make install` puts one of PROGRAMS, e.g. `build/native/echo_server`."""
+  return os.path.join(repo, "build", "native", name)
 
 
 def _log(message: str) -> None:
@@ -384,11 +395,11 @@ def _link(output: str, record: str, objects: Sequence[str], flags: Sequence[str]
 
 
 def check_exports(module: str) -> list[str]:
-  """The module's defined dynamic symbols (`nm -D --defined-only`); fails unless only PyInit__fgr_native."""
+  """The module's defined dynamic symbols (`nm -D --defined-only`); fails unless its init and only EXPORTS."""
   out = _run([_tool("nm"), "-D", "--defined-only", module], "nm")
   symbols = [line.split()[-1] for line in out.splitlines() if line.strip()]
-  if symbols != [f"PyInit_{MODULE_NAME}"]:
-    raise BuildError(f"{module} exports {symbols[:20]}, expected only PyInit_{MODULE_NAME}")
+  if f"PyInit_{MODULE_NAME}" not in symbols or not set(symbols) <= set(EXPORTS):
+    raise BuildError(f"{module} exports {sorted(set(symbols) - set(EXPORTS))[:20]}: only {EXPORTS} may be")
   return symbols
 
 
@@ -397,7 +408,9 @@ def build(paths: Paths | None = None, parallel: int | None = None, force: bool =
   paths = paths or Paths()
   parallel = parallel or os.cpu_count() or 2
   module_sources = sorted(glob.glob(os.path.join(paths.repo, "serving", "native", "cc", "*.cc")))
-  echo_sources = sorted(glob.glob(os.path.join(paths.repo, "bench", "native_echo", "*.cc")))
+  program_sources = {
+    name: sorted(glob.glob(os.path.join(paths.repo, folder, "*.cc"))) for name, (folder, _) in PROGRAMS.items()
+  }
   if not module_sources:
     raise BuildError(f"no C++ sources in {os.path.join(paths.repo, 'serving', 'native', 'cc')}")
   tf_include = os.path.join(_package_dir("tensorflow"), "include")
@@ -421,7 +434,8 @@ def build(paths: Paths | None = None, parallel: int | None = None, force: bool =
 
   jobs = [(s, obj(s, "proto"), common) for s in proto_sources]
   jobs += [(s, obj(s, "module"), module_flags) for s in module_sources]
-  jobs += [(s, obj(s, "echo"), common) for s in echo_sources]
+  for name, sources in program_sources.items():
+    jobs += [(s, obj(s, name), common) for s in sources]
   if force:  # Forgetting the commands makes every step out of date.
     for record in [o + ".cmd" for _, o, _ in jobs] + glob.glob(os.path.join(paths.build_dir, "*.cmd")):
       if os.path.exists(record):
@@ -429,7 +443,9 @@ def build(paths: Paths | None = None, parallel: int | None = None, force: bool =
   objects = _compile_all(jobs, parallel)
   proto_objects = objects[: len(proto_sources)]
   module_objects = objects[len(proto_sources) : len(proto_sources) + len(module_sources)]
-  echo_objects = objects[len(proto_sources) + len(module_sources) :]
+  program_objects, start = {}, len(proto_sources) + len(module_sources)
+  for name, sources in program_sources.items():
+    program_objects[name], start = objects[start : start + len(sources)], start + len(sources)
 
   libs = [*_pkg_config("--libs"), "-lpthread", "-ldl"]
   version_script = os.path.join(paths.build_dir, "exports.map")
@@ -440,15 +456,19 @@ def build(paths: Paths | None = None, parallel: int | None = None, force: bool =
   module_record = os.path.join(paths.build_dir, MODULE_NAME + ".cmd")
   if _link(paths.module, module_record, module_objects + proto_objects, link_flags, libs) or force:
     check_exports(paths.module)
-  if echo_objects:
-    echo_record = os.path.join(paths.build_dir, "echo_server.cmd")
-    _link(paths.echo_server, echo_record, echo_objects + proto_objects, ["-pthread", "-Wl,--as-needed"], libs)
+  for name, program in program_objects.items():
+    if program:
+      record = os.path.join(paths.build_dir, name + ".cmd")
+      protos = proto_objects if PROGRAMS[name][1] else []
+      _link(os.path.join(paths.programs_dir, name), record, program + protos, ["-pthread", "-Wl,--as-needed"], libs)
   return paths
 
 
 def main(argv: list[str]) -> None:
   del argv
-  paths = Paths(repo=FLAGS.repo or REPO, build_dir=FLAGS.build_dir, module=FLAGS.module, echo_server=FLAGS.echo_server)
+  paths = Paths(
+    repo=FLAGS.repo or REPO, build_dir=FLAGS.build_dir, module=FLAGS.module, programs_dir=FLAGS.programs_dir
+  )
   try:
     build(paths, FLAGS.jobs, FLAGS.force)
   except BuildError as e:
@@ -458,14 +478,14 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  # Flags only when run as a program: bench/ imports this module for the echo server's path.
+  # Flags only when run as a program: bench/ imports this module for the programs' paths.
   from absl import app, flags
 
   FLAGS = flags.FLAGS
   flags.DEFINE_string("repo", None, "Checkout to build (default: the one holding this file).")
-  flags.DEFINE_string("build_dir", "", "Generated code, objects and echo_server (default: <repo>/build/native).")
+  flags.DEFINE_string("build_dir", "", "Generated code, objects and programs (default: <repo>/build/native).")
   flags.DEFINE_string("module", "", f"Extension to write (default: serving/native/{MODULE_NAME}<EXT_SUFFIX>).")
-  flags.DEFINE_string("echo_server", "", "Echo server binary to write (default: <build_dir>/echo_server).")
+  flags.DEFINE_string("programs_dir", "", f"Where {', '.join(PROGRAMS)} go (default: --build_dir).")
   flags.DEFINE_integer("jobs", None, "Parallel compiles (default: one per core).")
   flags.DEFINE_bool("force", False, "Regenerate and rebuild everything.")
   app.run(main)

@@ -5,7 +5,8 @@ protobuf (google::protobuf, and the tensorflow:: proto classes) built from anoth
 release. `_fgr_native` links Debian's libprotobuf 3.21 and compiles the same tensorflow:: classes.
 Each check runs in a fresh interpreter that uses TF's protobufs (C++ parsing included), then the
 module's (`parse_predict_request` parses and re-serializes a PredictRequest), then TF's again: a
-module that bound to TF's copy, or TF to the module's, would crash or answer wrongly.
+module that bound to TF's copy, or TF to the module's, would crash or answer wrongly. fgr-serve runs
+under a preloaded mimalloc (serving/util/allocator.py), so the check runs under it too.
 
 The module is built by `make install`. Without it these tests skip, except in CI (CI=true), where
 they fail.
@@ -20,6 +21,8 @@ import sys
 
 import native_testlib
 import pytest
+
+from serving.util import allocator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOT_BUILT = 77  # The child's exit code when serving.native.module() is None.
@@ -121,9 +124,16 @@ print(json.dumps({"ok": True, "round_trips": round_trips}))
 """
 
 
-@pytest.mark.parametrize("order", ["tf_first", "native_first"])
-def test_protobuf_copies_stay_apart(order):
+@pytest.mark.parametrize(
+  "order, malloc", [("tf_first", "glibc"), ("native_first", "glibc"), ("tf_first", allocator.MIMALLOC)]
+)
+def test_protobuf_copies_stay_apart(order, malloc):
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("LD_PRELOAD", None)
+  if malloc == allocator.MIMALLOC:
+    library = allocator.mimalloc_library()
+    assert library, "cmeel-mimalloc is an install requirement on Linux"
+    env["LD_PRELOAD"] = library
   result = subprocess.run(
     [sys.executable, "-c", _CHILD, order], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
   )
