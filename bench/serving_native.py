@@ -1,0 +1,309 @@
+"""Benchmark: fgr-serve's native data plane against its Python path, the model alone, and the echo floors.
+
+  python -m bench.serving_native --run_dir=runs/ads --base_path=models/ads
+
+Side by side in one run, every round alternating the order, all driven by the same native load client
+(`bench/native_load/load_client.cc`: one completion-queue thread, a few microseconds of CPU per call,
+where the Python driver spends a few hundred and, on 2 cores, would cap what the server can show):
+- fgr-serve --native=on and --native=off, both with the same server-side batching;
+- the native echo PredictionService and the Python one (`bench/echo_server.py`): the transport floors;
+- the model alone: the same version loaded in this process through TF's C API (`_fgr_native.Session`,
+  as the native server loads it), run at batch 1 paced at --qps (its latency) and at
+  batch --batch_rows from two threads (its throughput: what a server with perfect batching could reach).
+Latency is measured open loop at --qps (from each request's intended send time), saturation closed loop
+at --streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import scann  # noqa: F401  # pylint: disable=unused-import  # Registers the Scann ops before loading.
+import tensorflow as tf
+from absl import app, flags
+
+import serving.native
+from bench import serving_common as common
+from bench.fixtures import latency as latency_lib
+from bench.fixtures import servers
+
+FLAGS = flags.FLAGS
+common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=2)
+flags.adopt_module_key_flags(common)
+flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
+flags.DEFINE_integer("streams", 32, "Closed-loop streams for the saturation comparison.")
+flags.DEFINE_integer("batch_rows", 32, "Rows per in-process batch (the servers' max_batch_size).")
+flags.DEFINE_string(
+  "batching_parameters",
+  "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
+  "num_batch_threads { value: 2 } max_enqueued_batches { value: 64 }",
+  "Text BatchingParameters of both batching servers (saturation). Two batch threads: the model alone is "
+  "measured from two threads too.",
+)
+
+MODEL = "retrieval"
+
+
+def _write_requests(requests: list, path: str) -> None:
+  """The load client's request file: each serialized PredictRequest after its uint32 length."""
+  with open(path, "wb") as f:
+    for request in requests:
+      data = request.SerializeToString()
+      f.write(struct.pack("<I", len(data)))
+      f.write(data)
+
+
+def _drive(address: str, requests_file: str, load: str, workdir: str) -> dict[str, Any]:
+  """One run of the native load client; returns its counts and its latencies in seconds."""
+  latencies = os.path.join(workdir, "latencies.bin")
+  client = servers.native_program("fgr_load_client", "native_load")
+  if client is None:
+    raise RuntimeError("build/native/fgr_load_client is not built: run `make install`")
+  command = [
+    client,
+    f"--target={address}",
+    f"--requests={requests_file}",
+    load,
+    f"--seconds={FLAGS.seconds}",
+    f"--warmup_seconds={FLAGS.warmup_seconds}",
+    f"--latencies={latencies}",
+  ]
+  summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+  summary["latencies"] = np.fromfile(latencies, dtype="<i8") / 1e6
+  return summary
+
+
+class _Model:
+  """The served version, loaded in this process as the native server loads it."""
+
+  def __init__(self, version: str, requests: list):
+    native = serving.native.module()
+    if native is None:
+      raise RuntimeError(f"The native module is not available: {serving.native.unavailable_reason()}")
+    from tensorflow.core.protobuf import meta_graph_pb2  # noqa: PLC0415
+
+    self.session = native.Session(version, ["serve"], b"")
+    signature = meta_graph_pb2.MetaGraphDef.FromString(self.session.meta_graph_def).signature_def["serving_default"]
+    self.fetches = [info.name for info in signature.outputs.values()]
+    self.feeds = [
+      {signature.inputs[alias].name: tf.make_ndarray(proto) for alias, proto in r.inputs.items()} for r in requests
+    ]
+    for feeds in self.feeds[:20]:
+      self.session.run(feeds, self.fetches)
+
+  def paced_latencies(self, qps: float, seconds: float) -> list[float]:
+    """Batch-1 calls started every 1/qps s; each latency counts from its intended start."""
+    latencies, interval = [], 1.0 / qps
+    start = time.monotonic()
+    for i in range(int(qps * seconds)):
+      intended = start + i * interval
+      delay = intended - time.monotonic()
+      if delay > 0:
+        time.sleep(delay)
+      self.session.run(self.feeds[i % len(self.feeds)], self.fetches)
+      latencies.append(time.monotonic() - intended)
+    return latencies
+
+  def batching_session_qps(self, batching: dict[str, Any], callers: int, seconds: float) -> float:
+    """Requests per second of `callers` closed-loop threads through an in-process batching session.
+
+    The session runs behind the same native batch queue as the server's (`_fgr_native.Servable` with
+    the servers' BatchingParameters): the model with TF Serving's batching, minus the server.
+    """
+    native = serving.native.module()
+    scheduler = native.BatchScheduler(batching["num_batch_threads"])
+    servable = native.Servable(self.session, MODEL, 1, {}, {**batching, "scheduler": scheduler, "budget": None})
+    done = [0] * callers
+    deadline = time.monotonic() + seconds
+
+    def call(index: int) -> None:
+      while time.monotonic() < deadline:
+        servable.run(self.feeds[(index + done[index] * callers) % len(self.feeds)], self.fetches)
+        done[index] += 1
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+    for worker in workers:
+      worker.start()
+    for worker in workers:
+      worker.join()
+    elapsed = time.monotonic() - started
+    servable.close()
+    scheduler.stop()
+    return sum(done) / elapsed
+
+  def batched_rows_per_second(self, rows: int, seconds: float, threads: int = 2) -> float:
+    """Rows per second through batches of `rows` queries, from `threads` threads (TF releases the GIL)."""
+    batches = []
+    for i in range(4):
+      parts = [self.feeds[(i * rows + j) % len(self.feeds)] for j in range(rows)]
+      batches.append({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+    done = [0] * threads
+    deadline = time.monotonic() + seconds
+
+    def work(index: int) -> None:
+      while time.monotonic() < deadline:
+        self.session.run(batches[done[index] % len(batches)], self.fetches)
+        done[index] += 1
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+      worker.start()
+    for worker in workers:
+      worker.join()
+    return sum(done) * rows / (time.monotonic() - started)
+
+
+def _batching_options(text: str) -> dict[str, Any]:
+  """The native batch queue's options from text BatchingParameters, as fgr-serve reads them."""
+  from google.protobuf import text_format  # noqa: PLC0415
+
+  from serving.batching import batching_session  # noqa: PLC0415
+  from serving.config import protos  # noqa: PLC0415
+
+  params = text_format.Parse(text, protos.BatchingParameters())
+  options = batching_session.queue_options_from_proto(params, native=True)
+  return {
+    "num_batch_threads": params.num_batch_threads.value or os.cpu_count() or 1,
+    "max_batch_size": options.max_batch_size,
+    "batch_timeout_micros": options.batch_timeout_micros,
+    "max_enqueued_batches": options.max_enqueued_batches,
+    "allowed_batch_sizes": list(options.allowed_batch_sizes),
+    "pad_variable_length_inputs": options.pad_variable_length_inputs,
+  }
+
+
+def _point(label: str, load: str, runs: list[dict[str, Any]], cpu_seconds: float | None) -> dict[str, Any]:
+  ok = sum(r["ok"] for r in runs)
+  return {
+    "variant": label,
+    "load": f"{load}, {len(runs)} x {FLAGS.seconds:g} s",
+    "throughput_qps": round(ok / (len(runs) * FLAGS.seconds), 1),
+    **latency_lib.percentiles(np.concatenate([r["latencies"] for r in runs]), (50, 99)),
+    "errors": sum(r["errors"] for r in runs),
+    "server_cpu_ms_per_request": None if cpu_seconds is None else round(1e3 * cpu_seconds / max(ok, 1), 3),
+  }
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  version = common.latest_version(FLAGS.base_path)
+  requests = common.query_requests(FLAGS.run_dir, FLAGS.num_queries, MODEL)
+  workdir = common.workdir(FLAGS.output_dir, "serving_native")
+  requests_file = os.path.join(workdir, "requests.bin")
+  _write_requests(requests, requests_file)
+  batching = servers.batching_args(workdir, FLAGS.batching_parameters)
+  batching_options = _batching_options(FLAGS.batching_parameters)
+  model = _Model(version, requests)
+  loads = {"latency": f"--qps={FLAGS.qps:g}", "saturation": f"--streams={FLAGS.streams}"}
+  with (
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=on"], name="native") as native,
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=off"], name="python") as python,
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=on", *batching], name="native-batched") as native_b,
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=off", *batching], name="python-batched") as python_b,
+    servers.native_echo_server(workdir) as native_echo,
+    servers.echo_server(workdir) as python_echo,
+  ):
+    # Latency at a low rate without batching (a batch would wait out its timeout); saturation with it.
+    phases = {
+      "latency": {"fgr-serve, native": native, "fgr-serve, Python path": python},
+      "saturation": {"fgr-serve, native": native_b, "fgr-serve, Python path": python_b},
+    }
+    for targets in phases.values():
+      targets.update({"native echo": native_echo, "Python echo": python_echo})
+    memory = {"native": native.memory_mib(), "python": python.memory_mib()}
+    points: dict[str, list[dict[str, Any]]] = {}
+    for phase, load in loads.items():
+      targets = phases[phase]
+      runs: dict[str, list] = {label: [] for label in targets}
+      cpu: dict[str, float] = {label: 0.0 for label in targets}
+      inprocess: list[float] = []
+      for r in range(FLAGS.rounds):
+        order = list(targets) if r % 2 == 0 else list(targets)[::-1]
+        for label in order:
+          before = targets[label].cpu_seconds()
+          with tempfile.TemporaryDirectory(dir=workdir) as scratch:
+            runs[label].append(_drive(targets[label].address, requests_file, load, scratch))
+          cpu[label] += targets[label].cpu_seconds() - before
+          print(
+            f"  {phase} round {r + 1}: {label:<24s} {runs[label][-1]['ok'] / FLAGS.seconds:>9,.1f} req/s", flush=True
+          )
+        if phase == "latency":
+          inprocess += model.paced_latencies(FLAGS.qps, FLAGS.seconds)
+        else:
+          inprocess.append(
+            (
+              model.batching_session_qps(batching_options, FLAGS.streams, FLAGS.seconds),
+              model.batched_rows_per_second(FLAGS.batch_rows, FLAGS.seconds),
+            )
+          )
+      points[phase] = [_point(label, load, runs[label], cpu[label]) for label in targets]
+      if phase == "latency":
+        points[phase].append(
+          {"variant": "model alone, batch 1", "load": f"paced at {FLAGS.qps:g}/s", **latency_lib.percentiles(inprocess)}
+        )
+      else:
+        session_qps, rows_qps = np.mean(inprocess, axis=0)
+        points[phase] += [
+          {
+            "variant": "model alone, in-process batching session",
+            "load": f"{FLAGS.streams} threads, closed loop",
+            "throughput_qps": round(float(session_qps), 1),
+          },
+          {
+            "variant": f"model alone, full batches of {FLAGS.batch_rows}, 2 threads",
+            "load": "closed loop",
+            "throughput_qps": round(float(rows_qps), 1),
+          },
+        ]
+    memory_after = {
+      "native": native.memory_mib(),
+      "python": python.memory_mib(),
+      "native_batched": native_b.memory_mib(),
+      "python_batched": python_b.memory_mib(),
+    }
+  latency = {p["variant"]: p for p in points["latency"]}
+  saturation = {p["variant"]: p for p in points["saturation"]}
+  session_qps = saturation["model alone, in-process batching session"]["throughput_qps"]
+  model_qps = points["saturation"][-1]["throughput_qps"]
+  native_qps = saturation["fgr-serve, native"]["throughput_qps"]
+  ratios = {
+    "native_over_python_saturation": round(native_qps / saturation["fgr-serve, Python path"]["throughput_qps"], 2),
+    "native_over_inprocess_batching_session": round(native_qps / session_qps, 2),
+    "native_over_model_full_batches": round(native_qps / model_qps, 2),
+    "native_over_native_echo_saturation": round(native_qps / saturation["native echo"]["throughput_qps"], 2),
+    "native_server_added_p50_ms": round(
+      latency["fgr-serve, native"]["p50_ms"] - latency["model alone, batch 1"]["p50_ms"], 3
+    ),
+    "python_server_added_p50_ms": round(
+      latency["fgr-serve, Python path"]["p50_ms"] - latency["model alone, batch 1"]["p50_ms"], 3
+    ),
+    "native_over_python_rss": round(memory_after["native"]["rss_mib"] / memory_after["python"]["rss_mib"], 3),
+  }
+  common.finish(
+    FLAGS.output_dir,
+    "serving_native",
+    {
+      "version": version,
+      "points": points,
+      "ratios": ratios,
+      "memory": memory,
+      "memory_after": memory_after,
+      "batching_parameters": FLAGS.batching_parameters,
+    },
+    points["latency"] + points["saturation"],
+    ratios,
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
