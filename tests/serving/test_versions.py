@@ -232,7 +232,7 @@ def test_load_gives_the_load_thread_back_its_cpus_and_priority(tmp_path):
   before = os.sched_getaffinity(0), os.sched_getscheduler(0)
   with saved_model_bundle.background_load():
     assert len(os.sched_getaffinity(0)) == 1 or len(before[0]) == 1
-    with saved_model_bundle._idle_priority():  # pylint: disable=protected-access
+    with saved_model_bundle.idle_priority():
       idle = saved_model_bundle._can_leave_idle_priority()  # pylint: disable=protected-access
       assert (os.sched_getscheduler(0) == os.SCHED_IDLE) == idle
     assert os.sched_getscheduler(0) == before[1]
