@@ -174,6 +174,13 @@ class GrpcServer:
       raise RuntimeError(f"Failed to bind gRPC server to {address}")
     return port
 
+  def serve(self, addresses: list[str]) -> list[int]:
+    """Binds `addresses` (see add_port) and starts serving; returns the
+    bound ports in the same order."""
+    ports = [self.add_port(address) for address in addresses]
+    self.start()
+    return ports
+
   def start(self) -> None:
     self._on_loop(self._server.start())
     self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -8,13 +8,11 @@ it loads versions (servables/native_bundle.py) and tells the native server
 which versions and labels each model serves (`Routes`, from ServerCore).
 """
 
-import os
 import threading
 from types import ModuleType
 from typing import Any
 
 import grpc
-import tensorflow as tf
 from absl import logging
 
 from serving import errors
@@ -23,16 +21,10 @@ from serving.model_servers import service_impl
 AUTO, ON, OFF = "auto", "on", "off"
 MODES = (AUTO, ON, OFF)
 
-_init_lock = threading.Lock()
-_initialized: set[int] = set()
-
 
 def load_module() -> tuple[ModuleType | None, str]:
-  """The native module, ready for sessions, or (None, why it is not).
-
-  Initialises it once per process with TensorFlow's library directory, where
-  it finds the already loaded TF C API.
-  """
+  """The native module, loaded and initialised (serving.native), or (None,
+  why it is not available)."""
   try:
     from serving import native  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -42,10 +34,6 @@ def load_module() -> tuple[ModuleType | None, str]:
   module = native.module()
   if module is None:
     return None, native.unavailable_reason()
-  with _init_lock:
-    if id(module) not in _initialized:
-      module.init(os.path.dirname(tf.__file__))
-      _initialized.add(id(module))
   return module, ""
 
 
@@ -188,7 +176,6 @@ class NativeGrpcServer:
     method_name_check: bool = False,
     as_tensor_content: bool = False,
   ):
-    self._module = module
     self._routes = routes
     self._server = module.Server(
       Fallback(api),
@@ -207,20 +194,18 @@ class NativeGrpcServer:
     self._started = False
     self._stopped = False
 
-  def add_port(self, address: str) -> int:
-    """Binds `address` ("host:port" or "unix:path"); returns the port."""
-    try:
-      port = self._server.add_port(address)
-    except self._module.NativeError as e:
-      raise RuntimeError(f"Failed to bind gRPC server to {address}: {e.message}") from e
-    if port == 0 and not address.startswith("unix:"):
-      raise RuntimeError(f"Failed to bind gRPC server to {address}")
-    return port
+  def serve(self, addresses: list[str]) -> list[int]:
+    """Binds `addresses` ("host:port", port 0: any; or "unix:path") and
+    starts serving; returns the bound ports in the same order.
 
-  def start(self) -> None:
-    self._server.start()
+    Raises:
+      RuntimeError: "Failed to bind gRPC server to ..." if one can't be bound.
+    """
+    for address in addresses:
+      self._server.add_port(address)
+    ports = self._server.start()
     self._started = True
-    self._server.set_serving(True)
+    return list(ports)
 
   def set_not_serving(self) -> None:
     """Health checks answer NOT_SERVING for every service from now on (the

@@ -244,11 +244,14 @@ class Server:
         options.grpc_max_receive_message_length or -1,
         grpc_server.ssl_credentials(ssl_config) if ssl_config is not None else None,
       )
+    addresses = []
     if options.port or not options.grpc_socket_path:
-      self.grpc_port = self._grpc.add_port(f"{options.host}:{options.port}")
+      addresses.append(f"{options.host}:{options.port}")
     if options.grpc_socket_path:
-      self._grpc.add_port(f"unix:{options.grpc_socket_path}")
-    self._grpc.start()
+      addresses.append(f"unix:{options.grpc_socket_path}")
+    ports = self._grpc.serve(addresses)
+    if options.port or not options.grpc_socket_path:
+      self.grpc_port = ports[0]
     logging.info("Running gRPC ModelServer at %s:%d ...", options.host, self.grpc_port)
     if options.rest_api_port:
       self._http = http_server.HttpServer(
