@@ -44,6 +44,7 @@ def _publish(base, version, tmp_path, **kwargs):
   os.rename(staging, os.path.join(base, str(version)))
 
 
+@pytest.mark.usefixtures("native")
 def test_swap_under_load_then_failed_version(tmp_path):
   base = str(tmp_path / "m")
   lib.write_tf2_half_plus_two(os.path.join(base, "1"))
@@ -118,6 +119,7 @@ def _config(*models):
   return config
 
 
+@pytest.mark.usefixtures("native")
 def test_reload_config_and_config_file_polling(tmp_path):
   a = str(tmp_path / "a")
   b = str(tmp_path / "b")
