@@ -56,3 +56,32 @@ def find_movielens(path: str | None = None, environ: Mapping[str, str] | None = 
 @pytest.fixture(scope="session")
 def movielens_dir() -> str:
   return find_movielens()
+
+
+# fgr-serve's --native values the serving tests run under: the Python gRPC front end and the native
+# data plane (serving/native). Test ids say which: test_x[python], test_x[native].
+NATIVE_MODES = ("off", "on")
+NATIVE_IDS = ("python", "native")
+
+
+def require_native(environ: Mapping[str, str] | None = None) -> None:
+  """Skips the test when the native data plane is not built, or fails it in CI (CI=true), as
+  `find_movielens` does for its data: CI must not pass by skipping every native test."""
+  from serving.model_servers import native_server  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
+  module, reason = native_server.load_module()
+  if module is not None:
+    return
+  environ = os.environ if environ is None else environ
+  message = f"the native data plane is unavailable: {reason}"
+  if environ.get("CI", "").lower() == "true":
+    pytest.fail(f"{message}; CI=true, so it must be built (make install)", pytrace=False)
+  pytest.skip(f"{message}; outside CI (CI=true) the native tests are skipped")
+
+
+@pytest.fixture(scope="session", params=NATIVE_MODES, ids=NATIVE_IDS)
+def native_mode(request) -> str:
+  """fgr-serve's --native for a server-starting test: each such test runs once per mode."""
+  if request.param == "on":
+    require_native()
+  return request.param

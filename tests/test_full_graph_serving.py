@@ -21,19 +21,29 @@ MODEL = "retrieval"
 
 
 @pytest.fixture(scope="module")
-def served(trained_run, tmp_path_factory):
+def exported(trained_run, tmp_path_factory):
+  """(base path, export report, held-out queries) of a ScaNN full-graph export, made once."""
   base_path = str(tmp_path_factory.mktemp("models"))
   report = exporter.export_model(trained_run, base_path, exporter.ExportConfig(index="scann", k=20))
+  _, run_config = train.restore(trained_run)
+  queries = queries_lib.held_out_queries(sources.open_source(sources.DataSpec.from_json(run_config["data"])), 16)
+  return base_path, report, queries
+
+
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory, native_mode):
+  """fgr-serve serving the export, once per --native mode."""
+  base_path, report, queries = exported
   server = serving_testlib.ServerProcess(
-    [f"--model_name={MODEL}", f"--model_base_path={base_path}"], str(tmp_path_factory.mktemp("server"))
+    [f"--model_name={MODEL}", f"--model_base_path={base_path}"],
+    str(tmp_path_factory.mktemp("server")),
+    native=native_mode,
   )
   request = get_model_status_pb2.GetModelStatusRequest()
   request.model_spec.name = MODEL
   serving_testlib.wait_for(
     lambda: any(v.state == v.AVAILABLE for v in server.model.GetModelStatus(request).model_version_status), timeout=120
   )
-  _, run_config = train.restore(trained_run)
-  queries = queries_lib.held_out_queries(sources.open_source(sources.DataSpec.from_json(run_config["data"])), 16)
   yield server, report, queries
   assert server.terminate() == 0
 

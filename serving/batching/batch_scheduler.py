@@ -29,12 +29,16 @@ class QueueOptions:
     batch_timeout_micros: How long the oldest task may wait for more tasks.
     max_enqueued_batches: Queue capacity in batches; beyond it, UNAVAILABLE.
     allowed_batch_sizes: If set, batches are padded up to one of these sizes.
+    pad_variable_length_inputs: Pad inputs whose per-row shapes differ to one
+      shape so they batch together (native batching only, see
+      batching_session.queue_options_from_proto).
   """
 
   max_batch_size: int = 1000
   batch_timeout_micros: int = 0
   max_enqueued_batches: int = 10
   allowed_batch_sizes: tuple = ()
+  pad_variable_length_inputs: bool = False
 
 
 class Task:

@@ -214,11 +214,16 @@ def _feeds_cost(feeds: dict[str, np.ndarray]) -> tuple[int, int]:
   return elements, nbytes
 
 
-def queue_options_from_proto(params) -> batch_scheduler.QueueOptions:
+def queue_options_from_proto(params, native: bool = False) -> batch_scheduler.QueueOptions:
   """Builds QueueOptions from a BatchingParameters message.
 
   Defaults follow TF Serving's BasicBatchScheduler: max_batch_size 1000,
   batch_timeout_micros 0, max_enqueued_batches 10.
+
+  Args:
+    params: The BatchingParameters.
+    native: For the native data plane's batching, which implements
+      pad_variable_length_inputs; this module's batching refuses it.
   """
 
   def value(field, default):
@@ -229,6 +234,7 @@ def queue_options_from_proto(params) -> batch_scheduler.QueueOptions:
     batch_timeout_micros=int(value("batch_timeout_micros", 0)),
     max_enqueued_batches=int(value("max_enqueued_batches", 10)),
     allowed_batch_sizes=tuple(int(s) for s in params.allowed_batch_sizes),
+    pad_variable_length_inputs=bool(params.pad_variable_length_inputs),
   )
   if options.max_batch_size < 1 or options.max_enqueued_batches < 1:
     raise errors.invalid_argument("BatchingParameters: max_batch_size and max_enqueued_batches must be positive")
@@ -247,10 +253,10 @@ def queue_options_from_proto(params) -> batch_scheduler.QueueOptions:
       "BatchingParameters: enable_large_batch_splitting is not supported by "
       "fgr-serve; requests larger than max_batch_size are rejected"
     )
-  if params.pad_variable_length_inputs:
+  if params.pad_variable_length_inputs and not native:
     raise errors.invalid_argument(
-      "BatchingParameters: pad_variable_length_inputs is not supported by "
-      "fgr-serve; requests with different per-row shapes are batched "
-      "separately instead"
+      "BatchingParameters: pad_variable_length_inputs needs the native data "
+      "plane (--native); fgr-serve's Python batching batches requests with "
+      "different per-row shapes separately instead"
     )
   return options

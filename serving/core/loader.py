@@ -10,13 +10,14 @@ from tensorflow.core.protobuf import config_pb2
 
 from serving import errors
 from serving.batching import batch_scheduler, batching_session
-from serving.servables import request_limits, saved_model_bundle, warmup
+from serving.servables import native_bundle, request_limits, saved_model_bundle, warmup
 
 
 @dataclasses.dataclass
 class BatchingConfig:
   """Server-wide batching set-up shared by every servable."""
 
+  # The Python scheduler; with the native data plane, `_fgr_native.BatchScheduler`.
   scheduler: batch_scheduler.SharedBatchScheduler
   options: batch_scheduler.QueueOptions
   # Returns the per-batch observer for a model (e.g. a metrics recorder).
@@ -41,6 +42,9 @@ class LoaderOptions:
   # Freed memory stays in the process (runtime.retain_freed_memory): rehearse
   # each model's first load, so the next version reuses touched pages.
   reserve_next_version_memory: bool = False
+  # Set: versions load into the native data plane (native_bundle), which
+  # also batches them.
+  native: native_bundle.NativeRuntime | None = None
 
 
 def check_path_roots(path: str, roots: Sequence[str], what: str) -> None:
@@ -61,16 +65,26 @@ def check_path_roots(path: str, roots: Sequence[str], what: str) -> None:
   )
 
 
-def load_once(name: str, version: int, path: str, options: LoaderOptions) -> saved_model_bundle.SavedModelBundle:
+def _native_bundle(name: str, version: int, path: str, options: LoaderOptions) -> native_bundle.NativeBundle:
+  batching = None
+  if options.batching is not None:
+    batching = native_bundle.NativeBatching(options.batching.scheduler, options.batching.options)
+  return native_bundle.NativeBundle(name, version, path, options.native, options.tags, options.session_config, batching)
+
+
+def load_once(name: str, version: int, path: str, options: LoaderOptions) -> saved_model_bundle.LoadedVersion:
   """Loads and warms one version; raises ServingError on failure."""
   context = saved_model_bundle.servable_context(name, version)
   try:
     check_path_roots(path, options.allowed_roots, "Version directory")
-    bundle = saved_model_bundle.SavedModelBundle(name, version, path, options.tags, options.session_config)
+    if options.native is not None:
+      bundle = _native_bundle(name, version, path, options)
+    else:
+      bundle = saved_model_bundle.SavedModelBundle(name, version, path, options.tags, options.session_config)
   except Exception as e:  # Any load failure becomes the version's status.
     raise errors.from_exception(e, context) from e
   try:
-    if options.batching is not None:
+    if options.batching is not None and options.native is None:
       batching = options.batching
       budget = (
         None
@@ -93,7 +107,7 @@ def load_once(name: str, version: int, path: str, options: LoaderOptions) -> sav
 
 def load_with_retries(
   name: str, version: int, path: str, options: LoaderOptions, cancelled: threading.Event
-) -> saved_model_bundle.SavedModelBundle:
+) -> saved_model_bundle.LoadedVersion:
   """Calls `load_once`, retrying up to `max_num_load_retries` times."""
   attempt = 0
   while True:

@@ -5,7 +5,7 @@ import contextlib
 import gc
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from absl import logging
 from tensorflow_serving.apis import get_model_status_pb2
@@ -16,6 +16,8 @@ from serving.core import aspired_versions_policy, file_system_source, loader
 from serving.servables import saved_model_bundle
 
 State = get_model_status_pb2.ModelVersionStatus.State
+# (model name, {version: bundle} of its AVAILABLE versions) -> None
+AvailableCallback = Callable[[str, dict[int, saved_model_bundle.LoadedVersion]], None]
 
 
 class _Version:
@@ -27,7 +29,7 @@ class _Version:
     self.mtime = file_system_source.version_mtime(path)
     self.state = State.START
     self.error: errors.ServingError | None = None
-    self.bundle: saved_model_bundle.SavedModelBundle | None = None
+    self.bundle: saved_model_bundle.LoadedVersion | None = None
     self.in_flight = 0
 
 
@@ -44,6 +46,10 @@ class ModelManager:
     load_pool: Executor for loads.
     unload_pool: Executor for unloads.
     policy: When old versions may unload (availability preserving).
+    on_available: Called, under the manager's lock, with the AVAILABLE
+      versions each time they change: after a version becomes AVAILABLE,
+      and when one stops taking requests, before its unload begins. A front
+      end routing requests by itself (the native data plane) follows it.
   """
 
   def __init__(
@@ -53,8 +59,10 @@ class ModelManager:
     load_pool: concurrent.futures.Executor,
     unload_pool: concurrent.futures.Executor,
     policy: aspired_versions_policy.AspiredVersionPolicy,
+    on_available: AvailableCallback | None = None,
   ):
     self.name = config.name
+    self._on_available = on_available
     self._config = config
     self._loader_options = loader_options
     self._reserved = False  # See _rehearse_next_load.
@@ -142,6 +150,7 @@ class ModelManager:
         return
       entry.bundle = bundle
       entry.state = State.AVAILABLE  # Latest() now resolves here: the switch.
+      self._publish_available_locked()
       logging.info("Successfully loaded servable version %s", bundle.context())
       self._unload_unaspired_locked()
       self._cond.notify_all()
@@ -173,7 +182,17 @@ class ModelManager:
 
   def _begin_unload_locked(self, entry: _Version) -> None:
     entry.state = State.UNLOADING  # No new handles from here on.
+    self._publish_available_locked()  # Nor new routes, before the unload starts.
     self._unload_pool.submit(self._unload, entry)
+
+  def _publish_available_locked(self) -> None:
+    if self._on_available is None:
+      return
+    available = {v: e.bundle for v, e in self._versions.items() if e.state == State.AVAILABLE}
+    try:
+      self._on_available(self.name, available)
+    except Exception:  # Routing must not break the version manager.
+      logging.exception("Publishing the available versions of %s failed", self.name)
 
   def _unload(self, entry: _Version) -> None:
     with self._cond:
@@ -192,7 +211,7 @@ class ModelManager:
       self._cond.notify_all()
 
   @contextlib.contextmanager
-  def handle(self, request_text: str, version: int | None = None) -> Iterator[saved_model_bundle.SavedModelBundle]:
+  def handle(self, request_text: str, version: int | None = None) -> Iterator[saved_model_bundle.LoadedVersion]:
     """Yields an AVAILABLE version (the latest if `version` is None).
 
     Args:

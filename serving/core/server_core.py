@@ -5,6 +5,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from typing import Protocol
 
 from absl import logging
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2
@@ -25,6 +26,14 @@ def single_model_config(name: str, base_path: str) -> model_server_config_pb2.Mo
   model.base_path = base_path
   model.model_platform = _TENSORFLOW_PLATFORM
   return config
+
+
+class Router(Protocol):
+  """A front end that routes requests to versions by itself (the native data plane)."""
+
+  def set_model(self, name: str, versions: dict[int, saved_model_bundle.LoadedVersion], labels: dict[str, int]):
+    """Replaces the model's AVAILABLE versions and its version labels; empty
+    `versions`: the model serves no more."""
 
 
 def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
@@ -56,6 +65,10 @@ class ServerCore:
     num_unload_threads: Unload concurrency (0 means 1).
     allow_version_labels_for_unavailable_models: Accept labels pointing at
       versions that are not AVAILABLE.
+    router: Told each model's AVAILABLE versions and labels whenever either
+      changes. A version leaves it before its unload begins, and a new one
+      joins once loaded and warmed, so the router keeps serving through a
+      swap, as `servable_handle` does.
   """
 
   def __init__(
@@ -64,6 +77,7 @@ class ServerCore:
     num_load_threads: int = 0,
     num_unload_threads: int = 0,
     allow_version_labels_for_unavailable_models: bool = False,
+    router: Router | None = None,
   ):
     self._loader_options = loader_options
     self._load_pool = concurrent.futures.ThreadPoolExecutor(max(1, num_load_threads), thread_name_prefix="load")
@@ -77,6 +91,11 @@ class ServerCore:
     self._stop_polling = threading.Event()
     self._poll_thread: threading.Thread | None = None
     self._config = model_server_config_pb2.ModelServerConfig()
+    self._router = router
+    # What the router was told: per model, its AVAILABLE versions and labels.
+    self._route_lock = threading.Lock()
+    self._routed_versions: dict[str, dict[int, saved_model_bundle.LoadedVersion]] = {}
+    self._routed_labels: dict[str, dict[str, int]] = {}
 
   @property
   def config(self) -> model_server_config_pb2.ModelServerConfig:
@@ -110,12 +129,18 @@ class ServerCore:
         for manager in removed:
           del self._managers[manager.name]
           self._labels.pop(manager.name, None)
+          self._set_route_labels(manager.name, {})
         added, updated = [], []
         for name, model in models.items():
           manager = self._managers.get(name)
           if manager is None:
             manager = model_manager.ModelManager(
-              model, self._loader_options, self._load_pool, self._unload_pool, self._policy
+              model,
+              self._loader_options,
+              self._load_pool,
+              self._unload_pool,
+              self._policy,
+              self._route_versions if self._router is not None else None,
             )
             self._managers[name] = manager
             added.append(manager)
@@ -154,6 +179,33 @@ class ServerCore:
       labels[name] = dict(model.version_labels)
     with self._lock:
       self._labels = labels
+    for name in models:
+      self._set_route_labels(name, labels[name])
+
+  def _route_versions(self, name: str, versions: dict[int, saved_model_bundle.LoadedVersion]) -> None:
+    """ModelManager's on_available: tells the router (under the manager's
+    lock, so a version leaves the router before its unload begins)."""
+    with self._route_lock:
+      if versions:
+        self._routed_versions[name] = versions
+      else:
+        self._routed_versions.pop(name, None)
+      self._router.set_model(name, versions, self._routed_labels.get(name, {}))
+
+  def _set_route_labels(self, name: str, labels: dict[str, int]) -> None:
+    """Tells the router a model's labels, if they changed."""
+    if self._router is None:
+      return
+    with self._route_lock:
+      if self._routed_labels.get(name, {}) == labels:
+        return
+      if labels:
+        self._routed_labels[name] = dict(labels)
+      else:
+        self._routed_labels.pop(name, None)
+      versions = self._routed_versions.get(name)
+      if versions:  # Else the labels go with the model's first versions.
+        self._router.set_model(name, versions, dict(labels))
 
   def wait_until_models_available(self, stop: threading.Event | None = None) -> None:
     """Blocks until every model has an AVAILABLE version (start-up).
@@ -225,7 +277,7 @@ class ServerCore:
     return self._manager(name, text), version, text
 
   @contextlib.contextmanager
-  def servable_handle(self, model_spec: model_pb2.ModelSpec) -> Iterator[saved_model_bundle.SavedModelBundle]:
+  def servable_handle(self, model_spec: model_pb2.ModelSpec) -> Iterator[saved_model_bundle.LoadedVersion]:
     """Yields the servable a ModelSpec names, held until the block exits."""
     manager, version, text = self.resolve(model_spec)
     with manager.handle(text, version) as bundle:

@@ -17,55 +17,32 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import (
-  classification_pb2,
-  get_model_metadata_pb2,
-  get_model_status_pb2,
-  inference_pb2,
-  model_management_pb2,
-  predict_pb2,
-  regression_pb2,
-)
 
 from serving import errors
 from serving.model_servers import service_impl
 
 R = TypeVar("R")
 
-PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
-MODEL_SERVICE = "tensorflow.serving.ModelService"
-
-# Method -> (request class, response class), as in the services' .proto.
-_PREDICTION_METHODS: dict[str, tuple[type[message.Message], Any]] = {
-  "Classify": (classification_pb2.ClassificationRequest, classification_pb2.ClassificationResponse),
-  "Regress": (regression_pb2.RegressionRequest, regression_pb2.RegressionResponse),
-  "Predict": (predict_pb2.PredictRequest, predict_pb2.PredictResponse),
-  "MultiInference": (inference_pb2.MultiInferenceRequest, inference_pb2.MultiInferenceResponse),
-  "GetModelMetadata": (get_model_metadata_pb2.GetModelMetadataRequest, get_model_metadata_pb2.GetModelMetadataResponse),
-}
-_MODEL_METHODS: dict[str, tuple[type[message.Message], Any]] = {
-  "GetModelStatus": (get_model_status_pb2.GetModelStatusRequest, get_model_status_pb2.GetModelStatusResponse),
-  "HandleReloadConfigRequest": (model_management_pb2.ReloadConfigRequest, model_management_pb2.ReloadConfigResponse),
-}
+PREDICTION_SERVICE = service_impl.PREDICTION_SERVICE
+MODEL_SERVICE = service_impl.MODEL_SERVICE
 
 
 class _Malformed:
   """Stands in for a request whose bytes did not parse."""
 
-  def __init__(self, name: str, error: Exception):
-    self.message = f"Malformed {name}: {error}"
+  def __init__(self, error: errors.ServingError):
+    self.message = error.message
 
 
-def _parser(request_class: type[message.Message]) -> Callable[[bytes], Any]:
+def _parser(method: service_impl.RpcMethod) -> Callable[[bytes], Any]:
   """A deserializer that never raises (grpc would answer INTERNAL)."""
 
   def parse(data: bytes):
     try:
-      return request_class.FromString(data)
-    except message.DecodeError as e:
-      return _Malformed(request_class.DESCRIPTOR.name, e)
+      return method.parse(data)
+    except errors.ServingError as e:
+      return _Malformed(e)
 
   return parse
 
@@ -78,36 +55,6 @@ def _timeout_ms(context: grpc.aio.ServicerContext) -> int | None:
   return max(1, int(remaining * 1000))
 
 
-def _generic_handler(
-  service: str, servicer: Any, methods: dict[str, tuple[type[message.Message], Any]]
-) -> grpc.GenericRpcHandler:
-  """Registers `servicer`'s coroutines; unparsable requests get
-  INVALID_ARGUMENT, as TF Serving answers any malformed input, and any
-  failure becomes a status, never a crash."""
-
-  def behaviour(method):
-    async def call(request, context: grpc.aio.ServicerContext):
-      if isinstance(request, _Malformed):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-      try:
-        return await method(request, context)
-      except Exception as e:  # pylint: disable=broad-except
-        error = errors.from_exception(e)
-      await context.abort(error.code, error.message)
-
-    return call
-
-  handlers = {
-    name: grpc.unary_unary_rpc_method_handler(
-      behaviour(getattr(servicer, name)),
-      request_deserializer=_parser(request_class),
-      response_serializer=response_class.SerializeToString,
-    )
-    for name, (request_class, response_class) in methods.items()
-  }
-  return grpc.method_handlers_generic_handler(service, handlers)
-
-
 class _Pool:
   """Runs blocking RPC implementations on the worker threads."""
 
@@ -118,44 +65,48 @@ class _Pool:
     return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(function, *args))
 
 
-class PredictionServicer:
-  """tensorflow.serving.PredictionService."""
+def _implementation(method: service_impl.RpcMethod, api: service_impl.ServingApi, pool: _Pool):
+  """The coroutine answering `method`: Predict is validated and answered on
+  the loop (`ServingApi.predict_async`); every other method runs as a whole
+  on the worker pool."""
+  if method.path == f"/{PREDICTION_SERVICE}/Predict":
 
-  def __init__(self, api: service_impl.ServingApi, pool: _Pool):
-    self._api = api
-    self._pool = pool
+    async def predict(request, context):
+      return await api.predict_async(request, _timeout_ms(context), pool.executor)
 
-  async def Predict(self, request, context):
-    return await self._api.predict_async(request, _timeout_ms(context), self._pool.executor)
+    return predict
 
-  async def Classify(self, request, context):
-    return await self._pool.run(self._api.classify, request, _timeout_ms(context))
+  async def call(request, context):
+    return await pool.run(method.run, api, request, _timeout_ms(context))
 
-  async def Regress(self, request, context):
-    return await self._pool.run(self._api.regress, request, _timeout_ms(context))
-
-  async def MultiInference(self, request, context):
-    return await self._pool.run(self._api.multi_inference, request, _timeout_ms(context))
-
-  async def GetModelMetadata(self, request, context):
-    del context
-    return await self._pool.run(self._api.get_model_metadata, request)
+  return call
 
 
-class ModelServicer:
-  """tensorflow.serving.ModelService."""
+def _generic_handlers(api: service_impl.ServingApi, pool: _Pool) -> list[grpc.GenericRpcHandler]:
+  """One handler per service of `service_impl.RPC_METHODS`. Unparsable
+  requests get INVALID_ARGUMENT, as TF Serving answers any malformed input,
+  and any failure becomes a status, never a crash."""
 
-  def __init__(self, api: service_impl.ServingApi, pool: _Pool):
-    self._api = api
-    self._pool = pool
+  def behaviour(implementation):
+    async def call(request, context: grpc.aio.ServicerContext):
+      if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+      try:
+        return await implementation(request, context)
+      except Exception as e:  # pylint: disable=broad-except
+        error = errors.from_exception(e)
+      await context.abort(error.code, error.message)
 
-  async def GetModelStatus(self, request, context):
-    del context
-    return await self._pool.run(self._api.get_model_status, request)
+    return call
 
-  async def HandleReloadConfigRequest(self, request, context):
-    del context
-    return await self._pool.run(self._api.reload_config, request)
+  by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+  for method in service_impl.RPC_METHODS:
+    by_service.setdefault(method.service, {})[method.name] = grpc.unary_unary_rpc_method_handler(
+      behaviour(_implementation(method, api, pool)),
+      request_deserializer=_parser(method),
+      response_serializer=method.response_type.SerializeToString,
+    )
+  return [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in by_service.items()]
 
 
 class GrpcServer:
@@ -196,12 +147,7 @@ class GrpcServer:
 
     async def create() -> grpc.aio.Server:
       server = grpc.aio.server(options=channel_options)
-      server.add_generic_rpc_handlers(
-        (
-          _generic_handler(PREDICTION_SERVICE, PredictionServicer(api, pool), _PREDICTION_METHODS),
-          _generic_handler(MODEL_SERVICE, ModelServicer(api, pool), _MODEL_METHODS),
-        )
-      )
+      server.add_generic_rpc_handlers(_generic_handlers(api, pool))
       if self._health is not None:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
       return server
@@ -227,6 +173,13 @@ class GrpcServer:
     if port == 0 and not address.startswith("unix:"):
       raise RuntimeError(f"Failed to bind gRPC server to {address}")
     return port
+
+  def serve(self, addresses: list[str]) -> list[int]:
+    """Binds `addresses` (see add_port) and starts serving; returns the
+    bound ports in the same order."""
+    ports = [self.add_port(address) for address in addresses]
+    self.start()
+    return ports
 
   def start(self) -> None:
     self._on_loop(self._server.start())
@@ -258,8 +211,8 @@ class GrpcServer:
     self._executor.shutdown(wait=True)
 
 
-def ssl_credentials(config) -> grpc.ServerCredentials:
-  """gRPC server credentials from TF Serving's SSLConfig (PEM contents).
+def check_ssl_config(config) -> None:
+  """Validates TF Serving's SSLConfig (PEM contents) for a TLS server port.
 
   Args:
     config: A `tensorflow.serving.SSLConfig`: `server_key` and `server_cert`
@@ -275,6 +228,15 @@ def ssl_credentials(config) -> grpc.ServerCredentials:
     raise errors.invalid_argument(
       "--ssl_config_file: client_verify needs custom_ca (PEM roots that client certificates must chain to)"
     )
+
+
+def ssl_credentials(config) -> grpc.ServerCredentials:
+  """gRPC server credentials from TF Serving's SSLConfig (see `check_ssl_config`).
+
+  Raises:
+    ServingError: INVALID_ARGUMENT if the key or certificate is missing.
+  """
+  check_ssl_config(config)
   return grpc.ssl_server_credentials(
     [(config.server_key.encode(), config.server_cert.encode())],
     root_certificates=config.custom_ca.encode() or None,

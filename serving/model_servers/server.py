@@ -12,9 +12,9 @@ from serving import errors
 from serving.batching import batch_scheduler, batching_session
 from serving.config import protos, text_config
 from serving.core import loader, server_core
-from serving.model_servers import grpc_server, http_server, service_impl
+from serving.model_servers import grpc_server, http_server, native_server, service_impl
 from serving.monitoring import metrics as metrics_lib
-from serving.servables import request_limits
+from serving.servables import native_bundle, request_limits
 
 DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
@@ -71,6 +71,8 @@ class Options:
   max_bytes_per_batch: int = 0
   expansion_limit_rows: int = request_limits.DEFAULT_ROWS
   model_base_path_roots: list[str] = dataclasses.field(default_factory=list)
+  # The native data plane (native_server.MODES): auto, on or off.
+  native: str = native_server.AUTO
 
 
 class Server:
@@ -83,8 +85,8 @@ class Server:
   def __init__(self, options: Options):
     self.options = options
     self.metrics = metrics_lib.Metrics()
-    self._scheduler: batch_scheduler.SharedBatchScheduler | None = None
-    self._grpc: grpc_server.GrpcServer | None = None
+    self._scheduler: batch_scheduler.SharedBatchScheduler | None = None  # Or the native BatchScheduler.
+    self._grpc: grpc_server.GrpcServer | native_server.NativeGrpcServer | None = None
     self._http: http_server.HttpServer | None = None
     self._stop = threading.Event()
     self._config_thread: threading.Thread | None = None
@@ -100,7 +102,9 @@ class Server:
       raise errors.invalid_argument("Both --model_config_file and --model_base_path are empty: one of them is required")
     return server_core.single_model_config(options.model_name, options.model_base_path)
 
-  def _batching(self) -> loader.BatchingConfig | None:
+  def _batching(self, native) -> loader.BatchingConfig | None:
+    """Batching set-up from the flags; `native`: the native module, whose
+    scheduler then batches."""
     options = self.options
     if not options.enable_batching:
       if options.batching_parameters_file:
@@ -109,11 +113,14 @@ class Server:
     params = protos.BatchingParameters()
     if options.batching_parameters_file:
       params = text_config.parse_text_proto(options.batching_parameters_file, protos.BatchingParameters)
-    queue_options = batching_session.queue_options_from_proto(params)
+    queue_options = batching_session.queue_options_from_proto(params, native=native is not None)
     threads = params.num_batch_threads.value if params.HasField("num_batch_threads") else 0
     if threads <= 0:
       threads = os.cpu_count() or 1
-    self._scheduler = batch_scheduler.SharedBatchScheduler(threads)
+    if native is not None:
+      self._scheduler = native.BatchScheduler(threads)
+    else:
+      self._scheduler = batch_scheduler.SharedBatchScheduler(threads)
     logging.info("Batching enabled: %s, %d batch threads", queue_options, threads)
     return loader.BatchingConfig(self._scheduler, queue_options, self.metrics.batch_observer, self._expansion_limits())
 
@@ -149,9 +156,10 @@ class Server:
     options = self.options
     config = self._model_server_config()
     prometheus_path = self._prometheus_path()
-    credentials = None
+    ssl_config = None
     if options.ssl_config_file:
-      credentials = grpc_server.ssl_credentials(text_config.parse_text_proto(options.ssl_config_file, protos.SSLConfig))
+      ssl_config = text_config.parse_text_proto(options.ssl_config_file, protos.SSLConfig)
+      grpc_server.check_ssl_config(ssl_config)
     if options.rest_api_port < REST_API_ANY_PORT:
       raise errors.invalid_argument(
         f"--rest_api_port={options.rest_api_port}: expected a port, 0 "
@@ -161,6 +169,15 @@ class Server:
       raise errors.invalid_argument(
         "--monitoring_config_file enables Prometheus metrics, which are served on the REST port: set --rest_api_port"
       )
+    native = native_server.choose(options.native)
+    native_runtime = routes = admission = None
+    if native is not None:
+      native_metrics = native.Metrics(list(metrics_lib.LATENCY_BUCKETS_US), list(metrics_lib.BATCH_BUCKETS))
+      self.metrics.attach_native(native_metrics)
+      native_runtime = native_bundle.NativeRuntime(native, native_metrics, self._expansion_limits())
+      routes = native_server.Routes()
+      if options.max_in_flight_requests > 0:
+        admission = native.Admission(options.max_in_flight_requests)
     loader_options = loader.LoaderOptions(
       tags=[t for t in options.saved_model_tags.split(",") if t],
       session_config=options.session_config,
@@ -168,15 +185,17 @@ class Server:
       warmup_iterations=max(1, options.num_request_iterations_for_warmup),
       max_num_load_retries=max(0, options.max_num_load_retries),
       load_retry_interval_seconds=max(0.0, options.load_retry_interval_micros / 1e6),
-      batching=self._batching(),
+      batching=self._batching(native),
       allowed_roots=tuple(options.model_base_path_roots),
       reserve_next_version_memory=options.retain_freed_memory,
+      native=native_runtime,
     )
     self.core = server_core.ServerCore(
       loader_options,
       options.num_load_threads,
       options.num_unload_threads,
       options.allow_version_labels_for_unavailable_models,
+      routes,
     )
     self.core.reload_config(config, wait=False)
     if options.file_system_poll_wait_seconds >= 0:
@@ -198,20 +217,41 @@ class Server:
       options.max_batch_size_per_request,
       options.max_in_flight_requests,
       self._expansion_limits(),
+      admission,
     )
-    self._grpc = grpc_server.GrpcServer(
-      api,
-      options.grpc_max_threads,
-      options.grpc_channel_arguments,
-      options.enable_grpc_healthcheck_service,
-      options.grpc_max_receive_message_length or -1,
-      credentials,
-    )
+    if native is not None:
+      self._grpc = native_server.NativeGrpcServer(
+        native,
+        api,
+        routes,
+        native_runtime.metrics,
+        admission,
+        options.grpc_max_threads,
+        options.grpc_channel_arguments,
+        options.enable_grpc_healthcheck_service,
+        options.grpc_max_receive_message_length or -1,
+        ssl_config,
+        options.max_batch_size_per_request,
+        options.enable_signature_method_name_check,
+        options.enable_serialization_as_tensor_content,
+      )
+    else:
+      self._grpc = grpc_server.GrpcServer(
+        api,
+        options.grpc_max_threads,
+        options.grpc_channel_arguments,
+        options.enable_grpc_healthcheck_service,
+        options.grpc_max_receive_message_length or -1,
+        grpc_server.ssl_credentials(ssl_config) if ssl_config is not None else None,
+      )
+    addresses = []
     if options.port or not options.grpc_socket_path:
-      self.grpc_port = self._grpc.add_port(f"{options.host}:{options.port}")
+      addresses.append(f"{options.host}:{options.port}")
     if options.grpc_socket_path:
-      self._grpc.add_port(f"unix:{options.grpc_socket_path}")
-    self._grpc.start()
+      addresses.append(f"unix:{options.grpc_socket_path}")
+    ports = self._grpc.serve(addresses)
+    if options.port or not options.grpc_socket_path:
+      self.grpc_port = ports[0]
     logging.info("Running gRPC ModelServer at %s:%d ...", options.host, self.grpc_port)
     if options.rest_api_port:
       self._http = http_server.HttpServer(
@@ -250,7 +290,8 @@ class Server:
 
     Health turns NOT_SERVING first, for every service, so load balancers stop
     sending to this replica while REST, then gRPC, drain. The health service
-    keeps answering NOT_SERVING until gRPC itself stops.
+    keeps answering NOT_SERVING until gRPC itself stops. The same steps stop
+    the native front end; versions unload after it has drained.
     """
     self._stop.set()
     if self._grpc is not None:

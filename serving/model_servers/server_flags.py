@@ -161,6 +161,17 @@ flags.DEFINE_string(
   "client_verify). REST and UNIX sockets stay plaintext.",
 )
 # Ours.
+flags.DEFINE_enum(
+  "native",
+  "auto",
+  ["auto", "on", "off"],
+  "The native data plane (C++, serving/native) behind the gRPC port: it "
+  "answers Predict without Python and hands every other call to the "
+  "Python implementation. auto: native when the module is built, else the "
+  "Python path (logged once, with the reason); on: native, or fail at "
+  "start-up; off: the Python gRPC front end. REST, metrics, version "
+  "management and warm-up stay in Python either way. Not a TF Serving flag.",
+)
 flags.DEFINE_bool(
   "load_scann_ops",
   True,

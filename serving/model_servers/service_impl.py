@@ -3,6 +3,7 @@
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import threading
 import time
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from absl import logging
+from google.protobuf import message
 from tensorflow_serving.apis import (
   classification_pb2,
   get_model_metadata_pb2,
@@ -41,6 +43,9 @@ R = TypeVar("R")
 # Raises to refuse a request whose inputs ({alias: Cost}) expand too far.
 CostCheck = Callable[[dict[str, request_limits.Cost]], None]
 
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+
 
 def predict_batch_size(request: predict_pb2.PredictRequest) -> int:
   """Rows in a PredictRequest: the largest dim 0 among its inputs' shapes."""
@@ -55,6 +60,18 @@ def examples_batch_size(model_input: input_pb2.Input) -> int:
   if kind == "example_list_with_context":
     return len(model_input.example_list_with_context.examples)
   return 0
+
+
+class _SemaphoreAdmission:
+  """--max_in_flight_requests within this process's Python front ends."""
+
+  def __init__(self, limit: int):
+    semaphore = threading.BoundedSemaphore(limit)
+    self.release = semaphore.release
+    self._acquire = semaphore.acquire
+
+  def try_acquire(self) -> bool:
+    return self._acquire(blocking=False)
 
 
 async def _run_in(executor: concurrent.futures.Executor, function: Callable[..., R], *args) -> R:
@@ -86,6 +103,10 @@ class ServingApi:
       fails at once with RESOURCE_EXHAUSTED instead of queueing. 0: no limit.
     expansion_limits: Elements and bytes one request may expand to, checked
       from what it declares before any input is decoded.
+    admission: Where the --max_in_flight_requests slots are held, if not in
+      this object: the native data plane's `Admission`, so that requests its
+      front end answers count against the same limit (`try_acquire() ->
+      bool`, `release()`).
   """
 
   def __init__(
@@ -97,6 +118,7 @@ class ServingApi:
     max_batch_size_per_request: int = 0,
     max_in_flight_requests: int = 0,
     expansion_limits: request_limits.ExpansionLimits | None = None,
+    admission: Any = None,
   ):
     self.core = core
     self.metrics = metrics
@@ -104,7 +126,11 @@ class ServingApi:
     self._as_tensor_content = as_tensor_content
     self._max_batch = max(0, max_batch_size_per_request)
     self._max_in_flight = max(0, max_in_flight_requests)
-    self._in_flight = threading.BoundedSemaphore(self._max_in_flight) if self._max_in_flight else None
+    self._in_flight = None
+    if admission is not None:
+      self._in_flight = admission
+    elif self._max_in_flight:
+      self._in_flight = _SemaphoreAdmission(self._max_in_flight)
     self._limits = expansion_limits or request_limits.ExpansionLimits()
     # Servable -> {signature name: its request limits}, priced once.
     self._signature_limits = weakref.WeakKeyDictionary()
@@ -115,7 +141,7 @@ class ServingApi:
     if self._in_flight is None:
       yield
       return
-    if not self._in_flight.acquire(blocking=False):
+    if not self._in_flight.try_acquire():
       raise errors.resource_exhausted(
         f"Too many requests in flight: the limit is {self._max_in_flight} (--max_in_flight_requests); retry later"
       )
@@ -371,3 +397,95 @@ class ServingApi:
     response = model_management_pb2.ReloadConfigResponse()
     response.status.error_code = 0
     return response
+
+
+@dataclasses.dataclass(frozen=True)
+class RpcMethod:
+  """One method of TF Serving's gRPC services, as every gRPC front end
+  dispatches it: its messages and the blocking `ServingApi` call answering it.
+
+  Attributes:
+    service: Full service name, e.g. "tensorflow.serving.PredictionService".
+    name: Method name, e.g. "Predict".
+    request_type: The request message class.
+    response_type: The response message class.
+    run: `run(api, request, timeout_ms)` returns the response or raises.
+  """
+
+  service: str
+  name: str
+  request_type: type[message.Message]
+  response_type: type[message.Message]
+  run: Callable[[ServingApi, Any, int | None], message.Message]
+
+  @property
+  def path(self) -> str:
+    """The gRPC method path, "/<service>/<name>"."""
+    return f"/{self.service}/{self.name}"
+
+  def parse(self, data: bytes) -> message.Message:
+    """The request from its wire bytes.
+
+    Raises:
+      ServingError: INVALID_ARGUMENT "Malformed <request type>: ..." for bytes
+        that don't parse, as TF Serving answers any malformed input (grpcio
+        alone would answer INTERNAL).
+    """
+    try:
+      return self.request_type.FromString(data)
+    except message.DecodeError as e:
+      raise errors.invalid_argument(f"Malformed {self.request_type.DESCRIPTOR.name}: {e}") from e
+
+
+# Every method of PredictionService and ModelService, as in their .proto files.
+RPC_METHODS: tuple[RpcMethod, ...] = (
+  RpcMethod(
+    PREDICTION_SERVICE,
+    "Classify",
+    classification_pb2.ClassificationRequest,
+    classification_pb2.ClassificationResponse,
+    lambda api, request, timeout_ms: api.classify(request, timeout_ms),
+  ),
+  RpcMethod(
+    PREDICTION_SERVICE,
+    "Regress",
+    regression_pb2.RegressionRequest,
+    regression_pb2.RegressionResponse,
+    lambda api, request, timeout_ms: api.regress(request, timeout_ms),
+  ),
+  RpcMethod(
+    PREDICTION_SERVICE,
+    "Predict",
+    predict_pb2.PredictRequest,
+    predict_pb2.PredictResponse,
+    lambda api, request, timeout_ms: api.predict(request, timeout_ms),
+  ),
+  RpcMethod(
+    PREDICTION_SERVICE,
+    "MultiInference",
+    inference_pb2.MultiInferenceRequest,
+    inference_pb2.MultiInferenceResponse,
+    lambda api, request, timeout_ms: api.multi_inference(request, timeout_ms),
+  ),
+  RpcMethod(
+    PREDICTION_SERVICE,
+    "GetModelMetadata",
+    get_model_metadata_pb2.GetModelMetadataRequest,
+    get_model_metadata_pb2.GetModelMetadataResponse,
+    lambda api, request, timeout_ms: api.get_model_metadata(request),
+  ),
+  RpcMethod(
+    MODEL_SERVICE,
+    "GetModelStatus",
+    get_model_status_pb2.GetModelStatusRequest,
+    get_model_status_pb2.GetModelStatusResponse,
+    lambda api, request, timeout_ms: api.get_model_status(request),
+  ),
+  RpcMethod(
+    MODEL_SERVICE,
+    "HandleReloadConfigRequest",
+    model_management_pb2.ReloadConfigRequest,
+    model_management_pb2.ReloadConfigResponse,
+    lambda api, request, timeout_ms: api.reload_config(request),
+  ),
+)

@@ -99,7 +99,49 @@ def _import_graph(path: str, tags: Sequence[str]) -> _ImportedGraph:
     return _imported_graphs.setdefault(key, imported)
 
 
-class SavedModelBundle:
+class LoadedVersion:
+  """What every loaded version offers requests, whatever runs its session.
+
+  Subclasses set `name`, `version`, `path`, `meta_graph` and `runner`
+  (the session runner requests go through, batched or not).
+  """
+
+  name: str
+  version: int
+  path: str
+  meta_graph: meta_graph_pb2.MetaGraphDef
+  runner: SessionRunner
+
+  @property
+  def signature_defs(self):
+    """The SignatureDef map of the loaded MetaGraph."""
+    return self.meta_graph.signature_def
+
+  def context(self, signature: str | None = None) -> str:
+    return servable_context(self.name, self.version, signature)
+
+  def fill_model_spec(self, model_spec, signature_name: str = "") -> None:
+    """Writes this servable's name, version and `signature_name` into a
+    response's ModelSpec."""
+    model_spec.name = self.name
+    model_spec.version.value = self.version
+    if signature_name:
+      model_spec.signature_name = signature_name
+
+  def signature(self, signature_name: str):
+    """Returns (resolved name, SignatureDef); empty name = serving_default.
+
+    Raises:
+      ServingError: FAILED_PRECONDITION if the signature does not exist, as
+        TF Serving's Predict answers.
+    """
+    name = signature_name or DEFAULT_SERVING_SIGNATURE
+    if name not in self.meta_graph.signature_def:
+      raise errors.failed_precondition(f'Serving signature key "{name}" not found.').with_context(self.context(name))
+    return name, self.meta_graph.signature_def[name]
+
+
+class SavedModelBundle(LoadedVersion):
   """One loaded version of a model.
 
   Args:
@@ -139,34 +181,6 @@ class SavedModelBundle:
       raise
     self.runner: SessionRunner = self.session_run
 
-  @property
-  def signature_defs(self):
-    """The SignatureDef map of the loaded MetaGraph."""
-    return self.meta_graph.signature_def
-
-  def context(self, signature: str | None = None) -> str:
-    return servable_context(self.name, self.version, signature)
-
-  def fill_model_spec(self, model_spec, signature_name: str = "") -> None:
-    """Writes this servable's name, version and `signature_name` into a
-    response's ModelSpec."""
-    model_spec.name = self.name
-    model_spec.version.value = self.version
-    if signature_name:
-      model_spec.signature_name = signature_name
-
-  def signature(self, signature_name: str):
-    """Returns (resolved name, SignatureDef); empty name = serving_default.
-
-    Raises:
-      ServingError: FAILED_PRECONDITION if the signature does not exist, as
-        TF Serving's Predict answers.
-    """
-    name = signature_name or DEFAULT_SERVING_SIGNATURE
-    if name not in self.meta_graph.signature_def:
-      raise errors.failed_precondition(f'Serving signature key "{name}" not found.').with_context(self.context(name))
-    return name, self.meta_graph.signature_def[name]
-
   def session_run(
     self, feeds: dict[str, np.ndarray], fetches: Sequence[str], timeout_ms: int | None = None
   ) -> list[np.ndarray]:
@@ -181,8 +195,8 @@ class SavedModelBundle:
     options = None
     if timeout_ms is not None and timeout_ms > 0:
       options = config_pb2.RunOptions(timeout_in_ms=int(timeout_ms))
-    if getattr(_loading, "active", False):  # A warm-up: see background_load().
-      with _idle_priority():
+    if loading_in_this_thread():  # A warm-up: see background_load().
+      with idle_priority():
         return self._direct.run(feeds, fetches, _in_caller_thread(options))
     return self._direct.run(feeds, fetches, options)
 
@@ -205,7 +219,7 @@ class SavedModelBundle:
         self._closed = True
         for callback in self._close_callbacks:
           callback()
-        with _idle_priority():  # TF_CloseSession releases the GIL meanwhile.
+        with idle_priority():  # TF_CloseSession releases the GIL meanwhile.
           self._session.close()
         self._imported = None  # The shared graph goes with its last version.
         logging.info("Unloaded servable %s", self.context())
@@ -241,7 +255,7 @@ class _InCallerThread:
     self._session = session
 
   def run(self, fetches, feed_dict=None, options=None, run_metadata=None):
-    with _idle_priority():
+    with idle_priority():
       return self._session.run(
         fetches, feed_dict=feed_dict, options=_in_caller_thread(options), run_metadata=run_metadata
       )
@@ -259,6 +273,11 @@ def _in_caller_thread(options: config_pb2.RunOptions | None) -> config_pb2.RunOp
 _loading = threading.local()
 
 
+def loading_in_this_thread() -> bool:
+  """Whether this thread is loading or warming a version (`background_load`)."""
+  return getattr(_loading, "active", False)
+
+
 @contextlib.contextmanager
 def background_load():
   """Runs a version's restore, init and warm-up in the calling thread, pinned
@@ -268,7 +287,7 @@ def background_load():
   - Session runs of this thread execute in it (RunOptions
     inter_op_thread_pool=-1), not on TF's shared inter-op pool: the warm-up's
     first request deserialises the ScaNN searcher (seconds of CPU at 1M ads).
-  - Each of those runs is SCHED_IDLE (`_idle_priority`): this thread, and the
+  - Each of those runs is SCHED_IDLE (`idle_priority`): this thread, and the
     threads it starts meanwhile (RestoreV2's reader threads), use only CPU
     time no request wants. Only inside the run: the GIL is released there,
     while a starved idle thread holding the GIL would stall every request.
@@ -281,7 +300,7 @@ def background_load():
   stalled the serving version for ~1 s). Each part is skipped where the OS
   lacks it.
   """
-  if getattr(_loading, "active", False):
+  if loading_in_this_thread():
     yield
     return
   allowed = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else set()
@@ -297,7 +316,7 @@ def background_load():
 
 
 @contextlib.contextmanager
-def _idle_priority():
+def idle_priority():
   """SCHED_IDLE for the calling thread (and threads it starts) meanwhile.
 
   A no-op where the thread could not return to its policy afterwards.

@@ -1,7 +1,15 @@
-"""Fixtures: test SavedModels and one fgr-serve subprocess per session."""
+"""Fixtures: test SavedModels, one fgr-serve subprocess per --native mode, and `native`."""
 
 import pytest
 import serving_testlib as lib
+
+
+@pytest.fixture
+def native(native_mode, monkeypatch) -> str:
+  """Runs the servers a test starts through serving_testlib (InProcessServer, ServerProcess) with
+  --native=<mode>: the test then runs once on the Python front end, once on the native one."""
+  monkeypatch.setattr(lib, "NATIVE", native_mode)
+  return native_mode
 
 
 @pytest.fixture(scope="session")
@@ -19,8 +27,8 @@ def model_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(model_root, tmp_path_factory):
-  """One fgr-serve serving both models, REST and Prometheus enabled.
+def server(model_root, tmp_path_factory, native_mode):
+  """One fgr-serve per --native mode serving every model, REST and Prometheus enabled.
 
   Tearing it down checks the graceful SIGTERM path exits 0.
   """
@@ -57,6 +65,7 @@ model_config_list {{
       "--enable_grpc_healthcheck_service",
     ],
     str(tmp),
+    native=native_mode,
   )
   yield proc
   code = proc.terminate()

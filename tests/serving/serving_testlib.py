@@ -33,6 +33,10 @@ TF1_VERSION = 123
 # --rest_api_port value for a kernel-chosen port (server.REST_API_ANY_PORT).
 REST_ANY_PORT = -1
 
+# --native for the servers started here unless told otherwise: the `native` fixture sets it per
+# test; FGR_TEST_NATIVE=on runs every test's servers on the native data plane.
+NATIVE = os.environ.get("FGR_TEST_NATIVE", "off")
+
 
 @contextlib.contextmanager
 def refusing_port() -> Iterator[int]:
@@ -228,9 +232,15 @@ def write_broken(export_dir: str) -> str:
 
 
 class ServerProcess:
-  """An fgr-serve subprocess and clients for it."""
+  """An fgr-serve subprocess and clients for it.
 
-  def __init__(self, args, tmp_dir):
+  Args:
+    args: fgr-serve flags.
+    tmp_dir: Where its port file and logs go.
+    native: --native (default: NATIVE).
+  """
+
+  def __init__(self, args, tmp_dir, native: str | None = None):
     self.port_file = os.path.join(tmp_dir, "ports")
     self.stderr_path = os.path.join(tmp_dir, "stderr.log")
     self.stdout_path = os.path.join(tmp_dir, "stdout.log")
@@ -245,6 +255,7 @@ class ServerProcess:
         "--port=0",
         f"--port_file={self.port_file}",
         "--max_num_load_retries=0",
+        f"--native={native or NATIVE}",
       ]
       + args,
       cwd=REPO_ROOT,
@@ -297,6 +308,7 @@ class InProcessServer:
 
     options.setdefault("port", 0)
     options.setdefault("max_num_load_retries", 0)
+    options.setdefault("native", NATIVE)
     self.server = server_lib.Server(server_lib.Options(**options))
     self.server.start()
     self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.grpc_port}")

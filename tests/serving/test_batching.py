@@ -119,8 +119,15 @@ def test_batching_parameters_validation():
   options = batching_session.queue_options_from_proto(params)
   assert options.allowed_batch_sizes == (4, 8, 16)
   assert options.max_enqueued_batches == 10  # TF Serving's default.
+  assert not options.pad_variable_length_inputs
+  # Padding variable-length inputs is native batching's alone.
+  params.pad_variable_length_inputs = True
+  with pytest.raises(errors.ServingError, match="pad_variable_length_inputs needs the native data plane"):
+    batching_session.queue_options_from_proto(params)
+  assert batching_session.queue_options_from_proto(params, native=True).pad_variable_length_inputs
 
 
+@pytest.mark.usefixtures("native")
 def test_server_with_batching(tmp_path):
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   params = tmp_path / "batching.config"

@@ -68,6 +68,7 @@ _CORRUPTIONS = {
 }
 
 
+@pytest.mark.usefixtures("native")
 def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export, tmp_path):
   base = tmp_path / "ads"
   shutil.copytree(full_graph_export, base / "1")
@@ -158,6 +159,7 @@ def test_publish_killed_midway_leaves_no_version(tmp_path):
   assert os.listdir(base) == ["1"]
 
 
+@pytest.mark.usefixtures("native")
 def test_sigterm_under_load_drains_and_exits_0(tmp_path):
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   proc = lib.ServerProcess(["--model_name=m", f"--model_base_path={tmp_path / 'm'}"], str(tmp_path))
@@ -209,7 +211,7 @@ def test_sigterm_under_load_drains_and_exits_0(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tree_server(trained_run, tmp_path_factory):
+def tree_server(trained_run, tmp_path_factory, native_mode):
   """fgr-serve (in process) serving a tree-AH ScaNN export of 3,000 ads under
   three masks: as exported ("ads"), 80% of the ads paused ("ads_retry") and
   all but 30 paused ("ads_exact"). Yields (server, {model: version dir})."""
@@ -232,7 +234,7 @@ def tree_server(trained_run, tmp_path_factory):
     )
     + " }"
   )
-  server = lib.InProcessServer(model_config_file=str(config), file_system_poll_wait_seconds=-1)
+  server = lib.InProcessServer(model_config_file=str(config), file_system_poll_wait_seconds=-1, native=native_mode)
   try:
     yield server, versions_dirs
   finally:

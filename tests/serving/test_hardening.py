@@ -102,7 +102,7 @@ def test_unknown_model_version_signature_on_every_rpc(server):
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory):
+def limited(tmp_path_factory, native_mode):
   """An in-process server with every request limit set low, and batching
   whose batches wait an hour unless full: a one-row request's deadline
   always expires in the queue, however slow the machine."""
@@ -122,6 +122,7 @@ def limited(tmp_path_factory):
     enable_batching=True,
     batching_parameters_file=str(params),
     grpc_max_threads=8,
+    native=native_mode,
   )
   yield server
   server.stop()
@@ -256,6 +257,7 @@ def _self_signed(tmp_path):
   return key.read_text(), cert.read_text()
 
 
+@pytest.mark.usefixtures("native")
 def test_tls(tmp_path):
   key, cert = _self_signed(tmp_path)
   ssl_config = tmp_path / "ssl.config"
@@ -275,10 +277,13 @@ def test_tls(tmp_path):
   ssl_config.write_text(f"server_cert: {json.dumps(cert)}\nclient_verify: true\n")
   with pytest.raises(errors.ServingError, match="server_key and server_cert"):
     server_lib.Server(
-      server_lib.Options(model_name="m", model_base_path=str(tmp_path / "m"), port=0, ssl_config_file=str(ssl_config))
+      server_lib.Options(
+        model_name="m", model_base_path=str(tmp_path / "m"), port=0, ssl_config_file=str(ssl_config), native=lib.NATIVE
+      )
     ).start()
 
 
+@pytest.mark.usefixtures("native")
 def test_model_paths_cannot_escape_roots(tmp_path):
   root, outside = tmp_path / "root", tmp_path / "outside"
   lib.write_tf2_half_plus_two(str(outside / "m" / "1"))
@@ -287,7 +292,9 @@ def test_model_paths_cannot_escape_roots(tmp_path):
   for base in (outside / "m", root / ".." / "outside" / "m", root / "link"):
     with pytest.raises(errors.ServingError, match="outside the allowed roots"):
       server_lib.Server(
-        server_lib.Options(model_name="m", model_base_path=str(base), port=0, model_base_path_roots=[str(root)])
+        server_lib.Options(
+          model_name="m", model_base_path=str(base), port=0, model_base_path_roots=[str(root)], native=lib.NATIVE
+        )
       ).start()
   # A version directory symlinked out of the root fails to load.
   lib.write_tf2_half_plus_two(str(root / "m" / "1"))

@@ -67,6 +67,7 @@ def test_flags():
   assert f"HARDENING ['/a', '/b'] 3 8 -1 {64 << 20} /s" in out
 
 
+@pytest.mark.usefixtures("native")
 def test_sigterm_drains_in_flight_requests(tmp_path):
   """A request waiting in a batch when SIGTERM arrives still succeeds."""
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
@@ -122,6 +123,7 @@ def test_rest_api_port_any_is_reported_by_the_process(server):
     assert response.status == 200
 
 
+@pytest.mark.usefixtures("native")
 def test_rest_api_port_in_options(tmp_path):
   """REST_API_ANY_PORT binds a free port; 0 keeps REST off, as TF Serving."""
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
@@ -143,6 +145,7 @@ def test_rest_api_port_in_options(tmp_path):
     lib.InProcessServer(rest_api_port=-2, **model)
 
 
+@pytest.mark.usefixtures("native")
 def test_shutdown_reports_not_serving_before_draining(tmp_path):
   """Stopping turns gRPC health NOT_SERVING for every service before REST
   drains, so load balancers stop sending gRPC calls while a REST call is
@@ -207,15 +210,17 @@ def test_shutdown_reports_not_serving_before_draining(tmp_path):
     ),
   ],
 )
+@pytest.mark.usefixtures("native")
 def test_bad_model_config_fails_start(tmp_path, config_text, message):
   config = tmp_path / "models.config"
   config.write_text(config_text)
-  server = server_lib.Server(server_lib.Options(port=0, model_config_file=str(config)))
+  server = server_lib.Server(server_lib.Options(port=0, model_config_file=str(config), native=lib.NATIVE))
   with pytest.raises(errors.ServingError, match=message):
     server.start()
   server.stop(grace_seconds=0)
 
 
+@pytest.mark.usefixtures("native")
 def test_model_failing_at_start_up_fails_start(tmp_path):
   lib.write_broken(str(tmp_path / "m" / "1"))
   server = server_lib.Server(
@@ -225,6 +230,7 @@ def test_model_failing_at_start_up_fails_start(tmp_path):
       model_base_path=str(tmp_path / "m"),
       max_num_load_retries=1,
       load_retry_interval_micros=10000,
+      native=lib.NATIVE,
     )
   )
   with pytest.raises(errors.ServingError, match="model: m, version: 1"):
@@ -232,12 +238,15 @@ def test_model_failing_at_start_up_fails_start(tmp_path):
   server.stop(grace_seconds=0)
 
 
+@pytest.mark.usefixtures("native")
 def test_unix_socket_only(tmp_path):
   """--grpc_socket_path with --port=0 serves gRPC on the socket alone."""
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   socket_path = str(tmp_path / "fgr.sock")
   server = server_lib.Server(
-    server_lib.Options(port=0, grpc_socket_path=socket_path, model_name="m", model_base_path=str(tmp_path / "m"))
+    server_lib.Options(
+      port=0, grpc_socket_path=socket_path, model_name="m", model_base_path=str(tmp_path / "m"), native=lib.NATIVE
+    )
   )
   server.start()
   channel = grpc.insecure_channel(f"unix:{socket_path}")

@@ -8,6 +8,7 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 import scann_testlib as scann_lib
 import serving_testlib as lib
 
@@ -69,6 +70,7 @@ def _record(features, row: int, **changes) -> refresh_delta.AdRecord:
   return refresh_delta.AdRecord(**values)
 
 
+@pytest.mark.usefixtures("native")
 def test_refreshed_versions_swap_under_load(trained_run, tmp_path_factory, tmp_path):
   export = scann_lib.tree_export(trained_run, tmp_path_factory)
   base = str(tmp_path / "ads")

@@ -38,7 +38,7 @@ class _Tokens(tf.Module):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, native_mode):
   """fgr-serve with default limits: the `tokens` model (x [N] -> y, text
   [N, ?] -> lengths) and TF1 half_plus_two (classify/regress)."""
   tmp = tmp_path_factory.mktemp("limits")
@@ -53,7 +53,7 @@ model_config_list {{
   config {{ name: "{MODEL}" base_path: "{tmp / MODEL}" }}
   config {{ name: "{lib.TF1_MODEL}" base_path: "{tmp / lib.TF1_MODEL}" }}
 }}""")
-  proc = lib.ServerProcess([f"--model_config_file={config}", "--rest_api_port=-1"], str(tmp))
+  proc = lib.ServerProcess([f"--model_config_file={config}", "--rest_api_port=-1"], str(tmp), native=native_mode)
   yield proc
   assert proc.terminate() == 0, proc.stderr()[-3000:]
 

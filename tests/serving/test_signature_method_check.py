@@ -23,22 +23,26 @@ def base_path(tmp_path_factory):
   return str(root / "m")
 
 
-def _server(base_path, check: bool):
+def _server(base_path, check: bool, native: str):
   return lib.InProcessServer(
-    model_name="m", model_base_path=base_path, rest_api_port=lib.REST_ANY_PORT, enable_signature_method_name_check=check
+    model_name="m",
+    model_base_path=base_path,
+    rest_api_port=lib.REST_ANY_PORT,
+    enable_signature_method_name_check=check,
+    native=native,
   )
 
 
 @pytest.fixture(scope="module")
-def unchecked(base_path):
-  server = _server(base_path, check=False)  # TF Serving's default.
+def unchecked(base_path, native_mode):
+  server = _server(base_path, check=False, native=native_mode)  # TF Serving's default.
   yield server
   server.stop()
 
 
 @pytest.fixture(scope="module")
-def checked(base_path):
-  server = _server(base_path, check=True)
+def checked(base_path, native_mode):
+  server = _server(base_path, check=True, native=native_mode)
   yield server
   server.stop()
 

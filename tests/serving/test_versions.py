@@ -44,6 +44,7 @@ def _publish(base, version, tmp_path, **kwargs):
   os.rename(staging, os.path.join(base, str(version)))
 
 
+@pytest.mark.usefixtures("native")
 def test_swap_under_load_then_failed_version(tmp_path):
   base = str(tmp_path / "m")
   lib.write_tf2_half_plus_two(os.path.join(base, "1"))
@@ -118,6 +119,7 @@ def _config(*models):
   return config
 
 
+@pytest.mark.usefixtures("native")
 def test_reload_config_and_config_file_polling(tmp_path):
   a = str(tmp_path / "a")
   b = str(tmp_path / "b")
@@ -232,7 +234,7 @@ def test_load_gives_the_load_thread_back_its_cpus_and_priority(tmp_path):
   before = os.sched_getaffinity(0), os.sched_getscheduler(0)
   with saved_model_bundle.background_load():
     assert len(os.sched_getaffinity(0)) == 1 or len(before[0]) == 1
-    with saved_model_bundle._idle_priority():  # pylint: disable=protected-access
+    with saved_model_bundle.idle_priority():
       idle = saved_model_bundle._can_leave_idle_priority()  # pylint: disable=protected-access
       assert (os.sched_getscheduler(0) == os.SCHED_IDLE) == idle
     assert os.sched_getscheduler(0) == before[1]

@@ -1,0 +1,468 @@
+"""The Python side of the native data plane (--native): mode choice, the fallback, routing, metrics,
+and what only the native path does (padding variable-length inputs, Predict without Python).
+
+Tests marked `native` below need the module (serving/native): they skip without it, or fail in CI.
+The rest of the serving suite runs its server-starting tests once per --native mode (conftest's
+`native_mode`).
+"""
+
+import concurrent.futures
+import os
+import re
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+import serving_testlib as lib
+import tensorflow as tf
+from tensorflow_serving.apis import (
+  classification_pb2,
+  get_model_metadata_pb2,
+  get_model_status_pb2,
+  inference_pb2,
+  model_management_pb2,
+  predict_pb2,
+  regression_pb2,
+)
+
+from serving import errors
+from serving.core import loader, server_core
+from serving.model_servers import native_server, service_impl
+from serving.model_servers import server as server_lib
+from serving.monitoring import metrics as metrics_lib
+from serving.servables import native_bundle, request_limits
+from tests import conftest as root_conftest
+
+PREDICTION = "/tensorflow.serving.PredictionService/"
+MODEL_SERVICE = "/tensorflow.serving.ModelService/"
+
+
+def _predict_request(model=lib.TF1_MODEL, x=((2.0,),), signature=""):
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = model
+  request.model_spec.signature_name = signature
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto(x, dtype=tf.float32))
+  return request
+
+
+def _examples_input(model_input, *xs):
+  for x in xs:
+    model_input.example_list.examples.add().features.feature["x"].float_list.value.append(x)
+
+
+# --- --native=auto|on|off ----------------------------------------------------------------------
+
+
+def test_off_never_loads_the_module(monkeypatch):
+  monkeypatch.setattr(native_server, "load_module", lambda: pytest.fail("--native=off loaded the module"))
+  assert native_server.choose("off") is None
+
+
+def test_on_without_the_module_fails_with_the_reason(monkeypatch):
+  monkeypatch.setattr(native_server, "load_module", lambda: (None, "not built: run `make install`"))
+  with pytest.raises(errors.ServingError) as info:
+    native_server.choose("on")
+  assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+  assert "--native=on" in info.value.message and "not built: run `make install`" in info.value.message
+
+
+def test_auto_without_the_module_serves_python_and_says_why_once(monkeypatch):
+  monkeypatch.setattr(native_server, "load_module", lambda: (None, "not built: run `make install`"))
+  lines = []
+  monkeypatch.setattr(native_server.logging, "info", lambda message, *args: lines.append(message % args))
+  assert native_server.choose("auto") is None
+  assert len(lines) == 1 and "not built: run `make install`" in lines[0], lines
+
+
+def test_unknown_mode_is_invalid_argument():
+  with pytest.raises(errors.ServingError) as info:
+    native_server.choose("maybe")
+  assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_on_fails_the_start_up_without_the_module(tmp_path, monkeypatch):
+  monkeypatch.setattr(native_server, "load_module", lambda: (None, "not built"))
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  server = server_lib.Server(
+    server_lib.Options(port=0, model_name="m", model_base_path=str(tmp_path / "m"), native="on")
+  )
+  with pytest.raises(errors.ServingError, match="native data plane is unavailable: not built"):
+    server.start()
+  server.stop(grace_seconds=0)
+
+
+def test_require_native_fails_in_ci_and_skips_elsewhere(monkeypatch):
+  monkeypatch.setattr(native_server, "load_module", lambda: (None, "not built"))
+  with pytest.raises(pytest.fail.Exception, match="CI=true"):
+    root_conftest.require_native({"CI": "true"})
+  with pytest.raises(pytest.skip.Exception, match="not built"):
+    root_conftest.require_native({})
+
+
+# --- The fallback: what the native front end hands to Python --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def python_server(tmp_path_factory):
+  """An in-process Python-path server with the TF1 half_plus_two (every RPC's signatures)."""
+  root = tmp_path_factory.mktemp("fallback")
+  lib.write_tf1_half_plus_two(str(root / lib.TF1_MODEL / "1"))
+  server = lib.InProcessServer(model_name=lib.TF1_MODEL, model_base_path=str(root / lib.TF1_MODEL), native="off")
+  yield server
+  server.stop()
+
+
+def _requests():
+  """One valid request per method of both services, by method path."""
+  classify = classification_pb2.ClassificationRequest()
+  classify.model_spec.name, classify.model_spec.signature_name = lib.TF1_MODEL, "classify_x_to_y"
+  _examples_input(classify.input, 2.0)
+  regress = regression_pb2.RegressionRequest()
+  regress.model_spec.name, regress.model_spec.signature_name = lib.TF1_MODEL, "regress_x_to_y"
+  _examples_input(regress.input, 2.0, 4.0)
+  multi = inference_pb2.MultiInferenceRequest()
+  task = multi.tasks.add(method_name="tensorflow/serving/regress")
+  task.model_spec.name, task.model_spec.signature_name = lib.TF1_MODEL, "regress_x_to_y"
+  _examples_input(multi.input, 1.0)
+  metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+  metadata.model_spec.name = lib.TF1_MODEL
+  status = get_model_status_pb2.GetModelStatusRequest()
+  status.model_spec.name = lib.TF1_MODEL
+  return {
+    PREDICTION + "Predict": _predict_request(),
+    PREDICTION + "Classify": classify,
+    PREDICTION + "Regress": regress,
+    PREDICTION + "MultiInference": multi,
+    PREDICTION + "GetModelMetadata": metadata,
+    MODEL_SERVICE + "GetModelStatus": status,
+  }
+
+
+def _call(channel, path, request_bytes):
+  """(code number, details, response bytes) of a raw gRPC call."""
+  call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+  try:
+    return 0, "", call(request_bytes, timeout=60)
+  except grpc.RpcError as e:
+    return e.code().value[0], e.details(), b""
+
+
+def test_the_fallback_covers_every_method_of_both_services():
+  paths = {m.path for m in service_impl.RPC_METHODS}
+  assert paths == {
+    PREDICTION + name for name in ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
+  } | {MODEL_SERVICE + name for name in ("GetModelStatus", "HandleReloadConfigRequest")}
+
+
+def test_the_fallback_answers_as_the_grpc_front_end(python_server):
+  fallback = native_server.Fallback(python_server.server.api)
+  methods = {m.path: m for m in service_impl.RPC_METHODS}
+  for path, request in _requests().items():
+    data = request.SerializeToString()
+    code, message, response = fallback(path, data, 60_000)
+    assert (code, message) == (0, ""), (path, message)
+    expected = _call(python_server.channel, path, data)
+    assert expected[0] == 0, (path, expected)
+    response_type = methods[path].response_type
+    assert response_type.FromString(response) == response_type.FromString(expected[2]), path
+    # Malformed bytes: INVALID_ARGUMENT "Malformed <request>: ..." on both.
+    code, message, _ = fallback(path, b"\xff\xff\xff", None)
+    assert (code, message) == _call(python_server.channel, path, b"\xff\xff\xff")[:2], path
+    assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and message.startswith("Malformed "), message
+
+
+def test_the_fallback_reload_config_and_errors(python_server):
+  fallback = native_server.Fallback(python_server.server.api)
+  reload = model_management_pb2.ReloadConfigRequest()
+  reload.config.CopyFrom(python_server.server.core.config)
+  code, message, response = fallback(MODEL_SERVICE + "HandleReloadConfigRequest", reload.SerializeToString(), None)
+  assert (code, message) == (0, "")
+  assert model_management_pb2.ReloadConfigResponse.FromString(response).status.error_code == 0
+  # A servable error: the ServingApi's code and message, as the gRPC front end answers.
+  missing = _predict_request(model="missing").SerializeToString()
+  answer = fallback(PREDICTION + "Predict", missing, None)
+  assert answer == (grpc.StatusCode.NOT_FOUND.value[0], "Servable not found for request: Latest(missing)", b"")
+  assert answer[:2] == _call(python_server.channel, PREDICTION + "Predict", missing)[:2]
+  # Unknown methods are UNIMPLEMENTED.
+  code, message, _ = fallback("/tensorflow.serving.PredictionService/Explain", b"", None)
+  assert code == grpc.StatusCode.UNIMPLEMENTED.value[0] == 12 and "Explain" in message
+
+
+def test_the_fallback_turns_any_exception_into_a_status(python_server, monkeypatch):
+  def broken(*unused_args, **unused_kwargs):
+    raise ValueError("boom")
+
+  monkeypatch.setattr(python_server.server.api, "get_model_metadata", broken)
+  request = _requests()[PREDICTION + "GetModelMetadata"].SerializeToString()
+  code, message, response = native_server.Fallback(python_server.server.api)(
+    PREDICTION + "GetModelMetadata", request, None
+  )
+  assert (code, message, response) == (grpc.StatusCode.INTERNAL.value[0], "ValueError: boom", b"")
+
+
+# --- Routing: what ServerCore tells the native front end ------------------------------------------
+
+
+class _RecordingRouter:
+  def __init__(self, events):
+    self.events = events
+
+  def set_model(self, name, versions, labels):
+    self.events.append(("route", name, sorted(versions), dict(labels)))
+    for version, bundle in versions.items():
+      if not getattr(bundle, "_recorded", False):
+        bundle._recorded = True
+        bundle.on_close(lambda version=version: self.events.append(("close", name, version)))
+
+
+def test_versions_leave_the_routes_before_their_unload_and_join_once_available(tmp_path):
+  base = tmp_path / "m"
+  lib.write_tf2_half_plus_two(str(base / "1"))
+  events = []
+  core = server_core.ServerCore(
+    loader.LoaderOptions(enable_warmup=False, max_num_load_retries=0), router=_RecordingRouter(events)
+  )
+  config = server_core.single_model_config("m", str(base))
+  try:
+    core.reload_config(config)
+    assert events == [("route", "m", [1], {})]
+    lib.write_tf2_half_plus_two(str(tmp_path / "staging"), b=3.0)
+    shutil.move(str(tmp_path / "staging"), str(base / "2"))
+    core.poll()
+    lib.wait_for(lambda: ("close", "m", 1) in events)
+    # v2 joins once loaded (both serve meanwhile); v1 leaves, and only then is it closed.
+    assert events == [
+      ("route", "m", [1], {}),
+      ("route", "m", [1, 2], {}),
+      ("route", "m", [2], {}),
+      ("close", "m", 1),
+    ]
+    labelled = server_core.single_model_config("m", str(base))
+    labelled.model_config_list.config[0].version_labels["stable"] = 2
+    core.reload_config(labelled)
+    assert events[-1] == ("route", "m", [2], {"stable": 2})
+    core.reload_config(labelled)  # Unchanged labels: nothing to tell.
+    assert events[-1] == ("route", "m", [2], {"stable": 2}) and len(events) == 5
+  finally:
+    core.stop()
+  assert events[-2:] == [("route", "m", [], {"stable": 2}), ("close", "m", 2)]
+
+
+class _FakeNativeServer:
+  def __init__(self):
+    self.calls = []
+
+  def set_model(self, name, versions, labels):
+    self.calls.append((name, versions, labels))
+
+
+class _Bundle:
+  def __init__(self, version):
+    self.servable = f"servable{version}"
+
+
+def test_routes_pass_servables_and_only_labels_the_native_side_serves():
+  routes = native_server.Routes()
+  routes.set_model("m", {1: _Bundle(1), 2: _Bundle(2)}, {"stable": 1, "next": 3})
+  routes.set_model("gone", {1: _Bundle(1)}, {})
+  routes.set_model("gone", {}, {})
+  server = _FakeNativeServer()
+  routes.attach(server)  # Routes published before the port opened are handed over.
+  assert server.calls == [("m", {1: "servable1", 2: "servable2"}, {"stable": 1})]
+  routes.set_model("m", {2: _Bundle(2)}, {"stable": 1})
+  assert server.calls[-1] == ("m", {2: "servable2"}, {})  # "stable" falls back to Python now.
+  routes.attach(None)
+  routes.set_model("m", {}, {})
+  assert len(server.calls) == 2
+
+
+# --- Metrics: one family each, both sides counted -------------------------------------------------
+
+
+class _FakeNativeMetrics:
+  def __init__(self):
+    latency = [0] * (len(metrics_lib.LATENCY_BUCKETS_US) + 1)
+    latency[5] = 3
+    rows = [0] * (len(metrics_lib.BATCH_BUCKETS) + 1)
+    rows[2] = 2
+    padding = [0] * (len(metrics_lib.BATCH_BUCKETS) + 1)
+    padding[0] = 2
+    self.value = {
+      "requests": [("m", "predict", "GRPC", "OK", 3, 600.0, latency)],
+      "batches": [("m", 2, 7, rows, 2, padding)],
+    }
+
+  def snapshot(self):
+    return self.value
+
+
+def test_native_counts_add_to_the_python_families():
+  metrics = metrics_lib.Metrics()
+  metrics.record_request("m", "predict", "REST", "OK", 0.001)
+  metrics.record_request("m", "predict", "GRPC", "NOT_FOUND", 0.002)
+  metrics.batch_observer("m")(4, 0)
+  metrics.attach_native(_FakeNativeMetrics())
+  text = metrics.exposition().decode()
+  for family in ("request_count", "request_latency", "processed_batch_size", "padding_size"):
+    assert len(re.findall(rf"^# TYPE \S*{family}\S* (counter|histogram)$", text, re.M)) == 1, family
+  registry = metrics.registry
+  assert registry.get_sample_value(":tensorflow:serving:request_count_total", {"model_name": "m", "status": "OK"}) == 4
+  assert (
+    registry.get_sample_value(":tensorflow:serving:request_count_total", {"model_name": "m", "status": "NOT_FOUND"})
+    == 1
+  )
+  grpc_labels = {"model_name": "m", "API": "predict", "entrypoint": "GRPC"}
+  assert registry.get_sample_value(":tensorflow:serving:request_latency_count", grpc_labels) == 4
+  assert registry.get_sample_value(":tensorflow:serving:request_latency_sum", grpc_labels) == pytest.approx(2600.0)
+  le = {**grpc_labels, "le": "+Inf"}
+  assert registry.get_sample_value(":tensorflow:serving:request_latency_bucket", le) == 4
+  batch = {"model_name": "m"}
+  assert registry.get_sample_value(":tensorflow:serving:batching_session:processed_batch_size_count", batch) == 3
+  assert registry.get_sample_value(":tensorflow:serving:batching_session:processed_batch_size_sum", batch) == 11
+  assert registry.get_sample_value(":tensorflow:serving:batching_session:padding_size_sum", batch) == 2
+
+
+# --- Native only ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def native_on():
+  root_conftest.require_native()
+
+
+class _FirstColumn(tf.Module):
+  """y = 2 * x[:, 0] for x [N, ?]: right whatever the inner padding."""
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="x")])
+  def serve(self, x):
+    return {"y": 2.0 * x[:, 0]}
+
+
+def _batch_stats(server):
+  registry = server.server.metrics.registry
+  labels = {"model_name": "m"}
+  return tuple(
+    registry.get_sample_value(f":tensorflow:serving:batching_session:{name}", labels) or 0
+    for name in ("processed_batch_size_count", "processed_batch_size_sum", "padding_size_sum")
+  )
+
+
+@pytest.mark.usefixtures("native_on")
+def test_native_batching_pads_variable_length_inputs_and_batch_sizes(tmp_path):
+  tf.saved_model.save(_FirstColumn(), str(tmp_path / "m" / "1"), signatures={"serving_default": _FirstColumn().serve})
+  params = tmp_path / "batching.config"
+  # A batch runs once full (8 rows) or after an hour: 8 concurrent one-row requests of 8 different
+  # lengths make exactly one batch, padded inside to the longest.
+  params.write_text(
+    "max_batch_size { value: 8 } batch_timeout_micros { value: 3600000000 } num_batch_threads { value: 1 } "
+    "allowed_batch_sizes: 4 allowed_batch_sizes: 8 pad_variable_length_inputs: true"
+  )
+  server = lib.InProcessServer(
+    model_name="m",
+    model_base_path=str(tmp_path / "m"),
+    enable_batching=True,
+    batching_parameters_file=str(params),
+    native="on",
+  )
+  try:
+
+    def predict(i, rows=1):
+      x = np.full((rows, i + 1), float(i), np.float32)
+      x[:, 1:] = -1.0
+      request = predict_pb2.PredictRequest()
+      request.model_spec.name = "m"
+      request.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
+      return list(server.predict.Predict(request, timeout=120).outputs["y"].float_val)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      results = list(pool.map(predict, range(8)))
+    assert results == [[2.0 * i] for i in range(8)]
+    assert _batch_stats(server) == (1, 8, 0)
+    # Requests of 3, 3 and 2 rows and three lengths fill the next batch of 8, whatever their order.
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      results = list(pool.map(predict, (3, 4, 5), (3, 3, 2)))
+    assert results == [[6.0] * 3, [8.0] * 3, [10.0] * 2]
+    assert _batch_stats(server) == (2, 16, 0)
+  finally:
+    server.stop()
+
+
+@pytest.mark.usefixtures("native_on")
+def test_native_batching_pads_to_allowed_batch_sizes(tmp_path):
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  params = tmp_path / "batching.config"
+  params.write_text(
+    "max_batch_size { value: 8 } batch_timeout_micros { value: 0 } allowed_batch_sizes: 4 allowed_batch_sizes: 8"
+  )
+  server = lib.InProcessServer(
+    model_name="m",
+    model_base_path=str(tmp_path / "m"),
+    enable_batching=True,
+    batching_parameters_file=str(params),
+    native="on",
+  )
+  try:
+    for _ in range(3):  # One at a time: each batch holds one 3-row request, padded to 4.
+      response = server.predict.Predict(_predict_request("m", x=[1.0, 2.0, 3.0]), timeout=60)
+      assert list(response.outputs["y"].float_val) == [2.5, 3.0, 3.5]
+    assert _batch_stats(server) == (3, 9, 3)
+  finally:
+    server.stop()
+
+
+@pytest.mark.usefixtures("native_on")
+def test_native_predict_needs_no_python_and_the_rest_falls_back(tmp_path, monkeypatch):
+  """The native front end answers Predict itself (Python's Predict is broken here), hands every other
+  call and every Predict it can't answer to Python, and counts both in one metrics family."""
+  lib.write_tf1_half_plus_two(str(tmp_path / lib.TF1_MODEL / "1"))
+  server = lib.InProcessServer(
+    model_name=lib.TF1_MODEL, model_base_path=str(tmp_path / lib.TF1_MODEL), native="on", rest_api_port=-1
+  )
+  try:
+
+    def no_python(*unused_args, **unused_kwargs):
+      raise AssertionError("Python answered a Predict the native path should have")
+
+    monkeypatch.setattr(server.server.api, "predict", no_python)
+    for _ in range(3):
+      assert server.predict.Predict(_predict_request(), timeout=60).outputs["y"].float_val == [3.0]
+    # Not answerable natively (unknown model): Python's ServingApi.predict answers (here: raises).
+    code, details = lib.grpc_code(server.predict.Predict, _predict_request(model="missing"))
+    assert code == grpc.StatusCode.INTERNAL and "Python answered" in details
+    monkeypatch.undo()
+    code, details = lib.grpc_code(server.predict.Predict, _predict_request(model="missing"))
+    assert (code, details) == (grpc.StatusCode.NOT_FOUND, "Servable not found for request: Latest(missing)")
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = lib.TF1_MODEL
+    (version_status,) = server.model.GetModelStatus(status, timeout=60).model_version_status
+    assert version_status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    code, body = lib.post_json(server.server.rest_port, f"/v1/models/{lib.TF1_MODEL}:predict", b'{"instances": [[1]]}')
+    assert (code, body) == (200, {"predictions": [[2.5]]})
+    registry = server.server.metrics.registry
+    labels = {"model_name": lib.TF1_MODEL, "API": "predict"}
+    assert registry.get_sample_value(":tensorflow:serving:request_latency_count", {**labels, "entrypoint": "GRPC"}) == 3
+    missing = {"model_name": "missing", "status": "NOT_FOUND"}
+    assert registry.get_sample_value(":tensorflow:serving:request_count_total", missing) == 1
+    assert registry.get_sample_value(":tensorflow:serving:request_latency_count", {**labels, "entrypoint": "REST"}) == 1
+  finally:
+    server.stop()
+
+
+@pytest.mark.usefixtures("native_on")
+def test_native_load_gives_the_load_thread_back_its_cpus_and_priority(tmp_path):
+  module, _ = native_server.load_module()
+  runtime = native_bundle.NativeRuntime(module, module.Metrics([1.0], [1.0]), request_limits.ExpansionLimits())
+  before = os.sched_getaffinity(0), os.sched_getscheduler(0)
+  bundle = native_bundle.NativeBundle("m", 1, lib.write_tf2_half_plus_two(str(tmp_path / "1")), runtime)
+  try:
+    assert (os.sched_getaffinity(0), os.sched_getscheduler(0)) == before
+    signature = bundle.signature_defs["serving_default"]
+    feeds = {signature.inputs["x"].name: np.array([2.0], np.float32)}
+    assert bundle.runner(feeds, [signature.outputs["y"].name])[0].tolist() == [3.0]
+    assert bundle.session_run(feeds, [signature.outputs["y"].name])[0].tolist() == [3.0]
+  finally:
+    bundle.close()
+  with pytest.raises(errors.ServingError) as info:
+    bundle.session_run(feeds, [signature.outputs["y"].name])
+  assert info.value.code == grpc.StatusCode.UNAVAILABLE
