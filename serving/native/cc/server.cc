@@ -68,23 +68,40 @@ bool Admission::TryAcquire() {
 }
 
 // One RPC: reads its single request, then answers once, from whichever thread finishes it.
+//
+// A cancelled call (the client went away, or its deadline passed) is finished at once, so that
+// shutdown never waits for work it no longer needs: a batch that waits out a long timeout, or a
+// Python fallback. The work still finishes later; it then finds the call answered and leaves it.
 class Server::Call : public grpc::ServerGenericBidiReactor {
  public:
-  // Shared with a queued batch task, which may outlive the call.
+  // Shared with the work done for the call, which may outlive it.
   struct State {
     std::mutex mutex;
-    TaskPtr task;
-    bool cancelled = false;
+    Call* call = nullptr;            // Null once gRPC is done with the call.
+    bool answered = false;           // Finish has been called (or the call is gone).
+    TaskPtr task;                    // Its queued batch task, if any.
+    std::function<void()> release;   // Returns what the request holds (servable, admission).
+
+    // Runs `release` once, whoever calls first (the answer or a cancellation).
+    void Release() {
+      std::function<void()> run;
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        run.swap(release);
+      }
+      if (run) run();
+    }
   };
 
   Call(Server* server, grpc::GenericCallbackServerContext* context)
       : server_(server), context_(context), started_(Clock::now()), state_(std::make_shared<State>()) {
+    state_->call = this;
     StartRead(&request_);
   }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::INTERNAL, "No request message"));
+      Answer(state_, grpc::Status(grpc::StatusCode::INTERNAL, "No request message"), "");
       return;
     }
     bytes_ = ToString(request_);
@@ -93,22 +110,40 @@ class Server::Call : public grpc::ServerGenericBidiReactor {
   }
 
   void OnCancel() override {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    state_->cancelled = true;
-    if (state_->task) state_->task->abandoned = true;
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      if (state_->task) state_->task->abandoned = true;
+    }
+    Answer(state_, grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"), "");
+    state_->Release();
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      state_->call = nullptr;
+      state_->answered = true;
+    }
+    delete this;
+  }
 
-  // Answers the call; the call may be gone once this returns.
-  void Reply(const grpc::Status& status, const std::string& response) {
+  // Answers the call unless it was answered already; the call may be gone once this returns.
+  static void Answer(const std::shared_ptr<State>& state, const grpc::Status& status, const std::string& response) {
+    Call* call;
+    {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (state->answered) return;
+      state->answered = true;
+      call = state->call;
+    }
+    // gRPC calls OnDone only after Finish, so the call is alive until this returns.
     if (!status.ok()) {
-      Finish(status);
+      call->Finish(status);
       return;
     }
     grpc::Slice slice(response);
-    response_ = grpc::ByteBuffer(&slice, 1);
-    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+    call->response_ = grpc::ByteBuffer(&slice, 1);
+    call->StartWriteAndFinish(&call->response_, grpc::WriteOptions(), grpc::Status::OK);
   }
 
   // Milliseconds until the client's deadline (the session-run timeout), or -1 for none.
@@ -133,6 +168,26 @@ class Server::Call : public grpc::ServerGenericBidiReactor {
   grpc::ByteBuffer request_, response_;
   std::string bytes_;
 };
+
+namespace {
+
+// Answers a Predict the fast path took: returns what it held, counts it, adds the servable and
+// signature to an error as the Python path does.
+void Respond(const std::shared_ptr<Server::Call::State>& state, Clock::time_point started, Metrics* metrics,
+             const std::string& model, const std::string& signature, const std::shared_ptr<Servable>& servable,
+             const Status& status, const std::string& response) {
+  state->Release();
+  const double latency_us = std::chrono::duration<double, std::micro>(Clock::now() - started).count();
+  if (metrics) metrics->RecordRequest(model, "predict", "GRPC", CodeName(status.code), latency_us);
+  if (!status.ok()) {
+    const std::string message = servable ? WithContext(status.message, servable->Context(signature)) : status.message;
+    Server::Call::Answer(state, grpc::Status(static_cast<grpc::StatusCode>(status.code), message), "");
+    return;
+  }
+  Server::Call::Answer(state, grpc::Status::OK, response);
+}
+
+}  // namespace
 
 namespace {
 
@@ -249,14 +304,19 @@ void Server::Handle(Call* call) {
 }
 
 void Server::Fallback(Call* call) {
-  fallback_pool_.Post([this, call] {
+  fallback_pool_.Post([this, state = call->state(), method = call->method(), bytes = call->bytes(),
+                       timeout_ms = call->TimeoutMs()] {
+    {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (state->answered) return;  // Cancelled while it waited: nobody wants the answer.
+    }
     FallbackResult result;
     try {
-      result = fallback_(call->method(), call->bytes(), call->TimeoutMs());
+      result = fallback_(method, bytes, timeout_ms);
     } catch (const std::exception& e) {  // Never lose a call: the Python side failed to answer.
       result = FallbackResult{kInternal, std::string("Fallback failed: ") + e.what(), ""};
     }
-    call->Reply(grpc::Status(static_cast<grpc::StatusCode>(result.code), result.message), result.response);
+    Call::Answer(state, grpc::Status(static_cast<grpc::StatusCode>(result.code), result.message), result.response);
   });
 }
 
@@ -303,7 +363,7 @@ bool Server::TryPredict(Call* call) {
     const Status status(kResourceExhausted, "Too many requests in flight: the limit is " +
                                                 std::to_string(admission_->limit()) +
                                                 " (--max_in_flight_requests); retry later");
-    Finish(call, spec.name(), "", nullptr, status, "");
+    Respond(call->state(), call->started(), metrics_.get(), spec.name(), "", nullptr, status, "");
     return true;
   }
   auto decline = [this]() {
@@ -368,11 +428,20 @@ bool Server::TryPredict(Call* call) {
   }
   // From here on the fast path answers, whatever happens.
   const int64_t timeout_ms = call->TimeoutMs();
-  auto done = [this, call, request, servable, signature_name, aliases = std::move(aliases),
+  const std::shared_ptr<Call::State>& state = call->state();
+  {
+    std::lock_guard<std::mutex> lock(state->mutex);
+    state->release = [servable, admission = admission_] {
+      servable->Release();
+      if (admission) admission->Release();
+    };
+  }
+  auto done = [this, state, started = call->started(), request, servable, signature_name,
+               aliases = std::move(aliases),
                dtypes = std::move(dtypes)](const Status& status, std::vector<TensorSlice> outputs) {
     // `request` is captured: string inputs are views of its memory until the run is over.
     if (!status.ok()) {
-      Finish(call, servable->model(), signature_name, servable, status, "");
+      Respond(state, started, metrics_.get(), servable->model(), signature_name, servable, status, "");
       return;
     }
     tensorflow::serving::PredictResponse response;
@@ -384,16 +453,20 @@ bool Server::TryPredict(Call* call) {
     for (size_t i = 0; i < aliases.size(); ++i) {
       Encode(outputs[i], dtypes[i], options_.as_tensor_content, &response_outputs[aliases[i]]);
     }
-    Finish(call, servable->model(), signature_name, servable, status, response.SerializeAsString());
+    Respond(state, started, metrics_.get(), servable->model(), signature_name, servable, status, response.SerializeAsString());
   };
   auto run = [servable, feed_names = std::move(feed_names), feeds = std::move(feeds), fetches = std::move(fetches),
-              timeout_ms, state = call->state(), done = std::move(done)]() mutable {
+              timeout_ms, state, done = std::move(done)]() mutable {
+    {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (state->answered) return;  // Cancelled before it ran (OnCancel returned its holds).
+    }
     TaskPtr task = servable->Run(std::move(feed_names), std::move(feeds), std::move(fetches), timeout_ms, false,
                                  std::move(done));
     if (task) {  // Queued: a cancelled call leaves its rows out of the batch.
       std::lock_guard<std::mutex> lock(state->mutex);
       state->task = task;
-      if (state->cancelled) task->abandoned = true;
+      if (state->answered) task->abandoned = true;
     }
   };
   if (servable->batching()) {
@@ -402,23 +475,6 @@ bool Server::TryPredict(Call* call) {
     run_pool_.Post(std::move(run));  // A session run must not hold a gRPC thread.
   }
   return true;
-}
-
-void Server::Finish(Call* call, const std::string& model, const std::string& signature,
-                    const std::shared_ptr<Servable>& servable, const Status& status, std::string response) {
-  if (servable) {
-    servable->Release();
-    if (admission_) admission_->Release();
-  }
-  const double latency_us =
-      std::chrono::duration<double, std::micro>(Clock::now() - call->started()).count();
-  if (metrics_) metrics_->RecordRequest(model, "predict", "GRPC", CodeName(status.code), latency_us);
-  if (!status.ok()) {
-    const std::string message = servable ? WithContext(status.message, servable->Context(signature)) : status.message;
-    call->Reply(grpc::Status(static_cast<grpc::StatusCode>(status.code), message), "");
-    return;
-  }
-  call->Reply(grpc::Status::OK, response);
 }
 
 }  // namespace fgr

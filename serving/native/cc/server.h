@@ -93,8 +93,6 @@ class Server {
   bool TryPredict(Call* call);
   void Fallback(Call* call);
   std::shared_ptr<Servable> Resolve(const void* model_spec);
-  void Finish(Call* call, const std::string& model, const std::string& signature,
-              const std::shared_ptr<Servable>& servable, const Status& status, std::string response);
 
   const ServerOptions options_;
   const ::fgr::Fallback fallback_;
