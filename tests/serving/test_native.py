@@ -10,6 +10,7 @@ import concurrent.futures
 import os
 import re
 import shutil
+import time
 
 import grpc
 import numpy as np
@@ -466,3 +467,46 @@ def test_native_load_gives_the_load_thread_back_its_cpus_and_priority(tmp_path):
   with pytest.raises(errors.ServingError) as info:
     bundle.session_run(feeds, [signature.outputs["y"].name])
   assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.usefixtures("native_on")
+def test_native_requests_leave_nothing_behind(tmp_path):
+  """Batched, unbatchable, cancelled and refused Predicts all free their native state once answered.
+
+  A reference cycle (a queued task's callback holding the call's state, which held the task) once
+  kept every batched request, its tensors and outputs alive: about 12 KB a request at 100k ads.
+  """
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  params = tmp_path / "batching.config"
+  params.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 500 } num_batch_threads { value: 2 }")
+  server = lib.InProcessServer(
+    model_name="m",
+    model_base_path=str(tmp_path / "m"),
+    enable_batching=True,
+    batching_parameters_file=str(params),
+    native="on",
+  )
+  native, _ = native_server.load_module()
+  try:
+
+    def predict(i):
+      rows = [float(i)] * (1 + i % 3)
+      return list(server.predict.Predict(_predict_request("m", x=rows), timeout=60).outputs["y"].float_val)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      results = list(pool.map(predict, range(200)))
+    assert results == [[0.5 * i + 2.0] * (1 + i % 3) for i in range(200)]
+    code, _ = lib.grpc_code(server.predict.Predict, _predict_request("nope"))  # Falls back to Python.
+    assert code == grpc.StatusCode.NOT_FOUND
+    for _ in range(20):  # Deadlines that pass in the queue or the run (or not: either way, no leftovers).
+      try:
+        server.predict.Predict(_predict_request("m", x=[1.0]), timeout=0.0005)
+      except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Answers reach the client before the native side drops its last references: wait for them.
+    deadline = time.monotonic() + 30
+    while native.live_counts() != {"tasks": 0, "calls": 0} and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert native.live_counts() == {"tasks": 0, "calls": 0}
+  finally:
+    server.stop()

@@ -150,6 +150,11 @@ void BatchScheduler::Work() {
   }
 }
 
+std::atomic<int64_t>& LiveCount(Live kind) {
+  static std::atomic<int64_t> counts[static_cast<int>(Live::kCount)];
+  return counts[static_cast<int>(kind)];
+}
+
 void FailAll(const std::vector<TaskPtr>& tasks, const Status& status) {
   for (const TaskPtr& task : tasks) task->done(status, {});
 }

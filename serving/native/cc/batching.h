@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "live_counts.h"
 #include "status.h"
 #include "tensor.h"
 
@@ -47,6 +48,7 @@ struct Task {
   Clock::time_point deadline = Clock::time_point::max();
   std::atomic<bool> abandoned{false};  // Its caller gave up: leave its rows out.
   Done done;
+  Counted<Live::kTask> counted;
 };
 
 using TaskPtr = std::shared_ptr<Task>;

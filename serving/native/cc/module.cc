@@ -313,6 +313,13 @@ PYBIND11_MODULE(_fgr_native, m) {
 
   m.def("init", &InitTf, py::arg("tf_library_dir"), "Resolves TensorFlow's C API from the loaded TF libraries.");
 
+  m.def("live_counts", [] {
+    py::dict counts;
+    counts["tasks"] = LiveCount(Live::kTask).load();
+    counts["calls"] = LiveCount(Live::kCall).load();
+    return counts;
+  }, "Native request objects alive now (tasks queued or running, gRPC calls): 0 once idle.");
+
   m.def("parse_predict_request", [](const py::bytes& data) {
     tensorflow::serving::PredictRequest request;
     if (!request.ParseFromString(data.cast<std::string>())) Raise(Status(kInvalidArgument, "Malformed PredictRequest"));

@@ -81,6 +81,7 @@ class Server::Call : public grpc::ServerGenericBidiReactor {
     bool answered = false;           // Finish has been called (or the call is gone).
     TaskPtr task;                    // Its queued batch task, if any.
     std::function<void()> release;   // Returns what the request holds (servable, admission).
+    Counted<Live::kCall> counted;
 
     // Runs `release` once, whoever calls first (the answer or a cancellation).
     void Release() {
@@ -135,6 +136,9 @@ class Server::Call : public grpc::ServerGenericBidiReactor {
       if (state->answered) return;
       state->answered = true;
       call = state->call;
+      // A queued task's `done` holds this state: drop the state's hold on the task, or the two would
+      // keep each other (and the request, its tensors and outputs) alive forever.
+      state->task.reset();
     }
     // gRPC calls OnDone only after Finish, so the call is alive until this returns.
     if (!status.ok()) {
@@ -465,8 +469,11 @@ bool Server::TryPredict(Call* call) {
                                  std::move(done));
     if (task) {  // Queued: a cancelled call leaves its rows out of the batch.
       std::lock_guard<std::mutex> lock(state->mutex);
-      state->task = task;
-      if (state->answered) task->abandoned = true;
+      if (state->answered) {
+        task->abandoned = true;  // Cancelled meanwhile (or done already: then this changes nothing).
+      } else {
+        state->task = task;  // Answer() drops it again, so it never outlives the call's answer.
+      }
     }
   };
   if (servable->batching()) {
