@@ -24,7 +24,7 @@ endef
 PYTHON_INCLUDE = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 NATIVE_APT = g++ pkg-config protobuf-compiler libprotobuf-dev libgrpc++-dev \
   $(if $(wildcard $(PYTHON_INCLUDE)/Python.h),,python3-dev)
-NATIVE_SOURCES := serving/native/build.py $(wildcard serving/native/cc/* bench/native_*/*)
+NATIVE_SOURCES := $(wildcard serving/native/build*.py) $(wildcard serving/native/cc/* bench/native_*/*)
 
 install: $(VENV)/.installed
 

@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import app, flags
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from bench import serving_common as common
 from bench.fixtures import latency, servers
 
 # bench/serving_swap.py serves the same MLP with the same callers, and reads these flags too.
@@ -31,11 +32,11 @@ flags.DEFINE_float("seconds", 15.0, "Measured seconds per mode.")
 flags.DEFINE_float("warmup_seconds", 3.0, "Unmeasured lead-in.")
 flags.DEFINE_integer("dim", 256, "Input/output width of the MLP.")
 flags.DEFINE_integer("hidden", 1024, "Hidden width of the MLP.")
-flags.DEFINE_string(
-  "batching_parameters",
-  "max_batch_size { value: 32 } batch_timeout_micros { value: 2000 } "
-  "num_batch_threads { value: 2 } max_enqueued_batches { value: 100 }",
+common.define_batching_flag(
   "Text BatchingParameters for the batching-on run.",
+  batch_timeout_micros=2000,
+  num_batch_threads=2,
+  max_enqueued_batches=100,
 )
 
 

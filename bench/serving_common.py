@@ -49,10 +49,22 @@ def define_flags(
 
 
 # The batching the serving benchmarks measure: one batch thread, as serving/README advises on few cores.
-BATCHING_PARAMETERS = (
-  "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
-  "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }"
-)
+def batching_parameters(
+  max_batch_size: int = 32, batch_timeout_micros: int = 1000, num_batch_threads: int = 1, max_enqueued_batches: int = 64
+) -> str:
+  """Text BatchingParameters (what --batching_parameters_file holds) with these values."""
+  return (
+    f"max_batch_size {{ value: {max_batch_size} }} batch_timeout_micros {{ value: {batch_timeout_micros} }} "
+    f"num_batch_threads {{ value: {num_batch_threads} }} max_enqueued_batches {{ value: {max_enqueued_batches} }}"
+  )
+
+
+BATCHING_PARAMETERS = batching_parameters()
+
+
+def define_batching_flag(help_text: str, **values: int) -> None:
+  """Defines --batching_parameters: text BatchingParameters, BATCHING_PARAMETERS but for `values`."""
+  flags.DEFINE_string("batching_parameters", batching_parameters(**values), help_text)
 
 
 def _load(**spec) -> driver.LoadSpec:

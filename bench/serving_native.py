@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,12 +42,10 @@ flags.adopt_module_key_flags(common)
 flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
 flags.DEFINE_integer("streams", 32, "Closed-loop streams for the saturation comparison.")
 flags.DEFINE_integer("batch_rows", 32, "Rows per in-process batch (the servers' max_batch_size).")
-flags.DEFINE_string(
-  "batching_parameters",
-  "max_batch_size { value: 32 } batch_timeout_micros { value: 1000 } "
-  "num_batch_threads { value: 2 } max_enqueued_batches { value: 64 }",
+common.define_batching_flag(
   "Text BatchingParameters of both batching servers (saturation). Two batch threads: the model alone is "
   "measured from two threads too.",
+  num_batch_threads=2,
 )
 
 MODEL = "retrieval"
@@ -121,24 +120,12 @@ class _Model:
     native = serving.native.module()
     scheduler = native.BatchScheduler(batching["num_batch_threads"])
     servable = native.Servable(self.session, MODEL, 1, {}, {**batching, "scheduler": scheduler, "budget": None})
-    done = [0] * callers
-    deadline = time.monotonic() + seconds
-
-    def call(index: int) -> None:
-      while time.monotonic() < deadline:
-        servable.run(self.feeds[(index + done[index] * callers) % len(self.feeds)], self.fetches)
-        done[index] += 1
-
-    started = time.monotonic()
-    workers = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
-    for worker in workers:
-      worker.start()
-    for worker in workers:
-      worker.join()
-    elapsed = time.monotonic() - started
+    calls, elapsed = _from_threads(
+      callers, seconds, lambda index, n: servable.run(self.feeds[(index + n * callers) % len(self.feeds)], self.fetches)
+    )
     servable.close()
     scheduler.stop()
-    return sum(done) / elapsed
+    return calls / elapsed
 
   def batched_rows_per_second(self, rows: int, seconds: float, threads: int = 2) -> float:
     """Rows per second through batches of `rows` queries, from `threads` threads (TF releases the GIL)."""
@@ -146,21 +133,33 @@ class _Model:
     for i in range(4):
       parts = [self.feeds[(i * rows + j) % len(self.feeds)] for j in range(rows)]
       batches.append({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
-    done = [0] * threads
-    deadline = time.monotonic() + seconds
+    calls, elapsed = _from_threads(
+      threads, seconds, lambda index, n: self.session.run(batches[n % len(batches)], self.fetches)
+    )
+    return calls * rows / elapsed
 
-    def work(index: int) -> None:
-      while time.monotonic() < deadline:
-        self.session.run(batches[done[index] % len(batches)], self.fetches)
-        done[index] += 1
 
-    started = time.monotonic()
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for worker in workers:
-      worker.start()
-    for worker in workers:
-      worker.join()
-    return sum(done) * rows / (time.monotonic() - started)
+def _from_threads(threads: int, seconds: float, call: Callable[[int, int], Any]) -> tuple[int, float]:
+  """Runs `call(thread index, calls that thread made so far)` in a loop on `threads` threads for `seconds`.
+
+  Returns:
+    (calls made in all, seconds from the threads' start until the last one finished).
+  """
+  done = [0] * threads
+  deadline = time.monotonic() + seconds
+
+  def work(index: int) -> None:
+    while time.monotonic() < deadline:
+      call(index, done[index])
+      done[index] += 1
+
+  started = time.monotonic()
+  workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+  for worker in workers:
+    worker.start()
+  for worker in workers:
+    worker.join()
+  return sum(done), time.monotonic() - started
 
 
 def _batching_options(text: str) -> dict[str, Any]:

@@ -20,12 +20,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from serving import errors
-from serving.model_servers import service_impl
+from serving.model_servers import rpc_methods, service_impl
 
 R = TypeVar("R")
 
-PREDICTION_SERVICE = service_impl.PREDICTION_SERVICE
-MODEL_SERVICE = service_impl.MODEL_SERVICE
+PREDICTION_SERVICE = rpc_methods.PREDICTION_SERVICE
+MODEL_SERVICE = rpc_methods.MODEL_SERVICE
 
 
 class _Malformed:
@@ -35,7 +35,7 @@ class _Malformed:
     self.message = error.message
 
 
-def _parser(method: service_impl.RpcMethod) -> Callable[[bytes], Any]:
+def _parser(method: rpc_methods.RpcMethod) -> Callable[[bytes], Any]:
   """A deserializer that never raises (grpc would answer INTERNAL)."""
 
   def parse(data: bytes):
@@ -65,7 +65,7 @@ class _Pool:
     return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(function, *args))
 
 
-def _implementation(method: service_impl.RpcMethod, api: service_impl.ServingApi, pool: _Pool):
+def _implementation(method: rpc_methods.RpcMethod, api: service_impl.ServingApi, pool: _Pool):
   """The coroutine answering `method`: Predict is validated and answered on
   the loop (`ServingApi.predict_async`); every other method runs as a whole
   on the worker pool."""
@@ -83,7 +83,7 @@ def _implementation(method: service_impl.RpcMethod, api: service_impl.ServingApi
 
 
 def _generic_handlers(api: service_impl.ServingApi, pool: _Pool) -> list[grpc.GenericRpcHandler]:
-  """One handler per service of `service_impl.RPC_METHODS`. Unparsable
+  """One handler per service of `rpc_methods.RPC_METHODS`. Unparsable
   requests get INVALID_ARGUMENT, as TF Serving answers any malformed input,
   and any failure becomes a status, never a crash."""
 
@@ -100,7 +100,7 @@ def _generic_handlers(api: service_impl.ServingApi, pool: _Pool) -> list[grpc.Ge
     return call
 
   by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-  for method in service_impl.RPC_METHODS:
+  for method in rpc_methods.RPC_METHODS:
     by_service.setdefault(method.service, {})[method.name] = grpc.unary_unary_rpc_method_handler(
       behaviour(_implementation(method, api, pool)),
       request_deserializer=_parser(method),

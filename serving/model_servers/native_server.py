@@ -16,7 +16,7 @@ import grpc
 from absl import logging
 
 from serving import errors
-from serving.model_servers import service_impl
+from serving.model_servers import rpc_methods, service_impl
 
 AUTO, ON, OFF = "auto", "on", "off"
 MODES = (AUTO, ON, OFF)
@@ -75,7 +75,7 @@ def tls(config) -> tuple[str, str, str, bool] | None:
 
 class Fallback:
   """Answers the calls the native front end hands to Python, exactly as
-  grpc_server does: the same `service_impl.RPC_METHODS`, the same errors.
+  grpc_server does: the same `rpc_methods.RPC_METHODS`, the same errors.
 
   Called by `_fgr_native.Server` from its fallback threads, holding the GIL:
   `fallback(method path, request bytes, timeout_ms or None)` returns
@@ -88,7 +88,7 @@ class Fallback:
 
   def __init__(self, api: service_impl.ServingApi | None = None):
     self.api = api
-    self._methods = {method.path: method for method in service_impl.RPC_METHODS}
+    self._methods = {method.path: method for method in rpc_methods.RPC_METHODS}
 
   def __call__(self, method: str, request: bytes, timeout_ms: int | None) -> tuple[int, str, bytes]:
     rpc = self._methods.get(method)

@@ -3,7 +3,6 @@
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import threading
 import time
@@ -12,7 +11,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from absl import logging
-from google.protobuf import message
 from tensorflow_serving.apis import (
   classification_pb2,
   get_model_metadata_pb2,
@@ -42,9 +40,6 @@ from serving.servables import (
 R = TypeVar("R")
 # Raises to refuse a request whose inputs ({alias: Cost}) expand too far.
 CostCheck = Callable[[dict[str, request_limits.Cost]], None]
-
-PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
-MODEL_SERVICE = "tensorflow.serving.ModelService"
 
 
 def predict_batch_size(request: predict_pb2.PredictRequest) -> int:
@@ -397,95 +392,3 @@ class ServingApi:
     response = model_management_pb2.ReloadConfigResponse()
     response.status.error_code = 0
     return response
-
-
-@dataclasses.dataclass(frozen=True)
-class RpcMethod:
-  """One method of TF Serving's gRPC services, as every gRPC front end
-  dispatches it: its messages and the blocking `ServingApi` call answering it.
-
-  Attributes:
-    service: Full service name, e.g. "tensorflow.serving.PredictionService".
-    name: Method name, e.g. "Predict".
-    request_type: The request message class.
-    response_type: The response message class.
-    run: `run(api, request, timeout_ms)` returns the response or raises.
-  """
-
-  service: str
-  name: str
-  request_type: type[message.Message]
-  response_type: type[message.Message]
-  run: Callable[[ServingApi, Any, int | None], message.Message]
-
-  @property
-  def path(self) -> str:
-    """The gRPC method path, "/<service>/<name>"."""
-    return f"/{self.service}/{self.name}"
-
-  def parse(self, data: bytes) -> message.Message:
-    """The request from its wire bytes.
-
-    Raises:
-      ServingError: INVALID_ARGUMENT "Malformed <request type>: ..." for bytes
-        that don't parse, as TF Serving answers any malformed input (grpcio
-        alone would answer INTERNAL).
-    """
-    try:
-      return self.request_type.FromString(data)
-    except message.DecodeError as e:
-      raise errors.invalid_argument(f"Malformed {self.request_type.DESCRIPTOR.name}: {e}") from e
-
-
-# Every method of PredictionService and ModelService, as in their .proto files.
-RPC_METHODS: tuple[RpcMethod, ...] = (
-  RpcMethod(
-    PREDICTION_SERVICE,
-    "Classify",
-    classification_pb2.ClassificationRequest,
-    classification_pb2.ClassificationResponse,
-    lambda api, request, timeout_ms: api.classify(request, timeout_ms),
-  ),
-  RpcMethod(
-    PREDICTION_SERVICE,
-    "Regress",
-    regression_pb2.RegressionRequest,
-    regression_pb2.RegressionResponse,
-    lambda api, request, timeout_ms: api.regress(request, timeout_ms),
-  ),
-  RpcMethod(
-    PREDICTION_SERVICE,
-    "Predict",
-    predict_pb2.PredictRequest,
-    predict_pb2.PredictResponse,
-    lambda api, request, timeout_ms: api.predict(request, timeout_ms),
-  ),
-  RpcMethod(
-    PREDICTION_SERVICE,
-    "MultiInference",
-    inference_pb2.MultiInferenceRequest,
-    inference_pb2.MultiInferenceResponse,
-    lambda api, request, timeout_ms: api.multi_inference(request, timeout_ms),
-  ),
-  RpcMethod(
-    PREDICTION_SERVICE,
-    "GetModelMetadata",
-    get_model_metadata_pb2.GetModelMetadataRequest,
-    get_model_metadata_pb2.GetModelMetadataResponse,
-    lambda api, request, timeout_ms: api.get_model_metadata(request),
-  ),
-  RpcMethod(
-    MODEL_SERVICE,
-    "GetModelStatus",
-    get_model_status_pb2.GetModelStatusRequest,
-    get_model_status_pb2.GetModelStatusResponse,
-    lambda api, request, timeout_ms: api.get_model_status(request),
-  ),
-  RpcMethod(
-    MODEL_SERVICE,
-    "HandleReloadConfigRequest",
-    model_management_pb2.ReloadConfigRequest,
-    model_management_pb2.ReloadConfigResponse,
-    lambda api, request, timeout_ms: api.reload_config(request),
-  ),
-)

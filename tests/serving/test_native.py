@@ -29,7 +29,7 @@ from tensorflow_serving.apis import (
 
 from serving import errors
 from serving.core import loader, server_core
-from serving.model_servers import native_server, service_impl
+from serving.model_servers import native_server, rpc_methods
 from serving.model_servers import server as server_lib
 from serving.monitoring import metrics as metrics_lib
 from serving.servables import native_bundle, request_limits
@@ -150,7 +150,7 @@ def _call(channel, path, request_bytes):
 
 
 def test_the_fallback_covers_every_method_of_both_services():
-  paths = {m.path for m in service_impl.RPC_METHODS}
+  paths = {m.path for m in rpc_methods.RPC_METHODS}
   assert paths == {
     PREDICTION + name for name in ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
   } | {MODEL_SERVICE + name for name in ("GetModelStatus", "HandleReloadConfigRequest")}
@@ -158,7 +158,7 @@ def test_the_fallback_covers_every_method_of_both_services():
 
 def test_the_fallback_answers_as_the_grpc_front_end(python_server):
   fallback = native_server.Fallback(python_server.server.api)
-  methods = {m.path: m for m in service_impl.RPC_METHODS}
+  methods = {m.path: m for m in rpc_methods.RPC_METHODS}
   for path, request in _requests().items():
     data = request.SerializeToString()
     code, message, response = fallback(path, data, 60_000)

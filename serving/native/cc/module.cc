@@ -9,13 +9,13 @@
 
 #include <chrono>
 #include <condition_variable>
-#include <cstring>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 
 #include "batching.h"
 #include "metrics.h"
+#include "numpy_tensor.h"
 #include "server.h"
 #include "servable.h"
 #include "session.h"
@@ -78,100 +78,6 @@ std::optional<int64_t> OptionalInt(const py::handle& value) {
   return value.cast<int64_t>();
 }
 
-// NumPy <-> tensors (the Python-side calls: REST, Classify, warm-up, fallbacks).
-// By NumPy's name: py::dtype(const char*) would parse a PEP 3118 buffer format instead.
-py::dtype Named(const char* name) { return py::dtype::from_args(py::str(name)); }
-
-py::dtype NumpyType(TF_DataType dtype) {
-  switch (dtype) {
-    case TF_FLOAT: return Named("float32");
-    case TF_DOUBLE: return Named("float64");
-    case TF_INT8: return Named("int8");
-    case TF_INT16: return Named("int16");
-    case TF_INT32: return Named("int32");
-    case TF_INT64: return Named("int64");
-    case TF_UINT8: return Named("uint8");
-    case TF_UINT16: return Named("uint16");
-    case TF_UINT32: return Named("uint32");
-    case TF_UINT64: return Named("uint64");
-    case TF_BOOL: return Named("bool");
-    case TF_HALF: return Named("float16");
-    case TF_COMPLEX64: return Named("complex64");
-    case TF_COMPLEX128: return Named("complex128");
-    case TF_STRING: return Named("object");
-    case TF_BFLOAT16: return py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
-    default: throw std::invalid_argument("Unsupported output dtype " + std::to_string(dtype));
-  }
-}
-
-TF_DataType TfType(const py::dtype& dtype) {
-  const char kind = dtype.kind();
-  const ssize_t size = dtype.itemsize();
-  if (kind == 'O' || kind == 'S' || kind == 'U') return TF_STRING;
-  if (kind == 'b') return TF_BOOL;
-  if (kind == 'f') return size == 2 ? TF_HALF : size == 4 ? TF_FLOAT : TF_DOUBLE;
-  if (kind == 'c') return size == 8 ? TF_COMPLEX64 : TF_COMPLEX128;
-  if (kind == 'i') return size == 1 ? TF_INT8 : size == 2 ? TF_INT16 : size == 4 ? TF_INT32 : TF_INT64;
-  if (kind == 'u') return size == 1 ? TF_UINT8 : size == 2 ? TF_UINT16 : size == 4 ? TF_UINT32 : TF_UINT64;
-  if (kind == 'V' && py::str(py::handle(dtype)).cast<std::string>() == "bfloat16") return TF_BFLOAT16;
-  throw std::invalid_argument("Cannot feed NumPy dtype " + py::str(py::handle(dtype)).cast<std::string>());
-}
-
-TensorPtr FromNumpy(const py::handle& value) {
-  py::array array = py::array::ensure(value, py::array::c_style);
-  if (!array) throw std::invalid_argument("Feeds must be NumPy arrays");
-  std::vector<int64_t> dims(array.shape(), array.shape() + array.ndim());
-  const TF_DataType dtype = TfType(array.dtype());
-  TensorPtr tensor = Tensor::Allocate(dtype, dims);
-  if (dtype != TF_STRING) {
-    std::memcpy(tensor->data(), array.data(), tensor->elements() * tensor->element_size());
-    return tensor;
-  }
-  TF_TString* strings = reinterpret_cast<TF_TString*>(tensor->data());
-  py::object flat = array.attr("reshape")(-1);
-  for (int64_t i = 0; i < tensor->elements(); ++i) {
-    py::object item = flat[py::int_(i)];
-    std::string bytes = py::isinstance<py::bytes>(item) ? item.cast<std::string>()
-                                                        : py::str(item).cast<std::string>();  // UTF-8.
-    tf().TF_StringCopy(&strings[i], bytes.data(), bytes.size());
-  }
-  return tensor;
-}
-
-py::array ToNumpy(const TensorSlice& slice) {
-  const std::vector<int64_t> dims = slice.dims();
-  std::vector<ssize_t> shape(dims.begin(), dims.end());
-  py::array array(NumpyType(slice.tensor->dtype()), shape);
-  const int64_t n = slice.elements();
-  if (slice.tensor->dtype() != TF_STRING) {
-    std::memcpy(array.mutable_data(), slice.data(), n * slice.tensor->element_size());
-    return array;
-  }
-  const TF_TString* strings = reinterpret_cast<const TF_TString*>(slice.data());
-  PyObject** objects = static_cast<PyObject**>(array.mutable_data());
-  for (int64_t i = 0; i < n; ++i) {
-    PyObject* bytes = PyBytes_FromStringAndSize(tf().TF_StringGetDataPointer(&strings[i]),
-                                                static_cast<Py_ssize_t>(tf().TF_StringGetSize(&strings[i])));
-    if (bytes == nullptr) throw py::error_already_set();
-    Py_XDECREF(objects[i]);
-    objects[i] = bytes;
-  }
-  return array;
-}
-
-void Feeds(const py::dict& feeds, std::vector<std::string>* names, std::vector<TensorPtr>* tensors) {
-  for (const auto& [name, value] : feeds) {
-    names->push_back(name.cast<std::string>());
-    tensors->push_back(FromNumpy(value));
-  }
-}
-
-py::list Outputs(const std::vector<TensorSlice>& slices) {
-  py::list outputs;
-  for (const TensorSlice& slice : slices) outputs.append(ToNumpy(slice));
-  return outputs;
-}
-
 // Python's wrappers.
 struct PySession {
   std::shared_ptr<Session> session;
@@ -179,14 +85,12 @@ struct PySession {
 
 py::list RunSession(PySession& self, const py::dict& feeds, const std::vector<std::string>& fetches,
                     std::optional<int64_t> timeout_ms, bool in_caller_thread) {
-  std::vector<std::string> names;
-  std::vector<TensorPtr> tensors;
-  Feeds(feeds, &names, &tensors);
+  Feeds in = ToFeeds(feeds);
   std::vector<TensorPtr> outputs;
   Status status;
   {
     py::gil_scoped_release release;
-    status = self.session->Run(names, tensors, fetches, timeout_ms.value_or(-1), in_caller_thread, &outputs);
+    status = self.session->Run(in.names, in.tensors, fetches, timeout_ms.value_or(-1), in_caller_thread, &outputs);
   }
   if (!status.ok()) Raise(status);
   std::vector<TensorSlice> slices;
@@ -254,16 +158,14 @@ struct Outcome {
 
 py::list RunServable(Servable& servable, const py::dict& feeds, const std::vector<std::string>& fetches,
                      std::optional<int64_t> timeout_ms, bool in_caller_thread) {
-  std::vector<std::string> names;
-  std::vector<TensorPtr> tensors;
-  Feeds(feeds, &names, &tensors);
+  Feeds in = ToFeeds(feeds);
   auto outcome = std::make_shared<Outcome>();
   Status status;
   std::vector<TensorSlice> outputs;
   {
     py::gil_scoped_release release;
     const int64_t timeout = timeout_ms.value_or(-1);
-    TaskPtr task = servable.Run(names, tensors, fetches, timeout, in_caller_thread,
+    TaskPtr task = servable.Run(in.names, in.tensors, fetches, timeout, in_caller_thread,
                                 [outcome](const Status& result, std::vector<TensorSlice> slices) {
                                   std::lock_guard<std::mutex> lock(outcome->mutex);
                                   outcome->status = result;

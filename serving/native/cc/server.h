@@ -90,8 +90,11 @@ class Server {
   using Routes = std::map<std::string, Model>;
 
   void Handle(Call* call);
+  // The Predict fast path (predict.cc): answers the call and returns true, or returns false
+  // holding nothing, for Fallback to answer.
   bool TryPredict(Call* call);
   void Fallback(Call* call);
+  // The servable a ModelSpec names among the routes, or null (predict.cc).
   std::shared_ptr<Servable> Resolve(const void* model_spec);
 
   const ServerOptions options_;
