@@ -349,22 +349,28 @@ def _batch_stats(server):
   )
 
 
-@pytest.mark.usefixtures("native_on")
-def test_native_batching_pads_variable_length_inputs_and_batch_sizes(tmp_path):
-  tf.saved_model.save(_FirstColumn(), str(tmp_path / "m" / "1"), signatures={"serving_default": _FirstColumn().serve})
+def _native_batching_server(tmp_path, batching_parameters: str) -> lib.InProcessServer:
+  """A native in-process server of model "m" (at tmp_path/m) batching with the given text parameters."""
   params = tmp_path / "batching.config"
-  # A batch runs once full (8 rows) or after an hour: 8 concurrent one-row requests of 8 different
-  # lengths make exactly one batch, padded inside to the longest.
-  params.write_text(
-    "max_batch_size { value: 8 } batch_timeout_micros { value: 3600000000 } num_batch_threads { value: 1 } "
-    "allowed_batch_sizes: 4 allowed_batch_sizes: 8 pad_variable_length_inputs: true"
-  )
-  server = lib.InProcessServer(
+  params.write_text(batching_parameters)
+  return lib.InProcessServer(
     model_name="m",
     model_base_path=str(tmp_path / "m"),
     enable_batching=True,
     batching_parameters_file=str(params),
     native="on",
+  )
+
+
+@pytest.mark.usefixtures("native_on")
+def test_native_batching_pads_variable_length_inputs_and_batch_sizes(tmp_path):
+  tf.saved_model.save(_FirstColumn(), str(tmp_path / "m" / "1"), signatures={"serving_default": _FirstColumn().serve})
+  # A batch runs once full (8 rows) or after an hour: 8 concurrent one-row requests of 8 different
+  # lengths make exactly one batch, padded inside to the longest.
+  server = _native_batching_server(
+    tmp_path,
+    "max_batch_size { value: 8 } batch_timeout_micros { value: 3600000000 } num_batch_threads { value: 1 } "
+    "allowed_batch_sizes: 4 allowed_batch_sizes: 8 pad_variable_length_inputs: true",
   )
   try:
 
@@ -392,16 +398,9 @@ def test_native_batching_pads_variable_length_inputs_and_batch_sizes(tmp_path):
 @pytest.mark.usefixtures("native_on")
 def test_native_batching_pads_to_allowed_batch_sizes(tmp_path):
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  params = tmp_path / "batching.config"
-  params.write_text(
-    "max_batch_size { value: 8 } batch_timeout_micros { value: 0 } allowed_batch_sizes: 4 allowed_batch_sizes: 8"
-  )
-  server = lib.InProcessServer(
-    model_name="m",
-    model_base_path=str(tmp_path / "m"),
-    enable_batching=True,
-    batching_parameters_file=str(params),
-    native="on",
+  server = _native_batching_server(
+    tmp_path,
+    "max_batch_size { value: 8 } batch_timeout_micros { value: 0 } allowed_batch_sizes: 4 allowed_batch_sizes: 8",
   )
   try:
     for _ in range(3):  # One at a time: each batch holds one 3-row request, padded to 4.
@@ -477,14 +476,8 @@ def test_native_requests_leave_nothing_behind(tmp_path):
   kept every batched request, its tensors and outputs alive: about 12 KB a request at 100k ads.
   """
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  params = tmp_path / "batching.config"
-  params.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 500 } num_batch_threads { value: 2 }")
-  server = lib.InProcessServer(
-    model_name="m",
-    model_base_path=str(tmp_path / "m"),
-    enable_batching=True,
-    batching_parameters_file=str(params),
-    native="on",
+  server = _native_batching_server(
+    tmp_path, "max_batch_size { value: 8 } batch_timeout_micros { value: 500 } num_batch_threads { value: 2 }"
   )
   native, _ = native_server.load_module()
   try:
