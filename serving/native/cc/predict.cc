@@ -26,12 +26,9 @@ bool Encodable(int dtype) {
 // What a request tensor expands to, priced from what it declares (request_limits.tensor_cost) for
 // the exact tensors the fast path takes.
 bool Price(const tensorflow::TensorProto& proto, int64_t* elements, int64_t* bytes) {
-  int64_t n = 1;
-  for (const auto& dim : proto.tensor_shape().dim()) {
-    if (dim.size() < 0) return false;
-    if (dim.size() > 0 && n > (int64_t{1} << 40) / dim.size()) return false;
-    n *= dim.size();
-  }
+  std::vector<int64_t> dims;
+  int64_t n;
+  if (!DeclaredShape(proto, &dims, &n)) return false;
   *elements += n;
   if (proto.dtype() == tensorflow::DT_STRING) {
     *bytes += static_cast<int64_t>(proto.ByteSizeLong());

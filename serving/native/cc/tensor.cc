@@ -107,6 +107,19 @@ const char* TensorSlice::data() const {
   return tensor->data() + (rows < 0 ? 0 : offset * tensor->row_elements() * tensor->element_size());
 }
 
+bool DeclaredShape(const tensorflow::TensorProto& proto, std::vector<int64_t>* dims, int64_t* elements) {
+  if (proto.tensor_shape().unknown_rank()) return false;
+  int64_t n = 1;
+  for (const auto& dim : proto.tensor_shape().dim()) {
+    if (dim.size() < 0) return false;
+    if (dim.size() > 0 && n > kMaxElements / dim.size()) return false;
+    dims->push_back(dim.size());
+    n *= dim.size();
+  }
+  *elements = n;
+  return true;
+}
+
 bool NativeDtype(int dtype) {
   switch (dtype) {
     case TF_FLOAT: case TF_DOUBLE: case TF_INT8: case TF_INT16: case TF_INT32: case TF_UINT8:
@@ -119,15 +132,9 @@ bool NativeDtype(int dtype) {
 
 bool DecodeExact(const tensorflow::TensorProto& proto, TensorPtr* out) {
   const int dtype = proto.dtype();
-  if (!NativeDtype(dtype) || proto.tensor_shape().unknown_rank()) return false;
   std::vector<int64_t> dims;
-  int64_t n = 1;
-  for (const auto& dim : proto.tensor_shape().dim()) {
-    if (dim.size() < 0) return false;
-    if (dim.size() > 0 && n > kMaxElements / dim.size()) return false;
-    dims.push_back(dim.size());
-    n *= dim.size();
-  }
+  int64_t n;
+  if (!NativeDtype(dtype) || !DeclaredShape(proto, &dims, &n)) return false;
   if (dtype == TF_STRING) {
     if (proto.string_val_size() != n) return false;
     TensorPtr tensor = Tensor::Allocate(TF_STRING, dims);
