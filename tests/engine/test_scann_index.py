@@ -13,6 +13,13 @@ def _search(index, queries, k, **options):
   return fn(tf.constant(queries))
 
 
+def _medium_index(items, tuning_queries, **options):
+  """ScaNN over the medium catalog as these tests build it: k=20, 100 leaves, tuned on held-out queries."""
+  return base.build_index(
+    "scann", items, k=20, num_leaves=100, training_sample_size=20000, tuning_queries=tuning_queries, **options
+  )
+
+
 def test_recall_brute_force_config(small_catalog):
   items, queries = small_catalog
   index = base.build_index("scann", items, k=10)
@@ -25,9 +32,7 @@ def test_recall_brute_force_config(small_catalog):
 
 def test_recall_tree_ah_reorder(medium_catalog, medium_tuning_queries):
   items, queries = medium_catalog
-  index = base.build_index(
-    "scann", items, k=20, num_leaves=100, training_sample_size=20000, tuning_queries=medium_tuning_queries
-  )
+  index = _medium_index(items, medium_tuning_queries)
   assert index.config["scoring"] == "ah" and 1 <= index.config["leaves_to_search"] <= 100
   truth = search_ops.exact_top_k_numpy(queries, items, 20)
   result = _search(index, queries, 20)
@@ -53,17 +58,7 @@ def test_eligibility(medium_catalog, medium_tuning_queries):
   rng = np.random.default_rng(0)
   eligible = rng.random(items.shape[0]) > 0.6  # 60% paused: over-fetch alone will often fall short.
   # Fixed search knobs: this test is about the mask, not about what tuning picks on a given run.
-  index = base.build_index(
-    "scann",
-    items,
-    k=20,
-    num_leaves=100,
-    training_sample_size=20000,
-    leaves_to_search=40,
-    reorder=200,
-    eligible=eligible,
-    tuning_queries=medium_tuning_queries,
-  )
+  index = _medium_index(items, medium_tuning_queries, leaves_to_search=40, reorder=200, eligible=eligible)
   result = _search(index, queries, 20)
   rows = result.indices.numpy()
   assert np.all(rows >= 0) and np.all(eligible[rows])
@@ -110,16 +105,7 @@ def test_saved_model_round_trip(small_catalog, tmp_path):
 
 def test_single_query_path_matches_batched(medium_catalog, medium_tuning_queries):
   items, queries = medium_catalog
-  index = base.build_index(
-    "scann",
-    items,
-    k=20,
-    num_leaves=100,
-    training_sample_size=20000,
-    leaves_to_search=10,
-    reorder=100,
-    tuning_queries=medium_tuning_queries,
-  )
+  index = _medium_index(items, medium_tuning_queries, leaves_to_search=10, reorder=100)
   batched = _search(index, queries[:8], 20)
   search = tf.function(lambda q: index.search(q, 20))
   # A batch of one takes ScaNN's single-query op.
@@ -137,9 +123,7 @@ def test_single_query_path_matches_batched(medium_catalog, medium_tuning_queries
 
 def test_tuning_reaches_target_with_margin(medium_catalog, medium_tuning_queries):
   items, _ = medium_catalog
-  index = base.build_index(
-    "scann", items, k=20, num_leaves=100, training_sample_size=20000, tuning_queries=medium_tuning_queries
-  )
+  index = _medium_index(items, medium_tuning_queries)
   config = index.config
   assert config["tuned_recall"] >= 0.965 and config["reorder"] in (40, 80, 100, 120, 160)
   assert config["build_seconds"] >= config["train_seconds"] > 0
@@ -176,16 +160,7 @@ def test_final_candidates(small_catalog):
 
 def test_short_queries_retry_with_every_reordered_candidate(medium_catalog, medium_tuning_queries):
   items, queries = medium_catalog
-  index = base.build_index(
-    "scann",
-    items,
-    k=20,
-    num_leaves=100,
-    training_sample_size=20000,
-    leaves_to_search=40,
-    reorder=200,
-    tuning_queries=medium_tuning_queries,
-  )
+  index = _medium_index(items, medium_tuning_queries, leaves_to_search=40, reorder=200)
   assert index.config["final_candidates"] == 40
   index.eligible.assign(np.random.default_rng(1).random(items.shape[0]) > 0.7)  # 70% paused: most of 40 are.
   two_stages = _search(index, queries, 20).indices.numpy()
