@@ -9,8 +9,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from models import baselines, metrics
 from models import catalog as catalog_lib
-from models import metrics
 from models.data import schema, sequences
 
 EXAMPLE_FEATURES = schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES
@@ -65,38 +65,50 @@ class TopKValidation(tf.keras.callbacks.Callback):
       logs[f"val_top_{self.k}"] = value
 
 
+def _ranked(scores: tf.Tensor, positives: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(0-based rank of each row's positive, the top-k rows) of scores [n, N] over the whole catalog."""
+  positive_scores = tf.gather(scores, positives, batch_dims=1)
+  rank = tf.reduce_sum(tf.cast(scores > positive_scores[:, tf.newaxis], tf.int64), axis=1).numpy()
+  return rank, tf.math.top_k(scores, k=min(k, int(scores.shape[1]))).indices.numpy()
+
+
 def rank_examples(
-  query_tower: tf.keras.Model,
-  catalog: catalog_lib.EmbeddedCatalog,
+  query_tower: tf.keras.Model | None,
+  catalog: catalog_lib.EmbeddedCatalog | None,
   row_of,
   examples: Iterable[dict[str, np.ndarray]],
   k: int,
   extra: tuple[str, ...] = (),
+  baseline: baselines.Baseline | None = None,
 ) -> dict[str, np.ndarray]:
   """Exact full-catalog retrieval of every example's query, with its clicked item's rank.
 
   Args:
-    query_tower: the query tower.
-    catalog: the embedded catalog (row i of the embeddings is catalog row i).
+    query_tower: the query tower (None when a baseline scores instead).
+    catalog: the embedded catalog (row i of the embeddings is catalog row i); None with a baseline.
     row_of: maps an ad id to its catalog row.
     examples: example batches.
     k: how many items to recall per query.
     extra: further example fields to pass through (e.g. "converted"), when present.
+    baseline: scores the catalog instead of the towers (see `models.baselines`).
 
   Returns:
     "rank" int [n] (0-based rank of the clicked item among all items), "recalled" int [n, k] rows,
     "positive" int [n] the clicked item's row, plus the `extra` fields found.
   """
-  encode = tf.function(query_tower)
-  items = tf.constant(catalog.embeddings)
+  if baseline is None:
+    encode = tf.function(query_tower)
+    items = tf.constant(catalog.embeddings)
   out: dict[str, list[np.ndarray]] = {"rank": [], "recalled": [], "positive": []}
   for batch in examples:
     positives = np.asarray([row_of(str(ad_id)) for ad_id in batch[schema.AD_ID]], dtype=np.int64)
-    queries = encode({name: tf.constant(batch[name]) for name in schema.QUERY_FEATURE_NAMES})
-    scores = tf.matmul(queries, items, transpose_b=True)
-    positive_scores = tf.gather(scores, positives, batch_dims=1)
-    out["rank"].append(tf.reduce_sum(tf.cast(scores > positive_scores[:, tf.newaxis], tf.int64), axis=1).numpy())
-    out["recalled"].append(tf.math.top_k(scores, k=min(k, catalog.embeddings.shape[0])).indices.numpy())
+    if baseline is None:
+      queries = encode({name: tf.constant(batch[name]) for name in schema.QUERY_FEATURE_NAMES})
+      rank, recalled = _ranked(tf.matmul(queries, items, transpose_b=True), positives, k)
+    else:
+      rank, recalled = _ranked(tf.constant(baseline.scores(batch, row_of)), positives, k)
+    out["rank"].append(rank)
+    out["recalled"].append(recalled)
     out["positive"].append(positives)
     for name in extra:
       if name in batch:
@@ -116,12 +128,20 @@ def _limited(batches: Iterable[dict[str, np.ndarray]], max_examples: int) -> Ite
       return
 
 
+def _rebatched(batches: Iterable[dict[str, np.ndarray]], size: int) -> Iterable[dict[str, np.ndarray]]:
+  """The same examples in batches of at most `size`, so a baseline's dense scores stay bounded."""
+  for batch in batches:
+    for start in range(0, len(batch[schema.AD_ID]), size):
+      yield {name: values[start : start + size] for name, values in batch.items()}
+
+
 def evaluate(
   query_tower: tf.keras.Model,
   item_tower: tf.keras.Model,
   source: Any,
   ks: tuple[int, ...] = (10, 50, 100),
   max_examples: int = 0,
+  with_baselines: bool = True,
 ) -> dict[str, Any]:
   """Everything fgr-eval reports on a source's test split, retrieving exactly over the whole catalog.
 
@@ -129,26 +149,27 @@ def evaluate(
     "ranking": Recall/HitRate/NDCG@K; "water_level" at the largest K: coverage of clicks (and of
     conversions when the source logs them), noise ratio by category, and coverage of clicks on
     items added after training when the source knows them; "held_out_items": with a cold-start
-    source, the coverage of held-out items' clicks against warm items'.
+    source, the coverage of held-out items' clicks against warm items'; "baselines" (with
+    `with_baselines`): "ranking" and "water_level" of popularity and item co-occurrence, fit on the
+    training split and judged on the same test examples.
   """
   k = max(ks)
   catalog = catalog_lib.embed_catalog(item_tower, source)
-  ranked = rank_examples(
-    query_tower, catalog, source.row_of, _limited(source.examples("test"), max_examples), k, extra=("converted",)
-  )
-  report: dict[str, Any] = {
-    "num_examples": int(len(ranked["rank"])),
-    "num_items": int(source.num_items),
-    "ranking": metrics.ranking_metrics(ranked["rank"], ks),
-  }
   categories = np.concatenate([features[schema.CATEGORY] for _, features in sequences.iterate_catalog(source)])
   new_items = source.items_added_after_training() if hasattr(source, "items_added_after_training") else None
-  report["water_level"] = {
-    "k": k,
-    **metrics.water_level_metrics(
+
+  def test_examples():
+    return _limited(source.examples("test"), max_examples)
+
+  def summary(ranked: dict[str, np.ndarray]) -> dict[str, Any]:
+    water = metrics.water_level_metrics(
       ranked["recalled"], ranked["positive"], ranked.get("converted"), categories, new_items
-    ),
-  }
+    )
+    return {"ranking": metrics.ranking_metrics(ranked["rank"], ks), "water_level": {"k": k, **water}}
+
+  ranked = rank_examples(query_tower, catalog, source.row_of, test_examples(), k, extra=("converted",))
+  report: dict[str, Any] = {"num_examples": int(len(ranked["rank"])), "num_items": int(source.num_items)}
+  report.update(summary(ranked))
   held_out = getattr(source, "held_out_rows", None)
   if held_out is not None:
     cold = held_out[ranked["positive"]]
@@ -159,5 +180,13 @@ def evaluate(
       "held_out": cold_metrics,
       "warm": warm_metrics,
       f"recall@{k}_ratio": cold_metrics.get(f"recall@{k}", float("nan")) / max(warm_metrics[f"recall@{k}"], 1e-12),
+    }
+  if with_baselines:
+    batch_size = max(1, baselines.MAX_SCORES // source.num_items)
+    report["baselines"] = {
+      baseline.name: summary(
+        rank_examples(None, None, source.row_of, _rebatched(test_examples(), batch_size), k, ("converted",), baseline)
+      )
+      for baseline in baselines.fit_baselines(source, lambda: source.examples("train"))
     }
   return report

@@ -34,7 +34,7 @@ class TrainConfig:
     logq_correction: subtract log Q(item) from each logit, Q being estimated from the training stream
       (see `models.sampling`).
     mixed_negatives: uniformly sampled catalog items added as negatives to every batch (0: none).
-    validation_fraction: share of the training examples held out (every n-th one) to pick the best
+    validation_fraction: the most recent share of the training examples, held out to pick the best
       epoch and stop early on `validation_k` top-k accuracy; 0 trains every epoch without it.
     validation_k: k of the validation top-k accuracy ("val_top_<k>" in the logs and TensorBoard).
     max_validation_examples: cap on the held-out examples, to keep each validation pass short.
@@ -75,14 +75,21 @@ def checkpoint_path(output_dir: str) -> str | None:
 def _split_validation(
   examples: tf.data.Dataset, training: TrainConfig
 ) -> tuple[tf.data.Dataset, list[dict[str, np.ndarray]]]:
-  """Holds out every n-th example (n = 1 / validation_fraction); returns (train, validation batches)."""
-  every = max(2, int(round(1.0 / training.validation_fraction)))
-  indexed = examples.enumerate()
-  train_ds = indexed.filter(lambda i, _: i % every != 0).map(lambda _, x: x)
-  validation = (
-    indexed.filter(lambda i, _: i % every == 0).map(lambda _, x: x).take(training.max_validation_examples).batch(4096)
-  )
-  return train_ds, list(validation.as_numpy_iterator())
+  """Holds out the last `validation_fraction` of the training examples; returns (train, validation batches).
+
+  Every source yields its training examples in time order, so the held-out slice is the most recent
+  one: best-epoch selection then judges the model on what comes after its training data, as the
+  test split does. A random slice of the same period would reward memorising it (it did: validation
+  rose while the time-ordered test fell). At most `max_validation_examples` of the slice, evenly
+  spaced, are scored, to keep each validation pass short.
+  """
+  total = int(examples.reduce(np.int64(0), lambda count, _: count + 1).numpy())
+  num_held_out = int(round(total * training.validation_fraction))
+  if not 0 < num_held_out < total:
+    raise ValueError(f"validation_fraction {training.validation_fraction} leaves no training or validation example")
+  every = max(1, -(-num_held_out // training.max_validation_examples))
+  validation = examples.skip(total - num_held_out).shard(every, 0).batch(4096)
+  return examples.take(total - num_held_out), list(validation.as_numpy_iterator())
 
 
 def _with_negatives(batches: tf.data.Dataset, source: sources.Source, training: TrainConfig) -> tf.data.Dataset:

@@ -9,6 +9,10 @@ an input.
 
 The "leave_last_out" split instead holds out each user's last rating in time (ties in file order):
 943 test examples, one per user, whose behaviour sequence is everything the user rated before.
+
+The "time" split holds out the last 10% of ratings in time, as production does: the model is trained
+on the past and judged on what came after. A test rating's behaviour sequence is every rating its
+user made before it, test ratings included (they were logged by then), and never a later one.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ _GENRES = (
 )
 NUM_TRAIN = 80_000
 SPLIT_SEED = 42
+TIME_TEST_FRACTION = 0.1
+SPLITS = ("default", "leave_last_out", "time")
 
 
 def _age_bucket(age: int) -> str:
@@ -58,7 +64,7 @@ class MovieLens100K:
 
   Args:
     data_dir: directory holding the unpacked ml-100k files.
-    split: "default" (the TFRS protocol) or "leave_last_out".
+    split: "default" (the TFRS protocol), "leave_last_out" or "time".
     held_out_fraction: share of movies kept out of training entirely (`cold_start.choose_held_out`
       with `held_out_seed`): their ratings are not training examples and never enter a behaviour
       sequence, nor so a query.
@@ -66,8 +72,8 @@ class MovieLens100K:
   """
 
   def __init__(self, data_dir: str, split: str = "default", held_out_fraction: float = 0.0, held_out_seed: int = 0):
-    if split not in ("default", "leave_last_out"):
-      raise ValueError(f"split must be 'default' or 'leave_last_out', got {split!r}")
+    if split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     missing = [f for f in ("u.data", "u.item", "u.user") if not os.path.exists(os.path.join(data_dir, f))]
     if missing:
       raise FileNotFoundError(f"{data_dir} is not a MovieLens-100K directory: missing {', '.join(missing)}")
@@ -88,6 +94,10 @@ class MovieLens100K:
 
   def row_of(self, ad_id: str) -> int:
     return self._table.row_of[ad_id]
+
+  def user_profiles(self) -> dict[str, list[str]]:
+    """Each user's profile tokens (age bucket, gender, occupation, zip region), by user id."""
+    return dict(self._user_features)
 
   def _read_items(self) -> sequences.InMemoryItemTable:
     ids, categories, brands, tokens = [], [], [], []
@@ -121,7 +131,12 @@ class MovieLens100K:
     raw = np.loadtxt(os.path.join(self.data_dir, "u.data"), dtype=np.int64)
     users, items, timestamps = raw[:, 0], raw[:, 1], raw[:, 3]
     order = np.lexsort((np.arange(len(raw)), timestamps))  # time order, ties in file order
-    if self.split == "leave_last_out":
+    enters_history = None
+    if self.split == "time":
+      is_train = np.zeros(len(raw), dtype=bool)
+      is_train[order[: int(round(len(raw) * (1.0 - TIME_TEST_FRACTION)))]] = True
+      enters_history = np.ones(len(raw), dtype=bool)  # Earlier test ratings are history too.
+    elif self.split == "leave_last_out":
       is_train = np.ones(len(raw), dtype=bool)
       last_of_user = {user: i for i, user in zip(order.tolist(), users[order].tolist())}
       is_train[list(last_of_user.values())] = False
@@ -131,7 +146,9 @@ class MovieLens100K:
 
     rows = np.asarray([self._table.row_of[str(i)] for i in items[order].tolist()])
     held_out = held_out_rows[rows]
-    hist_rows = sequences.HistoryTracker().observe(users[order], rows, enters_history=is_train[order] & ~held_out)
+    if enters_history is None:
+      enters_history = is_train
+    hist_rows = sequences.HistoryTracker().observe(users[order], rows, enters_history=enters_history[order] & ~held_out)
 
     latest = hist_rows[:, 0]
     latest_items = self._table.features(np.maximum(latest, 0))
@@ -154,7 +171,8 @@ class MovieLens100K:
   def examples(self, split: str, chunk_size: int = 8192) -> Iterator[dict[str, np.ndarray]]:
     """Yields batches of the "train" (80k) or "test" (20k) split, in time order.
 
-    Under "leave_last_out" the test split is each user's last rating and "train" is the rest.
+    Under "leave_last_out" the test split is each user's last rating and "train" is the rest; under
+    "time" it is the last 10% of ratings in time.
     """
     if split not in self._split:
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")

@@ -11,7 +11,7 @@ import numpy as np
 from models.data import cold_start, logs, movielens, synthetic
 
 SOURCES = ("synthetic", "movielens", "logs")
-SPLITS = ("default", "leave_last_out")
+SPLITS = ("default", "leave_last_out", "time")
 
 
 class Source(Protocol):
@@ -35,8 +35,9 @@ class DataSpec:
     data_dir: directory of the MovieLens files or of items.jsonl/events.jsonl.
     synthetic: `SyntheticConfig` fields, for the synthetic source.
     split: "default" (MovieLens: the TFRS tutorials' seeded 80/20 split; synthetic and logs: the
-      last share of the log in time) or "leave_last_out" (each user's last interaction is the test
-      example; MovieLens and synthetic only).
+      last share of the log in time), "time" (the last share of the log in time, for every source;
+      synthetic and logs split so by default) or "leave_last_out" (each user's last interaction is
+      the test example; MovieLens and synthetic only).
     held_out_item_fraction: share of items removed from training entirely, to measure cold start
       (see `cold_start.HeldOutItems`); 0 keeps every item.
     held_out_item_seed: seed choosing those items.
@@ -68,8 +69,10 @@ def open_source(spec: DataSpec) -> Source:
 
 
 def _open(spec: DataSpec) -> Source:
+  # Synthetic logs and a user's logs are split by time by default, so "time" names that split.
+  split = "default" if spec.split == "time" and spec.name != "movielens" else spec.split
   if spec.name == "synthetic":
-    return synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**spec.synthetic), split=spec.split)
+    return synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**spec.synthetic), split=split)
   if spec.name in ("movielens", "logs") and not spec.data_dir:
     raise ValueError(f"--data={spec.name} needs --data_dir")
   if spec.name == "movielens":
@@ -81,7 +84,7 @@ def _open(spec: DataSpec) -> Source:
       held_out_seed=spec.held_out_item_seed,
     )
   if spec.name == "logs":
-    if spec.split != "default":
-      raise ValueError(f"--data=logs supports only the default (time-ordered) split, not {spec.split!r}")
+    if split != "default":
+      raise ValueError(f"--data=logs supports only its time-ordered split, not {spec.split!r}")
     return logs.LogsDataset(spec.data_dir)
   raise ValueError(f"Unknown data source {spec.name!r}; choose one of {SOURCES}")

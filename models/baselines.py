@@ -1,0 +1,142 @@
+"""Classical baselines every quality report sets beside the towers: popularity and item co-occurrence.
+
+A learned retrieval model has to beat counting on the split production uses. On time-ordered data
+the bar is item-to-item co-occurrence over the user's recent history (ItemCF): items that users
+interacted with close together in time are recalled for whoever just interacted with one of them.
+Both baselines are fit on the training split only, read the same test examples as the towers (their
+behaviour sequence) and score the whole catalog, so their ranks compare with the towers' exactly.
+
+Written here in NumPy: TFRS ships no classical baselines, and each is a few array operations; the
+co-occurrence table is a hand-built CSR matrix because SciPy is not a dependency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import numpy as np
+
+from models.data import schema
+
+RowOf = Callable[[str], int]
+# Scores a baseline computes at once (queries x catalog items): 128 MB of float64.
+MAX_SCORES = 1 << 24
+
+
+def _rows(ids: np.ndarray, row_of: RowOf) -> np.ndarray:
+  """Catalog rows of string ids; padding ("") becomes -1."""
+  flat = [row_of(str(i)) if i != schema.PAD else -1 for i in np.asarray(ids).ravel().tolist()]
+  return np.asarray(flat, dtype=np.int64).reshape(np.shape(ids))
+
+
+class Popularity:
+  """Scores every item by its number of training interactions (ties by catalog row)."""
+
+  name = "popularity"
+
+  def __init__(self, num_items: int):
+    self.num_items = num_items
+    self.counts = np.zeros(num_items, dtype=np.float64)
+    self._tie_break: np.ndarray | None = None
+
+  def fit(self, examples: Iterable[dict[str, np.ndarray]], row_of: RowOf) -> Popularity:
+    for batch in examples:
+      self.counts += np.bincount(_rows(batch[schema.AD_ID], row_of), minlength=self.num_items)
+    self._tie_break = None
+    return self
+
+  def tie_break(self) -> np.ndarray:
+    """Popularity scaled into [0, 1e-3): added to another score, it only orders that score's ties."""
+    if self._tie_break is None:
+      order = self.counts - np.arange(self.num_items) / (2.0 * self.num_items)  # Equal counts: lower row first.
+      self._tie_break = 1e-3 * np.argsort(np.argsort(order)) / self.num_items
+    return self._tie_break
+
+  def scores(self, batch: dict[str, np.ndarray], row_of: RowOf) -> np.ndarray:
+    del row_of  # The same ranking for every query.
+    return np.broadcast_to(self.tie_break(), (len(batch[schema.AD_ID]), self.num_items))
+
+
+class ItemCooccurrence:
+  """ItemCF over each user's recent history, with recency weights and cosine-normalised counts.
+
+  sim(i, j) = c(i, j) / sqrt(n_i * n_j), where c(i, j) counts the times one user interacted with i and
+  j within `window` interactions of each other in the training log, and n_i is i's interaction
+  count. A query's score for item j is sum_t decay^t * sim(h_t, j) over its `history` most recent
+  items h_0 (latest), h_1, ...; ties (items co-occurring with none of them) fall back to popularity.
+
+  Args:
+    num_items: catalog size.
+    window: how many interactions apart two items of one user still co-occur.
+    history: how many of the query's most recent items vote.
+    decay: weight ratio of each older item to the one after it.
+  """
+
+  name = "item_cooccurrence"
+
+  def __init__(self, num_items: int, window: int = 20, history: int = 10, decay: float = 0.8):
+    if window < 1 or history < 1 or not 0 < decay <= 1:
+      raise ValueError(f"need window >= 1, history >= 1 and decay in (0, 1], got {window}, {history}, {decay}")
+    self.num_items = num_items
+    self.window = window
+    self.history = history
+    self.decay = decay
+    self.popularity = Popularity(num_items)
+
+  def fit(self, examples: Iterable[dict[str, np.ndarray]], row_of: RowOf) -> ItemCooccurrence:
+    users, rows = [], []
+    for batch in examples:
+      users.append(np.asarray(batch[schema.USER_ID]).astype(str))
+      rows.append(_rows(batch[schema.AD_ID], row_of))
+    user, row = np.concatenate(users), np.concatenate(rows)
+    order = np.argsort(user, kind="stable")  # Each user's interactions together, still in time order.
+    user, row = user[order], row[order]
+    self.popularity.counts = np.bincount(row, minlength=self.num_items).astype(np.float64)
+    self.popularity._tie_break = None
+    keys = []
+    for distance in range(1, self.window + 1):
+      same = user[distance:] == user[:-distance]
+      first, second = row[:-distance][same], row[distance:][same]
+      keys += [first * self.num_items + second, second * self.num_items + first]
+    pairs, counts = np.unique(np.concatenate(keys), return_counts=True)
+    first, second = np.divmod(pairs, self.num_items)
+    norm = np.sqrt(np.maximum(self.popularity.counts[first] * self.popularity.counts[second], 1.0))
+    self.indptr = np.searchsorted(first, np.arange(self.num_items + 1))  # CSR over `first` (sorted).
+    self.columns = second
+    self.values = counts / norm
+    return self
+
+  def scores(self, batch: dict[str, np.ndarray], row_of: RowOf) -> np.ndarray:
+    recent = _rows(batch[schema.HIST_IDS][:, : self.history], row_of)
+    weights = self.decay ** np.arange(recent.shape[1], dtype=np.float64)
+    query, position = np.nonzero(recent >= 0)
+    items = recent[query, position]
+    starts, lengths = self.indptr[items], self.indptr[items + 1] - self.indptr[items]
+    total = int(lengths.sum())
+    # Every (query, co-occurring item) contribution, gathered from the CSR rows of the query's items.
+    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    entries = np.repeat(starts, lengths) + offsets
+    flat = np.repeat(query, lengths) * self.num_items + self.columns[entries]
+    contribution = np.repeat(weights[position], lengths) * self.values[entries]
+    num_queries = len(batch[schema.AD_ID])
+    scores = np.bincount(flat, weights=contribution, minlength=num_queries * self.num_items)
+    return scores.reshape(num_queries, self.num_items) + self.popularity.tie_break()
+
+
+class Baseline(Protocol):
+  """A model without training that scores the whole catalog for each query of a batch."""
+
+  name: str
+
+  def scores(self, batch: dict[str, np.ndarray], row_of: RowOf) -> np.ndarray:
+    """Scores [n, num_items] of the batch's n queries."""
+    ...
+
+
+def fit_baselines(source, examples: Callable[[], Iterable[dict[str, np.ndarray]]]) -> list[Baseline]:
+  """Popularity and ItemCF fit on a source's training examples (`examples()` streams them)."""
+  return [
+    Popularity(source.num_items).fit(examples(), source.row_of),
+    ItemCooccurrence(source.num_items).fit(examples(), source.row_of),
+  ]
