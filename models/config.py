@@ -35,6 +35,19 @@ class TowerConfig:
     id_dropout: in training, the share of positives whose id embedding the item tower zeroes, so
       it learns to place an ad from side info alone, as it must for ads that never appeared in
       training (whose hashed id embeddings are untrained, near-zero vectors).
+    sequence_encoder: "self_attention" re-encodes the behaviour sequence with transformer blocks
+      (`layers.SequenceEncoder`) and adds its most recent position to the query; "none" does not.
+    sequence_layers, sequence_heads: blocks and heads of that encoder.
+    max_history: most recent behaviours the encoder reads; a longer served sequence is cut.
+    attention_target: what target attention looks for: "query" (the query tokens' embedding) or
+      "query_and_latest" (the query and the encoded most recent behaviour, so a request without a
+      query still attends to what the user did last).
+    use_user_id: embed the user id. Off, the query tower generalises to users it never saw in
+      training, who are most of a time-ordered test period's users.
+    sequence_dropout: dropout of the sequence encoder, in training.
+    residual: add a linear projection of the encoded most recent behaviour (query tower) and of the
+      item's embeddings (item tower) to each tower's MLP output. The dot product of the two is
+      SASRec's scoring path, which an MLP in each tower learns poorly.
   """
 
   embedding_dim: int = 64
@@ -51,6 +64,14 @@ class TowerConfig:
   features: str = "full"
   precision: str = "float32"
   id_dropout: float = 0.0
+  sequence_encoder: str = "self_attention"
+  sequence_layers: int = 2
+  sequence_heads: int = 2
+  max_history: int = 50
+  attention_target: str = "query_and_latest"
+  use_user_id: bool = True
+  sequence_dropout: float = 0.1
+  residual: bool = True
 
   def __post_init__(self):
     self.hidden_units = tuple(self.hidden_units)
@@ -72,9 +93,11 @@ _CHOICES = {
   "side_info": ("separate", "summed"),
   "features": ("full", "ids_only"),
   "precision": PRECISIONS,
+  "sequence_encoder": ("none", "self_attention"),
+  "attention_target": ("query", "query_and_latest"),
 }
 # Runs written before a field existed were trained with these towers, so restore must rebuild them.
-_LEGACY_VALUES = {"side_info": "summed"}
+_LEGACY_VALUES = {"side_info": "summed", "sequence_encoder": "none", "attention_target": "query", "residual": False}
 
 
 def write_run_config(output_dir: str, tower: TowerConfig, data: dict[str, Any], training: dict[str, Any]) -> None:

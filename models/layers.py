@@ -119,3 +119,72 @@ def mlp(hidden_units: tuple[int, ...], output_dim: int, name: str, dtype: Any = 
   layers = [tf.keras.layers.Dense(units, activation="relu", dtype=dtype) for units in hidden_units]
   layers.append(tf.keras.layers.Dense(output_dim, dtype="float32"))
   return tf.keras.Sequential(layers, name=name)
+
+
+class SequenceEncoder(tf.keras.layers.Layer):
+  """Self-attention blocks over a behaviour sequence (SASRec's encoder), with position embeddings.
+
+  Each past interaction is re-encoded in the context of the others, so the representation of the
+  most recent one says where the user is heading ("rated three Star Trek films in a row"), which a
+  pooled bag of items cannot. Positions count back from the most recent interaction (position 0),
+  so recency is learned whatever the sequence's length. Every position attends to every valid one:
+  the whole sequence precedes the target, so no causal mask is needed. Padding is masked out and
+  padded positions come out as zeros.
+
+  Args:
+    num_layers: transformer blocks (attention + feed-forward, each residual and layer-normalised).
+    num_heads: attention heads per block.
+    max_len: positions embedded; longer sequences must be cut to it before the call.
+    dropout: dropout rate of the attention weights and each block's outputs, in training.
+    dtype: Keras dtype policy.
+  """
+
+  def __init__(self, num_layers: int, num_heads: int, max_len: int, dropout: float = 0.1, dtype: Any = None, **kwargs):
+    super().__init__(dtype=dtype, **kwargs)
+    self.num_layers = num_layers
+    self.num_heads = num_heads
+    self.max_len = max_len
+    self.dropout_rate = dropout
+
+  def build(self, input_shape):
+    dim = int(input_shape[-1])
+    self.positions = self.add_weight(
+      name="positions", shape=[self.max_len, dim], initializer=tf.keras.initializers.RandomNormal(stddev=0.02)
+    )
+    self.blocks = []
+    for i in range(self.num_layers):
+      self.blocks.append(
+        (
+          tf.keras.layers.MultiHeadAttention(
+            self.num_heads,
+            dim // self.num_heads,
+            dropout=self.dropout_rate,
+            dtype=self.dtype_policy,
+            name=f"attention_{i}",
+          ),
+          tf.keras.layers.LayerNormalization(dtype=self.dtype_policy, name=f"attention_norm_{i}"),
+          tf.keras.Sequential(
+            [
+              tf.keras.layers.Dense(dim, activation="relu", dtype=self.dtype_policy),
+              tf.keras.layers.Dense(dim, dtype=self.dtype_policy),
+            ],
+            name=f"feed_forward_{i}",
+          ),
+          tf.keras.layers.LayerNormalization(dtype=self.dtype_policy, name=f"feed_forward_norm_{i}"),
+        )
+      )
+    self.dropout = tf.keras.layers.Dropout(self.dropout_rate)
+    super().build(input_shape)
+
+  def call(self, sequence: tf.Tensor, mask: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    """Encodes sequence [B, L, D] (L <= max_len, position 0 the most recent) with mask [B, L]."""
+    length = tf.shape(sequence)[1]
+    valid = tf.cast(mask, sequence.dtype)[..., tf.newaxis]
+    x = (sequence + tf.cast(self.positions[tf.newaxis, :length], sequence.dtype)) * valid
+    x = self.dropout(x, training=training)
+    attention_mask = tf.logical_and(mask[:, :, tf.newaxis], mask[:, tf.newaxis, :])
+    for attention, attention_norm, feed_forward, feed_forward_norm in self.blocks:
+      attended = attention(x, x, attention_mask=attention_mask, training=training)
+      x = attention_norm(x + self.dropout(attended, training=training))
+      x = feed_forward_norm(x + self.dropout(feed_forward(x), training=training)) * valid
+    return x

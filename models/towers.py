@@ -121,8 +121,22 @@ class QueryTower(Tower):
     dtype = config.precision
     self.item_embedding = item_embedding
     self.token_embedding = token_embedding
-    self.user_embedding = layers.HashedEmbedding(config.user_buckets, config.embedding_dim, dtype=dtype, name="user_id")
+    if config.use_user_id:
+      self.user_embedding = layers.HashedEmbedding(
+        config.user_buckets, config.embedding_dim, dtype=dtype, name="user_id"
+      )
+    if config.sequence_encoder == "self_attention":
+      self.sequence_encoder = layers.SequenceEncoder(
+        config.sequence_layers,
+        config.sequence_heads,
+        config.max_history,
+        dropout=config.sequence_dropout,
+        dtype=dtype,
+        name="sequence_encoder",
+      )
     self.target_projection = tf.keras.layers.Dense(config.embedding_dim, dtype=dtype, name="target")
+    if config.residual and config.sequence_encoder != "none":
+      self.residual = tf.keras.layers.Dense(config.output_dim, use_bias=False, dtype="float32", name="residual")
     self.attention = _attention(config, "target_attention")
     if config.side_info == "separate":
       self.side_attention = _attention(config, "side_attention")
@@ -132,14 +146,16 @@ class QueryTower(Tower):
     ids, categories, brands = self.item_embedding.lookup(
       features[schema.HIST_IDS], features[schema.HIST_CATEGORIES], features[schema.HIST_BRANDS]
     )
-    return {
-      schema.USER_ID: self.user_embedding.lookup(features[schema.USER_ID]),
+    buckets = {
       schema.USER_FEATURES: self.token_embedding.lookup(features[schema.USER_FEATURES]),
       schema.QUERY_TOKENS: self.token_embedding.lookup(features[schema.QUERY_TOKENS]),
       schema.HIST_IDS: ids,
       schema.HIST_CATEGORIES: categories,
       schema.HIST_BRANDS: brands,
     }
+    if self.config.use_user_id:
+      buckets[schema.USER_ID] = self.user_embedding.lookup(features[schema.USER_ID])
+    return buckets
 
   def _pool(
     self, attention: tf.keras.layers.Layer, target: tf.Tensor | None, sequence: tf.Tensor, mask: tf.Tensor
@@ -149,28 +165,36 @@ class QueryTower(Tower):
     return layers.masked_mean(sequence, mask)
 
   def encode(self, buckets: Buckets, training: bool | None = None) -> tf.Tensor:
-    del training  # Same computation in training and serving.
-    user, _ = self.user_embedding.embed(buckets[schema.USER_ID])
     profile = layers.masked_mean(*self.token_embedding.embed(buckets[schema.USER_FEATURES]))
     query = layers.masked_mean(*self.token_embedding.embed(buckets[schema.QUERY_TOKENS]))
-    ids, categories, brands, mask = self.item_embedding.embed(
-      buckets[schema.HIST_IDS], buckets[schema.HIST_CATEGORIES], buckets[schema.HIST_BRANDS]
-    )
+    sequence = [buckets[name] for name in (schema.HIST_IDS, schema.HIST_CATEGORIES, schema.HIST_BRANDS)]
+    if self.config.sequence_encoder != "none":
+      sequence = [s[:, : self.config.max_history] for s in sequence]  # The encoder's positions end there.
+    ids, categories, brands, mask = self.item_embedding.embed(*sequence)
+    inputs = [profile, query]
+    if self.config.use_user_id:
+      inputs.insert(0, self.user_embedding.embed(buckets[schema.USER_ID])[0])
+    target_input = query
+    if self.config.sequence_encoder != "none":
+      latest = self.sequence_encoder(ids + categories + brands, mask, training=training)[:, 0]
+      inputs.append(latest)
+      if self.config.attention_target == "query_and_latest":
+        target_input = tf.concat([query, latest], axis=-1)
     # Mean pooling has no target: the projection is not even built, as in runs that predate it.
-    target = self.target_projection(query) if self.config.sequence_pooling == "attention" else None
+    target = self.target_projection(target_input) if self.config.sequence_pooling == "attention" else None
     if self.config.side_info == "summed":
       history = ids + categories + brands
       parts = [self._pool(self.attention, target, history, mask), layers.masked_mean(history, mask)]
     else:
       # A past click counts on the side-info path when any of its side info is known.
-      side_mask = tf.logical_or(
-        tf.not_equal(buckets[schema.HIST_CATEGORIES], 0), tf.not_equal(buckets[schema.HIST_BRANDS], 0)
-      )
+      side_mask = tf.logical_or(tf.not_equal(sequence[1], 0), tf.not_equal(sequence[2], 0))
       side = categories + brands
       side_pooled = self._pool(self.side_attention, target, side, side_mask)
       id_pooled = self._pool(self.attention, target, ids, mask)
       parts = [side_pooled + id_pooled, layers.masked_mean(side, side_mask), layers.masked_mean(ids, mask)]
-    embedding = self.mlp(tf.concat([user, profile, query, *parts], axis=-1))
+    embedding = self.mlp(tf.concat([*inputs, *parts], axis=-1))
+    if self.config.residual and self.config.sequence_encoder != "none":
+      embedding += self.residual(tf.cast(latest, tf.float32))
     return tf.math.l2_normalize(embedding, axis=-1)
 
 
@@ -190,6 +214,8 @@ class ItemTower(Tower):
     self.item_embedding = item_embedding
     self.token_embedding = token_embedding
     self.mlp = layers.mlp(config.hidden_units, config.output_dim, name="item_mlp", dtype=config.precision)
+    if config.residual and config.sequence_encoder != "none":
+      self.residual = tf.keras.layers.Dense(config.output_dim, use_bias=False, dtype="float32", name="residual")
 
   def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
     ids, categories, brands = self.item_embedding.lookup(
@@ -211,6 +237,8 @@ class ItemTower(Tower):
       ids = ids * tf.cast(keep, ids.dtype)
     tokens = layers.masked_mean(*self.token_embedding.embed(buckets[schema.AD_TOKENS]))
     embedding = self.mlp(tf.concat([ids, categories, brands, tokens], axis=-1))
+    if self.config.residual and self.config.sequence_encoder != "none":
+      embedding += self.residual(tf.cast(ids + categories + brands, tf.float32))
     return tf.math.l2_normalize(embedding, axis=-1)
 
 

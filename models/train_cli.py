@@ -64,6 +64,30 @@ flags.DEFINE_float(
   "Share of training positives whose id embedding the "
   "item tower zeroes, so that ads unseen in training are placed well from side info.",
 )
+flags.DEFINE_enum(
+  "sequence_encoder",
+  _TOWER.sequence_encoder,
+  ["self_attention", "none"],
+  "Re-encode the behaviour sequence with self-attention blocks (SASRec) and add its most recent position to the query.",
+)
+flags.DEFINE_integer("sequence_layers", _TOWER.sequence_layers, "Self-attention blocks of the sequence encoder.")
+flags.DEFINE_integer("sequence_heads", _TOWER.sequence_heads, "Attention heads of each block.")
+flags.DEFINE_float("sequence_dropout", _TOWER.sequence_dropout, "Dropout of the sequence encoder in training.")
+flags.DEFINE_integer("max_history", _TOWER.max_history, "Most recent behaviours the sequence encoder reads.")
+flags.DEFINE_enum(
+  "attention_target",
+  _TOWER.attention_target,
+  ["query_and_latest", "query"],
+  "What target attention looks for: the query and the encoded latest behaviour, or the query alone.",
+)
+flags.DEFINE_bool(
+  "residual",
+  _TOWER.residual,
+  "Add a projection of the encoded latest behaviour (query) and of the item embeddings (item) to the towers' MLPs.",
+)
+flags.DEFINE_bool(
+  "use_user_id", _TOWER.use_user_id, "Embed the user id (off: the query tower generalises to unseen users)."
+)
 flags.DEFINE_float("temperature", _TOWER.temperature, "Softmax temperature of the retrieval loss.")
 flags.DEFINE_bool(
   "logq_correction",
@@ -88,8 +112,8 @@ flags.DEFINE_enum(
   "split",
   "default",
   list(sources.SPLITS),
-  "default: MovieLens' TFRS 80/20 split, or the log's time tail; leave_last_out: each "
-  "user's last interaction is the test example.",
+  "default: MovieLens' TFRS 80/20 split, or the log's time tail; time: the last 10% of events in "
+  "time, for every source; leave_last_out: each user's last interaction is the test example.",
 )
 flags.DEFINE_float(
   "held_out_item_fraction", 0.0, "Share of items removed from training entirely, to measure cold start (0: none)."
@@ -131,6 +155,14 @@ def main(argv: list[str]) -> None:
     features=FLAGS.features,
     precision=FLAGS.precision,
     id_dropout=FLAGS.id_dropout,
+    sequence_encoder=FLAGS.sequence_encoder,
+    sequence_layers=FLAGS.sequence_layers,
+    sequence_heads=FLAGS.sequence_heads,
+    sequence_dropout=FLAGS.sequence_dropout,
+    max_history=FLAGS.max_history,
+    attention_target=FLAGS.attention_target,
+    residual=FLAGS.residual,
+    use_user_id=FLAGS.use_user_id,
   )
   training = train_lib.TrainConfig(
     epochs=FLAGS.epochs,
