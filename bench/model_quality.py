@@ -1,9 +1,11 @@
-"""Model quality bench: our towers against a plain id two-tower and ablations, trained by one harness.
+"""Model quality bench: our towers against classical baselines, the previous defaults and ablations.
 
 Every model is trained and evaluated in this one process with the same data, seed and training
-loop, so the comparisons (attention vs mean pooling, separate vs summed side info, logQ on/off, the
-id-only baseline, cold start, leave-last-out) are side by side. Results go to a JSON file and a
-Markdown table on stdout.
+loop, so the comparisons are side by side: MovieLens split by time (the split production uses),
+MovieLens converted to the generic log format (no query), the TFRS protocol, synthetic search ads
+and cold start; then each part of the sequence encoder taken out. Every data split's popularity
+and item co-occurrence baselines are evaluated on the same test examples (`fgr-eval` reports them
+too). Results go to a JSON file and a Markdown table on stdout.
 
   python -m bench.model_quality --data_dir=../shared/datasets/ml-100k --output_dir=/tmp/model_quality
 """
@@ -20,6 +22,8 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from bench import movielens_logs
+from bench.fixtures import towers
 from models import config as config_lib
 from models import evaluation
 from models import train as train_lib
@@ -38,46 +42,44 @@ _SYNTHETIC = {"num_ads": 20_000, "num_users": 5_000, "num_sessions": 60_000, "se
 def _runs() -> list[tuple[str, sources.DataSpec, config_lib.TowerConfig, train_lib.TrainConfig]]:
   """(name, data, tower, training) of every run; "ours" is the default configuration."""
   movielens = sources.DataSpec(name="movielens", data_dir=FLAGS.data_dir)
+  by_time = dataclasses.replace(movielens, split="time")
+  logs = sources.DataSpec(name="logs", data_dir=os.path.join(FLAGS.output_dir, "movielens_logs"))
   synthetic = sources.DataSpec(name="synthetic", synthetic=_SYNTHETIC)
+  cold_synthetic = dataclasses.replace(synthetic, held_out_item_fraction=0.1)
   tower = config_lib.TowerConfig()
   training = train_lib.TrainConfig(epochs=FLAGS.epochs)
   synthetic_training = dataclasses.replace(training, epochs=FLAGS.synthetic_epochs)
   # Essential comparisons first, ablations after: results.json is rewritten after every run.
   return [
+    ("by time: ours", by_time, tower, training),
+    ("by time: previous defaults", by_time, towers.PREVIOUS_TOWER, training),
+    ("logs (MovieLens by time, no query): ours", logs, tower, training),
+    ("logs (MovieLens by time, no query): previous defaults", logs, towers.PREVIOUS_TOWER, training),
     ("ours", movielens, tower, training),
-    ("ours, mean pooling", movielens, dataclasses.replace(tower, sequence_pooling="mean"), training),
-    ("id-only two-tower, Adam 1e-3", movielens, dataclasses.replace(tower, features="ids_only"), training),
-    (
-      "id-only two-tower, Adam 1e-2",
-      movielens,
-      dataclasses.replace(tower, features="ids_only"),
-      dataclasses.replace(training, learning_rate=1e-2),
-    ),
-    ("ours, 10% of movies held out", dataclasses.replace(movielens, held_out_item_fraction=0.1), tower, training),
-    ("ours, leave-last-out split", dataclasses.replace(movielens, split="leave_last_out"), tower, training),
+    ("previous defaults", movielens, towers.PREVIOUS_TOWER, training),
     ("synthetic: ours", synthetic, tower, synthetic_training),
-    ("ours, side info summed into ids", movielens, dataclasses.replace(tower, side_info="summed"), training),
-    ("ours, no logQ correction", movielens, tower, dataclasses.replace(training, logq_correction=False)),
-    ("ours, DIN MLP attention", movielens, dataclasses.replace(tower, attention="din"), training),
-    ("ours, 1024 mixed negatives", movielens, tower, dataclasses.replace(training, mixed_negatives=1024)),
+    ("synthetic: previous defaults", synthetic, towers.PREVIOUS_TOWER, synthetic_training),
+    ("synthetic: ours, 10% of ads held out", cold_synthetic, tower, synthetic_training),
+    ("synthetic: previous defaults, 10% of ads held out", cold_synthetic, towers.PREVIOUS_TOWER, synthetic_training),
+    ("by time: ours, no sequence encoder", by_time, dataclasses.replace(tower, sequence_encoder="none"), training),
+    ("by time: ours, no residual", by_time, dataclasses.replace(tower, residual=False), training),
+    ("by time: ours, user id", by_time, dataclasses.replace(tower, use_user_id=True), training),
     (
-      "synthetic: ours, 10% of ads held out",
-      dataclasses.replace(synthetic, held_out_item_fraction=0.1),
-      tower,
-      synthetic_training,
-    ),
-    (
-      "ours, 10% of movies held out, id dropout 0.5",
-      dataclasses.replace(movielens, held_out_item_fraction=0.1),
-      dataclasses.replace(tower, id_dropout=0.5),
+      "by time: ours, attention target = query only",
+      by_time,
+      dataclasses.replace(tower, attention_target="query"),
       training,
     ),
+    ("by time: ours, no logQ correction", by_time, tower, dataclasses.replace(training, logq_correction=False)),
     (
-      "synthetic: ours, 10% of ads held out, id dropout 0.5",
-      dataclasses.replace(synthetic, held_out_item_fraction=0.1),
-      dataclasses.replace(tower, id_dropout=0.5),
-      synthetic_training,
+      "by time: ours, latest 10% of training for best-epoch selection",
+      by_time,
+      tower,
+      dataclasses.replace(training, validation_fraction=0.1, epochs=2 * FLAGS.epochs),
     ),
+    ("id-only two-tower, Adam 1e-3", movielens, dataclasses.replace(tower, features="ids_only"), training),
+    ("ours, 10% of movies held out", dataclasses.replace(movielens, held_out_item_fraction=0.1), tower, training),
+    ("ours, leave-last-out split", dataclasses.replace(movielens, split="leave_last_out"), tower, training),
   ]
 
 
@@ -97,6 +99,8 @@ def main(argv: list[str]) -> None:
   for name, data, tower, training in _runs():
     if FLAGS.runs and _slug(name) not in FLAGS.runs:
       continue
+    if data.name == "logs" and not os.path.exists(os.path.join(data.data_dir, "events.jsonl")):
+      movielens_logs.write_logs(FLAGS.data_dir, data.data_dir)
     run_dir = os.path.join(FLAGS.output_dir, _slug(name))
     started = time.time()
     report = train_lib.train(data, tower, training, run_dir)
@@ -116,22 +120,42 @@ def main(argv: list[str]) -> None:
   print(markdown(results))
 
 
+def _data_label(data: dict[str, Any]) -> str:
+  """A short name of a data split, e.g. "movielens, time" or "synthetic, 10% held out"."""
+  label = data["name"] + ("" if data["split"] == "default" else f", {data['split']}")
+  return label + (f", {data['held_out_item_fraction']:.0%} held out" if data["held_out_item_fraction"] else "")
+
+
 def markdown(results: dict[str, Any]) -> str:
-  """The results as a Markdown table: ranking metrics, water level and cold-start ratio per run."""
+  """The results as a Markdown table: ranking, water level and cold-start ratio per run.
+
+  The baselines (popularity, item co-occurrence) of each data split get their rows before the
+  first run on that split: a model's figures are read against them.
+  """
   lines = [
-    "| run | top-100 (TFRS) | recall@10 | ndcg@10 | recall@100 | ndcg@100 | noise ratio@100 | "
+    "| run | recall@10 | ndcg@10 | recall@100 | ndcg@100 | conversion coverage@100 | noise ratio@100 | "
     "cold/warm recall@100 | train s |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
-  for name, run in results["runs"].items():
-    ranking, water = run["eval"]["ranking"], run["eval"]["water_level"]
-    cold = run["eval"].get("held_out_items", {}).get("recall@100_ratio")
-    lines.append(
-      f"| {name} | {run['train']['test']['top_100']:.4f} | {ranking['recall@10']:.4f} | "
-      f"{ranking['ndcg@10']:.4f} | {ranking['recall@100']:.4f} | {ranking['ndcg@100']:.4f} | "
-      f"{water['noise_ratio']:.3f} | {'' if cold is None else f'{cold:.2f}'} | "
-      f"{run['train']['train_seconds']:.0f} |"
+
+  def row(name: str, evaluated: dict[str, Any], seconds: str) -> str:
+    ranking, water = evaluated["ranking"], evaluated["water_level"]
+    cold = evaluated.get("held_out_items", {}).get("recall@100_ratio")
+    conversions = water.get("conversion_coverage")
+    return (
+      f"| {name} | {ranking['recall@10']:.4f} | {ranking['ndcg@10']:.4f} | {ranking['recall@100']:.4f} | "
+      f"{ranking['ndcg@100']:.4f} | {'' if conversions is None else f'{conversions:.3f}'} | "
+      f"{water['noise_ratio']:.3f} | {'' if cold is None else f'{cold:.2f}'} | {seconds} |"
     )
+
+  baselines_shown = set()
+  for name, run in results["runs"].items():
+    data = json.dumps(run["data"], sort_keys=True)
+    if data not in baselines_shown:
+      baselines_shown.add(data)
+      for baseline, evaluated in run["eval"].get("baselines", {}).items():
+        lines.append(row(f"baseline: {baseline} ({_data_label(run['data'])})", evaluated, ""))
+    lines.append(row(name, run["eval"], f"{run['train']['train_seconds']:.0f}"))
   return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ query tower alone (`encode_query`), and the overlap of its top-k with the float3
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from bench.fixtures import latency
+from bench.fixtures import latency, towers
 from engine import base, full_graph
 from models import catalog as catalog_lib
 from models import config as config_lib
@@ -36,16 +37,25 @@ flags.DEFINE_list("batch_sizes", ["1", "64"], "Queries per call.")
 flags.DEFINE_integer("rounds", 200, "Timed calls per variant and batch size (after warm-up).")
 flags.DEFINE_integer("k", 100, "Candidates per query.")
 flags.DEFINE_string("report_file", "", "Also write the JSON results here.")
+flags.DEFINE_list("precisions", list(config_lib.PRECISIONS), "Tower precisions to compare.")
+flags.DEFINE_bool(
+  "previous_towers",
+  False,
+  "Also time float32 towers as fgr-train built them before the sequence encoder (untrained; no --checkpoint_dir).",
+)
 
 _SYNTHETIC = {"num_ads": 20_000, "num_users": 5_000, "num_sessions": 4_000, "seed": 0}
 
 
-def _model(precision: str, jit_compile: bool) -> tuple[retrieval.RetrievalModel, sources.DataSpec]:
-  if FLAGS.checkpoint_dir:
+def _model(
+  precision: str, jit_compile: bool, previous: bool = False
+) -> tuple[retrieval.RetrievalModel, sources.DataSpec]:
+  if FLAGS.checkpoint_dir and not previous:
     model, run_config = train_lib.restore(FLAGS.checkpoint_dir, precision=precision, jit_compile=jit_compile)
     return model, sources.DataSpec.from_json(run_config["data"])
   tf.keras.utils.set_random_seed(0)  # Same initial weights in every variant.
-  model = retrieval.build_towers_for_restore(config_lib.TowerConfig(precision=precision))
+  tower = towers.PREVIOUS_TOWER if previous else config_lib.TowerConfig()
+  model = retrieval.build_towers_for_restore(dataclasses.replace(tower, precision=precision))
   model.query_tower.jit_compile = model.item_tower.jit_compile = jit_compile
   return model, sources.DataSpec(name="synthetic", synthetic=_SYNTHETIC)
 
@@ -59,11 +69,13 @@ def _queries(source: sources.Source, count: int) -> dict[str, np.ndarray]:
 def main(argv: list[str]) -> None:
   del argv
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
-  variants = [(precision, xla) for precision in config_lib.PRECISIONS for xla in (False, True)]
-  functions: dict[tuple[str, bool], dict[str, Any]] = {}
+  variants = [(precision, xla, False) for precision in FLAGS.precisions for xla in (False, True)]
+  if FLAGS.previous_towers:
+    variants.append(("float32", False, True))
+  functions: dict[tuple[str, bool, bool], dict[str, Any]] = {}
   catalog = source = None
-  for precision, xla in variants:
-    model, data = _model(precision, xla)
+  for precision, xla, previous in variants:
+    model, data = _model(precision, xla, previous)
     if catalog is None:  # One catalog, embedded by the float32 towers, for every variant.
       source = sources.open_source(data)
       catalog = catalog_lib.embed_catalog(model.item_tower, source)
@@ -73,7 +85,7 @@ def main(argv: list[str]) -> None:
       model.query_tower, model.item_tower, index, catalog.ids, FLAGS.k, schema.query_specs(), schema.item_specs()
     )
     signatures = graph.signatures()
-    functions[(precision, xla)] = {
+    functions[(precision, xla, previous)] = {
       "graph": graph,
       "serve": signatures[full_graph.SERVING_DEFAULT],
       "encode": signatures[full_graph.ENCODE_QUERY],
@@ -89,7 +101,7 @@ def main(argv: list[str]) -> None:
     "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
     "variants": {},
   }
-  reference = functions[("float32", False)]["serve"](**queries[max(batch_sizes)])["ids"].numpy()
+  reference = functions[variants[0]]["serve"](**queries[max(batch_sizes)])["ids"].numpy()
   rng = np.random.default_rng(0)
   for key, fns in functions.items():
     ids = fns["serve"](**queries[max(batch_sizes)])["ids"].numpy()
@@ -97,11 +109,12 @@ def main(argv: list[str]) -> None:
     results["variants"][_name(*key)] = {
       "precision": key[0],
       "jit_compile": key[1],
+      "previous_towers": key[2],
       "top_k_overlap_with_float32": round(float(overlap), 4),
     }
   for kind in ("serve", "encode"):
     for b in batch_sizes:
-      times: dict[tuple[str, bool], list[float]] = {key: [] for key in functions}
+      times: dict[tuple[str, bool, bool], list[float]] = {key: [] for key in functions}
       for fns in functions.values():  # Warm-up (XLA compiles on the first call of each shape).
         for _ in range(5):
           fns[kind](**queries[b])
@@ -127,8 +140,8 @@ def main(argv: list[str]) -> None:
   print(markdown(results, batch_sizes))
 
 
-def _name(precision: str, xla: bool) -> str:
-  return precision + (" + XLA" if xla else "")
+def _name(precision: str, xla: bool, previous: bool) -> str:
+  return precision + (" + XLA" if xla else "") + (", previous towers" if previous else "")
 
 
 def markdown(results: dict[str, Any], batch_sizes: list[int]) -> str:

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from models import baselines, evaluation, train
 from models.data import schema, sources
@@ -65,13 +64,3 @@ def test_item_cooccurrence_beats_popularity_on_movielens_by_time(movielens_dir):
   # Published for this split: popularity 0.27 and co-occurrence over the last 10 items 0.57.
   assert hit["popularity"] == pytest.approx(0.27, abs=0.03)
   assert hit["item_cooccurrence"] > 2 * hit["popularity"]
-
-
-def test_validation_is_the_most_recent_slice_of_training():
-  examples = tf.data.Dataset.range(100).map(lambda i: {schema.AD_ID: i})
-  config = train.TrainConfig(validation_fraction=0.1, max_validation_examples=5)
-  kept, validation = train._split_validation(examples, config)
-  assert [int(x[schema.AD_ID]) for x in kept] == list(range(90))
-  assert [int(i) for i in np.concatenate([b[schema.AD_ID] for b in validation])] == [90, 92, 94, 96, 98]
-  with pytest.raises(ValueError, match="leaves no"):
-    train._split_validation(examples, train.TrainConfig(validation_fraction=0.001))

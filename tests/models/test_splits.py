@@ -1,9 +1,12 @@
-"""The leave-last-out split (MovieLens and synthetic) and the held-out items of the cold-start runs."""
+"""The time and leave-last-out splits, validation from the latest training slice, and the cold-start held-out items."""
 
 import dataclasses
 
 import numpy as np
+import pytest
+import tensorflow as tf
 
+from models import train
 from models.data import cold_start, movielens, schema, sources, synthetic
 from tests.conftest import TINY_DATA
 
@@ -82,3 +85,28 @@ def test_movielens_held_out_movies_leave_no_trace_in_training_queries(movielens_
   assert not held & (set(train[schema.AD_ID]) | set(train[schema.HIST_IDS].ravel()))
   # MovieLens' query is the latest rated movie: never a held-out one.
   assert not {f"item:{i}" for i in held} & set(train[schema.QUERY_TOKENS].ravel())
+
+
+def test_validation_is_the_most_recent_slice_of_training():
+  examples = tf.data.Dataset.range(100).map(lambda i: {schema.AD_ID: i})
+  config = train.TrainConfig(validation_fraction=0.1, max_validation_examples=5)
+  kept, validation, num_kept = train._split_validation(examples, config)
+  assert [int(x[schema.AD_ID]) for x in kept] == list(range(90)) and num_kept == 90
+  assert [int(i) for i in np.concatenate([b[schema.AD_ID] for b in validation])] == [90, 92, 94, 96, 98]
+  with pytest.raises(ValueError, match="leaves no"):
+    train._split_validation(examples, train.TrainConfig(validation_fraction=0.001))
+
+
+def test_movielens_time_split_holds_out_the_last_tenth_of_ratings(movielens_dir):
+  data = movielens.MovieLens100K(movielens_dir, split="time")
+  names = (schema.USER_ID, schema.AD_ID, schema.HIST_IDS)
+  train_split, test = _all(data, "train", names), _all(data, "test", names)
+  assert len(train_split[schema.AD_ID]) == 90_000 and len(test[schema.AD_ID]) == 10_000
+  raw = np.loadtxt(f"{movielens_dir}/u.data", dtype=np.int64)
+  order = np.lexsort((np.arange(len(raw)), raw[:, 3]))
+  events = [(str(u), str(i)) for u, i in zip(raw[order, 0].tolist(), raw[order, 1].tolist())]
+  assert list(zip(test[schema.USER_ID], test[schema.AD_ID])) == events[90_000:]
+  # A test rating's sequence is everything its user rated before it, earlier test ratings included.
+  user, position = test[schema.USER_ID][-1], len(events) - 1
+  previous = [item for u, item in events[:position] if u == user][::-1][: schema.HISTORY_LEN]
+  assert list(test[schema.HIST_IDS][-1][: len(previous)]) == previous
