@@ -102,6 +102,11 @@ flags.DEFINE_float(
   _TRAIN.validation_fraction,
   "Share of training examples held out for early stopping and best-epoch selection (0: off).",
 )
+flags.DEFINE_bool(
+  "following_sequences",
+  _TRAIN.following_sequences,
+  "Also train on every event with the user's next events as its sequence (both orders of co-occurrence).",
+)
 flags.DEFINE_integer("validation_k", _TRAIN.validation_k, "k of the validation top-k accuracy.")
 flags.DEFINE_integer(
   "early_stopping_patience",
@@ -174,6 +179,7 @@ def main(argv: list[str]) -> None:
     validation_fraction=FLAGS.validation_fraction,
     validation_k=FLAGS.validation_k,
     early_stopping_patience=FLAGS.early_stopping_patience,
+    following_sequences=FLAGS.following_sequences,
   )
   report = train_lib.train(data, tower, training, FLAGS.output_dir)
   logging.info("Training report: %s", report)
