@@ -61,9 +61,7 @@ def _runs() -> list[tuple[str, sources.DataSpec, config_lib.TowerConfig, train_l
     ("synthetic: previous defaults", synthetic, towers.PREVIOUS_TOWER, synthetic_training),
     ("synthetic: ours, 10% of ads held out", cold_synthetic, tower, synthetic_training),
     ("synthetic: previous defaults, 10% of ads held out", cold_synthetic, towers.PREVIOUS_TOWER, synthetic_training),
-    ("by time: ours, no sequence encoder", by_time, dataclasses.replace(tower, sequence_encoder="none"), training),
-    ("by time: ours, no residual", by_time, dataclasses.replace(tower, residual=False), training),
-    ("by time: ours, user id", by_time, dataclasses.replace(tower, use_user_id=True), training),
+    ("by time: ours, no user id", by_time, dataclasses.replace(tower, use_user_id=False), training),
     (
       "by time: ours, attention target = query only",
       by_time,

@@ -45,9 +45,6 @@ class TowerConfig:
     use_user_id: embed the user id. Off, the query tower generalises to users it never saw in
       training, who are most of a time-ordered test period's users.
     sequence_dropout: dropout of the sequence encoder, in training.
-    residual: add a linear projection of the encoded most recent behaviour (query tower) and of the
-      item's embeddings (item tower) to each tower's MLP output. The dot product of the two is
-      SASRec's scoring path, which an MLP in each tower learns poorly.
   """
 
   embedding_dim: int = 64
@@ -71,7 +68,6 @@ class TowerConfig:
   attention_target: str = "query_and_latest"
   use_user_id: bool = True
   sequence_dropout: float = 0.1
-  residual: bool = True
 
   def __post_init__(self):
     self.hidden_units = tuple(self.hidden_units)
@@ -97,7 +93,7 @@ _CHOICES = {
   "attention_target": ("query", "query_and_latest"),
 }
 # Runs written before a field existed were trained with these towers, so restore must rebuild them.
-_LEGACY_VALUES = {"side_info": "summed", "sequence_encoder": "none", "attention_target": "query", "residual": False}
+_LEGACY_VALUES = {"side_info": "summed", "sequence_encoder": "none", "attention_target": "query"}
 
 
 def write_run_config(output_dir: str, tower: TowerConfig, data: dict[str, Any], training: dict[str, Any]) -> None:

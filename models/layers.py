@@ -173,7 +173,7 @@ class SequenceEncoder(tf.keras.layers.Layer):
           tf.keras.layers.LayerNormalization(dtype=self.dtype_policy, name=f"feed_forward_norm_{i}"),
         )
       )
-    self.dropout = tf.keras.layers.Dropout(self.dropout_rate)
+    self.dropout = tf.keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
     super().build(input_shape)
 
   def call(self, sequence: tf.Tensor, mask: tf.Tensor, training: bool | None = None) -> tf.Tensor:
@@ -183,8 +183,9 @@ class SequenceEncoder(tf.keras.layers.Layer):
     x = (sequence + tf.cast(self.positions[tf.newaxis, :length], sequence.dtype)) * valid
     x = self.dropout(x, training=training)
     attention_mask = tf.logical_and(mask[:, :, tf.newaxis], mask[:, tf.newaxis, :])
+    # Layer normalisation outputs float32 under a mixed policy: cast back before each residual sum.
     for attention, attention_norm, feed_forward, feed_forward_norm in self.blocks:
       attended = attention(x, x, attention_mask=attention_mask, training=training)
-      x = attention_norm(x + self.dropout(attended, training=training))
-      x = feed_forward_norm(x + self.dropout(feed_forward(x), training=training)) * valid
+      x = tf.cast(attention_norm(x + self.dropout(attended, training=training)), sequence.dtype)
+      x = tf.cast(feed_forward_norm(x + self.dropout(feed_forward(x), training=training)), sequence.dtype) * valid
     return x

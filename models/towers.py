@@ -135,8 +135,6 @@ class QueryTower(Tower):
         name="sequence_encoder",
       )
     self.target_projection = tf.keras.layers.Dense(config.embedding_dim, dtype=dtype, name="target")
-    if config.residual and config.sequence_encoder != "none":
-      self.residual = tf.keras.layers.Dense(config.output_dim, use_bias=False, dtype="float32", name="residual")
     self.attention = _attention(config, "target_attention")
     if config.side_info == "separate":
       self.side_attention = _attention(config, "side_attention")
@@ -193,8 +191,6 @@ class QueryTower(Tower):
       id_pooled = self._pool(self.attention, target, ids, mask)
       parts = [side_pooled + id_pooled, layers.masked_mean(side, side_mask), layers.masked_mean(ids, mask)]
     embedding = self.mlp(tf.concat([*inputs, *parts], axis=-1))
-    if self.config.residual and self.config.sequence_encoder != "none":
-      embedding += self.residual(tf.cast(latest, tf.float32))
     return tf.math.l2_normalize(embedding, axis=-1)
 
 
@@ -214,8 +210,6 @@ class ItemTower(Tower):
     self.item_embedding = item_embedding
     self.token_embedding = token_embedding
     self.mlp = layers.mlp(config.hidden_units, config.output_dim, name="item_mlp", dtype=config.precision)
-    if config.residual and config.sequence_encoder != "none":
-      self.residual = tf.keras.layers.Dense(config.output_dim, use_bias=False, dtype="float32", name="residual")
 
   def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
     ids, categories, brands = self.item_embedding.lookup(
@@ -237,8 +231,6 @@ class ItemTower(Tower):
       ids = ids * tf.cast(keep, ids.dtype)
     tokens = layers.masked_mean(*self.token_embedding.embed(buckets[schema.AD_TOKENS]))
     embedding = self.mlp(tf.concat([ids, categories, brands, tokens], axis=-1))
-    if self.config.residual and self.config.sequence_encoder != "none":
-      embedding += self.residual(tf.cast(ids + categories + brands, tf.float32))
     return tf.math.l2_normalize(embedding, axis=-1)
 
 

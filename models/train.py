@@ -6,7 +6,6 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from absl import logging
 
 from models import config as config_lib
 from models import evaluation, retrieval, sampling
-from models.data import context, schema, sources
+from models.data import schema, sources
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -40,8 +39,6 @@ class TrainConfig:
     validation_k: k of the validation top-k accuracy ("val_top_<k>" in the logs and TensorBoard).
     max_validation_examples: cap on the held-out examples, to keep each validation pass short.
     early_stopping_patience: epochs without improvement before training stops.
-    following_sequences: also train on every training event with the user's next events as its
-      sequence (`models.data.context`), so the towers learn which items go together in both orders.
   """
 
   epochs: int = 5
@@ -57,20 +54,14 @@ class TrainConfig:
   validation_k: int = 100
   max_validation_examples: int = 5_000
   early_stopping_patience: int = 2
-  following_sequences: bool = False
 
 
 def example_dataset(source: sources.Source, split: str) -> tf.data.Dataset:
   """Unbatched examples of a split, streamed from the source's generator."""
-  return _batches_dataset(lambda: source.examples(split))
-
-
-def _batches_dataset(batches: Callable[[], Iterable[dict[str, np.ndarray]]]) -> tf.data.Dataset:
-  """Unbatched examples from a generator of example batches."""
   signature = retrieval.example_signature()
 
   def generate():
-    for batch in batches():
+    for batch in source.examples(split):
       yield {name: batch[name] for name in signature}
 
   return tf.data.Dataset.from_generator(generate, output_signature=signature).unbatch()
@@ -83,7 +74,7 @@ def checkpoint_path(output_dir: str) -> str | None:
 
 def _split_validation(
   examples: tf.data.Dataset, training: TrainConfig
-) -> tuple[tf.data.Dataset, list[dict[str, np.ndarray]], int]:
+) -> tuple[tf.data.Dataset, list[dict[str, np.ndarray]]]:
   """Holds out the last `validation_fraction` of the training examples.
 
   Every source yields its training examples in time order, so the held-out slice is the most recent
@@ -93,7 +84,7 @@ def _split_validation(
   spaced, are scored, to keep each validation pass short.
 
   Returns:
-    (the examples left for training, the validation batches, how many examples are left).
+    (the examples left for training, the validation batches).
   """
   total = int(examples.reduce(np.int64(0), lambda count, _: count + 1).numpy())
   num_held_out = int(round(total * training.validation_fraction))
@@ -101,7 +92,7 @@ def _split_validation(
     raise ValueError(f"validation_fraction {training.validation_fraction} leaves no training or validation example")
   every = max(1, -(-num_held_out // training.max_validation_examples))
   validation = examples.skip(total - num_held_out).shard(every, 0).batch(4096)
-  return examples.take(total - num_held_out), list(validation.as_numpy_iterator()), total - num_held_out
+  return examples.take(total - num_held_out), list(validation.as_numpy_iterator())
 
 
 def _with_negatives(batches: tf.data.Dataset, source: sources.Source, training: TrainConfig) -> tf.data.Dataset:
@@ -139,13 +130,8 @@ def train(
   if training.cache_examples:
     train_ds = train_ds.cache()
   validation: list[dict[str, np.ndarray]] = []
-  num_train_events = None
   if training.validation_fraction > 0:
-    train_ds, validation, num_train_events = _split_validation(train_ds, training)
-  if training.following_sequences:
-    # From the events left for training only: a validation event must not reach a sequence.
-    following = _batches_dataset(lambda: context.following_examples(source, num_events=num_train_events))
-    train_ds = train_ds.concatenate(following.cache() if training.cache_examples else following)
+    train_ds, validation = _split_validation(train_ds, training)
 
   model = retrieval.RetrievalModel(tower)
   if training.logq_correction or training.mixed_negatives:

@@ -81,11 +81,6 @@ flags.DEFINE_enum(
   "What target attention looks for: the query and the encoded latest behaviour, or the query alone.",
 )
 flags.DEFINE_bool(
-  "residual",
-  _TOWER.residual,
-  "Add a projection of the encoded latest behaviour (query) and of the item embeddings (item) to the towers' MLPs.",
-)
-flags.DEFINE_bool(
   "use_user_id", _TOWER.use_user_id, "Embed the user id (off: the query tower generalises to unseen users)."
 )
 flags.DEFINE_float("temperature", _TOWER.temperature, "Softmax temperature of the retrieval loss.")
@@ -101,11 +96,6 @@ flags.DEFINE_float(
   "validation_fraction",
   _TRAIN.validation_fraction,
   "Share of training examples held out for early stopping and best-epoch selection (0: off).",
-)
-flags.DEFINE_bool(
-  "following_sequences",
-  _TRAIN.following_sequences,
-  "Also train on every event with the user's next events as its sequence (both orders of co-occurrence).",
 )
 flags.DEFINE_integer("validation_k", _TRAIN.validation_k, "k of the validation top-k accuracy.")
 flags.DEFINE_integer(
@@ -166,7 +156,6 @@ def main(argv: list[str]) -> None:
     sequence_dropout=FLAGS.sequence_dropout,
     max_history=FLAGS.max_history,
     attention_target=FLAGS.attention_target,
-    residual=FLAGS.residual,
     use_user_id=FLAGS.use_user_id,
   )
   training = train_lib.TrainConfig(
@@ -179,7 +168,6 @@ def main(argv: list[str]) -> None:
     validation_fraction=FLAGS.validation_fraction,
     validation_k=FLAGS.validation_k,
     early_stopping_patience=FLAGS.early_stopping_patience,
-    following_sequences=FLAGS.following_sequences,
   )
   report = train_lib.train(data, tower, training, FLAGS.output_dir)
   logging.info("Training report: %s", report)

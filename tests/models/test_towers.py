@@ -97,12 +97,12 @@ def test_runs_from_before_the_sequence_encoder_rebuild_without_it(tmp_path):
   config_lib.write_run_config(str(tmp_path), TINY_TOWER, {}, {})
   with open(tmp_path / config_lib.CONFIG_FILE) as f:
     written = json.load(f)
-  for name in ("sequence_encoder", "attention_target", "residual"):
+  for name in ("sequence_encoder", "attention_target"):
     del written["tower"][name]
   with open(tmp_path / config_lib.CONFIG_FILE, "w") as f:
     json.dump(written, f)
   tower = config_lib.read_run_config(str(tmp_path))["tower"]
-  assert (tower.sequence_encoder, tower.attention_target, tower.residual) == ("none", "query", False)
+  assert (tower.sequence_encoder, tower.attention_target) == ("none", "query")
   query_tower, _ = towers.build_towers(tower)
   assert not hasattr(query_tower, "sequence_encoder")
 
