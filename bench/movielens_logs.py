@@ -20,8 +20,6 @@ from absl import app, flags
 from models.data import logs, movielens, schema, sequences
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", "../shared/datasets/ml-100k", "MovieLens-100K directory.")
-flags.DEFINE_string("output_dir", "/tmp/ml100k_logs", "Where items.jsonl and events.jsonl go.")
 
 
 def write_logs(data_dir: str, output_dir: str) -> None:
@@ -51,4 +49,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: bench.model_quality imports write_logs and has flags of these names.
+  flags.DEFINE_string("data_dir", "../shared/datasets/ml-100k", "MovieLens-100K directory.")
+  flags.DEFINE_string("output_dir", "/tmp/ml100k_logs", "Where items.jsonl and events.jsonl go.")
   app.run(main)
