@@ -8,9 +8,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.data import cold_start, logs, movielens, synthetic
+from models.data import cold_start, logs, movielens, synthetic, tfrecord
 
-SOURCES = ("synthetic", "movielens", "logs")
+SOURCES = ("synthetic", "movielens", "logs", "tfrecord")
 SPLITS = ("default", "leave_last_out")
 
 
@@ -31,8 +31,8 @@ class DataSpec:
   """Which data to read.
 
   Attributes:
-    name: "synthetic", "movielens" or "logs".
-    data_dir: directory of the MovieLens files or of items.jsonl/events.jsonl.
+    name: "synthetic", "movielens", "logs" or "tfrecord" (fgr-prepare's output).
+    data_dir: directory of the MovieLens files, of items.jsonl/events.jsonl, or of fgr-prepare's shards.
     synthetic: `SyntheticConfig` fields, for the synthetic source.
     split: "default" (MovieLens: the TFRS tutorials' seeded 80/20 split; synthetic and logs: the
       last share of the log in time) or "leave_last_out" (each user's last interaction is the test
@@ -70,7 +70,7 @@ def open_source(spec: DataSpec) -> Source:
 def _open(spec: DataSpec) -> Source:
   if spec.name == "synthetic":
     return synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**spec.synthetic), split=spec.split)
-  if spec.name in ("movielens", "logs") and not spec.data_dir:
+  if spec.name in ("movielens", "logs", "tfrecord") and not spec.data_dir:
     raise ValueError(f"--data={spec.name} needs --data_dir")
   if spec.name == "movielens":
     # Its queries come from histories, so it builds them without the held-out items itself.
@@ -84,4 +84,8 @@ def _open(spec: DataSpec) -> Source:
     if spec.split != "default":
       raise ValueError(f"--data=logs supports only the default (time-ordered) split, not {spec.split!r}")
     return logs.LogsDataset(spec.data_dir)
+  if spec.name == "tfrecord":
+    if spec.split != "default" or spec.held_out_item_fraction > 0:
+      raise ValueError("--data=tfrecord keeps the split and held-out items fgr-prepare was given; set them there")
+    return tfrecord.TFRecordSource(spec.data_dir)
   raise ValueError(f"Unknown data source {spec.name!r}; choose one of {SOURCES}")
