@@ -46,6 +46,7 @@ def prepare(
   """
   if records_per_shard <= 0:
     raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
+  tfrecord.load_file_system(output_dir)
   _claim(
     output_dir, {"source": spec.to_json(), "records_per_shard": records_per_shard, "version": tfrecord.FORMAT_VERSION}
   )

@@ -26,12 +26,25 @@ CATALOG = "catalog"
 HELD_OUT = "held_out"  # Catalog column: the item was removed from training (cold-start runs).
 ADDED_AFTER_TRAINING = "added_after_training"  # Catalog column: created after the last training day.
 TRAINING_FEATURES = schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES
+_PLUGIN_SCHEMES = ("s3", "hdfs", "az")  # File systems tensorflow-io registers when it is imported.
 _COMPRESSION = "GZIP"
 _READ_BATCH = 8192
 
 
+def load_file_system(path: str) -> None:
+  """Registers tensorflow-io's file systems when `path` needs one (gs:// and local are built in)."""
+  scheme = path.split("://", 1)[0] if "://" in path else ""
+  if scheme not in _PLUGIN_SCHEMES:
+    return
+  try:
+    import tensorflow_io  # noqa: F401  Importing it registers s3://, hdfs:// and az:// with tf.io.gfile.
+  except ImportError:
+    raise ValueError(f"{path} needs the tensorflow-io package for {scheme}:// (pip install tensorflow-io)") from None
+
+
 def read_manifest(data_dir: str) -> dict[str, Any]:
   """The manifest of a complete fgr-prepare output, with a clear error if there is none."""
+  load_file_system(data_dir)
   path = os.path.join(data_dir, MANIFEST)
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"No {MANIFEST} in {data_dir!r}: run fgr-prepare there first (or let it finish)")
