@@ -9,7 +9,7 @@ kind; it is stored in the manifest, so readers parse fixed-length features witho
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -101,6 +101,16 @@ def encode(batch: dict[str, np.ndarray], layout: Layout) -> Iterator[bytes]:
 def parse(serialized: tf.Tensor, layout: Layout, names: tuple[str, ...] | None = None) -> dict[str, tf.Tensor]:
   """Parses a [n] batch of serialized Examples into the named columns (vectorised, in the graph)."""
   return tf.io.parse_example(serialized, layout.parse_spec(names))
+
+
+def parser(layout: Layout, names: tuple[str, ...] | None = None) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+  """`parse` as a tf.data map function (straight-line graph code: nothing for AutoGraph to convert)."""
+
+  @tf.autograph.experimental.do_not_convert
+  def parse_batch(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    return parse(serialized, layout, names)
+
+  return parse_batch
 
 
 def to_numpy(parsed: dict[str, tf.Tensor], layout: Layout) -> dict[str, np.ndarray]:

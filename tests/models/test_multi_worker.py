@@ -5,76 +5,35 @@ the job is relaunched with the same TF_CONFIG and resumes from the BackupAndRest
 tests then check the resume, and that the chief's checkpoints export and the export answers.
 """
 
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from bench.fixtures import workers as workers_lib
 from export import exporter
 from models.data import prepare, schema, sources
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = sources.DataSpec(
   name="synthetic", synthetic={"num_ads": 1000, "num_users": 200, "num_sessions": 2500, "seed": 5}
 )
 BACKUP_EVERY_STEPS = 4
+FLAGS = [
+  "--data=tfrecord",
+  f"--backup_every_steps={BACKUP_EVERY_STEPS}",
+  "--embedding_dim=16",
+  "--output_dim=16",
+  "--hidden_units=32",
+  "--features=ids_only",
+  "--id_buckets=5000",
+  "--epochs=2",
+  "--batch_size=128",
+]
 STARTUP_TIMEOUT_S = 240  # Bounds a hung job; the job normally takes seconds.
-
-
-def _free_ports(count: int) -> list[int]:
-  """Ports free right now (TF_CONFIG needs numbers); a worker may still lose one to a race, then we retry."""
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("localhost", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
-def _launch(ports: list[int], data_dir: str, output_dir: str, logs: str) -> list[subprocess.Popen]:
-  workers = []
-  for index in range(len(ports)):
-    tf_config = {
-      "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-      "task": {"type": "worker", "index": index},
-    }
-    env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    flags = [
-      "--data=tfrecord",
-      f"--data_dir={data_dir}",
-      f"--output_dir={output_dir}",
-      "--distribute=multi_worker",
-      f"--backup_every_steps={BACKUP_EVERY_STEPS}",
-      "--embedding_dim=16",
-      "--output_dim=16",
-      "--hidden_units=32",
-      "--features=ids_only",
-      "--id_buckets=5000",
-      "--epochs=2",
-      "--batch_size=128",
-    ]
-    log = open(os.path.join(logs, f"worker{index}.log"), "a")  # noqa: SIM115  Closed with the process.
-    workers.append(
-      subprocess.Popen([sys.executable, "-m", "models.train_cli", *flags], cwd=REPO, env=env, stdout=log, stderr=log)
-    )
-  return workers
-
-
-def _port_race(logs: str) -> bool:
-  for name in os.listdir(logs):
-    with open(os.path.join(logs, name)) as f:
-      text = f.read()
-    if "Address already in use" in text or "Failed to add port" in text:
-      return True
-  return False
 
 
 def _kill(workers: list[subprocess.Popen]) -> None:
@@ -103,23 +62,23 @@ def resumed_job(tmp_path_factory):
   os.makedirs(logs)
   prepare.prepare(DATA, data_dir, records_per_shard=1000, progress=False)
   backup = os.path.join(output_dir, "backup", "chief", "checkpoint")
+  flags = [*FLAGS, f"--data_dir={data_dir}", f"--output_dir={output_dir}"]
   for _ in range(3):  # Another process may take a port between choosing and binding it.
-    ports = _free_ports(2)
-    workers = _launch(ports, data_dir, output_dir, logs)
+    ports = workers_lib.free_ports(2)
+    workers = workers_lib.launch(ports, flags, logs)
     started = _wait_for(backup, workers)
     _kill(workers[1:])  # SIGKILL a worker mid-epoch, once the first backup is written...
     _kill(workers[:1])  # ...and, as a cluster manager restarting the job, the chief, left blocked on it.
-    if started or not _port_race(logs):
+    if started or not workers_lib.lost_a_port(logs):
       break
   assert started, f"no backup was written; see {logs}"
-  workers = _launch(ports, data_dir, output_dir, logs)
+  workers = workers_lib.launch(ports, flags, logs)
   try:
     for worker in workers:
       assert worker.wait(timeout=STARTUP_TIMEOUT_S) == 0, f"a relaunched worker failed; see {logs}"
   finally:
     _kill(workers)
-  with open(os.path.join(logs, "worker0.log")) as f:
-    reports = [json.loads(line) for line in f if line.startswith("{")]
+  reports = workers_lib.reports(os.path.join(logs, "worker0.log"))
   assert len(reports) == 1, "the first launch must not have finished"
   return reports[0], output_dir, data_dir
 
