@@ -118,20 +118,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   strategy = distribute.make_strategy(FLAGS.distribute)  # Before any other op: collectives start with it.
-  data = sources.DataSpec(
-    name=FLAGS.data,
-    data_dir=FLAGS.data_dir,
-    split=FLAGS.split,
-    held_out_item_fraction=FLAGS.held_out_item_fraction,
-    held_out_item_seed=FLAGS.held_out_item_seed,
-  )
-  if FLAGS.data == "synthetic":
-    data.synthetic = {
-      "num_ads": FLAGS.num_ads,
-      "num_users": FLAGS.num_users,
-      "num_sessions": FLAGS.num_sessions,
-      "seed": FLAGS.data_seed,
-    }
+  data = sources.DataSpec.from_flags(FLAGS)
   tower = config_lib.TowerConfig(
     embedding_dim=FLAGS.embedding_dim,
     output_dim=FLAGS.output_dim,

@@ -31,20 +31,7 @@ flags.mark_flag_as_required("output_dir")
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  spec = sources.DataSpec(
-    name=FLAGS.data,
-    data_dir=FLAGS.data_dir,
-    split=FLAGS.split,
-    held_out_item_fraction=FLAGS.held_out_item_fraction,
-    held_out_item_seed=FLAGS.held_out_item_seed,
-  )
-  if FLAGS.data == "synthetic":
-    spec.synthetic = {
-      "num_ads": FLAGS.num_ads,
-      "num_users": FLAGS.num_users,
-      "num_sessions": FLAGS.num_sessions,
-      "seed": FLAGS.data_seed,
-    }
+  spec = sources.DataSpec.from_flags(FLAGS)
   manifest = prepare.prepare(spec, FLAGS.output_dir, FLAGS.records_per_shard, FLAGS.progress)
   summary = {split: manifest["splits"][split]["count"] for split in manifest["splits"]}
   print(json.dumps({"output_dir": FLAGS.output_dir, "examples": summary, "items": manifest["catalog"]["count"]}))

@@ -56,6 +56,25 @@ class DataSpec:
   def from_json(cls, value: dict[str, Any]) -> DataSpec:
     return cls(**value)
 
+  @classmethod
+  def from_flags(cls, values: Any) -> DataSpec:
+    """The spec fgr-train's and fgr-prepare's data flags (--data, --data_dir, --num_ads, ...) give."""
+    spec = cls(
+      name=values.data,
+      data_dir=values.data_dir,
+      split=values.split,
+      held_out_item_fraction=values.held_out_item_fraction,
+      held_out_item_seed=values.held_out_item_seed,
+    )
+    if values.data == "synthetic":
+      spec.synthetic = {
+        "num_ads": values.num_ads,
+        "num_users": values.num_users,
+        "num_sessions": values.num_sessions,
+        "seed": values.data_seed,
+      }
+    return spec
+
 
 def open_source(spec: DataSpec) -> Source:
   """Opens the source a spec names, with a clear error for a wrong name or a missing directory."""
