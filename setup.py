@@ -34,6 +34,7 @@ setuptools.setup(
     "absl-py>=2.0",
     "numpy>=1.26",
     "prometheus-client>=0.20",
+    "tqdm>=4.60",  # fgr-prepare's progress bar.
     # fgr-serve's malloc (serving/util/allocator.py); preloaded, so Linux only.
     "cmeel-mimalloc==3.4.*; sys_platform == 'linux'",
     # Headers of the native module (serving/native/build.py, run by `make install`). Debian's
@@ -48,6 +49,7 @@ setuptools.setup(
   },
   entry_points={
     "console_scripts": [
+      "fgr-prepare=cli.launch:fgr_prepare",
       "fgr-train=cli.launch:fgr_train",
       "fgr-export=cli.launch:fgr_export",
       "fgr-serve=cli.launch:fgr_serve",

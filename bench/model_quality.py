@@ -1,4 +1,4 @@
-"""Model quality bench: our towers against classical baselines, the previous defaults and ablations.
+"""Model quality bench: the towers against classical baselines, with and without the sequence encoder.
 
 Every model is trained and evaluated in this one process with the same data, seed and training
 loop, so the comparisons are side by side: MovieLens split by time (the split production uses),
@@ -40,39 +40,39 @@ _SYNTHETIC = {"num_ads": 20_000, "num_users": 5_000, "num_sessions": 60_000, "se
 
 
 def _runs() -> list[tuple[str, sources.DataSpec, config_lib.TowerConfig, train_lib.TrainConfig]]:
-  """(name, data, tower, training) of every run; "ours" is the default configuration."""
+  """(name, data, tower, training) of every run; "defaults" are fgr-train's defaults."""
   movielens = sources.DataSpec(name="movielens", data_dir=FLAGS.data_dir)
   by_time = dataclasses.replace(movielens, split="time")
   logs = sources.DataSpec(name="logs", data_dir=os.path.join(FLAGS.output_dir, "movielens_logs"))
   synthetic = sources.DataSpec(name="synthetic", synthetic=_SYNTHETIC)
   cold_synthetic = dataclasses.replace(synthetic, held_out_item_fraction=0.1)
-  tower = config_lib.TowerConfig()
+  tower, sequence = config_lib.TowerConfig(), towers.SEQUENCE_TOWER
   training = train_lib.TrainConfig(epochs=FLAGS.epochs)
   synthetic_training = dataclasses.replace(training, epochs=FLAGS.synthetic_epochs)
   # Essential comparisons first, ablations after: results.json is rewritten after every run.
   return [
-    ("by time: ours", by_time, tower, training),
-    ("by time: previous defaults", by_time, towers.PREVIOUS_TOWER, training),
-    ("logs (MovieLens by time, no query): ours", logs, tower, training),
-    ("logs (MovieLens by time, no query): previous defaults", logs, towers.PREVIOUS_TOWER, training),
-    ("ours", movielens, tower, training),
-    ("previous defaults", movielens, towers.PREVIOUS_TOWER, training),
-    ("synthetic: ours", synthetic, tower, synthetic_training),
-    ("synthetic: previous defaults", synthetic, towers.PREVIOUS_TOWER, synthetic_training),
-    ("synthetic: ours, 10% of ads held out", cold_synthetic, tower, synthetic_training),
-    ("synthetic: previous defaults, 10% of ads held out", cold_synthetic, towers.PREVIOUS_TOWER, synthetic_training),
-    ("by time: ours, no user id", by_time, dataclasses.replace(tower, use_user_id=False), training),
+    ("by time: sequence encoder", by_time, sequence, training),
+    ("by time: defaults", by_time, tower, training),
+    ("logs (MovieLens by time, no query): sequence encoder", logs, sequence, training),
+    ("logs (MovieLens by time, no query): defaults", logs, tower, training),
+    ("sequence encoder", movielens, sequence, training),
+    ("defaults", movielens, tower, training),
+    ("synthetic: sequence encoder", synthetic, sequence, synthetic_training),
+    ("synthetic: defaults", synthetic, tower, synthetic_training),
+    ("synthetic: sequence encoder, 10% of ads held out", cold_synthetic, sequence, synthetic_training),
+    ("synthetic: defaults, 10% of ads held out", cold_synthetic, tower, synthetic_training),
+    ("by time: sequence encoder, no user id", by_time, dataclasses.replace(sequence, use_user_id=False), training),
     (
-      "by time: ours, attention target = query only",
+      "by time: sequence encoder, attention target = query only",
       by_time,
-      dataclasses.replace(tower, attention_target="query"),
+      dataclasses.replace(sequence, attention_target="query"),
       training,
     ),
-    ("by time: ours, no logQ correction", by_time, tower, dataclasses.replace(training, logq_correction=False)),
+    ("by time: sequence encoder, no logQ", by_time, sequence, dataclasses.replace(training, logq_correction=False)),
     (
-      "by time: ours, latest 10% of training for best-epoch selection",
+      "by time: sequence encoder, latest 10% of training for best-epoch selection",
       by_time,
-      tower,
+      sequence,
       dataclasses.replace(training, validation_fraction=0.1, epochs=2 * FLAGS.epochs),
     ),
     ("id-only two-tower, Adam 1e-3", movielens, dataclasses.replace(tower, features="ids_only"), training),

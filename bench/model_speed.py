@@ -39,22 +39,22 @@ flags.DEFINE_integer("k", 100, "Candidates per query.")
 flags.DEFINE_string("report_file", "", "Also write the JSON results here.")
 flags.DEFINE_list("precisions", list(config_lib.PRECISIONS), "Tower precisions to compare.")
 flags.DEFINE_bool(
-  "previous_towers",
+  "sequence_encoder_towers",
   False,
-  "Also time float32 towers as fgr-train built them before the sequence encoder (untrained; no --checkpoint_dir).",
+  "Also time float32 towers with fgr-train's --sequence_encoder=self_attention (untrained; not from --checkpoint_dir).",
 )
 
 _SYNTHETIC = {"num_ads": 20_000, "num_users": 5_000, "num_sessions": 4_000, "seed": 0}
 
 
 def _model(
-  precision: str, jit_compile: bool, previous: bool = False
+  precision: str, jit_compile: bool, sequence_encoder: bool = False
 ) -> tuple[retrieval.RetrievalModel, sources.DataSpec]:
-  if FLAGS.checkpoint_dir and not previous:
+  if FLAGS.checkpoint_dir and not sequence_encoder:
     model, run_config = train_lib.restore(FLAGS.checkpoint_dir, precision=precision, jit_compile=jit_compile)
     return model, sources.DataSpec.from_json(run_config["data"])
   tf.keras.utils.set_random_seed(0)  # Same initial weights in every variant.
-  tower = towers.PREVIOUS_TOWER if previous else config_lib.TowerConfig()
+  tower = towers.SEQUENCE_TOWER if sequence_encoder else config_lib.TowerConfig()
   model = retrieval.build_towers_for_restore(dataclasses.replace(tower, precision=precision))
   model.query_tower.jit_compile = model.item_tower.jit_compile = jit_compile
   return model, sources.DataSpec(name="synthetic", synthetic=_SYNTHETIC)
@@ -70,12 +70,12 @@ def main(argv: list[str]) -> None:
   del argv
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   variants = [(precision, xla, False) for precision in FLAGS.precisions for xla in (False, True)]
-  if FLAGS.previous_towers:
+  if FLAGS.sequence_encoder_towers:
     variants.append(("float32", False, True))
   functions: dict[tuple[str, bool, bool], dict[str, Any]] = {}
   catalog = source = None
-  for precision, xla, previous in variants:
-    model, data = _model(precision, xla, previous)
+  for precision, xla, sequence_encoder in variants:
+    model, data = _model(precision, xla, sequence_encoder)
     if catalog is None:  # One catalog, embedded by the float32 towers, for every variant.
       source = sources.open_source(data)
       catalog = catalog_lib.embed_catalog(model.item_tower, source)
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> None:
       model.query_tower, model.item_tower, index, catalog.ids, FLAGS.k, schema.query_specs(), schema.item_specs()
     )
     signatures = graph.signatures()
-    functions[(precision, xla, previous)] = {
+    functions[(precision, xla, sequence_encoder)] = {
       "graph": graph,
       "serve": signatures[full_graph.SERVING_DEFAULT],
       "encode": signatures[full_graph.ENCODE_QUERY],
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
     results["variants"][_name(*key)] = {
       "precision": key[0],
       "jit_compile": key[1],
-      "previous_towers": key[2],
+      "sequence_encoder": key[2],
       "top_k_overlap_with_float32": round(float(overlap), 4),
     }
   for kind in ("serve", "encode"):
@@ -140,8 +140,8 @@ def main(argv: list[str]) -> None:
   print(markdown(results, batch_sizes))
 
 
-def _name(precision: str, xla: bool, previous: bool) -> str:
-  return precision + (" + XLA" if xla else "") + (", previous towers" if previous else "")
+def _name(precision: str, xla: bool, sequence_encoder: bool) -> str:
+  return precision + (" + XLA" if xla else "") + (", sequence encoder" if sequence_encoder else "")
 
 
 def markdown(results: dict[str, Any], batch_sizes: list[int]) -> str:

@@ -97,6 +97,7 @@ def _command(module: str, function: str = "run", extra: str | None = None) -> Ca
 _OWN_PACKAGES = ("cli", "engine", "models", "export", "serving", "clients", "bench")
 
 
+fgr_prepare = _command("models.data.prepare_cli")
 fgr_train = _command("models.train_cli")
 fgr_eval = _command("models.eval_cli")
 fgr_export = _command("export.export_cli")

@@ -37,6 +37,8 @@ class TowerConfig:
       training (whose hashed id embeddings are untrained, near-zero vectors).
     sequence_encoder: "self_attention" re-encodes the behaviour sequence with transformer blocks
       (`layers.SequenceEncoder`) and adds its most recent position to the query; "none" does not.
+      Off by default: on time-ordered data without queries it gains, but it lowers the recall of
+      ads held out of training (docs/performance.md, "Model quality").
     sequence_layers, sequence_heads: blocks and heads of that encoder.
     max_history: most recent behaviours the encoder reads; a longer served sequence is cut.
     attention_target: what target attention looks for: "query" (the query tokens' embedding) or
@@ -61,11 +63,11 @@ class TowerConfig:
   features: str = "full"
   precision: str = "float32"
   id_dropout: float = 0.0
-  sequence_encoder: str = "self_attention"
+  sequence_encoder: str = "none"
   sequence_layers: int = 2
   sequence_heads: int = 2
   max_history: int = 50
-  attention_target: str = "query_and_latest"
+  attention_target: str = "query"
   use_user_id: bool = True
   sequence_dropout: float = 0.1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from models import sampling, towers
+from models import distribute, sampling, towers
 from models.config import TowerConfig
 from models.data import schema
 
@@ -54,11 +54,21 @@ class RetrievalModel(tfrs.Model):
     self._num_negatives = num_negatives
     self._num_items = num_items
 
-  def candidate_probability(self, candidate_ids: tf.Tensor, batch_size: tf.Tensor) -> tf.Tensor | None:
-    """Sampling probability of each candidate relative to the most popular item's, or None without logQ."""
+  def unigram_probability(self, candidate_ids: tf.Tensor) -> tf.Tensor | None:
+    """In-batch sampling probability of each candidate id, or None without logQ."""
     if self._frequencies is None:
       return None
-    unigram = tf.gather(self._probability_table, self._frequencies.bucket(candidate_ids))
+    return tf.gather(self._probability_table, self._frequencies.bucket(candidate_ids))
+
+  def candidate_probability(self, unigram: tf.Tensor | None, batch_size: tf.Tensor) -> tf.Tensor | None:
+    """Sampling probability of each candidate relative to the most popular item's, or None without logQ.
+
+    Args:
+      unigram: `unigram_probability` of the candidates.
+      batch_size: in-batch candidates (the global batch's positives).
+    """
+    if unigram is None:
+      return None
     head = self._probability_table_max
     if self._num_negatives:
       unigram = sampling.mixture_probability(unigram, batch_size, self._num_negatives, self._num_items)
@@ -71,11 +81,17 @@ class RetrievalModel(tfrs.Model):
     query_embeddings = self.query_tower(features, training=training)
     item_embeddings = self.item_tower(features, training=training)
     candidate_ids = features[schema.AD_ID]
+    unigram = self.unigram_probability(candidate_ids)
+    # Under multi-worker training, every replica's positives: the global batch's in-batch negatives.
+    item_embeddings, candidate_ids, unigram = distribute.global_candidates(item_embeddings, candidate_ids, unigram)
+    num_positives = tf.shape(item_embeddings)[0]
     if self._num_negatives and sampling.NEGATIVE_PREFIX + schema.AD_ID in features:
       negatives = {name: features[sampling.NEGATIVE_PREFIX + name] for name in schema.ITEM_FEATURE_NAMES}
       item_embeddings = tf.concat([item_embeddings, self.item_tower(negatives, training=training)], axis=0)
       candidate_ids = tf.concat([candidate_ids, negatives[schema.AD_ID]], axis=0)
-    probability = self.candidate_probability(candidate_ids, tf.shape(query_embeddings)[0])
+      if unigram is not None:
+        unigram = tf.concat([unigram, self.unigram_probability(negatives[schema.AD_ID])], axis=0)
+    probability = self.candidate_probability(unigram, num_positives)
     return self.task(
       query_embeddings,
       item_embeddings,

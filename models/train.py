@@ -13,8 +13,8 @@ import tensorflow as tf
 from absl import logging
 
 from models import config as config_lib
-from models import evaluation, retrieval, sampling
-from models.data import schema, sources
+from models import distribute, evaluation, retrieval, sampling
+from models.data import schema, sources, tfrecord
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -67,6 +67,21 @@ def example_dataset(source: sources.Source, split: str) -> tf.data.Dataset:
   return tf.data.Dataset.from_generator(generate, output_signature=signature).unbatch()
 
 
+def _prepared_input(
+  source: tfrecord.TFRecordSource, training: TrainConfig, strategy: tf.distribute.Strategy
+) -> tuple[tf.data.Dataset, int]:
+  """Training batches read from fgr-prepare's shards (sharded between workers), and steps per epoch."""
+  if training.validation_fraction > 0:
+    raise ValueError("--validation_fraction needs an ordered example stream; it is not available with --data=tfrecord")
+  if training.mixed_negatives and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    raise ValueError("--mixed_negatives draws from a Python generator, which workers cannot shard; use 0")
+  steps = source.num_examples("train") // training.batch_size
+  if steps == 0:
+    raise ValueError(f"{source.num_examples('train')} training examples make no batch of {training.batch_size}")
+  dataset = source.training_dataset(training.batch_size, training.shuffle_buffer, training.seed)
+  return distribute.shard_by_files(dataset, len(source.files("train")), distribute.num_workers(strategy)), steps
+
+
 def checkpoint_path(output_dir: str) -> str | None:
   """The newest checkpoint fgr-train wrote under output_dir, or None."""
   return tf.train.latest_checkpoint(os.path.join(output_dir, CHECKPOINT_DIR))
@@ -112,44 +127,62 @@ def _with_negatives(batches: tf.data.Dataset, source: sources.Source, training: 
 
 
 def train(
-  data: sources.DataSpec, tower: config_lib.TowerConfig, training: TrainConfig, output_dir: str
+  data: sources.DataSpec,
+  tower: config_lib.TowerConfig,
+  training: TrainConfig,
+  output_dir: str,
+  strategy: tf.distribute.Strategy | None = None,
+  backup_every_steps: int = 0,
 ) -> dict[str, Any]:
   """Trains the towers on `data`, writes config.json, checkpoints and TensorBoard logs to output_dir.
 
   With `validation_fraction`, the checkpoint left last (the one `restore` loads) is the best epoch
-  on the held-out slice, and training stops early when it stops improving.
+  on the held-out slice, and training stops early when it stops improving. Under a multi-worker
+  `strategy` (`distribute.make_strategy`), every worker runs this with the same arguments; the
+  chief writes the outputs and evaluates, and a backup every `backup_every_steps` steps (0: each
+  epoch) lets a relaunched job resume.
 
   Returns:
     A report with the training time, the final loss and test top-k accuracy (when evaluated).
   """
+  strategy = strategy or tf.distribute.get_strategy()
+  multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
   tf.keras.utils.set_random_seed(training.seed)
   source = sources.open_source(data)
-  config_lib.write_run_config(output_dir, tower, data.to_json(), dataclasses.asdict(training))
+  if distribute.is_chief(strategy):
+    config_lib.write_run_config(output_dir, tower, data.to_json(), dataclasses.asdict(training))
 
-  train_ds = example_dataset(source, "train")
-  if training.cache_examples:
-    train_ds = train_ds.cache()
+  steps_per_epoch = None
   validation: list[dict[str, np.ndarray]] = []
-  if training.validation_fraction > 0:
-    train_ds, validation = _split_validation(train_ds, training)
+  if isinstance(source, tfrecord.TFRecordSource):
+    train_ds, steps_per_epoch = _prepared_input(source, training, strategy)
+    item_ids = source.item_id_batches
+  else:
+    if multi_worker:
+      raise ValueError("--distribute=multi_worker reads fgr-prepare's shards: use --data=tfrecord")
+    train_ds = example_dataset(source, "train")
+    if training.cache_examples:
+      train_ds = train_ds.cache()
+    if training.validation_fraction > 0:
+      train_ds, validation = _split_validation(train_ds, training)
+    item_ids = train_ds.batch(8192).as_numpy_iterator
 
-  model = retrieval.RetrievalModel(tower)
+  with strategy.scope():
+    model = retrieval.build_towers_for_restore(tower) if multi_worker else retrieval.RetrievalModel(tower)
   if training.logq_correction or training.mixed_negatives:
     # One streaming pass over the training examples (it also fills the cache for the first epoch).
-    frequencies = (
-      sampling.ItemFrequencies.from_batches(train_ds.batch(8192).as_numpy_iterator())
-      if training.logq_correction
-      else None
-    )
+    frequencies = sampling.ItemFrequencies.from_batches(item_ids()) if training.logq_correction else None
     model.set_sampling(frequencies, training.mixed_negatives, source.num_items)
-  train_ds = train_ds.shuffle(training.shuffle_buffer, seed=training.seed, reshuffle_each_iteration=True).batch(
-    training.batch_size, drop_remainder=True
-  )
+  if steps_per_epoch is None:
+    train_ds = train_ds.shuffle(training.shuffle_buffer, seed=training.seed, reshuffle_each_iteration=True).batch(
+      training.batch_size, drop_remainder=True
+    )
   if training.mixed_negatives:
     train_ds = _with_negatives(train_ds, source, training)
   train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
 
-  model.compile(optimizer=retrieval.make_optimizer(training.learning_rate, tower.precision))
+  with strategy.scope():
+    model.compile(optimizer=retrieval.make_optimizer(training.learning_rate, tower.precision))
   checkpoints = os.path.join(output_dir, CHECKPOINT_DIR, "ckpt-{epoch:03d}")
   callbacks: list[tf.keras.callbacks.Callback] = []
   if validation:
@@ -165,16 +198,26 @@ def train(
   else:
     callbacks.append(tf.keras.callbacks.ModelCheckpoint(checkpoints, save_weights_only=True))
   callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=os.path.join(output_dir, "logs")))
+  resume = None
+  if multi_worker:
+    backup_callbacks, resume = distribute.fault_tolerance(output_dir, backup_every_steps)
+    callbacks = backup_callbacks + callbacks
   started = time.time()
   # A live progress bar on a terminal; one line per epoch when the output goes to a log file.
   verbose = 1 if sys.stdout.isatty() else 2
-  history = model.fit(train_ds, epochs=training.epochs, callbacks=callbacks, verbose=verbose)
+  history = model.fit(
+    train_ds, epochs=training.epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose
+  )
   report: dict[str, Any] = {
     "train_seconds": round(time.time() - started, 1),
     "final_loss": float(history.history["loss"][-1]),
     "epochs_run": len(history.history["loss"]),
     "num_items": source.num_items,
   }
+  if resume is not None:
+    report.update(workers=distribute.num_workers(strategy), resumed_from_step=resume.initial_step)
+  if not distribute.is_chief(strategy):
+    return report  # The chief evaluates; the others have no checkpoint of their own to evaluate.
   if validation:
     scores = history.history[f"val_top_{training.validation_k}"]
     report["validation"] = [round(float(v), 4) for v in scores]

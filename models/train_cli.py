@@ -7,6 +7,7 @@ import json
 from absl import app, flags, logging
 
 from models import config as config_lib
+from models import distribute
 from models import train as train_lib
 from models.data import sources, synthetic
 
@@ -17,10 +18,12 @@ flags.DEFINE_enum(
   "data",
   "synthetic",
   list(sources.SOURCES),
-  "Training data: the built-in synthetic "
-  "search-ads logs, MovieLens-100K, or your own logs in the generic format (docs/data_format.md).",
+  "Training data: the built-in synthetic search-ads logs, MovieLens-100K, your own logs in the generic "
+  "format (docs/data_format.md), or fgr-prepare's TFRecord shards of any of them.",
 )
-flags.DEFINE_string("data_dir", "", "Directory of the MovieLens files, or of items.jsonl and events.jsonl.")
+flags.DEFINE_string(
+  "data_dir", "", "Directory of the MovieLens files, of items.jsonl and events.jsonl, or of fgr-prepare's output."
+)
 flags.DEFINE_string("output_dir", None, "Where config.json, checkpoints/ and logs/ (TensorBoard) go.")
 flags.DEFINE_integer("num_ads", _SYNTH.num_ads, "Synthetic catalog size (1k to 10M).")
 flags.DEFINE_integer("num_users", _SYNTH.num_users, "Synthetic users.")
@@ -118,26 +121,23 @@ flags.DEFINE_integer("epochs", _TRAIN.epochs, "Training epochs.")
 flags.DEFINE_integer("batch_size", _TRAIN.batch_size, "Batch size (in-batch negatives per example).")
 flags.DEFINE_float("learning_rate", _TRAIN.learning_rate, "Adam learning rate.")
 flags.DEFINE_integer("seed", _TRAIN.seed, "Seed of initialisation and shuffling.")
+flags.DEFINE_enum(
+  "distribute",
+  "none",
+  list(distribute.STRATEGIES),
+  "none: this process; multi_worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (needs --data=tfrecord).",
+)
+flags.DEFINE_integer(
+  "backup_every_steps", 0, "With multi_worker: back up for fault tolerance every this many steps (0: each epoch)."
+)
 flags.mark_flag_as_required("output_dir")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  data = sources.DataSpec(
-    name=FLAGS.data,
-    data_dir=FLAGS.data_dir,
-    split=FLAGS.split,
-    held_out_item_fraction=FLAGS.held_out_item_fraction,
-    held_out_item_seed=FLAGS.held_out_item_seed,
-  )
-  if FLAGS.data == "synthetic":
-    data.synthetic = {
-      "num_ads": FLAGS.num_ads,
-      "num_users": FLAGS.num_users,
-      "num_sessions": FLAGS.num_sessions,
-      "seed": FLAGS.data_seed,
-    }
+  strategy = distribute.make_strategy(FLAGS.distribute)  # Before any other op: collectives start with it.
+  data = sources.DataSpec.from_flags(FLAGS)
   tower = config_lib.TowerConfig(
     embedding_dim=FLAGS.embedding_dim,
     output_dim=FLAGS.output_dim,
@@ -169,7 +169,7 @@ def main(argv: list[str]) -> None:
     validation_k=FLAGS.validation_k,
     early_stopping_patience=FLAGS.early_stopping_patience,
   )
-  report = train_lib.train(data, tower, training, FLAGS.output_dir)
+  report = train_lib.train(data, tower, training, FLAGS.output_dir, strategy, FLAGS.backup_every_steps)
   logging.info("Training report: %s", report)
   print(json.dumps(report))
 

@@ -8,9 +8,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.data import cold_start, logs, movielens, synthetic
+from models.data import cold_start, logs, movielens, synthetic, tfrecord
 
-SOURCES = ("synthetic", "movielens", "logs")
+SOURCES = ("synthetic", "movielens", "logs", "tfrecord")
 SPLITS = ("default", "leave_last_out", "time")
 
 
@@ -31,8 +31,8 @@ class DataSpec:
   """Which data to read.
 
   Attributes:
-    name: "synthetic", "movielens" or "logs".
-    data_dir: directory of the MovieLens files or of items.jsonl/events.jsonl.
+    name: "synthetic", "movielens", "logs" or "tfrecord" (fgr-prepare's output).
+    data_dir: directory of the MovieLens files, of items.jsonl/events.jsonl, or of fgr-prepare's shards.
     synthetic: `SyntheticConfig` fields, for the synthetic source.
     split: "default" (MovieLens: the TFRS tutorials' seeded 80/20 split; synthetic and logs: the
       last share of the log in time), "time" (the last share of the log in time, for every source;
@@ -57,6 +57,25 @@ class DataSpec:
   def from_json(cls, value: dict[str, Any]) -> DataSpec:
     return cls(**value)
 
+  @classmethod
+  def from_flags(cls, values: Any) -> DataSpec:
+    """The spec fgr-train's and fgr-prepare's data flags (--data, --data_dir, --num_ads, ...) give."""
+    spec = cls(
+      name=values.data,
+      data_dir=values.data_dir,
+      split=values.split,
+      held_out_item_fraction=values.held_out_item_fraction,
+      held_out_item_seed=values.held_out_item_seed,
+    )
+    if values.data == "synthetic":
+      spec.synthetic = {
+        "num_ads": values.num_ads,
+        "num_users": values.num_users,
+        "num_sessions": values.num_sessions,
+        "seed": values.data_seed,
+      }
+    return spec
+
 
 def open_source(spec: DataSpec) -> Source:
   """Opens the source a spec names, with a clear error for a wrong name or a missing directory."""
@@ -73,7 +92,7 @@ def _open(spec: DataSpec) -> Source:
   split = "default" if spec.split == "time" and spec.name != "movielens" else spec.split
   if spec.name == "synthetic":
     return synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**spec.synthetic), split=split)
-  if spec.name in ("movielens", "logs") and not spec.data_dir:
+  if spec.name in ("movielens", "logs", "tfrecord") and not spec.data_dir:
     raise ValueError(f"--data={spec.name} needs --data_dir")
   if spec.name == "movielens":
     # Its queries come from histories, so it builds them without the held-out items itself.
@@ -87,4 +106,8 @@ def _open(spec: DataSpec) -> Source:
     if split != "default":
       raise ValueError(f"--data=logs supports only its time-ordered split, not {spec.split!r}")
     return logs.LogsDataset(spec.data_dir)
+  if spec.name == "tfrecord":
+    if spec.split != "default" or spec.held_out_item_fraction > 0:
+      raise ValueError("--data=tfrecord keeps the split and held-out items fgr-prepare was given; set them there")
+    return tfrecord.TFRecordSource(spec.data_dir)
   raise ValueError(f"Unknown data source {spec.name!r}; choose one of {SOURCES}")

@@ -1,5 +1,6 @@
 """Export round trip: the loaded SavedModel returns what the in-process model and index return."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -12,6 +13,7 @@ from export import exporter, versions, warmup
 from models import train
 from models.data import schema, sources
 from tests import topk_testlib
+from tests.conftest import TINY_DATA, TINY_TOWER
 
 
 def _test_queries(run_dir, count=32):
@@ -112,3 +114,34 @@ def test_mixed_precision_export_keeps_float32_outputs(trained_run, tmp_path):
   served = loaded.signatures["serving_default"](**tensors)
   assert served["scores"].dtype == tf.float32
   assert loaded.signatures["encode_query"](**tensors)["embedding"].dtype == tf.float32
+
+
+def test_sequence_encoder_towers_export_and_serve(tmp_path):
+  run_dir = str(tmp_path / "run")
+  tower = dataclasses.replace(TINY_TOWER, sequence_encoder="self_attention", attention_target="query_and_latest")
+  train.train(TINY_DATA, tower, train.TrainConfig(epochs=1, batch_size=256), run_dir)
+  config = exporter.ExportConfig(index="brute_force", k=10, eval_queries=50, tuning_queries=0)
+  built = exporter.build_graph(run_dir, config)
+  loaded = tf.saved_model.load(exporter.publish_graph(built, str(tmp_path / "export"), config)["path"])
+  queries = _test_queries(run_dir, 8)
+  queries[schema.QUERY_TOKENS] = np.full_like(queries[schema.QUERY_TOKENS], schema.PAD)  # No query: a feed.
+  tensors = {name: tf.constant(values) for name, values in queries.items()}
+  np.testing.assert_allclose(
+    loaded.signatures["encode_query"](**tensors)["embedding"].numpy(),
+    built.graph.query_tower(tensors).numpy(),
+    rtol=1e-4,
+    atol=1e-5,
+  )
+  served = loaded.signatures["serving_default"](**tensors)
+  np.testing.assert_allclose(
+    served["scores"].numpy(), built.graph.retrieve(tensors)["scores"].numpy(), rtol=1e-4, atol=1e-5
+  )
+  # A served history longer than the encoder's positions is cut to its most recent max_history.
+  long = {
+    name: tf.constant(np.tile(values, [1, 4]))
+    for name, values in queries.items()
+    if name in (schema.HIST_IDS, schema.HIST_CATEGORIES, schema.HIST_BRANDS)
+  }
+  assert long[schema.HIST_IDS].shape[1] > tower.max_history
+  out = loaded.signatures["serving_default"](**{**tensors, **long})
+  assert out["ids"].shape == (8, 10) and np.all(np.isfinite(out["scores"].numpy()))

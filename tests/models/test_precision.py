@@ -28,11 +28,13 @@ def _examples(n=8):
 
 
 @pytest.mark.parametrize(
-  "precision,compute_dtype,attention", [("mixed_bfloat16", tf.bfloat16, "din"), ("mixed_float16", tf.float16, "dot")]
+  "precision,compute_dtype,attention,encoder",
+  [("mixed_bfloat16", tf.bfloat16, "din", "none"), ("mixed_float16", tf.float16, "dot", "self_attention")],
 )
-def test_mixed_towers_output_float32_and_retrieval_trains(precision, compute_dtype, attention):
+def test_mixed_towers_output_float32_and_retrieval_trains(precision, compute_dtype, attention, encoder):
   assert tf.keras.mixed_precision.global_policy().name == "float32"  # The towers carry their own policy.
-  model = retrieval.RetrievalModel(dataclasses.replace(TINY_TOWER, precision=precision, attention=attention))
+  tower = dataclasses.replace(TINY_TOWER, precision=precision, attention=attention, sequence_encoder=encoder)
+  model = retrieval.RetrievalModel(tower)
   batch = _examples()
   query, item = model.query_tower(batch), model.item_tower(batch)
   assert query.dtype == tf.float32 and item.dtype == tf.float32

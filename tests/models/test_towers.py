@@ -94,7 +94,9 @@ def test_separate_side_info_adds_its_own_attention_and_legacy_runs_keep_summed_t
 
 
 def test_runs_from_before_the_sequence_encoder_rebuild_without_it(tmp_path):
-  config_lib.write_run_config(str(tmp_path), TINY_TOWER, {}, {})
+  encoder = dataclasses.replace(TINY_TOWER, sequence_encoder="self_attention", attention_target="query_and_latest")
+  assert hasattr(towers.build_towers(encoder)[0], "sequence_encoder")
+  config_lib.write_run_config(str(tmp_path), encoder, {}, {})
   with open(tmp_path / config_lib.CONFIG_FILE) as f:
     written = json.load(f)
   for name in ("sequence_encoder", "attention_target"):
@@ -121,7 +123,7 @@ def test_sequence_encoder_reads_order_and_masks_padding():
 
 
 def test_query_tower_cuts_served_histories_to_max_history():
-  config = dataclasses.replace(TINY_TOWER, max_history=2)
+  config = dataclasses.replace(TINY_TOWER, sequence_encoder="self_attention", max_history=2)
   query_tower, _ = towers.build_towers(config)
   long = query_tower(_history_batch([["a1", "a2", "a3", "a4"]] * 2, [["c1", "c2", "c3", "c4"]] * 2, [["b"] * 4] * 2))
   cut = query_tower(_history_batch([["a1", "a2"]] * 2, [["c1", "c2"]] * 2, [["b"] * 2] * 2))

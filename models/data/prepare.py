@@ -1,0 +1,170 @@
+"""fgr-prepare's writer: any data source streamed into sharded, GZIP TFRecord files and a manifest.
+
+Training at scale reads the examples many times and on many workers, so the Python work of a
+source (parsing logs, computing behaviour sequences in time order) is done once, here, and stored
+with each example. The output is:
+
+  <output_dir>/train/train-00000.tfrecord.gz ...   one tf.train.Example per training example
+  <output_dir>/test/test-00000.tfrecord.gz ...     the held-out examples
+  <output_dir>/catalog/catalog-00000.tfrecord.gz   every item's features, in catalog row order
+  <output_dir>/manifest.json                       shards, counts, layouts, split and source
+
+Shards hold a fixed number of records, so the same input gives the same shards byte for byte. Each
+shard is written under a temporary name and renamed when complete; a rerun skips the shards that
+exist (it still streams the source to reach the rest, but does not encode them). The manifest is
+written last: its presence means the output is complete. Memory holds one source batch at a time.
+Paths may be anything `tf.io.gfile` opens (local, gs://, hdfs://, s3:// with tensorflow-io).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from models.data import records, schema, sequences, sources, tfrecord
+
+SPEC_FILE = "prepare_spec.json"  # What a partial output was started from, so a rerun cannot mix inputs.
+_OPTIONS = tf.io.TFRecordOptions(compression_type="GZIP")
+
+
+def prepare(
+  spec: sources.DataSpec, output_dir: str, records_per_shard: int = 100_000, progress: bool = True
+) -> dict[str, Any]:
+  """Writes the source `spec` names as TFRecord shards under output_dir; returns the manifest.
+
+  Args:
+    spec: the data source, as fgr-train takes it.
+    output_dir: where the shards and manifest.json go; a partial earlier run there is resumed.
+    records_per_shard: examples (or catalog items) per shard; also fixes where shards split.
+    progress: show a progress bar per split on stderr.
+  """
+  if records_per_shard <= 0:
+    raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
+  tfrecord.load_file_system(output_dir)
+  _claim(
+    output_dir, {"source": spec.to_json(), "records_per_shard": records_per_shard, "version": tfrecord.FORMAT_VERSION}
+  )
+  source = sources.open_source(spec)
+  manifest: dict[str, Any] = {"version": tfrecord.FORMAT_VERSION, "source": spec.to_json(), "splits": {}}
+  for split in tfrecord.SPLITS:
+    with tqdm.tqdm(desc=split, unit=" examples", unit_scale=True, disable=not progress) as bar:
+      batches = _counted(source.examples(split), bar)
+      manifest["splits"][split] = _write_shards(batches, output_dir, split, records_per_shard)
+  manifest[tfrecord.CATALOG] = _write_shards(_catalog_batches(source), output_dir, tfrecord.CATALOG, records_per_shard)
+  manifest["split_boundary"] = _split_boundary(source, spec)
+  _write_atomically(os.path.join(output_dir, tfrecord.MANIFEST), json.dumps(manifest, indent=1))
+  return manifest
+
+
+def _claim(output_dir: str, spec: dict[str, Any]) -> None:
+  """Records what this output is made from, or checks that an earlier partial run made it from the same."""
+  tf.io.gfile.makedirs(output_dir)
+  path = os.path.join(output_dir, SPEC_FILE)
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      existing = json.load(f)
+    if existing != spec:
+      raise ValueError(f"{output_dir} holds a preparation of other data ({existing}); use an empty directory")
+    return
+  _write_atomically(path, json.dumps(spec, indent=1))
+
+
+def _counted(batches: Iterable[dict[str, np.ndarray]], bar: tqdm.tqdm) -> Iterator[dict[str, np.ndarray]]:
+  for batch in batches:
+    yield batch
+    bar.update(len(batch[schema.AD_ID]))
+
+
+def _catalog_batches(source: sources.Source) -> Iterator[dict[str, np.ndarray]]:
+  """Catalog features in row order, with the cold-start and freshness flags the source knows."""
+  held_out = getattr(source, "held_out_rows", None)
+  added = source.items_added_after_training() if hasattr(source, "items_added_after_training") else None
+  for rows, features in sequences.iterate_catalog(source):
+    batch = {name: features[name] for name in (*schema.ITEM_FEATURE_NAMES, schema.STATUS)}
+    if held_out is not None:
+      batch[tfrecord.HELD_OUT] = held_out[rows]
+    if added is not None:
+      batch[tfrecord.ADDED_AFTER_TRAINING] = added[rows]
+    yield batch
+
+
+def _split_boundary(source: sources.Source, spec: sources.DataSpec) -> dict[str, Any]:
+  """Where train ends and test begins, as far as the source says."""
+  boundary: dict[str, Any] = {"split": spec.split}
+  for name in ("num_train_sessions", "last_train_day"):
+    if hasattr(source, name):
+      boundary[name] = int(getattr(source, name))
+  return boundary
+
+
+def _write_shards(
+  batches: Iterable[dict[str, np.ndarray]], output_dir: str, name: str, records_per_shard: int
+) -> dict[str, Any]:
+  """Streams batches into <name>/<name>-NNNNN.tfrecord.gz shards of records_per_shard records."""
+  tf.io.gfile.makedirs(os.path.join(output_dir, name))
+  layout: records.Layout | None = None
+  shards: list[dict[str, Any]] = []
+  writer: _Shard | None = None
+  for batch in batches:
+    if layout is None:
+      layout = records.Layout.of_batch(batch)
+    layout.check(batch)
+    rows = len(batch[schema.AD_ID])
+    start = 0
+    while start < rows:
+      if writer is None:
+        writer = _Shard(output_dir, f"{name}/{name}-{len(shards):05d}.tfrecord.gz", layout)
+      take = min(rows - start, records_per_shard - writer.count)
+      writer.add({column: values[start : start + take] for column, values in batch.items()}, take)
+      start += take
+      if writer.count == records_per_shard:
+        shards.append(writer.close())
+        writer = None
+  if writer is not None:
+    shards.append(writer.close())
+  if layout is None:
+    raise ValueError(f"The source yielded no {name} records")
+  return {"shards": shards, "count": sum(shard["count"] for shard in shards), "layout": layout.to_json()}
+
+
+class _Shard:
+  """One output shard: encoded into a temporary file and renamed when complete, or skipped if it exists.
+
+  Args:
+    output_dir: the preparation's root.
+    relative_path: the shard's path under it, as the manifest names it.
+    layout: the records' columns.
+  """
+
+  def __init__(self, output_dir: str, relative_path: str, layout: records.Layout):
+    self.relative_path = relative_path
+    self.path = os.path.join(output_dir, relative_path)
+    self.layout = layout
+    self.count = 0
+    self._writer = None
+    if not tf.io.gfile.exists(self.path):
+      self._writer = tf.io.TFRecordWriter(self.path + ".tmp", _OPTIONS)
+
+  def add(self, batch: dict[str, np.ndarray], rows: int) -> None:
+    if self._writer is not None:
+      for record in records.encode(batch, self.layout):
+        self._writer.write(record)
+    self.count += rows
+
+  def close(self) -> dict[str, Any]:
+    if self._writer is not None:
+      self._writer.close()
+      tf.io.gfile.rename(self.path + ".tmp", self.path, overwrite=True)
+    return {"path": self.relative_path, "count": self.count}
+
+
+def _write_atomically(path: str, text: str) -> None:
+  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)

@@ -1,0 +1,124 @@
+"""Multi-worker training on tf.distribute: the strategy, input sharding, global negatives, fault tolerance.
+
+`MultiWorkerMirroredStrategy` keeps a copy of every variable on each worker and all-reduces the
+gradients, so N workers with a per-worker batch of B/N take the same steps as one process with a
+batch of B, provided the loss sees the same candidates: each worker all-gathers the batch's item
+embeddings and ids, so its queries are scored against the global batch's items, not only its own.
+The cluster comes from `TF_CONFIG`, as every TensorFlow cluster manager sets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import tensorflow as tf
+from absl import logging
+
+STRATEGIES = ("none", "multi_worker")
+BACKUP_DIR = "backup"
+_FINGERPRINTS = (1 << 63) - 1  # Buckets of the ids' fingerprints: collisions are vanishingly rare.
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+  """The strategy `--distribute` names; create it before any other TensorFlow op runs.
+
+  Args:
+    name: "none" (this process alone) or "multi_worker" (`MultiWorkerMirroredStrategy` over the
+      cluster in the TF_CONFIG environment variable).
+  """
+  if name == "none":
+    return tf.distribute.get_strategy()
+  if name != "multi_worker":
+    raise ValueError(f"Unknown --distribute={name!r}; choose one of {STRATEGIES}")
+  config = os.environ.get("TF_CONFIG", "")
+  try:
+    cluster = json.loads(config)["cluster"]
+  except (ValueError, KeyError, TypeError):
+    raise ValueError(
+      '--distribute=multi_worker needs TF_CONFIG, e.g. {"cluster": {"worker": ["host0:12345", '
+      f'"host1:12345"]}}, "task": {{"type": "worker", "index": 0}}}}; got {config!r}'
+    ) from None
+  logging.info("Multi-worker training over %s", cluster)
+  return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes the run's outputs (config.json, checkpoints, logs, the report)."""
+  return bool(strategy.extended.should_checkpoint)
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+  """Input pipelines of the cluster (each worker, and a chief if there is one, runs one)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None:
+    return 1
+  cluster = resolver.cluster_spec().as_dict()
+  return max(1, sum(len(cluster.get(job, [])) for job in ("chief", "worker")))
+
+
+def shard_by_files(dataset: tf.data.Dataset, num_files: int, workers: int) -> tf.data.Dataset:
+  """Auto-shards between workers by file when each gets at least one, by record otherwise."""
+  policy = tf.data.experimental.AutoShardPolicy
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = policy.FILE if num_files >= workers else policy.DATA
+  return dataset.with_options(options)
+
+
+def global_candidates(
+  item_embeddings: tf.Tensor, candidate_ids: tf.Tensor, probabilities: tf.Tensor | None
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
+  """This replica's positives and every other replica's, its own first (the loss's diagonal).
+
+  Outside a multi-replica step this is the identity. Inside one, the embeddings, the ids and the
+  sampling probabilities (logQ) are all-gathered. The all-gather's gradient sums what every
+  replica's loss says about this replica's items, so the item tower learns from the global batch.
+  The candidates are rotated so row i is still this replica's i-th positive, as
+  `tfrs.tasks.Retrieval` assumes; the softmax does not depend on their order. Collectives carry no
+  strings, so ids travel as 64-bit fingerprints, which is all accidental-hit removal compares.
+  """
+  context = tf.distribute.get_replica_context()
+  if context is None or context.num_replicas_in_sync == 1:
+    return item_embeddings, candidate_ids, probabilities
+  local = {"embeddings": item_embeddings, "ids": tf.strings.to_hash_bucket_fast(candidate_ids, _FINGERPRINTS)}
+  if probabilities is not None:
+    local["probabilities"] = probabilities
+  # A worker with one device runs its replica without a device scope, and all_gather sends a
+  # tensor to the device it was made on: name that device.
+  devices = context.strategy.extended.worker_devices
+  with tf.device(devices[0]) if len(devices) == 1 else contextlib.nullcontext():
+    local = {name: tf.identity(value) for name, value in local.items()}
+  # One collective per tensor: a batched all-gather concatenates its tensors, which needs one dtype.
+  gathered = {name: context.all_gather(value, axis=0) for name, value in local.items()}
+  shift = -tf.cast(context.replica_id_in_sync_group, tf.int32) * tf.shape(item_embeddings)[0]
+  rolled = {name: tf.roll(value, shift, axis=0) for name, value in gathered.items()}
+  return rolled["embeddings"], rolled["ids"], rolled.get("probabilities")
+
+
+class ResumeLog(tf.keras.callbacks.Callback):
+  """Records the step training starts from, which is above 0 when `BackupAndRestore` restored a backup."""
+
+  def __init__(self):
+    super().__init__()
+    self.initial_step = 0
+
+  def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+    self.initial_step = int(self.model.optimizer.iterations.numpy())
+    if self.initial_step:
+      logging.info("Resumed from the backup at step %d", self.initial_step)
+
+
+def fault_tolerance(output_dir: str, save_every_steps: int) -> tuple[list[tf.keras.callbacks.Callback], ResumeLog]:
+  """`BackupAndRestore` under output_dir/backup (every `save_every_steps` steps, or each epoch if 0).
+
+  A relaunched job (same TF_CONFIG, same output_dir) restores the model, optimizer and position in
+  the epoch from it. The chief writes it; the other workers write to temporary directories that
+  Keras deletes. The backup is deleted when training completes.
+  """
+  resume = ResumeLog()
+  backup = tf.keras.callbacks.BackupAndRestore(
+    os.path.join(output_dir, BACKUP_DIR), save_freq=save_every_steps or "epoch"
+  )
+  return [backup, resume], resume
