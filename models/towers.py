@@ -163,15 +163,16 @@ class QueryTower(Tower):
     return layers.masked_mean(sequence, mask)
 
   def encode(self, buckets: Buckets, training: bool | None = None) -> tf.Tensor:
+    # The user id is embedded first, as before it became optional: layers build (and draw their
+    # initial weights) in call order, so default towers train to the same weights as before.
+    inputs = [self.user_embedding.embed(buckets[schema.USER_ID])[0]] if self.config.use_user_id else []
     profile = layers.masked_mean(*self.token_embedding.embed(buckets[schema.USER_FEATURES]))
     query = layers.masked_mean(*self.token_embedding.embed(buckets[schema.QUERY_TOKENS]))
+    inputs += [profile, query]
     sequence = [buckets[name] for name in (schema.HIST_IDS, schema.HIST_CATEGORIES, schema.HIST_BRANDS)]
     if self.config.sequence_encoder != "none":
       sequence = [s[:, : self.config.max_history] for s in sequence]  # The encoder's positions end there.
     ids, categories, brands, mask = self.item_embedding.embed(*sequence)
-    inputs = [profile, query]
-    if self.config.use_user_id:
-      inputs.insert(0, self.user_embedding.embed(buckets[schema.USER_ID])[0])
     target_input = query
     if self.config.sequence_encoder != "none":
       latest = self.sequence_encoder(ids + categories + brands, mask, training=training)[:, 0]
