@@ -94,12 +94,17 @@ class ItemCooccurrence:
     user, row = user[order], row[order]
     self.popularity.counts = np.bincount(row, minlength=self.num_items).astype(np.float64)
     self.popularity._tie_break = None
-    keys = []
+    # Counted one distance at a time and merged, so memory holds one distance's pairs and the table,
+    # not all 2 * window pairs of every event at once.
+    pairs, counts = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     for distance in range(1, self.window + 1):
       same = user[distance:] == user[:-distance]
       first, second = row[:-distance][same], row[distance:][same]
-      keys += [first * self.num_items + second, second * self.num_items + first]
-    pairs, counts = np.unique(np.concatenate(keys), return_counts=True)
+      step, step_counts = np.unique(
+        np.concatenate([first * self.num_items + second, second * self.num_items + first]), return_counts=True
+      )
+      pairs, where = np.unique(np.concatenate([pairs, step]), return_inverse=True)
+      counts = np.bincount(where, weights=np.concatenate([counts, step_counts]), minlength=len(pairs))
     first, second = np.divmod(pairs, self.num_items)
     norm = np.sqrt(np.maximum(self.popularity.counts[first] * self.popularity.counts[second], 1.0))
     self.indptr = np.searchsorted(first, np.arange(self.num_items + 1))  # CSR over `first` (sorted).
