@@ -78,6 +78,13 @@ class TowerConfig:
     for name, allowed in _CHOICES.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if self.attention_target == "query_and_latest" and self.sequence_encoder == "none":
+      raise ValueError("attention_target='query_and_latest' needs sequence_encoder='self_attention'")
+    if self.sequence_encoder != "none":
+      if self.sequence_layers < 1 or self.max_history < 1 or not 0.0 <= self.sequence_dropout < 1.0:
+        raise ValueError("the sequence encoder needs sequence_layers >= 1, max_history >= 1, dropout in [0, 1)")
+      if self.sequence_heads < 1 or self.embedding_dim % self.sequence_heads:
+        raise ValueError(f"sequence_heads ({self.sequence_heads}) must divide embedding_dim ({self.embedding_dim})")
 
   @classmethod
   def from_json(cls, value: dict[str, Any]) -> TowerConfig:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from models import config as config_lib
@@ -177,3 +178,10 @@ def test_id_dropout_zeroes_ids_in_training_only():
   training = item_tower(batch, training=True).numpy()
   changed = np.abs(training - serving).max(axis=1) > 1e-6
   np.testing.assert_allclose(training[changed], np.repeat(training[changed][:1], changed.sum(), axis=0), atol=1e-6)
+
+
+def test_sequence_encoder_settings_are_checked():
+  with pytest.raises(ValueError, match="needs sequence_encoder"):
+    dataclasses.replace(TINY_TOWER, attention_target="query_and_latest")
+  with pytest.raises(ValueError, match="must divide"):
+    dataclasses.replace(TINY_TOWER, sequence_encoder="self_attention", sequence_heads=3)
