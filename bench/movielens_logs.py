@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 from absl import app, flags
 
 from models.data import logs, movielens, schema, sequences
@@ -33,8 +32,7 @@ def write_logs(data_dir: str, output_dir: str) -> None:
       ):
         record = {"ad_id": ad_id, "category": category, "brand": brand, "tokens": [t for t in tokens if t]}
         f.write(json.dumps(record) + "\n")
-  raw = np.loadtxt(os.path.join(data_dir, "u.data"), dtype=np.int64)
-  order = np.lexsort((np.arange(len(raw)), raw[:, 3]))  # Time order, ties in file order.
+  raw, order = movielens.read_ratings(data_dir)
   profiles = source.user_profiles()
   with open(os.path.join(output_dir, logs.EVENTS_FILE), "w", encoding="utf-8") as f:
     for user, item, _, timestamp in raw[order].tolist():

@@ -37,25 +37,28 @@ class Popularity:
 
   def __init__(self, num_items: int):
     self.num_items = num_items
-    self.counts = np.zeros(num_items, dtype=np.float64)
-    self._tie_break: np.ndarray | None = None
+    self.set_counts(np.zeros(num_items, dtype=np.float64))
 
   def fit(self, examples: Iterable[dict[str, np.ndarray]], row_of: RowOf) -> Popularity:
+    counts = np.zeros(self.num_items, dtype=np.float64)
     for batch in examples:
-      self.counts += np.bincount(_rows(batch[schema.AD_ID], row_of), minlength=self.num_items)
-    self._tie_break = None
+      counts += np.bincount(_rows(batch[schema.AD_ID], row_of), minlength=self.num_items)
+    self.set_counts(counts)
     return self
 
-  def tie_break(self) -> np.ndarray:
-    """Popularity scaled into [0, 1e-3): added to another score, it only orders that score's ties."""
-    if self._tie_break is None:
-      order = self.counts - np.arange(self.num_items) / (2.0 * self.num_items)  # Equal counts: lower row first.
-      self._tie_break = 1e-3 * np.argsort(np.argsort(order)) / self.num_items
-    return self._tie_break
+  def set_counts(self, counts: np.ndarray) -> None:
+    """Takes each item's training interactions [num_items] and ranks the items by them.
+
+    `tie_break` is that ranking scaled into [0, 1e-3): added to another score, it only orders that
+    score's ties (equal counts: lower row first).
+    """
+    self.counts = np.asarray(counts, dtype=np.float64)
+    order = self.counts - np.arange(self.num_items) / (2.0 * self.num_items)
+    self.tie_break = 1e-3 * np.argsort(np.argsort(order)) / self.num_items
 
   def scores(self, batch: dict[str, np.ndarray], row_of: RowOf) -> np.ndarray:
     del row_of  # The same ranking for every query.
-    return np.broadcast_to(self.tie_break(), (len(batch[schema.AD_ID]), self.num_items))
+    return np.broadcast_to(self.tie_break, (len(batch[schema.AD_ID]), self.num_items))
 
 
 class ItemCooccurrence:
@@ -92,8 +95,7 @@ class ItemCooccurrence:
     user, row = np.concatenate(users), np.concatenate(rows)
     order = np.argsort(user, kind="stable")  # Each user's interactions together, still in time order.
     user, row = user[order], row[order]
-    self.popularity.counts = np.bincount(row, minlength=self.num_items).astype(np.float64)
-    self.popularity._tie_break = None
+    self.popularity.set_counts(np.bincount(row, minlength=self.num_items))
     # Counted one distance at a time and merged, so memory holds one distance's pairs and the table,
     # not all 2 * window pairs of every event at once.
     pairs, counts = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -126,7 +128,7 @@ class ItemCooccurrence:
     contribution = np.repeat(weights[position], lengths) * self.values[entries]
     num_queries = len(batch[schema.AD_ID])
     scores = np.bincount(flat, weights=contribution, minlength=num_queries * self.num_items)
-    return scores.reshape(num_queries, self.num_items) + self.popularity.tie_break()
+    return scores.reshape(num_queries, self.num_items) + self.popularity.tie_break
 
 
 class Baseline(Protocol):
@@ -139,9 +141,10 @@ class Baseline(Protocol):
     ...
 
 
-def fit_baselines(source, examples: Callable[[], Iterable[dict[str, np.ndarray]]]) -> list[Baseline]:
-  """Popularity and ItemCF fit on a source's training examples (`examples()` streams them)."""
-  return [
-    Popularity(source.num_items).fit(examples(), source.row_of),
-    ItemCooccurrence(source.num_items).fit(examples(), source.row_of),
-  ]
+def fit_baselines(source, examples: Iterable[dict[str, np.ndarray]]) -> list[Baseline]:
+  """Popularity and ItemCF fit on a source's training examples, read once.
+
+  ItemCF counts every item's interactions for its own tie-break: that is the popularity baseline.
+  """
+  cooccurrence = ItemCooccurrence(source.num_items).fit(examples, source.row_of)
+  return [cooccurrence.popularity, cooccurrence]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -65,50 +65,53 @@ class TopKValidation(tf.keras.callbacks.Callback):
       logs[f"val_top_{self.k}"] = value
 
 
-def _ranked(scores: tf.Tensor, positives: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """(0-based rank of each row's positive, the top-k rows) of scores [n, N] over the whole catalog."""
-  positive_scores = tf.gather(scores, positives, batch_dims=1)
-  rank = tf.reduce_sum(tf.cast(scores > positive_scores[:, tf.newaxis], tf.int64), axis=1).numpy()
-  return rank, tf.math.top_k(scores, k=min(k, int(scores.shape[1]))).indices.numpy()
+Scorer = Callable[[dict[str, np.ndarray]], tf.Tensor]
+
+
+def tower_scorer(query_tower: tf.keras.Model, catalog: catalog_lib.EmbeddedCatalog) -> Scorer:
+  """Scores [n, N] of a batch's queries against every catalog row: query embedding · item embedding."""
+  encode = tf.function(query_tower)
+  items = tf.constant(catalog.embeddings)
+
+  def score(batch: dict[str, np.ndarray]) -> tf.Tensor:
+    queries = encode({name: tf.constant(batch[name]) for name in schema.QUERY_FEATURE_NAMES})
+    return tf.matmul(queries, items, transpose_b=True)
+
+  return score
+
+
+def baseline_scorer(baseline: baselines.Baseline, row_of) -> Scorer:
+  """Scores [n, N] of a batch's queries from a baseline (see `models.baselines`)."""
+  return lambda batch: tf.constant(baseline.scores(batch, row_of))
 
 
 def rank_examples(
-  query_tower: tf.keras.Model | None,
-  catalog: catalog_lib.EmbeddedCatalog | None,
+  score: Scorer,
   row_of,
   examples: Iterable[dict[str, np.ndarray]],
   k: int,
   extra: tuple[str, ...] = (),
-  baseline: baselines.Baseline | None = None,
 ) -> dict[str, np.ndarray]:
   """Exact full-catalog retrieval of every example's query, with its clicked item's rank.
 
   Args:
-    query_tower: the query tower (None when a baseline scores instead).
-    catalog: the embedded catalog (row i of the embeddings is catalog row i); None with a baseline.
+    score: scores a batch's queries against every catalog row (`tower_scorer`, `baseline_scorer`).
     row_of: maps an ad id to its catalog row.
     examples: example batches.
     k: how many items to recall per query.
     extra: further example fields to pass through (e.g. "converted"), when present.
-    baseline: scores the catalog instead of the towers (see `models.baselines`).
 
   Returns:
     "rank" int [n] (0-based rank of the clicked item among all items), "recalled" int [n, k] rows,
     "positive" int [n] the clicked item's row, plus the `extra` fields found.
   """
-  if baseline is None:
-    encode = tf.function(query_tower)
-    items = tf.constant(catalog.embeddings)
   out: dict[str, list[np.ndarray]] = {"rank": [], "recalled": [], "positive": []}
   for batch in examples:
     positives = np.asarray([row_of(str(ad_id)) for ad_id in batch[schema.AD_ID]], dtype=np.int64)
-    if baseline is None:
-      queries = encode({name: tf.constant(batch[name]) for name in schema.QUERY_FEATURE_NAMES})
-      rank, recalled = _ranked(tf.matmul(queries, items, transpose_b=True), positives, k)
-    else:
-      rank, recalled = _ranked(tf.constant(baseline.scores(batch, row_of)), positives, k)
-    out["rank"].append(rank)
-    out["recalled"].append(recalled)
+    scores = score(batch)
+    positive_scores = tf.gather(scores, positives, batch_dims=1)
+    out["rank"].append(tf.reduce_sum(tf.cast(scores > positive_scores[:, tf.newaxis], tf.int64), axis=1).numpy())
+    out["recalled"].append(tf.math.top_k(scores, k=min(k, int(scores.shape[1]))).indices.numpy())
     out["positive"].append(positives)
     for name in extra:
       if name in batch:
@@ -167,7 +170,7 @@ def evaluate(
     )
     return {"ranking": metrics.ranking_metrics(ranked["rank"], ks), "water_level": {"k": k, **water}}
 
-  ranked = rank_examples(query_tower, catalog, source.row_of, test_examples(), k, extra=("converted",))
+  ranked = rank_examples(tower_scorer(query_tower, catalog), source.row_of, test_examples(), k, ("converted",))
   report: dict[str, Any] = {"num_examples": int(len(ranked["rank"])), "num_items": int(source.num_items)}
   report.update(summary(ranked))
   held_out = getattr(source, "held_out_rows", None)
@@ -185,8 +188,14 @@ def evaluate(
     batch_size = max(1, baselines.MAX_SCORES // source.num_items)
     report["baselines"] = {
       baseline.name: summary(
-        rank_examples(None, None, source.row_of, _rebatched(test_examples(), batch_size), k, ("converted",), baseline)
+        rank_examples(
+          baseline_scorer(baseline, source.row_of),
+          source.row_of,
+          _rebatched(test_examples(), batch_size),
+          k,
+          ("converted",),
+        )
       )
-      for baseline in baselines.fit_baselines(source, lambda: source.examples("train"))
+      for baseline in baselines.fit_baselines(source, source.examples("train"))
     }
   return report

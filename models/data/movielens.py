@@ -52,6 +52,15 @@ TIME_TEST_FRACTION = 0.1
 SPLITS = ("default", "leave_last_out", "time")
 
 
+def read_ratings(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
+  """u.data's ratings [n, 4] (user, item, rating, timestamp) in file order, and their time order.
+
+  Ratings with the same timestamp keep their file order.
+  """
+  raw = np.loadtxt(os.path.join(data_dir, "u.data"), dtype=np.int64)
+  return raw, np.lexsort((np.arange(len(raw)), raw[:, 3]))
+
+
 def _age_bucket(age: int) -> str:
   for limit, label in ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55")):
     if age < limit:
@@ -128,14 +137,11 @@ class MovieLens100K:
     return users
 
   def _build_examples(self, held_out_rows: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-    raw = np.loadtxt(os.path.join(self.data_dir, "u.data"), dtype=np.int64)
-    users, items, timestamps = raw[:, 0], raw[:, 1], raw[:, 3]
-    order = np.lexsort((np.arange(len(raw)), timestamps))  # time order, ties in file order
-    enters_history = None
+    raw, order = read_ratings(self.data_dir)
+    users, items = raw[:, 0], raw[:, 1]
     if self.split == "time":
       is_train = np.zeros(len(raw), dtype=bool)
       is_train[order[: int(round(len(raw) * (1.0 - TIME_TEST_FRACTION)))]] = True
-      enters_history = np.ones(len(raw), dtype=bool)  # Earlier test ratings are history too.
     elif self.split == "leave_last_out":
       is_train = np.ones(len(raw), dtype=bool)
       last_of_user = {user: i for i, user in zip(order.tolist(), users[order].tolist())}
@@ -146,8 +152,8 @@ class MovieLens100K:
 
     rows = np.asarray([self._table.row_of[str(i)] for i in items[order].tolist()])
     held_out = held_out_rows[rows]
-    if enters_history is None:
-      enters_history = is_train
+    # Under the time split, earlier test ratings are history too: they were logged by then.
+    enters_history = np.ones(len(raw), dtype=bool) if self.split == "time" else is_train
     hist_rows = sequences.HistoryTracker().observe(users[order], rows, enters_history=enters_history[order] & ~held_out)
 
     latest = hist_rows[:, 0]
