@@ -41,7 +41,8 @@ flags.DEFINE_list("precisions", list(config_lib.PRECISIONS), "Tower precisions t
 flags.DEFINE_bool(
   "sequence_encoder_towers",
   False,
-  "Also time float32 towers with fgr-train's --sequence_encoder=self_attention (untrained; not from --checkpoint_dir).",
+  "Also time float32 towers with fgr-train's --sequence_encoder=self_attention, with and without XLA "
+  "(untrained; not from --checkpoint_dir).",
 )
 
 _SYNTHETIC = {"num_ads": 20_000, "num_users": 5_000, "num_sessions": 4_000, "seed": 0}
@@ -71,7 +72,7 @@ def main(argv: list[str]) -> None:
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   variants = [(precision, xla, False) for precision in FLAGS.precisions for xla in (False, True)]
   if FLAGS.sequence_encoder_towers:
-    variants.append(("float32", False, True))
+    variants += [("float32", False, True), ("float32", True, True)]
   functions: dict[tuple[str, bool, bool], dict[str, Any]] = {}
   catalog = source = None
   for precision, xla, sequence_encoder in variants:
