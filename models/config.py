@@ -28,8 +28,9 @@ class TowerConfig:
     attention: "dot" (scaled dot-product) or "din" (DIN's MLP attention unit).
     side_info: "separate" encodes the side-info sequence (categories, brands) apart from the id
       sequence and adds the two with a residual; "summed" attends over id + category + brand.
-    features: "full" towers, or "ids_only" (user id <-> item id embeddings, the TFRS basic
-      tutorial's model, kept as the baseline).
+    features: "full" towers; "text" (the query's tokens <-> the ad's tokens, category and brand:
+      what the query says, nothing about who asks; the semantic channel's towers); or "ids_only"
+      (user id <-> item id embeddings, the TFRS basic tutorial's model, kept as the baseline).
     precision: "float32", "mixed_bfloat16" or "mixed_float16": the towers compute in that dtype
       while variables and the output embeddings stay float32.
     id_dropout: in training, the share of positives whose id embedding the item tower zeroes, so
@@ -47,6 +48,13 @@ class TowerConfig:
     use_user_id: embed the user id. Off, the query tower generalises to users it never saw in
       training, who are most of a time-ordered test period's users.
     sequence_dropout: dropout of the sequence encoder, in training.
+    objective: what a positive is worth in the loss. "clicks": every click alike. "relevance":
+      clicks, plus an auxiliary loss that pushes each query's in-batch candidates of another
+      category below those of its own (`relevance_weight`), so relevance is a hard constraint
+      (the semantic channel). "value": each click weighted by (1 + conversion_weight if it
+      converted) * bid ** bid_exponent, normalised to mean 1 in the batch (the efficiency channel);
+      the examples must carry "converted" and "bid".
+    relevance_weight, conversion_weight, bid_exponent: see `objective`.
   """
 
   embedding_dim: int = 64
@@ -70,6 +78,10 @@ class TowerConfig:
   attention_target: str = "query"
   use_user_id: bool = True
   sequence_dropout: float = 0.1
+  objective: str = "clicks"
+  relevance_weight: float = 1.0
+  conversion_weight: float = 4.0
+  bid_exponent: float = 1.0
 
   def __post_init__(self):
     self.hidden_units = tuple(self.hidden_units)
@@ -78,6 +90,8 @@ class TowerConfig:
     for name, allowed in _CHOICES.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if self.relevance_weight < 0 or self.conversion_weight < 0 or self.bid_exponent < 0:
+      raise ValueError("relevance_weight, conversion_weight and bid_exponent must be 0 or more")
     if self.attention_target == "query_and_latest" and self.sequence_encoder == "none":
       raise ValueError("attention_target='query_and_latest' needs sequence_encoder='self_attention'")
     if self.sequence_encoder != "none":
@@ -96,10 +110,11 @@ _CHOICES = {
   "sequence_pooling": ("attention", "mean"),
   "attention": ("dot", "din"),
   "side_info": ("separate", "summed"),
-  "features": ("full", "ids_only"),
+  "features": ("full", "text", "ids_only"),
   "precision": PRECISIONS,
   "sequence_encoder": ("none", "self_attention"),
   "attention_target": ("query", "query_and_latest"),
+  "objective": ("clicks", "relevance", "value"),
 }
 # Runs written before a field existed were trained with these towers, so restore must rebuild them.
 _LEGACY_VALUES = {"side_info": "summed", "sequence_encoder": "none", "attention_target": "query"}

@@ -19,6 +19,9 @@ class RetrievalModel(tfrs.Model):
   uniformly drawn catalog items join the candidates as negatives. Top-k accuracy over the whole
   catalog is computed separately by `models.evaluation`, against the item tower as it is then.
 
+  `config.objective` sets what a positive is worth: every click alike, clicks plus relevance
+  (`relevance_loss`), or clicks weighted by their value (`value_weights`).
+
   Args:
     config: tower configuration.
   """
@@ -28,6 +31,9 @@ class RetrievalModel(tfrs.Model):
     self.config = config
     self.query_tower, self.item_tower = towers.build_towers(config)
     self.task = tfrs.tasks.Retrieval(temperature=config.temperature, remove_accidental_hits=True)
+    if config.objective == "relevance":
+      # Where a same-category score turns into a relevance probability: logit = score / T - offset.
+      self.relevance_offset = tf.Variable(0.0, name="relevance_offset")
     self._frequencies: sampling.ItemFrequencies | None = None
     self._probability_table: tf.Tensor | None = None
     self._probability_table_max: float | None = None
@@ -80,6 +86,7 @@ class RetrievalModel(tfrs.Model):
   def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
     query_embeddings = self.query_tower(features, training=training)
     item_embeddings = self.item_tower(features, training=training)
+    local_items = item_embeddings
     candidate_ids = features[schema.AD_ID]
     unigram = self.unigram_probability(candidate_ids)
     # Under multi-worker training, every replica's positives: the global batch's in-batch negatives.
@@ -92,13 +99,34 @@ class RetrievalModel(tfrs.Model):
       if unigram is not None:
         unigram = tf.concat([unigram, self.unigram_probability(negatives[schema.AD_ID])], axis=0)
     probability = self.candidate_probability(unigram, num_positives)
-    return self.task(
+    loss = self.task(
       query_embeddings,
       item_embeddings,
+      sample_weight=value_weights(features, self.config) if self.config.objective == "value" else None,
       candidate_ids=candidate_ids,
       candidate_sampling_probability=probability,
       compute_metrics=False,
     )
+    if self.config.objective == "relevance":
+      loss += self.config.relevance_weight * self.relevance_loss(
+        query_embeddings, local_items, features[schema.CATEGORY]
+      )
+    return loss
+
+  def relevance_loss(self, query_embeddings: tf.Tensor, item_embeddings: tf.Tensor, categories: tf.Tensor) -> tf.Tensor:
+    """Binary cross-entropy of "same category" over every (query, in-batch item) pair of this replica.
+
+    A query's relevant items are those of its clicked ad's category. Scoring the other categories'
+    items low, whatever their popularity, is what keeps the semantic channel's noise ratio low; the
+    softmax alone only ranks the clicked item first. Computed over the replica's own batch: the
+    categories are strings, which collectives do not carry.
+    """
+    scores = tf.matmul(query_embeddings, item_embeddings, transpose_b=True)
+    relevant = tf.cast(tf.equal(categories[:, tf.newaxis], categories[tf.newaxis, :]), tf.float32)
+    logits = scores / self.config.temperature - self.relevance_offset
+    per_pair = tf.nn.sigmoid_cross_entropy_with_logits(labels=relevant, logits=logits)
+    # Summed over queries like the Retrieval task's loss (TFRS reduces with SUM), averaged over items.
+    return tf.reduce_sum(tf.reduce_mean(per_pair, axis=1))
 
   def train_step(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """tfrs.Model's step, plus loss scaling when the optimizer is a LossScaleOptimizer (float16)."""
@@ -113,9 +141,34 @@ class RetrievalModel(tfrs.Model):
     return {"loss": loss, "regularization_loss": total_loss - loss, "total_loss": total_loss}
 
 
-def example_signature() -> dict[str, tf.TensorSpec]:
-  """tf.data signature of a batch of training examples (query + positive item features)."""
-  return {name: schema.feature_spec(name) for name in schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES}
+CONVERTED = "converted"  # Example field: bool (int64 in TFRecords), the click converted.
+BID = "bid"  # Example field: float, the clicked ad's bid.
+
+
+def value_weights(features: dict[str, tf.Tensor], config: TowerConfig) -> tf.Tensor:
+  """Each example's value, (1 + conversion_weight if converted) * bid ** bid_exponent, over its batch mean.
+
+  Normalised to mean 1, so the value only moves weight between positives and the loss keeps the
+  scale (and learning rate) that clicks alone give.
+  """
+  converted = tf.cast(features[CONVERTED], tf.float32)
+  bid = tf.maximum(tf.cast(features[BID], tf.float32), 0.0)
+  value = (1.0 + config.conversion_weight * converted) * tf.pow(bid, config.bid_exponent)
+  return value / tf.maximum(tf.reduce_mean(value), 1e-12)
+
+
+def training_fields(config: TowerConfig) -> tuple[str, ...]:
+  """Example fields besides the features that `config.objective` reads."""
+  return (CONVERTED, BID) if config.objective == "value" else ()
+
+
+def example_signature(config: TowerConfig | None = None) -> dict[str, tf.TensorSpec]:
+  """tf.data signature of a batch of training examples (query + positive item features + objective fields)."""
+  signature = {name: schema.feature_spec(name) for name in schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES}
+  if config is not None and config.objective == "value":
+    signature[CONVERTED] = tf.TensorSpec([None], tf.bool, name=CONVERTED)
+    signature[BID] = tf.TensorSpec([None], tf.float32, name=BID)
+  return signature
 
 
 def build_towers_for_restore(config: TowerConfig) -> RetrievalModel:

@@ -195,8 +195,35 @@ class QueryTower(Tower):
     return tf.math.l2_normalize(embedding, axis=-1)
 
 
+class TextQueryTower(Tower):
+  """Encodes only what the query says (its tokens): the semantic channel's query side.
+
+  Nothing about who asks (user, profile, behaviour) enters, so the embedding stays about the query's
+  meaning, which keeps what it recalls relevant to it and carries long-tail queries.
+
+  Args:
+    config: tower configuration.
+    token_embedding: the token embedding shared with the item tower's bidwords.
+  """
+
+  def __init__(self, config: TowerConfig, token_embedding: layers.HashedEmbedding, **kwargs):
+    super().__init__(config, **kwargs)
+    self.token_embedding = token_embedding
+    self.mlp = layers.mlp(config.hidden_units, config.output_dim, name="query_mlp", dtype=config.precision)
+
+  def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
+    return {schema.QUERY_TOKENS: self.token_embedding.lookup(features[schema.QUERY_TOKENS])}
+
+  def encode(self, buckets: Buckets, training: bool | None = None) -> tf.Tensor:
+    del training  # Same computation in training and serving.
+    query = layers.masked_mean(*self.token_embedding.embed(buckets[schema.QUERY_TOKENS]))
+    return tf.math.l2_normalize(self.mlp(query), axis=-1)
+
+
 class ItemTower(Tower):
   """Encodes an ad from its hashed id and side info (category, brand, bidword tokens).
+
+  With `features="text"` the id is left out: the ad is placed by what it says, as the query is.
 
   Args:
     config: tower configuration.
@@ -213,25 +240,29 @@ class ItemTower(Tower):
     self.mlp = layers.mlp(config.hidden_units, config.output_dim, name="item_mlp", dtype=config.precision)
 
   def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
-    ids, categories, brands = self.item_embedding.lookup(
-      features[schema.AD_ID], features[schema.CATEGORY], features[schema.BRAND]
-    )
-    return {
-      schema.AD_ID: ids,
-      schema.CATEGORY: categories,
-      schema.BRAND: brands,
+    item = self.item_embedding
+    buckets = {
+      schema.CATEGORY: item.categories.lookup(features[schema.CATEGORY]),
+      schema.BRAND: item.brands.lookup(features[schema.BRAND]),
       schema.AD_TOKENS: self.token_embedding.lookup(features[schema.AD_TOKENS]),
     }
+    if self.config.features != "text":
+      buckets[schema.AD_ID] = item.ids.lookup(features[schema.AD_ID])
+    return buckets
 
   def encode(self, buckets: Buckets, training: bool | None = None) -> tf.Tensor:
-    ids, categories, brands, _ = self.item_embedding.embed(
-      buckets[schema.AD_ID], buckets[schema.CATEGORY], buckets[schema.BRAND]
-    )
-    if training and self.config.id_dropout > 0:
-      keep = tf.random.uniform([tf.shape(ids)[0], 1]) >= self.config.id_dropout
-      ids = ids * tf.cast(keep, ids.dtype)
+    item = self.item_embedding
+    parts = []
+    # Id, category, brand: the order layers build in (and draw their initial weights), as before.
+    if self.config.features != "text":
+      ids, _ = item.ids.embed(buckets[schema.AD_ID])
+      if training and self.config.id_dropout > 0:
+        keep = tf.random.uniform([tf.shape(ids)[0], 1]) >= self.config.id_dropout
+        ids = ids * tf.cast(keep, ids.dtype)
+      parts.append(ids)
+    parts += [item.categories.embed(buckets[schema.CATEGORY])[0], item.brands.embed(buckets[schema.BRAND])[0]]
     tokens = layers.masked_mean(*self.token_embedding.embed(buckets[schema.AD_TOKENS]))
-    embedding = self.mlp(tf.concat([ids, categories, brands, tokens], axis=-1))
+    embedding = self.mlp(tf.concat([*parts, tokens], axis=-1))
     return tf.math.l2_normalize(embedding, axis=-1)
 
 
@@ -275,7 +306,8 @@ def build_towers(config: TowerConfig) -> tuple[Tower, Tower]:
   token_embedding = layers.HashedEmbedding(
     config.token_buckets, config.embedding_dim, dtype=config.precision, name="tokens"
   )
-  return (
-    QueryTower(config, item_embedding, token_embedding, name="query_tower"),
-    ItemTower(config, item_embedding, token_embedding, name="item_tower"),
-  )
+  if config.features == "text":
+    query_tower: Tower = TextQueryTower(config, token_embedding, name="query_tower")
+  else:
+    query_tower = QueryTower(config, item_embedding, token_embedding, name="query_tower")
+  return query_tower, ItemTower(config, item_embedding, token_embedding, name="item_tower")

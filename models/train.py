@@ -56,19 +56,22 @@ class TrainConfig:
   early_stopping_patience: int = 2
 
 
-def example_dataset(source: sources.Source, split: str) -> tf.data.Dataset:
-  """Unbatched examples of a split, streamed from the source's generator."""
-  signature = retrieval.example_signature()
+def example_dataset(source: sources.Source, split: str, tower: config_lib.TowerConfig | None = None) -> tf.data.Dataset:
+  """Unbatched examples of a split, streamed from the source's generator, with the fields `tower`'s objective reads."""
+  signature = retrieval.example_signature(tower)
 
   def generate():
     for batch in source.examples(split):
+      missing = [name for name in signature if name not in batch]
+      if missing:
+        raise ValueError(f"objective {tower.objective!r} needs the example fields {missing}, which this data lacks")
       yield {name: batch[name] for name in signature}
 
   return tf.data.Dataset.from_generator(generate, output_signature=signature).unbatch()
 
 
 def _prepared_input(
-  source: tfrecord.TFRecordSource, training: TrainConfig, strategy: tf.distribute.Strategy
+  source: tfrecord.TFRecordSource, training: TrainConfig, strategy: tf.distribute.Strategy, fields: tuple[str, ...]
 ) -> tuple[tf.data.Dataset, int]:
   """Training batches read from fgr-prepare's shards (sharded between workers), and steps per epoch."""
   if training.validation_fraction > 0:
@@ -78,7 +81,10 @@ def _prepared_input(
   steps = source.num_examples("train") // training.batch_size
   if steps == 0:
     raise ValueError(f"{source.num_examples('train')} training examples make no batch of {training.batch_size}")
-  dataset = source.training_dataset(training.batch_size, training.shuffle_buffer, training.seed)
+  missing = [name for name in fields if name not in source.layout("train").columns]
+  if missing:
+    raise ValueError(f"the objective needs the example fields {missing}, which {source.data_dir} lacks")
+  dataset = source.training_dataset(training.batch_size, training.shuffle_buffer, training.seed, fields)
   return distribute.shard_by_files(dataset, len(source.files("train")), distribute.num_workers(strategy)), steps
 
 
@@ -155,12 +161,12 @@ def train(
   steps_per_epoch = None
   validation: list[dict[str, np.ndarray]] = []
   if isinstance(source, tfrecord.TFRecordSource):
-    train_ds, steps_per_epoch = _prepared_input(source, training, strategy)
+    train_ds, steps_per_epoch = _prepared_input(source, training, strategy, retrieval.training_fields(tower))
     item_ids = source.item_id_batches
   else:
     if multi_worker:
       raise ValueError("--distribute=multi_worker reads fgr-prepare's shards: use --data=tfrecord")
-    train_ds = example_dataset(source, "train")
+    train_ds = example_dataset(source, "train", tower)
     if training.cache_examples:
       train_ds = train_ds.cache()
     if training.validation_fraction > 0:

@@ -6,6 +6,7 @@ import json
 
 from absl import app, flags, logging
 
+from models import channels as channels_lib
 from models import config as config_lib
 from models import distribute
 from models import train as train_lib
@@ -52,8 +53,27 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
   "features",
   _TOWER.features,
-  ["full", "ids_only"],
-  "Full towers, or user id <-> item id embeddings only (the TFRS basic tutorial's baseline).",
+  ["full", "text", "ids_only"],
+  "Full towers; the query's text <-> the ad's text, category and brand; or user id <-> item id "
+  "embeddings only (the TFRS basic tutorial's baseline).",
+)
+flags.DEFINE_enum(
+  "objective",
+  _TOWER.objective,
+  ["clicks", "relevance", "value"],
+  "What a positive is worth: every click alike; clicks plus a same-category relevance loss; or "
+  "clicks weighted by conversion and bid (the examples must carry them).",
+)
+flags.DEFINE_float("relevance_weight", _TOWER.relevance_weight, "Weight of the relevance loss (objective=relevance).")
+flags.DEFINE_float(
+  "conversion_weight", _TOWER.conversion_weight, "Extra weight of a converted click (objective=value)."
+)
+flags.DEFINE_float("bid_exponent", _TOWER.bid_exponent, "A click weighs bid ** bid_exponent (objective=value).")
+flags.DEFINE_list(
+  "channels",
+  [],
+  "Train one run per recall channel (semantic, efficiency) under OUTPUT_DIR/<channel>/, each with "
+  "its preset features and objective; fgr-export serves them in one graph. Empty: one run.",
 )
 flags.DEFINE_enum(
   "precision",
@@ -157,6 +177,10 @@ def main(argv: list[str]) -> None:
     max_history=FLAGS.max_history,
     attention_target=FLAGS.attention_target,
     use_user_id=FLAGS.use_user_id,
+    objective=FLAGS.objective,
+    relevance_weight=FLAGS.relevance_weight,
+    conversion_weight=FLAGS.conversion_weight,
+    bid_exponent=FLAGS.bid_exponent,
   )
   training = train_lib.TrainConfig(
     epochs=FLAGS.epochs,
@@ -169,7 +193,22 @@ def main(argv: list[str]) -> None:
     validation_k=FLAGS.validation_k,
     early_stopping_patience=FLAGS.early_stopping_patience,
   )
-  report = train_lib.train(data, tower, training, FLAGS.output_dir, strategy, FLAGS.backup_every_steps)
+  if FLAGS.channels:
+    names = channels_lib.parse_channels(FLAGS.channels)
+    report = {}
+    for name in names:
+      report[name] = train_lib.train(
+        data,
+        channels_lib.channel_tower(name, tower),
+        training,
+        channels_lib.channel_dir(FLAGS.output_dir, name),
+        strategy,
+        FLAGS.backup_every_steps,
+      )
+    if distribute.is_chief(strategy):
+      channels_lib.write_channels(FLAGS.output_dir, names, report)
+  else:
+    report = train_lib.train(data, tower, training, FLAGS.output_dir, strategy, FLAGS.backup_every_steps)
   logging.info("Training report: %s", report)
   print(json.dumps(report))
 

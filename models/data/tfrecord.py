@@ -119,8 +119,10 @@ class TFRecordSource:
     for batch in dataset.prefetch(2).as_numpy_iterator():
       yield {schema.AD_ID: batch[schema.AD_ID]}
 
-  def training_dataset(self, batch_size: int, shuffle_buffer: int, seed: int) -> tf.data.Dataset:
-    """Endless training batches of TRAINING_FEATURES; an epoch is `num_examples("train") // batch_size` steps.
+  def training_dataset(
+    self, batch_size: int, shuffle_buffer: int, seed: int, extra: tuple[str, ...] = ()
+  ) -> tf.data.Dataset:
+    """Endless training batches of TRAINING_FEATURES (and `extra` columns); an epoch is `num_examples("train") // batch_size` steps.
 
     It repeats so that every worker of a distributed run can take the same number of steps whatever
     share of the records its shards hold. Shuffling is in two levels, with the same reach as one
@@ -141,7 +143,7 @@ class TFRecordSource:
     dataset = dataset.shuffle(batch_size, seed=seed, reshuffle_each_iteration=True).repeat()
     dataset = dataset.batch(batch_size, drop_remainder=True)
     dataset = dataset.map(
-      records.parser(layout, TRAINING_FEATURES), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+      records.parser(layout, TRAINING_FEATURES + tuple(extra)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
     )
     dataset = dataset.shuffle(max(1, shuffle_buffer // batch_size), seed=seed, reshuffle_each_iteration=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
