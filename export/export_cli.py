@@ -6,11 +6,13 @@ import json
 
 from absl import app, flags
 
-from engine import base
-from export import exporter
+from engine import base, channels
+from export import channel_exporter, exporter
+from models import channels as channels_lib
 
 FLAGS = flags.FLAGS
 _DEFAULTS = exporter.ExportConfig()
+_CHANNELS = channel_exporter.ChannelOptions()
 
 flags.DEFINE_string("checkpoint_dir", None, "The --output_dir of fgr-train (config.json + checkpoints/).")
 flags.DEFINE_string("model_base_path", None, "Model base path; the version is written to BASE/<version>/.")
@@ -37,7 +39,54 @@ flags.DEFINE_bool(
   "XLA-compile the towers; default: the fastest measured on this device "
   "(off on CPU). Stock TF Serving then needs --xla_cpu_compilation_enabled.",
 )
+flags.DEFINE_integer(
+  "channel_depth",
+  _CHANNELS.depth,
+  "With a --channels run: candidates per channel (the default and the most a request may ask; 0: k).",
+)
+flags.DEFINE_list(
+  "channel_weights",
+  [],
+  "With a --channels run: default weights in the pooled score, e.g. semantic=1,efficiency=2 (default 1).",
+)
+flags.DEFINE_float(
+  "min_relevance",
+  _CHANNELS.min_relevance,
+  "With a --channels run: default minimum relevance probability of a candidate.",
+)
+flags.DEFINE_enum(
+  "diversity", _CHANNELS.diversity, list(channels.DIVERSITY_METHODS), "With a --channels run: default re-ranking."
+)
+flags.DEFINE_integer("diversity_window", _CHANNELS.window, "Default sliding window of SSD (and DPP).")
+flags.DEFINE_float("ssd_gamma", _CHANNELS.gamma, "Default SSD trade-off between score and diversity.")
+flags.DEFINE_float("dpp_theta", _CHANNELS.theta, "Default DPP trade-off between score and diversity, in [0, 1).")
+flags.DEFINE_integer(
+  "calibration_examples", _CHANNELS.calibration_examples, "Held-out examples the channel calibrations are fit on."
+)
 flags.mark_flags_as_required(["checkpoint_dir", "model_base_path"])
+
+
+def channel_options() -> channel_exporter.ChannelOptions:
+  """The --channel_* and diversity flags."""
+  weights = {}
+  for pair in FLAGS.channel_weights:
+    name, sep, value = pair.partition("=")
+    try:
+      weights[name] = float(value)
+    except ValueError:
+      sep = ""
+    if not sep or weights.get(name, -1.0) < 0:
+      raise app.UsageError(f"--channel_weights must look like name=weight with weight >= 0, got {pair!r}")
+  return channel_exporter.ChannelOptions(
+    depth=FLAGS.channel_depth,
+    weights=weights,
+    min_relevance=FLAGS.min_relevance,
+    diversity=FLAGS.diversity,
+    window=FLAGS.diversity_window,
+    gamma=FLAGS.ssd_gamma,
+    theta=FLAGS.dpp_theta,
+    calibration_examples=FLAGS.calibration_examples,
+  )
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
@@ -66,7 +115,14 @@ def main(argv: list[str]) -> None:
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  report = exporter.export_model(FLAGS.checkpoint_dir, FLAGS.model_base_path, config)
+  if channels_lib.read_channels(FLAGS.checkpoint_dir):
+    try:
+      options = channel_options()
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    report = channel_exporter.export_channels(FLAGS.checkpoint_dir, FLAGS.model_base_path, config, options)
+  else:
+    report = exporter.export_model(FLAGS.checkpoint_dir, FLAGS.model_base_path, config)
   print(json.dumps(report))
 
 

@@ -39,13 +39,15 @@ class CatalogState:
     return dict(zip(self.ids.tolist(), range(len(self.ids))))
 
 
-def embeddings_path(version_path: str) -> str:
-  return version_files.extra_path(version_path, EMBEDDINGS_FILE)
+def embeddings_path(version_path: str, channel: str | None = None) -> str:
+  """Where a version keeps its catalog embeddings (a channel graph: one file per channel)."""
+  name = EMBEDDINGS_FILE if channel is None else EMBEDDINGS_FILE.replace(".npy", f"_{channel}.npy")
+  return version_files.extra_path(version_path, name)
 
 
-def write_embeddings(saved_model_dir: str, embeddings: np.ndarray) -> str:
+def write_embeddings(saved_model_dir: str, embeddings: np.ndarray, channel: str | None = None) -> str:
   """Writes the float32 [N, d] catalog embeddings into saved_model_dir/assets.extra; returns the path."""
-  path = embeddings_path(saved_model_dir)
+  path = embeddings_path(saved_model_dir, channel)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   np.save(path, np.ascontiguousarray(embeddings, dtype=np.float32))
   return path

@@ -1,0 +1,353 @@
+"""Several recall channels in one graph: each searched in its own index, merged without quotas, re-ranked.
+
+Search-ads recall runs a semantic channel (relevance to the query) and an efficiency channel
+(value), and ranks the union of their candidates as one list, not "n from A and m from B". In this
+graph, one call:
+
+1. encodes the query with each channel's query tower and searches that channel's index to its depth
+   (paused ads are masked in every index);
+2. scores every candidate in *every* channel (each channel keeps its items' embeddings, so an ad
+   found by one channel is still judged by the others) and turns each channel's score into a click
+   probability with the logistic calibration fit at export;
+3. ranks the deduplicated union by one score, the weighted log-linear pool of those probabilities
+   (sum over channels of weight * log p), after dropping candidates whose relevance (the relevance
+   channel's calibrated probability of being on the query's topic) is below a minimum;
+4. optionally re-ranks for diversity (`engine.diversity`: SSD or DPP over the relevance channel's
+   item embeddings).
+
+Channel weights, depths, the minimum relevance and the diversity method and knobs are per-request
+inputs of `search_with_options`; `serving_default` uses the defaults fixed at export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from engine import base, diversity, full_graph
+
+# Object paths of the catalog in a saved ChannelGraph.
+CHANNELS = "channels"
+EMBEDDINGS = "embeddings"
+
+# search_with_options inputs.
+CHANNEL_WEIGHTS = "channel_weights"
+CHANNEL_DEPTHS = "channel_depths"
+MIN_RELEVANCE = "min_relevance"
+DIVERSITY = "diversity"
+DIVERSITY_WINDOW = "diversity_window"
+SSD_GAMMA = "ssd_gamma"
+DPP_THETA = "dpp_theta"
+DIVERSITY_METHODS = ("none", "ssd", "dpp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  """A logistic map from a channel's raw score s to a probability: sigmoid(slope * s + intercept)."""
+
+  slope: float
+  intercept: float
+
+  def to_json(self) -> dict[str, float]:
+    return {"slope": self.slope, "intercept": self.intercept}
+
+
+def fit_calibration(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> Calibration:
+  """Fits sigmoid(slope * s + intercept) to binary labels by Newton's method (weighted logistic regression).
+
+  Two parameters by IRLS in NumPy: no dependency is worth adding for it. A tiny L2 penalty keeps the
+  fit finite when the labels separate perfectly.
+  """
+  s = np.asarray(scores, dtype=np.float64)
+  y = np.asarray(labels, dtype=np.float64)
+  w = np.ones_like(s) if weights is None else np.asarray(weights, dtype=np.float64)
+  if s.size == 0 or y.min() == y.max():
+    raise ValueError("calibration needs both positive and negative examples")
+  x = np.stack([s, np.ones_like(s)], axis=1)
+  theta = np.array([1.0, float(np.log(np.average(y, weights=w) / (1 - np.average(y, weights=w))))])
+  for _ in range(50):
+    p = 1.0 / (1.0 + np.exp(-(x @ theta)))
+    gradient = x.T @ (w * (p - y)) + 1e-6 * theta
+    hessian = (x * (w * p * (1 - p))[:, None]).T @ x + 1e-6 * np.eye(2)
+    step = np.linalg.solve(hessian, gradient)
+    theta -= step
+    if np.abs(step).max() < 1e-9:
+      break
+  return Calibration(slope=float(theta[0]), intercept=float(theta[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+  """The knobs `serving_default` uses, and `search_with_options` takes per request.
+
+  Attributes:
+    weights: each channel's weight in the pooled score.
+    depths: candidates each channel contributes (at most its index's depth).
+    min_relevance: candidates whose relevance probability is below it are dropped (0: keep all).
+    diversity: "none", "ssd" or "dpp".
+    window: SSD's sliding window (and DPP's, see `engine.diversity`).
+    gamma: SSD's diversity trade-off.
+    theta: DPP's relevance/diversity trade-off.
+  """
+
+  weights: tuple[float, ...]
+  depths: tuple[int, ...]
+  min_relevance: float = 0.0
+  diversity: str = "none"
+  window: int = 10
+  gamma: float = 0.25
+  theta: float = 0.5
+
+  def __post_init__(self):
+    if self.diversity not in DIVERSITY_METHODS:
+      raise ValueError(f"diversity must be one of {DIVERSITY_METHODS}, got {self.diversity!r}")
+    if len(self.weights) != len(self.depths):
+      raise ValueError("one weight and one depth per channel")
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class Channel(tf.Module):
+  """One channel of the graph: its towers, its index, its items' embeddings and its calibration.
+
+  Args:
+    name: the channel's name ("semantic", "efficiency").
+    query_tower, item_tower: the channel's towers.
+    index: the channel's index over `embeddings`, built for a depth of `depth`.
+    embeddings: float32 [N, d] item embeddings of the shared catalog, row i being item i.
+    depth: the most candidates a request may ask of this channel (the index's k).
+    click: calibration of the channel's score into a click probability.
+    relevance: for the relevance channel, calibration of its score into the probability that the
+      item is on the query's topic; None for the others.
+  """
+
+  def __init__(
+    self,
+    name: str,
+    query_tower: full_graph.Tower,
+    item_tower: full_graph.Tower,
+    index: base.Index,
+    embeddings: np.ndarray,
+    depth: int,
+    click: Calibration,
+    relevance: Calibration | None = None,
+  ):
+    super().__init__(name=f"channel_{name}")
+    if len(embeddings) != index.num_items:
+      raise ValueError(f"channel {name}: {len(embeddings)} embeddings for an index of {index.num_items} items")
+    if not 0 < depth <= index.num_items:
+      raise ValueError(f"channel {name}: depth must be in [1, {index.num_items}], got {depth}")
+    self.channel_name = name
+    self.query_tower = query_tower
+    self.item_tower = item_tower
+    self.index = index
+    self.embeddings = base.catalog_variable(np.asarray(embeddings, dtype=np.float32), name=EMBEDDINGS)
+    self.depth = depth
+    self.click = click
+    self.relevance = relevance
+
+  def probability(self, scores: tf.Tensor, calibration: Calibration) -> tf.Tensor:
+    return tf.sigmoid(calibration.slope * scores + calibration.intercept)
+
+
+class ChannelGraph(tf.Module):
+  """The full graph with several channels: one call recalls, merges and re-ranks (see module docstring).
+
+  Args:
+    channels: the channels, over one shared catalog.
+    item_ids: string [N] ids of the catalog rows.
+    k: how many candidates a request returns.
+    defaults: the knobs of `serving_default`.
+    query_specs, item_specs: TensorSpecs of the query and item features (the signature inputs).
+  """
+
+  def __init__(
+    self,
+    channels: list[Channel],
+    item_ids: np.ndarray,
+    k: int,
+    defaults: Defaults,
+    query_specs: dict[str, tf.TensorSpec],
+    item_specs: dict[str, tf.TensorSpec],
+  ):
+    super().__init__(name="channel_graph")
+    if not channels:
+      raise ValueError("a channel graph needs at least one channel")
+    names = [channel.channel_name for channel in channels]
+    if len(set(names)) != len(names):
+      raise ValueError(f"channel names repeat: {names}")
+    for channel in channels:
+      if channel.index.num_items != len(item_ids):
+        raise ValueError(f"channel {channel.channel_name} indexes {channel.index.num_items} items, not {len(item_ids)}")
+    if len(defaults.weights) != len(channels):
+      raise ValueError(f"{len(defaults.weights)} default weights for {len(channels)} channels")
+    if not 0 < k <= sum(channel.depth for channel in channels):
+      raise ValueError(f"k must be in [1, {sum(c.depth for c in channels)}] (the channels' depths), got {k}")
+    relevance = [i for i, channel in enumerate(channels) if channel.relevance is not None]
+    if len(relevance) > 1:
+      raise ValueError("at most one channel can judge relevance")
+    self.channels = channels
+    self.item_ids = base.catalog_variable(np.asarray(item_ids, dtype=object).astype(bytes), name="item_ids")
+    self.k = k
+    self.defaults = defaults
+    self._relevance_channel = relevance[0] if relevance else None
+    # Diversity is judged on the relevance channel's item embeddings (what the ads are about).
+    self._diversity_channel = relevance[0] if relevance else 0
+    self._query_specs = dict(query_specs)
+    self._item_specs = dict(item_specs)
+
+  @property
+  def channel_names(self) -> list[str]:
+    return [channel.channel_name for channel in self.channels]
+
+  def _default_options(self) -> dict[str, tf.Tensor]:
+    d = self.defaults
+    return {
+      CHANNEL_WEIGHTS: tf.constant(d.weights, tf.float32),
+      CHANNEL_DEPTHS: tf.constant(d.depths, tf.int32),
+      MIN_RELEVANCE: tf.constant(d.min_relevance, tf.float32),
+      DIVERSITY: tf.constant(d.diversity),
+      DIVERSITY_WINDOW: tf.constant(d.window, tf.int32),
+      SSD_GAMMA: tf.constant(d.gamma, tf.float32),
+      DPP_THETA: tf.constant(d.theta, tf.float32),
+    }
+
+  def option_specs(self) -> dict[str, tf.TensorSpec]:
+    num = len(self.channels)
+    return {
+      CHANNEL_WEIGHTS: tf.TensorSpec([num], tf.float32, name=CHANNEL_WEIGHTS),
+      CHANNEL_DEPTHS: tf.TensorSpec([num], tf.int32, name=CHANNEL_DEPTHS),
+      MIN_RELEVANCE: tf.TensorSpec([], tf.float32, name=MIN_RELEVANCE),
+      DIVERSITY: tf.TensorSpec([], tf.string, name=DIVERSITY),
+      DIVERSITY_WINDOW: tf.TensorSpec([], tf.int32, name=DIVERSITY_WINDOW),
+      SSD_GAMMA: tf.TensorSpec([], tf.float32, name=SSD_GAMMA),
+      DPP_THETA: tf.TensorSpec([], tf.float32, name=DPP_THETA),
+    }
+
+  def _check_options(self, options: dict[str, tf.Tensor]) -> list[tf.Operation]:
+    depths = tf.constant([channel.depth for channel in self.channels], tf.int32)
+    return [
+      tf.debugging.assert_greater_equal(
+        options[CHANNEL_WEIGHTS], 0.0, message="channel_weights must be 0 or more, one per channel"
+      ),
+      tf.debugging.assert_greater_equal(options[CHANNEL_DEPTHS], 0, message="channel_depths must be 0 or more"),
+      tf.debugging.assert_less_equal(
+        options[CHANNEL_DEPTHS],
+        depths,
+        message=f"channel_depths must be at most each channel's exported depth {[c.depth for c in self.channels]}",
+      ),
+      tf.debugging.assert_greater(
+        tf.reduce_sum(options[CHANNEL_DEPTHS]), 0, message="channel_depths must ask at least one channel for candidates"
+      ),
+      tf.debugging.assert_greater(
+        tf.reduce_sum(options[CHANNEL_WEIGHTS]), 0.0, message="some channel weight must be > 0"
+      ),
+    ]
+
+  def retrieve(self, features: dict[str, tf.Tensor], options: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Top-k ids [B, k] ("" past the candidates), pooled scores [B, k] and source channels [B, k]."""
+    with tf.control_dependencies(self._check_options(options)):
+      weights = tf.identity(options[CHANNEL_WEIGHTS])
+    queries = [channel.query_tower({n: features[n] for n in self._query_specs}) for channel in self.channels]
+
+    # 1. Each channel's candidates, cut to the request's depth.
+    rows, sources = [], []
+    for c, (channel, query) in enumerate(zip(self.channels, queries)):
+      result = channel.index.search(query, channel.depth)
+      in_depth = tf.range(channel.depth)[tf.newaxis, :] < options[CHANNEL_DEPTHS][c]
+      rows.append(tf.where(in_depth, result.indices, -1))
+      sources.append(tf.fill(tf.shape(result.indices), c))
+    rows = tf.concat(rows, axis=1)  # [B, M]
+    sources = tf.concat(sources, axis=1)
+    valid = rows >= 0
+
+    # 2. Deduplicate: keep a row's first occurrence; remember every channel that found it.
+    same = tf.logical_and(tf.equal(rows[:, :, tf.newaxis], rows[:, tf.newaxis, :]), valid[:, tf.newaxis, :])
+    num = tf.shape(rows)[1]
+    earlier = tf.linalg.band_part(tf.ones([num, num], tf.bool), -1, 0) & ~tf.eye(num, dtype=tf.bool)
+    duplicate = tf.reduce_any(same & earlier[tf.newaxis], axis=2)
+    valid = valid & ~duplicate
+    bits = tf.bitwise.left_shift(tf.ones_like(sources), sources)
+    found_by = tf.reduce_sum(tf.where(same, bits[:, tf.newaxis, :], 0), axis=2)  # channel bit mask per row
+
+    # 3. Every channel's calibrated probability of every candidate, pooled log-linearly.
+    safe_rows = tf.maximum(rows, 0)
+    pooled = tf.zeros(tf.shape(rows), tf.float32)
+    candidate_embeddings = []
+    for c, (channel, query) in enumerate(zip(self.channels, queries)):
+      embeddings = tf.gather(tf.convert_to_tensor(channel.embeddings), safe_rows)  # [B, M, d]
+      candidate_embeddings.append(embeddings)
+      scores = tf.einsum("bd,bmd->bm", query, embeddings)
+      log_p = tf.math.log_sigmoid(channel.click.slope * scores + channel.click.intercept)
+      pooled += weights[c] * log_p
+      if c == self._relevance_channel:
+        relevance = channel.probability(scores, channel.relevance)
+        valid = valid & (relevance >= options[MIN_RELEVANCE])
+    pooled /= tf.reduce_sum(weights)
+
+    # 4. The final list: by pooled score, or re-ranked for diversity.
+    chosen = diversity.rerank(
+      options[DIVERSITY],
+      candidate_embeddings[self._diversity_channel],
+      tf.exp(pooled),
+      valid,
+      self.k,
+      window=options[DIVERSITY_WINDOW],
+      gamma=options[SSD_GAMMA],
+      theta=options[DPP_THETA],
+    )
+    picked = chosen >= 0
+    safe = tf.maximum(chosen, 0)
+    out_rows = tf.where(picked, tf.gather(rows, safe, batch_dims=1), -1)
+    ids = tf.where(picked, tf.gather(self.item_ids, tf.maximum(out_rows, 0)), tf.constant(b"", tf.string))
+    scores = tf.where(picked, tf.gather(pooled, safe, batch_dims=1), tf.constant(-np.inf, tf.float32))
+    masks = tf.gather(found_by, safe, batch_dims=1)
+    names = [tf.constant(name) for name in self.channel_names]
+    labels = tf.fill(tf.shape(masks), tf.constant(b""))
+    for c, name in enumerate(names):
+      has = tf.bitwise.bitwise_and(masks, 1 << c) > 0
+      joined = tf.where(tf.strings.length(labels) > 0, tf.strings.join([labels, "+", name]), name)
+      labels = tf.where(has, joined, labels)
+    labels = tf.where(picked, labels, tf.constant(b""))
+    return {"ids": ids, "scores": scores, "channels": labels}
+
+  def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+    """serving_default, search_with_options (the knobs), encode_query and encode_item (one output per channel)."""
+    option_specs = self.option_specs()
+    overlap = set(option_specs) & set(self._query_specs)
+    if overlap:
+      raise ValueError(f"Channel options {sorted(overlap)} clash with query feature names")
+
+    @tf.function
+    def serve(**features):
+      return self.retrieve(features, self._default_options())
+
+    @tf.function
+    def search_with_options(**inputs):
+      options = {name: inputs.pop(name) for name in option_specs}
+      return self.retrieve(inputs, options)
+
+    @tf.function
+    def encode_query(**features):
+      return {f"{EMBEDDINGS}_{c.channel_name}": c.query_tower(features) for c in self.channels}
+
+    @tf.function
+    def encode_item(**features):
+      return {f"{EMBEDDINGS}_{c.channel_name}": c.item_tower(features) for c in self.channels}
+
+    return {
+      full_graph.SERVING_DEFAULT: serve.get_concrete_function(**self._query_specs),
+      full_graph.SEARCH_WITH_OPTIONS: search_with_options.get_concrete_function(**self._query_specs, **option_specs),
+      full_graph.ENCODE_QUERY: encode_query.get_concrete_function(**self._query_specs),
+      full_graph.ENCODE_ITEM: encode_item.get_concrete_function(**self._item_specs),
+    }
+
+  def save(self, path: str) -> None:
+    """Writes the SavedModel to path (which must not exist yet) with every signature."""
+    namespaces = sorted({ns for channel in self.channels for ns in channel.index.save_namespaces()})
+    options = tf.saved_model.SaveOptions(namespace_whitelist=namespaces or None)
+    tf.saved_model.save(self, path, signatures=self.signatures(), options=options)

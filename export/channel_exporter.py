@@ -1,0 +1,242 @@
+"""Builds and publishes one SavedModel from a `fgr-train --channels` run: an index per channel, merged in the graph.
+
+Each channel's towers are restored, the shared catalog is embedded and indexed once per channel, and
+each channel's score is calibrated into probabilities on held-out examples (`engine.channels`). The
+calibration examples are the test split's first `calibration_examples`; fgr-eval skips them when
+it judges the export, so no example both fits and judges the calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from engine import base, channels
+from export import exporter, refresh_state, verify, version_report, versions, warmup
+from models import catalog as catalog_lib
+from models import channels as channels_lib
+from models import precision as precision_lib
+from models import train
+from models.data import schema, sequences, sources
+
+QUERY_CATEGORY = "query_category"  # Example field: the category the query is about, when the source logs it.
+
+
+@dataclasses.dataclass
+class ChannelOptions:
+  """What the merged call does by default (each is a per-request input of search_with_options too).
+
+  Attributes:
+    depth: candidates each channel's index returns at most (and by default).
+    weights: channel weights in the pooled score, by channel name (missing: 1).
+    min_relevance: drop candidates whose relevance probability is below it.
+    diversity, window, gamma, theta: the default re-ranking (`engine.channels.Defaults`).
+    calibration_examples: held-out examples the calibrations are fit on.
+  """
+
+  depth: int = 0
+  weights: dict[str, float] = dataclasses.field(default_factory=dict)
+  min_relevance: float = 0.0
+  diversity: str = "none"
+  window: int = 10
+  gamma: float = 0.25
+  theta: float = 0.5
+  calibration_examples: int = 2000
+
+  def __post_init__(self):
+    if self.diversity not in channels.DIVERSITY_METHODS:
+      raise ValueError(f"diversity must be one of {channels.DIVERSITY_METHODS}, got {self.diversity!r}")
+    if self.depth < 0 or self.window < 1 or self.gamma < 0 or not 0 <= self.theta < 1:
+      raise ValueError("channel depth must be >= 0, window >= 1, gamma >= 0 and theta in [0, 1)")
+    if not 0 <= self.min_relevance <= 1 or self.calibration_examples < 10:
+      raise ValueError("min_relevance must be in [0, 1] and calibration_examples at least 10")
+    if any(weight < 0 for weight in self.weights.values()):
+      raise ValueError(f"channel weights must be 0 or more, got {self.weights}")
+
+
+@dataclasses.dataclass
+class BuiltChannels:
+  """A channel graph built in process, ready to publish."""
+
+  graph: channels.ChannelGraph
+  catalogs: dict[str, catalog_lib.EmbeddedCatalog]
+  samples: dict[str, np.ndarray]
+  recall: dict[str, float]
+  calibration: dict[str, dict[str, Any]]
+  timings: dict[str, float]
+  serving: precision_lib.ServingOptions
+
+
+def calibration_examples(source: sources.Source, count: int) -> dict[str, np.ndarray]:
+  """The test split's first `count` examples (query features, the clicked ad, its category)."""
+  parts, total = [], 0
+  for batch in source.examples("test"):
+    parts.append(batch)
+    total += len(batch[schema.AD_ID])
+    if total >= count:
+      break
+  if not parts:
+    raise ValueError("the data source has no test examples to calibrate the channels on")
+  names = [name for name in parts[0] if all(name in part for part in parts)]
+  return {name: np.concatenate([part[name] for part in parts])[:count] for name in names}
+
+
+def _calibrate(
+  index: base.Index,
+  queries: np.ndarray,
+  embeddings: np.ndarray,
+  positives: np.ndarray,
+  depth: int,
+  categories: np.ndarray | None,
+  query_categories: np.ndarray | None,
+) -> tuple[channels.Calibration, channels.Calibration | None]:
+  """Fits a channel's click calibration (and relevance calibration when categories are given).
+
+  Candidates are what the channel's index recalls to `depth` for each held-out query, plus the
+  clicked ad: click = the candidate is the clicked ad; relevant = its category is the query's.
+  """
+  found = tf.function(lambda q: index.search(q, depth).indices)(tf.constant(queries)).numpy()
+  rows = np.concatenate([found, positives[:, np.newaxis]], axis=1)
+  valid = rows >= 0
+  valid[:, -1] &= ~np.any(found == positives[:, np.newaxis], axis=1)  # The clicked ad once.
+  scores = np.einsum("qd,qmd->qm", queries, embeddings[np.maximum(rows, 0)])
+  clicked = rows == positives[:, np.newaxis]
+  click = channels.fit_calibration(scores[valid], clicked[valid])
+  relevance = None
+  if categories is not None:
+    relevant = categories[np.maximum(rows, 0)] == query_categories[:, np.newaxis]
+    relevance = channels.fit_calibration(scores[valid], relevant[valid])
+  return click, relevance
+
+
+def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, options: ChannelOptions) -> BuiltChannels:
+  """Restores every channel of a `--channels` run and builds their merged graph in process."""
+  names = channels_lib.read_channels(checkpoint_dir)
+  if not names:
+    raise ValueError(f"{checkpoint_dir} is not a `fgr-train --channels` run (no {channels_lib.CHANNELS_FILE})")
+  depth = options.depth or config.k
+  unknown = set(options.weights) - set(names)
+  if unknown:
+    raise ValueError(f"channel weights name channels this run lacks: {sorted(unknown)} (it has {names})")
+  defaults = precision_lib.serving_defaults()
+  serving = precision_lib.ServingOptions(
+    precision=config.precision or defaults.precision,
+    jit_compile=defaults.jit_compile if config.jit_compile is None else config.jit_compile,
+  )
+  timings = {"embed": 0.0, "build": 0.0}
+  built_channels, catalogs, recall, calibration = [], {}, {}, {}
+  data_spec = None
+  source = held_out = samples = None
+  for name in names:
+    started = time.time()
+    model, run_config = train.restore(
+      channels_lib.channel_dir(checkpoint_dir, name), precision=serving.precision, jit_compile=serving.jit_compile
+    )
+    if data_spec is None:
+      data_spec = run_config["data"]
+      source = sources.open_source(sources.DataSpec.from_json(data_spec))
+      held_out = calibration_examples(source, options.calibration_examples)
+      samples = {n: held_out[n] for n in schema.QUERY_FEATURE_NAMES}
+    elif run_config["data"] != data_spec:
+      raise ValueError(f"channel {name} was trained on other data than {names[0]}: one catalog serves every channel")
+    catalog = catalog_lib.embed_catalog(model.item_tower, source)
+    timings["embed"] += time.time() - started
+    queries = tf.function(model.query_tower)({n: tf.constant(v) for n, v in samples.items()}).numpy()
+    started = time.time()
+    index = base.build_index(
+      config.index,
+      catalog.embeddings,
+      k=depth,
+      eligible=catalog.eligible,
+      tuning_queries=queries[len(queries) // 2 :],
+      **config.index_options,
+    )
+    timings["build"] += time.time() - started
+    recall[name] = round(
+      verify.index_recall(index, queries[: len(queries) // 2], catalog.embeddings, catalog.eligible, depth), 4
+    )
+    positives = np.asarray([source.row_of(str(ad_id)) for ad_id in held_out[schema.AD_ID]], dtype=np.int64)
+    judge_relevance = run_config["tower"].objective == "relevance"
+    categories = query_categories = None
+    if judge_relevance:
+      categories = np.concatenate([f[schema.CATEGORY] for _, f in sequences.iterate_catalog(source)])
+      query_categories = held_out.get(QUERY_CATEGORY, held_out[schema.CATEGORY])
+    click, relevance = _calibrate(index, queries, catalog.embeddings, positives, depth, categories, query_categories)
+    calibration[name] = {"click": click.to_json(), **({"relevance": relevance.to_json()} if relevance else {})}
+    built_channels.append(
+      channels.Channel(name, model.query_tower, model.item_tower, index, catalog.embeddings, depth, click, relevance)
+    )
+    catalogs[name] = catalog
+  ids = catalogs[names[0]].ids
+  channel_defaults = channels.Defaults(
+    weights=tuple(float(options.weights.get(name, 1.0)) for name in names),
+    depths=tuple(depth for _ in names),
+    min_relevance=options.min_relevance,
+    diversity=options.diversity,
+    window=options.window,
+    gamma=options.gamma,
+    theta=options.theta,
+  )
+  graph = channels.ChannelGraph(
+    built_channels, ids, config.k, channel_defaults, schema.query_specs(), schema.item_specs()
+  )
+  return BuiltChannels(graph, catalogs, samples, recall, calibration, timings, serving)
+
+
+def publish_channels(
+  built: BuiltChannels, model_base_path: str, config: exporter.ExportConfig, options: ChannelOptions
+) -> dict[str, Any]:
+  """Saves a built channel graph as BASE/<version>/ atomically, with warm-up records and its report."""
+  graph = built.graph
+  first = graph.channel_names[0]
+  catalog = built.catalogs[first]
+  num_samples = len(built.samples[schema.USER_ID])
+  started = time.time()
+  with versions.publish(model_base_path, config.version) as (temp_path, version):
+    graph.save(temp_path)
+    requests = [
+      warmup.predict_request({name: values[i : i + 1] for name, values in built.samples.items()})
+      for i in range(min(config.num_warmup_requests, num_samples))
+    ]
+    warmup.write_warmup(temp_path, requests)
+    for name, channel_catalog in built.catalogs.items():
+      refresh_state.write_embeddings(temp_path, channel_catalog.embeddings, channel=name)
+    report = version_report.VersionReport(
+      version=version,
+      path=os.path.join(model_base_path, str(version)),
+      index=config.index,
+      k=config.k,
+      precision=built.serving.precision,
+      jit_compile=built.serving.jit_compile,
+      index_options=config.index_options,
+      index_config=dict(graph.channels[0].index.config),
+      num_items=int(len(catalog.ids)),
+      num_eligible=int(catalog.eligible.sum()),
+      index_bytes=int(sum(channel.index.nbytes() for channel in graph.channels)),
+      extra={
+        "channels": graph.channel_names,
+        "channel_recall_vs_exact": built.recall,
+        "calibration": built.calibration,
+        "calibration_examples": int(num_samples),
+        "channel_defaults": graph.defaults.to_json(),
+      },
+    )
+    for step, seconds in built.timings.items():
+      report.time(step, seconds, digits=2)
+    version_report.write(temp_path, report)
+  report.time("write", time.time() - started, digits=2)
+  logging.info("Exported channels %s as version %d to %s", graph.channel_names, version, report.path)
+  return report.to_json()
+
+
+def export_channels(
+  checkpoint_dir: str, model_base_path: str, config: exporter.ExportConfig, options: ChannelOptions
+) -> dict[str, Any]:
+  """Exports every channel of a `fgr-train --channels` run as one version (see `publish_channels`)."""
+  return publish_channels(build_channel_graph(checkpoint_dir, config, options), model_base_path, config, options)

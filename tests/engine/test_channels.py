@@ -1,0 +1,164 @@
+"""ChannelGraph: per-channel recall, quota-free merge, relevance floor, masks and knobs, against NumPy."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine import base, channels, full_graph
+
+NUM_ITEMS, DIM, K = 400, 8, 20
+QUERY_SPECS = {"query": tf.TensorSpec([None], tf.int32, name="query")}
+ITEM_SPECS = {"row": tf.TensorSpec([None], tf.int32, name="row")}
+
+
+class _TableTower(tf.Module):
+  """Looks a row's embedding up in a fixed table: a tower whose output the test knows exactly."""
+
+  def __init__(self, table: np.ndarray, feature: str):
+    super().__init__()
+    self.table = tf.Variable(table, trainable=False)
+    self.feature = feature
+
+  def __call__(self, features):
+    return tf.gather(self.table, features[self.feature])
+
+
+def _unit(rng, n):
+  x = rng.normal(size=[n, DIM]).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  rng = np.random.default_rng(0)
+  eligible = rng.random(NUM_ITEMS) > 0.1  # Paused ads.
+  queries = {name: _unit(rng, 16) for name in ("semantic", "efficiency")}
+  items = {name: _unit(rng, NUM_ITEMS) for name in ("semantic", "efficiency")}
+  calibrations = {"semantic": channels.Calibration(6.0, -3.0), "efficiency": channels.Calibration(4.0, -4.0)}
+  built = []
+  for name in ("semantic", "efficiency"):
+    index = base.build_index("brute_force", items[name], k=40, eligible=eligible)
+    relevance = channels.Calibration(10.0, -2.0) if name == "semantic" else None
+    built.append(
+      channels.Channel(
+        name,
+        _TableTower(queries[name], "query"),
+        _TableTower(items[name], "row"),
+        index,
+        items[name],
+        depth=40,
+        click=calibrations[name],
+        relevance=relevance,
+      )
+    )
+  defaults = channels.Defaults(weights=(1.0, 1.0), depths=(40, 40))
+  ids = np.asarray([f"ad{i}" for i in range(NUM_ITEMS)], dtype=object)
+  graph = channels.ChannelGraph(built, ids, K, defaults, QUERY_SPECS, ITEM_SPECS)
+  return graph, queries, items, calibrations, eligible
+
+
+def _options(graph, **overrides):
+  d = graph.defaults
+  values = {
+    channels.CHANNEL_WEIGHTS: list(d.weights),
+    channels.CHANNEL_DEPTHS: list(d.depths),
+    channels.MIN_RELEVANCE: d.min_relevance,
+    channels.DIVERSITY: d.diversity,
+    channels.DIVERSITY_WINDOW: d.window,
+    channels.SSD_GAMMA: d.gamma,
+    channels.DPP_THETA: d.theta,
+  }
+  values.update(overrides)
+  return {
+    name: tf.constant(value, spec.dtype) for (name, spec), value in zip(graph.option_specs().items(), values.values())
+  }
+
+
+def _rows(ids):
+  return np.asarray([[int(x[2:]) if x else -1 for x in row] for row in ids.astype(str)])
+
+
+def _pooled(graph, queries, items, calibrations, weights):
+  """NumPy reference: the weighted mean of each channel's log click probability, for every item."""
+  total = 0.0
+  for w, name in zip(weights, ("semantic", "efficiency")):
+    scores = queries[name] @ items[name].T
+    c = calibrations[name]
+    total = total + w * -np.log1p(np.exp(-(c.slope * scores + c.intercept)))
+  return total / sum(weights)
+
+
+def test_one_channel_alone_is_its_own_top_k(setup):
+  graph, queries, items, _, eligible = setup
+  features = {"query": tf.range(16)}
+  for c, name in enumerate(("semantic", "efficiency")):
+    weights = [1.0 if i == c else 0.0 for i in range(2)]
+    depths = [40 if i == c else 0 for i in range(2)]
+    out = graph.retrieve(
+      features, _options(graph, **{channels.CHANNEL_WEIGHTS: weights, channels.CHANNEL_DEPTHS: depths})
+    )
+    scores = np.where(eligible, queries[name] @ items[name].T, -np.inf)
+    expected = np.argsort(-scores, axis=1)[:, :K]
+    got = _rows(out["ids"].numpy())
+    # Same set, up to float ties (none expected on random unit vectors).
+    assert all(set(g) == set(e) for g, e in zip(got, expected))
+    assert set(out["channels"].numpy().ravel().astype(str)) <= {name, "semantic+efficiency"}
+
+
+def test_merge_ranks_the_union_by_one_pooled_score_without_duplicates(setup):
+  graph, queries, items, calibrations, eligible = setup
+  out = graph.retrieve({"query": tf.range(16)}, _options(graph))
+  got = _rows(out["ids"].numpy())
+  pooled = _pooled(graph, queries, items, calibrations, (1.0, 1.0))
+  for q in range(16):
+    assert len(set(got[q])) == K and eligible[got[q]].all()
+    union = set()
+    for name in ("semantic", "efficiency"):
+      scores = np.where(eligible, queries[name][q] @ items[name].T, -np.inf)
+      union |= set(np.argsort(-scores)[:40].tolist())
+    union = np.asarray(sorted(union))
+    expected = union[np.argsort(-pooled[q, union])[:K]]
+    assert set(got[q]) == set(expected.tolist())
+    np.testing.assert_allclose(out["scores"].numpy()[q], np.sort(pooled[q, expected])[::-1], rtol=1e-4, atol=1e-5)
+  labels = set(out["channels"].numpy().ravel().astype(str))
+  assert labels <= {"semantic", "efficiency", "semantic+efficiency"} and len(labels) > 1
+
+
+def test_min_relevance_drops_candidates_below_it(setup):
+  graph, queries, items, _, _ = setup
+  out = graph.retrieve({"query": tf.range(16)}, _options(graph, **{channels.MIN_RELEVANCE: 0.995}))
+  rows = _rows(out["ids"].numpy())
+  relevance = 1 / (1 + np.exp(-(10.0 * (queries["semantic"] @ items["semantic"].T) - 2.0)))
+  kept = rows >= 0
+  assert kept.any() and not kept.all()  # Some lists end early: too few candidates are relevant enough.
+  assert (np.take_along_axis(relevance, np.maximum(rows, 0), axis=1)[kept] >= 0.995 - 1e-5).all()
+  assert (out["ids"].numpy()[~kept] == b"").all()
+
+
+@pytest.mark.parametrize(
+  "override",
+  [
+    {channels.CHANNEL_DEPTHS: [41, 40]},
+    {channels.CHANNEL_DEPTHS: [0, 0]},
+    {channels.CHANNEL_WEIGHTS: [-1.0, 1.0]},
+    {channels.CHANNEL_WEIGHTS: [0.0, 0.0]},
+  ],
+)
+def test_bad_knobs_are_invalid_arguments(setup, override):
+  graph = setup[0]
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    graph.retrieve({"query": tf.range(2)}, _options(graph, **override))
+
+
+def test_saved_graph_answers_like_the_module(setup, tmp_path):
+  graph = setup[0]
+  graph.save(str(tmp_path / "m"))
+  loaded = tf.saved_model.load(str(tmp_path / "m"))
+  expected = graph.retrieve({"query": tf.range(16)}, _options(graph))
+  got = loaded.signatures[full_graph.SERVING_DEFAULT](query=tf.range(16))
+  np.testing.assert_array_equal(got["ids"].numpy(), expected["ids"].numpy())
+  np.testing.assert_array_equal(got["channels"].numpy(), expected["channels"].numpy())
+  with_options = loaded.signatures[full_graph.SEARCH_WITH_OPTIONS](query=tf.range(16), **_options(graph))
+  np.testing.assert_array_equal(with_options["ids"].numpy(), expected["ids"].numpy())
+  embeddings = loaded.signatures[full_graph.ENCODE_ITEM](row=tf.range(3))
+  assert set(embeddings) == {"embeddings_semantic", "embeddings_efficiency"}
