@@ -1,0 +1,128 @@
+"""Judges a published channel graph through its own signature: each channel alone, merged, and re-ranked.
+
+Every variant is one `search_with_options` knob setting of the same SavedModel, so the figures are
+what a client of that version gets: a channel alone (its weight 1, the others' depth 0), the merged
+default, and the merged list re-ranked by SSD and by DPP. The test examples the export calibrated on
+(the first `calibration_examples`) are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from engine import base, channels, full_graph
+from export import refresh_state, version_report
+from models import metrics
+from models.data import schema, sequences, sources
+
+QUERY_CATEGORY = "query_category"
+
+
+def variants(report: version_report.VersionReport) -> dict[str, dict[str, Any]]:
+  """The knob settings to judge, by name: each channel alone, "merged", "merged_ssd", "merged_dpp"."""
+  names = report.extra["channels"]
+  defaults = report.extra["channel_defaults"]
+  out: dict[str, dict[str, Any]] = {}
+  for c, name in enumerate(names):
+    out[name] = {
+      **defaults,
+      "weights": [1.0 if i == c else 0.0 for i in range(len(names))],
+      "depths": [d if i == c else 0 for i, d in enumerate(defaults["depths"])],
+      "min_relevance": 0.0,
+      "diversity": "none",
+    }
+  out["merged"] = {**defaults, "diversity": "none"}
+  for method in ("ssd", "dpp"):
+    out[f"merged_{method}"] = {**defaults, "diversity": method}
+  return out
+
+
+def _inputs(knobs: dict[str, Any]) -> dict[str, tf.Tensor]:
+  return {
+    channels.CHANNEL_WEIGHTS: tf.constant(knobs["weights"], tf.float32),
+    channels.CHANNEL_DEPTHS: tf.constant(knobs["depths"], tf.int32),
+    channels.MIN_RELEVANCE: tf.constant(knobs["min_relevance"], tf.float32),
+    channels.DIVERSITY: tf.constant(knobs["diversity"]),
+    channels.DIVERSITY_WINDOW: tf.constant(knobs["window"], tf.int32),
+    channels.SSD_GAMMA: tf.constant(knobs["gamma"], tf.float32),
+    channels.DPP_THETA: tf.constant(knobs["theta"], tf.float32),
+  }
+
+
+def _test_examples(source: sources.Source, skip: int, max_examples: int, batch_size: int) -> Iterator[dict]:
+  """The test split after its first `skip` examples, at most `max_examples` (0: all), in batches."""
+  seen = taken = 0
+  for batch in source.examples("test"):
+    n = len(batch[schema.AD_ID])
+    start = max(0, skip - seen)
+    seen += n
+    for lo in range(start, n, batch_size):
+      hi = min(n, lo + batch_size)
+      if max_examples:
+        hi = min(hi, lo + max_examples - taken)
+      if hi <= lo:
+        return
+      taken += hi - lo
+      yield {name: values[lo:hi] for name, values in batch.items()}
+
+
+def evaluate_version(
+  version_path: str,
+  source: sources.Source,
+  max_examples: int = 0,
+  batch_size: int = 256,
+  settings: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+  """Water-level, revenue and diversity metrics of each knob setting (`variants`) of a channel graph.
+
+  Diversity (ILAD) is measured on the item embeddings of the channel the graph re-ranks with (the
+  relevance channel), the same space SSD and DPP work in.
+  """
+  report = version_report.read(version_path)
+  if "channels" not in report.extra:
+    raise ValueError(f"{version_path} is not a channel graph (fgr-export of a `fgr-train --channels` run)")
+  base.backend(report.index).load_ops()
+  search = tf.saved_model.load(version_path).signatures[full_graph.SEARCH_WITH_OPTIONS]
+  names = report.extra["channels"]
+  judge = next((n for n in names if "relevance" in report.extra["calibration"][n]), names[0])
+  embeddings = np.load(refresh_state.embeddings_path(version_path, judge), mmap_mode="r")
+  categories = np.concatenate([f[schema.CATEGORY] for _, f in sequences.iterate_catalog(source)])
+  bids_of = getattr(source, "bids", None)
+  settings = settings or variants(report)
+  examples = list(_test_examples(source, report.extra["calibration_examples"], max_examples, batch_size))
+  if not examples:
+    raise ValueError("no test examples are left after the calibration examples")
+  fields = {name: np.concatenate([b[name] for b in examples]) for name in examples[0] if name in examples[0]}
+  positives = np.asarray([source.row_of(str(a)) for a in fields[schema.AD_ID]], dtype=np.int64)
+  out: dict[str, Any] = {"num_examples": int(len(positives)), "k": report.k, "judged_in": judge, "variants": {}}
+  for name, knobs in settings.items():
+    options = _inputs(knobs)
+    recalled, seconds = [], 0.0
+    for batch in examples:
+      started = time.perf_counter()
+      result = search(**{n: tf.constant(batch[n]) for n in schema.QUERY_FEATURE_NAMES}, **options)
+      seconds += time.perf_counter() - started
+      ids = result["ids"].numpy().astype(str)
+      recalled.append(np.asarray([[source.row_of(i) if i else -1 for i in row] for row in ids], dtype=np.int64))
+    recalled = np.concatenate(recalled)
+    out["variants"][name] = {
+      "knobs": knobs,
+      **metrics.water_level_metrics(
+        recalled,
+        positives,
+        fields.get("converted"),
+        categories,
+        None,
+        query_categories=fields.get(QUERY_CATEGORY),
+        bids=fields.get("bid") if bids_of is not None else None,
+        item_embeddings=embeddings,
+        diversity_ks=(10, 50),
+      ),
+      "seconds_per_batch": round(seconds / len(examples), 5),
+    }
+  return out
