@@ -1,18 +1,21 @@
 """A user's own logs in the generic format (see docs/data_format.md): a catalog and an event stream.
 
-`items.jsonl`, one ad per line:
-  {"ad_id": "a1", "category": "shoes", "brand": "acme", "tokens": ["running", "shoes"], "status": "active"}
+`items.jsonl`, one ad per line (`bid` optional):
+  {"ad_id": "a1", "category": "shoes", "brand": "acme", "tokens": ["running", "shoes"], "status": "active",
+   "bid": 0.8}
 `events.jsonl`, one positive interaction (click or conversion) per line, sorted by timestamp:
   {"user_id": "u1", "timestamp": 1700000000, "user_features": ["age:25-34"], "query_tokens": ["running"],
    "ad_id": "a1", "event": "click"}
 
 The last `test_fraction` of events (in time) is held out. Behaviour sequences are built from the
-events themselves, so they need not be logged.
+events themselves, so they need not be logged. Example batches carry "converted" (the event is a
+conversion) when the log has any conversion event, and "bid" (the ad's bid) when the catalog has bids.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -47,9 +50,23 @@ def _string_list(path: str, line_number: int, record: dict[str, Any], key: str) 
   return value
 
 
-def read_catalog(path: str) -> sequences.InMemoryItemTable:
-  """Reads items.jsonl into an item table; `ad_id` is required, other fields default to ""."""
-  ids, categories, brands, tokens, statuses = [], [], [], [], []
+def _bid(path: str, line_number: int, record: dict[str, Any]) -> float | None:
+  """The item's optional bid: a finite non-negative number, or None when the line has none."""
+  value = record.get("bid")
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    raise ValueError(f"{path}:{line_number}: 'bid' must be a non-negative number, got {value!r}")
+  return float(value)
+
+
+def read_catalog(path: str) -> tuple[sequences.InMemoryItemTable, np.ndarray | None]:
+  """Reads items.jsonl into an item table and its bids.
+
+  `ad_id` is required, other fields default to "". The bids are float32 [N], 0 for an item without
+  one, or None when no item has a bid (the catalog has no money in it).
+  """
+  ids, categories, brands, tokens, statuses, bids = [], [], [], [], [], []
   for line_number, record in _read_jsonl(path):
     if not isinstance(record.get("ad_id"), str) or not record["ad_id"]:
       raise ValueError(f"{path}:{line_number}: 'ad_id' must be a non-empty string")
@@ -61,9 +78,24 @@ def read_catalog(path: str) -> sequences.InMemoryItemTable:
     brands.append(str(record.get("brand", "")))
     tokens.append(_string_list(path, line_number, record, "tokens"))
     statuses.append(status)
+    bids.append(_bid(path, line_number, record))
   if not ids:
     raise ValueError(f"{path}: the catalog is empty")
-  return sequences.InMemoryItemTable(ids, categories, brands, tokens, statuses)
+  table = sequences.InMemoryItemTable(ids, categories, brands, tokens, statuses)
+  if all(bid is None for bid in bids):
+    return table, None
+  return table, np.asarray([0.0 if bid is None else bid for bid in bids], dtype=np.float32)
+
+
+def _is_conversion(line: str) -> bool:
+  """The events.jsonl line is a conversion (malformed lines are reported when examples are read)."""
+  if '"conversion"' not in line:  # Cheap filter: only candidate lines are parsed.
+    return False
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return False
+  return isinstance(record, dict) and record.get("event") == "conversion"
 
 
 class LogsDataset:
@@ -72,6 +104,9 @@ class LogsDataset:
   Args:
     data_dir: the directory.
     test_fraction: the last share of events (in time) held out for evaluation.
+
+  Attributes:
+    has_conversions: events.jsonl has a conversion event, so example batches carry "converted".
   """
 
   def __init__(self, data_dir: str, test_fraction: float = 0.1):
@@ -80,10 +115,13 @@ class LogsDataset:
     for path in (self._items_path, self._events_path):
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing; see docs/data_format.md")
-    self._table = read_catalog(self._items_path)
+    self._table, self._bids = read_catalog(self._items_path)
     self.num_items = self._table.num_items
+    num_events, self.has_conversions = 0, False
     with open(self._events_path, encoding="utf-8") as f:
-      num_events = sum(1 for line in f if line.strip())
+      for line in f:
+        num_events += bool(line.strip())
+        self.has_conversions = self.has_conversions or _is_conversion(line)
     self._num_train = int(round(num_events * (1.0 - test_fraction)))
 
   def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -92,12 +130,21 @@ class LogsDataset:
   def row_of(self, ad_id: str) -> int:
     return self._table.row_of[ad_id]
 
+  def bids(self, rows: np.ndarray) -> np.ndarray | None:
+    """float32 [n] bids of catalog rows (0 for items logged without one); None if no item has a bid."""
+    return None if self._bids is None else self._bids[rows]
+
   def examples(self, split: str, chunk_size: int = 8192) -> Iterator[dict[str, np.ndarray]]:
-    """Streams batches of the "train" or "test" split; events must be sorted by timestamp."""
+    """Streams batches of the "train" or "test" split; events must be sorted by timestamp.
+
+    Besides the features every source yields (`sequences.make_examples`), a batch holds "converted"
+    (bool [n], the event is a conversion) when the log has any conversion event, and "bid"
+    (float32 [n], the ad's bid) when the catalog has bids.
+    """
     if split not in ("train", "test"):
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     tracker = sequences.HistoryTracker()
-    chunk: list[tuple[int, str, list[str], list[str], int]] = []
+    chunk: list[tuple[int, str, list[str], list[str], int, bool]] = []
     last_timestamp = None
     for index, (line_number, record) in enumerate(_read_jsonl(self._events_path)):
       timestamp = record.get("timestamp")
@@ -106,7 +153,8 @@ class LogsDataset:
       if last_timestamp is not None and timestamp < last_timestamp:
         raise ValueError(f"{self._events_path}:{line_number}: events must be sorted by timestamp")
       last_timestamp = timestamp
-      if record.get("event", "click") not in _EVENT_KINDS:
+      event = record.get("event", "click")
+      if event not in _EVENT_KINDS:
         raise ValueError(f"{self._events_path}:{line_number}: 'event' must be one of {_EVENT_KINDS}")
       ad_id = record.get("ad_id")
       if ad_id not in self._table.row_of:
@@ -118,6 +166,7 @@ class LogsDataset:
           _string_list(self._events_path, line_number, record, "user_features"),
           _string_list(self._events_path, line_number, record, "query_tokens"),
           self._table.row_of[ad_id],
+          event == "conversion",
         )
       )
       if len(chunk) == chunk_size:
@@ -127,13 +176,13 @@ class LogsDataset:
       yield from self._emit(chunk, tracker, split)
 
   def _emit(self, chunk, tracker: sequences.HistoryTracker, split: str) -> Iterator[dict[str, np.ndarray]]:
-    index, users, user_features, query_tokens, rows = (list(column) for column in zip(*chunk))
+    index, users, user_features, query_tokens, rows, converted = (list(column) for column in zip(*chunk))
     users_array, rows_array = np.asarray(users, dtype=object), np.asarray(rows, dtype=np.int64)
     hist_rows = tracker.observe(users_array, rows_array)
     in_train = np.asarray(index) < self._num_train
     keep = in_train if split == "train" else ~in_train
     if keep.any():
-      yield sequences.make_examples(
+      batch = sequences.make_examples(
         self._table,
         user_ids=users_array[keep],
         user_features=schema.pad_tokens(user_features, schema.USER_FEATURES_LEN)[keep],
@@ -141,3 +190,8 @@ class LogsDataset:
         hist_rows=hist_rows[keep],
         item_rows=rows_array[keep],
       )
+      if self.has_conversions:
+        batch["converted"] = np.asarray(converted, dtype=bool)[keep]
+      if self._bids is not None:
+        batch["bid"] = self._bids[rows_array[keep]]
+      yield batch

@@ -9,6 +9,10 @@ with each example. The output is:
   <output_dir>/catalog/catalog-00000.tfrecord.gz   every item's features, in catalog row order
   <output_dir>/manifest.json                       shards, counts, layouts, split and source
 
+Every column of the source's batches is stored, extras included (a click's "day", "converted",
+"bid", "query_category"), and each split's layout in the manifest lists them. The catalog also
+holds the bid of each item when the source has bids.
+
 Shards hold a fixed number of records, so the same input gives the same shards byte for byte. Each
 shard is written under a temporary name and renamed when complete; a rerun skips the shards that
 exist (it still streams the source to reach the rest, but does not encode them). The manifest is
@@ -82,11 +86,14 @@ def _counted(batches: Iterable[dict[str, np.ndarray]], bar: tqdm.tqdm) -> Iterat
 
 
 def _catalog_batches(source: sources.Source) -> Iterator[dict[str, np.ndarray]]:
-  """Catalog features in row order, with the cold-start and freshness flags the source knows."""
+  """Catalog features in row order, with the bids, cold-start and freshness flags the source knows."""
   held_out = getattr(source, "held_out_rows", None)
   added = source.items_added_after_training() if hasattr(source, "items_added_after_training") else None
   for rows, features in sequences.iterate_catalog(source):
     batch = {name: features[name] for name in (*schema.ITEM_FEATURE_NAMES, schema.STATUS)}
+    bids = sources.bids_of(source, rows)
+    if bids is not None:
+      batch[tfrecord.BID] = np.asarray(bids, dtype=np.float32)
     if held_out is not None:
       batch[tfrecord.HELD_OUT] = held_out[rows]
     if added is not None:

@@ -15,7 +15,11 @@ SPLITS = ("default", "leave_last_out", "time")
 
 
 class Source(Protocol):
-  """What every data source offers: an item table over its catalog and example batches."""
+  """What every data source offers: an item table over its catalog and example batches.
+
+  A source with money in it also offers `bids(rows)`, float32 [n] bids of catalog rows (read them
+  with `bids_of`, which answers None for a source without bids).
+  """
 
   num_items: int
 
@@ -24,6 +28,12 @@ class Source(Protocol):
   def row_of(self, ad_id: str) -> int: ...
 
   def examples(self, split: str) -> Iterator[dict[str, np.ndarray]]: ...
+
+
+def bids_of(source: Source, rows: np.ndarray) -> np.ndarray | None:
+  """float32 [n] bids of catalog rows, or None when the source has none (MovieLens, logs without bids)."""
+  bids = getattr(source, "bids", None)
+  return None if bids is None else bids(rows)
 
 
 @dataclasses.dataclass

@@ -8,10 +8,14 @@ The generative story:
 - Ads belong to categories (ad i is in category i mod C). Inside a category, popularity follows a Zipf
   law over a seeded permutation of the ads, which gives a head and a long tail. Each ad has a brand,
   an advertiser, 3-5 bidword tokens from its category's vocabulary, a status (a few are paused) and
-  a creation day (a few appear late, near the end of the log).
+  a creation day (a few appear late, near the end of the log). Its bid (cost per click) is
+  log-normal: a price level of its category times its own log-normal factor, so a few ads hold a
+  large share of the money, as in real auctions.
 - Users have profile features and two or three categories of interest.
 - A session is a user typing a query and clicking 1-3 ads of one category: the query's tokens are
-  bidwords (and sometimes the brand) of the clicked ad, plus noise. Some clicks convert.
+  bidwords (and sometimes the brand) of the clicked ad, plus noise. Some clicks convert. The category
+  the session is about is logged with each click ("query_category"), so the noise ratio of a
+  retrieval can be judged against the query's category rather than guessed from its tokens.
 - Sessions are in time order; each user's behaviour sequence is the ads they clicked before.
 """
 
@@ -26,6 +30,11 @@ from models.data import schema, sequences
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MERSENNE_PRIME = 2_147_483_647  # > 10M, so it is coprime with every category size we generate.
+# Bids: median of the whole market, spread of category price levels and of ads within a category
+# (log-normal sigmas; together about 1.1, which puts roughly 10% of all bid value on the top 1% of ads).
+_MEDIAN_BID = 0.5
+_CATEGORY_BID_SIGMA = 0.5
+_AD_BID_SIGMA = 1.0
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -117,6 +126,11 @@ class SyntheticSearchAds:
   def _choice(self, salt: int, index: np.ndarray, n: int) -> np.ndarray:
     return (self._bits(salt, index) % np.uint64(n)).astype(np.int64)
 
+  def _normal(self, salts: tuple[int, int], index: np.ndarray) -> np.ndarray:
+    """Standard normal draws (Box-Muller over two uniforms; 1 - u keeps the logarithm finite)."""
+    radius = np.sqrt(-2.0 * np.log(1.0 - self._uniform(salts[0], index)))
+    return radius * np.cos(2.0 * np.pi * self._uniform(salts[1], index))
+
   # ---- The catalog ------------------------------------------------------------------------------
 
   def category_size(self, category: np.ndarray) -> np.ndarray:
@@ -139,6 +153,21 @@ class SyntheticSearchAds:
 
   def is_paused(self, rows: np.ndarray) -> np.ndarray:
     return self._uniform(23, rows) < self.config.paused_fraction
+
+  def bids(self, rows: np.ndarray) -> np.ndarray:
+    """float32 [n] bid (cost per click) of catalog rows: log-normal, heavy-tailed, positive.
+
+    The category's price level and the ad's own factor are both log-normal, so categories differ
+    in price and a few ads in each hold most of its value.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    category = rows % self.config.num_categories
+    log_bid = (
+      np.log(_MEDIAN_BID)
+      + _CATEGORY_BID_SIGMA * self._normal((110, 111), category)
+      + _AD_BID_SIGMA * self._normal((112, 113), rows)
+    )
+    return np.exp(log_bid).astype(np.float32)
 
   def _ad_token_ids(self, rows: np.ndarray) -> np.ndarray:
     """[n, 5] token ids in the category vocabulary, skewed to the head; -1 beyond each ad's count."""
@@ -260,6 +289,7 @@ class SyntheticSearchAds:
       "user": users[session_of_click],
       "day": day[session_of_click],
       "row": rows,
+      "category": category[session_of_click],
       "converted": converted,
       "first_row_of_session": click_rows[session_of_click, np.argmax(click_rows >= 0, axis=1)[session_of_click]],
     }
@@ -286,6 +316,11 @@ class SyntheticSearchAds:
 
   def examples(self, split: str, chunk_sessions: int = 8192) -> Iterator[dict[str, np.ndarray]]:
     """Yields batches of training examples (one per click) of the "train" or "test" split.
+
+    Besides the features every source yields (`sequences.make_examples`), a batch holds "converted"
+    (bool [n], the click converted), "day" (int64 [n], the session's day), "bid" (float32 [n], the
+    clicked ad's bid, see `bids`) and "query_category" (object [n] such as "c12": the category the
+    session's query is about, which every ad clicked in it belongs to).
 
     Test sessions come after all train sessions in time (under "leave_last_out", the test split is
     each user's last click instead). Behaviour sequences run over the whole log, so a test example
@@ -317,4 +352,6 @@ class SyntheticSearchAds:
       )
       batch["converted"] = kept["converted"]
       batch["day"] = kept["day"]
+      batch["bid"] = self.bids(kept["row"])
+      batch["query_category"] = np.asarray([f"c{c}" for c in kept["category"].tolist()], dtype=object)
       yield batch

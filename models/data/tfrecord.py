@@ -25,6 +25,7 @@ SPLITS = ("train", "test")
 CATALOG = "catalog"
 HELD_OUT = "held_out"  # Catalog column: the item was removed from training (cold-start runs).
 ADDED_AFTER_TRAINING = "added_after_training"  # Catalog column: created after the last training day.
+BID = "bid"  # Catalog column: the item's bid, when the source has bids.
 TRAINING_FEATURES = schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES
 _PLUGIN_SCHEMES = ("s3", "hdfs", "az")  # File systems tensorflow-io registers when it is imported.
 _COMPRESSION = "GZIP"
@@ -81,6 +82,7 @@ class TFRecordSource:
     self.held_out_rows = None if held_out is None else held_out.astype(bool)
     added = self._columns.pop(ADDED_AFTER_TRAINING, None)
     self._added_after_training = None if added is None else added.astype(bool)
+    self._bids = self._columns.pop(BID, None)
 
   # ---- Catalog ----------------------------------------------------------------------------------
 
@@ -96,6 +98,10 @@ class TFRecordSource:
     """bool [num_items] when the prepared source knew it (synthetic logs), else None."""
     return self._added_after_training
 
+  def bids(self, rows: np.ndarray) -> np.ndarray | None:
+    """float32 [n] bids of catalog rows when the prepared source had bids, else None."""
+    return None if self._bids is None else self._bids[rows]
+
   # ---- Examples ---------------------------------------------------------------------------------
 
   def num_examples(self, split: str) -> int:
@@ -108,7 +114,11 @@ class TFRecordSource:
     return [os.path.join(self.data_dir, shard["path"]) for shard in self._split(split)["shards"]]
 
   def examples(self, split: str, batch_size: int = _READ_BATCH) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of a split in the order fgr-prepare wrote them, every column as the source yielded it."""
+    """Batches of a split in the order fgr-prepare wrote them, every column as the source yielded it.
+
+    That includes the source's extras (e.g. the synthetic log's "converted", "day", "bid" and
+    "query_category"); `layout(split)` lists them.
+    """
     yield from self._read(self._split(split)["shards"], self.layout(split), batch_size)
 
   def item_id_batches(self, split: str = "train") -> Iterator[dict[str, np.ndarray]]:

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from models.data import prepare, sources, tfrecord
+from models.data import logs, prepare, sources, tfrecord
 
 SPEC = sources.DataSpec(
   name="synthetic", synthetic={"num_ads": 1000, "num_users": 100, "num_sessions": 1500, "seed": 3}
@@ -49,6 +49,11 @@ def test_examples_and_catalog_read_back_equal_the_source(prepared):
     np.testing.assert_array_equal(read.features(rows)[name], values)
   assert read.row_of("ad17") == 17 and read.num_items == source.num_items
   np.testing.assert_array_equal(read.items_added_after_training(), source.items_added_after_training())
+  assert read.bids(rows).dtype == np.float32
+  np.testing.assert_array_equal(read.bids(rows), source.bids(rows))
+  assert tfrecord.BID not in read.features(rows)
+  test = _concat(read.examples("test"))
+  assert test["bid"].dtype == np.float32 and test["query_category"].dtype == object
 
   manifest = tfrecord.read_manifest(prepared)
   train = manifest["splits"]["train"]
@@ -56,6 +61,41 @@ def test_examples_and_catalog_read_back_equal_the_source(prepared):
   assert sum(shard["count"] for shard in train["shards"]) == train["count"]
   assert manifest["split_boundary"]["num_train_sessions"] == source.num_train_sessions
   assert sources.DataSpec.from_json(manifest["source"]) == SPEC
+  for split in ("train", "test"):
+    layout = manifest["splits"][split]["layout"]
+    assert layout["bid"] == {"width": 0, "kind": "float"} and layout["query_category"] == {"width": 0, "kind": "bytes"}
+  assert manifest[tfrecord.CATALOG]["layout"][tfrecord.BID] == {"width": 0, "kind": "float"}
+
+
+def _write_logs(data_dir, with_money):
+  os.makedirs(data_dir)
+  with open(os.path.join(data_dir, logs.ITEMS_FILE), "w") as f:
+    for i in range(4):
+      f.write(json.dumps({"ad_id": f"a{i}", **({"bid": 0.5 * i} if with_money and i else {})}) + "\n")
+  with open(os.path.join(data_dir, logs.EVENTS_FILE), "w") as f:
+    for t in range(10):
+      event = "conversion" if with_money and t % 3 == 0 else "click"
+      f.write(json.dumps({"user_id": f"u{t % 2}", "timestamp": t, "ad_id": f"a{t % 4}", "event": event}) + "\n")
+
+
+@pytest.mark.parametrize("with_money", [True, False])
+def test_logs_bids_and_conversions_round_trip_and_their_absence_too(tmp_path, with_money):
+  _write_logs(str(tmp_path / "logs"), with_money)
+  spec = sources.DataSpec(name="logs", data_dir=str(tmp_path / "logs"))
+  prepare.prepare(spec, str(tmp_path / "prepared"), records_per_shard=4, progress=False)
+  source = sources.open_source(spec)
+  read = sources.open_source(sources.DataSpec(name="tfrecord", data_dir=str(tmp_path / "prepared")))
+  rows = np.arange(4)
+  if with_money:
+    np.testing.assert_array_equal(sources.bids_of(read, rows), np.array([0, 0.5, 1, 1.5], dtype=np.float32))
+  else:
+    assert sources.bids_of(read, rows) is None and sources.bids_of(source, rows) is None
+  for split in ("train", "test"):
+    expected, actual = _concat(source.examples(split)), _concat(read.examples(split))
+    assert set(actual) == set(expected)
+    assert {"bid", "converted"} & set(actual) == ({"bid", "converted"} if with_money else set())
+    for name in expected:
+      np.testing.assert_array_equal(actual[name], expected[name], err_msg=f"{split}/{name}")
 
 
 def test_training_batches_parse_in_the_graph(prepared):

@@ -66,3 +66,25 @@ def test_behaviour_sequences_hold_only_earlier_clicks_of_the_same_user():
     expected = list(reversed(seen[user]))[: schema.HISTORY_LEN]
     assert [h for h in hist if h] == expected
     seen[user].append(ad_id)
+
+
+def test_bids_are_deterministic_positive_and_heavy_tailed():
+  data = synthetic.SyntheticSearchAds(SMALL)
+  bids = data.bids(np.arange(SMALL.num_ads))
+  assert bids.dtype == np.float32 and bids.shape == (SMALL.num_ads,) and np.all(bids > 0)
+  rows = np.array([4999, 17, 0])
+  np.testing.assert_array_equal(synthetic.SyntheticSearchAds(SMALL).bids(rows), bids[rows])  # Any slice, any order.
+  other = synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**{**SMALL.__dict__, "seed": 4}))
+  assert not np.array_equal(other.bids(rows), bids[rows])
+  top = np.sort(bids)[::-1][: SMALL.num_ads // 100]
+  assert top.sum() / bids.sum() > 0.05  # The top 1% of ads hold well over 1% of the value.
+
+
+def test_examples_carry_the_clicked_ads_bid_and_the_querys_category():
+  data = synthetic.SyntheticSearchAds(SMALL)
+  examples = _concat(data.examples("test"))
+  rows = np.array([data.row_of(a) for a in examples[schema.AD_ID]])
+  assert examples["bid"].dtype == np.float32 and examples["query_category"].dtype == object
+  np.testing.assert_array_equal(examples["bid"], data.bids(rows))
+  np.testing.assert_array_equal(examples["query_category"], examples[schema.CATEGORY])
+  assert examples["converted"].mean() < 0.2  # Conversions stay much rarer than clicks.
