@@ -99,7 +99,7 @@ _OWN_PACKAGES = ("cli", "engine", "models", "export", "serving", "clients", "ben
 
 fgr_prepare = _command("models.data.prepare_cli")
 fgr_train = _command("models.train_cli")
-fgr_eval = _command("models.eval_cli")
+fgr_eval = _command("export.eval_cli")
 fgr_export = _command("export.export_cli")
 fgr_refresh = _command("export.refresh_cli")
 fgr_serve = _command("serving.model_servers", "run_server")

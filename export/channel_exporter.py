@@ -71,6 +71,7 @@ class BuiltChannels:
   calibration: dict[str, dict[str, Any]]
   timings: dict[str, float]
   serving: precision_lib.ServingOptions
+  data: dict[str, Any]
 
 
 def calibration_examples(source: sources.Source, count: int) -> dict[str, np.ndarray]:
@@ -186,7 +187,7 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
   graph = channels.ChannelGraph(
     built_channels, ids, config.k, channel_defaults, schema.query_specs(), schema.item_specs()
   )
-  return BuiltChannels(graph, catalogs, samples, recall, calibration, timings, serving)
+  return BuiltChannels(graph, catalogs, samples, recall, calibration, timings, serving, data_spec)
 
 
 def publish_channels(
@@ -225,6 +226,7 @@ def publish_channels(
         "calibration": built.calibration,
         "calibration_examples": int(num_samples),
         "channel_defaults": graph.defaults.to_json(),
+        "data": built.data,
       },
     )
     for step, seconds in built.timings.items():

@@ -92,7 +92,7 @@ def evaluate_version(
   judge = next((n for n in names if "relevance" in report.extra["calibration"][n]), names[0])
   embeddings = np.load(refresh_state.embeddings_path(version_path, judge), mmap_mode="r")
   categories = np.concatenate([f[schema.CATEGORY] for _, f in sequences.iterate_catalog(source)])
-  bids_of = getattr(source, "bids", None)
+  has_bids = sources.bids_of(source, np.arange(1)) is not None
   settings = settings or variants(report)
   examples = list(_test_examples(source, report.extra["calibration_examples"], max_examples, batch_size))
   if not examples:
@@ -119,7 +119,7 @@ def evaluate_version(
         categories,
         None,
         query_categories=fields.get(QUERY_CATEGORY),
-        bids=fields.get("bid") if bids_of is not None else None,
+        bids=fields.get("bid") if has_bids else None,
         item_embeddings=embeddings,
         diversity_ks=(10, 50),
       ),

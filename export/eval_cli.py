@@ -1,0 +1,74 @@
+"""fgr-eval: judges a training run, or a published channel graph, on its test split.
+
+`--output_dir` (a fgr-train run): Recall/HitRate@K, NDCG@K and water-level metrics, retrieving
+exactly over the whole catalog, with popularity and item co-occurrence beside the towers. The split
+is the one the run was trained with (`fgr-train --split`).
+
+`--model_path` (a version fgr-export wrote from a `fgr-train --channels` run): coverage of clicks
+and conversions, noise ratio, revenue proxy, ILAD and category coverage of each channel alone, of
+the merged list and of its SSD and DPP re-rankings, through the version's own signature
+(`export.served_evaluation`).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags, logging
+
+from export import served_evaluation, version_report
+from models import evaluation
+from models import train as train_lib
+from models.data import sources
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("output_dir", None, "The --output_dir of the fgr-train run to evaluate.")
+flags.DEFINE_string("model_path", None, "Or a version directory (BASE/<version>) of a channel graph to evaluate.")
+flags.DEFINE_list("ks", ["10", "50", "100"], "Cut-offs K; water-level metrics use the largest.")
+flags.DEFINE_integer("max_examples", 0, "Evaluate only the first test examples (0: all of them).")
+flags.DEFINE_string("report_file", "", "Also write the JSON report to this file.")
+flags.DEFINE_bool("baselines", True, "Also evaluate popularity and item co-occurrence on the same split.")
+flags.mark_flags_as_mutual_exclusive(["output_dir", "model_path"], required=True)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.model_path:
+    extra = version_report.read(FLAGS.model_path).extra
+    if "channels" not in extra:
+      raise app.UsageError(f"{FLAGS.model_path} is not a channel graph; judge a single run with --output_dir")
+    data = sources.DataSpec.from_json(extra["data"])
+    report = {
+      "data": data.to_json(),
+      **served_evaluation.evaluate_version(FLAGS.model_path, sources.open_source(data), FLAGS.max_examples),
+    }
+  else:
+    model, run_config = train_lib.restore(FLAGS.output_dir)
+    data = sources.DataSpec.from_json(run_config["data"])
+    report = {
+      "data": data.to_json(),
+      **evaluation.evaluate(
+        model.query_tower,
+        model.item_tower,
+        sources.open_source(data),
+        ks=tuple(int(k) for k in FLAGS.ks),
+        max_examples=FLAGS.max_examples,
+        with_baselines=FLAGS.baselines,
+      ),
+    }
+  logging.info("Evaluation report: %s", report)
+  text = json.dumps(report, indent=2)
+  if FLAGS.report_file:
+    with open(FLAGS.report_file, "w") as f:
+      f.write(text + "\n")
+  print(text)
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
