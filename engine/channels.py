@@ -289,11 +289,15 @@ class ChannelGraph(tf.Module):
         valid = valid & (relevance >= options[MIN_RELEVANCE])
     pooled /= tf.reduce_sum(weights)
 
-    # 4. The final list: by pooled score, or re-ranked for diversity.
+    # 4. The final list: by pooled score, or re-ranked for diversity. The re-rankers see the pooled
+    # log-probability relative to the request's best candidate, so their knobs mean the same for every
+    # request: SSD's gamma is the log-probability a unit of novelty is worth, DPP's quality is p^alpha.
+    best = tf.reduce_max(tf.where(valid, pooled, -np.inf), axis=1, keepdims=True)
+    relative = tf.where(valid, pooled - tf.where(tf.math.is_finite(best), best, 0.0), 0.0)
     chosen = diversity.rerank(
       options[DIVERSITY],
       candidate_embeddings[self._diversity_channel],
-      tf.exp(pooled),
+      relative,
       valid,
       self.k,
       window=options[DIVERSITY_WINDOW],
