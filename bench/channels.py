@@ -46,6 +46,8 @@ flags.DEFINE_integer("k", 50, "Candidates returned per request (the k every cove
 flags.DEFINE_integer("max_examples", 8000, "Test examples judged (after the calibration ones).")
 flags.DEFINE_list("ssd_gammas", ["0.1", "0.25", "0.5"], "SSD trade-offs to judge.")
 flags.DEFINE_list("dpp_thetas", ["0.3", "0.5", "0.7"], "DPP trade-offs to judge.")
+flags.DEFINE_list("diversity_windows", ["10"], "Sliding windows of SSD and DPP to judge.")
+flags.DEFINE_integer("channel_depth", 0, "Candidates per channel in the export (0: 2k, the export default).")
 flags.DEFINE_float("ssd_gamma", 0.25, "SSD trade-off of the latency runs.")
 flags.DEFINE_float("dpp_theta", 0.5, "DPP trade-off of the latency runs.")
 flags.DEFINE_integer("calls", 300, "Timed batch-1 calls per variant and round (in process).")
@@ -89,6 +91,7 @@ def prepare() -> dict[str, str]:
         f"--model_base_path={path}",
         f"--index={FLAGS.index}",
         f"--k={FLAGS.k}",
+        f"--channel_depth={FLAGS.channel_depth}",
       )
   return {name: common.latest_version(path) for name, path in paths.items()}
 
@@ -99,10 +102,11 @@ def quality(versions: dict[str, str]) -> dict[str, Any]:
   report = version_report.read(path)
   settings = served_evaluation.variants(report)
   defaults = settings.pop("merged_ssd"), settings.pop("merged_dpp")
-  for gamma in FLAGS.ssd_gammas:
-    settings[f"merged_ssd_gamma{gamma}"] = {**defaults[0], "gamma": float(gamma)}
-  for theta in FLAGS.dpp_thetas:
-    settings[f"merged_dpp_theta{theta}"] = {**defaults[1], "theta": float(theta)}
+  for window in FLAGS.diversity_windows:
+    for gamma in FLAGS.ssd_gammas:
+      settings[f"merged_ssd_w{window}_gamma{gamma}"] = {**defaults[0], "gamma": float(gamma), "window": int(window)}
+    for theta in FLAGS.dpp_thetas:
+      settings[f"merged_dpp_w{window}_theta{theta}"] = {**defaults[1], "theta": float(theta), "window": int(window)}
   source = sources.open_source(sources.DataSpec.from_json(report.extra["data"]))
   result = served_evaluation.evaluate_version(path, source, FLAGS.max_examples, settings=settings)
   v = result["variants"]

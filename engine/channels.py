@@ -98,7 +98,7 @@ class Defaults:
   min_relevance: float = 0.0
   diversity: str = "none"
   window: int = 10
-  gamma: float = 0.25
+  gamma: float = 6.0
   theta: float = 0.5
 
   def __post_init__(self):

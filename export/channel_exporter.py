@@ -33,7 +33,8 @@ class ChannelOptions:
   """What the merged call does by default (each is a per-request input of search_with_options too).
 
   Attributes:
-    depth: candidates each channel's index returns at most (and by default).
+    depth: candidates each channel's index returns at most (and by default); 0 takes 2 * k, which
+      leaves the merge and the re-rankers room to choose (docs/performance.md, "Channels").
     weights: channel weights in the pooled score, by channel name (missing: 1).
     min_relevance: drop candidates whose relevance probability is below it.
     diversity, window, gamma, theta: the default re-ranking (`engine.channels.Defaults`).
@@ -45,7 +46,7 @@ class ChannelOptions:
   min_relevance: float = 0.0
   diversity: str = "none"
   window: int = 10
-  gamma: float = 0.25
+  gamma: float = 6.0
   theta: float = 0.5
   calibration_examples: int = 2000
 
@@ -121,7 +122,7 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
   names = channels_lib.read_channels(checkpoint_dir)
   if not names:
     raise ValueError(f"{checkpoint_dir} is not a `fgr-train --channels` run (no {channels_lib.CHANNELS_FILE})")
-  depth = options.depth or config.k
+  depth = options.depth or 2 * config.k
   unknown = set(options.weights) - set(names)
   if unknown:
     raise ValueError(f"channel weights name channels this run lacks: {sorted(unknown)} (it has {names})")
@@ -148,6 +149,7 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
       raise ValueError(f"channel {name} was trained on other data than {names[0]}: one catalog serves every channel")
     catalog = catalog_lib.embed_catalog(model.item_tower, source)
     timings["embed"] += time.time() - started
+    depth = min(depth, len(catalog.ids))
     queries = tf.function(model.query_tower)({n: tf.constant(v) for n, v in samples.items()}).numpy()
     started = time.time()
     index = base.build_index(

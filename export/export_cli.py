@@ -42,7 +42,7 @@ flags.DEFINE_bool(
 flags.DEFINE_integer(
   "channel_depth",
   _CHANNELS.depth,
-  "With a --channels run: candidates per channel (the default and the most a request may ask; 0: k).",
+  "With a --channels run: candidates per channel (the default and the most a request may ask; 0: 2k).",
 )
 flags.DEFINE_list(
   "channel_weights",
