@@ -1,0 +1,285 @@
+"""Diversity re-ranking of a request's candidates in TF ops: SSD and greedy DPP, chosen per request.
+
+A retrieval list ranked by score alone repeats near-duplicates. These re-rankers run inside the
+serving graph on the merged candidates of each request, so one SavedModel call returns a diverse
+list, with the method and its knobs taken per request from the signature's inputs.
+
+Both methods share one greedy loop. With v_i the L2-normalised embeddings, each step measures every
+candidate's residual r_i = ||v_i orthogonal to span(v of the last `window` picks)||, then
+  SSD (Huang et al., KDD 2021): picks argmax score_i + gamma * r_i;
+  DPP (Chen, Zhang, Zhou, NeurIPS 2018): picks argmax 2 alpha score_i + log r_i^2, alpha = theta / (2 (1 - theta)).
+For the DPP kernel L = diag(q) S diag(q) with the cosine similarity S = V V^T and q_i = exp(alpha score_i),
+r_i^2 is the Schur complement d_i^2 of Chen et al.'s incremental Cholesky divided by q_i^2, so the
+DPP step is their fast greedy MAP step, computed in the log domain (q itself overflows float32 for
+large alpha * score). S = V V^T is a Gram matrix, hence PSD as is; (1 + S) / 2 is not used, as it
+makes orthogonal items look half-similar and weakens the diversity the kernel is there for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+METHODS = ("none", "ssd", "dpp")
+
+# The window's Gram matrix is regularised by this before its Cholesky factorisation, so a window
+# holding duplicates (a singular Gram) still factorises; a candidate equal to a window item then
+# keeps a residual^2 of at most this much instead of exactly 0.
+_GRAM_JITTER = 1e-5
+# DPP stops (pads -1) once the best remaining residual^2 falls below this: the marginal log-det
+# gain is then numerically -inf (float32 rounding and the jitter above are ~1e-5).
+_MIN_DPP_RESIDUAL2 = 1e-4
+# Residual norms below this are rank-deficient picks: they add no direction to the basis.
+_MIN_BASIS_NORM = 1e-3
+
+
+def _normalise(embeddings: tf.Tensor) -> tf.Tensor:
+  """Rows scaled to unit L2 norm; all-zero rows stay zero (they have no direction to diversify)."""
+  return tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1, epsilon=1e-12)
+
+
+def _greedy(
+  embeddings: tf.Tensor,
+  scores: tf.Tensor,
+  valid: tf.Tensor,
+  k: int,
+  window: tf.Tensor,
+  gain: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+  min_residual2: float | None,
+) -> tf.Tensor:
+  """The greedy loop both methods share; returns int32 [B, k] positions, -1 when nothing is left.
+
+  Args:
+    embeddings: float [B, n, d] candidate embeddings (normalised here).
+    scores: float [B, n].
+    valid: bool [B, n]; False candidates are never picked.
+    k: static number of picks.
+    window: int32 scalar; residuals are taken against the span of the last `window` picks.
+    gain: (scores, residual2) -> float [B, n] objective of each candidate at this step.
+    min_residual2: candidates whose residual^2 is at or below this are never picked (DPP's log-det gain
+      is numerically -inf there); None for SSD, which still ranks a duplicate by its score.
+
+  Each step costs O(n d) while the window fills (the new pick's Gram-Schmidt direction lowers every
+  residual^2, which is Chen et al.'s incremental Cholesky in vector form: it keeps the [k, d] basis
+  rather than their [n, k] Cholesky rows, so a step needs V q, not also C c_j). Once the window
+  slides, dropping the oldest pick changes the basis of the rest, so each step rebuilds the window's
+  orthonormal basis from its Gram matrix (Cholesky of a [k, k] matrix, O(k^2 d)) and re-projects all
+  candidates (one [n, d] x [d, k] matmul). With n <= ~1000, k <= ~100 and d <= 128 that is a few
+  small batched ops per step with no inner loop over the window, which beats a Gram-Schmidt loop of
+  `window` steps in op count (what dominates at these sizes) and is exact in span, unlike
+  downdating the old basis. The buffers are [B, k, ...], static in k, so XLA can compile the loop.
+  """
+  v = _normalise(embeddings)  # [B, n, d]
+  scores = tf.cast(scores, tf.float32)
+  valid = tf.cast(valid, tf.bool)
+  window = tf.minimum(tf.cast(tf.reshape(window, []), tf.int32), k)
+  batch, n, dim = tf.shape(v)[0], tf.shape(v)[1], tf.shape(v)[2]
+  norm2 = tf.reduce_sum(tf.square(v), axis=-1)  # [B, n]: 1, or 0 for an all-zero embedding.
+  slots = tf.range(k)
+
+  def step(t, picks, picked_vectors, basis, residual2, available):
+    objective = gain(scores, residual2)
+    allowed = available if min_residual2 is None else tf.logical_and(available, residual2 > min_residual2)
+    objective = tf.where(allowed, objective, tf.constant(-np.inf, tf.float32))
+    best = tf.argmax(objective, axis=1, output_type=tf.int32)  # [B]
+    found = tf.reduce_any(allowed, axis=1)  # [B]
+    pick = tf.where(found, best, -1)
+    chosen = tf.logical_and(tf.one_hot(best, n, on_value=True, off_value=False), found[:, tf.newaxis])
+    available = tf.logical_and(available, tf.logical_not(chosen))
+    at_t = tf.equal(slots, t)  # [k]
+    picks = tf.where(at_t[tf.newaxis, :], pick[:, tf.newaxis], picks)
+    new_vector = tf.gather(v, best, batch_dims=1) * tf.cast(found, tf.float32)[:, tf.newaxis]  # [B, d]
+    picked_vectors = tf.where(at_t[tf.newaxis, :, tf.newaxis], new_vector[:, tf.newaxis, :], picked_vectors)
+
+    def extend() -> tuple[tf.Tensor, tf.Tensor]:
+      # Gram-Schmidt of the new pick against the basis, twice for float32 orthogonality ("twice is enough").
+      direction = new_vector
+      for _ in range(2):
+        direction -= tf.einsum("bk,bkd->bd", tf.einsum("bkd,bd->bk", basis, direction), basis)
+      length = tf.norm(direction, axis=-1, keepdims=True)
+      direction = tf.where(length > _MIN_BASIS_NORM, direction / tf.maximum(length, 1e-12), 0.0)
+      new_basis = tf.where(at_t[tf.newaxis, :, tf.newaxis], direction[:, tf.newaxis, :], basis)
+      along = tf.einsum("bnd,bd->bn", v, direction)
+      return new_basis, tf.maximum(residual2 - tf.square(along), 0.0)
+
+    def rebuild() -> tuple[tf.Tensor, tf.Tensor]:
+      # The window is picks t-window+1..t; its orthonormal basis is L^-1 W with L L^T = W W^T.
+      inside = tf.logical_and(slots <= t, slots > t - window)  # [k]
+      weights = tf.cast(inside, tf.float32)
+      members = picked_vectors * weights[tf.newaxis, :, tf.newaxis]  # [B, k, d]
+      gram = tf.matmul(members, members, transpose_b=True)
+      # Slots outside the window get a unit diagonal (their rows are zero, so their basis rows stay zero).
+      gram += tf.linalg.diag(tf.where(inside, _GRAM_JITTER, 1.0))[tf.newaxis]
+      new_basis = tf.linalg.triangular_solve(tf.linalg.cholesky(gram), members, lower=True)
+      along = tf.matmul(v, new_basis, transpose_b=True)  # [B, n, k]
+      return new_basis, tf.maximum(norm2 - tf.reduce_sum(tf.square(along), axis=-1), 0.0)
+
+    # While t < window the window only grows; from then on each pick pushes the oldest one out.
+    basis, residual2 = tf.cond(t < window, extend, rebuild)
+    return t + 1, picks, picked_vectors, basis, residual2, available
+
+  state = (
+    tf.constant(0),
+    tf.fill([batch, k], -1),
+    tf.zeros([batch, k, dim]),
+    tf.zeros([batch, k, dim]),
+    norm2,
+    valid,
+  )
+  _, picks, *_ = tf.while_loop(lambda t, *_: t < k, step, state, maximum_iterations=k)
+  return tf.ensure_shape(picks, [None, k])
+
+
+def _ssd_numeric(embeddings, scores, valid, k, window, gamma):
+  gamma = tf.cast(tf.reshape(gamma, []), tf.float32)
+  return _greedy(embeddings, scores, valid, k, window, lambda s, r2: s + gamma * tf.sqrt(r2), None)
+
+
+def _dpp_numeric(embeddings, scores, valid, k, theta, window):
+  theta = tf.cast(tf.reshape(theta, []), tf.float32)
+  alpha = theta / (2.0 * (1.0 - theta))
+  return _greedy(
+    embeddings, scores, valid, k, window, lambda s, r2: 2.0 * alpha * s + tf.math.log(r2), _MIN_DPP_RESIDUAL2
+  )
+
+
+# The same numerics compiled by XLA as one cluster per (k, shapes); knob checks stay outside, since
+# XLA drops Assert ops.
+_ssd_xla = tf.function(_ssd_numeric, jit_compile=True, autograph=False)
+_dpp_xla = tf.function(_dpp_numeric, jit_compile=True, autograph=False)
+
+
+def _check_window(window: tf.Tensor) -> tf.Tensor:
+  window = tf.cast(tf.reshape(window, []), tf.int32)
+  check = tf.debugging.Assert(window >= 1, ["diversity window must be >= 1; got", window], name="check_window")
+  with tf.control_dependencies([check]):
+    return tf.identity(window)
+
+
+def _check_gamma(gamma: tf.Tensor) -> tf.Tensor:
+  gamma = tf.cast(tf.reshape(gamma, []), tf.float32)
+  ok = tf.logical_and(gamma >= 0.0, tf.math.is_finite(gamma))
+  check = tf.debugging.Assert(ok, ["ssd gamma must be a finite number >= 0; got", gamma], name="check_gamma")
+  with tf.control_dependencies([check]):
+    return tf.identity(gamma)
+
+
+def _check_theta(theta: tf.Tensor) -> tf.Tensor:
+  theta = tf.cast(tf.reshape(theta, []), tf.float32)
+  ok = tf.logical_and(theta >= 0.0, theta < 1.0)
+  check = tf.debugging.Assert(ok, ["dpp theta must be in [0, 1); got", theta], name="check_theta")
+  with tf.control_dependencies([check]):
+    return tf.identity(theta)
+
+
+def ssd(
+  embeddings: tf.Tensor,
+  scores: tf.Tensor,
+  valid: tf.Tensor,
+  k: int,
+  window: tf.Tensor | int,
+  gamma: tf.Tensor | float,
+  jit_compile: bool = False,
+) -> tf.Tensor:
+  """Sliding Spectrum Decomposition, greedy: each step picks argmax score_i + gamma * residual_i.
+
+  residual_i is the norm of the normalised v_i orthogonal to the span of the last `window` picks, so
+  the first pick is the best score and gamma = 0 is the top-k by score.
+
+  Args:
+    embeddings: float32 [B, n, d], normalised here.
+    scores: float32 [B, n], higher is better (any real).
+    valid: bool [B, n]; False candidates (padding, filtered) are never picked.
+    k: static number of picks (the output width).
+    window: int32 scalar tensor >= 1; a window >= k never slides.
+    gamma: float32 scalar tensor >= 0, the weight of diversity against score.
+    jit_compile: run the loop as an XLA cluster (knob checks stay outside it).
+
+  Returns:
+    int32 [B, k]: positions into n in pick order; -1 once a row has no valid candidate left.
+  """
+  window, gamma = _check_window(window), _check_gamma(gamma)
+  return (_ssd_xla if jit_compile else _ssd_numeric)(embeddings, scores, valid, k, window, gamma)
+
+
+def dpp(
+  embeddings: tf.Tensor,
+  scores: tf.Tensor,
+  valid: tf.Tensor,
+  k: int,
+  theta: tf.Tensor | float,
+  window: tf.Tensor | int,
+  jit_compile: bool = False,
+) -> tf.Tensor:
+  """Fast greedy MAP of a DPP with kernel diag(q) S diag(q): each step maximises the log det gain.
+
+  S is the cosine similarity of the embeddings and q_i = exp(alpha * score_i) with
+  alpha = theta / (2 (1 - theta)), Chen et al.'s relevance/diversity trade-off: theta = 0 is pure
+  diversity (ties, such as the first pick, go to the lowest position), theta -> 1 approaches top-k.
+  `window` is their sliding window (section 4.2): the log det is taken over the last `window` picks
+  and the candidate. A row stops early (-1) once no candidate adds a numerically non-zero residual,
+  so with window >= d at most d (the rank of S) items are picked.
+
+  Args:
+    embeddings: float32 [B, n, d], normalised here.
+    scores: float32 [B, n], higher is better (any real).
+    valid: bool [B, n]; False candidates are never picked.
+    k: static number of picks.
+    theta: float32 scalar tensor in [0, 1).
+    window: int32 scalar tensor >= 1; a window >= k is the plain (windowless) greedy DPP.
+    jit_compile: run the loop as an XLA cluster (knob checks stay outside it).
+
+  Returns:
+    int32 [B, k]: positions into n in pick order, -1 after the last pick.
+  """
+  theta, window = _check_theta(theta), _check_window(window)
+  return (_dpp_xla if jit_compile else _dpp_numeric)(embeddings, scores, valid, k, theta, window)
+
+
+def top_k(scores: tf.Tensor, valid: tf.Tensor, k: int) -> tf.Tensor:
+  """The k best valid positions by score, int32 [B, k], -1 where fewer than k are valid."""
+  scores = tf.where(tf.cast(valid, tf.bool), tf.cast(scores, tf.float32), tf.constant(-np.inf, tf.float32))
+  # Pad to k columns so top_k is defined for short candidate lists; -inf marks the empty slots.
+  scores = tf.pad(scores, [[0, 0], [0, tf.maximum(k - tf.shape(scores)[1], 0)]], constant_values=-np.inf)
+  best, positions = tf.math.top_k(scores, k=k)
+  return tf.where(best > -np.inf, positions, -1)
+
+
+def rerank(
+  method: tf.Tensor | str,
+  embeddings: tf.Tensor,
+  scores: tf.Tensor,
+  valid: tf.Tensor,
+  k: int,
+  window: tf.Tensor | int,
+  gamma: tf.Tensor | float,
+  theta: tf.Tensor | float,
+  jit_compile: bool = False,
+) -> tf.Tensor:
+  """Re-ranks with the per-request `method`: "none" (top-k by score), "ssd" or "dpp".
+
+  Only the chosen method runs (a `tf.switch_case`); its knobs are checked (window >= 1 for both,
+  gamma >= 0 for ssd, 0 <= theta < 1 for dpp), and an unknown method or a bad knob fails the request
+  with InvalidArgument. Arguments as in `ssd` and `dpp`; `jit_compile` compiles their loops with XLA
+  (the string method cannot enter XLA, so the dispatch stays a plain graph).
+
+  Returns:
+    int32 [B, k] positions into n in pick order, -1 padded.
+  """
+  method = tf.reshape(tf.convert_to_tensor(method, tf.string), [])
+  index = tf.constant(-1)
+  for i, name in enumerate(METHODS):
+    index = tf.where(tf.equal(method, name), i, index)
+  check = tf.debugging.Assert(
+    index >= 0, ["diversity method must be one of none, ssd, dpp; got", method], name="check_method"
+  )
+  with tf.control_dependencies([check]):
+    index = tf.identity(index)
+  branches = [
+    lambda: top_k(scores, valid, k),
+    lambda: ssd(embeddings, scores, valid, k, window, gamma, jit_compile),
+    lambda: dpp(embeddings, scores, valid, k, theta, window, jit_compile),
+  ]
+  return tf.ensure_shape(tf.switch_case(index, branches), [None, k])
