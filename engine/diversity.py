@@ -24,20 +24,22 @@ import tensorflow as tf
 
 METHODS = ("none", "ssd", "dpp")
 
-# The window's Gram matrix is regularised by this before its Cholesky factorisation, so a window
-# holding duplicates (a singular Gram) still factorises; a candidate equal to a window item then
-# keeps a residual^2 of at most this much instead of exactly 0.
-_GRAM_JITTER = 1e-5
 # DPP stops (pads -1) once the best remaining residual^2 falls below this: the marginal log-det
-# gain is then numerically -inf (float32 rounding and the jitter above are ~1e-5).
+# gain is then numerically -inf (float32 rounding of the tracked residuals is ~1e-6).
 _MIN_DPP_RESIDUAL2 = 1e-4
-# Residual norms below this are rank-deficient picks: they add no direction to the basis.
+# A pick whose residual norm is below this adds no direction to the window's span (a duplicate), and
+# an inactive pick relying less than this on a leaving one does not replace it.
 _MIN_BASIS_NORM = 1e-3
 
 
 def _normalise(embeddings: tf.Tensor) -> tf.Tensor:
   """Rows scaled to unit L2 norm; all-zero rows stay zero (they have no direction to diversify)."""
   return tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1, epsilon=1e-12)
+
+
+def _dot(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+  """Row-wise dot products of a [B, m, d] with b [B, d]: [B, m]."""
+  return tf.einsum("bmd,bd->bm", a, b)
 
 
 def _greedy(
@@ -61,70 +63,90 @@ def _greedy(
     min_residual2: candidates whose residual^2 is at or below this are never picked (DPP's log-det gain
       is numerically -inf there); None for SSD, which still ranks a duplicate by its score.
 
-  Each step costs O(n d) while the window fills (the new pick's Gram-Schmidt direction lowers every
-  residual^2, which is Chen et al.'s incremental Cholesky in vector form: it keeps the [k, d] basis
-  rather than their [n, k] Cholesky rows, so a step needs V q, not also C c_j). Once the window
-  slides, dropping the oldest pick changes the basis of the rest, so each step rebuilds the window's
-  orthonormal basis from its Gram matrix (Cholesky of a [k, k] matrix, O(k^2 d)) and re-projects all
-  candidates (one [n, d] x [d, k] matmul). With n <= ~1000, k <= ~100 and d <= 128 that is a few
-  small batched ops per step with no inner loop over the window, which beats a Gram-Schmidt loop of
-  `window` steps in op count (what dominates at these sizes) and is exact in span, unlike
-  downdating the old basis. The buffers are [B, k, ...], static in k, so XLA can compile the loop.
+  Every candidate's residual^2 is kept up to date with one O(n d) product per change of the window's
+  span, and the span is tracked by the dual basis of the window's picks: vectors D_j in the span with
+  D_j . p_l = delta_jl (D = G^-1 W for the window's Gram matrix G). Both ends of the window then
+  cost O(k d), with no factorisation and no loop over the window inside a step:
+    adding pick p: its direction r = p - W^T D p is orthogonal to the span, residual^2 -= (V r/|r|)^2;
+      this is Chen et al.'s incremental Cholesky in vector form (their Cholesky row of candidate i is
+      v_i's coordinates along the normalised r's), keeping [k, d] vectors, not their [n, k] rows;
+    dropping the oldest pick a: u = D_a / |D_a| is the one direction of the span orthogonal to the
+      other picks, so residual^2 += (V u)^2 and the other duals lose their u component.
+  A pick inside the span (|r| ~ 0, a duplicate, which SSD may choose) adds no direction and stays
+  inactive; if an active pick leaves while an inactive one still depends on it, the inactive one takes
+  its place (a pivot, as in the simplex method) and the span does not change. Rebuilding the window's
+  basis each step instead (a Cholesky of its Gram matrix, then projecting all n candidates) measured
+  ~25 ms per request for n = 400, k = 50, window = 10 under XLA, against ~1.5 ms for this.
+  The buffers are [B, k, ...], static in k, so XLA can compile the loop.
   """
   v = _normalise(embeddings)  # [B, n, d]
   scores = tf.cast(scores, tf.float32)
   valid = tf.cast(valid, tf.bool)
-  window = tf.minimum(tf.cast(tf.reshape(window, []), tf.int32), k)
+  window = tf.cast(tf.reshape(window, []), tf.int32)
   batch, n, dim = tf.shape(v)[0], tf.shape(v)[1], tf.shape(v)[2]
   norm2 = tf.reduce_sum(tf.square(v), axis=-1)  # [B, n]: 1, or 0 for an all-zero embedding.
   slots = tf.range(k)
 
-  def step(t, picks, picked_vectors, basis, residual2, available):
+  def step(t, picks, picked, duals, active, residual2, available):
     objective = gain(scores, residual2)
     allowed = available if min_residual2 is None else tf.logical_and(available, residual2 > min_residual2)
     objective = tf.where(allowed, objective, tf.constant(-np.inf, tf.float32))
     best = tf.argmax(objective, axis=1, output_type=tf.int32)  # [B]
     found = tf.reduce_any(allowed, axis=1)  # [B]
-    pick = tf.where(found, best, -1)
     chosen = tf.logical_and(tf.one_hot(best, n, on_value=True, off_value=False), found[:, tf.newaxis])
     available = tf.logical_and(available, tf.logical_not(chosen))
-    at_t = tf.equal(slots, t)  # [k]
-    picks = tf.where(at_t[tf.newaxis, :], pick[:, tf.newaxis], picks)
-    new_vector = tf.gather(v, best, batch_dims=1) * tf.cast(found, tf.float32)[:, tf.newaxis]  # [B, d]
-    picked_vectors = tf.where(at_t[tf.newaxis, :, tf.newaxis], new_vector[:, tf.newaxis, :], picked_vectors)
+    at_t = tf.equal(slots, t)[tf.newaxis, :]  # [1, k]
+    picks = tf.where(at_t, tf.where(found, best, -1)[:, tf.newaxis], picks)
+    pick = tf.gather(v, best, batch_dims=1) * tf.cast(found, tf.float32)[:, tf.newaxis]  # [B, d]
+    picked = tf.where(at_t[..., tf.newaxis], pick[:, tf.newaxis, :], picked)
 
-    def extend() -> tuple[tf.Tensor, tf.Tensor]:
-      # Gram-Schmidt of the new pick against the basis, twice for float32 orthogonality ("twice is enough").
-      direction = new_vector
-      for _ in range(2):
-        direction -= tf.einsum("bk,bkd->bd", tf.einsum("bkd,bd->bk", basis, direction), basis)
-      length = tf.norm(direction, axis=-1, keepdims=True)
-      direction = tf.where(length > _MIN_BASIS_NORM, direction / tf.maximum(length, 1e-12), 0.0)
-      new_basis = tf.where(at_t[tf.newaxis, :, tf.newaxis], direction[:, tf.newaxis, :], basis)
-      along = tf.einsum("bnd,bd->bn", v, direction)
-      return new_basis, tf.maximum(residual2 - tf.square(along), 0.0)
+    def drop_oldest() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+      oldest = tf.equal(slots, t - window)[tf.newaxis, :]  # [1, k]
+      dual = tf.reduce_sum(tf.where(oldest[..., tf.newaxis], duals, 0.0), axis=1)  # [B, d]
+      length = tf.norm(dual, axis=-1, keepdims=True)
+      u = dual / tf.maximum(length, 1e-12)  # Zero if the oldest pick was inactive: nothing changes.
+      others = tf.logical_and(slots > t - window, slots < t)[tf.newaxis, :]  # Still in the window.
+      # An inactive pick of the window that depends on the oldest one takes its place.
+      reliance = tf.where(tf.logical_and(others, tf.logical_not(active)), tf.abs(_dot(picked, u)), 0.0)
+      heir = tf.argmax(reliance, axis=1, output_type=tf.int32)
+      pivot = tf.reduce_max(reliance, axis=1) > _MIN_BASIS_NORM  # [B]
+      heir_vector = tf.gather(picked, heir, batch_dims=1)
+      heir_dual = dual / tf.where(pivot, tf.reduce_sum(dual * heir_vector, -1), 1.0)[:, tf.newaxis]
+      pivoted = duals - _dot(duals, heir_vector)[..., tf.newaxis] * heir_dual[:, tf.newaxis, :]
+      is_heir = tf.equal(slots[tf.newaxis, :], heir[:, tf.newaxis])  # [B, k]
+      pivoted = tf.where(is_heir[..., tf.newaxis], heir_dual[:, tf.newaxis, :], pivoted)
+      # Otherwise u leaves the span: the other duals lose their u component, residuals gain it back.
+      shrunk = duals - _dot(duals, u)[..., tf.newaxis] * u[:, tf.newaxis, :]
+      new_duals = tf.where(pivot[:, tf.newaxis, tf.newaxis], pivoted, shrunk)
+      new_duals = tf.where(others[..., tf.newaxis], new_duals, 0.0)
+      new_active = tf.logical_and(tf.logical_or(active, tf.logical_and(is_heir, pivot[:, tf.newaxis])), others)
+      regained = tf.where(pivot[:, tf.newaxis], 0.0, tf.square(_dot(v, u)))
+      return new_duals, new_active, residual2 + regained
 
-    def rebuild() -> tuple[tf.Tensor, tf.Tensor]:
-      # The window is picks t-window+1..t; its orthonormal basis is L^-1 W with L L^T = W W^T.
-      inside = tf.logical_and(slots <= t, slots > t - window)  # [k]
-      weights = tf.cast(inside, tf.float32)
-      members = picked_vectors * weights[tf.newaxis, :, tf.newaxis]  # [B, k, d]
-      gram = tf.matmul(members, members, transpose_b=True)
-      # Slots outside the window get a unit diagonal (their rows are zero, so their basis rows stay zero).
-      gram += tf.linalg.diag(tf.where(inside, _GRAM_JITTER, 1.0))[tf.newaxis]
-      new_basis = tf.linalg.triangular_solve(tf.linalg.cholesky(gram), members, lower=True)
-      along = tf.matmul(v, new_basis, transpose_b=True)  # [B, n, k]
-      return new_basis, tf.maximum(norm2 - tf.reduce_sum(tf.square(along), axis=-1), 0.0)
-
-    # While t < window the window only grows; from then on each pick pushes the oldest one out.
-    basis, residual2 = tf.cond(t < window, extend, rebuild)
-    return t + 1, picks, picked_vectors, basis, residual2, available
+    duals, active, residual2 = tf.cond(
+      t >= window, drop_oldest, lambda: (duals, tf.logical_and(active, slots[tf.newaxis, :] < t), residual2)
+    )
+    # The new pick's direction outside the span, projected out twice for float32 ("twice is enough").
+    direction = pick
+    for _ in range(2):
+      direction -= tf.einsum("bk,bkd->bd", _dot(duals, direction), picked)
+    length = tf.norm(direction, axis=-1)
+    adds = length > _MIN_BASIS_NORM  # [B]
+    own_dual = direction / tf.where(adds, tf.reduce_sum(direction * pick, -1), 1.0)[:, tf.newaxis]
+    own_dual = tf.where(adds[:, tf.newaxis], own_dual, 0.0)
+    duals -= _dot(duals, pick)[..., tf.newaxis] * own_dual[:, tf.newaxis, :]
+    duals = tf.where(at_t[..., tf.newaxis], own_dual[:, tf.newaxis, :], duals)
+    active = tf.logical_or(active, tf.logical_and(at_t, adds[:, tf.newaxis]))
+    unit = direction / tf.maximum(length, 1e-12)[:, tf.newaxis] * tf.cast(adds, tf.float32)[:, tf.newaxis]
+    residual2 = tf.clip_by_value(residual2 - tf.square(_dot(v, unit)), 0.0, norm2)
+    return t + 1, picks, picked, duals, active, residual2, available
 
   state = (
     tf.constant(0),
     tf.fill([batch, k], -1),
     tf.zeros([batch, k, dim]),
     tf.zeros([batch, k, dim]),
+    tf.zeros([batch, k], tf.bool),
     norm2,
     valid,
   )

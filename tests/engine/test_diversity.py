@@ -84,12 +84,12 @@ def _inputs(seed: int, batch: int = 3, n: int = 24, d: int = 8, invalid: float =
   return embeddings, scores, valid
 
 
-def _check(method, reference, seed, k, window, knob, **inputs_options):
-  embeddings, scores, valid = _inputs(seed, **inputs_options)
+def _check(method, reference, inputs, k, window, knob):
+  embeddings, scores, valid = inputs
   got = method(embeddings, scores, valid, k, window, knob)
   for b in range(len(scores)):
     expected, margin = reference(embeddings[b], scores[b], valid[b], k, window, knob)
-    assert margin > _MARGIN, f"seed {seed} row {b}: gains too close ({margin}) to compare picks"
+    assert margin > _MARGIN, f"row {b}: gains too close ({margin}) to compare picks"
     np.testing.assert_array_equal(got[b], expected, err_msg=f"row {b}")
 
 
@@ -113,14 +113,35 @@ _DPP = {
 @pytest.mark.parametrize("window", [1, 3, 10])
 def test_ssd_matches_reference(jit, window):
   # k = 10 picks out of ~18 valid; window 10 >= k never slides, window 1 only avoids the last pick.
-  _check(_SSD[jit], ssd_reference, seed=window, k=10, window=window, knob=0.7)
+  _check(_SSD[jit], ssd_reference, _inputs(window), k=10, window=window, knob=0.7)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
 @pytest.mark.parametrize("window", [1, 3, 10])
 def test_dpp_matches_reference(jit, window):
   # d = 8 < k = 10: without a slide the DPP stops after 8 picks (S has rank 8), padding -1.
-  _check(_DPP[jit], dpp_reference, seed=10 + window, k=10, window=window, knob=0.6)
+  _check(_DPP[jit], dpp_reference, _inputs(10 + window), k=10, window=window, knob=0.6)
+
+
+def test_ssd_with_duplicates_in_the_window():
+  # Every candidate has a scaled copy, and gamma is small, so copies are picked while their original
+  # is in the window (they add no direction) and stay after it leaves (they take over its direction).
+  embeddings, scores, valid = _inputs(31, batch=2, n=16, d=6, invalid=0.0)
+  embeddings[:, 8:] = 3.0 * embeddings[:, :8]
+  _check(_SSD[False], ssd_reference, (embeddings, scores, valid), k=12, window=3, knob=0.3)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_ssd_duplicate_keeps_the_direction_of_its_leaving_original(jit):
+  # A' duplicates A and is picked right after it (adding no direction); when A leaves the window of 2,
+  # A' still spans e1, so X (mostly e1) must keep its small residual and lose to W at step 3.
+  a, a_copy, x, y, w = np.eye(4)[0], 2 * np.eye(4)[0], [0.9, 0.436, 0, 0], np.eye(4)[2], np.eye(4)[3]
+  embeddings = np.array([[a, a_copy, x, y, w]], np.float32)
+  scores = np.array([[3.0, 2.9, 2.0, 1.999, 1.995]], np.float32)
+  valid = np.ones([1, 5], bool)
+  got = _SSD[jit](embeddings, scores, valid, 5, 2, 0.05)
+  np.testing.assert_array_equal(got[0], [0, 1, 3, 4, 2])
+  _check(_SSD[jit], ssd_reference, (embeddings, scores, valid), k=5, window=2, knob=0.05)
 
 
 def test_more_picks_than_valid_candidates_pads():
