@@ -17,6 +17,7 @@ makes orthogonal items look half-similar and weakens the diversity the kernel is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -37,9 +38,19 @@ def _normalise(embeddings: tf.Tensor) -> tf.Tensor:
   return tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1, epsilon=1e-12)
 
 
-def _dot(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-  """Row-wise dot products of a [B, m, d] with b [B, d]: [B, m]."""
+def _dot_matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+  """Row-wise dot products of a [B, m, d] with b [B, d]: [B, m], as a batched matvec (for XLA)."""
   return tf.einsum("bmd,bd->bm", a, b)
+
+
+def _dot_sum(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+  """The same as a multiply and a sum (for a plain graph).
+
+  In a plain graph TF's BatchMatMul costs ~60 us a call at these sizes, and the loop makes ~10 such
+  calls per step: a multiply and a sum ran the whole loop 2-4x faster at batch 1. Under XLA the
+  matvec form measured up to 2x faster at batch 32 (its dot emitter beats the fused reduction).
+  """
+  return tf.reduce_sum(a * b[:, tf.newaxis, :], axis=-1)
 
 
 def _greedy(
@@ -50,6 +61,7 @@ def _greedy(
   window: tf.Tensor,
   gain: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
   min_residual2: float | None,
+  for_xla: bool,
 ) -> tf.Tensor:
   """The greedy loop both methods share; returns int32 [B, k] positions, -1 when nothing is left.
 
@@ -62,6 +74,7 @@ def _greedy(
     gain: (scores, residual2) -> float [B, n] objective of each candidate at this step.
     min_residual2: candidates whose residual^2 is at or below this are never picked (DPP's log-det gain
       is numerically -inf there); None for SSD, which still ranks a duplicate by its score.
+    for_xla: whether the loop will be XLA-compiled, which picks the faster form of the dot products.
 
   Every candidate's residual^2 is kept up to date with one O(n d) product per change of the window's
   span, and the span is tracked by the dual basis of the window's picks: vectors D_j in the span with
@@ -86,6 +99,7 @@ def _greedy(
   batch, n, dim = tf.shape(v)[0], tf.shape(v)[1], tf.shape(v)[2]
   norm2 = tf.reduce_sum(tf.square(v), axis=-1)  # [B, n]: 1, or 0 for an all-zero embedding.
   slots = tf.range(k)
+  _dot = _dot_matmul if for_xla else _dot_sum
 
   def step(t, picks, picked, duals, active, residual2, available):
     objective = gain(scores, residual2)
@@ -154,23 +168,22 @@ def _greedy(
   return tf.ensure_shape(picks, [None, k])
 
 
-def _ssd_numeric(embeddings, scores, valid, k, window, gamma):
+def _ssd_numeric(embeddings, scores, valid, k, window, gamma, for_xla=False):
   gamma = tf.cast(tf.reshape(gamma, []), tf.float32)
-  return _greedy(embeddings, scores, valid, k, window, lambda s, r2: s + gamma * tf.sqrt(r2), None)
+  return _greedy(embeddings, scores, valid, k, window, lambda s, r2: s + gamma * tf.sqrt(r2), None, for_xla)
 
 
-def _dpp_numeric(embeddings, scores, valid, k, theta, window):
+def _dpp_numeric(embeddings, scores, valid, k, theta, window, for_xla=False):
   theta = tf.cast(tf.reshape(theta, []), tf.float32)
   alpha = theta / (2.0 * (1.0 - theta))
-  return _greedy(
-    embeddings, scores, valid, k, window, lambda s, r2: 2.0 * alpha * s + tf.math.log(r2), _MIN_DPP_RESIDUAL2
-  )
+  objective = lambda s, r2: 2.0 * alpha * s + tf.math.log(r2)  # noqa: E731
+  return _greedy(embeddings, scores, valid, k, window, objective, _MIN_DPP_RESIDUAL2, for_xla)
 
 
 # The same numerics compiled by XLA as one cluster per (k, shapes); knob checks stay outside, since
 # XLA drops Assert ops.
-_ssd_xla = tf.function(_ssd_numeric, jit_compile=True, autograph=False)
-_dpp_xla = tf.function(_dpp_numeric, jit_compile=True, autograph=False)
+_ssd_xla = tf.function(functools.partial(_ssd_numeric, for_xla=True), jit_compile=True, autograph=False)
+_dpp_xla = tf.function(functools.partial(_dpp_numeric, for_xla=True), jit_compile=True, autograph=False)
 
 
 def _check_window(window: tf.Tensor) -> tf.Tensor:
