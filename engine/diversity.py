@@ -68,7 +68,7 @@ def _greedy(
   Args:
     embeddings: float [B, n, d] candidate embeddings (normalised here).
     scores: float [B, n].
-    valid: bool [B, n]; False candidates are never picked.
+    valid: bool [B, n]; False candidates (and -inf or NaN scores) are never picked.
     k: static number of picks.
     window: int32 scalar; residuals are taken against the span of the last `window` picks.
     gain: (scores, residual2) -> float [B, n] objective of each candidate at this step.
@@ -92,11 +92,16 @@ def _greedy(
   ~25 ms per request for n = 400, k = 50, window = 10 under XLA, against ~1.5 ms for this.
   The buffers are [B, k, ...], static in k, so XLA can compile the loop.
   """
-  v = _normalise(embeddings)  # [B, n, d]
-  scores = tf.cast(scores, tf.float32)
-  valid = tf.cast(valid, tf.bool)
+  # One invalid candidate appended after the n, so argmax has a column even when n = 0; it is never
+  # picked, so positions stay positions into n. Scores of -inf or NaN are never picked either (with
+  # an -inf gain, argmax could not tell them from the masked candidates).
+  v = tf.pad(_normalise(embeddings), [[0, 0], [0, 1], [0, 0]])  # [B, n + 1, d]
+  scores = tf.pad(tf.cast(scores, tf.float32), [[0, 0], [0, 1]])
+  valid = tf.pad(tf.cast(valid, tf.bool), [[0, 0], [0, 1]], constant_values=False)
+  valid = tf.logical_and(valid, scores > -np.inf)
   window = tf.cast(tf.reshape(window, []), tf.int32)
-  batch, n, dim = tf.shape(v)[0], tf.shape(v)[1], tf.shape(v)[2]
+  batch, dim = tf.shape(v)[0], tf.shape(v)[2]
+  positions = tf.zeros_like(valid, tf.int32) + tf.range(tf.shape(v)[1])  # [B, n + 1], static like `valid`.
   norm2 = tf.reduce_sum(tf.square(v), axis=-1)  # [B, n]: 1, or 0 for an all-zero embedding.
   slots = tf.range(k)
   _dot = _dot_matmul if for_xla else _dot_sum
@@ -107,7 +112,7 @@ def _greedy(
     objective = tf.where(allowed, objective, tf.constant(-np.inf, tf.float32))
     best = tf.argmax(objective, axis=1, output_type=tf.int32)  # [B]
     found = tf.reduce_any(allowed, axis=1)  # [B]
-    chosen = tf.logical_and(tf.one_hot(best, n, on_value=True, off_value=False), found[:, tf.newaxis])
+    chosen = tf.logical_and(tf.equal(positions, best[:, tf.newaxis]), found[:, tf.newaxis])
     available = tf.logical_and(available, tf.logical_not(chosen))
     at_t = tf.equal(slots, t)[tf.newaxis, :]  # [1, k]
     picks = tf.where(at_t, tf.where(found, best, -1)[:, tf.newaxis], picks)
@@ -225,7 +230,7 @@ def ssd(
 
   Args:
     embeddings: float32 [B, n, d], normalised here.
-    scores: float32 [B, n], higher is better (any real).
+    scores: float32 [B, n], higher is better (any real; -inf or NaN: never picked).
     valid: bool [B, n]; False candidates (padding, filtered) are never picked.
     k: static number of picks (the output width).
     window: int32 scalar tensor >= 1; a window >= k never slides.
@@ -259,7 +264,7 @@ def dpp(
 
   Args:
     embeddings: float32 [B, n, d], normalised here.
-    scores: float32 [B, n], higher is better (any real).
+    scores: float32 [B, n], higher is better (any real; -inf or NaN: never picked).
     valid: bool [B, n]; False candidates are never picked.
     k: static number of picks.
     theta: float32 scalar tensor in [0, 1).
@@ -274,8 +279,10 @@ def dpp(
 
 
 def top_k(scores: tf.Tensor, valid: tf.Tensor, k: int) -> tf.Tensor:
-  """The k best valid positions by score, int32 [B, k], -1 where fewer than k are valid."""
-  scores = tf.where(tf.cast(valid, tf.bool), tf.cast(scores, tf.float32), tf.constant(-np.inf, tf.float32))
+  """The k best valid positions by score, int32 [B, k], -1 where fewer than k are valid (-inf/NaN are not)."""
+  scores = tf.cast(scores, tf.float32)
+  valid = tf.logical_and(tf.cast(valid, tf.bool), scores > -np.inf)
+  scores = tf.where(valid, scores, tf.constant(-np.inf, tf.float32))
   # Pad to k columns so top_k is defined for short candidate lists; -inf marks the empty slots.
   scores = tf.pad(scores, [[0, 0], [0, tf.maximum(k - tf.shape(scores)[1], 0)]], constant_values=-np.inf)
   best, positions = tf.math.top_k(scores, k=k)

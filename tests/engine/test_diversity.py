@@ -156,6 +156,24 @@ def test_more_picks_than_valid_candidates_pads():
     assert (got[1] == -1).all()
 
 
+def test_no_candidates_and_non_finite_scores_are_never_picked():
+  f = tf.function(
+    lambda m, e, s, v: diversity.rerank(m, e, s, v, 3, 2, 0.5, 0.5),
+    input_signature=[
+      tf.TensorSpec([], tf.string),
+      tf.TensorSpec([None, None, 4], tf.float32),
+      tf.TensorSpec([None, None], tf.float32),
+      tf.TensorSpec([None, None], tf.bool),
+    ],
+  )
+  scores = np.array([[1.0, -np.inf, np.nan, 0.5]], np.float32)
+  embeddings = np.eye(4, dtype=np.float32)[None]
+  for method in diversity.METHODS:
+    np.testing.assert_array_equal(f(method, embeddings, scores, np.ones([1, 4], bool)), [[0, 3, -1]], err_msg=method)
+    empty = f(method, np.zeros([2, 0, 4], np.float32), np.zeros([2, 0], np.float32), np.zeros([2, 0], bool))
+    np.testing.assert_array_equal(empty, -np.ones([2, 3]), err_msg=method)
+
+
 def test_gamma_zero_is_top_k():
   embeddings, scores, valid = _inputs(6)
   top = diversity.top_k(scores, valid, 10).numpy()
