@@ -144,6 +144,12 @@ def test_ssd_duplicate_keeps_the_direction_of_its_leaving_original(jit):
   _check(_SSD[jit], ssd_reference, (embeddings, scores, valid), k=5, window=2, knob=0.05)
 
 
+def test_dpp_without_window_is_the_plain_greedy():
+  embeddings, scores, valid = _inputs(12)
+  plain = diversity.dpp(embeddings, scores, valid, 10, 0.6).numpy()  # Eager, too.
+  np.testing.assert_array_equal(plain, _DPP[False](embeddings, scores, valid, 10, 10, 0.6))
+
+
 def test_more_picks_than_valid_candidates_pads():
   embeddings, scores, valid = _inputs(5, batch=2, n=12, d=16, invalid=0.5)
   valid[1] = False  # A row with nothing to pick.
