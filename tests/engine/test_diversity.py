@@ -162,22 +162,44 @@ def test_more_picks_than_valid_candidates_pads():
     assert (got[1] == -1).all()
 
 
-def test_no_candidates_and_non_finite_scores_are_never_picked():
-  f = tf.function(
-    lambda m, e, s, v: diversity.rerank(m, e, s, v, 3, 2, 0.5, 0.5),
-    input_signature=[
-      tf.TensorSpec([], tf.string),
-      tf.TensorSpec([None, None, 4], tf.float32),
-      tf.TensorSpec([None, None], tf.float32),
-      tf.TensorSpec([None, None], tf.bool),
-    ],
+# A serving module as the multi-channel graph would export it: method and knobs are inputs, candidates
+# dynamic in batch and n. One per test module, traced once for the rerank-level tests below.
+_K = 5
+_MODULE = tf.Module()
+
+
+def _signature(jit: bool):
+  @tf.function
+  def rerank(embeddings, scores, valid, method, window, gamma, theta):
+    return {"positions": diversity.rerank(method, embeddings, scores, valid, _K, window, gamma, theta, jit_compile=jit)}
+
+  return rerank.get_concrete_function(
+    tf.TensorSpec([None, None, None], tf.float32, name="embeddings"),
+    tf.TensorSpec([None, None], tf.float32, name="scores"),
+    tf.TensorSpec([None, None], tf.bool, name="valid"),
+    tf.TensorSpec([], tf.string, name="method"),
+    tf.TensorSpec([], tf.int32, name="window"),
+    tf.TensorSpec([], tf.float32, name="gamma"),
+    tf.TensorSpec([], tf.float32, name="theta"),
   )
+
+
+_SIGNATURES = {jit: _signature(jit) for jit in (False, True)}
+
+
+def _serve(method, embeddings, scores, valid, window=3, gamma=0.5, theta=0.5, function=_SIGNATURES[False]):
+  inputs = {"embeddings": embeddings, "scores": scores, "valid": valid, "method": method}
+  inputs |= {"window": np.int32(window), "gamma": np.float32(gamma), "theta": np.float32(theta)}
+  return function(**{name: tf.constant(value) for name, value in inputs.items()})["positions"].numpy()
+
+
+def test_no_candidates_and_non_finite_scores_are_never_picked():
   scores = np.array([[1.0, -np.inf, np.nan, 0.5]], np.float32)
   embeddings = np.eye(4, dtype=np.float32)[None]
   for method in diversity.METHODS:
-    np.testing.assert_array_equal(f(method, embeddings, scores, np.ones([1, 4], bool)), [[0, 3, -1]], err_msg=method)
-    empty = f(method, np.zeros([2, 0, 4], np.float32), np.zeros([2, 0], np.float32), np.zeros([2, 0], bool))
-    np.testing.assert_array_equal(empty, -np.ones([2, 3]), err_msg=method)
+    np.testing.assert_array_equal(_serve(method, embeddings, scores, np.ones([1, 4], bool)), [[0, 3] + [-1] * 3])
+    empty = _serve(method, np.zeros([2, 0, 4], np.float32), np.zeros([2, 0], np.float32), np.zeros([2, 0], bool))
+    np.testing.assert_array_equal(empty, -np.ones([2, _K]), err_msg=method)
 
 
 def test_gamma_zero_is_top_k():
@@ -207,50 +229,25 @@ def _intra_list_distance(embeddings: np.ndarray, picks: np.ndarray) -> float:
 
 def test_diversity_raises_intra_list_distance():
   embeddings, scores, valid = _clustered()
-  k = 5
-  f = tf.function(lambda method: diversity.rerank(method, embeddings, scores, valid, k, 5, 1.0, 0.5))
   distance = {
-    method: _intra_list_distance(embeddings[0], f(tf.constant(method)).numpy()[0]) for method in diversity.METHODS
+    method: _intra_list_distance(embeddings[0], _serve(method, embeddings, scores, valid, window=5, gamma=1.0)[0])
+    for method in diversity.METHODS
   }
   assert distance["none"] < 0.05  # All five from the best cluster.
   assert distance["ssd"] > 0.5 and distance["dpp"] > 0.5, distance
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
-def test_saved_model_answers_the_same(tmp_path, jit):
-  d, k = 8, 6
-  module = tf.Module()
-
-  @tf.function
-  def serve(embeddings, scores, valid, method, window, gamma, theta):
-    return {"positions": diversity.rerank(method, embeddings, scores, valid, k, window, gamma, theta, jit_compile=jit)}
-
-  signature = serve.get_concrete_function(
-    tf.TensorSpec([None, None, d], tf.float32, name="embeddings"),
-    tf.TensorSpec([None, None], tf.float32, name="scores"),
-    tf.TensorSpec([None, None], tf.bool, name="valid"),
-    tf.TensorSpec([], tf.string, name="method"),
-    tf.TensorSpec([], tf.int32, name="window"),
-    tf.TensorSpec([], tf.float32, name="gamma"),
-    tf.TensorSpec([], tf.float32, name="theta"),
+def test_saved_model_answers_the_same(tmp_path):
+  tf.saved_model.save(
+    _MODULE, str(tmp_path), signatures={"rerank": _SIGNATURES[False], "rerank_xla": _SIGNATURES[True]}
   )
-  tf.saved_model.save(module, str(tmp_path), signatures={"rerank": signature})
-  loaded = tf.saved_model.load(str(tmp_path)).signatures["rerank"]
-  embeddings, scores, valid = _inputs(7, batch=2, n=20, d=d)
+  loaded = tf.saved_model.load(str(tmp_path))
+  embeddings, scores, valid = _inputs(7, batch=2, n=20, d=8)
   for method in diversity.METHODS:
-    knobs = {"window": tf.constant(3), "gamma": tf.constant(0.5), "theta": tf.constant(0.5)}
-    got = loaded(
-      embeddings=tf.constant(embeddings),
-      scores=tf.constant(scores),
-      valid=tf.constant(valid),
-      method=tf.constant(method),
-      **knobs,
-    )["positions"].numpy()
-    expected = serve(tf.constant(embeddings), tf.constant(scores), tf.constant(valid), tf.constant(method), **knobs)
-    np.testing.assert_array_equal(got, expected["positions"].numpy(), err_msg=method)
-
-
-_RERANK = tf.function(lambda m, w, g, t: diversity.rerank(m, *_inputs(8, batch=1, n=10), 4, w, g, t))
+    expected = _serve(method, embeddings, scores, valid)
+    for name in ("rerank", "rerank_xla"):  # The XLA signature compiles only after loading.
+      got = _serve(method, embeddings, scores, valid, function=loaded.signatures[name])
+      np.testing.assert_array_equal(got, expected, err_msg=f"{name} {method}")
 
 
 @pytest.mark.parametrize(
@@ -264,8 +261,5 @@ _RERANK = tf.function(lambda m, w, g, t: diversity.rerank(m, *_inputs(8, batch=1
   ],
 )
 def test_bad_method_or_knob_is_invalid_argument(method, knobs, message):
-  values = {"window": 2, "gamma": 0.5, "theta": 0.5} | knobs
   with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-    _RERANK(
-      tf.constant(method), tf.constant(values["window"]), tf.constant(values["gamma"]), tf.constant(values["theta"])
-    )
+    _serve(method, *_inputs(8, batch=1, n=10), **knobs)
