@@ -13,6 +13,10 @@ r_i^2 is the Schur complement d_i^2 of Chen et al.'s incremental Cholesky divide
 DPP step is their fast greedy MAP step, computed in the log domain (q itself overflows float32 for
 large alpha * score). S = V V^T is a Gram matrix, hence PSD as is; (1 + S) / 2 is not used, as it
 makes orthogonal items look half-similar and weakens the diversity the kernel is there for.
+
+Call `rerank(..., jit_compile=True)` when serving: the string dispatch and knob checks stay in the
+plain graph and each method's loop is one XLA cluster, ~1 ms over the top-k for n = 400, d = 64,
+k = 50 on CPU, against ~17 ms as a plain graph (python -m bench.diversity_latency).
 """
 
 from __future__ import annotations
@@ -168,6 +172,8 @@ def _greedy(
     norm2,
     valid,
   )
+  # A Python-unrolled loop of k steps measured slower at n = 400, k = 50 (plain graph 25 vs 18 ms,
+  # XLA 5.9 vs 2.5 ms), and its graph grows with k.
   _, picks, *_ = tf.while_loop(lambda t, *_: t < k, step, state, maximum_iterations=k)
   return tf.ensure_shape(picks, [None, k])
 
