@@ -467,7 +467,9 @@ def publish_rebuilt(
     report = _report(source, version, base_path, "rebuild", ids, states[source.names[0]].eligible)
     report.graph = f"version {source.version}'s" if replacements is not None else "traced"
     report.graph_traced_because = retrace_reason
-    report.index_options = options[source.names[0]]
+    # The options every channel shares; each channel's tuned knobs stay in its own config, so that the
+    # next refresh does not hand the first channel's to the others.
+    report.index_options = {**source.report.index_options, **(index_overrides or {})}
     report.index_config = dict(indexes[0].config) or report.index_config
     report.extra[refresh_state.CHANNEL_INDEX_CONFIGS] = {
       name: dict(index.config) or source.index_config(i) for i, (name, index) in enumerate(zip(source.names, indexes))

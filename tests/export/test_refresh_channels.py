@@ -14,8 +14,10 @@ from export import (
   refresh,
   refresh_channels,
   refresh_delta,
+  refresh_policy,
   refresh_state,
   version_files,
+  version_report,
   versions,
   warmup,
 )
@@ -179,6 +181,7 @@ def test_pause_upsert_and_removal_move_every_channel_under_the_graph_of_version_
   )
   assert set(report[refresh_state.CHANNEL_INDEX_CONFIGS]) == set(NAMES) and report["channel_defaults"]["depths"]
   assert report[refresh_channels.WARMUP_RECALL] == {name: 1.0 for name in NAMES}
+  assert report["index_options"] == {}  # Tuned knobs stay in each channel's config.
   after = _top(report["path"], ["fresh-ad", "ad42", "ad7"])
   for name in NAMES:
     assert after[name][0, 0] == "fresh-ad"
@@ -235,3 +238,29 @@ def test_a_backend_whose_graph_depends_on_its_build_is_traced_anew(exported, tmp
   report = refresh.Refresher(base_path).apply(_lines({"ad_id": "second-ad", "brand": "b"}))
   assert report["graph"] == "traced" and report["num_items"] == NUM_ITEMS + 1
   assert _top(report["path"], ["second-ad"])["efficiency"][0, 0] == "second-ad"
+
+
+def test_each_channel_rebuilds_at_its_depth_with_its_own_tuned_knobs():
+  state = refresh_state.CatalogState(IDS, np.zeros([NUM_ITEMS, DIM], np.float32), np.ones([NUM_ITEMS], bool))
+  configs = {"semantic": {"leaves_to_search": 5}, "efficiency": {"leaves_to_search": 9}}
+  report = version_report.VersionReport(
+    version=1,
+    path="unused",
+    index="scann",
+    k=K,
+    index_options={"num_leaves": 50},
+    index_config=configs["semantic"],
+    extra={
+      refresh_channels.CHANNELS: list(NAMES),
+      refresh_channels.CHANNEL_DEFAULTS: {"depths": [DEPTH, 2 * DEPTH]},
+      refresh_state.CHANNEL_INDEX_CONFIGS: configs,
+    },
+  )
+  source = refresh_channels.ChannelSource(1, "unused", report, list(NAMES), dict.fromkeys(NAMES, state), {})
+  views = [source.channel_view(i).report for i in range(len(NAMES))]
+  assert [view.k for view in views] == [DEPTH, 2 * DEPTH]
+  options = [refresh_policy.rebuild_options(view) for view in views]
+  assert [o["leaves_to_search"] for o in options] == [5, 9] and all(o["num_leaves"] == 50 for o in options)
+  # A report from before per-channel configs: the top-level config is the first channel's only.
+  del report.extra[refresh_state.CHANNEL_INDEX_CONFIGS]
+  assert source.index_config(0) == configs["semantic"] and source.index_config(1) == {}
