@@ -228,6 +228,7 @@ def publish_channels(
         "calibration": built.calibration,
         "calibration_examples": int(num_samples),
         "channel_defaults": graph.defaults.to_json(),
+        refresh_state.CHANNEL_INDEX_CONFIGS: {c.channel_name: dict(c.index.config) for c in graph.channels},
         "data": built.data,
       },
     )

@@ -15,6 +15,9 @@ A status-only delta (pause/resume) does not load N at all: the new version is N'
 with the variables checkpoint rewritten so that only the eligibility mask differs. Servers compare
 nothing but the version number, so this is a full, independent version.
 
+A channel graph (a version whose report lists "channels") is refreshed the same way in every
+channel's index (`refresh_channels`).
+
 This module orchestrates those steps for one model base path, and remembers what it loaded.
 """
 
@@ -30,6 +33,7 @@ from absl import logging
 from engine import base
 from export import (
   refresh_apply,
+  refresh_channels,
   refresh_delta,
   refresh_policy,
   refresh_publish,
@@ -66,6 +70,7 @@ class Refresher:
     background_retrain: with "auto", train anew in a background thread (`refresh_retrain`) and keep
       publishing incremental updates meanwhile, instead of training on the publish path. For a
       resident refresher (`--watch`); the next rebuild (or `publish_retrained`) takes the new training.
+      Channel graphs do not retrain in the background (their rebuilds follow `index_update`).
   """
 
   def __init__(
@@ -97,29 +102,34 @@ class Refresher:
     self.background_retrain = background_retrain
     self._retrain: refresh_retrain.BackgroundRetrain | None = None
     self._from_version = from_version
-    self._source: refresh_state.Source | None = None
-    self._towers: refresh_towers.LoadedTowers | None = None
+    self._source: refresh_state.Source | refresh_channels.ChannelSource | None = None
+    self._towers: refresh_towers.LoadedTowers | refresh_channels.ChannelTowers | None = None
     self._towers_version: int | None = None
 
-  def source(self) -> refresh_state.Source:
+  def source(self) -> refresh_state.Source | refresh_channels.ChannelSource:
     """The version the next refresh starts from (read again if another writer published since)."""
     on_disk = versions.list_versions(self.base_path)
     if not on_disk:
       raise FileNotFoundError(f"No version under {self.base_path} to refresh; run fgr-export first")
     wanted = self._from_version if self._from_version is not None else on_disk[-1]
     if self._source is None or self._source.version != wanted:
-      self._source = refresh_state.Source.read(self.base_path, wanted)
+      self._source = refresh_channels.read_source(self.base_path, wanted)
     return self._source
 
   def prepare(self) -> None:
     """Reads the source version's catalog and loads its towers now rather than at the first delta."""
     self._towers_for(self.source())
 
-  def _towers_for(self, source: refresh_state.Source) -> refresh_towers.LoadedTowers:
+  def _towers_for(
+    self, source: refresh_state.Source | refresh_channels.ChannelSource
+  ) -> refresh_towers.LoadedTowers | refresh_channels.ChannelTowers:
     # Versions this refresher published share the towers it loaded; anything else is loaded anew.
     if self._towers is None or self._towers_version != source.version:
       base.backend(source.report.index).load_ops()
-      self._towers = refresh_towers.LoadedTowers.load(source.path)
+      if isinstance(source, refresh_channels.ChannelSource):
+        self._towers = refresh_channels.ChannelTowers.load(source.path, source.names)
+      else:
+        self._towers = refresh_towers.LoadedTowers.load(source.path)
       self._towers_version = source.version
     return self._towers
 
@@ -127,6 +137,8 @@ class Refresher:
     """Publishes the catalog after `delta` as a new version; returns its report (`VersionReport.to_json`)."""
     self._prune_deferred()
     source = self.source()
+    if isinstance(source, refresh_channels.ChannelSource):
+      return self._apply_channels(source, delta)
     retrain = self._retrain_for(source)
     started = time.perf_counter()
     ignored_removals = {ad_id for ad_id in delta.removals if ad_id not in source.row_of}
@@ -138,9 +150,10 @@ class Refresher:
       report.delta = {"status_changes": len(delta.statuses), "ignored_removals": len(ignored_removals)}
       if retrain is not None:  # Same rows: the snapshot's map carries over.
         retrain.version = report.version
-      return self._published(
-        source, report, dataclasses.replace(source.state, eligible=eligible), source.row_of, started
+      new_source = refresh_state.Source(
+        report.version, report.path, report, dataclasses.replace(source.state, eligible=eligible), source.row_of
       )
+      return self._published(source, report, new_source, started)
     timings: dict[str, float] = {}
     towers = self._towers_for(source)
     timings["load_towers"] = time.perf_counter() - started
@@ -150,11 +163,33 @@ class Refresher:
     row_of = state.row_of()  # A Python object per ad: made before the publish, not while servers load it.
     report = self._publish_rebuild(source, towers, state, source_rows, retrain, timings)
     report.delta = counts
-    return self._published(source, report, state, row_of, started)
+    return self._published(
+      source, report, refresh_state.Source(report.version, report.path, report, state, row_of), started
+    )
+
+  def _apply_channels(
+    self, source: refresh_channels.ChannelSource, delta: refresh_delta.CatalogDelta
+  ) -> dict[str, Any]:
+    """`apply` for a channel graph: every channel's index follows the delta (`refresh_channels`)."""
+    self._retrain = None  # Background retrains train one index; a channel graph has several.
+    started = time.perf_counter()
+    report, new_source = refresh_channels.refresh(
+      self.base_path,
+      source,
+      delta,
+      lambda: self._towers_for(source),
+      self.index_overrides,
+      self.verify_recall,
+      self.index_update,
+      self.retrain_fraction,
+    )
+    return self._published(source, report, new_source, started)
 
   def publish_retrained(self) -> dict[str, Any] | None:
     """Publishes a finished background retrain over the newest catalog, with no delta; None if none is ready."""
     source = self.source()
+    if isinstance(source, refresh_channels.ChannelSource):
+      return None
     retrain = self._retrain_for(source)
     if retrain is None or not retrain.done:
       return None
@@ -163,7 +198,8 @@ class Refresher:
     towers = self._towers_for(source)
     report = self._publish_rebuild(source, towers, source.state, np.arange(len(source.state.ids)), retrain, {})
     report.delta = {}
-    return self._published(source, report, source.state, source.row_of, started)
+    new_source = refresh_state.Source(report.version, report.path, report, source.state, source.row_of)
+    return self._published(source, report, new_source, started)
 
   def wait_for_retrain(self, timeout: float | None = None) -> bool:
     """Blocks until the background retrain (if any) is done; True when none is running any more."""
@@ -227,15 +263,13 @@ class Refresher:
 
   def _published(
     self,
-    source: refresh_state.Source,
+    source: refresh_state.Source | refresh_channels.ChannelSource,
     report: version_report.VersionReport,
-    state: refresh_state.CatalogState,
-    row_of: dict[str, int],
+    new_source: refresh_state.Source | refresh_channels.ChannelSource,
     started: float,
   ) -> dict[str, Any]:
     report.time("total", time.perf_counter() - started)
     # The new version is now the newest: remember its state and that it shares our towers.
-    new_source = refresh_state.Source(report.version, report.path, report, state, row_of)
     if self._towers_version == source.version:
       self._towers_version = new_source.version
     self._source = new_source

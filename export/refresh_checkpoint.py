@@ -137,19 +137,36 @@ def graph_replacements(
   if index.num_items < k:
     return None, f"{index.num_items} items, fewer than k={k}"
   values, optional = full_graph.catalog_values(index, state.ids)
-  prefix = version_files.variables_prefix(source.path)
+  return checkpoint_replacements(
+    source.path, source.version, values, optional, (f"{full_graph.INDEX}/", f"{full_graph.ITEM_IDS}/")
+  )
+
+
+def checkpoint_replacements(
+  version_path: str,
+  version: int,
+  values: dict[str, Value],
+  optional: Collection[str],
+  catalog_prefixes: tuple[str, ...],
+) -> tuple[dict[str, Value] | None, str | None]:
+  """The checkpoint tensors that put `values` (by object path) in place of a version's catalog, or (None, why not).
+
+  The version's graph serves them when it saved a variable at each path (those in `optional` may be
+  missing, and are then left out) with a shape they fit, and no other catalog variable: every
+  checkpoint key under `catalog_prefixes` must be one that `values` replaces.
+  """
+  values = dict(values)
+  prefix = version_files.variables_prefix(version_path)
   keys = variable_keys(prefix, values)
-  for path in optional - set(keys):
-    del values[path]
-  shapes = saved_variable_shapes(source.path, values)
+  for path in set(optional) - set(keys):
+    values.pop(path, None)
+  shapes = saved_variable_shapes(version_path, values)
   catalog_keys = {
-    key
-    for key in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-    if key.startswith((f"{full_graph.INDEX}/", f"{full_graph.ITEM_IDS}/"))
+    key for key in tf.train.load_checkpoint(prefix).get_variable_to_shape_map() if key.startswith(catalog_prefixes)
   }
   if set(keys) != set(values) or set(shapes) != set(values) or set(keys.values()) != catalog_keys:
-    return None, f"version {source.version}'s index variables are not this index's"
+    return None, f"version {version}'s index variables are not this index's"
   for path, value in values.items():
     if not shapes[path].is_compatible_with(np.shape(value) if isinstance(value, np.ndarray) else value.shape):
-      return None, f"version {source.version}'s graph saved {path} with shape {shapes[path]}"
+      return None, f"version {version}'s graph saved {path} with shape {shapes[path]}"
   return {keys[path]: value for path, value in values.items()}, None

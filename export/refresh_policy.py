@@ -77,6 +77,7 @@ def rebuild_index(
   retrain_fraction: float = DEFAULT_RETRAIN_FRACTION,
   retrained: Retrained | None = None,
   background: bool = False,
+  index_path: str = full_graph.INDEX,
 ) -> base.Index:
   """The source's index type over `state`: updated from the source's training when it can be.
 
@@ -95,6 +96,7 @@ def rebuild_index(
     retrained: a finished background retrain: the update starts from its training instead of the
       source's, its `rows` taking the place of `source_rows`.
     background: a background retrain takes care of the threshold: past it, keep updating.
+    index_path: the index's object path in the source's checkpoint (a channel graph has one per channel).
   """
   if update not in INDEX_UPDATES:
     raise ValueError(f"index update must be one of {INDEX_UPDATES}, got {update!r}")
@@ -110,9 +112,7 @@ def rebuild_index(
         trained, source_rows, config = retrained.trained, retrained.rows, retrained.config
         fresh_rows, kind, encoded_before = int((source_rows < 0).sum()), "retrained", 0
       else:
-        trained = backend.read_trained(
-          version_files.variables_prefix(source.path), full_graph.INDEX, source.state.embeddings
-        )
+        trained = backend.read_trained(version_files.variables_prefix(source.path), index_path, source.state.embeddings)
         config = source.report.index_config
         kind, encoded_before = "incremental", config.get("rows_encoded_since_training", 0)
       # This build trained nothing; its time is the update's (the source's build_seconds would mislead).

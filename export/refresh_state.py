@@ -19,6 +19,9 @@ from engine import full_graph
 from export import version_files, version_report, versions
 
 EMBEDDINGS_FILE = "catalog_embeddings.npy"
+# A channel graph's report key holding each channel's index build config by channel name (the top-level
+# index_config is the first channel's).
+CHANNEL_INDEX_CONFIGS = "channel_index_configs"
 
 
 @dataclasses.dataclass
@@ -57,6 +60,11 @@ def read_state(version_path: str) -> CatalogState:
   """Reads a version's ids and eligibility from its checkpoint and its embeddings file."""
   path = embeddings_path(version_path)
   if not os.path.exists(path):
+    if version_report.exists(version_path) and "channels" in version_report.read(version_path).extra:
+      raise ValueError(
+        f"{version_path} is a channel graph: each channel keeps its own catalog embeddings "
+        "(read them with export.refresh_channels.read_states)"
+      )
     raise FileNotFoundError(
       f"{path} is missing: the version was exported before fgr-export kept the catalog "
       "embeddings; export it again to refresh it"

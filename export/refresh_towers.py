@@ -12,6 +12,7 @@ import tensorflow as tf
 from engine import full_graph
 
 EMBED_BATCH_SIZE = 8192
+DEFAULT_OUTPUT = "embedding"  # The encode signatures' output of a single-index version.
 
 
 class RestoredTower(tf.Module):
@@ -24,23 +25,35 @@ class RestoredTower(tf.Module):
 
   Args:
     owner: the restored tower object holding the tower's variables.
-    encode: the exported encode function (features as keyword arguments -> {"embedding": [B, d]}).
+    encode: the exported encode function (features as keyword arguments -> {output: [B, d]}).
+    name: module name.
+    output: the encode function's output that is this tower's embedding (a channel graph's encode
+      functions return one per channel, `embeddings_<channel>`).
   """
 
-  def __init__(self, owner: tf.Module, encode: Callable[..., dict[str, tf.Tensor]], name: str):
+  def __init__(
+    self, owner: tf.Module, encode: Callable[..., dict[str, tf.Tensor]], name: str, output: str = DEFAULT_OUTPUT
+  ):
     super().__init__(name=name)
     self.owner = owner
     self.encode = encode
+    self.output = output
 
   @classmethod
-  def from_loaded(cls, loaded_tower: Any, signature: Callable[..., dict[str, tf.Tensor]], name: str) -> RestoredTower:
+  def from_loaded(
+    cls,
+    loaded_tower: Any,
+    signature: Callable[..., dict[str, tf.Tensor]],
+    name: str,
+    output: str = DEFAULT_OUTPUT,
+  ) -> RestoredTower:
     """The tower of a loaded version: unwraps one saved by a refresh, else calls the version's signature."""
     if hasattr(loaded_tower, "owner") and hasattr(loaded_tower, "encode"):
-      return cls(loaded_tower.owner, loaded_tower.encode, name)
-    return cls(loaded_tower, signature, name)
+      return cls(loaded_tower.owner, loaded_tower.encode, name, output)
+    return cls(loaded_tower, signature, name, output)
 
   def __call__(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-    return self.encode(**features)["embedding"]
+    return self.encode(**features)[self.output]
 
 
 @dataclasses.dataclass
