@@ -52,6 +52,8 @@ flags.DEFINE_float("ssd_gamma", 0.25, "SSD trade-off of the latency runs.")
 flags.DEFINE_float("dpp_theta", 0.5, "DPP trade-off of the latency runs.")
 flags.DEFINE_integer("calls", 300, "Timed batch-1 calls per variant and round (in process).")
 flags.DEFINE_integer("rounds", 4, "Rounds of the side-by-side latency comparison.")
+flags.DEFINE_float("warmup_seconds", 1.0, "Unmeasured lead-in of each gRPC round.")
+flags.DEFINE_float("seconds", 5.0, "Measured seconds of each gRPC round.")
 flags.mark_flag_as_required("output_dir")
 
 MODEL_SINGLE, MODEL_CHANNELS = "single", "channels"
