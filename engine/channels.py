@@ -13,7 +13,8 @@ graph, one call:
    (sum over channels of weight * log p), after dropping candidates whose relevance (the relevance
    channel's calibrated probability of being on the query's topic) is below a minimum;
 4. optionally re-ranks for diversity (`engine.diversity`: SSD or DPP over the relevance channel's
-   item embeddings), XLA-compiled: stock TF Serving needs --xla_cpu_compilation_enabled for it.
+   item embeddings). Steps 2-4 run as one XLA cluster: stock TF Serving needs
+   --xla_cpu_compilation_enabled for it (fgr-serve runs it as is).
 
 Channel weights, depths, the minimum relevance and the diversity method and knobs are per-request
 inputs of `search_with_options`; `serving_default` uses the defaults fixed at export.
@@ -252,60 +253,24 @@ class ChannelGraph(tf.Module):
     """Top-k ids [B, k] ("" past the candidates), pooled scores [B, k] and source channels [B, k]."""
     with tf.control_dependencies(self._check_options(options)):
       weights = tf.identity(options[CHANNEL_WEIGHTS])
+    method = diversity.method_index(options[DIVERSITY])
+    window, gamma, theta = diversity.checked_knobs(
+      method, options[DIVERSITY_WINDOW], options[SSD_GAMMA], options[DPP_THETA]
+    )
     queries = [channel.query_tower({n: features[n] for n in self._query_specs}) for channel in self.channels]
 
     # 1. Each channel's candidates, cut to the request's depth.
-    rows, sources = [], []
+    rows = []
     for c, (channel, query) in enumerate(zip(self.channels, queries)):
       result = channel.index.search(query, channel.depth)
       in_depth = tf.range(channel.depth)[tf.newaxis, :] < options[CHANNEL_DEPTHS][c]
       rows.append(tf.where(in_depth, result.indices, -1))
-      sources.append(tf.fill(tf.shape(result.indices), c))
     rows = tf.concat(rows, axis=1)  # [B, M]
-    sources = tf.concat(sources, axis=1)
-    valid = rows >= 0
 
-    # 2. Deduplicate: keep a row's first occurrence; remember every channel that found it.
-    same = tf.logical_and(tf.equal(rows[:, :, tf.newaxis], rows[:, tf.newaxis, :]), valid[:, tf.newaxis, :])
-    num = tf.shape(rows)[1]
-    earlier = tf.linalg.band_part(tf.ones([num, num], tf.bool), -1, 0) & ~tf.eye(num, dtype=tf.bool)
-    duplicate = tf.reduce_any(same & earlier[tf.newaxis], axis=2)
-    valid = valid & ~duplicate
-    bits = tf.bitwise.left_shift(tf.ones_like(sources), sources)
-    found_by = tf.reduce_sum(tf.where(same, bits[:, tf.newaxis, :], 0), axis=2)  # channel bit mask per row
-
-    # 3. Every channel's calibrated probability of every candidate, pooled log-linearly.
-    safe_rows = tf.maximum(rows, 0)
-    pooled = tf.zeros(tf.shape(rows), tf.float32)
-    candidate_embeddings = []
-    for c, (channel, query) in enumerate(zip(self.channels, queries)):
-      embeddings = tf.gather(tf.convert_to_tensor(channel.embeddings), safe_rows)  # [B, M, d]
-      candidate_embeddings.append(embeddings)
-      scores = tf.einsum("bd,bmd->bm", query, embeddings)
-      log_p = tf.math.log_sigmoid(channel.click.slope * scores + channel.click.intercept)
-      pooled += weights[c] * log_p
-      if c == self._relevance_channel:
-        relevance = channel.probability(scores, channel.relevance)
-        valid = valid & (relevance >= options[MIN_RELEVANCE])
-    pooled /= tf.reduce_sum(weights)
-
-    # 4. The final list: by pooled score, or re-ranked for diversity. The re-rankers see the pooled
-    # log-probability relative to the request's best candidate, so their knobs mean the same for every
-    # request: SSD's gamma is the log-probability a unit of novelty is worth, DPP's quality is p^alpha.
-    best = tf.reduce_max(tf.where(valid, pooled, -np.inf), axis=1, keepdims=True)
-    relative = tf.where(valid, pooled - tf.where(tf.math.is_finite(best), best, 0.0), 0.0)
-    chosen = diversity.rerank(
-      options[DIVERSITY],
-      candidate_embeddings[self._diversity_channel],
-      relative,
-      valid,
-      self.k,
-      window=options[DIVERSITY_WINDOW],
-      gamma=options[SSD_GAMMA],
-      theta=options[DPP_THETA],
-      # A re-ranker's k steps cost ~0.3 ms each as graph ops, ~20 us under XLA (docs/performance.md).
-      # XLA compiles once per batch size: the candidate count is fixed by the channels' depths.
-      jit_compile=True,
+    # 2-4. Everything numeric after the searches, in one XLA cluster: it is tens of small ops, whose
+    # per-op cost as a plain graph was most of the merge (docs/performance.md, "Channels").
+    chosen, pooled, found_by = self._merge(
+      rows, tuple(queries), weights, options[MIN_RELEVANCE], method, window, gamma, theta
     )
     picked = chosen >= 0
     safe = tf.maximum(chosen, 0)
@@ -313,14 +278,63 @@ class ChannelGraph(tf.Module):
     ids = tf.where(picked, tf.gather(self.item_ids, tf.maximum(out_rows, 0)), tf.constant(b"", tf.string))
     scores = tf.where(picked, tf.gather(pooled, safe, batch_dims=1), tf.constant(-np.inf, tf.float32))
     masks = tf.gather(found_by, safe, batch_dims=1)
-    names = [tf.constant(name) for name in self.channel_names]
     labels = tf.fill(tf.shape(masks), tf.constant(b""))
-    for c, name in enumerate(names):
+    for c, name in enumerate(self.channel_names):
       has = tf.bitwise.bitwise_and(masks, 1 << c) > 0
       joined = tf.where(tf.strings.length(labels) > 0, tf.strings.join([labels, "+", name]), name)
       labels = tf.where(has, joined, labels)
     labels = tf.where(picked, labels, tf.constant(b""))
     return {"ids": ids, "scores": scores, "channels": labels}
+
+  @tf.function(jit_compile=True, autograph=False)
+  def _merge(
+    self,
+    rows: tf.Tensor,
+    queries: tuple[tf.Tensor, ...],
+    weights: tf.Tensor,
+    min_relevance: tf.Tensor,
+    method: tf.Tensor,
+    window: tf.Tensor,
+    gamma: tf.Tensor,
+    theta: tf.Tensor,
+  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Dedup, score in every channel, pool, filter and rank the candidate rows [B, M].
+
+    Returns:
+      (chosen positions into M [B, k], -1 padded; pooled scores [B, M]; channel bit mask [B, M]).
+    """
+    num = rows.shape[1]
+    sources = np.concatenate([np.full([channel.depth], c, np.int32) for c, channel in enumerate(self.channels)])
+    valid = rows >= 0
+    # 2. Deduplicate: keep a row's first occurrence; remember every channel that found it.
+    same = tf.logical_and(tf.equal(rows[:, :, tf.newaxis], rows[:, tf.newaxis, :]), valid[:, tf.newaxis, :])
+    earlier = np.tril(np.ones([num, num], bool), -1)  # [i, j]: j comes before i.
+    valid = valid & ~tf.reduce_any(same & earlier[np.newaxis], axis=2)
+    bits = tf.constant(np.left_shift(1, sources)[np.newaxis, np.newaxis, :])
+    found_by = tf.reduce_sum(tf.where(same, bits, 0), axis=2)
+
+    # 3. Every channel's calibrated probability of every candidate, pooled log-linearly.
+    safe_rows = tf.maximum(rows, 0)
+    pooled = tf.zeros(tf.shape(rows), tf.float32)
+    candidate_embeddings = []
+    for c, (channel, query) in enumerate(zip(self.channels, queries)):
+      embeddings = tf.gather(channel.embeddings, safe_rows)  # [B, M, d]
+      candidate_embeddings.append(embeddings)
+      scores = tf.reduce_sum(query[:, tf.newaxis, :] * embeddings, axis=-1)
+      pooled += weights[c] * tf.math.log_sigmoid(channel.click.slope * scores + channel.click.intercept)
+      if c == self._relevance_channel:
+        valid = valid & (channel.probability(scores, channel.relevance) >= min_relevance)
+    pooled /= tf.reduce_sum(weights)
+
+    # 4. The final list: by pooled score, or re-ranked for diversity. The re-rankers see the pooled
+    # log-probability relative to the request's best candidate, so their knobs mean the same for every
+    # request: SSD's gamma is the log-probability a unit of novelty is worth, DPP's quality is p^alpha.
+    best = tf.reduce_max(tf.where(valid, pooled, -np.inf), axis=1, keepdims=True)
+    relative = tf.where(valid, pooled - tf.where(tf.math.is_finite(best), best, 0.0), 0.0)
+    chosen = diversity.rerank_numeric(
+      method, candidate_embeddings[self._diversity_channel], relative, valid, self.k, window, gamma, theta
+    )
+    return chosen, pooled, found_by
 
   def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
     """serving_default, search_with_options (the knobs), encode_query and encode_item (one output per channel)."""

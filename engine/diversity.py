@@ -294,6 +294,68 @@ def top_k(scores: tf.Tensor, valid: tf.Tensor, k: int) -> tf.Tensor:
   return tf.where(best > -np.inf, positions, -1)
 
 
+def method_index(method: tf.Tensor | str) -> tf.Tensor:
+  """The position of a method name in METHODS (int32 scalar); an unknown name fails with InvalidArgument."""
+  method = tf.reshape(tf.convert_to_tensor(method, tf.string), [])
+  index = tf.constant(-1)
+  for i, name in enumerate(METHODS):
+    index = tf.where(tf.equal(method, name), i, index)
+  check = tf.debugging.Assert(
+    index >= 0, ["diversity method must be one of none, ssd, dpp; got", method], name="check_method"
+  )
+  with tf.control_dependencies([check]):
+    return tf.identity(index)
+
+
+def checked_knobs(
+  index: tf.Tensor, window: tf.Tensor | int, gamma: tf.Tensor | float, theta: tf.Tensor | float
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """The knobs, checked where the method at `index` uses them (window for both, gamma for ssd, theta for dpp)."""
+  window = tf.cast(tf.reshape(window, []), tf.int32)
+  gamma = tf.cast(tf.reshape(gamma, []), tf.float32)
+  theta = tf.cast(tf.reshape(theta, []), tf.float32)
+  uses = lambda name: tf.equal(index, METHODS.index(name))  # noqa: E731
+  checks = [
+    tf.debugging.Assert(
+      tf.logical_or(tf.equal(index, 0), window >= 1),
+      ["diversity window must be >= 1; got", window],
+      name="check_window",
+    ),
+    tf.debugging.Assert(
+      tf.logical_or(~uses("ssd"), tf.logical_and(gamma >= 0.0, tf.math.is_finite(gamma))),
+      ["ssd gamma must be a finite number >= 0; got", gamma],
+      name="check_gamma",
+    ),
+    tf.debugging.Assert(
+      tf.logical_or(~uses("dpp"), tf.logical_and(theta >= 0.0, theta < 1.0)),
+      ["dpp theta must be in [0, 1); got", theta],
+      name="check_theta",
+    ),
+  ]
+  with tf.control_dependencies(checks):
+    return tf.identity(window), tf.identity(gamma), tf.identity(theta)
+
+
+def rerank_numeric(
+  index: tf.Tensor,
+  embeddings: tf.Tensor,
+  scores: tf.Tensor,
+  valid: tf.Tensor,
+  k: int,
+  window: tf.Tensor,
+  gamma: tf.Tensor,
+  theta: tf.Tensor,
+) -> tf.Tensor:
+  """`rerank` after `method_index` and `checked_knobs`: no strings and no asserts, so a caller can
+  compile it with XLA inside a larger function (the channel graph compiles its whole merge so)."""
+  branches = [
+    lambda: top_k(scores, valid, k),
+    lambda: _ssd_numeric(embeddings, scores, valid, k, window, gamma, for_xla=True),
+    lambda: _dpp_numeric(embeddings, scores, valid, k, theta, window, for_xla=True),
+  ]
+  return tf.ensure_shape(tf.switch_case(index, branches), [None, k])
+
+
 def rerank(
   method: tf.Tensor | str,
   embeddings: tf.Tensor,
@@ -315,15 +377,7 @@ def rerank(
   Returns:
     int32 [B, k] positions into n in pick order, -1 padded.
   """
-  method = tf.reshape(tf.convert_to_tensor(method, tf.string), [])
-  index = tf.constant(-1)
-  for i, name in enumerate(METHODS):
-    index = tf.where(tf.equal(method, name), i, index)
-  check = tf.debugging.Assert(
-    index >= 0, ["diversity method must be one of none, ssd, dpp; got", method], name="check_method"
-  )
-  with tf.control_dependencies([check]):
-    index = tf.identity(index)
+  index = method_index(method)
   branches = [
     lambda: top_k(scores, valid, k),
     lambda: ssd(embeddings, scores, valid, k, window, gamma, jit_compile),
