@@ -269,8 +269,12 @@ class ChannelGraph(tf.Module):
 
     # 2-4. Everything numeric after the searches, in one XLA cluster: it is tens of small ops, whose
     # per-op cost as a plain graph was most of the merge (docs/performance.md, "Channels").
+    # The candidates' embeddings are gathered here, outside XLA: a variable read inside the cluster
+    # would copy every channel's whole [N, d] table into it on each call.
+    safe_rows = tf.maximum(rows, 0)
+    candidates = tuple(tf.gather(channel.embeddings, safe_rows) for channel in self.channels)
     chosen, pooled, found_by = self._merge(
-      rows, tuple(queries), weights, options[MIN_RELEVANCE], method, window, gamma, theta
+      rows, tuple(queries), candidates, weights, options[MIN_RELEVANCE], method, window, gamma, theta
     )
     picked = chosen >= 0
     safe = tf.maximum(chosen, 0)
@@ -291,6 +295,7 @@ class ChannelGraph(tf.Module):
     self,
     rows: tf.Tensor,
     queries: tuple[tf.Tensor, ...],
+    candidates: tuple[tf.Tensor, ...],
     weights: tf.Tensor,
     min_relevance: tf.Tensor,
     method: tf.Tensor,
@@ -299,6 +304,8 @@ class ChannelGraph(tf.Module):
     theta: tf.Tensor,
   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Dedup, score in every channel, pool, filter and rank the candidate rows [B, M].
+
+    `candidates` holds each channel's embeddings [B, M, d] of those rows.
 
     Returns:
       (chosen positions into M [B, k], -1 padded; pooled scores [B, M]; channel bit mask [B, M]).
@@ -314,12 +321,8 @@ class ChannelGraph(tf.Module):
     found_by = tf.reduce_sum(tf.where(same, bits, 0), axis=2)
 
     # 3. Every channel's calibrated probability of every candidate, pooled log-linearly.
-    safe_rows = tf.maximum(rows, 0)
     pooled = tf.zeros(tf.shape(rows), tf.float32)
-    candidate_embeddings = []
-    for c, (channel, query) in enumerate(zip(self.channels, queries)):
-      embeddings = tf.gather(channel.embeddings, safe_rows)  # [B, M, d]
-      candidate_embeddings.append(embeddings)
+    for c, (channel, query, embeddings) in enumerate(zip(self.channels, queries, candidates)):
       scores = tf.reduce_sum(query[:, tf.newaxis, :] * embeddings, axis=-1)
       pooled += weights[c] * tf.math.log_sigmoid(channel.click.slope * scores + channel.click.intercept)
       if c == self._relevance_channel:
@@ -332,7 +335,7 @@ class ChannelGraph(tf.Module):
     best = tf.reduce_max(tf.where(valid, pooled, -np.inf), axis=1, keepdims=True)
     relative = tf.where(valid, pooled - tf.where(tf.math.is_finite(best), best, 0.0), 0.0)
     chosen = diversity.rerank_numeric(
-      method, candidate_embeddings[self._diversity_channel], relative, valid, self.k, window, gamma, theta
+      method, candidates[self._diversity_channel], relative, valid, self.k, window, gamma, theta
     )
     return chosen, pooled, found_by
 
