@@ -203,11 +203,7 @@ def publish_channels(
   started = time.time()
   with versions.publish(model_base_path, config.version) as (temp_path, version):
     graph.save(temp_path)
-    requests = [
-      warmup.predict_request({name: values[i : i + 1] for name, values in built.samples.items()})
-      for i in range(min(config.num_warmup_requests, num_samples))
-    ]
-    warmup.write_warmup(temp_path, requests)
+    warmup.write_warmup(temp_path, warmup.sample_requests(built.samples, config.num_warmup_requests))
     for name, channel_catalog in built.catalogs.items():
       refresh_state.write_embeddings(temp_path, channel_catalog.embeddings, channel=name)
     report = version_report.VersionReport(

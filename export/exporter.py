@@ -148,15 +148,10 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
     (`version_report.VersionReport`), also written to the version's assets.extra.
   """
   index, catalog, samples = built.graph.index, built.catalog, built.samples
-  num_samples = len(samples[schema.USER_ID])
   started = time.time()
   with versions.publish(model_base_path, config.version) as (temp_path, version):
     built.graph.save(temp_path)
-    requests = [
-      warmup.predict_request({name: values[i : i + 1] for name, values in samples.items()})
-      for i in range(min(config.num_warmup_requests, num_samples))
-    ]
-    warmup.write_warmup(temp_path, requests)
+    warmup.write_warmup(temp_path, warmup.sample_requests(samples, config.num_warmup_requests))
     refresh_state.write_embeddings(temp_path, catalog.embeddings)  # What fgr-refresh updates.
     report = version_report.VersionReport(
       version=version,

@@ -35,6 +35,7 @@ from export import (
   refresh_checkpoint,
   refresh_delta,
   refresh_policy,
+  refresh_publish,
   refresh_state,
   refresh_towers,
   verify,
@@ -273,19 +274,7 @@ def _report(
   """The report of a version refreshed from `source`: its indexes as the source's, over the new catalog."""
   extra = {key: source.report.extra[key] for key in CARRIED_EXTRAS if key in source.report.extra}
   extra[refresh_state.CHANNEL_INDEX_CONFIGS] = {name: source.index_config(i) for i, name in enumerate(source.names)}
-  return version_report.VersionReport(
-    version=version,
-    path=os.path.join(base_path, str(version)),
-    kind=kind,
-    refreshed_from=source.version,
-    index=source.report.index,
-    k=source.report.k,
-    index_options=source.report.index_options,
-    index_config=source.report.index_config,
-    num_items=int(len(ids)),
-    num_eligible=int(eligible.sum()),
-    extra=extra,
-  )
+  return refresh_publish.refreshed_report(source.report, source.version, version, base_path, kind, ids, eligible, extra)
 
 
 def publish_status_only(

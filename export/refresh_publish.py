@@ -34,22 +34,36 @@ from export import (
 _EMBEDDINGS_PATH = os.path.join(version_files.EXTRA_DIR, refresh_state.EMBEDDINGS_FILE)
 
 
-def _refreshed_report(
-  source: refresh_state.Source, version: int, base_path: str, kind: str, state: refresh_state.CatalogState
+def refreshed_report(
+  source_report: version_report.VersionReport,
+  from_version: int,
+  version: int,
+  base_path: str,
+  kind: str,
+  ids: np.ndarray,
+  eligible: np.ndarray,
+  extra: dict[str, Any] | None = None,
 ) -> version_report.VersionReport:
-  """The report of a version refreshed from `source`: its index as the source's, over `state`."""
+  """The report of a version refreshed from one with `source_report`: its index as the source's, over a new catalog."""
   return version_report.VersionReport(
     version=version,
     path=os.path.join(base_path, str(version)),
     kind=kind,
-    refreshed_from=source.version,
-    index=source.report.index,
-    k=source.report.k,
-    index_options=source.report.index_options,
-    index_config=source.report.index_config,
-    num_items=int(len(state.ids)),
-    num_eligible=int(state.eligible.sum()),
+    refreshed_from=from_version,
+    index=source_report.index,
+    k=source_report.k,
+    index_options=source_report.index_options,
+    index_config=source_report.index_config,
+    num_items=int(len(ids)),
+    num_eligible=int(eligible.sum()),
+    extra=extra or {},
   )
+
+
+def _refreshed_report(
+  source: refresh_state.Source, version: int, base_path: str, kind: str, state: refresh_state.CatalogState
+) -> version_report.VersionReport:
+  return refreshed_report(source.report, source.version, version, base_path, kind, state.ids, state.eligible)
 
 
 def publish_status_only(

@@ -42,7 +42,8 @@ def variants(report: version_report.VersionReport) -> dict[str, dict[str, Any]]:
   return out
 
 
-def _inputs(knobs: dict[str, Any]) -> dict[str, tf.Tensor]:
+def knob_inputs(knobs: dict[str, Any]) -> dict[str, tf.Tensor]:
+  """search_with_options inputs of a knob setting (the keys of `engine.channels.Defaults.to_json`)."""
   return {
     channels.CHANNEL_WEIGHTS: tf.constant(knobs["weights"], tf.float32),
     channels.CHANNEL_DEPTHS: tf.constant(knobs["depths"], tf.int32),
@@ -101,7 +102,7 @@ def evaluate_version(
   positives = np.asarray([source.row_of(str(a)) for a in fields[schema.AD_ID]], dtype=np.int64)
   out: dict[str, Any] = {"num_examples": int(len(positives)), "k": report.k, "judged_in": judge, "variants": {}}
   for name, knobs in settings.items():
-    options = _inputs(knobs)
+    options = knob_inputs(knobs)
     recalled, seconds = [], 0.0
     for batch in examples:
       started = time.perf_counter()

@@ -28,6 +28,14 @@ def predict_request(
   return request
 
 
+def sample_requests(samples: dict[str, np.ndarray], count: int) -> list[predict_pb2.PredictRequest]:
+  """Batch-1 PredictRequests of the first `count` rows of held-out query features."""
+  num_rows = len(next(iter(samples.values())))
+  return [
+    predict_request({name: values[i : i + 1] for name, values in samples.items()}) for i in range(min(count, num_rows))
+  ]
+
+
 def write_warmup(saved_model_dir: str, requests: list[predict_pb2.PredictRequest]) -> str:
   """Writes the requests as PredictionLogs into saved_model_dir/assets.extra; returns the file path."""
   if len(requests) > MAX_RECORDS:

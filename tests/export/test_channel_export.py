@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import channels, full_graph
+from engine import full_graph
 from export import channel_exporter, exporter, served_evaluation, version_report
 from models import channels as channels_lib
 from models import retrieval
@@ -38,16 +38,7 @@ def channel_version(tmp_path_factory) -> str:
 
 
 def _inputs(report, **overrides):
-  knobs = {**report.extra["channel_defaults"], **overrides}
-  return {
-    channels.CHANNEL_WEIGHTS: tf.constant(knobs["weights"], tf.float32),
-    channels.CHANNEL_DEPTHS: tf.constant(knobs["depths"], tf.int32),
-    channels.MIN_RELEVANCE: tf.constant(knobs["min_relevance"], tf.float32),
-    channels.DIVERSITY: tf.constant(knobs["diversity"]),
-    channels.DIVERSITY_WINDOW: tf.constant(knobs["window"], tf.int32),
-    channels.SSD_GAMMA: tf.constant(knobs["gamma"], tf.float32),
-    channels.DPP_THETA: tf.constant(knobs["theta"], tf.float32),
-  }
+  return served_evaluation.knob_inputs({**report.extra["channel_defaults"], **overrides})
 
 
 def test_value_weights_favour_converted_high_bid_clicks_at_mean_one():
