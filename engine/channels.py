@@ -272,14 +272,17 @@ class ChannelGraph(tf.Module):
     # The candidates' embeddings are gathered here, outside XLA: a variable read inside the cluster
     # would copy every channel's whole [N, d] table into it on each call.
     safe_rows = tf.maximum(rows, 0)
-    candidates = tuple(tf.gather(channel.embeddings, safe_rows) for channel in self.channels)
+    # From the read value (GatherV2): a gather from the variable itself (ResourceGather) locks it and
+    # measured slower per request (see `base.mask_ineligible`).
+    candidates = tuple(tf.gather(tf.convert_to_tensor(channel.embeddings), safe_rows) for channel in self.channels)
     chosen, pooled, found_by = self._merge(
       rows, tuple(queries), candidates, weights, options[MIN_RELEVANCE], method, window, gamma, theta
     )
     picked = chosen >= 0
     safe = tf.maximum(chosen, 0)
     out_rows = tf.where(picked, tf.gather(rows, safe, batch_dims=1), -1)
-    ids = tf.where(picked, tf.gather(self.item_ids, tf.maximum(out_rows, 0)), tf.constant(b"", tf.string))
+    item_ids = tf.gather(tf.convert_to_tensor(self.item_ids), tf.maximum(out_rows, 0))
+    ids = tf.where(picked, item_ids, tf.constant(b"", tf.string))
     scores = tf.where(picked, tf.gather(pooled, safe, batch_dims=1), tf.constant(-np.inf, tf.float32))
     masks = tf.gather(found_by, safe, batch_dims=1)
     labels = tf.fill(tf.shape(masks), tf.constant(b""))
