@@ -268,7 +268,7 @@ class ChannelGraph(tf.Module):
     rows = tf.concat(rows, axis=1)  # [B, M]
 
     # 2-4. Everything numeric after the searches, in one XLA cluster: it is tens of small ops, whose
-    # per-op cost as a plain graph was most of the merge (docs/performance.md, "Channels").
+    # per-op cost as a plain graph was most of the merge (docs/performance.md, "Recall channels").
     # The candidates' embeddings are gathered here, outside XLA: a variable read inside the cluster
     # would copy every channel's whole [N, d] table into it on each call.
     safe_rows = tf.maximum(rows, 0)
