@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from engine import base, channels, full_graph
 from export import (
@@ -283,23 +282,13 @@ def publish_status_only(
   """Publishes N's graph and indexes with a new eligibility mask in every channel: no load, no build."""
   base.backend(source.report.index).load_ops()
   keys = eligible_keys(source.path, len(source.names))
-  started = time.perf_counter()
-  with versions.publish(base_path, version) as (temp_path, version):
-    version_files.link_tree(
-      source.path, temp_path, skip=("variables", version_files.FINGERPRINT_FILE, version_report.REPORT_PATH)
-    )
-    refresh_checkpoint.rewrite_checkpoint(
-      version_files.variables_prefix(source.path),
-      version_files.variables_prefix(temp_path),
-      {key: eligible for key in keys},
-    )
-    refresh_checkpoint.write_fingerprint(temp_path)
-    report = _report(source, version, base_path, "status_only", source.ids, eligible)
-    report.time("write", time.perf_counter() - started)
-    version_report.write(temp_path, report)
-  report.published_at = time.time()  # When servers can see it: after the rename.
-  report.time("publish", time.perf_counter() - started)
-  return report
+  return refresh_publish.publish_checkpoint_change(
+    base_path,
+    source.path,
+    {key: eligible for key in keys},
+    lambda number: _report(source, number, base_path, "status_only", source.ids, eligible),
+    version,
+  )
 
 
 def graph_replacements(
@@ -431,26 +420,14 @@ def publish_rebuilt(
   )
   started = time.perf_counter()
   with versions.publish(base_path, version) as (temp_path, version):
-    if replacements is not None:  # N's graph, hard-linked, over a new checkpoint: nothing is traced.
-      version_files.link_tree(
-        source.path,
-        temp_path,
-        skip=("variables", version_files.FINGERPRINT_FILE, version_report.REPORT_PATH, *embeddings_files),
-      )
-      refresh_checkpoint.rewrite_checkpoint(
-        version_files.variables_prefix(source.path),
-        version_files.variables_prefix(temp_path),
-        replacements,
-        resizable=replacements.keys(),
-      )
-      refresh_checkpoint.write_fingerprint(temp_path)
-    else:
-      logging.info("Tracing the channel graph anew: %s", retrace_reason)
-      traced_graph(source, towers, indexes, states).save(temp_path)
-      os.makedirs(os.path.join(temp_path, version_files.EXTRA_DIR), exist_ok=True)
-      warmup_path = version_files.extra_path(source.path, warmup.WARMUP_FILE)
-      if os.path.exists(warmup_path):
-        version_files.link_file(warmup_path, version_files.extra_path(temp_path, warmup.WARMUP_FILE))
+    refresh_publish.write_graph(
+      source.path,
+      temp_path,
+      replacements,
+      retrace_reason,
+      lambda path: traced_graph(source, towers, indexes, states).save(path),
+      skip=embeddings_files,
+    )
     for name in source.names:
       refresh_state.write_embeddings(temp_path, states[name].embeddings, channel=name)
     report = _report(source, version, base_path, "rebuild", ids, states[source.names[0]].eligible)

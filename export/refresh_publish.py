@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,29 +67,52 @@ def _refreshed_report(
   return refreshed_report(source.report, source.version, version, base_path, kind, state.ids, state.eligible)
 
 
+def publish_checkpoint_change(
+  base_path: str,
+  source_path: str,
+  replacements: dict[str, Any],
+  report_for: Callable[[int], version_report.VersionReport],
+  version: int | None = None,
+) -> version_report.VersionReport:
+  """Publishes N's files, hard-linked, with `replacements` in its checkpoint: no load, no embedding, no build.
+
+  Args:
+    base_path: the model base path.
+    source_path: version N's directory.
+    replacements: checkpoint tensors to replace, by key (same shapes).
+    report_for: the new version's report, given its number.
+    version: explicit version number; the next free one when None.
+  """
+  started = time.perf_counter()
+  with versions.publish(base_path, version) as (temp_path, version):
+    version_files.link_tree(
+      source_path, temp_path, skip=("variables", version_files.FINGERPRINT_FILE, version_report.REPORT_PATH)
+    )
+    refresh_checkpoint.rewrite_checkpoint(
+      version_files.variables_prefix(source_path), version_files.variables_prefix(temp_path), replacements
+    )
+    refresh_checkpoint.write_fingerprint(temp_path)
+    report = report_for(version)
+    report.time("write", time.perf_counter() - started)
+    version_report.write(temp_path, report)
+  report.published_at = time.time()  # When servers can see it: after the rename.
+  report.time("publish", time.perf_counter() - started)
+  return report
+
+
 def publish_status_only(
   base_path: str, source: refresh_state.Source, eligible: np.ndarray, version: int | None = None
 ) -> version_report.VersionReport:
   """Publishes N's graph and index with a new eligibility mask: no load, no embedding, no build."""
   base.backend(source.report.index).load_ops()
   state = dataclasses.replace(source.state, eligible=eligible)
-  started = time.perf_counter()
-  with versions.publish(base_path, version) as (temp_path, version):
-    version_files.link_tree(
-      source.path, temp_path, skip=("variables", version_files.FINGERPRINT_FILE, version_report.REPORT_PATH)
-    )
-    refresh_checkpoint.rewrite_checkpoint(
-      version_files.variables_prefix(source.path),
-      version_files.variables_prefix(temp_path),
-      {full_graph.ELIGIBLE_KEY: eligible},
-    )
-    refresh_checkpoint.write_fingerprint(temp_path)
-    report = _refreshed_report(source, version, base_path, "status_only", state)
-    report.time("write", time.perf_counter() - started)
-    version_report.write(temp_path, report)
-  report.published_at = time.time()  # When servers can see it: after the rename.
-  report.time("publish", time.perf_counter() - started)
-  return report
+  return publish_checkpoint_change(
+    base_path,
+    source.path,
+    {full_graph.ELIGIBLE_KEY: eligible},
+    lambda number: _refreshed_report(source, number, base_path, "status_only", state),
+    version,
+  )
 
 
 def warmup_recall(
@@ -104,6 +128,39 @@ def warmup_recall(
   ]
   recall = verify.index_recall(index, np.concatenate(embeddings), state.embeddings, state.eligible, k)
   return round(recall, 4)
+
+
+def write_graph(
+  source_path: str,
+  temp_path: str,
+  replacements: dict[str, Any] | None,
+  retrace_reason: str | None,
+  save_traced: Callable[[str], None],
+  skip: tuple[str, ...] = (),
+) -> None:
+  """Writes a rebuilt version's graph: N's, hard-linked over a rewritten checkpoint when `replacements`
+  says it fits (nothing is traced), else traced anew by `save_traced(temp_path)` beside N's warm-up
+  records. `skip` names further files of N not to link (the ones the caller writes anew)."""
+  if replacements is not None:
+    version_files.link_tree(
+      source_path,
+      temp_path,
+      skip=("variables", version_files.FINGERPRINT_FILE, version_report.REPORT_PATH, *skip),
+    )
+    refresh_checkpoint.rewrite_checkpoint(
+      version_files.variables_prefix(source_path),
+      version_files.variables_prefix(temp_path),
+      replacements,
+      resizable=replacements.keys(),
+    )
+    refresh_checkpoint.write_fingerprint(temp_path)
+    return
+  logging.info("Tracing the serving functions anew: %s", retrace_reason)
+  save_traced(temp_path)
+  os.makedirs(os.path.join(temp_path, version_files.EXTRA_DIR), exist_ok=True)
+  warmup_path = version_files.extra_path(source_path, warmup.WARMUP_FILE)
+  if os.path.exists(warmup_path):
+    version_files.link_file(warmup_path, version_files.extra_path(temp_path, warmup.WARMUP_FILE))
 
 
 def publish_rebuilt(
@@ -150,28 +207,16 @@ def publish_rebuilt(
   replacements, retrace_reason = refresh_checkpoint.graph_replacements(source, index, state)
   started = time.perf_counter()
   with versions.publish(base_path, version) as (temp_path, version):
-    if replacements is not None:  # N's graph, hard-linked, over a new checkpoint: nothing is traced.
-      version_files.link_tree(
-        source.path,
-        temp_path,
-        skip=("variables", version_files.FINGERPRINT_FILE, version_report.REPORT_PATH, _EMBEDDINGS_PATH),
-      )
-      refresh_checkpoint.rewrite_checkpoint(
-        version_files.variables_prefix(source.path),
-        version_files.variables_prefix(temp_path),
-        replacements,
-        resizable=replacements.keys(),
-      )
-      refresh_checkpoint.write_fingerprint(temp_path)
-    else:
-      logging.info("Tracing the serving functions anew: %s", retrace_reason)
-      full_graph.FullGraph(
+    write_graph(
+      source.path,
+      temp_path,
+      replacements,
+      retrace_reason,
+      lambda path: full_graph.FullGraph(
         towers.query_tower, towers.item_tower, index, state.ids, k, towers.query_specs, towers.item_specs
-      ).save(temp_path)
-      os.makedirs(os.path.join(temp_path, version_files.EXTRA_DIR), exist_ok=True)
-      warmup_path = version_files.extra_path(source.path, warmup.WARMUP_FILE)
-      if os.path.exists(warmup_path):
-        version_files.link_file(warmup_path, version_files.extra_path(temp_path, warmup.WARMUP_FILE))
+      ).save(path),
+      skip=(_EMBEDDINGS_PATH,),
+    )
     refresh_state.write_embeddings(temp_path, state.embeddings)
     report = _refreshed_report(source, version, base_path, "rebuild", state)
     report.graph = f"version {source.version}'s" if replacements is not None else "traced"
