@@ -25,8 +25,6 @@ from models import precision as precision_lib
 from models import train
 from models.data import schema, sequences, sources
 
-QUERY_CATEGORY = "query_category"  # Example field: the category the query is about, when the source logs it.
-
 
 @dataclasses.dataclass
 class ChannelOptions:
@@ -169,7 +167,7 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
     categories = query_categories = None
     if judge_relevance:
       categories = np.concatenate([f[schema.CATEGORY] for _, f in sequences.iterate_catalog(source)])
-      query_categories = held_out.get(QUERY_CATEGORY, held_out[schema.CATEGORY])
+      query_categories = held_out.get(schema.QUERY_CATEGORY, held_out[schema.CATEGORY])
     click, relevance = _calibrate(index, queries, catalog.embeddings, positives, depth, categories, query_categories)
     calibration[name] = {"click": click.to_json(), **({"relevance": relevance.to_json()} if relevance else {})}
     built_channels.append(

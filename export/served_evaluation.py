@@ -20,8 +20,6 @@ from export import refresh_state, version_report
 from models import metrics
 from models.data import schema, sequences, sources
 
-QUERY_CATEGORY = "query_category"
-
 
 def variants(report: version_report.VersionReport) -> dict[str, dict[str, Any]]:
   """The knob settings to judge, by name: each channel alone, "merged", "merged_ssd", "merged_dpp"."""
@@ -116,11 +114,11 @@ def evaluate_version(
       **metrics.water_level_metrics(
         recalled,
         positives,
-        fields.get("converted"),
+        fields.get(schema.CONVERTED),
         categories,
         None,
-        query_categories=fields.get(QUERY_CATEGORY),
-        bids=fields.get("bid") if has_bids else None,
+        query_categories=fields.get(schema.QUERY_CATEGORY),
+        bids=fields.get(schema.BID) if has_bids else None,
         item_embeddings=embeddings,
         diversity_ks=(10, 50),
       ),

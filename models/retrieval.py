@@ -141,8 +141,7 @@ class RetrievalModel(tfrs.Model):
     return {"loss": loss, "regularization_loss": total_loss - loss, "total_loss": total_loss}
 
 
-CONVERTED = "converted"  # Example field: bool (int64 in TFRecords), the click converted.
-BID = "bid"  # Example field: float, the clicked ad's bid.
+CONVERTED, BID = schema.CONVERTED, schema.BID
 
 
 def value_weights(features: dict[str, tf.Tensor], config: TowerConfig) -> tf.Tensor:

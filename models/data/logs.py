@@ -193,5 +193,5 @@ class LogsDataset:
       if self.has_conversions:
         batch["converted"] = np.asarray(converted, dtype=bool)[keep]
       if self._bids is not None:
-        batch["bid"] = self._bids[rows_array[keep]]
+        batch[schema.BID] = self._bids[rows_array[keep]]
       yield batch

@@ -32,6 +32,11 @@ BRAND = "brand"  # [B] string
 AD_TOKENS = "ad_tokens"  # [B, T] string bidword / title tokens
 STATUS = "status"  # catalog only: "active" or "paused"; not a tower input
 
+# Example fields beside the features, when the source logs them (not tower inputs).
+CONVERTED = "converted"  # bool [B] (int64 in TFRecords): the click converted.
+BID = "bid"  # float32 [B]: the clicked ad's bid.
+QUERY_CATEGORY = "query_category"  # string [B]: the category the query is about.
+
 QUERY_FEATURE_NAMES = (USER_ID, USER_FEATURES, QUERY_TOKENS, HIST_IDS, HIST_CATEGORIES, HIST_BRANDS)
 ITEM_FEATURE_NAMES = (AD_ID, CATEGORY, BRAND, AD_TOKENS)
 HISTORY_FEATURES = {HIST_IDS: AD_ID, HIST_CATEGORIES: CATEGORY, HIST_BRANDS: BRAND}

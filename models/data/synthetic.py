@@ -352,6 +352,6 @@ class SyntheticSearchAds:
       )
       batch["converted"] = kept["converted"]
       batch["day"] = kept["day"]
-      batch["bid"] = self.bids(kept["row"])
-      batch["query_category"] = np.asarray([f"c{c}" for c in kept["category"].tolist()], dtype=object)
+      batch[schema.BID] = self.bids(kept["row"])
+      batch[schema.QUERY_CATEGORY] = np.asarray([f"c{c}" for c in kept["category"].tolist()], dtype=object)
       yield batch
