@@ -96,7 +96,7 @@ def evaluate_version(
   examples = list(_test_examples(source, report.extra["calibration_examples"], max_examples, batch_size))
   if not examples:
     raise ValueError("no test examples are left after the calibration examples")
-  fields = {name: np.concatenate([b[name] for b in examples]) for name in examples[0] if name in examples[0]}
+  fields = {name: np.concatenate([b[name] for b in examples]) for name in examples[0]}
   positives = np.asarray([source.row_of(str(a)) for a in fields[schema.AD_ID]], dtype=np.int64)
   out: dict[str, Any] = {"num_examples": int(len(positives)), "k": report.k, "judged_in": judge, "variants": {}}
   for name, knobs in settings.items():
