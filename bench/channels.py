@@ -23,7 +23,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
@@ -31,7 +30,7 @@ from bench import serving_common as common
 from bench.fixtures import latency, servers
 from clients.loadtest import driver, request_source
 from engine import base, channels, full_graph
-from export import served_evaluation, version_report
+from export import channel_exporter, served_evaluation, version_report
 from models import channels as channels_lib
 from models.data import sources
 
@@ -109,7 +108,7 @@ def quality(versions: dict[str, str]) -> dict[str, Any]:
       settings[f"merged_ssd_w{window}_gamma{gamma}"] = {**defaults[0], "gamma": float(gamma), "window": int(window)}
     for theta in FLAGS.dpp_thetas:
       settings[f"merged_dpp_w{window}_theta{theta}"] = {**defaults[1], "theta": float(theta), "window": int(window)}
-  source = sources.open_source(sources.DataSpec.from_json(report.extra["data"]))
+  source = sources.open_source(sources.DataSpec.from_json(report.extra[channel_exporter.DATA]))
   result = served_evaluation.evaluate_version(path, source, FLAGS.max_examples, settings=settings)
   v = result["variants"]
   semantic, efficiency, merged = v[channels_lib.SEMANTIC], v[channels_lib.EFFICIENCY], v["merged"]
@@ -126,32 +125,20 @@ def quality(versions: dict[str, str]) -> dict[str, Any]:
   return {"evaluation": result, "checks": checks}
 
 
-def _option_inputs(method: str) -> dict[str, np.ndarray]:
-  """search_with_options inputs: the export's defaults with `method` re-ranking."""
-  return {
-    channels.DIVERSITY: np.asarray(method.encode()),
-    channels.SSD_GAMMA: np.asarray(FLAGS.ssd_gamma, np.float32),
-    channels.DPP_THETA: np.asarray(FLAGS.dpp_theta, np.float32),
-  }
-
-
 def _requests(versions: dict[str, str], count: int) -> dict[str, list]:
   """Batch-1 PredictRequests per variant: the same held-out queries, with each variant's knobs."""
   run = channels_lib.channel_dir(os.path.join(FLAGS.output_dir, "run"), channels_lib.EFFICIENCY)
   queries = request_source.synthetic_requests(count, run)
-  defaults = version_report.read(versions[MODEL_CHANNELS]).extra["channel_defaults"]
-  knobs = {
-    channels.CHANNEL_WEIGHTS: np.asarray(defaults["weights"], np.float32),
-    channels.CHANNEL_DEPTHS: np.asarray(defaults["depths"], np.int32),
-    channels.MIN_RELEVANCE: np.asarray(defaults["min_relevance"], np.float32),
-    channels.DIVERSITY_WINDOW: np.asarray(defaults["window"], np.int32),
-  }
+  defaults = version_report.read(versions[MODEL_CHANNELS]).extra[channel_exporter.CHANNEL_DEFAULTS]
   out = {"single index": request_source.with_model_spec(queries, MODEL_SINGLE, full_graph.SERVING_DEFAULT, None)}
   for method in channels.DIVERSITY_METHODS:
     label = "two channels" + ("" if method == "none" else f" + {method.upper()}")
     requests = request_source.with_model_spec(queries, MODEL_CHANNELS, full_graph.SEARCH_WITH_OPTIONS, None)
+    knobs = channels.option_inputs(
+      {**defaults, "diversity": method, "gamma": FLAGS.ssd_gamma, "theta": FLAGS.dpp_theta}
+    )
     for request in requests:
-      for name, value in {**knobs, **_option_inputs(method)}.items():
+      for name, value in knobs.items():
         request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
     out[label] = requests
   return out

@@ -23,6 +23,7 @@ inputs of `search_with_options`; `serving_default` uses the defaults fixed at ex
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ DIVERSITY = "diversity"
 DIVERSITY_WINDOW = "diversity_window"
 SSD_GAMMA = "ssd_gamma"
 DPP_THETA = "dpp_theta"
-DIVERSITY_METHODS = ("none", "ssd", "dpp")
+DIVERSITY_METHODS = diversity.METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,24 @@ class Defaults:
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def embedding_output(channel: str) -> str:
+  """The output of the encode signatures that holds channel `channel`'s embeddings."""
+  return f"{EMBEDDINGS}_{channel}"
+
+
+def option_inputs(knobs: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+  """`search_with_options`' knob inputs from knob values named as `Defaults`' fields (its `to_json`)."""
+  return {
+    CHANNEL_WEIGHTS: tf.constant(knobs["weights"], tf.float32),
+    CHANNEL_DEPTHS: tf.constant(knobs["depths"], tf.int32),
+    MIN_RELEVANCE: tf.constant(knobs["min_relevance"], tf.float32),
+    DIVERSITY: tf.constant(knobs["diversity"]),
+    DIVERSITY_WINDOW: tf.constant(knobs["window"], tf.int32),
+    SSD_GAMMA: tf.constant(knobs["gamma"], tf.float32),
+    DPP_THETA: tf.constant(knobs["theta"], tf.float32),
+  }
 
 
 class Channel(tf.Module):
@@ -206,16 +225,7 @@ class ChannelGraph(tf.Module):
     return [channel.channel_name for channel in self.channels]
 
   def _default_options(self) -> dict[str, tf.Tensor]:
-    d = self.defaults
-    return {
-      CHANNEL_WEIGHTS: tf.constant(d.weights, tf.float32),
-      CHANNEL_DEPTHS: tf.constant(d.depths, tf.int32),
-      MIN_RELEVANCE: tf.constant(d.min_relevance, tf.float32),
-      DIVERSITY: tf.constant(d.diversity),
-      DIVERSITY_WINDOW: tf.constant(d.window, tf.int32),
-      SSD_GAMMA: tf.constant(d.gamma, tf.float32),
-      DPP_THETA: tf.constant(d.theta, tf.float32),
-    }
+    return option_inputs(self.defaults.to_json())
 
   def option_specs(self) -> dict[str, tf.TensorSpec]:
     num = len(self.channels)
@@ -360,11 +370,11 @@ class ChannelGraph(tf.Module):
 
     @tf.function
     def encode_query(**features):
-      return {f"{EMBEDDINGS}_{c.channel_name}": c.query_tower(features) for c in self.channels}
+      return {embedding_output(c.channel_name): c.query_tower(features) for c in self.channels}
 
     @tf.function
     def encode_item(**features):
-      return {f"{EMBEDDINGS}_{c.channel_name}": c.item_tower(features) for c in self.channels}
+      return {embedding_output(c.channel_name): c.item_tower(features) for c in self.channels}
 
     return {
       full_graph.SERVING_DEFAULT: serve.get_concrete_function(**self._query_specs),

@@ -23,7 +23,20 @@ from models import catalog as catalog_lib
 from models import channels as channels_lib
 from models import precision as precision_lib
 from models import train
+from models.data import queries as queries_lib
 from models.data import schema, sequences, sources
+
+# Keys of a channel graph's report (`VersionReport.extra`): fgr-refresh and fgr-eval read them.
+CHANNELS = "channels"  # The channels' names, in graph order.
+CALIBRATION = "calibration"
+CALIBRATION_EXAMPLES = "calibration_examples"
+CHANNEL_DEFAULTS = "channel_defaults"
+DATA = "data"  # The training runs' data spec: the catalog and test split the graph serves.
+
+
+def is_channel_version(report: version_report.VersionReport) -> bool:
+  """Whether a version's report describes a channel graph."""
+  return CHANNELS in report.extra
 
 
 @dataclasses.dataclass
@@ -71,20 +84,6 @@ class BuiltChannels:
   timings: dict[str, float]
   serving: precision_lib.ServingOptions
   data: dict[str, Any]
-
-
-def calibration_examples(source: sources.Source, count: int) -> dict[str, np.ndarray]:
-  """The test split's first `count` examples (query features, the clicked ad, its category)."""
-  parts, total = [], 0
-  for batch in source.examples("test"):
-    parts.append(batch)
-    total += len(batch[schema.AD_ID])
-    if total >= count:
-      break
-  if not parts:
-    raise ValueError("the data source has no test examples to calibrate the channels on")
-  names = [name for name in parts[0] if all(name in part for part in parts)]
-  return {name: np.concatenate([part[name] for part in parts])[:count] for name in names}
 
 
 def _calibrate(
@@ -141,7 +140,7 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
     if data_spec is None:
       data_spec = run_config["data"]
       source = sources.open_source(sources.DataSpec.from_json(data_spec))
-      held_out = calibration_examples(source, options.calibration_examples)
+      held_out = queries_lib.held_out_examples(source, options.calibration_examples)
       samples = {n: held_out[n] for n in schema.QUERY_FEATURE_NAMES}
     elif run_config["data"] != data_spec:
       raise ValueError(f"channel {name} was trained on other data than {names[0]}: one catalog serves every channel")
@@ -166,7 +165,7 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
     judge_relevance = run_config["tower"].objective == "relevance"
     categories = query_categories = None
     if judge_relevance:
-      categories = np.concatenate([f[schema.CATEGORY] for _, f in sequences.iterate_catalog(source)])
+      categories = sequences.catalog_column(source, schema.CATEGORY)
       query_categories = held_out.get(schema.QUERY_CATEGORY, held_out[schema.CATEGORY])
     click, relevance = _calibrate(index, queries, catalog.embeddings, positives, depth, categories, query_categories)
     calibration[name] = {"click": click.to_json(), **({"relevance": relevance.to_json()} if relevance else {})}
@@ -217,13 +216,13 @@ def publish_channels(
       num_eligible=int(catalog.eligible.sum()),
       index_bytes=int(sum(channel.index.nbytes() for channel in graph.channels)),
       extra={
-        "channels": graph.channel_names,
+        CHANNELS: graph.channel_names,
         "channel_recall_vs_exact": built.recall,
-        "calibration": built.calibration,
-        "calibration_examples": int(num_samples),
-        "channel_defaults": graph.defaults.to_json(),
+        CALIBRATION: built.calibration,
+        CALIBRATION_EXAMPLES: int(num_samples),
+        CHANNEL_DEFAULTS: graph.defaults.to_json(),
         refresh_state.CHANNEL_INDEX_CONFIGS: {c.channel_name: dict(c.index.config) for c in graph.channels},
-        "data": built.data,
+        DATA: built.data,
       },
     )
     for step, seconds in built.timings.items():

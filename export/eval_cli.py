@@ -16,7 +16,7 @@ import json
 
 from absl import app, flags, logging
 
-from export import served_evaluation, version_report
+from export import channel_exporter, served_evaluation, version_report
 from models import evaluation
 from models import train as train_lib
 from models.data import sources
@@ -36,10 +36,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.model_path:
-    extra = version_report.read(FLAGS.model_path).extra
-    if "channels" not in extra:
+    version = version_report.read(FLAGS.model_path)
+    if not channel_exporter.is_channel_version(version):
       raise app.UsageError(f"{FLAGS.model_path} is not a channel graph; judge a single run with --output_dir")
-    data = sources.DataSpec.from_json(extra["data"])
+    data = sources.DataSpec.from_json(version.extra[channel_exporter.DATA])
     report = {
       "data": data.to_json(),
       **served_evaluation.evaluate_version(FLAGS.model_path, sources.open_source(data), FLAGS.max_examples),

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from engine import base, channels, full_graph
 from export import (
+  channel_exporter,
   refresh_apply,
   refresh_checkpoint,
   refresh_delta,
@@ -44,17 +45,12 @@ from export import (
   warmup,
 )
 
-CHANNELS = "channels"  # The report's extra key listing a channel graph's channels, in order.
-CHANNEL_DEFAULTS = "channel_defaults"
-CALIBRATION = "calibration"
+CHANNELS = channel_exporter.CHANNELS
+CHANNEL_DEFAULTS = channel_exporter.CHANNEL_DEFAULTS
+CALIBRATION = channel_exporter.CALIBRATION
 # What a refreshed version's report carries over from its source (fgr-eval reads these).
-CARRIED_EXTRAS = (CHANNELS, CALIBRATION, CHANNEL_DEFAULTS, "calibration_examples", "data")
+CARRIED_EXTRAS = (CHANNELS, CALIBRATION, CHANNEL_DEFAULTS, channel_exporter.CALIBRATION_EXAMPLES, channel_exporter.DATA)
 WARMUP_RECALL = "channel_warmup_recall_vs_exact"
-
-
-def is_channel_version(report: version_report.VersionReport) -> bool:
-  """Whether a version's report describes a channel graph."""
-  return CHANNELS in report.extra
 
 
 def index_path(channel: int) -> str:
@@ -65,11 +61,6 @@ def index_path(channel: int) -> str:
 def embeddings_variable_path(channel: int) -> str:
   """The object path of channel `channel`'s catalog embeddings in a saved ChannelGraph."""
   return f"{channels.CHANNELS}/{channel}/{channels.EMBEDDINGS}"
-
-
-def output_name(channel: str) -> str:
-  """The output of a channel graph's encode signatures that holds `channel`'s embeddings."""
-  return f"{channels.EMBEDDINGS}_{channel}"
 
 
 def eligible_keys(version_path: str, num_channels: int) -> list[str]:
@@ -170,7 +161,7 @@ def read_states(version_path: str, names: list[str]) -> dict[str, refresh_state.
 def read_source(base_path: str, version: int) -> refresh_state.Source | ChannelSource:
   """The version to refresh: a channel graph's sources, or a single index's."""
   path = os.path.join(base_path, str(version))
-  if version in versions.list_versions(base_path) and is_channel_version(version_report.read(path)):
+  if version in versions.list_versions(base_path) and channel_exporter.is_channel_version(version_report.read(path)):
     return ChannelSource.read(base_path, version)
   return refresh_state.Source.read(base_path, version)
 
@@ -199,7 +190,7 @@ class ChannelTowers:
     query_towers, item_towers = [], []
     for i, name in enumerate(names):
       channel = loaded.channels[i]
-      output = output_name(name)
+      output = channels.embedding_output(name)
       query_towers.append(
         refresh_towers.RestoredTower.from_loaded(channel.query_tower, encode_query, f"query_tower_{name}", output)
       )
@@ -226,13 +217,13 @@ class ChannelTowers:
       }
       outputs = self.encode_item(**batch)
       for name in self.names:
-        parts[name].append(outputs[output_name(name)].numpy())
+        parts[name].append(outputs[channels.embedding_output(name)].numpy())
     return {name: np.concatenate(chunks) for name, chunks in parts.items()} if count else {}
 
   def embed_queries(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float32 [B, d_c] query embeddings in each channel c."""
     outputs = self.encode_query(**{name: tf.constant(values) for name, values in features.items()})
-    return {name: outputs[output_name(name)].numpy() for name in self.names}
+    return {name: outputs[channels.embedding_output(name)].numpy() for name in self.names}
 
 
 def apply_delta(

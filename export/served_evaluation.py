@@ -16,15 +16,15 @@ import numpy as np
 import tensorflow as tf
 
 from engine import base, channels, full_graph
-from export import refresh_state, version_report
+from export import channel_exporter, refresh_state, version_report
 from models import metrics
 from models.data import schema, sequences, sources
 
 
 def variants(report: version_report.VersionReport) -> dict[str, dict[str, Any]]:
   """The knob settings to judge, by name: each channel alone, "merged", "merged_ssd", "merged_dpp"."""
-  names = report.extra["channels"]
-  defaults = report.extra["channel_defaults"]
+  names = report.extra[channel_exporter.CHANNELS]
+  defaults = report.extra[channel_exporter.CHANNEL_DEFAULTS]
   out: dict[str, dict[str, Any]] = {}
   for c, name in enumerate(names):
     out[name] = {
@@ -38,19 +38,6 @@ def variants(report: version_report.VersionReport) -> dict[str, dict[str, Any]]:
   for method in ("ssd", "dpp"):
     out[f"merged_{method}"] = {**defaults, "diversity": method}
   return out
-
-
-def knob_inputs(knobs: dict[str, Any]) -> dict[str, tf.Tensor]:
-  """search_with_options inputs of a knob setting (the keys of `engine.channels.Defaults.to_json`)."""
-  return {
-    channels.CHANNEL_WEIGHTS: tf.constant(knobs["weights"], tf.float32),
-    channels.CHANNEL_DEPTHS: tf.constant(knobs["depths"], tf.int32),
-    channels.MIN_RELEVANCE: tf.constant(knobs["min_relevance"], tf.float32),
-    channels.DIVERSITY: tf.constant(knobs["diversity"]),
-    channels.DIVERSITY_WINDOW: tf.constant(knobs["window"], tf.int32),
-    channels.SSD_GAMMA: tf.constant(knobs["gamma"], tf.float32),
-    channels.DPP_THETA: tf.constant(knobs["theta"], tf.float32),
-  }
 
 
 def _test_examples(source: sources.Source, skip: int, max_examples: int, batch_size: int) -> Iterator[dict]:
@@ -83,24 +70,24 @@ def evaluate_version(
   relevance channel), the same space SSD and DPP work in.
   """
   report = version_report.read(version_path)
-  if "channels" not in report.extra:
+  if not channel_exporter.is_channel_version(report):
     raise ValueError(f"{version_path} is not a channel graph (fgr-export of a `fgr-train --channels` run)")
   base.backend(report.index).load_ops()
   search = tf.saved_model.load(version_path).signatures[full_graph.SEARCH_WITH_OPTIONS]
-  names = report.extra["channels"]
-  judge = next((n for n in names if "relevance" in report.extra["calibration"][n]), names[0])
+  names = report.extra[channel_exporter.CHANNELS]
+  judge = next((n for n in names if "relevance" in report.extra[channel_exporter.CALIBRATION][n]), names[0])
   embeddings = np.load(refresh_state.embeddings_path(version_path, judge), mmap_mode="r")
-  categories = np.concatenate([f[schema.CATEGORY] for _, f in sequences.iterate_catalog(source)])
+  categories = sequences.catalog_column(source, schema.CATEGORY)
   has_bids = sources.bids_of(source, np.arange(1)) is not None
   settings = settings or variants(report)
-  examples = list(_test_examples(source, report.extra["calibration_examples"], max_examples, batch_size))
+  examples = list(_test_examples(source, report.extra[channel_exporter.CALIBRATION_EXAMPLES], max_examples, batch_size))
   if not examples:
     raise ValueError("no test examples are left after the calibration examples")
   fields = {name: np.concatenate([b[name] for b in examples]) for name in examples[0]}
   positives = np.asarray([source.row_of(str(a)) for a in fields[schema.AD_ID]], dtype=np.int64)
   out: dict[str, Any] = {"num_examples": int(len(positives)), "k": report.k, "judged_in": judge, "variants": {}}
   for name, knobs in settings.items():
-    options = knob_inputs(knobs)
+    options = channels.option_inputs(knobs)
     recalled, seconds = [], 0.0
     for batch in examples:
       started = time.perf_counter()

@@ -158,7 +158,7 @@ def evaluate(
   """
   k = max(ks)
   catalog = catalog_lib.embed_catalog(item_tower, source)
-  categories = np.concatenate([features[schema.CATEGORY] for _, features in sequences.iterate_catalog(source)])
+  categories = sequences.catalog_column(source, schema.CATEGORY)
   new_items = source.items_added_after_training() if hasattr(source, "items_added_after_training") else None
 
   def test_examples():

@@ -58,6 +58,11 @@ def iterate_catalog(table: ItemTable, batch_size: int = 65536):
     yield rows, table.features(rows)
 
 
+def catalog_column(table: ItemTable, name: str) -> np.ndarray:
+  """One item feature (e.g. schema.CATEGORY) of every catalog row, in row order."""
+  return np.concatenate([features[name] for _, features in iterate_catalog(table)])
+
+
 class HistoryTracker:
   """Keeps each user's most recent item rows while events stream past in time order.
 

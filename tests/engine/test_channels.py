@@ -58,20 +58,8 @@ def setup():
 
 
 def _options(graph, **overrides):
-  d = graph.defaults
-  values = {
-    channels.CHANNEL_WEIGHTS: list(d.weights),
-    channels.CHANNEL_DEPTHS: list(d.depths),
-    channels.MIN_RELEVANCE: d.min_relevance,
-    channels.DIVERSITY: d.diversity,
-    channels.DIVERSITY_WINDOW: d.window,
-    channels.SSD_GAMMA: d.gamma,
-    channels.DPP_THETA: d.theta,
-  }
-  values.update(overrides)
-  return {
-    name: tf.constant(value, spec.dtype) for (name, spec), value in zip(graph.option_specs().items(), values.values())
-  }
+  """The graph's default knobs with `overrides` (named as `channels.Defaults` fields)."""
+  return channels.option_inputs({**graph.defaults.to_json(), **overrides})
 
 
 def _rows(ids):
@@ -94,9 +82,7 @@ def test_one_channel_alone_is_its_own_top_k(setup):
   for c, name in enumerate(("semantic", "efficiency")):
     weights = [1.0 if i == c else 0.0 for i in range(2)]
     depths = [40 if i == c else 0 for i in range(2)]
-    out = graph.retrieve(
-      features, _options(graph, **{channels.CHANNEL_WEIGHTS: weights, channels.CHANNEL_DEPTHS: depths})
-    )
+    out = graph.retrieve(features, _options(graph, weights=weights, depths=depths))
     scores = np.where(eligible, queries[name] @ items[name].T, -np.inf)
     expected = np.argsort(-scores, axis=1)[:, :K]
     got = _rows(out["ids"].numpy())
@@ -126,7 +112,7 @@ def test_merge_ranks_the_union_by_one_pooled_score_without_duplicates(setup):
 
 def test_min_relevance_drops_candidates_below_it(setup):
   graph, queries, items, _, _ = setup
-  out = graph.retrieve({"query": tf.range(16)}, _options(graph, **{channels.MIN_RELEVANCE: 0.995}))
+  out = graph.retrieve({"query": tf.range(16)}, _options(graph, min_relevance=0.995))
   rows = _rows(out["ids"].numpy())
   relevance = 1 / (1 + np.exp(-(10.0 * (queries["semantic"] @ items["semantic"].T) - 2.0)))
   kept = rows >= 0
@@ -138,10 +124,10 @@ def test_min_relevance_drops_candidates_below_it(setup):
 @pytest.mark.parametrize(
   "override",
   [
-    {channels.CHANNEL_DEPTHS: [41, 40]},
-    {channels.CHANNEL_DEPTHS: [0, 0]},
-    {channels.CHANNEL_WEIGHTS: [-1.0, 1.0]},
-    {channels.CHANNEL_WEIGHTS: [0.0, 0.0]},
+    {"depths": [41, 40]},
+    {"depths": [0, 0]},
+    {"weights": [-1.0, 1.0]},
+    {"weights": [0.0, 0.0]},
   ],
 )
 def test_bad_knobs_are_invalid_arguments(setup, override):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import full_graph
+from engine import channels, full_graph
 from export import channel_exporter, exporter, served_evaluation, version_report
 from models import channels as channels_lib
 from models import retrieval
@@ -38,7 +38,7 @@ def channel_version(tmp_path_factory) -> str:
 
 
 def _inputs(report, **overrides):
-  return served_evaluation.knob_inputs({**report.extra["channel_defaults"], **overrides})
+  return channels.option_inputs({**report.extra["channel_defaults"], **overrides})
 
 
 def test_value_weights_favour_converted_high_bid_clicks_at_mean_one():
