@@ -45,6 +45,10 @@ SSD_GAMMA = "ssd_gamma"
 DPP_THETA = "dpp_theta"
 DIVERSITY_METHODS = diversity.METHODS
 
+# Each candidate's source channels travel as one bit each, and the `channels` output is looked up in
+# a table of all 2^C labels.
+MAX_CHANNELS = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
@@ -195,8 +199,8 @@ class ChannelGraph(tf.Module):
     item_specs: dict[str, tf.TensorSpec],
   ):
     super().__init__(name="channel_graph")
-    if not channels:
-      raise ValueError("a channel graph needs at least one channel")
+    if not 0 < len(channels) <= MAX_CHANNELS:
+      raise ValueError(f"a channel graph needs 1 to {MAX_CHANNELS} channels, got {len(channels)}")
     names = [channel.channel_name for channel in channels]
     if len(set(names)) != len(names):
       raise ValueError(f"channel names repeat: {names}")
@@ -285,23 +289,21 @@ class ChannelGraph(tf.Module):
     # From the read value (GatherV2): a gather from the variable itself (ResourceGather) locks it and
     # measured slower per request (see `base.mask_ineligible`).
     candidates = tuple(tf.gather(tf.convert_to_tensor(channel.embeddings), safe_rows) for channel in self.channels)
-    chosen, pooled, found_by = self._merge(
+    out_rows, scores, masks = self._merge(
       rows, tuple(queries), candidates, weights, options[MIN_RELEVANCE], method, window, gamma, theta
     )
-    picked = chosen >= 0
-    safe = tf.maximum(chosen, 0)
-    out_rows = tf.where(picked, tf.gather(rows, safe, batch_dims=1), -1)
+    picked = out_rows >= 0
     item_ids = tf.gather(tf.convert_to_tensor(self.item_ids), tf.maximum(out_rows, 0))
     ids = tf.where(picked, item_ids, tf.constant(b"", tf.string))
-    scores = tf.where(picked, tf.gather(pooled, safe, batch_dims=1), tf.constant(-np.inf, tf.float32))
-    masks = tf.gather(found_by, safe, batch_dims=1)
-    labels = tf.fill(tf.shape(masks), tf.constant(b""))
-    for c, name in enumerate(self.channel_names):
-      has = tf.bitwise.bitwise_and(masks, 1 << c) > 0
-      joined = tf.where(tf.strings.length(labels) > 0, tf.strings.join([labels, "+", name]), name)
-      labels = tf.where(has, joined, labels)
-    labels = tf.where(picked, labels, tf.constant(b""))
+    # One gather from every label a channel bit mask can have: building each label with string ops per
+    # request (a join and a select per channel) cost more than the whole merge.
+    labels = tf.where(picked, tf.gather(self._source_labels(), masks), tf.constant(b""))
     return {"ids": ids, "scores": scores, "channels": labels}
+
+  def _source_labels(self) -> tf.Tensor:
+    """String [2^C]: entry m names the channels whose bits m sets, joined by "+" in channel order."""
+    names = self.channel_names
+    return tf.constant(["+".join(n for c, n in enumerate(names) if mask >> c & 1) for mask in range(1 << len(names))])
 
   @tf.function(jit_compile=True, autograph=False)
   def _merge(
@@ -316,12 +318,13 @@ class ChannelGraph(tf.Module):
     gamma: tf.Tensor,
     theta: tf.Tensor,
   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Dedup, score in every channel, pool, filter and rank the candidate rows [B, M].
+    """Dedup, score in every channel, pool, filter and rank the candidate rows [B, M], then pick k of them.
 
     `candidates` holds each channel's embeddings [B, M, d] of those rows.
 
     Returns:
-      (chosen positions into M [B, k], -1 padded; pooled scores [B, M]; channel bit mask [B, M]).
+      The k picks in order: catalog rows [B, k] (-1 past the candidates), pooled scores [B, k] (-inf
+      there) and the bit mask of the channels that found each [B, k].
     """
     num = rows.shape[1]
     sources = np.concatenate([np.full([channel.depth], c, np.int32) for c, channel in enumerate(self.channels)])
@@ -350,7 +353,11 @@ class ChannelGraph(tf.Module):
     chosen = diversity.rerank_numeric(
       method, candidates[self._diversity_channel], relative, valid, self.k, window, gamma, theta
     )
-    return chosen, pooled, found_by
+    picked = chosen >= 0
+    safe = tf.maximum(chosen, 0)
+    out_rows = tf.where(picked, tf.gather(rows, safe, batch_dims=1), -1)
+    scores = tf.where(picked, tf.gather(pooled, safe, batch_dims=1), -np.inf)
+    return out_rows, scores, tf.gather(found_by, safe, batch_dims=1)
 
   def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
     """serving_default, search_with_options (the knobs), encode_query and encode_item (one output per channel)."""
