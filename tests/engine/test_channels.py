@@ -96,18 +96,21 @@ def test_merge_ranks_the_union_by_one_pooled_score_without_duplicates(setup):
   out = graph.retrieve({"query": tf.range(16)}, _options(graph))
   got = _rows(out["ids"].numpy())
   pooled = _pooled(graph, queries, items, calibrations, (1.0, 1.0))
+  labels = out["channels"].numpy().astype(str)
   for q in range(16):
     assert len(set(got[q])) == K and eligible[got[q]].all()
-    union = set()
+    found = {}
     for name in ("semantic", "efficiency"):
       scores = np.where(eligible, queries[name][q] @ items[name].T, -np.inf)
-      union |= set(np.argsort(-scores)[:40].tolist())
-    union = np.asarray(sorted(union))
+      found[name] = set(np.argsort(-scores)[:40].tolist())
+    union = np.asarray(sorted(found["semantic"] | found["efficiency"]))
     expected = union[np.argsort(-pooled[q, union])[:K]]
     assert set(got[q]) == set(expected.tolist())
     np.testing.assert_allclose(out["scores"].numpy()[q], np.sort(pooled[q, expected])[::-1], rtol=1e-4, atol=1e-5)
-  labels = set(out["channels"].numpy().ravel().astype(str))
-  assert labels <= {"semantic", "efficiency", "semantic+efficiency"} and len(labels) > 1
+    # Each id names every channel whose candidates held it, in channel order.
+    sources = ["+".join(name for name in ("semantic", "efficiency") if row in found[name]) for row in got[q]]
+    assert labels[q].tolist() == sources
+  assert len(set(labels.ravel())) > 1
 
 
 def test_min_relevance_drops_candidates_below_it(setup):
@@ -134,6 +137,15 @@ def test_bad_knobs_are_invalid_arguments(setup, override):
   graph = setup[0]
   with pytest.raises(tf.errors.InvalidArgumentError):
     graph.retrieve({"query": tf.range(2)}, _options(graph, **override))
+
+
+def test_more_channels_than_the_label_table_holds_are_refused(setup):
+  graph = setup[0]
+  too_many = [graph.channels[0]] * (channels.MAX_CHANNELS + 1)
+  with pytest.raises(ValueError, match="1 to 8 channels"):
+    channels.ChannelGraph(
+      too_many, np.asarray(["x"] * NUM_ITEMS, dtype=object), K, graph.defaults, QUERY_SPECS, ITEM_SPECS
+    )
 
 
 def test_saved_graph_answers_like_the_module(setup, tmp_path):
