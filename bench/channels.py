@@ -9,8 +9,13 @@ re-ranked by SSD (for each `--ssd_gammas`) and DPP (each `--dpp_thetas`), all at
 (today's single-index graph) against the two-channel graph, plain and with SSD or DPP; in process
 (the SavedModel's session) and over gRPC (fgr-serve, one stream).
 
+`--mode=stages` says where the merged call's time goes: the two-channel graph is built in process
+and cut after each stage (towers, searches, merge, re-ranking), and each cut is timed at batch 1
+beside one channel alone, in wall time and in CPU time per call (all of the process's threads).
+
   python -m bench.channels --mode=quality --output_dir=/tmp/channels
   python -m bench.channels --mode=latency --output_dir=/tmp/channels
+  python -m bench.channels --mode=stages --output_dir=/tmp/channels
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ from bench import serving_common as common
 from bench.fixtures import latency, servers
 from clients.loadtest import driver, request_source
 from engine import base, channels, full_graph
-from export import channel_exporter, served_evaluation, version_report
+from export import channel_exporter, exporter, served_evaluation, version_report
 from models import channels as channels_lib
-from models.data import sources
+from models.data import schema, sources
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "quality", ["quality", "latency"], "What to measure.")
+flags.DEFINE_enum("mode", "quality", ["quality", "latency", "stages"], "What to measure.")
 flags.DEFINE_string("output_dir", None, "Training runs, exports and reports go here (reused when present).")
 flags.DEFINE_integer("num_sessions", 100_000, "Synthetic sessions.")
 flags.DEFINE_integer("num_ads", 20_000, "Synthetic catalog size.")
@@ -167,6 +172,62 @@ def _in_process(versions: dict[str, str], requests: dict[str, list]) -> dict[str
   return {label: latency.percentiles(values, (50, 99), digits=3) for label, values in samples.items()}
 
 
+def _stages() -> dict[str, dict[str, float]]:
+  """Batch-1 wall p50/p99 and CPU ms per call of each cut of the merged call, built in process."""
+  base.backend(FLAGS.index).load_ops()
+  run = os.path.join(FLAGS.output_dir, "run")
+  built = channel_exporter.build_channel_graph(
+    run,
+    exporter.ExportConfig(index=FLAGS.index, k=FLAGS.k),
+    channel_exporter.ChannelOptions(depth=FLAGS.channel_depth),
+  )
+  graph = built.graph
+  alone = next(c for c in graph.channels if c.channel_name == channels_lib.EFFICIENCY)
+  names = list(schema.query_specs())
+
+  def encode(channel, features):
+    return channel.query_tower({n: features[n] for n in names})
+
+  def options(method):
+    return channels.option_inputs({**graph.defaults.to_json(), "diversity": method, "gamma": FLAGS.ssd_gamma})
+
+  cuts = {
+    "one channel: tower, search, ids": lambda f: tf.gather(
+      tf.convert_to_tensor(graph.item_ids), tf.maximum(alone.index.search(encode(alone, f), FLAGS.k).indices, 0)
+    ),
+    "two towers": lambda f: [encode(c, f) for c in graph.channels],
+    "two towers and searches": lambda f: [c.index.search(encode(c, f), c.depth).indices for c in graph.channels],
+    "merged": lambda f: graph.retrieve(f, options("none")),
+    "merged + SSD": lambda f: graph.retrieve(f, options("ssd")),
+    "merged + DPP": lambda f: graph.retrieve(f, options("dpp")),
+  }
+  functions = {
+    label: tf.function(lambda cut=cut, **f: cut(f)).get_concrete_function(**schema.query_specs())
+    for label, cut in cuts.items()
+  }
+  queries = request_source.synthetic_requests(200, channels_lib.channel_dir(run, channels_lib.EFFICIENCY))
+  feeds = [{n: tf.constant(tf.make_ndarray(p)) for n, p in r.inputs.items()} for r in queries]
+  wall: dict[str, list[float]] = {label: [] for label in functions}
+  cpu: dict[str, list[float]] = {label: [] for label in functions}
+  labels = list(functions)
+  for r in range(FLAGS.rounds + 1):
+    for label in labels if r % 2 == 0 else labels[::-1]:
+      function = functions[label]
+      cpu_started = time.process_time()
+      for i in range(FLAGS.calls):
+        started = time.perf_counter()
+        function(**feeds[i % len(feeds)])
+        if r:  # Round 0 warms up (and compiles the XLA clusters).
+          wall[label].append(time.perf_counter() - started)
+      if r:
+        cpu[label].append((time.process_time() - cpu_started) / FLAGS.calls)
+  out = {}
+  for label in labels:
+    cpu_ms = sorted(cpu[label])[len(cpu[label]) // 2] * 1e3  # The median round.
+    out[label] = {**latency.percentiles(wall[label], (50, 99), digits=3), "cpu_ms_per_call": round(cpu_ms, 3)}
+  return out
+
+
 def _over_grpc(versions: dict[str, str], requests: dict[str, list]) -> list[dict[str, Any]]:
   """Batch-1 latency through fgr-serve, one stream, each variant in turn."""
   workdir = common.workdir(FLAGS.output_dir, "channels_latency")
@@ -204,6 +265,28 @@ def main(argv: list[str]) -> None:
       ("categories@50", "categories@50"),
     ]
     common.finish(FLAGS.output_dir, "channels_quality", data, [], data["checks"])
+    print(common.table(rows, columns))
+    return
+  if FLAGS.mode == "stages":
+    stages = _stages()
+    alone = stages["one channel: tower, search, ids"]
+    ratios = {
+      label: {
+        "p50_over_one_channel": round(v["p50_ms"] / alone["p50_ms"], 3),
+        "cpu_over_one_channel": round(v["cpu_ms_per_call"] / alone["cpu_ms_per_call"], 3),
+      }
+      for label, v in stages.items()
+    }
+    common.finish(FLAGS.output_dir, "channels_stages", {"stages": stages, "ratios": ratios}, [], ratios)
+    rows = [{"stage": label, **v, **ratios[label]} for label, v in stages.items()]
+    columns = [
+      ("stage", "cut after"),
+      ("p50_ms", "p50 ms"),
+      ("p99_ms", "p99 ms"),
+      ("cpu_ms_per_call", "CPU ms/call"),
+      ("p50_over_one_channel", "p50 × one channel"),
+      ("cpu_over_one_channel", "CPU × one channel"),
+    ]
     print(common.table(rows, columns))
     return
   requests = _requests(versions, 200)
