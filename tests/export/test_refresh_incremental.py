@@ -34,6 +34,13 @@ def exported(trained_run, tmp_path_factory):
   return os.path.join(base_path, "1"), source, queries_lib.held_out_queries(source, 200)
 
 
+@pytest.fixture(scope="module")
+def served_v1(exported):
+  """Version 1's served ids and recall@K on the held-out queries, loaded once for the module's tests."""
+  version_path, _, queries = exported
+  return _served_and_recall(version_path, queries)
+
+
 @pytest.fixture
 def base_path(exported, tmp_path):
   path = str(tmp_path / "models")
@@ -92,9 +99,9 @@ def _delta(source, before, seed, catalog):
   return refresh_delta.parse_lines(lines)
 
 
-def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exported, base_path):
+def test_incremental_rebuild_reuses_training_and_matches_full_rebuild_recall(exported, served_v1, base_path):
   version_path, source, queries = exported
-  before, recall_v1 = _served_and_recall(version_path, queries)
+  before, recall_v1 = served_v1
   delta = _delta(source, before, 1, set(refresh_state.read_state(version_path).ids))
   report = refresh.Refresher(base_path, keep_versions=None).apply(delta)
   assert report["index_update"] == "incremental" and report["delta"]["added"] == 61
@@ -189,9 +196,9 @@ def test_versions_saving_a_copy_of_the_vectors_still_refresh_under_their_graph(
   assert recall >= recall_v1 - 0.03 and "fresh-5-probe" in served[0]
 
 
-def test_other_search_knobs_trace_the_serving_functions_anew(exported, base_path):
+def test_other_search_knobs_trace_the_serving_functions_anew(exported, served_v1, base_path):
   version_path, source, queries = exported
-  before, recall_v1 = _served_and_recall(version_path, queries)
+  before, recall_v1 = served_v1
   delta = _delta(source, before, 4, set(refresh_state.read_state(version_path).ids))
   leaves = version_report.read(version_path).index_config["leaves_to_search"] + 2
   report = refresh.Refresher(
@@ -214,9 +221,9 @@ def test_other_search_knobs_trace_the_serving_functions_anew(exported, base_path
   assert recall >= recall_v1 - 0.05
 
 
-def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_path):
+def test_retrains_past_the_threshold_or_on_structural_overrides(exported, served_v1, base_path):
   version_path, source, queries = exported
-  before, recall_v1 = _served_and_recall(version_path, queries)
+  before, recall_v1 = served_v1
   refresher = refresh.Refresher(base_path, keep_versions=None, retrain_fraction=0.05, verify_recall=False)
   first = refresher.apply(_delta(source, before, 2, set(refresh_state.read_state(version_path).ids)))
   assert first["index_update"] == "incremental"  # 101 of 3,050 rows.
@@ -250,9 +257,9 @@ def test_retrains_past_the_threshold_or_on_structural_overrides(exported, base_p
     refresh.Refresher(base_path, index_update="sometimes")
 
 
-def test_background_retrain_maps_later_versions_onto_the_new_training(exported, base_path, tmp_path):
+def test_background_retrain_maps_later_versions_onto_the_new_training(exported, served_v1, base_path, tmp_path):
   version_path, source, queries = exported
-  before, recall_v1 = _served_and_recall(version_path, queries)
+  before, recall_v1 = served_v1
   v1 = scann_update.ScannAssets.from_checkpoint(
     version_files.variables_prefix(version_path), refresh_state.read_state(version_path).embeddings
   )
