@@ -14,7 +14,7 @@ from models import channels as channels_lib
 from models import retrieval
 from models import train as train_lib
 from models.data import schema, sources
-from tests.conftest import TINY_DATA, TINY_TOWER
+from tests.conftest import TINY_DATA, TINY_TOWER, TINY_TRAINING
 
 K = 10
 
@@ -27,7 +27,7 @@ def channel_version(tmp_path_factory) -> str:
     train_lib.train(
       TINY_DATA,
       channels_lib.channel_tower(name, TINY_TOWER),
-      train_lib.TrainConfig(epochs=1, batch_size=256),
+      TINY_TRAINING,
       channels_lib.channel_dir(run, name),
     )
   channels_lib.write_channels(run, names, {})

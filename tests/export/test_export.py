@@ -13,7 +13,7 @@ from export import exporter, versions, warmup
 from models import train
 from models.data import schema, sources
 from tests import topk_testlib
-from tests.conftest import TINY_DATA, TINY_TOWER
+from tests.conftest import TINY_DATA, TINY_TOWER, TINY_TRAINING
 
 
 def _test_queries(run_dir, count=32):
@@ -120,7 +120,7 @@ def test_sequence_encoder_towers_export_and_serve(tmp_path):
   # What is checked is the round trip of the encoder, not its quality: a third of TINY_DATA's log,
   # still a few training steps of 256 and more held-out queries than the export evaluates.
   data = dataclasses.replace(TINY_DATA, synthetic={**TINY_DATA.synthetic, "num_ads": 1000, "num_sessions": 1500})
-  train.train(data, tower, train.TrainConfig(epochs=1, batch_size=256), run_dir)
+  train.train(data, tower, TINY_TRAINING, run_dir)
   config = exporter.ExportConfig(index="brute_force", k=10, eval_queries=50, tuning_queries=0)
   built = exporter.build_graph(run_dir, config)
   loaded = tf.saved_model.load(exporter.publish_graph(built, str(tmp_path / "export"), config)["path"])
