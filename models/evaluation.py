@@ -166,11 +166,11 @@ def evaluate(
 
   def summary(ranked: dict[str, np.ndarray]) -> dict[str, Any]:
     water = metrics.water_level_metrics(
-      ranked["recalled"], ranked["positive"], ranked.get("converted"), categories, new_items
+      ranked["recalled"], ranked["positive"], ranked.get(schema.CONVERTED), categories, new_items
     )
     return {"ranking": metrics.ranking_metrics(ranked["rank"], ks), "water_level": {"k": k, **water}}
 
-  ranked = rank_examples(tower_scorer(query_tower, catalog), source.row_of, test_examples(), k, ("converted",))
+  ranked = rank_examples(tower_scorer(query_tower, catalog), source.row_of, test_examples(), k, (schema.CONVERTED,))
   report: dict[str, Any] = {"num_examples": int(len(ranked["rank"])), "num_items": int(source.num_items)}
   report.update(summary(ranked))
   held_out = getattr(source, "held_out_rows", None)
@@ -193,7 +193,7 @@ def evaluate(
           source.row_of,
           _rebatched(test_examples(), batch_size),
           k,
-          ("converted",),
+          (schema.CONVERTED,),
         )
       )
       for baseline in baselines.fit_baselines(source, source.examples("train"))

@@ -141,32 +141,29 @@ class RetrievalModel(tfrs.Model):
     return {"loss": loss, "regularization_loss": total_loss - loss, "total_loss": total_loss}
 
 
-CONVERTED, BID = schema.CONVERTED, schema.BID
-
-
 def value_weights(features: dict[str, tf.Tensor], config: TowerConfig) -> tf.Tensor:
   """Each example's value, (1 + conversion_weight if converted) * bid ** bid_exponent, over its batch mean.
 
   Normalised to mean 1, so the value only moves weight between positives and the loss keeps the
   scale (and learning rate) that clicks alone give.
   """
-  converted = tf.cast(features[CONVERTED], tf.float32)
-  bid = tf.maximum(tf.cast(features[BID], tf.float32), 0.0)
+  converted = tf.cast(features[schema.CONVERTED], tf.float32)
+  bid = tf.maximum(tf.cast(features[schema.BID], tf.float32), 0.0)
   value = (1.0 + config.conversion_weight * converted) * tf.pow(bid, config.bid_exponent)
   return value / tf.maximum(tf.reduce_mean(value), 1e-12)
 
 
 def training_fields(config: TowerConfig) -> tuple[str, ...]:
   """Example fields besides the features that `config.objective` reads."""
-  return (CONVERTED, BID) if config.objective == "value" else ()
+  return (schema.CONVERTED, schema.BID) if config.objective == "value" else ()
 
 
 def example_signature(config: TowerConfig | None = None) -> dict[str, tf.TensorSpec]:
   """tf.data signature of a batch of training examples (query + positive item features + objective fields)."""
   signature = {name: schema.feature_spec(name) for name in schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES}
   if config is not None and config.objective == "value":
-    signature[CONVERTED] = tf.TensorSpec([None], tf.bool, name=CONVERTED)
-    signature[BID] = tf.TensorSpec([None], tf.float32, name=BID)
+    signature[schema.CONVERTED] = tf.TensorSpec([None], tf.bool, name=schema.CONVERTED)
+    signature[schema.BID] = tf.TensorSpec([None], tf.float32, name=schema.BID)
   return signature
 
 

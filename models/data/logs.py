@@ -191,7 +191,7 @@ class LogsDataset:
         item_rows=rows_array[keep],
       )
       if self.has_conversions:
-        batch["converted"] = np.asarray(converted, dtype=bool)[keep]
+        batch[schema.CONVERTED] = np.asarray(converted, dtype=bool)[keep]
       if self._bids is not None:
         batch[schema.BID] = self._bids[rows_array[keep]]
       yield batch

@@ -350,7 +350,7 @@ class SyntheticSearchAds:
         hist_rows=hist_rows[keep],
         item_rows=kept["row"],
       )
-      batch["converted"] = kept["converted"]
+      batch[schema.CONVERTED] = kept["converted"]
       batch["day"] = kept["day"]
       batch[schema.BID] = self.bids(kept["row"])
       batch[schema.QUERY_CATEGORY] = np.asarray([f"c{c}" for c in kept["category"].tolist()], dtype=object)
