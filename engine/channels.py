@@ -187,6 +187,8 @@ class ChannelGraph(tf.Module):
     k: how many candidates a request returns.
     defaults: the knobs of `serving_default`.
     query_specs, item_specs: TensorSpecs of the query and item features (the signature inputs).
+    exclusions: a string query feature [B, L] of item ids a request must not get back (e.g. its
+      history); they are dropped from every channel's candidates before the merge. None keeps all.
   """
 
   def __init__(
@@ -197,8 +199,10 @@ class ChannelGraph(tf.Module):
     defaults: Defaults,
     query_specs: dict[str, tf.TensorSpec],
     item_specs: dict[str, tf.TensorSpec],
+    exclusions: str | None = None,
   ):
     super().__init__(name="channel_graph")
+    full_graph.check_exclusions(exclusions, 0, query_specs)
     if not 0 < len(channels) <= MAX_CHANNELS:
       raise ValueError(f"a channel graph needs 1 to {MAX_CHANNELS} channels, got {len(channels)}")
     names = [channel.channel_name for channel in channels]
@@ -218,6 +222,7 @@ class ChannelGraph(tf.Module):
     self.item_ids = base.catalog_variable(np.asarray(item_ids, dtype=object).astype(bytes), name="item_ids")
     self.k = k
     self.defaults = defaults
+    self.exclusions = exclusions
     self._relevance_channel = relevance[0] if relevance else None
     # Diversity is judged on the relevance channel's item embeddings (what the ads are about).
     self._diversity_channel = relevance[0] if relevance else 0
@@ -280,6 +285,9 @@ class ChannelGraph(tf.Module):
       in_depth = tf.range(channel.depth)[tf.newaxis, :] < options[CHANNEL_DEPTHS][c]
       rows.append(tf.where(in_depth, result.indices, -1))
     rows = tf.concat(rows, axis=1)  # [B, M]
+    if self.exclusions:  # An excluded candidate leaves as one past the request's depth does.
+      candidate_ids = tf.gather(tf.convert_to_tensor(self.item_ids), tf.maximum(rows, 0))
+      rows = tf.where(full_graph.excluded(candidate_ids, features[self.exclusions]), -1, rows)
 
     # 2-4. Everything numeric after the searches, in one XLA cluster: it is tens of small ops, whose
     # per-op cost as a plain graph was most of the merge (docs/performance.md, "Recall channels").

@@ -49,6 +49,37 @@ def catalog_values(index: base.Index, item_ids: np.ndarray) -> tuple[dict[str, A
   return values, frozenset(f"{INDEX}/{path}" for path in index.optional_checkpoint_paths())
 
 
+def check_exclusions(exclusions: str | None, depth: int, query_specs: dict[str, tf.TensorSpec]) -> None:
+  if exclusions is not None and exclusions not in query_specs:
+    raise ValueError(f"exclusions must name a query feature {sorted(query_specs)}, got {exclusions!r}")
+  if exclusions is not None and query_specs[exclusions].dtype != tf.string:
+    raise ValueError(f"exclusions feature {exclusions!r} must hold string item ids")
+  if depth < 0:
+    raise ValueError(f"exclusion_depth must be 0 or more, got {depth}")
+
+
+def excluded(ids: tf.Tensor, exclusions: tf.Tensor) -> tf.Tensor:
+  """bool [B, M]: whether each candidate id [B, M] is among its request's exclusions [B, L].
+
+  A direct comparison: L is a behaviour history (tens of ids), so [B, M, L] equalities cost less than
+  a hash table's lookups. Padding ("") excludes nothing, as no catalog id is empty.
+  """
+  exclusions = tf.reshape(tf.cast(exclusions, tf.string), [tf.shape(ids)[0], -1])
+  return tf.reduce_any(tf.equal(ids[:, :, tf.newaxis], exclusions[:, tf.newaxis, :]), axis=2)
+
+
+def first_kept(k: int, keep: tf.Tensor, *values: tf.Tensor) -> tuple[tf.Tensor, ...]:
+  """The first k kept columns of each [B, M] value, in their order, then `keep` of them [B, k].
+
+  Order is kept by ranking columns on their position (kept ones first), so a best-first list stays
+  best first; rows with fewer than k kept ones end in columns whose returned `keep` is False.
+  """
+  positions = tf.cast(tf.range(tf.shape(keep)[1]), tf.float32)[tf.newaxis, :]
+  rank = tf.where(keep, -positions, -positions - tf.cast(tf.shape(keep)[1], tf.float32))
+  take = tf.math.top_k(rank, k=k, sorted=True).indices
+  return tuple(tf.gather(value, take, batch_dims=1) for value in (*values, keep))
+
+
 class FullGraph(tf.Module):
   """Joins the two towers and a nearest-neighbour index.
 
@@ -60,6 +91,11 @@ class FullGraph(tf.Module):
     k: how many candidates `serving_default` returns.
     query_specs: TensorSpecs of the query features (the signature inputs).
     item_specs: TensorSpecs of the item features.
+    exclusions: a string query feature [B, L] of item ids a request must not get back (e.g. the
+      items in its history), as TFRS's `query_with_exclusions`; None returns the index's top-k as is.
+    exclusion_depth: with `exclusions`, the extra candidates searched beyond k so that k remain
+      after removing excluded ones. A request whose top-(k + depth) holds more than `depth` of its
+      exclusions gets fewer than k ids (padded as when fewer eligible items exist).
   """
 
   def __init__(
@@ -71,27 +107,37 @@ class FullGraph(tf.Module):
     k: int,
     query_specs: dict[str, tf.TensorSpec],
     item_specs: dict[str, tf.TensorSpec],
+    exclusions: str | None = None,
+    exclusion_depth: int = 0,
   ):
     super().__init__(name="full_graph")
     if len(item_ids) != index.num_items:
       raise ValueError(f"{len(item_ids)} item ids for an index of {index.num_items} items")
     if not 0 < k <= index.num_items:
       raise ValueError(f"k must be in [1, {index.num_items}] (the catalog size), got {k}")
+    check_exclusions(exclusions, exclusion_depth, query_specs)
     self.query_tower = query_tower
     self.item_tower = item_tower
     self.index = index
     self.item_ids = base.catalog_variable(np.asarray(item_ids, dtype=object).astype(bytes), name="item_ids")
     self.k = k
+    self.exclusions = exclusions
+    self.exclusion_depth = exclusion_depth if exclusions else 0
     self._query_specs = dict(query_specs)
     self._item_specs = dict(item_specs)
 
   def retrieve(self, features: dict[str, tf.Tensor], **options: tf.Tensor) -> dict[str, tf.Tensor]:
     """Top-k ids [B, k] (string, "" where fewer eligible items exist) and scores [B, k], best first."""
     queries = self.query_tower({name: features[name] for name in self._query_specs})
-    result = self.index.search(queries, self.k, **options)
+    depth = min(self.k + self.exclusion_depth, self.index.num_items)
+    result = self.index.search(queries, depth, **options)
     ids = tf.gather(self.item_ids, tf.maximum(result.indices, 0))
-    ids = tf.where(result.indices >= 0, ids, tf.constant(b"", tf.string))
-    return {"ids": ids, "scores": result.scores}
+    if not self.exclusions:
+      ids = tf.where(result.indices >= 0, ids, tf.constant(b"", tf.string))
+      return {"ids": ids, "scores": result.scores}
+    keep = tf.logical_and(result.indices >= 0, tf.logical_not(excluded(ids, features[self.exclusions])))
+    ids, scores, keep = first_kept(self.k, keep, ids, result.scores)
+    return {"ids": tf.where(keep, ids, tf.constant(b"", tf.string)), "scores": tf.where(keep, scores, -np.inf)}
 
   def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
     """The concrete functions to save as the SavedModel's signatures."""
