@@ -184,7 +184,13 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
     theta=options.theta,
   )
   graph = channels.ChannelGraph(
-    built_channels, ids, config.k, channel_defaults, schema.query_specs(), schema.item_specs()
+    built_channels,
+    ids,
+    config.k,
+    channel_defaults,
+    schema.query_specs(),
+    schema.item_specs(),
+    exclusions=config.exclusions,
   )
   return BuiltChannels(graph, catalogs, samples, recall, calibration, timings, serving, data_spec)
 
@@ -208,6 +214,7 @@ def publish_channels(
       path=os.path.join(model_base_path, str(version)),
       index=config.index,
       k=config.k,
+      exclusions=config.exclusions,
       precision=built.serving.precision,
       jit_compile=built.serving.jit_compile,
       index_options=config.index_options,

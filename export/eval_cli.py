@@ -29,6 +29,12 @@ flags.DEFINE_list("ks", ["10", "50", "100"], "Cut-offs K; water-level metrics us
 flags.DEFINE_integer("max_examples", 0, "Evaluate only the first test examples (0: all of them).")
 flags.DEFINE_string("report_file", "", "Also write the JSON report to this file.")
 flags.DEFINE_bool("baselines", True, "Also evaluate popularity and item co-occurrence on the same split.")
+flags.DEFINE_bool(
+  "exclude_history",
+  False,
+  "Recall no item of the query's own history, for the model and the baselines alike (what a graph "
+  "exported with --exclude_history serves).",
+)
 flags.mark_flags_as_mutual_exclusive(["output_dir", "model_path"], required=True)
 
 
@@ -36,6 +42,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.model_path:
+    if FLAGS.exclude_history:
+      raise app.UsageError("--exclude_history judges a training run; a version serves its own (fgr-export's flag)")
     version = version_report.read(FLAGS.model_path)
     if not channel_exporter.is_channel_version(version):
       raise app.UsageError(f"{FLAGS.model_path} is not a channel graph; judge a single run with --output_dir")
@@ -56,6 +64,7 @@ def main(argv: list[str]) -> None:
         ks=tuple(int(k) for k in FLAGS.ks),
         max_examples=FLAGS.max_examples,
         with_baselines=FLAGS.baselines,
+        exclude_history=FLAGS.exclude_history,
       ),
     }
   logging.info("Evaluation report: %s", report)

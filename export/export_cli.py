@@ -63,6 +63,17 @@ flags.DEFINE_float("dpp_theta", _CHANNELS.theta, "Default DPP trade-off between 
 flags.DEFINE_integer(
   "calibration_examples", _CHANNELS.calibration_examples, "Held-out examples the channel calibrations are fit on."
 )
+flags.DEFINE_bool(
+  "exclude_history",
+  _DEFAULTS.exclude_history,
+  "Never return an item of the request's own hist_ids (TFRS's query_with_exclusions): for catalogs "
+  "where a user does not take the same item twice.",
+)
+flags.DEFINE_integer(
+  "exclusion_depth",
+  _DEFAULTS.exclusion_depth,
+  "With --exclude_history, candidates searched beyond --k to make up for excluded ones.",
+)
 flags.mark_flags_as_required(["checkpoint_dir", "model_base_path"])
 
 
@@ -112,6 +123,8 @@ def main(argv: list[str]) -> None:
       version=FLAGS.version,
       precision=FLAGS.precision,
       jit_compile=FLAGS.jit_compile,
+      exclude_history=FLAGS.exclude_history,
+      exclusion_depth=FLAGS.exclusion_depth,
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from None

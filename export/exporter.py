@@ -38,6 +38,11 @@ class ExportConfig:
     jit_compile: XLA-compile the towers' numeric part; None takes this device's default. Stock TF
       Serving needs --xla_cpu_compilation_enabled to run an XLA-compiled export.
     version: explicit version number; the next free one when None.
+    exclude_history: never return an item of the request's own behaviour history (`hist_ids`), as
+      TFRS's `query_with_exclusions` does: for catalogs where a user does not take the same item
+      twice (ratings, purchases of durables), each slot then holds a new item.
+    exclusion_depth: with `exclude_history`, candidates searched beyond k to make up for excluded
+      ones (the training history length by default).
   """
 
   index: str = base.DEFAULT_BACKEND
@@ -49,8 +54,12 @@ class ExportConfig:
   precision: str | None = None
   jit_compile: bool | None = None
   version: int | None = None
+  exclude_history: bool = False
+  exclusion_depth: int = schema.HISTORY_LEN
 
   def __post_init__(self):
+    if self.exclusion_depth < 0:
+      raise ValueError(f"exclusion_depth must be 0 or more, got {self.exclusion_depth}")
     if self.eval_queries < 1:
       raise ValueError(
         f"eval_queries must be at least 1 (the export measures recall@k on them), got {self.eval_queries}"
@@ -60,6 +69,19 @@ class ExportConfig:
         f"tuning_queries and num_warmup_requests must be 0 or more, got {self.tuning_queries} and "
         f"{self.num_warmup_requests}"
       )
+
+  @property
+  def exclusions(self) -> str | None:
+    """The query feature whose ids the graph never returns (`engine.full_graph.FullGraph`)."""
+    return schema.HIST_IDS if self.exclude_history else None
+
+  def exclusion_args(self) -> dict[str, Any]:
+    """The full graph's `exclusions` and `exclusion_depth` arguments."""
+    return {"exclusions": self.exclusions, "exclusion_depth": self.exclusion_depth if self.exclude_history else 0}
+
+  def report_exclusions(self) -> dict[str, Any]:
+    """The same as `version_report.VersionReport` fields (None, so not written, when off)."""
+    return {"exclusions": self.exclusions, "exclusion_depth": self.exclusion_depth if self.exclude_history else None}
 
 
 def parse_index_options(pairs: list[str]) -> dict[str, Any]:
@@ -135,7 +157,14 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   timings["build"] = time.time() - started
   recall = verify.index_recall(index, eval_embeddings, catalog.embeddings, catalog.eligible, config.k)
   graph = full_graph.FullGraph(
-    model.query_tower, model.item_tower, index, catalog.ids, config.k, schema.query_specs(), schema.item_specs()
+    model.query_tower,
+    model.item_tower,
+    index,
+    catalog.ids,
+    config.k,
+    schema.query_specs(),
+    schema.item_specs(),
+    **config.exclusion_args(),
   )
   return BuiltGraph(graph, catalog, samples, recall, timings, serving)
 
@@ -158,6 +187,7 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
       path=os.path.join(model_base_path, str(version)),
       index=config.index,
       k=config.k,
+      **config.report_exclusions(),
       precision=built.serving.precision,
       jit_compile=built.serving.jit_compile,
       index_options=config.index_options,

@@ -340,6 +340,7 @@ def traced_graph(
     channels.Defaults(**defaults),
     towers.query_specs,
     towers.item_specs,
+    exclusions=source.report.exclusions,
   )
 
 

@@ -53,6 +53,8 @@ def refreshed_report(
     refreshed_from=from_version,
     index=source_report.index,
     k=source_report.k,
+    exclusions=source_report.exclusions,
+    exclusion_depth=source_report.exclusion_depth,
     index_options=source_report.index_options,
     index_config=source_report.index_config,
     num_items=int(len(ids)),
@@ -213,7 +215,15 @@ def publish_rebuilt(
       replacements,
       retrace_reason,
       lambda path: full_graph.FullGraph(
-        towers.query_tower, towers.item_tower, index, state.ids, k, towers.query_specs, towers.item_specs
+        towers.query_tower,
+        towers.item_tower,
+        index,
+        state.ids,
+        k,
+        towers.query_specs,
+        towers.item_specs,
+        exclusions=source.report.exclusions,
+        exclusion_depth=source.report.exclusion_depth or 0,
       ).save(path),
       skip=(_EMBEDDINGS_PATH,),
     )

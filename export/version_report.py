@@ -35,6 +35,8 @@ class VersionReport:
     refreshed_from: the version a refresh started from.
     index: the index backend (`engine.base.available_backends()`).
     k: candidates returned per request.
+    exclusions, exclusion_depth: the query feature whose ids the graph never returns, and the extra
+      candidates it searches for them (`engine.full_graph.FullGraph`); None when it excludes none.
     precision, jit_compile: how fgr-export built the towers.
     index_options: the options the index was built with (a refresh's include the kept tuned knobs).
     index_config: the index's resolved build configuration (`engine.base.Index.config`).
@@ -59,6 +61,8 @@ class VersionReport:
   refreshed_from: int | None = None
   index: str | None = None
   k: int | None = None
+  exclusions: str | None = None
+  exclusion_depth: int | None = None
   precision: str | None = None
   jit_compile: bool | None = None
   index_options: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -9,7 +9,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from engine import search_ops
-from export import exporter, versions, warmup
+from export import exporter, refresh_publish, version_report, versions, warmup
 from models import train
 from models.data import schema, sources
 from tests import topk_testlib
@@ -146,3 +146,28 @@ def test_sequence_encoder_towers_export_and_serve(tmp_path):
   assert long[schema.HIST_IDS].shape[1] > tower.max_history
   out = loaded.signatures["serving_default"](**{**tensors, **long})
   assert out["ids"].shape == (8, 10) and np.all(np.isfinite(out["scores"].numpy()))
+
+
+def test_exclude_history_export_never_serves_the_request_history(trained_run, tmp_path):
+  config = exporter.ExportConfig(
+    index="brute_force", k=10, exclude_history=True, exclusion_depth=30, eval_queries=50, tuning_queries=0
+  )
+  report = exporter.export_model(trained_run, str(tmp_path), config)
+  assert report["exclusions"] == schema.HIST_IDS and report["exclusion_depth"] == 30
+  serve = tf.saved_model.load(report["path"]).signatures["serving_default"]
+  queries = _test_queries(trained_run, 8)
+  first = serve(**{name: tf.constant(values) for name, values in queries.items()})["ids"].numpy().astype(str)
+  # The same requests, now with their 5 best answers in front of their history: 30 spare candidates
+  # cover every id a history of 25 can name, so each still gets k.
+  history = np.concatenate([first[:, :5], queries[schema.HIST_IDS]], axis=1).astype(object)
+  assert history.shape[1] <= 30
+  queries = {**queries, schema.HIST_IDS: history}
+  served = serve(**{name: tf.constant(values) for name, values in queries.items()})["ids"].numpy().astype(str)
+  for answer, named in zip(served, history):
+    assert "" not in answer and not {x for x in named if x} & set(answer)
+  # A refresh's version reports (and so rebuilds with) the same exclusions.
+  source_report = version_report.read(report["path"])
+  refreshed = refresh_publish.refreshed_report(
+    source_report, 1, 2, str(tmp_path), "rebuild", np.asarray(["a"]), np.ones([1], bool)
+  )
+  assert (refreshed.exclusions, refreshed.exclusion_depth) == (schema.HIST_IDS, 30)
