@@ -34,6 +34,9 @@ flags.DEFINE_string("data_dir", "../shared/datasets/ml-100k", "MovieLens-100K di
 flags.DEFINE_string("output_dir", "/tmp/model_quality", "Where each run's checkpoints and results.json go.")
 flags.DEFINE_integer("epochs", 5, "Epochs of every MovieLens run.")
 flags.DEFINE_integer("synthetic_epochs", 3, "Epochs of the synthetic runs.")
+flags.DEFINE_bool(
+  "exclude_history", False, "Judge every run and baseline without the items of each query's own history."
+)
 flags.DEFINE_list("runs", [], "Only these runs, by slug (the run name with non-alphanumerics as _; default: all).")
 
 _SYNTHETIC = {"num_ads": 20_000, "num_users": 5_000, "num_sessions": 60_000, "seed": 0}
@@ -47,6 +50,7 @@ def _runs() -> list[tuple[str, sources.DataSpec, config_lib.TowerConfig, train_l
   synthetic = sources.DataSpec(name="synthetic", synthetic=_SYNTHETIC)
   cold_synthetic = dataclasses.replace(synthetic, held_out_item_fraction=0.1)
   tower, sequence = config_lib.TowerConfig(), towers.SEQUENCE_TOWER
+  no_user_id = dataclasses.replace(sequence, use_user_id=False)
   training = train_lib.TrainConfig(epochs=FLAGS.epochs)
   synthetic_training = dataclasses.replace(training, epochs=FLAGS.synthetic_epochs)
   # Essential comparisons first, ablations after: results.json is rewritten after every run.
@@ -61,7 +65,10 @@ def _runs() -> list[tuple[str, sources.DataSpec, config_lib.TowerConfig, train_l
     ("synthetic: defaults", synthetic, tower, synthetic_training),
     ("synthetic: sequence encoder, 10% of ads held out", cold_synthetic, sequence, synthetic_training),
     ("synthetic: defaults, 10% of ads held out", cold_synthetic, tower, synthetic_training),
-    ("by time: sequence encoder, no user id", by_time, dataclasses.replace(sequence, use_user_id=False), training),
+    ("by time: sequence encoder, no user id", by_time, no_user_id, training),
+    ("sequence encoder, no user id", movielens, no_user_id, training),
+    ("synthetic: sequence encoder, no user id", synthetic, no_user_id, synthetic_training),
+    ("synthetic: sequence encoder, no user id, 10% of ads held out", cold_synthetic, no_user_id, synthetic_training),
     (
       "by time: sequence encoder, attention target = query only",
       by_time,
@@ -103,7 +110,9 @@ def main(argv: list[str]) -> None:
     started = time.time()
     report = train_lib.train(data, tower, training, run_dir)
     model, _ = train_lib.restore(run_dir)
-    evaluated = evaluation.evaluate(model.query_tower, model.item_tower, sources.open_source(data))
+    evaluated = evaluation.evaluate(
+      model.query_tower, model.item_tower, sources.open_source(data), exclude_history=FLAGS.exclude_history
+    )
     results["runs"][name] = {
       "data": data.to_json(),
       "tower": dataclasses.asdict(tower),

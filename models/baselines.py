@@ -24,7 +24,7 @@ RowOf = Callable[[str], int]
 MAX_SCORES = 1 << 24
 
 
-def _rows(ids: np.ndarray, row_of: RowOf) -> np.ndarray:
+def catalog_rows(ids: np.ndarray, row_of: RowOf) -> np.ndarray:
   """Catalog rows of string ids; padding ("") becomes -1."""
   flat = [row_of(str(i)) if i != schema.PAD else -1 for i in np.asarray(ids).ravel().tolist()]
   return np.asarray(flat, dtype=np.int64).reshape(np.shape(ids))
@@ -42,7 +42,7 @@ class Popularity:
   def fit(self, examples: Iterable[dict[str, np.ndarray]], row_of: RowOf) -> Popularity:
     counts = np.zeros(self.num_items, dtype=np.float64)
     for batch in examples:
-      counts += np.bincount(_rows(batch[schema.AD_ID], row_of), minlength=self.num_items)
+      counts += np.bincount(catalog_rows(batch[schema.AD_ID], row_of), minlength=self.num_items)
     self.set_counts(counts)
     return self
 
@@ -91,7 +91,7 @@ class ItemCooccurrence:
     users, rows = [], []
     for batch in examples:
       users.append(np.asarray(batch[schema.USER_ID]).astype(str))
-      rows.append(_rows(batch[schema.AD_ID], row_of))
+      rows.append(catalog_rows(batch[schema.AD_ID], row_of))
     user, row = np.concatenate(users), np.concatenate(rows)
     order = np.argsort(user, kind="stable")  # Each user's interactions together, still in time order.
     user, row = user[order], row[order]
@@ -115,7 +115,7 @@ class ItemCooccurrence:
     return self
 
   def scores(self, batch: dict[str, np.ndarray], row_of: RowOf) -> np.ndarray:
-    recent = _rows(batch[schema.HIST_IDS][:, : self.history], row_of)
+    recent = catalog_rows(batch[schema.HIST_IDS][:, : self.history], row_of)
     weights = self.decay ** np.arange(recent.shape[1], dtype=np.float64)
     query, position = np.nonzero(recent >= 0)
     items = recent[query, position]

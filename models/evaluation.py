@@ -91,6 +91,7 @@ def rank_examples(
   examples: Iterable[dict[str, np.ndarray]],
   k: int,
   extra: tuple[str, ...] = (),
+  exclude_history: bool = False,
 ) -> dict[str, np.ndarray]:
   """Exact full-catalog retrieval of every example's query, with its clicked item's rank.
 
@@ -100,6 +101,8 @@ def rank_examples(
     examples: example batches.
     k: how many items to recall per query.
     extra: further example fields to pass through (e.g. "converted"), when present.
+    exclude_history: never recall an item of the query's own history, as a graph exported with
+      `--exclude_history` serves (a clicked item in the history then counts as missed).
 
   Returns:
     "rank" int [n] (0-based rank of the clicked item among all items), "recalled" int [n, k] rows,
@@ -109,6 +112,8 @@ def rank_examples(
   for batch in examples:
     positives = np.asarray([row_of(str(ad_id)) for ad_id in batch[schema.AD_ID]], dtype=np.int64)
     scores = score(batch)
+    if exclude_history:
+      scores = _without_history(scores, baselines.catalog_rows(batch[schema.HIST_IDS], row_of))
     positive_scores = tf.gather(scores, positives, batch_dims=1)
     out["rank"].append(tf.reduce_sum(tf.cast(scores > positive_scores[:, tf.newaxis], tf.int64), axis=1).numpy())
     out["recalled"].append(tf.math.top_k(scores, k=min(k, int(scores.shape[1]))).indices.numpy())
@@ -117,6 +122,13 @@ def rank_examples(
       if name in batch:
         out.setdefault(name, []).append(np.asarray(batch[name]))
   return {name: np.concatenate(values) for name, values in out.items()}
+
+
+def _without_history(scores: tf.Tensor, history: np.ndarray) -> tf.Tensor:
+  """Scores [n, N] with each query's history rows [n, L] (-1: padding) set to -inf."""
+  query, position = np.nonzero(history >= 0)
+  indices = np.stack([query, history[query, position]], axis=1)
+  return tf.tensor_scatter_nd_update(scores, indices, tf.fill([len(indices)], tf.constant(-np.inf, scores.dtype)))
 
 
 def _limited(batches: Iterable[dict[str, np.ndarray]], max_examples: int) -> Iterable[dict[str, np.ndarray]]:
@@ -145,6 +157,7 @@ def evaluate(
   ks: tuple[int, ...] = (10, 50, 100),
   max_examples: int = 0,
   with_baselines: bool = True,
+  exclude_history: bool = False,
 ) -> dict[str, Any]:
   """Everything fgr-eval reports on a source's test split, retrieving exactly over the whole catalog.
 
@@ -154,7 +167,8 @@ def evaluate(
     items added after training when the source knows them; "held_out_items": with a cold-start
     source, the coverage of held-out items' clicks against warm items'; "baselines" (with
     `with_baselines`): "ranking" and "water_level" of popularity and item co-occurrence, fit on the
-    training split and judged on the same test examples.
+    training split and judged on the same test examples. With `exclude_history`, no query recalls
+    an item of its own history, for the model and the baselines alike (see `rank_examples`).
   """
   k = max(ks)
   catalog = catalog_lib.embed_catalog(item_tower, source)
@@ -170,8 +184,14 @@ def evaluate(
     )
     return {"ranking": metrics.ranking_metrics(ranked["rank"], ks), "water_level": {"k": k, **water}}
 
-  ranked = rank_examples(tower_scorer(query_tower, catalog), source.row_of, test_examples(), k, (schema.CONVERTED,))
-  report: dict[str, Any] = {"num_examples": int(len(ranked["rank"])), "num_items": int(source.num_items)}
+  ranked = rank_examples(
+    tower_scorer(query_tower, catalog), source.row_of, test_examples(), k, (schema.CONVERTED,), exclude_history
+  )
+  report: dict[str, Any] = {
+    "num_examples": int(len(ranked["rank"])),
+    "num_items": int(source.num_items),
+    "exclude_history": exclude_history,
+  }
   report.update(summary(ranked))
   held_out = getattr(source, "held_out_rows", None)
   if held_out is not None:
@@ -194,6 +214,7 @@ def evaluate(
           _rebatched(test_examples(), batch_size),
           k,
           (schema.CONVERTED,),
+          exclude_history,
         )
       )
       for baseline in baselines.fit_baselines(source, source.examples("train"))

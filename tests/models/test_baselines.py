@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from models import baselines, evaluation, train
 from models.data import schema, sources
@@ -65,3 +66,16 @@ def test_item_cooccurrence_beats_popularity_on_movielens_by_time(movielens_dir):
   # Published for this split: popularity 0.27 and co-occurrence over the last 10 items 0.57.
   assert hit["popularity"] == pytest.approx(0.27, abs=0.03)
   assert hit["item_cooccurrence"] > 2 * hit["popularity"]
+
+
+def test_rank_examples_without_history_ranks_among_the_other_items():
+  # Item scores 3 > 2 > 1 > 0 for rows a, b, c, d alike for every query.
+  score = lambda batch: tf.constant(np.tile([[3.0, 2.0, 1.0, 0.0]], [len(batch[schema.AD_ID]), 1]))  # noqa: E731
+  batch = _batch(["u", "v", "w"], ["c", "c", "a"], [["a", "d"], [], ["a"]])
+  ranked = evaluation.rank_examples(score, _ROW.get, [batch], 2, exclude_history=True)
+  # u: a is in its history, so c comes second, after b; v excludes nothing; w's clicked item is in its
+  # history, so it can never be recalled (ranked behind every other item).
+  assert ranked["rank"].tolist() == [1, 2, 3]
+  assert ranked["recalled"].tolist() == [[1, 2], [0, 1], [1, 2]]
+  plain = evaluation.rank_examples(score, _ROW.get, [batch], 2)
+  assert plain["rank"].tolist() == [2, 2, 0]
