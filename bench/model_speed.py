@@ -44,6 +44,9 @@ flags.DEFINE_bool(
   "Also time float32 towers with fgr-train's --sequence_encoder=self_attention, with and without XLA "
   "(untrained; not from --checkpoint_dir).",
 )
+flags.DEFINE_bool(
+  "exclude_history", False, "Also time float32 towers with fgr-export's --exclude_history (the history's 20 ids)."
+)
 
 _SYNTHETIC = {"num_ads": 20_000, "num_users": 5_000, "num_sessions": 4_000, "seed": 0}
 
@@ -70,23 +73,33 @@ def _queries(source: sources.Source, count: int) -> dict[str, np.ndarray]:
 def main(argv: list[str]) -> None:
   del argv
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
-  variants = [(precision, xla, False) for precision in FLAGS.precisions for xla in (False, True)]
+  variants = [(precision, xla, False, False) for precision in FLAGS.precisions for xla in (False, True)]
   if FLAGS.sequence_encoder_towers:
-    variants += [("float32", False, True), ("float32", True, True)]
-  functions: dict[tuple[str, bool, bool], dict[str, Any]] = {}
+    variants += [("float32", False, True, False), ("float32", True, True, False)]
+  if FLAGS.exclude_history:
+    variants += [("float32", False, False, True)]
+  functions: dict[tuple[str, bool, bool, bool], dict[str, Any]] = {}
   catalog = source = None
-  for precision, xla, sequence_encoder in variants:
+  for precision, xla, sequence_encoder, exclude in variants:
     model, data = _model(precision, xla, sequence_encoder)
     if catalog is None:  # One catalog, embedded by the float32 towers, for every variant.
       source = sources.open_source(data)
       catalog = catalog_lib.embed_catalog(model.item_tower, source)
     options = {"jit_compile": xla} if FLAGS.index == "brute_force" else {}
     index = base.build_index(FLAGS.index, catalog.embeddings, k=FLAGS.k, eligible=catalog.eligible, **options)
+    exclusions = {"exclusions": schema.HIST_IDS, "exclusion_depth": schema.HISTORY_LEN} if exclude else {}
     graph = full_graph.FullGraph(
-      model.query_tower, model.item_tower, index, catalog.ids, FLAGS.k, schema.query_specs(), schema.item_specs()
+      model.query_tower,
+      model.item_tower,
+      index,
+      catalog.ids,
+      FLAGS.k,
+      schema.query_specs(),
+      schema.item_specs(),
+      **exclusions,
     )
     signatures = graph.signatures()
-    functions[(precision, xla, sequence_encoder)] = {
+    functions[(precision, xla, sequence_encoder, exclude)] = {
       "graph": graph,
       "serve": signatures[full_graph.SERVING_DEFAULT],
       "encode": signatures[full_graph.ENCODE_QUERY],
@@ -111,11 +124,12 @@ def main(argv: list[str]) -> None:
       "precision": key[0],
       "jit_compile": key[1],
       "sequence_encoder": key[2],
+      "exclude_history": key[3],
       "top_k_overlap_with_float32": round(float(overlap), 4),
     }
   for kind in ("serve", "encode"):
     for b in batch_sizes:
-      times: dict[tuple[str, bool, bool], list[float]] = {key: [] for key in functions}
+      times: dict[tuple[str, bool, bool, bool], list[float]] = {key: [] for key in functions}
       for fns in functions.values():  # Warm-up (XLA compiles on the first call of each shape).
         for _ in range(5):
           fns[kind](**queries[b])
@@ -141,8 +155,13 @@ def main(argv: list[str]) -> None:
   print(markdown(results, batch_sizes))
 
 
-def _name(precision: str, xla: bool, sequence_encoder: bool) -> str:
-  return precision + (" + XLA" if xla else "") + (", sequence encoder" if sequence_encoder else "")
+def _name(precision: str, xla: bool, sequence_encoder: bool, exclude: bool) -> str:
+  return (
+    precision
+    + (" + XLA" if xla else "")
+    + (", sequence encoder" if sequence_encoder else "")
+    + (", history excluded" if exclude else "")
+  )
 
 
 def markdown(results: dict[str, Any], batch_sizes: list[int]) -> str:
