@@ -66,8 +66,11 @@ def excluded(ids: tf.Tensor, exclusions: tf.Tensor) -> tf.Tensor:
   L is a behaviour history (tens of ids), so [B, M, L] comparisons cost less than building a hash
   table per request. Padding ("") excludes nothing.
   """
-  exclusions = tf.reshape(tf.cast(exclusions, tf.string), [tf.shape(ids)[0], -1])
-  named = tf.not_equal(exclusions, "")
+  check = tf.debugging.assert_equal(
+    tf.shape(exclusions)[0], tf.shape(ids)[0], message="exclusions must have one row per request"
+  )
+  with tf.control_dependencies([check]):
+    named = tf.not_equal(exclusions, "")
   ids, exclusions = (tf.strings.to_hash_bucket_fast(x, np.iinfo(np.int64).max) for x in (ids, exclusions))
   same = tf.logical_and(tf.equal(ids[:, :, tf.newaxis], exclusions[:, tf.newaxis, :]), named[:, tf.newaxis, :])
   return tf.reduce_any(same, axis=2)

@@ -154,3 +154,10 @@ def test_channel_graph_drops_excluded_candidates_before_the_merge(catalog):
   _assert_excluded(out["ids"].numpy(), history)
   # One channel with a monotone calibration: the merge keeps the channel's order.
   topk_testlib.assert_top_k_agree(_rows(out["ids"].numpy()), _expected(catalog, DEPTH)[0], scores)
+
+
+def test_exclusions_of_another_batch_size_are_an_invalid_argument(catalog):
+  features = _features(catalog)
+  features["history"] = features["history"][:3]
+  with pytest.raises(tf.errors.InvalidArgumentError, match="one row per request"):
+    _graph(catalog).retrieve(features)
