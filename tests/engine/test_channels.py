@@ -5,22 +5,11 @@ import pytest
 import tensorflow as tf
 
 from engine import base, channels, full_graph
+from tests.engine import tower_testlib
 
 NUM_ITEMS, DIM, K = 400, 8, 20
 QUERY_SPECS = {"query": tf.TensorSpec([None], tf.int32, name="query")}
 ITEM_SPECS = {"row": tf.TensorSpec([None], tf.int32, name="row")}
-
-
-class _TableTower(tf.Module):
-  """Looks a row's embedding up in a fixed table: a tower whose output the test knows exactly."""
-
-  def __init__(self, table: np.ndarray, feature: str):
-    super().__init__()
-    self.table = tf.Variable(table, trainable=False)
-    self.feature = feature
-
-  def __call__(self, features):
-    return tf.gather(self.table, features[self.feature])
 
 
 def _unit(rng, n):
@@ -42,8 +31,8 @@ def setup():
     built.append(
       channels.Channel(
         name,
-        _TableTower(queries[name], "query"),
-        _TableTower(items[name], "row"),
+        tower_testlib.TableTower(queries[name], "query"),
+        tower_testlib.TableTower(items[name], "row"),
         index,
         items[name],
         depth=40,

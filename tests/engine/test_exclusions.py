@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from engine import base, channels, full_graph
 from tests import topk_testlib
+from tests.engine import tower_testlib
 
 NUM_ITEMS, DIM, K, DEPTH, HISTORY = 300, 8, 10, 6, 8
 QUERY_SPECS = {
@@ -14,18 +15,6 @@ QUERY_SPECS = {
 }
 ITEM_SPECS = {"row": tf.TensorSpec([None], tf.int32, name="row")}
 IDS = np.asarray([f"ad{i}" for i in range(NUM_ITEMS)], dtype=object)
-
-
-class _TableTower(tf.Module):
-  """Looks a row's embedding up in a fixed table: a tower whose output the test knows exactly."""
-
-  def __init__(self, table: np.ndarray, feature: str):
-    super().__init__()
-    self.table = tf.Variable(table, trainable=False)
-    self.feature = feature
-
-  def __call__(self, features):
-    return tf.gather(self.table, features[self.feature])
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +39,8 @@ def _graph(catalog, exclusions="history", depth=DEPTH):
   queries, items, eligible, *_ = catalog
   index = base.build_index("brute_force", items, k=K, eligible=eligible)
   return full_graph.FullGraph(
-    _TableTower(queries, "query"),
-    _TableTower(items, "row"),
+    tower_testlib.TableTower(queries, "query"),
+    tower_testlib.TableTower(items, "row"),
     index,
     IDS,
     K,
@@ -141,8 +130,8 @@ def test_channel_graph_drops_excluded_candidates_before_the_merge(catalog):
   index = base.build_index("brute_force", items, k=K, eligible=eligible)
   channel = channels.Channel(
     "only",
-    _TableTower(queries, "query"),
-    _TableTower(items, "row"),
+    tower_testlib.TableTower(queries, "query"),
+    tower_testlib.TableTower(items, "row"),
     index,
     items,
     depth=K + DEPTH,
