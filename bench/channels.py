@@ -113,7 +113,7 @@ def quality(versions: dict[str, str]) -> dict[str, Any]:
       settings[f"merged_ssd_w{window}_gamma{gamma}"] = {**defaults[0], "gamma": float(gamma), "window": int(window)}
     for theta in FLAGS.dpp_thetas:
       settings[f"merged_dpp_w{window}_theta{theta}"] = {**defaults[1], "theta": float(theta), "window": int(window)}
-  source = sources.open_source(sources.DataSpec.from_json(report.extra[channel_exporter.DATA]))
+  source = sources.open_source(sources.DataSpec.from_json(report.data))
   result = served_evaluation.evaluate_version(path, source, FLAGS.max_examples, settings=settings)
   v = result["variants"]
   semantic, efficiency, merged = v[channels_lib.SEMANTIC], v[channels_lib.EFFICIENCY], v["merged"]

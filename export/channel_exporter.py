@@ -31,7 +31,6 @@ CHANNELS = "channels"  # The channels' names, in graph order.
 CALIBRATION = "calibration"
 CALIBRATION_EXAMPLES = "calibration_examples"
 CHANNEL_DEFAULTS = "channel_defaults"
-DATA = "data"  # The training runs' data spec: the catalog and test split the graph serves.
 
 
 def is_channel_version(report: version_report.VersionReport) -> bool:
@@ -215,6 +214,7 @@ def publish_channels(
       index=config.index,
       k=config.k,
       exclusions=config.exclusions,
+      data=built.data,
       precision=built.serving.precision,
       jit_compile=built.serving.jit_compile,
       index_options=config.index_options,
@@ -229,7 +229,6 @@ def publish_channels(
         CALIBRATION_EXAMPLES: int(num_samples),
         CHANNEL_DEFAULTS: graph.defaults.to_json(),
         refresh_state.CHANNEL_INDEX_CONFIGS: {c.channel_name: dict(c.index.config) for c in graph.channels},
-        DATA: built.data,
       },
     )
     for step, seconds in built.timings.items():

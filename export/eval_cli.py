@@ -24,7 +24,12 @@ from models.data import sources
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("output_dir", None, "The --output_dir of the fgr-train run to evaluate.")
-flags.DEFINE_string("model_path", None, "Or a version directory (BASE/<version>) of a channel graph to evaluate.")
+flags.DEFINE_string(
+  "model_path",
+  None,
+  "Or a version directory (BASE/<version>) to judge through its own signatures: a full graph's answers "
+  "(beside the baselines), or a channel graph's channels, merge and re-rankings.",
+)
 flags.DEFINE_list("ks", ["10", "50", "100"], "Cut-offs K; water-level metrics use the largest.")
 flags.DEFINE_integer("max_examples", 0, "Evaluate only the first test examples (0: all of them).")
 flags.DEFINE_string("report_file", "", "Also write the JSON report to this file.")
@@ -45,13 +50,17 @@ def main(argv: list[str]) -> None:
     if FLAGS.exclude_history:
       raise app.UsageError("--exclude_history judges a training run; a version serves its own (fgr-export's flag)")
     version = version_report.read(FLAGS.model_path)
-    if not channel_exporter.is_channel_version(version):
-      raise app.UsageError(f"{FLAGS.model_path} is not a channel graph; judge a single run with --output_dir")
-    data = sources.DataSpec.from_json(version.extra[channel_exporter.DATA])
-    report = {
-      "data": data.to_json(),
-      **served_evaluation.evaluate_version(FLAGS.model_path, sources.open_source(data), FLAGS.max_examples),
-    }
+    if version.data is None:
+      raise app.UsageError(f"{FLAGS.model_path}'s report names no training data (exported before it did): re-export it")
+    data = sources.DataSpec.from_json(version.data)
+    source = sources.open_source(data)
+    if channel_exporter.is_channel_version(version):
+      evaluated = served_evaluation.evaluate_version(FLAGS.model_path, source, FLAGS.max_examples)
+    else:
+      evaluated = served_evaluation.evaluate_full_graph(
+        FLAGS.model_path, source, FLAGS.max_examples, with_baselines=FLAGS.baselines
+      )
+    report = {"data": data.to_json(), **evaluated}
   else:
     model, run_config = train_lib.restore(FLAGS.output_dir)
     data = sources.DataSpec.from_json(run_config["data"])

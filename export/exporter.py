@@ -109,6 +109,7 @@ class BuiltGraph:
     recall: the index's recall@k against exact search on held-out queries it was not tuned on.
     timings: seconds spent embedding and building, by step ("embed", "build").
     serving: the precision and XLA setting the towers were rebuilt with.
+    data: the training run's data spec (JSON), recorded in the version's report.
   """
 
   graph: full_graph.FullGraph
@@ -117,6 +118,7 @@ class BuiltGraph:
   recall: float
   timings: dict[str, float]
   serving: precision_lib.ServingOptions
+  data: dict[str, Any]
 
 
 def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
@@ -166,7 +168,7 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
     schema.item_specs(),
     **config.exclusion_args(),
   )
-  return BuiltGraph(graph, catalog, samples, recall, timings, serving)
+  return BuiltGraph(graph, catalog, samples, recall, timings, serving, run_config["data"])
 
 
 def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig) -> dict[str, Any]:
@@ -188,6 +190,7 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
       index=config.index,
       k=config.k,
       **config.report_exclusions(),
+      data=built.data,
       precision=built.serving.precision,
       jit_compile=built.serving.jit_compile,
       index_options=config.index_options,

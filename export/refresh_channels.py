@@ -49,7 +49,7 @@ CHANNELS = channel_exporter.CHANNELS
 CHANNEL_DEFAULTS = channel_exporter.CHANNEL_DEFAULTS
 CALIBRATION = channel_exporter.CALIBRATION
 # What a refreshed version's report carries over from its source (fgr-eval reads these).
-CARRIED_EXTRAS = (CHANNELS, CALIBRATION, CHANNEL_DEFAULTS, channel_exporter.CALIBRATION_EXAMPLES, channel_exporter.DATA)
+CARRIED_EXTRAS = (CHANNELS, CALIBRATION, CHANNEL_DEFAULTS, channel_exporter.CALIBRATION_EXAMPLES)
 WARMUP_RECALL = "channel_warmup_recall_vs_exact"
 
 

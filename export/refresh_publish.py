@@ -55,6 +55,7 @@ def refreshed_report(
     k=source_report.k,
     exclusions=source_report.exclusions,
     exclusion_depth=source_report.exclusion_depth,
+    data=source_report.data,
     index_options=source_report.index_options,
     index_config=source_report.index_config,
     num_items=int(len(ids)),

@@ -1,9 +1,12 @@
-"""Judges a published channel graph through its own signature: each channel alone, merged, and re-ranked.
+"""Judges a published version through its own signatures, so the figures are what a client of it gets.
 
-Every variant is one `search_with_options` knob setting of the same SavedModel, so the figures are
-what a client of that version gets: a channel alone (its weight 1, the others' depth 0), the merged
-default, and the merged list re-ranked by SSD and by DPP. The test examples the export calibrated on
-(the first `calibration_examples`) are skipped.
+A full graph: its `serving_default` answers on the test split (index approximation and exclusions
+included), beside the popularity and item co-occurrence baselines ranked the same way.
+
+A channel graph: every variant is one `search_with_options` knob setting of the same SavedModel: a
+channel alone (its weight 1, the others' depth 0), the merged default, and the merged list re-ranked
+by SSD and by DPP. The test examples the export calibrated on (the first `calibration_examples`) are
+skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import tensorflow as tf
 
 from engine import base, channels, full_graph
 from export import channel_exporter, refresh_state, version_report
-from models import metrics
+from models import baselines, evaluation, metrics
 from models.data import schema, sequences, sources
 
 
@@ -57,6 +60,68 @@ def _test_examples(source: sources.Source, skip: int, max_examples: int, batch_s
       yield {name: values[lo:hi] for name, values in batch.items()}
 
 
+def _query(batch: dict[str, np.ndarray]) -> dict[str, tf.Tensor]:
+  return {n: tf.constant(batch[n]) for n in schema.QUERY_FEATURE_NAMES}
+
+
+def _rows(ids: tf.Tensor, source: sources.Source) -> np.ndarray:
+  """Catalog rows [n, k] of served ids ("" past the answers: -1)."""
+  return np.asarray([[source.row_of(i) if i else -1 for i in row] for row in ids.numpy().astype(str)], np.int64)
+
+
+def evaluate_full_graph(
+  version_path: str,
+  source: sources.Source,
+  max_examples: int = 0,
+  batch_size: int = 256,
+  with_baselines: bool = True,
+) -> dict[str, Any]:
+  """Ranking and water-level metrics of a full graph's `serving_default` answers on the test split.
+
+  A test example's rank is its clicked item's place in the served list (k or more when absent), so
+  recall and NDCG are at cut-offs up to the version's k. The baselines rank the whole catalog on the
+  same examples, without the request's history when the version excludes it.
+  """
+  report = version_report.read(version_path)
+  base.backend(report.index).load_ops()
+  serve = tf.saved_model.load(version_path).signatures[full_graph.SERVING_DEFAULT]
+  examples = list(_test_examples(source, 0, max_examples, batch_size))
+  if not examples:
+    raise ValueError("the source has no test examples")
+  recalled = np.concatenate([_rows(serve(**_query(batch))["ids"], source) for batch in examples])
+  fields = {name: np.concatenate([b[name] for b in examples]) for name in examples[0]}
+  positives = np.asarray([source.row_of(str(a)) for a in fields[schema.AD_ID]], dtype=np.int64)
+  found = recalled == positives[:, np.newaxis]
+  ranks = np.where(found.any(axis=1), found.argmax(axis=1), report.k)
+  ks = tuple(k for k in (10, 50, 100) if k < report.k) + (report.k,)
+  categories = sequences.catalog_column(source, schema.CATEGORY)
+  out: dict[str, Any] = {
+    "num_examples": int(len(positives)),
+    "k": report.k,
+    "exclusions": report.exclusions,
+    "ranking": metrics.ranking_metrics(ranks, ks),
+    "water_level": metrics.water_level_metrics(recalled, positives, fields.get(schema.CONVERTED), categories, None),
+  }
+  if with_baselines:
+    out["baselines"] = {}
+    for baseline in baselines.fit_baselines(source, source.examples("train")):
+      ranked = evaluation.rank_examples(
+        evaluation.baseline_scorer(baseline, source.row_of),
+        source.row_of,
+        examples,
+        report.k,
+        (schema.CONVERTED,),
+        exclude_history=report.exclusions == schema.HIST_IDS,
+      )
+      out["baselines"][baseline.name] = {
+        "ranking": metrics.ranking_metrics(ranked["rank"], ks),
+        "water_level": metrics.water_level_metrics(
+          ranked["recalled"], ranked["positive"], ranked.get(schema.CONVERTED), categories, None
+        ),
+      }
+  return out
+
+
 def evaluate_version(
   version_path: str,
   source: sources.Source,
@@ -91,10 +156,9 @@ def evaluate_version(
     recalled, seconds = [], 0.0
     for batch in examples:
       started = time.perf_counter()
-      result = search(**{n: tf.constant(batch[n]) for n in schema.QUERY_FEATURE_NAMES}, **options)
+      result = search(**_query(batch), **options)
       seconds += time.perf_counter() - started
-      ids = result["ids"].numpy().astype(str)
-      recalled.append(np.asarray([[source.row_of(i) if i else -1 for i in row] for row in ids], dtype=np.int64))
+      recalled.append(_rows(result["ids"], source))
     recalled = np.concatenate(recalled)
     out["variants"][name] = {
       "knobs": knobs,

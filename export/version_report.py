@@ -35,6 +35,8 @@ class VersionReport:
     refreshed_from: the version a refresh started from.
     index: the index backend (`engine.base.available_backends()`).
     k: candidates returned per request.
+    data: the training run's data spec (`models.data.sources.DataSpec.to_json`): the catalog and the
+      test split the version serves, which fgr-eval --model_path judges it on.
     exclusions, exclusion_depth: the query feature whose ids the graph never returns, and the extra
       candidates it searches for them (`engine.full_graph.FullGraph`); None when it excludes none.
     precision, jit_compile: how fgr-export built the towers.
@@ -63,6 +65,7 @@ class VersionReport:
   k: int | None = None
   exclusions: str | None = None
   exclusion_depth: int | None = None
+  data: dict[str, Any] | None = None
   precision: str | None = None
   jit_compile: bool | None = None
   index_options: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -9,7 +9,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from engine import search_ops
-from export import exporter, refresh_publish, version_report, versions, warmup
+from export import exporter, refresh_publish, served_evaluation, version_report, versions, warmup
 from models import train
 from models.data import schema, sources
 from tests import topk_testlib
@@ -171,3 +171,13 @@ def test_exclude_history_export_never_serves_the_request_history(trained_run, tm
     source_report, 1, 2, str(tmp_path), "rebuild", np.asarray(["a"]), np.ones([1], bool)
   )
   assert (refreshed.exclusions, refreshed.exclusion_depth) == (schema.HIST_IDS, 30)
+  # fgr-eval --model_path judges the version's own answers, beside baselines without the history too.
+  evaluated = served_evaluation.evaluate_full_graph(
+    report["path"], sources.open_source(TINY_DATA), max_examples=64, batch_size=32
+  )
+  assert evaluated["num_examples"] == 64 and evaluated["exclusions"] == schema.HIST_IDS
+  assert set(evaluated["ranking"]) == {"recall@10", "hit_rate@10", "ndcg@10"}
+  assert set(evaluated["baselines"]) == {"popularity", "item_cooccurrence"}
+  for judged in (evaluated, *evaluated["baselines"].values()):
+    assert 0 <= judged["ranking"]["ndcg@10"] <= judged["ranking"]["recall@10"] <= 1
+    assert judged["water_level"]["click_coverage"] == pytest.approx(judged["ranking"]["recall@10"])
