@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny synthetic training run, trained once per test session."""
+"""Shared fixtures: a tiny synthetic training run and a ScaNN export of it, each made once per test session."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+from export import exporter  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models import train as train_lib  # noqa: E402
 from models.data import sources  # noqa: E402
@@ -30,6 +31,8 @@ TINY_DATA = sources.DataSpec(
 # One epoch, without the full-catalog top-k evaluation at the end: train() only returns its figures,
 # and the tests that train a run to export or restore it do not read them.
 TINY_TRAINING = train_lib.TrainConfig(epochs=1, batch_size=256, eval_max_items=0)
+# Candidates per request of the shared `scann_export`.
+SCANN_EXPORT_K = 20
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +41,19 @@ def trained_run(tmp_path_factory) -> str:
   output_dir = str(tmp_path_factory.mktemp("train"))
   train_lib.train(TINY_DATA, TINY_TOWER, TINY_TRAINING, output_dir)
   return output_dir
+
+
+@pytest.fixture(scope="session")
+def scann_export(trained_run, tmp_path_factory) -> str:
+  """Version 1 of a ScaNN full-graph export (k=20, exact at 3k ads) of `trained_run`: its path.
+
+  One export for every test that serves, loads or refreshes "some ScaNN export" of the run: each
+  export traces, saves and checks the whole graph anew. Versions are never modified in place, so tests
+  link it into a base path of their own (`export.version_files.link_tree`) and publish there.
+  """
+  base_path = str(tmp_path_factory.mktemp("scann_export"))
+  config = exporter.ExportConfig(index="scann", k=SCANN_EXPORT_K, eval_queries=20, num_warmup_requests=4)
+  return exporter.export_model(trained_run, base_path, config)["path"]
 
 
 def find_movielens(path: str | None = None, environ: Mapping[str, str] | None = None) -> str:

@@ -9,27 +9,23 @@ import pytest
 import tensorflow as tf
 
 from engine import full_graph
-from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch, version_files, versions
-from models import train
+from export import refresh, refresh_delta, refresh_state, refresh_watch, version_files, versions
+from models import config as config_lib
 from models.data import queries as queries_lib
 from models.data import schema, sources
 from tests import topk_testlib
+from tests.conftest import SCANN_EXPORT_K
 
-K = 20
+K = SCANN_EXPORT_K
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-  """Version 1 of the tiny run (ScaNN, exact at this size) and a few held-out queries."""
+def exported(trained_run, scann_export):
+  """Version 1 of the tiny run (the shared ScaNN export, exact at this size) and a few held-out queries."""
   import scann  # noqa: F401  Registers ScaNN's ops for loading versions in this process.
 
-  base_path = str(tmp_path_factory.mktemp("exported"))
-  exporter.export_model(
-    trained_run, base_path, exporter.ExportConfig(index="scann", k=K, eval_queries=20, num_warmup_requests=4)
-  )
-  _, run_config = train.restore(trained_run)
-  source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
-  return os.path.join(base_path, "1"), source, queries_lib.held_out_queries(source, 8)
+  source = sources.open_source(sources.DataSpec.from_json(config_lib.read_run_config(trained_run)["data"]))
+  return scann_export, source, queries_lib.held_out_queries(source, 8)
 
 
 @pytest.fixture
