@@ -24,9 +24,13 @@ from serving.core import file_system_source
 State = get_model_status_pb2.ModelVersionStatus.State
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def full_graph_export(trained_run, tmp_path_factory):
-  """A brute-force full-graph export (k=10) of the tiny training run."""
+  """A brute-force full-graph export (k=10) of the tiny training run.
+
+  Session-scoped: the module's tests run once per --native mode, all of one mode first, and a
+  module-scoped export would be made again for the second.
+  """
   base = str(tmp_path_factory.mktemp("full_graph"))
   report = exporter.export_model(
     trained_run, base, exporter.ExportConfig(index="brute_force", k=10, num_warmup_requests=2, eval_queries=20)
