@@ -13,6 +13,7 @@ from export import exporter  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models import train as train_lib  # noqa: E402
 from models.data import sources  # noqa: E402
+from tests.serving import scann_testlib  # noqa: E402
 
 MOVIELENS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "ml-100k")
 
@@ -54,6 +55,16 @@ def scann_export(trained_run, tmp_path_factory) -> str:
   base_path = str(tmp_path_factory.mktemp("scann_export"))
   config = exporter.ExportConfig(index="scann", k=SCANN_EXPORT_K, eval_queries=20, num_warmup_requests=4)
   return exporter.export_model(trained_run, base_path, config)["path"]
+
+
+@pytest.fixture(scope="session")
+def tree_export(trained_run, tmp_path_factory) -> str:
+  """Version 1 of a tree-AH ScaNN export of `trained_run` (`scann_testlib.export_tree`): its path.
+
+  A fixture rather than a cache in scann_testlib: test files import that module under two names
+  (`scann_testlib`, `tests.serving.scann_testlib`), and each name would have had its own cache.
+  """
+  return scann_testlib.export_tree(trained_run, str(tmp_path_factory.mktemp("scann_tree")))
 
 
 def find_movielens(path: str | None = None, environ: Mapping[str, str] | None = None) -> str:

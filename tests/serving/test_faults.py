@@ -215,21 +215,20 @@ def test_sigterm_under_load_drains_and_exits_0(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tree_server(trained_run, tmp_path_factory, native_mode):
+def tree_server(tree_export, tmp_path_factory, native_mode):
   """fgr-serve (in process) serving a tree-AH ScaNN export of 3,000 ads under
   three masks: as exported ("ads"), 80% of the ads paused ("ads_retry") and
   all but 30 paused ("ads_exact"). Yields (server, {model: version dir})."""
-  export = scann_lib.tree_export(trained_run, tmp_path_factory)
   root = tmp_path_factory.mktemp("scann_served")
-  num_ads = len(scann_lib.catalog(export).ids)
+  num_ads = len(scann_lib.catalog(tree_export).ids)
   rng = np.random.default_rng(5)
   masks = {}
   for name, count in (("ads_retry", num_ads // 5), ("ads_exact", 30)):
     masks[name] = np.zeros(num_ads, bool)
     masks[name][rng.choice(num_ads, count, replace=False)] = True
-  versions_dirs = {"ads": scann_lib.copy_version(export, str(root / "ads"))}
+  versions_dirs = {"ads": scann_lib.copy_version(tree_export, str(root / "ads"))}
   for name, mask in masks.items():
-    versions_dirs[name] = scann_lib.publish_eligible(export, str(root / name), mask)
+    versions_dirs[name] = scann_lib.publish_eligible(tree_export, str(root / name), mask)
   config = root / "models.config"
   config.write_text(
     "model_config_list {"
