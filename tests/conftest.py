@@ -34,6 +34,10 @@ TINY_DATA = sources.DataSpec(
 TINY_TRAINING = train_lib.TrainConfig(epochs=1, batch_size=256, eval_max_items=0)
 # Candidates per request of the shared `scann_export`.
 SCANN_EXPORT_K = 20
+# How the shared `brute_force_export` is made: exact search, so its recall check needs few queries.
+BRUTE_FORCE_EXPORT = exporter.ExportConfig(
+  index="brute_force", k=10, num_warmup_requests=5, eval_queries=50, tuning_queries=0
+)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +59,16 @@ def scann_export(trained_run, tmp_path_factory) -> str:
   base_path = str(tmp_path_factory.mktemp("scann_export"))
   config = exporter.ExportConfig(index="scann", k=SCANN_EXPORT_K, eval_queries=20, num_warmup_requests=4)
   return exporter.export_model(trained_run, base_path, config)["path"]
+
+
+@pytest.fixture(scope="session")
+def brute_force_export(trained_run, tmp_path_factory) -> str:
+  """Version 1 of a brute-force full-graph export (`BRUTE_FORCE_EXPORT`) of `trained_run`: its path.
+
+  Shared as `scann_export` is: tests copy or link it, and never change it in place.
+  """
+  base_path = str(tmp_path_factory.mktemp("brute_force_export"))
+  return exporter.export_model(trained_run, base_path, BRUTE_FORCE_EXPORT)["path"]
 
 
 @pytest.fixture(scope="session")

@@ -18,24 +18,11 @@ import serving_testlib as lib
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, predict_pb2, prediction_log_pb2
 
-from export import exporter, versions
+from export import versions
 from serving.core import file_system_source
+from tests.conftest import BRUTE_FORCE_EXPORT
 
 State = get_model_status_pb2.ModelVersionStatus.State
-
-
-@pytest.fixture(scope="session")
-def full_graph_export(trained_run, tmp_path_factory):
-  """A brute-force full-graph export (k=10) of the tiny training run.
-
-  Session-scoped: the module's tests run once per --native mode, all of one mode first, and a
-  module-scoped export would be made again for the second.
-  """
-  base = str(tmp_path_factory.mktemp("full_graph"))
-  report = exporter.export_model(
-    trained_run, base, exporter.ExportConfig(index="brute_force", k=10, num_warmup_requests=2, eval_queries=20)
-  )
-  return report["path"]
 
 
 def _warmup_request(version_dir: str) -> predict_pb2.PredictRequest:
@@ -73,10 +60,10 @@ _CORRUPTIONS = {
 
 
 @pytest.mark.usefixtures("native")
-def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export, tmp_path):
+def test_corrupt_versions_keep_the_previous_one_serving(brute_force_export, tmp_path):
   base = tmp_path / "ads"
-  shutil.copytree(full_graph_export, base / "1")
-  request = _warmup_request(full_graph_export)
+  shutil.copytree(brute_force_export, base / "1")
+  request = _warmup_request(brute_force_export)
   request.model_spec.name = "ads"
   server = lib.InProcessServer(model_name="ads", model_base_path=str(base), file_system_poll_wait_seconds=0.2)
   status = get_model_status_pb2.GetModelStatusRequest()
@@ -84,7 +71,7 @@ def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export, tmp_p
   try:
     for version, (name, corrupt) in enumerate(_CORRUPTIONS.items(), start=2):
       staging = tmp_path / f"staging-{version}"
-      shutil.copytree(full_graph_export, staging)
+      shutil.copytree(brute_force_export, staging)
       corrupt(str(staging))
       os.rename(staging, base / str(version))  # Published atomically.
 
@@ -99,7 +86,7 @@ def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export, tmp_p
       assert f"version: {version}" in entry.status.error_message, name
       response = server.predict.Predict(request, timeout=30)
       assert response.model_spec.version.value == 1, name
-      assert response.outputs["ids"].tensor_shape.dim[1].size == 10, name
+      assert response.outputs["ids"].tensor_shape.dim[1].size == BRUTE_FORCE_EXPORT.k, name
   finally:
     server.stop()
 
