@@ -28,6 +28,15 @@ def exported(trained_run, scann_export):
   return scann_export, source, queries_lib.held_out_queries(source, 8)
 
 
+@pytest.fixture(scope="module")
+def served_v1(exported):
+  """Version 1 loaded, and its served ids [Q, K] for the held-out queries (read-only): loaded once."""
+  version_path, _, queries = exported
+  loaded, ids = _serve(version_path, queries)
+  ids.setflags(write=False)
+  return loaded, ids
+
+
 @pytest.fixture
 def base_path(exported, tmp_path):
   """A fresh model base path holding (hard links to) version 1."""
@@ -84,9 +93,9 @@ def test_delta_lines_later_lines_win_and_errors_name_the_line():
     refresh_delta.parse_lines(['{"ad_id": "a", "deleted": true}', '{"ad_id": "a", "status": "paused"}'])
 
 
-def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(exported, base_path):
+def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(exported, served_v1, base_path):
   version_path, source, queries = exported
-  loaded, before = _serve(version_path, queries)
+  loaded, before = served_v1
   features = source.features(np.arange(source.num_items))
   row_of = {ad_id: row for row, ad_id in enumerate(features[schema.AD_ID])}
   # The new ad copies the side info of the first query's best ad: it must rank near the top.
@@ -153,9 +162,9 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   topk_testlib.assert_top_k_agree(topk_testlib.rows_of(after, state.ids), expected_rows, scores)
 
 
-def test_status_only_publish_changes_only_the_mask(exported, base_path):
+def test_status_only_publish_changes_only_the_mask(exported, served_v1, base_path):
   version_path, _, queries = exported
-  _, before = _serve(version_path, queries)
+  _, before = served_v1
   pause = before[:, 0]
   delta = refresh_delta.parse_lines([json.dumps({"ad_id": ad_id, "status": "paused"}) for ad_id in pause])
   refresher = refresh.Refresher(base_path, keep_versions=None)
@@ -189,9 +198,9 @@ def test_status_only_publish_changes_only_the_mask(exported, base_path):
   assert report["kind"] == "status_only" and report["delta"]["ignored_removals"] == 1
 
 
-def test_rollback_republishes_and_keep_versions_prunes(exported, base_path):
-  version_path, _, queries = exported
-  _, before = _serve(version_path, queries)
+def test_rollback_republishes_and_keep_versions_prunes(exported, served_v1, base_path):
+  _, _, queries = exported
+  _, before = served_v1
   refresher = refresh.Refresher(base_path, keep_versions=2)
   refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 0], "status": "paused"})]))
   refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 1], "deleted": True})]))
@@ -208,9 +217,8 @@ def test_rollback_republishes_and_keep_versions_prunes(exported, base_path):
   np.testing.assert_array_equal(_serve(os.path.join(base_path, "5"), queries)[1][0], before[0])
 
 
-def test_deferred_prune_deletes_when_the_next_publish_starts(exported, base_path):
-  version_path, _, queries = exported
-  _, before = _serve(version_path, queries)
+def test_deferred_prune_deletes_when_the_next_publish_starts(served_v1, base_path):
+  _, before = served_v1
   refresher = refresh.Refresher(base_path, keep_versions=1, defer_prune=True)
   refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 0], "status": "paused"})]))
   assert versions.list_versions(base_path) == [1, 2]  # Version 1 stays while servers load version 2.
@@ -218,9 +226,9 @@ def test_deferred_prune_deletes_when_the_next_publish_starts(exported, base_path
   assert versions.list_versions(base_path) == [2, 3]
 
 
-def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, base_path, tmp_path, caplog):
-  version_path, _, queries = exported
-  _, before = _serve(version_path, queries)
+def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, served_v1, base_path, tmp_path, caplog):
+  _, _, queries = exported
+  _, before = served_v1
   watch_dir = tmp_path / "deltas"
   watch_dir.mkdir()
   (watch_dir / "001-pause.jsonl").write_text(json.dumps({"ad_id": before[0, 0], "status": "paused"}) + "\n")
