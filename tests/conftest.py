@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 
@@ -38,6 +39,18 @@ SCANN_EXPORT_K = 20
 BRUTE_FORCE_EXPORT = exporter.ExportConfig(
   index="brute_force", k=10, num_warmup_requests=5, eval_queries=50, tuning_queries=0
 )
+
+
+def pytest_collection_finish(session):
+  """Moves what collection left alive (TensorFlow's and the test modules' objects) out of the GC's reach.
+
+  As fgr-serve does at start-up (`serving.util.runtime.freeze_gc`), and for the same reason: every full
+  collection, automatic or the one an in-process server runs per unloaded version, would otherwise
+  traverse all of them again. They live until the session ends, so freezing them leaks nothing.
+  """
+  del session
+  gc.collect()
+  gc.freeze()
 
 
 @pytest.fixture(scope="session")
