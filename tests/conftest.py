@@ -41,16 +41,34 @@ BRUTE_FORCE_EXPORT = exporter.ExportConfig(
 )
 
 
-def pytest_collection_finish(session):
-  """Moves what collection left alive (TensorFlow's and the test modules' objects) out of the GC's reach.
+_frozen_before: list[str] = []  # The test file whose start last froze the GC's objects.
+
+
+def _freeze_gc() -> None:
+  """Collects, then moves every object still alive out of the GC's reach (`gc.freeze`).
 
   As fgr-serve does at start-up (`serving.util.runtime.freeze_gc`), and for the same reason: every full
   collection, automatic or the one an in-process server runs per unloaded version, would otherwise
-  traverse all of them again. They live until the session ends, so freezing them leaks nothing.
+  traverse them all again. Frozen objects are still freed when no reference is left; only a cycle
+  among them that became garbage later would stay, and what is alive between test files (modules,
+  session fixtures, TensorFlow's caches) lives until the session ends.
   """
-  del session
   gc.collect()
   gc.freeze()
+
+
+def pytest_collection_finish(session):
+  del session
+  _freeze_gc()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  """Freezes again at each test file's first test: the file before it has torn its fixtures down."""
+  path = str(item.path)
+  if _frozen_before[-1:] != [path]:
+    _frozen_before[:] = [path]
+    _freeze_gc()
 
 
 @pytest.fixture(scope="session")
