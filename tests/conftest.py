@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny synthetic training run and a ScaNN export of it, each made once per test session."""
+"""Shared fixtures: a tiny synthetic training run and exports of it, each made once per test session."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def trained_run(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def scann_export(trained_run, tmp_path_factory) -> str:
-  """Version 1 of a ScaNN full-graph export (k=20, exact at 3k ads) of `trained_run`: its path.
+  """Version 1 of a ScaNN full-graph export (`SCANN_EXPORT_K`; exact at this catalog's size) of `trained_run`.
 
   One export for every test that serves, loads or refreshes "some ScaNN export" of the run: each
   export traces, saves and checks the whole graph anew. Versions are never modified in place, so tests
