@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny synthetic training run, trained once per test session."""
+"""Shared fixtures: a tiny synthetic training run and exports of it, each made once per test session."""
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 
@@ -9,9 +10,11 @@ import pytest
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+from export import exporter  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models import train as train_lib  # noqa: E402
 from models.data import sources  # noqa: E402
+from tests.serving import scann_testlib  # noqa: E402
 
 MOVIELENS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "ml-100k")
 
@@ -30,6 +33,42 @@ TINY_DATA = sources.DataSpec(
 # One epoch, without the full-catalog top-k evaluation at the end: train() only returns its figures,
 # and the tests that train a run to export or restore it do not read them.
 TINY_TRAINING = train_lib.TrainConfig(epochs=1, batch_size=256, eval_max_items=0)
+# Candidates per request of the shared `scann_export`.
+SCANN_EXPORT_K = 20
+# How the shared `brute_force_export` is made: exact search, so its recall check needs few queries.
+BRUTE_FORCE_EXPORT = exporter.ExportConfig(
+  index="brute_force", k=10, num_warmup_requests=5, eval_queries=50, tuning_queries=0
+)
+
+
+_frozen_before: list[str] = []  # The test file whose start last froze the GC's objects.
+
+
+def _freeze_gc() -> None:
+  """Collects, then moves every object still alive out of the GC's reach (`gc.freeze`).
+
+  As fgr-serve does at start-up (`serving.util.runtime.freeze_gc`), and for the same reason: every full
+  collection, automatic or the one an in-process server runs per unloaded version, would otherwise
+  traverse them all again. Frozen objects are still freed when no reference is left; only a cycle
+  among them that became garbage later would stay, and what is alive between test files (modules,
+  session fixtures, TensorFlow's caches) lives until the session ends.
+  """
+  gc.collect()
+  gc.freeze()
+
+
+def pytest_collection_finish(session):
+  del session
+  _freeze_gc()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  """Freezes again at each test file's first test: the file before it has torn its fixtures down."""
+  path = str(item.path)
+  if _frozen_before[-1:] != [path]:
+    _frozen_before[:] = [path]
+    _freeze_gc()
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +77,39 @@ def trained_run(tmp_path_factory) -> str:
   output_dir = str(tmp_path_factory.mktemp("train"))
   train_lib.train(TINY_DATA, TINY_TOWER, TINY_TRAINING, output_dir)
   return output_dir
+
+
+@pytest.fixture(scope="session")
+def scann_export(trained_run, tmp_path_factory) -> str:
+  """Version 1 of a ScaNN full-graph export (`SCANN_EXPORT_K`; exact at this catalog's size) of `trained_run`.
+
+  One export for every test that serves, loads or refreshes "some ScaNN export" of the run: each
+  export traces, saves and checks the whole graph anew. Versions are never modified in place, so tests
+  link it into a base path of their own (`export.version_files.link_tree`) and publish there.
+  """
+  base_path = str(tmp_path_factory.mktemp("scann_export"))
+  config = exporter.ExportConfig(index="scann", k=SCANN_EXPORT_K, eval_queries=20, num_warmup_requests=4)
+  return exporter.export_model(trained_run, base_path, config)["path"]
+
+
+@pytest.fixture(scope="session")
+def brute_force_export(trained_run, tmp_path_factory) -> str:
+  """Version 1 of a brute-force full-graph export (`BRUTE_FORCE_EXPORT`) of `trained_run`: its path.
+
+  Shared as `scann_export` is: tests copy or link it, and never change it in place.
+  """
+  base_path = str(tmp_path_factory.mktemp("brute_force_export"))
+  return exporter.export_model(trained_run, base_path, BRUTE_FORCE_EXPORT)["path"]
+
+
+@pytest.fixture(scope="session")
+def tree_export(trained_run, tmp_path_factory) -> str:
+  """Version 1 of a tree-AH ScaNN export of `trained_run` (`scann_testlib.export_tree`): its path.
+
+  A fixture rather than a cache in scann_testlib: test files import that module under two names
+  (`scann_testlib`, `tests.serving.scann_testlib`), and each name would have had its own cache.
+  """
+  return scann_testlib.export_tree(trained_run, str(tmp_path_factory.mktemp("scann_tree")))
 
 
 def find_movielens(path: str | None = None, environ: Mapping[str, str] | None = None) -> str:

@@ -8,15 +8,14 @@ from export import refresh_state
 from tests.serving import scann_testlib
 
 
-def test_index_only_export_finds_the_full_graphs_ads(trained_run, tmp_path_factory, tmp_path):
+def test_index_only_export_finds_the_full_graphs_ads(trained_run, tree_export, tmp_path):
   import scann  # noqa: F401  Registers ScaNN's ops for the in-process loads.
 
   # A tree-AH ScaNN version with a third of its ads paused: the mask must come along with the index.
-  tree = scann_testlib.tree_export(trained_run, tmp_path_factory)
-  catalog = refresh_state.read_state(tree)
+  catalog = refresh_state.read_state(tree_export)
   eligible = catalog.eligible.copy()
   eligible[::3] = False
-  version = scann_testlib.publish_eligible(tree, str(tmp_path / "full"), eligible)
+  version = scann_testlib.publish_eligible(tree_export, str(tmp_path / "full"), eligible)
   report = ann_export.export(version, str(tmp_path / "ann"))
   assert report.index_config["update"] == "incremental" and report.index_config["encoded_rows"] == 0  # Not retrained.
 

@@ -3,6 +3,9 @@
 Driven only through TF Serving's official stubs, as any TF Serving client would.
 """
 
+import dataclasses
+import os
+
 import grpc
 import numpy as np
 import pytest
@@ -10,22 +13,26 @@ import tensorflow as tf
 from google.protobuf import wrappers_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-from export import exporter, refresh_state, warmup
-from models import train
+from export import refresh_state, version_files, version_report, warmup
+from models import config as config_lib
 from models.data import queries as queries_lib
 from models.data import schema, sources
 from tests import topk_testlib
+from tests.conftest import SCANN_EXPORT_K
 from tests.serving import serving_testlib
 
 MODEL = "retrieval"
+K = SCANN_EXPORT_K
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-  """(base path, export report, held-out queries) of a ScaNN full-graph export, made once."""
+def exported(trained_run, scann_export, tmp_path_factory):
+  """(base path, its version's report, held-out queries): the shared ScaNN full-graph export as version 1."""
   base_path = str(tmp_path_factory.mktemp("models"))
-  report = exporter.export_model(trained_run, base_path, exporter.ExportConfig(index="scann", k=20))
-  _, run_config = train.restore(trained_run)
+  version_path = os.path.join(base_path, "1")
+  version_files.link_tree(scann_export, version_path)
+  report = dataclasses.replace(version_report.read(version_path), path=version_path)
+  run_config = config_lib.read_run_config(trained_run)
   queries = queries_lib.held_out_queries(sources.open_source(sources.DataSpec.from_json(run_config["data"])), 16)
   return base_path, report, queries
 
@@ -57,16 +64,16 @@ def test_predict_returns_the_saved_model_top_k(served):
 
   server, report, queries = served
   response = server.predict.Predict(_request(queries), timeout=30)
-  assert response.model_spec.name == MODEL and response.model_spec.version.value == report["version"]
+  assert response.model_spec.name == MODEL and response.model_spec.version.value == report.version
   assert response.model_spec.signature_name == "serving_default"
   ids, scores = tf.make_ndarray(response.outputs["ids"]), tf.make_ndarray(response.outputs["scores"])
-  assert ids.shape == (16, 20) and scores.shape == (16, 20)
-  loaded = tf.saved_model.load(report["path"])
+  assert ids.shape == (16, K) and scores.shape == (16, K)
+  loaded = tf.saved_model.load(report.path)
   tensors = {name: tf.constant(values) for name, values in queries.items()}
   expected = loaded.signatures["serving_default"](**tensors)
   # The server runs the same graph in another process (its own threads, maybe batched with other
   # requests): the same answers up to ties, which it may break otherwise.
-  state = refresh_state.read_state(report["path"])
+  state = refresh_state.read_state(report.path)
   reference = topk_testlib.reference_scores(
     loaded.signatures["encode_query"](**tensors)["embedding"].numpy(), state.embeddings, state.eligible
   )
@@ -111,7 +118,7 @@ def test_bad_requests_get_tf_serving_codes_and_the_server_survives(served):
   cases.append((extra, grpc.StatusCode.INVALID_ARGUMENT))
   cases.append((_request(queries, signature="no_such_signature"), grpc.StatusCode.FAILED_PRECONDITION))
   unknown_version = _request(queries)
-  unknown_version.model_spec.version.CopyFrom(wrappers_pb2.Int64Value(value=report["version"] + 100))
+  unknown_version.model_spec.version.CopyFrom(wrappers_pb2.Int64Value(value=report.version + 100))
   cases.append((unknown_version, grpc.StatusCode.NOT_FOUND))
   bad_filter = _request(queries)
   bad_filter.output_filter.append("no_such_output")
@@ -122,7 +129,7 @@ def test_bad_requests_get_tf_serving_codes_and_the_server_survives(served):
     assert error.value.code() == code, error.value.details()
     assert error.value.details()
   assert server.process.poll() is None
-  assert server.predict.Predict(_request(queries), timeout=30).outputs["ids"].tensor_shape.dim[1].size == 20
+  assert server.predict.Predict(_request(queries), timeout=30).outputs["ids"].tensor_shape.dim[1].size == K
 
 
 def test_empty_predict_request_is_invalid(served):

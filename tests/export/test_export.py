@@ -9,11 +9,11 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from engine import search_ops
-from export import exporter, refresh_publish, served_evaluation, version_report, versions, warmup
+from export import exporter, refresh_publish, served_evaluation, version_files, version_report, versions, warmup
 from models import train
 from models.data import schema, sources
 from tests import topk_testlib
-from tests.conftest import TINY_DATA, TINY_TOWER, TINY_TRAINING
+from tests.conftest import BRUTE_FORCE_EXPORT, TINY_DATA, TINY_TOWER, TINY_TRAINING
 
 
 def _test_queries(run_dir, count=32):
@@ -67,17 +67,17 @@ def test_loaded_saved_model_matches_the_in_process_model(trained_run, tmp_path, 
   assert search_ops.recall_at_k(served_rows, exact) >= 0.95
 
 
-def test_export_writes_tf_serving_warmup_records(trained_run, tmp_path):
-  # The recall check's defaults (500 + 1,000 held-out queries) are other tests' business.
-  config = exporter.ExportConfig(index="brute_force", k=10, num_warmup_requests=5, eval_queries=50, tuning_queries=0)
-  report = exporter.export_model(trained_run, str(tmp_path), config)
-  path = os.path.join(report["path"], "assets.extra", warmup.WARMUP_FILE)
+def test_export_writes_tf_serving_warmup_records(trained_run, brute_force_export, tmp_path):
+  # The shared export is export_model's output for BRUTE_FORCE_EXPORT (5 warm-up requests; the recall
+  # check's defaults, 500 + 1,000 held-out queries, are other tests' business).
+  path = os.path.join(brute_force_export, "assets.extra", warmup.WARMUP_FILE)
   records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
-  assert len(records) == 5
+  assert len(records) == BRUTE_FORCE_EXPORT.num_warmup_requests == 5
   request = records[0].predict_log.request
   assert request.model_spec.signature_name == "serving_default"
   assert set(request.inputs) == set(schema.QUERY_FEATURE_NAMES)
-  assert exporter.export_model(trained_run, str(tmp_path), config)["version"] == 2
+  version_files.link_tree(brute_force_export, str(tmp_path / "1"))
+  assert exporter.export_model(trained_run, str(tmp_path), BRUTE_FORCE_EXPORT)["version"] == 2
 
 
 def test_failed_publish_leaves_no_version_behind(tmp_path):

@@ -9,27 +9,32 @@ import pytest
 import tensorflow as tf
 
 from engine import full_graph
-from export import exporter, refresh, refresh_delta, refresh_state, refresh_watch, version_files, versions
-from models import train
+from export import refresh, refresh_delta, refresh_state, refresh_watch, version_files, versions
+from models import config as config_lib
 from models.data import queries as queries_lib
 from models.data import schema, sources
 from tests import topk_testlib
+from tests.conftest import SCANN_EXPORT_K
 
-K = 20
+K = SCANN_EXPORT_K
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-  """Version 1 of the tiny run (ScaNN, exact at this size) and a few held-out queries."""
+def exported(trained_run, scann_export):
+  """Version 1 of the tiny run (the shared ScaNN export, exact at this size) and a few held-out queries."""
   import scann  # noqa: F401  Registers ScaNN's ops for loading versions in this process.
 
-  base_path = str(tmp_path_factory.mktemp("exported"))
-  exporter.export_model(
-    trained_run, base_path, exporter.ExportConfig(index="scann", k=K, eval_queries=20, num_warmup_requests=4)
-  )
-  _, run_config = train.restore(trained_run)
-  source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
-  return os.path.join(base_path, "1"), source, queries_lib.held_out_queries(source, 8)
+  source = sources.open_source(sources.DataSpec.from_json(config_lib.read_run_config(trained_run)["data"]))
+  return scann_export, source, queries_lib.held_out_queries(source, 8)
+
+
+@pytest.fixture(scope="module")
+def served_v1(exported):
+  """Version 1 loaded, and its served ids [Q, K] for the held-out queries (read-only): loaded once."""
+  version_path, _, queries = exported
+  loaded, ids = _serve(version_path, queries)
+  ids.setflags(write=False)
+  return loaded, ids
 
 
 @pytest.fixture
@@ -88,9 +93,9 @@ def test_delta_lines_later_lines_win_and_errors_name_the_line():
     refresh_delta.parse_lines(['{"ad_id": "a", "deleted": true}', '{"ad_id": "a", "status": "paused"}'])
 
 
-def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(exported, base_path):
+def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(exported, served_v1, base_path):
   version_path, source, queries = exported
-  loaded, before = _serve(version_path, queries)
+  loaded, before = served_v1
   features = source.features(np.arange(source.num_items))
   row_of = {ad_id: row for row, ad_id in enumerate(features[schema.AD_ID])}
   # The new ad copies the side info of the first query's best ad: it must rank near the top.
@@ -157,9 +162,9 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   topk_testlib.assert_top_k_agree(topk_testlib.rows_of(after, state.ids), expected_rows, scores)
 
 
-def test_status_only_publish_changes_only_the_mask(exported, base_path):
+def test_status_only_publish_changes_only_the_mask(exported, served_v1, base_path):
   version_path, _, queries = exported
-  _, before = _serve(version_path, queries)
+  _, before = served_v1
   pause = before[:, 0]
   delta = refresh_delta.parse_lines([json.dumps({"ad_id": ad_id, "status": "paused"}) for ad_id in pause])
   refresher = refresh.Refresher(base_path, keep_versions=None)
@@ -193,9 +198,9 @@ def test_status_only_publish_changes_only_the_mask(exported, base_path):
   assert report["kind"] == "status_only" and report["delta"]["ignored_removals"] == 1
 
 
-def test_rollback_republishes_and_keep_versions_prunes(exported, base_path):
-  version_path, _, queries = exported
-  _, before = _serve(version_path, queries)
+def test_rollback_republishes_and_keep_versions_prunes(exported, served_v1, base_path):
+  _, _, queries = exported
+  _, before = served_v1
   refresher = refresh.Refresher(base_path, keep_versions=2)
   refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 0], "status": "paused"})]))
   refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 1], "deleted": True})]))
@@ -212,9 +217,8 @@ def test_rollback_republishes_and_keep_versions_prunes(exported, base_path):
   np.testing.assert_array_equal(_serve(os.path.join(base_path, "5"), queries)[1][0], before[0])
 
 
-def test_deferred_prune_deletes_when_the_next_publish_starts(exported, base_path):
-  version_path, _, queries = exported
-  _, before = _serve(version_path, queries)
+def test_deferred_prune_deletes_when_the_next_publish_starts(served_v1, base_path):
+  _, before = served_v1
   refresher = refresh.Refresher(base_path, keep_versions=1, defer_prune=True)
   refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 0], "status": "paused"})]))
   assert versions.list_versions(base_path) == [1, 2]  # Version 1 stays while servers load version 2.
@@ -222,9 +226,9 @@ def test_deferred_prune_deletes_when_the_next_publish_starts(exported, base_path
   assert versions.list_versions(base_path) == [2, 3]
 
 
-def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, base_path, tmp_path, caplog):
-  version_path, _, queries = exported
-  _, before = _serve(version_path, queries)
+def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, served_v1, base_path, tmp_path, caplog):
+  _, _, queries = exported
+  _, before = served_v1
   watch_dir = tmp_path / "deltas"
   watch_dir.mkdir()
   (watch_dir / "001-pause.jsonl").write_text(json.dumps({"ad_id": before[0, 0], "status": "paused"}) + "\n")

@@ -9,7 +9,7 @@ import time
 
 import tensorflow as tf
 
-from export import exporter, refresh, refresh_delta, versions
+from export import refresh, refresh_delta, version_files, versions
 from serving.core import file_system_source
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,13 +57,11 @@ def _kill_mid_publish(base_path, delta_path, timeout=600.0):
   return written
 
 
-def test_kill_9_mid_publish_leaves_only_complete_versions(trained_run, tmp_path):
+def test_kill_9_mid_publish_leaves_only_complete_versions(scann_export, tmp_path):
   import scann  # noqa: F401  Registers ScaNN's ops for loading the versions here.
 
   base_path = str(tmp_path / "models")
-  exporter.export_model(
-    trained_run, base_path, exporter.ExportConfig(index="scann", k=10, eval_queries=10, num_warmup_requests=2)
-  )
+  version_files.link_tree(scann_export, os.path.join(base_path, "1"))
   delta_path = str(tmp_path / "delta.jsonl")
   with open(delta_path, "w") as f:
     f.write(json.dumps({"ad_id": "fresh-ad", "category": "c1", "brand": "b1", "tokens": ["t1_1"]}) + "\n")

@@ -24,27 +24,23 @@ NUM_LEAVES = 30
 # filter: a query whose 20 best candidates hold fewer than 10 eligible ads searches again with all 200.
 TREE_OPTIONS = {"num_leaves": NUM_LEAVES, "scoring": "ah", "leaves_to_search": 6, "reorder": 200}
 
-_EXPORTS: dict[str, str] = {}
 
+def export_tree(trained_run: str, base_path: str) -> str:
+  """Exports a tree-AH ScaNN full graph of `trained_run` as BASE/1; returns that version's path.
 
-def tree_export(trained_run: str, tmp_path_factory) -> str:
-  """The path of a tree-AH ScaNN export of `trained_run` (version 1), built once per session.
-
-  Tests that serve it copy it (`copy_version`) rather than serve or refresh it in place.
+  The session fixture `tree_export` (tests/conftest.py) makes it once for every test. Tests that serve
+  it copy it (`copy_version`) rather than serve or refresh it in place.
   """
-  if trained_run not in _EXPORTS:
-    base = str(tmp_path_factory.mktemp("scann_tree"))
-    report = exporter.export_model(
-      trained_run,
-      base,
-      exporter.ExportConfig(
-        index="scann", k=K, index_options=dict(TREE_OPTIONS), num_warmup_requests=2, eval_queries=20, tuning_queries=0
-      ),
-    )
-    config = report["index_config"]
-    assert (config["scoring"], config["num_leaves"], config["final_candidates"]) == ("ah", NUM_LEAVES, 2 * K), config
-    _EXPORTS[trained_run] = report["path"]
-  return _EXPORTS[trained_run]
+  report = exporter.export_model(
+    trained_run,
+    base_path,
+    exporter.ExportConfig(
+      index="scann", k=K, index_options=dict(TREE_OPTIONS), num_warmup_requests=2, eval_queries=20, tuning_queries=0
+    ),
+  )
+  config = report["index_config"]
+  assert (config["scoring"], config["num_leaves"], config["final_candidates"]) == ("ah", NUM_LEAVES, 2 * K), config
+  return report["path"]
 
 
 def copy_version(version_dir: str, base_path: str, version: int = 1) -> str:

@@ -18,20 +18,11 @@ import serving_testlib as lib
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, predict_pb2, prediction_log_pb2
 
-from export import exporter, versions
+from export import versions
 from serving.core import file_system_source
+from tests.conftest import BRUTE_FORCE_EXPORT
 
 State = get_model_status_pb2.ModelVersionStatus.State
-
-
-@pytest.fixture(scope="module")
-def full_graph_export(trained_run, tmp_path_factory):
-  """A brute-force full-graph export (k=10) of the tiny training run."""
-  base = str(tmp_path_factory.mktemp("full_graph"))
-  report = exporter.export_model(
-    trained_run, base, exporter.ExportConfig(index="brute_force", k=10, num_warmup_requests=2, eval_queries=20)
-  )
-  return report["path"]
 
 
 def _warmup_request(version_dir: str) -> predict_pb2.PredictRequest:
@@ -69,10 +60,10 @@ _CORRUPTIONS = {
 
 
 @pytest.mark.usefixtures("native")
-def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export, tmp_path):
+def test_corrupt_versions_keep_the_previous_one_serving(brute_force_export, tmp_path):
   base = tmp_path / "ads"
-  shutil.copytree(full_graph_export, base / "1")
-  request = _warmup_request(full_graph_export)
+  shutil.copytree(brute_force_export, base / "1")
+  request = _warmup_request(brute_force_export)
   request.model_spec.name = "ads"
   server = lib.InProcessServer(model_name="ads", model_base_path=str(base), file_system_poll_wait_seconds=0.2)
   status = get_model_status_pb2.GetModelStatusRequest()
@@ -80,7 +71,7 @@ def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export, tmp_p
   try:
     for version, (name, corrupt) in enumerate(_CORRUPTIONS.items(), start=2):
       staging = tmp_path / f"staging-{version}"
-      shutil.copytree(full_graph_export, staging)
+      shutil.copytree(brute_force_export, staging)
       corrupt(str(staging))
       os.rename(staging, base / str(version))  # Published atomically.
 
@@ -95,7 +86,7 @@ def test_corrupt_versions_keep_the_previous_one_serving(full_graph_export, tmp_p
       assert f"version: {version}" in entry.status.error_message, name
       response = server.predict.Predict(request, timeout=30)
       assert response.model_spec.version.value == 1, name
-      assert response.outputs["ids"].tensor_shape.dim[1].size == 10, name
+      assert response.outputs["ids"].tensor_shape.dim[1].size == BRUTE_FORCE_EXPORT.k, name
   finally:
     server.stop()
 
@@ -211,21 +202,20 @@ def test_sigterm_under_load_drains_and_exits_0(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tree_server(trained_run, tmp_path_factory, native_mode):
+def tree_server(tree_export, tmp_path_factory, native_mode):
   """fgr-serve (in process) serving a tree-AH ScaNN export of 3,000 ads under
   three masks: as exported ("ads"), 80% of the ads paused ("ads_retry") and
   all but 30 paused ("ads_exact"). Yields (server, {model: version dir})."""
-  export = scann_lib.tree_export(trained_run, tmp_path_factory)
   root = tmp_path_factory.mktemp("scann_served")
-  num_ads = len(scann_lib.catalog(export).ids)
+  num_ads = len(scann_lib.catalog(tree_export).ids)
   rng = np.random.default_rng(5)
   masks = {}
   for name, count in (("ads_retry", num_ads // 5), ("ads_exact", 30)):
     masks[name] = np.zeros(num_ads, bool)
     masks[name][rng.choice(num_ads, count, replace=False)] = True
-  versions_dirs = {"ads": scann_lib.copy_version(export, str(root / "ads"))}
+  versions_dirs = {"ads": scann_lib.copy_version(tree_export, str(root / "ads"))}
   for name, mask in masks.items():
-    versions_dirs[name] = scann_lib.publish_eligible(export, str(root / name), mask)
+    versions_dirs[name] = scann_lib.publish_eligible(tree_export, str(root / name), mask)
   config = root / "models.config"
   config.write_text(
     "model_config_list {"

@@ -71,11 +71,10 @@ def _record(features, row: int, **changes) -> refresh_delta.AdRecord:
 
 
 @pytest.mark.usefixtures("native")
-def test_refreshed_versions_swap_under_load(trained_run, tmp_path_factory, tmp_path):
-  export = scann_lib.tree_export(trained_run, tmp_path_factory)
+def test_refreshed_versions_swap_under_load(trained_run, tree_export, tmp_path):
   base = str(tmp_path / "ads")
-  scann_lib.copy_version(export, base)
-  v1 = scann_lib.catalog(export)
+  scann_lib.copy_version(tree_export, base)
+  v1 = scann_lib.catalog(tree_export)
   queries = scann_lib.held_out_queries(trained_run, 4)
   probe = {name: values[:1] for name, values in queries.items()}
   proc = lib.ServerProcess(
