@@ -75,10 +75,6 @@ class ExportConfig:
     """The query feature whose ids the graph never returns (`engine.full_graph.FullGraph`)."""
     return schema.HIST_IDS if self.exclude_history else None
 
-  def exclusion_args(self) -> dict[str, Any]:
-    """The full graph's `exclusions` and `exclusion_depth` arguments."""
-    return {"exclusions": self.exclusions, "exclusion_depth": self.exclusion_depth if self.exclude_history else 0}
-
   def report_exclusions(self) -> dict[str, Any]:
     """The same as `version_report.VersionReport` fields (None, so not written, when off)."""
     return {"exclusions": self.exclusions, "exclusion_depth": self.exclusion_depth if self.exclude_history else None}
@@ -166,7 +162,8 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
     config.k,
     schema.query_specs(),
     schema.item_specs(),
-    **config.exclusion_args(),
+    exclusions=config.exclusions,
+    exclusion_depth=config.exclusion_depth,  # Unused without exclusions.
   )
   return BuiltGraph(graph, catalog, samples, recall, timings, serving, run_config["data"])
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from engine import base, channels, full_graph
 from export import channel_exporter, refresh_state, version_report
-from models import baselines, evaluation, metrics
+from models import evaluation, metrics
 from models.data import schema, sequences, sources
 
 
@@ -92,33 +92,19 @@ def evaluate_full_graph(
   fields = {name: np.concatenate([b[name] for b in examples]) for name in examples[0]}
   positives = np.asarray([source.row_of(str(a)) for a in fields[schema.AD_ID]], dtype=np.int64)
   found = recalled == positives[:, np.newaxis]
-  ranks = np.where(found.any(axis=1), found.argmax(axis=1), report.k)
+  served = {"rank": np.where(found.any(axis=1), found.argmax(axis=1), report.k), "recalled": recalled}
+  served.update(positive=positives, **{n: fields[n] for n in (schema.CONVERTED,) if n in fields})
   ks = tuple(k for k in (10, 50, 100) if k < report.k) + (report.k,)
   categories = sequences.catalog_column(source, schema.CATEGORY)
   out: dict[str, Any] = {
     "num_examples": int(len(positives)),
     "k": report.k,
     "exclusions": report.exclusions,
-    "ranking": metrics.ranking_metrics(ranks, ks),
-    "water_level": metrics.water_level_metrics(recalled, positives, fields.get(schema.CONVERTED), categories, None),
+    **evaluation.summarise(served, ks, categories),
   }
   if with_baselines:
-    out["baselines"] = {}
-    for baseline in baselines.fit_baselines(source, source.examples("train")):
-      ranked = evaluation.rank_examples(
-        evaluation.baseline_scorer(baseline, source.row_of),
-        source.row_of,
-        examples,
-        report.k,
-        (schema.CONVERTED,),
-        exclude_history=report.exclusions == schema.HIST_IDS,
-      )
-      out["baselines"][baseline.name] = {
-        "ranking": metrics.ranking_metrics(ranked["rank"], ks),
-        "water_level": metrics.water_level_metrics(
-          ranked["recalled"], ranked["positive"], ranked.get(schema.CONVERTED), categories, None
-        ),
-      }
+    exclude_history = report.exclusions == schema.HIST_IDS
+    out["baselines"] = evaluation.judge_baselines(source, lambda: examples, ks, categories, None, exclude_history)
   return out
 
 

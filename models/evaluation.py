@@ -150,6 +150,47 @@ def _rebatched(batches: Iterable[dict[str, np.ndarray]], size: int) -> Iterable[
       yield {name: values[start : start + size] for name, values in batch.items()}
 
 
+def summarise(
+  ranked: dict[str, np.ndarray], ks: tuple[int, ...], categories: np.ndarray, new_items: np.ndarray | None = None
+) -> dict[str, Any]:
+  """ "ranking" at every K and "water_level" at the largest of `rank_examples`-shaped results."""
+  water = metrics.water_level_metrics(
+    ranked["recalled"], ranked["positive"], ranked.get(schema.CONVERTED), categories, new_items
+  )
+  return {"ranking": metrics.ranking_metrics(ranked["rank"], ks), "water_level": {"k": max(ks), **water}}
+
+
+def judge_baselines(
+  source: Any,
+  test_examples: Callable[[], Iterable[dict[str, np.ndarray]]],
+  ks: tuple[int, ...],
+  categories: np.ndarray,
+  new_items: np.ndarray | None = None,
+  exclude_history: bool = False,
+) -> dict[str, Any]:
+  """`summarise` of popularity and item co-occurrence, fit on the training split, on `test_examples()`.
+
+  The examples are re-batched so that a batch's dense scores stay within `baselines.MAX_SCORES`.
+  """
+  batch_size = max(1, baselines.MAX_SCORES // source.num_items)
+  return {
+    baseline.name: summarise(
+      rank_examples(
+        baseline_scorer(baseline, source.row_of),
+        source.row_of,
+        _rebatched(test_examples(), batch_size),
+        max(ks),
+        (schema.CONVERTED,),
+        exclude_history,
+      ),
+      ks,
+      categories,
+      new_items,
+    )
+    for baseline in baselines.fit_baselines(source, source.examples("train"))
+  }
+
+
 def evaluate(
   query_tower: tf.keras.Model,
   item_tower: tf.keras.Model,
@@ -178,12 +219,6 @@ def evaluate(
   def test_examples():
     return _limited(source.examples("test"), max_examples)
 
-  def summary(ranked: dict[str, np.ndarray]) -> dict[str, Any]:
-    water = metrics.water_level_metrics(
-      ranked["recalled"], ranked["positive"], ranked.get(schema.CONVERTED), categories, new_items
-    )
-    return {"ranking": metrics.ranking_metrics(ranked["rank"], ks), "water_level": {"k": k, **water}}
-
   ranked = rank_examples(
     tower_scorer(query_tower, catalog), source.row_of, test_examples(), k, (schema.CONVERTED,), exclude_history
   )
@@ -192,7 +227,7 @@ def evaluate(
     "num_items": int(source.num_items),
     "exclude_history": exclude_history,
   }
-  report.update(summary(ranked))
+  report.update(summarise(ranked, ks, categories, new_items))
   held_out = getattr(source, "held_out_rows", None)
   if held_out is not None:
     cold = held_out[ranked["positive"]]
@@ -205,18 +240,5 @@ def evaluate(
       f"recall@{k}_ratio": cold_metrics.get(f"recall@{k}", float("nan")) / max(warm_metrics[f"recall@{k}"], 1e-12),
     }
   if with_baselines:
-    batch_size = max(1, baselines.MAX_SCORES // source.num_items)
-    report["baselines"] = {
-      baseline.name: summary(
-        rank_examples(
-          baseline_scorer(baseline, source.row_of),
-          source.row_of,
-          _rebatched(test_examples(), batch_size),
-          k,
-          (schema.CONVERTED,),
-          exclude_history,
-        )
-      )
-      for baseline in baselines.fit_baselines(source, source.examples("train"))
-    }
+    report["baselines"] = judge_baselines(source, test_examples, ks, categories, new_items, exclude_history)
   return report
