@@ -114,6 +114,28 @@ class ItemCooccurrence:
     self.values = counts / norm
     return self
 
+  def top_neighbours(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each item's `count` most similar items: what a served co-occurrence channel keeps of the table.
+
+    Returns:
+      (rows [V] of the items co-occurring with any, their neighbours' rows [V, count] best first
+      (-1 pads), and the similarities [V, count] (0 pads)).
+    """
+    if count < 1:
+      raise ValueError(f"count must be at least 1, got {count}")
+    lengths = np.diff(self.indptr)
+    first = np.repeat(np.arange(self.num_items), lengths)
+    order = np.lexsort((self.columns, -self.values, first))  # By item, then best first (ties by row).
+    rank = np.arange(len(order)) - np.repeat(self.indptr[:-1], lengths)
+    kept = order[rank < count]
+    rows = np.flatnonzero(lengths)
+    slot = np.searchsorted(rows, first[kept])
+    neighbours = np.full([len(rows), count], -1, dtype=np.int64)
+    similarities = np.zeros([len(rows), count], dtype=np.float32)
+    neighbours[slot, rank[rank < count]] = self.columns[kept]
+    similarities[slot, rank[rank < count]] = self.values[kept]
+    return rows, neighbours, similarities
+
   def scores(self, batch: dict[str, np.ndarray], row_of: RowOf) -> np.ndarray:
     recent = catalog_rows(batch[schema.HIST_IDS][:, : self.history], row_of)
     weights = self.decay ** np.arange(recent.shape[1], dtype=np.float64)

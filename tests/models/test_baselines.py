@@ -39,6 +39,19 @@ def test_item_cooccurrence_recalls_what_followed_the_latest_items():
   assert scores[1, 1] == pytest.approx(1 / np.sqrt(2) + 0.5 * 1.0, abs=1e-3)
 
 
+def test_top_neighbours_keep_each_items_best_in_order():
+  # a-b meet twice, b-c once, d meets nobody: sim(a, b) = 1, sim(b, c) = 1 / sqrt(2).
+  log = _batch(["u1", "u1", "u2", "u2", "u2", "u3"], ["a", "b", "a", "b", "c", "d"])
+  model = baselines.ItemCooccurrence(4, window=1).fit([log], _ROW.get)
+  rows, neighbours, similarities = model.top_neighbours(1)
+  assert list(rows) == [0, 1, 2] and neighbours.tolist() == [[1], [0], [1]]  # d has none; b's best is a.
+  np.testing.assert_allclose(similarities[:, 0], [1.0, 1.0, 1 / np.sqrt(2)], rtol=1e-6)
+  rows, neighbours, similarities = model.top_neighbours(3)
+  assert neighbours.tolist() == [[1, -1, -1], [0, 2, -1], [1, -1, -1]] and similarities[0, 1] == 0
+  with pytest.raises(ValueError, match="count"):
+    model.top_neighbours(0)
+
+
 def test_item_cooccurrence_rejects_bad_knobs():
   with pytest.raises(ValueError, match="decay"):
     baselines.ItemCooccurrence(4, decay=0.0)
