@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine import base
+from engine import cooccurrence as cooccurrence_lib
 
 SERVING_DEFAULT = "serving_default"
 ENCODE_QUERY = "encode_query"
@@ -26,6 +27,7 @@ Tower = Callable[[dict[str, tf.Tensor]], tf.Tensor]
 # Object paths of the catalog in a saved FullGraph (its attributes `index` and `item_ids`).
 INDEX = "index"
 ITEM_IDS = "item_ids"
+COOCCURRENCE = "cooccurrence"
 
 
 def variable_key(path: str) -> str:
@@ -37,8 +39,13 @@ ITEM_IDS_KEY = variable_key(ITEM_IDS)
 ELIGIBLE_KEY = variable_key(f"{INDEX}/{base.ELIGIBLE}")
 
 
-def catalog_values(index: base.Index, item_ids: np.ndarray) -> tuple[dict[str, Any], frozenset[str]]:
+def catalog_values(
+  index: base.Index, item_ids: np.ndarray, with_cooccurrence: bool = False
+) -> tuple[dict[str, Any], frozenset[str]]:
   """The catalog-sized variables of a FullGraph over `index` and `item_ids`, by object path.
+
+  Args:
+    with_cooccurrence: the graph fuses a co-occurrence channel, whose id lookup follows the catalog.
 
   Returns:
     (values by object path, the paths among them that a graph saved by an earlier build may lack);
@@ -46,7 +53,14 @@ def catalog_values(index: base.Index, item_ids: np.ndarray) -> tuple[dict[str, A
   """
   values = {ITEM_IDS: np.asarray(item_ids, dtype=object).astype(bytes)}
   values.update({f"{INDEX}/{path}": value for path, value in index.checkpoint_values().items()})
+  if with_cooccurrence:
+    lookup = cooccurrence_lib.catalog_lookup(item_ids)
+    values.update({f"{COOCCURRENCE}/{path}": value for path, value in lookup.items()})
   return values, frozenset(f"{INDEX}/{path}" for path in index.optional_checkpoint_paths())
+
+
+# Checkpoint prefixes of every catalog-sized variable `catalog_values` replaces.
+CATALOG_PREFIXES = (f"{INDEX}/", f"{ITEM_IDS}/", f"{COOCCURRENCE}/{cooccurrence_lib.CATALOG_PREFIX}")
 
 
 def check_exclusions(exclusions: str | None, depth: int, query_specs: dict[str, tf.TensorSpec]) -> None:
@@ -88,6 +102,13 @@ def first_kept(k: int, keep: tf.Tensor, *values: tf.Tensor) -> tuple[tf.Tensor, 
   return tuple(tf.gather(value, take, batch_dims=1) for value in (*values, keep))
 
 
+def cooccurrence_config(graph: FullGraph) -> dict[str, Any] | None:
+  """What a version report records of a graph's co-occurrence channel (None without one)."""
+  if graph.cooccurrence is None:
+    return None
+  return {**graph.cooccurrence.config, "fusion_weight": graph.fusion_weight}
+
+
 class FullGraph(tf.Module):
   """Joins the two towers and a nearest-neighbour index.
 
@@ -117,6 +138,8 @@ class FullGraph(tf.Module):
     item_specs: dict[str, tf.TensorSpec],
     exclusions: str | None = None,
     exclusion_depth: int = 0,
+    cooccurrence: cooccurrence_lib.CooccurrenceChannel | None = None,
+    fusion_weight: float = 0.5,
   ):
     super().__init__(name="full_graph")
     if len(item_ids) != index.num_items:
@@ -124,6 +147,14 @@ class FullGraph(tf.Module):
     if not 0 < k <= index.num_items:
       raise ValueError(f"k must be in [1, {index.num_items}] (the catalog size), got {k}")
     check_exclusions(exclusions, exclusion_depth, query_specs)
+    if cooccurrence is not None:
+      spec = query_specs.get(cooccurrence.history_feature)
+      if spec is None or spec.dtype != tf.string or spec.shape.rank != 2:
+        raise ValueError(
+          f"the co-occurrence history {cooccurrence.history_feature!r} must be a string [B, L] query feature"
+        )
+      if not 0 <= fusion_weight <= 1:
+        raise ValueError(f"fusion_weight must be in [0, 1], got {fusion_weight}")
     self.query_tower = query_tower
     self.item_tower = item_tower
     self.index = index
@@ -131,6 +162,8 @@ class FullGraph(tf.Module):
     self.k = k
     self.exclusions = exclusions
     self.exclusion_depth = exclusion_depth if exclusions else 0
+    self.cooccurrence = cooccurrence
+    self.fusion_weight = fusion_weight
     self._query_specs = dict(query_specs)
     self._item_specs = dict(item_specs)
 
@@ -139,6 +172,8 @@ class FullGraph(tf.Module):
     queries = self.query_tower({name: features[name] for name in self._query_specs})
     depth = min(self.k + self.exclusion_depth, self.index.num_items)
     result = self.index.search(queries, depth, **options)
+    if self.cooccurrence is not None:
+      return self._fuse(features, result, depth)
     ids = tf.gather(self.item_ids, tf.maximum(result.indices, 0))
     if not self.exclusions:
       ids = tf.where(result.indices >= 0, ids, tf.constant(b"", tf.string))
@@ -146,6 +181,20 @@ class FullGraph(tf.Module):
     keep = tf.logical_and(result.indices >= 0, tf.logical_not(excluded(ids, features[self.exclusions])))
     ids, scores, keep = first_kept(self.k, keep, ids, result.scores)
     return {"ids": tf.where(keep, ids, tf.constant(b"", tf.string)), "scores": tf.where(keep, scores, -np.inf)}
+
+  def _fuse(self, features: dict[str, tf.Tensor], tower: base.SearchResult, depth: int) -> dict[str, tf.Tensor]:
+    """The top-k of the towers' and the co-occurrence channel's candidates by rank fusion, exclusions dropped first."""
+    channel = self.cooccurrence.search(features[self.cooccurrence.history_feature], depth, self.index.eligible)
+    lists = []
+    for result in (tower, channel):
+      keep = result.indices >= 0
+      if self.exclusions:
+        ids = tf.gather(self.item_ids, tf.maximum(result.indices, 0))
+        keep = tf.logical_and(keep, tf.logical_not(excluded(ids, features[self.exclusions])))
+      lists.append((result.indices, keep))
+    fused = cooccurrence_lib.reciprocal_rank_fusion(*lists[0], *lists[1], self.fusion_weight, self.k)
+    ids = tf.gather(self.item_ids, tf.maximum(fused.indices, 0))
+    return {"ids": tf.where(fused.indices >= 0, ids, tf.constant(b"", tf.string)), "scores": fused.scores}
 
   def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
     """The concrete functions to save as the SavedModel's signatures."""
