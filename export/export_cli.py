@@ -74,6 +74,18 @@ flags.DEFINE_integer(
   _DEFAULTS.exclusion_depth,
   "With --exclude_history, candidates searched beyond --k to make up for excluded ones.",
 )
+flags.DEFINE_bool(
+  "cooccurrence",
+  _DEFAULTS.cooccurrence,
+  "Fuse an item-to-item co-occurrence channel over hist_ids (ItemCF, fit on the training log) with the "
+  "towers' search, by reciprocal rank fusion. Not for --channels runs.",
+)
+flags.DEFINE_integer(
+  "cooccurrence_neighbours", _DEFAULTS.cooccurrence_neighbours, "With --cooccurrence, co-occurring items kept per item."
+)
+flags.DEFINE_float(
+  "fusion_weight", _DEFAULTS.fusion_weight, "With --cooccurrence, the towers' share of the rank fusion, in [0, 1]."
+)
 flags.mark_flags_as_required(["checkpoint_dir", "model_base_path"])
 
 
@@ -125,10 +137,15 @@ def main(argv: list[str]) -> None:
       jit_compile=FLAGS.jit_compile,
       exclude_history=FLAGS.exclude_history,
       exclusion_depth=FLAGS.exclusion_depth,
+      cooccurrence=FLAGS.cooccurrence,
+      cooccurrence_neighbours=FLAGS.cooccurrence_neighbours,
+      fusion_weight=FLAGS.fusion_weight,
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if channels_lib.read_channels(FLAGS.checkpoint_dir):
+    if config.cooccurrence:
+      raise app.UsageError("--cooccurrence fuses with a single-tower graph; a --channels run merges its own channels")
     try:
       options = channel_options()
     except ValueError as e:

@@ -13,10 +13,11 @@ import tensorflow as tf
 from absl import logging
 
 from engine import base, full_graph
+from engine import cooccurrence as cooccurrence_lib
 from export import refresh_state, verify, version_report, versions, warmup
+from models import baselines, train
 from models import catalog as catalog_lib
 from models import precision as precision_lib
-from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
 
@@ -43,6 +44,10 @@ class ExportConfig:
       twice (ratings, purchases of durables), each slot then holds a new item.
     exclusion_depth: with `exclude_history`, candidates searched beyond k to make up for excluded
       ones (the training history length by default).
+    cooccurrence: fuse an item-to-item co-occurrence channel over `hist_ids`, fit on the training
+      log (`engine.cooccurrence`), with the towers' search; both lists go k + exclusion_depth deep.
+    cooccurrence_neighbours: the co-occurring items kept per item.
+    fusion_weight: with `cooccurrence`, the towers' share of the rank fusion.
   """
 
   index: str = base.DEFAULT_BACKEND
@@ -56,10 +61,17 @@ class ExportConfig:
   version: int | None = None
   exclude_history: bool = False
   exclusion_depth: int = schema.HISTORY_LEN
+  cooccurrence: bool = False
+  cooccurrence_neighbours: int = 100
+  fusion_weight: float = 0.5
 
   def __post_init__(self):
     if self.exclusion_depth < 0:
       raise ValueError(f"exclusion_depth must be 0 or more, got {self.exclusion_depth}")
+    if self.cooccurrence_neighbours < 1:
+      raise ValueError(f"cooccurrence_neighbours must be at least 1, got {self.cooccurrence_neighbours}")
+    if not 0 <= self.fusion_weight <= 1:
+      raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
     if self.eval_queries < 1:
       raise ValueError(
         f"eval_queries must be at least 1 (the export measures recall@k on them), got {self.eval_queries}"
@@ -78,6 +90,23 @@ class ExportConfig:
   def report_exclusions(self) -> dict[str, Any]:
     """The same as `version_report.VersionReport` fields (None, so not written, when off)."""
     return {"exclusions": self.exclusions, "exclusion_depth": self.exclusion_depth if self.exclude_history else None}
+
+
+def fit_cooccurrence(
+  source: sources.Source, item_ids: np.ndarray, config: ExportConfig
+) -> cooccurrence_lib.CooccurrenceChannel:
+  """The co-occurrence channel over `item_ids`, fit on the training log as the ItemCF baseline is."""
+  fitted = baselines.ItemCooccurrence(source.num_items).fit(source.examples("train"), source.row_of)
+  rows, neighbours, similarities = fitted.top_neighbours(config.cooccurrence_neighbours)
+  ids_by_row = np.full([source.num_items], "", dtype=object)
+  ids_by_row[[source.row_of(str(item_id)) for item_id in np.asarray(item_ids).astype(str)]] = np.asarray(
+    item_ids
+  ).astype(str)
+  neighbour_ids = np.where(neighbours >= 0, ids_by_row[np.maximum(neighbours, 0)], "")
+  table = cooccurrence_lib.NeighbourTable.from_ids(ids_by_row[rows], neighbour_ids, similarities)
+  return cooccurrence_lib.CooccurrenceChannel(
+    table, item_ids, schema.HIST_IDS, history=fitted.history, decay=fitted.decay
+  )
 
 
 def parse_index_options(pairs: list[str]) -> dict[str, Any]:
@@ -164,6 +193,8 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
     schema.item_specs(),
     exclusions=config.exclusions,
     exclusion_depth=config.exclusion_depth,  # Unused without exclusions.
+    cooccurrence=fit_cooccurrence(source, catalog.ids, config) if config.cooccurrence else None,
+    fusion_weight=config.fusion_weight,
   )
   return BuiltGraph(graph, catalog, samples, recall, timings, serving, run_config["data"])
 
@@ -187,6 +218,7 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
       index=config.index,
       k=config.k,
       **config.report_exclusions(),
+      cooccurrence=full_graph.cooccurrence_config(built.graph),
       data=built.data,
       precision=built.serving.precision,
       jit_compile=built.serving.jit_compile,

@@ -17,6 +17,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
 
 from engine import base, full_graph
+from engine import cooccurrence as cooccurrence_lib
 from export import refresh_state, version_files
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -136,9 +137,30 @@ def graph_replacements(
     return None, reason
   if index.num_items < k:
     return None, f"{index.num_items} items, fewer than k={k}"
-  values, optional = full_graph.catalog_values(index, state.ids)
-  return checkpoint_replacements(
-    source.path, source.version, values, optional, (f"{full_graph.INDEX}/", f"{full_graph.ITEM_IDS}/")
+  values, optional = full_graph.catalog_values(index, state.ids, with_cooccurrence=bool(source.report.cooccurrence))
+  return checkpoint_replacements(source.path, source.version, values, optional, full_graph.CATALOG_PREFIXES)
+
+
+def saved_cooccurrence(
+  source: refresh_state.Source, item_ids: np.ndarray
+) -> cooccurrence_lib.CooccurrenceChannel | None:
+  """N's co-occurrence channel (its table, as N's checkpoint saved it) over the catalog `item_ids`; None without one.
+
+  The table is fit on the training log, which a catalog refresh does not change, so a retraced
+  graph carries N's table as it is.
+  """
+  config = source.report.cooccurrence
+  if not config:
+    return None
+  prefix = version_files.variables_prefix(source.path)
+  paths = {name: f"{full_graph.COOCCURRENCE}/{name}" for name in cooccurrence_lib.TABLE_PATHS}
+  keys = variable_keys(prefix, paths.values())
+  if set(keys) != set(paths.values()):
+    raise ValueError(f"version {source.version}'s report names a co-occurrence channel its checkpoint lacks")
+  reader = tf.train.load_checkpoint(prefix)
+  table = cooccurrence_lib.NeighbourTable(**{name: reader.get_tensor(keys[path]) for name, path in paths.items()})
+  return cooccurrence_lib.CooccurrenceChannel(
+    table, item_ids, config["history_feature"], history=config["history"], decay=config["decay"]
   )
 
 

@@ -55,6 +55,7 @@ def refreshed_report(
     k=source_report.k,
     exclusions=source_report.exclusions,
     exclusion_depth=source_report.exclusion_depth,
+    cooccurrence=source_report.cooccurrence,
     data=source_report.data,
     index_options=source_report.index_options,
     index_config=source_report.index_config,
@@ -225,6 +226,8 @@ def publish_rebuilt(
         towers.item_specs,
         exclusions=source.report.exclusions,
         exclusion_depth=source.report.exclusion_depth or 0,
+        cooccurrence=refresh_checkpoint.saved_cooccurrence(source, state.ids),
+        fusion_weight=(source.report.cooccurrence or {}).get("fusion_weight", 0.5),
       ).save(path),
       skip=(_EMBEDDINGS_PATH,),
     )

@@ -39,6 +39,8 @@ class VersionReport:
       test split the version serves, which fgr-eval --model_path judges it on.
     exclusions, exclusion_depth: the query feature whose ids the graph never returns, and the extra
       candidates it searches for them (`engine.full_graph.FullGraph`); None when it excludes none.
+    cooccurrence: the fused co-occurrence channel's settings (`engine.full_graph.cooccurrence_config`);
+      None without one. Its table lives in the version's checkpoint.
     precision, jit_compile: how fgr-export built the towers.
     index_options: the options the index was built with (a refresh's include the kept tuned knobs).
     index_config: the index's resolved build configuration (`engine.base.Index.config`).
@@ -65,6 +67,7 @@ class VersionReport:
   k: int | None = None
   exclusions: str | None = None
   exclusion_depth: int | None = None
+  cooccurrence: dict[str, Any] | None = None
   data: dict[str, Any] | None = None
   precision: str | None = None
   jit_compile: bool | None = None
