@@ -24,6 +24,7 @@ from absl import app, flags
 
 from bench.fixtures import latency, towers
 from engine import base, full_graph
+from export import exporter
 from models import catalog as catalog_lib
 from models import config as config_lib
 from models import retrieval
@@ -46,6 +47,12 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_bool(
   "exclude_history", False, "Also time float32 towers with fgr-export's --exclude_history (the history's 20 ids)."
+)
+flags.DEFINE_bool(
+  "cooccurrence",
+  False,
+  "Also time float32 towers with fgr-export's --exclude_history --cooccurrence (the item-to-item channel "
+  "fit on the data's training log, fused with the index's top-k).",
 )
 
 _SYNTHETIC = {"num_ads": 20_000, "num_users": 5_000, "num_sessions": 4_000, "seed": 0}
@@ -73,14 +80,17 @@ def _queries(source: sources.Source, count: int) -> dict[str, np.ndarray]:
 def main(argv: list[str]) -> None:
   del argv
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
-  variants = [(precision, xla, False, False) for precision in FLAGS.precisions for xla in (False, True)]
+  # (precision, XLA, sequence encoder, history excluded, co-occurrence fused)
+  variants = [(precision, xla, False, False, False) for precision in FLAGS.precisions for xla in (False, True)]
   if FLAGS.sequence_encoder_towers:
-    variants += [("float32", False, True, False), ("float32", True, True, False)]
-  if FLAGS.exclude_history:
-    variants += [("float32", False, False, True)]
-  functions: dict[tuple[str, bool, bool, bool], dict[str, Any]] = {}
+    variants += [("float32", False, True, False, False), ("float32", True, True, False, False)]
+  if FLAGS.exclude_history or FLAGS.cooccurrence:
+    variants += [("float32", False, False, True, False)]
+  if FLAGS.cooccurrence:
+    variants += [("float32", False, False, True, True)]
+  functions: dict[tuple[str, bool, bool, bool, bool], dict[str, Any]] = {}
   catalog = source = None
-  for precision, xla, sequence_encoder, exclude in variants:
+  for precision, xla, sequence_encoder, exclude, fused in variants:
     model, data = _model(precision, xla, sequence_encoder)
     if catalog is None:  # One catalog, embedded by the float32 towers, for every variant.
       source = sources.open_source(data)
@@ -88,6 +98,8 @@ def main(argv: list[str]) -> None:
     options = {"jit_compile": xla} if FLAGS.index == "brute_force" else {}
     index = base.build_index(FLAGS.index, catalog.embeddings, k=FLAGS.k, eligible=catalog.eligible, **options)
     exclusions = {"exclusions": schema.HIST_IDS, "exclusion_depth": schema.HISTORY_LEN} if exclude else {}
+    if fused:
+      exclusions["cooccurrence"] = exporter.fit_cooccurrence(source, catalog.ids, exporter.ExportConfig())
     graph = full_graph.FullGraph(
       model.query_tower,
       model.item_tower,
@@ -99,7 +111,7 @@ def main(argv: list[str]) -> None:
       **exclusions,
     )
     signatures = graph.signatures()
-    functions[(precision, xla, sequence_encoder, exclude)] = {
+    functions[(precision, xla, sequence_encoder, exclude, fused)] = {
       "graph": graph,
       "serve": signatures[full_graph.SERVING_DEFAULT],
       "encode": signatures[full_graph.ENCODE_QUERY],
@@ -125,11 +137,12 @@ def main(argv: list[str]) -> None:
       "jit_compile": key[1],
       "sequence_encoder": key[2],
       "exclude_history": key[3],
+      "cooccurrence": key[4],
       "top_k_overlap_with_float32": round(float(overlap), 4),
     }
   for kind in ("serve", "encode"):
     for b in batch_sizes:
-      times: dict[tuple[str, bool, bool, bool], list[float]] = {key: [] for key in functions}
+      times: dict[tuple[str, bool, bool, bool, bool], list[float]] = {key: [] for key in functions}
       for fns in functions.values():  # Warm-up (XLA compiles on the first call of each shape).
         for _ in range(5):
           fns[kind](**queries[b])
@@ -155,12 +168,13 @@ def main(argv: list[str]) -> None:
   print(markdown(results, batch_sizes))
 
 
-def _name(precision: str, xla: bool, sequence_encoder: bool, exclude: bool) -> str:
+def _name(precision: str, xla: bool, sequence_encoder: bool, exclude: bool, fused: bool) -> str:
   return (
     precision
     + (" + XLA" if xla else "")
     + (", sequence encoder" if sequence_encoder else "")
     + (", history excluded" if exclude else "")
+    + (", co-occurrence fused" if fused else "")
   )
 
 
