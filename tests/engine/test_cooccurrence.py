@@ -8,12 +8,8 @@ from engine import base, cooccurrence, full_graph
 from tests.engine import tower_testlib
 
 NUM_ITEMS, DIM, K, NEIGHBOURS, HISTORY, DECAY = 200, 8, 10, 6, 4, 0.5
-QUERY_SPECS = {
-  "query": tf.TensorSpec([None], tf.int32, name="query"),
-  "history": tf.TensorSpec([None, None], tf.string, name="history"),
-}
-ITEM_SPECS = {"row": tf.TensorSpec([None], tf.int32, name="row")}
-IDS = np.asarray([f"ad{i}" for i in range(NUM_ITEMS)], dtype=object)
+QUERY_SPECS, ITEM_SPECS = tower_testlib.QUERY_SPECS, tower_testlib.ITEM_SPECS
+IDS = tower_testlib.item_ids(NUM_ITEMS)
 
 
 @pytest.fixture(scope="module")
@@ -123,18 +119,7 @@ def _graph(setup, **kwargs):
   rng = np.random.default_rng(3)
   queries = rng.normal(size=[len(history), DIM]).astype(np.float32)
   items = rng.normal(size=[NUM_ITEMS, DIM]).astype(np.float32)
-  index = base.build_index("brute_force", items, k=K, eligible=eligible)
-  graph = full_graph.FullGraph(
-    tower_testlib.TableTower(queries, "query"),
-    tower_testlib.TableTower(items, "row"),
-    index,
-    IDS,
-    K,
-    QUERY_SPECS,
-    ITEM_SPECS,
-    cooccurrence=_channel(table),
-    **kwargs,
-  )
+  graph = tower_testlib.table_graph(queries, items, eligible, K, cooccurrence=_channel(table), **kwargs)
   return graph, {"query": tf.range(len(history), dtype=tf.int32), "history": tf.constant(history)}
 
 

@@ -4,17 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import base, channels, full_graph
+from engine import base, channels
 from tests import topk_testlib
 from tests.engine import tower_testlib
 
 NUM_ITEMS, DIM, K, DEPTH, HISTORY = 300, 8, 10, 6, 8
-QUERY_SPECS = {
-  "query": tf.TensorSpec([None], tf.int32, name="query"),
-  "history": tf.TensorSpec([None, None], tf.string, name="history"),
-}
-ITEM_SPECS = {"row": tf.TensorSpec([None], tf.int32, name="row")}
-IDS = np.asarray([f"ad{i}" for i in range(NUM_ITEMS)], dtype=object)
+QUERY_SPECS, ITEM_SPECS = tower_testlib.QUERY_SPECS, tower_testlib.ITEM_SPECS
+IDS = tower_testlib.item_ids(NUM_ITEMS)
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +33,7 @@ def catalog():
 
 def _graph(catalog, exclusions="history", depth=DEPTH):
   queries, items, eligible, *_ = catalog
-  index = base.build_index("brute_force", items, k=K, eligible=eligible)
-  return full_graph.FullGraph(
-    tower_testlib.TableTower(queries, "query"),
-    tower_testlib.TableTower(items, "row"),
-    index,
-    IDS,
-    K,
-    QUERY_SPECS,
-    ITEM_SPECS,
-    exclusions=exclusions,
-    exclusion_depth=depth,
-  )
+  return tower_testlib.table_graph(queries, items, eligible, K, exclusions=exclusions, exclusion_depth=depth)
 
 
 def _rows(ids):

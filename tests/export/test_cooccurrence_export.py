@@ -13,6 +13,7 @@ from models import config as config_lib
 from models.data import queries as queries_lib
 from models.data import schema, sources
 from tests.conftest import SCANN_EXPORT_K
+from tests.export import delta_testlib
 
 K = SCANN_EXPORT_K
 
@@ -86,19 +87,6 @@ def test_served_channel_ranks_as_the_itemcf_baseline_and_reports_it(exported):
   _check_itemcf_order(source, queries, ids)
 
 
-def _ad_line(ad_id, features, row, **extra):
-  tokens = [t for t in features[schema.AD_TOKENS][row] if t]
-  return json.dumps(
-    {
-      "ad_id": ad_id,
-      "category": features[schema.CATEGORY][row],
-      "brand": features[schema.BRAND][row],
-      "tokens": tokens,
-      **extra,
-    }
-  )
-
-
 def test_refreshes_keep_the_channel_over_the_new_catalog(exported, tmp_path):
   report, source, queries = exported
   base_path = str(tmp_path / "models")
@@ -107,7 +95,7 @@ def test_refreshes_keep_the_channel_over_the_new_catalog(exported, tmp_path):
   paused, removed = before[0, 0], before[0, 1]
   features = source.features(np.arange(source.num_items))
   # Version 2 reuses version 1's graph (ScaNN is exact here): the checkpoint's lookup follows the rows.
-  delta = [json.dumps({"ad_id": removed, "deleted": True}), _ad_line("fresh-ad", features, 3)]
+  delta = [json.dumps({"ad_id": removed, "deleted": True}), delta_testlib.ad_line("fresh-ad", features, 3)]
   refresher = refresh.Refresher(base_path, keep_versions=None, verify_recall=False)
   second = refresher.apply(refresh_delta.parse_lines(delta))
   assert second["graph"] == "version 1's" and second["cooccurrence"] == report["cooccurrence"]
@@ -117,7 +105,7 @@ def test_refreshes_keep_the_channel_over_the_new_catalog(exported, tmp_path):
   leaves = version_report.read(report["path"]).index_config["leaves_to_search"] + 1
   fourth = refresh.Refresher(
     base_path, keep_versions=None, verify_recall=False, index_overrides={"leaves_to_search": leaves}
-  ).apply(refresh_delta.parse_lines([_ad_line("another-ad", features, 4)]))
+  ).apply(refresh_delta.parse_lines([delta_testlib.ad_line("another-ad", features, 4)]))
   assert fourth["graph"] == "traced" and fourth["cooccurrence"] == report["cooccurrence"]
   for version in (second, third, fourth):
     ids = refresh_state.read_state(version["path"]).ids

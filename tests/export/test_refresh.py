@@ -15,6 +15,7 @@ from models.data import queries as queries_lib
 from models.data import schema, sources
 from tests import topk_testlib
 from tests.conftest import SCANN_EXPORT_K
+from tests.export import delta_testlib
 
 K = SCANN_EXPORT_K
 
@@ -49,19 +50,6 @@ def _serve(version_path, queries):
   loaded = tf.saved_model.load(version_path)
   tensors = {name: tf.constant(values) for name, values in queries.items()}
   return loaded, loaded.signatures["serving_default"](**tensors)["ids"].numpy().astype(str)
-
-
-def _ad_line(ad_id, features, row, **extra):
-  tokens = [t for t in features[schema.AD_TOKENS][row] if t]
-  return json.dumps(
-    {
-      "ad_id": ad_id,
-      "category": features[schema.CATEGORY][row],
-      "brand": features[schema.BRAND][row],
-      "tokens": tokens,
-      **extra,
-    }
-  )
 
 
 def test_delta_lines_later_lines_win_and_errors_name_the_line():
@@ -103,10 +91,10 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   changed = features[schema.AD_ID][5]
   delta = refresh_delta.parse_lines(
     [
-      _ad_line("fresh-ad", features, row_of[best]),
+      delta_testlib.ad_line("fresh-ad", features, row_of[best]),
       json.dumps({"ad_id": removed, "deleted": True}),
       json.dumps({"ad_id": paused, "status": "paused"}),
-      _ad_line(changed, features, 9),
+      delta_testlib.ad_line(changed, features, 9),
       json.dumps({"ad_id": "never-existed", "deleted": True}),
     ]
   )

@@ -12,6 +12,7 @@ from export import exporter, refresh, refresh_delta, refresh_state, refresh_watc
 from models import train
 from models.data import queries as queries_lib
 from models.data import schema, sources
+from tests.export import delta_testlib
 
 K = 20
 # Tree + AH + reordering on the 3k-ad catalog (the defaults would pick brute force at this size).
@@ -48,17 +49,6 @@ def base_path(exported, tmp_path):
   return path
 
 
-def _ad_line(ad_id, features, row):
-  return json.dumps(
-    {
-      "ad_id": ad_id,
-      "category": features[schema.CATEGORY][row],
-      "brand": features[schema.BRAND][row],
-      "tokens": [t for t in features[schema.AD_TOKENS][row] if t],
-    }
-  )
-
-
 def _served_and_recall(version_path, queries):
   """(served ids [Q, K], recall@K of serving_default against exact search over the version's catalog)."""
   loaded = tf.saved_model.load(version_path)
@@ -88,12 +78,16 @@ def _delta(source, before, seed, catalog):
     if features[schema.AD_ID][row] not in probe and features[schema.AD_ID][row] in catalog
   ][:60]
   lines = [
-    _ad_line(f"fresh-{seed}-probe", features, row_of.get(before[0, 0], 0)),
+    delta_testlib.ad_line(f"fresh-{seed}-probe", features, row_of.get(before[0, 0], 0)),
     json.dumps({"ad_id": before[0, 1], "deleted": True}),
     json.dumps({"ad_id": before[0, 2], "status": "paused"}),
   ]
-  lines += [_ad_line(f"fresh-{seed}-{i}", features, row) for i, row in enumerate(rng.choice(source.num_items, 60))]
-  lines += [_ad_line(features[schema.AD_ID][row], features, (row + 1) % source.num_items) for row in others[:40]]
+  lines += [
+    delta_testlib.ad_line(f"fresh-{seed}-{i}", features, row) for i, row in enumerate(rng.choice(source.num_items, 60))
+  ]
+  lines += [
+    delta_testlib.ad_line(features[schema.AD_ID][row], features, (row + 1) % source.num_items) for row in others[:40]
+  ]
   lines += [json.dumps({"ad_id": features[schema.AD_ID][row], "deleted": True}) for row in others[40:50]]
   lines += [json.dumps({"ad_id": features[schema.AD_ID][row], "status": "paused"}) for row in others[50:60]]
   return refresh_delta.parse_lines(lines)
