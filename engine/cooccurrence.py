@@ -183,7 +183,7 @@ def reciprocal_rank_fusion(
   first_keep: tf.Tensor,
   second_rows: tf.Tensor,
   second_keep: tf.Tensor,
-  first_weight: float,
+  first_weight: float | tf.Tensor,
   k: int,
 ) -> base.SearchResult:
   """Merges two best-first candidate lists [B, D1] and [B, D2] of catalog rows into one top-k.
@@ -196,7 +196,7 @@ def reciprocal_rank_fusion(
     fused scores and rows [B, k], best first; -inf and -1 where fewer than k candidates exist.
   """
 
-  def contributions(keep: tf.Tensor, weight: float) -> tf.Tensor:
+  def contributions(keep: tf.Tensor, weight: float | tf.Tensor) -> tf.Tensor:
     ranks = tf.cast(tf.cumsum(tf.cast(keep, tf.int32), axis=1), tf.float32)
     return tf.where(keep, weight / (RRF_CONSTANT + ranks), 0.0)
 

@@ -21,6 +21,8 @@ SERVING_DEFAULT = "serving_default"
 ENCODE_QUERY = "encode_query"
 ENCODE_ITEM = "encode_item"
 SEARCH_WITH_OPTIONS = "search_with_options"
+# search_with_options input of a graph with a co-occurrence channel: the towers' share of the fusion.
+FUSION_WEIGHT = "fusion_weight"
 
 Tower = Callable[[dict[str, tf.Tensor]], tf.Tensor]
 
@@ -171,9 +173,10 @@ class FullGraph(tf.Module):
     """Top-k ids [B, k] (string, "" where fewer eligible items exist) and scores [B, k], best first."""
     queries = self.query_tower({name: features[name] for name in self._query_specs})
     depth = min(self.k + self.exclusion_depth, self.index.num_items)
+    fusion_weight = options.pop(FUSION_WEIGHT, None)
     result = self.index.search(queries, depth, **options)
     if self.cooccurrence is not None:
-      return self._fuse(features, result, depth)
+      return self._fuse(features, result, depth, fusion_weight)
     ids = tf.gather(self.item_ids, tf.maximum(result.indices, 0))
     if not self.exclusions:
       ids = tf.where(result.indices >= 0, ids, tf.constant(b"", tf.string))
@@ -182,8 +185,23 @@ class FullGraph(tf.Module):
     ids, scores, keep = first_kept(self.k, keep, ids, result.scores)
     return {"ids": tf.where(keep, ids, tf.constant(b"", tf.string)), "scores": tf.where(keep, scores, -np.inf)}
 
-  def _fuse(self, features: dict[str, tf.Tensor], tower: base.SearchResult, depth: int) -> dict[str, tf.Tensor]:
-    """The top-k of the towers' and the co-occurrence channel's candidates by rank fusion, exclusions dropped first."""
+  def _fuse(
+    self, features: dict[str, tf.Tensor], tower: base.SearchResult, depth: int, fusion_weight: tf.Tensor | None
+  ) -> dict[str, tf.Tensor]:
+    """The top-k of the towers' and the co-occurrence channel's candidates by rank fusion, exclusions dropped first.
+
+    `fusion_weight` is a request's own towers' share (a scalar in [0, 1]); None takes the graph's.
+    """
+    if fusion_weight is None:
+      fusion_weight = tf.constant(self.fusion_weight, tf.float32)
+    else:
+      message = "fusion_weight must be in [0, 1]"
+      checks = [
+        tf.debugging.assert_greater_equal(fusion_weight, 0.0, message=message),
+        tf.debugging.assert_less_equal(fusion_weight, 1.0, message=message),
+      ]
+      with tf.control_dependencies(checks):
+        fusion_weight = tf.identity(fusion_weight)
     channel = self.cooccurrence.search(features[self.cooccurrence.history_feature], depth, self.index.eligible)
     lists = []
     for result in (tower, channel):
@@ -192,7 +210,7 @@ class FullGraph(tf.Module):
         ids = tf.gather(self.item_ids, tf.maximum(result.indices, 0))
         keep = tf.logical_and(keep, tf.logical_not(excluded(ids, features[self.exclusions])))
       lists.append((result.indices, keep))
-    fused = cooccurrence_lib.reciprocal_rank_fusion(*lists[0], *lists[1], self.fusion_weight, self.k)
+    fused = cooccurrence_lib.reciprocal_rank_fusion(*lists[0], *lists[1], fusion_weight, self.k)
     ids = tf.gather(self.item_ids, tf.maximum(fused.indices, 0))
     return {"ids": tf.where(fused.indices >= 0, ids, tf.constant(b"", tf.string)), "scores": fused.scores}
 
@@ -216,7 +234,9 @@ class FullGraph(tf.Module):
       ENCODE_QUERY: encode_query.get_concrete_function(**self._query_specs),
       ENCODE_ITEM: encode_item.get_concrete_function(**self._item_specs),
     }
-    option_specs = self.index.search_option_specs()
+    option_specs = dict(self.index.search_option_specs())
+    if self.cooccurrence is not None:
+      option_specs[FUSION_WEIGHT] = tf.TensorSpec([], tf.float32, name=FUSION_WEIGHT)
     if option_specs:
       overlap = set(option_specs) & set(self._query_specs)
       if overlap:

@@ -156,6 +156,21 @@ def test_full_graph_fuses_both_lists_and_saves(setup, tmp_path):
   }
 
 
+def test_fusion_weight_is_a_per_request_option(setup, tmp_path):
+  graph, request = _graph(setup, fusion_weight=0.4)
+  path = str(tmp_path / "graph")
+  graph.save(path)
+  signatures = tf.saved_model.load(path).signatures
+  search = signatures[full_graph.SEARCH_WITH_OPTIONS]
+  same = search(**request, fusion_weight=tf.constant(0.4))
+  np.testing.assert_array_equal(same["ids"].numpy(), signatures["serving_default"](**request)["ids"].numpy())
+  towers_only = search(**request, fusion_weight=tf.constant(1.0))
+  expected = _graph(setup, fusion_weight=1.0)[0].retrieve(request)
+  np.testing.assert_allclose(towers_only["scores"].numpy(), expected["scores"].numpy(), rtol=1e-6)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="fusion_weight must be in"):
+    search(**request, fusion_weight=tf.constant(1.5))
+
+
 def test_bad_arguments_are_refused(setup):
   table, raw, *_ = setup
   with pytest.raises(ValueError, match="fusion_weight"):
