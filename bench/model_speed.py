@@ -97,9 +97,9 @@ def main(argv: list[str]) -> None:
       catalog = catalog_lib.embed_catalog(model.item_tower, source)
     options = {"jit_compile": xla} if FLAGS.index == "brute_force" else {}
     index = base.build_index(FLAGS.index, catalog.embeddings, k=FLAGS.k, eligible=catalog.eligible, **options)
-    exclusions = {"exclusions": schema.HIST_IDS, "exclusion_depth": schema.HISTORY_LEN} if exclude else {}
+    graph_options = {"exclusions": schema.HIST_IDS, "exclusion_depth": schema.HISTORY_LEN} if exclude else {}
     if fused:
-      exclusions["cooccurrence"] = exporter.fit_cooccurrence(source, catalog.ids, exporter.ExportConfig())
+      graph_options["cooccurrence"] = exporter.fit_cooccurrence(source, catalog.ids, exporter.ExportConfig())
     graph = full_graph.FullGraph(
       model.query_tower,
       model.item_tower,
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
       FLAGS.k,
       schema.query_specs(),
       schema.item_specs(),
-      **exclusions,
+      **graph_options,
     )
     signatures = graph.signatures()
     functions[(precision, xla, sequence_encoder, exclude, fused)] = {

@@ -37,7 +37,7 @@ RRF_CONSTANT = 60.0
 
 
 def fingerprints(ids: tf.Tensor | np.ndarray) -> tf.Tensor:
-  """int64 63-bit FarmHash fingerprints of string ids, as the graph compares them."""
+  """int64 63-bit FarmHash fingerprints of string ids: how the graph compares ids (here and in exclusions)."""
   return tf.strings.to_hash_bucket_fast(ids, np.iinfo(np.int64).max)
 
 
@@ -73,10 +73,6 @@ class NeighbourTable:
     weights = np.where(padding, 0.0, weights).astype(np.float32)
     order = np.argsort(keys)
     return cls(keys[order], neighbours[order], weights[order])
-
-  @property
-  def num_neighbours(self) -> int:
-    return int(self.neighbours.shape[1])
 
 
 def catalog_lookup(item_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -87,7 +87,7 @@ def excluded(ids: tf.Tensor, exclusions: tf.Tensor) -> tf.Tensor:
   )
   with tf.control_dependencies([check]):
     named = tf.not_equal(exclusions, "")
-  ids, exclusions = (tf.strings.to_hash_bucket_fast(x, np.iinfo(np.int64).max) for x in (ids, exclusions))
+  ids, exclusions = cooccurrence_lib.fingerprints(ids), cooccurrence_lib.fingerprints(exclusions)
   same = tf.logical_and(tf.equal(ids[:, :, tf.newaxis], exclusions[:, tf.newaxis, :]), named[:, tf.newaxis, :])
   return tf.reduce_any(same, axis=2)
 

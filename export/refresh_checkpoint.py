@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -141,17 +142,15 @@ def graph_replacements(
   return checkpoint_replacements(source.path, source.version, values, optional, full_graph.CATALOG_PREFIXES)
 
 
-def saved_cooccurrence(
-  source: refresh_state.Source, item_ids: np.ndarray
-) -> cooccurrence_lib.CooccurrenceChannel | None:
-  """N's co-occurrence channel (its table, as N's checkpoint saved it) over the catalog `item_ids`; None without one.
+def saved_fusion(source: refresh_state.Source, item_ids: np.ndarray) -> dict[str, Any]:
+  """The FullGraph arguments (`cooccurrence`, `fusion_weight`) that fuse N's channel over the catalog `item_ids`.
 
-  The table is fit on the training log, which a catalog refresh does not change, so a retraced
-  graph carries N's table as it is.
+  Empty when N fuses none. The table is fit on the training log, which a catalog refresh does not
+  change, so a retraced graph carries N's table (as N's checkpoint saved it) as it is.
   """
   config = source.report.cooccurrence
   if not config:
-    return None
+    return {}
   prefix = version_files.variables_prefix(source.path)
   paths = {name: f"{full_graph.COOCCURRENCE}/{name}" for name in cooccurrence_lib.TABLE_PATHS}
   keys = variable_keys(prefix, paths.values())
@@ -159,9 +158,10 @@ def saved_cooccurrence(
     raise ValueError(f"version {source.version}'s report names a co-occurrence channel its checkpoint lacks")
   reader = tf.train.load_checkpoint(prefix)
   table = cooccurrence_lib.NeighbourTable(**{name: reader.get_tensor(keys[path]) for name, path in paths.items()})
-  return cooccurrence_lib.CooccurrenceChannel(
+  channel = cooccurrence_lib.CooccurrenceChannel(
     table, item_ids, config["history_feature"], history=config["history"], decay=config["decay"]
   )
+  return {"cooccurrence": channel, "fusion_weight": config["fusion_weight"]}
 
 
 def checkpoint_replacements(

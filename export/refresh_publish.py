@@ -226,8 +226,7 @@ def publish_rebuilt(
         towers.item_specs,
         exclusions=source.report.exclusions,
         exclusion_depth=source.report.exclusion_depth or 0,
-        cooccurrence=refresh_checkpoint.saved_cooccurrence(source, state.ids),
-        fusion_weight=(source.report.cooccurrence or {}).get("fusion_weight", 0.5),
+        **refresh_checkpoint.saved_fusion(source, state.ids),
       ).save(path),
       skip=(_EMBEDDINGS_PATH,),
     )

@@ -127,13 +127,14 @@ class ItemCooccurrence:
     first = np.repeat(np.arange(self.num_items), lengths)
     order = np.lexsort((self.columns, -self.values, first))  # By item, then best first (ties by row).
     rank = np.arange(len(order)) - np.repeat(self.indptr[:-1], lengths)
-    kept = order[rank < count]
+    within = rank < count
+    kept, rank = order[within], rank[within]
     rows = np.flatnonzero(lengths)
     slot = np.searchsorted(rows, first[kept])
     neighbours = np.full([len(rows), count], -1, dtype=np.int64)
     similarities = np.zeros([len(rows), count], dtype=np.float32)
-    neighbours[slot, rank[rank < count]] = self.columns[kept]
-    similarities[slot, rank[rank < count]] = self.values[kept]
+    neighbours[slot, rank] = self.columns[kept]
+    similarities[slot, rank] = self.values[kept]
     return rows, neighbours, similarities
 
   def scores(self, batch: dict[str, np.ndarray], row_of: RowOf) -> np.ndarray:
