@@ -5,6 +5,7 @@
 Flags keep TF Serving's names and defaults (`server_flags`).
 """
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -117,29 +118,55 @@ def main(argv) -> int:
     server.request_stop()
     stop.set()
 
-  signal.signal(signal.SIGTERM, on_signal)
-  signal.signal(signal.SIGINT, on_signal)
-  try:
-    server.start()
-  except (errors.ServingError, OSError, RuntimeError) as e:
-    logging.error("Failed to start server: %s", getattr(e, "message", None) or e)
-    server.stop(grace_seconds=0)
-    return 1
-  if stop.is_set():
-    server.stop()
-    _ignore_stop_signals()
-    return 0
-  print(f"FGR_SERVE_GRPC_PORT={server.grpc_port}", flush=True)
-  if server.rest_port:
-    print(f"FGR_SERVE_REST_PORT={server.rest_port}", flush=True)
-  if FLAGS.port_file:
-    _write_port_file(FLAGS.port_file, server)
-  while not stop.wait(3600):
-    pass
+  with _signal_wakeups() as wakeups:
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+      server.start()
+    except (errors.ServingError, OSError, RuntimeError) as e:
+      logging.error("Failed to start server: %s", getattr(e, "message", None) or e)
+      server.stop(grace_seconds=0)
+      return 1
+    if stop.is_set():
+      server.stop()
+      _ignore_stop_signals()
+      return 0
+    print(f"FGR_SERVE_GRPC_PORT={server.grpc_port}", flush=True)
+    if server.rest_port:
+      print(f"FGR_SERVE_REST_PORT={server.rest_port}", flush=True)
+    if FLAGS.port_file:
+      _write_port_file(FLAGS.port_file, server)
+    while not stop.is_set():
+      # Returns once a signal has landed on any thread; the loop's next step
+      # runs its Python handler, here on the main thread.
+      os.read(wakeups, 64)
   server.stop()
   _ignore_stop_signals()
   logging.info("Server stopped")
   return 0
+
+
+@contextlib.contextmanager
+def _signal_wakeups():
+  """Yields a pipe's read end that every signal's arrival writes to.
+
+  The kernel delivers a process-directed SIGTERM to any thread that does not
+  block it, and TensorFlow, gRPC and the native front end start many. CPython
+  then only flags the signal for the main thread, which runs the Python
+  handler when it next executes bytecode: blocked in `threading.Event.wait`,
+  it would sleep through the signal until the wait's timeout. CPython's own
+  C handler writes to the wakeup fd from whichever thread it ran on, so a
+  main thread blocked reading this pipe always wakes.
+  """
+  read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+  os.set_blocking(write_fd, False)  # set_wakeup_fd's requirement: a signal must never block.
+  previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  try:
+    yield read_fd
+  finally:
+    signal.set_wakeup_fd(previous)
+    os.close(read_fd)
+    os.close(write_fd)
 
 
 def _ignore_stop_signals() -> None:

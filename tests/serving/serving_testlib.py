@@ -7,6 +7,7 @@ through tf.compat.v1's SavedModelBuilder, one `tf.saved_model.save` export.
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -244,7 +245,8 @@ class ServerProcess:
     self.port_file = os.path.join(tmp_dir, "ports")
     self.stderr_path = os.path.join(tmp_dir, "stderr.log")
     self.stdout_path = os.path.join(tmp_dir, "stdout.log")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
+    # PYTHONFAULTHANDLER: SIGABRT dumps every thread's stack (see terminate).
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT, PYTHONFAULTHANDLER="1")
     self._stderr = open(self.stderr_path, "wb")
     self._stdout = open(self.stdout_path, "wb")
     self.process = subprocess.Popen(
@@ -282,16 +284,22 @@ class ServerProcess:
     """Sends SIGTERM and returns the exit code.
 
     Raises:
-      AssertionError: The server did not exit within `timeout`; the message
-        holds the end of its log, to show where the shutdown stopped.
+      AssertionError: The server did not exit within `timeout`. It is then
+        aborted, which dumps its threads' stacks to its log; the message
+        holds the end of that log, to show where the shutdown stopped.
     """
     self.channel.close()
     self.process.send_signal(signal.SIGTERM)
     try:
       return self.process.wait(timeout)
     except subprocess.TimeoutExpired as e:
+      # No core file from the abort: the stacks are all the test needs.
+      resource.prlimit(self.process.pid, resource.RLIMIT_CORE, (0, 0))
+      self.process.send_signal(signal.SIGABRT)
+      with contextlib.suppress(subprocess.TimeoutExpired):
+        self.process.wait(30)
       raise AssertionError(
-        f"fgr-serve did not exit within {timeout} s of SIGTERM; the end of its log:\n{self.stderr()[-6000:]}"
+        f"fgr-serve did not exit within {timeout} s of SIGTERM; the end of its log:\n{self.stderr()[-4000:]}"
       ) from e
     finally:
       if self.process.poll() is None:

@@ -1,7 +1,9 @@
 """The fgr-serve process: flags, port reporting and graceful SIGTERM."""
 
 import concurrent.futures
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -107,6 +109,25 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
   assert response.outputs["y"].float_val == [3.0]
   code = proc.terminate()
   assert code == 0, proc.stderr()[-3000:]
+
+
+@pytest.mark.usefixtures("native")
+def test_sigterm_landing_on_any_thread_stops_the_server(tmp_path):
+  """The kernel hands a process's SIGTERM to whichever thread it picks, often
+  not the main one; the server must stop all the same. tgkill aims it at a
+  thread other than the main one, as the kernel sometimes does."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  proc = lib.ServerProcess(["--model_name=m", f"--model_base_path={tmp_path / 'm'}"], str(tmp_path))
+  pid = proc.process.pid
+  other = next(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+  libc = ctypes.CDLL(None, use_errno=True)
+  assert libc.tgkill(pid, other, signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
+  try:
+    code = proc.process.wait(timeout=60)  # Exits in well under a second; it used to sleep an hour.
+  finally:
+    proc.terminate()
+  assert code == 0, proc.stderr()[-3000:]
+  assert "Received signal 15: shutting down gracefully" in proc.stderr()
 
 
 def test_rest_api_port_any_is_reported_by_the_process(server):
