@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import signal
 import threading
 import time
 
@@ -20,6 +19,8 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from serving.util import stop_signals
 
 
 def fixed_response(k: int = 100) -> predict_pb2.PredictResponse:
@@ -76,14 +77,12 @@ def start(
 
 def serve_until_signalled(server: grpc.Server, port: int, port_file: str | None) -> None:
   """Publishes `grpc=<port>` in port_file (atomically), then serves until SIGTERM or SIGINT."""
-  if port_file:
-    with open(port_file + ".tmp", "w") as f:
-      f.write(f"grpc={port}\n")
-    os.replace(port_file + ".tmp", port_file)
-  stopped = threading.Event()
-  signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-  signal.signal(signal.SIGINT, lambda *_: stopped.set())
-  stopped.wait()
+  with stop_signals.StopSignals() as signals:  # Caught before anyone can read the port.
+    if port_file:
+      with open(port_file + ".tmp", "w") as f:
+        f.write(f"grpc={port}\n")
+      os.replace(port_file + ".tmp", port_file)
+    signals.wait()
   server.stop(grace=2).wait()
 
 

@@ -5,14 +5,11 @@
 Flags keep TF Serving's names and defaults (`server_flags`).
 """
 
-import contextlib
 import dataclasses
 import os
-import signal
 import sys
-import threading
 
-from serving.util import allocator, runtime
+from serving.util import allocator, runtime, stop_signals
 
 if __name__ == "__main__":  # python -m: before TensorFlow's import (see there).
   runtime.prepare_server_process(sys.argv[1:])
@@ -111,72 +108,29 @@ def main(argv) -> int:
 
   server = server_lib.Server(options)
   runtime.freeze_gc()  # Before the first load: see runtime.py.
-  stop = threading.Event()
 
-  def on_signal(signum, unused_frame):
+  def on_signal(signum: int) -> None:
     logging.info("Received signal %d: shutting down gracefully", signum)
     server.request_stop()
-    stop.set()
 
-  with _signal_wakeups() as wakeups:
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+  with stop_signals.StopSignals(on_stop=on_signal) as signals:
     try:
       server.start()
     except (errors.ServingError, OSError, RuntimeError) as e:
       logging.error("Failed to start server: %s", getattr(e, "message", None) or e)
       server.stop(grace_seconds=0)
       return 1
-    if stop.is_set():
-      server.stop()
-      _ignore_stop_signals()
-      return 0
-    print(f"FGR_SERVE_GRPC_PORT={server.grpc_port}", flush=True)
-    if server.rest_port:
-      print(f"FGR_SERVE_REST_PORT={server.rest_port}", flush=True)
-    if FLAGS.port_file:
-      _write_port_file(FLAGS.port_file, server)
-    while not stop.is_set():
-      # Returns once a signal has landed on any thread; the loop's next step
-      # runs its Python handler, here on the main thread.
-      os.read(wakeups, 64)
+    if not signals.received:
+      print(f"FGR_SERVE_GRPC_PORT={server.grpc_port}", flush=True)
+      if server.rest_port:
+        print(f"FGR_SERVE_REST_PORT={server.rest_port}", flush=True)
+      if FLAGS.port_file:
+        _write_port_file(FLAGS.port_file, server)
+      signals.wait()
   server.stop()
-  _ignore_stop_signals()
+  stop_signals.ignore()
   logging.info("Server stopped")
   return 0
-
-
-@contextlib.contextmanager
-def _signal_wakeups():
-  """Yields a pipe's read end that every signal's arrival writes to.
-
-  The kernel delivers a process-directed SIGTERM to any thread that does not
-  block it, and TensorFlow, gRPC and the native front end start many. CPython
-  then only flags the signal for the main thread, which runs the Python
-  handler when it next executes bytecode: blocked in `threading.Event.wait`,
-  it would sleep through the signal until the wait's timeout. CPython's own
-  C handler writes to the wakeup fd from whichever thread it ran on, so a
-  main thread blocked reading this pipe always wakes.
-  """
-  read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-  os.set_blocking(write_fd, False)  # set_wakeup_fd's requirement: a signal must never block.
-  previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-  try:
-    yield read_fd
-  finally:
-    signal.set_wakeup_fd(previous)
-    os.close(read_fd)
-    os.close(write_fd)
-
-
-def _ignore_stop_signals() -> None:
-  """Drained: a repeated SIGTERM/SIGINT must not turn exit 0 into -15.
-
-  Python restores the default action of signals with Python handlers while
-  the interpreter shuts down, so a second signal then would kill the process.
-  """
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run() -> None:
