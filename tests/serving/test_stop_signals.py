@@ -34,6 +34,8 @@ def test_a_signal_on_another_thread_ends_the_wait():
       signal.pthread_kill(main_thread, signal.SIGINT)
 
   stopped = threading.Event()
+  wakeup_fd_before = signal.set_wakeup_fd(-1)
+  signal.set_wakeup_fd(wakeup_fd_before)
   with stop_signals.StopSignals(on_stop=stops.append) as signals:
     assert not signals.received
     threads = [threading.Thread(target=sender), threading.Thread(target=rescue)]
@@ -45,7 +47,7 @@ def test_a_signal_on_another_thread_ends_the_wait():
       thread.join()
   assert signals.received
   assert stops[0] == signal.SIGTERM, "the wait ended only through the rescue SIGINT on the main thread"
-  assert signal.set_wakeup_fd(-1) == -1  # Exiting gave the wakeup fd back.
+  assert signal.set_wakeup_fd(wakeup_fd_before) == wakeup_fd_before  # Exiting gave the wakeup fd back.
 
 
 @pytest.mark.usefixtures("restore_handlers")
