@@ -190,6 +190,12 @@ def _point(label: str, load: str, runs: list[dict[str, Any]], cpu_seconds: float
     **latency_lib.percentiles(np.concatenate([r["latencies"] for r in runs]), (50, 99)),
     "errors": sum(r["errors"] for r in runs),
     "server_cpu_ms_per_request": None if cpu_seconds is None else round(1e3 * cpu_seconds / max(ok, 1), 3),
+    # Open loop: how late the load client's sends left (part of every latency above), worst round.
+    **(
+      {"send_lag_p50_ms": max(r["send_lag_p50_us"] for r in runs) / 1e3}
+      if all("send_lag_p50_us" in r for r in runs)
+      else {}
+    ),
   }
 
 

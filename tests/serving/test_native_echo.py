@@ -1,7 +1,12 @@
 """The C++ echo PredictionService of the benchmarks answers like the Python one (bench/echo_server.py)."""
 
+import json
+import struct
+import subprocess
+
 import grpc
 import native_testlib
+import numpy as np
 import pytest
 from tensorflow_serving.apis import classification_pb2, predict_pb2, prediction_service_pb2_grpc
 
@@ -37,3 +42,43 @@ def test_other_methods_and_bad_requests_are_refused(native_echo):
     with pytest.raises(grpc.RpcError) as error:
       predict(b"\xff\xff\xff", timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _load_client(native_echo, tmp_path, load: str) -> tuple[dict, np.ndarray]:
+  client = servers.native_program("fgr_load_client", "native_load")
+  if client is None:
+    native_testlib.skip_or_fail_unavailable("build/native/fgr_load_client is not built: run `make install`")
+  requests = tmp_path / "requests.bin"
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = "anything"
+  data = request.SerializeToString()
+  requests.write_bytes(struct.pack("<I", len(data)) + data)
+  latencies = tmp_path / "latencies.bin"
+  command = [
+    client,
+    f"--target={native_echo.address}",
+    f"--requests={requests}",
+    load,
+    "--seconds=2",
+    "--warmup_seconds=0.5",
+    f"--latencies={latencies}",
+  ]
+  summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout)
+  return summary, np.fromfile(latencies, dtype="<i8")
+
+
+def test_load_client_open_loop_sends_on_schedule_and_reports_its_lag(native_echo, tmp_path):
+  """The benchmarks' load client at 100 requests/s for 2 s: about 200 answered, every latency
+  written, and its own send lag reported beside them."""
+  summary, latencies = _load_client(native_echo, tmp_path, "--qps=100")
+  assert summary["errors"] == 0
+  assert 100 <= summary["ok"] <= 201  # Calls still in flight when the window closes are not counted.
+  assert len(latencies) == summary["ok"] and (latencies > 0).all()
+  assert 0 <= summary["send_lag_p50_us"] <= summary["send_lag_p99_us"]
+
+
+def test_load_client_closed_loop_keeps_its_streams_busy(native_echo, tmp_path):
+  summary, latencies = _load_client(native_echo, tmp_path, "--streams=2")
+  assert summary["errors"] == 0 and summary["ok"] > 0
+  assert len(latencies) == summary["ok"]
+  assert "send_lag_p50_us" not in summary  # Closed loop sends as answers come: there is no schedule.
