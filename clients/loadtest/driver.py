@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import datetime
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -232,7 +233,7 @@ async def _open_loop(
 
   The event loop's own timers wake at epoll's millisecond granularity, rounded up: paced by
   `asyncio.sleep`, sends left ~1 ms late at p50 and every latency carried it. A thread sleeping in
-  `time.sleep` wakes within ~0.1 ms, and `call_soon_threadsafe` wakes the loop at once.
+  a timed wait wakes within ~0.1 ms, and `call_soon_threadsafe` wakes the loop at once.
   """
   total = int((spec.warmup_seconds + spec.duration_seconds) * spec.qps)
   if spec.max_requests is not None:
@@ -250,21 +251,23 @@ async def _open_loop(
     tasks.add(task)
     task.add_done_callback(tasks.discard)
 
+  cancelled = threading.Event()
+
   def pace() -> None:
     for i in range(total):
       intended = recorder.start + i / spec.qps
       if intended >= end:
         return
       delay = intended - time.perf_counter()
-      if delay > 0:
-        time.sleep(delay)
-      try:
-        loop.call_soon_threadsafe(start, i, intended)
-      except RuntimeError:  # The loop closed under us (the run was interrupted).
+      if delay > 0 and cancelled.wait(delay):
         return
+      loop.call_soon_threadsafe(start, i, intended)
 
-  # Every start() is queued before this await's own wake-up, so `tasks` then holds them all.
-  await loop.run_in_executor(None, pace)
+  try:
+    # Every start() is queued before this await's own wake-up, so `tasks` then holds them all.
+    await loop.run_in_executor(None, pace)
+  finally:
+    cancelled.set()  # An interrupted run stops its pacing thread too (the loop waits for it).
   return tasks
 
 
