@@ -4,8 +4,9 @@
 // a 2-core machine caps what it can show of a native server. This sends the same requests through
 // gRPC's generic stub and one completion queue: closed loop (N calls always outstanding, from the
 // completion thread) or open loop (a sender thread starts calls at fixed intervals, latency counted
-// from the intended send time, so a stalled server is not hidden). It writes every latency in microseconds (little-endian int64) and a
-// one-line summary; bench/serving_native.py summarises them with HdrHistogram.
+// from the intended send time, so a stalled server is not hidden). It writes every latency in
+// microseconds (little-endian int64) and a one-line summary (with the open loop's send lag);
+// bench/serving_native.py summarises them with HdrHistogram.
 //
 //   fgr_load_client --target=127.0.0.1:8500 --requests=reqs.bin --streams=32 --seconds=5 \
 //       --warmup_seconds=1 --latencies=out.bin
@@ -28,9 +29,9 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <sys/prctl.h>
-#include <vector>
 
 namespace {
 
