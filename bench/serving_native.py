@@ -16,10 +16,7 @@ at --streams.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -34,7 +31,7 @@ from absl import app, flags
 import serving.native
 from bench import serving_common as common
 from bench.fixtures import latency as latency_lib
-from bench.fixtures import servers
+from bench.fixtures import load_client, servers
 
 FLAGS = flags.FLAGS
 common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=2)
@@ -51,35 +48,6 @@ common.define_batching_flag(
 MODEL = "retrieval"
 # The last stretch before a paced call is spun, not slept: waking from a sleep takes ~0.1 ms here.
 _SPIN_SECONDS = 2e-4
-
-
-def _write_requests(requests: list, path: str) -> None:
-  """The load client's request file: each serialized PredictRequest after its uint32 length."""
-  with open(path, "wb") as f:
-    for request in requests:
-      data = request.SerializeToString()
-      f.write(struct.pack("<I", len(data)))
-      f.write(data)
-
-
-def _drive(address: str, requests_file: str, load: str, workdir: str) -> dict[str, Any]:
-  """One run of the native load client; returns its counts and its latencies in seconds."""
-  latencies = os.path.join(workdir, "latencies.bin")
-  client = servers.native_program("fgr_load_client", "native_load")
-  if client is None:
-    raise RuntimeError("build/native/fgr_load_client is not built: run `make install`")
-  command = [
-    client,
-    f"--target={address}",
-    f"--requests={requests_file}",
-    load,
-    f"--seconds={FLAGS.seconds}",
-    f"--warmup_seconds={FLAGS.warmup_seconds}",
-    f"--latencies={latencies}",
-  ]
-  summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-  summary["latencies"] = np.fromfile(latencies, dtype="<i8") / 1e6
-  return summary
 
 
 class _Model:
@@ -209,7 +177,7 @@ def main(argv: list[str]) -> None:
   requests = common.query_requests(FLAGS.run_dir, FLAGS.num_queries, MODEL)
   workdir = common.workdir(FLAGS.output_dir, "serving_native")
   requests_file = os.path.join(workdir, "requests.bin")
-  _write_requests(requests, requests_file)
+  load_client.write_requests(requests, requests_file)
   batching = servers.batching_args(workdir, FLAGS.batching_parameters)
   batching_options = _batching_options(FLAGS.batching_parameters)
   model = _Model(version, requests)
@@ -241,7 +209,11 @@ def main(argv: list[str]) -> None:
         for label in order:
           before = targets[label].cpu_seconds()
           with tempfile.TemporaryDirectory(dir=workdir) as scratch:
-            runs[label].append(_drive(targets[label].address, requests_file, load, scratch))
+            runs[label].append(
+              load_client.drive(
+                targets[label].address, requests_file, load, scratch, FLAGS.seconds, FLAGS.warmup_seconds
+              )
+            )
           cpu[label] += targets[label].cpu_seconds() - before
           print(
             f"  {phase} round {r + 1}: {label:<24s} {runs[label][-1]['ok'] / FLAGS.seconds:>9,.1f} req/s", flush=True

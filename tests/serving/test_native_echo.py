@@ -1,9 +1,5 @@
 """The C++ echo PredictionService of the benchmarks answers like the Python one (bench/echo_server.py)."""
 
-import json
-import struct
-import subprocess
-
 import grpc
 import native_testlib
 import numpy as np
@@ -11,7 +7,7 @@ import pytest
 from tensorflow_serving.apis import classification_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from bench import echo_server
-from bench.fixtures import servers
+from bench.fixtures import load_client, servers
 
 
 @pytest.fixture(scope="module")
@@ -45,26 +41,16 @@ def test_other_methods_and_bad_requests_are_refused(native_echo):
 
 
 def _load_client(native_echo, tmp_path, load: str) -> tuple[dict, np.ndarray]:
-  client = servers.native_program("fgr_load_client", "native_load")
-  if client is None:
+  if load_client.binary() is None:
     native_testlib.skip_or_fail_unavailable("build/native/fgr_load_client is not built: run `make install`")
-  requests = tmp_path / "requests.bin"
   request = predict_pb2.PredictRequest()
   request.model_spec.name = "anything"
-  data = request.SerializeToString()
-  requests.write_bytes(struct.pack("<I", len(data)) + data)
-  latencies = tmp_path / "latencies.bin"
-  command = [
-    client,
-    f"--target={native_echo.address}",
-    f"--requests={requests}",
-    load,
-    "--seconds=2",
-    "--warmup_seconds=0.5",
-    f"--latencies={latencies}",
-  ]
-  summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout)
-  return summary, np.fromfile(latencies, dtype="<i8")
+  requests = str(tmp_path / "requests.bin")
+  load_client.write_requests([request], requests)
+  summary = load_client.drive(
+    native_echo.address, requests, load, str(tmp_path), seconds=2, warmup_seconds=0.5, timeout=60
+  )
+  return summary, summary["latencies"]
 
 
 def test_load_client_open_loop_sends_on_schedule_and_reports_its_lag(native_echo, tmp_path):
