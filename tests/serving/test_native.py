@@ -10,6 +10,7 @@ import concurrent.futures
 import os
 import re
 import shutil
+import socket
 import time
 
 import grpc
@@ -91,6 +92,30 @@ def test_on_fails_the_start_up_without_the_module(tmp_path, monkeypatch):
   with pytest.raises(errors.ServingError, match="native data plane is unavailable: not built"):
     server.start()
   server.stop(grace_seconds=0)
+
+
+@pytest.mark.usefixtures("native")
+def test_a_taken_port_fails_the_start_up_and_the_next_server_still_serves(tmp_path):
+  """A port in use is a clear start-up error; the failed server's gRPC queues are drained, so the
+  process neither aborts nor keeps anything that stops the next server."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    server = server_lib.Server(
+      server_lib.Options(
+        port=taken.getsockname()[1], model_name="m", model_base_path=str(tmp_path / "m"), native=lib.NATIVE
+      )
+    )
+    with pytest.raises(RuntimeError, match="Failed to bind gRPC server to 127.0.0.1"):
+      server.start()
+    server.stop(grace_seconds=0)
+  server = lib.InProcessServer(model_name="m", model_base_path=str(tmp_path / "m"))
+  try:
+    response = server.predict.Predict(_predict_request("m", x=[1.0]), timeout=30)
+    assert list(response.outputs["y"].float_val) == [2.5]
+  finally:
+    server.stop()
 
 
 def test_require_native_fails_in_ci_and_skips_elsewhere(monkeypatch):

@@ -19,17 +19,24 @@
 
 namespace fgr {
 
-// One RPC: reads its single request, then answers once, from whichever thread finishes it.
+// One RPC of the async generic service: it asks gRPC for the next call on a completion queue,
+// reads its single request, then is answered once, from whichever thread finishes it.
 //
-// A cancelled call (the client went away, or its deadline passed) is finished at once, so that
-// shutdown never waits for work it no longer needs: a batch that waits out a long timeout, or a
-// Python fallback. The work still finishes later; it then finds the call answered and leaves it.
-class Server::Call : public grpc::ServerGenericBidiReactor {
+// The server's I/O threads (server.cc) take each event off the queue and hand it to `Proceed`.
+// gRPC returns four tags: the call's arrival, its read, its finish, and "done" (the call is over,
+// or was cancelled). The object is deleted once the call has arrived, done has come back and no
+// read or finish is still out.
+//
+// A cancelled call (the client went away, or its deadline passed, or shutdown's grace ran out) is
+// finished at once, so that shutdown never waits for work it no longer needs: a batch that waits
+// out a long timeout, or a Python fallback. The work still finishes later; it then finds the call
+// answered and leaves it.
+class Server::Call {
  public:
   // Shared with the work done for the call, which may outlive it.
   struct State {
     std::mutex mutex;
-    Call* call = nullptr;            // Null once gRPC is done with the call.
+    Call* call = nullptr;            // Null once the call is deleted.
     bool answered = false;           // Finish has been called (or the call is gone).
     TaskPtr task;                    // Its queued batch task, if any.
     std::function<void()> release;   // Returns what the request holds (servable, admission).
@@ -46,38 +53,25 @@ class Server::Call : public grpc::ServerGenericBidiReactor {
     }
   };
 
-  Call(Server* server, grpc::GenericCallbackServerContext* context)
-      : server_(server), context_(context), started_(Clock::now()), state_(std::make_shared<State>()) {
-    state_->call = this;
-    StartRead(&request_);
+  // What a completion-queue event is about; the queue's tag is a pointer to one of the call's Tags.
+  enum class Event { kArrived, kRead, kFinished, kDone };
+  struct Tag {
+    Call* call;
+    Event event;
+  };
+
+  // Asks gRPC for the next call on `queue` (one Call object waits for each).
+  static void Await(Server* server, grpc::AsyncGenericService* service, grpc::ServerCompletionQueue* queue) {
+    Call* call = new Call(server, service, queue);
+    // Before the request: gRPC only takes a done tag on a call that has not started.
+    call->context_.AsyncNotifyWhenDone(&call->done_tag_);
+    service->RequestCall(&call->context_, &call->stream_, queue, queue, &call->arrived_tag_);
   }
 
-  void OnReadDone(bool ok) override {
-    if (!ok) {
-      Answer(state_, grpc::Status(grpc::StatusCode::INTERNAL, "No request message"), "");
-      return;
-    }
-    bytes_ = ToString(request_);
-    request_.Clear();
-    server_->Handle(this);
-  }
-
-  void OnCancel() override {
-    {
-      std::lock_guard<std::mutex> lock(state_->mutex);
-      if (state_->task) state_->task->abandoned = true;
-    }
-    Answer(state_, grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"), "");
-    state_->Release();
-  }
-
-  void OnDone() override {
-    {
-      std::lock_guard<std::mutex> lock(state_->mutex);
-      state_->call = nullptr;
-      state_->answered = true;
-    }
-    delete this;
+  // One event off the completion queue: `ok` is the queue's verdict on it.
+  static void Proceed(void* tag, bool ok) {
+    const Tag* event = static_cast<Tag*>(tag);
+    event->call->OnEvent(event->event, ok);
   }
 
   // Answers the call unless it was answered already; the call may be gone once this returns.
@@ -91,38 +85,100 @@ class Server::Call : public grpc::ServerGenericBidiReactor {
       // A queued task's `done` holds this state: drop the state's hold on the task, or the two would
       // keep each other (and the request, its tensors and outputs) alive forever.
       state->task.reset();
+      if (call == nullptr) return;
+      ++call->out_;  // The finish below: the call is not deleted before its tag is back.
     }
-    // gRPC calls OnDone only after Finish, so the call is alive until this returns.
     if (!status.ok()) {
-      call->Finish(status);
+      call->stream_.Finish(status, &call->finished_tag_);
       return;
     }
     grpc::Slice slice(response);
     call->response_ = grpc::ByteBuffer(&slice, 1);
-    call->StartWriteAndFinish(&call->response_, grpc::WriteOptions(), grpc::Status::OK);
+    call->stream_.WriteAndFinish(call->response_, grpc::WriteOptions(), grpc::Status::OK, &call->finished_tag_);
   }
 
   // Milliseconds until the client's deadline (the session-run timeout), or -1 for none.
   int64_t TimeoutMs() const {
-    const auto deadline = context_->deadline();
+    const auto deadline = context_.deadline();
     if (deadline == std::chrono::system_clock::time_point::max()) return -1;
     const auto remaining = deadline - std::chrono::system_clock::now();
     if (remaining > std::chrono::hours(24 * 365 * 3)) return -1;  // ~1e8 s: no deadline.
     return std::max<int64_t>(1, std::chrono::duration_cast<std::chrono::milliseconds>(remaining).count());
   }
 
-  const std::string& method() const { return context_->method(); }
+  const std::string& method() const { return context_.method(); }
   const std::string& bytes() const { return bytes_; }
   Clock::time_point started() const { return started_; }
   const std::shared_ptr<State>& state() const { return state_; }
 
  private:
-  Server* server_;
-  grpc::GenericCallbackServerContext* context_;
-  const Clock::time_point started_;
-  const std::shared_ptr<State> state_;
-  grpc::ByteBuffer request_, response_;
-  std::string bytes_;
+  Call(Server* server, grpc::AsyncGenericService* service, grpc::ServerCompletionQueue* queue)
+      : server_(server), service_(service), queue_(queue), stream_(&context_) {}
+
+  void OnEvent(Event event, bool ok) {
+    switch (event) {
+      case Event::kArrived:
+        if (!ok) {  // Shutdown: no call came, and none will (its done tag never comes back either).
+          Delete();
+          return;
+        }
+        Await(server_, service_, queue_);  // The next call, before this one's work.
+        started_ = Clock::now();
+        // From here on it is a live call (the object that waited for it was not one).
+        state_ = std::make_shared<State>();
+        state_->call = this;
+        {
+          std::lock_guard<std::mutex> lock(state_->mutex);
+          out_ += 2;  // The read below, and done.
+        }
+        stream_.Read(&request_, &read_tag_);
+        return;
+      case Event::kRead:
+        if (!ok) {
+          Answer(state_, grpc::Status(grpc::StatusCode::INTERNAL, "No request message"), "");
+        } else {
+          bytes_ = ToString(request_);
+          request_.Clear();
+          server_->Handle(this);
+        }
+        Returned();
+        return;
+      case Event::kFinished:
+        Returned();
+        return;
+      case Event::kDone:
+        if (context_.IsCancelled()) OnCancel();
+        Returned();
+        return;
+    }
+  }
+
+  void OnCancel() {
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      if (state_->task) state_->task->abandoned = true;
+    }
+    Answer(state_, grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"), "");
+    state_->Release();
+  }
+
+  // One of the tags counted in `out_` came back; the last one deletes the call.
+  void Returned() {
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      if (--out_ > 0) return;
+    }
+    Delete();
+  }
+
+  void Delete() {
+    if (state_) {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      state_->call = nullptr;
+      state_->answered = true;
+    }
+    delete this;
+  }
 
   // The request's bytes, in one string.
   static std::string ToString(const grpc::ByteBuffer& buffer) {
@@ -133,6 +189,19 @@ class Server::Call : public grpc::ServerGenericBidiReactor {
     for (const grpc::Slice& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
     return bytes;
   }
+
+  Server* const server_;
+  grpc::AsyncGenericService* const service_;
+  grpc::ServerCompletionQueue* const queue_;
+  grpc::GenericServerContext context_;
+  grpc::GenericServerAsyncReaderWriter stream_;
+  Clock::time_point started_;
+  std::shared_ptr<State> state_;  // Made when the call arrives.
+  grpc::ByteBuffer request_, response_;
+  std::string bytes_;
+  int out_ = 0;  // Tags gRPC has yet to return (read, finish, done), under state_->mutex.
+  Tag arrived_tag_{this, Event::kArrived}, read_tag_{this, Event::kRead}, finished_tag_{this, Event::kFinished},
+      done_tag_{this, Event::kDone};
 };
 
 }  // namespace fgr

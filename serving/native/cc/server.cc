@@ -4,7 +4,6 @@
 #include <chrono>
 #include <stdexcept>
 
-#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
 
@@ -15,17 +14,6 @@ namespace {
 
 constexpr char kPredictMethod[] = "/tensorflow.serving.PredictionService/Predict";
 const char* const kHealthServices[] = {"", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"};
-
-class GenericService : public grpc::CallbackGenericService {
- public:
-  explicit GenericService(Server* server) : server_(server) {}
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* context) override {
-    return new Server::Call(server_, context);
-  }
-
- private:
-  Server* server_;
-};
 
 }  // namespace
 
@@ -78,10 +66,12 @@ std::vector<int> Server::Start() {
       builder.AddChannelArgument(name, std::get<std::string>(value));
     }
   }
-  service_ = std::make_unique<GenericService>(this);
-  builder.RegisterCallbackGenericService(service_.get());
+  service_ = std::make_unique<grpc::AsyncGenericService>();
+  builder.RegisterAsyncGenericService(service_.get());
+  for (int i = 0; i < std::max(1, options_.num_io_threads); ++i) queues_.push_back(builder.AddCompletionQueue());
   server_ = builder.BuildAndStart();
   if (!server_) {
+    StopQueues();
     std::string joined;
     for (const std::string& address : addresses_) joined += (joined.empty() ? "" : ", ") + address;
     throw std::runtime_error("Failed to bind gRPC server to " + joined);
@@ -94,6 +84,14 @@ std::vector<int> Server::Start() {
       throw std::runtime_error("Failed to bind gRPC server to " + addresses_[i]);
     }
     ports.push_back(*ports_[i]);
+  }
+  for (const auto& queue : queues_) {
+    io_threads_.emplace_back([this, queue = queue.get()] {
+      Call::Await(this, service_.get(), queue);
+      void* tag;
+      bool ok;
+      while (queue->Next(&tag, &ok)) Call::Proceed(tag, ok);
+    });
   }
   SetServing(true);
   return ports;
@@ -124,11 +122,28 @@ void Server::Shutdown(double grace_seconds) {
   shut_down_ = true;
   if (server_) {
     SetServing(false);
+    // The I/O threads keep polling meanwhile: they finish the calls that shutdown cancels.
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::microseconds(static_cast<int64_t>(std::max(0.0, grace_seconds) * 1e6)));
   }
+  StopQueues();
   fallback_pool_.Stop();
   run_pool_.Stop();
+}
+
+void Server::StopQueues() {
+  if (queues_stopped_) return;
+  queues_stopped_ = true;
+  for (const auto& queue : queues_) queue->Shutdown();
+  if (io_threads_.empty()) {  // Never started: drain here (a queue must be empty when destroyed).
+    void* tag;
+    bool ok;
+    for (const auto& queue : queues_) {
+      while (queue->Next(&tag, &ok)) Call::Proceed(tag, ok);
+    }
+  }
+  for (std::thread& thread : io_threads_) thread.join();
+  io_threads_.clear();
 }
 
 void Server::Handle(Call* call) {

@@ -1,8 +1,10 @@
 // fgr-serve's public gRPC port, served by native threads.
 //
-// One generic callback service takes every RPC. A Predict that the fast path can answer (a known
-// model, version and signature; inputs carrying exactly their values) is decoded, batched, run
-// and encoded here without the GIL. Everything else (other RPCs, and any Predict the fast path
+// One async generic service takes every RPC, on completion queues that the server's own I/O
+// threads poll: each RPC's read, decode and answer happen on the thread that polled it, with no
+// hand-off between gRPC's own threads, which the callback API makes for every event.
+// A Predict that the fast path can answer (a known model, version and signature; inputs carrying
+// exactly their values) is decoded, batched, run and encoded here without the GIL. Everything else (other RPCs, and any Predict the fast path
 // does not take: bad input, unknown models, fills, odd dtypes) goes, bytes unchanged, to the
 // Python ServingApi, so that answers and errors are the Python path's own.
 #ifndef FGR_NATIVE_SERVER_H_
@@ -15,10 +17,12 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <variant>
 #include <vector>
 
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 
 #include "metrics.h"
@@ -51,6 +55,8 @@ struct ServerOptions {
   bool method_name_check = false;
   bool as_tensor_content = false;
   int num_fallback_threads = 4;
+  // Threads polling a completion queue each; they decode requests and encode fallbacks' answers.
+  int num_io_threads = 1;
 };
 
 struct FallbackResult {
@@ -89,6 +95,8 @@ class Server {
   };
   using Routes = std::map<std::string, Model>;
 
+  // Shuts the completion queues down and joins their threads (after server_->Shutdown).
+  void StopQueues();
   void Handle(Call* call);
   // The Predict fast path (predict.cc): answers the call and returns true, or returns false
   // holding nothing, for Fallback to answer.
@@ -103,8 +111,11 @@ class Server {
   const std::shared_ptr<Admission> admission_;
   std::vector<std::string> addresses_;
   std::vector<std::unique_ptr<int>> ports_;
-  std::unique_ptr<grpc::CallbackGenericService> service_;
+  std::unique_ptr<grpc::AsyncGenericService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> queues_;
+  std::vector<std::thread> io_threads_;
+  bool queues_stopped_ = false;
   ThreadPool fallback_pool_;
   ThreadPool run_pool_;
   std::mutex routes_mutex_;

@@ -1,8 +1,8 @@
 // A fixed pool of threads running posted closures in order; Stop() drains, then joins.
 //
-// Written here because the gRPC callback API hands out no executor of its own for blocking work,
+// Written here because gRPC hands out no executor of its own for blocking work,
 // and the blocking work here (Python fallbacks waiting for the GIL, unbatched session runs) must
-// not occupy gRPC's polling threads.
+// not occupy the server's I/O threads, which poll gRPC's completion queues.
 #ifndef FGR_NATIVE_THREAD_POOL_H_
 #define FGR_NATIVE_THREAD_POOL_H_
 
