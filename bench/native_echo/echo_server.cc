@@ -3,9 +3,9 @@
 // the same answer as bench/echo_server.py, the Python floor.
 //
 // Like that server it does no model work but does decode each request and encode each response.
-// It is a gRPC callback server with one generic service, the way fgr-serve's native data plane
-// takes its RPCs, and links the same generated protos (serving/native/build.py builds it into
-// build/native/echo_server).
+// It takes RPCs the way fgr-serve's native data plane does: one async generic service, on a
+// completion queue that one I/O thread polls and answers from. It links the same generated protos
+// (serving/native/build.py builds it into build/native/echo_server).
 //
 //   build/native/echo_server --port=0 --port_file=/tmp/echo.port --k=100
 //
@@ -24,6 +24,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tensorflow_serving/apis/predict.pb.h"
@@ -60,59 +61,66 @@ tensorflow::serving::PredictResponse FixedResponse(int k) {
   return response;
 }
 
-// One RPC: reads the request, parses it as a PredictRequest, answers with the fixed response.
-class EchoReactor : public grpc::ServerGenericBidiReactor {
- public:
-  EchoReactor(const grpc::GenericCallbackServerContext* context,
-              const tensorflow::serving::PredictResponse* response)
-      : response_(response) {
-    if (context->method() != kPredict) {
-      Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "the echo server only answers Predict"));
-      return;
-    }
-    StartRead(&request_buffer_);
-  }
-
-  void OnReadDone(bool ok) override {
-    if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no request message"));
-      return;
-    }
-    tensorflow::serving::PredictRequest request;
-    grpc::Status parsed = grpc::SerializationTraits<tensorflow::serving::PredictRequest>::Deserialize(&request_buffer_, &request);
-    if (!parsed.ok()) {
-      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "not a PredictRequest"));
-      return;
-    }
-    bool own_buffer = false;
-    grpc::Status encoded = grpc::SerializationTraits<tensorflow::serving::PredictResponse>::Serialize(
-        *response_, &response_buffer_, &own_buffer);
-    if (!encoded.ok()) {
-      Finish(encoded);
-      return;
-    }
-    StartWriteAndFinish(&response_buffer_, grpc::WriteOptions(), grpc::Status::OK);
-  }
-
-  void OnDone() override { delete this; }
-
- private:
-  const tensorflow::serving::PredictResponse* response_;
-  grpc::ByteBuffer request_buffer_;
-  grpc::ByteBuffer response_buffer_;
+// One RPC: asked for on the queue, its request read and parsed as a PredictRequest, then answered
+// with the fixed response. The queue's tag is the call; `stage` says which of its events came back.
+struct EchoCall {
+  enum class Stage { kArrived, kRead, kFinished };
+  grpc::GenericServerContext context;
+  grpc::GenericServerAsyncReaderWriter stream{&context};
+  grpc::ByteBuffer request_buffer, response_buffer;
+  Stage stage = Stage::kArrived;
 };
 
-class EchoService : public grpc::CallbackGenericService {
- public:
-  explicit EchoService(int k) : response_(FixedResponse(k)) {}
-
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* context) override {
-    return new EchoReactor(context, &response_);
+// The I/O thread: asks for calls one at a time and moves each along as its events come back.
+void Serve(grpc::AsyncGenericService* service, grpc::ServerCompletionQueue* queue,
+           const tensorflow::serving::PredictResponse* response) {
+  auto await = [&] {
+    auto* call = new EchoCall;
+    service->RequestCall(&call->context, &call->stream, queue, queue, call);
+  };
+  await();
+  void* tag;
+  bool ok;
+  while (queue->Next(&tag, &ok)) {
+    auto* call = static_cast<EchoCall*>(tag);
+    switch (call->stage) {
+      case EchoCall::Stage::kArrived:
+        if (!ok) {  // Shutting down: no call came.
+          delete call;
+          break;
+        }
+        await();
+        call->stage = EchoCall::Stage::kRead;
+        if (call->context.method() != kPredict) {
+          call->stage = EchoCall::Stage::kFinished;
+          call->stream.Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "the echo server only answers Predict"), call);
+          break;
+        }
+        call->stream.Read(&call->request_buffer, call);
+        break;
+      case EchoCall::Stage::kRead: {
+        call->stage = EchoCall::Stage::kFinished;
+        tensorflow::serving::PredictRequest request;
+        if (!ok || !grpc::SerializationTraits<tensorflow::serving::PredictRequest>::Deserialize(&call->request_buffer, &request).ok()) {
+          call->stream.Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "not a PredictRequest"), call);
+          break;
+        }
+        bool own_buffer = false;
+        grpc::Status encoded = grpc::SerializationTraits<tensorflow::serving::PredictResponse>::Serialize(
+            *response, &call->response_buffer, &own_buffer);
+        if (!encoded.ok()) {
+          call->stream.Finish(encoded, call);
+          break;
+        }
+        call->stream.WriteAndFinish(call->response_buffer, grpc::WriteOptions(), grpc::Status::OK, call);
+        break;
+      }
+      case EchoCall::Stage::kFinished:
+        delete call;
+        break;
+    }
   }
-
- private:
-  const tensorflow::serving::PredictResponse response_;
-};
+}
 
 // --name=value flags; exits with a usage message on anything else.
 std::string Flag(int argc, char** argv, const std::string& name, const std::string& fallback) {
@@ -154,16 +162,19 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  EchoService service(k);
+  const tensorflow::serving::PredictResponse response = FixedResponse(k);
+  grpc::AsyncGenericService service;
   grpc::ServerBuilder builder;
   int bound = 0;
   builder.AddListeningPort(host + ":" + std::to_string(port), grpc::InsecureServerCredentials(), &bound);
-  builder.RegisterCallbackGenericService(&service);
+  builder.RegisterAsyncGenericService(&service);
+  std::unique_ptr<grpc::ServerCompletionQueue> queue = builder.AddCompletionQueue();
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || bound == 0) {
     std::cerr << "cannot listen on " << host << ":" << port << "\n";
     return 1;
   }
+  std::thread io_thread(Serve, &service, queue.get(), &response);
   std::cout << "native echo server on " << host << ":" << bound << " (k=" << k << ")" << std::endl;
   if (!port_file.empty()) {
     const std::string scratch = port_file + ".tmp";
@@ -176,5 +187,7 @@ int main(int argc, char** argv) {
   int received = 0;
   sigwait(&stop_signals, &received);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  queue->Shutdown();
+  io_thread.join();
   return 0;
 }
