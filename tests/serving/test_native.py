@@ -118,6 +118,22 @@ def test_a_taken_port_fails_the_start_up_and_the_next_server_still_serves(tmp_pa
     server.stop()
 
 
+@pytest.mark.usefixtures("native_on")
+def test_a_server_stopped_right_after_its_start_exits_cleanly(tmp_path):
+  """Start, then stop at once, many times: its I/O threads may not have polled yet.
+
+  Each thread once asked gRPC for its first call as it started; a stop that had already shut the
+  queue down made that request abort the process (seen under Bazel in test_rest_api_port_in_options).
+  """
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  for _ in range(15):
+    server = server_lib.Server(
+      server_lib.Options(port=0, model_name="m", model_base_path=str(tmp_path / "m"), native="on")
+    )
+    server.start()
+    server.stop(grace_seconds=0)
+
+
 def test_require_native_fails_in_ci_and_skips_elsewhere(monkeypatch):
   monkeypatch.setattr(native_server, "load_module", lambda: (None, "not built"))
   with pytest.raises(pytest.fail.Exception, match="CI=true"):

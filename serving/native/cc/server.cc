@@ -85,9 +85,11 @@ std::vector<int> Server::Start() {
     }
     ports.push_back(*ports_[i]);
   }
+  // Each queue's first call is asked for here: a thread asking as it starts could find its queue
+  // already shut down by a Shutdown racing this start-up, and gRPC aborts on that.
+  for (const auto& queue : queues_) Call::Await(this, service_.get(), queue.get());
   for (const auto& queue : queues_) {
-    io_threads_.emplace_back([this, queue = queue.get()] {
-      Call::Await(this, service_.get(), queue);
+    io_threads_.emplace_back([queue = queue.get()] {
       void* tag;
       bool ok;
       while (queue->Next(&tag, &ok)) Call::Proceed(tag, ok);
