@@ -55,7 +55,8 @@ struct ServerOptions {
   bool method_name_check = false;
   bool as_tensor_content = false;
   int num_fallback_threads = 4;
-  // Threads polling a completion queue each; they decode requests and encode fallbacks' answers.
+  // Completion queues, each polled by one thread (never more: Server::Call relies on it); they
+  // decode requests and encode fallbacks' answers.
   int num_io_threads = 1;
 };
 
