@@ -90,18 +90,20 @@ void Serve(grpc::AsyncGenericService* service, grpc::ServerCompletionQueue* queu
           break;
         }
         await();
-        call->stage = EchoCall::Stage::kRead;
         if (call->context.method() != kPredict) {
           call->stage = EchoCall::Stage::kFinished;
-          call->stream.Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "the echo server only answers Predict"), call);
+          call->stream.Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "the echo server only answers Predict"),
+                              call);
           break;
         }
+        call->stage = EchoCall::Stage::kRead;
         call->stream.Read(&call->request_buffer, call);
         break;
       case EchoCall::Stage::kRead: {
         call->stage = EchoCall::Stage::kFinished;
         tensorflow::serving::PredictRequest request;
-        if (!ok || !grpc::SerializationTraits<tensorflow::serving::PredictRequest>::Deserialize(&call->request_buffer, &request).ok()) {
+        using Traits = grpc::SerializationTraits<tensorflow::serving::PredictRequest>;
+        if (!ok || !Traits::Deserialize(&call->request_buffer, &request).ok()) {
           call->stream.Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "not a PredictRequest"), call);
           break;
         }

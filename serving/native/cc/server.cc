@@ -68,10 +68,10 @@ std::vector<int> Server::Start() {
   }
   service_ = std::make_unique<grpc::AsyncGenericService>();
   builder.RegisterAsyncGenericService(service_.get());
-  for (int i = 0; i < std::max(1, options_.num_io_threads); ++i) queues_.push_back(builder.AddCompletionQueue());
+  queue_ = builder.AddCompletionQueue();
   server_ = builder.BuildAndStart();
   if (!server_) {
-    StopQueues();
+    StopQueue();
     std::string joined;
     for (const std::string& address : addresses_) joined += (joined.empty() ? "" : ", ") + address;
     throw std::runtime_error("Failed to bind gRPC server to " + joined);
@@ -85,16 +85,14 @@ std::vector<int> Server::Start() {
     }
     ports.push_back(*ports_[i]);
   }
-  // Each queue's first call is asked for here: a thread asking as it starts could find its queue
-  // already shut down by a Shutdown racing this start-up, and gRPC aborts on that.
-  for (const auto& queue : queues_) Call::Await(this, service_.get(), queue.get());
-  for (const auto& queue : queues_) {
-    io_threads_.emplace_back([queue = queue.get()] {
-      void* tag;
-      bool ok;
-      while (queue->Next(&tag, &ok)) Call::Proceed(tag, ok);
-    });
-  }
+  // The first call is asked for here: the thread asking as it starts could find the queue already
+  // shut down by a Shutdown racing this start-up, and gRPC aborts on that.
+  Call::Await(this, service_.get(), queue_.get());
+  io_thread_ = std::thread([this] {
+    void* tag;
+    bool ok;
+    while (queue_->Next(&tag, &ok)) Call::Proceed(tag, ok);
+  });
   SetServing(true);
   return ports;
 }
@@ -128,24 +126,22 @@ void Server::Shutdown(double grace_seconds) {
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::microseconds(static_cast<int64_t>(std::max(0.0, grace_seconds) * 1e6)));
   }
-  StopQueues();
+  StopQueue();
   fallback_pool_.Stop();
   run_pool_.Stop();
 }
 
-void Server::StopQueues() {
-  if (queues_stopped_) return;
-  queues_stopped_ = true;
-  for (const auto& queue : queues_) queue->Shutdown();
-  if (io_threads_.empty()) {  // Never started: drain here (a queue must be empty when destroyed).
+void Server::StopQueue() {
+  if (!queue_ || queue_stopped_) return;
+  queue_stopped_ = true;
+  queue_->Shutdown();
+  if (io_thread_.joinable()) {
+    io_thread_.join();
+  } else {  // Never polled (a failed start): drained here, as a queue must be before it is destroyed.
     void* tag;
     bool ok;
-    for (const auto& queue : queues_) {
-      while (queue->Next(&tag, &ok)) Call::Proceed(tag, ok);
-    }
+    while (queue_->Next(&tag, &ok)) Call::Proceed(tag, ok);
   }
-  for (std::thread& thread : io_threads_) thread.join();
-  io_threads_.clear();
 }
 
 void Server::Handle(Call* call) {

@@ -55,9 +55,6 @@ struct ServerOptions {
   bool method_name_check = false;
   bool as_tensor_content = false;
   int num_fallback_threads = 4;
-  // Completion queues, each polled by one thread (never more: Server::Call relies on it), which
-  // reads and decodes its calls' requests. One measured best on 2 cores (docs/history).
-  int num_io_threads = 1;
 };
 
 struct FallbackResult {
@@ -96,8 +93,8 @@ class Server {
   };
   using Routes = std::map<std::string, Model>;
 
-  // Shuts the completion queues down and joins their threads (after server_->Shutdown).
-  void StopQueues();
+  // Shuts the completion queue down and joins its thread (after server_->Shutdown).
+  void StopQueue();
   void Handle(Call* call);
   // The Predict fast path (predict.cc): answers the call and returns true, or returns false
   // holding nothing, for Fallback to answer.
@@ -114,9 +111,12 @@ class Server {
   std::vector<std::unique_ptr<int>> ports_;
   std::unique_ptr<grpc::AsyncGenericService> service_;
   std::unique_ptr<grpc::Server> server_;
-  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> queues_;
-  std::vector<std::thread> io_threads_;
-  bool queues_stopped_ = false;
+  // One queue polled by exactly one thread, which reads and decodes every request: Server::Call
+  // relies on a call's events coming one at a time. More threads measured no better on 2 cores
+  // (docs/history/benchmarks-2026-11.md, "The native transport").
+  std::unique_ptr<grpc::ServerCompletionQueue> queue_;
+  std::thread io_thread_;
+  bool queue_stopped_ = false;
   ThreadPool fallback_pool_;
   ThreadPool run_pool_;
   std::mutex routes_mutex_;
