@@ -32,6 +32,7 @@ import serving.native
 from bench import serving_common as common
 from bench.fixtures import latency as latency_lib
 from bench.fixtures import load_client, servers
+from serving.model_servers import native_server
 
 FLAGS = flags.FLAGS
 common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=2)
@@ -39,6 +40,12 @@ flags.adopt_module_key_flags(common)
 flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
 flags.DEFINE_integer("streams", 32, "Closed-loop streams for the saturation comparison.")
 flags.DEFINE_integer("batch_rows", 32, "Rows per in-process batch (the servers' max_batch_size).")
+flags.DEFINE_integer(
+  "inter_op_parallelism",
+  0,
+  "TF's inter_op_parallelism_threads of every server (--tensorflow_inter_op_parallelism) and of the model "
+  "alone; -1 runs each request's ops in the thread that runs the request, 0 in TF's inter-op pool.",
+)
 common.define_batching_flag(
   "Text BatchingParameters of both batching servers (saturation). Two batch threads: the model alone is "
   "measured from two threads too.",
@@ -57,9 +64,13 @@ class _Model:
     native = serving.native.module()
     if native is None:
       raise RuntimeError(f"The native module is not available: {serving.native.unavailable_reason()}")
-    from tensorflow.core.protobuf import meta_graph_pb2  # noqa: PLC0415
+    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2  # noqa: PLC0415
 
-    self.session = native.Session(version, ["serve"], b"")
+    config = config_pb2.ConfigProto(inter_op_parallelism_threads=FLAGS.inter_op_parallelism)
+    self.session = native.Session(version, ["serve"], config.SerializeToString())
+    # Batch-1 calls run as the native server runs an unbatched request: in the calling thread, unless
+    # the config asks for TF's inter-op pool.
+    self.in_caller_thread = native_server.caller_thread(config)
     signature = meta_graph_pb2.MetaGraphDef.FromString(self.session.meta_graph_def).signature_def["serving_default"]
     self.fetches = [info.name for info in signature.outputs.values()]
     self.feeds = [
@@ -79,7 +90,7 @@ class _Model:
         time.sleep(delay)
       while time.monotonic() < intended:  # As the load client does: on time, so lateness is not counted.
         pass
-      self.session.run(self.feeds[i % len(self.feeds)], self.fetches)
+      self.session.run(self.feeds[i % len(self.feeds)], self.fetches, in_caller_thread=self.in_caller_thread)
       latencies.append(time.monotonic() - intended)
     return latencies
 
@@ -182,11 +193,16 @@ def main(argv: list[str]) -> None:
   batching_options = _batching_options(FLAGS.batching_parameters)
   model = _Model(version, requests)
   loads = {"latency": f"--qps={FLAGS.qps:g}", "saturation": f"--streams={FLAGS.streams}"}
+  session = [f"--tensorflow_inter_op_parallelism={FLAGS.inter_op_parallelism}"] if FLAGS.inter_op_parallelism else []
   with (
-    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=on"], name="native") as native,
-    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=off"], name="python") as python,
-    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=on", *batching], name="native-batched") as native_b,
-    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=off", *batching], name="python-batched") as python_b,
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=on", *session], name="native") as native,
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=off", *session], name="python") as python,
+    servers.fgr_serve(
+      workdir, MODEL, FLAGS.base_path, ["--native=on", *session, *batching], name="native-batched"
+    ) as native_b,
+    servers.fgr_serve(
+      workdir, MODEL, FLAGS.base_path, ["--native=off", *session, *batching], name="python-batched"
+    ) as python_b,
     servers.native_echo_server(workdir) as native_echo,
     servers.echo_server(workdir) as python_echo,
   ):

@@ -97,7 +97,12 @@ flags.DEFINE_integer(
   "Threads for a TF session (sets both intra and inter op pools); 0 auto-configures.",
 )
 flags.DEFINE_integer("tensorflow_intra_op_parallelism", 0, "Threads to parallelise a single op; 0 auto-configures.")
-flags.DEFINE_integer("tensorflow_inter_op_parallelism", 0, "Ops run concurrently; 0 auto-configures.")
+flags.DEFINE_integer(
+  "tensorflow_inter_op_parallelism",
+  0,
+  "Ops run concurrently; 0 auto-configures (natively, an unbatched request's ops then run in the thread that "
+  "read it), -1 runs every op in its caller's thread.",
+)
 flags.DEFINE_string("tensorflow_session_config_file", "", "If non-empty, a text ConfigProto for the TF sessions.")
 flags.DEFINE_enum(
   "allocator",

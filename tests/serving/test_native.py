@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import serving_testlib as lib
 import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2
 from tensorflow_serving.apis import (
   classification_pb2,
   get_model_metadata_pb2,
@@ -542,5 +543,51 @@ def test_native_requests_leave_nothing_behind(tmp_path):
     while native.live_counts() != {"tasks": 0, "calls": 0} and time.monotonic() < deadline:
       time.sleep(0.05)
     assert native.live_counts() == {"tasks": 0, "calls": 0}
+  finally:
+    server.stop()
+
+
+class _Spinning(tf.Module):
+  """y = x + 1 after `spins` products of a 64 x 64 matrix: a request holds its thread as long as asked."""
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.int32)])
+  def serve(self, x, spins):
+    def spin(i, m):
+      return i + 1, tf.math.l2_normalize(tf.matmul(m, m))  # Normalised: stays finite however long.
+
+    _, m = tf.while_loop(lambda i, m: i < spins, spin, (0, tf.ones([64, 64]) / 64.0))
+    return {"y": x + 1.0 + 0.0 * tf.reduce_sum(m)}
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("inter_op_parallelism", [0, -1, 2])
+def test_unbatched_predicts_outnumbering_the_queue_threads_are_all_answered(tmp_path, inter_op_parallelism):
+  """Unbatched runs happen on the threads that take turns at the gRPC queue (five here): the one that
+  read a request runs it after handing the queue to an idle one, and when none is idle, the request
+  waits for the first to free up while the queue is still polled. 24 concurrent slow requests keep
+  every thread busy; each gets its own answer and nothing stays behind. Their ops run in that thread
+  too (TF's caller-thread mode) unless inter_op_parallelism_threads asks for a pool (2 here)."""
+  module = _Spinning()
+  tf.saved_model.save(module, str(tmp_path / "m" / "1"), signatures={"serving_default": module.serve})
+  server = lib.InProcessServer(
+    model_name="m",
+    model_base_path=str(tmp_path / "m"),
+    native="on",
+    session_config=config_pb2.ConfigProto(inter_op_parallelism_threads=inter_op_parallelism),
+  )
+  native, _ = native_server.load_module()
+  try:
+
+    def predict(i):
+      request = predict_pb2.PredictRequest()
+      request.model_spec.name = "m"
+      request.inputs["x"].CopyFrom(tf.make_tensor_proto([float(i)], dtype=tf.float32))
+      request.inputs["spins"].CopyFrom(tf.make_tensor_proto(200 if i % 2 else 1, dtype=tf.int32))
+      return list(server.predict.Predict(request, timeout=120).outputs["y"].float_val)
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+      results = list(pool.map(predict, range(96)))
+    assert results == [[i + 1.0] for i in range(96)]
+    lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0})
   finally:
     server.stop()

@@ -22,12 +22,12 @@ namespace fgr {
 // One RPC of the async generic service: it asks gRPC for the next call on a completion queue,
 // reads its single request, then is answered once, from whichever thread finishes it.
 //
-// The server's one I/O thread (server.cc) takes each event off the queue and hands it to `Proceed`.
-// gRPC returns four tags: the call's arrival, its read, its finish, and "done" (the call is over,
-// or was cancelled). The object is deleted once the call has arrived, done has come back and no
-// read or finish is still out. With one thread, a call's events are handled one at a time: done
-// never runs beside the arrival or the read (only Answer comes from other threads, and it takes
-// the state's lock).
+// The thread polling the server's queue (one at a time, queue_workers.h) hands each event to
+// `Proceed`. gRPC returns four tags: the call's arrival, its read, its finish, and "done" (the call
+// is over, or was cancelled). The object is deleted once the call has arrived, done has come back
+// and no read or finish is still out. With one poller at a time, a call's events are handled one
+// at a time: done never runs beside the arrival or the read (only Answer comes from other threads,
+// and it takes the state's lock).
 //
 // A cancelled call (the client went away, or its deadline passed, or shutdown's grace ran out) is
 // finished at once, so that shutdown never waits for work it no longer needs: a batch that waits

@@ -305,7 +305,7 @@ PYBIND11_MODULE(_fgr_native, m) {
                        std::shared_ptr<Admission> admission, int max_receive_message_length,
                        const std::vector<std::pair<std::string, py::object>>& channel_args, const py::object& tls,
                        bool enable_health, int64_t max_batch_size_per_request, bool method_name_check,
-                       bool as_tensor_content, int num_fallback_threads) {
+                       bool as_tensor_content, int num_fallback_threads, bool unbatched_in_caller_thread) {
              ServerOptions options;
              options.max_receive_message_length = max_receive_message_length;
              for (const auto& [name, value] : channel_args) {
@@ -328,6 +328,7 @@ PYBIND11_MODULE(_fgr_native, m) {
              options.method_name_check = method_name_check;
              options.as_tensor_content = as_tensor_content;
              options.num_fallback_threads = num_fallback_threads;
+             options.unbatched_in_caller_thread = unbatched_in_caller_thread;
              std::shared_ptr<py::object> held = Hold(fallback);
              auto call = [held](const std::string& method, const std::string& request, int64_t timeout_ms) {
                return CallFallback(held, method, request, timeout_ms);
@@ -336,7 +337,8 @@ PYBIND11_MODULE(_fgr_native, m) {
            }),
            py::arg("fallback"), py::arg("metrics"), py::arg("admission"), py::arg("max_receive_message_length"),
            py::arg("channel_args"), py::arg("tls"), py::arg("enable_health"), py::arg("max_batch_size_per_request"),
-           py::arg("method_name_check"), py::arg("as_tensor_content"), py::arg("num_fallback_threads"))
+           py::arg("method_name_check"), py::arg("as_tensor_content"), py::arg("num_fallback_threads"),
+           py::arg("unbatched_in_caller_thread"))
       .def("add_port", &Server::AddPort, py::arg("address"))
       .def("start", &Server::Start, py::call_guard<py::gil_scoped_release>(),
            "Binds the ports added and starts serving; returns the bound ports in the order added.")

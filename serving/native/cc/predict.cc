@@ -196,13 +196,15 @@ bool Server::TryPredict(Call* call) {
     }
     Respond(state, started, metrics_.get(), servable->model(), signature_name, servable, status, response.SerializeAsString());
   };
+  const bool in_caller_thread = !servable->batching() && options_.unbatched_in_caller_thread;
   auto run = [servable, feed_names = std::move(feed_names), feeds = std::move(feeds), fetches = std::move(fetches),
-              timeout_ms, state, done = std::move(done)]() mutable {
+              timeout_ms, in_caller_thread, state, done = std::move(done)]() mutable {
     {
       std::lock_guard<std::mutex> lock(state->mutex);
       if (state->answered) return;  // Cancelled before it ran (OnCancel returned its holds).
     }
-    TaskPtr task = servable->Run(std::move(feed_names), std::move(feeds), std::move(fetches), timeout_ms, false,
+    TaskPtr task = servable->Run(std::move(feed_names), std::move(feeds), std::move(fetches), timeout_ms,
+                                 in_caller_thread,
                                  std::move(done));
     if (task) {  // Queued: a cancelled call leaves its rows out of the batch.
       std::lock_guard<std::mutex> lock(state->mutex);
@@ -216,7 +218,8 @@ bool Server::TryPredict(Call* call) {
   if (servable->batching()) {
     run();  // Queues (or, for odd shapes, runs) here; batch threads do the work.
   } else {
-    run_pool_.Post(std::move(run));  // A session run must not hold a gRPC thread.
+    // On this thread once the event is handled, after another takes over the queue (queue_workers.h).
+    workers_->RunAfterEvent(std::move(run));
   }
   return true;
 }

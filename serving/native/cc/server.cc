@@ -31,8 +31,7 @@ Server::Server(ServerOptions options, ::fgr::Fallback fallback, std::shared_ptr<
       fallback_(std::move(fallback)),
       metrics_(std::move(metrics)),
       admission_(std::move(admission)),
-      fallback_pool_(options_.num_fallback_threads),
-      run_pool_(options_.num_fallback_threads) {}
+      fallback_pool_(options_.num_fallback_threads) {}
 
 Server::~Server() { Shutdown(0); }
 
@@ -69,6 +68,8 @@ std::vector<int> Server::Start() {
   service_ = std::make_unique<grpc::AsyncGenericService>();
   builder.RegisterAsyncGenericService(service_.get());
   queue_ = builder.AddCompletionQueue();
+  // One thread polls; as many as the fallbacks' run unbatched sessions.
+  workers_ = std::make_unique<QueueWorkers>(queue_.get(), 1 + options_.num_fallback_threads, &Call::Proceed);
   server_ = builder.BuildAndStart();
   if (!server_) {
     StopQueue();
@@ -85,14 +86,10 @@ std::vector<int> Server::Start() {
     }
     ports.push_back(*ports_[i]);
   }
-  // The first call is asked for here: the thread asking as it starts could find the queue already
+  // The first call is asked for here: a thread asking as it starts could find the queue already
   // shut down by a Shutdown racing this start-up, and gRPC aborts on that.
   Call::Await(this, service_.get(), queue_.get());
-  io_thread_ = std::thread([this] {
-    void* tag;
-    bool ok;
-    while (queue_->Next(&tag, &ok)) Call::Proceed(tag, ok);
-  });
+  workers_->Start();
   SetServing(true);
   return ports;
 }
@@ -122,26 +119,19 @@ void Server::Shutdown(double grace_seconds) {
   shut_down_ = true;
   if (server_) {
     SetServing(false);
-    // The I/O threads keep polling meanwhile: they finish the calls that shutdown cancels.
+    // The queue's threads keep polling meanwhile: they finish the calls that shutdown cancels.
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::microseconds(static_cast<int64_t>(std::max(0.0, grace_seconds) * 1e6)));
   }
   StopQueue();
   fallback_pool_.Stop();
-  run_pool_.Stop();
 }
 
 void Server::StopQueue() {
   if (!queue_ || queue_stopped_) return;
   queue_stopped_ = true;
   queue_->Shutdown();
-  if (io_thread_.joinable()) {
-    io_thread_.join();
-  } else {  // Never polled (a failed start): drained here, as a queue must be before it is destroyed.
-    void* tag;
-    bool ok;
-    while (queue_->Next(&tag, &ok)) Call::Proceed(tag, ok);
-  }
+  workers_->Join();  // Runs what sessions were left; drains the queue here if it was never polled.
 }
 
 void Server::Handle(Call* call) {

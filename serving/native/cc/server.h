@@ -26,6 +26,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "metrics.h"
+#include "queue_workers.h"
 #include "servable.h"
 #include "thread_pool.h"
 
@@ -55,6 +56,9 @@ struct ServerOptions {
   bool method_name_check = false;
   bool as_tensor_content = false;
   int num_fallback_threads = 4;
+  // Unbatched sessions run every op in the thread that read the request (TF's caller-thread mode,
+  // RunOptions.inter_op_thread_pool = -1) rather than in TF's inter-op pool.
+  bool unbatched_in_caller_thread = true;
 };
 
 struct FallbackResult {
@@ -93,7 +97,7 @@ class Server {
   };
   using Routes = std::map<std::string, Model>;
 
-  // Shuts the completion queue down and joins its thread (after server_->Shutdown).
+  // Shuts the completion queue down and joins its threads (after server_->Shutdown).
   void StopQueue();
   void Handle(Call* call);
   // The Predict fast path (predict.cc): answers the call and returns true, or returns false
@@ -111,14 +115,14 @@ class Server {
   std::vector<std::unique_ptr<int>> ports_;
   std::unique_ptr<grpc::AsyncGenericService> service_;
   std::unique_ptr<grpc::Server> server_;
-  // One queue polled by exactly one thread, which reads and decodes every request: Server::Call
-  // relies on a call's events coming one at a time. More threads measured no better on 2 cores
-  // (docs/history/benchmarks-2026-11.md, "The native transport").
+  // One queue, polled by one thread at a time, which reads and decodes every request: Server::Call
+  // relies on a call's events coming one at a time. Threads polling side by side measured no
+  // better on 2 cores (docs/history/benchmarks-2026-11.md, "The native transport"). The same
+  // threads run unbatched sessions, taking turns at the queue (queue_workers.h).
   std::unique_ptr<grpc::ServerCompletionQueue> queue_;
-  std::thread io_thread_;
+  std::unique_ptr<QueueWorkers> workers_;
   bool queue_stopped_ = false;
   ThreadPool fallback_pool_;
-  ThreadPool run_pool_;
   std::mutex routes_mutex_;
   std::shared_ptr<const Routes> routes_ = std::make_shared<Routes>();
   std::mutex shutdown_mutex_;

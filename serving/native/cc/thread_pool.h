@@ -1,8 +1,8 @@
 // A fixed pool of threads running posted closures in order; Stop() drains, then joins.
 //
-// Written here because gRPC hands out no executor of its own for blocking work,
-// and the blocking work here (Python fallbacks waiting for the GIL, unbatched session runs) must
-// not occupy the server's I/O threads, which poll gRPC's completion queues.
+// Written here because gRPC hands out no executor of its own for blocking work, and the Python
+// fallbacks, which wait for the GIL, must not occupy the threads that take turns at the server's
+// completion queue (queue_workers.h).
 #ifndef FGR_NATIVE_THREAD_POOL_H_
 #define FGR_NATIVE_THREAD_POOL_H_
 
