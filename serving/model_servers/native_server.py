@@ -73,8 +73,8 @@ def caller_thread(session_config: config_pb2.ConfigProto | None) -> bool:
   TF runs every op in the caller's thread when it is negative. Left at 0
   (auto), the native path does so for unbatched requests, whose parallelism
   comes from concurrent requests: side by side it cut server CPU per request
-  by ~25% and p50 at 50 QPS by 0.1-0.2 ms, on one- and two-channel graphs
-  alike (docs/performance.md, "Serving").
+  and p50 at 50 QPS on one- and two-channel graphs alike (docs/performance.md,
+  "Serving" and "Tuning").
   """
   return session_config is None or session_config.inter_op_parallelism_threads <= 0
 

@@ -565,8 +565,9 @@ def test_unbatched_predicts_outnumbering_the_queue_threads_are_all_answered(tmp_
   """Unbatched runs happen on the threads that take turns at the gRPC queue (five here): the one that
   read a request runs it after handing the queue to an idle one, and when none is idle, the request
   waits for the first to free up while the queue is still polled. 24 concurrent slow requests keep
-  every thread busy; each gets its own answer and nothing stays behind. Their ops run in that thread
-  too (TF's caller-thread mode) unless inter_op_parallelism_threads asks for a pool (2 here)."""
+  every thread busy; each gets its own answer, a passed deadline is DEADLINE_EXCEEDED, and nothing
+  stays behind. Their ops run in that thread too (TF's caller-thread mode) unless
+  inter_op_parallelism_threads asks for a pool (2 here)."""
   module = _Spinning()
   tf.saved_model.save(module, str(tmp_path / "m" / "1"), signatures={"serving_default": module.serve})
   server = lib.InProcessServer(
@@ -578,16 +579,24 @@ def test_unbatched_predicts_outnumbering_the_queue_threads_are_all_answered(tmp_
   native, _ = native_server.load_module()
   try:
 
-    def predict(i):
+    def request(i, spins):
       request = predict_pb2.PredictRequest()
       request.model_spec.name = "m"
       request.inputs["x"].CopyFrom(tf.make_tensor_proto([float(i)], dtype=tf.float32))
-      request.inputs["spins"].CopyFrom(tf.make_tensor_proto(200 if i % 2 else 1, dtype=tf.int32))
-      return list(server.predict.Predict(request, timeout=120).outputs["y"].float_val)
+      request.inputs["spins"].CopyFrom(tf.make_tensor_proto(spins, dtype=tf.int32))
+      return request
+
+    def predict(i):
+      return list(server.predict.Predict(request(i, 200 if i % 2 else 1), timeout=120).outputs["y"].float_val)
 
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
       results = list(pool.map(predict, range(96)))
     assert results == [[i + 1.0] for i in range(96)]
+    # A deadline that passes during a long run: the client gets DEADLINE_EXCEEDED (in the caller thread
+    # TF cannot cut the run short, so the thread finishes it, then finds the call answered).
+    code, _ = lib.grpc_code(server.predict.Predict, request(0, 5000), timeout=0.02)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert predict(3) == [4.0]
     lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0})
   finally:
     server.stop()

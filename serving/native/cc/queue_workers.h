@@ -4,8 +4,8 @@
 // events still come one at a time. An event that starts blocking work (an unbatched session run)
 // leaves it with `RunAfterEvent`; once the event is handled, the leader hands the queue to an
 // idle thread and runs the work itself. The request thus goes on without waiting for another
-// thread to wake up, which a hand-off to a pool costs on every request (~0.1 ms on a 2-core VM),
-// and the queue is never left unpolled. When no thread is idle, the work waits for the first one
+// thread to wake up, which a hand-off to a pool costs on every request, and the queue is never
+// left unpolled. When no thread is idle, the work waits for the first one
 // to free up, while the leader keeps polling.
 //
 // Written here because gRPC's async API leaves threading to its user, and a pool (thread_pool.h)

@@ -57,7 +57,8 @@ struct ServerOptions {
   bool as_tensor_content = false;
   int num_fallback_threads = 4;
   // Unbatched sessions run every op in the thread that read the request (TF's caller-thread mode,
-  // RunOptions.inter_op_thread_pool = -1) rather than in TF's inter-op pool.
+  // RunOptions.inter_op_thread_pool = -1) rather than in TF's inter-op pool. TF then cannot cut a
+  // run short at its deadline; the client still gets DEADLINE_EXCEEDED when it passes.
   bool unbatched_in_caller_thread = true;
 };
 
