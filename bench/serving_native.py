@@ -193,15 +193,17 @@ def main(argv: list[str]) -> None:
   batching_options = _batching_options(FLAGS.batching_parameters)
   model = _Model(version, requests)
   loads = {"latency": f"--qps={FLAGS.qps:g}", "saturation": f"--streams={FLAGS.streams}"}
-  session = [f"--tensorflow_inter_op_parallelism={FLAGS.inter_op_parallelism}"] if FLAGS.inter_op_parallelism else []
+  session_flags = (
+    [f"--tensorflow_inter_op_parallelism={FLAGS.inter_op_parallelism}"] if FLAGS.inter_op_parallelism else []
+  )
   with (
-    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=on", *session], name="native") as native,
-    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=off", *session], name="python") as python,
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=on", *session_flags], name="native") as native,
+    servers.fgr_serve(workdir, MODEL, FLAGS.base_path, ["--native=off", *session_flags], name="python") as python,
     servers.fgr_serve(
-      workdir, MODEL, FLAGS.base_path, ["--native=on", *session, *batching], name="native-batched"
+      workdir, MODEL, FLAGS.base_path, ["--native=on", *session_flags, *batching], name="native-batched"
     ) as native_b,
     servers.fgr_serve(
-      workdir, MODEL, FLAGS.base_path, ["--native=off", *session, *batching], name="python-batched"
+      workdir, MODEL, FLAGS.base_path, ["--native=off", *session_flags, *batching], name="python-batched"
     ) as python_b,
     servers.native_echo_server(workdir) as native_echo,
     servers.echo_server(workdir) as python_echo,

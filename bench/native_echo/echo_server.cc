@@ -3,8 +3,8 @@
 // the same answer as bench/echo_server.py, the Python floor.
 //
 // Like that server it does no model work but does decode each request and encode each response.
-// It takes RPCs the way fgr-serve's native data plane does: one async generic service, on a
-// completion queue that one I/O thread polls and answers from. It links the same generated protos
+// It takes RPCs the way fgr-serve's native data plane does, from one async generic service's
+// completion queue; its one thread polls the queue and answers. It links the same generated protos
 // (serving/native/build.py builds it into build/native/echo_server).
 //
 //   build/native/echo_server --port=0 --port_file=/tmp/echo.port --k=100

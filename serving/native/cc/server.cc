@@ -128,10 +128,10 @@ void Server::Shutdown(double grace_seconds) {
 }
 
 void Server::StopQueue() {
-  if (!queue_ || queue_stopped_) return;
-  queue_stopped_ = true;
+  if (!workers_) return;
   queue_->Shutdown();
   workers_->Join();  // Runs what sessions were left; drains the queue here if it was never polled.
+  workers_.reset();
 }
 
 void Server::Handle(Call* call) {

@@ -1,12 +1,13 @@
 // fgr-serve's public gRPC port, served by native threads.
 //
-// One async generic service takes every RPC, on a completion queue that the server's own I/O
-// thread polls: each RPC is read and decoded on that thread, with none of the hand-offs between
-// gRPC's own threads that the callback API makes for every event. A Predict that the fast path
-// can answer (a known model, version and signature; inputs carrying exactly their values) is
-// decoded, batched, run and encoded here without the GIL. Everything else (other RPCs, and any
-// Predict the fast path does not take: bad input, unknown models, fills, odd dtypes) goes, bytes
-// unchanged, to the Python ServingApi, so that answers and errors are the Python path's own.
+// One async generic service takes every RPC, on a completion queue that the server's threads poll
+// in turns (queue_workers.h): each RPC is read and decoded by the polling thread, with none of the
+// hand-offs between gRPC's own threads that the callback API makes for every event. A Predict
+// that the fast path can answer (a known model, version and signature; inputs carrying exactly
+// their values) is decoded, batched, run and encoded here without the GIL. Everything else (other
+// RPCs, and any Predict the fast path does not take: bad input, unknown models, fills, odd dtypes)
+// goes, bytes unchanged, to the Python ServingApi, so that answers and errors are the Python
+// path's own.
 #ifndef FGR_NATIVE_SERVER_H_
 #define FGR_NATIVE_SERVER_H_
 
@@ -17,7 +18,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -121,8 +121,7 @@ class Server {
   // better on 2 cores (docs/history/benchmarks-2026-11.md, "The native transport"). The same
   // threads run unbatched sessions, taking turns at the queue (queue_workers.h).
   std::unique_ptr<grpc::ServerCompletionQueue> queue_;
-  std::unique_ptr<QueueWorkers> workers_;
-  bool queue_stopped_ = false;
+  std::unique_ptr<QueueWorkers> workers_;  // Null once the queue is stopped.
   ThreadPool fallback_pool_;
   std::mutex routes_mutex_;
   std::shared_ptr<const Routes> routes_ = std::make_shared<Routes>();
