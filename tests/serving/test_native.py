@@ -600,3 +600,36 @@ def test_unbatched_predicts_outnumbering_the_queue_threads_are_all_answered(tmp_
     lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0})
   finally:
     server.stop()
+
+
+@pytest.mark.usefixtures("native_on")
+def test_a_call_batching_cannot_take_runs_off_the_queue_thread(tmp_path):
+  """With batching on, a call whose feeds cannot be batched (a scalar here) runs whole, as
+  BatchingSession runs it, but not on the thread polling the gRPC queue: while a long one runs, other
+  calls are still read and answered."""
+  module = _Spinning()
+  tf.saved_model.save(module, str(tmp_path / "m" / "1"), signatures={"serving_default": module.serve})
+  server = _native_batching_server(
+    tmp_path, "max_batch_size { value: 8 } batch_timeout_micros { value: 1000 } num_batch_threads { value: 1 }"
+  )
+  native, _ = native_server.load_module()
+  try:
+
+    def predict(i, spins):
+      request = predict_pb2.PredictRequest()
+      request.model_spec.name = "m"
+      request.inputs["x"].CopyFrom(tf.make_tensor_proto([float(i)], dtype=tf.float32))
+      request.inputs["spins"].CopyFrom(tf.make_tensor_proto(spins, dtype=tf.int32))
+      return list(server.predict.Predict(request, timeout=300).outputs["y"].float_val)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      # About 2 s here: 100 times what the short calls below take. The sleep lets it start; were it
+      # late, the short calls would pass without testing anything, never fail.
+      long_call = pool.submit(predict, -1, 100_000)
+      time.sleep(0.3)
+      assert [predict(i, 1) for i in range(8)] == [[i + 1.0] for i in range(8)]
+      assert not long_call.done(), "short calls waited for the long one"
+      assert long_call.result() == [0.0]
+    lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0})
+  finally:
+    server.stop()

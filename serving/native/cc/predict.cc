@@ -196,30 +196,26 @@ bool Server::TryPredict(Call* call) {
     }
     Respond(state, started, metrics_.get(), servable->model(), signature_name, servable, status, response.SerializeAsString());
   };
-  const bool in_caller_thread = !servable->batching() && options_.unbatched_in_caller_thread;
-  auto run = [servable, feed_names = std::move(feed_names), feeds = std::move(feeds), fetches = std::move(fetches),
-              timeout_ms, in_caller_thread, state, done = std::move(done)]() mutable {
-    {
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (state->answered) return;  // Cancelled before it ran (OnCancel returned its holds).
-    }
-    TaskPtr task = servable->Run(std::move(feed_names), std::move(feeds), std::move(fetches), timeout_ms,
-                                 in_caller_thread,
-                                 std::move(done));
-    if (task) {  // Queued: a cancelled call leaves its rows out of the batch.
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (state->answered) {
-        task->abandoned = true;  // Cancelled meanwhile (or done already: then this changes nothing).
-      } else {
-        state->task = task;  // Answer() drops it again, so it never outlives the call's answer.
+  // A call that is not batched runs on this thread once the event is handled, after another thread
+  // takes over the queue (queue_workers.h), unless cancelled by then (OnCancel returned its holds).
+  auto after_event = [this, state](std::function<void()> run_whole) {
+    workers_->RunAfterEvent([state, run_whole = std::move(run_whole)] {
+      {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        if (state->answered) return;
       }
-    }
+      run_whole();
+    });
   };
-  if (servable->batching()) {
-    run();  // Queues (or, for odd shapes, runs) here; batch threads do the work.
-  } else {
-    // On this thread once the event is handled, after another takes over the queue (queue_workers.h).
-    workers_->RunAfterEvent(std::move(run));
+  // A batchable call is queued here; batch threads do the work. Any other (every call without
+  // batching; scalar or ragged feeds with it) runs after the event, never on the polling thread.
+  TaskPtr task = servable->Run(std::move(feed_names), std::move(feeds), std::move(fetches), timeout_ms,
+                               options_.unbatched_in_caller_thread, std::move(done), after_event);
+  if (task) {  // Queued: a cancelled call leaves its rows out of the batch.
+    std::lock_guard<std::mutex> lock(state->mutex);
+    // A batch thread may have answered it already: then holding the task would keep it (and, through
+    // its `done`, this state) alive for good. Else Answer() drops it, so it never outlives the answer.
+    if (!state->answered) state->task = task;
   }
   return true;
 }

@@ -75,7 +75,8 @@ Status Servable::RunNow(const std::vector<std::string>& feed_names, const std::v
 }
 
 TaskPtr Servable::Run(std::vector<std::string> feed_names, std::vector<TensorPtr> feeds,
-                      std::vector<std::string> fetches, int64_t timeout_ms, bool in_caller_thread, Task::Done done) {
+                      std::vector<std::string> fetches, int64_t timeout_ms, bool in_caller_thread, Task::Done done,
+                      const Elsewhere& elsewhere) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_) {
@@ -84,9 +85,17 @@ TaskPtr Servable::Run(std::vector<std::string> feed_names, std::vector<TensorPtr
     }
   }
   auto run_now = [&]() -> TaskPtr {
-    std::vector<TensorPtr> outputs;
-    Status status = RunNow(feed_names, feeds, fetches, timeout_ms, in_caller_thread, &outputs);
-    done(status, status.ok() ? Whole(outputs) : std::vector<TensorSlice>{});
+    auto run_whole = [self = shared_from_this(), feed_names = std::move(feed_names), feeds = std::move(feeds),
+                      fetches = std::move(fetches), timeout_ms, in_caller_thread, done = std::move(done)] {
+      std::vector<TensorPtr> outputs;
+      Status status = self->RunNow(feed_names, feeds, fetches, timeout_ms, in_caller_thread, &outputs);
+      done(status, status.ok() ? Whole(outputs) : std::vector<TensorSlice>{});
+    };
+    if (elsewhere) {
+      elsewhere(std::move(run_whole));
+    } else {
+      run_whole();
+    }
     return nullptr;
   };
   if (!batching_) return run_now();

@@ -63,11 +63,15 @@ class Servable : public std::enable_shared_from_this<Servable> {
   // "model: m, version: v[, signature: s]", as servable_context() writes it.
   std::string Context(const std::string& signature = "") const;
 
+  // Where a call that is not batched runs: `run_whole` runs it and calls its `done`.
+  using Elsewhere = std::function<void(std::function<void()> run_whole)>;
+
   // Runs `fetches` given `feeds` (by tensor name) and calls `done` once, maybe before returning.
   // A batchable call is queued (the task is returned, so that its caller may abandon it); any other
-  // call runs in the calling thread, as BatchingSession runs it.
+  // call runs whole, as BatchingSession runs it: through `elsewhere` when given, else in the calling
+  // thread. `in_caller_thread` is for that whole run only: batches run on TF's inter-op pool.
   TaskPtr Run(std::vector<std::string> feed_names, std::vector<TensorPtr> feeds, std::vector<std::string> fetches,
-              int64_t timeout_ms, bool in_caller_thread, Task::Done done);
+              int64_t timeout_ms, bool in_caller_thread, Task::Done done, const Elsewhere& elsewhere = nullptr);
 
   // Holds the servable for one request from its resolution to its answer, so that Close() waits for
   // it (a swap fails no request that resolved the old version). False once closing.
