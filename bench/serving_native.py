@@ -47,9 +47,11 @@ flags.DEFINE_integer(
   "alone; -1 runs each request's ops in the thread that runs the request, 0 in TF's inter-op pool.",
 )
 common.define_batching_flag(
-  "Text BatchingParameters of both batching servers (saturation). Two batch threads: the model alone is "
-  "measured from two threads too.",
+  "Text BatchingParameters of both batching servers (saturation). TF Serving's starting point for a "
+  "CPU-only server, as fgr-serve --enable_batching defaults to: a batch thread per core (the model alone "
+  "is measured from two threads too) and no batch timeout.",
   num_batch_threads=2,
+  batch_timeout_micros=0,
 )
 
 MODEL = "retrieval"
