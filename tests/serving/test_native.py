@@ -559,6 +559,15 @@ class _Spinning(tf.Module):
     return {"y": x + 1.0 + 0.0 * tf.reduce_sum(m)}
 
 
+def _spinning_request(i: int, spins: int) -> predict_pb2.PredictRequest:
+  """A Predict of `_Spinning` model "m": answers [i + 1] after `spins` products."""
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = "m"
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto([float(i)], dtype=tf.float32))
+  request.inputs["spins"].CopyFrom(tf.make_tensor_proto(spins, dtype=tf.int32))
+  return request
+
+
 @pytest.mark.usefixtures("native_on")
 @pytest.mark.parametrize("inter_op_parallelism", [0, -1, 2])
 def test_unbatched_predicts_outnumbering_the_queue_threads_are_all_answered(tmp_path, inter_op_parallelism):
@@ -579,22 +588,15 @@ def test_unbatched_predicts_outnumbering_the_queue_threads_are_all_answered(tmp_
   native, _ = native_server.load_module()
   try:
 
-    def request(i, spins):
-      request = predict_pb2.PredictRequest()
-      request.model_spec.name = "m"
-      request.inputs["x"].CopyFrom(tf.make_tensor_proto([float(i)], dtype=tf.float32))
-      request.inputs["spins"].CopyFrom(tf.make_tensor_proto(spins, dtype=tf.int32))
-      return request
-
     def predict(i):
-      return list(server.predict.Predict(request(i, 200 if i % 2 else 1), timeout=120).outputs["y"].float_val)
+      return list(server.predict.Predict(_spinning_request(i, 200 if i % 2 else 1), timeout=120).outputs["y"].float_val)
 
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
       results = list(pool.map(predict, range(96)))
     assert results == [[i + 1.0] for i in range(96)]
     # A deadline that passes during a long run: the client gets DEADLINE_EXCEEDED (in the caller thread
     # TF cannot cut the run short, so the thread finishes it, then finds the call answered).
-    code, _ = lib.grpc_code(server.predict.Predict, request(0, 5000), timeout=0.02)
+    code, _ = lib.grpc_code(server.predict.Predict, _spinning_request(0, 5000), timeout=0.02)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert predict(3) == [4.0]
     lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0})
@@ -616,11 +618,7 @@ def test_a_call_batching_cannot_take_runs_off_the_queue_thread(tmp_path):
   try:
 
     def predict(i, spins):
-      request = predict_pb2.PredictRequest()
-      request.model_spec.name = "m"
-      request.inputs["x"].CopyFrom(tf.make_tensor_proto([float(i)], dtype=tf.float32))
-      request.inputs["spins"].CopyFrom(tf.make_tensor_proto(spins, dtype=tf.int32))
-      return list(server.predict.Predict(request, timeout=300).outputs["y"].float_val)
+      return list(server.predict.Predict(_spinning_request(i, spins), timeout=300).outputs["y"].float_val)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
       # About 2 s here: 100 times what the short calls below take. The sleep lets it start; were it
