@@ -53,6 +53,10 @@ class ScannAssetsModule(tf.Module):
       value = getattr(state, name)
       value = value.read_value() if isinstance(value, tf.Variable) else tf.convert_to_tensor(value)
       if value.shape.rank == 0:  # A placeholder for an asset the searcher does not use.
+        # ScaNN leaves a numeric placeholder uninitialised: saved as is, it would make exports differ
+        # byte for byte from build to build, and a NaN in it would compare unequal to itself.
+        if value.dtype != tf.string:
+          value = tf.zeros([], value.dtype)
         setattr(self, name, tf.Variable(value, trainable=False, name=name))
       else:
         setattr(self, name, base.catalog_variable(value, name=name))

@@ -1,5 +1,7 @@
 """ScaNN backend: recall against NumPy, eligibility, per-request knobs and a SavedModel round trip."""
 
+import types
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -101,6 +103,39 @@ def test_saved_model_round_trip(small_catalog, tmp_path):
   mask[top] = False
   loaded.index.eligible.assign(mask)
   assert top not in loaded.search(tf.constant(queries[:1]), tf.constant(0), tf.constant(0))[1].numpy()
+
+
+def test_unused_asset_placeholders_are_saved_as_zeros(small_catalog):
+  """ScaNN's placeholders for unused assets hold uninitialised memory; the state saves zeros instead."""
+  items, queries = small_catalog
+  index = base.build_index("scann", items, k=10, scoring="ah", reorder=50)
+  placeholders = {
+    name: getattr(index.state, name)
+    for name in scann_index.ASSET_NAMES
+    if getattr(index.state, name).shape.rank == 0 and getattr(index.state, name).dtype != tf.string
+  }
+  assert {"int8_multipliers", "dp_norms"} <= placeholders.keys()  # Float reordering uses neither.
+  assert all(variable.numpy() == 0 for variable in placeholders.values()), placeholders
+  # A state whose placeholders hold NaN (as ScaNN's may) is saved with zeros and searches alike.
+  poisoned = types.SimpleNamespace(
+    **{
+      name: tf.constant(np.nan, getattr(index.state, name).dtype)
+      if name in placeholders and getattr(index.state, name).dtype.is_floating
+      else getattr(index.state, name)
+      for name in scann_index.ASSET_NAMES
+    }
+  )
+  rebuilt = scann_index.ScannAssetsModule(poisoned)
+  assert all(getattr(rebuilt, name).numpy() == 0 for name in placeholders)
+  np.testing.assert_array_equal(_top_10(rebuilt, queries), _top_10(index.state, queries))
+
+
+def _top_10(state: scann_index.ScannAssetsModule, queries: np.ndarray) -> np.ndarray:
+  """Top-10 rows of `queries` from ScaNN's batched search over `state`, with its built defaults."""
+  from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+
+  indices, _ = scann_ops.scann_search_batched(state.searcher(), tf.constant(queries), 10, -1, -1, True)
+  return indices.numpy()
 
 
 def test_single_query_path_matches_batched(medium_catalog, medium_tuning_queries):
