@@ -8,14 +8,16 @@ where the Python driver spends a few hundred and, on 2 cores, would cap what the
 - fgr-serve --native=on and --native=off, both with the same server-side batching;
 - the native echo PredictionService and the Python one (`bench/echo_server.py`): the transport floors;
 - the model alone: the same version loaded in this process through TF's C API (`_fgr_native.Session`,
-  as the native server loads it), run at batch 1 paced at --qps (its latency) and at
-  batch --batch_rows from two threads (its throughput: what a server with perfect batching could reach).
+  as the native server loads it), run at batch 1 paced at --qps beside each fgr-serve latency run, in
+  the same seconds (its latency; server-added p50 is the served p50 minus this), and at batch
+  --batch_rows from two threads (its throughput: what a server with perfect batching could reach).
 Latency is measured open loop at --qps (from each request's intended send time), saturation closed loop
 at --streams.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import threading
@@ -147,6 +149,27 @@ def _from_threads(threads: int, seconds: float, call: Callable[[int, int], Any])
   return sum(done), time.monotonic() - started
 
 
+def _alongside(model: _Model, run: Callable[[], Any]) -> tuple[Any, list[float]]:
+  """`run()` (a served load) with the model's own paced batch-1 calls in this process over the same window.
+
+  A served p50 minus an in-process p50 taken in another time slot moves with whatever else the shared
+  machine ran in each slot; measured in the same seconds, both see the same load.
+  """
+  latencies: list[float] = []
+
+  def paced() -> None:
+    time.sleep(FLAGS.warmup_seconds)  # The load client's warm-up: its measured window starts after it.
+    latencies.extend(model.paced_latencies(FLAGS.qps, FLAGS.seconds))
+
+  thread = threading.Thread(target=paced)
+  thread.start()
+  try:
+    result = run()
+  finally:
+    thread.join()
+  return result, latencies
+
+
 def _batching_options(text: str) -> dict[str, Any]:
   """The native batch queue's options from text BatchingParameters, as fgr-serve reads them."""
   from google.protobuf import text_format  # noqa: PLC0415
@@ -182,6 +205,11 @@ def _point(label: str, load: str, runs: list[dict[str, Any]], cpu_seconds: float
       else {}
     ),
   }
+
+
+def _server_added(latency: dict[str, dict[str, Any]], served: str) -> float:
+  """Served p50 minus the p50 of the model's in-process calls made in the same seconds."""
+  return round(latency[served]["p50_ms"] - latency[f"model alone, batch 1, beside {served}"]["p50_ms"], 3)
 
 
 def main(argv: list[str]) -> None:
@@ -223,24 +251,34 @@ def main(argv: list[str]) -> None:
       targets = phases[phase]
       runs: dict[str, list] = {label: [] for label in targets}
       cpu: dict[str, float] = {label: 0.0 for label in targets}
-      inprocess: list[float] = []
+      inprocess: list = []
+      # Latency: each fgr-serve run has the model's in-process calls beside it, in the same seconds.
+      beside: dict[str, list[float]] = {label: [] for label in targets if label.startswith("fgr-serve")}
       for r in range(FLAGS.rounds):
         order = list(targets) if r % 2 == 0 else list(targets)[::-1]
         for label in order:
           before = targets[label].cpu_seconds()
           with tempfile.TemporaryDirectory(dir=workdir) as scratch:
-            runs[label].append(
-              load_client.drive(
-                targets[label].address, requests_file, load, scratch, FLAGS.seconds, FLAGS.warmup_seconds
-              )
+            run = functools.partial(
+              load_client.drive,
+              targets[label].address,
+              requests_file,
+              load,
+              scratch,
+              FLAGS.seconds,
+              FLAGS.warmup_seconds,
             )
+            if phase == "latency" and label in beside:
+              result, latencies = _alongside(model, run)
+              beside[label] += latencies
+            else:
+              result = run()
+            runs[label].append(result)
           cpu[label] += targets[label].cpu_seconds() - before
           print(
             f"  {phase} round {r + 1}: {label:<24s} {runs[label][-1]['ok'] / FLAGS.seconds:>9,.1f} req/s", flush=True
           )
-        if phase == "latency":
-          inprocess += model.paced_latencies(FLAGS.qps, FLAGS.seconds)
-        else:
+        if phase == "saturation":
           inprocess.append(
             (
               model.batching_session_qps(batching_options, FLAGS.streams, FLAGS.seconds),
@@ -249,9 +287,14 @@ def main(argv: list[str]) -> None:
           )
       points[phase] = [_point(label, load, runs[label], cpu[label]) for label in targets]
       if phase == "latency":
-        points[phase].append(
-          {"variant": "model alone, batch 1", "load": f"paced at {FLAGS.qps:g}/s", **latency_lib.percentiles(inprocess)}
-        )
+        points[phase] += [
+          {
+            "variant": f"model alone, batch 1, beside {label}",
+            "load": f"paced at {FLAGS.qps:g}/s in this process, the same seconds",
+            **latency_lib.percentiles(latencies),
+          }
+          for label, latencies in beside.items()
+        ]
       else:
         session_qps, rows_qps = np.mean(inprocess, axis=0)
         points[phase] += [
@@ -282,12 +325,8 @@ def main(argv: list[str]) -> None:
     "native_over_inprocess_batching_session": round(native_qps / session_qps, 2),
     "native_over_model_full_batches": round(native_qps / model_qps, 2),
     "native_over_native_echo_saturation": round(native_qps / saturation["native echo"]["throughput_qps"], 2),
-    "native_server_added_p50_ms": round(
-      latency["fgr-serve, native"]["p50_ms"] - latency["model alone, batch 1"]["p50_ms"], 3
-    ),
-    "python_server_added_p50_ms": round(
-      latency["fgr-serve, Python path"]["p50_ms"] - latency["model alone, batch 1"]["p50_ms"], 3
-    ),
+    "native_server_added_p50_ms": _server_added(latency, "fgr-serve, native"),
+    "python_server_added_p50_ms": _server_added(latency, "fgr-serve, Python path"),
     "native_over_python_rss": round(memory_after["native"]["rss_mib"] / memory_after["python"]["rss_mib"], 3),
   }
   common.finish(
