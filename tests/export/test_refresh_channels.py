@@ -24,6 +24,7 @@ from export import (
 from models import catalog as catalog_lib
 from models import precision as precision_lib
 from models.data import schema
+from tests.export import checkpoint_testlib
 
 NAMES = ("semantic", "efficiency")
 NUM_ITEMS, DIM, DEPTH, K = 300, 8, 10, 10
@@ -159,9 +160,7 @@ def test_pause_upsert_and_removal_move_every_channel_under_the_graph_of_version_
   report = refresher.apply(_lines({"ad_id": "ad7", "status": "paused"}))
   assert report["kind"] == "status_only" and report["version"] == 2
   assert report["channels"] == list(NAMES) and "calibration" in report and report["data"] == {"source": "test"}
-  v1, v2 = (tf.train.load_checkpoint(version_files.variables_prefix(p)) for p in (exported["scann"], report["path"]))
-  differing = [k for k in v1.get_variable_to_shape_map() if not np.array_equal(v1.get_tensor(k), v2.get_tensor(k))]
-  assert sorted(differing) == [
+  assert checkpoint_testlib.differing_tensors(exported["scann"], report["path"]) == [
     full_graph.variable_key(f"{refresh_channels.index_path(i)}/{base.ELIGIBLE}") for i in range(len(NAMES))
   ]
   after = _top(report["path"], aimed)

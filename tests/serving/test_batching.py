@@ -197,9 +197,10 @@ def test_queue_count_is_bounded(scheduler, monkeypatch):
 
 def test_async_callers_share_a_batch_and_one_wake_up(scheduler, monkeypatch):
   runner = _RecordingRunner()
-  runner.gate.clear()  # Hold the batch until every call is queued.
+  # The batch runs when full: with no timeout, a batch thread woken by the first call could take the
+  # calls queued so far whenever this thread is preempted before queueing the rest.
   session = batching_session.BatchingSession(
-    runner, scheduler, batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=0)
+    runner, scheduler, batch_scheduler.QueueOptions(max_batch_size=8, batch_timeout_micros=60_000_000)
   )
   wake_ups = []
   real_call_soon = batch_scheduler._call_soon  # pylint: disable=protected-access
@@ -213,7 +214,6 @@ def test_async_callers_share_a_batch_and_one_wake_up(scheduler, monkeypatch):
   async def main():
     loop = asyncio.get_running_loop()
     tasks = [session.schedule({"x:0": np.full((1, 2), i, np.float32)}, ["y:0"], None, loop) for i in range(8)]
-    runner.gate.set()
     return await asyncio.gather(*(t.wait_async(5000) for t in tasks))
 
   outputs = asyncio.run(main())

@@ -568,6 +568,16 @@ def _spinning_request(i: int, spins: int) -> predict_pb2.PredictRequest:
   return request
 
 
+def _spins_lasting(predict_stub, seconds: float) -> int:
+  """Spins a served `_Spinning` call takes about `seconds` for, timed on this machine: a test that needs
+  a call to outlast others must not depend on how fast the CPU it runs on is."""
+  spins = 2_000
+  predict_stub.Predict(_spinning_request(0, 1), timeout=300)  # The first run's one-off costs, untimed.
+  started = time.monotonic()
+  predict_stub.Predict(_spinning_request(0, spins), timeout=300)
+  return max(spins, int(spins * seconds / max(time.monotonic() - started, 1e-4)))
+
+
 @pytest.mark.usefixtures("native_on")
 @pytest.mark.parametrize("inter_op_parallelism", [0, -1, 2])
 def test_unbatched_predicts_outnumbering_the_queue_threads_are_all_answered(tmp_path, inter_op_parallelism):
@@ -596,7 +606,8 @@ def test_unbatched_predicts_outnumbering_the_queue_threads_are_all_answered(tmp_
     assert results == [[i + 1.0] for i in range(96)]
     # A deadline that passes during a long run: the client gets DEADLINE_EXCEEDED (in the caller thread
     # TF cannot cut the run short, so the thread finishes it, then finds the call answered).
-    code, _ = lib.grpc_code(server.predict.Predict, _spinning_request(0, 5000), timeout=0.02)
+    long_run = _spins_lasting(server.predict, 0.5)  # 25 times the deadline.
+    code, _ = lib.grpc_code(server.predict.Predict, _spinning_request(0, long_run), timeout=0.02)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert predict(3) == [4.0]
     lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0})
@@ -621,9 +632,9 @@ def test_a_call_batching_cannot_take_runs_off_the_queue_thread(tmp_path):
       return list(server.predict.Predict(_spinning_request(i, spins), timeout=300).outputs["y"].float_val)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      # About 2 s here: 100 times what the short calls below take. The sleep lets it start; were it
-      # late, the short calls would pass without testing anything, never fail.
-      long_call = pool.submit(predict, -1, 100_000)
+      # About 2 s: 100 times what the short calls below take. The sleep lets it start; were it late,
+      # the short calls would pass without testing anything, never fail.
+      long_call = pool.submit(predict, -1, _spins_lasting(server.predict, 2.0))
       time.sleep(0.3)
       assert [predict(i, 1) for i in range(8)] == [[i + 1.0] for i in range(8)]
       assert not long_call.done(), "short calls waited for the long one"

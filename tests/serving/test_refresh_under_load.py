@@ -16,8 +16,10 @@ from export import refresh, refresh_delta
 from models.data import schema
 
 CLIENTS = 3
-MAX_REQUESTS_PER_CLIENT = 20_000  # Bounds the load if a wait below fails.
-CLIENT_SECONDS = 300
+# Hang guards only: the clients run until stopped, outlasting every wait below together (3 x 120 s plus
+# the refreshes, which take minutes on loaded cores); a count bound of ~130 s had stopped them early.
+CLIENT_SECONDS = 600
+MAX_REQUESTS_PER_CLIENT = 200_000
 PAUSE_BETWEEN_REQUESTS = 0.005  # Leaves the shared cores to the server and the refresh.
 
 
