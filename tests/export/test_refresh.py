@@ -140,7 +140,6 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   assert os.path.samefile(os.path.join(version_path, "saved_model.pb"), os.path.join(new_path, "saved_model.pb"))
   for key in tower_keys:
     np.testing.assert_array_equal(old_checkpoint.get_tensor(key), new_checkpoint.get_tensor(key))
-  assert "fresh-ad" in after[0, :3]
   assert removed not in after and paused not in after and "" not in after
   query_embeddings = new_loaded.signatures["encode_query"](**{n: tf.constant(v) for n, v in queries.items()})[
     "embedding"
@@ -148,6 +147,10 @@ def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(export
   scores = topk_testlib.reference_scores(query_embeddings.numpy(), state.embeddings, state.eligible)
   expected_rows = np.argsort(-scores, axis=1, kind="stable")[:, :K]
   topk_testlib.assert_top_k_agree(topk_testlib.rows_of(after, state.ids), expected_rows, scores)
+  # The fresh ad has the best ad's side info but not its id: it is served, within 0.05 of the best
+  # score (when written: second, 0.018 below; the ads after it 0.006 apart, too close to pin its
+  # rank across CPUs, whose kernels round the training differently).
+  assert "fresh-ad" in after[0] and scores[0, new_rows["fresh-ad"]] >= scores[0].max() - 0.05
 
 
 def test_status_only_publish_changes_only_the_mask(exported, served_v1, base_path):
