@@ -251,7 +251,8 @@ def main(argv: list[str]) -> None:
       targets = phases[phase]
       runs: dict[str, list] = {label: [] for label in targets}
       cpu: dict[str, float] = {label: 0.0 for label in targets}
-      inprocess: list = []
+      # Saturation: the model alone each round, (batching session req/s, full batches' rows/s).
+      model_throughputs: list[tuple[float, float]] = []
       # Latency: each fgr-serve run has the model's in-process calls beside it, in the same seconds.
       beside: dict[str, list[float]] = {label: [] for label in targets if label.startswith("fgr-serve")}
       for r in range(FLAGS.rounds):
@@ -279,7 +280,7 @@ def main(argv: list[str]) -> None:
             f"  {phase} round {r + 1}: {label:<24s} {runs[label][-1]['ok'] / FLAGS.seconds:>9,.1f} req/s", flush=True
           )
         if phase == "saturation":
-          inprocess.append(
+          model_throughputs.append(
             (
               model.batching_session_qps(batching_options, FLAGS.streams, FLAGS.seconds),
               model.batched_rows_per_second(FLAGS.batch_rows, FLAGS.seconds),
@@ -296,7 +297,7 @@ def main(argv: list[str]) -> None:
           for label, latencies in beside.items()
         ]
       else:
-        session_qps, rows_qps = np.mean(inprocess, axis=0)
+        session_qps, rows_qps = np.mean(model_throughputs, axis=0)
         points[phase] += [
           {
             "variant": "model alone, in-process batching session",
