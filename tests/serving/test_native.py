@@ -437,6 +437,40 @@ def test_native_batching_pads_variable_length_inputs_and_batch_sizes(tmp_path):
     server.stop()
 
 
+class _JoinedRow(tf.Module):
+  """y = each row of the string matrix x [N, ?] joined: padding with "" leaves a row's answer as is."""
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string, name="x")])
+  def serve(self, x):
+    return {"y": tf.strings.reduce_join(x, axis=1)}
+
+
+@pytest.mark.usefixtures("native_on")
+def test_native_batching_pads_a_request_without_elements(tmp_path):
+  """A [1, 0] request batched with a [1, 3] one has no first element to pad with: it gets "" (it crashed)."""
+  tf.saved_model.save(_JoinedRow(), str(tmp_path / "m" / "1"), signatures={"serving_default": _JoinedRow().serve})
+  server = _native_batching_server(
+    tmp_path,
+    "max_batch_size { value: 2 } batch_timeout_micros { value: 3600000000 } num_batch_threads { value: 1 } "
+    "pad_variable_length_inputs: true",
+  )
+  try:
+
+    def predict(values):
+      request = predict_pb2.PredictRequest()
+      request.model_spec.name = "m"
+      request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([values], dtype=object).reshape(1, len(values))))
+      return list(server.predict.Predict(request, timeout=120).outputs["y"].string_val)
+
+    for rows in ([["a", "b", "c"], []], [[], ["a", "b", "c"]]):  # The empty part first and last.
+      with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(predict, rows))
+      assert results == [[b"".join(v.encode() for v in values)] for values in rows]
+    assert _batch_stats(server)[:2] == (2, 4)
+  finally:
+    server.stop()
+
+
 @pytest.mark.usefixtures("native_on")
 def test_native_batching_pads_to_allowed_batch_sizes(tmp_path):
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))

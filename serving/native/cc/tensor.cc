@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace fgr {
 namespace {
@@ -251,6 +252,7 @@ TensorPtr Concat(const std::vector<TensorPtr>& parts, int64_t padded_rows, bool 
   const size_t size = first->element_size();
   const int64_t row_elements = out->row_elements();
   char* cursor = out->data();
+  const std::vector<char> zero(size, 0);
   auto copy_element = [&](char* to, const char* from) {
     if (dtype == TF_STRING) {
       const TF_TString* source = reinterpret_cast<const TF_TString*>(from);
@@ -269,9 +271,10 @@ TensorPtr Concat(const std::vector<TensorPtr>& parts, int64_t padded_rows, bool 
       continue;
     }
     // Row by row, element by element: strings are views, or inner dims padded with the part's
-    // first element (TF Serving's pad_variable_length_inputs).
+    // first element (TF Serving's pad_variable_length_inputs). A part without elements (an inner
+    // dimension of 0) has no first element: it pads with zeros, an all-zero TF_TString being "".
     const std::vector<int64_t>& part_dims = part->dims();
-    const char* pad = part->data();
+    const char* pad = part_rows * part_row_elements > 0 ? part->data() : zero.data();
     for (int64_t r = 0; r < part_rows; ++r) {
       for (int64_t e = 0; e < row_elements; ++e) {
         // Index of element e of the output row within the part's row, if inside it.
