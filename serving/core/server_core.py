@@ -250,6 +250,11 @@ class ServerCore:
     self._poll_thread = threading.Thread(target=run, name="fs-poll", daemon=True)
     self._poll_thread.start()
 
+  def has_model(self, name: str) -> bool:
+    """Whether `name` is a model of the current config (whatever its versions' states)."""
+    with self._lock:
+      return name in self._managers
+
   def _manager(self, name: str, request_text: str) -> model_manager.ModelManager:
     with self._lock:
       manager = self._managers.get(name)

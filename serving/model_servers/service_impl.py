@@ -225,7 +225,8 @@ class ServingApi:
       status = "CANCELLED"
       raise
     finally:
-      self.metrics.record_request(model_spec.name, api, entrypoint, status, time.monotonic() - start)
+      model = model_spec.name if self.core.has_model(model_spec.name) else metrics_lib.UNKNOWN_MODEL
+      self.metrics.record_request(model, api, entrypoint, status, time.monotonic() - start)
 
   def _call(
     self,

@@ -14,6 +14,10 @@ _REQUEST_COUNT = ":tensorflow:serving:request_count"
 _REQUEST_LATENCY = ":tensorflow:serving:request_latency"
 _BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
 _PADDING_SIZE = ":tensorflow:serving:batching_session:padding_size"
+# The model_name label of requests naming no configured model. TF Serving labels them with the name
+# the client sent, so every new name adds series for good: a client cycling through names would grow
+# the server without bound. "" names no model (a ModelSpec must have a name).
+UNKNOWN_MODEL = ""
 
 
 class Metrics:

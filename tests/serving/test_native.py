@@ -518,7 +518,7 @@ def test_native_predict_needs_no_python_and_the_rest_falls_back(tmp_path, monkey
     registry = server.server.metrics.registry
     labels = {"model_name": lib.TF1_MODEL, "API": "predict"}
     assert registry.get_sample_value(":tensorflow:serving:request_latency_count", {**labels, "entrypoint": "GRPC"}) == 3
-    missing = {"model_name": "missing", "status": "NOT_FOUND"}
+    missing = {"model_name": metrics_lib.UNKNOWN_MODEL, "status": "NOT_FOUND"}
     assert registry.get_sample_value(":tensorflow:serving:request_count_total", missing) == 1
     assert registry.get_sample_value(":tensorflow:serving:request_latency_count", {**labels, "entrypoint": "REST"}) == 1
   finally:

@@ -143,4 +143,25 @@ def test_prometheus_metrics(server):
   text = data.decode()
   assert (f':tensorflow:serving:request_count_total{{model_name="{TF1_MODEL}",status="OK"}}') in text
   assert ':tensorflow:serving:request_latency_bucket{API="predict"' in text
-  assert (':tensorflow:serving:request_count_total{model_name="missing",status="NOT_FOUND"}') in text
+  assert (':tensorflow:serving:request_count_total{model_name="",status="NOT_FOUND"}') in text
+
+
+def test_unknown_model_names_add_no_metric_series(server):
+  """Every name a client makes up counts under one label: the series, and the server, do not grow."""
+
+  def series() -> int:
+    return _call(server, "/monitoring/prometheus/metrics")[1].decode().count("\n:tensorflow:serving:")
+
+  def ask(name: str) -> None:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    with pytest.raises(grpc.RpcError):
+      server.predict.Predict(request, timeout=60)
+    assert _call(server, f"/v1/models/{name}:predict", {"instances": [[1.0]]})[0] == 404
+
+  ask("made-up-0")  # May add the series of unknown models, once.
+  before = series()
+  for i in range(1, 50):
+    ask(f"made-up-{i}")
+  text = _call(server, "/monitoring/prometheus/metrics")[1].decode()
+  assert series() == before and "made-up" not in text
