@@ -90,12 +90,12 @@ def _generic_handlers(api: service_impl.ServingApi, pool: _Pool) -> list[grpc.Ge
   def behaviour(implementation):
     async def call(request, context: grpc.aio.ServicerContext):
       if isinstance(request, _Malformed):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, errors.status_message(request.message))
       try:
         return await implementation(request, context)
       except Exception as e:  # pylint: disable=broad-except
         error = errors.from_exception(e)
-      await context.abort(error.code, error.message)
+      await context.abort(error.code, errors.status_message(error.message))
 
     return call
 

@@ -161,6 +161,32 @@ def test_predict_errors(server, mutate, code, message):
     assert f"model: {TF1_MODEL}, version: {TF1_VERSION}" in details
 
 
+@pytest.mark.parametrize(
+  "mutate, code, message",
+  [
+    (lambda r: setattr(r.model_spec, "name", "m" * 100_000), grpc.StatusCode.NOT_FOUND, "Servable not found"),
+    (
+      lambda r: setattr(r.model_spec, "signature_name", "s" * 100_000),
+      grpc.StatusCode.FAILED_PRECONDITION,
+      "Serving signature key",
+    ),
+    (
+      lambda r: [r.inputs[f"{i:03d}" + "e" * 600].CopyFrom(r.inputs["x"]) for i in range(200)],
+      grpc.StatusCode.INVALID_ARGUMENT,
+      "input size does not match signature: 201!=1",
+    ),
+  ],
+)
+def test_errors_echoing_long_requests_keep_their_code(server, mutate, code, message):
+  """A message repeating 100 KB the client sent is cut: whole, it would exceed gRPC's trailer limit and
+  reach the client as RESOURCE_EXHAUSTED instead."""
+  request = _predict_request()
+  mutate(request)
+  got_code, details = _error(server.predict.Predict, request)
+  assert (got_code, message in details) == (code, True)
+  assert len(details) < 2_100 and "more " in details
+
+
 def test_classify(server):
   request = classification_pb2.ClassificationRequest()
   request.model_spec.name = TF1_MODEL

@@ -76,6 +76,20 @@ class Server::Call {
     event->call->OnEvent(event->event, ok);
   }
 
+  // The most bytes of a status message sent in trailers, as serving/errors.py's MAX_STATUS_MESSAGE:
+  // messages echo what the client sent, and trailers over gRPC's limit would reach the client as
+  // RESOURCE_EXHAUSTED instead of the error's own code.
+  static constexpr size_t kMaxStatusMessage = 2048;
+
+  static grpc::Status Capped(const grpc::Status& status) {
+    const std::string& message = status.error_message();
+    if (message.size() <= kMaxStatusMessage) return status;
+    size_t end = kMaxStatusMessage;
+    while (end > 0 && (static_cast<unsigned char>(message[end]) & 0xC0) == 0x80) --end;  // Whole UTF-8 chars.
+    return grpc::Status(status.error_code(), message.substr(0, end) + "... (" +
+                                                 std::to_string(message.size() - end) + " more bytes)");
+  }
+
   // Answers the call unless it was answered already; the call may be gone once this returns.
   static void Answer(const std::shared_ptr<State>& state, const grpc::Status& status, const std::string& response) {
     Call* call;
@@ -91,7 +105,7 @@ class Server::Call {
       ++call->out_;  // The finish below: the call is not deleted before its tag is back.
     }
     if (!status.ok()) {
-      call->stream_.Finish(status, &call->finished_tag_);
+      call->stream_.Finish(Capped(status), &call->finished_tag_);
       return;
     }
     grpc::Slice slice(response);
