@@ -24,6 +24,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2
 from tensorflow.python.client import pywrap_tf_session
 
+from serving import errors
 from serving.servables import tensor_util
 
 # Feed/fetch combinations remembered per session; odd requests beyond this run
@@ -70,8 +71,9 @@ class DirectSession:
     """Like `Session.run(list(fetches), feed_dict=feeds, options=options)`.
 
     Raises:
-      ValueError: A feed does not fit its tensor's shape, or cannot be fed.
-      KeyError: A name is not a tensor of the graph.
+      errors.ServingError: INVALID_ARGUMENT when a feed does not fit its tensor's shape or cannot be
+        fed, or a name is not a tensor of the graph (a signature may name an op, e.g. the
+        `__saved_model_init_op` signature): the request asked for what the graph cannot run.
       tf.errors.OpError: The run failed.
     """
     plan = self._plan(tuple(feeds), tuple(fetches))
@@ -79,7 +81,7 @@ class DirectSession:
     for feed in plan.feeds:
       value = np.asarray(feeds[feed.name], dtype=feed.dtype)
       if feed.dims is not None and not tensor_util.shape_fits(value.shape, feed.dims):
-        raise ValueError(
+        raise errors.invalid_argument(
           f"Cannot feed value of shape {list(value.shape)} for Tensor "
           f"{feed.name}, which has shape {_shape_text(feed.dims)}"
         )
@@ -108,7 +110,7 @@ class DirectSession:
       tensor = _tensor(graph, name)
       fed_as[tensor.name] = name
       if not graph.is_feedable(tensor):
-        raise ValueError(f"Tensor {name} may not be fed.")
+        raise errors.invalid_argument(f"Tensor {name} may not be fed.")
       shape = tensor.shape
       dims = None if shape.rank is None else tuple(-1 if d is None else d for d in shape.as_list())
       feeds.append(
@@ -137,7 +139,7 @@ def _tensor(graph: tf.Graph, name: str) -> tf.Tensor:
   try:
     return graph.get_tensor_by_name(name)
   except (KeyError, ValueError) as e:
-    raise KeyError(f"{name} is not a tensor of the graph: {e}") from e
+    raise errors.invalid_argument(f"{name} is not a tensor of the graph: {e}") from e
 
 
 def _shape_text(dims: tuple[int, ...]) -> str:

@@ -1,10 +1,12 @@
 """DirectSession answers as Session.run does, without its per-call Python."""
 
+import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2
 
+from serving import errors
 from serving.servables import direct_session
 
 
@@ -16,6 +18,7 @@ def _session():
     words = tf.compat.v1.placeholder(tf.string, [None], name="words")
     tf.identity(x * 2.0 + 1.0, name="y")
     tf.strings.length(words, name="lengths")
+    tf.no_op(name="NoOp")  # What a SavedModel's __saved_model_init_op signature names.
   graph.finalize()
   session = tf.compat.v1.Session(graph=graph)
   yield session
@@ -46,9 +49,13 @@ def test_a_fetch_that_is_fed_returns_the_fed_value(session):
 def test_bad_feeds_fail_before_the_run(session):
   direct = direct_session.DirectSession(session)
   direct.extend()
-  with pytest.raises(ValueError, match="Cannot feed value of shape"):
-    direct.run({"x:0": np.zeros((1, 3), np.float32)}, ["y:0"])
-  with pytest.raises(KeyError, match="not a tensor of the graph"):
-    direct.run({"nope:0": [1.0]}, ["y:0"])
+  for feeds, fetches, message in (
+    ({"x:0": np.zeros((1, 3), np.float32)}, ["y:0"], "Cannot feed value of shape"),
+    ({"nope:0": [1.0]}, ["y:0"], "nope:0 is not a tensor of the graph"),
+    ({"x:0": [[3.0, 4.0]]}, ["NoOp"], "NoOp is not a tensor of the graph"),  # An op, not a tensor.
+  ):
+    with pytest.raises(errors.ServingError, match=message) as info:
+      direct.run(feeds, fetches)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
   with pytest.raises(tf.errors.InvalidArgumentError):  # y needs x.
     direct.run({"words:0": [b"a"]}, ["y:0"])

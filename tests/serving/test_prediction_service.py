@@ -187,6 +187,15 @@ def test_errors_echoing_long_requests_keep_their_code(server, mutate, code, mess
   assert len(details) < 2_100 and "more " in details
 
 
+def test_predict_on_the_init_op_signature_is_invalid(server):
+  """A TF2 SavedModel lists `__saved_model_init_op`, whose output is an op, not a tensor."""
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = TF2_MODEL
+  request.model_spec.signature_name = "__saved_model_init_op"
+  code, details = _error(server.predict.Predict, request)
+  assert (code, "is not a tensor of the graph" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
+
+
 def test_classify(server):
   request = classification_pb2.ClassificationRequest()
   request.model_spec.name = TF1_MODEL
