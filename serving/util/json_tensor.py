@@ -26,6 +26,8 @@ B64_KEY = "b64"
 # TF's largest tensor rank (TensorShape::MaxDimensions): deeper JSON lists
 # can't be a tensor, and stopping there keeps the recursion shallow.
 MAX_RANK = 254
+# What a tf.Example int64_list holds.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
@@ -251,6 +253,9 @@ def _feature(name: str, value: Any) -> feature_pb2.Feature:
   if all(isinstance(v, bool) for v in values):
     raise errors.invalid_argument(f"Feature {name}: booleans are not a tf.Example feature type")
   if all(isinstance(v, int) for v in values):
+    outside = [v for v in values if not _INT64_MIN <= v <= _INT64_MAX]
+    if outside:
+      raise errors.invalid_argument(f"Feature {name}: {short_repr(outside[0])} is out of the int64 range")
     feature.int64_list.value.extend(values)
   elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
     feature.float_list.value.extend(float(v) for v in values)
