@@ -177,8 +177,53 @@ class RestApi:
     return {"model_spec": as_dict(response.model_spec), "metadata": {"signature_def": as_dict(signature_map)}}
 
 
+class _BodyTooLarge(Exception):
+  def __init__(self, size: int):
+    super().__init__(size)
+    self.size = size
+
+
+def _read_chunked(rfile, limit: int) -> bytes:
+  """A `Transfer-Encoding: chunked` body (RFC 9112 7.1), which http.server leaves to its handlers.
+
+  Raises:
+    _BodyTooLarge: the body passes `limit` bytes (0: no limit).
+    ValueError: the chunks are malformed or end early.
+  """
+  parts, size = [], 0
+  while True:
+    line = rfile.readline(1024)
+    if not line.endswith(b"\n"):
+      raise ValueError("a chunk size line is cut short")
+    try:
+      chunk = int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+      raise ValueError(f"bad chunk size {line[:40]!r}") from None
+    if chunk < 0:
+      raise ValueError(f"bad chunk size {line[:40]!r}")
+    if chunk == 0:
+      break
+    size += chunk
+    if limit and size > limit:
+      raise _BodyTooLarge(size)
+    data = rfile.read(chunk)
+    if len(data) != chunk or rfile.read(2) != b"\r\n":
+      raise ValueError("a chunk ends early")
+    parts.append(data)
+  while True:  # Trailer fields, up to the empty line.
+    line = rfile.readline(8192)
+    if not line.endswith(b"\n"):
+      raise ValueError("the trailer is cut short")
+    if line in (b"\r\n", b"\n"):
+      return b"".join(parts)
+
+
 class _PooledHTTPServer(http.server.HTTPServer):
   """An HTTPServer handing each connection to a fixed thread pool."""
+
+  # socketserver listens with a backlog of 5: under a burst of new connections the kernel then
+  # drops or resets them before the pool sees them.
+  request_queue_size = socket.SOMAXCONN
 
   def __init__(self, address, handler, num_threads: int):
     if ":" in address[0]:  # IPv6, e.g. --host=[::]
@@ -257,25 +302,36 @@ class HttpServer:
         if method == "GET" and prometheus_path and path == prometheus_path:
           self._reply(200, metrics.exposition(), metrics_lib.CONTENT_TYPE)
           return
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         try:
-          length = int(self.headers.get("Content-Length") or 0)
+          length = 0 if chunked else int(self.headers.get("Content-Length") or 0)
         except ValueError:
           length = -1
         if length < 0:
           self.close_connection = True  # The body's end is unknown.
           self._reply(400, b'{"error": "Invalid Content-Length"}', "application/json")
           return
-        if max_body_bytes and length > max_body_bytes:
+        try:
+          if max_body_bytes and length > max_body_bytes:
+            raise _BodyTooLarge(length)
+          if chunked:
+            body = _read_chunked(self.rfile, max_body_bytes)
+          else:
+            body = self.rfile.read(length) if length > 0 else b""
+        except _BodyTooLarge as e:
           # 413, not TF Serving's 429 for RESOURCE_EXHAUSTED: the request
           # itself is too large and retrying it can't succeed. The body is
-          # never read, so the connection can't be reused.
+          # not read to its end, so the connection can't be reused.
           self.close_connection = True
           message = (
-            f"Request body of {length} bytes exceeds the limit of {max_body_bytes} bytes (--rest_api_max_body_bytes)"
+            f"Request body of {e.size} bytes exceeds the limit of {max_body_bytes} bytes (--rest_api_max_body_bytes)"
           )
           self._reply(413, json.dumps({"error": message}).encode(), "application/json")
           return
-        body = self.rfile.read(length) if length > 0 else b""
+        except ValueError as e:
+          self.close_connection = True
+          self._reply(400, json.dumps({"error": f"Invalid chunked request body: {e}"}).encode(), "application/json")
+          return
         if not path.lower().startswith("/v1/"):
           status, payload = 404, {"error": f"Not found: {method} {path}"}
         else:

@@ -1,7 +1,9 @@
 """REST API and Prometheus tests, modelled on TF Serving's REST test cases."""
 
 import base64
+import http.client
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -9,6 +11,8 @@ import grpc
 import pytest
 from serving_testlib import TF1_MODEL, TF1_VERSION, TF2_MODEL
 from tensorflow_serving.apis import predict_pb2
+
+from serving.model_servers import http_server
 
 
 def _call(server, path, body=None, method=None):
@@ -143,6 +147,35 @@ def test_errors(server, method, path, body, code, message):
   status, data = _call(server, path, body, method)
   assert status == code
   assert message in json.loads(data)["error"]
+
+
+def test_chunked_request_bodies(server):
+  """Bodies sent with Transfer-Encoding: chunked (no Content-Length) are read whole, and the
+  connection stays usable; malformed chunks are a 400."""
+  connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+  try:
+    for _ in range(2):  # The second request on the same connection finds it in order.
+      parts = iter([b'{"instances": ', b"[[1.0], [3.0]]", b"}"])
+      connection.request("POST", f"/v1/models/{TF1_MODEL}:predict", body=parts, encode_chunked=True)
+      response = connection.getresponse()
+      assert (response.status, json.loads(response.read())) == (200, {"predictions": [[2.5], [3.5]]})
+  finally:
+    connection.close()
+  with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as raw:
+    raw.sendall(
+      f"POST /v1/models/{TF1_MODEL}:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+      + b"zz\r\n{}\r\n0\r\n\r\n"
+    )
+    reply = b""
+    while chunk := raw.recv(65536):  # The server closes the connection after the error.
+      reply += chunk
+  status_line, _, rest = reply.decode().partition("\r\n")
+  assert status_line.split()[1] == "400" and "bad chunk size" in rest
+
+
+def test_rest_listens_with_a_full_backlog():
+  """socketserver's backlog of 5 reset connections under bursts of new clients."""
+  assert http_server._PooledHTTPServer.request_queue_size >= 128
 
 
 def test_prometheus_metrics(server):
