@@ -26,6 +26,8 @@ R = TypeVar("R")
 
 PREDICTION_SERVICE = rpc_methods.PREDICTION_SERVICE
 MODEL_SERVICE = rpc_methods.MODEL_SERVICE
+# The most request metadata (headers) either path accepts.
+MAX_METADATA_BYTES = 16 * 1024
 
 
 class _Malformed:
@@ -137,6 +139,11 @@ class GrpcServer:
     channel_options = [
       ("grpc.max_receive_message_length", max_receive_message_length),
       ("grpc.max_send_message_length", -1),
+      # grpcio rejects request metadata between its soft limit (8 KiB) and hard one (16 KiB) at random.
+      # One limit, 16 KiB, as the native server's (serving/native/cc/server.cc): a request's headers
+      # pass or fail the same on every call and on both paths.
+      ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+      ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     ] + list(options)
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, max_threads), thread_name_prefix="grpc")
     pool = _Pool(self._executor)

@@ -196,6 +196,18 @@ def test_predict_on_the_init_op_signature_is_invalid(server):
   assert (code, "is not a tensor of the graph" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
 
 
+def test_request_metadata_has_one_limit_on_both_paths(server):
+  """Headers up to 16 KiB pass every time (grpcio alone refuses 8-16 KiB at random), beyond they fail."""
+  for _ in range(20):
+    response = server.predict.Predict(_predict_request(), timeout=30, metadata=[("x-token", "a" * 15_000)])
+    assert list(response.outputs["y"].float_val) == [3.0]
+  code, _ = lib.grpc_code(
+    lambda request, timeout: server.predict.Predict(request, timeout=timeout, metadata=[("x-token", "a" * 17_000)]),
+    _predict_request(),
+  )
+  assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_classify(server):
   request = classification_pb2.ClassificationRequest()
   request.model_spec.name = TF1_MODEL

@@ -58,6 +58,9 @@ std::vector<int> Server::Start() {
   }
   builder.SetMaxReceiveMessageSize(options_.max_receive_message_length);
   builder.SetMaxSendMessageSize(-1);
+  // Debian's gRPC 1.51 accepts 8 KiB of request metadata, the Python path's grpcio 16 KiB: clients
+  // (large auth tokens) meet one limit whichever path serves them. --grpc_channel_arguments still wins.
+  builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, 16 * 1024);
   for (const auto& [name, value] : options_.channel_args) {
     if (std::holds_alternative<int>(value)) {
       builder.AddChannelArgument(name, std::get<int>(value));
