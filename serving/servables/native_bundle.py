@@ -166,6 +166,7 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
       raise serving_error(e) from e
     try:
       meta_graph = meta_graph_pb2.MetaGraphDef.FromString(self._session.meta_graph_def)
+      saved_model_bundle.check_checkpoint(path, meta_graph)
       # The session holds the graph; requests only read the signatures.
       meta_graph.ClearField("graph_def")
       meta_graph.ClearField("object_graph_def")

@@ -225,10 +225,25 @@ class SavedModelBundle(LoadedVersion):
         logging.info("Unloaded servable %s", self.context())
 
 
+def check_checkpoint(path: str, meta_graph: meta_graph_pb2.MetaGraphDef) -> None:
+  """Refuses a SavedModel whose graph has variables but whose directory has no checkpoint.
+
+  TF's C++ loader then skips the restore and serves uninitialised variables (every request fails),
+  and a half-copied version directory looks just like that: both paths refuse it the same way, so
+  the version already serving stays.
+  """
+  if meta_graph.HasField("saver_def") and not tf.io.gfile.exists(os.path.join(path, "variables", "variables.index")):
+    raise errors.failed_precondition(
+      f"SavedModel at {path} has variables but no checkpoint of them (variables/variables.index is missing): "
+      "an incomplete version directory"
+    )
+
+
 def _restore_and_initialize(session: "_InCallerThread", imported: _ImportedGraph, path: str) -> None:
   """Restores the variables of the version at `path` into `session` and runs
   its init op with its own asset paths, as TF's SavedModel loader does."""
   started = time.monotonic()
+  check_checkpoint(path, imported.meta_graph)
   with imported.graph.as_default():
     if imported.saver is not None:
       imported.saver.restore(session, os.path.join(path, "variables", "variables"))

@@ -98,6 +98,17 @@ def test_swap_under_load_then_failed_version(tmp_path):
     assert _states(server.model, "m")[2].state == State.AVAILABLE
     assert _predict(server.predict, "m").model_spec.version.value == 2
 
+    # So does one whose variables are missing (a half-copied directory): TF's loader would serve it
+    # with uninitialised variables.
+    os.makedirs(os.path.join(base, "4"))
+    shutil.copy(os.path.join(base, "2", "saved_model.pb"), os.path.join(base, "4"))
+    lib.wait_for(
+      lambda: _states(server.model, "m").get(4) is not None and _states(server.model, "m")[4].state == State.END
+    )
+    assert "variables/variables.index is missing" in _states(server.model, "m")[4].status.error_message
+    assert _predict(server.predict, "m").model_spec.version.value == 2
+    shutil.rmtree(os.path.join(base, "4"))
+
     # Rewriting the broken version retries it.
     shutil.rmtree(os.path.join(base, "3"))
     _publish(base, 3, tmp_path, b=4.0)
