@@ -120,11 +120,46 @@ _CHOICES = {
 _LEGACY_VALUES = {"side_info": "summed", "sequence_encoder": "none", "attention_target": "query"}
 
 
+def run_config_json(tower: TowerConfig, data: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+  """The config.json content of a run, as read back from JSON (tuples become lists)."""
+  return json.loads(json.dumps({"tower": dataclasses.asdict(tower), "data": data, "training": training}))
+
+
+def check_run_dir(output_dir: str, config: dict[str, Any]) -> None:
+  """Refuses an output_dir whose config.json describes another run (`run_config_json`).
+
+  Training there would replace that run's checkpoints with towers of another shape, so neither
+  run could be restored. A run of the same config may continue (a relaunched multi-worker job).
+  """
+  path = os.path.join(output_dir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    existing = json.load(f)
+  differences = [
+    f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} now"
+    for section in sorted(set(existing) | set(config))
+    for old, new in [(existing.get(section) or {}, config.get(section) or {})]
+    for key in sorted(set(old) | set(new))
+    if old.get(key) != new.get(key)
+  ]
+  if differences:
+    raise ValueError(
+      f"{output_dir} holds a training run of another config ({'; '.join(differences)}); "
+      "use an empty --output_dir, or that run's flags to continue it"
+    )
+
+
 def write_run_config(output_dir: str, tower: TowerConfig, data: dict[str, Any], training: dict[str, Any]) -> None:
-  """Writes config.json describing the towers, the data and the training run."""
+  """Writes config.json describing the towers, the data and the training run.
+
+  Written to a temporary file and renamed, so a crash never leaves a truncated config.json.
+  """
   os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
-    json.dump({"tower": dataclasses.asdict(tower), "data": data, "training": training}, f, indent=2)
+  path = os.path.join(output_dir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(run_config_json(tower, data, training), f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 def read_run_config(output_dir: str) -> dict[str, Any]:

@@ -132,6 +132,25 @@ def _with_negatives(batches: tf.data.Dataset, source: sources.Source, training: 
   return tf.data.Dataset.zip((batches, negatives)).map(lambda batch, extra: {**batch, **extra})
 
 
+class _RunConfigWriter(tf.keras.callbacks.Callback):
+  """Writes config.json at the end of the first epoch, beside the first checkpoint.
+
+  By then the whole training split has been read, so bad data fails before the directory holds a
+  config.json (and a run of that config is never left with a config that matches no checkpoint).
+  """
+
+  def __init__(self, output_dir: str, tower: config_lib.TowerConfig, data: sources.DataSpec, training: TrainConfig):
+    super().__init__()
+    self._args = (output_dir, tower, data.to_json(), dataclasses.asdict(training))
+    self._written = False
+
+  def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    del epoch, logs
+    if not self._written:
+      config_lib.write_run_config(*self._args)
+      self._written = True
+
+
 def train(
   data: sources.DataSpec,
   tower: config_lib.TowerConfig,
@@ -141,6 +160,9 @@ def train(
   backup_every_steps: int = 0,
 ) -> dict[str, Any]:
   """Trains the towers on `data`, writes config.json, checkpoints and TensorBoard logs to output_dir.
+
+  An output_dir holding a run of another config is refused (`config_lib.check_run_dir`); config.json
+  is written once the first epoch has read the training data.
 
   With `validation_fraction`, the checkpoint left last (the one `restore` loads) is the best epoch
   on the held-out slice, and training stops early when it stops improving. Under a multi-worker
@@ -154,9 +176,9 @@ def train(
   strategy = strategy or tf.distribute.get_strategy()
   multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
   tf.keras.utils.set_random_seed(training.seed)
+  # Refused before anything is read or written: a run of another config there must stay restorable.
+  config_lib.check_run_dir(output_dir, config_lib.run_config_json(tower, data.to_json(), dataclasses.asdict(training)))
   source = sources.open_source(data)
-  if distribute.is_chief(strategy):
-    config_lib.write_run_config(output_dir, tower, data.to_json(), dataclasses.asdict(training))
 
   steps_per_epoch = None
   validation: list[dict[str, np.ndarray]] = []
@@ -191,6 +213,8 @@ def train(
     model.compile(optimizer=retrieval.make_optimizer(training.learning_rate, tower.precision))
   checkpoints = os.path.join(output_dir, CHECKPOINT_DIR, "ckpt-{epoch:03d}")
   callbacks: list[tf.keras.callbacks.Callback] = []
+  if distribute.is_chief(strategy):
+    callbacks.append(_RunConfigWriter(output_dir, tower, data, training))
   if validation:
     # Runs first, so the validation metric is in the epoch's logs for the callbacks after it.
     monitor = f"val_top_{training.validation_k}"

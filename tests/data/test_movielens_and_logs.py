@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from models.data import logs, movielens, schema
+from tests.data.logs_testlib import write_jsonl
 
 
 def test_movielens_split_follows_the_tfrs_protocol_without_leaking_labels(movielens_dir):
@@ -33,19 +34,15 @@ def test_movielens_split_follows_the_tfrs_protocol_without_leaking_labels(moviel
   )
 
 
-def _write_jsonl(path, records):
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 def test_generic_logs_build_sequences_and_split_in_time(tmp_path):
-  _write_jsonl(
+  write_jsonl(
     tmp_path / "items.jsonl",
     [
       {"ad_id": "a1", "category": "shoes", "brand": "acme", "tokens": ["running", "shoes"]},
       {"ad_id": "a2", "category": "phones", "brand": "zed", "tokens": ["phone"], "status": "paused"},
     ],
   )
-  _write_jsonl(
+  write_jsonl(
     tmp_path / "events.jsonl",
     [
       {"user_id": "u1", "timestamp": t, "user_features": ["age:25-34"], "query_tokens": ["running"], "ad_id": a}
@@ -69,19 +66,19 @@ def test_generic_logs_build_sequences_and_split_in_time(tmp_path):
   ],
 )
 def test_generic_logs_reject_bad_input_with_the_line_number(tmp_path, events, message):
-  _write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}])
-  _write_jsonl(tmp_path / "events.jsonl", events)
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}])
+  write_jsonl(tmp_path / "events.jsonl", events)
   with pytest.raises(ValueError, match=message):
     list(logs.LogsDataset(str(tmp_path)).examples("train"))
 
 
 def test_generic_logs_carry_bids_and_conversions_when_logged(tmp_path):
-  _write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1", "bid": 2}, {"ad_id": "a2"}, {"ad_id": "a3", "bid": 0.25}])
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1", "bid": 2}, {"ad_id": "a2"}, {"ad_id": "a3", "bid": 0.25}])
   events = [
     {"user_id": "u1", "timestamp": t, "ad_id": a, "event": e}
     for t, (a, e) in enumerate([("a1", "click"), ("a1", "conversion"), ("a2", "click"), ("a3", "click")])
   ]
-  _write_jsonl(tmp_path / "events.jsonl", events)
+  write_jsonl(tmp_path / "events.jsonl", events)
   data = logs.LogsDataset(str(tmp_path), test_fraction=0.25)
   np.testing.assert_array_equal(data.bids(np.array([2, 1, 0])), np.array([0.25, 0.0, 2.0], dtype=np.float32))
   train = next(data.examples("train"))
@@ -91,8 +88,8 @@ def test_generic_logs_carry_bids_and_conversions_when_logged(tmp_path):
   assert list(test["bid"]) == [0.25] and list(test["converted"]) == [False]
 
   # Without any bid or conversion, the source says so and batches keep only the usual fields.
-  _write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}, {"ad_id": "a2"}, {"ad_id": "a3"}])
-  _write_jsonl(tmp_path / "events.jsonl", [{**e, "event": "click"} for e in events])
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}, {"ad_id": "a2"}, {"ad_id": "a3"}])
+  write_jsonl(tmp_path / "events.jsonl", [{**e, "event": "click"} for e in events])
   plain = logs.LogsDataset(str(tmp_path), test_fraction=0.25)
   assert plain.bids(np.array([0])) is None and not plain.has_conversions
   assert "bid" not in next(plain.examples("train")) and "converted" not in next(plain.examples("train"))
@@ -101,6 +98,6 @@ def test_generic_logs_carry_bids_and_conversions_when_logged(tmp_path):
 @pytest.mark.parametrize("bid", [-1, "3", True, float("inf")])
 def test_generic_logs_reject_a_bad_bid_with_the_line_number(tmp_path, bid):
   (tmp_path / "items.jsonl").write_text('{"ad_id": "a1", "bid": 1}\n' + json.dumps({"ad_id": "a2", "bid": bid}) + "\n")
-  _write_jsonl(tmp_path / "events.jsonl", [{"timestamp": 1, "ad_id": "a1"}])
+  write_jsonl(tmp_path / "events.jsonl", [{"timestamp": 1, "ad_id": "a1"}])
   with pytest.raises(ValueError, match=r"items.jsonl:2: 'bid' must be a non-negative number"):
     logs.LogsDataset(str(tmp_path))

@@ -1,0 +1,67 @@
+"""fgr-train's --output_dir: a run there is continued only by the same config, never damaged by a failed one."""
+
+import dataclasses
+import os
+
+import pytest
+import tensorflow as tf
+
+from models import config as config_lib
+from models import train as train_lib
+from models.data import logs, sources
+from tests.conftest import TINY_TOWER
+from tests.data import logs_testlib
+
+TRAINING = train_lib.TrainConfig(epochs=1, batch_size=8, eval_max_items=0)
+# A bad line read by tf.data's generator comes out as InvalidArgumentError, holding the ValueError's message.
+DATA_ERRORS = (ValueError, tf.errors.InvalidArgumentError)
+
+
+def _files(run_dir: str) -> dict[str, bytes]:
+  """config.json and the checkpoints of a run, by path, with their bytes."""
+  found = {}
+  for root, _, names in os.walk(run_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      if name == config_lib.CONFIG_FILE or train_lib.CHECKPOINT_DIR in path:
+        with open(path, "rb") as f:
+          found[path] = f.read()
+  return found
+
+
+def _break_events(data_dir: str) -> None:
+  with open(os.path.join(data_dir, logs.EVENTS_FILE), "a") as f:
+    f.write('{"timestamp": 1e12, "ad_id": "no-such-ad"}\n')
+
+
+def test_bad_data_leaves_no_config_in_a_new_dir(tmp_path):
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"))
+  _break_events(str(tmp_path / "data"))
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  with pytest.raises(DATA_ERRORS, match="no-such-ad"):
+    train_lib.train(data, TINY_TOWER, TRAINING, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / config_lib.CONFIG_FILE)
+
+
+def test_a_failed_or_different_run_leaves_the_existing_run_as_it_was(tmp_path):
+  data_dir, run_dir = str(tmp_path / "data"), str(tmp_path / "run")
+  logs_testlib.write_tiny_logs(data_dir)
+  data = sources.DataSpec(name="logs", data_dir=data_dir)
+  train_lib.train(data, TINY_TOWER, TRAINING, run_dir)
+  # The same config may run again (as a relaunched job continues its run).
+  train_lib.train(data, TINY_TOWER, TRAINING, run_dir)
+  before = _files(run_dir)
+  assert train_lib.checkpoint_path(run_dir) and os.path.join(run_dir, config_lib.CONFIG_FILE) in before
+
+  wider = dataclasses.replace(TINY_TOWER, output_dim=32)
+  with pytest.raises(ValueError, match=r"holds a training run of another config \(tower\.output_dim: 16 there, 32 now"):
+    train_lib.train(data, wider, TRAINING, run_dir)
+  assert _files(run_dir) == before
+
+  _break_events(data_dir)
+  for tower in (TINY_TOWER, wider):
+    with pytest.raises(DATA_ERRORS):
+      train_lib.train(data, tower, TRAINING, run_dir)
+    assert _files(run_dir) == before
+  model, run_config = train_lib.restore(run_dir)
+  assert run_config["tower"] == TINY_TOWER and model.query_tower is not None
