@@ -8,8 +8,9 @@
    "ad_id": "a1", "event": "click"}
 
 The last `test_fraction` of events (in time) is held out. Behaviour sequences are built from the
-events themselves, so they need not be logged. Example batches carry "converted" (the event is a
-conversion) when the log has any conversion event, and "bid" (the ad's bid) when the catalog has bids.
+events themselves, so they need not be logged; an event without a `user_id` has an empty one and
+enters nobody's. Example batches carry "converted" (the event is a conversion) when the log has any
+conversion event, and "bid" (the ad's bid) when the catalog has bids.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def _string_list(path: str, line_number: int, record: dict[str, Any], key: str) 
   if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
     raise ValueError(f"{path}:{line_number}: {key!r} must be a list of strings")
   return value
+
+
+def _user_id(record: dict[str, Any]) -> str:
+  """The event's user id as a string; "" (anonymous) when the line has none or null."""
+  value = record.get("user_id")
+  return "" if value is None else str(value)
 
 
 def _bid(path: str, line_number: int, record: dict[str, Any]) -> float | None:
@@ -162,7 +169,7 @@ class LogsDataset:
       chunk.append(
         (
           index,
-          str(record.get("user_id", "")),
+          _user_id(record),
           _string_list(self._events_path, line_number, record, "user_features"),
           _string_list(self._events_path, line_number, record, "query_tokens"),
           self._table.row_of[ad_id],
@@ -178,7 +185,10 @@ class LogsDataset:
   def _emit(self, chunk, tracker: sequences.HistoryTracker, split: str) -> Iterator[dict[str, np.ndarray]]:
     index, users, user_features, query_tokens, rows, converted = (list(column) for column in zip(*chunk))
     users_array, rows_array = np.asarray(users, dtype=object), np.asarray(rows, dtype=np.int64)
-    hist_rows = tracker.observe(users_array, rows_array)
+    # An event without a user id has no history and enters none: anonymous users share nothing.
+    known = users_array != ""
+    hist_rows = np.full([len(users), tracker.history_len], -1, dtype=np.int64)
+    hist_rows[known] = tracker.observe(users_array[known], rows_array[known])
     in_train = np.asarray(index) < self._num_train
     keep = in_train if split == "train" else ~in_train
     if keep.any():

@@ -101,3 +101,18 @@ def test_generic_logs_reject_a_bad_bid_with_the_line_number(tmp_path, bid):
   write_jsonl(tmp_path / "events.jsonl", [{"timestamp": 1, "ad_id": "a1"}])
   with pytest.raises(ValueError, match=r"items.jsonl:2: 'bid' must be a non-negative number"):
     logs.LogsDataset(str(tmp_path))
+
+
+def test_events_without_a_user_id_have_no_history_and_enter_none(tmp_path):
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": f"a{i}"} for i in range(4)])
+  users = [None, "", "u1", "absent", None, "u1"]
+  events = [
+    {"timestamp": t, "ad_id": f"a{t % 4}", **({} if user == "absent" else {"user_id": user})}
+    for t, user in enumerate(users)
+  ]
+  write_jsonl(tmp_path / "events.jsonl", events)
+  # Chunks of 4 events: anonymous events meet both inside a chunk and across chunks.
+  batches = logs.LogsDataset(str(tmp_path), test_fraction=0.0).examples("train", chunk_size=4)
+  histories = [[h for h in hist if h] for batch in batches for hist in batch[schema.HIST_IDS]]
+  # Only u1's second event has a history: its own first click, none of the anonymous ones.
+  assert histories == [[], [], [], [], [], ["a2"]]
