@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -69,10 +70,14 @@ class DataSpec:
 
   @classmethod
   def from_flags(cls, values: Any) -> DataSpec:
-    """The spec fgr-train's and fgr-prepare's data flags (--data, --data_dir, --num_ads, ...) give."""
+    """The spec fgr-train's and fgr-prepare's data flags (--data, --data_dir, --num_ads, ...) give.
+
+    A relative local --data_dir is made absolute: the spec is recorded in the run's config.json, and
+    fgr-export and fgr-eval reopen the data from wherever they are started.
+    """
     spec = cls(
       name=values.data,
-      data_dir=values.data_dir,
+      data_dir=_absolute(values.data_dir),
       split=values.split,
       held_out_item_fraction=values.held_out_item_fraction,
       held_out_item_seed=values.held_out_item_seed,
@@ -85,6 +90,13 @@ class DataSpec:
         "seed": values.data_seed,
       }
     return spec
+
+
+def _absolute(data_dir: str) -> str:
+  """A local path made absolute; "" and remote URLs (gs://, s3://, ...) as given."""
+  if not data_dir or "://" in data_dir:
+    return data_dir
+  return os.path.abspath(data_dir)
 
 
 def open_source(spec: DataSpec) -> Source:

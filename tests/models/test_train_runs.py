@@ -1,7 +1,9 @@
 """fgr-train's --output_dir: a run there is continued only by the same config, never damaged by a failed one."""
 
 import dataclasses
+import json
 import os
+import types
 
 import pytest
 import tensorflow as tf
@@ -65,3 +67,16 @@ def test_a_failed_or_different_run_leaves_the_existing_run_as_it_was(tmp_path):
     assert _files(run_dir) == before
   model, run_config = train_lib.restore(run_dir)
   assert run_config["tower"] == TINY_TOWER and model.query_tower is not None
+
+
+def test_a_relative_data_dir_is_recorded_absolute_so_the_run_opens_from_anywhere(tmp_path, monkeypatch):
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"))
+  monkeypatch.chdir(tmp_path)
+  data_flags = types.SimpleNamespace(
+    data="logs", data_dir="data", split="default", held_out_item_fraction=0.0, held_out_item_seed=0
+  )
+  recorded = json.loads(json.dumps(sources.DataSpec.from_flags(data_flags).to_json()))
+  monkeypatch.chdir(tmp_path.parent)  # fgr-export started from another directory
+  assert sources.open_source(sources.DataSpec.from_json(recorded)).num_items == 8
+  remote = types.SimpleNamespace(**{**vars(data_flags), "data": "tfrecord", "data_dir": "gs://bucket/prepared"})
+  assert sources.DataSpec.from_flags(remote).data_dir == "gs://bucket/prepared"
