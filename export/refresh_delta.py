@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from models.data import schema
+from models.data import logs, schema
 
-STATUSES = ("active", "paused")
+STATUSES = logs.STATUSES
 _AD_FIELDS = {"category", "brand", "tokens"}
 _KNOWN_FIELDS = {"ad_id", "status", "deleted"} | _AD_FIELDS
 
@@ -132,13 +132,8 @@ def _parse_record(record: Any) -> tuple[str, str, Any]:
     if "status" not in record:
       raise ValueError("a line needs the ad's features, a 'status' or 'deleted': true")
     return "status", ad_id, status
-  tokens = record.get("tokens", [])
-  if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-    raise ValueError("'tokens' must be a list of strings")
-  for key in ("category", "brand"):
-    if not isinstance(record.get(key, ""), str):
-      raise ValueError(f"{key!r} must be a string")
-  return "upsert", ad_id, AdRecord(record.get("category", ""), record.get("brand", ""), tuple(tokens), status)
+  category, brand, tokens, status = logs.item_fields(record)  # The type rules of items.jsonl.
+  return "upsert", ad_id, AdRecord(category, brand, tuple(tokens), status)
 
 
 def parse_lines(lines: Iterable[str], name: str = "<delta>") -> CatalogDelta:

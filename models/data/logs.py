@@ -28,6 +28,7 @@ from models.data import schema, sequences
 ITEMS_FILE = "items.jsonl"
 EVENTS_FILE = "events.jsonl"
 _EVENT_KINDS = ("click", "conversion")
+STATUSES = ("active", "paused")
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -67,6 +68,24 @@ def _bid(path: str, line_number: int, record: dict[str, Any]) -> float | None:
   return float(value)
 
 
+def item_fields(record: dict[str, Any]) -> tuple[str, str, list[str], str]:
+  """(category, brand, tokens, status) of an items.jsonl line or catalog delta line, "" and [] when absent.
+
+  The one set of type rules for an ad's fields, so a catalog and a delta accept the same lines.
+  Raises ValueError naming the field; callers prefix the file and line.
+  """
+  status = record.get("status", "active")
+  if status not in STATUSES:
+    raise ValueError(f"'status' must be one of {STATUSES}, got {status!r}")
+  tokens = record.get("tokens", [])
+  if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+    raise ValueError("'tokens' must be a list of strings")
+  for key in ("category", "brand"):
+    if not isinstance(record.get(key, ""), str):
+      raise ValueError(f"{key!r} must be a string, got {record[key]!r}")
+  return record.get("category", ""), record.get("brand", ""), tokens, status
+
+
 def read_catalog(path: str) -> tuple[sequences.InMemoryItemTable, np.ndarray | None]:
   """Reads items.jsonl into an item table and its bids.
 
@@ -77,13 +96,14 @@ def read_catalog(path: str) -> tuple[sequences.InMemoryItemTable, np.ndarray | N
   for line_number, record in _read_jsonl(path):
     if not isinstance(record.get("ad_id"), str) or not record["ad_id"]:
       raise ValueError(f"{path}:{line_number}: 'ad_id' must be a non-empty string")
-    status = record.get("status", "active")
-    if status not in ("active", "paused"):
-      raise ValueError(f"{path}:{line_number}: 'status' must be 'active' or 'paused', got {status!r}")
+    try:
+      category, brand, ad_tokens, status = item_fields(record)
+    except ValueError as e:
+      raise ValueError(f"{path}:{line_number}: {e}") from None
     ids.append(record["ad_id"])
-    categories.append(str(record.get("category", "")))
-    brands.append(str(record.get("brand", "")))
-    tokens.append(_string_list(path, line_number, record, "tokens"))
+    categories.append(category)
+    brands.append(brand)
+    tokens.append(ad_tokens)
     statuses.append(status)
     bids.append(_bid(path, line_number, record))
   if not ids:
@@ -155,8 +175,9 @@ class LogsDataset:
     last_timestamp = None
     for index, (line_number, record) in enumerate(_read_jsonl(self._events_path)):
       timestamp = record.get("timestamp")
-      if not isinstance(timestamp, (int, float)):
-        raise ValueError(f"{self._events_path}:{line_number}: 'timestamp' must be a number")
+      # bool is an int to Python, and NaN compares false with everything (it would pass any order check).
+      if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp):
+        raise ValueError(f"{self._events_path}:{line_number}: 'timestamp' must be a finite number, got {timestamp!r}")
       if last_timestamp is not None and timestamp < last_timestamp:
         raise ValueError(f"{self._events_path}:{line_number}: events must be sorted by timestamp")
       last_timestamp = timestamp

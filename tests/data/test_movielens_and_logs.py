@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from export import refresh_delta
 from models.data import logs, movielens, schema
 from tests.data.logs_testlib import write_jsonl
 
@@ -63,6 +64,12 @@ def test_generic_logs_build_sequences_and_split_in_time(tmp_path):
     ([{"user_id": "u", "timestamp": 2, "ad_id": "a1"}, {"user_id": "u", "timestamp": 1, "ad_id": "a1"}], "sorted"),
     ([{"user_id": "u", "timestamp": 1, "ad_id": "nope"}], "not in items.jsonl"),
     ([{"user_id": "u", "timestamp": 1, "ad_id": "a1", "query_tokens": "not-a-list"}], "list of strings"),
+    # NaN compares false with everything: accepted, it let the next line go back in time unnoticed.
+    (
+      [{"timestamp": 5, "ad_id": "a1"}, {"timestamp": float("nan"), "ad_id": "a1"}, {"timestamp": 1, "ad_id": "a1"}],
+      r"events.jsonl:2: 'timestamp' must be a finite number, got nan",
+    ),
+    ([{"timestamp": True, "ad_id": "a1"}], r"events.jsonl:1: 'timestamp' must be a finite number, got True"),
   ],
 )
 def test_generic_logs_reject_bad_input_with_the_line_number(tmp_path, events, message):
@@ -116,3 +123,15 @@ def test_events_without_a_user_id_have_no_history_and_enter_none(tmp_path):
   histories = [[h for h in hist if h] for batch in batches for hist in batch[schema.HIST_IDS]]
   # Only u1's second event has a history: its own first click, none of the anonymous ones.
   assert histories == [[], [], [], [], [], ["a2"]]
+
+
+@pytest.mark.parametrize("field,value", [("category", 7), ("category", None), ("brand", ["x"]), ("tokens", "x")])
+def test_a_catalog_line_obeys_the_type_rules_of_a_delta_line(tmp_path, field, value):
+  line = {"ad_id": "a2", field: value}
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}, line])
+  write_jsonl(tmp_path / "events.jsonl", [{"timestamp": 1, "ad_id": "a1"}])
+  with pytest.raises(ValueError, match=rf"items.jsonl:2: '{field}' must be a") as in_catalog:
+    logs.LogsDataset(str(tmp_path))
+  with pytest.raises(ValueError, match=r"delta.jsonl:1: ") as in_delta:
+    refresh_delta.parse_lines([json.dumps(line)], "delta.jsonl")
+  assert str(in_catalog.value).partition(": ")[2] == str(in_delta.value).partition(": ")[2]
