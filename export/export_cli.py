@@ -19,7 +19,7 @@ flags.DEFINE_string("model_base_path", None, "Model base path; the version is wr
 flags.DEFINE_string("index", _DEFAULTS.index, f"Index backend, one of {base.available_backends()}.")
 flags.DEFINE_integer("k", _DEFAULTS.k, "Candidates returned per request.")
 flags.DEFINE_list("index_options", [], "Backend options as name=value pairs, e.g. num_leaves=1000,reorder=400.")
-flags.DEFINE_integer("version", None, "Version number to write; defaults to one above the newest.")
+flags.DEFINE_integer("version", None, "Version number to write (a positive integer); defaults to one above the newest.")
 flags.DEFINE_integer(
   "num_warmup_requests",
   _DEFAULTS.num_warmup_requests,

@@ -38,7 +38,7 @@ class ExportConfig:
       Outputs stay float32 either way.
     jit_compile: XLA-compile the towers' numeric part; None takes this device's default. Stock TF
       Serving needs --xla_cpu_compilation_enabled to run an XLA-compiled export.
-    version: explicit version number; the next free one when None.
+    version: explicit version number (a positive integer); the next free one when None.
     exclude_history: never return an item of the request's own behaviour history (`hist_ids`), as
       TFRS's `query_with_exclusions` does: for catalogs where a user does not take the same item
       twice (ratings, purchases of durables), each slot then holds a new item.
@@ -66,6 +66,8 @@ class ExportConfig:
   fusion_weight: float = 0.5
 
   def __post_init__(self):
+    if self.version is not None:
+      versions.check_version(self.version)  # Before the build: a bad version would fail only at the publish.
     if self.exclusion_depth < 0:
       raise ValueError(f"exclusion_depth must be 0 or more, got {self.exclusion_depth}")
     if self.cooccurrence_neighbours < 1:

@@ -37,6 +37,12 @@ def next_version(base_path: str) -> int:
   return max(taken, default=0) + 1
 
 
+def check_version(version: int) -> None:
+  """Raises ValueError unless `version` is a positive integer: TF Serving loads no other directory name."""
+  if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    raise ValueError(f"A version must be a positive integer (TF Serving serves BASE/1/, BASE/2/, ...), got {version!r}")
+
+
 @contextlib.contextmanager
 def publish(base_path: str, version: int | None = None) -> Iterator[tuple[str, int]]:
   """Yields (temporary directory, version) to write a version into; renames it into place on success.
@@ -44,6 +50,8 @@ def publish(base_path: str, version: int | None = None) -> Iterator[tuple[str, i
   On any exception the temporary directory is removed and nothing is published. A publish killed
   outright leaves only a hidden temporary name, which servers ignore.
   """
+  if version is not None:
+    check_version(version)
   os.makedirs(base_path, exist_ok=True)
   version = next_version(base_path) if version is None else version
   final_path = os.path.join(base_path, str(version))

@@ -97,6 +97,16 @@ def test_failed_publish_leaves_no_version_behind(tmp_path):
       pass
 
 
+@pytest.mark.parametrize("version", [-3, 0])
+def test_a_version_that_tf_serving_would_ignore_is_refused(tmp_path, version):
+  with pytest.raises(ValueError, match=rf"version must be a positive integer.*got {version}"):
+    exporter.ExportConfig(index="brute_force", version=version)
+  with pytest.raises(ValueError, match="positive integer"):
+    with versions.publish(str(tmp_path), version=version):
+      pass
+  assert os.listdir(tmp_path) == []
+
+
 def test_mixed_precision_export_keeps_float32_outputs(trained_run, tmp_path):
   report = exporter.export_model(
     trained_run,
