@@ -43,9 +43,24 @@ flags.DEFINE_bool(
 flags.mark_flags_as_mutual_exclusive(["output_dir", "model_path"], required=True)
 
 
+def parse_ks(values: list[str]) -> tuple[int, ...]:
+  """The --ks cut-offs as integers; a usage error unless each is a whole number of at least 1."""
+  if not values:
+    raise app.UsageError("--ks needs at least one cut-off K")
+  try:
+    ks = tuple(int(k) for k in values)
+  except ValueError:
+    raise app.UsageError(f"--ks must be whole numbers, got {values}") from None
+  if min(ks) < 1:
+    # A metric at K=0 divides by zero: the report would hold NaN, which is not JSON.
+    raise app.UsageError(f"--ks must all be at least 1, got {values}")
+  return ks
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  ks = parse_ks(FLAGS.ks)  # Before the run is restored: a usage error should not wait for it.
   if FLAGS.model_path:
     if FLAGS.exclude_history:
       raise app.UsageError("--exclude_history judges a training run; a version serves its own (fgr-export's flag)")
@@ -70,7 +85,7 @@ def main(argv: list[str]) -> None:
         model.query_tower,
         model.item_tower,
         sources.open_source(data),
-        ks=tuple(int(k) for k in FLAGS.ks),
+        ks=ks,
         max_examples=FLAGS.max_examples,
         with_baselines=FLAGS.baselines,
         exclude_history=FLAGS.exclude_history,
