@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import types
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -175,6 +176,20 @@ class Backend:
     **options: Any,
   ) -> Index:
     return self._build(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)
+
+  def check_options(self, options: Mapping[str, Any]) -> None:
+    """Raises ValueError naming the options this backend's build does not take (e.g. a typo).
+
+    Checked before anything is built or published: fgr-refresh keeps its overrides in every version's
+    report, so a bad one would break each later rebuild.
+    """
+    parameters = inspect.signature(self._build).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+      return  # The builder checks its own options.
+    known = set(parameters) - {"embeddings", "k", "eligible", "tuning_queries"}
+    unknown = set(options) - known
+    if unknown:
+      raise ValueError(f"Unknown {self.name} options {sorted(unknown)}; known: {sorted(known)}")
 
   def load_ops(self) -> None:
     """Registers the custom ops a SavedModel holding this backend's index needs, before it is loaded."""

@@ -35,6 +35,9 @@ class ScannBackend(base.Backend):
   def __init__(self):
     super().__init__("scann", scann_index.build_scann)
 
+  def check_options(self, options: Mapping[str, Any]) -> None:
+    scann_config.check_names(options)  # The check every build makes (`ScannConfig.for_catalog`).
+
   def load_ops(self) -> None:
     import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 

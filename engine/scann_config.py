@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 # ScaNN's rules of thumb: exact scoring is cheapest for small catalogs, AH + rescoring for medium
@@ -70,9 +71,7 @@ class ScannConfig:
   @classmethod
   def for_catalog(cls, num_items: int, k: int, **options: Any) -> ScannConfig:
     """ScaNN's rules of thumb for `num_items` points searched for `k` neighbours, overridden by `options`."""
-    unknown = set(options) - set(names())
-    if unknown:
-      raise ValueError(f"Unknown ScaNN options {sorted(unknown)}; known: {sorted(names())}")
+    check_names(options)
     if num_items < BRUTE_FORCE_MAX_ITEMS:
       scoring, num_leaves = "brute_force", 0
     elif num_items < NO_TREE_MAX_ITEMS:
@@ -101,6 +100,13 @@ class ScannConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def check_names(options: Mapping[str, Any]) -> None:
+  """Raises ValueError naming the options that are no `ScannConfig` knob (e.g. a typo)."""
+  unknown = set(options) - set(names())
+  if unknown:
+    raise ValueError(f"Unknown ScaNN options {sorted(unknown)}; known: {sorted(names())}")
 
 
 def names(role: str | None = None) -> tuple[str, ...]:

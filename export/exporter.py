@@ -66,6 +66,7 @@ class ExportConfig:
   fusion_weight: float = 0.5
 
   def __post_init__(self):
+    base.backend(self.index).check_options(self.index_options)  # Before the catalog is embedded.
     if self.version is not None:
       versions.check_version(self.version)  # Before the build: a bad version would fail only at the publish.
     if self.exclusion_depth < 0:

@@ -24,6 +24,7 @@ This module orchestrates those steps for one model base path, and remembers what
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -113,8 +114,25 @@ class Refresher:
       raise FileNotFoundError(f"No version under {self.base_path} to refresh; run fgr-export first")
     wanted = self._from_version if self._from_version is not None else on_disk[-1]
     if self._source is None or self._source.version != wanted:
-      self._source = refresh_channels.read_source(self.base_path, wanted)
+      source = refresh_channels.read_source(self.base_path, wanted)
+      self._check_overrides(source.report.index)
+      self._source = source
     return self._source
+
+  def check_index_overrides(self) -> None:
+    """Raises ValueError if `index_overrides` holds an option the source version's index does not take.
+
+    Reads only that version's report. Checked up front because every version a rebuild publishes
+    keeps the overrides in its report: a typo would break each later rebuild, not this refresh.
+    """
+    on_disk = versions.list_versions(self.base_path)
+    if on_disk:  # Without a version, `source` says so.
+      wanted = self._from_version if self._from_version is not None else on_disk[-1]
+      self._check_overrides(version_report.read(os.path.join(self.base_path, str(wanted))).index)
+
+  def _check_overrides(self, index: str) -> None:
+    # Incremental and status-only refreshes build nothing, so no build would catch a bad option.
+    base.backend(index).check_options(self.index_overrides)
 
   def prepare(self) -> None:
     """Reads the source version's catalog and loads its towers now rather than at the first delta."""

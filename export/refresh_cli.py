@@ -109,6 +109,11 @@ def main(argv: list[str]) -> None:
     retrain_fraction=FLAGS.retrain_fraction,
     background_retrain=FLAGS.background_retrain and FLAGS.watch is not None,
   )
+  if FLAGS.rollback is None:
+    try:  # Before any delta is read: a bad override would be saved into every later version's report.
+      refresher.check_index_overrides()
+    except ValueError as e:
+      raise app.UsageError(f"--index_options: {e}") from None
   if FLAGS.rollback is not None:
     print(json.dumps(refresher.rollback(FLAGS.rollback)))
   elif FLAGS.delta:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -249,6 +251,44 @@ def test_retrains_past_the_threshold_or_on_structural_overrides(exported, served
   assert "partitioning" in report["index_config"]["full_build_reason"]
   with pytest.raises(ValueError, match="index_update"):
     refresh.Refresher(base_path, index_update="sometimes")
+
+
+def test_an_unknown_index_override_is_refused_before_anything_is_published(exported, served_v1, base_path, tmp_path):
+  before, _ = served_v1
+  removal = refresh_delta.parse_lines([json.dumps({"ad_id": before[2, 0], "deleted": True})])
+  typo = refresh.Refresher(base_path, keep_versions=None, index_overrides={"foo": 1}, verify_recall=False)
+  # The incremental path builds nothing, so it used to publish, saving "foo" for every later rebuild.
+  with pytest.raises(ValueError, match=r"Unknown ScaNN options \['foo'\]"):
+    typo.apply(removal)
+  assert os.listdir(base_path) == ["1"]
+  with pytest.raises(ValueError, match=r"Unknown ScaNN options \['foo'\]"):
+    typo.check_index_overrides()
+  refresh.Refresher(base_path, index_overrides={"training_sample_size": 2000}).check_index_overrides()
+  # fgr-refresh says so as a usage error, before reading the delta.
+  delta_file = tmp_path / "delta.jsonl"
+  delta_file.write_text(json.dumps({"ad_id": before[2, 0], "deleted": True}) + "\n")
+  repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "export.refresh_cli",
+      f"--model_base_path={base_path}",
+      f"--delta={delta_file}",
+      "--index_options=foo=1",
+    ],
+    cwd=repo_root,
+    env={**os.environ, "PYTHONPATH": repo_root},
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert result.returncode == 1 and "--index_options: Unknown ScaNN options ['foo']" in result.stderr
+  assert os.listdir(base_path) == ["1"]
+  # Backends without a ScaNN config take the options their builder names.
+  base.backend("brute_force").check_options({"dtype": "float32"})
+  with pytest.raises(ValueError, match=r"Unknown brute_force options \['foo'\]"):
+    base.backend("brute_force").check_options({"foo": 1})
 
 
 def test_background_retrain_maps_later_versions_onto_the_new_training(exported, served_v1, base_path, tmp_path):
