@@ -65,8 +65,16 @@ def _query(batch: dict[str, np.ndarray]) -> dict[str, tf.Tensor]:
 
 
 def _rows(ids: tf.Tensor, source: sources.Source) -> np.ndarray:
-  """Catalog rows [n, k] of served ids ("" past the answers: -1)."""
-  return np.asarray([[source.row_of(i) if i else -1 for i in row] for row in ids.numpy().astype(str)], np.int64)
+  """Catalog rows [n, k] of served ids, -1 (padding to the metrics) for "" past the answers and for
+  ads the data does not know: ads fgr-refresh added to the version, which no test example clicked."""
+
+  def row(ad_id: str) -> int:
+    try:
+      return source.row_of(ad_id) if ad_id else -1
+    except KeyError:
+      return -1
+
+  return np.asarray([[row(i) for i in answers] for answers in ids.numpy().astype(str)], np.int64)
 
 
 def evaluate_full_graph(

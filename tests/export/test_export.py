@@ -191,3 +191,15 @@ def test_exclude_history_export_never_serves_the_request_history(trained_run, tm
   for judged in (evaluated, *evaluated["baselines"].values()):
     assert 0 <= judged["ranking"]["ndcg@10"] <= judged["ranking"]["recall@10"] <= 1
     assert judged["water_level"]["click_coverage"] == pytest.approx(judged["ranking"]["recall@10"])
+
+
+def test_served_ids_the_data_does_not_know_count_as_misses():
+  """A refreshed version serves ads added after the data was written: fgr-eval --model_path judges them
+  as recalled items no test example clicked (it raised KeyError)."""
+
+  class Source:
+    def row_of(self, ad_id: str) -> int:
+      return {"a": 0, "b": 1}[ad_id]
+
+  ids = tf.constant([["b", "new-ad", "a"], ["a", "", ""]])
+  assert served_evaluation._rows(ids, Source()).tolist() == [[1, -1, 0], [0, -1, -1]]
