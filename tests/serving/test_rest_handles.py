@@ -34,6 +34,9 @@ class _SwappingCore:
     self.handles += 1
     yield self._first if self.handles == 1 else self._then
 
+  def has_model(self, name):
+    return name == MODEL
+
 
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory):
