@@ -18,6 +18,7 @@ Either variable already in the environment is left as it is.
 import ctypes
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -73,9 +74,45 @@ def skip_cuda_without_a_driver() -> None:
     os.environ.setdefault(TF_DEVICE_TYPES_ENV, CPU_ONLY)
 
 
-def _command(module: str, function: str = "run", extra: str | None = None) -> Callable[[], None]:
+# What the offline tools raise for a user's mistake (a bad file, line, field or flag value), with a
+# message naming it; a data error raised while tf.data reads the logs arrives wrapped in TensorFlow's
+# InvalidArgumentError, with the original error's type and message inside its text.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+_WRAPPED_USER_ERROR = re.compile(r"\b(?:ValueError|FileNotFoundError|NotADirectoryError|PermissionError): ([^\n]+)")
+
+
+def user_error_message(error: BaseException) -> str | None:
+  """The one line to show for a user's mistake, or None for any other failure (shown as a traceback)."""
+  if isinstance(error, _USER_ERRORS):
+    return str(error)
+  if type(error).__name__ == "InvalidArgumentError":  # tf.errors, without importing TensorFlow here.
+    wrapped = _WRAPPED_USER_ERROR.search(str(error))
+    if wrapped:
+      return wrapped.group(1).strip()
+  return None
+
+
+def _reporting_user_errors(run: Callable[[], None], argv: Sequence[str]) -> None:
+  """Runs an offline tool; a user's mistake ends it with `<tool>: error: <message>` and status 1,
+  not a traceback, unless `--verbosity` asks for debug output (1 or more)."""
+  try:
+    run()
+  except Exception as e:  # pylint: disable=broad-except
+    message = user_error_message(e)
+    verbosity = early_flags.flag_value(argv[1:], "verbosity", "v")
+    if message is None or (verbosity is not None and verbosity.lstrip("-").isdigit() and int(verbosity) >= 1):
+      raise
+    tool = os.path.basename(argv[0])
+    sys.stderr.write(f"{tool}: error: {message}\n({tool} --verbosity=1 shows where it was raised)\n")
+    raise SystemExit(1) from None
+
+
+def _command(
+  module: str, function: str = "run", extra: str | None = None, user_errors: bool = False
+) -> Callable[[], None]:
   """A console script running `module.function`; `extra` names the setup.py extra its third-party
-  imports come from, if the plain install lacks them."""
+  imports come from, if the plain install lacks them. With `user_errors`, a user's mistake is
+  reported in one line (`_reporting_user_errors`)."""
 
   def run() -> None:
     prepare_tensorflow(sys.argv)
@@ -88,7 +125,10 @@ def _command(module: str, function: str = "run", extra: str | None = None) -> Ca
         f"{os.path.basename(sys.argv[0])} needs the `{extra}` extra ({e.name} is missing): "
         f"pip install 'fullgraph-retrieval[{extra}]'"
       ) from e
-    getattr(command, function)()
+    if user_errors:
+      _reporting_user_errors(getattr(command, function), sys.argv)
+    else:
+      getattr(command, function)()
 
   run.__doc__ = f"Runs `{module}.{function}` with TensorFlow's start-up environment set first."
   return run
@@ -97,11 +137,11 @@ def _command(module: str, function: str = "run", extra: str | None = None) -> Ca
 _OWN_PACKAGES = ("cli", "engine", "models", "export", "serving", "clients", "bench")
 
 
-fgr_prepare = _command("models.data.prepare_cli")
-fgr_train = _command("models.train_cli")
-fgr_eval = _command("export.eval_cli")
-fgr_export = _command("export.export_cli")
-fgr_refresh = _command("export.refresh_cli")
+fgr_prepare = _command("models.data.prepare_cli", user_errors=True)
+fgr_train = _command("models.train_cli", user_errors=True)
+fgr_eval = _command("export.eval_cli", user_errors=True)
+fgr_export = _command("export.export_cli", user_errors=True)
+fgr_refresh = _command("export.refresh_cli", user_errors=True)
 fgr_serve = _command("serving.model_servers", "run_server")
 fgr_query = _command("clients.query_cli")
 fgr_loadtest = _command("clients.loadtest.loadtest_cli", extra="clients")

@@ -107,3 +107,76 @@ def test_a_missing_extra_is_named(monkeypatch):
     r"pip install 'fullgraph-retrieval\[clients\]'",
   ):
     launch.fgr_loadtest()
+
+
+class InvalidArgumentError(Exception):
+  """Stands for tf.errors.InvalidArgumentError, which the launcher recognises by name."""
+
+
+@pytest.mark.parametrize(
+  "error, message",
+  [
+    (ValueError("events.jsonl:3: 'timestamp' must be a number"), "events.jsonl:3: 'timestamp' must be a number"),
+    (FileNotFoundError("runs/x is not a run"), "runs/x is not a run"),
+    (
+      InvalidArgumentError("{{function_node x}} ValueError: events.jsonl:2: unknown ad_id 'zz'\nTraceback ..."),
+      "events.jsonl:2: unknown ad_id 'zz'",
+    ),
+    (InvalidArgumentError("Matrix size-incompatible"), None),  # A failure of the tool, not of the data.
+    (KeyError("row"), None),
+  ],
+)
+def test_user_errors_are_told_apart(error, message):
+  assert launch.user_error_message(error) == message
+
+
+def test_a_user_error_ends_the_tool_in_one_line_unless_debugging(capsys):
+  def bad_data():
+    raise ValueError("items.jsonl:4: 'category' must be a string, got 7")
+
+  with pytest.raises(SystemExit) as info:
+    launch._reporting_user_errors(bad_data, ["/venv/bin/fgr-train", "--data=logs"])
+  assert info.value.code == 1
+  lines = capsys.readouterr().err.splitlines()
+  assert lines[0] == "fgr-train: error: items.jsonl:4: 'category' must be a string, got 7"
+  assert "--verbosity=1" in lines[1] and len(lines) == 2
+  with pytest.raises(ValueError, match="category"):  # Debugging: the traceback as before.
+    launch._reporting_user_errors(bad_data, ["fgr-train", "--verbosity=1"])
+
+  def bug():
+    raise RuntimeError("a bug")
+
+  with pytest.raises(RuntimeError):
+    launch._reporting_user_errors(bug, ["fgr-train"])
+
+
+def test_bad_events_read_by_tf_data_end_fgr_train_in_one_line(tmp_path):
+  """The reader's error surfaces inside tf.data, as an InvalidArgumentError ~90 lines long: the tool
+  ends with the file, line and field. (TensorFlow's own C++ warning of the failed op, which holds the
+  reader's traceback, is printed before it.)"""
+  sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "data"))
+  import logs_testlib  # noqa: PLC0415
+
+  data_dir = str(tmp_path / "logs")
+  logs_testlib.write_tiny_logs(data_dir)
+  events = os.path.join(data_dir, "events.jsonl")
+  with open(events) as f:
+    lines = f.read().splitlines()
+  lines[40] = lines[40].replace('"ad_id": "a0"', '"ad_id": "no-such-ad"')
+  with open(events, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+  script = "from cli import launch; launch.fgr_train()"
+  argv = ["fgr-train", "--data=logs", f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'run'}", "--epochs=1"]
+  result = subprocess.run(
+    [sys.executable, "-c", f"import sys; sys.argv = {argv!r}; {script}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    cwd=REPO_ROOT,
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  ours = [line for line in result.stderr.splitlines() if line.lstrip("(").startswith("fgr-train")]
+  assert re.fullmatch(r"fgr-train: error: .*events\.jsonl:41: ad_id 'no-such-ad' is not in items\.jsonl", ours[0]), ours
+  assert len(ours) == 2 and "--verbosity=1" in ours[1], result.stderr[-3000:]
