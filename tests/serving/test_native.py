@@ -676,3 +676,28 @@ def test_a_call_batching_cannot_take_runs_off_the_queue_thread(tmp_path):
     lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0})
   finally:
     server.stop()
+
+
+class _SumAll(tf.Module):
+  """s = sum of x: a scalar output."""
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+  def serve(self, x):
+    return {"s": tf.reduce_sum(x)}
+
+
+@pytest.mark.parametrize("native", ["on", "off"])
+def test_scalar_outputs_carry_an_empty_shape_on_both_paths(tmp_path, native):
+  """TF Serving sets tensor_shape {} for a scalar; clients test HasField (native left it unset)."""
+  if native == "on":
+    root_conftest.require_native()
+  tf.saved_model.save(_SumAll(), str(tmp_path / "m" / "1"), signatures={"serving_default": _SumAll().serve})
+  server = lib.InProcessServer(model_name="m", model_base_path=str(tmp_path / "m"), native=native)
+  try:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0, 2.0], dtype=tf.float32))
+    output = server.predict.Predict(request, timeout=60).outputs["s"]
+    assert output.HasField("tensor_shape") and not output.tensor_shape.dim and list(output.float_val) == [3.0]
+  finally:
+    server.stop()

@@ -200,7 +200,9 @@ bool DecodeExact(const tensorflow::TensorProto& proto, TensorPtr* out) {
 
 void Encode(const TensorSlice& slice, int dtype, bool as_tensor_content, tensorflow::TensorProto* proto) {
   proto->set_dtype(static_cast<tensorflow::DataType>(dtype));
-  for (int64_t d : slice.dims()) proto->mutable_tensor_shape()->add_dim()->set_size(d);
+  // Set even for a scalar (no dims), as TF's Tensor::AsProtoField does: clients test HasField.
+  tensorflow::TensorShapeProto* shape = proto->mutable_tensor_shape();
+  for (int64_t d : slice.dims()) shape->add_dim()->set_size(d);
   const int64_t n = slice.elements();
   const char* data = slice.data();
   if (as_tensor_content && ContentType(dtype) && n > 1) {
