@@ -101,12 +101,15 @@ class ModelManager:
       for version in sorted(aspired, reverse=True):
         entry = self._versions.get(version)
         if entry is None or self._should_reload(entry, on_disk[version]):
-          entry = _Version(version, on_disk[version])
-          self._versions[version] = entry
-          entry.state = State.LOADING
-          logging.info("Loading servable %s", saved_model_bundle.servable_context(self.name, version))
-          self._load_pool.submit(self._load, entry)
+          self._start_load_locked(version, on_disk[version])
       self._unload_unaspired_locked()
+
+  def _start_load_locked(self, version: int, path: str) -> None:
+    entry = _Version(version, path)
+    self._versions[version] = entry
+    entry.state = State.LOADING
+    logging.info("Loading servable %s", saved_model_bundle.servable_context(self.name, version))
+    self._load_pool.submit(self._load, entry)
 
   @staticmethod
   def _should_reload(entry: _Version, path: str) -> bool:
@@ -208,6 +211,10 @@ class ModelManager:
       gc.collect()
     with self._cond:
       entry.state = State.END
+      # A config reload may have asked for this version again while it unloaded: load it now, as a
+      # poll would only at its next turn (the reload waits for it, and answers once it serves).
+      if entry.version in self._aspired and not self._stopped.is_set() and self._versions.get(entry.version) is entry:
+        self._start_load_locked(entry.version, entry.path)
       self._cond.notify_all()
 
   @contextlib.contextmanager

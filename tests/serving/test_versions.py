@@ -180,6 +180,24 @@ def test_reload_config_and_config_file_polling(tmp_path):
     server.stop()
 
 
+@pytest.mark.usefixtures("native")
+def test_a_reload_asking_back_an_unloading_version_answers_once_it_serves(tmp_path):
+  """Reloads to a version not on disk (the model stops serving), then straight back: the second
+  reload found the old version still unloading and answered OK while nothing served until the next
+  file-system poll. It now reloads that version and answers once it serves."""
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  server = lib.InProcessServer(model_name="m", model_base_path=base, file_system_poll_wait_seconds=0)
+  try:
+    for _ in range(3):
+      for versions in ([9], []):
+        request = model_management_pb2.ReloadConfigRequest(config=_config(("m", base, versions, {})))
+        assert server.model.HandleReloadConfigRequest(request, timeout=60).status.error_code == 0
+      assert _predict(server.predict, "m").outputs["y"].float_val[0] == 3.0
+  finally:
+    server.stop()
+
+
 def test_warmup_replays_and_limits(tmp_path):
   path = str(tmp_path / "1")
   lib.write_tf1_half_plus_two(path)
