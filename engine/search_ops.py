@@ -98,7 +98,10 @@ def fill_short_rows(result: base.SearchResult, k: int, exact: Callable[[], base.
 def exact_top_k_numpy(
   queries: np.ndarray, items: np.ndarray, k: int, eligible: np.ndarray | None = None, chunk: int = 256
 ) -> np.ndarray:
-  """Exact top-k rows [Q, k] by dot product, best first, in NumPy (the reference for recall)."""
+  """Exact top-k rows [Q, k] by dot product, best first, in NumPy (the reference for recall).
+
+  With `eligible`, only eligible rows are answers: past the number of eligible items, a row is -1.
+  """
   out = np.empty([queries.shape[0], k], dtype=np.int64)
   for start in range(0, queries.shape[0], chunk):
     scores = queries[start : start + chunk] @ items.T
@@ -107,6 +110,8 @@ def exact_top_k_numpy(
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
     out[start : start + chunk] = np.take_along_axis(part, order, axis=1)
+  if eligible is not None and k > int(np.count_nonzero(eligible)):
+    out[~np.asarray(eligible, bool)[out]] = -1
   return out
 
 
@@ -171,6 +176,8 @@ def tune_search_option(
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-  """Mean fraction of the true top-k rows found, per query."""
-  hits = [len(np.intersect1d(f[f >= 0], t)) for f, t in zip(found, truth)]
-  return float(np.mean(hits) / truth.shape[1])
+  """Mean fraction of the true top-k rows found, per query; -1 in `truth` is no answer (fewer
+  eligible items than k), so a query is judged on the answers it has."""
+  hits = [len(np.intersect1d(f[f >= 0], t[t >= 0])) for f, t in zip(found, truth)]
+  answers = np.count_nonzero(truth >= 0, axis=1)
+  return float(np.mean([h / a if a else 1.0 for h, a in zip(hits, answers)]))

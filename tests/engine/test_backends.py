@@ -123,3 +123,14 @@ def test_exact_top_k_tf_matches_numpy(small_catalog):
     search_ops.exact_top_k_numpy(queries, items, 10),
     topk_testlib.reference_scores(queries, items),
   )
+
+
+def test_exact_search_over_fewer_eligible_items_than_k_is_full_recall():
+  """With 5 eligible items and k = 8, exact search finds all 5: recall 1 (it was 5/8 per query)."""
+  rng = np.random.default_rng(0)
+  items, queries = rng.normal(size=[8, 4]).astype(np.float32), rng.normal(size=[3, 4]).astype(np.float32)
+  eligible = np.array([True, False, True, True, False, True, False, True])
+  truth = search_ops.exact_top_k_numpy(queries, items, 8, eligible)
+  assert (truth[:, 5:] == -1).all() and all(set(row[:5]) == {0, 2, 3, 5, 7} for row in truth)
+  index = base.build_index("brute_force", items, k=8, eligible=eligible)
+  assert _recall(index, items, queries, 8, eligible) == 1.0
