@@ -55,8 +55,18 @@ def features_from_flags() -> dict[str, list]:
 
 def read_requests(path: str) -> list[dict[str, object]]:
   """Reads one feature dict per non-empty line of a JSONL file."""
+  requests = []
   with open(path, encoding="utf-8") as f:
-    requests = [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        features = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise app.UsageError(f"{path}:{number}: not JSON ({e.msg})") from None
+      if not isinstance(features, dict):
+        raise app.UsageError(f"{path}:{number}: a request must be a JSON object of features")
+      requests.append(features)
   if not requests:
     raise app.UsageError(f"{path} holds no requests")
   return requests

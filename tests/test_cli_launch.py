@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from cli import early_flags, launch
+from tests.data import logs_testlib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A TensorFlow C++ log line at INFO: "2026-12-03 08:23:16.959171: I tensorflow/...".
@@ -154,9 +155,6 @@ def test_bad_events_read_by_tf_data_end_fgr_train_in_one_line(tmp_path):
   """The reader's error surfaces inside tf.data, as an InvalidArgumentError ~90 lines long: the tool
   ends with the file, line and field. (TensorFlow's own C++ warning of the failed op, which holds the
   reader's traceback, is printed before it.)"""
-  sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "data"))
-  import logs_testlib  # noqa: PLC0415
-
   data_dir = str(tmp_path / "logs")
   logs_testlib.write_tiny_logs(data_dir)
   events = os.path.join(data_dir, "events.jsonl")
