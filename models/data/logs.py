@@ -93,9 +93,15 @@ def read_catalog(path: str) -> tuple[sequences.InMemoryItemTable, np.ndarray | N
   one, or None when no item has a bid (the catalog has no money in it).
   """
   ids, categories, brands, tokens, statuses, bids = [], [], [], [], [], []
+  line_of: dict[str, int] = {}
   for line_number, record in _read_jsonl(path):
     if not isinstance(record.get("ad_id"), str) or not record["ad_id"]:
       raise ValueError(f"{path}:{line_number}: 'ad_id' must be a non-empty string")
+    first = line_of.setdefault(record["ad_id"], line_number)
+    if first != line_number:
+      raise ValueError(
+        f"{path}:{line_number}: ad_id {record['ad_id']!r} is already on line {first}; ad ids must be unique"
+      )
     try:
       category, brand, ad_tokens, status = item_fields(record)
     except ValueError as e:

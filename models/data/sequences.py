@@ -43,9 +43,11 @@ class InMemoryItemTable:
       schema.AD_TOKENS: schema.pad_tokens(tokens, schema.AD_TOKENS_LEN),
       schema.STATUS: np.asarray(statuses or ["active"] * len(ad_ids), dtype=object),
     }
-    self.row_of = {ad_id: row for row, ad_id in enumerate(ad_ids)}
-    if len(self.row_of) != self.num_items:
-      raise ValueError("ad ids in the catalog must be unique")
+    self.row_of = {}
+    for row, ad_id in enumerate(ad_ids):
+      if ad_id in self.row_of:
+        raise ValueError(f"ad ids in the catalog must be unique: {ad_id!r} is on rows {self.row_of[ad_id]} and {row}")
+      self.row_of[ad_id] = row
 
   def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     return {name: column[rows] for name, column in self._columns.items()}

@@ -135,3 +135,10 @@ def test_a_catalog_line_obeys_the_type_rules_of_a_delta_line(tmp_path, field, va
   with pytest.raises(ValueError, match=r"delta.jsonl:1: ") as in_delta:
     refresh_delta.parse_lines([json.dumps(line)], "delta.jsonl")
   assert str(in_catalog.value).partition(": ")[2] == str(in_delta.value).partition(": ")[2]
+
+
+def test_a_duplicated_ad_id_is_reported_with_the_file_and_both_lines(tmp_path):
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}, {"ad_id": "a2"}, {"ad_id": "a3"}, {"ad_id": "a2"}])
+  write_jsonl(tmp_path / "events.jsonl", [{"timestamp": 1, "ad_id": "a1"}])
+  with pytest.raises(ValueError, match=r"items.jsonl:4: ad_id 'a2' is already on line 2; ad ids must be unique"):
+    logs.LogsDataset(str(tmp_path))

@@ -47,3 +47,8 @@ def test_state_is_a_compact_table_not_an_object_per_user():
 def test_rows_out_of_range_are_rejected():
   with pytest.raises(ValueError, match="item rows"):
     sequences.HistoryTracker().observe(np.array([1]), np.array([-1]))
+
+
+def test_a_duplicated_ad_id_is_named_with_its_rows():
+  with pytest.raises(ValueError, match=r"must be unique: 'b' is on rows 1 and 3"):
+    sequences.InMemoryItemTable(["a", "b", "c", "b"], ["x"] * 4, ["y"] * 4, [[]] * 4)
