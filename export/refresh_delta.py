@@ -157,5 +157,4 @@ def parse_lines(lines: Iterable[str], name: str = "<delta>") -> CatalogDelta:
 
 def read_delta(path: str) -> CatalogDelta:
   """Reads and checks one delta file completely."""
-  with open(path, encoding="utf-8") as f:
-    return parse_lines(f, path)
+  return parse_lines((line for _, line in logs.text_lines(path)), path)

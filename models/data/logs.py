@@ -31,18 +31,39 @@ _EVENT_KINDS = ("click", "conversion")
 STATUSES = ("active", "paused")
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(line number from 1, line) of a UTF-8 text file; bytes that are not UTF-8 raise a ValueError naming the line."""
   with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+    try:
+      yield from enumerate(f, 1)
+    except UnicodeDecodeError as e:
+      raise _not_utf8(path, e) from None
+
+
+def _not_utf8(path: str, error: UnicodeDecodeError) -> ValueError:
+  """`<path>:<line>: not valid UTF-8 (...)` for the first line of `path` that does not decode."""
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, 1):  # UTF-8 never uses the byte of "\n" inside a character.
       try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_number}: not valid JSON: {e}") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{path}:{line_number}: expected a JSON object")
-      yield line_number, record
+        raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        return ValueError(
+          f"{path}:{line_number}: not valid UTF-8 ({e.reason}: byte {e.object[e.start]:#04x} at column {e.start + 1})"
+        )
+  return ValueError(f"{path}: not valid UTF-8 ({error})")
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+  for line_number, line in text_lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{line_number}: not valid JSON: {e}") from None
+    if not isinstance(record, dict):
+      raise ValueError(f"{path}:{line_number}: expected a JSON object")
+    yield line_number, record
 
 
 def _string_list(path: str, line_number: int, record: dict[str, Any], key: str) -> list[str]:
@@ -151,10 +172,9 @@ class LogsDataset:
     self._table, self._bids = read_catalog(self._items_path)
     self.num_items = self._table.num_items
     num_events, self.has_conversions = 0, False
-    with open(self._events_path, encoding="utf-8") as f:
-      for line in f:
-        num_events += bool(line.strip())
-        self.has_conversions = self.has_conversions or _is_conversion(line)
+    for _, line in text_lines(self._events_path):
+      num_events += bool(line.strip())
+      self.has_conversions = self.has_conversions or _is_conversion(line)
     self._num_train = int(round(num_events * (1.0 - test_fraction)))
 
   def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -142,3 +142,15 @@ def test_a_duplicated_ad_id_is_reported_with_the_file_and_both_lines(tmp_path):
   write_jsonl(tmp_path / "events.jsonl", [{"timestamp": 1, "ad_id": "a1"}])
   with pytest.raises(ValueError, match=r"items.jsonl:4: ad_id 'a2' is already on line 2; ad ids must be unique"):
     logs.LogsDataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("bad_file", ["items.jsonl", "events.jsonl"])
+def test_bytes_that_are_not_utf8_are_reported_with_the_file_and_line(tmp_path, bad_file):
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}, {"ad_id": "a2"}])
+  write_jsonl(tmp_path / "events.jsonl", [{"timestamp": t, "ad_id": "a1"} for t in range(3)])
+  path = tmp_path / bad_file
+  lines = path.read_bytes().splitlines(keepends=True)
+  lines[1] = lines[1].replace(b'"a', b'"\xff')  # A byte no UTF-8 text holds, on line 2.
+  path.write_bytes(b"".join(lines))
+  with pytest.raises(ValueError, match=rf"{bad_file}:2: not valid UTF-8 \(invalid start byte: byte 0xff at column"):
+    list(logs.LogsDataset(str(tmp_path)).examples("train"))

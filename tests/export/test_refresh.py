@@ -81,6 +81,13 @@ def test_delta_lines_later_lines_win_and_errors_name_the_line():
     refresh_delta.parse_lines(['{"ad_id": "a", "deleted": true}', '{"ad_id": "a", "status": "paused"}'])
 
 
+def test_a_delta_file_that_is_not_utf8_is_reported_with_its_line(tmp_path):
+  path = tmp_path / "delta.jsonl"
+  path.write_bytes(b'{"ad_id": "a", "status": "paused"}\n{"ad_id": "caf\xe9", "status": "paused"}\n')
+  with pytest.raises(ValueError, match=r"delta.jsonl:2: not valid UTF-8 \(invalid continuation byte: byte 0xe9"):
+    refresh_delta.read_delta(str(path))
+
+
 def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(exported, served_v1, base_path):
   version_path, source, queries = exported
   loaded, before = served_v1
