@@ -78,14 +78,32 @@ def _prepared_input(
     raise ValueError("--validation_fraction needs an ordered example stream; it is not available with --data=tfrecord")
   if training.mixed_negatives and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     raise ValueError("--mixed_negatives draws from a Python generator, which workers cannot shard; use 0")
+  check_batches(source.num_examples("train"), training.batch_size, source.data_dir)
   steps = source.num_examples("train") // training.batch_size
-  if steps == 0:
-    raise ValueError(f"{source.num_examples('train')} training examples make no batch of {training.batch_size}")
   missing = [name for name in fields if name not in source.layout("train").columns]
   if missing:
     raise ValueError(f"the objective needs the example fields {missing}, which {source.data_dir} lacks")
   dataset = source.training_dataset(training.batch_size, training.shuffle_buffer, training.seed, fields)
   return distribute.shard_by_files(dataset, len(source.files("train")), distribute.num_workers(strategy)), steps
+
+
+def check_batches(num_examples: int, batch_size: int, where: str | None = None) -> None:
+  """Refuses training examples that fill no batch (the remainder is dropped), which Keras fails on as "Empty logs".
+
+  Args:
+    num_examples: how many training examples there are (or a count that stops at batch_size).
+    batch_size: --batch_size.
+    where: what the data is, named when there is no example at all.
+  """
+  if num_examples == 0:
+    raise ValueError("the training split has no examples" + (f": {where}" if where else ""))
+  if num_examples < batch_size:
+    raise ValueError(f"{num_examples} training examples make no batch of {batch_size}: lower --batch_size")
+
+
+def _count_up_to(examples: tf.data.Dataset, limit: int) -> int:
+  """How many of the first `limit` unbatched examples exist (reads no further)."""
+  return int(examples.take(limit).reduce(np.int64(0), lambda count, _: count + 1).numpy())
 
 
 def checkpoint_path(output_dir: str) -> str | None:
@@ -111,6 +129,7 @@ def _split_validation(
   num_held_out = int(round(total * training.validation_fraction))
   if not 0 < num_held_out < total:
     raise ValueError(f"validation_fraction {training.validation_fraction} leaves no training or validation example")
+  check_batches(total - num_held_out, training.batch_size)
   every = max(1, -(-num_held_out // training.max_validation_examples))
   validation = examples.skip(total - num_held_out).shard(every, 0).batch(4096)
   return examples.take(total - num_held_out), list(validation.as_numpy_iterator())
@@ -189,6 +208,10 @@ def train(
     if multi_worker:
       raise ValueError("--distribute=multi_worker reads fgr-prepare's shards: use --data=tfrecord")
     train_ds = example_dataset(source, "train", tower)
+    # Before the cache, which a partial read would leave incomplete; reads at most one batch of examples.
+    check_batches(
+      _count_up_to(train_ds, training.batch_size), training.batch_size, getattr(source, "events_summary", None)
+    )
     if training.cache_examples:
       train_ds = train_ds.cache()
     if training.validation_fraction > 0:

@@ -161,6 +161,7 @@ class LogsDataset:
 
   Attributes:
     has_conversions: events.jsonl has a conversion event, so example batches carry "converted".
+    events_summary: where the events are and how many precede the test split, for error messages.
   """
 
   def __init__(self, data_dir: str, test_fraction: float = 0.1):
@@ -176,6 +177,9 @@ class LogsDataset:
       num_events += bool(line.strip())
       self.has_conversions = self.has_conversions or _is_conversion(line)
     self._num_train = int(round(num_events * (1.0 - test_fraction)))
+    self.events_summary = (
+      f"{self._events_path} holds {num_events} events, {self._num_train} of them before the test split"
+    )
 
   def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     return self._table.features(rows)

@@ -80,3 +80,25 @@ def test_a_relative_data_dir_is_recorded_absolute_so_the_run_opens_from_anywhere
   assert sources.open_source(sources.DataSpec.from_json(recorded)).num_items == 8
   remote = types.SimpleNamespace(**{**vars(data_flags), "data": "tfrecord", "data_dir": "gs://bucket/prepared"})
   assert sources.DataSpec.from_flags(remote).data_dir == "gs://bucket/prepared"
+
+
+def test_an_empty_training_split_names_the_events_file_and_its_count(tmp_path):
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"), num_events=0)
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  message = r"the training split has no examples: .*events.jsonl holds 0 events, 0 of them before the test split"
+  with pytest.raises(ValueError, match=message):
+    train_lib.train(data, TINY_TOWER, TRAINING, str(tmp_path / "run"))
+
+
+# 20 events: 18 training examples, 14 of them left to train on beside a validation slice of 0.25.
+@pytest.mark.parametrize("validation_fraction,batch_size,examples", [(0.0, 32, 18), (0.25, 16, 14)])
+def test_fewer_training_examples_than_a_batch_ask_for_a_lower_batch_size(
+  tmp_path, validation_fraction, batch_size, examples
+):
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"), num_events=20)
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  training = dataclasses.replace(TRAINING, batch_size=batch_size, validation_fraction=validation_fraction)
+  message = rf"^{examples} training examples make no batch of {batch_size}: lower --batch_size$"
+  with pytest.raises(ValueError, match=message):
+    train_lib.train(data, TINY_TOWER, training, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / config_lib.CONFIG_FILE)
