@@ -305,3 +305,9 @@ def build_index(
   if embeddings.ndim != 2 or embeddings.shape[0] == 0:
     raise ValueError(f"embeddings must be a non-empty [N, d] matrix, got shape {embeddings.shape}")
   return spec.build(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)
+
+
+def check_k(k: int, num_items: int) -> None:
+  """Refuses a number of neighbours no search of a `num_items` catalog can return."""
+  if not 0 < k <= num_items:
+    raise ValueError(f"k must be in [1, {num_items}] (the catalog size), got {k}")

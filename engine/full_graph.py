@@ -146,8 +146,7 @@ class FullGraph(tf.Module):
     super().__init__(name="full_graph")
     if len(item_ids) != index.num_items:
       raise ValueError(f"{len(item_ids)} item ids for an index of {index.num_items} items")
-    if not 0 < k <= index.num_items:
-      raise ValueError(f"k must be in [1, {index.num_items}] (the catalog size), got {k}")
+    base.check_k(k, index.num_items)
     check_exclusions(exclusions, exclusion_depth, query_specs)
     if cooccurrence is not None:
       spec = query_specs.get(cooccurrence.history_feature)

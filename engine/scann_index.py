@@ -295,8 +295,9 @@ def build_scann(
     **options: overrides of `scann_config.ScannConfig` fields (see there). A tree on a catalog below
       `scann_config.NO_TREE_MAX_ITEMS` (a test catalog) takes `num_leaves=…, scoring="ah"`.
   """
-  scann_ops = _scann_ops()
   num_items = embeddings.shape[0]
+  base.check_k(k, num_items)  # Refused here, not deep in ScaNN's training or the knob tuning.
+  scann_ops = _scann_ops()
   settings = scann_config.ScannConfig.for_catalog(num_items, k, **options)
   if settings.partitioning == "auto" and settings.num_leaves:
     settings.partitioning = "spherical" if has_unit_norms(embeddings) else "generic"

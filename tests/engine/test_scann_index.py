@@ -32,6 +32,14 @@ def test_recall_brute_force_config(small_catalog):
   np.testing.assert_allclose(result.scores.numpy()[:, 0], np.max(queries @ items.T, axis=1), rtol=1e-4)
 
 
+def test_a_k_above_the_catalog_size_is_refused_at_build_as_full_graph_refuses_it():
+  items = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+  with pytest.raises(ValueError, match=r"^k must be in \[1, 300\] \(the catalog size\), got 1000$"):
+    base.build_index("scann", items, k=1000)
+  with pytest.raises(ValueError, match=r"^k must be in \[1, 300\] \(the catalog size\), got 1000$"):
+    base.check_k(1000, 300)  # What engine.full_graph says over a brute_force index.
+
+
 def test_recall_tree_ah_reorder(medium_catalog, medium_tuning_queries):
   items, queries = medium_catalog
   index = _medium_index(items, medium_tuning_queries)
