@@ -140,9 +140,11 @@ def read(version_path: str) -> VersionReport:
   """The report a version carries in assets.extra."""
   report_path = path(version_path)
   if not os.path.exists(report_path):
-    raise FileNotFoundError(
-      f"{report_path} is missing: fgr-refresh needs a version written by fgr-export or fgr-refresh"
-    )
+    message = f"{report_path} is missing: not a version written by fgr-export or fgr-refresh"
+    numbered = sorted(int(n) for n in os.listdir(version_path) if n.isdigit()) if os.path.isdir(version_path) else []
+    if numbered:  # A base path: the versions are its numbered subdirectories.
+      message += f"; {version_path} holds versions, so pass one, e.g. {os.path.join(version_path, str(numbered[-1]))}"
+    raise FileNotFoundError(message)
   with open(report_path) as f:
     return VersionReport.from_json(json.load(f))
 
