@@ -60,6 +60,20 @@ def _test_examples(source: sources.Source, skip: int, max_examples: int, batch_s
       yield {name: values[lo:hi] for name, values in batch.items()}
 
 
+def _uncalibrated_examples(
+  source: sources.Source, calibrated: int, max_examples: int, batch_size: int
+) -> list[dict[str, np.ndarray]]:
+  """The batches of test examples after the `calibrated` ones a channel export fit its calibrations on."""
+  examples = list(_test_examples(source, calibrated, max_examples, batch_size))
+  if not examples:
+    num_test = sum(len(batch[schema.AD_ID]) for batch in source.examples("test"))
+    raise ValueError(
+      f"no test examples are left to evaluate: the test split has {num_test} and the export calibrated on the first "
+      f"{calibrated}; export again with a lower fgr-export --calibration_examples"
+    )
+  return examples
+
+
 def _query(batch: dict[str, np.ndarray]) -> dict[str, tf.Tensor]:
   return {n: tf.constant(batch[n]) for n in schema.QUERY_FEATURE_NAMES}
 
@@ -139,9 +153,9 @@ def evaluate_version(
   categories = sequences.catalog_column(source, schema.CATEGORY)
   has_bids = sources.bids_of(source, np.arange(1)) is not None
   settings = settings or variants(report)
-  examples = list(_test_examples(source, report.extra[channel_exporter.CALIBRATION_EXAMPLES], max_examples, batch_size))
-  if not examples:
-    raise ValueError("no test examples are left after the calibration examples")
+  examples = _uncalibrated_examples(
+    source, report.extra[channel_exporter.CALIBRATION_EXAMPLES], max_examples, batch_size
+  )
   fields = {name: np.concatenate([b[name] for b in examples]) for name in examples[0]}
   positives = np.asarray([source.row_of(str(a)) for a in fields[schema.AD_ID]], dtype=np.int64)
   out: dict[str, Any] = {"num_examples": int(len(positives)), "k": report.k, "judged_in": judge, "variants": {}}

@@ -15,6 +15,7 @@ from models import retrieval
 from models import train as train_lib
 from models.data import schema, sources
 from tests.conftest import TINY_DATA, TINY_TOWER, TINY_TRAINING
+from tests.data import logs_testlib
 
 K = 10
 
@@ -98,3 +99,15 @@ def test_served_evaluation_reports_every_channel_merged_and_reranked(channel_ver
       assert np.isfinite(point[key]), key
   # The semantic channel is trained to stay on the query's topic.
   assert variants["semantic"]["noise_ratio"] <= variants["efficiency"]["noise_ratio"] + 0.05
+
+
+def test_a_test_split_within_the_calibration_examples_says_how_to_leave_some(tmp_path):
+  logs_testlib.write_tiny_logs(str(tmp_path), num_events=64)  # The last 10% in time: 6 test examples.
+  source = sources.open_source(sources.DataSpec(name="logs", data_dir=str(tmp_path)))
+  message = (
+    r"^no test examples are left to evaluate: the test split has 6 and the export calibrated on the first 2000; "
+    r"export again with a lower fgr-export --calibration_examples$"
+  )
+  with pytest.raises(ValueError, match=message):
+    served_evaluation._uncalibrated_examples(source, 2000, max_examples=0, batch_size=256)
+  assert sum(len(b[schema.AD_ID]) for b in served_evaluation._uncalibrated_examples(source, 4, 0, 256)) == 2
