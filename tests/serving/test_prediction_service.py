@@ -13,6 +13,7 @@ from tensorflow_serving.apis import (
   get_model_status_pb2,
   inference_pb2,
   predict_pb2,
+  prediction_service_pb2_grpc,
   regression_pb2,
 )
 
@@ -201,10 +202,13 @@ def test_request_metadata_has_one_limit_on_both_paths(server):
   for _ in range(20):
     response = server.predict.Predict(_predict_request(), timeout=30, metadata=[("x-token", "a" * 15_000)])
     assert list(response.outputs["y"].float_val) == [3.0]
-  code, _ = lib.grpc_code(
-    lambda request, timeout: server.predict.Predict(request, timeout=timeout, metadata=[("x-token", "a" * 17_000)]),
-    _predict_request(),
-  )
+  # On a channel of its own: gRPC may close the connection over it, failing the next calls on it.
+  with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    code, _ = lib.grpc_code(
+      lambda request, timeout: stub.Predict(request, timeout=timeout, metadata=[("x-token", "a" * 17_000)]),
+      _predict_request(),
+    )
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
