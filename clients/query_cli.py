@@ -16,6 +16,8 @@ import tensorflow as tf
 from absl import app, flags
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from clients.loadtest import request_source
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("server", "127.0.0.1:8500", "host:port of the gRPC endpoint.")
@@ -55,18 +57,10 @@ def features_from_flags() -> dict[str, list]:
 
 def read_requests(path: str) -> list[dict[str, object]]:
   """Reads one feature dict per non-empty line of a JSONL file."""
-  requests = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        features = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise app.UsageError(f"{path}:{number}: not JSON ({e.msg})") from None
-      if not isinstance(features, dict):
-        raise app.UsageError(f"{path}:{number}: a request must be a JSON object of features")
-      requests.append(features)
+  try:
+    requests = request_source.read_feature_lines(path)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if not requests:
     raise app.UsageError(f"{path} holds no requests")
   return requests

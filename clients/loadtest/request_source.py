@@ -9,7 +9,6 @@ requests are held-out query features from the project's synthetic search-ads gen
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -50,12 +49,27 @@ def _parse_record(record: bytes) -> predict_pb2.PredictRequest:
   return request
 
 
+def read_feature_lines(path: str) -> list[dict[str, Any]]:
+  """One feature dict per non-empty line of a JSON Lines file; a bad line is a ValueError naming it."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        features = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+      if not isinstance(features, dict):
+        raise ValueError(f"{path}:{number}: a request must be a JSON object of features")
+      records.append(features)
+  return records
+
+
 def read_requests_file(path: str, limit: int | None = None) -> list[predict_pb2.PredictRequest]:
   """Reads recorded requests: `.jsonl`/`.json` as feature dicts, anything else as TFRecord."""
   if path.endswith((".jsonl", ".json")):
-    with open(path, encoding="utf-8") as f:
-      records: Iterable[Any] = [json.loads(line) for line in f if line.strip()]
-    requests = [features_request(features) for features in records]
+    requests = [features_request(features) for features in read_feature_lines(path)]
   else:
     requests = [_parse_record(record.numpy()) for record in tf.data.TFRecordDataset(path)]
   requests = requests[:limit] if limit else requests

@@ -166,6 +166,15 @@ def test_request_files_round_trip(tmp_path, requests):
   empty.write_text("\n")
   with pytest.raises(ValueError, match="holds no requests"):
     request_source.read_requests_file(str(empty))
+  # fgr-loadtest and fgr-query read feature lines alike: a bad one is named by file and line.
+  for text, message in (
+    ('{"user_id": "u1"}\n{not json\n', r"bad.jsonl:2: not JSON \(Expecting property name"),
+    ('["t1"]\n', "bad.jsonl:1: a request must be a JSON object of features"),
+  ):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=message):
+      request_source.read_requests_file(str(bad))
 
 
 def test_cli_writes_json_report_and_plot(echo, tmp_path):
