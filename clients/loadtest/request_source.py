@@ -50,7 +50,11 @@ def _parse_record(record: bytes) -> predict_pb2.PredictRequest:
 
 
 def read_feature_lines(path: str) -> list[dict[str, Any]]:
-  """One feature dict per non-empty line of a JSON Lines file; a bad line is a ValueError naming it."""
+  """One feature dict per non-empty line of a JSON Lines file; a bad line is a ValueError naming it.
+
+  Its own reader, not the training logs' (`models.data.logs`): replaying recorded requests needs no
+  data layer (see `synthetic_requests`).
+  """
   records = []
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
