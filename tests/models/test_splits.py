@@ -89,12 +89,12 @@ def test_movielens_held_out_movies_leave_no_trace_in_training_queries(movielens_
 
 def test_validation_is_the_most_recent_slice_of_training():
   examples = tf.data.Dataset.range(100).map(lambda i: {schema.AD_ID: i})
-  config = train.TrainConfig(validation_fraction=0.1, max_validation_examples=5)
+  config = train.TrainConfig(validation_fraction=0.1, max_validation_examples=5, batch_size=8)
   kept, validation = train._split_validation(examples, config)
   assert [int(x[schema.AD_ID]) for x in kept] == list(range(90))
   assert [int(i) for i in np.concatenate([b[schema.AD_ID] for b in validation])] == [90, 92, 94, 96, 98]
   with pytest.raises(ValueError, match="leaves no"):
-    train._split_validation(examples, train.TrainConfig(validation_fraction=0.001))
+    train._split_validation(examples, train.TrainConfig(validation_fraction=0.001, batch_size=8))
 
 
 def test_movielens_time_split_holds_out_the_last_tenth_of_ratings(movielens_dir):
