@@ -27,18 +27,20 @@ _HTTP_STATUS = {
 
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
-# The most characters of a status message sent in gRPC trailers. Messages echo what the client sent
-# (names, aliases); gRPC refuses trailers over 16 KiB (a message is percent-encoded, up to 3 bytes a
-# character), and the client would then see RESOURCE_EXHAUSTED instead of the error's own code. The
-# native server caps at the same length (serving/native/cc/call.h).
+# The most bytes (UTF-8) of a status message sent in gRPC trailers. Messages echo what the client sent
+# (names, aliases); gRPC refuses trailers over 16 KiB (a message goes percent-encoded, up to 3 bytes a
+# byte), and the client would then see RESOURCE_EXHAUSTED instead of the error's own code. The native
+# server caps at the same length (serving/native/cc/call.h).
 MAX_STATUS_MESSAGE = 2048
 
 
 def status_message(message: str) -> str:
-  """`message` as sent in a gRPC status: cut to MAX_STATUS_MESSAGE characters, saying so."""
-  if len(message) <= MAX_STATUS_MESSAGE:
+  """`message` as sent in a gRPC status: cut to MAX_STATUS_MESSAGE bytes of whole characters, saying so."""
+  data = message.encode("utf-8", errors="replace")
+  if len(data) <= MAX_STATUS_MESSAGE:
     return message
-  return f"{message[:MAX_STATUS_MESSAGE]}... ({len(message) - MAX_STATUS_MESSAGE} more characters)"
+  kept = data[:MAX_STATUS_MESSAGE].decode("utf-8", errors="ignore")
+  return f"{kept}... ({len(data) - len(kept.encode('utf-8'))} more bytes)"
 
 
 class ServingError(Exception):

@@ -166,6 +166,8 @@ def test_predict_errors(server, mutate, code, message):
   "mutate, code, message",
   [
     (lambda r: setattr(r.model_spec, "name", "m" * 100_000), grpc.StatusCode.NOT_FOUND, "Servable not found"),
+    # 3 bytes a character, 9 once percent-encoded: the cut counts bytes, not characters.
+    (lambda r: setattr(r.model_spec, "name", "模" * 40_000), grpc.StatusCode.NOT_FOUND, "Servable not found"),
     (
       lambda r: setattr(r.model_spec, "signature_name", "s" * 100_000),
       grpc.StatusCode.FAILED_PRECONDITION,
@@ -185,7 +187,7 @@ def test_errors_echoing_long_requests_keep_their_code(server, mutate, code, mess
   mutate(request)
   got_code, details = _error(server.predict.Predict, request)
   assert (got_code, message in details) == (code, True)
-  assert len(details) < 2_100 and "more " in details
+  assert len(details.encode()) < 2_100 and "more bytes" in details
 
 
 def test_predict_on_the_init_op_signature_is_invalid(server):
