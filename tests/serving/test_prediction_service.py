@@ -204,8 +204,10 @@ def test_request_metadata_has_one_limit_on_both_paths(server):
   for _ in range(20):
     response = server.predict.Predict(_predict_request(), timeout=30, metadata=[("x-token", "a" * 15_000)])
     assert list(response.outputs["y"].float_val) == [3.0]
-  # On a channel of its own: gRPC may close the connection over it, failing the next calls on it.
-  with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+  # On a connection of its own (channels to one address share connections unless told not to): the
+  # native server's gRPC 1.51 closes the connection over it, failing the other calls on it.
+  options = [("grpc.use_local_subchannel_pool", 1)]
+  with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=options) as channel:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     code, _ = lib.grpc_code(
       lambda request, timeout: stub.Predict(request, timeout=timeout, metadata=[("x-token", "a" * 17_000)]),
