@@ -141,17 +141,6 @@ def read_catalog(path: str) -> tuple[sequences.InMemoryItemTable, np.ndarray | N
   return table, np.asarray([0.0 if bid is None else bid for bid in bids], dtype=np.float32)
 
 
-def _is_conversion(line: str) -> bool:
-  """The events.jsonl line is a conversion (malformed lines are reported when examples are read)."""
-  if '"conversion"' not in line:  # Cheap filter: only candidate lines are parsed.
-    return False
-  try:
-    record = json.loads(line)
-  except json.JSONDecodeError:
-    return False
-  return isinstance(record, dict) and record.get("event") == "conversion"
-
-
 class LogsDataset:
   """Training examples from a directory holding items.jsonl and events.jsonl.
 
@@ -172,10 +161,12 @@ class LogsDataset:
         raise FileNotFoundError(f"{path} is missing; see docs/data_format.md")
     self._table, self._bids = read_catalog(self._items_path)
     self.num_items = self._table.num_items
+    # Every event is checked here, once, before any training: a bad line then fails the tool at once
+    # with its file and line, rather than minutes in, from inside tf.data's reading thread.
     num_events, self.has_conversions = 0, False
-    for _, line in text_lines(self._events_path):
-      num_events += bool(line.strip())
-      self.has_conversions = self.has_conversions or _is_conversion(line)
+    for *_, converted in self._events():
+      num_events += 1
+      self.has_conversions = self.has_conversions or converted
     self._num_train = int(round(num_events * (1.0 - test_fraction)))
     self.events_summary = (
       f"{self._events_path} holds {num_events} events, {self._num_train} of them before the test split"
@@ -202,6 +193,16 @@ class LogsDataset:
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     tracker = sequences.HistoryTracker()
     chunk: list[tuple[int, str, list[str], list[str], int, bool]] = []
+    for event in self._events():
+      chunk.append(event)
+      if len(chunk) == chunk_size:
+        yield from self._emit(chunk, tracker, split)
+        chunk = []
+    if chunk:
+      yield from self._emit(chunk, tracker, split)
+
+  def _events(self) -> Iterator[tuple[int, str, list[str], list[str], int, bool]]:
+    """(index, user id, user features, query tokens, catalog row, converted) of each event, checked."""
     last_timestamp = None
     for index, (line_number, record) in enumerate(_read_jsonl(self._events_path)):
       timestamp = record.get("timestamp")
@@ -217,21 +218,14 @@ class LogsDataset:
       ad_id = record.get("ad_id")
       if ad_id not in self._table.row_of:
         raise ValueError(f"{self._events_path}:{line_number}: ad_id {ad_id!r} is not in {ITEMS_FILE}")
-      chunk.append(
-        (
-          index,
-          _user_id(record),
-          _string_list(self._events_path, line_number, record, "user_features"),
-          _string_list(self._events_path, line_number, record, "query_tokens"),
-          self._table.row_of[ad_id],
-          event == "conversion",
-        )
+      yield (
+        index,
+        _user_id(record),
+        _string_list(self._events_path, line_number, record, "user_features"),
+        _string_list(self._events_path, line_number, record, "query_tokens"),
+        self._table.row_of[ad_id],
+        event == "conversion",
       )
-      if len(chunk) == chunk_size:
-        yield from self._emit(chunk, tracker, split)
-        chunk = []
-    if chunk:
-      yield from self._emit(chunk, tracker, split)
 
   def _emit(self, chunk, tracker: sequences.HistoryTracker, split: str) -> Iterator[dict[str, np.ndarray]]:
     index, users, user_features, query_tokens, rows, converted = (list(column) for column in zip(*chunk))
