@@ -31,9 +31,14 @@ def test_index_only_export_finds_the_full_graphs_ads(trained_run, tree_export, t
   assert not set(ids.ravel()) & set(catalog.ids[~eligible])
   state = refresh_state.read_state(version)
   np.testing.assert_allclose(scores, scann_testlib.dot_scores(embeddings.numpy(), ids, state), rtol=1e-4, atol=1e-4)
-  # A batch of one takes ScaNN's single-query op, which rounds its leaf and AH scores its own way: over
-  # 8 queries, 2 of the 80 places may hold another ad picked at a leaf or reorder boundary.
+  # A batch of one takes ScaNN's single-query op, which rounds its leaf and AH scores its own way, so an
+  # ad at a leaf or reorder boundary may fall the other way. Over 30 training seeds, 0-6 of these 320
+  # places differed; a broken single-query path (wrong leaves, mask or rows) differs in most of them.
   single = np.concatenate(
-    [ann.signatures["serving_default"](embedding=embeddings[i : i + 1])["ids"].numpy().astype(str) for i in range(8)]
+    [ann.signatures["serving_default"](embedding=embeddings[i : i + 1])["ids"].numpy().astype(str) for i in range(32)]
   )
-  assert scann_testlib.recall(single, ids[:8]) >= 0.97
+  assert scann_testlib.recall(single, ids) >= 0.95
+  assert not set(single.ravel()) & set(catalog.ids[~eligible])
+  # Whichever way those ads fall, both ops are as close to the exact top-k (within 0.03 recall).
+  exact = scann_testlib.exact_ids(embeddings.numpy(), state)
+  assert abs(scann_testlib.recall(single, exact) - scann_testlib.recall(ids, exact)) <= 0.03
