@@ -75,6 +75,7 @@ class DirectSession:
         fed, or a name is not a tensor of the graph (a signature may name an op, e.g. the
         `__saved_model_init_op` signature): the request asked for what the graph cannot run.
       tf.errors.OpError: The run failed.
+      errors.ServingError: INVALID_ARGUMENT for a failure whose message is not UTF-8 (see the code).
     """
     plan = self._plan(tuple(feeds), tuple(fetches))
     feed_dict = {}
@@ -91,6 +92,12 @@ class DirectSession:
       values = self._session._call_tf_sessionrun(  # pylint: disable=protected-access
         buffer, feed_dict, plan.fetches, [], None
       )
+    except UnicodeDecodeError as e:
+      # TF's binding raises this instead of the run's OpError when the status message is not UTF-8,
+      # and the status code is lost with it. Ops put raw bytes in a message when they echo a request's
+      # value (ParseExample: "Could not parse example input, value: '...'"): bad input.
+      message = e.object.decode("utf-8", errors="backslashreplace") if isinstance(e.object, bytes) else str(e)
+      raise errors.invalid_argument(message) from e
     finally:
       if buffer is not None:
         pywrap_tf_session.TF_DeleteBuffer(buffer)

@@ -199,6 +199,17 @@ def test_predict_on_the_init_op_signature_is_invalid(server):
   assert (code, "is not a tensor of the graph" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
 
 
+def test_errors_whose_message_is_not_utf8_keep_their_code(server):
+  """ParseExample echoes the request's bytes in its INVALID_ARGUMENT; TF's Python binding raised a
+  UnicodeDecodeError for it, which answered INTERNAL on the Python path."""
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = TF1_MODEL
+  request.model_spec.signature_name = "regress_x_to_y"
+  request.inputs["inputs"].CopyFrom(tf.make_tensor_proto([b"\xff\xfe junk"]))
+  code, details = _error(server.predict.Predict, request)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT and "Could not parse example input" in details
+
+
 def test_request_metadata_has_one_limit_on_both_paths(server):
   """Headers up to 16 KiB pass every time (grpcio alone refuses 8-16 KiB at random), beyond they fail."""
   for _ in range(20):

@@ -30,10 +30,20 @@ namespace {
 
 PyObject* native_error = nullptr;
 
+// A status message as Python text. TF's messages may hold raw bytes (an op echoing a request's value,
+// e.g. ParseExample's "Could not parse example input, value: '...'"); pybind11's strict decoding would
+// turn the error into a UnicodeDecodeError and lose its code.
+py::str MessageText(const std::string& message) {
+  PyObject* text = PyUnicode_DecodeUTF8(message.data(), static_cast<Py_ssize_t>(message.size()), "backslashreplace");
+  if (text == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(text);
+}
+
 [[noreturn]] void Raise(const Status& status) {
-  py::object error = py::reinterpret_borrow<py::object>(native_error)(status.code, status.message);
+  py::str message = MessageText(status.message);
+  py::object error = py::reinterpret_borrow<py::object>(native_error)(status.code, message);
   error.attr("code") = status.code;
-  error.attr("message") = status.message;
+  error.attr("message") = message;
   PyErr_SetObject(native_error, error.ptr());
   throw py::error_already_set();
 }
