@@ -43,6 +43,30 @@ _MODEL_STATUS_API = re.compile(
 )
 
 
+# What a CORS preflight's Origin header must hold (TF Serving: RE2::PartialMatch "https?://").
+_HTTP_ORIGIN = re.compile(r"https?://")
+# A \\u escape of a UTF-16 surrogate: a body without one can't hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\\ud800-\\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+  """Whether a parsed JSON value holds a string or key with an unpaired surrogate (paired escapes
+  were already joined into one character by the parser)."""
+  stack = [value]
+  while stack:
+    item = stack.pop()
+    if isinstance(item, str):
+      if _LONE_SURROGATE.search(item):
+        return True
+    elif isinstance(item, dict):
+      stack.extend(item.keys())
+      stack.extend(item.values())
+    elif isinstance(item, list):
+      stack.extend(item)
+  return False
+
+
 def _model_spec(name: str, version: str | None, label: str | None) -> model_pb2.ModelSpec:
   spec = model_pb2.ModelSpec(name=urllib.parse.unquote(name))
   if version:
@@ -120,6 +144,10 @@ class RestApi:
     except RecursionError as e:  # json's C parser counts nesting against
       # the interpreter's recursion limit, so deep bodies stop here.
       raise errors.invalid_argument("JSON Parse error: the body nests arrays or objects too deeply") from e
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(request):
+      # Python's parser keeps an unpaired \uD800-\uDFFF escape as a lone surrogate, which is no
+      # character and cannot be encoded; TF Serving's parser refuses it.
+      raise errors.invalid_argument("JSON Parse error: a string holds an unpaired UTF-16 surrogate escape")
     if not isinstance(request, dict):
       raise errors.invalid_argument("JSON Value: request body must be a JSON object")
     signature_name = request.get("signature_name", "")
@@ -295,7 +323,8 @@ class HttpServer:
           self.send_header("Access-Control-Allow-Methods", "POST, GET")
           self.send_header("Access-Control-Allow-Headers", "Content-Type")
         self.end_headers()
-        self.wfile.write(payload)
+        if self.command != "HEAD":  # A HEAD reply has the headers of the body it leaves out.
+          self.wfile.write(payload)
 
       def _handle(self, method: str):
         path = urllib.parse.urlsplit(self.path).path
@@ -343,14 +372,30 @@ class HttpServer:
           data = json.dumps({"error": f"Failed to write JSON: {e}"}).encode()
         self._reply(status, data, "application/json")
 
+      # As in TF Serving, every method reaches the API, which answers what it does not serve with
+      # 400 "Malformed request" (http.server's default is an HTML 501 page).
       def do_GET(self):
         self._handle("GET")
 
       def do_POST(self):
         self._handle("POST")
 
+      def do_PUT(self):
+        self._handle("PUT")
+
+      def do_DELETE(self):
+        self._handle("DELETE")
+
+      def do_PATCH(self):
+        self._handle("PATCH")
+
+      def do_HEAD(self):
+        self._handle("HEAD")
+
       def do_OPTIONS(self):
-        self._reply(200, b"", "text/plain")
+        """A CORS preflight: OK when it names an http(s) Origin, else 400, with an empty body either way
+        (TF Serving's http_server.cc)."""
+        self._reply(200 if _HTTP_ORIGIN.search(self.headers.get("Origin", "")) else 400, b"", "text/plain")
 
       def log_message(self, format, *args):  # pylint: disable=redefined-builtin
         logging.debug("REST %s - %s", self.address_string(), format % args)

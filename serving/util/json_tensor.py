@@ -47,6 +47,10 @@ def _decode_b64(value: dict[str, Any]) -> bytes:
   encoded = value[B64_KEY]
   if not isinstance(encoded, str):
     raise errors.invalid_argument("'b64' value must be a string")
+  if "=" not in encoded and len(encoded) % 4 > 1:
+    # TF Serving decodes with absl::Base64Unescape, for which padding is optional (when present it
+    # must be right); Python's decoder insists on it.
+    encoded += "=" * (-len(encoded) % 4)
   try:
     return base64.b64decode(encoded, validate=True)
   except (binascii.Error, ValueError) as e:
@@ -165,8 +169,9 @@ def _predict_values(body: Mapping[str, Any], signature: meta_graph_pb2.Signature
   if has_inputs:
     value = body["inputs"]
     if isinstance(value, dict) and not _is_b64(value):
-      _input_infos(signature, value.keys())
-      return dict(value), False
+      # As TF Serving does, only the signature's inputs are read: other keys (a client's request id,
+      # say) are ignored.
+      return {alias: v for alias, v in value.items() if alias in signature.inputs}, False
     return {_single_input(signature): value}, False
   instances = body["instances"]
   if not isinstance(instances, list) or not instances:
@@ -245,26 +250,42 @@ def predict_response_json(outputs: Mapping[str, np.ndarray], row_format: bool) -
   return {"predictions": [{a: converted[a][i] for a in converted} for i in range(batch or 0)]}
 
 
+def _feature_kind(name: str, value: Any) -> str:
+  """The tf.Example list a JSON feature value goes to, as TF Serving decides it (json_tensor.cc).
+
+  true/false are int64 1/0; a number written with a fraction or an exponent is a float.
+  """
+  if isinstance(value, (bool, int)):
+    return "int64"
+  if isinstance(value, float):
+    return "float"
+  if isinstance(value, str) or _is_b64(value):
+    return "bytes"
+  raise errors.invalid_argument(f"Feature: {name} has element with unexpected JSON type: {short_repr(value)}")
+
+
 def _feature(name: str, value: Any) -> feature_pb2.Feature:
   values = value if isinstance(value, list) else [value]
   feature = feature_pb2.Feature()
   if not values:
     return feature
-  if all(isinstance(v, bool) for v in values):
-    raise errors.invalid_argument(f"Feature {name}: booleans are not a tf.Example feature type")
-  if all(isinstance(v, int) for v in values):
+  kinds = [_feature_kind(name, v) for v in values]
+  kind = kinds[0]
+  if any(k != kind for k in kinds):
+    other = next(k for k in kinds if k != kind)
+    raise errors.invalid_argument(
+      f"Unexpected element type in feature: {name} expecting type: {kind}, got a {other} value "
+      f"(all of a feature's values must be of one type: write floats with a decimal point)"
+    )
+  if kind == "int64":
     outside = [v for v in values if not _INT64_MIN <= v <= _INT64_MAX]
     if outside:
       raise errors.invalid_argument(f"Feature {name}: {short_repr(outside[0])} is out of the int64 range")
-    feature.int64_list.value.extend(values)
-  elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-    feature.float_list.value.extend(float(v) for v in values)
-  elif all(isinstance(v, str) or _is_b64(v) for v in values):
-    feature.bytes_list.value.extend(_decode_b64(v) if _is_b64(v) else v.encode("utf-8") for v in values)
+    feature.int64_list.value.extend(int(v) for v in values)
+  elif kind == "float":
+    feature.float_list.value.extend(values)
   else:
-    raise errors.invalid_argument(
-      f"Feature {name}: values must all be numbers or all be strings, got {short_repr(values)}"
-    )
+    feature.bytes_list.value.extend(_decode_b64(v) if _is_b64(v) else v.encode("utf-8") for v in values)
   return feature
 
 

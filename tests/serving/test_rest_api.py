@@ -138,6 +138,27 @@ def test_classify_and_regress(server):
       400,
       "is out of the int64 range",
     ),
+    # TF Serving's JSON parser refuses an unpaired surrogate; Python's keeps it, and encoding it failed (500).
+    ("POST", f"/v1/models/{TF1_MODEL}:predict", b'{"instances": ["\\ud800"]}', 400, "unpaired UTF-16 surrogate"),
+    (
+      "POST",
+      f"/v1/models/{TF1_MODEL}:regress",
+      {"signature_name": "regress_x_to_y", "examples": [{"x": [2.5, 1]}]},
+      400,
+      "Unexpected element type in feature: x",
+    ),
+    # A TF error echoing the request's bytes is not UTF-8: still the op's INVALID_ARGUMENT, not a 500.
+    (
+      "POST",
+      f"/v1/models/{TF1_MODEL}:predict",
+      {"signature_name": "regress_x_to_y", "instances": [{"b64": base64.b64encode(b"\xff\xfe junk").decode()}]},
+      400,
+      "Could not parse example input, value: '\\xff\\xfe junk'",
+    ),
+    # Every method reaches the API, which serves GET and POST (http.server's default: an HTML 501).
+    ("PUT", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0]]}, 400, "Malformed request: PUT"),
+    ("DELETE", f"/v1/models/{TF1_MODEL}", None, 400, "Malformed request: DELETE"),
+    ("PATCH", f"/v1/models/{TF1_MODEL}", {}, 400, "Malformed request: PATCH"),
     ("GET", "/v1/models", None, 400, "Missing model name in request."),
     ("GET", f"/v1/models/{TF2_MODEL}/labels/nope", None, 400, "Unrecognized servable version label: nope"),
     ("GET", "/nothing/here", None, 404, "Not found"),
@@ -147,6 +168,33 @@ def test_errors(server, method, path, body, code, message):
   status, data = _call(server, path, body, method)
   assert status == code
   assert message in json.loads(data)["error"]
+
+
+def test_requests_tf_serving_accepts(server):
+  """Requests TF Serving's JSON handling accepts, that fgr-serve refused."""
+  # Base64 without its "=" padding (absl::Base64Unescape makes it optional).
+  status, body = _json(
+    server, f"/v1/models/{TF2_MODEL}:predict", {"signature_name": "echo", "instances": [{"b64": "YQ"}]}
+  )
+  assert (status, body["predictions"][0]["text_out"]) == (200, "a")
+  # Keys of the columnar "inputs" object that are not the signature's inputs are ignored.
+  status, body = _json(server, f"/v1/models/{TF1_MODEL}:predict", {"inputs": {"x": [[1.0]], "request_id": "r-1"}})
+  assert (status, body) == (200, {"outputs": [[2.5]]})
+
+
+def test_head_and_cors_preflight(server):
+  status, data = _call(server, f"/v1/models/{TF1_MODEL}", method="HEAD")
+  assert (status, data) == (400, b"")  # The API serves GET and POST; a HEAD reply carries no body.
+  # A preflight is OK only with an http(s) Origin, as in TF Serving.
+  url = f"http://127.0.0.1:{server.rest_port}/v1/models/{TF1_MODEL}:predict"
+  for headers, expected in (({"Origin": "https://app.example"}, 200), ({}, 400)):
+    request = urllib.request.Request(url, method="OPTIONS", headers=headers)
+    try:
+      with urllib.request.urlopen(request, timeout=30) as response:
+        status = response.status
+    except urllib.error.HTTPError as e:
+      status = e.code
+    assert status == expected, headers
 
 
 def test_chunked_request_bodies(server):

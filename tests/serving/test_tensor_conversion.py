@@ -2,6 +2,7 @@
 
 import grpc
 import numpy as np
+import pytest
 import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -81,6 +82,20 @@ def test_json_bodies_never_crash(body, dtype):
         json_tensor.predict_response_json({"y": inputs["x"]}, row_format="instances" in body)
       except errors.ServingError as e:
         assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_example_features_take_tf_servings_types():
+  """true/false are int64 1/0; a number with a fraction is a float; one feature holds one type."""
+  model_input = json_tensor.parse_examples_body({"examples": [{"flag": True, "ids": [False, 7], "w": [0.5, 2.0]}]})
+  feature = model_input.example_list.examples[0].features.feature
+  assert list(feature["flag"].int64_list.value) == [1]
+  assert list(feature["ids"].int64_list.value) == [0, 7]
+  assert list(feature["w"].float_list.value) == [0.5, 2.0]
+  for mixed in ([1, 0.5], ["a", 1], [{"b64": "YQ=="}, 2.0]):
+    with pytest.raises(errors.ServingError, match="Unexpected element type in feature: f"):
+      json_tensor.parse_examples_body({"examples": [{"f": mixed}]})
+  with pytest.raises(errors.ServingError, match="unexpected JSON type"):
+    json_tensor.parse_examples_body({"examples": [{"f": [None]}]})
 
 
 def test_float32_outputs_print_shortest():
