@@ -178,8 +178,8 @@ def _predict_values(body: Mapping[str, Any], signature: meta_graph_pb2.Signature
     raise errors.invalid_argument("'instances' must be a non-empty list of instances")
   named = [isinstance(i, dict) and not _is_b64(i) for i in instances]
   if all(named):
-    keys = set(instances[0].keys())
-    if any(set(i.keys()) != keys for i in instances):
+    keys = list(instances[0])  # In the client's order, so errors name the same input every time.
+    if any(i.keys() != instances[0].keys() for i in instances):
       raise errors.invalid_argument("Failed to process element: every instance must have the same named inputs")
     _input_infos(signature, keys)
     return {a: [i[a] for i in instances] for a in keys}, True
