@@ -1,8 +1,8 @@
-"""fgr-query: sends raw query features to a TF Serving-compatible server and prints the candidates.
+"""fgr-query: sends raw query features to a TF Serving-compatible server and prints the answers.
 
-It speaks plain TF Serving gRPC (PredictionService.Predict), so it works against fgr-serve and against
-stock TF Serving alike. Features come from flags (one request) or from a JSONL file (one request per
-line, each a JSON object of feature name to a string or a list of strings).
+It speaks plain TF Serving gRPC (GetModelMetadata, then PredictionService.Predict), so it works against
+fgr-serve and against stock TF Serving alike. Features come from flags (one request) or from a JSONL
+file (one request per line, each a JSON object of feature name to a string or a list of strings).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import time
 
 import grpc
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from clients import query
 from clients.loadtest import request_source
 
 FLAGS = flags.FLAGS
@@ -31,15 +31,27 @@ flags.DEFINE_list("history", [], "Recently clicked ad ids, most recent first.")
 flags.DEFINE_list("history_categories", [], "Categories of those ads (same order).")
 flags.DEFINE_list("history_brands", [], "Brands of those ads (same order).")
 flags.DEFINE_string(
-  "requests_file", None, "JSONL of requests (feature name -> string or list); overrides the feature flags."
+  "requests_file",
+  None,
+  "JSONL of requests (feature name -> string or list); overrides the feature flags. String inputs a "
+  "line leaves out are sent empty.",
 )
 flags.DEFINE_integer(
   "num_requests",
-  1,
-  "Requests to send (cycling through the requests); with more than one, latency percentiles are printed.",
+  None,
+  "Requests to send, cycling through the requests (default: each once); with more than one, latency "
+  "percentiles are printed.",
+  lower_bound=1,
 )
-flags.DEFINE_integer("top", 10, "Candidates to print per request.")
+flags.DEFINE_integer("top", 10, "Values to print per output and request.")
 flags.DEFINE_float("timeout", 10.0, "Per-request deadline in seconds.")
+flags.DEFINE_float(
+  "wait_for_server",
+  0.0,
+  "Seconds to wait for the server to accept connections first (one just started takes a while); 0 fails "
+  "at once when none answers.",
+  lower_bound=0.0,
+)
 flags.DEFINE_bool("json", False, "Print one JSON object per answer instead of a table.")
 
 
@@ -66,49 +78,22 @@ def read_requests(path: str) -> list[dict[str, object]]:
   return requests
 
 
-def build_request(features: dict[str, object]) -> predict_pb2.PredictRequest:
-  """A batch-of-one PredictRequest: scalars become [1] tensors and lists [1, n] tensors."""
-  request = predict_pb2.PredictRequest()
-  request.model_spec.name = FLAGS.model_name
-  request.model_spec.signature_name = FLAGS.signature_name
-  if FLAGS.model_version is not None:
-    request.model_spec.version.value = FLAGS.model_version
-  for name, value in features.items():
-    array = np.asarray([value], dtype=object)
-    request.inputs[name].CopyFrom(tf.make_tensor_proto(array.astype(bytes)))
-  return request
-
-
-def print_answer(number: int, response: predict_pb2.PredictResponse) -> None:
-  ids = tf.make_ndarray(response.outputs["ids"])[0][: FLAGS.top]
-  scores = tf.make_ndarray(response.outputs["scores"])[0][: FLAGS.top]
-  version = response.model_spec.version.value
-  if FLAGS.json:
-    print(
-      json.dumps(
-        {
-          "request": number,
-          "version": version,
-          "ids": [i.decode() for i in ids],
-          "scores": [round(float(s), 5) for s in scores],
-        }
-      )
-    )
-    return
-  print(f"request {number} (model version {version}):")
-  for rank, (ad_id, score) in enumerate(zip(ids, scores), 1):
-    print(f"  {rank:3d}  {ad_id.decode():<20s} {score:.4f}")
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   feature_sets = read_requests(FLAGS.requests_file) if FLAGS.requests_file else [features_from_flags()]
-  requests = [build_request(features) for features in feature_sets]
+  spec = query.model_spec(FLAGS.model_name, FLAGS.signature_name, FLAGS.model_version)
   with grpc.insecure_channel(FLAGS.server) as channel:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    try:
+      if FLAGS.wait_for_server:
+        query.wait_for_server(channel, FLAGS.server, FLAGS.wait_for_server)
+      inputs = query.signature_inputs(stub, spec, FLAGS.timeout)
+    except query.QueryError as e:
+      raise SystemExit(str(e)) from None
+    requests = [query.predict_request(query.complete_features(f, inputs), spec) for f in feature_sets]
     latencies = []
-    for number in range(FLAGS.num_requests):
+    for number in range(FLAGS.num_requests or len(requests)):
       started = time.perf_counter()
       try:
         response = stub.Predict(requests[number % len(requests)], timeout=FLAGS.timeout)
@@ -116,7 +101,12 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"Predict failed: {e.code().name}: {e.details()}") from None
       latencies.append(time.perf_counter() - started)
       if number < len(requests):
-        print_answer(number, response)
+        row = query.answer_row(response, FLAGS.top)
+        version = response.model_spec.version.value
+        if FLAGS.json:
+          print(json.dumps({"request": number, "version": version, **row}))
+        else:
+          print(query.format_row(number, version, row))
   if len(latencies) > 1:
     ms = np.asarray(latencies) * 1000.0
     print(

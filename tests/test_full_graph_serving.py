@@ -4,7 +4,10 @@ Driven only through TF Serving's official stubs, as any TF Serving client would.
 """
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -13,6 +16,7 @@ import tensorflow as tf
 from google.protobuf import wrappers_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
+from clients import query
 from export import refresh_state, version_files, version_report, warmup
 from models import config as config_lib
 from models.data import queries as queries_lib
@@ -21,6 +25,7 @@ from tests import topk_testlib
 from tests.conftest import SCANN_EXPORT_K
 from tests.serving import serving_testlib
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "retrieval"
 K = SCANN_EXPORT_K
 
@@ -139,3 +144,51 @@ def test_empty_predict_request_is_invalid(served):
   with pytest.raises(grpc.RpcError) as error:
     server.predict.Predict(request, timeout=30)
   assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_query_client_sends_left_out_features_empty_and_prints_any_signature(served):
+  """fgr-query's client half (clients/query.py): a request with only a query, any signature's outputs."""
+  server, _, _ = served
+  spec = query.model_spec(MODEL, "serving_default")
+  inputs = query.signature_inputs(server.predict, spec, timeout=30)
+  assert set(inputs) == set(schema.QUERY_FEATURE_NAMES)
+  features = query.complete_features({"query_tokens": ["t3_1", "t3_7"]}, inputs)
+  assert features["user_id"] == "" and features["hist_ids"] == [""]  # [B] and [B, L] string inputs.
+  row = query.answer_row(server.predict.Predict(query.predict_request(features, spec), timeout=30), top=5)
+  assert set(row) == {"ids", "scores"} and len(row["ids"]) == 5 and row["scores"] == sorted(row["scores"])[::-1]
+  assert "    1  " in query.format_row(0, 1, row)
+
+  encode = query.model_spec(MODEL, "encode_query")
+  features = query.complete_features({}, query.signature_inputs(server.predict, encode, timeout=30))
+  row = query.answer_row(server.predict.Predict(query.predict_request(features, encode), timeout=30), top=4)
+  assert list(row) == ["embedding"] and len(row["embedding"]) == 4
+  assert "embedding: [" in query.format_row(0, 1, row)
+
+  with pytest.raises(query.QueryError, match="has no signature 'nope'; it has: .*encode_query"):
+    query.signature_inputs(server.predict, query.model_spec(MODEL, "nope"), timeout=30)
+  with pytest.raises(query.QueryError, match="GetModelMetadata failed: NOT_FOUND"):
+    query.signature_inputs(server.predict, query.model_spec("no_such_model", "serving_default"), timeout=30)
+
+
+def test_query_client_waits_for_a_server_a_bounded_time():
+  with serving_testlib.refusing_port() as port, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with pytest.raises(query.QueryError, match=f"No server answered at 127.0.0.1:{port} within 0.3 s"):
+      query.wait_for_server(channel, f"127.0.0.1:{port}", 0.3)
+
+
+def test_fgr_query_sends_every_line_of_a_requests_file(served, tmp_path):
+  server, _, _ = served
+  lines = [{"query_tokens": ["t3_1"], "hist_ids": ["ad3", "ad53"], "hist_categories": ["c3", "c3"]}, {"user_id": "u1"}]
+  requests_file = tmp_path / "requests.jsonl"
+  requests_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+  script = "import sys; from cli import launch; sys.argv[0] = 'fgr-query'; launch.fgr_query()"
+  result = subprocess.run(
+    [sys.executable, "-c", script, f"--server=127.0.0.1:{server.grpc_port}", f"--model_name={MODEL}",
+     f"--requests_file={requests_file}", "--json", "--top=3", "--wait_for_server=60"],
+    capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  *answers, latency = [json.loads(line) for line in result.stdout.splitlines()]
+  assert [a["request"] for a in answers] == [0, 1] and all(len(a["ids"]) == 3 for a in answers)
+  assert latency["requests"] == 2  # Two requests sent: their latency percentiles close the output.

@@ -1,0 +1,113 @@
+"""One-off queries against a TF Serving-compatible server: requests from raw features, answers as rows.
+
+The flag-free half of fgr-query (`clients/query_cli.py`). It asks the server for the signature's inputs
+(GetModelMetadata, which stock TF Serving answers too), so a request that leaves out string features
+sends them empty, as the model's own padding; and it prints any signature's outputs, not only the full
+graph's `ids` and `scores`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+
+class QueryError(Exception):
+  """A call the server refused, or a server that did not answer: the message says which and why."""
+
+
+def model_spec(model_name: str, signature_name: str, version: int | None = None) -> model_pb2.ModelSpec:
+  spec = model_pb2.ModelSpec(name=model_name, signature_name=signature_name)
+  if version is not None:
+    spec.version.value = version
+  return spec
+
+
+def wait_for_server(channel: grpc.Channel, address: str, seconds: float) -> None:
+  """Returns once the channel connects; QueryError after `seconds` (a server still starting, or none)."""
+  try:
+    grpc.channel_ready_future(channel).result(timeout=seconds)
+  except grpc.FutureTimeoutError:
+    raise QueryError(f"No server answered at {address} within {seconds:g} s") from None
+
+
+def signature_inputs(
+  stub: prediction_service_pb2_grpc.PredictionServiceStub, spec: model_pb2.ModelSpec, timeout: float
+) -> dict[str, meta_graph_pb2.TensorInfo]:
+  """The signature's inputs, from the server's GetModelMetadata."""
+  request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+  request.model_spec.CopyFrom(spec)
+  request.model_spec.ClearField("signature_name")  # Metadata covers every signature of the version.
+  try:
+    response = stub.GetModelMetadata(request, timeout=timeout)
+  except grpc.RpcError as e:
+    raise QueryError(f"GetModelMetadata failed: {e.code().name}: {e.details()}") from None
+  signatures = get_model_metadata_pb2.SignatureDefMap()
+  response.metadata["signature_def"].Unpack(signatures)
+  name = spec.signature_name or "serving_default"
+  if name not in signatures.signature_def:
+    known = ", ".join(sorted(signatures.signature_def))
+    raise QueryError(f"Model {spec.name} has no signature {name!r}; it has: {known}")
+  return dict(signatures.signature_def[name].inputs)
+
+
+def complete_features(features: dict[str, Any], inputs: dict[str, meta_graph_pb2.TensorInfo]) -> dict[str, Any]:
+  """`features` plus every string input it leaves out, empty: "" for a [B] input, [""] for [B, n].
+
+  Empty strings are what the towers pad with, so a left-out history or query means none. Inputs of
+  other types stay missing, for the server to name.
+  """
+  completed = dict(features)
+  for name, info in inputs.items():
+    if name in completed or info.dtype != types_pb2.DT_STRING:
+      continue
+    rank = None if info.tensor_shape.unknown_rank else len(info.tensor_shape.dim)
+    completed[name] = "" if rank == 1 else [""]
+  return completed
+
+
+def predict_request(features: dict[str, Any], spec: model_pb2.ModelSpec) -> predict_pb2.PredictRequest:
+  """A batch-of-one PredictRequest: a scalar becomes a [1] tensor, a list a [1, n] tensor."""
+  request = predict_pb2.PredictRequest()
+  request.model_spec.CopyFrom(spec)
+  for name, value in features.items():
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray([value], dtype=object).astype(bytes)))
+  return request
+
+
+def _json_value(value: Any) -> Any:
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="backslashreplace")
+  if isinstance(value, (np.floating, float)):
+    return round(float(value), 5)
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def answer_row(response: predict_pb2.PredictResponse, top: int) -> dict[str, list]:
+  """The first row of every output, each cut to `top` values, as JSON-ready lists."""
+  row = {}
+  for name in sorted(response.outputs):
+    values = tf.make_ndarray(response.outputs[name])
+    first = values[0] if values.ndim else values
+    flat = np.asarray(first).reshape(-1)[:top]
+    row[name] = [_json_value(v) for v in flat]
+  return row
+
+
+def format_row(number: int, version: int, row: dict[str, list]) -> str:
+  """A readable answer: the full graph's ranked ids and scores as a table, any other output as a list."""
+  lines = [f"request {number} (model version {version}):"]
+  if set(row) >= {"ids", "scores"}:
+    for rank, (ad_id, score) in enumerate(zip(row["ids"], row["scores"]), 1):
+      lines.append(f"  {rank:3d}  {ad_id:<20s} {score:.4f}")
+    extra = {name: values for name, values in row.items() if name not in ("ids", "scores")}
+  else:
+    extra = row
+  lines.extend(f"  {name}: {values}" for name, values in extra.items())
+  return "\n".join(lines)
