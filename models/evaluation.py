@@ -28,15 +28,19 @@ def top_k_accuracy(
   This is the metric the TFRS tutorials report ("factorized_top_k/top_100_categorical_accuracy").
   """
   catalog = catalog_lib.embed_catalog(item_tower, table)
-  index = tfrs.layers.factorized_top_k.BruteForce(k=max(ks))
+  # A catalog smaller than k is recalled whole: top-k accuracy there is that of k = the catalog's size
+  # (TF's top-k refuses a k above it).
+  cut = tuple(min(k, len(catalog.ids)) for k in ks)
+  index = tfrs.layers.factorized_top_k.BruteForce(k=max(cut))
   index.index(tf.constant(catalog.embeddings), tf.constant(catalog.ids.astype(str)))
-  metric = tfrs.metrics.FactorizedTopK(candidates=index, ks=ks)
+  metric = tfrs.metrics.FactorizedTopK(candidates=index, ks=sorted(set(cut)))
   encode_query = tf.function(query_tower)
   encode_item = tf.function(item_tower)
   for batch in examples:
     tensors = {name: tf.constant(batch[name]) for name in EXAMPLE_FEATURES}
     metric.update_state(encode_query(tensors), encode_item(tensors), true_candidate_ids=tensors[schema.AD_ID])
-  return {f"top_{k}": float(value.numpy()) for k, value in zip(ks, metric.result())}
+  accuracy = {k: float(value.numpy()) for k, value in zip(sorted(set(cut)), metric.result())}
+  return {f"top_{k}": accuracy[c] for k, c in zip(ks, cut)}
 
 
 class TopKValidation(tf.keras.callbacks.Callback):

@@ -99,3 +99,13 @@ def test_fewer_training_examples_than_a_batch_ask_for_a_lower_batch_size(
   with pytest.raises(ValueError, match=message):
     train_lib.train(data, TINY_TOWER, training, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / config_lib.CONFIG_FILE)
+
+
+def test_a_catalog_smaller_than_a_reported_k_is_recalled_whole(tmp_path):
+  """8 items and the default top-1/10/50/100 report: top-k at k >= 8 is every item (TF's top-k refused it)."""
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"))
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  report = train_lib.train(data, TINY_TOWER, dataclasses.replace(TRAINING, eval_max_items=2_000_000), str(tmp_path / "run"))
+  test = report["test"]
+  assert test["top_10"] == test["top_50"] == test["top_100"] == 1.0
+  assert 0.0 <= test["top_1"] <= 1.0
