@@ -30,10 +30,20 @@ flags.DEFINE_string(
   "Or a version directory (BASE/<version>) to judge through its own signatures: a full graph's answers "
   "(beside the baselines), or a channel graph's channels, merge and re-rankings.",
 )
-flags.DEFINE_list("ks", ["10", "50", "100"], "Cut-offs K; water-level metrics use the largest.")
+flags.DEFINE_list(
+  "ks",
+  ["10", "50", "100"],
+  "Cut-offs K; water-level metrics use the largest. With --model_path, a full graph's default is 10, 50 "
+  "and 100 below its k, and k; a channel graph is judged at its k.",
+)
 flags.DEFINE_integer("max_examples", 0, "Evaluate only the first test examples (0: all of them).")
 flags.DEFINE_string("report_file", "", "Also write the JSON report to this file.")
-flags.DEFINE_bool("baselines", True, "Also evaluate popularity and item co-occurrence on the same split.")
+flags.DEFINE_bool(
+  "baselines",
+  True,
+  "Also evaluate popularity and item co-occurrence on the same split (a channel graph compares its own "
+  "channels instead).",
+)
 flags.DEFINE_bool(
   "exclude_history",
   False,
@@ -69,11 +79,20 @@ def main(argv: list[str]) -> None:
       raise app.UsageError(f"{FLAGS.model_path}'s report names no training data (exported before it did): re-export it")
     data = sources.DataSpec.from_json(version.data)
     source = sources.open_source(data)
+    explicit_ks = ks if FLAGS["ks"].present else None
     if channel_exporter.is_channel_version(version):
+      if explicit_ks:
+        raise app.UsageError(
+          f"{FLAGS.model_path} is a channel graph, judged at its k ({version.k}) and ILAD@10/50: --ks does not apply"
+        )
       evaluated = served_evaluation.evaluate_version(FLAGS.model_path, source, FLAGS.max_examples)
     else:
+      if explicit_ks and max(explicit_ks) > version.k:
+        raise app.UsageError(
+          f"{FLAGS.model_path} serves {version.k} candidates per request: --ks can go up to {version.k}"
+        )
       evaluated = served_evaluation.evaluate_full_graph(
-        FLAGS.model_path, source, FLAGS.max_examples, with_baselines=FLAGS.baselines
+        FLAGS.model_path, source, FLAGS.max_examples, with_baselines=FLAGS.baselines, ks=explicit_ks
       )
     report = {"data": data.to_json(), **evaluated}
   else:

@@ -97,14 +97,20 @@ def evaluate_full_graph(
   max_examples: int = 0,
   batch_size: int = 256,
   with_baselines: bool = True,
+  ks: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
   """Ranking and water-level metrics of a full graph's `serving_default` answers on the test split.
 
   A test example's rank is its clicked item's place in the served list (k or more when absent), so
-  recall and NDCG are at cut-offs up to the version's k. The baselines rank the whole catalog on the
-  same examples, without the request's history when the version excludes it.
+  recall and NDCG are at cut-offs up to the version's k: `ks` (default 10, 50, 100 below k, and k).
+  The baselines rank the whole catalog on the same examples, without the request's history when the
+  version excludes it.
   """
   report = version_report.read(version_path)
+  if ks is not None and max(ks) > report.k:
+    raise ValueError(
+      f"{version_path} serves {report.k} candidates per request: it can't be judged at K={max(ks)} (--ks)"
+    )
   base.backend(report.index).load_ops()
   serve = tf.saved_model.load(version_path).signatures[full_graph.SERVING_DEFAULT]
   examples = list(_test_examples(source, 0, max_examples, batch_size))
@@ -116,7 +122,8 @@ def evaluate_full_graph(
   found = recalled == positives[:, np.newaxis]
   served = {"rank": np.where(found.any(axis=1), found.argmax(axis=1), report.k), "recalled": recalled}
   served.update(positive=positives, **{n: fields[n] for n in (schema.CONVERTED,) if n in fields})
-  ks = tuple(k for k in (10, 50, 100) if k < report.k) + (report.k,)
+  if ks is None:
+    ks = tuple(k for k in (10, 50, 100) if k < report.k) + (report.k,)
   categories = sequences.catalog_column(source, schema.CATEGORY)
   out: dict[str, Any] = {
     "num_examples": int(len(positives)),

@@ -191,6 +191,13 @@ def test_exclude_history_export_never_serves_the_request_history(trained_run, tm
   for judged in (evaluated, *evaluated["baselines"].values()):
     assert 0 <= judged["ranking"]["ndcg@10"] <= judged["ranking"]["recall@10"] <= 1
     assert judged["water_level"]["click_coverage"] == pytest.approx(judged["ranking"]["recall@10"])
+  # fgr-eval --ks: cut-offs up to the version's k, no further (its lists hold k answers).
+  at = served_evaluation.evaluate_full_graph(
+    report["path"], sources.open_source(TINY_DATA), max_examples=32, batch_size=32, with_baselines=False, ks=(1, 5)
+  )
+  assert set(at["ranking"]) == {f"{m}@{k}" for m in ("recall", "hit_rate", "ndcg") for k in (1, 5)}
+  with pytest.raises(ValueError, match="serves 10 candidates per request: it can't be judged at K=50"):
+    served_evaluation.evaluate_full_graph(report["path"], sources.open_source(TINY_DATA), ks=(10, 50))
 
 
 def test_served_ids_the_data_does_not_know_count_as_misses():

@@ -105,7 +105,9 @@ def test_a_catalog_smaller_than_a_reported_k_is_recalled_whole(tmp_path):
   """8 items and the default top-1/10/50/100 report: top-k at k >= 8 is every item (TF's top-k refused it)."""
   logs_testlib.write_tiny_logs(str(tmp_path / "data"))
   data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
-  report = train_lib.train(data, TINY_TOWER, dataclasses.replace(TRAINING, eval_max_items=2_000_000), str(tmp_path / "run"))
+  report = train_lib.train(
+    data, TINY_TOWER, dataclasses.replace(TRAINING, eval_max_items=2_000_000), str(tmp_path / "run")
+  )
   test = report["test"]
   assert test["top_10"] == test["top_50"] == test["top_100"] == 1.0
   assert 0.0 <= test["top_1"] <= 1.0
