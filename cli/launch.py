@@ -77,8 +77,8 @@ def skip_cuda_without_a_driver() -> None:
 # What the offline tools raise for a user's mistake (a bad file, line, field or flag value), with a
 # message naming it; a data error raised while tf.data reads the logs arrives wrapped in TensorFlow's
 # InvalidArgumentError, with the original error's type and message inside its text.
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
-_WRAPPED_USER_ERROR = re.compile(r"\b(?:ValueError|FileNotFoundError|NotADirectoryError|PermissionError): ([^\n]+)")
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+_WRAPPED_USER_ERROR = re.compile(r"\b(?:" + "|".join(e.__name__ for e in _USER_ERRORS) + r"): ([^\n]+)")
 
 
 def user_error_message(error: BaseException) -> str | None:

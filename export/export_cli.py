@@ -7,7 +7,7 @@ import json
 from absl import app, flags
 
 from engine import base, channels
-from export import channel_exporter, exporter
+from export import channel_exporter, exporter, versions
 from models import channels as channels_lib
 
 FLAGS = flags.FLAGS
@@ -143,6 +143,8 @@ def main(argv: list[str]) -> None:
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  if config.version is not None:  # Before the graph is built and saved, which takes minutes.
+    versions.check_free(FLAGS.model_base_path, config.version)
   if channels_lib.read_channels(FLAGS.checkpoint_dir):
     if config.cooccurrence:
       raise app.UsageError("--cooccurrence fuses with a single-tower graph; a --channels run merges its own channels")

@@ -43,6 +43,13 @@ def check_version(version: int) -> None:
     raise ValueError(f"A version must be a positive integer (TF Serving serves BASE/1/, BASE/2/, ...), got {version!r}")
 
 
+def check_free(base_path: str, version: int) -> None:
+  """Raises FileExistsError if BASE/<version> exists: versions are never overwritten."""
+  final_path = os.path.join(base_path, str(version))
+  if os.path.exists(final_path):
+    raise FileExistsError(f"Version {version} already exists at {final_path}: versions are never overwritten")
+
+
 @contextlib.contextmanager
 def publish(base_path: str, version: int | None = None) -> Iterator[tuple[str, int]]:
   """Yields (temporary directory, version) to write a version into; renames it into place on success.
@@ -54,9 +61,8 @@ def publish(base_path: str, version: int | None = None) -> Iterator[tuple[str, i
     check_version(version)
   os.makedirs(base_path, exist_ok=True)
   version = next_version(base_path) if version is None else version
+  check_free(base_path, version)
   final_path = os.path.join(base_path, str(version))
-  if os.path.exists(final_path):
-    raise FileExistsError(f"Version {version} already exists at {final_path}")
   temp_root = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=base_path)
   temp_path = os.path.join(temp_root, "model")
   try:

@@ -119,6 +119,7 @@ class InvalidArgumentError(Exception):
   [
     (ValueError("events.jsonl:3: 'timestamp' must be a number"), "events.jsonl:3: 'timestamp' must be a number"),
     (FileNotFoundError("runs/x is not a run"), "runs/x is not a run"),
+    (FileExistsError("Version 1 already exists at m/1"), "Version 1 already exists at m/1"),
     (
       InvalidArgumentError("{{function_node x}} ValueError: events.jsonl:2: unknown ad_id 'zz'\nTraceback ..."),
       "events.jsonl:2: unknown ad_id 'zz'",
@@ -179,3 +180,21 @@ def test_bad_events_read_by_tf_data_end_fgr_train_in_one_line(tmp_path):
   assert re.fullmatch(r"fgr-train: error: .*events\.jsonl:41: ad_id 'no-such-ad' is not in items\.jsonl", ours[0]), ours
   assert len(ours) == 2 and "--verbosity=1" in ours[1], result.stderr[-3000:]
   assert "Traceback" not in result.stderr and "InvalidArgumentError" not in result.stderr, result.stderr[-3000:]
+
+
+def test_fgr_export_into_an_existing_version_fails_before_building(tmp_path):
+  """It built and saved the whole graph first, then ended in a FileExistsError traceback."""
+  os.makedirs(tmp_path / "models" / "1")
+  argv = ["fgr-export", f"--checkpoint_dir={tmp_path / 'no-run'}", f"--model_base_path={tmp_path / 'models'}"]
+  argv.append("--version=1")
+  result = subprocess.run(
+    [sys.executable, "-c", f"import sys; sys.argv = {argv!r}; from cli import launch; launch.fgr_export()"],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+    timeout=300,
+    cwd=REPO_ROOT,
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert f"fgr-export: error: Version 1 already exists at {tmp_path / 'models' / '1'}" in result.stderr
+  assert "Traceback" not in result.stderr
