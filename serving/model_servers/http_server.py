@@ -162,7 +162,12 @@ class RestApi:
     def build(bundle, check_costs: service_impl.CostCheck) -> predict_pb2.PredictRequest:
       nonlocal row_format
       signature = _signature(bundle, spec.signature_name)
-      inputs, row_format = json_tensor.parse_predict_body(body, signature, check_costs)
+      try:
+        inputs, row_format = json_tensor.parse_predict_body(body, signature, check_costs)
+      except errors.ServingError as e:  # Name the servable, as gRPC's errors for the same inputs do.
+        raise e.with_context(
+          bundle.context(spec.signature_name or saved_model_bundle.DEFAULT_SERVING_SIGNATURE)
+        ) from None
       request = predict_pb2.PredictRequest(model_spec=spec)
       for alias, array in inputs.items():
         request.inputs[alias].CopyFrom(

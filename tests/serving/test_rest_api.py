@@ -113,6 +113,13 @@ def test_classify_and_regress(server):
       'Serving signature name: "nope" not found',
     ),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [["a"]]}, 400, "Unable to convert JSON value 'a'"),
+    (  # As over gRPC, an input's error names the servable.
+      "POST",
+      f"/v1/models/{TF1_MODEL}:predict",
+      {"instances": [{"x": [1.0], "y": [2.0]}]},
+      400,
+      f"y key not found in signature inputs {{x}} [model: {TF1_MODEL}, version: {TF1_VERSION}, signature: serving_default]",
+    ),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0], [1.0, 2.0]]}, 400, "not a rectangular tensor"),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0, 2.0]]}, 400, "has shape [1, 2]"),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"foo": 1}, 400, "Missing 'inputs' or 'instances' key"),
