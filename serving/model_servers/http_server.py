@@ -45,7 +45,7 @@ _MODEL_STATUS_API = re.compile(
 
 # What a CORS preflight's Origin header must hold (TF Serving: RE2::PartialMatch "https?://").
 _HTTP_ORIGIN = re.compile(r"https?://")
-# A \\u escape of a UTF-16 surrogate: a body without one can't hold a lone surrogate.
+# A \u escape of a UTF-16 surrogate: a body without one can't hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\\ud800-\\udfff]")
 

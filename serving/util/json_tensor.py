@@ -169,8 +169,11 @@ def _predict_values(body: Mapping[str, Any], signature: meta_graph_pb2.Signature
   if has_inputs:
     value = body["inputs"]
     if isinstance(value, dict) and not _is_b64(value):
-      # As TF Serving does, only the signature's inputs are read: other keys (a client's request id,
-      # say) are ignored.
+      # As TF Serving does, the signature's inputs are read and must all be there; other keys (a
+      # client's request id, say) are ignored.
+      missing = sorted(set(signature.inputs) - set(value))
+      if missing:
+        raise errors.invalid_argument(f"Missing named input: {missing[0]} in 'inputs' object.")
       return {alias: v for alias, v in value.items() if alias in signature.inputs}, False
     return {_single_input(signature): value}, False
   instances = body["instances"]

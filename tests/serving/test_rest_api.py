@@ -123,6 +123,7 @@ def test_classify_and_regress(server):
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0], [1.0, 2.0]]}, 400, "not a rectangular tensor"),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0, 2.0]]}, 400, "has shape [1, 2]"),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"foo": 1}, 400, "Missing 'inputs' or 'instances' key"),
+    ("POST", f"/v1/models/{TF1_MODEL}:predict", {"inputs": {"z": [1.0]}}, 400, "Missing named input: x in 'inputs'"),
     ("POST", f"/v1/models/{TF1_MODEL}:explode", {}, 400, "Malformed request: POST"),
     (
       "POST",

@@ -73,7 +73,7 @@ def test_json_bodies_never_crash(body, dtype):
     inputs, _ = json_tensor.parse_predict_body(body, _signature(dtype))
   except errors.ServingError as e:
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT
-  else:  # Predict itself rejects missing inputs ({"inputs": {}}).
+  else:
     if "x" in inputs:
       assert inputs["x"].dtype == tf.as_dtype(dtype).as_numpy_dtype or (
         dtype == types_pb2.DT_STRING and inputs["x"].dtype == object
