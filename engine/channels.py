@@ -65,7 +65,9 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray 
   """Fits sigmoid(slope * s + intercept) to binary labels by Newton's method (weighted logistic regression).
 
   Two parameters by IRLS in NumPy: no dependency is worth adding for it. A tiny L2 penalty keeps the
-  fit finite when the labels separate perfectly.
+  fit finite when the labels separate perfectly, and each Newton step is halved until the penalized
+  loss does not rise: a full step from the start can overshoot on (nearly) separable labels, and
+  undamped Newton then oscillates off to slopes of 1e7 and more.
   """
   s = np.asarray(scores, dtype=np.float64)
   y = np.asarray(labels, dtype=np.float64)
@@ -73,13 +75,24 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray 
   if s.size == 0 or y.min() == y.max():
     raise ValueError("calibration needs both positive and negative examples")
   x = np.stack([s, np.ones_like(s)], axis=1)
+
+  def loss(theta: np.ndarray) -> float:
+    z = x @ theta
+    return float(w @ (np.logaddexp(0.0, z) - y * z) + 5e-7 * theta @ theta)
+
   theta = np.array([1.0, float(np.log(np.average(y, weights=w) / (1 - np.average(y, weights=w))))])
+  current = loss(theta)
   for _ in range(50):
     p = 1.0 / (1.0 + np.exp(-(x @ theta)))
     gradient = x.T @ (w * (p - y)) + 1e-6 * theta
     hessian = (x * (w * p * (1 - p))[:, None]).T @ x + 1e-6 * np.eye(2)
     step = np.linalg.solve(hessian, gradient)
+    for _ in range(30):
+      if loss(theta - step) <= current:
+        break
+      step = step / 2
     theta -= step
+    current = loss(theta)
     if np.abs(step).max() < 1e-9:
       break
   return Calibration(slope=float(theta[0]), intercept=float(theta[1]))

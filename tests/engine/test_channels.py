@@ -149,3 +149,14 @@ def test_saved_graph_answers_like_the_module(setup, tmp_path):
   np.testing.assert_array_equal(with_options["ids"].numpy(), expected["ids"].numpy())
   embeddings = loaded.signatures[full_graph.ENCODE_ITEM](row=tf.range(3))
   assert set(embeddings) == {"embeddings_semantic", "embeddings_efficiency"}
+
+
+@pytest.mark.parametrize("slope, intercept", [(3.0, -1.0), (-3.0, -3.0), (-8.0, -6.0)])
+def test_fit_calibration_recovers_slopes_far_from_its_start(slope, intercept):
+  # Scores spread over several units (unnormalized towers): a full Newton step from slope 1
+  # overshoots, and undamped the fit oscillated off to |slope| ~ 1e8.
+  rng = np.random.default_rng(2)
+  scores = 3.0 * rng.normal(size=4000)
+  labels = rng.random(4000) < 1 / (1 + np.exp(-(slope * scores + intercept)))
+  fitted = channels.fit_calibration(scores, labels)
+  assert abs(fitted.slope - slope) < 0.35 * abs(slope) and abs(fitted.intercept - intercept) < 0.35 * abs(intercept)
