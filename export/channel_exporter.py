@@ -1,9 +1,10 @@
 """Builds and publishes one SavedModel from a `fgr-train --channels` run: an index per channel, merged in the graph.
 
 Each channel's towers are restored, the shared catalog is embedded and indexed once per channel, and
-each channel's score is calibrated into probabilities on held-out examples (`engine.channels`). The
-calibration examples are the test split's first `calibration_examples`; fgr-eval skips them when
-it judges the export, so no example both fits and judges the calibration.
+each channel's score is calibrated into probabilities (`engine.channels`) on the candidates the merge
+ranks for held-out examples (`_calibrate`). The calibration examples are the test split's first
+`calibration_examples`; fgr-eval skips them when it judges the export, so no example both fits and
+judges the calibration.
 """
 
 from __future__ import annotations
@@ -85,32 +86,71 @@ class BuiltChannels:
   data: dict[str, Any]
 
 
-def _calibrate(
-  index: base.Index,
-  queries: np.ndarray,
-  embeddings: np.ndarray,
-  positives: np.ndarray,
-  depth: int,
-  categories: np.ndarray | None,
-  query_categories: np.ndarray | None,
-) -> tuple[channels.Calibration, channels.Calibration | None]:
-  """Fits a channel's click calibration (and relevance calibration when categories are given).
+def _merged_candidates(found: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """The rows the merge ranks for each query: the union of every channel's top-depth rows.
 
-  Candidates are what the channel's index recalls to `depth` for each held-out query, plus the
-  clicked ad: click = the candidate is the clicked ad; relevant = its category is the query's.
+  Args:
+    found: each channel's recalled rows [Q, depth_c] (-1 where it found none).
+
+  Returns:
+    rows [Q, M], sorted per query, and valid [Q, M]: each row once, padding and repeats left out.
   """
-  found = tf.function(lambda q: index.search(q, depth).indices)(tf.constant(queries)).numpy()
-  rows = np.concatenate([found, positives[:, np.newaxis]], axis=1)
+  rows = np.sort(np.concatenate(found, axis=1), axis=1)
   valid = rows >= 0
-  valid[:, -1] &= ~np.any(found == positives[:, np.newaxis], axis=1)  # The clicked ad once.
-  scores = np.einsum("qd,qmd->qm", queries, embeddings[np.maximum(rows, 0)])
+  valid[:, 1:] &= rows[:, 1:] != rows[:, :-1]
+  return rows, valid
+
+
+def _calibrate(
+  names: list[str],
+  found: list[np.ndarray],
+  queries: list[np.ndarray],
+  embeddings: list[np.ndarray],
+  positives: np.ndarray,
+  relevance: int | None = None,
+  categories: np.ndarray | None = None,
+  query_categories: np.ndarray | None = None,
+) -> dict[str, tuple[channels.Calibration, channels.Calibration | None]]:
+  """Fits every channel's click calibration, and the relevance channel's relevance calibration.
+
+  The sample is what the merge ranks: for each held-out query, the union of every channel's
+  top-depth candidates, each scored by every channel (an ad one channel found is judged by all).
+  click = the candidate is the query's clicked ad; relevant = its category is the query's. A clicked
+  ad no channel recalled is left out: the merge never ranks it, and appended at its own (low, below
+  the channel's cut-off by construction) score it taught the fit that low scores get clicked.
+
+  Args:
+    names: the channels' names, in graph order.
+    found: each channel's recalled rows [Q, depth] for the held-out queries (-1: none).
+    queries, embeddings: each channel's query embeddings [Q, d_c] and catalog embeddings [N, d_c].
+    positives: the catalog row [Q] of each query's clicked ad.
+    relevance: the index of the channel that judges relevance (None: none does), with `categories`
+      [N] of the catalog and `query_categories` [Q].
+
+  Returns:
+    (click, relevance or None) calibrations by channel name.
+
+  Raises:
+    ValueError: no channel recalled any clicked ad.
+  """
+  rows, valid = _merged_candidates(found)
   clicked = rows == positives[:, np.newaxis]
-  click = channels.fit_calibration(scores[valid], clicked[valid])
-  relevance = None
-  if categories is not None:
-    relevant = categories[np.maximum(rows, 0)] == query_categories[:, np.newaxis]
-    relevance = channels.fit_calibration(scores[valid], relevant[valid])
-  return click, relevance
+  hits = int(clicked[valid].sum())
+  if not hits:
+    raise ValueError(
+      f"no channel recalls the clicked ad of any of the {len(rows)} calibration examples at its depth, so no "
+      "calibration can be fit: raise fgr-export --calibration_examples or --channel_depth"
+    )
+  out = {}
+  for c, name in enumerate(names):
+    scores = np.einsum("qd,qmd->qm", queries[c], embeddings[c][np.maximum(rows, 0)])[valid]
+    click = channels.fit_calibration(scores, clicked[valid])
+    topic = None
+    if c == relevance:
+      relevant = (categories[np.maximum(rows, 0)] == query_categories[:, np.newaxis])[valid]
+      topic = channels.fit_calibration(scores, relevant)
+    out[name] = (click, topic)
+  return out
 
 
 def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, options: ChannelOptions) -> BuiltChannels:
@@ -128,7 +168,8 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
     jit_compile=defaults.jit_compile if config.jit_compile is None else config.jit_compile,
   )
   timings = {"embed": 0.0, "build": 0.0}
-  built_channels, catalogs, recall, calibration = [], {}, {}, {}
+  catalogs, recall, calibration = {}, {}, {}
+  models, indexes, queries, judges = [], [], [], []  # Per channel, in graph order.
   data_spec = None
   source = held_out = samples = None
   for name in names:
@@ -146,32 +187,49 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
     catalog = catalog_lib.embed_catalog(model.item_tower, source)
     timings["embed"] += time.time() - started
     depth = min(depth, len(catalog.ids))
-    queries = tf.function(model.query_tower)({n: tf.constant(v) for n, v in samples.items()}).numpy()
+    embedded = tf.function(model.query_tower)({n: tf.constant(v) for n, v in samples.items()}).numpy()
     started = time.time()
     index = base.build_index(
       config.index,
       catalog.embeddings,
       k=depth,
       eligible=catalog.eligible,
-      tuning_queries=queries[len(queries) // 2 :],
+      tuning_queries=embedded[len(embedded) // 2 :],
       **config.index_options,
     )
     timings["build"] += time.time() - started
     recall[name] = round(
-      verify.index_recall(index, queries[: len(queries) // 2], catalog.embeddings, catalog.eligible, depth), 4
+      verify.index_recall(index, embedded[: len(embedded) // 2], catalog.embeddings, catalog.eligible, depth), 4
     )
-    positives = np.asarray([source.row_of(str(ad_id)) for ad_id in held_out[schema.AD_ID]], dtype=np.int64)
-    judge_relevance = run_config["tower"].objective == "relevance"
-    categories = query_categories = None
-    if judge_relevance:
-      categories = sequences.catalog_column(source, schema.CATEGORY)
-      query_categories = held_out.get(schema.QUERY_CATEGORY, held_out[schema.CATEGORY])
-    click, relevance = _calibrate(index, queries, catalog.embeddings, positives, depth, categories, query_categories)
+    models.append(model)
+    indexes.append(index)
+    queries.append(embedded)
+    judges.append(run_config["tower"].objective == "relevance")
+    catalogs[name] = catalog
+  if sum(judges) > 1:
+    raise ValueError("at most one channel can judge relevance")
+  judge = judges.index(True) if any(judges) else None
+  # Calibrated once every index is built: each channel is fit on the candidates of all of them.
+  found = [
+    tf.function(lambda q, index=index: index.search(q, depth).indices)(tf.constant(q)).numpy()
+    for index, q in zip(indexes, queries)
+  ]
+  positives = np.asarray([source.row_of(str(ad_id)) for ad_id in held_out[schema.AD_ID]], dtype=np.int64)
+  categories = query_categories = None
+  if judge is not None:
+    categories = sequences.catalog_column(source, schema.CATEGORY)
+    query_categories = held_out.get(schema.QUERY_CATEGORY, held_out[schema.CATEGORY])
+  embeddings = [catalogs[name].embeddings for name in names]
+  fitted = _calibrate(names, found, queries, embeddings, positives, judge, categories, query_categories)
+  built_channels = []
+  for name, model, index in zip(names, models, indexes):
+    click, relevance = fitted[name]
     calibration[name] = {"click": click.to_json(), **({"relevance": relevance.to_json()} if relevance else {})}
     built_channels.append(
-      channels.Channel(name, model.query_tower, model.item_tower, index, catalog.embeddings, depth, click, relevance)
+      channels.Channel(
+        name, model.query_tower, model.item_tower, index, catalogs[name].embeddings, depth, click, relevance
+      )
     )
-    catalogs[name] = catalog
   ids = catalogs[names[0]].ids
   channel_defaults = channels.Defaults(
     weights=tuple(float(options.weights.get(name, 1.0)) for name in names),

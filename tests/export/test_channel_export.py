@@ -54,6 +54,9 @@ def test_the_export_serves_each_channel_and_their_merge(channel_version):
   report = version_report.read(channel_version)
   assert report.extra["channels"] == ["semantic", "efficiency"]
   assert set(report.extra["calibration"]["semantic"]) == {"click", "relevance"}
+  # A higher score is a likelier click in every channel (and a likelier on-topic ad).
+  assert all(c["click"]["slope"] > 0 for c in report.extra["calibration"].values())
+  assert report.extra["calibration"]["semantic"]["relevance"]["slope"] > 0
   loaded = tf.saved_model.load(channel_version)
   source = sources.open_source(TINY_DATA)
   batch = next(iter(source.examples("test")))
@@ -111,3 +114,56 @@ def test_a_test_split_within_the_calibration_examples_says_how_to_leave_some(tmp
   with pytest.raises(ValueError, match=message):
     served_evaluation._uncalibrated_examples(source, 2000, max_examples=0, batch_size=256)
   assert sum(len(b[schema.AD_ID]) for b in served_evaluation._uncalibrated_examples(source, 4, 0, 256)) == 2
+
+
+def _calibration_case(hit_rate: float, clicked_rank: tuple[int, int], missed_rank: tuple[int, int], seed: int = 0):
+  """Two channels over one catalog and the clicked ad of each query (see the calibration tests).
+
+  The semantic channel's click is its hit-th best ad for a `hit_rate` share of the queries (hit in
+  `clicked_rank`), else one far below its cut-off (in `missed_rank`); the efficiency channel scores a
+  noisy copy of the semantic embeddings. Returns (names, found, queries, embeddings, positives).
+  """
+  rng = np.random.default_rng(seed)
+  num_queries, num_items, dim, depth = 400, 300, 8, 20
+
+  def unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+  query = unit(rng.normal(size=[num_queries, dim]))
+  items = unit(rng.normal(size=[num_items, dim]))
+  noisy = unit(items + 0.2 * rng.normal(size=items.shape))
+  order = np.argsort(-(query @ items.T), axis=1)
+  hit = rng.random(num_queries) < hit_rate
+  rank = np.where(hit, rng.integers(*clicked_rank, num_queries), rng.integers(*missed_rank, num_queries))
+  positives = order[np.arange(num_queries), rank]
+  found = [order[:, :depth], np.argsort(-(query @ noisy.T), axis=1)[:, :depth]]
+  return ["semantic", "efficiency"], found, [query, query], [items, noisy], positives
+
+
+def test_calibration_fits_what_the_merge_ranks_not_missed_clicks_at_their_own_scores():
+  # A weak channel: 30% of the clicks in its top 5, the rest far below its top 20.
+  names, found, queries, embeddings, positives = _calibration_case(0.3, (0, 5), (150, 300))
+  # The old sample, the channel's top 20 plus each missed click at its own score, has every missed
+  # click below every negative of its query: its fit inverts the channel.
+  missed = ~np.any(found[0] == positives[:, np.newaxis], axis=1)
+  top = np.einsum("qd,qmd->qm", queries[0], embeddings[0][found[0]])
+  clicked_scores = np.einsum("qd,qd->q", queries[0], embeddings[0][positives])
+  old = channels.fit_calibration(
+    np.concatenate([top.ravel(), clicked_scores[missed]]),
+    np.concatenate([(found[0] == positives[:, np.newaxis]).ravel(), np.ones(missed.sum(), bool)]),
+  )
+  assert old.slope < -1
+  fitted = channel_exporter._calibrate(names, found, queries, embeddings, positives)
+  assert set(fitted) == set(names) and all(relevance is None for _, relevance in fitted.values())
+  semantic, efficiency = fitted["semantic"][0], fitted["efficiency"][0]
+  assert semantic.slope > 1 and efficiency.slope > 0
+  # Fit on the merged candidates, a click is likelier at a channel's best score than at its worst.
+  lowest, highest = float(top.min()), float(top.max())
+  assert semantic.slope * (highest - lowest) > 1
+
+
+def test_calibration_without_a_recalled_click_says_what_to_raise():
+  names, found, queries, embeddings, positives = _calibration_case(0.0, (0, 1), (299, 300))
+  found = [found[0], found[0]]  # Neither channel reaches the clicked ads.
+  with pytest.raises(ValueError, match="no channel recalls the clicked ad of any of the 400 calibration examples"):
+    channel_exporter._calibrate(names, found, queries, embeddings, positives)
