@@ -162,6 +162,13 @@ def test_calibration_fits_what_the_merge_ranks_not_missed_clicks_at_their_own_sc
   assert semantic.slope * (highest - lowest) > 1
 
 
+def test_a_channel_whose_scores_do_not_rank_clicks_stops_the_export():
+  # Every click is the 18th-20th of the semantic channel's 20: its higher scores are never clicked.
+  names, found, queries, embeddings, positives = _calibration_case(1.0, (17, 20), (17, 20))
+  with pytest.raises(ValueError, match=r"^channel semantic: its click calibration's fitted slope is -\d.*, not > 0"):
+    channel_exporter._calibrate(names[:1], found[:1], queries[:1], embeddings[:1], positives)
+
+
 def test_calibration_without_a_recalled_click_says_what_to_raise():
   names, found, queries, embeddings, positives = _calibration_case(0.0, (0, 1), (299, 300))
   found = [found[0], found[0]]  # Neither channel reaches the clicked ads.
