@@ -189,7 +189,15 @@ def test_versions_saving_a_copy_of_the_vectors_still_refresh_under_their_graph(
   report = refresh.Refresher(base_path, keep_versions=None, verify_recall=False).apply(delta)
   assert report["graph"] == "version 1's"
   served, recall = _served_and_recall(report["path"], queries)
-  assert recall >= recall_v1 - 0.03 and "fresh-5-probe" in served[0]
+  assert recall >= recall_v1 - 0.03
+  # The served catalog is the delta's: no removed or paused ad, and the new and changed ads that exact
+  # search ranks in a query's top K are found. (Whether one given new ad ranks there at all depends on
+  # the trained towers, so no single ad is asserted.)
+  exact = _served_and_recall.last_exact
+  pairs = [(q, ad_id) for q in range(len(exact)) for ad_id in exact[q] if ad_id in delta.upserts]
+  found = np.mean([ad_id in served[q] for q, ad_id in pairs])
+  assert len(pairs) >= 10 and found >= 0.5  # 0.87-0.97 over 4 training seeds of the test run.
+  assert not {before[0, 1], before[0, 2]} & set(served.ravel())
 
 
 def test_other_search_knobs_trace_the_serving_functions_anew(exported, served_v1, base_path):
