@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from engine import base, channels, full_graph
 from export import (
@@ -132,6 +133,17 @@ class ChannelSource:
       raise FileNotFoundError(f"No complete version {version} under {base_path}")
     report = version_report.read(path)
     names = list(report.extra[CHANNELS])
+    for name in names:  # A refresh carries the calibrations over unchanged (refusing would block masking).
+      for kind, fitted in report.extra[CALIBRATION][name].items():
+        if not fitted["slope"] > 0:
+          logging.warning(
+            "%s: channel %s's %s calibration has slope %.4g, so the merge ranks its worst candidates first "
+            "(exported before fgr-export refused such fits): export the channel run again",
+            path,
+            name,
+            kind,
+            fitted["slope"],
+          )
     states = read_states(path, names)
     return cls(version, path, report, names, states, states[names[0]].row_of())
 

@@ -1,6 +1,7 @@
 """fgr-refresh on a channel graph: every channel's mask and index follow the delta, under N's graph or traced."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -263,3 +264,17 @@ def test_each_channel_rebuilds_at_its_depth_with_its_own_tuned_knobs():
   # A report from before per-channel configs: the top-level config is the first channel's only.
   del report.extra[refresh_state.CHANNEL_INDEX_CONFIGS]
   assert source.index_config(0) == configs["semantic"] and source.index_config(1) == {}
+
+
+def test_a_version_with_an_inverted_calibration_is_refreshed_with_a_warning(exported, tmp_path, caplog):
+  """fgr-export refuses a slope <= 0 now; a version exported before keeps serving and refreshing, and says so."""
+  base_path = _base_path(exported, tmp_path, "brute_force")
+  version_path = os.path.join(base_path, "1")
+  report = version_report.read(version_path)
+  report.extra[channel_exporter.CALIBRATION][NAMES[0]]["click"]["slope"] = -20.3
+  os.remove(version_report.path(version_path))  # A hard link to the fixture's report: replace it, never write through.
+  version_report.write(version_path, report)
+  with caplog.at_level(logging.WARNING):
+    refresh_channels.ChannelSource.read(base_path, 1)
+  assert f"channel {NAMES[0]}'s click calibration has slope -20.3" in caplog.text
+  assert f"channel {NAMES[1]}'s" not in caplog.text
