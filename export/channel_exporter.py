@@ -55,10 +55,10 @@ class ChannelOptions:
   depth: int = 0
   weights: dict[str, float] = dataclasses.field(default_factory=dict)
   min_relevance: float = 0.0
-  diversity: str = "none"
-  window: int = 10
-  gamma: float = 6.0
-  theta: float = 0.5
+  diversity: str = channels.Defaults.diversity
+  window: int = channels.Defaults.window
+  gamma: float = channels.Defaults.gamma
+  theta: float = channels.Defaults.theta
   calibration_examples: int = 2000
 
   def __post_init__(self):
