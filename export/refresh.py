@@ -23,9 +23,11 @@ This module orchestrates those steps for one model base path, and remembers what
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -103,6 +105,7 @@ class Refresher:
     self.background_retrain = background_retrain
     self._retrain: refresh_retrain.BackgroundRetrain | None = None
     self._from_version = from_version
+    self._version: int | None = None  # The number the refresh under way publishes as.
     self._source: refresh_state.Source | refresh_channels.ChannelSource | None = None
     self._towers: refresh_towers.LoadedTowers | refresh_channels.ChannelTowers | None = None
     self._towers_version: int | None = None
@@ -152,9 +155,37 @@ class Refresher:
     return self._towers
 
   def apply(self, delta: refresh_delta.CatalogDelta) -> dict[str, Any]:
-    """Publishes the catalog after `delta` as a new version; returns its report (`VersionReport.to_json`)."""
+    """Publishes the catalog after `delta` as a new version; returns its report (`VersionReport.to_json`).
+
+    Raises:
+      FileExistsError: another writer (fgr-export, another refresher) published while this refresh
+        ran; nothing was published, and a new attempt starts from the newest version.
+    """
     self._prune_deferred()
     source = self.source()
+    with self._publishing_after(source):
+      return self._apply(source, delta)
+
+  @contextlib.contextmanager
+  def _publishing_after(self, source: refresh_state.Source | refresh_channels.ChannelSource) -> Iterator[None]:
+    """Takes the version number this refresh publishes as when it reads its source.
+
+    A version another writer publishes meanwhile takes that number first, and this refresh then fails
+    rather than publish over it: the newest version would otherwise lose that writer's change (a pause
+    undone, a new export replaced by the old towers).
+    """
+    self._version = versions.next_version(self.base_path)
+    try:
+      yield
+    except FileExistsError as e:
+      self._source = None  # Read anew next time: the newest version is no longer ours.
+      raise FileExistsError(f"{e} (this refresh started from version {source.version})") from None
+    finally:
+      self._version = None
+
+  def _apply(
+    self, source: refresh_state.Source | refresh_channels.ChannelSource, delta: refresh_delta.CatalogDelta
+  ) -> dict[str, Any]:
     if isinstance(source, refresh_channels.ChannelSource):
       return self._apply_channels(source, delta)
     retrain = self._retrain_for(source)
@@ -164,7 +195,7 @@ class Refresher:
       # Removing ads that are already gone (a delta applied twice) needs no rebuild either.
       delta.check_against(source.row_of)
       eligible = refresh_apply.apply_statuses(source.state.eligible, source.row_of, delta.statuses)
-      report = refresh_publish.publish_status_only(self.base_path, source, eligible)
+      report = refresh_publish.publish_status_only(self.base_path, source, eligible, self._version)
       report.delta = {"status_changes": len(delta.statuses), "ignored_removals": len(ignored_removals)}
       if retrain is not None:  # Same rows: the snapshot's map carries over.
         retrain.version = report.version
@@ -200,6 +231,7 @@ class Refresher:
       self.verify_recall,
       self.index_update,
       self.retrain_fraction,
+      self._version,
     )
     return self._published(source, report, new_source, started)
 
@@ -214,7 +246,8 @@ class Refresher:
     self._prune_deferred()
     started = time.perf_counter()
     towers = self._towers_for(source)
-    report = self._publish_rebuild(source, towers, source.state, np.arange(len(source.state.ids)), retrain, {})
+    with self._publishing_after(source):
+      report = self._publish_rebuild(source, towers, source.state, np.arange(len(source.state.ids)), retrain, {})
     report.delta = {}
     new_source = refresh_state.Source(report.version, report.path, report, source.state, source.row_of)
     return self._published(source, report, new_source, started)
@@ -256,6 +289,7 @@ class Refresher:
       timings,
       self.index_overrides,
       self.verify_recall,
+      version=self._version,
       source_rows=source_rows,
       index_update=self.index_update,
       retrain_fraction=self.retrain_fraction,

@@ -469,6 +469,7 @@ def refresh(
   verify_recall: bool = True,
   index_update: str = "auto",
   retrain_fraction: float = refresh_policy.DEFAULT_RETRAIN_FRACTION,
+  version: int | None = None,
 ) -> tuple[version_report.VersionReport, ChannelSource]:
   """Publishes version N's channel graph after `delta`; returns its report and its state as a source.
 
@@ -478,13 +479,14 @@ def refresh(
     delta: the catalog delta.
     towers: returns N's restored towers (called only when ads must be embedded or a graph traced).
     index_overrides, verify_recall, index_update, retrain_fraction: see `publish_rebuilt`.
+    version: the number to publish as (the next free one when None).
   """
   ignored_removals = {ad_id for ad_id in delta.removals if ad_id not in source.row_of}
   if delta.status_only or not (delta.upserts or delta.removals - ignored_removals):
     # Removing ads that are already gone (a delta applied twice) needs no rebuild either.
     delta.check_against(source.row_of)
     eligible = refresh_apply.apply_statuses(source.eligible, source.row_of, delta.statuses)
-    report = publish_status_only(base_path, source, eligible)
+    report = publish_status_only(base_path, source, eligible, version)
     report.delta = {"status_changes": len(delta.statuses), "ignored_removals": len(ignored_removals)}
     states = {name: dataclasses.replace(state, eligible=eligible) for name, state in source.states.items()}
     return report, ChannelSource(report.version, report.path, report, source.names, states, source.row_of)
@@ -509,6 +511,7 @@ def refresh(
     timings,
     index_overrides,
     verify_recall,
+    version,
     index_update=index_update,
     retrain_fraction=retrain_fraction,
   )

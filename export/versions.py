@@ -11,6 +11,7 @@ megabytes out of the moment servers load the version.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -68,7 +69,16 @@ def publish(base_path: str, version: int | None = None) -> Iterator[tuple[str, i
   try:
     yield temp_path, version
     _sync_tree(temp_path)
-    os.rename(temp_path, final_path)
+    try:
+      os.rename(temp_path, final_path)
+    except OSError as e:
+      if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        raise
+      # The check above passed, so another writer published this number while this one was written.
+      raise FileExistsError(
+        f"Version {version} was published at {final_path} by another writer while this one was being written: "
+        "nothing was published; run it again"
+      ) from None
     _sync(base_path)
   finally:
     shutil.rmtree(temp_root, ignore_errors=True)
