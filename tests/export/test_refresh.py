@@ -209,6 +209,45 @@ def test_rollback_republishes_and_keep_versions_prunes(exported, served_v1, base
   np.testing.assert_array_equal(_serve(os.path.join(base_path, "5"), queries)[1][0], before[0])
 
 
+def test_a_refresh_overtaken_by_another_writer_publishes_nothing(exported, served_v1, base_path, monkeypatch):
+  """Two writers on one base path: a refresh that read version 1 must not publish over a version 2 another
+  writer published meanwhile (its pause would be undone, as an export would be replaced by old towers)."""
+  _, _, queries = exported
+  _, before = served_v1
+  publish = refresh.refresh_publish.publish_status_only
+
+  def overtaken(base, source, eligible, version=None):
+    monkeypatch.setattr(refresh.refresh_publish, "publish_status_only", publish)
+    refresh.Refresher(base, keep_versions=None).apply(  # Another writer, while this refresh runs.
+      refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 1], "status": "paused"})])
+    )
+    return publish(base, source, eligible, version)
+
+  monkeypatch.setattr(refresh.refresh_publish, "publish_status_only", overtaken)
+  refresher = refresh.Refresher(base_path, keep_versions=None)
+  pause_first = refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 0], "status": "paused"})])
+  with pytest.raises(FileExistsError, match=r"Version 2 already exists .*started from version 1\)"):
+    refresher.apply(pause_first)
+  assert versions.list_versions(base_path) == [1, 2]
+  # Run again, it starts from the newest version: both pauses hold.
+  report = refresher.apply(pause_first)
+  assert (report["version"], report["refreshed_from"]) == (3, 2)
+  _, after = _serve(os.path.join(base_path, "3"), queries)
+  assert not {before[0, 0], before[0, 1]} & set(after.ravel())
+
+
+def test_two_writers_renaming_to_one_version_fail_cleanly(tmp_path):
+  """The rename race itself: the loser gets a FileExistsError saying so, not ENOTEMPTY, and leaves nothing."""
+  base = str(tmp_path / "models")
+  with pytest.raises(FileExistsError, match="Version 1 was published .* by another writer while this one"):
+    with versions.publish(base) as (temp_path, version):
+      os.makedirs(temp_path)
+      open(os.path.join(temp_path, "saved_model.pb"), "w").close()
+      os.makedirs(os.path.join(base, str(version)))  # The other writer's rename lands first.
+      open(os.path.join(base, str(version), "saved_model.pb"), "w").close()
+  assert sorted(os.listdir(base)) == ["1"]
+
+
 def test_deferred_prune_deletes_when_the_next_publish_starts(served_v1, base_path):
   _, before = served_v1
   refresher = refresh.Refresher(base_path, keep_versions=1, defer_prune=True)
@@ -249,3 +288,47 @@ def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, served_v1
   _, after = _serve(os.path.join(base_path, "2"), queries)
   assert before[0, 0] not in after  # Applied.
   assert before[0, 1] in after[0] and before[0, 2] in after[0]  # Neither bad file applied even in part.
+
+
+def test_watch_keeps_going_past_a_delta_that_cannot_be_published(exported, served_v1, base_path, tmp_path):
+  """A file that parses but leaves fewer ads than k failed every poll, merged with (and so holding back)
+  every later file; a second rejected file of a name replaced the first; a file still being written was
+  published in part and moved, its later lines never applied."""
+  _, _, queries = exported
+  _, before = served_v1
+  watch_dir = tmp_path / "deltas"
+  watch_dir.mkdir()
+  ids = refresh_state.read_state(os.path.join(base_path, "1")).ids
+  keep = set(before[0, :3]) | set(ids[:10])
+  too_much = "".join(json.dumps({"ad_id": ad_id, "deleted": True}) + "\n" for ad_id in ids if ad_id not in keep)
+  (watch_dir / "001-delete-nearly-all.jsonl").write_text(too_much)
+  (watch_dir / "002-pause.jsonl").write_text(json.dumps({"ad_id": before[0, 0], "status": "paused"}) + "\n")
+  refresher = refresh.Refresher(base_path, keep_versions=None)
+  result = refresh_watch.poll_once(refresher, str(watch_dir))
+  assert result.accepted == ["002-pause.jsonl"] and list(result.rejected) == ["001-delete-nearly-all.jsonl"]
+  assert result.report["version"] == 2 and "k must be in" in result.rejected["001-delete-nearly-all.jsonl"]
+  assert before[0, 0] not in _serve(os.path.join(base_path, "2"), queries)[1][0]
+
+  for _ in range(2):  # The same bad name twice: both files and both notes are kept.
+    (watch_dir / "bad.jsonl").write_text("{oops\n")
+    refresh_watch.poll_once(refresher, str(watch_dir))
+  assert {"bad.jsonl", "bad.jsonl.error", "bad-2.jsonl", "bad-2.jsonl.error"} <= set(os.listdir(watch_dir / "failed"))
+
+  # A writer appends while the first lines are applied: the file stays, and the next poll applies it whole.
+  slow = watch_dir / "003-slow.jsonl"
+  slow.write_text(json.dumps({"ad_id": before[0, 1], "status": "paused"}) + "\n")
+  apply = refresher.apply
+
+  def apply_while_written(delta):
+    with open(slow, "a") as f:
+      f.write(json.dumps({"ad_id": before[0, 2], "status": "paused"}) + "\n")
+    return apply(delta)
+
+  refresher.apply = apply_while_written
+  assert refresh_watch.poll_once(refresher, str(watch_dir)).report["version"] == 3
+  refresher.apply = apply
+  assert slow.exists()
+  assert refresh_watch.poll_once(refresher, str(watch_dir)).report["version"] == 4
+  assert not slow.exists() and not {before[0, 1], before[0, 2]} & set(
+    _serve(os.path.join(base_path, "4"), queries)[1][0]
+  )
