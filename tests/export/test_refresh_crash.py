@@ -80,3 +80,29 @@ def test_kill_9_mid_publish_leaves_only_complete_versions(scann_export, tmp_path
   assert "fresh-ad" in tf.saved_model.load(os.path.join(base_path, "2")).item_ids.numpy().astype(str)
   versions.prune(base_path, keep=2, stale_temp_seconds=0)
   assert not _temp_dirs(base_path) and versions.list_versions(base_path) == [1, 2]
+
+
+def test_sigterm_during_a_publish_removes_its_temporary_directory(tmp_path):
+  """fgr-refresh exits on SIGTERM through SystemExit: the publish under way cleans up (Python's default
+  SIGTERM left `.tmp-version-*` behind, pruned only an hour later)."""
+  script = (
+    "import os, signal, sys, time\n"
+    "from export import refresh_cli, versions\n"
+    "refresh_cli._exit_on_stop_signals()\n"
+    "with versions.publish(sys.argv[1]) as (temp_path, version):\n"
+    "  os.makedirs(temp_path)\n"
+    "  open(os.path.join(temp_path, 'saved_model.pb'), 'w').close()\n"
+    "  os.kill(os.getpid(), signal.SIGTERM)\n"
+    "  time.sleep(60)\n"
+  )
+  base = tmp_path / "models"
+  result = subprocess.run(
+    [sys.executable, "-c", script, str(base)],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": REPO_ROOT},
+    timeout=300,
+    cwd=REPO_ROOT,
+  )
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+  assert os.listdir(base) == [] and "Traceback" not in result.stderr
