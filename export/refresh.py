@@ -116,6 +116,8 @@ class Refresher:
     if not on_disk:
       raise FileNotFoundError(f"No version under {self.base_path} to refresh; run fgr-export first")
     wanted = self._from_version if self._from_version is not None else on_disk[-1]
+    if wanted not in on_disk:
+      raise FileNotFoundError(f"No version {wanted} under {self.base_path} (it has {on_disk}): check --from_version")
     if self._source is None or self._source.version != wanted:
       source = refresh_channels.read_source(self.base_path, wanted)
       self._check_overrides(source.report.index)
@@ -203,6 +205,14 @@ class Refresher:
         report.version, report.path, report, dataclasses.replace(source.state, eligible=eligible), source.row_of
       )
       return self._published(source, report, new_source, started)
+    delta.check_against(source.row_of)  # Before loading anything: a bad delta costs no embedding.
+    remaining = len(source.state.ids) - len(delta.removals - ignored_removals)
+    remaining += sum(ad_id not in source.row_of for ad_id in delta.upserts)
+    if remaining < source.report.k:
+      raise ValueError(
+        f"after the delta version {source.version}'s catalog has {remaining} ads, fewer than the k = "
+        f"{source.report.k} each request returns: nothing published"
+      )
     timings: dict[str, float] = {}
     towers = self._towers_for(source)
     timings["load_towers"] = time.perf_counter() - started

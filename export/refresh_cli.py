@@ -107,6 +107,10 @@ def main(argv: list[str]) -> None:
   modes = [bool(FLAGS.delta), FLAGS.rollback is not None, FLAGS.watch is not None]
   if sum(modes) != 1:
     raise app.UsageError("Give exactly one of --delta, --rollback or --watch")
+  if FLAGS.rollback is not None and FLAGS.rollback < 1:
+    raise app.UsageError(f"--rollback names a version (1 or more), got {FLAGS.rollback}")
+  if FLAGS.from_version is not None and FLAGS.from_version < 1:
+    raise app.UsageError(f"--from_version names a version (1 or more), got {FLAGS.from_version}")
   if FLAGS.keep_versions < 0:
     raise app.UsageError(f"--keep_versions must be 0 (keep all) or more, got {FLAGS.keep_versions}")
   if not 0 <= FLAGS.retrain_fraction <= 1:
@@ -137,8 +141,8 @@ def main(argv: list[str]) -> None:
     delta = refresh_delta.CatalogDelta()
     for path in FLAGS.delta:  # Every file is read and checked before anything is published.
       delta.merge(refresh_delta.read_delta(path))
-    if not delta:
-      raise app.UsageError(f"The delta files {FLAGS.delta} change nothing")
+    if not delta:  # A mistake in the files, not in the command line: one line, not the usage text.
+      raise ValueError(f"the delta files {FLAGS.delta} change nothing (empty, or only blank lines)")
     print(json.dumps(refresher.apply(delta)))
   else:
     refresh_watch.watch(

@@ -203,6 +203,8 @@ def test_rollback_republishes_and_keep_versions_prunes(exported, served_v1, base
   assert not [name for name in os.listdir(base_path) if not name.isdigit()]  # No hidden leftovers.
   _, rolled_back = _serve(os.path.join(base_path, "4"), queries)
   assert before[0, 0] not in rolled_back[0] and before[0, 1] in rolled_back[0]
+  with pytest.raises(FileNotFoundError, match=r"No version 1 under .* \(it has \[3, 4\]\): check --from_version"):
+    refresh.Refresher(base_path, from_version=1).source()  # Pruned: named as missing, not as a broken version.
   # The next refresh starts from the rollback (the newest version), not from the refresher's memory.
   report = refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 0], "status": "active"})]))
   assert report["refreshed_from"] == 4
@@ -306,7 +308,7 @@ def test_watch_keeps_going_past_a_delta_that_cannot_be_published(exported, serve
   refresher = refresh.Refresher(base_path, keep_versions=None)
   result = refresh_watch.poll_once(refresher, str(watch_dir))
   assert result.accepted == ["002-pause.jsonl"] and list(result.rejected) == ["001-delete-nearly-all.jsonl"]
-  assert result.report["version"] == 2 and "k must be in" in result.rejected["001-delete-nearly-all.jsonl"]
+  assert result.report["version"] == 2 and "fewer than the k = 20" in result.rejected["001-delete-nearly-all.jsonl"]
   assert before[0, 0] not in _serve(os.path.join(base_path, "2"), queries)[1][0]
 
   for _ in range(2):  # The same bad name twice: both files and both notes are kept.
