@@ -51,6 +51,8 @@ class CatalogDelta:
   upserts: dict[str, AdRecord] = dataclasses.field(default_factory=dict)
   statuses: dict[str, str] = dataclasses.field(default_factory=dict)
   removals: set[str] = dataclasses.field(default_factory=set)
+  # Where each status change was read ("file:line"), for errors found only once the catalog is known.
+  origins: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   def __bool__(self) -> bool:
     return bool(self.upserts or self.statuses or self.removals)
@@ -88,14 +90,21 @@ class CatalogDelta:
     for ad_id, record in later.upserts.items():
       self.add_upsert(ad_id, dataclasses.replace(record))
     for ad_id, status in later.statuses.items():
-      self.add_status(ad_id, status)
+      origin = later.origins.get(ad_id)
+      try:
+        self.add_status(ad_id, status)
+      except ValueError as e:
+        raise ValueError(f"{origin}: {e}" if origin else str(e)) from None
+      if origin:
+        self.origins[ad_id] = origin
 
   def check_against(self, known_ids: Collection[str]) -> None:
     """Raises ValueError if a status change names an ad that is neither known nor added here."""
     unknown = sorted(ad_id for ad_id in self.statuses if ad_id not in known_ids)
     if unknown:
+      named = ", ".join(f"{a!r} ({self.origins[a]})" if a in self.origins else repr(a) for a in unknown[:5])
       raise ValueError(
-        f"status changes for {len(unknown)} ads not in the catalog (give their features to add them): {unknown[:5]}"
+        f"status changes for {len(unknown)} ads not in the catalog (give their features to add them): {named}"
       )
 
   def item_features(self) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -148,6 +157,7 @@ def parse_lines(lines: Iterable[str], name: str = "<delta>") -> CatalogDelta:
         delta.add_upsert(ad_id, payload)
       elif kind == "status":
         delta.add_status(ad_id, payload)
+        delta.origins[ad_id] = f"{name}:{line_number}"
       else:
         delta.add_removal(ad_id)
     except (json.JSONDecodeError, ValueError) as e:

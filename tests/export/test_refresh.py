@@ -79,6 +79,13 @@ def test_delta_lines_later_lines_win_and_errors_name_the_line():
       refresh_delta.parse_lines(['{"ad_id": "ok", "status": "paused"}', line], "delta.jsonl")
   with pytest.raises(ValueError, match="removes"):
     refresh_delta.parse_lines(['{"ad_id": "a", "deleted": true}', '{"ad_id": "a", "status": "paused"}'])
+  # Errors found only against the catalog, or across files, name the line too.
+  pause = refresh_delta.parse_lines(["", '{"ad_id": "nope", "status": "paused"}'], "b.jsonl")
+  with pytest.raises(ValueError, match=r"not in the catalog .*: 'nope' \(b.jsonl:2\)$"):
+    pause.check_against({"a"})
+  removal = refresh_delta.parse_lines(['{"ad_id": "nope", "deleted": true}'], "a.jsonl")
+  with pytest.raises(ValueError, match=r"^b.jsonl:2: status change of ad 'nope', which an earlier line removes"):
+    removal.merge(pause)
 
 
 def test_a_delta_file_that_is_not_utf8_is_reported_with_its_line(tmp_path):
