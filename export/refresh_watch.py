@@ -127,7 +127,9 @@ def poll_once(refresher: refresh.Refresher, directory: str) -> PollResult:
     # ads than k). Retried together they would fail at every poll and hold back every later file, so
     # each is published alone, in order, and the one that cannot be goes to failed/.
     logging.error("Publishing %s together failed (%s); publishing them one by one", result.accepted, e)
-    return _publish_one_by_one(refresher, directory, result.accepted, deltas, read_as)
+    accepted, result.accepted = result.accepted, []
+    _publish_one_by_one(refresher, directory, accepted, deltas, read_as, result)
+    return result
   _set_aside(directory, result.accepted, f"v{result.report['version']}-", read_as)
   return result
 
@@ -144,8 +146,9 @@ def _publish_one_by_one(
   names: list[str],
   deltas: dict[str, refresh_delta.CatalogDelta],
   read_as: dict[str, tuple[int, int]],
-) -> PollResult:
-  result = PollResult()
+  result: PollResult,
+) -> None:
+  """Publishes each file alone, in order, into `result`; one that cannot be published goes to failed/."""
   for name in names:
     try:
       deltas[name].check_against(refresher.source().row_of)  # The newest version: the previous file's.
@@ -157,7 +160,6 @@ def _publish_one_by_one(
     result.accepted.append(name)
     result.report = report or result.report
     _set_aside(directory, [name], f"v{report['version']}-" if report else "empty-", read_as)
-  return result
 
 
 def watch(

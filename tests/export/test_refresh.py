@@ -312,9 +312,11 @@ def test_watch_keeps_going_past_a_delta_that_cannot_be_published(exported, serve
   too_much = "".join(json.dumps({"ad_id": ad_id, "deleted": True}) + "\n" for ad_id in ids if ad_id not in keep)
   (watch_dir / "001-delete-nearly-all.jsonl").write_text(too_much)
   (watch_dir / "002-pause.jsonl").write_text(json.dumps({"ad_id": before[0, 0], "status": "paused"}) + "\n")
+  (watch_dir / "003-bad.jsonl").write_text("{oops\n")
   refresher = refresh.Refresher(base_path, keep_versions=None)
   result = refresh_watch.poll_once(refresher, str(watch_dir))
-  assert result.accepted == ["002-pause.jsonl"] and list(result.rejected) == ["001-delete-nearly-all.jsonl"]
+  assert result.accepted == ["002-pause.jsonl"]
+  assert list(result.rejected) == ["003-bad.jsonl", "001-delete-nearly-all.jsonl"]
   assert result.report["version"] == 2 and "fewer than the k = 20" in result.rejected["001-delete-nearly-all.jsonl"]
   assert before[0, 0] not in _serve(os.path.join(base_path, "2"), queries)[1][0]
 
@@ -324,7 +326,7 @@ def test_watch_keeps_going_past_a_delta_that_cannot_be_published(exported, serve
   assert {"bad.jsonl", "bad.jsonl.error", "bad-2.jsonl", "bad-2.jsonl.error"} <= set(os.listdir(watch_dir / "failed"))
 
   # A writer appends while the first lines are applied: the file stays, and the next poll applies it whole.
-  slow = watch_dir / "003-slow.jsonl"
+  slow = watch_dir / "004-slow.jsonl"
   slow.write_text(json.dumps({"ad_id": before[0, 1], "status": "paused"}) + "\n")
   apply = refresher.apply
 
