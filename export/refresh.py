@@ -206,8 +206,7 @@ class Refresher:
       )
       return self._published(source, report, new_source, started)
     delta.check_against(source.row_of)  # Before loading anything: a bad delta costs no embedding.
-    remaining = len(source.state.ids) - len(delta.removals - ignored_removals)
-    remaining += sum(ad_id not in source.row_of for ad_id in delta.upserts)
+    remaining = delta.catalog_size_after(source.row_of)
     if remaining < source.report.k:
       raise ValueError(
         f"after the delta version {source.version}'s catalog has {remaining} ads, fewer than the k = "

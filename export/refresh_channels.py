@@ -492,8 +492,7 @@ def refresh(
     return report, ChannelSource(report.version, report.path, report, source.names, states, source.row_of)
   # Checked before loading anything: a bad delta costs no embedding and publishes nothing.
   delta.check_against(source.row_of)
-  removed = len(delta.removals) - len(ignored_removals)
-  check_depths(source, len(source.ids) - removed + sum(ad_id not in source.row_of for ad_id in delta.upserts))
+  check_depths(source, delta.catalog_size_after(source.row_of))
   timings: dict[str, float] = {}
   started = time.perf_counter()
   loaded = towers()

@@ -107,6 +107,11 @@ class CatalogDelta:
         f"status changes for {len(unknown)} ads not in the catalog (give their features to add them): {named}"
       )
 
+  def catalog_size_after(self, row_of: Collection[str]) -> int:
+    """How many ads the catalog of `row_of`'s ids holds after this delta (removals of absent ads ignored)."""
+    removed = sum(ad_id in row_of for ad_id in self.removals)
+    return len(row_of) - removed + sum(ad_id not in row_of for ad_id in self.upserts)
+
   def item_features(self) -> tuple[list[str], dict[str, np.ndarray]]:
     """The upserted ads' ids and their item-tower inputs, in a stable order."""
     ids = sorted(self.upserts)

@@ -151,7 +151,6 @@ def _publish_one_by_one(
   """Publishes each file alone, in order, into `result`; one that cannot be published goes to failed/."""
   for name in names:
     try:
-      deltas[name].check_against(refresher.source().row_of)  # The newest version: the previous file's.
       report = refresher.apply(deltas[name]) if deltas[name] else None
     except ValueError as e:
       if _still_as_read(directory, name, read_as[name]):
