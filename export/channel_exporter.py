@@ -127,11 +127,11 @@ def _calibrate(
   queries: list[np.ndarray],
   embeddings: list[np.ndarray],
   positives: np.ndarray,
-  relevance: int | None = None,
+  judges: tuple[int, ...] = (),
   categories: np.ndarray | None = None,
   query_categories: np.ndarray | None = None,
 ) -> dict[str, tuple[channels.Calibration, channels.Calibration | None]]:
-  """Fits every channel's click calibration, and the relevance channel's relevance calibration.
+  """Fits every channel's click calibration, and a relevance calibration for each channel that judges it.
 
   The sample is what the merge ranks: for each held-out query, the union of every channel's
   top-depth candidates, each scored by every channel (an ad one channel found is judged by all).
@@ -144,8 +144,8 @@ def _calibrate(
     found: each channel's recalled rows [Q, depth] for the held-out queries (-1: none).
     queries, embeddings: each channel's query embeddings [Q, d_c] and catalog embeddings [N, d_c].
     positives: the catalog row [Q] of each query's clicked ad.
-    relevance: the index of the channel that judges relevance (None: none does), with `categories`
-      [N] of the catalog and `query_categories` [Q].
+    judges: the indexes of the channels trained for relevance (the graph takes at most one), with
+      `categories` [N] of the catalog and `query_categories` [Q].
 
   Returns:
     (click, relevance or None) calibrations by channel name.
@@ -166,7 +166,7 @@ def _calibrate(
     scores = np.einsum("qd,qmd->qm", queries[c], embeddings[c][np.maximum(rows, 0)])[valid]
     click = _checked(name, "click", channels.fit_calibration(scores, clicked[valid]), len(scores), hits)
     topic = None
-    if c == relevance:
+    if c in judges:
       relevant = (categories[np.maximum(rows, 0)] == query_categories[:, np.newaxis])[valid]
       topic = _checked(name, "relevance", channels.fit_calibration(scores, relevant), len(scores), int(relevant.sum()))
     out[name] = (click, topic)
@@ -189,7 +189,8 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
   )
   timings = {"embed": 0.0, "build": 0.0}
   catalogs, recall, calibration = {}, {}, {}
-  models, indexes, queries, judges = [], [], [], []  # Per channel, in graph order.
+  models, indexes, queries = [], [], []  # Per channel, in graph order.
+  judges: list[int] = []  # The channels trained for relevance: engine.channels refuses more than one.
   data_spec = None
   source = held_out = samples = None
   for name in names:
@@ -224,11 +225,9 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
     models.append(model)
     indexes.append(index)
     queries.append(embedded)
-    judges.append(run_config["tower"].objective == "relevance")
+    if run_config["tower"].objective == "relevance":
+      judges.append(len(models) - 1)
     catalogs[name] = catalog
-  if sum(judges) > 1:
-    raise ValueError("at most one channel can judge relevance")
-  judge = judges.index(True) if any(judges) else None
   # Calibrated once every index is built: each channel is fit on the candidates of all of them.
   found = [
     tf.function(lambda q, index=index: index.search(q, depth).indices)(tf.constant(q)).numpy()
@@ -236,11 +235,11 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
   ]
   positives = np.asarray([source.row_of(str(ad_id)) for ad_id in held_out[schema.AD_ID]], dtype=np.int64)
   categories = query_categories = None
-  if judge is not None:
+  if judges:
     categories = sequences.catalog_column(source, schema.CATEGORY)
     query_categories = held_out.get(schema.QUERY_CATEGORY, held_out[schema.CATEGORY])
   embeddings = [catalogs[name].embeddings for name in names]
-  fitted = _calibrate(names, found, queries, embeddings, positives, judge, categories, query_categories)
+  fitted = _calibrate(names, found, queries, embeddings, positives, tuple(judges), categories, query_categories)
   built_channels = []
   for name, model, index in zip(names, models, indexes):
     click, relevance = fitted[name]

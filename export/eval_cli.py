@@ -87,10 +87,6 @@ def main(argv: list[str]) -> None:
         )
       evaluated = served_evaluation.evaluate_version(FLAGS.model_path, source, FLAGS.max_examples)
     else:
-      if explicit_ks and max(explicit_ks) > version.k:
-        raise app.UsageError(
-          f"{FLAGS.model_path} serves {version.k} candidates per request: --ks can go up to {version.k}"
-        )
       evaluated = served_evaluation.evaluate_full_graph(
         FLAGS.model_path, source, FLAGS.max_examples, with_baselines=FLAGS.baselines, ks=explicit_ks
       )
