@@ -17,6 +17,8 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
 
+from clients.loadtest import request_source
+
 
 class QueryError(Exception):
   """A call the server refused, or a server that did not answer: the message says which and why."""
@@ -73,11 +75,9 @@ def complete_features(features: dict[str, Any], inputs: dict[str, meta_graph_pb2
 
 
 def predict_request(features: dict[str, Any], spec: model_pb2.ModelSpec) -> predict_pb2.PredictRequest:
-  """A batch-of-one PredictRequest: a scalar becomes a [1] tensor, a list a [1, n] tensor."""
-  request = predict_pb2.PredictRequest()
+  """A batch-of-one PredictRequest for `spec` (`request_source.features_request`: [1] and [1, n] tensors)."""
+  request = request_source.features_request(features)
   request.model_spec.CopyFrom(spec)
-  for name, value in features.items():
-    request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray([value], dtype=object).astype(bytes)))
   return request
 
 
