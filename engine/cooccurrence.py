@@ -155,7 +155,8 @@ class CooccurrenceChannel(tf.Module):
     # (Equal rows are summed, so their order does not matter: the unstable sort measured 1.8x faster.)
     order = tf.argsort(rows, axis=1)
     rows, weights = tf.gather(rows, order, batch_dims=1), tf.gather(weights, order, batch_dims=1)
-    starts = tf.concat([tf.ones([batch, 1], tf.bool), tf.not_equal(rows[:, 1:], rows[:, :-1])], axis=1)
+    # (ones_like keeps a request without history, width 0, at width 0.)
+    starts = tf.concat([tf.ones_like(rows[:, :1], tf.bool), tf.not_equal(rows[:, 1:], rows[:, :-1])], axis=1)
     offsets = (tf.range(batch) * width)[:, tf.newaxis]
     segments = tf.reshape(tf.cumsum(tf.cast(starts, tf.int32), axis=1) - 1 + offsets, [-1])
     totals = tf.reshape(

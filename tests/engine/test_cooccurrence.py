@@ -65,6 +65,14 @@ def test_channel_search_sums_recent_votes_over_eligible_catalog_items(setup, dep
   assert np.all(rows[0] == -1)  # An empty history votes for nothing.
 
 
+def test_a_history_with_no_columns_votes_for_nothing(setup):
+  # What a request with `"hist_ids": []` becomes: [B, 0], a shape the signature accepts.
+  table, _, eligible, _ = setup
+  result = _channel(table).search(tf.zeros([3, 0], tf.string), 5, tf.constant(eligible))
+  assert result.indices.shape == (3, 5)
+  assert np.all(result.indices.numpy() == -1) and np.all(np.isneginf(result.scores.numpy()))
+
+
 def test_catalog_lookup_follows_a_reordered_catalog(setup):
   table, raw, eligible, history = setup
   order = np.random.default_rng(1).permutation(NUM_ITEMS)
