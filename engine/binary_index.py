@@ -68,8 +68,12 @@ class BinaryIndex(base.Index):
       # One query at a time: a [B, N] distance matrix would not fit for large batches.
       return tf.math.top_k(similarity(query_code, self.codes, self.eligible, self.hasher.bits), k=count)[1]
 
-    rows = tf.map_fn(
-      candidates, query_codes, fn_output_signature=tf.TensorSpec([None], tf.int32), parallel_iterations=2
+    rows = tf.cond(  # map_fn cannot stack an empty batch of unknown-width rows.
+      tf.shape(query_codes)[0] > 0,
+      lambda: tf.map_fn(
+        candidates, query_codes, fn_output_signature=tf.TensorSpec([None], tf.int32), parallel_iterations=2
+      ),
+      lambda: tf.zeros([0, count], tf.int32),
     )
     return search_ops.rerank(queries, rows, self.vectors, self.eligible, k)
 

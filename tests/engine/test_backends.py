@@ -116,6 +116,25 @@ def test_eligibility(medium_catalog, backend, options):
   assert np.all(result.indices.numpy()[:, 3:] == -1) and np.all(np.isneginf(result.scores.numpy()[:, 3:]))
 
 
+@pytest.mark.parametrize(
+  "backend,options",
+  [
+    ("brute_force", {}),
+    ("int8", {}),
+    ("binary", {"learned": False, "rerank_candidates": 200}),
+    ("partitioned", {"probes": 4}),
+    ("scann", {}),
+  ],
+)
+def test_an_empty_batch_gets_an_empty_answer(small_catalog, backend, options):
+  # A signature takes [None, d] queries; a request with no rows is valid and answers [0, k].
+  items, _ = small_catalog
+  index = base.build_index(backend, items, k=10, **options)
+  search = tf.function(lambda q: index.search(q, 10), input_signature=[tf.TensorSpec([None, items.shape[1]])])
+  result = search(tf.zeros([0, items.shape[1]]))
+  assert result.indices.shape == result.scores.shape == (0, 10)
+
+
 def test_exact_top_k_tf_matches_numpy(small_catalog):
   items, queries = small_catalog
   topk_testlib.assert_top_k_agree(
