@@ -88,8 +88,9 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
   "brute_force_bf16": ("brute_force", {"dtype": "bfloat16"}),
   "scann": ("scann", {}),
   "int8": ("int8", {}),
-  "binary": ("binary", {}),
-  "binary_random": ("binary", {"learned": False}),
+  # The Hamming scan under XLA, as docs/performance.md's table measured it (the export's default is off).
+  "binary": ("binary", {"jit_compile": True}),
+  "binary_random": ("binary", {"learned": False, "jit_compile": True}),
   "partitioned": ("partitioned", {}),
 }
 

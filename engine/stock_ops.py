@@ -1,4 +1,4 @@
-"""Checks that a SavedModel needs no custom op, by loading it in a fresh process without ScaNN."""
+"""Checks that a SavedModel runs on stock TF: no custom op (loaded in a fresh process without ScaNN), and what needs XLA."""
 
 from __future__ import annotations
 
@@ -9,14 +9,20 @@ import sys
 from typing import Any
 
 
-def custom_ops(saved_model_dir: str) -> list[str]:
-  """Op types in the SavedModel's graph and functions that this process's TensorFlow lacks."""
+def _read_saved_model(saved_model_dir: str) -> Any:
   from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.framework import op_def_registry  # pylint: disable=g-import-not-at-top
 
   saved_model = saved_model_pb2.SavedModel()
   with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
     saved_model.ParseFromString(f.read())
+  return saved_model
+
+
+def custom_ops(saved_model_dir: str) -> list[str]:
+  """Op types in the SavedModel's graph and functions that this process's TensorFlow lacks."""
+  from tensorflow.python.framework import op_def_registry  # pylint: disable=g-import-not-at-top
+
+  saved_model = _read_saved_model(saved_model_dir)
   ops = set()
   for meta_graph in saved_model.meta_graphs:
     ops.update(node.op for node in meta_graph.graph_def.node)
@@ -27,11 +33,27 @@ def custom_ops(saved_model_dir: str) -> list[str]:
   return sorted(op for op in ops if op_def_registry.get(op) is None)
 
 
+def xla_compiled_functions(saved_model_dir: str) -> list[str]:
+  """Functions in the SavedModel that must be XLA-compiled (`jit_compile=True`).
+
+  Stock TF Serving disables XLA on CPU unless started with `--xla_cpu_compilation_enabled=true`, and
+  then fails any call of them, warm-up included, so such a version never loads there.
+  """
+  names = set()
+  for meta_graph in _read_saved_model(saved_model_dir).meta_graphs:
+    for function in meta_graph.graph_def.library.function:
+      attr = function.attr.get("_XlaMustCompile")
+      if attr is not None and attr.b:
+        names.add(function.signature.name)
+  return sorted(names)
+
+
 def load_in_fresh_process(saved_model_dir: str, timeout: float = 300.0) -> dict[str, Any]:
   """Loads the SavedModel in a new Python process that never imports ScaNN.
 
   Returns:
-    {"custom_ops": [...op types stock TF lacks...], "loaded": bool, "ran": bool (every signature ran
+    {"custom_ops": [...op types stock TF lacks...], "xla_functions": [...functions that need XLA
+     (`xla_compiled_functions`)...], "loaded": bool, "ran": bool (every signature ran
      once on zero inputs), "scann_imported": bool, "signatures": [...], "error": str}.
   """
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +71,7 @@ def load_in_fresh_process(saved_model_dir: str, timeout: float = 300.0) -> dict[
   if completed.returncode != 0 or not lines:
     return {
       "custom_ops": [],
+      "xla_functions": [],
       "loaded": False,
       "ran": False,
       "scann_imported": False,
@@ -61,7 +84,13 @@ def load_in_fresh_process(saved_model_dir: str, timeout: float = 300.0) -> dict[
 def _main(saved_model_dir: str) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  report: dict[str, Any] = {"custom_ops": custom_ops(saved_model_dir), "loaded": False, "ran": False, "error": ""}
+  report: dict[str, Any] = {
+    "custom_ops": custom_ops(saved_model_dir),
+    "xla_functions": xla_compiled_functions(saved_model_dir),
+    "loaded": False,
+    "ran": False,
+    "error": "",
+  }
   try:
     loaded = tf.saved_model.load(saved_model_dir)
     report["loaded"] = True

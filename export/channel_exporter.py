@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import base, channels
+from engine import base, channels, stock_ops
 from export import exporter, refresh_state, verify, version_report, versions, warmup
 from models import catalog as catalog_lib
 from models import channels as channels_lib
@@ -294,6 +294,7 @@ def publish_channels(
       data=built.data,
       precision=built.serving.precision,
       jit_compile=built.serving.jit_compile,
+      needs_xla=bool(stock_ops.xla_compiled_functions(temp_path)),
       index_options=config.index_options,
       index_config=dict(graph.channels[0].index.config),
       num_items=int(len(catalog.ids)),

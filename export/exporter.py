@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import base, full_graph
+from engine import base, full_graph, stock_ops
 from engine import cooccurrence as cooccurrence_lib
 from export import refresh_state, verify, version_report, versions, warmup
 from models import baselines, train
@@ -224,6 +224,7 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
       data=built.data,
       precision=built.serving.precision,
       jit_compile=built.serving.jit_compile,
+      needs_xla=bool(stock_ops.xla_compiled_functions(temp_path)),
       index_options=config.index_options,
       index_config=dict(index.config),
       num_items=int(len(catalog.ids)),

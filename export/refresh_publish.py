@@ -57,6 +57,9 @@ def refreshed_report(
     exclusion_depth=source_report.exclusion_depth,
     cooccurrence=source_report.cooccurrence,
     data=source_report.data,
+    precision=source_report.precision,  # Refreshes keep the source's towers and how they were built.
+    jit_compile=source_report.jit_compile,
+    needs_xla=source_report.needs_xla,
     index_options=source_report.index_options,
     index_config=source_report.index_config,
     num_items=int(len(ids)),

@@ -42,6 +42,9 @@ class VersionReport:
     cooccurrence: the fused co-occurrence channel's settings (`engine.full_graph.cooccurrence_config`);
       None without one. Its table lives in the version's checkpoint.
     precision, jit_compile: how fgr-export built the towers.
+    needs_xla: whether the graph holds functions that must be XLA-compiled
+      (`engine.stock_ops.xla_compiled_functions`): stock TF Serving then needs
+      `--xla_cpu_compilation_enabled=true`, or the version never loads.
     index_options: the options the index was built with (a refresh's include the kept tuned knobs).
     index_config: the index's resolved build configuration (`engine.base.Index.config`).
     index_update: how a refresh built the index ("full", "incremental", "retrained").
@@ -71,6 +74,7 @@ class VersionReport:
   data: dict[str, Any] | None = None
   precision: str | None = None
   jit_compile: bool | None = None
+  needs_xla: bool | None = None
   index_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   index_config: dict[str, Any] = dataclasses.field(default_factory=dict)
   index_update: str | None = None

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from engine import full_graph
-from export import refresh, refresh_delta, refresh_state, refresh_watch, version_files, versions
+from export import refresh, refresh_delta, refresh_state, refresh_watch, version_files, version_report, versions
 from models import config as config_lib
 from models.data import queries as queries_lib
 from models.data import schema, sources
@@ -175,6 +175,11 @@ def test_status_only_publish_changes_only_the_mask(exported, served_v1, base_pat
   refresher = refresh.Refresher(base_path, keep_versions=None)
   report = refresher.apply(delta)
   assert report["kind"] == "status_only" and report["version"] == 2
+  # The towers are version 1's, and so is what serving them needs.
+  source = version_report.read(version_path)
+  assert (report["precision"], report["jit_compile"], report["needs_xla"]) == (
+    source.precision, source.jit_compile, source.needs_xla
+  ) and source.needs_xla is not None
   new_path = os.path.join(base_path, "2")
   # The graph is version 1's byte for byte; of the variables only the eligibility mask differs.
   with (
