@@ -188,6 +188,21 @@ def test_partitioning_is_spherical_for_unit_norm_embeddings_only(small_catalog):
     base.build_index("scann", items, k=10, num_leaves=20, partitioning="balanced")
 
 
+def test_the_same_catalog_builds_the_same_tree(small_catalog):
+  # Exporting one checkpoint twice must serve the same answers: the tree's training is seeded alike.
+  items, queries = small_catalog
+  first, second = (
+    base.build_index("scann", items, k=10, num_leaves=20, leaves_to_search=3, scoring="ah", reorder=30)
+    for _ in range(2)
+  )
+  # Each ad in the same leaf, up to ScaNN's multithreaded float sums (never seen to differ here);
+  # random initial centers put most ads elsewhere.
+  tokens = [index.state.datapoint_to_token.numpy() for index in (first, second)]
+  assert np.mean(tokens[0] == tokens[1]) >= 0.99
+  same = _search(first, queries, 10).indices.numpy() == _search(second, queries, 10).indices.numpy()
+  assert same.mean() >= 0.98, same.mean()
+
+
 def test_final_candidates(small_catalog):
   items, queries = small_catalog
   index = base.build_index("scann", items, k=10, scoring="ah", reorder=50)
