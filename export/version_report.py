@@ -13,7 +13,7 @@ import os
 import re
 from typing import Any
 
-from export import version_files
+from export import version_files, versions
 
 REPORT_FILE = "export_report.json"
 # The report's path relative to a version directory.
@@ -145,7 +145,7 @@ def read(version_path: str) -> VersionReport:
   report_path = path(version_path)
   if not os.path.exists(report_path):
     message = f"{report_path} is missing: not a version written by fgr-export or fgr-refresh"
-    numbered = sorted(int(n) for n in os.listdir(version_path) if n.isdigit()) if os.path.isdir(version_path) else []
+    numbered = versions.list_versions(version_path)
     if numbered:  # A base path: the versions are its numbered subdirectories.
       message += f"; {version_path} holds versions, so pass one, e.g. {os.path.join(version_path, str(numbered[-1]))}"
     raise FileNotFoundError(message)

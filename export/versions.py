@@ -21,20 +21,32 @@ from collections.abc import Iterator
 _TEMP_PREFIX = ".tmp-version-"
 
 
+def version_number(name: str) -> int | None:
+  """The version a directory name stands for, as TF Serving parses it (an int64 in ASCII digits), or None.
+
+  (`str.isdigit` alone would take "²" or "٣", which TF Serving does not.)
+  """
+  if not (name.isascii() and name.isdigit()) or int(name) >= 2**63:
+    return None
+  return int(name)
+
+
 def list_versions(base_path: str) -> list[int]:
   """Integer versions under base_path that hold a saved_model.pb, ascending."""
   if not os.path.isdir(base_path):
     return []
   versions = []
   for name in os.listdir(base_path):
-    if name.isdigit() and os.path.exists(os.path.join(base_path, name, "saved_model.pb")):
-      versions.append(int(name))
+    number = version_number(name)
+    if number is not None and os.path.exists(os.path.join(base_path, name, "saved_model.pb")):
+      versions.append(number)
   return sorted(versions)
 
 
 def next_version(base_path: str) -> int:
   """One above the largest version present (or in the way as a directory), starting at 1."""
-  taken = [int(n) for n in os.listdir(base_path) if n.isdigit()] if os.path.isdir(base_path) else []
+  names = os.listdir(base_path) if os.path.isdir(base_path) else []
+  taken = [number for number in map(version_number, names) if number is not None]
   return max(taken, default=0) + 1
 
 

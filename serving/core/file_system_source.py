@@ -23,7 +23,7 @@ def list_versions(base_path: str) -> dict[int, str]:
     return {}
   versions = {}
   for name in names:
-    if not name.isdigit():
+    if not (name.isascii() and name.isdigit()) or int(name) >= 2**63:  # As TF Serving: int64s in ASCII.
       continue
     path = os.path.join(base_path, name)
     if saved_model_bundle.has_saved_model(path):

@@ -12,6 +12,7 @@ from engine import search_ops
 from export import exporter, refresh_publish, served_evaluation, version_files, version_report, versions, warmup
 from models import train
 from models.data import schema, sources
+from serving.core import file_system_source
 from tests import topk_testlib
 from tests.conftest import BRUTE_FORCE_EXPORT, TINY_DATA, TINY_TOWER, TINY_TRAINING
 
@@ -105,6 +106,19 @@ def test_a_version_that_tf_serving_would_ignore_is_refused(tmp_path, version):
     with versions.publish(str(tmp_path), version=version):
       pass
   assert os.listdir(tmp_path) == []
+
+
+def test_only_names_tf_serving_parses_count_as_versions(tmp_path):
+  # TF Serving reads int64s in ASCII digits: "²" and "٣" pass str.isdigit, and are no versions.
+  for name in ("2", "²", "٣", str(2**63), "x"):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "saved_model.pb").write_bytes(b"")
+  assert versions.list_versions(str(tmp_path)) == [2]
+  with versions.publish(str(tmp_path)) as (temp_path, version):
+    os.makedirs(temp_path)
+    open(os.path.join(temp_path, "saved_model.pb"), "wb").close()
+  assert version == 3 and versions.list_versions(str(tmp_path)) == [2, 3]
+  assert sorted(file_system_source.list_versions(str(tmp_path))) == [2, 3]  # What fgr-serve loads.
 
 
 def test_mixed_precision_export_keeps_float32_outputs(trained_run, tmp_path):
