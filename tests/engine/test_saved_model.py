@@ -67,12 +67,15 @@ def test_partitioned_loads_in_stock_tensorflow_without_scann(small_catalog, tmp_
   assert report["custom_ops"] == [] and not report["scann_imported"] and report["xla_functions"] == []
 
 
-@pytest.mark.parametrize("backend,options,needs_xla", [
-  ("brute_force", {"jit_compile": True}, True),
-  ("brute_force", {}, False),
-  ("binary", {"learned": False, "rerank_candidates": 100, "jit_compile": True}, True),
-  ("binary", {"learned": False, "rerank_candidates": 100}, False),  # The default loads in stock TF Serving.
-])
+@pytest.mark.parametrize(
+  "backend,options,needs_xla",
+  [
+    ("brute_force", {"jit_compile": True}, True),
+    ("brute_force", {}, False),
+    ("binary", {"learned": False, "rerank_candidates": 100, "jit_compile": True}, True),
+    ("binary", {"learned": False, "rerank_candidates": 100}, False),  # The default loads in stock TF Serving.
+  ],
+)
 def test_functions_that_must_be_xla_compiled_are_found(small_catalog, tmp_path, backend, options, needs_xla):
   # Stock TF Serving runs XLA on CPU only with --xla_cpu_compilation_enabled; reports name the need.
   items, _ = small_catalog

@@ -178,7 +178,9 @@ def test_status_only_publish_changes_only_the_mask(exported, served_v1, base_pat
   # The towers are version 1's, and so is what serving them needs.
   source = version_report.read(version_path)
   assert (report["precision"], report["jit_compile"], report["needs_xla"]) == (
-    source.precision, source.jit_compile, source.needs_xla
+    source.precision,
+    source.jit_compile,
+    source.needs_xla,
   ) and source.needs_xla is not None
   new_path = os.path.join(base_path, "2")
   # The graph is version 1's byte for byte; of the variables only the eligibility mask differs.
