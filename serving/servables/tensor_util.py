@@ -12,6 +12,9 @@ from serving import errors
 # request actually carries (TF fills a short value list with its last value,
 # so `shape: [1e12], float_val: 1` would otherwise exhaust memory).
 _MAX_FILLED_ELEMENTS = 1 << 27
+# The most dimensions a request tensor may declare: NumPy's limit, which the Python path decodes
+# into (TF's own, TensorShape::MaxDimensions, is 254). A model input of more is not served here.
+MAX_RANK = 64
 
 # TensorProto's typed value field for each dtype, as Tensor::AsProtoField
 # writes them. TF Serving answers Predict with these fields (not
@@ -115,13 +118,17 @@ def declared_shape(proto: tensor_pb2.TensorProto, alias: str) -> tuple[list[int]
   checks them before decoding.
 
   Raises:
-    ServingError: INVALID_ARGUMENT for an unknown rank, a negative dimension,
+    ServingError: INVALID_ARGUMENT for an unknown rank, a rank over MAX_RANK, a negative dimension,
       or more elements than the proto supplies and decoding ever fills in
       (MAX_FILLED_ELEMENTS): a tensor TF can't allocate.
   """
   if proto.tensor_shape.unknown_rank:
     raise errors.invalid_argument(f"tensor parsing error: {alias}: tensor shape has unknown rank")
   dims = [d.size for d in proto.tensor_shape.dim]
+  if len(dims) > MAX_RANK:
+    raise errors.invalid_argument(
+      f"tensor parsing error: {alias}: {len(dims)} dimensions, more than the {MAX_RANK} a request tensor may have"
+    )
   elements = 1
   for d in dims:
     if d < 0:

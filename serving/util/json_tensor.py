@@ -20,12 +20,12 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import classification_pb2, input_pb2, regression_pb2
 
 from serving import errors
-from serving.servables import request_limits
+from serving.servables import request_limits, tensor_util
 
 B64_KEY = "b64"
-# TF's largest tensor rank (TensorShape::MaxDimensions): deeper JSON lists
-# can't be a tensor, and stopping there keeps the recursion shallow.
-MAX_RANK = 254
+# The largest rank a request tensor may have (NumPy's, which decodes it):
+# deeper JSON lists are refused, and stopping there keeps the recursion shallow.
+MAX_RANK = tensor_util.MAX_RANK
 # What a tf.Example int64_list holds.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -84,7 +84,7 @@ def _flatten(value: Any, dtype: int, alias: str, depth: int = 0) -> tuple[list[i
   if isinstance(value, list):
     if depth >= MAX_RANK:
       raise errors.invalid_argument(
-        f"Input {alias} nests lists deeper than {MAX_RANK} levels, TF's largest tensor rank"
+        f"Input {alias} nests lists deeper than {MAX_RANK} levels, the largest rank a request tensor may have"
       )
     if not value:
       return [0], []

@@ -7,6 +7,7 @@ import serving_testlib as lib
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_testlib import KERAS_MODEL, TF1_MODEL, TF1_VERSION, TF2_MODEL
+from tensorflow.core.framework import tensor_shape_pb2
 from tensorflow_serving.apis import (
   classification_pb2,
   get_model_metadata_pb2,
@@ -208,6 +209,17 @@ def test_errors_whose_message_is_not_utf8_keep_their_code(server):
   request.inputs["inputs"].CopyFrom(tf.make_tensor_proto([b"\xff\xfe junk"]))
   code, details = _error(server.predict.Predict, request)
   assert code == grpc.StatusCode.INVALID_ARGUMENT and "Could not parse example input" in details
+
+
+@pytest.mark.parametrize("rank", [70, 300])
+def test_a_tensor_of_too_many_dimensions_is_refused_and_the_server_serves_on(server, rank):
+  """NumPy decodes at most 64 dimensions (it raised ValueError: INTERNAL); TF aborts the process on a
+  shape of more than 254 (the native path allocated one)."""
+  request = _predict_request()
+  request.inputs["x"].tensor_shape.dim.extend([tensor_shape_pb2.TensorShapeProto.Dim(size=1)] * (rank - 2))
+  code, details = _error(server.predict.Predict, request)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT and f"x: {rank} dimensions" in details
+  assert list(server.predict.Predict(_predict_request(), timeout=30).outputs["y"].float_val) == [3.0]
 
 
 def test_request_metadata_has_one_limit_on_both_paths(server):

@@ -121,6 +121,14 @@ def test_classify_and_regress(server):
       f"y key not found in signature inputs {{x}} [model: {TF1_MODEL}, version: {TF1_VERSION}, signature: serving_default]",
     ),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0], [1.0, 2.0]]}, 400, "not a rectangular tensor"),
+    # Deeper than NumPy's 64 dimensions: a 400, not NumPy's ValueError as a 500.
+    (
+      "POST",
+      f"/v1/models/{TF1_MODEL}:predict",
+      {"instances": [json.loads("[" * 70 + "1" + "]" * 70)]},
+      400,
+      "deeper than 64 levels",
+    ),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"instances": [[1.0, 2.0]]}, 400, "has shape [1, 2]"),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"foo": 1}, 400, "Missing 'inputs' or 'instances' key"),
     ("POST", f"/v1/models/{TF1_MODEL}:predict", {"inputs": {"z": [1.0]}}, 400, "Missing named input: x in 'inputs'"),

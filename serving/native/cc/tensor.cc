@@ -12,6 +12,9 @@ namespace {
 // Largest element count the fast path decodes; bigger (legal or not) goes to the Python path,
 // which owns the limits and their messages.
 constexpr int64_t kMaxElements = int64_t{1} << 40;
+// Most dimensions it decodes: tensor_util.MAX_RANK, NumPy's limit. (TF aborts the process on a
+// shape of more than 254, so this check must come before any TF_AllocateTensor.)
+constexpr int kMaxRank = 64;
 
 bool ContentType(int dtype) {  // tf.make_tensor_proto's _TENSOR_CONTENT_TYPES, as far as served.
   switch (dtype) {
@@ -109,7 +112,7 @@ const char* TensorSlice::data() const {
 }
 
 bool DeclaredShape(const tensorflow::TensorProto& proto, std::vector<int64_t>* dims, int64_t* elements) {
-  if (proto.tensor_shape().unknown_rank()) return false;
+  if (proto.tensor_shape().unknown_rank() || proto.tensor_shape().dim_size() > kMaxRank) return false;
   int64_t n = 1;
   for (const auto& dim : proto.tensor_shape().dim()) {
     if (dim.size() < 0) return false;

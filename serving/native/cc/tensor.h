@@ -59,8 +59,8 @@ struct TensorSlice {
   const char* data() const;
 };
 
-// A request tensor's declared dims and element count, if the fast path takes its shape: known rank,
-// no negative dimension, at most 2^40 elements. Both pricing and decoding read the shape this way.
+// A request tensor's declared dims and element count, if the fast path takes its shape: known rank
+// of at most 64, no negative dimension, at most 2^40 elements. Both pricing and decoding read the shape this way.
 bool DeclaredShape(const tensorflow::TensorProto& proto, std::vector<int64_t>* dims, int64_t* elements);
 
 // Whether the fast path converts `dtype` both ways (the others go to the Python path).
