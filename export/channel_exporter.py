@@ -282,6 +282,7 @@ def publish_channels(
   started = time.time()
   with versions.publish(model_base_path, config.version) as (temp_path, version):
     graph.save(temp_path)
+    exporter.check_signatures(temp_path, model_base_path, config)
     warmup.write_warmup(temp_path, warmup.sample_requests(built.samples, config.num_warmup_requests))
     for name, channel_catalog in built.catalogs.items():
       refresh_state.write_embeddings(temp_path, channel_catalog.embeddings, channel=name)

@@ -86,6 +86,13 @@ flags.DEFINE_integer(
 flags.DEFINE_float(
   "fusion_weight", _DEFAULTS.fusion_weight, "With --cooccurrence, the towers' share of the rank fusion, in [0, 1]."
 )
+flags.DEFINE_bool(
+  "allow_signature_change",
+  _DEFAULTS.allow_signature_change,
+  "Publish even if the version's signatures would break the clients of the base path's newest version "
+  "(an input added, removed or retyped; an output or a signature removed). Refused by default: servers "
+  "move every client to the newest version.",
+)
 flags.mark_flags_as_required(["checkpoint_dir", "model_base_path"])
 
 
@@ -140,6 +147,7 @@ def main(argv: list[str]) -> None:
       cooccurrence=FLAGS.cooccurrence,
       cooccurrence_neighbours=FLAGS.cooccurrence_neighbours,
       fusion_weight=FLAGS.fusion_weight,
+      allow_signature_change=FLAGS.allow_signature_change,
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from None

@@ -14,7 +14,7 @@ from absl import logging
 
 from engine import base, full_graph, stock_ops
 from engine import cooccurrence as cooccurrence_lib
-from export import refresh_state, verify, version_report, versions, warmup
+from export import refresh_state, signatures, verify, version_report, versions, warmup
 from models import baselines, train
 from models import catalog as catalog_lib
 from models import precision as precision_lib
@@ -48,6 +48,8 @@ class ExportConfig:
       log (`engine.cooccurrence`), with the towers' search; both lists go k + exclusion_depth deep.
     cooccurrence_neighbours: the co-occurring items kept per item.
     fusion_weight: with `cooccurrence`, the towers' share of the rank fusion.
+    allow_signature_change: publish even if the version's signatures would break the clients of the
+      base path's newest version (`export.signatures`); refused otherwise.
   """
 
   index: str = base.DEFAULT_BACKEND
@@ -64,6 +66,7 @@ class ExportConfig:
   cooccurrence: bool = False
   cooccurrence_neighbours: int = 100
   fusion_weight: float = 0.5
+  allow_signature_change: bool = False
 
   def __post_init__(self):
     base.backend(self.index).check_options(self.index_options)  # Before the catalog is embedded.
@@ -201,6 +204,13 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   return BuiltGraph(graph, catalog, samples, recall, timings, serving, run_config["data"])
 
 
+def check_signatures(saved_model_dir: str, model_base_path: str, config: ExportConfig) -> None:
+  """Raises ValueError if the saved version would break the clients of the newest one (unless allowed)."""
+  if not config.allow_signature_change:
+    newest = versions.list_versions(model_base_path)
+    signatures.check_compatible(saved_model_dir, model_base_path, newest[-1] if newest else None)
+
+
 def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig) -> dict[str, Any]:
   """Saves a built graph as BASE/<version>/ atomically, with warm-up records and its report.
 
@@ -212,6 +222,7 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
   started = time.time()
   with versions.publish(model_base_path, config.version) as (temp_path, version):
     built.graph.save(temp_path)
+    check_signatures(temp_path, model_base_path, config)
     warmup.write_warmup(temp_path, warmup.sample_requests(samples, config.num_warmup_requests))
     refresh_state.write_embeddings(temp_path, catalog.embeddings)  # What fgr-refresh updates.
     report = version_report.VersionReport(

@@ -145,7 +145,8 @@ def read(version_path: str) -> VersionReport:
   report_path = path(version_path)
   if not os.path.exists(report_path):
     message = f"{report_path} is missing: not a version written by fgr-export or fgr-refresh"
-    numbered = versions.list_versions(version_path)
+    names = os.listdir(version_path) if os.path.isdir(version_path) else []
+    numbered = sorted(number for number in map(versions.version_number, names) if number is not None)
     if numbered:  # A base path: the versions are its numbered subdirectories.
       message += f"; {version_path} holds versions, so pass one, e.g. {os.path.join(version_path, str(numbered[-1]))}"
     raise FileNotFoundError(message)
