@@ -90,6 +90,8 @@ class TowerConfig:
     for name, allowed in _CHOICES.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if not self.temperature > 0:  # NaN too: a NaN temperature would train a NaN checkpoint.
+      raise ValueError(f"temperature must be above 0, got {self.temperature}")
     if self.relevance_weight < 0 or self.conversion_weight < 0 or self.bid_exponent < 0:
       raise ValueError("relevance_weight, conversion_weight and bid_exponent must be 0 or more")
     if self.attention_target == "query_and_latest" and self.sequence_encoder == "none":

@@ -33,16 +33,44 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
   if name != "multi_worker":
     raise ValueError(f"Unknown --distribute={name!r}; choose one of {STRATEGIES}")
-  config = os.environ.get("TF_CONFIG", "")
-  try:
-    cluster = json.loads(config)["cluster"]
-  except (ValueError, KeyError, TypeError):
-    raise ValueError(
-      '--distribute=multi_worker needs TF_CONFIG, e.g. {"cluster": {"worker": ["host0:12345", '
-      f'"host1:12345"]}}, "task": {{"type": "worker", "index": 0}}}}; got {config!r}'
-    ) from None
+  cluster = _checked_cluster(os.environ.get("TF_CONFIG", ""))
   logging.info("Multi-worker training over %s", cluster)
   return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+_TF_CONFIG_EXAMPLE = '{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}'
+
+
+def _checked_cluster(tf_config: str) -> dict[str, list[str]]:
+  """The cluster of a TF_CONFIG value, checked: a ValueError names what is wrong, before TensorFlow reads it.
+
+  A cluster is a map of job name to a list of "host:port" addresses; the task, when given, names a
+  job of the cluster and an index within it.
+  """
+  try:
+    config = json.loads(tf_config)
+  except ValueError:
+    config = None
+  cluster = config.get("cluster") if isinstance(config, dict) else None
+  if not isinstance(cluster, dict) or not cluster:
+    raise ValueError(
+      "--distribute=multi_worker needs TF_CONFIG with a cluster mapping job names to lists of "
+      f'"host:port", e.g. {_TF_CONFIG_EXAMPLE}; got {tf_config!r}'
+    )
+  for job, addresses in cluster.items():
+    if not isinstance(addresses, list) or not addresses:
+      raise ValueError(f'TF_CONFIG: cluster {job!r} must be a list of "host:port" addresses, got {addresses!r}')
+    for address in addresses:
+      host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+      if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'TF_CONFIG: cluster {job!r} address {address!r} is not "host:port"')
+  task = config.get("task")
+  if task is not None:
+    job = task.get("type") if isinstance(task, dict) else None
+    index = task.get("index") if isinstance(task, dict) else None
+    if job not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[job]):
+      raise ValueError(f"TF_CONFIG: task {task!r} must name a job of the cluster {sorted(cluster)} and an index in it")
+  return cluster
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -55,6 +55,25 @@ class TrainConfig:
   max_validation_examples: int = 5_000
   early_stopping_patience: int = 2
 
+  def __post_init__(self):
+    # Checked before anything is read or written, each naming its fgr-train flag.
+    at_least = {
+      "epochs": 1,
+      "batch_size": 1,
+      "mixed_negatives": 0,
+      "validation_k": 1,
+      "early_stopping_patience": 0,
+      "shuffle_buffer": 1,
+      "max_validation_examples": 1,
+    }
+    for name, low in at_least.items():
+      if getattr(self, name) < low:
+        raise ValueError(f"--{name} must be {low} or more, got {getattr(self, name)}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"--learning_rate must be above 0, got {self.learning_rate}")
+    if not 0.0 <= self.validation_fraction < 1.0:
+      raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
+
 
 def example_dataset(source: sources.Source, split: str, tower: config_lib.TowerConfig | None = None) -> tf.data.Dataset:
   """Unbatched examples of a split, streamed from the source's generator, with the fields `tower`'s objective reads."""

@@ -75,6 +75,8 @@ class DataSpec:
     A relative local --data_dir is made absolute: the spec is recorded in the run's config.json, and
     fgr-export and fgr-eval reopen the data from wherever they are started.
     """
+    if not 0.0 <= values.held_out_item_fraction < 1.0:
+      raise ValueError(f"--held_out_item_fraction must be in [0, 1), got {values.held_out_item_fraction}")
     spec = cls(
       name=values.data,
       data_dir=_absolute(values.data_dir),
