@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -107,6 +108,7 @@ def main(argv: list[str]) -> None:
     if data.name == "logs" and not os.path.exists(os.path.join(data.data_dir, "events.jsonl")):
       movielens_logs.write_logs(FLAGS.data_dir, data.data_dir)
     run_dir = os.path.join(FLAGS.output_dir, _slug(name))
+    shutil.rmtree(run_dir, ignore_errors=True)  # fgr-train refuses a finished run's directory; the bench retrains.
     started = time.time()
     report = train_lib.train(data, tower, training, run_dir)
     model, _ = train_lib.restore(run_dir)

@@ -19,7 +19,9 @@ import json
 import os
 from typing import Any
 
-from models.config import TowerConfig
+import tensorflow as tf
+
+from models.config import CONFIG_FILE, TowerConfig, check_output_dir
 
 CHANNELS_FILE = "channels.json"
 SEMANTIC = "semantic"
@@ -52,20 +54,48 @@ def parse_channels(names: list[str]) -> list[str]:
 
 def write_channels(output_dir: str, names: list[str], reports: dict[str, Any]) -> None:
   """Writes channels.json, which marks output_dir as a set of channel runs (written last)."""
+  tf.io.gfile.makedirs(output_dir)
   path = os.path.join(output_dir, CHANNELS_FILE)
-  with open(path + ".tmp", "w") as f:
+  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
     json.dump({"channels": names, "reports": reports}, f, indent=2)
-  os.replace(path + ".tmp", path)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def read_channels(output_dir: str) -> list[str] | None:
   """The channel names of a `--channels` training directory, or None for a single run."""
   path = os.path.join(output_dir, CHANNELS_FILE)
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):
     return None
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     return list(json.load(f)["channels"])
 
 
 def channel_dir(output_dir: str, name: str) -> str:
   return os.path.join(output_dir, name)
+
+
+def check_single_run_dir(output_dir: str) -> None:
+  """Refuses to train a single run into a `--channels` run's directory.
+
+  fgr-export reads such a directory as its channels (channels.json wins), so the single run would
+  never be published; an unfinished channels run (a channel's config.json, no channels.json yet)
+  is refused too.
+  """
+  marks = [os.path.join(output_dir, CHANNELS_FILE)]
+  marks += [os.path.join(channel_dir(output_dir, name), CONFIG_FILE) for name in PRESETS]
+  found = [path for path in marks if tf.io.gfile.exists(path)]
+  if found:
+    raise ValueError(f"{output_dir} holds a --channels run ({found[0]}); pass another --output_dir")
+
+
+def check_channels_dir(output_dir: str, names: list[str]) -> None:
+  """Refuses to train `--channels=names` into a single run's directory, or over a run of other channels."""
+  check_output_dir(output_dir)
+  single = os.path.join(output_dir, CONFIG_FILE)
+  if tf.io.gfile.exists(single):
+    raise ValueError(f"{output_dir} holds a single training run ({single}); pass another --output_dir")
+  existing = read_channels(output_dir)
+  if existing is not None and existing != names:
+    raise ValueError(
+      f"{output_dir} holds a --channels run of channels {existing}, not {names}; pass another --output_dir"
+    )

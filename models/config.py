@@ -7,7 +7,15 @@ import json
 import os
 from typing import Any
 
+import tensorflow as tf
+
 CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+# config.json's entry recording the run's state: {"state": "training", ...} until train() returns,
+# then {"state": "finished", "report": ...}.
+RUN = "run"
+IN_PROGRESS = "training"
+FINISHED = "finished"
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
@@ -122,54 +130,93 @@ _CHOICES = {
 _LEGACY_VALUES = {"side_info": "summed", "sequence_encoder": "none", "attention_target": "query"}
 
 
+class AlreadyTrained(ValueError):
+  """The output_dir holds a finished run of the config being trained."""
+
+
 def run_config_json(tower: TowerConfig, data: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
   """The config.json content of a run, as read back from JSON (tuples become lists)."""
   return json.loads(json.dumps({"tower": dataclasses.asdict(tower), "data": data, "training": training}))
 
 
-def check_run_dir(output_dir: str, config: dict[str, Any]) -> None:
-  """Refuses an output_dir whose config.json describes another run (`run_config_json`).
+def run_is_finished(config: dict[str, Any]) -> bool:
+  """Whether a config.json (as read) describes a finished run.
 
-  Training there would replace that run's checkpoints with towers of another shape, so neither
-  run could be restored. A run of the same config may continue (a relaunched multi-worker job).
+  Only an explicit "run": {"state": "training"} is unfinished: config.json files written before
+  runs recorded their state have no "run" entry, and were written by runs that are done.
   """
+  return (config.get(RUN) or {}).get("state") != IN_PROGRESS
+
+
+def check_output_dir(output_dir: str) -> None:
+  """Refuses an --output_dir that names an existing file, before any data is read."""
+  if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+    raise ValueError(f"--output_dir {output_dir} is a file, not a directory")
+
+
+def check_run_dir(output_dir: str, config: dict[str, Any]) -> dict[str, Any] | None:
+  """What output_dir holds for a run of `config` (`run_config_json`); refuses what training must not touch.
+
+  Training over a run of another config would replace its checkpoints with towers of another
+  shape, and training over a finished run would replace the weights fgr-export publishes, so both
+  are refused. A config.json beside no checkpoint (a run that failed before its first one, written
+  before config.json waited for it) is no run.
+
+  Returns:
+    None for a new run; the "run" entry (its progress) of an unfinished run of the same config,
+    which training then continues.
+  """
+  check_output_dir(output_dir)
   path = os.path.join(output_dir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
+  if not tf.io.gfile.exists(path) or not tf.io.gfile.glob(os.path.join(output_dir, CHECKPOINT_DIR, "*.index")):
+    return None
+  with tf.io.gfile.GFile(path) as f:
     existing = json.load(f)
   differences = [
     f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} now"
-    for section in sorted(set(existing) | set(config))
+    for section in sorted((set(existing) | set(config)) - {RUN})
     for old, new in [(existing.get(section) or {}, config.get(section) or {})]
     for key in sorted(set(old) | set(new))
     if old.get(key) != new.get(key)
   ]
   if differences:
     raise ValueError(
-      f"{output_dir} holds a training run of another config ({'; '.join(differences)}); "
-      "use an empty --output_dir, or that run's flags to continue it"
+      f"{output_dir} holds a training run of another config ({'; '.join(differences)}); pass another --output_dir"
     )
+  if run_is_finished(existing):
+    raise AlreadyTrained(f"{output_dir} holds a run of this config that is already trained; pass another --output_dir")
+  return existing[RUN]
 
 
-def write_run_config(output_dir: str, tower: TowerConfig, data: dict[str, Any], training: dict[str, Any]) -> None:
+def write_run_config(
+  output_dir: str,
+  tower: TowerConfig,
+  data: dict[str, Any],
+  training: dict[str, Any],
+  run: dict[str, Any] | None = None,
+) -> None:
   """Writes config.json describing the towers, the data and the training run.
 
-  Written to a temporary file and renamed, so a crash never leaves a truncated config.json.
+  Written to a temporary file and renamed, so a crash never leaves a truncated config.json, and a
+  reader sees the config and the run's state ("run": {"state": "training" or "finished", ...})
+  change together.
   """
-  os.makedirs(output_dir, exist_ok=True)
+  tf.io.gfile.makedirs(output_dir)
   path = os.path.join(output_dir, CONFIG_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(run_config_json(tower, data, training), f, indent=2)
-  os.replace(path + ".tmp", path)
+  content = run_config_json(tower, data, training)
+  if run is not None:
+    content[RUN] = run
+  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    json.dump(content, f, indent=2)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def read_run_config(output_dir: str) -> dict[str, Any]:
   """Reads config.json back; the "tower" entry is returned as a `TowerConfig`."""
   path = os.path.join(output_dir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"{path} not found: is {output_dir} the --output_dir of fgr-train?")
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     config = json.load(f)
   config["tower"] = TowerConfig.from_json(config["tower"])
   return config

@@ -12,11 +12,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from models import channels as channels_lib
 from models import config as config_lib
 from models import distribute, evaluation, retrieval, sampling
 from models.data import schema, sources, tfrecord
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
+_CHECKPOINT_NAME = "ckpt-{epoch:03d}"
 
 
 @dataclasses.dataclass
@@ -170,23 +172,77 @@ def _with_negatives(batches: tf.data.Dataset, source: sources.Source, training: 
   return tf.data.Dataset.zip((batches, negatives)).map(lambda batch, extra: {**batch, **extra})
 
 
-class _RunConfigWriter(tf.keras.callbacks.Callback):
-  """Writes config.json at the end of the first epoch, beside the first checkpoint.
+def example_fields(source: sources.Source) -> set[str] | None:
+  """The fields of the source's training examples, or None when it has none (`check_batches` says so)."""
+  if isinstance(source, tfrecord.TFRecordSource):
+    return set(source.layout("train").columns)
+  first = next(iter(source.examples("train")), None)
+  return None if first is None else set(first)
 
-  By then the whole training split has been read, so bad data fails before the directory holds a
-  config.json (and a run of that config is never left with a config that matches no checkpoint).
+
+def check_training_fields(source: sources.Source, towers: dict[str, config_lib.TowerConfig]) -> None:
+  """Refuses data whose examples lack a field some run's objective reads, before any run trains.
+
+  Args:
+    source: the opened data.
+    towers: the towers to train, by what to call them in the error ("" for a single run).
+  """
+  fields = example_fields(source)
+  if fields is None:
+    return
+  for name, tower in towers.items():
+    missing = [field for field in retrieval.training_fields(tower) if field not in fields]
+    if missing:
+      whose = f"channel {name!r} (objective {tower.objective!r})" if name else f"objective {tower.objective!r}"
+      raise ValueError(f"{whose} needs the example fields {missing}, which this data lacks")
+
+
+class _RunProgress(tf.keras.callbacks.Callback):
+  """Records the run in config.json at each epoch's end, once that epoch's checkpoint is written.
+
+  config.json says "state": "training" with the epochs done, their logs and the newest checkpoint,
+  so a rerun of the same config continues from it (`train`), and `restore` refuses the run until
+  train() marks it finished. Writing it only beside a checkpoint means a run that fails before its
+  first one leaves no config.json (bad data or flags never block the corrected rerun).
   """
 
-  def __init__(self, output_dir: str, tower: config_lib.TowerConfig, data: sources.DataSpec, training: TrainConfig):
+  def __init__(self, output_dir: str, config: tuple[Any, ...], history: list[dict[str, float]]):
     super().__init__()
-    self._args = (output_dir, tower, data.to_json(), dataclasses.asdict(training))
-    self._written = False
+    self._output_dir = output_dir
+    self._config = config
+    self.history = history
 
   def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-    del epoch, logs
-    if not self._written:
-      config_lib.write_run_config(*self._args)
-      self._written = True
+    del self.history[epoch:]
+    self.history.append({name: float(value) for name, value in (logs or {}).items()})
+    newest = checkpoint_path(self._output_dir)
+    run = {
+      "state": config_lib.IN_PROGRESS,
+      "epochs_done": epoch + 1,
+      "checkpoint": None if newest is None else os.path.basename(newest),
+      "history": self.history,
+    }
+    config_lib.write_run_config(self._output_dir, *self._config, run=run)
+
+
+def _checkpoint_epoch(name: str) -> int:
+  """The epoch of a checkpoint named by `_CHECKPOINT_NAME`."""
+  return int(name.rsplit("-", 1)[1])
+
+
+def _rewind_checkpoints(output_dir: str, epoch: int) -> None:
+  """Deletes the checkpoints after `epoch` and makes `epoch`'s the newest, as a resumed run starts there."""
+  directory = os.path.join(output_dir, CHECKPOINT_DIR)
+  keep = _CHECKPOINT_NAME.format(epoch=epoch)
+  for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*")):
+    stem = os.path.basename(path).split(".", 1)[0]
+    if _checkpoint_epoch(stem) > epoch:
+      tf.io.gfile.remove(path)
+  # The checkpoint state file, as Keras writes it (a relative path), written to a temporary file and renamed.
+  state = os.path.join(directory, "checkpoint")
+  with tf.io.gfile.GFile(state + ".tmp", "w") as f:
+    f.write(f'model_checkpoint_path: "{keep}"\nall_model_checkpoint_paths: "{keep}"\n')
+  tf.io.gfile.rename(state + ".tmp", state, overwrite=True)
 
 
 def train(
@@ -196,11 +252,17 @@ def train(
   output_dir: str,
   strategy: tf.distribute.Strategy | None = None,
   backup_every_steps: int = 0,
+  source: sources.Source | None = None,
 ) -> dict[str, Any]:
   """Trains the towers on `data`, writes config.json, checkpoints and TensorBoard logs to output_dir.
 
-  An output_dir holding a run of another config is refused (`config_lib.check_run_dir`); config.json
-  is written once the first epoch has read the training data.
+  config.json is written with the first checkpoint and records the run as in progress ("run":
+  {"state": "training"}) until train() returns, when it records it finished, with its report.
+  An output_dir holding a run of another config, a finished run or a `--channels` run is refused
+  before anything is read. One holding an unfinished run of the same config (interrupted, or
+  failed) is continued: under a multi-worker `strategy` from its `BackupAndRestore` backup when
+  there is one (mid-epoch included), otherwise from its newest checkpoint (model and optimizer) at
+  the epoch after it, so the checkpoints are numbered as in an uninterrupted run.
 
   With `validation_fraction`, the checkpoint left last (the one `restore` loads) is the best epoch
   on the held-out slice, and training stops early when it stops improving. Under a multi-worker
@@ -208,15 +270,29 @@ def train(
   chief writes the outputs and evaluates, and a backup every `backup_every_steps` steps (0: each
   epoch) lets a relaunched job resume.
 
+  Args:
+    data: what to train on.
+    tower: the towers' shape.
+    training: how to train.
+    output_dir: where the run goes.
+    strategy: a `distribute.make_strategy` strategy; None trains in this process.
+    backup_every_steps: with a multi-worker strategy, back up every this many steps (0: each epoch).
+    source: `data`, already opened (fgr-train --channels opens it once for every channel); None opens it.
+
   Returns:
     A report with the training time, the final loss and test top-k accuracy (when evaluated).
   """
   strategy = strategy or tf.distribute.get_strategy()
   multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+  chief = distribute.is_chief(strategy)
   tf.keras.utils.set_random_seed(training.seed)
+  run_config = (tower, data.to_json(), dataclasses.asdict(training))
   # Refused before anything is read or written: a run of another config there must stay restorable.
-  config_lib.check_run_dir(output_dir, config_lib.run_config_json(tower, data.to_json(), dataclasses.asdict(training)))
-  source = sources.open_source(data)
+  channels_lib.check_single_run_dir(output_dir)
+  progress = config_lib.check_run_dir(output_dir, config_lib.run_config_json(*run_config))
+  if source is None:
+    source = sources.open_source(data)
+  check_training_fields(source, {"": tower})
 
   steps_per_epoch = None
   validation: list[dict[str, np.ndarray]] = []
@@ -237,8 +313,20 @@ def train(
       train_ds, validation = _split_validation(train_ds, training)
     item_ids = train_ds.batch(8192).as_numpy_iterator
 
+  # An unfinished run continues from its newest recorded checkpoint, unless a multi-worker backup
+  # (newer, and mid-epoch) is there for `BackupAndRestore` to restore.
+  resume_epoch = 0
+  history: list[dict[str, float]] = []
+  backup = os.path.join(output_dir, distribute.BACKUP_DIR, "chief", "checkpoint")
+  if progress is not None:
+    history = list(progress.get("history") or [])
+    if progress.get("checkpoint") and not (multi_worker and tf.io.gfile.exists(backup)):
+      resume_epoch = _checkpoint_epoch(progress["checkpoint"])
+      del history[resume_epoch:]
   with strategy.scope():
-    model = retrieval.build_towers_for_restore(tower) if multi_worker else retrieval.RetrievalModel(tower)
+    model = (
+      retrieval.build_towers_for_restore(tower) if multi_worker or resume_epoch else retrieval.RetrievalModel(tower)
+    )
   if training.logq_correction or training.mixed_negatives:
     # One streaming pass over the training examples (it also fills the cache for the first epoch).
     frequencies = sampling.ItemFrequencies.from_batches(item_ids()) if training.logq_correction else None
@@ -253,22 +341,41 @@ def train(
 
   with strategy.scope():
     model.compile(optimizer=retrieval.make_optimizer(training.learning_rate, tower.precision))
-  checkpoints = os.path.join(output_dir, CHECKPOINT_DIR, "ckpt-{epoch:03d}")
+    if resume_epoch:
+      # The optimizer's slots exist before the restore, so it fills them (Adam's moments, its step).
+      model.optimizer.build(model.trainable_variables)
+      path = os.path.join(output_dir, CHECKPOINT_DIR, _CHECKPOINT_NAME.format(epoch=resume_epoch))
+      model.load_weights(path).assert_existing_objects_matched()
+  if resume_epoch and chief:
+    _rewind_checkpoints(output_dir, resume_epoch)
+  if resume_epoch:
+    logging.info("Continuing the unfinished run in %s after its epoch %d", output_dir, resume_epoch)
+  checkpoints = os.path.join(output_dir, CHECKPOINT_DIR, _CHECKPOINT_NAME)
   callbacks: list[tf.keras.callbacks.Callback] = []
-  if distribute.is_chief(strategy):
-    callbacks.append(_RunConfigWriter(output_dir, tower, data, training))
+  monitor = f"val_top_{training.validation_k}"
+  # The best validation score so far, which a continued run must beat to replace its checkpoint.
+  best = max((epoch[monitor] for epoch in history if monitor in epoch), default=None) if validation else None
   if validation:
     # Runs first, so the validation metric is in the epoch's logs for the callbacks after it.
-    monitor = f"val_top_{training.validation_k}"
     callbacks += [
       evaluation.TopKValidation(source, validation, training.validation_k),
-      tf.keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=training.early_stopping_patience),
+      tf.keras.callbacks.EarlyStopping(
+        monitor=monitor, mode="max", patience=training.early_stopping_patience, baseline=best
+      ),
       tf.keras.callbacks.ModelCheckpoint(
-        checkpoints, monitor=monitor, mode="max", save_best_only=True, save_weights_only=True
+        checkpoints,
+        monitor=monitor,
+        mode="max",
+        save_best_only=True,
+        save_weights_only=True,
+        initial_value_threshold=best,
       ),
     ]
   else:
     callbacks.append(tf.keras.callbacks.ModelCheckpoint(checkpoints, save_weights_only=True))
+  progress_log = _RunProgress(output_dir, run_config, history)
+  if chief:
+    callbacks.append(progress_log)  # After ModelCheckpoint: config.json is written beside a checkpoint.
   callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=os.path.join(output_dir, "logs")))
   resume = None
   if multi_worker:
@@ -277,21 +384,31 @@ def train(
   started = time.time()
   # A live progress bar on a terminal; one line per epoch when the output goes to a log file.
   verbose = 1 if sys.stdout.isatty() else 2
-  history = model.fit(
-    train_ds, epochs=training.epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose
-  )
+  if resume_epoch < training.epochs:
+    fit = model.fit(
+      train_ds,
+      epochs=training.epochs,
+      initial_epoch=resume_epoch,
+      steps_per_epoch=steps_per_epoch,
+      callbacks=callbacks,
+      verbose=verbose,
+    )
+    if not chief:
+      history = [{"loss": float(loss)} for loss in fit.history["loss"]]
   report: dict[str, Any] = {
     "train_seconds": round(time.time() - started, 1),
-    "final_loss": float(history.history["loss"][-1]),
-    "epochs_run": len(history.history["loss"]),
+    "final_loss": history[-1]["loss"],
+    "epochs_run": len(history),
     "num_items": source.num_items,
   }
+  if resume_epoch:
+    report["resumed_after_epoch"] = resume_epoch
   if resume is not None:
     report.update(workers=distribute.num_workers(strategy), resumed_from_step=resume.initial_step)
-  if not distribute.is_chief(strategy):
+  if not chief:
     return report  # The chief evaluates; the others have no checkpoint of their own to evaluate.
   if validation:
-    scores = history.history[f"val_top_{training.validation_k}"]
+    scores = [epoch[monitor] for epoch in history]
     report["validation"] = [round(float(v), 4) for v in scores]
     report["best_epoch"] = int(np.argmax(scores)) + 1
     model.load_weights(checkpoint_path(output_dir)).expect_partial()  # Evaluate what restore() loads.
@@ -300,6 +417,8 @@ def train(
     logging.info("Test top-k accuracy over all %d items: %s", source.num_items, report["test"])
   else:
     logging.info("Catalog of %d items is above --eval_max_items; skipping evaluation.", source.num_items)
+  # Last, and atomically: until now config.json says the run is in progress.
+  config_lib.write_run_config(output_dir, *run_config, run={"state": config_lib.FINISHED, "report": report})
   return report
 
 
@@ -307,6 +426,10 @@ def restore(
   output_dir: str, precision: str | None = None, jit_compile: bool = False
 ) -> tuple[retrieval.RetrievalModel, dict[str, Any]]:
   """Rebuilds the model from output_dir's config.json and loads its newest checkpoint.
+
+  A run that config.json records as unfinished (interrupted or failed) is refused: its newest
+  checkpoint is not what training was asked for. Runs from before config.json recorded that are
+  finished ones.
 
   Args:
     output_dir: the --output_dir of fgr-train.
@@ -316,6 +439,12 @@ def restore(
     jit_compile: compile the towers' numeric part with XLA (see `towers.Tower`).
   """
   run_config = config_lib.read_run_config(output_dir)
+  if not config_lib.run_is_finished(run_config):
+    done = run_config[config_lib.RUN].get("epochs_done", 0)
+    raise ValueError(
+      f"{output_dir} holds an unfinished training run (interrupted after epoch {done} of "
+      f"{run_config['training'].get('epochs')}); rerun fgr-train with that run's flags to continue it"
+    )
   if precision is not None:
     run_config["tower"] = dataclasses.replace(run_config["tower"], precision=precision)
   path = checkpoint_path(output_dir)

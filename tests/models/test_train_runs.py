@@ -1,18 +1,23 @@
-"""fgr-train's --output_dir: a run there is continued only by the same config, never damaged by a failed one."""
+"""fgr-train's --output_dir: an unfinished run there is continued by the same config; nothing else touches a run."""
 
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import types
 
 import pytest
+import tensorflow as tf
 
+from models import channels as channels_lib
 from models import config as config_lib
 from models import train as train_lib
 from models.data import logs, sources
 from tests.conftest import TINY_TOWER
 from tests.data import logs_testlib
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAINING = train_lib.TrainConfig(epochs=1, batch_size=8, eval_max_items=0)
 
 
@@ -47,10 +52,14 @@ def test_a_failed_or_different_run_leaves_the_existing_run_as_it_was(tmp_path):
   logs_testlib.write_tiny_logs(data_dir)
   data = sources.DataSpec(name="logs", data_dir=data_dir)
   train_lib.train(data, TINY_TOWER, TRAINING, run_dir)
-  # The same config may run again (as a relaunched job continues its run).
-  train_lib.train(data, TINY_TOWER, TRAINING, run_dir)
   before = _files(run_dir)
   assert train_lib.checkpoint_path(run_dir) and os.path.join(run_dir, config_lib.CONFIG_FILE) in before
+  # A finished run is never trained over, not even by its own config (its weights are what fgr-export publishes).
+  with pytest.raises(
+    ValueError, match=r"holds a run of this config that is already trained; pass another --output_dir"
+  ):
+    train_lib.train(data, TINY_TOWER, TRAINING, run_dir)
+  assert _files(run_dir) == before
 
   wider = dataclasses.replace(TINY_TOWER, output_dim=32)
   with pytest.raises(ValueError, match=r"holds a training run of another config \(tower\.output_dim: 16 there, 32 now"):
@@ -64,6 +73,164 @@ def test_a_failed_or_different_run_leaves_the_existing_run_as_it_was(tmp_path):
     assert _files(run_dir) == before
   model, run_config = train_lib.restore(run_dir)
   assert run_config["tower"] == TINY_TOWER and model.query_tower is not None
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def _interrupt_after_epoch(monkeypatch, last_epoch: int) -> None:
+  """Makes training stop dead after `last_epoch` (1-based) is recorded, as a SIGTERM or a crash would."""
+  record = train_lib._RunProgress.on_epoch_end
+
+  def on_epoch_end(self, epoch, logs=None):
+    record(self, epoch, logs)
+    if epoch + 1 == last_epoch:
+      raise _Interrupted()
+
+  monkeypatch.setattr(train_lib._RunProgress, "on_epoch_end", on_epoch_end)
+
+
+def _iterations(checkpoint: str) -> int:
+  reader = tf.train.load_checkpoint(checkpoint)
+  return int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+@pytest.mark.parametrize("validation_fraction", [0.0, 0.25])
+def test_an_interrupted_run_is_refused_by_restore_and_continued_by_its_rerun(
+  tmp_path, monkeypatch, validation_fraction
+):
+  data_dir, run_dir = str(tmp_path / "data"), str(tmp_path / "run")
+  logs_testlib.write_tiny_logs(data_dir)
+  data = sources.DataSpec(name="logs", data_dir=data_dir)
+  training = dataclasses.replace(TRAINING, epochs=3, validation_fraction=validation_fraction, validation_k=5)
+  with monkeypatch.context() as patch:
+    _interrupt_after_epoch(patch, 2)
+    with pytest.raises(_Interrupted):
+      train_lib.train(data, TINY_TOWER, training, run_dir)
+  # fgr-export, fgr-eval and fgr-refresh restore through train.restore: none takes it for a finished run.
+  message = (
+    r"holds an unfinished training run \(interrupted after epoch 2 of 3\); rerun fgr-train with that run's flags"
+  )
+  with pytest.raises(ValueError, match=message):
+    train_lib.restore(run_dir)
+  newest = train_lib.checkpoint_path(run_dir)
+  # Without validation every epoch is saved; with it, the best (here the first: the metric is 1.0 throughout).
+  resumed_after = 2 if validation_fraction == 0 else 1
+  assert os.path.basename(newest) == f"ckpt-{resumed_after:03d}"
+
+  report = train_lib.train(data, TINY_TOWER, training, run_dir)
+  assert report["resumed_after_epoch"] == resumed_after and report["epochs_run"] == 3
+  # Model and optimizer come back: the step count goes on from the checkpoint's, not from 0.
+  final = train_lib.checkpoint_path(run_dir)
+  if validation_fraction == 0:
+    assert os.path.basename(final) == "ckpt-003" and _iterations(final) > _iterations(newest)
+  else:
+    assert len(report["validation"]) == 3 and report["best_epoch"] == 1 and final == newest
+  model, run_config = train_lib.restore(run_dir)
+  assert run_config["run"]["state"] == "finished" and run_config["run"]["report"]["epochs_run"] == 3
+  with pytest.raises(ValueError, match="already trained"):
+    train_lib.train(data, TINY_TOWER, training, run_dir)
+
+
+def test_runs_from_before_the_run_state_load_and_count_as_finished(tmp_path):
+  data_dir, run_dir = str(tmp_path / "data"), str(tmp_path / "run")
+  logs_testlib.write_tiny_logs(data_dir)
+  data = sources.DataSpec(name="logs", data_dir=data_dir)
+  train_lib.train(data, TINY_TOWER, TRAINING, run_dir)
+  path = os.path.join(run_dir, config_lib.CONFIG_FILE)
+  with open(path) as f:
+    written = json.load(f)
+  del written["run"]
+  with open(path, "w") as f:
+    json.dump(written, f)
+  _, run_config = train_lib.restore(run_dir)
+  assert run_config["tower"] == TINY_TOWER
+  with pytest.raises(ValueError, match="already trained"):
+    train_lib.train(data, TINY_TOWER, TRAINING, run_dir)
+
+
+def test_a_url_output_dir_holds_config_json_too(tmp_path, monkeypatch):
+  """file:// takes the path gs:// and s3:// take: tf.io.gfile, not the local file system."""
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"))
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  monkeypatch.chdir(tmp_path)
+  url = f"file://{tmp_path}/run"
+  train_lib.train(data, TINY_TOWER, TRAINING, url)
+  assert os.path.exists(tmp_path / "run" / config_lib.CONFIG_FILE) and not os.path.exists(tmp_path / "file:")
+  _, run_config = train_lib.restore(url)
+  assert run_config["tower"] == TINY_TOWER
+  with pytest.raises(ValueError, match="another config"):
+    train_lib.train(data, dataclasses.replace(TINY_TOWER, output_dim=32), TRAINING, url)
+  channels_lib.write_channels(f"file://{tmp_path}/channels", ["semantic"], {})
+  assert channels_lib.read_channels(f"file://{tmp_path}/channels") == ["semantic"]
+
+
+def test_a_single_run_and_a_channels_run_refuse_each_others_directory(tmp_path):
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"))
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  channels_dir = str(tmp_path / "channels")
+  os.makedirs(channels_dir)
+  channels_lib.write_channels(channels_dir, ["semantic", "efficiency"], {})
+  with pytest.raises(ValueError, match=r"holds a --channels run .*channels\.json\); pass another --output_dir"):
+    train_lib.train(data, TINY_TOWER, TRAINING, channels_dir)
+  assert os.listdir(channels_dir) == [channels_lib.CHANNELS_FILE]
+  with pytest.raises(
+    ValueError, match=r"holds a --channels run of channels \['semantic', 'efficiency'\], not \['semantic'\]"
+  ):
+    channels_lib.check_channels_dir(channels_dir, ["semantic"])
+
+  single_dir = str(tmp_path / "single")
+  train_lib.train(data, TINY_TOWER, TRAINING, single_dir)
+  with pytest.raises(ValueError, match=r"holds a single training run .*config\.json\); pass another --output_dir"):
+    channels_lib.check_channels_dir(single_dir, ["semantic"])
+
+
+def test_a_run_that_wrote_no_checkpoint_does_not_block_the_corrected_rerun(tmp_path):
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"))
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  run_dir = str(tmp_path / "run")
+  # What a run failing in its first epoch left before config.json waited for the first checkpoint.
+  config_lib.write_run_config(run_dir, TINY_TOWER, data.to_json(), {**dataclasses.asdict(TRAINING), "validation_k": -3})
+  train_lib.train(data, TINY_TOWER, TRAINING, run_dir)
+  assert train_lib.restore(run_dir)[1]["training"]["validation_k"] == TRAINING.validation_k
+
+
+def test_an_output_dir_naming_a_file_is_refused_before_the_data_is_read(tmp_path):
+  (tmp_path / "run").write_text("")
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "no-such-data"))
+  with pytest.raises(ValueError, match=r"^--output_dir .*run is a file, not a directory$"):
+    train_lib.train(data, TINY_TOWER, TRAINING, str(tmp_path / "run"))
+  with pytest.raises(ValueError, match=r"is a file, not a directory"):
+    channels_lib.check_channels_dir(str(tmp_path / "run"), ["semantic"])
+
+
+def test_channels_check_every_channels_fields_before_training_any(tmp_path):
+  """Logs without conversions or bids: the efficiency channel's objective cannot train, so neither channel does."""
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"))
+  argv = [
+    "fgr-train",
+    "--data=logs",
+    f"--data_dir={tmp_path / 'data'}",
+    f"--output_dir={tmp_path / 'run'}",
+    "--channels=semantic,efficiency",
+    "--epochs=1",
+    "--batch_size=8",
+    "--embedding_dim=16",
+    "--output_dim=16",
+    "--hidden_units=32",
+    "--id_buckets=500",
+  ]
+  # A process of its own, as fgr-train runs: its flags would clash with other tools' in this one.
+  script = f"import sys; from cli import launch; sys.argv = {argv!r}; launch.fgr_train()"
+  env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+  result = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  message = "fgr-train: error: channel 'efficiency' (objective 'value') needs the example fields ['converted', 'bid']"
+  assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert not os.path.exists(tmp_path / "run" / "semantic")
 
 
 def test_a_relative_data_dir_is_recorded_absolute_so_the_run_opens_from_anywhere(tmp_path, monkeypatch):
