@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import tensorflow as tf
 from absl import app, flags, logging
 
 from models import channels as channels_lib
@@ -156,7 +158,7 @@ flags.mark_flag_as_required("output_dir")
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  strategy = distribute.make_strategy(FLAGS.distribute)  # Before any other op: collectives start with it.
+  # Every flag is checked (building the configs) before the strategy, which may wait for the cluster.
   data = sources.DataSpec.from_flags(FLAGS)
   tower = config_lib.TowerConfig(
     embedding_dim=FLAGS.embedding_dim,
@@ -193,24 +195,63 @@ def main(argv: list[str]) -> None:
     validation_k=FLAGS.validation_k,
     early_stopping_patience=FLAGS.early_stopping_patience,
   )
-  if FLAGS.channels:
-    names = channels_lib.parse_channels(FLAGS.channels)
-    report = {}
-    for name in names:
-      report[name] = train_lib.train(
-        data,
-        channels_lib.channel_tower(name, tower),
-        training,
-        channels_lib.channel_dir(FLAGS.output_dir, name),
-        strategy,
-        FLAGS.backup_every_steps,
-      )
-    if distribute.is_chief(strategy):
-      channels_lib.write_channels(FLAGS.output_dir, names, report)
+  names = channels_lib.parse_channels(FLAGS.channels) if FLAGS.channels else None
+  strategy = distribute.make_strategy(FLAGS.distribute)  # Before any other op: collectives start with it.
+  if names:
+    report = _train_channels(names, data, tower, training, strategy)
   else:
     report = train_lib.train(data, tower, training, FLAGS.output_dir, strategy, FLAGS.backup_every_steps)
   logging.info("Training report: %s", report)
   print(json.dumps(report))
+
+
+def _train_channels(
+  names: list[str],
+  data: sources.DataSpec,
+  base: config_lib.TowerConfig,
+  training: train_lib.TrainConfig,
+  strategy: tf.distribute.Strategy,
+) -> dict:
+  """Trains one run per channel under OUTPUT_DIR/<channel>/, then writes channels.json.
+
+  Every channel's directory and data fields are checked before any channel trains, so a channel
+  that cannot train never leaves another half done. A rerun of the same flags keeps the channels
+  already trained and continues the one that was interrupted.
+  """
+  towers = {name: channels_lib.channel_tower(name, base) for name in names}
+  channels_lib.check_channels_dir(FLAGS.output_dir, names)
+  finished: dict[str, dict] = {}  # Their reports.
+  for name, tower in towers.items():
+    channel_dir = channels_lib.channel_dir(FLAGS.output_dir, name)
+    run_config = config_lib.run_config_json(tower, data.to_json(), dataclasses.asdict(training))
+    try:
+      config_lib.check_run_dir(channel_dir, run_config)  # Refuses a channel of another config.
+    except config_lib.AlreadyTrained:
+      finished[name] = config_lib.read_run_config(channel_dir).get(config_lib.RUN, {}).get("report", {})
+  if len(finished) == len(names) and channels_lib.read_channels(FLAGS.output_dir) == names:
+    raise ValueError(
+      f"{FLAGS.output_dir} holds a --channels run of these flags that is already trained; pass another --output_dir"
+    )
+  source = sources.open_source(data)
+  train_lib.check_training_fields(source, {name: towers[name] for name in names if name not in finished})
+  report = {}
+  for name in names:
+    if name in finished:
+      logging.info("Channel %s is already trained in %s", name, FLAGS.output_dir)
+      report[name] = finished[name]
+      continue
+    report[name] = train_lib.train(
+      data,
+      towers[name],
+      training,
+      channels_lib.channel_dir(FLAGS.output_dir, name),
+      strategy,
+      FLAGS.backup_every_steps,
+      source,
+    )
+  if distribute.is_chief(strategy):
+    channels_lib.write_channels(FLAGS.output_dir, names, report)
+  return report
 
 
 def run() -> None:
