@@ -12,6 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
 from typing import Any
 
 import tensorflow as tf
@@ -22,20 +26,80 @@ BACKUP_DIR = "backup"
 _FINGERPRINTS = (1 << 63) - 1  # Buckets of the ids' fingerprints: collisions are vanishingly rare.
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
+def make_strategy(name: str, cluster_timeout_seconds: float = 600.0) -> tf.distribute.Strategy:
   """The strategy `--distribute` names; create it before any other TensorFlow op runs.
+
+  Under multi_worker, SIGTERM then stops this worker at its next step (`_stop_on_sigterm`).
 
   Args:
     name: "none" (this process alone) or "multi_worker" (`MultiWorkerMirroredStrategy` over the
       cluster in the TF_CONFIG environment variable).
+    cluster_timeout_seconds: with multi_worker, how long to wait for every task of the cluster to
+      start; past it the process prints one line naming the cluster and is killed (status 137).
   """
   if name == "none":
     return tf.distribute.get_strategy()
   if name != "multi_worker":
     raise ValueError(f"Unknown --distribute={name!r}; choose one of {STRATEGIES}")
+  if not cluster_timeout_seconds > 0:
+    raise ValueError(f"--cluster_timeout_seconds must be above 0, got {cluster_timeout_seconds}")
   cluster = _checked_cluster(os.environ.get("TF_CONFIG", ""))
   logging.info("Multi-worker training over %s", cluster)
-  return tf.distribute.MultiWorkerMirroredStrategy()
+  # The constructor waits in C++ until every task has registered, holding the GIL, and TF's
+  # coordination service takes SIGTERM meanwhile (its preemption notifier only records it): a
+  # missing peer held this process for good. Only another process can end the wait.
+  message = (
+    f"fgr-train: error: the cluster in TF_CONFIG ({json.dumps(cluster)}) did not start within "
+    f"{cluster_timeout_seconds:g} s (--cluster_timeout_seconds): start every task, and check each one "
+    "reaches the others' addresses"
+  )
+  watchdog = subprocess.Popen(
+    [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(cluster_timeout_seconds), message],
+    stdin=subprocess.DEVNULL,
+    stdout=subprocess.DEVNULL,
+  )
+  try:
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+  finally:
+    watchdog.kill()
+    watchdog.wait()
+  _stop_on_sigterm()
+  return strategy
+
+
+# Run by a child process: past the timeout, print the message (stderr is the worker's) and SIGKILL
+# the worker; exit quietly if the worker has gone.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+deadline = time.monotonic() + timeout
+while time.monotonic() < deadline:
+  if os.getppid() != parent:
+    sys.exit(0)
+  time.sleep(0.2)
+sys.stderr.write(message + "\\n")
+sys.stderr.flush()
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+def _stop_on_sigterm() -> None:
+  """Makes SIGTERM stop training at the next step, with status 143.
+
+  TF's coordination service had replaced the handler with a preemption notifier that only records
+  the signal, so a worker stopped by its cluster manager trained on to the end. A relaunched job
+  resumes from the last `BackupAndRestore` backup. (Signal handlers can only be set from the main
+  thread; elsewhere TF's notifier stays.)
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return
+
+  def stop(signum: int, frame: object) -> None:
+    del frame
+    logging.warning("SIGTERM: stopping this worker; relaunch the job with the same flags to resume from its backup")
+    raise SystemExit(128 + signum)
+
+  signal.signal(signal.SIGTERM, stop)
 
 
 _TF_CONFIG_EXAMPLE = '{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}'

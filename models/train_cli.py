@@ -152,6 +152,11 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
   "backup_every_steps", 0, "With multi_worker: back up for fault tolerance every this many steps (0: each epoch)."
 )
+flags.DEFINE_float(
+  "cluster_timeout_seconds",
+  600.0,
+  "With multi_worker: how long a worker waits for every task in TF_CONFIG to start before it exits with an error.",
+)
 flags.mark_flag_as_required("output_dir")
 
 
@@ -196,7 +201,8 @@ def main(argv: list[str]) -> None:
     early_stopping_patience=FLAGS.early_stopping_patience,
   )
   names = channels_lib.parse_channels(FLAGS.channels) if FLAGS.channels else None
-  strategy = distribute.make_strategy(FLAGS.distribute)  # Before any other op: collectives start with it.
+  # Before any other op: collectives start with it.
+  strategy = distribute.make_strategy(FLAGS.distribute, FLAGS.cluster_timeout_seconds)
   if names:
     report = _train_channels(names, data, tower, training, strategy)
   else:

@@ -5,9 +5,11 @@ the job is relaunched with the same TF_CONFIG and resumes from the BackupAndRest
 tests then check the resume, and that the chief's checkpoints export and the export answers.
 """
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -113,3 +115,49 @@ def test_the_chief_exports_and_the_export_answers(resumed_job, tmp_path):
   assert set(served["ids"].numpy().astype(str).ravel()) <= set(built.catalog.ids)
   assert np.all(np.diff(served["scores"].numpy(), axis=1) <= 1e-6)
   assert set(built.samples) == set(schema.QUERY_FEATURE_NAMES)
+
+
+def _start_worker(ports: list[int], flags: list[str], log_path: str) -> subprocess.Popen:
+  """Worker 0 alone of a cluster of len(ports) workers."""
+  tf_config = {"cluster": {"worker": [f"localhost:{port}" for port in ports]}, "task": {"type": "worker", "index": 0}}
+  env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONPATH": workers_lib.REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  with open(log_path, "w") as log:
+    return subprocess.Popen(
+      [sys.executable, "-m", "models.train_cli", "--distribute=multi_worker", *flags],
+      cwd=workers_lib.REPO,
+      env=env,
+      stdout=log,
+      stderr=log,
+    )
+
+
+def test_a_worker_whose_peer_never_starts_gives_up_with_one_line(resumed_job, tmp_path):
+  # TF's coordination service waits for every task, holding the GIL, and takes SIGTERM meanwhile:
+  # without the watchdog process this worker waited for good, and only SIGKILL ended it.
+  _, _, data_dir = resumed_job
+  log_path = str(tmp_path / "worker0.log")
+  flags = [*FLAGS, f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'run'}", "--cluster_timeout_seconds=3"]
+  worker = _start_worker(workers_lib.free_ports(2), flags, log_path)
+  try:
+    assert worker.wait(timeout=STARTUP_TIMEOUT_S) == -signal.SIGKILL
+  finally:
+    _kill([worker])
+  with open(log_path) as f:
+    assert "fgr-train: error: the cluster in TF_CONFIG" in f.read()
+
+
+def test_sigterm_stops_a_worker_and_the_run_is_left_to_resume(resumed_job, tmp_path):
+  # TF's preemption notifier took SIGTERM, and a stopped worker trained on to the end.
+  _, _, data_dir = resumed_job
+  log_path, output_dir = str(tmp_path / "worker0.log"), str(tmp_path / "run")
+  flags = [*FLAGS, f"--data_dir={data_dir}", f"--output_dir={output_dir}", "--epochs=1000"]
+  flags.remove("--epochs=2")
+  worker = _start_worker(workers_lib.free_ports(1), flags, log_path)
+  try:
+    assert _wait_for(os.path.join(output_dir, "backup", "chief", "checkpoint"), [worker]), f"see {log_path}"
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=STARTUP_TIMEOUT_S) == 128 + signal.SIGTERM
+  finally:
+    _kill([worker])
+  with open(log_path) as f:
+    assert "SIGTERM: stopping this worker" in f.read()
