@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,17 +54,76 @@ def _not_utf8(path: str, error: UnicodeDecodeError) -> ValueError:
   return ValueError(f"{path}: not valid UTF-8 ({error})")
 
 
+def check_file(path: str) -> None:
+  """Raises a clear error unless `path` is an existing regular file (not a directory)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing; see docs/data_format.md")
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} is not a file (a directory?); it must be a JSON Lines file, see docs/data_format.md")
+
+
+# A \uD800-\uDFFF escape: the only way a line that decoded as UTF-8 can give a string holding a lone
+# surrogate, which no UTF-8 text (nor a tf.string) can hold. Pairs of them are fine (an emoji).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
   for line_number, line in text_lines(path):
     if not line.strip():
       continue
     try:
       record = json.loads(line)
+    except RecursionError:
+      raise ValueError(f"{path}:{line_number}: not valid JSON: nested too deeply") from None
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}:{line_number}: not valid JSON: {e}") from None
+    except ValueError as e:  # An integer of more digits than Python converts; the rest of the text is a hint.
+      raise ValueError(f"{path}:{line_number}: not valid JSON: {str(e).split(':')[0]}") from None
     if not isinstance(record, dict):
       raise ValueError(f"{path}:{line_number}: expected a JSON object")
+    if _SURROGATE_ESCAPE.search(line):
+      field = _field_not_utf8(record)
+      if field is not None:
+        raise ValueError(
+          f"{path}:{line_number}: {field!r} holds a lone surrogate escape (\\ud800-\\udfff): not UTF-8 text"
+        )
     yield line_number, record
+
+
+def _field_not_utf8(record: dict[str, Any]) -> str | None:
+  """The top-level field of `record` holding a string (or key) that is not UTF-8 text, if any.
+
+  Walks with an explicit stack: json.loads took the record nearly as deep as Python recurses.
+  """
+  for field, value in record.items():
+    stack = [field, value]
+    while stack:
+      item = stack.pop()
+      if isinstance(item, str):
+        try:
+          item.encode("utf-8")
+        except UnicodeEncodeError:
+          return field
+      elif isinstance(item, dict):
+        stack.extend(item.keys())
+        stack.extend(item.values())
+      elif isinstance(item, list):
+        stack.extend(item)
+  return None
+
+
+def _finite(value: Any) -> bool:
+  """Whether a JSON number is finite as a float; an integer too large for a float is not."""
+  try:
+    return math.isfinite(value)
+  except OverflowError:
+    return False
+
+
+def _shown(value: Any) -> str:
+  """`value!r` for an error message, cut short (an integer of 400 digits is not worth printing)."""
+  text = repr(value)
+  return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _string_list(path: str, line_number: int, record: dict[str, Any], key: str) -> list[str]:
@@ -73,10 +133,14 @@ def _string_list(path: str, line_number: int, record: dict[str, Any], key: str) 
   return value
 
 
-def _user_id(record: dict[str, Any]) -> str:
-  """The event's user id as a string; "" (anonymous) when the line has none or null."""
+def _user_id(path: str, line_number: int, record: dict[str, Any]) -> str:
+  """The event's user id as a string (an integer id as its digits); "" (anonymous) when the line has none or null."""
   value = record.get("user_id")
-  return "" if value is None else str(value)
+  if value is None:
+    return ""
+  if isinstance(value, bool) or not isinstance(value, (str, int)):
+    raise ValueError(f"{path}:{line_number}: 'user_id' must be a string, got {_shown(value)}")
+  return str(value)
 
 
 def _bid(path: str, line_number: int, record: dict[str, Any]) -> float | None:
@@ -84,8 +148,8 @@ def _bid(path: str, line_number: int, record: dict[str, Any]) -> float | None:
   value = record.get("bid")
   if value is None:
     return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-    raise ValueError(f"{path}:{line_number}: 'bid' must be a non-negative number, got {value!r}")
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value < 0:
+    raise ValueError(f"{path}:{line_number}: 'bid' must be a non-negative number, got {_shown(value)}")
   return float(value)
 
 
@@ -157,8 +221,7 @@ class LogsDataset:
     self._items_path = os.path.join(data_dir, ITEMS_FILE)
     self._events_path = os.path.join(data_dir, EVENTS_FILE)
     for path in (self._items_path, self._events_path):
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing; see docs/data_format.md")
+      check_file(path)
     self._table, self._bids = read_catalog(self._items_path)
     self.num_items = self._table.num_items
     # Every event is checked here, once, before any training: a bad line then fails the tool at once
@@ -207,8 +270,10 @@ class LogsDataset:
     for index, (line_number, record) in enumerate(_read_jsonl(self._events_path)):
       timestamp = record.get("timestamp")
       # bool is an int to Python, and NaN compares false with everything (it would pass any order check).
-      if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp):
-        raise ValueError(f"{self._events_path}:{line_number}: 'timestamp' must be a finite number, got {timestamp!r}")
+      if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not _finite(timestamp):
+        raise ValueError(
+          f"{self._events_path}:{line_number}: 'timestamp' must be a finite number, got {_shown(timestamp)}"
+        )
       if last_timestamp is not None and timestamp < last_timestamp:
         raise ValueError(f"{self._events_path}:{line_number}: events must be sorted by timestamp")
       last_timestamp = timestamp
@@ -216,11 +281,13 @@ class LogsDataset:
       if event not in _EVENT_KINDS:
         raise ValueError(f"{self._events_path}:{line_number}: 'event' must be one of {_EVENT_KINDS}")
       ad_id = record.get("ad_id")
+      if not isinstance(ad_id, str):
+        raise ValueError(f"{self._events_path}:{line_number}: 'ad_id' must be a string, got {_shown(ad_id)}")
       if ad_id not in self._table.row_of:
         raise ValueError(f"{self._events_path}:{line_number}: ad_id {ad_id!r} is not in {ITEMS_FILE}")
       yield (
         index,
-        _user_id(record),
+        _user_id(self._events_path, line_number, record),
         _string_list(self._events_path, line_number, record, "user_features"),
         _string_list(self._events_path, line_number, record, "query_tokens"),
         self._table.row_of[ad_id],

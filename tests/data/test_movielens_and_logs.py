@@ -154,3 +154,63 @@ def test_bytes_that_are_not_utf8_are_reported_with_the_file_and_line(tmp_path, b
   path.write_bytes(b"".join(lines))
   with pytest.raises(ValueError, match=rf"{bad_file}:2: not valid UTF-8 \(invalid start byte: byte 0xff at column"):
     list(logs.LogsDataset(str(tmp_path)).examples("train"))
+
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+  "bad_file,line,message",
+  [
+    # A lone surrogate escape decodes to a str no UTF-8 text (nor a tf.string) holds: it failed in tf.data.
+    ("items.jsonl", r'{"ad_id": "x\ud800"}', r"items.jsonl:2: 'ad_id' holds a lone surrogate escape"),
+    ("events.jsonl", r'{"user_id": "u\udc00", "timestamp": 1, "ad_id": "a1"}', r"events.jsonl:2: 'user_id' holds"),
+    ("events.jsonl", r'{"timestamp": 1, "ad_id": "a1", "query_tokens": ["\uDBFF"]}', r"events.jsonl:2: 'query_tokens'"),
+    ("events.jsonl", '{"ad_id": ["a1"], "timestamp": 1}', r"events.jsonl:2: 'ad_id' must be a string, got \['a1'\]"),
+    (
+      "events.jsonl",
+      '{"user_id": ["u0"], "timestamp": 1, "ad_id": "a1"}',
+      r"events.jsonl:2: 'user_id' must be a string",
+    ),
+    ("events.jsonl", '{"user_id": {"id": 1}, "timestamp": 1, "ad_id": "a1"}', r"events.jsonl:2: 'user_id' must be"),
+    (
+      "items.jsonl",
+      '{"ad_id": "a2", "bid": 1' + "0" * 400 + "}",
+      r"items.jsonl:2: 'bid' must be a non-negative number",
+    ),
+    (
+      "events.jsonl",
+      '{"timestamp": 1' + "0" * 400 + ', "ad_id": "a1"}',
+      r"events.jsonl:2: 'timestamp' must be a finite",
+    ),
+    ("events.jsonl", '{"timestamp": 1' + "0" * 5000 + ', "ad_id": "a1"}', r"events.jsonl:2: not valid JSON: Exceeds"),
+    ("events.jsonl", '{"timestamp": 1, "ad_id": "a1", "x": ' + _DEEP + "}", r"events.jsonl:2: not valid JSON: nested"),
+  ],
+)
+def test_lines_that_python_parses_but_training_cannot_use_are_reported_with_the_line(tmp_path, bad_file, line, message):
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}])
+  write_jsonl(tmp_path / "events.jsonl", [{"user_id": "u1", "timestamp": 0, "ad_id": "a1"}])
+  with open(tmp_path / bad_file, "a", encoding="utf-8") as f:
+    f.write(line + "\n")
+  with pytest.raises(ValueError, match=message) as error:
+    logs.LogsDataset(str(tmp_path))  # Before any example is made: the up-front check catches it.
+  assert len(str(error.value)) < 200 and "\n" not in str(error.value)
+
+
+def test_escaped_surrogate_pairs_and_integer_user_ids_are_text(tmp_path):
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}])
+  (tmp_path / "events.jsonl").write_text(
+    '{"user_id": "u\\ud83d\\ude00", "timestamp": 1, "ad_id": "a1"}\n{"user_id": 7, "timestamp": 2, "ad_id": "a1"}\n'
+  )
+  batch = next(logs.LogsDataset(str(tmp_path), test_fraction=0.0).examples("train"))
+  assert list(batch[schema.USER_ID]) == ["u\U0001f600", "7"]
+
+
+@pytest.mark.parametrize("as_directory", ["items.jsonl", "events.jsonl"])
+def test_a_directory_in_place_of_a_log_file_is_a_clear_error(tmp_path, as_directory):
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1"}])
+  write_jsonl(tmp_path / "events.jsonl", [{"timestamp": 0, "ad_id": "a1"}])
+  (tmp_path / as_directory).unlink()
+  (tmp_path / as_directory).mkdir()
+  with pytest.raises(ValueError, match=rf"{as_directory} is not a file"):
+    logs.LogsDataset(str(tmp_path))
