@@ -95,7 +95,9 @@ def encode(batch: dict[str, np.ndarray], layout: Layout) -> Iterator[bytes]:
         feature[name].int64_list.value.extend(int(v) for v in value)
       else:
         feature[name].float_list.value.extend(value)
-    yield example.SerializeToString()
+    # Deterministic: the feature map is otherwise serialized in an order that differs from process to
+    # process, and fgr-prepare promises the same shards byte for byte from the same input.
+    yield example.SerializeToString(deterministic=True)
 
 
 def parse(serialized: tf.Tensor, layout: Layout, names: tuple[str, ...] | None = None) -> dict[str, tf.Tensor]:

@@ -2,11 +2,15 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from models.data import logs, prepare, sources, tfrecord
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SPEC = sources.DataSpec(
   name="synthetic", synthetic={"num_ads": 1000, "num_users": 100, "num_sessions": 1500, "seed": 3}
@@ -124,6 +128,20 @@ def test_a_rerun_is_byte_identical_and_resumes_after_the_shards_already_written(
   assert {path: os.stat(os.path.join(output_dir, path)).st_mtime_ns for path in kept} == kept  # Not rewritten.
   with open(os.path.join(prepared, tfrecord.MANIFEST)) as a, open(os.path.join(output_dir, tfrecord.MANIFEST)) as b:
     assert json.load(a) == json.load(b)
+
+
+def test_another_process_writes_the_same_bytes(prepared, tmp_path):
+  # Within one process the protobuf feature map always comes out in the same order; across processes
+  # it did not (serialized without deterministic=True), so every shard's bytes differed.
+  output_dir = str(tmp_path / "elsewhere")
+  script = (
+    "from models.data import prepare, sources; "
+    f"prepare.prepare(sources.DataSpec.from_json({SPEC.to_json()!r}), {output_dir!r}, 700, progress=False)"
+  )
+  env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHONHASHSEED": "12345", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _shard_bytes(output_dir) == _shard_bytes(prepared)
 
 
 def test_bad_input_gets_a_clear_error(prepared, tmp_path):
