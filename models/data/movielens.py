@@ -50,6 +50,7 @@ NUM_TRAIN = 80_000
 SPLIT_SEED = 42
 TIME_TEST_FRACTION = 0.1
 SPLITS = ("default", "leave_last_out", "time")
+FILES = ("u.data", "u.item", "u.user")  # The files of ml-100k this reader uses.
 
 
 def read_ratings(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +84,7 @@ class MovieLens100K:
   def __init__(self, data_dir: str, split: str = "default", held_out_fraction: float = 0.0, held_out_seed: int = 0):
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    missing = [f for f in ("u.data", "u.item", "u.user") if not os.path.exists(os.path.join(data_dir, f))]
+    missing = [f for f in FILES if not os.path.exists(os.path.join(data_dir, f))]
     if missing:
       raise FileNotFoundError(f"{data_dir} is not a MovieLens-100K directory: missing {', '.join(missing)}")
     self.data_dir = data_dir

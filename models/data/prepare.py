@@ -14,14 +14,23 @@ Every column of the source's batches is stored, extras included (a click's "day"
 holds the bid of each item when the source has bids.
 
 Shards hold a fixed number of records, so the same input gives the same shards byte for byte. Each
-shard is written under a temporary name and renamed when complete; a rerun skips the shards that
-exist (it still streams the source to reach the rest, but does not encode them). The manifest is
-written last: its presence means the output is complete. Memory holds one source batch at a time.
-Paths may be anything `tf.io.gfile` opens (local, gs://, hdfs://, s3:// with tensorflow-io).
+shard is written under a temporary name and renamed when complete. The manifest is written last:
+its presence means the output is complete. Memory holds one source batch at a time. Paths may be
+anything `tf.io.gfile` opens (local, gs://, hdfs://, s3:// with tensorflow-io).
+
+A rerun resumes. The first run records in prepare_spec.json what it prepares: the flags, and a
+fingerprint of the input files (each one's size and SHA-256; the synthetic source has none). A
+rerun with other flags or over changed input is refused: shards of the old input beside shards of
+the new would mix two splits (test events of one in the training shards of the other). A rerun of
+the same deletes the manifest first (the output is incomplete until it ends), then keeps each
+existing shard only if it reads back whole with the records the stream puts there; it still streams
+the source to reach the rest, but does not encode what it keeps. A truncated, corrupt or partial
+last shard is rewritten.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -30,11 +39,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tqdm
+from absl import logging
 
 from models.data import records, schema, sequences, sources, tfrecord
 
 SPEC_FILE = "prepare_spec.json"  # What a partial output was started from, so a rerun cannot mix inputs.
 _OPTIONS = tf.io.TFRecordOptions(compression_type="GZIP")
+_HASH_CHUNK = 1 << 22
 
 
 def prepare(
@@ -51,32 +62,81 @@ def prepare(
   if records_per_shard <= 0:
     raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
   tfrecord.load_file_system(output_dir)
-  _claim(
-    output_dir, {"source": spec.to_json(), "records_per_shard": records_per_shard, "version": tfrecord.FORMAT_VERSION}
-  )
+  # The source checks its input when it opens, before the directory is claimed: a bad line fixed
+  # after a failed run is then not "other input" to the rerun.
   source = sources.open_source(spec)
-  manifest: dict[str, Any] = {"version": tfrecord.FORMAT_VERSION, "source": spec.to_json(), "splits": {}}
+  inputs = input_fingerprint(spec)
+  _claim(
+    output_dir,
+    {
+      "source": spec.to_json(),
+      "inputs": inputs,
+      "records_per_shard": records_per_shard,
+      "version": tfrecord.FORMAT_VERSION,
+    },
+  )
+  manifest_path = os.path.join(output_dir, tfrecord.MANIFEST)
+  if tf.io.gfile.exists(manifest_path):
+    tf.io.gfile.remove(manifest_path)  # Until this run ends, the output is not known to be complete.
+  manifest: dict[str, Any] = {
+    "version": tfrecord.FORMAT_VERSION,
+    "source": spec.to_json(),
+    "inputs": inputs,
+    "splits": {},
+  }
   for split in tfrecord.SPLITS:
     with tqdm.tqdm(desc=split, unit=" examples", unit_scale=True, disable=not progress) as bar:
       batches = _counted(source.examples(split), bar)
       manifest["splits"][split] = _write_shards(batches, output_dir, split, records_per_shard)
   manifest[tfrecord.CATALOG] = _write_shards(_catalog_batches(source), output_dir, tfrecord.CATALOG, records_per_shard)
   manifest["split_boundary"] = _split_boundary(source, spec)
-  _write_atomically(os.path.join(output_dir, tfrecord.MANIFEST), json.dumps(manifest, indent=1))
+  _write_atomically(manifest_path, json.dumps(manifest, indent=1))
   return manifest
 
 
+def input_fingerprint(spec: sources.DataSpec) -> dict[str, dict[str, Any]]:
+  """{file name: {"bytes": size, "sha256": hex digest}} of the files the source reads.
+
+  A content hash rather than modification times: copying or touching the logs does not change what
+  is prepared, and hashing reads a file several times faster than the source parses it.
+  """
+  fingerprint = {}
+  for path in sources.input_files(spec):
+    digest, size = hashlib.sha256(), 0
+    with tf.io.gfile.GFile(path, "rb") as f:
+      while chunk := f.read(_HASH_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    fingerprint[os.path.basename(path)] = {"bytes": size, "sha256": digest.hexdigest()}
+  return fingerprint
+
+
 def _claim(output_dir: str, spec: dict[str, Any]) -> None:
-  """Records what this output is made from, or checks that an earlier partial run made it from the same."""
+  """Records what this output is made from, or checks that an earlier run made it from the same."""
   tf.io.gfile.makedirs(output_dir)
   path = os.path.join(output_dir, SPEC_FILE)
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
       existing = json.load(f)
     if existing != spec:
-      raise ValueError(f"{output_dir} holds a preparation of other data ({existing}); use an empty directory")
+      raise ValueError(f"{output_dir} holds a preparation of {_difference(existing, spec)}; use an empty directory")
     return
   _write_atomically(path, json.dumps(spec, indent=1))
+
+
+def _difference(existing: dict[str, Any], spec: dict[str, Any]) -> str:
+  """What differs between an output's recorded spec and this run's, for the refusal."""
+  if {**existing, "inputs": None} != {**spec, "inputs": None}:
+    return f"other data ({existing})"
+  if "inputs" not in existing:
+    return "input that an older fgr-prepare did not fingerprint"
+  before, now = existing["inputs"], spec["inputs"]
+  changed = sorted(name for name in set(before) | set(now) if before.get(name) != now.get(name))
+  sizes = ", ".join(
+    f"{name}: {before.get(name, {}).get('bytes', 'no')} bytes then, {now.get(name, {}).get('bytes', 'no')} now"
+    for name in changed
+  )
+  return f"other input: {', '.join(changed)} changed since ({sizes})"
 
 
 def _counted(batches: Iterable[dict[str, np.ndarray]], bar: tqdm.tqdm) -> Iterator[dict[str, np.ndarray]]:
@@ -126,7 +186,7 @@ def _write_shards(
     start = 0
     while start < rows:
       if writer is None:
-        writer = _Shard(output_dir, f"{name}/{name}-{len(shards):05d}.tfrecord.gz", layout)
+        writer = _Shard(output_dir, f"{name}/{name}-{len(shards):05d}.tfrecord.gz", layout, records_per_shard)
       take = min(rows - start, records_per_shard - writer.count)
       writer.add({column: values[start : start + take] for column, values in batch.items()}, take)
       start += take
@@ -141,21 +201,26 @@ def _write_shards(
 
 
 class _Shard:
-  """One output shard: encoded into a temporary file and renamed when complete, or skipped if it exists.
+  """One output shard: encoded into a temporary file and renamed when complete, or kept if it is.
+
+  A shard already there is kept only when it reads back whole with `records_per_shard` records:
+  an earlier run renamed it complete, nothing truncated or corrupted it since, and it is not the
+  last, partial shard of a split (cheap to rewrite, and its count is only known at the end).
 
   Args:
     output_dir: the preparation's root.
     relative_path: the shard's path under it, as the manifest names it.
     layout: the records' columns.
+    records_per_shard: the records a full shard holds.
   """
 
-  def __init__(self, output_dir: str, relative_path: str, layout: records.Layout):
+  def __init__(self, output_dir: str, relative_path: str, layout: records.Layout, records_per_shard: int):
     self.relative_path = relative_path
     self.path = os.path.join(output_dir, relative_path)
     self.layout = layout
     self.count = 0
     self._writer = None
-    if not tf.io.gfile.exists(self.path):
+    if not _is_complete(self.path, records_per_shard):
       self._writer = tf.io.TFRecordWriter(self.path + ".tmp", _OPTIONS)
 
   def add(self, batch: dict[str, np.ndarray], rows: int) -> None:
@@ -168,7 +233,19 @@ class _Shard:
     if self._writer is not None:
       self._writer.close()
       tf.io.gfile.rename(self.path + ".tmp", self.path, overwrite=True)
-    return {"path": self.relative_path, "count": self.count}
+    return {"path": self.relative_path, "count": self.count, "bytes": tf.io.gfile.stat(self.path).length}
+
+
+def _is_complete(path: str, records_per_shard: int) -> bool:
+  """Whether the shard at `path` exists and reads back whole with `records_per_shard` records."""
+  if not tf.io.gfile.exists(path):
+    return False
+  try:
+    count = int(tf.data.TFRecordDataset(path, compression_type="GZIP").reduce(np.int64(0), lambda n, _: n + 1))
+  except tf.errors.DataLossError as e:
+    logging.warning("Rewriting %s: it does not read back (%s)", path, str(e).splitlines()[0])
+    return False
+  return count == records_per_shard  # Fewer: truncated where GZIP stops cleanly, or a split's last shard.
 
 
 def _write_atomically(path: str, text: str) -> None:

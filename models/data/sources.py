@@ -101,6 +101,15 @@ def _absolute(data_dir: str) -> str:
   return os.path.abspath(data_dir)
 
 
+def input_files(spec: DataSpec) -> list[str]:
+  """The files a source's data is read from: none for the synthetic logs, which their config makes."""
+  if spec.name == "movielens":
+    return [os.path.join(spec.data_dir, name) for name in movielens.FILES]
+  if spec.name == "logs":
+    return [os.path.join(spec.data_dir, name) for name in (logs.ITEMS_FILE, logs.EVENTS_FILE)]
+  return []
+
+
 def open_source(spec: DataSpec) -> Source:
   """Opens the source a spec names, with a clear error for a wrong name or a missing directory."""
   if spec.split not in SPLITS:

@@ -1,7 +1,8 @@
-"""fgr-prepare: shards read back equal the source, byte-identical on a rerun, and resumable."""
+"""fgr-prepare: shards read back equal the source, byte-identical on a rerun, resumable, and checked when read."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -152,3 +153,88 @@ def test_bad_input_gets_a_clear_error(prepared, tmp_path):
     tfrecord.TFRecordSource(str(tmp_path))
   with pytest.raises(ValueError, match="keeps the split"):
     sources.open_source(sources.DataSpec(name="tfrecord", data_dir=prepared, split="leave_last_out"))
+
+
+def _copy(prepared, tmp_path):
+  output_dir = str(tmp_path / "copy")
+  shutil.copytree(prepared, output_dir)
+  return output_dir
+
+
+def _manifest(output_dir):
+  with open(os.path.join(output_dir, tfrecord.MANIFEST)) as f:
+    return json.load(f)
+
+
+def test_a_rerun_over_changed_logs_is_refused_and_leaves_the_output_as_it_was(tmp_path):
+  logs_dir, output_dir = str(tmp_path / "logs"), str(tmp_path / "prepared")
+  _write_logs(logs_dir, with_money=False)
+  spec = sources.DataSpec(name="logs", data_dir=logs_dir)
+  prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
+  shards, manifest = _shard_bytes(output_dir), _manifest(output_dir)
+  assert set(manifest["inputs"]) == {logs.ITEMS_FILE, logs.EVENTS_FILE}
+
+  # A day more of logs moves the split: the old test shard holds events the new split trains on.
+  events = os.path.join(logs_dir, logs.EVENTS_FILE)
+  with open(events) as f:
+    original = f.read()
+  with open(events, "a") as f:
+    f.write("".join(json.dumps({"user_id": "u1", "timestamp": t, "ad_id": "a1"}) + "\n" for t in range(10, 20)))
+  with pytest.raises(
+    ValueError, match=r"other input: events.jsonl changed since \(events.jsonl: \d+ bytes then, \d+ now"
+  ):
+    prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
+  assert _shard_bytes(output_dir) == shards and _manifest(output_dir) == manifest
+
+  # The fingerprint is the content: the same bytes written again (a new mtime) resume.
+  with open(events, "w") as f:
+    f.write(original)
+  os.utime(events, (1, 1))
+  prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
+  assert _shard_bytes(output_dir) == shards and _manifest(output_dir) == manifest
+
+
+def test_a_failed_first_run_does_not_claim_the_directory_for_its_bad_input(tmp_path):
+  logs_dir, output_dir = str(tmp_path / "logs"), str(tmp_path / "prepared")
+  _write_logs(logs_dir, with_money=False)
+  events = os.path.join(logs_dir, logs.EVENTS_FILE)
+  with open(events) as f:
+    good = f.read()
+  with open(events, "a") as f:
+    f.write('{"timestamp": 99, "ad_id": "nope"}\n')
+  spec = sources.DataSpec(name="logs", data_dir=logs_dir)
+  with pytest.raises(ValueError, match="events.jsonl:11: ad_id 'nope' is not in items.jsonl"):
+    prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
+  with open(events, "w") as f:
+    f.write(good)  # The fixed logs are not "other input" to the rerun.
+  prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
+
+
+def test_a_rerun_rewrites_damaged_shards_and_has_no_manifest_until_it_ends(prepared, tmp_path, monkeypatch):
+  output_dir = _copy(prepared, tmp_path)
+  expected = _shard_bytes(prepared)
+  truncated, corrupt = (os.path.join(output_dir, f"train/train-0000{i}.tfrecord.gz") for i in (1, 2))
+  with open(truncated, "r+b") as f:
+    f.truncate(len(expected["train/train-00001.tfrecord.gz"]) // 2)
+  _flip_bytes(corrupt)
+
+  def interrupted(source):
+    raise RuntimeError("killed")
+
+  monkeypatch.setattr(prepare, "_catalog_batches", interrupted)
+  with pytest.raises(RuntimeError, match="killed"):
+    prepare.prepare(SPEC, output_dir, records_per_shard=700, progress=False)
+  assert not os.path.exists(os.path.join(output_dir, tfrecord.MANIFEST))  # Nothing takes it for complete.
+  monkeypatch.undo()
+  prepare.prepare(SPEC, output_dir, records_per_shard=700, progress=False)
+  assert _shard_bytes(output_dir) == expected and _manifest(output_dir) == _manifest(prepared)
+
+
+def _flip_bytes(path):
+  """Corrupts the middle of a file, keeping its size."""
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    f.seek(0)
+    f.write(data)
