@@ -89,6 +89,15 @@ def user_error_message(error: BaseException) -> str | None:
     wrapped = _WRAPPED_USER_ERROR.search(str(error))
     if wrapped:
       return wrapped.group(1).strip()
+  if type(error).__name__ == "DataLossError":
+    # A file that does not decode (a truncated or corrupt TFRecord shard or checkpoint). The readers
+    # of fgr-prepare's shards name the shard themselves; this is what reaches here from elsewhere.
+    from models.data import tfrecord  # TensorFlow is loaded: it raised the error.
+
+    return (
+      f"damaged data: {tfrecord.tf_error_reason(error)} (for fgr-prepare's shards, rerun the same fgr-prepare "
+      "command: it rewrites damaged shards)"
+    )
   return None
 
 

@@ -114,6 +114,10 @@ class InvalidArgumentError(Exception):
   """Stands for tf.errors.InvalidArgumentError, which the launcher recognises by name."""
 
 
+class DataLossError(Exception):
+  """Stands for tf.errors.DataLossError: a file that does not decode."""
+
+
 @pytest.mark.parametrize(
   "error, message",
   [
@@ -125,6 +129,15 @@ class InvalidArgumentError(Exception):
       "events.jsonl:2: unknown ad_id 'zz'",
     ),
     (InvalidArgumentError("Matrix size-incompatible"), None),  # A failure of the tool, not of the data.
+    (
+      DataLossError(
+        "Graph execution error:\n\nDetected at node IteratorGetNext defined at (most recent call last):\n"
+        '  File "train.py", line 3, in fit\n\ninflate() failed with error -3: incorrect data check\n'
+        "\t [[{{node IteratorGetNext}}]] [Op:__inference_train_function_123]"
+      ),
+      "damaged data: inflate() failed with error -3: incorrect data check (for fgr-prepare's shards, rerun the "
+      "same fgr-prepare command: it rewrites damaged shards)",
+    ),
     (KeyError("row"), None),
   ],
 )

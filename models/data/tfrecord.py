@@ -5,13 +5,19 @@ interleaved in parallel, serialized records shuffled across shards, batched, par
 vectorised `tf.io.parse_example` per batch, and prefetched. Under `tf.distribute` the file list is
 what auto-sharding splits between workers. Everything else a source offers (the catalog, ordered
 test batches for evaluation and export) is read back from the same files.
+
+The shards are checked against the manifest: when the source opens, each one's size (a truncated
+or replaced shard is refused before training starts); when a split or the catalog is read through,
+its record count. A damaged shard is an error naming it, never fewer examples read in silence.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -34,6 +40,7 @@ _READ_BATCH = 8192
 # time read 2x faster than the defaults (256 KiB, one record per shard in turn).
 _READ_BUFFER = 1 << 20
 _BLOCK = 64
+_STAT_THREADS = 16  # Shard sizes are checked in parallel: one round trip each on remote storage.
 
 
 def load_file_system(path: str) -> None:
@@ -54,7 +61,10 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"No {MANIFEST} in {data_dir!r}: run fgr-prepare there first (or let it finish)")
   with tf.io.gfile.GFile(path) as f:
-    manifest = json.load(f)
+    try:
+      manifest = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}): run fgr-prepare again into an empty directory") from None
   if manifest.get("version") != FORMAT_VERSION:
     raise ValueError(f"{path} is format version {manifest.get('version')}; this build reads {FORMAT_VERSION}")
   return manifest
@@ -72,6 +82,7 @@ class TFRecordSource:
   def __init__(self, data_dir: str):
     self.data_dir = data_dir
     self.manifest = read_manifest(data_dir)
+    self._check_sizes()
     catalog = self.manifest[CATALOG]
     layout = records.Layout.from_json(catalog["layout"])
     parts = list(self._read(catalog["shards"], layout))
@@ -126,7 +137,7 @@ class TFRecordSource:
     layout = self.layout(split)
     dataset = tf.data.TFRecordDataset(self.files(split), compression_type=_COMPRESSION, num_parallel_reads=4)
     dataset = dataset.batch(65536).map(records.parser(layout, (schema.AD_ID,)), tf.data.AUTOTUNE)
-    for batch in dataset.prefetch(2).as_numpy_iterator():
+    for batch in self._checked(dataset.prefetch(2).as_numpy_iterator(), self._split(split)["shards"]):
       yield {schema.AD_ID: batch[schema.AD_ID]}
 
   def training_dataset(
@@ -169,5 +180,76 @@ class TFRecordSource:
     paths = [os.path.join(self.data_dir, shard["path"]) for shard in shards]
     dataset = tf.data.TFRecordDataset(paths, compression_type=_COMPRESSION).batch(batch_size)
     dataset = dataset.map(records.parser(layout), tf.data.AUTOTUNE)
-    for parsed in dataset.prefetch(2):
+    for parsed in self._checked(dataset.prefetch(2), shards):
       yield records.to_numpy(parsed, layout)
+
+  def _checked(self, batches: Iterable[dict[str, Any]], shards: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The batches read from `shards`, with a damaged shard raised as an error naming it.
+
+    A shard that does not decode, or that held fewer records than the manifest says (GZIP can stop
+    cleanly where a file was cut), ends the reading with a ValueError once it is found.
+    """
+    iterator, read = iter(batches), 0
+    while True:
+      try:
+        batch = next(iterator)
+      except StopIteration:
+        break
+      except tf.errors.DataLossError as e:
+        raise self._damaged(shards, e) from None
+      read += len(batch[schema.AD_ID])
+      yield batch
+    if read != sum(int(shard["count"]) for shard in shards):
+      raise self._damaged(shards, None)
+
+  def _damaged(self, shards: list[dict[str, Any]], error: tf.errors.DataLossError | None) -> ValueError:
+    """The error naming the first of `shards` that does not read back as the manifest says.
+
+    Only called once reading has failed, so reading each shard alone again costs nothing otherwise.
+    """
+    for shard in shards:
+      path = os.path.join(self.data_dir, shard["path"])
+      try:
+        count = int(
+          tf.data.TFRecordDataset(path, compression_type=_COMPRESSION).reduce(np.int64(0), lambda n, _: n + 1)
+        )
+      except tf.errors.DataLossError as e:
+        return _damaged_shard(path, f"it does not decode: {tf_error_reason(e)}")
+      if count != int(shard["count"]):
+        return _damaged_shard(path, f"it holds {count} records, {MANIFEST} says {shard['count']}")
+    reason = tf_error_reason(error) if error is not None else "fewer records than the manifest says"
+    return ValueError(f"The shards of {self.data_dir} do not read back ({reason}): run fgr-prepare again")
+
+  def _check_sizes(self) -> None:
+    """Refuses a shard that is missing or not the size the manifest gives (manifests that give one)."""
+    shards = [shard for part in (*self.manifest["splits"].values(), self.manifest[CATALOG]) for shard in part["shards"]]
+    shards = [shard for shard in shards if "bytes" in shard]
+    paths = [os.path.join(self.data_dir, shard["path"]) for shard in shards]
+    with concurrent.futures.ThreadPoolExecutor(min(_STAT_THREADS, max(1, len(paths)))) as pool:
+      sizes = list(pool.map(_size_or_none, paths))
+    for shard, path, size in zip(shards, paths, sizes):
+      if size is None:
+        raise FileNotFoundError(f"{path} is missing, though {MANIFEST} lists it: run fgr-prepare again to rewrite it")
+      if size != int(shard["bytes"]):
+        raise _damaged_shard(path, f"it is {size} bytes, {MANIFEST} says {shard['bytes']} (truncated or replaced)")
+
+
+def tf_error_reason(error: BaseException) -> str:
+  """The line of a TensorFlow error that says what went wrong, without its op and node decorations."""
+  lines = []
+  for line in str(error).splitlines():
+    line = re.sub(r"\{\{function_node [^}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]( name: \S*)?", "", line).strip()
+    if line and not line.startswith(("Graph execution error", "Detected at node", "File ")):
+      lines.append(line)
+  return lines[-1] if lines else type(error).__name__
+
+
+def _size_or_none(path: str) -> int | None:
+  try:
+    return tf.io.gfile.stat(path).length
+  except tf.errors.NotFoundError:
+    return None
+
+
+def _damaged_shard(path: str, reason: str) -> ValueError:
+  return ValueError(f"{path} is damaged: {reason}; rerun the same fgr-prepare command, which rewrites damaged shards")

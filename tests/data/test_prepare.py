@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from models.data import logs, prepare, sources, tfrecord
 
@@ -238,3 +239,50 @@ def _flip_bytes(path):
     data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
     f.seek(0)
     f.write(data)
+
+
+def test_a_damaged_shard_is_an_error_naming_it(prepared, tmp_path):
+  output_dir = _copy(prepared, tmp_path)
+  shard = os.path.join(output_dir, "train/train-00001.tfrecord.gz")
+  with open(shard, "rb") as f:
+    data = f.read()
+
+  # Truncated: refused when the source opens, by its size, before any training.
+  with open(shard, "wb") as f:
+    f.write(data[: len(data) // 2])
+  with pytest.raises(ValueError, match=rf"train-00001.tfrecord.gz is damaged: it is {len(data) // 2} bytes, manifest"):
+    tfrecord.TFRecordSource(output_dir)
+
+  # Corrupt at the same size: the reader that meets it names it, rather than a bare DataLossError.
+  with open(shard, "wb") as f:
+    f.write(data)
+  _flip_bytes(shard)
+  read = tfrecord.TFRecordSource(output_dir)
+  with pytest.raises(ValueError, match=r"train-00001.tfrecord.gz is damaged: it does not decode: .*rerun the same"):
+    list(read.examples("train"))
+  with pytest.raises(ValueError, match=r"train-00001.tfrecord.gz is damaged: it does not decode"):
+    list(read.item_id_batches())
+
+  # Fewer records than the manifest says (where GZIP stops cleanly at a cut), under a manifest that
+  # gives no sizes: the split read through is refused, never trained on short.
+  records = list(tf.data.TFRecordDataset(os.path.join(prepared, "train/train-00001.tfrecord.gz"), "GZIP"))
+  with tf.io.TFRecordWriter(shard, tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
+    for record in records[:100]:
+      writer.write(record.numpy())
+  manifest = _manifest(output_dir)
+  for part in (*manifest["splits"].values(), manifest[tfrecord.CATALOG]):
+    for entry in part["shards"]:
+      del entry["bytes"]
+  with open(os.path.join(output_dir, tfrecord.MANIFEST), "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(
+    ValueError, match=r"train-00001.tfrecord.gz is damaged: it holds 100 records, manifest.json says 700"
+  ):
+    list(tfrecord.TFRecordSource(output_dir).examples("train"))
+
+  os.remove(shard)
+  manifest["splits"]["train"]["shards"][1]["bytes"] = len(data)
+  with open(os.path.join(output_dir, tfrecord.MANIFEST), "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(FileNotFoundError, match=r"train-00001.tfrecord.gz is missing, though manifest.json lists it"):
+    tfrecord.TFRecordSource(output_dir)
