@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from export import version_report
+from export import eval_cli, version_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,3 +52,29 @@ def test_a_base_path_given_as_model_path_is_refused_naming_a_version_to_pass(tmp
 def test_a_directory_without_versions_is_refused_without_a_hint(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"is missing: not a version written by fgr-export or fgr-refresh$"):
     version_report.read(str(tmp_path))
+
+
+def test_a_report_file_in_a_missing_directory_is_refused_before_the_run_is_read(tmp_path):
+  # No run is there either: the evaluation used to run whole, then fail writing, printing nothing.
+  report = tmp_path / "reports" / "eval.json"
+  result = subprocess.run(
+    [sys.executable, "-m", "export.eval_cli", f"--output_dir={tmp_path}", f"--report_file={report}"],
+    cwd=REPO_ROOT,
+    env={**os.environ, "PYTHONPATH": REPO_ROOT},
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert f"--report_file={report}: the directory {tmp_path / 'reports'} does not exist" in result.stderr
+  with pytest.raises(ValueError, match="is a directory"):
+    eval_cli.check_report_file(str(tmp_path))
+  eval_cli.check_report_file(str(tmp_path / "eval.json"))
+
+
+def test_the_report_is_printed_before_it_is_written_and_written_whole(tmp_path, capsys):
+  eval_cli.publish('{"recall": 1}', str(tmp_path / "eval.json"))
+  assert (tmp_path / "eval.json").read_text() == '{"recall": 1}\n' and os.listdir(tmp_path) == ["eval.json"]
+  with pytest.raises(FileNotFoundError):
+    eval_cli.publish('{"recall": 2}', str(tmp_path / "gone" / "eval.json"))  # The directory went away since.
+  assert capsys.readouterr().out == '{"recall": 1}\n{"recall": 2}\n'
