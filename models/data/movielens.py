@@ -53,13 +53,54 @@ SPLITS = ("default", "leave_last_out", "time")
 FILES = ("u.data", "u.item", "u.user")  # The files of ml-100k this reader uses.
 
 
+_RATING_FIELDS = ("user id", "item id", "rating", "timestamp")
+
+
 def read_ratings(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
   """u.data's ratings [n, 4] (user, item, rating, timestamp) in file order, and their time order.
 
-  Ratings with the same timestamp keep their file order.
+  Ratings with the same timestamp keep their file order. A malformed line is a ValueError naming it.
   """
-  raw = np.loadtxt(os.path.join(data_dir, "u.data"), dtype=np.int64)
+  path = os.path.join(data_dir, "u.data")
+  try:
+    raw = np.loadtxt(path, dtype=np.int64, ndmin=2)
+  except ValueError as e:  # numpy's message names a row, not the file (nor a line, if it skipped any).
+    raise _first_bad_rating(path, e) from None
+  if raw.shape[1] != len(_RATING_FIELDS):
+    raise _first_bad_rating(path, None)
   return raw, np.lexsort((np.arange(len(raw)), raw[:, 3]))
+
+
+def _rating_lines(path: str) -> Iterator[tuple[int, list[str]]]:
+  """(line number from 1, fields) of each line of u.data that holds a rating, as np.loadtxt reads them."""
+  with open(path, encoding="latin-1") as f:
+    for line_number, line in enumerate(f, 1):
+      fields = line.partition("#")[0].split()
+      if fields:
+        yield line_number, fields
+
+
+def _first_bad_rating(path: str, error: ValueError | None) -> ValueError:
+  """`u.data:<line>: ...` for the first line that is not four whole numbers."""
+  for line_number, fields in _rating_lines(path):
+    if len(fields) != len(_RATING_FIELDS):
+      return ValueError(
+        f"{path}:{line_number}: expected {len(_RATING_FIELDS)} fields ({', '.join(_RATING_FIELDS)}), got {len(fields)}"
+      )
+    for name, field in zip(_RATING_FIELDS, fields):
+      try:
+        int(field)
+      except ValueError:
+        return ValueError(f"{path}:{line_number}: the {name} must be a whole number, got {field!r}")
+  return ValueError(f"{path}: not a MovieLens ratings file" + (f" ({error})" if error else " (no ratings)"))
+
+
+def _line_of_rating(path: str, row: int) -> int:
+  """The line number of the row-th rating of u.data (from 0), as `read_ratings` numbered them."""
+  for index, (line_number, _) in enumerate(_rating_lines(path)):
+    if index == row:
+      return line_number
+  raise IndexError(row)
 
 
 def _age_bucket(age: int) -> str:
@@ -111,9 +152,15 @@ class MovieLens100K:
 
   def _read_items(self) -> sequences.InMemoryItemTable:
     ids, categories, brands, tokens = [], [], [], []
-    with open(os.path.join(self.data_dir, "u.item"), encoding="latin-1") as f:
-      for line in f:
+    path = os.path.join(self.data_dir, "u.item")
+    with open(path, encoding="latin-1") as f:
+      for line_number, line in enumerate(f, 1):
         fields = line.rstrip("\n").split("|")
+        if len(fields) != 5 + len(_GENRES):
+          raise ValueError(
+            f"{path}:{line_number}: expected {5 + len(_GENRES)} '|'-separated fields (id, title, dates, url, "
+            f"{len(_GENRES)} genre flags), got {len(fields)}"
+          )
         genres = [g for g, flag in zip(_GENRES, fields[5:]) if flag == "1"] or ["unknown"]
         year = re.search(r"(\d{4})", fields[2] or fields[1])
         title = re.sub(r"\(\d{4}\)\s*$", "", fields[1]).lower()
@@ -126,9 +173,13 @@ class MovieLens100K:
 
   def _read_users(self) -> dict[str, list[str]]:
     users = {}
-    with open(os.path.join(self.data_dir, "u.user"), encoding="latin-1") as f:
-      for line in f:
-        user_id, age, gender, occupation, zip_code = line.rstrip("\n").split("|")
+    path = os.path.join(self.data_dir, "u.user")
+    with open(path, encoding="latin-1") as f:
+      for line_number, line in enumerate(f, 1):
+        fields = line.rstrip("\n").split("|")
+        if len(fields) != 5 or not fields[1].strip().isdigit():
+          raise ValueError(f"{path}:{line_number}: expected user id|age|gender|occupation|zip code, age a whole number")
+        user_id, age, gender, occupation, zip_code = fields
         users[user_id] = [
           f"age:{_age_bucket(int(age))}",
           f"gender:{gender}",
@@ -151,6 +202,7 @@ class MovieLens100K:
       is_train = np.zeros(len(raw), dtype=bool)
       is_train[np.random.default_rng(SPLIT_SEED).permutation(len(raw))[:NUM_TRAIN]] = True
 
+    self._check_ids(users, items)
     rows = np.asarray([self._table.row_of[str(i)] for i in items[order].tolist()])
     held_out = held_out_rows[rows]
     # Under the time split, earlier test ratings are history too: they were logged by then.
@@ -174,6 +226,18 @@ class MovieLens100K:
     )
     train, test = is_train[order] & ~held_out, ~is_train[order]
     return {"train": {k: v[train] for k, v in examples.items()}, "test": {k: v[test] for k, v in examples.items()}}
+
+  def _check_ids(self, users: np.ndarray, items: np.ndarray) -> None:
+    """Raises `u.data:<line>: ...` for the first rating of a movie not in u.item or a user not in u.user."""
+    for ids, known, field, other_file in (
+      (items, self._table.row_of, "movie id", "u.item"),
+      (users, self._user_features, "user id", "u.user"),
+    ):
+      unknown = [i for i in np.unique(ids).tolist() if str(i) not in known]
+      if unknown:
+        row = int(np.flatnonzero(np.isin(ids, unknown))[0])
+        path = os.path.join(self.data_dir, "u.data")
+        raise ValueError(f"{path}:{_line_of_rating(path, row)}: unknown {field} {ids[row]} (not in {other_file})")
 
   def examples(self, split: str, chunk_size: int = 8192) -> Iterator[dict[str, np.ndarray]]:
     """Yields batches of the "train" (80k) or "test" (20k) split, in time order.

@@ -214,3 +214,47 @@ def test_a_directory_in_place_of_a_log_file_is_a_clear_error(tmp_path, as_direct
   (tmp_path / as_directory).mkdir()
   with pytest.raises(ValueError, match=rf"{as_directory} is not a file"):
     logs.LogsDataset(str(tmp_path))
+
+
+def _write_tiny_movielens(data_dir, ratings):
+  """Two movies, two users and the given u.data lines, in ml-100k's formats."""
+  genres = ["0"] * 19
+  (data_dir / "u.item").write_text(
+    "".join(f"{i}|Movie {i} (1995)|01-Jan-1995||http://x|{'|'.join(genres)}\n" for i in (1, 2)), encoding="latin-1"
+  )
+  (data_dir / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\n", encoding="latin-1")
+  (data_dir / "u.data").write_text("".join(line + "\n" for line in ratings))
+
+
+_RATINGS = [f"{1 + t % 2}\t{1 + t % 2}\t3\t{881250949 + t}" for t in range(6)]
+
+
+@pytest.mark.parametrize(
+  "bad_line,message",
+  [
+    ("1\t99999\t3\t881250960", r"u.data:5: unknown movie id 99999 \(not in u.item\)"),
+    ("7\t1\t3\t881250960", r"u.data:5: unknown user id 7 \(not in u.user\)"),
+    ("1\tabc\t3\t881250960", r"u.data:5: the item id must be a whole number, got 'abc'"),
+    ("1\t2\t3", r"u.data:5: expected 4 fields \(user id, item id, rating, timestamp\), got 3"),
+    ("1\t2\t3.5\t881250960", r"u.data:5: the rating must be a whole number, got '3.5'"),
+  ],
+)
+def test_a_bad_movielens_rating_is_reported_with_the_file_and_line(tmp_path, bad_line, message):
+  # A blank line before it: numpy numbers rows, not lines; the error must give the line.
+  _write_tiny_movielens(tmp_path, _RATINGS[:3] + ["", bad_line] + _RATINGS[3:])
+  with pytest.raises(ValueError, match=message) as error:
+    movielens.MovieLens100K(str(tmp_path))
+  assert str(error.value).startswith(str(tmp_path / "u.data"))
+
+
+def test_bad_movielens_item_and_user_lines_are_reported_with_the_file_and_line(tmp_path):
+  _write_tiny_movielens(tmp_path, _RATINGS)
+  assert movielens.MovieLens100K(str(tmp_path)).num_items == 2
+  with open(tmp_path / "u.user", "a") as f:
+    f.write("3|old|M|other|1\n")
+  with pytest.raises(ValueError, match=r"u.user:3: expected user id\|age\|gender\|occupation\|zip code"):
+    movielens.MovieLens100K(str(tmp_path))
+  with open(tmp_path / "u.item", "a") as f:
+    f.write("3|Truncated line\n")
+  with pytest.raises(ValueError, match=r"u.item:3: expected 24 '\|'-separated fields"):
+    movielens.MovieLens100K(str(tmp_path))
