@@ -92,7 +92,8 @@ def _steps_per_second(dataset: tf.data.Dataset, steps: int, num_items: int) -> f
 
 def measure_input(work_dir: str, num_sessions: int) -> dict[str, Any]:
   config = {"num_ads": FLAGS.num_ads, "num_users": max(1000, num_sessions // 20), "num_sessions": num_sessions}
-  logs_dir, shards_dir = os.path.join(work_dir, "logs"), os.path.join(work_dir, "shards")
+  # Shards per size: fgr-prepare refuses to resume an output over logs that changed.
+  logs_dir, shards_dir = os.path.join(work_dir, "logs"), os.path.join(work_dir, f"shards-{num_sessions}")
   events = write_logs(synthetic.SyntheticSearchAds(synthetic.SyntheticConfig(**config)), logs_dir)
   manifest = prepare.prepare(sources.DataSpec(name="logs", data_dir=logs_dir), shards_dir, progress=False)
   json_source = sources.open_source(sources.DataSpec(name="logs", data_dir=logs_dir))
