@@ -1,16 +1,22 @@
 """REST front end: TF Serving's /v1/models API and the Prometheus endpoint.
 
-Built on the standard library's http.server: the API is small JSON over
-HTTP/1.x, and a fixed worker pool (TF Serving's --rest_api_num_threads) is a
-few lines, so no web framework dependency is needed.
+Built on the standard library's http.server and selectors: the API is small
+JSON over HTTP/1.x. One event loop reads every connection and hands only
+complete requests to a fixed worker pool (TF Serving's --rest_api_num_threads),
+as TF Serving's libevent front end does, so slow or idle clients hold no
+worker. No web framework dependency is needed.
 """
 
 import concurrent.futures
+import http.client
 import http.server
+import io
 import json
 import re
+import selectors
 import socket
 import threading
+import time
 import urllib.parse
 from typing import Any
 
@@ -251,34 +257,342 @@ def _read_chunked(rfile, limit: int) -> bytes:
       return b"".join(parts)
 
 
+# The request line and headers one request may send before the blank line (431 beyond it).
+MAX_HEADER_BYTES = 64 * 1024
+_HEADER_END = re.compile(rb"\n\r?\n")
+
+
+class _HeadersTooLarge(Exception):
+  pass
+
+
+class _RequestFramer:
+  """Finds where the first HTTP/1.x request in a connection's buffer ends, as the bytes arrive.
+
+  A request is handed to a worker only once it is complete, or once what arrived is enough for the
+  handler to answer it without reading more: a Content-Length over the body limit (413) or that
+  isn't a number (400), a malformed or oversized chunk (400, 413). The handler then reads exactly
+  those bytes, so it never waits on the client. The framing follows the handler's own reading
+  (http.server's headers, `_read_chunked`).
+  """
+
+  def __init__(self, max_body_bytes: int):
+    self._limit = max_body_bytes
+    self.reset()
+
+  def reset(self) -> None:
+    self._scanned = 0  # Where the search for the headers' end resumes.
+    self.header_end: int | None = None
+    self.expect_continue = False
+    self._body_end: int | None = None
+    self._chunk_pos: int | None = None  # The next chunk size line (chunked bodies).
+    self._chunk_total = 0
+    self._trailers = False
+
+  def end(self, buf: bytearray) -> int | None:
+    """The length of the first request in `buf` (or of the part the handler needs), None if more
+    must arrive first.
+
+    Raises:
+      _HeadersTooLarge: the request line and headers pass MAX_HEADER_BYTES.
+    """
+    if self.header_end is None:
+      if buf[:2] == b"\r\n" or buf[:1] == b"\n":  # An empty request line: the handler closes.
+        return 2 if buf[:1] == b"\r" else 1
+      match = _HEADER_END.search(buf, max(0, self._scanned - 3))
+      if not match:
+        self._scanned = len(buf)
+        if len(buf) > MAX_HEADER_BYTES:
+          raise _HeadersTooLarge()
+        return None
+      self.header_end = match.end()
+      if self.header_end > MAX_HEADER_BYTES:
+        raise _HeadersTooLarge()
+      if self._frame_body(bytes(buf[: self.header_end])):
+        self._body_end = self.header_end  # The handler answers without reading a body.
+    if self._body_end is not None:
+      return self._body_end if len(buf) >= self._body_end else None
+    self._body_end = self._chunked_end(buf)
+    return self._body_end
+
+  def _frame_body(self, head: bytes) -> bool:
+    """Reads the headers; True when the handler can answer from them alone."""
+    request_line, _, fields = head.partition(b"\n")
+    try:
+      headers = http.client.parse_headers(io.BytesIO(fields))
+    except http.client.HTTPException:  # Too many or too long: the handler answers 431.
+      return True
+    version = request_line.split()[-1:]
+    self.expect_continue = (
+      headers.get("Expect", "").lower() == "100-continue"
+      and bool(version)
+      and version[0] not in (b"HTTP/1.0", b"HTTP/0.9")
+    )
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+      self._chunk_pos = self.header_end
+      return False
+    try:
+      length = int(headers.get("Content-Length") or 0)
+    except ValueError:
+      return True
+    if length < 0 or (self._limit and length > self._limit):
+      return True
+    self._body_end = self.header_end + length
+    return False
+
+  def _chunked_end(self, buf: bytearray) -> int | None:
+    while True:
+      pos = self._chunk_pos
+      limit = 8192 if self._trailers else 1024  # `_read_chunked`'s readline limits.
+      newline = buf.find(b"\n", pos, pos + limit)
+      if newline < 0:
+        return pos + limit if len(buf) >= pos + limit else None  # Too long: the handler refuses it.
+      line = bytes(buf[pos : newline + 1])
+      if self._trailers:
+        self._chunk_pos = newline + 1
+        if line in (b"\r\n", b"\n"):
+          return newline + 1
+        continue
+      try:
+        size = int(line.split(b";", 1)[0].strip(), 16)
+      except ValueError:
+        return newline + 1
+      if size < 0:
+        return newline + 1
+      if size == 0:
+        self._trailers = True
+        self._chunk_pos = newline + 1
+        continue
+      self._chunk_total += size
+      if self._limit and self._chunk_total > self._limit:
+        return newline + 1
+      data_end = newline + 1 + size + 2
+      if len(buf) < data_end:
+        self._chunk_total -= size  # Counted again when the rest arrives.
+        return None
+      self._chunk_pos = data_end
+      if buf[data_end - 2 : data_end] != b"\r\n":
+        return data_end
+
+
+class _Connection:
+  """A client connection between requests: what it has sent so far and until when it may send it."""
+
+  def __init__(self, sock: socket.socket, address, max_body_bytes: int):
+    self.sock = sock
+    self.address = address
+    self.buf = bytearray()
+    self.framer = _RequestFramer(max_body_bytes)
+    self.deadline = 0.0
+
+
+class _SocketWriter(io.BufferedIOBase):
+  """The handler's wfile: each write goes out whole (under the socket's timeout)."""
+
+  def __init__(self, sock: socket.socket):
+    super().__init__()
+    self._sock = sock
+
+  def writable(self) -> bool:
+    return True
+
+  def write(self, data) -> int:
+    self._sock.sendall(data)
+    return len(data)
+
+
 class _PooledHTTPServer(http.server.HTTPServer):
-  """An HTTPServer handing each connection to a fixed thread pool."""
+  """An HTTP server that reads requests on one event loop and hands only complete ones to a fixed
+  thread pool (--rest_api_num_threads), as TF Serving's libevent front end does.
+
+  A connection holds a worker only while its request runs: an idle keep-alive connection, or a
+  client sending its request slowly or not at all, costs a file descriptor and its buffer. Each
+  request must arrive whole within `idle_timeout` seconds of the connection opening or its previous
+  answer (--rest_api_timeout_in_ms); the connection is closed otherwise.
+  """
 
   # socketserver listens with a backlog of 5: under a burst of new connections the kernel then
   # drops or resets them before the pool sees them.
   request_queue_size = socket.SOMAXCONN
 
-  def __init__(self, address, handler, num_threads: int):
+  def __init__(self, address, handler, num_threads: int, idle_timeout: float = 30.0, max_body_bytes: int = 0):
     if ":" in address[0]:  # IPv6, e.g. --host=[::]
       self.address_family = socket.AF_INET6
       address = (address[0].strip("[]"), address[1])
     super().__init__(address, handler)
+    self.idle_timeout = idle_timeout
+    self._max_body_bytes = max_body_bytes
     self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="http")
+    self._selector = selectors.DefaultSelector()
+    self._wake_r, self._wake_w = socket.socketpair()
+    self._wake_r.setblocking(False)
+    self._wake_w.setblocking(False)
+    self._lock = threading.Lock()
+    self._returned: list[_Connection] = []  # Back from a worker, to wait for their next request.
+    self._idle: set[_Connection] = set()
+    self.stopping = False
+    self._loop_closed = False
+    self._loop_done = threading.Event()
+    self._loop_done.set()
 
-  def process_request(self, request, client_address):
-    self._pool.submit(self._process, request, client_address)
-
-  def _process(self, request, client_address):
+  def serve_forever(self, poll_interval: float = 0.5) -> None:
+    """Reads connections until `shutdown`; then closes those not in a worker's hands."""
+    del poll_interval  # The loop wakes for its deadlines and for `shutdown`.
+    self._loop_done.clear()
+    self.socket.setblocking(False)
+    self._selector.register(self.socket, selectors.EVENT_READ, None)
+    self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+    next_sweep = time.monotonic() + self.idle_timeout
     try:
-      self.finish_request(request, client_address)
-    except Exception:  # http.server's own convention for handler errors.
-      self.handle_error(request, client_address)
+      while not self.stopping:
+        now = time.monotonic()
+        if now >= next_sweep:
+          for conn in [c for c in self._idle if c.deadline <= now]:
+            self._close(conn)  # Idle or half-sent for too long.
+          # Later connections' deadlines come later still.
+          next_sweep = min((c.deadline for c in self._idle), default=now + self.idle_timeout)
+        for key, _ in self._selector.select(max(0.0, next_sweep - now)):
+          if key.fileobj is self.socket:
+            self._accept()
+          elif key.fileobj is self._wake_r:
+            self._take_returned()
+          else:
+            self._read(key.data)
     finally:
-      self.shutdown_request(request)
+      with self._lock:
+        self._loop_closed = True
+        returned, self._returned = self._returned, []
+      for conn in list(self._idle) + returned:
+        self._close(conn)
+      self._selector.close()
+      self._loop_done.set()
+
+  def shutdown(self) -> None:
+    self.stopping = True
+    self._wake()
+    self._loop_done.wait()
+
+  def _wake(self) -> None:
+    try:
+      self._wake_w.send(b"x")
+    except OSError:  # Full (the loop will wake anyway) or closed.
+      pass
+
+  def _accept(self) -> None:
+    while True:
+      try:
+        sock, address = self.socket.accept()
+      except (BlockingIOError, InterruptedError):
+        return
+      except OSError as e:  # E.g. out of file descriptors: try again on the next wake.
+        logging.warning("REST accept failed: %s", e)
+        return
+      sock.setblocking(False)
+      conn = _Connection(sock, address, self._max_body_bytes)
+      conn.deadline = time.monotonic() + self.idle_timeout
+      self._idle.add(conn)
+      self._selector.register(sock, selectors.EVENT_READ, conn)
+
+  def _take_returned(self) -> None:
+    try:
+      while self._wake_r.recv(4096):
+        pass
+    except (BlockingIOError, InterruptedError):
+      pass
+    with self._lock:
+      returned, self._returned = self._returned, []
+    for conn in returned:
+      conn.deadline = time.monotonic() + self.idle_timeout
+      self._idle.add(conn)
+      self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+      if conn.buf:  # A pipelined request may already be here.
+        self._dispatch_if_complete(conn)
+
+  def _read(self, conn: _Connection) -> None:
+    try:
+      data = conn.sock.recv(65536)
+    except (BlockingIOError, InterruptedError):
+      return
+    except OSError:
+      data = b""
+    if not data:  # The client closed (or reset) the connection.
+      self._close(conn)
+      return
+    conn.buf += data
+    self._dispatch_if_complete(conn)
+
+  def _dispatch_if_complete(self, conn: _Connection) -> None:
+    try:
+      end = conn.framer.end(conn.buf)
+    except _HeadersTooLarge:
+      self._selector.unregister(conn.sock)
+      self._idle.discard(conn)
+      self._pool.submit(self._refuse_headers, conn)
+      return
+    if end is None:
+      if conn.framer.expect_continue:  # The client waits for this before sending its body.
+        conn.framer.expect_continue = False
+        try:
+          conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except OSError:
+          pass
+      return
+    request, conn.buf = bytes(conn.buf[:end]), conn.buf[end:]
+    conn.framer.reset()
+    self._selector.unregister(conn.sock)
+    self._idle.discard(conn)
+    self._pool.submit(self._process, conn, request)
+
+  def _refuse_headers(self, conn: _Connection) -> None:
+    body = json.dumps({"error": f"Request line and headers exceed {MAX_HEADER_BYTES} bytes"}).encode()
+    try:
+      conn.sock.settimeout(self.idle_timeout)
+      conn.sock.sendall(
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+      )
+    except OSError:
+      pass
+    self._close(conn)
+
+  def _process(self, conn: _Connection, request: bytes) -> None:
+    keep = False
+    try:
+      conn.sock.settimeout(self.idle_timeout)  # Bounds writing the answer to a slow reader.
+      handler = self.RequestHandlerClass((conn.sock, request), conn.address, self)
+      keep = not handler.close_connection and not self.stopping
+    except OSError as e:  # The client went away mid-answer.
+      logging.debug("REST %s: %s", conn.address, e)
+    except Exception:  # http.server's own convention for handler errors.
+      self.handle_error(conn.sock, conn.address)
+    if not keep:
+      self._close(conn)
+      return
+    conn.sock.setblocking(False)
+    with self._lock:
+      if not self._loop_closed:
+        self._returned.append(conn)
+        conn = None
+    if conn is not None:  # Stopped meanwhile.
+      self._close(conn)
+    else:
+      self._wake()
+
+  def _close(self, conn: _Connection) -> None:
+    if conn in self._idle:
+      self._idle.discard(conn)
+      try:
+        self._selector.unregister(conn.sock)
+      except (KeyError, ValueError):
+        pass
+    self.shutdown_request(conn.sock)
 
   def server_close(self):
     super().server_close()
     self._pool.shutdown(wait=True)  # Drain in-flight requests.
+    self._wake_r.close()
+    self._wake_w.close()
 
 
 class HttpServer:
@@ -315,14 +629,27 @@ class HttpServer:
       """Routes one HTTP request."""
 
       server_version = "fgr-serve"
-      # Each connection holds a pool thread: bound how long a slow or idle
-      # client may keep one (reading a request, or between keep-alives).
-      timeout = max(1.0, timeout_ms / 1000) if timeout_ms > 0 else 30.0
+      protocol_version = "HTTP/1.1"  # Keep-alive: idle connections wait in the event loop, not here.
+
+      def setup(self):
+        # The server read this whole request before handing it over: the handler never waits on
+        # the client to send.
+        self.connection, data = self.request
+        self.rfile = io.BytesIO(data)
+        self.wfile = _SocketWriter(self.connection)
+
+      def handle(self):
+        self.handle_one_request()  # The event loop waits for the connection's next request.
+
+      def handle_expect_100(self):
+        return True  # The event loop answered 100 Continue before it read the body.
 
       def _reply(self, status: int, payload: bytes, content_type: str):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection or self.server.stopping:
+          self.send_header("Connection", "close")  # Draining, or the body was left unread.
         if enable_cors:
           self.send_header("Access-Control-Allow-Origin", "*")
           self.send_header("Access-Control-Allow-Methods", "POST, GET")
@@ -405,7 +732,13 @@ class HttpServer:
       def log_message(self, format, *args):  # pylint: disable=redefined-builtin
         logging.debug("REST %s - %s", self.address_string(), format % args)
 
-    self._server = _PooledHTTPServer((host, port), Handler, num_threads)
+    self._server = _PooledHTTPServer(
+      (host, port),
+      Handler,
+      num_threads,
+      idle_timeout=max(1.0, timeout_ms / 1000) if timeout_ms > 0 else 30.0,
+      max_body_bytes=max_body_bytes,
+    )
     self.port = self._server.server_address[1]
     self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
@@ -413,6 +746,7 @@ class HttpServer:
     self._thread.start()
 
   def stop(self) -> None:
-    """Stops accepting, then waits for requests being handled."""
+    """Stops accepting and closes connections between requests (idle or still sending), then
+    waits for the requests being handled; their answers close their connections."""
     self._server.shutdown()
     self._server.server_close()

@@ -1,0 +1,201 @@
+"""REST connections: slow or idle clients hold no worker thread; keep-alive, pipelining, request
+framing and draining on SIGTERM's path (`HttpServer.stop`)."""
+
+import http.client
+import json
+import socket
+import time
+
+import pytest
+import serving_testlib as lib
+
+from serving.model_servers import http_server
+
+PREDICT = f"/v1/models/{lib.TF2_MODEL}:predict"
+BODY = json.dumps({"instances": [1.0, 3.0]}).encode()
+ANSWER = {"predictions": [2.5, 3.5]}
+
+
+def _raw(method: str, path: str, body: bytes = b"", headers: str = "") -> bytes:
+  return f"{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def _read_reply(sock: socket.socket, buf: bytearray) -> tuple[int, dict, bytes]:
+  """(status, headers, body) of the next response on `sock` (Content-Length framed); `buf` keeps
+  what was read past it."""
+  while b"\r\n\r\n" not in buf:
+    data = sock.recv(65536)
+    assert data, f"the server closed the connection; read {bytes(buf)!r}"
+    buf += data
+  head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+  lines = head.decode().split("\r\n")
+  headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+  length = int(headers["content-length"])
+  while len(rest) < length:
+    data = sock.recv(65536)
+    assert data
+    rest += data
+  buf[:] = rest[length:]
+  return int(lines[0].split()[1]), headers, rest[:length]
+
+
+@pytest.fixture
+def patient(native, tmp_path):
+  """A server with 2 REST threads and a 10-minute --rest_api_timeout_in_ms: a client that sends
+  slowly could hold a thread for the whole test."""
+  lib.write_tf2_half_plus_two(str(tmp_path / lib.TF2_MODEL / "1"))
+  server = lib.InProcessServer(
+    model_name=lib.TF2_MODEL,
+    model_base_path=str(tmp_path / lib.TF2_MODEL),
+    rest_api_port=lib.REST_ANY_PORT,
+    rest_api_num_threads=2,
+    rest_api_timeout_in_ms=600_000,
+    rest_api_max_body_bytes=4096,
+  )
+  yield server
+  server.stop()
+
+
+def test_slow_and_idle_clients_hold_no_worker(patient):
+  port = patient.server.rest_port
+  clients = [socket.create_connection(("127.0.0.1", port), timeout=120) for _ in range(8)]
+  try:
+    clients[1].sendall(b"POST /v1/mod")  # Half a request line.
+    clients[2].sendall(b"POST /v1/models/x:predict HTTP/1.1\r\nHost: x\r\n")  # Headers not ended.
+    clients[3].sendall(_raw("POST", PREDICT, BODY)[:-3])  # Body not ended.
+    clients[4].sendall(  # A chunked body that stops between chunks.
+      f'POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{{"in\r\n'.encode()
+    )
+    # An idle keep-alive connection after a complete exchange.
+    clients[5].sendall(_raw("POST", PREDICT, BODY))
+    status, _, data = _read_reply(clients[5], bytearray())
+    assert (status, json.loads(data)) == (200, ANSWER)
+    for _ in range(3):  # Each would have taken one of the 2 threads for 10 minutes.
+      assert lib.post_json(port, PREDICT, BODY, timeout=60) == (200, ANSWER)
+    # The half-sent request finishes and is answered.
+    clients[3].sendall(_raw("POST", PREDICT, BODY)[-3:])
+    status, _, data = _read_reply(clients[3], bytearray())
+    assert (status, json.loads(data)) == (200, ANSWER)
+  finally:
+    for client in clients:
+      client.close()
+
+
+def test_stop_closes_idle_connections_at_once(native, tmp_path):
+  """SIGTERM's drain waits for requests being handled, not for connections between requests."""
+  lib.write_tf2_half_plus_two(str(tmp_path / lib.TF2_MODEL / "1"))
+  server = lib.InProcessServer(
+    model_name=lib.TF2_MODEL,
+    model_base_path=str(tmp_path / lib.TF2_MODEL),
+    rest_api_port=lib.REST_ANY_PORT,
+    rest_api_timeout_in_ms=600_000,
+  )
+  port = server.server.rest_port
+  clients = [socket.create_connection(("127.0.0.1", port), timeout=120) for _ in range(16)]
+  clients[0].sendall(_raw("POST", PREDICT, BODY))
+  assert _read_reply(clients[0], bytearray())[0] == 200
+  clients[1].sendall(_raw("POST", PREDICT, BODY)[:-1])
+  lib.wait_for(lambda: len(server.server._http._server._idle) == 16)  # pylint: disable=protected-access
+  started = time.monotonic()
+  server.stop()
+  assert time.monotonic() - started < 60  # Generous; the connections' timeout is 10 minutes.
+  for client in clients:
+    assert client.recv(1024) == b""  # Closed, without an answer.
+    client.close()
+
+
+def test_keep_alive_and_pipelining(patient):
+  port = patient.server.rest_port
+  connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+  try:
+    for _ in range(3):
+      connection.request("POST", PREDICT, body=BODY)
+      response = connection.getresponse()
+      assert (response.status, json.loads(response.read())) == (200, ANSWER)
+      assert response.version == 11 and not response.will_close
+    first_socket = connection.sock
+    connection.request("GET", f"/v1/models/{lib.TF2_MODEL}")
+    assert connection.getresponse().status == 200
+    assert connection.sock is first_socket  # One connection throughout.
+  finally:
+    connection.close()
+  with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    # Three requests in one write, the second chunked: answered in order.
+    chunked = (
+      f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+      + b"5\r\n"
+      + BODY[:5]
+      + f"\r\n{len(BODY) - 5:x}\r\n".encode()
+      + BODY[5:]
+      + b"\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    )
+    sock.sendall(_raw("POST", PREDICT, BODY) + chunked + _raw("GET", f"/v1/models/{lib.TF2_MODEL}"))
+    buf = bytearray()
+    assert [_read_reply(sock, buf)[0] for _ in range(3)] == [200, 200, 200]
+
+
+def test_byte_by_byte_and_expect_continue(patient):
+  port = patient.server.rest_port
+  with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    for byte in _raw("POST", PREDICT, BODY):
+      sock.send(bytes([byte]))
+    status, _, data = _read_reply(sock, bytearray())
+    assert (status, json.loads(data)) == (200, ANSWER)
+  with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    request = _raw("POST", PREDICT, BODY, headers="Expect: 100-continue\r\n")
+    head, _, body = request.partition(b"\r\n\r\n")
+    sock.sendall(head + b"\r\n\r\n")
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+      reply += sock.recv(1024)
+    assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    buf = bytearray(reply[len(b"HTTP/1.1 100 Continue\r\n\r\n") :])
+    sock.sendall(body)
+    status, _, data = _read_reply(sock, buf)
+    assert (status, json.loads(data)) == (200, ANSWER)
+
+
+def test_limits_answer_before_the_body(patient):
+  port = patient.server.rest_port
+  with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    # Over --rest_api_max_body_bytes (4096): 413 on the headers alone, and the connection closes.
+    sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{{".encode())
+    status, headers, data = _read_reply(sock, bytearray())
+    assert status == 413 and "--rest_api_max_body_bytes" in json.loads(data)["error"]
+    assert headers["connection"] == "close"
+  with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    sock.sendall(
+      f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2000\r\n".encode() + b" " * 5000
+    )
+    status, _, data = _read_reply(sock, bytearray())
+    assert status == 413
+  with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    sock.sendall(f"GET /v1/models/{lib.TF2_MODEL} HTTP/1.1\r\n".encode() + b"X-Filler: y\r\n" * 6000)
+    status, headers, _ = _read_reply(sock, bytearray())
+    assert status == 431 and headers["connection"] == "close"
+
+
+@pytest.mark.parametrize(
+  "request_bytes, expected_end",
+  [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /next", 27),
+    (b"GET / HTTP/1.1\nHost: x\n\n", 24),
+    (b"\r\nGET / HTTP/1.1\r\n\r\n", 2),  # An empty request line: the handler closes.
+    (b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcdef", 41),
+    (b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab", None),
+    (b"POST / HTTP/1.1\r\nContent-Length: 99\r\n\r\n", 39),  # Over the limit (10): 413.
+    (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\nabc", 38),  # Not a number: 400.
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET", 60),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n", None),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc", 51),  # Bad size: 400.
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n", 55),  # Bad chunk end.
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n", 50),  # 11 > 10 bytes: 413.
+  ],
+)
+def test_request_framing(request_bytes, expected_end):
+  whole = http_server._RequestFramer(max_body_bytes=10)  # pylint: disable=protected-access
+  assert whole.end(bytearray(request_bytes)) == expected_end
+  split = http_server._RequestFramer(max_body_bytes=10)  # pylint: disable=protected-access
+  ends = [split.end(bytearray(request_bytes[:n])) for n in range(1, len(request_bytes) + 1)]
+  assert ends[-1] == expected_end
+  assert all(end is None or end == expected_end for end in ends)  # Fed in pieces, the same end.
