@@ -18,7 +18,7 @@ def list_versions(base_path: str) -> dict[int, str]:
   """
   try:
     names = os.listdir(base_path)
-  except OSError as e:
+  except (OSError, ValueError) as e:  # ValueError: a path no file system can hold (a NUL byte).
     logging.log_every_n_seconds(logging.WARNING, "Cannot list base path %s: %s", 60, base_path, e)
     return {}
   versions = {}

@@ -50,6 +50,8 @@ def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
     seen.add(model.name)
     if not model.base_path:
       raise errors.invalid_argument(f"Model {model.name} has no base_path")
+    if "\0" in model.base_path:  # No file system path holds one: refuse it before anything changes.
+      raise errors.invalid_argument(f"Model {model.name} base_path {model.base_path!r} holds a NUL byte")
     if model.model_platform not in ("", _TENSORFLOW_PLATFORM):
       raise errors.invalid_argument(f"Model {model.name} requests unsupported platform {model.model_platform}")
     if model.model_type:
@@ -89,6 +91,7 @@ class ServerCore:
     self._managers: dict[str, model_manager.ModelManager] = {}
     self._labels: dict[str, dict[str, int]] = {}
     self._stop_polling = threading.Event()
+    self._poll_errors: dict[str, str] = {}  # Per model, the last poll's error (logged once).
     self._poll_thread: threading.Thread | None = None
     self._config = model_server_config_pb2.ModelServerConfig()
     self._router = router
@@ -235,8 +238,14 @@ class ServerCore:
     for manager in self.managers():
       try:
         manager.poll()
-      except Exception:  # A broken base path must not stop other models.
-        logging.exception("Polling model %s failed", manager.name)
+      except Exception as e:  # A broken base path must not stop other models, or later polls.
+        text = f"{type(e).__name__}: {e}"
+        if self._poll_errors.get(manager.name) != text:  # Once per distinct error, not every poll.
+          logging.exception("Polling model %s failed (logged again only when the error changes)", manager.name)
+        self._poll_errors[manager.name] = text
+      else:
+        if self._poll_errors.pop(manager.name, None) is not None:
+          logging.info("Polling model %s works again", manager.name)
 
   def start_polling(self, wait_seconds: float) -> None:
     """Polls the file system every `wait_seconds` (0: only at start-up)."""
@@ -245,7 +254,10 @@ class ServerCore:
 
     def run():
       while not self._stop_polling.wait(wait_seconds):
-        self.poll()
+        try:
+          self.poll()
+        except Exception:  # The thread must outlive any one poll.
+          logging.exception("Polling the models' base paths failed")
 
     self._poll_thread = threading.Thread(target=run, name="fs-poll", daemon=True)
     self._poll_thread.start()

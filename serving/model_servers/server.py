@@ -273,14 +273,24 @@ class Server:
     """Re-applies --model_config_file whenever it differs from the config
     in force (as TF Serving, the file wins over earlier reload RPCs)."""
     wait = self.options.model_config_file_poll_wait_seconds
+    last_error = None
     while not self._stop.wait(wait):
       try:
         config = self._model_server_config()
         if config != self.core.config:
           self.core.reload_config(config)
           logging.info("Reloaded model config from %s", self.options.model_config_file)
-      except errors.ServingError as e:
-        logging.error("Reloading %s failed: %s", self.options.model_config_file, e.message)
+        last_error = None
+      except Exception as e:  # Any failure: keep the config in force and keep polling.
+        error = e.message if isinstance(e, errors.ServingError) else f"{type(e).__name__}: {e}"
+        if error != last_error:  # A file that stays bad is logged once, not every poll.
+          logging.error(
+            "Reloading %s failed: %s",
+            self.options.model_config_file,
+            error,
+            exc_info=not isinstance(e, errors.ServingError),
+          )
+        last_error = error
 
   def request_stop(self) -> None:
     """Ends a start-up still waiting for models (signal-safe)."""

@@ -1,5 +1,6 @@
 """Version management: availability-preserving swaps, failures, reloads."""
 
+import logging
 import os
 import shutil
 import threading
@@ -379,3 +380,66 @@ def test_retained_memory_follows_the_flag_read_before_tensorflow(argv, retained)
   from serving.util import runtime  # pylint: disable=g-import-not-at-top
 
   assert runtime.retain_requested(argv) == retained
+
+
+def test_a_path_no_file_system_holds_lists_no_versions():
+  assert file_system_source.list_versions("/tmp/x\0y") == {}
+
+
+@pytest.mark.usefixtures("native")
+def test_a_bad_config_changes_nothing_and_polling_goes_on(tmp_path, caplog, monkeypatch):
+  """A base_path with a NUL byte: the reload RPC answers INVALID_ARGUMENT with the model untouched;
+  as a --model_config_file it is logged once and a later valid file is still applied. A poll of
+  the base paths that raises is logged once per distinct error, and polling goes on."""
+  a = str(tmp_path / "a")
+  lib.write_tf2_half_plus_two(os.path.join(a, "1"))
+  config_file = tmp_path / "models.config"
+  config_file.write_text(str(_config(("a", a, [], {}))))
+  server = lib.InProcessServer(
+    model_config_file=str(config_file), model_config_file_poll_wait_seconds=1, file_system_poll_wait_seconds=0.2
+  )
+  caplog.set_level(logging.INFO, logger="absl")
+  core = server.server.core
+  try:
+    bad = _config(("a", "/tmp/x\0y", [], {}))
+    with pytest.raises(grpc.RpcError) as info:
+      server.model.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=bad), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NUL byte" in info.value.details()
+    assert core.config.model_config_list.config[0].base_path == a
+    assert [m.config.base_path for m in core.managers()] == [a]
+    assert _predict(server.predict, "a").outputs["y"].float_val[0] == 3.0
+
+    def failures():
+      return [r for r in caplog.records if "Reloading" in r.getMessage() and "NUL byte" in r.getMessage()]
+
+    config_file.write_text(str(bad))
+    lib.wait_for(failures)
+    threading.Event().wait(2.5)  # At least one more poll of the same bad file.
+    assert len(failures()) == 1
+    b = str(tmp_path / "b")
+    lib.write_tf1_half_plus_two(os.path.join(b, "7"))
+    config_file.write_text(str(_config(("a", a, [], {}), ("b", b, [], {}))))
+
+    def b_available():
+      try:
+        return _states(server.model, "b")[7].state == State.AVAILABLE
+      except (grpc.RpcError, KeyError):  # Not configured, or not found on disk, yet.
+        return False
+
+    lib.wait_for(b_available)
+
+    def broken_listing(unused_base_path):
+      raise RuntimeError("listing broke")
+
+    def logged(text):
+      return [r for r in caplog.records if text in r.getMessage()]
+
+    with monkeypatch.context() as patch:
+      patch.setattr(file_system_source, "list_versions", broken_listing)
+      lib.wait_for(lambda: logged("Polling model a failed"))
+      threading.Event().wait(1)  # Several more polls, the same error.
+      assert len(logged("Polling model a failed")) == 1
+    lib.wait_for(lambda: logged("Polling model a works again"))
+    assert _predict(server.predict, "a").outputs["y"].float_val[0] == 3.0
+  finally:
+    server.stop()
