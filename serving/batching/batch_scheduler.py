@@ -19,6 +19,11 @@ from absl import logging
 
 from serving import errors
 
+# The longest a batch waits for more tasks: 10^15 us, about 31 years, "until full" in practice.
+# TF Serving accepts any int64 batch_timeout_micros, but a deadline that far off overflows a
+# nanosecond clock (the native scheduler's) and Python's longest wait (threading.TIMEOUT_MAX).
+MAX_BATCH_TIMEOUT_MICROS = 10**15
+
 
 @dataclasses.dataclass(frozen=True)
 class QueueOptions:
@@ -325,11 +330,20 @@ class SharedBatchScheduler:
           return best, best.pop_batch()
         if self.stopped:
           return None
-        self.cond.wait(None if next_wake is None else next_wake - now)
+        self.cond.wait(None if next_wake is None else min(next_wake - now, threading.TIMEOUT_MAX))
 
   def _work(self) -> None:
+    last_error = None
     while True:
-      item = self._next_batch()
+      try:
+        item = self._next_batch()
+      except Exception as e:  # A batch thread that died would leave its queues' tasks waiting forever.
+        if repr(e) != last_error:
+          logging.exception("Batch thread failed to take a batch; retrying")
+        last_error = repr(e)
+        time.sleep(0.1)
+        continue
+      last_error = None
       if item is None:
         return
       queue, batch = item

@@ -8,6 +8,7 @@ row), runs once, and slices every output back per call.
 
 import asyncio
 import bisect
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
@@ -240,6 +241,9 @@ def queue_options_from_proto(params, native: bool = False) -> batch_scheduler.Qu
     raise errors.invalid_argument("BatchingParameters: max_batch_size and max_enqueued_batches must be positive")
   if options.batch_timeout_micros < 0:
     raise errors.invalid_argument("BatchingParameters: batch_timeout_micros must be >= 0")
+  if options.batch_timeout_micros > batch_scheduler.MAX_BATCH_TIMEOUT_MICROS:
+    # As TF Serving, any int64 is accepted; beyond ~31 years it means "until the batch is full".
+    options = dataclasses.replace(options, batch_timeout_micros=batch_scheduler.MAX_BATCH_TIMEOUT_MICROS)
   sizes = options.allowed_batch_sizes
   if sizes:
     if list(sizes) != sorted(set(sizes)) or sizes[0] < 1:

@@ -250,3 +250,60 @@ def test_unbatchable_calls_are_not_scheduled(scheduler):
   session = batching_session.BatchingSession(_RecordingRunner(), scheduler, batch_scheduler.QueueOptions())
   assert session.schedule({"x:0": np.float32(1)}, ["y:0"]) is None
   assert session.schedule({"x:0": np.ones((1, 1)), "z:0": np.ones((2, 1))}, ["y:0"]) is None
+
+
+@pytest.mark.usefixtures("native")
+def test_the_largest_batch_timeout_waits_until_full(tmp_path):
+  """TF Serving accepts any int64 batch_timeout_micros. INT64_MAX overflowed Python's longest wait
+  (the batch threads died, and --native=off never finished starting) and the native scheduler's
+  nanosecond clock (its batches ran at once). Capped, a batch waits until it is full."""
+  params = protos.BatchingParameters()
+  params.batch_timeout_micros.value = 2**63 - 1
+  assert batching_session.queue_options_from_proto(params).batch_timeout_micros == (
+    batch_scheduler.MAX_BATCH_TIMEOUT_MICROS
+  )
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  config = tmp_path / "batching.config"
+  config.write_text(f"max_batch_size {{ value: 2 }} batch_timeout_micros {{ value: {2**63 - 1} }}")
+  server = lib.InProcessServer(
+    model_name="m", model_base_path=str(tmp_path / "m"), enable_batching=True, batching_parameters_file=str(config)
+  )
+  try:
+
+    def request(x):
+      r = predict_pb2.PredictRequest()
+      r.model_spec.name = "m"
+      r.inputs["x"].CopyFrom(tf.make_tensor_proto([x], dtype=tf.float32))
+      return r
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # Two rows fill a batch.
+      answers = list(pool.map(lambda x: server.predict.Predict(request(x), timeout=120), [1.0, 3.0]))
+    assert [a.outputs["y"].float_val[0] for a in answers] == [2.5, 3.5]
+    code, _ = lib.grpc_code(server.predict.Predict, request(1.0), timeout=1)  # Alone: never full.
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+  finally:
+    server.stop()
+
+
+def test_a_batch_thread_survives_a_failure_to_take_a_batch(scheduler, monkeypatch):
+  """Whatever `_next_batch` raises, the thread logs it and goes on: queued calls still run."""
+  failures = [RuntimeError("once")]
+  next_batch = batch_scheduler.SharedBatchScheduler._next_batch  # pylint: disable=protected-access
+
+  def failing_once(self):
+    if failures:
+      raise failures.pop()
+    return next_batch(self)
+
+  monkeypatch.setattr(batch_scheduler.SharedBatchScheduler, "_next_batch", failing_once)
+  scheduler.stop()  # The fixture's threads already wait in the real `_next_batch`.
+  fresh = batch_scheduler.SharedBatchScheduler(num_batch_threads=1)
+  try:
+    session = batching_session.BatchingSession(
+      _RecordingRunner(), fresh, batch_scheduler.QueueOptions(max_batch_size=1)
+    )
+    x = np.array([[1.0]], np.float32)
+    np.testing.assert_array_equal(session({"x:0": x}, ["y:0"])[0], x * 2)
+    assert not failures
+  finally:
+    fresh.stop()

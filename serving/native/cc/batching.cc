@@ -1,5 +1,6 @@
 #include "batching.h"
 
+#include <algorithm>
 #include <string>
 #include <utility>
 
@@ -66,7 +67,10 @@ std::optional<Clock::time_point> BatchQueue::ReadyAt() const {
   if (batches_.empty()) return std::nullopt;
   const Batch& head = batches_.front();
   if (head.closed) return head.created;
-  return head.created + std::chrono::microseconds(options_.batch_timeout_micros);
+  // At most 10^15 us (about 31 years, "until full"), as the Python side caps it: any int64 is
+  // accepted, but a larger one would overflow the clock's nanoseconds.
+  constexpr int64_t kMaxTimeoutMicros = 1000000000000000;
+  return head.created + std::chrono::microseconds(std::min(options_.batch_timeout_micros, kMaxTimeoutMicros));
 }
 
 BatchScheduler::BatchScheduler(int num_batch_threads) {
