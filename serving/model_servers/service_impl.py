@@ -57,6 +57,13 @@ def examples_batch_size(model_input: input_pb2.Input) -> int:
   return 0
 
 
+# A gRPC call cancelled or answered this close to its deadline counts as DEADLINE_EXCEEDED: the
+# client's deadline comes a little before the server's (set when the call's headers were read,
+# later than the client sent them), so its client had DEADLINE_EXCEEDED. As the native data plane
+# (call.h).
+DEADLINE_SLACK_SECONDS = 0.1
+
+
 class _SemaphoreAdmission:
   """--max_in_flight_requests within this process's Python front ends."""
 
@@ -202,12 +209,18 @@ class ServingApi:
     model_spec: model_pb2.ModelSpec,
     rows: int = 0,
     check: Callable[[Any], None] | None = None,
+    timeout_ms: int | None = None,
   ) -> Iterator[Any]:
     """Admits a request, holds its servable, converts and records failures.
 
     `check(bundle)` vets the request against its servable before it runs.
+    `timeout_ms`: the time left to the gRPC client's deadline when the call
+    began. A call still running at its deadline counts as DEADLINE_EXCEEDED,
+    which its client got from gRPC, whatever the run returns later.
     """
     start = time.monotonic()
+    # REST answers whatever the run returns: only a gRPC client gives up at its deadline.
+    deadline = start + timeout_ms / 1000 if timeout_ms is not None and entrypoint != "REST" else None
     status = "OK"
     try:
       self._check_batch_size(rows, model_spec)
@@ -221,10 +234,13 @@ class ServingApi:
         logging.exception("%s failed", api)
       status = error.code.name
       raise error from e
-    except asyncio.CancelledError:  # The client went away mid-request.
-      status = "CANCELLED"
+    except asyncio.CancelledError:  # The deadline passed, or the client went away.
+      near_deadline = deadline is not None and time.monotonic() + DEADLINE_SLACK_SECONDS >= deadline
+      status = "DEADLINE_EXCEEDED" if near_deadline else "CANCELLED"
       raise
     finally:
+      if deadline is not None and time.monotonic() + DEADLINE_SLACK_SECONDS >= deadline:
+        status = "DEADLINE_EXCEEDED"  # The client had its deadline's answer by then.
       model = model_spec.name if self.core.has_model(model_spec.name) else metrics_lib.UNKNOWN_MODEL
       self.metrics.record_request(model, api, entrypoint, status, time.monotonic() - start)
 
@@ -236,8 +252,9 @@ class ServingApi:
     run: Callable[..., R],
     rows: int = 0,
     check: Callable[[Any], None] | None = None,
+    timeout_ms: int | None = None,
   ) -> R:
-    with self._serving(api, entrypoint, model_spec, rows, check) as bundle:
+    with self._serving(api, entrypoint, model_spec, rows, check, timeout_ms) as bundle:
       return run(bundle)
 
   def _call_examples(
@@ -247,6 +264,7 @@ class ServingApi:
     model_spec: model_pb2.ModelSpec,
     model_input: input_pb2.Input,
     run: Callable[..., R],
+    timeout_ms: int | None = None,
   ) -> R:
     """`_call` for Classify, Regress and MultiInference: their examples'
     count and expansion are checked before `run(bundle)`."""
@@ -257,6 +275,7 @@ class ServingApi:
       run,
       examples_batch_size(model_input),
       lambda b: self._check_examples(b, model_spec.signature_name, model_input),
+      timeout_ms,
     )
 
   def predict(
@@ -270,6 +289,7 @@ class ServingApi:
       lambda b: predict_util.run_predict(b, request, timeout_ms, self._method_name_check, self._as_tensor_content),
       self._predict_rows(request),
       lambda b: self._check_predict(b, request),
+      timeout_ms,
     )
 
   def predict_built(
@@ -311,7 +331,12 @@ class ServingApi:
     """
     loop = asyncio.get_running_loop()
     with self._serving(
-      "predict", entrypoint, request.model_spec, self._predict_rows(request), lambda b: self._check_predict(b, request)
+      "predict",
+      entrypoint,
+      request.model_spec,
+      self._predict_rows(request),
+      lambda b: self._check_predict(b, request),
+      timeout_ms,
     ) as bundle:
       prepared = predict_util.prepare_predict(bundle, request, self._method_name_check)
       try:
@@ -340,6 +365,7 @@ class ServingApi:
       request.model_spec,
       request.input,
       lambda b: api.run(b, request, timeout_ms, self._method_name_check),
+      timeout_ms,
     )
 
   # `classify(request, timeout_ms=None, entrypoint="GRPC")`, a ClassificationRequest to its response.
@@ -358,6 +384,7 @@ class ServingApi:
       request.tasks[0].model_spec,
       request.input,
       lambda b: multi_inference.run_multi_inference(b, request, timeout_ms, self._method_name_check),
+      timeout_ms,
     )
 
   def get_model_metadata(

@@ -307,3 +307,36 @@ def test_a_batch_thread_survives_a_failure_to_take_a_batch(scheduler, monkeypatc
     assert not failures
   finally:
     fresh.stop()
+
+
+def _request_counts(server, model: str) -> dict[str, float]:
+  text = server.server.metrics.exposition().decode()
+  pattern = rf':tensorflow:serving:request_count_total\{{model_name="{model}",status="(\w+)"\}} (\S+)'
+  return {status: float(count) for status, count in re.findall(pattern, text)}
+
+
+@pytest.mark.usefixtures("native")
+def test_request_count_says_how_each_call_ended(tmp_path):
+  """As TF Serving: a call whose deadline passes counts as DEADLINE_EXCEEDED (not OK from a run
+  that went on, nor CANCELLED), a call its client cancels as CANCELLED, each once. The batches
+  wait an hour unless full, so the one-row calls never run."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  config = tmp_path / "batching.config"
+  config.write_text("max_batch_size { value: 64 } batch_timeout_micros { value: 3600000000 }")
+  server = lib.InProcessServer(
+    model_name="m", model_base_path=str(tmp_path / "m"), enable_batching=True, batching_parameters_file=str(config)
+  )
+  try:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0], dtype=tf.float32))
+    for _ in range(3):
+      code, _ = lib.grpc_code(server.predict.Predict, request, timeout=0.5)
+      assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    lib.wait_for(lambda: _request_counts(server, "m") == {"DEADLINE_EXCEEDED": 3})
+    call = server.predict.Predict.future(request, timeout=600)
+    threading.Event().wait(2)  # Generous: the call reaches its batch queue first.
+    call.cancel()
+    lib.wait_for(lambda: _request_counts(server, "m") == {"DEADLINE_EXCEEDED": 3, "CANCELLED": 1})
+  finally:
+    server.stop()

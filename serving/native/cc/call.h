@@ -42,7 +42,28 @@ class Server::Call {
     bool answered = false;           // Finish has been called (or the call is gone).
     TaskPtr task;                    // Its queued batch task, if any.
     std::function<void()> release;   // Returns what the request holds (servable, admission).
+    // Counts the call in request_count, once: set when the fast path takes the call (Python counts
+    // the calls it answers), run by its answer or by its cancellation, whichever comes first.
+    std::function<void(const std::string& code)> record;
+    // The client's deadline (system_clock::time_point::max() for none).
+    std::chrono::system_clock::time_point deadline = std::chrono::system_clock::time_point::max();
     Counted<Live::kCall> counted;
+
+    // Runs `record` once, whoever calls first.
+    void Record(const std::string& code) {
+      std::function<void(const std::string&)> run;
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        run.swap(record);
+      }
+      if (run) run(code);
+    }
+
+    // Whether the deadline is less than `slack` away (or past).
+    bool PastDeadline(std::chrono::milliseconds slack = std::chrono::milliseconds(0)) const {
+      return deadline != std::chrono::system_clock::time_point::max() &&
+             std::chrono::system_clock::now() + slack >= deadline;
+    }
 
     // Runs `release` once, whoever calls first (the answer or a cancellation).
     void Release() {
@@ -113,6 +134,11 @@ class Server::Call {
     call->stream_.WriteAndFinish(call->response_, grpc::WriteOptions(), grpc::Status::OK, &call->finished_tag_);
   }
 
+  // A cancellation or an answer this close to the deadline counts as the deadline's: the client's
+  // deadline comes a little before the server's (set when the call's headers were read, later than
+  // the client sent them), so the client has DEADLINE_EXCEEDED by then.
+  static constexpr std::chrono::milliseconds kDeadlineSlack{100};
+
   // Milliseconds until the client's deadline (the session-run timeout), or -1 for none.
   int64_t TimeoutMs() const {
     const auto deadline = context_.deadline();
@@ -143,6 +169,7 @@ class Server::Call {
         // From here on it is a live call (the object that waited for it was not one).
         state_ = std::make_shared<State>();
         state_->call = this;
+        state_->deadline = context_.deadline();
         {
           std::lock_guard<std::mutex> lock(state_->mutex);
           out_ += 2;  // The read below, and done.
@@ -174,6 +201,8 @@ class Server::Call {
       std::lock_guard<std::mutex> lock(state_->mutex);
       if (state_->task) state_->task->abandoned = true;
     }
+    // Counted as the client saw it, as TF Serving counts the run its deadline cut short.
+    state_->Record(state_->PastDeadline(kDeadlineSlack) ? "DEADLINE_EXCEEDED" : "CANCELLED");
     Answer(state_, grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"), "");
     state_->Release();
   }

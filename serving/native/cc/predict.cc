@@ -43,14 +43,25 @@ std::string WithContext(const std::string& message, const std::string& context) 
   return message + " [" + context + "]";
 }
 
-// Answers a Predict the fast path took: returns what it held, counts it, adds the servable and
-// signature to an error as the Python path does.
-void Respond(const std::shared_ptr<Server::Call::State>& state, Clock::time_point started, Metrics* metrics,
-             const std::string& model, const std::string& signature, const std::shared_ptr<Servable>& servable,
-             const Status& status, const std::string& response) {
+// The fast path takes the call: from here on it counts it, once (Respond, or a cancellation).
+void Take(const std::shared_ptr<Server::Call::State>& state, Clock::time_point started, Metrics* metrics,
+          const std::string& model) {
+  if (!metrics) return;
+  std::lock_guard<std::mutex> lock(state->mutex);
+  state->record = [metrics, model, started](const std::string& code) {
+    const double latency_us = std::chrono::duration<double, std::micro>(Clock::now() - started).count();
+    metrics->RecordRequest(model, "predict", "GRPC", code, latency_us);
+  };
+}
+
+// Answers a Predict the fast path took: returns what it held, counts it (unless its cancellation
+// did), adds the servable and signature to an error as the Python path does.
+void Respond(const std::shared_ptr<Server::Call::State>& state, const std::string& signature,
+             const std::shared_ptr<Servable>& servable, const Status& status, const std::string& response) {
   state->Release();
-  const double latency_us = std::chrono::duration<double, std::micro>(Clock::now() - started).count();
-  if (metrics) metrics->RecordRequest(model, "predict", "GRPC", CodeName(status.code), latency_us);
+  // Past its deadline (give or take the slack between the client's deadline and the server's) the
+  // client has DEADLINE_EXCEEDED, whatever the run returned.
+  state->Record(state->PastDeadline(Server::Call::kDeadlineSlack) ? "DEADLINE_EXCEEDED" : CodeName(status.code));
   if (!status.ok()) {
     const std::string message = servable ? WithContext(status.message, servable->Context(signature)) : status.message;
     Server::Call::Answer(state, grpc::Status(static_cast<grpc::StatusCode>(status.code), message), "");
@@ -104,7 +115,8 @@ bool Server::TryPredict(Call* call) {
     const Status status(kResourceExhausted, "Too many requests in flight: the limit is " +
                                                 std::to_string(admission_->limit()) +
                                                 " (--max_in_flight_requests); retry later");
-    Respond(call->state(), call->started(), metrics_.get(), spec.name(), "", nullptr, status, "");
+    Take(call->state(), call->started(), metrics_.get(), spec.name());
+    Respond(call->state(), "", nullptr, status, "");
     return true;
   }
   auto decline = [this]() {
@@ -170,6 +182,7 @@ bool Server::TryPredict(Call* call) {
   // From here on the fast path answers, whatever happens.
   const int64_t timeout_ms = call->TimeoutMs();
   const std::shared_ptr<Call::State>& state = call->state();
+  Take(state, call->started(), metrics_.get(), servable->model());
   {
     std::lock_guard<std::mutex> lock(state->mutex);
     state->release = [servable, admission = admission_] {
@@ -177,12 +190,12 @@ bool Server::TryPredict(Call* call) {
       if (admission) admission->Release();
     };
   }
-  auto done = [this, state, started = call->started(), request, servable, signature_name,
+  auto done = [this, state, request, servable, signature_name,
                aliases = std::move(aliases),
                dtypes = std::move(dtypes)](const Status& status, std::vector<TensorSlice> outputs) {
     // `request` is captured: string inputs are views of its memory until the run is over.
     if (!status.ok()) {
-      Respond(state, started, metrics_.get(), servable->model(), signature_name, servable, status, "");
+      Respond(state, signature_name, servable, status, "");
       return;
     }
     tensorflow::serving::PredictResponse response;
@@ -194,7 +207,7 @@ bool Server::TryPredict(Call* call) {
     for (size_t i = 0; i < aliases.size(); ++i) {
       Encode(outputs[i], dtypes[i], options_.as_tensor_content, &response_outputs[aliases[i]]);
     }
-    Respond(state, started, metrics_.get(), servable->model(), signature_name, servable, status, response.SerializeAsString());
+    Respond(state, signature_name, servable, status, response.SerializeAsString());
   };
   // A call that is not batched runs on this thread once the event is handled, after another thread
   // takes over the queue (queue_workers.h), unless cancelled by then (OnCancel returned its holds).
