@@ -57,10 +57,9 @@ def examples_batch_size(model_input: input_pb2.Input) -> int:
   return 0
 
 
-# A gRPC call cancelled or answered this close to its deadline counts as DEADLINE_EXCEEDED: the
-# client's deadline comes a little before the server's (set when the call's headers were read,
-# later than the client sent them), so its client had DEADLINE_EXCEEDED. As the native data plane
-# (call.h).
+# A gRPC call cancelled this close to its deadline counts as DEADLINE_EXCEEDED: the client cancels
+# at its own deadline, which comes a little before the server's (set when the call's headers were
+# read, later than the client sent them). As the native data plane (call.h).
 DEADLINE_SLACK_SECONDS = 0.1
 
 
@@ -239,8 +238,10 @@ class ServingApi:
       status = "DEADLINE_EXCEEDED" if near_deadline else "CANCELLED"
       raise
     finally:
-      if deadline is not None and time.monotonic() + DEADLINE_SLACK_SECONDS >= deadline:
-        status = "DEADLINE_EXCEEDED"  # The client had its deadline's answer by then.
+      if deadline is not None and time.monotonic() >= deadline:
+        # The client had its deadline's answer by then. No slack here, unlike a cancellation: an
+        # answer just before the deadline may well have reached the client.
+        status = "DEADLINE_EXCEEDED"
       model = model_spec.name if self.core.has_model(model_spec.name) else metrics_lib.UNKNOWN_MODEL
       self.metrics.record_request(model, api, entrypoint, status, time.monotonic() - start)
 

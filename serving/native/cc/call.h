@@ -134,9 +134,9 @@ class Server::Call {
     call->stream_.WriteAndFinish(call->response_, grpc::WriteOptions(), grpc::Status::OK, &call->finished_tag_);
   }
 
-  // A cancellation or an answer this close to the deadline counts as the deadline's: the client's
-  // deadline comes a little before the server's (set when the call's headers were read, later than
-  // the client sent them), so the client has DEADLINE_EXCEEDED by then.
+  // A cancellation this close to the deadline is the deadline's: the client cancels at its own
+  // deadline, which comes a little before the server's (set when the call's headers were read,
+  // later than the client sent them).
   static constexpr std::chrono::milliseconds kDeadlineSlack{100};
 
   // Milliseconds until the client's deadline (the session-run timeout), or -1 for none.

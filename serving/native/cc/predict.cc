@@ -59,9 +59,9 @@ void Take(const std::shared_ptr<Server::Call::State>& state, Clock::time_point s
 void Respond(const std::shared_ptr<Server::Call::State>& state, const std::string& signature,
              const std::shared_ptr<Servable>& servable, const Status& status, const std::string& response) {
   state->Release();
-  // Past its deadline (give or take the slack between the client's deadline and the server's) the
-  // client has DEADLINE_EXCEEDED, whatever the run returned.
-  state->Record(state->PastDeadline(Server::Call::kDeadlineSlack) ? "DEADLINE_EXCEEDED" : CodeName(status.code));
+  // Past its deadline the client has DEADLINE_EXCEEDED, whatever the run returned. (No slack here,
+  // unlike a cancellation: an answer just before the deadline may well have reached the client.)
+  state->Record(state->PastDeadline() ? "DEADLINE_EXCEEDED" : CodeName(status.code));
   if (!status.ok()) {
     const std::string message = servable ? WithContext(status.message, servable->Context(signature)) : status.message;
     Server::Call::Answer(state, grpc::Status(static_cast<grpc::StatusCode>(status.code), message), "");
