@@ -15,7 +15,6 @@ A file is parsed and checked completely before anything is applied, so a bad fil
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -156,8 +155,9 @@ def parse_lines(lines: Iterable[str], name: str = "<delta>") -> CatalogDelta:
   for line_number, line in enumerate(lines, 1):
     if not line.strip():
       continue
+    record = logs.parse_json_object(line, f"{name}:{line_number}")  # Refused as an items.jsonl line is.
     try:
-      kind, ad_id, payload = _parse_record(json.loads(line))
+      kind, ad_id, payload = _parse_record(record)
       if kind == "upsert":
         delta.add_upsert(ad_id, payload)
       elif kind == "status":
@@ -165,7 +165,7 @@ def parse_lines(lines: Iterable[str], name: str = "<delta>") -> CatalogDelta:
         delta.origins[ad_id] = f"{name}:{line_number}"
       else:
         delta.add_removal(ad_id)
-    except (json.JSONDecodeError, ValueError) as e:
+    except ValueError as e:
       raise ValueError(f"{name}:{line_number}: {e}") from None
   return delta
 

@@ -69,25 +69,30 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
   for line_number, line in text_lines(path):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except RecursionError:
-      raise ValueError(f"{path}:{line_number}: not valid JSON: nested too deeply") from None
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{line_number}: not valid JSON: {e}") from None
-    except ValueError as e:  # An integer of more digits than Python converts; the rest of the text is a hint.
-      raise ValueError(f"{path}:{line_number}: not valid JSON: {str(e).split(':')[0]}") from None
-    if not isinstance(record, dict):
-      raise ValueError(f"{path}:{line_number}: expected a JSON object")
-    if _SURROGATE_ESCAPE.search(line):
-      field = _field_not_utf8(record)
-      if field is not None:
-        raise ValueError(
-          f"{path}:{line_number}: {field!r} holds a lone surrogate escape (\\ud800-\\udfff): not UTF-8 text"
-        )
-    yield line_number, record
+    if line.strip():
+      yield line_number, parse_json_object(line, f"{path}:{line_number}")
+
+
+def parse_json_object(line: str, where: str) -> dict[str, Any]:
+  """One JSON Lines line as an object whose strings are all UTF-8 text; errors start with `where`.
+
+  (Catalog deltas are read with it too, under the same rules.)
+  """
+  try:
+    record = json.loads(line)
+  except RecursionError:
+    raise ValueError(f"{where}: not valid JSON: nested too deeply") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: not valid JSON: {e}") from None
+  except ValueError as e:  # An integer of more digits than Python converts; the rest of the text is a hint.
+    raise ValueError(f"{where}: not valid JSON: {str(e).split(':')[0]}") from None
+  if not isinstance(record, dict):
+    raise ValueError(f"{where}: expected a JSON object")
+  if _SURROGATE_ESCAPE.search(line):
+    field = _field_not_utf8(record)
+    if field is not None:
+      raise ValueError(f"{where}: {field!r} holds a lone surrogate escape (\\ud800-\\udfff): not UTF-8 text")
+  return record
 
 
 def _field_not_utf8(record: dict[str, Any]) -> str | None:

@@ -74,6 +74,10 @@ def test_delta_lines_later_lines_win_and_errors_name_the_line():
     ('{"ad_id": "a", "price": 3}', "unknown fields"),
     ('{"ad_id": "a"}', "features"),
     ('{"ad_id": "a", "tokens": "x y"}', "tokens"),
+    # As items.jsonl refuses them (they failed later, or as a traceback).
+    ('{"ad_id": "\\ud800", "status": "paused"}', "lone surrogate"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"ad_id": "a", "bid": ' + "9" * 5000 + "}", "not valid JSON"),
   ]:
     with pytest.raises(ValueError, match=rf"delta.jsonl:2: .*({message})"):
       refresh_delta.parse_lines(['{"ad_id": "ok", "status": "paused"}', line], "delta.jsonl")
