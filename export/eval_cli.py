@@ -13,12 +13,10 @@ the merged list and of its SSD and DPP re-rankings, through the version's own si
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 from absl import app, flags, logging
 
-from export import channel_exporter, served_evaluation, version_report
+from export import channel_exporter, report_file, served_evaluation, version_report
 from models import evaluation
 from models import train as train_lib
 from models.data import sources
@@ -69,36 +67,12 @@ def parse_ks(values: list[str]) -> tuple[int, ...]:
   return ks
 
 
-def check_report_file(path: str) -> None:
-  """Raises, naming --report_file, unless a report can be written at `path`: checked before evaluating."""
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"--report_file={path}: the directory {directory} does not exist")
-  if os.path.isdir(path):
-    raise ValueError(f"--report_file={path} is a directory; name a file")
-  if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-    raise PermissionError(f"--report_file={path}: not writable")
-
-
-def publish(text: str, report_file: str) -> None:
-  """Prints the report, then writes it to `report_file` (if any) whole: a temporary file renamed.
-
-  Printed first, so that a write failing after the whole evaluation still leaves the report.
-  """
-  print(text)
-  sys.stdout.flush()
-  if report_file:
-    with open(report_file + ".tmp", "w") as f:
-      f.write(text + "\n")
-    os.replace(report_file + ".tmp", report_file)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   ks = parse_ks(FLAGS.ks)  # Before the run is restored: a usage error should not wait for it.
   if FLAGS.report_file:
-    check_report_file(FLAGS.report_file)  # Nor a report that could not be written.
+    report_file.check(FLAGS.report_file)  # Nor a report that could not be written.
   if FLAGS.model_path:
     if FLAGS.exclude_history:
       raise app.UsageError("--exclude_history judges a training run; a version serves its own (fgr-export's flag)")
@@ -135,7 +109,7 @@ def main(argv: list[str]) -> None:
       ),
     }
   logging.info("Evaluation report: %s", report)
-  publish(json.dumps(report, indent=2), FLAGS.report_file)
+  report_file.publish(json.dumps(report, indent=2), FLAGS.report_file)
 
 
 def run() -> None:

@@ -1,4 +1,7 @@
-"""fgr-eval's flags: a bad cut-off or --model_path is refused in one line, before any run is read."""
+"""fgr-eval's flags: a bad cut-off, --model_path or --report_file is refused in one line, before any run is read.
+
+(Run as subprocesses: importing eval_cli would define its required flags in this process's FLAGS.)
+"""
 
 import os
 import subprocess
@@ -6,7 +9,7 @@ import sys
 
 import pytest
 
-from export import eval_cli, version_report
+from export import report_file, version_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,13 +71,13 @@ def test_a_report_file_in_a_missing_directory_is_refused_before_the_run_is_read(
   assert result.returncode == 1, result.stderr[-3000:]
   assert f"--report_file={report}: the directory {tmp_path / 'reports'} does not exist" in result.stderr
   with pytest.raises(ValueError, match="is a directory"):
-    eval_cli.check_report_file(str(tmp_path))
-  eval_cli.check_report_file(str(tmp_path / "eval.json"))
+    report_file.check(str(tmp_path))
+  report_file.check(str(tmp_path / "eval.json"))
 
 
 def test_the_report_is_printed_before_it_is_written_and_written_whole(tmp_path, capsys):
-  eval_cli.publish('{"recall": 1}', str(tmp_path / "eval.json"))
+  report_file.publish('{"recall": 1}', str(tmp_path / "eval.json"))
   assert (tmp_path / "eval.json").read_text() == '{"recall": 1}\n' and os.listdir(tmp_path) == ["eval.json"]
   with pytest.raises(FileNotFoundError):
-    eval_cli.publish('{"recall": 2}', str(tmp_path / "gone" / "eval.json"))  # The directory went away since.
+    report_file.publish('{"recall": 2}', str(tmp_path / "gone" / "eval.json"))  # The directory went away since.
   assert capsys.readouterr().out == '{"recall": 1}\n{"recall": 2}\n'

@@ -1,0 +1,34 @@
+"""Where an offline tool's JSON report goes: stdout, and a file checked before the work starts.
+
+fgr-eval evaluates for minutes; a --report_file that cannot be written should stop it first, and a
+write that fails anyway must not lose the report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def check(path: str) -> None:
+  """Raises, naming --report_file, unless a report can be written at `path`: checked before evaluating."""
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"--report_file={path}: the directory {directory} does not exist")
+  if os.path.isdir(path):
+    raise ValueError(f"--report_file={path} is a directory; name a file")
+  if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise PermissionError(f"--report_file={path}: not writable")
+
+
+def publish(text: str, report_file: str) -> None:
+  """Prints the report, then writes it to `report_file` (if any) whole: a temporary file renamed.
+
+  Printed first, so that a write failing after the whole evaluation still leaves the report.
+  """
+  print(text)
+  sys.stdout.flush()
+  if report_file:
+    with open(report_file + ".tmp", "w") as f:
+      f.write(text + "\n")
+    os.replace(report_file + ".tmp", report_file)
