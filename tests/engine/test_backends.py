@@ -92,15 +92,16 @@ def test_partitioned_recall_and_probes(medium_catalog, medium_tuning_queries):
   assert _recall(index, items, queries, 20, probes=tf.constant(1)) < 0.93
 
 
-@pytest.mark.parametrize(
-  "backend,options",
-  [
-    ("brute_force", {}),
-    ("int8", {}),
-    ("binary", {"learned": False, "rerank_candidates": 200}),
-    ("partitioned", {"probes": 4}),
-  ],
-)
+# The in-graph backends, each with options that keep its build small.
+_STOCK_BACKENDS = [
+  ("brute_force", {}),
+  ("int8", {}),
+  ("binary", {"learned": False, "rerank_candidates": 200}),
+  ("partitioned", {"probes": 4}),
+]
+
+
+@pytest.mark.parametrize("backend,options", _STOCK_BACKENDS)
 def test_eligibility(medium_catalog, backend, options):
   items, queries = medium_catalog
   eligible = np.random.default_rng(0).random(items.shape[0]) > 0.7  # 70% paused.
@@ -116,16 +117,7 @@ def test_eligibility(medium_catalog, backend, options):
   assert np.all(result.indices.numpy()[:, 3:] == -1) and np.all(np.isneginf(result.scores.numpy()[:, 3:]))
 
 
-@pytest.mark.parametrize(
-  "backend,options",
-  [
-    ("brute_force", {}),
-    ("int8", {}),
-    ("binary", {"learned": False, "rerank_candidates": 200}),
-    ("partitioned", {"probes": 4}),
-    ("scann", {}),
-  ],
-)
+@pytest.mark.parametrize("backend,options", [*_STOCK_BACKENDS, ("scann", {})])
 def test_an_empty_batch_gets_an_empty_answer(small_catalog, backend, options):
   # A signature takes [None, d] queries; a request with no rows is valid and answers [0, k].
   items, _ = small_catalog

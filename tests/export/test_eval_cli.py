@@ -14,20 +14,24 @@ from export import report_file, version_report
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize(
-  "ks, message",
-  [("0", "--ks must all be at least 1"), ("10,-5", "--ks must all be at least 1"), ("ten", "--ks must be whole")],
-)
-def test_a_cut_off_below_one_is_a_usage_error(tmp_path, ks, message):
-  # No run is there: the flag must be refused before fgr-eval looks for one.
-  result = subprocess.run(
-    [sys.executable, "-m", "export.eval_cli", f"--output_dir={tmp_path}", f"--ks={ks}"],
+def _fgr_eval(*flags: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "export.eval_cli", *flags],
     cwd=REPO_ROOT,
     env={**os.environ, "PYTHONPATH": REPO_ROOT},
     capture_output=True,
     text=True,
     check=False,
   )
+
+
+@pytest.mark.parametrize(
+  "ks, message",
+  [("0", "--ks must all be at least 1"), ("10,-5", "--ks must all be at least 1"), ("ten", "--ks must be whole")],
+)
+def test_a_cut_off_below_one_is_a_usage_error(tmp_path, ks, message):
+  # No run is there: the flag must be refused before fgr-eval looks for one.
+  result = _fgr_eval(f"--output_dir={tmp_path}", f"--ks={ks}")
   assert result.returncode == 1 and message in result.stderr
   assert result.stdout == ""
 
@@ -35,14 +39,7 @@ def test_a_cut_off_below_one_is_a_usage_error(tmp_path, ks, message):
 def test_a_base_path_given_as_model_path_is_refused_naming_a_version_to_pass(tmp_path):
   for version in ("3", "12"):
     os.makedirs(tmp_path / version)
-  result = subprocess.run(
-    [sys.executable, "-m", "export.eval_cli", f"--model_path={tmp_path}"],
-    cwd=REPO_ROOT,
-    env={**os.environ, "PYTHONPATH": REPO_ROOT},
-    capture_output=True,
-    text=True,
-    check=False,
-  )
+  result = _fgr_eval(f"--model_path={tmp_path}")
   assert result.returncode == 1 and "fgr-refresh needs" not in result.stderr
   assert (
     f"{tmp_path}/assets.extra/" in result.stderr
@@ -60,14 +57,7 @@ def test_a_directory_without_versions_is_refused_without_a_hint(tmp_path):
 def test_a_report_file_in_a_missing_directory_is_refused_before_the_run_is_read(tmp_path):
   # No run is there either: the evaluation used to run whole, then fail writing, printing nothing.
   report = tmp_path / "reports" / "eval.json"
-  result = subprocess.run(
-    [sys.executable, "-m", "export.eval_cli", f"--output_dir={tmp_path}", f"--report_file={report}"],
-    cwd=REPO_ROOT,
-    env={**os.environ, "PYTHONPATH": REPO_ROOT},
-    capture_output=True,
-    text=True,
-    check=False,
-  )
+  result = _fgr_eval(f"--output_dir={tmp_path}", f"--report_file={report}")
   assert result.returncode == 1, result.stderr[-3000:]
   assert f"--report_file={report}: the directory {tmp_path / 'reports'} does not exist" in result.stderr
   with pytest.raises(ValueError, match="is a directory"):
