@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -197,6 +198,30 @@ def check_training_fields(source: sources.Source, towers: dict[str, config_lib.T
       raise ValueError(f"{whose} needs the example fields {missing}, which this data lacks")
 
 
+class _StopOnDivergence(tf.keras.callbacks.Callback):
+  """Fails training at the first step whose loss is not finite.
+
+  Raised from the step, before the epoch ends, so no checkpoint of NaN weights is written and the
+  run's record still names its last good one. (Keras's TerminateOnNaN only stops at the epoch's end,
+  after ModelCheckpoint has saved it, and fgr-train then printed "final_loss": NaN, which is not JSON.)
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._epoch = 0
+
+  def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+    loss = (logs or {}).get("loss")
+    if loss is not None and not math.isfinite(float(loss)):
+      raise ValueError(
+        f"training diverged: the loss is {float(loss)} at step {batch + 1} of epoch {self._epoch + 1}; "
+        "lower --learning_rate or raise --temperature, and train into a new --output_dir"
+      )
+
+
 class _RunProgress(tf.keras.callbacks.Callback):
   """Records the run in config.json at each epoch's end, once that epoch's checkpoint is written.
 
@@ -377,6 +402,7 @@ def train(
   if chief:
     callbacks.append(progress_log)  # After ModelCheckpoint: config.json is written beside a checkpoint.
   callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=os.path.join(output_dir, "logs")))
+  callbacks.insert(0, _StopOnDivergence())  # First: before any callback records the step.
   resume = None
   if multi_worker:
     backup_callbacks, resume = distribute.fault_tolerance(output_dir, backup_every_steps)

@@ -278,3 +278,15 @@ def test_a_catalog_smaller_than_a_reported_k_is_recalled_whole(tmp_path):
   test = report["test"]
   assert test["top_10"] == test["top_50"] == test["top_100"] == 1.0
   assert 0.0 <= test["top_1"] <= 1.0
+
+
+def test_a_diverging_run_fails_at_the_step_and_leaves_no_nan_checkpoint(tmp_path):
+  # A temperature this small overflows the logits: the first step's loss is not finite.
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"))
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  with pytest.raises(ValueError, match=r"training diverged: the loss is (nan|inf) at step 1 of epoch 1"):
+    train_lib.train(data, dataclasses.replace(TINY_TOWER, temperature=1e-38), TRAINING, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / config_lib.CONFIG_FILE)
+  assert not os.path.exists(tmp_path / "run" / train_lib.CHECKPOINT_DIR) or not os.listdir(
+    tmp_path / "run" / train_lib.CHECKPOINT_DIR
+  )
