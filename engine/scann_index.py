@@ -312,7 +312,8 @@ def build_scann(
       training_sample_size=settings.training_sample_size,
       spherical=settings.partitioning == "spherical",
       # k-means++ seeding instead of random centers: the same catalog builds the same tree, so
-      # exporting a checkpoint twice serves the same answers (recall alike, build ~10-30% longer).
+      # exporting a checkpoint twice serves the same answers (recall alike, a longer build:
+      # docs/performance.md).
       random_init=False,
     )
   if settings.scoring == "ah":
