@@ -241,7 +241,7 @@ def _is_complete(path: str, records_per_shard: int) -> bool:
   if not tf.io.gfile.exists(path):
     return False
   try:
-    count = int(tf.data.TFRecordDataset(path, compression_type="GZIP").reduce(np.int64(0), lambda n, _: n + 1))
+    count = tfrecord.count_records(path)
   except tf.errors.DataLossError as e:
     logging.warning("Rewriting %s: it does not read back (%s)", path, str(e).splitlines()[0])
     return False

@@ -210,9 +210,7 @@ class TFRecordSource:
     for shard in shards:
       path = os.path.join(self.data_dir, shard["path"])
       try:
-        count = int(
-          tf.data.TFRecordDataset(path, compression_type=_COMPRESSION).reduce(np.int64(0), lambda n, _: n + 1)
-        )
+        count = count_records(path)
       except tf.errors.DataLossError as e:
         return _damaged_shard(path, f"it does not decode: {tf_error_reason(e)}")
       if count != int(shard["count"]):
@@ -232,6 +230,11 @@ class TFRecordSource:
         raise FileNotFoundError(f"{path} is missing, though {MANIFEST} lists it: run fgr-prepare again to rewrite it")
       if size != int(shard["bytes"]):
         raise _damaged_shard(path, f"it is {size} bytes, {MANIFEST} says {shard['bytes']} (truncated or replaced)")
+
+
+def count_records(path: str) -> int:
+  """The records a shard reads back (raises DataLossError where it does not decode)."""
+  return int(tf.data.TFRecordDataset(path, compression_type=_COMPRESSION).reduce(np.int64(0), lambda n, _: n + 1))
 
 
 def tf_error_reason(error: BaseException) -> str:
