@@ -101,10 +101,7 @@ def _prepared_input(
   if training.mixed_negatives and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     raise ValueError("--mixed_negatives draws from a Python generator, which workers cannot shard; use 0")
   check_batches(source.num_examples("train"), training.batch_size, source.data_dir)
-  steps = source.num_examples("train") // training.batch_size
-  missing = [name for name in fields if name not in source.layout("train").columns]
-  if missing:
-    raise ValueError(f"the objective needs the example fields {missing}, which {source.data_dir} lacks")
+  steps = source.num_examples("train") // training.batch_size  # The fields were checked: check_training_fields.
   dataset = source.training_dataset(training.batch_size, training.shuffle_buffer, training.seed, fields)
   return distribute.shard_by_files(dataset, len(source.files("train")), distribute.num_workers(strategy)), steps
 
@@ -195,7 +192,9 @@ def check_training_fields(source: sources.Source, towers: dict[str, config_lib.T
     missing = [field for field in retrieval.training_fields(tower) if field not in fields]
     if missing:
       whose = f"channel {name!r} (objective {tower.objective!r})" if name else f"objective {tower.objective!r}"
-      raise ValueError(f"{whose} needs the example fields {missing}, which this data lacks")
+      raise ValueError(
+        f"{whose} needs the example fields {missing}, which {getattr(source, 'data_dir', None) or 'this data'} lacks"
+      )
 
 
 class _StopOnDivergence(tf.keras.callbacks.Callback):
