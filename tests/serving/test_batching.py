@@ -127,21 +127,27 @@ def test_batching_parameters_validation():
   assert batching_session.queue_options_from_proto(params, native=True).pad_variable_length_inputs
 
 
+def _batching_server(tmp_path, batching_parameters: str) -> lib.InProcessServer:
+  """fgr-serve batching model "m" (half_plus_two) with the text BatchingParameters given."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  config = tmp_path / "batching.config"
+  config.write_text(batching_parameters)
+  return lib.InProcessServer(
+    model_name="m", model_base_path=str(tmp_path / "m"), enable_batching=True, batching_parameters_file=str(config)
+  )
+
+
 @pytest.mark.usefixtures("native")
 def test_server_with_batching(tmp_path):
-  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  params = tmp_path / "batching.config"
   # A batch runs only once full (it would wait an hour otherwise): 16
   # concurrent callers and 64 requests fill 8 batches of 8, whatever the
   # machine's speed, and no caller is left waiting on a partial batch.
-  params.write_text(
+  server = _batching_server(
+    tmp_path,
     "max_batch_size { value: 8 } "
     "batch_timeout_micros { value: 3600000000 } "
     "num_batch_threads { value: 1 } "
-    "allowed_batch_sizes: 4 allowed_batch_sizes: 8"
-  )
-  server = lib.InProcessServer(
-    model_name="m", model_base_path=str(tmp_path / "m"), enable_batching=True, batching_parameters_file=str(params)
+    "allowed_batch_sizes: 4 allowed_batch_sizes: 8",
   )
   try:
 
@@ -262,12 +268,7 @@ def test_the_largest_batch_timeout_waits_until_full(tmp_path):
   assert batching_session.queue_options_from_proto(params).batch_timeout_micros == (
     batch_scheduler.MAX_BATCH_TIMEOUT_MICROS
   )
-  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  config = tmp_path / "batching.config"
-  config.write_text(f"max_batch_size {{ value: 2 }} batch_timeout_micros {{ value: {2**63 - 1} }}")
-  server = lib.InProcessServer(
-    model_name="m", model_base_path=str(tmp_path / "m"), enable_batching=True, batching_parameters_file=str(config)
-  )
+  server = _batching_server(tmp_path, f"max_batch_size {{ value: 2 }} batch_timeout_micros {{ value: {2**63 - 1} }}")
   try:
 
     def request(x):
@@ -320,12 +321,7 @@ def test_request_count_says_how_each_call_ended(tmp_path):
   """As TF Serving: a call whose deadline passes counts as DEADLINE_EXCEEDED (not OK from a run
   that went on, nor CANCELLED), a call its client cancels as CANCELLED, each once. The batches
   wait an hour unless full, so the one-row calls never run."""
-  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  config = tmp_path / "batching.config"
-  config.write_text("max_batch_size { value: 64 } batch_timeout_micros { value: 3600000000 }")
-  server = lib.InProcessServer(
-    model_name="m", model_base_path=str(tmp_path / "m"), enable_batching=True, batching_parameters_file=str(config)
-  )
+  server = _batching_server(tmp_path, "max_batch_size { value: 64 } batch_timeout_micros { value: 3600000000 }")
   try:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "m"

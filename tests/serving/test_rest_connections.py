@@ -39,18 +39,20 @@ def _read_reply(sock: socket.socket, buf: bytearray) -> tuple[int, dict, bytes]:
   return int(lines[0].split()[1]), headers, rest[:length]
 
 
+def _half_plus_two_server(tmp_path, **flags) -> lib.InProcessServer:
+  """fgr-serve with REST on a free port, serving half_plus_two, with `flags`."""
+  lib.write_tf2_half_plus_two(str(tmp_path / lib.TF2_MODEL / "1"))
+  return lib.InProcessServer(
+    model_name=lib.TF2_MODEL, model_base_path=str(tmp_path / lib.TF2_MODEL), rest_api_port=lib.REST_ANY_PORT, **flags
+  )
+
+
 @pytest.fixture
 def patient(native, tmp_path):
   """A server with 2 REST threads and a 10-minute --rest_api_timeout_in_ms: a client that sends
   slowly could hold a thread for the whole test."""
-  lib.write_tf2_half_plus_two(str(tmp_path / lib.TF2_MODEL / "1"))
-  server = lib.InProcessServer(
-    model_name=lib.TF2_MODEL,
-    model_base_path=str(tmp_path / lib.TF2_MODEL),
-    rest_api_port=lib.REST_ANY_PORT,
-    rest_api_num_threads=2,
-    rest_api_timeout_in_ms=600_000,
-    rest_api_max_body_bytes=4096,
+  server = _half_plus_two_server(
+    tmp_path, rest_api_num_threads=2, rest_api_timeout_in_ms=600_000, rest_api_max_body_bytes=4096
   )
   yield server
   server.stop()
@@ -83,13 +85,7 @@ def test_slow_and_idle_clients_hold_no_worker(patient):
 
 def test_stop_closes_idle_connections_at_once(native, tmp_path):
   """SIGTERM's drain waits for requests being handled, not for connections between requests."""
-  lib.write_tf2_half_plus_two(str(tmp_path / lib.TF2_MODEL / "1"))
-  server = lib.InProcessServer(
-    model_name=lib.TF2_MODEL,
-    model_base_path=str(tmp_path / lib.TF2_MODEL),
-    rest_api_port=lib.REST_ANY_PORT,
-    rest_api_timeout_in_ms=600_000,
-  )
+  server = _half_plus_two_server(tmp_path, rest_api_timeout_in_ms=600_000)
   port = server.server.rest_port
   clients = [socket.create_connection(("127.0.0.1", port), timeout=120) for _ in range(16)]
   clients[0].sendall(_raw("POST", PREDICT, BODY))
