@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 
-def _read_saved_model(saved_model_dir: str) -> Any:
+def read_saved_model(saved_model_dir: str) -> Any:
+  """The SavedModel proto of a directory's saved_model.pb."""
   from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
 
   saved_model = saved_model_pb2.SavedModel()
@@ -22,7 +23,7 @@ def custom_ops(saved_model_dir: str) -> list[str]:
   """Op types in the SavedModel's graph and functions that this process's TensorFlow lacks."""
   from tensorflow.python.framework import op_def_registry  # pylint: disable=g-import-not-at-top
 
-  saved_model = _read_saved_model(saved_model_dir)
+  saved_model = read_saved_model(saved_model_dir)
   ops = set()
   for meta_graph in saved_model.meta_graphs:
     ops.update(node.op for node in meta_graph.graph_def.node)
@@ -40,7 +41,7 @@ def xla_compiled_functions(saved_model_dir: str) -> list[str]:
   then fails any call of them, warm-up included, so such a version never loads there.
   """
   names = set()
-  for meta_graph in _read_saved_model(saved_model_dir).meta_graphs:
+  for meta_graph in read_saved_model(saved_model_dir).meta_graphs:
     for function in meta_graph.graph_def.library.function:
       attr = function.attr.get("_XlaMustCompile")
       if attr is not None and attr.b:

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from engine import base, full_graph
+from engine import base, full_graph, stock_ops
 from engine import cooccurrence as cooccurrence_lib
 from export import refresh_state, version_files
 
@@ -111,10 +111,7 @@ def variable_keys(prefix: str, paths: Collection[str]) -> dict[str, str]:
 
 def saved_variable_shapes(saved_model_dir: str, paths: Collection[str]) -> dict[str, tf.TensorShape]:
   """The shape each variable at an object path was saved with in the SavedModel's graph."""
-  saved_model = saved_model_pb2.SavedModel()
-  with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
-    saved_model.ParseFromString(f.read())
-  nodes = saved_model.meta_graphs[0].object_graph_def.nodes
+  nodes = stock_ops.read_saved_model(saved_model_dir).meta_graphs[0].object_graph_def.nodes
   return {
     path: tf.TensorShape(nodes[node].variable.shape)
     for path, node in _node_ids(nodes, paths).items()

@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from engine import stock_ops
 
 
 def read_signatures(saved_model_dir: str) -> dict[str, meta_graph_pb2.SignatureDef]:
   """The serving signatures of a SavedModel directory (its saved_model.pb), by name."""
-  saved_model = saved_model_pb2.SavedModel()
-  with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
-    saved_model.ParseFromString(f.read())
   signatures = {}
-  for meta_graph in saved_model.meta_graphs:
+  for meta_graph in stock_ops.read_saved_model(saved_model_dir).meta_graphs:
     if "serve" in meta_graph.meta_info_def.tags:
       signatures.update(meta_graph.signature_def)
   return {name: signature for name, signature in signatures.items() if not name.startswith("__")}
