@@ -8,6 +8,7 @@ requests are held-out query features from the project's synthetic search-ads gen
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -16,11 +17,31 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 
+def _string_value(name: str, value: Any) -> bytes:
+  """One element of a string tensor: text as UTF-8 (what TF's string ops and the REST API expect)."""
+  if isinstance(value, bytes):
+    return value
+  if isinstance(value, str):
+    return value.encode("utf-8")
+  if isinstance(value, (list, tuple, np.ndarray)):
+    raise ValueError(f"feature {name!r}: nested lists must all have the same length")
+  if isinstance(value, (bool, int, float, np.number, np.bool_)):
+    return str(value).encode("utf-8")  # A number goes as its text: a JSON id 123 is sent as "123".
+  raise ValueError(f"feature {name!r}: values must be strings or lists of strings, got {type(value).__name__}")
+
+
 def features_request(features: dict[str, Any]) -> predict_pb2.PredictRequest:
-  """A batch-of-one PredictRequest: a scalar becomes a [1] tensor, a list a [1, n] tensor."""
+  """A batch-of-one PredictRequest of string tensors: a scalar becomes a [1] tensor, a list a [1, n] tensor.
+
+  Raises:
+    ValueError: a value is not a string, a number or an evenly nested list of them (the message names it).
+  """
   request = predict_pb2.PredictRequest()
   for name, value in features.items():
-    request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray([value], dtype=object).astype(bytes)))
+    # dtype=object keeps a ragged list's rows as list elements, which _string_value then refuses.
+    values = np.asarray([value], dtype=object)
+    strings = np.frompyfunc(functools.partial(_string_value, name), 1, 1)(values)
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(strings, dtype=tf.string))
   return request
 
 

@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -143,6 +144,22 @@ def test_errors_are_counted_by_status_code(requests):
     result = driver.run(driver.GrpcPredictTarget(f"127.0.0.1:{port}", timeout=60), requests, spec)
   assert result.successes == 0
   assert result.errors == {"UNAVAILABLE": 20}
+
+
+def test_features_are_sent_as_utf8_and_bad_values_are_named():
+  request = request_source.features_request({"text": "héllo", "query_tokens": ["口红", b"\xff"], "user_id": 7})
+  assert tf.make_ndarray(request.inputs["text"]).tolist() == ["héllo".encode()]
+  assert tf.make_ndarray(request.inputs["query_tokens"]).tolist() == [["口红".encode(), b"\xff"]]
+  assert tf.make_ndarray(request.inputs["user_id"]).tolist() == [b"7"]
+  assert tf.make_ndarray(request_source.features_request({"hist_ids": []}).inputs["hist_ids"]).shape == (1, 0)
+  for value, message in (
+    ([["a"], ["b", "c"]], "feature 'text': nested lists must all have the same length"),
+    (["a", ["b"]], "feature 'text': nested lists must all have the same length"),
+    ({"a": "b"}, "feature 'text': values must be strings or lists of strings, got dict"),
+    (None, "got NoneType"),
+  ):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      request_source.features_request({"text": value})
 
 
 def test_request_files_round_trip(tmp_path, requests):
