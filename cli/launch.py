@@ -74,9 +74,9 @@ def skip_cuda_without_a_driver() -> None:
     os.environ.setdefault(TF_DEVICE_TYPES_ENV, CPU_ONLY)
 
 
-# What the offline tools raise for a user's mistake (a bad file, line, field or flag value), with a
-# message naming it; a data error raised while tf.data reads the logs arrives wrapped in TensorFlow's
-# InvalidArgumentError, with the original error's type and message inside its text.
+# What the offline tools and the clients raise for a user's mistake (a bad file, line, field or flag
+# value), with a message naming it; a data error raised while tf.data reads the logs arrives wrapped in
+# TensorFlow's InvalidArgumentError, with the original error's type and message inside its text.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 _WRAPPED_USER_ERROR = re.compile(r"\b(?:" + "|".join(e.__name__ for e in _USER_ERRORS) + r"): ([^\n]+)")
 
@@ -102,7 +102,7 @@ def user_error_message(error: BaseException) -> str | None:
 
 
 def _reporting_user_errors(run: Callable[[], None], argv: Sequence[str]) -> None:
-  """Runs an offline tool; a user's mistake ends it with `<tool>: error: <message>` and status 1,
+  """Runs a tool; a user's mistake ends it with `<tool>: error: <message>` and status 1,
   not a traceback, unless `--verbosity` asks for debug output (1 or more)."""
   try:
     run()
@@ -152,6 +152,6 @@ fgr_eval = _command("export.eval_cli", user_errors=True)
 fgr_export = _command("export.export_cli", user_errors=True)
 fgr_refresh = _command("export.refresh_cli", user_errors=True)
 fgr_serve = _command("serving.model_servers", "run_server")
-fgr_query = _command("clients.query_cli")
-fgr_loadtest = _command("clients.loadtest.loadtest_cli", extra="clients")
+fgr_query = _command("clients.query_cli", user_errors=True)
+fgr_loadtest = _command("clients.loadtest.loadtest_cli", extra="clients", user_errors=True)
 fgr_bench = _command("bench.index_bench", extra="bench")

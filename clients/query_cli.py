@@ -68,13 +68,15 @@ def features_from_flags() -> dict[str, list]:
 
 
 def read_requests(path: str) -> list[dict[str, object]]:
-  """Reads one feature dict per non-empty line of a JSONL file."""
-  try:
-    requests = request_source.read_feature_lines(path)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  """Reads one feature dict per non-empty line of a JSONL file.
+
+  Raises:
+    ValueError: the file can't be read, has a bad line or holds no requests (fgr-query's launcher
+      prints the message in one line).
+  """
+  requests = request_source.read_feature_lines(path)
   if not requests:
-    raise app.UsageError(f"{path} holds no requests")
+    raise ValueError(f"{path} holds no requests")
   return requests
 
 

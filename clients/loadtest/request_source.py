@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf import message
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 
@@ -64,39 +66,94 @@ def _parse_record(record: bytes) -> predict_pb2.PredictRequest:
   except Exception:  # pylint: disable=broad-except  # Not a PredictionLog: try the bare request below.
     pass
   request = predict_pb2.PredictRequest()
-  request.ParseFromString(record)
+  try:
+    request.ParseFromString(record)
+  except message.DecodeError:
+    request.Clear()
   if not request.inputs:
-    raise ValueError("a TFRecord entry is neither a PredictionLog with a Predict request nor a PredictRequest")
+    raise ValueError("neither a PredictionLog with a Predict request nor a PredictRequest")
   return request
 
 
-def read_feature_lines(path: str) -> list[dict[str, Any]]:
-  """One feature dict per non-empty line of a JSON Lines file; a bad line is a ValueError naming it.
-
-  Its own reader, not the training logs' (`models.data.logs`): replaying recorded requests needs no
-  data layer (see `synthetic_requests`).
-  """
+def _jsonl_requests(path: str) -> list[tuple[dict[str, Any], predict_pb2.PredictRequest]]:
+  """(feature dict, its request) per non-empty line of a JSON Lines file; a bad line is a ValueError naming it."""
   records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        features = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-      if not isinstance(features, dict):
-        raise ValueError(f"{path}:{number}: a request must be a JSON object of features")
-      records.append(features)
+  try:
+    with open(path, "rb") as f:
+      for number, raw in enumerate(f, 1):
+        where = f"{path}:{number}"
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+          raise ValueError(f"{where}: not UTF-8 text") from None
+        if not line.strip():
+          continue
+        try:
+          features = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(features, dict):
+          raise ValueError(f"{where}: a request must be a JSON object of features")
+        try:
+          records.append((features, features_request(features)))
+        except ValueError as e:
+          raise ValueError(f"{where}: {e}") from None
+  except OSError as e:  # Missing, a directory, unreadable.
+    raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
   return records
 
 
+def _tfrecord_requests(path: str) -> list[predict_pb2.PredictRequest]:
+  """The requests of a TFRecord file; a missing, unreadable or non-TFRecord file or a bad entry is a ValueError."""
+  # Checked first: otherwise TensorFlow reports them from inside the dataset op, with its node names.
+  if not tf.io.gfile.exists(path):
+    raise ValueError(f"cannot read {path}: No such file or directory")
+  if tf.io.gfile.isdir(path):
+    raise ValueError(f"cannot read {path}: Is a directory")
+  requests = []
+  try:
+    for number, record in enumerate(tf.data.TFRecordDataset(path), 1):
+      try:
+        requests.append(_parse_record(record.numpy()))
+      except ValueError as e:
+        raise ValueError(f"{path}: record {number}: {e}") from None
+  except tf.errors.DataLossError as e:
+    raise ValueError(
+      f"{path} is not a TFRecord file ({_tf_reason(e)}); a JSONL file's name must end in .jsonl or .json"
+    ) from None
+  except tf.errors.OpError as e:
+    raise ValueError(f"cannot read {path}: {_tf_reason(e)}") from None
+  return requests
+
+
+def _tf_reason(error: tf.errors.OpError) -> str:
+  """A TensorFlow error's message without its function-node and op decorations."""
+  return re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\]( name: \S*)?", "", error.message).strip()
+
+
+def read_feature_lines(path: str) -> list[dict[str, Any]]:
+  """One feature dict per non-empty line of a JSON Lines file.
+
+  Its own reader, not the training logs' (`models.data.logs`): replaying recorded requests needs no
+  data layer (see `synthetic_requests`).
+
+  Raises:
+    ValueError: the file can't be read, or a line is not a JSON object of features that
+      `features_request` can send (the message names the file and line).
+  """
+  return [features for features, _ in _jsonl_requests(path)]
+
+
 def read_requests_file(path: str, limit: int | None = None) -> list[predict_pb2.PredictRequest]:
-  """Reads recorded requests: `.jsonl`/`.json` as feature dicts, anything else as TFRecord."""
+  """Reads recorded requests: `.jsonl`/`.json` as feature dicts, anything else as TFRecord.
+
+  Raises:
+    ValueError: the file can't be read, holds no requests, or holds a bad one (the message names it).
+  """
   if path.endswith((".jsonl", ".json")):
-    requests = [features_request(features) for features in read_feature_lines(path)]
+    requests = [request for _, request in _jsonl_requests(path)]
   else:
-    requests = [_parse_record(record.numpy()) for record in tf.data.TFRecordDataset(path)]
+    requests = _tfrecord_requests(path)
   requests = requests[:limit] if limit else requests
   if not requests:
     raise ValueError(f"{path} holds no requests")

@@ -194,6 +194,38 @@ def test_request_files_round_trip(tmp_path, requests):
       request_source.read_requests_file(str(bad))
 
 
+def test_bad_request_files_are_value_errors_naming_the_file(tmp_path, requests):
+  """What the clients' launcher prints in one line (`<tool>: error: ...`) instead of a traceback."""
+  ragged = tmp_path / "ragged.jsonl"
+  ragged.write_text('{"text": "a"}\n\n{"text": [["a"], ["b", "c"]]}\n')
+  latin1 = tmp_path / "latin1.jsonl"
+  latin1.write_bytes('{"text": "a"}\n{"text": "h\u00e9llo"}\n'.encode("latin-1"))
+  empty = tmp_path / "empty.tfrecord"
+  tf.io.TFRecordWriter(str(empty)).close()
+  text = tmp_path / "requests.txt"  # JSONL under a name read as TFRecord.
+  text.write_text(json.dumps(FEATURES) * 20 + "\n")
+  not_a_request = tmp_path / "other.tfrecord"
+  with tf.io.TFRecordWriter(str(not_a_request)) as writer:
+    writer.write(requests[0].SerializeToString())
+    writer.write(b"\xff\xff\xff")
+  for path, message in (
+    (tmp_path / "missing.jsonl", f"cannot read {tmp_path}/missing.jsonl: No such file or directory"),
+    (tmp_path / "missing.tfrecord", f"cannot read {tmp_path}/missing.tfrecord: No such file or directory"),
+    (tmp_path, f"cannot read {tmp_path}: Is a directory"),
+    (ragged, f"{ragged}:3: feature 'text': nested lists must all have the same length"),
+    (latin1, f"{latin1}:2: not UTF-8 text"),
+    (empty, f"{empty} holds no requests"),
+    (text, f"{text} is not a TFRecord file (corrupted record at 0"),
+    (not_a_request, f"{not_a_request}: record 2: neither a PredictionLog with a Predict request nor a PredictRequest"),
+  ):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+      request_source.read_requests_file(str(path))
+  with pytest.raises(ValueError, match="^" + re.escape(f"cannot read {tmp_path}: Is a directory")):
+    request_source.read_feature_lines(str(tmp_path))  # fgr-query's reader.
+  with pytest.raises(ValueError, match=re.escape(f"{ragged}:3: feature 'text'")):
+    request_source.read_feature_lines(str(ragged))
+
+
 def test_cli_writes_json_report_and_plot(echo, tmp_path):
   requests_file = tmp_path / "r.jsonl"
   requests_file.write_text(json.dumps(FEATURES) + "\n")
