@@ -62,6 +62,10 @@ class GrpcPredictTarget:
   """
 
   def __init__(self, address: str, timeout: float = 10.0, channels: int = 1):
+    if channels < 1:
+      raise ValueError(f"channels must be >= 1, got {channels}")
+    if timeout <= 0:
+      raise ValueError(f"timeout must be > 0 seconds, got {timeout:g}")
     self.name = f"grpc://{address}"
     self._address, self._timeout, self._num_channels = address, timeout, channels
     self._channels: list[grpc.aio.Channel] = []
@@ -122,6 +126,13 @@ class LoadSpec:
       raise ValueError("closed loop needs concurrency >= 1")
     if self.duration_seconds <= 0 or self.warmup_seconds < 0:
       raise ValueError("duration must be > 0 and warm-up >= 0")
+    # With no slot the open-loop sender would wait forever for one.
+    if self.max_in_flight < 1:
+      raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+    if self.max_requests is not None and self.max_requests < 1:
+      raise ValueError(f"max_requests must be >= 1 (or None for no cap), got {self.max_requests}")
+    if self.drain_seconds < 0:
+      raise ValueError(f"drain_seconds must be >= 0, got {self.drain_seconds:g}")
 
   def describe(self) -> str:
     load = f"{self.qps:g} QPS open loop" if self.mode == "open" else f"{self.concurrency} closed-loop streams"

@@ -35,9 +35,10 @@ flags.DEFINE_integer("concurrency", 8, "Closed loop: concurrent streams.")
 flags.DEFINE_float("warmup_seconds", 5.0, "Unmeasured lead-in at the same load.")
 flags.DEFINE_float("duration_seconds", 20.0, "Measured period.")
 flags.DEFINE_float("timeout", 10.0, "Per-request deadline in seconds.")
-flags.DEFINE_integer("channels", 1, "gRPC channels (HTTP/2 connections) to spread requests over.")
-flags.DEFINE_integer("max_in_flight", 4096, "Open loop: cap on outstanding requests.")
-flags.DEFINE_integer("max_requests", None, "Hard cap on requests sent, warm-up included.")
+flags.register_validator("timeout", lambda seconds: seconds > 0, message="--timeout must be more than 0 seconds")
+flags.DEFINE_integer("channels", 1, "gRPC channels (HTTP/2 connections) to spread requests over.", lower_bound=1)
+flags.DEFINE_integer("max_in_flight", 4096, "Open loop: cap on outstanding requests.", lower_bound=1)
+flags.DEFINE_integer("max_requests", None, "Hard cap on requests sent, warm-up included.", lower_bound=1)
 flags.DEFINE_string(
   "requests_file",
   None,

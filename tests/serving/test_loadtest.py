@@ -162,6 +162,31 @@ def test_features_are_sent_as_utf8_and_bad_values_are_named():
       request_source.features_request({"text": value})
 
 
+def test_limits_that_would_hang_or_fail_every_call_are_refused():
+  """max_in_flight=0 left the open-loop sender waiting forever; channels=0 failed each call in the client,
+  counted as UNKNOWN:ZeroDivisionError server errors."""
+  for limits, message in (
+    ({"max_in_flight": 0}, "max_in_flight must be >= 1, got 0"),
+    ({"max_requests": 0}, "max_requests must be >= 1"),
+    ({"drain_seconds": -1.0}, "drain_seconds must be >= 0"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      driver.LoadSpec(**limits)
+  with pytest.raises(ValueError, match="channels must be >= 1, got 0"):
+    driver.GrpcPredictTarget("127.0.0.1:1", channels=0)
+  with pytest.raises(ValueError, match="timeout must be > 0 seconds, got 0"):
+    driver.GrpcPredictTarget("127.0.0.1:1", timeout=0)
+  # fgr-loadtest refuses them when it parses its flags.
+  for flag, message in (
+    ("--max_in_flight=0", "--max_in_flight=0: 0 is not a positive integer"),
+    ("--channels=0", "--channels=0: 0 is not a positive integer"),
+    ("--max_requests=0", "--max_requests=0: 0 is not a positive integer"),
+    ("--timeout=0", "--timeout must be more than 0 seconds"),
+  ):
+    with flagsaver.flagsaver(), pytest.raises(flags.IllegalFlagValueError, match=message):
+      flags.FLAGS(["fgr-loadtest", flag])
+
+
 def test_request_files_round_trip(tmp_path, requests):
   jsonl = tmp_path / "r.jsonl"
   jsonl.write_text(json.dumps(FEATURES) + "\n\n" + json.dumps({"user_id": "u2"}) + "\n")
