@@ -89,8 +89,10 @@ def _json_value(value: Any) -> Any:
   return value.item() if isinstance(value, np.generic) else value
 
 
-def answer_row(response: predict_pb2.PredictResponse, top: int) -> dict[str, list]:
-  """The first row of every output, each cut to `top` values, as JSON-ready lists."""
+def answer_row(response: predict_pb2.PredictResponse, top: int | None) -> dict[str, list]:
+  """The first row of every output, each cut to `top` values (None: all of them), as JSON-ready lists."""
+  if top is not None and top < 1:
+    raise ValueError(f"top must be >= 1 (or None for all values), got {top}")
   row = {}
   for name in sorted(response.outputs):
     values = tf.make_ndarray(response.outputs[name])

@@ -43,8 +43,9 @@ flags.DEFINE_integer(
   "percentiles are printed.",
   lower_bound=1,
 )
-flags.DEFINE_integer("top", 10, "Values to print per output and request.")
+flags.DEFINE_integer("top", 10, "Values to print per output and request; 0 prints them all.", lower_bound=0)
 flags.DEFINE_float("timeout", 10.0, "Per-request deadline in seconds.")
+flags.register_validator("timeout", lambda seconds: seconds > 0, message="--timeout must be more than 0 seconds")
 flags.DEFINE_float(
   "wait_for_server",
   0.0,
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"Predict failed: {e.code().name}: {e.details()}") from None
       latencies.append(time.perf_counter() - started)
       if number < len(requests):
-        row = query.answer_row(response, FLAGS.top)
+        row = query.answer_row(response, FLAGS.top or None)
         version = response.model_spec.version.value
         if FLAGS.json:
           print(json.dumps({"request": number, "version": version, **row}))

@@ -4,6 +4,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+from clients import query
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -49,3 +56,19 @@ def test_file_mistakes_end_the_clients_in_one_line(tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert line in result.stderr.splitlines(), result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_answer_rows_keep_top_values_or_all():
+  response = predict_pb2.PredictResponse()
+  response.outputs["ids"].CopyFrom(tf.make_tensor_proto(np.array([[b"a", b"b", b"c"]], dtype=object)))
+  response.outputs["scores"].CopyFrom(tf.make_tensor_proto(np.array([[0.9, 0.5, 0.1]], dtype=np.float32)))
+  assert query.answer_row(response, top=2) == {"ids": ["a", "b"], "scores": [0.9, 0.5]}
+  assert query.answer_row(response, top=None) == {"ids": ["a", "b", "c"], "scores": [0.9, 0.5, 0.1]}
+  with pytest.raises(ValueError, match="top must be >= 1"):
+    query.answer_row(response, top=-1)  # It printed empty lists.
+
+
+def test_fgr_query_refuses_a_negative_top_or_no_timeout():
+  top, timeout = run_tools(["fgr-query", "--top=-1"], ["fgr-query", "--timeout=0"])
+  assert top.returncode == 1 and "flag --top=-1: -1 is not a non-negative integer" in top.stderr, top.stderr
+  assert timeout.returncode == 1 and "--timeout must be more than 0 seconds" in timeout.stderr, timeout.stderr
