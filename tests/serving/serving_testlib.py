@@ -5,9 +5,11 @@ through tf.compat.v1's SavedModelBuilder, one `tf.saved_model.save` export.
 """
 
 import contextlib
+import ipaddress
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,10 +17,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 import numpy as np
+import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc
 
@@ -49,6 +52,34 @@ def refusing_port() -> Iterator[int]:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     yield s.getsockname()[1]
+
+
+def self_signed_cert(directory: str, names: Sequence[str] = ("localhost", "127.0.0.1")) -> tuple[str, str]:
+  """(key path, certificate path) of a new self-signed certificate for `names` (host names or IP
+  addresses, the first also its CN), as PEM files in `directory`; skips the test without `openssl`.
+
+  Self-signed, it is its own root: a client trusts it as such, and a server's SSLConfig custom_ca can
+  be a client's certificate.
+  """
+  if shutil.which("openssl") is None:
+    pytest.skip("the openssl command is needed to make a self-signed certificate")
+  key, cert = os.path.join(directory, f"{names[0]}.key.pem"), os.path.join(directory, f"{names[0]}.cert.pem")
+  alt_names = ",".join(f"IP:{name}" if _is_ip_address(name) else f"DNS:{name}" for name in names)
+  subprocess.run(
+    ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={names[0]}",
+     "-keyout", key, "-out", cert, "-addext", f"subjectAltName={alt_names}"],
+    check=True,
+    capture_output=True,
+  )  # fmt: skip
+  return key, cert
+
+
+def _is_ip_address(name: str) -> bool:
+  try:
+    ipaddress.ip_address(name)
+  except ValueError:
+    return False
+  return True
 
 
 def write_tf1_half_plus_two(export_dir: str, a: float = 0.5, b: float = 2.0, c: float = 3.0) -> str:

@@ -3,10 +3,9 @@
 import concurrent.futures
 import json
 import os
+import pathlib
 import re
-import shutil
 import socket
-import subprocess
 import threading
 
 import grpc
@@ -228,38 +227,9 @@ def test_binds_loopback_by_default(server):
     assert addresses and set(addresses) <= loopback, addresses
 
 
-def _self_signed(tmp_path):
-  if shutil.which("openssl") is None:
-    pytest.skip("the openssl command is needed to make a self-signed certificate")
-  key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-  subprocess.run(
-    [
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "1",
-      "-subj",
-      "/CN=localhost",
-      "-keyout",
-      str(key),
-      "-out",
-      str(cert),
-      "-addext",
-      "subjectAltName=DNS:localhost,IP:127.0.0.1",
-    ],
-    check=True,
-    capture_output=True,
-  )
-  return key.read_text(), cert.read_text()
-
-
 @pytest.mark.usefixtures("native")
 def test_tls(tmp_path):
-  key, cert = _self_signed(tmp_path)
+  key, cert = (pathlib.Path(path).read_text() for path in lib.self_signed_cert(str(tmp_path)))
   ssl_config = tmp_path / "ssl.config"
   ssl_config.write_text(f"server_key: {json.dumps(key)}\nserver_cert: {json.dumps(cert)}\n")
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
