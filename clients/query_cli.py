@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from clients import query
+from clients import grpc_channel, query
 from clients.loadtest import request_source
 
 FLAGS = flags.FLAGS
@@ -54,6 +54,7 @@ flags.DEFINE_float(
   lower_bound=0.0,
 )
 flags.DEFINE_bool("json", False, "Print one JSON object per answer instead of a table.")
+grpc_channel.define_flags()
 
 
 def features_from_flags() -> dict[str, list]:
@@ -86,7 +87,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   feature_sets = read_requests(FLAGS.requests_file) if FLAGS.requests_file else [features_from_flags()]
   spec = query.model_spec(FLAGS.model_name, FLAGS.signature_name, FLAGS.model_version)
-  with grpc.insecure_channel(FLAGS.server) as channel:
+  with grpc_channel.channel(FLAGS.server, grpc_channel.tls_from_flags()) as channel:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     try:
       if FLAGS.wait_for_server:

@@ -31,6 +31,7 @@ import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tqdm import tqdm
 
+from clients import grpc_channel
 from clients.loadtest import histogram
 
 OK = "OK"
@@ -59,15 +60,16 @@ class GrpcPredictTarget:
     address: host:port.
     timeout: per-request deadline in seconds.
     channels: number of channels; one is enough for most loads, more spread the client's HTTP/2 work.
+    tls: TLS to use (a server started with --ssl_config_file); None: plaintext.
   """
 
-  def __init__(self, address: str, timeout: float = 10.0, channels: int = 1):
+  def __init__(self, address: str, timeout: float = 10.0, channels: int = 1, tls: grpc_channel.Tls | None = None):
     if channels < 1:
       raise ValueError(f"channels must be >= 1, got {channels}")
     if timeout <= 0:
       raise ValueError(f"timeout must be > 0 seconds, got {timeout:g}")
     self.name = f"grpc://{address}"
-    self._address, self._timeout, self._num_channels = address, timeout, channels
+    self._address, self._timeout, self._num_channels, self._tls = address, timeout, channels, tls
     self._channels: list[grpc.aio.Channel] = []
     self._stubs: list[prediction_service_pb2_grpc.PredictionServiceStub] = []
     self._next = 0
@@ -76,7 +78,7 @@ class GrpcPredictTarget:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     # Distinct channel arguments give each channel its own connection instead of a shared subchannel.
     self._channels = [
-      grpc.aio.insecure_channel(self._address, options=options + [("fgr.loadtest.channel", i)])
+      grpc_channel.aio_channel(self._address, self._tls, options + [("fgr.loadtest.channel", i)])
       for i in range(self._num_channels)
     ]
     self._stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in self._channels]

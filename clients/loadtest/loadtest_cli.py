@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
+from clients import grpc_channel
 from clients.loadtest import driver, report, request_source
 from serving.util import runtime
 
@@ -52,6 +53,7 @@ flags.DEFINE_integer("synthetic_num_ads", 20_000, "Catalog size of the synthetic
 flags.DEFINE_integer("num_requests", 1000, "Distinct requests to cycle through (synthetic, or the file's first).")
 flags.DEFINE_string("output_prefix", "loadtest", "Writes <prefix>.json and <prefix>.png.")
 flags.DEFINE_bool("progress", True, "Live progress bar on stderr.")
+grpc_channel.define_flags()
 
 
 def load_requests() -> list:
@@ -80,9 +82,10 @@ def main(argv: list[str]) -> None:
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  tls = grpc_channel.tls_from_flags()  # Before the requests: a bad PEM file fails at once.
   requests = load_requests()
   logging.info("Loaded %d distinct requests; %s against %s", len(requests), spec.describe(), FLAGS.server)
-  target = driver.GrpcPredictTarget(FLAGS.server, FLAGS.timeout, FLAGS.channels)
+  target = driver.GrpcPredictTarget(FLAGS.server, FLAGS.timeout, FLAGS.channels, tls)
   runtime.freeze_gc()  # A full collection in the client would show up as server latency.
   result = driver.run(target, requests, spec)
   json_path, png_path = FLAGS.output_prefix + ".json", FLAGS.output_prefix + ".png"
