@@ -1,5 +1,6 @@
 """fgr-query and fgr-loadtest as their users run them: one-line errors for mistakes, flags checked, TLS."""
 
+import ast
 import json
 import os
 import pathlib
@@ -185,3 +186,15 @@ def test_tls_flags_are_checked(tmp_path):
     absl_flags.FLAGS(["fgr-loadtest", "--tls_client_cert=client.pem"])
   with pytest.raises(ValueError, match="give both or neither"):
     grpc_channel.Tls(client_key=b"-----BEGIN PRIVATE KEY-----")
+
+
+def test_clients_import_nothing_from_the_server():
+  """clients/ stands apart from serving/ (clients/__init__.py): a client install needs no server code."""
+  imported = set()
+  for path in pathlib.Path(REPO_ROOT, "clients").rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        imported.update((path.name, alias.name) for alias in node.names)
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        imported.add((path.name, node.module))
+  assert not {(name, module) for name, module in imported if module.split(".")[0] == "serving"}
