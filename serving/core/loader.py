@@ -1,11 +1,9 @@
-"""Loads one version: SavedModel, optional batching, warm-up, with retries."""
+"""Loads one version: SavedModel, optional batching, warm-up."""
 
 import dataclasses
 import os
-import threading
 from collections.abc import Callable, Sequence
 
-from absl import logging
 from tensorflow.core.protobuf import config_pb2
 
 from serving import errors
@@ -34,6 +32,9 @@ class LoaderOptions:
   session_config: config_pb2.ConfigProto | None = None
   enable_warmup: bool = True
   warmup_iterations: int = 1
+  # A failed load is tried again up to this many times, this far apart; the
+  # manager schedules the retries and cancels them once the version is no
+  # longer aspired (model_manager).
   max_num_load_retries: int = 5
   load_retry_interval_seconds: float = 60.0
   batching: BatchingConfig | None = None
@@ -103,27 +104,3 @@ def load_once(name: str, version: int, path: str, options: LoaderOptions) -> sav
     bundle.close()
     raise errors.from_exception(e, context) from e
   return bundle
-
-
-def load_with_retries(
-  name: str, version: int, path: str, options: LoaderOptions, cancelled: threading.Event
-) -> saved_model_bundle.LoadedVersion:
-  """Calls `load_once`, retrying up to `max_num_load_retries` times."""
-  attempt = 0
-  while True:
-    try:
-      return load_once(name, version, path, options)
-    except errors.ServingError as e:
-      if attempt >= options.max_num_load_retries or cancelled.is_set():
-        raise
-      attempt += 1
-      logging.warning(
-        "Loading %s failed (%s); retry %d of %d in %.1fs",
-        saved_model_bundle.servable_context(name, version),
-        e.message,
-        attempt,
-        options.max_num_load_retries,
-        options.load_retry_interval_seconds,
-      )
-      if cancelled.wait(max(0.0, options.load_retry_interval_seconds)):
-        raise

@@ -31,6 +31,10 @@ class _Version:
     self.error: errors.ServingError | None = None
     self.bundle: saved_model_bundle.LoadedVersion | None = None
     self.in_flight = 0
+    self.attempts = 0  # Load attempts started.
+    self.last_error: errors.ServingError | None = None  # Of the last failed attempt.
+    # Set while LOADING between a failed attempt and its retry.
+    self.retry_timer: threading.Timer | None = None
 
 
 class ModelManager:
@@ -39,6 +43,10 @@ class ModelManager:
   Loads run on `load_pool`, unloads on `unload_pool`. Requests take a handle
   on an AVAILABLE version; an unloading version stops taking new handles,
   waits for its in-flight requests, then closes its session.
+
+  A failed load is retried `max_num_load_retries` times. Between attempts
+  the version stays LOADING but holds no load thread: a timer queues the
+  next attempt, so other versions load meanwhile.
 
   Args:
     config: The model's ModelConfig (name, base_path, version policy).
@@ -120,22 +128,33 @@ class ModelManager:
       return True
     return file_system_source.version_mtime(path) != entry.mtime
 
-  def _load(self, entry: _Version) -> None:
-    if self._stopped.is_set():  # Queued before a stop: don't load at all.
-      with self._cond:
-        entry.state = State.END
-        self._cond.notify_all()
-      return
-    try:
-      bundle = loader.load_with_retries(self.name, entry.version, entry.path, self._loader_options, self._stopped)
-    except errors.ServingError as e:
+  def _end_failed_load_locked(self, entry: _Version, error: errors.ServingError | None) -> None:
+    """Ends a version whose load failed; `error` None: it was never tried
+    (stopped while queued)."""
+    entry.state, entry.error = State.END, error
+    if error is not None:
       logging.error(
-        "Failed to load servable %s: %s", saved_model_bundle.servable_context(self.name, entry.version), e.message
+        "Failed to load servable %s: %s", saved_model_bundle.servable_context(self.name, entry.version), error.message
       )
+    self._unload_unaspired_locked()  # One fewer version to wait for: the policy may now unload.
+    self._cond.notify_all()
+
+  def _load(self, entry: _Version) -> None:
+    """One load attempt (on a load thread); a failure may schedule a retry."""
+    with self._cond:
+      if self._stopped.is_set():  # Queued before a stop: don't load at all.
+        self._end_failed_load_locked(entry, entry.last_error)
+        return
+      entry.attempts += 1
+    try:
+      bundle = loader.load_once(self.name, entry.version, entry.path, self._loader_options)
+    except errors.ServingError as e:
       with self._cond:
-        entry.state, entry.error = State.END, e
-        self._unload_unaspired_locked()
-        self._cond.notify_all()
+        entry.last_error = e
+        if entry.attempts > self._loader_options.max_num_load_retries or self._stopped.is_set():
+          self._end_failed_load_locked(entry, e)
+        else:
+          self._schedule_retry_locked(entry)
       return
     except BaseException as e:  # Keep the manager consistent whatever fails.
       with self._cond:
@@ -157,6 +176,38 @@ class ModelManager:
       logging.info("Successfully loaded servable version %s", bundle.context())
       self._unload_unaspired_locked()
       self._cond.notify_all()
+
+  def _schedule_retry_locked(self, entry: _Version) -> None:
+    """Queues the next attempt of `entry` after the retry interval.
+
+    A timer waits, not a load thread: other versions load meanwhile, and a
+    stop ends the wait at once.
+    """
+    interval = max(0.0, self._loader_options.load_retry_interval_seconds)
+    logging.warning(
+      "Loading %s failed (%s); retry %d of %d in %.1fs",
+      saved_model_bundle.servable_context(self.name, entry.version),
+      entry.last_error.message,
+      entry.attempts,
+      self._loader_options.max_num_load_retries,
+      interval,
+    )
+    timer = threading.Timer(interval, self._retry, (entry,))
+    timer.name = "load-retry"
+    timer.daemon = True  # A pending retry never holds the process at exit.
+    entry.retry_timer = timer
+    timer.start()
+
+  def _retry(self, entry: _Version) -> None:
+    """Timer callback: queues the next attempt unless stopped meanwhile."""
+    with self._cond:
+      if entry.retry_timer is None:  # Stopped: already ended.
+        return
+      entry.retry_timer = None
+      try:
+        self._load_pool.submit(self._load, entry)
+      except RuntimeError:  # The load pool shut down: the server is stopping.
+        self._end_failed_load_locked(entry, entry.last_error)
 
   def _rehearse_next_load(self, entry: _Version) -> None:
     """Loads the first version once more and unloads it, before it serves.
@@ -288,6 +339,11 @@ class ModelManager:
     self._stopped.set()
     with self._cond:
       self._aspired = set()
+      for entry in self._versions.values():
+        if entry.retry_timer is not None:  # Waiting to retry: no more attempts.
+          entry.retry_timer.cancel()
+          entry.retry_timer = None
+          self._end_failed_load_locked(entry, entry.last_error)
       for entry in self._versions.values():
         if entry.state == State.AVAILABLE:
           self._begin_unload_locked(entry)

@@ -1,5 +1,6 @@
 """Version management: availability-preserving swaps, failures, reloads."""
 
+import collections
 import logging
 import os
 import shutil
@@ -36,6 +37,12 @@ def _states(stub, model):
   request.model_spec.name = model
   response = stub.GetModelStatus(request, timeout=30)
   return {s.version: s for s in response.model_version_status}
+
+
+def _state(stub, model, version):
+  """The state of one version in GetModelStatus, None while it has none."""
+  status = _states(stub, model).get(version)
+  return status.state if status is not None else None
 
 
 def _publish(base, version, tmp_path, **kwargs):
@@ -441,5 +448,95 @@ def test_a_bad_config_changes_nothing_and_polling_goes_on(tmp_path, caplog, monk
       assert len(logged("Polling model a failed")) == 1
     lib.wait_for(lambda: logged("Polling model a works again"))
     assert _predict(server.predict, "a").outputs["y"].float_val[0] == 3.0
+  finally:
+    server.stop()
+
+
+class _LoadAttempts:
+  """Counts `loader.load_once` calls (the manager's load attempts) and their failures, per version."""
+
+  def __init__(self, monkeypatch):
+    self.started: collections.Counter = collections.Counter()
+    self.failed: collections.Counter = collections.Counter()
+    self._lock = threading.Lock()
+    real = loader.load_once
+
+    def counting(name, version, *args, **kwargs):
+      with self._lock:
+        self.started[version] += 1
+      try:
+        return real(name, version, *args, **kwargs)
+      except errors.ServingError:
+        with self._lock:
+          self.failed[version] += 1
+        raise
+
+    monkeypatch.setattr(loader, "load_once", counting)
+
+
+def _write_incomplete(base, version, source):
+  """A half-copied version: `source`'s saved_model.pb without its variables (fails to load)."""
+  os.makedirs(os.path.join(base, str(version)))
+  shutil.copy(os.path.join(base, str(source), "saved_model.pb"), os.path.join(base, str(version)))
+
+
+_MISSING_VARIABLES = "variables/variables.index is missing"
+# Far longer than any wait below: a version that waited for a retry would fail the test.
+_HOUR_MICROS = 3600 * 10**6
+
+
+@pytest.mark.usefixtures("native")
+def test_a_failing_version_still_aspired_retries_up_to_its_limit(tmp_path, monkeypatch):
+  """An aspired version that keeps failing is tried 1 + max_num_load_retries times, then ends with its
+  error; the version serving before keeps serving, and later polls do not try it again."""
+  attempts = _LoadAttempts(monkeypatch)
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  server = lib.InProcessServer(
+    model_name="m",
+    model_base_path=base,
+    file_system_poll_wait_seconds=0.1,
+    max_num_load_retries=2,
+    load_retry_interval_micros=200_000,
+  )
+  try:
+    _write_incomplete(base, 2, source=1)
+    lib.wait_for(lambda: _state(server.model, "m", 2) == State.END)
+    assert attempts.started[2] == 3
+    assert _MISSING_VARIABLES in _states(server.model, "m")[2].status.error_message
+    assert _predict(server.predict, "m").model_spec.version.value == 1
+    threading.Event().wait(1)  # Several more polls.
+    assert attempts.started[2] == 3
+  finally:
+    server.stop()
+
+
+@pytest.mark.usefixtures("native")
+def test_a_version_waiting_for_a_retry_holds_no_load_thread(tmp_path, monkeypatch):
+  """Under latest-2 both a failing version and a newer complete one are aspired: the failing one keeps
+  its retries (an hour apart here), and the newer one loads meanwhile on the only load thread."""
+  attempts = _LoadAttempts(monkeypatch)
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  config_file = tmp_path / "models.config"
+  config_file.write_text(
+    f'model_config_list {{ config {{ name: "m" base_path: "{base}" model_platform: "tensorflow" '
+    "model_version_policy { latest { num_versions: 2 } } } }"
+  )
+  server = lib.InProcessServer(
+    model_config_file=str(config_file),
+    file_system_poll_wait_seconds=0.2,
+    max_num_load_retries=5,
+    load_retry_interval_micros=_HOUR_MICROS,
+  )
+  try:
+    _write_incomplete(base, 2, source=1)
+    lib.wait_for(lambda: attempts.failed[2] == 1)
+    _publish(base, 3, tmp_path, b=3.0)
+    lib.wait_for(lambda: _state(server.model, "m", 3) == State.AVAILABLE)
+    assert _predict(server.predict, "m").model_spec.version.value == 3
+    states = _states(server.model, "m")
+    assert states[2].state == State.LOADING  # Still aspired: its retries go on.
+    assert attempts.started[2] == 1
   finally:
     server.stop()
