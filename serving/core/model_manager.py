@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import grpc
 from absl import logging
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
@@ -35,6 +36,9 @@ class _Version:
     self.last_error: errors.ServingError | None = None  # Of the last failed attempt.
     # Set while LOADING between a failed attempt and its retry.
     self.retry_timer: threading.Timer | None = None
+    # No longer aspired while LOADING: no further attempt (TF Serving's
+    # cancel_load_retry). An attempt already running still finishes.
+    self.cancelled = False
 
 
 class ModelManager:
@@ -46,7 +50,11 @@ class ModelManager:
 
   A failed load is retried `max_num_load_retries` times. Between attempts
   the version stays LOADING but holds no load thread: a timer queues the
-  next attempt, so other versions load meanwhile.
+  next attempt, so other versions load meanwhile. A version that leaves the
+  aspired set (removed from disk, or no longer wanted by the version policy)
+  is not tried again, as TF Serving's CancelLoadServableRetry: it ends at
+  once with its last load error, and a newer version does not wait behind
+  its retries.
 
   Args:
     config: The model's ModelConfig (name, base_path, version policy).
@@ -106,6 +114,9 @@ class ModelManager:
     aspired = file_system_source.aspired_versions(on_disk, self._config)
     with self._cond:
       self._aspired = aspired
+      for version, entry in list(self._versions.items()):
+        if version not in aspired and entry.state == State.LOADING and not entry.cancelled:
+          self._cancel_load_retries_locked(entry)
       for version in sorted(aspired, reverse=True):
         entry = self._versions.get(version)
         if entry is None or self._should_reload(entry, on_disk[version]):
@@ -121,16 +132,35 @@ class ModelManager:
 
   @staticmethod
   def _should_reload(entry: _Version, path: str) -> bool:
-    """An ended version loads again if rewritten or if it was unloaded."""
+    """An ended version loads again if rewritten, if it was unloaded, or if
+    its retries were cancelled (it left the aspired set and came back)."""
     if entry.state != State.END:
       return False
-    if entry.error is None:
+    if entry.error is None or entry.cancelled:
       return True
     return file_system_source.version_mtime(path) != entry.mtime
 
+  def _cancel_load_retries_locked(self, entry: _Version) -> None:
+    """Stops retrying a LOADING version that left the aspired set.
+
+    Waiting for a retry, it ends now with its last load error (TF Serving
+    reports END with that error too). Queued, it ends when its turn comes,
+    without an attempt. An attempt already running finishes: a failure ends
+    the version; a success serves it until the policy unloads it.
+    """
+    entry.cancelled = True
+    context = saved_model_bundle.servable_context(self.name, entry.version)
+    if entry.retry_timer is None:
+      logging.info("Servable %s is no longer aspired: its load will not be retried", context)
+      return
+    entry.retry_timer.cancel()
+    entry.retry_timer = None
+    logging.info("Servable %s is no longer aspired: its load retries are cancelled", context)
+    self._end_failed_load_locked(entry, entry.last_error)
+
   def _end_failed_load_locked(self, entry: _Version, error: errors.ServingError | None) -> None:
-    """Ends a version whose load failed; `error` None: it was never tried
-    (stopped while queued)."""
+    """Ends a version whose load failed or was cancelled; `error` None: it
+    was never tried (stopped while queued)."""
     entry.state, entry.error = State.END, error
     if error is not None:
       logging.error(
@@ -142,8 +172,15 @@ class ModelManager:
   def _load(self, entry: _Version) -> None:
     """One load attempt (on a load thread); a failure may schedule a retry."""
     with self._cond:
-      if self._stopped.is_set():  # Queued before a stop: don't load at all.
-        self._end_failed_load_locked(entry, entry.last_error)
+      if self._stopped.is_set() or entry.cancelled:  # Stopped, or unaspired while queued: don't load.
+        error = entry.last_error
+        if error is None and entry.cancelled:
+          error = errors.ServingError(
+            grpc.StatusCode.CANCELLED,
+            f"Load cancelled before it was tried: the version is no longer aspired "
+            f"[{saved_model_bundle.servable_context(self.name, entry.version)}]",
+          )
+        self._end_failed_load_locked(entry, error)
         return
       entry.attempts += 1
     try:
@@ -151,7 +188,7 @@ class ModelManager:
     except errors.ServingError as e:
       with self._cond:
         entry.last_error = e
-        if entry.attempts > self._loader_options.max_num_load_retries or self._stopped.is_set():
+        if entry.attempts > self._loader_options.max_num_load_retries or entry.cancelled or self._stopped.is_set():
           self._end_failed_load_locked(entry, e)
         else:
           self._schedule_retry_locked(entry)
@@ -181,7 +218,7 @@ class ModelManager:
     """Queues the next attempt of `entry` after the retry interval.
 
     A timer waits, not a load thread: other versions load meanwhile, and a
-    stop ends the wait at once.
+    cancel (poll, stop) ends the wait at once.
     """
     interval = max(0.0, self._loader_options.load_retry_interval_seconds)
     logging.warning(
@@ -199,9 +236,9 @@ class ModelManager:
     timer.start()
 
   def _retry(self, entry: _Version) -> None:
-    """Timer callback: queues the next attempt unless stopped meanwhile."""
+    """Timer callback: queues the next attempt unless cancelled or stopped meanwhile."""
     with self._cond:
-      if entry.retry_timer is None:  # Stopped: already ended.
+      if entry.retry_timer is None:  # Cancelled (unaspired) or stopped: already ended.
         return
       entry.retry_timer = None
       try:

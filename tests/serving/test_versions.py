@@ -1,6 +1,7 @@
 """Version management: availability-preserving swaps, failures, reloads."""
 
 import collections
+import concurrent.futures
 import logging
 import os
 import shutil
@@ -15,7 +16,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, 
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import errors
-from serving.core import file_system_source, loader
+from serving.core import aspired_versions_policy, file_system_source, loader, model_manager
 from serving.servables import warmup
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -486,6 +487,62 @@ _HOUR_MICROS = 3600 * 10**6
 
 
 @pytest.mark.usefixtures("native")
+def test_a_failing_version_that_leaves_the_aspired_set_stops_retrying(tmp_path, monkeypatch):
+  """A failed version is retried only while aspired, as TF Serving's CancelLoadServableRetry: removed
+  from disk, or superseded by a newer version under latest-1, it ends at the next poll with its load
+  error, and the newer version loads at once instead of after the retries (an hour apart here). Back in
+  the aspired set, it is tried again. The native data plane serves the new version too (`native`)."""
+  attempts = _LoadAttempts(monkeypatch)
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  server = lib.InProcessServer(
+    model_name="m",
+    model_base_path=base,
+    file_system_poll_wait_seconds=0.2,
+    max_num_load_retries=5,
+    load_retry_interval_micros=_HOUR_MICROS,
+  )
+  (manager,) = server.server.core.managers()
+  try:
+
+    def state(version):
+      return _state(server.model, "m", version)
+
+    # Removed from disk while it waits for a retry.
+    _write_incomplete(base, 2, source=1)
+    lib.wait_for(lambda: attempts.failed[2] == 1)
+    shutil.rmtree(os.path.join(base, "2"))
+    lib.wait_for(lambda: state(2) == State.END)
+    assert _MISSING_VARIABLES in _states(server.model, "m")[2].status.error_message
+    assert attempts.started[2] == 1
+    assert _predict(server.predict, "m").model_spec.version.value == 1
+
+    # Superseded by a complete newer version.
+    _write_incomplete(base, 3, source=1)
+    lib.wait_for(lambda: attempts.failed[3] == 1)
+    _publish(base, 4, tmp_path, b=3.0)
+    lib.wait_for(lambda: state(4) == State.AVAILABLE)
+    response = _predict(server.predict, "m")
+    assert (response.model_spec.version.value, response.outputs["y"].float_val[0]) == (4, 4.0)
+    failed = _states(server.model, "m")[3]
+    assert failed.state == State.END and _MISSING_VARIABLES in failed.status.error_message
+    assert "model: m, version: 3" in failed.status.error_message
+    assert attempts.started[3] == 1
+    lib.wait_for(lambda: state(1) == State.END)  # Unloaded once version 4 served.
+
+    # Aspired again (version 4 deleted, as a rollback by hand): version 3 is tried again and waits
+    # for its retry, while version 4 keeps serving.
+    shutil.rmtree(os.path.join(base, "4"))
+    lib.wait_for(lambda: attempts.failed[3] == 2)
+    assert state(3) == State.LOADING
+    assert _predict(server.predict, "m").model_spec.version.value == 4
+  finally:
+    server.stop()
+  # Stopping ended the pending retry rather than leaving it for an hour.
+  assert {v: s for v, s, _ in manager.version_states()}[3] == State.END
+
+
+@pytest.mark.usefixtures("native")
 def test_a_failing_version_still_aspired_retries_up_to_its_limit(tmp_path, monkeypatch):
   """An aspired version that keeps failing is tried 1 + max_num_load_retries times, then ends with its
   error; the version serving before keeps serving, and later polls do not try it again."""
@@ -540,3 +597,64 @@ def test_a_version_waiting_for_a_retry_holds_no_load_thread(tmp_path, monkeypatc
     assert attempts.started[2] == 1
   finally:
     server.stop()
+
+
+def test_a_queued_load_no_longer_aspired_is_never_tried(tmp_path, monkeypatch):
+  """With one load thread busy, version 2 waits in the queue; version 3 appears (latest-1) before
+  its turn, so version 2 ends CANCELLED without a load attempt. Version 1, whose attempt was already
+  running when it stopped being aspired, finishes it and serves until version 3 does."""
+  gate = threading.Event()
+  started = []
+
+  class FakeBundle:
+    def __init__(self, version):
+      self.version = version
+
+    def context(self):
+      return f"model: m, version: {self.version}"
+
+    def close(self):
+      pass
+
+  def fake_load_once(name, version, path, options):
+    started.append(version)
+    if version == 1:
+      gate.wait(60)
+    return FakeBundle(version)
+
+  monkeypatch.setattr(loader, "load_once", fake_load_once)
+  base = tmp_path / "m"
+  config = model_server_config_pb2.ModelConfig(name="m", base_path=str(base))
+  load_pool = concurrent.futures.ThreadPoolExecutor(1)
+  unload_pool = concurrent.futures.ThreadPoolExecutor(1)
+  manager = model_manager.ModelManager(
+    config,
+    loader.LoaderOptions(enable_warmup=False),
+    load_pool,
+    unload_pool,
+    aspired_versions_policy.AvailabilityPreservingPolicy(),
+  )
+
+  def add_version(version):
+    (base / str(version)).mkdir(parents=True)
+    (base / str(version) / "saved_model.pb").write_bytes(b"")
+    manager.poll()
+
+  try:
+    add_version(1)
+    lib.wait_for(lambda: started == [1])
+    add_version(2)
+    add_version(3)
+    gate.set()
+    assert manager.wait_until_settled(timeout=60)
+    lib.wait_for(lambda: manager.available_versions() == [3])
+    assert started == [1, 3]
+    states = {v: (s, e) for v, s, e in manager.version_states()}
+    assert states[2][0] == State.END and states[2][1].code == grpc.StatusCode.CANCELLED
+    lib.wait_for(lambda: {v: s for v, s, _ in manager.version_states()}[1] == State.END)
+  finally:
+    gate.set()
+    manager.stop()
+    manager.wait_until_unloaded(60)
+    load_pool.shutdown()
+    unload_pool.shutdown()
