@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import threading
 from collections.abc import Callable, Sequence
 
 from tensorflow.core.protobuf import config_pb2
@@ -73,8 +74,10 @@ def _native_bundle(name: str, version: int, path: str, options: LoaderOptions) -
   return native_bundle.NativeBundle(name, version, path, options.native, options.tags, options.session_config, batching)
 
 
-def load_once(name: str, version: int, path: str, options: LoaderOptions) -> saved_model_bundle.LoadedVersion:
-  """Loads and warms one version; raises ServingError on failure."""
+def load_once(
+  name: str, version: int, path: str, options: LoaderOptions, stop: threading.Event | None = None
+) -> saved_model_bundle.LoadedVersion:
+  """Loads and warms one version; raises ServingError on failure (CANCELLED once `stop` is set mid-warm-up)."""
   context = saved_model_bundle.servable_context(name, version)
   try:
     check_path_roots(path, options.allowed_roots, "Version directory")
@@ -99,7 +102,7 @@ def load_once(name: str, version: int, path: str, options: LoaderOptions) -> sav
       bundle.on_close(session.close)
     if options.enable_warmup:
       with saved_model_bundle.background_load():
-        warmup.run_warmup(bundle, options.warmup_iterations)
+        warmup.run_warmup(bundle, options.warmup_iterations, stop)
   except Exception as e:  # A failed warm-up fails the load, as in TF Serving.
     bundle.close()
     raise errors.from_exception(e, context) from e

@@ -184,7 +184,7 @@ class ModelManager:
         return
       entry.attempts += 1
     try:
-      bundle = loader.load_once(self.name, entry.version, entry.path, self._loader_options)
+      bundle = loader.load_once(self.name, entry.version, entry.path, self._loader_options, self._stopped)
     except errors.ServingError as e:
       with self._cond:
         entry.last_error = e
@@ -255,7 +255,7 @@ class ModelManager:
     """
     started = time.monotonic()
     try:
-      rehearsal = loader.load_once(self.name, entry.version, entry.path, self._loader_options)
+      rehearsal = loader.load_once(self.name, entry.version, entry.path, self._loader_options, self._stopped)
     except errors.ServingError as e:
       logging.warning("Rehearsing the next load of %s failed: %s", self.name, e.message)
       return

@@ -1,6 +1,7 @@
 """Replays assets.extra/tf_serving_warmup_requests before a version serves."""
 
 import os
+import threading
 import time
 
 import grpc
@@ -15,13 +16,18 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_RECORDS = 1000
 
 
-def run_warmup(bundle: saved_model_bundle.SavedModelBundle, iterations: int = 1) -> int:
+def run_warmup(
+  bundle: saved_model_bundle.SavedModelBundle, iterations: int = 1, stop: threading.Event | None = None
+) -> int:
   """Replays the servable's warm-up log, if it has one.
 
   Args:
     bundle: The freshly loaded servable.
     iterations: How many times each record is replayed (TF Serving's
       --num_request_iterations_for_warmup; values < 1 mean once).
+    stop: Set when the server stops: the replay ends before the next record.
+      Each batched record may wait out the batch timeout, so without it a
+      shutdown during warm-up waits for up to 1000 of them.
 
   Returns:
     The number of records replayed.
@@ -29,6 +35,7 @@ def run_warmup(bundle: saved_model_bundle.SavedModelBundle, iterations: int = 1)
   Raises:
     ServingError: if the file is malformed, has more than 1000 records or a
       request fails; the version then fails to load, as in TF Serving.
+      CANCELLED when `stop` is set before the replay ends.
   """
   path = os.path.join(bundle.path, WARMUP_FILE)
   if not os.path.isfile(path):
@@ -45,6 +52,10 @@ def run_warmup(bundle: saved_model_bundle.SavedModelBundle, iterations: int = 1)
     raise errors.invalid_argument(f"Failed to read warmup records from {path}: {e.message}") from e
   for _ in range(max(1, iterations)):
     for raw in records:
+      if stop is not None and stop.is_set():
+        raise errors.ServingError(
+          grpc.StatusCode.CANCELLED, f"Warm-up of {bundle.path} stopped: the server is stopping"
+        )
       log = prediction_log_pb2.PredictionLog()
       try:
         log.ParseFromString(raw)

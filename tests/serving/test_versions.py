@@ -222,6 +222,30 @@ def test_warmup_replays_and_limits(tmp_path):
   assert "exceeds the maximum (1000)" in info.value.message
 
 
+def test_warmup_stops_between_records_once_the_server_stops(tmp_path, monkeypatch):
+  """SIGTERM during a batched warm-up waited out every record's batch timeout (up to 1000 of them):
+  the replay now ends before the next record, and the load fails CANCELLED."""
+  path = str(tmp_path / "1")
+  lib.write_tf1_half_plus_two(path)
+  lib.write_warmup(path, "m", count=50)
+  stop = threading.Event()
+  replayed = []
+  real_replay = warmup._replay
+
+  def replay_then_stop(bundle, log):
+    real_replay(bundle, log)
+    replayed.append(log)
+    if len(replayed) == 2:
+      stop.set()
+
+  monkeypatch.setattr(warmup, "_replay", replay_then_stop)
+  with pytest.raises(errors.ServingError) as info:
+    loader.load_once("m", 1, path, loader.LoaderOptions(), stop)
+  assert info.value.code == grpc.StatusCode.CANCELLED
+  assert "the server is stopping" in info.value.message
+  assert len(replayed) == 2
+
+
 @pytest.mark.parametrize(
   "policy, expected",
   [
@@ -616,7 +640,7 @@ def test_a_queued_load_no_longer_aspired_is_never_tried(tmp_path, monkeypatch):
     def close(self):
       pass
 
-  def fake_load_once(name, version, path, options):
+  def fake_load_once(name, version, path, options, stop=None):
     started.append(version)
     if version == 1:
       gate.wait(60)
