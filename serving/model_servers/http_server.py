@@ -8,6 +8,8 @@ worker. No web framework dependency is needed.
 """
 
 import concurrent.futures
+import dataclasses
+import http
 import http.client
 import http.server
 import io
@@ -216,64 +218,60 @@ class RestApi:
     return {"model_spec": as_dict(response.model_spec), "metadata": {"signature_def": as_dict(signature_map)}}
 
 
-class _BodyTooLarge(Exception):
-  def __init__(self, size: int):
-    super().__init__(size)
-    self.size = size
-
-
-def _read_chunked(rfile, limit: int) -> bytes:
-  """A `Transfer-Encoding: chunked` body (RFC 9112 7.1), which http.server leaves to its handlers.
-
-  Raises:
-    _BodyTooLarge: the body passes `limit` bytes (0: no limit).
-    ValueError: the chunks are malformed or end early.
-  """
-  parts, size = [], 0
-  while True:
-    line = rfile.readline(1024)
-    if not line.endswith(b"\n"):
-      raise ValueError("a chunk size line is cut short")
-    try:
-      chunk = int(line.split(b";", 1)[0].strip(), 16)
-    except ValueError:
-      raise ValueError(f"bad chunk size {line[:40]!r}") from None
-    if chunk < 0:
-      raise ValueError(f"bad chunk size {line[:40]!r}")
-    if chunk == 0:
-      break
-    size += chunk
-    if limit and size > limit:
-      raise _BodyTooLarge(size)
-    data = rfile.read(chunk)
-    if len(data) != chunk or rfile.read(2) != b"\r\n":
-      raise ValueError("a chunk ends early")
-    parts.append(data)
-  while True:  # Trailer fields, up to the empty line.
-    line = rfile.readline(8192)
-    if not line.endswith(b"\n"):
-      raise ValueError("the trailer is cut short")
-    if line in (b"\r\n", b"\n"):
-      return b"".join(parts)
-
-
-# The request line and headers one request may send before the blank line (431 beyond it).
+# The request line and headers one request may send before the blank line (431 beyond it); a chunked
+# body's trailer section has the same limit.
 MAX_HEADER_BYTES = 64 * 1024
+# A chunk-size line: the size in hex, any chunk extensions and the line end (400 beyond it). The API
+# uses no extensions; the bound keeps a client from sending kilobytes of them per byte of data.
+MAX_CHUNK_LINE_BYTES = 256
 _HEADER_END = re.compile(rb"\n\r?\n")
+_DIGITS = re.compile(rb"[0-9]+")
+# chunk-size [chunk-ext] line end (RFC 9112 7.1.1): HEXDIG only, no sign, prefix or spaces before.
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\r?\n")
+
+
+def _error_response(status: int, message: str) -> bytes:
+  """A whole `{"error": ...}` answer that closes the connection, for refusals made before a handler runs."""
+  body = json.dumps({"error": message}).encode()
+  return (
+    f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+  ).encode() + body
 
 
 class _HeadersTooLarge(Exception):
   pass
 
 
-class _RequestFramer:
-  """Finds where the first HTTP/1.x request in a connection's buffer ends, as the bytes arrive.
+@dataclasses.dataclass
+class _Framed:
+  """One request as the event loop framed it: what the handler reads, or the error it answers instead.
 
-  A request is handed to a worker only once it is complete, or once what arrived is enough for the
-  handler to answer it without reading more: a Content-Length over the body limit (413) or that
-  isn't a number (400), a malformed or oversized chunk (400, 413). The handler then reads exactly
-  those bytes, so it never waits on the client. The framing follows the handler's own reading
-  (http.server's headers, `_read_chunked`).
+  Attributes:
+    head: The request line and header section.
+    body: The body, decoded from its chunks if it was sent chunked.
+    error: (HTTP status, message) when the body's framing is invalid or over a limit; the handler
+      answers it and closes the connection, whose next bytes can't be trusted to start a request.
+    close: Close the connection after the answer: the framing headers were ambiguous (RFC 9112 6.1).
+  """
+
+  head: bytes
+  body: bytes = b""
+  error: tuple[int, str] | None = None
+  close: bool = False
+
+
+class _RequestFramer:
+  """Frames the first HTTP/1.x request in a connection's buffer as its bytes arrive (RFC 9112 6):
+  the server's one reader of Content-Length and chunked bodies.
+
+  A request is handed to a worker once it is complete, or once what arrived is enough to refuse it:
+  a body over the limit (413), a Content-Length that isn't one run of digits, a malformed chunk or an
+  unsupported Transfer-Encoding (400, 501), a trailer section over MAX_HEADER_BYTES (431). A chunked
+  body counts every byte it sends toward the limit: chunk sizes, extensions, data and trailers.
+
+  Args:
+    max_body_bytes: Largest body (--rest_api_max_body_bytes); 0: no limit.
   """
 
   def __init__(self, max_body_bytes: int):
@@ -284,21 +282,24 @@ class _RequestFramer:
     self._scanned = 0  # Where the search for the headers' end resumes.
     self.header_end: int | None = None
     self.expect_continue = False
-    self._body_end: int | None = None
-    self._chunk_pos: int | None = None  # The next chunk size line (chunked bodies).
-    self._chunk_total = 0
-    self._trailers = False
+    self.body_end: int | None = None  # Where the request ends, once known.
+    self._chunk_pos: int | None = None  # The next chunk-size or trailer line (chunked bodies).
+    self._chunks: list[tuple[int, int]] = []  # Where each chunk's data lies in the buffer.
+    self._trailer_start: int | None = None
+    self._error: tuple[int, str] | None = None
+    self._close = False
 
   def end(self, buf: bytearray) -> int | None:
-    """The length of the first request in `buf` (or of the part the handler needs), None if more
-    must arrive first.
+    """The length of the first request in `buf` (or of the part that is enough to refuse it), None if
+    more must arrive first.
 
     Raises:
       _HeadersTooLarge: the request line and headers pass MAX_HEADER_BYTES.
     """
     if self.header_end is None:
       if buf[:2] == b"\r\n" or buf[:1] == b"\n":  # An empty request line: the handler closes.
-        return 2 if buf[:1] == b"\r" else 1
+        self.header_end = self.body_end = 2 if buf[:1] == b"\r" else 1
+        return self.body_end
       match = _HEADER_END.search(buf, max(0, self._scanned - 3))
       if not match:
         self._scanned = len(buf)
@@ -308,71 +309,116 @@ class _RequestFramer:
       self.header_end = match.end()
       if self.header_end > MAX_HEADER_BYTES:
         raise _HeadersTooLarge()
-      if self._frame_body(bytes(buf[: self.header_end])):
-        self._body_end = self.header_end  # The handler answers without reading a body.
-    if self._body_end is not None:
-      return self._body_end if len(buf) >= self._body_end else None
-    self._body_end = self._chunked_end(buf)
-    return self._body_end
+      self._frame_body(bytes(buf[: self.header_end]))
+    if self._chunk_pos is None:
+      return self.body_end if len(buf) >= self.body_end else None
+    if self.body_end is None:
+      self.body_end = self._chunked_end(buf)
+    return self.body_end
 
-  def _frame_body(self, head: bytes) -> bool:
-    """Reads the headers; True when the handler can answer from them alone."""
+  def take(self, buf: bytearray) -> _Framed:
+    """The request `end` found in `buf`."""
+    head = bytes(buf[: self.header_end])
+    if self._error is not None:
+      return _Framed(head, error=self._error, close=True)
+    if self._chunk_pos is not None:
+      body = b"".join(buf[start:stop] for start, stop in self._chunks)
+    else:
+      body = bytes(buf[self.header_end : self.body_end])
+    return _Framed(head, body, close=self._close)
+
+  def _fail(self, end: int, status: int, message: str) -> int:
+    self._error = (status, message)
+    self.body_end = end
+    return end
+
+  def _too_large(self, size: int | None) -> str:
+    """The 413 message: for a body of `size` bytes, or for a chunked one (None)."""
+    limit = f"the limit of {self._limit} bytes (--rest_api_max_body_bytes)"
+    if size is None:
+      return f"Chunked request body exceeds {limit}, counting its chunk sizes, extensions and trailers"
+    return f"Request body of {size} bytes exceeds {limit}"
+
+  def _frame_body(self, head: bytes) -> None:
+    """Reads the framing headers: sets where the body ends, or starts following its chunks."""
+    self.body_end = self.header_end  # No body, or refused from the headers alone.
     request_line, _, fields = head.partition(b"\n")
     try:
       headers = http.client.parse_headers(io.BytesIO(fields))
     except http.client.HTTPException:  # Too many or too long: the handler answers 431.
-      return True
+      return
     version = request_line.split()[-1:]
-    self.expect_continue = (
-      headers.get("Expect", "").lower() == "100-continue"
-      and bool(version)
-      and version[0] not in (b"HTTP/1.0", b"HTTP/0.9")
-    )
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+    http_1_0 = not version or version[0] in (b"HTTP/1.0", b"HTTP/0.9")
+    self.expect_continue = headers.get("Expect", "").lower() == "100-continue" and not http_1_0
+    codings = headers.get_all("Transfer-Encoding")
+    lengths = headers.get_all("Content-Length")
+    if codings is not None:
+      codings = [c.strip().lower() for c in ",".join(codings).split(",")]
+      if codings != ["chunked"]:
+        # Without chunked last the body's end is unknown (RFC 9112 6.3); with other codings before
+        # it, the body could be framed but not decoded.
+        status = 501 if codings[-1] == "chunked" else 400
+        self._fail(self.header_end, status, f"Unsupported Transfer-Encoding: {', '.join(codings)!r}; only chunked")
+        return
       self._chunk_pos = self.header_end
-      return False
-    try:
-      length = int(headers.get("Content-Length") or 0)
-    except ValueError:
-      return True
-    if length < 0 or (self._limit and length > self._limit):
-      return True
-    self._body_end = self.header_end + length
-    return False
+      self.body_end = None
+      # Chunked wins over Content-Length; a sender that set both, or chunked in HTTP/1.0, may have been
+      # framed differently by a proxy on the way, so the connection is not reused (RFC 9112 6.1).
+      self._close = lengths is not None or http_1_0
+      return
+    if lengths is None:
+      return
+    values = {value.strip() for value in ",".join(lengths).encode("latin-1", "replace").split(b",")}
+    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+      self._fail(self.header_end, 400, f"Invalid Content-Length: {', '.join(lengths)[:100]!r}")
+      return
+    length = int(next(iter(values)))
+    if self._limit and length > self._limit:
+      self._fail(self.header_end, 413, self._too_large(length))
+      return
+    self.body_end = self.header_end + length
 
   def _chunked_end(self, buf: bytearray) -> int | None:
+    """Follows the chunks as far as they arrived: the request's end once known, else None."""
+    # The body may not reach past `bound`; the same scan, fed the bytes in any pieces, ends alike.
+    bound = self.header_end + self._limit if self._limit else None
     while True:
       pos = self._chunk_pos
-      limit = 8192 if self._trailers else 1024  # `_read_chunked`'s readline limits.
-      newline = buf.find(b"\n", pos, pos + limit)
+      if self._trailer_start is None:
+        cap = pos + MAX_CHUNK_LINE_BYTES
+        beyond = (400, f"Invalid chunked request body: a chunk size line is longer than {MAX_CHUNK_LINE_BYTES} bytes")
+      else:
+        cap = self._trailer_start + MAX_HEADER_BYTES
+        beyond = (431, f"Request trailer fields exceed {MAX_HEADER_BYTES} bytes")
+      if bound is not None and bound < cap:
+        cap, beyond = bound, (413, self._too_large(None))
+      newline = buf.find(b"\n", pos, cap)
       if newline < 0:
-        return pos + limit if len(buf) >= pos + limit else None  # Too long: the handler refuses it.
-      line = bytes(buf[pos : newline + 1])
-      if self._trailers:
-        self._chunk_pos = newline + 1
-        if line in (b"\r\n", b"\n"):
-          return newline + 1
+        return self._fail(cap, *beyond) if len(buf) >= cap else None
+      line_end = newline + 1
+      if self._trailer_start is not None:
+        self._chunk_pos = line_end
+        if line_end - pos <= 2 and buf[pos:line_end] in (b"\r\n", b"\n"):
+          return line_end
         continue
-      try:
-        size = int(line.split(b";", 1)[0].strip(), 16)
-      except ValueError:
-        return newline + 1
-      if size < 0:
-        return newline + 1
+      match = _CHUNK_SIZE_LINE.fullmatch(buf, pos, line_end)
+      if not match:
+        return self._fail(
+          line_end, 400, f"Invalid chunked request body: bad chunk size {bytes(buf[pos:line_end])[:40]!r}"
+        )
+      size = int(match[1], 16)
       if size == 0:
-        self._trailers = True
-        self._chunk_pos = newline + 1
+        self._trailer_start = self._chunk_pos = line_end
         continue
-      self._chunk_total += size
-      if self._limit and self._chunk_total > self._limit:
-        return newline + 1
-      data_end = newline + 1 + size + 2
+      data_end = line_end + size + 2
+      if bound is not None and data_end > bound:
+        return self._fail(line_end, 413, self._too_large(None))
       if len(buf) < data_end:
-        self._chunk_total -= size  # Counted again when the rest arrives.
-        return None
-      self._chunk_pos = data_end
+        return None  # This chunk-size line is read again once the data is here.
       if buf[data_end - 2 : data_end] != b"\r\n":
-        return data_end
+        return self._fail(data_end, 400, "Invalid chunked request body: a chunk's data does not end with CRLF")
+      self._chunks.append((line_end, data_end - 2))
+      self._chunk_pos = data_end
 
 
 class _Connection:
@@ -408,7 +454,8 @@ class _PooledHTTPServer(http.server.HTTPServer):
   A connection holds a worker only while its request runs: an idle keep-alive connection, or a
   client sending its request slowly or not at all, costs a file descriptor and its buffer. Each
   request must arrive whole within `idle_timeout` seconds of the connection opening or its previous
-  answer (--rest_api_timeout_in_ms); the connection is closed otherwise.
+  answer (--rest_api_timeout_in_ms); the connection is closed otherwise. The handler is given
+  (socket, _Framed).
   """
 
   # socketserver listens with a backlog of 5: under a burst of new connections the kernel then
@@ -537,30 +584,27 @@ class _PooledHTTPServer(http.server.HTTPServer):
         except OSError:
           pass
       return
-    request, conn.buf = bytes(conn.buf[:end]), conn.buf[end:]
+    framed = conn.framer.take(conn.buf)
+    conn.buf = conn.buf[end:]
     conn.framer.reset()
     self._selector.unregister(conn.sock)
     self._idle.discard(conn)
-    self._pool.submit(self._process, conn, request)
+    self._pool.submit(self._process, conn, framed)
 
   def _refuse_headers(self, conn: _Connection) -> None:
-    body = json.dumps({"error": f"Request line and headers exceed {MAX_HEADER_BYTES} bytes"}).encode()
+    message = f"Request line and headers exceed {MAX_HEADER_BYTES} bytes"
     try:
       conn.sock.settimeout(self.idle_timeout)
-      conn.sock.sendall(
-        b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-        + body
-      )
+      conn.sock.sendall(_error_response(431, message))
     except OSError:
       pass
     self._close(conn)
 
-  def _process(self, conn: _Connection, request: bytes) -> None:
+  def _process(self, conn: _Connection, framed: _Framed) -> None:
     keep = False
     try:
       conn.sock.settimeout(self.idle_timeout)  # Bounds writing the answer to a slow reader.
-      handler = self.RequestHandlerClass((conn.sock, request), conn.address, self)
+      handler = self.RequestHandlerClass((conn.sock, framed), conn.address, self)
       keep = not handler.close_connection and not self.stopping
     except OSError as e:  # The client went away mid-answer.
       logging.debug("REST %s: %s", conn.address, e)
@@ -634,8 +678,8 @@ class HttpServer:
       def setup(self):
         # The server read this whole request before handing it over: the handler never waits on
         # the client to send.
-        self.connection, data = self.request
-        self.rfile = io.BytesIO(data)
+        self.connection, self.framed = self.request
+        self.rfile = io.BytesIO(self.framed.head)
         self.wfile = _SocketWriter(self.connection)
 
       def handle(self):
@@ -643,6 +687,19 @@ class HttpServer:
 
       def handle_expect_100(self):
         return True  # The event loop answered 100 Continue before it read the body.
+
+      def parse_request(self) -> bool:
+        """http.server's parse, then the body framing the event loop found bad, if it did."""
+        if not super().parse_request():
+          return False
+        if self.framed.error is not None:
+          self.close_connection = True  # The body's end is unknown, or it was left unread.
+          status, message = self.framed.error
+          self._reply(status, json.dumps({"error": message}).encode(), "application/json")
+          return False
+        if self.framed.close:
+          self.close_connection = True
+        return True
 
       def _reply(self, status: int, payload: bytes, content_type: str):
         self.send_response(status)
@@ -663,40 +720,10 @@ class HttpServer:
         if method == "GET" and prometheus_path and path == prometheus_path:
           self._reply(200, metrics.exposition(), metrics_lib.CONTENT_TYPE)
           return
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        try:
-          length = 0 if chunked else int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-          length = -1
-        if length < 0:
-          self.close_connection = True  # The body's end is unknown.
-          self._reply(400, b'{"error": "Invalid Content-Length"}', "application/json")
-          return
-        try:
-          if max_body_bytes and length > max_body_bytes:
-            raise _BodyTooLarge(length)
-          if chunked:
-            body = _read_chunked(self.rfile, max_body_bytes)
-          else:
-            body = self.rfile.read(length) if length > 0 else b""
-        except _BodyTooLarge as e:
-          # 413, not TF Serving's 429 for RESOURCE_EXHAUSTED: the request
-          # itself is too large and retrying it can't succeed. The body is
-          # not read to its end, so the connection can't be reused.
-          self.close_connection = True
-          message = (
-            f"Request body of {e.size} bytes exceeds the limit of {max_body_bytes} bytes (--rest_api_max_body_bytes)"
-          )
-          self._reply(413, json.dumps({"error": message}).encode(), "application/json")
-          return
-        except ValueError as e:
-          self.close_connection = True
-          self._reply(400, json.dumps({"error": f"Invalid chunked request body: {e}"}).encode(), "application/json")
-          return
         if not path.lower().startswith("/v1/"):
           status, payload = 404, {"error": f"Not found: {method} {path}"}
         else:
-          status, payload = rest.handle(method, path, body)
+          status, payload = rest.handle(method, path, self.framed.body)
         try:
           data = json.dumps(payload, indent=None).encode("utf-8")
         except (TypeError, ValueError) as e:  # A value JSON can't hold.

@@ -192,7 +192,8 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
   "rest_api_max_body_bytes",
   64 << 20,
-  "Largest REST request body, in bytes; larger ones are answered HTTP 413 unread. 0: no limit.",
+  "Largest REST request body, in bytes; larger ones are answered HTTP 413 unread. A chunked body "
+  "counts its chunk sizes, extensions and trailers too. 0: no limit.",
 )
 flags.DEFINE_integer(
   "max_batch_size_per_request",

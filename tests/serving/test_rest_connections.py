@@ -1,5 +1,5 @@
-"""REST connections: slow or idle clients hold no worker thread; keep-alive, pipelining, request
-framing and draining on SIGTERM's path (`HttpServer.stop`)."""
+"""REST connections: slow or idle clients hold no worker thread; keep-alive, pipelining, draining on
+SIGTERM's path (`HttpServer.stop`). Request framing: test_rest_framing.py."""
 
 import http.client
 import json
@@ -8,8 +8,6 @@ import time
 
 import pytest
 import serving_testlib as lib
-
-from serving.model_servers import http_server
 
 PREDICT = f"/v1/models/{lib.TF2_MODEL}:predict"
 BODY = json.dumps({"instances": [1.0, 3.0]}).encode()
@@ -169,29 +167,3 @@ def test_limits_answer_before_the_body(patient):
     sock.sendall(f"GET /v1/models/{lib.TF2_MODEL} HTTP/1.1\r\n".encode() + b"X-Filler: y\r\n" * 6000)
     status, headers, _ = _read_reply(sock, bytearray())
     assert status == 431 and headers["connection"] == "close"
-
-
-@pytest.mark.parametrize(
-  "request_bytes, expected_end",
-  [
-    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /next", 27),
-    (b"GET / HTTP/1.1\nHost: x\n\n", 24),
-    (b"\r\nGET / HTTP/1.1\r\n\r\n", 2),  # An empty request line: the handler closes.
-    (b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcdef", 41),
-    (b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab", None),
-    (b"POST / HTTP/1.1\r\nContent-Length: 99\r\n\r\n", 39),  # Over the limit (10): 413.
-    (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\nabc", 38),  # Not a number: 400.
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET", 60),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n", None),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc", 51),  # Bad size: 400.
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n", 55),  # Bad chunk end.
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n", 50),  # 11 > 10 bytes: 413.
-  ],
-)
-def test_request_framing(request_bytes, expected_end):
-  whole = http_server._RequestFramer(max_body_bytes=10)  # pylint: disable=protected-access
-  assert whole.end(bytearray(request_bytes)) == expected_end
-  split = http_server._RequestFramer(max_body_bytes=10)  # pylint: disable=protected-access
-  ends = [split.end(bytearray(request_bytes[:n])) for n in range(1, len(request_bytes) + 1)]
-  assert ends[-1] == expected_end
-  assert all(end is None or end == expected_end for end in ends)  # Fed in pieces, the same end.
