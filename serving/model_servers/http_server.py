@@ -674,6 +674,8 @@ class HttpServer:
 
       server_version = "fgr-serve"
       protocol_version = "HTTP/1.1"  # Keep-alive: idle connections wait in the event loop, not here.
+      # Errors found before the request line's version is read still answer with a status line.
+      default_request_version = "HTTP/1.0"
 
       def setup(self):
         # The server read this whole request before handing it over: the handler never waits on
@@ -689,17 +691,34 @@ class HttpServer:
         return True  # The event loop answered 100 Continue before it read the body.
 
       def parse_request(self) -> bool:
-        """http.server's parse, then the body framing the event loop found bad, if it did."""
+        """http.server's parse, refusing HTTP/0.x and the body framing the event loop found bad."""
+        if len(self.raw_requestline.split()) == 2:  # "GET /path": HTTP/0.9, which http.server serves.
+          self.command, self.request_version = None, self.default_request_version
+          self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+          self.send_error(400, "Bad request line: no HTTP version (HTTP/0.9 is not supported)")
+          return False
         if not super().parse_request():
           return False
+        if self.request_version.startswith("HTTP/0."):  # http.server checked it is HTTP/<int>.<int>.
+          self.send_error(505, f"Unsupported HTTP version ({self.request_version})")
+          return False
         if self.framed.error is not None:
-          self.close_connection = True  # The body's end is unknown, or it was left unread.
-          status, message = self.framed.error
-          self._reply(status, json.dumps({"error": message}).encode(), "application/json")
+          self.send_error(*self.framed.error)
           return False
         if self.framed.close:
           self.close_connection = True
         return True
+
+      def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """An HTTP-level error (bad request line or headers, unsupported version or method, bad
+        framing), answered like every other error: `{"error": ...}`, then the connection closes."""
+        del explain
+        if self.request_version.startswith("HTTP/0."):  # http.server would write no status line or headers.
+          self.request_version = self.default_request_version
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        payload = json.dumps({"error": message or http.HTTPStatus(code).phrase}).encode()
+        self._reply(code, payload, "application/json")
 
       def _reply(self, status: int, payload: bytes, content_type: str):
         self.send_response(status)

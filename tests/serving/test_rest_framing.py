@@ -1,5 +1,5 @@
-"""REST request framing (RFC 9112): where a request ends, what its body is, and the errors for bad
-framing."""
+"""REST request framing (RFC 9112): where a request ends, what its body is, and the HTTP-level errors,
+answered `{"error": ...}` with a status line like every other error."""
 
 import json
 import socket
@@ -133,9 +133,14 @@ def _predict(headers: bytes, body: bytes = BODY, version: bytes = b"HTTP/1.1") -
     (_predict(b"Transfer-Encoding: chunked\r\n", b"0x%x\r\n" % len(BODY) + BODY + b"\r\n0\r\n\r\n"), 400, "chunk size"),
     (_predict(b"Transfer-Encoding: gzip, chunked\r\n", b""), 501, "Transfer-Encoding"),
     (_chunked(b"1;" + b"e" * 300 + b"\r\n \r\n"), 400, "chunk size line is longer than 256 bytes"),
+    (_predict(b"Content-Length: %d\r\n" % len(BODY), version=b"HTTP/2.0"), 505, "HTTP version"),
+    (_predict(b"Content-Length: %d\r\n" % len(BODY), version=b"HTTP/0.9"), 505, "HTTP version"),
+    (b"GARBAGE\r\n\r\n", 400, "Bad request"),
+    (f"GET /v1/models/{lib.TF2_MODEL}\r\n\r\n".encode(), 400, "HTTP/0.9"),  # No version: no HTTP/0.9 reply.
+    (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501, "Unsupported method"),
   ],
 )
-def test_bad_framing_answers_json_and_closes(port, request_bytes, status, message):
+def test_bad_framing_and_request_lines_answer_json_and_close(port, request_bytes, status, message):
   status_line, headers, body, closed = _exchange(port, request_bytes)
   assert status_line.startswith(b"HTTP/1.1 %d " % status)
   assert headers["content-type"] == "application/json" and message in json.loads(body)["error"]
