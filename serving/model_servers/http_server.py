@@ -534,6 +534,12 @@ class _PooledHTTPServer(http.server.HTTPServer):
       except OSError as e:  # E.g. out of file descriptors: try again on the next wake.
         logging.warning("REST accept failed: %s", e)
         return
+      try:
+        # Each answer is one write; without this, a kept-alive connection's next answer would wait
+        # for the client's delayed ACK of the previous one (Nagle).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+      except OSError:
+        pass
       sock.setblocking(False)
       conn = _Connection(sock, address, self._max_body_bytes)
       conn.deadline = time.monotonic() + self.idle_timeout
@@ -730,9 +736,12 @@ class HttpServer:
           self.send_header("Access-Control-Allow-Origin", "*")
           self.send_header("Access-Control-Allow-Methods", "POST, GET")
           self.send_header("Access-Control-Allow-Headers", "Content-Type")
-        self.end_headers()
+        # The status line, headers and body in one write: a body written apart would wait for the
+        # client's delayed ACK of the headers on a kept-alive connection.
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":  # A HEAD reply has the headers of the body it leaves out.
-          self.wfile.write(payload)
+          self._headers_buffer.append(payload)
+        self.flush_headers()
 
       def _handle(self, method: str):
         path = urllib.parse.urlsplit(self.path).path

@@ -167,3 +167,22 @@ def test_limits_answer_before_the_body(patient):
     sock.sendall(f"GET /v1/models/{lib.TF2_MODEL} HTTP/1.1\r\n".encode() + b"X-Filler: y\r\n" * 6000)
     status, headers, _ = _read_reply(sock, bytearray())
     assert status == 431 and headers["connection"] == "close"
+
+
+def test_answers_are_one_write_on_a_no_delay_socket(tmp_path):
+  """A kept-alive connection's answers don't wait for the client's delayed ACKs (Nagle)."""
+  server = _half_plus_two_server(tmp_path)
+  loop = server.server._http._server  # pylint: disable=protected-access
+  try:
+    with socket.create_connection(("127.0.0.1", server.server.rest_port), timeout=60) as sock:
+      lib.wait_for(lambda: len(loop._idle) == 1)  # pylint: disable=protected-access
+      accepted = next(iter(loop._idle)).sock  # pylint: disable=protected-access
+      assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+      for _ in range(5):
+        sock.sendall(_raw("POST", PREDICT, BODY))
+        # One write of a small answer arrives as one segment on loopback, so one recv holds the status
+        # line, headers and body; a body written apart from the headers arrives after them.
+        head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body) == ANSWER
+  finally:
+    server.stop()
