@@ -15,6 +15,7 @@ import http.server
 import io
 import json
 import re
+import resource
 import selectors
 import socket
 import threading
@@ -224,10 +225,24 @@ MAX_HEADER_BYTES = 64 * 1024
 # A chunk-size line: the size in hex, any chunk extensions and the line end (400 beyond it). The API
 # uses no extensions; the bound keeps a client from sending kilobytes of them per byte of data.
 MAX_CHUNK_LINE_BYTES = 256
+# After a failed accept (out of file descriptors), the listening socket is ignored this long: it stays
+# readable, and retrying at once would spin the event loop (asyncio waits the same).
+_ACCEPT_RETRY_SECONDS = 1.0
+# Failed accepts and shed connections are logged at most once per this many seconds.
+_WARNING_INTERVAL_SECONDS = 10.0
 _HEADER_END = re.compile(rb"\n\r?\n")
 _DIGITS = re.compile(rb"[0-9]+")
 # chunk-size [chunk-ext] line end (RFC 9112 7.1.1): HEXDIG only, no sign, prefix or spaces before.
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\r?\n")
+
+
+def default_max_connections() -> int:
+  """--rest_api_max_connections's derived default: half the process's open-file limit
+  (RLIMIT_NOFILE), leaving the rest to gRPC, model files and TensorFlow."""
+  soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+  if soft == resource.RLIM_INFINITY or soft <= 0:
+    return 1 << 16
+  return max(1, soft // 2)
 
 
 def _error_response(status: int, message: str) -> bytes:
@@ -454,21 +469,40 @@ class _PooledHTTPServer(http.server.HTTPServer):
   A connection holds a worker only while its request runs: an idle keep-alive connection, or a
   client sending its request slowly or not at all, costs a file descriptor and its buffer. Each
   request must arrive whole within `idle_timeout` seconds of the connection opening or its previous
-  answer (--rest_api_timeout_in_ms); the connection is closed otherwise. The handler is given
-  (socket, _Framed).
+  answer (--rest_api_timeout_in_ms); the connection is closed otherwise.
+
+  At `max_connections` open connections, a new one replaces the connection that has waited longest
+  in the event loop (or is refused 503 when every connection is in a worker's hands).
+
+  Args:
+    address: (host, port) to bind.
+    handler: The request handler class; it is given (socket, _Framed).
+    num_threads: Worker threads.
+    idle_timeout: Seconds a request may take to arrive.
+    max_body_bytes: Largest request body; 0: no limit.
+    max_connections: Most open connections; 0: no limit.
   """
 
   # socketserver listens with a backlog of 5: under a burst of new connections the kernel then
   # drops or resets them before the pool sees them.
   request_queue_size = socket.SOMAXCONN
 
-  def __init__(self, address, handler, num_threads: int, idle_timeout: float = 30.0, max_body_bytes: int = 0):
+  def __init__(
+    self,
+    address,
+    handler,
+    num_threads: int,
+    idle_timeout: float = 30.0,
+    max_body_bytes: int = 0,
+    max_connections: int = 0,
+  ):
     if ":" in address[0]:  # IPv6, e.g. --host=[::]
       self.address_family = socket.AF_INET6
       address = (address[0].strip("[]"), address[1])
     super().__init__(address, handler)
     self.idle_timeout = idle_timeout
     self._max_body_bytes = max_body_bytes
+    self._max_connections = max_connections
     self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="http")
     self._selector = selectors.DefaultSelector()
     self._wake_r, self._wake_w = socket.socketpair()
@@ -476,7 +510,10 @@ class _PooledHTTPServer(http.server.HTTPServer):
     self._wake_w.setblocking(False)
     self._lock = threading.Lock()
     self._returned: list[_Connection] = []  # Back from a worker, to wait for their next request.
-    self._idle: set[_Connection] = set()
+    # Connections in the event loop waiting for a request, by when they entered it (so by deadline).
+    self._idle: dict[_Connection, None] = {}
+    self._open = 0  # Connections open, in the loop or in a worker's hands (under _lock).
+    self._accept_resumes: float | None = None  # Set while accepting backs off.
     self.stopping = False
     self._loop_closed = False
     self._loop_done = threading.Event()
@@ -489,16 +526,9 @@ class _PooledHTTPServer(http.server.HTTPServer):
     self.socket.setblocking(False)
     self._selector.register(self.socket, selectors.EVENT_READ, None)
     self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-    next_sweep = time.monotonic() + self.idle_timeout
     try:
       while not self.stopping:
-        now = time.monotonic()
-        if now >= next_sweep:
-          for conn in [c for c in self._idle if c.deadline <= now]:
-            self._close(conn)  # Idle or half-sent for too long.
-          # Later connections' deadlines come later still.
-          next_sweep = min((c.deadline for c in self._idle), default=now + self.idle_timeout)
-        for key, _ in self._selector.select(max(0.0, next_sweep - now)):
+        for key, _ in self._selector.select(self._expire(time.monotonic())):
           if key.fileobj is self.socket:
             self._accept()
           elif key.fileobj is self._wake_r:
@@ -510,7 +540,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
         self._loop_closed = True
         returned, self._returned = self._returned, []
       for conn in list(self._idle) + returned:
-        self._close(conn)
+        self._drop(conn)
       self._selector.close()
       self._loop_done.set()
 
@@ -525,15 +555,47 @@ class _PooledHTTPServer(http.server.HTTPServer):
     except OSError:  # Full (the loop will wake anyway) or closed.
       pass
 
+  def _expire(self, now: float) -> float:
+    """Closes the connections past their deadline and resumes accepting after a back-off; returns
+    the seconds until the next deadline."""
+    while self._idle:
+      conn = next(iter(self._idle))
+      if conn.deadline > now:
+        break
+      self._drop(conn)  # Idle or half-sent for too long.
+    if self._accept_resumes is not None and self._accept_resumes <= now:
+      self._accept_resumes = None
+      self._selector.register(self.socket, selectors.EVENT_READ, None)
+    deadlines = [next(iter(self._idle)).deadline] if self._idle else []
+    if self._accept_resumes is not None:
+      deadlines.append(self._accept_resumes)
+    return max(0.0, min(deadlines, default=now + self.idle_timeout) - now)
+
   def _accept(self) -> None:
     while True:
       try:
         sock, address = self.socket.accept()
       except (BlockingIOError, InterruptedError):
         return
-      except OSError as e:  # E.g. out of file descriptors: try again on the next wake.
-        logging.warning("REST accept failed: %s", e)
+      except ConnectionAbortedError:  # Reset by the client while in the backlog.
+        continue
+      except OSError as e:  # E.g. out of file descriptors (EMFILE, ENFILE).
+        self._selector.unregister(self.socket)
+        self._accept_resumes = time.monotonic() + _ACCEPT_RETRY_SECONDS
+        logging.log_every_n_seconds(
+          logging.WARNING,
+          "REST accept failed: %s; not accepting for %.1f s",
+          _WARNING_INTERVAL_SECONDS,
+          e,
+          _ACCEPT_RETRY_SECONDS,
+        )
         return
+      with self._lock:
+        self._open += 1
+        full = self._max_connections and self._open > self._max_connections
+      if full and not self._shed():
+        self._refuse_new(sock)
+        continue
       try:
         # Each answer is one write; without this, a kept-alive connection's next answer would wait
         # for the client's delayed ACK of the previous one (Nagle).
@@ -543,8 +605,36 @@ class _PooledHTTPServer(http.server.HTTPServer):
       sock.setblocking(False)
       conn = _Connection(sock, address, self._max_body_bytes)
       conn.deadline = time.monotonic() + self.idle_timeout
-      self._idle.add(conn)
+      self._idle[conn] = None
       self._selector.register(sock, selectors.EVENT_READ, conn)
+
+  def _shed(self) -> bool:
+    """Closes the connection that has waited longest in the event loop to make room for a new one;
+    False if every connection is in a worker's hands."""
+    if not self._idle:
+      return False
+    logging.log_every_n_seconds(
+      logging.WARNING,
+      "REST connections at the limit of %d (--rest_api_max_connections): closing the longest waiting",
+      _WARNING_INTERVAL_SECONDS,
+      self._max_connections,
+    )
+    self._drop(next(iter(self._idle)))
+    return True
+
+  def _refuse_new(self, sock: socket.socket) -> None:
+    message = (
+      f"The server has {self._max_connections} REST connections open (--rest_api_max_connections), "
+      "all with requests being handled; retry later"
+    )
+    try:
+      sock.setblocking(False)
+      sock.send(_error_response(errors.unavailable(message).http_status, message))
+    except OSError:
+      pass
+    sock.close()
+    with self._lock:
+      self._open -= 1
 
   def _take_returned(self) -> None:
     try:
@@ -556,7 +646,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
       returned, self._returned = self._returned, []
     for conn in returned:
       conn.deadline = time.monotonic() + self.idle_timeout
-      self._idle.add(conn)
+      self._idle[conn] = None
       self._selector.register(conn.sock, selectors.EVENT_READ, conn)
       if conn.buf:  # A pipelined request may already be here.
         self._dispatch_if_complete(conn)
@@ -569,7 +659,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
     except OSError:
       data = b""
     if not data:  # The client closed (or reset) the connection.
-      self._close(conn)
+      self._drop(conn)
       return
     conn.buf += data
     self._dispatch_if_complete(conn)
@@ -579,7 +669,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
       end = conn.framer.end(conn.buf)
     except _HeadersTooLarge:
       self._selector.unregister(conn.sock)
-      self._idle.discard(conn)
+      del self._idle[conn]
       self._pool.submit(self._refuse_headers, conn)
       return
     if end is None:
@@ -594,7 +684,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
     conn.buf = conn.buf[end:]
     conn.framer.reset()
     self._selector.unregister(conn.sock)
-    self._idle.discard(conn)
+    del self._idle[conn]
     self._pool.submit(self._process, conn, framed)
 
   def _refuse_headers(self, conn: _Connection) -> None:
@@ -629,14 +719,20 @@ class _PooledHTTPServer(http.server.HTTPServer):
     else:
       self._wake()
 
+  def _drop(self, conn: _Connection) -> None:
+    """Closes a connection in the event loop."""
+    self._idle.pop(conn, None)
+    try:
+      self._selector.unregister(conn.sock)
+    except (KeyError, ValueError):
+      pass
+    self._close(conn)
+
   def _close(self, conn: _Connection) -> None:
-    if conn in self._idle:
-      self._idle.discard(conn)
-      try:
-        self._selector.unregister(conn.sock)
-      except (KeyError, ValueError):
-        pass
+    """Closes a connection no longer in the event loop (any thread)."""
     self.shutdown_request(conn.sock)
+    with self._lock:
+      self._open -= 1
 
   def server_close(self):
     super().server_close()
@@ -659,6 +755,8 @@ class HttpServer:
     max_body_bytes: Largest request body read; a larger Content-Length is
       answered 413 without reading the body (--rest_api_max_body_bytes).
       0 means no limit.
+    max_connections: Most open REST connections (--rest_api_max_connections);
+      0: `default_max_connections()`, < 0: no limit.
   """
 
   def __init__(
@@ -671,9 +769,12 @@ class HttpServer:
     enable_cors: bool = False,
     prometheus_path: str | None = None,
     max_body_bytes: int = 0,
+    max_connections: int = 0,
   ):
     rest = RestApi(api, timeout_ms)
     metrics = api.metrics
+    if max_connections == 0:
+      max_connections = default_max_connections()
 
     class Handler(http.server.BaseHTTPRequestHandler):
       """Routes one HTTP request."""
@@ -793,7 +894,9 @@ class HttpServer:
       num_threads,
       idle_timeout=max(1.0, timeout_ms / 1000) if timeout_ms > 0 else 30.0,
       max_body_bytes=max_body_bytes,
+      max_connections=max(0, max_connections),
     )
+    logging.info("REST limit: %s connections", max_connections if max_connections > 0 else "unlimited")
     self.port = self._server.server_address[1]
     self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 

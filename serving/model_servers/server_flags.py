@@ -196,6 +196,14 @@ flags.DEFINE_integer(
   "counts its chunk sizes, extensions and trailers too. 0: no limit.",
 )
 flags.DEFINE_integer(
+  "rest_api_max_connections",
+  0,
+  "Most REST connections open at once; at the limit a new connection replaces the one that has "
+  "waited longest between or inside requests (or is refused HTTP 503 while every connection has a "
+  "request being handled). 0: half the process's open-file limit (RLIMIT_NOFILE). -1: no limit. "
+  "An fgr-serve extension, not a TF Serving flag.",
+)
+flags.DEFINE_integer(
   "max_batch_size_per_request",
   0,
   "Most rows (dim 0 of Predict inputs, or examples of "

@@ -1,13 +1,21 @@
 """REST connections: slow or idle clients hold no worker thread; keep-alive, pipelining, draining on
-SIGTERM's path (`HttpServer.stop`). Request framing: test_rest_framing.py."""
+SIGTERM's path (`HttpServer.stop`); the limit on connections, and accepting when out of file
+descriptors. Request framing: test_rest_framing.py."""
 
+import contextlib
+import errno
 import http.client
 import json
+import os
 import socket
+import socketserver
+import threading
 import time
 
 import pytest
 import serving_testlib as lib
+
+from serving.model_servers import http_server
 
 PREDICT = f"/v1/models/{lib.TF2_MODEL}:predict"
 BODY = json.dumps({"instances": [1.0, 3.0]}).encode()
@@ -186,3 +194,100 @@ def test_answers_are_one_write_on_a_no_delay_socket(tmp_path):
         assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body) == ANSWER
   finally:
     server.stop()
+
+
+def test_connection_limit_replaces_the_longest_waiting(tmp_path):
+  server = _half_plus_two_server(tmp_path, rest_api_max_connections=3)
+  loop = server.server._http._server  # pylint: disable=protected-access
+  port = server.server.rest_port
+  waiting = []
+  try:
+    for count in range(1, 4):
+      waiting.append(socket.create_connection(("127.0.0.1", port), timeout=60))
+      waiting[-1].sendall(_raw("POST", PREDICT, BODY)[:-3])
+      lib.wait_for(lambda n=count: len(loop._idle) == n)  # pylint: disable=protected-access
+    # A fourth connection takes the place of the first, which is closed without an answer.
+    assert lib.post_json(port, PREDICT, BODY, timeout=60) == (200, ANSWER)
+    assert waiting[0].recv(1024) == b""
+    for sock in waiting[1:]:
+      sock.sendall(_raw("POST", PREDICT, BODY)[-3:])
+      status, _, data = _read_reply(sock, bytearray())
+      assert (status, json.loads(data)) == (200, ANSWER)
+  finally:
+    for sock in waiting:
+      sock.close()
+    server.stop()
+
+
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@contextlib.contextmanager
+def _bare_server(release: threading.Event, **limits):
+  """The REST event loop on a free port with one worker, whose handler answers 200 once `release` is
+  set."""
+
+  class Handler(socketserver.BaseRequestHandler):
+    close_connection = True
+
+    def handle(self):
+      release.wait(60)
+      self.request[0].sendall(_OK)
+
+  server = http_server._PooledHTTPServer(("127.0.0.1", 0), Handler, 1, **limits)  # pylint: disable=protected-access
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield server
+  finally:
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_connections_over_the_limit_are_refused_while_all_are_handled():
+  release = threading.Event()
+  with _bare_server(release, max_connections=2) as server:
+    clients = [socket.create_connection(server.server_address, timeout=60) for _ in range(2)]
+    try:
+      for client in clients:
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+      # One request runs, one waits for the worker: no connection is left to replace.
+      lib.wait_for(lambda: server._open == 2 and not server._idle)  # pylint: disable=protected-access
+      with socket.create_connection(server.server_address, timeout=60) as third:
+        status, headers, data = _read_reply(third, bytearray())
+        assert status == 503 and "--rest_api_max_connections" in json.loads(data)["error"]
+        assert headers["connection"] == "close" and third.recv(1024) == b""
+      release.set()
+      for client in clients:
+        assert client.recv(1024) == _OK
+    finally:
+      for client in clients:
+        client.close()
+
+
+def test_accept_backs_off_when_out_of_file_descriptors(monkeypatch):
+  """Out of file descriptors, the listening socket stays readable: retrying at once spun the event
+  loop, logging each failure."""
+  release = threading.Event()
+  release.set()
+  attempts = []
+  out_of_fds = threading.Event()
+  out_of_fds.set()
+  accept = socket.socket.accept
+  with _bare_server(release) as server:
+
+    def failing_accept(sock):
+      if sock is server.socket and out_of_fds.is_set():
+        attempts.append(1)
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+      return accept(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", failing_accept)
+    with socket.create_connection(server.server_address, timeout=60) as client:
+      lib.wait_for(lambda: attempts)
+      time.sleep(0.5)  # A loop retrying at once fails thousands of times meanwhile.
+      assert len(attempts) <= 3
+      out_of_fds.clear()  # Accepted after the back-off.
+      client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+      assert client.recv(1024) == _OK
