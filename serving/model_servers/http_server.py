@@ -225,9 +225,17 @@ MAX_HEADER_BYTES = 64 * 1024
 # A chunk-size line: the size in hex, any chunk extensions and the line end (400 beyond it). The API
 # uses no extensions; the bound keeps a client from sending kilobytes of them per byte of data.
 MAX_CHUNK_LINE_BYTES = 256
+# --rest_api_max_buffered_bytes's derived default: this many times --rest_api_max_body_bytes, and at
+# least DEFAULT_MIN_BUFFERED_BYTES, so several requests of the largest size can arrive at once.
+BUFFERED_BODIES = 4
+DEFAULT_MIN_BUFFERED_BYTES = 256 << 20
 # After a failed accept (out of file descriptors), the listening socket is ignored this long: it stays
 # readable, and retrying at once would spin the event loop (asyncio waits the same).
 _ACCEPT_RETRY_SECONDS = 1.0
+# A connection closed after an answer with the client possibly still sending has its input read and
+# dropped for at most this long first: closing a socket with unread input resets the connection, and
+# the client may then lose the answer before reading it.
+_LINGER_SECONDS = 2.0
 # Failed accepts and shed connections are logged at most once per this many seconds.
 _WARNING_INTERVAL_SECONDS = 10.0
 _HEADER_END = re.compile(rb"\n\r?\n")
@@ -437,7 +445,7 @@ class _RequestFramer:
 
 
 class _Connection:
-  """A client connection between requests: what it has sent so far and until when it may send it."""
+  """A client connection: what it has sent so far and until when it may send it."""
 
   def __init__(self, sock: socket.socket, address, max_body_bytes: int):
     self.sock = sock
@@ -445,6 +453,8 @@ class _Connection:
     self.buf = bytearray()
     self.framer = _RequestFramer(max_body_bytes)
     self.deadline = 0.0
+    self.held = 0  # Request bytes counted toward the server's --rest_api_max_buffered_bytes.
+    self.closing = False  # Answered for the last time: its input is read and dropped, then it closes.
 
 
 class _SocketWriter(io.BufferedIOBase):
@@ -471,8 +481,11 @@ class _PooledHTTPServer(http.server.HTTPServer):
   request must arrive whole within `idle_timeout` seconds of the connection opening or its previous
   answer (--rest_api_timeout_in_ms); the connection is closed otherwise.
 
-  At `max_connections` open connections, a new one replaces the connection that has waited longest
-  in the event loop (or is refused 503 when every connection is in a worker's hands).
+  Both costs are bounded. At `max_connections` open connections, a new one replaces the connection
+  that has waited longest in the event loop (or is refused 503 when every connection is in a
+  worker's hands). Request bytes read but not yet answered, summed over all connections, stay within
+  `max_buffered_bytes`: a request that would take the sum past it is refused 429 (TF Serving's status
+  for RESOURCE_EXHAUSTED), as soon as its Content-Length shows it or its bytes do.
 
   Args:
     address: (host, port) to bind.
@@ -481,6 +494,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
     idle_timeout: Seconds a request may take to arrive.
     max_body_bytes: Largest request body; 0: no limit.
     max_connections: Most open connections; 0: no limit.
+    max_buffered_bytes: Most request bytes held at once; 0: no limit.
   """
 
   # socketserver listens with a backlog of 5: under a burst of new connections the kernel then
@@ -495,6 +509,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
     idle_timeout: float = 30.0,
     max_body_bytes: int = 0,
     max_connections: int = 0,
+    max_buffered_bytes: int = 0,
   ):
     if ":" in address[0]:  # IPv6, e.g. --host=[::]
       self.address_family = socket.AF_INET6
@@ -503,6 +518,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
     self.idle_timeout = idle_timeout
     self._max_body_bytes = max_body_bytes
     self._max_connections = max_connections
+    self._max_buffered = max_buffered_bytes
     self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="http")
     self._selector = selectors.DefaultSelector()
     self._wake_r, self._wake_w = socket.socketpair()
@@ -510,10 +526,14 @@ class _PooledHTTPServer(http.server.HTTPServer):
     self._wake_w.setblocking(False)
     self._lock = threading.Lock()
     self._returned: list[_Connection] = []  # Back from a worker, to wait for their next request.
-    # Connections in the event loop waiting for a request, by when they entered it (so by deadline).
+    # Connections in the event loop, by when they entered it (so by deadline): waiting for a request,
+    # and closing.
     self._idle: dict[_Connection, None] = {}
+    self._closing: dict[_Connection, None] = {}
     self._open = 0  # Connections open, in the loop or in a worker's hands (under _lock).
+    self._buffered = 0  # Request bytes read and not yet answered (under _lock).
     self._accept_resumes: float | None = None  # Set while accepting backs off.
+    self._discard = bytearray(65536)  # Where closing connections' input is read to be dropped.
     self.stopping = False
     self._loop_closed = False
     self._loop_done = threading.Event()
@@ -539,7 +559,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
       with self._lock:
         self._loop_closed = True
         returned, self._returned = self._returned, []
-      for conn in list(self._idle) + returned:
+      for conn in list(self._idle) + list(self._closing) + returned:
         self._drop(conn)
       self._selector.close()
       self._loop_done.set()
@@ -558,15 +578,16 @@ class _PooledHTTPServer(http.server.HTTPServer):
   def _expire(self, now: float) -> float:
     """Closes the connections past their deadline and resumes accepting after a back-off; returns
     the seconds until the next deadline."""
-    while self._idle:
-      conn = next(iter(self._idle))
-      if conn.deadline > now:
-        break
-      self._drop(conn)  # Idle or half-sent for too long.
+    for waiting in (self._idle, self._closing):
+      while waiting:
+        conn = next(iter(waiting))
+        if conn.deadline > now:
+          break
+        self._drop(conn)  # Idle, half-sent or closing for too long.
     if self._accept_resumes is not None and self._accept_resumes <= now:
       self._accept_resumes = None
       self._selector.register(self.socket, selectors.EVENT_READ, None)
-    deadlines = [next(iter(self._idle)).deadline] if self._idle else []
+    deadlines = [next(iter(waiting)).deadline for waiting in (self._idle, self._closing) if waiting]
     if self._accept_resumes is not None:
       deadlines.append(self._accept_resumes)
     return max(0.0, min(deadlines, default=now + self.idle_timeout) - now)
@@ -609,9 +630,10 @@ class _PooledHTTPServer(http.server.HTTPServer):
       self._selector.register(sock, selectors.EVENT_READ, conn)
 
   def _shed(self) -> bool:
-    """Closes the connection that has waited longest in the event loop to make room for a new one;
-    False if every connection is in a worker's hands."""
-    if not self._idle:
+    """Closes the connection that has waited longest in the event loop, closing ones first, to make
+    room for a new one; False if every connection is in a worker's hands."""
+    waiting = self._closing or self._idle
+    if not waiting:
       return False
     logging.log_every_n_seconds(
       logging.WARNING,
@@ -619,7 +641,7 @@ class _PooledHTTPServer(http.server.HTTPServer):
       _WARNING_INTERVAL_SECONDS,
       self._max_connections,
     )
-    self._drop(next(iter(self._idle)))
+    self._drop(next(iter(waiting)))
     return True
 
   def _refuse_new(self, sock: socket.socket) -> None:
@@ -645,6 +667,9 @@ class _PooledHTTPServer(http.server.HTTPServer):
     with self._lock:
       returned, self._returned = self._returned, []
     for conn in returned:
+      if conn.closing:
+        self._start_closing(conn)
+        continue
       conn.deadline = time.monotonic() + self.idle_timeout
       self._idle[conn] = None
       self._selector.register(conn.sock, selectors.EVENT_READ, conn)
@@ -652,6 +677,16 @@ class _PooledHTTPServer(http.server.HTTPServer):
         self._dispatch_if_complete(conn)
 
   def _read(self, conn: _Connection) -> None:
+    if conn.closing:
+      try:
+        more = conn.sock.recv_into(self._discard)
+      except (BlockingIOError, InterruptedError):
+        return
+      except OSError:
+        more = 0
+      if not more:
+        self._drop(conn)
+      return
     try:
       data = conn.sock.recv(65536)
     except (BlockingIOError, InterruptedError):
@@ -662,18 +697,25 @@ class _PooledHTTPServer(http.server.HTTPServer):
       self._drop(conn)
       return
     conn.buf += data
+    self._hold(conn, len(data))
     self._dispatch_if_complete(conn)
 
   def _dispatch_if_complete(self, conn: _Connection) -> None:
     try:
       end = conn.framer.end(conn.buf)
     except _HeadersTooLarge:
-      self._selector.unregister(conn.sock)
-      del self._idle[conn]
-      self._pool.submit(self._refuse_headers, conn)
+      self._refuse(conn, 431, f"Request line and headers exceed {MAX_HEADER_BYTES} bytes")
       return
     if end is None:
-      if conn.framer.expect_continue:  # The client waits for this before sending its body.
+      # Counted as it will be once whole when its Content-Length is known, else as it is so far.
+      needed = max(len(conn.buf), conn.framer.body_end or 0)
+      if self._max_buffered and self._buffered - conn.held + needed > self._max_buffered:
+        message = (
+          f"REST requests being received would hold more than {self._max_buffered} bytes "
+          "(--rest_api_max_buffered_bytes); retry later"
+        )
+        self._refuse(conn, errors.resource_exhausted(message).http_status, message)
+      elif conn.framer.expect_continue:  # The client waits for this before sending its body.
         conn.framer.expect_continue = False
         try:
           conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -685,28 +727,47 @@ class _PooledHTTPServer(http.server.HTTPServer):
     conn.framer.reset()
     self._selector.unregister(conn.sock)
     del self._idle[conn]
-    self._pool.submit(self._process, conn, framed)
+    self._pool.submit(self._process, conn, framed, end)
 
-  def _refuse_headers(self, conn: _Connection) -> None:
-    message = f"Request line and headers exceed {MAX_HEADER_BYTES} bytes"
+  def _refuse(self, conn: _Connection, status: int, message: str) -> None:
+    """Answers a connection in the event loop with an error, then closes it."""
     try:
-      conn.sock.settimeout(self.idle_timeout)
-      conn.sock.sendall(_error_response(431, message))
+      conn.sock.send(_error_response(status, message))
     except OSError:
       pass
-    self._close(conn)
+    self._start_closing(conn)
 
-  def _process(self, conn: _Connection, framed: _Framed) -> None:
-    keep = False
+  def _start_closing(self, conn: _Connection) -> None:
+    """Ends the answers on `conn`, then reads and drops its input until the client closes it or
+    _LINGER_SECONDS pass (see there)."""
+    conn.closing = True
+    self._release(conn, conn.held)
+    conn.buf = bytearray()
+    try:
+      conn.sock.shutdown(socket.SHUT_WR)
+    except OSError:  # Already reset.
+      self._drop(conn)
+      return
+    if self._idle.pop(conn, 0) is not None:
+      self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+    conn.deadline = time.monotonic() + min(_LINGER_SECONDS, self.idle_timeout)
+    self._closing[conn] = None
+
+  def _process(self, conn: _Connection, framed: _Framed, size: int) -> None:
+    keep = gone = False
     try:
       conn.sock.settimeout(self.idle_timeout)  # Bounds writing the answer to a slow reader.
       handler = self.RequestHandlerClass((conn.sock, framed), conn.address, self)
       keep = not handler.close_connection and not self.stopping
     except OSError as e:  # The client went away mid-answer.
       logging.debug("REST %s: %s", conn.address, e)
+      gone = True
     except Exception:  # http.server's own convention for handler errors.
       self.handle_error(conn.sock, conn.address)
-    if not keep:
+    self._release(conn, size)
+    # A body left unread, or bytes sent after the last request, mean the client may still be sending.
+    conn.closing = not (keep or gone) and (framed.error is not None or bool(conn.buf))
+    if not keep and not conn.closing:
       self._close(conn)
       return
     conn.sock.setblocking(False)
@@ -719,9 +780,20 @@ class _PooledHTTPServer(http.server.HTTPServer):
     else:
       self._wake()
 
+  def _hold(self, conn: _Connection, size: int) -> None:
+    conn.held += size
+    with self._lock:
+      self._buffered += size
+
+  def _release(self, conn: _Connection, size: int) -> None:
+    conn.held -= size
+    with self._lock:
+      self._buffered -= size
+
   def _drop(self, conn: _Connection) -> None:
     """Closes a connection in the event loop."""
     self._idle.pop(conn, None)
+    self._closing.pop(conn, None)
     try:
       self._selector.unregister(conn.sock)
     except (KeyError, ValueError):
@@ -731,6 +803,8 @@ class _PooledHTTPServer(http.server.HTTPServer):
   def _close(self, conn: _Connection) -> None:
     """Closes a connection no longer in the event loop (any thread)."""
     self.shutdown_request(conn.sock)
+    self._release(conn, conn.held)
+    conn.buf = bytearray()
     with self._lock:
       self._open -= 1
 
@@ -757,6 +831,9 @@ class HttpServer:
       0 means no limit.
     max_connections: Most open REST connections (--rest_api_max_connections);
       0: `default_max_connections()`, < 0: no limit.
+    max_buffered_bytes: Most request bytes read and not yet answered, over all
+      connections (--rest_api_max_buffered_bytes); 0: BUFFERED_BODIES times
+      `max_body_bytes` and at least DEFAULT_MIN_BUFFERED_BYTES, < 0: no limit.
   """
 
   def __init__(
@@ -770,11 +847,14 @@ class HttpServer:
     prometheus_path: str | None = None,
     max_body_bytes: int = 0,
     max_connections: int = 0,
+    max_buffered_bytes: int = 0,
   ):
     rest = RestApi(api, timeout_ms)
     metrics = api.metrics
     if max_connections == 0:
       max_connections = default_max_connections()
+    if max_buffered_bytes == 0:
+      max_buffered_bytes = max(DEFAULT_MIN_BUFFERED_BYTES, BUFFERED_BODIES * max_body_bytes)
 
     class Handler(http.server.BaseHTTPRequestHandler):
       """Routes one HTTP request."""
@@ -895,8 +975,13 @@ class HttpServer:
       idle_timeout=max(1.0, timeout_ms / 1000) if timeout_ms > 0 else 30.0,
       max_body_bytes=max_body_bytes,
       max_connections=max(0, max_connections),
+      max_buffered_bytes=max(0, max_buffered_bytes),
     )
-    logging.info("REST limit: %s connections", max_connections if max_connections > 0 else "unlimited")
+    logging.info(
+      "REST limits: %s connections, %s bytes of requests being received",
+      max_connections if max_connections > 0 else "unlimited",
+      max_buffered_bytes if max_buffered_bytes > 0 else "unlimited",
+    )
     self.port = self._server.server_address[1]
     self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 

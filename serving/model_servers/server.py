@@ -63,6 +63,7 @@ class Options:
   grpc_max_receive_message_length: int = 64 << 20
   rest_api_max_body_bytes: int = 64 << 20
   rest_api_max_connections: int = 0  # 0: derived (http_server.default_max_connections), < 0: none.
+  rest_api_max_buffered_bytes: int = 0  # 0: derived (http_server.HttpServer), < 0: none.
   max_batch_size_per_request: int = 0
   max_in_flight_requests: int = 0
   # Request expansion (request_limits.py): > 0 a limit, 0 derived, < 0 none.
@@ -266,6 +267,7 @@ class Server:
         prometheus_path=prometheus_path,
         max_body_bytes=max(0, options.rest_api_max_body_bytes),
         max_connections=options.rest_api_max_connections,
+        max_buffered_bytes=options.rest_api_max_buffered_bytes,
       )
       self.rest_port = self._http.port
       self._http.start()

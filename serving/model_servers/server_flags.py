@@ -204,6 +204,14 @@ flags.DEFINE_integer(
   "An fgr-serve extension, not a TF Serving flag.",
 )
 flags.DEFINE_integer(
+  "rest_api_max_buffered_bytes",
+  0,
+  "Most bytes of REST requests read and not yet answered, over all connections; a request that "
+  "would take the total past it is refused HTTP 429 (RESOURCE_EXHAUSTED) and its connection "
+  "closed. 0: 4 x --rest_api_max_body_bytes, at least 256 MiB. -1: no limit. An fgr-serve "
+  "extension, not a TF Serving flag.",
+)
+flags.DEFINE_integer(
   "max_batch_size_per_request",
   0,
   "Most rows (dim 0 of Predict inputs, or examples of "

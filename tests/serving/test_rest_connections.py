@@ -1,6 +1,6 @@
 """REST connections: slow or idle clients hold no worker thread; keep-alive, pipelining, draining on
-SIGTERM's path (`HttpServer.stop`); the limit on connections, and accepting when out of file
-descriptors. Request framing: test_rest_framing.py."""
+SIGTERM's path (`HttpServer.stop`); the limits on connections and on bytes buffered, and accepting
+when out of file descriptors. Request framing: test_rest_framing.py."""
 
 import contextlib
 import errno
@@ -291,3 +291,45 @@ def test_accept_backs_off_when_out_of_file_descriptors(monkeypatch):
       out_of_fds.clear()  # Accepted after the back-off.
       client.sendall(b"GET / HTTP/1.1\r\n\r\n")
       assert client.recv(1024) == _OK
+
+
+def _rss() -> int:
+  with open("/proc/self/statm", encoding="ascii") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_buffered_bytes_stay_within_the_budget(tmp_path):
+  """Over all connections, request bytes read and not yet answered stay within
+  --rest_api_max_buffered_bytes: a request that would pass it is refused 429, so clients sending large
+  bodies slowly can't grow the server (which keeps freed memory) without bound."""
+  mib = 1 << 20
+  server = _half_plus_two_server(tmp_path, rest_api_max_body_bytes=8 * mib, rest_api_max_buffered_bytes=8 * mib)
+  loop = server.server._http._server  # pylint: disable=protected-access
+  port = server.server.rest_port
+  holder = socket.create_connection(("127.0.0.1", port), timeout=60)
+  try:
+    holder.sendall(_raw("POST", PREDICT, b" " * (6 * mib + 1))[:-1])  # Held: one byte short.
+    lib.wait_for(lambda: loop._buffered >= 6 * mib)  # pylint: disable=protected-access
+    assert lib.post_json(port, PREDICT, BODY, timeout=60) == (200, ANSWER)  # Small requests fit.
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+      # A Content-Length that can't fit is refused from the headers.
+      sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: {4 * mib}\r\n\r\n".encode())
+      status, headers, data = _read_reply(sock, bytearray())
+      assert status == 429 and "--rest_api_max_buffered_bytes" in json.loads(data)["error"]
+      assert headers["connection"] == "close" and sock.recv(1024) == b""
+    before = _rss()
+    for _ in range(16):  # 64 MiB of chunked bodies, each refused once the total passes 8 MiB.
+      with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        for _ in range(4):
+          sock.sendall(f"{mib:x}\r\n".encode() + b" " * mib + b"\r\n")
+        status, _, data = _read_reply(sock, bytearray())
+        assert status == 429 and "--rest_api_max_buffered_bytes" in json.loads(data)["error"]
+    # Generous: the budget left 2 MiB per attempt to read, and the allocator keeps some.
+    assert _rss() - before < 24 * mib
+    holder.close()
+    lib.wait_for(lambda: loop._buffered == 0)  # pylint: disable=protected-access
+    assert lib.post_json(port, PREDICT, BODY, timeout=60) == (200, ANSWER)
+  finally:
+    holder.close()
+    server.stop()

@@ -133,6 +133,9 @@ def _predict(headers: bytes, body: bytes = BODY, version: bytes = b"HTTP/1.1") -
     (_predict(b"Transfer-Encoding: chunked\r\n", b"0x%x\r\n" % len(BODY) + BODY + b"\r\n0\r\n\r\n"), 400, "chunk size"),
     (_predict(b"Transfer-Encoding: gzip, chunked\r\n", b""), 501, "Transfer-Encoding"),
     (_chunked(b"1;" + b"e" * 300 + b"\r\n \r\n"), 400, "chunk size line is longer than 256 bytes"),
+    # 1 byte of data and 206 bytes of framing, 1,000 times: over the limit as sent.
+    (_chunked(*[b"1;" + b"e" * 200 + b"\r\n \r\n"] * 1000), 413, "--rest_api_max_body_bytes"),
+    (_chunked(b"%x\r\n" % len(BODY) + BODY + b"\r\n", trailer=b"X-Pad: 1\r\n" * 7000), 431, "trailer"),
     (_predict(b"Content-Length: %d\r\n" % len(BODY), version=b"HTTP/2.0"), 505, "HTTP version"),
     (_predict(b"Content-Length: %d\r\n" % len(BODY), version=b"HTTP/0.9"), 505, "HTTP version"),
     (b"GARBAGE\r\n\r\n", 400, "Bad request"),
