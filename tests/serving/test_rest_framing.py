@@ -7,7 +7,7 @@ import socket
 import pytest
 import serving_testlib as lib
 
-from serving.model_servers import http_server
+from serving.model_servers import http_framing
 
 PREDICT = f"/v1/models/{lib.TF2_MODEL}:predict"
 BODY = json.dumps({"instances": [1.0, 3.0]}).encode()
@@ -48,9 +48,9 @@ _CHUNKED = _POST + b"Transfer-Encoding: chunked\r\n\r\n"
   ],
 )
 def test_request_framing(request_bytes, end, status, body):
-  whole = http_server._RequestFramer(max_body_bytes=32)  # pylint: disable=protected-access
+  whole = http_framing.RequestFramer(max_body_bytes=32)
   assert whole.end(bytearray(request_bytes)) == end
-  split = http_server._RequestFramer(max_body_bytes=32)  # pylint: disable=protected-access
+  split = http_framing.RequestFramer(max_body_bytes=32)
   ends = [split.end(bytearray(request_bytes[:n])) for n in range(1, len(request_bytes) + 1)]
   assert ends[-1] == end
   assert all(e is None or e == end for e in ends)  # Fed in pieces, the same end.
@@ -72,7 +72,7 @@ def test_request_framing(request_bytes, end, status, body):
 def test_framing_without_a_body_limit(request_bytes, status, close):
   """Chunk lines and trailers are bounded even with no --rest_api_max_body_bytes; a request with
   both Content-Length and chunked, or chunked in HTTP/1.0, closes its connection after the answer."""
-  framer = http_server._RequestFramer(max_body_bytes=0)  # pylint: disable=protected-access
+  framer = http_framing.RequestFramer(max_body_bytes=0)
   buf = bytearray(request_bytes)
   assert framer.end(buf) is not None
   framed = framer.take(buf)
