@@ -131,6 +131,7 @@ def _parse_record(record: Any) -> tuple[str, str, Any]:
   ad_id = record.get("ad_id")
   if not isinstance(ad_id, str) or not ad_id:
     raise ValueError("'ad_id' must be a non-empty string")
+  logs.check_length(ad_id, "ad_id")  # As items.jsonl: every version carries each id (the limit's why).
   unknown = set(record) - _KNOWN_FIELDS
   if unknown:
     raise ValueError(f"unknown fields {sorted(unknown)}")

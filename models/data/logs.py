@@ -30,6 +30,10 @@ ITEMS_FILE = "items.jsonl"
 EVENTS_FILE = "events.jsonl"
 _EVENT_KINDS = ("click", "conversion")
 STATUSES = ("active", "paused")
+# The longest string a line may hold in any field (an id, category, brand, token, feature), in UTF-8
+# bytes. Ids are keys: a UUID is 36 bytes and a SHA-256 hex digest 64, so 1 KiB takes any usual
+# scheme, while bounding what every version carries per ad (docs/data_format.md, "Limits").
+MAX_STRING_BYTES = 1024
 
 
 def text_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -131,11 +135,29 @@ def _shown(value: Any) -> str:
   return text if len(text) <= 40 else f"{text[:37]}..."
 
 
+def check_length(value: str, field: str) -> None:
+  """Raises ValueError if `value` is longer than MAX_STRING_BYTES in UTF-8; the message names `field`."""
+  if len(value) > MAX_STRING_BYTES // 4 and len(value.encode("utf-8", "surrogatepass")) > MAX_STRING_BYTES:
+    raise ValueError(
+      f"{field!r} holds a string of {len(value.encode('utf-8', 'surrogatepass')):,} bytes, more than the "
+      f"{MAX_STRING_BYTES:,} a field may hold (UTF-8; see docs/data_format.md)"
+    )
+
+
 def _string_list(path: str, line_number: int, record: dict[str, Any], key: str) -> list[str]:
   value = record.get(key, [])
   if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
     raise ValueError(f"{path}:{line_number}: {key!r} must be a list of strings")
+  for item in value:
+    _check_length_at(path, line_number, item, key)
   return value
+
+
+def _check_length_at(path: str, line_number: int, value: str, field: str) -> None:
+  try:
+    check_length(value, field)
+  except ValueError as e:
+    raise ValueError(f"{path}:{line_number}: {e}") from None
 
 
 def _user_id(path: str, line_number: int, record: dict[str, Any]) -> str:
@@ -145,6 +167,7 @@ def _user_id(path: str, line_number: int, record: dict[str, Any]) -> str:
     return ""
   if isinstance(value, bool) or not isinstance(value, (str, int)):
     raise ValueError(f"{path}:{line_number}: 'user_id' must be a string, got {_shown(value)}")
+  _check_length_at(path, line_number, str(value), "user_id")
   return str(value)
 
 
@@ -170,9 +193,12 @@ def item_fields(record: dict[str, Any]) -> tuple[str, str, list[str], str]:
   tokens = record.get("tokens", [])
   if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
     raise ValueError("'tokens' must be a list of strings")
+  for token in tokens:
+    check_length(token, "tokens")
   for key in ("category", "brand"):
     if not isinstance(record.get(key, ""), str):
-      raise ValueError(f"{key!r} must be a string, got {record[key]!r}")
+      raise ValueError(f"{key!r} must be a string, got {_shown(record[key])}")
+    check_length(record.get(key, ""), key)
   return record.get("category", ""), record.get("brand", ""), tokens, status
 
 
@@ -187,6 +213,7 @@ def read_catalog(path: str) -> tuple[sequences.InMemoryItemTable, np.ndarray | N
   for line_number, record in _read_jsonl(path):
     if not isinstance(record.get("ad_id"), str) or not record["ad_id"]:
       raise ValueError(f"{path}:{line_number}: 'ad_id' must be a non-empty string")
+    _check_length_at(path, line_number, record["ad_id"], "ad_id")
     first = line_of.setdefault(record["ad_id"], line_number)
     if first != line_number:
       raise ValueError(
@@ -289,7 +316,7 @@ class LogsDataset:
       if not isinstance(ad_id, str):
         raise ValueError(f"{self._events_path}:{line_number}: 'ad_id' must be a string, got {_shown(ad_id)}")
       if ad_id not in self._table.row_of:
-        raise ValueError(f"{self._events_path}:{line_number}: ad_id {ad_id!r} is not in {ITEMS_FILE}")
+        raise ValueError(f"{self._events_path}:{line_number}: ad_id {_shown(ad_id)} is not in {ITEMS_FILE}")
       yield (
         index,
         _user_id(self._events_path, line_number, record),

@@ -185,6 +185,25 @@ _DEEP = "[" * 100_000 + "]" * 100_000
     ),
     ("events.jsonl", '{"timestamp": 1' + "0" * 5000 + ', "ad_id": "a1"}', r"events.jsonl:2: not valid JSON: Exceeds"),
     ("events.jsonl", '{"timestamp": 1, "ad_id": "a1", "x": ' + _DEEP + "}", r"events.jsonl:2: not valid JSON: nested"),
+    # Strings past logs.MAX_STRING_BYTES (UTF-8 bytes): every version would carry a long id per ad.
+    ("items.jsonl", '{"ad_id": "' + "广" * 342 + '"}', r"items.jsonl:2: 'ad_id' holds a string of 1,026 bytes"),
+    ("items.jsonl", '{"ad_id": "a2", "brand": "' + "b" * 1025 + '"}', r"items.jsonl:2: 'brand' holds a string of"),
+    ("items.jsonl", '{"ad_id": "a2", "tokens": ["t", "' + "t" * 1025 + '"]}', r"items.jsonl:2: 'tokens' holds a"),
+    (
+      "events.jsonl",
+      '{"user_id": "' + "u" * 1025 + '", "timestamp": 1, "ad_id": "a1"}',
+      r"events.jsonl:2: 'user_id' h",
+    ),
+    (
+      "events.jsonl",
+      '{"timestamp": 1, "ad_id": "a1", "query_tokens": ["' + "q" * 1025 + '"]}',
+      r"events.jsonl:2: 'query_",
+    ),
+    (
+      "events.jsonl",
+      '{"timestamp": 1, "ad_id": "' + "a" * 5000 + '"}',
+      r"events.jsonl:2: ad_id 'aaaa.*\.\.\. is not in",
+    ),
   ],
 )
 def test_lines_that_python_parses_but_training_cannot_use_are_reported_with_the_line(tmp_path, bad_file, line, message):
@@ -204,6 +223,14 @@ def test_escaped_surrogate_pairs_and_integer_user_ids_are_text(tmp_path):
   )
   batch = next(logs.LogsDataset(str(tmp_path), test_fraction=0.0).examples("train"))
   assert list(batch[schema.USER_ID]) == ["u\U0001f600", "7"]
+
+
+def test_utf8_ids_and_strings_of_the_longest_length_are_accepted(tmp_path):
+  longest = "é" * (logs.MAX_STRING_BYTES // 2)  # 1,024 bytes in UTF-8.
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "广告-1", "category": longest}, {"ad_id": longest}])
+  write_jsonl(tmp_path / "events.jsonl", [{"user_id": longest, "timestamp": t, "ad_id": "广告-1"} for t in range(3)])
+  batch = next(logs.LogsDataset(str(tmp_path), test_fraction=0.0).examples("train"))
+  assert list(batch[schema.AD_ID]) == ["广告-1"] * 3 and batch[schema.USER_ID][0] == longest
 
 
 @pytest.mark.parametrize("as_directory", ["items.jsonl", "events.jsonl"])
