@@ -121,6 +121,23 @@ def catalog_variable(value: np.ndarray | tf.Tensor, name: str) -> tf.Variable:
   return tf.Variable(value, trainable=False, name=name, shape=tf.TensorShape([None, *value.shape[1:]]))
 
 
+def string_array(values: Any) -> np.ndarray:
+  """String ids or features (str or bytes) as an object array, which TensorFlow stores as UTF-8 tf.string.
+
+  Not `astype(bytes)` or `astype(str)`: NumPy's fixed-width copies pad every value to the longest one
+  (one long id costs its length times the catalog size) and encode and decode as ASCII only.
+  """
+  return np.asarray(values, dtype=object)
+
+
+def decoded_strings(values: np.ndarray | tf.Tensor) -> np.ndarray:
+  """tf.string values (UTF-8 bytes) as an object array of str of the same shape."""
+  values = values.numpy() if tf.is_tensor(values) else np.asarray(values, dtype=object)
+  decoded = np.empty(values.size, dtype=object)
+  decoded[:] = [value.decode("utf-8") if isinstance(value, bytes) else value for value in values.ravel().tolist()]
+  return decoded.reshape(values.shape)
+
+
 def mask_ineligible(scores: tf.Tensor, eligible: tf.Tensor, candidate_rows: tf.Tensor | None = None) -> tf.Tensor:
   """Sets the scores of ineligible items to -inf.
 

@@ -233,7 +233,7 @@ class ChannelGraph(tf.Module):
     if len(relevance) > 1:
       raise ValueError("at most one channel can judge relevance")
     self.channels = channels
-    self.item_ids = base.catalog_variable(np.asarray(item_ids, dtype=object).astype(bytes), name="item_ids")
+    self.item_ids = base.catalog_variable(base.string_array(item_ids), name="item_ids")
     self.k = k
     self.defaults = defaults
     self.exclusions = exclusions

@@ -57,7 +57,7 @@ class NeighbourTable:
   @classmethod
   def from_ids(cls, ids: np.ndarray, neighbour_ids: np.ndarray, weights: np.ndarray) -> NeighbourTable:
     """The table of string `ids` [V] whose neighbours are `neighbour_ids` [V, K] ("" pads) with `weights`."""
-    ids, neighbour_ids = np.asarray(ids, dtype=object).astype(bytes), np.asarray(neighbour_ids, dtype=object)
+    ids, neighbour_ids = base.string_array(ids), base.string_array(neighbour_ids)
     weights = np.asarray(weights, dtype=np.float32)
     if neighbour_ids.ndim != 2 or neighbour_ids.shape != weights.shape or len(ids) != len(neighbour_ids):
       raise ValueError(
@@ -69,7 +69,7 @@ class NeighbourTable:
       raise ValueError("co-occurrence table ids must be unique")
     padding = neighbour_ids == ""
     keys = fingerprints(ids).numpy()
-    neighbours = np.where(padding, 0, fingerprints(neighbour_ids.astype(bytes)).numpy())
+    neighbours = np.where(padding, 0, fingerprints(neighbour_ids).numpy())
     weights = np.where(padding, 0.0, weights).astype(np.float32)
     order = np.argsort(keys)
     return cls(keys[order], neighbours[order], weights[order])
@@ -77,7 +77,7 @@ class NeighbourTable:
 
 def catalog_lookup(item_ids: np.ndarray) -> dict[str, np.ndarray]:
   """The catalog-sized lookup variables (by path below the channel) that map fingerprints to rows of `item_ids`."""
-  keys = fingerprints(np.asarray(item_ids, dtype=object).astype(bytes)).numpy()
+  keys = fingerprints(base.string_array(item_ids)).numpy()
   order = np.argsort(keys, kind="stable")
   return {CATALOG_FINGERPRINTS: keys[order], CATALOG_ROWS: order.astype(np.int32)}
 

@@ -53,7 +53,7 @@ def catalog_values(
     (values by object path, the paths among them that a graph saved by an earlier build may lack);
     see `base.Index.checkpoint_values`.
   """
-  values = {ITEM_IDS: np.asarray(item_ids, dtype=object).astype(bytes)}
+  values = {ITEM_IDS: base.string_array(item_ids)}
   values.update({f"{INDEX}/{path}": value for path, value in index.checkpoint_values().items()})
   if with_cooccurrence:
     lookup = cooccurrence_lib.catalog_lookup(item_ids)
@@ -159,7 +159,7 @@ class FullGraph(tf.Module):
     self.query_tower = query_tower
     self.item_tower = item_tower
     self.index = index
-    self.item_ids = base.catalog_variable(np.asarray(item_ids, dtype=object).astype(bytes), name="item_ids")
+    self.item_ids = base.catalog_variable(base.string_array(item_ids), name="item_ids")
     self.k = k
     self.exclusions = exclusions
     self.exclusion_depth = exclusion_depth if exclusions else 0

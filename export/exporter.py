@@ -104,7 +104,7 @@ def fit_cooccurrence(
   """The co-occurrence channel over `item_ids`, fit on the training log as the ItemCF baseline is."""
   fitted = baselines.ItemCooccurrence(source.num_items).fit(source.examples("train"), source.row_of)
   rows, neighbours, similarities = fitted.top_neighbours(config.cooccurrence_neighbours)
-  ids = np.asarray(item_ids).astype(str)
+  ids = base.string_array(item_ids)
   ids_by_row = np.full([source.num_items], "", dtype=object)  # The baseline counts by the source's rows.
   ids_by_row[[source.row_of(item_id) for item_id in ids]] = ids
   neighbour_ids = np.where(neighbours >= 0, ids_by_row[np.maximum(neighbours, 0)], "")

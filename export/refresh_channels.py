@@ -151,7 +151,7 @@ class ChannelSource:
 def read_states(version_path: str, names: list[str]) -> dict[str, refresh_state.CatalogState]:
   """Reads a channel graph's shared ids and eligibility from its checkpoint and each channel's embeddings."""
   reader = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
-  ids = reader.get_tensor(full_graph.ITEM_IDS_KEY).astype(str).astype(object)
+  ids = base.decoded_strings(reader.get_tensor(full_graph.ITEM_IDS_KEY))
   masks = [reader.get_tensor(key).astype(bool) for key in eligible_keys(version_path, len(names))]
   if any(not np.array_equal(mask, masks[0]) for mask in masks[1:]):
     raise ValueError(f"{version_path}: the channels' eligibility masks differ; export the version again")
@@ -304,7 +304,7 @@ def graph_replacements(
   channel's embeddings) with shapes the new values fit.
   """
   ids = states[source.names[0]].ids
-  values: dict[str, Any] = {full_graph.ITEM_IDS: np.asarray(ids, dtype=object).astype(bytes)}
+  values: dict[str, Any] = {full_graph.ITEM_IDS: base.string_array(ids)}
   optional: set[str] = set()
   prefixes = [f"{full_graph.ITEM_IDS}/"]
   for i, (name, index) in enumerate(zip(source.names, indexes)):

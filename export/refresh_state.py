@@ -15,7 +15,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from engine import full_graph
+from engine import base, full_graph
 from export import version_files, version_report, versions
 
 EMBEDDINGS_FILE = "catalog_embeddings.npy"
@@ -70,7 +70,7 @@ def read_state(version_path: str) -> CatalogState:
       "embeddings; export it again to refresh it"
     )
   reader = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
-  ids = reader.get_tensor(full_graph.ITEM_IDS_KEY).astype(str).astype(object)
+  ids = base.decoded_strings(reader.get_tensor(full_graph.ITEM_IDS_KEY))
   eligible = reader.get_tensor(full_graph.ELIGIBLE_KEY).astype(bool)
   embeddings = np.load(path, mmap_mode="r")
   if embeddings.shape[0] != len(ids) or eligible.shape != ids.shape:

@@ -88,7 +88,7 @@ def _rows(ids: tf.Tensor, source: sources.Source) -> np.ndarray:
     except KeyError:
       return -1
 
-  return np.asarray([[row(i) for i in answers] for answers in ids.numpy().astype(str)], np.int64)
+  return np.asarray([[row(i) for i in answers] for answers in base.decoded_strings(ids)], np.int64)
 
 
 def evaluate_full_graph(

@@ -36,7 +36,7 @@ def saved_model_recall(
   ids, embeddings, eligible = np.concatenate(ids), np.concatenate(embeddings), np.concatenate(eligible)
 
   tensors = {name: tf.constant(values) for name, values in queries.items()}
-  served = loaded.signatures[full_graph.SERVING_DEFAULT](**tensors)["ids"].numpy().astype(str)
+  served = base.decoded_strings(loaded.signatures[full_graph.SERVING_DEFAULT](**tensors)["ids"])
   query_embeddings = loaded.signatures[full_graph.ENCODE_QUERY](**tensors)["embedding"].numpy()
   row_of = {ad_id: row for row, ad_id in enumerate(ids)}
   served_rows = np.vectorize(lambda ad_id: row_of.get(ad_id, -1), otypes=[np.int64])(served)

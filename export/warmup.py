@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+from engine import base
 from export import version_files
 
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -24,7 +25,7 @@ def predict_request(
   """A PredictRequest carrying one batch of raw string features."""
   request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature_name))
   for name, values in features.items():
-    request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray(values, dtype=object).astype(bytes)))
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(base.string_array(values)))
   return request
 
 

@@ -89,8 +89,12 @@ class ItemCooccurrence:
 
   def fit(self, examples: Iterable[dict[str, np.ndarray]], row_of: RowOf) -> ItemCooccurrence:
     users, rows = [], []
+    # Users as integers numbered by first appearance: a fixed-width copy of every event's user id would
+    # be as wide as the longest id.
+    number: dict[str | bytes, int] = {}
     for batch in examples:
-      users.append(np.asarray(batch[schema.USER_ID]).astype(str))
+      numbered = [number.setdefault(user, len(number)) for user in np.asarray(batch[schema.USER_ID]).tolist()]
+      users.append(np.asarray(numbered, np.int64))
       rows.append(catalog_rows(batch[schema.AD_ID], row_of))
     user, row = np.concatenate(users), np.concatenate(rows)
     order = np.argsort(user, kind="stable")  # Each user's interactions together, still in time order.

@@ -32,7 +32,7 @@ def top_k_accuracy(
   # (TF's top-k refuses a k above it).
   cut = tuple(min(k, len(catalog.ids)) for k in ks)
   index = tfrs.layers.factorized_top_k.BruteForce(k=max(cut))
-  index.index(tf.constant(catalog.embeddings), tf.constant(catalog.ids.astype(str)))
+  index.index(tf.constant(catalog.embeddings), tf.constant(np.asarray(catalog.ids, dtype=object)))
   metric = tfrs.metrics.FactorizedTopK(candidates=index, ks=sorted(set(cut)))
   encode_query = tf.function(query_tower)
   encode_item = tf.function(item_tower)

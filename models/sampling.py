@@ -42,7 +42,7 @@ class ItemFrequencies:
 
   def update(self, ids: np.ndarray) -> None:
     """Counts one chunk of positive item ids."""
-    buckets = self.bucket(tf.constant(np.asarray(ids, dtype=object).astype(bytes))).numpy()
+    buckets = self.bucket(tf.constant(np.asarray(ids, dtype=object))).numpy()  # str is stored as UTF-8.
     self.counts += np.bincount(buckets, minlength=self.num_buckets)
 
   @property

@@ -11,8 +11,8 @@ import tensorflow as tf
 from engine import full_graph
 from export import refresh, refresh_delta, refresh_state, refresh_watch, version_files, version_report, versions
 from models import config as config_lib
+from models.data import logs, schema, sources
 from models.data import queries as queries_lib
-from models.data import schema, sources
 from tests import topk_testlib
 from tests.conftest import SCANN_EXPORT_K
 from tests.export import checkpoint_testlib, delta_testlib
@@ -354,3 +354,50 @@ def test_watch_keeps_going_past_a_delta_that_cannot_be_published(exported, serve
   assert not slow.exists() and not {before[0, 1], before[0, 2]} & set(
     _serve(os.path.join(base_path, "4"), queries)[1][0]
   )
+
+
+def test_utf8_ids_refresh_end_to_end_and_long_ids_are_refused(exported, base_path, tmp_path):
+  """Any UTF-8 id is served as its UTF-8 bytes (NumPy's astype(bytes) refused non-ASCII after the
+  embedding), and one long id does not make reading the catalog scale with its length."""
+  import tracemalloc
+
+  _, source, queries = exported
+  features = source.features(np.arange(source.num_items))
+  _, before = _serve(os.path.join(base_path, "1"), queries)
+  best = {ad_id: row for row, ad_id in enumerate(features[schema.AD_ID])}[before[0, 0]]
+  longest = "x" * logs.MAX_STRING_BYTES
+  delta_path = tmp_path / "delta.jsonl"
+  delta_path.write_text(
+    delta_testlib.ad_line("广告-1", features, best) + "\n" + delta_testlib.ad_line(longest, features, 7) + "\n",
+    encoding="utf-8",
+  )
+  refresher = refresh.Refresher(base_path, keep_versions=None)
+  assert refresher.apply(refresh_delta.read_delta(str(delta_path)))["delta"]["added"] == 2
+
+  def first_answer(version):
+    loaded = tf.saved_model.load(os.path.join(base_path, str(version)))
+    return loaded.signatures["serving_default"](**{n: tf.constant(v) for n, v in queries.items()})["ids"].numpy()[0]
+
+  assert "广告-1".encode() in first_answer(2).tolist()
+  # Reading the catalog holds each id once: a fixed-width copy would take 4 bytes x 1,024 per ad.
+  tracemalloc.start()
+  try:
+    state = refresh_state.read_state(os.path.join(base_path, "2"))
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert "广告-1" in state.row_of() and longest in state.row_of()
+  assert peak < len(state.ids) * logs.MAX_STRING_BYTES
+  # A status change of the UTF-8 id publishes too.
+  refresher.apply(refresh_delta.parse_lines([json.dumps({"ad_id": "广告-1", "status": "paused"})]))
+  assert "广告-1".encode() not in first_answer(3).tolist()
+
+  # One byte more is refused when the line is read, naming the file, the line and the limit.
+  too_long = tmp_path / "too_long.jsonl"
+  too_long.write_text('{"ad_id": "a1", "status": "paused"}\n' + json.dumps({"ad_id": "é" * 513, "status": "paused"}))
+  with pytest.raises(ValueError, match=r"too_long.jsonl:2: 'ad_id' holds a string of 1,026 bytes, more than the 1,024"):
+    refresh_delta.read_delta(str(too_long))
+  for field in ('"category": "{}"', '"tokens": ["ok", "{}"]'):
+    line = '{"ad_id": "a1", ' + field.format("c" * 1025) + "}"
+    with pytest.raises(ValueError, match=r"delta.jsonl:1: '(category|tokens)' holds a string of 1,025 bytes"):
+      refresh_delta.parse_lines([line], "delta.jsonl")
