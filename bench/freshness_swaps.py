@@ -194,6 +194,7 @@ def swaps_under_load(version_path: str, source: sources.Source, queries: dict[st
           f"--model_base_path={base_path}",
           f"--watch={watch_dir}",
           "--interval=1s",
+          "--settle=0",  # setup.write_delta renames each file in whole: nothing to wait for.
           f"--keep_versions={FLAGS.refresher_keep_versions}",
           f"--index_update={FLAGS.index_update}",
           f"--defer_prune={FLAGS.refresher_defer_prune}",

@@ -31,6 +31,12 @@ flags.DEFINE_bool(
 flags.DEFINE_integer("rollback", None, "Republish this earlier version as a new, newest version.")
 flags.DEFINE_string("watch", None, "Directory to watch for delta files (*.jsonl); publishes on a schedule.")
 flags.DEFINE_string("interval", "60s", "Watch schedule: seconds, or a number with s, m or h (e.g. 60s, 5m).")
+flags.DEFINE_string(
+  "settle",
+  f"{refresh_watch.DEFAULT_SETTLE_SECONDS:g}s",
+  "With --watch, read a delta file only once its size and mtime have not changed for this long (a "
+  "writer that does not rename its files in may still be writing it); 0 for writers that all rename.",
+)
 flags.DEFINE_list(
   "index_options",
   [],
@@ -72,11 +78,12 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smh]?)$")
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def parse_duration(text: str) -> float:
-  """Seconds in "90", "90s", "1.5m" or "1h"."""
+def parse_duration(text: str, flag: str = "interval", allow_zero: bool = False) -> float:
+  """Seconds in "90", "90s", "1.5m" or "1h"; `flag` names the flag in the error."""
   match = _DURATION.match(text.strip())
-  if not match or float(match.group(1)) <= 0:
-    raise app.UsageError(f"--interval must be a positive duration such as 60s or 5m, got {text!r}")
+  if not match or float(match.group(1)) < 0 or (float(match.group(1)) == 0 and not allow_zero):
+    kind = "a duration" if allow_zero else "a positive duration"
+    raise app.UsageError(f"--{flag} must be {kind} such as 60s or 5m, got {text!r}")
   return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
@@ -113,6 +120,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--from_version names a version (1 or more), got {FLAGS.from_version}")
   if FLAGS.keep_versions < 0:
     raise app.UsageError(f"--keep_versions must be 0 (keep all) or more, got {FLAGS.keep_versions}")
+  interval = parse_duration(FLAGS.interval)
+  settle = parse_duration(FLAGS.settle, "settle", allow_zero=True)
   if not 0 <= FLAGS.retrain_fraction <= 1:
     raise app.UsageError(f"--retrain_fraction must be in [0, 1], got {FLAGS.retrain_fraction}")
   try:
@@ -146,7 +155,12 @@ def main(argv: list[str]) -> None:
     print(json.dumps(refresher.apply(delta)))
   else:
     refresh_watch.watch(
-      refresher, FLAGS.watch, parse_duration(FLAGS.interval), max_polls=FLAGS.max_polls, on_poll=_print_report
+      refresher,
+      FLAGS.watch,
+      interval,
+      max_polls=FLAGS.max_polls,
+      on_poll=_print_report,
+      settle_seconds=settle,
     )
 
 

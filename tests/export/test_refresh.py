@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from tests.conftest import SCANN_EXPORT_K
 from tests.export import checkpoint_testlib, delta_testlib
 
 K = SCANN_EXPORT_K
+# For watch tests whose files are complete when polled: nothing to wait for.
+WRITTEN = refresh_watch.Settle(0)
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +328,7 @@ def test_watch_keeps_going_past_a_delta_that_cannot_be_published(exported, serve
   (watch_dir / "002-pause.jsonl").write_text(json.dumps({"ad_id": before[0, 0], "status": "paused"}) + "\n")
   (watch_dir / "003-bad.jsonl").write_text("{oops\n")
   refresher = refresh.Refresher(base_path, keep_versions=None)
-  result = refresh_watch.poll_once(refresher, str(watch_dir))
+  result = refresh_watch.poll_once(refresher, str(watch_dir), WRITTEN)
   assert result.accepted == ["002-pause.jsonl"]
   assert list(result.rejected) == ["003-bad.jsonl", "001-delete-nearly-all.jsonl"]
   assert result.report["version"] == 2 and "fewer than the k = 20" in result.rejected["001-delete-nearly-all.jsonl"]
@@ -333,7 +336,7 @@ def test_watch_keeps_going_past_a_delta_that_cannot_be_published(exported, serve
 
   for _ in range(2):  # The same bad name twice: both files and both notes are kept.
     (watch_dir / "bad.jsonl").write_text("{oops\n")
-    refresh_watch.poll_once(refresher, str(watch_dir))
+    refresh_watch.poll_once(refresher, str(watch_dir), WRITTEN)
   assert {"bad.jsonl", "bad.jsonl.error", "bad-2.jsonl", "bad-2.jsonl.error"} <= set(os.listdir(watch_dir / "failed"))
 
   # A writer appends while the first lines are applied: the file stays, and the next poll applies it whole.
@@ -347,10 +350,10 @@ def test_watch_keeps_going_past_a_delta_that_cannot_be_published(exported, serve
     return apply(delta)
 
   refresher.apply = apply_while_written
-  assert refresh_watch.poll_once(refresher, str(watch_dir)).report["version"] == 3
+  assert refresh_watch.poll_once(refresher, str(watch_dir), WRITTEN).report["version"] == 3
   refresher.apply = apply
   assert slow.exists()
-  assert refresh_watch.poll_once(refresher, str(watch_dir)).report["version"] == 4
+  assert refresh_watch.poll_once(refresher, str(watch_dir), WRITTEN).report["version"] == 4
   assert not slow.exists() and not {before[0, 1], before[0, 2]} & set(
     _serve(os.path.join(base_path, "4"), queries)[1][0]
   )
@@ -401,3 +404,78 @@ def test_utf8_ids_refresh_end_to_end_and_long_ids_are_refused(exported, base_pat
     line = '{"ad_id": "a1", ' + field.format("c" * 1025) + "}"
     with pytest.raises(ValueError, match=r"delta.jsonl:1: '(category|tokens)' holds a string of 1,025 bytes"):
       refresh_delta.parse_lines([line], "delta.jsonl")
+
+
+def _pauses(ids, status="paused"):
+  return "".join(json.dumps({"ad_id": ad_id, "status": status}) + "\n" for ad_id in ids)
+
+
+def test_watch_leaves_a_file_being_written_until_it_settles(base_path, tmp_path):
+  """A writer that does not rename: a poll in the middle of its file published the lines flushed so far
+  and moved the file to processed/ (the rest never applied), or moved it to failed/ when the block
+  ended mid-line. Now a file that changes while the poll looks twice waits for the next poll."""
+  ids = refresh_state.read_state(os.path.join(base_path, "1")).ids[:40].tolist()
+  watch_dir = tmp_path / "deltas"
+  watch_dir.mkdir()
+  refresher = refresh.Refresher(base_path, keep_versions=None)
+  # Nothing sleeps here: a writer's next block lands while the poll waits out the settle time.
+  settled_at_once = refresh_watch.Settle(60, sleep=lambda _: None)
+  for name, text in (("pauses.jsonl", _pauses(ids[:20])), ("more.jsonl", _pauses(ids[20:], "paused"))):
+    cut = len(_pauses(ids[:10])) if name == "pauses.jsonl" else len(text) - 5  # A line boundary, then mid-line.
+    path = watch_dir / name
+    path.write_text(text[:cut])
+
+    def writer_finishes(_, path=path, text=text):
+      path.write_text(text)
+
+    result = refresh_watch.poll_once(refresher, str(watch_dir), refresh_watch.Settle(60, sleep=writer_finishes))
+    assert result.waiting == [name] and not result.accepted and not result.rejected and result.report is None
+    assert refresh_watch.pending_files(str(watch_dir)) == [name] and not os.path.exists(watch_dir / "failed")
+    result = refresh_watch.poll_once(refresher, str(watch_dir), settled_at_once)
+    assert result.accepted == [name] and not result.waiting
+  state = refresh_state.read_state(os.path.join(base_path, "3"))
+  assert not state.eligible[[state.row_of()[ad_id] for ad_id in ids]].any()  # Every line of both files applied.
+  assert sorted(os.listdir(watch_dir / "processed")) == ["v2-pauses.jsonl", "v3-more.jsonl"]
+
+
+def test_watch_applies_a_file_that_changed_after_it_was_read_again_with_the_files_after_it(base_path, tmp_path):
+  """A writer that paused longer than the settle time appends while the file is applied: it stays, and
+  so does every later file of the poll, so that the next poll applies them again in the same order."""
+  a, b, c = refresh_state.read_state(os.path.join(base_path, "1")).ids[:3].tolist()
+  watch_dir = tmp_path / "deltas"
+  watch_dir.mkdir()
+  first = watch_dir / "001.jsonl"
+  first.write_text(_pauses([a, c]))
+  (watch_dir / "002.jsonl").write_text(_pauses([a], "active") + json.dumps({"ad_id": c, "deleted": True}) + "\n")
+  refresher = refresh.Refresher(base_path, keep_versions=None)
+  apply = refresher.apply
+
+  def apply_while_written(delta):
+    with open(first, "a") as f:
+      f.write(_pauses([b]))
+    return apply(delta)
+
+  refresher.apply = apply_while_written
+  result = refresh_watch.poll_once(refresher, str(watch_dir), WRITTEN)
+  refresher.apply = apply
+  assert result.report["version"] == 2 and result.waiting == ["001.jsonl", "002.jsonl"]
+  assert refresh_watch.pending_files(str(watch_dir)) == ["001.jsonl", "002.jsonl"]
+  # Applied again, together: 002's resume of `a` still comes last, and 001's pause of `c`, which 002
+  # removes, is no error (checked alone against version 2, 001 would go to failed/, its `b` lost).
+  result = refresh_watch.poll_once(refresher, str(watch_dir), WRITTEN)
+  assert result.accepted == ["001.jsonl", "002.jsonl"] and not result.rejected and result.report["version"] == 3
+  state = refresh_state.read_state(os.path.join(base_path, "3"))
+  row_of = state.row_of()
+  assert state.eligible[row_of[a]] and not state.eligible[row_of[b]] and c not in row_of
+  assert sorted(os.listdir(watch_dir / "processed")) == ["v3-001.jsonl", "v3-002.jsonl"]
+
+
+def test_settle_takes_a_file_seen_unchanged_long_enough_ago_without_waiting(tmp_path):
+  (tmp_path / "a.jsonl").write_text("{}\n")
+  waits = []
+  settle = refresh_watch.Settle(0.05, sleep=waits.append)
+  assert list(settle.settled(str(tmp_path), ["a.jsonl"])) == ["a.jsonl"] and len(waits) == 1
+  time.sleep(0.06)  # Past the settle time since the first look.
+  assert list(settle.settled(str(tmp_path), ["a.jsonl", "gone.jsonl"])) == ["a.jsonl"] and len(waits) == 1
+  (tmp_path / "a.jsonl").write_text("{}\n{}\n")  # Changed: looked at twice again.
+  assert list(settle.settled(str(tmp_path), ["a.jsonl"])) == ["a.jsonl"] and len(waits) == 2
