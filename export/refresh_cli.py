@@ -37,6 +37,11 @@ flags.DEFINE_string(
   "With --watch, read a delta file only once its size and mtime have not changed for this long (a "
   "writer that does not rename its files in may still be writing it); 0 for writers that all rename.",
 )
+flags.DEFINE_integer(
+  "keep_processed_files",
+  refresh_watch.DEFAULT_KEEP_FILES,
+  "With --watch, keep only this many newest delta files in each of processed/ and failed/ (0 keeps all).",
+)
 flags.DEFINE_list(
   "index_options",
   [],
@@ -120,6 +125,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--from_version names a version (1 or more), got {FLAGS.from_version}")
   if FLAGS.keep_versions < 0:
     raise app.UsageError(f"--keep_versions must be 0 (keep all) or more, got {FLAGS.keep_versions}")
+  if FLAGS.keep_processed_files < 0:
+    raise app.UsageError(f"--keep_processed_files must be 0 (keep all) or more, got {FLAGS.keep_processed_files}")
   interval = parse_duration(FLAGS.interval)
   settle = parse_duration(FLAGS.settle, "settle", allow_zero=True)
   if not 0 <= FLAGS.retrain_fraction <= 1:
@@ -161,6 +168,7 @@ def main(argv: list[str]) -> None:
       max_polls=FLAGS.max_polls,
       on_poll=_print_report,
       settle_seconds=settle,
+      keep_files=FLAGS.keep_processed_files,
     )
 
 

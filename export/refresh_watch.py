@@ -14,8 +14,8 @@ to `failed/`. A file that changed after it was read (its writer paused longer th
 is not moved: it stays, with the files after it, and the next poll applies them again whole, in the
 same order. Re-applying is harmless: every line sets an ad's state (features, status, removal), so
 the same lines in the same order end in the same catalog. A name already in `failed/` or `processed/`
-gets a -2, -3... suffix. A poll with no files publishes the refresher's finished background retrain,
-if any.
+gets a -2, -3... suffix, and only the newest `keep_files` delta files of each are kept. A poll with
+no files publishes the refresher's finished background retrain, if any.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ ERROR_SUFFIX = ".error"
 # How long a file's size and mtime must stay the same before it is read (`--settle`): long enough for
 # a writer that flushes block by block, short next to the default 60 s interval (README, fgr-refresh).
 DEFAULT_SETTLE_SECONDS = 2.0
+# Delta files kept in each of processed/ and failed/ (`--keep_processed_files`; 0 keeps all).
+DEFAULT_KEEP_FILES = 1000
 
 Signature = tuple[int, int]
 
@@ -118,17 +120,68 @@ def pending_files(directory: str) -> list[str]:
   )
 
 
+def _free_name(target_dir: str, new_name: str) -> str:
+  """`new_name`, or the first free `<stem>-<n><suffix>` (n = 2, 3...) if a delta file or note has it.
+
+  Taken suffixes are found by doubling n and then bisecting, so a name taken a thousand times costs
+  about twenty lookups, not a thousand. (After retention removed old ones, a free n may be found past
+  a gap rather than in it: still a free name.)
+  """
+  stem, suffix = os.path.splitext(new_name)
+
+  def name(n: int) -> str:
+    return new_name if n == 1 else f"{stem}-{n}{suffix}"
+
+  def taken(n: int) -> bool:
+    path = os.path.join(target_dir, name(n))
+    return os.path.exists(path) or os.path.exists(path + ERROR_SUFFIX)
+
+  if not taken(1):
+    return name(1)
+  low, high = 1, 2  # low is taken; is high?
+  while taken(high):
+    low, high = high, high * 2
+  while high - low > 1:
+    middle = (low + high) // 2
+    low, high = (middle, high) if taken(middle) else (low, middle)
+  return name(high)
+
+
 def _move(directory: str, name: str, subdirectory: str, new_name: str) -> str:
   """Moves a delta file into `subdirectory`; a name taken there by an earlier file gets a -2, -3... suffix."""
   target_dir = os.path.join(directory, subdirectory)
   os.makedirs(target_dir, exist_ok=True)
-  stem, suffix = os.path.splitext(new_name)
-  target, n = os.path.join(target_dir, new_name), 1
-  while os.path.exists(target) or os.path.exists(target + ERROR_SUFFIX):
-    n += 1
-    target = os.path.join(target_dir, f"{stem}-{n}{suffix}")
+  target = os.path.join(target_dir, _free_name(target_dir, new_name))
   os.replace(os.path.join(directory, name), target)
+  os.utime(target)  # Its mtime is now when it was set aside, which retention (`prune_kept`) goes by.
   return target
+
+
+def prune_kept(directory: str, keep: int) -> list[str]:
+  """Deletes all but the `keep` newest delta files (with their .error notes) of processed/ and failed/.
+
+  Newest by mtime, which `_move` sets to when it moved the file. Returns the deleted paths.
+  """
+  deleted = []
+  for subdirectory in (PROCESSED_DIR, FAILED_DIR):
+    path = os.path.join(directory, subdirectory)
+    if not keep or not os.path.isdir(path):
+      continue
+    moved_at: dict[str, int] = {}  # By delta file name; a note counts as its file.
+    for entry in os.scandir(path):
+      name = entry.name.removesuffix(ERROR_SUFFIX)
+      if not name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
+        continue  # Not a delta file or note of ours.
+      mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+      moved_at[name] = min(moved_at.get(name, mtime), mtime)
+    for name in sorted(moved_at, key=lambda name: (moved_at[name], name))[:-keep]:
+      for file_name in (name, name + ERROR_SUFFIX):
+        try:
+          os.remove(os.path.join(path, file_name))
+          deleted.append(os.path.join(path, file_name))
+        except FileNotFoundError:
+          pass
+  return deleted
 
 
 def _reject(directory: str, name: str, error: Exception, result: PollResult) -> None:
@@ -159,13 +212,16 @@ def _still_as_read(directory: str, name: str, read_as: Signature) -> bool:
   return False
 
 
-def poll_once(refresher: refresh.Refresher, directory: str, settle: Settle | None = None) -> PollResult:
+def poll_once(
+  refresher: refresh.Refresher, directory: str, settle: Settle | None = None, keep_files: int = DEFAULT_KEEP_FILES
+) -> PollResult:
   """Validates the written pending files, publishes the good ones as one version and moves them aside.
 
   Args:
     refresher: publishes the deltas.
     directory: the watched directory.
     settle: when a file counts as written; a new `Settle()` (the default settle time) when None.
+    keep_files: delta files kept in each of processed/ and failed/ (0 keeps all).
   """
   result = PollResult()
   names = pending_files(directory)
@@ -185,6 +241,7 @@ def poll_once(refresher: refresh.Refresher, directory: str, settle: Settle | Non
     if result.accepted:
       _publish(refresher, directory, merged, deltas, settled, result)
   result.waiting.sort()
+  prune_kept(directory, keep_files)
   return result
 
 
@@ -317,6 +374,7 @@ def watch(
   max_polls: int = 0,
   on_poll: Callable[[PollResult], None] | None = None,
   settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+  keep_files: int = DEFAULT_KEEP_FILES,
 ) -> None:
   """Polls `directory` every `interval_seconds` (from the start of one poll to the next) for ever.
 
@@ -327,6 +385,7 @@ def watch(
     max_polls: stop after this many polls (0: never).
     on_poll: called with each poll's result.
     settle_seconds: how long a file must stay unchanged before it is read (`Settle`).
+    keep_files: delta files kept in each of processed/ and failed/ (0 keeps all).
   """
   os.makedirs(directory, exist_ok=True)
   refresher.prepare()  # Fail fast without a version, and keep the first publish short.
@@ -335,7 +394,7 @@ def watch(
   while True:
     started = time.monotonic()
     try:
-      result = poll_once(refresher, directory, settle)
+      result = poll_once(refresher, directory, settle, keep_files)
     except Exception:  # pylint: disable=broad-except  A failed publish is retried at the next poll.
       logging.exception("Publishing the deltas in %s failed; retrying at the next poll", directory)
       result = PollResult()

@@ -479,3 +479,31 @@ def test_settle_takes_a_file_seen_unchanged_long_enough_ago_without_waiting(tmp_
   assert list(settle.settled(str(tmp_path), ["a.jsonl", "gone.jsonl"])) == ["a.jsonl"] and len(waits) == 1
   (tmp_path / "a.jsonl").write_text("{}\n{}\n")  # Changed: looked at twice again.
   assert list(settle.settled(str(tmp_path), ["a.jsonl"])) == ["a.jsonl"] and len(waits) == 2
+
+
+def test_processed_and_failed_files_are_kept_up_to_a_number_and_names_found_in_few_lookups(tmp_path, monkeypatch):
+  failed = tmp_path / refresh_watch.FAILED_DIR
+  for _ in range(40):  # The same name rejected 40 times: bad.jsonl, bad-2.jsonl ... bad-40.jsonl.
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    refresh_watch._reject(str(tmp_path), "bad.jsonl", ValueError("bad"), refresh_watch.PollResult())
+  lookups = []
+  exists = os.path.exists
+  monkeypatch.setattr(refresh_watch.os.path, "exists", lambda path: lookups.append(path) or exists(path))
+  assert refresh_watch._free_name(str(failed), "bad.jsonl") == "bad-41.jsonl" and len(lookups) < 30
+  monkeypatch.undo()
+  # Oldest first by when each was set aside (its mtime); a note goes with its file.
+  for n, name in enumerate(["bad.jsonl"] + [f"bad-{i}.jsonl" for i in range(2, 41)]):
+    for path in (failed / name, failed / (name + ".error")):
+      os.utime(path, ns=(n * 10**9, n * 10**9))
+  (failed / "README").write_text("not ours")
+  processed = tmp_path / refresh_watch.PROCESSED_DIR
+  processed.mkdir()
+  (processed / "v2-a.jsonl").write_text("{}\n")
+  refresh_watch.prune_kept(str(tmp_path), 3)
+  assert sorted(os.listdir(failed)) == sorted(
+    ["README"] + [f"bad-{i}.jsonl{note}" for i in (38, 39, 40) for note in ("", ".error")]
+  )
+  assert os.listdir(processed) == ["v2-a.jsonl"]
+  assert refresh_watch._free_name(str(failed), "bad.jsonl") == "bad.jsonl"  # Free again.
+  refresh_watch.prune_kept(str(tmp_path), 0)  # 0 keeps all.
+  assert len(os.listdir(failed)) == 7
