@@ -16,6 +16,7 @@ Either variable already in the environment is left as it is.
 """
 
 import ctypes
+import errno
 import importlib
 import os
 import re
@@ -77,7 +78,7 @@ def skip_cuda_without_a_driver() -> None:
 # What the offline tools and the clients raise for a user's mistake (a bad file, line, field or flag
 # value), with a message naming it; a data error raised while tf.data reads the logs arrives wrapped in
 # TensorFlow's InvalidArgumentError, with the original error's type and message inside its text.
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 _WRAPPED_USER_ERROR = re.compile(r"\b(?:" + "|".join(e.__name__ for e in _USER_ERRORS) + r"): ([^\n]+)")
 
 
@@ -85,6 +86,8 @@ def user_error_message(error: BaseException) -> str | None:
   """The one line to show for a user's mistake, or None for any other failure (shown as a traceback)."""
   if isinstance(error, _USER_ERRORS):
     return str(error)
+  if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return str(error)  # A full disk is no bug either (a publish names what holds the space: export.versions).
   if type(error).__name__ == "InvalidArgumentError":  # tf.errors, without importing TensorFlow here.
     wrapped = _WRAPPED_USER_ERROR.search(str(error))
     if wrapped:

@@ -173,4 +173,5 @@ def parse_lines(lines: Iterable[str], name: str = "<delta>") -> CatalogDelta:
 
 def read_delta(path: str) -> CatalogDelta:
   """Reads and checks one delta file completely."""
+  logs.check_file(path)
   return parse_lines((line for _, line in logs.text_lines(path)), path)

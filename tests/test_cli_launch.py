@@ -139,6 +139,10 @@ class DataLossError(Exception):
       "same fgr-prepare command: it rewrites damaged shards)",
     ),
     (KeyError("row"), None),
+    # fgr-refresh --delta=<a directory>, and a full disk: the environment, not a bug of the tool.
+    (IsADirectoryError(21, "Is a directory", "d.jsonl"), "[Errno 21] Is a directory: 'd.jsonl'"),
+    (OSError(28, "No space left on device", "m/1"), "[Errno 28] No space left on device: 'm/1'"),
+    (OSError(5, "Input/output error"), None),
   ],
 )
 def test_user_errors_are_told_apart(error, message):

@@ -102,6 +102,11 @@ def test_a_delta_file_that_is_not_utf8_is_reported_with_its_line(tmp_path):
     refresh_delta.read_delta(str(path))
 
 
+def test_a_directory_given_as_a_delta_file_is_a_one_line_error(tmp_path):
+  with pytest.raises(ValueError, match=rf"^{tmp_path} is not a file \(a directory\?\)"):
+    refresh_delta.read_delta(str(tmp_path))  # It was an IsADirectoryError traceback in fgr-refresh.
+
+
 def test_rebuild_embeds_with_the_served_towers_and_serves_the_new_catalog(exported, served_v1, base_path):
   version_path, source, queries = exported
   loaded, before = served_v1
