@@ -54,7 +54,7 @@ class Refresher:
   The towers of the first version it refreshes are loaded once and reused for every later version
   (they are the same towers), and the catalog state of the version it last published stays in
   memory; both are read again only when someone else publishes a version in between (a rollback,
-  a new fgr-export).
+  a new fgr-export), or replaces a version under the same number (`refresh_state.version_identity`).
 
   Args:
     base_path: the model base path (BASE/<version>/).
@@ -107,8 +107,10 @@ class Refresher:
     self._from_version = from_version
     self._version: int | None = None  # The number the refresh under way publishes as.
     self._source: refresh_state.Source | refresh_channels.ChannelSource | None = None
+    self._source_identity: refresh_state.Identity | None = None
     self._towers: refresh_towers.LoadedTowers | refresh_channels.ChannelTowers | None = None
-    self._towers_version: int | None = None
+    # The version (number and identity) the loaded towers came from, or one this refresher published from it.
+    self._towers_of: tuple[int, refresh_state.Identity] | None = None
 
   def source(self) -> refresh_state.Source | refresh_channels.ChannelSource:
     """The version the next refresh starts from (read again if another writer published since)."""
@@ -118,10 +120,14 @@ class Refresher:
     wanted = self._from_version if self._from_version is not None else on_disk[-1]
     if wanted not in on_disk:
       raise FileNotFoundError(f"No version {wanted} under {self.base_path} (it has {on_disk}): check --from_version")
-    if self._source is None or self._source.version != wanted:
+    identity = refresh_state.version_identity(os.path.join(self.base_path, str(wanted)))
+    if self._source is None or self._source.version != wanted or self._source_identity != identity:
+      if self._source is not None and self._source.version == wanted:
+        logging.warning("Version %d under %s was replaced since it was read: reading it again", wanted, self.base_path)
+        self._retrain = None  # Its rows were those of the version replaced.
       source = refresh_channels.read_source(self.base_path, wanted)
       self._check_overrides(source.report.index)
-      self._source = source
+      self._source, self._source_identity = source, identity
     return self._source
 
   def check_index_overrides(self) -> None:
@@ -147,13 +153,15 @@ class Refresher:
     self, source: refresh_state.Source | refresh_channels.ChannelSource
   ) -> refresh_towers.LoadedTowers | refresh_channels.ChannelTowers:
     # Versions this refresher published share the towers it loaded; anything else is loaded anew.
-    if self._towers is None or self._towers_version != source.version:
+    # (`source` is always `self._source`, read as `self._source_identity`.)
+    key = (source.version, self._source_identity)
+    if self._towers is None or self._towers_of != key:
       base.backend(source.report.index).load_ops()
       if isinstance(source, refresh_channels.ChannelSource):
         self._towers = refresh_channels.ChannelTowers.load(source.path, source.names)
       else:
         self._towers = refresh_towers.LoadedTowers.load(source.path)
-      self._towers_version = source.version
+      self._towers_of = key
     return self._towers
 
   def apply(self, delta: refresh_delta.CatalogDelta) -> dict[str, Any]:
@@ -331,9 +339,10 @@ class Refresher:
   ) -> dict[str, Any]:
     report.time("total", time.perf_counter() - started)
     # The new version is now the newest: remember its state and that it shares our towers.
-    if self._towers_version == source.version:
-      self._towers_version = new_source.version
-    self._source = new_source
+    identity = refresh_state.version_identity(new_source.path)
+    if self._towers_of == (source.version, self._source_identity):
+      self._towers_of = (new_source.version, identity)
+    self._source, self._source_identity = new_source, identity
     self._from_version = None
     if self.defer_prune:
       self._retired_source = source

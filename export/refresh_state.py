@@ -56,6 +56,32 @@ def write_embeddings(saved_model_dir: str, embeddings: np.ndarray, channel: str 
   return path
 
 
+# (device, inode, size, mtime) of a version's graph, variables index and report (None for a missing file).
+Identity = tuple[tuple[int, int, int, int] | None, ...]
+
+
+def version_identity(version_path: str) -> Identity:
+  """What tells a version directory from another one published later under the same number.
+
+  Every publish writes the report anew, and the graph and variables anew or as hard links of another
+  version's, and nothing changes them in place: the same files mean the same version. (A number is
+  reused when someone deletes the newest version and another writer publishes.)
+  """
+  identity = []
+  for path in (
+    os.path.join(version_path, "saved_model.pb"),
+    version_files.variables_prefix(version_path) + ".index",
+    version_report.path(version_path),
+  ):
+    try:
+      stat = os.stat(path)
+    except FileNotFoundError:
+      identity.append(None)
+      continue
+    identity.append((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+  return tuple(identity)
+
+
 def read_state(version_path: str) -> CatalogState:
   """Reads a version's ids and eligibility from its checkpoint and its embeddings file."""
   path = embeddings_path(version_path)

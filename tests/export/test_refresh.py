@@ -512,3 +512,28 @@ def test_processed_and_failed_files_are_kept_up_to_a_number_and_names_found_in_f
   assert refresh_watch._free_name(str(failed), "bad.jsonl") == "bad.jsonl"  # Free again.
   refresh_watch.prune_kept(str(tmp_path), 0)  # 0 keeps all.
   assert len(os.listdir(failed)) == 7
+
+
+def test_a_version_replaced_under_the_same_number_is_read_again(base_path, monkeypatch):
+  """The operator deletes the newest version (not --rollback) and another writer publishes under its
+  number: a resident refresher built on its memory of the deleted one (undoing the other writer's
+  change, bringing back the deleted one's) and kept its towers."""
+  a, b, c = refresh_state.read_state(os.path.join(base_path, "1")).ids[:3].tolist()
+  loads = []
+  load = refresh.refresh_towers.LoadedTowers.load
+  monkeypatch.setattr(refresh.refresh_towers.LoadedTowers, "load", lambda path: loads.append(path) or load(path))
+  watcher = refresh.Refresher(base_path, keep_versions=5, defer_prune=True)  # As fgr-refresh --watch.
+  watcher.prepare()
+  watcher.apply(refresh_delta.parse_lines([_pauses([a]).strip()]))
+  watcher.prepare()
+  assert len(loads) == 1  # Its own version 2 shares the towers it loaded.
+  versions.remove_version(base_path, 2)
+  other = refresh.Refresher(base_path, from_version=1)
+  assert other.apply(refresh_delta.parse_lines([_pauses([b]).strip()]))["version"] == 2
+  watcher.prepare()
+  assert len(loads) == 2 and loads[-1] == os.path.join(base_path, "2")
+  report = watcher.apply(refresh_delta.parse_lines([_pauses([c]).strip()]))
+  assert (report["version"], report["refreshed_from"]) == (3, 2)
+  state = refresh_state.read_state(os.path.join(base_path, "3"))
+  row_of = state.row_of()
+  assert state.eligible[row_of[a]] and not state.eligible[row_of[b]] and not state.eligible[row_of[c]]
