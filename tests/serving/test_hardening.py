@@ -171,6 +171,13 @@ def test_deadline_expires_in_the_batch_queue(limited):
   assert code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def _request_counts(server, model: str) -> dict[str, float]:
+  """request_count by status for `model` (a model_name label value)."""
+  text = server.server.metrics.exposition().decode()
+  pattern = rf':tensorflow:serving:request_count_total\{{model_name="{re.escape(model)}",status="(\w+)"\}} (\S+)'
+  return {status: float(count) for status, count in re.findall(pattern, text)}
+
+
 def test_in_flight_limit_is_resource_exhausted(limited, monkeypatch):
   """With 2 requests held inside the server, a third one is refused at once.
 
@@ -196,6 +203,15 @@ def test_in_flight_limit_is_resource_exhausted(limited, monkeypatch):
       code, details = lib.grpc_code(limited.predict.Predict, _request(model="m", x=[1.0]))
       assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
       assert "--max_in_flight_requests" in details
+      # Refused before their model is looked up, calls naming made-up models count under
+      # model_name="": a client making up names must not add label values (series kept for good).
+      before = _request_counts(limited, "")
+      for i in range(5):
+        code, details = lib.grpc_code(limited.predict.Predict, _request(model=f"made_up_{i}", x=[1.0]))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+      exposition = limited.server.metrics.exposition().decode()
+      assert "made_up_" not in exposition
+      assert _request_counts(limited, "").get("RESOURCE_EXHAUSTED", 0) == before.get("RESOURCE_EXHAUSTED", 0) + 5
       status, payload = lib.post_json(limited.server.rest_port, "/v1/models/m:predict", b'{"instances": [1.0]}')
       assert status == 429 and "in flight" in payload["error"]
     finally:

@@ -72,6 +72,11 @@ void Respond(const std::shared_ptr<Server::Call::State>& state, const std::strin
 
 }  // namespace
 
+bool Server::Routed(const std::string& model) {
+  std::lock_guard<std::mutex> lock(routes_mutex_);
+  return routes_->count(model) > 0;
+}
+
 std::shared_ptr<Servable> Server::Resolve(const void* spec_pointer) {
   const auto& spec = *static_cast<const tensorflow::serving::ModelSpec*>(spec_pointer);
   std::shared_ptr<const Routes> routes;
@@ -115,7 +120,11 @@ bool Server::TryPredict(Call* call) {
     const Status status(kResourceExhausted, "Too many requests in flight: the limit is " +
                                                 std::to_string(admission_->limit()) +
                                                 " (--max_in_flight_requests); retry later");
-    Take(call->state(), call->started(), metrics_.get(), spec.name());
+    // The client's name becomes a label only if it is a routed model: every label is a set of series
+    // kept for good (metrics.cc), so made-up names would grow the server. Others count under "", as on
+    // the Python path. (A configured model with no AVAILABLE version is not routed, so it counts
+    // under "" here where Python would name it; no other name is labelled differently.)
+    Take(call->state(), call->started(), metrics_.get(), Routed(spec.name()) ? spec.name() : std::string());
     Respond(call->state(), "", nullptr, status, "");
     return true;
   }

@@ -107,6 +107,8 @@ class Server {
   void Fallback(Call* call);
   // The servable a ModelSpec names among the routes, or null (predict.cc).
   std::shared_ptr<Servable> Resolve(const void* model_spec);
+  // Whether `model` has AVAILABLE versions in the routes (predict.cc).
+  bool Routed(const std::string& model);
 
   const ServerOptions options_;
   const ::fgr::Fallback fallback_;
