@@ -125,3 +125,31 @@ def from_exception(exc: BaseException, context: str | None = None) -> ServingErr
     else:
       error = ServingError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
   return error.with_context(context) if context else error
+
+
+def answered(exc: BaseException) -> ServingError:
+  """`from_exception(exc)` for the front end that answers the call with it.
+
+  It also drops the tracebacks of `exc` and of every exception chained to it
+  (`__cause__`, `__context__`). Those tracebacks hold the frames the error was
+  raised through, and those frames hold the request. A frame that also holds
+  the exception closes a reference cycle: a handler's local `error`, or a
+  batch task that keeps its error and waits in a frame of the traceback. Such
+  a cycle outlives the call until Python's cyclic collector runs, which bad
+  requests (few objects each) trigger only about every tenth call: until then
+  each one stays in memory, however large. Without the tracebacks, the
+  request is freed when its error is sent.
+
+  Call it last, once the error has been logged. The traceback is gone after.
+  """
+  error = from_exception(exc)
+  seen = set()
+  pending: list[BaseException | None] = [exc, error]
+  while pending:
+    chained = pending.pop()
+    if chained is None or id(chained) in seen:
+      continue
+    seen.add(id(chained))
+    chained.__traceback__ = None
+    pending += [chained.__cause__, chained.__context__]
+  return error

@@ -84,6 +84,12 @@ def _implementation(method: rpc_methods.RpcMethod, api: service_impl.ServingApi,
   return call
 
 
+def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+  """Sets the call's error status; the handler then returns None."""
+  context.set_code(code)
+  context.set_details(errors.status_message(message))
+
+
 def _generic_handlers(api: service_impl.ServingApi, pool: _Pool) -> list[grpc.GenericRpcHandler]:
   """One handler per service of `rpc_methods.RPC_METHODS`. Unparsable
   requests get INVALID_ARGUMENT, as TF Serving answers any malformed input,
@@ -91,13 +97,20 @@ def _generic_handlers(api: service_impl.ServingApi, pool: _Pool) -> list[grpc.Ge
 
   def behaviour(implementation):
     async def call(request, context: grpc.aio.ServicerContext):
+      # Failures set the status and return no response (grpc.aio then sends none) rather than
+      # `context.abort`, whose AbortError grpc keeps in a reference cycle with this frame, and so with
+      # the request, until the cyclic collector runs.
       if isinstance(request, _Malformed):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, errors.status_message(request.message))
+        _fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return None
       try:
         return await implementation(request, context)
       except Exception as e:  # pylint: disable=broad-except
-        error = errors.from_exception(e)
-      await context.abort(error.code, errors.status_message(error.message))
+        # Answered here, with the tracebacks dropped (errors.answered), so that the request their
+        # frames hold is freed now.
+        error = errors.answered(e)
+        _fail(context, error.code, error.message)
+        return None
 
     return call
 

@@ -228,11 +228,15 @@ class ServingApi:
           check(bundle)
         yield bundle
     except Exception as e:
-      error = errors.from_exception(e)
-      if error.code.name in ("INTERNAL", "UNKNOWN"):
+      # No local holds the error: this frame is in its traceback, and would keep it, and the
+      # request, in a reference cycle. A ServingError goes on as it is (`raise error from e` with
+      # error being e would make it its own cause, another cycle).
+      status = errors.from_exception(e).code.name
+      if status in ("INTERNAL", "UNKNOWN"):
         logging.exception("%s failed", api)
-      status = error.code.name
-      raise error from e
+      if isinstance(e, errors.ServingError):
+        raise
+      raise errors.from_exception(e) from e
     except asyncio.CancelledError:  # The deadline passed, or the client went away.
       near_deadline = deadline is not None and time.monotonic() + DEADLINE_SLACK_SECONDS >= deadline
       status = "DEADLINE_EXCEEDED" if near_deadline else "CANCELLED"
