@@ -12,6 +12,11 @@ from serving import errors
 # request actually carries (TF fills a short value list with its last value,
 # so `shape: [1e12], float_val: 1` would otherwise exhaust memory).
 _MAX_FILLED_ELEMENTS = 1 << 27
+# The most elements a request tensor's shape may span, counting each zero dimension as 1, so that a
+# zero-element shape (`[0, 2**62]`) is bounded too. Every dimension, and any array of that shape
+# (2^44 bytes at 16 bytes an element), stays within what NumPy and TF can address. The same rule as
+# the native DeclaredShape (serving/native/cc/tensor.cc, kMaxSpan): keep the two identical.
+MAX_SHAPE_SPAN = 1 << 40
 # The most dimensions a request tensor may declare: NumPy's limit, which the Python path decodes
 # into (TF's own, TensorShape::MaxDimensions, is 254). A model input of more is not served here.
 MAX_RANK = 64
@@ -119,8 +124,9 @@ def declared_shape(proto: tensor_pb2.TensorProto, alias: str) -> tuple[list[int]
 
   Raises:
     ServingError: INVALID_ARGUMENT for an unknown rank, a rank over MAX_RANK, a negative dimension,
-      or more elements than the proto supplies and decoding ever fills in
-      (MAX_FILLED_ELEMENTS): a tensor TF can't allocate.
+      a shape spanning more than MAX_SHAPE_SPAN elements (zero dimensions counted as 1), or more
+      elements than the proto supplies and decoding ever fills in (MAX_FILLED_ELEMENTS): a tensor
+      TF can't allocate.
   """
   if proto.tensor_shape.unknown_rank:
     raise errors.invalid_argument(f"tensor parsing error: {alias}: tensor shape has unknown rank")
@@ -129,11 +135,17 @@ def declared_shape(proto: tensor_pb2.TensorProto, alias: str) -> tuple[list[int]
     raise errors.invalid_argument(
       f"tensor parsing error: {alias}: {len(dims)} dimensions, more than the {MAX_RANK} a request tensor may have"
     )
-  elements = 1
+  elements = span = 1
   for d in dims:
     if d < 0:
       raise errors.invalid_argument(f"tensor parsing error: {alias}: negative dimension in shape {dims}")
     elements *= d
+    span *= max(d, 1)
+  if span > MAX_SHAPE_SPAN:
+    raise errors.invalid_argument(
+      f"tensor parsing error: {alias}: shape {dims} is too large: its nonzero dimensions multiply to more "
+      f"than {MAX_SHAPE_SPAN} elements"
+    )
   if elements > max(_MAX_FILLED_ELEMENTS, supplied_values(proto)):
     raise errors.invalid_argument(f"tensor parsing error: {alias}: shape {dims} has too many elements")
   return dims, elements

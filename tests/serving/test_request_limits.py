@@ -152,10 +152,25 @@ def test_malformed_declarations_are_invalid_argument(served):
     "negative": _declared(types_pb2.DT_FLOAT, [-5], float_val=[1.0]),
     "overflow": _declared(types_pb2.DT_FLOAT, [1 << 40, 1 << 40], float_val=[1.0]),
     "content": _declared(types_pb2.DT_FLOAT, [1 << 30], tensor_content=b"\0" * 8),
+    # No elements, but a dimension no array can have (NumPy's bytes overflow int64).
+    "zero_by_huge": _declared(types_pb2.DT_FLOAT, [0, 1 << 62]),
+    "huge_by_zero": _declared(types_pb2.DT_FLOAT, [1 << 62, 0]),
   }
   for name, proto in cases.items():
     code, details = lib.grpc_code(served.predict.Predict, _predict(x=proto))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, details)
+  # The same zero-element shapes for an input of that rank, which the native path would decode:
+  # both paths refuse a shape whose nonzero dimensions multiply past 2^40, and take one up to it.
+  for dims in ([0, 1 << 62], [1 << 62, 0], [0, (1 << 40) + 1]):
+    code, details = lib.grpc_code(
+      served.predict.Predict, _predict("lengths", text=_declared(types_pb2.DT_STRING, dims))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (dims, details)
+    assert "tensor parsing error: text: shape" in details and "is too large" in details, details
+  code, details = lib.grpc_code(
+    served.predict.Predict, _predict("lengths", text=_declared(types_pb2.DT_STRING, [0, 1 << 40]))
+  )
+  assert code == grpc.StatusCode.OK, details
   # A large declared shape with one value is over the limit, not malformed.
   code, details = lib.grpc_code(
     served.predict.Predict, _predict(x=_declared(types_pb2.DT_FLOAT, [1 << 26], float_val=[1.0]))

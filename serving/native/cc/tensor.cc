@@ -9,9 +9,11 @@
 namespace fgr {
 namespace {
 
-// Largest element count the fast path decodes; bigger (legal or not) goes to the Python path,
-// which owns the limits and their messages.
-constexpr int64_t kMaxElements = int64_t{1} << 40;
+// The most elements a shape the fast path takes may span, counting each zero dimension as 1, so that
+// a zero-element shape ([0, 2^62]) is bounded too; bigger (legal or not) goes to the Python path,
+// which owns the limits and their messages. The same rule as tensor_util.declared_shape
+// (MAX_SHAPE_SPAN): keep the two identical, so Python refuses exactly what this declines for size.
+constexpr int64_t kMaxSpan = int64_t{1} << 40;
 // Most dimensions it decodes: tensor_util.MAX_RANK, NumPy's limit. (TF aborts the process on a
 // shape of more than 254, so this check must come before any TF_AllocateTensor.)
 constexpr int kMaxRank = 64;
@@ -113,10 +115,13 @@ const char* TensorSlice::data() const {
 
 bool DeclaredShape(const tensorflow::TensorProto& proto, std::vector<int64_t>* dims, int64_t* elements) {
   if (proto.tensor_shape().unknown_rank() || proto.tensor_shape().dim_size() > kMaxRank) return false;
-  int64_t n = 1;
+  int64_t n = 1, span = 1;
   for (const auto& dim : proto.tensor_shape().dim()) {
     if (dim.size() < 0) return false;
-    if (dim.size() > 0 && n > kMaxElements / dim.size()) return false;
+    if (dim.size() > 0) {
+      if (span > kMaxSpan / dim.size()) return false;  // span * size > kMaxSpan, without overflow.
+      span *= dim.size();
+    }
     dims->push_back(dim.size());
     n *= dim.size();
   }

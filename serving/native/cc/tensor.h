@@ -60,7 +60,8 @@ struct TensorSlice {
 };
 
 // A request tensor's declared dims and element count, if the fast path takes its shape: known rank
-// of at most 64, no negative dimension, at most 2^40 elements. Both pricing and decoding read the shape this way.
+// of at most 64, no negative dimension, nonzero dimensions multiplying to at most 2^40 (the rule of
+// tensor_util.declared_shape). Both pricing and decoding read the shape this way.
 bool DeclaredShape(const tensorflow::TensorProto& proto, std::vector<int64_t>* dims, int64_t* elements);
 
 // Whether the fast path converts `dtype` both ways (the others go to the Python path).
