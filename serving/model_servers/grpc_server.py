@@ -28,6 +28,13 @@ PREDICTION_SERVICE = rpc_methods.PREDICTION_SERVICE
 MODEL_SERVICE = rpc_methods.MODEL_SERVICE
 # The most request metadata (headers) either path accepts.
 MAX_METADATA_BYTES = 16 * 1024
+# Calls gRPC core holds for the server before the event loop takes them (grpcio's defaults: 1,000,
+# then randomly more refused up to 3,000). The loop takes calls one at a time, so a burst of a few
+# thousand calls outran those and core cancelled valid calls (CANCELLED, as if the client had), which
+# the server never sees and cannot count. Calls taken are shed by --max_in_flight_requests with
+# RESOURCE_EXHAUSTED and counted; this bound only keeps what core holds finite. A pending call holds
+# its headers and at most a flow-control window of its message.
+MAX_PENDING_CALLS = 1 << 16
 
 
 class _Malformed:
@@ -124,6 +131,25 @@ def _generic_handlers(api: service_impl.ServingApi, pool: _Pool) -> list[grpc.Ge
   return [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in by_service.items()]
 
 
+def server_options(max_receive_message_length: int, options: list[tuple[str, object]]) -> list[tuple[str, object]]:
+  """The grpc.aio server's channel arguments: ours, then `options` (--grpc_channel_arguments), which
+  replace those of ours they name."""
+  defaults = [
+    ("grpc.max_receive_message_length", max_receive_message_length),
+    ("grpc.max_send_message_length", -1),
+    # grpcio rejects request metadata between its soft limit (8 KiB) and hard one (16 KiB) at random.
+    # One limit, 16 KiB, as the native server's (serving/native/cc/server.cc): a request's headers
+    # pass or fail the same on every call and on both paths.
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+    # One bound, so core refuses no call below it (soft < hard would refuse at random between).
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+  ]
+  named = {key for key, _ in options}
+  return [(key, value) for key, value in defaults if key not in named] + list(options)
+
+
 class GrpcServer:
   """Owns the grpc.aio server and the event-loop thread it runs on.
 
@@ -149,15 +175,7 @@ class GrpcServer:
     credentials: grpc.ServerCredentials | None = None,
   ):
     self._credentials = credentials
-    channel_options = [
-      ("grpc.max_receive_message_length", max_receive_message_length),
-      ("grpc.max_send_message_length", -1),
-      # grpcio rejects request metadata between its soft limit (8 KiB) and hard one (16 KiB) at random.
-      # One limit, 16 KiB, as the native server's (serving/native/cc/server.cc): a request's headers
-      # pass or fail the same on every call and on both paths.
-      ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-      ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
-    ] + list(options)
+    channel_options = server_options(max_receive_message_length, options)
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, max_threads), thread_name_prefix="grpc")
     pool = _Pool(self._executor)
     self._loop = asyncio.new_event_loop()

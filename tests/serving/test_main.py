@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 
 from serving import errors
+from serving.model_servers import grpc_server
 from serving.model_servers import server as server_lib
 
 # main.py defines absl flags such as --port at import; other test modules may
@@ -48,6 +49,19 @@ print("HARDENING", options.model_base_path_roots,
       options.grpc_max_receive_message_length,
       options.rest_api_max_body_bytes, options.ssl_config_file)
 """
+
+
+def test_grpc_channel_arguments_replace_the_servers_own():
+  """The Python path's grpc.aio server takes --grpc_channel_arguments over its own (one value a key)."""
+  ours = dict(grpc_server.server_options(1 << 20, []))
+  assert ours["grpc.server.max_pending_requests"] == grpc_server.MAX_PENDING_CALLS
+  assert ours["grpc.server.max_pending_requests_hard_limit"] == grpc_server.MAX_PENDING_CALLS
+  assert ours["grpc.max_receive_message_length"] == 1 << 20
+  user = [("grpc.server.max_pending_requests", 10), ("grpc.max_connection_age_ms", 2000)]
+  options = grpc_server.server_options(1 << 20, user)
+  keys = [key for key, _ in options]
+  assert len(keys) == len(set(keys)), keys
+  assert dict(options) == {**ours, **dict(user)}
 
 
 def test_flags():

@@ -1,5 +1,8 @@
 """gRPC API tests modelled on TF Serving's tensorflow_model_server_test."""
 
+import re
+import urllib.request
+
 import grpc
 import numpy as np
 import pytest
@@ -237,6 +240,48 @@ def test_request_metadata_has_one_limit_on_both_paths(server):
       _predict_request(),
     )
   assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _ok_count(server, model: str) -> float:
+  """request_count{model_name=model, status="OK"} from the server's Prometheus endpoint."""
+  url = f"http://127.0.0.1:{server.rest_port}/monitoring/prometheus/metrics"
+  with urllib.request.urlopen(url, timeout=60) as response:
+    text = response.read().decode()
+  found = re.search(rf':tensorflow:serving:request_count_total\{{model_name="{model}",status="OK"\}} (\S+)', text)
+  return float(found.group(1)) if found else 0.0
+
+
+def _code(future: grpc.Future) -> grpc.StatusCode:
+  try:
+    future.result()
+  except grpc.RpcError as e:
+    return e.code()
+  return grpc.StatusCode.OK
+
+
+def test_a_burst_of_concurrent_calls_is_answered_and_counted(server):
+  """4,000 calls at once over 10 connections are all answered OK and counted.
+
+  Above grpcio's default backlog (1,000 calls waiting for the Python path's event loop, 3,000 at
+  most), gRPC core cancelled the rest: CANCELLED, and never counted, since the server never saw them.
+  """
+  count = 4000
+  before = _ok_count(server, TF2_MODEL)
+  # A subchannel pool of their own: each channel its own connection.
+  channels = [
+    grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+    for _ in range(10)
+  ]
+  try:
+    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(channel) for channel in channels]
+    request = _predict_request(model=TF2_MODEL, x=(1.0, 2.0))
+    futures = [stubs[i % len(stubs)].Predict.future(request, timeout=300) for i in range(count)]
+    codes = [_code(future) for future in futures]
+  finally:
+    for channel in channels:
+      channel.close()
+  assert codes.count(grpc.StatusCode.OK) == count, {code: codes.count(code) for code in set(codes)}
+  lib.wait_for(lambda: _ok_count(server, TF2_MODEL) == before + count)
 
 
 def test_classify(server):
