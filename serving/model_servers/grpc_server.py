@@ -57,7 +57,7 @@ def _parser(method: rpc_methods.RpcMethod) -> Callable[[bytes], Any]:
 
 
 def _timeout_ms(context: grpc.aio.ServicerContext) -> int | None:
-  """The client's deadline, used as the session run timeout (as TF Serving)."""
+  """Milliseconds to the client's deadline: the bound of its wait for a batch (a run is not cut short)."""
   remaining = context.time_remaining()
   if remaining is None or remaining > 1e8:
     return None

@@ -76,13 +76,18 @@ class _SemaphoreAdmission:
 
 
 async def _run_in(executor: concurrent.futures.Executor, function: Callable[..., R], *args) -> R:
-  """Runs `function` on `executor`; if the awaiting RPC is cancelled, still
-  waits for it, so the caller's servable handle outlives the session call."""
-  future = asyncio.get_running_loop().run_in_executor(executor, function, *args)
+  """Runs `function` on `executor`. If the awaiting RPC is cancelled (its
+  deadline passed, or its client went away) before a worker took the call, it
+  never runs; once running, it is waited for, so the caller's servable handle
+  outlives the session call (a run is not cut short: see
+  SavedModelBundle.session_run)."""
+  work = executor.submit(function, *args)
+  future = asyncio.wrap_future(work)
   try:
     return await asyncio.shield(future)
   except asyncio.CancelledError:
-    await asyncio.wait([future])
+    if not work.cancel():  # Running or done: wait for it.
+      await asyncio.wait([future])
     raise
 
 

@@ -120,7 +120,7 @@ class ExamplesApi:
     Args:
       bundle: The SavedModelBundle serving the request.
       request: The request, of this API's kind.
-      timeout_ms: Session run deadline, if any.
+      timeout_ms: Milliseconds to the call's deadline, if any (a batch wait's bound).
       method_name_check: TF Serving's --enable_signature_method_name_check.
     """
     response = self.response_type()

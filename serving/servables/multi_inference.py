@@ -20,7 +20,7 @@ def run_multi_inference(
   Args:
     bundle: The servable.
     request: The request; each task's method_name picks classify or regress.
-    timeout_ms: Session run deadline, if any.
+    timeout_ms: Milliseconds to the call's deadline, if any (a batch wait's bound).
     method_name_check: Also require each signature to declare its task's
       method (TF Serving's --enable_signature_method_name_check).
   """

@@ -215,14 +215,17 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
     self, feeds: dict[str, np.ndarray], fetches: Sequence[str], timeout_ms: int | None = None
   ) -> list[np.ndarray]:
     """Runs the session unbatched; thread-safe. In a load or warm-up
-    (`background_load`) the run executes in this thread at idle priority."""
+    (`background_load`) the run executes in this thread at idle priority.
+    As `SavedModelBundle.session_run`, `timeout_ms` does not cut the run
+    short (the native Session::Run says why)."""
+    del timeout_ms  # See above.
     if self._closed:
       raise errors.unavailable(f"Servable {self.context()} has been unloaded")
     try:
       if saved_model_bundle.loading_in_this_thread():
         with saved_model_bundle.idle_priority():
-          return self._session.run(feeds, list(fetches), timeout_ms, in_caller_thread=True)
-      return self._session.run(feeds, list(fetches), timeout_ms)
+          return self._session.run(feeds, list(fetches), in_caller_thread=True)
+      return self._session.run(feeds, list(fetches))
     except self._native_error as e:
       raise serving_error(e) from e
 

@@ -151,7 +151,7 @@ def run_predict(
   Args:
     bundle: The servable resolved from the request's ModelSpec.
     request: The request.
-    timeout_ms: Session run deadline, if any.
+    timeout_ms: Milliseconds to the call's deadline, if any (a batch wait's bound).
     method_name_check: Reject signatures whose method is not
       predict/classify/regress (TF Serving's
       --enable_signature_method_name_check).

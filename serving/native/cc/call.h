@@ -139,7 +139,7 @@ class Server::Call {
   // later than the client sent them).
   static constexpr std::chrono::milliseconds kDeadlineSlack{100};
 
-  // Milliseconds until the client's deadline (the session-run timeout), or -1 for none.
+  // Milliseconds until the client's deadline (its batch task's), or -1 for none.
   int64_t TimeoutMs() const {
     const auto deadline = context_.deadline();
     if (deadline == std::chrono::system_clock::time_point::max()) return -1;

@@ -94,13 +94,13 @@ struct PySession {
 };
 
 py::list RunSession(PySession& self, const py::dict& feeds, const std::vector<std::string>& fetches,
-                    std::optional<int64_t> timeout_ms, bool in_caller_thread) {
+                    bool in_caller_thread) {
   Feeds in = ToFeeds(feeds);
   std::vector<TensorPtr> outputs;
   Status status;
   {
     py::gil_scoped_release release;
-    status = self.session->Run(in.names, in.tensors, fetches, timeout_ms.value_or(-1), in_caller_thread, &outputs);
+    status = self.session->Run(in.names, in.tensors, fetches, in_caller_thread, &outputs);
   }
   if (!status.ok()) Raise(status);
   std::vector<TensorSlice> slices;
@@ -255,8 +255,7 @@ PYBIND11_MODULE(_fgr_native, m) {
            }),
            py::arg("export_dir"), py::arg("tags"), py::arg("session_config") = py::bytes())
       .def_property_readonly("meta_graph_def", [](PySession& self) { return py::bytes(self.session->meta_graph_def()); })
-      .def("run", &RunSession, py::arg("feeds"), py::arg("fetches"), py::arg("timeout_ms") = py::none(),
-           py::arg("in_caller_thread") = false)
+      .def("run", &RunSession, py::arg("feeds"), py::arg("fetches"), py::arg("in_caller_thread") = false)
       .def("close", [](PySession& self) { self.session->Close(); }, py::call_guard<py::gil_scoped_release>());
 
   py::class_<BatchScheduler, std::shared_ptr<BatchScheduler>>(m, "BatchScheduler")

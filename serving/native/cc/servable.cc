@@ -67,9 +67,9 @@ std::string Servable::Context(const std::string& signature) const {
 Status Servable::Unloaded() const { return Status(kUnavailable, "Servable " + Context() + " has been unloaded"); }
 
 Status Servable::RunNow(const std::vector<std::string>& feed_names, const std::vector<TensorPtr>& feeds,
-                        const std::vector<std::string>& fetches, int64_t timeout_ms, bool in_caller_thread,
+                        const std::vector<std::string>& fetches, bool in_caller_thread,
                         std::vector<TensorPtr>* outputs) {
-  Status status = session_->Run(feed_names, feeds, fetches, timeout_ms, in_caller_thread, outputs);
+  Status status = session_->Run(feed_names, feeds, fetches, in_caller_thread, outputs);
   if (status.code == kUnavailable && status.message == "The servable has been unloaded") return Unloaded();
   return status;
 }
@@ -86,9 +86,9 @@ TaskPtr Servable::Run(std::vector<std::string> feed_names, std::vector<TensorPtr
   }
   auto run_now = [&]() -> TaskPtr {
     auto run_whole = [self = shared_from_this(), feed_names = std::move(feed_names), feeds = std::move(feeds),
-                      fetches = std::move(fetches), timeout_ms, in_caller_thread, done = std::move(done)] {
+                      fetches = std::move(fetches), in_caller_thread, done = std::move(done)] {
       std::vector<TensorPtr> outputs;
-      Status status = self->RunNow(feed_names, feeds, fetches, timeout_ms, in_caller_thread, &outputs);
+      Status status = self->RunNow(feed_names, feeds, fetches, in_caller_thread, &outputs);
       done(status, status.ok() ? Whole(outputs) : std::vector<TensorSlice>{});
     };
     if (elsewhere) {
@@ -176,13 +176,7 @@ void Servable::Process(const std::string& key, const std::shared_ptr<Kind>& kind
   if (live.empty()) return;
   const BatchOptions& options = batching_->options;
   int64_t rows = 0;
-  bool any_without_timeout = false;
-  int64_t timeout = -1;
-  for (const TaskPtr& task : live) {
-    rows += task->rows;
-    if (task->timeout_ms <= 0) any_without_timeout = true;
-    timeout = std::max(timeout, task->timeout_ms);
-  }
+  for (const TaskPtr& task : live) rows += task->rows;
   int64_t padded = rows;
   auto allowed = std::lower_bound(options.allowed_batch_sizes.begin(), options.allowed_batch_sizes.end(), rows);
   if (allowed != options.allowed_batch_sizes.end()) padded = *allowed;
@@ -197,7 +191,7 @@ void Servable::Process(const std::string& key, const std::shared_ptr<Kind>& kind
     feeds.push_back(Concat(parts, padded, options.pad_variable_length_inputs));
   }
   std::vector<TensorPtr> outputs;
-  Status status = RunNow(kind->feed_names, feeds, kind->fetches, any_without_timeout ? -1 : timeout, false, &outputs);
+  Status status = RunNow(kind->feed_names, feeds, kind->fetches, false, &outputs);
   if (!status.ok()) {  // Whatever failed, retry the calls one by one.
     RunAlone(*kind, live, &status);
     return;
@@ -230,8 +224,17 @@ void Servable::RunAlone(const Kind& kind, const std::vector<TaskPtr>& tasks, con
     return;
   }
   for (const TaskPtr& task : tasks) {
+    // The batch's run took time: a call that gave up or passed its deadline meanwhile is not run.
+    if (task->abandoned.load()) {
+      task->done(Status(kCancelled, "The call was cancelled while waiting for a batch"), {});
+      continue;
+    }
+    if (task->deadline <= Clock::now()) {
+      task->done(Expired(*task), {});
+      continue;
+    }
     std::vector<TensorPtr> outputs;
-    Status status = RunNow(kind.feed_names, task->feeds, kind.fetches, task->timeout_ms, false, &outputs);
+    Status status = RunNow(kind.feed_names, task->feeds, kind.fetches, false, &outputs);
     task->done(status, status.ok() ? Whole(outputs) : std::vector<TensorSlice>{});
   }
 }

@@ -70,6 +70,8 @@ class Servable : public std::enable_shared_from_this<Servable> {
   // A batchable call is queued (the task is returned, so that its caller may abandon it); any other
   // call runs whole, as BatchingSession runs it: through `elsewhere` when given, else in the calling
   // thread. `in_caller_thread` is for that whole run only: batches run on TF's inter-op pool.
+  // `timeout_ms` (< 0: none) is a queued task's deadline: past it the task is answered
+  // DEADLINE_EXCEEDED and left out of its batch. No run is cut short once started (Session::Run).
   TaskPtr Run(std::vector<std::string> feed_names, std::vector<TensorPtr> feeds, std::vector<std::string> fetches,
               int64_t timeout_ms, bool in_caller_thread, Task::Done done, const Elsewhere& elsewhere = nullptr);
 
@@ -88,8 +90,7 @@ class Servable : public std::enable_shared_from_this<Servable> {
   void Process(const std::string& key, const std::shared_ptr<Kind>& kind, std::vector<TaskPtr> tasks);
   void RunAlone(const Kind& kind, const std::vector<TaskPtr>& tasks, const Status* error);
   Status RunNow(const std::vector<std::string>& feed_names, const std::vector<TensorPtr>& feeds,
-                const std::vector<std::string>& fetches, int64_t timeout_ms, bool in_caller_thread,
-                std::vector<TensorPtr>* outputs);
+                const std::vector<std::string>& fetches, bool in_caller_thread, std::vector<TensorPtr>* outputs);
   Status Unloaded() const;
 
   const std::shared_ptr<Session> session_;

@@ -24,14 +24,10 @@ void AppendVarint(uint64_t value, std::string* out) {
 }
 
 // A serialized tensorflow.RunOptions. Written by hand: this module must not link TF's own
-// config.proto classes, and two fields need no generated code. Field numbers from config.proto:
-// timeout_in_ms = 2 (int64), inter_op_thread_pool = 3 (int32, negative ones sign-extended).
-std::string RunOptionsBytes(int64_t timeout_ms, bool in_caller_thread) {
+// config.proto classes, and one field needs no generated code. Field number from config.proto:
+// inter_op_thread_pool = 3 (int32, negative ones sign-extended). No timeout_in_ms: see Session::Run.
+std::string RunOptionsBytes(bool in_caller_thread) {
   std::string bytes;
-  if (timeout_ms > 0) {
-    bytes.push_back(static_cast<char>(2 << 3));
-    AppendVarint(static_cast<uint64_t>(timeout_ms), &bytes);
-  }
   if (in_caller_thread) {
     bytes.push_back(static_cast<char>(3 << 3));
     AppendVarint(static_cast<uint64_t>(int64_t{-1}), &bytes);
@@ -64,7 +60,7 @@ std::unique_ptr<Session> Session::Load(const std::string& export_dir, const std:
   // The restore and init ops run in the loading thread, which the caller may keep at idle priority
   // on one CPU, instead of on the inter-op pool that answers requests (saved_model_bundle does the
   // same on the Python path).
-  const std::string load_options = RunOptionsBytes(-1, /*in_caller_thread=*/true);
+  const std::string load_options = RunOptionsBytes(/*in_caller_thread=*/true);
   const TF_Buffer load_run_options{load_options.data(), load_options.size(), nullptr};
   TF_Session* session =
       api.TF_LoadSessionFromSavedModel(options, &load_run_options, export_dir.c_str(), tag_pointers.data(),
@@ -114,7 +110,7 @@ Status Session::Resolve(const std::string& name, TF_Output* output, std::string*
 }
 
 Status Session::Run(const std::vector<std::string>& feed_names, const std::vector<TensorPtr>& feeds,
-                    const std::vector<std::string>& fetch_names, int64_t timeout_ms, bool in_caller_thread,
+                    const std::vector<std::string>& fetch_names, bool in_caller_thread,
                     std::vector<TensorPtr>* outputs) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -154,7 +150,7 @@ Status Session::Run(const std::vector<std::string>& feed_names, const std::vecto
       fetches.push_back(output);
     }
   }
-  const std::string options = RunOptionsBytes(timeout_ms, in_caller_thread);
+  const std::string options = RunOptionsBytes(in_caller_thread);
   TF_Buffer run_options{options.data(), options.size(), nullptr};
   std::vector<TF_Tensor*> values(fetches.size(), nullptr);
   StatusHolder holder;

@@ -29,10 +29,15 @@ class Session {
 
   // Runs fetches given feeds, both by tensor name ("op:0"); thread-safe. A fetch that is also fed
   // answers with the fed value (the C API refuses such a run; Session.run allows it).
-  // timeout_ms < 0: none. in_caller_thread: RunOptions.inter_op_thread_pool = -1.
+  // in_caller_thread: RunOptions.inter_op_thread_pool = -1.
+  //
+  // There is no timeout: a run, once started, is not cut short at its call's deadline. TF cuts runs
+  // only through RunOptions.timeout_in_ms, which sends a run down DirectSession's asynchronous path;
+  // there, in TF 2.20, every run failing inside the graph leaks its aborted rendezvous (~0.7 KB;
+  // serving/README.md, "Deadlines"). Deadlines are kept before the run instead: a call past its
+  // deadline is answered DEADLINE_EXCEEDED at once and its run skipped, or its rows left out of a batch.
   Status Run(const std::vector<std::string>& feed_names, const std::vector<TensorPtr>& feeds,
-             const std::vector<std::string>& fetch_names, int64_t timeout_ms, bool in_caller_thread,
-             std::vector<TensorPtr>* outputs);
+             const std::vector<std::string>& fetch_names, bool in_caller_thread, std::vector<TensorPtr>* outputs);
 
   // Refuses new runs (UNAVAILABLE), waits for the ones in flight, then closes the session.
   void Close();
