@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from engine import base, diversity, full_graph
+from engine import base, diversity, full_graph, knob_rules
 
 # Object paths of the catalog in a saved ChannelGraph.
 CHANNELS = "channels"
@@ -126,14 +126,36 @@ class Defaults:
       raise ValueError(f"diversity must be one of {DIVERSITY_METHODS}, got {self.diversity!r}")
     if len(self.weights) != len(self.depths):
       raise ValueError("one weight and one depth per channel")
+    knob_rules.check(self.to_json())  # The rules each request's knobs are held to (`ChannelGraph`).
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
 
+def check_k(k: int, depths: list[int]) -> None:
+  """Refuses a k that the channels, each searched `depths[c]` deep, cannot fill together."""
+  if not 0 < k <= sum(depths):
+    raise ValueError(
+      f"k must be in [1, {sum(depths)}] (the sum of the channels' depths {list(depths)}), got {k}: lower k or "
+      "search the channels deeper (fgr-export --channel_depth)"
+    )
+
+
 def embedding_output(channel: str) -> str:
   """The output of the encode signatures that holds channel `channel`'s embeddings."""
   return f"{EMBEDDINGS}_{channel}"
+
+
+# The search_with_options input of each of `Defaults`' fields (each a knob of `engine.knob_rules`).
+_INPUTS = {
+  "weights": CHANNEL_WEIGHTS,
+  "depths": CHANNEL_DEPTHS,
+  "min_relevance": MIN_RELEVANCE,
+  "diversity": DIVERSITY,
+  "window": DIVERSITY_WINDOW,
+  "gamma": SSD_GAMMA,
+  "theta": DPP_THETA,
+}
 
 
 def option_inputs(knobs: Mapping[str, Any]) -> dict[str, tf.Tensor]:
@@ -227,8 +249,9 @@ class ChannelGraph(tf.Module):
         raise ValueError(f"channel {channel.channel_name} indexes {channel.index.num_items} items, not {len(item_ids)}")
     if len(defaults.weights) != len(channels):
       raise ValueError(f"{len(defaults.weights)} default weights for {len(channels)} channels")
-    if not 0 < k <= sum(channel.depth for channel in channels):
-      raise ValueError(f"k must be in [1, {sum(c.depth for c in channels)}] (the channels' depths), got {k}")
+    exported = [channel.depth for channel in channels]
+    knob_rules.check({"depths": defaults.depths}, [knob_rules.depth_cap(exported)])
+    check_k(k, exported)
     relevance = [i for i, channel in enumerate(channels) if channel.relevance is not None]
     if len(relevance) > 1:
       raise ValueError("at most one channel can judge relevance")
@@ -263,24 +286,9 @@ class ChannelGraph(tf.Module):
     }
 
   def _check_options(self, options: dict[str, tf.Tensor]) -> list[tf.Operation]:
-    depths = tf.constant([channel.depth for channel in self.channels], tf.int32)
-    return [
-      tf.debugging.assert_greater_equal(
-        options[CHANNEL_WEIGHTS], 0.0, message="channel_weights must be 0 or more, one per channel"
-      ),
-      tf.debugging.assert_greater_equal(options[CHANNEL_DEPTHS], 0, message="channel_depths must be 0 or more"),
-      tf.debugging.assert_less_equal(
-        options[CHANNEL_DEPTHS],
-        depths,
-        message=f"channel_depths must be at most each channel's exported depth {[c.depth for c in self.channels]}",
-      ),
-      tf.debugging.assert_greater(
-        tf.reduce_sum(options[CHANNEL_DEPTHS]), 0, message="channel_depths must ask at least one channel for candidates"
-      ),
-      tf.debugging.assert_greater(
-        tf.reduce_sum(options[CHANNEL_WEIGHTS]), 0.0, message="some channel weight must be > 0"
-      ),
-    ]
+    """The asserts of the channel knobs' rules (the diversity knobs are `diversity.checked_knobs`')."""
+    rules = (*knob_rules.CHANNEL_RULES, knob_rules.depth_cap([channel.depth for channel in self.channels]))
+    return [knob_rules.assertion(rule, options[_INPUTS[rule.knob]]) for rule in rules]
 
   def retrieve(self, features: dict[str, tf.Tensor], options: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """Top-k ids [B, k] ("" past the candidates), pooled scores [B, k] and source channels [B, k]."""
@@ -358,7 +366,10 @@ class ChannelGraph(tf.Module):
     bits = tf.constant(np.left_shift(1, sources)[np.newaxis, np.newaxis, :])
     found_by = tf.reduce_sum(tf.where(same, bits, 0), axis=2)
 
-    # 3. Every channel's calibrated probability of every candidate, pooled log-linearly.
+    # 3. Every channel's calibrated probability of every candidate, pooled log-linearly. The weights
+    # are scaled to a largest of 1 first: the weighted mean is the same, and huge finite weights
+    # (3e38) no longer overflow their sum to inf, whose inf / inf = NaN would drop every candidate.
+    weights = weights / tf.reduce_max(weights)
     pooled = tf.zeros(tf.shape(rows), tf.float32)
     for c, (channel, query, embeddings) in enumerate(zip(self.channels, queries, candidates)):
       scores = tf.reduce_sum(query[:, tf.newaxis, :] * embeddings, axis=-1)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from engine import knob_rules
+
 METHODS = ("none", "ssd", "dpp")
 
 # DPP stops (pads -1) once the best remaining residual^2 falls below this: the marginal log-det
@@ -196,27 +198,17 @@ _ssd_xla = tf.function(functools.partial(_ssd_numeric, for_xla=True), jit_compil
 _dpp_xla = tf.function(functools.partial(_dpp_numeric, for_xla=True), jit_compile=True, autograph=False)
 
 
-def _check_window(window: tf.Tensor) -> tf.Tensor:
-  window = tf.cast(tf.reshape(window, []), tf.int32)
-  check = tf.debugging.Assert(window >= 1, ["diversity window must be >= 1; got", window], name="check_window")
-  with tf.control_dependencies([check]):
-    return tf.identity(window)
+def _checked(rule: knob_rules.Rule, value: tf.Tensor | float, method: tf.Tensor | None = None) -> tf.Tensor:
+  """The scalar knob `value`, cast to its rule's type, once the rule holds (INVALID_ARGUMENT if not).
 
-
-def _check_gamma(gamma: tf.Tensor) -> tf.Tensor:
-  gamma = tf.cast(tf.reshape(gamma, []), tf.float32)
-  ok = tf.logical_and(gamma >= 0.0, tf.math.is_finite(gamma))
-  check = tf.debugging.Assert(ok, ["ssd gamma must be a finite number >= 0; got", gamma], name="check_gamma")
-  with tf.control_dependencies([check]):
-    return tf.identity(gamma)
-
-
-def _check_theta(theta: tf.Tensor) -> tf.Tensor:
-  theta = tf.cast(tf.reshape(theta, []), tf.float32)
-  ok = tf.logical_and(theta >= 0.0, theta < 1.0)
-  check = tf.debugging.Assert(ok, ["dpp theta must be in [0, 1); got", theta], name="check_theta")
-  with tf.control_dependencies([check]):
-    return tf.identity(theta)
+  With `method` (an index into METHODS), a request whose method does not use the knob is not checked on it.
+  """
+  value = tf.cast(tf.reshape(value, []), tf.dtypes.as_dtype(rule.dtype))
+  skip = None
+  if method is not None and rule.methods:  # A rule without methods holds for every request.
+    skip = tf.reduce_all([tf.not_equal(method, METHODS.index(name)) for name in rule.methods])
+  with tf.control_dependencies([knob_rules.assertion(rule, value, skip)]):
+    return tf.identity(value)
 
 
 def ssd(
@@ -245,7 +237,7 @@ def ssd(
   Returns:
     int32 [B, k]: positions into n in pick order; -1 once a row has no valid candidate left.
   """
-  window, gamma = _check_window(window), _check_gamma(gamma)
+  window, gamma = _checked(knob_rules.WINDOW, window), _checked(knob_rules.GAMMA, gamma)
   return (_ssd_xla if jit_compile else _ssd_numeric)(embeddings, scores, valid, k, window, gamma)
 
 
@@ -279,7 +271,7 @@ def dpp(
   Returns:
     int32 [B, k]: positions into n in pick order, -1 after the last pick.
   """
-  theta, window = _check_theta(theta), _check_window(k if window is None else window)
+  theta, window = _checked(knob_rules.THETA, theta), _checked(knob_rules.WINDOW, k if window is None else window)
   return (_dpp_xla if jit_compile else _dpp_numeric)(embeddings, scores, valid, k, theta, window)
 
 
@@ -311,29 +303,11 @@ def checked_knobs(
   index: tf.Tensor, window: tf.Tensor | int, gamma: tf.Tensor | float, theta: tf.Tensor | float
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """The knobs, checked where the method at `index` uses them (window for both, gamma for ssd, theta for dpp)."""
-  window = tf.cast(tf.reshape(window, []), tf.int32)
-  gamma = tf.cast(tf.reshape(gamma, []), tf.float32)
-  theta = tf.cast(tf.reshape(theta, []), tf.float32)
-  uses = lambda name: tf.equal(index, METHODS.index(name))  # noqa: E731
-  checks = [
-    tf.debugging.Assert(
-      tf.logical_or(tf.equal(index, 0), window >= 1),
-      ["diversity window must be >= 1; got", window],
-      name="check_window",
-    ),
-    tf.debugging.Assert(
-      tf.logical_or(~uses("ssd"), tf.logical_and(gamma >= 0.0, tf.math.is_finite(gamma))),
-      ["ssd gamma must be a finite number >= 0; got", gamma],
-      name="check_gamma",
-    ),
-    tf.debugging.Assert(
-      tf.logical_or(~uses("dpp"), tf.logical_and(theta >= 0.0, theta < 1.0)),
-      ["dpp theta must be in [0, 1); got", theta],
-      name="check_theta",
-    ),
-  ]
-  with tf.control_dependencies(checks):
-    return tf.identity(window), tf.identity(gamma), tf.identity(theta)
+  return (
+    _checked(knob_rules.WINDOW, window, index),
+    _checked(knob_rules.GAMMA, gamma, index),
+    _checked(knob_rules.THETA, theta, index),
+  )
 
 
 def rerank_numeric(

@@ -1,5 +1,7 @@
 """ChannelGraph: per-channel recall, quota-free merge, relevance floor, masks and knobs, against NumPy."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -126,6 +128,74 @@ def test_bad_knobs_are_invalid_arguments(setup, override):
   graph = setup[0]
   with pytest.raises(tf.errors.InvalidArgumentError):
     graph.retrieve({"query": tf.range(2)}, _options(graph, **override))
+
+
+# One bad value for each rule of `engine.knob_rules`: (knob, value, the diversity method whose requests
+# use the knob, what the refusal says).
+_BAD_KNOBS = [
+  ("weights", [np.inf, 1.0], "none", "channel weights must be finite numbers >= 0"),
+  ("weights", [np.nan, 1.0], "none", "channel weights must be finite numbers >= 0"),
+  ("weights", [-1.0, 1.0], "none", "channel weights must be finite numbers >= 0"),
+  ("weights", [1e39, 1.0], "none", "channel weights must be finite numbers >= 0"),  # inf as float32.
+  ("weights", [0.0, 0.0], "none", "some channel weight must be > 0"),
+  ("weights", [1e-40, 0.0], "none", "some channel weight must be > 0"),  # A subnormal: TF flushes it to 0.
+  ("depths", [-1, 40], "none", "channel depths must be 0 or more"),
+  ("depths", [0, 0], "none", "channel depths must ask at least one channel"),
+  ("min_relevance", 1.5, "none", r"min_relevance must be in \[0, 1\]"),
+  ("min_relevance", -1.0, "none", r"min_relevance must be in \[0, 1\]"),
+  ("min_relevance", np.nan, "none", r"min_relevance must be in \[0, 1\]"),
+  ("window", 0, "ssd", "diversity window must be >= 1"),
+  ("window", -2, "dpp", "diversity window must be >= 1"),
+  ("gamma", np.inf, "ssd", "ssd gamma must be a finite number >= 0"),
+  ("gamma", np.nan, "ssd", "ssd gamma must be a finite number >= 0"),
+  ("gamma", -0.5, "ssd", "ssd gamma must be a finite number >= 0"),
+  ("theta", 1.0, "dpp", r"dpp theta must be in \[0, 1\)"),
+  ("theta", np.nan, "dpp", r"dpp theta must be in \[0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("knob, value, method, message", _BAD_KNOBS)
+def test_export_defaults_and_requests_refuse_the_same_knobs(setup, knob, value, method, message):
+  """fgr-export once published defaults (an inf weight, all-zero weights) that every request then failed on."""
+  graph = setup[0]
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(graph.defaults, diversity=method, **{knob: value})
+  with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    graph.retrieve({"query": tf.range(2)}, _options(graph, diversity=method, **{knob: value}))
+
+
+def test_a_default_knob_must_suit_every_method_a_request_may_switch_to(setup):
+  # A request ignores the knobs its method does not use; fgr-eval's ssd and dpp variants keep the
+  # default knobs and switch the method, so a default is held to every rule.
+  graph = setup[0]
+  out = graph.retrieve({"query": tf.range(2)}, _options(graph, diversity="none", gamma=np.inf, theta=1.0))
+  assert (out["ids"].numpy() != b"").all()
+  with pytest.raises(ValueError, match="ssd gamma"):
+    dataclasses.replace(graph.defaults, diversity="none", gamma=np.inf)
+
+
+def test_huge_finite_weights_pool_as_their_ratio(setup):
+  """Weights of 3e38 summed to inf, and inf / inf = NaN dropped every candidate."""
+  graph = setup[0]
+  features = {"query": tf.range(16)}
+  for huge, plain in (([3e38, 3e38], [1.0, 1.0]), ([3e38, 1.5e38], [2.0, 1.0])):
+    got = graph.retrieve(features, _options(graph, weights=huge))
+    expected = graph.retrieve(features, _options(graph, weights=plain))
+    assert (got["ids"].numpy() != b"").all()
+    np.testing.assert_array_equal(got["ids"].numpy(), expected["ids"].numpy())
+    # Both are scaled to a largest weight of 1 before pooling; float32 rounding may differ in the last bits.
+    np.testing.assert_allclose(got["scores"].numpy(), expected["scores"].numpy(), rtol=1e-6)
+
+
+def test_defaults_deeper_than_a_channel_or_a_k_beyond_its_depths_are_refused(setup):
+  graph = setup[0]
+  ids = tower_testlib.item_ids(NUM_ITEMS)
+  deeper = dataclasses.replace(graph.defaults, depths=(41, 40))
+  with pytest.raises(ValueError, match=r"at most each channel's exported depth \[40, 40\]; got \(41, 40\)"):
+    channels.ChannelGraph(graph.channels, ids, K, deeper, QUERY_SPECS, ITEM_SPECS)
+  message = r"k must be in \[1, 80\] \(the sum of the channels' depths \[40, 40\]\), got 81"
+  with pytest.raises(ValueError, match=message):
+    channels.ChannelGraph(graph.channels, ids, 81, graph.defaults, QUERY_SPECS, ITEM_SPECS)
 
 
 def test_more_channels_than_the_label_table_holds_are_refused(setup):
