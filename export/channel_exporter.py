@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import base, channels, stock_ops
+from engine import base, channels, knob_rules, stock_ops
 from export import exporter, refresh_state, verify, version_report, versions, warmup
 from models import catalog as catalog_lib
 from models import channels as channels_lib
@@ -64,12 +64,28 @@ class ChannelOptions:
   def __post_init__(self):
     if self.diversity not in channels.DIVERSITY_METHODS:
       raise ValueError(f"diversity must be one of {channels.DIVERSITY_METHODS}, got {self.diversity!r}")
-    if self.depth < 0 or self.window < 1 or self.gamma < 0 or not 0 <= self.theta < 1:
-      raise ValueError("channel depth must be >= 0, window >= 1, gamma >= 0 and theta in [0, 1)")
-    if not 0 <= self.min_relevance <= 1 or self.calibration_examples < 10:
-      raise ValueError("min_relevance must be in [0, 1] and calibration_examples at least 10")
-    if any(weight < 0 for weight in self.weights.values()):
-      raise ValueError(f"channel weights must be 0 or more, got {self.weights}")
+    if self.depth < 0:
+      raise ValueError(f"channel depth must be 0 (2k) or more, got {self.depth}")
+    if self.calibration_examples < 10:
+      raise ValueError(f"calibration_examples must be at least 10, got {self.calibration_examples}")
+    # The knobs requests are held to; rules on every channel's weight together wait for `defaults`,
+    # which knows the run's channels.
+    knob_rules.check(dataclasses.asdict(self), partial=True)
+
+  def defaults(self, names: list[str], depth: int) -> channels.Defaults:
+    """The `serving_default` knobs of channels `names`, each `depth` deep (ValueError if a rule refuses them)."""
+    unknown = set(self.weights) - set(names)
+    if unknown:
+      raise ValueError(f"channel weights name channels this run lacks: {sorted(unknown)} (it has {names})")
+    return channels.Defaults(
+      weights=tuple(float(self.weights.get(name, 1.0)) for name in names),
+      depths=tuple(depth for _ in names),
+      min_relevance=self.min_relevance,
+      diversity=self.diversity,
+      window=self.window,
+      gamma=self.gamma,
+      theta=self.theta,
+    )
 
 
 @dataclasses.dataclass
@@ -179,9 +195,10 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
   if not names:
     raise ValueError(f"{checkpoint_dir} is not a `fgr-train --channels` run (no {channels_lib.CHANNELS_FILE})")
   depth = options.depth or 2 * config.k
-  unknown = set(options.weights) - set(names)
-  if unknown:
-    raise ValueError(f"channel weights name channels this run lacks: {sorted(unknown)} (it has {names})")
+  # Both refused before any tower is restored: a bad default or a k the channels cannot fill would
+  # otherwise surface only after the build, or as a calibration that blames training.
+  channel_defaults = options.defaults(names, depth)
+  channels.check_k(config.k, [depth] * len(names))
   defaults = precision_lib.serving_defaults()
   serving = precision_lib.ServingOptions(
     precision=config.precision or defaults.precision,
@@ -201,6 +218,7 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
     if data_spec is None:
       data_spec = run_config["data"]
       source = sources.open_source(sources.DataSpec.from_json(data_spec))
+      base.check_k(config.k, source.num_items)  # Before any catalog is embedded and indexed.
       held_out = queries_lib.held_out_examples(source, options.calibration_examples)
       samples = {n: held_out[n] for n in schema.QUERY_FEATURE_NAMES}
     elif run_config["data"] != data_spec:
@@ -250,15 +268,7 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
       )
     )
   ids = catalogs[names[0]].ids
-  channel_defaults = channels.Defaults(
-    weights=tuple(float(options.weights.get(name, 1.0)) for name in names),
-    depths=tuple(depth for _ in names),
-    min_relevance=options.min_relevance,
-    diversity=options.diversity,
-    window=options.window,
-    gamma=options.gamma,
-    theta=options.theta,
-  )
+  channel_defaults = dataclasses.replace(channel_defaults, depths=tuple(depth for _ in names))
   graph = channels.ChannelGraph(
     built_channels,
     ids,

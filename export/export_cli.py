@@ -97,7 +97,7 @@ flags.mark_flags_as_required(["checkpoint_dir", "model_base_path"])
 
 
 def channel_options() -> channel_exporter.ChannelOptions:
-  """The --channel_* and diversity flags."""
+  """The --channel_* and diversity flags (ValueError for a value a request's knob could not take)."""
   weights = {}
   for pair in FLAGS.channel_weights:
     name, sep, value = pair.partition("=")
@@ -105,8 +105,8 @@ def channel_options() -> channel_exporter.ChannelOptions:
       weights[name] = float(value)
     except ValueError:
       sep = ""
-    if not sep or weights.get(name, -1.0) < 0:
-      raise app.UsageError(f"--channel_weights must look like name=weight with weight >= 0, got {pair!r}")
+    if not sep or not name:
+      raise app.UsageError(f"--channel_weights must look like name=weight, got {pair!r}")
   return channel_exporter.ChannelOptions(
     depth=FLAGS.channel_depth,
     weights=weights,

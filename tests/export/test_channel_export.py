@@ -42,6 +42,58 @@ def _inputs(report, **overrides):
   return channels.option_inputs({**report.extra["channel_defaults"], **overrides})
 
 
+@pytest.mark.parametrize(
+  "fields, message",
+  [
+    ({"weights": {"semantic": float("nan")}}, r"^channel weights must be finite numbers >= 0, one per channel; got "),
+    ({"weights": {"semantic": float("inf")}}, r"channel weights must be finite numbers >= 0.*got \{'semantic': inf\}$"),
+    ({"diversity": "ssd", "gamma": float("inf")}, r"^ssd gamma must be a finite number >= 0; got inf$"),
+    ({"theta": 1.0}, r"^dpp theta must be in \[0, 1\); got 1.0$"),
+    ({"min_relevance": float("nan")}, r"^min_relevance must be in \[0, 1\]; got nan$"),
+    ({"window": 2**40}, r"^window must fit in int32; got 1099511627776$"),
+  ],
+)
+def test_channel_options_refuse_what_no_request_could_take(fields, message):
+  """An inf weight or gamma was published, and then every request answered nothing or failed."""
+  with pytest.raises(ValueError, match=message):
+    channel_exporter.ChannelOptions(**fields)
+
+
+def test_defaults_for_a_run_judge_its_weights_together():
+  names = [channels_lib.SEMANTIC, channels_lib.EFFICIENCY]
+  # A channel the flags leave out weighs 1, so one zero weight leaves the other channel to rank.
+  defaults = channel_exporter.ChannelOptions(weights={"semantic": 0.0}).defaults(names, depth=20)
+  assert defaults.weights == (0.0, 1.0) and defaults.depths == (20, 20)
+  with pytest.raises(ValueError, match=r"^some channel weight must be > 0"):
+    channel_exporter.ChannelOptions(weights={"semantic": 0.0, "efficiency": 0.0}).defaults(names, depth=20)
+  with pytest.raises(ValueError, match=r"name channels this run lacks: \['sementic'\]"):
+    channel_exporter.ChannelOptions(weights={"sementic": 2.0}).defaults(names, depth=20)
+
+
+@pytest.mark.parametrize(
+  "options, message",
+  [
+    (channel_exporter.ChannelOptions(weights={"semantic": 0.0, "efficiency": 0.0}), "some channel weight must be > 0"),
+    # It failed in the calibration instead, blaming the channels' training.
+    (
+      channel_exporter.ChannelOptions(depth=3),
+      r"^k must be in \[1, 6\] \(the sum of the channels' depths \[3, 3\]\), got 10",
+    ),
+  ],
+)
+def test_bad_defaults_or_an_unfillable_k_stop_the_export_before_any_tower_is_restored(
+  tmp_path, monkeypatch, options, message
+):
+  channels_lib.write_channels(str(tmp_path), [channels_lib.SEMANTIC, channels_lib.EFFICIENCY], {})
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("a tower was restored before the channel options were checked")
+
+  monkeypatch.setattr(channel_exporter.train, "restore", must_not_run)
+  with pytest.raises(ValueError, match=message):
+    channel_exporter.build_channel_graph(str(tmp_path), exporter.ExportConfig(index="brute_force", k=10), options)
+
+
 def test_value_weights_favour_converted_high_bid_clicks_at_mean_one():
   config = dataclasses.replace(TINY_TOWER, objective="value", conversion_weight=4.0, bid_exponent=1.0)
   weights = retrieval.value_weights(
