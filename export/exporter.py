@@ -69,6 +69,8 @@ class ExportConfig:
   allow_signature_change: bool = False
 
   def __post_init__(self):
+    if self.k < 1:  # k above the catalog size is refused once the catalog is read (`build_graph`).
+      raise ValueError(f"k must be at least 1 (the candidates returned per request), got {self.k}")
     base.backend(self.index).check_options(self.index_options)  # Before the catalog is embedded.
     if self.version is not None:
       versions.check_version(self.version)  # Before the build: a bad version would fail only at the publish.
@@ -162,6 +164,8 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   )
   model, run_config = train.restore(checkpoint_dir, precision=serving.precision, jit_compile=serving.jit_compile)
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
+  # Before the catalog is embedded and indexed: each backend's build failed its own way, if at all.
+  base.check_k(config.k, source.num_items)
 
   catalog = catalog_lib.embed_catalog(model.item_tower, source)
   timings["embed"] = time.time() - started

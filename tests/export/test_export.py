@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from engine import search_ops
+from engine import base, search_ops
 from export import exporter, refresh_publish, served_evaluation, version_files, version_report, versions, warmup
 from models import train
 from models.data import schema, sources
@@ -106,6 +106,28 @@ def test_a_version_that_tf_serving_would_ignore_is_refused(tmp_path, version):
     with versions.publish(str(tmp_path), version=version):
       pass
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("k", [0, -5])
+def test_a_k_below_one_is_refused_with_the_config(k):
+  """--k=-5 ended in a TopKV2 traceback after the whole build."""
+  with pytest.raises(ValueError, match=rf"^k must be at least 1 \(the candidates returned per request\), got {k}$"):
+    exporter.ExportConfig(index="brute_force", k=k)
+
+
+@pytest.mark.parametrize("backend", base.available_backends())
+def test_a_k_above_the_catalog_is_refused_before_the_catalog_is_embedded(trained_run, monkeypatch, backend):
+  """Each backend failed its own way (brute_force: "kth(=99999) out of bounds"), and only after the build."""
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("the catalog was embedded or indexed before k was checked")
+
+  monkeypatch.setattr(exporter.catalog_lib, "embed_catalog", must_not_run)
+  monkeypatch.setattr(exporter.base, "build_index", must_not_run)
+  num_ads = TINY_DATA.synthetic["num_ads"]
+  config = exporter.ExportConfig(index=backend, k=num_ads + 1, eval_queries=10, tuning_queries=0)
+  with pytest.raises(ValueError, match=rf"^k must be in \[1, {num_ads}\] \(the catalog size\), got {num_ads + 1}$"):
+    exporter.build_graph(trained_run, config)
 
 
 def test_only_names_tf_serving_parses_count_as_versions(tmp_path):
