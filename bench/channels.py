@@ -91,13 +91,15 @@ def prepare() -> dict[str, str]:
   checkpoints = {MODEL_CHANNELS: run, MODEL_SINGLE: channels_lib.channel_dir(run, channels_lib.EFFICIENCY)}
   for name, path in paths.items():
     if not os.path.isdir(path) or not any(v.isdigit() for v in os.listdir(path)):
+      # fgr-export refuses --channel_depth for the single channel's run, which it would not use.
+      depth = [f"--channel_depth={FLAGS.channel_depth}"] if name == MODEL_CHANNELS else []
       _run(
         "export.export_cli",
         f"--checkpoint_dir={checkpoints[name]}",
         f"--model_base_path={path}",
         f"--index={FLAGS.index}",
         f"--k={FLAGS.k}",
-        f"--channel_depth={FLAGS.channel_depth}",
+        *depth,
       )
   return {name: common.latest_version(path) for name, path in paths.items()}
 

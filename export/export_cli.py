@@ -96,6 +96,45 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["checkpoint_dir", "model_base_path"])
 
 
+# Flags that only a `fgr-train --channels` run uses, and flags that only --cooccurrence uses. Given
+# elsewhere, each would be ignored without a word, so `check_flags_apply` refuses it.
+_CHANNEL_FLAGS = (
+  "channel_depth",
+  "channel_weights",
+  "min_relevance",
+  "diversity",
+  "diversity_window",
+  "ssd_gamma",
+  "dpp_theta",
+  "calibration_examples",
+)
+_COOCCURRENCE_FLAGS = ("cooccurrence_neighbours", "fusion_weight")
+
+
+def _given(names: tuple[str, ...]) -> str:
+  """The flags among `names` that the command line sets, as "--a, --b" ("" for none)."""
+  return ", ".join(f"--{name}" for name in names if FLAGS[name].present)
+
+
+def check_flags_apply(channels_run: bool) -> None:
+  """Refuses a flag the command line sets that this kind of export would ignore (usage error naming it)."""
+  if channels_run and FLAGS.cooccurrence:
+    raise app.UsageError("--cooccurrence fuses with a single-tower graph; a --channels run merges its own channels")
+  if not channels_run and _given(_CHANNEL_FLAGS):
+    raise app.UsageError(
+      f"{_given(_CHANNEL_FLAGS)}: only for a `fgr-train --channels` run, and {FLAGS.checkpoint_dir} is not one "
+      f"(it has no {channels_lib.CHANNELS_FILE})"
+    )
+  if not FLAGS.cooccurrence and _given(_COOCCURRENCE_FLAGS):
+    raise app.UsageError(f"{_given(_COOCCURRENCE_FLAGS)}: only with --cooccurrence, which is off")
+  if FLAGS["exclusion_depth"].present and not FLAGS.exclude_history:
+    raise app.UsageError("--exclusion_depth: only with --exclude_history, which is off")
+  if FLAGS["exclusion_depth"].present and channels_run:
+    raise app.UsageError(
+      "--exclusion_depth: not for a --channels run, whose exclusions come out of each channel's --channel_depth"
+    )
+
+
 def channel_options() -> channel_exporter.ChannelOptions:
   """The --channel_* and diversity flags (ValueError for a value a request's knob could not take)."""
   weights = {}
@@ -153,9 +192,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(str(e)) from None
   if config.version is not None:  # Before the graph is built and saved, which takes minutes.
     versions.check_free(FLAGS.model_base_path, config.version)
-  if channels_lib.read_channels(FLAGS.checkpoint_dir):
-    if config.cooccurrence:
-      raise app.UsageError("--cooccurrence fuses with a single-tower graph; a --channels run merges its own channels")
+  channels_run = bool(channels_lib.read_channels(FLAGS.checkpoint_dir))
+  check_flags_apply(channels_run)
+  if channels_run:
     try:
       options = channel_options()
     except ValueError as e:
