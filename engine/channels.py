@@ -298,7 +298,8 @@ class ChannelGraph(tf.Module):
     window, gamma, theta = diversity.checked_knobs(
       method, options[DIVERSITY_WINDOW], options[SSD_GAMMA], options[DPP_THETA]
     )
-    queries = [channel.query_tower({n: features[n] for n in self._query_specs}) for channel in self.channels]
+    features = full_graph.checked_batch({name: features[name] for name in self._query_specs})
+    queries = [channel.query_tower(features) for channel in self.channels]
 
     # 1. Each channel's candidates, cut to the request's depth.
     rows = []

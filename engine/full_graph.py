@@ -74,6 +74,29 @@ def check_exclusions(exclusions: str | None, depth: int, query_specs: dict[str, 
     raise ValueError(f"exclusion_depth must be 0 or more, got {depth}")
 
 
+def checked_batch(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """The query features, once they all hold one row per request (INVALID_ARGUMENT naming them if not).
+
+  Without it, features of different batch sizes fail deep in a tower (e.g. its attention's einsum),
+  with an error that names an internal op rather than the mismatched inputs.
+  """
+  names = sorted(features)
+  if len(names) < 2:
+    return dict(features)
+  sizes = tf.stack([tf.shape(features[name])[0] for name in names])
+  check = tf.debugging.Assert(
+    tf.reduce_all(tf.equal(sizes, sizes[0])),
+    [
+      f"query features must each hold one row per request; the batch sizes (dimension 0) of {', '.join(names)} are",
+      sizes,
+    ],
+    summarize=len(names),
+    name="check_batch",
+  )
+  with tf.control_dependencies([check]):
+    return {name: tf.identity(features[name]) for name in names}
+
+
 def excluded(ids: tf.Tensor, exclusions: tf.Tensor) -> tf.Tensor:
   """bool [B, M]: whether each candidate id [B, M] is among its request's exclusions [B, L].
 
@@ -170,7 +193,8 @@ class FullGraph(tf.Module):
 
   def retrieve(self, features: dict[str, tf.Tensor], **options: tf.Tensor) -> dict[str, tf.Tensor]:
     """Top-k ids [B, k] (string, "" where fewer eligible items exist) and scores [B, k], best first."""
-    queries = self.query_tower({name: features[name] for name in self._query_specs})
+    features = checked_batch({name: features[name] for name in self._query_specs})
+    queries = self.query_tower(features)
     depth = min(self.k + self.exclusion_depth, self.index.num_items)
     fusion_weight = options.pop(FUSION_WEIGHT, None)
     result = self.index.search(queries, depth, **options)
