@@ -114,7 +114,7 @@ class RestApi:
     try:
       return 200, self._dispatch(method, path, body)
     except Exception as e:  # Every failure answers {"error": ...}.
-      error = errors.from_exception(e)
+      error = errors.answered(e)  # Without its traceback: the request is freed once answered.
       return error.http_status, {"error": error.message}
 
   def _dispatch(self, method: str, path: str, body: bytes) -> Any:

@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import grpc
 from absl import logging
 from tensorflow_serving.apis import (
   classification_pb2,
@@ -223,7 +224,7 @@ class ServingApi:
     which its client got from gRPC, whatever the run returns later.
     """
     start = time.monotonic()
-    # REST answers whatever the run returns: only a gRPC client gives up at its deadline.
+    # A gRPC client gives up at its deadline by itself; REST's (--rest_api_timeout_in_ms) is kept here.
     deadline = start + timeout_ms / 1000 if timeout_ms is not None and entrypoint != "REST" else None
     status = "OK"
     try:
@@ -232,6 +233,12 @@ class ServingApi:
         if check is not None:
           check(bundle)
         yield bundle
+      if entrypoint == "REST" and timeout_ms is not None and time.monotonic() - start > timeout_ms / 1000:
+        # TF Serving's run would have been cut at the timeout (RunOptions.timeout_in_ms, which runs
+        # here don't get: see serving/README.md, "Deadlines"); its answer is the same 504.
+        raise errors.ServingError(
+          grpc.StatusCode.DEADLINE_EXCEEDED, f"Deadline exceeded: the call took longer than {timeout_ms} ms"
+        )
     except Exception as e:
       # No local holds the error: this frame is in its traceback, and would keep it, and the
       # request, in a reference cycle. A ServingError goes on as it is (`raise error from e` with

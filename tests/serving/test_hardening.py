@@ -10,6 +10,7 @@ import pathlib
 import re
 import socket
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -174,6 +175,28 @@ def test_deadline_expires_in_the_batch_queue(limited):
   assert "waiting for a batch" in info.value.message
   code, _ = lib.grpc_code(limited.predict.Predict, _request(model="m", x=[1.0]), timeout=0.3)
   assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_rest_call_past_its_timeout_answers_504_when_its_run_ends(tmp_path, monkeypatch):
+  """Runs get no RunOptions timeout (TF 2.20 leaks on that path), so a REST run outlasting
+  --rest_api_timeout_in_ms finishes; its answer is still TF Serving's DEADLINE_EXCEEDED."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  server = lib.InProcessServer(model_name="m", model_base_path=str(tmp_path / "m"))
+  real_run = service_impl.predict_util.run_predict
+
+  def slow_run(*args, **kwargs):
+    time.sleep(0.2)
+    return real_run(*args, **kwargs)
+
+  monkeypatch.setattr(service_impl.predict_util, "run_predict", slow_run)
+  try:
+    with pytest.raises(errors.ServingError) as info:
+      server.server.api.predict(_request(model="m"), timeout_ms=50, entrypoint="REST")
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and info.value.http_status == 504
+    # Within its timeout, the same slow run answers.
+    assert server.server.api.predict(_request(model="m"), timeout_ms=60_000, entrypoint="REST").outputs["y"].float_val
+  finally:
+    server.stop()
 
 
 def test_a_call_cancelled_before_a_worker_takes_it_never_runs():
