@@ -53,7 +53,7 @@ class _MallInfo2(ctypes.Structure):
   ]
 
 
-def _in_use_bytes() -> int:
+def malloc_in_use_bytes() -> int:
   """Bytes malloc has handed out and not had back (glibc)."""
   libc = ctypes.CDLL("libc.so.6")
   libc.mallinfo2.restype = _MallInfo2
@@ -61,7 +61,9 @@ def _in_use_bytes() -> int:
   return info.uordblks + info.hblkhd
 
 
-class _Add(tf.Module):
+class AddModule(tf.Module):
+  """Two float vectors in, their sum out: a run fails in the graph when their lengths differ."""
+
   @tf.function(
     input_signature=[tf.TensorSpec([None], tf.float32, name="a"), tf.TensorSpec([None], tf.float32, name="b")]
   )
@@ -89,13 +91,13 @@ def measure(export_dir: str, options: config_pb2.RunOptions | None, runs: int) -
   fail(200)  # One-off costs (kernels, logging) before measuring.
   gc.collect()
   process = psutil.Process()
-  rss, in_use = process.memory_info().rss, _in_use_bytes()
+  rss, in_use = process.memory_info().rss, malloc_in_use_bytes()
   fail(runs)
   gc.collect()
-  rss_growth, in_use_growth = process.memory_info().rss - rss, _in_use_bytes() - in_use
+  rss_growth, in_use_growth = process.memory_info().rss - rss, malloc_in_use_bytes() - in_use
   session.close()
   gc.collect()
-  return rss_growth / runs, in_use_growth / runs, (_in_use_bytes() - in_use) / runs
+  return rss_growth / runs, in_use_growth / runs, (malloc_in_use_bytes() - in_use) / runs
 
 
 def main() -> None:
@@ -104,7 +106,7 @@ def main() -> None:
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     export_dir = os.path.join(tmp, "add")
-    module = _Add()
+    module = AddModule()
     tf.saved_model.save(module, export_dir, signatures={"serving_default": module.add})
     print(f"{args.runs} failing runs per variant; growth per run (bytes): RSS, malloc in use, in use after close")
     for name, options in VARIANTS.items():

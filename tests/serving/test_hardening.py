@@ -2,7 +2,6 @@
 
 import asyncio
 import concurrent.futures
-import ctypes
 import gc
 import json
 import os
@@ -25,6 +24,7 @@ from tensorflow_serving.apis import (
   prediction_service_pb2_grpc,
 )
 
+from bench import tf_timeout_leak
 from serving import errors
 from serving.model_servers import server as server_lib
 from serving.model_servers import service_impl
@@ -282,40 +282,6 @@ def test_in_flight_limit_is_resource_exhausted(limited, monkeypatch):
 # --- Memory ----------------------------------------------------------------
 
 
-class _MallInfo2(ctypes.Structure):
-  _fields_ = [
-    (name, ctypes.c_size_t)
-    for name in (
-      "arena",
-      "ordblks",
-      "smblks",
-      "hblks",
-      "hblkhd",
-      "usmblks",
-      "fsmblks",
-      "uordblks",
-      "fordblks",
-      "keepcost",
-    )
-  ]
-
-
-def _malloc_in_use() -> int:
-  """Bytes glibc's malloc has handed out in this process and not had back (RSS keeps freed pages)."""
-  libc = ctypes.CDLL("libc.so.6")
-  libc.mallinfo2.restype = _MallInfo2
-  info = libc.mallinfo2()
-  return info.uordblks + info.hblkhd
-
-
-class _Add(tf.Module):
-  @tf.function(
-    input_signature=[tf.TensorSpec([None], tf.float32, name="a"), tf.TensorSpec([None], tf.float32, name="b")]
-  )
-  def add(self, a, b):
-    return {"s": a + b}
-
-
 @pytest.mark.usefixtures("native")
 @pytest.mark.skipif(allocator.mimalloc_active(), reason="measures glibc's malloc")
 def test_runs_failing_in_the_graph_with_a_deadline_leave_nothing(tmp_path):
@@ -323,7 +289,7 @@ def test_runs_failing_in_the_graph_with_a_deadline_leave_nothing(tmp_path):
   INVALID_ARGUMENT and leave no memory behind. The deadline used to reach TF as
   RunOptions.timeout_in_ms, whose path leaks about 714 bytes a failing run in TF 2.20
   (bench/tf_timeout_leak.py). The margin, 150 bytes a request, is a fifth of that."""
-  module = _Add()
+  module = tf_timeout_leak.AddModule()
   tf.saved_model.save(module, str(tmp_path / "add" / "1"), signatures={"serving_default": module.add})
   server = lib.InProcessServer(model_name="add", model_base_path=str(tmp_path / "add"))
   request = predict_pb2.PredictRequest()
@@ -339,11 +305,11 @@ def test_runs_failing_in_the_graph_with_a_deadline_leave_nothing(tmp_path):
   try:
     fail(500)  # One-off costs: kernels, gRPC's buffers, TF's rate-limited logging.
     gc.collect()
-    before = _malloc_in_use()
+    before = tf_timeout_leak.malloc_in_use_bytes()
     count = 5000
     fail(count)
     gc.collect()
-    growth = _malloc_in_use() - before
+    growth = tf_timeout_leak.malloc_in_use_bytes() - before
   finally:
     server.stop()
   figures = f"malloc in use grew {growth / count:.0f} bytes a request"

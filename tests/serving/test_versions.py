@@ -477,6 +477,22 @@ def test_a_bad_config_changes_nothing_and_polling_goes_on(tmp_path, caplog, monk
     server.stop()
 
 
+def _retrying_server(
+  tmp_path, poll_seconds: float, retries: int, interval_micros: int
+) -> tuple[str, lib.InProcessServer]:
+  """Model "m" serving version 1 from <tmp_path>/m, polled every `poll_seconds`, with load retries."""
+  base = str(tmp_path / "m")
+  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
+  server = lib.InProcessServer(
+    model_name="m",
+    model_base_path=base,
+    file_system_poll_wait_seconds=poll_seconds,
+    max_num_load_retries=retries,
+    load_retry_interval_micros=interval_micros,
+  )
+  return base, server
+
+
 class _LoadAttempts:
   """Counts `loader.load_once` calls (the manager's load attempts) and their failures, per version."""
 
@@ -517,15 +533,7 @@ def test_a_failing_version_that_leaves_the_aspired_set_stops_retrying(tmp_path, 
   error, and the newer version loads at once instead of after the retries (an hour apart here). Back in
   the aspired set, it is tried again. The native data plane serves the new version too (`native`)."""
   attempts = _LoadAttempts(monkeypatch)
-  base = str(tmp_path / "m")
-  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
-  server = lib.InProcessServer(
-    model_name="m",
-    model_base_path=base,
-    file_system_poll_wait_seconds=0.2,
-    max_num_load_retries=5,
-    load_retry_interval_micros=_HOUR_MICROS,
-  )
+  base, server = _retrying_server(tmp_path, poll_seconds=0.2, retries=5, interval_micros=_HOUR_MICROS)
   (manager,) = server.server.core.managers()
   try:
 
@@ -571,15 +579,7 @@ def test_a_failing_version_still_aspired_retries_up_to_its_limit(tmp_path, monke
   """An aspired version that keeps failing is tried 1 + max_num_load_retries times, then ends with its
   error; the version serving before keeps serving, and later polls do not try it again."""
   attempts = _LoadAttempts(monkeypatch)
-  base = str(tmp_path / "m")
-  lib.write_tf2_half_plus_two(os.path.join(base, "1"))
-  server = lib.InProcessServer(
-    model_name="m",
-    model_base_path=base,
-    file_system_poll_wait_seconds=0.1,
-    max_num_load_retries=2,
-    load_retry_interval_micros=200_000,
-  )
+  base, server = _retrying_server(tmp_path, poll_seconds=0.1, retries=2, interval_micros=200_000)
   try:
     _write_incomplete(base, 2, source=1)
     lib.wait_for(lambda: _state(server.model, "m", 2) == State.END)
