@@ -59,10 +59,11 @@ class BinaryIndex(base.Index):
     self._jit_compile = jit_compile
 
   def search(self, queries: tf.Tensor, k: int, rerank_candidates: tf.Tensor | None = None) -> base.SearchResult:
-    """Hamming top candidates, then exact rerank; `rerank_candidates` ≤ 0 uses the built default."""
+    """Hamming top candidates, then exact rerank; `rerank_candidates` 0 (or omitted) uses the built default."""
     k = min(k, self.num_items)
     queries = tf.cast(queries, tf.float32)
-    count = tf.clip_by_value(search_ops.option_or_default(rerank_candidates, self.rerank_candidates), k, self.num_items)
+    count = search_ops.rerank_candidates_option(rerank_candidates, self.rerank_candidates)
+    count = tf.clip_by_value(count, k, self.num_items)
     query_codes = self.hasher.pack(queries)  # [B, W]
     similarity = _hamming_similarity_xla if self._jit_compile else _hamming_similarity
 

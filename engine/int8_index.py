@@ -56,9 +56,9 @@ class Int8Index(base.Index):
     return base.mask_ineligible(scores, self.eligible)
 
   def search(self, queries: tf.Tensor, k: int, rerank_candidates: tf.Tensor | None = None) -> base.SearchResult:
-    """Top-k by int8 scores, then exact rerank; `rerank_candidates` ≤ 0 uses the built default."""
+    """Top-k by int8 scores, then exact rerank; `rerank_candidates` 0 (or omitted) uses the built default."""
     k = min(k, self.num_items)
-    count = search_ops.option_or_default(rerank_candidates, self.rerank_candidates)
+    count = search_ops.rerank_candidates_option(rerank_candidates, self.rerank_candidates)
     count = tf.clip_by_value(count, k, self.num_items)
     _, rows = tf.math.top_k(self.approximate_scores(queries), k=count)
     return search_ops.rerank(queries, rows, self.vectors, self.eligible, k)

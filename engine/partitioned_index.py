@@ -64,10 +64,22 @@ class PartitionedIndex(base.Index):
     self._probes = int(min(max(1, probes), self.num_partitions))
 
   def search(self, queries: tf.Tensor, k: int, probes: tf.Tensor | None = None) -> base.SearchResult:
-    """Exact scores over the probed partitions; `probes` ≤ 0 (or omitted) uses the built default."""
+    """Exact scores over the probed partitions; `probes` 0 (or omitted) uses the built default.
+
+    A negative `probes` fails the request (InvalidArgument, naming the knob); more than the partitions
+    scores them all.
+    """
     k = min(k, self.num_items)
     queries = tf.cast(queries, tf.float32)
-    probes = tf.minimum(search_ops.option_or_default(probes, self._probes), self.num_partitions)
+    probes = search_ops.checked_option(
+      probes,
+      self._probes,
+      "probes",
+      1,
+      None,
+      f"0 (the built default, {self._probes}) or positive (capped at the {self.num_partitions} partitions)",
+    )
+    probes = tf.minimum(probes, self.num_partitions)
     _, parts = tf.math.top_k(tf.matmul(queries, self.centroids, transpose_b=True), k=probes)  # [B, probes]
 
     def search_one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:

@@ -10,29 +10,40 @@ import tensorflow as tf
 from engine import base
 
 
-def option_or_default(value: tf.Tensor | int | None, default: int) -> tf.Tensor:
-  """Returns a per-request int32 knob, or `default` when it is missing or ≤ 0."""
-  default = tf.constant(default, tf.int32)
-  if value is None:
-    return default
-  value = tf.cast(tf.reshape(value, []), tf.int32)
-  return tf.where(value > 0, value, default)
-
-
 def checked_option(
-  value: tf.Tensor | int, default: int, name: str, low: int, high: tf.Tensor | int, valid: str
+  value: tf.Tensor | int | None, default: int, name: str, low: int, high: tf.Tensor | int | None, valid: str
 ) -> tf.Tensor:
-  """A per-request int32 knob: 0 takes `default`, other values must lie in [low, high].
+  """A per-request int32 knob: omitted or 0 takes `default`, other values must lie in [low, high].
 
   A value out of range fails the request with InvalidArgument (a server's INVALID_ARGUMENT) whose message
   names the knob, says what is `valid` and gives the value, rather than being silently clamped or
-  replaced. `high` may be a tensor (e.g. the catalog size, which a refresh can change under one graph).
+  replaced. `high` may be a tensor (e.g. the catalog size, which a refresh can change under one graph),
+  or None for no upper bound (a backend that caps the value itself).
   """
+  if value is None:
+    return tf.constant(default, tf.int32)
   value = tf.cast(tf.reshape(value, []), tf.int32)
-  in_range = tf.logical_or(tf.equal(value, 0), tf.logical_and(value >= low, value <= tf.cast(high, tf.int32)))
-  check = tf.debugging.Assert(in_range, [f"{name} must be {valid}; got", value], name=f"check_{name}")
+  in_range = value >= low if high is None else tf.logical_and(value >= low, value <= tf.cast(high, tf.int32))
+  check = tf.debugging.Assert(
+    tf.logical_or(tf.equal(value, 0), in_range), [f"{name} must be {valid}; got", value], name=f"check_{name}"
+  )
   with tf.control_dependencies([check]):
     return tf.where(value > 0, value, tf.constant(default, tf.int32))
+
+
+def rerank_candidates_option(value: tf.Tensor | None, default: int) -> tf.Tensor:
+  """The per-request `rerank_candidates` of an index that reranks `default` by default (int8, binary).
+
+  Negative values are INVALID_ARGUMENT; positive ones are kept between k and the catalog size by the caller.
+  """
+  return checked_option(
+    value,
+    default,
+    "rerank_candidates",
+    1,
+    None,
+    f"0 (the built default, {default}) or positive (kept between k and the number of ads)",
+  )
 
 
 def exact_search(queries: tf.Tensor, vectors: tf.Tensor, eligible: tf.Tensor, k: int) -> base.SearchResult:
