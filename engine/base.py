@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -309,7 +309,7 @@ def build_index(
 
   Args:
     backend_name: one of `available_backends()`.
-    embeddings: float32 [N, d] item embeddings, one row per catalog item.
+    embeddings: float32 [N, d] item embeddings, one row per catalog item; all finite.
     k: the largest number of neighbours a search will ask for.
     eligible: optional bool [N] mask of items that may be returned.
     tuning_queries: optional float32 [Q, d] held-out query embeddings. Backends that tune search knobs
@@ -321,7 +321,35 @@ def build_index(
   embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
   if embeddings.ndim != 2 or embeddings.shape[0] == 0:
     raise ValueError(f"embeddings must be a non-empty [N, d] matrix, got shape {embeddings.shape}")
+  check_finite_embeddings(embeddings)
   return spec.build(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)
+
+
+def check_finite_embeddings(embeddings: np.ndarray, ids: Sequence[str] | None = None, chunk: int = 1 << 16) -> None:
+  """Raises ValueError naming the first item embeddings [N, d] that hold a NaN or an infinity.
+
+  No backend can rank such a row: exact search puts it first as an empty slot (NaN sorts ahead of every
+  score), and int8 quantisation loses every scale to it. Every index build and every row a refresh adds
+  passes here. Checked in chunks, so a memory-mapped catalog is not read into memory at once.
+
+  Args:
+    embeddings: float [N, d].
+    ids: optional [N] ad ids, named instead of row numbers.
+    chunk: rows checked at a time.
+  """
+  bad = np.concatenate(
+    [
+      start + np.flatnonzero(~np.isfinite(embeddings[start : start + chunk]).all(axis=1))
+      for start in range(0, embeddings.shape[0], chunk)
+    ]
+    or [np.zeros([0], np.int64)]
+  )
+  if bad.size:
+    first = ", ".join(repr(ids[row]) for row in bad[:5]) if ids is not None else ", ".join(map(str, bad[:5]))
+    raise ValueError(
+      f"item embeddings must be finite: {bad.size} of {embeddings.shape[0]} hold NaN or infinity "
+      f"({'ads' if ids is not None else 'rows'} {first}{', ...' if bad.size > 5 else ''}); check the item tower"
+    )
 
 
 def check_k(k: int, num_items: int) -> None:

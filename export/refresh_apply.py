@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from engine import base
 from export import refresh_delta, refresh_state
 
 
@@ -28,6 +29,7 @@ def apply_delta(
   upsert_rows = np.asarray([row_of.get(ad_id, -1) for ad_id in upsert_ids], dtype=np.int64)
   upsert_active = np.asarray([delta.upserts[ad_id].status == "active" for ad_id in upsert_ids], dtype=bool)
   upsert_embeddings = embed(features) if upsert_ids else np.zeros([0, state.embeddings.shape[1]], np.float32)
+  base.check_finite_embeddings(upsert_embeddings, upsert_ids)  # Refused here, naming the ads, before any rebuild.
   changed = upsert_rows >= 0
   eligible[upsert_rows[changed]] = upsert_active[changed]
   removed_rows = [row_of[ad_id] for ad_id in delta.removals if ad_id in row_of]
