@@ -8,13 +8,24 @@ import tensorflow as tf
 from engine import base, hashing, search_ops
 
 
+def similarity_dtype(bits: int) -> tf.DType:
+  """The narrowest integer type holding `bits` + 1: uint8 keeps the scan byte-wide up to 192 bits."""
+  return next(dtype for dtype in (tf.uint8, tf.uint16, tf.int32) if dtype.max > bits)
+
+
 def _hamming_similarity(query_code: tf.Tensor, code_words: tf.Tensor, eligible: tf.Tensor, bits: int) -> tf.Tensor:
-  """bits + 1 - Hamming distance [N] of one query code [W] to every item; 0 for ineligible items."""
+  """bits + 1 - Hamming distance [N] of one query code [W] to every item; 0 for ineligible items.
+
+  Summed in `similarity_dtype(bits)`: in a narrower type the distance and bits + 1 wrap (at 256 bits an
+  exact match would score 1, the lowest similarity).
+  """
+  dtype = similarity_dtype(bits)
   distance = None
   for w in range(code_words.shape[0]):  # A static handful of 64-bit words.
-    count = tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_xor(code_words[w], query_code[w]))  # uint8 [N]
+    count = tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_xor(code_words[w], query_code[w]))  # uint8 [N], ≤ 64
+    count = tf.cast(count, dtype)
     distance = count if distance is None else distance + count
-  similarity = tf.cast(bits + 1, tf.uint8) - distance  # bits ≤ 254 fits uint8 and keeps the scan byte-wide.
+  similarity = tf.cast(bits + 1, dtype) - distance
   return tf.where(eligible, similarity, tf.zeros_like(similarity))
 
 
@@ -25,8 +36,8 @@ class BinaryIndex(base.Index):
   """Items as `bits`-bit codes from a hashing layer; candidates by Hamming distance, exact rerank.
 
   The query is hashed by the same layer inside the graph, each 64-bit word of its code is XORed with
-  the catalog's words and `PopulationCount` gives the Hamming distance, one byte per item. The
-  `rerank_candidates` closest eligible items are then rescored exactly against float32 vectors kept
+  the catalog's words and `PopulationCount` gives the Hamming distance, one byte per item up to 192
+  bits (two bytes beyond, `similarity_dtype`). The `rerank_candidates` closest eligible items are then rescored exactly against float32 vectors kept
   for that purpose and counted in `nbytes()` (`memory_breakdown()` separates them from the codes).
   Ineligible items get similarity 0 before the candidate top-k, so they only surface when fewer
   than `rerank_candidates` eligible items exist, and the rerank drops them.
