@@ -352,6 +352,25 @@ def check_finite_embeddings(embeddings: np.ndarray, ids: Sequence[str] | None = 
     )
 
 
+def check_option(
+  name: str, value: Any, low: float, high: float | None = None, *, integer: bool = True, valid: str = ""
+) -> None:
+  """Raises ValueError naming build option `name` unless it is a number (an int if `integer`) in [low, high].
+
+  Options reach builds as parsed literals (`--index_options`, a version's report), so a float, a bool or a
+  string can stand where a count belongs. `valid` says what the option accepts instead of the plain range
+  (e.g. "0 (tuned) or 1 to 40, the number of partitions").
+  """
+  kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+  # NaN fails `low <= value`, so it is refused with the out-of-range values.
+  if isinstance(value, bool) or not isinstance(value, kinds) or not (low <= value and (high is None or value <= high)):
+    if not valid:
+      valid = f"{'an integer' if integer else 'a number'} " + (
+        f"in [{low}, {high}]" if high is not None else f"of at least {low}"
+      )
+    raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
 def check_k(k: int, num_items: int) -> None:
   """Refuses a number of neighbours no search of a `num_items` catalog can return."""
   if not 0 < k <= num_items:

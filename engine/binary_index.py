@@ -123,7 +123,7 @@ def build_binary(
     embeddings: float32 [N, d].
     k: the default number of neighbours.
     eligible: optional bool [N] mask.
-    bits: code length, a multiple of 64.
+    bits: code length, a positive multiple of 64.
     learned: train the hashing layer (`hashing.train_sign_hash`) instead of random hyperplanes.
     rerank_candidates: candidates rescored exactly per query; tuned for `target_recall` (10k to
       320k) when omitted.
@@ -133,6 +133,7 @@ def build_binary(
     train_steps: optimiser steps of the hashing layer.
     seed: random seed.
   """
+  hashing.check_bits(bits)  # Refused before hashing trains (bits=0 would abort the process in oneDNN).
   if learned:
     hasher = hashing.train_sign_hash(embeddings, bits=bits, steps=train_steps, seed=seed)
   else:

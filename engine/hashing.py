@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import search_ops
+from engine import base, search_ops
 
 
 class SignHash(tf.Module):
@@ -22,8 +22,7 @@ class SignHash(tf.Module):
 
   def __init__(self, projection: np.ndarray, bias: np.ndarray, name: str = "sign_hash"):
     super().__init__(name=name)
-    if projection.shape[1] % 64:
-      raise ValueError(f"bits must be a multiple of 64, got {projection.shape[1]}")
+    check_bits(projection.shape[1])
     self.projection = tf.Variable(projection.astype(np.float32), trainable=False, name="projection")
     self.bias = tf.Variable(bias.astype(np.float32), trainable=False, name="bias")
 
@@ -49,8 +48,16 @@ class SignHash(tf.Module):
     return out
 
 
+def check_bits(bits: int) -> None:
+  """Raises ValueError unless `bits` is a code length `SignHash` packs: a positive multiple of 64."""
+  base.check_option("bits", bits, 64, valid="a positive multiple of 64")
+  if bits % 64:
+    raise ValueError(f"bits must be a positive multiple of 64, got {bits!r}")
+
+
 def random_sign_hash(embeddings: np.ndarray, bits: int = 128, seed: int = 0) -> SignHash:
   """Random-hyperplane LSH, centred on the data mean (the baseline the learned layer must beat)."""
+  check_bits(bits)
   rng = np.random.default_rng(seed)
   projection = rng.normal(size=[embeddings.shape[1], bits]).astype(np.float32)
   return SignHash(projection, -embeddings.mean(axis=0) @ projection)
@@ -73,11 +80,12 @@ def train_sign_hash(
   catalog plus random `negatives` form a candidate list; the teacher distribution is a softmax of
   true dot products, the student a softmax of (scaled) code agreement. Codes are `sign(t)` in the
   forward pass with `t = tanh(x W + b)` for gradients (a straight-through estimator), plus a bit
-  balance penalty so every bit splits the catalog. Starts from random hyperplanes.
+  balance penalty so every bit splits the catalog. Starts from random hyperplanes. A catalog smaller than
+  `anchors_per_step` or `neighbours` + 1 trains with all its items as anchors and the rest as neighbours.
 
   Args:
     embeddings: float32 [N, d] item embeddings.
-    bits: code length (multiple of 64).
+    bits: code length, a positive multiple of 64.
     steps: Adam steps.
     anchors_per_step: anchors per step.
     neighbours: exact neighbours per anchor used as positives.
@@ -86,9 +94,13 @@ def train_sign_hash(
     teacher_temperature: softmax temperature of the true dot products.
     seed: random seed.
   """
+  check_bits(bits)  # Before TF sees a zero-width projection (bits=0 aborts the process in oneDNN).
   rng = np.random.default_rng(seed)
   sample = embeddings[rng.choice(embeddings.shape[0], min(sample_size, embeddings.shape[0]), replace=False)]
   anchor_rows = rng.choice(sample.shape[0], min(8192, sample.shape[0]), replace=False)
+  # Shrunk to a small catalog: an anchor's neighbours are the other sampled items at most.
+  neighbours = min(neighbours, sample.shape[0] - 1)
+  anchors_per_step = min(anchors_per_step, anchor_rows.shape[0])
   neighbour_rows = search_ops.exact_top_k_numpy(sample[anchor_rows], sample, neighbours + 1)[:, 1:]
 
   init = random_sign_hash(sample, bits, seed)
