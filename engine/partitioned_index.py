@@ -134,22 +134,52 @@ def build_partitioned(
     embeddings: float32 [N, d].
     k: the default number of neighbours.
     eligible: optional bool [N] mask.
-    num_partitions: k-means centroids; defaults to about sqrt(N).
-    probes: partitions scored per query; tuned on tuning queries when omitted.
+    num_partitions: k-means centroids, 1 to N; about sqrt(N) when omitted or 0.
+    probes: partitions scored per query by default; tuned on tuning queries when omitted or 0. At most
+      `num_partitions` when that is given; above the derived one, every partition is scored.
     target_recall: recall@k the tuned probes reach on the tuning queries (plus 0.01 margin).
     tuning_queries: float32 [Q, d]; catalog rows stand in when omitted.
     num_tuning_queries: catalog rows used when `tuning_queries` is omitted.
     kmeans_iterations: Lloyd iterations.
-    training_sample_size: points k-means trains on.
+    training_sample_size: points k-means trains on, at least `num_partitions`.
     seed: random seed.
   """
   start = time.perf_counter()
-  num_partitions = num_partitions or max(1, int(round(math.sqrt(embeddings.shape[0]))))
+  num_items = embeddings.shape[0]
+  # Refused before k-means trains, naming the option; 0 means what omitting it does, as for ScaNN's knobs.
+  base.check_option(
+    "num_partitions",
+    num_partitions or 0,
+    0,
+    num_items,
+    valid=f"0 (about sqrt(N)) or 1 to {num_items}, the number of ads",
+  )
+  given_partitions = bool(num_partitions)
+  num_partitions = num_partitions or max(1, int(round(math.sqrt(num_items))))
+  # Above a num_partitions given with it, probes is a contradiction; above the derived one (which the
+  # caller may not know, and which a refresh's smaller catalog lowers) it scores every partition.
+  base.check_option(
+    "probes",
+    probes or 0,
+    0,
+    num_partitions if given_partitions else None,
+    valid="0 (tuned for target_recall) or positive"
+    + (f", at most num_partitions ({num_partitions})" if given_partitions else ""),
+  )
+  base.check_option("target_recall", target_recall, 0, 1, integer=False)
+  base.check_option("num_tuning_queries", num_tuning_queries, 1)
+  base.check_option("kmeans_iterations", kmeans_iterations, 0)
+  base.check_option(
+    "training_sample_size",
+    training_sample_size,
+    num_partitions,
+    valid=f"at least num_partitions ({num_partitions}): k-means picks its initial centroids from the sample",
+  )
   centroids, assignment = kmeans.spherical_kmeans(
     embeddings, num_partitions, iterations=kmeans_iterations, sample_size=training_sample_size, seed=seed
   )
   index = PartitionedIndex(embeddings, centroids, assignment, probes or 1, eligible)
-  if probes is None:
+  if not probes:
     queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, num_tuning_queries, seed)
     ladder = sorted(
       {
