@@ -126,14 +126,18 @@ def build_binary(
     bits: code length, a positive multiple of 64.
     learned: train the hashing layer (`hashing.train_sign_hash`) instead of random hyperplanes.
     rerank_candidates: candidates rescored exactly per query; tuned for `target_recall` (10k to
-      320k) when omitted.
+      320k) when omitted or 0.
     target_recall: recall@k the tuned candidates reach on the tuning queries (plus 0.01 margin).
     tuning_queries: float32 [Q, d]; catalog rows stand in when omitted.
     jit_compile: fuse the Hamming scan with XLA (see `BinaryIndex`).
     train_steps: optimiser steps of the hashing layer.
     seed: random seed.
   """
-  hashing.check_bits(bits)  # Refused before hashing trains (bits=0 would abort the process in oneDNN).
+  # Refused before hashing trains, naming the option.
+  hashing.check_bits(bits)
+  base.check_option("rerank_candidates", rerank_candidates or 0, 0, valid="0 (tuned for target_recall) or positive")
+  base.check_option("target_recall", target_recall, 0, 1, integer=False)
+  base.check_option("train_steps", train_steps, 0)
   if learned:
     hasher = hashing.train_sign_hash(embeddings, bits=bits, steps=train_steps, seed=seed)
   else:
@@ -141,7 +145,7 @@ def build_binary(
   index = BinaryIndex(
     embeddings, hasher, eligible, rerank_candidates=rerank_candidates or 10 * k, jit_compile=jit_compile
   )
-  if rerank_candidates is None:
+  if not rerank_candidates:
     queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, seed=seed)
     ladder = [min(m * k, embeddings.shape[0]) for m in (10, 20, 40, 80, 160, 320)]
     index.rerank_candidates, _ = search_ops.tune_search_option(

@@ -93,13 +93,15 @@ def build_int8(
     embeddings: float32 [N, d].
     k: the default number of neighbours.
     eligible: optional bool [N] mask.
-    rerank_candidates: candidates rescored exactly per query; tuned when omitted.
+    rerank_candidates: candidates rescored exactly per query; tuned when omitted or 0.
     target_recall: recall@k the tuned candidates reach on the tuning queries (plus 0.01 margin).
     tuning_queries: float32 [Q, d]; catalog rows stand in when omitted.
     seed: seed for picking stand-in tuning queries.
   """
+  base.check_option("rerank_candidates", rerank_candidates or 0, 0, valid="0 (tuned for target_recall) or positive")
+  base.check_option("target_recall", target_recall, 0, 1, integer=False)
   index = Int8Index(embeddings, eligible, rerank_candidates=rerank_candidates or k)
-  if rerank_candidates is None:
+  if not rerank_candidates:
     queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, seed=seed)
     ladder = [min(m * k, embeddings.shape[0]) for m in (1, 2, 4, 8, 16)]
     index.rerank_candidates, _ = search_ops.tune_search_option(

@@ -1,4 +1,4 @@
-"""Build options of the partitioned backend at the edges: 0 means what omitting the option does (tune, or
+"""Build options of the in-graph backends at the edges: 0 means what omitting the option does (tune, or
 derive from the catalog), and values out of range are refused naming the option, before anything trains."""
 
 import numpy as np
@@ -54,3 +54,22 @@ def test_partitioned_probes_0_is_tuned_as_when_omitted(catalog):
 def test_partitioned_refuses_options_out_of_range_by_name(catalog, options, named):
   with pytest.raises(ValueError, match=named):
     base.build_index("partitioned", catalog[0], k=K, **options)
+
+
+@pytest.mark.parametrize("backend", ["int8", "binary"])
+def test_rerank_candidates_0_is_tuned_as_when_omitted(catalog, backend):
+  items, queries = catalog
+  options = {"learned": False} if backend == "binary" else {}
+  # A target no fixed guess reaches: 0 built an untuned index with the guess (k for int8, 10k for binary).
+  tuned = base.build_index(backend, items, k=K, tuning_queries=queries, target_recall=1.0, **options)
+  zero = base.build_index(
+    backend, items, k=K, tuning_queries=queries, target_recall=1.0, rerank_candidates=0, **options
+  )
+  assert zero.rerank_candidates == tuned.rerank_candidates > (10 * K if backend == "binary" else K)
+  for value, named in ((-5, "got -5"), (2.5, "got 2.5"), ("all", "got 'all'")):
+    with pytest.raises(
+      ValueError, match=f"rerank_candidates must be 0 \\(tuned for target_recall\\) or positive, {named}"
+    ):
+      base.build_index(backend, items, k=K, rerank_candidates=value, **options)
+  with pytest.raises(ValueError, match="target_recall must be a number in"):
+    base.build_index(backend, items, k=K, target_recall=-0.5, **options)
