@@ -7,10 +7,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from engine import base
+
 # ScaNN's rules of thumb: exact scoring is cheapest for small catalogs, AH + rescoring for medium
 # ones, and partitioning (about sqrt(N) leaves) on top of that above ~100k points.
 BRUTE_FORCE_MAX_ITEMS = 20_000
 NO_TREE_MAX_ITEMS = 100_000
+# The smallest AH training sample that reliably holds the 16 centres ScaNN trains per block (its sample
+# is random in size: 18 asked for gave 15 at 50k ads), unless it is the whole catalog.
+AH_MIN_TRAINING_SAMPLE = 64
 
 # Roles of a knob across versions (`engine.scann_backend`): a STRUCTURE knob changes what a build
 # trains or stores (changing it needs a full build); a SEARCH knob is read at search time (an update
@@ -84,19 +89,61 @@ class ScannConfig:
       # Derived from the scoring actually used: `scoring="ah"` on a catalog small enough for exact scoring
       # (e.g. a tree forced on a test catalog) would otherwise get AH without the exact reordering.
       config.reorder = default_reorder(config.scoring, num_items, k)
-    config.check(k)
+    config.check(k, num_items)
     return config
 
-  def check(self, k: int) -> None:
-    """Raises ValueError for values no build accepts."""
+  def check(self, k: int, num_items: int) -> None:
+    """Raises ValueError naming the first knob whose value no build over `num_items` points accepts.
+
+    Checked before ScaNN trains, so a bad value is never a ScaNN traceback, a ZeroDivisionError, or an
+    index whose every search fails.
+    """
     if self.scoring not in ("brute_force", "ah"):
       raise ValueError(f"scoring must be 'brute_force' or 'ah', got {self.scoring!r}")
     if self.partitioning not in ("auto", "spherical", "generic"):
       raise ValueError(f"partitioning must be 'auto', 'spherical' or 'generic', got {self.partitioning!r}")
-    if self.reorder and self.reorder < k:
-      raise ValueError(f"reorder ({self.reorder}) must be at least k ({k})")
-    if self.final_candidates < 0 or 0 < self.final_candidates < k:
-      raise ValueError(f"final_candidates ({self.final_candidates}) must be 0 (automatic) or at least k ({k})")
+    base.check_option(
+      "num_leaves", self.num_leaves, 0, num_items, valid=f"0 (no tree) or 1 to {num_items}, the number of ads"
+    )
+    # -1 is what a build without a tree records (and a rebuild passes back): tuned, like 0.
+    if self.num_leaves:
+      base.check_option(
+        "leaves_to_search",
+        self.leaves_to_search,
+        -1,
+        self.num_leaves,
+        valid=f"0 (tuned for target_recall) or 1 to num_leaves ({self.num_leaves})",
+      )
+    else:
+      base.check_option("leaves_to_search", self.leaves_to_search, -1, 0, valid="0 without a tree (num_leaves=0)")
+    # A tree's k-means takes its leaves' centres from exactly `training_sample_size` ads. AH trains 16 centres
+    # per block on a random sample of about that many (all the ads when it is at least their number),
+    # which can fall short of 16 well above 16: from 64 on it does not.
+    needed, reason = max(1, self.num_leaves), f"the tree picks its {self.num_leaves} leaves' centres from it"
+    if self.scoring == "ah" and min(num_items, AH_MIN_TRAINING_SAMPLE) > needed:
+      needed, reason = min(num_items, AH_MIN_TRAINING_SAMPLE), "AH trains 16 centres per block on it"
+    base.check_option(
+      "training_sample_size",
+      self.training_sample_size,
+      needed,
+      valid=f"an integer of at least {needed}" + (f" ({reason})" if needed > 1 else ""),
+    )
+    base.check_option("dimensions_per_block", self.dimensions_per_block, 1)
+    # NaN is ScaNN's own default: plain (isotropic) quantisation.
+    threshold = self.anisotropic_quantization_threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isinf(threshold):
+      raise ValueError(f"anisotropic_quantization_threshold must be a finite number or NaN, got {threshold!r}")
+    base.check_option("reorder", self.reorder, 0, valid=f"0 (no reordering) or at least k ({k})")
+    if 0 < self.reorder < k:
+      raise ValueError(f"reorder must be 0 (no reordering) or at least k ({k}), got {self.reorder}")
+    base.check_option("final_candidates", self.final_candidates, 0, valid=f"0 (automatic) or at least k ({k})")
+    if 0 < self.final_candidates < k:
+      raise ValueError(f"final_candidates must be 0 (automatic) or at least k ({k}), got {self.final_candidates}")
+    base.check_option("overfetch", self.overfetch, 1)
+    base.check_option("target_recall", self.target_recall, 0, 1, integer=False)
+    base.check_option("num_tuning_queries", self.num_tuning_queries, 1)
+    base.check_option("training_threads", self.training_threads, 0, valid="0 (all cores) or positive")
+    base.check_option("seed", self.seed, 0)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -1,5 +1,6 @@
-"""ScaNN's per-request knobs: 0 is the built default, other values outside the built index's range are
-refused by name; and a tree forced on a small catalog gets AH with reordering."""
+"""ScaNN's knobs: per request, 0 is the built default and other values outside the built index's range are
+refused by name; at build, every knob out of range is refused by name before ScaNN trains; and a tree
+forced on a small catalog gets AH with reordering."""
 
 import numpy as np
 import pytest
@@ -56,3 +57,46 @@ def test_knobs_an_index_does_not_use_must_be_0(items):
     search(queries, tf.constant(1), tf.constant(0))
   with pytest.raises(tf.errors.InvalidArgumentError, match="pre_reorder_num_neighbors must be 0: .* does not reorder"):
     search(queries, tf.constant(0), tf.constant(100))
+
+
+@pytest.mark.parametrize(
+  "options,named",
+  [
+    ({"overfetch": 0}, "overfetch must be an integer of at least 1, got 0"),
+    ({"scoring": "ah", "dimensions_per_block": 0}, "dimensions_per_block must be an integer of at least 1, got 0"),
+    ({"num_leaves": -3}, r"num_leaves must be 0 \(no tree\) or 1 to 600, the number of ads, got -3"),
+    ({"num_leaves": 601}, "num_leaves must be .*1 to 600.*got 601"),
+    ({"num_leaves": 2.5}, "num_leaves must be .*got 2.5"),
+    ({"scoring": "ah", "training_sample_size": 0}, r"training_sample_size must be an integer of at least 64 \(AH"),
+    (
+      {"num_leaves": 40, "training_sample_size": 39},
+      r"training_sample_size must be an integer of at least 40 \(the tree picks its 40 leaves' centres",
+    ),
+    ({"num_leaves": 40, "leaves_to_search": 100}, r"leaves_to_search must be 0 .*or 1 to num_leaves \(40\), got 100"),
+    ({"leaves_to_search": 5}, r"leaves_to_search must be 0 without a tree \(num_leaves=0\), got 5"),
+    ({"reorder": -5}, r"reorder must be 0 \(no reordering\) or at least k \(5\), got -5"),
+    ({"reorder": 3}, r"reorder must be 0 \(no reordering\) or at least k \(5\), got 3"),
+    ({"final_candidates": -1}, r"final_candidates must be 0 \(automatic\) or at least k \(5\), got -1"),
+    ({"target_recall": 1.5}, r"target_recall must be a number in \[0, 1\], got 1.5"),
+    ({"num_tuning_queries": 0}, "num_tuning_queries must be an integer of at least 1, got 0"),
+    ({"training_threads": -1}, r"training_threads must be 0 \(all cores\) or positive, got -1"),
+    ({"seed": -1}, "seed must be an integer of at least 0, got -1"),
+    ({"anisotropic_quantization_threshold": float("inf")}, "anisotropic_quantization_threshold must be a finite"),
+  ],
+)
+def test_build_knobs_out_of_range_are_refused_by_name(items, options, named):
+  # Refused before ScaNN trains: these were tracebacks, a ZeroDivisionError, or an index whose every search failed.
+  with pytest.raises(ValueError, match=named):
+    scann_index.build_scann(items, k=K, **options)
+
+
+def test_build_knobs_at_their_limits_build(items):
+  search = tf.function(lambda index, q: index.search(q, K).indices)
+  for options in (
+    {"num_leaves": 600, "training_sample_size": 600, "leaves_to_search": 600},  # Every ad its own leaf.
+    {"num_leaves": 1, "leaves_to_search": -1},  # -1: what a build without a tree records, tuned like 0.
+    {"scoring": "ah", "training_sample_size": 64, "anisotropic_quantization_threshold": float("nan")},
+    {"scoring": "ah", "dimensions_per_block": 1, "overfetch": 1},
+  ):
+    index = scann_index.build_scann(items, k=K, **options)
+    assert np.all(search(index, tf.constant(items[:2])).numpy() >= 0), options
