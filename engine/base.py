@@ -310,7 +310,7 @@ def build_index(
   Args:
     backend_name: one of `available_backends()`.
     embeddings: float32 [N, d] item embeddings, one row per catalog item; all finite.
-    k: the largest number of neighbours a search will ask for.
+    k: the largest number of neighbours a search will ask for, 1 to N.
     eligible: optional bool [N] mask of items that may be returned.
     tuning_queries: optional float32 [Q, d] held-out query embeddings. Backends that tune search knobs
       for a target recall tune on these; without them they fall back to catalog points, which can
@@ -321,6 +321,7 @@ def build_index(
   embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
   if embeddings.ndim != 2 or embeddings.shape[0] == 0:
     raise ValueError(f"embeddings must be a non-empty [N, d] matrix, got shape {embeddings.shape}")
+  check_k(k, embeddings.shape[0])  # Every backend, before it trains or tunes (not a TopKV2 message later).
   check_finite_embeddings(embeddings)
   return spec.build(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)
 

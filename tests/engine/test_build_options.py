@@ -1,4 +1,4 @@
-"""Build options of the in-graph backends at the edges: 0 means what omitting the option does (tune, or
+"""Index build options at the edges: 0 means what omitting the option does (tune, or
 derive from the catalog), and values out of range are refused naming the option, before anything trains."""
 
 import numpy as np
@@ -73,3 +73,11 @@ def test_rerank_candidates_0_is_tuned_as_when_omitted(catalog, backend):
       base.build_index(backend, items, k=K, rerank_candidates=value, **options)
   with pytest.raises(ValueError, match="target_recall must be a number in"):
     base.build_index(backend, items, k=K, target_recall=-0.5, **options)
+
+
+@pytest.mark.parametrize("backend", base.available_backends())
+@pytest.mark.parametrize("k", [0, -1, 1001])
+def test_k_outside_the_catalog_is_refused_by_every_backend(catalog, backend, k):
+  # Was a TopKV2 message (int8, binary, partitioned) or an index that answers nothing (brute_force, k=0).
+  with pytest.raises(ValueError, match=rf"k must be in \[1, 1000\] \(the catalog size\), got {k}"):
+    base.build_index(backend, catalog[0], k=k)
