@@ -211,14 +211,20 @@ class Backend:
   def load_ops(self) -> None:
     """Registers the custom ops a SavedModel holding this backend's index needs, before it is loaded."""
 
-  def rebuild_options(self, options: Mapping[str, Any], config: Mapping[str, Any], k: int) -> dict[str, Any]:
+  def rebuild_options(
+    self,
+    options: Mapping[str, Any],
+    config: Mapping[str, Any],
+    k: int,
+    overrides: Mapping[str, Any] | None = None,
+  ) -> dict[str, Any]:
     """The options that rebuild an index the way `options` built one whose `config` is given.
 
     A rebuild keeps the knobs its build tuned: the catalog changed a little, and tuning again would cost
-    more than the rest of the build.
+    more than the rest of the build. `overrides` (a refresher's) replace options.
     """
     del config, k
-    return dict(options)
+    return {**options, **(overrides or {})}
 
   def structure_changes(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
     """Options that change what a build trains or stores, set in `options` to other values than `config`'s."""

@@ -41,17 +41,29 @@ class ScannBackend(base.Backend):
   def load_ops(self) -> None:
     import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
-  def rebuild_options(self, options: Mapping[str, Any], config: Mapping[str, Any], k: int) -> dict[str, Any]:
-    options = dict(options)
-    for knob in TUNED_KNOBS:
-      if knob in config and knob not in options:
-        options[knob] = config[knob]
-    if config.get("reorder", 0) > 0 and "final_candidates" not in options:
-      # The version predates the knob: keep its graph, which returns every reordered candidate.
-      options["final_candidates"] = scann_index.returned_candidates(config, k)
+  def rebuild_options(
+    self,
+    options: Mapping[str, Any],
+    config: Mapping[str, Any],
+    k: int,
+    overrides: Mapping[str, Any] | None = None,
+  ) -> dict[str, Any]:
+    options, overrides = dict(options), dict(overrides or {})
+    if self.structure_changes(config, overrides):
+      # Search knobs picked for the version's structure say nothing about another (30 leaves to search of 30
+      # are out of range for an override of 20 leaves), and a refreshed version's options hold its tuned
+      # ones: tune them anew, unless the overrides set them too.
+      options = {name: value for name, value in options.items() if name not in TUNED_KNOBS}
+    else:
+      for knob in TUNED_KNOBS:
+        if knob in config and knob not in options:
+          options[knob] = config[knob]
+      if config.get("reorder", 0) > 0 and "final_candidates" not in options:
+        # The version predates the knob: keep its graph, which returns every reordered candidate.
+        options["final_candidates"] = scann_index.returned_candidates(config, k)
     if "partitioning" not in options:
       options["partitioning"] = built_partitioning(config)  # A retrain partitions as the version did.
-    return options
+    return {**options, **overrides}
 
   def structure_changes(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
     changed = [name for name in STRUCTURE_OPTIONS if name in options and _differs(config, name, options[name])]

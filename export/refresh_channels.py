@@ -410,7 +410,7 @@ def publish_rebuilt(
   indexes, options = [], {}
   for i, name in enumerate(source.names):
     view = source.channel_view(i)
-    options[name] = {**refresh_policy.rebuild_options(view.report), **(index_overrides or {})}
+    options[name] = refresh_policy.rebuild_options(view.report, index_overrides)
     indexes.append(
       refresh_policy.rebuild_index(
         view, states[name], source_rows, options[name], index_update, retrain_fraction, index_path=index_path(i)

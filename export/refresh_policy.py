@@ -39,9 +39,10 @@ class Retrained:
   config: dict[str, Any]
 
 
-def rebuild_options(report: version_report.VersionReport) -> dict[str, Any]:
-  """The source's index options plus the knobs its build tuned (so the rebuild does not tune again)."""
-  return base.backend(report.index).rebuild_options(report.index_options, report.index_config, report.k)
+def rebuild_options(report: version_report.VersionReport, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The source's index options plus the knobs its build tuned (so the rebuild does not tune again), with
+  the refresher's `overrides` (`engine.base.Backend.rebuild_options`)."""
+  return base.backend(report.index).rebuild_options(report.index_options, report.index_config, report.k, overrides)
 
 
 def full_build_reason(

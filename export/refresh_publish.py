@@ -202,7 +202,7 @@ def publish_rebuilt(
     retrain_fraction, retrained, background: see `refresh_policy.rebuild_index`.
   """
   k = source.report.k
-  options = {**refresh_policy.rebuild_options(source.report), **(index_overrides or {})}
+  options = refresh_policy.rebuild_options(source.report, index_overrides)
   started = time.perf_counter()
   if source_rows is None:
     source_rows, index_update = np.full([len(state.ids)], -1, np.int64), "full"

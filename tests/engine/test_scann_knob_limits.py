@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import scann_config, scann_index
+from engine import scann_backend, scann_config, scann_index
 
 K = 5
 
@@ -100,3 +100,19 @@ def test_build_knobs_at_their_limits_build(items):
   ):
     index = scann_index.build_scann(items, k=K, **options)
     assert np.all(search(index, tf.constant(items[:2])).numpy() >= 0), options
+
+
+def test_a_rebuild_over_another_tree_tunes_its_search_knobs_anew(items):
+  # fgr-refresh rebuilds with the version's tuned knobs (a refreshed version's options hold them too). 30
+  # leaves to search of 30 would be out of range, and meaningless, for an override of 20 leaves.
+  options = {"scoring": "ah", "num_leaves": 30, "leaves_to_search": 30, "reorder": 200}
+  config = {"num_leaves": 30, "leaves_to_search": 30, "reorder": 200, "final_candidates": 10}
+  rebuild = scann_backend.BACKEND.rebuild_options
+  kept = rebuild(options, config, K, {"training_sample_size": 500})
+  assert kept["leaves_to_search"] == 30 and kept["reorder"] == 200 and kept["training_sample_size"] == 500
+  with pytest.raises(ValueError, match="leaves_to_search must be"):
+    scann_index.build_scann(items, k=K, **{**kept, "num_leaves": 20})
+  retuned = rebuild(options, config, K, {"num_leaves": 20})
+  assert not {"leaves_to_search", "reorder", "final_candidates"} & set(retuned) and retuned["num_leaves"] == 20
+  assert 1 <= scann_index.build_scann(items, k=K, **retuned).config["leaves_to_search"] <= 20
+  assert rebuild(options, config, K, {"num_leaves": 20, "leaves_to_search": 4})["leaves_to_search"] == 4
