@@ -116,3 +116,17 @@ def test_a_rebuild_over_another_tree_tunes_its_search_knobs_anew(items):
   assert not {"leaves_to_search", "reorder", "final_candidates"} & set(retuned) and retuned["num_leaves"] == 20
   assert 1 <= scann_index.build_scann(items, k=K, **retuned).config["leaves_to_search"] <= 20
   assert rebuild(options, config, K, {"num_leaves": 20, "leaves_to_search": 4})["leaves_to_search"] == 4
+
+
+def test_pre_reorder_answers_are_scanns_own(items):
+  # With every ad eligible the graph returns exactly what ScaNN's op returns at each pre_reorder_num_neighbors
+  # (audit 14, item 12: a recall dip measured at pre_reorder = k came from paused ads' exact fallback).
+  from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+
+  index = scann_index.build_scann(items, k=K, num_leaves=10, scoring="ah", leaves_to_search=10, reorder=40)
+  queries = tf.constant(items[:32])
+  search = _search_with(index)
+  for pre in (K, 2 * K, 4 * K, 8 * K):
+    ours = search(queries, tf.constant(0), tf.constant(pre)).numpy()
+    theirs, _ = scann_ops.scann_search_batched(index.state.searcher(), queries, K, pre, 10, True)
+    assert [set(row) for row in ours] == [set(row) for row in theirs.numpy()], pre
