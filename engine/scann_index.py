@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,6 +61,9 @@ class ScannAssetsModule(tf.Module):
         setattr(self, name, tf.Variable(value, trainable=False, name=name))
       else:
         setattr(self, name, base.catalog_variable(value, name=name))
+    # Eagerly, TF keeps one kernel per op and attributes, and ScaNN's kernel keeps the first searcher it
+    # made: without a name of this module's own, every index searched eagerly would answer from the first.
+    self._eager_name = f"fgr-scann-{uuid.uuid4()}"
 
   def searcher(self) -> tf.Tensor:
     """ScaNN's searcher over these assets (a resource handle its search op takes)."""
@@ -73,6 +77,8 @@ class ScannAssetsModule(tf.Module):
       self.int8_dataset,
       self.int8_multipliers,
       self.dp_norms,
+      # Not in a graph: there a shared name would share one searcher between two loaded versions.
+      shared_name=self._eager_name if tf.executing_eagerly() else "",
     )
 
 

@@ -226,3 +226,15 @@ def test_short_queries_retry_with_every_reordered_candidate(medium_catalog, medi
   at_once = _search(index, queries, 20).indices.numpy()
   # ScaNN returns candidates sorted, so the retry finds what one search over all of them finds.
   np.testing.assert_array_equal(two_stages, at_once)
+
+
+def test_indexes_searched_eagerly_each_answer_from_their_own_catalog():
+  # An eager ScaNN kernel is shared by every call with the same attributes and keeps the searcher it made
+  # first: the second index answered from the first one's catalog (recall 0).
+  rng = np.random.default_rng(8)
+  catalogs = [rng.normal(size=(n, 8)).astype(np.float32) for n in (300, 400)]
+  queries = rng.normal(size=(4, 8)).astype(np.float32)
+  for items in catalogs:
+    index = scann_index.build_scann(items, k=5)
+    rows = index.search(tf.constant(queries), 5).indices.numpy()
+    assert search_ops.recall_at_k(rows, search_ops.exact_top_k_numpy(queries, items, 5)) >= 0.9
