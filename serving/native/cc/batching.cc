@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <string>
+#include <tuple>
 #include <utility>
 
 namespace fgr {
@@ -40,9 +41,9 @@ Status BatchQueue::Schedule(TaskPtr task) {
   if (scheduler_->stopped_ || removed_) return Status(kUnavailable, "Batch scheduler is shutting down");
   Batch* last = batches_.empty() ? nullptr : &batches_.back();
   bool changed = false;  // Threads need waking only when a batch opens or closes.
+  const auto [elements, bytes] = last == nullptr ? std::pair<int64_t, int64_t>() : With(*last, *task);
   if (last == nullptr || last->closed || last->rows + task->rows > options_.max_batch_size ||
-      (max_elements_ && last->elements + task->elements > *max_elements_) ||
-      (max_bytes_ && last->bytes + task->bytes > *max_bytes_)) {
+      (max_elements_ && elements > *max_elements_) || (max_bytes_ && bytes > *max_bytes_)) {
     if (last != nullptr) last->closed = true;
     if (static_cast<int64_t>(batches_.size()) >= options_.max_enqueued_batches) {
       return Status(kUnavailable, "The batch scheduling queue to which this task was submitted is full");
@@ -51,16 +52,41 @@ Status BatchQueue::Schedule(TaskPtr task) {
     last = &batches_.back();
     changed = true;
   }
-  last->rows += task->rows;
-  last->elements += task->elements;
-  last->bytes += task->bytes;
-  last->tasks.push_back(std::move(task));
+  Add(last, std::move(task));
   if (last->rows >= options_.max_batch_size) {
     last->closed = true;
     changed = true;
   }
   if (changed) scheduler_->wake_.notify_one();
   return Status();
+}
+
+std::pair<int64_t, int64_t> BatchQueue::With(const Batch& batch, const Task& task) {
+  if (task.row_elements.empty()) return {batch.elements + task.elements, batch.bytes + task.bytes};
+  // Padded: each feed holds rows x its widest row, each padding element taking its bytes too.
+  const int64_t rows = batch.rows + task.rows;
+  int64_t elements = 0, bytes = batch.unpadded_bytes + task.bytes;
+  for (size_t f = 0; f < task.row_elements.size(); ++f) {
+    const bool seen = f < batch.widest.size();
+    const int64_t padded = rows * std::max(seen ? batch.widest[f] : 0, task.row_elements[f]);
+    const int64_t unpadded = (seen ? batch.unpadded[f] : 0) + task.rows * task.row_elements[f];
+    elements += padded;
+    bytes += (padded - unpadded) * task.pad_element_bytes[f];
+  }
+  return {elements, bytes};
+}
+
+void BatchQueue::Add(Batch* batch, TaskPtr task) {
+  std::tie(batch->elements, batch->bytes) = With(*batch, *task);
+  batch->unpadded_bytes += task->bytes;
+  batch->widest.resize(task->row_elements.size(), 0);
+  batch->unpadded.resize(task->row_elements.size(), 0);
+  for (size_t f = 0; f < task->row_elements.size(); ++f) {
+    batch->widest[f] = std::max(batch->widest[f], task->row_elements[f]);
+    batch->unpadded[f] += task->rows * task->row_elements[f];
+  }
+  batch->rows += task->rows;
+  batch->tasks.push_back(std::move(task));
 }
 
 std::optional<Clock::time_point> BatchQueue::ReadyAt() const {

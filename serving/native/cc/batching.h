@@ -43,6 +43,9 @@ struct Task {
   int64_t rows = 0;
   int64_t elements = 0;
   int64_t bytes = 0;
+  // With pad_variable_length_inputs, per feed: elements per row, and bytes each padding element takes.
+  // A padded batch holds rows x its widest row of each feed, so that is what it is priced at.
+  std::vector<int64_t> row_elements, pad_element_bytes;
   std::vector<TensorPtr> feeds;  // In the queue's feed order.
   int64_t timeout_ms = -1;       // < 0: none.
   Clock::time_point deadline = Clock::time_point::max();
@@ -68,10 +71,15 @@ class BatchQueue {
   friend class BatchScheduler;
   struct Batch {
     std::vector<TaskPtr> tasks;
-    int64_t rows = 0, elements = 0, bytes = 0;
+    int64_t rows = 0, elements = 0, bytes = 0;  // Elements and bytes as padded (Task::row_elements).
+    int64_t unpadded_bytes = 0;
+    std::vector<int64_t> widest, unpadded;  // Per padded feed: its widest row, its elements before padding.
     Clock::time_point created = Clock::now();
     bool closed = false;
   };
+  // What `batch` would hold with `task` added: (elements, bytes), padded.
+  static std::pair<int64_t, int64_t> With(const Batch& batch, const Task& task);
+  static void Add(Batch* batch, TaskPtr task);
   // When the head batch may run; nullopt if empty. Caller holds the scheduler's mutex.
   std::optional<Clock::time_point> ReadyAt() const;
 

@@ -132,7 +132,15 @@ TaskPtr Servable::Run(std::vector<std::string> feed_names, std::vector<TensorPtr
   if (!queue) return run_now();
   auto task = std::make_shared<Task>();
   task->rows = rows;
-  if (batching_->budget) Cost(sorted_feeds, &task->elements, &task->bytes);
+  if (batching_->budget) {
+    Cost(sorted_feeds, &task->elements, &task->bytes);
+    if (batching_->options.pad_variable_length_inputs) {
+      for (const TensorPtr& feed : sorted_feeds) {
+        task->row_elements.push_back(feed->row_elements());
+        task->pad_element_bytes.push_back(static_cast<int64_t>(feed->element_size()));
+      }
+    }
+  }
   task->feeds = std::move(sorted_feeds);
   task->timeout_ms = timeout_ms;
   if (timeout_ms > 0) task->deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
