@@ -19,6 +19,39 @@
 
 namespace fgr {
 
+// `text` with each byte that is not part of a well-formed UTF-8 sequence written as "\xNN", as
+// Python's "backslashreplace" decodes it (module.cc's NativeError, so the Python path's messages).
+inline std::string ValidUtf8(const std::string& text) {
+  auto at = [&](size_t i) { return i < text.size() ? static_cast<unsigned char>(text[i]) : 0; };
+  auto in = [](unsigned char c, unsigned char low, unsigned char high) { return c >= low && c <= high; };
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    const unsigned char c = at(i);
+    size_t n = 0;  // The length of the well-formed sequence at i (the Unicode standard's table 3-7), or 0.
+    if (c < 0x80) {
+      n = 1;
+    } else if (in(c, 0xC2, 0xDF)) {
+      n = in(at(i + 1), 0x80, 0xBF) ? 2 : 0;
+    } else if (in(c, 0xE0, 0xEF)) {
+      const unsigned char low = c == 0xE0 ? 0xA0 : 0x80, high = c == 0xED ? 0x9F : 0xBF;
+      n = in(at(i + 1), low, high) && in(at(i + 2), 0x80, 0xBF) ? 3 : 0;
+    } else if (in(c, 0xF0, 0xF4)) {
+      const unsigned char low = c == 0xF0 ? 0x90 : 0x80, high = c == 0xF4 ? 0x8F : 0xBF;
+      n = in(at(i + 1), low, high) && in(at(i + 2), 0x80, 0xBF) && in(at(i + 3), 0x80, 0xBF) ? 4 : 0;
+    }
+    if (n == 0) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += {'\\', 'x', kHex[c >> 4], kHex[c & 0xF]};
+      ++i;
+      continue;
+    }
+    out.append(text, i, n);
+    i += n;
+  }
+  return out;
+}
+
 // One RPC of the async generic service: it asks gRPC for the next call on a completion queue,
 // reads its single request, then is answered once, from whichever thread finishes it.
 //
@@ -102,9 +135,10 @@ class Server::Call {
   // RESOURCE_EXHAUSTED instead of the error's own code.
   static constexpr size_t kMaxStatusMessage = 2048;
 
+  // Valid UTF-8 too: gRPC sends a status message as UTF-8, and TF's errors echo the client's bytes.
   static grpc::Status Capped(const grpc::Status& status) {
-    const std::string& message = status.error_message();
-    if (message.size() <= kMaxStatusMessage) return status;
+    const std::string message = ValidUtf8(status.error_message());
+    if (message.size() <= kMaxStatusMessage) return grpc::Status(status.error_code(), message);
     size_t end = kMaxStatusMessage;
     while (end > 0 && (static_cast<unsigned char>(message[end]) & 0xC0) == 0x80) --end;  // Whole UTF-8 chars.
     return grpc::Status(status.error_code(), message.substr(0, end) + "... (" +
