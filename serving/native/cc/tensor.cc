@@ -20,8 +20,8 @@ constexpr int kMaxRank = 64;
 
 bool ContentType(int dtype) {  // tf.make_tensor_proto's _TENSOR_CONTENT_TYPES, as far as served.
   switch (dtype) {
-    case TF_HALF: case TF_FLOAT: case TF_DOUBLE: case TF_INT32: case TF_UINT8: case TF_INT16:
-    case TF_INT8: case TF_INT64: case TF_UINT32: case TF_UINT64:
+    case TF_HALF: case TF_BFLOAT16: case TF_FLOAT: case TF_DOUBLE: case TF_INT32: case TF_UINT8:
+    case TF_INT16: case TF_INT8: case TF_INT64: case TF_UINT32: case TF_UINT64:
       return true;
     default:
       return false;
