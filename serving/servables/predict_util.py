@@ -70,6 +70,10 @@ def input_feeds(
       )
     array = tensor_util.to_ndarray(proto, alias)
     check_shape(alias, array, info)
+    if info.name in feeds:
+      # Two aliases of one tensor: TF's session refuses the run (the native path's answer) rather
+      # than run with whichever value came last.
+      raise errors.invalid_argument(f'Endpoint "{info.name}" fed more than once.')
     feeds[info.name] = array
   return feeds
 
