@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <mutex>
 #include <stdexcept>
 
+#include <google/protobuf/stubs/logging.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
 
@@ -14,6 +17,18 @@ namespace {
 
 constexpr char kPredictMethod[] = "/tensorflow.serving.PredictionService/Predict";
 const char* const kHealthServices[] = {"", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"};
+
+// libprotobuf logs an ERROR line for each string field of bad UTF-8 it parses. The fast path hands
+// such a request to Python, which answers INVALID_ARGUMENT and logs nothing; the line would be one a
+// client writes to the server's log at will. Those lines are dropped; the rest print as libprotobuf's
+// default handler prints them.
+void ProtobufLog(google::protobuf::LogLevel level, const char* filename, int line, const std::string& message) {
+  if (message.find("contains invalid UTF-8 data") != std::string::npos) return;
+  static const char* const kLevels[] = {"INFO", "WARNING", "ERROR", "FATAL"};
+  std::fprintf(stderr, "[libprotobuf %s %s:%d] %s\n", kLevels[std::clamp(static_cast<int>(level), 0, 3)], filename,
+               line, message.c_str());
+  std::fflush(stderr);
+}
 
 }  // namespace
 
@@ -31,7 +46,10 @@ Server::Server(ServerOptions options, ::fgr::Fallback fallback, std::shared_ptr<
       fallback_(std::move(fallback)),
       metrics_(std::move(metrics)),
       admission_(std::move(admission)),
-      fallback_pool_(options_.num_fallback_threads) {}
+      fallback_pool_(options_.num_fallback_threads) {
+  static std::once_flag quiet;
+  std::call_once(quiet, [] { google::protobuf::SetLogHandler(&ProtobufLog); });
+}
 
 Server::~Server() { Shutdown(0); }
 
