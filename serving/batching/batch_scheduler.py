@@ -276,6 +276,7 @@ class SharedBatchScheduler:
   def __init__(self, num_batch_threads: int):
     self.cond = threading.Condition()
     self.stopped = False
+    self.draining = False
     self._queues: list[BatchQueue] = []
     self._threads = [
       threading.Thread(target=self._work, name=f"batch-{i}", daemon=True) for i in range(max(1, num_batch_threads))
@@ -303,6 +304,14 @@ class SharedBatchScheduler:
       if queue in self._queues:
         self._queues.remove(queue)
 
+  def drain(self) -> None:
+    """Runs every batch as soon as a thread is free, without waiting out
+    batch_timeout_micros: from the start of a shutdown, whose grace would
+    otherwise run out on calls waiting for a batch to fill."""
+    with self.cond:
+      self.draining = True
+      self.cond.notify_all()
+
   def stop(self) -> None:
     """Lets the threads finish queued batches, then exit."""
     with self.cond:
@@ -321,7 +330,7 @@ class SharedBatchScheduler:
           ready_at = queue.ready_at()
           if ready_at is None:
             continue
-          if ready_at <= now or self.stopped:
+          if ready_at <= now or self.stopped or self.draining:
             if best is None or ready_at < best_at:
               best, best_at = queue, ready_at
           elif next_wake is None or ready_at < next_wake:

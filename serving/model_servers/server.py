@@ -309,6 +309,9 @@ class Server:
     the native front end; versions unload after it has drained.
     """
     self._stop.set()
+    if self._scheduler is not None:
+      # Queued calls run now rather than wait out batch_timeout_micros, which may exceed the grace.
+      self._scheduler.drain()
     if self._grpc is not None:
       self._grpc.set_not_serving()
     if self._http is not None:

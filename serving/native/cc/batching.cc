@@ -121,6 +121,14 @@ void BatchScheduler::RemoveQueue(const std::shared_ptr<BatchQueue>& queue) {
   if (queue->batches_.empty()) queues_.remove(queue);
 }
 
+void BatchScheduler::Drain() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    draining_ = true;
+  }
+  wake_.notify_all();
+}
+
 void BatchScheduler::Stop() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -151,7 +159,7 @@ void BatchScheduler::Work() {
               it = queues_.erase(it);
               continue;
             }
-          } else if (*ready <= now || stopped_ || (*it)->removed_) {
+          } else if (*ready <= now || stopped_ || draining_ || (*it)->removed_) {
             if (!best || *ready < best_at) {
               best = *it;
               best_at = *ready;

@@ -101,6 +101,9 @@ class BatchScheduler {
                                        std::function<void(std::vector<TaskPtr>)> process);
   // Forgets a queue once its servable is unloaded; batches still queued in it are processed first.
   void RemoveQueue(const std::shared_ptr<BatchQueue>& queue);
+  // Runs every batch as soon as a thread is free, without waiting out batch_timeout_micros: from the
+  // start of a shutdown, whose grace would otherwise run out on calls waiting for a batch to fill.
+  void Drain();
   // Lets the threads finish queued batches, then joins them.
   void Stop();
 
@@ -111,6 +114,7 @@ class BatchScheduler {
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stopped_ = false;
+  bool draining_ = false;
   std::list<std::shared_ptr<BatchQueue>> queues_;
   std::vector<std::thread> threads_;
 };

@@ -260,6 +260,7 @@ PYBIND11_MODULE(_fgr_native, m) {
 
   py::class_<BatchScheduler, std::shared_ptr<BatchScheduler>>(m, "BatchScheduler")
       .def(py::init([](int threads) { return Own(new BatchScheduler(threads)); }), py::arg("num_batch_threads"))
+      .def("drain", &BatchScheduler::Drain, py::call_guard<py::gil_scoped_release>())
       .def("stop", &BatchScheduler::Stop, py::call_guard<py::gil_scoped_release>());
 
   py::class_<Metrics, std::shared_ptr<Metrics>>(m, "Metrics")
