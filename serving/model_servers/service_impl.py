@@ -192,8 +192,10 @@ class ServingApi:
 
   def _predict_costs(self, request: predict_pb2.PredictRequest) -> dict[str, request_limits.Cost]:
     costs = {}
-    for alias, proto in request.inputs.items():
-      cost = request_limits.tensor_cost(proto, alias)
+    # By alias, as input_feeds decodes them: a map's order varies from one process to the next, and
+    # the error (the first malformed input, the largest of equal ones) must not vary with it.
+    for alias in sorted(request.inputs):
+      cost = request_limits.tensor_cost(request.inputs[alias], alias)
       if cost is not None:
         costs[alias] = cost
     return costs
