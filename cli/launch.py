@@ -21,6 +21,7 @@ import importlib
 import os
 import re
 import sys
+import types
 from collections.abc import Callable, Sequence
 
 from cli import early_flags
@@ -119,12 +120,47 @@ def _reporting_user_errors(run: Callable[[], None], argv: Sequence[str]) -> None
     raise SystemExit(1) from None
 
 
+# absl's flags that print the main module's flags (`--helpfull` prints every module's anyway).
+_HELP_FLAGS = ("help", "?", "helpshort")
+
+
+def asks_for_help(argv: Sequence[str]) -> bool:
+  """Whether `argv` holds `--help` (`-?`) or `--helpshort`, spelt as absl accepts them."""
+  return any(arg.startswith("-") and arg.lstrip("-").partition("=")[0] in _HELP_FLAGS for arg in argv[1:])
+
+
+def list_flags_in_help(module: types.ModuleType) -> None:
+  """Has absl's `--help` describe `module`, the command a console script runs.
+
+  `--help` prints the docstring of `__main__` and the flags of the module named sys.argv[0]. For a
+  console script, those are the generated wrapper's: no docstring and no flags, so every command's
+  `--help` listed nothing (only `python -m <module> --help` did). This lends the wrapper the command's
+  docstring and its key flags, when help is asked for only: absl prints the same text above every
+  usage error, which stays one line.
+  """
+  if not asks_for_help(sys.argv):
+    return
+  from absl import flags  # pylint: disable=g-import-not-at-top  # Light: no TensorFlow.
+
+  main = sys.modules.get("__main__")
+  if main is not None and main is not module:
+    if not main.__doc__:
+      main.__doc__ = module.__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def _command(
-  module: str, function: str = "run", extra: str | None = None, user_errors: bool = False
+  module: str,
+  function: str = "run",
+  extra: str | None = None,
+  user_errors: bool = False,
+  flags_module: str | None = None,
 ) -> Callable[[], None]:
   """A console script running `module.function`; `extra` names the setup.py extra its third-party
   imports come from, if the plain install lacks them. With `user_errors`, a user's mistake is
-  reported in one line (`_reporting_user_errors`)."""
+  reported in one line (`_reporting_user_errors`). `--help` lists the flags of `flags_module` (by
+  default `module`), which must import nothing heavy when it is not `module`."""
 
   def run() -> None:
     prepare_tensorflow(sys.argv)
@@ -137,6 +173,7 @@ def _command(
         f"{os.path.basename(sys.argv[0])} needs the `{extra}` extra ({e.name} is missing): "
         f"pip install 'fullgraph-retrieval[{extra}]'"
       ) from e
+    list_flags_in_help(importlib.import_module(flags_module) if flags_module else command)
     if user_errors:
       _reporting_user_errors(getattr(command, function), sys.argv)
     else:
@@ -154,7 +191,8 @@ fgr_train = _command("models.train_cli", user_errors=True)
 fgr_eval = _command("export.eval_cli", user_errors=True)
 fgr_export = _command("export.export_cli", user_errors=True)
 fgr_refresh = _command("export.refresh_cli", user_errors=True)
-fgr_serve = _command("serving.model_servers", "run_server")
+# Its flags' module imports no TensorFlow: run_server sets the process up before anything does.
+fgr_serve = _command("serving.model_servers", "run_server", flags_module="serving.model_servers.server_flags")
 fgr_query = _command("clients.query_cli", user_errors=True)
 fgr_loadtest = _command("clients.loadtest.loadtest_cli", extra="clients", user_errors=True)
 fgr_bench = _command("bench.index_bench", extra="bench")

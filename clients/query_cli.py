@@ -55,6 +55,7 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool("json", False, "Print one JSON object per answer instead of a table.")
 grpc_channel.define_flags()
+flags.adopt_module_key_flags(grpc_channel)  # --help lists the --tls* flags with the client's own.
 
 
 def features_from_flags() -> dict[str, list]:

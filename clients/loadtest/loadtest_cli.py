@@ -54,6 +54,7 @@ flags.DEFINE_integer("num_requests", 1000, "Distinct requests to cycle through (
 flags.DEFINE_string("output_prefix", "loadtest", "Writes <prefix>.json and <prefix>.png.")
 flags.DEFINE_bool("progress", True, "Live progress bar on stderr.")
 grpc_channel.define_flags()
+flags.adopt_module_key_flags(grpc_channel)  # --help lists the --tls* flags with the client's own.
 
 
 def load_requests() -> list:

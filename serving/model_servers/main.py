@@ -28,6 +28,8 @@ from serving.model_servers import server_flags
 VERSION = "fgr-serve 0.1.0 (TensorFlow Serving API 2.20 compatible)"
 
 FLAGS = flags.FLAGS
+# `python -m serving.model_servers.main --help` lists them (they are defined there).
+flags.adopt_module_key_flags(server_flags)
 
 
 def _channel_arguments(text: str):
