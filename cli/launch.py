@@ -105,6 +105,16 @@ def user_error_message(error: BaseException) -> str | None:
   return None
 
 
+# The status of a process ended by ctrl-C (SIGINT), as shells report it: 128 + the signal's number.
+INTERRUPTED_STATUS = 128 + 2
+
+
+def _debugging(argv: Sequence[str]) -> bool:
+  """Whether `--verbosity` asks for debug output (1 or more): tracebacks are shown then."""
+  verbosity = early_flags.flag_value(argv[1:], "verbosity", "v")
+  return verbosity is not None and verbosity.lstrip("-").isdigit() and int(verbosity) >= 1
+
+
 def _reporting_user_errors(run: Callable[[], None], argv: Sequence[str]) -> None:
   """Runs a tool; a user's mistake ends it with `<tool>: error: <message>` and status 1,
   not a traceback, unless `--verbosity` asks for debug output (1 or more)."""
@@ -112,12 +122,23 @@ def _reporting_user_errors(run: Callable[[], None], argv: Sequence[str]) -> None
     run()
   except Exception as e:  # pylint: disable=broad-except
     message = user_error_message(e)
-    verbosity = early_flags.flag_value(argv[1:], "verbosity", "v")
-    if message is None or (verbosity is not None and verbosity.lstrip("-").isdigit() and int(verbosity) >= 1):
+    if message is None or _debugging(argv):
       raise
     tool = os.path.basename(argv[0])
     sys.stderr.write(f"{tool}: error: {message}\n({tool} --verbosity=1 shows where it was raised)\n")
     raise SystemExit(1) from None
+
+
+def _ending_quietly_on_ctrl_c(run: Callable[[], None], argv: Sequence[str]) -> None:
+  """Runs a tool; ctrl-C ends it with `<tool>: interrupted` and status 130, as shells expect, rather than
+  a KeyboardInterrupt traceback from wherever TensorFlow was (the cleanup on the way out still runs)."""
+  try:
+    run()
+  except KeyboardInterrupt:
+    if _debugging(argv):
+      raise
+    sys.stderr.write(f"\n{os.path.basename(argv[0])}: interrupted\n")
+    raise SystemExit(INTERRUPTED_STATUS) from None
 
 
 # absl's flags that print the main module's flags (`--helpfull` prints every module's anyway).
@@ -175,9 +196,9 @@ def _command(
       ) from e
     list_flags_in_help(importlib.import_module(flags_module) if flags_module else command)
     if user_errors:
-      _reporting_user_errors(getattr(command, function), sys.argv)
+      _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(getattr(command, function), sys.argv), sys.argv)
     else:
-      getattr(command, function)()
+      _ending_quietly_on_ctrl_c(getattr(command, function), sys.argv)
 
   run.__doc__ = f"Runs `{module}.{function}` with TensorFlow's start-up environment set first."
   return run

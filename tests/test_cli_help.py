@@ -1,4 +1,4 @@
-"""A console script's `--help` describes its command; a usage error stays short."""
+"""A console script's `--help` describes its command; a usage error stays short; ctrl-C ends it in one line."""
 
 from __future__ import annotations
 
@@ -62,6 +62,18 @@ def test_a_usage_error_does_not_print_every_flag(monkeypatch, fake_command):
   launch.list_flags_in_help(command)
   assert "--cut_off" not in values.main_module_help()
   assert sys.modules["__main__"].__doc__ is None
+
+
+def test_ctrl_c_ends_a_tool_in_one_line_with_status_130(capsys):
+  def interrupted():
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as info:
+    launch._ending_quietly_on_ctrl_c(interrupted, ["/venv/bin/fgr-eval", "--output_dir=runs/x"])
+  assert info.value.code == 130
+  assert capsys.readouterr().err.strip() == "fgr-eval: interrupted"
+  with pytest.raises(KeyboardInterrupt):  # Debugging: the traceback, as before.
+    launch._ending_quietly_on_ctrl_c(interrupted, ["fgr-eval", "--verbosity=1"])
 
 
 def test_fgr_eval_help_lists_its_flags():
