@@ -12,8 +12,6 @@ the merged list and of its SSD and DPP re-rankings, through the version's own si
 
 from __future__ import annotations
 
-import json
-
 from absl import app, flags, logging
 
 from export import channel_exporter, report_file, served_evaluation, version_report
@@ -109,7 +107,7 @@ def main(argv: list[str]) -> None:
       ),
     }
   logging.info("Evaluation report: %s", report)
-  report_file.publish(json.dumps(report, indent=2), FLAGS.report_file)
+  report_file.publish(report_file.to_json(report), FLAGS.report_file)
 
 
 def run() -> None:

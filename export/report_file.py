@@ -6,8 +6,29 @@ write that fails anyway must not lose the report.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
+from typing import Any
+
+
+def _finite(value: Any) -> Any:
+  """`value` with every float that is NaN or infinite, at any depth, replaced by None."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {key: _finite(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite(item) for item in value]
+  return value
+
+
+def to_json(report: dict[str, Any]) -> str:
+  """The report as standard JSON: a metric with nothing to measure (the conversion coverage of examples
+  without a conversion: NaN) is null. Python's json writes NaN, which jq, JavaScript and most JSON
+  readers refuse, so one empty metric made the whole report unreadable to them."""
+  return json.dumps(_finite(report), indent=2, allow_nan=False)
 
 
 def check(path: str) -> None:
