@@ -69,6 +69,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   ks = parse_ks(FLAGS.ks)  # Before the run is restored: a usage error should not wait for it.
+  if FLAGS.max_examples < 0:
+    # -1 evaluated every example with --output_dir and none with --model_path ("no test examples").
+    raise app.UsageError(f"--max_examples must be 0 (all) or more, got {FLAGS.max_examples}")
   if FLAGS.report_file:
     report_file.check(FLAGS.report_file)  # Nor a report that could not be written.
   if FLAGS.model_path:

@@ -74,6 +74,17 @@ def _uncalibrated_examples(
   return examples
 
 
+def _load(version_path: str) -> Any:
+  """The version's SavedModel; one line naming the version when it does not load (a version copied in
+  part, or damaged on disk: TensorFlow's parse error came as a traceback, its missing-variables error
+  with advice about devices)."""
+  try:
+    return tf.saved_model.load(version_path)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"{version_path} does not load as a SavedModel, damaged or incomplete: {reason}") from e
+
+
 def _query(batch: dict[str, np.ndarray]) -> dict[str, tf.Tensor]:
   return {n: tf.constant(batch[n]) for n in schema.QUERY_FEATURE_NAMES}
 
@@ -112,10 +123,10 @@ def evaluate_full_graph(
       f"{version_path} serves {report.k} candidates per request: it can't be judged at K={max(ks)} (--ks)"
     )
   base.backend(report.index).load_ops()
-  serve = tf.saved_model.load(version_path).signatures[full_graph.SERVING_DEFAULT]
+  serve = _load(version_path).signatures[full_graph.SERVING_DEFAULT]
   examples = list(_test_examples(source, 0, max_examples, batch_size))
   if not examples:
-    raise ValueError("the source has no test examples")
+    raise evaluation.no_test_examples(source)
   recalled = np.concatenate([_rows(serve(**_query(batch))["ids"], source) for batch in examples])
   fields = {name: np.concatenate([b[name] for b in examples]) for name in examples[0]}
   positives = np.asarray([source.row_of(str(a)) for a in fields[schema.AD_ID]], dtype=np.int64)
@@ -153,7 +164,7 @@ def evaluate_version(
   if not channel_exporter.is_channel_version(report):
     raise ValueError(f"{version_path} is not a channel graph (fgr-export of a `fgr-train --channels` run)")
   base.backend(report.index).load_ops()
-  search = tf.saved_model.load(version_path).signatures[full_graph.SEARCH_WITH_OPTIONS]
+  search = _load(version_path).signatures[full_graph.SEARCH_WITH_OPTIONS]
   names = report.extra[channel_exporter.CHANNELS]
   judge = next((n for n in names if "relevance" in report.extra[channel_exporter.CALIBRATION][n]), names[0])
   embeddings = np.load(refresh_state.embeddings_path(version_path, judge), mmap_mode="r")

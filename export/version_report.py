@@ -143,6 +143,8 @@ def exists(version_path: str) -> bool:
 def read(version_path: str) -> VersionReport:
   """The report a version carries in assets.extra."""
   report_path = path(version_path)
+  if not os.path.exists(version_path):
+    raise FileNotFoundError(f"{version_path} does not exist")
   if not os.path.exists(report_path):
     message = f"{report_path} is missing: not a version written by fgr-export or fgr-refresh"
     names = os.listdir(version_path) if os.path.isdir(version_path) else []

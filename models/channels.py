@@ -21,9 +21,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from models.config import CONFIG_FILE, TowerConfig, check_output_dir
+from models.config import CHANNELS_FILE, CONFIG_FILE, TowerConfig, check_output_dir
 
-CHANNELS_FILE = "channels.json"
 SEMANTIC = "semantic"
 EFFICIENCY = "efficiency"
 

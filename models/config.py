@@ -10,6 +10,8 @@ from typing import Any
 import tensorflow as tf
 
 CONFIG_FILE = "config.json"
+# What a `fgr-train --channels` run writes at its top, last (`models.channels`).
+CHANNELS_FILE = "channels.json"
 CHECKPOINT_DIR = "checkpoints"
 # config.json's entry recording the run's state: {"state": "training", ...} until train() returns,
 # then {"state": "finished", "report": ...}.
@@ -215,6 +217,16 @@ def read_run_config(output_dir: str) -> dict[str, Any]:
   """Reads config.json back; the "tower" entry is returned as a `TowerConfig`."""
   path = os.path.join(output_dir, CONFIG_FILE)
   if not tf.io.gfile.exists(path):
+    channels_path = os.path.join(output_dir, CHANNELS_FILE)
+    if tf.io.gfile.exists(channels_path):
+      # A directory fgr-train wrote too: "is it the --output_dir of fgr-train?" sent the user astray.
+      with tf.io.gfile.GFile(channels_path) as f:
+        names = json.load(f).get("channels", [])
+      runs = ", ".join(os.path.join(output_dir, name) for name in names)
+      raise FileNotFoundError(
+        f"{output_dir} is a `fgr-train --channels` run: each channel's run has a directory of its own ({runs}); "
+        "fgr-eval --model_path judges them merged, in a version fgr-export wrote"
+      )
     raise FileNotFoundError(f"{path} not found: is {output_dir} the --output_dir of fgr-train?")
   with tf.io.gfile.GFile(path) as f:
     config = json.load(f)

@@ -14,6 +14,7 @@ from models import catalog as catalog_lib
 from models.data import schema, sequences
 
 EXAMPLE_FEATURES = schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES
+NO_TEST_EXAMPLES = "the test split holds no examples to evaluate"
 
 
 def top_k_accuracy(
@@ -114,6 +115,8 @@ def rank_examples(
   """
   out: dict[str, list[np.ndarray]] = {"rank": [], "recalled": [], "positive": []}
   for batch in examples:
+    if not len(batch[schema.AD_ID]):
+      continue
     positives = np.asarray([row_of(str(ad_id)) for ad_id in batch[schema.AD_ID]], dtype=np.int64)
     scores = score(batch)
     if exclude_history:
@@ -125,7 +128,16 @@ def rank_examples(
     for name in extra:
       if name in batch:
         out.setdefault(name, []).append(np.asarray(batch[name]))
+  if not out["rank"]:
+    # Every metric would be NaN; numpy said only "need at least one array to concatenate".
+    raise ValueError(NO_TEST_EXAMPLES)
   return {name: np.concatenate(values) for name, values in out.items()}
+
+
+def no_test_examples(source: Any) -> ValueError:
+  """The error for a source whose test split is empty, saying how the split was cut when it can."""
+  summary = getattr(source, "events_summary", None)
+  return ValueError(f"{NO_TEST_EXAMPLES}: {summary}" if summary else NO_TEST_EXAMPLES)
 
 
 def _without_history(scores: tf.Tensor, history: np.ndarray) -> tf.Tensor:
@@ -223,9 +235,14 @@ def evaluate(
   def test_examples():
     return _limited(source.examples("test"), max_examples)
 
-  ranked = rank_examples(
-    tower_scorer(query_tower, catalog), source.row_of, test_examples(), k, (schema.CONVERTED,), exclude_history
-  )
+  try:
+    ranked = rank_examples(
+      tower_scorer(query_tower, catalog), source.row_of, test_examples(), k, (schema.CONVERTED,), exclude_history
+    )
+  except ValueError as e:
+    if str(e) != NO_TEST_EXAMPLES:
+      raise
+    raise no_test_examples(source) from None
   report: dict[str, Any] = {
     "num_examples": int(len(ranked["rank"])),
     "num_items": int(source.num_items),

@@ -1,13 +1,21 @@
-"""fgr-eval's report is standard JSON."""
+"""fgr-eval's report is standard JSON, and a run or version it cannot judge is named in one line."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
-from export import report_file
+from export import report_file, served_evaluation, version_report
+from models import config as config_lib
+from models import evaluation
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _strict(text: str):
@@ -40,3 +48,61 @@ def test_the_report_file_holds_standard_json(tmp_path, capsys):
   with open(path) as f:
     assert _strict(f.read()) == {"recall@10": None}
   assert _strict(capsys.readouterr().out) == {"recall@10": None}
+
+
+def test_an_empty_test_split_is_named_not_a_numpy_error():
+  """It ended fgr-eval with numpy's 'need at least one array to concatenate'."""
+  with pytest.raises(ValueError, match="^the test split holds no examples to evaluate$"):
+    evaluation.rank_examples(lambda batch: None, lambda ad_id: 0, iter([]), k=10)
+
+  class Logs:
+    events_summary = "logs/events.jsonl holds 4 events, 4 of them before the test split"
+
+  assert str(evaluation.no_test_examples(Logs())) == (
+    "the test split holds no examples to evaluate: logs/events.jsonl holds 4 events, 4 of them before the test split"
+  )
+
+
+def test_a_damaged_version_is_named_in_one_line(tmp_path):
+  """A truncated saved_model.pb ended fgr-eval in TensorFlow's OSError traceback; a version without its
+  variables, in advice about devices."""
+  version = tmp_path / "1"
+  version.mkdir()
+  (version / "saved_model.pb").write_bytes(b"\x0a\xff\xff")
+  with pytest.raises(ValueError, match=r"1 does not load as a SavedModel, damaged or incomplete: ") as info:
+    served_evaluation._load(str(version))
+  assert "\n" not in str(info.value)
+
+
+def test_a_missing_version_is_said_to_be_missing(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"^\S+/models/7 does not exist$"):
+    version_report.read(str(tmp_path / "models" / "7"))
+
+
+def _fgr_eval(*flags: str) -> subprocess.CompletedProcess:
+  argv = ["fgr-eval", *flags]
+  return subprocess.run(
+    [sys.executable, "-c", f"import sys; sys.argv = {argv!r}; from cli import launch; launch.fgr_eval()"],
+    cwd=REPO_ROOT,
+    env={**os.environ, "PYTHONPATH": REPO_ROOT},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_a_negative_max_examples_is_a_usage_error(tmp_path):
+  """-1 judged every example with --output_dir, and none with --model_path ("no test examples")."""
+  result = _fgr_eval(f"--model_path={tmp_path}", "--max_examples=-1")
+  assert result.returncode == 1
+  assert result.stderr.strip().endswith("--max_examples must be 0 (all) or more, got -1"), result.stderr[-2000:]
+
+
+def test_a_channels_run_is_told_apart_from_a_directory_fgr_train_did_not_write(tmp_path):
+  """Its directory has no config.json at its top: fgr-eval asked whether it was an fgr-train run at all."""
+  with open(tmp_path / "channels.json", "w") as f:
+    json.dump({"channels": ["semantic", "efficiency"]}, f)
+  with pytest.raises(FileNotFoundError) as info:
+    config_lib.read_run_config(str(tmp_path))
+  assert str(info.value).startswith(f"{tmp_path} is a `fgr-train --channels` run: each channel's run has a directory")
+  assert str(tmp_path / "semantic") in str(info.value) and "--model_path" in str(info.value)
