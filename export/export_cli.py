@@ -190,7 +190,8 @@ def main(argv: list[str]) -> None:
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if config.version is not None:  # Before the graph is built and saved, which takes minutes.
+  versions.check_base_path(FLAGS.model_base_path)  # Before the graph is built and saved, which takes minutes.
+  if config.version is not None:
     versions.check_free(FLAGS.model_base_path, config.version)
   channels_run = bool(channels_lib.read_channels(FLAGS.checkpoint_dir))
   check_flags_apply(channels_run)
