@@ -19,7 +19,11 @@ from absl import app, flags
 from cli import launch
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", "demo_output", "Where the training run, models and logs go (replaced).")
+flags.DEFINE_string(
+  "output_dir",
+  "demo_output",
+  "Where the training run, models and logs go: a new or empty directory, or an earlier demo's (replaced).",
+)
 flags.DEFINE_integer("num_ads", 20_000, "Synthetic catalog size.")
 flags.DEFINE_integer("num_sessions", 60_000, "Synthetic query sessions.")
 flags.DEFINE_integer("epochs", 3, "Training epochs.")
@@ -27,6 +31,65 @@ flags.DEFINE_integer("latency_requests", 300, "Predict calls timed for the p50 l
 
 BIN = os.path.dirname(sys.executable)
 MODEL_NAME = "retrieval"
+# Everything the demo writes into --output_dir: a directory holding nothing else is an earlier demo's.
+OUTPUTS = frozenset(
+  (
+    "train",
+    "models",
+    "train.log",
+    "export.log",
+    "requests.jsonl",
+    "ports.txt",
+    "serve.log",
+    "query_one.log",
+    "query.log",
+  )
+)
+# A process stopped by ctrl-C (SIGINT), as shells report it.
+INTERRUPTED_STATUS = 128 + signal.SIGINT
+
+
+def prepare_output_dir(path: str) -> str:
+  """Empties an earlier demo's output directory (or makes a new one) and returns its absolute path.
+
+  It was removed whatever it held: `--output_dir=.` or a typo naming a run deleted the user's files.
+  A directory holding anything the demo does not write is refused, and left as it is.
+  """
+  if os.path.exists(path) and not os.path.isdir(path):
+    sys.exit(f"demo: --output_dir={path} is a file; name a directory")
+  if os.path.isdir(path):
+    others = sorted(set(os.listdir(path)) - OUTPUTS)
+    if others:
+      shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+      sys.exit(
+        f"demo: --output_dir={path} holds files the demo did not write ({shown}); it replaces only an earlier "
+        "demo's output: name a new or empty directory"
+      )
+    shutil.rmtree(path)
+  os.makedirs(path)
+  return os.path.abspath(path)
+
+
+def _exit_on_sigterm() -> None:
+  """SIGTERM ends the demo through SystemExit, so that the `finally` blocks stop the tool it is running
+  and the server: Python's default SIGTERM left them running, writing into the output directory."""
+
+  def stop(signum: int, frame: object) -> None:
+    del frame
+    raise SystemExit(128 + signum)
+
+  signal.signal(signal.SIGTERM, stop)
+
+
+def _stop(process: subprocess.Popen, timeout: float = 60.0) -> None:
+  """Stops a child still running (SIGTERM, then SIGKILL after `timeout` seconds) and reaps it."""
+  if process.poll() is None:
+    process.terminate()
+    try:
+      process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
 
 
 def _step(title: str) -> float:
@@ -34,13 +97,19 @@ def _step(title: str) -> float:
   return time.time()
 
 
-def _run(args: list[str], log_path: str) -> str:
-  """Runs a console script, logs its output, returns its stdout's last line; fails loudly."""
+def _run(args: list[str], log_path: str, capture: bool = True) -> str:
+  """Runs a console script, logs its stderr, returns its stdout's last line (with `capture`; else the
+  stdout is shown); fails loudly. A demo stopped meanwhile stops the script too."""
   with open(log_path, "w") as log:
-    result = subprocess.run([os.path.join(BIN, args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=log, text=True)
-  if result.returncode != 0:
-    sys.exit(f"{args[0]} failed (exit {result.returncode}); see {log_path}")
-  return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    stdout = subprocess.PIPE if capture else None
+    process = subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]], stdout=stdout, stderr=log, text=True)
+    try:
+      out, _ = process.communicate()
+    finally:
+      _stop(process)
+  if process.returncode != 0:
+    sys.exit(f"{args[0]} failed (exit {process.returncode}); see {log_path}")
+  return out.strip().splitlines()[-1] if out and out.strip() else ""
 
 
 def _wait_for_server(process: subprocess.Popen, port_file: str, timeout: float = 180.0) -> int:
@@ -71,9 +140,16 @@ def _wait_for_server(process: subprocess.Popen, port_file: str, timeout: float =
 
 def main(argv: list[str]) -> None:
   del argv
-  shutil.rmtree(FLAGS.output_dir, ignore_errors=True)
-  os.makedirs(FLAGS.output_dir)
-  out = os.path.abspath(FLAGS.output_dir)
+  _exit_on_sigterm()
+  try:
+    demo(prepare_output_dir(FLAGS.output_dir))
+  except KeyboardInterrupt:
+    sys.stderr.write("\ndemo: interrupted\n")
+    raise SystemExit(INTERRUPTED_STATUS) from None
+
+
+def demo(out: str) -> None:
+  """Trains, exports, serves and queries under `out`, and prints the figures."""
   train_dir, base_path = os.path.join(out, "train"), os.path.join(out, "models", MODEL_NAME)
   figures: dict[str, object] = {}
   started = time.time()
@@ -149,16 +225,17 @@ def main(argv: list[str]) -> None:
       f"query tokens {[q for q in first[schema.QUERY_TOKENS] if q]}, "
       f"last clicks {[h for h in first[schema.HIST_IDS] if h][:3]}"
     )
-    subprocess.run(
+    _run(
       [
-        os.path.join(BIN, "fgr-query"),
+        "fgr-query",
         f"--server=127.0.0.1:{port}",
         f"--model_name={MODEL_NAME}",
         f"--requests_file={requests_file}",
         "--num_requests=1",
         "--top=5",
       ],
-      check=True,
+      os.path.join(out, "query_one.log"),
+      capture=False,
     )
 
     _step(f"fgr-query: p50 latency of {FLAGS.latency_requests} gRPC Predict calls (k=100)")
@@ -179,10 +256,9 @@ def main(argv: list[str]) -> None:
     figures["grpc_predict_p99_ms"] = latency["p99_ms"]
   finally:
     _step("Shutting down (SIGTERM, drain)")
-    server.send_signal(signal.SIGTERM)
-    code = server.wait(timeout=60)
+    _stop(server)
     server_log.close()
-    print(f"fgr-serve exited with {code}")
+    print(f"fgr-serve exited with {server.returncode}")
   figures["total_seconds"] = round(time.time() - started)
   print("\n=== Figures")
   print(json.dumps(figures, indent=2))
