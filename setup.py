@@ -11,6 +11,9 @@ CLIENTS = [
   "matplotlib>=3.8",  # fgr-loadtest's latency plot (and the benchmarks' reports).
 ]
 
+# The extension module serving/native/build.py writes beside serving/native/__init__.py.
+NATIVE_MODULE = "_fgr_native*.so"
+
 setuptools.setup(
   name="fullgraph-retrieval",
   version="0.1.0",
@@ -22,6 +25,10 @@ setuptools.setup(
   packages=setuptools.find_packages(
     include=["cli*", "engine*", "models*", "export*", "serving*", "clients*", "bench*"]
   ),
+  # fgr-serve's native data plane, when `make install` (serving/native/build.py) has built it in this
+  # checkout: without it a `pip install .` served on the Python path only, and could not build it
+  # (the C++ sources stay in the checkout).
+  package_data={"serving.native": [NATIVE_MODULE]},
   install_requires=[
     # scann 1.4.2's TF ops are compiled against TF 2.20 exactly: keep these in lock-step.
     "tensorflow==2.20.*",

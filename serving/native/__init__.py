@@ -27,6 +27,9 @@ def _load() -> tuple[types.ModuleType | None, str]:
 
   name = f"{__name__}._fgr_native"
   if importlib.util.find_spec(name) is None:
+    if not os.path.isdir(os.path.join(os.path.dirname(__file__), "cc")):
+      # An install from a checkout where it was not built: the build needs the checkout's sources.
+      return None, "not built: build it in the checkout (`make install`), then install from there"
     return None, "not built: run `make install` (or `python -m serving.native.build`)"
   flags = sys.getdlopenflags()
   sys.setdlopenflags(os.RTLD_NOW | os.RTLD_LOCAL | os.RTLD_DEEPBIND)
