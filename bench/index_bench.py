@@ -35,6 +35,7 @@ from tqdm import tqdm
 from bench import catalog, extras, index_profiles, report, served_index
 from bench.fixtures import latency
 from engine import base, search_ops, stock_ops
+from export import report_file
 
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 1_000_000, "Synthetic catalog size (ignored with --embeddings).")
 _DIM = flags.DEFINE_integer("dim", 64, "Synthetic embedding dimension.")
@@ -365,6 +366,14 @@ def run(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str]) -> None:
   del argv
+  if _NUM_QUERIES.value < _BATCH_SIZE.value:
+    # Batched QPS times whole batches: there was none, and the first backend ended in an IndexError.
+    raise app.UsageError(f"--num_queries ({_NUM_QUERIES.value}) must be at least --batch_size ({_BATCH_SIZE.value})")
+  if _RESULTS_JSON.value:
+    try:  # Before measuring: a report that could not be written was found out after minutes, and lost.
+      report_file.check(_RESULTS_JSON.value, make_directory=True)
+    except (OSError, ValueError) as e:
+      raise app.UsageError(str(e).replace("--report_file", "--results_json")) from None
   k = _K.value
   started = datetime.datetime.now(datetime.timezone.utc)
   load_before = os.getloadavg()[1]

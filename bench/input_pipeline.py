@@ -27,6 +27,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from bench.fixtures import resources
+from export import report_file
 from models import config as config_lib
 from models import retrieval
 from models import train as train_lib
@@ -157,6 +158,11 @@ def measure_prepare_rss(work_dir: str, num_sessions: int) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
   del argv
+  if FLAGS.report_file:
+    try:  # Before measuring: a report that could not be written was found out after minutes, and lost.
+      report_file.check(FLAGS.report_file, make_directory=True)
+    except (OSError, ValueError) as e:
+      raise app.UsageError(str(e)) from None
   work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="input_pipeline_")
   sizes = [int(n) for n in FLAGS.num_sessions]
   if FLAGS.mode == "input":

@@ -24,7 +24,7 @@ from absl import app, flags
 
 from bench.fixtures import latency, towers
 from engine import base, full_graph
-from export import exporter
+from export import exporter, report_file
 from models import catalog as catalog_lib
 from models import config as config_lib
 from models import retrieval
@@ -79,6 +79,11 @@ def _queries(source: sources.Source, count: int) -> dict[str, np.ndarray]:
 
 def main(argv: list[str]) -> None:
   del argv
+  if FLAGS.report_file:
+    try:  # Before measuring: a report that could not be written was found out after minutes, and lost.
+      report_file.check(FLAGS.report_file, make_directory=True)
+    except (OSError, ValueError) as e:
+      raise app.UsageError(str(e)) from None
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   # (precision, XLA, sequence encoder, history excluded, co-occurrence fused)
   variants = [(precision, xla, False, False, False) for precision in FLAGS.precisions for xla in (False, True)]
@@ -160,11 +165,7 @@ def main(argv: list[str]) -> None:
         )
   first = f"serve_b{batch_sizes[0]}_p50_ms"
   results["fastest"] = min(results["variants"], key=lambda name: results["variants"][name][first])
-  text = json.dumps(results, indent=2)
-  if FLAGS.report_file:
-    with open(FLAGS.report_file, "w") as f:
-      f.write(text + "\n")
-  print(text)
+  report_file.publish(json.dumps(results, indent=2), FLAGS.report_file)  # Printed first, then written whole.
   print(markdown(results, batch_sizes))
 
 

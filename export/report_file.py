@@ -31,9 +31,15 @@ def to_json(report: dict[str, Any]) -> str:
   return json.dumps(_finite(report), indent=2, allow_nan=False)
 
 
-def check(path: str) -> None:
-  """Raises, naming --report_file, unless a report can be written at `path`: checked before evaluating."""
+def check(path: str, make_directory: bool = False) -> None:
+  """Raises, naming --report_file, unless a report can be written at `path`: checked before evaluating.
+
+  With `make_directory` (the benchmarks, whose output directories are theirs), a missing directory is
+  made rather than refused.
+  """
   directory = os.path.dirname(os.path.abspath(path))
+  if make_directory and not os.path.lexists(directory):
+    os.makedirs(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"--report_file={path}: the directory {directory} does not exist")
   if os.path.isdir(path):
