@@ -153,7 +153,14 @@ def read(version_path: str) -> VersionReport:
       message += f"; {version_path} holds versions, so pass one, e.g. {os.path.join(version_path, str(numbered[-1]))}"
     raise FileNotFoundError(message)
   with open(report_path) as f:
-    return VersionReport.from_json(json.load(f))
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{report_path} is not JSON ({e}): a damaged version") from None
+  try:
+    return VersionReport.from_json(data)
+  except (AttributeError, TypeError):  # Not an object, or without the version and path every report has.
+    raise ValueError(f"{report_path} is not a version report: a damaged version") from None
 
 
 def write(saved_model_dir: str, report: VersionReport) -> str:

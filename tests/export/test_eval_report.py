@@ -74,6 +74,24 @@ def test_a_damaged_version_is_named_in_one_line(tmp_path):
   assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+  "text, problem",
+  [
+    ('{"version": 2, "path": "x", "ind', "is not JSON"),
+    ("{}", "is not a version report"),
+    ("[1]", "is not a version report"),
+  ],
+)
+def test_a_damaged_report_is_named(tmp_path, text, problem):
+  """A truncated report ended fgr-eval with json's "Unterminated string starting at: line 1 column 29",
+  naming no file; one without the version's number and path, with a TypeError traceback."""
+  os.makedirs(tmp_path / "2" / "assets.extra")
+  with open(tmp_path / "2" / version_report.REPORT_PATH, "w") as f:
+    f.write(text)
+  with pytest.raises(ValueError, match=rf"^\S+/2/assets.extra/export_report.json {problem}"):
+    version_report.read(str(tmp_path / "2"))
+
+
 def test_a_missing_version_is_said_to_be_missing(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"^\S+/models/7 does not exist$"):
     version_report.read(str(tmp_path / "models" / "7"))
