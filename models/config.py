@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -95,15 +96,27 @@ class TowerConfig:
 
   def __post_init__(self):
     self.hidden_units = tuple(self.hidden_units)
+    # Widths and bucket counts of 0 or less reach oneDNN, which aborted the process (status 134)
+    # at the first step on --output_dim=0; each is refused here naming its fgr-train flag.
+    for name in _POSITIVE_INTS:
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be 1 or more, got {getattr(self, name)}")
+    if any(units < 1 for units in self.hidden_units):
+      raise ValueError(f"--hidden_units must all be 1 or more, got {list(self.hidden_units)}")
     if not 0.0 <= self.id_dropout < 1.0:
       raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
     for name, allowed in _CHOICES.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-    if not self.temperature > 0:  # NaN too: a NaN temperature would train a NaN checkpoint.
-      raise ValueError(f"temperature must be above 0, got {self.temperature}")
-    if self.relevance_weight < 0 or self.conversion_weight < 0 or self.bid_exponent < 0:
-      raise ValueError("relevance_weight, conversion_weight and bid_exponent must be 0 or more")
+    # NaN too: a NaN temperature would train a NaN checkpoint; an infinite one scales every logit
+    # to 0, so the loss is constant and the towers learn nothing.
+    if not (self.temperature > 0 and math.isfinite(self.temperature)):
+      finite = "" if math.isnan(self.temperature) or self.temperature <= 0 else " and finite"
+      raise ValueError(f"temperature must be above 0{finite}, got {self.temperature}")
+    for name in ("relevance_weight", "conversion_weight", "bid_exponent"):
+      # NaN passed "< 0" and was written to config.json as NaN, which is not JSON.
+      if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+        raise ValueError(f"--{name} must be a finite number, 0 or more, got {getattr(self, name)}")
     if self.attention_target == "query_and_latest" and self.sequence_encoder == "none":
       raise ValueError("attention_target='query_and_latest' needs sequence_encoder='self_attention'")
     if self.sequence_encoder != "none":
@@ -118,6 +131,7 @@ class TowerConfig:
     return cls(**{**_LEGACY_VALUES, **value})
 
 
+_POSITIVE_INTS = ("embedding_dim", "output_dim", "id_buckets", "token_buckets", "user_buckets", "side_buckets")
 _CHOICES = {
   "sequence_pooling": ("attention", "mean"),
   "attention": ("dot", "din"),
@@ -130,6 +144,14 @@ _CHOICES = {
 }
 # Runs written before a field existed were trained with these towers, so restore must rebuild them.
 _LEGACY_VALUES = {"side_info": "summed", "sequence_encoder": "none", "attention_target": "query"}
+
+
+def parse_hidden_units(values: list[str]) -> tuple[int, ...]:
+  """--hidden_units as integers; a value that is not one is refused naming the flag (TowerConfig checks the range)."""
+  try:
+    return tuple(int(value) for value in values)
+  except ValueError:
+    raise ValueError(f"--hidden_units must be a comma-separated list of integers, got {','.join(values)!r}") from None
 
 
 class AlreadyTrained(ValueError):

@@ -72,8 +72,12 @@ class TrainConfig:
     for name, low in at_least.items():
       if getattr(self, name) < low:
         raise ValueError(f"--{name} must be {low} or more, got {getattr(self, name)}")
+    if not 0 <= self.seed < 2**32:  # What tf.keras.utils.set_random_seed takes; it said so without the flag.
+      raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
     if not self.learning_rate > 0:
       raise ValueError(f"--learning_rate must be above 0, got {self.learning_rate}")
+    if not math.isfinite(self.learning_rate):  # Its first step made every weight NaN.
+      raise ValueError(f"--learning_rate must be finite, got {self.learning_rate}")
     if not 0.0 <= self.validation_fraction < 1.0:
       raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
 

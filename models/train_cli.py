@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
   tower = config_lib.TowerConfig(
     embedding_dim=FLAGS.embedding_dim,
     output_dim=FLAGS.output_dim,
-    hidden_units=tuple(int(u) for u in FLAGS.hidden_units),
+    hidden_units=config_lib.parse_hidden_units(FLAGS.hidden_units),
     id_buckets=FLAGS.id_buckets,
     sequence_pooling=FLAGS.sequence_pooling,
     temperature=FLAGS.temperature,
