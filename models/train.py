@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -258,13 +259,32 @@ def _checkpoint_epoch(name: str) -> int:
   return int(name.rsplit("-", 1)[1])
 
 
+# The files of a complete checkpoint, as TensorFlow names them once a save has finished.
+_CHECKPOINT_FILE = re.compile(r"(ckpt-\d+)\.(?:index|data-\d+-of-\d+)")
+
+
+def _remove_partial_checkpoints(output_dir: str) -> None:
+  """Deletes the `<checkpoint>_temp` directories of saves that never finished.
+
+  TensorFlow writes a checkpoint's shards into `<name>_temp/` and merges them into `<name>.index`
+  and `<name>.data-*` at the end; a save killed (kill -9) or failed (a full disk) leaves the
+  directory, and the partial shard in it, for good. No reader looks in it: it only holds the
+  space, which a full disk needs back.
+  """
+  for path in tf.io.gfile.glob(os.path.join(output_dir, CHECKPOINT_DIR, "ckpt-*_temp")):
+    logging.info("Deleting %s, left by a checkpoint save that did not finish", path)
+    tf.io.gfile.rmtree(path)
+
+
 def _rewind_checkpoints(output_dir: str, epoch: int) -> None:
   """Deletes the checkpoints after `epoch` and makes `epoch`'s the newest, as a resumed run starts there."""
   directory = os.path.join(output_dir, CHECKPOINT_DIR)
   keep = _CHECKPOINT_NAME.format(epoch=epoch)
   for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*")):
-    stem = os.path.basename(path).split(".", 1)[0]
-    if _checkpoint_epoch(stem) > epoch:
+    # Only a finished checkpoint's files: a killed save's "ckpt-002_temp" failed the rerun with
+    # "invalid literal for int()", so the run could never be continued.
+    complete = _CHECKPOINT_FILE.fullmatch(os.path.basename(path))
+    if complete and _checkpoint_epoch(complete.group(1)) > epoch:
       tf.io.gfile.remove(path)
   # The checkpoint state file, as Keras writes it (a relative path), written to a temporary file and renamed.
   state = os.path.join(directory, "checkpoint")
@@ -374,6 +394,8 @@ def train(
       model.optimizer.build(model.trainable_variables)
       path = os.path.join(output_dir, CHECKPOINT_DIR, _CHECKPOINT_NAME.format(epoch=resume_epoch))
       model.load_weights(path).assert_existing_objects_matched()
+  if chief:
+    _remove_partial_checkpoints(output_dir)
   if resume_epoch and chief:
     _rewind_checkpoints(output_dir, resume_epoch)
   if resume_epoch:
@@ -414,14 +436,19 @@ def train(
   # A live progress bar on a terminal; one line per epoch when the output goes to a log file.
   verbose = 1 if sys.stdout.isatty() else 2
   if resume_epoch < training.epochs:
-    fit = model.fit(
-      train_ds,
-      epochs=training.epochs,
-      initial_epoch=resume_epoch,
-      steps_per_epoch=steps_per_epoch,
-      callbacks=callbacks,
-      verbose=verbose,
-    )
+    try:
+      fit = model.fit(
+        train_ds,
+        epochs=training.epochs,
+        initial_epoch=resume_epoch,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=callbacks,
+        verbose=verbose,
+      )
+    except BaseException:
+      if chief:  # A save that failed (a full disk) gives its space back; the finished checkpoints stay.
+        _remove_partial_checkpoints(output_dir)
+      raise
     if not chief:
       history = [{"loss": float(loss)} for loss in fit.history["loss"]]
   report: dict[str, Any] = {
