@@ -178,6 +178,23 @@ def check_output_dir(output_dir: str) -> None:
     raise ValueError(f"--output_dir {output_dir} is a file, not a directory")
 
 
+def check_writable(output_dir: str) -> None:
+  """Creates output_dir (empty, it is no run) and refuses it unless a file can be written there.
+
+  A read-only or unreachable --output_dir failed only when TensorBoard opened its writer, after
+  the data was read and counted, with a TensorFlow traceback.
+  """
+  probe = os.path.join(output_dir, f".fgr-write-check-{os.getpid()}")
+  try:
+    tf.io.gfile.makedirs(output_dir)
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    reason = e.message if isinstance(e, tf.errors.OpError) else (e.strerror or str(e))
+    raise ValueError(f"--output_dir {output_dir} cannot be written: {reason.splitlines()[0]}") from None
+
+
 def check_run_dir(output_dir: str, config: dict[str, Any]) -> dict[str, Any] | None:
   """What output_dir holds for a run of `config` (`run_config_json`); refuses what training must not touch.
 

@@ -338,6 +338,7 @@ def train(
   # Refused before anything is read or written: a run of another config there must stay restorable.
   channels_lib.check_single_run_dir(output_dir)
   progress = config_lib.check_run_dir(output_dir, config_lib.run_config_json(*run_config))
+  config_lib.check_writable(output_dir)
   if source is None:
     source = sources.open_source(data)
   check_training_fields(source, {"": tower})

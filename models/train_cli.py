@@ -226,6 +226,7 @@ def _train_channels(
   """
   towers = {name: channels_lib.channel_tower(name, base) for name in names}
   channels_lib.check_channels_dir(FLAGS.output_dir, names)
+  config_lib.check_writable(FLAGS.output_dir)
   finished: dict[str, dict] = {}  # Their reports.
   for name, tower in towers.items():
     channel_dir = channels_lib.channel_dir(FLAGS.output_dir, name)
