@@ -83,6 +83,11 @@ _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErr
 _WRAPPED_USER_ERROR = re.compile(r"\b(?:" + "|".join(e.__name__ for e in _USER_ERRORS) + r"): ([^\n]+)")
 
 
+# TensorFlow's errors for a file it could not write, and what their text says when the storage is at fault.
+_TF_STORAGE_ERRORS = ("ResourceExhaustedError", "PermissionDeniedError", "FailedPreconditionError", "UnknownError")
+_STORAGE_FAILURE = re.compile(r"No space left on device|Disk quota exceeded|Read-only file system|Permission denied")
+
+
 def user_error_message(error: BaseException) -> str | None:
   """The one line to show for a user's mistake, or None for any other failure (shown as a traceback)."""
   if isinstance(error, _USER_ERRORS):
@@ -93,6 +98,11 @@ def user_error_message(error: BaseException) -> str | None:
     wrapped = _WRAPPED_USER_ERROR.search(str(error))
     if wrapped:
       return wrapped.group(1).strip()
+  if type(error).__name__ in _TF_STORAGE_ERRORS and _STORAGE_FAILURE.search(str(error)):
+    # The same, met by a TensorFlow op (a checkpoint or TensorBoard write): a full or read-only disk.
+    from models.data import tfrecord  # TensorFlow is loaded: it raised the error.
+
+    return f"cannot write: {tfrecord.tf_error_reason(error)}"
   if type(error).__name__ == "DataLossError":
     # A file that does not decode (a truncated or corrupt TFRecord shard or checkpoint). The readers
     # of fgr-prepare's shards name the shard themselves; this is what reaches here from elsewhere.
