@@ -10,6 +10,7 @@ The cluster comes from `TF_CONFIG`, as every TensorFlow cluster manager sets it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -187,6 +188,43 @@ def global_candidates(
   shift = -tf.cast(context.replica_id_in_sync_group, tf.int32) * tf.shape(item_embeddings)[0]
   rolled = {name: tf.roll(value, shift, axis=0) for name, value in gathered.items()}
   return rolled["embeddings"], rolled["ids"], rolled.get("probabilities")
+
+
+def check_same_run(strategy: tf.distribute.Strategy, description: dict[str, Any]) -> None:
+  """Refuses to train unless every worker of the cluster was given the same run (`description`).
+
+  Each worker takes its steps per epoch, tensor shapes and collectives from its own flags and
+  data. Workers given different ones (another --batch_size, or a --data_dir prepared from other
+  data) issued mismatched collectives: after tens of seconds each died with a gRPC "Collective
+  instance ... expected type" or "tasks have crashed" traceback, or waited on the other for good.
+  The workers all-gather a 63-bit hash of their description, once, before training.
+
+  Args:
+    strategy: a `MultiWorkerMirroredStrategy` (any other one has no peer to disagree with).
+    description: what must agree: the run's config without paths, and the data's manifest.
+  """
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return
+  digest = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).digest()
+  mine = tf.constant([int.from_bytes(digest[:8], "big") >> 1], tf.int64)
+
+  @tf.function
+  def gather() -> tf.Tensor:
+    context = tf.distribute.get_replica_context()
+    devices = context.strategy.extended.worker_devices
+    with tf.device(devices[0]) if len(devices) == 1 else contextlib.nullcontext():
+      return context.all_gather(tf.identity(mine), axis=0)
+
+  gathered = strategy.experimental_local_results(strategy.run(gather))[0].numpy().tolist()
+  if len(set(gathered)) > 1:
+    groups: dict[int, list[int]] = {}
+    for replica, value in enumerate(gathered):
+      groups.setdefault(value, []).append(replica)
+    raise ValueError(
+      "the workers of TF_CONFIG's cluster were given different runs (flags or fgr-prepare data); the replicas, "
+      f"grouped by the run they were given: {' / '.join(str(group) for group in groups.values())}. Start every "
+      "worker with the same flags and a --data_dir holding the same fgr-prepare output"
+    )
 
 
 class ResumeLog(tf.keras.callbacks.Callback):

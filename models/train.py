@@ -347,6 +347,10 @@ def train(
   validation: list[dict[str, np.ndarray]] = []
   if isinstance(source, tfrecord.TFRecordSource):
     train_ds, steps_per_epoch = _prepared_input(source, training, strategy, retrieval.training_fields(tower))
+    # Paths may differ between machines; what they hold, and every other flag, may not.
+    run_description = {**config_lib.run_config_json(*run_config), "backup_every_steps": backup_every_steps}
+    run_description["data"] = {**run_description["data"], "data_dir": None, "manifest": source.manifest}
+    distribute.check_same_run(strategy, run_description)
     item_ids = source.item_id_batches
   else:
     if multi_worker:
