@@ -85,7 +85,9 @@ _WRAPPED_USER_ERROR = re.compile(r"\b(?:" + "|".join(e.__name__ for e in _USER_E
 
 # TensorFlow's errors for a file it could not write, and what their text says when the storage is at fault.
 _TF_STORAGE_ERRORS = ("ResourceExhaustedError", "PermissionDeniedError", "FailedPreconditionError", "UnknownError")
-_STORAGE_FAILURE = re.compile(r"No space left on device|Disk quota exceeded|Read-only file system|Permission denied")
+_STORAGE_FAILURE = re.compile(
+  r"No space left on device|Disk quota exceeded|Read-only file system|Permission denied|is not a directory"
+)
 
 
 def user_error_message(error: BaseException) -> str | None:

@@ -19,6 +19,10 @@ from cli import launch
       tf.errors.PermissionDeniedError(None, None, "run; Read-only file system [Op:CreateSummaryFileWriter] name: "),
       "cannot write: run; Read-only file system",
     ),
+    (  # fgr-prepare --output_dir=<a file>/out.
+      tf.errors.FailedPreconditionError(None, None, "data.jsonl is not a directory"),
+      "cannot write: data.jsonl is not a directory",
+    ),
     (tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[1000000000]"), None),
   ],
 )
