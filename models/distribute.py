@@ -103,6 +103,7 @@ def _stop_on_sigterm() -> None:
   signal.signal(signal.SIGTERM, stop)
 
 
+_JOBS = ("worker", "chief")  # The jobs whose tasks train under MultiWorkerMirroredStrategy.
 _TF_CONFIG_EXAMPLE = '{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}'
 
 
@@ -123,6 +124,13 @@ def _checked_cluster(tf_config: str) -> dict[str, list[str]]:
       f'"host:port", e.g. {_TF_CONFIG_EXAMPLE}; got {tf_config!r}'
     )
   for job, addresses in cluster.items():
+    if job not in _JOBS:
+      # MultiWorkerMirroredStrategy waited for such a task, which no fgr-train runs, until the
+      # cluster timeout, whose message then said the cluster "did not start".
+      raise ValueError(
+        f"TF_CONFIG: cluster job {job!r} is not one MultiWorkerMirroredStrategy runs; list every worker "
+        f"under {' or '.join(map(repr, _JOBS))} (a parameter server has nothing to do in mirrored training)"
+      )
     if not isinstance(addresses, list) or not addresses:
       raise ValueError(f'TF_CONFIG: cluster {job!r} must be a list of "host:port" addresses, got {addresses!r}')
     for address in addresses:
