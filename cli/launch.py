@@ -94,6 +94,8 @@ def user_error_message(error: BaseException) -> str | None:
   """The one line to show for a user's mistake, or None for any other failure (shown as a traceback)."""
   if isinstance(error, _USER_ERRORS):
     return str(error)
+  if type(error).__name__ == "WorkerLost":  # models.distribute's: a peer of a training cluster went away.
+    return str(error)
   if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
     return str(error)  # A full disk is no bug either (a publish names what holds the space: export.versions).
   if type(error).__name__ == "InvalidArgumentError":  # tf.errors, without importing TensorFlow here.

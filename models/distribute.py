@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -233,6 +234,27 @@ def check_same_run(strategy: tf.distribute.Strategy, description: dict[str, Any]
       f"grouped by the run they were given: {' / '.join(str(group) for group in groups.values())}. Start every "
       "worker with the same flags and a --data_dir holding the same fgr-prepare output"
     )
+
+
+class WorkerLost(ConnectionError):
+  """A peer of the cluster stopped or became unreachable during training: the environment, not a bug."""
+
+
+_PEER_REASON = re.compile(r'grpc_message:"([^"]+)"|(The following tasks are unhealthy[^\n]*)')
+
+
+def worker_lost(error: tf.errors.UnavailableError, output_dir: str) -> WorkerLost:
+  """The one-line error of a collective that failed because a peer went away, with what to do next.
+
+  TensorFlow's own message is a graph-execution traceback ending "Restart your program to reset";
+  what happened is in a gRPC message inside it ("Connection reset by peer", "tasks are unhealthy").
+  """
+  found = _PEER_REASON.search(str(error))
+  reason = f" ({next(group for group in found.groups() if group)})" if found else ""
+  return WorkerLost(
+    f"a worker of the cluster stopped or cannot be reached{reason}; relaunch every worker with the same "
+    f"TF_CONFIG and flags to resume from the backup in {os.path.join(output_dir, BACKUP_DIR)}"
+  )
 
 
 class ResumeLog(tf.keras.callbacks.Callback):

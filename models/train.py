@@ -450,9 +450,11 @@ def train(
         callbacks=callbacks,
         verbose=verbose,
       )
-    except BaseException:
+    except BaseException as e:
       if chief:  # A save that failed (a full disk) gives its space back; the finished checkpoints stay.
         _remove_partial_checkpoints(output_dir)
+      if multi_worker and isinstance(e, tf.errors.UnavailableError):
+        raise distribute.worker_lost(e, output_dir) from None
       raise
     if not chief:
       history = [{"loss": float(loss)} for loss in fit.history["loss"]]

@@ -1,12 +1,10 @@
 """Two fgr-train workers given different runs refuse to train, each in one line, before any step."""
 
-import json
 import os
-import subprocess
-import sys
 
 from bench.fixtures import workers as workers_lib
 from models.data import prepare, sources
+from tests.models import multi_worker_testlib
 
 DATA = sources.DataSpec(name="synthetic", synthetic={"num_ads": 1000, "num_users": 50, "num_sessions": 300, "seed": 3})
 FLAGS = [
@@ -23,22 +21,6 @@ FLAGS = [
 TIMEOUT_S = 240  # Bounds a hung job; the refusal comes once both workers have started.
 
 
-def _launch(ports: list[int], flags_of: list[list[str]], log_dir: str) -> list[subprocess.Popen]:
-  """Worker i runs fgr-train (its console script's error reporting) with flags_of[i]."""
-  workers = []
-  for index, flags in enumerate(flags_of):
-    tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-    env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONPATH": workers_lib.REPO}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    argv = ["fgr-train", *flags]
-    script = f"import sys; from cli import launch; sys.argv = {argv!r}; launch.fgr_train()"
-    with open(os.path.join(log_dir, f"worker{index}.log"), "w") as log:
-      workers.append(
-        subprocess.Popen([sys.executable, "-c", script], cwd=workers_lib.REPO, env=env, stdout=log, stderr=log)
-      )
-  return workers
-
-
 def test_workers_given_different_batch_sizes_refuse_to_train(tmp_path):
   # Mismatched collectives: after ~50 s each worker died with a gRPC "Collective instance ... expected
   # type" or "tasks have crashed" traceback.
@@ -47,7 +29,9 @@ def test_workers_given_different_batch_sizes_refuse_to_train(tmp_path):
   prepare.prepare(DATA, data_dir, records_per_shard=1000, progress=False)
   common = [*FLAGS, f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'run'}"]
   for _ in range(3):  # Another process may take a port between choosing and binding it.
-    workers = _launch(workers_lib.free_ports(2), [[*common, "--batch_size=32"], [*common, "--batch_size=16"]], log_dir)
+    workers = multi_worker_testlib.launch(
+      workers_lib.free_ports(2), [[*common, "--batch_size=32"], [*common, "--batch_size=16"]], log_dir
+    )
     try:
       codes = [worker.wait(timeout=TIMEOUT_S) for worker in workers]
     finally:

@@ -1,0 +1,24 @@
+"""fgr-train workers on localhost, each with its own flags, through the console script's error reporting."""
+
+import json
+import os
+import subprocess
+import sys
+
+from bench.fixtures import workers as workers_lib
+
+
+def launch(ports: list[int], flags_of: list[list[str]], log_dir: str) -> list[subprocess.Popen]:
+  """Worker i runs fgr-train (its console script's error reporting) with flags_of[i]."""
+  workers = []
+  for index, flags in enumerate(flags_of):
+    tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+    env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONPATH": workers_lib.REPO}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    argv = ["fgr-train", *flags]
+    script = f"import sys; from cli import launch; sys.argv = {argv!r}; launch.fgr_train()"
+    with open(os.path.join(log_dir, f"worker{index}.log"), "w") as log:
+      workers.append(
+        subprocess.Popen([sys.executable, "-c", script], cwd=workers_lib.REPO, env=env, stdout=log, stderr=log)
+      )
+  return workers
