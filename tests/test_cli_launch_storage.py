@@ -35,8 +35,8 @@ def test_ctrl_c_ends_the_tool_with_one_line_and_status_130(capsys):
     raise KeyboardInterrupt()
 
   with pytest.raises(SystemExit) as info:
-    launch._reporting_user_errors(training, ["/venv/bin/fgr-train"])
+    launch._ending_quietly_on_ctrl_c(training, ["/venv/bin/fgr-train"])
   assert info.value.code == 130
   assert capsys.readouterr().err.strip() == "fgr-train: interrupted"
   with pytest.raises(KeyboardInterrupt):  # Debugging: where it was, as before.
-    launch._reporting_user_errors(training, ["fgr-train", "--verbosity=1"])
+    launch._ending_quietly_on_ctrl_c(training, ["fgr-train", "--verbosity=1"])
