@@ -21,6 +21,8 @@ from models.data import schema, sources, tfrecord
 
 CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
 _CHECKPOINT_NAME = "ckpt-{epoch:03d}"
+# Checkpoints a run keeps by default: the newest five, as tf.train.CheckpointManager's max_to_keep.
+DEFAULT_KEEP_CHECKPOINTS = 5
 
 
 @dataclasses.dataclass
@@ -276,21 +278,76 @@ def _remove_partial_checkpoints(output_dir: str) -> None:
     tf.io.gfile.rmtree(path)
 
 
+def _complete_checkpoints(output_dir: str) -> dict[int, list[str]]:
+  """The files of each finished checkpoint under output_dir, by epoch.
+
+  Only a finished checkpoint's files: a killed save's "ckpt-002_temp" failed the rerun with
+  "invalid literal for int()", so the run could never be continued.
+  """
+  files: dict[int, list[str]] = {}
+  for path in tf.io.gfile.glob(os.path.join(output_dir, CHECKPOINT_DIR, "ckpt-*")):
+    complete = _CHECKPOINT_FILE.fullmatch(os.path.basename(path))
+    if complete:
+      files.setdefault(_checkpoint_epoch(complete.group(1)), []).append(path)
+  return files
+
+
+def _write_checkpoint_state(output_dir: str, epochs: list[int]) -> None:
+  """Writes the checkpoint state file naming `epochs`' checkpoints, the last as the newest.
+
+  As Keras writes it (relative paths), to a temporary file that is then renamed, so a reader never
+  sees half a file.
+  """
+  state = os.path.join(output_dir, CHECKPOINT_DIR, "checkpoint")
+  names = [_CHECKPOINT_NAME.format(epoch=epoch) for epoch in epochs]
+  with tf.io.gfile.GFile(state + ".tmp", "w") as f:
+    f.write(f'model_checkpoint_path: "{names[-1]}"\n')
+    f.write("".join(f'all_model_checkpoint_paths: "{name}"\n' for name in names))
+  tf.io.gfile.rename(state + ".tmp", state, overwrite=True)
+
+
 def _rewind_checkpoints(output_dir: str, epoch: int) -> None:
   """Deletes the checkpoints after `epoch` and makes `epoch`'s the newest, as a resumed run starts there."""
-  directory = os.path.join(output_dir, CHECKPOINT_DIR)
-  keep = _CHECKPOINT_NAME.format(epoch=epoch)
-  for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*")):
-    # Only a finished checkpoint's files: a killed save's "ckpt-002_temp" failed the rerun with
-    # "invalid literal for int()", so the run could never be continued.
-    complete = _CHECKPOINT_FILE.fullmatch(os.path.basename(path))
-    if complete and _checkpoint_epoch(complete.group(1)) > epoch:
+  files = _complete_checkpoints(output_dir)
+  for later in [e for e in files if e > epoch]:
+    for path in files[later]:
       tf.io.gfile.remove(path)
-  # The checkpoint state file, as Keras writes it (a relative path), written to a temporary file and renamed.
-  state = os.path.join(directory, "checkpoint")
-  with tf.io.gfile.GFile(state + ".tmp", "w") as f:
-    f.write(f'model_checkpoint_path: "{keep}"\nall_model_checkpoint_paths: "{keep}"\n')
-  tf.io.gfile.rename(state + ".tmp", state, overwrite=True)
+  _write_checkpoint_state(output_dir, sorted(e for e in files if e <= epoch) or [epoch])
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+  """Deletes all but the newest `keep` finished checkpoints (0: keeps every one).
+
+  The state file is rewritten first, so it never names a deleted checkpoint. The newest is the one
+  `restore` loads and a rerun continues from (with validation, the best epoch: only improving
+  epochs are saved).
+  """
+  files = _complete_checkpoints(output_dir)
+  if keep <= 0 or len(files) <= keep:
+    return
+  epochs = sorted(files)
+  _write_checkpoint_state(output_dir, epochs[-keep:])
+  for epoch in epochs[:-keep]:
+    for path in files[epoch]:
+      tf.io.gfile.remove(path)
+
+
+class _PruneCheckpoints(tf.keras.callbacks.Callback):
+  """Keeps a run's newest `keep` checkpoints as each epoch's is written.
+
+  Keras's ModelCheckpoint keeps every epoch's: 164 MB each at the default towers, so a 50-epoch run
+  needed about 8 GB. tf.train.CheckpointManager's `max_to_keep` is the same idea; Keras's callback
+  has no such knob.
+  """
+
+  def __init__(self, output_dir: str, keep: int):
+    super().__init__()
+    self._output_dir = output_dir
+    self._keep = keep
+
+  def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+    del epoch, logs
+    prune_checkpoints(self._output_dir, self._keep)
 
 
 def train(
@@ -301,6 +358,7 @@ def train(
   strategy: tf.distribute.Strategy | None = None,
   backup_every_steps: int = 0,
   source: sources.Source | None = None,
+  keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
 ) -> dict[str, Any]:
   """Trains the towers on `data`, writes config.json, checkpoints and TensorBoard logs to output_dir.
 
@@ -326,6 +384,7 @@ def train(
     strategy: a `distribute.make_strategy` strategy; None trains in this process.
     backup_every_steps: with a multi-worker strategy, back up every this many steps (0: each epoch).
     source: `data`, already opened (fgr-train --channels opens it once for every channel); None opens it.
+    keep_checkpoints: the newest checkpoints kept (0: every epoch's); see `_PruneCheckpoints`.
 
   Returns:
     A report with the training time, the final loss and test top-k accuracy (when evaluated).
@@ -335,6 +394,8 @@ def train(
   chief = distribute.is_chief(strategy)
   tf.keras.utils.set_random_seed(training.seed)
   run_config = (tower, data.to_json(), dataclasses.asdict(training))
+  if keep_checkpoints < 0:
+    raise ValueError(f"--keep_checkpoints must be 0 (keep every epoch's) or more, got {keep_checkpoints}")
   # Refused before anything is read or written: a run of another config there must stay restorable.
   channels_lib.check_single_run_dir(output_dir)
   progress = config_lib.check_run_dir(output_dir, config_lib.run_config_json(*run_config))
@@ -431,6 +492,7 @@ def train(
   progress_log = _RunProgress(output_dir, run_config, history)
   if chief:
     callbacks.append(progress_log)  # After ModelCheckpoint: config.json is written beside a checkpoint.
+    callbacks.append(_PruneCheckpoints(output_dir, keep_checkpoints))  # After config.json names the newest.
   callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=os.path.join(output_dir, "logs")))
   callbacks.insert(0, _StopOnDivergence())  # First: before any callback records the step.
   resume = None

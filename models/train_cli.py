@@ -152,6 +152,12 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
   "backup_every_steps", 0, "With multi_worker: back up for fault tolerance every this many steps (0: each epoch)."
 )
+flags.DEFINE_integer(
+  "keep_checkpoints",
+  train_lib.DEFAULT_KEEP_CHECKPOINTS,
+  "Checkpoints kept in OUTPUT_DIR/checkpoints: the newest (with --validation_fraction, the best epochs); "
+  "0 keeps every epoch's.",
+)
 flags.DEFINE_float(
   "cluster_timeout_seconds",
   600.0,
@@ -206,7 +212,15 @@ def main(argv: list[str]) -> None:
   if names:
     report = _train_channels(names, data, tower, training, strategy)
   else:
-    report = train_lib.train(data, tower, training, FLAGS.output_dir, strategy, FLAGS.backup_every_steps)
+    report = train_lib.train(
+      data,
+      tower,
+      training,
+      FLAGS.output_dir,
+      strategy,
+      FLAGS.backup_every_steps,
+      keep_checkpoints=FLAGS.keep_checkpoints,
+    )
   logging.info("Training report: %s", report)
   print(json.dumps(report))
 
@@ -255,6 +269,7 @@ def _train_channels(
       strategy,
       FLAGS.backup_every_steps,
       source,
+      FLAGS.keep_checkpoints,
     )
   if distribute.is_chief(strategy):
     channels_lib.write_channels(FLAGS.output_dir, names, report)
