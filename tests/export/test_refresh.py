@@ -297,9 +297,16 @@ def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, served_v1
   )
   (watch_dir / ".004-incomplete.jsonl").write_text('{"ad_id": "x", "deleted": true}\n')
   polls = []
+  # Every file is written before the watch starts, so a short settle time takes them as the default 2 s
+  # would (the settling itself: the tests of Settle below), without the 2 s wait.
   with caplog.at_level(logging.INFO, logger="absl"):
     refresh_watch.watch(
-      refresh.Refresher(base_path), str(watch_dir), interval_seconds=0.01, max_polls=2, on_poll=polls.append
+      refresh.Refresher(base_path),
+      str(watch_dir),
+      interval_seconds=0.01,
+      max_polls=2,
+      on_poll=polls.append,
+      settle_seconds=0.05,
     )
   assert f"Watching {watch_dir} for delta files" in caplog.text  # Once ready: bench/freshness.py waits for it.
   assert polls[0].accepted == ["001-pause.jsonl"] and set(polls[0].rejected) == {"002-bad.jsonl", "003-unknown.jsonl"}
