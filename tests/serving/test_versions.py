@@ -428,10 +428,11 @@ def test_a_bad_config_changes_nothing_and_polling_goes_on(tmp_path, caplog, monk
   config_file = tmp_path / "models.config"
   config_file.write_text(str(_config(("a", a, [], {}))))
   server = lib.InProcessServer(
-    model_config_file=str(config_file), model_config_file_poll_wait_seconds=1, file_system_poll_wait_seconds=0.2
+    model_config_file=str(config_file), model_config_file_poll_wait_seconds=0.2, file_system_poll_wait_seconds=0.2
   )
   caplog.set_level(logging.INFO, logger="absl")
   core = server.server.core
+  config_reads = _counting(monkeypatch, server.server, "_model_server_config")
   try:
     bad = _config(("a", "/tmp/x\0y", [], {}))
     with pytest.raises(grpc.RpcError) as info:
@@ -446,7 +447,7 @@ def test_a_bad_config_changes_nothing_and_polling_goes_on(tmp_path, caplog, monk
 
     config_file.write_text(str(bad))
     lib.wait_for(failures)
-    threading.Event().wait(2.5)  # At least one more poll of the same bad file.
+    _wait_for_more_calls(config_reads, 2)  # At least one more whole poll of the same bad file.
     assert len(failures()) == 1
     b = str(tmp_path / "b")
     lib.write_tf1_half_plus_two(os.path.join(b, "7"))
@@ -460,7 +461,11 @@ def test_a_bad_config_changes_nothing_and_polling_goes_on(tmp_path, caplog, monk
 
     lib.wait_for(b_available)
 
-    def broken_listing(unused_base_path):
+    listings_of_a = []
+
+    def broken_listing(base_path):
+      if base_path == a:
+        listings_of_a.append(base_path)
       raise RuntimeError("listing broke")
 
     def logged(text):
@@ -469,12 +474,35 @@ def test_a_bad_config_changes_nothing_and_polling_goes_on(tmp_path, caplog, monk
     with monkeypatch.context() as patch:
       patch.setattr(file_system_source, "list_versions", broken_listing)
       lib.wait_for(lambda: logged("Polling model a failed"))
-      threading.Event().wait(1)  # Several more polls, the same error.
+      _wait_for_more_calls(listings_of_a, 3)  # Several more polls, the same error.
       assert len(logged("Polling model a failed")) == 1
     lib.wait_for(lambda: logged("Polling model a works again"))
     assert _predict(server.predict, "a").outputs["y"].float_val[0] == 3.0
   finally:
     server.stop()
+
+
+def _counting(monkeypatch, owner, name: str) -> list[tuple]:
+  """Has `owner.name` record the arguments of each call (then run as before); returns the record."""
+  calls = []
+  real = getattr(owner, name)
+
+  def counting(*args):
+    calls.append(args)
+    return real(*args)
+
+  monkeypatch.setattr(owner, name, counting)
+  return calls
+
+
+def _wait_for_more_calls(calls: list, more: int) -> None:
+  """Waits for `more` calls past those in `calls` now: with `more` >= 2, the one before the last has
+  returned, so a poll that started after this call has run whole (a poller makes one call per poll).
+
+  A count, not a sleep: a loaded machine cannot make the wait cover fewer polls than it says.
+  """
+  seen = len(calls)
+  lib.wait_for(lambda: len(calls) >= seen + more)
 
 
 def _retrying_server(
@@ -586,7 +614,7 @@ def test_a_failing_version_still_aspired_retries_up_to_its_limit(tmp_path, monke
     assert attempts.started[2] == 3
     assert _MISSING_VARIABLES in _states(server.model, "m")[2].status.error_message
     assert _predict(server.predict, "m").model_spec.version.value == 1
-    threading.Event().wait(1)  # Several more polls.
+    _wait_for_more_calls(_counting(monkeypatch, file_system_source, "list_versions"), 3)  # Several more polls.
     assert attempts.started[2] == 3
   finally:
     server.stop()
