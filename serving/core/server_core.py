@@ -12,7 +12,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import errors
-from serving.core import aspired_versions_policy, loader, model_manager
+from serving.core import aspired_versions_policy, file_system_source, loader, model_manager
 from serving.servables import saved_model_bundle
 
 _TENSORFLOW_PLATFORM = "tensorflow"
@@ -56,6 +56,12 @@ def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
       raise errors.invalid_argument(f"Model {model.name} requests unsupported platform {model.model_platform}")
     if model.model_type:
       raise errors.invalid_argument(f"ModelServerConfig::model_type choice {model.model_type} not supported.")
+
+
+def _unavailable_label_error(name: str, version: int) -> errors.ServingError:
+  return errors.failed_precondition(
+    f"Request to assign label to version {version} of model {name}, which is not currently available for inference"
+  )
 
 
 class ServerCore:
@@ -102,14 +108,17 @@ class ServerCore:
 
   @property
   def config(self) -> model_server_config_pb2.ModelServerConfig:
-    """The last config passed to `reload_config`."""
+    """The last config `reload_config` began to apply (one refused before
+    any change is not)."""
     return self._config
 
   def reload_config(self, config: model_server_config_pb2.ModelServerConfig, wait: bool = True) -> None:
     """Transitions to `config`: adds, updates and removes models.
 
     Waits until the new config's versions have loaded (or failed), then
-    applies its version labels, as TF Serving's ReloadConfig does.
+    applies its version labels, as TF Serving's ReloadConfig does. A label
+    that can't end up on an AVAILABLE version (see `_check_labels`) refuses
+    the config before anything changes.
 
     Raises:
       ServingError: if the config is invalid, a model has no loadable
@@ -119,14 +128,16 @@ class ServerCore:
     for model in config.model_config_list.config:
       loader.check_path_roots(model.base_path, self._loader_options.allowed_roots, f"Model {model.name} base_path")
     with self._reload_lock:
-      self._config = model_server_config_pb2.ModelServerConfig()
-      self._config.CopyFrom(config)
       models = {}
       for model in config.model_config_list.config:
         copy = model_server_config_pb2.ModelConfig()
         copy.CopyFrom(model)
         copy.base_path = os.path.abspath(model.base_path)
         models[model.name] = copy
+      if wait:  # Else (start-up) the labels apply, and are checked, by the next reload.
+        self._check_labels(models)
+      self._config = model_server_config_pb2.ModelServerConfig()
+      self._config.CopyFrom(config)
       with self._lock:
         removed = [m for n, m in self._managers.items() if n not in models]
         for manager in removed:
@@ -168,17 +179,43 @@ class ServerCore:
             raise error
       self._apply_labels(models)
 
+  def _label_may_name_unavailable(self, name: str, label: str, version: int) -> bool:
+    """--allow_version_labels_for_unavailable_models lets a new label, or
+    one left as it is, name a version not AVAILABLE; as in TF Serving, never
+    one moved to another version, whose clients would lose their answers."""
+    if not self._allow_unavailable_labels:
+      return False
+    with self._lock:
+      return self._labels.get(name, {}).get(label, version) == version
+
+  def _check_labels(self, models: dict[str, model_server_config_pb2.ModelConfig]) -> None:
+    """Refuses, before the config changes anything, a label whose version
+    can't be AVAILABLE once the reload is done: one not on disk, or that the
+    new version policy unloads (e.g. `latest` while a label keeps an older
+    version). Checked only after the loads, as TF Serving does, the refusal
+    would come with the models already changed and the label left dangling.
+    A version that then fails to load is caught by `_apply_labels`."""
+    for name, model in models.items():
+      if not model.version_labels:
+        continue
+      with self._lock:
+        manager = self._managers.get(name)
+      available = set(manager.available_versions()) if manager else set()
+      on_disk = file_system_source.list_versions(model.base_path)
+      # As ModelManager.poll: a base path without versions keeps what serves.
+      reachable = file_system_source.aspired_versions(on_disk, model) if on_disk else available
+      for label, version in sorted(model.version_labels.items()):
+        if version not in reachable and not self._label_may_name_unavailable(name, label, version):
+          raise _unavailable_label_error(name, version)
+
   def _apply_labels(self, models) -> None:
     labels = {}
     for name, model in models.items():
       manager = self._managers.get(name)
       available = set(manager.available_versions()) if manager else set()
-      for version in model.version_labels.values():
-        if version not in available and not self._allow_unavailable_labels:
-          raise errors.failed_precondition(
-            f"Request to assign label to version {version} of model "
-            f"{name}, which is not currently available for inference"
-          )
+      for label, version in sorted(model.version_labels.items()):
+        if version not in available and not self._label_may_name_unavailable(name, label, version):
+          raise _unavailable_label_error(name, version)
       labels[name] = dict(model.version_labels)
     with self._lock:
       self._labels = labels

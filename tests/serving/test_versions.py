@@ -166,13 +166,14 @@ def test_reload_config_and_config_file_polling(tmp_path):
     assert _predict(server.predict, "a", label="canary").outputs["y"].float_val[0] == 4.0
     assert _states(server.model, "b")[7].state == State.AVAILABLE
 
-    # A label on a version that isn't available is refused.
+    # A label on a version the new policy would unload is refused, before anything changes.
     bad = model_management_pb2.ReloadConfigRequest(config=_config(("a", a, [1], {"stable": 2}), ("b", b, [], {})))
     with pytest.raises(grpc.RpcError) as info:
       server.model.HandleReloadConfigRequest(bad, timeout=60)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "which is not currently available" in info.value.details()
-    lib.wait_for(lambda: _states(server.model, "a")[2].state == State.END)
+    assert _states(server.model, "a")[2].state == State.AVAILABLE
+    assert _predict(server.predict, "a", label="canary").outputs["y"].float_val[0] == 4.0
 
     # Editing the config file drops model b (polled every second).
     config_file.write_text(str(_config(("a", a, [], {}))))
