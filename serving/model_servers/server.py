@@ -275,14 +275,19 @@ class Server:
 
   def _poll_config(self) -> None:
     """Re-applies --model_config_file whenever it differs from the config
-    in force (as TF Serving, the file wins over earlier reload RPCs)."""
+    in force (as TF Serving, the file wins over earlier reload RPCs), and
+    after a reload of it failed: TF Serving reloads the file at every poll,
+    so a label naming a version that is still to come applies once it serves."""
     wait = self.options.model_config_file_poll_wait_seconds
     last_error = None
+    failed = False  # The last reload raised: try it again even if the file is unchanged.
     while not self._stop.wait(wait):
       try:
         config = self._model_server_config()
-        if config != self.core.config:
+        if failed or config != self.core.config:
+          failed = True
           self.core.reload_config(config)
+          failed = False
           logging.info("Reloaded model config from %s", self.options.model_config_file)
         last_error = None
       except Exception as e:  # Any failure: keep the config in force and keep polling.

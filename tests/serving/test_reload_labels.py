@@ -1,6 +1,7 @@
 """Version labels across config reloads: a refused reload changes nothing, a label moves only to a
 version that serves, and a config file whose label waits for its version applies once it serves."""
 
+import logging
 import os
 import shutil
 
@@ -106,5 +107,27 @@ def test_allowed_unavailable_labels_do_not_move_a_label_to_an_unavailable_versio
     # Moved to a version the reload loads: fine.
     assert _reload(server, _config(base, [1, 2], {"stable": 2})) == grpc.StatusCode.OK
     assert _version(server, version_label="stable") == 2
+  finally:
+    server.stop()
+
+
+def test_a_config_file_label_applies_once_its_version_serves(versions, base, tmp_path, caplog):
+  """The config file names a label on version 3 before version 3 is published. Its reload failed,
+  and as the file then equalled the config in force it was never reloaded again: the label never
+  applied. TF Serving reloads the file at every poll; fgr-serve does after a failed reload."""
+  caplog.set_level(logging.INFO, logger="absl")
+  config_file = tmp_path / "models.config"
+  config_file.write_text(str(_config(base, [], {})))
+  server = lib.InProcessServer(
+    model_config_file=str(config_file),
+    model_config_file_poll_wait_seconds=0.2,
+    file_system_poll_wait_seconds=0.2,
+  )
+  try:
+    config_file.write_text(str(_config(base, [], {"canary": 3})))
+    lib.wait_for(lambda: any("version 3 of model m" in r.getMessage() for r in caplog.records))
+    shutil.copytree(os.path.join(versions, "3"), str(tmp_path / "staging"))
+    os.rename(str(tmp_path / "staging"), os.path.join(base, "3"))
+    lib.wait_for(lambda: _version(server, version_label="canary") == 3)
   finally:
     server.stop()
