@@ -1,5 +1,6 @@
 """ServerCore: all models, their config, labels, polling and request routing."""
 
+import collections
 import concurrent.futures
 import contextlib
 import os
@@ -58,6 +59,10 @@ def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
       raise errors.invalid_argument(f"ModelServerConfig::model_type choice {model.model_type} not supported.")
 
 
+# Removed models whose versions' states GetModelStatus still reports (the oldest are forgotten).
+REMOVED_MODELS_KEPT = 1000
+
+
 def _unavailable_label_error(name: str, version: int) -> errors.ServingError:
   return errors.failed_precondition(
     f"Request to assign label to version {version} of model {name}, which is not currently available for inference"
@@ -95,6 +100,9 @@ class ServerCore:
     self._lock = threading.RLock()
     self._reload_lock = threading.Lock()
     self._managers: dict[str, model_manager.ModelManager] = {}
+    # Models the config no longer lists, newest last, for GetModelStatus: as TF Serving's
+    # ServableStateMonitor, their versions stay visible (UNLOADING, then END).
+    self._removed: collections.OrderedDict[str, model_manager.ModelManager] = collections.OrderedDict()
     self._labels: dict[str, dict[str, int]] = {}
     self._stop_polling = threading.Event()
     self._poll_errors: dict[str, str] = {}  # Per model, the last poll's error (logged once).
@@ -144,6 +152,10 @@ class ServerCore:
           del self._managers[manager.name]
           self._labels.pop(manager.name, None)
           self._set_route_labels(manager.name, {})
+          self._removed.pop(manager.name, None)
+          self._removed[manager.name] = manager
+          while len(self._removed) > REMOVED_MODELS_KEPT:
+            self._removed.popitem(last=False)
         added, updated = [], []
         for name, model in models.items():
           manager = self._managers.get(name)
@@ -157,6 +169,7 @@ class ServerCore:
               self._route_versions if self._router is not None else None,
             )
             self._managers[name] = manager
+            self._removed.pop(name, None)
             added.append(manager)
           else:
             updated.append((manager, model))
@@ -314,6 +327,13 @@ class ServerCore:
   def resolve(self, model_spec: model_pb2.ModelSpec):
     """Returns (manager, version or None, request text) for a ModelSpec."""
     name = model_spec.name
+    version = self._requested_version(model_spec)
+    text = f"Latest({name})" if version is None else (f"Specific({name}, {version})")
+    return self._manager(name, text), version, text
+
+  def _requested_version(self, model_spec: model_pb2.ModelSpec) -> int | None:
+    """The version a ModelSpec names (by number or label), None for the latest."""
+    name = model_spec.name
     if not name:
       raise errors.invalid_argument("ModelSpec has no name specified.")
     choice = model_spec.WhichOneof("version_choice")
@@ -327,8 +347,7 @@ class ServerCore:
         raise errors.invalid_argument(f"Unrecognized servable version label: {model_spec.version_label}").with_context(
           f"model: {name}"
         )
-    text = f"Latest({name})" if version is None else (f"Specific({name}, {version})")
-    return self._manager(name, text), version, text
+    return version
 
   @contextlib.contextmanager
   def servable_handle(self, model_spec: model_pb2.ModelSpec) -> Iterator[saved_model_bundle.LoadedVersion]:
@@ -338,16 +357,12 @@ class ServerCore:
       yield bundle
 
   def model_status(self, model_spec: model_pb2.ModelSpec) -> get_model_status_pb2.GetModelStatusResponse:
-    """GetModelStatus for a ModelSpec (one version or all of them)."""
+    """GetModelStatus for a ModelSpec (one version or all of them), of a
+    configured model or of one removed from the config."""
     name = model_spec.name
-    if not name:
-      raise errors.invalid_argument("ModelSpec has no name specified.")
-    choice = model_spec.WhichOneof("version_choice")
-    version = None
-    if choice is not None:
-      _, version, _ = self.resolve(model_spec)
+    version = self._requested_version(model_spec)
     with self._lock:
-      manager = self._managers.get(name)
+      manager = self._managers.get(name) or self._removed.get(name)
     states = manager.version_states() if manager else []
     response = get_model_status_pb2.GetModelStatusResponse()
     if version is not None:
