@@ -12,6 +12,8 @@ no hand-off goes through a per-request thread, which is what a thread-pool
 import asyncio
 import concurrent.futures
 import functools
+import os
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -258,7 +260,9 @@ def check_ssl_config(config) -> None:
       to, required when `client_verify` is set (mutual TLS).
 
   Raises:
-    ServingError: INVALID_ARGUMENT if the key or certificate is missing.
+    ServingError: INVALID_ARGUMENT if the key or certificate is missing, or
+      if they or custom_ca aren't PEM text that TLS can use (gRPC itself
+      would only fail to bind the port, after every model loaded).
   """
   if not config.server_key or not config.server_cert:
     raise errors.invalid_argument("--ssl_config_file: SSLConfig needs both server_key and server_cert (PEM contents)")
@@ -266,6 +270,45 @@ def check_ssl_config(config) -> None:
     raise errors.invalid_argument(
       "--ssl_config_file: client_verify needs custom_ca (PEM roots that client certificates must chain to)"
     )
+  for field in ("server_key", "server_cert", "custom_ca"):
+    value = getattr(config, field)
+    if value and "-----BEGIN " not in value:
+      shown = value if len(value) <= 80 else value[:77] + "..."
+      raise errors.invalid_argument(
+        f"--ssl_config_file: {field} must hold PEM text (-----BEGIN ...), not a file name: got {shown!r}"
+      )
+  context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+  try:
+    if config.custom_ca:
+      context.load_verify_locations(cadata=config.custom_ca)
+  except (ssl.SSLError, ValueError) as e:
+    raise errors.invalid_argument(f"--ssl_config_file: custom_ca holds no usable PEM certificate: {e}") from e
+  _check_key_pair(context, config.server_key, config.server_cert)
+
+
+def _check_key_pair(context: ssl.SSLContext, key: str, cert: str) -> None:
+  """Raises INVALID_ARGUMENT unless `cert` and `key` (PEM text) form a
+  pair TLS can serve with. OpenSSL reads them from memory files (Linux),
+  so the key never touches the disk; elsewhere gRPC checks them at bind."""
+  if not hasattr(os, "memfd_create"):
+    return
+  files = []
+  try:
+    for name, text in (("cert", cert), ("key", key)):
+      fd = os.memfd_create(f"fgr-ssl-{name}", os.MFD_CLOEXEC)
+      files.append(fd)
+      os.write(fd, text.encode())
+    # An encrypted key gets an empty password (gRPC takes none) rather than a prompt on the terminal.
+    context.load_cert_chain(f"/proc/self/fd/{files[0]}", f"/proc/self/fd/{files[1]}", password=lambda: b"")
+  except (ssl.SSLError, ValueError) as e:
+    raise errors.invalid_argument(
+      f"--ssl_config_file: server_key and server_cert aren't a PEM private key and its certificate: {e}"
+    ) from e
+  except OSError:  # No memory files here (or no /proc): gRPC checks them at bind.
+    return
+  finally:
+    for fd in files:
+      os.close(fd)
 
 
 def ssl_credentials(config) -> grpc.ServerCredentials:
