@@ -144,7 +144,13 @@ class Server:
     config = text_config.parse_text_proto(self.options.monitoring_config_file, protos.MonitoringConfig)
     if not config.prometheus_config.enable:
       return None
-    return config.prometheus_config.path or DEFAULT_PROMETHEUS_PATH
+    path = config.prometheus_config.path or DEFAULT_PROMETHEUS_PATH
+    if not path.startswith("/"):  # No request path matches it: metrics would silently never be served.
+      raise errors.invalid_argument(
+        f"--monitoring_config_file: prometheus_config.path must start with '/' (got {path!r}), e.g. "
+        f"{DEFAULT_PROMETHEUS_PATH!r}"
+      )
+    return path
 
   def start(self) -> None:
     """Loads the models, then opens the gRPC (and REST) ports.
