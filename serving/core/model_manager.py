@@ -234,6 +234,7 @@ class ModelManager:
     timer.daemon = True  # A pending retry never holds the process at exit.
     entry.retry_timer = timer
     timer.start()
+    self._cond.notify_all()  # The attempt failed: wait_until_tried need not wait for the retry.
 
   def _retry(self, entry: _Version) -> None:
     """Timer callback: queues the next attempt unless cancelled or stopped meanwhile."""
@@ -357,6 +358,22 @@ class ModelManager:
     """Blocks until every aspired version is AVAILABLE or failed."""
     with self._cond:
       return self._cond.wait_for(self._settled_locked, timeout)
+
+  def wait_until_tried(self, timeout: float | None = None) -> bool:
+    """Blocks until every aspired version is AVAILABLE, failed, or has
+    failed a load attempt and waits to retry: a reload of a model already
+    served answers then, rather than after every retry (minutes, with TF
+    Serving's default retry flags), while the model serves on."""
+
+    def tried() -> bool:
+      return all(
+        v in self._versions
+        and (self._versions[v].state in (State.AVAILABLE, State.END) or self._versions[v].last_error is not None)
+        for v in self._aspired
+      )
+
+    with self._cond:
+      return self._cond.wait_for(tried, timeout)
 
   def has_aspired(self) -> bool:
     with self._cond:

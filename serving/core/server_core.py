@@ -185,7 +185,12 @@ class ServerCore:
       if not wait:
         return
       for manager in list(added) + [m for m, _ in updated]:
-        manager.wait_until_settled()
+        # As TF Serving, a new model is waited for through its load retries; a model already
+        # configured only until each new version served or failed once (the old one serves on).
+        if manager in added:
+          manager.wait_until_settled()
+        else:
+          manager.wait_until_tried()
         if manager.has_aspired() and not manager.available_versions():
           error = manager.first_error()
           if error is not None:
