@@ -59,6 +59,9 @@ def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
       raise errors.invalid_argument(f"ModelServerConfig::model_type choice {model.model_type} not supported.")
 
 
+# How often a reload waiting for loads checks whether the server is stopping.
+_SHUTDOWN_CHECK_SECONDS = 0.2
+
 # Removed models whose versions' states GetModelStatus still reports (the oldest are forgotten).
 REMOVED_MODELS_KEPT = 1000
 
@@ -104,6 +107,7 @@ class ServerCore:
     # ServableStateMonitor, their versions stay visible (UNLOADING, then END).
     self._removed: collections.OrderedDict[str, model_manager.ModelManager] = collections.OrderedDict()
     self._labels: dict[str, dict[str, int]] = {}
+    # Set once the server stops: polls end, and reloads stop waiting for loads (see `shut_down`).
     self._stop_polling = threading.Event()
     self._poll_errors: dict[str, str] = {}  # Per model, the last poll's error (logged once).
     self._poll_thread: threading.Thread | None = None
@@ -187,10 +191,10 @@ class ServerCore:
       for manager in list(added) + [m for m, _ in updated]:
         # As TF Serving, a new model is waited for through its load retries; a model already
         # configured only until each new version served or failed once (the old one serves on).
-        if manager in added:
-          manager.wait_until_settled()
-        else:
-          manager.wait_until_tried()
+        wait_for_loads = manager.wait_until_settled if manager in added else manager.wait_until_tried
+        while not wait_for_loads(timeout=_SHUTDOWN_CHECK_SECONDS):
+          if self._stop_polling.is_set():
+            raise errors.unavailable("The server is shutting down: the config reload stopped waiting for its loads")
         if manager.has_aspired() and not manager.available_versions():
           error = manager.first_error()
           if error is not None:
@@ -384,9 +388,16 @@ class ServerCore:
         status.status.CopyFrom(error.to_status_proto())
     return response
 
+  def shut_down(self) -> None:
+    """Stops polling, and ends reloads waiting for loads (UNAVAILABLE), at
+    once: a reload waiting for a new model's load retries (minutes) would
+    otherwise hold a graceful stop, whose front ends wait for the calls
+    they run, until the last retry."""
+    self._stop_polling.set()
+
   def stop(self, timeout: float = 30.0) -> None:
     """Stops polling and unloads every model."""
-    self._stop_polling.set()
+    self.shut_down()
     managers = self.managers()
     for manager in managers:
       manager.stop()

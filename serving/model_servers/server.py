@@ -323,6 +323,8 @@ class Server:
     if self._scheduler is not None:
       # Queued calls run now rather than wait out batch_timeout_micros, which may exceed the grace.
       self._scheduler.drain()
+    if self.core is not None:
+      self.core.shut_down()  # A reload still waiting for loads answers now, not after their retries.
     if self._grpc is not None:
       self._grpc.set_not_serving()
     if self._http is not None:
