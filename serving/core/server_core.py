@@ -38,7 +38,12 @@ class Router(Protocol):
 
 
 def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
-  if config.WhichOneof("config") != "model_config_list":
+  choice = config.WhichOneof("config")
+  if choice is None:  # E.g. a config file caught mid-write, truncated to nothing.
+    raise errors.invalid_argument(
+      "ModelServerConfig is empty: it must hold a model_config_list (`model_config_list {}` serves no model)"
+    )
+  if choice != "model_config_list":
     raise errors.invalid_argument(
       "ModelServerConfig must hold a model_config_list; custom_model_config is not supported"
     )

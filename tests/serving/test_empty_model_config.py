@@ -1,0 +1,19 @@
+"""An empty ModelServerConfig (a config file caught truncated mid-write) is named as such."""
+
+import pytest
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving import errors
+from serving.core import loader, server_core
+
+
+def test_an_empty_config_is_refused_as_empty():
+  """It was refused with "custom_model_config is not supported", which the file never mentioned."""
+  core = server_core.ServerCore(loader.LoaderOptions())
+  try:
+    with pytest.raises(errors.ServingError) as info:
+      core.reload_config(model_server_config_pb2.ModelServerConfig())
+    assert info.value.code.name == "INVALID_ARGUMENT"
+    assert "ModelServerConfig is empty" in info.value.message
+  finally:
+    core.stop()
