@@ -23,6 +23,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 
+import grpc
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -80,6 +81,22 @@ def _saved_model_digest(path: str) -> str:
   return digest.hexdigest()
 
 
+def _saved_model_loader(path: str) -> loader_impl.SavedModelLoader:
+  """TF's loader of the SavedModel at `path`, a corrupt proto refused as TF
+  Serving (and the native data plane) refuse it: DATA_LOSS, not the
+  INTERNAL "OSError: Cannot parse file ..." TF's Python reader raises."""
+  try:
+    return loader_impl.SavedModelLoader(path)
+  except OSError as e:
+    if "Cannot parse file" not in str(e):
+      raise
+    binary = os.path.join(path, "saved_model.pb")
+    if os.path.exists(binary):
+      raise errors.ServingError(grpc.StatusCode.DATA_LOSS, f"Can't parse {binary} as binary proto") from e
+    text = os.path.join(path, "saved_model.pbtxt")
+    raise errors.ServingError(grpc.StatusCode.DATA_LOSS, f"Can't parse {text} as text proto") from e
+
+
 def _import_graph(path: str, tags: Sequence[str]) -> _ImportedGraph:
   """The graph of the SavedModel at `path`: imported, or shared with a loaded
   version whose saved_model.pb is identical."""
@@ -90,7 +107,7 @@ def _import_graph(path: str, tags: Sequence[str]) -> _ImportedGraph:
     logging.info("Reusing the imported graph of an identical saved_model.pb for %s", path)
     return imported
   graph = tf.Graph()
-  loader = loader_impl.SavedModelLoader(path)
+  loader = _saved_model_loader(path)
   with graph.as_default():
     saver, _ = loader.load_graph(graph, list(tags))
   graph.finalize()
