@@ -46,8 +46,13 @@ demo: install
 	$(BIN)/python tools/demo.py --output_dir=demo_output
 
 # -ra lists every skipped test with its reason (e.g. no MovieLens data outside CI).
+# Run serially, the suite kept about one core busy: much of it waits on servers and subprocesses.
+# TEST_WORKERS pytest-xdist workers take whole files each (--dist loadfile), so a file's module
+# fixtures (servers, exports) are still built once; each worker builds the session fixtures it needs.
+# More workers than cores, or than memory allows (~2 GB each), buys nothing; 0 runs in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 # One style, configured in ruff.toml: lint and formatting (`ruff format .` applies it).
 lint: $(VENV)/.pip-installed

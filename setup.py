@@ -51,7 +51,7 @@ setuptools.setup(
   extras_require={
     "clients": CLIENTS,
     # ruff is pinned: its formatter's output is what `make lint` checks against.
-    "test": ["pytest>=8", "hypothesis>=6.100", "psutil>=5.9", "ruff==0.17.6"] + CLIENTS,
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "psutil>=5.9", "ruff==0.17.6"] + CLIENTS,
     "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.*", "py-spy>=0.3", "psutil>=5.9"] + CLIENTS,
   },
   entry_points={
