@@ -238,7 +238,7 @@ def demo(out: str) -> None:
       capture=False,
     )
 
-    _step(f"fgr-query: p50 latency of {FLAGS.latency_requests} gRPC Predict calls (k=100)")
+    _step(f"fgr-query: p50/p99 latency of {FLAGS.latency_requests} gRPC Predict calls (k=100)")
     latency = json.loads(
       _run(
         [
@@ -254,6 +254,7 @@ def demo(out: str) -> None:
     )
     figures["grpc_predict_p50_ms"] = latency["p50_ms"]
     figures["grpc_predict_p99_ms"] = latency["p99_ms"]
+    print(f"p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
   finally:
     _step("Shutting down (SIGTERM, drain)")
     _stop(server)
