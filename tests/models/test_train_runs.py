@@ -108,7 +108,7 @@ def test_an_interrupted_run_is_refused_by_restore_and_continued_by_its_rerun(
     _interrupt_after_epoch(patch, 2)
     with pytest.raises(_Interrupted):
       train_lib.train(data, TINY_TOWER, training, run_dir)
-  # fgr-export, fgr-eval and fgr-refresh restore through train.restore: none takes it for a finished run.
+  # fgr-export and fgr-eval restore through train.restore: neither takes it for a finished run.
   message = (
     r"holds an unfinished training run \(interrupted after epoch 2 of 3\); rerun fgr-train with that run's flags"
   )
