@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import types
 
@@ -11,8 +9,7 @@ import pytest
 from absl import flags
 
 from cli import launch
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import cli_testlib
 
 
 @pytest.mark.parametrize(
@@ -78,14 +75,7 @@ def test_ctrl_c_ends_a_tool_in_one_line_with_status_130(capsys):
 
 def test_fgr_eval_help_lists_its_flags():
   argv = ["/venv/bin/fgr-eval", "--help"]
-  result = subprocess.run(
-    [sys.executable, "-c", f"import sys; sys.argv = {argv!r}; from cli import launch; launch.fgr_eval()"],
-    capture_output=True,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=REPO_ROOT),
-    timeout=300,
-    cwd=REPO_ROOT,
-  )
+  result = cli_testlib.run_console_script(argv)
   for flag in ("--model_path", "--output_dir", "--ks", "--max_examples", "--report_file"):
     assert flag in result.stdout, result.stdout + result.stderr[-2000:]
   assert "judges a training run" in result.stdout

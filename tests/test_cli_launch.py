@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from cli import early_flags, launch
+from tests import cli_testlib
 from tests.data import logs_testlib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,14 +205,7 @@ def test_fgr_export_into_an_existing_version_fails_before_building(tmp_path):
   os.makedirs(tmp_path / "models" / "1")
   argv = ["fgr-export", f"--checkpoint_dir={tmp_path / 'no-run'}", f"--model_base_path={tmp_path / 'models'}"]
   argv.append("--version=1")
-  result = subprocess.run(
-    [sys.executable, "-c", f"import sys; sys.argv = {argv!r}; from cli import launch; launch.fgr_export()"],
-    capture_output=True,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=REPO_ROOT),
-    timeout=300,
-    cwd=REPO_ROOT,
-  )
+  result = cli_testlib.run_console_script(argv)
   assert result.returncode == 1, result.stderr[-3000:]
   assert f"fgr-export: error: Version 1 already exists at {tmp_path / 'models' / '1'}" in result.stderr
   assert "Traceback" not in result.stderr

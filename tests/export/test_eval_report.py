@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ import pytest
 from export import report_file, served_evaluation, version_report
 from models import config as config_lib
 from models import evaluation
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import cli_testlib
 
 
 def _strict(text: str):
@@ -98,15 +96,7 @@ def test_a_missing_version_is_said_to_be_missing(tmp_path):
 
 
 def _fgr_eval(*flags: str) -> subprocess.CompletedProcess:
-  argv = ["fgr-eval", *flags]
-  return subprocess.run(
-    [sys.executable, "-c", f"import sys; sys.argv = {argv!r}; from cli import launch; launch.fgr_eval()"],
-    cwd=REPO_ROOT,
-    env={**os.environ, "PYTHONPATH": REPO_ROOT},
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  return cli_testlib.run_console_script(["fgr-eval", *flags])
 
 
 def test_a_negative_max_examples_is_a_usage_error(tmp_path):

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from export import versions
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import cli_testlib
 
 
 def test_a_new_or_existing_directory_is_a_base_path(tmp_path):
@@ -30,13 +25,6 @@ def test_fgr_export_refuses_a_file_as_base_path_before_reading_the_run(tmp_path)
   """It built and verified the whole graph, then ended with "[Errno 17] File exists: '<base path>'"."""
   (tmp_path / "ads").write_text("")
   argv = ["fgr-export", f"--checkpoint_dir={tmp_path / 'no-run'}", f"--model_base_path={tmp_path / 'ads'}"]
-  result = subprocess.run(
-    [sys.executable, "-c", f"import sys; sys.argv = {argv!r}; from cli import launch; launch.fgr_export()"],
-    capture_output=True,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=REPO_ROOT),
-    timeout=300,
-    cwd=REPO_ROOT,
-  )
+  result = cli_testlib.run_console_script(argv)
   assert result.returncode == 1, result.stderr[-3000:]
   assert f"fgr-export: error: The model base path {tmp_path / 'ads'} is a file" in result.stderr, result.stderr[-3000:]

@@ -7,6 +7,18 @@ import sys
 
 from bench.fixtures import workers as workers_lib
 
+# A tiny two-worker run over fgr-prepare's shards; tests add --data_dir, --output_dir and their own.
+TINY_FLAGS = [
+  "--distribute=multi_worker",
+  "--data=tfrecord",
+  "--embedding_dim=8",
+  "--output_dim=8",
+  "--hidden_units=16",
+  "--features=ids_only",
+  "--id_buckets=1000",
+  "--cluster_timeout_seconds=120",
+]
+
 
 def launch(ports: list[int], flags_of: list[list[str]], log_dir: str) -> list[subprocess.Popen]:
   """Worker i runs fgr-train (its console script's error reporting) with flags_of[i]."""

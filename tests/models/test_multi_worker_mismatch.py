@@ -7,17 +7,7 @@ from models.data import prepare, sources
 from tests.models import multi_worker_testlib
 
 DATA = sources.DataSpec(name="synthetic", synthetic={"num_ads": 1000, "num_users": 50, "num_sessions": 300, "seed": 3})
-FLAGS = [
-  "--distribute=multi_worker",
-  "--data=tfrecord",
-  "--embedding_dim=8",
-  "--output_dim=8",
-  "--hidden_units=16",
-  "--features=ids_only",
-  "--id_buckets=1000",
-  "--epochs=1",
-  "--cluster_timeout_seconds=120",
-]
+FLAGS = [*multi_worker_testlib.TINY_FLAGS, "--epochs=1"]
 TIMEOUT_S = 240  # Bounds a hung job; the refusal comes once both workers have started.
 
 

@@ -13,16 +13,9 @@ from tests.models import multi_worker_testlib
 
 DATA = sources.DataSpec(name="synthetic", synthetic={"num_ads": 1000, "num_users": 50, "num_sessions": 300, "seed": 4})
 FLAGS = [
-  "--distribute=multi_worker",
-  "--data=tfrecord",
-  "--embedding_dim=8",
-  "--output_dim=8",
-  "--hidden_units=16",
-  "--features=ids_only",
-  "--id_buckets=1000",
+  *multi_worker_testlib.TINY_FLAGS,
   "--batch_size=32",
   "--epochs=1000",  # Still training when its peer is killed.
-  "--cluster_timeout_seconds=120",
 ]
 TIMEOUT_S = 240  # Bounds a hung job.
 
