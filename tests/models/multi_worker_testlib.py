@@ -1,9 +1,11 @@
 """fgr-train workers on localhost, each with its own flags, through the console script's error reporting."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 from bench.fixtures import workers as workers_lib
 
@@ -34,3 +36,15 @@ def launch(ports: list[int], flags_of: list[list[str]], log_dir: str) -> list[su
         subprocess.Popen([sys.executable, "-c", script], cwd=workers_lib.REPO, env=env, stdout=log, stderr=log)
       )
   return workers
+
+
+@contextlib.contextmanager
+def workers_running(flags_of: list[list[str]], log_dir: str) -> Iterator[list[subprocess.Popen]]:
+  """`launch` on free ports; every worker is killed and reaped on the way out, whatever the test did."""
+  workers = launch(workers_lib.free_ports(len(flags_of)), flags_of, log_dir)
+  try:
+    yield workers
+  finally:
+    for worker in workers:
+      worker.kill()
+      worker.wait()

@@ -19,15 +19,9 @@ def test_workers_given_different_batch_sizes_refuse_to_train(tmp_path):
   prepare.prepare(DATA, data_dir, records_per_shard=1000, progress=False)
   common = [*FLAGS, f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'run'}"]
   for _ in range(3):  # Another process may take a port between choosing and binding it.
-    workers = multi_worker_testlib.launch(
-      workers_lib.free_ports(2), [[*common, "--batch_size=32"], [*common, "--batch_size=16"]], log_dir
-    )
-    try:
+    flags_of = [[*common, "--batch_size=32"], [*common, "--batch_size=16"]]
+    with multi_worker_testlib.workers_running(flags_of, log_dir) as workers:
       codes = [worker.wait(timeout=TIMEOUT_S) for worker in workers]
-    finally:
-      for worker in workers:
-        worker.kill()
-        worker.wait()
     if not workers_lib.lost_a_port(log_dir):
       break
   for index, code in enumerate(codes):

@@ -27,8 +27,7 @@ def test_a_lost_peer_ends_the_worker_with_one_line(tmp_path):
   prepare.prepare(DATA, data_dir, records_per_shard=1000, progress=False)
   flags = [*FLAGS, f"--data_dir={data_dir}", f"--output_dir={output_dir}"]
   for _ in range(3):  # Another process may take a port between choosing and binding it.
-    workers = multi_worker_testlib.launch(workers_lib.free_ports(2), [flags, flags], log_dir)
-    try:
+    with multi_worker_testlib.workers_running([flags, flags], log_dir) as workers:
       deadline = time.monotonic() + TIMEOUT_S
       # Until the chief's first epoch is done (or a worker failed, e.g. on a port taken meanwhile).
       while not os.path.exists(os.path.join(output_dir, "config.json")) and time.monotonic() < deadline:
@@ -37,10 +36,6 @@ def test_a_lost_peer_ends_the_worker_with_one_line(tmp_path):
         time.sleep(0.05)
       workers[1].send_signal(signal.SIGKILL)
       code = workers[0].wait(timeout=TIMEOUT_S)
-    finally:
-      for worker in workers:
-        worker.kill()
-        worker.wait()
     if not workers_lib.lost_a_port(log_dir):
       break
   with open(os.path.join(log_dir, "worker0.log")) as f:
