@@ -45,8 +45,6 @@ OUTPUTS = frozenset(
     "query.log",
   )
 )
-# A process stopped by ctrl-C (SIGINT), as shells report it.
-INTERRUPTED_STATUS = 128 + signal.SIGINT
 
 
 def prepare_output_dir(path: str) -> str:
@@ -145,7 +143,7 @@ def main(argv: list[str]) -> None:
     demo(prepare_output_dir(FLAGS.output_dir))
   except KeyboardInterrupt:
     sys.stderr.write("\ndemo: interrupted\n")
-    raise SystemExit(INTERRUPTED_STATUS) from None
+    raise SystemExit(launch.INTERRUPTED_STATUS) from None
 
 
 def demo(out: str) -> None:
