@@ -17,6 +17,10 @@ EXAMPLE_FEATURES = schema.QUERY_FEATURE_NAMES + schema.ITEM_FEATURE_NAMES
 NO_TEST_EXAMPLES = "the test split holds no examples to evaluate"
 
 
+class NoTestExamples(ValueError):
+  """The test split is empty: every metric would be NaN."""
+
+
 def top_k_accuracy(
   query_tower: tf.keras.Model,
   item_tower: tf.keras.Model,
@@ -130,14 +134,14 @@ def rank_examples(
         out.setdefault(name, []).append(np.asarray(batch[name]))
   if not out["rank"]:
     # Every metric would be NaN; numpy said only "need at least one array to concatenate".
-    raise ValueError(NO_TEST_EXAMPLES)
+    raise NoTestExamples(NO_TEST_EXAMPLES)
   return {name: np.concatenate(values) for name, values in out.items()}
 
 
-def no_test_examples(source: Any) -> ValueError:
+def no_test_examples(source: Any) -> NoTestExamples:
   """The error for a source whose test split is empty, saying how the split was cut when it can."""
   summary = getattr(source, "events_summary", None)
-  return ValueError(f"{NO_TEST_EXAMPLES}: {summary}" if summary else NO_TEST_EXAMPLES)
+  return NoTestExamples(f"{NO_TEST_EXAMPLES}: {summary}" if summary else NO_TEST_EXAMPLES)
 
 
 def _without_history(scores: tf.Tensor, history: np.ndarray) -> tf.Tensor:
@@ -239,9 +243,7 @@ def evaluate(
     ranked = rank_examples(
       tower_scorer(query_tower, catalog), source.row_of, test_examples(), k, (schema.CONVERTED,), exclude_history
     )
-  except ValueError as e:
-    if str(e) != NO_TEST_EXAMPLES:
-      raise
+  except NoTestExamples:
     raise no_test_examples(source) from None
   report: dict[str, Any] = {
     "num_examples": int(len(ranked["rank"])),
