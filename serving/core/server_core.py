@@ -5,7 +5,7 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 from absl import logging
@@ -215,6 +215,14 @@ class ServerCore:
     with self._lock:
       return self._labels.get(name, {}).get(label, version) == version
 
+  def _refuse_labels_outside(self, name: str, labels: Mapping[str, int], versions: set[int]) -> None:
+    """Raises FAILED_PRECONDITION for the first label (by name) naming a
+    version outside `versions` that it may not name (see
+    `_label_may_name_unavailable`)."""
+    for label, version in sorted(labels.items()):
+      if version not in versions and not self._label_may_name_unavailable(name, label, version):
+        raise _unavailable_label_error(name, version)
+
   def _check_labels(self, models: dict[str, model_server_config_pb2.ModelConfig]) -> None:
     """Refuses, before the config changes anything, a label whose version
     can't be AVAILABLE once the reload is done: one not on disk, or that the
@@ -231,18 +239,14 @@ class ServerCore:
       on_disk = file_system_source.list_versions(model.base_path)
       # As ModelManager.poll: a base path without versions keeps what serves.
       reachable = file_system_source.aspired_versions(on_disk, model) if on_disk else available
-      for label, version in sorted(model.version_labels.items()):
-        if version not in reachable and not self._label_may_name_unavailable(name, label, version):
-          raise _unavailable_label_error(name, version)
+      self._refuse_labels_outside(name, model.version_labels, reachable)
 
   def _apply_labels(self, models) -> None:
     labels = {}
     for name, model in models.items():
       manager = self._managers.get(name)
       available = set(manager.available_versions()) if manager else set()
-      for label, version in sorted(model.version_labels.items()):
-        if version not in available and not self._label_may_name_unavailable(name, label, version):
-          raise _unavailable_label_error(name, version)
+      self._refuse_labels_outside(name, model.version_labels, available)
       labels[name] = dict(model.version_labels)
     with self._lock:
       self._labels = labels
