@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -148,6 +149,7 @@ class Server::Call {
   // Answers the call unless it was answered already; the call may be gone once this returns.
   static void Answer(const std::shared_ptr<State>& state, const grpc::Status& status, const std::string& response) {
     Call* call;
+    std::shared_lock<std::shared_mutex> open;  // Held until the finish has started.
     {
       std::lock_guard<std::mutex> lock(state->mutex);
       if (state->answered) return;
@@ -157,6 +159,10 @@ class Server::Call {
       // keep each other (and the request, its tensors and outputs) alive forever.
       state->task.reset();
       if (call == nullptr) return;
+      open = std::shared_lock<std::shared_mutex>(call->server_->queue_ops_mutex_);
+      // The queue is shut down, so the server was: the call was cancelled, and its done tag, still
+      // to come back, deletes it.
+      if (!call->server_->queue_open_) return;
       ++call->out_;  // The finish below: the call is not deleted before its tag is back.
     }
     if (!status.ok()) {
@@ -198,17 +204,23 @@ class Server::Call {
           Delete();
           return;
         }
-        Await(server_, service_, queue_);  // The next call, before this one's work.
         started_ = Clock::now();
         // From here on it is a live call (the object that waited for it was not one).
         state_ = std::make_shared<State>();
         state_->call = this;
         state_->deadline = context_.deadline();
         {
+          std::shared_lock<std::shared_mutex> open(server_->queue_ops_mutex_);
           std::lock_guard<std::mutex> lock(state_->mutex);
+          if (!server_->queue_open_) {  // Polled after the shutdown (as Answer): only done comes back.
+            state_->answered = true;
+            out_ += 1;
+            return;
+          }
+          Await(server_, service_, queue_);  // The next call, before this one's work.
           out_ += 2;  // The read below, and done.
+          stream_.Read(&request_, &read_tag_);
         }
-        stream_.Read(&request_, &read_tag_);
         return;
       case Event::kRead:
         if (!ok) {

@@ -150,6 +150,10 @@ void Server::Shutdown(double grace_seconds) {
 
 void Server::StopQueue() {
   if (!workers_) return;
+  {
+    std::unique_lock<std::shared_mutex> closing(queue_ops_mutex_);
+    queue_open_ = false;
+  }
   queue_->Shutdown();
   workers_->Join();  // Runs what sessions were left; drains the queue here if it was never polled.
   workers_.reset();

@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <utility>
 #include <variant>
@@ -124,6 +125,12 @@ class Server {
   // threads run unbatched sessions, taking turns at the queue (queue_workers.h).
   std::unique_ptr<grpc::ServerCompletionQueue> queue_;
   std::unique_ptr<QueueWorkers> workers_;  // Null once the queue is stopped.
+  // gRPC aborts the process on an op started on a shut-down queue. Calls are still answered after
+  // the server's shutdown returns (a cancellation polled late, a batch or fallback thread finishing):
+  // each op starts under this lock, shared, and only while `queue_open_`; StopQueue clears it,
+  // exclusively, before it shuts the queue down.
+  std::shared_mutex queue_ops_mutex_;
+  bool queue_open_ = true;
   ThreadPool fallback_pool_;
   std::mutex routes_mutex_;
   std::shared_ptr<const Routes> routes_ = std::make_shared<Routes>();
