@@ -50,9 +50,11 @@ demo: install
 # TEST_WORKERS pytest-xdist workers take whole files each (--dist loadfile), so a file's module
 # fixtures (servers, exports) are still built once; each worker builds the session fixtures it needs.
 # More workers than cores, or than memory allows (~2 GB each), buys nothing; 0 runs in this process.
+# A worker that crashes ends the run, named: xdist's replacement workers lose their file
+# assignments under --dist loadfile, and the run then hung.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0 tests
 
 # One style, configured in ruff.toml: lint and formatting (`ruff format .` applies it).
 lint: $(VENV)/.pip-installed
