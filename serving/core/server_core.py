@@ -378,7 +378,10 @@ class ServerCore:
     """GetModelStatus for a ModelSpec (one version or all of them), of a
     configured model or of one removed from the config."""
     name = model_spec.name
-    version = self._requested_version(model_spec)
+    if name:
+      version = self._requested_version(model_spec)
+    else:  # As TF Serving's GetModelStatus: no model has an empty name, so none is found.
+      version = model_spec.version.value if model_spec.WhichOneof("version_choice") == "version" else None
     with self._lock:
       manager = self._managers.get(name) or self._removed.get(name)
     states = manager.version_states() if manager else []
