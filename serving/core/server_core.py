@@ -4,6 +4,7 @@ import collections
 import concurrent.futures
 import contextlib
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Protocol
@@ -17,6 +18,13 @@ from serving.core import aspired_versions_policy, file_system_source, loader, mo
 from serving.servables import saved_model_bundle
 
 _TENSORFLOW_PLATFORM = "tensorflow"
+# A URI's scheme and "://" (e.g. gs://).
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_relative_path(base_path: str) -> bool:
+  """Whether `base_path` is neither absolute nor a URI (TF Serving's UriIsRelativePath)."""
+  return not (os.path.isabs(base_path) or _URI_SCHEME.match(base_path))
 
 
 def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
@@ -58,6 +66,12 @@ def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
       raise errors.invalid_argument(f"Model {model.name} has no base_path")
     if "\0" in model.base_path:  # No file system path holds one: refuse it before anything changes.
       raise errors.invalid_argument(f"Model {model.name} base_path {model.base_path!r} holds a NUL byte")
+    if is_relative_path(model.base_path):
+      # As TF Serving: relative to what? The server's working directory means nothing to a config
+      # file elsewhere, nor to a client sending HandleReloadConfigRequest.
+      raise errors.invalid_argument(
+        f"Expected model {model.name} to have an absolute path or URI; got base_path()={model.base_path}"
+      )
     if model.model_platform not in ("", _TENSORFLOW_PLATFORM):
       raise errors.invalid_argument(f"Model {model.name} requests unsupported platform {model.model_platform}")
     if model.model_type:
@@ -149,7 +163,8 @@ class ServerCore:
       for model in config.model_config_list.config:
         copy = model_server_config_pb2.ModelConfig()
         copy.CopyFrom(model)
-        copy.base_path = os.path.abspath(model.base_path)
+        if os.path.isabs(model.base_path):
+          copy.base_path = os.path.normpath(model.base_path)
         models[model.name] = copy
       if wait:  # Else (start-up) the labels apply, and are checked, by the next reload.
         self._check_labels(models)

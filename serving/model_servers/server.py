@@ -102,7 +102,12 @@ class Server:
       return text_config.parse_text_proto(options.model_config_file, model_server_config_pb2.ModelServerConfig)
     if not options.model_base_path:
       raise errors.invalid_argument("Both --model_config_file and --model_base_path are empty: one of them is required")
-    return server_core.single_model_config(options.model_name, options.model_base_path)
+    # Ours: a relative --model_base_path is resolved against the working directory, as the shell
+    # that typed it would (TF Serving refuses it; a relative base_path in a config is refused).
+    base_path = options.model_base_path
+    if server_core.is_relative_path(base_path):
+      base_path = os.path.abspath(base_path)
+    return server_core.single_model_config(options.model_name, base_path)
 
   def _batching(self, native) -> loader.BatchingConfig | None:
     """Batching set-up from the flags; `native`: the native module, whose
