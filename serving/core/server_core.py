@@ -155,6 +155,11 @@ class ServerCore:
       ServingError: if the config is invalid, a model has no loadable
         version, or a label names an unavailable version.
     """
+    if config.WhichOneof("config") is None and self._config.WhichOneof("config") is None:
+      # As TF Serving: a server may start with an empty config (no model yet); a later config adds
+      # models. An empty config replacing a model_config_list is refused (`_validate`).
+      logging.info("Taking no action for empty config.")
+      return
     _validate(config)
     for model in config.model_config_list.config:
       loader.check_path_roots(model.base_path, self._loader_options.allowed_roots, f"Model {model.name} base_path")

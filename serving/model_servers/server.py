@@ -1,5 +1,6 @@
 """Wires the core, front ends, batching and monitoring into one server."""
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -99,6 +100,14 @@ class Server:
   def _model_server_config(self) -> model_server_config_pb2.ModelServerConfig:
     options = self.options
     if options.model_config_file:
+      with contextlib.suppress(OSError):  # Else parse_text_proto names the error.
+        if os.path.getsize(options.model_config_file) == 0:
+          # As TF Serving, which can't read (mmap) an empty file: most likely one caught mid-write.
+          # A file with only comments is an empty config: the server starts with no model.
+          raise errors.invalid_argument(
+            f"--model_config_file {options.model_config_file} is empty (0 bytes); for no model yet, "
+            "write `model_config_list {}` or a comment"
+          )
       return text_config.parse_text_proto(options.model_config_file, model_server_config_pb2.ModelServerConfig)
     if not options.model_base_path:
       raise errors.invalid_argument("Both --model_config_file and --model_base_path are empty: one of them is required")

@@ -11,6 +11,8 @@ def test_an_empty_config_is_refused_as_empty():
   """It was refused with "custom_model_config is not supported", which the file never mentioned."""
   core = server_core.ServerCore(loader.LoaderOptions())
   try:
+    # An empty first config is taken as no model yet, as TF Serving (test_empty_config_startup.py).
+    core.reload_config(model_server_config_pb2.ModelServerConfig(model_config_list={}))
     with pytest.raises(errors.ServingError) as info:
       core.reload_config(model_server_config_pb2.ModelServerConfig())
     assert info.value.code.name == "INVALID_ARGUMENT"
