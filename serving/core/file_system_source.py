@@ -43,6 +43,14 @@ def aspired_versions(on_disk: dict[int, str], config: model_server_config_pb2.Mo
   return set(sorted(on_disk)[-max(1, num) :])
 
 
+def missing_specific_versions(on_disk: dict[int, str], config: model_server_config_pb2.ModelConfig) -> list[int]:
+  """The versions a `specific` policy names that are not on disk (sorted)."""
+  policy = config.model_version_policy
+  if policy.WhichOneof("policy_choice") != "specific":
+    return []
+  return sorted(set(policy.specific.versions) - set(on_disk))
+
+
 def version_mtime(path: str) -> float:
   """Modification time of a version's saved_model proto (detects rewrites)."""
   for name in ("saved_model.pb", "saved_model.pbtxt"):

@@ -89,6 +89,8 @@ class ModelManager:
     self._versions: dict[int, _Version] = {}
     self._aspired: set = set()
     self._stopped = threading.Event()
+    # The last `specific` policy warning logged: (missing versions, none named, none aspired).
+    self._specific_warning: tuple[tuple[int, ...], bool, bool] = ((), False, False)
 
   @property
   def config(self) -> model_server_config_pb2.ModelConfig:
@@ -112,6 +114,12 @@ class ModelManager:
       )
       return
     aspired = file_system_source.aspired_versions(on_disk, self._config)
+    self._warn_missing_specific(on_disk, aspired)
+    if not aspired:
+      # A `specific` policy naming no version on disk (yet: the config often lands before the
+      # model). TF Serving unloads every version then; we keep what serves, as for an empty
+      # base path, until a named version appears.
+      return
     with self._cond:
       self._aspired = aspired
       for version, entry in list(self._versions.items()):
@@ -122,6 +130,34 @@ class ModelManager:
         if entry is None or self._should_reload(entry, on_disk[version]):
           self._start_load_locked(version, on_disk[version])
       self._unload_unaspired_locked()
+
+  def _warn_missing_specific(self, on_disk: dict[int, str], aspired: set[int]) -> None:
+    """Logs, in TF Serving's words, the `specific` versions not on disk,
+    once each time that set changes (TF Serving logs it at every poll)."""
+    missing = file_system_source.missing_specific_versions(on_disk, self._config)
+    policy = self._config.model_version_policy
+    no_versions_named = policy.WhichOneof("policy_choice") == "specific" and not policy.specific.versions
+    warning = (tuple(missing), no_versions_named, not aspired)
+    if warning == self._specific_warning:
+      return
+    self._specific_warning = warning
+    if no_versions_named:
+      logging.warning("No specific versions requested for servable %s.", self.name)
+    for version in missing:
+      logging.warning(
+        "Version %d of servable %s, which was requested to be served as a 'specific' version in the "
+        "servable's version policy, was not found in the file system",
+        version,
+        self.name,
+      )
+    if not aspired:
+      logging.warning(
+        "No versions of servable %s found under base path %s. Did you forget to name your leaf directory as a "
+        "number (eg. '/1/')? The versions it serves (%s) keep serving",
+        self.name,
+        self._config.base_path,
+        self.available_versions() or "none",
+      )
 
   def _start_load_locked(self, version: int, path: str) -> None:
     entry = _Version(version, path)

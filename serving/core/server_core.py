@@ -257,8 +257,10 @@ class ServerCore:
         manager = self._managers.get(name)
       available = set(manager.available_versions()) if manager else set()
       on_disk = file_system_source.list_versions(model.base_path)
-      # As ModelManager.poll: a base path without versions keeps what serves.
-      reachable = file_system_source.aspired_versions(on_disk, model) if on_disk else available
+      # As ModelManager.poll: a base path without versions, or a `specific` policy naming none on
+      # disk, keeps what serves.
+      aspired = file_system_source.aspired_versions(on_disk, model) if on_disk else set()
+      reachable = aspired or available
       self._refuse_labels_outside(name, model.version_labels, reachable)
 
   def _apply_labels(self, models) -> None:
