@@ -97,9 +97,24 @@ class ModelManager:
     return self._config
 
   def update_config(self, config: model_server_config_pb2.ModelConfig) -> None:
-    """Applies a new policy or base path, then reconciles with the disk."""
+    """Applies a new policy or base path, then reconciles with the disk.
+
+    As TF Serving, a version is known by its number: one loaded from the
+    old base path keeps serving if the new path has the same number.
+    """
     with self._cond:
-      self._config = config
+      old_base_path, self._config = self._config.base_path, config
+      kept = sorted(v for v, e in self._versions.items() if e.state in (State.LOADING, State.AVAILABLE))
+    if config.base_path != old_base_path and kept:
+      logging.warning(
+        "Model %s base_path changed from %s to %s: versions %s loaded from the old path keep serving where the new "
+        "path has the same number (as TF Serving); to serve the new path's copy, remove the model in one reload "
+        "and add it back in the next, or publish it as a new version",
+        self.name,
+        old_base_path,
+        config.base_path,
+        kept,
+      )
     self.poll()
 
   def poll(self) -> None:
