@@ -123,7 +123,8 @@ class ModelManager:
       return
     on_disk = file_system_source.list_versions(self._config.base_path)
     if not on_disk:
-      # As TF Serving: no versions found keeps whatever is serving.
+      # Keeps whatever is serving: as TF Serving when the base path is missing; when it exists
+      # but holds no version, TF Serving unloads every version (e.g. a store being re-synced).
       logging.log_every_n_seconds(
         logging.WARNING, "No versions of servable %s found under base path %s", 60, self.name, self._config.base_path
       )
