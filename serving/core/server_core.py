@@ -48,7 +48,9 @@ class Router(Protocol):
 def _validate(config: model_server_config_pb2.ModelServerConfig) -> None:
   choice = config.WhichOneof("config")
   if choice is None:  # E.g. a config file caught mid-write, truncated to nothing.
-    raise errors.invalid_argument(
+    # FAILED_PRECONDITION, as TF Serving refuses leaving a model_config_list (only the first config
+    # may be empty: ServerCore.reload_config).
+    raise errors.failed_precondition(
       "ModelServerConfig is empty: it must hold a model_config_list (`model_config_list {}` serves no model)"
     )
   if choice != "model_config_list":

@@ -15,7 +15,7 @@ def test_an_empty_config_is_refused_as_empty():
     core.reload_config(model_server_config_pb2.ModelServerConfig(model_config_list={}))
     with pytest.raises(errors.ServingError) as info:
       core.reload_config(model_server_config_pb2.ModelServerConfig())
-    assert info.value.code.name == "INVALID_ARGUMENT"
+    assert info.value.code.name == "FAILED_PRECONDITION"  # As TF Serving.
     assert "ModelServerConfig is empty" in info.value.message
   finally:
     core.stop()
