@@ -127,6 +127,20 @@ def check_batches(num_examples: int, batch_size: int, where: str | None = None) 
     raise ValueError(f"{num_examples} training examples make no batch of {batch_size}: lower --batch_size")
 
 
+def check_validation_k(training: TrainConfig, num_items: int) -> None:
+  """Refuses a validation cut-off that holds the whole catalog, once its size is known.
+
+  Top-k accuracy at k >= the catalog size counts every example a hit, so the validation metric is 1.0
+  every epoch: early stopping then stops after `early_stopping_patience` epochs and the best epoch is
+  always the first, whatever the model learnt.
+  """
+  if training.validation_fraction > 0 and training.validation_k >= num_items:
+    raise ValueError(
+      f"--validation_k must be below the catalog size ({num_items} items) for validation to tell epochs apart, "
+      f"got {training.validation_k}"
+    )
+
+
 def _count_up_to(examples: tf.data.Dataset, limit: int) -> int:
   """How many of the first `limit` unbatched examples exist (reads no further)."""
   return int(examples.take(limit).reduce(np.int64(0), lambda count, _: count + 1).numpy())
@@ -402,6 +416,7 @@ def train(
   config_lib.check_writable(output_dir)
   if source is None:
     source = sources.open_source(data)
+  check_validation_k(training, source.num_items)
   check_training_fields(source, {"": tower})
 
   steps_per_epoch = None

@@ -122,7 +122,7 @@ flags.DEFINE_float(
   _TRAIN.validation_fraction,
   "Share of training examples held out for early stopping and best-epoch selection (0: off).",
 )
-flags.DEFINE_integer("validation_k", _TRAIN.validation_k, "k of the validation top-k accuracy.")
+flags.DEFINE_integer("validation_k", _TRAIN.validation_k, "k of the validation top-k accuracy; below the catalog size.")
 flags.DEFINE_integer(
   "early_stopping_patience",
   _TRAIN.early_stopping_patience,

@@ -261,7 +261,9 @@ def test_fewer_training_examples_than_a_batch_ask_for_a_lower_batch_size(
 ):
   logs_testlib.write_tiny_logs(str(tmp_path / "data"), num_events=20)
   data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
-  training = dataclasses.replace(TRAINING, batch_size=batch_size, validation_fraction=validation_fraction)
+  training = dataclasses.replace(
+    TRAINING, batch_size=batch_size, validation_fraction=validation_fraction, validation_k=5
+  )
   message = rf"^{examples} training examples make no batch of {batch_size}: lower --batch_size$"
   with pytest.raises(ValueError, match=message):
     train_lib.train(data, TINY_TOWER, training, str(tmp_path / "run"))
