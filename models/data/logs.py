@@ -36,26 +36,34 @@ STATUSES = ("active", "paused")
 MAX_STRING_BYTES = 1024
 
 
+# The longest line a JSON Lines file (items.jsonl, events.jsonl, a catalog delta) may hold, in bytes
+# without its "\n". The richest line the towers read is about 14 KiB: 8 query tokens, 4 user features,
+# 8 ad tokens and the ids, each at most MAX_STRING_BYTES; written as \uXXXX escapes, about 84 KiB.
+# 1 MiB leaves room for a dozen times that and for fields the reader ignores (a log's own extras),
+# while bounding what one line costs to read: a 200 MB line was read and parsed whole (1.1 GB peak).
+MAX_LINE_BYTES = 1 << 20
+
+
 def text_lines(path: str) -> Iterator[tuple[int, str]]:
-  """(line number from 1, line) of a UTF-8 text file; bytes that are not UTF-8 raise a ValueError naming the line."""
-  with open(path, encoding="utf-8") as f:
-    try:
-      yield from enumerate(f, 1)
-    except UnicodeDecodeError as e:
-      raise _not_utf8(path, e) from None
+  """(line number from 1, line) of a UTF-8 text file, split at each line feed as JSON Lines are.
 
-
-def _not_utf8(path: str, error: UnicodeDecodeError) -> ValueError:
-  """`<path>:<line>: not valid UTF-8 (...)` for the first line of `path` that does not decode."""
+  Raises a ValueError naming the line for bytes that are not UTF-8, or for a line longer than
+  MAX_LINE_BYTES, which is refused after reading one byte more than the limit, not the whole line.
+  """
   with open(path, "rb") as f:
-    for line_number, raw in enumerate(f, 1):  # UTF-8 never uses the byte of "\n" inside a character.
-      try:
-        raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        return ValueError(
-          f"{path}:{line_number}: not valid UTF-8 ({e.reason}: byte {e.object[e.start]:#04x} at column {e.start + 1})"
+    for line_number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+      if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+        raise ValueError(
+          f"{path}:{line_number}: line longer than {MAX_LINE_BYTES:,} bytes, the most a line may hold "
+          "(see docs/data_format.md)"
         )
-  return ValueError(f"{path}: not valid UTF-8 ({error})")
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(
+          f"{path}:{line_number}: not valid UTF-8 ({e.reason}: byte {e.object[e.start]:#04x} at column {e.start + 1})"
+        ) from None
+      yield line_number, line
 
 
 def check_file(path: str) -> None:
