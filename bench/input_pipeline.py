@@ -172,8 +172,7 @@ def main(argv: list[str]) -> None:
   for result in results:
     print(json.dumps(result))
   if FLAGS.report_file:
-    with open(FLAGS.report_file, "w") as f:
-      json.dump(results, f, indent=1)
+    report_file.write_atomically(FLAGS.report_file, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

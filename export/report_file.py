@@ -6,10 +6,12 @@ write that fails anyway must not lose the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import tempfile
 from typing import Any
 
 
@@ -49,13 +51,42 @@ def check(path: str, make_directory: bool = False) -> None:
 
 
 def publish(text: str, report_file: str) -> None:
-  """Prints the report, then writes it to `report_file` (if any) whole: a temporary file renamed.
+  """Prints the report, then writes it to `report_file` (if any) whole (`write_atomically`).
 
   Printed first, so that a write failing after the whole evaluation still leaves the report.
   """
   print(text)
   sys.stdout.flush()
   if report_file:
-    with open(report_file + ".tmp", "w") as f:
-      f.write(text + "\n")
-    os.replace(report_file + ".tmp", report_file)
+    write_atomically(report_file, text + "\n")
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Writes `text` to `path` whole and durably: readers and a crash see the old file or the new one.
+
+  The text goes to a temporary file of a unique name in the same directory (so the rename stays on
+  one file system), is fsync'd, then renamed over `path`, and the directory is fsync'd so the rename
+  survives a crash too. A fixed temporary name raced: two runs writing the same report truncated
+  each other's temporary file, and the second rename failed (FileNotFoundError). A temporary file
+  left by a write that failed is deleted.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      umask = os.umask(0)
+      os.umask(umask)
+      os.fchmod(f.fileno(), 0o666 & ~umask)  # As open(path, "w") would create it; mkstemp makes it 0600.
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(temp)
+    raise
+  directory_fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(directory_fd)
+  finally:
+    os.close(directory_fd)
