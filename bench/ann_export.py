@@ -22,8 +22,9 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
+from cli import launch
 from engine import full_graph
 from export import refresh_policy, refresh_state, version_report, versions, warmup
 
@@ -105,4 +106,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   flags.DEFINE_string("version_path", None, "An exported full-graph version.", required=True)
   flags.DEFINE_string("base_path", None, "Model base path to publish the index-only version under.", required=True)
-  app.run(main)
+  launch.run_module(main)

@@ -29,10 +29,11 @@ import time
 from typing import Any
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from bench import serving_common as common
 from bench.fixtures import latency, servers
+from cli import launch
 from clients.loadtest import driver, request_source
 from engine import base, channels, full_graph
 from export import channel_exporter, exporter, served_evaluation, version_report
@@ -307,4 +308,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

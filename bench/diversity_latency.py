@@ -17,9 +17,10 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from bench.fixtures import latency
+from cli import launch
 from engine import diversity
 
 FLAGS = flags.FLAGS
@@ -101,4 +102,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

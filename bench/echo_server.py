@@ -17,9 +17,10 @@ import time
 import grpc
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from cli import launch
 from serving.util import stop_signals
 
 
@@ -100,4 +101,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("port_file", None, "Writes `grpc=<port>` here once serving.")
   flags.DEFINE_integer("max_workers", 8, "Server worker threads.")
   flags.DEFINE_integer("k", 100, "Candidates in the fixed response.")
-  app.run(main)
+  launch.run_module(main)

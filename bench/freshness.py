@@ -40,6 +40,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 from absl import app, flags, logging  # noqa: E402
 
 from bench import freshness_publish, freshness_setup, freshness_swaps  # noqa: E402
+from cli import launch
 from models import train  # noqa: E402
 from models.data import queries as queries_lib  # noqa: E402
 from models.data import sources  # noqa: E402
@@ -76,4 +77,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from bench import catalog, extras, index_profiles, report, served_index
 from bench.fixtures import latency
+from cli import launch
 from engine import base, search_ops, stock_ops
 from export import report_file
 
@@ -478,4 +479,4 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  run()
+  launch.run_module(_main)

@@ -27,6 +27,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from bench.fixtures import resources
+from cli import launch
 from export import report_file
 from models import config as config_lib
 from models import retrieval
@@ -176,4 +177,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

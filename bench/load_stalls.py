@@ -27,11 +27,12 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import scann  # noqa: E402,F401  # pylint: disable=unused-import  # Registers the Scann ops before loading.
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from tensorflow.python.saved_model import loader_impl  # noqa: E402
 from tensorflow_serving.apis import prediction_log_pb2  # noqa: E402
 
 from bench.fixtures import latency  # noqa: E402
+from cli import launch
 from serving.servables import predict_util, saved_model_bundle, warmup  # noqa: E402
 from serving.util import runtime  # noqa: E402
 
@@ -131,4 +132,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -21,10 +21,11 @@ import sys
 import time
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bench import movielens_logs
 from bench.fixtures import towers
+from cli import launch
 from models import config as config_lib
 from models import evaluation
 from models import train as train_lib
@@ -169,4 +170,4 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

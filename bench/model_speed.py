@@ -23,6 +23,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from bench.fixtures import latency, towers
+from cli import launch
 from engine import base, full_graph
 from export import exporter, report_file
 from models import catalog as catalog_lib
@@ -200,4 +201,4 @@ def markdown(results: dict[str, Any], batch_sizes: list[int]) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
+from cli import launch
 from models.data import logs, movielens, schema, sequences
 
 FLAGS = flags.FLAGS
@@ -50,4 +51,4 @@ if __name__ == "__main__":
   # Defined here, not at import: bench.model_quality imports write_logs and has flags of these names.
   flags.DEFINE_string("data_dir", "../shared/datasets/ml-100k", "MovieLens-100K directory.")
   flags.DEFINE_string("output_dir", "/tmp/ml100k_logs", "Where items.jsonl and events.jsonl go.")
-  app.run(main)
+  launch.run_module(main)

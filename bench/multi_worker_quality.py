@@ -16,9 +16,10 @@ import sys
 import tempfile
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 from bench.fixtures import workers
+from cli import launch
 from models.data import prepare, sources
 
 FLAGS = flags.FLAGS
@@ -73,4 +74,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench import serving_common as common
 from bench.fixtures import latency, servers
+from cli import launch
 
 # bench/serving_swap.py serves the same MLP with the same callers, and reads these flags too.
 FLAGS = flags.FLAGS
@@ -168,4 +169,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -20,10 +20,11 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from bench import serving_common as common
 from bench.fixtures import servers
+from cli import launch
 from clients.loadtest import driver
 from export import version_report
 
@@ -159,4 +160,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 import scann  # noqa: F401  # pylint: disable=unused-import  # Registers the Scann ops before loading.
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 import serving.native
 from bench import serving_common as common
 from bench.fixtures import latency as latency_lib
 from bench.fixtures import load_client, servers
+from cli import launch
 from serving.model_servers import native_server
 
 FLAGS = flags.FLAGS
@@ -347,4 +348,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

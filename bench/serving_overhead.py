@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 import scann  # noqa: F401  # pylint: disable=unused-import  # Registers the Scann ops before loading.
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 from tensorflow_serving.apis import predict_pb2
 
 from bench import serving_common as common
 from bench.fixtures import servers
+from cli import launch
 from clients.loadtest import driver
 from serving.servables import saved_model_bundle
 
@@ -174,4 +175,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -31,6 +31,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from bench import ann_export
 from bench import serving_common as common
 from bench.fixtures import servers
+from cli import launch
 from clients.loadtest import driver
 
 FLAGS = flags.FLAGS
@@ -177,4 +178,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -19,11 +19,12 @@ import os
 import subprocess
 import threading
 
-from absl import app, flags
+from absl import flags
 
 from bench import gil_profile
 from bench import serving_common as common
 from bench.fixtures import servers
+from cli import launch
 from clients.loadtest import driver
 
 FLAGS = flags.FLAGS
@@ -108,4 +109,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -17,10 +17,11 @@ import grpc
 import numpy as np
 import scann
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench import echo_server
+from cli import launch
 from export import refresh_state, version_report
 
 FLAGS = flags.FLAGS
@@ -112,4 +113,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

@@ -10,10 +10,11 @@ has to merge concurrent requests to help).
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from bench import serving_common as common
 from bench.fixtures import servers
+from cli import launch
 from clients.loadtest import driver
 
 FLAGS = flags.FLAGS
@@ -66,4 +67,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

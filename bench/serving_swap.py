@@ -15,10 +15,11 @@ import os
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 from bench import serving_batching
 from bench.fixtures import latency
+from cli import launch
 
 FLAGS = flags.FLAGS
 _PUBLISH_AT = flags.DEFINE_float("publish_at", 6.0, "Seconds into the run to publish v2.")
@@ -73,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

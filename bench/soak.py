@@ -20,10 +20,11 @@ import time
 
 import grpc
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench.fixtures import latency, resources, servers
+from cli import launch
 from export import versions
 
 flags.DEFINE_float("seconds", 600, "How long to soak.")
@@ -168,4 +169,4 @@ def _soak(base: str, server_pid: int, channel: grpc.Channel):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run_module(main)

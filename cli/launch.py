@@ -155,6 +155,19 @@ def _ending_quietly_on_ctrl_c(run: Callable[[], None], argv: Sequence[str]) -> N
     raise SystemExit(INTERRUPTED_STATUS) from None
 
 
+def run_module(main: Callable[[list[str]], None]) -> None:
+  """Runs the absl `main` of a module started as `python -m <module>` (the benchmarks) as the console
+  scripts run theirs: a user's mistake (a bad flag value, a missing path) ends it with
+  `python -m <module>: error: <message>` and status 1, ctrl-C with `interrupted` and status 130,
+  rather than a traceback. TensorFlow's start-up environment is not set: the module imported it already.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top  # Light: no TensorFlow.
+
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  argv = [f"python -m {spec.name}" if spec is not None else sys.argv[0], *sys.argv[1:]]  # What errors call it.
+  _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(lambda: app.run(main), argv), argv)
+
+
 # absl's flags that print the main module's flags (`--helpfull` prints every module's anyway).
 _HELP_FLAGS = ("help", "?", "helpshort")
 
@@ -230,4 +243,4 @@ fgr_refresh = _command("export.refresh_cli", user_errors=True)
 fgr_serve = _command("serving.model_servers", "run_server", flags_module="serving.model_servers.server_flags")
 fgr_query = _command("clients.query_cli", user_errors=True)
 fgr_loadtest = _command("clients.loadtest.loadtest_cli", extra="clients", user_errors=True)
-fgr_bench = _command("bench.index_bench", extra="bench")
+fgr_bench = _command("bench.index_bench", extra="bench", user_errors=True)
