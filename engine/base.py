@@ -208,6 +208,24 @@ class Backend:
     if unknown:
       raise ValueError(f"Unknown {self.name} options {sorted(unknown)}; known: {sorted(known)}")
 
+  def check_values(self, options: Mapping[str, Any], k: int, num_items: int) -> None:
+    """Raises ValueError naming the first option no build of `num_items` ads searched for `k` accepts.
+
+    For fgr-export, once the catalog's size is known and before it is embedded (minutes at 1M ads).
+    By default the names only: a backend whose builder checks its values itself overrides this.
+    """
+    del k, num_items
+    self.check_options(options)
+
+  def check_update_values(self, options: Mapping[str, Any], config: Mapping[str, Any], k: int, num_items: int) -> None:
+    """`check_values` for an `update` of an index built with `config` to `num_items` rows.
+
+    An update trains and tunes nothing, so no build checks the search knobs it takes from `options`
+    (a refresher's overrides, kept in every later version).
+    """
+    del config
+    self.check_values(options, k, num_items)
+
   def load_ops(self) -> None:
     """Registers the custom ops a SavedModel holding this backend's index needs, before it is loaded."""
 

@@ -38,6 +38,14 @@ class ScannBackend(base.Backend):
   def check_options(self, options: Mapping[str, Any]) -> None:
     scann_config.check_names(options)  # The check every build makes (`ScannConfig.for_catalog`).
 
+  def check_values(self, options: Mapping[str, Any], k: int, num_items: int) -> None:
+    scann_config.ScannConfig.for_catalog(num_items, k, **options)  # The checks of the build, without ScaNN.
+
+  def check_update_values(self, options: Mapping[str, Any], config: Mapping[str, Any], k: int, num_items: int) -> None:
+    # The structure is the trained one (an update keeps it), not what `for_catalog` would derive anew.
+    kept = {name: config[name] for name in (*STRUCTURE_OPTIONS, "training_sample_size") if name in config}
+    self.check_values({**kept, **options}, k, num_items)
+
   def load_ops(self) -> None:
     import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 

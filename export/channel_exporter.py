@@ -219,6 +219,7 @@ def build_channel_graph(checkpoint_dir: str, config: exporter.ExportConfig, opti
       data_spec = run_config["data"]
       source = sources.open_source(sources.DataSpec.from_json(data_spec))
       base.check_k(config.k, source.num_items)  # Before any catalog is embedded and indexed.
+      base.backend(config.index).check_values(config.index_options, min(depth, source.num_items), source.num_items)
       held_out = queries_lib.held_out_examples(source, options.calibration_examples)
       samples = {n: held_out[n] for n in schema.QUERY_FEATURE_NAMES}
     elif run_config["data"] != data_spec:

@@ -166,6 +166,7 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
   # Before the catalog is embedded and indexed: each backend's build failed its own way, if at all.
   base.check_k(config.k, source.num_items)
+  base.backend(config.index).check_values(config.index_options, config.k, source.num_items)
 
   catalog = catalog_lib.embed_catalog(model.item_tower, source)
   timings["embed"] = time.time() - started

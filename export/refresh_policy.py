@@ -126,6 +126,9 @@ def rebuild_index(
           "train_seconds": 0.0,
         }
       )
+      # A knob out of range for the kept structure (a refresher's override) trains anew, where the build
+      # refuses it by name if no new structure takes it either; the update would have published it.
+      backend.check_update_values(options, config, source.report.k, len(state.ids))
       index = backend.update(trained, config, state.embeddings, source_rows, state.eligible, options)
     except (KeyError, ValueError) as e:
       reason = f"the index cannot be updated: {e}"

@@ -1,0 +1,53 @@
+"""Index option values are checked before the work they would waste: fgr-export's before the catalog is
+embedded, and an incremental fgr-refresh's overrides (which no build checks) before a version is published."""
+
+import os
+
+import pytest
+
+from engine import base
+from export import exporter, refresh, refresh_delta, version_files, versions
+from models import catalog as catalog_lib
+from tests.serving import scann_testlib
+
+
+@pytest.mark.parametrize(
+  "options,message",
+  [
+    ({"num_leaves": 5000}, r"num_leaves must be 0 \(no tree\) or 1 to 3000, the number of ads, got 5000"),
+    ({"target_recall": 2}, r"target_recall must be a number in \[0, 1\], got 2"),
+    ({"num_leaves": 10, "leaves_to_search": 50}, r"leaves_to_search must be .* 1 to num_leaves \(10\), got 50"),
+  ],
+)
+def test_export_refuses_scann_knobs_before_embedding_the_catalog(trained_run, monkeypatch, options, message):
+  def embed_catalog(*args, **kwargs):
+    raise AssertionError("the catalog was embedded before the options were checked")
+
+  monkeypatch.setattr(catalog_lib, "embed_catalog", embed_catalog)
+  with pytest.raises(ValueError, match=f"^{message}$"):
+    exporter.build_graph(trained_run, exporter.ExportConfig(index="scann", k=10, index_options=options))
+
+
+def test_check_values_knows_the_catalog_size_and_k():
+  scann = base.backend("scann")
+  scann.check_values({"num_leaves": 30, "leaves_to_search": 6}, 10, 3000)
+  with pytest.raises(ValueError, match=r"^reorder must be 0 \(no reordering\) or at least k \(10\), got 5$"):
+    scann.check_values({"reorder": 5}, 10, 3000)
+
+
+@pytest.mark.parametrize(
+  "override,message",
+  [
+    ({"leaves_to_search": scann_testlib.NUM_LEAVES + 1}, r"leaves_to_search must be .* 1 to num_leaves \(30\), got 31"),
+    ({"reorder": scann_testlib.K - 1}, r"reorder must be 0 \(no reordering\) or at least k \(10\), got 9"),
+    ({"overfetch": 0}, r"overfetch must be an integer of at least 1, got 0"),
+  ],
+)
+def test_an_incremental_refresh_refuses_search_knob_overrides_out_of_range(tree_export, tmp_path, override, message):
+  base_path = str(tmp_path / "models")
+  version_files.link_tree(tree_export, os.path.join(base_path, "1"))
+  delta = refresh_delta.parse_lines(['{"ad_id": "new-1", "category": "c1", "brand": "b1", "tokens": ["t1"]}'], "d")
+  refresher = refresh.Refresher(base_path, keep_versions=None, verify_recall=False, index_overrides=override)
+  with pytest.raises(ValueError, match=f"^{message}$"):
+    refresher.apply(delta)
+  assert versions.list_versions(base_path) == [1]
