@@ -3,7 +3,9 @@
 Each poll takes the `*.jsonl` files in the directory (names starting with "." are ignored, so a
 writer can create `.name.jsonl` and rename it when complete), in name order, once each is written:
 its size and mtime have not changed for a settle time (`Settle`). That covers writers that do not
-rename: a file still changing, and every file after it in name order, is left for the next poll.
+rename: a file still changing, and every file after it in name order, is left for the next poll. So is
+a file some process still holds open for writing, where Linux can tell (`open_for_writing`): its
+writer may write again after the poll, and those lines would land in processed/, never applied.
 
 A file that does not parse, or that contradicts the catalog (a status change for an unknown ad), is
 moved to `failed/` with a `.error` note and nothing of it is applied. The good files are merged and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -30,6 +33,11 @@ from typing import Any
 from absl import logging
 
 from export import refresh, refresh_delta
+
+try:
+  import fcntl
+except ImportError:  # Windows: the settle rule alone applies (`open_for_writing`).
+  fcntl = None
 
 PROCESSED_DIR = "processed"
 FAILED_DIR = "failed"
@@ -108,7 +116,37 @@ class Settle:
           del self._seen[name]
         else:
           self._seen[name] = (signature, time.monotonic())
+    for name in list(current):
+      if open_for_writing(os.path.join(directory, name)):
+        # Paused past the settle time with the file still open: taken now, its later lines would land in
+        # processed/ and never be applied. It waits, as a file still changing does, until it is closed.
+        logging.info("Delta file %s is still open for writing", name)
+        del current[name]
     return current
+
+
+def open_for_writing(path: str) -> bool:
+  """Whether some process holds `path` open for writing, where Linux can tell (False where it cannot).
+
+  Linux grants a read lease (fcntl F_SETLEASE) only on a file nobody has open for writing, and says
+  EAGAIN otherwise; the lease is released at once. Elsewhere (another OS, NFS, a file of another user
+  without CAP_LEASE) the settle rule alone applies.
+  """
+  if fcntl is None or not hasattr(fcntl, "F_SETLEASE"):
+    return False
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  except OSError:
+    return False  # Gone: the caller finds that out itself.
+  try:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+  except OSError as e:
+    return e.errno == errno.EAGAIN
+  else:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+  finally:
+    os.close(fd)
 
 
 def pending_files(directory: str) -> list[str]:
