@@ -164,6 +164,10 @@ def finalize(scores: tf.Tensor, indices: tf.Tensor) -> SearchResult:
   return SearchResult(scores=scores, indices=indices)
 
 
+# The arguments every builder takes from the caller rather than from its options.
+_BUILD_ARGUMENTS = frozenset({"embeddings", "k", "eligible", "tuning_queries"})
+
+
 class Backend:
   """One backend: how it builds an index, and what a rebuild over a changed catalog may keep of one.
 
@@ -179,9 +183,16 @@ class Backend:
   # Whether `update` can build an index over a changed catalog from an earlier build's training.
   updatable: bool = False
 
-  def __init__(self, name: str, build: Callable[..., Index]):
+  def __init__(self, name: str, build: Callable[..., Index], check: Callable[..., Any] | None = None):
+    """Args:
+    name: the backend's name (--index).
+    build: the builder `build` calls.
+    check: optional `check(num_items, k, **options)`, raising ValueError for a value `build` would
+      refuse; it gets every option of the builder, its defaults filled in (`check_values`).
+    """
     self.name = name
     self._build = build
+    self._check = check
 
   def build(
     self,
@@ -203,7 +214,7 @@ class Backend:
     parameters = inspect.signature(self._build).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
       return  # The builder checks its own options.
-    known = set(parameters) - {"embeddings", "k", "eligible", "tuning_queries"}
+    known = set(parameters) - _BUILD_ARGUMENTS
     unknown = set(options) - known
     if unknown:
       raise ValueError(f"Unknown {self.name} options {sorted(unknown)}; known: {sorted(known)}")
@@ -212,10 +223,13 @@ class Backend:
     """Raises ValueError naming the first option no build of `num_items` ads searched for `k` accepts.
 
     For fgr-export, once the catalog's size is known and before it is embedded (minutes at 1M ads).
-    By default the names only: a backend whose builder checks its values itself overrides this.
+    The names, then the values, through the backend's `check` when it has one.
     """
-    del k, num_items
     self.check_options(options)
+    if self._check is not None:
+      bound = inspect.signature(self._build).bind_partial(**options)
+      bound.apply_defaults()
+      self._check(num_items, k, **{n: v for n, v in bound.arguments.items() if n not in _BUILD_ARGUMENTS})
 
   def check_update_values(self, options: Mapping[str, Any], config: Mapping[str, Any], k: int, num_items: int) -> None:
     """`check_values` for an `update` of an index built with `config` to `num_items` rows.

@@ -103,6 +103,24 @@ class BinaryIndex(base.Index):
     return sum(self.memory_breakdown().values())
 
 
+def check_options(
+  num_items: int,
+  k: int,
+  *,
+  bits: int,
+  rerank_candidates: int | None,
+  target_recall: float,
+  train_steps: int,
+  **unchecked: object,
+) -> None:
+  """Raises ValueError naming the first option `build_binary` refuses (also fgr-export's, before it embeds)."""
+  del num_items, k, unchecked
+  hashing.check_bits(bits)
+  base.check_option("rerank_candidates", rerank_candidates or 0, 0, valid="0 (tuned for target_recall) or positive")
+  base.check_option("target_recall", target_recall, 0, 1, integer=False)
+  base.check_option("train_steps", train_steps, 0)
+
+
 def build_binary(
   embeddings: np.ndarray,
   *,
@@ -134,10 +152,14 @@ def build_binary(
     seed: random seed.
   """
   # Refused before hashing trains, naming the option.
-  hashing.check_bits(bits)
-  base.check_option("rerank_candidates", rerank_candidates or 0, 0, valid="0 (tuned for target_recall) or positive")
-  base.check_option("target_recall", target_recall, 0, 1, integer=False)
-  base.check_option("train_steps", train_steps, 0)
+  check_options(
+    embeddings.shape[0],
+    k,
+    bits=bits,
+    rerank_candidates=rerank_candidates,
+    target_recall=target_recall,
+    train_steps=train_steps,
+  )
   if learned:
     hasher = hashing.train_sign_hash(embeddings, bits=bits, steps=train_steps, seed=seed)
   else:
@@ -154,4 +176,4 @@ def build_binary(
   return index
 
 
-BACKEND = base.Backend("binary", build_binary)
+BACKEND = base.Backend("binary", build_binary, check_options)

@@ -77,6 +77,15 @@ class Int8Index(base.Index):
     return sum(self.memory_breakdown().values())
 
 
+def check_options(
+  num_items: int, k: int, *, rerank_candidates: int | None, target_recall: float, **unchecked: object
+) -> None:
+  """Raises ValueError naming the first option `build_int8` refuses (also fgr-export's, before it embeds)."""
+  del num_items, k, unchecked
+  base.check_option("rerank_candidates", rerank_candidates or 0, 0, valid="0 (tuned for target_recall) or positive")
+  base.check_option("target_recall", target_recall, 0, 1, integer=False)
+
+
 def build_int8(
   embeddings: np.ndarray,
   *,
@@ -98,8 +107,7 @@ def build_int8(
     tuning_queries: float32 [Q, d]; catalog rows stand in when omitted.
     seed: seed for picking stand-in tuning queries.
   """
-  base.check_option("rerank_candidates", rerank_candidates or 0, 0, valid="0 (tuned for target_recall) or positive")
-  base.check_option("target_recall", target_recall, 0, 1, integer=False)
+  check_options(embeddings.shape[0], k, rerank_candidates=rerank_candidates, target_recall=target_recall)
   index = Int8Index(embeddings, eligible, rerank_candidates=rerank_candidates or k)
   if not rerank_candidates:
     queries = search_ops.tuning_queries_or_sample(embeddings, tuning_queries, seed=seed)
@@ -110,4 +118,4 @@ def build_int8(
   return index
 
 
-BACKEND = base.Backend("int8", build_int8)
+BACKEND = base.Backend("int8", build_int8, check_options)

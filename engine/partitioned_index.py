@@ -114,6 +114,52 @@ class PartitionedIndex(base.Index):
     return sum(int(v.numpy().nbytes) for v in (self.centroids, self.vectors, self.row_ids, self.offsets))
 
 
+def check_options(
+  num_items: int,
+  k: int,
+  *,
+  num_partitions: int | None,
+  probes: int | None,
+  target_recall: float,
+  num_tuning_queries: int,
+  kmeans_iterations: int,
+  training_sample_size: int,
+  **unchecked: object,
+) -> int:
+  """Raises ValueError naming the first option `build_partitioned` refuses for `num_items` ads; returns
+  the number of partitions (derived when not given). Also fgr-export's check before it embeds the catalog."""
+  del k, unchecked
+  base.check_option(
+    "num_partitions",
+    num_partitions or 0,
+    0,
+    num_items,
+    valid=f"0 (about sqrt(N)) or 1 to {num_items}, the number of ads",
+  )
+  given_partitions = bool(num_partitions)
+  num_partitions = num_partitions or max(1, int(round(math.sqrt(num_items))))
+  # Above a num_partitions given with it, probes is a contradiction; above the derived one (which the
+  # caller may not know, and which a refresh's smaller catalog lowers) it scores every partition.
+  base.check_option(
+    "probes",
+    probes or 0,
+    0,
+    num_partitions if given_partitions else None,
+    valid="0 (tuned for target_recall) or positive"
+    + (f", at most num_partitions ({num_partitions})" if given_partitions else ""),
+  )
+  base.check_option("target_recall", target_recall, 0, 1, integer=False)
+  base.check_option("num_tuning_queries", num_tuning_queries, 1)
+  base.check_option("kmeans_iterations", kmeans_iterations, 0)
+  base.check_option(
+    "training_sample_size",
+    training_sample_size,
+    num_partitions,
+    valid=f"at least num_partitions ({num_partitions}): k-means picks its initial centroids from the sample",
+  )
+  return num_partitions
+
+
 def build_partitioned(
   embeddings: np.ndarray,
   *,
@@ -147,33 +193,15 @@ def build_partitioned(
   start = time.perf_counter()
   num_items = embeddings.shape[0]
   # Refused before k-means trains, naming the option; 0 means what omitting it does, as for ScaNN's knobs.
-  base.check_option(
-    "num_partitions",
-    num_partitions or 0,
-    0,
+  num_partitions = check_options(
     num_items,
-    valid=f"0 (about sqrt(N)) or 1 to {num_items}, the number of ads",
-  )
-  given_partitions = bool(num_partitions)
-  num_partitions = num_partitions or max(1, int(round(math.sqrt(num_items))))
-  # Above a num_partitions given with it, probes is a contradiction; above the derived one (which the
-  # caller may not know, and which a refresh's smaller catalog lowers) it scores every partition.
-  base.check_option(
-    "probes",
-    probes or 0,
-    0,
-    num_partitions if given_partitions else None,
-    valid="0 (tuned for target_recall) or positive"
-    + (f", at most num_partitions ({num_partitions})" if given_partitions else ""),
-  )
-  base.check_option("target_recall", target_recall, 0, 1, integer=False)
-  base.check_option("num_tuning_queries", num_tuning_queries, 1)
-  base.check_option("kmeans_iterations", kmeans_iterations, 0)
-  base.check_option(
-    "training_sample_size",
-    training_sample_size,
-    num_partitions,
-    valid=f"at least num_partitions ({num_partitions}): k-means picks its initial centroids from the sample",
+    k,
+    num_partitions=num_partitions,
+    probes=probes,
+    target_recall=target_recall,
+    num_tuning_queries=num_tuning_queries,
+    kmeans_iterations=kmeans_iterations,
+    training_sample_size=training_sample_size,
   )
   centroids, assignment = kmeans.spherical_kmeans(
     embeddings, num_partitions, iterations=kmeans_iterations, sample_size=training_sample_size, seed=seed
@@ -201,4 +229,4 @@ def build_partitioned(
   return index
 
 
-BACKEND = base.Backend("partitioned", build_partitioned)
+BACKEND = base.Backend("partitioned", build_partitioned, check_options)

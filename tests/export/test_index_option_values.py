@@ -12,20 +12,38 @@ from tests.serving import scann_testlib
 
 
 @pytest.mark.parametrize(
-  "options,message",
+  "index,options,message",
   [
-    ({"num_leaves": 5000}, r"num_leaves must be 0 \(no tree\) or 1 to 3000, the number of ads, got 5000"),
-    ({"target_recall": 2}, r"target_recall must be a number in \[0, 1\], got 2"),
-    ({"num_leaves": 10, "leaves_to_search": 50}, r"leaves_to_search must be .* 1 to num_leaves \(10\), got 50"),
+    ("scann", {"num_leaves": 5000}, r"num_leaves must be 0 \(no tree\) or 1 to 3000, the number of ads, got 5000"),
+    ("scann", {"target_recall": 2}, r"target_recall must be a number in \[0, 1\], got 2"),
+    (
+      "scann",
+      {"num_leaves": 10, "leaves_to_search": 50},
+      r"leaves_to_search must be .* 1 to num_leaves \(10\), got 50",
+    ),
+    ("partitioned", {"num_partitions": 5000}, r"num_partitions must be 0 \(about sqrt\(N\)\) or 1 to 3000, .*got 5000"),
+    ("int8", {"target_recall": 2}, r"target_recall must be a number in \[0, 1\], got 2"),
+    ("binary", {"bits": 100}, r"bits must be a positive multiple of 64, got 100"),
   ],
 )
-def test_export_refuses_scann_knobs_before_embedding_the_catalog(trained_run, monkeypatch, options, message):
+def test_export_refuses_index_option_values_before_embedding_the_catalog(
+  trained_run, monkeypatch, index, options, message
+):
   def embed_catalog(*args, **kwargs):
     raise AssertionError("the catalog was embedded before the options were checked")
 
   monkeypatch.setattr(catalog_lib, "embed_catalog", embed_catalog)
   with pytest.raises(ValueError, match=f"^{message}$"):
-    exporter.build_graph(trained_run, exporter.ExportConfig(index="scann", k=10, index_options=options))
+    exporter.build_graph(trained_run, exporter.ExportConfig(index=index, k=10, index_options=options))
+
+
+def test_partitioned_values_are_judged_with_the_builders_defaults():
+  partitioned = base.backend("partitioned")
+  partitioned.check_values({"num_partitions": 30, "probes": 30}, 10, 3000)
+  with pytest.raises(ValueError, match=r"^probes must be .*at most num_partitions \(30\), got 31$"):
+    partitioned.check_values({"num_partitions": 30, "probes": 31}, 10, 3000)
+  with pytest.raises(ValueError, match=r"^training_sample_size must be at least num_partitions \(55\)"):
+    partitioned.check_values({"training_sample_size": 20}, 10, 3000)  # sqrt(3000) partitions by default.
 
 
 def test_check_values_knows_the_catalog_size_and_k():
