@@ -56,6 +56,10 @@ Server::~Server() { Shutdown(0); }
 void Server::AddPort(const std::string& address) { addresses_.push_back(address); }
 
 std::vector<int> Server::Start() {
+  // Exclusive with Shutdown: a start after (or racing) a shutdown would serve on, with threads that
+  // nothing stops, and the process would abort when the server is destroyed.
+  std::lock_guard<std::mutex> lock(shutdown_mutex_);
+  if (shut_down_) throw std::runtime_error("The gRPC server was shut down before it started");
   grpc::EnableDefaultHealthCheckService(options_.enable_health);
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> tls;
@@ -102,7 +106,7 @@ std::vector<int> Server::Start() {
   for (size_t i = 0; i < addresses_.size(); ++i) {
     const bool unix_socket = addresses_[i].rfind("unix:", 0) == 0;
     if (*ports_[i] == 0 && !unix_socket) {
-      Shutdown(0);
+      ShutdownLocked(0);
       throw std::runtime_error("Failed to bind gRPC server to " + addresses_[i]);
     }
     ports.push_back(*ports_[i]);
@@ -136,6 +140,10 @@ void Server::SetServing(bool serving) {
 
 void Server::Shutdown(double grace_seconds) {
   std::lock_guard<std::mutex> lock(shutdown_mutex_);
+  ShutdownLocked(grace_seconds);
+}
+
+void Server::ShutdownLocked(double grace_seconds) {
   if (shut_down_) return;
   shut_down_ = true;
   if (server_) {

@@ -81,7 +81,7 @@ class Server {
   // Before Start: "host:port" (port 0: any) or "unix:path".
   void AddPort(const std::string& address);
   // Binds every port and starts serving; returns the bound ports in the order added. Throws
-  // std::runtime_error if a port can't be bound.
+  // std::runtime_error if a port can't be bound, or if Shutdown came first.
   std::vector<int> Start();
   // A model's AVAILABLE versions and labels, replacing what was there; empty versions remove it.
   void SetModel(const std::string& name, std::map<int64_t, std::shared_ptr<Servable>> versions,
@@ -99,6 +99,8 @@ class Server {
   };
   using Routes = std::map<std::string, Model>;
 
+  // Shutdown, the caller holding shutdown_mutex_.
+  void ShutdownLocked(double grace_seconds);
   // Shuts the completion queue down and joins its threads (after server_->Shutdown).
   void StopQueue();
   void Handle(Call* call);
