@@ -574,9 +574,9 @@ def test_native_requests_leave_nothing_behind(tmp_path):
         assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # Answers reach the client before the native side drops its last references: wait for them.
     deadline = time.monotonic() + 30
-    while native.live_counts() != {"tasks": 0, "calls": 0} and time.monotonic() < deadline:
+    while native.live_counts() != {"tasks": 0, "calls": 0, "tensors": 0} and time.monotonic() < deadline:
       time.sleep(0.05)
-    assert native.live_counts() == {"tasks": 0, "calls": 0}
+    assert native.live_counts() == {"tasks": 0, "calls": 0, "tensors": 0}
   finally:
     server.stop()
 
@@ -644,7 +644,7 @@ def test_unbatched_predicts_outnumbering_the_queue_threads_are_all_answered(tmp_
     code, _ = lib.grpc_code(server.predict.Predict, _spinning_request(0, long_run), timeout=0.02)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert predict(3) == [4.0]
-    lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0})
+    lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0, "tensors": 0})
   finally:
     server.stop()
 
@@ -673,7 +673,7 @@ def test_a_call_batching_cannot_take_runs_off_the_queue_thread(tmp_path):
       assert [predict(i, 1) for i in range(8)] == [[i + 1.0] for i in range(8)]
       assert not long_call.done(), "short calls waited for the long one"
       assert long_call.result() == [0.0]
-    lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0})
+    lib.wait_for(lambda: native.live_counts() == {"tasks": 0, "calls": 0, "tensors": 0})
   finally:
     server.stop()
 

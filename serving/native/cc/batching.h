@@ -52,6 +52,33 @@ struct Task {
   std::atomic<bool> abandoned{false};  // Its caller gave up: leave its rows out.
   Done done;
   Counted<Live::kTask> counted;
+
+  // A batch thread takes the task out of its batch to run it: false if its caller abandoned it
+  // first. The feeds and `done` of a taken task stay until it is finished, whatever its caller does.
+  bool Take() {
+    std::lock_guard<std::mutex> lock(take_mutex_);
+    taken_ = true;
+    return !abandoned.load();
+  }
+
+  // Once `abandoned` is set and its caller has answered: drops the feeds and `done` (and what `done`
+  // holds: the request) now, unless a batch thread took the task already. A cancelled call queued in
+  // a batch that waits long to fill (batch_timeout_micros) would otherwise hold its request until
+  // the batch runs. The task itself (its rows in the batch's count) stays queued until then.
+  void Drop() {
+    Done dropped_done;  // Destroyed after the feeds: string feeds are views of the request it holds.
+    std::vector<TensorPtr> dropped_feeds;
+    {
+      std::lock_guard<std::mutex> lock(take_mutex_);
+      if (taken_) return;
+      dropped_done.swap(done);
+      dropped_feeds.swap(feeds);
+    }
+  }
+
+ private:
+  std::mutex take_mutex_;
+  bool taken_ = false;
 };
 
 using TaskPtr = std::shared_ptr<Task>;

@@ -243,14 +243,18 @@ class Server::Call {
   }
 
   void OnCancel() {
+    TaskPtr task;
     {
       std::lock_guard<std::mutex> lock(state_->mutex);
-      if (state_->task) state_->task->abandoned = true;
+      task = state_->task;
+      if (task) task->abandoned = true;
     }
     // Counted as the client saw it, as TF Serving counts the run its deadline cut short.
     state_->Record(state_->PastDeadline(kDeadlineSlack) ? "DEADLINE_EXCEEDED" : "CANCELLED");
     Answer(state_, grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"), "");
     state_->Release();
+    // Answered and released: a task still queued frees its request now, not when its batch runs.
+    if (task) task->Drop();
   }
 
   // One of the tags counted in `out_` came back; the last one deletes the call.

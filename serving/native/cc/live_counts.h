@@ -8,7 +8,7 @@
 
 namespace fgr {
 
-enum class Live { kTask, kCall, kCount };
+enum class Live { kTask, kCall, kTensor, kCount };
 
 std::atomic<int64_t>& LiveCount(Live kind);
 

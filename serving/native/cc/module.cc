@@ -188,6 +188,7 @@ py::list RunServable(Servable& servable, const py::dict& feeds, const std::vecto
     if (timeout > 0 && task) {
       if (!outcome->done_cv.wait_for(lock, std::chrono::milliseconds(timeout), finished)) {
         task->abandoned = true;
+        task->Drop();  // Its inputs are not held until its batch runs (`in` holds them until return).
         outcome->status = Status(kDeadlineExceeded,
                                  "Deadline of " + std::to_string(timeout) + " ms exceeded while waiting for a batch");
         outcome->done = true;
@@ -229,8 +230,9 @@ PYBIND11_MODULE(_fgr_native, m) {
     py::dict counts;
     counts["tasks"] = LiveCount(Live::kTask).load();
     counts["calls"] = LiveCount(Live::kCall).load();
+    counts["tensors"] = LiveCount(Live::kTensor).load();
     return counts;
-  }, "Native request objects alive now (tasks queued or running, gRPC calls): 0 once idle.");
+  }, "Native request objects alive now (tasks queued or running, gRPC calls, tensors): 0 once idle.");
 
   m.def("parse_predict_request", [](const py::bytes& data) {
     tensorflow::serving::PredictRequest request;

@@ -173,8 +173,8 @@ void Servable::Process(const std::string& key, const std::shared_ptr<Kind>& kind
   const Clock::time_point now = Clock::now();
   std::vector<TaskPtr> live;
   for (TaskPtr& task : tasks) {
-    if (task->abandoned.load()) {
-      task->done(Status(kCancelled, "The call was cancelled while waiting for a batch"), {});
+    if (!task->Take()) {  // Abandoned: answered by its caller, and maybe dropped already (Task::Drop).
+      if (task->done) task->done(Status(kCancelled, "The call was cancelled while waiting for a batch"), {});
     } else if (task->deadline <= now) {
       task->done(Expired(*task), {});
     } else {

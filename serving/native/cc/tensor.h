@@ -10,6 +10,7 @@
 #include <memory>
 #include <vector>
 
+#include "live_counts.h"
 #include "tensorflow/core/framework/tensor.pb.h"
 #include "tf_api.h"
 
@@ -44,6 +45,7 @@ class Tensor {
   TF_DataType dtype_;
   std::vector<int64_t> dims_;
   int64_t elements_ = 1;
+  Counted<Live::kTensor> counted_;
 };
 
 using TensorPtr = std::shared_ptr<Tensor>;
