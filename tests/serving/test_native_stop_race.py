@@ -34,7 +34,7 @@ _SCRIPT = textwrap.dedent(
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "m"
     request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0], dtype=tf.float32))
-    future = server.predict.Predict.future(request, timeout=60)  # Alone: its batch is never full.
+    future = server.predict.Predict.future(request, timeout=10)  # Alone: its batch is never full.
     server.server.stop(grace_seconds=(0, 0.001, 0.01)[i % 3])
     try:
       future.result()
@@ -57,5 +57,8 @@ def test_stops_with_calls_waiting_for_a_batch_never_abort(tmp_path):
     [sys.executable, str(script), str(tmp_path), str(_STOPS)], env=env, capture_output=True, text=True, timeout=300
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  # The drain at the stop's start runs the waiting call, or the stop's cancellation ends it.
-  assert set(done.stdout.split()) <= {"OK", "UNAVAILABLE", "CANCELLED"}, done.stdout
+  # The drain at the stop's start runs the waiting call, or the stop's cancellation ends it. Or the
+  # client never got the call through: in a few stops in a hundred under load, its connection was
+  # still in its handshake when the stop closed it, and grpcio left its end in CLOSE-WAIT until the
+  # call's deadline (the server's end in FIN-WAIT-2, no native call alive).
+  assert set(done.stdout.split()) <= {"OK", "UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED"}, done.stdout
