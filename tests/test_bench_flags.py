@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from export import report_file
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import cli_testlib
 
 
 def test_a_benchmarks_report_directory_is_made(tmp_path):
@@ -29,14 +26,7 @@ def test_a_directory_given_as_report_file_is_refused(tmp_path):
 
 def test_index_bench_refuses_fewer_queries_than_a_batch_before_measuring(tmp_path):
   """Batched QPS had no whole batch to time: the first backend ended in an IndexError traceback."""
-  result = subprocess.run(
-    [sys.executable, "-m", "bench.index_bench", "--num_queries=10", "--batch_size=64", f"--out_dir={tmp_path}"],
-    capture_output=True,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=REPO_ROOT),
-    timeout=300,
-    cwd=REPO_ROOT,
-  )
+  result = cli_testlib.run_module("bench.index_bench", ["--num_queries=10", "--batch_size=64", f"--out_dir={tmp_path}"])
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == "--num_queries (10) must be at least --batch_size (64)"
   assert os.listdir(tmp_path) == []

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
-import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import cli_testlib
 
 
 def test_a_missing_path_is_one_line_not_a_traceback(tmp_path):
-  result = subprocess.run(
-    [sys.executable, "-m", "bench.movielens_logs", "--data_dir=/nonexistent", f"--output_dir={tmp_path}"],
-    capture_output=True,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=REPO_ROOT),
-    timeout=300,
-    cwd=REPO_ROOT,
-  )
+  result = cli_testlib.run_module("bench.movielens_logs", ["--data_dir=/nonexistent", f"--output_dir={tmp_path}"])
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   lines = result.stderr.strip().splitlines()
@@ -32,7 +23,7 @@ def test_a_missing_path_is_one_line_not_a_traceback(tmp_path):
 def test_every_absl_benchmark_runs_through_the_launcher():
   """`app.run(main)` in a module's `__main__` block showed a traceback for a bad flag value or path."""
   direct = []
-  for path in sorted(glob.glob(os.path.join(REPO_ROOT, "bench", "*.py"))):
+  for path in sorted(glob.glob(os.path.join(cli_testlib.REPO_ROOT, "bench", "*.py"))):
     with open(path) as f:
       text = f.read()
     main_block = text.partition('\nif __name__ == "__main__":')[2]
