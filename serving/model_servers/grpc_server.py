@@ -239,12 +239,25 @@ class GrpcServer:
     if self._loop.is_running():
       self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
+  async def _stop_and_end_handlers(self, grace_seconds: float) -> None:
+    """grpc.aio's stop, then every handler it cut short is run to its end.
+
+    The stop cancels the handlers left at the end of the grace, but returns before they unwind. A
+    handler left suspended once the loop closes would hold its version forever (its `with` block),
+    and the version's unload, and the process's exit, would wait on it.
+    """
+    await self._server.stop(grace_seconds)
+    handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in handlers:
+      task.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+
   def stop(self, grace_seconds: float) -> None:
     """Stops accepting RPCs and waits for in-flight ones to finish."""
     if not self._loop.is_running():
       return
     self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-    self._on_loop(self._server.stop(grace_seconds))
+    self._on_loop(self._stop_and_end_handlers(grace_seconds))
     self._loop.call_soon_threadsafe(self._loop.stop)
     self._thread.join()
     self._loop.close()
