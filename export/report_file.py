@@ -10,8 +10,8 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 from typing import Any
 
 
@@ -71,12 +71,12 @@ def write_atomically(path: str, text: str) -> None:
   left by a write that failed is deleted.
   """
   directory = os.path.dirname(os.path.abspath(path))
-  fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+  temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+  # Mode 0666 less the umask, as open(path, "w") creates a file (mkstemp's is 0600, and reading the
+  # umask means setting it, for every thread of the process).
+  fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-      umask = os.umask(0)
-      os.umask(umask)
-      os.fchmod(f.fileno(), 0o666 & ~umask)  # As open(path, "w") would create it; mkstemp makes it 0600.
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
