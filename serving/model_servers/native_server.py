@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 from absl import logging
-from tensorflow.core.protobuf import config_pb2
 
 from serving import errors
 from serving.model_servers import rpc_methods, service_impl
@@ -64,19 +63,6 @@ def choose(mode: str) -> ModuleType | None:
     )
   logging.info("Native data plane unavailable (%s): serving gRPC on the Python path", reason)
   return None
-
-
-def caller_thread(session_config: config_pb2.ConfigProto | None) -> bool:
-  """Whether native unbatched requests run their ops in the thread that
-  read them: unless inter_op_parallelism_threads asks for a pool (> 0).
-
-  TF runs every op in the caller's thread when it is negative. Left at 0
-  (auto), the native path does so for unbatched requests, whose parallelism
-  comes from concurrent requests: side by side it cut server CPU per request
-  and p50 at 50 QPS on one- and two-channel graphs alike (docs/performance.md,
-  "Serving" and "Tuning").
-  """
-  return session_config is None or session_config.inter_op_parallelism_threads <= 0
 
 
 def tls(config) -> tuple[str, str, str, bool] | None:

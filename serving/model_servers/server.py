@@ -256,7 +256,7 @@ class Server:
         options.max_batch_size_per_request,
         options.enable_signature_method_name_check,
         options.enable_serialization_as_tensor_content,
-        native_server.caller_thread(options.session_config),
+        native_bundle.caller_thread(options.session_config),
       )
     else:
       self._grpc = grpc_server.GrpcServer(

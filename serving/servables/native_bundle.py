@@ -102,6 +102,21 @@ _pools_lock = threading.Lock()
 _pools_started = False
 
 
+def caller_thread(session_config: config_pb2.ConfigProto | None) -> bool:
+  """Whether native runs execute their ops in the thread that runs them
+  (RunOptions.inter_op_thread_pool = -1): unless inter_op_parallelism_threads
+  asks for TF's inter-op pool (> 0).
+
+  TF runs every op in the caller's thread when it is negative. Left at 0
+  (auto), the native path does so too: an unbatched request in the thread that
+  read it, a batch in its batch thread. Their parallelism comes from concurrent
+  requests and batch threads; handing every op to the pool's threads as well
+  cost CPU per request and throughput, unbatched and batched alike
+  (docs/performance.md, "Serving" and "Tuning").
+  """
+  return session_config is None or session_config.inter_op_parallelism_threads <= 0
+
+
 def start_thread_pools(session_config: config_pb2.ConfigProto | None) -> None:
   """Starts TF's process-wide session thread pools at normal priority on
   every CPU, once, before the first native load.
@@ -156,6 +171,7 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
     self._close_callbacks: list[Callable[[], None]] = []
     self._close_lock = threading.Lock()
     config = session_config.SerializeToString() if session_config is not None else b""
+    self._in_caller_thread = caller_thread(session_config)
     start_thread_pools(session_config)
     try:
       # The restore and init ops run in this thread (see background_load);
@@ -195,6 +211,7 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
       "max_enqueued_batches": options.max_enqueued_batches,
       "allowed_batch_sizes": list(options.allowed_batch_sizes),
       "pad_variable_length_inputs": options.pad_variable_length_inputs,
+      "in_caller_thread": self._in_caller_thread,
       "budget": limits.batch_budget(self.signature_defs, options.max_batch_size),
     }
 

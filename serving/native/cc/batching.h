@@ -34,6 +34,10 @@ struct BatchOptions {
   int64_t max_enqueued_batches = 10;
   std::vector<int64_t> allowed_batch_sizes;
   bool pad_variable_length_inputs = false;
+  // Run each batch's ops in its batch thread (RunOptions.inter_op_thread_pool = -1) instead of on TF's
+  // inter-op pool: the batch threads already keep the cores busy, and handing every op to the pool's
+  // threads costs CPU the other batch thread would use (docs/performance.md, "Tuning").
+  bool in_caller_thread = false;
 };
 
 // One call's share of a batch.

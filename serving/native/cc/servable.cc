@@ -199,7 +199,7 @@ void Servable::Process(const std::string& key, const std::shared_ptr<Kind>& kind
     feeds.push_back(Concat(parts, padded, options.pad_variable_length_inputs));
   }
   std::vector<TensorPtr> outputs;
-  Status status = RunNow(kind->feed_names, feeds, kind->fetches, false, &outputs);
+  Status status = RunNow(kind->feed_names, feeds, kind->fetches, batching_->options.in_caller_thread, &outputs);
   if (!status.ok()) {  // Whatever failed, retry the calls one by one.
     RunAlone(*kind, live, &status);
     return;
@@ -242,7 +242,7 @@ void Servable::RunAlone(const Kind& kind, const std::vector<TaskPtr>& tasks, con
       continue;
     }
     std::vector<TensorPtr> outputs;
-    Status status = RunNow(kind.feed_names, task->feeds, kind.fetches, false, &outputs);
+    Status status = RunNow(kind.feed_names, task->feeds, kind.fetches, batching_->options.in_caller_thread, &outputs);
     task->done(status, status.ok() ? Whole(outputs) : std::vector<TensorSlice>{});
   }
 }

@@ -69,7 +69,7 @@ class Servable : public std::enable_shared_from_this<Servable> {
   // Runs `fetches` given `feeds` (by tensor name) and calls `done` once, maybe before returning.
   // A batchable call is queued (the task is returned, so that its caller may abandon it); any other
   // call runs whole, as BatchingSession runs it: through `elsewhere` when given, else in the calling
-  // thread. `in_caller_thread` is for that whole run only: batches run on TF's inter-op pool.
+  // thread. `in_caller_thread` is for that whole run only; batches follow BatchOptions::in_caller_thread.
   // `timeout_ms` (< 0: none) is a queued task's deadline: past it the task is answered
   // DEADLINE_EXCEEDED and left out of its batch. No run is cut short once started (Session::Run).
   TaskPtr Run(std::vector<std::string> feed_names, std::vector<TensorPtr> feeds, std::vector<std::string> fetches,
