@@ -35,26 +35,30 @@ from bench import serving_common as common
 from bench.fixtures import latency as latency_lib
 from bench.fixtures import load_client, servers
 from cli import launch
-from serving.model_servers import native_server
+from serving.servables import native_bundle
 
 FLAGS = flags.FLAGS
 common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=2)
 flags.adopt_module_key_flags(common)
 flags.DEFINE_float("qps", 50.0, "Open-loop rate for the latency comparison.")
 flags.DEFINE_integer("streams", 32, "Closed-loop streams for the saturation comparison.")
-flags.DEFINE_integer("batch_rows", 32, "Rows per in-process batch (the servers' max_batch_size).")
+flags.DEFINE_integer(
+  "batch_rows", 32, "Rows per in-process batch of the model alone (--streams: the most any batch could hold)."
+)
 flags.DEFINE_integer(
   "inter_op_parallelism",
   0,
   "TF's inter_op_parallelism_threads of every server (--tensorflow_inter_op_parallelism) and of the model "
-  "alone; -1 runs each request's ops in the thread that runs the request, 0 in TF's inter-op pool.",
+  "alone; 0 (auto) runs each native request or batch in the thread that runs it, -1 every run on both "
+  "paths, N > 0 on TF's inter-op pool of N threads.",
 )
 common.define_batching_flag(
-  "Text BatchingParameters of both batching servers (saturation). TF Serving's starting point for a "
-  "CPU-only server, as fgr-serve --enable_batching defaults to: a batch thread per core (the model alone "
-  "is measured from two threads too) and no batch timeout.",
+  "Text BatchingParameters of both batching servers and of the in-process batching session (saturation): "
+  "a batch thread per core, and batches of --streams / 2 rows that fill as the other thread's answers "
+  "come back; the 2 ms timeout only bounds a batch that cannot fill (docs/performance.md, Tuning).",
+  max_batch_size=16,
   num_batch_threads=2,
-  batch_timeout_micros=0,
+  batch_timeout_micros=2000,
 )
 
 MODEL = "retrieval"
@@ -73,9 +77,9 @@ class _Model:
 
     config = config_pb2.ConfigProto(inter_op_parallelism_threads=FLAGS.inter_op_parallelism)
     self.session = native.Session(version, ["serve"], config.SerializeToString())
-    # Batch-1 calls run as the native server runs an unbatched request: in the calling thread, unless
-    # the config asks for TF's inter-op pool.
-    self.in_caller_thread = native_server.caller_thread(config)
+    # Calls and batches run as the native server runs them: in the calling thread, unless the config
+    # asks for TF's inter-op pool.
+    self.in_caller_thread = native_bundle.caller_thread(config)
     signature = meta_graph_pb2.MetaGraphDef.FromString(self.session.meta_graph_def).signature_def["serving_default"]
     self.fetches = [info.name for info in signature.outputs.values()]
     self.feeds = [
@@ -107,7 +111,8 @@ class _Model:
     """
     native = serving.native.module()
     scheduler = native.BatchScheduler(batching["num_batch_threads"])
-    servable = native.Servable(self.session, MODEL, 1, {}, {**batching, "scheduler": scheduler, "budget": None})
+    options = {**batching, "scheduler": scheduler, "budget": None, "in_caller_thread": self.in_caller_thread}
+    servable = native.Servable(self.session, MODEL, 1, {}, options)
     calls, elapsed = _from_threads(
       callers, seconds, lambda index, n: servable.run(self.feeds[(index + n * callers) % len(self.feeds)], self.fetches)
     )
@@ -122,7 +127,11 @@ class _Model:
       parts = [self.feeds[(i * rows + j) % len(self.feeds)] for j in range(rows)]
       batches.append({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
     calls, elapsed = _from_threads(
-      threads, seconds, lambda index, n: self.session.run(batches[n % len(batches)], self.fetches)
+      threads,
+      seconds,
+      lambda index, n: self.session.run(
+        batches[n % len(batches)], self.fetches, in_caller_thread=self.in_caller_thread
+      ),
     )
     return calls * rows / elapsed
 
