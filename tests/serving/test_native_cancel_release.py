@@ -20,17 +20,8 @@ def test_cancelled_queued_calls_drop_their_tensors_and_the_batch_still_runs(tmp_
   from serving import native  # pylint: disable=g-import-not-at-top
 
   live = native.module().live_counts
-  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  params = tmp_path / "batching.config"
   # One row per call: the batch runs once the last call fills it, cancelled rows included.
-  params.write_text(f"max_batch_size {{ value: {_CANCELLED + 1} }} batch_timeout_micros {{ value: 3600000000 }}")
-  server = lib.InProcessServer(
-    native="on",
-    model_name="m",
-    model_base_path=str(tmp_path / "m"),
-    enable_batching=True,
-    batching_parameters_file=str(params),
-  )
+  server = lib.native_batching_server(tmp_path, max_batch_size=_CANCELLED + 1, batch_timeout_micros=3600000000)
   try:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "m"
