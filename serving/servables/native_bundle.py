@@ -171,7 +171,6 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
     self._close_callbacks: list[Callable[[], None]] = []
     self._close_lock = threading.Lock()
     config = session_config.SerializeToString() if session_config is not None else b""
-    self._in_caller_thread = caller_thread(session_config)
     start_thread_pools(session_config)
     try:
       # The restore and init ops run in this thread (see background_load);
@@ -192,7 +191,7 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
         name,
         version,
         servable_signatures(meta_graph.signature_def, runtime.limits),
-        self._batching(batching, runtime.limits),
+        self._batching(batching, runtime.limits, caller_thread(session_config)),
         runtime.metrics,
       )
     except Exception:
@@ -200,7 +199,9 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
       raise
     self.runner = self._run
 
-  def _batching(self, batching: NativeBatching | None, limits: request_limits.ExpansionLimits) -> dict | None:
+  def _batching(
+    self, batching: NativeBatching | None, limits: request_limits.ExpansionLimits, in_caller_thread: bool
+  ) -> dict | None:
     if batching is None:
       return None
     options = batching.options
@@ -211,7 +212,7 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
       "max_enqueued_batches": options.max_enqueued_batches,
       "allowed_batch_sizes": list(options.allowed_batch_sizes),
       "pad_variable_length_inputs": options.pad_variable_length_inputs,
-      "in_caller_thread": self._in_caller_thread,
+      "in_caller_thread": in_caller_thread,
       "budget": limits.batch_budget(self.signature_defs, options.max_batch_size),
     }
 

@@ -146,7 +146,7 @@ std::optional<BatchingConfig> Batching(const py::object& batching) {
   parsed.options.max_enqueued_batches = config["max_enqueued_batches"].cast<int64_t>();
   parsed.options.allowed_batch_sizes = config["allowed_batch_sizes"].cast<std::vector<int64_t>>();
   parsed.options.pad_variable_length_inputs = config["pad_variable_length_inputs"].cast<bool>();
-  if (config.contains("in_caller_thread")) parsed.options.in_caller_thread = config["in_caller_thread"].cast<bool>();
+  parsed.options.in_caller_thread = config["in_caller_thread"].cast<bool>();
   if (config.contains("budget") && !config["budget"].is_none()) {
     std::shared_ptr<py::object> budget = Hold(config["budget"]);
     parsed.budget = [budget](const std::vector<std::string>& names) {
