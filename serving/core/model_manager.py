@@ -455,6 +455,21 @@ class ModelManager:
           self._begin_unload_locked(entry)
 
   def wait_until_unloaded(self, timeout: float | None = None) -> bool:
-    """Blocks until no version is loading, loaded or unloading."""
+    """Blocks until no version is loaded or unloading.
+
+    Once stopped, a version still LOADING is not waited for: TensorFlow cannot cancel a load, which
+    may take minutes (or never end, on a hung file system), and nothing will be served from it. Its
+    attempt closes what it loaded when it returns (`_load`).
+    """
+
+    def unloaded() -> bool:
+      stopped = self._stopped.is_set()
+      return all(e.state == State.END or (stopped and e.state == State.LOADING) for e in self._versions.values())
+
     with self._cond:
-      return self._cond.wait_for(lambda: all(e.state == State.END for e in self._versions.values()), timeout)
+      return self._cond.wait_for(unloaded, timeout)
+
+  def loading_versions(self) -> list[int]:
+    """The versions still LOADING (after `stop`: loads left running, see `wait_until_unloaded`)."""
+    with self._cond:
+      return sorted(v for v, e in self._versions.items() if e.state == State.LOADING)

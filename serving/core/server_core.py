@@ -442,3 +442,14 @@ class ServerCore:
     # Queued loads still run, but return at once once their manager stopped.
     self._load_pool.shutdown(wait=False)
     self._unload_pool.shutdown(wait=False)
+
+  def loads_in_progress(self) -> list[str]:
+    """The versions still loading, of configured and removed models (after `stop`: the loads it left
+    running)."""
+    with self._lock:
+      managers = [*self._managers.values(), *self._removed.values()]
+    return [
+      saved_model_bundle.servable_context(manager.name, version)
+      for manager in managers
+      for version in manager.loading_versions()
+    ]

@@ -131,8 +131,23 @@ def main(argv) -> int:
       signals.wait()
   server.stop()
   stop_signals.ignore()
+  abandoned = server.core.loads_in_progress() if server.core is not None else []
+  if abandoned:
+    # Python's exit would join the load threads, and TensorFlow cannot cancel a load: a stop would
+    # wait minutes for a large version, or forever for one on a hung file system. Everything that
+    # served has drained and unloaded, and a load writes nothing, so exit now.
+    logging.info("Server stopped; not waiting for the loads still running (%s)", "; ".join(abandoned))
+    _exit_now(0)
   logging.info("Server stopped")
   return 0
+
+
+def _exit_now(code: int) -> None:
+  """Flushes what the process printed, then exits without Python's teardown (see `main`)."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def run() -> None:

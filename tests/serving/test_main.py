@@ -144,6 +144,45 @@ def test_sigterm_landing_on_any_thread_stops_the_server(tmp_path):
   assert "Received signal 15: shutting down gracefully" in proc.stderr()
 
 
+def _threads_opening_a_fifo(pid: int) -> int:
+  """How many of the process's threads wait in open() on a FIFO with no writer."""
+  count = 0
+  for tid in os.listdir(f"/proc/{pid}/task"):
+    try:
+      with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+        count += f.read() == "wait_for_partner"
+    except OSError:  # The thread ended.
+      pass
+  return count
+
+
+@pytest.mark.usefixtures("native")
+def test_sigterm_does_not_wait_for_a_load_that_cannot_finish(tmp_path):
+  """A new version whose load never returns (its variables on a hung file system: here a FIFO that
+  nobody writes) must not hold the stop: the served version drains and the process exits 0, where
+  Python's exit used to join the load thread forever."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  proc = lib.ServerProcess(
+    ["--model_name=m", f"--model_base_path={tmp_path / 'm'}", "--file_system_poll_wait_seconds=1"], str(tmp_path)
+  )
+  staged = tmp_path / "staged"
+  lib.write_tf2_half_plus_two(str(staged))
+  (data,) = (staged / "variables").glob("variables.data-*")
+  data.unlink()
+  os.mkfifo(data)
+  staged.rename(tmp_path / "m" / "2")
+  try:
+    lib.wait_for(lambda: _threads_opening_a_fifo(proc.process.pid) == 1, timeout=120)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([2.0], dtype=tf.float32))
+    assert proc.predict.Predict(request, timeout=60).outputs["y"].float_val == [3.0]  # Version 1 serves on.
+  finally:
+    code = proc.terminate(timeout=120)  # Aborts it if the stop hangs, with its threads' stacks in the log.
+  assert code == 0, proc.stderr()[-3000:]
+  assert "not waiting for the loads still running (model: m, version: 2)" in proc.stderr()
+
+
 def test_rest_api_port_any_is_reported_by_the_process(server):
   """The session server runs with --rest_api_port=-1: REST gets a free port,
   reported on stdout and in --port_file as the gRPC port is."""
