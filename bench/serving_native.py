@@ -35,7 +35,7 @@ from bench import serving_common as common
 from bench.fixtures import latency as latency_lib
 from bench.fixtures import load_client, servers
 from cli import launch
-from serving.servables import native_bundle
+from serving.servables import saved_model_bundle
 
 FLAGS = flags.FLAGS
 common.define_flags(warmup_seconds=1.0, seconds=5.0, rounds=2)
@@ -79,7 +79,7 @@ class _Model:
     self.session = native.Session(version, ["serve"], config.SerializeToString())
     # Calls and batches run as the native server runs them: in the calling thread, unless the config
     # asks for TF's inter-op pool.
-    self.in_caller_thread = native_bundle.caller_thread(config)
+    self.in_caller_thread = saved_model_bundle.caller_thread(config)
     signature = meta_graph_pb2.MetaGraphDef.FromString(self.session.meta_graph_def).signature_def["serving_default"]
     self.fetches = [info.name for info in signature.outputs.values()]
     self.feeds = [

@@ -15,7 +15,7 @@ from serving.config import protos, text_config
 from serving.core import loader, server_core
 from serving.model_servers import grpc_server, http_server, native_server, service_impl
 from serving.monitoring import metrics as metrics_lib
-from serving.servables import native_bundle, request_limits
+from serving.servables import native_bundle, request_limits, saved_model_bundle
 
 DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
@@ -256,7 +256,7 @@ class Server:
         options.max_batch_size_per_request,
         options.enable_signature_method_name_check,
         options.enable_serialization_as_tensor_content,
-        native_bundle.caller_thread(options.session_config),
+        saved_model_bundle.caller_thread(options.session_config),
       )
     else:
       self._grpc = grpc_server.GrpcServer(

@@ -102,21 +102,6 @@ _pools_lock = threading.Lock()
 _pools_started = False
 
 
-def caller_thread(session_config: config_pb2.ConfigProto | None) -> bool:
-  """Whether native runs execute their ops in the thread that runs them
-  (RunOptions.inter_op_thread_pool = -1): unless inter_op_parallelism_threads
-  asks for TF's inter-op pool (> 0).
-
-  TF runs every op in the caller's thread when it is negative. Left at 0
-  (auto), the native path does so too: an unbatched request in the thread that
-  read it, a batch in its batch thread. Their parallelism comes from concurrent
-  requests and batch threads; handing every op to the pool's threads as well
-  cost CPU per request and throughput, unbatched and batched alike
-  (docs/performance.md, "Serving" and "Tuning").
-  """
-  return session_config is None or session_config.inter_op_parallelism_threads <= 0
-
-
 def start_thread_pools(session_config: config_pb2.ConfigProto | None) -> None:
   """Starts TF's process-wide session thread pools at normal priority on
   every CPU, once, before the first native load.
@@ -191,7 +176,7 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
         name,
         version,
         servable_signatures(meta_graph.signature_def, runtime.limits),
-        self._batching(batching, runtime.limits, caller_thread(session_config)),
+        self._batching(batching, runtime.limits, saved_model_bundle.caller_thread(session_config)),
         runtime.metrics,
       )
     except Exception:

@@ -45,6 +45,21 @@ _IN_CALLER_THREAD = config_pb2.RunOptions(inter_op_thread_pool=-1)
 SessionRunner = Callable[[dict[str, np.ndarray], Sequence[str], int | None], list[np.ndarray]]
 
 
+def caller_thread(session_config: config_pb2.ConfigProto | None) -> bool:
+  """Whether a version's runs execute their ops in the thread that runs them
+  (RunOptions.inter_op_thread_pool = -1): unless inter_op_parallelism_threads
+  asks for TF's inter-op pool (> 0).
+
+  TF runs every op in the caller's thread when it is negative. Left at 0
+  (auto), both paths do so too: an unbatched request in the thread that runs
+  it, a batch in its batch thread. Their parallelism comes from concurrent
+  requests and batch threads; handing every op to the pool's threads as well
+  cost CPU per request and throughput, unbatched and batched alike
+  (docs/performance.md, "Serving" and "Tuning").
+  """
+  return session_config is None or session_config.inter_op_parallelism_threads <= 0
+
+
 def servable_context(name: str, version: int, signature: str | None = None) -> str:
   """Describes a servable (and signature) for error messages."""
   text = f"model: {name}, version: {version}"
@@ -196,6 +211,7 @@ class SavedModelBundle(LoadedVersion):
     except Exception:
       self._session.close()
       raise
+    self._run_options = _IN_CALLER_THREAD if caller_thread(session_config) else None
     self.runner: SessionRunner = self.session_run
 
   def session_run(
@@ -219,7 +235,7 @@ class SavedModelBundle(LoadedVersion):
     if loading_in_this_thread():  # A warm-up: see background_load().
       with idle_priority():
         return self._direct.run(feeds, fetches, _IN_CALLER_THREAD)
-    return self._direct.run(feeds, fetches)
+    return self._direct.run(feeds, fetches, self._run_options)
 
   def on_close(self, callback: Callable[[], None]) -> None:
     """Registers `callback` to run when the servable is unloaded."""

@@ -1,7 +1,8 @@
-"""Where native batches run their ops: in their batch thread unless the session config asks for TF's pool.
+"""Where batches run their ops, on both paths: in their batch thread unless the session config asks
+for TF's pool.
 
 With --tensorflow_inter_op_parallelism left at 0 (auto), a batch runs its ops in the batch thread
-that took it, as an unbatched request runs in the thread that read it; N > 0 hands every op to TF's
+that took it, as an unbatched request runs in the thread that runs it; N > 0 hands every op to TF's
 inter-op pool of N threads. Both must answer every call of a full batch, each with its own rows.
 """
 
@@ -13,8 +14,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from serving.servables import native_bundle
-from tests import conftest as root_conftest
+from serving.servables import saved_model_bundle
 
 _CALLS = 4
 
@@ -22,18 +22,18 @@ _CALLS = 4
 @pytest.mark.parametrize("inter_op", [None, 0, -1])
 def test_auto_and_negative_inter_op_run_in_the_callers_thread(inter_op):
   config = None if inter_op is None else config_pb2.ConfigProto(inter_op_parallelism_threads=inter_op)
-  assert native_bundle.caller_thread(config)
+  assert saved_model_bundle.caller_thread(config)
 
 
 def test_a_positive_inter_op_uses_tfs_pool():
-  assert not native_bundle.caller_thread(config_pb2.ConfigProto(inter_op_parallelism_threads=2))
+  assert not saved_model_bundle.caller_thread(config_pb2.ConfigProto(inter_op_parallelism_threads=2))
 
 
+@pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("inter_op", [0, 2])
 def test_full_batches_answer_each_call_with_its_own_rows(tmp_path, inter_op):
-  root_conftest.require_native()
   # The batch runs only once every call is in it: all of them are answered from one run.
-  server = lib.native_batching_server(
+  server = lib.batching_server(
     tmp_path,
     max_batch_size=_CALLS,
     batch_timeout_micros=3600000000,

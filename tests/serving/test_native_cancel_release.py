@@ -21,7 +21,7 @@ def test_cancelled_queued_calls_drop_their_tensors_and_the_batch_still_runs(tmp_
 
   live = native.module().live_counts
   # One row per call: the batch runs once the last call fills it, cancelled rows included.
-  server = lib.native_batching_server(tmp_path, max_batch_size=_CANCELLED + 1, batch_timeout_micros=3600000000)
+  server = lib.batching_server(tmp_path, max_batch_size=_CANCELLED + 1, batch_timeout_micros=3600000000, native="on")
   try:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "m"
