@@ -121,6 +121,7 @@ def main(argv) -> int:
     except (errors.ServingError, OSError, RuntimeError) as e:
       logging.error("Failed to start server: %s", getattr(e, "message", None) or e)
       server.stop(grace_seconds=0)
+      _exit_if_loading(server, 1)  # Another model's load may still be running.
       return 1
     if not signals.received:
       print(f"FGR_SERVE_GRPC_PORT={server.grpc_port}", flush=True)
@@ -131,19 +132,22 @@ def main(argv) -> int:
       signals.wait()
   server.stop()
   stop_signals.ignore()
-  abandoned = server.core.loads_in_progress() if server.core is not None else []
-  if abandoned:
-    # Python's exit would join the load threads, and TensorFlow cannot cancel a load: a stop would
-    # wait minutes for a large version, or forever for one on a hung file system. Everything that
-    # served has drained and unloaded, and a load writes nothing, so exit now.
-    logging.info("Server stopped; not waiting for the loads still running (%s)", "; ".join(abandoned))
-    _exit_now(0)
+  _exit_if_loading(server, 0)
   logging.info("Server stopped")
   return 0
 
 
-def _exit_now(code: int) -> None:
-  """Flushes what the process printed, then exits without Python's teardown (see `main`)."""
+def _exit_if_loading(server: server_lib.Server, code: int) -> None:
+  """Exits with `code` now, without Python's teardown, if a version is still loading after the stop.
+
+  Python's exit would join the load threads, and TensorFlow cannot cancel a load: the process would
+  wait minutes for a large version, or forever for one on a hung file system. Everything that served
+  has drained and unloaded by now, and a load writes nothing.
+  """
+  abandoned = server.core.loads_in_progress() if server.core is not None else []
+  if not abandoned:
+    return
+  logging.info("Server stopped; not waiting for the loads still running (%s)", "; ".join(abandoned))
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()

@@ -3,6 +3,7 @@
 import concurrent.futures
 import ctypes
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -156,21 +157,26 @@ def _threads_opening_a_fifo(pid: int) -> int:
   return count
 
 
-@pytest.mark.usefixtures("native")
-def test_sigterm_does_not_wait_for_a_load_that_cannot_finish(tmp_path):
-  """A new version whose load never returns (its variables on a hung file system: here a FIFO that
-  nobody writes) must not hold the stop: the served version drains and the process exits 0, where
-  Python's exit used to join the load thread forever."""
-  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  proc = lib.ServerProcess(
-    ["--model_name=m", f"--model_base_path={tmp_path / 'm'}", "--file_system_poll_wait_seconds=1"], str(tmp_path)
-  )
-  staged = tmp_path / "staged"
+def _write_stuck_version(version_dir: pathlib.Path) -> None:
+  """A version whose load never returns, as on a hung file system: its variables are a FIFO that
+  nobody writes, so the load blocks opening them. Staged, then renamed in whole."""
+  staged = version_dir.parent / f".staged-{version_dir.name}"
   lib.write_tf2_half_plus_two(str(staged))
   (data,) = (staged / "variables").glob("variables.data-*")
   data.unlink()
   os.mkfifo(data)
-  staged.rename(tmp_path / "m" / "2")
+  staged.rename(version_dir)
+
+
+@pytest.mark.usefixtures("native")
+def test_sigterm_does_not_wait_for_a_load_that_cannot_finish(tmp_path):
+  """A new version whose load never returns must not hold the stop: the served version drains and
+  the process exits 0, where Python's exit used to join the load thread forever."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  proc = lib.ServerProcess(
+    ["--model_name=m", f"--model_base_path={tmp_path / 'm'}", "--file_system_poll_wait_seconds=1"], str(tmp_path)
+  )
+  _write_stuck_version(tmp_path / "m" / "2")
   try:
     lib.wait_for(lambda: _threads_opening_a_fifo(proc.process.pid) >= 1, timeout=120)
     request = predict_pb2.PredictRequest()
@@ -181,6 +187,47 @@ def test_sigterm_does_not_wait_for_a_load_that_cannot_finish(tmp_path):
     code = proc.terminate(timeout=120)  # Aborts it if the stop hangs, with its threads' stacks in the log.
   assert code == 0, proc.stderr()[-3000:]
   assert "not waiting for the loads still running (model: m, version: 2)" in proc.stderr()
+
+
+@pytest.mark.usefixtures("native")
+def test_a_failed_start_does_not_wait_for_another_models_load(tmp_path):
+  """One model failing to load fails the start-up (exit 1) at once, even while another model's load
+  never returns. Loads run one at a time in config order: the broken model fails first."""
+  lib.write_broken(str(tmp_path / "bad" / "1"))
+  (tmp_path / "stuck").mkdir()
+  _write_stuck_version(tmp_path / "stuck" / "1")
+  config = tmp_path / "models.config"
+  config.write_text(
+    "model_config_list {"
+    + "".join(f' config {{ name: "{name}" base_path: "{tmp_path / name}" }}' for name in ("bad", "stuck"))
+    + " }"
+  )
+  stderr_path = tmp_path / "stderr.log"
+  with open(stderr_path, "wb") as stderr:
+    process = subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "serving.model_servers.main",
+        "--port=0",
+        "--max_num_load_retries=0",
+        f"--native={lib.NATIVE}",
+        f"--model_config_file={config}",
+      ],
+      cwd=lib.REPO_ROOT,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=lib.REPO_ROOT),
+      stdout=subprocess.DEVNULL,
+      stderr=stderr,
+    )
+    try:
+      code = process.wait(timeout=180)
+    finally:
+      if process.poll() is None:
+        process.kill()
+  log = stderr_path.read_text(errors="replace")
+  assert code == 1, log[-3000:]
+  assert "Failed to start server" in log
+  assert "not waiting for the loads still running (model: stuck, version: 1)" in log
 
 
 def test_rest_api_port_any_is_reported_by_the_process(server):
