@@ -49,8 +49,8 @@ flags.DEFINE_integer(
   "inter_op_parallelism",
   0,
   "TF's inter_op_parallelism_threads of every server (--tensorflow_inter_op_parallelism) and of the model "
-  "alone; 0 (auto) runs each native request or batch in the thread that runs it, -1 every run on both "
-  "paths, N > 0 on TF's inter-op pool of N threads.",
+  "alone; 0 (auto) or -1 runs each request or batch, on both paths, in the thread that runs it, N > 0 on "
+  "TF's inter-op pool of N threads.",
 )
 common.define_batching_flag(
   "Text BatchingParameters of both batching servers and of the in-process batching session (saturation): "

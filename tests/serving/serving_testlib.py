@@ -359,14 +359,11 @@ class InProcessServer:
     self.server.stop(grace_seconds=5)
 
 
-def batching_server(tmp_path, max_batch_size: int, batch_timeout_micros: int, **options) -> "InProcessServer":
-  """Half-plus-two as model "m" (version 1) served with batching, in this process (`native=` picks the
-  path, NATIVE by default)."""
-  write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+def batching_server(tmp_path, batching_parameters: str, **options) -> "InProcessServer":
+  """An in-process server of model "m" (at tmp_path/m, written by the caller) batching with the given
+  text BatchingParameters (`native=` picks the path, NATIVE by default)."""
   params = tmp_path / "batching.config"
-  params.write_text(
-    f"max_batch_size {{ value: {max_batch_size} }} batch_timeout_micros {{ value: {batch_timeout_micros} }}"
-  )
+  params.write_text(batching_parameters)
   return InProcessServer(
     model_name="m",
     model_base_path=str(tmp_path / "m"),

@@ -33,10 +33,10 @@ def test_a_positive_inter_op_uses_tfs_pool():
 @pytest.mark.parametrize("inter_op", [0, 2])
 def test_full_batches_answer_each_call_with_its_own_rows(tmp_path, inter_op):
   # The batch runs only once every call is in it: all of them are answered from one run.
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
   server = lib.batching_server(
     tmp_path,
-    max_batch_size=_CALLS,
-    batch_timeout_micros=3600000000,
+    f"max_batch_size {{ value: {_CALLS} }} batch_timeout_micros {{ value: 3600000000 }}",
     session_config=config_pb2.ConfigProto(inter_op_parallelism_threads=inter_op),
   )
   try:

@@ -127,22 +127,13 @@ def test_batching_parameters_validation():
   assert batching_session.queue_options_from_proto(params, native=True).pad_variable_length_inputs
 
 
-def _batching_server(tmp_path, batching_parameters: str) -> lib.InProcessServer:
-  """fgr-serve batching model "m" (half_plus_two) with the text BatchingParameters given."""
-  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  config = tmp_path / "batching.config"
-  config.write_text(batching_parameters)
-  return lib.InProcessServer(
-    model_name="m", model_base_path=str(tmp_path / "m"), enable_batching=True, batching_parameters_file=str(config)
-  )
-
-
 @pytest.mark.usefixtures("native")
 def test_server_with_batching(tmp_path):
   # A batch runs only once full (it would wait an hour otherwise): 16
   # concurrent callers and 64 requests fill 8 batches of 8, whatever the
   # machine's speed, and no caller is left waiting on a partial batch.
-  server = _batching_server(
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  server = lib.batching_server(
     tmp_path,
     "max_batch_size { value: 8 } "
     "batch_timeout_micros { value: 3600000000 } "
@@ -268,7 +259,8 @@ def test_the_largest_batch_timeout_waits_until_full(tmp_path):
   assert batching_session.queue_options_from_proto(params).batch_timeout_micros == (
     batch_scheduler.MAX_BATCH_TIMEOUT_MICROS
   )
-  server = _batching_server(tmp_path, f"max_batch_size {{ value: 2 }} batch_timeout_micros {{ value: {2**63 - 1} }}")
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  server = lib.batching_server(tmp_path, f"max_batch_size {{ value: 2 }} batch_timeout_micros {{ value: {2**63 - 1} }}")
   try:
 
     def request(x):
@@ -321,7 +313,8 @@ def test_request_count_says_how_each_call_ended(tmp_path):
   """As TF Serving: a call whose deadline passes counts as DEADLINE_EXCEEDED (not OK from a run
   that went on, nor CANCELLED), a call its client cancels as CANCELLED, each once. The batches
   wait an hour unless full, so the one-row calls never run."""
-  server = _batching_server(tmp_path, "max_batch_size { value: 64 } batch_timeout_micros { value: 3600000000 }")
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  server = lib.batching_server(tmp_path, "max_batch_size { value: 64 } batch_timeout_micros { value: 3600000000 }")
   try:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "m"

@@ -27,14 +27,8 @@ def test_stop_answers_a_call_waiting_for_an_hour_long_batch(tmp_path, native):
   if native == "on":
     root_conftest.require_native()
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  params = tmp_path / "batching.config"
-  params.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 3600000000 }")
-  server = lib.InProcessServer(
-    model_name="m",
-    model_base_path=str(tmp_path / "m"),
-    enable_batching=True,
-    batching_parameters_file=str(params),
-    native=native,
+  server = lib.batching_server(
+    tmp_path, "max_batch_size { value: 8 } batch_timeout_micros { value: 3600000000 }", native=native
   )
   request = predict_pb2.PredictRequest()
   request.model_spec.name = "m"

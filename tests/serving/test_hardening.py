@@ -113,19 +113,15 @@ def limited(tmp_path_factory, native_mode):
   always expires in the queue, however slow the machine."""
   tmp = tmp_path_factory.mktemp("limited")
   lib.write_tf2_half_plus_two(str(tmp / "m" / "1"))
-  params = tmp / "batching.config"
-  params.write_text("max_batch_size { value: 64 } batch_timeout_micros { value: 3600000000 }")
-  server = lib.InProcessServer(
-    model_name="m",
-    model_base_path=str(tmp / "m"),
+  server = lib.batching_server(
+    tmp,
+    "max_batch_size { value: 64 } batch_timeout_micros { value: 3600000000 }",
     rest_api_port=lib.REST_ANY_PORT,
     max_batch_size_per_request=4,
     max_in_flight_requests=2,
     grpc_max_receive_message_length=4096,
     rest_api_max_body_bytes=4096,
     rest_api_timeout_in_ms=1500,
-    enable_batching=True,
-    batching_parameters_file=str(params),
     grpc_max_threads=8,
     native=native_mode,
   )

@@ -391,28 +391,16 @@ def _batch_stats(server):
   )
 
 
-def _native_batching_server(tmp_path, batching_parameters: str) -> lib.InProcessServer:
-  """A native in-process server of model "m" (at tmp_path/m) batching with the given text parameters."""
-  params = tmp_path / "batching.config"
-  params.write_text(batching_parameters)
-  return lib.InProcessServer(
-    model_name="m",
-    model_base_path=str(tmp_path / "m"),
-    enable_batching=True,
-    batching_parameters_file=str(params),
-    native="on",
-  )
-
-
 @pytest.mark.usefixtures("native_on")
 def test_native_batching_pads_variable_length_inputs_and_batch_sizes(tmp_path):
   tf.saved_model.save(_FirstColumn(), str(tmp_path / "m" / "1"), signatures={"serving_default": _FirstColumn().serve})
   # A batch runs once full (8 rows) or after an hour: 8 concurrent one-row requests of 8 different
   # lengths make exactly one batch, padded inside to the longest.
-  server = _native_batching_server(
+  server = lib.batching_server(
     tmp_path,
     "max_batch_size { value: 8 } batch_timeout_micros { value: 3600000000 } num_batch_threads { value: 1 } "
     "allowed_batch_sizes: 4 allowed_batch_sizes: 8 pad_variable_length_inputs: true",
+    native="on",
   )
   try:
 
@@ -449,10 +437,11 @@ class _JoinedRow(tf.Module):
 def test_native_batching_pads_a_request_without_elements(tmp_path):
   """A [1, 0] request batched with a [1, 3] one has no first element to pad with: it gets "" (it crashed)."""
   tf.saved_model.save(_JoinedRow(), str(tmp_path / "m" / "1"), signatures={"serving_default": _JoinedRow().serve})
-  server = _native_batching_server(
+  server = lib.batching_server(
     tmp_path,
     "max_batch_size { value: 2 } batch_timeout_micros { value: 3600000000 } num_batch_threads { value: 1 } "
     "pad_variable_length_inputs: true",
+    native="on",
   )
   try:
 
@@ -474,9 +463,10 @@ def test_native_batching_pads_a_request_without_elements(tmp_path):
 @pytest.mark.usefixtures("native_on")
 def test_native_batching_pads_to_allowed_batch_sizes(tmp_path):
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  server = _native_batching_server(
+  server = lib.batching_server(
     tmp_path,
     "max_batch_size { value: 8 } batch_timeout_micros { value: 0 } allowed_batch_sizes: 4 allowed_batch_sizes: 8",
+    native="on",
   )
   try:
     for _ in range(3):  # One at a time: each batch holds one 3-row request, padded to 4.
@@ -552,8 +542,10 @@ def test_native_requests_leave_nothing_behind(tmp_path):
   kept every batched request, its tensors and outputs alive: about 12 KB a request at 100k ads.
   """
   lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
-  server = _native_batching_server(
-    tmp_path, "max_batch_size { value: 8 } batch_timeout_micros { value: 500 } num_batch_threads { value: 2 }"
+  server = lib.batching_server(
+    tmp_path,
+    "max_batch_size { value: 8 } batch_timeout_micros { value: 500 } num_batch_threads { value: 2 }",
+    native="on",
   )
   native, _ = native_server.load_module()
   try:
@@ -656,8 +648,10 @@ def test_a_call_batching_cannot_take_runs_off_the_queue_thread(tmp_path):
   calls are still read and answered."""
   module = _Spinning()
   tf.saved_model.save(module, str(tmp_path / "m" / "1"), signatures={"serving_default": module.serve})
-  server = _native_batching_server(
-    tmp_path, "max_batch_size { value: 8 } batch_timeout_micros { value: 1000 } num_batch_threads { value: 1 }"
+  server = lib.batching_server(
+    tmp_path,
+    "max_batch_size { value: 8 } batch_timeout_micros { value: 1000 } num_batch_threads { value: 1 }",
+    native="on",
   )
   native, _ = native_server.load_module()
   try:

@@ -21,7 +21,10 @@ def test_cancelled_queued_calls_drop_their_tensors_and_the_batch_still_runs(tmp_
 
   live = native.module().live_counts
   # One row per call: the batch runs once the last call fills it, cancelled rows included.
-  server = lib.batching_server(tmp_path, max_batch_size=_CANCELLED + 1, batch_timeout_micros=3600000000, native="on")
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  server = lib.batching_server(
+    tmp_path, f"max_batch_size {{ value: {_CANCELLED + 1} }} batch_timeout_micros {{ value: 3600000000 }}", native="on"
+  )
   try:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "m"

@@ -32,16 +32,10 @@ def test_a_wide_row_never_shares_a_batch_its_padding_would_take_over_budget(tmp_
   did share it, so one request of 10 floats made every small one in its batch 10 floats wide)."""
   model = _RowSum()
   tf.saved_model.save(model, str(tmp_path / "m" / "1"), signatures={"serving_default": model.serve})
-  params = tmp_path / "batching.config"
-  params.write_text(
+  server = lib.batching_server(
+    tmp_path,
     "max_batch_size { value: 4 } batch_timeout_micros { value: 200000 } num_batch_threads { value: 1 } "
-    "pad_variable_length_inputs: true"
-  )
-  server = lib.InProcessServer(
-    model_name="m",
-    model_base_path=str(tmp_path / "m"),
-    enable_batching=True,
-    batching_parameters_file=str(params),
+    "pad_variable_length_inputs: true",
     max_elements_per_batch=15,
     native="on",
   )
