@@ -2,5 +2,9 @@
 
 import os
 
+from serving.util import runtime
+
 # Same as engine/: TFRS and the towers need Keras 2; set before TensorFlow is imported.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# A model run in a benchmark's own process runs on the kernels fgr-serve runs it on, so the two compare.
+runtime.use_eigen_kernels()

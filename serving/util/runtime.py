@@ -1,8 +1,9 @@
-"""Process tuning that keeps request latency flat while model versions swap."""
+"""Process tuning for fgr-serve, set before TensorFlow loads: its kernels, and flat latency while versions swap."""
 
 import ctypes
 import ctypes.util
 import gc
+import os
 
 from absl import logging
 
@@ -50,16 +51,33 @@ _DISABLING_ARGS = (
 )
 
 
+# TensorFlow's switch for the oneDNN kernels of its x86 wheel, read once when its libraries load.
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def use_eigen_kernels() -> None:
+  """Has TensorFlow run its Eigen kernels rather than oneDNN's, unless TF_ENABLE_ONEDNN_OPTS is set.
+
+  TensorFlow's x86 wheel turns oneDNN on by itself on CPUs with AVX-512 VNNI or BF16 or AMX, and
+  rewrites matmuls and their neighbours into oneDNN kernels. Their fixed cost per call dominates at
+  serving's few rows a call: with Eigen's, the served 100k-ad model took a quarter less time at batch
+  1, and a self-attention query tower half (docs/performance.md, Tuning). `TF_ENABLE_ONEDNN_OPTS=1`
+  in fgr-serve's environment brings oneDNN back. Call before TensorFlow's import.
+  """
+  os.environ.setdefault(ONEDNN_ENV, "0")
+
+
 def prepare_server_process(argv: list) -> None:
   """fgr-serve's process set-up, for its entry points before TensorFlow's
-  import: with --allocator=mimalloc (the default) re-executes the process
-  under mimalloc (`allocator.exec_under_mimalloc`), then, with
-  --retain_freed_memory (the default), `retain_freed_memory()`.
+  import: `use_eigen_kernels()`; with --allocator=mimalloc (the default)
+  re-executes the process under mimalloc (`allocator.exec_under_mimalloc`),
+  then, with --retain_freed_memory (the default), `retain_freed_memory()`.
 
   Both read `argv` themselves: the flag parser runs too late. Threads that
   malloc before mallopt(M_ARENA_MAX) get glibc arenas of their own, and
   LD_PRELOAD is read only when a process starts.
   """
+  use_eigen_kernels()  # First: the re-exec passes the environment on.
   retain = retain_requested(argv)
   if allocator.requested(argv) == allocator.MIMALLOC:
     allocator.exec_under_mimalloc(keep_freed_pages=retain)
