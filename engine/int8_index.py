@@ -29,7 +29,9 @@ class Int8Index(base.Index):
   casting the codes to bfloat16 (exact for int8) and one oneDNN matmul, the fastest of the TF paths
   tried (an XLA-fused int8 -> int32 dot, TF's int8 `MatMul`, `QuantizedMatMul`); none beats the
   float32 matmul over 4x the bytes, because TF has no fast int8 GEMV on CPU (docs/history/benchmarks-2026-11.md,
-  Index backends). So int8 buys memory, not speed, here. Ineligible items are masked before the
+  Index backends). So int8 buys memory, not speed, here. The bf16 matmul is fast only on oneDNN's
+  kernels, which fgr-serve turns off by default: serve int8 exports with TF_ENABLE_ONEDNN_OPTS=1
+  (docs/performance.md, Tuning). Ineligible items are masked before the
   candidate top-k, so the `rerank_candidates` survivors are all eligible and k results come back
   whenever k eligible items exist. Those candidates are rescored exactly against float32 vectors, kept for that purpose
   and counted in `nbytes()` (see `memory_breakdown()` for codes vs rerank bytes).
