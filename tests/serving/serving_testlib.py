@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -371,6 +372,27 @@ def batching_server(tmp_path, batching_parameters: str, **options) -> "InProcess
     batching_parameters_file=str(params),
     **options,
   )
+
+
+def run_server_setup(report: str, *argv: str, env: dict[str, str | None]) -> tuple[dict, int]:
+  """Runs fgr-serve's process set-up (`runtime.prepare_server_process(argv)`, which may re-execute the
+  process) in a fresh process, then `report`: Python that prints a JSON object as its last line.
+  Returns that object and the pid the process started with. `env` overrides this process's
+  environment; None removes a variable."""
+  script = "import sys\nfrom serving.util import runtime\nruntime.prepare_server_process(sys.argv[1:])\n"
+  environment = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
+  for name in (k for k, v in env.items() if v is None):
+    environment.pop(name, None)
+  process = subprocess.Popen(
+    [sys.executable, "-c", script + textwrap.dedent(report), *argv],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=environment,
+  )
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err
+  return json.loads(out.strip().splitlines()[-1]), process.pid
 
 
 def wait_for(condition, timeout: float = 60, interval: float = 0.05):

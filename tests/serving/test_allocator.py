@@ -1,26 +1,23 @@
 """fgr-serve's allocator: the re-exec under mimalloc, read from argv before TensorFlow's import."""
 
-import json
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
+import serving_testlib as lib
 
 from serving.util import allocator
 
-# What fgr-serve's entry points run first, then a report of the process it left.
-_ENTRY_POINT = textwrap.dedent("""
-    import json, os, sys
+# What fgr-serve's entry points leave: the process after `runtime.prepare_server_process`.
+_REPORT = """
+    import json, os
     from serving.util import allocator, runtime
-    runtime.prepare_server_process(sys.argv[1:])
     print(json.dumps({"pid": os.getpid(), "mimalloc": allocator.mimalloc_active(),
                       "retained": runtime.freed_memory_retained(),
                       "ld_preload": os.environ.get("LD_PRELOAD"),
                       "purge_delay": os.environ.get("MIMALLOC_PURGE_DELAY"),
                       "marker": os.environ.get("FGR_SERVE_ALLOCATOR_EXEC")}))
-""")
+"""
 _NEEDS_MIMALLOC = pytest.mark.skipif(
   allocator.mimalloc_library() is None or not sys.platform.startswith("linux"),
   reason="mimalloc (pip package cmeel-mimalloc) is installed on Linux only",
@@ -28,18 +25,9 @@ _NEEDS_MIMALLOC = pytest.mark.skipif(
 
 
 def _run_entry_point(*argv: str, ld_preload: str | None = None) -> tuple[dict, int]:
-  """Runs `_ENTRY_POINT` as a process; returns its report and the pid it was started with."""
-  env = {
-    k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY", "FGR_SERVE_ALLOCATOR_EXEC")
-  }
-  if ld_preload:
-    env["LD_PRELOAD"] = ld_preload
-  process = subprocess.Popen(
-    [sys.executable, "-c", _ENTRY_POINT, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-  )
-  out, err = process.communicate(timeout=120)
-  assert process.returncode == 0, err
-  return json.loads(out.strip().splitlines()[-1]), process.pid
+  """Runs fgr-serve's set-up and `_REPORT` as a process; returns its report and the pid it was started with."""
+  env = {"LD_PRELOAD": ld_preload, "MIMALLOC_PURGE_DELAY": None, "FGR_SERVE_ALLOCATOR_EXEC": None}
+  return lib.run_server_setup(_REPORT, *argv, env=env)
 
 
 @pytest.mark.parametrize(

@@ -1,33 +1,19 @@
 """fgr-serve runs TensorFlow's Eigen kernels, not oneDNN's, unless TF_ENABLE_ONEDNN_OPTS says otherwise."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
+import serving_testlib as lib
 
 from serving.util import runtime
 
-# What fgr-serve's entry points run first, then TensorFlow's own view of its kernels.
-_ENTRY_POINT = textwrap.dedent("""
-    import json, os, sys
-    from serving.util import runtime
-    runtime.prepare_server_process(sys.argv[1:])
+# TensorFlow's own view of its kernels, after fgr-serve's process set-up.
+_REPORT = """
+    import json, os
     from tensorflow.python.util import _pywrap_util_port
     print(json.dumps({"env": os.environ.get(runtime.ONEDNN_ENV), "onednn": _pywrap_util_port.IsMklEnabled()}))
-""")
+"""
 
 
 def _run_entry_point(*argv: str, onednn_env: str | None = None) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != runtime.ONEDNN_ENV}
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  if onednn_env is not None:
-    env[runtime.ONEDNN_ENV] = onednn_env
-  process = subprocess.run(
-    [sys.executable, "-c", _ENTRY_POINT, *argv], capture_output=True, text=True, env=env, timeout=120, check=False
-  )
-  assert process.returncode == 0, process.stderr
-  return json.loads(process.stdout.strip().splitlines()[-1])
+  return lib.run_server_setup(_REPORT, *argv, env={runtime.ONEDNN_ENV: onednn_env, "TF_CPP_MIN_LOG_LEVEL": "2"})[0]
 
 
 def test_server_process_turns_onednn_off():
