@@ -90,6 +90,8 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
   "brute_force_bf16": ("brute_force", {"dtype": "bfloat16"}),
   "scann": ("scann", {}),
   "int8": ("int8", {}),
+  # Its codes scored without XLA, as stock TF Serving runs them without --xla_cpu_compilation_enabled.
+  "int8_bf16": ("int8", {"jit_compile": False}),
   # The Hamming scan under XLA, as docs/performance.md's table measured it (the export's default is off).
   "binary": ("binary", {"jit_compile": True}),
   "binary_random": ("binary", {"learned": False, "jit_compile": True}),
@@ -244,7 +246,7 @@ def sweep_points(variant: str, index: base.Index, k: int) -> list[dict[str, int]
     ]
   if variant == "partitioned":
     return [{"probes": max(1, int(index.num_partitions * f))} for f in (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)]
-  if variant == "int8":
+  if variant.startswith("int8"):
     return [{"rerank_candidates": m * k} for m in (1, 2, 4, 8)]
   if variant.startswith("binary"):
     return [{"rerank_candidates": m * k} for m in (10, 20, 40, 80, 160)]

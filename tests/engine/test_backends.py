@@ -30,11 +30,19 @@ def test_brute_force_matches_numpy(small_catalog, options):
     np.testing.assert_allclose(result.scores.numpy(), np.take_along_axis(queries @ items.T, truth, 1), rtol=1e-5)
 
 
-def test_int8_quantisation_and_recall(small_catalog):
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_int8_quantisation_and_recall(small_catalog, jit_compile):
   items, queries = small_catalog
   codes, scales = int8_index.quantize(items)
   assert codes.dtype == np.int8 and np.abs(codes.astype(np.float32) * scales - items).max() <= scales.max() / 2 + 1e-6
-  index = base.build_index("int8", items, k=20)
+  index = base.build_index("int8", items, k=20, jit_compile=jit_compile)
+  # The codes' scores: float32 under XLA; without it the scaled queries are rounded to bfloat16 (8
+  # significant bits) for the bf16 matmul.
+  approximate = tf.function(index.approximate_scores)(tf.constant(queries)).numpy()
+  dequantised = queries @ (codes.astype(np.float32) * scales).T
+  np.testing.assert_allclose(
+    approximate, dequantised, rtol=0, atol=1e-4 if jit_compile else 2e-2 * np.abs(dequantised).max()
+  )
   assert index.memory_breakdown()["codes"] == items.size + 4 * items.shape[1]  # 1 byte per dimension.
   assert _recall(index, items, queries, 20) >= 0.99
   result = _search(index, queries, 20)  # Reranked scores are exact dot products.

@@ -74,6 +74,8 @@ def test_partitioned_loads_in_stock_tensorflow_without_scann(small_catalog, tmp_
     ("brute_force", {}, False),
     ("binary", {"learned": False, "rerank_candidates": 100, "jit_compile": True}, True),
     ("binary", {"learned": False, "rerank_candidates": 100}, False),  # The default loads in stock TF Serving.
+    ("int8", {}, True),  # Its codes are scored under XLA by default (Int8Index).
+    ("int8", {"jit_compile": False}, False),
   ],
 )
 def test_functions_that_must_be_xla_compiled_are_found(small_catalog, tmp_path, backend, options, needs_xla):
