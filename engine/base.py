@@ -203,7 +203,25 @@ class Backend:
     tuning_queries: np.ndarray | None = None,
     **options: Any,
   ) -> Index:
-    return self._build(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **options)
+    return self._build(embeddings, k=k, eligible=eligible, tuning_queries=tuning_queries, **self._switches(options))
+
+  def _switches(self, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with every on/off option of the builder (annotated `bool`) as a bool.
+
+    `--index_options` parses `true`/`false` to bools, but reports of versions exported before it did
+    hold the strings, and a non-empty string is truthy: `jit_compile="false"` would turn XLA on. So
+    "true" and "false" (any case) become bools here, and any other value is refused.
+    """
+    parameters = inspect.signature(self._build).parameters
+    out = dict(options)
+    for name, value in options.items():
+      if name not in parameters or parameters[name].annotation not in (bool, "bool"):
+        continue
+      if isinstance(value, str) and value.lower() in ("true", "false"):
+        out[name] = value.lower() == "true"
+      elif not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{self.name} option {name} must be true or false, got {value!r}")
+    return out
 
   def check_options(self, options: Mapping[str, Any]) -> None:
     """Raises ValueError naming the options this backend's build does not take (e.g. a typo).
@@ -226,6 +244,7 @@ class Backend:
     The names, then the values, through the backend's `check` when it has one.
     """
     self.check_options(options)
+    options = self._switches(options)
     if self._check is not None:
       bound = inspect.signature(self._build).bind_partial(**options)
       bound.apply_defaults()

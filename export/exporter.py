@@ -117,12 +117,15 @@ def fit_cooccurrence(
 
 
 def parse_index_options(pairs: list[str]) -> dict[str, Any]:
-  """Parses name=value pairs; values are Python literals (numbers, booleans) or plain strings."""
+  """Parses name=value pairs; values are Python literals (numbers, booleans), `true`/`false`, or plain strings."""
   options: dict[str, Any] = {}
   for pair in pairs:
     name, sep, value = pair.partition("=")
     if not sep or not name:
       raise ValueError(f"index options must look like name=value, got {pair!r}")
+    if value.lower() in ("true", "false"):  # As absl's boolean flags take them (not Python's literals only).
+      options[name] = value.lower() == "true"
+      continue
     try:
       options[name] = ast.literal_eval(value)
     except (ValueError, SyntaxError):

@@ -3,6 +3,7 @@ embedded, and an incremental fgr-refresh's overrides (which no build checks) bef
 
 import os
 
+import numpy as np
 import pytest
 
 from engine import base
@@ -24,6 +25,8 @@ from tests.serving import scann_testlib
     ("partitioned", {"num_partitions": 5000}, r"num_partitions must be 0 \(about sqrt\(N\)\) or 1 to 3000, .*got 5000"),
     ("int8", {"target_recall": 2}, r"target_recall must be a number in \[0, 1\], got 2"),
     ("binary", {"bits": 100}, r"bits must be a positive multiple of 64, got 100"),
+    ("brute_force", {"jit_compile": "yes"}, r"brute_force option jit_compile must be true or false, got 'yes'"),
+    ("binary", {"learned": 1}, r"binary option learned must be true or false, got 1"),
   ],
 )
 def test_export_refuses_index_option_values_before_embedding_the_catalog(
@@ -35,6 +38,20 @@ def test_export_refuses_index_option_values_before_embedding_the_catalog(
   monkeypatch.setattr(catalog_lib, "embed_catalog", embed_catalog)
   with pytest.raises(ValueError, match=f"^{message}$"):
     exporter.build_graph(trained_run, exporter.ExportConfig(index=index, k=10, index_options=options))
+
+
+@pytest.mark.parametrize("backend", ["brute_force", "int8", "binary"])
+@pytest.mark.parametrize("value", ["false", "true", "False"])
+def test_on_off_options_mean_what_they_say(backend, value):
+  # `jit_compile=false` was parsed to the string "false", which is truthy: it turned XLA on. A version
+  # report written then still holds the string, so the build reads it as the bool it names.
+  items = np.random.default_rng(0).normal(size=[300, 16]).astype(np.float32)
+  parsed = exporter.parse_index_options([f"jit_compile={value}"])
+  assert parsed == {"jit_compile": value.lower() == "true"}
+  extra = {"learned": False, "rerank_candidates": 100} if backend == "binary" else {}
+  for options in (parsed, {"jit_compile": value}):  # From the flag, and from an older version's report.
+    index = base.build_index(backend, items, k=10, **extra, **options)
+    assert index._jit_compile is (value.lower() == "true")
 
 
 def test_partitioned_values_are_judged_with_the_builders_defaults():
