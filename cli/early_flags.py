@@ -2,6 +2,8 @@
 
 from collections.abc import Sequence
 
+from absl import flags
+
 
 def flag_value(argv: Sequence[str], *names: str) -> str | None:
   """The value of the last `--name=value` or `--name value` in `argv`, or None.
@@ -19,4 +21,26 @@ def flag_value(argv: Sequence[str], *names: str) -> str | None:
         value = rest
       elif i + 1 < len(argv):
         value = argv[i + 1]
+  return value
+
+
+def bool_flag(argv: Sequence[str], name: str, default: bool) -> bool:
+  """The value of boolean flag `name` as absl will parse it from `argv`: the last of `--name`,
+  `--noname` and `--name=value` (any value absl's boolean parser takes, e.g. `false`, `F`, `0`).
+
+  A value absl refuses leaves the earlier one: absl will stop the process with its own error.
+  """
+  value = default
+  for arg in argv:
+    flag, equals, rest = arg.partition("=")
+    if flag in (f"-{name}", f"--{name}"):
+      if not equals:
+        value = True
+        continue
+      try:
+        value = flags.BooleanParser().parse(rest)
+      except ValueError:
+        pass
+    elif flag in (f"-no{name}", f"--no{name}") and not equals:
+      value = False
   return value

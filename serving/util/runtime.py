@@ -7,6 +7,7 @@ import os
 
 from absl import logging
 
+from cli import early_flags
 from serving.util import allocator
 
 # mallopt(3) parameters (glibc's malloc.h).
@@ -43,12 +44,6 @@ def _libc():
 
 
 _retained = False
-_DISABLING_ARGS = (
-  "--noretain_freed_memory",
-  "--retain_freed_memory=false",
-  "--retain_freed_memory=0",
-  "--retain_freed_memory=False",
-)
 
 
 # TensorFlow's switch for the oneDNN kernels of its x86 wheel, read once when its libraries load.
@@ -86,10 +81,8 @@ def prepare_server_process(argv: list) -> None:
 
 
 def retain_requested(argv: list) -> bool:
-  """Whether `argv` leaves --retain_freed_memory on (its default): the last of
-  --retain_freed_memory / --noretain_freed_memory wins, as in absl."""
-  given = [arg for arg in argv if arg.split("=")[0] in ("--retain_freed_memory", "--noretain_freed_memory")]
-  return not (given and given[-1] in _DISABLING_ARGS)
+  """Whether `argv` leaves --retain_freed_memory on (its default), read as absl will read it."""
+  return early_flags.bool_flag(argv, "retain_freed_memory", default=True)
 
 
 def freed_memory_retained() -> bool:

@@ -407,6 +407,12 @@ def test_first_load_is_rehearsed_when_freed_memory_is_retained(tmp_path):
     (["--retain_freed_memory", "--noretain_freed_memory"], False),  # The last one wins.
     (["--noretain_freed_memory", "--retain_freed_memory=1"], True),
     (["--retain_freed_memory=false"], False),
+    # Every spelling absl's boolean parser takes (these were read as "on").
+    (["--retain_freed_memory=FALSE"], False),
+    (["--retain_freed_memory=f"], False),
+    (["-retain_freed_memory=0"], False),
+    (["-noretain_freed_memory"], False),
+    (["--noretain_freed_memory", "--retain_freed_memory=T"], True),
   ],
 )
 def test_retained_memory_follows_the_flag_read_before_tensorflow(argv, retained):
