@@ -223,6 +223,10 @@ class Backend:
         raise ValueError(f"{self.name} option {name} must be true or false, got {value!r}")
     return out
 
+  def takes(self, option: str) -> bool:
+    """Whether the backend's build takes `option`."""
+    return option in inspect.signature(self._build).parameters and option not in _BUILD_ARGUMENTS
+
   def check_options(self, options: Mapping[str, Any]) -> None:
     """Raises ValueError naming the options this backend's build does not take (e.g. a typo).
 

@@ -41,8 +41,17 @@ class Retrained:
 
 def rebuild_options(report: version_report.VersionReport, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The source's index options plus the knobs its build tuned (so the rebuild does not tune again), with
-  the refresher's `overrides` (`engine.base.Backend.rebuild_options`)."""
-  return base.backend(report.index).rebuild_options(report.index_options, report.index_config, report.k, overrides)
+  the refresher's `overrides` (`engine.base.Backend.rebuild_options`).
+
+  A refresh adds no serving requirement its source lacked: an index that takes `jit_compile` is rebuilt
+  without XLA when the source's graph needed none and its options leave the switch to the default (an
+  int8 version exported before int8 scored under XLA by default), so a server without XLA still loads it.
+  """
+  backend = base.backend(report.index)
+  options = backend.rebuild_options(report.index_options, report.index_config, report.k, overrides)
+  if report.needs_xla is False and "jit_compile" not in options and backend.takes("jit_compile"):
+    options["jit_compile"] = False
+  return options
 
 
 def full_build_reason(

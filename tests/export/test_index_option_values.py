@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine import base
-from export import exporter, refresh, refresh_delta, version_files, versions
+from export import exporter, refresh, refresh_delta, refresh_policy, version_files, version_report, versions
 from models import catalog as catalog_lib
 from tests.serving import scann_testlib
 
@@ -52,6 +52,24 @@ def test_on_off_options_mean_what_they_say(backend, value):
   for options in (parsed, {"jit_compile": value}):  # From the flag, and from an older version's report.
     index = base.build_index(backend, items, k=10, **extra, **options)
     assert index._jit_compile is (value.lower() == "true")
+
+
+@pytest.mark.parametrize(
+  "index,options,needs_xla,jit_compile",
+  [
+    ("int8", {}, False, False),  # Exported before int8 scored under XLA by default: rebuilt as it was.
+    ("int8", {}, True, None),  # The default, which the source's graph already needed XLA for.
+    ("int8", {}, None, None),  # A report that does not say.
+    ("int8", {"jit_compile": False}, False, False),
+    ("brute_force", {}, False, False),
+    ("scann", {}, False, None),  # No such switch.
+  ],
+)
+def test_a_refresh_adds_no_xla_its_source_did_without(index, options, needs_xla, jit_compile):
+  report = version_report.VersionReport(
+    version=1, path="", index=index, k=10, needs_xla=needs_xla, index_options=options
+  )
+  assert refresh_policy.rebuild_options(report).get("jit_compile") == jit_compile
 
 
 def test_partitioned_values_are_judged_with_the_builders_defaults():
