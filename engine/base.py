@@ -208,9 +208,9 @@ class Backend:
   def _switches(self, options: Mapping[str, Any]) -> dict[str, Any]:
     """`options` with every on/off option of the builder (annotated `bool`) as a bool.
 
-    `--index_options` parses `true`/`false` to bools, but reports of versions exported before it did
-    hold the strings, and a non-empty string is truthy: `jit_compile="false"` would turn XLA on. So
-    "true" and "false" (any case) become bools here, and any other value is refused.
+    `--index_options` parses `true`/`false` to bools, but the reports of versions exported before it
+    did so hold the strings, and a non-empty string is truthy: `jit_compile="false"` would turn XLA
+    on. So "true" and "false" (any case) become bools here, and any other value is refused.
     """
     parameters = inspect.signature(self._build).parameters
     out = dict(options)
