@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
+from absl import flags as absl_flags
 
 
 class SearchResult(NamedTuple):
@@ -210,16 +211,22 @@ class Backend:
 
     `--index_options` parses `true`/`false` to bools, but the reports of versions exported before it
     did so hold the strings, and a non-empty string is truthy: `jit_compile="false"` would turn XLA
-    on. So "true" and "false" (any case) become bools here, and any other value is refused.
+    on. So what absl takes for a boolean flag ("true", "f", "0", ... and the integers 0 and 1) becomes
+    a bool here, and any other value is refused.
     """
     parameters = inspect.signature(self._build).parameters
     out = dict(options)
     for name, value in options.items():
       if name not in parameters or parameters[name].annotation not in (bool, "bool"):
         continue
-      if isinstance(value, str) and value.lower() in ("true", "false"):
-        out[name] = value.lower() == "true"
-      elif not isinstance(value, (bool, np.bool_)):
+      if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        out[name] = bool(value)
+        continue
+      try:
+        out[name] = absl_flags.BooleanParser().parse(value) if isinstance(value, str) else None
+      except ValueError:
+        out[name] = None
+      if out[name] is None:
         raise ValueError(f"{self.name} option {name} must be true or false, got {value!r}")
     return out
 

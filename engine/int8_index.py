@@ -50,8 +50,8 @@ class Int8Index(base.Index):
     embeddings: float32 [N, d] item embeddings.
     eligible: optional bool [N] mask.
     rerank_candidates: candidates rescored exactly per query (default 4k, set at build).
-    jit_compile: score the codes under XLA (see above). XLA compiles once per batch size (~20 ms
-      at 100k items, on that size's first call); stock TF Serving needs
+    jit_compile: score the codes under XLA (see above). XLA compiles once per batch size (tens of
+      milliseconds at 100k items, on that size's first call); stock TF Serving needs
       --xla_cpu_compilation_enabled=true to load the version.
   """
 

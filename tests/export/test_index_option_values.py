@@ -26,7 +26,7 @@ from tests.serving import scann_testlib
     ("int8", {"target_recall": 2}, r"target_recall must be a number in \[0, 1\], got 2"),
     ("binary", {"bits": 100}, r"bits must be a positive multiple of 64, got 100"),
     ("brute_force", {"jit_compile": "yes"}, r"brute_force option jit_compile must be true or false, got 'yes'"),
-    ("binary", {"learned": 1}, r"binary option learned must be true or false, got 1"),
+    ("binary", {"learned": 2}, r"binary option learned must be true or false, got 2"),
   ],
 )
 def test_export_refuses_index_option_values_before_embedding_the_catalog(
@@ -52,6 +52,8 @@ def test_on_off_options_mean_what_they_say(backend, value):
   for options in (parsed, {"jit_compile": value}):  # From the flag, and from an older version's report.
     index = base.build_index(backend, items, k=10, **extra, **options)
     assert index._jit_compile is (value.lower() == "true")
+  # What absl takes for a boolean flag: `jit_compile=0` parses to the integer 0.
+  assert base.build_index(backend, items, k=10, **extra, jit_compile=0)._jit_compile is False
 
 
 @pytest.mark.parametrize(
