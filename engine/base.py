@@ -219,15 +219,16 @@ class Backend:
     for name, value in options.items():
       if name not in parameters or parameters[name].annotation not in (bool, "bool"):
         continue
+      refused = ValueError(f"{self.name} option {name} must be true or false, got {value!r}")
       if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         out[name] = bool(value)
-        continue
-      try:
-        out[name] = absl_flags.BooleanParser().parse(value) if isinstance(value, str) else None
-      except ValueError:
-        out[name] = None
-      if out[name] is None:
-        raise ValueError(f"{self.name} option {name} must be true or false, got {value!r}")
+      elif isinstance(value, str):
+        try:
+          out[name] = absl_flags.BooleanParser().parse(value)
+        except ValueError:
+          raise refused from None
+      else:
+        raise refused
     return out
 
   def takes(self, option: str) -> bool:
