@@ -201,6 +201,15 @@ class ServingApi:
     return costs
 
   def _check_predict(self, bundle, request: predict_pb2.PredictRequest) -> None:
+    # The inputs' names first, as TF Serving checks them before any value: an unknown alias is that,
+    # whatever its size or shape.
+    name = request.model_spec.signature_name or saved_model_bundle.DEFAULT_SERVING_SIGNATURE
+    signature = bundle.signature_defs.get(name)
+    if signature is not None:
+      try:
+        predict_util.check_input_names(signature, request.inputs)
+      except errors.ServingError as e:
+        raise e.with_context(bundle.context(name)) from e
     self._check_expansion(bundle, request.model_spec.signature_name, lambda: self._predict_costs(request))
 
   def _check_examples(self, bundle, signature_name: str, model_input: input_pb2.Input) -> None:

@@ -32,15 +32,10 @@ def check_shape(alias: str, array: np.ndarray, info: meta_graph_pb2.TensorInfo) 
     )
 
 
-def input_feeds(
-  signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, tensor_pb2.TensorProto]
-) -> dict[str, np.ndarray]:
-  """Validates request inputs and returns feeds keyed by tensor name.
-
-  Mirrors TF Serving's PreProcessPrediction: the input count must match the
-  signature (unless it declares defaults), every alias must exist, and each
-  tensor must decode, carry the signature's dtype and a compatible shape.
-  """
+def check_input_names(signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, tensor_pb2.TensorProto]) -> None:
+  """Raises INVALID_ARGUMENT unless the request's input aliases are the signature's (all of them,
+  unless it declares defaults): TF Serving's VerifyRequestInputsSize, which runs before any input is
+  decoded or priced."""
   request_keys = set(inputs.keys())
   signature_keys = set(signature.inputs.keys())
   missing = signature_keys - request_keys
@@ -58,8 +53,20 @@ def input_feeds(
       f"input tensor alias not found in signature: {min(extra)}. Inputs "
       f"expected to be in the set {{{_joined(signature_keys)}}}."
     )
+
+
+def input_feeds(
+  signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, tensor_pb2.TensorProto]
+) -> dict[str, np.ndarray]:
+  """Validates request inputs and returns feeds keyed by tensor name.
+
+  Mirrors TF Serving's PreProcessPrediction: the input count must match the
+  signature (unless it declares defaults), every alias must exist, and each
+  tensor must decode, carry the signature's dtype and a compatible shape.
+  """
+  check_input_names(signature, inputs)
   feeds = {}
-  for index, alias in enumerate(sorted(request_keys)):
+  for index, alias in enumerate(sorted(inputs)):
     info = signature.inputs[alias]
     proto = inputs[alias]
     if proto.dtype != info.dtype:
