@@ -95,7 +95,10 @@ def answer_row(response: predict_pb2.PredictResponse, top: int | None) -> dict[s
     raise ValueError(f"top must be >= 1 (or None for all values), got {top}")
   row = {}
   for name in sorted(response.outputs):
-    values = tf.make_ndarray(response.outputs[name])
+    proto = response.outputs[name]
+    # TF's own decoding: tf.make_ndarray cannot read the tensor_content of a string tensor, which a
+    # server started with --enable_serialization_as_tensor_content answers.
+    values = tf.io.parse_tensor(proto.SerializeToString(), tf.as_dtype(proto.dtype)).numpy()
     first = values[0] if values.ndim else values
     flat = np.asarray(first).reshape(-1)[:top]
     row[name] = [_json_value(v) for v in flat]

@@ -22,9 +22,9 @@ import time
 import urllib.parse
 from typing import Any
 
-import tensorflow as tf
 from absl import logging
 from google.protobuf import json_format
+from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
   classification_pb2,
   get_model_metadata_pb2,
@@ -178,15 +178,18 @@ class RestApi:
         ) from None
       request = predict_pb2.PredictRequest(model_spec=spec)
       for alias, array in inputs.items():
+        dtype = signature.inputs[alias].dtype
+        # Numbers as tensor_content, one copy of their bytes; strings in string_val, which decodes
+        # without the varint pass of their tensor_content form.
         request.inputs[alias].CopyFrom(
-          tensor_util.to_tensor_proto(array, signature.inputs[alias].dtype, as_tensor_content=True)
+          tensor_util.to_tensor_proto(array, dtype, as_tensor_content=dtype != types_pb2.DT_STRING)
         )
       return request
 
     # One servable for the signature, the limits and the run (and admission
     # and metrics), as a gRPC Predict has.
     response = self._api.predict_built(spec, build, self._timeout_ms, "REST")
-    outputs = {a: tf.make_ndarray(t) for a, t in response.outputs.items()}
+    outputs = {a: tensor_util.to_ndarray(t, a) for a, t in response.outputs.items()}
     return json_tensor.predict_response_json(outputs, row_format)
 
   def _examples(self, spec: model_pb2.ModelSpec, body: dict[str, Any], verb: str) -> dict[str, Any]:

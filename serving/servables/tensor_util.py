@@ -58,6 +58,48 @@ def shape_fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
   return len(shape) == len(dims) and all(d < 0 or d == s for d, s in zip(dims, shape))
 
 
+def encode_string_list(values: Sequence[bytes]) -> bytes:
+  """TF's wire form of a string tensor's `tensor_content` (port::EncodeStringList): every length as a
+  varint32, then every string. Written here because TF has no Python API for it."""
+  lengths = bytearray()
+  for value in values:
+    size = len(value)
+    if size >= 1 << 32:
+      raise ValueError(f"a string of {size} bytes does not fit a string tensor's tensor_content")
+    while size >= 0x80:
+      lengths.append(size & 0x7F | 0x80)
+      size >>= 7
+    lengths.append(size)
+  return bytes(lengths) + b"".join(values)
+
+
+def decode_string_list(content: bytes, count: int) -> list[bytes] | None:
+  """The `count` strings of a string tensor's `tensor_content`, or None where TF's DecodeStringList
+  refuses it (a length that is not a varint32, or lengths that do not add up to the bytes left)."""
+  lengths, position = [], 0
+  for _ in range(count):
+    size = shift = 0
+    while True:
+      if position >= len(content) or shift > 28:
+        return None
+      byte = content[position]
+      position += 1
+      size |= (byte & 0x7F) << shift
+      shift += 7
+      if byte < 0x80:
+        break
+    if size >= 1 << 32:
+      return None
+    lengths.append(size)
+  if sum(lengths) != len(content) - position:
+    return None
+  values = []
+  for size in lengths:
+    values.append(content[position : position + size])
+    position += size
+  return values
+
+
 def supplied_values(proto: tensor_pb2.TensorProto) -> int:
   """Values a proto carries (bytes for tensor_content)."""
   if proto.tensor_content:
@@ -83,19 +125,28 @@ _NUMPY_TYPE = {
 
 
 def _decode_exact(proto: tensor_pb2.TensorProto, num_elements: int, alias: str) -> np.ndarray | None:
-  """Decodes the common case, a proto carrying exactly its elements.
+  """Decodes the common case, a proto carrying at least its elements.
 
-  tf.make_ndarray costs about 20 us per tensor in Python overhead, a
-  noticeable share of a request with several small inputs; this path takes
-  about 2 us. Returns None for cases left to tf.make_ndarray (short value
-  lists to fill, half/bfloat16/complex types).
+  As TF's Tensor::FromProto: `tensor_content` wins over the typed field, and a typed field holding
+  more values than the shape gives its first ones. tf.make_ndarray costs about 20 us per tensor in
+  Python overhead, a noticeable share of a request with several small inputs; this path takes about
+  2 us. Returns None for cases left to tf.make_ndarray (short value lists to fill,
+  half/bfloat16/complex types).
   """
   if proto.dtype == types_pb2.DT_STRING:
-    values = proto.string_val
-    if len(values) != num_elements:
-      return None
+    if proto.tensor_content:
+      values = decode_string_list(proto.tensor_content, num_elements)
+      if values is None:
+        raise errors.invalid_argument(
+          f"tensor parsing error: {alias}: tensor_content of {len(proto.tensor_content)} bytes does not "
+          f"hold {num_elements} strings (each length as a varint32, then the strings)"
+        )
+    else:
+      values = proto.string_val
+      if len(values) < num_elements:
+        return None
     array = np.empty(num_elements, dtype=object)
-    array[:] = list(values)
+    array[:] = values if len(values) == num_elements else values[:num_elements]
     return array
   np_type = _NUMPY_TYPE.get(proto.dtype)
   if np_type is None:
@@ -110,12 +161,25 @@ def _decode_exact(proto: tensor_pb2.TensorProto, num_elements: int, alias: str) 
       )
     return np.frombuffer(content, dtype=np_type)
   values = getattr(proto, _VALUE_FIELD[proto.dtype])
-  if len(values) != num_elements:
+  if len(values) < num_elements:
     return None
   try:
-    return np.array(values, dtype=np_type)
+    return np.array(values if len(values) == num_elements else values[:num_elements], dtype=np_type)
   except (OverflowError, ValueError) as e:
     raise errors.invalid_argument(f"tensor parsing error: {alias}: {e}") from e
+
+
+def _first_values(proto: tensor_pb2.TensorProto, num_elements: int) -> tensor_pb2.TensorProto:
+  """`proto` with its typed field cut to the shape's elements, which TF keeps of a longer list and
+  tf.make_ndarray refuses. The proto itself when there is nothing to cut."""
+  field = _VALUE_FIELD[proto.dtype]
+  per_element = 2 if field in ("scomplex_val", "dcomplex_val") else 1  # (real, imaginary) pairs.
+  if proto.tensor_content or len(getattr(proto, field)) <= per_element * num_elements:
+    return proto
+  cut = tensor_pb2.TensorProto()
+  cut.CopyFrom(proto)
+  del getattr(cut, field)[per_element * num_elements :]
+  return cut
 
 
 def declared_shape(proto: tensor_pb2.TensorProto, alias: str) -> tuple[list[int], int]:
@@ -171,7 +235,7 @@ def to_ndarray(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
   if array is not None:
     return array.reshape(dims)
   try:
-    array = tf.make_ndarray(proto)
+    array = tf.make_ndarray(_first_values(proto, num_elements))
   except Exception as e:  # make_ndarray raises several types on bad protos.
     raise errors.invalid_argument(f"tensor parsing error: {alias}: {e}") from e
   if array.size != num_elements or list(array.shape) != dims:
@@ -189,17 +253,25 @@ def to_tensor_proto(array: np.ndarray, dtype_enum: int, as_tensor_content: bool 
   Args:
     array: The output value.
     dtype_enum: The DataType of the output tensor.
-    as_tensor_content: Pack numeric data into `tensor_content` (TF Serving's
-      --enable_serialization_as_tensor_content) instead of typed fields.
+    as_tensor_content: Every value in `tensor_content`, as TF Serving's
+      --enable_serialization_as_tensor_content answers (Tensor::AsProtoTensorContent, for every
+      dtype and size: strings in TF's string-list form), instead of typed fields.
 
   Returns:
     The TensorProto.
   """
   array = np.asarray(array)
   field = _VALUE_FIELD.get(dtype_enum)
-  if field is None or (as_tensor_content and dtype_enum != types_pb2.DT_STRING):
+  if field is None:
     return tf.make_tensor_proto(array, dtype=tf.as_dtype(dtype_enum))
   proto = tensor_pb2.TensorProto(dtype=dtype_enum, tensor_shape=_shape_proto(array.shape))
+  if as_tensor_content:
+    if field == "string_val":
+      flat = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in array.reshape(-1).tolist()]
+      proto.tensor_content = encode_string_list(flat)
+    else:
+      proto.tensor_content = np.ascontiguousarray(array, dtype=tf.as_dtype(dtype_enum).as_numpy_dtype).tobytes()
+    return proto
   flat = array.reshape(-1)
   if field == "half_val":
     values = flat.view(np.uint16).tolist()

@@ -76,6 +76,22 @@ def test_answer_rows_keep_top_values_or_all():
     query.answer_row(response, top=-1)  # It printed empty lists.
 
 
+def test_answer_rows_read_outputs_sent_as_tensor_content():
+  """What TF Serving answers with --enable_serialization_as_tensor_content: every output in
+  tensor_content, strings as their varint lengths then their bytes (tf.make_ndarray refused those)."""
+  response = predict_pb2.PredictResponse()
+  ids = response.outputs["ids"]
+  ids.dtype = tf.string.as_datatype_enum
+  ids.tensor_shape.dim.add(size=1)
+  ids.tensor_shape.dim.add(size=3)
+  ids.tensor_content = b"\x01\x02\x00abc"
+  scores = response.outputs["scores"]
+  scores.dtype = tf.float32.as_datatype_enum
+  scores.tensor_shape.dim.add(size=1)
+  scores.tensor_content = np.array([0.5], np.float32).tobytes()
+  assert query.answer_row(response, top=None) == {"ids": ["a", "bc", ""], "scores": [0.5]}
+
+
 def test_fgr_query_refuses_a_negative_top_or_no_timeout():
   top, timeout = run_tools(["fgr-query", "--top=-1"], ["fgr-query", "--timeout=0"])
   assert top.returncode == 1 and "flag --top=-1: -1 is not a non-negative integer" in top.stderr, top.stderr

@@ -1,5 +1,6 @@
 """The native Predict path encodes every output dtype as the Python path does, with and without
---enable_serialization_as_tensor_content (tf.make_tensor_proto's choice of tensor_content)."""
+--enable_serialization_as_tensor_content (then, as TF Serving's Tensor::AsProtoTensorContent,
+every output in tensor_content), and decodes string inputs sent in tensor_content as TF does."""
 
 import numpy as np
 import pytest
@@ -35,17 +36,50 @@ def servers(request, tmp_path_factory):
     )
     for mode in ("on", "off")
   ]
-  yield started
+  yield request.param, started
   for server in started:
     server.stop()
 
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_every_output_dtype_is_encoded_as_on_the_python_path(servers, rows):
+  as_tensor_content, started = servers
   request = predict_pb2.PredictRequest()
   request.model_spec.name = "m"
   request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.arange(rows, dtype=np.float32) + 1.5))
-  native, python = (server.predict.Predict(request, timeout=60) for server in servers)
+  native, python = (server.predict.Predict(request, timeout=60) for server in started)
   assert sorted(native.outputs) == sorted(python.outputs) == sorted(dtype.name for dtype in _DTYPES)
   for name in native.outputs:
     assert native.outputs[name] == python.outputs[name], name
+    output = native.outputs[name]
+    assert bool(output.tensor_content) == as_tensor_content, name
+    expected = np.arange(rows, dtype=np.float32) + 1.5
+    expected = tf.strings.as_string(expected) if name == "string" else tf.cast(expected, tf.as_dtype(name))
+    decoded = tf.io.parse_tensor(output.SerializeToString(), tf.as_dtype(output.dtype))
+    np.testing.assert_array_equal(decoded.numpy(), expected.numpy())
+
+
+class _Echo(tf.Module):
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="s")])
+  def serve(self, s):
+    return {"s": tf.identity(s)}
+
+
+@pytest.mark.parametrize("native", ["on", "off"])
+def test_string_inputs_in_tensor_content_decode_as_tensorflow_decodes_them(tmp_path, native):
+  """TF reads a string tensor's tensor_content (varint lengths, then the bytes) before string_val."""
+  if native == "on":
+    root_conftest.require_native()
+  model = _Echo()
+  tf.saved_model.save(model, str(tmp_path / "m" / "1"), signatures={"serving_default": model.serve})
+  server = lib.InProcessServer(model_name="m", model_base_path=str(tmp_path / "m"), native=native)
+  try:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.inputs["s"].dtype = tf.string.as_datatype_enum
+    request.inputs["s"].tensor_shape.dim.add(size=2)
+    request.inputs["s"].tensor_content = b"\x01\x02abc"
+    request.inputs["s"].string_val.extend([b"not", b"read"])
+    assert list(server.predict.Predict(request, timeout=60).outputs["s"].string_val) == [b"a", b"bc"]
+  finally:
+    server.stop()

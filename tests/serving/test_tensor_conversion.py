@@ -168,3 +168,63 @@ def test_decoding_matches_make_ndarray(data, shape, dtype, typed_fields):
   assert decoded.dtype == expected.dtype
   assert decoded.shape == expected.shape
   np.testing.assert_array_equal(decoded, expected)
+
+
+def _proto(dtype, dims, **fields) -> tensor_pb2.TensorProto:
+  proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum, **fields)
+  for d in dims:
+    proto.tensor_shape.dim.add(size=d)
+  return proto
+
+
+@pytest.mark.parametrize(
+  "proto",
+  [
+    _proto(tf.float32, [2], float_val=[1.5, 2.5, 3.5]),  # More values than the shape: the first ones.
+    _proto(tf.float32, [4], float_val=[1.5, 2.5]),  # Fewer: the last one repeats.
+    _proto(tf.int8, [1], int_val=[3, 4]),
+    _proto(tf.float16, [1], half_val=[15360, 16384]),
+    _proto(tf.complex64, [1], scomplex_val=[1, 2, 3, 4]),
+    _proto(tf.string, [1, 2], string_val=[b"x", b"y", b"z"]),
+    _proto(tf.string, [2], tensor_content=b"\x01\x02abc"),  # TF's string-list form.
+    _proto(tf.string, [1], tensor_content=b"\x81\x01" + b"a" * 129),  # A two-byte varint length.
+    _proto(tf.string, [1], tensor_content=b"\x01a", string_val=[b"other"]),  # tensor_content wins.
+    _proto(tf.float32, [1], tensor_content=np.float32([1.0]).tobytes(), float_val=[7.0]),
+  ],
+  ids=lambda p: str(p).replace("\n", " ")[:60],
+)
+def test_requests_decode_as_tensorflow_decodes_them(proto):
+  """TF Serving decodes inputs with TF's Tensor::FromProto; tf.io.parse_tensor runs that very code."""
+  expected = tf.io.parse_tensor(proto.SerializeToString(), tf.as_dtype(proto.dtype)).numpy()
+  decoded = tensor_util.to_ndarray(proto, "x")
+  assert decoded.dtype == expected.dtype
+  assert decoded.shape == expected.shape
+  np.testing.assert_array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("content", [b"\x01\x02ab", b"\x01\x02abcd", b"\x80", b"\xff\xff\xff\xff\xff\x01a"])
+def test_string_tensor_content_that_tensorflow_refuses_is_invalid_argument(content):
+  with pytest.raises(errors.ServingError) as info:
+    tensor_util.to_ndarray(_proto(tf.string, [2], tensor_content=content), "x")
+  assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+  assert info.value.message.startswith("tensor parsing error: x: tensor_content of"), info.value.message
+
+
+_ALL_DTYPES = (
+  tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8,
+  tf.uint16, tf.uint32, tf.uint64, tf.bool, tf.complex64, tf.complex128, tf.string,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", _ALL_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_outputs_as_tensor_content_are_what_tensorflow_writes(dtype, size):
+  """--enable_serialization_as_tensor_content: TF Serving's Tensor::AsProtoTensorContent puts every
+  dtype and size in tensor_content, strings too, in the form TF decodes."""
+  values = tf.range(size, dtype=tf.float32) * 300 + 1.5
+  array = (tf.strings.as_string(values) if dtype == tf.string else tf.cast(values, dtype)).numpy()
+  proto = tensor_util.to_tensor_proto(array, dtype.as_datatype_enum, as_tensor_content=True)
+  assert [field.name for field, _ in proto.ListFields() if field.name.endswith("_val")] == []
+  assert len(proto.tensor_content) > 0 or size == 0
+  np.testing.assert_array_equal(tf.io.parse_tensor(proto.SerializeToString(), dtype).numpy(), array)
+  np.testing.assert_array_equal(tensor_util.to_ndarray(proto, "y"), array)

@@ -18,14 +18,21 @@ constexpr int64_t kMaxSpan = int64_t{1} << 40;
 // shape of more than 254, so this check must come before any TF_AllocateTensor.)
 constexpr int kMaxRank = 64;
 
-bool ContentType(int dtype) {  // tf.make_tensor_proto's _TENSOR_CONTENT_TYPES, as far as served.
-  switch (dtype) {
-    case TF_HALF: case TF_BFLOAT16: case TF_FLOAT: case TF_DOUBLE: case TF_INT32: case TF_UINT8:
-    case TF_INT16: case TF_INT8: case TF_INT64: case TF_UINT32: case TF_UINT64:
-      return true;
-    default:
-      return false;
+// A string tensor's tensor_content as TF writes it (port::EncodeStringList): every length as a
+// varint32, then every string.
+void EncodeStringList(const TF_TString* strings, int64_t n, std::string* out) {
+  size_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += tf().TF_StringGetSize(&strings[i]);
+  out->reserve(total + 5 * static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t size = tf().TF_StringGetSize(&strings[i]);
+    while (size >= 0x80) {
+      out->push_back(static_cast<char>((size & 0x7F) | 0x80));
+      size >>= 7;
+    }
+    out->push_back(static_cast<char>(size));
   }
+  for (int64_t i = 0; i < n; ++i) out->append(tf().TF_StringGetDataPointer(&strings[i]), tf().TF_StringGetSize(&strings[i]));
 }
 
 template <typename To, typename From>
@@ -145,7 +152,8 @@ bool DecodeExact(const tensorflow::TensorProto& proto, TensorPtr* out) {
   int64_t n;
   if (!NativeDtype(dtype) || !DeclaredShape(proto, &dims, &n)) return false;
   if (dtype == TF_STRING) {
-    if (proto.string_val_size() != n) return false;
+    // TF reads a string tensor_content first; the Python path decodes that rare form.
+    if (!proto.tensor_content().empty() || proto.string_val_size() != n) return false;
     TensorPtr tensor = Tensor::Allocate(TF_STRING, dims);
     TF_TString* strings = reinterpret_cast<TF_TString*>(tensor->data());
     for (int64_t i = 0; i < n; ++i) {
@@ -213,8 +221,12 @@ void Encode(const TensorSlice& slice, int dtype, bool as_tensor_content, tensorf
   for (int64_t d : slice.dims()) shape->add_dim()->set_size(d);
   const int64_t n = slice.elements();
   const char* data = slice.data();
-  if (as_tensor_content && ContentType(dtype) && n > 1) {
-    proto->set_tensor_content(data, n * slice.tensor->element_size());
+  if (as_tensor_content) {  // TF Serving's Tensor::AsProtoTensorContent: every dtype and size.
+    if (dtype == TF_STRING) {
+      EncodeStringList(reinterpret_cast<const TF_TString*>(data), n, proto->mutable_tensor_content());
+    } else {
+      proto->set_tensor_content(data, n * slice.tensor->element_size());
+    }
     return;
   }
   switch (dtype) {
