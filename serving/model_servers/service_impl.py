@@ -76,6 +76,12 @@ class _SemaphoreAdmission:
     return self._acquire(blocking=False)
 
 
+def _require_model_spec(request: Any) -> None:
+  """TF Serving's first check of every request that names a model (e.g. predict_impl.cc)."""
+  if not request.HasField("model_spec"):
+    raise errors.invalid_argument("Missing ModelSpec")
+
+
 async def _run_in(executor: concurrent.futures.Executor, function: Callable[..., R], *args) -> R:
   """Runs `function` on `executor`. If the awaiting RPC is cancelled (its
   deadline passed, or its client went away) before a worker took the call, it
@@ -310,6 +316,7 @@ class ServingApi:
     self, request: predict_pb2.PredictRequest, timeout_ms: int | None = None, entrypoint: str = "GRPC"
   ) -> predict_pb2.PredictResponse:
     """PredictionService.Predict."""
+    _require_model_spec(request)
     return self._call(
       "predict",
       entrypoint,
@@ -357,6 +364,7 @@ class ServingApi:
     batch queue without a thread of its own; an unbatched one runs the
     session on `executor`.
     """
+    _require_model_spec(request)
     loop = asyncio.get_running_loop()
     with self._serving(
       "predict",
@@ -387,6 +395,7 @@ class ServingApi:
     entrypoint: str = "GRPC",
   ) -> classification_pb2.ClassificationResponse | regression_pb2.RegressionResponse:
     """PredictionService.Classify or .Regress, as `api` (classifier.API or regressor.API) runs it."""
+    _require_model_spec(request)
     return self._call_examples(
       api.name,
       entrypoint,
@@ -419,8 +428,7 @@ class ServingApi:
     self, request: get_model_metadata_pb2.GetModelMetadataRequest, entrypoint: str = "GRPC"
   ) -> get_model_metadata_pb2.GetModelMetadataResponse:
     """PredictionService.GetModelMetadata (signature_def)."""
-    if not request.HasField("model_spec"):
-      raise errors.invalid_argument("Missing ModelSpec")
+    _require_model_spec(request)
     get_model_metadata.validate_request(request)
     return self._call("get_model_metadata", entrypoint, request.model_spec, get_model_metadata.model_metadata)
 
@@ -428,8 +436,7 @@ class ServingApi:
     self, request: get_model_status_pb2.GetModelStatusRequest
   ) -> get_model_status_pb2.GetModelStatusResponse:
     """ModelService.GetModelStatus."""
-    if not request.HasField("model_spec"):
-      raise errors.invalid_argument("Missing ModelSpec")
+    _require_model_spec(request)
     return self.core.model_status(request.model_spec)
 
   def reload_config(
