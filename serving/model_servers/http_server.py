@@ -13,6 +13,7 @@ import http.client
 import http.server
 import io
 import json
+import math
 import re
 import resource
 import selectors
@@ -56,6 +57,16 @@ _HTTP_ORIGIN = re.compile(r"https?://")
 # A \u escape of a UTF-16 surrogate: a body without one can't hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\\ud800-\\udfff]")
+# A number with an exponent of three or more digits: only those can overflow a double (1e400), which
+# json's parser would make inf where TF Serving's (RapidJSON) refuses the number.
+_LONG_EXPONENT = re.compile(rb"[0-9][eE][+-]?[0-9]{3}")
+
+
+def _finite_double(text: str) -> float:
+  value = float(text)
+  if math.isinf(value):
+    raise ValueError(f"Number too big to be stored in double: {text}")
+  return value
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -146,7 +157,10 @@ class RestApi:
   @staticmethod
   def _json_body(body: bytes) -> dict[str, Any]:
     try:
-      request = json.loads(body.decode("utf-8"))
+      # utf-8-sig: a byte order mark before the body is skipped, as TF Serving's parser skips it.
+      text = body.decode("utf-8-sig")
+      # The finite check only where an overflow can be: a hook on every number slows big bodies.
+      request = json.loads(text, parse_float=_finite_double) if _LONG_EXPONENT.search(body) else json.loads(text)
     except (UnicodeDecodeError, ValueError) as e:
       raise errors.invalid_argument(f"JSON Parse error: {e}") from e
     except RecursionError as e:  # json's C parser counts nesting against

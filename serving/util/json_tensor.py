@@ -9,6 +9,7 @@ in `_bytes` (or that are not UTF-8) are base64-encoded.
 import base64
 import binascii
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,6 +40,9 @@ def short_repr(value: Any, limit: int = 80) -> str:
   return text if len(text) <= limit else text[:limit] + "..."
 
 
+_ASCII_WHITESPACE = re.compile("[ \t\n\v\f\r]")
+
+
 def _is_b64(value: Any) -> bool:
   return isinstance(value, dict) and len(value) == 1 and B64_KEY in value
 
@@ -47,9 +51,13 @@ def _decode_b64(value: dict[str, Any]) -> bytes:
   encoded = value[B64_KEY]
   if not isinstance(encoded, str):
     raise errors.invalid_argument("'b64' value must be a string")
+  # TF Serving decodes with absl::Base64Unescape, which skips ASCII whitespace (MIME encoders break
+  # lines), takes "." for "=" as padding, and makes padding optional (when present it must be
+  # right); Python's decoder does none of these.
+  encoded = _ASCII_WHITESPACE.sub("", encoded)
+  unpadded = encoded.rstrip("=.")
+  encoded = unpadded + "=" * (len(encoded) - len(unpadded))
   if "=" not in encoded and len(encoded) % 4 > 1:
-    # TF Serving decodes with absl::Base64Unescape, for which padding is optional (when present it
-    # must be right); Python's decoder insists on it.
     encoded += "=" * (-len(encoded) % 4)
   try:
     return base64.b64decode(encoded, validate=True)

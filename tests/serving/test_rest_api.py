@@ -80,6 +80,29 @@ def test_predict_strings_and_b64(server):
   assert second["length"] == len(blob)
 
 
+def test_bodies_tf_serving_takes(server):
+  """What TF Serving's parsers accept: a byte order mark before the body (RapidJSON skips it) and
+  base64 broken into lines, with spaces or with "." as padding (absl::Base64Unescape)."""
+  status, body = _json(server, f"/v1/models/{TF1_MODEL}:predict", b"\xef\xbb\xbf" + b'{"instances": [[1.0]]}')
+  assert (status, body) == (200, {"predictions": [[2.5]]})
+  for encoded in ["aGVs\nbG8=\n", " aGVsbG8= ", "aGVsbG8.", "aGVsbG8"]:
+    status, body = _json(
+      server, f"/v1/models/{TF2_MODEL}:predict", {"signature_name": "echo", "instances": [{"b64": encoded}]}
+    )
+    assert status == 200, (encoded, body)
+    assert body["predictions"][0]["blob_bytes"] == {"b64": base64.b64encode(b"hello").decode()}, encoded
+
+
+def test_a_number_beyond_a_double_is_a_parse_error(server):
+  """1e400 is no double: TF Serving's parser refuses it. json's would make it inf and feed it."""
+  status, body = _json(server, f"/v1/models/{TF1_MODEL}:predict", b'{"instances": [[1e400]]}')
+  assert status == 400 and body["error"].startswith("JSON Parse error: Number too big to be stored in double: 1e400")
+  status, body = _json(server, f"/v1/models/{TF1_MODEL}:predict", b'{"instances": [[1.5e-400], [2e+100]]}')
+  assert status == 400 and "Unable to convert input x to float32" in body["error"], body  # 2e100 is no float32.
+  status, body = _json(server, f"/v1/models/{TF1_MODEL}:predict", b'{"instances": [[1.5e-400]]}')
+  assert (status, body) == (200, {"predictions": [[2.0]]})
+
+
 def test_classify_and_regress(server):
   status, body = _json(
     server, f"/v1/models/{TF1_MODEL}:classify", {"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]}
