@@ -60,9 +60,11 @@ def input_feeds(
 ) -> dict[str, np.ndarray]:
   """Validates request inputs and returns feeds keyed by tensor name.
 
-  Mirrors TF Serving's PreProcessPrediction: the input count must match the
+  As TF Serving's PreProcessPrediction, the input count must match the
   signature (unless it declares defaults), every alias must exist, and each
-  tensor must decode, carry the signature's dtype and a compatible shape.
+  tensor must decode with the signature's dtype. Beyond it, each shape must fit
+  the signature's, which TF Serving leaves to the graph (serving/README.md,
+  "Hardening").
   """
   check_input_names(signature, inputs)
   feeds = {}
