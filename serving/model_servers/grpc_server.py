@@ -12,6 +12,7 @@ no hand-off goes through a per-request thread, which is what a thread-pool
 import asyncio
 import concurrent.futures
 import functools
+import logging
 import os
 import ssl
 import threading
@@ -152,6 +153,27 @@ def server_options(max_receive_message_length: int, options: list[tuple[str, obj
   return [(key, value) for key, value in defaults if key not in named] + list(options)
 
 
+# grpcio's asyncio server logs this, with a traceback, when it cannot send an answer: the call had
+# ended first, as when its client cancels it just as it is answered (grpc/grpc#32551).
+_UNSENT_ANSWER = "ExecuteBatchError raised in core by servicer method"
+
+
+class UnsentAnswerFilter(logging.Filter):
+  """Makes grpcio's report of an answer it could not send one warning line, without the traceback:
+  any client can cause it, so each report must not write a dozen lines to the server's log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and str(record.msg).startswith(_UNSENT_ANSWER):
+      record.msg = f"{record.getMessage()}: the answer was not sent (the call had ended, e.g. cancelled by its client)"
+      record.args = ()
+      record.exc_info = record.exc_text = None
+      record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
+_UNSENT_ANSWER_FILTER = UnsentAnswerFilter()
+
+
 class GrpcServer:
   """Owns the grpc.aio server and the event-loop thread it runs on.
 
@@ -177,6 +199,7 @@ class GrpcServer:
     credentials: grpc.ServerCredentials | None = None,
   ):
     self._credentials = credentials
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_UNSENT_ANSWER_FILTER)  # Once: the same object.
     channel_options = server_options(max_receive_message_length, options)
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, max_threads), thread_name_prefix="grpc")
     pool = _Pool(self._executor)
