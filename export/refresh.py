@@ -48,6 +48,10 @@ from export import (
 )
 
 
+class IndexOptionsError(ValueError):
+  """An `--index_options` override the source version's index does not take."""
+
+
 class Refresher:
   """Turns catalog deltas into new versions of one model base path.
 
@@ -131,7 +135,7 @@ class Refresher:
     return self._source
 
   def check_index_overrides(self) -> None:
-    """Raises ValueError if `index_overrides` holds an option the source version's index does not take.
+    """Raises IndexOptionsError if `index_overrides` holds an option the source version's index does not take.
 
     Reads only that version's report. Checked up front because every version a rebuild publishes
     keeps the overrides in its report: a typo would break each later rebuild, not this refresh.
@@ -139,7 +143,12 @@ class Refresher:
     on_disk = versions.list_versions(self.base_path)
     if on_disk:  # Without a version, `source` says so.
       wanted = self._from_version if self._from_version is not None else on_disk[-1]
-      self._check_overrides(version_report.read(os.path.join(self.base_path, str(wanted))).index)
+      # A damaged report raises its own ValueError, which is no mistake in the options.
+      index = version_report.read(os.path.join(self.base_path, str(wanted))).index
+      try:
+        self._check_overrides(index)
+      except ValueError as e:
+        raise IndexOptionsError(str(e)) from None
 
   def _check_overrides(self, index: str) -> None:
     # Incremental and status-only refreshes build nothing, so no build would catch a bad option.

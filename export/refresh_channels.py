@@ -150,9 +150,10 @@ class ChannelSource:
 
 def read_states(version_path: str, names: list[str]) -> dict[str, refresh_state.CatalogState]:
   """Reads a channel graph's shared ids and eligibility from its checkpoint and each channel's embeddings."""
-  reader = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
-  ids = base.decoded_strings(reader.get_tensor(full_graph.ITEM_IDS_KEY))
-  masks = [reader.get_tensor(key).astype(bool) for key in eligible_keys(version_path, len(names))]
+  ids, *masks = refresh_state.read_variables(
+    version_path, [full_graph.ITEM_IDS_KEY, *eligible_keys(version_path, len(names))]
+  )
+  ids, masks = base.decoded_strings(ids), [mask.astype(bool) for mask in masks]
   if any(not np.array_equal(mask, masks[0]) for mask in masks[1:]):
     raise ValueError(f"{version_path}: the channels' eligibility masks differ; export the version again")
   states = {}

@@ -149,7 +149,7 @@ def main(argv: list[str]) -> None:
   if FLAGS.rollback is None:
     try:  # Before any delta is read: a bad override would be saved into every later version's report.
       refresher.check_index_overrides()
-    except ValueError as e:
+    except refresh.IndexOptionsError as e:
       raise app.UsageError(f"--index_options: {e}") from None
   if FLAGS.rollback is not None:
     print(json.dumps(refresher.rollback(FLAGS.rollback)))

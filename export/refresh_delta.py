@@ -156,7 +156,8 @@ def parse_lines(lines: Iterable[str], name: str = "<delta>") -> CatalogDelta:
   for line_number, line in enumerate(lines, 1):
     if not line.strip():
       continue
-    record = logs.parse_json_object(line, f"{name}:{line_number}")  # Refused as an items.jsonl line is.
+    # Refused as an items.jsonl line is, and a key named twice too.
+    record = logs.parse_json_object(line, f"{name}:{line_number}", unique_keys=True)
     try:
       kind, ad_id, payload = _parse_record(record)
       if kind == "upsert":

@@ -82,6 +82,23 @@ def version_identity(version_path: str) -> Identity:
   return tuple(identity)
 
 
+def read_variables(version_path: str, keys: list[str]) -> list[np.ndarray]:
+  """The values of `keys` in a version's checkpoint.
+
+  Raises:
+    ValueError: the checkpoint cannot be read (a damaged or half-written version), naming the version
+      and what to do, where TF's reader raises IndexError or RuntimeError with only its own words.
+  """
+  try:
+    reader = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
+    return [reader.get_tensor(key) for key in keys]
+  except (tf.errors.OpError, RuntimeError, IndexError) as e:
+    raise ValueError(
+      f"{version_path}: its checkpoint cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+      "the version is damaged or half-written: remove it, or refresh an earlier one with --from_version"
+    ) from e
+
+
 def read_state(version_path: str) -> CatalogState:
   """Reads a version's ids and eligibility from its checkpoint and its embeddings file."""
   path = embeddings_path(version_path)
@@ -95,9 +112,8 @@ def read_state(version_path: str) -> CatalogState:
       f"{path} is missing: the version was exported before fgr-export kept the catalog "
       "embeddings; export it again to refresh it"
     )
-  reader = tf.train.load_checkpoint(version_files.variables_prefix(version_path))
-  ids = base.decoded_strings(reader.get_tensor(full_graph.ITEM_IDS_KEY))
-  eligible = reader.get_tensor(full_graph.ELIGIBLE_KEY).astype(bool)
+  ids, eligible = read_variables(version_path, [full_graph.ITEM_IDS_KEY, full_graph.ELIGIBLE_KEY])
+  ids, eligible = base.decoded_strings(ids), eligible.astype(bool)
   embeddings = np.load(path, mmap_mode="r")
   if embeddings.shape[0] != len(ids) or eligible.shape != ids.shape:
     raise ValueError(

@@ -85,13 +85,15 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
       yield line_number, parse_json_object(line, f"{path}:{line_number}")
 
 
-def parse_json_object(line: str, where: str) -> dict[str, Any]:
+def parse_json_object(line: str, where: str, unique_keys: bool = False) -> dict[str, Any]:
   """One JSON Lines line as an object whose strings are all UTF-8 text; errors start with `where`.
 
-  (Catalog deltas are read with it too, under the same rules.)
+  (Catalog deltas are read with it too, under the same rules.) `unique_keys` refuses an object naming a
+  key twice, which json keeps the last of: in a delta, `{"ad_id": "a", "ad_id": "b", ...}` would change
+  b silently. (A check per object costs the big training logs' parse time, so only deltas ask for it.)
   """
   try:
-    record = json.loads(line)
+    record = json.loads(line, object_pairs_hook=_unique_keys) if unique_keys else json.loads(line)
   except RecursionError:
     raise ValueError(f"{where}: not valid JSON: nested too deeply") from None
   except json.JSONDecodeError as e:
@@ -104,6 +106,15 @@ def parse_json_object(line: str, where: str) -> dict[str, Any]:
     field = _field_not_utf8(record)
     if field is not None:
       raise ValueError(f"{where}: {field!r} holds a lone surrogate escape (\\ud800-\\udfff): not UTF-8 text")
+  return record
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  record = dict(pairs)
+  if len(record) != len(pairs):
+    seen: set[str] = set()
+    repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+    raise ValueError(f"the key {repeated!r} appears twice in one object")
   return record
 
 

@@ -81,6 +81,8 @@ def test_delta_lines_later_lines_win_and_errors_name_the_line():
     ('{"ad_id": "\\ud800", "status": "paused"}', "lone surrogate"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ('{"ad_id": "a", "bid": ' + "9" * 5000 + "}", "not valid JSON"),
+    # json keeps a repeated key's last value: this line paused ad b, silently.
+    ('{"ad_id": "a", "ad_id": "b", "status": "paused"}', "the key 'ad_id' appears twice"),
   ]:
     with pytest.raises(ValueError, match=rf"delta.jsonl:2: .*({message})"):
       refresh_delta.parse_lines(['{"ad_id": "ok", "status": "paused"}', line], "delta.jsonl")
@@ -544,3 +546,47 @@ def test_a_version_replaced_under_the_same_number_is_read_again(base_path, monke
   state = refresh_state.read_state(os.path.join(base_path, "3"))
   row_of = state.row_of()
   assert state.eligible[row_of[a]] and not state.eligible[row_of[b]] and not state.eligible[row_of[c]]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no_variables"])
+def test_a_damaged_newest_version_is_one_clear_error_and_publishes_nothing(exported, served_v1, base_path, damage):
+  """A checkpoint TF cannot read was an IndexError or RuntimeError traceback in TF's own words."""
+  _, before = served_v1
+  damaged = os.path.join(base_path, "2")
+  version_files.link_tree(os.path.join(base_path, "1"), damaged)
+  data = next(
+    os.path.join(damaged, "variables", name)
+    for name in os.listdir(os.path.join(damaged, "variables"))
+    if name.startswith("variables.data")
+  )
+  if damage == "truncated":
+    with open(data, "rb") as f:
+      head = f.read(1000)
+    os.remove(data)  # A hard link to the fixture's file: replace it, never write through.
+    with open(data, "wb") as f:
+      f.write(head)
+  else:
+    for name in os.listdir(os.path.join(damaged, "variables")):
+      os.remove(os.path.join(damaged, "variables", name))
+    os.rmdir(os.path.join(damaged, "variables"))
+  delta = refresh_delta.parse_lines([json.dumps({"ad_id": before[0, 0], "status": "paused"})])
+  with pytest.raises(
+    ValueError, match=r"2: its checkpoint cannot be read \(.*\); the version is damaged or half-written"
+  ):
+    refresh.Refresher(base_path).apply(delta)
+  assert versions.list_versions(base_path) == [1, 2]
+
+
+def test_a_damaged_report_is_not_blamed_on_index_options(base_path):
+  """fgr-refresh printed a damaged report's error as a mistake in --index_options, with the usage text."""
+  with pytest.raises(refresh.IndexOptionsError, match="no_such_option"):
+    refresh.Refresher(base_path, index_overrides={"no_such_option": 1}).check_index_overrides()
+  report_path = version_report.path(os.path.join(base_path, "1"))
+  with open(report_path) as f:
+    text = f.read()
+  os.remove(report_path)  # A hard link to the fixture's report: replace it, never write through.
+  with open(report_path, "w") as f:
+    f.write(text[:100])
+  with pytest.raises(ValueError, match="is not JSON") as info:
+    refresh.Refresher(base_path).check_index_overrides()
+  assert not isinstance(info.value, refresh.IndexOptionsError)
