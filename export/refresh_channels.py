@@ -148,6 +148,26 @@ class ChannelSource:
     return cls(version, path, report, names, states, states[names[0]].row_of())
 
 
+def shared_index_options(
+  source_options: dict[str, Any], overrides: dict[str, Any] | None, rebuilt: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+  """The index options a rebuilt channel graph's report keeps: the source's with the overrides, less any a
+  channel's rebuild dropped.
+
+  Each channel's tuned knobs stay in its own config, so that the next refresh does not hand the first
+  channel's to the others. A rebuild drops the search knobs a structure change made stale (`engine`'s
+  `rebuild_options`, which then tunes anew); kept here, the next refresh would find them differing from
+  what the channels were built with and train every channel again, back at the stale knobs.
+
+  Args:
+    source_options: the source version's report's options.
+    overrides: the refresher's `--index_options`.
+    rebuilt: each channel's options for this rebuild (`refresh_policy.rebuild_options`).
+  """
+  requested = {**source_options, **(overrides or {})}
+  return {name: value for name, value in requested.items() if all(name in options for options in rebuilt.values())}
+
+
 def read_states(version_path: str, names: list[str]) -> dict[str, refresh_state.CatalogState]:
   """Reads a channel graph's shared ids and eligibility from its checkpoint and each channel's embeddings."""
   ids, *masks = refresh_state.read_variables(
@@ -438,9 +458,7 @@ def publish_rebuilt(
     report = _report(source, version, base_path, "rebuild", ids, states[source.names[0]].eligible)
     report.graph = f"version {source.version}'s" if replacements is not None else "traced"
     report.graph_traced_because = retrace_reason
-    # The options every channel shares; each channel's tuned knobs stay in its own config, so that the
-    # next refresh does not hand the first channel's to the others.
-    report.index_options = {**source.report.index_options, **(index_overrides or {})}
+    report.index_options = shared_index_options(source.report.index_options, index_overrides, options)
     report.index_config = dict(indexes[0].config) or report.index_config
     report.extra[refresh_state.CHANNEL_INDEX_CONFIGS] = {
       name: dict(index.config) or source.index_config(i) for i, (name, index) in enumerate(zip(source.names, indexes))

@@ -278,3 +278,30 @@ def test_a_version_with_an_inverted_calibration_is_refreshed_with_a_warning(expo
     refresh_channels.ChannelSource.read(base_path, 1)
   assert f"channel {NAMES[0]}'s click calibration has slope -20.3" in caplog.text
   assert f"channel {NAMES[1]}'s" not in caplog.text
+
+
+def test_a_structure_override_leaves_no_stale_tuned_knob_in_the_report():
+  """An --index_options override of the tree's structure makes each channel tune its search knobs anew.
+  The report kept the source's tuned knobs beside the override, so the next plain refresh found them
+  differing from what the channels were built with, trained every channel again, and went back to them."""
+  state = refresh_state.CatalogState(IDS, np.zeros([NUM_ITEMS, DIM], np.float32), np.ones([NUM_ITEMS], bool))
+  tuned = {"num_leaves": 20, "leaves_to_search": 5, "reorder": 100}
+  report = version_report.VersionReport(
+    version=1,
+    path="unused",
+    index="scann",
+    k=K,
+    index_options=dict(tuned),  # Set by hand at export: what a refreshed version's report holds.
+    index_config=dict(tuned),
+    extra={
+      refresh_channels.CHANNELS: list(NAMES),
+      refresh_channels.CHANNEL_DEFAULTS: {"depths": [DEPTH, DEPTH]},
+      refresh_state.CHANNEL_INDEX_CONFIGS: dict.fromkeys(NAMES, tuned),
+    },
+  )
+  source = refresh_channels.ChannelSource(1, "unused", report, list(NAMES), dict.fromkeys(NAMES, state), {})
+  for overrides, expected in (({"num_leaves": 10}, {"num_leaves": 10}), ({}, tuned), (None, tuned)):
+    rebuilt = {
+      name: refresh_policy.rebuild_options(source.channel_view(i).report, overrides) for i, name in enumerate(NAMES)
+    }
+    assert refresh_channels.shared_index_options(report.index_options, overrides, rebuilt) == expected, overrides
