@@ -156,8 +156,7 @@ def parse_lines(lines: Iterable[str], name: str = "<delta>") -> CatalogDelta:
   for line_number, line in enumerate(lines, 1):
     if not line.strip():
       continue
-    # Refused as an items.jsonl line is, and a key named twice too.
-    record = logs.parse_json_object(line, f"{name}:{line_number}", unique_keys=True)
+    record = logs.parse_json_object(line, f"{name}:{line_number}")  # Refused as an items.jsonl line is.
     try:
       kind, ad_id, payload = _parse_record(record)
       if kind == "upsert":

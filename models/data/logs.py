@@ -85,15 +85,19 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
       yield line_number, parse_json_object(line, f"{path}:{line_number}")
 
 
-def parse_json_object(line: str, where: str, unique_keys: bool = False) -> dict[str, Any]:
-  """One JSON Lines line as an object whose strings are all UTF-8 text; errors start with `where`.
+def parse_json_object(line: str, where: str) -> dict[str, Any]:
+  """One JSON Lines line as an object whose strings are all UTF-8 text and whose keys are each named
+  once; errors start with `where`.
 
-  (Catalog deltas are read with it too, under the same rules.) `unique_keys` refuses an object naming a
-  key twice, which json keeps the last of: in a delta, `{"ad_id": "a", "ad_id": "b", ...}` would change
-  b silently. (A check per object costs the big training logs' parse time, so only deltas ask for it.)
+  (Catalog deltas are read with it too, under the same rules.) json keeps a repeated key's last value:
+  `{"ad_id": "a", "ad_id": "b", ...}` would silently be about b. Only a line with more colons than its
+  object has keys can repeat one (or nest objects, or hold a colon in a string); only those lines are
+  parsed a second time with a check of every object's keys, so the big logs keep json's C parser alone.
   """
   try:
-    record = json.loads(line, object_pairs_hook=_unique_keys) if unique_keys else json.loads(line)
+    record = json.loads(line)
+    if isinstance(record, dict) and line.count(":") > len(record):
+      json.loads(line, object_pairs_hook=_unique_keys)
   except RecursionError:
     raise ValueError(f"{where}: not valid JSON: nested too deeply") from None
   except json.JSONDecodeError as e:

@@ -185,6 +185,10 @@ _DEEP = "[" * 100_000 + "]" * 100_000
     ),
     ("events.jsonl", '{"timestamp": 1' + "0" * 5000 + ', "ad_id": "a1"}', r"events.jsonl:2: not valid JSON: Exceeds"),
     ("events.jsonl", '{"timestamp": 1, "ad_id": "a1", "x": ' + _DEEP + "}", r"events.jsonl:2: not valid JSON: nested"),
+    # json keeps a repeated key's last value: the line was silently about another ad.
+    ("items.jsonl", '{"ad_id": "a2", "ad_id": "a3"}', r"items.jsonl:2: not valid JSON: the key 'ad_id' appears twice"),
+    ("events.jsonl", '{"timestamp": 1, "ad_id": "a1", "ad_id"  :  "a0"}', r"events.jsonl:2: .* 'ad_id' appears twice"),
+    ("events.jsonl", '{"timestamp": 1, "ad_id": "a1", "x": {"y": 1, "y": 2}}', r"events.jsonl:2: .* 'y' appears twice"),
     # Strings past logs.MAX_STRING_BYTES (UTF-8 bytes): every version would carry a long id per ad.
     ("items.jsonl", '{"ad_id": "' + "广" * 342 + '"}', r"items.jsonl:2: 'ad_id' holds a string of 1,026 bytes"),
     ("items.jsonl", '{"ad_id": "a2", "brand": "' + "b" * 1025 + '"}', r"items.jsonl:2: 'brand' holds a string of"),
