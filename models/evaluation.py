@@ -31,6 +31,9 @@ def top_k_accuracy(
   """Share of examples whose clicked item is among the top k of the whole catalog, for each k.
 
   This is the metric the TFRS tutorials report ("factorized_top_k/top_100_categorical_accuracy").
+
+  Raises:
+    NoTestExamples: `examples` holds none.
   """
   catalog = catalog_lib.embed_catalog(item_tower, table)
   # A catalog smaller than k is recalled whole: top-k accuracy there is that of k = the catalog's size
@@ -41,9 +44,13 @@ def top_k_accuracy(
   metric = tfrs.metrics.FactorizedTopK(candidates=index, ks=sorted(set(cut)))
   encode_query = tf.function(query_tower)
   encode_item = tf.function(item_tower)
+  seen = 0
   for batch in examples:
     tensors = {name: tf.constant(batch[name]) for name in EXAMPLE_FEATURES}
     metric.update_state(encode_query(tensors), encode_item(tensors), true_candidate_ids=tensors[schema.AD_ID])
+    seen += len(batch[schema.AD_ID])
+  if not seen:  # The metric would read 0.0, as if every example were missed.
+    raise NoTestExamples(NO_TEST_EXAMPLES)
   accuracy = {k: float(value.numpy()) for k, value in zip(sorted(set(cut)), metric.result())}
   return {f"top_{k}": accuracy[c] for k, c in zip(ks, cut)}
 

@@ -75,6 +75,11 @@ class TrainConfig:
     for name, low in at_least.items():
       if getattr(self, name) < low:
         raise ValueError(f"--{name} must be {low} or more, got {getattr(self, name)}")
+    if self.batch_size == 1 and self.mixed_negatives == 0:
+      raise ValueError(
+        "--batch_size=1 leaves each example no in-batch negative, so the loss is 0 and nothing is learned: "
+        "use 2 or more, or add --mixed_negatives"
+      )
     if not 0 <= self.seed < 2**32:  # What tf.keras.utils.set_random_seed takes; it said so without the flag.
       raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
     if not self.learning_rate > 0:
@@ -553,8 +558,12 @@ def train(
     report["best_epoch"] = int(np.argmax(scores)) + 1
     model.load_weights(checkpoint_path(output_dir)).expect_partial()  # Evaluate what restore() loads.
   if source.num_items <= training.eval_max_items:
-    report["test"] = evaluation.top_k_accuracy(model.query_tower, model.item_tower, source, source.examples("test"))
-    logging.info("Test top-k accuracy over all %d items: %s", source.num_items, report["test"])
+    try:
+      report["test"] = evaluation.top_k_accuracy(model.query_tower, model.item_tower, source, source.examples("test"))
+      logging.info("Test top-k accuracy over all %d items: %s", source.num_items, report["test"])
+    except evaluation.NoTestExamples:
+      report["test"] = None  # Not 0.0: nothing was missed, nothing was judged.
+      logging.warning("No test accuracy: %s", evaluation.no_test_examples(source))
   else:
     logging.info("Catalog of %d items is above --eval_max_items; skipping evaluation.", source.num_items)
   # Last, and atomically: until now config.json says the run is in progress.

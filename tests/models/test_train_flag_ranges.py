@@ -38,6 +38,8 @@ def test_an_empty_hidden_units_list_is_still_a_tower():
     ("seed", -1, r"--seed must be in \[0, 2\*\*32\), got -1"),
     ("seed", 2**32, r"--seed must be in \[0, 2\*\*32\), got 4294967296"),
     ("learning_rate", float("inf"), r"--learning_rate must be finite, got inf"),
+    # One example a step and no sampled negatives: the softmax has one class, the loss is 0.
+    ("batch_size", 1, r"--batch_size=1 leaves each example no in-batch negative, .*--mixed_negatives"),
   ],
 )
 def test_bad_training_values_are_refused(field, value, message):
@@ -49,3 +51,7 @@ def test_hidden_units_that_are_not_integers_name_the_flag():
   with pytest.raises(ValueError, match=r"^--hidden_units must be a comma-separated list of integers, got '64,abc'$"):
     config_lib.parse_hidden_units(["64", "abc"])
   assert config_lib.parse_hidden_units(["64", "32"]) == (64, 32)
+
+
+def test_one_example_a_step_trains_beside_sampled_negatives():
+  assert train_lib.TrainConfig(batch_size=1, mixed_negatives=8).batch_size == 1

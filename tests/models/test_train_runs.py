@@ -292,3 +292,14 @@ def test_a_diverging_run_fails_at_the_step_and_leaves_no_nan_checkpoint(tmp_path
   assert not os.path.exists(tmp_path / "run" / train_lib.CHECKPOINT_DIR) or not os.listdir(
     tmp_path / "run" / train_lib.CHECKPOINT_DIR
   )
+
+
+def test_an_empty_test_split_reports_no_accuracy_rather_than_zero(tmp_path, caplog):
+  """Too few events for a test slice: the report said top-k 0.0 (every example missed) and fgr-eval
+  refused the same run for having no test examples."""
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"), num_events=4)  # round(4 * 0.9) = 4 train, 0 test.
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  training = dataclasses.replace(TRAINING, batch_size=2, eval_max_items=2_000_000)
+  report = train_lib.train(data, TINY_TOWER, training, str(tmp_path / "run"))
+  assert report["test"] is None
+  assert "No test accuracy: the test split holds no examples" in caplog.text
