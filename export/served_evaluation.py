@@ -80,7 +80,7 @@ def _load(version_path: str) -> Any:
   with advice about devices)."""
   try:
     return tf.saved_model.load(version_path)
-  except (OSError, ValueError, tf.errors.OpError) as e:
+  except (OSError, ValueError, tf.errors.OpError, RuntimeError, IndexError) as e:  # IndexError: a truncated file.
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ValueError(f"{version_path} does not load as a SavedModel, damaged or incomplete: {reason}") from e
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from models.config import CHANNELS_FILE, CONFIG_FILE, TowerConfig, check_output_dir
+from models.config import CHANNELS_FILE, CONFIG_FILE, TowerConfig, check_output_dir, read_json_object
 
 SEMANTIC = "semantic"
 EFFICIENCY = "efficiency"
@@ -65,8 +65,7 @@ def read_channels(output_dir: str) -> list[str] | None:
   path = os.path.join(output_dir, CHANNELS_FILE)
   if not tf.io.gfile.exists(path):
     return None
-  with tf.io.gfile.GFile(path) as f:
-    return list(json.load(f)["channels"])
+  return list(read_json_object(path, ("channels",))["channels"])
 
 
 def channel_dir(output_dir: str, name: str) -> str:

@@ -195,6 +195,25 @@ def check_writable(output_dir: str) -> None:
     raise ValueError(f"--output_dir {output_dir} cannot be written: {reason.splitlines()[0]}") from None
 
 
+def read_json_object(path: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+  """The JSON object a run keeps at `path`, with `keys` in it.
+
+  Raises:
+    ValueError: naming the file, for a file that is not such an object (damaged, or cut short by a
+      full disk): json's own message named neither the file nor the run.
+  """
+  with tf.io.gfile.GFile(path) as f:
+    text = f.read()
+  try:
+    content = json.loads(text)
+  except ValueError as e:
+    raise ValueError(f"{path} is not JSON ({e}): the file is damaged") from None
+  missing = [key for key in keys if not isinstance(content, dict) or key not in content]
+  if not isinstance(content, dict) or missing:
+    raise ValueError(f"{path} lacks {', '.join(repr(k) for k in missing) or 'an object'}: the file is damaged")
+  return content
+
+
 def check_run_dir(output_dir: str, config: dict[str, Any]) -> dict[str, Any] | None:
   """What output_dir holds for a run of `config` (`run_config_json`); refuses what training must not touch.
 
@@ -211,8 +230,7 @@ def check_run_dir(output_dir: str, config: dict[str, Any]) -> dict[str, Any] | N
   path = os.path.join(output_dir, CONFIG_FILE)
   if not tf.io.gfile.exists(path) or not tf.io.gfile.glob(os.path.join(output_dir, CHECKPOINT_DIR, "*.index")):
     return None
-  with tf.io.gfile.GFile(path) as f:
-    existing = json.load(f)
+  existing = read_json_object(path)
   differences = [
     f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} now"
     for section in sorted((set(existing) | set(config)) - {RUN})
@@ -259,15 +277,13 @@ def read_run_config(output_dir: str) -> dict[str, Any]:
     channels_path = os.path.join(output_dir, CHANNELS_FILE)
     if tf.io.gfile.exists(channels_path):
       # A directory fgr-train wrote too: "is it the --output_dir of fgr-train?" sent the user astray.
-      with tf.io.gfile.GFile(channels_path) as f:
-        names = json.load(f).get("channels", [])
+      names = read_json_object(channels_path, ("channels",))["channels"]
       runs = ", ".join(os.path.join(output_dir, name) for name in names)
       raise FileNotFoundError(
         f"{output_dir} is a `fgr-train --channels` run: each channel's run has a directory of its own ({runs}); "
         "fgr-eval --model_path judges them merged, in a version fgr-export wrote"
       )
     raise FileNotFoundError(f"{path} not found: is {output_dir} the --output_dir of fgr-train?")
-  with tf.io.gfile.GFile(path) as f:
-    config = json.load(f)
+  config = read_json_object(path, ("tower", "data", "training"))
   config["tower"] = TowerConfig.from_json(config["tower"])
   return config

@@ -600,7 +600,11 @@ def restore(
   if path is None:
     raise FileNotFoundError(f"No checkpoint under {os.path.join(output_dir, CHECKPOINT_DIR)}")
   model = retrieval.build_towers_for_restore(run_config["tower"])
-  status = model.load_weights(path)
+  try:
+    status = model.load_weights(path)
+  except (tf.errors.OpError, RuntimeError, IndexError) as e:  # TF's reader says only what failed to read.
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"checkpoint {path} cannot be read ({reason}): the file is damaged or incomplete") from e
   status.assert_existing_objects_matched()  # Every tower variable must come from the checkpoint.
   status.expect_partial()  # The optimizer's slots are not needed to serve.
   model.query_tower.jit_compile = model.item_tower.jit_compile = jit_compile

@@ -65,6 +65,10 @@ def prepare(
   # The source checks its input when it opens, before the directory is claimed: a bad line fixed
   # after a failed run is then not "other input" to the rerun.
   source = sources.open_source(spec)
+  for split in tfrecord.SPLITS:  # Likewise an empty split: adding events is then no "other input" either.
+    if not any(len(next(iter(batch.values()))) for batch in source.examples(split)):
+      summary = getattr(source, "events_summary", None)
+      raise ValueError(f"The source yields no {split} examples" + (f": {summary}" if summary else ""))
   inputs = input_fingerprint(spec)
   _claim(
     output_dir,
@@ -117,7 +121,11 @@ def _claim(output_dir: str, spec: dict[str, Any]) -> None:
   path = os.path.join(output_dir, SPEC_FILE)
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
-      existing = json.load(f)
+      text = f.read()
+    try:
+      existing = json.loads(text)
+    except ValueError as e:
+      raise ValueError(f"{path} is not JSON ({e}): the file is damaged; use an empty directory") from None
     if existing != spec:
       raise ValueError(f"{output_dir} holds a preparation of {_difference(existing, spec)}; use an empty directory")
     return

@@ -211,6 +211,24 @@ def test_a_failed_first_run_does_not_claim_the_directory_for_its_bad_input(tmp_p
   prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
 
 
+def test_too_few_events_for_a_test_split_claim_nothing_and_say_how_many(tmp_path):
+  """It wrote the spec and a training shard before finding the test split empty, and then refused the
+  rerun with more events as "a preparation of other input"."""
+  logs_dir, output_dir = str(tmp_path / "logs"), str(tmp_path / "prepared")
+  _write_logs(logs_dir, with_money=False)
+  events = os.path.join(logs_dir, logs.EVENTS_FILE)
+  with open(events) as f:
+    lines = f.readlines()
+  with open(events, "w") as f:
+    f.writelines(lines[:4])  # round(4 * 0.9) = 4 events before the test split: none after it.
+  spec = sources.DataSpec(name="logs", data_dir=logs_dir)
+  with pytest.raises(ValueError, match=r"The source yields no test examples: .*events.jsonl holds 4 events"):
+    prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
+  with open(events, "w") as f:
+    f.writelines(lines)
+  prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
+
+
 def test_a_rerun_rewrites_damaged_shards_and_has_no_manifest_until_it_ends(prepared, tmp_path, monkeypatch):
   output_dir = _copy(prepared, tmp_path)
   expected = _shard_bytes(prepared)

@@ -9,6 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from export import report_file, served_evaluation, version_report
 from models import config as config_lib
@@ -114,3 +115,16 @@ def test_a_channels_run_is_told_apart_from_a_directory_fgr_train_did_not_write(t
     config_lib.read_run_config(str(tmp_path))
   assert str(info.value).startswith(f"{tmp_path} is a `fgr-train --channels` run: each channel's run has a directory")
   assert str(tmp_path / "semantic") in str(info.value) and "--model_path" in str(info.value)
+
+
+def test_a_version_with_truncated_variables_is_named_in_one_line(tmp_path):
+  """TF's reader raised IndexError ("Read less bytes than requested"), which fgr-eval let through."""
+  module = tf.Module()
+  module.v = tf.Variable(tf.range(4096, dtype=tf.float32))
+  module.f = tf.function(lambda: {"y": module.v * 2.0}, input_signature=[])
+  tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.f})
+  data = next((tmp_path / "1" / "variables").glob("variables.data-*"))
+  data.write_bytes(data.read_bytes()[:100])
+  with pytest.raises(ValueError, match=r"1 does not load as a SavedModel, damaged or incomplete: ") as info:
+    served_evaluation._load(str(tmp_path / "1"))
+  assert "\n" not in str(info.value)

@@ -303,3 +303,27 @@ def test_an_empty_test_split_reports_no_accuracy_rather_than_zero(tmp_path, capl
   report = train_lib.train(data, TINY_TOWER, training, str(tmp_path / "run"))
   assert report["test"] is None
   assert "No test accuracy: the test split holds no examples" in caplog.text
+
+
+def test_damaged_run_files_are_named_in_one_line(tmp_path):
+  """A truncated checkpoint was TF's IndexError traceback; a damaged config.json json's message alone."""
+  logs_testlib.write_tiny_logs(str(tmp_path / "data"))
+  data = sources.DataSpec(name="logs", data_dir=str(tmp_path / "data"))
+  run = str(tmp_path / "run")
+  train_lib.train(data, TINY_TOWER, TRAINING, run)
+  checkpoint = train_lib.checkpoint_path(run)
+  with open(checkpoint + ".data-00000-of-00001", "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(ValueError, match=rf"^checkpoint {checkpoint} cannot be read \(.*\): the file is damaged"):
+    train_lib.restore(run)
+  config_path = os.path.join(run, config_lib.CONFIG_FILE)
+  with open(config_path) as f:
+    config = json.load(f)
+  for text, message in [
+    ("", "is not JSON"),
+    (json.dumps({k: v for k, v in config.items() if k != "tower"}), "lacks 'tower'"),
+  ]:
+    with open(config_path, "w") as f:
+      f.write(text)
+    with pytest.raises(ValueError, match=rf"^{config_path} {message}.*: the file is damaged$"):
+      train_lib.restore(run)
