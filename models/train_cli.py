@@ -166,6 +166,35 @@ flags.DEFINE_float(
 flags.mark_flag_as_required("output_dir")
 
 
+# The sequence encoder's own flags; and the flags a --channels preset sets for each channel. Given
+# where nothing reads them, each would be ignored without a word, so `check_flags_apply` refuses it.
+_ENCODER_FLAGS = ("sequence_layers", "sequence_heads", "sequence_dropout", "max_history")
+_PRESET_FLAGS = ("features", "objective")
+
+
+def _given(names: tuple[str, ...]) -> str:
+  """The flags among `names` that the command line sets, as "--a, --b" ("" for none)."""
+  return ", ".join(f"--{name}" for name in names if FLAGS[name].present)
+
+
+def check_flags_apply(towers: dict[str, config_lib.TowerConfig], channels_run: bool) -> None:
+  """Refuses a flag the command line sets that no tower trained here reads (usage error naming it).
+
+  `towers`: the tower of each run (one, or one per channel).
+  """
+  if channels_run and _given(_PRESET_FLAGS):
+    presets = "; ".join(f"{name}: {channels_lib.PRESETS[name]}" for name in towers)
+    raise app.UsageError(f"{_given(_PRESET_FLAGS)}: each channel's preset sets it ({presets}); drop it with --channels")
+  full = [tower for tower in towers.values() if tower.features == "full"]
+  if not full and FLAGS.sequence_encoder != "none":
+    kinds = sorted({tower.features for tower in towers.values()})
+    raise app.UsageError(
+      f"--sequence_encoder: only full towers read the behaviour sequence, and these are {', '.join(kinds)}"
+    )
+  if not any(tower.sequence_encoder != "none" for tower in full) and _given(_ENCODER_FLAGS):
+    raise app.UsageError(f"{_given(_ENCODER_FLAGS)}: only with --sequence_encoder=self_attention, which is off")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -207,6 +236,9 @@ def main(argv: list[str]) -> None:
     early_stopping_patience=FLAGS.early_stopping_patience,
   )
   names = channels_lib.parse_channels(FLAGS.channels) if FLAGS.channels else None
+  check_flags_apply(
+    {name: channels_lib.channel_tower(name, tower) for name in names} if names else {"": tower}, bool(names)
+  )
   # Before any other op: collectives start with it.
   strategy = distribute.make_strategy(FLAGS.distribute, FLAGS.cluster_timeout_seconds)
   if names:

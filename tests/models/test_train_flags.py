@@ -63,3 +63,29 @@ def test_a_bad_tf_config_is_refused_before_the_strategy_starts(monkeypatch, tf_c
   monkeypatch.setenv("TF_CONFIG", tf_config)
   with pytest.raises(ValueError, match=message):
     distribute.make_strategy("multi_worker")
+
+
+def test_flags_no_tower_reads_are_refused_naming_them(tmp_path):
+  """Each was accepted and ignored: a channel's preset overrode --features, the text towers read no
+  behaviour sequence, and the encoder's own flags did nothing without the encoder."""
+  from concurrent import futures
+
+  from tests import cli_testlib
+
+  cases = [
+    (["--channels=semantic,efficiency", "--features=ids_only"], "--features: each channel's preset sets it"),
+    (["--channels=semantic", "--sequence_encoder=self_attention"], "--sequence_encoder: only full towers read"),
+    (["--features=ids_only", "--sequence_encoder=self_attention"], "and these are ids_only"),
+    (["--max_history=0"], "--max_history: only with --sequence_encoder=self_attention, which is off"),
+  ]
+  with futures.ThreadPoolExecutor(len(cases)) as pool:
+    results = list(
+      pool.map(
+        lambda case: cli_testlib.run_console_script(["fgr-train", f"--output_dir={tmp_path / 'run'}", *case[0]]),
+        cases,
+      )
+    )
+  for (_, message), result in zip(cases, results):
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
