@@ -97,8 +97,16 @@ def main(argv: list[str]) -> None:
   else:
     model, run_config = train_lib.restore(FLAGS.output_dir)
     data = sources.DataSpec.from_json(run_config["data"])
+    changed = train_lib.changed_inputs(run_config)
+    if changed:
+      logging.warning(
+        "%s changed since %s trained: its held-out split now holds other examples than the run held out",
+        ", ".join(changed),
+        FLAGS.output_dir,
+      )
     report = {
       "data": data.to_json(),
+      **({"inputs_changed_since_training": changed} if changed else {}),
       **evaluation.evaluate(
         model.query_tower,
         model.item_tower,

@@ -17,12 +17,14 @@ from absl import logging
 from models import channels as channels_lib
 from models import config as config_lib
 from models import distribute, evaluation, retrieval, sampling
-from models.data import schema, sources, tfrecord
+from models.data import prepare, schema, sources, tfrecord
 
 CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
 _CHECKPOINT_NAME = "ckpt-{epoch:03d}"
 # Checkpoints a run keeps by default: the newest five, as tf.train.CheckpointManager's max_to_keep.
 DEFAULT_KEEP_CHECKPOINTS = 5
+# The "run" entry of config.json that records what the data files held (`prepare.input_fingerprint`).
+INPUTS = "inputs"
 
 
 @dataclasses.dataclass
@@ -256,11 +258,12 @@ class _RunProgress(tf.keras.callbacks.Callback):
   first one leaves no config.json (bad data or flags never block the corrected rerun).
   """
 
-  def __init__(self, output_dir: str, config: tuple[Any, ...], history: list[dict[str, float]]):
+  def __init__(self, output_dir: str, config: tuple[Any, ...], history: list[dict[str, float]], inputs: dict[str, Any]):
     super().__init__()
     self._output_dir = output_dir
     self._config = config
     self.history = history
+    self._inputs = inputs
 
   def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
     del self.history[epoch:]
@@ -271,6 +274,7 @@ class _RunProgress(tf.keras.callbacks.Callback):
       "epochs_done": epoch + 1,
       "checkpoint": None if newest is None else os.path.basename(newest),
       "history": self.history,
+      INPUTS: self._inputs,
     }
     config_lib.write_run_config(self._output_dir, *self._config, run=run)
 
@@ -421,6 +425,16 @@ def train(
   config_lib.check_writable(output_dir)
   if source is None:
     source = sources.open_source(data)
+  # What the data files held when the run began (none for synthetic data, which its config makes, and
+  # for fgr-prepare's shards, whose manifest says): a rerun continues only over the same data, and
+  # fgr-eval tells a report on changed data apart.
+  inputs = prepare.input_fingerprint(data)
+  recorded = None if progress is None else progress.get(INPUTS)
+  if recorded is not None and recorded != inputs:
+    raise ValueError(
+      f"{output_dir} holds an unfinished run over other data ({', '.join(prepare.changed_inputs(recorded, inputs))} "
+      "changed since it began); pass another --output_dir to train on this data"
+    )
   check_validation_k(training, source.num_items)
   check_training_fields(source, {"": tower})
 
@@ -509,7 +523,7 @@ def train(
     ]
   else:
     callbacks.append(tf.keras.callbacks.ModelCheckpoint(checkpoints, save_weights_only=True))
-  progress_log = _RunProgress(output_dir, run_config, history)
+  progress_log = _RunProgress(output_dir, run_config, history, inputs)
   if chief:
     callbacks.append(progress_log)  # After ModelCheckpoint: config.json is written beside a checkpoint.
     callbacks.append(_PruneCheckpoints(output_dir, keep_checkpoints))  # After config.json names the newest.
@@ -567,8 +581,19 @@ def train(
   else:
     logging.info("Catalog of %d items is above --eval_max_items; skipping evaluation.", source.num_items)
   # Last, and atomically: until now config.json says the run is in progress.
-  config_lib.write_run_config(output_dir, *run_config, run={"state": config_lib.FINISHED, "report": report})
+  config_lib.write_run_config(
+    output_dir, *run_config, run={"state": config_lib.FINISHED, "report": report, INPUTS: inputs}
+  )
   return report
+
+
+def changed_inputs(run_config: dict[str, Any]) -> list[str]:
+  """The data files that changed since the run of `run_config` (as `read_run_config` returns it) trained:
+  its evaluation then is not on the data it held out. Empty for runs from before config.json recorded it."""
+  recorded = run_config.get(config_lib.RUN, {}).get(INPUTS)
+  if recorded is None:
+    return []
+  return prepare.changed_inputs(recorded, prepare.input_fingerprint(sources.DataSpec.from_json(run_config["data"])))
 
 
 def restore(

@@ -115,6 +115,11 @@ def input_fingerprint(spec: sources.DataSpec) -> dict[str, dict[str, Any]]:
   return fingerprint
 
 
+def changed_inputs(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """The file names whose `input_fingerprint` entries differ between `recorded` and `current`."""
+  return sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))
+
+
 def _claim(output_dir: str, spec: dict[str, Any]) -> None:
   """Records what this output is made from, or checks that an earlier run made it from the same."""
   tf.io.gfile.makedirs(output_dir)

@@ -327,3 +327,29 @@ def test_damaged_run_files_are_named_in_one_line(tmp_path):
       f.write(text)
     with pytest.raises(ValueError, match=rf"^{config_path} {message}.*: the file is damaged$"):
       train_lib.restore(run)
+
+
+def test_a_run_records_its_data_and_tells_when_the_data_changed(tmp_path):
+  """A run over changed logs: fgr-eval judged it on another held-out split, and a rerun continued an
+  unfinished run over other data, both without a word."""
+  data_dir = str(tmp_path / "data")
+  logs_testlib.write_tiny_logs(data_dir)
+  data = sources.DataSpec(name="logs", data_dir=data_dir)
+  run = str(tmp_path / "run")
+  train_lib.train(data, TINY_TOWER, TRAINING, run)
+  assert train_lib.changed_inputs(config_lib.read_run_config(run)) == []
+  with open(os.path.join(data_dir, logs.EVENTS_FILE), "a") as f:
+    f.write('{"user_id": "late", "timestamp": 1e9, "ad_id": "a1"}\n')
+  assert train_lib.changed_inputs(config_lib.read_run_config(run)) == [logs.EVENTS_FILE]
+  # The same run, unfinished: its rerun over the changed logs is refused, and the run stays as it was.
+  config_path = os.path.join(run, config_lib.CONFIG_FILE)
+  with open(config_path) as f:
+    config = json.load(f)
+  config[config_lib.RUN] = {**config[config_lib.RUN], "state": config_lib.IN_PROGRESS, "epochs_done": 1}
+  config[config_lib.RUN]["checkpoint"] = os.path.basename(train_lib.checkpoint_path(run))
+  with open(config_path, "w") as f:
+    json.dump(config, f)
+  before = _files(run)
+  with pytest.raises(ValueError, match=rf"holds an unfinished run over other data \({logs.EVENTS_FILE} changed"):
+    train_lib.train(data, TINY_TOWER, TRAINING, run)
+  assert _files(run) == before
