@@ -129,5 +129,7 @@ def run() -> None:
   app.run(main)
 
 
-if __name__ == "__main__":
-  run()
+if __name__ == "__main__":  # As its console script: a user's mistake is one line, not a traceback.
+  from cli import launch
+
+  launch.run_module(main)

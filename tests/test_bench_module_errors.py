@@ -30,3 +30,30 @@ def test_every_absl_benchmark_runs_through_the_launcher():
     if "app.run(" in main_block or (main_block and "launch.run_module(" not in main_block and "argparse" not in text):
       direct.append(os.path.basename(path))
   assert direct == []
+
+
+def test_every_command_s_module_runs_through_the_launcher_too():
+  """`python -m models.train_cli` (and the other commands' modules) showed a traceback for a mistake
+  their console script reports in one line."""
+  from cli import launch
+
+  modules = [
+    command.__doc__.split("`")[1].rsplit(".", 1)[0]
+    for name, command in vars(launch).items()
+    if name.startswith("fgr_") and command.__doc__ and name not in ("fgr_serve", "fgr_bench")  # bench: above.
+  ]
+  assert "models.train_cli" in modules and "export.refresh_cli" in modules
+  direct = []
+  for module in modules:
+    with open(os.path.join(cli_testlib.REPO_ROOT, *module.split(".")) + ".py") as f:
+      main_block = f.read().partition('\nif __name__ == "__main__":')[2]
+    if "launch.run_module(main)" not in main_block:
+      direct.append(module)
+  assert direct == []
+  result = cli_testlib.run_module(
+    "models.data.prepare_cli", ["--data=logs", "--data_dir=/nonexistent", "--output_dir=x"]
+  )
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-2] == (
+    "python -m models.data.prepare_cli: error: /nonexistent/items.jsonl is missing; see docs/data_format.md"
+  )
