@@ -58,7 +58,8 @@ def text_lines(path: str) -> Iterator[tuple[int, str]]:
           "(see docs/data_format.md)"
         )
       try:
-        line = raw.decode("utf-8")
+        # A byte order mark before the first line (Windows editors write one) is skipped.
+        line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
       except UnicodeDecodeError as e:
         raise ValueError(
           f"{path}:{line_number}: not valid UTF-8 ({e.reason}: byte {e.object[e.start]:#04x} at column {e.start + 1})"

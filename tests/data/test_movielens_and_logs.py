@@ -7,6 +7,7 @@ import pytest
 
 from export import refresh_delta
 from models.data import logs, movielens, schema
+from tests.data import logs_testlib
 from tests.data.logs_testlib import write_jsonl
 
 
@@ -292,3 +293,19 @@ def test_bad_movielens_item_and_user_lines_are_reported_with_the_file_and_line(t
     f.write("3|Truncated line\n")
   with pytest.raises(ValueError, match=r"u.item:3: expected 24 '\|'-separated fields"):
     movielens.MovieLens100K(str(tmp_path))
+
+
+def test_a_byte_order_mark_before_the_logs_is_skipped(tmp_path):
+  """Windows editors write one; json refused the first line ("Unexpected UTF-8 BOM")."""
+  logs_testlib.write_tiny_logs(str(tmp_path))
+  plain = logs.LogsDataset(str(tmp_path))
+  for name in (logs.ITEMS_FILE, logs.EVENTS_FILE):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+  marked = logs.LogsDataset(str(tmp_path))
+  assert marked.num_items == plain.num_items and marked.events_summary == plain.events_summary
+  # Only before the first line: elsewhere it is a character, and no ad id starts with one.
+  with open(tmp_path / logs.EVENTS_FILE, "ab") as f:
+    f.write(b'\xef\xbb\xbf{"timestamp": 99, "ad_id": "a1"}\n')
+  with pytest.raises(ValueError, match=r"events.jsonl:\d+: not valid JSON"):
+    logs.LogsDataset(str(tmp_path))
