@@ -10,12 +10,24 @@ from typing import Any
 
 
 def read_saved_model(saved_model_dir: str) -> Any:
-  """The SavedModel proto of a directory's saved_model.pb."""
+  """The SavedModel proto of a directory's saved_model.pb.
+
+  Raises:
+    ValueError: naming the file, when it does not parse or holds no MetaGraph (damaged, or cut short:
+      protobuf's DecodeError named neither, and an empty file parsed as a SavedModel of nothing).
+  """
+  from google.protobuf import message  # pylint: disable=g-import-not-at-top
   from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
 
+  path = os.path.join(saved_model_dir, "saved_model.pb")
   saved_model = saved_model_pb2.SavedModel()
-  with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
-    saved_model.ParseFromString(f.read())
+  with open(path, "rb") as f:
+    try:
+      saved_model.ParseFromString(f.read())
+    except message.DecodeError as e:
+      raise ValueError(f"{path} does not parse as a SavedModel ({e}): the version is damaged or incomplete") from None
+  if not saved_model.meta_graphs:
+    raise ValueError(f"{path} holds no MetaGraph: the version is damaged or incomplete")
   return saved_model
 
 

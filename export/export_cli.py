@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 from absl import app, flags
 
 from engine import base, channels
-from export import channel_exporter, exporter, versions
+from export import channel_exporter, exporter, signatures, versions
 from models import channels as channels_lib
 
 FLAGS = flags.FLAGS
@@ -193,6 +194,11 @@ def main(argv: list[str]) -> None:
   versions.check_base_path(FLAGS.model_base_path)  # Before the graph is built and saved, which takes minutes.
   if config.version is not None:
     versions.check_free(FLAGS.model_base_path, config.version)
+  else:
+    versions.next_version(FLAGS.model_base_path)  # Refuses a base path whose numbers are used up.
+  newest = versions.list_versions(FLAGS.model_base_path)
+  if newest and not config.allow_signature_change:  # Compared after the build: a damaged one is said now.
+    signatures.read_signatures(os.path.join(FLAGS.model_base_path, str(newest[-1])))
   channels_run = bool(channels_lib.read_channels(FLAGS.checkpoint_dir))
   check_flags_apply(channels_run)
   if channels_run:

@@ -72,17 +72,30 @@ def list_versions(base_path: str) -> list[int]:
   return sorted(versions)
 
 
+# The largest version TF Serving loads: versions are int64s.
+MAX_VERSION = 2**63 - 1
+
+
 def next_version(base_path: str) -> int:
   """One above the largest version present (or in the way as a directory), starting at 1."""
   names = os.listdir(base_path) if os.path.isdir(base_path) else []
   taken = [number for number in map(version_number, names) if number is not None]
-  return max(taken, default=0) + 1
+  newest = max(taken, default=0)
+  if newest == MAX_VERSION:
+    raise ValueError(
+      f"{base_path} holds version {MAX_VERSION}, the largest TF Serving loads (an int64): no later version "
+      "can be published there; move that version away, or pass --version"
+    )
+  return newest + 1
 
 
 def check_version(version: int) -> None:
-  """Raises ValueError unless `version` is a positive integer: TF Serving loads no other directory name."""
-  if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-    raise ValueError(f"A version must be a positive integer (TF Serving serves BASE/1/, BASE/2/, ...), got {version!r}")
+  """Raises ValueError unless `version` is a positive int64: TF Serving loads no other directory name."""
+  if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+    raise ValueError(
+      f"A version must be a positive integer up to {MAX_VERSION} (TF Serving serves BASE/1/, BASE/2/, ... as "
+      f"int64s), got {version!r}"
+    )
 
 
 def check_free(base_path: str, version: int) -> None:

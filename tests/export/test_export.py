@@ -98,7 +98,7 @@ def test_failed_publish_leaves_no_version_behind(tmp_path):
       pass
 
 
-@pytest.mark.parametrize("version", [-3, 0])
+@pytest.mark.parametrize("version", [-3, 0, 2**63, 10**20])  # TF Serving's versions are int64s.
 def test_a_version_that_tf_serving_would_ignore_is_refused(tmp_path, version):
   with pytest.raises(ValueError, match=rf"version must be a positive integer.*got {version}"):
     exporter.ExportConfig(index="brute_force", version=version)
@@ -106,6 +106,15 @@ def test_a_version_that_tf_serving_would_ignore_is_refused(tmp_path, version):
     with versions.publish(str(tmp_path), version=version):
       pass
   assert os.listdir(tmp_path) == []
+
+
+def test_no_version_is_numbered_past_the_largest_tf_serving_loads(tmp_path):
+  """After BASE/9223372036854775807, the next export was numbered 2**63, which no server loads."""
+  os.makedirs(tmp_path / str(versions.MAX_VERSION))
+  with pytest.raises(ValueError, match=rf"holds version {versions.MAX_VERSION}, the largest TF Serving loads"):
+    with versions.publish(str(tmp_path)):
+      pass
+  assert os.listdir(tmp_path) == [str(versions.MAX_VERSION)]
 
 
 @pytest.mark.parametrize("k", [0, -5])

@@ -57,3 +57,12 @@ def test_changes_that_break_clients_are_refused(tmp_path, inputs, outputs, chang
   assert change in str(raised.value) and "version 3's" in str(raised.value)
   # Asked for, it passes.
   exporter.check_signatures(new, base_path, exporter.ExportConfig(index="brute_force", allow_signature_change=True))
+
+
+@pytest.mark.parametrize("content", [b"\x0a\xff\xff\xff", b""], ids=["garbage", "empty"])
+def test_a_damaged_saved_model_pb_is_named(tmp_path, content):
+  """Garbage was protobuf's DecodeError traceback after the whole build; an empty file parsed as a
+  SavedModel without signatures, against which any export looked compatible."""
+  (tmp_path / "saved_model.pb").write_bytes(content)
+  with pytest.raises(ValueError, match=r"saved_model.pb (does not parse as a SavedModel|holds no MetaGraph)"):
+    signatures.read_signatures(str(tmp_path))
