@@ -111,11 +111,13 @@ def check_options(
   rerank_candidates: int | None,
   target_recall: float,
   train_steps: int,
+  seed: int = 0,
   **unchecked: object,
 ) -> None:
   """Raises ValueError naming the first option `build_binary` refuses (also fgr-export's, before it embeds)."""
   del num_items, k, unchecked
   hashing.check_bits(bits)
+  base.check_option("seed", seed, 0)
   base.check_option("rerank_candidates", rerank_candidates or 0, 0, valid="0 (tuned for target_recall) or positive")
   base.check_option("target_recall", target_recall, 0, 1, integer=False)
   base.check_option("train_steps", train_steps, 0)

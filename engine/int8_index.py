@@ -102,10 +102,17 @@ class Int8Index(base.Index):
 
 
 def check_options(
-  num_items: int, k: int, *, rerank_candidates: int | None, target_recall: float, **unchecked: object
+  num_items: int,
+  k: int,
+  *,
+  rerank_candidates: int | None,
+  target_recall: float,
+  seed: int = 0,
+  **unchecked: object,
 ) -> None:
   """Raises ValueError naming the first option `build_int8` refuses (also fgr-export's, before it embeds)."""
   del num_items, k, unchecked
+  base.check_option("seed", seed, 0)
   base.check_option("rerank_candidates", rerank_candidates or 0, 0, valid="0 (tuned for target_recall) or positive")
   base.check_option("target_recall", target_recall, 0, 1, integer=False)
 

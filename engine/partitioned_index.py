@@ -124,11 +124,13 @@ def check_options(
   num_tuning_queries: int,
   kmeans_iterations: int,
   training_sample_size: int,
+  seed: int = 0,
   **unchecked: object,
 ) -> int:
   """Raises ValueError naming the first option `build_partitioned` refuses for `num_items` ads; returns
   the number of partitions (derived when not given). Also fgr-export's check before it embeds the catalog."""
   del k, unchecked
+  base.check_option("seed", seed, 0)
   base.check_option(
     "num_partitions",
     num_partitions or 0,

@@ -27,6 +27,10 @@ from tests.serving import scann_testlib
     ("binary", {"bits": 100}, r"bits must be a positive multiple of 64, got 100"),
     ("brute_force", {"jit_compile": "yes"}, r"brute_force option jit_compile must be true or false, got 'yes'"),
     ("binary", {"learned": 2}, r"binary option learned must be true or false, got 2"),
+    # numpy's "expected non-negative integer", after the catalog was embedded; int8 recorded 'abc'.
+    ("binary", {"seed": -3}, r"seed must be .*got -3"),
+    ("partitioned", {"seed": -3}, r"seed must be .*got -3"),
+    ("int8", {"seed": "abc"}, r"seed must be .*got 'abc'"),
   ],
 )
 def test_export_refuses_index_option_values_before_embedding_the_catalog(
