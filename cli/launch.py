@@ -165,7 +165,18 @@ def run_module(main: Callable[[list[str]], None]) -> None:
 
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
   argv = [f"python -m {spec.name}" if spec is not None else sys.argv[0], *sys.argv[1:]]  # What errors call it.
-  _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(lambda: app.run(main), argv), argv)
+
+  def main_with_one_line_usage_errors(args: list[str]) -> None:
+    # absl prints a UsageError under the usage, which for `python -m` is the module's docstring and
+    # every flag it defines (some 80 lines): the mistake is one line, as the console scripts say it.
+    try:
+      main(args)
+    except app.UsageError as e:
+      raise ValueError(str(e)) from None
+
+  _ending_quietly_on_ctrl_c(
+    lambda: _reporting_user_errors(lambda: app.run(main_with_one_line_usage_errors), argv), argv
+  )
 
 
 # absl's flags that print the main module's flags (`--helpfull` prints every module's anyway).

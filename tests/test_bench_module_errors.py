@@ -57,3 +57,14 @@ def test_every_command_s_module_runs_through_the_launcher_too():
   assert result.stderr.strip().splitlines()[-2] == (
     "python -m models.data.prepare_cli: error: /nonexistent/items.jsonl is missing; see docs/data_format.md"
   )
+
+
+def test_a_usage_error_of_a_module_is_one_line_without_the_flag_listing():
+  """absl printed it under the module's docstring and every flag it defines (some 85 lines)."""
+  result = cli_testlib.run_module("export.export_cli", ["--checkpoint_dir=x", "--model_base_path=y", "--k=0"])
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  lines = [line for line in result.stderr.strip().splitlines() if not line.startswith(("20", "To enable", "WARNING"))]
+  assert lines == [
+    "python -m export.export_cli: error: k must be at least 1 (the candidates returned per request), got 0",
+    "(python -m export.export_cli --verbosity=1 shows where it was raised)",
+  ], result.stderr[-3000:]
