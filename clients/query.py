@@ -74,9 +74,37 @@ def complete_features(features: dict[str, Any], inputs: dict[str, meta_graph_pb2
   return completed
 
 
-def predict_request(features: dict[str, Any], spec: model_pb2.ModelSpec) -> predict_pb2.PredictRequest:
-  """A batch-of-one PredictRequest for `spec` (`request_source.features_request`: [1] and [1, n] tensors)."""
-  request = request_source.features_request(features)
+def predict_request(
+  features: dict[str, Any], spec: model_pb2.ModelSpec, inputs: dict[str, meta_graph_pb2.TensorInfo] | None = None
+) -> predict_pb2.PredictRequest:
+  """A batch-of-one PredictRequest for `spec`.
+
+  An input the signature (`inputs`) declares takes its dtype, and its shape: a value for an input
+  whose first dimension is the batch (-1) gets that dimension of 1; one for a fixed shape (a scalar
+  knob such as `min_relevance`, a per-channel `channel_weights` [C]) goes as it is. Other features go
+  as string tensors of [1] or [1, n] (`request_source.features_request`), for the server to judge.
+
+  Raises:
+    ValueError: naming the feature whose value its input's dtype cannot hold.
+  """
+  inputs = inputs or {}
+  request = request_source.features_request({n: v for n, v in features.items() if n not in inputs})
+  for name, value in features.items():
+    if name not in inputs:
+      continue
+    info = inputs[name]
+    dims = [] if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
+    if info.tensor_shape.unknown_rank or (dims and dims[0] < 0):
+      value = [value]
+    if info.dtype == types_pb2.DT_STRING:
+      array = request_source.string_array(name, value)
+    else:
+      dtype = tf.as_dtype(info.dtype)
+      try:
+        array = np.asarray(value, dtype=dtype.as_numpy_dtype)
+      except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"feature {name!r}: not a {dtype.name} value, or an even list of them: {e}") from None
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=tf.as_dtype(info.dtype)))
   request.model_spec.CopyFrom(spec)
   return request
 

@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
       inputs = query.signature_inputs(stub, spec, FLAGS.timeout)
     except query.QueryError as e:
       raise SystemExit(str(e)) from None
-    requests = [query.predict_request(query.complete_features(f, inputs), spec) for f in feature_sets]
+    requests = [query.predict_request(query.complete_features(f, inputs), spec, inputs) for f in feature_sets]
     latencies = []
     for number in range(FLAGS.num_requests or len(requests)):
       started = time.perf_counter()

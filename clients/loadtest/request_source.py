@@ -40,11 +40,19 @@ def features_request(features: dict[str, Any]) -> predict_pb2.PredictRequest:
   """
   request = predict_pb2.PredictRequest()
   for name, value in features.items():
-    # dtype=object keeps a ragged list's rows as list elements, which _string_value then refuses.
-    values = np.asarray([value], dtype=object)
-    strings = np.frompyfunc(functools.partial(_string_value, name), 1, 1)(values)
-    request.inputs[name].CopyFrom(tf.make_tensor_proto(strings, dtype=tf.string))
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(string_array(name, [value]), dtype=tf.string))
   return request
+
+
+def string_array(name: str, value: Any) -> np.ndarray:
+  """`value` (a string, a number or an evenly nested list of them) as an object array of UTF-8 bytes.
+
+  Raises:
+    ValueError: naming feature `name`, for a ragged list or a value of another type.
+  """
+  # dtype=object keeps a ragged list's rows as list elements, which _string_value then refuses.
+  values = np.asarray(value, dtype=object)
+  return np.asarray(np.frompyfunc(functools.partial(_string_value, name), 1, 1)(values), dtype=object)
 
 
 def batch_requests(features: dict[str, np.ndarray], count: int | None = None) -> list[predict_pb2.PredictRequest]:

@@ -214,3 +214,34 @@ def test_clients_import_nothing_from_the_server():
       elif isinstance(node, ast.ImportFrom) and node.module:
         imported.add((path.name, node.module))
   assert not {(name, module) for name, module in imported if module.split(".")[0] == "serving"}
+
+
+def test_requests_take_each_input_s_dtype_and_shape_from_the_signature():
+  """fgr-query sent every value as a string tensor of [1] or [1, n]: search_with_options' knobs (an int32
+  [C], a float scalar, a string scalar) could not be sent at all."""
+  from tensorflow.core.protobuf import meta_graph_pb2
+
+  def info(dtype, dims):
+    tensor = meta_graph_pb2.TensorInfo(dtype=dtype.as_datatype_enum)
+    for size in dims:
+      tensor.tensor_shape.dim.add(size=size)
+    return tensor
+
+  inputs = {
+    "query": info(tf.string, [-1]),
+    "history": info(tf.string, [-1, -1]),
+    "channel_depths": info(tf.int32, [2]),
+    "min_relevance": info(tf.float32, []),
+    "diversity": info(tf.string, []),
+  }
+  features = {"query": "shoes", "history": ["a", "b"], "channel_depths": [20, 10], "min_relevance": 0.5}
+  request = query.predict_request(
+    {**features, "diversity": "ssd"}, query.model_spec("m", "search_with_options"), inputs
+  )
+  decoded = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+  assert decoded["query"].tolist() == [b"shoes"] and decoded["history"].tolist() == [[b"a", b"b"]]
+  assert decoded["channel_depths"].dtype == np.int32 and decoded["channel_depths"].tolist() == [20, 10]
+  assert decoded["min_relevance"].dtype == np.float32 and decoded["min_relevance"].shape == ()
+  assert decoded["diversity"].shape == () and decoded["diversity"] == b"ssd"
+  with pytest.raises(ValueError, match=r"feature 'channel_depths': not a int32 value"):
+    query.predict_request({"channel_depths": ["many", 1]}, query.model_spec("m", ""), inputs)
