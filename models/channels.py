@@ -21,7 +21,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from models.config import CHANNELS_FILE, CONFIG_FILE, TowerConfig, check_output_dir, read_json_object
+from models.config import CHANNELS_FILE, CONFIG_FILE, TowerConfig, check_output_dir
+from models.data.json_files import read_json_object
 
 SEMANTIC = "semantic"
 EFFICIENCY = "efficiency"

@@ -10,6 +10,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from models.data.json_files import read_json_object
+
 CONFIG_FILE = "config.json"
 # What a `fgr-train --channels` run writes at its top, last (`models.channels`).
 CHANNELS_FILE = "channels.json"
@@ -193,25 +195,6 @@ def check_writable(output_dir: str) -> None:
   except (tf.errors.OpError, OSError) as e:
     reason = e.message if isinstance(e, tf.errors.OpError) else (e.strerror or str(e))
     raise ValueError(f"--output_dir {output_dir} cannot be written: {reason.splitlines()[0]}") from None
-
-
-def read_json_object(path: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-  """The JSON object a run keeps at `path`, with `keys` in it.
-
-  Raises:
-    ValueError: naming the file, for a file that is not such an object (damaged, or cut short by a
-      full disk): json's own message named neither the file nor the run.
-  """
-  with tf.io.gfile.GFile(path) as f:
-    text = f.read()
-  try:
-    content = json.loads(text)
-  except ValueError as e:
-    raise ValueError(f"{path} is not JSON ({e}): the file is damaged") from None
-  missing = [key for key in keys if not isinstance(content, dict) or key not in content]
-  if not isinstance(content, dict) or missing:
-    raise ValueError(f"{path} lacks {', '.join(repr(k) for k in missing) or 'an object'}: the file is damaged")
-  return content
 
 
 def check_run_dir(output_dir: str, config: dict[str, Any]) -> dict[str, Any] | None:

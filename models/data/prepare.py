@@ -41,7 +41,7 @@ import tensorflow as tf
 import tqdm
 from absl import logging
 
-from models.data import records, schema, sequences, sources, tfrecord
+from models.data import json_files, records, schema, sequences, sources, tfrecord
 
 SPEC_FILE = "prepare_spec.json"  # What a partial output was started from, so a rerun cannot mix inputs.
 _OPTIONS = tf.io.TFRecordOptions(compression_type="GZIP")
@@ -125,12 +125,7 @@ def _claim(output_dir: str, spec: dict[str, Any]) -> None:
   tf.io.gfile.makedirs(output_dir)
   path = os.path.join(output_dir, SPEC_FILE)
   if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      text = f.read()
-    try:
-      existing = json.loads(text)
-    except ValueError as e:
-      raise ValueError(f"{path} is not JSON ({e}): the file is damaged; use an empty directory") from None
+    existing = json_files.read_json_object(path, remedy="the file is damaged; use an empty directory")
     if existing != spec:
       raise ValueError(f"{output_dir} holds a preparation of {_difference(existing, spec)}; use an empty directory")
     return

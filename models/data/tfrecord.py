@@ -14,7 +14,6 @@ its record count. A damaged shard is an error naming it, never fewer examples re
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from models.data import records, schema
+from models.data import json_files, records, schema
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -60,11 +59,7 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   path = os.path.join(data_dir, MANIFEST)
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"No {MANIFEST} in {data_dir!r}: run fgr-prepare there first (or let it finish)")
-  with tf.io.gfile.GFile(path) as f:
-    try:
-      manifest = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}): run fgr-prepare again into an empty directory") from None
+  manifest = json_files.read_json_object(path, remedy="run fgr-prepare again into an empty directory")
   if manifest.get("version") != FORMAT_VERSION:
     raise ValueError(f"{path} is format version {manifest.get('version')}; this build reads {FORMAT_VERSION}")
   return manifest
