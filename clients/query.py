@@ -96,15 +96,15 @@ def predict_request(
     dims = [] if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
     if info.tensor_shape.unknown_rank or (dims and dims[0] < 0):
       value = [value]
-    if info.dtype == types_pb2.DT_STRING:
+    dtype = tf.as_dtype(info.dtype)
+    if dtype == tf.string:
       array = request_source.string_array(name, value)
     else:
-      dtype = tf.as_dtype(info.dtype)
       try:
         array = np.asarray(value, dtype=dtype.as_numpy_dtype)
       except (TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"feature {name!r}: not a {dtype.name} value, or an even list of them: {e}") from None
-    request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=tf.as_dtype(info.dtype)))
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
   request.model_spec.CopyFrom(spec)
   return request
 

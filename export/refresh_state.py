@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from engine import base, full_graph
 from export import version_files, version_report, versions
+from models.data import tfrecord
 
 EMBEDDINGS_FILE = "catalog_embeddings.npy"
 # A channel graph's report key holding each channel's index build config by channel name (the top-level
@@ -94,7 +95,7 @@ def read_variables(version_path: str, keys: list[str]) -> list[np.ndarray]:
     return [reader.get_tensor(key) for key in keys]
   except (tf.errors.OpError, RuntimeError, IndexError) as e:
     raise ValueError(
-      f"{version_path}: its checkpoint cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+      f"{version_path}: its checkpoint cannot be read ({tfrecord.tf_error_reason(e)}); "
       "the version is damaged or half-written: remove it, or refresh an earlier one with --from_version"
     ) from e
 

@@ -628,7 +628,7 @@ def restore(
   try:
     status = model.load_weights(path)
   except (tf.errors.OpError, RuntimeError, IndexError) as e:  # TF's reader says only what failed to read.
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    reason = tfrecord.tf_error_reason(e)
     raise ValueError(f"checkpoint {path} cannot be read ({reason}): the file is damaged or incomplete") from e
   status.assert_existing_objects_matched()  # Every tower variable must come from the checkpoint.
   status.expect_partial()  # The optimizer's slots are not needed to serve.

@@ -247,6 +247,11 @@ def _shape_proto(shape: Iterable[int]) -> tensor_shape_pb2.TensorShapeProto:
   return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape])
 
 
+def _as_bytes(value: object) -> bytes:
+  """A string output's element as bytes (a str or number as its UTF-8 text)."""
+  return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
 def to_tensor_proto(array: np.ndarray, dtype_enum: int, as_tensor_content: bool = False) -> tensor_pb2.TensorProto:
   """Encodes an output array the way TF Serving's Predict does.
 
@@ -267,8 +272,7 @@ def to_tensor_proto(array: np.ndarray, dtype_enum: int, as_tensor_content: bool 
   proto = tensor_pb2.TensorProto(dtype=dtype_enum, tensor_shape=_shape_proto(array.shape))
   if as_tensor_content:
     if field == "string_val":
-      flat = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in array.reshape(-1).tolist()]
-      proto.tensor_content = encode_string_list(flat)
+      proto.tensor_content = encode_string_list([_as_bytes(v) for v in array.reshape(-1).tolist()])
     else:
       proto.tensor_content = np.ascontiguousarray(array, dtype=tf.as_dtype(dtype_enum).as_numpy_dtype).tobytes()
     return proto
@@ -283,7 +287,7 @@ def to_tensor_proto(array: np.ndarray, dtype_enum: int, as_tensor_content: bool 
       return proto
     except TypeError:
       del proto.string_val[:]
-    values = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in flat]
+    values = [_as_bytes(v) for v in flat]
   else:
     values = flat.tolist()
   getattr(proto, field).extend(values)
