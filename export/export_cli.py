@@ -7,6 +7,7 @@ import os
 
 from absl import app, flags
 
+from cli import flag_use
 from engine import base, channels
 from export import channel_exporter, exporter, signatures, versions
 from models import channels as channels_lib
@@ -112,22 +113,17 @@ _CHANNEL_FLAGS = (
 _COOCCURRENCE_FLAGS = ("cooccurrence_neighbours", "fusion_weight")
 
 
-def _given(names: tuple[str, ...]) -> str:
-  """The flags among `names` that the command line sets, as "--a, --b" ("" for none)."""
-  return ", ".join(f"--{name}" for name in names if FLAGS[name].present)
-
-
 def check_flags_apply(channels_run: bool) -> None:
   """Refuses a flag the command line sets that this kind of export would ignore (usage error naming it)."""
   if channels_run and FLAGS.cooccurrence:
     raise app.UsageError("--cooccurrence fuses with a single-tower graph; a --channels run merges its own channels")
-  if not channels_run and _given(_CHANNEL_FLAGS):
+  if not channels_run and flag_use.given(_CHANNEL_FLAGS):
     raise app.UsageError(
-      f"{_given(_CHANNEL_FLAGS)}: only for a `fgr-train --channels` run, and {FLAGS.checkpoint_dir} is not one "
+      f"{flag_use.given(_CHANNEL_FLAGS)}: only for a `fgr-train --channels` run, and {FLAGS.checkpoint_dir} is not one "
       f"(it has no {channels_lib.CHANNELS_FILE})"
     )
-  if not FLAGS.cooccurrence and _given(_COOCCURRENCE_FLAGS):
-    raise app.UsageError(f"{_given(_COOCCURRENCE_FLAGS)}: only with --cooccurrence, which is off")
+  if not FLAGS.cooccurrence and flag_use.given(_COOCCURRENCE_FLAGS):
+    raise app.UsageError(f"{flag_use.given(_COOCCURRENCE_FLAGS)}: only with --cooccurrence, which is off")
   if FLAGS["exclusion_depth"].present and not FLAGS.exclude_history:
     raise app.UsageError("--exclusion_depth: only with --exclude_history, which is off")
   if FLAGS["exclusion_depth"].present and channels_run:

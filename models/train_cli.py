@@ -8,6 +8,7 @@ import json
 import tensorflow as tf
 from absl import app, flags, logging
 
+from cli import flag_use
 from models import channels as channels_lib
 from models import config as config_lib
 from models import distribute
@@ -172,27 +173,24 @@ _ENCODER_FLAGS = ("sequence_layers", "sequence_heads", "sequence_dropout", "max_
 _PRESET_FLAGS = ("features", "objective")
 
 
-def _given(names: tuple[str, ...]) -> str:
-  """The flags among `names` that the command line sets, as "--a, --b" ("" for none)."""
-  return ", ".join(f"--{name}" for name in names if FLAGS[name].present)
-
-
 def check_flags_apply(towers: dict[str, config_lib.TowerConfig], channels_run: bool) -> None:
   """Refuses a flag the command line sets that no tower trained here reads (usage error naming it).
 
   `towers`: the tower of each run (one, or one per channel).
   """
-  if channels_run and _given(_PRESET_FLAGS):
+  if channels_run and flag_use.given(_PRESET_FLAGS):
     presets = "; ".join(f"{name}: {channels_lib.PRESETS[name]}" for name in towers)
-    raise app.UsageError(f"{_given(_PRESET_FLAGS)}: each channel's preset sets it ({presets}); drop it with --channels")
+    raise app.UsageError(
+      f"{flag_use.given(_PRESET_FLAGS)}: each channel's preset sets it ({presets}); drop it with --channels"
+    )
   full = [tower for tower in towers.values() if tower.features == "full"]
   if not full and FLAGS.sequence_encoder != "none":
     kinds = sorted({tower.features for tower in towers.values()})
     raise app.UsageError(
       f"--sequence_encoder: only full towers read the behaviour sequence, and these are {', '.join(kinds)}"
     )
-  if not any(tower.sequence_encoder != "none" for tower in full) and _given(_ENCODER_FLAGS):
-    raise app.UsageError(f"{_given(_ENCODER_FLAGS)}: only with --sequence_encoder=self_attention, which is off")
+  if not any(tower.sequence_encoder != "none" for tower in full) and flag_use.given(_ENCODER_FLAGS):
+    raise app.UsageError(f"{flag_use.given(_ENCODER_FLAGS)}: only with --sequence_encoder=self_attention, which is off")
 
 
 def main(argv: list[str]) -> None:
