@@ -48,10 +48,10 @@ def _serve(version_path, queries):
 
 
 def _itemcf_scores(source, queries):
-  """[Q, N] ItemCF baseline scores without its popularity tie-break, -inf for the request's history."""
+  """[Q, N] ItemCF baseline similarities (no popularity tie-break), -inf for the request's history."""
   fitted = baselines.ItemCooccurrence(source.num_items).fit(source.examples("train"), source.row_of)
   batch = {**queries, schema.AD_ID: np.full([len(queries[schema.HIST_IDS])], "")}  # Only its length is read.
-  scores = fitted.scores(batch, source.row_of) - fitted.popularity.tie_break
+  scores = fitted.similarity(batch, source.row_of)
   history = baselines.catalog_rows(queries[schema.HIST_IDS], source.row_of)
   for q, rows in enumerate(history):
     scores[q, rows[rows >= 0]] = -np.inf

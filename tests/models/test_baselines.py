@@ -31,12 +31,13 @@ def test_item_cooccurrence_recalls_what_followed_the_latest_items():
   # u1 watched a then b; u2 watched a, b, c; u3 watched d alone. Within one step of each other only.
   log = _batch(["u1", "u1", "u2", "u2", "u2", "u3"], ["a", "b", "a", "b", "c", "d"])
   model = baselines.ItemCooccurrence(4, window=1, history=2, decay=0.5).fit([log], _ROW.get)
-  scores = model.scores(_batch(["q", "q"], ["c", "c"], [["a"], ["c", "a"]]), _ROW.get)
+  batch = _batch(["q", "q"], ["c", "c"], [["a"], ["c", "a"]])
+  scores = model.similarity(batch, _ROW.get)
   # sim(a, b) = 2 / sqrt(2 * 2) = 1; a and c never met within one step.
-  assert scores[0, 1] == pytest.approx(1.0, abs=1e-3)
-  assert np.argmax(scores[0]) == 1 and scores[0, 2] < 1e-3  # c only gets its popularity tie-break.
+  assert scores[0, 1] == pytest.approx(1.0)
+  assert np.argmax(model.scores(batch, _ROW.get)[0]) == 1 and scores[0, 2] == 0
   # The latest item (c) weighs twice the one before it (a): sim(c, b) = 1 / sqrt(1 * 2).
-  assert scores[1, 1] == pytest.approx(1 / np.sqrt(2) + 0.5 * 1.0, abs=1e-3)
+  assert scores[1, 1] == pytest.approx(1 / np.sqrt(2) + 0.5 * 1.0)
 
 
 def test_top_neighbours_keep_each_items_best_in_order():
