@@ -12,7 +12,8 @@ The "leave_last_out" split instead holds out each user's last rating in time (ti
 
 The "time" split holds out the last 10% of ratings in time, as production does: the model is trained
 on the past and judged on what came after. A test rating's behaviour sequence is every rating its
-user made before it, test ratings included (they were logged by then), and never a later one.
+user made before it, test ratings included (they were logged by then), and never a later one;
+ratings of the same second count in file order (52% of test ratings have one among their 20 latest).
 """
 
 from __future__ import annotations
