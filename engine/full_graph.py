@@ -65,6 +65,15 @@ def catalog_values(
 CATALOG_PREFIXES = (f"{INDEX}/", f"{ITEM_IDS}/", f"{COOCCURRENCE}/{cooccurrence_lib.CATALOG_PREFIX}")
 
 
+def search_depth(k: int, exclusion_depth: int, num_items: int) -> int:
+  """The candidates a full graph asks its index (and co-occurrence channel) for: k plus the exclusion
+  depth (0 without exclusions), at most the catalog size.
+
+  Traced into the serving functions, so a refresh may reuse them only for a catalog giving the same depth.
+  """
+  return min(k + exclusion_depth, num_items)
+
+
 def check_exclusions(exclusions: str | None, depth: int, query_specs: dict[str, tf.TensorSpec]) -> None:
   if exclusions is not None and exclusions not in query_specs:
     raise ValueError(f"exclusions must name a query feature {sorted(query_specs)}, got {exclusions!r}")
@@ -195,7 +204,7 @@ class FullGraph(tf.Module):
     """Top-k ids [B, k] (string, "" where fewer eligible items exist) and scores [B, k], best first."""
     features = checked_batch({name: features[name] for name in self._query_specs})
     queries = self.query_tower(features)
-    depth = min(self.k + self.exclusion_depth, self.index.num_items)
+    depth = search_depth(self.k, self.exclusion_depth, self.index.num_items)
     fusion_weight = options.pop(FUSION_WEIGHT, None)
     result = self.index.search(queries, depth, **options)
     if self.cooccurrence is not None:

@@ -130,7 +130,15 @@ def graph_replacements(
   (`engine.base.catalog_variable`), a new checkpoint is the whole new version.
   """
   k = source.report.k
-  reason = index.graph_reuse_blocker(source.report.index_config, k, len(source.state.ids))
+  # The graph asks its index for k plus the exclusion depth, capped at the catalog it was traced for; N's
+  # catalog gives that depth (a reused graph is reused only at the same depth). Another depth would ask
+  # more candidates than a shrunk catalog holds (every request failing in top_k) or fewer than excluded.
+  exclusion_depth = source.report.exclusion_depth or 0
+  depth = full_graph.search_depth(k, exclusion_depth, index.num_items)
+  saved_depth = full_graph.search_depth(k, exclusion_depth, len(source.state.ids))
+  if depth != saved_depth:
+    return None, f"the graph searches {saved_depth} candidates, and {index.num_items} items give {depth}"
+  reason = index.graph_reuse_blocker(source.report.index_config, depth, len(source.state.ids))
   if reason is not None:
     return None, reason
   if index.num_items < k:
