@@ -169,7 +169,10 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   source = sources.open_source(sources.DataSpec.from_json(run_config["data"]))
   # Before the catalog is embedded and indexed: each backend's build failed its own way, if at all.
   base.check_k(config.k, source.num_items)
-  base.backend(config.index).check_values(config.index_options, config.k, source.num_items)
+  # The graph asks the index for k plus the exclusion depth: the index is checked, built and tuned for as
+  # many, so the k answers left after the history are found at the recall it was tuned for.
+  depth = full_graph.search_depth(config.k, config.exclusion_depth if config.exclude_history else 0, source.num_items)
+  base.backend(config.index).check_values(config.index_options, depth, source.num_items)
 
   catalog = catalog_lib.embed_catalog(model.item_tower, source)
   timings["embed"] = time.time() - started
@@ -189,7 +192,7 @@ def build_graph(checkpoint_dir: str, config: ExportConfig) -> BuiltGraph:
   index = base.build_index(
     config.index,
     catalog.embeddings,
-    k=config.k,
+    k=depth,
     eligible=catalog.eligible,
     tuning_queries=tuning_embeddings if len(tuning_embeddings) else None,
     **config.index_options,

@@ -334,7 +334,11 @@ class Refresher:
       and config["rows_encoded_since_training"] > self.retrain_fraction * len(state.ids)
     ):
       self._retrain = refresh_retrain.BackgroundRetrain(
-        report.index, state.embeddings, report.k, report.index_options, report.version
+        report.index,
+        state.embeddings,
+        refresh_policy.index_k(report, len(state.ids)),
+        report.index_options,
+        report.version,
       )
       report.background_retrain_started = True
     return report

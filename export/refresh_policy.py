@@ -39,6 +39,14 @@ class Retrained:
   config: dict[str, Any]
 
 
+def index_k(report: version_report.VersionReport, num_items: int | None = None) -> int:
+  """The neighbours a version's graph asks its index for, which its index is built, tuned and checked for:
+  k plus the exclusion depth, at most `num_items` (`engine.full_graph.search_depth`; None: the report's)."""
+  exclusion_depth = report.exclusion_depth or 0
+  num_items = num_items or report.num_items or report.k + exclusion_depth
+  return full_graph.search_depth(report.k, exclusion_depth, num_items)
+
+
 def rebuild_options(report: version_report.VersionReport, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The source's index options plus the knobs its build tuned (so the rebuild does not tune again), with
   the refresher's `overrides` (`engine.base.Backend.rebuild_options`).
@@ -48,7 +56,7 @@ def rebuild_options(report: version_report.VersionReport, overrides: dict[str, A
   int8 version exported before int8 scored under XLA by default), so a server without XLA still loads it.
   """
   backend = base.backend(report.index)
-  options = backend.rebuild_options(report.index_options, report.index_config, report.k, overrides)
+  options = backend.rebuild_options(report.index_options, report.index_config, index_k(report), overrides)
   if report.needs_xla is False and "jit_compile" not in options and backend.takes("jit_compile"):
     options["jit_compile"] = False
   return options
@@ -137,7 +145,7 @@ def rebuild_index(
       )
       # A knob out of range for the kept structure (a refresher's override) trains anew, where the build
       # refuses it by name if no new structure takes it either; the update would have published it.
-      backend.check_update_values(options, config, source.report.k, len(state.ids))
+      backend.check_update_values(options, config, index_k(source.report, len(state.ids)), len(state.ids))
       index = backend.update(trained, config, state.embeddings, source_rows, state.eligible, options)
     except (KeyError, ValueError) as e:
       reason = f"the index cannot be updated: {e}"
@@ -145,7 +153,8 @@ def rebuild_index(
       index.config["build_seconds"] = round(time.perf_counter() - started, 3)
       return index
   logging.info("Training the index anew: %s", reason)
-  index = base.build_index(source.report.index, state.embeddings, k=source.report.k, eligible=state.eligible, **options)
+  k = index_k(source.report, len(state.ids))
+  index = base.build_index(source.report.index, state.embeddings, k=k, eligible=state.eligible, **options)
   if backend.updatable:  # What the next refresh's policy counts from.
     index.config.update({"update": "full", "full_build_reason": reason, "rows_encoded_since_training": 0})
   return index
