@@ -86,9 +86,11 @@ class ItemCooccurrence:
 
   sim(i, j) = c(i, j) / sqrt(n_i * n_j), where c(i, j) counts the times one user interacted with i and
   j within `window` interactions of each other in the training log, and n_i is i's interaction
-  count. A query's score for item j is sum_t decay^t * sim(h_t, j) over its `history` most recent
-  items h_0 (latest), h_1, ... (`similarity`); equal scores (as of items co-occurring with none of
-  them) fall back to popularity (`scores`).
+  count. A user who takes i twice within the window makes i co-occur with itself (c(i, i) counts each
+  such pair once), so a repeated item can be recalled again by its own history. A query's score for
+  item j is sum_t decay^t * sim(h_t, j) over its `history` most recent items h_0 (latest), h_1, ...
+  (`similarity`); equal scores (as of items co-occurring with none of them) fall back to popularity
+  (`scores`).
 
   Args:
     num_items: catalog size.
@@ -127,9 +129,10 @@ class ItemCooccurrence:
     for distance in range(1, self.window + 1):
       same = user[distance:] == user[:-distance]
       first, second = row[:-distance][same], row[distance:][same]
-      step, step_counts = np.unique(
-        np.concatenate([first * self.num_items + second, second * self.num_items + first]), return_counts=True
-      )
+      # Both directions of a pair of two items, and a user's repeat of one item (i = j) once, as c(i, i)
+      # counts it: its mirror is the same pair, which counted twice would double every repeat's weight.
+      mirrored = (second * self.num_items + first)[first != second]
+      step, step_counts = np.unique(np.concatenate([first * self.num_items + second, mirrored]), return_counts=True)
       pairs, where = np.unique(np.concatenate([pairs, step]), return_inverse=True)
       counts = np.bincount(where, weights=np.concatenate([counts, step_counts]), minlength=len(pairs))
     first, second = np.divmod(pairs, self.num_items)
