@@ -20,5 +20,7 @@ def test_a_repeat_counts_once_per_pair():
   # n_a = 2, n_b = 1: sim(a, b) = 2 / sqrt(2), sim(a, a) = 1 / sqrt(2 * 2) (it was counted twice: 1.0).
   assert list(rows) == [0, 1] and neighbours.tolist() == [[1, 0], [0, -1]]
   np.testing.assert_allclose(similarities, [[2 / np.sqrt(2), 0.5], [2 / np.sqrt(2), 0.0]], rtol=1e-6)
-  scores = model.scores({schema.AD_ID: np.asarray(["x"], dtype=object), schema.HIST_IDS: np.asarray([["a"]])}, _ROW.get)
-  assert scores[0, 0] == pytest.approx(0.5, abs=1e-3)
+  scores = model.similarity(
+    {schema.AD_ID: np.asarray(["x"], dtype=object), schema.HIST_IDS: np.asarray([["a"]])}, _ROW.get
+  )
+  assert scores[0, 0] == pytest.approx(0.5, rel=1e-6)
