@@ -119,7 +119,9 @@ def _greedy(
     best = tf.argmax(objective, axis=1, output_type=tf.int32)  # [B]
     found = tf.reduce_any(allowed, axis=1)  # [B]
     chosen = tf.logical_and(tf.equal(positions, best[:, tf.newaxis]), found[:, tf.newaxis])
-    available = tf.logical_and(available, tf.logical_not(chosen))
+    # A row that finds nothing stops for good: for DPP, a later step would slide the window past a pick
+    # that was never made and pick again after the -1, leaving a hole mid-list instead of padding.
+    available = tf.logical_and(tf.logical_and(available, tf.logical_not(chosen)), found[:, tf.newaxis])
     at_t = tf.equal(slots, t)[tf.newaxis, :]  # [1, k]
     picks = tf.where(at_t, tf.where(found, best, -1)[:, tf.newaxis], picks)
     pick = tf.gather(v, best, batch_dims=1) * tf.cast(found, tf.float32)[:, tf.newaxis]  # [B, d]
