@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine import base, channels, full_graph
-from export import channel_exporter, refresh_state, version_report
+from export import channel_exporter, refresh_channels, version_report
 from models import evaluation, metrics
 from models.data import schema, sequences, sources
 
@@ -102,6 +102,30 @@ def _rows(ids: tf.Tensor, source: sources.Source) -> np.ndarray:
   return np.asarray([[row(i) for i in answers] for answers in base.decoded_strings(ids)], np.int64)
 
 
+def _embeddings_by_source_row(version_path: str, names: list[str], channel: str, source: sources.Source) -> np.ndarray:
+  """Channel `channel`'s embeddings of the version's ads, at the data's catalog rows (what `_rows` returns).
+
+  A refreshed version keeps its own row order (a removal shifts every later row, an added ad comes
+  last), so its embeddings are matched to the data's rows by ad id; read by row, ILAD was measured on
+  other ads' embeddings. Rows of ads the version lacks stay zero: it never serves them.
+  """
+  state = refresh_channels.read_states(version_path, names)[channel]
+  rows = []
+  for ad_id in state.ids:
+    try:
+      rows.append(source.row_of(ad_id))
+    except KeyError:  # Added by fgr-refresh: `_rows` makes it -1, so no metric reads its embedding.
+      rows.append(-1)
+  rows = np.asarray(rows, np.int64)
+  num_rows = source.num_items
+  if len(rows) == num_rows and np.array_equal(rows, np.arange(num_rows)):
+    return state.embeddings  # The export's own row order: the memory-mapped file as is.
+  known = rows >= 0
+  aligned = np.zeros([num_rows, state.embeddings.shape[1]], np.float32)
+  aligned[rows[known]] = state.embeddings[np.flatnonzero(known)]
+  return aligned
+
+
 def evaluate_full_graph(
   version_path: str,
   source: sources.Source,
@@ -167,7 +191,7 @@ def evaluate_version(
   search = _load(version_path).signatures[full_graph.SEARCH_WITH_OPTIONS]
   names = report.extra[channel_exporter.CHANNELS]
   judge = next((n for n in names if "relevance" in report.extra[channel_exporter.CALIBRATION][n]), names[0])
-  embeddings = np.load(refresh_state.embeddings_path(version_path, judge), mmap_mode="r")
+  embeddings = _embeddings_by_source_row(version_path, names, judge, source)
   categories = sequences.catalog_column(source, schema.CATEGORY)
   has_bids = sources.bids_of(source, np.arange(1)) is not None
   settings = settings or variants(report)
