@@ -184,7 +184,10 @@ def _greedy(
 
 def _ssd_numeric(embeddings, scores, valid, k, window, gamma, for_xla=False):
   gamma = tf.cast(tf.reshape(gamma, []), tf.float32)
-  return _greedy(embeddings, scores, valid, k, window, lambda s, r2: s + gamma * tf.sqrt(r2), None, for_xla)
+  # A candidate in the window's span has residual 0; its tracked float32 value is rounding noise (~1e-7 to
+  # 1e-5), which gamma would reward. Below the norm under which a pick adds no direction, it counts as 0.
+  gain = lambda s, r2: s + gamma * tf.sqrt(tf.where(r2 > _MIN_BASIS_NORM**2, r2, 0.0))  # noqa: E731
+  return _greedy(embeddings, scores, valid, k, window, gain, None, for_xla)
 
 
 def _dpp_numeric(embeddings, scores, valid, k, theta, window, for_xla=False):
