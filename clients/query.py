@@ -60,17 +60,19 @@ def signature_inputs(
 
 
 def complete_features(features: dict[str, Any], inputs: dict[str, meta_graph_pb2.TensorInfo]) -> dict[str, Any]:
-  """`features` plus every string input it leaves out, empty: "" for a [B] input, [""] for [B, n].
+  """`features` plus every string input it leaves out, empty: "" for a scalar or [B] input, [""] for [B, n].
 
-  Empty strings are what the towers pad with, so a left-out history or query means none. Inputs of
-  other types stay missing, for the server to name.
+  Empty strings are what the towers pad with, so a left-out history or query means none. A left-out
+  string scalar (a knob such as `diversity`) goes as "" of its own shape, for the graph to judge: as
+  [""] it was refused for its shape, [1] against [], which named no knob. Inputs of other types stay
+  missing, for the server to name.
   """
   completed = dict(features)
   for name, info in inputs.items():
     if name in completed or info.dtype != types_pb2.DT_STRING:
       continue
     rank = None if info.tensor_shape.unknown_rank else len(info.tensor_shape.dim)
-    completed[name] = "" if rank == 1 else [""]
+    completed[name] = "" if rank in (0, 1) else [""]
   return completed
 
 
