@@ -2,7 +2,8 @@
 
 It speaks plain TF Serving gRPC (GetModelMetadata, then PredictionService.Predict), so it works against
 fgr-serve and against stock TF Serving alike. Features come from flags (one request) or from a JSONL
-file (one request per line, each a JSON object of feature name to a string or a list of strings).
+file (one request per line, each a JSON object of feature name to a value or a list), each value sent
+in its input's dtype and shape, as the signature declares them.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ flags.DEFINE_list("history_brands", [], "Brands of those ads (same order).")
 flags.DEFINE_string(
   "requests_file",
   None,
-  "JSONL of requests (feature name -> string or list); overrides the feature flags. String inputs a "
-  "line leaves out are sent empty.",
+  "JSONL of requests (feature name -> value or list, each sent in its input's dtype and shape); "
+  "overrides the feature flags. String inputs a line leaves out are sent empty.",
 )
 flags.DEFINE_integer(
   "num_requests",

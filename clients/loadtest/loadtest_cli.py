@@ -14,8 +14,9 @@ import gc
 import sys
 
 from absl import app, flags, logging
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from clients import grpc_channel
+from clients import grpc_channel, query
 from clients.loadtest import driver, report, request_source
 
 FLAGS = flags.FLAGS
@@ -44,7 +45,8 @@ flags.DEFINE_string(
   "requests_file",
   None,
   "Recorded requests: TFRecord of PredictRequest or PredictionLog "
-  "(e.g. a warm-up file), or .jsonl of feature dicts. Without it, synthetic queries.",
+  "(e.g. a warm-up file), or .jsonl of feature dicts, typed by the signature as fgr-query's --requests_file. "
+  "Without it, synthetic queries.",
 )
 flags.DEFINE_string(
   "synthetic_run_dir", None, "fgr-train --output_dir whose held-out queries to send (so they match the served catalog)."
@@ -57,13 +59,39 @@ grpc_channel.define_flags()
 flags.adopt_module_key_flags(grpc_channel)  # --help lists the --tls* flags with the client's own.
 
 
-def load_requests() -> list:
+def load_requests(tls: grpc_channel.Tls | None) -> list[predict_pb2.PredictRequest]:
   """The requests to send, addressed to --model_name/--signature_name/--model_version."""
-  if FLAGS.requests_file:
+  if FLAGS.requests_file and request_source.is_jsonl(FLAGS.requests_file):
+    requests = signature_typed_requests(FLAGS.requests_file, tls)
+  elif FLAGS.requests_file:
     requests = request_source.read_requests_file(FLAGS.requests_file, FLAGS.num_requests)
   else:
     requests = request_source.synthetic_requests(FLAGS.num_requests, FLAGS.synthetic_run_dir, FLAGS.synthetic_num_ads)
   return request_source.with_model_spec(requests, FLAGS.model_name, FLAGS.signature_name, FLAGS.model_version)
+
+
+def signature_typed_requests(path: str, tls: grpc_channel.Tls | None) -> list[predict_pb2.PredictRequest]:
+  """A JSONL file's feature dicts as fgr-query sends them: each value in its input's dtype and shape,
+  string inputs a line leaves out sent empty.
+
+  Sent as plain string tensors, a file fgr-query answers (a `search_with_options` knob, a float input,
+  a line without a history) was refused in every request. The signature comes from the server's
+  GetModelMetadata, after the file is read, so a bad line is named before any connection.
+
+  Raises:
+    ValueError: the file can't be read, holds a bad line or no request, or the server can't say what
+      the signature takes (the message says which).
+  """
+  features = request_source.read_feature_lines(path)[: FLAGS.num_requests or None]
+  if not features:
+    raise ValueError(f"{path} holds no requests")
+  spec = query.model_spec(FLAGS.model_name, FLAGS.signature_name or "", FLAGS.model_version)
+  with grpc_channel.channel(FLAGS.server, tls) as channel:
+    try:
+      inputs = query.signature_inputs(prediction_service_pb2_grpc.PredictionServiceStub(channel), spec, FLAGS.timeout)
+    except query.QueryError as e:
+      raise ValueError(f"cannot type {path}'s features: {e}") from None
+  return [query.predict_request(query.complete_features(f, inputs), spec, inputs) for f in features]
 
 
 def freeze_gc() -> None:
@@ -95,7 +123,7 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   tls = grpc_channel.tls_from_flags()  # Before the requests: a bad PEM file fails at once.
-  requests = load_requests()
+  requests = load_requests(tls)
   logging.info("Loaded %d distinct requests; %s against %s", len(requests), spec.describe(), FLAGS.server)
   target = driver.GrpcPredictTarget(FLAGS.server, FLAGS.timeout, FLAGS.channels, tls)
   freeze_gc()

@@ -2,7 +2,8 @@
 
 Recorded requests are a TFRecord of serialised `PredictRequest`s (or of `PredictionLog`s, the format of
 TF Serving's warm-up file `assets.extra/tf_serving_warmup_requests`), or JSONL with one feature dict per
-line (feature name to a string or a list of strings, as `fgr-query --requests_file` reads). Synthetic
+line (feature name to a value or a list, as `fgr-query --requests_file` reads: fgr-loadtest types them by the
+signature, `loadtest_cli.signature_typed_requests`; here they are checked and sent as strings). Synthetic
 requests are held-out query features from the project's synthetic search-ads generator.
 """
 
@@ -152,13 +153,18 @@ def read_feature_lines(path: str) -> list[dict[str, Any]]:
   return [features for features, _ in _jsonl_requests(path)]
 
 
+def is_jsonl(path: str) -> bool:
+  """Whether a requests file is read as JSON Lines of feature dicts (by its name), not as TFRecord."""
+  return path.endswith((".jsonl", ".json"))
+
+
 def read_requests_file(path: str, limit: int | None = None) -> list[predict_pb2.PredictRequest]:
   """Reads recorded requests: `.jsonl`/`.json` as feature dicts, anything else as TFRecord.
 
   Raises:
     ValueError: the file can't be read, holds no requests, or holds a bad one (the message names it).
   """
-  if path.endswith((".jsonl", ".json")):
+  if is_jsonl(path):
     requests = [request for _, request in _jsonl_requests(path)]
   else:
     requests = _tfrecord_requests(path)
