@@ -135,7 +135,11 @@ def _claim(output_dir: str, spec: dict[str, Any]) -> None:
 def _difference(existing: dict[str, Any], spec: dict[str, Any]) -> str:
   """What differs between an output's recorded spec and this run's, for the refusal."""
   if {**existing, "inputs": None} != {**spec, "inputs": None}:
-    return f"other data ({existing})"
+    before, now = _leaves({**existing, "inputs": None}), _leaves({**spec, "inputs": None})
+    changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+    what = "data" if all(key.startswith("source.") for key in changed) else "flags"
+    values = ", ".join(f"{key.rpartition('.')[2]}: {before.get(key)!r} then, {now.get(key)!r} now" for key in changed)
+    return f"other {what} ({values})"
   if "inputs" not in existing:
     return "input that an older fgr-prepare did not fingerprint"
   before, now = existing["inputs"], spec["inputs"]
@@ -145,6 +149,18 @@ def _difference(existing: dict[str, Any], spec: dict[str, Any]) -> str:
     for name in changed
   )
   return f"other input: {', '.join(changed)} changed since ({sizes})"
+
+
+def _leaves(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """A recorded spec's values by dotted key (`source.synthetic.num_ads`), so a refusal names what differs
+  rather than printing the whole spec."""
+  leaves = {}
+  for key, value in spec.items():
+    if isinstance(value, dict) and value:
+      leaves.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      leaves[f"{prefix}{key}"] = value
+  return leaves
 
 
 def _counted(batches: Iterable[dict[str, np.ndarray]], bar: tqdm.tqdm) -> Iterator[dict[str, np.ndarray]]:
