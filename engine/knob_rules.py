@@ -55,7 +55,8 @@ _SMALLEST_WEIGHT = float(np.finfo(np.float32).tiny)
 SOME_WEIGHT = Rule(
   "weights",
   np.float32,
-  f"some channel weight must be > 0 (at least float32's smallest normal number, ~{_SMALLEST_WEIGHT:.3g})",
+  # No quote in a message: the graph's Assert C-escapes its strings, so a client read "channel\'s".
+  f"some channel weight must be > 0 (at least the smallest normal float32, ~{_SMALLEST_WEIGHT:.3g})",
   lambda w: w >= _SMALLEST_WEIGHT,
   some=True,
 )
@@ -79,7 +80,7 @@ def depth_cap(exported: Sequence[int]) -> Rule:
   return Rule(
     "depths",
     np.int32,
-    f"channel depths must be at most each channel's exported depth {list(exported)}",
+    f"channel depths must be at most the depth each channel was exported with, {list(exported)}",
     lambda d: d <= cap,
   )
 

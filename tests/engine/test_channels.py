@@ -191,7 +191,7 @@ def test_defaults_deeper_than_a_channel_or_a_k_beyond_its_depths_are_refused(set
   graph = setup[0]
   ids = tower_testlib.item_ids(NUM_ITEMS)
   deeper = dataclasses.replace(graph.defaults, depths=(41, 40))
-  with pytest.raises(ValueError, match=r"at most each channel's exported depth \[40, 40\]; got \(41, 40\)"):
+  with pytest.raises(ValueError, match=r"at most the depth each channel was exported with, \[40, 40\]; got \(41, 40\)"):
     channels.ChannelGraph(graph.channels, ids, K, deeper, QUERY_SPECS, ITEM_SPECS)
   message = r"k must be in \[1, 80\] \(the sum of the channels' depths \[40, 40\]\), got 81"
   with pytest.raises(ValueError, match=message):
