@@ -79,6 +79,10 @@ class SyntheticConfig:
   seed: int = 0
 
   def __post_init__(self):
+    if self.num_users < 1:
+      # Users are drawn as floor(num_users * u): 0 made one user of every session and a negative count
+      # negative user ids, and either trained in silence.
+      raise ValueError(f"num_users must be 1 or more, got {self.num_users}")
     if self.num_ads < self.num_categories:
       raise ValueError(f"num_ads ({self.num_ads}) must be at least num_categories ({self.num_categories})")
     if not 0 < self.test_fraction < 1:
