@@ -52,7 +52,9 @@ flags.DEFINE_string(
   "synthetic_run_dir", None, "fgr-train --output_dir whose held-out queries to send (so they match the served catalog)."
 )
 flags.DEFINE_integer("synthetic_num_ads", 20_000, "Catalog size of the synthetic log without --synthetic_run_dir.")
-flags.DEFINE_integer("num_requests", 1000, "Distinct requests to cycle through (synthetic, or the file's first).")
+flags.DEFINE_integer(
+  "num_requests", 1000, "Distinct requests to cycle through (synthetic, or the file's first).", lower_bound=1
+)
 flags.DEFINE_string("output_prefix", "loadtest", "Writes <prefix>.json and <prefix>.png.")
 flags.DEFINE_bool("progress", True, "Live progress bar on stderr.")
 grpc_channel.define_flags()
