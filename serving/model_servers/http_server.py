@@ -338,14 +338,20 @@ class _PooledHTTPServer(http.server.HTTPServer):
     if ":" in address[0]:  # IPv6, e.g. --host=[::]
       self.address_family = socket.AF_INET6
       address = (address[0].strip("[]"), address[1])
-    super().__init__(address, handler)
+    # Before the bind: a bind that fails (the port in use) calls server_close, which closes these.
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="http")
+    self._wake_r, self._wake_w = socket.socketpair()
+    try:
+      super().__init__(address, handler)
+    except OSError as e:
+      raise OSError(
+        e.errno, f"cannot serve REST at {address[0]}:{address[1]} (--rest_api_port): {e.strerror}"
+      ) from None
     self.idle_timeout = idle_timeout
     self._max_body_bytes = max_body_bytes
     self._max_connections = max_connections
     self._max_buffered = max_buffered_bytes
-    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="http")
     self._selector = selectors.DefaultSelector()
-    self._wake_r, self._wake_w = socket.socketpair()
     self._wake_r.setblocking(False)
     self._wake_w.setblocking(False)
     self._lock = threading.Lock()
