@@ -97,6 +97,33 @@ class Tower(tf.keras.Model):
     return compiled(buckets)
 
 
+HISTORY = (schema.HIST_IDS, schema.HIST_CATEGORIES, schema.HIST_BRANDS)
+
+
+def checked_history(features: dict[str, tf.Tensor], ids_apart: bool) -> tuple[tf.Tensor, ...]:
+  """The behaviour history (ids, categories, brands [B, L]), once its lengths fit the tower.
+
+  Categories and brands describe the same clicks and are summed, so their lengths L must agree; so
+  must the ids' unless the tower pools them apart from the side info (`ids_apart`: then ids past the
+  side info's length are clicks without side info, e.g. extra ids to exclude). Other lengths are
+  INVALID_ARGUMENT naming each one. Unchecked, a length of 1 broadcast in the sum (one category sent
+  beside two ids and brands was read as both clicks' category, answered without an error), and other
+  lengths failed inside the tower ("Incompatible shapes: [1,2] vs. [1,3]", naming an internal op).
+  """
+  history = [features[name] for name in HISTORY]
+  lengths = tf.stack([tf.shape(feature)[1] for feature in history])
+  summed = lengths[1:] if ids_apart else lengths
+  rule = "hist_categories and hist_brands" if ids_apart else "hist_ids, hist_categories and hist_brands"
+  check = tf.debugging.Assert(
+    tf.reduce_all(tf.equal(summed, summed[0])),
+    [f"{rule} must hold one entry per past click each; the lengths (dimension 1) of {', '.join(HISTORY)} are", lengths],
+    summarize=len(HISTORY),
+    name="check_history",
+  )
+  with tf.control_dependencies([check]):
+    return tuple(tf.identity(feature) for feature in history)
+
+
 class QueryTower(Tower):
   """Encodes who is searching, what they typed and what they clicked into one normalised vector.
 
@@ -141,9 +168,9 @@ class QueryTower(Tower):
     self.mlp = layers.mlp(config.hidden_units, config.output_dim, name="query_mlp", dtype=dtype)
 
   def lookup(self, features: dict[str, tf.Tensor]) -> Buckets:
-    ids, categories, brands = self.item_embedding.lookup(
-      features[schema.HIST_IDS], features[schema.HIST_CATEGORIES], features[schema.HIST_BRANDS]
-    )
+    # The ids are pooled apart from the side info only by separate side info without the encoder.
+    ids_apart = self.config.side_info == "separate" and self.config.sequence_encoder == "none"
+    ids, categories, brands = self.item_embedding.lookup(*checked_history(features, ids_apart))
     buckets = {
       schema.USER_FEATURES: self.token_embedding.lookup(features[schema.USER_FEATURES]),
       schema.QUERY_TOKENS: self.token_embedding.lookup(features[schema.QUERY_TOKENS]),

@@ -45,7 +45,8 @@ def test_item_tower_embeds_unseen_ads_from_side_info():
 
 def test_mean_pooling_variant_builds():
   query_tower, _ = towers.build_towers(dataclasses.replace(TINY_TOWER, sequence_pooling="mean"))
-  assert query_tower(_query_batch([["ad1"], [""]], [["c1"], [""]])).shape == (2, TINY_TOWER.output_dim)
+  history = _query_batch([["ad1", "", ""], ["", "", ""]], [["c1", "", ""], ["", "", ""]])
+  assert query_tower(history).shape == (2, TINY_TOWER.output_dim)
 
 
 def test_restore_reproduces_the_trained_towers(trained_run):
