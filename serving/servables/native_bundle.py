@@ -17,6 +17,7 @@ teardown at idle priority.
 """
 
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
@@ -31,6 +32,10 @@ from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 from serving import errors
 from serving.batching import batch_scheduler
 from serving.servables import request_limits, saved_model_bundle
+
+# What fgr-export writes beside every version it publishes (export.version_report.REPORT_FILE; serving
+# does not import the exporter).
+_FGR_EXPORT_REPORT = os.path.join("assets.extra", "export_report.json")
 
 # Batch-budget errors name these flags; over REST they answer 413, as in Python (batch_scheduler).
 _BATCH_LIMIT_FLAGS = ("--max_elements_per_batch", "--max_bytes_per_batch")
@@ -190,6 +195,15 @@ class NativeBundle(saved_model_bundle.LoadedVersion):
     if batching is None:
       return None
     options = batching.options
+    if options.pad_variable_length_inputs and os.path.exists(os.path.join(self.path, _FGR_EXPORT_REPORT)):
+      # TF Serving's padding (a request's first element) is not the "" these graphs mask: their answers
+      # to narrower requests change silently, so each load of one with padding on says so.
+      logging.warning(
+        'Servable (%s) is an fgr-export graph, which reads only "" as padding, but pad_variable_length_inputs '
+        "pads each request with its first element (as TF Serving): a request narrower than others in its "
+        'batch gets another answer. Turn the padding off, or send equal widths padded with "".',
+        self.context(),
+      )
     return {
       "scheduler": batching.scheduler,
       "max_batch_size": options.max_batch_size,
