@@ -21,7 +21,14 @@ from clients.loadtest import request_source
 
 
 class QueryError(Exception):
-  """A call the server refused, or a server that did not answer: the message says which and why."""
+  """A call the server refused, or a server that did not answer: the message says which and why.
+
+  `code` is the call's gRPC status, where one failed (None otherwise).
+  """
+
+  def __init__(self, message: str, code: grpc.StatusCode | None = None):
+    super().__init__(message)
+    self.code = code
 
 
 def model_spec(model_name: str, signature_name: str, version: int | None = None) -> model_pb2.ModelSpec:
@@ -49,7 +56,7 @@ def signature_inputs(
   try:
     response = stub.GetModelMetadata(request, timeout=timeout)
   except grpc.RpcError as e:
-    raise QueryError(f"GetModelMetadata failed: {e.code().name}: {e.details()}") from None
+    raise QueryError(f"GetModelMetadata failed: {e.code().name}: {e.details()}", e.code()) from None
   signatures = get_model_metadata_pb2.SignatureDefMap()
   response.metadata["signature_def"].Unpack(signatures)
   name = spec.signature_name or "serving_default"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import sys
 
+import grpc
 from absl import app, flags, logging
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -81,8 +82,9 @@ def signature_typed_requests(path: str, tls: grpc_channel.Tls | None) -> list[pr
   GetModelMetadata, after the file is read, so a bad line is named before any connection.
 
   Raises:
-    ValueError: the file can't be read, holds a bad line or no request, or the server can't say what
-      the signature takes (the message says which).
+    ValueError: the file can't be read, holds a bad line or no request, or the server refused to say
+      what the signature takes (the message says which). A server without GetModelMetadata gets the
+      values as strings.
   """
   features = request_source.read_feature_lines(path)[: FLAGS.num_requests or None]
   if not features:
@@ -92,7 +94,12 @@ def signature_typed_requests(path: str, tls: grpc_channel.Tls | None) -> list[pr
     try:
       inputs = query.signature_inputs(prediction_service_pb2_grpc.PredictionServiceStub(channel), spec, FLAGS.timeout)
     except query.QueryError as e:
-      raise ValueError(f"cannot type {path}'s features: {e}") from None
+      if e.code != grpc.StatusCode.UNIMPLEMENTED:
+        raise ValueError(f"cannot type {path}'s features: {e}") from None
+      # A Predict-only server (a load-test echo, a proxy) cannot say what the signature takes: the
+      # file's values go as strings, as they did before fgr-loadtest typed them.
+      logging.warning("%s: the server has no GetModelMetadata, so %s's values are sent as strings", FLAGS.server, path)
+      return request_source.read_requests_file(path, FLAGS.num_requests)
   return [query.predict_request(query.complete_features(f, inputs), spec, inputs) for f in features]
 
 
