@@ -70,17 +70,36 @@ def complete_features(features: dict[str, Any], inputs: dict[str, meta_graph_pb2
   """`features` plus every string input it leaves out, empty: "" for a scalar or [B] input, [""] for [B, n].
 
   Empty strings are what the towers pad with, so a left-out history or query means none. A left-out
-  string scalar (a knob such as `diversity`) goes as "" of its own shape, for the graph to judge: as
-  [""] it was refused for its shape, [1] against [], which named no knob. Inputs of other types stay
-  missing, for the server to name.
+  history feature (`hist_*`) takes the length of the history the request gives, since the towers read
+  `hist_*` as one entry per past click and refuse other lengths. A left-out string scalar (a knob such
+  as `diversity`) goes as "" of its own shape, for the graph to judge: as [""] it was refused for its
+  shape, [1] against [], which named no knob. Inputs of other types stay missing, for the server to name.
   """
   completed = dict(features)
+  history = [value for name, value in features.items() if name.startswith(_HISTORY_PREFIX)]
   for name, info in inputs.items():
     if name in completed or info.dtype != types_pb2.DT_STRING:
       continue
     rank = None if info.tensor_shape.unknown_rank else len(info.tensor_shape.dim)
-    completed[name] = "" if rank in (0, 1) else [""]
+    if rank in (0, 1):
+      completed[name] = ""
+    elif name.startswith(_HISTORY_PREFIX) and history:
+      completed[name] = _empty_like(history[0])
+    else:
+      completed[name] = [""]
   return completed
+
+
+# The behaviour history's features (models/data/schema.py: hist_ids, hist_categories, hist_brands); the
+# client does not import the models.
+_HISTORY_PREFIX = "hist_"
+
+
+def _empty_like(value: Any) -> Any:
+  """A value of `value`'s nesting and lengths with "" everywhere (a request's row, or its rows)."""
+  if isinstance(value, list):
+    return [_empty_like(element) for element in value]
+  return ""
 
 
 def predict_request(
