@@ -105,37 +105,23 @@ def checked_history(features: dict[str, tf.Tensor], ids_apart: bool) -> tuple[tf
 
   Categories and brands describe the same clicks and are summed, so their lengths L must agree; so
   must the ids' unless the tower pools them apart from the side info (`ids_apart`: then ids past the
-  side info's length are clicks without side info, e.g. extra ids to exclude). A feature sent as one
-  column of "" (`[[""]]`, what fgr-query sends for a feature a request leaves out) says "none" and is
-  widened to the others' length, as padding. Other lengths are INVALID_ARGUMENT naming each one.
-  Unchecked, a length of 1 broadcast in the sum (one category sent beside two ids and brands was read
-  as both clicks' category, answered without an error), and other lengths failed inside the tower
-  ("Incompatible shapes: [1,2] vs. [1,3]", naming an internal op).
+  side info's length are clicks without side info, e.g. extra ids to exclude). Other lengths are
+  INVALID_ARGUMENT naming each one. Unchecked, a length of 1 broadcast in the sum (one category sent
+  beside two ids and brands was read as both clicks' category, answered without an error), and other
+  lengths failed inside the tower ("Incompatible shapes: [1,2] vs. [1,3]", naming an internal op).
   """
   history = [features[name] for name in HISTORY]
   lengths = tf.stack([tf.shape(feature)[1] for feature in history])
-  none_sent = tf.stack([tf.logical_and(tf.shape(f)[1] == 1, tf.reduce_all(tf.equal(f, ""))) for f in history])
-  paired = slice(1, None) if ids_apart else slice(None)
-  width = tf.reduce_max(tf.where(none_sent[paired], 0, lengths[paired]))
+  summed = lengths[1:] if ids_apart else lengths
   rule = "hist_categories and hist_brands" if ids_apart else "hist_ids, hist_categories and hist_brands"
   check = tf.debugging.Assert(
-    tf.reduce_all(tf.logical_or(tf.equal(lengths[paired], width), none_sent[paired])),
+    tf.reduce_all(tf.equal(summed, summed[0])),
     [f"{rule} must hold one entry per past click each; the lengths (dimension 1) of {', '.join(HISTORY)} are", lengths],
     summarize=len(HISTORY),
     name="check_history",
   )
   with tf.control_dependencies([check]):
-    # A "none" column widened to the paired length (at least its own 1); the others keep theirs.
-    widened = []
-    for i, feature in enumerate(history):
-      # Ids pooled apart keep their own length; a static width above 1 cannot be a "none" column (and
-      # training's static shapes stay known).
-      if (ids_apart and i == 0) or (feature.shape[1] is not None and feature.shape[1] > 1):
-        widened.append(tf.identity(feature))
-        continue
-      target = tf.where(none_sent[i], tf.maximum(width, 1), lengths[i])
-      widened.append(tf.broadcast_to(feature, [tf.shape(feature)[0], target]))
-    return tuple(widened)
+    return tuple(tf.identity(feature) for feature in history)
 
 
 class QueryTower(Tower):

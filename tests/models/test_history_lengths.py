@@ -59,16 +59,3 @@ def test_ids_may_run_past_the_side_info_only_where_they_are_pooled_apart():
     tf.errors.InvalidArgumentError, match=r"hist_ids, hist_categories and hist_brands must.*\[3 2 2\]"
   ):
     _as_signature(summed)(**request)
-
-
-@pytest.mark.parametrize(
-  "tower", [{}, {"side_info": "summed"}, {"sequence_encoder": "self_attention"}], ids=["separate", "summed", "encoder"]
-)
-def test_a_feature_sent_as_one_empty_column_means_none(tower):
-  """fgr-query sends [[""]] for a history feature a request leaves out: it reads as no brands at all,
-  as the same feature padded with "" to the history's length."""
-  query_tower, _ = towers.build_towers(dataclasses.replace(TINY_TOWER, **tower))
-  serve = _as_signature(query_tower)
-  left_out = serve(**_request(["ad3", "ad53"], ["c3", "c1"], [""]))
-  padded = serve(**_request(["ad3", "ad53"], ["c3", "c1"], ["", ""]))
-  tf.debugging.assert_near(left_out, padded, atol=1e-6)
