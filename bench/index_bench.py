@@ -362,11 +362,6 @@ def prepare_extra(name: str, items: np.ndarray, queries: np.ndarray, truth: np.n
   return candidates
 
 
-def run(argv: list[str] | None = None) -> None:
-  """Console entry point (fgr-bench)."""
-  app.run(_main, argv=argv if argv is not None else sys.argv)
-
-
 def _main(argv: list[str]) -> None:
   del argv
   if _NUM_QUERIES.value < _BATCH_SIZE.value:

@@ -155,6 +155,24 @@ def _ending_quietly_on_ctrl_c(run: Callable[[], None], argv: Sequence[str]) -> N
     raise SystemExit(INTERRUPTED_STATUS) from None
 
 
+def _one_line_usage_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """`main` with its UsageErrors raised as ValueErrors, which `_reporting_user_errors` says in one line.
+
+  absl prints a UsageError under the usage: for `python -m` the module's docstring and every flag it
+  defines (some 80 lines), for a console script a blank line and `USAGE: <path> [flags]`, and the
+  message then lacks the `<tool>: error:` every other mistake is reported with.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top  # Light: no TensorFlow.
+
+  def main_with_one_line_usage_errors(args: list[str]) -> None:
+    try:
+      main(args)
+    except app.UsageError as e:
+      raise ValueError(str(e)) from None
+
+  return main_with_one_line_usage_errors
+
+
 def run_module(main: Callable[[list[str]], None]) -> None:
   """Runs the absl `main` of a module started as `python -m <module>` (the benchmarks) as the console
   scripts run theirs: a user's mistake (a bad flag value, a missing path) ends it with
@@ -165,18 +183,7 @@ def run_module(main: Callable[[list[str]], None]) -> None:
 
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
   argv = [f"python -m {spec.name}" if spec is not None else sys.argv[0], *sys.argv[1:]]  # What errors call it.
-
-  def main_with_one_line_usage_errors(args: list[str]) -> None:
-    # absl prints a UsageError under the usage, which for `python -m` is the module's docstring and
-    # every flag it defines (some 80 lines): the mistake is one line, as the console scripts say it.
-    try:
-      main(args)
-    except app.UsageError as e:
-      raise ValueError(str(e)) from None
-
-  _ending_quietly_on_ctrl_c(
-    lambda: _reporting_user_errors(lambda: app.run(main_with_one_line_usage_errors), argv), argv
-  )
+  _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(lambda: app.run(_one_line_usage_errors(main)), argv), argv)
 
 
 # absl's flags that print the main module's flags (`--helpfull` prints every module's anyway).
@@ -211,15 +218,16 @@ def list_flags_in_help(module: types.ModuleType) -> None:
 
 def _command(
   module: str,
-  function: str = "run",
+  function: str,
   extra: str | None = None,
   user_errors: bool = False,
   flags_module: str | None = None,
 ) -> Callable[[], None]:
   """A console script running `module.function`; `extra` names the setup.py extra its third-party
-  imports come from, if the plain install lacks them. With `user_errors`, a user's mistake is
-  reported in one line (`_reporting_user_errors`). `--help` lists the flags of `flags_module` (by
-  default `module`), which must import nothing heavy when it is not `module`."""
+  imports come from, if the plain install lacks them. With `user_errors`, `function` is an absl main,
+  run by `app.run`, and a user's mistake is reported in one line (`_reporting_user_errors`), a
+  UsageError included. `--help` lists the flags of `flags_module` (by default `module`), which must
+  import nothing heavy when it is not `module`."""
 
   def run() -> None:
     prepare_tensorflow(sys.argv)
@@ -233,10 +241,14 @@ def _command(
         f"pip install 'fullgraph-retrieval[{extra}]'"
       ) from e
     list_flags_in_help(importlib.import_module(flags_module) if flags_module else command)
+    entry = getattr(command, function)
     if user_errors:
-      _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(getattr(command, function), sys.argv), sys.argv)
+      from absl import app  # pylint: disable=g-import-not-at-top  # Light: no TensorFlow.
+
+      main = _one_line_usage_errors(entry)
+      _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(lambda: app.run(main), sys.argv), sys.argv)
     else:
-      _ending_quietly_on_ctrl_c(getattr(command, function), sys.argv)
+      _ending_quietly_on_ctrl_c(entry, sys.argv)
 
   run.__doc__ = f"Runs `{module}.{function}` with TensorFlow's start-up environment set first."
   return run
@@ -245,13 +257,13 @@ def _command(
 _OWN_PACKAGES = ("cli", "engine", "models", "export", "serving", "clients", "bench")
 
 
-fgr_prepare = _command("models.data.prepare_cli", user_errors=True)
-fgr_train = _command("models.train_cli", user_errors=True)
-fgr_eval = _command("export.eval_cli", user_errors=True)
-fgr_export = _command("export.export_cli", user_errors=True)
-fgr_refresh = _command("export.refresh_cli", user_errors=True)
+fgr_prepare = _command("models.data.prepare_cli", "main", user_errors=True)
+fgr_train = _command("models.train_cli", "main", user_errors=True)
+fgr_eval = _command("export.eval_cli", "main", user_errors=True)
+fgr_export = _command("export.export_cli", "main", user_errors=True)
+fgr_refresh = _command("export.refresh_cli", "main", user_errors=True)
 # Its flags' module imports no TensorFlow: run_server sets the process up before anything does.
 fgr_serve = _command("serving.model_servers", "run_server", flags_module="serving.model_servers.server_flags")
-fgr_query = _command("clients.query_cli", user_errors=True)
-fgr_loadtest = _command("clients.loadtest.loadtest_cli", extra="clients", user_errors=True)
-fgr_bench = _command("bench.index_bench", extra="bench", user_errors=True)
+fgr_query = _command("clients.query_cli", "main", user_errors=True)
+fgr_loadtest = _command("clients.loadtest.loadtest_cli", "main", extra="clients", user_errors=True)
+fgr_bench = _command("bench.index_bench", "_main", extra="bench", user_errors=True)

@@ -126,10 +126,6 @@ def main(argv: list[str]) -> None:
     )
 
 
-def run() -> None:
-  app.run(main)
-
-
 if __name__ == "__main__":  # As its console script: a user's mistake is one line, not a traceback.
   from cli import launch
 

@@ -121,10 +121,6 @@ def main(argv: list[str]) -> None:
   report_file.publish(report_file.to_json(report), FLAGS.report_file)
 
 
-def run() -> None:
-  app.run(main)
-
-
 if __name__ == "__main__":  # As its console script: a user's mistake is one line, not a traceback.
   from cli import launch
 

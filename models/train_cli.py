@@ -306,10 +306,6 @@ def _train_channels(
   return report
 
 
-def run() -> None:
-  app.run(main)
-
-
 if __name__ == "__main__":  # As its console script: a user's mistake is one line, not a traceback.
   from cli import launch
 

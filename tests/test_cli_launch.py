@@ -209,3 +209,13 @@ def test_fgr_export_into_an_existing_version_fails_before_building(tmp_path):
   assert result.returncode == 1, result.stderr[-3000:]
   assert f"fgr-export: error: Version 1 already exists at {tmp_path / 'models' / '1'}" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_a_flag_conflict_ends_a_console_script_as_every_other_mistake(tmp_path):
+  """A UsageError from main() printed a blank line and `USAGE: <path> [flags]` above the bare message,
+  without the `fgr-export: error:` other mistakes carry."""
+  argv = ["fgr-export", "--exclusion_depth=5", f"--checkpoint_dir={tmp_path}", f"--model_base_path={tmp_path / 'm'}"]
+  result = cli_testlib.run_console_script(argv)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "fgr-export: error: --exclusion_depth: only with --exclude_history" in result.stderr
+  assert "USAGE:" not in result.stderr, result.stderr[-3000:]

@@ -149,10 +149,6 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
-def run() -> None:
-  app.run(main)
-
-
 if __name__ == "__main__":  # As its console script: a user's mistake is one line, not a traceback.
   from cli import launch
 
