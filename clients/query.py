@@ -61,7 +61,8 @@ def signature_inputs(
   response.metadata["signature_def"].Unpack(signatures)
   name = spec.signature_name or "serving_default"
   if name not in signatures.signature_def:
-    known = ", ".join(sorted(signatures.signature_def))
+    # Without the SavedModel's own entries (`__saved_model_init_op`), which no client calls.
+    known = ", ".join(sorted(n for n in signatures.signature_def if not n.startswith("__")))
     raise QueryError(f"Model {spec.name} has no signature {name!r}; it has: {known}")
   return dict(signatures.signature_def[name].inputs)
 
@@ -131,10 +132,30 @@ def predict_request(
       try:
         array = np.asarray(value, dtype=dtype.as_numpy_dtype)
       except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError(f"feature {name!r}: not a {dtype.name} value, or an even list of them: {e}") from None
+        raise ValueError(f"feature {name!r}: not a value of dtype {dtype.name}, or an even list of them: {e}") from None
     request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
   request.model_spec.CopyFrom(spec)
   return request
+
+
+def typed_requests(
+  feature_sets: list[dict[str, Any]],
+  spec: model_pb2.ModelSpec,
+  inputs: dict[str, meta_graph_pb2.TensorInfo],
+  source: str,
+) -> list[predict_pb2.PredictRequest]:
+  """`predict_request` for each of a requests file's feature dicts (`complete_features` first).
+
+  Raises:
+    ValueError: naming `source`, the request's number in it (1 for the first) and the feature.
+  """
+  requests = []
+  for number, features in enumerate(feature_sets, 1):
+    try:
+      requests.append(predict_request(complete_features(features, inputs), spec, inputs))
+    except ValueError as e:
+      raise ValueError(f"{source}: request {number}: {e}") from None
+  return requests
 
 
 def _json_value(value: Any) -> Any:

@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
       inputs = query.signature_inputs(stub, spec, FLAGS.timeout)
     except query.QueryError as e:
       raise SystemExit(str(e)) from None
-    requests = [query.predict_request(query.complete_features(f, inputs), spec, inputs) for f in feature_sets]
+    requests = query.typed_requests(feature_sets, spec, inputs, FLAGS.requests_file or "the flags' request")
     latencies = []
     for number in range(FLAGS.num_requests or len(requests)):
       started = time.perf_counter()

@@ -164,8 +164,9 @@ def test_query_client_sends_left_out_features_empty_and_prints_any_signature(ser
   assert list(row) == ["embedding"] and len(row["embedding"]) == 4
   assert "embedding: [" in query.format_row(0, 1, row)
 
-  with pytest.raises(query.QueryError, match="has no signature 'nope'; it has: .*encode_query"):
+  with pytest.raises(query.QueryError, match="has no signature 'nope'; it has: .*encode_query") as refused:
     query.signature_inputs(server.predict, query.model_spec(MODEL, "nope"), timeout=30)
+  assert "__saved_model_init_op" not in str(refused.value)  # The SavedModel's own entry is no signature to call.
   with pytest.raises(query.QueryError, match="GetModelMetadata failed: NOT_FOUND"):
     query.signature_inputs(server.predict, query.model_spec("no_such_model", "serving_default"), timeout=30)
 

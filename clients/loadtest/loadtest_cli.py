@@ -100,7 +100,7 @@ def signature_typed_requests(path: str, tls: grpc_channel.Tls | None) -> list[pr
       # file's values go as strings, as they did before fgr-loadtest typed them.
       logging.warning("%s: the server has no GetModelMetadata, so %s's values are sent as strings", FLAGS.server, path)
       return request_source.read_requests_file(path, FLAGS.num_requests)
-  return [query.predict_request(query.complete_features(f, inputs), spec, inputs) for f in features]
+  return query.typed_requests(features, spec, inputs, path)
 
 
 def freeze_gc() -> None:

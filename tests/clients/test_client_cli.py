@@ -243,5 +243,8 @@ def test_requests_take_each_input_s_dtype_and_shape_from_the_signature():
   assert decoded["channel_depths"].dtype == np.int32 and decoded["channel_depths"].tolist() == [20, 10]
   assert decoded["min_relevance"].dtype == np.float32 and decoded["min_relevance"].shape == ()
   assert decoded["diversity"].shape == () and decoded["diversity"] == b"ssd"
-  with pytest.raises(ValueError, match=r"feature 'channel_depths': not a int32 value"):
+  with pytest.raises(ValueError, match=r"feature 'channel_depths': not a value of dtype int32"):
     query.predict_request({"channel_depths": ["many", 1]}, query.model_spec("m", ""), inputs)
+  # A requests file's bad value names the file and the request (it named the feature only).
+  with pytest.raises(ValueError, match=r"^r\.jsonl: request 2: feature 'channel_depths': not a value of dtype int32"):
+    query.typed_requests([{}, {"channel_depths": ["many", 1]}], query.model_spec("m", ""), inputs, "r.jsonl")
