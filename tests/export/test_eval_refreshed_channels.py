@@ -11,7 +11,7 @@ from models import catalog as catalog_lib
 from models import precision as precision_lib
 from models.data import schema, sequences, sources
 from tests.data import logs_testlib
-from tests.export.test_refresh_channels import _HashTower
+from tests.export.channels_testlib import HashTower
 
 NAMES = ("semantic", "efficiency")
 K = 10
@@ -21,7 +21,7 @@ def _publish(base_path: str, ids: np.ndarray, samples: dict[str, np.ndarray]) ->
   """Version 1: two channels of hash towers over `ids`, each searched K deep."""
   built, catalogs, calibration = [], {}, {}
   for name in NAMES:
-    query_tower, item_tower = _HashTower(schema.QUERY_TOKENS, name), _HashTower(schema.AD_ID, name)
+    query_tower, item_tower = HashTower(schema.QUERY_TOKENS, name), HashTower(schema.AD_ID, name)
     embeddings = item_tower({schema.AD_ID: tf.constant(ids.astype(str))}).numpy()
     eligible = np.ones([len(ids)], bool)
     click = channels.Calibration(5.0, -2.0)

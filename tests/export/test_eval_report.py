@@ -104,7 +104,7 @@ def test_a_negative_max_examples_is_a_usage_error(tmp_path):
   """-1 judged every example with --output_dir, and none with --model_path ("no test examples")."""
   result = _fgr_eval(f"--model_path={tmp_path}", "--max_examples=-1")
   assert result.returncode == 1
-  assert result.stderr.strip().endswith("--max_examples must be 0 (all) or more, got -1"), result.stderr[-2000:]
+  assert "fgr-eval: error: --max_examples must be 0 (all) or more, got -1" in result.stderr, result.stderr[-2000:]
 
 
 def test_a_channels_run_is_told_apart_from_a_directory_fgr_train_did_not_write(tmp_path):

@@ -25,33 +25,11 @@ from export import (
 from models import catalog as catalog_lib
 from models import precision as precision_lib
 from models.data import schema
-from tests.export import checkpoint_testlib
+from tests.export import channels_testlib, checkpoint_testlib
 
 NAMES = ("semantic", "efficiency")
-NUM_ITEMS, DIM, DEPTH, K = 300, 8, 10, 10
+NUM_ITEMS, DEPTH, K = 300, 10, 10
 IDS = np.asarray([f"ad{i}" for i in range(NUM_ITEMS)], dtype=object)
-
-
-class _HashTower(tf.Module):
-  """Embeds the first token of a string feature as a unit vector of salted hashes: a tower of features.
-
-  A channel's query and item towers share the salt, so a query whose first token is an ad's id lands
-  on that ad's embedding (score 1, the most a unit vector can score): that ad tops the channel alone.
-  """
-
-  def __init__(self, feature: str, salt: str):
-    super().__init__()
-    self.feature = feature
-    self.salt = salt
-    self.scale = tf.Variable(1.0, name="scale")  # A variable for the refreshed graphs to carry over.
-
-  def __call__(self, features):
-    value = features[self.feature]
-    if value.shape.rank == 2:
-      value = value[:, 0]
-    buckets = [tf.strings.to_hash_bucket_fast(tf.strings.join([value, f"#{self.salt}{j}"]), 2001) for j in range(DIM)]
-    x = tf.cast(tf.stack(buckets, axis=1), tf.float32) - 1000.0
-    return self.scale * tf.math.l2_normalize(x, axis=1)
 
 
 def _queries(ad_ids):
@@ -71,7 +49,10 @@ def _export(base_path: str, index: str) -> None:
   """Version 1: a two-channel graph over the catalog, published as fgr-export publishes one."""
   built, catalogs, calibration = [], {}, {}
   for name in NAMES:
-    query_tower, item_tower = _HashTower(schema.QUERY_TOKENS, name), _HashTower(schema.AD_ID, name)
+    query_tower, item_tower = (
+      channels_testlib.HashTower(schema.QUERY_TOKENS, name),
+      channels_testlib.HashTower(schema.AD_ID, name),
+    )
     embeddings = item_tower({schema.AD_ID: tf.constant(IDS.astype(str))}).numpy()
     eligible = np.ones([NUM_ITEMS], bool)
     click = channels.Calibration(5.0, -2.0)
@@ -190,8 +171,8 @@ def test_pause_upsert_and_removal_move_every_channel_under_the_graph_of_version_
   source = refresh_channels.ChannelSource.read(base_path, 3)
   for name in NAMES:
     embeddings = np.load(refresh_state.embeddings_path(report["path"], name))
-    assert embeddings.shape == (NUM_ITEMS, DIM)
-    expected = _HashTower(schema.AD_ID, name)({schema.AD_ID: tf.constant(["fresh-ad"])}).numpy()[0]
+    assert embeddings.shape == (NUM_ITEMS, channels_testlib.DIM)
+    expected = channels_testlib.HashTower(schema.AD_ID, name)({schema.AD_ID: tf.constant(["fresh-ad"])}).numpy()[0]
     np.testing.assert_allclose(embeddings[source.row_of["fresh-ad"]], expected, atol=1e-6)
   assert not source.eligible[source.row_of["ad7"]] and "ad42" not in source.row_of
 
@@ -241,7 +222,9 @@ def test_a_backend_whose_graph_depends_on_its_build_is_traced_anew(exported, tmp
 
 
 def test_each_channel_rebuilds_at_its_depth_with_its_own_tuned_knobs():
-  state = refresh_state.CatalogState(IDS, np.zeros([NUM_ITEMS, DIM], np.float32), np.ones([NUM_ITEMS], bool))
+  state = refresh_state.CatalogState(
+    IDS, np.zeros([NUM_ITEMS, channels_testlib.DIM], np.float32), np.ones([NUM_ITEMS], bool)
+  )
   configs = {"semantic": {"leaves_to_search": 5}, "efficiency": {"leaves_to_search": 9}}
   report = version_report.VersionReport(
     version=1,
@@ -284,7 +267,9 @@ def test_a_structure_override_leaves_no_stale_tuned_knob_in_the_report():
   """An --index_options override of the tree's structure makes each channel tune its search knobs anew.
   The report kept the source's tuned knobs beside the override, so the next plain refresh found them
   differing from what the channels were built with, trained every channel again, and went back to them."""
-  state = refresh_state.CatalogState(IDS, np.zeros([NUM_ITEMS, DIM], np.float32), np.ones([NUM_ITEMS], bool))
+  state = refresh_state.CatalogState(
+    IDS, np.zeros([NUM_ITEMS, channels_testlib.DIM], np.float32), np.ones([NUM_ITEMS], bool)
+  )
   tuned = {"num_leaves": 20, "leaves_to_search": 5, "reorder": 100}
   report = version_report.VersionReport(
     version=1,
