@@ -71,23 +71,12 @@ def features_from_flags() -> dict[str, list]:
   }
 
 
-def read_requests(path: str) -> list[dict[str, object]]:
-  """Reads one feature dict per non-empty line of a JSONL file.
-
-  Raises:
-    ValueError: the file can't be read, has a bad line or holds no requests (fgr-query's launcher
-      prints the message in one line).
-  """
-  requests = request_source.read_feature_lines(path)
-  if not requests:
-    raise ValueError(f"{path} holds no requests")
-  return requests
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  feature_sets = read_requests(FLAGS.requests_file) if FLAGS.requests_file else [features_from_flags()]
+  feature_sets = (
+    request_source.read_feature_lines(FLAGS.requests_file) if FLAGS.requests_file else [features_from_flags()]
+  )
   spec = query.model_spec(FLAGS.model_name, FLAGS.signature_name, FLAGS.model_version)
   with grpc_channel.channel(FLAGS.server, grpc_channel.tls_from_flags()) as channel:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)

@@ -86,9 +86,7 @@ def signature_typed_requests(path: str, tls: grpc_channel.Tls | None) -> list[pr
       what the signature takes (the message says which). A server without GetModelMetadata gets the
       values as strings.
   """
-  features = request_source.read_feature_lines(path)[: FLAGS.num_requests or None]
-  if not features:
-    raise ValueError(f"{path} holds no requests")
+  features = request_source.read_feature_lines(path)[: FLAGS.num_requests]
   spec = query.model_spec(FLAGS.model_name, FLAGS.signature_name or "", FLAGS.model_version)
   with grpc_channel.channel(FLAGS.server, tls) as channel:
     try:
@@ -99,7 +97,7 @@ def signature_typed_requests(path: str, tls: grpc_channel.Tls | None) -> list[pr
       # A Predict-only server (a load-test echo, a proxy) cannot say what the signature takes: the
       # file's values go as strings, as they did before fgr-loadtest typed them.
       logging.warning("%s: the server has no GetModelMetadata, so %s's values are sent as strings", FLAGS.server, path)
-      return request_source.read_requests_file(path, FLAGS.num_requests)
+      return [request_source.features_request(f) for f in features]
   return query.typed_requests(features, spec, inputs, path)
 
 

@@ -147,10 +147,13 @@ def read_feature_lines(path: str) -> list[dict[str, Any]]:
   data layer (see `synthetic_requests`).
 
   Raises:
-    ValueError: the file can't be read, or a line is not a JSON object of features that
-      `features_request` can send (the message names the file and line).
+    ValueError: the file can't be read, holds no requests, or a line is not a JSON object of features
+      that `features_request` can send (the message names the file and line).
   """
-  return [features for features, _ in _jsonl_requests(path)]
+  features = [features for features, _ in _jsonl_requests(path)]
+  if not features:
+    raise ValueError(f"{path} holds no requests")
+  return features
 
 
 def is_jsonl(path: str) -> bool:
