@@ -173,17 +173,24 @@ def _one_line_usage_errors(main: Callable[[list[str]], None]) -> Callable[[list[
   return main_with_one_line_usage_errors
 
 
+def _run_absl_main(main: Callable[[list[str]], None], argv: Sequence[str]) -> None:
+  """Runs `main` under `app.run` as every command runs: a user's mistake (a UsageError included) in one
+  line with status 1, ctrl-C as `interrupted` with status 130; `argv[0]` names the tool in both."""
+  from absl import app  # pylint: disable=g-import-not-at-top  # Light: no TensorFlow.
+
+  main = _one_line_usage_errors(main)
+  _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(lambda: app.run(main), argv), argv)
+
+
 def run_module(main: Callable[[list[str]], None]) -> None:
   """Runs the absl `main` of a module started as `python -m <module>` (the benchmarks) as the console
   scripts run theirs: a user's mistake (a bad flag value, a missing path) ends it with
   `python -m <module>: error: <message>` and status 1, ctrl-C with `interrupted` and status 130,
   rather than a traceback. TensorFlow's start-up environment is not set: the module imported it already.
   """
-  from absl import app  # pylint: disable=g-import-not-at-top  # Light: no TensorFlow.
-
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
   argv = [f"python -m {spec.name}" if spec is not None else sys.argv[0], *sys.argv[1:]]  # What errors call it.
-  _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(lambda: app.run(_one_line_usage_errors(main)), argv), argv)
+  _run_absl_main(main, argv)
 
 
 # absl's flags that print the main module's flags (`--helpfull` prints every module's anyway).
@@ -243,10 +250,7 @@ def _command(
     list_flags_in_help(importlib.import_module(flags_module) if flags_module else command)
     entry = getattr(command, function)
     if user_errors:
-      from absl import app  # pylint: disable=g-import-not-at-top  # Light: no TensorFlow.
-
-      main = _one_line_usage_errors(entry)
-      _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(lambda: app.run(main), sys.argv), sys.argv)
+      _run_absl_main(entry, sys.argv)
     else:
       _ending_quietly_on_ctrl_c(entry, sys.argv)
 
