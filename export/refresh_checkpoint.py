@@ -19,7 +19,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from engine import base, full_graph, stock_ops
 from engine import cooccurrence as cooccurrence_lib
-from export import refresh_state, version_files
+from export import refresh_policy, refresh_state, version_files
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _VARIABLE_VALUE = "VARIABLE_VALUE"
@@ -133,9 +133,8 @@ def graph_replacements(
   # The graph asks its index for k plus the exclusion depth, capped at the catalog it was traced for; N's
   # catalog gives that depth (a reused graph is reused only at the same depth). Another depth would ask
   # more candidates than a shrunk catalog holds (every request failing in top_k) or fewer than excluded.
-  exclusion_depth = source.report.exclusion_depth or 0
-  depth = full_graph.search_depth(k, exclusion_depth, index.num_items)
-  saved_depth = full_graph.search_depth(k, exclusion_depth, len(source.state.ids))
+  depth = refresh_policy.index_k(source.report, index.num_items)
+  saved_depth = refresh_policy.index_k(source.report, len(source.state.ids))
   if depth != saved_depth:
     return None, f"the graph searches {saved_depth} candidates, and {index.num_items} items give {depth}"
   reason = index.graph_reuse_blocker(source.report.index_config, depth, len(source.state.ids))
