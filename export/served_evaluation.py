@@ -89,17 +89,18 @@ def _query(batch: dict[str, np.ndarray]) -> dict[str, tf.Tensor]:
   return {n: tf.constant(batch[n]) for n in schema.QUERY_FEATURE_NAMES}
 
 
+def _row(ad_id: str, source: sources.Source) -> int:
+  """The data's catalog row of `ad_id`; -1 (padding to the metrics) for "" and for an ad the data does
+  not know: one fgr-refresh added to the version, which no test example clicked."""
+  try:
+    return source.row_of(ad_id) if ad_id else -1
+  except KeyError:
+    return -1
+
+
 def _rows(ids: tf.Tensor, source: sources.Source) -> np.ndarray:
-  """Catalog rows [n, k] of served ids, -1 (padding to the metrics) for "" past the answers and for
-  ads the data does not know: ads fgr-refresh added to the version, which no test example clicked."""
-
-  def row(ad_id: str) -> int:
-    try:
-      return source.row_of(ad_id) if ad_id else -1
-    except KeyError:
-      return -1
-
-  return np.asarray([[row(i) for i in answers] for answers in base.decoded_strings(ids)], np.int64)
+  """Catalog rows [n, k] of served ids (`_row`: -1 for "" past the answers and for ads the data lacks)."""
+  return np.asarray([[_row(i, source) for i in answers] for answers in base.decoded_strings(ids)], np.int64)
 
 
 def _embeddings_by_source_row(version_path: str, names: list[str], channel: str, source: sources.Source) -> np.ndarray:
@@ -110,13 +111,8 @@ def _embeddings_by_source_row(version_path: str, names: list[str], channel: str,
   other ads' embeddings. Rows of ads the version lacks stay zero: it never serves them.
   """
   state = refresh_channels.read_states(version_path, names)[channel]
-  rows = []
-  for ad_id in state.ids:
-    try:
-      rows.append(source.row_of(ad_id))
-    except KeyError:  # Added by fgr-refresh: `_rows` makes it -1, so no metric reads its embedding.
-      rows.append(-1)
-  rows = np.asarray(rows, np.int64)
+  # An ad fgr-refresh added has no row (-1): `_rows` gives it none either, so no metric reads its embedding.
+  rows = np.asarray([_row(ad_id, source) for ad_id in state.ids], np.int64)
   num_rows = source.num_items
   if len(rows) == num_rows and np.array_equal(rows, np.arange(num_rows)):
     return state.embeddings  # The export's own row order: the memory-mapped file as is.
