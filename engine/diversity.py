@@ -49,6 +49,21 @@ def _dot_matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
   return tf.einsum("bmd,bd->bm", a, b)
 
 
+def _pair_matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+  """Dot products of matching rows of a and b [B, d]: [B], as a batched dot (for XLA).
+
+  XLA:CPU splits a float reduction into two kernels (a windowed partial sum, then the sum), and fuses
+  a small dot into the kernel that makes its operands: written as dots, the loop's norms and sums cost
+  fewer kernels per step, and each kernel launch is most of a step's time at these sizes.
+  """
+  return tf.einsum("bd,bd->b", a, b)
+
+
+def _pair_sum(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+  """The same as a multiply and a sum (for a plain graph, as `_dot_sum`)."""
+  return tf.reduce_sum(a * b, axis=-1)
+
+
 def _dot_sum(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
   """The same as a multiply and a sum (for a plain graph).
 
@@ -111,13 +126,16 @@ def _greedy(
   norm2 = tf.reduce_sum(tf.square(v), axis=-1)  # [B, n + 1]: 1, or 0 for an all-zero embedding.
   slots = tf.range(k)
   _dot = _dot_matmul if for_xla else _dot_sum
+  _pair_dot = _pair_matmul if for_xla else _pair_sum
 
   def step(t, picks, picked, duals, active, residual2, available):
     objective = gain(scores, residual2)
     allowed = available if min_residual2 is None else tf.logical_and(available, residual2 > min_residual2)
     objective = tf.where(allowed, objective, tf.constant(-np.inf, tf.float32))
     best = tf.argmax(objective, axis=1, output_type=tf.int32)  # [B]
-    found = tf.reduce_any(allowed, axis=1)  # [B]
+    # Allowed candidates have an objective above -inf, so the best one's value says whether any was
+    # allowed: one read of the argmax instead of another reduction (each is its own XLA kernel).
+    found = tf.gather(objective, best, batch_dims=1) > -np.inf  # [B]
     chosen = tf.logical_and(tf.equal(positions, best[:, tf.newaxis]), found[:, tf.newaxis])
     # A row that finds nothing stops for good: for DPP, a later step would slide the window past a pick
     # that was never made and pick again after the -1, leaving a hole mid-list instead of padding.
@@ -128,17 +146,16 @@ def _greedy(
     picked = tf.where(at_t[..., tf.newaxis], pick[:, tf.newaxis, :], picked)
 
     def drop_oldest() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-      oldest = tf.equal(slots, t - window)[tf.newaxis, :]  # [1, k]
-      dual = tf.reduce_sum(tf.where(oldest[..., tf.newaxis], duals, 0.0), axis=1)  # [B, d]
-      length = tf.norm(dual, axis=-1, keepdims=True)
+      dual = tf.gather(duals, t - window, axis=1)  # [B, d]
+      length = tf.sqrt(_pair_dot(dual, dual))[:, tf.newaxis]
       u = dual / tf.maximum(length, 1e-12)  # Zero if the oldest pick was inactive: nothing changes.
       others = tf.logical_and(slots > t - window, slots < t)[tf.newaxis, :]  # Still in the window.
       # An inactive pick of the window that depends on the oldest one takes its place.
       reliance = tf.where(tf.logical_and(others, tf.logical_not(active)), tf.abs(_dot(picked, u)), 0.0)
       heir = tf.argmax(reliance, axis=1, output_type=tf.int32)
-      pivot = tf.reduce_max(reliance, axis=1) > _MIN_BASIS_NORM  # [B]
+      pivot = tf.gather(reliance, heir, batch_dims=1) > _MIN_BASIS_NORM  # [B]
       heir_vector = tf.gather(picked, heir, batch_dims=1)
-      heir_dual = dual / tf.where(pivot, tf.reduce_sum(dual * heir_vector, -1), 1.0)[:, tf.newaxis]
+      heir_dual = dual / tf.where(pivot, _pair_dot(dual, heir_vector), 1.0)[:, tf.newaxis]
       pivoted = duals - _dot(duals, heir_vector)[..., tf.newaxis] * heir_dual[:, tf.newaxis, :]
       is_heir = tf.equal(slots[tf.newaxis, :], heir[:, tf.newaxis])  # [B, k]
       pivoted = tf.where(is_heir[..., tf.newaxis], heir_dual[:, tf.newaxis, :], pivoted)
@@ -156,9 +173,9 @@ def _greedy(
     direction = pick
     for _ in range(2):
       direction -= tf.einsum("bk,bkd->bd", _dot(duals, direction), picked)
-    length = tf.norm(direction, axis=-1)
+    length = tf.sqrt(_pair_dot(direction, direction))
     adds = length > _MIN_BASIS_NORM  # [B]
-    own_dual = direction / tf.where(adds, tf.reduce_sum(direction * pick, -1), 1.0)[:, tf.newaxis]
+    own_dual = direction / tf.where(adds, _pair_dot(direction, pick), 1.0)[:, tf.newaxis]
     own_dual = tf.where(adds[:, tf.newaxis], own_dual, 0.0)
     duals -= _dot(duals, pick)[..., tf.newaxis] * own_dual[:, tf.newaxis, :]
     duals = tf.where(at_t[..., tf.newaxis], own_dual[:, tf.newaxis, :], duals)
