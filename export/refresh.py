@@ -15,6 +15,9 @@ A status-only delta (pause/resume) does not load N at all: the new version is N'
 with the variables checkpoint rewritten so that only the eligibility mask differs. Servers compare
 nothing but the version number, so this is a full, independent version.
 
+A delta that changes nothing (pausing ads already paused, removing ads already gone) publishes
+nothing: a new version would cost every server a load and a warm-up for the same answers.
+
 A channel graph (a version whose report lists "channels") is refreshed the same way in every
 channel's index (`refresh_channels`).
 
@@ -50,6 +53,34 @@ from export import (
 
 class IndexOptionsError(ValueError):
   """An `--index_options` override the source version's index does not take."""
+
+
+UNCHANGED = "unchanged"
+
+
+def unchanged_report(
+  source: refresh_state.Source | refresh_channels.ChannelSource, delta: refresh_delta.CatalogDelta
+) -> dict[str, Any] | None:
+  """What `Refresher.apply` answers for a delta that changes nothing in `source`; None if it changes something.
+
+  Nothing changes when the delta adds and changes no ad, removes only ads already gone (a delta applied
+  twice), and sets only statuses the ads already have. Raises ValueError, as a publish would, for a
+  status change of an ad the catalog lacks.
+  """
+  ignored_removals = {ad_id for ad_id in delta.removals if ad_id not in source.row_of}
+  if delta.upserts or delta.removals - ignored_removals:
+    return None
+  delta.check_against(source.row_of)
+  eligible = source.eligible if isinstance(source, refresh_channels.ChannelSource) else source.state.eligible
+  if not np.array_equal(refresh_apply.apply_statuses(eligible, source.row_of, delta.statuses), eligible):
+    return None
+  return {
+    "version": source.version,
+    "path": source.path,
+    "kind": UNCHANGED,
+    "published": False,
+    "delta": {"statuses_already_set": len(delta.statuses), "ignored_removals": len(ignored_removals)},
+  }
 
 
 class Refresher:
@@ -176,12 +207,19 @@ class Refresher:
   def apply(self, delta: refresh_delta.CatalogDelta) -> dict[str, Any]:
     """Publishes the catalog after `delta` as a new version; returns its report (`VersionReport.to_json`).
 
+    A delta that leaves the catalog as it is publishes nothing, and returns `unchanged_report`'s
+    answer ("published": false, the source's version and path).
+
     Raises:
       FileExistsError: another writer (fgr-export, another refresher) published while this refresh
         ran; nothing was published, and a new attempt starts from the newest version.
     """
     self._prune_deferred()
     source = self.source()
+    unchanged = unchanged_report(source, delta)
+    if unchanged is not None:
+      logging.info("The delta changes nothing in version %d: no version published (%s)", source.version, unchanged)
+      return unchanged
     with self._publishing_after(source):
       return self._apply(source, delta)
 

@@ -9,7 +9,8 @@ writer may write again after the poll, and those lines would land in processed/,
 
 A file that does not parse, or that contradicts the catalog (a status change for an unknown ad), is
 moved to `failed/` with a `.error` note and nothing of it is applied. The good files are merged and
-published as one version; then they move to `processed/`, prefixed with that version. If publishing
+published as one version; then they move to `processed/`, prefixed with that version (or with
+"unchanged-" when together they change nothing, and nothing is published). If publishing
 fails, they stay where they are and the next poll tries again, unless the catalog they make cannot
 be published at all (fewer ads than k): then each is published alone and the one that cannot be goes
 to `failed/`. A file that changed after it was read (its writer paused longer than the settle time)
@@ -363,7 +364,12 @@ def _publish(
     accepted, result.accepted = result.accepted, []
     _publish_one_by_one(refresher, directory, accepted, deltas, read_as, result)
     return
-  _set_aside(directory, result.accepted, f"v{result.report['version']}-", read_as, result)
+  _set_aside(directory, result.accepted, _processed_prefix(result.report), read_as, result)
+
+
+def _processed_prefix(report: dict[str, Any]) -> str:
+  """processed/'s name prefix of the files a report answered: the version they made, or "unchanged-"."""
+  return "unchanged-" if report.get("published") is False else f"v{report['version']}-"
 
 
 def _set_aside(
@@ -399,7 +405,7 @@ def _publish_one_by_one(
       continue
     result.accepted.append(name)
     result.report = report or result.report
-    prefix = f"v{report['version']}-" if report else "empty-"
+    prefix = _processed_prefix(report) if report else "empty-"
     if not _set_aside(directory, [name], prefix, read_as, result):
       result.waiting.extend(names[i + 1 :])
       return

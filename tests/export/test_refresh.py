@@ -213,9 +213,21 @@ def test_status_only_publish_changes_only_the_mask(exported, served_v1, base_pat
   with pytest.raises(ValueError, match="not in the catalog"):
     refresher.apply(refresh_delta.parse_lines(['{"ad_id": "nope", "status": "paused"}']))
   assert versions.list_versions(base_path) == [1, 2, 3]
-  # Removing an ad that is not there (a delta applied twice) takes the fast path too.
-  report = refresher.apply(refresh_delta.parse_lines(['{"ad_id": "long-gone", "deleted": true}']))
-  assert report["kind"] == "status_only" and report["delta"]["ignored_removals"] == 1
+  # A delta that changes nothing publishes nothing: resuming active ads, removing an ad that is not
+  # there (a delta applied twice).
+  resumed = [json.dumps({"ad_id": ad_id, "status": "active"}) for ad_id in pause]
+  report = refresher.apply(refresh_delta.parse_lines([*resumed, '{"ad_id": "long-gone", "deleted": true}']))
+  assert report == {
+    "version": 3,
+    "path": os.path.join(base_path, "3"),
+    "kind": "unchanged",
+    "published": False,
+    "delta": {"statuses_already_set": len(set(pause)), "ignored_removals": 1},
+  }
+  assert versions.list_versions(base_path) == [1, 2, 3]
+  # Pausing one of them again is a change: the fast path publishes it.
+  report = refresher.apply(refresh_delta.parse_lines([resumed[0].replace("active", "paused")]))
+  assert report["kind"] == "status_only" and report["version"] == 4
 
 
 def test_rollback_republishes_and_keep_versions_prunes(exported, served_v1, base_path):
@@ -299,21 +311,30 @@ def test_watch_publishes_good_files_and_skips_bad_ones_whole(exported, served_v1
   )
   (watch_dir / ".004-incomplete.jsonl").write_text('{"ad_id": "x", "deleted": true}\n')
   polls = []
-  # Every file is written before the watch starts, so a short settle time takes them as the default 2 s
-  # would (the settling itself: the tests of Settle below), without the 2 s wait.
+
+  def on_poll(result: refresh_watch.PollResult) -> None:
+    polls.append(result)
+    if len(polls) == 1:  # The first file again, for the second poll: it changes nothing.
+      (watch_dir / "005-again.jsonl").write_text((watch_dir / "processed" / "v2-001-pause.jsonl").read_text())
+
+  # Every file is written before its poll, so a short settle time takes them as the default 2 s would
+  # (the settling itself: the tests of Settle below), without the 2 s wait.
   with caplog.at_level(logging.INFO, logger="absl"):
     refresh_watch.watch(
       refresh.Refresher(base_path),
       str(watch_dir),
-      interval_seconds=0.01,
-      max_polls=2,
-      on_poll=polls.append,
+      interval_seconds=0.1,
+      max_polls=3,
+      on_poll=on_poll,
       settle_seconds=0.05,
     )
   assert f"Watching {watch_dir} for delta files" in caplog.text  # Once ready: bench/freshness.py waits for it.
   assert polls[0].accepted == ["001-pause.jsonl"] and set(polls[0].rejected) == {"002-bad.jsonl", "003-unknown.jsonl"}
-  assert polls[0].report["version"] == 2 and polls[1].report is None  # Nothing new at the second poll.
-  assert sorted(os.listdir(watch_dir / "processed")) == ["v2-001-pause.jsonl"]
+  assert polls[0].report["version"] == 2
+  assert polls[1].accepted == ["005-again.jsonl"] and polls[1].report["published"] is False
+  assert polls[2].report is None  # Nothing new at the third poll.
+  assert versions.list_versions(base_path) == [1, 2]
+  assert sorted(os.listdir(watch_dir / "processed")) == ["unchanged-005-again.jsonl", "v2-001-pause.jsonl"]
   assert sorted(os.listdir(watch_dir / "failed")) == [
     "002-bad.jsonl",
     "002-bad.jsonl.error",

@@ -181,6 +181,10 @@ def test_pause_upsert_and_removal_move_every_channel_under_the_graph_of_version_
   report = refresher.apply(_lines({"ad_id": "ad7", "status": "active"}))
   assert report["refreshed_from"] == 4 and report["kind"] == "status_only"
   np.testing.assert_array_equal(_top(report["path"], aimed)["semantic"], before["semantic"])
+  # The same delta again changes nothing, in any channel: nothing is published.
+  unchanged = refresher.apply(_lines({"ad_id": "ad7", "status": "active"}))
+  assert unchanged["published"] is False and unchanged["version"] == report["version"]
+  assert versions.list_versions(base_path)[-1] == report["version"]
 
 
 def test_bad_deltas_publish_nothing(exported, tmp_path):
