@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import tensorflow as tf
 from absl import app, flags, logging
@@ -239,20 +240,55 @@ def main(argv: list[str]) -> None:
   )
   # Before any other op: collectives start with it.
   strategy = distribute.make_strategy(FLAGS.distribute, FLAGS.cluster_timeout_seconds)
-  if names:
-    report = _train_channels(names, data, tower, training, strategy)
-  else:
-    report = train_lib.train(
-      data,
-      tower,
-      training,
-      FLAGS.output_dir,
-      strategy,
-      FLAGS.backup_every_steps,
-      keep_checkpoints=FLAGS.keep_checkpoints,
-    )
+  created = _topmost_missing(FLAGS.output_dir)  # What the run's first write will create.
+  try:
+    if names:
+      report = _train_channels(names, data, tower, training, strategy)
+    else:
+      report = train_lib.train(
+        data,
+        tower,
+        training,
+        FLAGS.output_dir,
+        strategy,
+        FLAGS.backup_every_steps,
+        keep_checkpoints=FLAGS.keep_checkpoints,
+      )
+  except BaseException:
+    if created is not None:
+      _remove_if_no_files(created)
+    raise
   logging.info("Training report: %s", report)
   print(json.dumps(report))
+
+
+def _topmost_missing(path: str) -> str | None:
+  """The outermost directory of `path` (itself included) that does not exist yet; None if path exists.
+
+  Local paths only climb: on a remote file system (gs://...) only `path` itself is considered.
+  """
+  path = path.rstrip("/") or "/"
+  try:
+    if tf.io.gfile.exists(path):
+      return None
+    missing = path
+    if "://" not in path:
+      parent = os.path.dirname(missing)
+      while parent and parent != missing and not tf.io.gfile.exists(parent):
+        missing, parent = parent, os.path.dirname(parent)
+    return missing
+  except tf.errors.OpError:  # Unreachable: the run's own check of --output_dir says so in one line.
+    return None
+
+
+def _remove_if_no_files(created: str) -> None:
+  """Removes the directories a refused run created when they hold no file: a run refused after
+  --output_dir was made (say, too few examples for a batch) left it behind, empty, for the next run."""
+  try:
+    if not any(files for _, _, files in tf.io.gfile.walk(created)):
+      tf.io.gfile.rmtree(created)
+  except tf.errors.OpError as e:  # The run's own error is the one to report.
+    logging.warning("Could not remove the empty directory %s this run made: %s", created, e.message)
 
 
 def _train_channels(
