@@ -255,7 +255,8 @@ def main(argv: list[str]) -> None:
         keep_checkpoints=FLAGS.keep_checkpoints,
       )
   except BaseException:
-    if created is not None:
+    # Only the chief: other workers of a multi-worker run may be writing into the same directory.
+    if created is not None and distribute.is_chief(strategy):
       _remove_if_no_files(created)
     raise
   logging.info("Training report: %s", report)
