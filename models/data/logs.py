@@ -195,13 +195,21 @@ def _user_id(path: str, line_number: int, record: dict[str, Any]) -> str:
   return str(value)
 
 
+# The largest bid: bids are float32 from here on (example batches, prepared shards, the value objective),
+# and a larger one, finite to JSON, became inf there: the value objective's loss went NaN (inf / inf).
+MAX_BID = float(np.finfo(np.float32).max)
+
+
 def _bid(path: str, line_number: int, record: dict[str, Any]) -> float | None:
-  """The item's optional bid: a finite non-negative number, or None when the line has none."""
+  """The item's optional bid: a non-negative number of at most MAX_BID, or None when the line has none."""
   value = record.get("bid")
   if value is None:
     return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value < 0:
-    raise ValueError(f"{path}:{line_number}: 'bid' must be a non-negative number, got {_shown(value)}")
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not 0 <= value <= MAX_BID:
+    raise ValueError(
+      f"{path}:{line_number}: 'bid' must be a non-negative number of at most {MAX_BID:.4g} (a float32), "
+      f"got {_shown(value)}"
+    )
   return float(value)
 
 

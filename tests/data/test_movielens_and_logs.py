@@ -103,12 +103,21 @@ def test_generic_logs_carry_bids_and_conversions_when_logged(tmp_path):
   assert "bid" not in next(plain.examples("train")) and "converted" not in next(plain.examples("train"))
 
 
-@pytest.mark.parametrize("bid", [-1, "3", True, float("inf")])
+# 1e39 and 10**39 are finite to JSON but not to float32, which bids are stored as: they became inf, and
+# the value objective's loss NaN.
+@pytest.mark.parametrize("bid", [-1, "3", True, float("inf"), 1e39, 10**39])
 def test_generic_logs_reject_a_bad_bid_with_the_line_number(tmp_path, bid):
   (tmp_path / "items.jsonl").write_text('{"ad_id": "a1", "bid": 1}\n' + json.dumps({"ad_id": "a2", "bid": bid}) + "\n")
   write_jsonl(tmp_path / "events.jsonl", [{"timestamp": 1, "ad_id": "a1"}])
   with pytest.raises(ValueError, match=r"items.jsonl:2: 'bid' must be a non-negative number"):
     logs.LogsDataset(str(tmp_path))
+
+
+def test_the_largest_float32_bid_is_kept_as_it_is(tmp_path):
+  largest = float(np.finfo(np.float32).max)
+  write_jsonl(tmp_path / "items.jsonl", [{"ad_id": "a1", "bid": largest}, {"ad_id": "a2", "bid": 0}])
+  write_jsonl(tmp_path / "events.jsonl", [{"timestamp": 1, "ad_id": "a1"}])
+  assert logs.LogsDataset(str(tmp_path)).bids(np.array([0, 1])).tolist() == [largest, 0.0]
 
 
 def test_events_without_a_user_id_have_no_history_and_enter_none(tmp_path):
