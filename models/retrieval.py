@@ -145,11 +145,18 @@ def value_weights(features: dict[str, tf.Tensor], config: TowerConfig) -> tf.Ten
   """Each example's value, (1 + conversion_weight if converted) * bid ** bid_exponent, over its batch mean.
 
   Normalised to mean 1, so the value only moves weight between positives and the loss keeps the
-  scale (and learning rate) that clicks alone give.
+  scale (and learning rate) that clicks alone give. Computed as logarithms, scaled by the batch's
+  largest value: the value itself overflows float32 for bids in micros at bid_exponent 5, or bids
+  near float32's largest, and inf / inf made the loss NaN (or a sum overflowing made every weight 0).
   """
   converted = tf.cast(features[schema.CONVERTED], tf.float32)
   bid = tf.maximum(tf.cast(features[schema.BID], tf.float32), 0.0)
-  value = (1.0 + config.conversion_weight * converted) * tf.pow(bid, config.bid_exponent)
+  log_value = tf.math.log1p(config.conversion_weight * converted)
+  if config.bid_exponent:  # bid ** 0 is 1, even for a bid of 0 (whose log is -inf).
+    log_value += config.bid_exponent * tf.math.log(bid)
+  largest = tf.reduce_max(log_value)
+  # Every value 0 (every bid 0): the weights are 0, as the plain quotient gave.
+  value = tf.exp(log_value - tf.where(tf.math.is_finite(largest), largest, 0.0))
   return value / tf.maximum(tf.reduce_mean(value), 1e-12)
 
 

@@ -102,6 +102,29 @@ def test_value_weights_favour_converted_high_bid_clicks_at_mean_one():
   np.testing.assert_allclose(weights.numpy(), np.array([5.0, 1.0, 2.0]) / (8.0 / 3), rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+  "bids,bid_exponent",
+  [
+    ([5e8, 2e8, 1e6], 5.0),  # Bids in micros: 5e8 ** 5 overflows float32, and inf / inf was NaN.
+    ([3e38, 1e38, 1e37], 1.0),  # Near float32's largest: the converted one's value overflowed, the sum too.
+  ],
+)
+def test_value_weights_of_values_beyond_float32_are_the_exact_ones(bids, bid_exponent):
+  config = dataclasses.replace(TINY_TOWER, objective="value", conversion_weight=4.0, bid_exponent=bid_exponent)
+  converted = np.array([True, False, False])
+  weights = retrieval.value_weights({"converted": tf.constant(converted), "bid": tf.constant(bids, tf.float32)}, config)
+  value = np.where(converted, 5.0, 1.0) * np.asarray(bids, dtype=np.float64) ** bid_exponent
+  np.testing.assert_allclose(weights.numpy(), value / value.mean(), rtol=1e-4)
+
+
+def test_value_weights_are_zero_when_every_bid_is_and_one_at_bid_exponent_zero():
+  bids = {"converted": tf.constant([True, False]), "bid": tf.constant([0.0, 0.0])}
+  config = dataclasses.replace(TINY_TOWER, objective="value", conversion_weight=4.0)
+  np.testing.assert_array_equal(retrieval.value_weights(bids, config).numpy(), [0.0, 0.0])
+  config = dataclasses.replace(config, bid_exponent=0.0)  # bid ** 0 is 1: only conversions weigh.
+  np.testing.assert_allclose(retrieval.value_weights(bids, config).numpy(), [5 / 3, 1 / 3], rtol=1e-6)
+
+
 def test_the_export_serves_each_channel_and_their_merge(channel_version):
   report = version_report.read(channel_version)
   assert report.extra["channels"] == ["semantic", "efficiency"]
