@@ -55,6 +55,7 @@ FILES = ("u.data", "u.item", "u.user")  # The files of ml-100k this reader uses.
 
 
 _RATING_FIELDS = ("user id", "item id", "rating", "timestamp")
+_INT64 = np.iinfo(np.int64)
 
 
 def read_ratings(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -90,9 +91,11 @@ def _first_bad_rating(path: str, error: ValueError | None) -> ValueError:
       )
     for name, field in zip(_RATING_FIELDS, fields):
       try:
-        int(field)
+        value = int(field)
       except ValueError:
         return ValueError(f"{path}:{line_number}: the {name} must be a whole number, got {field!r}")
+      if not _INT64.min <= value <= _INT64.max:  # np.loadtxt refused it naming a row, not a line.
+        return ValueError(f"{path}:{line_number}: the {name} {field} is out of range (a 64-bit integer)")
   return ValueError(f"{path}: not a MovieLens ratings file" + (f" ({error})" if error else " (no ratings)"))
 
 
@@ -102,6 +105,13 @@ def _line_of_rating(path: str, row: int) -> int:
     if index == row:
       return line_number
   raise IndexError(row)
+
+
+def _check_unique(path: str, line_number: int, what: str, key: str, line_of: dict[str, int]) -> None:
+  """Raises `path:line: ...` naming both lines when `key` was on an earlier line (recorded in `line_of`)."""
+  first = line_of.setdefault(key, line_number)
+  if first != line_number:
+    raise ValueError(f"{path}:{line_number}: {what} id {key!r} is already on line {first}; {what} ids must be unique")
 
 
 def _age_bucket(age: int) -> str:
@@ -153,6 +163,7 @@ class MovieLens100K:
 
   def _read_items(self) -> sequences.InMemoryItemTable:
     ids, categories, brands, tokens = [], [], [], []
+    line_of: dict[str, int] = {}
     path = os.path.join(self.data_dir, "u.item")
     with open(path, encoding="latin-1") as f:
       for line_number, line in enumerate(f, 1):
@@ -162,6 +173,7 @@ class MovieLens100K:
             f"{path}:{line_number}: expected {5 + len(_GENRES)} '|'-separated fields (id, title, dates, url, "
             f"{len(_GENRES)} genre flags), got {len(fields)}"
           )
+        _check_unique(path, line_number, "movie", fields[0], line_of)
         genres = [g for g, flag in zip(_GENRES, fields[5:]) if flag == "1"] or ["unknown"]
         year = re.search(r"(\d{4})", fields[2] or fields[1])
         title = re.sub(r"\(\d{4}\)\s*$", "", fields[1]).lower()
@@ -174,12 +186,15 @@ class MovieLens100K:
 
   def _read_users(self) -> dict[str, list[str]]:
     users = {}
+    line_of: dict[str, int] = {}
     path = os.path.join(self.data_dir, "u.user")
     with open(path, encoding="latin-1") as f:
       for line_number, line in enumerate(f, 1):
         fields = line.rstrip("\n").split("|")
         if len(fields) != 5 or not fields[1].strip().isdigit():
           raise ValueError(f"{path}:{line_number}: expected user id|age|gender|occupation|zip code, age a whole number")
+        # A second line of a user replaced the first one's profile in silence.
+        _check_unique(path, line_number, "user", fields[0], line_of)
         user_id, age, gender, occupation, zip_code = fields
         users[user_id] = [
           f"age:{_age_bucket(int(age))}",

@@ -281,6 +281,8 @@ _RATINGS = [f"{1 + t % 2}\t{1 + t % 2}\t3\t{881250949 + t}" for t in range(6)]
     ("1\tabc\t3\t881250960", r"u.data:5: the item id must be a whole number, got 'abc'"),
     ("1\t2\t3", r"u.data:5: expected 4 fields \(user id, item id, rating, timestamp\), got 3"),
     ("1\t2\t3.5\t881250960", r"u.data:5: the rating must be a whole number, got '3.5'"),
+    # Past int64: numpy's error named row 4, not a line.
+    ("1\t2\t3\t99999999999999999999", r"u.data:5: the timestamp 99999999999999999999 is out of range"),
   ],
 )
 def test_a_bad_movielens_rating_is_reported_with_the_file_and_line(tmp_path, bad_line, message):
@@ -302,6 +304,23 @@ def test_bad_movielens_item_and_user_lines_are_reported_with_the_file_and_line(t
     f.write("3|Truncated line\n")
   with pytest.raises(ValueError, match=r"u.item:3: expected 24 '\|'-separated fields"):
     movielens.MovieLens100K(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  "name,line,message",
+  [
+    # A second profile of user 1 replaced the first in silence.
+    ("u.user", "1|30|F|other|12345", r"u.user:3: user id '1' is already on line 1; user ids must be unique"),
+    ("u.item", f"2|Again (1996)|01-Jan-1996||http://x|{'|'.join(['0'] * 19)}", r"u.item:3: movie id '2' is already on"),
+  ],
+)
+def test_a_movielens_id_on_two_lines_is_reported_with_both(tmp_path, name, line, message):
+  _write_tiny_movielens(tmp_path, _RATINGS)
+  with open(tmp_path / name, "a", encoding="latin-1") as f:
+    f.write(line + "\n")
+  with pytest.raises(ValueError, match=message) as error:
+    movielens.MovieLens100K(str(tmp_path))
+  assert str(error.value).startswith(str(tmp_path / name))
 
 
 def test_a_byte_order_mark_before_the_logs_is_skipped(tmp_path):
