@@ -62,6 +62,13 @@ def prepare(
   if records_per_shard <= 0:
     raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
   tfrecord.load_file_system(output_dir)
+  # The input is fingerprinted before the source reads it, and again once every shard is written:
+  # a file changing in between (a log still being written) gave shards of a split taken from the old
+  # count of events and a manifest vouching for the new file, and a rerun then kept shards of both.
+  try:
+    inputs = input_fingerprint(spec)
+  except (tf.errors.OpError, OSError):
+    inputs = None  # A missing or unreadable input: the source names it in its own words as it opens.
   # The source checks its input when it opens, before the directory is claimed: a bad line fixed
   # after a failed run is then not "other input" to the rerun.
   source = sources.open_source(spec)
@@ -69,7 +76,8 @@ def prepare(
     if not any(len(next(iter(batch.values()))) for batch in source.examples(split)):
       summary = getattr(source, "events_summary", None)
       raise ValueError(f"The source yields no {split} examples" + (f": {summary}" if summary else ""))
-  inputs = input_fingerprint(spec)
+  if inputs is None:
+    inputs = input_fingerprint(spec)
   _claim(
     output_dir,
     {
@@ -94,6 +102,15 @@ def prepare(
       manifest["splits"][split] = _write_shards(batches, output_dir, split, records_per_shard)
   manifest[tfrecord.CATALOG] = _write_shards(_catalog_batches(source), output_dir, tfrecord.CATALOG, records_per_shard)
   manifest["split_boundary"] = _split_boundary(source, spec)
+  try:
+    changed = changed_inputs(inputs, input_fingerprint(spec))
+  except (tf.errors.OpError, OSError):
+    changed = sorted(inputs)  # Gone or unreadable since: changed too.
+  if changed:  # No manifest: the output is not taken for complete, and a rerun over the new input is refused.
+    raise ValueError(
+      f"{', '.join(changed)} changed while fgr-prepare read it, so its shards may mix two versions of it: "
+      "prepare the finished files into an empty --output_dir"
+    )
   _write_atomically(manifest_path, json.dumps(manifest, indent=1))
   return manifest
 

@@ -211,6 +211,32 @@ def test_a_failed_first_run_does_not_claim_the_directory_for_its_bad_input(tmp_p
   prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
 
 
+def test_logs_written_to_while_they_are_prepared_leave_no_manifest_and_no_output_to_resume(tmp_path, monkeypatch):
+  """Events appended after the source counted them went to the test shards, under a manifest vouching
+  for the longer file: a rerun then kept those test shards beside a split drawn at the new count."""
+  logs_dir, output_dir = str(tmp_path / "logs"), str(tmp_path / "prepared")
+  _write_logs(logs_dir, with_money=False)
+  events = os.path.join(logs_dir, logs.EVENTS_FILE)
+  open_source = sources.open_source
+
+  def opened_then_appended(spec):
+    source = open_source(spec)
+    with open(events, "a") as f:  # The writer of the log adds a day more once the source has counted.
+      f.write("".join(json.dumps({"user_id": "u1", "timestamp": t, "ad_id": "a1"}) + "\n" for t in range(10, 20)))
+    return source
+
+  monkeypatch.setattr(prepare.sources, "open_source", opened_then_appended)
+  spec = sources.DataSpec(name="logs", data_dir=logs_dir)
+  with pytest.raises(ValueError, match=r"events.jsonl changed while fgr-prepare read it, .* an empty --output_dir"):
+    prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
+  monkeypatch.undo()
+  assert not os.path.exists(os.path.join(output_dir, tfrecord.MANIFEST))
+  with pytest.raises(ValueError, match=r"other input: events.jsonl changed since"):
+    prepare.prepare(spec, output_dir, records_per_shard=4, progress=False)
+  manifest = prepare.prepare(spec, str(tmp_path / "empty"), records_per_shard=4, progress=False)
+  assert {split: manifest["splits"][split]["count"] for split in ("train", "test")} == {"train": 18, "test": 2}
+
+
 def test_too_few_events_for_a_test_split_claim_nothing_and_say_how_many(tmp_path):
   """It wrote the spec and a training shard before finding the test split empty, and then refused the
   rerun with more events as "a preparation of other input"."""
