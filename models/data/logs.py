@@ -15,6 +15,7 @@ conversion event, and "bid" (the ad's bid) when the catalog has bids.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -44,13 +45,46 @@ MAX_STRING_BYTES = 1024
 MAX_LINE_BYTES = 1 << 20
 
 
+def is_remote(path: str) -> bool:
+  """Whether `path` is a URL (gs://, s3://, ...), read through tf.io.gfile, rather than a local path."""
+  return "://" in path
+
+
+class _GFileReader(io.RawIOBase):
+  """A tf.io.gfile file as a raw binary stream, so io.BufferedReader gives it readline(limit): GFile's
+  own readline reads a line whole, whatever its length."""
+
+  def __init__(self, path: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for remote logs)
+
+    super().__init__()
+    self._file = tf.io.gfile.GFile(path, "rb")
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    data = self._file.read(len(buffer))
+    buffer[: len(data)] = data
+    return len(data)
+
+  def close(self) -> None:
+    self._file.close()
+    super().close()
+
+
+def open_binary(path: str) -> io.BufferedIOBase:
+  """A local file, or a URL `tf.io.gfile` opens (the README's "Where data lives"), for reading bytes."""
+  return io.BufferedReader(_GFileReader(path), 1 << 20) if is_remote(path) else open(path, "rb")
+
+
 def text_lines(path: str) -> Iterator[tuple[int, str]]:
   """(line number from 1, line) of a UTF-8 text file, split at each line feed as JSON Lines are.
 
   Raises a ValueError naming the line for bytes that are not UTF-8, or for a line longer than
   MAX_LINE_BYTES, which is refused after reading one byte more than the limit, not the whole line.
   """
-  with open(path, "rb") as f:
+  with open_binary(path) as f:
     for line_number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
       if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
         raise ValueError(
@@ -68,10 +102,19 @@ def text_lines(path: str) -> Iterator[tuple[int, str]]:
 
 
 def check_file(path: str) -> None:
-  """Raises a clear error unless `path` is an existing regular file (not a directory)."""
-  if not os.path.exists(path):
+  """Raises a clear error unless `path` is an existing regular file (not a directory), local or a URL."""
+  if is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for remote logs)
+
+    from models.data import tfrecord  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
+    tfrecord.load_file_system(path)  # s3://, hdfs://, az:// need tensorflow-io.
+    exists, is_file = tf.io.gfile.exists(path), not tf.io.gfile.isdir(path)
+  else:
+    exists, is_file = os.path.exists(path), os.path.isfile(path)
+  if not exists:
     raise FileNotFoundError(f"{path} is missing; see docs/data_format.md")
-  if not os.path.isfile(path):
+  if not is_file:
     raise ValueError(f"{path} is not a file (a directory?); it must be a JSON Lines file, see docs/data_format.md")
 
 

@@ -18,13 +18,14 @@ ratings of the same second count in file order (52% of test ratings have one amo
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterator
 
 import numpy as np
 
-from models.data import cold_start, schema, sequences
+from models.data import cold_start, logs, schema, sequences
 
 _GENRES = (
   "unknown",
@@ -65,7 +66,8 @@ def read_ratings(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
   """
   path = os.path.join(data_dir, "u.data")
   try:
-    raw = np.loadtxt(path, dtype=np.int64, ndmin=2)
+    with _open_text(path) as f:
+      raw = np.loadtxt(f, dtype=np.int64, ndmin=2)
   except ValueError as e:  # numpy's message names a row, not the file (nor a line, if it skipped any).
     raise _first_bad_rating(path, e) from None
   if raw.shape[1] != len(_RATING_FIELDS):
@@ -73,9 +75,26 @@ def read_ratings(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
   return raw, np.lexsort((np.arange(len(raw)), raw[:, 3]))
 
 
+def _open_text(path: str) -> io.TextIOWrapper:
+  """A MovieLens file (Latin-1, any line ends), on local disk or at a URL tf.io.gfile opens."""
+  return io.TextIOWrapper(logs.open_binary(path), encoding="latin-1")
+
+
+def _exists(path: str) -> bool:
+  """Whether a MovieLens file is there, on local disk or at a URL tf.io.gfile opens."""
+  if logs.is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for remote data)
+
+    from models.data import tfrecord  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
+    tfrecord.load_file_system(path)  # s3://, hdfs://, az:// need tensorflow-io.
+    return tf.io.gfile.exists(path)
+  return os.path.exists(path)
+
+
 def _rating_lines(path: str) -> Iterator[tuple[int, list[str]]]:
   """(line number from 1, fields) of each line of u.data that holds a rating, as np.loadtxt reads them."""
-  with open(path, encoding="latin-1") as f:
+  with _open_text(path) as f:
     for line_number, line in enumerate(f, 1):
       fields = line.partition("#")[0].split()
       if fields:
@@ -136,7 +155,7 @@ class MovieLens100K:
   def __init__(self, data_dir: str, split: str = "default", held_out_fraction: float = 0.0, held_out_seed: int = 0):
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    missing = [f for f in FILES if not os.path.exists(os.path.join(data_dir, f))]
+    missing = [f for f in FILES if not _exists(os.path.join(data_dir, f))]
     if missing:
       raise FileNotFoundError(f"{data_dir} is not a MovieLens-100K directory: missing {', '.join(missing)}")
     self.data_dir = data_dir
@@ -165,7 +184,7 @@ class MovieLens100K:
     ids, categories, brands, tokens = [], [], [], []
     line_of: dict[str, int] = {}
     path = os.path.join(self.data_dir, "u.item")
-    with open(path, encoding="latin-1") as f:
+    with _open_text(path) as f:
       for line_number, line in enumerate(f, 1):
         fields = line.rstrip("\n").split("|")
         if len(fields) != 5 + len(_GENRES):
@@ -188,7 +207,7 @@ class MovieLens100K:
     users = {}
     line_of: dict[str, int] = {}
     path = os.path.join(self.data_dir, "u.user")
-    with open(path, encoding="latin-1") as f:
+    with _open_text(path) as f:
       for line_number, line in enumerate(f, 1):
         fields = line.rstrip("\n").split("|")
         if len(fields) != 5 or not fields[1].strip().isdigit():

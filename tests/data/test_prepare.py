@@ -237,6 +237,41 @@ def test_logs_written_to_while_they_are_prepared_leave_no_manifest_and_no_output
   assert {split: manifest["splits"][split]["count"] for split in ("train", "test")} == {"train": 18, "test": 2}
 
 
+def test_logs_at_a_url_are_read_as_local_ones(tmp_path):
+  """--data_dir is any path tf.io.gfile opens (README, "Where data lives"); logs there were "missing"."""
+  _write_logs(str(tmp_path / "logs"), with_money=True)
+  url = f"ram://{tmp_path.name}/logs"  # TensorFlow's in-memory file system stands for gs:// and the like.
+  tf.io.gfile.makedirs(url)
+  for name in (logs.ITEMS_FILE, logs.EVENTS_FILE):
+    tf.io.gfile.copy(str(tmp_path / "logs" / name), f"{url}/{name}")
+  local, remote = (
+    sources.DataSpec(name="logs", data_dir=str(tmp_path / "logs")),
+    sources.DataSpec(name="logs", data_dir=url),
+  )
+  for split in ("train", "test"):
+    expected, actual = (
+      _concat(sources.open_source(local).examples(split)),
+      _concat(sources.open_source(remote).examples(split)),
+    )
+    assert set(actual) == set(expected)
+    for name in expected:
+      np.testing.assert_array_equal(actual[name], expected[name], err_msg=f"{split}/{name}")
+  manifest = prepare.prepare(remote, str(tmp_path / "prepared"), records_per_shard=4, progress=False)
+  assert manifest["inputs"] == prepare.input_fingerprint(local)
+
+  # The same clear errors as on local disk, a line past the limit included.
+  with tf.io.gfile.GFile(f"{url}/{logs.EVENTS_FILE}", "ab") as f:
+    f.write(b'{"timestamp": 99, "ad_id": "' + b"a" * logs.MAX_LINE_BYTES + b'"}\n')
+  with pytest.raises(ValueError, match=r"logs/events.jsonl:11: line longer than 1,048,576 bytes"):
+    sources.open_source(remote)
+  tf.io.gfile.remove(f"{url}/{logs.ITEMS_FILE}")
+  with pytest.raises(FileNotFoundError, match=r"logs/items.jsonl is missing"):
+    sources.open_source(remote)
+  tf.io.gfile.makedirs(f"{url}/{logs.ITEMS_FILE}")
+  with pytest.raises(ValueError, match=r"logs/items.jsonl is not a file"):
+    sources.open_source(remote)
+
+
 def test_too_few_events_for_a_test_split_claim_nothing_and_say_how_many(tmp_path):
   """It wrote the spec and a training shard before finding the test split empty, and then refused the
   rerun with more events as "a preparation of other input"."""
