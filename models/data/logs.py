@@ -101,17 +101,21 @@ def text_lines(path: str) -> Iterator[tuple[int, str]]:
       yield line_number, line
 
 
+def exists_as_file(path: str) -> tuple[bool, bool]:
+  """(whether `path` exists, whether it is a file rather than a directory), local or at a URL."""
+  if not is_remote(path):
+    return os.path.exists(path), os.path.isfile(path)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for remote data)
+
+  from models.data import tfrecord  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
+  tfrecord.load_file_system(path)  # s3://, hdfs://, az:// need tensorflow-io.
+  return tf.io.gfile.exists(path), not tf.io.gfile.isdir(path)
+
+
 def check_file(path: str) -> None:
   """Raises a clear error unless `path` is an existing regular file (not a directory), local or a URL."""
-  if is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for remote logs)
-
-    from models.data import tfrecord  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-
-    tfrecord.load_file_system(path)  # s3://, hdfs://, az:// need tensorflow-io.
-    exists, is_file = tf.io.gfile.exists(path), not tf.io.gfile.isdir(path)
-  else:
-    exists, is_file = os.path.exists(path), os.path.isfile(path)
+  exists, is_file = exists_as_file(path)
   if not exists:
     raise FileNotFoundError(f"{path} is missing; see docs/data_format.md")
   if not is_file:

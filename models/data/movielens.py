@@ -82,14 +82,7 @@ def _open_text(path: str) -> io.TextIOWrapper:
 
 def _exists(path: str) -> bool:
   """Whether a MovieLens file is there, on local disk or at a URL tf.io.gfile opens."""
-  if logs.is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for remote data)
-
-    from models.data import tfrecord  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-
-    tfrecord.load_file_system(path)  # s3://, hdfs://, az:// need tensorflow-io.
-    return tf.io.gfile.exists(path)
-  return os.path.exists(path)
+  return logs.exists_as_file(path)[0]
 
 
 def _rating_lines(path: str) -> Iterator[tuple[int, list[str]]]:
