@@ -263,7 +263,7 @@ def build(paths: Paths | None = None, parallel: int | None = None, force: bool =
   for name, sources in program_sources.items():
     program_objects[name], start = objects[start : start + len(sources)], start + len(sources)
 
-  libs = [*_pkg_config("--libs"), "-lpthread", "-ldl"]
+  libs = [*_pkg_config("--libs"), "-lz", "-lpthread", "-ldl"]  # zlib: server.cc inflates requests.
   version_script = os.path.join(paths.build_dir, "exports.map")
   with open(version_script + ".tmp", "w") as f:
     f.write(VERSION_SCRIPT)

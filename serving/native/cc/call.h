@@ -226,9 +226,13 @@ class Server::Call {
         if (!ok) {
           Answer(state_, grpc::Status(grpc::StatusCode::INTERNAL, "No request message"), "");
         } else {
-          bytes_ = ToString(request_);
+          const grpc::Status read = server_->RequestBytes(&request_, &bytes_);
           request_.Clear();
-          server_->Handle(this);
+          if (read.ok()) {
+            server_->Handle(this);
+          } else {
+            Answer(state_, read, "");
+          }
         }
         Returned();
         return;
@@ -273,16 +277,6 @@ class Server::Call {
       state_->answered = true;
     }
     delete this;
-  }
-
-  // The request's bytes, in one string.
-  static std::string ToString(const grpc::ByteBuffer& buffer) {
-    std::vector<grpc::Slice> slices;
-    std::string bytes;
-    if (!buffer.Dump(&slices).ok()) return bytes;
-    bytes.reserve(buffer.Length());
-    for (const grpc::Slice& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
-    return bytes;
   }
 
   Server* const server_;

@@ -112,6 +112,12 @@ class Server {
   std::shared_ptr<Servable> Resolve(const void* model_spec);
   // Whether `model` has AVAILABLE versions in the routes (predict.cc).
   bool Routed(const std::string& model);
+  // A call's request bytes, decompressed here within the message size limit (RESOURCE_EXHAUSTED
+  // past it) when the client compressed them: gRPC 1.51 inflates a message whole before it checks
+  // the limit, so a 1 MB gzip of zeros held a GiB, kept for good by --retain_freed_memory.
+  grpc::Status RequestBytes(grpc::ByteBuffer* buffer, std::string* bytes) const;
+  // The largest request accepted, in bytes (a channel argument's value wins); -1: no limit.
+  int64_t max_receive_message_length_ = -1;
 
   const ServerOptions options_;
   const ::fgr::Fallback fallback_;
