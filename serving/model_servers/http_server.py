@@ -805,8 +805,9 @@ class HttpServer:
 
       def _api_answer(self, method: str, path: str) -> tuple[int, Any]:
         body = self.framed.body
-        # TF Serving's test: the word anywhere in the header, and a body to inflate.
-        if body and "gzip" in self.headers.get("Content-Encoding", ""):
+        # TF Serving's test: the word anywhere in the header, and a body to inflate (only a POST's
+        # is read: a GET's, inflated or not, is ignored).
+        if method == "POST" and body and "gzip" in self.headers.get("Content-Encoding", ""):
           try:
             body = _gunzip(body, max_body_bytes)
           except errors.ServingError as e:

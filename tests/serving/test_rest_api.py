@@ -120,6 +120,12 @@ def test_gzip_request_bodies(server):
   status, answer = _post_gzip(server, path, gzip.compress(bytes(65 << 20)))  # The default limit is 64 MiB.
   assert status == 413 and "once decompressed" in answer["error"], answer
   assert _post_gzip(server, path, gzip.compress(body)) == (200, {"predictions": [[2.5], [3.0]]})
+  request = urllib.request.Request(
+    f"http://127.0.0.1:{server.rest_port}/v1/models/{TF1_MODEL}", data=b"junk", method="GET",
+    headers={"Content-Encoding": "gzip"},
+  )  # fmt: skip
+  with urllib.request.urlopen(request, timeout=30) as response:  # A GET's body is ignored.
+    assert response.status == 200
 
 
 def test_a_number_beyond_a_double_is_a_parse_error(server):
