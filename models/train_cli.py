@@ -14,7 +14,7 @@ from models import channels as channels_lib
 from models import config as config_lib
 from models import distribute
 from models import train as train_lib
-from models.data import sources, synthetic
+from models.data import logs, sources, synthetic
 
 FLAGS = flags.FLAGS
 _TOWER, _TRAIN, _SYNTH = config_lib.TowerConfig(), train_lib.TrainConfig(), synthetic.SyntheticConfig()
@@ -273,7 +273,7 @@ def _topmost_missing(path: str) -> str | None:
     if tf.io.gfile.exists(path):
       return None
     missing = path
-    if "://" not in path:
+    if not logs.is_remote(path):
       parent = os.path.dirname(missing)
       while parent and parent != missing and not tf.io.gfile.exists(parent):
         missing, parent = parent, os.path.dirname(parent)

@@ -80,11 +80,6 @@ def _open_text(path: str) -> io.TextIOWrapper:
   return io.TextIOWrapper(logs.open_binary(path), encoding="latin-1")
 
 
-def _exists(path: str) -> bool:
-  """Whether a MovieLens file is there, on local disk or at a URL tf.io.gfile opens."""
-  return logs.exists_as_file(path)[0]
-
-
 def _rating_lines(path: str) -> Iterator[tuple[int, list[str]]]:
   """(line number from 1, fields) of each line of u.data that holds a rating, as np.loadtxt reads them."""
   with _open_text(path) as f:
@@ -148,7 +143,7 @@ class MovieLens100K:
   def __init__(self, data_dir: str, split: str = "default", held_out_fraction: float = 0.0, held_out_seed: int = 0):
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    missing = [f for f in FILES if not _exists(os.path.join(data_dir, f))]
+    missing = [f for f in FILES if not logs.exists_as_file(os.path.join(data_dir, f))[0]]
     if missing:
       raise FileNotFoundError(f"{data_dir} is not a MovieLens-100K directory: missing {', '.join(missing)}")
     self.data_dir = data_dir

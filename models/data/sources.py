@@ -96,7 +96,7 @@ class DataSpec:
 
 def _absolute(data_dir: str) -> str:
   """A local path made absolute; "" and remote URLs (gs://, s3://, ...) as given."""
-  if not data_dir or "://" in data_dir:
+  if not data_dir or logs.is_remote(data_dir):
     return data_dir
   return os.path.abspath(data_dir)
 
