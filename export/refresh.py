@@ -59,27 +59,22 @@ UNCHANGED = "unchanged"
 
 
 def unchanged_report(
-  source: refresh_state.Source | refresh_channels.ChannelSource, delta: refresh_delta.CatalogDelta
-) -> dict[str, Any] | None:
-  """What `Refresher.apply` answers for a delta that changes nothing in `source`; None if it changes something.
+  source: refresh_state.Source | refresh_channels.ChannelSource, change: refresh_apply.StatusChange
+) -> dict[str, Any]:
+  """What `Refresher.apply` answers for a delta that changes nothing in `source` (`change.changed` False).
 
   Nothing changes when the delta adds and changes no ad, removes only ads already gone (a delta applied
-  twice), and sets only statuses the ads already have. Raises ValueError, as a publish would, for a
-  status change of an ad the catalog lacks.
+  twice), and sets only statuses the ads already have.
   """
-  ignored_removals = {ad_id for ad_id in delta.removals if ad_id not in source.row_of}
-  if delta.upserts or delta.removals - ignored_removals:
-    return None
-  delta.check_against(source.row_of)
-  eligible = source.eligible if isinstance(source, refresh_channels.ChannelSource) else source.state.eligible
-  if not np.array_equal(refresh_apply.apply_statuses(eligible, source.row_of, delta.statuses), eligible):
-    return None
   return {
     "version": source.version,
     "path": source.path,
     "kind": UNCHANGED,
     "published": False,
-    "delta": {"statuses_already_set": len(delta.statuses), "ignored_removals": len(ignored_removals)},
+    "delta": {
+      "statuses_already_set": change.counts["status_changes"],
+      "ignored_removals": change.counts["ignored_removals"],
+    },
   }
 
 
@@ -216,12 +211,14 @@ class Refresher:
     """
     self._prune_deferred()
     source = self.source()
-    unchanged = unchanged_report(source, delta)
-    if unchanged is not None:
+    # Raises, as a publish would, for a status change of an ad the catalog lacks.
+    change = refresh_apply.status_change(source.eligible, source.row_of, delta)
+    if change is not None and not change.changed:
+      unchanged = unchanged_report(source, change)
       logging.info("The delta changes nothing in version %d: no version published (%s)", source.version, unchanged)
       return unchanged
     with self._publishing_after(source):
-      return self._apply(source, delta)
+      return self._apply(source, delta, change)
 
   @contextlib.contextmanager
   def _publishing_after(self, source: refresh_state.Source | refresh_channels.ChannelSource) -> Iterator[None]:
@@ -241,24 +238,23 @@ class Refresher:
       self._version = None
 
   def _apply(
-    self, source: refresh_state.Source | refresh_channels.ChannelSource, delta: refresh_delta.CatalogDelta
+    self,
+    source: refresh_state.Source | refresh_channels.ChannelSource,
+    delta: refresh_delta.CatalogDelta,
+    change: refresh_apply.StatusChange | None,
   ) -> dict[str, Any]:
+    """Publishes `delta` over `source`: only a new mask when `change` (its `status_change`) is not None."""
     if isinstance(source, refresh_channels.ChannelSource):
-      return self._apply_channels(source, delta)
+      return self._apply_channels(source, delta, change)
     retrain = self._retrain_for(source)
     started = time.perf_counter()
-    ignored_removals = {ad_id for ad_id in delta.removals if ad_id not in source.row_of}
-    if delta.status_only or not (delta.upserts or delta.removals - ignored_removals):
-      # Removing ads that are already gone (a delta applied twice) needs no rebuild either.
-      delta.check_against(source.row_of)
-      eligible = refresh_apply.apply_statuses(source.state.eligible, source.row_of, delta.statuses)
-      report = refresh_publish.publish_status_only(self.base_path, source, eligible, self._version)
-      report.delta = {"status_changes": len(delta.statuses), "ignored_removals": len(ignored_removals)}
+    if change is not None:
+      report = refresh_publish.publish_status_only(self.base_path, source, change.eligible, self._version)
+      report.delta = change.counts
       if retrain is not None:  # Same rows: the snapshot's map carries over.
         retrain.version = report.version
-      new_source = refresh_state.Source(
-        report.version, report.path, report, dataclasses.replace(source.state, eligible=eligible), source.row_of
-      )
+      state = dataclasses.replace(source.state, eligible=change.eligible)
+      new_source = refresh_state.Source(report.version, report.path, report, state, source.row_of)
       return self._published(source, report, new_source, started)
     delta.check_against(source.row_of)  # Before loading anything: a bad delta costs no embedding.
     remaining = delta.catalog_size_after(source.row_of)
@@ -281,11 +277,17 @@ class Refresher:
     )
 
   def _apply_channels(
-    self, source: refresh_channels.ChannelSource, delta: refresh_delta.CatalogDelta
+    self,
+    source: refresh_channels.ChannelSource,
+    delta: refresh_delta.CatalogDelta,
+    change: refresh_apply.StatusChange | None,
   ) -> dict[str, Any]:
     """`apply` for a channel graph: every channel's index follows the delta (`refresh_channels`)."""
     self._retrain = None  # Background retrains train one index; a channel graph has several.
     started = time.perf_counter()
+    if change is not None:
+      report, new_source = refresh_channels.publish_status_change(self.base_path, source, change, self._version)
+      return self._published(source, report, new_source, started)
     report, new_source = refresh_channels.refresh(
       self.base_path,
       source,

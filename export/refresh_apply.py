@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -58,6 +59,38 @@ def apply_delta(
     "status_changes": len(delta.statuses),
   }
   return new_state, counts, source_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusChange:
+  """A delta that embeds, adds and drops no row: it sets statuses, and may name ads already gone.
+
+  Attributes:
+    eligible: the bool [N] eligibility mask after the delta.
+    changed: whether that mask differs from the catalog's (False: publishing it would change nothing).
+    counts: the report's `delta` entry.
+  """
+
+  eligible: np.ndarray
+  changed: bool
+  counts: dict[str, int]
+
+
+def status_change(
+  eligible: np.ndarray, row_of: dict[str, int], delta: refresh_delta.CatalogDelta
+) -> StatusChange | None:
+  """`delta` as a status change of the catalog (`row_of`, `eligible`); None if it adds, changes or removes ads.
+
+  Removing ads already gone (a delta applied twice) drops no row, so such removals do not make a rebuild.
+  Raises ValueError for a status change of an ad the catalog lacks.
+  """
+  ignored_removals = sum(ad_id not in row_of for ad_id in delta.removals)
+  if delta.upserts or ignored_removals < len(delta.removals):
+    return None
+  delta.check_against(row_of)
+  after = apply_statuses(eligible, row_of, delta.statuses)
+  counts = {"status_changes": len(delta.statuses), "ignored_removals": ignored_removals}
+  return StatusChange(after, not np.array_equal(after, eligible), counts)
 
 
 def apply_statuses(eligible: np.ndarray, row_of: dict[str, int], statuses: dict[str, str]) -> np.ndarray:

@@ -479,6 +479,16 @@ def publish_rebuilt(
   return report
 
 
+def publish_status_change(
+  base_path: str, source: ChannelSource, change: refresh_apply.StatusChange, version: int | None = None
+) -> tuple[version_report.VersionReport, ChannelSource]:
+  """Publishes version N's channel graph with the mask of `change`; returns its report and state as a source."""
+  report = publish_status_only(base_path, source, change.eligible, version)
+  report.delta = change.counts
+  states = {name: dataclasses.replace(state, eligible=change.eligible) for name, state in source.states.items()}
+  return report, ChannelSource(report.version, report.path, report, source.names, states, source.row_of)
+
+
 def refresh(
   base_path: str,
   source: ChannelSource,
@@ -490,7 +500,9 @@ def refresh(
   retrain_fraction: float = refresh_policy.DEFAULT_RETRAIN_FRACTION,
   version: int | None = None,
 ) -> tuple[version_report.VersionReport, ChannelSource]:
-  """Publishes version N's channel graph after `delta`; returns its report and its state as a source.
+  """Publishes version N's channel graph after `delta`, which adds, changes or removes ads.
+
+  A delta that only sets statuses is `publish_status_change`'s (`refresh_apply.status_change` tells).
 
   Args:
     base_path: the model base path.
@@ -499,16 +511,10 @@ def refresh(
     towers: returns N's restored towers (called only when ads must be embedded or a graph traced).
     index_overrides, verify_recall, index_update, retrain_fraction: see `publish_rebuilt`.
     version: the number to publish as (the next free one when None).
+
+  Returns:
+    The new version's report and its state as a source.
   """
-  ignored_removals = {ad_id for ad_id in delta.removals if ad_id not in source.row_of}
-  if delta.status_only or not (delta.upserts or delta.removals - ignored_removals):
-    # Removing ads that are already gone (a delta applied twice) needs no rebuild either.
-    delta.check_against(source.row_of)
-    eligible = refresh_apply.apply_statuses(source.eligible, source.row_of, delta.statuses)
-    report = publish_status_only(base_path, source, eligible, version)
-    report.delta = {"status_changes": len(delta.statuses), "ignored_removals": len(ignored_removals)}
-    states = {name: dataclasses.replace(state, eligible=eligible) for name, state in source.states.items()}
-    return report, ChannelSource(report.version, report.path, report, source.names, states, source.row_of)
   # Checked before loading anything: a bad delta costs no embedding and publishes nothing.
   delta.check_against(source.row_of)
   check_depths(source, delta.catalog_size_after(source.row_of))

@@ -56,11 +56,6 @@ class CatalogDelta:
   def __bool__(self) -> bool:
     return bool(self.upserts or self.statuses or self.removals)
 
-  @property
-  def status_only(self) -> bool:
-    """True when only eligibility changes: no ad is embedded, added or removed."""
-    return not self.upserts and not self.removals
-
   def counts(self) -> dict[str, int]:
     return {"upserts": len(self.upserts), "status_changes": len(self.statuses), "removals": len(self.removals)}
 

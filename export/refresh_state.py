@@ -134,6 +134,10 @@ class Source:
   state: CatalogState
   row_of: dict[str, int]
 
+  @property
+  def eligible(self) -> np.ndarray:
+    return self.state.eligible
+
   @classmethod
   def read(cls, base_path: str, version: int) -> Source:
     path = os.path.join(base_path, str(version))

@@ -10,7 +10,16 @@ import pytest
 import tensorflow as tf
 
 from engine import full_graph
-from export import refresh, refresh_delta, refresh_state, refresh_watch, version_files, version_report, versions
+from export import (
+  refresh,
+  refresh_apply,
+  refresh_delta,
+  refresh_state,
+  refresh_watch,
+  version_files,
+  version_report,
+  versions,
+)
 from models import config as config_lib
 from models.data import logs, schema, sources
 from models.data import queries as queries_lib
@@ -67,8 +76,7 @@ def test_delta_lines_later_lines_win_and_errors_name_the_line():
     ]
   )
   assert delta.upserts["a1"].status == "paused" and delta.upserts["a1"].tokens == ("x",)
-  assert delta.statuses == {"a2": "active"} and delta.removals == {"a3"} and not delta.status_only
-  assert refresh_delta.parse_lines(['{"ad_id": "a2", "status": "paused"}']).status_only
+  assert delta.statuses == {"a2": "active"} and delta.removals == {"a3"}
   for line, message in [
     ('{"ad_id": "a"', "not valid JSON|Expecting"),
     ('{"ad_id": ""}', "ad_id"),
@@ -95,6 +103,27 @@ def test_delta_lines_later_lines_win_and_errors_name_the_line():
   removal = refresh_delta.parse_lines(['{"ad_id": "nope", "deleted": true}'], "a.jsonl")
   with pytest.raises(ValueError, match=r"^b.jsonl:2: status change of ad 'nope', which an earlier line removes"):
     removal.merge(pause)
+
+
+def test_status_change_tells_a_mask_only_delta_and_whether_it_changes_the_mask():
+  row_of = {"a1": 0, "a2": 1}
+  eligible = np.array([True, False])
+
+  def change(*lines):
+    return refresh_apply.status_change(eligible, row_of, refresh_delta.parse_lines(list(lines)))
+
+  # Adding, changing or removing a present ad needs a rebuild.
+  assert change('{"ad_id": "a3", "category": "c", "tokens": ["x"]}') is None
+  assert change('{"ad_id": "a1", "deleted": true}', '{"ad_id": "a2", "status": "active"}') is None
+  # Removing an ad already gone drops no row.
+  resumed = change('{"ad_id": "a2", "status": "active"}', '{"ad_id": "gone", "deleted": true}')
+  assert resumed.changed and resumed.eligible.tolist() == [True, True]
+  assert resumed.counts == {"status_changes": 1, "ignored_removals": 1}
+  assert eligible.tolist() == [True, False]  # The catalog's own mask is left as it was.
+  already = change('{"ad_id": "a1", "status": "active"}', '{"ad_id": "gone", "deleted": true}')
+  assert not already.changed and already.eligible.tolist() == [True, False]
+  with pytest.raises(ValueError, match="not in the catalog"):
+    change('{"ad_id": "nope", "status": "paused"}')
 
 
 def test_a_delta_file_that_is_not_utf8_is_reported_with_its_line(tmp_path):
