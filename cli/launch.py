@@ -7,7 +7,8 @@ lines. Both have to be set before the command's module imports TensorFlow,
 hence this launcher, which imports nothing heavy itself:
 
 - TF_CPP_MIN_LOG_LEVEL drops the INFO lines. absl's `--verbosity` (`-v`) of 0
-  (INFO) or more brings them back.
+  (INFO) or more brings them back. The INFO lines of TensorFlow's Python side
+  (a dozen per export) follow the same rule, once absl runs the command.
 - TF_ENABLED_DEVICE_TYPES=CPU, only on a machine with no CUDA driver, keeps
   TensorFlow from initialising CUDA, which there can only fail and say so at
   ERROR level.
@@ -18,6 +19,8 @@ Either variable already in the environment is left as it is.
 import ctypes
 import errno
 import importlib
+import importlib.util
+import logging
 import os
 import re
 import sys
@@ -42,14 +45,61 @@ def prepare_tensorflow(argv: Sequence[str]) -> None:
   skip_cuda_without_a_driver()
 
 
-def set_tensorflow_log_level(argv: Sequence[str]) -> None:
-  """Keeps TensorFlow's C++ INFO lines out unless `--verbosity` asks for INFO."""
+def _asks_for_info(argv: Sequence[str]) -> bool:
+  """Whether `--verbosity` is given as INFO (0) or more."""
   verbosity = early_flags.flag_value(argv[1:], "verbosity", "v")
   try:
-    verbose = verbosity is not None and int(verbosity) >= 0
+    return verbosity is not None and int(verbosity) >= 0
   except ValueError:
-    verbose = False  # absl reports the bad value itself.
-  os.environ.setdefault(TF_LOG_LEVEL_ENV, ALL_LOGS if verbose else WARNINGS_AND_ERRORS)
+    return False  # absl reports the bad value itself.
+
+
+def set_tensorflow_log_level(argv: Sequence[str]) -> None:
+  """Keeps TensorFlow's C++ INFO lines out unless `--verbosity` asks for INFO."""
+  os.environ.setdefault(TF_LOG_LEVEL_ENV, ALL_LOGS if _asks_for_info(argv) else WARNINGS_AND_ERRORS)
+
+
+# The packages whose Python INFO lines are TensorFlow's (a SavedModel write logs a dozen: signature inputs
+# renamed, untraced functions, sharding callback timings, assets and fingerprint written).
+_TENSORFLOW_PACKAGES = ("tensorflow", "tf_keras")
+
+
+class _TensorFlowInfoFilter(logging.Filter):
+  """Passes every record but the INFO and DEBUG ones logged from the files of `directories`."""
+
+  def __init__(self, directories: tuple[str, ...]):
+    super().__init__()
+    self._directories = directories
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or not record.pathname.startswith(self._directories)
+
+
+def quiet_tensorflow_python_logs(argv: Sequence[str]) -> None:
+  """The Python side of `set_tensorflow_log_level`, once absl's handler is on the root logger.
+
+  TensorFlow's Python INFO lines stay out unless `--verbosity` asks for INFO; the command's own stay.
+  And each TensorFlow line is printed once: TensorFlow gives its "tensorflow" logger a handler of its
+  own when it is imported before absl's is on the root logger (every command imports it first), so
+  each of its warnings printed twice, as `WARNING:tensorflow:...` and again as absl's `W...` line.
+  """
+  root_handlers = logging.getLogger().handlers
+  if not root_handlers:
+    return  # Nothing else would print TensorFlow's lines.
+  tensorflow_logger = logging.getLogger("tensorflow")
+  for handler in list(tensorflow_logger.handlers):
+    tensorflow_logger.removeHandler(handler)
+  if _asks_for_info(argv):
+    return
+  directories = []
+  for package in _TENSORFLOW_PACKAGES:
+    spec = importlib.util.find_spec(package)  # Finds, without importing.
+    for location in (spec.submodule_search_locations or []) if spec else []:
+      directories.append(os.path.join(os.path.realpath(location), ""))
+      directories.append(os.path.join(location, ""))
+  quiet = _TensorFlowInfoFilter(tuple(directories))
+  for handler in root_handlers:
+    handler.addFilter(quiet)
 
 
 def cuda_driver_loads() -> bool:
@@ -179,7 +229,12 @@ def _run_absl_main(main: Callable[[list[str]], None], argv: Sequence[str]) -> No
   from absl import app  # pylint: disable=g-import-not-at-top  # Light: no TensorFlow.
 
   main = _one_line_usage_errors(main)
-  _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(lambda: app.run(main), argv), argv)
+
+  def main_without_tensorflow_info(args: list[str]) -> None:
+    quiet_tensorflow_python_logs(argv)
+    main(args)
+
+  _ending_quietly_on_ctrl_c(lambda: _reporting_user_errors(lambda: app.run(main_without_tensorflow_info), argv), argv)
 
 
 def run_module(main: Callable[[list[str]], None]) -> None:

@@ -428,4 +428,5 @@ class ChannelGraph(tf.Module):
     """Writes the SavedModel to path (which must not exist yet) with every signature."""
     namespaces = sorted({ns for channel in self.channels for ns in channel.index.save_namespaces()})
     options = tf.saved_model.SaveOptions(namespace_whitelist=namespaces or None)
-    tf.saved_model.save(self, path, signatures=self.signatures(), options=options)
+    with full_graph.without_keras_layer_notices():
+      tf.saved_model.save(self, path, signatures=self.signatures(), options=options)

@@ -8,7 +8,9 @@ from the same version (new ads embedded by exactly the model that serves them) a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -285,4 +287,28 @@ class FullGraph(tf.Module):
   def save(self, path: str) -> None:
     """Writes the SavedModel to path (which must not exist yet) with every signature."""
     options = tf.saved_model.SaveOptions(namespace_whitelist=self.index.save_namespaces() or None)
-    tf.saved_model.save(self, path, signatures=self.signatures(), options=options)
+    with without_keras_layer_notices():
+      tf.saved_model.save(self, path, signatures=self.signatures(), options=options)
+
+
+# tf-keras's warning, once per tower layer its own code never called (layers the towers call through
+# their own functions), that it writes the layer without the metadata `tf.keras.models.load_model` needs.
+# Exports are loaded with `tf.saved_model.load` and served through their signatures, which are traced.
+_UNBUILT_KERAS_LAYER = "Skipping full serialization of TF-Keras layer"
+
+
+class _UnbuiltKerasLayerFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_UNBUILT_KERAS_LAYER)
+
+
+@contextlib.contextmanager
+def without_keras_layer_notices() -> Iterator[None]:
+  """Drops tf-keras's "Skipping full serialization" warnings while a graph is saved (see above)."""
+  tensorflow_logger = logging.getLogger("tensorflow")
+  notices = _UnbuiltKerasLayerFilter()
+  tensorflow_logger.addFilter(notices)
+  try:
+    yield
+  finally:
+    tensorflow_logger.removeFilter(notices)

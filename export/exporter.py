@@ -258,7 +258,7 @@ def publish_graph(built: BuiltGraph, model_base_path: str, config: ExportConfig)
       report.time(step, seconds, digits=2)
     version_report.write(temp_path, report)
   report.time("write", time.time() - started, digits=2)
-  logging.info("Exported version %d to %s: %s", version, report.path, report)
+  logging.info("Exported version %d to %s (its report: %s)", version, report.path, version_report.REPORT_PATH)
   return report.to_json()
 
 

@@ -219,3 +219,40 @@ def test_a_flag_conflict_ends_a_console_script_as_every_other_mistake(tmp_path):
   assert result.returncode == 1, result.stderr[-3000:]
   assert "fgr-export: error: --exclusion_depth: only with --exclude_history" in result.stderr
   assert "USAGE:" not in result.stderr, result.stderr[-3000:]
+
+
+_SAVING_SCRIPT = """
+import os, sys, tempfile
+import tensorflow as tf
+import tf_keras
+from absl import logging
+from cli import launch
+from engine import full_graph
+
+def main(argv):
+  logging.info("own info line")
+  tf.compat.v1.logging.warning("a tensorflow warning")
+  module = tf.Module()
+  module.layer = tf_keras.layers.Dense(2)  # Never called: tf-keras warns it is "not built".
+  module.double = tf.function(lambda x: x * 2, input_signature=[tf.TensorSpec([None], tf.float32)])
+  with full_graph.without_keras_layer_notices():
+    tf.saved_model.save(module, os.path.join(tempfile.mkdtemp(), "m"))
+
+launch._run_absl_main(main, ["probe", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("verbosity", [None, "0"])
+def test_tensorflow_python_info_lines_follow_verbosity_and_each_line_prints_once(tmp_path, verbosity):
+  script = tmp_path / "probe.py"
+  script.write_text(_SAVING_SCRIPT)
+  argv = [sys.executable, str(script)] + ([f"--verbosity={verbosity}"] if verbosity else [])
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr.count("own info line") == 1, result.stderr[-3000:]
+  # TensorFlow's logger had a handler of its own beside absl's: its warnings printed twice.
+  assert result.stderr.count("a tensorflow warning") == 1, result.stderr[-3000:]
+  assert "Skipping full serialization" not in result.stderr, result.stderr[-3000:]
+  # The SavedModel writer's INFO lines ("Assets written to: ...") only when --verbosity asks for INFO.
+  assert ("Assets written to" in result.stderr) == (verbosity is not None), result.stderr[-3000:]
