@@ -146,6 +146,24 @@ bool NativeDtype(int dtype) {
   }
 }
 
+namespace {
+
+// How many values the typed field of `dtype` holds (int_val carries the narrower integers, as in TF).
+int64_t TypedValueCount(const tensorflow::TensorProto& proto, int dtype) {
+  switch (dtype) {
+    case TF_FLOAT: return proto.float_val_size();
+    case TF_DOUBLE: return proto.double_val_size();
+    case TF_INT32: case TF_INT16: case TF_INT8: case TF_UINT8: case TF_UINT16: return proto.int_val_size();
+    case TF_INT64: return proto.int64_val_size();
+    case TF_UINT32: return proto.uint32_val_size();
+    case TF_UINT64: return proto.uint64_val_size();
+    case TF_BOOL: return proto.bool_val_size();
+    default: return -1;
+  }
+}
+
+}  // namespace
+
 bool DecodeExact(const tensorflow::TensorProto& proto, TensorPtr* out) {
   const int dtype = proto.dtype();
   std::vector<int64_t> dims;
@@ -171,42 +189,44 @@ bool DecodeExact(const tensorflow::TensorProto& proto, TensorPtr* out) {
     *out = std::move(tensor);
     return true;
   }
+  // Counted before allocating: a few bytes may declare any shape (both request limits can be off).
+  if (TypedValueCount(proto, dtype) != n) return false;
   TensorPtr tensor = Tensor::Allocate(static_cast<TF_DataType>(dtype), dims);
   char* data = tensor->data();
   bool ok = false;
   switch (dtype) {
     case TF_FLOAT:
-      ok = proto.float_val_size() == n && CopyNarrowed<float>(proto.float_val().data(), n, data);
+      ok = CopyNarrowed<float>(proto.float_val().data(), n, data);
       break;
     case TF_DOUBLE:
-      ok = proto.double_val_size() == n && CopyNarrowed<double>(proto.double_val().data(), n, data);
+      ok = CopyNarrowed<double>(proto.double_val().data(), n, data);
       break;
     case TF_INT32:
-      ok = proto.int_val_size() == n && CopyNarrowed<int32_t>(proto.int_val().data(), n, data);
+      ok = CopyNarrowed<int32_t>(proto.int_val().data(), n, data);
       break;
     case TF_INT16:
-      ok = proto.int_val_size() == n && CopyNarrowed<int16_t>(proto.int_val().data(), n, data);
+      ok = CopyNarrowed<int16_t>(proto.int_val().data(), n, data);
       break;
     case TF_INT8:
-      ok = proto.int_val_size() == n && CopyNarrowed<int8_t>(proto.int_val().data(), n, data);
+      ok = CopyNarrowed<int8_t>(proto.int_val().data(), n, data);
       break;
     case TF_UINT8:
-      ok = proto.int_val_size() == n && CopyNarrowed<uint8_t>(proto.int_val().data(), n, data);
+      ok = CopyNarrowed<uint8_t>(proto.int_val().data(), n, data);
       break;
     case TF_UINT16:
-      ok = proto.int_val_size() == n && CopyNarrowed<uint16_t>(proto.int_val().data(), n, data);
+      ok = CopyNarrowed<uint16_t>(proto.int_val().data(), n, data);
       break;
     case TF_INT64:
-      ok = proto.int64_val_size() == n && CopyNarrowed<int64_t>(proto.int64_val().data(), n, data);
+      ok = CopyNarrowed<int64_t>(proto.int64_val().data(), n, data);
       break;
     case TF_UINT32:
-      ok = proto.uint32_val_size() == n && CopyNarrowed<uint32_t>(proto.uint32_val().data(), n, data);
+      ok = CopyNarrowed<uint32_t>(proto.uint32_val().data(), n, data);
       break;
     case TF_UINT64:
-      ok = proto.uint64_val_size() == n && CopyNarrowed<uint64_t>(proto.uint64_val().data(), n, data);
+      ok = CopyNarrowed<uint64_t>(proto.uint64_val().data(), n, data);
       break;
     case TF_BOOL:
-      ok = proto.bool_val_size() == n && CopyNarrowed<bool>(proto.bool_val().data(), n, data);
+      ok = CopyNarrowed<bool>(proto.bool_val().data(), n, data);
       break;
   }
   if (!ok) return false;
