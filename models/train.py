@@ -373,6 +373,34 @@ class _PruneCheckpoints(tf.keras.callbacks.Callback):
     prune_checkpoints(self._output_dir, self._keep)
 
 
+def open_data(data: sources.DataSpec) -> tuple[sources.Source, dict[str, Any]]:
+  """Opens `data`, with the fingerprint (`prepare.input_fingerprint`) of the files as the source read them.
+
+  The source counts its split as it opens (a log's events, of which the last tenth are the test
+  split), so the files are fingerprinted before it opens and again after it: one changing in between
+  (a log still being written) would have its split counted on the old file and the new one recorded
+  in config.json, and fgr-eval would not warn that the test split it evaluates has moved. That is
+  refused, naming the file, before the run writes anything.
+  """
+  try:
+    before = prepare.input_fingerprint(data)
+  except (tf.errors.OpError, OSError):
+    before = None  # A missing or unreadable input: the source names it in its own words as it opens.
+  source = sources.open_source(data)
+  try:
+    inputs = prepare.input_fingerprint(data)
+    changed = [] if before is None else prepare.changed_inputs(before, inputs)
+  except (tf.errors.OpError, OSError):
+    inputs, changed = {}, [os.path.basename(path) for path in sources.input_files(data)]  # Gone since: changed.
+  if changed:
+    paths = ", ".join(os.path.join(data.data_dir, name) for name in changed)
+    raise ValueError(
+      f"{paths} changed while fgr-train read it, so its split would be counted on one version and recorded "
+      "as another: train on finished files (a copy of a log still being written)"
+    )
+  return source, inputs
+
+
 def train(
   data: sources.DataSpec,
   tower: config_lib.TowerConfig,
@@ -380,7 +408,7 @@ def train(
   output_dir: str,
   strategy: tf.distribute.Strategy | None = None,
   backup_every_steps: int = 0,
-  source: sources.Source | None = None,
+  opened: tuple[sources.Source, dict[str, Any]] | None = None,
   keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
 ) -> dict[str, Any]:
   """Trains the towers on `data`, writes config.json, checkpoints and TensorBoard logs to output_dir.
@@ -406,7 +434,8 @@ def train(
     output_dir: where the run goes.
     strategy: a `distribute.make_strategy` strategy; None trains in this process.
     backup_every_steps: with a multi-worker strategy, back up every this many steps (0: each epoch).
-    source: `data`, already opened (fgr-train --channels opens it once for every channel); None opens it.
+    opened: `data` as `open_data` opened it, with its files' fingerprint (fgr-train --channels opens it
+      once for every channel, so every channel records the files its split was counted on); None opens it.
     keep_checkpoints: the newest checkpoints kept (0: every epoch's); see `_PruneCheckpoints`.
 
   Returns:
@@ -423,12 +452,10 @@ def train(
   channels_lib.check_single_run_dir(output_dir)
   progress = config_lib.check_run_dir(output_dir, config_lib.run_config_json(*run_config))
   config_lib.check_writable(output_dir)
-  if source is None:
-    source = sources.open_source(data)
-  # What the data files held when the run began (none for synthetic data, which its config makes, and
-  # for fgr-prepare's shards, whose manifest says): a rerun continues only over the same data, and
-  # fgr-eval tells a report on changed data apart.
-  inputs = prepare.input_fingerprint(data)
+  # What the data files held when the source read them (none for synthetic data, which its config
+  # makes, and for fgr-prepare's shards, whose manifest says): a rerun continues only over the same
+  # data, and fgr-eval tells a report on changed data apart.
+  source, inputs = opened or open_data(data)
   recorded = None if progress is None else progress.get(INPUTS)
   if recorded is not None and recorded != inputs:
     raise ValueError(

@@ -320,8 +320,9 @@ def _train_channels(
     raise ValueError(
       f"{FLAGS.output_dir} holds a --channels run of these flags that is already trained; pass another --output_dir"
     )
-  source = sources.open_source(data)
-  train_lib.check_training_fields(source, {name: towers[name] for name in names if name not in finished})
+  # Opened (and fingerprinted) once: every channel trains on the split counted here and records these files.
+  opened = train_lib.open_data(data)
+  train_lib.check_training_fields(opened[0], {name: towers[name] for name in names if name not in finished})
   report = {}
   for name in names:
     if name in finished:
@@ -335,7 +336,7 @@ def _train_channels(
       channels_lib.channel_dir(FLAGS.output_dir, name),
       strategy,
       FLAGS.backup_every_steps,
-      source,
+      opened,
       FLAGS.keep_checkpoints,
     )
   if distribute.is_chief(strategy):

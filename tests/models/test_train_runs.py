@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -353,3 +354,61 @@ def test_a_run_records_its_data_and_tells_when_the_data_changed(tmp_path):
   with pytest.raises(ValueError, match=rf"holds an unfinished run over other data \({logs.EVENTS_FILE} changed"):
     train_lib.train(data, TINY_TOWER, TRAINING, run)
   assert _files(run) == before
+
+
+# Ten events more, as the writer of a log still being written adds them.
+_LATE_EVENTS = "".join(json.dumps({"user_id": "u1", "timestamp": t, "ad_id": "a1"}) + "\n" for t in range(64, 74))
+
+
+def test_logs_written_to_while_the_run_opens_them_are_refused_before_it_writes(tmp_path, monkeypatch):
+  """Events appended after the source counted its split: config.json recorded the longer file, so
+  fgr-eval, whose split of that file moved, did not warn that the data changed since training."""
+  data_dir, run = str(tmp_path / "data"), str(tmp_path / "run")
+  logs_testlib.write_tiny_logs(data_dir)
+  events = os.path.join(data_dir, logs.EVENTS_FILE)
+  open_source = sources.open_source
+
+  def opened_then_appended(spec):
+    source = open_source(spec)
+    with open(events, "a") as f:
+      f.write(_LATE_EVENTS)
+    return source
+
+  monkeypatch.setattr(train_lib.sources, "open_source", opened_then_appended)
+  data = sources.DataSpec(name="logs", data_dir=data_dir)
+  with pytest.raises(ValueError, match=rf"^{re.escape(events)} changed while fgr-train read it, .*finished files"):
+    train_lib.train(data, TINY_TOWER, TRAINING, run)
+  assert not _files(run) and not os.path.exists(os.path.join(run, train_lib.CHECKPOINT_DIR))
+
+
+def test_channels_refuse_logs_written_to_while_they_are_opened(tmp_path):
+  """--channels opens the source once for every channel: each channel recorded the files as they were
+  when it began, which could be longer than the ones the shared source had counted."""
+  data_dir, run = tmp_path / "data", tmp_path / "run"
+  logs_testlib.write_tiny_logs(str(data_dir))
+  events = str(data_dir / logs.EVENTS_FILE)
+  argv = ["fgr-train", "--data=logs", f"--data_dir={data_dir}", f"--output_dir={run}", "--channels=semantic"]
+  argv += ["--epochs=1", "--batch_size=8", "--embedding_dim=16", "--output_dim=16", "--hidden_units=32"]
+  # A process of its own, as fgr-train runs, whose source is followed by a writer's late events.
+  script = f"""
+import sys
+from cli import launch
+from models.data import sources
+open_source = sources.open_source
+def opened_then_appended(spec):
+  source = open_source(spec)
+  with open({events!r}, "a") as f:
+    f.write({_LATE_EVENTS!r})
+  return source
+sources.open_source = opened_then_appended
+sys.argv = {argv!r}
+launch.fgr_train()
+"""
+  env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+  result = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  message = f"fgr-train: error: {events} changed while fgr-train read it"
+  assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert not os.path.exists(run)
