@@ -14,11 +14,17 @@ The "time" split holds out the last 10% of ratings in time, as production does: 
 on the past and judged on what came after. A test rating's behaviour sequence is every rating its
 user made before it, test ratings included (they were logged by then), and never a later one;
 ratings of the same second count in file order (52% of test ratings have one among their 20 latest).
+
+Blank lines are skipped in all three files, as is a UTF-8 byte order mark at the start of one; a
+malformed line is an error naming the file and line.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import io
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -57,6 +63,8 @@ FILES = ("u.data", "u.item", "u.user")  # The files of ml-100k this reader uses.
 
 _RATING_FIELDS = ("user id", "item id", "rating", "timestamp")
 _INT64 = np.iinfo(np.int64)
+# A UTF-8 byte order mark as the Latin-1 reader sees it ("ï»¿").
+_BYTE_ORDER_MARK = codecs.BOM_UTF8.decode("latin-1")
 
 
 def read_ratings(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -66,8 +74,8 @@ def read_ratings(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
   """
   path = os.path.join(data_dir, "u.data")
   try:
-    with _open_text(path) as f:
-      raw = np.loadtxt(f, dtype=np.int64, ndmin=2)
+    with _text_lines(path) as lines:
+      raw = np.loadtxt(lines, dtype=np.int64, ndmin=2)
   except ValueError as e:  # numpy's message names a row, not the file (nor a line, if it skipped any).
     raise _first_bad_rating(path, e) from None
   if raw.shape[1] != len(_RATING_FIELDS):
@@ -75,15 +83,24 @@ def read_ratings(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
   return raw, np.lexsort((np.arange(len(raw)), raw[:, 3]))
 
 
-def _open_text(path: str) -> io.TextIOWrapper:
-  """A MovieLens file (Latin-1, any line ends), on local disk or at a URL tf.io.gfile opens."""
-  return io.TextIOWrapper(logs.open_binary(path), encoding="latin-1")
+@contextlib.contextmanager
+def _text_lines(path: str) -> Iterator[Iterator[str]]:
+  """The lines of a MovieLens file (Latin-1, any line ends), on local disk or at a URL tf.io.gfile opens.
+
+  A UTF-8 byte order mark before the first line is skipped, as the log reader skips one: an editor
+  that saved the file as UTF-8 wrote it, and it carries no data. Read as Latin-1 it was part of the
+  first id, which u.data then named as unknown. Every field read is ASCII (ids, numbers, genre flags,
+  title words), so a UTF-8 file otherwise gives the same features as the Latin-1 original.
+  """
+  with io.TextIOWrapper(logs.open_binary(path), encoding="latin-1") as f:
+    first = f.readline()
+    yield itertools.chain([first.removeprefix(_BYTE_ORDER_MARK)] if first else [], f)
 
 
 def _rating_lines(path: str) -> Iterator[tuple[int, list[str]]]:
   """(line number from 1, fields) of each line of u.data that holds a rating, as np.loadtxt reads them."""
-  with _open_text(path) as f:
-    for line_number, line in enumerate(f, 1):
+  with _text_lines(path) as lines:
+    for line_number, line in enumerate(lines, 1):
       fields = line.partition("#")[0].split()
       if fields:
         yield line_number, fields
@@ -172,8 +189,10 @@ class MovieLens100K:
     ids, categories, brands, tokens = [], [], [], []
     line_of: dict[str, int] = {}
     path = os.path.join(self.data_dir, "u.item")
-    with _open_text(path) as f:
-      for line_number, line in enumerate(f, 1):
+    with _text_lines(path) as lines:
+      for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+          continue  # Blank, as np.loadtxt skips them in u.data (a blank line at the end was refused).
         fields = line.rstrip("\n").split("|")
         if len(fields) != 5 + len(_GENRES):
           raise ValueError(
@@ -195,8 +214,10 @@ class MovieLens100K:
     users = {}
     line_of: dict[str, int] = {}
     path = os.path.join(self.data_dir, "u.user")
-    with _open_text(path) as f:
-      for line_number, line in enumerate(f, 1):
+    with _text_lines(path) as lines:
+      for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+          continue  # Blank, as in u.data and u.item.
         fields = line.rstrip("\n").split("|")
         if len(fields) != 5 or not fields[1].strip().isdigit():
           raise ValueError(f"{path}:{line_number}: expected user id|age|gender|occupation|zip code, age a whole number")

@@ -324,6 +324,42 @@ def test_a_movielens_id_on_two_lines_is_reported_with_both(tmp_path, name, line,
   assert str(error.value).startswith(str(tmp_path / name))
 
 
+def _same_movielens(expected: movielens.MovieLens100K, actual: movielens.MovieLens100K) -> bool:
+  """Whether two readers give the same catalog, profiles and examples of the "time" split."""
+  if actual.num_items != expected.num_items or actual.user_profiles() != expected.user_profiles():
+    return False
+  return all(
+    set(a) == set(e) and all(np.array_equal(a[k], e[k]) for k in e)
+    for split in ("train", "test")
+    for e, a in zip(expected.examples(split), actual.examples(split), strict=True)
+  )
+
+
+def test_blank_movielens_lines_are_skipped_in_every_file(tmp_path):
+  """u.data skipped them (np.loadtxt does), but u.item and u.user refused them, a last empty line too."""
+  _write_tiny_movielens(tmp_path, _RATINGS)
+  plain = movielens.MovieLens100K(str(tmp_path), split="time")
+  for name in movielens.FILES:
+    lines = (tmp_path / name).read_text(encoding="latin-1").splitlines(keepends=True)
+    (tmp_path / name).write_text("".join(["\n", lines[0], " \t\r\n", *lines[1:], "\n"]), encoding="latin-1")
+  assert _same_movielens(plain, movielens.MovieLens100K(str(tmp_path), split="time"))
+  # Blank lines keep their numbers: after two profiles and three blank lines, a bad one is line 6.
+  with open(tmp_path / "u.user", "a") as f:
+    f.write("3|old|M|other|1\n")
+  with pytest.raises(ValueError, match=r"u.user:6: expected user id\|age"):
+    movielens.MovieLens100K(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", movielens.FILES)
+def test_a_byte_order_mark_before_a_movielens_file_is_skipped(tmp_path, name):
+  """Read as Latin-1, it was part of the first id: u.data then named movie or user 1 as unknown."""
+  _write_tiny_movielens(tmp_path, _RATINGS)
+  plain = movielens.MovieLens100K(str(tmp_path), split="time")
+  path = tmp_path / name
+  path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+  assert _same_movielens(plain, movielens.MovieLens100K(str(tmp_path), split="time"))
+
+
 def test_movielens_files_at_a_url_are_read_as_local_ones(tmp_path):
   """--data_dir is any path tf.io.gfile opens (README, "Where data lives"); MovieLens there was "missing"."""
   _write_tiny_movielens(tmp_path, _RATINGS)
