@@ -16,6 +16,7 @@ conversion event, and "bid" (the ad's bid) when the catalog has bids.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -341,6 +342,7 @@ class LogsDataset:
     for *_, converted in self._events():
       num_events += 1
       self.has_conversions = self.has_conversions or converted
+    self._num_events = num_events
     self._num_train = int(round(num_events * (1.0 - test_fraction)))
     self.events_summary = (
       f"{self._events_path} holds {num_events} events, {self._num_train} of them before the test split"
@@ -362,12 +364,16 @@ class LogsDataset:
     Besides the features every source yields (`sequences.make_examples`), a batch holds "converted"
     (bool [n], the event is a conversion) when the log has any conversion event, and "bid"
     (float32 [n], the ad's bid) when the catalog has bids.
+
+    Only the events counted when the logs were opened are read (the training split stops at the
+    test split): events a writer appends later are in neither split, and a line it is still writing
+    is never parsed.
     """
     if split not in ("train", "test"):
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     tracker = sequences.HistoryTracker()
     chunk: list[tuple[int, str, list[str], list[str], int, bool]] = []
-    for event in self._events():
+    for event in itertools.islice(self._events(), self._num_train if split == "train" else self._num_events):
       chunk.append(event)
       if len(chunk) == chunk_size:
         yield from self._emit(chunk, tracker, split)

@@ -376,6 +376,20 @@ def test_movielens_files_at_a_url_are_read_as_local_ones(tmp_path):
     movielens.MovieLens100K(url)
 
 
+def test_events_appended_after_the_logs_are_opened_are_in_no_split(tmp_path):
+  """The splits read the file to its end: events a writer appended after the count went to the test
+  split of a run whose config.json recorded the file as counted, and a line still being written
+  failed a training run at its last pass, the final evaluation, with every epoch done."""
+  logs_testlib.write_tiny_logs(str(tmp_path))
+  source = logs.LogsDataset(str(tmp_path))
+  splits = {split: list(source.examples(split)) for split in ("train", "test")}
+  with open(tmp_path / logs.EVENTS_FILE, "a") as f:
+    f.write('{"user_id": "u1", "timestamp": 64, "ad_id": "a1"}\n{"user_id": "u1", "times')
+  for split, expected in splits.items():
+    for e, a in zip(expected, source.examples(split), strict=True):
+      assert set(a) == set(e) and all(np.array_equal(a[k], e[k]) for k in e)
+
+
 def test_a_byte_order_mark_before_the_logs_is_skipped(tmp_path):
   """Windows editors write one; json refused the first line ("Unexpected UTF-8 BOM")."""
   logs_testlib.write_tiny_logs(str(tmp_path))
