@@ -94,7 +94,13 @@ def load_in_fresh_process(saved_model_dir: str, timeout: float = 300.0) -> dict[
   return json.loads(lines[-1])
 
 
-def _main(saved_model_dir: str) -> None:
+def _main(argv: list[str]) -> None:
+  """Prints the JSON report of the one SavedModel directory named on the command line."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  if len(argv) != 2:
+    raise app.UsageError("give one SavedModel directory: python -m engine.stock_ops VERSION_DIR")
+  saved_model_dir = argv[1]
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   report: dict[str, Any] = {
@@ -122,4 +128,9 @@ def _main(saved_model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-  _main(sys.argv[1])
+  # As the console scripts: TensorFlow's start-up lines (a cuInit ERROR on machines without CUDA) kept
+  # out of the report, and a missing or damaged version said in one line rather than a traceback.
+  from cli import launch  # pylint: disable=g-import-not-at-top
+
+  launch.prepare_tensorflow(sys.argv)
+  launch.run_module(_main)

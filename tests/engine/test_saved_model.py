@@ -1,11 +1,17 @@
 """Every backend survives tf.saved_model.save/load; the partitioned one loads without ScaNN."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from engine import base, stock_ops
-from tests import topk_testlib
+from tests import cli_testlib, topk_testlib
 
 _OPTIONS = {
   "brute_force": {"jit_compile": True},
@@ -91,3 +97,44 @@ def test_check_catches_scann_custom_ops(small_catalog, tmp_path):
   _export(index, items.shape[1], str(tmp_path))
   report = stock_ops.load_in_fresh_process(str(tmp_path))
   assert "Scann>TensorsToScann" in report["custom_ops"] and not report["loaded"]
+
+
+def _run_check(args: list[str]) -> subprocess.CompletedProcess:
+  """`python -m engine.stock_ops ARGS` as README.md shows it, with none of TensorFlow's log settings."""
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLED_DEVICE_TYPES")}
+  env["PYTHONPATH"] = cli_testlib.REPO_ROOT
+  return subprocess.run(
+    [sys.executable, "-m", "engine.stock_ops", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    cwd=cli_testlib.REPO_ROOT,
+  )
+
+
+def test_the_documented_check_prints_its_report_without_tensorflow_s_start_up_lines(small_catalog, tmp_path):
+  # It printed TF's CUDA, oneDNN and CPU-feature notices, and a cuInit ERROR, around its one JSON line.
+  items, _ = small_catalog
+  _export(base.build_index("partitioned", items, k=10, probes=8), items.shape[1], str(tmp_path))
+  result = _run_check([str(tmp_path)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout)["ran"]
+  assert not re.search(r"^\d{4}-\d\d-\d\d [\d:.]+: [IWEF] ", result.stderr, re.MULTILINE), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    ([], "give one SavedModel directory: python -m engine.stock_ops VERSION_DIR"),
+    (["/nonexistent/1"], "[Errno 2] No such file or directory: '/nonexistent/1/saved_model.pb'"),
+  ],
+)
+def test_the_documented_check_reports_a_mistake_in_one_line(args, message):
+  # Both ended in a traceback (IndexError, FileNotFoundError).
+  result = _run_check(args)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-2:] == [
+    f"python -m engine.stock_ops: error: {message}",
+    "(python -m engine.stock_ops --verbosity=1 shows where it was raised)",
+  ]
