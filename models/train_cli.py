@@ -324,11 +324,13 @@ def _train_channels(
   opened = train_lib.open_data(data)
   train_lib.check_training_fields(opened[0], {name: towers[name] for name in names if name not in finished})
   report = {}
-  for name in names:
+  for number, name in enumerate(names, 1):
     if name in finished:
       logging.info("Channel %s is already trained in %s", name, FLAGS.output_dir)
       report[name] = finished[name]
       continue
+    # Keras's epoch lines and the test accuracy name no channel: say whose follow.
+    logging.info("Training channel %s (%d of %d)", name, number, len(names))
     report[name] = train_lib.train(
       data,
       towers[name],

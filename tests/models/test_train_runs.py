@@ -412,3 +412,35 @@ launch.fgr_train()
   message = f"fgr-train: error: {events} changed while fgr-train read it"
   assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert not os.path.exists(run)
+
+
+def test_a_channels_run_says_which_channel_each_training_is(tmp_path):
+  """Each channel's Keras epochs and test accuracy came one after the other, naming no channel."""
+  argv = [
+    "fgr-train",
+    "--num_ads=50",
+    "--num_users=10",
+    "--num_sessions=40",
+    f"--output_dir={tmp_path / 'run'}",
+    "--channels=semantic,efficiency",
+  ]
+  # Each channel's training is replaced by a stub: only what the run says around it is looked at.
+  script = (
+    "import sys; from absl import logging; from models import train; "
+    "train.train = lambda data, tower, *args: logging.info('trained %s', tower.features) or {}; "
+    f"from cli import launch; sys.argv = {argv!r}; launch.fgr_train()"
+  )
+  env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+  result = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  said = [
+    line.split("] ", 1)[1] for line in result.stderr.splitlines() if "] Training channel" in line or "] trained" in line
+  ]
+  assert said == [
+    "Training channel semantic (1 of 2)",
+    "trained text",
+    "Training channel efficiency (2 of 2)",
+    "trained full",
+  ]
