@@ -306,7 +306,7 @@ async def _progress(spec: LoadSpec, recorder: _Recorder, end: float) -> None:
       ok = np.asarray(recorder.ok[seen:], dtype=bool)
       seen += len(latencies)
       phase = "warm-up" if now < recorder.measure_from else ("measure" if now < end else "drain")
-      bar.set_description_str(phase)
+      bar.set_description_str(phase, refresh=False)  # Drawn once, by the update below.
       good = histogram.LatencyHistogram.of(latencies[ok] if len(latencies) else latencies)
       bar.set_postfix_str(
         f"{good.count / max(now - last, 1e-9):,.0f} ok/s, "

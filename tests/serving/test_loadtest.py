@@ -279,3 +279,23 @@ def test_cli_writes_json_report_and_plot(echo, tmp_path):
   assert data["model_name"] == "retrieval" and data["num_distinct_requests"] == 1
   assert [row["t"] for row in data["timeline"]] == [0.0, 1.0]
   assert os.path.getsize(prefix + ".png") > 10_000
+
+
+def test_the_progress_bar_draws_each_tick_once(capsys):
+  """Its phase was set with a redraw of the previous tick's figures, then the tick drawn: each state
+  was drawn twice, which a log of stderr (a CI job's) showed as every line written twice."""
+  spec = driver.LoadSpec(warmup_seconds=0.0, duration_seconds=10.0)
+
+  async def tick_a_few_times():
+    start = driver.time.perf_counter()
+    recorder = driver._Recorder(start, start, start + spec.duration_seconds)
+    progress = driver.asyncio.create_task(driver._progress(spec, recorder, start + spec.duration_seconds))
+    await driver.asyncio.sleep(2.2)
+    progress.cancel()
+    await driver.asyncio.gather(progress, return_exceptions=True)
+
+  driver.asyncio.run(tick_a_few_times())
+  draws = [draw.strip() for draw in capsys.readouterr().err.split("\r") if draw.strip()]
+  ticks = draws[:-1]  # The last is the bar's close, which draws the final state again to leave it.
+  assert len(ticks) >= 3 and sum("measure" in draw for draw in ticks) >= 2, draws
+  assert [a for a, b in zip(ticks, ticks[1:]) if a == b] == [], draws
