@@ -11,7 +11,10 @@ import sys
 
 from serving.util import allocator, runtime, stop_signals
 
-if __name__ == "__main__":  # python -m: before TensorFlow's import (see there).
+if __name__ == "__main__":  # python -m: before TensorFlow's import (see there), as fgr-serve's console script.
+  from cli import launch  # Light: sets TensorFlow's log level and devices, which it reads once, at its load.
+
+  launch.prepare_tensorflow(sys.argv)
   runtime.prepare_server_process(sys.argv[1:])
 
 # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -4,6 +4,7 @@ import concurrent.futures
 import ctypes
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -381,3 +382,40 @@ def test_unix_socket_only(tmp_path):
   finally:
     channel.close()
     server.stop(grace_seconds=1)
+
+
+def test_python_m_main_keeps_tensorflow_s_start_up_lines_out_as_fgr_serve_does(tmp_path):
+  """serving/README.md gives `python -m serving.model_servers.main` as fgr-serve's other entry point. It
+  skipped cli.launch: TensorFlow's CUDA and CPU-feature notices, a cuInit ERROR and three C++ INFO
+  lines per version load came out that fgr-serve keeps out."""
+  lib.write_tf2_half_plus_two(str(tmp_path / "m" / "1"))
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLED_DEVICE_TYPES")}
+  env["PYTHONPATH"] = lib.REPO_ROOT
+  port_file = tmp_path / "ports"
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "serving.model_servers.main",
+      "--port=0",
+      f"--port_file={port_file}",
+      "--model_name=m",
+      f"--model_base_path={tmp_path / 'm'}",
+    ],
+    cwd=lib.REPO_ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    while not port_file.exists() and process.poll() is None:
+      threading.Event().wait(0.1)
+    assert port_file.exists(), process.communicate(timeout=60)[1][-3000:]
+  finally:
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  assert "Successfully loaded servable version" in stderr, stderr[-3000:]
+  tf_lines = [line for line in stderr.splitlines() if re.match(r"\d{4}-\d\d-\d\d [\d:.]+: [IWEF] ", line)]
+  assert tf_lines == [], stderr[-3000:]
