@@ -117,7 +117,6 @@ def main(argv: list[str]) -> None:
         exclude_history=FLAGS.exclude_history,
       ),
     }
-  logging.info("Evaluation report: %s", report)
   report_file.publish(report_file.to_json(report), FLAGS.report_file)
 
 

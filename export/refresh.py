@@ -215,7 +215,7 @@ class Refresher:
     change = refresh_apply.status_change(source.eligible, source.row_of, delta)
     if change is not None and not change.changed:
       unchanged = unchanged_report(source, change)
-      logging.info("The delta changes nothing in version %d: no version published (%s)", source.version, unchanged)
+      logging.info("The delta changes nothing in version %d: no version published", source.version)
       return unchanged
     with self._publishing_after(source):
       return self._apply(source, delta, change)
@@ -401,7 +401,7 @@ class Refresher:
       self._retired_source = source
     else:
       self.prune()
-    logging.info("Published version %d (%s): %s", report.version, report.kind, report)
+    logging.info("Published version %d (%s) to %s", report.version, report.kind, report.path)
     return report.to_json()
 
   def rollback(self, version: int) -> dict[str, Any]:

@@ -259,7 +259,6 @@ def main(argv: list[str]) -> None:
     if created is not None and distribute.is_chief(strategy):
       _remove_if_no_files(created)
     raise
-  logging.info("Training report: %s", report)
   print(json.dumps(report))
 
 
