@@ -27,12 +27,39 @@ def model_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(model_root, tmp_path_factory, native_mode):
-  """One fgr-serve per --native mode serving every model, REST and Prometheus enabled.
+def _servers(model_root, tmp_path_factory):
+  """Starts the session's fgr-serve for a --native mode on first use, and keeps it to the session's end.
 
-  Tearing it down checks the graceful SIGTERM path exits 0.
+  `server` is parametrized by the session-scoped `native_mode`, so pytest tears it down whenever the
+  mode changes between test files; kept here instead, each mode's server starts once per worker, not
+  once per run of same-mode tests. Tearing them down checks the graceful SIGTERM path exits 0.
   """
-  tmp = tmp_path_factory.mktemp("server")
+  started: dict[str, lib.ServerProcess] = {}
+
+  def get(native_mode: str) -> lib.ServerProcess:
+    if native_mode not in started:
+      started[native_mode] = _start_server(model_root, tmp_path_factory.mktemp(f"server_{native_mode}"), native_mode)
+    return started[native_mode]
+
+  yield get
+  ends = {}
+  for mode, proc in started.items():  # Each is stopped even when another's stop fails.
+    try:
+      ends[mode] = proc.terminate()
+    except AssertionError as e:
+      ends[mode] = e
+  for mode, end in ends.items():
+    assert end == 0, f"--native={mode}: {end if isinstance(end, AssertionError) else started[mode].stderr()[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def server(_servers, native_mode):
+  """One fgr-serve per --native mode serving every model, REST and Prometheus enabled (`_servers`)."""
+  return _servers(native_mode)
+
+
+def _start_server(model_root, tmp, native_mode: str) -> lib.ServerProcess:
+  """An fgr-serve serving every model of `model_root`, with REST and Prometheus enabled."""
   config = tmp / "models.config"
   config.write_text(f"""
 model_config_list {{
@@ -57,7 +84,7 @@ model_config_list {{
 """)
   monitoring = tmp / "monitoring.config"
   monitoring.write_text('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }')
-  proc = lib.ServerProcess(
+  return lib.ServerProcess(
     [
       f"--model_config_file={config}",
       f"--rest_api_port={lib.REST_ANY_PORT}",
@@ -67,6 +94,3 @@ model_config_list {{
     str(tmp),
     native=native_mode,
   )
-  yield proc
-  code = proc.terminate()
-  assert code == 0, proc.stderr()[-3000:]
