@@ -1,10 +1,14 @@
-"""Shared fixtures: a tiny synthetic training run and exports of it, each made once per test session."""
+"""Shared fixtures: a tiny synthetic training run and exports of it, each made once per test session
+(once in all, not once per pytest-xdist worker: `_built_once`)."""
 
 from __future__ import annotations
 
+import fcntl
 import gc
+import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 
 import pytest
 
@@ -71,12 +75,39 @@ def pytest_runtest_setup(item):
     _freeze_gc()
 
 
+def _built_once(tmp_path_factory, name: str, build: Callable[[str], str]) -> str:
+  """`build(directory)`'s result, built once per test session, not once per pytest-xdist worker.
+
+  The workers of one session share their base temp's parent: the first to ask builds there under an
+  exclusive lock, and the others wait on it, then read the result it recorded. Only for artifacts that
+  tests never change in place (as every session fixture below). Without xdist, a plain mktemp.
+  """
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return build(str(tmp_path_factory.mktemp(name)))
+  root = tmp_path_factory.getbasetemp().parent
+  done = root / f"{name}.json"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or the process ends.
+    if done.exists():
+      return json.loads(done.read_text())
+    directory = root / name
+    if directory.exists():  # A build that failed (its worker then failed its tests): start over.
+      shutil.rmtree(directory)
+    directory.mkdir()
+    result = build(str(directory))
+    done.write_text(json.dumps(result))
+    return result
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> str:
   """The output_dir of a one-epoch fgr-train run on a 3k-ad synthetic log."""
-  output_dir = str(tmp_path_factory.mktemp("train"))
-  train_lib.train(TINY_DATA, TINY_TOWER, TINY_TRAINING, output_dir)
-  return output_dir
+
+  def train(output_dir: str) -> str:
+    train_lib.train(TINY_DATA, TINY_TOWER, TINY_TRAINING, output_dir)
+    return output_dir
+
+  return _built_once(tmp_path_factory, "train", train)
 
 
 @pytest.fixture(scope="session")
@@ -87,9 +118,10 @@ def scann_export(trained_run, tmp_path_factory) -> str:
   export traces, saves and checks the whole graph anew. Versions are never modified in place, so tests
   link it into a base path of their own (`export.version_files.link_tree`) and publish there.
   """
-  base_path = str(tmp_path_factory.mktemp("scann_export"))
   config = exporter.ExportConfig(index="scann", k=SCANN_EXPORT_K, eval_queries=20, num_warmup_requests=4)
-  return exporter.export_model(trained_run, base_path, config)["path"]
+  return _built_once(
+    tmp_path_factory, "scann_export", lambda base_path: exporter.export_model(trained_run, base_path, config)["path"]
+  )
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +130,11 @@ def brute_force_export(trained_run, tmp_path_factory) -> str:
 
   Shared as `scann_export` is: tests copy or link it, and never change it in place.
   """
-  base_path = str(tmp_path_factory.mktemp("brute_force_export"))
-  return exporter.export_model(trained_run, base_path, BRUTE_FORCE_EXPORT)["path"]
+  return _built_once(
+    tmp_path_factory,
+    "brute_force_export",
+    lambda base_path: exporter.export_model(trained_run, base_path, BRUTE_FORCE_EXPORT)["path"],
+  )
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +144,9 @@ def tree_export(trained_run, tmp_path_factory) -> str:
   A fixture rather than a cache in scann_testlib: test files import that module under two names
   (`scann_testlib`, `tests.serving.scann_testlib`), and each name would have had its own cache.
   """
-  return scann_testlib.export_tree(trained_run, str(tmp_path_factory.mktemp("scann_tree")))
+  return _built_once(
+    tmp_path_factory, "scann_tree", lambda base_path: scann_testlib.export_tree(trained_run, base_path)
+  )
 
 
 def find_movielens(path: str | None = None, environ: Mapping[str, str] | None = None) -> str:
