@@ -382,16 +382,9 @@ def open_data(data: sources.DataSpec) -> tuple[sources.Source, dict[str, Any]]:
   in config.json, and fgr-eval would not warn that the test split it evaluates has moved. That is
   refused, naming the file, before the run writes anything.
   """
-  try:
-    before = prepare.input_fingerprint(data)
-  except (tf.errors.OpError, OSError):
-    before = None  # A missing or unreadable input: the source names it in its own words as it opens.
+  before = prepare.readable_input_fingerprint(data)
   source = sources.open_source(data)
-  try:
-    inputs = prepare.input_fingerprint(data)
-    changed = [] if before is None else prepare.changed_inputs(before, inputs)
-  except (tf.errors.OpError, OSError):
-    inputs, changed = {}, [os.path.basename(path) for path in sources.input_files(data)]  # Gone since: changed.
+  inputs, changed = prepare.inputs_changed_since(data, before)
   if changed:
     paths = ", ".join(os.path.join(data.data_dir, name) for name in changed)
     raise ValueError(

@@ -65,10 +65,7 @@ def prepare(
   # The input is fingerprinted before the source reads it, and again once every shard is written:
   # a file changing in between (a log still being written) gave shards of a split taken from the old
   # count of events and a manifest vouching for the new file, and a rerun then kept shards of both.
-  try:
-    inputs = input_fingerprint(spec)
-  except (tf.errors.OpError, OSError):
-    inputs = None  # A missing or unreadable input: the source names it in its own words as it opens.
+  inputs = readable_input_fingerprint(spec)
   # The source checks its input when it opens, before the directory is claimed: a bad line fixed
   # after a failed run is then not "other input" to the rerun.
   source = sources.open_source(spec)
@@ -102,10 +99,7 @@ def prepare(
       manifest["splits"][split] = _write_shards(batches, output_dir, split, records_per_shard)
   manifest[tfrecord.CATALOG] = _write_shards(_catalog_batches(source), output_dir, tfrecord.CATALOG, records_per_shard)
   manifest["split_boundary"] = _split_boundary(source, spec)
-  try:
-    changed = changed_inputs(inputs, input_fingerprint(spec))
-  except (tf.errors.OpError, OSError):
-    changed = sorted(inputs)  # Gone or unreadable since: changed too.
+  _, changed = inputs_changed_since(spec, inputs)
   if changed:  # No manifest: the output is not taken for complete, and a rerun over the new input is refused.
     raise ValueError(
       f"{', '.join(changed)} changed while fgr-prepare read it, so its shards may mix two versions of it: "
@@ -135,6 +129,30 @@ def input_fingerprint(spec: sources.DataSpec) -> dict[str, dict[str, Any]]:
 def changed_inputs(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """The file names whose `input_fingerprint` entries differ between `recorded` and `current`."""
   return sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))
+
+
+def readable_input_fingerprint(spec: sources.DataSpec) -> dict[str, dict[str, Any]] | None:
+  """`input_fingerprint`, or None for an input missing or unreadable: the source, as it opens, names it
+  in its own words."""
+  try:
+    return input_fingerprint(spec)
+  except (tf.errors.OpError, OSError):
+    return None
+
+
+def inputs_changed_since(
+  spec: sources.DataSpec, before: dict[str, dict[str, Any]] | None
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+  """The input's fingerprint now, and the names of its files changed since `before`.
+
+  For fgr-prepare and fgr-train, which fingerprint before and after the source reads: a file changing
+  in between (a log still being written) has its split counted on one version and recorded as another.
+  Files that cannot be read now count as changed; `before` None (unreadable then) compares with nothing.
+  """
+  now = readable_input_fingerprint(spec)
+  if now is None:
+    return {}, sorted(os.path.basename(path) for path in sources.input_files(spec))
+  return now, [] if before is None else changed_inputs(before, now)
 
 
 def _claim(output_dir: str, spec: dict[str, Any]) -> None:
